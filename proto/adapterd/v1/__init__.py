@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for ``adapterd.v1`` (``python -m adapterd.protogen`` regenerates them)."""

@@ -1,0 +1,57 @@
+"""Shared fixtures: the tiny model (built once per session) and PEFT-made adapters in an adapter root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from tests.helpers import make_lora_adapter, make_prefix_adapter  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run on the device machine only; elsewhere they are reported as skipped, never passed."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:  # the client-only install
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from adapterd.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory, tiny_model_dir) -> Path:
+    """An adapter root holding LoRA and prefix adapters of several shapes, all written by plain PEFT."""
+    root = tmp_path_factory.mktemp("adapters")
+    make_lora_adapter(tiny_model_dir, root / "lora-qv", r=8, alpha=32, targets=["q_proj", "v_proj"], seed=1)
+    make_lora_adapter(
+        tiny_model_dir,
+        root / "team" / "lora-all",
+        r=4,
+        alpha=8,
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        seed=2,
+    )
+    make_lora_adapter(tiny_model_dir, root / "lora-rs", r=16, alpha=16, targets=["q_proj", "o_proj"],
+                      seed=3, use_rslora=True)
+    make_prefix_adapter(tiny_model_dir, root / "prefix", num_virtual_tokens=6, projection=False, seed=4)
+    make_prefix_adapter(tiny_model_dir, root / "prefix-proj", num_virtual_tokens=3, projection=True, seed=5)
+    return root

@@ -1,0 +1,104 @@
+"""Test helpers: adapters made by plain PEFT, and PEFT/transformers reference decoding (the oracle)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+
+def _load_base(model_dir: Path, quantization: str = "none"):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+    elif quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    return model.eval()
+
+
+def _randomize(model, seed: int) -> None:
+    """PEFT starts LoRA B and prefix tables at values that make the adapter a no-op or near it:
+    give every trainable tensor random values so that each adapter changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name or "prompt_encoder" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+def make_lora_adapter(base_dir, out_dir, *, r=8, alpha=16, targets=("q_proj", "v_proj"), seed=0,
+                      use_rslora=False, **extra) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    model = _load_base(base_dir)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        use_rslora=use_rslora, task_type="CAUSAL_LM", **extra)
+    peft_model = get_peft_model(model, config)
+    _randomize(peft_model, seed)
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def make_prefix_adapter(base_dir, out_dir, *, num_virtual_tokens=8, projection=False, seed=0) -> Path:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = _load_base(base_dir)
+    config = PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, prefix_projection=projection,
+                                encoder_hidden_size=32, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    _randomize(peft_model, seed)
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def reference_greedy(base_dir, prompt: str, adapter_dir: Path | None, max_new_tokens: int,
+                     quantization: str = "none") -> list[int]:
+    """Greedy tokens for one prompt alone, computed by plain transformers + PEFT.
+
+    LoRA and the base go through ``PeftModel.generate``. Prefix adapters go through a plain greedy loop
+    that passes PEFT's own ``get_prompt()`` key/values as the cache, because ``generate()`` on
+    transformers 5.24 + peft 0.21 silently drops the prefix (see the stack notes).
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = _load_base(base_dir, quantization)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    if adapter_dir is None:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=None)
+        return out[0, ids.shape[1]:].tolist()
+    config = PeftConfig.from_pretrained(adapter_dir)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    if config.peft_type != "PREFIX_TUNING":
+        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+        return out[0, ids.shape[1]:].tolist()
+    cache = peft_model.get_prompt(batch_size=1)
+    v = config.num_virtual_tokens
+    tokens: list[int] = []
+    step_ids = ids
+    past = v
+    for _ in range(max_new_tokens):
+        n = step_ids.shape[1]
+        mask = torch.ones(1, past + n, dtype=torch.long)
+        pos = torch.arange(past, past + n).unsqueeze(0)
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                       **{_cache_kwarg(model): cache}).logits
+        nxt = int(logits[0, -1].argmax())
+        tokens.append(nxt)
+        past += n
+        step_ids = torch.tensor([[nxt]])
+    return tokens
