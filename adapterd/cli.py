@@ -1,0 +1,52 @@
+"""The ``adapterd`` command. Each sub-command lives beside the code it drives, in a module with
+``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``; this table only names them, and a module is
+imported only when its command runs (so ``adapterd generate`` never imports torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, str] = {
+    "serve": "adapterd.server.cli",
+    "generate": "adapterd.clients.cli_generate",
+    "adapters": "adapterd.clients.cli_adapters",
+    "train": "adapterd.trainer.cli",
+    "merge": "adapterd.server.merge.cli",
+    "tiny-model": "adapterd.tiny_model_cli",
+    "demo": "adapterd.demo",
+}
+
+# One-line help for each command, so that `adapterd --help` imports nothing heavy.
+SUMMARIES: dict[str, str] = {
+    "serve": "run the gRPC daemon: one base model, many adapters",
+    "generate": "generate text through a running daemon (streams to the terminal)",
+    "adapters": "list, load or unload adapters on a running daemon",
+    "train": "train a LoRA or P-Tuning v2 adapter on Alpaca-style data",
+    "merge": "merge LoRA adapters into full weights or into a new adapter",
+    "tiny-model": "write a small random-weight Llama model and tokenizer (offline)",
+    "demo": "build the tiny model, train two adapters, serve them and query each",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="adapterd", description="adapterd: one base model, many adapters")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, summary in SUMMARIES.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    # Parse the command name first, then let that command's module build its own parser.
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.parse_args(argv)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]])
+    cmd_parser = argparse.ArgumentParser(prog=f"adapterd {argv[0]}", description=module.HELP)
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
