@@ -61,9 +61,19 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-@torch.no_grad()
 def reference_greedy(base_dir, prompt: str, adapter_dir: Path | None, max_new_tokens: int,
                      quantization: str = "none") -> list[int]:
+    """Greedy tokens for one prompt alone, stopping before the first EOS (see ``_reference_tokens``)."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(base_dir).eos_token_id
+    tokens = _reference_tokens(base_dir, prompt, adapter_dir, max_new_tokens, quantization)
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+@torch.no_grad()
+def _reference_tokens(base_dir, prompt: str, adapter_dir: Path | None, max_new_tokens: int,
+                      quantization: str = "none") -> list[int]:
     """Greedy tokens for one prompt alone, computed by plain transformers + PEFT.
 
     LoRA and the base go through ``PeftModel.generate``. Prefix adapters go through a plain greedy loop

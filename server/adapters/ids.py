@@ -1,0 +1,71 @@
+"""Adapter ids: paths under the adapter root, validated and confined to it.
+
+An id is one or more path segments of letters, digits, ``_``, ``-`` and ``.`` joined by ``/``
+(``support/v2``). No segment may be ``.`` or ``..``, and the resolved directory, symlinks followed, must
+lie inside the root: an id can never reach a file outside it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from adapterd.server.errors import InvalidArgument, NotFound
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_\-.]+")
+MAX_ID_LENGTH = 256
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def validate_adapter_id(adapter_id: str, field: str = "adapter_id") -> str:
+    """Return the id unchanged if it is well-formed, else raise InvalidArgument naming ``field``."""
+    if not adapter_id:
+        raise InvalidArgument("must not be empty", field=field)
+    if len(adapter_id) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"longer than {MAX_ID_LENGTH} characters", field=field)
+    for segment in adapter_id.split("/"):
+        if not _SEGMENT.fullmatch(segment) or segment in (".", ".."):
+            raise InvalidArgument(
+                f"{adapter_id!r} is not a valid adapter id: use path segments of letters, digits, "
+                "'_', '-' and '.', joined by '/', with no '.' or '..' segment", field=field)
+    return adapter_id
+
+
+def resolve_adapter_dir(root: Path, adapter_id: str, field: str = "adapter_id") -> Path:
+    """The adapter's directory under ``root``: validated, symlinks resolved, confined to the root.
+
+    Raises InvalidArgument for a malformed id or one that escapes the root, NotFound when no adapter
+    (a directory with ``adapter_config.json``) is there.
+    """
+    validate_adapter_id(adapter_id, field)
+    real_root = Path(os.path.realpath(root))
+    target = Path(os.path.realpath(real_root / adapter_id))
+    if target != real_root and real_root not in target.parents:
+        raise InvalidArgument(f"{adapter_id!r} resolves outside the adapter root", field=field)
+    if not (target / CONFIG_FILE).is_file():
+        raise NotFound(f"no adapter {adapter_id!r} under the adapter root", field=field)
+    return target
+
+
+def discover_adapter_ids(root: Path) -> list[str]:
+    """Every adapter id under ``root``: directories holding ``adapter_config.json``, symlinks that stay
+    inside the root included, sorted."""
+    real_root = Path(os.path.realpath(root))
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(real_root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(real_root).as_posix()
+        if CONFIG_FILE in filenames and rel != ".":
+            found.append(rel)
+        for d in list(dirnames):
+            link = Path(dirpath) / d
+            if link.is_symlink():
+                dirnames.remove(d)
+                try:
+                    resolve_adapter_dir(real_root, f"{rel}/{d}" if rel != "." else d)
+                    found.append(f"{rel}/{d}" if rel != "." else d)
+                except (InvalidArgument, NotFound):
+                    pass
+    return sorted(found)

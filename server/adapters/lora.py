@@ -1,0 +1,257 @@
+"""LoRA adapters: parsing PEFT files, and the batched layer that serves many adapters in one forward.
+
+Every base linear that some loaded adapter targets is wrapped once in a ``BatchedLoraLinear``. It holds
+the adapters' weights stacked in slots, ``A: [slots, R, in]`` and ``B: [slots, out, R]`` (R, the
+configured maximum rank; smaller ranks are zero-padded, which adds exact zeros), and a scaling per slot.
+Before each forward the engine sets one slot index per batch row; the layer gathers each row's A and B and
+adds ``scaling * (x @ A^T) @ B^T`` to the base output: the S-LoRA/Punica idea. Slot 0 stays all zeros and
+means "no adapter", so base rows get exactly the base output.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from adapterd.server.errors import FailedPrecondition
+from torch import nn
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+# PEFT features that change the math of a LoRA layer beyond x @ A^T @ B^T * scaling: refused, with a reason.
+_UNSUPPORTED = {
+    "use_dora": "DoRA adapters are not supported",
+    "lora_bias": "LoRA adapters with a bias on B are not supported",
+    "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D) adapters are not supported",
+    "modules_to_save": "adapters with modules_to_save (fully trained extra modules) are not supported",
+    "trainable_token_indices": "adapters with trainable token indices are not supported",
+}
+
+
+@dataclass
+class LoraModule:
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scaling: float
+
+
+@dataclass
+class LoraWeights:
+    """A parsed, validated LoRA adapter, on the host."""
+
+    modules: dict[str, LoraModule]
+    rank: int  # the largest rank over its modules
+    target_modules: list[str] = field(default_factory=list)  # short names, e.g. q_proj
+
+
+def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    if not patterns:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(patterns), module)
+    return patterns.get(key, default)
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    inf, outf = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return (int(inf), int(outf)) if inf is not None and outf is not None else None
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module name: (in_features, out_features)}`` for every linear-like layer of the base."""
+    shapes = {}
+    for name, module in model.named_modules():
+        shape = _linear_shape(module)
+        if shape is not None and not isinstance(module, BatchedLoraLinear):
+            shapes[name] = shape
+    return shapes
+
+
+def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+               max_rank: int) -> LoraWeights:
+    """Check a PEFT LoRA adapter against the base and compute each module's scaling.
+
+    Scaling is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA, per module (``rank_pattern`` and
+    ``alpha_pattern`` honoured). Raises FailedPrecondition when the adapter does not fit the base.
+    """
+    for key, reason in _UNSUPPORTED.items():
+        if config.get(key):
+            raise FailedPrecondition(reason)
+    if any("lora_embedding" in k or "lora_magnitude" in k for k in tensors):
+        raise FailedPrecondition("LoRA on embeddings and DoRA magnitudes are not supported")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if not m:
+            raise FailedPrecondition(f"unexpected tensor {key!r} in a LoRA adapter")
+        pairs.setdefault(m["module"], {})[m["which"]] = tensor
+    if not pairs:
+        raise FailedPrecondition("the adapter holds no LoRA weights")
+    modules: dict[str, LoraModule] = {}
+    for name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise FailedPrecondition(f"module {name!r} lacks its lora_A or lora_B weight")
+        shape = shapes.get(name)
+        if shape is None:
+            raise FailedPrecondition(f"the base has no linear layer {name!r}: was this adapter made for "
+                                     "another architecture?")
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r or a.shape[1] != shape[0] or b.shape[0] != shape[1]:
+            raise FailedPrecondition(
+                f"shapes of {name!r} do not fit the base: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, "
+                f"base layer in={shape[0]} out={shape[1]}")
+        if r > max_rank:
+            raise FailedPrecondition(f"rank {r} of {name!r} exceeds the daemon's maximum LoRA rank {max_rank} "
+                                     "(--max-lora-rank)")
+        alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules[name] = LoraModule(a=a.contiguous(), b=b.contiguous(), scaling=scaling)
+    targets = sorted({n.rsplit(".", 1)[-1] for n in modules})
+    return LoraWeights(modules=modules, rank=max(m.a.shape[0] for m in modules.values()),
+                       target_modules=targets)
+
+
+class RowSlots:
+    """The slot index of each batch row, shared by every batched layer of one model.
+
+    ``slots`` is None when no row of the current forward uses a LoRA adapter: the layers then skip the
+    LoRA work entirely.
+    """
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None
+
+
+class BatchedLoraLinear(nn.Module):
+    """A base linear (plain, bitsandbytes 8-bit or 4-bit) plus LoRA deltas gathered per row."""
+
+    def __init__(self, base_layer: nn.Module, rows: RowSlots, num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.rows = rows
+        in_f, out_f = _linear_shape(base_layer)
+        self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, in_f, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(num_slots, out_f, max_rank, dtype=dtype, device=device))
+        self.register_buffer("scaling", torch.zeros(num_slots, dtype=dtype, device=device))
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_a.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_b.shape[1]
+
+    def set_slot(self, slot: int, module: LoraModule | None) -> None:
+        """Write one adapter's weights into ``slot`` (zeros when the adapter does not target this layer)."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.scaling[slot] = 0.0
+        if module is not None:
+            r = module.a.shape[0]
+            self.lora_a[slot, :r].copy_(module.a, non_blocking=True)
+            self.lora_b[slot, :, :r].copy_(module.b, non_blocking=True)
+            self.scaling[slot] = module.scaling
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        slots = self.rows.slots
+        if slots is None:
+            return y
+        a = self.lora_a.index_select(0, slots)  # [B, R, in]
+        b = self.lora_b.index_select(0, slots)  # [B, out, R]
+        scale = self.scaling.index_select(0, slots).view(-1, 1, 1)
+        xs = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * scale
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+
+class LoraSlotTable:
+    """Assigns loaded LoRA adapters to the model's slots, least recently used first out.
+
+    A slot in use by a running row is pinned (reference-counted) and never evicted. Layers are wrapped
+    on first need, so a model serving only q/v adapters carries no tables for its MLP.
+    """
+
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.model = model
+        self.num_slots = num_slots + 1  # slot 0: no adapter
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.device = device
+        self.rows = RowSlots()
+        self.layers: dict[str, BatchedLoraLinear] = {}
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, in LRU order
+        self._refs: dict[int, int] = {}
+        self._free = list(range(self.num_slots - 1, 0, -1))
+
+    def resident(self, key: str) -> bool:
+        return key in self._slot_of
+
+    def has_room_for(self, key: str) -> bool:
+        return key in self._slot_of or bool(self._free) or any(
+            self._refs.get(s, 0) == 0 for s in self._slot_of.values())
+
+    def acquire(self, key: str, weights: LoraWeights) -> int | None:
+        """Pin ``key`` in a slot, loading it if needed; None when every slot is pinned by running rows."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            slot = self._take_slot()
+            if slot is None:
+                return None
+            self._fill(slot, weights)
+            self._slot_of[key] = slot
+        self._slot_of.move_to_end(key)
+        self._refs[slot] = self._refs.get(slot, 0) + 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot:
+            self._refs[slot] -= 1
+
+    def evict(self, key: str) -> bool:
+        """Free ``key``'s slot unless a running row uses it. Returns whether it is gone."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            return True
+        if self._refs.get(slot, 0):
+            return False
+        del self._slot_of[key]
+        self._free.append(slot)
+        return True
+
+    def set_rows(self, slots: list[int]) -> None:
+        """Set the slot of each row for the next forward (None-out when every row is a base/prefix row)."""
+        self.rows.slots = (torch.tensor(slots, dtype=torch.long, device=self.device)
+                           if any(slots) else None)
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for key, slot in self._slot_of.items():  # least recently used first
+            if self._refs.get(slot, 0) == 0:
+                del self._slot_of[key]
+                return slot
+        return None
+
+    def _fill(self, slot: int, weights: LoraWeights) -> None:
+        for name in weights.modules:
+            if name not in self.layers:
+                self._wrap(name)
+        for name, layer in self.layers.items():
+            layer.set_slot(slot, weights.modules.get(name))
+
+    def _wrap(self, name: str) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        layer = BatchedLoraLinear(getattr(parent, child), self.rows, self.num_slots, self.max_rank,
+                                  self.dtype, self.device)
+        setattr(parent, child, layer)
+        self.layers[name] = layer

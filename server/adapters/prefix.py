@@ -1,0 +1,50 @@
+"""P-Tuning v2 / prefix tuning adapters: trained keys and values put in front of every attention layer.
+
+PEFT saves a prefix adapter as one tensor, ``prompt_embeddings: [V, num_layers * 2 * kv_heads * head_dim]``
+(with ``prefix_projection`` the saved table is already the projected output, so both kinds load the same).
+Layer ``l``'s keys are column block ``2l`` and its values block ``2l + 1``, as in PEFT's ``get_prompt``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from adapterd.server.errors import FailedPrecondition
+
+
+@dataclass
+class PrefixWeights:
+    """Per-layer prefix key/values, each ``[kv_heads, V, head_dim]``."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.keys[0].shape[1]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> PrefixWeights:
+        return PrefixWeights([k.to(device, dtype) for k in self.keys], [v.to(device, dtype) for v in self.values])
+
+
+def parse_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], num_layers: int, kv_heads: int,
+                 head_dim: int) -> PrefixWeights:
+    """Check a PEFT prefix-tuning adapter against the base's shape and split it per layer."""
+    table = tensors.get("prompt_embeddings")
+    if table is None or table.dim() != 2:
+        raise FailedPrecondition("a prefix-tuning adapter must hold one 2-D 'prompt_embeddings' tensor")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise FailedPrecondition("prefix adapters for encoder-decoder models are not supported")
+    v, width = table.shape
+    expected = num_layers * 2 * kv_heads * head_dim
+    if width != expected or config.get("num_layers", num_layers) != num_layers:
+        raise FailedPrecondition(
+            f"prefix table is {v}x{width} for {config.get('num_layers')} layers, but the base needs "
+            f"{num_layers} layers x 2 x {kv_heads} kv heads x {head_dim} = {expected} columns: was it made "
+            "for another base?")
+    per_layer = table.view(v, num_layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2L, H, V, D]
+    keys = [per_layer[2 * i].contiguous() for i in range(num_layers)]
+    values = [per_layer[2 * i + 1].contiguous() for i in range(num_layers)]
+    return PrefixWeights(keys=keys, values=values)

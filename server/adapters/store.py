@@ -1,0 +1,248 @@
+"""The adapter root: discovery, loading and validation against the base, and states for ListAdapters.
+
+Loading reads ``adapter_config.json`` and ``adapter_model.safetensors`` (never pickle), checks the adapter
+against the base, and keeps its tensors on the host, ready to be copied into a device slot by the engine.
+Each adapter type registers a loader in ``ADAPTER_KINDS``; nothing else branches on the type.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from adapterd.server.adapters.ids import CONFIG_FILE, WEIGHTS_FILE, discover_adapter_ids, resolve_adapter_dir
+from adapterd.server.adapters.lora import LoraWeights, parse_lora
+from adapterd.server.adapters.prefix import PrefixWeights, parse_prefix
+from adapterd.server.errors import AdapterdError, DataLoss, FailedPrecondition
+
+# States, as the proto's AdapterState names them.
+ON_DISK, LOADING, RESIDENT_GPU, RESIDENT_CPU, LOAD_FAILED = (
+    "ON_DISK", "LOADING", "RESIDENT_GPU", "RESIDENT_CPU", "LOAD_FAILED")
+
+
+@dataclass
+class BaseShape:
+    """What the store checks adapters against, read once from the base at start-up."""
+
+    linear_shapes: dict[str, tuple[int, int]]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    max_lora_rank: int
+
+
+@dataclass
+class LoadedAdapter:
+    adapter_id: str
+    type: str  # "LORA" or "PREFIX_TUNING"
+    key: str  # unique per load, so a reloaded adapter never reuses a stale device slot
+    size_bytes: int
+    lora: LoraWeights | None = None
+    prefix: PrefixWeights | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.lora.rank if self.lora else 0
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prefix.num_virtual_tokens if self.prefix else 0
+
+    @property
+    def target_modules(self) -> list[str]:
+        return self.lora.target_modules if self.lora else []
+
+
+@dataclass
+class AdapterRecord:
+    """One row of ListAdapters."""
+
+    adapter_id: str
+    type: str = ""
+    rank: int = 0
+    num_virtual_tokens: int = 0
+    target_modules: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+    state: str = ON_DISK
+    last_used: float = 0.0
+    error: str = ""
+    base_model: str = ""
+
+
+def _load_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[str, Any]:
+    weights = parse_lora(config, tensors, base.linear_shapes, base.max_lora_rank)
+    pin = base.device.type == "cuda"
+    for m in weights.modules.values():  # host copies in the compute dtype; pinned for async copies
+        m.a, m.b = (t.to(base.dtype).pin_memory() if pin else t.to(base.dtype) for t in (m.a, m.b))
+    return {"lora": weights}
+
+
+def _load_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[str, Any]:
+    weights = parse_prefix(config, tensors, base.num_layers, base.num_kv_heads, base.head_dim)
+    return {"prefix": weights.to(base.device, base.dtype)}
+
+
+# peft_type -> loader. A new adapter type is one entry here and one module beside this one.
+ADAPTER_KINDS: dict[str, Callable[[dict[str, Any], dict[str, torch.Tensor], BaseShape], dict[str, Any]]] = {
+    "LORA": _load_lora,
+    "PREFIX_TUNING": _load_prefix,
+}
+
+
+def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an adapter's config and tensors, turning every kind of damage into a clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataLoss(f"{CONFIG_FILE} is unreadable or not JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise DataLoss(f"{CONFIG_FILE} is not a JSON object")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        if (path / "adapter_model.bin").exists():
+            raise FailedPrecondition("only safetensors weights are loaded (found adapter_model.bin: "
+                                     "convert it with safetensors, pickle is never unpickled)")
+        raise DataLoss(f"{WEIGHTS_FILE} is missing")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise DataLoss(f"{WEIGHTS_FILE} is corrupt or truncated: {exc}") from exc
+    return config, tensors
+
+
+class AdapterStore:
+    """Adapters under one root directory. Thread-safe: loads run in worker threads, off the event loop.
+
+    ``is_on_device`` is set by the engine so that ListAdapters can tell a device-resident adapter from one
+    held only on the host.
+    """
+
+    def __init__(self, root: Path, base: BaseShape) -> None:
+        self.root = Path(root)
+        self.base = base
+        self._lock = threading.Lock()
+        self._loaded: dict[str, LoadedAdapter] = {}
+        self._loading: dict[str, threading.Event] = {}
+        self._failed: dict[str, str] = {}
+        self._last_used: dict[str, float] = {}
+        self._generation = 0
+        self.is_on_device: Callable[[LoadedAdapter], bool] = lambda adapter: False
+        self.on_unload: Callable[[LoadedAdapter], None] = lambda adapter: None
+
+    def resolve(self, adapter_id: str, field: str = "adapter_id") -> Path:
+        return resolve_adapter_dir(self.root, adapter_id, field)
+
+    def get(self, adapter_id: str, field: str = "adapter_id") -> LoadedAdapter:
+        """The loaded adapter, loading it first if needed (blocking: call from a worker thread)."""
+        with self._lock:
+            loaded = self._loaded.get(adapter_id)
+        if loaded is not None:
+            self.touch(adapter_id)
+            return loaded
+        return self.load(adapter_id, field)
+
+    def load(self, adapter_id: str, field: str = "adapter_id") -> LoadedAdapter:
+        path = self.resolve(adapter_id, field)
+        while True:
+            with self._lock:
+                if adapter_id in self._loaded:
+                    return self._loaded[adapter_id]
+                waiting = self._loading.get(adapter_id)
+                if waiting is None:
+                    done = self._loading[adapter_id] = threading.Event()
+                    break
+            waiting.wait()  # another thread is loading it; then look again
+        try:
+            adapter = self._read(adapter_id, path)
+        except AdapterdError as exc:
+            with self._lock:
+                self._failed[adapter_id] = str(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._loading[adapter_id]
+            done.set()
+        with self._lock:
+            self._loaded[adapter_id] = adapter
+            self._failed.pop(adapter_id, None)
+        self.touch(adapter_id)
+        return adapter
+
+    def unload(self, adapter_id: str, field: str = "adapter_id") -> AdapterRecord:
+        with self._lock:
+            adapter = self._loaded.pop(adapter_id, None)
+        if adapter is None:
+            self.resolve(adapter_id, field)  # NOT_FOUND for an unknown id, else: was not loaded
+        else:
+            self.on_unload(adapter)
+        return self.record(adapter_id)
+
+    def touch(self, adapter_id: str) -> None:
+        self._last_used[adapter_id] = time.time()
+
+    def loaded(self) -> list[LoadedAdapter]:
+        with self._lock:
+            return list(self._loaded.values())
+
+    def record(self, adapter_id: str) -> AdapterRecord:
+        with self._lock:
+            adapter = self._loaded.get(adapter_id)
+            loading = adapter_id in self._loading
+            error = self._failed.get(adapter_id, "")
+        rec = AdapterRecord(adapter_id=adapter_id, last_used=self._last_used.get(adapter_id, 0.0))
+        path = self.root / adapter_id
+        rec.size_bytes = sum(f.stat().st_size for f in path.glob("*") if f.is_file()) if path.is_dir() else 0
+        if adapter is not None:
+            rec.type, rec.rank, rec.num_virtual_tokens = adapter.type, adapter.rank, adapter.num_virtual_tokens
+            rec.target_modules = adapter.target_modules
+            on_gpu = self.is_on_device(adapter) and self.base.device.type == "cuda"
+            rec.state = RESIDENT_GPU if on_gpu or (adapter.prefix and self.base.device.type == "cuda") \
+                else RESIDENT_CPU
+            return rec
+        rec.state = LOADING if loading else (LOAD_FAILED if error else ON_DISK)
+        rec.error = error
+        self._describe_from_config(rec, path)
+        return rec
+
+    def list(self) -> list[AdapterRecord]:
+        return [self.record(i) for i in discover_adapter_ids(self.root)]
+
+    def _describe_from_config(self, rec: AdapterRecord, path: Path) -> None:
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if not isinstance(config, dict):
+            return
+        rec.type = str(config.get("peft_type", ""))
+        rec.base_model = str(config.get("base_model_name_or_path") or "")
+        rec.rank = int(config.get("r") or 0) if rec.type == "LORA" else 0
+        rec.num_virtual_tokens = int(config.get("num_virtual_tokens") or 0)
+        targets = config.get("target_modules") or []
+        rec.target_modules = sorted(targets) if isinstance(targets, list) else [str(targets)]
+
+    def _read(self, adapter_id: str, path: Path) -> LoadedAdapter:
+        config, tensors = read_adapter_files(path)
+        peft_type = str(config.get("peft_type", ""))
+        loader = ADAPTER_KINDS.get(peft_type)
+        if loader is None:
+            raise FailedPrecondition(f"adapter type {peft_type!r} is not served (served: "
+                                     f"{', '.join(ADAPTER_KINDS)})")
+        parts = loader(config, tensors, self.base)
+        with self._lock:
+            self._generation += 1
+            key = f"{adapter_id}#{self._generation}"
+        size = sum(f.stat().st_size for f in path.glob("*") if f.is_file())
+        return LoadedAdapter(adapter_id=adapter_id, type=peft_type, key=key, size_bytes=size, **parts)
+

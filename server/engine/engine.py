@@ -1,0 +1,333 @@
+"""The engine: one thread that owns the model and runs the continuous batch.
+
+Each turn of the loop: take new requests and control calls from the inbox, drop cancelled and timed-out
+rows, admit waiting requests (bounded by batch size, free LoRA slots and a prefill token budget), prefill
+them together, then run one decode step for every running row and hand each row's new text to its sink.
+A request joins at the next step and leaves the moment it finishes. Nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.adapters.store import LoadedAdapter
+from adapterd.server.engine.batch import Row, RunningBatch, build_cache
+from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
+from adapterd.server.engine.sampling import RowSampler
+from adapterd.server.engine.text import TextStream
+from adapterd.server.errors import AdapterdError, ResourceExhausted, Unavailable
+from adapterd.server.model import BaseModel
+from transformers import DynamicCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32  # rows decoded together
+    max_queue: int = 256  # requests waiting for a row before new ones get RESOURCE_EXHAUSTED
+    lora_slots: int = 16  # LoRA adapters resident on the device at once
+    max_lora_rank: int = 64
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step, so running rows keep moving
+
+
+class Engine:
+    def __init__(self, base: BaseModel, config: EngineConfig) -> None:
+        self.base = base
+        self.config = config
+        self.slots = LoraSlotTable(base.model, config.lora_slots, config.max_lora_rank, base.dtype, base.device)
+        self.batch = RunningBatch()
+        self.waiting: deque[Row] = deque()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._queued = 0  # submitted and not yet admitted (inbox + waiting)
+        self._lock = threading.Lock()
+        self._rows_by_id: dict[str, Row] = {}
+        self._evict_later: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.eos_ids = base.eos_token_ids
+        self.pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+        self.on_step: Callable[[dict[str, Any]], None] | None = None  # metrics hook
+
+    # ------------------------------------------------------------------ public, any thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="adapterd-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stopping = True
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: GenerationParams,
+               adapter: LoadedAdapter | None, sink: Callable[[GenerationEvent], None]) -> None:
+        """Queue a request. Events reach ``sink`` on the engine thread: start, deltas, end."""
+        if self._stopping:
+            raise Unavailable("the engine is shutting down")
+        with self._lock:
+            if self._queued >= self.config.max_queue:
+                raise ResourceExhausted(f"the queue is full ({self.config.max_queue} requests waiting)")
+            self._queued += 1
+        row = Row(request_id=request_id, prompt_ids=list(prompt_ids), params=params, adapter=adapter, sink=sink,
+                  sampler=RowSampler(params, self.eos_ids, self.base.device),
+                  text=TextStream(self.base.tokenizer, params.stop_sequences, params.include_stop_sequence))
+        self._inbox.put(("submit", row))
+
+    def cancel(self, request_id: str) -> None:
+        """Free the request's row at the next step (client gone, deadline passed)."""
+        self._inbox.put(("cancel", request_id))
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the engine thread between two steps (e.g. to change device-resident adapters)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
+    def evict(self, adapter: LoadedAdapter) -> concurrent.futures.Future:
+        """Free an unloaded adapter's slot now, or when the last row using it leaves."""
+        def _evict() -> None:
+            if not self.slots.evict(adapter.key):
+                self._evict_later.add(adapter.key)
+        return self.call(_evict)
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self.batch), "waiting": self._queued}
+
+    # ------------------------------------------------------------------ the loop, engine thread
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox(block=not self.batch.rows and not self.waiting)
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - a failed step must not end the daemon
+                self._fail_all(exc)
+        self._drain_inbox(block=False)
+        stopped = Unavailable("the engine stopped")
+        self._fail_all(stopped)
+        while self.waiting:
+            row = self.waiting.popleft()
+            row.emit(GenerationEvent("end", stop_reason=StopReason.ERROR, error=stopped))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "submit":
+                self.waiting.append(payload)
+                self._rows_by_id[payload.request_id] = payload
+            elif kind == "cancel":
+                row = self._rows_by_id.get(payload)
+                if row is not None:
+                    row.cancelled = True
+            elif kind == "call":
+                fn, future = payload
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(exc)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        self._drop_waiting_cancelled()
+        self._retire([i for i, row in enumerate(self.batch.rows) if self._expired(row)])
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if self.batch.rows:
+            self._decode()
+
+    def _expired(self, row: Row) -> bool:
+        if row.cancelled:
+            row.finished = StopReason.CANCELLED
+        elif row.params.time_limit_s is not None and time.monotonic() - row.admitted > row.params.time_limit_s:
+            row.finished = StopReason.TIME_LIMIT
+        return row.finished != StopReason.NOT_FINISHED
+
+    def _drop_waiting_cancelled(self) -> None:
+        for row in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(row)
+            self._dequeued(1)
+            row.finished = StopReason.CANCELLED
+            self._finish(row)
+
+    def _admit(self) -> list[Row]:
+        admitted: list[Row] = []
+        budget = self.config.max_prefill_tokens
+        while self.waiting and len(self.batch) + len(admitted) < self.config.max_batch_size:
+            row = self.waiting[0]
+            cost = len(row.prompt_ids) + row.num_virtual_tokens
+            if admitted and cost > budget:
+                break
+            if row.lora_key is not None:
+                slot = self.slots.acquire(row.lora_key, row.adapter.lora)
+                if slot is None:
+                    break  # every slot is pinned by running rows: wait for one to free
+                row.slot = slot
+            self.waiting.popleft()
+            budget -= cost
+            row.admitted = time.monotonic()
+            admitted.append(row)
+        self._dequeued(len(admitted))
+        return admitted
+
+    def _dequeued(self, n: int) -> None:
+        with self._lock:
+            self._queued -= n
+
+    @torch.inference_mode()
+    def _prefill(self, rows: list[Row]) -> None:
+        dev = self.base.device
+        n = len(rows)
+        prefix_len = max(r.num_virtual_tokens for r in rows)
+        prompt_len = max(len(r.prompt_ids) for r in rows)
+        input_ids = torch.full((n, prompt_len), self.pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((n, prompt_len), dtype=torch.long)
+        prefix_mask = torch.zeros((n, prefix_len), dtype=torch.long)
+        for i, row in enumerate(rows):
+            length = len(row.prompt_ids)
+            input_ids[i, prompt_len - length:] = torch.tensor(row.prompt_ids)
+            prompt_mask[i, prompt_len - length:] = 1
+            prefix_mask[i, prefix_len - row.num_virtual_tokens:] = 1
+        # Prefix rows count their virtual tokens as positions 0..V-1, as PEFT does.
+        virtual = torch.tensor([[r.num_virtual_tokens] for r in rows])
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0) + virtual
+        mask = torch.cat([prefix_mask, prompt_mask], dim=1).to(dev)
+        cache = DynamicCache()
+        if prefix_len:
+            self._fill_prefixes(cache, rows, prefix_len)
+        self.slots.set_rows([r.slot for r in rows])
+        out = self.base.model(input_ids=input_ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
+                              use_cache=True, logits_to_keep=1, **{self.base.cache_kwarg: cache})
+        for i, row in enumerate(rows):
+            row.next_position = int(positions[i, -1]) + 1
+            row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
+        self._sample_and_emit(rows, out.logits[:, -1, :])
+        live = [i for i, r in enumerate(rows) if r.finished == StopReason.NOT_FINISHED]
+        for row in rows:
+            if row.finished != StopReason.NOT_FINISHED:
+                self._finish(row)
+        if live:
+            index = torch.tensor(live, device=dev)
+            layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+                      for layer in cache.layers]
+            self.batch.join([rows[i] for i in live], build_cache(layers) if len(live) < n else cache,
+                            mask.index_select(0, index))
+
+    def _fill_prefixes(self, cache: DynamicCache, rows: list[Row], prefix_len: int) -> None:
+        base = self.base
+        for layer in range(base.num_layers):
+            k = torch.zeros(len(rows), base.num_kv_heads, prefix_len, base.head_dim, dtype=base.dtype,
+                            device=base.device)
+            v = torch.zeros_like(k)
+            for i, row in enumerate(rows):
+                if row.num_virtual_tokens:
+                    prefix = row.adapter.prefix
+                    k[i, :, prefix_len - row.num_virtual_tokens:] = prefix.keys[layer]
+                    v[i, :, prefix_len - row.num_virtual_tokens:] = prefix.values[layer]
+            cache.update(k, v, layer)
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        rows = self.batch.rows
+        dev = self.base.device
+        input_ids = torch.tensor([[r.last_token] for r in rows], device=dev)
+        positions = torch.tensor([[r.next_position] for r in rows], device=dev)
+        mask = torch.cat([self.batch.mask, self.batch.mask.new_ones((len(rows), 1))], dim=1)
+        self.slots.set_rows([r.slot for r in rows])
+        out = self.base.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                              **{self.base.cache_kwarg: self.batch.cache})
+        self.batch.mask = mask
+        for row in rows:
+            row.next_position += 1
+        self._sample_and_emit(rows, out.logits[:, -1, :])
+        self._retire([i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
+
+    def _sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            n = len(row.generated)
+            if row.sampler.is_plain_greedy:
+                token = greedy[i]
+            else:
+                seen = torch.tensor([row.prompt_ids + row.generated], device=logits.device)
+                token = row.sampler.next_token(logits[i], seen, n)
+            self._accept(row, token)
+
+    def _accept(self, row: Row, token: int) -> None:
+        params = row.params
+        row.last_token = token
+        if token in self.eos_ids and len(row.generated) >= params.min_new_tokens:
+            row.finished = StopReason.EOS_TOKEN
+            return
+        row.generated.append(token)
+        row.text.add(token)
+        if row.text.stopped_by:
+            row.finished = StopReason.STOP_SEQUENCE
+        elif len(row.generated) >= params.max_new_tokens:
+            row.finished = StopReason.MAX_TOKENS
+        elif row.next_position + row.num_virtual_tokens >= self.base.max_sequence_length:
+            row.finished = StopReason.TOKEN_LIMIT
+        if row.finished == StopReason.NOT_FINISHED:
+            piece = row.text.take()
+            row.emit(GenerationEvent("delta", text=piece, generated_token_count=len(row.generated),
+                                     token_ids=[token]))
+
+    def _retire(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        gone = set(indices)
+        for i in indices:
+            self._finish(self.batch.rows[i])
+        self.batch.keep([i for i in range(len(self.batch.rows)) if i not in gone])
+
+    def _finish(self, row: Row) -> None:
+        """Send the last event and give back the row's slot."""
+        self._rows_by_id.pop(row.request_id, None)
+        if row.slot:
+            self.slots.release(row.slot)
+            key = row.lora_key
+            if key in self._evict_later and self.slots.evict(key):
+                self._evict_later.discard(key)
+            row.slot = 0
+        row.emit(GenerationEvent("end", text=row.text.take(final=True), generated_token_count=len(row.generated),
+                                 stop_reason=row.finished, stop_sequence=row.text.stopped_by,
+                                 token_ids=list(row.generated)))
+
+    def _fail_all(self, exc: Exception) -> None:
+        """A step failed (e.g. out of memory): end every row in flight with the error; keep serving."""
+        if not isinstance(exc, AdapterdError):
+            log.exception("engine step failed")
+            if isinstance(exc, torch.OutOfMemoryError):
+                exc = ResourceExhausted("out of device memory while generating; retry later")
+        rows = self.batch.rows
+        self.batch = RunningBatch()
+        for row in rows:
+            self._rows_by_id.pop(row.request_id, None)
+            if row.slot:
+                self.slots.release(row.slot)
+                row.slot = 0
+            row.finished = StopReason.ERROR
+            row.emit(GenerationEvent("end", stop_reason=StopReason.ERROR, error=exc,
+                                     generated_token_count=len(row.generated)))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,59 @@
+"""Choosing each row's next token: greedy, or temperature / top-k / top-p sampling, with repetition
+penalty and a minimum length. The filters are transformers' own logits processors, applied per row so
+that every request keeps its own parameters and its own seeded generator.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+from adapterd.server.engine.request import GenerationParams
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+class RowSampler:
+    """The sampling state of one request: its processors and its random generator."""
+
+    def __init__(self, params: GenerationParams, eos_token_ids: set[int], device: torch.device) -> None:
+        self.params = params
+        self.eos = sorted(eos_token_ids)
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.penalty = (RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+                        if params.repetition_penalty not in (0.0, 1.0) else None)
+        warpers = LogitsProcessorList()
+        if not params.greedy:
+            warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k:
+                warpers.append(TopKLogitsWarper(params.top_k))
+            if 0.0 < params.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(params.top_p))
+        self.warpers = warpers
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with no penalty: the engine takes an argmax over the whole batch at once."""
+        return self.params.greedy and self.penalty is None and not self.params.min_new_tokens
+
+    def next_token(self, logits: torch.Tensor, seen_ids: torch.Tensor, generated: int) -> int:
+        """``logits``: [vocab] for this row; ``seen_ids``: [1, n] prompt and generated ids so far."""
+        scores = logits.float().unsqueeze(0)
+        if generated < self.params.min_new_tokens and self.eos:
+            scores[:, self.eos] = float("-inf")
+        if self.penalty is not None:
+            scores = self.penalty(seen_ids, scores)
+        if self.params.greedy:
+            return int(scores.argmax(-1))
+        scores = self.warpers(seen_ids, scores)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

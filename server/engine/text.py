@@ -1,0 +1,67 @@
+"""Turning a row's token ids into text as they come: incremental detokenization and stop sequences.
+
+Decoding a growing id list one token at a time must not split a multi-byte character (a Chinese
+character is often several byte-level tokens) nor drop the space a sentencepiece token carries, so each
+step decodes a short window that starts a few tokens back and emits only what is new and complete
+(the method of TGI's ``decode_token``). Text that could be the start of a stop sequence is held back
+until it is known not to be one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TextStream:
+    def __init__(self, tokenizer: Any, stop_sequences: tuple[str, ...] = (),
+                 include_stop_sequence: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.stop_sequences = stop_sequences
+        self.include_stop_sequence = include_stop_sequence
+        self.ids: list[int] = []
+        self.text = ""  # every complete character decoded so far
+        self.emitted = 0  # how much of ``text`` was handed out
+        self.stopped_by: str = ""
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._scanned = 0  # ``text`` before this index holds no stop sequence
+
+    def add(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        self._find_stop()
+
+    def take(self, final: bool = False) -> str:
+        """The text not yet handed out, less what might still turn into a stop sequence."""
+        end = len(self.text) if (final or self.stopped_by) else len(self.text) - self._holdback()
+        piece = self.text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+    def _find_stop(self) -> None:
+        if not self.stop_sequences or self.stopped_by:
+            return
+        longest = max(len(s) for s in self.stop_sequences)
+        start = max(0, self._scanned - longest + 1)
+        hits = [(self.text.find(s, start), s) for s in self.stop_sequences]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            i, s = min(hits)
+            self.stopped_by = s
+            self.text = self.text[: i + len(s)] if self.include_stop_sequence else self.text[:i]
+        self._scanned = len(self.text)
+
+    def _holdback(self) -> int:
+        """Length of the longest end of ``text`` that is a proper start of some stop sequence."""
+        best = 0
+        for s in self.stop_sequences:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best

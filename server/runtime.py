@@ -1,0 +1,106 @@
+"""The serving runtime: the base model, the adapter store and the engine, wired together.
+
+RPC handlers talk to this object only. ``generate`` is an async iterator over one request's events; it
+never blocks the event loop (adapter loads run in a worker thread, the model in the engine thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterd.server.adapters.lora import linear_shapes
+from adapterd.server.adapters.store import AdapterRecord, AdapterStore, BaseShape, LoadedAdapter
+from adapterd.server.engine import Engine, EngineConfig, GenerationEvent, GenerationParams
+from adapterd.server.errors import InvalidArgument
+from adapterd.server.model import BaseModel, load_base_model
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    ids: list[int]
+    truncated: bool
+
+
+class Runtime:
+    def __init__(self, base: BaseModel, adapter_root: Path, engine_config: EngineConfig) -> None:
+        self.base = base
+        self.engine_config = engine_config
+        shape = BaseShape(linear_shapes=linear_shapes(base.model), num_layers=base.num_layers,
+                          num_kv_heads=base.num_kv_heads, head_dim=base.head_dim, dtype=base.dtype,
+                          device=base.device, max_lora_rank=engine_config.max_lora_rank)
+        self.store = AdapterStore(Path(adapter_root), shape)
+        self.engine = Engine(base, engine_config)
+        self.store.is_on_device = lambda adapter: self.engine.slots.resident(adapter.key)
+        self.store.on_unload = self.engine.evict
+
+    @classmethod
+    def load(cls, base_dir: str | Path, adapter_root: str | Path, quantization: str = "int8",
+             engine_config: EngineConfig | None = None, device: str | None = None,
+             dtype: str | None = None, max_sequence_length: int | None = None) -> Runtime:
+        base = load_base_model(base_dir, quantization, device=device, dtype=dtype,
+                               max_sequence_length=max_sequence_length)
+        runtime = cls(base, Path(adapter_root), engine_config or EngineConfig())
+        runtime.engine.start()
+        return runtime
+
+    def close(self) -> None:
+        self.engine.stop()
+
+    # ------------------------------------------------------------------ requests
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.base.tokenizer(text, add_special_tokens=True).input_ids
+
+    def prepare_prompt(self, prompt: str, truncate_to: int, reserve: int) -> PreparedPrompt:
+        """Token ids of ``prompt``; too long for the model -> InvalidArgument, or keep the last
+        ``truncate_to`` tokens when the request asks for truncation. ``reserve``: room for new tokens."""
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise InvalidArgument("must not be empty", field="prompt")
+        truncated = False
+        if truncate_to and len(ids) > truncate_to:
+            ids, truncated = ids[-truncate_to:], True
+        limit = self.base.max_sequence_length - 1
+        if len(ids) > limit:
+            raise InvalidArgument(f"prompt has {len(ids)} tokens; the model takes at most {limit} "
+                                  "(set truncate_input_tokens to keep only the last ones)", field="prompt")
+        return PreparedPrompt(ids=ids, truncated=truncated)
+
+    async def adapter(self, adapter_id: str, field: str = "adapter_id") -> LoadedAdapter | None:
+        if not adapter_id:
+            return None
+        return await asyncio.to_thread(self.store.get, adapter_id, field)
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: LoadedAdapter | None,
+                       request_id: str | None = None) -> AsyncIterator[GenerationEvent]:
+        """Submit one request and yield its events until "end". Leaving early cancels it."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        request_id = request_id or uuid.uuid4().hex
+        self.engine.submit(request_id, prompt_ids, params, adapter,
+                           lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.kind == "end"
+                yield event
+        finally:
+            if not finished:
+                self.engine.cancel(request_id)
+
+    # ------------------------------------------------------------------ adapters
+
+    async def load_adapter(self, adapter_id: str) -> AdapterRecord:
+        await asyncio.to_thread(self.store.load, adapter_id)
+        return self.store.record(adapter_id)
+
+    async def unload_adapter(self, adapter_id: str) -> AdapterRecord:
+        return await asyncio.to_thread(self.store.unload, adapter_id)
+
+    def list_adapters(self) -> list[AdapterRecord]:
+        return self.store.list()
