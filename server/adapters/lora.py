@@ -191,6 +191,11 @@ class LoraSlotTable:
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, in LRU order
         self._refs: dict[int, int] = {}
         self._free = list(range(self.num_slots - 1, 0, -1))
+        self.fills = 0  # adapters copied into a slot, since start
+        self.evictions = 0  # adapters pushed out of a slot to make room, since start
+
+    def resident_count(self) -> int:
+        return len(self._slot_of)
 
     def resident(self, key: str) -> bool:
         return key in self._slot_of
@@ -208,6 +213,7 @@ class LoraSlotTable:
                 return None
             self._fill(slot, weights)
             self._slot_of[key] = slot
+            self.fills += 1
         self._slot_of.move_to_end(key)
         self._refs[slot] = self._refs.get(slot, 0) + 1
         return slot
@@ -238,6 +244,7 @@ class LoraSlotTable:
         for key, slot in self._slot_of.items():  # least recently used first
             if self._refs.get(slot, 0) == 0:
                 del self._slot_of[key]
+                self.evictions += 1
                 return slot
         return None
 

@@ -22,6 +22,7 @@ import torch
 from adapterd.server.adapters.lora import LoraSlotTable
 from adapterd.server.adapters.store import LoadedAdapter
 from adapterd.server.engine.batch import Row, RunningBatch, build_cache
+from adapterd.server.engine.observer import ObserverList
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.engine.sampling import RowSampler
 from adapterd.server.engine.text import TextStream
@@ -57,7 +58,7 @@ class Engine:
         self._stopping = False
         self.eos_ids = base.eos_token_ids
         self.pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
-        self.on_step: Callable[[dict[str, Any]], None] | None = None  # metrics hook
+        self.observers = ObserverList()  # metrics and tests listen here
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -187,6 +188,7 @@ class Engine:
             budget -= cost
             row.admitted = time.monotonic()
             admitted.append(row)
+            self.observers.request_admitted(row, row.admitted - row.submitted)
         self._dequeued(len(admitted))
         return admitted
 
@@ -222,6 +224,7 @@ class Engine:
             row.next_position = int(positions[i, -1]) + 1
             row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
         self._sample_and_emit(rows, out.logits[:, -1, :])
+        self.observers.prefill_done(rows, int(prompt_mask.sum()))
         live = [i for i, r in enumerate(rows) if r.finished == StopReason.NOT_FINISHED]
         for row in rows:
             if row.finished != StopReason.NOT_FINISHED:
@@ -250,6 +253,7 @@ class Engine:
     def _decode(self) -> None:
         rows = self.batch.rows
         dev = self.base.device
+        started = time.perf_counter()
         input_ids = torch.tensor([[r.last_token] for r in rows], device=dev)
         positions = torch.tensor([[r.next_position] for r in rows], device=dev)
         mask = torch.cat([self.batch.mask, self.batch.mask.new_ones((len(rows), 1))], dim=1)
@@ -260,6 +264,7 @@ class Engine:
         for row in rows:
             row.next_position += 1
         self._sample_and_emit(rows, out.logits[:, -1, :])
+        self.observers.decode_step(rows, time.perf_counter() - started)
         self._retire([i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
 
     def _sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> None:
@@ -309,6 +314,7 @@ class Engine:
             if key in self._evict_later and self.slots.evict(key):
                 self._evict_later.discard(key)
             row.slot = 0
+        self.observers.request_finished(row)
         row.emit(GenerationEvent("end", text=row.text.take(final=True), generated_token_count=len(row.generated),
                                  stop_reason=row.finished, stop_sequence=row.text.stopped_by,
                                  token_ids=list(row.generated)))
@@ -327,6 +333,7 @@ class Engine:
                 self.slots.release(row.slot)
                 row.slot = 0
             row.finished = StopReason.ERROR
+            self.observers.request_finished(row)
             row.emit(GenerationEvent("end", stop_reason=StopReason.ERROR, error=exc,
                                      generated_token_count=len(row.generated)))
         if torch.cuda.is_available():

@@ -24,7 +24,8 @@ class RowSampler:
     def __init__(self, params: GenerationParams, eos_token_ids: set[int], device: torch.device) -> None:
         self.params = params
         self.eos = sorted(eos_token_ids)
-        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        # The seed used, reported back so that a sampled answer can be reproduced; 0 for greedy.
+        self.seed = params.seed if params.seed is not None else (0 if params.greedy else secrets.randbits(63))
         self.penalty = (RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
                         if params.repetition_penalty not in (0.0, 1.0) else None)
         warpers = LogitsProcessorList()

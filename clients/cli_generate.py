@@ -1,0 +1,56 @@
+"""``adapterd generate --adapter ID --prompt TEXT``: stream an answer to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "Generate text through a running adapterd, streaming it to the terminal."
+
+_STOP_NAMES = {0: "not finished", 1: "max tokens", 2: "end of text", 3: "stop sequence", 4: "time limit",
+               5: "cancelled", 6: "context full", 7: "error"}
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="localhost:50051", help="daemon address (host:port)")
+    parser.add_argument("--token", default=None, help="bearer token, if the daemon asks for one")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("--adapter", default="", help="adapter id under the daemon's adapter root (empty: base)")
+    parser.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
+    parser.add_argument("--max-new-tokens", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    parser.add_argument("--no-stream", action="store_true", help="one unary call instead of a stream")
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from adapterd.clients.client import AdapterdClient
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+              "top_p": args.top_p, "seed": args.seed, "stop_sequences": args.stop}
+    with AdapterdClient(args.target, token=args.token) as client:
+        try:
+            if args.no_stream:
+                reply = client.generate(prompt, args.adapter, **params)
+                print(reply.text)
+                stop, count = reply.stop_reason, reply.generated_token_count
+            else:
+                stop, count = 0, 0
+                for message in client.generate_stream(prompt, args.adapter, **params):
+                    print(message.text, end="", flush=True)
+                    stop, count = message.stop_reason or stop, message.generated_token_count or count
+                print()
+        except grpc.RpcError as err:
+            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    print(f"[{count} tokens, {_STOP_NAMES.get(stop, stop)}]", file=sys.stderr)
+    return 0

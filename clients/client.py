@@ -1,0 +1,171 @@
+"""Python clients for adapterd: blocking (``AdapterdClient``) and asyncio (``AsyncAdapterdClient``).
+
+Only grpcio and the generated stubs: importing this never imports torch.
+
+    with AdapterdClient("localhost:50051") as client:
+        print(client.generate("Hello", adapter_id="support/v2", max_new_tokens=32).text)
+        for piece in client.generate_stream("Hello"):
+            print(piece.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import grpc
+from adapterd.v1 import adapterd_pb2 as pb
+from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def generate_request(prompt: str, adapter_id: str = "", *, max_new_tokens: int = 0, min_new_tokens: int = 0,
+                     temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
+                     repetition_penalty: float = 0.0, stop_sequences: Sequence[str] = (),
+                     include_stop_sequence: bool = False, time_limit_ms: int = 0,
+                     truncate_input_tokens: int = 0) -> pb.GenerateRequest:
+    """A GenerateRequest from keyword arguments; 0 means the server's default (greedy, no filters)."""
+    sampling = pb.SamplingParameters(temperature=temperature, top_k=top_k, top_p=top_p,
+                                     repetition_penalty=repetition_penalty)
+    if seed is not None:
+        sampling.seed = seed
+    stopping = pb.StoppingCriteria(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                   stop_sequences=list(stop_sequences), include_stop_sequence=include_stop_sequence,
+                                   time_limit_ms=time_limit_ms)
+    return pb.GenerateRequest(prompt=prompt, adapter_id=adapter_id, sampling=sampling, stopping=stopping,
+                              truncate_input_tokens=truncate_input_tokens)
+
+
+class _Base:
+    def __init__(self, target: str, token: str | None, credentials: grpc.ChannelCredentials | None,
+                 metadata: Sequence[tuple[str, str]]) -> None:
+        self.target = target
+        self.credentials = credentials
+        self.metadata = list(metadata) + ([("authorization", f"Bearer {token}")] if token else [])
+
+
+class AdapterdClient(_Base):
+    """Blocking client. ``timeout`` (seconds) becomes each call's deadline."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
+                 timeout: float | None = None) -> None:
+        super().__init__(target, token, credentials, metadata)
+        self.timeout = timeout
+        self.channel = (grpc.secure_channel(target, credentials) if credentials
+                        else grpc.insecure_channel(target))
+        self.stub = pb_grpc.AdapterdStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> AdapterdClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _kw(self) -> dict:
+        return {"metadata": self.metadata, "timeout": self.timeout}
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the daemon's health check says SERVING (the model is loaded)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"adapterd at {self.target} not serving after {timeout} s")
+            time.sleep(0.1)
+
+    def generate(self, prompt: str, adapter_id: str = "", **params) -> pb.GenerateResponse:
+        return self.stub.Generate(generate_request(prompt, adapter_id, **params), **self._kw())
+
+    def generate_stream(self, prompt: str, adapter_id: str = "", **params) -> Iterator[pb.GenerateResponse]:
+        return self.stub.GenerateStream(generate_request(prompt, adapter_id, **params), **self._kw())
+
+    def tokenize(self, text: str, return_tokens: bool = False) -> pb.TokenizeResponse:
+        return self.stub.Tokenize(pb.TokenizeRequest(text=text, return_tokens=return_tokens), **self._kw())
+
+    def list_adapters(self) -> list[pb.AdapterInfo]:
+        return list(self.stub.ListAdapters(pb.ListAdaptersRequest(), **self._kw()).adapters)
+
+    def load_adapter(self, adapter_id: str) -> pb.AdapterInfo:
+        return self.stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id), **self._kw())
+
+    def unload_adapter(self, adapter_id: str) -> pb.AdapterInfo:
+        return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw())
+
+    def model_info(self) -> pb.ModelInfoResponse:
+        return self.stub.ModelInfo(pb.ModelInfoRequest(), **self._kw())
+
+    def merge(self, request: pb.MergeAdapterRequest) -> Iterator[pb.MergeProgress]:
+        return self.stub.MergeAdapter(request, **self._kw())
+
+    def start_training(self, request: pb.StartTrainingRequest) -> pb.TrainingRun:
+        return self.stub.StartTraining(request, **self._kw())
+
+    def stop_training(self, run_id: str) -> pb.TrainingRun:
+        return self.stub.StopTraining(pb.StopTrainingRequest(run_id=run_id), **self._kw())
+
+    def train_status(self, run_id: str = "") -> list[pb.TrainingRun]:
+        return list(self.stub.TrainStatus(pb.TrainStatusRequest(run_id=run_id), **self._kw()).runs)
+
+    def watch_training(self, run_id: str = "") -> Iterator[pb.TrainStatusResponse]:
+        return self.stub.WatchTraining(pb.TrainStatusRequest(run_id=run_id), metadata=self.metadata)
+
+
+class AsyncAdapterdClient(_Base):
+    """asyncio client over ``grpc.aio``; use inside a running event loop."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
+                 timeout: float | None = None) -> None:
+        super().__init__(target, token, credentials, metadata)
+        self.timeout = timeout
+        self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
+                        else grpc.aio.insecure_channel(target))
+        self.stub = pb_grpc.AdapterdStub(self.channel)
+
+    async def __aenter__(self) -> AsyncAdapterdClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def _kw(self) -> dict:
+        return {"metadata": self.metadata, "timeout": self.timeout}
+
+    async def generate(self, prompt: str, adapter_id: str = "", **params) -> pb.GenerateResponse:
+        return await self.stub.Generate(generate_request(prompt, adapter_id, **params), **self._kw())
+
+    async def generate_stream(self, prompt: str, adapter_id: str = "", **params) -> AsyncIterator[pb.GenerateResponse]:
+        call = self.stub.GenerateStream(generate_request(prompt, adapter_id, **params), **self._kw())
+        async for message in call:
+            yield message
+
+    async def list_adapters(self) -> list[pb.AdapterInfo]:
+        return list((await self.stub.ListAdapters(pb.ListAdaptersRequest(), **self._kw())).adapters)
+
+    async def load_adapter(self, adapter_id: str) -> pb.AdapterInfo:
+        return await self.stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id), **self._kw())
+
+    async def unload_adapter(self, adapter_id: str) -> pb.AdapterInfo:
+        return await self.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw())
+
+    async def model_info(self) -> pb.ModelInfoResponse:
+        return await self.stub.ModelInfo(pb.ModelInfoRequest(), **self._kw())
+
+    async def tokenize(self, text: str, return_tokens: bool = False) -> pb.TokenizeResponse:
+        return await self.stub.Tokenize(pb.TokenizeRequest(text=text, return_tokens=return_tokens), **self._kw())

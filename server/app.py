@@ -1,0 +1,149 @@
+"""Building and running the daemon: the Adapterd service, health, reflection, and graceful shutdown.
+
+The gRPC port opens at once with health NOT_SERVING, so orchestrators see the process; the base model
+loads in a worker thread, and health turns SERVING when it is ready. On SIGTERM or SIGINT health turns
+NOT_SERVING, new requests get UNAVAILABLE, requests in flight get ``grace`` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+from adapterd.server.config import ServerConfig
+from adapterd.server.engine import EngineConfig
+from adapterd.server.runtime import Runtime
+from adapterd.server.service import AdapterdService, ServingState
+from adapterd.server.validation import Limits
+from adapterd.v1 import adapterd_pb2 as pb
+from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Adapterd"].full_name  # "adapterd.v1.Adapterd"
+
+
+@dataclass
+class Daemon:
+    """A running daemon: its server, its shared state, and the port it listens on."""
+
+    config: ServerConfig
+    server: grpc.aio.Server
+    state: ServingState
+    health: health.aio.HealthServicer
+    port: int
+    extras: list = field(default_factory=list)  # things to close on shutdown (metrics server...)
+
+    async def load(self) -> None:
+        """Load the base model off the event loop, then turn SERVING."""
+        cfg = self.config
+        engine_config = EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
+                                     lora_slots=cfg.lora_slots, max_lora_rank=cfg.max_lora_rank)
+        runtime = await asyncio.to_thread(Runtime.load, cfg.base, cfg.adapters, cfg.quantization, engine_config,
+                                          cfg.device, cfg.dtype)
+        max_input = min(cfg.max_input_tokens or runtime.base.max_sequence_length - 1,
+                        runtime.base.max_sequence_length - 1)
+        self.state.limits = Limits(max_new_tokens=cfg.max_new_tokens,
+                                   default_max_new_tokens=cfg.default_max_new_tokens, max_input_tokens=max_input)
+        self.state.runtime = runtime
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s", cfg.base)
+
+    async def shutdown(self, grace: float = 30.0) -> None:
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.state.runtime is not None:
+            await asyncio.to_thread(self.state.runtime.close)
+        for extra in self.extras:
+            extra.close()
+
+
+async def start_daemon(config: ServerConfig) -> Daemon:
+    """Open the port (health NOT_SERVING) and return; call ``Daemon.load`` to load the model."""
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes)]
+    server = grpc.aio.server(options=options)
+    state = ServingState()
+    pb_grpc.add_AdapterdServicer_to_server(AdapterdService(state), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    log.info("adapterd listening on %s:%d", config.host, port)
+    return Daemon(config=config, server=server, state=state, health=health_servicer, port=port)
+
+
+async def serve(config: ServerConfig, grace: float = 30.0) -> None:
+    """Run until SIGTERM/SIGINT, then drain and return."""
+    daemon = await start_daemon(config)
+    print(f"adapterd listening on {config.host}:{daemon.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loader = asyncio.create_task(daemon.load())
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0f s", grace)
+    loader.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await loader
+    await daemon.shutdown(grace)
+
+
+class DaemonThread:
+    """A daemon in a background thread with its own event loop: for tests and embedding."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.daemon: Daemon | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="adapterd-daemon", daemon=True)
+
+    def start(self, load: bool = True) -> DaemonThread:
+        self._thread.start()
+        self._started.wait()
+        if self._error:
+            raise self._error
+        if load:
+            self.run(self.daemon.load())
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.daemon.port
+
+    def run(self, coro):
+        """Run a coroutine on the daemon's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.daemon is not None:
+            self.run(self.daemon.shutdown(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.daemon = self.loop.run_until_complete(start_daemon(self.config))
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._error = exc
+        finally:
+            self._started.set()
+        if self._error is None:
+            self.loop.run_forever()

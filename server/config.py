@@ -1,0 +1,53 @@
+"""The daemon's settings: one dataclass, with the help text the CLI shows and validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from adapterd.server.model import QUANTIZATIONS
+
+
+@dataclass
+class ServerConfig:
+    base: Path = field(metadata={"help": "Hugging Face causal LM directory (the base model)"})
+    adapters: Path = field(metadata={"help": "adapter root: PEFT adapter directories, id = path under it"})
+    quantization: str = field(default="int8", metadata={"help": "int8 (bitsandbytes LLM.int8), nf4, or none"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda:0 if present)"})
+    dtype: str | None = field(default=None, metadata={"help": "compute dtype (default bfloat16 on GPU, float32 "
+                                                              "on CPU)"})
+    max_batch_size: int = field(default=32, metadata={"help": "rows decoded together"})
+    max_queue: int = field(default=256, metadata={"help": "waiting requests before RESOURCE_EXHAUSTED"})
+    lora_slots: int = field(default=16, metadata={"help": "LoRA adapters resident on the device at once"})
+    max_lora_rank: int = field(default=64, metadata={"help": "largest LoRA rank accepted"})
+    max_input_tokens: int | None = field(default=None, metadata={"help": "longest prompt, in tokens (default: "
+                                                                           "the model's context)"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "largest max_new_tokens a request may ask"})
+    default_max_new_tokens: int = field(default=64, metadata={"help": "max_new_tokens when a request sets 0"})
+    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest gRPC message"})
+    runs: Path | None = field(default=None, metadata={"help": "training runs root (StartTraining, TrainStatus)"})
+    merge_output_root: Path | None = field(default=None, metadata={"help": "where MergeAdapter may write "
+                                                                            "model directories"})
+    metrics_port: int | None = field(default=None, metadata={"help": "Prometheus /metrics port (off if unset)"})
+
+    def __post_init__(self) -> None:
+        self.base, self.adapters = Path(self.base), Path(self.adapters)
+        self.runs = Path(self.runs) if self.runs is not None else None
+        if self.merge_output_root is not None:
+            self.merge_output_root = Path(self.merge_output_root)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+        for name in ("max_batch_size", "max_queue", "lora_slots", "max_lora_rank", "max_new_tokens",
+                     "default_max_new_tokens", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        if not self.adapters.is_dir():
+            raise ValueError(f"adapter root {self.adapters} is not a directory")
+
+    @classmethod
+    def help_texts(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

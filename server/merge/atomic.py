@@ -1,0 +1,93 @@
+"""Publish a directory all at once: build it under a hidden temporary name beside the target, then rename.
+
+The temporary directory is a sibling of the target, so it is on the same filesystem and ``os.rename`` is
+atomic: a reader sees either no directory or a complete one. Any failure (bad adapter, disk full, a
+progress callback that raises to cancel, KeyboardInterrupt) removes the temporary directory, so nothing that
+looks like a model or an adapter is left behind. A process killed with SIGKILL can leave a hidden
+``.<name>.tmp-*`` directory; it never has the target's name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+from ..errors import AlreadyExists, FailedPrecondition
+
+# Serialises the check-then-rename step of concurrent merges, so two of them cannot both "win" one name.
+_COMMIT_LOCK = threading.Lock()
+
+
+def check_target(target: Path, overwrite: bool, marker: str, field: str) -> None:
+    """Raise unless ``target`` may be written: absent, or (with ``overwrite``) an empty directory or one
+    holding ``marker`` (``config.json`` for a model, ``adapter_config.json`` for an adapter).
+
+    The marker rule keeps ``overwrite`` from replacing, say, a home directory given by mistake.
+    """
+    if not os.path.lexists(target):
+        return
+    if not overwrite:
+        raise AlreadyExists(f"{target} already exists (set overwrite to replace it)", field=field)
+    if target.is_symlink() or not target.is_dir():
+        raise FailedPrecondition(f"{target} exists and is not a directory; refusing to replace it", field=field)
+    if any(target.iterdir()) and not (target / marker).is_file():
+        raise FailedPrecondition(f"{target} exists and holds no {marker}; refusing to replace a directory "
+                                 "that does not look like a previous output", field=field)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicDir:
+    """``with AtomicDir(target, ...) as tmp:`` write into ``tmp``; on a clean exit it becomes ``target``."""
+
+    def __init__(self, target: Path, *, overwrite: bool, marker: str, field: str) -> None:
+        self.target = target
+        self.overwrite = overwrite
+        self.marker = marker
+        self.field = field
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        check_target(self.target, self.overwrite, self.marker, self.field)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        assert self.tmp is not None
+        try:
+            if exc_type is None:
+                self._commit(self.tmp)
+        finally:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _commit(self, tmp: Path) -> None:
+        """Rename ``tmp`` to the target; an overwritten target is moved aside first, removed after."""
+        with _COMMIT_LOCK:
+            check_target(self.target, self.overwrite, self.marker, self.field)
+            old: Path | None = None
+            if os.path.lexists(self.target):
+                old = self.target.with_name(f".{self.target.name}.old-{uuid.uuid4().hex[:8]}")
+                os.rename(self.target, old)
+            try:
+                os.rename(tmp, self.target)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, self.target)
+                raise
+        _fsync_dir(self.target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

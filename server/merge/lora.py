@@ -1,0 +1,179 @@
+"""A LoRA adapter as the merger sees it: its config and, per target module, the A/B factors and scaling.
+
+Adapters are read from the files PEFT's ``save_pretrained`` writes (``adapter_config.json`` and
+``adapter_model.safetensors``, or a legacy ``adapter_model.bin``), without a model. Saved keys look like
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; the module name is the part between
+``base_model.model.`` and ``.lora_A.weight`` (``model.layers.0.self_attn.q_proj``), which is also the name
+PEFT matches ``rank_pattern`` / ``alpha_pattern`` against. Anything PEFT can hold that is not a plain LoRA
+on a linear layer (prompt learning, DoRA, embeddings, biases, modules_to_save) is refused with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DataLoss, FailedPrecondition
+
+PEFT_PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<which>[AB])\.weight$")
+# Adapters that add virtual tokens (keys/values or embeddings) at run time: there is no weight delta.
+PROMPT_LEARNING_TYPES = {"PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """The LoRA factors of one linear module. ``delta()`` is the change to its weight, shape (out, in)."""
+
+    name: str  # module name in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    key_prefix: str  # prefix of the saved keys, e.g. "base_model.model.model.layers.0.self_attn.q_proj"
+    lora_a: torch.Tensor  # (r, in_features)
+    lora_b: torch.Tensor  # (out_features, r)
+    scaling: float  # alpha / r, or alpha / sqrt(r) for rsLoRA
+    fan_in_fan_out: bool  # GPT-2 style Conv1D weights are stored (in, out)
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[0])
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape of the base weight this delta is added to."""
+        out_f, in_f = int(self.lora_b.shape[0]), int(self.lora_a.shape[1])
+        return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
+
+    def delta(self) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32 (transposed for fan_in_fan_out), as PEFT's ``get_delta_weight``."""
+        d = torch.mm(self.lora_b.float(), self.lora_a.float()) * self.scaling
+        return d.T if self.fan_in_fan_out else d
+
+    def add_to(self, weight: torch.Tensor, factor: float) -> None:
+        """``weight += factor * delta()`` in place, fused (``addmm_``) so no (out, in) temporary is made.
+
+        ``weight`` must be fp32 or fp64; the factors are cast to its dtype.
+        """
+        a, b = self.lora_a.to(weight.dtype), self.lora_b.to(weight.dtype)
+        alpha = factor * self.scaling
+        if self.fan_in_fan_out:  # weight is (in, out): add (B @ A).T = A.T @ B.T
+            weight.addmm_(a.T, b.T, alpha=alpha)
+        else:
+            weight.addmm_(b, a, alpha=alpha)
+
+
+@dataclass
+class LoraAdapter:
+    """One loaded LoRA adapter: raw config (kept to write merged configs) and modules in key order."""
+
+    adapter_id: str
+    path: Path
+    config: dict[str, Any]
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+
+    @property
+    def peft_rank(self) -> int:
+        """The rank PEFT's ``add_weighted_adapter`` checks: ``r``, or the largest in ``rank_pattern``."""
+        pattern = self.config.get("rank_pattern") or {}
+        return max([int(self.config["r"]), *map(int, pattern.values())])
+
+
+def read_adapter_config(path: Path, adapter_id: str, field_name: str) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict; DataLoss if it is not valid JSON."""
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataLoss(f"adapter {adapter_id!r}: unreadable adapter_config.json ({exc})",
+                       field=field_name) from exc
+    if not isinstance(config, dict):
+        raise DataLoss(f"adapter {adapter_id!r}: adapter_config.json is not an object", field=field_name)
+    return config
+
+
+def check_mergeable(config: dict[str, Any], adapter_id: str, field_name: str, purpose: str) -> None:
+    """Refuse (FailedPrecondition) adapters whose effect is not a low-rank delta on linear weights.
+
+    ``purpose`` completes the sentence "cannot be ...", e.g. "folded into the base weights".
+    """
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type in PROMPT_LEARNING_TYPES:
+        raise FailedPrecondition(
+            f"adapter {adapter_id!r} is a {peft_type} (P-Tuning v2 / prefix) adapter: it adds trained "
+            f"key/values for virtual tokens at run time and has no weight delta, so it cannot be {purpose}; "
+            "serve it as an adapter instead", field=field_name)
+    if peft_type != "LORA":
+        raise FailedPrecondition(f"adapter {adapter_id!r} is a {peft_type or 'unknown'} adapter; only LoRA "
+                                 f"adapters can be {purpose}", field=field_name)
+    if config.get("use_dora"):
+        raise FailedPrecondition(f"adapter {adapter_id!r} uses DoRA, which the merger does not support",
+                                 field=field_name)
+    if config.get("target_parameters"):
+        raise FailedPrecondition(f"adapter {adapter_id!r} targets nn.Parameter (target_parameters), which "
+                                 "the merger does not support", field=field_name)
+
+
+def _load_state_dict(path: Path, adapter_id: str, field_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (small: megabytes), from safetensors or a legacy pickle loaded weights-only."""
+    st_file, bin_file = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    try:
+        if st_file.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(st_file))
+        if bin_file.is_file():
+            return torch.load(bin_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise DataLoss(f"adapter {adapter_id!r}: corrupt weights file ({exc})", field=field_name) from exc
+    raise DataLoss(f"adapter {adapter_id!r}: no adapter_model.safetensors or adapter_model.bin",
+                   field=field_name)
+
+
+def _alpha_for(config: dict[str, Any], module: str) -> float:
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.get("alpha_pattern") or {}
+    return float(pattern.get(get_pattern_key(pattern.keys(), module), config["lora_alpha"]))
+
+
+def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
+    """PEFT's ``LoraLayer.update_layer``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    alpha = _alpha_for(config, module)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _pair_keys(state: dict[str, torch.Tensor], adapter_id: str, field_name: str) -> dict[str, list[str]]:
+    """Key prefix -> [A key, B key]; FailedPrecondition for tensors that are not LoRA A/B weights."""
+    pairs: dict[str, list[str]] = {}
+    for key in state:
+        m = LORA_KEY.match(key)
+        if not m:
+            raise FailedPrecondition(f"adapter {adapter_id!r} holds {key!r}: only LoRA A/B weights of linear "
+                                     "layers can be merged (no embeddings, biases or modules_to_save)",
+                                     field=field_name)
+        pairs.setdefault(m["prefix"], ["", ""])["AB".index(m["which"])] = key
+    return pairs
+
+
+def load_lora_adapter(path: Path, adapter_id: str, field_name: str, purpose: str) -> LoraAdapter:
+    """Read and check one adapter directory (already resolved by ``resolve_adapter_dir``)."""
+    config = read_adapter_config(path, adapter_id, field_name)
+    check_mergeable(config, adapter_id, field_name, purpose)
+    state = _load_state_dict(path, adapter_id, field_name)
+    adapter = LoraAdapter(adapter_id, path, config)
+    for prefix, (key_a, key_b) in _pair_keys(state, adapter_id, field_name).items():
+        if not key_a or not key_b:
+            raise DataLoss(f"adapter {adapter_id!r}: {prefix} has only one of lora_A/lora_B", field=field_name)
+        a, b = state[key_a], state[key_b]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise DataLoss(f"adapter {adapter_id!r}: {prefix} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                           "not (r, in) and (out, r)", field=field_name)
+        name = prefix.removeprefix(PEFT_PREFIX)
+        adapter.modules[name] = LoraModule(name, prefix, a, b, _scaling(config, name, int(a.shape[0])),
+                                           bool(config.get("fan_in_fan_out")))
+    if not adapter.modules:
+        raise DataLoss(f"adapter {adapter_id!r} holds no LoRA weights", field=field_name)
+    return adapter

@@ -1,0 +1,140 @@
+"""The ``adapterd.v1.Adapterd`` handlers: thin. Each validates its request, delegates to the runtime (or the
+merger, or the training manager), and turns the result into a response. No model logic lives here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from adapterd.server.adapters.ids import validate_adapter_id
+from adapterd.server.adapters.store import AdapterRecord
+from adapterd.server.engine import GenerationEvent, StopReason
+from adapterd.server.errors import AdapterdError, Unavailable
+from adapterd.server.rpc_errors import streaming, unary
+from adapterd.server.runtime import Runtime
+from adapterd.server.validation import Limits, validate_generate
+from adapterd.v1 import adapterd_pb2 as pb
+from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
+
+from adapterd import __version__
+
+log = logging.getLogger(__name__)
+
+
+def adapter_info(rec: AdapterRecord) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        adapter_id=rec.adapter_id, type=pb.AdapterType.Value(rec.type) if rec.type in pb.AdapterType.keys() else 0,
+        rank=rec.rank, num_virtual_tokens=rec.num_virtual_tokens, target_modules=rec.target_modules,
+        size_bytes=rec.size_bytes, state=pb.AdapterState.Value(rec.state), last_used_unix=rec.last_used,
+        base_model=rec.base_model, error=rec.error)
+
+
+class ServingState:
+    """What the handlers share: the runtime once the model is loaded, and whether new work is accepted."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.runtime: Runtime | None = None
+        self.limits = limits
+        self.draining = False
+
+    def ready(self) -> Runtime:
+        if self.draining:
+            raise Unavailable("the daemon is shutting down")
+        if self.runtime is None or self.limits is None:
+            raise Unavailable("the base model is still loading; retry shortly")
+        return self.runtime
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-correlation-id" and value:
+            return str(value)[:128]
+    return None
+
+
+class AdapterdService(pb_grpc.AdapterdServicer):
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    async def _events(self, request: pb.GenerateRequest, context) -> AsyncIterator[tuple[GenerationEvent, int]]:
+        runtime = self.state.ready()
+        params = validate_generate(request, self.state.limits)
+        prompt = runtime.prepare_prompt(request.prompt, request.truncate_input_tokens,
+                                        self.state.limits.max_input_tokens)
+        adapter = await runtime.adapter(request.adapter_id)
+        async for event in runtime.generate(prompt.ids, params, adapter, _request_id(context)):
+            if event.error is not None:
+                if isinstance(event.error, AdapterdError):
+                    raise event.error
+                raise Unavailable(f"generation failed: {event.error}")
+            yield event, len(prompt.ids)
+
+    @unary
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        parts: list[str] = []
+        response = pb.GenerateResponse(adapter_id=request.adapter_id)
+        async for event, input_count in self._events(request, context):
+            parts.append(event.text)
+            response.input_token_count = input_count
+            response.generated_token_count = event.generated_token_count
+            if event.kind == "start":
+                response.seed = event.seed
+            if event.kind == "end":
+                response.stop_reason = int(event.stop_reason)
+                response.stop_sequence = event.stop_sequence
+        response.text = "".join(parts)
+        return response
+
+    @streaming
+    async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        async for event, input_count in self._events(request, context):
+            if event.kind == "start":
+                yield pb.GenerateResponse(adapter_id=request.adapter_id, input_token_count=input_count,
+                                          seed=event.seed)
+            elif event.kind == "delta":
+                if event.text:
+                    yield pb.GenerateResponse(text=event.text, generated_token_count=event.generated_token_count)
+            else:
+                yield pb.GenerateResponse(text=event.text, generated_token_count=event.generated_token_count,
+                                          stop_reason=int(event.stop_reason) or int(StopReason.ERROR),
+                                          stop_sequence=event.stop_sequence)
+
+    @unary
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        runtime = self.state.ready()
+        ids = runtime.tokenize(request.text)
+        response = pb.TokenizeResponse(token_count=len(ids))
+        if request.return_tokens:
+            response.token_ids.extend(ids)
+            response.tokens.extend(runtime.base.tokenizer.convert_ids_to_tokens(ids))
+        return response
+
+    @unary
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
+        runtime = self.state.ready()
+        return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in runtime.list_adapters()])
+
+    @unary
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.AdapterInfo:
+        runtime = self.state.ready()
+        validate_adapter_id(request.adapter_id)
+        return adapter_info(await runtime.load_adapter(request.adapter_id))
+
+    @unary
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.AdapterInfo:
+        runtime = self.state.ready()
+        validate_adapter_id(request.adapter_id)
+        return adapter_info(await runtime.unload_adapter(request.adapter_id))
+
+    @unary
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
+        runtime = self.state.ready()
+        base, cfg = runtime.base, runtime.engine_config
+        return pb.ModelInfoResponse(
+            base_model=str(base.path), model_type=str(base.config.model_type), quantization=base.quantization,
+            dtype=str(base.dtype).removeprefix("torch."), device=str(base.device),
+            max_sequence_length=base.max_sequence_length, max_new_tokens=self.state.limits.max_new_tokens,
+            max_batch_size=cfg.max_batch_size, max_lora_rank=cfg.max_lora_rank, adapter_slots=cfg.lora_slots,
+            version=__version__)
+

@@ -1,0 +1,80 @@
+"""GenerateRequest -> GenerationParams. Every error is INVALID_ARGUMENT and names its field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from adapterd.server.adapters.ids import validate_adapter_id
+from adapterd.server.engine import GenerationParams
+from adapterd.server.errors import InvalidArgument
+
+MAX_STOP_SEQUENCES = 6
+MAX_STOP_SEQUENCE_CHARS = 240
+MAX_PROMPT_CHARS = 1_000_000  # a cheap bound before tokenizing; the token limit is the real one
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 10.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int  # the largest a request may ask
+    default_max_new_tokens: int  # used when the request says 0
+    max_input_tokens: int
+
+
+def _finite(value: float, field: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument("must be a finite number", field=field)
+    return value
+
+
+def validate_generate(request, limits: Limits) -> GenerationParams:
+    """Check a GenerateRequest's fields; return the engine's parameters."""
+    if not request.prompt:
+        raise InvalidArgument("must not be empty", field="prompt")
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"longer than {MAX_PROMPT_CHARS} characters", field="prompt")
+    if request.adapter_id:
+        validate_adapter_id(request.adapter_id)
+    s, stop = request.sampling, request.stopping
+
+    temperature = _finite(s.temperature, "sampling.temperature")
+    if not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument(f"must be in [0, {MAX_TEMPERATURE}] (0 means greedy)", field="sampling.temperature")
+    top_p = _finite(s.top_p, "sampling.top_p")
+    if not 0.0 <= top_p <= 1.0:
+        raise InvalidArgument("must be in [0, 1] (0 or 1 means off)", field="sampling.top_p")
+    penalty = _finite(s.repetition_penalty, "sampling.repetition_penalty")
+    if penalty < 0.0 or penalty > MAX_REPETITION_PENALTY:
+        raise InvalidArgument(f"must be in [0, {MAX_REPETITION_PENALTY}] (0 or 1 means off)",
+                              field="sampling.repetition_penalty")
+    if temperature == 0.0 and (s.top_k or (0.0 < top_p < 1.0)):
+        raise InvalidArgument("top_k/top_p need a temperature above 0 (0 means greedy)", field="sampling.temperature")
+
+    max_new = stop.max_new_tokens or limits.default_max_new_tokens
+    if max_new > limits.max_new_tokens:
+        raise InvalidArgument(f"must be at most {limits.max_new_tokens}", field="stopping.max_new_tokens")
+    if stop.min_new_tokens > max_new:
+        raise InvalidArgument(f"must not exceed max_new_tokens ({max_new})", field="stopping.min_new_tokens")
+    if len(stop.stop_sequences) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument(f"at most {MAX_STOP_SEQUENCES} allowed", field="stopping.stop_sequences")
+    for i, seq in enumerate(stop.stop_sequences):
+        if not seq or len(seq) > MAX_STOP_SEQUENCE_CHARS:
+            raise InvalidArgument(f"must be 1 to {MAX_STOP_SEQUENCE_CHARS} characters",
+                                  field=f"stopping.stop_sequences[{i}]")
+    if request.truncate_input_tokens > limits.max_input_tokens:
+        raise InvalidArgument(f"must be at most {limits.max_input_tokens}", field="truncate_input_tokens")
+
+    return GenerationParams(
+        max_new_tokens=max_new,
+        min_new_tokens=stop.min_new_tokens,
+        temperature=temperature,
+        top_k=s.top_k,
+        top_p=top_p if 0.0 < top_p < 1.0 else 1.0,
+        repetition_penalty=penalty if penalty not in (0.0, 1.0) else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        stop_sequences=tuple(stop.stop_sequences),
+        include_stop_sequence=stop.include_stop_sequence,
+        time_limit_s=stop.time_limit_ms / 1000.0 if stop.time_limit_ms else None,
+    )
