@@ -290,7 +290,7 @@ class Engine:
             row.finished = StopReason.STOP_SEQUENCE
         elif len(row.generated) >= params.max_new_tokens:
             row.finished = StopReason.MAX_TOKENS
-        elif row.next_position + row.num_virtual_tokens >= self.base.max_sequence_length:
+        elif row.next_position + 1 >= self.base.max_sequence_length:  # positions count virtual tokens too
             row.finished = StopReason.TOKEN_LIMIT
         if row.finished == StopReason.NOT_FINISHED:
             piece = row.text.take()

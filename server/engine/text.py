@@ -36,8 +36,21 @@ class TextStream:
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
         self._find_stop()
 
+    def flush(self) -> None:
+        """At the end of the answer: keep whatever is still undecoded, broken characters included, so that
+        the whole text equals ``tokenizer.decode(ids)``."""
+        if self._read_offset < len(self.ids) and not self.stopped_by:
+            decode = self.tokenizer.decode
+            before = decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+            after = decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
+            self.text += after[len(before):]
+            self._prefix_offset = self._read_offset = len(self.ids)
+            self._find_stop()
+
     def take(self, final: bool = False) -> str:
         """The text not yet handed out, less what might still turn into a stop sequence."""
+        if final:
+            self.flush()
         end = len(self.text) if (final or self.stopped_by) else len(self.text) - self._holdback()
         piece = self.text[self.emitted:end]
         self.emitted = max(self.emitted, end)

@@ -1,0 +1,39 @@
+"""Daemons for the RPC tests: a real grpc.aio server in a background thread, over loopback."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from adapterd.server.app import DaemonThread
+from adapterd.server.config import ServerConfig
+
+
+@pytest.fixture(scope="module")
+def served_root(tmp_path_factory, adapter_root):
+    """A private copy of the adapter root, so that tests may add, break and remove adapters."""
+    root = tmp_path_factory.mktemp("served") / "adapters"
+    shutil.copytree(adapter_root, root)
+    return root
+
+
+def start_daemon(base, root, **overrides) -> DaemonThread:
+    config = ServerConfig(base=base, adapters=root, quantization=overrides.pop("quantization", "none"),
+                          port=0, **overrides)
+    return DaemonThread(config).start()
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model_dir, served_root):
+    d = start_daemon(tiny_model_dir, served_root)
+    yield d
+    d.stop()
+
+
+@pytest.fixture()
+def client(daemon):
+    from adapterd.clients import AdapterdClient
+
+    with AdapterdClient(f"127.0.0.1:{daemon.port}", timeout=60) as c:
+        yield c

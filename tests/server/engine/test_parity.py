@@ -1,0 +1,130 @@
+"""The engine's greedy tokens equal PEFT's for each prompt and adapter alone, whatever shares the batch."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from adapterd.server.engine import EngineConfig, GenerationParams, StopReason
+from adapterd.server.engine.observer import EngineObserver
+from adapterd.server.runtime import Runtime
+from tests.helpers import reference_greedy
+
+PROMPTS = ["hello world", "你是谁？", "The quick brown fox jumps", "Tell me a story about a robot."]
+ADAPTERS = [None, "lora-qv", "team/lora-all", "lora-rs", "prefix", "prefix-proj"]
+NEW_TOKENS = 10
+
+
+class Collector:
+    """A sink that records one request's events."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+
+    def __call__(self, event) -> None:
+        self.events.put(event)
+
+    def wait_end(self, timeout: float = 60.0):
+        seen = []
+        while True:
+            event = self.events.get(timeout=timeout)
+            seen.append(event)
+            if event.kind == "end":
+                return seen
+
+
+def run_together(runtime: Runtime, jobs, params: GenerationParams):
+    """Submit every job before the engine starts, so that they all share the first batch."""
+    sinks = []
+    for i, (prompt, adapter_id) in enumerate(jobs):
+        adapter = runtime.store.get(adapter_id) if adapter_id else None
+        sink = Collector()
+        runtime.engine.submit(f"r{i}", runtime.tokenize(prompt), params, adapter, sink)
+        sinks.append(sink)
+    runtime.engine.start()
+    return [s.wait_end() for s in sinks]
+
+
+@pytest.fixture(scope="module", params=["none", "int8"])
+def references(request, tiny_model_dir, adapter_root):
+    q = request.param
+    refs = {(p, a): reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, NEW_TOKENS, q)
+            for p in PROMPTS for a in ADAPTERS}
+    return q, refs
+
+
+def test_mixed_batch_matches_peft_alone(references, tiny_model_dir, adapter_root):
+    quantization, refs = references
+    runtime = Runtime(_load(tiny_model_dir, quantization), adapter_root, EngineConfig(max_batch_size=64))
+    observed = []
+
+    class Watch(EngineObserver):
+        def prefill_done(self, rows, prompt_tokens):
+            observed.append({r.adapter.type if r.adapter else "BASE" for r in rows})
+
+    runtime.engine.observers.add(Watch())
+    jobs = [(p, a) for p in PROMPTS for a in ADAPTERS]
+    try:
+        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=NEW_TOKENS))
+    finally:
+        runtime.close()
+    assert observed[0] == {"BASE", "LORA", "PREFIX_TUNING"}, "all kinds of rows must share one batch"
+    mismatches = [(job, events[-1].token_ids, refs[job]) for job, events in zip(jobs, results, strict=True)
+                  if events[-1].token_ids != refs[job]]
+    assert not mismatches
+    # every row still produced something different from the base for at least some adapters
+    assert len({tuple(refs[("hello world", a)]) for a in ADAPTERS}) == len(ADAPTERS)
+
+
+def _load(model_dir, quantization):
+    from adapterd.server.model import load_base_model
+
+    return load_base_model(model_dir, quantization)
+
+
+def test_rows_joining_a_running_batch_keep_their_tokens(tiny_model_dir, adapter_root):
+    """Requests that arrive while others decode join at the next step; nobody's tokens change."""
+    runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
+    runtime.engine.start()
+    try:
+        long = Collector()
+        runtime.engine.submit("long", runtime.tokenize("hello world"), GenerationParams(max_new_tokens=40),
+                              runtime.store.get("lora-qv"), long)
+        first = long.events.get(timeout=30)  # "start": the long request is running
+        assert first.kind == "start"
+        late = []
+        for i, adapter_id in enumerate(["prefix", None, "team/lora-all"]):
+            sink = Collector()
+            adapter = runtime.store.get(adapter_id) if adapter_id else None
+            runtime.engine.submit(f"late{i}", runtime.tokenize("你是谁？"), GenerationParams(max_new_tokens=8),
+                                  adapter, sink)
+            late.append((adapter_id, sink))
+        long_tokens = long.wait_end()[-1].token_ids
+        for adapter_id, sink in late:
+            expected = reference_greedy(tiny_model_dir, "你是谁？", adapter_root / adapter_id if adapter_id else None, 8)
+            assert sink.wait_end()[-1].token_ids == expected, adapter_id
+        assert long_tokens == reference_greedy(tiny_model_dir, "hello world", adapter_root / "lora-qv", 40)
+    finally:
+        runtime.close()
+
+
+def test_cancel_frees_the_row_at_the_next_step(tiny_model_dir, adapter_root):
+    runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
+    runtime.engine.start()
+    try:
+        sink = Collector()
+        runtime.engine.submit("c", runtime.tokenize("hello"), GenerationParams(max_new_tokens=400, min_new_tokens=400),
+                              runtime.store.get("lora-qv"), sink)
+        assert sink.events.get(timeout=30).kind == "start"
+        sink.events.get(timeout=30)  # one token out: it is decoding
+        runtime.engine.cancel("c")
+        events = sink.wait_end()
+        assert events[-1].stop_reason == StopReason.CANCELLED
+        assert events[-1].generated_token_count < 400
+        assert runtime.engine.call(lambda: len(runtime.engine.batch)).result(10) == 0
+        # its LoRA slot is no longer pinned: the adapter can be evicted
+        key = runtime.store.get("lora-qv").key
+        assert runtime.engine.call(lambda: runtime.engine.slots.evict(key)).result(10)
+    finally:
+        runtime.close()

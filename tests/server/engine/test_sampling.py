@@ -1,0 +1,81 @@
+"""Sampling parameters: seeds reproduce, filters hold, limits stop generation with the right reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapterd.server.engine import EngineConfig, GenerationParams, StopReason
+from adapterd.server.model import load_base_model
+from adapterd.server.runtime import Runtime
+from tests.server.engine.test_parity import Collector
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_model_dir, adapter_root):
+    rt = Runtime(load_base_model(tiny_model_dir, "none"), adapter_root, EngineConfig())
+    rt.engine.start()
+    yield rt
+    rt.close()
+
+
+def generate(runtime, prompt, params, adapter_id=None):
+    sink = Collector()
+    adapter = runtime.store.get(adapter_id) if adapter_id else None
+    runtime.engine.submit(f"{id(sink)}", runtime.tokenize(prompt), params, adapter, sink)
+    return sink.wait_end()
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(runtime):
+    params = GenerationParams(max_new_tokens=24, temperature=1.5, seed=7)
+    first = generate(runtime, "hello", params)[-1].token_ids
+    again = generate(runtime, "hello", params)[-1].token_ids
+    other = generate(runtime, "hello", GenerationParams(max_new_tokens=24, temperature=1.5, seed=8))[-1].token_ids
+    assert first == again
+    assert first != other
+
+
+def test_top_k_1_is_greedy(runtime):
+    greedy = generate(runtime, "hello", GenerationParams(max_new_tokens=12))[-1].token_ids
+    top1 = generate(runtime, "hello", GenerationParams(max_new_tokens=12, temperature=2.0, top_k=1, seed=3))
+    assert top1[-1].token_ids == greedy
+
+
+def test_repetition_penalty_changes_greedy_output(runtime):
+    plain = generate(runtime, "one two three", GenerationParams(max_new_tokens=30))[-1].token_ids
+    penalised = generate(runtime, "one two three",
+                         GenerationParams(max_new_tokens=30, repetition_penalty=5.0))[-1].token_ids
+    assert plain != penalised
+    assert len(set(penalised)) >= len(set(plain))
+
+
+def test_max_tokens_and_min_tokens(runtime):
+    events = generate(runtime, "hello", GenerationParams(max_new_tokens=5))
+    assert events[-1].stop_reason == StopReason.MAX_TOKENS and events[-1].generated_token_count == 5
+    assert events[0].kind == "start" and events[0].input_token_count == len(runtime.tokenize("hello"))
+
+
+def test_eos_ends_the_answer_unless_min_new_tokens(runtime, tiny_model_dir, adapter_root):
+    # with the "prefix" adapter this prompt's greedy answer reaches EOS after 3 tokens
+    events = generate(runtime, "hello world", GenerationParams(max_new_tokens=10), "prefix")
+    assert events[-1].stop_reason == StopReason.EOS_TOKEN
+    n = events[-1].generated_token_count
+    assert n < 10
+    longer = generate(runtime, "hello world", GenerationParams(max_new_tokens=10, min_new_tokens=n + 2), "prefix")
+    assert longer[-1].generated_token_count >= n + 2
+
+
+def test_time_limit(runtime):
+    events = generate(runtime, "hello", GenerationParams(max_new_tokens=100000, min_new_tokens=100000,
+                                                         time_limit_s=0.3))
+    assert events[-1].stop_reason == StopReason.TIME_LIMIT
+
+
+def test_context_limit_stops_with_token_limit(tiny_model_dir, adapter_root):
+    rt = Runtime(load_base_model(tiny_model_dir, "none", max_sequence_length=24), adapter_root, EngineConfig())
+    rt.engine.start()
+    try:
+        events = generate(rt, "hello world", GenerationParams(max_new_tokens=100, min_new_tokens=100))
+        assert events[-1].stop_reason == StopReason.TOKEN_LIMIT
+        assert events[0].input_token_count + events[-1].generated_token_count <= 24
+    finally:
+        rt.close()

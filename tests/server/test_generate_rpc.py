@@ -1,0 +1,136 @@
+"""Generation over gRPC: parity with PEFT for mixed concurrent requests, streams, and cancellation."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from transformers import AutoTokenizer
+
+from adapterd.clients import AdapterdClient
+from adapterd.v1 import adapterd_pb2 as pb
+from tests.helpers import reference_greedy
+from tests.server.conftest import start_daemon
+
+JOBS = [(p, a) for p in ("hello world", "你是谁？", "Tell me a story about a robot.")
+        for a in ("", "lora-qv", "team/lora-all", "lora-rs", "prefix", "prefix-proj")]
+N = 12
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_concurrent_mixed_requests_match_peft_alone(quantization, tiny_model_dir, served_root):
+    d = start_daemon(tiny_model_dir, served_root, quantization=quantization)
+    mixed_steps = []
+
+    from adapterd.server.engine.observer import EngineObserver
+
+    class Watch(EngineObserver):
+        def decode_step(self, rows, seconds):
+            mixed_steps.append({r.adapter.type if r.adapter else "BASE" for r in rows})
+
+    d.daemon.state.runtime.engine.observers.add(Watch())
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    try:
+        barrier = threading.Barrier(len(JOBS))
+
+        def call(job):
+            prompt, adapter_id = job
+            with AdapterdClient(f"127.0.0.1:{d.port}", timeout=120) as c:
+                barrier.wait()
+                return c.generate(prompt, adapter_id, max_new_tokens=N)
+
+        with ThreadPoolExecutor(len(JOBS)) as pool:
+            replies = list(pool.map(call, JOBS))
+    finally:
+        d.stop()
+    assert any(kinds == {"BASE", "LORA", "PREFIX_TUNING"} for kinds in mixed_steps)
+    for (prompt, adapter_id), reply in zip(JOBS, replies, strict=True):
+        ref = reference_greedy(tiny_model_dir, prompt, served_root / adapter_id if adapter_id else None, N,
+                               quantization)
+        assert reply.text == tok.decode(ref, skip_special_tokens=True), (prompt, adapter_id)
+        assert reply.generated_token_count == len(ref)
+        assert reply.adapter_id == adapter_id
+        assert reply.stop_reason == (pb.MAX_TOKENS if len(ref) == N else pb.EOS_TOKEN)
+
+
+def test_stream_pieces_add_up_to_the_unary_answer(client):
+    whole = client.generate("你是谁？", "prefix-proj", max_new_tokens=16)
+    messages = list(client.generate_stream("你是谁？", "prefix-proj", max_new_tokens=16))
+    assert messages[0].input_token_count == whole.input_token_count > 0
+    assert messages[0].text == ""
+    assert all(m.stop_reason == pb.NOT_FINISHED for m in messages[:-1])
+    assert messages[-1].stop_reason == whole.stop_reason != pb.NOT_FINISHED
+    assert "".join(m.text for m in messages) == whole.text
+    counts = [m.generated_token_count for m in messages[1:]]
+    assert counts == sorted(counts) and counts[-1] == whole.generated_token_count
+
+
+def test_stop_sequence_over_grpc(client):
+    full = client.generate("hello world", "lora-qv", max_new_tokens=12).text
+    stop = full[4:7]
+    assert stop and full.find(stop) == 4
+    cut = client.generate("hello world", "lora-qv", max_new_tokens=12, stop_sequences=[stop])
+    assert cut.stop_reason == pb.STOP_SEQUENCE and cut.stop_sequence == stop
+    assert cut.text == full[:4]
+
+
+def _running_rows(daemon) -> int:
+    engine = daemon.daemon.state.runtime.engine
+    return engine.call(lambda: len(engine.batch) + len(engine.waiting)).result(10)
+
+
+def _wait_idle(daemon, timeout=10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _running_rows(daemon) == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_client_cancel_frees_the_row(daemon, client):
+    call = client.generate_stream("hello", "lora-qv", max_new_tokens=1000, min_new_tokens=1000)
+    got = [next(call), next(call)]
+    assert got[0].input_token_count > 0
+    assert _running_rows(daemon) == 1
+    call.cancel()
+    assert _wait_idle(daemon)
+
+
+def test_deadline_frees_the_row(daemon):
+    with AdapterdClient(f"127.0.0.1:{daemon.port}", timeout=0.5) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate("hello", "prefix", max_new_tokens=1000, min_new_tokens=1000)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_idle(daemon)
+
+
+def test_time_limit_over_grpc(client):
+    reply = client.generate("hello", max_new_tokens=1000, min_new_tokens=1000, time_limit_ms=200)
+    assert reply.stop_reason == pb.TIME_LIMIT
+    assert 0 < reply.generated_token_count < 1000
+
+
+def test_truncation_keeps_the_last_tokens(client, tiny_model_dir):
+    long_prompt = "hello world " * 300  # longer than the tiny model's 512 positions
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(long_prompt, max_new_tokens=2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
+    reply = client.generate(long_prompt, max_new_tokens=2, truncate_input_tokens=100)
+    assert reply.input_token_count == 100
+
+
+def test_tokenize(client, tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reply = client.tokenize("你是谁？hello", return_tokens=True)
+    assert list(reply.token_ids) == tok("你是谁？hello").input_ids
+    assert reply.token_count == len(reply.token_ids) == len(reply.tokens)
+
+
+def test_model_info(client):
+    info = client.model_info()
+    assert info.model_type == "llama" and info.quantization == "none" and info.max_sequence_length == 512
