@@ -102,7 +102,8 @@ def test_rows_joining_a_running_batch_keep_their_tokens(tiny_model_dir, adapter_
             late.append((adapter_id, sink))
         long_tokens = long.wait_end()[-1].token_ids
         for adapter_id, sink in late:
-            expected = reference_greedy(tiny_model_dir, "你是谁？", adapter_root / adapter_id if adapter_id else None, 8)
+            adapter_dir = adapter_root / adapter_id if adapter_id else None
+            expected = reference_greedy(tiny_model_dir, "你是谁？", adapter_dir, 8)
             assert sink.wait_end()[-1].token_ids == expected, adapter_id
         assert long_tokens == reference_greedy(tiny_model_dir, "hello world", adapter_root / "lora-qv", 40)
     finally:
