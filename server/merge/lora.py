@@ -133,9 +133,12 @@ def _load_state_dict(path: Path, adapter_id: str, field_name: str) -> dict[str, 
 
 
 def _alpha_for(config: dict[str, Any], module: str) -> float:
-    from peft.utils.other import get_pattern_key
-
+    """``lora_alpha``, or the ``alpha_pattern`` entry matching ``module`` by PEFT's own rule."""
     pattern = config.get("alpha_pattern") or {}
+    if not pattern:
+        return float(config["lora_alpha"])
+    from peft.utils.other import get_pattern_key  # importing peft takes seconds: only when needed
+
     return float(pattern.get(get_pattern_key(pattern.keys(), module), config["lora_alpha"]))
 
 

@@ -66,10 +66,13 @@ def _check_weights(adapters: Sequence[tuple[str, float]]) -> None:
 class Merger:
     """Merges adapters from ``adapter_root`` into the base at ``base_model_dir`` (its original files)."""
 
-    def __init__(self, base_model_dir: str | Path, adapter_root: str | Path, *,
+    def __init__(self, base_model_dir: str | Path, adapter_root: str | Path, *, output_root: str | Path | None = None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, copy_chunk_bytes: int = COPY_CHUNK_BYTES) -> None:
+        """``output_root``: if given, model outputs must lie inside it (relative paths are taken from it),
+        as the daemon's ``merge_output_root`` asks; None allows any path (the CLI)."""
         self.base_model_dir = Path(base_model_dir).resolve()
         self.adapter_root = Path(adapter_root).resolve()
+        self.output_root = Path(output_root).resolve() if output_root is not None else None
         self.max_shard_bytes = max_shard_bytes  # output file layout; memory does not depend on it
         self.copy_chunk_bytes = copy_chunk_bytes  # bytes per read when copying untouched tensors
 
@@ -86,7 +89,13 @@ class Merger:
     def _model_output(self, output_dir: str | Path) -> Path:
         if not str(output_dir):
             raise InvalidArgument("output directory is empty", field="output_model_dir")
-        out = Path(output_dir).expanduser().resolve()
+        out = Path(output_dir).expanduser()
+        if self.output_root is not None:
+            out = (self.output_root / out).resolve()
+            if self.output_root not in out.parents:
+                raise InvalidArgument(f"{output_dir} is not inside the merge output root {self.output_root}",
+                                      field="output_model_dir")
+        out = out.resolve()
         for other, what in ((self.base_model_dir, "the base model"), (self.adapter_root, "the adapter root")):
             if _overlaps(out, other):
                 raise InvalidArgument(f"{out} overlaps {what} ({other}); choose a directory outside it",

@@ -9,6 +9,9 @@ adapter state dicts instead of an injected model:
 - svd sums the full deltas ``w * scaling * B @ A`` and keeps the top ``rank`` singular directions.
 
 The new adapter has ``lora_alpha == r``, so its scaling is 1: the input scalings are folded into the factors.
+PEFT's ``peft.utils.merge_utils`` functions are imported where used: importing peft costs seconds (it pulls
+in transformers and bitsandbytes), which a merge into full weights never needs.
+
 DARE draws its random masks from a private ``torch.Generator`` seeded by the request, never from the global
 RNG that serving threads sample with; the draws are made in PEFT's order (modules in model order, A then B,
 adapters in request order), so the same seed gives the same masks as ``torch.manual_seed(seed)`` + PEFT.
@@ -22,13 +25,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from peft.utils.merge_utils import (
-    calculate_majority_sign_mask,
-    disjoint_merge,
-    reshape_weight_task_tensors,
-    task_arithmetic,
-    ties,
-)
 
 from ..errors import FailedPrecondition, InvalidArgument
 from .lora import LoraModule
@@ -129,6 +125,8 @@ class Linear(_EqualRank):
 
     def merge_factor(self, tensors: list[torch.Tensor], weights: torch.Tensor,
                      opts: CombineOptions) -> torch.Tensor:
+        from peft.utils.merge_utils import task_arithmetic
+
         return task_arithmetic(tensors, weights)
 
 
@@ -139,6 +137,8 @@ class Ties(_EqualRank):
 
     def merge_factor(self, tensors: list[torch.Tensor], weights: torch.Tensor,
                      opts: CombineOptions) -> torch.Tensor:
+        from peft.utils.merge_utils import ties
+
         assert opts.density is not None
         return ties(tensors, weights, opts.density, opts.majority_sign_method)  # type: ignore[arg-type]
 
@@ -151,6 +151,8 @@ class DareLinear(_EqualRank):
 
     def merge_factor(self, tensors: list[torch.Tensor], weights: torch.Tensor,
                      opts: CombineOptions) -> torch.Tensor:
+        from peft.utils.merge_utils import task_arithmetic
+
         assert opts.density is not None
         pruned = [dare_prune(t, opts.density, opts.generator) for t in tensors]
         return task_arithmetic(pruned, weights)
@@ -164,6 +166,8 @@ class DareTies(_EqualRank):
 
     def merge_factor(self, tensors: list[torch.Tensor], weights: torch.Tensor,
                      opts: CombineOptions) -> torch.Tensor:
+        from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, reshape_weight_task_tensors
+
         assert opts.density is not None
         stacked = torch.stack([dare_prune(t, opts.density, opts.generator) for t in tensors], dim=0)
         mask = calculate_majority_sign_mask(stacked, method=opts.majority_sign_method)  # type: ignore[arg-type]
@@ -213,6 +217,8 @@ class Svd(Strategy):
         if rank > min(out_f, in_f):
             raise InvalidArgument(f"rank {rank} exceeds {modules[0].name}'s smaller side {min(out_f, in_f)}",
                                   field="rank")
+        from peft.utils.merge_utils import task_arithmetic
+
         deltas = [torch.mm(m.lora_b.float(), m.lora_a.float()) * m.scaling for m in modules]
         delta = task_arithmetic(deltas, torch.tensor(weights, dtype=torch.float32))
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
