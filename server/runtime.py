@@ -55,19 +55,20 @@ class Runtime:
     def tokenize(self, text: str) -> list[int]:
         return self.base.tokenizer(text, add_special_tokens=True).input_ids
 
-    def prepare_prompt(self, prompt: str, truncate_to: int, reserve: int) -> PreparedPrompt:
-        """Token ids of ``prompt``; too long for the model -> InvalidArgument, or keep the last
-        ``truncate_to`` tokens when the request asks for truncation. ``reserve``: room for new tokens."""
+    def prepare_prompt(self, prompt: str, truncate_to: int, max_input_tokens: int,
+                       virtual_tokens: int = 0) -> PreparedPrompt:
+        """Token ids of ``prompt``. Too long -> InvalidArgument, or keep the last ``truncate_to`` tokens when
+        the request asks for truncation. A prefix adapter's ``virtual_tokens`` take positions too."""
         ids = self.tokenize(prompt)
         if not ids:
             raise InvalidArgument("must not be empty", field="prompt")
         truncated = False
         if truncate_to and len(ids) > truncate_to:
             ids, truncated = ids[-truncate_to:], True
-        limit = self.base.max_sequence_length - 1
+        limit = min(max_input_tokens, self.base.max_sequence_length - 1 - virtual_tokens)
         if len(ids) > limit:
-            raise InvalidArgument(f"prompt has {len(ids)} tokens; the model takes at most {limit} "
-                                  "(set truncate_input_tokens to keep only the last ones)", field="prompt")
+            raise InvalidArgument(f"prompt has {len(ids)} tokens; at most {limit} are taken (set "
+                                  "truncate_input_tokens to keep only the last ones)", field="prompt")
         return PreparedPrompt(ids=ids, truncated=truncated)
 
     async def adapter(self, adapter_id: str, field: str = "adapter_id") -> LoadedAdapter | None:

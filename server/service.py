@@ -60,9 +60,10 @@ class AdapterdService(pb_grpc.AdapterdServicer):
     async def _events(self, request: pb.GenerateRequest, context) -> AsyncIterator[tuple[GenerationEvent, int]]:
         runtime = self.state.ready()
         params = validate_generate(request, self.state.limits)
-        prompt = runtime.prepare_prompt(request.prompt, request.truncate_input_tokens,
-                                        self.state.limits.max_input_tokens)
         adapter = await runtime.adapter(request.adapter_id)
+        prompt = runtime.prepare_prompt(request.prompt, request.truncate_input_tokens,
+                                        self.state.limits.max_input_tokens,
+                                        adapter.num_virtual_tokens if adapter else 0)
         async for event in runtime.generate(prompt.ids, params, adapter, _request_id(context)):
             if event.error is not None:
                 if isinstance(event.error, AdapterdError):

@@ -1,0 +1,82 @@
+"""The command line, as a user runs it: tiny-model, serve (in its own process), generate, adapters, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from adapterd.clients import AdapterdClient
+
+CLI = [sys.executable, "-m", "adapterd.cli"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_tiny_model_command_writes_a_loadable_model(tmp_path):
+    out = subprocess.run([*CLI, "tiny-model", str(tmp_path / "m")], env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.model_type == "llama"
+    text = "你是谁？Who are you?"
+    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+
+
+@pytest.fixture()
+def served(tiny_model_dir, adapter_root):
+    proc = subprocess.Popen([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root),
+                             "--quantization", "none", "--port", "0", "--grace", "20"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+):(\d+)", line)
+    assert match, line
+    target = f"127.0.0.1:{match[2]}"
+    with AdapterdClient(target) as c:
+        c.wait_ready(60)
+    yield proc, target
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_generate_and_adapters_commands_against_a_served_daemon(served, tiny_model_dir, adapter_root):
+    proc, target = served
+    gen = subprocess.run([*CLI, "generate", "--target", target, "--adapter", "lora-qv", "--prompt", "hello world",
+                          "--max-new-tokens", "6"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert gen.returncode == 0, gen.stderr
+    with AdapterdClient(target) as c:
+        assert gen.stdout.rstrip("\n") == c.generate("hello world", "lora-qv", max_new_tokens=6).text
+    assert "6 tokens" in gen.stderr
+    listing = subprocess.run([*CLI, "adapters", "--target", target], env=ENV, capture_output=True, text=True,
+                             timeout=60)
+    assert listing.returncode == 0 and "team/lora-all" in listing.stdout and "PREFIX_TUNING" in listing.stdout
+    missing = subprocess.run([*CLI, "generate", "--target", target, "--adapter", "nope", "--prompt", "hi"],
+                             env=ENV, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits_0(served):
+    proc, target = served
+    import threading
+
+    result = {}
+
+    def long_request():
+        with AdapterdClient(target, timeout=60) as c:
+            result["reply"] = c.generate("hello", max_new_tokens=300, min_new_tokens=300)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    t.join(60)
+    assert result["reply"].generated_token_count == 300
