@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from adapterd.server.errors import AdapterdError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from adapterd.server.errors import AdapterdError
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+
+from adapterd import __version__
 from adapterd.server.adapters.ids import validate_adapter_id
 from adapterd.server.adapters.store import AdapterRecord
 from adapterd.server.engine import GenerationEvent, StopReason
@@ -16,8 +18,6 @@ from adapterd.server.runtime import Runtime
 from adapterd.server.validation import Limits, validate_generate
 from adapterd.v1 import adapterd_pb2 as pb
 from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
-
-from adapterd import __version__
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from adapterd.server.errors import FailedPrecondition
 from torch import nn
+
+from adapterd.server.errors import FailedPrecondition
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 # PEFT features that change the math of a LoRA layer beyond x @ A^T @ B^T * scaling: refused, with a reason.

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import DynamicCache
+
 from adapterd.server.adapters.store import LoadedAdapter
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.engine.sampling import RowSampler
 from adapterd.server.engine.text import TextStream
-from transformers import DynamicCache
 
 
 @dataclass

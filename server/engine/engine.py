@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
+
 from adapterd.server.adapters.lora import LoraSlotTable
 from adapterd.server.adapters.store import LoadedAdapter
 from adapterd.server.engine.batch import Row, RunningBatch, build_cache
@@ -28,7 +30,6 @@ from adapterd.server.engine.sampling import RowSampler
 from adapterd.server.engine.text import TextStream
 from adapterd.server.errors import AdapterdError, ResourceExhausted, Unavailable
 from adapterd.server.model import BaseModel
-from transformers import DynamicCache
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import secrets
 
 import torch
-from adapterd.server.engine.request import GenerationParams
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -16,6 +15,8 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from adapterd.server.engine.request import GenerationParams
 
 
 class RowSampler:

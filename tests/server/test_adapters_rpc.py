@@ -8,11 +8,11 @@ import threading
 
 import grpc
 import pytest
-from adapterd.v1 import adapterd_pb2 as pb
 from grpc_status import rpc_status
 from transformers import AutoTokenizer
 
 from adapterd.tiny_model import TinyModelConfig, build_tiny_model
+from adapterd.v1 import adapterd_pb2 as pb
 from tests.helpers import make_lora_adapter, make_prefix_adapter, reference_greedy
 
 
@@ -99,7 +99,6 @@ def test_adapters_for_another_base_fail_precondition(client, served_root, other_
 
 def test_rank_above_the_limit_fails_precondition(tiny_model_dir, served_root):
     from adapterd.clients import AdapterdClient
-
     from tests.server.conftest import start_daemon
 
     d = start_daemon(tiny_model_dir, served_root, max_lora_rank=8)
@@ -171,7 +170,6 @@ def test_hot_load_and_unload_while_others_generate(client, daemon, served_root, 
 def test_slots_are_reused_least_recently_used_first(tiny_model_dir, served_root):
     """More adapters than device slots: each request still gets its own adapter's tokens."""
     from adapterd.clients import AdapterdClient
-
     from tests.server.conftest import start_daemon
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

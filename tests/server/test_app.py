@@ -7,12 +7,12 @@ import time
 
 import grpc
 import pytest
-from adapterd.clients import AdapterdClient
-from adapterd.server.app import DaemonThread
-from adapterd.server.config import ServerConfig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from adapterd.clients import AdapterdClient
+from adapterd.server.app import DaemonThread
+from adapterd.server.config import ServerConfig
 from tests.server.conftest import start_daemon
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
-from adapterd.server.adapters.ids import discover_adapter_ids, resolve_adapter_dir, validate_adapter_id
-from adapterd.server.errors import InvalidArgument, NotFound
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from adapterd.server.adapters.ids import discover_adapter_ids, resolve_adapter_dir, validate_adapter_id
+from adapterd.server.errors import InvalidArgument, NotFound
 
 
 @pytest.fixture()

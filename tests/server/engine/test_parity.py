@@ -5,10 +5,10 @@ from __future__ import annotations
 import queue
 
 import pytest
+
 from adapterd.server.engine import EngineConfig, GenerationParams, StopReason
 from adapterd.server.engine.observer import EngineObserver
 from adapterd.server.runtime import Runtime
-
 from tests.helpers import reference_greedy
 
 PROMPTS = ["hello world", "你是谁？", "The quick brown fox jumps", "Tell me a story about a robot."]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from adapterd.server.engine import EngineConfig, GenerationParams, StopReason
 from adapterd.server.model import load_base_model
 from adapterd.server.runtime import Runtime
-
 from tests.server.engine.test_parity import Collector
 
 
