@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 
 import torch
 
+# Where the parity tests run: "cpu" here and in CI; ADAPTERD_TEST_DEVICE=cuda runs them on a GPU (fp32 there
+# too, so that PEFT on the same device stays an exact oracle).
+TEST_DEVICE = os.environ.get("ADAPTERD_TEST_DEVICE", "cpu")
 
-def _load_base(model_dir: Path, quantization: str = "none"):
+
+def _load_base(model_dir: Path, quantization: str = "none", device: str = "cpu"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {}
@@ -16,8 +21,10 @@ def _load_base(model_dir: Path, quantization: str = "none"):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
     elif quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    if kwargs:
+        kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
-    return model.eval()
+    return model.to(device).eval() if not kwargs else model.eval()
 
 
 def _randomize(model, seed: int) -> None:
@@ -84,8 +91,8 @@ def _reference_tokens(base_dir, prompt: str, adapter_dir: Path | None, max_new_t
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = _load_base(base_dir, quantization)
-    ids = tok(prompt, return_tensors="pt").input_ids
+    model = _load_base(base_dir, quantization, TEST_DEVICE)
+    ids = tok(prompt, return_tensors="pt").input_ids.to(TEST_DEVICE)
     if adapter_dir is None:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=None)
@@ -103,12 +110,12 @@ def _reference_tokens(base_dir, prompt: str, adapter_dir: Path | None, max_new_t
     past = v
     for _ in range(max_new_tokens):
         n = step_ids.shape[1]
-        mask = torch.ones(1, past + n, dtype=torch.long)
-        pos = torch.arange(past, past + n).unsqueeze(0)
+        mask = torch.ones(1, past + n, dtype=torch.long, device=TEST_DEVICE)
+        pos = torch.arange(past, past + n, device=TEST_DEVICE).unsqueeze(0)
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
                        **{_cache_kwarg(model): cache}).logits
         nxt = int(logits[0, -1].argmax())
         tokens.append(nxt)
         past += n
-        step_ids = torch.tensor([[nxt]])
+        step_ids = torch.tensor([[nxt]], device=TEST_DEVICE)
     return tokens

@@ -8,6 +8,7 @@ import pytest
 
 from adapterd.server.app import DaemonThread
 from adapterd.server.config import ServerConfig
+from tests.helpers import TEST_DEVICE
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def served_root(tmp_path_factory, adapter_root):
 
 def start_daemon(base, root, **overrides) -> DaemonThread:
     config = ServerConfig(base=base, adapters=root, quantization=overrides.pop("quantization", "none"),
-                          port=0, **overrides)
+                          port=0, device=TEST_DEVICE, dtype="float32", **overrides)
     return DaemonThread(config).start()
 
 

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from adapterd.clients import AdapterdClient
 from adapterd.server.app import DaemonThread
 from adapterd.server.config import ServerConfig
+from tests.helpers import TEST_DEVICE
 from tests.server.conftest import start_daemon
 
 
@@ -23,7 +24,8 @@ def health_status(port: int, service: str = "") -> int:
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(tiny_model_dir, served_root):
-    d = DaemonThread(ServerConfig(base=tiny_model_dir, adapters=served_root, quantization="none", port=0))
+    d = DaemonThread(ServerConfig(base=tiny_model_dir, adapters=served_root, quantization="none", port=0,
+                                  device=TEST_DEVICE, dtype="float32"))
     d.start(load=False)
     try:
         assert health_status(d.port) == health_pb2.HealthCheckResponse.NOT_SERVING

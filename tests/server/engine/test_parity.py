@@ -9,7 +9,7 @@ import pytest
 from adapterd.server.engine import EngineConfig, GenerationParams, StopReason
 from adapterd.server.engine.observer import EngineObserver
 from adapterd.server.runtime import Runtime
-from tests.helpers import reference_greedy
+from tests.helpers import TEST_DEVICE, reference_greedy
 
 PROMPTS = ["hello world", "你是谁？", "The quick brown fox jumps", "Tell me a story about a robot."]
 ADAPTERS = [None, "lora-qv", "team/lora-all", "lora-rs", "prefix", "prefix-proj"]
@@ -80,7 +80,7 @@ def test_mixed_batch_matches_peft_alone(references, tiny_model_dir, adapter_root
 def _load(model_dir, quantization):
     from adapterd.server.model import load_base_model
 
-    return load_base_model(model_dir, quantization)
+    return load_base_model(model_dir, quantization, TEST_DEVICE, "float32")
 
 
 def test_rows_joining_a_running_batch_keep_their_tokens(tiny_model_dir, adapter_root):

@@ -7,12 +7,13 @@ import pytest
 from adapterd.server.engine import EngineConfig, GenerationParams, StopReason
 from adapterd.server.model import load_base_model
 from adapterd.server.runtime import Runtime
+from tests.helpers import TEST_DEVICE
 from tests.server.engine.test_parity import Collector
 
 
 @pytest.fixture(scope="module")
 def runtime(tiny_model_dir, adapter_root):
-    rt = Runtime(load_base_model(tiny_model_dir, "none"), adapter_root, EngineConfig())
+    rt = Runtime(load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32"), adapter_root, EngineConfig())
     rt.engine.start()
     yield rt
     rt.close()
@@ -71,7 +72,7 @@ def test_time_limit(runtime):
 
 
 def test_context_limit_stops_with_token_limit(tiny_model_dir, adapter_root):
-    rt = Runtime(load_base_model(tiny_model_dir, "none", max_sequence_length=24), adapter_root, EngineConfig())
+    rt = Runtime(load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32", 24), adapter_root, EngineConfig())
     rt.engine.start()
     try:
         events = generate(rt, "hello world", GenerationParams(max_new_tokens=100, min_new_tokens=100))
