@@ -1,0 +1,124 @@
+"""TrainingManager end to end: each run a real ``adapterd train`` subprocess on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from adapterd.server.errors import AlreadyExists, InvalidArgument, NotFound
+from adapterd.server.training import TrainingManager
+from adapterd.v1 import adapterd_pb2 as pb
+
+FAST = {"batch_size": "3", "learning_rate": "0.01", "eval_split": "0", "lora_dropout": "0",
+        "num_virtual_tokens": "8"}
+
+
+@pytest.fixture
+def manager(tmp_path, tiny_model_dir, monkeypatch, subprocess_env) -> TrainingManager:
+    for key in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY"):
+        monkeypatch.setenv(key, subprocess_env[key])
+    return TrainingManager(tmp_path / "runs", tmp_path / "adapters", tiny_model_dir, "none", poll_seconds=0.1)
+
+
+def _watch(manager: TrainingManager, run_id: str = "", timeout: float = 180) -> list[list[pb.TrainingRun]]:
+    async def collect():
+        return [runs async for runs in manager.watch(run_id)]
+
+    return asyncio.run(asyncio.wait_for(collect(), timeout))
+
+
+def _wait_for_step(manager: TrainingManager, run_id: str, step: int, timeout: float = 120) -> pb.TrainingRun:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = manager.status(run_id)[0]
+        if run.step >= step or run.state not in (pb.PENDING, pb.RUNNING):
+            return run
+        time.sleep(0.05)
+    raise TimeoutError(run_id)
+
+
+def test_start_watch_complete_and_export(manager, gitclone_data, tmp_path):
+    request = pb.StartTrainingRequest(data_path=str(gitclone_data), method="ptuning-v2", run_id="pt-demo",
+                                      options={**FAST, "max_steps": "30", "save_steps": "10"},
+                                      export_adapter_id="team/gitclone")
+    started = manager.start(request)
+    assert started.run_id == "pt-demo" and started.state in (pb.PENDING, pb.RUNNING)
+    assert started.output_dir == str((tmp_path / "runs" / "pt-demo").resolve())
+    updates = _watch(manager, "pt-demo")
+    states = [u[0].state for u in updates]
+    assert pb.RUNNING in states and states[-1] == pb.COMPLETED, updates[-1]
+    steps = [u[0].step for u in updates]
+    assert steps == sorted(steps) and len(set(steps)) > 3  # live updates while it ran
+    final = updates[-1][0]
+    assert (final.step, final.total_steps, final.method) == (30, 30, "ptuning-v2")
+    assert final.HasField("loss") and final.HasField("smoothed_loss") and final.tokens_per_second > 0
+    assert final.last_checkpoint.endswith("checkpoint-30") and not final.gpus and final.error == ""
+    exported = tmp_path / "adapters" / "team" / "gitclone"
+    assert json.loads((exported / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    assert [r.run_id for r in manager.status()] == ["pt-demo"]
+    with pytest.raises(AlreadyExists):
+        manager.start(pb.StartTrainingRequest(data_path=str(gitclone_data), method="lora", run_id="pt-demo"))
+    with pytest.raises(AlreadyExists) as err:
+        manager.start(pb.StartTrainingRequest(data_path=str(gitclone_data), method="lora",
+                                              export_adapter_id="team/gitclone"))
+    assert err.value.field == "export_adapter_id"
+
+
+def test_stop_writes_a_checkpoint_and_kill_shows_failed(manager, gitclone_data):
+    long = {**FAST, "max_steps": "100000", "save_steps": "100000"}
+    manager.start(pb.StartTrainingRequest(data_path=str(gitclone_data), method="lora", run_id="long",
+                                          options=long))
+    doomed = manager.start(pb.StartTrainingRequest(data_path=str(gitclone_data), method="lora",
+                                                   run_id="doomed", options=long))
+    os.kill(json.loads((manager.runs_root / "doomed" / "status.json").read_text())["pid"], signal.SIGKILL)
+    running = _wait_for_step(manager, "long", 5)
+    assert running.state == pb.RUNNING and running.HasField("eta_seconds")
+    stopping = manager.stop("long")
+    assert stopping.state in (pb.RUNNING, pb.STOPPED)
+    updates = _watch(manager)
+    last = {r.run_id: r for r in updates[-1]}
+    assert last["long"].state == pb.STOPPED and last["long"].last_checkpoint.endswith(f"checkpoint-{last['long'].step}")
+    assert Path(last["long"].last_checkpoint, "adapter_model.safetensors").is_file()
+    assert last["doomed"].state == pb.FAILED and "was killed" in last["doomed"].error
+    assert doomed.run_id == "doomed"
+    assert manager.stop("long").state == pb.STOPPED  # idempotent once ended
+    assert json.loads((manager.runs_root / "doomed" / "status.json").read_text())["state"] == "failed"
+
+
+def test_requests_are_validated(manager, gitclone_data, tmp_path):
+    def start(**kwargs):
+        kwargs.setdefault("data_path", str(gitclone_data))
+        kwargs.setdefault("method", "lora")
+        return manager.start(pb.StartTrainingRequest(**kwargs))
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": 1, "output": "c"}]')
+    cases = [
+        (dict(method="prompt-tuning"), InvalidArgument, "method"),
+        (dict(data_path=""), InvalidArgument, "data_path"),
+        (dict(data_path=str(tmp_path / "missing.json")), NotFound, "data_path"),
+        (dict(data_path=str(bad)), InvalidArgument, "data_path"),
+        (dict(options={"lora_rank": "8"}), InvalidArgument, "options[lora_rank]"),
+        (dict(options={"lora_r": "eight"}), InvalidArgument, "options[lora_r]"),
+        (dict(options={"batch_size": "0"}), InvalidArgument, "options[batch_size]"),
+        (dict(run_id="../escape"), InvalidArgument, "run_id"),
+        (dict(export_adapter_id="../outside"), InvalidArgument, "export_adapter_id"),
+    ]
+    for kwargs, exc, field in cases:
+        with pytest.raises(exc) as err:
+            start(**kwargs)
+        assert err.value.field == field, kwargs
+    with pytest.raises(InvalidArgument, match="record 1, field 'instruction'"):
+        start(data_path=str(bad))
+    with pytest.raises(NotFound):
+        manager.status("nope")
+    with pytest.raises(NotFound):
+        manager.stop("nope")
+    assert manager.status() == [] and not list(manager.runs_root.iterdir())
+    assert _watch(manager) == [[]]

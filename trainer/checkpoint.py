@@ -1,0 +1,177 @@
+"""Checkpoints: ``RUN_DIR/checkpoint-N`` = a PEFT adapter directory + the state for an exact resume.
+
+Layout of one checkpoint (N = optimizer steps done):
+  adapter_config.json, adapter_model.safetensors   what ``PeftModel.from_pretrained`` and the daemon load
+  trainer_state.pt                                 optimizer, scheduler, RNG states, step, data position
+  trainer_state.json                               the same numbers for people (step, epoch, loss)
+
+A checkpoint is written under a temporary name (``.checkpoint-N.tmp-PID``), its files fsync'ed, then renamed:
+a crash or ``kill -9`` at any moment leaves either the whole checkpoint or none, never one that looks whole.
+Only names matching ``checkpoint-N`` count as checkpoints; stale temporary directories are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class DataPosition:
+    """Where the data loader stands after the last optimizer step: the epoch (0-based) and how many
+    micro-batches of that epoch were consumed. The epoch's order is ``data.epoch_order(seed, epoch)``."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the training step touches (dropout draws from torch's)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first, as (step, path)."""
+    out = []
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            m = _NAME.match(p.name)
+            if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / "adapter_config.json").is_file():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_checkpoint(run_dir: Path, spec: str) -> Path:
+    """``latest`` -> the newest complete checkpoint; ``checkpoint-N`` -> that one under ``run_dir``; else a
+    path. FileNotFoundError when there is none."""
+    if spec in ("", "latest"):
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise FileNotFoundError(f"no checkpoint to resume from in {run_dir}")
+        return found[-1][1]
+    path = run_dir / spec if _NAME.match(spec) else Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def remove_stale(run_dir: Path) -> None:
+    """Delete temporary directories left by a crash while a checkpoint or an export was being written."""
+    for p in run_dir.glob(".checkpoint-*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: Path, step: int, peft_model: Any, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, position: DataPosition, extra: dict[str, Any], keep_last: int) -> Path:
+    """Write ``checkpoint-<step>`` atomically, then drop the oldest beyond ``keep_last`` (0 keeps all)."""
+    final = run_dir / f"checkpoint-{step}"
+    tmp = run_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(str(tmp))
+    state = {"step": step, "position": asdict(position), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra}
+    torch.save(state, tmp / STATE_FILE)
+    summary = {"step": step, **asdict(position), **{k: v for k, v in extra.items() if _jsonable(v)}}
+    (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    _fsync_tree(tmp)
+    if final.exists():  # e.g. resumed from an older checkpoint: the newer one belongs to another timeline
+        trash = run_dir / f".checkpoint-{step}.tmp-old-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(run_dir)
+    if keep_last > 0:
+        for _, old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The resume state. ``weights_only=False``: it holds Python RNG state; only load your own checkpoints."""
+    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_adapter_weights(peft_model: Any, checkpoint: Path) -> None:
+    """Put a checkpoint's adapter weights into the (freshly built, same-config) PEFT model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, weights)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"{checkpoint}: adapter weights do not fit this model: {unexpected[:3]}")
+
+
+def export_adapter(source: Path, target: Path) -> Path:
+    """Copy an adapter directory to ``target`` atomically (copy to a sibling temporary name, then rename).
+    Only the adapter's own files travel, not the trainer state. Refuses to overwrite."""
+    if target.exists():
+        raise FileExistsError(f"{target} already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for p in source.iterdir():
+        if p.is_file() and p.name.startswith(("adapter_", "README")):
+            shutil.copy2(p, tmp / p.name)
+    _fsync_tree(tmp)
+    os.rename(tmp, target)
+    return target
