@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # one warning per 8-bit matmul otherwise
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a daemon's log is no terminal
     names = {f.name for f in fields(ServerConfig)}
     config = ServerConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     asyncio.run(serve(config, grace=args.grace))
