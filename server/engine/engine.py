@@ -269,6 +269,11 @@ class Engine:
         self._retire([i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
 
     def _sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> None:
+        short = [i for i, r in enumerate(rows) if len(r.generated) < r.params.min_new_tokens]
+        if short and self.eos_ids:  # rows under their minimum length may not end yet
+            logits = logits.clone()
+            logits[torch.tensor(short, device=logits.device)[:, None],
+                   torch.tensor(sorted(self.eos_ids), device=logits.device)[None, :]] = float("-inf")
         greedy = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             n = len(row.generated)

@@ -44,8 +44,9 @@ class RowSampler:
 
     @property
     def is_plain_greedy(self) -> bool:
-        """Greedy with no penalty: the engine takes an argmax over the whole batch at once."""
-        return self.params.greedy and self.penalty is None and not self.params.min_new_tokens
+        """Greedy with no penalty: the engine takes one argmax over the whole batch (after masking EOS for
+        rows under their minimum length) instead of this row's own path."""
+        return self.params.greedy and self.penalty is None
 
     def next_token(self, logits: torch.Tensor, seen_ids: torch.Tensor, generated: int) -> int:
         """``logits``: [vocab] for this row; ``seen_ids``: [1, n] prompt and generated ids so far."""
