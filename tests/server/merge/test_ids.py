@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from adapterd.server.errors import InvalidArgument, NotFound
 from adapterd.server.merge import resolve_adapter_dir
 

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from adapterd.server.errors import DataLoss
-from adapterd.server.merge.st_io import ShardWriter, plan_shards, read_header, write_index
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from adapterd.server.errors import DataLoss
+from adapterd.server.merge.st_io import ShardWriter, plan_shards, read_header, write_index
 
 
 def _source(tmp_path):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from adapterd.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from adapterd.server.merge import STRATEGIES, strategy_name_from_proto
 from safetensors.torch import load_file
 
+from adapterd.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from adapterd.server.merge import STRATEGIES, strategy_name_from_proto
 from tests.server.merge.conftest import leftovers
 
 PAIR = ["lora-qv", "lora-qvo8"]  # both r 8, different targets and alphas
@@ -204,9 +204,10 @@ def test_cli_merge_to_adapter(tiny_model_dir, merge_root, capsys):
 
 def test_new_adapter_is_served_at_once(merger, tiny_model_dir, merge_root):
     """The serving core's adapter store finds and loads the new adapter without a restart."""
+    from transformers import AutoModelForCausalLM
+
     from adapterd.server.adapters.lora import linear_shapes
     from adapterd.server.adapters.store import AdapterStore, BaseShape
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cfg = model.config

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+
 from adapterd.server.errors import (
     AlreadyExists,
     DataLoss,
@@ -15,7 +16,6 @@ from adapterd.server.errors import (
     NotFound,
 )
 from adapterd.server.merge import Merger
-
 from tests.helpers import reference_greedy
 from tests.server.merge.conftest import leftovers
 
@@ -225,3 +225,36 @@ def test_cli_merge_to_model(tiny_model_dir, merge_root, tmp_path, capsys):
     rc = main(["merge", "--base", str(tiny_model_dir), "--adapter-root", str(merge_root), "prefix",
                "--output-dir", str(tmp_path / "cli-out2"), "--no-progress"])
     assert rc == 1 and "FAILED_PRECONDITION" in capsys.readouterr().err
+
+
+def test_rank_and_alpha_patterns(tiny_model_dir, merge_root, tmp_path):
+    from tests.helpers import make_lora_adapter
+
+    root = tmp_path / "root"
+    make_lora_adapter(tiny_model_dir, root / "patterned", r=8, alpha=16, targets=["q_proj", "v_proj", "down_proj"],
+                      seed=21, rank_pattern={"v_proj": 4}, alpha_pattern={"layers.1.self_attn.q_proj": 3})
+    Merger(tiny_model_dir, root).merge_to_model([("patterned", 1.0)], tmp_path / "out")
+    _assert_weights_close(tmp_path / "out", _peft_reference(tiny_model_dir, [(root / "patterned", 1.0)]))
+
+
+def test_fan_in_fan_out_gpt2(tmp_path):
+    """GPT-2 stores Conv1D weights as (in, out): PEFT's fan_in_fan_out adapters add (B @ A).T."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base_dir, root = tmp_path / "gpt2", tmp_path / "root"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        base_dir)
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(base_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                           fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)
+    peft_model.save_pretrained(root / "gpt2-lora")
+    Merger(base_dir, root).merge_to_model([("gpt2-lora", 1.0)], tmp_path / "out")
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "out").state_dict()
+    reference = peft_model.merge_and_unload().state_dict()
+    assert max((merged[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
