@@ -304,8 +304,8 @@ def main() -> int:
             print(rows[-1], flush=True)
             if q == "none":
                 peft_tps = args.batch / peft_ms * 1000
-                add(f"batch-{args.batch} tok/s, {label}, PEFT 8 adapters mixed vs ours {args.batch}", peft_tps, mixed_tps,
-                    "tok/s", "higher")
+                add(f"batch-{args.batch} tok/s, {label}, PEFT 8 adapters mixed vs ours {args.batch}", peft_tps,
+                    mixed_tps, "tok/s", "higher")
             add(f"time to first token, {args.ctx}-token prompt, {label}", None, ttft_ms(runtime, args.ctx), "ms")
             loads = cold_loads_ms(runtime, ids[:20])
             p50, p95 = pct(loads, 0.5), pct(loads, 0.95)
