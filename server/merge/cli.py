@@ -77,7 +77,7 @@ class _Bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=self.desc, unit="tensor", file=sys.stderr)
-        self.bar.set_postfix_str(f"{nbytes / 1e9:.2f} GB written", refresh=False)
+        self.bar.set_postfix_str(f"{nbytes / 1e6:,.0f} MB written", refresh=False)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
