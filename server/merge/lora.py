@@ -53,17 +53,16 @@ class LoraModule:
         d = torch.mm(self.lora_b.float(), self.lora_a.float()) * self.scaling
         return d.T if self.fan_in_fan_out else d
 
-    def add_to(self, weight: torch.Tensor, factor: float) -> None:
-        """``weight += factor * delta()`` in place, fused (``addmm_``) so no (out, in) temporary is made.
+    def add_to(self, rows: torch.Tensor, factor: float, first_row: int = 0) -> None:
+        """``rows += factor * delta()[first_row : first_row + len(rows)]`` in place.
 
-        ``weight`` must be fp32 or fp64; the factors are cast to its dtype.
+        Fused (``addmm_``), so no (out, in) temporary is made; ``rows`` is a block of the base weight as
+        stored (fp32 or fp64; the factors are cast to its dtype). Stored rows are output features, or input
+        features for fan_in_fan_out, whose delta is ``(B @ A).T = A.T @ B.T``.
         """
-        a, b = self.lora_a.to(weight.dtype), self.lora_b.to(weight.dtype)
-        alpha = factor * self.scaling
-        if self.fan_in_fan_out:  # weight is (in, out): add (B @ A).T = A.T @ B.T
-            weight.addmm_(a.T, b.T, alpha=alpha)
-        else:
-            weight.addmm_(b, a, alpha=alpha)
+        a, b = self.lora_a.to(rows.dtype), self.lora_b.to(rows.dtype)
+        left, right = (a.T, b.T) if self.fan_in_fan_out else (b, a)
+        rows.addmm_(left[first_row: first_row + rows.shape[0]], right, alpha=factor * self.scaling)
 
 
 @dataclass

@@ -74,7 +74,7 @@ class Merger:
         self.adapter_root = Path(adapter_root).resolve()
         self.output_root = Path(output_root).resolve() if output_root is not None else None
         self.max_shard_bytes = max_shard_bytes  # output file layout; memory does not depend on it
-        self.copy_chunk_bytes = copy_chunk_bytes  # bytes per read when copying untouched tensors
+        self.copy_chunk_bytes = copy_chunk_bytes  # bytes per copy read, and fp32 bytes per merged row block
 
     def load_adapters(self, adapters: Sequence[tuple[str, float]], purpose: str) -> list[tuple[LoraAdapter, float]]:
         """Resolve and load each (id, weight); errors name ``adapters[i].adapter_id``."""

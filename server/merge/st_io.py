@@ -4,8 +4,8 @@
 RAM. The format is simple enough to stream instead: an 8-byte little-endian header length, a JSON header
 (dtype, shape, byte offsets per tensor) padded with spaces to a multiple of 8, then the raw bytes. A merge
 never changes a tensor's dtype or shape, so every output header is known before the first byte is written;
-the writer emits the header, then each tensor's bytes in header order. Peak memory is one tensor (merged
-ones) or one copy chunk (untouched ones, copied byte for byte from the source file).
+the writer emits the header, then each tensor's bytes in header order. Peak memory is one block of rows
+(merged tensors) or one copy chunk (untouched ones, copied byte for byte from the source file).
 
 Files are read with ``pread`` into private buffers rather than through ``mmap``: mapped pages count towards
 the process's resident set until unmapped, which would make a merge of a 140 GB model look like it needs
@@ -102,20 +102,25 @@ def model_weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_tensor(entry: TensorEntry) -> torch.Tensor:
-    """Read one floating-point tensor into a fresh CPU buffer (``entry.nbytes`` bytes of RAM)."""
+def read_rows(entry: TensorEntry, first: int, count: int) -> torch.Tensor:
+    """Rows ``first`` .. ``first + count`` of a floating-point tensor, read into a fresh CPU buffer.
+
+    Row-major storage makes a run of rows one contiguous byte range, so a large tensor can be merged one
+    block of rows at a time (``count * row bytes`` of RAM) instead of whole.
+    """
     dtype = FLOAT_DTYPES.get(entry.dtype)
     if dtype is None:
         raise FailedPrecondition(f"{entry.name} is stored as {entry.dtype}: a LoRA delta can only be added "
                                  "to F64/F32/F16/BF16 weights (is the base checkpoint quantized?)")
-    buf = bytearray(entry.nbytes)
+    row_bytes = entry.nbytes // entry.shape[0]
+    buf = bytearray(count * row_bytes)
     with open(entry.path, "rb") as f:
-        f.seek(entry.start)
-        if f.readinto(buf) != entry.nbytes:
+        f.seek(entry.start + first * row_bytes)
+        if f.readinto(buf) != len(buf):
             raise DataLoss(f"{entry.path}: tensor {entry.name} is truncated")
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
+    if not buf:
+        return torch.empty((count, *entry.shape[1:]), dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(count, *entry.shape[1:])
 
 
 def copy_bytes(entry: TensorEntry, out: BinaryIO, chunk_bytes: int = COPY_CHUNK_BYTES) -> None:
@@ -190,9 +195,9 @@ def encode_header(entries: Iterable[TensorEntry]) -> bytes:
 class ShardWriter:
     """Writes one planned shard: the header at open, then each tensor's bytes in plan order.
 
-    Callers walk ``plan.entries`` in order; ``write_tensor`` / ``copy_entry`` check that the entry is the
-    next one and that the bytes match the plan, so a wrong-sized merged tensor can never produce a file that
-    parses but is wrong.
+    Callers walk ``plan.entries`` in order; ``write_tensor`` / ``write_blocks`` / ``copy_entry`` check that
+    the entry is the next one and that the bytes match the plan, so a wrong-sized merged tensor can never
+    produce a file that parses but is wrong.
     """
 
     def __init__(self, path: Path, plan: ShardPlan) -> None:
@@ -214,6 +219,20 @@ class ShardWriter:
             raise RuntimeError(f"{entry.name}: merged tensor has {tuple(tensor.shape)} / {data.nbytes} bytes, "
                                f"planned {entry.shape} / {entry.nbytes}")
         self._file.write(data)
+        return self._advance(entry)
+
+    def write_blocks(self, entry: TensorEntry, blocks: Iterable[torch.Tensor]) -> int:
+        """Write the next planned tensor as consecutive row blocks; returns its size in bytes."""
+        self._expect(entry)
+        written = 0
+        for block in blocks:
+            data = tensor_bytes(block)
+            if written + data.nbytes > entry.nbytes:
+                raise RuntimeError(f"{entry.name}: blocks exceed the planned {entry.nbytes} bytes")
+            self._file.write(data)
+            written += data.nbytes
+        if written != entry.nbytes:
+            raise RuntimeError(f"{entry.name}: blocks hold {written} bytes, planned {entry.nbytes}")
         return self._advance(entry)
 
     def copy_entry(self, entry: TensorEntry, chunk_bytes: int = COPY_CHUNK_BYTES) -> int:

@@ -2,17 +2,19 @@
 
 The base is read from its original safetensors files in their own dtype (never the quantized copy the
 server holds in memory). For each base tensor that some adapter targets, ``W += sum_i w_i * s_i * B_i @ A_i``
-is computed in fp32 (fp64 stays fp64) and cast back to the stored dtype; every other tensor is copied byte
-for byte. Output shards are written as they go (see ``st_io``), so peak memory is about three times the
-largest targeted tensor (source copy, fp32 accumulator, cast result), whatever the model's size.
+is computed in fp32 (fp64 stays fp64) one block of rows at a time and cast back to the stored dtype; every
+other tensor is copied byte for byte. Output shards are written as they go (see ``st_io``), so peak memory
+is the adapters' own tensors plus a few blocks of ``chunk_bytes`` (16 MB by default), whatever the size of
+the model or of its largest tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from .st_io import (
     model_weight_files,
     plan_shards,
     read_header,
-    read_tensor,
+    read_rows,
     write_index,
 )
 
@@ -93,15 +95,22 @@ def map_targets(adapters: list[tuple[LoraAdapter, float]], entries: list[TensorE
     return targets
 
 
-def merge_tensor(entry: TensorEntry, targets: list[Target]) -> torch.Tensor:
-    """Read one base tensor, add the weighted deltas in fp32 (or fp64), cast back to the stored dtype."""
-    stored = read_tensor(entry)
-    acc = stored if stored.dtype in (torch.float32, torch.float64) else stored.to(torch.float32)
-    dtype = stored.dtype
-    del stored  # for bf16/fp16 bases the fp32 accumulator is now the only full copy
-    for module, weight in targets:
-        module.add_to(acc, weight)
-    return acc.to(dtype)
+def merged_blocks(entry: TensorEntry, targets: list[Target], block_bytes: int) -> Iterator[torch.Tensor]:
+    """One base tensor with the weighted deltas added, as blocks of rows of about ``block_bytes`` in fp32.
+
+    Each block is read, widened to fp32 (fp64 stays fp64), added to with ``addmm_`` and narrowed back to the
+    stored dtype, so memory is a few blocks however large the tensor (an 8192 x 28672 MLP weight included).
+    """
+    rows = entry.shape[0]
+    step = max(1, block_bytes // max(1, 4 * math.prod(entry.shape[1:])))
+    for first in range(0, rows, step):
+        stored = read_rows(entry, first, min(step, rows - first))
+        acc = stored if stored.dtype in (torch.float32, torch.float64) else stored.to(torch.float32)
+        dtype = stored.dtype
+        del stored  # for bf16/fp16 bases the fp32 block is now the only copy
+        for module, weight in targets:
+            module.add_to(acc, weight, first)
+        yield acc.to(dtype)
 
 
 class _Counter:
@@ -131,7 +140,8 @@ def _write_shard(out_dir: Path, plan: ShardPlan, targets: dict[str, list[Target]
     try:
         for entry in plan.entries:
             if entry.name in targets:
-                counter.tensor_done(writer.write_tensor(entry, merge_tensor(entry, targets[entry.name])))
+                blocks = merged_blocks(entry, targets[entry.name], chunk_bytes)
+                counter.tensor_done(writer.write_blocks(entry, blocks))
             else:
                 counter.tensor_done(writer.copy_entry(entry, chunk_bytes))
     except BaseException:

@@ -55,6 +55,8 @@ def test_writer_refuses_wrong_shape_and_order(tmp_path):
         writer.copy_entry(plan.entries[1])
     with pytest.raises(RuntimeError, match="planned"):
         writer.write_tensor(plan.entries[0], torch.zeros(1))
+    with pytest.raises(RuntimeError, match="exceed"):
+        writer.write_blocks(plan.entries[0], [torch.zeros(1000)])
     with pytest.raises(RuntimeError, match="closed after 0"):
         writer.close()
 

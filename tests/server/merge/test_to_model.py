@@ -68,9 +68,10 @@ def test_merge_matches_peft_and_greedy(merger, tiny_model_dir, merge_root, tmp_p
     assert seen[-1][2] <= result.bytes_written and result.tensors_merged > 0
 
 
-def test_weighted_sum_of_two_adapters(merger, tiny_model_dir, merge_root, tmp_path):
+@pytest.mark.parametrize("chunk_bytes", [1000, 16 * 1024**2])  # blocks of 3 rows; whole tensors
+def test_weighted_sum_of_two_adapters(tiny_model_dir, merge_root, tmp_path, chunk_bytes):
     pairs = [("lora-qv", 0.7), ("team/lora-all", -0.3)]
-    merger.merge_to_model(pairs, tmp_path / "out")
+    Merger(tiny_model_dir, merge_root, copy_chunk_bytes=chunk_bytes).merge_to_model(pairs, tmp_path / "out")
     _assert_weights_close(tmp_path / "out", _peft_reference(tiny_model_dir,
                                                             [(merge_root / a, w) for a, w in pairs]))
 
@@ -254,7 +255,8 @@ def test_fan_in_fan_out_gpt2(tmp_path):
             if "lora_" in name:
                 param.normal_(0, 0.3)
     peft_model.save_pretrained(root / "gpt2-lora")
-    Merger(base_dir, root).merge_to_model([("gpt2-lora", 1.0)], tmp_path / "out")
+    # small blocks: fan_in_fan_out rows are input features, sliced from A.T
+    Merger(base_dir, root, copy_chunk_bytes=500).merge_to_model([("gpt2-lora", 1.0)], tmp_path / "out")
     merged = GPT2LMHeadModel.from_pretrained(tmp_path / "out").state_dict()
     reference = peft_model.merge_and_unload().state_dict()
     assert max((merged[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
