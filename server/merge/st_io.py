@@ -231,6 +231,7 @@ class ShardWriter:
                 raise RuntimeError(f"{entry.name}: blocks exceed the planned {entry.nbytes} bytes")
             self._file.write(data)
             written += data.nbytes
+            del data, block  # let the producer's next block replace this one, not join it
         if written != entry.nbytes:
             raise RuntimeError(f"{entry.name}: blocks hold {written} bytes, planned {entry.nbytes}")
         return self._advance(entry)

@@ -110,7 +110,10 @@ def merged_blocks(entry: TensorEntry, targets: list[Target], block_bytes: int) -
         del stored  # for bf16/fp16 bases the fp32 block is now the only copy
         for module, weight in targets:
             module.add_to(acc, weight, first)
-        yield acc.to(dtype)
+        block = acc.to(dtype)
+        del acc
+        yield block
+        del block  # before the next read: one block in flight at a time
 
 
 class _Counter:
