@@ -15,15 +15,17 @@ import threading
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from adapterd.server.config import ServerConfig
 from adapterd.server.engine import EngineConfig
+from adapterd.server.metrics import DaemonMetrics
 from adapterd.server.runtime import Runtime
 from adapterd.server.service import AdapterdService, ServingState
 from adapterd.server.validation import Limits
 from adapterd.v1 import adapterd_pb2 as pb
 from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Daemon:
     health: health.aio.HealthServicer
     port: int
     extras: list = field(default_factory=list)  # things to close on shutdown (metrics server...)
+    metrics: DaemonMetrics | None = None  # set when config.metrics_port is not None
 
     async def load(self) -> None:
         """Load the base model off the event loop, then turn SERVING."""
@@ -50,6 +53,8 @@ class Daemon:
                                           cfg.device, cfg.dtype)
         max_input = min(cfg.max_input_tokens or runtime.base.max_sequence_length - 1,
                         runtime.base.max_sequence_length - 1)
+        if self.metrics is not None:
+            self.metrics.attach(runtime)  # before SERVING, so that every request is counted
         self.state.limits = Limits(max_new_tokens=cfg.max_new_tokens,
                                    default_max_new_tokens=cfg.default_max_new_tokens, max_input_tokens=max_input)
         self.state.runtime = runtime
@@ -71,7 +76,10 @@ async def start_daemon(config: ServerConfig) -> Daemon:
     """Open the port (health NOT_SERVING) and return; call ``Daemon.load`` to load the model."""
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
-    server = grpc.aio.server(options=options)
+    metrics = DaemonMetrics.for_config(config) if config.metrics_port is not None else None
+    if metrics is not None:
+        metrics.start_http(config.metrics_port, config.host)
+    server = grpc.aio.server(options=options, interceptors=[metrics.interceptor] if metrics is not None else None)
     state = ServingState()
     pb_grpc.add_AdapterdServicer_to_server(AdapterdService(state), server)
     health_servicer = health.aio.HealthServicer()
@@ -83,7 +91,8 @@ async def start_daemon(config: ServerConfig) -> Daemon:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     log.info("adapterd listening on %s:%d", config.host, port)
-    return Daemon(config=config, server=server, state=state, health=health_servicer, port=port)
+    return Daemon(config=config, server=server, state=state, health=health_servicer, port=port,
+                  extras=[metrics] if metrics is not None else [], metrics=metrics)
 
 
 async def serve(config: ServerConfig, grace: float = 30.0) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from adapterd.server.adapters.ids import CONFIG_FILE, WEIGHTS_FILE, discover_adapter_ids, resolve_adapter_dir
 from adapterd.server.adapters.lora import LoraWeights, parse_lora
 from adapterd.server.adapters.prefix import PrefixWeights, parse_prefix
@@ -139,6 +140,8 @@ class AdapterStore:
         self._generation = 0
         self.is_on_device: Callable[[LoadedAdapter], bool] = lambda adapter: False
         self.on_unload: Callable[[LoadedAdapter], None] = lambda adapter: None
+        # Called after each load attempt: (adapter_id, seconds it took, the adapter or the error). Metrics.
+        self.on_load: Callable[[str, float, LoadedAdapter | BaseException], None] = lambda *attempt: None
 
     def resolve(self, adapter_id: str, field: str = "adapter_id") -> Path:
         return resolve_adapter_dir(self.root, adapter_id, field)
@@ -163,11 +166,13 @@ class AdapterStore:
                     done = self._loading[adapter_id] = threading.Event()
                     break
             waiting.wait()  # another thread is loading it; then look again
+        started = time.monotonic()
         try:
             adapter = self._read(adapter_id, path)
         except AdapterdError as exc:
             with self._lock:
                 self._failed[adapter_id] = str(exc)
+            self.on_load(adapter_id, time.monotonic() - started, exc)
             raise
         finally:
             with self._lock:
@@ -176,6 +181,7 @@ class AdapterStore:
         with self._lock:
             self._loaded[adapter_id] = adapter
             self._failed.pop(adapter_id, None)
+        self.on_load(adapter_id, time.monotonic() - started, adapter)
         self.touch(adapter_id)
         return adapter
 

@@ -1,0 +1,8 @@
+"""Prometheus metrics for the daemon: request, adapter, GPU and training series under ``adapterd_``, served
+on ``/metrics`` by ``DaemonMetrics.start_http`` (see ``daemon.py``; names in ``definitions.py``,
+``collectors.py`` and ``gpu.py``)."""
+
+from adapterd.server.metrics.daemon import DaemonMetrics
+from adapterd.server.metrics.labels import AdapterLabels
+
+__all__ = ["AdapterLabels", "DaemonMetrics"]

@@ -1,0 +1,145 @@
+"""Scrape-time collectors: the adapter cache (read from the store and the engine's slot table) and training
+runs (read from each run's ``status.json``). Nothing here runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# trainer/status.py: STATUS_FILE and STATES (kept here so that the daemon needs no trainer import).
+STATUS_FILE = "status.json"
+TRAINING_STATES = ("pending", "running", "completed", "failed", "stopped")
+MAX_RUNS = 32  # the most recently updated runs are exported; older ones are left out (bounded run_id)
+TIERS = ("gpu", "cpu")
+
+
+class AdapterCacheCollector(Collector):
+    """Adapters resident per tier, LoRA slot capacity and use, slot fills and evictions since start.
+
+    Tier "gpu": adapters whose weights sit on a CUDA device (LoRA adapters in a device slot, prefix adapters
+    loaded onto a CUDA device). Tier "cpu": loaded adapters held in host memory only (every loaded adapter
+    when the daemon runs on the CPU).
+    """
+
+    def __init__(self) -> None:
+        self.runtime: Any = None  # set by ``attach``; until then the collector yields nothing
+
+    def attach(self, runtime: Any) -> None:
+        """Read this runtime's adapter store and slot table from now on."""
+        self.runtime = runtime
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily,
+                                 CounterMetricFamily]:
+        return (
+            GaugeMetricFamily("adapterd_adapters_resident", "Loaded adapters by tier: gpu (weights on a CUDA "
+                              "device) or cpu (host memory only) (adapters).", labels=["tier"]),
+            GaugeMetricFamily("adapterd_lora_slots", "LoRA slots on the compute device: how many adapters can "
+                              "be resident at once (slots)."),
+            GaugeMetricFamily("adapterd_lora_slots_used", "LoRA slots holding an adapter (slots)."),
+            CounterMetricFamily("adapterd_lora_slot_fills", "LoRA adapters copied into a device slot (cache "
+                                "misses) since start."),
+            CounterMetricFamily("adapterd_adapter_evictions", "LoRA adapters pushed out of a device slot to make "
+                                "room for another since start."),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        runtime = self.runtime
+        if runtime is None:
+            return
+        table = runtime.engine.slots
+        on_cuda = runtime.base.device.type == "cuda"
+        resident, slots, used, fills, evictions = self._families()
+        counts = dict.fromkeys(TIERS, 0)
+        for adapter in runtime.store.loaded():
+            on_device = table.resident(adapter.key) if adapter.lora is not None else adapter.prefix is not None
+            counts["gpu" if on_cuda and on_device else "cpu"] += 1
+        for tier in TIERS:
+            resident.add_metric([tier], counts[tier])
+        slots.add_metric([], table.num_slots - 1)  # slot 0 means "no adapter"
+        used.add_metric([], table.resident_count())
+        fills.add_metric([], table.fills)
+        evictions.add_metric([], table.evictions)
+        yield from (resident, slots, used, fills, evictions)
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None (absent, null, NaN, not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class TrainingCollector(Collector):
+    """Per training run under ``runs_root`` (``runs_root/<run_id>/status.json``): step, total steps, loss,
+    ETA, tokens/s and state. A field that is null in status.json (no loss yet, unknown ETA) is left out,
+    never exported as 0."""
+
+    def __init__(self, runs_root: Path | None) -> None:
+        self.runs_root = Path(runs_root) if runs_root is not None else None
+
+    def _families(self) -> dict[str, GaugeMetricFamily]:
+        labels = ["run_id"]
+        return {
+            "step": GaugeMetricFamily("adapterd_training_step", "Optimizer steps done.", labels=labels),
+            "total_steps": GaugeMetricFamily("adapterd_training_total_steps", "Optimizer steps planned.",
+                                             labels=labels),
+            "loss": GaugeMetricFamily("adapterd_training_loss", "Training loss of the latest step.", labels=labels),
+            "eta_seconds": GaugeMetricFamily("adapterd_training_eta_seconds", "Estimated time left (seconds).",
+                                             labels=labels),
+            "tokens_per_second": GaugeMetricFamily("adapterd_training_tokens_per_second", "Training throughput "
+                                                   "in non-padding tokens per second.", labels=labels),
+            "state": GaugeMetricFamily("adapterd_training_state", "1 for the run's current state (pending, "
+                                       "running, completed, failed, stopped; 'unknown' otherwise), else 0.",
+                                       labels=["run_id", "state"]),
+        }
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families().values()
+
+    def _statuses(self) -> list[tuple[str, dict[str, Any]]]:
+        if self.runs_root is None or not self.runs_root.is_dir():
+            return []
+        found: list[tuple[float, str, Path]] = []
+        try:
+            for run_dir in self.runs_root.iterdir():
+                path = run_dir / STATUS_FILE
+                try:
+                    found.append((path.stat().st_mtime, run_dir.name, path))
+                except OSError:
+                    continue
+        except OSError:
+            return []
+        out = []
+        for _, run_id, path in sorted(found, reverse=True)[:MAX_RUNS]:
+            try:
+                status = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # written atomically, so this is a vanished or foreign file
+            if isinstance(status, dict):
+                out.append((run_id, status))
+        return sorted(out, key=lambda item: item[0])
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        for run_id, status in self._statuses():
+            for field in ("step", "total_steps", "loss", "eta_seconds", "tokens_per_second"):
+                value = _number(status.get(field))
+                if value is not None:
+                    families[field].add_metric([run_id], value)
+            state = status.get("state")
+            state = state if state in TRAINING_STATES else "unknown"
+            for name in (*TRAINING_STATES, "unknown"):
+                if name != "unknown" or state == "unknown":
+                    families["state"].add_metric([run_id, name], 1.0 if name == state else 0.0)
+        yield from (family for family in families.values() if family.samples)

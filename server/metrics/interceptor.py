@@ -1,0 +1,118 @@
+"""A grpc.aio server interceptor that counts every RPC by service, method, status code and adapter, and
+times it (seconds, from arrival to the last response message or the error).
+
+The status code is what the client receives: OK when the handler returns; the aborted code when it calls
+``context.abort`` (the service's ``rpc_errors`` wrappers do); CANCELLED when the client goes away; UNKNOWN for
+an exception that escapes the handler. The adapter label comes from the request's ``adapter_id`` field, when
+the request message has one, through ``AdapterLabels`` (never promoting: an unknown id is "other").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from adapterd.server.metrics.definitions import Metrics
+from adapterd.server.metrics.labels import AdapterLabels
+
+_NO_ADAPTER = ""
+
+
+def _code_name(context: Any, fallback: grpc.StatusCode) -> str:
+    """The status code set on ``context`` (by abort or set_code), else ``fallback``, as its name."""
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - a context that cannot tell
+        code = None
+    if code is None:
+        return fallback.name
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    for member in grpc.StatusCode:  # some grpc versions report the integer value
+        if member.value[0] == code:
+            return member.name
+    return fallback.name
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each async unary-request handler; client-streaming methods (none in adapterd.v1) and
+    synchronous handlers pass through uncounted."""
+
+    def __init__(self, metrics: Metrics, labels: AdapterLabels) -> None:
+        self.m = metrics
+        self.labels = labels
+        self._durations: dict[tuple[str, str], Any] = {}
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, service, method),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, service, method),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return handler
+
+    def _record(self, service: str, method: str, code: str, request: Any, started: float) -> None:
+        adapter_id = getattr(request, "adapter_id", None)
+        adapter = _NO_ADAPTER if adapter_id is None else self.labels.label(adapter_id)
+        self.m.rpcs.inc((service, method, code, adapter))
+        key = (service, method)
+        timer = self._durations.get(key)
+        if timer is None:
+            timer = self._durations[key] = self.m.rpc_duration.labels(service, method)
+        timer.observe(time.perf_counter() - started)
+
+    def _unary(self, behavior: Callable[..., Awaitable[Any]], service: str, method: str) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                response = await behavior(request, context)
+                code = _code_name(context, grpc.StatusCode.OK)
+                return response
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = _code_name(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except Exception:
+                code = _code_name(context, grpc.StatusCode.UNKNOWN)
+                raise
+            finally:
+                self._record(service, method, code, request, started)
+        return wrapped
+
+    def _stream(self, behavior: Callable[..., AsyncIterator[Any]], service: str,
+                method: str) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                async for message in behavior(request, context):
+                    yield message
+                code = _code_name(context, grpc.StatusCode.OK)
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = _code_name(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except Exception:
+                code = _code_name(context, grpc.StatusCode.UNKNOWN)
+                raise
+            finally:
+                self._record(service, method, code, request, started)
+        return wrapped
