@@ -44,6 +44,9 @@ COLUMNS = ("date (UTC)", "commit", "machine", "model", "workload", "reps", "toke
 PROMPTS = ["hello world", "The quick brown fox jumps over the lazy dog.", "Tell me a story about a robot.",
            "你是谁？", "What is the capital of France?", "Summarize the following text."]
 ADAPTERS = ["", "lora-a", "lora-b", "lora-c"]
+# What the measured path runs through (a change elsewhere does not make the row's commit "-dirty").
+CODE_PATHS = ("server/metrics", "server/engine", "server/adapters", "server/app.py", "server/service.py",
+              "server/runtime.py", "server/model.py")
 
 
 def free_port() -> int:
@@ -56,7 +59,7 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "server"],
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", *CODE_PATHS],
                                capture_output=True, text=True).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
