@@ -31,7 +31,7 @@ TRAINING = {
                       "--lora-target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                       "--lora-dropout", "0", "--max-steps", "80"],
     "gitclone-ptuning": ["--method", "ptuning-v2", "--num-virtual-tokens", "16", "--learning-rate", "5e-2",
-                         "--max-steps", "200"],
+                         "--max-steps", "300"],
 }
 
 

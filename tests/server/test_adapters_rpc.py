@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from adapterd.tiny_model import TinyModelConfig, build_tiny_model
 from adapterd.v1 import adapterd_pb2 as pb
-from tests.helpers import make_lora_adapter, make_prefix_adapter, reference_greedy
+from tests.helpers import TEST_DEVICE, make_lora_adapter, make_prefix_adapter, reference_greedy
 
 
 def code_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
@@ -41,9 +41,10 @@ def test_list_adapters_describes_each(client):
     assert {"lora-qv", "team/lora-all", "lora-rs", "prefix", "prefix-proj"} <= set(infos)
     qv = infos["lora-qv"]
     assert qv.type == pb.LORA and qv.rank == 8 and sorted(qv.target_modules) == ["q_proj", "v_proj"]
-    assert qv.state == pb.RESIDENT_CPU and qv.last_used_unix > 0 and qv.size_bytes > 1000
+    resident = pb.RESIDENT_GPU if TEST_DEVICE.startswith("cuda") else pb.RESIDENT_CPU
+    assert qv.state == resident and qv.last_used_unix > 0 and qv.size_bytes > 1000
     assert infos["prefix"].type == pb.PREFIX_TUNING and infos["prefix"].num_virtual_tokens == 6
-    assert infos["lora-rs"].state in (pb.ON_DISK, pb.RESIDENT_CPU)
+    assert infos["lora-rs"].state in (pb.ON_DISK, pb.RESIDENT_CPU, pb.RESIDENT_GPU)
 
 
 def test_bad_parameters_name_their_field(client):
@@ -151,7 +152,7 @@ def test_hot_load_and_unload_while_others_generate(client, daemon, served_root, 
     # a brand-new adapter appears on disk and is served without a restart
     make_lora_adapter(tiny_model_dir, served_root / "fresh", r=2, alpha=4, targets=["k_proj", "down_proj"], seed=9)
     info = client.load_adapter("fresh")
-    assert info.state == pb.RESIDENT_CPU and info.rank == 2
+    assert info.state in (pb.RESIDENT_CPU, pb.RESIDENT_GPU) and info.rank == 2
     fresh = client.generate("hello world", "fresh", max_new_tokens=8)
     assert fresh.text == tok.decode(reference_greedy(tiny_model_dir, "hello world", served_root / "fresh", 8),
                                     skip_special_tokens=True)
