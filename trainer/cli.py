@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"adapterd train: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for all
+        return 0
     print(f"adapterd train: {result['state']} at step {result['step']}/{result['total_steps']}; "
           f"run directory {cfg.output}", file=sys.stderr)
     return 0

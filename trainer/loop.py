@@ -123,6 +123,10 @@ def train(cfg: TrainConfig, *, stop: threading.Event | None = None, progress: bo
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return result
 
 

@@ -91,30 +91,32 @@ def load_base(cfg: TrainConfig, device: torch.device) -> Any:
 
 
 class _DequantLinear(torch.autograd.Function):
-    """y = x W^T + b with W = CB * SCB / 127 made on the fly. Saves only references to the int8 weight and its
-    scales (already in memory), never a widened copy."""
+    """y = x W^T + b with W = CB * scale made on the fly (one fused int8 x float kernel). Saves only
+    references to the int8 weight and its row scales (already in memory), never a widened copy."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+    def forward(ctx: Any, x: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(cb, scb)
-        w = cb.to(x.dtype) * (scb.float() / 127.0).to(x.dtype).unsqueeze(1)
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(cb, scale)
+        return F.linear(x, cb * scale, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        cb, scb = ctx.saved_tensors
-        w = cb.to(grad.dtype) * (scb.float() / 127.0).to(grad.dtype).unsqueeze(1)
-        return grad @ w, None, None, None
+        cb, scale = ctx.saved_tensors
+        return grad @ (cb * scale.to(grad.dtype)), None, None, None
 
 
 def _dequant_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    weight = self.weight
-    scb = getattr(weight, "SCB", None)
-    if scb is None:
-        scb = self.state.SCB
-    out = _DequantLinear.apply(x, weight.data, scb, self.bias)
-    return out
+    """Forward of a patched ``Linear8bitLt``. The row scales (SCB / 127, shape [out, 1], in the input's
+    dtype) are computed once per module and dtype and kept beside the weight (a few KB)."""
+    scale = self.__dict__.get("_adapterd_scale")
+    if scale is None or scale.dtype != x.dtype or scale.device != x.device:
+        scb = getattr(self.weight, "SCB", None)
+        if scb is None:
+            scb = self.state.SCB
+        scale = (scb.float() / 127.0).to(device=x.device, dtype=x.dtype).unsqueeze(1)
+        self.__dict__["_adapterd_scale"] = scale
+    return _DequantLinear.apply(x, self.weight.data, scale, self.bias)
 
 
 def use_dequant_int8(model: torch.nn.Module) -> int:

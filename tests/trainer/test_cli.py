@@ -1,0 +1,46 @@
+"""``adapterd train`` as a command: option errors, and data parallel under torchrun (gloo on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.conftest import train_argv
+
+
+def test_bad_option_exits_2_naming_it(make_config, subprocess_env):
+    cfg = make_config(lora_r=0)
+    out = subprocess.run(train_argv(cfg), env=subprocess_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--lora-r: must be at least 1" in out.stderr
+
+
+def test_resume_without_checkpoint_fails_in_status(make_config, subprocess_env):
+    cfg = make_config()
+    out = subprocess.run(train_argv(cfg, "--resume"), env=subprocess_env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and "no checkpoint to resume from" in out.stderr
+    status = json.loads((Path(cfg.output) / "status.json").read_text())
+    assert status["state"] == "failed" and "no checkpoint" in status["error"]
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun not installed beside this Python")
+def test_torchrun_two_ranks(make_config, subprocess_env):
+    """Two ranks each take every other micro-batch; rank 0 alone writes; the loss falls."""
+    cfg = make_config(batch_size=1, max_steps=12, save_steps=6)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    argv = [torchrun, "--nproc-per-node", "2", "-m", *train_argv(cfg)[2:]]
+    out = subprocess.run(argv, env=subprocess_env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = Path(cfg.output)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == 12
+    assert status["epoch"] == 6.0  # 3 micro-batches an epoch, 2 a step, never across an epoch end
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
