@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from pathlib import Path
 
 HELP = "Build the tiny model, train a LoRA and a P-Tuning v2 adapter, serve them and query each."
 
-DATA = Path(__file__).resolve().parent.parent / "trainer" / "examples" / "gitclone.json"
+DATA = Path(importlib.util.find_spec("adapterd.trainer").origin).parent / "examples" / "gitclone.json"
 QUESTION = "你是谁？"
 # Settings that make the random tiny model learn three answers in seconds on a CPU; a real run uses the
 # recipe defaults (adapterd train --help).

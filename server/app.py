@@ -20,9 +20,11 @@ from grpc_reflection.v1alpha import reflection
 
 from adapterd.server.config import ServerConfig
 from adapterd.server.engine import EngineConfig
+from adapterd.server.merge import Merger
 from adapterd.server.metrics import DaemonMetrics
 from adapterd.server.runtime import Runtime
 from adapterd.server.service import AdapterdService, ServingState
+from adapterd.server.training import TrainingManager
 from adapterd.server.validation import Limits
 from adapterd.v1 import adapterd_pb2 as pb
 from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
@@ -57,6 +59,9 @@ class Daemon:
             self.metrics.attach(runtime)  # before SERVING, so that every request is counted
         self.state.limits = Limits(max_new_tokens=cfg.max_new_tokens,
                                    default_max_new_tokens=cfg.default_max_new_tokens, max_input_tokens=max_input)
+        self.state.merger = Merger(cfg.base, cfg.adapters, output_root=cfg.merge_output_root)
+        if cfg.runs is not None:
+            self.state.training = TrainingManager(cfg.runs, cfg.adapters, cfg.base, cfg.quantization)
         self.state.runtime = runtime
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -3,6 +3,7 @@ merger, or the training manager), and turns the result into a response. No model
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,8 +14,11 @@ from adapterd.server.adapters.ids import validate_adapter_id
 from adapterd.server.adapters.store import AdapterRecord
 from adapterd.server.engine import GenerationEvent, StopReason
 from adapterd.server.errors import AdapterdError, Unavailable
+from adapterd.server.merge import Merger
+from adapterd.server.ops import merge_stream, require_training
 from adapterd.server.rpc_errors import streaming, unary
 from adapterd.server.runtime import Runtime
+from adapterd.server.training import TrainingManager
 from adapterd.server.validation import Limits, validate_generate
 from adapterd.v1 import adapterd_pb2 as pb
 from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
@@ -31,11 +35,14 @@ def adapter_info(rec: AdapterRecord) -> pb.AdapterInfo:
 
 
 class ServingState:
-    """What the handlers share: the runtime once the model is loaded, and whether new work is accepted."""
+    """What the handlers share: the runtime once the model is loaded, the merger and the training manager,
+    and whether new work is accepted."""
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.runtime: Runtime | None = None
         self.limits = limits
+        self.merger: Merger | None = None
+        self.training: TrainingManager | None = None
         self.draining = False
 
     def ready(self) -> Runtime:
@@ -139,3 +146,27 @@ class AdapterdService(pb_grpc.AdapterdServicer):
             max_batch_size=cfg.max_batch_size, max_lora_rank=cfg.max_lora_rank, adapter_slots=cfg.lora_slots,
             version=__version__)
 
+    @streaming
+    async def MergeAdapter(self, request: pb.MergeAdapterRequest, context) -> AsyncIterator[pb.MergeProgress]:
+        runtime = self.state.ready()
+        async for message in merge_stream(self.state.merger, runtime.store, request):
+            yield message
+
+    @unary
+    async def StartTraining(self, request: pb.StartTrainingRequest, context) -> pb.TrainingRun:
+        self.state.ready()
+        return await asyncio.to_thread(require_training(self.state.training).start, request)
+
+    @unary
+    async def StopTraining(self, request: pb.StopTrainingRequest, context) -> pb.TrainingRun:
+        return await asyncio.to_thread(require_training(self.state.training).stop, request.run_id)
+
+    @unary
+    async def TrainStatus(self, request: pb.TrainStatusRequest, context) -> pb.TrainStatusResponse:
+        manager = require_training(self.state.training)
+        return pb.TrainStatusResponse(runs=await asyncio.to_thread(manager.status, request.run_id))
+
+    @streaming
+    async def WatchTraining(self, request: pb.TrainStatusRequest, context) -> AsyncIterator[pb.TrainStatusResponse]:
+        async for runs in require_training(self.state.training).watch(request.run_id):
+            yield pb.TrainStatusResponse(runs=runs)

@@ -118,22 +118,37 @@ def test_int8_dequant_matches_bitsandbytes_closely(make_config):
     assert (ours - bnb_logits).abs().max() < 0.05 * bnb_logits.abs().max()
 
 
-@pytest.mark.parametrize("method, quantization, steps, lr", [
-    ("lora", "none", 60, 1e-2), ("lora", "int8", 60, 1e-2), ("ptuning-v2", "none", 250, 3e-2)])
-def test_demo_data_is_memorized(make_config, tiny_model_dir, gitclone_data, method, quantization, steps, lr):
+@pytest.mark.parametrize("method, quantization, steps, lr, virtual", [
+    ("lora", "none", 60, 1e-2, 0), ("lora", "int8", 60, 1e-2, 0), ("ptuning-v2", "none", 250, 3e-2, 64),
+    ("ptuning-v2", "int8", 300, 5e-2, 16)])
+def test_demo_data_is_memorized(make_config, tiny_model_dir, gitclone_data, tmp_path, method, quantization, steps,
+                                lr, virtual):
     """After training on the tutorial's three examples the adapter answers each question greedily with its
-    trained answer (plain transformers + PEFT decode)."""
+    trained answer: through plain transformers + PEFT, and served by the daemon on the same base."""
     from transformers import AutoTokenizer
 
+    from adapterd.clients import AdapterdClient
+    from tests.server.conftest import start_daemon
+
     cfg = make_config(method=method, quantization=quantization, max_steps=steps, learning_rate=lr, lora_r=16,
-                      lora_target_modules=ALL_LINEAR, num_virtual_tokens=64, save_steps=1000)
+                      lora_target_modules=ALL_LINEAR, num_virtual_tokens=virtual or 16, save_steps=1000,
+                      export_adapter=str(tmp_path / "root" / "trained"))
     train(cfg)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    for record in json.loads(gitclone_data.read_text(encoding="utf-8")):
+    records = json.loads(gitclone_data.read_text(encoding="utf-8"))
+    for record in records:
         want = tok(record["output"], add_special_tokens=False)["input_ids"]
         got = reference_greedy(tiny_model_dir, format_prompt(record["instruction"]), Path(cfg.output) / "final",
                                len(want), quantization=quantization)
         assert tok.decode(got) == record["output"], record["instruction"]
+    daemon = start_daemon(tiny_model_dir, tmp_path / "root", quantization=quantization)
+    try:
+        with AdapterdClient(f"127.0.0.1:{daemon.port}", timeout=120) as client:
+            for record in records:
+                reply = client.generate(format_prompt(record["instruction"]), "trained", max_new_tokens=40)
+                assert reply.text == record["output"], record["instruction"]
+    finally:
+        daemon.stop()
 
 
 def test_stop_before_the_first_step_and_stop_file(make_config):
