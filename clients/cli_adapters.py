@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from adapterd.clients.cli_generate import add_common
+from adapterd.clients.cli_generate import add_common, connect
 
 HELP = "List the adapters of a running adapterd, or load / unload one."
 
@@ -29,9 +29,7 @@ def _row(info) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from adapterd.clients.client import AdapterdClient
-
-    with AdapterdClient(args.target, token=args.token) as client:
+    with connect(args) as client:
         try:
             if args.action == "list":
                 infos = client.list_adapters()

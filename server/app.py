@@ -13,17 +13,20 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from adapterd.server.auth import AuthInterceptor, load_tokens
 from adapterd.server.config import ServerConfig
 from adapterd.server.engine import EngineConfig
 from adapterd.server.merge import Merger
 from adapterd.server.metrics import DaemonMetrics
 from adapterd.server.runtime import Runtime
 from adapterd.server.service import AdapterdService, ServingState
+from adapterd.server.tls import server_credentials
 from adapterd.server.training import TrainingManager
 from adapterd.server.validation import Limits
 from adapterd.v1 import adapterd_pb2 as pb
@@ -32,6 +35,21 @@ from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Adapterd"].full_name  # "adapterd.v1.Adapterd"
+# Any one of these makes a tokenizer (fast, SentencePiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
+                   "tokenizer.tiktoken")
+
+
+def check_base_dir(base: Path) -> None:
+    """Fail at start-up, naming what is missing, rather than minutes later inside transformers (or, worse,
+    with a port that stays NOT_SERVING): the base directory, its config.json, its tokenizer files."""
+    if not base.is_dir():
+        raise ValueError(f"base model directory {base} does not exist")
+    if not (base / "config.json").is_file():
+        raise ValueError(f"base model directory {base} has no config.json")
+    if not any((base / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"base model directory {base} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} "
+                         "is there (save the tokenizer beside the weights: tokenizer.save_pretrained(DIR))")
 
 
 @dataclass
@@ -78,13 +96,26 @@ class Daemon:
 
 
 async def start_daemon(config: ServerConfig) -> Daemon:
-    """Open the port (health NOT_SERVING) and return; call ``Daemon.load`` to load the model."""
+    """Open the port (health NOT_SERVING) and return; call ``Daemon.load`` to load the model.
+
+    The base directory, the tokens file and the TLS files are checked first: a bad one stops start-up with
+    its name before anything listens. Interceptors run outermost first: metrics, then auth, so that refused
+    calls are counted with their UNAUTHENTICATED / PERMISSION_DENIED code.
+    """
+    check_base_dir(config.base)
+    tokens = load_tokens(config.tokens_file) if config.tokens_file is not None else None
+    credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+                   if config.tls_cert is not None else None)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
     metrics = DaemonMetrics.for_config(config) if config.metrics_port is not None else None
     if metrics is not None:
         metrics.start_http(config.metrics_port, config.host)
-    server = grpc.aio.server(options=options, interceptors=[metrics.interceptor] if metrics is not None else None)
+    interceptors: list[grpc.aio.ServerInterceptor] = [metrics.interceptor] if metrics is not None else []
+    if tokens is not None:
+        interceptors.append(AuthInterceptor(tokens))
+    server = grpc.aio.server(options=options, interceptors=interceptors or None,
+                             maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     state = ServingState()
     pb_grpc.add_AdapterdServicer_to_server(AdapterdService(state), server)
     health_servicer = health.aio.HealthServicer()
@@ -93,9 +124,13 @@ async def start_daemon(config: ServerConfig) -> Daemon:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = (server.add_secure_port(address, credentials) if credentials is not None
+            else server.add_insecure_port(address))
     await server.start()
-    log.info("adapterd listening on %s:%d", config.host, port)
+    log.info("adapterd listening on %s:%d (%s%s)", config.host, port,
+             "mutual TLS" if config.tls_client_ca else ("TLS" if credentials else "plaintext"),
+             ", bearer tokens" if tokens is not None else "")
     return Daemon(config=config, server=server, state=state, health=health_servicer, port=port,
                   extras=[metrics] if metrics is not None else [], metrics=metrics)
 
@@ -109,7 +144,14 @@ async def serve(config: ServerConfig, grace: float = 30.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loader = asyncio.create_task(daemon.load())
-    await stop.wait()
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if loader.done() and not loader.cancelled() and loader.exception() is not None:
+        # A base that cannot load would otherwise leave a port NOT_SERVING forever: say why and exit 1.
+        log.error("cannot load the base model %s: %s", config.base, loader.exception())
+        await daemon.shutdown(0)
+        raise SystemExit(1)
+    await stopping
     log.info("shutting down: draining for up to %.0f s", grace)
     loader.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):

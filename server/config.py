@@ -31,12 +31,29 @@ class ServerConfig:
     merge_output_root: Path | None = field(default=None, metadata={"help": "where MergeAdapter may write "
                                                                             "model directories"})
     metrics_port: int | None = field(default=None, metadata={"help": "Prometheus /metrics port (off if unset)"})
+    max_concurrent_rpcs: int | None = field(default=None, metadata={"help": "RPCs in progress at once before "
+                                                                            "RESOURCE_EXHAUSTED (unlimited if unset)"})
+    tokens_file: Path | None = field(default=None, metadata={"help": "bearer tokens, lines role:token (roles user, "
+                                                                      "admin) or JSON; no auth if unset"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "server certificate chain (PEM); turns on TLS"})
+    tls_key: Path | None = field(default=None, metadata={"help": "server private key (PEM)"})
+    tls_client_ca: Path | None = field(default=None, metadata={"help": "CA bundle (PEM): require and verify "
+                                                                        "client certificates (mutual TLS)"})
 
     def __post_init__(self) -> None:
         self.base, self.adapters = Path(self.base), Path(self.adapters)
         self.runs = Path(self.runs) if self.runs is not None else None
         if self.merge_output_root is not None:
             self.merge_output_root = Path(self.merge_output_root)
+        for name in ("tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError("max_concurrent_rpcs must be at least 1")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         for name in ("max_batch_size", "max_queue", "lora_slots", "max_lora_rank", "max_new_tokens",

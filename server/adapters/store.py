@@ -20,7 +20,7 @@ import torch
 from adapterd.server.adapters.ids import CONFIG_FILE, WEIGHTS_FILE, discover_adapter_ids, resolve_adapter_dir
 from adapterd.server.adapters.lora import LoraWeights, parse_lora
 from adapterd.server.adapters.prefix import PrefixWeights, parse_prefix
-from adapterd.server.errors import AdapterdError, DataLoss, FailedPrecondition
+from adapterd.server.errors import AdapterdError, DataLoss, FailedPrecondition, ResourceExhausted
 
 # States, as the proto's AdapterState names them.
 ON_DISK, LOADING, RESIDENT_GPU, RESIDENT_CPU, LOAD_FAILED = (
@@ -169,6 +169,13 @@ class AdapterStore:
         started = time.monotonic()
         try:
             adapter = self._read(adapter_id, path)
+        except torch.OutOfMemoryError as exc:
+            # Not the adapter's fault, so not LOAD_FAILED: the same load may succeed once memory frees.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            oom = ResourceExhausted(f"out of memory while loading adapter {adapter_id!r}; retry later")
+            self.on_load(adapter_id, time.monotonic() - started, oom)
+            raise oom from exc
         except AdapterdError as exc:
             with self._lock:
                 self._failed[adapter_id] = str(exc)
