@@ -25,13 +25,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from adapterd.server.adapters.ids import resolve_adapter_dir
 from adapterd.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from adapterd.trainer.config import METHODS, QUANTIZATIONS, ConfigError, TrainConfig, option_names, parse_value
 from adapterd.trainer.status import FINAL_STATES, STATUS_FILE, STOP_FILE, Status, read_status, write_json_atomic
 from adapterd.v1 import adapterd_pb2 as pb
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-ADAPTER_ID = re.compile(r"^[\w\-]+(/[\w\-]+)*$")
 
 
 def _alive(pid: int) -> bool:
@@ -130,12 +130,7 @@ class TrainingManager:
         return run_id
 
     def _export_path(self, export_id: str) -> Path:
-        if not ADAPTER_ID.match(export_id) or ".." in export_id.split("/"):
-            raise InvalidArgument("must match [/\\w-]+ (letters, digits, _, -, / between names)",
-                                  field="export_adapter_id")
-        path = (self.adapter_root / export_id).resolve()
-        if not path.is_relative_to(self.adapter_root.resolve()):
-            raise InvalidArgument("resolves outside the adapter root", field="export_adapter_id")
+        path = resolve_adapter_dir(self.adapter_root, export_id, "export_adapter_id", must_exist=False)
         if path.exists():
             raise AlreadyExists(f"adapter {export_id!r} already exists", field="export_adapter_id")
         for payload in self._payloads(""):

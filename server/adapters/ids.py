@@ -1,8 +1,10 @@
 """Adapter ids: paths under the adapter root, validated and confined to it.
 
 An id is one or more path segments of letters, digits, ``_``, ``-`` and ``.`` joined by ``/``
-(``support/v2``). No segment may be ``.`` or ``..``, and the resolved directory, symlinks followed, must
-lie inside the root: an id can never reach a file outside it.
+(``support/v2``). No segment may be ``.`` or ``..`` or start with a dot (dot-names are hidden: temporary
+directories of merges and exports live there), and the resolved directory, symlinks followed, must lie
+inside the root: an id can never reach a file outside it. The serving core, the merger and the training
+manager all resolve ids here.
 """
 
 from __future__ import annotations
@@ -26,25 +28,27 @@ def validate_adapter_id(adapter_id: str, field: str = "adapter_id") -> str:
     if len(adapter_id) > MAX_ID_LENGTH:
         raise InvalidArgument(f"longer than {MAX_ID_LENGTH} characters", field=field)
     for segment in adapter_id.split("/"):
-        if not _SEGMENT.fullmatch(segment) or segment in (".", ".."):
+        if not _SEGMENT.fullmatch(segment) or segment.startswith("."):
             raise InvalidArgument(
                 f"{adapter_id!r} is not a valid adapter id: use path segments of letters, digits, "
-                "'_', '-' and '.', joined by '/', with no '.' or '..' segment", field=field)
+                "'_', '-' and '.', joined by '/', none of them starting with '.'", field=field)
     return adapter_id
 
 
-def resolve_adapter_dir(root: Path, adapter_id: str, field: str = "adapter_id") -> Path:
+def resolve_adapter_dir(root: str | os.PathLike, adapter_id: str, field: str = "adapter_id", *,
+                        must_exist: bool = True) -> Path:
     """The adapter's directory under ``root``: validated, symlinks resolved, confined to the root.
 
-    Raises InvalidArgument for a malformed id or one that escapes the root, NotFound when no adapter
-    (a directory with ``adapter_config.json``) is there.
+    Raises InvalidArgument for a malformed id or one that escapes the root, and NotFound when
+    ``must_exist`` and no adapter (a directory with ``adapter_config.json``) is there. With
+    ``must_exist=False`` (an output id) the directory may be absent.
     """
     validate_adapter_id(adapter_id, field)
     real_root = Path(os.path.realpath(root))
     target = Path(os.path.realpath(real_root / adapter_id))
-    if target != real_root and real_root not in target.parents:
-        raise InvalidArgument(f"{adapter_id!r} resolves outside the adapter root", field=field)
-    if not (target / CONFIG_FILE).is_file():
+    if real_root not in target.parents:
+        raise InvalidArgument(f"adapter id {adapter_id!r} resolves outside the adapter root", field=field)
+    if must_exist and not (target / CONFIG_FILE).is_file():
         raise NotFound(f"no adapter {adapter_id!r} under the adapter root", field=field)
     return target
 

@@ -3,8 +3,7 @@
 The gRPC handler and ``adapterd merge`` call :class:`Merger`; see ``merger.py``.
 """
 
-from .ids import resolve_adapter_dir
 from .merger import Merger, MergeResult
 from .strategies import STRATEGIES, strategy_name_from_proto
 
-__all__ = ["STRATEGIES", "MergeResult", "Merger", "resolve_adapter_dir", "strategy_name_from_proto"]
+__all__ = ["STRATEGIES", "MergeResult", "Merger", "strategy_name_from_proto"]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.ids import resolve_adapter_dir
 from ..errors import InvalidArgument, ResourceExhausted
 from .atomic import AtomicDir
-from .ids import resolve_adapter_dir
 from .lora import LoraAdapter, load_lora_adapter
 from .st_io import COPY_CHUNK_BYTES
 from .strategies import CombineOptions, Strategy, get_strategy

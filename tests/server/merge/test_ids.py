@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from adapterd.server.adapters.ids import resolve_adapter_dir
 from adapterd.server.errors import InvalidArgument, NotFound
-from adapterd.server.merge import resolve_adapter_dir
 
 
 @pytest.fixture
