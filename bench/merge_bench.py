@@ -32,6 +32,8 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+from results_table import append_to_section
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Merge into full weights (bench/merge_bench.py)"
@@ -169,21 +171,10 @@ def make_row(meta: dict[str, object], run: dict[str, object], check: str, machin
 
 def append_row(row: dict[str, str], results: Path) -> None:
     """Add the row under this benchmark's section of RESULTS.md, creating the section if needed."""
-    lines = results.read_text().splitlines() if results.exists() else ["# Benchmark results", ""]
-    line = "| " + " | ".join(row[c] for c in COLUMNS) + " |"
-    if SECTION not in lines:
-        lines += ([""] if lines[-1] else []) + [SECTION, "",
-                  "Streamed merge of an r=16 LoRA into a random-weight bf16 base; peak RSS is the merge "
-                  "process's (VmHWM), growth is peak minus the resident set just before the merge.", "",
-                  "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    at = lines.index(SECTION) + 1
-    while at < len(lines) and not lines[at].startswith("|"):
-        at += 1
-    while at < len(lines) and lines[at].startswith("|"):
-        at += 1
-    lines.insert(at, line)
-    results.write_text("\n".join(lines).strip("\n") + "\n")
-    print(f"appended to {results}:\n{line}")
+    intro = ("Streamed merge of an r=16 LoRA into a random-weight bf16 base; peak RSS is the merge "
+                  "process's (VmHWM), growth is peak minus the resident set just before the merge.")
+    added = append_to_section(results, SECTION, intro, COLUMNS, [row])
+    print(f"appended to {results}:", *added, sep="\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -35,6 +35,8 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
+from results_table import append_to_section
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Metrics overhead (bench/metrics_overhead.py)"
@@ -327,26 +329,13 @@ def make_row(result: dict, machine: str, commit: str) -> dict[str, str]:
 
 def append_row(row: dict[str, str], results: Path) -> None:
     """Add the row under this benchmark's section of RESULTS.md (creating the section at the end)."""
-    lines = results.read_text().splitlines() if results.exists() else ["# Benchmark results", ""]
-    line = "| " + " | ".join(row[c] for c in COLUMNS) + " |"
-    if SECTION not in lines:
-        lines += ([""] if lines and lines[-1] else []) + [
-            SECTION, "",
-            "Generated tokens/s of one daemon with `--metrics-port` (scraped) against one without, same model "
+    intro = ("Generated tokens/s of one daemon with `--metrics-port` (scraped) against one without, same model "
             "and workload, alternating, in one session: medians of the per-repetition ratios on/off, with a "
             "bootstrap 95% interval (throughput cost = 1 - ratio; CPU cost = ratio - 1). Parts: each piece "
             "of the metrics measured alone (engine observer per token, interceptor per RPC, CPU per scrape) "
-            "as a share of the daemon's CPU time per token: the precise figure where the A/B is noisy.",
-            "",
-            "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    at = lines.index(SECTION) + 1
-    while at < len(lines) and not lines[at].startswith("|"):
-        at += 1
-    while at < len(lines) and lines[at].startswith("|"):
-        at += 1
-    lines.insert(at, line)
-    results.write_text("\n".join(lines).strip("\n") + "\n")
-    print(f"appended to {results}:\n{line}")
+            "as a share of the daemon's CPU time per token: the precise figure where the A/B is noisy.")
+    added = append_to_section(results, SECTION, intro, COLUMNS, [row])
+    print(f"appended to {results}:", *added, sep="\n")
 
 
 def run(args: argparse.Namespace) -> dict:

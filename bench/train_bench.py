@@ -40,6 +40,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from results_table import append_to_section
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Training: int8 LoRA and P-Tuning v2 (bench/train_bench.py)"
@@ -239,23 +241,12 @@ def to_row(result: dict, machine: str, commit: str, date: str, judge: bool = Tru
 
 def append_rows(rows: list[dict[str, str]], results: Path) -> None:
     """Add rows under this benchmark's section of RESULTS.md, creating the section if needed."""
-    lines = results.read_text().splitlines() if results.exists() else ["# Benchmark results", ""]
-    if SECTION not in lines:
-        lines += ([""] if lines and lines[-1] else []) + [
-            SECTION, "",
-            "Llama-2-7B shape, random weights, batch 4 x 1024, AdamW; median step after warm-up. 'usual' is "
+    intro = ("Llama-2-7B shape, random weights, batch 4 x 1024, AdamW; median step after warm-up. 'usual' is "
             "the reference PEFT recipe measured in the same run. The tutorial's figures: 7B int8 LoRA fits a "
             "16 GB GPU; ChatGLM3-6B P-Tuning v2 used 14.8 GB. Peak = torch.cuda.max_memory_reserved "
-            "(on the CPU smoke run: the process's peak RSS).", "",
-            "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    at = lines.index(SECTION) + 1
-    while at < len(lines) and not lines[at].startswith("|"):
-        at += 1
-    while at < len(lines) and lines[at].startswith("|"):
-        at += 1
-    new = ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in rows]
-    lines[at:at] = new
-    results.write_text("\n".join(lines) + "\n")
+            "(on the CPU smoke run: the process's peak RSS).")
+    added = append_to_section(results, SECTION, intro, COLUMNS, rows)
+    print(f"appended to {results}:", *added, sep="\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
+from adapterd.fsutil import fsync_dir
+
 from ..errors import AlreadyExists, FailedPrecondition
 
 # Serialises the check-then-rename step of concurrent merges, so two of them cannot both "win" one name.
@@ -39,13 +41,6 @@ def check_target(target: Path, overwrite: bool, marker: str, field: str) -> None
         raise FailedPrecondition(f"{target} exists and holds no {marker}; refusing to replace a directory "
                                  "that does not look like a previous output", field=field)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AtomicDir:
@@ -88,6 +83,6 @@ class AtomicDir:
                 if old is not None:
                     os.rename(old, self.target)
                 raise
-        _fsync_dir(self.target.parent)
+        fsync_dir(self.target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
