@@ -85,9 +85,18 @@ class Runtime:
         self.engine.submit(request_id, prompt_ids, params, adapter,
                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         finished = False
+        held: GenerationEvent | None = None
         try:
             while not finished:
-                event = await events.get()
+                event = held or await events.get()
+                held = None
+                # A reader that fell behind gets the deltas waiting for it as one message, not one each.
+                while event.kind == "delta" and not events.empty():
+                    following = events.get_nowait()
+                    if following.kind != "delta":
+                        held = following
+                        break
+                    event = event.followed_by(following)
                 finished = event.kind == "end"
                 yield event
         finally:

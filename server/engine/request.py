@@ -61,3 +61,9 @@ class GenerationEvent:
     error: Exception | None = None
     # "delta": the new token's id; "end": every generated id (the EOS token is never counted).
     token_ids: list[int] = field(default_factory=list)
+
+    def followed_by(self, later: GenerationEvent) -> GenerationEvent:
+        """One delta event saying what this one and a ``later`` delta say."""
+        return GenerationEvent("delta", text=self.text + later.text,
+                               generated_token_count=later.generated_token_count,
+                               token_ids=self.token_ids + later.token_ids)

@@ -1,0 +1,230 @@
+"""Serving under load: many adapters with Zipf popularity, and the gRPC path against the engine alone.
+
+1. Many adapters: ``--adapters`` ids registered (``--distinct`` real PEFT LoRA files, the rest symlinks to
+   them inside the root, so every id is its own adapter to the daemon: its own load, its own slot), a bounded
+   number of device slots, requests arriving as a Poisson process with adapters drawn from a Zipf(1)
+   distribution; a rate sweep gives throughput and p50/p95 latency, against the same load on one adapter.
+2. End to end: ``--streams`` concurrent streams from ``--client-procs`` client processes over gRPC on
+   loopback, against the same number of concurrent requests submitted to the engine in-process.
+
+Runs on the GPU machine (``--shape llama2-7b``) or the CPU (``--shape tiny``: a regression guard, ratios
+only). Appends its tables to bench/RESULTS.md with commit, date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from serve_bench import SHAPES, build_model_dir
+
+PROMPT_TOKENS = 64
+
+
+def make_zipf_root(root: Path, base_dir: Path, total: int, distinct: int, rank: int) -> list[str]:
+    """``distinct`` real adapters (q_proj, v_proj) and ``total`` ids, the rest symlinks to the real ones."""
+    from serve_bench import make_lora_dirs
+
+    real = make_lora_dirs(root / "_files", base_dir, distinct, rank)
+    ids = []
+    for i in range(total):
+        link = root / f"a{i:04d}"
+        if not link.exists():
+            link.symlink_to(root / "_files" / real[i % distinct], target_is_directory=True)
+        ids.append(link.name)
+    return ids
+
+
+def zipf_choice(rng: random.Random, ids: list[str]) -> str:
+    weights = [1.0 / (k + 1) for k in range(len(ids))]
+    return rng.choices(ids, weights=weights)[0]
+
+
+async def poisson_load(runtime, pick, rate: float, duration: float, new: int, seed: int) -> dict[str, float]:
+    """Requests at ``rate``/s for ``duration`` s; each waits for its adapter (loaded on first use)."""
+    from adapterd.server.engine import GenerationParams
+
+    rng = random.Random(seed)
+    params = GenerationParams(max_new_tokens=new, min_new_tokens=new)
+    latencies: list[float] = []
+    tokens = 0
+
+    async def one(adapter_id: str) -> None:
+        nonlocal tokens
+        t = time.perf_counter()
+        adapter = await runtime.adapter(adapter_id) if adapter_id else None
+        prompt = [rng.randrange(10, 1000) for _ in range(PROMPT_TOKENS)]
+        async for event in runtime.generate(prompt, params, adapter):
+            if event.kind == "end":
+                tokens += event.generated_token_count
+        latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    tasks = []
+    while time.perf_counter() - start < duration:
+        tasks.append(asyncio.ensure_future(one(pick(rng))))
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - start
+    lat = sorted(latencies)
+    return {"requests": len(lat), "tok_s": tokens / wall, "p50": statistics.median(lat) * 1000,
+            "p95": lat[int(0.95 * (len(lat) - 1))] * 1000}
+
+
+async def engine_streams(runtime, streams: int, duration: float, new: int) -> float:
+    """Generated tokens/s with ``streams`` requests always in flight, submitted in-process."""
+    from adapterd.server.engine import GenerationParams
+
+    params = GenerationParams(max_new_tokens=new, min_new_tokens=new)
+    tokens = 0
+    stop = time.perf_counter() + duration
+
+    async def loop(i: int) -> None:
+        nonlocal tokens
+        rng = random.Random(i)
+        while time.perf_counter() < stop:
+            prompt = [rng.randrange(10, 1000) for _ in range(PROMPT_TOKENS)]
+            async for event in runtime.generate(prompt, params, None):
+                if event.kind == "end":
+                    tokens += event.generated_token_count
+
+    start = time.perf_counter()
+    await asyncio.gather(*(loop(i) for i in range(streams)))
+    return tokens / (time.perf_counter() - start)
+
+
+def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Queue) -> None:
+    """One client process: ``streams`` concurrent GenerateStream calls in a loop for ``duration`` s."""
+    from adapterd.clients import AsyncAdapterdClient
+
+    async def main() -> int:
+        tokens = 0
+        stop = time.perf_counter() + duration
+        async with AsyncAdapterdClient(target, timeout=600) as client:
+            async def loop(i: int) -> None:
+                nonlocal tokens
+                rng = random.Random(i)
+                while time.perf_counter() < stop:
+                    prompt = " ".join(rng.choice(["hello", "world", "the", "model", "adapter"])
+                                      for _ in range(PROMPT_TOKENS))
+                    async for message in client.generate_stream(prompt, max_new_tokens=new, min_new_tokens=new):
+                        if message.stop_reason:
+                            tokens += message.generated_token_count
+            await asyncio.gather(*(loop(i) for i in range(streams)))
+        return tokens
+
+    out.put(asyncio.run(main()))
+
+
+def grpc_streams(target: str, streams: int, procs: int, duration: float, new: int) -> float:
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    workers = [ctx.Process(target=_client_proc, args=(target, streams // procs, duration, new, out))
+               for _ in range(procs)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    tokens = sum(out.get(timeout=duration + 600) for _ in workers)
+    for w in workers:
+        w.join()
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b" if torch.cuda.is_available()
+                        else "tiny")
+    parser.add_argument("--quantization", default="none")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "adapterd-bench"))
+    parser.add_argument("--adapters", type=int, default=1000)
+    parser.add_argument("--distinct", type=int, default=50)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--rates", default="2,4,8", help="request rates (1/s) for the Zipf sweep")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
+    parser.add_argument("--new", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--client-procs", type=int, default=4)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from adapterd.server.app import DaemonThread
+    from adapterd.server.config import ServerConfig
+    from adapterd.server.engine import EngineConfig
+    from adapterd.server.model import load_base_model, pick_device
+    from adapterd.server.runtime import Runtime
+
+    device = pick_device()
+    work = Path(args.work)
+    base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
+    root = work / f"zipf-{args.adapters}"
+    ids = make_zipf_root(root, base_dir, args.adapters, args.distinct, args.rank)
+    rows: list[str] = []
+
+    base = load_base_model(base_dir, args.quantization, device=str(device))
+    runtime = Runtime(base, root, EngineConfig(max_batch_size=128, lora_slots=args.slots,
+                                               max_lora_rank=args.rank, max_queue=100_000))
+    runtime.engine.start()
+    try:
+        asyncio.run(poisson_load(runtime, lambda r: ids[0], 2.0, 3.0, 4, 0))  # warm-up
+        for rate in (float(r) for r in args.rates.split(",")):
+            one = asyncio.run(poisson_load(runtime, lambda r: ids[0], rate, args.duration, args.new, 1))
+            many = asyncio.run(poisson_load(runtime, lambda r: zipf_choice(r, ids), rate, args.duration,
+                                            args.new, 2))
+            rows.append(f"| {rate:g}/s | {one['requests']} | {one['tok_s']:.1f} | {one['p50']:.0f} / {one['p95']:.0f}"
+                        f" | {many['requests']} | {many['tok_s']:.1f} | {many['p50']:.0f} / {many['p95']:.0f} | "
+                        f"{many['tok_s'] / one['tok_s']:.2f} |")
+            print(rows[-1], flush=True)
+        alone = asyncio.run(engine_streams(runtime, args.streams, args.duration, args.new))
+    finally:
+        runtime.close()
+    del runtime, base
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    daemon = DaemonThread(ServerConfig(base=base_dir, adapters=root, quantization=args.quantization, port=0,
+                                       max_batch_size=128, lora_slots=args.slots, max_lora_rank=args.rank,
+                                       max_new_tokens=max(1024, args.new), max_queue=100_000)).start()
+    try:
+        e2e = grpc_streams(f"127.0.0.1:{daemon.port}", args.streams, args.client_procs, args.duration, args.new)
+    finally:
+        daemon.stop()
+    print(f"engine alone {alone:.1f} tok/s, over gRPC {e2e:.1f} tok/s, ratio {e2e / alone:.2f}", flush=True)
+    if not args.no_record:
+        record(args, rows, alone, e2e, device)
+    return 0
+
+
+def record(args, rows: list[str], alone: float, e2e: float, device: torch.device) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or os.environ.get("ADAPTERD_COMMIT", "unknown")
+    machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"\n### load_bench: {args.shape} on {machine}, commit {commit}, {when}",
+             f"{args.adapters} adapter ids ({args.distinct} distinct r{args.rank} q/k/v/o files), {args.slots} "
+             f"device slots, Zipf(1) popularity, Poisson arrivals, {args.duration:g} s per point, {PROMPT_TOKENS} "
+             f"prompt + {args.new} new tokens per request, {args.quantization} base.", "",
+             "| rate | one adapter: requests | tok/s | p50 / p95 ms | Zipf: requests | tok/s | p50 / p95 ms | "
+             "Zipf over one |", "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+             f"End to end: {args.streams} concurrent streams from {args.client_procs} client processes over gRPC "
+             f"on loopback: {e2e:.1f} tok/s; the same concurrency submitted to the engine in-process: "
+             f"{alone:.1f} tok/s; ratio {e2e / alone:.2f}."]
+    with (Path(__file__).resolve().parent / "RESULTS.md").open("a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
