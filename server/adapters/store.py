@@ -8,6 +8,7 @@ Each adapter type registers a loader in ``ADAPTER_KINDS``; nothing else branches
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from adapterd.server.adapters.ids import CONFIG_FILE, WEIGHTS_FILE, discover_ada
 from adapterd.server.adapters.lora import LoraWeights, parse_lora
 from adapterd.server.adapters.prefix import PrefixWeights, parse_prefix
 from adapterd.server.errors import AdapterdError, DataLoss, FailedPrecondition, ResourceExhausted
+
+log = logging.getLogger(__name__)
 
 # States, as the proto's AdapterState names them.
 ON_DISK, LOADING, RESIDENT_GPU, RESIDENT_CPU, LOAD_FAILED = (
@@ -120,6 +123,15 @@ def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise DataLoss(f"{WEIGHTS_FILE} is corrupt or truncated: {exc}") from exc
     return config, tensors
+
+
+def _lenient_int(value: Any) -> int:
+    """A number for ListAdapters' description of an unloaded adapter; 0 for anything that is not one, so
+    that one malformed config (the load reports it properly) cannot break listing every adapter."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 class AdapterStore:
@@ -240,10 +252,10 @@ class AdapterStore:
             return
         rec.type = str(config.get("peft_type", ""))
         rec.base_model = str(config.get("base_model_name_or_path") or "")
-        rec.rank = int(config.get("r") or 0) if rec.type == "LORA" else 0
-        rec.num_virtual_tokens = int(config.get("num_virtual_tokens") or 0)
+        rec.rank = _lenient_int(config.get("r")) if rec.type == "LORA" else 0
+        rec.num_virtual_tokens = _lenient_int(config.get("num_virtual_tokens"))
         targets = config.get("target_modules") or []
-        rec.target_modules = sorted(targets) if isinstance(targets, list) else [str(targets)]
+        rec.target_modules = sorted(map(str, targets)) if isinstance(targets, list) else [str(targets)]
 
     def _read(self, adapter_id: str, path: Path) -> LoadedAdapter:
         config, tensors = read_adapter_files(path)
@@ -252,7 +264,16 @@ class AdapterStore:
         if loader is None:
             raise FailedPrecondition(f"adapter type {peft_type!r} is not served (served: "
                                      f"{', '.join(ADAPTER_KINDS)})")
-        parts = loader(config, tensors, self.base)
+        try:
+            parts = loader(config, tensors, self.base)
+        except (AdapterdError, torch.OutOfMemoryError):
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, RuntimeError) as exc:
+            # A field of the wrong type or tensors of the wrong kind: the files are damaged, whatever the
+            # parser tripped on. Without this, a bad config would surface as INTERNAL with a stack trace.
+            log.warning("adapter %s: malformed files", adapter_id, exc_info=True)
+            raise DataLoss(f"{CONFIG_FILE} and {WEIGHTS_FILE} do not make a valid {peft_type} adapter: "
+                           f"{type(exc).__name__}: {exc}") from exc
         with self._lock:
             self._generation += 1
             key = f"{adapter_id}#{self._generation}"
