@@ -70,7 +70,7 @@ class Daemon:
         engine_config = EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
                                      lora_slots=cfg.lora_slots, max_lora_rank=cfg.max_lora_rank)
         runtime = await asyncio.to_thread(Runtime.load, cfg.base, cfg.adapters, cfg.quantization, engine_config,
-                                          cfg.device, cfg.dtype)
+                                          cfg.device, cfg.dtype, None, cfg.adapter_cache_mb * 2**20)
         max_input = min(cfg.max_input_tokens or runtime.base.max_sequence_length - 1,
                         runtime.base.max_sequence_length - 1)
         if self.metrics is not None:

@@ -22,6 +22,8 @@ class ServerConfig:
     max_queue: int = field(default=256, metadata={"help": "waiting requests before RESOURCE_EXHAUSTED"})
     lora_slots: int = field(default=16, metadata={"help": "LoRA adapters resident on the device at once"})
     max_lora_rank: int = field(default=64, metadata={"help": "largest LoRA rank accepted"})
+    adapter_cache_mb: int = field(default=8192, metadata={"help": "memory for loaded adapters, MiB; the least "
+                                                                   "recently used beyond it are unloaded"})
     max_input_tokens: int | None = field(default=None, metadata={"help": "longest prompt, in tokens (default: "
                                                                            "the model's context)"})
     max_new_tokens: int = field(default=1024, metadata={"help": "largest max_new_tokens a request may ask"})
@@ -56,7 +58,7 @@ class ServerConfig:
             raise ValueError("max_concurrent_rpcs must be at least 1")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
-        for name in ("max_batch_size", "max_queue", "lora_slots", "max_lora_rank", "max_new_tokens",
+        for name in ("max_batch_size", "max_queue", "lora_slots", "max_lora_rank", "adapter_cache_mb", "max_new_tokens",
                      "default_max_new_tokens", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -26,13 +26,14 @@ class PreparedPrompt:
 
 
 class Runtime:
-    def __init__(self, base: BaseModel, adapter_root: Path, engine_config: EngineConfig) -> None:
+    def __init__(self, base: BaseModel, adapter_root: Path, engine_config: EngineConfig,
+                 max_loaded_adapter_bytes: int | None = None) -> None:
         self.base = base
         self.engine_config = engine_config
         shape = BaseShape(linear_shapes=linear_shapes(base.model), num_layers=base.num_layers,
                           num_kv_heads=base.num_kv_heads, head_dim=base.head_dim, dtype=base.dtype,
                           device=base.device, max_lora_rank=engine_config.max_lora_rank)
-        self.store = AdapterStore(Path(adapter_root), shape)
+        self.store = AdapterStore(Path(adapter_root), shape, max_loaded_adapter_bytes)
         self.engine = Engine(base, engine_config)
         self.store.is_on_device = lambda adapter: self.engine.slots.resident(adapter.key)
         self.store.on_unload = self.engine.evict
@@ -40,10 +41,11 @@ class Runtime:
     @classmethod
     def load(cls, base_dir: str | Path, adapter_root: str | Path, quantization: str = "int8",
              engine_config: EngineConfig | None = None, device: str | None = None,
-             dtype: str | None = None, max_sequence_length: int | None = None) -> Runtime:
+             dtype: str | None = None, max_sequence_length: int | None = None,
+             max_loaded_adapter_bytes: int | None = None) -> Runtime:
         base = load_base_model(base_dir, quantization, device=device, dtype=dtype,
                                max_sequence_length=max_sequence_length)
-        runtime = cls(base, Path(adapter_root), engine_config or EngineConfig())
+        runtime = cls(base, Path(adapter_root), engine_config or EngineConfig(), max_loaded_adapter_bytes)
         runtime.engine.start()
         return runtime
 

@@ -64,6 +64,13 @@ class LoadedAdapter:
     def target_modules(self) -> list[str]:
         return self.lora.target_modules if self.lora else []
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes its tensors take where the store keeps them (host for LoRA, device for prefixes)."""
+        if self.lora:
+            return sum(m.a.nbytes + m.b.nbytes for m in self.lora.modules.values())
+        return sum(t.nbytes for t in self.prefix.keys + self.prefix.values) if self.prefix else 0
+
 
 @dataclass
 class AdapterRecord:
@@ -141,9 +148,13 @@ class AdapterStore:
     held only on the host.
     """
 
-    def __init__(self, root: Path, base: BaseShape) -> None:
+    def __init__(self, root: Path, base: BaseShape, max_loaded_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.base = base
+        # Loaded adapters beyond this many bytes are unloaded, least recently used first (they load again
+        # from disk on their next request); None: no limit. A budget in bytes, not a count: rank 64 costs
+        # eight times rank 8.
+        self.max_loaded_bytes = max_loaded_bytes
         self._lock = threading.Lock()
         self._loaded: dict[str, LoadedAdapter] = {}
         self._loading: dict[str, threading.Event] = {}
@@ -202,7 +213,23 @@ class AdapterStore:
             self._failed.pop(adapter_id, None)
         self.on_load(adapter_id, time.monotonic() - started, adapter)
         self.touch(adapter_id)
+        self._keep_within_budget(adapter_id)
         return adapter
+
+    def _keep_within_budget(self, keep: str) -> None:
+        """Unload least recently used adapters (never ``keep``) until the loaded ones fit the budget. A row
+        still running with an unloaded adapter keeps its own reference and finishes normally."""
+        if self.max_loaded_bytes is None:
+            return
+        while True:
+            with self._lock:
+                total = sum(a.memory_bytes for a in self._loaded.values())
+                others = [i for i in self._loaded if i != keep]
+                if total <= self.max_loaded_bytes or not others:
+                    return
+                oldest = min(others, key=lambda i: self._last_used.get(i, 0.0))
+                adapter = self._loaded.pop(oldest)
+            self.on_unload(adapter)
 
     def unload(self, adapter_id: str, field: str = "adapter_id") -> AdapterRecord:
         with self._lock:
