@@ -1,0 +1,347 @@
+"""Soak: many concurrent streaming clients on random adapters, with random cancellations and deadlines, while
+adapters are loaded and unloaded in a loop. Counts every outcome, checks every completed greedy answer
+against its reference, and reads the daemon's resident memory after a warm-up and at the end.
+
+    python bench/soak.py                      # tiny model on the CPU, 120 s, 32 clients; appends to RESULTS.md
+    python bench/soak.py --duration 600 --concurrency 64 --no-record
+
+The daemon is ``adapterd serve`` in a subprocess (its own memory, as in production); the references are the
+daemon's own answers to each (prompt, adapter, length) asked alone before the load starts. The load itself
+(``run_soak``) is also what tests/server/test_soak.py runs for 25 seconds against an in-process daemon.
+
+Expected outcomes: OK with the reference answer; CANCELLED for a stream the client cancelled; DEADLINE_EXCEEDED
+for a call given a short deadline; NOT_FOUND / INVALID_ARGUMENT for the few deliberately bad requests.
+Anything else, or a completed answer that differs from its reference, is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+
+from adapterd.clients.client import generate_request
+from adapterd.v1 import adapterd_pb2 as pb
+from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ("hello world", "你是谁？", "Tell me a story about a robot.", "The capital of France is")
+LENGTHS = (8, 32)  # max_new_tokens of the checked requests
+Key = tuple[str, str, int]  # (prompt, adapter id, max_new_tokens)
+
+
+@dataclass
+class SoakConfig:
+    adapters: Sequence[str]  # ids served under the root; "" (the base) is added
+    duration_s: float = 25.0
+    max_requests: int = 400
+    concurrency: int = 32
+    warmup_s: float = 3.0  # memory is read after this much load,
+    warmup_requests: int = 1_000_000  # or after this many requests, whichever comes first
+    seed: int = 0
+    cancel_share: float = 0.15  # streams the client cancels after a few messages
+    deadline_share: float = 0.15  # calls with a deadline of 20 to 400 ms
+    bad_share: float = 0.05  # requests that must be refused (unknown adapter, too many tokens)
+    unary_share: float = 0.2  # Generate instead of GenerateStream
+    churn_pause_s: tuple[float, float] = (0.05, 0.3)  # between two LoadAdapter / UnloadAdapter calls
+    token: str | None = None  # an admin token when the daemon asks for one
+
+
+@dataclass
+class SoakReport:
+    requests: int = 0
+    outcomes: Counter = field(default_factory=Counter)  # "ok", "cancelled", "deadline", "refused"
+    by_kind: Counter = field(default_factory=Counter)  # requests per adapter kind: LORA, PREFIX_TUNING, BASE
+    loads: int = 0
+    unloads: int = 0
+    errors: list[str] = field(default_factory=list)  # unexpected statuses and wrong answers
+    seconds: float = 0.0
+    rss_start: int = 0  # bytes, after the warm-up
+    rss_end: int = 0
+    peak_in_flight: int = 0
+
+
+def rss_of(pid: int | str = "self") -> int:
+    """Resident memory of a process in bytes (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc status")
+
+
+def _metadata(token: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+async def references(target: str, adapters: Sequence[str], token: str | None = None,
+                     prompts: Sequence[str] = PROMPTS, lengths: Sequence[int] = LENGTHS) -> dict[Key, tuple[str, int]]:
+    """Each (prompt, adapter, length) asked alone: the text and stop reason every soak answer must match."""
+    refs: dict[Key, tuple[str, int]] = {}
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.AdapterdStub(channel)
+        for prompt in prompts:
+            for adapter_id in ("", *adapters):
+                for n in lengths:
+                    r = await stub.Generate(generate_request(prompt, adapter_id, max_new_tokens=n),
+                                            metadata=_metadata(token), timeout=120)
+                    refs[(prompt, adapter_id, n)] = (r.text, r.stop_reason)
+    return refs
+
+
+class _Load:
+    """One soak run's state: the workers and the churner share the report and the stop time."""
+
+    def __init__(self, stub: pb_grpc.AdapterdStub, config: SoakConfig, refs: dict[Key, tuple[str, int]],
+                 kinds: dict[str, str]) -> None:
+        self.stub, self.config, self.refs, self.kinds = stub, config, refs, kinds
+        self.report = SoakReport()
+        self.rng = random.Random(config.seed)
+        self.meta = _metadata(config.token)
+        self.stop_at = 0.0
+        self.in_flight = 0
+        self.warm = asyncio.Event()  # set when the warm-up is over: memory is read then
+
+    def _error(self, what: str) -> None:
+        if len(self.report.errors) < 50:
+            self.report.errors.append(what)
+        else:
+            self.report.outcomes["errors beyond 50"] += 1
+
+    async def worker(self) -> None:
+        rng = random.Random(self.rng.random())
+        while time.monotonic() < self.stop_at and self.report.requests < self.config.max_requests:
+            if self.report.requests >= self.config.warmup_requests:
+                self.warm.set()
+            self.report.requests += 1
+            self.in_flight += 1
+            self.report.peak_in_flight = max(self.report.peak_in_flight, self.in_flight)
+            try:
+                await self.one(rng)
+            finally:
+                self.in_flight -= 1
+
+    async def one(self, rng: random.Random) -> None:
+        c = self.config
+        prompt, adapter_id, n = rng.choice(sorted(self.refs))
+        self.report.by_kind[self.kinds[adapter_id]] += 1
+        roll = rng.random()
+        if roll < c.bad_share:
+            bad = rng.choice([("no-such-adapter", 4, grpc.StatusCode.NOT_FOUND),
+                              (adapter_id, 10**6, grpc.StatusCode.INVALID_ARGUMENT)])
+            request = generate_request(prompt, bad[0], max_new_tokens=bad[1])
+            try:
+                await self.stub.Generate(request, metadata=self.meta, timeout=60)
+                self._error(f"bad request {bad[:2]} was accepted")
+            except grpc.aio.AioRpcError as exc:
+                self._expect(exc.code(), {bad[2]}, "refused", (prompt, adapter_id, n))
+            return
+        request = generate_request(prompt, adapter_id, max_new_tokens=n)
+        deadline = rng.uniform(0.02, 0.4) if roll < c.bad_share + c.deadline_share else 120.0
+        allowed = {grpc.StatusCode.DEADLINE_EXCEEDED} if deadline < 120 else set()
+        cancel_after = rng.randint(0, 3) if rng.random() < c.cancel_share else None
+        try:
+            if cancel_after is None and rng.random() < c.unary_share:
+                r = await self.stub.Generate(request, metadata=self.meta, timeout=deadline)
+                self._check((prompt, adapter_id, n), r.text, r.stop_reason)
+                return
+            call = self.stub.GenerateStream(request, metadata=self.meta, timeout=deadline)
+            parts, stop = [], 0
+            count = 0
+            async for message in call:
+                parts.append(message.text)
+                stop = message.stop_reason or stop
+                count += 1
+                if cancel_after is not None and count > cancel_after:
+                    call.cancel()
+                    break
+            if cancel_after is not None and count > cancel_after:
+                self.report.outcomes["cancelled"] += 1
+                return
+            self._check((prompt, adapter_id, n), "".join(parts), stop)
+        except grpc.aio.AioRpcError as exc:
+            self._expect(exc.code(), allowed, "deadline", (prompt, adapter_id, n), exc.details())
+
+    def _check(self, key: Key, text: str, stop: int) -> None:
+        if (text, stop) == self.refs[key]:
+            self.report.outcomes["ok"] += 1
+        else:
+            self._error(f"{key}: got {(text, stop)!r}, reference {self.refs[key]!r}")
+
+    def _expect(self, code: grpc.StatusCode, allowed: set[grpc.StatusCode], outcome: str, key: Key,
+                details: str = "") -> None:
+        if code in allowed:
+            self.report.outcomes[outcome] += 1
+        else:
+            self._error(f"{key}: {code.name} {details}")
+
+    async def churn(self, adapters: Sequence[str]) -> None:
+        rng = random.Random(self.config.seed + 1)
+        while time.monotonic() < self.stop_at and self.report.requests < self.config.max_requests:
+            adapter_id = rng.choice(list(adapters))
+            try:
+                if rng.random() < 0.5:
+                    await self.stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id), metadata=self.meta,
+                                                timeout=60)
+                    self.report.loads += 1
+                else:
+                    await self.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id),
+                                                  metadata=self.meta, timeout=60)
+                    self.report.unloads += 1
+            except grpc.aio.AioRpcError as exc:
+                self._error(f"churn {adapter_id}: {exc.code().name} {exc.details()}")
+            await asyncio.sleep(rng.uniform(*self.config.churn_pause_s))
+
+
+async def run_soak(target: str, config: SoakConfig, refs: dict[Key, tuple[str, int]], kinds: dict[str, str],
+                   rss: Callable[[], int]) -> SoakReport:
+    """Run the load until ``duration_s`` or ``max_requests``; ``kinds`` maps adapter id -> LORA,
+    PREFIX_TUNING or BASE; ``rss`` reads the daemon's memory (after ``warmup_s``, and at the end)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        load = _Load(pb_grpc.AdapterdStub(channel), config, refs, kinds)
+        started = time.monotonic()
+        load.stop_at = started + config.duration_s
+
+        async def sample_start() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(load.warm.wait(), config.warmup_s)
+            load.report.rss_start = rss()
+
+        await asyncio.gather(sample_start(), load.churn(config.adapters),
+                             *(load.worker() for _ in range(config.concurrency)))
+        load.report.seconds = time.monotonic() - started
+        load.report.rss_end = rss()
+        return load.report
+
+
+# ---------------------------------------------------------------------------------------- the benchmark
+
+
+def _make_inputs(work: Path) -> tuple[Path, Path, dict[str, str]]:
+    """The tiny model, and PEFT-made LoRA and prefix adapters with random weights (tests/helpers.py)."""
+    sys.path.insert(0, str(REPO))
+    from adapterd.tiny_model import build_tiny_model
+    from tests.helpers import make_lora_adapter, make_prefix_adapter
+
+    base = build_tiny_model(work / "base")
+    root = work / "adapters"
+    make_lora_adapter(base, root / "lora-qv", r=8, alpha=32, targets=["q_proj", "v_proj"], seed=1)
+    make_lora_adapter(base, root / "team" / "lora-all", r=4, alpha=8,
+                      targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], seed=2)
+    make_lora_adapter(base, root / "lora-rs", r=16, alpha=16, targets=["q_proj", "o_proj"], seed=3, use_rslora=True)
+    make_prefix_adapter(base, root / "prefix", num_virtual_tokens=6, seed=4)
+    make_prefix_adapter(base, root / "prefix-proj", num_virtual_tokens=3, projection=True, seed=5)
+    kinds = {"": "BASE", "lora-qv": "LORA", "team/lora-all": "LORA", "lora-rs": "LORA", "prefix": "PREFIX_TUNING",
+             "prefix-proj": "PREFIX_TUNING"}
+    return base, root, kinds
+
+
+def _describe_machine() -> str:
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return f"cpu: {names[0] if names else platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds of load")
+    parser.add_argument("--max-requests", type=int, default=1_000_000)
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent client calls")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds before the first memory reading")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    args = parser.parse_args()
+
+    from adapterd.clients import AdapterdClient
+
+    with tempfile.TemporaryDirectory(prefix="adapterd-soak-") as tmp:
+        base, root, kinds = _make_inputs(Path(tmp))
+        port = free_port()
+        cmd = [sys.executable, "-c", "import sys; from adapterd.cli import main; sys.exit(main())", "serve",
+               "--base", str(base), "--adapters", str(root), "--quantization", "none", "--host", "127.0.0.1",
+               "--port", str(port), "--lora-slots", "3", "--log-level", "WARNING"]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+        log = Path(tmp) / "daemon.log"
+        with log.open("w") as log_file:  # a file, not a pipe: a full pipe would stall the daemon
+            daemon = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        target = f"127.0.0.1:{port}"
+        try:
+            with AdapterdClient(target) as client:
+                client.wait_ready(120)
+            adapters = [a for a in kinds if a]
+            refs = asyncio.run(references(target, adapters))
+            config = SoakConfig(adapters=adapters, duration_s=args.duration, max_requests=args.max_requests,
+                                concurrency=args.concurrency, warmup_s=args.warmup, seed=args.seed)
+            report = asyncio.run(run_soak(target, config, refs, kinds, lambda: rss_of(daemon.pid)))
+        finally:
+            daemon.terminate()
+            daemon.wait(60)
+            daemon_log = log.read_text(errors="replace")
+    print(format_report(report, config), flush=True)
+    if daemon.returncode != 0:
+        print(f"daemon exited {daemon.returncode}:\n{daemon_log[-3000:]}", file=sys.stderr)
+    if not args.no_record:
+        _record(report, config)
+    return 0 if not report.errors and daemon.returncode == 0 else 1
+
+
+def format_report(report: SoakReport, config: SoakConfig) -> str:
+    mib = 1024**2
+    return (f"{report.requests} requests in {report.seconds:.1f} s ({report.requests / report.seconds:.1f}/s), "
+            f"{config.concurrency} clients (peak {report.peak_in_flight} in flight); outcomes "
+            f"{dict(report.outcomes)}; by kind {dict(report.by_kind)}; {report.loads} loads and {report.unloads} "
+            f"unloads meanwhile; {len(report.errors)} unexpected errors; daemon RSS {report.rss_start / mib:.0f} "
+            f"MiB after warm-up, {report.rss_end / mib:.0f} MiB at the end "
+            f"({(report.rss_end - report.rss_start) / mib:+.1f} MiB)"
+            + "".join(f"\n  error: {e}" for e in report.errors[:10]))
+
+
+def _record(report: SoakReport, config: SoakConfig) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results_table import append_to_section
+
+    mib = 1024**2
+    o = report.outcomes
+    row = {"date (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
+           "machine": _describe_machine(), "model": "tiny (fp32, CPU)", "duration": f"{report.seconds:.0f} s",
+           "requests": str(report.requests), "concurrency": f"{config.concurrency} (peak {report.peak_in_flight})",
+           "ok / cancelled / deadline / refused": f"{o['ok']} / {o['cancelled']} / {o['deadline']} / {o['refused']}",
+           "loads / unloads": f"{report.loads} / {report.unloads}", "unexpected errors": str(len(report.errors)),
+           "daemon RSS start -> end": f"{report.rss_start / mib:.0f} -> {report.rss_end / mib:.0f} MiB "
+                                      f"({(report.rss_end - report.rss_start) / mib:+.1f})"}
+    intro = ("Concurrent streaming clients on random adapters (LoRA, prefix, base), random cancellations and "
+             "deadlines, adapters loaded and unloaded meanwhile; every completed greedy answer checked against "
+             "the daemon's answer alone. RSS of the `adapterd serve` process after the warm-up and at the end.")
+    append_to_section(REPO / "bench" / "RESULTS.md", "## Soak (bench/soak.py)", intro, list(row), [row])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
