@@ -136,8 +136,13 @@ async def start_daemon(config: ServerConfig) -> Daemon:
 
 
 async def serve(config: ServerConfig, grace: float = 30.0) -> None:
-    """Run until SIGTERM/SIGINT, then drain and return."""
-    daemon = await start_daemon(config)
+    """Run until SIGTERM/SIGINT, then drain and return. A bad base directory, tokens file or TLS file
+    exits 2 and a base that fails to load exits 1, each with one log line saying why."""
+    try:
+        daemon = await start_daemon(config)
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
     print(f"adapterd listening on {config.host}:{daemon.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -120,12 +120,15 @@ def test_random_adapter_files_give_only_clean_errors(source, adapter_root, base_
 
 
 def test_a_base_without_tokenizer_is_refused_at_start_up_naming_what_is_missing(tiny_model_dir, served_root,
-                                                                                tmp_path):
+                                                                                tmp_path, caplog):
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base, ignore=shutil.ignore_patterns("tokenizer*"))
     config = ServerConfig(base=base, adapters=served_root, quantization="none", port=0, device=TEST_DEVICE)
     with pytest.raises(ValueError, match="has no tokenizer: none of tokenizer.json"):
         DaemonThread(config).start(load=False)
+    with caplog.at_level(logging.ERROR, logger="adapterd.server.app"), pytest.raises(SystemExit) as exc:
+        asyncio.run(serve(config))  # what `adapterd serve` runs: one line, exit 2, no traceback
+    assert exc.value.code == 2 and f"cannot start: base model directory {base} has no tokenizer" in caplog.text
 
 
 def test_serve_exits_1_saying_why_when_the_base_cannot_load(tiny_model_dir, served_root, tmp_path, caplog):
