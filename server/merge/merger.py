@@ -147,7 +147,8 @@ class Merger:
         opts, used_seed = _options(chosen, density, majority_sign_method, seed)
         base_order = model_module_order(self.base_model_dir)
         config, state = combine(loaded, chosen, opts, rank, base_order, progress)
-        with AtomicDir(out, overwrite=overwrite, marker="adapter_config.json", field="output_adapter_id") as tmp:
+        with _disk_full_as_resource_exhausted("the merged adapter", "output_adapter_id"), \
+                AtomicDir(out, overwrite=overwrite, marker="adapter_config.json", field="output_adapter_id") as tmp:
             written = write_adapter(tmp, config, state)
         modules = len(state) // 2
         if progress is not None:
@@ -178,13 +179,13 @@ def _options(strategy: Strategy, density: float | None, method: str,
 
 
 @contextlib.contextmanager
-def _disk_full_as_resource_exhausted() -> Iterator[None]:
+def _disk_full_as_resource_exhausted(what: str = "the merged model",
+                                     field: str = "output_model_dir") -> Iterator[None]:
     """Turn ENOSPC/EDQUOT (disk full, quota) into ResourceExhausted. ``AtomicDir`` sits inside this
     context, so the partial output is already removed when the error is converted."""
     try:
         yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceExhausted(f"disk full while writing the merged model: {exc}",
-                                    field="output_model_dir") from exc
+            raise ResourceExhausted(f"disk full while writing {what}: {exc}", field=field) from exc
         raise

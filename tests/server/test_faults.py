@@ -237,28 +237,18 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
-def test_disk_full_during_an_adapter_merge_leaves_nothing(tiny_model_dir, served_root, monkeypatch):
+def test_disk_full_during_an_adapter_merge_is_resource_exhausted_and_leaves_nothing(tiny_model_dir, served_root,
+                                                                                   monkeypatch):
     from adapterd.server.merge import to_adapter
     from adapterd.server.merge.merger import Merger
 
     monkeypatch.setattr(to_adapter, "save_file", _enospc)
-    merger = Merger(tiny_model_dir, served_root)
     before = _leftovers(served_root)
-    with pytest.raises(OSError) as err:
-        merger.merge_to_adapter([("lora-qv", 0.5), ("lora-qv", 0.5)], "full-disk")
-    assert err.value.errno == errno.ENOSPC or isinstance(err.value.__cause__, OSError)
+    with pytest.raises(ResourceExhausted) as err:
+        Merger(tiny_model_dir, served_root).merge_to_adapter([("lora-qv", 0.5), ("lora-qv", 0.5)], "full-disk")
+    assert err.value.field == "output_adapter_id" and isinstance(err.value.__cause__, OSError)
+    assert err.value.__cause__.errno == errno.ENOSPC
     assert not (served_root / "full-disk").exists() and _leftovers(served_root) == before
-
-
-@pytest.mark.xfail(strict=True, reason="server/merge/merger.py wraps only merge_to_model in "
-                                       "_disk_full_as_resource_exhausted; merge_to_adapter lets ENOSPC through")
-def test_disk_full_during_an_adapter_merge_is_resource_exhausted(tiny_model_dir, served_root, monkeypatch):
-    from adapterd.server.merge import to_adapter
-    from adapterd.server.merge.merger import Merger
-
-    monkeypatch.setattr(to_adapter, "save_file", _enospc)
-    with pytest.raises(ResourceExhausted):
-        Merger(tiny_model_dir, served_root).merge_to_adapter([("lora-qv", 1.0)], "full-disk")
 
 
 def test_disk_full_during_a_checkpoint_leaves_no_checkpoint_under_a_final_name(tmp_path, monkeypatch):
