@@ -83,7 +83,8 @@ class Runtime:
         """Submit one request and yield its events until "end". Leaving early cancels it."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        request_id = request_id or uuid.uuid4().hex
+        # A client's correlation id names the request in logs; the suffix keeps two requests that share one apart.
+        request_id = f"{request_id}/{uuid.uuid4().hex[:12]}" if request_id else uuid.uuid4().hex
         self.engine.submit(request_id, prompt_ids, params, adapter,
                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         finished = False
