@@ -257,6 +257,10 @@ def main() -> int:
         rows.append((measure, f"{baseline:.2f} {unit}" if baseline else "-", f"{ours:.2f} {unit}", ratio))
         print(f"{measure:55s} baseline {rows[-1][1]:>14s}  adapterd {rows[-1][2]:>14s}  {ratio}", flush=True)
 
+    def note(measure: str, ours: str, ratio: str) -> None:
+        rows.append((measure, "", ours, ratio))
+        print(f"{measure:55s} {ours:>40s}  {ratio}", flush=True)
+
     for q in args.quantizations.split(","):
         base = load_base_model(base_dir, q, device=str(device))
         model = base.model
@@ -289,9 +293,8 @@ def main() -> int:
             floor = (weight_bytes(model) + kv_bytes) / bandwidth * 1000 if bandwidth else None
             add(f"batch-1 decode ms/token, {label}, ctx {args.ctx}", hf_ms, ms, "ms")
             if floor:
-                rows.append((f"  roofline {label} (weights + KV over copy bandwidth)", "", f"{floor:.2f} ms",
-                             f"{floor / ms:.0%} of roofline"))
-                print(rows[-1], flush=True)
+                note(f"  roofline {label} (weights + KV over copy bandwidth)", f"{floor:.2f} ms",
+                     f"{floor / ms:.0%} of roofline")
             adapters = [runtime.store.get(a) for a in ids[: args.batch]]
             one = engine_step_ms(runtime, 1, args.ctx, args.new, adapters[:1])
             add(f"batch-1 decode ms/token, {label}, one LoRA r16", None, one, "ms")
@@ -299,8 +302,7 @@ def main() -> int:
             mixed_tps = 1000 / engine_step_ms(runtime, args.batch, args.ctx, args.new, adapters) * args.batch
             add(f"batch-{args.batch} tok/s, {label}, base only", None, base_tps, "tok/s", "higher")
             add(f"batch-{args.batch} tok/s, {label}, {args.batch} distinct LoRA", None, mixed_tps, "tok/s", "higher")
-            rows.append((f"  {args.batch} adapters over base-only, {label}", "", "", f"{mixed_tps / base_tps:.2f}"))
-            print(rows[-1], flush=True)
+            note(f"  {args.batch} adapters over base-only, {label}", "", f"{mixed_tps / base_tps:.2f}")
             if q == "none":
                 peft_tps = args.batch / peft_ms * 1000
                 add(f"batch-{args.batch} tok/s, {label}, PEFT 8 adapters mixed vs ours {args.batch}", peft_tps,

@@ -1,0 +1,31 @@
+"""The serving benchmark's CPU variant on a tiny model: it runs end to end, and two ratios measured within
+one run guard against gross regressions (a per-row Python loop over adapters, a reload on every request).
+Ratios only, with wide margins: no absolute timings are asserted."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def test_serve_bench_tiny(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "serve_bench.py"), "--shape", "tiny",
+                          "--quantizations", "none", "--ctx", "32", "--new", "8", "--batch", "8",
+                          "--work", str(tmp_path), "--no-record"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    for measure in ("batch-1 decode ms/token", "batch-8 tok/s, float32, base only",
+                    "batch-8 tok/s, float32, 8 distinct LoRA", "time to first token", "cold LoRA load r16"):
+        assert measure in text, measure
+    mixed_over_base = float(re.search(r"8 adapters over base-only, float32\s+([\d.]+)", text)[1])
+    assert mixed_over_base > 0.25, text
+    load = re.search(r"cold LoRA load r16 disk->slot p50, float32\s+baseline\s+([\d.]+) ms\s+adapterd\s+([\d.]+) ms",
+                     text)
+    assert float(load[2]) < float(load[1]), "a cold load must beat PEFT's load_adapter"
