@@ -86,8 +86,11 @@ def run_to_pb(payload: dict[str, Any]) -> pb.TrainingRun:
         error=str(payload.get("error") or ""),
         updated_unix=float(payload.get("updated_unix") or 0.0),
         output_dir=str(payload.get("output_dir") or ""),
+        skipped_records=int(payload.get("skipped_records") or 0),
+        final_adapter=str(payload.get("final_adapter") or ""),
+        exported_to=str(payload.get("exported_to") or ""),
     )
-    for name in ("loss", "smoothed_loss", "eta_seconds"):
+    for name in ("loss", "smoothed_loss", "eval_loss", "eta_seconds"):
         if payload.get(name) is not None:
             setattr(run, name, float(payload[name]))
     for gpu in payload.get("gpus") or []:

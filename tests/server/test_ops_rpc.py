@@ -118,6 +118,7 @@ def test_training_rpcs_end_to_end(ops_client, ops_daemon, tiny_model_dir):
     (final,) = ops_client.train_status("rpc-lora")
     assert final.state == pb.COMPLETED, final.error
     assert final.step == final.total_steps == 60 and final.loss < 0.5 and final.last_checkpoint
+    assert final.exported_to.endswith("trained/rpc-lora") and final.final_adapter and not final.HasField("eval_loss")
     assert steps == sorted(steps) and len(set(steps)) > 2
     assert "rpc-lora" in {r.run_id for r in ops_client.train_status()}
     answer = ops_client.generate(format_prompt("你是谁？"), "trained/rpc-lora", max_new_tokens=40)

@@ -330,7 +330,7 @@ class GpuStatus(_message.Message):
     def __init__(self, index: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., utilization: _Optional[float] = ..., temperature_celsius: _Optional[float] = ...) -> None: ...
 
 class TrainingRun(_message.Message):
-    __slots__ = ("run_id", "state", "method", "step", "total_steps", "epoch", "loss", "smoothed_loss", "learning_rate", "tokens_per_second", "elapsed_seconds", "eta_seconds", "last_checkpoint", "error", "gpus", "updated_unix", "output_dir")
+    __slots__ = ("run_id", "state", "method", "step", "total_steps", "epoch", "loss", "smoothed_loss", "learning_rate", "tokens_per_second", "elapsed_seconds", "eta_seconds", "last_checkpoint", "error", "gpus", "updated_unix", "output_dir", "eval_loss", "skipped_records", "final_adapter", "exported_to")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +348,10 @@ class TrainingRun(_message.Message):
     GPUS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_TO_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: TrainingState
     method: str
@@ -365,7 +369,11 @@ class TrainingRun(_message.Message):
     gpus: _containers.RepeatedCompositeFieldContainer[GpuStatus]
     updated_unix: float
     output_dir: str
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[TrainingState, str]] = ..., method: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., error: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuStatus, _Mapping]]] = ..., updated_unix: _Optional[float] = ..., output_dir: _Optional[str] = ...) -> None: ...
+    eval_loss: float
+    skipped_records: int
+    final_adapter: str
+    exported_to: str
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[TrainingState, str]] = ..., method: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., error: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuStatus, _Mapping]]] = ..., updated_unix: _Optional[float] = ..., output_dir: _Optional[str] = ..., eval_loss: _Optional[float] = ..., skipped_records: _Optional[int] = ..., final_adapter: _Optional[str] = ..., exported_to: _Optional[str] = ...) -> None: ...
 
 class TrainStatusResponse(_message.Message):
     __slots__ = ("runs",)
