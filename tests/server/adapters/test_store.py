@@ -38,3 +38,16 @@ def test_least_recently_used_adapters_leave_when_the_budget_is_full(tiny_model_d
         assert store.record("lora-rs").state in (RESIDENT_CPU, RESIDENT_GPU)
     finally:
         runtime.close()
+
+
+def test_pack_host_keeps_values_in_one_buffer():
+    import torch
+
+    from adapterd.server.adapters.store import pack_host
+
+    tensors = [torch.randn(3, 5), torch.randn(7, 2), torch.randn(4)]
+    packed = pack_host(tensors, torch.bfloat16, pin=False)
+    assert [p.shape for p in packed] == [t.shape for t in tensors]
+    assert all(torch.equal(p, t.to(torch.bfloat16)) for p, t in zip(packed, tensors, strict=True))
+    storage = {p.untyped_storage().data_ptr() for p in packed}
+    assert len(storage) == 1
