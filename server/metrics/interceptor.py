@@ -85,10 +85,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
-            except grpc.aio.AbortError:
-                code = _code_name(context, grpc.StatusCode.UNKNOWN)
-                raise
-            except Exception:
+            except Exception:  # an abort (grpc.aio.AbortError) included: the context holds its code
                 code = _code_name(context, grpc.StatusCode.UNKNOWN)
                 raise
             finally:
@@ -107,10 +104,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             except (asyncio.CancelledError, GeneratorExit):
                 code = "CANCELLED"
                 raise
-            except grpc.aio.AbortError:
-                code = _code_name(context, grpc.StatusCode.UNKNOWN)
-                raise
-            except Exception:
+            except Exception:  # an abort (grpc.aio.AbortError) included: the context holds its code
                 code = _code_name(context, grpc.StatusCode.UNKNOWN)
                 raise
             finally:
