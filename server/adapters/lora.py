@@ -121,11 +121,13 @@ class RowSlots:
     """The slot index of each batch row, shared by every batched layer of one model.
 
     ``slots`` is None when no row of the current forward uses a LoRA adapter: the layers then skip the
-    LoRA work entirely.
+    LoRA work entirely. ``rank`` is the largest rank among this forward's adapters: the layers gather only
+    that many rank columns of the slot tables (padded to the configured maximum), not all of them.
     """
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None
+        self.rank = 0
 
 
 class BatchedLoraLinear(nn.Module):
@@ -165,8 +167,9 @@ class BatchedLoraLinear(nn.Module):
         slots = self.rows.slots
         if slots is None:
             return y
-        a = self.lora_a.index_select(0, slots)  # [B, R, in]
-        b = self.lora_b.index_select(0, slots)  # [B, out, R]
+        r = self.rows.rank
+        a = self.lora_a[:, :r].index_select(0, slots)  # [B, r, in]
+        b = self.lora_b[:, :, :r].index_select(0, slots)  # [B, out, r]
         scale = self.scaling.index_select(0, slots).view(-1, 1, 1)
         xs = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
         delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * scale
@@ -191,6 +194,7 @@ class LoraSlotTable:
         self.layers: dict[str, BatchedLoraLinear] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, in LRU order
         self._refs: dict[int, int] = {}
+        self._rank_of: dict[int, int] = {}  # slot -> rank of the adapter in it
         self._free = list(range(self.num_slots - 1, 0, -1))
         self.fills = 0  # adapters copied into a slot, since start
         self.evictions = 0  # adapters pushed out of a slot to make room, since start
@@ -236,8 +240,11 @@ class LoraSlotTable:
 
     def set_rows(self, slots: list[int]) -> None:
         """Set the slot of each row for the next forward (None-out when every row is a base/prefix row)."""
-        self.rows.slots = (torch.tensor(slots, dtype=torch.long, device=self.device)
-                           if any(slots) else None)
+        if any(slots):
+            self.rows.slots = torch.tensor(slots, dtype=torch.long, device=self.device)
+            self.rows.rank = max(self._rank_of.get(s, 0) for s in slots)
+        else:
+            self.rows.slots, self.rows.rank = None, 0
 
     def _take_slot(self) -> int | None:
         if self._free:
@@ -255,6 +262,7 @@ class LoraSlotTable:
                 self._wrap(name)
         for name, layer in self.layers.items():
             layer.set_slot(slot, weights.modules.get(name))
+        self._rank_of[slot] = weights.rank
 
     def _wrap(self, name: str) -> None:
         parent_name, _, child = name.rpartition(".")

@@ -25,26 +25,30 @@ class TextStream:
         self._prefix_offset = 0
         self._read_offset = 0
         self._scanned = 0  # ``text`` before this index holds no stop sequence
+        self._before: str | None = None
 
     def add(self, token_id: int) -> None:
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        after = decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+        if self._before is None:  # the window's settled part; decoded once per window, not per token
+            self._before = self._decode(self._prefix_offset, self._read_offset)
+        after = self._decode(self._prefix_offset, len(self.ids))
+        if len(after) > len(self._before) and not after.endswith("\ufffd"):
+            self.text += after[len(self._before):]
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            self._before = None
         self._find_stop()
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True)
 
     def flush(self) -> None:
         """At the end of the answer: keep whatever is still undecoded, broken characters included, so that
         the whole text equals ``tokenizer.decode(ids)``."""
         if self._read_offset < len(self.ids) and not self.stopped_by:
-            decode = self.tokenizer.decode
-            before = decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-            after = decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
-            self.text += after[len(before):]
+            before = self._decode(self._prefix_offset, self._read_offset)
+            self.text += self._decode(self._prefix_offset, len(self.ids))[len(before):]
             self._prefix_offset = self._read_offset = len(self.ids)
+            self._before = None
             self._find_stop()
 
     def take(self, final: bool = False) -> str:

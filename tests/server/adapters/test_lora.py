@@ -1,0 +1,39 @@
+"""The batched LoRA layer: each row gets its own adapter's delta, computed over only the ranks in use."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapterd.server.adapters.lora import LoraModule, LoraSlotTable, LoraWeights
+
+
+def weights(name: str, r: int, in_f: int, out_f: int, scaling: float, seed: int) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+    module = LoraModule(a=torch.randn(r, in_f, generator=g), b=torch.randn(out_f, r, generator=g), scaling=scaling)
+    return LoraWeights(modules={name: module}, rank=r, target_modules=[name])
+
+
+def test_rows_get_their_own_adapter_and_only_used_ranks_are_gathered():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(12, 10))
+    base = nn.Linear(12, 10)
+    base.load_state_dict(model.proj.state_dict())
+    table = LoraSlotTable(model, num_slots=3, max_rank=32, dtype=torch.float32, device=torch.device("cpu"))
+    w4, w8 = weights("proj", 4, 12, 10, 2.0, 1), weights("proj", 8, 12, 10, 0.5, 2)
+    s4, s8 = table.acquire("a", w4), table.acquire("b", w8)
+    x = torch.randn(3, 5, 12)
+    table.set_rows([s4, 0, s8])
+    assert table.rows.rank == 8  # the largest rank in this batch, not the table's 32
+    out = model(x)
+    expected = base(x)
+    for i, w in ((0, w4), (2, w8)):
+        m = w.modules["proj"]
+        expected[i] += (x[i] @ m.a.T @ m.b.T) * m.scaling
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[1], base(x)[1])  # a base row gets exactly the base output
+    table.set_rows([s4, s4])
+    assert table.rows.rank == 4
+    table.set_rows([0, 0])
+    assert table.rows.slots is None and torch.equal(model(x), base(x))
