@@ -1,7 +1,8 @@
 """The long-running operations beside serving: merges and training runs, as the RPC handlers see them.
 
-A merge runs in a worker thread (never on the event loop, never in the engine thread) and reports progress
-through a queue; a client that leaves cancels it at its next tensor, and the half-written output is removed.
+A merge runs in its own process at a low priority (``adapterd.server.merge.worker``), so that it takes
+neither the serving process's interpreter lock nor its cores first; it reports progress as JSON lines, and a
+client that leaves stops it, which removes the half-written output.
 Training runs are separate OS processes, owned by ``TrainingManager``.
 """
 
@@ -9,87 +10,67 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
-import threading
+import sys
 from collections.abc import AsyncIterator
 
+from adapterd.server import errors
 from adapterd.server.adapters.store import AdapterStore
-from adapterd.server.errors import FailedPrecondition, InvalidArgument
-from adapterd.server.merge import Merger, MergeResult, strategy_name_from_proto
+from adapterd.server.errors import AdapterdError, FailedPrecondition
+from adapterd.server.merge import Merger
+from adapterd.server.merge.worker import job_line
 from adapterd.server.training import TrainingManager
 from adapterd.v1 import adapterd_pb2 as pb
 
-MERGE_NICE = 15  # nice value of a merge's worker thread (0 normal, 19 lowest)
+MERGE_NICE = 10  # nice value of the merge process (0 normal, 19 lowest): serving gets the CPU first
 
 
-class MergeCancelled(Exception):
-    """Raised inside the merge thread when its client has gone."""
-
-
-def _weighted(request: pb.MergeAdapterRequest) -> list[tuple[str, float]]:
-    if not request.adapters:
-        raise InvalidArgument("name at least one adapter", field="adapters")
-    return [(a.adapter_id, a.weight or 1.0) for a in request.adapters]
-
-
-def _lower_this_threads_priority() -> None:
-    """A merge is background work: on Linux a thread has its own nice value, so the scheduler gives the
-    engine thread the CPU first when both want it."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MERGE_NICE)
-
-
-def _run_merge(merger: Merger, request: pb.MergeAdapterRequest, progress) -> MergeResult:
-    _lower_this_threads_priority()
-    adapters = _weighted(request)
-    target = request.WhichOneof("output")
-    if target == "output_model_dir":
-        if request.strategy not in (pb.MERGE_STRATEGY_UNSPECIFIED, pb.LINEAR):
-            raise InvalidArgument("merging into full weights sums the weighted adapters; strategies apply to "
-                                  "output_adapter_id", field="strategy")
-        return merger.merge_to_model(adapters, request.output_model_dir, overwrite=request.overwrite,
-                                     progress=progress)
-    if target == "output_adapter_id":
-        return merger.merge_to_adapter(
-            adapters, request.output_adapter_id, strategy=strategy_name_from_proto(request.strategy),
-            density=request.density or None, majority_sign_method=request.majority_sign_method,
-            seed=request.seed if request.HasField("seed") else None, rank=request.rank,
-            overwrite=request.overwrite, progress=progress)
-    raise InvalidArgument("set output_model_dir or output_adapter_id", field="output")
+def _error_from(message: dict) -> AdapterdError:
+    """Rebuild the worker's error as the same AdapterdError type, with its field."""
+    kind = getattr(errors, str(message.get("error")), None)
+    if not (isinstance(kind, type) and issubclass(kind, AdapterdError)):
+        kind = errors.AdapterdError
+    return kind(str(message.get("message", "")), field=message.get("field"))
 
 
 async def merge_stream(merger: Merger, store: AdapterStore,
                        request: pb.MergeAdapterRequest) -> AsyncIterator[pb.MergeProgress]:
-    """Run one merge in a worker thread; yield its progress, then a last message with ``done``."""
-    loop = asyncio.get_running_loop()
-    updates: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
-    gone = threading.Event()
-
-    def progress(done: int, total: int, written: int) -> None:
-        if gone.is_set():
-            raise MergeCancelled
-        loop.call_soon_threadsafe(updates.put_nowait, (done, total, written))
-
-    task = asyncio.ensure_future(asyncio.to_thread(_run_merge, merger, request, progress))
+    """Run one merge in its own low-priority process; yield its progress, then a last message with ``done``.
+    A client that leaves stops the process, which removes its partial output."""
+    output_root = str(merger.output_root) if merger.output_root is not None else None
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "adapterd.server.merge.worker", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    result: dict | None = None
     try:
-        while not task.done():
-            getter = asyncio.ensure_future(updates.get())
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                done, total, written = getter.result()
+        # Before it has imported torch; set here rather than in a preexec hook, which is unsafe with threads.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, proc.pid, MERGE_NICE)
+        proc.stdin.write(job_line(str(merger.base_model_dir), str(merger.adapter_root), output_root, request))
+        await proc.stdin.drain()
+        proc.stdin.close()
+        async for line in proc.stdout:
+            message = json.loads(line)
+            if "progress" in message:
+                done, total, written = message["progress"]
                 yield pb.MergeProgress(tensors_done=done, tensors_total=total, bytes_written=written)
+            elif "error" in message:
+                raise _error_from(message)
             else:
-                getter.cancel()
-        result = task.result()
+                result = message["result"]
+        stderr = await proc.stderr.read()
+        if await proc.wait() != 0 or result is None:
+            raise errors.AdapterdError(f"the merge process failed: {stderr.decode(errors='replace')[-2000:]}")
     finally:
-        if not task.done():  # the client left: stop the merge at its next tensor
-            gone.set()
-            with contextlib.suppress(BaseException):
-                await task
-    if result.kind == "adapter":
-        await asyncio.to_thread(store.unload, result.output)  # an overwritten id must not serve the old copy
-    yield pb.MergeProgress(tensors_done=result.tensors_total, tensors_total=result.tensors_total, done=True,
-                           output=result.output, bytes_written=result.bytes_written)
+        if proc.returncode is None:  # the client left, or we failed: stop the merge; it cleans up
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            await proc.wait()
+    if result["kind"] == "adapter":
+        await asyncio.to_thread(store.unload, result["output"])  # an overwritten id must not serve the old copy
+    yield pb.MergeProgress(tensors_done=result["tensors_total"], tensors_total=result["tensors_total"], done=True,
+                           output=result["output"], bytes_written=result["bytes_written"])
 
 
 def require_training(manager: TrainingManager | None) -> TrainingManager:

@@ -144,3 +144,34 @@ def test_stop_training_ends_a_run_with_a_checkpoint(ops_client):
             break
     (run,) = ops_client.train_status("rpc-stop")
     assert run.state == pb.STOPPED and run.last_checkpoint and run.step < 100000
+
+
+def test_a_client_that_leaves_mid_merge_stops_it_and_nothing_is_left(tmp_path_factory):
+    """The merge runs in its own process; cancelling the call stops that process, which removes its
+    temporary output: no model directory and no hidden temporary one."""
+    import time
+
+    from adapterd.server.merge.synthetic import LlamaShape, write_random_llama, write_random_lora
+    from adapterd.tiny_model import build_tokenizer
+
+    work = tmp_path_factory.mktemp("cancel-merge")
+    shape = LlamaShape(vocab_size=2000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=12,
+                       num_attention_heads=16, num_key_value_heads=16)
+    write_random_llama(work / "base", shape, dtype=torch.bfloat16)
+    build_tokenizer(256).save_pretrained(work / "base")
+    write_random_lora(work / "adapters" / "big", shape, r=16)
+    d = start_daemon(work / "base", work / "adapters", merge_output_root=work / "out")
+    try:
+        with AdapterdClient(f"127.0.0.1:{d.port}", timeout=300) as c:
+            call = c.merge(pb.MergeAdapterRequest(adapters=[pb.WeightedAdapter(adapter_id="big")],
+                                                  output_model_dir="merged"))
+            first = next(call)
+            assert not first.done and first.tensors_done < first.tensors_total
+            call.cancel()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (work / "out").exists() and any((work / "out").iterdir()):
+                time.sleep(0.1)
+            assert not (work / "out").exists() or not any((work / "out").iterdir())
+            assert c.generate("hello", max_new_tokens=2).generated_token_count == 2
+    finally:
+        d.stop()
