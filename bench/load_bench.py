@@ -19,12 +19,12 @@ import multiprocessing as mp
 import os
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results_table import git_commit
 from serve_bench import SHAPES, build_model_dir
 
 PROMPT_TOKENS = 64
@@ -208,8 +208,7 @@ def main() -> int:
 
 
 def record(args, rows: list[str], alone: float, e2e: float, device: torch.device) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or os.environ.get("ADAPTERD_COMMIT", "unknown")
+    commit = git_commit()
     machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"\n### load_bench: {args.shape} on {machine}, commit {commit}, {when}",

@@ -32,7 +32,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from results_table import append_to_section
+from results_table import append_to_section, git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -80,16 +80,6 @@ print(json.dumps({"seconds": seconds, "rss_before_kib": before, "peak_kib": kib(
                   "bytes_written": result.bytes_written, "tensors_merged": result.tensors_merged}))
 """
 
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "server/merge"],
-                               capture_output=True, text=True).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def describe_machine() -> str:
@@ -208,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    row = make_row(meta, run, check, args.machine or describe_machine(), args.commit or git_commit())
+    row = make_row(meta, run, check, args.machine or describe_machine(), args.commit or git_commit("server/merge"))
     print(json.dumps(row, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(row, indent=2) + "\n")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
+from results_table import git_commit
 
 
 def build(work: Path, layers: int, hidden: int) -> tuple[Path, Path]:
@@ -104,8 +104,7 @@ def main() -> int:
     print(f"merges: {len(merges)} of a {size_mb:.0f} MB model, median {statistics.median(merges):.2f} s; "
           f"p50 during / quiet = {d[0] / quiet_p50:.2f}")
     if not args.no_record:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        commit = git_commit()
         machine = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         lines = [f"\n### merge_latency: {machine}, commit {commit}, {when}",

@@ -35,7 +35,7 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from results_table import append_to_section
+from results_table import append_to_section, git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -56,16 +56,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", *CODE_PATHS],
-                               capture_output=True, text=True).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def resolve_device(requested: str | None) -> str:
@@ -408,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.device = resolve_device(args.device)
     result = run(args)
-    row = make_row(result, args.machine or describe_machine(args.device), args.commit or git_commit())
+    row = make_row(result, args.machine or describe_machine(args.device), args.commit or git_commit(*CODE_PATHS))
     print(json.dumps(row, indent=1, ensure_ascii=False))
     print("\n".join(["GPU series scraped while generating:"] + result["gpu_lines"]) if result["gpu_lines"]
           else "no GPU series (none expected without a GPU)")

@@ -23,3 +23,20 @@ def append_to_section(results: Path, section: str, intro: str, columns: Sequence
     lines[at:at] = new
     results.write_text("\n".join(lines).strip("\n") + "\n")
     return new
+
+
+def git_commit(*dirty_paths: str) -> str:
+    """The short commit of this checkout, ``-dirty`` when any of ``dirty_paths`` has uncommitted changes.
+    Where there is no git checkout (the device machine gets a copy of the tree), ``$ADAPTERD_COMMIT``."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = dirty_paths and subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", *dirty_paths],
+                                               capture_output=True, text=True).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("ADAPTERD_COMMIT", "unknown")

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_table import git_commit
 
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab
@@ -328,8 +328,7 @@ def main() -> int:
 def record(rows, shape: str, machine: str) -> None:
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or os.environ.get("ADAPTERD_COMMIT", "unknown")
+    commit = git_commit()
     lines = [f"\n### serve_bench: {shape} on {machine}",
              f"commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
              f"transformers {transformers.__version__}. Baseline = transformers + PEFT `generate()` in the same run.",

@@ -256,13 +256,6 @@ def _describe_machine() -> str:
     return f"cpu: {names[0] if names else platform.machine()} ({os.cpu_count()} cores)"
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -320,11 +313,11 @@ def format_report(report: SoakReport, config: SoakConfig) -> str:
 
 def _record(report: SoakReport, config: SoakConfig) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from results_table import append_to_section
+    from results_table import append_to_section, git_commit
 
     mib = 1024**2
     o = report.outcomes
-    row = {"date (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
+    row = {"date (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
            "machine": _describe_machine(), "model": "tiny (fp32, CPU)", "duration": f"{report.seconds:.0f} s",
            "requests": str(report.requests), "concurrency": f"{config.concurrency} (peak {report.peak_in_flight})",
            "ok / cancelled / deadline / refused": f"{o['ok']} / {o['cancelled']} / {o['deadline']} / {o['refused']}",

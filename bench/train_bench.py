@@ -40,7 +40,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from results_table import append_to_section
+from results_table import append_to_section, git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -209,15 +209,6 @@ def _machine(tiny: bool) -> str:
     return f"cpu ({platform.machine()})"
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "trainer", "bench/train_bench.py"],
-                               cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
-
 
 def to_row(result: dict, machine: str, commit: str, date: str, judge: bool = True) -> dict[str, str]:
     """One RESULTS.md row; ``judge=False`` (the tiny smoke run) leaves the target columns empty."""
@@ -291,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     base = build_base(workdir, args.tiny)
     print(f"base ready in {time.monotonic() - t0:.0f} s: {base}", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    saved = {"machine": _machine(args.tiny), "commit": _commit(),
+    saved = {"machine": _machine(args.tiny), "commit": git_commit("trainer", "bench/train_bench.py"),
              "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "tiny": args.tiny}
     results: list[dict] = []
     for scenario in [s for s in args.scenarios.split(",") if s]:
