@@ -58,6 +58,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.eos_ids = base.eos_token_ids
+        self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=base.device)
         self.pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
         self.observers = ObserverList()  # metrics and tests listen here
 
@@ -230,12 +231,13 @@ class Engine:
         for row in rows:
             if row.finished != StopReason.NOT_FINISHED:
                 self._finish(row)
-        if live:
+        if len(live) == n:
+            self.batch.join(rows, cache, mask)
+        elif live:  # some rows ended at their first token: keep only the others' cache
             index = torch.tensor(live, device=dev)
-            layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
-                      for layer in cache.layers]
-            self.batch.join([rows[i] for i in live], build_cache(layers) if len(live) < n else cache,
-                            mask.index_select(0, index))
+            cache = build_cache([(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+                                 for layer in cache.layers])
+            self.batch.join([rows[i] for i in live], cache, mask.index_select(0, index))
 
     def _fill_prefixes(self, cache: DynamicCache, rows: list[Row], prefix_len: int) -> None:
         base = self.base
@@ -272,8 +274,7 @@ class Engine:
         short = [i for i, r in enumerate(rows) if len(r.generated) < r.params.min_new_tokens]
         if short and self.eos_ids:  # rows under their minimum length may not end yet
             logits = logits.clone()
-            logits[torch.tensor(short, device=logits.device)[:, None],
-                   torch.tensor(sorted(self.eos_ids), device=logits.device)[None, :]] = float("-inf")
+            logits[torch.tensor(short, device=logits.device)[:, None], self._eos_index[None, :]] = float("-inf")
         greedy = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             n = len(row.generated)
