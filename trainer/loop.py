@@ -112,8 +112,10 @@ def train(cfg: TrainConfig, *, stop: threading.Event | None = None, progress: bo
         status.resume_from(read_status(run_dir))
     if main:
         status.update(state="pending")
+    finished = False
     try:
         result = _run(cfg, run_dir, device, status, stop, progress, rank, world)
+        finished = True
     except Exception as exc:
         log.exception("training failed")
         if main:
@@ -126,6 +128,8 @@ def train(cfg: TrainConfig, *, stop: threading.Event | None = None, progress: bo
         if world > 1:
             import torch.distributed as dist
 
+            if finished:  # wait for rank 0's last checkpoint: a rank leaving early aborts in gloo's teardown
+                dist.barrier()
             dist.destroy_process_group()
     return result
 
