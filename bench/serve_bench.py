@@ -143,11 +143,13 @@ class Timeline:
 
     def __init__(self) -> None:
         self.times: list[tuple[str, float]] = []
+        self.tokens: list[int] = []
         self.done = threading.Event()
 
     def __call__(self, event) -> None:
         self.times.append((event.kind, time.perf_counter()))
         if event.kind == "end":
+            self.tokens = list(event.token_ids)
             self.done.set()
 
 
@@ -193,6 +195,43 @@ def ttft_ms(runtime, ctx: int, repeats: int = 5) -> float:
         first_delta = next(when for kind, when in sink.times if kind in ("delta", "end"))
         times.append((first_delta - t) * 1000)
     return statistics.median(times)
+
+
+def hf_greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """The reference: transformers ``generate`` (greedy), one prompt at a time, before the engine touches the
+    model (the engine may swap in its own int8 kernel)."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=model.device)
+        tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                min_new_tokens=new, do_sample=False, pad_token_id=0)
+        out.append(tokens[0, len(prompt):].tolist())
+    return out
+
+
+def agreement(runtime, prompts: list[list[int]], adapters: list, new: int,
+              hf_tokens: list[list[int]]) -> tuple[float, float, float]:
+    """Greedy tokens of the fast decode path (CUDA graphs, bucketed shapes) against the reference paths.
+
+    Returns (share of rows whose tokens all equal the engine's eager exact-shape path's, share of tokens
+    equal before the first divergence against it, share of base rows equal to HF ``generate`` alone; the
+    base rows come first in ``prompts``). bf16/int8 arithmetic differs between shapes and kernels, so
+    near-ties may flip a token; the shares say how often.
+    """
+    decoder = runtime.engine.decoder
+    graphs = decoder.use_graphs
+    _, fast = engine_run(runtime, prompts, adapters, new)
+    decoder.use_graphs = False
+    try:
+        _, eager = engine_run(runtime, prompts, adapters, new)
+    finally:
+        decoder.use_graphs = graphs
+    same_rows = sum(f.tokens == e.tokens for f, e in zip(fast, eager, strict=True)) / len(prompts)
+    prefix = 0
+    for f, e in zip(fast, eager, strict=True):
+        prefix += next((i for i, (a, b) in enumerate(zip(f.tokens, e.tokens, strict=False)) if a != b), new)
+    hf_same = sum(hf == f.tokens for hf, f in zip(hf_tokens, fast, strict=False)) / len(hf_tokens)
+    return same_rows, prefix / (new * len(prompts)), hf_same
 
 
 def cold_loads_ms(runtime, ids: list[str]) -> list[float]:
@@ -266,6 +305,8 @@ def main() -> int:
         model = base.model
         label = {"none": str(base.dtype).removeprefix("torch."), "int8": "int8", "nf4": "nf4"}[q]
         hf_ms = hf_decode_ms(model, 1, args.ctx, args.new, device)
+        check_prompts = [list(torch.randint(10, 1000, (args.ctx,)).tolist()) for _ in range(8)]
+        hf_tokens = hf_greedy(model, check_prompts[:4], args.new)
         if q == "none":
             from peft import PeftModel
 
@@ -308,6 +349,11 @@ def main() -> int:
                 add(f"batch-{args.batch} tok/s, {label}, PEFT 8 adapters mixed vs ours {args.batch}", peft_tps,
                     mixed_tps, "tok/s", "higher")
             add(f"time to first token, {args.ctx}-token prompt, {label}", None, ttft_ms(runtime, args.ctx), "ms")
+            mix = [None, None, None, None] + adapters[:4]
+            rows_same, tokens_same, hf_same = agreement(runtime, check_prompts, mix, args.new, hf_tokens)
+            note(f"  fast path vs eager path, {label}, 4 base + 4 LoRA rows", f"rows identical {rows_same:.0%}",
+                 f"tokens before divergence {tokens_same:.0%}; base rows = HF generate {hf_same:.0%}")
+            note(f"  decode graphs captured, {label}", str(runtime.engine.decoder.captures), "")
             loads = cold_loads_ms(runtime, ids[:20])
             p50, p95 = pct(loads, 0.5), pct(loads, 0.95)
             add(f"cold LoRA load r16 disk->slot p50, {label}", statistics.median(peft_load) if q == "none" else None,

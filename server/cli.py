@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
+        if str(f.type) == "bool":  # --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"{helps[f.name]} (default: {'on' if f.default else 'off'})")
+            continue
         kind = {"int": int, "int | None": int}.get(str(f.type), str)
         required = f.name in ("base", "adapters")
         parser.add_argument(flag, type=kind, default=default, required=required,

@@ -22,6 +22,8 @@ class ServerConfig:
     max_queue: int = field(default=256, metadata={"help": "waiting requests before RESOURCE_EXHAUSTED"})
     lora_slots: int = field(default=16, metadata={"help": "LoRA adapters resident on the device at once"})
     max_lora_rank: int = field(default=64, metadata={"help": "largest LoRA rank accepted"})
+    cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps from CUDA graphs on a GPU "
+                                                               "(off: eager steps, for debugging)"})
     adapter_cache_mb: int = field(default=8192, metadata={"help": "memory for loaded adapters, MiB; the least "
                                                                    "recently used beyond it are unloaded"})
     max_input_tokens: int | None = field(default=None, metadata={"help": "longest prompt, in tokens (default: "

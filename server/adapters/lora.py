@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,6 +197,7 @@ class LoraSlotTable:
         self._refs: dict[int, int] = {}
         self._rank_of: dict[int, int] = {}  # slot -> rank of the adapter in it
         self._free = list(range(self.num_slots - 1, 0, -1))
+        self.wraps = 0  # base layers given LoRA tables, since start (changes the model: graphs re-capture)
         self.fills = 0  # adapters copied into a slot, since start
         self.evictions = 0  # adapters pushed out of a slot to make room, since start
 
@@ -238,11 +240,15 @@ class LoraSlotTable:
         self._free.append(slot)
         return True
 
+    def rank_of(self, slots: Sequence[int]) -> int:
+        """The largest rank among these slots' adapters (0 when no row uses one)."""
+        return max((self._rank_of.get(s, 0) for s in slots if s), default=0)
+
     def set_rows(self, slots: list[int]) -> None:
         """Set the slot of each row for the next forward (None-out when every row is a base/prefix row)."""
         if any(slots):
             self.rows.slots = torch.tensor(slots, dtype=torch.long, device=self.device)
-            self.rows.rank = max(self._rank_of.get(s, 0) for s in slots)
+            self.rows.rank = self.rank_of(slots)
         else:
             self.rows.slots, self.rows.rank = None, 0
 
@@ -271,3 +277,4 @@ class LoraSlotTable:
                                   self.dtype, self.device)
         setattr(parent, child, layer)
         self.layers[name] = layer
+        self.wraps += 1

@@ -1,9 +1,9 @@
-"""The running batch: its rows and their key/value cache, left-padded to one length.
+"""The running batch: its rows, each living in one row of the static key/value pool.
 
-Each row's cache holds, left to right: padding, the prefix adapter's virtual tokens (if any), the prompt,
-then the generated tokens. ``mask`` is 1 where a position is real. Rows join (after their own prefill) by
-padding the shorter side on the left; rows leave by index selection; columns that are padding in every row
-are cut off, so the batch never attends over more than its longest live row.
+Row ``i`` of the batch is pool row ``i``; its ``kv_len`` entries are, left to right, the prefix adapter's
+virtual tokens (if any), the prompt, then the generated tokens. Freshly prefilled rows join by copying their
+live entries out of the prefill's left-padded cache; a row that leaves is replaced by the last row, so the
+batch stays packed at the front of the pool and a decode step reads only live rows.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from adapterd.server.adapters.store import LoadedAdapter
+from adapterd.server.engine.kv_pool import KvPool
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.engine.sampling import RowSampler
 from adapterd.server.engine.text import TextStream
@@ -36,6 +37,7 @@ class Row:
     admitted: float = 0.0
     slot: int = 0  # LoRA slot; 0 = none
     next_position: int = 0  # position id of the next token fed
+    kv_len: int = 0  # key/value entries the row holds in the pool (virtual tokens, prompt, generated)
     last_token: int = -1
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -53,61 +55,36 @@ class Row:
         self.sink(event)
 
 
-def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def build_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
-    return cache
-
-
-def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
 class RunningBatch:
-    def __init__(self) -> None:
+    def __init__(self, pool: KvPool) -> None:
         self.rows: list[Row] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [B, L], long
+        self.pool = pool
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def join(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Add freshly prefilled rows with their own cache and mask."""
-        if not self.rows:
-            self.rows, self.cache, self.mask = list(rows), cache, mask
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-        merged = []
-        for (k0, v0), (k1, v1) in zip(cache_layers(self.cache), cache_layers(cache), strict=True):
-            merged.append((torch.cat([_pad_left(k0, length, 2), _pad_left(k1, length, 2)]),
-                           torch.cat([_pad_left(v0, length, 2), _pad_left(v1, length, 2)])))
-        self.cache = build_cache(merged)
-        self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(mask, length, 1)])
-        self.rows.extend(rows)
+    def join(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> None:
+        """Add the prefilled ``rows[i]`` for i in ``keep``: cache row i holds its left-padded entries and
+        ``mask[i]`` marks the live ones."""
+        live = {i: mask[i].nonzero().flatten() for i in keep}
+        first = len(self.rows)
+        self.pool.reserve(first + len(keep), max(len(index) for index in live.values()) + 1)
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        for n, i in enumerate(keep):
+            index = live[i]
+            self.pool.put(first + n, [(k[i].index_select(1, index), v[i].index_select(1, index)) for k, v in layers])
+            rows[i].kv_len = len(index)
+            self.rows.append(rows[i])
 
     def keep(self, keep: list[int]) -> None:
-        """Keep only the rows at these indices, then cut columns that no row uses any more."""
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self.rows, self.cache, self.mask = [], None, None
-            return
-        index = torch.tensor(keep, device=self.mask.device)
-        self.rows = [self.rows[i] for i in keep]
-        mask = self.mask.index_select(0, index)
-        first_live = int(mask.any(0).nonzero()[0])
-        self.mask = mask[:, first_live:]
-        self.cache = build_cache([(k.index_select(0, index)[:, :, first_live:],
-                                   v.index_select(0, index)[:, :, first_live:])
-                                  for k, v in cache_layers(self.cache)])
+        """Keep only the rows at these indices; each hole is filled by the batch's last row."""
+        gone = sorted(set(range(len(self.rows))) - set(keep), reverse=True)
+        for i in gone:
+            last = len(self.rows) - 1
+            if i != last:
+                self.pool.move(last, i, self.rows[last].kv_len)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+
+    def clear(self) -> None:
+        self.rows = []

@@ -23,7 +23,9 @@ from transformers import DynamicCache
 
 from adapterd.server.adapters.lora import LoraSlotTable
 from adapterd.server.adapters.store import LoadedAdapter
-from adapterd.server.engine.batch import Row, RunningBatch, build_cache
+from adapterd.server.engine.batch import Row, RunningBatch
+from adapterd.server.engine.decode_step import DecodeStep
+from adapterd.server.engine.kv_pool import KvPool
 from adapterd.server.engine.observer import ObserverList
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.engine.sampling import RowSampler
@@ -41,6 +43,7 @@ class EngineConfig:
     lora_slots: int = 16  # LoRA adapters resident on the device at once
     max_lora_rank: int = 64
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step, so running rows keep moving
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (on a CUDA device)
 
 
 class Engine:
@@ -48,7 +51,10 @@ class Engine:
         self.base = base
         self.config = config
         self.slots = LoraSlotTable(base.model, config.lora_slots, config.max_lora_rank, base.dtype, base.device)
-        self.batch = RunningBatch()
+        self.pool = KvPool(base.num_layers, base.num_kv_heads, base.head_dim, base.dtype, base.device,
+                           max_rows=config.max_batch_size, max_capacity=base.max_sequence_length)
+        self.batch = RunningBatch(self.pool)
+        self.decoder = DecodeStep(base, self.pool, self.slots, config.max_batch_size, config.cuda_graphs)
         self.waiting: deque[Row] = deque()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._queued = 0  # submitted and not yet admitted (inbox + waiting)
@@ -231,13 +237,8 @@ class Engine:
         for row in rows:
             if row.finished != StopReason.NOT_FINISHED:
                 self._finish(row)
-        if len(live) == n:
-            self.batch.join(rows, cache, mask)
-        elif live:  # some rows ended at their first token: keep only the others' cache
-            index = torch.tensor(live, device=dev)
-            cache = build_cache([(layer.keys.index_select(0, index), layer.values.index_select(0, index))
-                                 for layer in cache.layers])
-            self.batch.join([rows[i] for i in live], cache, mask.index_select(0, index))
+        if live:
+            self.batch.join(rows, cache, mask, live)
 
     def _fill_prefixes(self, cache: DynamicCache, rows: list[Row], prefix_len: int) -> None:
         base = self.base
@@ -255,18 +256,13 @@ class Engine:
     @torch.inference_mode()
     def _decode(self) -> None:
         rows = self.batch.rows
-        dev = self.base.device
         started = time.perf_counter()
-        input_ids = torch.tensor([[r.last_token] for r in rows], device=dev)
-        positions = torch.tensor([[r.next_position] for r in rows], device=dev)
-        mask = torch.cat([self.batch.mask, self.batch.mask.new_ones((len(rows), 1))], dim=1)
-        self.slots.set_rows([r.slot for r in rows])
-        out = self.base.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                              **{self.base.cache_kwarg: self.batch.cache})
-        self.batch.mask = mask
+        logits = self.decoder.run([r.last_token for r in rows], [r.next_position for r in rows],
+                                  [r.kv_len for r in rows], [r.slot for r in rows])
         for row in rows:
             row.next_position += 1
-        self._sample_and_emit(rows, out.logits[:, -1, :])
+            row.kv_len += 1
+        self._sample_and_emit(rows, logits)
         self.observers.decode_step(rows, time.perf_counter() - started)
         self._retire([i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
 
@@ -333,7 +329,7 @@ class Engine:
             if isinstance(exc, torch.OutOfMemoryError):
                 exc = ResourceExhausted("out of device memory while generating; retry later")
         rows = self.batch.rows
-        self.batch = RunningBatch()
+        self.batch.clear()
         for row in rows:
             self._rows_by_id.pop(row.request_id, None)
             if row.slot:

@@ -54,9 +54,16 @@ def references(request, tiny_model_dir, adapter_root):
     return q, refs
 
 
-def test_mixed_batch_matches_peft_alone(references, tiny_model_dir, adapter_root):
+# "exact": decode shapes fit the batch; "bucketed": padded to the CUDA graphs' bucket shapes (padding rows,
+# padding key/value columns, a rank bucket), which is what a GPU replays; on a GPU both run in graphs.
+DECODE_MODES = ["exact", "bucketed"]
+
+
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_mixed_batch_matches_peft_alone(references, decode, tiny_model_dir, adapter_root):
     quantization, refs = references
     runtime = Runtime(_load(tiny_model_dir, quantization), adapter_root, EngineConfig(max_batch_size=64))
+    runtime.engine.decoder.bucketed = decode == "bucketed"
     observed = []
 
     class Watch(EngineObserver):
@@ -108,6 +115,29 @@ def test_rows_joining_a_running_batch_keep_their_tokens(tiny_model_dir, adapter_
         assert long_tokens == reference_greedy(tiny_model_dir, "hello world", adapter_root / "lora-qv", 40)
     finally:
         runtime.close()
+
+
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_rows_leaving_out_of_order_keep_the_others_tokens(decode, tiny_model_dir, adapter_root):
+    """Rows finish at different steps; each leaving row's place in the key/value pool is taken by the last
+    row, whose entries move. Every row's tokens still equal PEFT's for its prompt and adapter alone."""
+    runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
+    runtime.engine.decoder.bucketed = decode == "bucketed"
+    jobs = [(p, a, 3 + 4 * (i % 4)) for i, (p, a) in enumerate((p, a) for a in ADAPTERS for p in PROMPTS[:2])]
+    sinks = []
+    for i, (prompt, adapter_id, n) in enumerate(jobs):
+        sink = Collector()
+        adapter = runtime.store.get(adapter_id) if adapter_id else None
+        runtime.engine.submit(f"r{i}", runtime.tokenize(prompt), GenerationParams(max_new_tokens=n), adapter, sink)
+        sinks.append(sink)
+    runtime.engine.start()
+    try:
+        got = [sink.wait_end()[-1].token_ids for sink in sinks]
+    finally:
+        runtime.close()
+    for (prompt, adapter_id, n), tokens in zip(jobs, got, strict=True):
+        adapter_dir = adapter_root / adapter_id if adapter_id else None
+        assert tokens == reference_greedy(tiny_model_dir, prompt, adapter_dir, n), (prompt, adapter_id, n)
 
 
 def test_cancel_frees_the_row_at_the_next_step(tiny_model_dir, adapter_root):

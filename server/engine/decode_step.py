@@ -1,0 +1,156 @@
+"""One decode forward for every running row: eager, or replayed from a CUDA graph.
+
+An eager decode step of a 7B model is bound by the host: ~20 kernel launches per layer, each behind Python
+in transformers' forward, take 60-100 ms where the GPU needs 3-4 ms (bench/NOTES.md). On CUDA the step is
+therefore captured once per shape and replayed: the shape is (batch bucket, key/value length bucket, LoRA
+rank bucket), every input lives in a static device buffer that is refreshed before each replay, and the
+key/value storage is the static ``KvPool``. Rows beyond the live batch in a bucket are padding: they feed
+the pad token at position 0, write into pool rows no live row uses, and use no adapter.
+
+Graphs share one memory pool (they never run at once) and are captured lazily, the first time a shape is
+seen; they are dropped when the pool re-allocates or a new layer gains LoRA tables, because both change
+the addresses a graph has baked in. If capture fails (a kernel that synchronises with the host, say), the
+step falls back to eager for good and says so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.engine.kv_pool import KvPool, decode_mask
+from adapterd.server.model import BaseModel
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+LENGTH_GRAIN = 128  # key/value entries: attention reads at most this many padding columns per row
+
+
+def batch_bucket(n: int, limit: int) -> int:
+    return min(next((b for b in BATCH_BUCKETS if b >= n), n), limit)
+
+
+def length_bucket(n: int, limit: int) -> int:
+    return min(-(-n // LENGTH_GRAIN) * LENGTH_GRAIN, limit)
+
+
+def rank_bucket(rank: int, limit: int) -> int:
+    if rank <= 0:
+        return 0
+    bucket = 8
+    while bucket < rank:
+        bucket *= 2
+    return min(bucket, limit)
+
+
+class DecodeStep:
+    """Feeds one token per row through the model and returns each row's next-token logits."""
+
+    def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, max_batch: int,
+                 use_graphs: bool) -> None:
+        self.base, self.pool, self.slots = base, pool, slots
+        self.max_batch = max_batch
+        self.use_graphs = use_graphs and base.device.type == "cuda"
+        # Pad to the graphs' bucketed shapes even when running eagerly: lets CPU tests check the padding.
+        self.bucketed = False
+        dev = base.device
+        # Static inputs, refreshed before every replay: token, position id, write index, LoRA slot.
+        self._inputs = torch.zeros(4, max_batch, dtype=torch.long, device=dev)
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool: Any = None
+        self._addresses = (pool.generation, slots.wraps)
+        self.captures = 0  # graphs captured since start (a metric for tests and benchmarks)
+
+    def run(self, tokens: Sequence[int], positions: Sequence[int], kv_lengths: Sequence[int],
+            slots: Sequence[int]) -> torch.Tensor:
+        """Logits ``[n, vocab]`` for n rows; row i writes its new entry at ``kv_lengths[i]``."""
+        n = len(tokens)
+        rank = self.slots.rank_of(slots)
+        if not (self.use_graphs or self.bucketed):  # exact shapes
+            return self._run_shape(tokens, positions, kv_lengths, slots, n, max(kv_lengths) + 1, rank)
+        batch = batch_bucket(n, self.max_batch)
+        length = length_bucket(max(kv_lengths) + 1, self.pool.max_capacity)
+        rank = rank_bucket(rank, self.slots.max_rank)
+        if not self.use_graphs:
+            return self._run_shape(tokens, positions, kv_lengths, slots, batch, length, rank)[:n]
+        self._set_inputs(tokens, positions, kv_lengths, slots, batch, length)
+        try:
+            graph, logits = self._graph(batch, length, rank)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # a kernel that cannot be captured: serve on, eagerly
+            self.capture_failed(exc)
+            return self._run_shape(tokens, positions, kv_lengths, slots, batch, length, rank)[:n]
+        graph.replay()
+        return logits[:n]
+
+    def _set_inputs(self, tokens: Sequence[int], positions: Sequence[int], kv_lengths: Sequence[int],
+                    slots: Sequence[int], batch: int, length: int) -> None:
+        """Copy the rows' inputs into the static buffers; rows n..batch-1 are padding."""
+        self.pool.reserve(batch, length)
+        pad = batch - len(tokens)
+        host = torch.tensor([list(tokens) + [self.base_pad_id] * pad, list(positions) + [0] * pad,
+                             list(kv_lengths) + [0] * pad, list(slots) + [0] * pad], dtype=torch.long)
+        self._inputs[:, :batch].copy_(host)
+
+    def _run_shape(self, tokens: Sequence[int], positions: Sequence[int], kv_lengths: Sequence[int],
+                   slots: Sequence[int], batch: int, length: int, rank: int) -> torch.Tensor:
+        self._set_inputs(tokens, positions, kv_lengths, slots, batch, length)
+        return self._forward(batch, length, rank)
+
+    @property
+    def base_pad_id(self) -> int:
+        pad = self.base.tokenizer.pad_token_id
+        return pad if pad is not None else 0
+
+    def _forward(self, batch: int, length: int, rank: int) -> torch.Tensor:
+        ids, positions, write_pos, slots = self._inputs[:, :batch]
+        self.pool.set_view(batch, length, write_pos)
+        self.slots.rows.slots = slots if rank else None
+        self.slots.rows.rank = rank
+        mask = decode_mask(write_pos, length, self.base.dtype)
+        out = self.base.model(input_ids=ids[:, None], position_ids=positions[:, None], attention_mask=mask,
+                              use_cache=True, **{self.base.cache_kwarg: self.pool})
+        return out.logits[:, -1, :]
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def _graph(self, batch: int, length: int, rank: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        addresses = (self.pool.generation, self.slots.wraps)
+        if addresses != self._addresses:  # storage moved: every baked-in address is stale
+            self._graphs.clear()
+            self._addresses = addresses
+        key = (batch, length, rank)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(batch, length, rank)
+            self._graphs[key] = entry
+        return entry
+
+    def _capture(self, batch: int, length: int, rank: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm up on a side stream first: lazy initialisation, cuBLAS workspaces and kernel autotuning must
+        # not happen inside the capture.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(batch, length, rank)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            logits = self._forward(batch, length, rank)
+        self._graph_pool = graph.pool()
+        self.captures += 1
+        log.debug("captured a decode graph: batch %d, length %d, rank %d", batch, length, rank)
+        return graph, logits
+
+    def capture_failed(self, exc: BaseException) -> None:
+        """Called by the engine when a capture raised: decode eagerly from now on."""
+        log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
+        self.use_graphs = False
+        self._graphs.clear()

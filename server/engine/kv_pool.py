@@ -1,0 +1,126 @@
+"""Static per-row key/value storage for the decode step.
+
+Every layer owns ``keys`` and ``values`` of shape ``[rows, kv_heads, capacity, head_dim]``. Running row ``i``
+of the batch lives in pool row ``i`` and holds its entries left-aligned: the prefix adapter's virtual
+tokens (if any), the prompt, then the generated tokens. A decode step writes each row's new key/value at
+that row's own length (``write_pos``, a device tensor), and attention reads ``[:batch, :, :length]`` with a
+mask that hides everything at or past each row's length. Nothing is concatenated or re-allocated per step,
+so the step has fixed shapes and addresses and can be captured in a CUDA graph (see ``decode_step.py``).
+
+Rows leave by moving the last row into the hole (one row's entries copied per layer). Storage grows by
+doubling, rows up to the batch limit and capacity up to the model's context, so memory follows the longest
+live row the way a padded dynamic cache would; growing re-allocates, which invalidates captured graphs
+(``generation`` counts re-allocations).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+
+def _grown(size: int, needed: int, limit: int) -> int:
+    while size < needed:
+        size *= 2
+    return min(max(size, needed), limit)
+
+
+class KvPool(Cache):
+    """A transformers ``Cache`` whose ``update`` scatters one token per row into static storage."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 max_rows: int, max_capacity: int, rows: int = 4, capacity: int = 256) -> None:
+        # Cache's own constructor wants per-layer objects; this class replaces them, so it is not called.
+        self.layers: list[Any] = []
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.max_rows, self.max_capacity = max_rows, max_capacity
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.generation = 0  # bumped at every re-allocation: captured graphs must be dropped
+        self._allocate(min(rows, max_rows), min(capacity, max_capacity))
+        # The view the next forward sees: the first ``batch`` rows, the first ``length`` entries.
+        self.batch = 0
+        self.length = 0
+        self.write_pos: torch.Tensor | None = None  # [batch] long, entry index each row writes next
+
+    # ------------------------------------------------------------------ storage
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def _allocate(self, rows: int, capacity: int) -> None:
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
+        old_k, old_v = self.keys, self.values
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        if old_k:
+            r, c = min(rows, old_k[0].shape[0]), min(capacity, old_k[0].shape[2])
+            for new, old in zip(self.keys + self.values, old_k + old_v, strict=True):
+                new[:r, :, :c].copy_(old[:r, :, :c])
+        self.generation += 1
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ``rows`` rows of ``length`` entries each (doubling, within the limits)."""
+        if rows > self.max_rows or length > self.max_capacity:
+            raise ValueError(f"{rows} rows x {length} entries exceed the pool's limits "
+                             f"({self.max_rows} x {self.max_capacity})")
+        if rows > self.rows or length > self.capacity:
+            self._allocate(_grown(self.rows, rows, self.max_rows), _grown(self.capacity, length, self.max_capacity))
+
+    def nbytes(self) -> int:
+        return 2 * self.num_layers * self.keys[0].numel() * self.keys[0].element_size()
+
+    # ------------------------------------------------------------------ rows
+
+    def put(self, row: int, layer_entries: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Store a prefilled row: per layer, keys and values ``[kv_heads, n, head_dim]``, left-aligned."""
+        for layer, (k, v) in enumerate(layer_entries):
+            n = k.shape[1]
+            self.keys[layer][row, :, :n].copy_(k)
+            self.values[layer][row, :, :n].copy_(v)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row ``src``'s first ``length`` entries into row ``dst`` (a row leaving fills its hole)."""
+        for store in self.keys + self.values:
+            store[dst, :, :length].copy_(store[src, :, :length])
+
+    # ------------------------------------------------------------------ the forward's view
+
+    def set_view(self, batch: int, length: int, write_pos: torch.Tensor) -> None:
+        self.batch, self.length, self.write_pos = batch, length, write_pos
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one new token per row at its own position; return the rows' entries up to ``length``."""
+        rows = torch.arange(self.batch, device=key_states.device)
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k[rows, :, self.write_pos] = key_states[:, :, 0].to(k.dtype)
+        v[rows, :, self.write_pos] = value_states[:, :, 0].to(v.dtype)
+        return k[: self.batch, :, : self.length], v[: self.batch, :, : self.length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # only consulted when position ids are missing
+        return self.length
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        return self.length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def decode_mask(write_pos: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask ``[batch, 1, 1, length]``: row b sees entries 0..write_pos[b] (its new token
+    included). The minimum finite value, not -inf, so a padding row that sees nothing stays finite."""
+    visible = torch.arange(length, device=write_pos.device)[None, :] <= write_pos[:, None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=write_pos.device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[:, None, None, :]

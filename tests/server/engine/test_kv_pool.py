@@ -1,0 +1,68 @@
+"""The static key/value pool: per-row writes, views, growth, row moves, and the decode mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterd.server.engine.decode_step import batch_bucket, length_bucket, rank_bucket
+from adapterd.server.engine.kv_pool import KvPool, decode_mask
+
+
+def _pool(**kw) -> KvPool:
+    args = dict(num_layers=2, kv_heads=2, head_dim=3, dtype=torch.float32, device=torch.device("cpu"), max_rows=8,
+                max_capacity=64, rows=2, capacity=4)
+    args.update(kw)
+    return KvPool(**args)
+
+
+def test_update_writes_each_row_at_its_own_position_and_returns_the_view():
+    pool = _pool()
+    pool.reserve(2, 4)
+    pool.set_view(2, 4, torch.tensor([0, 2]))
+    k = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 2, 1, 3) + 1
+    keys, values = pool.update(k, -k, layer_idx=1)
+    assert keys.shape == (2, 2, 4, 3)
+    assert torch.equal(keys[0, :, 0], k[0, :, 0]) and torch.equal(keys[1, :, 2], k[1, :, 0])
+    assert torch.equal(values[1, :, 2], -k[1, :, 0])
+    assert keys[0, :, 1:].abs().sum() == 0 and keys[1, :, :2].abs().sum() == 0  # nothing else written
+    assert pool.keys[0].abs().sum() == 0  # other layers untouched
+
+
+def test_reserve_grows_by_doubling_and_keeps_entries():
+    pool = _pool()
+    pool.put(1, [(torch.ones(2, 3, 3), 2 * torch.ones(2, 3, 3))] * 2)
+    generation = pool.generation
+    pool.reserve(3, 5)
+    assert (pool.rows, pool.capacity) == (4, 8) and pool.generation == generation + 1
+    assert torch.equal(pool.keys[1][1, :, :3], torch.ones(2, 3, 3))
+    assert torch.equal(pool.values[0][1, :, :3], 2 * torch.ones(2, 3, 3))
+    pool.reserve(2, 4)  # already fits: no re-allocation
+    assert pool.generation == generation + 1
+    with pytest.raises(ValueError, match="exceed"):
+        pool.reserve(9, 4)
+
+
+def test_move_copies_a_rows_entries():
+    pool = _pool()
+    pool.put(1, [(torch.full((2, 3, 3), 5.0), torch.full((2, 3, 3), 6.0))] * 2)
+    pool.move(1, 0, 3)
+    assert torch.equal(pool.keys[1][0, :, :3], torch.full((2, 3, 3), 5.0))
+    assert torch.equal(pool.values[0][0, :, :3], torch.full((2, 3, 3), 6.0))
+
+
+def test_decode_mask_shows_each_row_its_entries_and_new_token():
+    mask = decode_mask(torch.tensor([0, 2]), 4, torch.float32)
+    assert mask.shape == (2, 1, 1, 4)
+    low = torch.finfo(torch.float32).min
+    assert mask[0, 0, 0].tolist() == [0.0, low, low, low]
+    assert mask[1, 0, 0].tolist() == [0.0, 0.0, 0.0, low]
+
+
+def test_buckets():
+    assert [batch_bucket(n, 64) for n in (1, 3, 5, 13, 33, 64)] == [1, 4, 8, 16, 48, 64]
+    assert batch_bucket(40, 32) == 32
+    assert [length_bucket(n, 4096) for n in (1, 128, 129, 4095)] == [128, 128, 256, 4096]
+    assert length_bucket(300, 200) == 200
+    assert [rank_bucket(r, 64) for r in (0, 1, 8, 9, 16, 33)] == [0, 8, 8, 16, 16, 64]
+    assert rank_bucket(40, 32) == 32
