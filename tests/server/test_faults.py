@@ -182,18 +182,17 @@ def test_out_of_memory_in_a_step_fails_that_step_only(tiny_model_dir, served_roo
         target = f"127.0.0.1:{d.port}"
         with AdapterdClient(target, timeout=60) as c:
             before = [c.generate(p, a, max_new_tokens=8).text for p, a in jobs]
-        model = d.daemon.state.runtime.base.model
         engine = d.daemon.state.runtime.engine
-        real_forward = model.forward
+        real_run = engine.decoder.run  # the decode step, eager or replayed from a CUDA graph
         armed = threading.Event()
 
-        def forward(*args, **kwargs):
+        def run(*args, **kwargs):
             if armed.is_set():
                 armed.clear()
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return real_forward(*args, **kwargs)
+            return real_run(*args, **kwargs)
 
-        model.forward = forward
+        engine.decoder.run = run
         codes: list[grpc.StatusCode] = []
         started = threading.Barrier(len(jobs) + 1)
 
@@ -221,7 +220,37 @@ def test_out_of_memory_in_a_step_fails_that_step_only(tiny_model_dir, served_roo
         with AdapterdClient(target, timeout=60) as c:
             after = [c.generate(p, a, max_new_tokens=8).text for p, a in jobs]
         assert after == before
-        del model.forward
+        del engine.decoder.run
+    finally:
+        d.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(TEST_DEVICE == "cpu", reason="a real out-of-memory needs the GPU (ADAPTERD_TEST_DEVICE=cuda)")
+def test_real_out_of_memory_on_the_gpu_fails_those_requests_and_the_daemon_goes_on(tiny_model_dir, served_root):
+    """Not simulated: the device's memory is taken until an allocation fails, then a request arrives. It gets
+    RESOURCE_EXHAUSTED; once memory is free again the same request is answered as before."""
+    d = start_daemon(tiny_model_dir, served_root)
+    try:
+        target = f"127.0.0.1:{d.port}"
+        with AdapterdClient(target, timeout=120) as c:
+            before = c.generate("你是谁？", "lora-qv", max_new_tokens=8).text
+            hog: list[torch.Tensor] = []
+            for chunk in (2**30, 2**26, 2**20, 2**14):  # bytes: take every block the allocator can give
+                while True:
+                    try:
+                        hog.append(torch.empty(chunk, dtype=torch.uint8, device=TEST_DEVICE))
+                    except torch.OutOfMemoryError:
+                        break
+            try:
+                with pytest.raises(grpc.RpcError) as err:
+                    c.generate("Tell me a story about a robot. " * 20, "lora-qv", max_new_tokens=8)
+            finally:
+                hog.clear()
+                torch.cuda.empty_cache()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            assert "out of" in err.value.details() and "memory" in err.value.details()
+            assert c.generate("你是谁？", "lora-qv", max_new_tokens=8).text == before
     finally:
         d.stop()
 
