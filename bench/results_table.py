@@ -31,6 +31,8 @@ def git_commit(*dirty_paths: str) -> str:
     import os
     import subprocess
 
+    if os.environ.get("ADAPTERD_COMMIT"):  # set by whoever copied the tree (the device copy's .git may be stale)
+        return os.environ["ADAPTERD_COMMIT"]
     repo = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -168,10 +168,15 @@ def engine_run(runtime, prompts: list[list[int]], adapters: list, new: int) -> t
     runtime.engine.observers.add(observer)
     params = GenerationParams(max_new_tokens=new, min_new_tokens=new)
     sinks = []
+    # Hold the engine thread while submitting, so that every request is admitted in the same step and two
+    # runs of the same requests see the same batch shapes.
+    gate = threading.Event()
+    runtime.engine.call(lambda: gate.wait(60))
     for i, (ids, adapter) in enumerate(zip(prompts, adapters, strict=True)):
         sink = Timeline()
         runtime.engine.submit(f"b{time.perf_counter_ns()}-{i}", ids, params, adapter, sink)
         sinks.append(sink)
+    gate.set()
     for s in sinks:
         s.done.wait(600)
     runtime.engine.observers.observers.remove(observer)

@@ -123,7 +123,7 @@ class DecodeStep:
     def _graph(self, batch: int, length: int, rank: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         addresses = (self.pool.generation, self.slots.wraps)
         if addresses != self._addresses:  # storage moved: every baked-in address is stale
-            self._graphs.clear()
+            self._drop_graphs()
             self._addresses = addresses
         key = (batch, length, rank)
         entry = self._graphs.get(key)
@@ -153,4 +153,9 @@ class DecodeStep:
         """Called by the engine when a capture raised: decode eagerly from now on."""
         log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
         self.use_graphs = False
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        # The shared memory pool dies with its last graph: a later capture must start a new one.
         self._graphs.clear()
+        self._graph_pool = None
