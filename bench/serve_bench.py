@@ -261,6 +261,27 @@ def cold_loads_ms(runtime, ids: list[str]) -> tuple[list[float], list[float]]:
     return totals, reads
 
 
+def replay_ms(runtime, batch: int) -> float | None:
+    """Device time of one decode step: a captured graph of this batch bucket (no LoRA) replayed alone, with
+    no host work between replays. The engine's step time minus this is the host's share."""
+    graphs = {k: v for k, v in runtime.engine.decoder._graphs.items() if k[0] == batch and k[2] == 0}
+    if not graphs:
+        return None
+    graph, _ = graphs[max(graphs)]
+
+    def timed() -> float:
+        for _ in range(3):
+            graph.replay()
+        sync(runtime.base.device)
+        t = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        sync(runtime.base.device)
+        return (time.perf_counter() - t) / 20 * 1000
+
+    return runtime.engine.call(timed).result(60)
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
@@ -341,6 +362,10 @@ def main() -> int:
             kv_bytes = 2 * base.num_layers * base.num_kv_heads * base.head_dim * args.ctx * 2
             floor = (weight_bytes(model) + kv_bytes) / bandwidth * 1000 if bandwidth else None
             add(f"batch-1 decode ms/token, {label}, ctx {args.ctx}", hf_ms, ms, "ms")
+            device_ms = replay_ms(runtime, 1)
+            if device_ms:
+                note(f"  of which device (graph replayed alone), {label}", f"{device_ms:.2f} ms",
+                     f"host {ms - device_ms:.2f} ms")
             if floor:
                 note(f"  roofline {label} (weights + KV over copy bandwidth)", f"{floor:.2f} ms",
                      f"{floor / ms:.0%} of roofline")
@@ -350,6 +375,10 @@ def main() -> int:
             base_tps = 1000 / engine_step_ms(runtime, args.batch, args.ctx, args.new, [None] * args.batch) * args.batch
             mixed_tps = 1000 / engine_step_ms(runtime, args.batch, args.ctx, args.new, adapters) * args.batch
             add(f"batch-{args.batch} tok/s, {label}, base only", None, base_tps, "tok/s", "higher")
+            device_ms = replay_ms(runtime, args.batch)
+            if device_ms:
+                note(f"  batch-{args.batch} step: device (graph replayed alone), {label}", f"{device_ms:.2f} ms",
+                     f"engine step {args.batch / base_tps * 1000:.2f} ms")
             add(f"batch-{args.batch} tok/s, {label}, {args.batch} distinct LoRA", None, mixed_tps, "tok/s", "higher")
             note(f"  {args.batch} adapters over base-only, {label}", "", f"{mixed_tps / base_tps:.2f}")
             if q == "none":
