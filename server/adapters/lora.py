@@ -1,11 +1,12 @@
 """LoRA adapters: parsing PEFT files, and the batched layer that serves many adapters in one forward.
 
 Every base linear that some loaded adapter targets is wrapped once in a ``BatchedLoraLinear``. It holds
-the adapters' weights stacked in slots, ``A: [slots, R, in]`` and ``B: [slots, out, R]`` (R, the
+the adapters' weights stacked in slots, rank-major: ``A: [R, slots, in]`` and ``B: [R, slots, out]`` (R, the
 configured maximum rank; smaller ranks are zero-padded, which adds exact zeros), and a scaling per slot.
-Before each forward the engine sets one slot index per batch row; the layer gathers each row's A and B and
-adds ``scaling * (x @ A^T) @ B^T`` to the base output: the S-LoRA/Punica idea. Slot 0 stays all zeros and
-means "no adapter", so base rows get exactly the base output.
+Before each forward the engine sets one slot index per batch row, and the layer adds each row's own
+``scaling * (x @ A^T) @ B^T`` to the base output: the S-LoRA/Punica idea. A forward with few rows gathers
+each row's A and B; one with many rows reads every slot once and keeps each row's own product (dense).
+Slot 0 stays all zeros and means "no adapter", so base rows get exactly the base output.
 """
 
 from __future__ import annotations
@@ -122,17 +123,32 @@ class RowSlots:
     """The slot index of each batch row, shared by every batched layer of one model.
 
     ``slots`` is None when no row of the current forward uses a LoRA adapter: the layers then skip the
-    LoRA work entirely. ``rank`` is the largest rank among this forward's adapters: the layers gather only
-    that many rank columns of the slot tables (padded to the configured maximum), not all of them.
+    LoRA work entirely. ``rank`` is the largest rank among this forward's adapters: the layers read only
+    that many rank rows of the slot tables, not the configured maximum. ``onehot`` ([rows, slots], set when
+    the forward has many rows) selects the dense path: every slot's weights are read once and each row
+    keeps its own slot's product, instead of copying each row's adapter out of the tables.
     """
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None
         self.rank = 0
+        self.onehot: torch.Tensor | None = None
+
+    def set(self, slots: torch.Tensor | None, rank: int, num_slots: int) -> None:
+        """Point the layers at ``slots`` (a device tensor, possibly a static buffer a CUDA graph reads)."""
+        self.slots, self.rank = (slots, rank) if slots is not None and rank else (None, 0)
+        # Gathering copies one adapter per row, three times over (gather, then two products); the dense path
+        # reads each slot once. Past about a third of the slots in rows, dense moves fewer bytes.
+        dense = self.slots is not None and 3 * slots.shape[0] >= num_slots
+        self.onehot = torch.nn.functional.one_hot(slots, num_slots).unsqueeze(1) if dense else None
 
 
 class BatchedLoraLinear(nn.Module):
-    """A base linear (plain, bitsandbytes 8-bit or 4-bit) plus LoRA deltas gathered per row."""
+    """A base linear (plain, bitsandbytes 8-bit or 4-bit) plus LoRA deltas, one adapter per row.
+
+    Tables are rank-major, ``A: [R, slots, in]`` and ``B: [R, slots, out]``, so the first r ranks of every
+    slot are one contiguous block: the dense path multiplies by ``A[:r]`` as one ``[r * slots, in]`` matrix.
+    """
 
     def __init__(self, base_layer: nn.Module, rows: RowSlots, num_slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -140,8 +156,8 @@ class BatchedLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.rows = rows
         in_f, out_f = _linear_shape(base_layer)
-        self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, in_f, dtype=dtype, device=device))
-        self.register_buffer("lora_b", torch.zeros(num_slots, out_f, max_rank, dtype=dtype, device=device))
+        self.register_buffer("lora_a", torch.zeros(max_rank, num_slots, in_f, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(max_rank, num_slots, out_f, dtype=dtype, device=device))
         self.register_buffer("scaling", torch.zeros(num_slots, dtype=dtype, device=device))
 
     @property
@@ -150,31 +166,39 @@ class BatchedLoraLinear(nn.Module):
 
     @property
     def out_features(self) -> int:
-        return self.lora_b.shape[1]
+        return self.lora_b.shape[2]
 
     def set_slot(self, slot: int, module: LoraModule | None) -> None:
         """Write one adapter's weights into ``slot`` (zeros when the adapter does not target this layer)."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.scaling[slot] = 0.0
+        r = 0 if module is None else module.a.shape[0]
         if module is not None:
-            r = module.a.shape[0]
-            self.lora_a[slot, :r].copy_(module.a, non_blocking=True)
-            self.lora_b[slot, :, :r].copy_(module.b, non_blocking=True)
-            self.scaling[slot] = module.scaling
+            self.lora_a[:r, slot].copy_(module.a, non_blocking=True)
+            self.lora_b[:r, slot].copy_(module.b.t(), non_blocking=True)
+        self.lora_a[r:, slot].zero_()
+        self.lora_b[r:, slot].zero_()
+        self.scaling[slot] = module.scaling if module is not None else 0.0
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        slots = self.rows.slots
-        if slots is None:
+        if self.rows.slots is None:
             return y
-        r = self.rows.rank
-        a = self.lora_a[:, :r].index_select(0, slots)  # [B, r, in]
-        b = self.lora_b[:, :, :r].index_select(0, slots)  # [B, out, r]
+        delta = self._dense(x) if self.rows.onehot is not None else self._gathered(x)
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
+        slots, r = self.rows.slots, self.rows.rank
+        a = self.lora_a[:r].index_select(1, slots).transpose(0, 1)  # [B, r, in]
+        b = self.lora_b[:r].index_select(1, slots).permute(1, 2, 0)  # [B, out, r]
         scale = self.scaling.index_select(0, slots).view(-1, 1, 1)
         xs = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
-        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * scale
-        return y + delta.reshape(y.shape).to(y.dtype)
+        return torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * scale
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        r, (_, num_slots, in_f) = self.rows.rank, self.lora_a.shape
+        xs = x.to(self.lora_a.dtype).reshape(x.shape[0], -1, in_f)  # [B, T, in]
+        xa = (xs @ self.lora_a[:r].view(r * num_slots, in_f).t()).view(*xs.shape[:2], r, num_slots)
+        keep = (self.rows.onehot * self.scaling).to(xa.dtype).unsqueeze(2)  # [B, 1, 1, slots]: own slot, scaled
+        return (xa * keep).view(*xs.shape[:2], r * num_slots) @ self.lora_b[:r].view(r * num_slots, -1)
 
 
 class LoraSlotTable:
@@ -247,10 +271,10 @@ class LoraSlotTable:
     def set_rows(self, slots: list[int]) -> None:
         """Set the slot of each row for the next forward (None-out when every row is a base/prefix row)."""
         if any(slots):
-            self.rows.slots = torch.tensor(slots, dtype=torch.long, device=self.device)
-            self.rows.rank = self.rank_of(slots)
+            self.rows.set(torch.tensor(slots, dtype=torch.long, device=self.device), self.rank_of(slots),
+                          self.num_slots)
         else:
-            self.rows.slots, self.rows.rank = None, 0
+            self.rows.set(None, 0, self.num_slots)
 
     def _take_slot(self) -> int | None:
         if self._free:

@@ -111,8 +111,7 @@ class DecodeStep:
     def _forward(self, batch: int, length: int, rank: int) -> torch.Tensor:
         ids, positions, write_pos, slots = self._inputs[:, :batch]
         self.pool.set_view(batch, length, write_pos)
-        self.slots.rows.slots = slots if rank else None
-        self.slots.rows.rank = rank
+        self.slots.rows.set(slots, rank, self.slots.num_slots)
         mask = decode_mask(write_pos, length, self.base.dtype)
         out = self.base.model(input_ids=ids[:, None], position_ids=positions[:, None], attention_mask=mask,
                               use_cache=True, **{self.base.cache_kwarg: self.pool})

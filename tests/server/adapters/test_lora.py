@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -14,18 +15,21 @@ def weights(name: str, r: int, in_f: int, out_f: int, scaling: float, seed: int)
     return LoraWeights(modules={name: module}, rank=r, target_modules=[name])
 
 
-def test_rows_get_their_own_adapter_and_only_used_ranks_are_gathered():
+# 3 slots for 3 rows: the dense path (every slot read once); 20 slots: each row's adapter gathered.
+@pytest.mark.parametrize("num_slots,dense", [(3, True), (20, False)])
+def test_rows_get_their_own_adapter_and_only_used_ranks_are_read(num_slots, dense):
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("proj", nn.Linear(12, 10))
     base = nn.Linear(12, 10)
     base.load_state_dict(model.proj.state_dict())
-    table = LoraSlotTable(model, num_slots=3, max_rank=32, dtype=torch.float32, device=torch.device("cpu"))
+    table = LoraSlotTable(model, num_slots=num_slots, max_rank=32, dtype=torch.float32, device=torch.device("cpu"))
     w4, w8 = weights("proj", 4, 12, 10, 2.0, 1), weights("proj", 8, 12, 10, 0.5, 2)
     s4, s8 = table.acquire("a", w4), table.acquire("b", w8)
     x = torch.randn(3, 5, 12)
     table.set_rows([s4, 0, s8])
     assert table.rows.rank == 8  # the largest rank in this batch, not the table's 32
+    assert (table.rows.onehot is not None) == dense
     out = model(x)
     expected = base(x)
     for i, w in ((0, w4), (2, w8)):
