@@ -22,6 +22,7 @@ from adapterd.server.adapters.ids import CONFIG_FILE, WEIGHTS_FILE, discover_ada
 from adapterd.server.adapters.lora import LoraWeights, parse_lora
 from adapterd.server.adapters.prefix import PrefixWeights, parse_prefix
 from adapterd.server.errors import AdapterdError, DataLoss, FailedPrecondition, ResourceExhausted
+from adapterd.server.safetensors_io import read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,10 @@ def pack_host(tensors: list[torch.Tensor], dtype: torch.dtype, pin: bool) -> lis
 def _load_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[str, Any]:
     weights = parse_lora(config, tensors, base.linear_shapes, base.max_lora_rank)
     modules = list(weights.modules.values())
-    packed = pack_host([t for m in modules for t in (m.a, m.b)], base.dtype, pin=base.device.type == "cuda")
-    for i, m in enumerate(modules):
-        m.a, m.b = packed[2 * i], packed[2 * i + 1]
+    if any(t.dtype != base.dtype for m in modules for t in (m.a, m.b)):  # else: already one pinned buffer
+        packed = pack_host([t for m in modules for t in (m.a, m.b)], base.dtype, pin=base.device.type == "cuda")
+        for i, m in enumerate(modules):
+            m.a, m.b = packed[2 * i], packed[2 * i + 1]
     return {"lora": weights}
 
 
@@ -124,11 +126,9 @@ ADAPTER_KINDS: dict[str, Callable[[dict[str, Any], dict[str, torch.Tensor], Base
 }
 
 
-def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read an adapter's config and tensors, turning every kind of damage into a clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_adapter_files(path: Path, pin: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an adapter's config and tensors (pinned, one read: see ``read_tensors``), turning every kind of
+    damage into a clear error."""
     try:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -142,9 +142,11 @@ def read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
                                      "convert it with safetensors, pickle is never unpickled)")
         raise DataLoss(f"{WEIGHTS_FILE} is missing")
     try:
-        tensors = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        tensors = read_tensors(weights, pin=pin)
+    except DataLoss as exc:
         raise DataLoss(f"{WEIGHTS_FILE} is corrupt or truncated: {exc}") from exc
+    except OSError as exc:
+        raise DataLoss(f"{WEIGHTS_FILE} is unreadable: {exc}") from exc
     return config, tensors
 
 
@@ -301,7 +303,7 @@ class AdapterStore:
         rec.target_modules = sorted(map(str, targets)) if isinstance(targets, list) else [str(targets)]
 
     def _read(self, adapter_id: str, path: Path) -> LoadedAdapter:
-        config, tensors = read_adapter_files(path)
+        config, tensors = read_adapter_files(path, pin=self.base.device.type == "cuda")
         peft_type = str(config.get("peft_type", ""))
         loader = ADAPTER_KINDS.get(peft_type)
         if loader is None:

@@ -23,9 +23,9 @@ import torch
 
 from ..adapters.ids import resolve_adapter_dir
 from ..errors import InvalidArgument, ResourceExhausted
+from ..safetensors_io import COPY_CHUNK_BYTES
 from .atomic import AtomicDir
 from .lora import LoraAdapter, load_lora_adapter
-from .st_io import COPY_CHUNK_BYTES
 from .strategies import CombineOptions, Strategy, get_strategy
 from .to_adapter import combine, model_module_order, write_adapter
 from .to_model import DEFAULT_MAX_SHARD_BYTES, base_entries, merge_into_model

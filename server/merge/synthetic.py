@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .st_io import ShardWriter, TensorEntry, plan_shards, write_index
+from ..safetensors_io import ShardWriter, TensorEntry, plan_shards, write_index
 
 DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

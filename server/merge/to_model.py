@@ -3,7 +3,7 @@
 The base is read from its original safetensors files in their own dtype (never the quantized copy the
 server holds in memory). For each base tensor that some adapter targets, ``W += sum_i w_i * s_i * B_i @ A_i``
 is computed in fp32 (fp64 stays fp64) one block of rows at a time and cast back to the stored dtype; every
-other tensor is copied byte for byte. Output shards are written as they go (see ``st_io``), so peak memory
+other tensor is copied byte for byte. Output shards are written as they go (see ``safetensors_io``), so peak memory
 is the adapters' own tensors plus a few blocks of ``chunk_bytes`` (16 MB by default), whatever the size of
 the model or of its largest tensor.
 """
@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataLoss, FailedPrecondition
-from .lora import LoraAdapter, LoraModule
-from .st_io import (
+from ..safetensors_io import (
     COPY_CHUNK_BYTES,
     ShardPlan,
     ShardWriter,
@@ -33,6 +32,7 @@ from .st_io import (
     read_rows,
     write_index,
 )
+from .lora import LoraAdapter, LoraModule
 
 # (tensors_done, tensors_total, bytes_written). It may raise to cancel the merge; the output is then removed.
 ProgressFn = Callable[[int, int, int], None]

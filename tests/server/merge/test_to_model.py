@@ -179,8 +179,8 @@ def test_interrupted_merge_leaves_nothing(merger, tmp_path):
 def test_disk_full_midway_leaves_nothing(merger, tmp_path, monkeypatch):
     import errno
 
+    from adapterd.server import safetensors_io as st_io
     from adapterd.server.errors import ResourceExhausted
-    from adapterd.server.merge import st_io
 
     calls = {"n": 0}
     original = st_io.ShardWriter.copy_entry

@@ -1,4 +1,5 @@
-"""The streaming safetensors writer produces files safetensors itself reads back exactly."""
+"""Safetensors I/O: the streaming writer produces files safetensors itself reads back exactly; the one-read
+loader gives the library's tensors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapterd.server.errors import DataLoss
-from adapterd.server.merge.st_io import ShardWriter, plan_shards, read_header, write_index
+from adapterd.server.safetensors_io import ShardWriter, plan_shards, read_header, write_index
 
 
 def _source(tmp_path):
@@ -70,3 +71,40 @@ def test_truncated_file_is_data_loss(tmp_path):
     path.write_bytes(b"\xff" * 4)
     with pytest.raises(DataLoss):
         read_header(path)
+
+
+def test_read_tensors_equals_the_library_in_one_buffer(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from adapterd.server.safetensors_io import read_tensors
+
+    # An odd-sized fp16 tensor before an fp32 one: the fp32 bytes may not be 4-aligned in the buffer.
+    tensors = {"a.half": torch.randn(3, dtype=torch.float16), "b.float": torch.randn(2, 5),
+               "c.bf16": torch.randn(4, 7).to(torch.bfloat16)}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    got, expected = read_tensors(path), load_file(str(path))
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name])
+    shared = {t.untyped_storage().data_ptr() for n, t in got.items() if n != "b.float"}
+    assert len(shared) == 1  # views into one buffer (a misaligned tensor may get its own copy)
+
+
+def test_read_tensors_refuses_truncated_files_and_integer_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from adapterd.server.errors import DataLoss, FailedPrecondition
+    from adapterd.server.safetensors_io import read_tensors
+
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataLoss, match="outside the file|truncated"):
+        read_tensors(path)
+    save_file({"w": torch.ones(4, dtype=torch.int32)}, str(path))
+    with pytest.raises(FailedPrecondition, match="I32"):
+        read_tensors(path)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00[1, 2, 3]       ")
+    with pytest.raises(DataLoss, match="corrupt"):
+        read_tensors(path)

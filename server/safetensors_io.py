@@ -1,4 +1,5 @@
-"""Streaming safetensors I/O: read one tensor at a time, write shards without holding them in memory.
+"""Safetensors I/O beyond what the library offers: read a file into one (pinned) buffer with a single read;
+stream tensors row block by row block; write shards without holding them in memory.
 
 ``safetensors.save_file`` needs every tensor of a file in memory at once, so a shard of 5 GB costs 5 GB of
 RAM. The format is simple enough to stream instead: an 8-byte little-endian header length, a JSON header
@@ -24,7 +25,7 @@ from typing import BinaryIO
 
 import torch
 
-from ..errors import DataLoss, FailedPrecondition
+from adapterd.server.errors import DataLoss, FailedPrecondition
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 COPY_CHUNK_BYTES = 16 * 1024 * 1024  # bytes per read/write when copying an untouched tensor
@@ -82,6 +83,43 @@ def read_header(path: Path) -> list[TensorEntry]:
         entries.append(TensorEntry(name, info["dtype"], tuple(info["shape"]), path, data_start + begin,
                                    end - begin))
     return sorted(entries, key=lambda e: e.start)
+
+
+def read_tensors(path: Path, pin: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a small file (an adapter) as a view into one host buffer, filled by one read.
+
+    ``safetensors.torch.load_file`` copies each tensor out of a memory map, and serving then copies them again
+    into page-locked memory for fast host-to-device transfers; reading the data section straight into one
+    page-locked buffer (``pin``) does both in one pass. Only floating-point tensors are accepted. Raises
+    DataLoss for a truncated or corrupt file, FailedPrecondition for a tensor of another dtype.
+    """
+    try:
+        entries = read_header(path)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a header of the wrong shape
+        raise DataLoss(f"{path}: corrupt safetensors header ({type(exc).__name__}: {exc})") from exc
+    if not entries:
+        return {}
+    first, end = entries[0].start, max(e.start + e.nbytes for e in entries)
+    buffer = torch.empty(end - first, dtype=torch.uint8, pin_memory=pin)
+    with open(path, "rb") as f:
+        f.seek(first)
+        if f.readinto(buffer.numpy()) != buffer.numel():
+            raise DataLoss(f"{path}: truncated")
+    tensors = {}
+    for e in entries:
+        dtype = FLOAT_DTYPES.get(e.dtype)
+        if dtype is None:
+            raise FailedPrecondition(f"{path}: tensor {e.name} is {e.dtype}; adapters hold floating-point weights")
+        count = 1
+        for dim in e.shape:
+            count *= dim
+        if count * e.item_bytes != e.nbytes:
+            raise DataLoss(f"{path}: tensor {e.name} has {e.nbytes} bytes for shape {list(e.shape)}")
+        raw = buffer[e.start - first:e.start - first + e.nbytes]
+        if (e.start - first) % e.item_bytes:  # misaligned for its dtype (legal, rare): a private copy
+            raw = raw.clone()
+        tensors[e.name] = raw.view(dtype).view(e.shape)
+    return tensors
 
 
 def model_weight_files(model_dir: Path) -> list[Path]:
