@@ -174,8 +174,9 @@ class BatchedLoraLinear(nn.Module):
         if module is not None:
             self.lora_a[:r, slot].copy_(module.a, non_blocking=True)
             self.lora_b[:r, slot].copy_(module.b.t(), non_blocking=True)
-        self.lora_a[r:, slot].zero_()
-        self.lora_b[r:, slot].zero_()
+        if r < self.lora_a.shape[0]:
+            self.lora_a[r:, slot].zero_()
+            self.lora_b[r:, slot].zero_()
         self.scaling[slot] = module.scaling if module is not None else 0.0
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -199,6 +200,26 @@ class BatchedLoraLinear(nn.Module):
         xa = (xs @ self.lora_a[:r].view(r * num_slots, in_f).t()).view(*xs.shape[:2], r, num_slots)
         keep = (self.rows.onehot * self.scaling).to(xa.dtype).unsqueeze(2)  # [B, 1, 1, slots]: own slot, scaled
         return (xa * keep).view(*xs.shape[:2], r * num_slots) @ self.lora_b[:r].view(r * num_slots, -1)
+
+
+def stage_on(device: torch.device, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
+    """The modules' weights on ``device``, moved by one host-to-device copy when they share one (pinned)
+    host buffer, as loaded adapters do: one large transfer instead of two small ones per module, after which
+    filling a slot is device-side copies only."""
+    tensors = [t for m in modules.values() for t in (m.a, m.b)]
+    if not tensors or tensors[0].device == device:
+        return modules
+    storage = tensors[0].untyped_storage()
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() or not t.is_contiguous() for t in tensors):
+        return {n: LoraModule(m.a.to(device, non_blocking=True), m.b.to(device, non_blocking=True), m.scaling)
+                for n, m in modules.items()}
+    on_device = torch.empty(0, dtype=torch.uint8).set_(storage).to(device, non_blocking=True)
+
+    def same_view(t: torch.Tensor) -> torch.Tensor:
+        start = t.storage_offset() * t.element_size()
+        return on_device[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+
+    return {n: LoraModule(same_view(m.a), same_view(m.b), m.scaling) for n, m in modules.items()}
 
 
 class LoraSlotTable:
@@ -290,8 +311,9 @@ class LoraSlotTable:
         for name in weights.modules:
             if name not in self.layers:
                 self._wrap(name)
+        modules = stage_on(self.device, weights.modules)
         for name, layer in self.layers.items():
-            layer.set_slot(slot, weights.modules.get(name))
+            layer.set_slot(slot, modules.get(name))
         self._rank_of[slot] = weights.rank
 
     def _wrap(self, name: str) -> None:

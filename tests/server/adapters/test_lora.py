@@ -41,3 +41,18 @@ def test_rows_get_their_own_adapter_and_only_used_ranks_are_read(num_slots, dens
     assert table.rows.rank == 4
     table.set_rows([0, 0])
     assert table.rows.slots is None and torch.equal(model(x), base(x))
+
+
+def test_stage_on_keeps_every_view_of_a_shared_buffer():
+    from adapterd.server.adapters.lora import stage_on
+    from adapterd.server.adapters.store import pack_host
+
+    g = torch.Generator().manual_seed(0)
+    raw = [torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g), torch.randn(2, 6, generator=g),
+           torch.randn(6, 2, generator=g)]
+    packed = pack_host(raw, torch.float32, pin=False)
+    modules = {"x": LoraModule(packed[0], packed[1], 1.0), "y": LoraModule(packed[2], packed[3], 0.5)}
+    staged = stage_on(torch.device("meta"), modules)  # a device of its own; views keep their shapes
+    assert {n: (m.a.shape, m.b.shape, m.scaling) for n, m in staged.items()} == {
+        n: (m.a.shape, m.b.shape, m.scaling) for n, m in modules.items()}
+    assert len({m.a.untyped_storage().data_ptr() for m in staged.values()}) == 1
