@@ -1,0 +1,143 @@
+"""Swapping bitsandbytes' ``Linear8bitLt`` layers for ``Int8WeightOnlyLinear`` (the Triton weight-only kernel).
+
+This module imports neither Triton nor bitsandbytes at import time: the daemon runs without Triton (CPU,
+or an image without it), and ``int8_kernel_available`` says whether the swap can be made.
+
+Where bitsandbytes 0.50 keeps the int8 weight of a ``Linear8bitLt`` (``has_fp16_weights=False``) once it is on
+its device (bitsandbytes/nn/modules.py, ``Int8Params._quantize``, ``Linear8bitLt.init_8bit_state``):
+
+* ``layer.weight`` is an ``Int8Params`` whose data is ``CB``, int8 ``[out, in]`` row major;
+* the row scales ``SCB`` (float32 ``[out]``, absmax per row) are on ``layer.weight.SCB`` until the first
+  forward, which moves them to ``layer.state.SCB`` (and ``CB`` to ``layer.state.CB``, the same tensor as
+  ``layer.weight.data``) and sets the weight's attributes to None.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+_TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
+
+
+def int8_kernel_available(device: torch.device | str) -> bool:
+    """True when the kernel can run for tensors on ``device``: a CUDA device of compute capability 8.0 or
+    later (bf16 tensor cores) with Triton importable, or any device while TRITON_INTERPRET=1 (Triton's CPU
+    interpreter; tests only: it is slow)."""
+    device = torch.device(device)
+    interpret = os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+    if device.type != "cuda" and not interpret:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device.type == "cuda" and not interpret:
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    return True
+
+
+def _matmul():
+    """The kernel's wrapper, imported on first use (it imports Triton)."""
+    from adapterd.server.kernels.int8_matmul import int8_weight_matmul
+
+    return int8_weight_matmul
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """``y = x @ (CB * SCB / 127).T + bias`` with the activations kept in their dtype (no activation
+    quantization), through ``int8_weight_matmul``.
+
+    Shares the bitsandbytes layer's tensors: ``weight`` is the layer's own ``Int8Params`` (data = CB, int8
+    ``[out, in]``), ``scb`` the same float32 ``[out]`` tensor, ``bias`` the same parameter. Nothing is copied,
+    so swapping costs no device memory. ``scb`` is a non-persistent buffer: this module is for serving, and
+    its state dict (``weight``, ``bias``) is not meant to be loaded back into bitsandbytes."""
+
+    def __init__(self, weight: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise ValueError(f"weight must be int8 [out, in], got {weight.dtype} {list(weight.shape)}")
+        if scb.shape != (weight.shape[0],):
+            raise ValueError(f"scb must be [out={weight.shape[0]}], got {list(scb.shape)}")
+        self.out_features, self.in_features = (int(d) for d in weight.shape)
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scb", scb, persistent=False)
+        self.bias = bias
+
+    @classmethod
+    def from_bnb(cls, layer: nn.Module) -> Int8WeightOnlyLinear:
+        """Wrap a quantized ``bnb.nn.Linear8bitLt`` (on its device already) without copying its tensors."""
+        weight = layer.weight
+        if weight.dtype != torch.int8:
+            raise ValueError("the layer is not quantized (has_fp16_weights=True, or not moved to its device yet)")
+        scb = getattr(weight, "SCB", None)
+        if scb is None:  # after the layer's first forward, bitsandbytes keeps SCB in its matmul state
+            scb = getattr(layer.state, "SCB", None)
+        if scb is None:
+            raise ValueError("the layer has no row scales (SCB) on its weight or in its state")
+        if weight.stride(1) != 1:
+            raise ValueError("CB must be row major [out, in] (bitsandbytes' 'row' format)")
+        return cls(weight, scb, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # .data: the plain int8 tensor (Int8Params overrides .to(), which the large-M path calls)
+        return _matmul()(x, self.weight.data, self.scb, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _bnb_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute name, layer) for every quantized ``Linear8bitLt`` of ``model``."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, bnb.nn.Linear8bitLt) and child.weight.dtype == torch.int8:
+                yield parent, name, child
+
+
+def use_int8_kernel(model: nn.Module) -> int:
+    """Replace every quantized ``Linear8bitLt`` of ``model`` (in place) by an ``Int8WeightOnlyLinear`` that
+    shares its tensors; returns how many were replaced. Module names do not change. Call it after the
+    model is on its device; layers wrapped later (LoRA) see the new module as their base layer, and a wrapper
+    made earlier gets its base layer replaced (it is a child module, found like any other)."""
+    found = list(_bnb_linears(model))  # collect first: do not mutate the tree while walking it
+    for parent, name, layer in found:
+        setattr(parent, name, Int8WeightOnlyLinear.from_bnb(layer))
+    return len(found)
+
+
+@torch.no_grad()
+def warm_up(model: nn.Module, dtype: torch.dtype, max_rows: int = 64) -> int:
+    """Autotune and compile the kernel for every distinct layer shape of ``model`` and every row bucket up
+    to ``max_rows`` rows (1, 2, 4, ..., 64), so that no later call benchmarks or compiles: call it once after
+    ``use_int8_kernel`` and before any CUDA graph capture. Uses the layers' own weights; inputs are zeros
+    ``[m, in]`` in ``dtype`` on the layer's device (a few KB). Returns the number of kernel calls made.
+
+    Cost (estimated, not measured here): the first run compiles up to 21 tile variants (seconds each) and
+    times 7 to 21 configs per (shape, bucket) at ~30 ms each; Llama-2-7B has 3 distinct shapes, so 21
+    (shape, bucket) pairs. Both the binaries and the choices are cached on disk by Triton for the next
+    start. Autotuning is not thread safe: warm up from one thread."""
+    from adapterd.server.kernels.int8_matmul import MAX_KERNEL_ROWS, int8_weight_matmul, row_bucket
+
+    buckets = sorted({row_bucket(m) for m in range(1, min(max_rows, MAX_KERNEL_ROWS) + 1)})
+    seen, calls = set(), 0
+    for layer in model.modules():
+        if not isinstance(layer, Int8WeightOnlyLinear):
+            continue
+        bias_dtype = None if layer.bias is None else layer.bias.dtype
+        key = (layer.in_features, layer.out_features, bias_dtype, layer.weight.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        for m in buckets:
+            int8_weight_matmul(torch.zeros(m, layer.in_features, device=layer.weight.device, dtype=dtype),
+                               layer.weight.data, layer.scb, layer.bias)
+            calls += 1
+    return calls
