@@ -1,0 +1,253 @@
+"""Micro-benchmark of the int8 weight-only kernel (server/kernels) against bf16 and bitsandbytes' int8 matmul.
+
+For Llama-2-7B's linear shapes (out x in: 4096x4096 q/k/v/o, 11008x4096 gate/up, 4096x11008 down) at decode
+row counts (M = 1, 8, 32, 64), with bf16 activations, it times:
+
+* bf16: ``F.linear`` with the dequantized weight in bf16 (what an unquantized base would run);
+* bnb: ``bnb.nn.Linear8bitLt`` with ``threshold=0`` (how the daemon loads its int8 base);
+* ours: ``Int8WeightOnlyLinear`` sharing that layer's int8 weight and scales.
+
+Each method rotates through enough copies of the weight (``--rotate-mb`` per method, default 256 MB, over
+4 times the H200's 60 MB L2) that every call reads its weight from HBM, as decode does: one layer's weight
+is long evicted when the next step needs it again. Calls are captured in a CUDA graph and timed with CUDA
+events over many replays (the daemon replays decode steps from graphs, so launch overhead is excluded as
+it is there); a method whose capture fails is timed eagerly and marked ``eager``. Our kernel is warmed up
+(autotuned, compiled) for each shape and row bucket before capture, as the daemon must do.
+
+GB/s is weight bytes over time (int8: N*K + 4*N bytes of scales; bf16: 2*N*K); H200 HBM3e peaks at 4.8 TB/s.
+Errors are max |y - ref| with ref = x.float() @ (CB * SCB / 127).float().T, next to max |ref|.
+
+    python3 bench/int8_kernel_bench.py                   # on the GPU; appends the table to bench/RESULTS.md
+    python3 bench/int8_kernel_bench.py --device cpu      # tiny shapes, Triton interpreter: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from results_table import append_to_section, git_commit
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "RESULTS.md"
+SECTION = "## int8 weight-only kernel (bench/int8_kernel_bench.py, issue 6)"
+INTRO = ("One linear layer, bf16 activations, M rows: bf16 F.linear vs bitsandbytes Linear8bitLt (threshold 0) "
+         "vs our Triton int8 weight-only kernel (server/kernels). Microseconds per call from CUDA-graph replays "
+         "(`eager` where a capture failed), each method rotating through ~256 MB of weight copies so every "
+         "call reads HBM; GB/s = weight bytes / time (H200 peak 4.8 TB/s); speedup = bf16 time / time. "
+         "Errors: max |y - x @ W_dequant^T| for bf16 / bnb / ours, max |y| in parentheses.")
+COLUMNS = ("date (UTC)", "commit", "machine", "shape (out x in)", "M", "bf16 µs", "bnb µs", "ours µs",
+           "bf16 GB/s", "ours GB/s", "bnb speedup", "ours speedup", "err bf16 / bnb / ours (max |y|)")
+GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+CPU_SHAPES = ((48, 64), (40, 100))
+
+
+def describe_machine(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({os.cpu_count()} cores, Triton interpreter)"
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+def make_layers(n: int, k: int, copies: int, device: str, seed: int) -> list:
+    """``copies`` quantized ``Linear8bitLt`` layers of one random weight (quantized once, then deep-copied)."""
+    import bitsandbytes as bnb
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=0.0)
+    with torch.no_grad():
+        layer.weight = bnb.nn.Int8Params((torch.randn(n, k, generator=gen) * 0.02).half(), requires_grad=False,
+                                         has_fp16_weights=False)
+    layer = layer.to(device).eval()  # quantizes: weight.data = CB (int8 [n, k]), weight.SCB (float32 [n])
+    return [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
+
+
+def copies_for(bytes_per_copy: int, rotate_mb: float, device: str) -> int:
+    return 2 if not device.startswith("cuda") else max(2, -(-int(rotate_mb * 2**20) // bytes_per_copy))
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def time_cuda(calls: list[Callable[[], object]], per_graph: int, replays: int) -> tuple[float, str]:
+    """Microseconds a call: ``per_graph`` calls (cycling over ``calls``) captured in one graph, replayed."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture: autotuning, compilation, lazy init
+        for call in calls * 2:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for i in range(per_graph):
+                calls[i % len(calls)]()
+        run, mode = graph.replay, "graph"
+    except RuntimeError as exc:
+        print(f"  capture failed ({str(exc).splitlines()[0][:120]}); timing eagerly", file=sys.stderr)
+        torch.cuda.synchronize()
+
+        def run() -> None:
+            for i in range(per_graph):
+                calls[i % len(calls)]()
+
+        mode = "eager"
+    run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * per_graph), mode
+
+
+def time_cpu(calls: list[Callable[[], object]], iters: int) -> tuple[float, str]:
+    for call in calls:
+        call()
+    start = time.perf_counter()
+    for i in range(iters):
+        calls[i % len(calls)]()
+    return (time.perf_counter() - start) * 1e6 / iters, "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- one case
+
+
+def bench_shape(n: int, k: int, rows: list[int], args: argparse.Namespace) -> list[dict]:
+    """All row counts for one weight shape; returns one result dict a row count."""
+    import torch
+    import torch.nn.functional as F
+
+    from adapterd.server.kernels import Int8WeightOnlyLinear
+
+    dev, dtype = args.device, torch.bfloat16
+    layers = make_layers(n, k, copies_for(n * k, args.rotate_mb, dev), dev, seed=n * 31 + k)
+    ours = [Int8WeightOnlyLinear.from_bnb(layer) for layer in layers]  # shares CB/SCB: no copy
+    scale = ours[0].scb.float()[:, None] / 127.0
+    dense = [(m.weight.data.to(dtype) * (m.scb.float()[:, None] / 127.0).to(dtype))
+             for m in ours[:copies_for(2 * n * k, args.rotate_mb, dev)]]
+    w_ref = ours[0].weight.data.float() * scale
+    results = []
+    for m in rows:
+        x = torch.randn(m, k, device=dev, generator=torch.Generator(dev).manual_seed(m)).to(dtype)
+        ref = x.float() @ w_ref.T
+        with torch.no_grad():
+            outs = {"bf16": F.linear(x, dense[0]), "bnb": layers[0](x), "ours": ours[0](x)}
+        methods = {"bf16": [lambda w=w, x=x: F.linear(x, w) for w in dense],
+                   "bnb": [lambda layer=layer, x=x: layer(x) for layer in layers],
+                   "ours": [lambda mod=mod, x=x: mod(x) for mod in ours]}
+        result = {"shape": f"{n}x{k}", "M": m, "ref_max": ref.abs().max().item()}
+        for name, calls in methods.items():
+            with torch.no_grad():
+                us, mode = (time_cuda(calls, args.per_graph, args.replays) if dev.startswith("cuda")
+                            else time_cpu(calls, args.iters))
+            result[name] = {"us": us, "mode": mode, "err": (outs[name].float() - ref).abs().max().item()}
+        for name, nbytes in (("bf16", 2 * n * k), ("bnb", n * k + 4 * n), ("ours", n * k + 4 * n)):
+            result[name]["bytes"] = nbytes
+        results.append(result)
+        print(format_line(result), flush=True)
+    return results
+
+
+def format_line(r: dict) -> str:
+    parts = [f"{r['shape']:>11} M={r['M']:<3}"]
+    for name in ("bf16", "bnb", "ours"):
+        c = r[name]
+        parts.append(f"{name} {c['us']:9.2f} µs {c['bytes'] / c['us'] / 1e3:7.1f} GB/s err {c['err']:.2e}"
+                     + ("" if c["mode"] in ("graph", "cpu") else f" ({c['mode']})"))
+    return " | ".join(parts) + f" | max |y| {r['ref_max']:.3g}"
+
+
+def make_row(r: dict, machine: str, commit: str, date: str) -> dict[str, str]:
+    def us(name: str) -> str:
+        c = r[name]
+        return f"{c['us']:.1f}" + ("" if c["mode"] in ("graph", "cpu") else f" ({c['mode']})")
+
+    def gbs(name: str) -> str:
+        return f"{r[name]['bytes'] / r[name]['us'] / 1e3:.0f}"
+
+    bf16 = r["bf16"]["us"]
+    errs = " / ".join(f"{r[name]['err']:.2g}" for name in ("bf16", "bnb", "ours")) + f" ({r['ref_max']:.2g})"
+    values = (date, commit, machine, r["shape"], str(r["M"]), us("bf16"), us("bnb"), us("ours"), gbs("bf16"),
+              gbs("ours"), f"{bf16 / r['bnb']['us']:.2f}", f"{bf16 / r['ours']['us']:.2f}", errs)
+    return dict(zip(COLUMNS, values, strict=True))
+
+
+def markdown(rows: list[dict[str, str]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in rows])
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda (default when there is a GPU) or cpu (tiny shapes, "
+                   "TRITON_INTERPRET=1 set for you)")
+    p.add_argument("--rows", default="1,8,32,64", help="comma-separated row counts M")
+    p.add_argument("--shapes", default=None, help="comma-separated OUTxIN (default: Llama-2-7B's three)")
+    p.add_argument("--rotate-mb", type=float, default=256.0, help="weight bytes each method cycles through")
+    p.add_argument("--per-graph", type=int, default=50, help="calls captured in one CUDA graph")
+    p.add_argument("--replays", type=int, default=40, help="graph replays timed")
+    p.add_argument("--iters", type=int, default=3, help="calls timed on the CPU")
+    p.add_argument("--machine", help="machine description for the rows (default: detected)")
+    p.add_argument("--commit", help="commit for the rows (default: git rev-parse of this checkout)")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--no-append", action="store_true", help="do not touch RESULTS.md (CPU runs never do)")
+    p.add_argument("--json-out", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--append-from", type=Path, help="only append rows saved with --json-out, then exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.append_from:
+        print(*append_to_section(args.results, SECTION, INTRO, COLUMNS, json.loads(args.append_from.read_text())),
+              sep="\n")
+        return 0
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.device.startswith("cuda"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read by the kernel at each call
+    from adapterd.server.kernels import int8_kernel_available
+
+    if not int8_kernel_available(args.device):
+        raise SystemExit(f"the int8 kernel cannot run on {args.device} (Triton missing, or TRITON_INTERPRET=0?)")
+    shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
+              else GPU_SHAPES if args.device.startswith("cuda") else CPU_SHAPES)
+    rows = [int(m) for m in args.rows.split(",")]
+    results = [r for n, k in shapes for r in bench_shape(n, k, rows, args)]
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    table = [make_row(r, args.machine or describe_machine(args.device),
+                      args.commit or git_commit("server/kernels", "bench/int8_kernel_bench.py"), date)
+             for r in results]
+    print("\n" + markdown(table))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(table, ensure_ascii=False, indent=1))
+    if args.device.startswith("cuda") and not args.no_append:
+        append_to_section(args.results, SECTION, INTRO, COLUMNS, table)
+        print(f"\nappended {len(table)} rows to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
