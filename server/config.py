@@ -24,6 +24,9 @@ class ServerConfig:
     max_lora_rank: int = field(default=64, metadata={"help": "largest LoRA rank accepted"})
     cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps from CUDA graphs on a GPU "
                                                                "(off: eager steps, for debugging)"})
+    int8_kernel: bool = field(default=True, metadata={"help": "int8 base on a GPU: weight-only Triton matmul "
+                                                               "over the same int8 weights (off: bitsandbytes' "
+                                                               "own matmul)"})
     adapter_cache_mb: int = field(default=8192, metadata={"help": "memory for loaded adapters, MiB; the least "
                                                                    "recently used beyond it are unloaded"})
     max_input_tokens: int | None = field(default=None, metadata={"help": "longest prompt, in tokens (default: "

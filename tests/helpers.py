@@ -24,6 +24,14 @@ def _load_base(model_dir: Path, quantization: str = "none", device: str = "cpu")
     if kwargs:
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    if quantization == "int8":
+        # Where the engine swaps bitsandbytes' matmul for the weight-only kernel (on a GPU), the oracle does
+        # too: parity then checks batching exactly, and tests/server/kernels checks the kernel against
+        # bitsandbytes (within a tolerance: bitsandbytes also quantizes activations).
+        from adapterd.server.kernels import int8_kernel_available, use_int8_kernel
+
+        if int8_kernel_available(device):
+            use_int8_kernel(model)
     return model.to(device).eval() if not kwargs else model.eval()
 
 
