@@ -215,7 +215,7 @@ def hf_greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
 
 
 def agreement(runtime, prompts: list[list[int]], adapters: list, new: int,
-              hf_tokens: list[list[int]]) -> tuple[float, float, float]:
+              hf_tokens: list[list[int]]) -> tuple[float, float, float, list]:
     """Greedy tokens of the fast decode path (CUDA graphs, bucketed shapes) against the reference paths.
 
     Returns (share of rows whose tokens all equal the engine's eager exact-shape path's, share of tokens
@@ -236,7 +236,44 @@ def agreement(runtime, prompts: list[list[int]], adapters: list, new: int,
     for f, e in zip(fast, eager, strict=True):
         prefix += next((i for i, (a, b) in enumerate(zip(f.tokens, e.tokens, strict=False)) if a != b), new)
     hf_same = sum(hf == f.tokens for hf, f in zip(hf_tokens, fast, strict=False)) / len(hf_tokens)
-    return same_rows, prefix / (new * len(prompts)), hf_same
+    return same_rows, prefix / (new * len(prompts)), hf_same, [f.tokens for f in fast]
+
+
+def bnb_int8_layers(model) -> dict[str, torch.nn.Module]:
+    """The model's bitsandbytes int8 layers by name, to put back after the engine swapped in its kernel."""
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+
+
+def put_back(model, layers: dict[str, torch.nn.Module]) -> None:
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        current = getattr(parent, child)
+        if hasattr(current, "base_layer"):  # wrapped by the engine's batched LoRA layer
+            current.base_layer = layer
+        else:
+            setattr(parent, child, layer)
+
+
+@torch.no_grad()
+def oracle_agreement(model, prompts: list[list[int]], outputs: list[list[int]],
+                     tolerance: float = 0.01) -> tuple[float, float]:
+    """The fast path's tokens judged by the reference model, teacher-forced (so one flip does not derail
+    the rest): the share of positions where the token is the reference's top token, and where its
+    reference logit is within ``tolerance`` x (the position's logit range) of the top one (a near-tie that
+    bf16 or int8 arithmetic may resolve either way)."""
+    exact = within = total = 0
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ids = torch.tensor([prompt + out], device=model.device)
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(out)].float()
+        chosen = logits.gather(1, torch.tensor(out, device=logits.device)[:, None])[:, 0]
+        top, bottom = logits.max(-1).values, logits.min(-1).values
+        exact += int((logits.argmax(-1) == torch.tensor(out, device=logits.device)).sum())
+        within += int((top - chosen <= tolerance * (top - bottom)).sum())
+        total += len(out)
+    return exact / total, within / total
 
 
 def cold_loads_ms(runtime, ids: list[str]) -> tuple[list[float], list[float]]:
@@ -353,6 +390,7 @@ def main() -> int:
                 peft_load.append((time.perf_counter() - t) * 1000)
             model = peft_model.unload()
             base.model = model
+        bnb_layers = bnb_int8_layers(model) if q == "int8" else {}
         runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=max(64, args.batch), lora_slots=args.batch,
                                                            max_lora_rank=16, max_prefill_tokens=args.ctx * args.batch))
         runtime.engine.start()
@@ -387,7 +425,8 @@ def main() -> int:
                     mixed_tps, "tok/s", "higher")
             add(f"time to first token, {args.ctx}-token prompt, {label}", None, ttft_ms(runtime, args.ctx), "ms")
             mix = [None, None, None, None] + adapters[:4]
-            rows_same, tokens_same, hf_same = agreement(runtime, check_prompts, mix, args.new, hf_tokens)
+            rows_same, tokens_same, hf_same, fast_tokens = agreement(runtime, check_prompts, mix, args.new,
+                                                                     hf_tokens)
             note(f"  fast path vs eager path, {label}, 4 base + 4 LoRA rows", f"rows identical {rows_same:.0%}",
                  f"tokens before divergence {tokens_same:.0%}; base rows = HF generate {hf_same:.0%}")
             note(f"  decode graphs captured, {label}", str(runtime.engine.decoder.captures), "")
@@ -399,6 +438,12 @@ def main() -> int:
             add(f"cold LoRA load r16 disk->slot p95, {label}", None, p95, "ms")
         finally:
             runtime.close()
+        runtime.engine.slots.rows.set(None, 0, 1)  # the wrapped layers pass through: no LoRA rows
+        if bnb_layers:
+            put_back(model, bnb_layers)  # the oracle for int8 is bitsandbytes' own matmul
+        exact, within = oracle_agreement(model, check_prompts[:4], fast_tokens[:4])
+        note(f"  fast-path base rows judged by {'bitsandbytes' if bnb_layers else 'transformers'} (teacher-forced)",
+             f"top token {exact:.0%}", f"within 1% of the logit range of the top {within:.0%}")
         del runtime, base, model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -14,7 +14,9 @@ import pytest
 from adapterd.clients import AdapterdClient
 
 CLI = [sys.executable, "-m", "adapterd.cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# PYTHONSAFEPATH: ``-m`` must import the installed package, not the source folder of the same name in the
+# working directory (an install that is not editable, as on the GPU machine, would be shadowed).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
 
 
 def test_tiny_model_command_writes_a_loadable_model(tmp_path):

@@ -77,6 +77,7 @@ class Engine:
         self._lock = threading.Lock()
         self._rows_by_id: dict[str, Row] = {}
         self._evict_later: set[str] = set()
+        self._prefilling: list[Row] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.eos_ids = base.eos_token_ids
@@ -133,11 +134,16 @@ class Engine:
     # ------------------------------------------------------------------ the loop, engine thread
 
     def _loop(self) -> None:
+        # Everything on this thread runs in inference mode: tensors it creates (the key/value pool when it
+        # grows, LoRA tables of newly wrapped layers) are inference tensors, updated only here.
+        with torch.inference_mode():
+            self._run()
+
+    def _run(self) -> None:
         while not self._stopping:
             self._drain_inbox(block=not self.batch.rows and not self.waiting)
             try:
-                with torch.inference_mode():  # the key/value pool may be re-allocated (as inference tensors)
-                    self._step()
+                self._step()
             except Exception as exc:  # noqa: BLE001 - a failed step must not end the daemon
                 self._fail_all(exc)
         self._drain_inbox(block=False)
@@ -178,7 +184,9 @@ class Engine:
         self._retire([i for i, row in enumerate(self.batch.rows) if self._expired(row)])
         admitted = self._admit()
         if admitted:
+            self._prefilling = admitted  # not in the batch yet: a failing prefill must still end them
             self._prefill(admitted)
+            self._prefilling = []
         if self.batch.rows:
             self._decode()
 
@@ -345,8 +353,11 @@ class Engine:
             log.exception("engine step failed")
             if isinstance(exc, torch.OutOfMemoryError):
                 exc = ResourceExhausted("out of device memory while generating; retry later")
-        rows = self.batch.rows
+        in_batch = {id(r) for r in self.batch.rows}
+        rows = self.batch.rows + [r for r in self._prefilling
+                                  if id(r) not in in_batch and r.finished == StopReason.NOT_FINISHED]
         self.batch.clear()
+        self._prefilling = []
         for row in rows:
             self._rows_by_id.pop(row.request_id, None)
             if row.slot:

@@ -225,6 +225,29 @@ def test_out_of_memory_in_a_step_fails_that_step_only(tiny_model_dir, served_roo
         d.stop()
 
 
+def test_out_of_memory_in_a_prefill_ends_the_requests_being_admitted(tiny_model_dir, served_root):
+    """Rows being prefilled are not in the running batch yet; a failing prefill must still end them (they
+    would wait forever) and give back their LoRA slots."""
+    d = start_daemon(tiny_model_dir, served_root)
+    try:
+        engine = d.daemon.state.runtime.engine
+
+        def prefill(rows):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        engine._prefill = prefill
+        with AdapterdClient(f"127.0.0.1:{d.port}", timeout=30) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.generate("你是谁？", "lora-qv", max_new_tokens=4)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            del engine._prefill
+            key = d.daemon.state.runtime.store.get("lora-qv").key
+            assert engine.call(lambda: engine.slots.evict(key)).result(10)  # its slot is not pinned
+            assert c.generate("你是谁？", "lora-qv", max_new_tokens=4).generated_token_count == 4
+    finally:
+        d.stop()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(TEST_DEVICE == "cpu", reason="a real out-of-memory needs the GPU (ADAPTERD_TEST_DEVICE=cuda)")
 def test_real_out_of_memory_on_the_gpu_fails_those_requests_and_the_daemon_goes_on(tiny_model_dir, served_root):
