@@ -24,15 +24,19 @@ def _load_base(model_dir: Path, quantization: str = "none", device: str = "cpu")
     if kwargs:
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
-    if quantization == "int8":
-        # Where the engine swaps bitsandbytes' matmul for the weight-only kernel (on a GPU), the oracle does
-        # too: parity then checks batching exactly, and tests/server/kernels checks the kernel against
-        # bitsandbytes (within a tolerance: bitsandbytes also quantizes activations).
-        from adapterd.server.kernels import int8_kernel_available, use_int8_kernel
-
-        if int8_kernel_available(device):
-            use_int8_kernel(model)
     return model.to(device).eval() if not kwargs else model.eval()
+
+
+def _like_the_engine(model):
+    """Where the engine swaps bitsandbytes' int8 matmul for the weight-only kernel (on a GPU), the oracle does
+    too, once PEFT has wrapped the layers (PEFT only wraps layers it knows): parity then checks batching
+    exactly, and tests/server/kernels checks the kernel against bitsandbytes within a tolerance (bitsandbytes
+    also quantizes activations)."""
+    from adapterd.server.kernels import int8_kernel_available, use_int8_kernel
+
+    if int8_kernel_available(TEST_DEVICE):
+        use_int8_kernel(model)
+    return model
 
 
 def _randomize(model, seed: int) -> None:
@@ -102,11 +106,11 @@ def _reference_tokens(base_dir, prompt: str, adapter_dir: Path | None, max_new_t
     model = _load_base(base_dir, quantization, TEST_DEVICE)
     ids = tok(prompt, return_tensors="pt").input_ids.to(TEST_DEVICE)
     if adapter_dir is None:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        out = _like_the_engine(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=None)
         return out[0, ids.shape[1]:].tolist()
     config = PeftConfig.from_pretrained(adapter_dir)
-    peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    peft_model = _like_the_engine(PeftModel.from_pretrained(model, adapter_dir).eval())
     if config.peft_type != "PREFIX_TUNING":
         out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
