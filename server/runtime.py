@@ -7,7 +7,9 @@ never blocks the event loop (adapter loads run in a worker thread, the model in 
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,33 @@ class PreparedPrompt:
     truncated: bool
 
 
+class EventHandoff:
+    """Hands engine events to one event loop's request queues, waking the loop once per batch of events.
+
+    The engine emits one event per running row per step; waking the loop for each (``call_soon_threadsafe``
+    writes to the loop's self-pipe and takes the GIL) costs the loop as much as the handlers' own work at
+    high token rates. Events wait in a list instead, and the first one of a batch schedules one drain.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, GenerationEvent]] = []
+        self._lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue, event: GenerationEvent) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a drain is already scheduled and has not run yet
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class Runtime:
     def __init__(self, base: BaseModel, adapter_root: Path, engine_config: EngineConfig,
                  max_loaded_adapter_bytes: int | None = None) -> None:
@@ -37,6 +66,8 @@ class Runtime:
         self.engine = Engine(base, engine_config)
         self.store.is_on_device = lambda adapter: self.engine.slots.resident(adapter.key)
         self.store.on_unload = self.engine.evict
+        self._handoffs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventHandoff] = (
+            weakref.WeakKeyDictionary())
 
     @classmethod
     def load(cls, base_dir: str | Path, adapter_root: str | Path, quantization: str = "int8",
@@ -85,8 +116,10 @@ class Runtime:
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         # A client's correlation id names the request in logs; the suffix keeps two requests that share one apart.
         request_id = f"{request_id}/{uuid.uuid4().hex[:12]}" if request_id else uuid.uuid4().hex
-        self.engine.submit(request_id, prompt_ids, params, adapter,
-                           lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        handoff = self._handoffs.get(loop)
+        if handoff is None:
+            handoff = self._handoffs.setdefault(loop, EventHandoff(loop))
+        self.engine.submit(request_id, prompt_ids, params, adapter, lambda event: handoff.post(events, event))
         finished = False
         held: GenerationEvent | None = None
         try:
