@@ -2,7 +2,8 @@
 
 Every base linear that some loaded adapter targets is wrapped once in a ``BatchedLoraLinear``. It holds
 the adapters' weights stacked in slots, rank-major: ``A: [R, slots, in]`` and ``B: [R, slots, out]`` (R, the
-configured maximum rank; smaller ranks are zero-padded, which adds exact zeros), and a scaling per slot.
+configured maximum rank; smaller ranks are zero-padded, which adds exact zeros), B already multiplied by the
+adapter's scaling.
 Before each forward the engine sets one slot index per batch row, and the layer adds each row's own
 ``scaling * (x @ A^T) @ B^T`` to the base output: the S-LoRA/Punica idea. A forward with few rows gathers
 each row's A and B; one with many rows reads every slot once and keeps each row's own product (dense).
@@ -129,7 +130,8 @@ class RowSlots:
     keeps its own slot's product, instead of copying each row's adapter out of the tables.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
         self.slots: torch.Tensor | None = None
         self.rank = 0
         self.onehot: torch.Tensor | None = None
@@ -140,7 +142,8 @@ class RowSlots:
         # Gathering copies one adapter per row, three times over (gather, then two products); the dense path
         # reads each slot once. Past about a third of the slots in rows, dense moves fewer bytes.
         dense = self.slots is not None and 3 * slots.shape[0] >= num_slots
-        self.onehot = torch.nn.functional.one_hot(slots, num_slots).unsqueeze(1) if dense else None
+        self.onehot = (torch.nn.functional.one_hot(slots, num_slots).to(self.dtype)[:, None, None, :]
+                       if dense else None)  # [rows, 1, 1, slots]
 
 
 class BatchedLoraLinear(nn.Module):
@@ -148,6 +151,7 @@ class BatchedLoraLinear(nn.Module):
 
     Tables are rank-major, ``A: [R, slots, in]`` and ``B: [R, slots, out]``, so the first r ranks of every
     slot are one contiguous block: the dense path multiplies by ``A[:r]`` as one ``[r * slots, in]`` matrix.
+    B is stored already multiplied by the adapter's scaling, which saves a kernel per layer per step.
     """
 
     def __init__(self, base_layer: nn.Module, rows: RowSlots, num_slots: int, max_rank: int,
@@ -158,7 +162,6 @@ class BatchedLoraLinear(nn.Module):
         in_f, out_f = _linear_shape(base_layer)
         self.register_buffer("lora_a", torch.zeros(max_rank, num_slots, in_f, dtype=dtype, device=device))
         self.register_buffer("lora_b", torch.zeros(max_rank, num_slots, out_f, dtype=dtype, device=device))
-        self.register_buffer("scaling", torch.zeros(num_slots, dtype=dtype, device=device))
 
     @property
     def in_features(self) -> int:
@@ -173,33 +176,32 @@ class BatchedLoraLinear(nn.Module):
         r = 0 if module is None else module.a.shape[0]
         if module is not None:
             self.lora_a[:r, slot].copy_(module.a, non_blocking=True)
-            self.lora_b[:r, slot].copy_(module.b.t(), non_blocking=True)
+            self.lora_b[:r, slot].copy_(module.b.t().to(self.lora_b.device, non_blocking=True) * module.scaling)
         if r < self.lora_a.shape[0]:
             self.lora_a[r:, slot].zero_()
             self.lora_b[r:, slot].zero_()
-        self.scaling[slot] = module.scaling if module is not None else 0.0
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         if self.rows.slots is None:
             return y
-        delta = self._dense(x) if self.rows.onehot is not None else self._gathered(x)
-        return y + delta.reshape(y.shape).to(y.dtype)
+        return self._dense(x, y) if self.rows.onehot is not None else self._gathered(x, y)
 
-    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
+    def _gathered(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         slots, r = self.rows.slots, self.rows.rank
         a = self.lora_a[:r].index_select(1, slots).transpose(0, 1)  # [B, r, in]
-        b = self.lora_b[:r].index_select(1, slots).permute(1, 2, 0)  # [B, out, r]
-        scale = self.scaling.index_select(0, slots).view(-1, 1, 1)
+        b = self.lora_b[:r].index_select(1, slots).permute(1, 2, 0)  # [B, out, r], scaled
         xs = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
-        return torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * scale
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        return y + delta.reshape(y.shape).to(y.dtype)
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r, (_, num_slots, in_f) = self.rows.rank, self.lora_a.shape
         xs = x.to(self.lora_a.dtype).reshape(x.shape[0], -1, in_f)  # [B, T, in]
         xa = (xs @ self.lora_a[:r].view(r * num_slots, in_f).t()).view(*xs.shape[:2], r, num_slots)
-        keep = (self.rows.onehot * self.scaling).to(xa.dtype).unsqueeze(2)  # [B, 1, 1, slots]: own slot, scaled
-        return (xa * keep).view(*xs.shape[:2], r * num_slots) @ self.lora_b[:r].view(r * num_slots, -1)
+        xa = (xa * self.rows.onehot).view(-1, r * num_slots)  # each row keeps its own slot's ranks
+        out = y.reshape(-1, y.shape[-1])
+        return torch.addmm(out.to(xa.dtype), xa, self.lora_b[:r].view(r * num_slots, -1)).view(y.shape).to(y.dtype)
 
 
 def stage_on(device: torch.device, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
@@ -236,7 +238,7 @@ class LoraSlotTable:
         self.max_rank = max_rank
         self.dtype = dtype
         self.device = device
-        self.rows = RowSlots()
+        self.rows = RowSlots(dtype)
         self.layers: dict[str, BatchedLoraLinear] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, in LRU order
         self._refs: dict[int, int] = {}
