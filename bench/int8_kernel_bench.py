@@ -1,11 +1,16 @@
 """Micro-benchmark of the int8 weight-only kernel (server/kernels) against bf16 and bitsandbytes' int8 matmul.
 
 For Llama-2-7B's linear shapes (out x in: 4096x4096 q/k/v/o, 11008x4096 gate/up, 4096x11008 down) at decode
-row counts (M = 1, 8, 32, 64), with bf16 activations, it times:
+row counts (M = 1, 8, 32, 64: the split-K kernel) and prefill ones (M = 512, 2048: the tiled GEMM kernel),
+with bf16 activations, it times:
 
 * bf16: ``F.linear`` with the dequantized weight in bf16 (what an unquantized base would run);
 * bnb: ``bnb.nn.Linear8bitLt`` with ``threshold=0`` (how the daemon loads its int8 base);
 * ours: ``Int8WeightOnlyLinear`` sharing that layer's int8 weight and scales.
+
+Above the kernel's ``MAX_KERNEL_ROWS`` (prefill) it also times, printed but not in the table, ``dequant``: the
+weight dequantized to bf16 at each call, then ``F.linear`` (the large-M path before the GEMM kernel, and
+still ``int8_matmul.dequant_matmul``): the GEMM kernel is worth keeping where ours beats it.
 
 Each method rotates through enough copies of the weight (``--rotate-mb`` per method, default 256 MB, over
 4 times the H200's 60 MB L2) that every call reads its weight from HBM, as decode does: one layer's weight
@@ -136,6 +141,7 @@ def bench_shape(n: int, k: int, rows: list[int], args: argparse.Namespace) -> li
     import torch.nn.functional as F
 
     from adapterd.server.kernels import Int8WeightOnlyLinear
+    from adapterd.server.kernels.int8_matmul import MAX_KERNEL_ROWS, dequant_matmul
 
     dev, dtype = args.device, torch.bfloat16
     layers = make_layers(n, k, copies_for(n * k, args.rotate_mb, dev), dev, seed=n * 31 + k)
@@ -153,14 +159,19 @@ def bench_shape(n: int, k: int, rows: list[int], args: argparse.Namespace) -> li
         methods = {"bf16": [lambda w=w, x=x: F.linear(x, w) for w in dense],
                    "bnb": [lambda layer=layer, x=x: layer(x) for layer in layers],
                    "ours": [lambda mod=mod, x=x: mod(x) for mod in ours]}
+        if m > MAX_KERNEL_ROWS:  # the old large-M path, for comparison (stdout only)
+            outs["dequant"] = dequant_matmul(x, ours[0].weight.data, ours[0].scb)
+            methods["dequant"] = [lambda mod=mod, x=x: dequant_matmul(x, mod.weight.data, mod.scb) for mod in ours]
         result = {"shape": f"{n}x{k}", "M": m, "ref_max": ref.abs().max().item()}
         for name, calls in methods.items():
             with torch.no_grad():
                 us, mode = (time_cuda(calls, args.per_graph, args.replays) if dev.startswith("cuda")
                             else time_cpu(calls, args.iters))
             result[name] = {"us": us, "mode": mode, "err": (outs[name].float() - ref).abs().max().item()}
-        for name, nbytes in (("bf16", 2 * n * k), ("bnb", n * k + 4 * n), ("ours", n * k + 4 * n)):
-            result[name]["bytes"] = nbytes
+        for name, nbytes in (("bf16", 2 * n * k), ("bnb", n * k + 4 * n), ("ours", n * k + 4 * n),
+                             ("dequant", n * k + 4 * n)):
+            if name in result:
+                result[name]["bytes"] = nbytes
         results.append(result)
         print(format_line(result), flush=True)
     return results
@@ -168,7 +179,9 @@ def bench_shape(n: int, k: int, rows: list[int], args: argparse.Namespace) -> li
 
 def format_line(r: dict) -> str:
     parts = [f"{r['shape']:>11} M={r['M']:<3}"]
-    for name in ("bf16", "bnb", "ours"):
+    for name in ("bf16", "bnb", "ours", "dequant"):
+        if name not in r:
+            continue
         c = r[name]
         parts.append(f"{name} {c['us']:9.2f} µs {c['bytes'] / c['us'] / 1e3:7.1f} GB/s err {c['err']:.2e}"
                      + ("" if c["mode"] in ("graph", "cpu") else f" ({c['mode']})"))
@@ -202,7 +215,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda (default when there is a GPU) or cpu (tiny shapes, "
                    "TRITON_INTERPRET=1 set for you)")
-    p.add_argument("--rows", default="1,8,32,64", help="comma-separated row counts M")
+    p.add_argument("--rows", default="1,8,32,64,512,2048", help="comma-separated row counts M (above 64: "
+                   "prefill, the GEMM kernel)")
     p.add_argument("--shapes", default=None, help="comma-separated OUTxIN (default: Llama-2-7B's three)")
     p.add_argument("--rotate-mb", type=float, default=256.0, help="weight bytes each method cycles through")
     p.add_argument("--per-graph", type=int, default=50, help="calls captured in one CUDA graph")

@@ -15,7 +15,7 @@ its device (bitsandbytes/nn/modules.py, ``Int8Params._quantize``, ``Linear8bitLt
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -114,19 +114,27 @@ def use_int8_kernel(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def warm_up(model: nn.Module, dtype: torch.dtype, max_rows: int = 64) -> int:
-    """Autotune and compile the kernel for every distinct layer shape of ``model`` and every row bucket up
-    to ``max_rows`` rows (1, 2, 4, ..., 64), so that no later call benchmarks or compiles: call it once after
-    ``use_int8_kernel`` and before any CUDA graph capture. Uses the layers' own weights; inputs are zeros
-    ``[m, in]`` in ``dtype`` on the layer's device (a few KB). Returns the number of kernel calls made.
+def warm_up(model: nn.Module, dtype: torch.dtype, max_rows: int = 64,
+            prefill_rows: Sequence[int] = (128, 256, 512, 1024, 2048, 4096)) -> int:
+    """Autotune and compile the kernels for every distinct layer shape of ``model``: the split-K decode
+    kernel for every row bucket up to ``max_rows`` rows (1, 2, 4, ..., 64), and the prefill GEMM kernel for
+    the row buckets of ``prefill_rows`` (those above ``MAX_KERNEL_ROWS``; by default every bucket, 128 to
+    4096, the engine's largest prefill step), so that no later call benchmarks or compiles: call it once
+    after ``use_int8_kernel`` and before any CUDA graph capture. A prefill whose row bucket (next power of
+    two, up to 4096) was not warmed up tunes on its first call (eager, not graph-captured, but the request
+    waits: ~0.3 s, plus compiles the first time). Uses the layers' own weights; inputs are zeros ``[m, in]``
+    in ``dtype`` on the layer's device (up to 4096 x 11008 bf16 = 90 MB, and as much output, for
+    Llama-2-7B's down projection; freed after). Returns the number of kernel calls made.
 
-    Cost (estimated, not measured here): the first run compiles up to 21 tile variants (seconds each) and
-    times 7 to 21 configs per (shape, bucket) at ~30 ms each; Llama-2-7B has 3 distinct shapes, so 21
-    (shape, bucket) pairs. Both the binaries and the choices are cached on disk by Triton for the next
-    start. Autotuning is not thread safe: warm up from one thread."""
-    from adapterd.server.kernels.int8_matmul import MAX_KERNEL_ROWS, int8_weight_matmul, row_bucket
+    Cost (estimated, not measured here): the first run compiles ~30 decode tile variants and 9 prefill ones
+    (about a second each), and times up to 22 configs per (shape, decode bucket) and 9 per (shape, prefill
+    bucket) at ~30 ms each; Llama-2-7B has 3 distinct shapes: 21 decode and 18 prefill pairs, ~20 s of
+    timing. Both the binaries and the choices are cached on disk by Triton for the next start. Autotuning
+    is not thread safe: warm up from one thread."""
+    from adapterd.server.kernels.int8_matmul import MAX_KERNEL_ROWS, gemm_bucket, int8_weight_matmul, row_bucket
 
     buckets = sorted({row_bucket(m) for m in range(1, min(max_rows, MAX_KERNEL_ROWS) + 1)})
+    buckets += sorted({gemm_bucket(m) for m in prefill_rows if m > MAX_KERNEL_ROWS})
     seen, calls = set(), 0
     for layer in model.modules():
         if not isinstance(layer, Int8WeightOnlyLinear):

@@ -1,31 +1,42 @@
-"""A weight-only int8 matmul for decode: ``y = x @ (CB * SCB[:, None] / 127).T + bias``, in Triton.
+"""A weight-only int8 matmul: ``y = x @ (CB * SCB[:, None] / 127).T + bias``, in Triton.
 
 Why: bitsandbytes' LLM.int8 matmul (threshold 0) quantizes the activations to int8 and runs an int8 GEMM
 with a dequantizing epilogue; at decode's few rows that path is 3 to 5 times slower than a bf16 matmul on an
 H200. Decode is memory bound: each step reads every weight once and does only 2 flops with it per row.
-This kernel reads the int8 weight once (1 byte per weight, half of bf16), widens each tile to the
-activation dtype in registers, accumulates in fp32 on the tensor cores and applies the per-row scale once
-per output element after the K loop. Activations stay in their dtype (no activation quantization), so the
-result is closer to the dequantized weight's exact product than bitsandbytes' own.
+These kernels read the int8 weight (1 byte per weight, half of bf16), widen each tile to the activation
+dtype in registers, accumulate in fp32 on the tensor cores and apply the per-row scale once per output
+element after the K loop. Activations stay in their dtype (no activation quantization), so the result is
+closer to the dequantized weight's exact product than bitsandbytes' own.
 
 Layout (as bitsandbytes keeps a ``Linear8bitLt`` on the device): ``CB`` int8 ``[N, K]`` row major (one output
 feature a row), ``SCB`` float32 ``[N]`` (the row's absmax), so ``W[n, k] = CB[n, k] * SCB[n] / 127``.
 
-Rows: the kernel serves ``M <= MAX_KERNEL_ROWS`` (64) rows of ``x`` (decode: one row a sequence; 64 is
-the largest row bucket its tiles are tuned for). Above it (prefill), the weight is dequantized to
-``x.dtype`` and cuBLAS runs the product: a prompt of hundreds of rows is compute bound, cuBLAS' large tiles
-beat these small-M tiles there, and the extra pass over the weight (read int8, write and re-read bf16: ~5
-bytes a weight instead of bf16's 2) is small beside its flops. Just above 64 rows that pass is not small;
-where the two paths cross is for bench/int8_kernel_bench.py (``--rows``) on the GPU to show.
+Two paths, by the rows ``M`` of ``x`` (flattened):
 
-CUDA graphs: the launch has no host sync and no value-dependent allocation. The first call for each
-(row bucket, N, K, dtypes) autotunes (benchmarks a few configs, with syncs) and compiles: that must happen
-before capture, e.g. through ``adapterd.server.kernels.warm_up`` or eager warm-up forwards. Row counts are
-bucketed to powers of two (1, 2, 4, ..., 64) for the autotune key, and ``M`` is not specialized, so one
-warm-up call per bucket covers every row count in it.
+* ``M <= MAX_KERNEL_ROWS`` (64, decode): a split-K kernel. Program ``(m, n, s)`` reduces split ``s`` of the K
+  tiles of one ``[BLOCK_M, BLOCK_N]`` output tile. ``SPLIT_K`` (1 to 16) is tuned with the tiles: a 4096-row
+  weight at BLOCK_N 64 gives only 64 programs for the H200's 132 SMs, and splitting K multiplies them. With
+  ``SPLIT_K > 1`` the programs write fp32 partials to a workspace ``[SPLIT_K, M, N]`` (``torch.empty`` at each
+  call: no host sync, capturable) and a second small kernel sums them in a fixed order (deterministic, no
+  atomics) and applies the row scale, bias and output cast. The autotuner times both kernels together.
+* ``M > MAX_KERNEL_ROWS`` (prefill): a tiled GEMM kernel (BLOCK_M 64/128, grouped tile order for L2 reuse),
+  tuned per row bucket 128, 256, ..., 4096 (larger M shares the 4096 bucket). It reads the int8 weight in
+  place instead of dequantizing it to ``x.dtype`` first (a write and a re-read of a bf16 copy of the weight).
 
-Interpreter: with ``TRITON_INTERPRET=1`` (read at each call, not at import) the same kernel runs on CPU
-tensors through Triton's interpreter, with one small tile config (the tests use it).
+``dequant_matmul`` (widen the weight, then torch) remains the path where no kernel can run (``x`` not on a
+CUDA device and no TRITON_INTERPRET), and the reference.
+
+CUDA graphs: the launches have no host sync and no value-dependent allocation. The first call for each
+(row bucket, N, K, dtypes) autotunes (benchmarks configs, with syncs) and compiles: that must happen before
+capture, through ``adapterd.server.kernels.warm_up`` (which also tunes the prefill buckets, so that a
+request does not pay for tuning; prefill is not graph-captured, and a bucket not warmed up tunes on its
+first call) or eager warm-up forwards. ``M`` is not specialized, so one warm-up call
+per bucket covers every row count in it. The small-M path records the chosen config per key (``_CHOSEN``)
+and launches it directly afterwards, so the workspace it allocates always fits the split it launches.
+
+Interpreter: with ``TRITON_INTERPRET`` set (read at each call, not at import) the same kernels run on CPU
+tensors through Triton's interpreter, with one small tile config per path (the tests use it; they force
+other configs through ``_small_m(..., config=...)``).
 """
 
 from __future__ import annotations
@@ -38,10 +49,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-MAX_KERNEL_ROWS = 64  # rows of x served by the kernel; more rows go through dequantize + cuBLAS (see above)
+MAX_KERNEL_ROWS = 64  # rows of x served by the split-K decode kernel; more rows go to the tiled GEMM kernel
+MAX_GEMM_BUCKET = 4096  # the largest row bucket of the GEMM kernel's autotune key (more rows share it)
+MAX_SPLIT_K = 16
 _INV_127 = 1.0 / 127.0  # bitsandbytes' absmax scale: W = CB * SCB / 127
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
+_REDUCE_BLOCK = 512  # outputs per program of the split-K reduction
 
 
 def interpreting() -> bool:
@@ -50,32 +64,48 @@ def interpreting() -> bool:
 
 
 def row_bucket(m: int) -> int:
-    """The autotune bucket of ``m`` rows: the next power of two, at most ``MAX_KERNEL_ROWS``."""
+    """The small-M kernel's autotune bucket of ``m`` rows: the next power of two, at most ``MAX_KERNEL_ROWS``."""
     return min(MAX_KERNEL_ROWS, triton.next_power_of_2(max(m, 1)))
 
 
-# ----------------------------------------------------------------------------------------------- kernel
+def gemm_bucket(m: int) -> int:
+    """The GEMM kernel's autotune bucket of ``m`` rows: the next power of two, at most ``MAX_GEMM_BUCKET``."""
+    return min(MAX_GEMM_BUCKET, triton.next_power_of_2(max(m, 1)))
 
 
-def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,  # noqa: N803 (Triton's naming)
+# ---------------------------------------------------------------------------------------------- kernels
+# Only Triton builtins are called (``tl.full``, not the library's ``@triton.jit`` ``tl.zeros``/``tl.cdiv``):
+# library functions are made compiled-only when Triton is imported without TRITON_INTERPRET, and this lets
+# the interpreter be switched on later. Out-of-range rows and columns are wrapped (``% M``, ``% N``) instead
+# of masked, so the loads of an even K need no mask; the stores are masked.
+
+
+def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noqa: N803 (Triton's naming)
              stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
              HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One ``[BLOCK_M, BLOCK_N]`` tile of y. Axis 0 walks row blocks (fastest), so the row blocks that share
-    a weight tile run together and later reads of that tile mostly come from L2. ``M_BUCKET`` is only the
-    autotune key. Out-of-range rows and columns are wrapped (``% M``, ``% N``) instead of masked, so the
-    loads of an even K need no mask; the store is masked. Only Triton builtins are called (``tl.full``, not
-    the library's ``@triton.jit`` ``tl.zeros``/``tl.cdiv``): library functions are made compiled-only when
-    Triton is imported without TRITON_INTERPRET, and this lets the interpreter be switched on later."""
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
+    row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
+    tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
+    y here; otherwise store the fp32 partial sum at ``p[split, m, n]`` (contiguous ``[SPLIT_K, M, N]``) for
+    ``_splitk_reduce``."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+    if SPLIT_K == 1:
+        k_first = 0
+        k_stop = k_tiles
+    else:
+        per_split = (k_tiles + SPLIT_K - 1) // SPLIT_K
+        k_first = tl.program_id(2) * per_split
+        k_stop = tl.minimum(k_first + per_split, k_tiles)  # a split past the end stores zeros
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    xs = x_ptr + (rm % M)[:, None] * stride_xm + rk[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
-    ws = w_ptr + (rn % N)[None, :] * stride_wn + rk[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    xs = x_ptr + (rm % M)[:, None] * stride_xm + (k_first * BLOCK_K + rk)[None, :] * stride_xk  # [BM, BK]
+    ws = w_ptr + (rn % N)[None, :] * stride_wn + (k_first * BLOCK_K + rk)[:, None] * stride_wk  # [BK, BN]
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+    for k in range(k_first, k_stop):
         if EVEN_K:
             x = tl.load(xs)
             w = tl.load(ws, eviction_policy="evict_first")  # each weight byte is read once: keep x in cache
@@ -89,29 +119,123 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,  # noqa: N803
             acc = tl.dot(x, w.to(x.dtype), acc)
         xs += BLOCK_K * stride_xk
         ws += BLOCK_K * stride_wk
-    scale = tl.load(s_ptr + rn % N) * (1.0 / 127.0)  # one multiply per output, after the K loop
-    acc = acc * scale[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        scale = tl.load(s_ptr + rn % N) * (1.0 / 127.0)  # one multiply per output, after the K loop
+        acc = acc * scale[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn % N).to(tl.float32)[None, :]
+        ys = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+        tl.store(ys, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        ps = p_ptr + (tl.program_id(2) * M + rm)[:, None] * N + rn[None, :]
+        tl.store(ps, acc, mask=mask)
+
+
+def _splitk_reduce(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,  # noqa: N803
+                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """``y[m, n] = (sum over s, in order, of p[s, m, n]) * SCB[n] / 127 + bias[n]``, cast to y's dtype."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    total = M * N
+    mask = idx < total
+    acc = tl.load(p_ptr + idx, mask=mask, other=0.0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(p_ptr + s * total + idx, mask=mask, other=0.0)
+    n = idx % N
+    acc = acc * (tl.load(s_ptr + n, mask=mask, other=0.0) * (1.0 / 127.0))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (idx // N) * stride_ym + n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _int8_gemm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,  # noqa: N803 (Triton's naming)
+               stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+               HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of y for large M (prefill): a 1-D grid walked in groups of ``GROUP_M``
+    row blocks (the programs running together share weight tiles and activation tiles in L2). The int8
+    weight tile is widened to x's dtype in registers; no eviction hint: other row blocks re-read it."""
+    pid = tl.program_id(0)
+    grid_m = (M + BLOCK_M - 1) // BLOCK_M
+    grid_n = (N + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    xs = x_ptr + (rm % M)[:, None] * stride_xm + rk[None, :] * stride_xk
+    ws = w_ptr + (rn % N)[None, :] * stride_wn + rk[:, None] * stride_wk
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            x = tl.load(xs)
+            w = tl.load(ws)
+        else:
+            k_left = K - k * BLOCK_K
+            x = tl.load(xs, mask=rk[None, :] < k_left, other=0.0)
+            w = tl.load(ws, mask=rk[:, None] < k_left, other=0)
+        if DOT_F32:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+        xs += BLOCK_K * stride_xk
+        ws += BLOCK_K * stride_wk
+    acc = acc * (tl.load(s_ptr + rn % N) * (1.0 / 127.0))[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn % N).to(tl.float32)[None, :]
     ys = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(ys, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _gpu_configs() -> list[triton.Config]:
-    """Tiles for M <= 64 rows. BLOCK_N 16..128 trades parallelism (N / BLOCK_N programs: an H200 has 132
-    SMs, and a 4096-row weight gives only 32 programs at 128) against per-program overhead; BLOCK_K 128..256
-    int8 bytes a row and 3-4 stages keep 8-32 KB of weight in flight per program. BLOCK_M > 16 only for
-    the 32 and 64 row buckets (pruned below), where fewer row blocks mean fewer re-reads of each tile."""
-    tiles = [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
-             (128, 128, 4, 3), (128, 256, 8, 3)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-            for bm in (16, 32, 64) for bn, bk, warps, stages in tiles]
+# ---------------------------------------------------------------------------------------------- configs
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs whose row block is larger than the bucket (they would compute only padding)."""
-    bucket = max(16, named_args["M_BUCKET"])
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= bucket]
+def _small_configs() -> list[triton.Config]:
+    """Tiles for M <= 64 rows (``_prune_small`` picks the ones for a key: at most 22).
+
+    BLOCK_M 16 (every bucket; more rows make more row blocks): BLOCK_N 32..256 and SPLIT_K 1..16 trade
+    parallelism (N / BLOCK_N * SPLIT_K programs for 132 SMs) against per-program overhead and the partials'
+    traffic; BLOCK_K 128..512 int8 bytes a row and 2-4 stages keep 8-48 KB of weight in flight a program.
+    BLOCK_M 32 and 64 (only for the bucket of that size: one row block, each weight tile read once)."""
+    narrow = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), BLOCK_M 16
+        (32, 256, 1, 2, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 4), (128, 256, 1, 8, 3),
+        (32, 256, 2, 2, 4), (64, 256, 2, 4, 3), (128, 256, 2, 8, 3),
+        (32, 256, 4, 2, 4), (64, 256, 4, 4, 3), (128, 128, 4, 4, 4), (64, 512, 4, 8, 3), (256, 128, 4, 8, 3),
+        (32, 256, 8, 2, 4), (64, 128, 8, 4, 4), (64, 256, 8, 4, 3), (128, 128, 8, 4, 3), (256, 128, 8, 8, 3),
+        (32, 256, 16, 2, 3), (64, 128, 16, 4, 4), (64, 256, 16, 4, 2),
+    ]
+    wide = [(64, 256, 1, 4, 3), (128, 128, 1, 8, 3), (64, 256, 2, 4, 3), (64, 256, 4, 4, 3), (64, 128, 8, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s}, num_warps=w, num_stages=st)
+            for bm, tiles in ((16, narrow), (32, wide), (64, wide)) for bn, bk, s, w, st in tiles]
+
+
+def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """For row bucket ``b``: BLOCK_M 16, plus BLOCK_M == b for b = 32, 64; SPLIT_K 16 only up to 16 rows
+    (a 32-64 row tile has work enough); no more splits than K tiles."""
+    bucket, k = named_args["M_BUCKET"], named_args["K"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] in (16, bucket)
+            and (c.kwargs["SPLIT_K"] < 16 or bucket <= 16)
+            and c.kwargs["SPLIT_K"] <= triton.cdiv(k, c.kwargs["BLOCK_K"])]
+    return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.kwargs["SPLIT_K"] == 1]
+
+
+def _gemm_configs() -> list[triton.Config]:
+    """Tiles for M > 64 rows (9 a key; the bf16 matmul tutorial's Hopper tiles, BLOCK_K 32/64). Shared memory
+    a stage: BLOCK_M * BLOCK_K * 2 + BLOCK_K * BLOCK_N bytes, at most 32 KB (x3 stages)."""
+    tiles = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
+             (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 4), (128, 128, 32, 4, 4),
+             (64, 128, 32, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in tiles]
+
+
+# The interpreter's single configs: small tiles (it runs each program in numpy, and tests want speed).
+_INTERPRET_SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}
+_INTERPRET_GEMM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 
 def _quick_bench(fn, quantiles):
@@ -122,22 +246,37 @@ def _quick_bench(fn, quantiles):
     return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
-@functools.cache
-def _kernel(interpret: bool):
-    """The autotuned kernel, built at the first call of each mode (``triton.jit`` reads TRITON_INTERPRET when
-    it wraps the function, so building lazily lets the interpreter be switched on at run time). On the GPU
-    the choices are cached on disk (``cache_results``, keyed by Triton version, GPU target, kernel source,
-    shape key and configs; next to the compiled kernels in ``~/.triton/cache``), so a restart does not
-    benchmark again."""
-    if interpret:  # one small tile: the interpreter runs each program in numpy, and tests want speed
-        configs, tuning = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})], {}
-    else:
-        configs, tuning = _gpu_configs(), {"do_bench": _quick_bench, "cache_results": True}
-    jitted = triton.jit(_int8_mm, do_not_specialize=["M", "M_BUCKET"])
-    even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(jitted)
-    return triton.autotune(configs, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
-                           **tuning)(even_k)
+def _even_k(kernel):
+    return triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(kernel)
 
+
+@functools.cache
+def _small_kernels(interpret: bool):
+    """(the split-K kernel, its autotuner or None in the interpreter, the reduction), built at the first
+    call of each mode (``triton.jit`` reads TRITON_INTERPRET when it wraps the function, so building lazily
+    lets the interpreter be switched on at run time). The autotuner's choices are cached on disk
+    (``cache_results``, keyed by Triton version, GPU target, kernel source, shape key and configs; next to
+    the compiled kernels in ``~/.triton/cache``), so a restart does not benchmark again. Its post hook runs
+    the reduction after each timed split-K launch, so a config is timed with its reduction."""
+    mm = _even_k(triton.jit(_int8_mm, do_not_specialize=["M", "M_BUCKET"]))
+    reduce = triton.jit(_splitk_reduce, do_not_specialize=["M"])
+    if interpret:
+        return mm, None, reduce
+    tuner = triton.autotune(_small_configs(), key=["M_BUCKET", "N", "K"],
+                            prune_configs_by={"early_config_prune": _prune_small}, post_hook=_reduce_hook,
+                            do_bench=_quick_bench, cache_results=True)(mm)
+    return mm, tuner, reduce
+
+
+@functools.cache
+def _gemm_kernels(interpret: bool):
+    """(the large-M kernel, its autotuner), built lazily and cached on disk as ``_small_kernels``."""
+    if interpret:
+        configs, tuning = [triton.Config(_INTERPRET_GEMM)], {}
+    else:
+        configs, tuning = _gemm_configs(), {"do_bench": _quick_bench, "cache_results": True}
+    gemm = _even_k(triton.jit(_int8_gemm, do_not_specialize=["M", "M_BUCKET"]))
+    return gemm, triton.autotune(configs, key=["M_BUCKET", "N", "K"], **tuning)(gemm)
 
 # ---------------------------------------------------------------------------------------------- wrappers
 
@@ -156,25 +295,83 @@ def _check(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Ten
 
 def dequant_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The large-M path (and the reference off the GPU): widen W to ``x.dtype`` (one rounding a weight),
-    then ``F.linear``. Transient memory: one ``[N, K]`` weight in ``x.dtype``."""
+    """Where no kernel runs (and the reference): widen W to ``x.dtype`` (one rounding a weight), then
+    ``F.linear``. Transient memory: one ``[N, K]`` weight in ``x.dtype``."""
     w = cb.to(x.dtype) * (scb.float() * _INV_127).to(x.dtype)[:, None]
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def _launch(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-            interpret: bool) -> torch.Tensor:
-    """Run the kernel on ``x2 [M, K]`` (M <= MAX_KERNEL_ROWS); returns ``[M, N]`` in ``x2.dtype``."""
+def _reduce(p: torch.Tensor, scb: torch.Tensor, b: torch.Tensor, y: torch.Tensor, has_bias: bool, split: int,
+            interpret: bool) -> None:
+    """Sum the ``[split, M, N]`` fp32 partials at the front of ``p`` into ``y [M, N]`` (scale, bias, cast)."""
+    m, n = y.shape
+    _small_kernels(interpret)[2][(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+        p, scb, b, y, m, n, y.stride(0), y.stride(1), HAS_BIAS=has_bias, SPLIT_K=split, BLOCK=_REDUCE_BLOCK,
+        num_warps=4)
+
+
+def _reduce_hook(nargs: dict, exception: BaseException | None) -> None:
+    """The autotuner's post hook: after a timed split-K launch, its reduction (timed with it)."""
+    if exception is None and nargs["SPLIT_K"] > 1:
+        _reduce(nargs["p_ptr"], nargs["s_ptr"], nargs["b_ptr"], nargs["y_ptr"], nargs["HAS_BIAS"],
+                nargs["SPLIT_K"], interpreting())
+
+
+# The small-M config chosen for each (mode, row bucket, N, K, dtypes, device): after the first (tuning)
+# call, launches go straight to the jitted kernel with this config, so the workspace allocated for a launch
+# always has the launched split's size (never the autotuner's state at that moment).
+_CHOSEN: dict[tuple, dict] = {}
+
+
+def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+             interpret: bool, config: dict | None = None) -> torch.Tensor:
+    """The split-K kernel on ``x2 [M, K]`` (M <= MAX_KERNEL_ROWS); returns ``[M, N]`` in ``x2.dtype``.
+    ``config`` (tests): launch kwargs (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, optionally
+    ``num_warps``, ``num_stages``) to run instead of the tuned choice."""
     (m, k), n = x2.shape, cb.shape[0]
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     if m == 0:
         return y
     cb = cb if cb.stride(1) == 1 else cb.contiguous()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _kernel(interpret)[grid](
-        x2, cb, scb, scb if bias is None else bias, y, m, n, k, row_bucket(m),
-        x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, DOT_F32=interpret or x2.dtype == torch.float32)
+    mm, tuner, _ = _small_kernels(interpret)
+    bucket, b = row_bucket(m), scb if bias is None else bias
+    key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
+    meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32}
+    strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
+    grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
+    config = config or _CHOSEN.get(key) or (_INTERPRET_SMALL if tuner is None else None)
+    if config is None:  # first call of this key on the GPU: tune, with room for the largest split
+        p = torch.empty((MAX_SPLIT_K, m, n), device=x2.device, dtype=torch.float32)
+        tuner[grid](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta)
+        config = _CHOSEN[key] = tuner.best_config.all_kwargs()
+    else:  # fp32 either way: the pointer's dtype is part of the compiled kernel's signature
+        p = torch.empty((config["SPLIT_K"], m, n) if config["SPLIT_K"] > 1 else (1,), device=x2.device,
+                        dtype=torch.float32)
+        mm[grid(config)](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta, **config)
+    if config["SPLIT_K"] > 1:
+        _reduce(p, scb, b, y, bias is not None, config["SPLIT_K"], interpret)
+    return y
+
+
+def _large_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+             interpret: bool, config: dict | None = None) -> torch.Tensor:
+    """The tiled GEMM kernel on ``x2 [M, K]`` (any M; used above MAX_KERNEL_ROWS). ``config`` (tests): launch
+    kwargs (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, optionally ``num_warps``, ``num_stages``) to run
+    instead of the tuned choice."""
+    (m, k), n = x2.shape, cb.shape[0]
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    if m == 0:
+        return y
+    cb = cb if cb.stride(1) == 1 else cb.contiguous()
+    gemm, tuner = _gemm_kernels(interpret)
+    grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+    args = (x2, cb, scb, scb if bias is None else bias, y, m, n, k, gemm_bucket(m),
+            x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
+    meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32}
+    if config is None:
+        tuner[grid](*args, **meta)
+    else:
+        gemm[grid(config)](*args, **meta, **config)
     return y
 
 
@@ -185,14 +382,17 @@ def int8_weight_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
     x: ``[..., K]`` bf16, fp16 or fp32. cb: int8 ``[N, K]``. scb: ``[N]`` (float32 absmax per row, as
     bitsandbytes stores it). bias: ``[N]`` or None, any float dtype. Returns ``[..., N]``.
 
-    The Triton kernel runs when x is on a CUDA device (or TRITON_INTERPRET=1) and has at most
-    ``MAX_KERNEL_ROWS`` rows once flattened; otherwise the weight is dequantized and torch multiplies.
+    When x is on a CUDA device (or TRITON_INTERPRET=1): the split-K kernel for at most ``MAX_KERNEL_ROWS``
+    rows once flattened, the tiled GEMM kernel for more. Otherwise the weight is dequantized and torch
+    multiplies.
     """
     _check(x, cb, scb, bias)
     x2 = x.reshape(-1, x.shape[-1])
     interpret = interpreting()
-    if x2.shape[0] > MAX_KERNEL_ROWS or not (x2.is_cuda or interpret):
+    if not (x2.is_cuda or interpret):
         y = dequant_matmul(x2, cb, scb, bias)
+    elif x2.shape[0] <= MAX_KERNEL_ROWS:
+        y = _small_m(x2, cb, scb, bias, interpret)
     else:
-        y = _launch(x2, cb, scb, bias, interpret)
+        y = _large_m(x2, cb, scb, bias, interpret)
     return y.reshape(*x.shape[:-1], cb.shape[0])

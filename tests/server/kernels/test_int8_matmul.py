@@ -98,12 +98,129 @@ def test_non_contiguous_rows(monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_more_than_64_rows_dequantize_then_matmul():
-    """Prefill-sized inputs take the dequantize + torch path; same numbers up to fp32 rounding."""
-    cb, scb = _weights(48, 64, seed=7)
-    x = torch.randn(km.MAX_KERNEL_ROWS + 1, 64)
-    torch.testing.assert_close(km.int8_weight_matmul(x, cb, scb), _reference(x, cb, scb, None),
-                               rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("m", [65, 130, 300])
+def test_large_m_gemm_matches_fp32_reference(monkeypatch, m):
+    """Prefill-sized inputs (more than MAX_KERNEL_ROWS rows) take the tiled GEMM kernel, not dequantize +
+    torch; odd N and K (partial tiles both ways), with a bias."""
+    _no_fallback(monkeypatch)
+    cb, scb = _weights(37, 45, seed=m)
+    x = torch.randn(m, 45, generator=torch.Generator().manual_seed(m))
+    bias = torch.randn(37)
+    y = km.int8_weight_matmul(x, cb, scb, bias)
+    assert y.shape == (m, 37)
+    torch.testing.assert_close(y, _reference(x, cb, scb, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_large_m_half_inputs_round_once(monkeypatch):
+    _no_fallback(monkeypatch)
+    cb, scb = _weights(70, 100, seed=8)
+    x = torch.randn(65, 100).to(torch.bfloat16)
+    y = km.int8_weight_matmul(x, cb, scb)
+    assert y.dtype == torch.bfloat16
+    ref = _reference(x, cb, scb, None)
+    assert ((y.float() - ref).abs() <= ULP[torch.bfloat16] * ref.abs() + 1e-6).all()
+
+
+def test_large_m_forced_config_and_no_kernel_off_the_gpu(monkeypatch):
+    """The GEMM with another tile config (the tests' hook: group order over several row blocks); without
+    the interpreter, CPU tensors go through dequantize + torch."""
+    cb, scb = _weights(48, 64, seed=9)
+    x = torch.randn(100, 64)
+    ref = _reference(x, cb, scb, None)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 3}
+    torch.testing.assert_close(km._large_m(x, cb, scb, None, True, config=config), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    torch.testing.assert_close(km.int8_weight_matmul(x, cb, scb), ref, rtol=1e-5, atol=1e-4)
+
+
+# SPLIT_K past the number of K tiles (200 / 16 -> 13 tiles; 16 splits of 1 tile leave 3 empty) included
+SPLITS = [({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": s}) for s in (1, 2, 4, 8)] + [
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 16}, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64,
+                                                                  "SPLIT_K": 3}]
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_split_k_matches_split_1(monkeypatch, m):
+    """Every split gives the SPLIT_K = 1 result up to fp32 summation order, and the reference; with a bias,
+    N and K not multiples of the blocks, and several row blocks (m = 17)."""
+    _no_fallback(monkeypatch)
+    cb, scb = _weights(70, 200, seed=10 + m)
+    x = torch.randn(m, 200, generator=torch.Generator().manual_seed(m))
+    bias = torch.randn(70)
+    ref = _reference(x, cb, scb, bias)
+    whole = km._small_m(x, cb, scb, bias, True, config=SPLITS[0])
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+    for config in SPLITS[1:]:
+        torch.testing.assert_close(km._small_m(x, cb, scb, bias, True, config=config), whole,
+                                   rtol=1e-5, atol=1e-5, msg=str(config))
+
+
+def test_split_k_half_inputs_round_once(monkeypatch):
+    """The reduction kernel applies scale and bias in fp32 and rounds once to the output dtype."""
+    _no_fallback(monkeypatch)
+    cb, scb = _weights(70, 100, seed=11)
+    x = torch.randn(3, 100).to(torch.float16)
+    bias = torch.randn(70).to(torch.float16)
+    y = km._small_m(x, cb, scb, bias, True, config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 4})
+    assert y.dtype == torch.float16
+    ref = _reference(x, cb, scb, bias)
+    assert ((y.float() - ref).abs() <= ULP[torch.float16] * ref.abs() + 1e-6).all()
+
+
+def test_tuning_times_each_split_with_its_reduction_then_launches_the_choice(monkeypatch):
+    """The GPU's tuning flow, in the interpreter with a fake timer: the first call of a key tunes (each
+    split-K config timed with its reduction, through the post hook) into a workspace of the largest split,
+    records the choice, and later calls of the key launch it directly (no tuner) with a workspace of its
+    size."""
+    import triton
+
+    _no_fallback(monkeypatch)
+    mm, _, reduce = km._small_kernels(True)
+    configs = [triton.Config({**km._INTERPRET_SMALL, "SPLIT_K": s}) for s in (1, 4, 2)]
+    timings = iter([3.0, 1.0, 2.0])  # SPLIT_K 4 wins
+    reductions = []
+
+    def fake_bench(fn, quantiles):
+        fn()
+        return [next(timings)] * 3
+
+    def hook(nargs, exception):
+        reductions.append(nargs["SPLIT_K"])
+        km._reduce_hook(nargs, exception)
+
+    tuner = triton.autotune(configs, key=["M_BUCKET", "N", "K"], post_hook=hook, do_bench=fake_bench,
+                            prune_configs_by={"early_config_prune": km._prune_small})(mm)
+    monkeypatch.setattr(km, "_small_kernels", lambda interpret: (mm, tuner, reduce))
+    monkeypatch.setattr(km, "_CHOSEN", {})
+    cb, scb = _weights(70, 200, seed=12)
+    bias = torch.randn(70)
+    x = torch.randn(3, 200)
+    torch.testing.assert_close(km.int8_weight_matmul(x, cb, scb, bias), _reference(x, cb, scb, bias),
+                               rtol=1e-5, atol=1e-5)
+    assert reductions == [1, 4, 2]  # the hook ran after each timed launch (and reduced for splits > 1)
+    assert [c["SPLIT_K"] for c in km._CHOSEN.values()] == [4]
+    monkeypatch.setattr(tuner, "run", lambda *a, **k: pytest.fail("tuned again"))
+    workspaces = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: workspaces.append(a[0]) or real_empty(*a, **k))
+    x = torch.randn(4, 200)  # same bucket
+    torch.testing.assert_close(km.int8_weight_matmul(x, cb, scb, bias), _reference(x, cb, scb, bias),
+                               rtol=1e-5, atol=1e-5)
+    assert (4, 4, 70) in workspaces
+
+
+def test_small_m_gpu_configs_are_pruned_per_bucket():
+    """The autotune space per key stays small (warm-up times each config of each (shape, bucket))."""
+    configs = km._small_configs()
+
+    def kept(bucket, k=4096):
+        return km._prune_small(configs, {"M_BUCKET": bucket, "K": k})
+
+    assert [len(kept(b)) for b in (1, 2, 4, 8, 16, 32, 64)] == [20] * 5 + [22, 22]
+    assert {c.kwargs["SPLIT_K"] for c in kept(1)} == {1, 2, 4, 8, 16}
+    assert {c.kwargs["BLOCK_M"] for c in kept(64)} == {16, 64}
+    assert all(c.kwargs["SPLIT_K"] <= -(-520 // c.kwargs["BLOCK_K"]) for c in kept(1, 520))
+    assert len(km._gemm_configs()) == 9
 
 
 def test_zero_rows_and_bad_shapes():
@@ -119,6 +236,7 @@ def test_zero_rows_and_bad_shapes():
 
 def test_row_buckets():
     assert [km.row_bucket(m) for m in (0, 1, 2, 3, 16, 17, 33, 64, 65, 4096)] == [1, 1, 2, 4, 16, 32, 64, 64, 64, 64]
+    assert [km.gemm_bucket(m) for m in (65, 128, 129, 3000, 4096, 9000)] == [128, 128, 256, 4096, 4096, 4096]
 
 
 # ---------------------------------------------------------------------------------- against bitsandbytes
@@ -232,40 +350,91 @@ def test_warm_up_calls_each_shape_and_bucket(tiny_model_dir):
     model = _load_base(tiny_model_dir, "int8", "cpu")
     use_int8_kernel(model)
     # shapes: q/o 64x64, k/v 32x64, gate/up 128x64, down 64x128; buckets 1, 2, 4, 8
-    assert warm_up(model, torch.float32, max_rows=8) == 4 * 4
-    assert warm_up(model, torch.float32, max_rows=20) == 4 * 6  # ... 16, 32
-    assert warm_up(model, torch.float32, max_rows=0) == 0
+    assert warm_up(model, torch.float32, max_rows=8, prefill_rows=()) == 4 * 4
+    assert warm_up(model, torch.float32, max_rows=20, prefill_rows=()) == 4 * 6  # ... 16, 32
+    assert warm_up(model, torch.float32, max_rows=0, prefill_rows=(64, 65, 100, 200)) == 4 * 2  # GEMM 128, 256
 
 
-# ------------------------------------------------------------------------- the compiled kernel (GPU only)
+# ------------------------------------------------------------------------- the compiled kernels (GPU only)
+# Kept short: autotuning (which compiles every config once: the costly part) runs only for bf16 on Llama-2-7B
+# shapes, as the daemon's warm-up does, and each test reuses what the previous ones tuned (same process);
+# other dtypes and odd shapes run one forced config each.
+
+GPU_SPLIT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+
+
+@pytest.fixture(scope="module")
+def llama_weights():
+    return {(n, k): _weights(n, k, seed=n + k, device="cuda") for n, k in ((4096, 4096), (4096, 11008))}
+
+
+def _assert_bf16_close(y: torch.Tensor, ref: torch.Tensor, what: object = "") -> None:
+    bad = (y.float() - ref).abs() > ULP[y.dtype] * ref.abs() + 1e-2
+    assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.numel()} outputs off"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 11008)])
+def test_gpu_split_k_at_one_row(monkeypatch, llama_weights, n, k):
+    """M = 1, bf16: every SPLIT_K forced, then the autotuned choice (which compiles and times the 20 decode
+    configs of the 1-row bucket: all must compile on this GPU)."""
+    _no_fallback(monkeypatch)
+    cb, scb = llama_weights[n, k]
+    x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+    ref = _reference(x, cb, scb, None)
+    for split in (1, 2, 4, 8, 16):
+        _assert_bf16_close(km._small_m(x, cb, scb, None, False, config={**GPU_SPLIT, "SPLIT_K": split}), ref, split)
+    _assert_bf16_close(km.int8_weight_matmul(x, cb, scb), ref, "autotuned")
+
+
+@pytest.mark.gpu
+def test_gpu_large_m_gemm_at_512_rows(monkeypatch, llama_weights):
+    """M = 512 (prefill), bf16, 4096x11008: the autotuned GEMM kernel (compiles its 9 configs)."""
+    _no_fallback(monkeypatch)
+    cb, scb = llama_weights[4096, 11008]
+    x = torch.randn(512, 11008, device="cuda").to(torch.bfloat16)
+    _assert_bf16_close(km.int8_weight_matmul(x, cb, scb), _reference(x, cb, scb, None), "gemm")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m", [1, 5, 16, 33, 64])
-def test_gpu_kernel_matches_reference(monkeypatch, dtype, m):
+def test_gpu_odd_shapes_each_dtype(monkeypatch, dtype):
+    """N, K not multiples of any block, with a bias: split-K (33 rows: 3 row blocks) and the GEMM (300 rows),
+    one forced config each."""
     _no_fallback(monkeypatch)
-    cb, scb = _weights(1000, 520, seed=m, device="cuda")  # N, K not multiples of any block
-    x = torch.randn(m, 520, device="cuda").to(dtype)
+    cb, scb = _weights(1000, 520, seed=1, device="cuda")
     bias = torch.randn(1000, device="cuda").to(dtype)
-    y = km.int8_weight_matmul(x, cb, scb, bias)
-    ref = _reference(x, cb, scb, bias)
-    assert ((y.float() - ref).abs() <= ULP[dtype] * ref.abs() + 1e-3).all()
+    gemm = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+    for m, run in ((33, lambda x: km._small_m(x, cb, scb, bias, False, config={**GPU_SPLIT, "SPLIT_K": 2})),
+                   (300, lambda x: km._large_m(x, cb, scb, bias, False, config=gemm))):
+        x = torch.randn(m, 520, device="cuda").to(dtype)
+        y = run(x)
+        assert y.dtype == dtype
+        ref = _reference(x, cb, scb, bias)
+        bad = (y.float() - ref).abs() > ULP[dtype] * ref.abs() + 1e-3
+        assert not bad.any(), f"m={m}: {int(bad.sum())} outputs off"
 
 
 @pytest.mark.gpu
-def test_gpu_kernel_replays_in_a_cuda_graph(monkeypatch):
-    """Warmed up (autotuned and compiled) before capture, the launch captures and replays with new inputs."""
+def test_gpu_small_m_replays_in_a_cuda_graph(monkeypatch, llama_weights):
+    """Warmed up (autotuned and compiled) before capture, the launches capture and replay with new inputs:
+    SPLIT_K = 1 and SPLIT_K = 4 (workspace + reduction) forced, and the autotuned choices at 1, 17 and 64
+    rows (the 32 and 64 row buckets compile their own BLOCK_M configs here)."""
     _no_fallback(monkeypatch)
-    cb, scb = _weights(4096, 4096, device="cuda")
-    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
-    km.int8_weight_matmul(x, cb, scb)  # warm-up: autotune + compile (outside the capture)
+    cb, scb = llama_weights[4096, 4096]
+    xs = {m: torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) for m in (1, 8, 17, 64)}
+    calls = [lambda: km._small_m(xs[8], cb, scb, None, False, config={**GPU_SPLIT, "SPLIT_K": 1}),
+             lambda: km._small_m(xs[8], cb, scb, None, False, config={**GPU_SPLIT, "SPLIT_K": 4})]
+    calls += [lambda m=m: km.int8_weight_matmul(xs[m], cb, scb) for m in (1, 17, 64)]
+    for call in calls:  # warm-up: autotune + compile (outside the capture)
+        call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = km.int8_weight_matmul(x, cb, scb)
-    x.copy_(torch.randn_like(x))
+        ys = [call() for call in calls]
+    for x in xs.values():
+        x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    ref = _reference(x, cb, scb, None)
-    assert ((y.float() - ref).abs() <= ULP[torch.bfloat16] * ref.abs() + 1e-2).all()
+    for y, m in zip(ys, (8, 8, 1, 17, 64), strict=True):
+        _assert_bf16_close(y, _reference(xs[m], cb, scb, None), f"{m} rows")
