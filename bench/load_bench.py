@@ -102,14 +102,41 @@ async def engine_streams(runtime, streams: int, duration: float, new: int) -> fl
     return tokens / (time.perf_counter() - start)
 
 
+class StepStats:
+    """Decode steps seen by the engine during one phase: how full they were and how long they took."""
+
+    def __init__(self) -> None:
+        from adapterd.server.engine.observer import EngineObserver
+
+        stats = self
+
+        class Watch(EngineObserver):
+            def decode_step(self, rows, seconds):
+                stats.steps += 1
+                stats.rows += len(rows)
+                stats.seconds += seconds
+
+        self.steps, self.rows, self.seconds = 0, 0, 0.0
+        self.observer = Watch()
+
+    def __str__(self) -> str:
+        if not self.steps:
+            return "no decode steps"
+        return (f"{self.steps} decode steps, {self.rows / self.steps:.1f} rows per step, "
+                f"{self.seconds / self.steps * 1000:.2f} ms per step")
+
+
 def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Queue) -> None:
     """One client process: ``streams`` concurrent GenerateStream calls in a loop for ``duration`` s."""
     from adapterd.clients import AsyncAdapterdClient
 
-    async def main() -> int:
+    async def main() -> tuple[int, float, float]:
         tokens = 0
         stop = time.perf_counter() + duration
         async with AsyncAdapterdClient(target, timeout=600) as client:
+            await client.model_info()  # connected, and the daemon answers
+            began = time.time()  # after start-up and connecting: only serving time counts
+
             async def loop(i: int) -> None:
                 nonlocal tokens
                 rng = random.Random(i)
@@ -120,7 +147,7 @@ def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Q
                         if message.stop_reason:
                             tokens += message.generated_token_count
             await asyncio.gather(*(loop(i) for i in range(streams)))
-        return tokens
+        return tokens, began, time.time()
 
     out.put(asyncio.run(main()))
 
@@ -130,13 +157,14 @@ def grpc_streams(target: str, streams: int, procs: int, duration: float, new: in
     out: mp.Queue = ctx.Queue()
     workers = [ctx.Process(target=_client_proc, args=(target, streams // procs, duration, new, out))
                for _ in range(procs)]
-    start = time.perf_counter()
     for w in workers:
         w.start()
-    tokens = sum(out.get(timeout=duration + 600) for _ in workers)
+    results = [out.get(timeout=duration + 600) for _ in workers]
     for w in workers:
         w.join()
-    return tokens / (time.perf_counter() - start)
+    # Throughput over the span when clients were serving (process start-up and imports excluded).
+    span = max(end for _, _, end in results) - min(began for _, began, _ in results)
+    return sum(tokens for tokens, _, _ in results) / span
 
 
 def main() -> int:
@@ -180,7 +208,7 @@ def main() -> int:
     runtime.engine.start()
     try:
         asyncio.run(poisson_load(runtime, lambda r: ids[0], 2.0, 3.0, 4, 0))  # warm-up
-        for rate in (float(r) for r in args.rates.split(",")):
+        for rate in (float(r) for r in args.rates.split(",") if r):
             one = asyncio.run(poisson_load(runtime, lambda r: ids[0], rate, args.duration, args.new, 1))
             many = asyncio.run(poisson_load(runtime, lambda r: zipf_choice(r, ids), rate, args.duration,
                                             args.new, 2))
@@ -188,7 +216,10 @@ def main() -> int:
                         f" | {many['requests']} | {many['tok_s']:.1f} | {many['p50']:.0f} / {many['p95']:.0f} | "
                         f"{many['tok_s'] / one['tok_s']:.2f} |")
             print(rows[-1], flush=True)
+        alone_steps = StepStats()
+        runtime.engine.observers.add(alone_steps.observer)
         alone = asyncio.run(engine_streams(runtime, args.streams, args.duration, args.new))
+        runtime.engine.observers.observers.remove(alone_steps.observer)
     finally:
         runtime.close()
     del runtime, base
@@ -197,17 +228,20 @@ def main() -> int:
     daemon = DaemonThread(ServerConfig(base=base_dir, adapters=root, quantization=args.quantization, port=0,
                                        max_batch_size=128, lora_slots=args.slots, max_lora_rank=args.rank,
                                        max_new_tokens=max(1024, args.new), max_queue=100_000)).start()
+    grpc_steps = StepStats()
+    daemon.daemon.state.runtime.engine.observers.add(grpc_steps.observer)
     try:
         e2e = grpc_streams(f"127.0.0.1:{daemon.port}", args.streams, args.client_procs, args.duration, args.new)
     finally:
         daemon.stop()
-    print(f"engine alone {alone:.1f} tok/s, over gRPC {e2e:.1f} tok/s, ratio {e2e / alone:.2f}", flush=True)
+    print(f"engine alone {alone:.1f} tok/s ({alone_steps}), over gRPC {e2e:.1f} tok/s ({grpc_steps}), "
+          f"ratio {e2e / alone:.2f}", flush=True)
     if not args.no_record:
-        record(args, rows, alone, e2e, device)
+        record(args, rows, alone, e2e, device, f"engine alone: {alone_steps}; over gRPC: {grpc_steps}")
     return 0
 
 
-def record(args, rows: list[str], alone: float, e2e: float, device: torch.device) -> None:
+def record(args, rows: list[str], alone: float, e2e: float, device: torch.device, steps: str) -> None:
     commit = git_commit()
     machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -219,7 +253,7 @@ def record(args, rows: list[str], alone: float, e2e: float, device: torch.device
              "Zipf over one |", "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
              f"End to end: {args.streams} concurrent streams from {args.client_procs} client processes over gRPC "
              f"on loopback: {e2e:.1f} tok/s; the same concurrency submitted to the engine in-process: "
-             f"{alone:.1f} tok/s; ratio {e2e / alone:.2f}."]
+             f"{alone:.1f} tok/s; ratio {e2e / alone:.2f} ({steps})."]
     with (Path(__file__).resolve().parent / "RESULTS.md").open("a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
