@@ -16,6 +16,7 @@ step falls back to eager for good and says so in the log.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,9 @@ from adapterd.server.model import BaseModel
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Graphs kept at once, least recently used dropped first: a daemon that runs for weeks meets many shapes
+# (batch x length x rank buckets: thousands at a 4k context), and each graph holds host memory for its nodes.
+MAX_GRAPHS = 256
 LENGTH_GRAIN = 128  # key/value entries: attention reads at most this many padding columns per row
 
 
@@ -61,7 +65,8 @@ class DecodeStep:
         dev = base.device
         # Static inputs, refreshed before every replay: token, position id, write index, LoRA slot.
         self._inputs = torch.zeros(4, max_batch, dtype=torch.long, device=dev)
-        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: OrderedDict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
+        self.max_graphs = MAX_GRAPHS
         self._graph_pool: Any = None
         self._addresses = (pool.generation, slots.wraps)
         self.captures = 0  # graphs captured since start (a metric for tests and benchmarks)
@@ -127,8 +132,11 @@ class DecodeStep:
         key = (batch, length, rank)
         entry = self._graphs.get(key)
         if entry is None:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)  # its share of the memory pool is reused by the others
             entry = self._capture(batch, length, rank)
             self._graphs[key] = entry
+        self._graphs.move_to_end(key)
         return entry
 
     def _capture(self, batch: int, length: int, rank: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

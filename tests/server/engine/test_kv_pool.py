@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterd.server.engine.decode_step import batch_bucket, length_bucket, rank_bucket
 from adapterd.server.engine.kv_pool import KvPool, decode_mask
 
 
@@ -57,12 +56,3 @@ def test_decode_mask_shows_each_row_its_entries_and_new_token():
     low = torch.finfo(torch.float32).min
     assert mask[0, 0, 0].tolist() == [0.0, low, low, low]
     assert mask[1, 0, 0].tolist() == [0.0, 0.0, 0.0, low]
-
-
-def test_buckets():
-    assert [batch_bucket(n, 64) for n in (1, 3, 5, 13, 33, 64)] == [1, 4, 8, 16, 48, 64]
-    assert batch_bucket(40, 32) == 32
-    assert [length_bucket(n, 4096) for n in (1, 128, 129, 4095)] == [128, 128, 256, 4096]
-    assert length_bucket(300, 200) == 200
-    assert [rank_bucket(r, 64) for r in (0, 1, 8, 9, 16, 33)] == [0, 8, 8, 16, 16, 64]
-    assert rank_bucket(40, 32) == 32
