@@ -246,6 +246,24 @@ def bnb_int8_layers(model) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
 
 
+def dequantized(layers: dict[str, torch.nn.Module], dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """Plain linears holding each int8 layer's dequantized weight (``CB * SCB / 127``): the exact math of the
+    weight-only kernel, computed by cuBLAS. The fair oracle for it; bitsandbytes also rounds activations."""
+    from adapterd.server.kernels import Int8WeightOnlyLinear
+
+    out = {}
+    for name, layer in layers.items():
+        int8 = Int8WeightOnlyLinear.from_bnb(layer)
+        linear = torch.nn.Linear(int8.in_features, int8.out_features, bias=layer.bias is not None,
+                                 device=int8.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(int8.weight.data.float() * (int8.scb.float()[:, None] / 127))
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
+        out[name] = linear
+    return out
+
+
 def put_back(model, layers: dict[str, torch.nn.Module]) -> None:
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
@@ -440,7 +458,11 @@ def main() -> int:
             runtime.close()
         runtime.engine.slots.rows.set(None, 0, 1)  # the wrapped layers pass through: no LoRA rows
         if bnb_layers:
-            put_back(model, bnb_layers)  # the oracle for int8 is bitsandbytes' own matmul
+            put_back(model, dequantized(bnb_layers, base.dtype))
+            exact, within = oracle_agreement(model, check_prompts[:4], fast_tokens[:4])
+            note("  fast-path base rows judged by the dequantized int8 weights (teacher-forced)",
+                 f"top token {exact:.0%}", f"within 1% of the logit range of the top {within:.0%}")
+            put_back(model, bnb_layers)  # and by bitsandbytes' own matmul
         exact, within = oracle_agreement(model, check_prompts[:4], fast_tokens[:4])
         note(f"  fast-path base rows judged by {'bitsandbytes' if bnb_layers else 'transformers'} (teacher-forced)",
              f"top token {exact:.0%}", f"within 1% of the logit range of the top {within:.0%}")
