@@ -45,6 +45,12 @@ class BaseModel:
         return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
 
     @property
+    def pad_token_id(self) -> int:
+        """The token that fills padding positions (never attended to): the tokenizer's, else 0."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else 0
+
+    @property
     def eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
         for source in (getattr(self.model, "generation_config", None), self.config):

@@ -16,6 +16,7 @@ the process's resident set until unmapped, which would make a merge of a 140 GB 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -110,10 +111,7 @@ def read_tensors(path: Path, pin: bool = False) -> dict[str, torch.Tensor]:
         dtype = FLOAT_DTYPES.get(e.dtype)
         if dtype is None:
             raise FailedPrecondition(f"{path}: tensor {e.name} is {e.dtype}; adapters hold floating-point weights")
-        count = 1
-        for dim in e.shape:
-            count *= dim
-        if count * e.item_bytes != e.nbytes:
+        if math.prod(e.shape) * e.item_bytes != e.nbytes:
             raise DataLoss(f"{path}: tensor {e.name} has {e.nbytes} bytes for shape {list(e.shape)}")
         raw = buffer[e.start - first:e.start - first + e.nbytes]
         if (e.start - first) % e.item_bytes:  # misaligned for its dtype (legal, rare): a private copy

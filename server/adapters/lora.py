@@ -176,7 +176,7 @@ class BatchedLoraLinear(nn.Module):
         r = 0 if module is None else module.a.shape[0]
         if module is not None:
             self.lora_a[:r, slot].copy_(module.a, non_blocking=True)
-            self.lora_b[:r, slot].copy_(module.b.t().to(self.lora_b.device, non_blocking=True) * module.scaling)
+            self.lora_b[:r, slot].copy_(module.b.t() * module.scaling)  # staged on the device by _fill
         if r < self.lora_a.shape[0]:
             self.lora_a[r:, slot].zero_()
             self.lora_b[r:, slot].zero_()

@@ -99,7 +99,7 @@ class DecodeStep:
         """Copy the rows' inputs into the static buffers; rows n..batch-1 are padding."""
         self.pool.reserve(batch, length)
         pad = batch - len(tokens)
-        host = torch.tensor([list(tokens) + [self.base_pad_id] * pad, list(positions) + [0] * pad,
+        host = torch.tensor([list(tokens) + [self.base.pad_token_id] * pad, list(positions) + [0] * pad,
                              list(kv_lengths) + [0] * pad, list(slots) + [0] * pad], dtype=torch.long)
         self._inputs[:, :batch].copy_(host)
 
@@ -107,11 +107,6 @@ class DecodeStep:
                    slots: Sequence[int], batch: int, length: int, rank: int) -> torch.Tensor:
         self._set_inputs(tokens, positions, kv_lengths, slots, batch, length)
         return self._forward(batch, length, rank)
-
-    @property
-    def base_pad_id(self) -> int:
-        pad = self.base.tokenizer.pad_token_id
-        return pad if pad is not None else 0
 
     def _forward(self, batch: int, length: int, rank: int) -> torch.Tensor:
         ids, positions, write_pos, slots = self._inputs[:, :batch]

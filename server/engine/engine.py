@@ -82,7 +82,6 @@ class Engine:
         self._stopping = False
         self.eos_ids = base.eos_token_ids
         self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=base.device)
-        self.pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
         self.observers = ObserverList()  # metrics and tests listen here
 
     # ------------------------------------------------------------------ public, any thread
@@ -229,13 +228,12 @@ class Engine:
         with self._lock:
             self._queued -= n
 
-    @torch.inference_mode()
     def _prefill(self, rows: list[Row]) -> None:
         dev = self.base.device
         n = len(rows)
         prefix_len = max(r.num_virtual_tokens for r in rows)
         prompt_len = max(len(r.prompt_ids) for r in rows)
-        input_ids = torch.full((n, prompt_len), self.pad_id, dtype=torch.long)
+        input_ids = torch.full((n, prompt_len), self.base.pad_token_id, dtype=torch.long)
         prompt_mask = torch.zeros((n, prompt_len), dtype=torch.long)
         prefix_mask = torch.zeros((n, prefix_len), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -278,7 +276,6 @@ class Engine:
                     v[i, :, prefix_len - row.num_virtual_tokens:] = prefix.values[layer]
             cache.update(k, v, layer)
 
-    @torch.inference_mode()
     def _decode(self) -> None:
         rows = self.batch.rows
         started = time.perf_counter()
