@@ -319,10 +319,11 @@ def cold_loads_ms(runtime, ids: list[str]) -> tuple[list[float], list[float]]:
 def replay_ms(runtime, batch: int) -> float | None:
     """Device time of one decode step: a captured graph of this batch bucket (no LoRA) replayed alone, with
     no host work between replays. The engine's step time minus this is the host's share."""
-    graphs = {k: v for k, v in runtime.engine.decoder._graphs.items() if k[0] == batch and k[2] == 0}
-    if not graphs:
+    cache = runtime.engine.decoder.graphs
+    keys = [k for k in cache.keys() if k[0] == batch and k[2] == 0]
+    if not keys:
         return None
-    graph, _ = graphs[max(graphs)]
+    graph, _ = cache.entry(max(keys))
 
     def timed() -> float:
         for _ in range(3):

@@ -16,22 +16,18 @@ step falls back to eager for good and says so in the log.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.engine.graphs import GraphCache
 from adapterd.server.engine.kv_pool import KvPool, decode_mask
 from adapterd.server.model import BaseModel
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-# Graphs kept at once, least recently used dropped first: a daemon that runs for weeks meets many shapes
-# (batch x length x rank buckets: thousands at a 4k context), and each graph holds host memory for its nodes.
-MAX_GRAPHS = 256
 LENGTH_GRAIN = 128  # key/value entries: attention reads at most this many padding columns per row
 
 
@@ -65,11 +61,7 @@ class DecodeStep:
         dev = base.device
         # Static inputs, refreshed before every replay: token, position id, write index, LoRA slot.
         self._inputs = torch.zeros(4, max_batch, dtype=torch.long, device=dev)
-        self._graphs: OrderedDict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
-        self.max_graphs = MAX_GRAPHS
-        self._graph_pool: Any = None
-        self._addresses = (pool.generation, slots.wraps)
-        self.captures = 0  # graphs captured since start (a metric for tests and benchmarks)
+        self.graphs = GraphCache("decode")
 
     def run(self, tokens: Sequence[int], positions: Sequence[int], kv_lengths: Sequence[int],
             slots: Sequence[int]) -> torch.Tensor:
@@ -119,45 +111,16 @@ class DecodeStep:
 
     # ------------------------------------------------------------------ CUDA graphs
 
-    def _graph(self, batch: int, length: int, rank: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        addresses = (self.pool.generation, self.slots.wraps)
-        if addresses != self._addresses:  # storage moved: every baked-in address is stale
-            self._drop_graphs()
-            self._addresses = addresses
-        key = (batch, length, rank)
-        entry = self._graphs.get(key)
-        if entry is None:
-            while len(self._graphs) >= self.max_graphs:
-                self._graphs.popitem(last=False)  # its share of the memory pool is reused by the others
-            entry = self._capture(batch, length, rank)
-            self._graphs[key] = entry
-        self._graphs.move_to_end(key)
-        return entry
+    @property
+    def captures(self) -> int:
+        return self.graphs.captures
 
-    def _capture(self, batch: int, length: int, rank: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream first: lazy initialisation, cuBLAS workspaces and kernel autotuning must
-        # not happen inside the capture.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(batch, length, rank)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            logits = self._forward(batch, length, rank)
-        self._graph_pool = graph.pool()
-        self.captures += 1
-        log.debug("captured a decode graph: batch %d, length %d, rank %d", batch, length, rank)
-        return graph, logits
+    def _graph(self, batch: int, length: int, rank: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        return self.graphs.get((batch, length, rank), (self.pool.generation, self.slots.wraps),
+                               lambda key: self.graphs.capture(lambda: self._forward(*key)))
 
     def capture_failed(self, exc: BaseException) -> None:
-        """Called by the engine when a capture raised: decode eagerly from now on."""
+        """A capture raised: decode eagerly from now on."""
         log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
         self.use_graphs = False
-        self._drop_graphs()
-
-    def _drop_graphs(self) -> None:
-        # The shared memory pool dies with its last graph: a later capture must start a new one.
-        self._graphs.clear()
-        self._graph_pool = None
+        self.graphs.clear()

@@ -27,6 +27,7 @@ from adapterd.server.engine.batch import Row, RunningBatch
 from adapterd.server.engine.decode_step import DecodeStep
 from adapterd.server.engine.kv_pool import KvPool
 from adapterd.server.engine.observer import ObserverList
+from adapterd.server.engine.prefill_step import PrefillStep
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.engine.sampling import RowSampler
 from adapterd.server.engine.text import TextStream
@@ -71,6 +72,7 @@ class Engine:
                            max_rows=config.max_batch_size, max_capacity=base.max_sequence_length)
         self.batch = RunningBatch(self.pool)
         self.decoder = DecodeStep(base, self.pool, self.slots, config.max_batch_size, config.cuda_graphs)
+        self.prefiller = PrefillStep(base, self.pool, self.slots, config.cuda_graphs)
         self.waiting: deque[Row] = deque()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._queued = 0  # submitted and not yet admitted (inbox + waiting)
@@ -229,6 +231,27 @@ class Engine:
             self._queued -= n
 
     def _prefill(self, rows: list[Row]) -> None:
+        prompts = [r.prompt_ids for r in rows]
+        if not any(r.num_virtual_tokens for r in rows) and self.prefiller.fits(len(self.batch), prompts):
+            self._prefill_into_pool(rows)
+        else:
+            self._prefill_with_prefixes(rows)
+
+    def _prefill_into_pool(self, rows: list[Row]) -> None:
+        """Rows without a prefix: their prompts go straight into their pool rows (see prefill_step.py)."""
+        first = len(self.batch)
+        logits = self.prefiller.run(first, [r.prompt_ids for r in rows], [r.slot for r in rows])
+        for row in rows:
+            row.kv_len = row.next_position = len(row.prompt_ids)
+            row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
+        self._sample_and_emit(rows, logits)
+        self.observers.prefill_done(rows, sum(len(r.prompt_ids) for r in rows))
+        self.batch.rows.extend(rows)
+        self._retire([first + i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
+
+    def _prefill_with_prefixes(self, rows: list[Row]) -> None:
+        """The general prefill: left-padded, prefix adapters' virtual tokens in front, into a transient cache
+        whose live entries then move into the pool."""
         dev = self.base.device
         n = len(rows)
         prefix_len = max(r.num_virtual_tokens for r in rows)

@@ -45,6 +45,9 @@ class KvPool(Cache):
         self.batch = 0
         self.length = 0
         self.write_pos: torch.Tensor | None = None  # [batch] long, entry index each row writes next
+        # Prefill: the pool rows being prefilled and, per row and token, the entry each token goes to.
+        self.prefill_rows: torch.Tensor | None = None  # [n] long
+        self.prefill_index: torch.Tensor | None = None  # [n, T] long
 
     # ------------------------------------------------------------------ storage
 
@@ -95,13 +98,26 @@ class KvPool(Cache):
     # ------------------------------------------------------------------ the forward's view
 
     def set_view(self, batch: int, length: int, write_pos: torch.Tensor) -> None:
+        """Decode: rows 0..batch-1 each write one entry at ``write_pos`` and attend over ``length`` entries."""
         self.batch, self.length, self.write_pos = batch, length, write_pos
+        self.prefill_rows = self.prefill_index = None
+
+    def set_prefill_view(self, rows: torch.Tensor, index: torch.Tensor) -> None:
+        """Prefill of rows without a prefix: token t of row i goes to entry ``index[i, t]`` of pool row
+        ``rows[i]``, and attention runs over the prompt's own keys (there is nothing before them)."""
+        self.prefill_rows, self.prefill_index = rows, index
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one new token per row at its own position; return the rows' entries up to ``length``."""
-        rows = torch.arange(self.batch, device=key_states.device)
+        """Write one new token per row at its own position; return the rows' entries up to ``length``.
+        (Prefill: write every token where ``prefill_index`` says; return the prompt's own keys and values.)"""
         k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self.prefill_rows is not None:
+            rows = self.prefill_rows[:, None]
+            k[rows, :, self.prefill_index] = key_states.transpose(1, 2).to(k.dtype)  # [n, T, heads, dim]
+            v[rows, :, self.prefill_index] = value_states.transpose(1, 2).to(v.dtype)
+            return key_states, value_states
+        rows = torch.arange(self.batch, device=key_states.device)
         k[rows, :, self.write_pos] = key_states[:, :, 0].to(k.dtype)
         v[rows, :, self.write_pos] = value_states[:, :, 0].to(v.dtype)
         return k[: self.batch, :, : self.length], v[: self.batch, :, : self.length]
@@ -124,3 +140,14 @@ def decode_mask(write_pos: torch.Tensor, length: int, dtype: torch.dtype) -> tor
     mask = torch.zeros(visible.shape, dtype=dtype, device=write_pos.device)
     mask.masked_fill_(~visible, torch.finfo(dtype).min)
     return mask[:, None, None, :]
+
+
+def prefill_mask(pads: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive causal mask ``[rows, 1, length, length]`` for left-padded prompts: token t of row i sees
+    tokens pads[i]..t. A padding query sees only itself, so that its softmax stays finite."""
+    t = torch.arange(length, device=pads.device)
+    query, key = t[None, :, None], t[None, None, :]
+    visible = ((key <= query) & (key >= pads[:, None, None])) | (key == query)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=pads.device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[:, None]

@@ -1,12 +1,9 @@
-"""The decode step's bookkeeping: shape buckets, and the cache of captured graphs (GPU behaviour itself is
-checked by the parity suite on the device: ADAPTERD_TEST_DEVICE=cuda)."""
+"""The decode step's shape buckets (its GPU behaviour is checked by the parity suite on the device:
+ADAPTERD_TEST_DEVICE=cuda)."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from types import SimpleNamespace
-
-from adapterd.server.engine.decode_step import DecodeStep, batch_bucket, length_bucket, rank_bucket
+from adapterd.server.engine.decode_step import batch_bucket, length_bucket, rank_bucket
 
 
 def test_buckets():
@@ -18,21 +15,8 @@ def test_buckets():
     assert rank_bucket(40, 32) == 32
 
 
-def test_graphs_are_kept_per_shape_least_recently_used_out(monkeypatch):
-    """The graph cache without a GPU: capture is replaced by a recorder, the bookkeeping is what is tested."""
-    pool = SimpleNamespace(generation=1)
-    slots = SimpleNamespace(wraps=0)
-    step = DecodeStep.__new__(DecodeStep)
-    step.pool, step.slots, step.max_graphs = pool, slots, 2
-    step._graphs, step._graph_pool, step._addresses = OrderedDict(), None, (1, 0)
-    captured = []
-    monkeypatch.setattr(step, "_capture", lambda b, n, r: captured.append((b, n, r)) or (f"g{b}{n}{r}", None))
-    assert step._graph(1, 128, 0)[0] == "g11280" and step._graph(1, 128, 0)[0] == "g11280"
-    step._graph(2, 128, 0)
-    step._graph(1, 128, 0)  # used again: now the most recent
-    step._graph(4, 256, 16)  # a third shape: the least recently used (2, 128, 0) goes
-    assert list(step._graphs) == [(1, 128, 0), (4, 256, 16)]
-    assert captured == [(1, 128, 0), (2, 128, 0), (4, 256, 16)]
-    pool.generation = 2  # the pool moved: every graph is stale
-    step._graph(1, 128, 0)
-    assert captured[-1] == (1, 128, 0) and list(step._graphs) == [(1, 128, 0)]
+def test_prompt_buckets():
+    from adapterd.server.engine.prefill_step import prompt_bucket
+
+    assert [prompt_bucket(n, 4096) for n in (1, 16, 17, 100, 4000)] == [16, 16, 32, 128, 4096]
+    assert prompt_bucket(3000, 2048) == 2048

@@ -56,3 +56,26 @@ def test_decode_mask_shows_each_row_its_entries_and_new_token():
     low = torch.finfo(torch.float32).min
     assert mask[0, 0, 0].tolist() == [0.0, low, low, low]
     assert mask[1, 0, 0].tolist() == [0.0, 0.0, 0.0, low]
+
+
+def test_prefill_writes_each_prompt_to_the_front_of_its_row_and_padding_after():
+    from adapterd.server.engine.kv_pool import prefill_mask
+
+    pool = _pool()
+    pool.reserve(3, 4)
+    pads = torch.tensor([1, 0])  # row 1 (pool row 1) has a 3-token prompt, row 2 (pool row 2) a 4-token one
+    t = torch.arange(4)
+    pool.set_prefill_view(torch.tensor([1, 2]), (t[None, :] - pads[:, None]) % 4)
+    k = torch.arange(2 * 2 * 4 * 3, dtype=torch.float32).view(2, 2, 4, 3)  # [rows, heads, T, dim]
+    keys, values = pool.update(k, -k, layer_idx=0)
+    assert keys is k  # attention runs over the prompt's own keys
+    assert torch.equal(pool.keys[0][1, :, :3], k[0, :, 1:])  # the prompt first...
+    assert torch.equal(pool.keys[0][1, :, 3], k[0, :, 0])  # ...its padding after it
+    assert torch.equal(pool.keys[0][2], k[1]) and torch.equal(pool.values[0][2], -k[1])
+    assert pool.keys[0][0].abs().sum() == 0
+
+    mask = prefill_mask(pads, 4, torch.float32)[:, 0]
+    low = torch.finfo(torch.float32).min
+    assert mask[0, 0].tolist() == [0.0, low, low, low]  # a padding query sees only itself
+    assert mask[0, 3].tolist() == [low, 0.0, 0.0, 0.0]  # the last token sees the prompt, not the padding
+    assert mask[1, 2].tolist() == [0.0, 0.0, 0.0, low]  # causal

@@ -54,8 +54,9 @@ def references(request, tiny_model_dir, adapter_root):
     return q, refs
 
 
-# "exact": decode shapes fit the batch; "bucketed": padded to the CUDA graphs' bucket shapes (padding rows,
-# padding key/value columns, a rank bucket), which is what a GPU replays; on a GPU both run in graphs.
+# "exact": prefill and decode shapes fit the batch; "bucketed": padded to the CUDA graphs' bucket shapes
+# (padding rows, padded prompts, padding key/value columns, a rank bucket), which is what a GPU replays; on a
+# GPU both run in graphs.
 DECODE_MODES = ["exact", "bucketed"]
 
 
@@ -63,7 +64,7 @@ DECODE_MODES = ["exact", "bucketed"]
 def test_mixed_batch_matches_peft_alone(references, decode, tiny_model_dir, adapter_root):
     quantization, refs = references
     runtime = Runtime(_load(tiny_model_dir, quantization), adapter_root, EngineConfig(max_batch_size=64))
-    runtime.engine.decoder.bucketed = decode == "bucketed"
+    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = decode == "bucketed"
     observed = []
 
     class Watch(EngineObserver):
@@ -122,7 +123,7 @@ def test_rows_leaving_out_of_order_keep_the_others_tokens(decode, tiny_model_dir
     """Rows finish at different steps; each leaving row's place in the key/value pool is taken by the last
     row, whose entries move. Every row's tokens still equal PEFT's for its prompt and adapter alone."""
     runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
-    runtime.engine.decoder.bucketed = decode == "bucketed"
+    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = decode == "bucketed"
     jobs = [(p, a, 3 + 4 * (i % 4)) for i, (p, a) in enumerate((p, a) for a in ADAPTERS for p in PROMPTS[:2])]
     sinks = []
     for i, (prompt, adapter_id, n) in enumerate(jobs):

@@ -1,0 +1,122 @@
+"""Prefill of rows without a prefix adapter, straight into the key/value pool: eager, or from a CUDA graph.
+
+An eager prefill pays the host-side Python of a whole forward (~20 ms for a 7B model) whatever the prompt,
+so short prompts arriving one by one keep the engine busy prefilling (bench/NOTES.md). Here the admitted
+rows' prompts are left-padded to one length and written into their own pool rows as they are computed:
+token t of row i lands at entry ``(t - pads[i]) mod T``, which puts the prompt at the front of the row
+(where decode expects it) and the padding after it, where decode overwrites it before ever reading it.
+Attention runs over the prompts' own keys with a left-padded causal mask; only the last position's logits
+are computed. On CUDA the forward is captured per (rows bucket, prompt length bucket, LoRA rank bucket).
+
+Rows with a prefix adapter keep the engine's general prefill (virtual tokens in front of the prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.engine.decode_step import batch_bucket, rank_bucket
+from adapterd.server.engine.graphs import GraphCache
+from adapterd.server.engine.kv_pool import KvPool, prefill_mask
+from adapterd.server.model import BaseModel
+
+log = logging.getLogger(__name__)
+
+MIN_PROMPT_BUCKET = 16  # tokens
+
+
+def prompt_bucket(n: int, limit: int) -> int:
+    """Powers of two from 16: a prompt pads to less than twice its length."""
+    bucket = MIN_PROMPT_BUCKET
+    while bucket < n:
+        bucket *= 2
+    return min(bucket, limit)
+
+
+class PrefillStep:
+    def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, use_graphs: bool) -> None:
+        self.base, self.pool, self.slots = base, pool, slots
+        self.use_graphs = use_graphs and base.device.type == "cuda"
+        self.bucketed = False  # pad to the graphs' shapes when eager too (CPU tests)
+        self.graphs = GraphCache("prefill")
+        self._inputs: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # static, per shape
+
+    def fits(self, first: int, prompts: Sequence[Sequence[int]]) -> bool:
+        """Whether rows ``first``.. can take these prompts (the padded shape must fit the pool's limits)."""
+        rows, length = self._shape(len(prompts), max(len(p) for p in prompts))
+        return first + rows <= self.pool.max_rows and length <= self.pool.max_capacity
+
+    def run(self, first: int, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
+        """Prefill ``prompts`` into pool rows ``first``.. and return each one's last-token logits [n, vocab]."""
+        n = len(prompts)
+        rows, length = self._shape(n, max(len(p) for p in prompts))
+        rank = self.slots.rank_of(slots)
+        if self.use_graphs or self.bucketed:
+            rank = rank_bucket(rank, self.slots.max_rank)
+        self.pool.reserve(first + rows, length)
+        key = (rows, length, rank)
+        inputs = self._fill_inputs(key, first, prompts, slots)
+        if not self.use_graphs:
+            return self._forward(key, inputs)[:n]
+        try:
+            graph, logits = self.graphs.get(key, (self.pool.generation, self.slots.wraps),
+                                            lambda k: self.graphs.capture(lambda: self._forward(k, inputs)))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # a kernel that cannot be captured: prefill eagerly from now on
+            log.warning("CUDA graph capture of a prefill failed (%s); prefilling eagerly from now on", exc)
+            self.use_graphs = False
+            self.graphs.clear()
+            return self._forward(key, inputs)[:n]
+        graph.replay()
+        return logits[:n]
+
+    def _shape(self, n: int, longest: int) -> tuple[int, int]:
+        if not (self.use_graphs or self.bucketed):
+            return n, longest
+        return batch_bucket(n, self.pool.max_rows), prompt_bucket(longest, self.pool.max_capacity)
+
+    def _fill_inputs(self, key: tuple[int, int, int], first: int, prompts: Sequence[Sequence[int]],
+                     slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static inputs of this shape: ``[2, rows, T]`` token ids and position ids, and ``[3, rows]`` padding
+        and LoRA slot per row, and the first pool row (in [2, 0]). Rows past the prompts are all padding and
+        write into pool rows no live row uses."""
+        rows, length, _ = key
+        pad_id = self.base.tokenizer.pad_token_id or 0
+        tokens = torch.zeros(2, rows, length, dtype=torch.long)
+        tokens[0].fill_(pad_id)
+        meta = torch.zeros(3, rows, dtype=torch.long)
+        meta[0] = length
+        meta[2, 0] = first
+        for i, prompt in enumerate(prompts):
+            pads = length - len(prompt)
+            tokens[0, i, pads:] = torch.tensor(list(prompt))
+            tokens[1, i, pads:] = torch.arange(len(prompt))
+            meta[0, i], meta[1, i] = pads, slots[i]
+        if not self.use_graphs:  # eager: shapes vary freely, nothing to keep
+            return tokens.to(self.base.device), meta.to(self.base.device)
+        static = self._inputs.get(key)
+        if static is None:
+            static = self._inputs[key] = (torch.zeros_like(tokens, device=self.base.device),
+                                          torch.zeros_like(meta, device=self.base.device))
+        static[0].copy_(tokens)
+        static[1].copy_(meta)
+        return static
+
+    def _forward(self, key: tuple[int, int, int], inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        rows, length, rank = key
+        (ids, positions), (pads, slots, first) = inputs[0], (inputs[1][0], inputs[1][1], inputs[1][2, 0])
+        t = torch.arange(length, device=ids.device)
+        self.pool.set_prefill_view(first + torch.arange(rows, device=ids.device), (t[None, :] - pads[:, None]) % length)
+        self.slots.rows.set(slots, rank, self.slots.num_slots)
+        try:
+            out = self.base.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                                  attention_mask=prefill_mask(pads, length, self.base.dtype),
+                                  **{self.base.cache_kwarg: self.pool})
+        finally:
+            self.pool.prefill_rows = self.pool.prefill_index = None
+        return out.logits[:, -1, :]

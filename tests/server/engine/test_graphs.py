@@ -1,0 +1,24 @@
+"""The cache of captured graphs, without a GPU: capture is replaced by a recorder."""
+
+from __future__ import annotations
+
+from adapterd.server.engine.graphs import GraphCache
+
+
+def test_graphs_are_kept_per_shape_least_recently_used_out():
+    cache = GraphCache("test", max_graphs=2)
+    captured = []
+
+    def capture(key):
+        captured.append(key)
+        return f"graph{key}", None
+
+    assert cache.get((1, 128, 0), (1, 0), capture)[0] == "graph(1, 128, 0)"
+    cache.get((1, 128, 0), (1, 0), capture)
+    cache.get((2, 128, 0), (1, 0), capture)
+    cache.get((1, 128, 0), (1, 0), capture)  # used again: now the most recent
+    cache.get((4, 256, 16), (1, 0), capture)  # a third shape: the least recently used (2, 128, 0) goes
+    assert cache.keys() == [(1, 128, 0), (4, 256, 16)]
+    assert captured == [(1, 128, 0), (2, 128, 0), (4, 256, 16)] and cache.captures == 3
+    cache.get((1, 128, 0), (2, 0), capture)  # the storage moved: every graph is stale
+    assert captured[-1] == (1, 128, 0) and cache.keys() == [(1, 128, 0)]
