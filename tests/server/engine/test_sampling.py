@@ -66,9 +66,12 @@ def test_eos_ends_the_answer_unless_min_new_tokens(runtime, tiny_model_dir, adap
 
 
 def test_time_limit(runtime):
+    # 5 ms: well under the time the tiny model takes to fill its context even on an H200 with decode graphs
+    # (~0.3 ms a step there: a 0.3 s limit let it reach the context end first)
     events = generate(runtime, "hello", GenerationParams(max_new_tokens=100000, min_new_tokens=100000,
-                                                         time_limit_s=0.3))
+                                                         time_limit_s=0.005))
     assert events[-1].stop_reason == StopReason.TIME_LIMIT
+    assert events[0].input_token_count + events[-1].generated_token_count < runtime.base.max_sequence_length
 
 
 def test_context_limit_stops_with_token_limit(tiny_model_dir, adapter_root):
