@@ -8,6 +8,8 @@ Before each forward the engine sets one slot index per batch row, and the layer 
 ``scaling * (x @ A^T) @ B^T`` to the base output: the S-LoRA/Punica idea. A forward with few rows gathers
 each row's A and B; one with many rows reads every slot once and keeps each row's own product (dense).
 Slot 0 stays all zeros and means "no adapter", so base rows get exactly the base output.
+A decode step (one token a row, at most 64 rows) on a GPU goes to the BGMV kernels of
+``server/kernels/lora_bgmv.py`` instead: two launches a layer that read only the slots in use.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from adapterd.server.errors import FailedPrecondition
+from adapterd.server.kernels import LORA_KERNEL_MAX_ROWS, lora_kernel_available
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 # PEFT features that change the math of a LoRA layer beyond x @ A^T @ B^T * scaling: refused, with a reason.
@@ -128,10 +131,15 @@ class RowSlots:
     that many rank rows of the slot tables, not the configured maximum. ``onehot`` ([rows, slots], set when
     the forward has many rows) selects the dense path: every slot's weights are read once and each row
     keeps its own slot's product, instead of copying each row's adapter out of the tables.
+
+    ``use_kernel`` (default True): decode steps use the BGMV kernels where ``lora_kernel_available`` says
+    they run; the engine sets it False to keep every forward on the torch paths (set it before capturing
+    graphs: a captured graph keeps the path it was captured with).
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32, use_kernel: bool = True) -> None:
         self.dtype = dtype
+        self.use_kernel = use_kernel
         self.slots: torch.Tensor | None = None
         self.rank = 0
         self.onehot: torch.Tensor | None = None
@@ -162,6 +170,7 @@ class BatchedLoraLinear(nn.Module):
         in_f, out_f = _linear_shape(base_layer)
         self.register_buffer("lora_a", torch.zeros(max_rank, num_slots, in_f, dtype=dtype, device=device))
         self.register_buffer("lora_b", torch.zeros(max_rank, num_slots, out_f, dtype=dtype, device=device))
+        self._kernel_on: tuple[torch.device, bool] | None = None  # (device, lora_kernel_available(device))
 
     @property
     def in_features(self) -> int:
@@ -185,7 +194,26 @@ class BatchedLoraLinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if self.rows.slots is None:
             return y
+        if self._decode_kernel(x, y):
+            from adapterd.server.kernels.lora_bgmv import lora_delta_
+
+            y = y if y.is_contiguous() else y.contiguous()
+            lora_delta_(y.view(x.shape[0], -1), x.reshape(x.shape[0], -1), self.lora_a, self.lora_b,
+                        self.rows.slots, self.rows.rank)
+            return y
         return self._dense(x, y) if self.rows.onehot is not None else self._gathered(x, y)
+
+    def _decode_kernel(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether this forward goes to the BGMV kernels: a decode step (one token a row: x ``[rows, in]`` or
+        ``[rows, 1, in]``, at most LORA_KERNEL_MAX_ROWS rows), nothing for autograd to track (y is updated in
+        place), ``rows.use_kernel`` set, and the kernels available on x's device (asked once a device)."""
+        rows = x.shape[0]
+        if (not self.rows.use_kernel or rows > LORA_KERNEL_MAX_ROWS or x.dim() not in (2, 3)
+                or x.numel() != rows * x.shape[-1] or x.requires_grad or y.requires_grad):
+            return False
+        if self._kernel_on is None or self._kernel_on[0] != x.device:
+            self._kernel_on = (x.device, lora_kernel_available(x.device))
+        return self._kernel_on[1]
 
     def _gathered(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         slots, r = self.rows.slots, self.rows.rank

@@ -1,14 +1,29 @@
-"""Custom kernels for serving. Importing this package does not import Triton: ``int8_weight_matmul`` and
-``MAX_KERNEL_ROWS`` (which need it) load on first access; check ``int8_kernel_available(device)`` first."""
+"""Custom kernels for serving. Importing this package does not import Triton: ``int8_weight_matmul``,
+``MAX_KERNEL_ROWS`` and ``lora_delta_`` (which need it) load on first access; check
+``int8_kernel_available(device)`` or ``lora_kernel_available(device)`` first."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from adapterd.server.kernels.int8_linear import Int8WeightOnlyLinear, int8_kernel_available, use_int8_kernel, warm_up
 
-__all__ = ["MAX_KERNEL_ROWS", "Int8WeightOnlyLinear", "int8_kernel_available", "int8_weight_matmul",
-           "use_int8_kernel", "warm_up"]
+__all__ = ["LORA_KERNEL_MAX_ROWS", "MAX_KERNEL_ROWS", "Int8WeightOnlyLinear", "int8_kernel_available",
+           "int8_weight_matmul", "lora_delta_", "lora_kernel_available", "use_int8_kernel", "warm_up"]
+
+# The most rows (one token each) for which BatchedLoraLinear hands a forward to ``lora_delta_``: a decode
+# step of the engine's largest batch. The kernels take any row count; more rows are a prefill's, which
+# the torch paths (batched matmuls over all tokens) serve better.
+LORA_KERNEL_MAX_ROWS = 64
+
+
+def lora_kernel_available(device: torch.device | str) -> bool:
+    """True when the batched LoRA decode kernels (``lora_bgmv``) can run for tensors on ``device``: the int8
+    kernel's conditions, a CUDA device of compute capability 8.0 or later (bf16 loads and conversions) with
+    Triton importable, or any device while TRITON_INTERPRET=1 (tests only: slow)."""
+    return int8_kernel_available(device)
 
 
 def __getattr__(name: str) -> Any:
@@ -16,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from adapterd.server.kernels import int8_matmul
 
         return getattr(int8_matmul, name)
+    if name == "lora_delta_":
+        from adapterd.server.kernels import lora_bgmv
+
+        return lora_bgmv.lora_delta_
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

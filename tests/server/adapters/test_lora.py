@@ -58,3 +58,51 @@ def test_stage_on_keeps_every_view_of_a_shared_buffer():
     # each staged view starts where its host tensor starts in the shared buffer (one copy, offsets kept)
     assert [(m.a.storage_offset(), m.b.storage_offset()) for m in staged.values()] == [
         (m.a.storage_offset(), m.b.storage_offset()) for m in modules.values()]
+
+
+def test_decode_steps_go_to_the_kernel_where_it_runs(monkeypatch):
+    """Dispatch only (the kernels' own tests are in tests/server/kernels): a stand-in kernel adding the torch
+    reference in place. A decode step (one token a row, at most 64 rows) goes to it when it is available and
+    ``rows.use_kernel`` is set; prefill, more rows, the opt-out and an unavailable device keep the torch paths.
+    Availability is asked once a device, not once a forward."""
+    import sys
+    import types
+
+    import adapterd.server.adapters.lora as lora
+
+    calls, asked = [], []
+
+    def fake_delta(y, x, a, b, slots, rank):
+        calls.append((tuple(y.shape), tuple(x.shape), rank))
+        xa = torch.einsum("mk,rmk->mr", x, a[:rank].index_select(1, slots))
+        y += torch.einsum("mr,rmn->mn", xa, b[:rank].index_select(1, slots))
+
+    monkeypatch.setitem(sys.modules, "adapterd.server.kernels.lora_bgmv", types.SimpleNamespace(lora_delta_=fake_delta))
+    available = {"cpu": True}
+    monkeypatch.setattr(lora, "lora_kernel_available", lambda d: asked.append(d) or available["cpu"])
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(12, 10))
+    table = LoraSlotTable(model, num_slots=4, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
+    s1 = table.acquire("a", weights("proj", 4, 12, 10, 2.0, 1))
+    s2 = table.acquire("b", weights("proj", 8, 12, 10, 0.5, 2))
+    with torch.no_grad():
+        table.set_rows([s1, 0, s2])
+        x = torch.randn(3, 1, 12)
+        out = model(x)
+        assert calls == [((3, 10), (3, 12), 8)]
+        table.rows.use_kernel = False
+        torch.testing.assert_close(out, model(x))  # the torch path gives the same
+        model(torch.randn(3, 12))
+        assert len(calls) == 1
+        table.rows.use_kernel = True
+        model(torch.randn(3, 12))  # [rows, in] is a decode step too
+        model(torch.randn(3, 5, 12))  # prefill
+        table.set_rows([s1] * 65)
+        model(torch.randn(65, 1, 12))  # more rows than a decode step
+        assert len(calls) == 2 and asked == [torch.device("cpu")]
+        table.set_rows([s1, s2])
+        table.layers["proj"]._kernel_on = None
+        available["cpu"] = False
+        model(torch.randn(2, 1, 12))
+        assert len(calls) == 2 and len(asked) == 2

@@ -1,0 +1,250 @@
+"""Micro-benchmark of the batched LoRA decode kernels (server/kernels/lora_bgmv.py) against the torch paths of
+``BatchedLoraLinear`` (issue 6: 32 rows on 32 adapters must cost at most ~9 µs of LoRA a layer).
+
+For one LoRA-wrapped layer of Llama-2-7B's attention (in x out = 4096x4096; q, k, v, o: 128 such layers a
+step), tables as the daemon keeps them (bf16, rank-major ``A [R, slots, in]``, ``B [R, slots, out]``, R = 64,
+33 slots: slot 0 empty plus 32 adapters) and a decode step's rows (one token each; rows 1 and 32, row i on
+slot i + 1, so 32 rows use 32 distinct adapters), rank 16, it times the LoRA delta alone (the base matmul is
+timed once beside it, ``base``, for scale):
+
+* dense: ``BatchedLoraLinear._dense`` (x @ every slot's A, one-hot mask, addmm: what 32 rows run today);
+* gathered: ``BatchedLoraLinear._gathered`` (each row's A and B gathered, two bmm: what 1 row runs today);
+* kernel: ``lora_delta_`` (shrink + expand, in place on y).
+
+Each method rotates through enough copies of the layer's tables (``--rotate-mb`` of rank rows read a cycle,
+default 256 MB, over 4 times the H200's 60 MB L2) that every call reads its weights from HBM, as a decode step
+does (128 layers' tables are long evicted when the next step comes back to one). Calls are captured in a
+CUDA graph and timed with CUDA events over many replays (the daemon replays decode steps from graphs); a
+method whose capture fails is timed eagerly and marked ``eager``. Errors are max |delta - ref| with ref the
+fp32 torch product of the same bf16 tables, next to max |ref|.
+
+    python3 bench/lora_kernel_bench.py --json-out lora.json     # on the GPU
+    python3 bench/lora_kernel_bench.py --device cpu             # tiny shapes, Triton interpreter: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+METHODS = ("dense", "gathered", "kernel")
+LLAMA_LAYERS = 128  # LoRA-wrapped layers a Llama-2-7B decode step runs with q, k, v, o targeted (32 x 4)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def time_cuda(calls: list[Callable[[], object]], per_graph: int, replays: int) -> tuple[float, str]:
+    """Microseconds a call: ``per_graph`` calls (cycling over ``calls``) captured in one graph, replayed."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture: compilation, cuBLAS workspaces, lazy init
+        for call in calls * 2:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for i in range(per_graph):
+                calls[i % len(calls)]()
+        run, mode = graph.replay, "graph"
+    except RuntimeError as exc:
+        print(f"  capture failed ({str(exc).splitlines()[0][:120]}); timing eagerly", file=sys.stderr)
+        torch.cuda.synchronize()
+
+        def run() -> None:
+            for i in range(per_graph):
+                calls[i % len(calls)]()
+
+        mode = "eager"
+    run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * per_graph), mode
+
+
+def time_cpu(calls: list[Callable[[], object]], iters: int) -> tuple[float, str]:
+    for call in calls:
+        call()
+    start = time.perf_counter()
+    for i in range(iters):
+        calls[i % len(calls)]()
+    return (time.perf_counter() - start) * 1e6 / iters, "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- one shape
+
+
+def make_layers(in_f: int, out_f: int, args: argparse.Namespace, copies: int) -> list:
+    """``copies`` BatchedLoraLinear layers sharing one RowSlots, random tables (slot 0 left at zeros),
+    B of LoRA-like size already scaled; the base layer is a bias-free linear (not called by the methods)."""
+    import torch
+    from torch import nn
+
+    from adapterd.server.adapters.lora import BatchedLoraLinear, RowSlots
+
+    dev, dtype = torch.device(args.device), torch.bfloat16
+    rows = RowSlots(dtype)
+    gen = torch.Generator(dev).manual_seed(in_f * 7 + out_f)
+    base = nn.Linear(in_f, out_f, bias=False, device="meta")  # shape only: no memory
+    layers = []
+    for _ in range(copies):
+        layer = BatchedLoraLinear(base, rows, args.slots, args.max_rank, dtype, dev)
+        with torch.no_grad():
+            layer.lora_a[:, 1:].normal_(0.0, in_f**-0.5, generator=gen)
+            layer.lora_b[:, 1:].normal_(0.0, 0.5 * args.rank**-0.5, generator=gen)
+        layers.append(layer)
+    return layers
+
+
+def bench_shape(in_f: int, out_f: int, row_counts: list[int], args: argparse.Namespace) -> list[dict]:
+    """Every row count for one layer shape; one result dict a row count."""
+    import torch
+
+    on_gpu = args.device.startswith("cuda")
+    read_bytes = args.rank * args.slots * (in_f + out_f) * 2  # rank rows of both tables, every slot (dense)
+    copies = max(2, -(-int(args.rotate_mb * 2**20) // read_bytes)) if on_gpu else 2
+    layers = make_layers(in_f, out_f, args, copies)
+    n_weights = max(2, -(-int(args.rotate_mb * 2**20) // (2 * in_f * out_f))) if on_gpu else 2
+    weights = [torch.randn(out_f, in_f, device=args.device, dtype=torch.bfloat16) * in_f**-0.5
+               for _ in range(n_weights)]
+    results = []
+    for m in row_counts:
+        results.append(bench_rows(m, layers, weights, args))
+        print(format_line(results[-1]), flush=True)
+    return results
+
+
+def bench_rows(m: int, layers: list, weights: list, args: argparse.Namespace) -> dict:
+    """One decode step's rows: check each method's delta once against the fp32 reference, then time them."""
+    import torch
+    import torch.nn.functional as F
+
+    from adapterd.server.kernels.lora_bgmv import lora_delta_, plan, reference_delta
+
+    dev, dtype, r, num_slots = args.device, torch.bfloat16, args.rank, args.slots
+    first = layers[0]
+    in_f, out_f = first.in_features, first.out_features
+    gen = torch.Generator(dev).manual_seed(m)
+    x = torch.randn(m, 1, in_f, device=dev, dtype=dtype, generator=gen)  # a decode step: one token a row
+    y0 = torch.randn(m, 1, out_f, device=dev, dtype=dtype, generator=gen)
+    slots = (torch.arange(m, device=dev) % (num_slots - 1)) + 1  # row i on slot i + 1: distinct adapters
+    # Both torch paths' state at once (the layers share it): gathered reads slots and rank, dense the one-hot.
+    rows_state = first.rows
+    rows_state.slots, rows_state.rank = slots, r
+    rows_state.onehot = F.one_hot(slots, num_slots).to(dtype)[:, None, None, :]
+    x2, y2 = x.view(m, in_f), y0.view(m, out_f)
+    y_kernel = y2.clone()  # the timed kernel calls add into it, in place, over and over
+    ref = reference_delta(x2, first.lora_a, first.lora_b, slots, r)
+    with torch.no_grad():
+        y_check = y2.clone()
+        lora_delta_(y_check, x2, first.lora_a, first.lora_b, slots, r)
+        deltas = {"dense": first._dense(x, y0).view(m, out_f).float() - y2.float(),
+                  "gathered": first._gathered(x, y0).view(m, out_f).float() - y2.float(),
+                  "kernel": y_check.float() - y2.float()}
+    methods = {
+        "base": [lambda w=w: F.linear(x2, w) for w in weights],
+        "dense": [lambda layer=layer: layer._dense(x, y0) for layer in layers],
+        "gathered": [lambda layer=layer: layer._gathered(x, y0) for layer in layers],
+        "kernel": [lambda layer=layer: lora_delta_(y_kernel, x2, layer.lora_a, layer.lora_b, slots, r)
+                   for layer in layers],
+    }
+    result = {"shape": f"{in_f}x{out_f}", "rows": m, "rank": r, "slots": num_slots, "copies": len(layers),
+              "plan": plan(in_f, out_f, r), "ref_max": ref.abs().max().item()}
+    for name, calls in methods.items():
+        with torch.no_grad():
+            us, mode = (time_cuda(calls, args.per_graph, args.replays) if dev.startswith("cuda")
+                        else time_cpu(calls, args.iters))
+        result[name] = {"us": us, "mode": mode}
+        if name in deltas:
+            result[name]["err"] = (deltas[name] - ref).abs().max().item()
+    result["current"] = "dense" if 3 * m >= num_slots else "gathered"  # what RowSlots.set picks today
+    return result
+
+
+def format_line(r: dict) -> str:
+    parts = [f"{r['shape']:>10} rows={r['rows']:<3} r={r['rank']}"]
+    for name in ("base",) + METHODS:
+        c = r[name]
+        err = f" err {c['err']:.2e}" if "err" in c else ""
+        parts.append(f"{name} {c['us']:8.2f} µs{err}" + ("" if c["mode"] in ("graph", "cpu") else f" ({c['mode']})"))
+    kernel, current = r["kernel"]["us"], r[r["current"]]["us"]
+    parts.append(f"today ({r['current']}) / kernel {current / kernel:.2f}x | max |delta| {r['ref_max']:.3g}")
+    return " | ".join(parts)
+
+
+def summary(results: list[dict]) -> str:
+    lines = ["| shape (in x out) | rows | rank | base µs | dense µs | gathered µs | kernel µs | today's path | "
+             "today / kernel | LoRA ms a step today | LoRA ms a step, kernel |", "|" + "---|" * 11]
+    for r in results:
+        current, kernel = r[r["current"]]["us"], r["kernel"]["us"]
+        lines.append(f"| {r['shape']} | {r['rows']} | {r['rank']} | {r['base']['us']:.1f} | {r['dense']['us']:.1f} | "
+                     f"{r['gathered']['us']:.1f} | {kernel:.1f} | {r['current']} | {current / kernel:.2f} | "
+                     f"{current * LLAMA_LAYERS / 1e3:.2f} | {kernel * LLAMA_LAYERS / 1e3:.2f} |")
+    return "\n".join(lines) + (f"\n\nms a step: µs a layer x {LLAMA_LAYERS} (Llama-2-7B, q/k/v/o targeted), "
+                               "if every layer were this shape.")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda (default when there is a GPU) or cpu (tiny shapes, "
+                   "TRITON_INTERPRET=1 set for you)")
+    p.add_argument("--rows", default="1,32", help="comma-separated row counts (one token each)")
+    p.add_argument("--shapes", default=None, help="comma-separated INxOUT (default 4096x4096 on the GPU)")
+    p.add_argument("--rank", type=int, default=16, help="the step's rank bucket (rank rows read)")
+    p.add_argument("--max-rank", type=int, default=64, help="R, the tables' rank rows (the daemon's default)")
+    p.add_argument("--slots", type=int, default=33, help="table slots, slot 0 (no adapter) included")
+    p.add_argument("--rotate-mb", type=float, default=256.0, help="bytes each method cycles through")
+    p.add_argument("--per-graph", type=int, default=50, help="calls captured in one CUDA graph")
+    p.add_argument("--replays", type=int, default=40, help="graph replays timed")
+    p.add_argument("--iters", type=int, default=3, help="calls timed on the CPU")
+    p.add_argument("--json-out", type=Path, help="also write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = args.device.startswith("cuda")
+    if not on_gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read by the kernel at each call
+        if args.shapes is None:
+            args.rank, args.max_rank, args.slots = min(args.rank, 8), min(args.max_rank, 8), min(args.slots, 5)
+    from adapterd.server.kernels import lora_kernel_available
+
+    if not lora_kernel_available(args.device):
+        raise SystemExit(f"the LoRA kernel cannot run on {args.device} (Triton missing, or TRITON_INTERPRET=0?)")
+    if not 0 < args.rank <= args.max_rank or args.slots < 2:
+        raise SystemExit("need 0 < --rank <= --max-rank and --slots >= 2")
+    shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
+              else [(4096, 4096)] if on_gpu else [(64, 96)])
+    row_counts = [int(m) for m in args.rows.split(",")]
+    machine = torch.cuda.get_device_name(torch.device(args.device)) if on_gpu else "cpu (Triton interpreter)"
+    print(f"{machine}; bf16; R = {args.max_rank}, {args.slots} slots, rank {args.rank}")
+    results = [r for in_f, out_f in shapes for r in bench_shape(in_f, out_f, row_counts, args)]
+    print("\n" + summary(results))
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"machine": machine, "results": results}, ensure_ascii=False, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

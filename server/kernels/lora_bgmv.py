@@ -1,0 +1,211 @@
+"""Batched LoRA for decode steps (BGMV, after Punica): ``y[i] += (x[i] @ A[:r, s_i].T) @ B[:r, s_i]``.
+
+One token a row, each row with its own adapter slot ``s_i``: a matrix-vector product per row, memory bound
+(every weight byte read is used for one multiply-add per row). The torch paths of ``BatchedLoraLinear`` cost
+three kernels a layer (a low-occupancy ``x @ A_all`` matmul over every slot, a one-hot multiply, an addmm);
+these are two, and read only the slots in use:
+
+* shrink, grid ``(rows, splits)``: program ``(i, s)`` reads row i of x and its slot's ``A[:r, slot]`` over
+  split s of K (``tiles`` tiles of ``BLOCK_K``) and stores the fp32 partial ``p[s, i, :BLOCK_R]``. Splitting K
+  gives one row enough programs to keep the GPU's memory system busy: at ``in = 4096`` and rank 16, one
+  program would stream 128 KB of A alone; 16 splits of 8 KB each do it in one memory round trip.
+* expand, grid ``(rows, cdiv(out, BLOCK_N))``: program ``(i, n)`` sums row i's partials over the splits (one
+  ``[BLOCK_S, BLOCK_R]`` load: at most ``MAX_PARTIALS`` floats, read from L2), multiplies by its slot's
+  ``B[:r, slot, n-block]`` and adds into ``y[i, n-block]`` (read, add in fp32, cast, store: each program owns
+  its outputs; no atomics, deterministic).
+
+Rows on slot 0 ("no adapter", an all-zero slot) return at once in both kernels: their y is not touched and
+their partials are never written or read. Accumulation is fp32 throughout; x and the tables may be fp32,
+bf16 or fp16, each widened on load; the result is cast to y's dtype once.
+
+Tables are rank-major as ``BatchedLoraLinear`` keeps them: ``A: [R, slots, in]``, ``B: [R, slots, out]`` (B
+pre-scaled); only the first ``rank`` rank rows are read (masked: rank need not be a power of two).
+
+Block sizes are fixed heuristics (no autotuning, so nothing benchmarks or syncs at call time), see
+``plan``: each program's tile is ``TILE_ELEMS`` (4096) elements, 8 KB of bf16 weights, 32 values a thread
+at 4 warps: large enough that a program's loads cover the memory latency, small enough that even one row
+at ``in = out = 4096`` gets 16 programs per kernel, and 32 rows 512.
+
+CUDA graphs: no host sync, no value-dependent shape; the partials' scratch is ``torch.empty`` of a size that
+depends only on (rows, in, rank), so a captured graph allocates it from its pool. ``rank`` is a Python int:
+a graph is captured per rank bucket, as the engine does. Compilation happens on the first call of each
+(dtypes, in, out, BLOCK sizes) combination, so warm up (the engine's eager forwards before each capture do).
+
+Interpreter: with ``TRITON_INTERPRET`` set (read at each call) the same kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+TILE_ELEMS = 4096  # weight elements a program loads at once: BLOCK_R * BLOCK_K (shrink), BLOCK_R * BLOCK_N
+MAX_PARTIALS = 2048  # fp32 partials an expand program sums: splits * BLOCK_R (8 KB, from L2)
+MIN_BLOCK_R = 16  # rank rows a tile covers at least (masked above the rank: no bytes read for them)
+NUM_WARPS = 4
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+# Only Triton builtins (``tl.full``, not ``tl.zeros``), as in int8_matmul: the interpreter can be switched on
+# after Triton was imported. Sums are ``tl.reduce(v, axis, tl.standard._sum_combine)``, what ``tl.sum`` does
+# for fp32 (``tl.sum`` itself is a library function; the interpreter patches ``tl.reduce`` and sums with numpy
+# when it sees ``_sum_combine``). Offsets along the slot and rank axes are int64: a table may pass 2**31
+# elements.
+
+
+def _shrink(x_ptr, a_ptr, slot_ptr, p_ptr, K, rank, tiles,  # noqa: N803 (Triton's naming)
+            stride_xm, stride_xk, stride_ar, stride_as, stride_ak, stride_ps, stride_slot,
+            EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``p[s, i, :] = x[i, ks] @ A[:rank, slot_i, ks].T`` over split s's K tiles ``ks``, fp32 ``[BLOCK_R]``."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
+    if slot == 0:
+        return
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    r_ok = rr < rank
+    first = split * tiles
+    stop = tl.minimum(first + tiles, (K + BLOCK_K - 1) // BLOCK_K)
+    xs = x_ptr + row.to(tl.int64) * stride_xm + (first * BLOCK_K + rk) * stride_xk
+    a_s = a_ptr + slot * stride_as + rr.to(tl.int64)[:, None] * stride_ar + (first * BLOCK_K + rk)[None, :] * stride_ak
+    acc = tl.full((BLOCK_R,), 0.0, tl.float32)
+    for t in range(first, stop):
+        if EVEN_K:
+            x = tl.load(xs).to(tl.float32)
+            a = tl.load(a_s, mask=r_ok[:, None], other=0.0, eviction_policy="evict_first").to(tl.float32)
+        else:
+            k_ok = rk < K - t * BLOCK_K
+            x = tl.load(xs, mask=k_ok, other=0.0).to(tl.float32)
+            a = tl.load(a_s, mask=r_ok[:, None] & k_ok[None, :], other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+        acc += tl.reduce(a * x[None, :], 1, tl.standard._sum_combine)
+        xs += BLOCK_K * stride_xk
+        a_s += BLOCK_K * stride_ak
+    tl.store(p_ptr + split * stride_ps + row * BLOCK_R + rr, acc)
+
+
+def _expand(y_ptr, b_ptr, slot_ptr, p_ptr, N, rank, splits,  # noqa: N803 (Triton's naming)
+            stride_ym, stride_yn, stride_br, stride_bs, stride_bn, stride_ps, stride_slot,
+            EVEN_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``y[i, ns] += (sum over s of p[s, i, :rank]) @ B[:rank, slot_i, ns]``, in fp32, cast to y's dtype."""
+    row = tl.program_id(0)
+    slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
+    if slot == 0:
+        return
+    rr = tl.arange(0, BLOCK_R)
+    rs = tl.arange(0, BLOCK_S)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ps = p_ptr + rs[:, None] * stride_ps + row * BLOCK_R + rr[None, :]
+    xa = tl.reduce(tl.load(ps, mask=(rs < splits)[:, None], other=0.0), 0, tl.standard._sum_combine)  # [BLOCK_R]
+    r_ok = rr < rank
+    bs = b_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br + rn[None, :] * stride_bn
+    ys = y_ptr + row.to(tl.int64) * stride_ym + rn * stride_yn
+    if EVEN_N:
+        b = tl.load(bs, mask=r_ok[:, None], other=0.0, eviction_policy="evict_first").to(tl.float32)
+        y = tl.load(ys).to(tl.float32) + tl.reduce(b * xa[:, None], 0, tl.standard._sum_combine)
+        tl.store(ys, y.to(y_ptr.dtype.element_ty))
+    else:
+        n_ok = rn < N
+        b = tl.load(bs, mask=r_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first").to(tl.float32)
+        y = tl.load(ys, mask=n_ok, other=0.0).to(tl.float32) + tl.reduce(b * xa[:, None], 0, tl.standard._sum_combine)
+        tl.store(ys, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """(shrink, expand), jitted at the first call of each mode (``triton.jit`` reads TRITON_INTERPRET when it
+    wraps the function, so the interpreter can be switched on at run time, as in int8_matmul). ``rank``,
+    ``tiles`` and ``splits`` change with the rank bucket and the shapes only: specializing on them is fine;
+    the row count is never an argument (it is the grid's first axis)."""
+    return triton.jit(_shrink), triton.jit(_expand)
+
+
+# ---------------------------------------------------------------------------------------------- wrapper
+
+
+def plan(in_f: int, out_f: int, rank: int) -> dict[str, int]:
+    """The fixed launch shape for one layer and rank (no autotuning; every number is in elements):
+
+    * ``BLOCK_R``: the rank rows a tile spans, the next power of two of ``rank``, at least 16;
+    * ``BLOCK_K`` = ``TILE_ELEMS / BLOCK_R`` (at least 32): 256 at rank 16, 64 at rank 64;
+    * ``tiles``, ``splits``: K is cut into ``cdiv(in, BLOCK_K)`` tiles, grouped ``tiles`` to a split so that
+      ``splits * BLOCK_R <= MAX_PARTIALS`` (each expand program sums every split's partial): at rank 16,
+      in = 4096 is 16 splits of one tile, in = 14336 is 56; at rank 64 and in = 4096, 32 splits of 2 tiles;
+    * ``BLOCK_N`` = ``TILE_ELEMS / BLOCK_R`` (at least 32); ``BLOCK_S``, the splits rounded up to a power of 2.
+    """
+    block_r = max(MIN_BLOCK_R, triton.next_power_of_2(rank))
+    block_k = max(32, TILE_ELEMS // block_r)
+    k_tiles = triton.cdiv(in_f, block_k)
+    max_splits = max(1, MAX_PARTIALS // block_r)
+    tiles = triton.cdiv(k_tiles, min(k_tiles, max_splits))
+    splits = triton.cdiv(k_tiles, tiles)
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "tiles": tiles, "splits": splits,
+            "BLOCK_N": max(32, TILE_ELEMS // block_r), "BLOCK_S": triton.next_power_of_2(splits)}
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
+           rank: int) -> None:
+    """Shapes and dtypes only (no values read: nothing syncs with the device)."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must be [rows, in] and [rows, out], got {list(x.shape)} and {list(y.shape)}")
+    if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[:2] != lora_b.shape[:2]:
+        raise ValueError(f"tables must be [R, slots, in] and [R, slots, out], got {list(lora_a.shape)} and "
+                         f"{list(lora_b.shape)}")
+    if lora_a.shape[2] != x.shape[1] or lora_b.shape[2] != y.shape[1]:
+        raise ValueError(f"tables {list(lora_a.shape)}, {list(lora_b.shape)} do not fit x {list(x.shape)}, "
+                         f"y {list(y.shape)}")
+    if slots.shape != (x.shape[0],) or slots.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"slots must be an integer [rows={x.shape[0]}] tensor, got {slots.dtype} "
+                         f"{list(slots.shape)}")
+    if not 0 <= rank <= lora_a.shape[0]:
+        raise ValueError(f"rank {rank} is not within the tables' 0..{lora_a.shape[0]}")
+    for name, t in (("x", x), ("y", y), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be fp32, bf16 or fp16, got {t.dtype}")
+
+
+def lora_delta_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                slots: torch.Tensor, rank: int) -> None:
+    """In place: ``y[i] += (x[i] @ lora_a[:rank, slots[i]].T) @ lora_b[:rank, slots[i]]`` for every row i.
+
+    y: ``[rows, out]``, x: ``[rows, in]`` (any strides), lora_a ``[R, S, in]``, lora_b ``[R, S, out]`` (B
+    pre-scaled), slots: int64 or int32 ``[rows]`` on the same device (slot 0 must be all zeros: its rows are
+    skipped), ``rank <= R`` a Python int. Two launches, no host sync: CUDA-graph capturable once compiled.
+    """
+    _check(y, x, lora_a, lora_b, slots, rank)
+    rows, (in_f, out_f) = x.shape[0], (x.shape[1], y.shape[1])
+    if rows == 0 or rank == 0:
+        return
+    cfg = plan(in_f, out_f, rank)
+    shrink, expand = _kernels(interpreting())
+    # [splits, rows, BLOCK_R] fp32; rows on slot 0 leave theirs unwritten (and expand never reads them)
+    p = torch.empty((cfg["splits"], rows, cfg["BLOCK_R"]), device=x.device, dtype=torch.float32)
+    shrink[(rows, cfg["splits"])](
+        x, lora_a, slots, p, in_f, rank, cfg["tiles"],
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), p.stride(0), slots.stride(0),
+        EVEN_K=in_f % cfg["BLOCK_K"] == 0, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], num_warps=NUM_WARPS)
+    expand[(rows, triton.cdiv(out_f, cfg["BLOCK_N"]))](
+        y, lora_b, slots, p, out_f, rank, cfg["splits"],
+        y.stride(0), y.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), p.stride(0), slots.stride(0),
+        EVEN_N=out_f % cfg["BLOCK_N"] == 0, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_S=cfg["BLOCK_S"], num_warps=NUM_WARPS)
+
+
+def reference_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
+                    rank: int) -> torch.Tensor:
+    """What ``lora_delta_`` adds, in fp32 with torch (tests and benchmarks): ``[rows, out]``."""
+    a = lora_a[:rank].index_select(1, slots).float()  # [rank, rows, in]
+    b = lora_b[:rank].index_select(1, slots).float()  # [rank, rows, out]
+    xa = torch.einsum("mk,rmk->mr", x.float(), a)
+    return torch.einsum("mr,rmn->mn", xa, b)

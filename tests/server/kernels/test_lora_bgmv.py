@@ -1,0 +1,279 @@
+"""The batched LoRA decode kernels (BGMV), run by Triton's interpreter on the CPU (conftest.py switches it on
+per test), and compiled on a GPU by the ``gpu`` tests. Shapes are small on the CPU: the interpreter runs each
+program in numpy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adapterd.server.adapters.lora import LoraModule, LoraSlotTable, LoraWeights
+from adapterd.server.kernels import lora_kernel_available
+
+kb = pytest.importorskip("adapterd.server.kernels.lora_bgmv", reason="needs triton (the dev extra, Linux)")
+
+# One unit in the last place, relative (bf16 keeps 8 significant bits, fp16 11); the interpreter rounds
+# fp32 -> bf16 toward zero (up to one ulp), a GPU to nearest (half an ulp).
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 1e-5}
+
+
+def _tables(r: int, s: int, in_f: int, out_f: int, dtype=torch.float32, device="cpu", seed=0):
+    """Rank-major tables ``A [r, s, in]``, ``B [r, s, out]`` with slot 0 all zeros, as BatchedLoraLinear keeps
+    them; values of LoRA-like size (deltas of order one)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(r, s, in_f, generator=g) / in_f**0.5
+    b = torch.randn(r, s, out_f, generator=g) / r**0.5
+    a[:, 0], b[:, 0] = 0.0, 0.0
+    return a.to(device, dtype), b.to(device, dtype)
+
+
+def _run(y0, x, a, b, slots, rank):
+    y = y0.clone()
+    kb.lora_delta_(y, x, a, b, slots, rank)
+    return y
+
+
+# ------------------------------------------------------------------------------------ kernel vs reference
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])
+@pytest.mark.parametrize("rank", [8, 5])  # all of R, and fewer ranks than the table holds (masked)
+def test_fp32_matches_torch(rows, rank):
+    a, b = _tables(8, 5, 64, 96, seed=rows)
+    g = torch.Generator().manual_seed(rows + 10)
+    x, y0 = torch.randn(rows, 64, generator=g), torch.randn(rows, 96, generator=g)
+    slots = torch.tensor([0, 3, 1, 4, 3, 0, 2][:rows]) if rows > 1 else torch.tensor([2])
+    y = _run(y0, x, a, b, slots, rank)
+    torch.testing.assert_close(y, y0 + kb.reference_delta(x, a, b, slots, rank), rtol=1e-5, atol=1e-5)
+    base = slots == 0
+    assert torch.equal(y[base], y0[base])  # rows on slot 0 are not touched
+
+
+def test_rank_above_a_power_of_two_and_only_rank_rows_read():
+    """Rank 20 of R = 32 (BLOCK_R 32, masked): ranks past 20 hold garbage that must not be read."""
+    a, b = _tables(32, 4, 64, 96, seed=3)
+    a[20:], b[20:] = float("nan"), float("nan")
+    x, y0 = torch.randn(3, 64), torch.randn(3, 96)
+    slots = torch.tensor([1, 3, 2])
+    y = _run(y0, x, a, b, slots, 20)
+    torch.testing.assert_close(y, y0 + kb.reference_delta(x, a, b, slots, 20), rtol=1e-5, atol=1e-5)
+
+
+# K, N block multiples (4 K tiles); neither (4 tiles, the last partial); 3 K tiles (a last split of one tile)
+@pytest.mark.parametrize("in_f, out_f", [(128, 96), (100, 70), (70, 100)])
+def test_splits_and_tiles(monkeypatch, in_f, out_f):
+    """Small tiles force the GPU's shapes: several K splits (summed by expand), several tiles a split, a last
+    split shorter than the others, several N blocks, masked K and N edges."""
+    monkeypatch.setattr(kb, "TILE_ELEMS", 16 * 16)  # BLOCK_K = BLOCK_N = 32 at rank <= 16
+    monkeypatch.setattr(kb, "MAX_PARTIALS", 16 * 2)  # at most 2 splits
+    cfg = kb.plan(in_f, out_f, 8)
+    assert cfg["BLOCK_K"] == 32 and cfg["splits"] == 2 and cfg["tiles"] == 2 and cfg["BLOCK_N"] == 32
+    a, b = _tables(8, 5, in_f, out_f, seed=in_f)
+    x, y0 = torch.randn(5, in_f), torch.randn(5, out_f)
+    slots = torch.tensor([4, 0, 1, 4, 2])
+    y = _run(y0, x, a, b, slots, 8)
+    torch.testing.assert_close(y, y0 + kb.reference_delta(x, a, b, slots, 8), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act, table", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                        (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_half_dtypes_and_mixed_dtypes(act, table):
+    """x/y in one dtype, the tables in the same or another: widened on load, fp32 sums, one rounding to y's
+    dtype at the end (within an ulp of y's dtype of the fp32 result)."""
+    a, b = _tables(8, 5, 64, 96, dtype=table, seed=7)
+    x, y0 = torch.randn(4, 64).to(act), torch.randn(4, 96).to(act)
+    slots = torch.tensor([1, 2, 0, 4])
+    y = _run(y0, x, a, b, slots, 8)
+    assert y.dtype == act
+    ref = y0.float() + kb.reference_delta(x, a, b, slots, 8)
+    assert ((y.float() - ref).abs() <= ULP[act] * ref.abs() + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_strided_x_and_slots(dtype):
+    a, b = _tables(8, 5, 64, 96, seed=9)
+    x = torch.randn(3, 128)[:, ::2]  # row stride 128, element stride 2
+    y0 = torch.randn(3, 96)
+    slots = torch.tensor([[3, 9], [1, 9], [0, 9]], dtype=dtype)[:, 0]  # stride 2, as a column of a buffer
+    y = _run(y0, x, a, b, slots, 6)
+    torch.testing.assert_close(y, y0 + kb.reference_delta(x, a, b, slots.long(), 6), rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_to_do_and_bad_arguments():
+    a, b = _tables(8, 5, 64, 96)
+    y0 = torch.randn(2, 96)
+    assert torch.equal(_run(y0, torch.randn(2, 64), a, b, torch.tensor([1, 2]), 0), y0)  # rank 0
+    kb.lora_delta_(torch.empty(0, 96), torch.empty(0, 64), a, b, torch.empty(0, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match="rank"):
+        kb.lora_delta_(y0.clone(), torch.randn(2, 64), a, b, torch.tensor([1, 2]), 9)
+    with pytest.raises(ValueError, match="slots"):
+        kb.lora_delta_(y0.clone(), torch.randn(2, 64), a, b, torch.tensor([1, 2, 3]), 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        kb.lora_delta_(y0.clone(), torch.randn(2, 65), a, b, torch.tensor([1, 2]), 8)
+    with pytest.raises(TypeError):
+        kb.lora_delta_(y0.double(), torch.randn(2, 64).double(), a, b, torch.tensor([1, 2]), 8)
+
+
+def test_plan_for_llama_shapes():
+    """The fixed heuristics at real shapes: every program a 4096-element tile, enough programs for one row."""
+    assert kb.plan(4096, 4096, 16) == {"BLOCK_R": 16, "BLOCK_K": 256, "tiles": 1, "splits": 16, "BLOCK_N": 256,
+                                       "BLOCK_S": 16}
+    assert kb.plan(14336, 4096, 16)["splits"] == 56
+    big = kb.plan(4096, 14336, 64)
+    assert (big["BLOCK_R"], big["BLOCK_K"], big["tiles"], big["splits"], big["BLOCK_N"]) == (64, 64, 2, 32, 64)
+    for in_f in (64, 4096, 11008, 14336, 100000):
+        for rank in (1, 8, 16, 20, 48, 64, 128):
+            cfg = kb.plan(in_f, 4096, rank)
+            assert cfg["BLOCK_S"] * cfg["BLOCK_R"] <= 2 * kb.MAX_PARTIALS
+            assert cfg["splits"] * cfg["tiles"] * cfg["BLOCK_K"] >= in_f
+            assert (cfg["splits"] - 1) * cfg["tiles"] * cfg["BLOCK_K"] < in_f  # no split starts past the end
+
+
+def test_lora_kernel_available(monkeypatch):
+    assert lora_kernel_available("cpu")  # the interpreter (conftest)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not lora_kernel_available("cpu")
+
+
+# ------------------------------------------------------------------------------------ the batched layer
+
+
+def _adapter(name: str, r: int, in_f: int, out_f: int, scaling: float, seed: int) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+    module = LoraModule(a=torch.randn(r, in_f, generator=g) * 0.1, b=torch.randn(out_f, r, generator=g) * 0.1,
+                        scaling=scaling)
+    return LoraWeights(modules={name: module}, rank=r, target_modules=[name])
+
+
+@pytest.mark.parametrize("num_slots", [3, 20])  # the dense torch path, the gathered one
+@pytest.mark.parametrize("shape", [(4, 1, 48), (4, 48)])  # decode steps: [rows, 1, in] and [rows, in]
+def test_batched_layer_kernel_equals_torch_paths(monkeypatch, num_slots, shape):
+    """A decode step through BatchedLoraLinear: the kernel (interpreter) gives the torch paths' output."""
+    calls = []
+    real = kb.lora_delta_
+    monkeypatch.setattr(kb, "lora_delta_", lambda *args: calls.append(args[-1]) or real(*args))
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(48, 40))
+    table = LoraSlotTable(model, num_slots=num_slots, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
+    s1 = table.acquire("a", _adapter("proj", 4, 48, 40, 2.0, 1))
+    s2 = table.acquire("b", _adapter("proj", 8, 48, 40, 0.5, 2))
+    x = torch.randn(*shape)
+    table.set_rows([s1, 0, s2, s1])
+    with torch.no_grad():
+        out = model(x)
+        assert calls == [8]  # the kernel ran, over the batch's largest rank
+        table.rows.use_kernel = False
+        expected = model(x)
+    assert calls == [8]  # opted out: the torch path
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.reshape(4, -1)[1], model.proj.base_layer(x).reshape(4, -1)[1])  # a base row
+
+
+def test_batched_layer_prefill_and_autograd_keep_the_torch_paths(monkeypatch):
+    monkeypatch.setattr(kb, "lora_delta_", lambda *args: pytest.fail("the kernel ran"))
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(48, 40))
+    table = LoraSlotTable(model, num_slots=4, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
+    table.set_rows([table.acquire("a", _adapter("proj", 4, 48, 40, 2.0, 1)), 0])
+    with torch.no_grad():
+        model(torch.randn(2, 3, 48))  # a prefill: 3 tokens a row
+        model(torch.randn(2, 1, 1, 48))  # not a [rows, 1, in] step
+    model(torch.randn(2, 1, 48))  # grad enabled, the base's weight requires grad: y is tracked
+
+
+# ------------------------------------------------------------------------------------ GPU
+
+
+def _assert_close_bf16(y: torch.Tensor, ref: torch.Tensor, what: object = "") -> None:
+    bad = (y.float() - ref).abs() > ULP[y.dtype] * ref.abs() + 1e-2
+    assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.numel()} outputs off"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_f, out_f", [(4096, 4096), (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize("rows", [1, 32])
+def test_gpu_llama_shapes_bf16(in_f, out_f, rows):
+    """Llama shapes, bf16, rank 16 of R = 64, 33 slots: row i on slot i + 1 (every row its own adapter),
+    or one row on slot 5."""
+    a, b = _tables(64, 33, in_f, out_f, dtype=torch.bfloat16, device="cuda", seed=in_f + out_f)
+    x = torch.randn(rows, in_f, device="cuda").to(torch.bfloat16)
+    y0 = torch.randn(rows, out_f, device="cuda").to(torch.bfloat16)
+    slots = torch.arange(1, rows + 1, device="cuda") if rows > 1 else torch.tensor([5], device="cuda")
+    y = _run(y0, x, a, b, slots, 16)
+    _assert_close_bf16(y, y0.float() + kb.reference_delta(x, a, b, slots, 16), (in_f, out_f, rows))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act, table", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                        (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+def test_gpu_odd_shapes_and_dtypes(act, table):
+    """Neither K nor N a block multiple, rank 20 (BLOCK_R 32) and 64 of R = 64, slot 0 rows mixed in."""
+    a, b = _tables(64, 9, 1000, 520, dtype=table, device="cuda", seed=1)
+    x = torch.randn(17, 1000, device="cuda").to(act)
+    y0 = torch.randn(17, 520, device="cuda").to(act)
+    slots = torch.tensor([(i * 5) % 9 for i in range(17)], device="cuda")
+    for rank in (20, 64):
+        y = _run(y0, x, a, b, slots, rank)
+        ref = y0.float() + kb.reference_delta(x, a, b, slots, rank)
+        bad = (y.float() - ref).abs() > ULP[act] * ref.abs() + 1e-3
+        assert not bad.any(), f"rank {rank}: {int(bad.sum())} outputs off"
+        assert torch.equal(y[slots == 0], y0[slots == 0])
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_equals_eager():
+    """Captured (after an eager warm-up that compiles), replayed with new x, y and slots in the static
+    buffers: the same as an eager call on those inputs. Rows 1 and 32, rank buckets 16 and 64."""
+    a, b = _tables(64, 33, 4096, 4096, dtype=torch.bfloat16, device="cuda", seed=2)
+    cases = []
+    for rows, rank in ((1, 16), (32, 16), (32, 64)):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        y = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        slots = torch.randint(0, 33, (rows,), device="cuda")
+        cases.append((y, x, slots, rank))
+        kb.lora_delta_(y.clone(), x, a, b, slots, rank)  # warm-up: compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for y, x, slots, rank in cases:
+            kb.lora_delta_(y, x, a, b, slots, rank)
+    for y, x, slots, _ in cases:
+        x.copy_(torch.randn_like(x))
+        y.copy_(torch.randn_like(y))
+        slots.copy_(torch.randint(0, 33, slots.shape, device="cuda"))
+    before = [(y.clone(), x.clone(), slots.clone(), rank) for y, x, slots, rank in cases]
+    graph.replay()
+    torch.cuda.synchronize()
+    for (y, *_), (y0, x, slots, rank) in zip(cases, before, strict=True):
+        assert torch.equal(y, _run(y0, x, a, b, slots, rank)), f"rows {x.shape[0]}, rank {rank}"
+
+
+@pytest.mark.gpu
+def test_gpu_batched_layer_in_a_cuda_graph_equals_dense_path():
+    """BatchedLoraLinear at 4096 -> 4096 bf16, 32 rows on 32 adapters, one decode step captured in a graph
+    with the slots in a static buffer: the kernel path's output equals the torch dense path's."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(4096, 4096, bias=False).to("cuda", torch.bfloat16))
+    table = LoraSlotTable(model, num_slots=32, max_rank=64, dtype=torch.bfloat16, device=torch.device("cuda"))
+    slots = [table.acquire(f"a{i}", _adapter("proj", 16, 4096, 4096, 2.0, i)) for i in range(32)]
+    static = torch.tensor(slots, device="cuda")
+    x = torch.randn(32, 1, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        table.rows.set(static, 16, table.num_slots)
+        table.rows.use_kernel = False
+        dense = model(x)
+        table.rows.use_kernel = True
+        model(x)  # warm-up: compiles
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    # the dense path rounds x @ A to bf16 before B (the kernel keeps fp32): allow it two ulps more
+    bad = (out.float() - dense.float()).abs() > 3 * ULP[torch.bfloat16] * dense.float().abs() + 2e-2
+    assert not bad.any(), f"graph vs dense: {int(bad.sum())} of {bad.numel()} outputs off"
