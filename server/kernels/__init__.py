@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from adapterd.server.kernels.int8_linear import Int8WeightOnlyLinear, int8_kernel_available, use_int8_kernel, warm_up
+from adapterd.server.kernels.rms_norm import FusedRMSNorm, fused_rms_norm_available, use_fused_rms_norm
 
-__all__ = ["LORA_KERNEL_MAX_ROWS", "MAX_KERNEL_ROWS", "Int8WeightOnlyLinear", "int8_kernel_available",
+__all__ = ["FusedRMSNorm", "fused_rms_norm_available", "use_fused_rms_norm",
+           "LORA_KERNEL_MAX_ROWS", "MAX_KERNEL_ROWS", "Int8WeightOnlyLinear", "int8_kernel_available",
            "int8_weight_matmul", "lora_delta_", "lora_kernel_available", "use_int8_kernel", "warm_up"]
 
 # The most rows (one token each) for which BatchedLoraLinear hands a forward to ``lora_delta_``: a decode

@@ -1,0 +1,250 @@
+"""A fused RMSNorm: one Triton kernel launch instead of transformers' ~8 small kernels (issue 6).
+
+transformers' ``LlamaRMSNorm.forward`` (the same in 5.17 and 5.24, and in ``MistralRMSNorm`` and
+``Qwen2RMSNorm``)::
+
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + variance_epsilon)
+    return weight * h.to(input_dtype)
+
+runs as separate kernels (cast, pow, mean, add, rsqrt, mul, cast, mul); a Llama-2-7B decode step has 65
+norms (2 a layer and the final one), about a tenth of the batch-1 step's device time on an H200. The kernel
+here does the same math in one pass over each row, in registers: fp32 sum of squares, times ``1/N``, plus
+eps, ``rsqrt``; ``x * r`` rounded to the input dtype (as transformers rounds it before the weight multiply);
+then the product with the weight in fp32, rounded once to the output dtype. The output dtype is
+``torch.promote_types(weight.dtype, x.dtype)``, as ``weight * h.to(input_dtype)`` gives it; and a bf16 or
+fp16 product in torch is also computed in fp32 and rounded once, so only the reduction order and ``rsqrt``'s
+last bit can differ from transformers (an output differs then by one ulp of its dtype at most, and rarely).
+
+Gemma-style norms (``x * (1 + weight)``, cast after the weight multiply) are different math and are not
+swapped: ``use_fused_rms_norm`` only replaces the classes named in ``FUSABLE_NORMS``.
+
+One program per row (rows = every leading dimension flattened), the row loaded once and kept in registers
+(16 to 32 elements a thread): hidden sizes up to ``MAX_HIDDEN`` (16384). ``FusedRMSNorm`` runs the eager
+math for longer rows.
+
+CUDA graphs: no host sync, no value-dependent shape; the output is a ``torch.empty`` (the graph's pool
+under capture). The kernel compiles at the first call for each (dtypes, hidden size, row stride alignment):
+make that call (an eager forward) before capturing. The number of rows is the grid only, so one
+compilation serves every batch size.
+
+Triton is imported on first use (the daemon runs without it on the CPU): importing this module does not
+import it. With ``TRITON_INTERPRET=1`` (read at each call) the kernel runs on CPU tensors through Triton's
+interpreter (the tests use it). Elsewhere (CPU tensors without the interpreter, fp64, or autograd wanting a
+gradient) ``FusedRMSNorm`` runs transformers' eager math instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import nn
+
+# Classes whose forward is exactly the math above (transformers 5.17 and 5.24). Matched by class name, so
+# that model modules need not be imported.
+FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+MAX_HIDDEN = 16384  # the longest row the kernel takes (kept in registers: 32 fp32 a thread at 16 warps)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
+
+# Bound on first use by ``_triton()``: the kernel's body refers to ``tl`` as a module global, as Triton wants.
+triton = None
+tl = None
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read now, as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def fused_rms_norm_available(device: torch.device | str) -> bool:
+    """True when the kernel can run for tensors on ``device``: a CUDA device of compute capability 8.0 or
+    later with Triton importable, or any device while TRITON_INTERPRET=1 (Triton's CPU interpreter; tests
+    only: it is slow)."""
+    device = torch.device(device)
+    interpret = interpreting()
+    if device.type != "cuda" and not interpret:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device.type == "cuda" and not interpret:
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    return True
+
+
+@functools.cache
+def _cuda_kernel_runs(device: torch.device) -> bool:
+    """``fused_rms_norm_available`` for a CUDA device, without the interpreter, asked once per device."""
+    return fused_rms_norm_available(device)
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+# Only Triton builtins are called (``tl.reduce`` with ``_sum_combine``, not the library's ``@triton.jit``
+# ``tl.sum``): library functions are made compiled-only when Triton is imported without TRITON_INTERPRET,
+# and this lets the interpreter be switched on later (as in int8_matmul).
+
+
+def _rms_norm_rows(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, inv_n, eps,  # noqa: N803 (Triton's naming)
+                   BLOCK: tl.constexpr, ROUND_X: tl.constexpr, ROUND_Y: tl.constexpr):
+    """Row ``program_id(0)`` (``N <= BLOCK`` elements, kept in registers): ``y = w * (x * rsqrt(mean(x * x)
+    + eps)).to(x.dtype)``, fp32 inside, stored in y's dtype.
+
+    ``ROUND_X`` / ``ROUND_Y`` (the interpreter only, for bf16 x / y): round fp32 to bf16 precision to nearest
+    even by hand. The interpreter's fp32 -> bf16 cast truncates (Triton 3.9), while the GPU's rounds to
+    nearest even, as torch does; a value already of bf16 precision then converts exactly. (No NaN handling:
+    tests only.)"""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    var = tl.reduce(h * h, 0, tl.standard._sum_combine) * inv_n
+    h = h * tl.rsqrt(var + eps)
+    if ROUND_X:
+        b = h.to(tl.uint32, bitcast=True)
+        h = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:  # transformers rounds to the input dtype before the weight multiply
+        h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
+    y = w * h
+    if ROUND_Y:
+        b = y.to(tl.uint32, bitcast=True)
+        y = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _triton():
+    """Import Triton (once) into this module's globals, where the kernel's body finds ``tl``."""
+    global triton, tl
+    if tl is None:
+        import triton as _triton_mod
+        import triton.language as _tl
+
+        triton, tl = _triton_mod, _tl
+    return triton
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    """The jitted kernel, built at the first call of each mode (``triton.jit`` reads TRITON_INTERPRET when it
+    wraps the function, so building lazily lets the interpreter be switched on at run time)."""
+    return _triton().jit(_rms_norm_rows)
+
+
+def _launch_config(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of ``n`` elements: the next power of two; 512 elements a warp (16 a
+    thread), 1 to 16 warps (4096 -> 8, 8192 and 16384 -> 16)."""
+    block = triton.next_power_of_2(n)
+    return block, min(16, max(1, block // 512))
+
+
+# ---------------------------------------------------------------------------------------------- wrappers
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' ``LlamaRMSNorm.forward``, verbatim (where no kernel runs, and the reference)."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(input_dtype)
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x.float() * rsqrt(mean(x.float() ** 2, -1) + eps)).to(x.dtype)`` through the kernel, in
+    ``torch.promote_types(weight.dtype, x.dtype)`` with x's shape. ``x``: ``[..., N]`` (N <= ``MAX_HIDDEN``)
+    fp32, bf16 or fp16 on a CUDA device (or any device under TRITON_INTERPRET=1), any strides (copied only
+    when the last dimension is not contiguous or the leading ones cannot be flattened into one row stride);
+    ``weight``: ``[N]``, fp32, bf16 or fp16. No gradient (serving only)."""
+    n = x.shape[-1]
+    if not 0 < n <= MAX_HIDDEN:
+        raise ValueError(f"the kernel takes rows of 1 to {MAX_HIDDEN} elements, got {n}")
+    if weight.shape != (n,):
+        raise ValueError(f"weight must be [{n}] (x's last dimension), got {list(weight.shape)}")
+    if x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
+        raise TypeError(f"x and weight must be fp32, bf16 or fp16, got {x.dtype} and {weight.dtype}")
+    interpret = interpreting()
+    kernel = _kernel(interpret)
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    x2 = x2.reshape(-1, n)  # a view where the leading dimensions allow one row stride, else a copy
+    w = weight if weight.stride(0) == 1 else weight.contiguous()
+    y = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+    rows = x2.shape[0]
+    if rows == 0:
+        return y
+    block, warps = _launch_config(n)
+    kernel[(rows,)](x2, w, y, n, x2.stride(0), n, 1.0 / n, float(eps), BLOCK=block,
+                    ROUND_X=interpret and x.dtype == torch.bfloat16, ROUND_Y=interpret and y.dtype == torch.bfloat16,
+                    num_warps=warps)
+    return y
+
+
+def _epsilon(module: nn.Module) -> float:
+    """The module's epsilon: ``variance_epsilon`` (Llama, Mistral, Qwen2), else ``eps``."""
+    for name in ("variance_epsilon", "eps"):
+        eps = getattr(module, name, None)
+        if eps is not None:
+            return float(eps)
+    raise ValueError(f"{type(module).__name__} has neither variance_epsilon nor eps")
+
+
+class FusedRMSNorm(nn.Module):
+    """transformers' Llama RMSNorm through one Triton kernel. ``weight`` is the original module's own
+    parameter (shared, not copied: swapping costs no memory, and the state dict keeps its key ``weight``).
+
+    The kernel runs when it can (``x`` on a CUDA device where ``fused_rms_norm_available``, or
+    TRITON_INTERPRET set; fp32/bf16/fp16; a hidden size up to ``MAX_HIDDEN``; no gradient wanted);
+    otherwise the eager math, identical to transformers'."""
+
+    def __init__(self, weight: nn.Parameter, eps: float = 1e-6) -> None:
+        super().__init__()
+        if weight.dim() != 1:
+            raise ValueError(f"weight must be 1-D [hidden], got {list(weight.shape)}")
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.variance_epsilon = float(eps)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> FusedRMSNorm:
+        """Wrap a Llama-style RMSNorm (its ``weight`` and ``variance_epsilon``, or ``eps``) without copying."""
+        return cls(module.weight, _epsilon(module))
+
+    @property
+    def eps(self) -> float:
+        return self.variance_epsilon
+
+    def _kernel_runs(self, x: torch.Tensor) -> bool:
+        if x.dtype not in _DTYPES or self.weight.dtype not in _DTYPES or not 0 < x.shape[-1] <= MAX_HIDDEN:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return False  # the kernel has no backward: let autograd see the eager ops
+        return interpreting() or (x.is_cuda and _cuda_kernel_runs(x.device))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._kernel_runs(hidden_states):
+            return fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def use_fused_rms_norm(model: nn.Module, names: tuple[str, ...] = FUSABLE_NORMS) -> int:
+    """Replace (in place) every submodule of ``model`` whose class name is in ``names`` (by default
+    ``FUSABLE_NORMS``: Llama's, Mistral's, Qwen2's RMSNorm, whose forward is the kernel's math) by a
+    ``FusedRMSNorm`` sharing its weight; returns how many modules were replaced. Module names and the state
+    dict do not change; a norm shared by several parents stays one shared module. ``model`` itself is not
+    replaced. Check ``fused_rms_norm_available(device)`` first: where the kernel cannot run the new modules
+    run the eager math (correct, not faster)."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child).__name__ in names]  # collect first: do not mutate the tree while walking it
+    fused: dict[int, FusedRMSNorm] = {}
+    for parent, name, child in found:
+        if id(child) not in fused:
+            fused[id(child)] = FusedRMSNorm.from_module(child)
+        setattr(parent, name, fused[id(child)])
+    return len(fused)
