@@ -3,7 +3,7 @@
 # bitsandbytes, grpcio 1.84): installs the carried wheels (.whl/) and adapterd itself into /tmp/site.
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . >/dev/null
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . >/dev/null
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python3 - <<'PY'
 import torch, transformers, peft, bitsandbytes, grpc
