@@ -69,7 +69,8 @@ class Daemon:
         cfg = self.config
         engine_config = EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
                                      lora_slots=cfg.lora_slots, max_lora_rank=cfg.max_lora_rank,
-                                     cuda_graphs=cfg.cuda_graphs, int8_kernel=cfg.int8_kernel)
+                                     cuda_graphs=cfg.cuda_graphs, int8_kernel=cfg.int8_kernel,
+                                     fused_kernels=cfg.fused_kernels)
         runtime = await asyncio.to_thread(Runtime.load, cfg.base, cfg.adapters, cfg.quantization, engine_config,
                                           cfg.device, cfg.dtype, None, cfg.adapter_cache_mb * 2**20)
         max_input = min(cfg.max_input_tokens or runtime.base.max_sequence_length - 1,

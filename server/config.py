@@ -27,6 +27,9 @@ class ServerConfig:
     int8_kernel: bool = field(default=True, metadata={"help": "int8 base on a GPU: weight-only Triton matmul "
                                                                "over the same int8 weights (off: bitsandbytes' "
                                                                "own matmul)"})
+    fused_kernels: bool = field(default=True, metadata={"help": "on a GPU: one Triton kernel per RMSNorm and "
+                                                                 "BGMV kernels for LoRA in decode steps (off: "
+                                                                 "transformers' and torch's own ops)"})
     adapter_cache_mb: int = field(default=8192, metadata={"help": "memory for loaded adapters, MiB; the least "
                                                                    "recently used beyond it are unloaded"})
     max_input_tokens: int | None = field(default=None, metadata={"help": "longest prompt, in tokens (default: "
