@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from adapterd.server.adapters.ids import CONFIG_FILE, WEIGHTS_FILE, discover_ada
 from adapterd.server.adapters.lora import LoraWeights, parse_lora
 from adapterd.server.adapters.prefix import PrefixWeights, parse_prefix
 from adapterd.server.errors import AdapterdError, DataLoss, FailedPrecondition, ResourceExhausted
+from adapterd.server.pinned import DEFAULT_MAX_BYTES, HostBufferPool
 from adapterd.server.safetensors_io import read_tensors
 
 log = logging.getLogger(__name__)
@@ -89,12 +91,22 @@ class AdapterRecord:
     base_model: str = ""
 
 
-def pack_host(tensors: list[torch.Tensor], dtype: torch.dtype, pin: bool) -> list[torch.Tensor]:
+# The store's host buffer pool, for the loader running in this thread (set by ``AdapterStore._read``), so that
+# loaders keep their three-argument signature.
+_host_pool: ContextVar[HostBufferPool | None] = ContextVar("adapterd_host_pool", default=None)
+
+
+def pack_host(tensors: list[torch.Tensor], dtype: torch.dtype, pin: bool,
+              pool: HostBufferPool | None = None) -> list[torch.Tensor]:
     """Copies of ``tensors`` in ``dtype``, as views into one host buffer: one allocation (and, with
     ``pin``, one page-locked allocation, which costs far more than a copy) per adapter instead of one per
-    tensor. Pinned memory lets the copies into device slots run asynchronously."""
+    tensor. Pinned memory lets the copies into device slots run asynchronously. With ``pool`` the buffer is
+    lent by the pool (``pin`` ignored) and returns to it when the views are gone."""
     total = sum(t.numel() for t in tensors)
-    buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
+    if pool is not None:
+        buffer = pool.take(total * dtype.itemsize).view(dtype)
+    else:
+        buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
     views, at = [], 0
     for t in tensors:
         view = buffer[at:at + t.numel()].view(t.shape)
@@ -108,7 +120,8 @@ def _load_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: B
     weights = parse_lora(config, tensors, base.linear_shapes, base.max_lora_rank)
     modules = list(weights.modules.values())
     if any(t.dtype != base.dtype for m in modules for t in (m.a, m.b)):  # else: already one pinned buffer
-        packed = pack_host([t for m in modules for t in (m.a, m.b)], base.dtype, pin=base.device.type == "cuda")
+        packed = pack_host([t for m in modules for t in (m.a, m.b)], base.dtype, pin=base.device.type == "cuda",
+                           pool=_host_pool.get())
         for i, m in enumerate(modules):
             m.a, m.b = packed[2 * i], packed[2 * i + 1]
     return {"lora": weights}
@@ -126,9 +139,10 @@ ADAPTER_KINDS: dict[str, Callable[[dict[str, Any], dict[str, torch.Tensor], Base
 }
 
 
-def read_adapter_files(path: Path, pin: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read an adapter's config and tensors (pinned, one read: see ``read_tensors``), turning every kind of
-    damage into a clear error."""
+def read_adapter_files(path: Path, pin: bool = False,
+                       pool: HostBufferPool | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an adapter's config and tensors (pinned, one read, into a buffer lent by ``pool`` when given: see
+    ``read_tensors``), turning every kind of damage into a clear error."""
     try:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -142,7 +156,7 @@ def read_adapter_files(path: Path, pin: bool = False) -> tuple[dict[str, Any], d
                                      "convert it with safetensors, pickle is never unpickled)")
         raise DataLoss(f"{WEIGHTS_FILE} is missing")
     try:
-        tensors = read_tensors(weights, pin=pin)
+        tensors = read_tensors(weights, pin=pin, pool=pool)
     except DataLoss as exc:
         raise DataLoss(f"{WEIGHTS_FILE} is corrupt or truncated: {exc}") from exc
     except OSError as exc:
@@ -164,15 +178,28 @@ class AdapterStore:
 
     ``is_on_device`` is set by the engine so that ListAdapters can tell a device-resident adapter from one
     held only on the host.
+
+    Files are read into buffers lent by ``host_pool`` (page-locked on a CUDA base, pageable on a CPU one). A
+    loaded LoRA adapter keeps its host weights as views into that buffer until it is unloaded (slot fills copy
+    from them), so the buffer returns to the pool only then: the pool must hold the loaded set to serve every
+    load from reused memory. ``host_pool_bytes`` caps it (bytes, lent and free); the default is
+    ``pinned.DEFAULT_MAX_BYTES``, or twice ``max_loaded_bytes`` when that is larger (page-locked buffers are
+    rounded up to a power of two, so a budget of tensor bytes may take up to twice as many locked bytes).
+    Loads past the cap read into private pageable buffers.
     """
 
-    def __init__(self, root: Path, base: BaseShape, max_loaded_bytes: int | None = None) -> None:
+    def __init__(self, root: Path, base: BaseShape, max_loaded_bytes: int | None = None,
+                 host_pool_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.base = base
         # Loaded adapters beyond this many bytes are unloaded, least recently used first (they load again
         # from disk on their next request); None: no limit. A budget in bytes, not a count: rank 64 costs
         # eight times rank 8.
         self.max_loaded_bytes = max_loaded_bytes
+        if host_pool_bytes is None:
+            host_pool_bytes = max(DEFAULT_MAX_BYTES, 2 * (max_loaded_bytes or 0))
+        pin = base.device.type == "cuda"
+        self.host_pool = HostBufferPool(host_pool_bytes, pin=pin, device=base.device if pin else None)
         self._lock = threading.Lock()
         self._loaded: dict[str, LoadedAdapter] = {}
         self._loading: dict[str, threading.Event] = {}
@@ -303,12 +330,13 @@ class AdapterStore:
         rec.target_modules = sorted(map(str, targets)) if isinstance(targets, list) else [str(targets)]
 
     def _read(self, adapter_id: str, path: Path) -> LoadedAdapter:
-        config, tensors = read_adapter_files(path, pin=self.base.device.type == "cuda")
+        config, tensors = read_adapter_files(path, pool=self.host_pool)
         peft_type = str(config.get("peft_type", ""))
         loader = ADAPTER_KINDS.get(peft_type)
         if loader is None:
             raise FailedPrecondition(f"adapter type {peft_type!r} is not served (served: "
                                      f"{', '.join(ADAPTER_KINDS)})")
+        token = _host_pool.set(self.host_pool)
         try:
             parts = loader(config, tensors, self.base)
         except (AdapterdError, torch.OutOfMemoryError):
@@ -319,6 +347,8 @@ class AdapterStore:
             log.warning("adapter %s: malformed files", adapter_id, exc_info=True)
             raise DataLoss(f"{CONFIG_FILE} and {WEIGHTS_FILE} do not make a valid {peft_type} adapter: "
                            f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            _host_pool.reset(token)
         with self._lock:
             self._generation += 1
             key = f"{adapter_id}#{self._generation}"

@@ -108,3 +108,182 @@ def test_read_tensors_refuses_truncated_files_and_integer_tensors(tmp_path):
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00[1, 2, 3]       ")
     with pytest.raises(DataLoss, match="corrupt"):
         read_tensors(path)
+
+
+# ------------------------------------------------------------------------------- the host buffer pool
+
+def _adapter_file(path, seed: int, rows: int = 256, dtype=torch.float32):
+    """A file of ~``rows`` KiB of tensors whose values depend on ``seed``."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"x.lora_A.weight": torch.randn(rows, 128, generator=g).to(dtype),
+               "x.lora_B.weight": torch.randn(rows, 128, generator=g).to(dtype)}
+    save_file(tensors, str(path))
+    return tensors
+
+
+def _ptr(tensors) -> int:
+    return next(iter(tensors.values())).untyped_storage().data_ptr()
+
+
+def test_pool_reuses_a_released_buffer_and_the_second_file_reads_back_exactly(tmp_path):
+    from adapterd.server.pinned import HostBufferPool
+    from adapterd.server.safetensors_io import read_tensors
+
+    made = []
+    pool = HostBufferPool(max_bytes=8 << 20, allocate=lambda n: made.append(n) or torch.empty(n, dtype=torch.uint8))
+    first = _adapter_file(tmp_path / "a.safetensors", seed=1)
+    second = _adapter_file(tmp_path / "b.safetensors", seed=2)
+    got = read_tensors(tmp_path / "a.safetensors", pool=pool)
+    assert all(torch.equal(got[n], first[n]) for n in first)
+    storage = next(iter(got.values())).untyped_storage()
+    assert storage.nbytes() == sum(t.nbytes for t in first.values())  # exactly the data: stage_on copies it all
+    ptr = storage.data_ptr()
+    del got, storage
+    got = read_tensors(tmp_path / "b.safetensors", pool=pool)
+    assert _ptr(got) == ptr  # the same memory, read again
+    assert all(torch.equal(got[n], second[n]) for n in second)  # and it holds the second file, exactly
+    assert made == [1 << 20] and pool.stats()["reuses"] == 1 and pool.stats()["allocations"] == 1
+
+
+def test_pool_never_lends_a_buffer_while_a_view_of_it_lives(tmp_path):
+    from adapterd.server.pinned import HostBufferPool
+    from adapterd.server.safetensors_io import read_tensors
+
+    pool = HostBufferPool(max_bytes=8 << 20)
+    first = _adapter_file(tmp_path / "a.safetensors", seed=1)
+    second = _adapter_file(tmp_path / "b.safetensors", seed=2)
+    got = read_tensors(tmp_path / "a.safetensors", pool=pool)
+    kept = got["x.lora_B.weight"][3:5].t()  # one small view of one tensor keeps the whole buffer lent
+    ptr = _ptr(got)
+    del got
+    again = read_tensors(tmp_path / "b.safetensors", pool=pool)
+    assert _ptr(again) != ptr
+    assert torch.equal(kept, first["x.lora_B.weight"][3:5].t())  # untouched by the second read
+    assert all(torch.equal(again[n], second[n]) for n in second)
+    del kept, again
+    assert pool.stats()["lent_bytes"] == 0 and pool.stats()["pool_bytes"] == 2 << 20
+
+
+def test_pool_respects_its_cap_and_falls_back_to_private_buffers(tmp_path):
+    from adapterd.server.pinned import HostBufferPool
+    from adapterd.server.safetensors_io import read_tensors
+
+    pool = HostBufferPool(max_bytes=2 << 20)  # two 1 MiB buffers
+    files = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    want = [_adapter_file(f, seed=i) for i, f in enumerate(files)]
+    held = [read_tensors(f, pool=pool) for f in files]
+    stats = pool.stats()
+    assert stats["pool_bytes"] == 2 << 20 and stats["fallbacks"] == 1 and stats["allocations"] == 2
+    assert len({_ptr(h) for h in held}) == 3
+    for got, expected in zip(held, want, strict=True):
+        assert all(torch.equal(got[n], expected[n]) for n in expected)
+    fallback_ptr = _ptr(held[2])
+    del held[2]  # a private buffer: it never joins the pool
+    assert pool.stats()["free_bytes"] == 0
+    del held[0]
+    assert pool.stats()["free_bytes"] == 1 << 20
+    assert _ptr(read_tensors(files[2], pool=pool)) != fallback_ptr and pool.stats()["reuses"] == 1
+
+
+def test_pool_grows_by_dropping_a_free_buffer_too_small_for_a_larger_file(tmp_path):
+    from adapterd.server.pinned import HostBufferPool
+    from adapterd.server.safetensors_io import read_tensors
+
+    pool = HostBufferPool(max_bytes=5 << 19)  # 2.5 MiB: a 1 MiB and a 2 MiB buffer do not fit together
+    small = _adapter_file(tmp_path / "small.safetensors", seed=1, rows=256)  # 256 KiB: a 1 MiB buffer
+    large = _adapter_file(tmp_path / "large.safetensors", seed=2, rows=4096)  # 4 MiB: past the cap
+    read_tensors(tmp_path / "small.safetensors", pool=pool)  # lent, then returned at once
+    assert pool.stats()["free_bytes"] == 1 << 20
+    got = read_tensors(tmp_path / "large.safetensors", pool=pool)
+    assert pool.stats()["fallbacks"] == 1 and pool.stats()["free_bytes"] == 1 << 20  # nothing dropped for it
+    assert all(torch.equal(got[n], large[n]) for n in large)
+    del got
+    medium = _adapter_file(tmp_path / "medium.safetensors", seed=3, rows=2048)  # 2 MiB: fits if 1 MiB goes
+    got = read_tensors(tmp_path / "medium.safetensors", pool=pool)
+    assert all(torch.equal(got[n], medium[n]) for n in medium)
+    stats = pool.stats()
+    assert stats["pool_bytes"] == 2 << 20 == stats["lent_bytes"] and stats["allocations"] == 2
+    del got
+    got = read_tensors(tmp_path / "small.safetensors", pool=pool)  # the larger buffer serves a smaller file
+    assert all(torch.equal(got[n], small[n]) for n in small) and pool.stats()["reuses"] == 1
+
+
+def test_pool_is_safe_under_concurrent_loads():
+    import random
+    import threading
+
+    from adapterd.server.pinned import HostBufferPool
+
+    pool = HostBufferPool(max_bytes=6 << 20)
+    errors = []
+
+    def worker(k: int) -> None:
+        rng = random.Random(k)
+        for _ in range(300):
+            buf = pool.take(rng.randint(1, 3 << 20) // 8 * 8)
+            buf.fill_(k)
+            view = buf[::4096]  # only a view survives the next line: the buffer must stay lent
+            del buf
+            if rng.random() < 0.5:
+                threading.Event().wait(0.0001)
+            if not bool((view == k).all()):
+                errors.append(k)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(1, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = pool.stats()
+    assert not errors
+    assert stats["pool_bytes"] <= 6 << 20 and stats["lent_bytes"] == 0 and stats["reuses"] > 0
+
+
+@pytest.mark.gpu
+def test_pinned_pool_waits_for_the_copy_out_of_a_released_buffer():
+    from adapterd.server.pinned import HostBufferPool
+
+    pool = HostBufferPool(max_bytes=256 << 20, pin=True)
+    n = 64 << 20
+    host = pool.take(n)
+    assert host.is_pinned() and host.untyped_storage().nbytes() == n
+    ptr = host.data_ptr()
+    host.fill_(1)
+    torch.cuda._sleep(200_000_000)  # the copy below waits behind ~0.1 s of device time
+    device = host.to("cuda", non_blocking=True)  # as stage_on copies: async, out of the pinned buffer
+    del host  # released while the copy has not even started
+    again = pool.take(n)
+    assert again.data_ptr() == ptr and pool.stats()["reuses"] == 1
+    again.fill_(2)  # had take() not waited for the copy, the device would receive these bytes
+    torch.cuda.synchronize()
+    assert bool((device == 1).all())
+
+
+@pytest.mark.gpu
+def test_store_on_cuda_reads_into_pinned_pool_buffers_and_reuses_them(tiny_model_dir, adapter_root):
+    from transformers import AutoModelForCausalLM
+
+    from adapterd.server.adapters.lora import linear_shapes, stage_on
+    from adapterd.server.adapters.store import AdapterStore, BaseShape
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    c = model.config
+    shape = BaseShape(linear_shapes=linear_shapes(model), num_layers=c.num_hidden_layers,
+                      num_kv_heads=c.num_key_value_heads, head_dim=c.hidden_size // c.num_attention_heads,
+                      dtype=torch.float32, device=torch.device("cuda"), max_lora_rank=64)
+    store = AdapterStore(adapter_root, shape)
+    adapter = store.load("lora-qv")
+    module = next(iter(adapter.lora.modules.values()))
+    assert module.a.is_pinned()
+    ptr = module.a.untyped_storage().data_ptr()
+    staged = stage_on(torch.device("cuda"), adapter.lora.modules)  # one async copy out of the pool buffer
+    want = {n: (m.a.clone(), m.b.clone()) for n, m in adapter.lora.modules.items()}
+    del adapter, module
+    store.unload("lora-qv")
+    again = store.load("lora-qv")
+    assert next(iter(again.lora.modules.values())).a.untyped_storage().data_ptr() == ptr
+    torch.cuda.synchronize()
+    for name, (a, b) in want.items():
+        assert torch.equal(staged[name].a.cpu(), a) and torch.equal(staged[name].b.cpu(), b)

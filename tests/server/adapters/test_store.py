@@ -51,3 +51,77 @@ def test_pack_host_keeps_values_in_one_buffer():
     assert all(torch.equal(p, t.to(torch.bfloat16)) for p, t in zip(packed, tensors, strict=True))
     storage = {p.untyped_storage().data_ptr() for p in packed}
     assert len(storage) == 1
+
+
+def _cpu_shape(tiny_model_dir, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adapterd.server.adapters.lora import linear_shapes
+    from adapterd.server.adapters.store import BaseShape
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    c = model.config
+    return BaseShape(linear_shapes=linear_shapes(model), num_layers=c.num_hidden_layers,
+                     num_kv_heads=c.num_key_value_heads, head_dim=c.hidden_size // c.num_attention_heads,
+                     dtype=dtype, device=torch.device("cpu"), max_lora_rank=64)
+
+
+def _storage_ptr(adapter) -> int:
+    return next(iter(adapter.lora.modules.values())).a.untyped_storage().data_ptr()
+
+
+def test_store_lends_pool_buffers_to_loaded_adapters_and_reuses_them_after_unload(tiny_model_dir, adapter_root):
+    import torch
+
+    from adapterd.server.adapters.store import AdapterStore, read_adapter_files
+
+    store = AdapterStore(adapter_root, _cpu_shape(tiny_model_dir, torch.float32))
+    first = store.load("lora-qv")
+    ptr = _storage_ptr(first)
+    other = store.load("lora-rs")  # lora-qv is still loaded: its buffer is not lent again
+    assert _storage_ptr(other) != ptr
+    del first
+    store.unload("lora-qv")  # nothing refers to its weights any more: the buffer is back
+    before = store.host_pool.stats()
+    again = store.load("lora-qv")
+    assert _storage_ptr(again) == ptr
+    after = store.host_pool.stats()
+    assert after["reuses"] == before["reuses"] + 1 and after["allocations"] == before["allocations"]
+    _, want = read_adapter_files(adapter_root / "lora-qv")  # a private read: the values are this file's
+    for name, module in again.lora.modules.items():
+        a = next(v for k, v in want.items() if k.startswith(f"base_model.model.{name}.lora_A"))
+        assert torch.equal(module.a, a)
+
+
+def test_store_packs_converted_weights_into_pool_buffers(tiny_model_dir, adapter_root):
+    import torch
+
+    from adapterd.server.adapters.store import AdapterStore
+
+    store = AdapterStore(adapter_root, _cpu_shape(tiny_model_dir, torch.bfloat16))  # fp32 files, bf16 base
+    adapter = store.load("lora-qv")
+    module = next(iter(adapter.lora.modules.values()))
+    assert module.a.dtype == torch.bfloat16
+    stats = store.host_pool.stats()
+    assert stats["allocations"] == 2 and stats["lent_bytes"] == store.host_pool.capacity_for(
+        sum(m.a.nbytes + m.b.nbytes for m in adapter.lora.modules.values()))  # the read buffer came back
+    want = {name: m.a.clone() for name, m in adapter.lora.modules.items()}
+    del adapter, module
+    store.unload("lora-qv")
+    again = store.load("lora-qv")  # both buffers (the read's, the pack's) come from the pool again
+    assert store.host_pool.stats()["allocations"] == 2 and store.host_pool.stats()["reuses"] == 2
+    assert all(torch.equal(again.lora.modules[name].a, a) for name, a in want.items())
+
+
+def test_store_host_pool_cap_follows_the_loaded_budget(tiny_model_dir, adapter_root):
+    import torch
+
+    from adapterd.server.adapters.store import AdapterStore
+    from adapterd.server.pinned import DEFAULT_MAX_BYTES
+
+    shape = _cpu_shape(tiny_model_dir, torch.float32)
+    assert AdapterStore(adapter_root, shape).host_pool.max_bytes == DEFAULT_MAX_BYTES
+    assert AdapterStore(adapter_root, shape, max_loaded_bytes=DEFAULT_MAX_BYTES).host_pool.max_bytes == \
+        2 * DEFAULT_MAX_BYTES
+    assert AdapterStore(adapter_root, shape, host_pool_bytes=1 << 20).host_pool.max_bytes == 1 << 20
