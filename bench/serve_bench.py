@@ -264,6 +264,13 @@ def dequantized(layers: dict[str, torch.nn.Module], dtype: torch.dtype) -> dict[
     return out
 
 
+def hf_norms(model) -> dict[str, torch.nn.Module]:
+    """transformers' own RMSNorm modules by name, to put back after the engine swapped in its fused one."""
+    from adapterd.server.kernels.rms_norm import FUSABLE_NORMS
+
+    return {n: m for n, m in model.named_modules() if type(m).__name__ in FUSABLE_NORMS}
+
+
 def put_back(model, layers: dict[str, torch.nn.Module]) -> None:
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
@@ -415,6 +422,7 @@ def main() -> int:
             model = peft_model.unload()
             base.model = model
         bnb_layers = bnb_int8_layers(model) if q == "int8" else {}
+        norms = hf_norms(model)  # the engine swaps in its fused norm: the oracle below gets these back
         runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=max(64, args.batch), lora_slots=args.batch,
                                                            max_lora_rank=16, max_prefill_tokens=args.ctx * args.batch))
         runtime.engine.start()
@@ -467,6 +475,7 @@ def main() -> int:
         finally:
             runtime.close()
         runtime.engine.slots.rows.set(None, 0, 1)  # the wrapped layers pass through: no LoRA rows
+        put_back(model, norms)
         if bnb_layers:
             put_back(model, dequantized(bnb_layers, base.dtype))
             exact, within = oracle_agreement(model, check_prompts[:4], fast_tokens[:4])
