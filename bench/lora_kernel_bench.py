@@ -214,6 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-graph", type=int, default=50, help="calls captured in one CUDA graph")
     p.add_argument("--replays", type=int, default=40, help="graph replays timed")
     p.add_argument("--iters", type=int, default=3, help="calls timed on the CPU")
+    p.add_argument("--tile-elems", type=int, help="override lora_bgmv.TILE_ELEMS (tuning the heuristics)")
+    p.add_argument("--num-warps", type=int, help="override lora_bgmv.NUM_WARPS (tuning the heuristics)")
     p.add_argument("--json-out", type=Path, help="also write the results as JSON here")
     return p.parse_args(argv)
 
@@ -234,11 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the LoRA kernel cannot run on {args.device} (Triton missing, or TRITON_INTERPRET=0?)")
     if not 0 < args.rank <= args.max_rank or args.slots < 2:
         raise SystemExit("need 0 < --rank <= --max-rank and --slots >= 2")
+    from adapterd.server.kernels import lora_bgmv
+
+    lora_bgmv.TILE_ELEMS = args.tile_elems or lora_bgmv.TILE_ELEMS  # read by plan() at each call
+    lora_bgmv.NUM_WARPS = args.num_warps or lora_bgmv.NUM_WARPS
     shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else [(4096, 4096)] if on_gpu else [(64, 96)])
     row_counts = [int(m) for m in args.rows.split(",")]
     machine = torch.cuda.get_device_name(torch.device(args.device)) if on_gpu else "cpu (Triton interpreter)"
-    print(f"{machine}; bf16; R = {args.max_rank}, {args.slots} slots, rank {args.rank}")
+    print(f"{machine}; bf16; R = {args.max_rank}, {args.slots} slots, rank {args.rank}; kernel tiles of "
+          f"{lora_bgmv.TILE_ELEMS} elements, {lora_bgmv.NUM_WARPS} warps")
     results = [r for in_f, out_f in shapes for r in bench_shape(in_f, out_f, row_counts, args)]
     print("\n" + summary(results))
     if args.json_out:

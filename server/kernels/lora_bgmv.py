@@ -6,7 +6,7 @@ three kernels a layer (a low-occupancy ``x @ A_all`` matmul over every slot, a o
 these are two, and read only the slots in use:
 
 * shrink, grid ``(rows, splits)``: program ``(i, s)`` reads row i of x and its slot's ``A[:r, slot]`` over
-  split s of K (``tiles`` tiles of ``BLOCK_K``) and stores the fp32 partial ``p[s, i, :BLOCK_R]``. Splitting K
+  split s of K (``TILES`` tiles of ``BLOCK_K``) and stores the fp32 partial ``p[s, i, :BLOCK_R]``. Splitting K
   gives one row enough programs to keep the GPU's memory system busy: at ``in = 4096`` and rank 16, one
   program would stream 128 KB of A alone; 16 splits of 8 KB each do it in one memory round trip.
 * expand, grid ``(rows, cdiv(out, BLOCK_N))``: program ``(i, n)`` sums row i's partials over the splits (one
@@ -22,9 +22,21 @@ Tables are rank-major as ``BatchedLoraLinear`` keeps them: ``A: [R, slots, in]``
 pre-scaled); only the first ``rank`` rank rows are read (masked: rank need not be a power of two).
 
 Block sizes are fixed heuristics (no autotuning, so nothing benchmarks or syncs at call time), see
-``plan``: each program's tile is ``TILE_ELEMS`` (4096) elements, 8 KB of bf16 weights, 32 values a thread
-at 4 warps: large enough that a program's loads cover the memory latency, small enough that even one row
-at ``in = out = 4096`` gets 16 programs per kernel, and 32 rows 512.
+``plan``: each program's tile is ``TILE_ELEMS`` (4096) elements, 8 KB of bf16 weights, loaded by one warp
+(128 values a thread, 16 vector loads of 16 bytes in flight each): even one row at ``in = out = 4096`` gets
+16 programs a kernel, and 32 rows 512. Measured on an H200 (bench/lora_kernel_bench.py, bf16, rank 16, 33
+slots, tables rotated so every call reads HBM, CUDA graphs; µs a layer, both kernels), tile elements x warps:
+
+    in x out, rows   2048x1  4096x1  8192x1  4096x2  4096x4  8192x4
+    4096x4096, 1        3.9     4.4     5.9     4.7     5.4     6.0
+    4096x4096, 32       6.4     6.3     8.1     7.7    10.9     9.1
+    4096x4096, 64       7.3     7.0     8.4     9.6    16.0    10.8
+    4096x11008, 32      8.1     8.1     9.8    10.8    19.6    12.6
+    11008x4096, 32      8.5     7.9     9.0     9.5    12.9      -
+
+Fewer warps win: the work a program does is one load per thread and a reduction, so more values a thread
+means more bytes in flight per SM for the same registers spent on bookkeeping (the torch dense path these
+replace takes 16-18 µs at 32 rows, the gathered one 14 µs at one row).
 
 CUDA graphs: no host sync, no value-dependent shape; the partials' scratch is ``torch.empty`` of a size that
 depends only on (rows, in, rank), so a captured graph allocates it from its pool. ``rank`` is a Python int:
@@ -46,7 +58,7 @@ import triton.language as tl
 TILE_ELEMS = 4096  # weight elements a program loads at once: BLOCK_R * BLOCK_K (shrink), BLOCK_R * BLOCK_N
 MAX_PARTIALS = 2048  # fp32 partials an expand program sums: splits * BLOCK_R (8 KB, from L2)
 MIN_BLOCK_R = 16  # rank rows a tile covers at least (masked above the rank: no bytes read for them)
-NUM_WARPS = 4
+NUM_WARPS = 1  # a warp a program (see the table above)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
 
@@ -63,10 +75,13 @@ def interpreting() -> bool:
 # elements.
 
 
-def _shrink(x_ptr, a_ptr, slot_ptr, p_ptr, K, rank, tiles,  # noqa: N803 (Triton's naming)
+def _shrink(x_ptr, a_ptr, slot_ptr, p_ptr, K, rank,  # noqa: N803 (Triton's naming)
             stride_xm, stride_xk, stride_ar, stride_as, stride_ak, stride_ps, stride_slot,
-            EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``p[s, i, :] = x[i, ks] @ A[:rank, slot_i, ks].T`` over split s's K tiles ``ks``, fp32 ``[BLOCK_R]``."""
+            EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
+    """``p[s, i, :] = x[i, ks] @ A[:rank, slot_i, ks].T`` over split s's ``TILES`` K tiles ``ks``, fp32
+    ``[BLOCK_R]``. ``EVEN_K``: every tile of every split lies inside K (no K masks); otherwise a tile past
+    the end is fully masked (no bytes read). The loop count is a constexpr: Triton 3.6's interpreter cannot
+    take tensor loop bounds."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
@@ -75,17 +90,16 @@ def _shrink(x_ptr, a_ptr, slot_ptr, p_ptr, K, rank, tiles,  # noqa: N803 (Triton
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
     r_ok = rr < rank
-    first = split * tiles
-    stop = tl.minimum(first + tiles, (K + BLOCK_K - 1) // BLOCK_K)
+    first = split * TILES
     xs = x_ptr + row.to(tl.int64) * stride_xm + (first * BLOCK_K + rk) * stride_xk
     a_s = a_ptr + slot * stride_as + rr.to(tl.int64)[:, None] * stride_ar + (first * BLOCK_K + rk)[None, :] * stride_ak
     acc = tl.full((BLOCK_R,), 0.0, tl.float32)
-    for t in range(first, stop):
+    for t in range(TILES):
         if EVEN_K:
             x = tl.load(xs).to(tl.float32)
             a = tl.load(a_s, mask=r_ok[:, None], other=0.0, eviction_policy="evict_first").to(tl.float32)
         else:
-            k_ok = rk < K - t * BLOCK_K
+            k_ok = rk < K - (first + t) * BLOCK_K
             x = tl.load(xs, mask=k_ok, other=0.0).to(tl.float32)
             a = tl.load(a_s, mask=r_ok[:, None] & k_ok[None, :], other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
@@ -126,8 +140,8 @@ def _expand(y_ptr, b_ptr, slot_ptr, p_ptr, N, rank, splits,  # noqa: N803 (Trito
 def _kernels(interpret: bool):
     """(shrink, expand), jitted at the first call of each mode (``triton.jit`` reads TRITON_INTERPRET when it
     wraps the function, so the interpreter can be switched on at run time, as in int8_matmul). ``rank``,
-    ``tiles`` and ``splits`` change with the rank bucket and the shapes only: specializing on them is fine;
-    the row count is never an argument (it is the grid's first axis)."""
+    ``TILES`` and ``splits`` change with the rank bucket and the shapes only: a few compiled variants a
+    model; the row count is never an argument (it is the grid's first axis)."""
     return triton.jit(_shrink), triton.jit(_expand)
 
 
@@ -192,9 +206,10 @@ def lora_delta_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
     # [splits, rows, BLOCK_R] fp32; rows on slot 0 leave theirs unwritten (and expand never reads them)
     p = torch.empty((cfg["splits"], rows, cfg["BLOCK_R"]), device=x.device, dtype=torch.float32)
     shrink[(rows, cfg["splits"])](
-        x, lora_a, slots, p, in_f, rank, cfg["tiles"],
+        x, lora_a, slots, p, in_f, rank,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), p.stride(0), slots.stride(0),
-        EVEN_K=in_f % cfg["BLOCK_K"] == 0, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], num_warps=NUM_WARPS)
+        EVEN_K=in_f == cfg["splits"] * cfg["tiles"] * cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
+        TILES=cfg["tiles"], num_warps=NUM_WARPS)
     expand[(rows, triton.cdiv(out_f, cfg["BLOCK_N"]))](
         y, lora_b, slots, p, out_f, rank, cfg["splits"],
         y.stride(0), y.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), p.stride(0), slots.stride(0),
