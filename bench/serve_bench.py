@@ -33,6 +33,8 @@ SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab
     "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                       intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192, vocab_size=32000, max_position_embeddings=4096),
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
                  intermediate_size=688, vocab_size=2000, max_position_embeddings=2048),
 }

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,9 @@ async def start_daemon(config: ServerConfig) -> Daemon:
     calls are counted with their UNAUTHENTICATED / PERMISSION_DENIED code.
     """
     check_base_dir(config.base)
+    # Process-wide, and the daemon owns the process: the engine thread gets the GIL back within this long
+    # after each torch call (bench/NOTES.md, "gRPC end to end").
+    sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
     tokens = load_tokens(config.tokens_file) if config.tokens_file is not None else None
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
                    if config.tls_cert is not None else None)

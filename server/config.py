@@ -30,6 +30,10 @@ class ServerConfig:
     fused_kernels: bool = field(default=True, metadata={"help": "on a GPU: one Triton kernel per RMSNorm and "
                                                                  "BGMV kernels for LoRA in decode steps (off: "
                                                                  "transformers' and torch's own ops)"})
+    gil_switch_interval_ms: float = field(default=0.2, metadata={
+        "help": "longest a busy Python thread (the gRPC event loop) holds the GIL while the engine thread waits "
+                "for it, ms (sys.setswitchinterval; Python's 5 ms default stalls each engine step behind the "
+                "loop, since every torch call releases and retakes the GIL)"})
     adapter_cache_mb: int = field(default=8192, metadata={"help": "memory for loaded adapters, MiB; the least "
                                                                    "recently used beyond it are unloaded"})
     max_input_tokens: int | None = field(default=None, metadata={"help": "longest prompt, in tokens (default: "
@@ -70,6 +74,8 @@ class ServerConfig:
                      "default_max_new_tokens", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0 < self.gil_switch_interval_ms <= 1000:
+            raise ValueError("gil_switch_interval_ms must be in (0, 1000]")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
         if not self.adapters.is_dir():
