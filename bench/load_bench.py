@@ -183,7 +183,7 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=32, help="tokens generated per request")
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--client-procs", type=int, default=4)
-    parser.add_argument("--switch-intervals-ms", default="5,0.2",
+    parser.add_argument("--switch-intervals-ms", default="5,0.2,0.05",
                         help="GIL switch intervals (ms) to measure the end-to-end ratio at: Python's default is 5, "
                              "the daemon's 0.2 (--gil-switch-interval-ms)")
     parser.add_argument("--no-record", action="store_true")
@@ -210,6 +210,9 @@ def main() -> int:
     runtime = Runtime(base, root, EngineConfig(max_batch_size=128, lora_slots=args.slots,
                                                max_lora_rank=args.rank, max_queue=100_000))
     runtime.engine.start()
+    # The daemon's GIL switch interval for the in-process points too (loads in worker threads, the engine
+    # thread and this event loop share the GIL as they do in the daemon).
+    sys.setswitchinterval(ServerConfig.__dataclass_fields__["gil_switch_interval_ms"].default / 1000)
     try:
         asyncio.run(poisson_load(runtime, lambda r: ids[0], 2.0, 3.0, 4, 0))  # warm-up
         for rate in (float(r) for r in args.rates.split(",") if r):

@@ -40,7 +40,8 @@ def test_load_bench_tiny(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "bench" / "load_bench.py"), "--shape", "tiny", "--adapters",
                           "20", "--distinct", "2", "--rates", "8", "--duration", "2", "--new", "8", "--streams", "4",
-                          "--client-procs", "1", "--work", str(tmp_path), "--no-record"],
+                          "--client-procs", "1", "--switch-intervals-ms", "5,0.2", "--work", str(tmp_path),
+                          "--no-record"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     zipf_over_one = float(out.stdout.split("|")[-2])
