@@ -30,6 +30,7 @@ from adapterd.server.engine.observer import ObserverList
 from adapterd.server.engine.prefill_step import PrefillStep
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.engine.sampling import RowSampler
+from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
 from adapterd.server.engine.text import TextStream
 from adapterd.server.errors import AdapterdError, ResourceExhausted, Unavailable
 from adapterd.server.model import BaseModel
@@ -49,38 +50,12 @@ class EngineConfig:
     fused_kernels: bool = True  # on a GPU: one Triton kernel per RMSNorm, and BGMV kernels for LoRA decode
 
 
-def _use_int8_kernel(base: BaseModel, config: EngineConfig) -> int:
-    """Swap bitsandbytes' int8 matmul (which also quantizes activations, 3-5x slower than bf16 at decode batch
-    sizes) for the weight-only kernel over the same int8 weights, and tune it now, before any graph capture.
-    Returns the number of layers swapped."""
-    from adapterd.server.kernels import int8_kernel_available, use_int8_kernel, warm_up
-
-    if base.quantization != "int8" or not config.int8_kernel or not int8_kernel_available(base.device):
-        return 0
-    swapped = use_int8_kernel(base.model)
-    warm_up(base.model, base.dtype, max_rows=config.max_batch_size)
-    log.info("int8 weight-only kernel in %d layers", swapped)
-    return swapped
-
-
-def _use_fused_norms(base: BaseModel, config: EngineConfig) -> int:
-    """Swap the model's RMSNorms (8 small kernels each in transformers, 65 of them in a 7B decode step) for
-    one Triton kernel each, same math (bf16 outputs bit-identical on an H200). Returns how many."""
-    from adapterd.server.kernels import fused_rms_norm_available, use_fused_rms_norm
-
-    if not config.fused_kernels or not fused_rms_norm_available(base.device):
-        return 0
-    swapped = use_fused_rms_norm(base.model)
-    log.info("fused RMSNorm kernel in %d norms", swapped)
-    return swapped
-
-
 class Engine:
     def __init__(self, base: BaseModel, config: EngineConfig) -> None:
         self.base = base
         self.config = config
-        self.int8_kernel_layers = _use_int8_kernel(base, config)
-        self.fused_norms = _use_fused_norms(base, config)
+        self.int8_kernel_layers = use_int8_kernel(base, config.int8_kernel, config.max_batch_size)
+        self.fused_norms = use_fused_norms(base, config.fused_kernels)
         self.slots = LoraSlotTable(base.model, config.lora_slots, config.max_lora_rank, base.dtype, base.device)
         self.slots.rows.use_kernel = config.fused_kernels  # BGMV kernels for LoRA in decode steps (GPU)
         self.pool = KvPool(base.num_layers, base.num_kv_heads, base.head_dim, base.dtype, base.device,

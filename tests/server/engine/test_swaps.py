@@ -1,0 +1,63 @@
+"""The engine's kernel swaps: which modules they replace, when they stay off, and that the engine with its
+fused kernels still gives PEFT's tokens (on the CPU through Triton's interpreter; on a GPU compiled)."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapterd.server.engine import EngineConfig, GenerationParams
+from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
+from adapterd.server.model import load_base_model
+from adapterd.server.runtime import Runtime
+from tests.helpers import TEST_DEVICE, reference_greedy
+from tests.server.engine.test_parity import run_together
+
+triton = pytest.importorskip("triton")
+
+
+def _norm_classes(model) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if "RMSNorm" in type(m).__name__}
+
+
+def test_fused_norms_swap_every_rmsnorm_only_when_enabled_and_available(tiny_model_dir, monkeypatch):
+    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
+    layers = base.num_layers
+    assert use_fused_norms(base, enabled=False) == 0
+    if TEST_DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert use_fused_norms(base, enabled=True) == 0  # no GPU, no interpreter: transformers' norms stay
+        assert _norm_classes(base.model) == {"LlamaRMSNorm"}
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_fused_norms(base, enabled=True) == 2 * layers + 1  # two a layer, and the final norm
+    assert _norm_classes(base.model) == {"FusedRMSNorm"}
+
+
+def test_int8_kernel_stays_off_for_a_base_that_is_not_int8(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
+    assert use_int8_kernel(base, enabled=True) == 0
+
+
+def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_root, monkeypatch):
+    """Fused RMSNorm in every norm and the BGMV kernels for the LoRA rows of each decode step, in a batch that
+    mixes base rows and two LoRA adapters: every row's greedy tokens equal PEFT's for it alone."""
+    if TEST_DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    prompts, adapters, new = ["hello world", "你是谁？"], [None, "lora-qv", "team/lora-all"], 6
+    jobs = [(p, a) for p in prompts for a in adapters]
+    refs = {job: reference_greedy(tiny_model_dir, job[0], adapter_root / job[1] if job[1] else None, new)
+            for job in jobs}
+    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
+    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True))
+    assert runtime.engine.fused_norms == 2 * base.num_layers + 1
+    kernel_calls = []
+    from adapterd.server.kernels import lora_bgmv
+
+    real = lora_bgmv.lora_delta_
+    monkeypatch.setattr(lora_bgmv, "lora_delta_", lambda *a, **k: (kernel_calls.append(1), real(*a, **k))[1])
+    try:
+        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=new))
+    finally:
+        runtime.close()
+    assert kernel_calls, "the LoRA rows' decode steps must go through the BGMV kernels"
+    assert {job: events[-1].token_ids for job, events in zip(jobs, results, strict=True)} == refs
