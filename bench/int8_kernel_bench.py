@@ -33,11 +33,10 @@ import copy
 import json
 import os
 import sys
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from graph_timing import time_cpu, time_cuda
 from results_table import append_to_section, git_commit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,55 +80,6 @@ def make_layers(n: int, k: int, copies: int, device: str, seed: int) -> list:
 
 def copies_for(bytes_per_copy: int, rotate_mb: float, device: str) -> int:
     return 2 if not device.startswith("cuda") else max(2, -(-int(rotate_mb * 2**20) // bytes_per_copy))
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-
-def time_cuda(calls: list[Callable[[], object]], per_graph: int, replays: int) -> tuple[float, str]:
-    """Microseconds a call: ``per_graph`` calls (cycling over ``calls``) captured in one graph, replayed."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the capture: autotuning, compilation, lazy init
-        for call in calls * 2:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            for i in range(per_graph):
-                calls[i % len(calls)]()
-        run, mode = graph.replay, "graph"
-    except RuntimeError as exc:
-        print(f"  capture failed ({str(exc).splitlines()[0][:120]}); timing eagerly", file=sys.stderr)
-        torch.cuda.synchronize()
-
-        def run() -> None:
-            for i in range(per_graph):
-                calls[i % len(calls)]()
-
-        mode = "eager"
-    run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * per_graph), mode
-
-
-def time_cpu(calls: list[Callable[[], object]], iters: int) -> tuple[float, str]:
-    for call in calls:
-        call()
-    start = time.perf_counter()
-    for i in range(iters):
-        calls[i % len(calls)]()
-    return (time.perf_counter() - start) * 1e6 / iters, "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- one case

@@ -28,61 +28,12 @@ import argparse
 import json
 import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from graph_timing import time_cpu, time_cuda
 
 METHODS = ("dense", "gathered", "kernel")
 LLAMA_LAYERS = 128  # LoRA-wrapped layers a Llama-2-7B decode step runs with q, k, v, o targeted (32 x 4)
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-
-def time_cuda(calls: list[Callable[[], object]], per_graph: int, replays: int) -> tuple[float, str]:
-    """Microseconds a call: ``per_graph`` calls (cycling over ``calls``) captured in one graph, replayed."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the capture: compilation, cuBLAS workspaces, lazy init
-        for call in calls * 2:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            for i in range(per_graph):
-                calls[i % len(calls)]()
-        run, mode = graph.replay, "graph"
-    except RuntimeError as exc:
-        print(f"  capture failed ({str(exc).splitlines()[0][:120]}); timing eagerly", file=sys.stderr)
-        torch.cuda.synchronize()
-
-        def run() -> None:
-            for i in range(per_graph):
-                calls[i % len(calls)]()
-
-        mode = "eager"
-    run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * per_graph), mode
-
-
-def time_cpu(calls: list[Callable[[], object]], iters: int) -> tuple[float, str]:
-    for call in calls:
-        call()
-    start = time.perf_counter()
-    for i in range(iters):
-        calls[i % len(calls)]()
-    return (time.perf_counter() - start) * 1e6 / iters, "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- one shape

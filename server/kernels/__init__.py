@@ -10,6 +10,7 @@ import torch
 
 from adapterd.server.kernels.int8_linear import Int8WeightOnlyLinear, int8_kernel_available, use_int8_kernel, warm_up
 from adapterd.server.kernels.rms_norm import FusedRMSNorm, fused_rms_norm_available, use_fused_rms_norm
+from adapterd.server.kernels.support import triton_available
 
 __all__ = ["FusedRMSNorm", "fused_rms_norm_available", "use_fused_rms_norm",
            "LORA_KERNEL_MAX_ROWS", "MAX_KERNEL_ROWS", "Int8WeightOnlyLinear", "int8_kernel_available",
@@ -22,10 +23,9 @@ LORA_KERNEL_MAX_ROWS = 64
 
 
 def lora_kernel_available(device: torch.device | str) -> bool:
-    """True when the batched LoRA decode kernels (``lora_bgmv``) can run for tensors on ``device``: the int8
-    kernel's conditions, a CUDA device of compute capability 8.0 or later (bf16 loads and conversions) with
-    Triton importable, or any device while TRITON_INTERPRET=1 (tests only: slow)."""
-    return int8_kernel_available(device)
+    """True when the batched LoRA decode kernels (``lora_bgmv``) can run for tensors on ``device``
+    (``triton_available``)."""
+    return triton_available(device)
 
 
 def __getattr__(name: str) -> Any:

@@ -14,30 +14,17 @@ its device (bitsandbytes/nn/modules.py, ``Int8Params._quantize``, ``Linear8bitLt
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-_TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
+from adapterd.server.kernels.support import triton_available
 
 
 def int8_kernel_available(device: torch.device | str) -> bool:
-    """True when the kernel can run for tensors on ``device``: a CUDA device of compute capability 8.0 or
-    later (bf16 tensor cores) with Triton importable, or any device while TRITON_INTERPRET=1 (Triton's CPU
-    interpreter; tests only: it is slow)."""
-    device = torch.device(device)
-    interpret = os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
-    if device.type != "cuda" and not interpret:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    if device.type == "cuda" and not interpret:
-        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
-    return True
+    """True when the int8 kernel can run for tensors on ``device`` (``triton_available``)."""
+    return triton_available(device)
 
 
 def _matmul():

@@ -42,25 +42,20 @@ other configs through ``_small_m(..., config=...)``).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from adapterd.server.kernels.support import interpreting
+
 MAX_KERNEL_ROWS = 64  # rows of x served by the split-K decode kernel; more rows go to the tiled GEMM kernel
 MAX_GEMM_BUCKET = 4096  # the largest row bucket of the GEMM kernel's autotune key (more rows share it)
 MAX_SPLIT_K = 16
 _INV_127 = 1.0 / 127.0  # bitsandbytes' absmax scale: W = CB * SCB / 127
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
 _REDUCE_BLOCK = 512  # outputs per program of the split-K reduction
-
-
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read now, as Triton reads it)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
 
 
 def row_bucket(m: int) -> int:

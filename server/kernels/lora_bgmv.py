@@ -49,22 +49,18 @@ Interpreter: with ``TRITON_INTERPRET`` set (read at each call) the same kernels 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from adapterd.server.kernels.support import interpreting
 
 TILE_ELEMS = 4096  # weight elements a program loads at once: BLOCK_R * BLOCK_K (shrink), BLOCK_R * BLOCK_N
 MAX_PARTIALS = 2048  # fp32 partials an expand program sums: splits * BLOCK_R (8 KB, from L2)
 MIN_BLOCK_R = 16  # rank rows a tile covers at least (masked above the rank: no bytes read for them)
 NUM_WARPS = 1  # a warp a program (see the table above)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
 
 
 # ---------------------------------------------------------------------------------------------- kernels

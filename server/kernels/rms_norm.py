@@ -39,43 +39,26 @@ gradient) ``FusedRMSNorm`` runs transformers' eager math instead.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import nn
+
+from adapterd.server.kernels.support import interpreting, triton_available
 
 # Classes whose forward is exactly the math above (transformers 5.17 and 5.24). Matched by class name, so
 # that model modules need not be imported.
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 MAX_HIDDEN = 16384  # the longest row the kernel takes (kept in registers: 32 fp32 a thread at 16 warps)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
 
 # Bound on first use by ``_triton()``: the kernel's body refers to ``tl`` as a module global, as Triton wants.
 triton = None
 tl = None
 
 
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read now, as Triton reads it)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
-
-
 def fused_rms_norm_available(device: torch.device | str) -> bool:
-    """True when the kernel can run for tensors on ``device``: a CUDA device of compute capability 8.0 or
-    later with Triton importable, or any device while TRITON_INTERPRET=1 (Triton's CPU interpreter; tests
-    only: it is slow)."""
-    device = torch.device(device)
-    interpret = interpreting()
-    if device.type != "cuda" and not interpret:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    if device.type == "cuda" and not interpret:
-        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
-    return True
+    """True when the kernel can run for tensors on ``device`` (``triton_available``)."""
+    return triton_available(device)
 
 
 @functools.cache
