@@ -35,8 +35,7 @@ class AdapterCacheCollector(Collector):
         """Read this runtime's adapter store and slot table from now on."""
         self.runtime = runtime
 
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily,
-                                 CounterMetricFamily]:
+    def _families(self) -> tuple[Metric, ...]:
         return (
             GaugeMetricFamily("adapterd_adapters_resident", "Loaded adapters by tier: gpu (weights on a CUDA "
                               "device) or cpu (host memory only) (adapters).", labels=["tier"]),
@@ -47,6 +46,11 @@ class AdapterCacheCollector(Collector):
                                 "misses) since start."),
             CounterMetricFamily("adapterd_adapter_evictions", "LoRA adapters pushed out of a device slot to make "
                                 "room for another since start."),
+            GaugeMetricFamily("adapterd_host_buffer_pool_bytes", "Host buffers that loaded adapters are read "
+                              "into (page-locked on a GPU daemon): lent to a loaded adapter, or free for the "
+                              "next load (bytes).", labels=["state"]),
+            CounterMetricFamily("adapterd_host_buffer_pool_fallbacks", "Adapter loads past the host buffer "
+                                "pool's cap, read into memory of their own instead (slower) since start."),
         )
 
     def describe(self) -> Iterator[Metric]:
@@ -58,7 +62,7 @@ class AdapterCacheCollector(Collector):
             return
         table = runtime.engine.slots
         on_cuda = runtime.base.device.type == "cuda"
-        resident, slots, used, fills, evictions = self._families()
+        resident, slots, used, fills, evictions, pool_bytes, fallbacks = self._families()
         counts = dict.fromkeys(TIERS, 0)
         for adapter in runtime.store.loaded():
             on_device = table.resident(adapter.key) if adapter.lora is not None else adapter.prefix is not None
@@ -69,7 +73,49 @@ class AdapterCacheCollector(Collector):
         used.add_metric([], table.resident_count())
         fills.add_metric([], table.fills)
         evictions.add_metric([], table.evictions)
-        yield from (resident, slots, used, fills, evictions)
+        pool = runtime.store.host_pool.stats()
+        pool_bytes.add_metric(["lent"], pool["lent_bytes"])
+        pool_bytes.add_metric(["free"], pool["free_bytes"])
+        fallbacks.add_metric([], pool["fallbacks"])
+        yield from (resident, slots, used, fills, evictions, pool_bytes, fallbacks)
+
+
+class EngineCollector(Collector):
+    """The engine's fast paths: CUDA graphs held and captured per kind (decode, prefill; each capture costs
+    about two eager forwards, so a steadily rising count means shapes keep changing), and the modules swapped
+    for the package's own kernels at start-up."""
+
+    def __init__(self) -> None:
+        self.runtime: Any = None
+
+    def attach(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def _families(self) -> tuple[Metric, ...]:
+        return (
+            GaugeMetricFamily("adapterd_cuda_graphs", "CUDA graphs held for replay, by kind (graphs).",
+                              labels=["kind"]),
+            CounterMetricFamily("adapterd_cuda_graph_captures", "CUDA graphs captured since start, by kind.",
+                                labels=["kind"]),
+            GaugeMetricFamily("adapterd_kernel_swapped_modules", "Base model modules served by adapterd's own "
+                              "kernels, by kernel (modules).", labels=["kernel"]),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        runtime = self.runtime
+        if runtime is None:
+            return
+        engine = runtime.engine
+        held, captures, swapped = self._families()
+        for kind, step in (("decode", engine.decoder), ("prefill", engine.prefiller)):
+            held.add_metric([kind], len(step.graphs))
+            captures.add_metric([kind], step.graphs.captures)
+        swapped.add_metric(["int8_matmul"], engine.int8_kernel_layers)
+        swapped.add_metric(["rms_norm"], engine.fused_norms)
+        yield from (held, captures, swapped)
 
 
 def _number(value: Any) -> float | None:

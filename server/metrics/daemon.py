@@ -20,7 +20,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from adapterd import __version__
 from adapterd.server.adapters.store import LoadedAdapter
-from adapterd.server.metrics.collectors import AdapterCacheCollector, TrainingCollector
+from adapterd.server.metrics.collectors import AdapterCacheCollector, EngineCollector, TrainingCollector
 from adapterd.server.metrics.definitions import Metrics
 from adapterd.server.metrics.gpu import NvmlCollector
 from adapterd.server.metrics.interceptor import RpcMetricsInterceptor
@@ -46,6 +46,8 @@ class DaemonMetrics:
         self.observer = MetricsObserver(self.metrics, self.labels)
         self.adapter_cache = AdapterCacheCollector()
         self.metrics.register(self.adapter_cache)
+        self.engine = EngineCollector()
+        self.metrics.register(self.engine)
         self.metrics.register(TrainingCollector(runs_root))
         self.gpu = NvmlCollector() if gpu else None
         if self.gpu is not None:
@@ -90,6 +92,7 @@ class DaemonMetrics:
         m.running.set_function(lambda: engine.stats()["running"])
         m.waiting.set_function(lambda: engine.stats()["waiting"])
         self.adapter_cache.attach(runtime)
+        self.engine.attach(runtime)
         runtime.store.on_load = self.adapter_loaded
         engine.observers.add(self.observer)
 

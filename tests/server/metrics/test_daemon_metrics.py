@@ -75,6 +75,18 @@ def test_adapter_series(parsed):
     assert value(parsed, "adapterd_lora_slot_fills_total") == 2
     assert value(parsed, "adapterd_adapter_evictions_total") == 0
     assert value(parsed, "adapterd_lora_slots") >= 2
+    # A CPU daemon reads files into pageable pool buffers, lent to the 3 loaded adapters, none past the cap
+    assert value(parsed, "adapterd_host_buffer_pool_bytes", state="lent") > 0
+    assert value(parsed, "adapterd_host_buffer_pool_fallbacks_total") == 0
+
+
+def test_engine_series(parsed):
+    """A CPU daemon captures no CUDA graph and swaps in none of the GPU kernels: every series is there, at 0."""
+    for kind in ("decode", "prefill"):
+        assert value(parsed, "adapterd_cuda_graphs", kind=kind) == 0
+        assert value(parsed, "adapterd_cuda_graph_captures_total", kind=kind) == 0
+    for kernel in ("int8_matmul", "rms_norm"):
+        assert value(parsed, "adapterd_kernel_swapped_modules", kernel=kernel) == 0
 
 
 def test_build_info(parsed, tiny_model_dir):
