@@ -21,6 +21,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -165,7 +166,36 @@ def grpc_streams(target: str, streams: int, procs: int, duration: float, new: in
         w.join()
     # Throughput over the span when clients were serving (process start-up and imports excluded).
     span = max(end for _, _, end in results) - min(began for _, began, _ in results)
-    return sum(tokens for tokens, _, _ in results) / span
+    tokens = sum(tokens for tokens, _, _ in results)
+    return tokens / span, tokens
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by this process's threads, by Python thread name; threads Python does not
+    know (gRPC's C-core pollers, torch's own pools) count as "other". Linux only (/proc); {} elsewhere."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return {}
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in tasks.iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = names.get(int(task.name), "other")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def cpu_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> str:
+    """Microseconds of CPU per streamed token for the event loop, the engine thread and the rest."""
+    use = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    loop, engine = use.pop("adapterd-daemon", 0.0), use.pop("adapterd-engine", 0.0)
+    rest = sum(v for k, v in use.items() if k != "MainThread")
+    return (f"server CPU per token: event loop {loop / tokens * 1e6:.0f} us, engine thread "
+            f"{engine / tokens * 1e6:.0f} us, other threads {rest / tokens * 1e6:.0f} us")
 
 
 def main() -> int:
@@ -246,11 +276,14 @@ def main() -> int:
             sys.setswitchinterval(ms / 1000)  # what the daemon sets from --gil-switch-interval-ms
             steps = StepStats()
             daemon.daemon.state.runtime.engine.observers.add(steps.observer)
-            e2e = grpc_streams(f"127.0.0.1:{daemon.port}", args.streams, args.client_procs, args.duration, args.new)
+            cpu_before = thread_cpu_seconds()
+            e2e, tokens = grpc_streams(f"127.0.0.1:{daemon.port}", args.streams, args.client_procs, args.duration,
+                                       args.new)
+            cpu = cpu_per_token(cpu_before, thread_cpu_seconds(), tokens) if cpu_before else "no /proc"
             daemon.daemon.state.runtime.engine.observers.observers.remove(steps.observer)
             tok_s, alone_steps = alone[ms]
             e2e_lines.append(f"GIL switch interval {ms:g} ms: engine alone {tok_s:.1f} tok/s ({alone_steps}), "
-                             f"over gRPC {e2e:.1f} tok/s ({steps}), ratio {e2e / tok_s:.2f}")
+                             f"over gRPC {e2e:.1f} tok/s ({steps}; {cpu}), ratio {e2e / tok_s:.2f}")
             print(e2e_lines[-1], flush=True)
     finally:
         daemon.stop()
