@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.adapters.prefix import PrefixWeights
 from adapterd.server.adapters.store import LoadedAdapter
 from adapterd.server.engine.batch import Row, RunningBatch
 from adapterd.server.engine.decode_step import DecodeStep
@@ -222,17 +223,18 @@ class Engine:
 
     def _prefill(self, rows: list[Row]) -> None:
         prompts = [r.prompt_ids for r in rows]
-        if not any(r.num_virtual_tokens for r in rows) and self.prefiller.fits(len(self.batch), prompts):
-            self._prefill_into_pool(rows)
-        else:
+        prefixes = [r.adapter.prefix if r.num_virtual_tokens else None for r in rows]
+        if self.prefiller.fits(len(self.batch), prompts, prefixes):
+            self._prefill_into_pool(rows, prefixes)
+        else:  # the padded shape exceeds the pool's limits
             self._prefill_with_prefixes(rows)
 
-    def _prefill_into_pool(self, rows: list[Row]) -> None:
-        """Rows without a prefix: their prompts go straight into their pool rows (see prefill_step.py)."""
+    def _prefill_into_pool(self, rows: list[Row], prefixes: list[PrefixWeights | None]) -> None:
+        """The prompts (after any prefix's virtual tokens) go straight into their pool rows (prefill_step.py)."""
         first = len(self.batch)
-        logits = self.prefiller.run(first, [r.prompt_ids for r in rows], [r.slot for r in rows])
+        logits = self.prefiller.run(first, [r.prompt_ids for r in rows], [r.slot for r in rows], prefixes)
         for row in rows:
-            row.kv_len = row.next_position = len(row.prompt_ids)
+            row.kv_len = row.next_position = row.num_virtual_tokens + len(row.prompt_ids)
             row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
         self._sample_and_emit(rows, logits)
         self.observers.prefill_done(rows, sum(len(r.prompt_ids) for r in rows))
@@ -240,8 +242,8 @@ class Engine:
         self._retire([first + i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
 
     def _prefill_with_prefixes(self, rows: list[Row]) -> None:
-        """The general prefill: left-padded, prefix adapters' virtual tokens in front, into a transient cache
-        whose live entries then move into the pool."""
+        """The general prefill, for a shape the pool cannot take at once: left-padded, prefix adapters' virtual
+        tokens in front, into a transient cache whose live entries then move into the pool."""
         dev = self.base.device
         n = len(rows)
         prefix_len = max(r.num_virtual_tokens for r in rows)

@@ -48,6 +48,7 @@ class KvPool(Cache):
         # Prefill: the pool rows being prefilled and, per row and token, the entry each token goes to.
         self.prefill_rows: torch.Tensor | None = None  # [n] long
         self.prefill_index: torch.Tensor | None = None  # [n, T] long
+        self.prefill_prefix = 0  # entries at the front of each row that the prompt also attends to (prefixes)
 
     # ------------------------------------------------------------------ storage
 
@@ -102,10 +103,11 @@ class KvPool(Cache):
         self.batch, self.length, self.write_pos = batch, length, write_pos
         self.prefill_rows = self.prefill_index = None
 
-    def set_prefill_view(self, rows: torch.Tensor, index: torch.Tensor) -> None:
-        """Prefill of rows without a prefix: token t of row i goes to entry ``index[i, t]`` of pool row
-        ``rows[i]``, and attention runs over the prompt's own keys (there is nothing before them)."""
-        self.prefill_rows, self.prefill_index = rows, index
+    def set_prefill_view(self, rows: torch.Tensor, index: torch.Tensor, prefix: int = 0) -> None:
+        """Prefill: token t of row i goes to entry ``index[i, t]`` of pool row ``rows[i]``, and attention runs
+        over each row's first ``prefix`` entries (a prefix adapter's virtual tokens, put there beforehand;
+        the mask hides those past a row's own prefix) followed by the prompt's own keys."""
+        self.prefill_rows, self.prefill_index, self.prefill_prefix = rows, index, prefix
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +116,13 @@ class KvPool(Cache):
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self.prefill_rows is not None:
             rows = self.prefill_rows[:, None]
+            if self.prefill_prefix:  # read before this forward's writes: [n, heads, prefix, dim]
+                prefix_k = k[self.prefill_rows, :, : self.prefill_prefix].to(key_states.dtype)
+                prefix_v = v[self.prefill_rows, :, : self.prefill_prefix].to(value_states.dtype)
             k[rows, :, self.prefill_index] = key_states.transpose(1, 2).to(k.dtype)  # [n, T, heads, dim]
             v[rows, :, self.prefill_index] = value_states.transpose(1, 2).to(v.dtype)
+            if self.prefill_prefix:
+                return torch.cat([prefix_k, key_states], dim=2), torch.cat([prefix_v, value_states], dim=2)
             return key_states, value_states
         rows = torch.arange(self.batch, device=key_states.device)
         k[rows, :, self.write_pos] = key_states[:, :, 0].to(k.dtype)
@@ -142,12 +149,18 @@ def decode_mask(write_pos: torch.Tensor, length: int, dtype: torch.dtype) -> tor
     return mask[:, None, None, :]
 
 
-def prefill_mask(pads: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive causal mask ``[rows, 1, length, length]`` for left-padded prompts: token t of row i sees
-    tokens pads[i]..t. A padding query sees only itself, so that its softmax stays finite."""
+def prefill_mask(pads: torch.Tensor, length: int, dtype: torch.dtype, virtual: torch.Tensor | None = None,
+                 prefix: int = 0) -> torch.Tensor:
+    """Additive causal mask ``[rows, 1, length, prefix + length]`` for left-padded prompts: token t of row i
+    sees its row's first ``virtual[i]`` prefix entries (of ``prefix`` columns) and tokens pads[i]..t. A
+    padding query sees only itself, so that its softmax stays finite."""
     t = torch.arange(length, device=pads.device)
     query, key = t[None, :, None], t[None, None, :]
     visible = ((key <= query) & (key >= pads[:, None, None])) | (key == query)
+    if prefix:
+        real = query >= pads[:, None, None]  # [rows, T, 1]: padding queries keep seeing only themselves
+        sees_prefix = (torch.arange(prefix, device=pads.device)[None, None, :] < virtual[:, None, None]) & real
+        visible = torch.cat([sees_prefix, visible], dim=2)
     mask = torch.zeros(visible.shape, dtype=dtype, device=pads.device)
     mask.masked_fill_(~visible, torch.finfo(dtype).min)
     return mask[:, None]

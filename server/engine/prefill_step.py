@@ -1,4 +1,4 @@
-"""Prefill of rows without a prefix adapter, straight into the key/value pool: eager, or from a CUDA graph.
+"""Prefill straight into the key/value pool: eager, or from a CUDA graph.
 
 An eager prefill pays the host-side Python of a whole forward (~20 ms for a 7B model) whatever the prompt,
 so short prompts arriving one by one keep the engine busy prefilling (bench/NOTES.md). Here the admitted
@@ -6,9 +6,12 @@ rows' prompts are left-padded to one length and written into their own pool rows
 token t of row i lands at entry ``(t - pads[i]) mod T``, which puts the prompt at the front of the row
 (where decode expects it) and the padding after it, where decode overwrites it before ever reading it.
 Attention runs over the prompts' own keys with a left-padded causal mask; only the last position's logits
-are computed. On CUDA the forward is captured per (rows bucket, prompt length bucket, LoRA rank bucket).
+are computed. On CUDA the forward is captured per (rows bucket, prompt length bucket, LoRA rank bucket,
+prefix bucket).
 
-Rows with a prefix adapter keep the engine's general prefill (virtual tokens in front of the prompt).
+A row with a prefix adapter (P-Tuning v2) gets its V virtual key/values copied into entries 0..V-1 of its
+pool row before the forward (outside any graph); its prompt then lands at entries V.., with position ids
+from V, as PEFT counts them, and every prompt token also attends to the row's first V entries.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.adapters.prefix import PrefixWeights
 from adapterd.server.engine.decode_step import batch_bucket, rank_bucket
 from adapterd.server.engine.graphs import GraphCache
 from adapterd.server.engine.kv_pool import KvPool, prefill_mask
@@ -27,11 +31,21 @@ from adapterd.server.model import BaseModel
 log = logging.getLogger(__name__)
 
 MIN_PROMPT_BUCKET = 16  # tokens
+MIN_PREFIX_BUCKET = 8  # virtual tokens
 
 
 def prompt_bucket(n: int, limit: int) -> int:
     """Powers of two from 16: a prompt pads to less than twice its length."""
-    bucket = MIN_PROMPT_BUCKET
+    return _power_bucket(n, MIN_PROMPT_BUCKET, limit)
+
+
+def prefix_bucket(n: int, limit: int) -> int:
+    """0 without prefixes, else powers of two from 8 (prefix columns the attention reads, masked per row)."""
+    return _power_bucket(n, MIN_PREFIX_BUCKET, limit) if n else 0
+
+
+def _power_bucket(n: int, smallest: int, limit: int) -> int:
+    bucket = smallest
     while bucket < n:
         bucket *= 2
     return min(bucket, limit)
@@ -43,23 +57,28 @@ class PrefillStep:
         self.use_graphs = use_graphs and base.device.type == "cuda"
         self.bucketed = False  # pad to the graphs' shapes when eager too (CPU tests)
         self.graphs = GraphCache("prefill")
-        self._inputs: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # static, per shape
+        self._inputs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # static, per shape
 
-    def fits(self, first: int, prompts: Sequence[Sequence[int]]) -> bool:
+    def fits(self, first: int, prompts: Sequence[Sequence[int]], prefixes: Sequence[PrefixWeights | None]) -> bool:
         """Whether rows ``first``.. can take these prompts (the padded shape must fit the pool's limits)."""
-        rows, length = self._shape(len(prompts), max(len(p) for p in prompts))
-        return first + rows <= self.pool.max_rows and length <= self.pool.max_capacity
+        rows, length, prefix = self._shape(len(prompts), max(len(p) for p in prompts), _longest(prefixes))
+        return first + rows <= self.pool.max_rows and prefix + length <= self.pool.max_capacity
 
-    def run(self, first: int, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
-        """Prefill ``prompts`` into pool rows ``first``.. and return each one's last-token logits [n, vocab]."""
+    def run(self, first: int, prompts: Sequence[Sequence[int]], slots: Sequence[int],
+            prefixes: Sequence[PrefixWeights | None]) -> torch.Tensor:
+        """Prefill ``prompts`` (each after its prefix adapter's virtual tokens, if any) into pool rows
+        ``first``.. and return each one's last-token logits [n, vocab]."""
         n = len(prompts)
-        rows, length = self._shape(n, max(len(p) for p in prompts))
+        rows, length, prefix = self._shape(n, max(len(p) for p in prompts), _longest(prefixes))
         rank = self.slots.rank_of(slots)
         if self.use_graphs or self.bucketed:
             rank = rank_bucket(rank, self.slots.max_rank)
-        self.pool.reserve(first + rows, length)
-        key = (rows, length, rank)
-        inputs = self._fill_inputs(key, first, prompts, slots)
+        self.pool.reserve(first + rows, prefix + length)
+        for i, weights in enumerate(prefixes):
+            if weights is not None:  # device copies into the row's first entries, before any replay
+                self.pool.put(first + i, list(zip(weights.keys, weights.values, strict=True)))
+        key = (rows, length, rank, prefix)
+        inputs = self._fill_inputs(key, first, prompts, slots, prefixes)
         if not self.use_graphs:
             return self._forward(key, inputs)[:n]
         try:
@@ -75,28 +94,31 @@ class PrefillStep:
         graph.replay()
         return logits[:n]
 
-    def _shape(self, n: int, longest: int) -> tuple[int, int]:
+    def _shape(self, n: int, longest: int, longest_prefix: int) -> tuple[int, int, int]:
         if not (self.use_graphs or self.bucketed):
-            return n, longest
-        return batch_bucket(n, self.pool.max_rows), prompt_bucket(longest, self.pool.max_capacity)
+            return n, longest, longest_prefix
+        return (batch_bucket(n, self.pool.max_rows), prompt_bucket(longest, self.pool.max_capacity),
+                prefix_bucket(longest_prefix, self.pool.max_capacity))
 
-    def _fill_inputs(self, key: tuple[int, int, int], first: int, prompts: Sequence[Sequence[int]],
-                     slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Static inputs of this shape: ``[2, rows, T]`` token ids and position ids, and ``[3, rows]`` padding
-        and LoRA slot per row, and the first pool row (in [2, 0]). Rows past the prompts are all padding and
-        write into pool rows no live row uses."""
-        rows, length, _ = key
+    def _fill_inputs(self, key: tuple[int, ...], first: int, prompts: Sequence[Sequence[int]],
+                     slots: Sequence[int], prefixes: Sequence[PrefixWeights | None]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static inputs of this shape: ``[2, rows, T]`` token ids and position ids, and ``[4, rows]`` padding,
+        LoRA slot and virtual tokens per row, and the first pool row (in [2, 0]). Rows past the prompts are
+        all padding and write into pool rows no live row uses."""
+        rows, length = key[0], key[1]
         pad_id = self.base.tokenizer.pad_token_id or 0
         tokens = torch.zeros(2, rows, length, dtype=torch.long)
         tokens[0].fill_(pad_id)
-        meta = torch.zeros(3, rows, dtype=torch.long)
+        meta = torch.zeros(4, rows, dtype=torch.long)
         meta[0] = length
         meta[2, 0] = first
         for i, prompt in enumerate(prompts):
             pads = length - len(prompt)
+            virtual = prefixes[i].num_virtual_tokens if prefixes[i] is not None else 0
             tokens[0, i, pads:] = torch.tensor(list(prompt))
-            tokens[1, i, pads:] = torch.arange(len(prompt))
-            meta[0, i], meta[1, i] = pads, slots[i]
+            tokens[1, i, pads:] = torch.arange(virtual, virtual + len(prompt))  # PEFT counts the prefix first
+            meta[0, i], meta[1, i], meta[3, i] = pads, slots[i], virtual
         if not self.use_graphs:  # eager: shapes vary freely, nothing to keep
             return tokens.to(self.base.device), meta.to(self.base.device)
         static = self._inputs.get(key)
@@ -107,16 +129,23 @@ class PrefillStep:
         static[1].copy_(meta)
         return static
 
-    def _forward(self, key: tuple[int, int, int], inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        rows, length, rank = key
-        (ids, positions), (pads, slots, first) = inputs[0], (inputs[1][0], inputs[1][1], inputs[1][2, 0])
+    def _forward(self, key: tuple[int, ...], inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        rows, length, rank, prefix = key
+        (ids, positions), (pads, slots, first, virtual) = inputs[0], (inputs[1][0], inputs[1][1], inputs[1][2, 0],
+                                                                        inputs[1][3])
         t = torch.arange(length, device=ids.device)
-        self.pool.set_prefill_view(first + torch.arange(rows, device=ids.device), (t[None, :] - pads[:, None]) % length)
+        entry = (t[None, :] - pads[:, None]) % length + virtual[:, None]  # prompt after the prefix, padding last
+        self.pool.set_prefill_view(first + torch.arange(rows, device=ids.device), entry, prefix)
         self.slots.rows.set(slots, rank, self.slots.num_slots)
         try:
             out = self.base.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                                  attention_mask=prefill_mask(pads, length, self.base.dtype),
+                                  attention_mask=prefill_mask(pads, length, self.base.dtype, virtual, prefix),
                                   **{self.base.cache_kwarg: self.pool})
         finally:
             self.pool.prefill_rows = self.pool.prefill_index = None
+            self.pool.prefill_prefix = 0
         return out.logits[:, -1, :]
+
+
+def _longest(prefixes: Sequence[PrefixWeights | None]) -> int:
+    return max((p.num_virtual_tokens for p in prefixes if p is not None), default=0)

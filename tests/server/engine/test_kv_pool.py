@@ -79,3 +79,31 @@ def test_prefill_writes_each_prompt_to_the_front_of_its_row_and_padding_after():
     assert mask[0, 0].tolist() == [0.0, low, low, low]  # a padding query sees only itself
     assert mask[0, 3].tolist() == [low, 0.0, 0.0, 0.0]  # the last token sees the prompt, not the padding
     assert mask[1, 2].tolist() == [0.0, 0.0, 0.0, low]  # causal
+
+
+def test_prefill_after_a_prefix_attends_to_it_and_writes_after_it():
+    from adapterd.server.engine.kv_pool import prefill_mask
+
+    pool = _pool()
+    pool.reserve(2, 6)
+    prefix = torch.full((2, 2, 3), 7.0)  # pool row 0: two virtual tokens; row 1: none
+    pool.put(0, [(prefix, -prefix)])
+    pads, virtual = torch.tensor([1, 0]), torch.tensor([2, 0])
+    t = torch.arange(4)
+    pool.set_prefill_view(torch.tensor([0, 1]), (t[None, :] - pads[:, None]) % 4 + virtual[:, None], prefix=2)
+    k = torch.arange(2 * 2 * 4 * 3, dtype=torch.float32).view(2, 2, 4, 3) + 100
+    keys, values = pool.update(k, -k, layer_idx=0)
+    assert keys.shape == (2, 2, 6, 3)  # the prefix columns, then the prompt's own keys
+    assert torch.equal(keys[0, :, :2], prefix) and torch.equal(values[0, :, :2], -prefix)
+    assert torch.equal(keys[:, :, 2:], k)
+    assert torch.equal(pool.keys[0][0, :, :2], prefix)  # the prefix stays in front...
+    assert torch.equal(pool.keys[0][0, :, 2:5], k[0, :, 1:])  # ...the prompt follows it...
+    assert torch.equal(pool.keys[0][0, :, 5], k[0, :, 0])  # ...and its padding comes last
+    assert torch.equal(pool.keys[0][1, :, :4], k[1])
+
+    mask = prefill_mask(pads, 4, torch.float32, virtual, 2)[:, 0]
+    low = torch.finfo(torch.float32).min
+    assert mask.shape == (2, 4, 6)
+    assert mask[0, 3].tolist() == [0.0, 0.0, low, 0.0, 0.0, 0.0]  # both virtual tokens, then the prompt
+    assert mask[0, 0].tolist() == [low, low, 0.0, low, low, low]  # a padding query sees only itself
+    assert mask[1, 1].tolist() == [low, low, 0.0, 0.0, low, low]  # no prefix: its columns stay hidden

@@ -72,12 +72,15 @@ def test_mixed_batch_matches_peft_alone(references, decode, tiny_model_dir, adap
             observed.append({r.adapter.type if r.adapter else "BASE" for r in rows})
 
     runtime.engine.observers.add(Watch())
+    general = []
+    runtime.engine._prefill_with_prefixes = general.append  # must not be needed: every shape fits the pool
     jobs = [(p, a) for p in PROMPTS for a in ADAPTERS]
     try:
         results = run_together(runtime, jobs, GenerationParams(max_new_tokens=NEW_TOKENS))
     finally:
         runtime.close()
     assert observed[0] == {"BASE", "LORA", "PREFIX_TUNING"}, "all kinds of rows must share one batch"
+    assert not general, "prefix rows too are prefilled straight into the pool"
     mismatches = [(job, events[-1].token_ids, refs[job]) for job, events in zip(jobs, results, strict=True)
                   if events[-1].token_ids != refs[job]]
     assert not mismatches
@@ -160,3 +163,31 @@ def test_cancel_frees_the_row_at_the_next_step(tiny_model_dir, adapter_root):
         assert runtime.engine.call(lambda: runtime.engine.slots.evict(key)).result(10)
     finally:
         runtime.close()
+
+
+def test_a_shape_past_the_pool_takes_the_general_prefill(tiny_model_dir, adapter_root):
+    """Bucketed (as on a GPU), a long prompt behind a prefix pads past the context (prompt bucket + prefix
+    bucket > 64 entries): that prefill goes through the transient cache instead, with the same tokens, and
+    a short one beside it still goes straight into the pool."""
+    from adapterd.server.model import load_base_model
+
+    runtime = Runtime(load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32", 64), adapter_root,
+                      EngineConfig())
+    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = True
+    general = []
+    real = runtime.engine._prefill_with_prefixes
+    runtime.engine._prefill_with_prefixes = lambda rows: (general.append(len(rows)), real(rows))
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 4
+    assert 33 <= len(runtime.tokenize(long_prompt)) <= 64 - 6 - 4  # bucket 64, plus a prefix bucket of 8
+    try:
+        (long,) = run_together(runtime, [(long_prompt, "prefix")], GenerationParams(max_new_tokens=4))
+        assert general == [1]
+        short = Collector()
+        runtime.engine.submit("short", runtime.tokenize("hello world"), GenerationParams(max_new_tokens=4),
+                              runtime.store.get("prefix"), short)
+        short_tokens = short.wait_end()[-1].token_ids
+        assert general == [1]
+    finally:
+        runtime.close()
+    assert long[-1].token_ids == reference_greedy(tiny_model_dir, long_prompt, adapter_root / "prefix", 4)
+    assert short_tokens == reference_greedy(tiny_model_dir, "hello world", adapter_root / "prefix", 4)
