@@ -1,7 +1,7 @@
 """The engine: one thread that owns the model and runs the continuous batch.
 
 Each turn of the loop: take new requests and control calls from the inbox, drop cancelled and timed-out
-rows, admit waiting requests (bounded by batch size, free LoRA slots and a prefill token budget), prefill
+rows, admit waiting requests (bounded by batch size, free LoRA slots and a budget of padded prompt tokens), prefill
 them together, then run one decode step for every running row and hand each row's new text to its sink.
 A request joins at the next step and leaves the moment it finishes. Nothing here knows about gRPC.
 """
@@ -45,7 +45,7 @@ class EngineConfig:
     max_queue: int = 256  # requests waiting for a row before new ones get RESOURCE_EXHAUSTED
     lora_slots: int = 16  # LoRA adapters resident on the device at once
     max_lora_rank: int = 64
-    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step, so running rows keep moving
+    max_prefill_tokens: int = 4096  # prompt tokens in one prefill, padding included, so running rows keep moving
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (on a CUDA device)
     int8_kernel: bool = True  # int8 base on a GPU: weight-only Triton matmul instead of bitsandbytes' own
     fused_kernels: bool = True  # on a GPU: one Triton kernel per RMSNorm, and BGMV kernels for LoRA decode
@@ -198,11 +198,13 @@ class Engine:
 
     def _admit(self) -> list[Row]:
         admitted: list[Row] = []
-        budget = self.config.max_prefill_tokens
+        longest = 0  # tokens (virtual ones included) of the longest admitted prompt
         while self.waiting and len(self.batch) + len(admitted) < self.config.max_batch_size:
             row = self.waiting[0]
             cost = len(row.prompt_ids) + row.num_virtual_tokens
-            if admitted and cost > budget:
+            # Admitted prompts are prefilled together, each padded to the longest: the budget bounds that
+            # padded area, so one long prompt does not turn a prefill of short ones into mostly padding.
+            if admitted and (len(admitted) + 1) * max(longest, cost) > self.config.max_prefill_tokens:
                 break
             if row.lora_key is not None:
                 slot = self.slots.acquire(row.lora_key, row.adapter.lora)
@@ -210,7 +212,7 @@ class Engine:
                     break  # every slot is pinned by running rows: wait for one to free
                 row.slot = slot
             self.waiting.popleft()
-            budget -= cost
+            longest = max(longest, cost)
             row.admitted = time.monotonic()
             admitted.append(row)
             self.observers.request_admitted(row, row.admitted - row.submitted)
