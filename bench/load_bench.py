@@ -242,7 +242,7 @@ def main() -> int:
     runtime.engine.start()
     # The daemon's GIL switch interval for the in-process points too (loads in worker threads, the engine
     # thread and this event loop share the GIL as they do in the daemon).
-    sys.setswitchinterval(ServerConfig.__dataclass_fields__["gil_switch_interval_ms"].default / 1000)
+    sys.setswitchinterval(ServerConfig.gil_switch_interval_ms / 1000)  # the field's default
     try:
         asyncio.run(poisson_load(runtime, lambda r: ids[0], 2.0, 3.0, 4, 0))  # warm-up
         for rate in (float(r) for r in args.rates.split(",") if r):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,7 +170,7 @@ class BatchedLoraLinear(nn.Module):
         in_f, out_f = _linear_shape(base_layer)
         self.register_buffer("lora_a", torch.zeros(max_rank, num_slots, in_f, dtype=dtype, device=device))
         self.register_buffer("lora_b", torch.zeros(max_rank, num_slots, out_f, dtype=dtype, device=device))
-        self._kernel_on: tuple[torch.device, bool] | None = None  # (device, lora_kernel_available(device))
+        self._kernel_on: tuple[torch.device, Callable[..., None] | None] | None = None  # (device, kernel or None)
 
     @property
     def in_features(self) -> int:
@@ -194,25 +194,28 @@ class BatchedLoraLinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if self.rows.slots is None:
             return y
-        if self._decode_kernel(x, y):
-            from adapterd.server.kernels.lora_bgmv import lora_delta_
-
+        kernel = self._decode_kernel(x, y)
+        if kernel is not None:
             y = y if y.is_contiguous() else y.contiguous()
-            lora_delta_(y.view(x.shape[0], -1), x.reshape(x.shape[0], -1), self.lora_a, self.lora_b,
-                        self.rows.slots, self.rows.rank)
+            kernel(y.view(x.shape[0], -1), x.reshape(x.shape[0], -1), self.lora_a, self.lora_b,
+                   self.rows.slots, self.rows.rank)
             return y
         return self._dense(x, y) if self.rows.onehot is not None else self._gathered(x, y)
 
-    def _decode_kernel(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """Whether this forward goes to the BGMV kernels: a decode step (one token a row: x ``[rows, in]`` or
-        ``[rows, 1, in]``, at most LORA_KERNEL_MAX_ROWS rows), nothing for autograd to track (y is updated in
-        place), ``rows.use_kernel`` set, and the kernels available on x's device (asked once a device)."""
+    def _decode_kernel(self, x: torch.Tensor, y: torch.Tensor) -> Callable[..., None] | None:
+        """``lora_delta_`` when this forward goes to the BGMV kernels: a decode step (one token a row: x
+        ``[rows, in]`` or ``[rows, 1, in]``, at most LORA_KERNEL_MAX_ROWS rows), nothing for autograd to track
+        (y is updated in place), ``rows.use_kernel`` set, and the kernels available on x's device (asked, and
+        the kernel module imported, once a device); else None."""
         rows = x.shape[0]
         if (not self.rows.use_kernel or rows > LORA_KERNEL_MAX_ROWS or x.dim() not in (2, 3)
                 or x.numel() != rows * x.shape[-1] or x.requires_grad or y.requires_grad):
-            return False
+            return None
         if self._kernel_on is None or self._kernel_on[0] != x.device:
-            self._kernel_on = (x.device, lora_kernel_available(x.device))
+            kernel = None
+            if lora_kernel_available(x.device):
+                from adapterd.server.kernels.lora_bgmv import lora_delta_ as kernel
+            self._kernel_on = (x.device, kernel)
         return self._kernel_on[1]
 
     def _gathered(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

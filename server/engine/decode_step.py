@@ -39,13 +39,16 @@ def length_bucket(n: int, limit: int) -> int:
     return min(-(-n // LENGTH_GRAIN) * LENGTH_GRAIN, limit)
 
 
-def rank_bucket(rank: int, limit: int) -> int:
-    if rank <= 0:
-        return 0
-    bucket = 8
-    while bucket < rank:
+def power_bucket(n: int, smallest: int, limit: int) -> int:
+    """The least power-of-two multiple of ``smallest`` that holds ``n``, at most ``limit``."""
+    bucket = smallest
+    while bucket < n:
         bucket *= 2
     return min(bucket, limit)
+
+
+def rank_bucket(rank: int, limit: int) -> int:
+    return power_bucket(rank, 8, limit) if rank > 0 else 0
 
 
 class DecodeStep:

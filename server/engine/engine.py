@@ -227,14 +227,15 @@ class Engine:
         prompts = [r.prompt_ids for r in rows]
         prefixes = [r.adapter.prefix if r.num_virtual_tokens else None for r in rows]
         if self.prefiller.fits(len(self.batch), prompts, prefixes):
-            self._prefill_into_pool(rows, prefixes)
+            self._prefill_into_pool(rows, prompts, prefixes)
         else:  # the padded shape exceeds the pool's limits
-            self._prefill_with_prefixes(rows)
+            self._prefill_through_cache(rows)
 
-    def _prefill_into_pool(self, rows: list[Row], prefixes: list[PrefixWeights | None]) -> None:
+    def _prefill_into_pool(self, rows: list[Row], prompts: list[list[int]],
+                           prefixes: list[PrefixWeights | None]) -> None:
         """The prompts (after any prefix's virtual tokens) go straight into their pool rows (prefill_step.py)."""
         first = len(self.batch)
-        logits = self.prefiller.run(first, [r.prompt_ids for r in rows], [r.slot for r in rows], prefixes)
+        logits = self.prefiller.run(first, prompts, [r.slot for r in rows], prefixes)
         for row in rows:
             row.kv_len = row.next_position = row.num_virtual_tokens + len(row.prompt_ids)
             row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
@@ -243,7 +244,7 @@ class Engine:
         self.batch.rows.extend(rows)
         self._retire([first + i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
 
-    def _prefill_with_prefixes(self, rows: list[Row]) -> None:
+    def _prefill_through_cache(self, rows: list[Row]) -> None:
         """The general prefill, for a shape the pool cannot take at once: left-padded, prefix adapters' virtual
         tokens in front, into a transient cache whose live entries then move into the pool."""
         dev = self.base.device

@@ -23,7 +23,7 @@ import torch
 
 from adapterd.server.adapters.lora import LoraSlotTable
 from adapterd.server.adapters.prefix import PrefixWeights
-from adapterd.server.engine.decode_step import batch_bucket, rank_bucket
+from adapterd.server.engine.decode_step import batch_bucket, power_bucket, rank_bucket
 from adapterd.server.engine.graphs import GraphCache
 from adapterd.server.engine.kv_pool import KvPool, prefill_mask
 from adapterd.server.model import BaseModel
@@ -36,19 +36,12 @@ MIN_PREFIX_BUCKET = 8  # virtual tokens
 
 def prompt_bucket(n: int, limit: int) -> int:
     """Powers of two from 16: a prompt pads to less than twice its length."""
-    return _power_bucket(n, MIN_PROMPT_BUCKET, limit)
+    return power_bucket(n, MIN_PROMPT_BUCKET, limit)
 
 
 def prefix_bucket(n: int, limit: int) -> int:
     """0 without prefixes, else powers of two from 8 (prefix columns the attention reads, masked per row)."""
-    return _power_bucket(n, MIN_PREFIX_BUCKET, limit) if n else 0
-
-
-def _power_bucket(n: int, smallest: int, limit: int) -> int:
-    bucket = smallest
-    while bucket < n:
-        bucket *= 2
-    return min(bucket, limit)
+    return power_bucket(n, MIN_PREFIX_BUCKET, limit) if n else 0
 
 
 class PrefillStep:

@@ -20,20 +20,41 @@ MAX_RUNS = 32  # the most recently updated runs are exported; older ones are lef
 TIERS = ("gpu", "cpu")
 
 
-class AdapterCacheCollector(Collector):
+class RuntimeCollector(Collector):
+    """A scrape-time collector that reads a loaded runtime: nothing until ``attach``; subclasses declare their
+    families in ``_families`` and fill them from the runtime in ``_fill``."""
+
+    def __init__(self) -> None:
+        self.runtime: Any = None  # set by ``attach``; until then the collector yields nothing
+
+    def attach(self, runtime: Any) -> None:
+        """Read this runtime from now on."""
+        self.runtime = runtime
+
+    def _families(self) -> tuple[Metric, ...]:
+        raise NotImplementedError
+
+    def _fill(self, runtime: Any, families: tuple[Metric, ...]) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        if self.runtime is None:
+            return
+        families = self._families()
+        self._fill(self.runtime, families)
+        yield from families
+
+
+class AdapterCacheCollector(RuntimeCollector):
     """Adapters resident per tier, LoRA slot capacity and use, slot fills and evictions since start.
 
     Tier "gpu": adapters whose weights sit on a CUDA device (LoRA adapters in a device slot, prefix adapters
     loaded onto a CUDA device). Tier "cpu": loaded adapters held in host memory only (every loaded adapter
     when the daemon runs on the CPU).
     """
-
-    def __init__(self) -> None:
-        self.runtime: Any = None  # set by ``attach``; until then the collector yields nothing
-
-    def attach(self, runtime: Any) -> None:
-        """Read this runtime's adapter store and slot table from now on."""
-        self.runtime = runtime
 
     def _families(self) -> tuple[Metric, ...]:
         return (
@@ -53,16 +74,10 @@ class AdapterCacheCollector(Collector):
                                 "pool's cap, read into memory of their own instead (slower) since start."),
         )
 
-    def describe(self) -> Iterator[Metric]:
-        yield from self._families()
-
-    def collect(self) -> Iterator[Metric]:
-        runtime = self.runtime
-        if runtime is None:
-            return
+    def _fill(self, runtime: Any, families: tuple[Metric, ...]) -> None:
         table = runtime.engine.slots
         on_cuda = runtime.base.device.type == "cuda"
-        resident, slots, used, fills, evictions, pool_bytes, fallbacks = self._families()
+        resident, slots, used, fills, evictions, pool_bytes, fallbacks = families
         counts = dict.fromkeys(TIERS, 0)
         for adapter in runtime.store.loaded():
             on_device = table.resident(adapter.key) if adapter.lora is not None else adapter.prefix is not None
@@ -77,19 +92,12 @@ class AdapterCacheCollector(Collector):
         pool_bytes.add_metric(["lent"], pool["lent_bytes"])
         pool_bytes.add_metric(["free"], pool["free_bytes"])
         fallbacks.add_metric([], pool["fallbacks"])
-        yield from (resident, slots, used, fills, evictions, pool_bytes, fallbacks)
 
 
-class EngineCollector(Collector):
+class EngineCollector(RuntimeCollector):
     """The engine's fast paths: CUDA graphs held and captured per kind (decode, prefill; each capture costs
     about two eager forwards, so a steadily rising count means shapes keep changing), and the modules swapped
     for the package's own kernels at start-up."""
-
-    def __init__(self) -> None:
-        self.runtime: Any = None
-
-    def attach(self, runtime: Any) -> None:
-        self.runtime = runtime
 
     def _families(self) -> tuple[Metric, ...]:
         return (
@@ -101,21 +109,14 @@ class EngineCollector(Collector):
                               "kernels, by kernel (modules).", labels=["kernel"]),
         )
 
-    def describe(self) -> Iterator[Metric]:
-        yield from self._families()
-
-    def collect(self) -> Iterator[Metric]:
-        runtime = self.runtime
-        if runtime is None:
-            return
+    def _fill(self, runtime: Any, families: tuple[Metric, ...]) -> None:
         engine = runtime.engine
-        held, captures, swapped = self._families()
+        held, captures, swapped = families
         for kind, step in (("decode", engine.decoder), ("prefill", engine.prefiller)):
             held.add_metric([kind], len(step.graphs))
             captures.add_metric([kind], step.graphs.captures)
         swapped.add_metric(["int8_matmul"], engine.int8_kernel_layers)
         swapped.add_metric(["rms_norm"], engine.fused_norms)
-        yield from (held, captures, swapped)
 
 
 def _number(value: Any) -> float | None:

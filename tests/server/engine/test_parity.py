@@ -73,7 +73,7 @@ def test_mixed_batch_matches_peft_alone(references, decode, tiny_model_dir, adap
 
     runtime.engine.observers.add(Watch())
     general = []
-    runtime.engine._prefill_with_prefixes = general.append  # must not be needed: every shape fits the pool
+    runtime.engine._prefill_through_cache = general.append  # must not be needed: every shape fits the pool
     jobs = [(p, a) for p in PROMPTS for a in ADAPTERS]
     try:
         results = run_together(runtime, jobs, GenerationParams(max_new_tokens=NEW_TOKENS))
@@ -175,8 +175,8 @@ def test_a_shape_past_the_pool_takes_the_general_prefill(tiny_model_dir, adapter
                       EngineConfig())
     runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = True
     general = []
-    real = runtime.engine._prefill_with_prefixes
-    runtime.engine._prefill_with_prefixes = lambda rows: (general.append(len(rows)), real(rows))
+    real = runtime.engine._prefill_through_cache
+    runtime.engine._prefill_through_cache = lambda rows: (general.append(len(rows)), real(rows))
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 4
     assert 33 <= len(runtime.tokenize(long_prompt)) <= 64 - 6 - 4  # bucket 64, plus a prefix bucket of 8
     try:
