@@ -32,10 +32,14 @@ def test_fused_norms_swap_every_rmsnorm_only_when_enabled_and_available(tiny_mod
     assert _norm_classes(base.model) == {"FusedRMSNorm"}
 
 
-def test_int8_kernel_stays_off_for_a_base_that_is_not_int8(tiny_model_dir, monkeypatch):
+def test_int8_kernel_stays_off_when_disabled(tiny_model_dir, monkeypatch):
+    """--no-int8-kernel keeps bitsandbytes' layers even where the kernel could run (here: the interpreter)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
-    assert use_int8_kernel(base, enabled=True) == 0
+    base = load_base_model(tiny_model_dir, "int8", TEST_DEVICE, "float32")
+    bnb_layers = [m for m in base.model.modules() if type(m).__name__ == "Linear8bitLt"]
+    assert bnb_layers
+    assert use_int8_kernel(base, enabled=False) == 0
+    assert [m for m in base.model.modules() if type(m).__name__ == "Linear8bitLt"] == bnb_layers
 
 
 def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_root, monkeypatch):
