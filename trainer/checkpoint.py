@@ -27,6 +27,27 @@ from adapterd.fsutil import fsync_dir
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.pt"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class NonFiniteAdapter(RuntimeError):
+    """Adapter weights holding NaN or infinity: never written as a checkpoint, never exported (served, one
+    such tensor would turn its rows' outputs into NaN)."""
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ``NonFiniteAdapter`` naming the first tensor that holds a NaN or an infinity."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteAdapter(f"{where}: {name} holds NaN or infinite values (lower the learning rate "
+                                   "or lora_alpha, or keep gradient clipping on); refusing to save it")
+
+
+def check_adapter_file(adapter_dir: Path) -> None:
+    """Check a saved adapter's weights, as the daemon would read them."""
+    from safetensors.torch import load_file
+
+    check_finite(load_file(str(adapter_dir / ADAPTER_WEIGHTS)), adapter_dir.name)
 
 
 @dataclass
@@ -109,6 +130,7 @@ def save_checkpoint(run_dir: Path, step: int, peft_model: Any, optimizer: torch.
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    check_finite({n: p for n, p in peft_model.named_parameters() if p.requires_grad}, f"checkpoint-{step}")
     peft_model.save_pretrained(str(tmp))
     state = {"step": step, "position": asdict(position), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra}
@@ -148,7 +170,7 @@ def load_adapter_weights(peft_model: Any, checkpoint: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    weights = load_file(str(checkpoint / ADAPTER_WEIGHTS))
     result = set_peft_model_state_dict(peft_model, weights)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
@@ -157,9 +179,11 @@ def load_adapter_weights(peft_model: Any, checkpoint: Path) -> None:
 
 def export_adapter(source: Path, target: Path) -> Path:
     """Copy an adapter directory to ``target`` atomically (copy to a sibling temporary name, then rename).
-    Only the adapter's own files travel, not the trainer state. Refuses to overwrite."""
+    Only the adapter's own files travel, not the trainer state. Refuses to overwrite, and refuses an adapter
+    whose weights are not all finite (a checkpoint written by an older version, say)."""
     if target.exists():
         raise FileExistsError(f"{target} already exists")
+    check_adapter_file(source)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

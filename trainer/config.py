@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,10 @@ class TrainConfig:
                 raise ConfigError(name, "is required")
         positive = ("batch_size", "grad_accum", "context_length", "save_steps", "log_every", "lora_r",
                     "num_virtual_tokens")
+        for f in dataclasses.fields(self):  # NaN passes every comparison below, and inf passes most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f.name, f"must be a finite number, not {value}")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, not {getattr(self, name)}")

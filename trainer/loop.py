@@ -238,6 +238,9 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
             step_loss = loss_sum / max(len(mine), 1)
             if world > 1:
                 step_loss, tokens = _all_reduce_grads(params, step_loss * len(mine), tokens, last - first)
+            if not math.isfinite(step_loss):  # the step would write NaN into the adapter: stop here, say why
+                raise ckpt.NonFiniteAdapter(f"the loss is {step_loss} at step {step + 1}: lower the learning rate "
+                                            "or lora_alpha, or keep gradient clipping on")
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]

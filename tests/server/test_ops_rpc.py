@@ -175,3 +175,18 @@ def test_a_client_that_leaves_mid_merge_stops_it_and_nothing_is_left(tmp_path_fa
             assert c.generate("hello", max_new_tokens=2).generated_token_count == 2
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("option, text", [("lora_alpha", "nan"), ("weight_decay", "inf"), ("epochs", "inf"),
+                                          ("learning_rate", "-nan")])
+def test_training_options_must_be_finite(ops_client, option, text):
+    """Issue 12: a NaN lora_alpha (or an infinite weight decay) trained and exported an adapter whose weights
+    poisoned every batch it joined; now StartTraining refuses it, naming the option, and starts nothing."""
+    from adapterd.demo import DATA
+
+    with pytest.raises(grpc.RpcError) as err:
+        ops_client.start_training(pb.StartTrainingRequest(
+            data_path=str(DATA), method="lora", run_id=f"bad-{option}", options={option: text}))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"options[{option}]" in err.value.details() and "finite" in err.value.details()
+    assert f"bad-{option}" not in {r.run_id for r in ops_client.train_status()}

@@ -102,6 +102,11 @@ def test_defaults_follow_the_recipes():
     ({"method": "prompt"}, "method"), ({"batch_size": 0}, "batch_size"), ({"learning_rate": 2.0}, "learning_rate"),
     ({"eval_split": 1.0}, "eval_split"), ({"lora_target_modules": " , "}, "lora_target_modules"),
     ({"quantization": "fp8"}, "quantization"), ({"base": "/nonexistent"}, "base"),
+    # NaN passes every range comparison and inf most: refused by name (issue 12: a NaN alpha trained and exported
+    # an adapter that poisoned every batch it joined)
+    ({"lora_alpha": float("nan")}, "lora_alpha"), ({"weight_decay": float("inf")}, "weight_decay"),
+    ({"epochs": float("inf")}, "epochs"), ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"max_grad_norm": float("nan")}, "max_grad_norm"), ({"lora_dropout": float("nan")}, "lora_dropout"),
 ])
 def test_validation_names_the_field(tmp_path, gitclone_data, overrides, field):
     values = {"base": str(tmp_path), "data": str(gitclone_data), "output": str(tmp_path / "o"), **overrides}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterd.trainer.checkpoint import list_checkpoints
+from adapterd.trainer.checkpoint import NonFiniteAdapter, export_adapter, list_checkpoints
 from adapterd.trainer.config import ConfigError
 from adapterd.trainer.data import DataError, format_prompt
 from adapterd.trainer.loop import train
@@ -205,3 +205,40 @@ def test_export_adapter(make_config, tmp_path):
     assert (target / "adapter_model.safetensors").is_file() and not (target / "trainer_state.pt").exists()
     with pytest.raises(ConfigError, match="export_adapter: already exists"):
         make_config(max_steps=3, export_adapter=str(target), output=str(tmp_path / "again")).validate()
+
+
+def test_a_run_whose_loss_turns_non_finite_fails_and_exports_nothing(make_config, tmp_path, monkeypatch):
+    """Divergence (here: the second step's loss is NaN, as an overflowing forward gives) fails the run naming
+    the step, before the optimizer writes NaN into the adapter: no checkpoint, no export."""
+    from adapterd.trainer import model as model_mod
+
+    real, calls = model_mod.forward_loss, []
+
+    def diverging(*args, **kwargs):
+        loss, extra = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), extra
+
+    monkeypatch.setattr(model_mod, "forward_loss", diverging)
+    target = tmp_path / "adapters" / "poisoned"
+    cfg = make_config(max_steps=3, save_steps=1, export_adapter=str(target))
+    with pytest.raises(NonFiniteAdapter, match="loss is nan at step 2"):
+        train(cfg)
+    status = json.loads((Path(cfg.output) / "status.json").read_text())
+    assert status["state"] == "failed" and "NonFiniteAdapter" in status["error"]
+    assert not target.exists() and [n for n, _ in list_checkpoints(Path(cfg.output))] == [1]
+
+
+def test_export_refuses_a_checkpoint_holding_nan(make_config, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = make_config(max_steps=1)
+    train(cfg)
+    (_, checkpoint), = list_checkpoints(Path(cfg.output))
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(checkpoint / "adapter_model.safetensors"))
+    with pytest.raises(NonFiniteAdapter, match=name.replace(".", r"\.")):
+        export_adapter(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
