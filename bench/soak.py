@@ -10,8 +10,12 @@ daemon's own answers to each (prompt, adapter, length) asked alone before the lo
 (``run_soak``) is also what tests/server/test_soak.py runs for 25 seconds against an in-process daemon.
 
 Expected outcomes: OK with the reference answer; CANCELLED for a stream the client cancelled; DEADLINE_EXCEEDED
-for a call given a short deadline; NOT_FOUND / INVALID_ARGUMENT for the few deliberately bad requests.
-Anything else, or a completed answer that differs from its reference, is an error.
+for a call given a short deadline; NOT_FOUND / INVALID_ARGUMENT for the few deliberately bad requests;
+FAILED_PRECONDITION for requests naming a poisoned adapter (``make_poisoned_adapters``: NaN or infinite weights,
+a NaN alpha, a prefix table holding NaN, weights that overflow in the forward) and INVALID_ARGUMENT for hostile
+sampling parameters (a temperature or repetition penalty of 1e-45), all mixed into the same batches as the
+checked requests. Anything else, or a completed answer that differs from its reference, is an error: a poisoned
+row must end alone and leave every other row's tokens as they were.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import random
@@ -57,6 +62,8 @@ class SoakConfig:
     cancel_share: float = 0.15  # streams the client cancels after a few messages
     deadline_share: float = 0.15  # calls with a deadline of 20 to 400 ms
     bad_share: float = 0.05  # requests that must be refused (unknown adapter, too many tokens)
+    hostile: Sequence[str] = ()  # poisoned adapter ids (make_poisoned_adapters): each must be refused alone
+    hostile_share: float = 0.0  # requests naming a poisoned adapter or hostile sampling parameters
     unary_share: float = 0.2  # Generate instead of GenerateStream
     churn_pause_s: tuple[float, float] = (0.05, 0.3)  # between two LoadAdapter / UnloadAdapter calls
     token: str | None = None  # an admin token when the daemon asks for one
@@ -65,7 +72,7 @@ class SoakConfig:
 @dataclass
 class SoakReport:
     requests: int = 0
-    outcomes: Counter = field(default_factory=Counter)  # "ok", "cancelled", "deadline", "refused"
+    outcomes: Counter = field(default_factory=Counter)  # "ok", "cancelled", "deadline", "refused", "hostile"
     by_kind: Counter = field(default_factory=Counter)  # requests per adapter kind: LORA, PREFIX_TUNING, BASE
     loads: int = 0
     unloads: int = 0
@@ -150,6 +157,9 @@ class _Load:
             except grpc.aio.AioRpcError as exc:
                 self._expect(exc.code(), {bad[2]}, "refused", (prompt, adapter_id, n))
             return
+        if roll > 1.0 - c.hostile_share:
+            await self.hostile(rng, prompt, adapter_id, n)
+            return
         request = generate_request(prompt, adapter_id, max_new_tokens=n)
         deadline = rng.uniform(0.02, 0.4) if roll < c.bad_share + c.deadline_share else 120.0
         allowed = {grpc.StatusCode.DEADLINE_EXCEEDED} if deadline < 120 else set()
@@ -175,6 +185,23 @@ class _Load:
             self._check((prompt, adapter_id, n), "".join(parts), stop)
         except grpc.aio.AioRpcError as exc:
             self._expect(exc.code(), allowed, "deadline", (prompt, adapter_id, n), exc.details())
+
+    async def hostile(self, rng: random.Random, prompt: str, adapter_id: str, n: int) -> None:
+        """A poisoned adapter (FAILED_PRECONDITION) or a hostile sampling parameter (INVALID_ARGUMENT), sent
+        while checked requests share the batch: it must fail alone."""
+        if self.config.hostile and rng.random() < 0.6:
+            request = generate_request(prompt, rng.choice(list(self.config.hostile)), max_new_tokens=n)
+            expected = grpc.StatusCode.FAILED_PRECONDITION
+        else:
+            hostile = rng.choice([{"temperature": 1e-45}, {"temperature": 0.7, "repetition_penalty": 1e-45}])
+            request = generate_request(prompt, adapter_id, max_new_tokens=n, seed=1, **hostile)
+            expected = grpc.StatusCode.INVALID_ARGUMENT
+        try:
+            async for _ in self.stub.GenerateStream(request, metadata=self.meta, timeout=120):
+                pass
+            self._error(f"hostile request {request.adapter_id!r} {request.sampling} was served")
+        except grpc.aio.AioRpcError as exc:
+            self._expect(exc.code(), {expected}, "hostile", (prompt, request.adapter_id, n), exc.details())
 
     def _check(self, key: Key, text: str, stop: int) -> None:
         if (text, stop) == self.refs[key]:
@@ -250,6 +277,48 @@ def _make_inputs(work: Path) -> tuple[Path, Path, dict[str, str]]:
     return base, root, kinds
 
 
+def _poison_tensors(source: Path, target: Path, change: Callable[[dict], None],
+                    config_change: Callable[[dict], None] | None = None) -> None:
+    """A copy of the adapter at ``source`` with its tensors (and config) changed, written as PEFT writes it."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
+    if config_change is not None:
+        config_change(config)
+    (target / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
+def make_poisoned_adapters(root: Path, lora_id: str = "lora-qv", prefix_id: str = "prefix") -> list[str]:
+    """Poisoned copies of a LoRA and a prefix adapter under ``root/poison/``: a NaN in a lora_B, +inf in a
+    lora_A, ``lora_alpha: NaN`` (JSON's NaN, as Python writes it), NaN in the prefix table, and a finite lora_B so
+    large that the forward overflows. Returns their ids."""
+    lora, prefix, out = root / lora_id, root / prefix_id, root / "poison"
+
+    def first(tensors: dict, kind: str) -> str:
+        return sorted(k for k in tensors if kind in k)[0]
+
+    def set_value(kind: str, value: float) -> Callable[[dict], None]:
+        return lambda t: t[first(t, kind)].view(-1)[0].fill_(value)
+
+    def overflowing(t: dict) -> None:  # every lora_B scaled so that its largest entry times alpha / r is 1e38:
+        config = json.loads((lora / "adapter_config.json").read_text(encoding="utf-8"))  # finite on disk and
+        scaling = config["lora_alpha"] / config["r"]  # scaled, but one row of x @ A^T @ B^T overflows float32
+        for k in t:
+            if "lora_B" in k:
+                t[k].mul_(1e38 / (float(t[k].abs().max()) * scaling))
+
+    _poison_tensors(lora, out / "nan-b", set_value("lora_B", float("nan")))
+    _poison_tensors(lora, out / "inf-a", set_value("lora_A", float("inf")))
+    _poison_tensors(lora, out / "nan-alpha", lambda t: None, lambda c: c.update(lora_alpha=float("nan")))
+    _poison_tensors(prefix, out / "nan-prefix", set_value("prompt_embeddings", float("nan")))
+    _poison_tensors(lora, out / "overflow", overflowing)
+    return [f"poison/{name}" for name in ("nan-b", "inf-a", "nan-alpha", "nan-prefix", "overflow")]
+
+
 def _describe_machine() -> str:
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
              if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
@@ -271,6 +340,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="adapterd-soak-") as tmp:
         base, root, kinds = _make_inputs(Path(tmp))
+        hostile = make_poisoned_adapters(root)
         port = free_port()
         cmd = [sys.executable, "-c", "import sys; from adapterd.cli import main; sys.exit(main())", "serve",
                "--base", str(base), "--adapters", str(root), "--quantization", "none", "--host", "127.0.0.1",
@@ -286,7 +356,8 @@ def main() -> int:
             adapters = [a for a in kinds if a]
             refs = asyncio.run(references(target, adapters))
             config = SoakConfig(adapters=adapters, duration_s=args.duration, max_requests=args.max_requests,
-                                concurrency=args.concurrency, warmup_s=args.warmup, seed=args.seed)
+                                concurrency=args.concurrency, warmup_s=args.warmup, seed=args.seed,
+                                hostile=hostile, hostile_share=0.05)
             report = asyncio.run(run_soak(target, config, refs, kinds, lambda: rss_of(daemon.pid)))
         finally:
             daemon.terminate()
@@ -320,7 +391,8 @@ def _record(report: SoakReport, config: SoakConfig) -> None:
     row = {"date (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
            "machine": _describe_machine(), "model": "tiny (fp32, CPU)", "duration": f"{report.seconds:.0f} s",
            "requests": str(report.requests), "concurrency": f"{config.concurrency} (peak {report.peak_in_flight})",
-           "ok / cancelled / deadline / refused": f"{o['ok']} / {o['cancelled']} / {o['deadline']} / {o['refused']}",
+           "ok / cancelled / deadline / refused / hostile":
+               f"{o['ok']} / {o['cancelled']} / {o['deadline']} / {o['refused']} / {o['hostile']}",
            "loads / unloads": f"{report.loads} / {report.unloads}", "unexpected errors": str(len(report.errors)),
            "daemon RSS start -> end": f"{report.rss_start / mib:.0f} -> {report.rss_end / mib:.0f} MiB "
                                       f"({(report.rss_end - report.rss_start) / mib:+.1f})"}

@@ -1,6 +1,7 @@
 """Soak on loopback, bounded (25 s, at most 400 requests): concurrent streaming clients on random adapters
 (LoRA, prefix, base) with random cancellations and deadlines while adapters are loaded and unloaded in a
-loop. Zero unexpected errors, every completed greedy answer equal to its reference, the engine left empty
+loop, with poisoned adapters (NaN, inf, overflow) and hostile sampling parameters mixed into the batches.
+Zero unexpected errors, every completed greedy answer equal to its reference, the engine left empty
 and memory flat. The load is bench/soak.py's ``run_soak``; bench/soak.py runs it longer and records figures.
 """
 
@@ -43,6 +44,7 @@ def test_soak(tiny_model_dir, served_root):
     target = f"127.0.0.1:{d.port}"
     try:
         adapters = [a for a in ADAPTER_KINDS if a]
+        hostile = soak.make_poisoned_adapters(served_root)  # NaN / inf / overflowing adapters (issue 12)
         refs = asyncio.run(soak.references(target, adapters, lengths=(8, 32)))
         # the references are the daemon alone; spot-check them against PEFT (the full parity suite is
         # test_generate_rpc.py)
@@ -51,12 +53,13 @@ def test_soak(tiny_model_dir, served_root):
             ref = reference_greedy(tiny_model_dir, prompt, served_root / adapter_id, 32)
             assert refs[(prompt, adapter_id, 32)][0] == tok.decode(ref, skip_special_tokens=True)
         config = soak.SoakConfig(adapters=adapters, duration_s=25.0, max_requests=400, concurrency=32,
-                                 warmup_s=5.0, warmup_requests=80, seed=1)
+                                 warmup_s=5.0, warmup_requests=80, seed=1, hostile=hostile, hostile_share=0.08)
         report = asyncio.run(soak.run_soak(target, config, refs, ADAPTER_KINDS, soak.rss_of))
         print(soak.format_report(report, config))
         assert report.errors == []
         o = report.outcomes
         assert o["ok"] >= report.requests // 3 and o["cancelled"] > 0 and o["deadline"] > 0 and o["refused"] > 0
+        assert o["hostile"] > 0  # poisoned adapters and hostile parameters were refused, alone
         assert set(report.by_kind) == {"BASE", "LORA", "PREFIX_TUNING"}
         assert report.loads > 0 and report.unloads > 0 and report.peak_in_flight >= 16
         assert report.rss_end - report.rss_start < RSS_GROWTH_BOUND
