@@ -88,6 +88,8 @@ def test_mixed_batch_matches_peft_alone(family, shapes):
     if window is not None:  # prompts (with or without a prefix) reach past the window before decoding starts
         assert min(len(base.tokenizer(p).input_ids) for p in PROMPTS[:2]) > window
     runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=32))
+    if TEST_DEVICE == "cuda":  # graphs and fused kernels on; Gemma's (1 + weight) norms are never fused
+        assert (runtime.engine.fused_norms > 0) == (base.config.model_type != "gemma")
     runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = shapes == "bucketed"
     batches = []
 
