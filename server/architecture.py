@@ -58,14 +58,14 @@ class AttentionLayout:
 
 def check_config(config: Any) -> AttentionLayout:
     """Refuse (``UnsupportedModel``) what the engine would serve wrongly; else the attention layout."""
+    fields = config.to_dict()  # what the config file sets (attributes may be computed views)
+    for field in UNSUPPORTED_FIELDS:  # first: the most precise reason (Gemma 2's soft-capping, say)
+        if _set(fields.get(field)):
+            raise UnsupportedModel(f"config.{field} = {fields[field]!r} is not supported")
     model_type = getattr(config, "model_type", None)
     if model_type not in WINDOW_STYLE:
         raise UnsupportedModel(f"config.model_type {model_type!r} is not served (supported: "
                                f"{', '.join(sorted(WINDOW_STYLE))})")
-    fields = config.to_dict()  # what the config file sets (attributes may be computed views)
-    for field in UNSUPPORTED_FIELDS:
-        if _set(fields.get(field)):
-            raise UnsupportedModel(f"config.{field} = {fields[field]!r} is not supported")
     _check_rope(fields, model_type)
     return AttentionLayout(_windows(config, WINDOW_STYLE[model_type]))
 
