@@ -18,7 +18,9 @@ from tests.helpers import TEST_DEVICE, make_lora_adapter, make_prefix_adapter, r
 from tests.server.engine.test_parity import run_together
 
 WINDOW = 8  # key positions; every prompt and answer below runs past it
-HEAD_DIM = {"head_dim": 16}  # hidden 64 / 4 heads: some families default to 128 or 256
+# Some families default to 128 or 256; 24 is not hidden 64 / 4 heads, as in Gemma-7B (3072 / 16 heads, head
+# size 256) or Qwen3-0.6B (1024 / 16, 128): the pool, the prefix tables and LoRA shapes follow the config's own.
+HEAD_DIM = {"head_dim": 24}
 
 # name -> (model_type, config fields). The rotary types the engine accepts are each covered here.
 FAMILIES = {
@@ -36,7 +38,7 @@ FAMILIES = {
                                "max_window_layers": 1}),
     "phi3-window": ("phi3", {"sliding_window": WINDOW, "partial_rotary_factor": 0.5}),
     "gemma": ("gemma", HEAD_DIM),
-    "glm": ("glm", HEAD_DIM),  # partial rotary (0.5 by default)
+    "glm": ("glm", {"head_dim": 16}),  # partial rotary (0.5 by default)
 }
 PROMPTS = ["The quick brown fox jumps over the lazy dog. Hello world",
            "你是谁？我是Gitclone，一个语言模型。今天天气很好，我们一起去公园散步吧。", "hello daemon"]
