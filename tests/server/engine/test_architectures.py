@@ -15,7 +15,7 @@ from adapterd.server.model import load_base_model
 from adapterd.server.runtime import Runtime
 from adapterd.tiny_model import build_tiny_model
 from tests.helpers import TEST_DEVICE, make_lora_adapter, make_prefix_adapter, reference_greedy_nocache
-from tests.server.engine.test_parity import run_together
+from tests.server.engine.test_parity import Collector, run_together
 
 WINDOW = 8  # key positions; every prompt and answer below runs past it
 # Some families default to 128 or 256; 24 is not hidden 64 / 4 heads, as in Gemma-7B (3072 / 16 heads, head
@@ -111,6 +111,38 @@ def test_mixed_batch_matches_peft_alone(family, shapes):
     assert not mismatches
     # each adapter changes the answer, so a row served with the wrong adapter could not pass
     assert len({tuple(tuple(refs[(p, a)]) for p in PROMPTS) for a in ADAPTERS}) == len(ADAPTERS)
+
+
+def test_rows_joining_and_leaving_keep_their_tokens(family):
+    """Rows leave at different steps (the last row's entries move into each hole) while a second wave joins
+    the running batch: every row still gets PEFT's first n tokens for it alone (greedy: a prefix of the
+    longer answer)."""
+    name, model_dir, adapter_root, refs = family
+    runtime = Runtime(load_base_model(model_dir, "none", TEST_DEVICE, "float32"), adapter_root,
+                      EngineConfig(max_batch_size=32))
+    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = True
+    jobs = [(p, a, 3 + 4 * (i % 3)) for i, (p, a) in enumerate((p, a) for a in ADAPTERS for p in PROMPTS[:2])]
+    waves = (jobs[::2], jobs[1::2])
+    try:
+        first = _submit(runtime, waves[0])
+        runtime.engine.start()
+        assert first[-1].events.get(timeout=60).kind == "start"  # the first wave is running
+        second = _submit(runtime, waves[1])
+        got = {job: sink.wait_end()[-1].token_ids for job, sink in zip(waves[0] + waves[1], first + second,
+                                                                        strict=True)}
+    finally:
+        runtime.close()
+    assert {job: tokens for job, tokens in got.items() if tokens != refs[job[:2]][: job[2]]} == {}
+
+
+def _submit(runtime: Runtime, jobs) -> list[Collector]:
+    sinks = []
+    for prompt, adapter_id, n in jobs:
+        sinks.append(Collector())
+        runtime.engine.submit(f"{prompt}/{adapter_id}/{n}", runtime.tokenize(prompt),
+                              GenerationParams(max_new_tokens=n),
+                              runtime.store.get(adapter_id) if adapter_id else None, sinks[-1])
+    return sinks
 
 
 def test_a_windowed_prefill_past_the_pool_matches_peft(tmp_path):
