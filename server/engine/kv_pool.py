@@ -4,8 +4,10 @@ Every layer owns ``keys`` and ``values`` of shape ``[rows, kv_heads, capacity, h
 of the batch lives in pool row ``i`` and holds its entries left-aligned: the prefix adapter's virtual
 tokens (if any), the prompt, then the generated tokens. A decode step writes each row's new key/value at
 that row's own length (``write_pos``, a device tensor), and attention reads ``[:batch, :, :length]`` with a
-mask that hides everything at or past each row's length. Nothing is concatenated or re-allocated per step,
-so the step has fixed shapes and addresses and can be captured in a CUDA graph (see ``decode_step.py``).
+mask that hides everything at or past each row's length (and, in sliding-window layers, every entry a window
+or more behind: entries are positions, so the pool keeps all a window needs and the mask does the rest).
+Nothing is concatenated or re-allocated per step, so the step has fixed shapes and addresses and can be
+captured in a CUDA graph (see ``decode_step.py``).
 
 Rows leave by moving the last row into the hole (one row's entries copied per layer). Storage grows by
 doubling, rows up to the batch limit and capacity up to the model's context, so memory follows the longest

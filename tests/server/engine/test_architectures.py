@@ -81,6 +81,7 @@ def family(request, tmp_path_factory):
     return request.param, model_dir, work / "adapters", refs
 
 
+@pytest.mark.slow  # the first test of each family builds its model, adapters and PEFT's answers (~10 s)
 @pytest.mark.parametrize("shapes", ["exact", "bucketed"])
 def test_mixed_batch_matches_peft_alone(family, shapes):
     name, model_dir, adapter_root, refs = family
@@ -113,6 +114,7 @@ def test_mixed_batch_matches_peft_alone(family, shapes):
     assert len({tuple(tuple(refs[(p, a)]) for p in PROMPTS) for a in ADAPTERS}) == len(ADAPTERS)
 
 
+@pytest.mark.slow
 def test_rows_joining_and_leaving_keep_their_tokens(family):
     """Rows leave at different steps (the last row's entries move into each hole) while a second wave joins
     the running batch: every row still gets PEFT's first n tokens for it alone (greedy: a prefix of the
