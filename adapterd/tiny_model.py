@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Training text for the tokenizer: the Alpaca template's words, the demo's data, some plain prose.
 _CORPUS = """
@@ -71,30 +72,34 @@ def build_tokenizer(vocab_size: int):
     )
 
 
-def build_tiny_model(out_dir: str | os.PathLike, config: TinyModelConfig | None = None) -> Path:
-    """Write a tokenizer and a random-weight ``LlamaForCausalLM`` to ``out_dir`` (safetensors)."""
+def build_tiny_model(out_dir: str | os.PathLike, config: TinyModelConfig | None = None,
+                     model_type: str = "llama", **architecture: Any) -> Path:
+    """Write a tokenizer and a random-weight causal LM to ``out_dir`` (safetensors): Llama by default, or any
+    transformers ``model_type`` (``mistral``, ``qwen2``, ...) from its own config class, with ``architecture``
+    overriding that config's fields (``sliding_window=8``, ``head_dim=16``, ...)."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     cfg = config or TinyModelConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(cfg.vocab_size)
-    llama_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    fields: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    model_config = AutoConfig.for_model(model_type, **{**fields, **architecture})
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(llama_config)
+    model = AutoModelForCausalLM.from_config(model_config)
     # Wider weights than the default init (std 0.02) so that greedy decoding does not settle on one
     # token: the tests compare token sequences, which must vary with the prompt and the adapter.
     with torch.no_grad():

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from adapterd.server.architecture import AttentionLayout, check_config
+
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("int8", "nf4", "none")
@@ -27,6 +29,7 @@ class BaseModel:
     dtype: torch.dtype  # compute dtype of activations and adapter weights
     max_sequence_length: int
     cache_kwarg: str  # "cache" on transformers >= 5.24, "past_key_values" before
+    attention: AttentionLayout  # sliding windows per layer type, which the engine's masks apply
 
     @property
     def config(self):
@@ -88,11 +91,12 @@ def load_base_model(path: str | Path, quantization: str = "int8", device: str | 
     ``dtype`` defaults to bfloat16 on a GPU and float32 on a CPU. ``max_sequence_length`` defaults to the
     model's ``max_position_embeddings``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     path = Path(path)
+    attention = check_config(AutoConfig.from_pretrained(path))  # refuse before reading any weights
     dev = pick_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -112,4 +116,4 @@ def load_base_model(path: str | Path, quantization: str = "int8", device: str | 
     max_len = max_sequence_length or getattr(model.config, "max_position_embeddings", None) or 2048
     return BaseModel(model=model, tokenizer=tokenizer, path=path, quantization=quantization, device=dev,
                      dtype=torch_dtype, max_sequence_length=int(max_len),
-                     cache_kwarg="cache" if "cache" in params else "past_key_values")
+                     cache_kwarg="cache" if "cache" in params else "past_key_values", attention=attention)

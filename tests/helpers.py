@@ -131,3 +131,43 @@ def _reference_tokens(base_dir, prompt: str, adapter_dir: Path | None, max_new_t
         past += n
         step_ids = torch.tensor([[nxt]], device=TEST_DEVICE)
     return tokens
+
+
+@torch.no_grad()
+def reference_greedy_nocache(base_dir, prompts: list[str], adapter_dir: Path | None,
+                             max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens for each prompt alone on the fp32 model, stopping before the first EOS; each step is one
+    full forward over the prompt and the tokens so far, so nothing depends on a cache carried between steps
+    (a sliding-window layer's cache may drop entries): plain transformers for the base, PEFT's model for
+    LoRA, and for prefix tuning PEFT's own ``get_prompt()`` key/values as the only past, positions counted
+    after them as PEFT counts them. The model is loaded once for all ``prompts``."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = _load_base(base_dir, "none", TEST_DEVICE)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir).eval() if adapter_dir else None
+    virtual = 0
+    if adapter_dir and PeftConfig.from_pretrained(adapter_dir).peft_type == "PREFIX_TUNING":
+        virtual = PeftConfig.from_pretrained(adapter_dir).num_virtual_tokens
+    answers = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(TEST_DEVICE)
+        start = ids.shape[1]
+        for _ in range(max_new_tokens):
+            logits = _full_forward(model, peft_model, ids, virtual)
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        tokens = ids[0, start:].tolist()
+        answers.append(tokens[: tokens.index(tok.eos_token_id)] if tok.eos_token_id in tokens else tokens)
+    return answers
+
+
+def _full_forward(model, peft_model, ids: torch.Tensor, virtual: int) -> torch.Tensor:
+    n = ids.shape[1]
+    if virtual:  # the prefix as the past: a fresh cache each step
+        mask = torch.ones(1, virtual + n, dtype=torch.long, device=ids.device)
+        positions = torch.arange(virtual, virtual + n, device=ids.device)[None]
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{_cache_kwarg(model): peft_model.get_prompt(batch_size=1)}).logits
+    runner = peft_model if peft_model is not None else model
+    return runner(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits

@@ -107,7 +107,7 @@ class DecodeStep:
         ids, positions, write_pos, slots = self._inputs[:, :batch]
         self.pool.set_view(batch, length, write_pos)
         self.slots.rows.set(slots, rank, self.slots.num_slots)
-        mask = decode_mask(write_pos, length, self.base.dtype)
+        mask = self.base.attention.masks(lambda window: decode_mask(write_pos, length, self.base.dtype, window))
         out = self.base.model(input_ids=ids[:, None], position_ids=positions[:, None], attention_mask=mask,
                               use_cache=True, **{self.base.cache_kwarg: self.pool})
         return out.logits[:, -1, :]

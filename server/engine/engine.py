@@ -26,7 +26,7 @@ from adapterd.server.adapters.prefix import PrefixWeights
 from adapterd.server.adapters.store import LoadedAdapter
 from adapterd.server.engine.batch import Row, RunningBatch
 from adapterd.server.engine.decode_step import DecodeStep
-from adapterd.server.engine.kv_pool import KvPool
+from adapterd.server.engine.kv_pool import KvPool, causal_mask
 from adapterd.server.engine.observer import ObserverList
 from adapterd.server.engine.prefill_step import PrefillStep
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
@@ -267,7 +267,9 @@ class Engine:
         if prefix_len:
             self._fill_prefixes(cache, rows, prefix_len)
         self.slots.set_rows([r.slot for r in rows])
-        out = self.base.model(input_ids=input_ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
+        live = mask.bool()  # the model gets 4-D masks: transformers' own would count padding in its windows
+        attention = self.base.attention.masks(lambda window: causal_mask(live, prompt_len, self.base.dtype, window))
+        out = self.base.model(input_ids=input_ids.to(dev), attention_mask=attention, position_ids=positions.to(dev),
                               use_cache=True, logits_to_keep=1, **{self.base.cache_kwarg: cache})
         for i, row in enumerate(rows):
             row.next_position = int(positions[i, -1]) + 1

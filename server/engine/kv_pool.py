@@ -4,8 +4,10 @@ Every layer owns ``keys`` and ``values`` of shape ``[rows, kv_heads, capacity, h
 of the batch lives in pool row ``i`` and holds its entries left-aligned: the prefix adapter's virtual
 tokens (if any), the prompt, then the generated tokens. A decode step writes each row's new key/value at
 that row's own length (``write_pos``, a device tensor), and attention reads ``[:batch, :, :length]`` with a
-mask that hides everything at or past each row's length. Nothing is concatenated or re-allocated per step,
-so the step has fixed shapes and addresses and can be captured in a CUDA graph (see ``decode_step.py``).
+mask that hides everything at or past each row's length (and, in sliding-window layers, every entry a window
+or more behind: entries are positions, so the pool keeps all a window needs and the mask does the rest).
+Nothing is concatenated or re-allocated per step, so the step has fixed shapes and addresses and can be
+captured in a CUDA graph (see ``decode_step.py``).
 
 Rows leave by moving the last row into the hole (one row's entries copied per layer). Storage grows by
 doubling, rows up to the batch limit and capacity up to the model's context, so memory follows the longest
@@ -140,27 +142,48 @@ class KvPool(Cache):
         return True
 
 
-def decode_mask(write_pos: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+def decode_mask(write_pos: torch.Tensor, length: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """Additive attention mask ``[batch, 1, 1, length]``: row b sees entries 0..write_pos[b] (its new token
-    included). The minimum finite value, not -inf, so a padding row that sees nothing stays finite."""
-    visible = torch.arange(length, device=write_pos.device)[None, :] <= write_pos[:, None]
-    mask = torch.zeros(visible.shape, dtype=dtype, device=write_pos.device)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask[:, None, None, :]
+    included), and with a sliding ``window`` only those less than ``window`` positions back (entries are
+    positions: a row's prefix, prompt and generated tokens sit left-aligned from entry 0)."""
+    entry = torch.arange(length, device=write_pos.device)[None, :]
+    visible = entry <= write_pos[:, None]
+    if window is not None:
+        visible &= write_pos[:, None] - entry < window
+    return _additive(visible[:, None, None, :], dtype)
+
+
+def causal_mask(live: torch.Tensor, queries: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """Additive causal mask ``[rows, 1, queries, K]`` over key columns of which ``live`` ``[rows, K]`` (bool)
+    marks the real entries, in order; the queries are the last ``queries`` columns. A column's position is the
+    number of live columns before it (so padding anywhere shifts nothing, and a prefix's virtual tokens count
+    first, as in PEFT); a query sees the live columns up to its own, and with a sliding ``window`` only those
+    less than ``window`` positions back (transformers' ``sliding_window_overlay``). A padding query sees only
+    itself, so that its softmax stays finite. Device ops only, no host sync: safe inside a CUDA graph."""
+    k = live.shape[1]
+    column = torch.arange(k, device=live.device)
+    query_column = column[k - queries:]
+    visible = live[:, None, :] & (column[None, None, :] <= query_column[None, :, None])
+    if window is not None:
+        position = live.long().cumsum(1) - 1
+        visible &= position[:, k - queries:, None] - position[:, None, :] < window
+    itself = (column[None, :] == query_column[:, None])[None]
+    visible = torch.where(live[:, k - queries:, None], visible, itself)
+    return _additive(visible[:, None], dtype)
 
 
 def prefill_mask(pads: torch.Tensor, length: int, dtype: torch.dtype, virtual: torch.Tensor | None = None,
-                 prefix: int = 0) -> torch.Tensor:
+                 prefix: int = 0, window: int | None = None) -> torch.Tensor:
     """Additive causal mask ``[rows, 1, length, prefix + length]`` for left-padded prompts: token t of row i
-    sees its row's first ``virtual[i]`` prefix entries (of ``prefix`` columns) and tokens pads[i]..t. A
-    padding query sees only itself, so that its softmax stays finite."""
-    t = torch.arange(length, device=pads.device)
-    query, key = t[None, :, None], t[None, None, :]
-    visible = ((key <= query) & (key >= pads[:, None, None])) | (key == query)
+    sees its row's first ``virtual[i]`` prefix entries (of ``prefix`` columns) and tokens pads[i]..t, within
+    the ``window`` if any (see ``causal_mask``)."""
+    live = torch.arange(length, device=pads.device)[None, :] >= pads[:, None]
     if prefix:
-        real = query >= pads[:, None, None]  # [rows, T, 1]: padding queries keep seeing only themselves
-        sees_prefix = (torch.arange(prefix, device=pads.device)[None, None, :] < virtual[:, None, None]) & real
-        visible = torch.cat([sees_prefix, visible], dim=2)
-    mask = torch.zeros(visible.shape, dtype=dtype, device=pads.device)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask[:, None]
+        live = torch.cat([torch.arange(prefix, device=pads.device)[None, :] < virtual[:, None], live], dim=1)
+    return causal_mask(live, length, dtype, window)
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where visible, else the minimum finite value (not -inf: a padding row that sees nothing stays finite)."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)

@@ -130,9 +130,11 @@ class PrefillStep:
         entry = (t[None, :] - pads[:, None]) % length + virtual[:, None]  # prompt after the prefix, padding last
         self.pool.set_prefill_view(first + torch.arange(rows, device=ids.device), entry, prefix)
         self.slots.rows.set(slots, rank, self.slots.num_slots)
+        mask = self.base.attention.masks(
+            lambda window: prefill_mask(pads, length, self.base.dtype, virtual, prefix, window))
         try:
             out = self.base.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                                  attention_mask=prefill_mask(pads, length, self.base.dtype, virtual, prefix),
+                                  attention_mask=mask,
                                   **{self.base.cache_kwarg: self.pool})
         finally:
             self.pool.prefill_rows = self.pool.prefill_index = None

@@ -5,7 +5,11 @@ change the base model in place; their switches are EngineConfig.int8_kernel and 
 
 from __future__ import annotations
 
+import inspect
 import logging
+import textwrap
+
+from torch import nn
 
 from adapterd.server.model import BaseModel
 
@@ -34,6 +38,25 @@ def use_fused_norms(base: BaseModel, enabled: bool) -> int:
 
     if not enabled or not fused_rms_norm_available(base.device):
         return 0
-    swapped = use_fused_rms_norm(base.model)
-    log.info("fused RMSNorm kernel in %d norms", swapped)
+    names = fusable_norms(base.model)
+    swapped = use_fused_rms_norm(base.model, names)
+    log.info("fused RMSNorm kernel in %d norms (%s)", swapped, ", ".join(names) or "none fusable")
     return swapped
+
+
+def fusable_norms(model: nn.Module) -> tuple[str, ...]:
+    """Class names of the model's norms whose ``forward`` is, line for line, transformers' Llama RMSNorm (the
+    fused kernel's math): Mistral's, Qwen2/3's, Phi-3's, GLM's. Any other is left as it is, e.g. Gemma's,
+    which scales by ``1 + weight`` and casts after the product: never swap what the kernel does not reproduce."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    reference = _source(LlamaRMSNorm.forward)
+    classes = {type(m) for m in model.modules() if "RMSNorm" in type(m).__name__}
+    return tuple(sorted(c.__name__ for c in classes if _source(getattr(c, "forward", None)) == reference))
+
+
+def _source(function: object) -> str | None:
+    try:
+        return textwrap.dedent(inspect.getsource(function))  # type: ignore[arg-type]
+    except (OSError, TypeError):  # no source to compare (built-in, compiled): not provably the same
+        return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -107,3 +109,50 @@ def test_prefill_after_a_prefix_attends_to_it_and_writes_after_it():
     assert mask[0, 3].tolist() == [0.0, 0.0, low, 0.0, 0.0, 0.0]  # both virtual tokens, then the prompt
     assert mask[0, 0].tolist() == [low, low, 0.0, low, low, low]  # a padding query sees only itself
     assert mask[1, 1].tolist() == [low, low, 0.0, 0.0, low, low]  # no prefix: its columns stay hidden
+
+
+def _seen(mask: torch.Tensor) -> list[list[int]]:
+    """Per query, the key columns it sees."""
+    return [row.eq(0).nonzero().flatten().tolist() for row in mask]
+
+
+def test_sliding_masks_equal_transformers_own_for_one_unpadded_row():
+    """The window as transformers defines it (``sliding_window_overlay``: q - k < W), checked against
+    transformers' own sliding-window mask for a plain row, in prefill and in decode."""
+    from transformers import MistralConfig
+    from transformers.masking_utils import create_sliding_window_causal_mask
+
+    from adapterd.server.engine.kv_pool import prefill_mask
+
+    config = MistralConfig(sliding_window=3, hidden_size=8, num_attention_heads=2)
+    config._attn_implementation = "sdpa"
+    length = 7
+    params = inspect.signature(create_sliding_window_causal_mask).parameters  # 5.24 renamed past_key_values
+    extra = {"cache" if "cache" in params else "past_key_values": None}
+    if "cache_position" in params:  # transformers before 5.24 wanted it
+        extra["cache_position"] = torch.arange(length)
+    theirs = create_sliding_window_causal_mask(config=config, inputs_embeds=torch.zeros(1, length, 8),
+                                               attention_mask=torch.ones(1, length, dtype=torch.long),
+                                               position_ids=torch.arange(length)[None], **extra)
+    ours = prefill_mask(torch.tensor([0]), length, torch.float32, window=3)
+    assert torch.equal(ours.eq(0), theirs)
+    assert _seen(ours[0, 0])[6] == [4, 5, 6]
+    for q in range(length):  # decode: the new token at entry q sees what prefill's query q saw
+        assert torch.equal(decode_mask(torch.tensor([q]), length, torch.float32, 3)[0, 0, 0], ours[0, 0, q])
+
+
+def test_a_window_counts_positions_prefix_first_and_skips_padding():
+    """PEFT puts a prefix's virtual tokens at positions 0..V-1 of the past, so they leave the window as the
+    prompt grows; padding columns (left of a prompt, or between a right-aligned prefix and its prompt in the
+    general prefill) take no position."""
+    from adapterd.server.engine.kv_pool import causal_mask, prefill_mask
+
+    pads, virtual = torch.tensor([2, 0]), torch.tensor([2, 0])
+    mask = prefill_mask(pads, 5, torch.float32, virtual, prefix=3, window=3)[:, 0]
+    # row 0: columns 0-1 virtual (positions 0, 1), column 2 unused, 3-4 padding, 5-7 prompt (positions 2-4)
+    assert _seen(mask[0])[2:] == [[0, 1, 5], [1, 5, 6], [5, 6, 7]]
+    assert _seen(mask[0])[:2] == [[3], [4]]  # padding queries see only themselves
+    assert _seen(mask[1]) == [[3], [3, 4], [3, 4, 5], [4, 5, 6], [5, 6, 7]]  # no prefix: only the prompt's
+    # the general prefill's layout: the prefix right-aligned in its columns, then the left-padded prompt
+    live = torch.tensor([[False, True, True, False, True, True]])
+    assert _seen(causal_mask(live, 3, torch.float32, window=2)[0, 0]) == [[3], [2, 4], [4, 5]]

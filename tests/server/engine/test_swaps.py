@@ -3,7 +3,10 @@ fused kernels still gives PEFT's tokens (on the CPU through Triton's interpreter
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from adapterd.server.engine import EngineConfig, GenerationParams
 from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
@@ -65,3 +68,27 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
         runtime.close()
     assert kernel_calls, "the LoRA rows' decode steps must go through the BGMV kernels"
     assert {job: events[-1].token_ids for job, events in zip(jobs, results, strict=True)} == refs
+
+
+@pytest.mark.parametrize(("model_type", "expected"), [
+    ("llama", ("LlamaRMSNorm",)), ("mistral", ("MistralRMSNorm",)), ("qwen2", ("Qwen2RMSNorm",)),
+    ("qwen3", ("Qwen3RMSNorm",)), ("phi3", ("Phi3RMSNorm",)), ("glm", ("GlmRMSNorm",)), ("gemma", ()),
+])
+def test_only_norms_with_llamas_math_are_fused(model_type, expected, monkeypatch):
+    """The fused kernel computes Llama's RMSNorm; Gemma's scales by (1 + weight) and casts after the product,
+    so its norms must stay transformers' own (swapping them would serve wrong answers silently)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adapterd.server.engine.swaps import fusable_norms
+
+    config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config)
+    assert fusable_norms(model) == expected
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernel "runs" here too: the swap itself is checked
+    before = _norm_classes(model)
+    base = SimpleNamespace(model=model, device=torch.device(TEST_DEVICE))  # all use_fused_norms reads
+    swapped = use_fused_norms(base, enabled=True)
+    assert (swapped > 0) == bool(expected)
+    assert _norm_classes(model) == ({"FusedRMSNorm"} if expected else before)
