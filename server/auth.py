@@ -184,10 +184,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, *refusal)
 
 
+def handler_like(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],
+                 request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` (unary or streaming request and response) running
+    ``behavior``, with ``handler``'s (de)serializers unless another request deserializer is given."""
+    kw = {"request_deserializer": request_deserializer or handler.request_deserializer,
+          "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(behavior, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(behavior, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(behavior, **kw)
+    return grpc.unary_unary_rpc_method_handler(behavior, **kw)
+
+
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler shaped like ``handler`` whose every call aborts with ``code``."""
-    kw = {"request_deserializer": handler.request_deserializer,
-          "response_serializer": handler.response_serializer}
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(code, message)
@@ -196,11 +209,4 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
         await context.abort(code, message)
         yield  # pragma: no cover - abort raises; this line makes the function an async generator
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kw)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kw)
-
+    return handler_like(handler, refuse_stream if handler.response_streaming else refuse)
