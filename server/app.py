@@ -180,20 +180,28 @@ async def serve(config: ServerConfig, grace: float = 30.0) -> None:
     print(f"adapterd listening on {config.host}:{daemon.port}", flush=True)
     shutdown = Shutdown(asyncio.get_running_loop(), grace)
     shutdown.install()
+    try:
+        await _serve_until_stopped(daemon, shutdown)
+    finally:
+        shutdown.uninstall()
+
+
+async def _serve_until_stopped(daemon: Daemon, shutdown: Shutdown) -> None:
     loader = asyncio.create_task(daemon.load())
     stopping = asyncio.create_task(shutdown.requested.wait())
     await asyncio.wait({loader, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if loader.done() and not loader.cancelled() and loader.exception() is not None:
         # A base that cannot load would otherwise leave a port NOT_SERVING forever: say why and exit 1.
-        log.error("cannot load the base model %s: %s", config.base, loader.exception())
+        log.error("cannot load the base model %s: %s", daemon.config.base, loader.exception())
+        stopping.cancel()
         await daemon.shutdown(0)
         raise SystemExit(1)
     await stopping
-    log.info("shutting down: draining for up to %.0f s", grace)
+    log.info("shutting down: draining for up to %.0f s", shutdown.grace)
     loader.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await loader
-    shutdown.finish(await daemon.shutdown(grace))
+    shutdown.finish(await daemon.shutdown(shutdown.grace))
 
 
 class DaemonThread:

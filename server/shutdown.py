@@ -25,6 +25,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,19 @@ class Shutdown:
         self.grace = grace
         self.requested = asyncio.Event()
         self._armed = False
+        self._previous: dict[int, Any] = {}
         # The loop's default executor, owned here so that it can be joined with a time limit at the end.
         self.workers = ThreadPoolExecutor(thread_name_prefix="adapterd-worker")
         loop.set_default_executor(self.workers)
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def uninstall(self) -> None:
+        """Put the previous handlers back (``serve`` may run inside a longer-lived process: tests)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        faulthandler.cancel_dump_traceback_later()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self._armed:
