@@ -110,19 +110,19 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler
         budget, method = self.budget_for(details.method), details.method.rpartition("/")[2]
-        deserializer = None if handler.request_streaming else _checked_deserializer(handler.request_deserializer)
-        if inspect.isasyncgenfunction(behavior):
-            return handler_like(handler, self._stream(behavior, budget, method), deserializer)
-        return handler_like(handler, self._unary(behavior, budget, method), deserializer)
+        if handler.request_streaming:
+            return handler_like(handler, self._wrap(behavior, budget, method, read_first=False))
+        # A call that needs no token is counted before its request message arrives, so that calls which
+        # never send one (held open by an anonymous client) fill only the open budget, not grpc's hard cap.
+        read_first = budget is self.open_calls
+        return handler_like(handler, self._wrap(behavior, budget, method, read_first=read_first),
+                            _checked_deserializer(handler.request_deserializer), stream_request=read_first)
 
     @contextlib.asynccontextmanager
-    async def _guard(self, budget: RpcBudget, request: Any, context: grpc.aio.ServicerContext,
-                     method: str) -> AsyncIterator[None]:
+    async def _guard(self, budget: RpcBudget, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
         try:
-            if isinstance(request, _Malformed):
-                raise InvalidArgument(f"not a valid {request.type_name} message", field="request")
             budget.acquire()
-        except Exception as exc:  # noqa: BLE001 - refused before the handler ran
+        except ResourceExhausted as exc:
             await abort_for(context, exc, method)
         try:
             yield
@@ -131,16 +131,30 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
         finally:
             budget.release()
 
-    def _unary(self, behavior: Callable[..., Awaitable[Any]], budget: RpcBudget, method: str) -> Callable[..., Any]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._guard(budget, request, context, method):
-                return await behavior(request, context)
-        return wrapped
+    def _wrap(self, behavior: Callable[..., Any], budget: RpcBudget, method: str,
+              read_first: bool) -> Callable[..., Any]:
+        """``behavior`` counted against ``budget``; with ``read_first`` it is called with the one message
+        read from a request stream (the handler was registered as request-streaming: see above)."""
 
-    def _stream(self, behavior: Callable[..., AsyncIterator[Any]], budget: RpcBudget,
-                method: str) -> Callable[..., AsyncIterator[Any]]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._guard(budget, request, context, method):
-                async for message in behavior(request, context):
-                    yield message
-        return wrapped
+        async def request_of(received: Any) -> Any:
+            if read_first:
+                async for message in received:
+                    received = message
+                    break
+                else:
+                    raise InvalidArgument("no request message arrived", field="request")
+            if isinstance(received, _Malformed):
+                raise InvalidArgument(f"not a valid {received.type_name} message", field="request")
+            return received
+
+        if inspect.isasyncgenfunction(behavior):
+            async def stream(received: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with self._guard(budget, context, method):
+                    async for message in behavior(await request_of(received), context):
+                        yield message
+            return stream
+
+        async def unary(received: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._guard(budget, context, method):
+                return await behavior(await request_of(received), context)
+        return unary

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from adapterd.clients import AdapterdClient
 from adapterd.server.validation import MAX_PROMPT_CHARS
+from adapterd.v1 import adapterd_pb2 as pb
 from tests.server.conftest import start_daemon
 
 TOKEN = "u-" + "7" * 30
@@ -84,6 +85,39 @@ def test_tokenless_health_and_reflection_streams_cannot_lock_out_callers(budgete
         stream = health_pb2_grpc.HealthStub(fresh).Watch(health_pb2.HealthCheckRequest())
         assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
         stream.cancel()
+
+
+def test_anonymous_calls_that_never_send_their_request_hold_nothing(budgeted):
+    """Calls whose headers arrive but whose request message never does: refused at once without a token,
+    counted against the open budget for health. More of them than grpc's hard cap lock nobody out."""
+    target = f"127.0.0.1:{budgeted.port}"
+    budgets = budgeted.daemon.budgets
+    release = threading.Event()
+
+    def never():
+        release.wait(60)
+        return
+        yield  # pragma: no cover - a request iterator that sends nothing until released
+
+    channel = grpc.insecure_channel(target)
+    try:
+        generate = channel.stream_unary("/adapterd.v1.Adapterd/Generate",
+                                        response_deserializer=pb.GenerateResponse.FromString)
+        check = channel.stream_unary("/grpc.health.v1.Health/Check",
+                                     response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        anonymous = [generate.future(never(), timeout=60) for _ in range(150)]
+        probes = [check.future(never(), timeout=60) for _ in range(60)]  # 210 > 2 * (50 + 8) + 64
+        for call in anonymous:  # refused from the headers alone: no token
+            assert call.exception(30).code() == grpc.StatusCode.UNAUTHENTICATED
+        _wait_for(lambda: sum(p.done() for p in probes) == 60 - 8)
+        assert {p.exception().code() for p in probes if p.done()} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert budgets.open_calls.in_use == 8 and budgets.callers.in_use == 0
+        with AdapterdClient(target, token=TOKEN, timeout=60) as client:
+            assert client.generate("hello", max_new_tokens=2).generated_token_count == 2
+    finally:
+        release.set()
+        channel.close()
+    _wait_for(lambda: budgets.open_calls.in_use == 0)
 
 
 def test_the_callers_budget_refuses_past_its_limit_naming_the_flag(tiny_model_dir, served_root):
