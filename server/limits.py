@@ -8,7 +8,9 @@ once and hold nothing):
 - ``adapterd.v1.Adapterd`` calls count against ``--max-concurrent-rpcs`` (the callers' budget); with
   ``--tokens-file`` only authenticated calls get this far;
 - health and reflection calls, which need no token, count against their own small budget
-  (``--max-open-rpcs``), so that they can never use up the callers' one.
+  (``--max-open-rpcs``), so that they can never use up the callers' one. They are counted from their
+  headers, before their request message arrives (they are registered as request-streaming and read the
+  message themselves), so that calls which never send one fill this budget, not grpc's hard cap.
 
 A call over its budget ends with RESOURCE_EXHAUSTED; its slot comes back when the call ends, however it
 ends (finished, aborted, cancelled). grpc keeps a hard cap well above both budgets (``hard_rpc_cap``), so
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +35,6 @@ from google.protobuf.message import DecodeError
 from adapterd.server.auth import handler_like, required_role
 from adapterd.server.errors import InvalidArgument, ResourceExhausted
 from adapterd.server.rpc_errors import abort_for
-
-log = logging.getLogger(__name__)
 
 # Calls being refused (bad token, over budget) still hold one of grpc's slots for a moment: leave room.
 HARD_CAP_HEADROOM = 64
