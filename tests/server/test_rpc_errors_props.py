@@ -160,6 +160,23 @@ def test_a_bug_is_internal_with_an_error_id_and_logged(hostile, monkeypatch, cap
     assert any(ident in r.getMessage() and r.exc_info and "secret.json" in str(r.exc_info[1]) for r in caplog.records)
 
 
+def test_an_engine_failure_event_is_unavailable_without_its_text(hostile, monkeypatch):
+    from adapterd.server.engine import GenerationEvent, StopReason
+
+    daemon, channel, stub, private, work = hostile
+    runtime = daemon.daemon.state.runtime
+
+    async def failing(*args, **kwargs):
+        yield GenerationEvent("end", stop_reason=StopReason.ERROR,
+                              error=RuntimeError(f"CUDA error at {work}/kernel.cu:12"))
+
+    monkeypatch.setattr(runtime, "generate", failing)
+    for method in ("Generate", "GenerateStream"):
+        code, message = _status(stub, method, pb.GenerateRequest(prompt="hello"))
+        assert code == grpc.StatusCode.UNAVAILABLE and "error id" in message, message
+        assert "CUDA" not in message and str(work) not in message
+
+
 def test_domain_messages_do_not_show_server_directories(hostile):
     daemon, channel, stub, private, work = hostile
     code, message = _status(stub, "TrainStatus", pb.TrainStatusRequest(run_id="no-such-run"))
