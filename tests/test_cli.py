@@ -84,6 +84,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(served):
     assert result["reply"].generated_token_count == 300
 
 
+@pytest.mark.slow  # ~10 s: a daemon process started, then stopped with something stuck
 def test_sigterm_exits_within_the_grace_period_whatever_is_stuck(tiny_model_dir, adapter_root, tmp_path):
     """A request reading a FIFO named adapter_config.json (a worker thread that can never finish), a listing
     reading it too, and a stream of many tokens: SIGTERM with --grace 1 still ends the process in seconds."""
@@ -134,4 +135,4 @@ def test_sigterm_exits_within_the_grace_period_whatever_is_stuck(tiny_model_dir,
             proc.wait()
     log = proc.stderr.read()
     assert returncode == 0, log[-3000:]
-    print(log[-1500:])
+    assert "shutting down" in log and "Traceback" not in log, log[-3000:]
