@@ -17,6 +17,7 @@ import contextlib
 import logging
 import sys
 import threading
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +112,7 @@ class Daemon:
         return drained
 
 
-async def _within(awaitable, seconds: float, what: str) -> bool:
+async def _within(awaitable: Awaitable[object], seconds: float, what: str) -> bool:
     """Await ``awaitable`` for at most ``seconds``; False (logged) if it did not finish."""
     try:
         await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(awaitable)), seconds)
@@ -125,8 +126,9 @@ async def start_daemon(config: ServerConfig) -> Daemon:
     """Open the port (health NOT_SERVING) and return; call ``Daemon.load`` to load the model.
 
     The base directory, the tokens file and the TLS files are checked first: a bad one stops start-up with
-    its name before anything listens. Interceptors run outermost first: metrics, then auth, so that refused
-    calls are counted with their UNAUTHENTICATED / PERMISSION_DENIED code.
+    its name before anything listens. Interceptors run outermost first: metrics, then auth, then the RPC
+    budgets, so that refused calls are counted with their UNAUTHENTICATED / PERMISSION_DENIED /
+    RESOURCE_EXHAUSTED code, and a call takes a budget slot only once its token has been checked.
     """
     check_base_dir(config.base)
     hide_paths({"<base model>": config.base, "<adapter root>": config.adapters, "<runs root>": config.runs,
