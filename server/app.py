@@ -2,7 +2,12 @@
 
 The gRPC port opens at once with health NOT_SERVING, so orchestrators see the process; the base model
 loads in a worker thread, and health turns SERVING when it is ready. On SIGTERM or SIGINT health turns
-NOT_SERVING, new requests get UNAVAILABLE, requests in flight get ``grace`` seconds to finish.
+NOT_SERVING, new requests get UNAVAILABLE, requests in flight get ``grace`` seconds to finish, and the process
+ends within ``grace`` plus a margin whatever is still blocked (``server/shutdown.py``).
+
+Interceptors, outermost first: metrics (so that refusals are counted with their code), authentication, then
+the concurrent-RPC budgets (``server/limits.py``), so that no call holds a slot of the callers' budget before
+its token has been checked.
 """
 
 from __future__ import annotations
@@ -10,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import threading
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +28,13 @@ from grpc_reflection.v1alpha import reflection
 from adapterd.server.auth import AuthInterceptor, load_tokens
 from adapterd.server.config import ServerConfig
 from adapterd.server.engine import EngineConfig
+from adapterd.server.limits import BudgetInterceptor, RpcBudget, hard_rpc_cap
 from adapterd.server.merge import Merger
 from adapterd.server.metrics import DaemonMetrics
+from adapterd.server.rpc_errors import hide_paths
 from adapterd.server.runtime import Runtime
 from adapterd.server.service import AdapterdService, ServingState
+from adapterd.server.shutdown import SHUTDOWN_MARGIN_S, Shutdown
 from adapterd.server.tls import server_credentials
 from adapterd.server.training import TrainingManager
 from adapterd.server.validation import Limits
@@ -64,6 +72,7 @@ class Daemon:
     port: int
     extras: list = field(default_factory=list)  # things to close on shutdown (metrics server...)
     metrics: DaemonMetrics | None = None  # set when config.metrics_port is not None
+    budgets: BudgetInterceptor | None = None
 
     async def load(self) -> None:
         """Load the base model off the event loop, then turn SERVING."""
@@ -88,24 +97,42 @@ class Daemon:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s", cfg.base)
 
-    async def shutdown(self, grace: float = 30.0) -> None:
+    async def shutdown(self, grace: float = 30.0) -> bool:
+        """Drain: calls in flight get ``grace`` seconds, then grpc cancels them. Each step is bounded by
+        ``grace`` plus a margin; returns False when one did not end in time (a call ignoring its
+        cancellation, an engine that does not stop)."""
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        drained = await _within(self.server.stop(grace), grace + SHUTDOWN_MARGIN_S, "stopping the server")
         if self.state.runtime is not None:
-            await asyncio.to_thread(self.state.runtime.close)
+            drained &= await _within(asyncio.to_thread(self.state.runtime.close), SHUTDOWN_MARGIN_S,
+                                     "stopping the engine")
         for extra in self.extras:
             extra.close()
+        return drained
+
+
+async def _within(awaitable: Awaitable[object], seconds: float, what: str) -> bool:
+    """Await ``awaitable`` for at most ``seconds``; False (logged) if it did not finish."""
+    try:
+        await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(awaitable)), seconds)
+        return True
+    except TimeoutError:
+        log.error("%s took longer than %.0f s; going on without it", what, seconds)
+        return False
 
 
 async def start_daemon(config: ServerConfig) -> Daemon:
     """Open the port (health NOT_SERVING) and return; call ``Daemon.load`` to load the model.
 
     The base directory, the tokens file and the TLS files are checked first: a bad one stops start-up with
-    its name before anything listens. Interceptors run outermost first: metrics, then auth, so that refused
-    calls are counted with their UNAUTHENTICATED / PERMISSION_DENIED code.
+    its name before anything listens. Interceptors run outermost first: metrics, then auth, then the RPC
+    budgets, so that refused calls are counted with their UNAUTHENTICATED / PERMISSION_DENIED /
+    RESOURCE_EXHAUSTED code, and a call takes a budget slot only once its token has been checked.
     """
     check_base_dir(config.base)
+    hide_paths({"<base model>": config.base, "<adapter root>": config.adapters, "<runs root>": config.runs,
+                "<merge output root>": config.merge_output_root})
     # Process-wide, and the daemon owns the process: the engine thread gets the GIL back within this long
     # after each torch call (bench/NOTES.md, "gRPC end to end").
     sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
@@ -120,8 +147,11 @@ async def start_daemon(config: ServerConfig) -> Daemon:
     interceptors: list[grpc.aio.ServerInterceptor] = [metrics.interceptor] if metrics is not None else []
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
-    server = grpc.aio.server(options=options, interceptors=interceptors or None,
-                             maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    budgets = BudgetInterceptor(RpcBudget("adapterd.v1", config.max_concurrent_rpcs, "--max-concurrent-rpcs"),
+                                RpcBudget("health and reflection", config.max_open_rpcs, "--max-open-rpcs"))
+    interceptors.append(budgets)
+    server = grpc.aio.server(options=options, interceptors=interceptors,
+                             maximum_concurrent_rpcs=hard_rpc_cap(config.max_concurrent_rpcs, config.max_open_rpcs))
     state = ServingState()
     pb_grpc.add_AdapterdServicer_to_server(AdapterdService(state), server)
     health_servicer = health.aio.HealthServicer()
@@ -138,7 +168,7 @@ async def start_daemon(config: ServerConfig) -> Daemon:
              "mutual TLS" if config.tls_client_ca else ("TLS" if credentials else "plaintext"),
              ", bearer tokens" if tokens is not None else "")
     return Daemon(config=config, server=server, state=state, health=health_servicer, port=port,
-                  extras=[metrics] if metrics is not None else [], metrics=metrics)
+                  extras=[metrics] if metrics is not None else [], metrics=metrics, budgets=budgets)
 
 
 async def serve(config: ServerConfig, grace: float = 30.0) -> None:
@@ -150,24 +180,30 @@ async def serve(config: ServerConfig, grace: float = 30.0) -> None:
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None
     print(f"adapterd listening on {config.host}:{daemon.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    shutdown = Shutdown(asyncio.get_running_loop(), grace)
+    shutdown.install()
+    try:
+        await _serve_until_stopped(daemon, shutdown)
+    finally:
+        shutdown.uninstall()
+
+
+async def _serve_until_stopped(daemon: Daemon, shutdown: Shutdown) -> None:
     loader = asyncio.create_task(daemon.load())
-    stopping = asyncio.create_task(stop.wait())
+    stopping = asyncio.create_task(shutdown.requested.wait())
     await asyncio.wait({loader, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if loader.done() and not loader.cancelled() and loader.exception() is not None:
         # A base that cannot load would otherwise leave a port NOT_SERVING forever: say why and exit 1.
-        log.error("cannot load the base model %s: %s", config.base, loader.exception())
+        log.error("cannot load the base model %s: %s", daemon.config.base, loader.exception())
+        stopping.cancel()
         await daemon.shutdown(0)
         raise SystemExit(1)
     await stopping
-    log.info("shutting down: draining for up to %.0f s", grace)
+    log.info("shutting down: draining for up to %.0f s", shutdown.grace)
     loader.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await loader
-    await daemon.shutdown(grace)
+    shutdown.finish(await daemon.shutdown(shutdown.grace))
 
 
 class DaemonThread:

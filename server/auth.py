@@ -156,8 +156,9 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without a sufficient token before the handler runs.
 
-    A refused call gets a handler of the same kind (unary or streaming response) that aborts with
-    UNAUTHENTICATED or PERMISSION_DENIED, so that an outer interceptor (metrics) sees the status code.
+    A refused call gets a handler with the same kind of response (unary or streaming) that aborts with
+    UNAUTHENTICATED or PERMISSION_DENIED at once, so that an outer interceptor (metrics) sees the status
+    code; it does not wait for the request message.
     """
 
     def __init__(self, tokens: TokenTable) -> None:
@@ -184,10 +185,28 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, *refusal)
 
 
+def handler_like(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],
+                 request_deserializer: Callable[[bytes], Any] | None = None, *,
+                 stream_request: bool = False) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` (unary or streaming request and response) running
+    ``behavior``, with ``handler``'s (de)serializers unless another request deserializer is given.
+
+    ``stream_request`` makes it request-streaming whatever ``handler`` is: grpc then calls ``behavior`` as
+    soon as the call's headers arrive, without waiting for a request message (which a client may never
+    send), and ``behavior`` reads the message itself if it wants it."""
+    kw = {"request_deserializer": request_deserializer or handler.request_deserializer,
+          "response_serializer": handler.response_serializer}
+    if (handler.request_streaming or stream_request) and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(behavior, **kw)
+    if handler.request_streaming or stream_request:
+        return grpc.stream_unary_rpc_method_handler(behavior, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(behavior, **kw)
+    return grpc.unary_unary_rpc_method_handler(behavior, **kw)
+
+
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler shaped like ``handler`` whose every call aborts with ``code``."""
-    kw = {"request_deserializer": handler.request_deserializer,
-          "response_serializer": handler.response_serializer}
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(code, message)
@@ -196,11 +215,6 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
         await context.abort(code, message)
         yield  # pragma: no cover - abort raises; this line makes the function an async generator
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kw)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kw)
-
+    # Request-streaming: the refusal goes out with the headers, before (or without) any request message, so
+    # a caller without a token holds nothing while it waits to send one.
+    return handler_like(handler, refuse_stream if handler.response_streaming else refuse, stream_request=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 from dataclasses import MISSING, fields
 
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from adapterd.server.app import serve
     from adapterd.server.config import ServerConfig
+    from adapterd.server.shutdown import SHUTDOWN_MARGIN_S
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # one warning per 8-bit matmul otherwise
@@ -41,4 +43,6 @@ def run(args: argparse.Namespace) -> int:
     names = {f.name for f in fields(ServerConfig)}
     config = ServerConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     asyncio.run(serve(config, grace=args.grace))
+    # The interpreter's own exit (atexit hooks, joining threads) gets the same margin as every shutdown step.
+    faulthandler.dump_traceback_later(SHUTDOWN_MARGIN_S, exit=True)
     return 0

@@ -45,8 +45,12 @@ class ServerConfig:
     merge_output_root: Path | None = field(default=None, metadata={"help": "where MergeAdapter may write "
                                                                             "model directories"})
     metrics_port: int | None = field(default=None, metadata={"help": "Prometheus /metrics port (off if unset)"})
-    max_concurrent_rpcs: int | None = field(default=None, metadata={"help": "RPCs in progress at once before "
-                                                                            "RESOURCE_EXHAUSTED (unlimited if unset)"})
+    max_concurrent_rpcs: int | None = field(default=None, metadata={"help": "adapterd.v1 RPCs in progress at once "
+                                                                            "before RESOURCE_EXHAUSTED, counted after "
+                                                                            "authentication (unlimited if unset)"})
+    max_open_rpcs: int = field(default=32, metadata={"help": "health and reflection RPCs (which need no token) in "
+                                                             "progress at once: their own budget, so that they can "
+                                                             "never use up --max-concurrent-rpcs"})
     tokens_file: Path | None = field(default=None, metadata={"help": "bearer tokens, lines role:token (roles user, "
                                                                       "admin) or JSON; no auth if unset"})
     tls_cert: Path | None = field(default=None, metadata={"help": "server certificate chain (PEM); turns on TLS"})
@@ -71,7 +75,7 @@ class ServerConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         for name in ("max_batch_size", "max_queue", "lora_slots", "max_lora_rank", "adapter_cache_mb", "max_new_tokens",
-                     "default_max_new_tokens", "max_message_bytes"):
+                     "default_max_new_tokens", "max_message_bytes", "max_open_rpcs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 < self.gil_switch_interval_ms <= 1000:

@@ -1,7 +1,8 @@
 """The serving runtime: the base model, the adapter store and the engine, wired together.
 
 RPC handlers talk to this object only. ``generate`` is an async iterator over one request's events; it
-never blocks the event loop (adapter loads run in a worker thread, the model in the engine thread).
+never blocks the event loop (adapter loads run in a worker thread, the model in the engine thread, and
+tenants' text is tokenized in ``server/tokenizing.py``'s pools: ``tokenize_text``, ``prompt_ids``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from adapterd.server.adapters.store import AdapterRecord, AdapterStore, BaseShap
 from adapterd.server.engine import Engine, EngineConfig, GenerationEvent, GenerationParams
 from adapterd.server.errors import InvalidArgument
 from adapterd.server.model import BaseModel, load_base_model
+from adapterd.server.tokenizing import Tokenization
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Runtime:
                           device=base.device, max_lora_rank=engine_config.max_lora_rank)
         self.store = AdapterStore(Path(adapter_root), shape, max_loaded_adapter_bytes)
         self.engine = Engine(base, engine_config)
+        self.tokenization = Tokenization(base.tokenizer)
         self.store.is_on_device = lambda adapter: self.engine.slots.resident(adapter.key)
         self.store.on_unload = self.engine.evict
         self._handoffs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventHandoff] = (
@@ -81,12 +84,35 @@ class Runtime:
         return runtime
 
     def close(self) -> None:
+        self.tokenization.close()
         self.engine.stop()
 
     # ------------------------------------------------------------------ requests
 
     def tokenize(self, text: str) -> list[int]:
         return self.base.tokenizer(text, add_special_tokens=True).input_ids
+
+    def _tokens_and_pieces(self, text: str, with_pieces: bool) -> tuple[list[int], list[str]]:
+        ids = self.tokenize(text)
+        return ids, (self.base.tokenizer.convert_ids_to_tokens(ids) if with_pieces else [])
+
+    async def tokenize_text(self, text: str, with_pieces: bool = False) -> tuple[list[int], list[str]]:
+        """Token ids (and their pieces) of ``text``, tokenized off the event loop."""
+        return await self.tokenization.run(text, self._tokens_and_pieces, text, with_pieces)
+
+    def _input_limit(self, max_input_tokens: int, virtual_tokens: int) -> int:
+        return min(max_input_tokens, self.base.max_sequence_length - 1 - virtual_tokens)
+
+    async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int,
+                         virtual_tokens: int = 0) -> PreparedPrompt:
+        """``prepare_prompt`` off the event loop; a prompt that certainly has too many tokens is refused
+        before it is tokenized (``Tokenization.fits``), unless the request asks for truncation."""
+        limit = self._input_limit(max_input_tokens, virtual_tokens)
+        if not truncate_to and not self.tokenization.fits(prompt, limit):
+            raise InvalidArgument(f"prompt has {len(prompt)} characters, more than {limit} tokens can hold (set "
+                                  "truncate_input_tokens to keep only the last tokens)", field="prompt")
+        return await self.tokenization.run(prompt, self.prepare_prompt, prompt, truncate_to, max_input_tokens,
+                                           virtual_tokens)
 
     def prepare_prompt(self, prompt: str, truncate_to: int, max_input_tokens: int,
                        virtual_tokens: int = 0) -> PreparedPrompt:
@@ -98,7 +124,7 @@ class Runtime:
         truncated = False
         if truncate_to and len(ids) > truncate_to:
             ids, truncated = ids[-truncate_to:], True
-        limit = min(max_input_tokens, self.base.max_sequence_length - 1 - virtual_tokens)
+        limit = self._input_limit(max_input_tokens, virtual_tokens)
         if len(ids) > limit:
             raise InvalidArgument(f"prompt has {len(ids)} tokens; at most {limit} are taken (set "
                                   "truncate_input_tokens to keep only the last ones)", field="prompt")

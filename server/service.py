@@ -7,19 +7,18 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-import grpc
-
 from adapterd import __version__
 from adapterd.server.adapters.ids import validate_adapter_id
 from adapterd.server.adapters.store import AdapterRecord
 from adapterd.server.engine import GenerationEvent, StopReason
-from adapterd.server.errors import AdapterdError, Unavailable
+from adapterd.server.errors import InvalidArgument, Unavailable
 from adapterd.server.merge import Merger
 from adapterd.server.ops import merge_stream, require_training
-from adapterd.server.rpc_errors import streaming, unary
+from adapterd.server.request_checks import check_merge, check_run_id, check_start_training
+from adapterd.server.rpc_errors import correlation_id, is_domain_error, log_unexpected, streaming, unary
 from adapterd.server.runtime import Runtime
 from adapterd.server.training import TrainingManager
-from adapterd.server.validation import Limits, validate_generate
+from adapterd.server.validation import MAX_PROMPT_CHARS, Limits, validate_generate
 from adapterd.v1 import adapterd_pb2 as pb
 from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
 
@@ -53,13 +52,6 @@ class ServingState:
         return self.runtime
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-correlation-id" and value:
-            return str(value)[:128]
-    return None
-
-
 class AdapterdService(pb_grpc.AdapterdServicer):
     def __init__(self, state: ServingState) -> None:
         self.state = state
@@ -68,14 +60,16 @@ class AdapterdService(pb_grpc.AdapterdServicer):
         runtime = self.state.ready()
         params = validate_generate(request, self.state.limits)
         adapter = await runtime.adapter(request.adapter_id)
-        prompt = runtime.prepare_prompt(request.prompt, request.truncate_input_tokens,
-                                        self.state.limits.max_input_tokens,
-                                        adapter.num_virtual_tokens if adapter else 0)
-        async for event in runtime.generate(prompt.ids, params, adapter, _request_id(context)):
+        prompt = await runtime.prompt_ids(request.prompt, request.truncate_input_tokens,
+                                          self.state.limits.max_input_tokens,
+                                          adapter.num_virtual_tokens if adapter else 0)
+        async for event in runtime.generate(prompt.ids, params, adapter, correlation_id(context)):
             if event.error is not None:
-                if isinstance(event.error, AdapterdError):
+                if is_domain_error(event.error):
                     raise event.error
-                raise Unavailable(f"generation failed: {event.error}")
+                # The engine could not run the step (the device failed): retryable, but its text stays here.
+                ident = log_unexpected(event.error, "generation", correlation_id(context))
+                raise Unavailable(f"generation failed (error id {ident}); retry shortly")
             yield event, len(prompt.ids)
 
     @unary
@@ -111,17 +105,20 @@ class AdapterdService(pb_grpc.AdapterdServicer):
     @unary
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         runtime = self.state.ready()
-        ids = runtime.tokenize(request.text)
+        if len(request.text) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"longer than {MAX_PROMPT_CHARS} characters", field="text")
+        ids, pieces = await runtime.tokenize_text(request.text, request.return_tokens)
         response = pb.TokenizeResponse(token_count=len(ids))
         if request.return_tokens:
             response.token_ids.extend(ids)
-            response.tokens.extend(runtime.base.tokenizer.convert_ids_to_tokens(ids))
+            response.tokens.extend(pieces)
         return response
 
     @unary
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
         runtime = self.state.ready()
-        return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in runtime.list_adapters()])
+        records = await asyncio.to_thread(runtime.list_adapters)
+        return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in records])
 
     @unary
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.AdapterInfo:
@@ -149,24 +146,30 @@ class AdapterdService(pb_grpc.AdapterdServicer):
     @streaming
     async def MergeAdapter(self, request: pb.MergeAdapterRequest, context) -> AsyncIterator[pb.MergeProgress]:
         runtime = self.state.ready()
+        check_merge(request)
         async for message in merge_stream(self.state.merger, runtime.store, request):
             yield message
 
     @unary
     async def StartTraining(self, request: pb.StartTrainingRequest, context) -> pb.TrainingRun:
         self.state.ready()
+        check_start_training(request)
         return await asyncio.to_thread(require_training(self.state.training).start, request)
 
     @unary
     async def StopTraining(self, request: pb.StopTrainingRequest, context) -> pb.TrainingRun:
+        check_run_id(request.run_id, required=True)
         return await asyncio.to_thread(require_training(self.state.training).stop, request.run_id)
 
     @unary
     async def TrainStatus(self, request: pb.TrainStatusRequest, context) -> pb.TrainStatusResponse:
         manager = require_training(self.state.training)
+        check_run_id(request.run_id)
         return pb.TrainStatusResponse(runs=await asyncio.to_thread(manager.status, request.run_id))
 
     @streaming
     async def WatchTraining(self, request: pb.TrainStatusRequest, context) -> AsyncIterator[pb.TrainStatusResponse]:
-        async for runs in require_training(self.state.training).watch(request.run_id):
+        manager = require_training(self.state.training)
+        check_run_id(request.run_id)
+        async for runs in manager.watch(request.run_id):
             yield pb.TrainStatusResponse(runs=runs)

@@ -82,3 +82,57 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(served):
     assert proc.wait(60) == 0
     t.join(60)
     assert result["reply"].generated_token_count == 300
+
+
+@pytest.mark.slow  # ~10 s: a daemon process started, then stopped with something stuck
+def test_sigterm_exits_within_the_grace_period_whatever_is_stuck(tiny_model_dir, adapter_root, tmp_path):
+    """A request reading a FIFO named adapter_config.json (a worker thread that can never finish), a listing
+    reading it too, and a stream of many tokens: SIGTERM with --grace 1 still ends the process in seconds."""
+    import shutil
+    import threading
+
+    import grpc
+
+    root = tmp_path / "adapters"
+    shutil.copytree(adapter_root, root)
+    (root / "stuck").mkdir()
+    os.mkfifo(root / "stuck" / "adapter_config.json")
+    os.mkfifo(root / "stuck" / "adapter_model.safetensors")
+    proc = subprocess.Popen([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(root),
+                             "--quantization", "none", "--port", "0", "--grace", "1"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        match = re.search(r"listening on (\S+):(\d+)", proc.stdout.readline())
+        assert match
+        target = f"127.0.0.1:{match[2]}"
+        with AdapterdClient(target) as c:
+            c.wait_ready(60)
+        codes: list[grpc.StatusCode] = []
+
+        def call(fn):
+            with AdapterdClient(target, timeout=60) as c:
+                try:
+                    result = fn(c)
+                    list(result) if hasattr(result, "__next__") else None
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+
+        calls = [lambda c: c.generate("hello", "stuck", max_new_tokens=4), lambda c: c.list_adapters(),
+                 lambda c: c.generate_stream("hello", max_new_tokens=1000, min_new_tokens=1000)]
+        threads = [threading.Thread(target=call, args=(fn,)) for fn in calls]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # all three are in flight (or stuck)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        returncode = proc.wait(1 + 10)  # --grace, and a few seconds to stop the engine and leave
+        assert time.monotonic() - started < 1 + 8
+        for t in threads:
+            t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stderr.read()
+    assert returncode == 0, log[-3000:]
+    assert "shutting down" in log and "Traceback" not in log, log[-3000:]

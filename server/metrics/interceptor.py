@@ -40,8 +40,9 @@ def _code_name(context: Any, fallback: grpc.StatusCode) -> str:
 
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps each async unary-request handler; client-streaming methods (none in adapterd.v1) and
-    synchronous handlers pass through uncounted."""
+    """Wraps each async handler whose response is one message or an async generator; request-streaming
+    ones (refusals, health checks: ``server/auth.py``, ``server/limits.py``) are counted with no adapter
+    label. Coroutine streaming handlers (health's Watch) and synchronous handlers pass through uncounted."""
 
     def __init__(self, metrics: Metrics, labels: AdapterLabels) -> None:
         self.m = metrics
@@ -51,7 +52,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
         if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
@@ -61,6 +62,15 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(handler.unary_stream, service, method),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        # Request-streaming: calls the daemon refuses or reads itself before the message (auth.py, limits.py).
+        if handler.stream_unary is not None and inspect.iscoroutinefunction(handler.stream_unary):
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, service, method),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(handler.stream_stream, service, method),
                 request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         return handler
 
