@@ -26,6 +26,7 @@ from adapterd.server.adapters.prefix import PrefixWeights
 from adapterd.server.adapters.store import LoadedAdapter
 from adapterd.server.engine.batch import Row, RunningBatch
 from adapterd.server.engine.decode_step import DecodeStep
+from adapterd.server.engine.failures import Breakage, is_device_failure, nonfinite_message
 from adapterd.server.engine.kv_pool import KvPool
 from adapterd.server.engine.observer import ObserverList
 from adapterd.server.engine.prefill_step import PrefillStep
@@ -33,7 +34,7 @@ from adapterd.server.engine.request import GenerationEvent, GenerationParams, St
 from adapterd.server.engine.sampling import RowSampler
 from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
 from adapterd.server.engine.text import TextStream
-from adapterd.server.errors import AdapterdError, ResourceExhausted, Unavailable
+from adapterd.server.errors import AdapterdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from adapterd.server.model import BaseModel
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Engine:
         self.eos_ids = base.eos_token_ids
         self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=base.device)
         self.observers = ObserverList()  # metrics and tests listen here
+        self.breakage = Breakage()  # set when the device (or this thread) fails for good: health listens
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -92,6 +94,8 @@ class Engine:
     def submit(self, request_id: str, prompt_ids: list[int], params: GenerationParams,
                adapter: LoadedAdapter | None, sink: Callable[[GenerationEvent], None]) -> None:
         """Queue a request. Events reach ``sink`` on the engine thread: start, deltas, end."""
+        if self.breakage.reason is not None:
+            raise Unavailable("the engine cannot serve (the daemon is restarting); retry shortly")
         if self._stopping:
             raise Unavailable("the engine is shutting down")
         with self._lock:
@@ -128,8 +132,14 @@ class Engine:
     def _loop(self) -> None:
         # Everything on this thread runs in inference mode: tensors it creates (the key/value pool when it
         # grows, LoRA tables of newly wrapped layers) are inference tensors, updated only here.
-        with torch.inference_mode():
-            self._run()
+        try:
+            with torch.inference_mode():
+                self._run()
+        except BaseException as exc:  # the thread is dying: nobody would ever answer again
+            self._break(f"the engine thread died: {type(exc).__name__}")
+            log.exception("the engine thread died")
+            self._end_everything(release=False)
+            raise
 
     def _run(self) -> None:
         while not self._stopping:
@@ -137,10 +147,24 @@ class Engine:
             try:
                 self._step()
             except Exception as exc:  # noqa: BLE001 - a failed step must not end the daemon
+                if is_device_failure(exc, self.base.device):
+                    log.error("engine step failed on the device", exc_info=exc)
+                    self._break(f"device failure: {type(exc).__name__}")
+                    break
                 self._fail_all(exc)
+        self._end_everything(release=self.breakage.reason is None)
+
+    def _break(self, reason: str) -> None:
+        """The device or this thread failed for good: refuse new work, tell the listeners (health)."""
+        self._stopping = True
+        self.breakage.set(reason)
+
+    def _end_everything(self, release: bool) -> None:
+        """The loop is over: end every row in flight and every waiting request with UNAVAILABLE."""
         self._drain_inbox(block=False)
-        stopped = Unavailable("the engine stopped")
-        self._fail_all(stopped)
+        stopped = Unavailable("the engine stopped" if self.breakage.reason is None
+                              else "the engine cannot serve (the daemon is restarting); retry shortly")
+        self._fail_all(stopped, release=release)
         while self.waiting:
             row = self.waiting.popleft()
             row.emit(GenerationEvent("end", stop_reason=StopReason.ERROR, error=stopped))
@@ -307,19 +331,40 @@ class Engine:
         self._retire([i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
 
     def _sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> None:
+        # A row whose logits are not all finite (its adapter overflowed, say) ends alone; the check is one
+        # reduction fetched with the argmax, not a host sync per row.
+        finite = torch.isfinite(logits).all(-1)
         short = [i for i, r in enumerate(rows) if len(r.generated) < r.params.min_new_tokens]
         if short and self.eos_ids:  # rows under their minimum length may not end yet
             logits = logits.clone()
             logits[torch.tensor(short, device=logits.device)[:, None], self._eos_index[None, :]] = float("-inf")
-        greedy = logits.argmax(-1).tolist()
+        greedy, ok = torch.stack([logits.argmax(-1), finite.long()]).tolist()
         for i, row in enumerate(rows):
-            n = len(row.generated)
-            if row.sampler.is_plain_greedy:
-                token = greedy[i]
+            if not ok[i]:
+                adapter_id = row.adapter.adapter_id if row.adapter is not None else None
+                self._end_alone(row, FailedPrecondition(nonfinite_message(adapter_id)))
+            elif row.sampler.is_plain_greedy:
+                self._accept(row, greedy[i])
             else:
-                seen = torch.tensor([row.prompt_ids + row.generated], device=logits.device)
-                token = row.sampler.next_token(logits[i], seen, n)
-            self._accept(row, token)
+                self._sample(row, logits[i])
+
+    def _sample(self, row: Row, logits: torch.Tensor) -> None:
+        seen = torch.tensor([row.prompt_ids + row.generated], device=logits.device)
+        try:
+            token = row.sampler.next_token(logits, seen, len(row.generated))
+        except Exception as exc:
+            if is_device_failure(exc, self.base.device):
+                raise
+            log.warning("sampling failed for request %s", row.request_id, exc_info=exc)
+            self._end_alone(row, InvalidArgument("sampling failed with these parameters", field="sampling"))
+            return
+        self._accept(row, token)
+
+    def _end_alone(self, row: Row, error: AdapterdError) -> None:
+        """This row's own data failed: it ends with ERROR and ``error``; the batch goes on."""
+        log.warning("request %s ended alone: %s", row.request_id, error)
+        row.finished = StopReason.ERROR
+        row.error = error
 
     def _accept(self, row: Row, token: int) -> None:
         params = row.params
@@ -360,10 +405,11 @@ class Engine:
         self.observers.request_finished(row)
         row.emit(GenerationEvent("end", text=row.text.take(final=True), generated_token_count=len(row.generated),
                                  stop_reason=row.finished, stop_sequence=row.text.stopped_by,
-                                 token_ids=list(row.generated)))
+                                 token_ids=list(row.generated), error=row.error))
 
-    def _fail_all(self, exc: Exception) -> None:
-        """A step failed (e.g. out of memory): end every row in flight with the error; keep serving."""
+    def _fail_all(self, exc: Exception, release: bool = True) -> None:
+        """A step failed in a way no one row explains (e.g. out of memory): end every row in flight with the
+        error; keep serving. ``release=False`` when the device failed: the pool is not touched then."""
         if not isinstance(exc, AdapterdError):
             log.exception("engine step failed")
             if isinstance(exc, torch.OutOfMemoryError):
@@ -371,7 +417,7 @@ class Engine:
         in_batch = {id(r) for r in self.batch.rows}
         rows = self.batch.rows + [r for r in self._prefilling
                                   if id(r) not in in_batch and r.finished == StopReason.NOT_FINISHED]
-        self.batch.clear()
+        self.batch.clear(release=release)
         self._prefilling = []
         for row in rows:
             self._rows_by_id.pop(row.request_id, None)
@@ -382,5 +428,5 @@ class Engine:
             self.observers.request_finished(row)
             row.emit(GenerationEvent("end", stop_reason=StopReason.ERROR, error=exc,
                                      generated_token_count=len(row.generated)))
-        if torch.cuda.is_available():
+        if release and torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -70,6 +70,7 @@ class PrefillStep:
         for i, weights in enumerate(prefixes):
             if weights is not None:  # device copies into the row's first entries, before any replay
                 self.pool.put(first + i, list(zip(weights.keys, weights.values, strict=True)))
+        self.pool.touch(first, rows, prefix + length)
         key = (rows, length, rank, prefix)
         inputs = self._fill_inputs(key, first, prompts, slots, prefixes)
         if not self.use_graphs:
