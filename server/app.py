@@ -64,6 +64,8 @@ class Daemon:
     port: int
     extras: list = field(default_factory=list)  # things to close on shutdown (metrics server...)
     metrics: DaemonMetrics | None = None  # set when config.metrics_port is not None
+    engine_broken: asyncio.Event = field(default_factory=asyncio.Event)  # set when the engine cannot serve
+    _tasks: set = field(default_factory=set)  # tasks started from callbacks, referenced until the daemon ends
 
     async def load(self) -> None:
         """Load the base model off the event loop, then turn SERVING."""
@@ -84,9 +86,20 @@ class Daemon:
         if cfg.runs is not None:
             self.state.training = TrainingManager(cfg.runs, cfg.adapters, cfg.base, cfg.quantization)
         self.state.runtime = runtime
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        loop = asyncio.get_running_loop()
+        runtime.engine.breakage.listen(lambda reason: loop.call_soon_threadsafe(self._engine_failed))
         log.info("serving %s", cfg.base)
+
+    def _engine_failed(self) -> None:
+        """The engine cannot serve (device failure, dead thread): refuse work, NOT_SERVING, tell ``serve``."""
+        self.state.draining = True
+        self.engine_broken.set()
+        self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)))
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def shutdown(self, grace: float = 30.0) -> None:
         self.state.draining = True
@@ -162,7 +175,12 @@ async def serve(config: ServerConfig, grace: float = 30.0) -> None:
         log.error("cannot load the base model %s: %s", config.base, loader.exception())
         await daemon.shutdown(0)
         raise SystemExit(1)
-    await stopping
+    broken = asyncio.create_task(daemon.engine_broken.wait())
+    await asyncio.wait({stopping, broken}, return_when=asyncio.FIRST_COMPLETED)
+    if broken.done():  # a supervisor restarts the daemon; staying up would answer UNAVAILABLE forever
+        log.error("the engine cannot serve any more: exiting (1) so that a supervisor restarts the daemon")
+        await daemon.shutdown(min(grace, 5.0))
+        raise SystemExit(1)
     log.info("shutting down: draining for up to %.0f s", grace)
     loader.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
