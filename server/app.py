@@ -181,6 +181,7 @@ async def serve(config: ServerConfig, grace: float = 30.0) -> None:
         log.error("the engine cannot serve any more: exiting (1) so that a supervisor restarts the daemon")
         await daemon.shutdown(min(grace, 5.0))
         raise SystemExit(1)
+    broken.cancel()
     log.info("shutting down: draining for up to %.0f s", grace)
     loader.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -135,11 +135,10 @@ class Engine:
         try:
             with torch.inference_mode():
                 self._run()
-        except BaseException as exc:  # the thread is dying: nobody would ever answer again
-            self._break(f"the engine thread died: {type(exc).__name__}")
+        except BaseException as exc:  # noqa: BLE001 - the thread is ending: nobody would ever answer again
             log.exception("the engine thread died")
+            self._break(f"the engine thread died: {type(exc).__name__}")
             self._end_everything(release=False)
-            raise
 
     def _run(self) -> None:
         while not self._stopping:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -181,3 +184,44 @@ def test_an_engine_that_cannot_serve_turns_health_not_serving(tiny_model_dir, se
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         d.stop()
+
+
+# `adapterd serve` with the device failing under the first request (what an illegal memory access raises).
+_FAILING_SERVE = """
+import sys
+from adapterd.server.engine.engine import Engine
+real_step = Engine._step
+def step(self):
+    if self.waiting:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    real_step(self)
+Engine._step = step
+from adapterd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_serve_exits_1_when_the_engine_cannot_serve(tiny_model_dir, served_root):
+    """After a device failure the request gets UNAVAILABLE and `adapterd serve` exits 1 by itself, so that a
+    supervisor restarts it (instead of answering UNAVAILABLE forever)."""
+    from tests.helpers import TEST_DEVICE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", _FAILING_SERVE, "serve", "--base", str(tiny_model_dir),
+                             "--adapters", str(served_root), "--quantization", "none", "--device", TEST_DEVICE,
+                             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), "--grace", "5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with AdapterdClient(f"127.0.0.1:{port}", timeout=30) as c:
+            c.wait_ready(120)
+            with pytest.raises(grpc.RpcError) as err:
+                c.generate("hello", max_new_tokens=4)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert proc.wait(60) == 1
+        assert "the engine cannot serve any more" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
