@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from adapterd.server.adapters.lora import LoraSlotTable
 from adapterd.server.adapters.prefix import PrefixWeights
@@ -268,54 +267,22 @@ class Engine:
         self._retire([first + i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
 
     def _prefill_through_cache(self, rows: list[Row]) -> None:
-        """The general prefill, for a shape the pool cannot take at once: left-padded, prefix adapters' virtual
-        tokens in front, into a transient cache whose live entries then move into the pool."""
-        dev = self.base.device
-        n = len(rows)
-        prefix_len = max(r.num_virtual_tokens for r in rows)
-        prompt_len = max(len(r.prompt_ids) for r in rows)
-        input_ids = torch.full((n, prompt_len), self.base.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((n, prompt_len), dtype=torch.long)
-        prefix_mask = torch.zeros((n, prefix_len), dtype=torch.long)
-        for i, row in enumerate(rows):
-            length = len(row.prompt_ids)
-            input_ids[i, prompt_len - length:] = torch.tensor(row.prompt_ids)
-            prompt_mask[i, prompt_len - length:] = 1
-            prefix_mask[i, prefix_len - row.num_virtual_tokens:] = 1
-        # Prefix rows count their virtual tokens as positions 0..V-1, as PEFT does.
-        virtual = torch.tensor([[r.num_virtual_tokens] for r in rows])
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0) + virtual
-        mask = torch.cat([prefix_mask, prompt_mask], dim=1).to(dev)
-        cache = DynamicCache()
-        if prefix_len:
-            self._fill_prefixes(cache, rows, prefix_len)
-        self.slots.set_rows([r.slot for r in rows])
-        out = self.base.model(input_ids=input_ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
-                              use_cache=True, logits_to_keep=1, **{self.base.cache_kwarg: cache})
-        for i, row in enumerate(rows):
-            row.next_position = int(positions[i, -1]) + 1
+        """The general prefill, for a shape the pool cannot take at once (prefill_step.py): a transient cache
+        whose live entries then move into the pool."""
+        prompts = [r.prompt_ids for r in rows]
+        prefixes = [r.adapter.prefix if r.num_virtual_tokens else None for r in rows]
+        logits, cache, mask, next_positions = self.prefiller.through_cache(prompts, prefixes, [r.slot for r in rows])
+        for row, position in zip(rows, next_positions, strict=True):
+            row.next_position = position
             row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
-        self._sample_and_emit(rows, out.logits[:, -1, :])
-        self.observers.prefill_done(rows, int(prompt_mask.sum()))
+        self._sample_and_emit(rows, logits)
+        self.observers.prefill_done(rows, sum(len(p) for p in prompts))
         live = [i for i, r in enumerate(rows) if r.finished == StopReason.NOT_FINISHED]
         for row in rows:
             if row.finished != StopReason.NOT_FINISHED:
                 self._finish(row)
         if live:
             self.batch.join(rows, cache, mask, live)
-
-    def _fill_prefixes(self, cache: DynamicCache, rows: list[Row], prefix_len: int) -> None:
-        base = self.base
-        for layer in range(base.num_layers):
-            k = torch.zeros(len(rows), base.num_kv_heads, prefix_len, base.head_dim, dtype=base.dtype,
-                            device=base.device)
-            v = torch.zeros_like(k)
-            for i, row in enumerate(rows):
-                if row.num_virtual_tokens:
-                    prefix = row.adapter.prefix
-                    k[i, :, prefix_len - row.num_virtual_tokens:] = prefix.keys[layer]
-                    v[i, :, prefix_len - row.num_virtual_tokens:] = prefix.values[layer]
-            cache.update(k, v, layer)
 
     def _decode(self) -> None:
         rows = self.batch.rows
