@@ -29,10 +29,14 @@ def base(tiny_model_dir):
     return tiny_model_dir
 
 
-def _runtime(base, adapter_root) -> Runtime:
+def _runtime(base, adapter_root, bucketed: bool = False) -> Runtime:
     # 3 LoRA slots for 3 LoRA adapters: every forward with LoRA rows takes the dense path (all slots read).
     model = load_base_model(base, "none", TEST_DEVICE, "float32")
-    return Runtime(model, adapter_root, EngineConfig(lora_slots=3, max_batch_size=16))
+    runtime = Runtime(model, adapter_root, EngineConfig(lora_slots=3, max_batch_size=16))
+    # "bucketed": the shapes a GPU replays (padding rows, padded prompts, padding key/value columns) also on
+    # the CPU; on a GPU both modes run in CUDA graphs.
+    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = bucketed
+    return runtime
 
 
 def _submit(runtime: Runtime, jobs, params: GenerationParams) -> list[Collector]:
@@ -70,8 +74,8 @@ class PoisonAfterPrefill(EngineObserver):
             self.poison(rows[0])
 
 
-def _run_poisoned(base, adapter_root, poison) -> tuple[list, dict]:
-    runtime = _runtime(base, adapter_root)
+def _run_poisoned(base, adapter_root, poison, bucketed: bool) -> tuple[list, dict]:
+    runtime = _runtime(base, adapter_root, bucketed)
     runtime.engine.observers.add(PoisonAfterPrefill(lambda row: poison(runtime, row)))
     try:
         # Submitted before the engine starts: every request is admitted into the first prefill, in order.
@@ -98,17 +102,19 @@ def _check(ends, after, solo) -> None:
     assert "non-finite" in bad.error.message and "lora-qv" in bad.error.message
 
 
-def test_inf_in_a_lora_slot_ends_its_row_alone(base, adapter_root, solo):
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_inf_in_a_lora_slot_ends_its_row_alone(base, adapter_root, solo, bucketed):
     """+inf in the bad row's slot of every lora_A table: x @ A is inf for every row in the dense path, and
     0 x inf = NaN, so a one-hot multiply would poison every row; the select keeps it in its own row."""
     def poison(runtime, row):
         for layer in runtime.engine.slots.layers.values():
             layer.lora_a[0, row.slot, 0] = float("inf")
 
-    _check(*_run_poisoned(base, adapter_root, poison), solo)
+    _check(*_run_poisoned(base, adapter_root, poison, bucketed), solo)
 
 
-def test_nan_left_in_a_pool_row_is_never_read_by_its_next_owner(base, adapter_root, solo):
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_nan_left_in_a_pool_row_is_never_read_by_its_next_owner(base, adapter_root, solo, bucketed):
     """NaN in every entry of the bad row's pool row (what an adapter that overflows writes there): the row
     ends, the batch's last row moves into its pool row and reads past its own entries (masked, but 0 x NaN =
     NaN), so those must have been zeroed."""
@@ -118,7 +124,7 @@ def test_nan_left_in_a_pool_row_is_never_read_by_its_next_owner(base, adapter_ro
             store[0].fill_(float("nan"))  # pool row 0: the bad row, admitted first
         pool.touch(0, 1, pool.capacity)  # as a forward writing there would have recorded
 
-    _check(*_run_poisoned(base, adapter_root, poison), solo)
+    _check(*_run_poisoned(base, adapter_root, poison, bucketed), solo)
 
 
 def test_freed_slot_is_zeroed(base, adapter_root):
@@ -148,3 +154,9 @@ def test_pool_release_and_move_zero_what_the_owner_does_not_hold():
     for store in pool.keys + pool.values:
         assert torch.equal(store[0, :, :3], torch.ones(1, 3, 2)) and not store[0, :, 3:].any()
         assert not store[1].any()
+    pool.touch(2, 1, 16)  # a general prefill's row joins where a forward left NaN: it keeps only its own
+    for store in pool.keys + pool.values:
+        store[2] = float("nan")
+    pool.put(2, [(torch.full((1, 5, 2), 2.0), torch.full((1, 5, 2), 2.0))])
+    for store in pool.keys + pool.values:
+        assert torch.equal(store[2, :, :5], torch.full((1, 5, 2), 2.0)) and not store[2, :, 5:].any()
