@@ -78,12 +78,16 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """FailedPrecondition naming ``name`` unless every value of ``tensor`` is finite (one reduction).
 
     One NaN or inf in a shared table reaches other rows through exact zeros (0 x inf = NaN), so nothing
     non-finite may be loaded at all."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not _all_finite(tensor):
         kind = "NaN" if bool(torch.isnan(tensor).any()) else "an infinite value"
         raise FailedPrecondition(f"{name} holds {kind}")
 
@@ -102,12 +106,17 @@ def _scaling(config: dict[str, Any], module: str, r: int) -> float:
     return scaling
 
 
-def _check_served(module: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype) -> None:
-    """The slot tables hold A and ``B * scaling`` in the serving dtype (``BatchedLoraLinear.set_slot``): finite
-    weights and a finite scaling can still overflow there (1e30 * 1e10 in fp32, 1e5 in fp16)."""
+def _check_served(keys: dict[str, str], a: torch.Tensor, b: torch.Tensor, scaling: float,
+                  dtype: torch.dtype) -> None:
+    """The slot tables hold A and ``B * scaling`` in the serving dtype (``BatchedLoraLinear.set_slot``): each
+    must be finite there. One pass over each tensor when it is; a failure names the tensor and says whether it
+    holds a non-finite value itself or overflows (1e30 * 1e10 in fp32, 1e5 in fp16)."""
     served = str(dtype).removeprefix("torch.")
-    check_finite(f"{module}.lora_A.weight (in {served})", a.to(dtype))
-    check_finite(f"{module}.lora_B.weight * scaling {scaling:g} (in {served})", b.to(dtype) * scaling)
+    for key, value, cast in ((keys["A"], a, a.to(dtype)), (keys["B"], b, b.to(dtype) * scaling)):
+        if not _all_finite(cast):
+            check_finite(key, value)
+            times = f" times its scaling {scaling:g}" if value is b else ""
+            raise FailedPrecondition(f"{key}{times} overflows {served}, the serving dtype")
 
 
 def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
@@ -124,12 +133,13 @@ def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes:
     if any("lora_embedding" in k or "lora_magnitude" in k for k in tensors):
         raise FailedPrecondition("LoRA on embeddings and DoRA magnitudes are not supported")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, dict[str, str]] = {}  # module -> "A"/"B" -> the tensor's name in the file, for messages
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if not m:
             raise FailedPrecondition(f"unexpected tensor {key!r} in a LoRA adapter")
-        check_finite(key, tensor)
         pairs.setdefault(m["module"], {})[m["which"]] = tensor
+        keys.setdefault(m["module"], {})[m["which"]] = key
     if not pairs:
         raise FailedPrecondition("the adapter holds no LoRA weights")
     modules: dict[str, LoraModule] = {}
@@ -141,7 +151,7 @@ def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes:
             raise FailedPrecondition(f"the base has no linear layer {name!r}: was this adapter made for "
                                      "another architecture?")
         a, b = ab["A"], ab["B"]
-        r = a.shape[0]
+        r = a.shape[0] if a.dim() == 2 else -1
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r or a.shape[1] != shape[0] or b.shape[0] != shape[1]:
             raise FailedPrecondition(
                 f"shapes of {name!r} do not fit the base: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, "
@@ -150,7 +160,7 @@ def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes:
             raise FailedPrecondition(f"rank {r} of {name!r} is not in 1..{max_rank}, the daemon's maximum LoRA "
                                      "rank (--max-lora-rank)")
         scaling = _scaling(config, name, r)
-        _check_served(name, a, b, scaling, dtype)
+        _check_served(keys[name], a, b, scaling, dtype)
         modules[name] = LoraModule(a=a.contiguous(), b=b.contiguous(), scaling=scaling)
     targets = sorted({n.rsplit(".", 1)[-1] for n in modules})
     return LoraWeights(modules=modules, rank=max(m.a.shape[0] for m in modules.values()),
