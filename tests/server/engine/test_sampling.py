@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import torch
 
@@ -125,4 +126,32 @@ def test_extreme_sampling_row_does_not_disturb_the_others(runtime):
         sinks.append(sink)
     ends = [s.wait_end()[-1] for s in sinks]
     assert ends[1].error is None and ends[1].stop_reason != StopReason.ERROR
+    assert [ends[0].token_ids, ends[2].token_ids] == alone
+
+
+def test_a_row_whose_sampling_raises_ends_alone(runtime, monkeypatch):
+    """Whatever still makes one row's sampling raise ends that row (INVALID_ARGUMENT, field "sampling"), not
+    the batch: the rows beside it give the tokens they give alone."""
+    from adapterd.server.engine.sampling import RowSampler
+
+    greedy = GenerationParams(max_new_tokens=12)
+    alone = [generate(runtime, p, greedy)[-1].token_ids for p in ("hello", "one two three")]
+    real = RowSampler.next_token
+
+    def next_token(self, logits, seen_ids, generated):
+        if self.params.seed == 13 and generated == 2:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(self, logits, seen_ids, generated)
+
+    monkeypatch.setattr(RowSampler, "next_token", next_token)
+    sinks = []
+    for i, (prompt, params) in enumerate([("hello", greedy), ("what", GenerationParams(max_new_tokens=12,
+                                                                                      temperature=1.0, seed=13)),
+                                          ("one two three", greedy)]):
+        sink = Collector()
+        runtime.engine.submit(f"raises{i}", runtime.tokenize(prompt), params, None, sink)
+        sinks.append(sink)
+    ends = [s.wait_end()[-1] for s in sinks]
+    assert ends[1].stop_reason == StopReason.ERROR and ends[1].generated_token_count == 2
+    assert ends[1].error.code == grpc.StatusCode.INVALID_ARGUMENT and ends[1].error.field == "sampling"
     assert [ends[0].token_ids, ends[2].token_ids] == alone
