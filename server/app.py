@@ -65,7 +65,7 @@ class Daemon:
     extras: list = field(default_factory=list)  # things to close on shutdown (metrics server...)
     metrics: DaemonMetrics | None = None  # set when config.metrics_port is not None
     engine_broken: asyncio.Event = field(default_factory=asyncio.Event)  # set when the engine cannot serve
-    _tasks: set = field(default_factory=set)  # tasks started from callbacks, referenced until the daemon ends
+    _tasks: set[asyncio.Future] = field(default_factory=set)  # started from callbacks: kept until the daemon ends
 
     async def load(self) -> None:
         """Load the base model off the event loop, then turn SERVING."""
