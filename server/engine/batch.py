@@ -89,8 +89,9 @@ class RunningBatch:
             self.pool.release(last)  # what the row left (perhaps non-finite) is never read by the next owner
 
     def clear(self, release: bool = True) -> None:
-        """Drop every row; ``release=False`` leaves the pool untouched (the device failed: nothing runs)."""
+        """Drop every row and zero the whole pool (rows being prefilled when a step failed wrote there too);
+        ``release=False`` leaves the pool untouched (the device failed: nothing runs on it any more)."""
         if release:
-            for i in range(len(self.rows)):
+            for i in range(self.pool.rows):
                 self.pool.release(i)
         self.rows = []

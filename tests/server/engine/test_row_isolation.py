@@ -160,3 +160,32 @@ def test_pool_release_and_move_zero_what_the_owner_does_not_hold():
     pool.put(2, [(torch.full((1, 5, 2), 2.0), torch.full((1, 5, 2), 2.0))])
     for store in pool.keys + pool.values:
         assert torch.equal(store[2, :, :5], torch.full((1, 5, 2), 2.0)) and not store[2, :, 5:].any()
+
+
+def test_a_failed_prefill_leaves_nothing_in_the_pool(base, adapter_root, solo):
+    """A prefill that fails (out of memory, say) after writing its rows' entries, NaN among them: those rows
+    never joined the batch, and the requests admitted next into the same pool rows must not read them."""
+    runtime = _runtime(base, adapter_root)
+    engine = runtime.engine
+    real = engine.prefiller.run
+    armed = [True]
+
+    def run(first, prompts, slots, prefixes):
+        logits = real(first, prompts, slots, prefixes)
+        if armed:
+            armed.clear()
+            for store in engine.pool.keys + engine.pool.values:
+                store[first:first + len(prompts)] = float("nan")  # what a poisoned prompt would have left
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return logits
+
+    engine.prefiller.run = run
+    try:
+        long_prompt = " ".join(["sea"] * 60)  # longer than every innocent prompt: its entries reach past theirs
+        failed = _submit(runtime, [(long_prompt, "lora-qv")] * 3, GenerationParams(max_new_tokens=4))
+        engine.start()
+        assert all(s.wait_end()[-1].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED for s in failed)
+        sinks = _submit(runtime, INNOCENT, GenerationParams(max_new_tokens=NEW_TOKENS))
+        assert [s.wait_end()[-1].token_ids for s in sinks] == [solo[job] for job in INNOCENT]
+    finally:
+        runtime.close()
