@@ -201,6 +201,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # a real `adapterd serve` process: its imports and model load take about 5 s
 def test_serve_exits_1_when_the_engine_cannot_serve(tiny_model_dir, served_root):
     """After a device failure the request gets UNAVAILABLE and `adapterd serve` exits 1 by itself, so that a
     supervisor restarts it (instead of answering UNAVAILABLE forever)."""
