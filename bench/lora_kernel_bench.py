@@ -96,7 +96,7 @@ def bench_rows(m: int, layers: list, weights: list, args: argparse.Namespace) ->
     # Both torch paths' state at once (the layers share it): gathered reads slots and rank, dense the one-hot.
     rows_state = first.rows
     rows_state.slots, rows_state.rank = slots, r
-    rows_state.onehot = F.one_hot(slots, num_slots).to(dtype)[:, None, None, :]
+    rows_state.onehot = F.one_hot(slots, num_slots).bool()[:, None, None, :]
     x2, y2 = x.view(m, in_f), y0.view(m, out_f)
     y_kernel = y2.clone()  # the timed kernel calls add into it, in place, over and over
     ref = reference_delta(x2, first.lora_a, first.lora_b, slots, r)

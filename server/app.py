@@ -34,7 +34,7 @@ from adapterd.server.metrics import DaemonMetrics
 from adapterd.server.rpc_errors import hide_paths
 from adapterd.server.runtime import Runtime
 from adapterd.server.service import AdapterdService, ServingState
-from adapterd.server.shutdown import SHUTDOWN_MARGIN_S, Shutdown
+from adapterd.server.shutdown import SHUTDOWN_MARGIN_S, Shutdown, exit_now
 from adapterd.server.tls import server_credentials
 from adapterd.server.training import TrainingManager
 from adapterd.server.validation import Limits
@@ -73,6 +73,8 @@ class Daemon:
     extras: list = field(default_factory=list)  # things to close on shutdown (metrics server...)
     metrics: DaemonMetrics | None = None  # set when config.metrics_port is not None
     budgets: BudgetInterceptor | None = None
+    engine_broken: asyncio.Event = field(default_factory=asyncio.Event)  # set when the engine cannot serve
+    _tasks: set[asyncio.Future] = field(default_factory=set)  # started from callbacks: kept until the daemon ends
 
     async def load(self) -> None:
         """Load the base model off the event loop, then turn SERVING."""
@@ -93,9 +95,20 @@ class Daemon:
         if cfg.runs is not None:
             self.state.training = TrainingManager(cfg.runs, cfg.adapters, cfg.base, cfg.quantization)
         self.state.runtime = runtime
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        loop = asyncio.get_running_loop()
+        runtime.engine.breakage.listen(lambda reason: loop.call_soon_threadsafe(self._engine_failed))
         log.info("serving %s", cfg.base)
+
+    def _engine_failed(self) -> None:
+        """The engine cannot serve (device failure, dead thread): refuse work, NOT_SERVING, tell ``serve``."""
+        self.state.draining = True
+        self.engine_broken.set()
+        self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)))
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def shutdown(self, grace: float = 30.0) -> bool:
         """Drain: calls in flight get ``grace`` seconds, then grpc cancels them. Each step is bounded by
@@ -198,7 +211,12 @@ async def _serve_until_stopped(daemon: Daemon, shutdown: Shutdown) -> None:
         stopping.cancel()
         await daemon.shutdown(0)
         raise SystemExit(1)
-    await stopping
+    broken = asyncio.create_task(daemon.engine_broken.wait())
+    await asyncio.wait({stopping, broken}, return_when=asyncio.FIRST_COMPLETED)
+    if broken.done():  # a supervisor restarts the daemon; staying up would answer UNAVAILABLE forever
+        await daemon.shutdown(min(shutdown.grace, 5.0))
+        exit_now(1, "the engine cannot serve any more: exiting (1) so that a supervisor restarts the daemon")
+    broken.cancel()
     log.info("shutting down: draining for up to %.0f s", shutdown.grace)
     loader.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 from adapterd.server.adapters.ids import validate_adapter_id
@@ -13,7 +14,13 @@ MAX_STOP_SEQUENCES = 6
 MAX_STOP_SEQUENCE_CHARS = 240
 MAX_PROMPT_CHARS = 1_000_000  # a cheap bound before tokenizing; the token limit is the real one
 MAX_TEMPERATURE = 100.0
+# Below 0.01 a temperature only turns logit gaps into overflow: at 0.01 a gap of 1 already weighs e^-100
+# (sampling is greedy in all but name), and logits / 1e-45 are inf. 0 asks for greedy plainly.
+MIN_TEMPERATURE = 0.01
 MAX_REPETITION_PENALTY = 10.0
+# A penalty divides seen tokens' positive logits: below 0.01 it multiplies them past 100x, which only makes
+# them infinite (logit / 1e-45). 0 or 1 means off.
+MIN_REPETITION_PENALTY = 0.01
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,11 @@ class Limits:
     max_new_tokens: int  # the largest a request may ask
     default_max_new_tokens: int  # used when the request says 0
     max_input_tokens: int
+
+
+def as_sent(bound: float) -> float:
+    """``bound`` rounded to float32, as the wire carries it: a client sending 0.01 must pass ``>= 0.01``."""
+    return struct.unpack("f", struct.pack("f", bound))[0]
 
 
 def _finite(value: float, field: str) -> float:
@@ -40,14 +52,15 @@ def validate_generate(request, limits: Limits) -> GenerationParams:
     s, stop = request.sampling, request.stopping
 
     temperature = _finite(s.temperature, "sampling.temperature")
-    if not 0.0 <= temperature <= MAX_TEMPERATURE:
-        raise InvalidArgument(f"must be in [0, {MAX_TEMPERATURE}] (0 means greedy)", field="sampling.temperature")
+    if temperature != 0.0 and not as_sent(MIN_TEMPERATURE) <= temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument(f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
+                              field="sampling.temperature")
     top_p = _finite(s.top_p, "sampling.top_p")
     if not 0.0 <= top_p <= 1.0:
         raise InvalidArgument("must be in [0, 1] (0 or 1 means off)", field="sampling.top_p")
     penalty = _finite(s.repetition_penalty, "sampling.repetition_penalty")
-    if penalty < 0.0 or penalty > MAX_REPETITION_PENALTY:
-        raise InvalidArgument(f"must be in [0, {MAX_REPETITION_PENALTY}] (0 or 1 means off)",
+    if penalty != 0.0 and not as_sent(MIN_REPETITION_PENALTY) <= penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidArgument(f"must be 0 or 1 (off) or in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]",
                               field="sampling.repetition_penalty")
     if temperature == 0.0 and (s.top_k or (0.0 < top_p < 1.0)):
         raise InvalidArgument("top_k/top_p need a temperature above 0 (0 means greedy)", field="sampling.temperature")

@@ -78,12 +78,54 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """FailedPrecondition naming ``name`` unless every value of ``tensor`` is finite (one reduction).
+
+    One NaN or inf in a shared table reaches other rows through exact zeros (0 x inf = NaN), so nothing
+    non-finite may be loaded at all."""
+    if not _all_finite(tensor):
+        kind = "NaN" if bool(torch.isnan(tensor).any()) else "an infinite value"
+        raise FailedPrecondition(f"{name} holds {kind}")
+
+
+def _scaling(config: dict[str, Any], module: str, r: int) -> float:
+    """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) for one module; FailedPrecondition unless finite."""
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise FailedPrecondition(f"lora_alpha of {module!r} must be a number, not {type(alpha).__name__}")
+    try:
+        scaling = float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
+    except OverflowError:  # an integer alpha beyond any float
+        scaling = math.inf
+    if not math.isfinite(scaling):
+        raise FailedPrecondition(f"lora_alpha of {module!r} gives the non-finite scaling {scaling}")
+    return scaling
+
+
+def _check_served(keys: dict[str, str], a: torch.Tensor, b: torch.Tensor, scaling: float,
+                  dtype: torch.dtype) -> None:
+    """The slot tables hold A and ``B * scaling`` in the serving dtype (``BatchedLoraLinear.set_slot``): each
+    must be finite there. One pass over each tensor when it is; a failure names the tensor and says whether it
+    holds a non-finite value itself or overflows (1e30 * 1e10 in fp32, 1e5 in fp16)."""
+    served = str(dtype).removeprefix("torch.")
+    for key, value, cast in ((keys["A"], a, a.to(dtype)), (keys["B"], b, b.to(dtype) * scaling)):
+        if not _all_finite(cast):
+            check_finite(key, value)
+            times = f" times its scaling {scaling:g}" if value is b else ""
+            raise FailedPrecondition(f"{key}{times} overflows {served}, the serving dtype")
+
+
 def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
-               max_rank: int) -> LoraWeights:
+               max_rank: int, dtype: torch.dtype = torch.float32) -> LoraWeights:
     """Check a PEFT LoRA adapter against the base and compute each module's scaling.
 
     Scaling is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA, per module (``rank_pattern`` and
-    ``alpha_pattern`` honoured). Raises FailedPrecondition when the adapter does not fit the base.
+    ``alpha_pattern`` honoured). Every weight, every scaling and every scaled B in ``dtype`` (the serving
+    dtype) must be finite. Raises FailedPrecondition when the adapter does not fit the base.
     """
     for key, reason in _UNSUPPORTED.items():
         if config.get(key):
@@ -91,11 +133,13 @@ def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes:
     if any("lora_embedding" in k or "lora_magnitude" in k for k in tensors):
         raise FailedPrecondition("LoRA on embeddings and DoRA magnitudes are not supported")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, dict[str, str]] = {}  # module -> "A"/"B" -> the tensor's name in the file, for messages
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if not m:
             raise FailedPrecondition(f"unexpected tensor {key!r} in a LoRA adapter")
         pairs.setdefault(m["module"], {})[m["which"]] = tensor
+        keys.setdefault(m["module"], {})[m["which"]] = key
     if not pairs:
         raise FailedPrecondition("the adapter holds no LoRA weights")
     modules: dict[str, LoraModule] = {}
@@ -107,16 +151,16 @@ def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes:
             raise FailedPrecondition(f"the base has no linear layer {name!r}: was this adapter made for "
                                      "another architecture?")
         a, b = ab["A"], ab["B"]
-        r = a.shape[0]
+        r = a.shape[0] if a.dim() == 2 else -1
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r or a.shape[1] != shape[0] or b.shape[0] != shape[1]:
             raise FailedPrecondition(
                 f"shapes of {name!r} do not fit the base: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, "
                 f"base layer in={shape[0]} out={shape[1]}")
-        if r > max_rank:
-            raise FailedPrecondition(f"rank {r} of {name!r} exceeds the daemon's maximum LoRA rank {max_rank} "
-                                     "(--max-lora-rank)")
-        alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        if not 0 < r <= max_rank:
+            raise FailedPrecondition(f"rank {r} of {name!r} is not in 1..{max_rank}, the daemon's maximum LoRA "
+                                     "rank (--max-lora-rank)")
+        scaling = _scaling(config, name, r)
+        _check_served(keys[name], a, b, scaling, dtype)
         modules[name] = LoraModule(a=a.contiguous(), b=b.contiguous(), scaling=scaling)
     targets = sorted({n.rsplit(".", 1)[-1] for n in modules})
     return LoraWeights(modules=modules, rank=max(m.a.shape[0] for m in modules.values()),
@@ -150,7 +194,9 @@ class RowSlots:
         # Gathering copies one adapter per row, three times over (gather, then two products); the dense path
         # reads each slot once. Past about a third of the slots in rows, dense moves fewer bytes.
         dense = self.slots is not None and 3 * slots.shape[0] >= num_slots
-        self.onehot = (torch.nn.functional.one_hot(slots, num_slots).to(self.dtype)[:, None, None, :]
+        # A boolean select, not a multiply: 0 x inf = NaN, so another slot's product (which may overflow
+        # for this row's activations) must be replaced, never scaled by zero.
+        self.onehot = (torch.nn.functional.one_hot(slots, num_slots).bool()[:, None, None, :]
                        if dense else None)  # [rows, 1, 1, slots]
 
 
@@ -230,7 +276,7 @@ class BatchedLoraLinear(nn.Module):
         r, (_, num_slots, in_f) = self.rows.rank, self.lora_a.shape
         xs = x.to(self.lora_a.dtype).reshape(x.shape[0], -1, in_f)  # [B, T, in]
         xa = (xs @ self.lora_a[:r].view(r * num_slots, in_f).t()).view(*xs.shape[:2], r, num_slots)
-        xa = (xa * self.rows.onehot).view(-1, r * num_slots)  # each row keeps its own slot's ranks
+        xa = xa.masked_fill(~self.rows.onehot, 0.0).view(-1, r * num_slots)  # each row keeps its own slot's ranks
         out = y.reshape(-1, y.shape[-1])
         return torch.addmm(out.to(xa.dtype), xa, self.lora_b[:r].view(r * num_slots, -1)).view(y.shape).to(y.dtype)
 
@@ -315,6 +361,9 @@ class LoraSlotTable:
         if self._refs.get(slot, 0):
             return False
         del self._slot_of[key]
+        for layer in self.layers.values():  # a free slot holds nothing of its last adapter
+            layer.set_slot(slot, None)
+        self._rank_of.pop(slot, None)
         self._free.append(slot)
         return True
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from adapterd.server.adapters.lora import check_finite
 from adapterd.server.errors import FailedPrecondition
 
 
@@ -27,7 +28,16 @@ class PrefixWeights:
         return self.keys[0].shape[1]
 
     def to(self, device: torch.device, dtype: torch.dtype) -> PrefixWeights:
-        return PrefixWeights([k.to(device, dtype) for k in self.keys], [v.to(device, dtype) for v in self.values])
+        """The tables on ``device`` in the serving ``dtype``; FailedPrecondition if the cast overflows (a value
+        finite in fp32 can be inf in fp16)."""
+        moved = PrefixWeights([k.to(device, dtype) for k in self.keys], [v.to(device, dtype) for v in self.values])
+        tables = [t for pair in zip(moved.keys, moved.values, strict=True) for t in pair]
+        if not bool(torch.stack([torch.isfinite(t).all() for t in tables]).all()):  # one sync on a GPU
+            served = str(dtype).removeprefix("torch.")
+            for i, table in enumerate(tables):
+                kind = "values" if i % 2 else "keys"
+                check_finite(f"prompt_embeddings (layer {i // 2} {kind}, in {served})", table)
+        return moved
 
 
 def parse_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], num_layers: int, kv_heads: int,
@@ -45,6 +55,7 @@ def parse_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], num_l
             f"prefix table is {v}x{width} for {config.get('num_layers')} layers, but the base needs "
             f"{num_layers} layers x 2 x {kv_heads} kv heads x {head_dim} = {expected} columns: was it made "
             "for another base?")
+    check_finite("prompt_embeddings", table)
     per_layer = table.view(v, num_layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2L, H, V, D]
     keys = [per_layer[2 * i].contiguous() for i in range(num_layers)]
     values = [per_layer[2 * i + 1].contiguous() for i in range(num_layers)]

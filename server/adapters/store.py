@@ -117,7 +117,7 @@ def pack_host(tensors: list[torch.Tensor], dtype: torch.dtype, pin: bool,
 
 
 def _load_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[str, Any]:
-    weights = parse_lora(config, tensors, base.linear_shapes, base.max_lora_rank)
+    weights = parse_lora(config, tensors, base.linear_shapes, base.max_lora_rank, base.dtype)
     modules = list(weights.modules.values())
     if any(t.dtype != base.dtype for m in modules for t in (m.a, m.b)):  # else: already one pinned buffer
         packed = pack_host([t for m in modules for t in (m.a, m.b)], base.dtype, pin=base.device.type == "cuda",

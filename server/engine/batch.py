@@ -42,6 +42,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: StopReason = StopReason.NOT_FINISHED
+    error: Exception | None = None  # why a row that ended with ERROR alone did (reported to its caller)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -85,6 +86,12 @@ class RunningBatch:
                 self.pool.move(last, i, self.rows[last].kv_len)
                 self.rows[i] = self.rows[last]
             self.rows.pop()
+            self.pool.release(last)  # what the row left (perhaps non-finite) is never read by the next owner
 
-    def clear(self) -> None:
+    def clear(self, release: bool = True) -> None:
+        """Drop every row and zero the whole pool (rows being prefilled when a step failed wrote there too);
+        ``release=False`` leaves the pool untouched (the device failed: nothing runs on it any more)."""
+        if release:
+            for i in range(self.pool.rows):
+                self.pool.release(i)
         self.rows = []

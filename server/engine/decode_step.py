@@ -93,6 +93,7 @@ class DecodeStep:
                     slots: Sequence[int], batch: int, length: int) -> None:
         """Copy the rows' inputs into the static buffers; rows n..batch-1 are padding."""
         self.pool.reserve(batch, length)
+        self.pool.touch(0, batch, length)
         pad = batch - len(tokens)
         host = torch.tensor([list(tokens) + [self.base.pad_token_id] * pad, list(positions) + [0] * pad,
                              list(kv_lengths) + [0] * pad, list(slots) + [0] * pad], dtype=torch.long)

@@ -19,21 +19,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from adapterd.server.adapters.lora import LoraSlotTable
 from adapterd.server.adapters.prefix import PrefixWeights
 from adapterd.server.adapters.store import LoadedAdapter
 from adapterd.server.engine.batch import Row, RunningBatch
 from adapterd.server.engine.decode_step import DecodeStep
-from adapterd.server.engine.kv_pool import KvPool, causal_mask
+from adapterd.server.engine.failures import Breakage, is_device_failure, nonfinite_message
+from adapterd.server.engine.kv_pool import KvPool
 from adapterd.server.engine.observer import ObserverList
 from adapterd.server.engine.prefill_step import PrefillStep
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.engine.sampling import RowSampler
 from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
 from adapterd.server.engine.text import TextStream
-from adapterd.server.errors import AdapterdError, ResourceExhausted, Unavailable
+from adapterd.server.errors import AdapterdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from adapterd.server.model import BaseModel
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class Engine:
         self.eos_ids = base.eos_token_ids
         self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=base.device)
         self.observers = ObserverList()  # metrics and tests listen here
+        self.breakage = Breakage()  # set when the device (or this thread) fails for good: health listens
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -92,6 +93,8 @@ class Engine:
     def submit(self, request_id: str, prompt_ids: list[int], params: GenerationParams,
                adapter: LoadedAdapter | None, sink: Callable[[GenerationEvent], None]) -> None:
         """Queue a request. Events reach ``sink`` on the engine thread: start, deltas, end."""
+        if self.breakage.reason is not None:
+            raise Unavailable("the engine cannot serve (the daemon is restarting); retry shortly")
         if self._stopping:
             raise Unavailable("the engine is shutting down")
         with self._lock:
@@ -128,8 +131,13 @@ class Engine:
     def _loop(self) -> None:
         # Everything on this thread runs in inference mode: tensors it creates (the key/value pool when it
         # grows, LoRA tables of newly wrapped layers) are inference tensors, updated only here.
-        with torch.inference_mode():
-            self._run()
+        try:
+            with torch.inference_mode():
+                self._run()
+        except BaseException as exc:  # noqa: BLE001 - the thread is ending: nobody would ever answer again
+            log.exception("the engine thread died")
+            self._break(f"the engine thread died: {type(exc).__name__}")
+            self._end_everything(release=False)
 
     def _run(self) -> None:
         while not self._stopping:
@@ -137,10 +145,24 @@ class Engine:
             try:
                 self._step()
             except Exception as exc:  # noqa: BLE001 - a failed step must not end the daemon
+                if is_device_failure(exc, self.base.device):
+                    log.error("engine step failed on the device", exc_info=exc)
+                    self._break(f"device failure: {type(exc).__name__}")
+                    break
                 self._fail_all(exc)
+        self._end_everything(release=self.breakage.reason is None)
+
+    def _break(self, reason: str) -> None:
+        """The device or this thread failed for good: refuse new work, tell the listeners (health)."""
+        self._stopping = True
+        self.breakage.set(reason)
+
+    def _end_everything(self, release: bool) -> None:
+        """The loop is over: end every row in flight and every waiting request with UNAVAILABLE."""
         self._drain_inbox(block=False)
-        stopped = Unavailable("the engine stopped")
-        self._fail_all(stopped)
+        stopped = Unavailable("the engine stopped" if self.breakage.reason is None
+                              else "the engine cannot serve (the daemon is restarting); retry shortly")
+        self._fail_all(stopped, release=release)
         while self.waiting:
             row = self.waiting.popleft()
             row.emit(GenerationEvent("end", stop_reason=StopReason.ERROR, error=stopped))
@@ -245,56 +267,22 @@ class Engine:
         self._retire([first + i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
 
     def _prefill_through_cache(self, rows: list[Row]) -> None:
-        """The general prefill, for a shape the pool cannot take at once: left-padded, prefix adapters' virtual
-        tokens in front, into a transient cache whose live entries then move into the pool."""
-        dev = self.base.device
-        n = len(rows)
-        prefix_len = max(r.num_virtual_tokens for r in rows)
-        prompt_len = max(len(r.prompt_ids) for r in rows)
-        input_ids = torch.full((n, prompt_len), self.base.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((n, prompt_len), dtype=torch.long)
-        prefix_mask = torch.zeros((n, prefix_len), dtype=torch.long)
-        for i, row in enumerate(rows):
-            length = len(row.prompt_ids)
-            input_ids[i, prompt_len - length:] = torch.tensor(row.prompt_ids)
-            prompt_mask[i, prompt_len - length:] = 1
-            prefix_mask[i, prefix_len - row.num_virtual_tokens:] = 1
-        # Prefix rows count their virtual tokens as positions 0..V-1, as PEFT does.
-        virtual = torch.tensor([[r.num_virtual_tokens] for r in rows])
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0) + virtual
-        mask = torch.cat([prefix_mask, prompt_mask], dim=1).to(dev)
-        cache = DynamicCache()
-        if prefix_len:
-            self._fill_prefixes(cache, rows, prefix_len)
-        self.slots.set_rows([r.slot for r in rows])
-        live = mask.bool()  # the model gets 4-D masks: transformers' own would count padding in its windows
-        attention = self.base.attention.masks(lambda window: causal_mask(live, prompt_len, self.base.dtype, window))
-        out = self.base.model(input_ids=input_ids.to(dev), attention_mask=attention, position_ids=positions.to(dev),
-                              use_cache=True, logits_to_keep=1, **{self.base.cache_kwarg: cache})
-        for i, row in enumerate(rows):
-            row.next_position = int(positions[i, -1]) + 1
+        """The general prefill, for a shape the pool cannot take at once (prefill_step.py): a transient cache
+        whose live entries then move into the pool."""
+        prompts = [r.prompt_ids for r in rows]
+        prefixes = [r.adapter.prefix if r.num_virtual_tokens else None for r in rows]
+        logits, cache, mask, next_positions = self.prefiller.through_cache(prompts, prefixes, [r.slot for r in rows])
+        for row, position in zip(rows, next_positions, strict=True):
+            row.next_position = position
             row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
-        self._sample_and_emit(rows, out.logits[:, -1, :])
-        self.observers.prefill_done(rows, int(prompt_mask.sum()))
+        self._sample_and_emit(rows, logits)
+        self.observers.prefill_done(rows, sum(len(p) for p in prompts))
         live = [i for i, r in enumerate(rows) if r.finished == StopReason.NOT_FINISHED]
         for row in rows:
             if row.finished != StopReason.NOT_FINISHED:
                 self._finish(row)
         if live:
             self.batch.join(rows, cache, mask, live)
-
-    def _fill_prefixes(self, cache: DynamicCache, rows: list[Row], prefix_len: int) -> None:
-        base = self.base
-        for layer in range(base.num_layers):
-            k = torch.zeros(len(rows), base.num_kv_heads, prefix_len, base.head_dim, dtype=base.dtype,
-                            device=base.device)
-            v = torch.zeros_like(k)
-            for i, row in enumerate(rows):
-                if row.num_virtual_tokens:
-                    prefix = row.adapter.prefix
-                    k[i, :, prefix_len - row.num_virtual_tokens:] = prefix.keys[layer]
-                    v[i, :, prefix_len - row.num_virtual_tokens:] = prefix.values[layer]
-            cache.update(k, v, layer)
 
     def _decode(self) -> None:
         rows = self.batch.rows
@@ -309,19 +297,40 @@ class Engine:
         self._retire([i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
 
     def _sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> None:
+        # A row whose logits are not all finite (its adapter overflowed, say) ends alone; the check is one
+        # reduction fetched with the argmax, not a host sync per row.
+        finite = torch.isfinite(logits).all(-1)
         short = [i for i, r in enumerate(rows) if len(r.generated) < r.params.min_new_tokens]
         if short and self.eos_ids:  # rows under their minimum length may not end yet
             logits = logits.clone()
             logits[torch.tensor(short, device=logits.device)[:, None], self._eos_index[None, :]] = float("-inf")
-        greedy = logits.argmax(-1).tolist()
+        greedy, ok = torch.stack([logits.argmax(-1), finite.long()]).tolist()
         for i, row in enumerate(rows):
-            n = len(row.generated)
-            if row.sampler.is_plain_greedy:
-                token = greedy[i]
+            if not ok[i]:
+                adapter_id = row.adapter.adapter_id if row.adapter is not None else None
+                self._end_alone(row, FailedPrecondition(nonfinite_message(adapter_id)))
+            elif row.sampler.is_plain_greedy:
+                self._accept(row, greedy[i])
             else:
-                seen = torch.tensor([row.prompt_ids + row.generated], device=logits.device)
-                token = row.sampler.next_token(logits[i], seen, n)
-            self._accept(row, token)
+                self._sample(row, logits[i])
+
+    def _sample(self, row: Row, logits: torch.Tensor) -> None:
+        seen = torch.tensor([row.prompt_ids + row.generated], device=logits.device)
+        try:
+            token = row.sampler.next_token(logits, seen, len(row.generated))
+        except Exception as exc:
+            if is_device_failure(exc, self.base.device):
+                raise
+            log.warning("sampling failed for request %s", row.request_id, exc_info=exc)
+            self._end_alone(row, InvalidArgument("sampling failed with these parameters", field="sampling"))
+            return
+        self._accept(row, token)
+
+    def _end_alone(self, row: Row, error: AdapterdError) -> None:
+        """This row's own data failed: it ends with ERROR and ``error``; the batch goes on."""
+        log.warning("request %s ended alone: %s", row.request_id, error)
+        row.finished = StopReason.ERROR
+        row.error = error
 
     def _accept(self, row: Row, token: int) -> None:
         params = row.params
@@ -362,10 +371,11 @@ class Engine:
         self.observers.request_finished(row)
         row.emit(GenerationEvent("end", text=row.text.take(final=True), generated_token_count=len(row.generated),
                                  stop_reason=row.finished, stop_sequence=row.text.stopped_by,
-                                 token_ids=list(row.generated)))
+                                 token_ids=list(row.generated), error=row.error))
 
-    def _fail_all(self, exc: Exception) -> None:
-        """A step failed (e.g. out of memory): end every row in flight with the error; keep serving."""
+    def _fail_all(self, exc: Exception, release: bool = True) -> None:
+        """A step failed in a way no one row explains (e.g. out of memory): end every row in flight with the
+        error; keep serving. ``release=False`` when the device failed: the pool is not touched then."""
         if not isinstance(exc, AdapterdError):
             log.exception("engine step failed")
             if isinstance(exc, torch.OutOfMemoryError):
@@ -373,7 +383,7 @@ class Engine:
         in_batch = {id(r) for r in self.batch.rows}
         rows = self.batch.rows + [r for r in self._prefilling
                                   if id(r) not in in_batch and r.finished == StopReason.NOT_FINISHED]
-        self.batch.clear()
+        self.batch.clear(release=release)
         self._prefilling = []
         for row in rows:
             self._rows_by_id.pop(row.request_id, None)
@@ -384,5 +394,5 @@ class Engine:
             self.observers.request_finished(row)
             row.emit(GenerationEvent("end", stop_reason=StopReason.ERROR, error=exc,
                                      generated_token_count=len(row.generated)))
-        if torch.cuda.is_available():
+        if release and torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -9,6 +9,11 @@ or more behind: entries are positions, so the pool keeps all a window needs and 
 Nothing is concatenated or re-allocated per step, so the step has fixed shapes and addresses and can be
 captured in a CUDA graph (see ``decode_step.py``).
 
+Attention reads past each row's own entries (masked), and a masked probability is an exact 0 that still
+multiplies the value read (0 x NaN = NaN): so no row may ever read an entry another row left behind. The pool
+keeps, per row, how far forwards may have written (``used``), and zeroes what a new owner does not own: a
+row that leaves is zeroed, a row moved or put into another keeps nothing of the old one past its own entries.
+
 Rows leave by moving the last row into the hole (one row's entries copied per layer). Storage grows by
 doubling, rows up to the batch limit and capacity up to the model's context, so memory follows the longest
 live row the way a padded dynamic cache would; growing re-allocates, which invalidates captured graphs
@@ -42,6 +47,7 @@ class KvPool(Cache):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.generation = 0  # bumped at every re-allocation: captured graphs must be dropped
+        self.used: list[int] = []  # per pool row: entries a forward may have written since it was last zeroed
         self._allocate(min(rows, max_rows), min(capacity, max_capacity))
         # The view the next forward sees: the first ``batch`` rows, the first ``length`` entries.
         self.batch = 0
@@ -71,6 +77,7 @@ class KvPool(Cache):
             r, c = min(rows, old_k[0].shape[0]), min(capacity, old_k[0].shape[2])
             for new, old in zip(self.keys + self.values, old_k + old_v, strict=True):
                 new[:r, :, :c].copy_(old[:r, :, :c])
+        self.used = [min(n, capacity) for n in self.used[:rows]] + [0] * max(0, rows - len(self.used))
         self.generation += 1
 
     def reserve(self, rows: int, length: int) -> None:
@@ -87,16 +94,38 @@ class KvPool(Cache):
     # ------------------------------------------------------------------ rows
 
     def put(self, row: int, layer_entries: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Store a prefilled row: per layer, keys and values ``[kv_heads, n, head_dim]``, left-aligned."""
+        """Store a prefilled row: per layer, keys and values ``[kv_heads, n, head_dim]``, left-aligned; the
+        row keeps nothing of an earlier owner past them."""
+        n = layer_entries[0][0].shape[1] if layer_entries else 0
         for layer, (k, v) in enumerate(layer_entries):
-            n = k.shape[1]
             self.keys[layer][row, :, :n].copy_(k)
             self.values[layer][row, :, :n].copy_(v)
+        self._zero(row, n)
 
     def move(self, src: int, dst: int, length: int) -> None:
-        """Copy row ``src``'s first ``length`` entries into row ``dst`` (a row leaving fills its hole)."""
+        """Copy row ``src``'s first ``length`` entries into row ``dst`` (a row leaving fills its hole); ``dst``
+        keeps nothing of its old owner past them."""
         for store in self.keys + self.values:
             store[dst, :, :length].copy_(store[src, :, :length])
+        self._zero(dst, length)
+
+    def release(self, row: int) -> None:
+        """Row ``row`` has no owner any more: zero every entry a forward may have written into it."""
+        self._zero(row, 0)
+
+    def touch(self, first: int, rows: int, length: int) -> None:
+        """The next forward may write entries ``0..length-1`` of rows ``first..first+rows-1`` (host-side
+        bookkeeping, done before the forward, so that a replayed CUDA graph is counted too)."""
+        for row in range(first, first + rows):
+            self.used[row] = max(self.used[row], length)
+
+    def _zero(self, row: int, start: int) -> None:
+        """Zero entries ``start..used[row]-1`` of ``row``: the row's owner holds entries ``0..start-1`` only."""
+        end = self.used[row]
+        if end > start:
+            for store in self.keys + self.values:
+                store[row, :, start:end].zero_()
+        self.used[row] = start  # entries before ``start`` are the owner's own
 
     # ------------------------------------------------------------------ the forward's view
 

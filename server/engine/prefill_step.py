@@ -20,12 +20,13 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from transformers import DynamicCache
 
 from adapterd.server.adapters.lora import LoraSlotTable
 from adapterd.server.adapters.prefix import PrefixWeights
 from adapterd.server.engine.decode_step import batch_bucket, power_bucket, rank_bucket
 from adapterd.server.engine.graphs import GraphCache
-from adapterd.server.engine.kv_pool import KvPool, prefill_mask
+from adapterd.server.engine.kv_pool import KvPool, causal_mask, prefill_mask
 from adapterd.server.model import BaseModel
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class PrefillStep:
         for i, weights in enumerate(prefixes):
             if weights is not None:  # device copies into the row's first entries, before any replay
                 self.pool.put(first + i, list(zip(weights.keys, weights.values, strict=True)))
+        self.pool.touch(first, rows, prefix + length)
         key = (rows, length, rank, prefix)
         inputs = self._fill_inputs(key, first, prompts, slots, prefixes)
         if not self.use_graphs:
@@ -140,6 +142,50 @@ class PrefillStep:
             self.pool.prefill_rows = self.pool.prefill_index = None
             self.pool.prefill_prefix = 0
         return out.logits[:, -1, :]
+
+    # ------------------------------------------------------------------ the general path
+
+    def through_cache(self, prompts: Sequence[Sequence[int]], prefixes: Sequence[PrefixWeights | None],
+                      slots: Sequence[int]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, list[int]]:
+        """The general prefill, for a padded shape the pool cannot take at once: left-padded, prefix adapters'
+        virtual tokens in front, into a transient cache. Returns the last-token logits [n, vocab], the cache,
+        the mask [n, prefix + T] of its live entries, and each row's next position id."""
+        dev = self.base.device
+        n, prompt_len = len(prompts), max(len(p) for p in prompts)
+        virtual = [p.num_virtual_tokens if p is not None else 0 for p in prefixes]
+        prefix_len = max(virtual)
+        input_ids = torch.full((n, prompt_len), self.base.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((n, prompt_len), dtype=torch.long)
+        prefix_mask = torch.zeros((n, prefix_len), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, prompt_len - len(prompt):] = torch.tensor(list(prompt))
+            prompt_mask[i, prompt_len - len(prompt):] = 1
+            prefix_mask[i, prefix_len - virtual[i]:] = 1
+        # Prefix rows count their virtual tokens as positions 0..V-1, as PEFT does.
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(virtual)[:, None]
+        mask = torch.cat([prefix_mask, prompt_mask], dim=1).to(dev)
+        cache = DynamicCache()
+        if prefix_len:
+            self._fill_prefixes(cache, prefixes, prefix_len)
+        self.slots.set_rows(list(slots))
+        live = mask.bool()  # the model gets 4-D masks: transformers' own would count padding in its windows
+        attention = self.base.attention.masks(lambda window: causal_mask(live, prompt_len, self.base.dtype, window))
+        out = self.base.model(input_ids=input_ids.to(dev), attention_mask=attention, position_ids=positions.to(dev),
+                              use_cache=True, logits_to_keep=1, **{self.base.cache_kwarg: cache})
+        return out.logits[:, -1, :], cache, mask, (positions[:, -1] + 1).tolist()
+
+    def _fill_prefixes(self, cache: DynamicCache, prefixes: Sequence[PrefixWeights | None], prefix_len: int) -> None:
+        """Each row's virtual key/values right-aligned in ``prefix_len`` columns; zeros (finite) before them."""
+        base = self.base
+        for layer in range(base.num_layers):
+            k = torch.zeros(len(prefixes), base.num_kv_heads, prefix_len, base.head_dim, dtype=base.dtype,
+                            device=base.device)
+            v = torch.zeros_like(k)
+            for i, prefix in enumerate(prefixes):
+                if prefix is not None:
+                    k[i, :, prefix_len - prefix.num_virtual_tokens:] = prefix.keys[layer]
+                    v[i, :, prefix_len - prefix.num_virtual_tokens:] = prefix.values[layer]
+            cache.update(k, v, layer)
 
 
 def _longest(prefixes: Sequence[PrefixWeights | None]) -> int:

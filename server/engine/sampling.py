@@ -49,14 +49,25 @@ class RowSampler:
         return self.params.greedy and self.penalty is None
 
     def next_token(self, logits: torch.Tensor, seen_ids: torch.Tensor, generated: int) -> int:
-        """``logits``: [vocab] for this row; ``seen_ids``: [1, n] prompt and generated ids so far."""
+        """``logits``: [vocab] for this row; ``seen_ids``: [1, n] prompt and generated ids so far.
+
+        Computed so that no parameter can make an invalid distribution (on a GPU, ``torch.multinomial`` on
+        one is a device-side assert that ends the CUDA context for every request): scores are made finite
+        after the penalty (a tiny penalty turns a logit into inf), shifted so that the largest is 0 before the
+        temperature divides them (a tiny temperature then sends the others to -inf, never the top to inf or
+        NaN), and a distribution that still sums to no positive number becomes the argmax. No host sync."""
         scores = logits.float().unsqueeze(0)
         if generated < self.params.min_new_tokens and self.eos:
             scores[:, self.eos] = float("-inf")
         if self.penalty is not None:
             scores = self.penalty(seen_ids, scores)
+        top = scores.argmax(-1, keepdim=True)
         if self.params.greedy:
-            return int(scores.argmax(-1))
-        scores = self.warpers(seen_ids, scores)
-        probs = torch.softmax(scores, dim=-1)
+            return int(top)
+        finite = torch.finfo(scores.dtype).max
+        scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=finite)
+        scores = self.warpers(seen_ids, scores - scores.max(-1, keepdim=True).values)
+        probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+        probs = torch.where(probs.sum(-1, keepdim=True) > 0, probs,
+                            torch.zeros_like(probs).scatter_(-1, top, 1.0))
         return int(torch.multinomial(probs, 1, generator=self.generator))

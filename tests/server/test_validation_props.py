@@ -77,7 +77,8 @@ def check_within_limits(params, request: pb.GenerateRequest, limits: v.Limits) -
     assert 0 <= params.min_new_tokens <= params.max_new_tokens
     assert math.isfinite(params.temperature) and 0.0 <= params.temperature <= v.MAX_TEMPERATURE
     assert 0.0 < params.top_p <= 1.0 and math.isfinite(params.repetition_penalty)
-    assert 0.0 < params.repetition_penalty <= v.MAX_REPETITION_PENALTY
+    assert v.MIN_REPETITION_PENALTY * 0.999 < params.repetition_penalty <= v.MAX_REPETITION_PENALTY
+    assert params.temperature == 0.0 or params.temperature > v.MIN_TEMPERATURE * 0.999
     if params.temperature == 0.0:
         assert params.top_k == 0 and params.top_p == 1.0  # greedy means no filters
     assert len(params.stop_sequences) <= v.MAX_STOP_SEQUENCES
@@ -103,11 +104,12 @@ def test_any_request_is_accepted_within_limits_or_refused_naming_a_real_field(re
 @st.composite
 def valid_request(draw, limits: v.Limits) -> pb.GenerateRequest:
     """A request inside every documented bound."""
-    temperature = draw(st.just(0.0) | st.floats(0.0, v.MAX_TEMPERATURE, width=32))
+    temperature = draw(st.just(0.0) | st.floats(v.as_sent(v.MIN_TEMPERATURE), v.MAX_TEMPERATURE, width=32))
     sampling = pb.SamplingParameters(
         temperature=temperature, top_k=draw(st.integers(0, UINT32)) if temperature else 0,
         top_p=draw(st.floats(0.0, 1.0, width=32)) if temperature else draw(st.sampled_from([0.0, 1.0])),
-        repetition_penalty=draw(st.floats(0.0, v.MAX_REPETITION_PENALTY, width=32)))
+        repetition_penalty=draw(st.just(0.0) | st.floats(v.as_sent(v.MIN_REPETITION_PENALTY),
+                                                          v.MAX_REPETITION_PENALTY, width=32)))
     max_new = draw(st.integers(0, limits.max_new_tokens))
     stopping = pb.StoppingCriteria(
         max_new_tokens=max_new, min_new_tokens=draw(st.integers(0, max_new or limits.default_max_new_tokens)),

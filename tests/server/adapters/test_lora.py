@@ -106,3 +106,89 @@ def test_decode_steps_go_to_the_kernel_where_it_runs(monkeypatch):
         available["cpu"] = False
         model(torch.randn(2, 1, 12))
         assert len(calls) == 2 and len(asked) == 2
+
+
+# ------------------------------------------------------------------ numbers that must never reach a slot table
+
+SHAPES = {"layers.0.q_proj": (12, 10)}
+KEY = "base_model.model.layers.0.q_proj.lora_{}.weight"
+
+
+def _tensors(r: int = 4, a_value: float | None = None, b_value: float | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(r, 12, generator=g), torch.randn(10, r, generator=g)
+    if a_value is not None:
+        a[1, 2] = a_value
+    if b_value is not None:
+        b[3, 0] = b_value
+    return {KEY.format("A"): a, KEY.format("B"): b}
+
+
+@pytest.mark.parametrize("tensors,config,words", [
+    (_tensors(b_value=float("nan")), {}, f"{KEY.format('B')} holds NaN"),
+    (_tensors(a_value=float("inf")), {}, f"{KEY.format('A')} holds an infinite value"),
+    (_tensors(a_value=-float("inf")), {}, f"{KEY.format('A')} holds an infinite value"),
+    (_tensors(), {"lora_alpha": float("nan")}, "non-finite scaling"),
+    (_tensors(), {"lora_alpha": float("inf")}, "non-finite scaling"),
+    (_tensors(), {"lora_alpha": 10**400}, "non-finite scaling"),  # an int no float holds
+    (_tensors(), {"lora_alpha": "8"}, "must be a number"),
+    (_tensors(b_value=100.0), {"lora_alpha": 1e38},  # 100 x 2.5e37: past fp32
+     f"{KEY.format('B')} times its scaling 2.5e+37 overflows float32"),
+    (_tensors(r=0), {}, "rank 0"),
+    ({KEY.format("A"): torch.tensor(1.0), KEY.format("B"): torch.ones(10, 4)}, {}, "do not fit the base"),
+])
+def test_non_finite_weights_and_scalings_are_refused_naming_the_tensor(tensors, config, words):
+    from adapterd.server.adapters.lora import parse_lora
+    from adapterd.server.errors import FailedPrecondition
+
+    with pytest.raises(FailedPrecondition) as err:
+        parse_lora(config, tensors, SHAPES, max_rank=64)
+    assert words in err.value.message
+
+
+def test_scaled_b_is_checked_in_the_serving_dtype():
+    """fp32 weights of 1e5 are fine in fp32 and bf16, and inf in fp16 (max 65504)."""
+    from adapterd.server.adapters.lora import parse_lora
+    from adapterd.server.errors import FailedPrecondition
+
+    tensors = _tensors(b_value=1e5)
+    for dtype in (torch.float32, torch.bfloat16):
+        parse_lora({"lora_alpha": 4}, tensors, SHAPES, max_rank=64, dtype=dtype)
+    with pytest.raises(FailedPrecondition) as err:
+        parse_lora({"lora_alpha": 4}, tensors, SHAPES, max_rank=64, dtype=torch.float16)
+    assert err.value.message == f"{KEY.format('B')} times its scaling 1 overflows float16, the serving dtype"
+
+
+def test_prefix_table_is_checked_after_the_cast_to_the_serving_dtype():
+    from adapterd.server.adapters.prefix import parse_prefix
+    from adapterd.server.errors import FailedPrecondition
+
+    table = torch.randn(3, 2 * 2 * 1 * 4)  # 3 virtual tokens, 2 layers x keys/values x 1 head x dim 4
+    parse_prefix({}, {"prompt_embeddings": table}, 2, 1, 4).to(torch.device("cpu"), torch.float16)
+    table[1, 5] = float("nan")
+    with pytest.raises(FailedPrecondition, match="prompt_embeddings holds NaN"):
+        parse_prefix({}, {"prompt_embeddings": table}, 2, 1, 4)
+    table[1, 5] = 0.0
+    table[1, 1] = 1e6  # finite in fp32, inf in fp16 (column 1: layer 0's keys)
+    weights = parse_prefix({}, {"prompt_embeddings": table}, 2, 1, 4)
+    with pytest.raises(FailedPrecondition, match=r"prompt_embeddings \(layer 0 keys, in float16\) holds an infinite"):
+        weights.to(torch.device("cpu"), torch.float16)
+
+
+def test_dense_path_keeps_an_overflowing_slot_out_of_other_rows():
+    """A slot whose product overflows for a row's activations (inf in x @ A) reaches no other row: the dense
+    path selects each row's slot instead of multiplying the others by zero (0 x inf = NaN)."""
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(12, 10))
+    table = LoraSlotTable(model, num_slots=3, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    s1 = table.acquire("a", weights("proj", 4, 12, 10, 1.0, 1))
+    s2 = table.acquire("b", weights("proj", 4, 12, 10, 1.0, 2))
+    x = torch.randn(3, 2, 12)
+    table.set_rows([s1, 0, s1])
+    assert table.rows.onehot is not None  # the dense path
+    clean = model(x)
+    table.layers["proj"].lora_a[0, s2] = 3e38  # finite, but x @ A overflows to +-inf
+    table.set_rows([s1, s2, s1])
+    out = model(x)
+    assert not torch.isfinite(out[1]).all()
+    torch.testing.assert_close(out[[0, 2]], clean[[0, 2]], rtol=0, atol=0)

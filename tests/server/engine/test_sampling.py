@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
+import torch
 
 from adapterd.server.engine import EngineConfig, GenerationParams, StopReason
 from adapterd.server.model import load_base_model
@@ -83,3 +85,73 @@ def test_context_limit_stops_with_token_limit(tiny_model_dir, adapter_root):
         assert events[0].input_token_count + events[-1].generated_token_count <= 24
     finally:
         rt.close()
+
+
+# Parameters below validation's bounds (an engine embedded without validation, or a bound that moves) and
+# logits no model should give: the sampler still returns a token and never raises (on a GPU an invalid
+# distribution is a device-side assert that ends the CUDA context for every request).
+EXTREME_PARAMS = [dict(temperature=1e-45), dict(temperature=1e-45, repetition_penalty=1e-45),
+                  dict(temperature=1.0, repetition_penalty=1e-45), dict(temperature=100.0, top_p=1e-30, top_k=1),
+                  dict(temperature=1e-45, top_k=3, top_p=0.5, min_new_tokens=5)]
+EXTREME_LOGITS = {"huge": lambda v: torch.linspace(-3e38, 3e38, v), "tiny": lambda v: torch.full((v,), -3e38),
+                  "inf": lambda v: torch.where(torch.arange(v) % 2 == 0, float("inf"), 1.0),
+                  "nan": lambda v: torch.full((v,), float("nan")), "flat": lambda v: torch.zeros(v)}
+
+
+@pytest.mark.parametrize("params", EXTREME_PARAMS)
+@pytest.mark.parametrize("logits", sorted(EXTREME_LOGITS))
+def test_sampler_fed_extreme_values_never_raises(params, logits):
+    from adapterd.server.engine.sampling import RowSampler
+
+    vocab = 64
+    sampler = RowSampler(GenerationParams(max_new_tokens=8, seed=1, **params), {2}, torch.device(TEST_DEVICE))
+    scores = EXTREME_LOGITS[logits](vocab).to(TEST_DEVICE)
+    seen = torch.tensor([[0, 3, 5, 63]], device=TEST_DEVICE)
+    for generated in range(3):
+        assert 0 <= sampler.next_token(scores.clone(), seen, generated) < vocab
+
+
+def test_extreme_sampling_row_does_not_disturb_the_others(runtime):
+    """Past validation (the engine alone): temperature and penalty of 1e-45 give that row an answer, and the
+    rows beside it give the tokens they give alone."""
+    greedy = GenerationParams(max_new_tokens=12)
+    alone = [generate(runtime, p, greedy)[-1].token_ids for p in ("hello", "one two three")]
+    sinks = []
+    for i, (prompt, params) in enumerate([("hello", greedy),
+                                          ("what", GenerationParams(max_new_tokens=12, temperature=1e-45,
+                                                                    repetition_penalty=1e-45, seed=1)),
+                                          ("one two three", greedy)]):
+        sink = Collector()
+        runtime.engine.submit(f"extreme{i}", runtime.tokenize(prompt), params, None, sink)
+        sinks.append(sink)
+    ends = [s.wait_end()[-1] for s in sinks]
+    assert ends[1].error is None and ends[1].stop_reason != StopReason.ERROR
+    assert [ends[0].token_ids, ends[2].token_ids] == alone
+
+
+def test_a_row_whose_sampling_raises_ends_alone(runtime, monkeypatch):
+    """Whatever still makes one row's sampling raise ends that row (INVALID_ARGUMENT, field "sampling"), not
+    the batch: the rows beside it give the tokens they give alone."""
+    from adapterd.server.engine.sampling import RowSampler
+
+    greedy = GenerationParams(max_new_tokens=12)
+    alone = [generate(runtime, p, greedy)[-1].token_ids for p in ("hello", "one two three")]
+    real = RowSampler.next_token
+
+    def next_token(self, logits, seen_ids, generated):
+        if self.params.seed == 13 and generated == 2:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(self, logits, seen_ids, generated)
+
+    monkeypatch.setattr(RowSampler, "next_token", next_token)
+    sinks = []
+    for i, (prompt, params) in enumerate([("hello", greedy), ("what", GenerationParams(max_new_tokens=12,
+                                                                                      temperature=1.0, seed=13)),
+                                          ("one two three", greedy)]):
+        sink = Collector()
+        runtime.engine.submit(f"raises{i}", runtime.tokenize(prompt), params, None, sink)
+        sinks.append(sink)
+    ends = [s.wait_end()[-1] for s in sinks]
+    assert ends[1].stop_reason == StopReason.ERROR and ends[1].generated_token_count == 2
+    assert ends[1].error.code == grpc.StatusCode.INVALID_ARGUMENT and ends[1].error.field == "sampling"
+    assert [ends[0].token_ids, ends[2].token_ids] == alone
