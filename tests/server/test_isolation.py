@@ -202,7 +202,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow  # a real `adapterd serve` process: its imports and model load take about 5 s
-def test_serve_exits_1_when_the_engine_cannot_serve(tiny_model_dir, served_root):
+def test_serve_exits_1_when_the_engine_cannot_serve(tiny_model_dir, served_root, tmp_path):
     """After a device failure the request gets UNAVAILABLE and `adapterd serve` exits 1 by itself, so that a
     supervisor restarts it (instead of answering UNAVAILABLE forever)."""
     from tests.helpers import TEST_DEVICE
@@ -210,10 +210,13 @@ def test_serve_exits_1_when_the_engine_cannot_serve(tiny_model_dir, served_root)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", _FAILING_SERVE, "serve", "--base", str(tiny_model_dir),
-                             "--adapters", str(served_root), "--quantization", "none", "--device", TEST_DEVICE,
-                             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), "--grace", "5"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    safe_path = ["-P"] if sys.flags.safe_path else []  # as this process: the repo's folders must not shadow
+    log = tmp_path / "serve.log"  # a file, not a pipe: a full pipe would stall the daemon
+    with log.open("w") as log_file:
+        proc = subprocess.Popen([sys.executable, *safe_path, "-c", _FAILING_SERVE, "serve", "--base",
+                                 str(tiny_model_dir), "--adapters", str(served_root), "--quantization", "none",
+                                 "--device", TEST_DEVICE, "--dtype", "float32", "--host", "127.0.0.1", "--port",
+                                 str(port), "--grace", "5"], stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         with AdapterdClient(f"127.0.0.1:{port}", timeout=30) as c:
             c.wait_ready(120)
@@ -221,7 +224,7 @@ def test_serve_exits_1_when_the_engine_cannot_serve(tiny_model_dir, served_root)
                 c.generate("hello", max_new_tokens=4)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert proc.wait(60) == 1
-        assert "the engine cannot serve any more" in proc.stderr.read()
+        assert "the engine cannot serve any more" in log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -174,8 +174,9 @@ def test_a_failed_prefill_leaves_nothing_in_the_pool(base, adapter_root, solo):
         logits = real(first, prompts, slots, prefixes)
         if armed:
             armed.clear()
-            for store in engine.pool.keys + engine.pool.values:
-                store[first:first + len(prompts)] = float("nan")  # what a poisoned prompt would have left
+            for row in range(first, first + len(prompts)):  # what a poisoned prompt would have left: NaN in
+                for store in engine.pool.keys + engine.pool.values:  # every entry its forward wrote
+                    store[row, :, :engine.pool.used[row]] = float("nan")
             raise torch.OutOfMemoryError("out of memory (simulated)")
         return logits
 
