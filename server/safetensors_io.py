@@ -178,9 +178,8 @@ def read_tensors(path: Path, pin: bool = False, pool: HostBufferPool | None = No
         if not entries:
             return {}
         first, end = entries[0].start, entries[-1].start + entries[-1].nbytes
-        buffer = pool.take(end - first) if pool is not None else torch.empty(end - first, dtype=torch.uint8,
-                                                                              pin_memory=pin)
-        if read_at(fd, memoryview(buffer.numpy()), first) != buffer.numel():
+        buffer = _read_data(fd, first, end - first, pin, pool)
+        if buffer is None:
             raise DataLoss(f"{path.name}: truncated")
     finally:
         os.close(fd)
@@ -191,6 +190,18 @@ def read_tensors(path: Path, pin: bool = False, pool: HostBufferPool | None = No
             raw = raw.clone()
         tensors[e.name] = raw.view(FLOAT_DTYPES[e.dtype]).view(e.shape)
     return tensors
+
+
+def _read_data(fd: int, offset: int, nbytes: int, pin: bool, pool: HostBufferPool | None) -> torch.Tensor | None:
+    """``nbytes`` from ``offset`` into one uint8 host tensor, or None if the file ends first. A plain buffer
+    is a bytearray (no numpy: the merge process never imports it, which keeps its memory measurable)."""
+    if pool is None and not pin:
+        raw = bytearray(nbytes)
+        if read_at(fd, memoryview(raw), offset) != nbytes:
+            return None
+        return torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+    buffer = pool.take(nbytes) if pool is not None else torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    return buffer if read_at(fd, memoryview(buffer.numpy()), offset) == nbytes else None
 
 
 def _check_adapter_entries(entries: list[TensorEntry], label: str, max_data_bytes: int | None) -> None:
