@@ -67,7 +67,7 @@ def _check_path_text(text: str, field: str) -> None:
         encoded = [part.encode() for part in text.split("/")]
     except UnicodeEncodeError:
         raise InvalidArgument("the path is not valid UTF-8", field=field) from None
-    if sum(map(len, encoded)) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in encoded):
+    if len(text.encode()) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in encoded):
         raise InvalidArgument(f"the path is longer than {MAX_PATH_BYTES} bytes or has a name longer than "
                               f"{MAX_NAME_BYTES}", field=field)
 
@@ -112,24 +112,30 @@ class Merger:
         caller gave, never a server path) for a malformed path or one outside the root or over the inputs."""
         text = str(output_dir)
         _check_path_text(text, "output_model_dir")
-        out = Path(text)
-        if self.output_root is not None:
-            out = (self.output_root / out).resolve()
-            if self.output_root not in out.parents:
-                raise InvalidArgument(f"{text[:200]!r} is not inside the merge output root",
-                                      field="output_model_dir")
-        else:  # the command line: ~ is the user's home, as a shell would have it
-            try:
-                out = out.expanduser()
-            except RuntimeError:
-                raise InvalidArgument(f"{text[:200]!r} names an unknown home directory",
-                                      field="output_model_dir") from None
-        out = out.resolve()
+        try:
+            out = self._resolve_output(text)
+        except OSError as exc:  # a link loop, a path too long once joined to the root
+            raise InvalidArgument(f"{text[:200]!r} cannot be resolved ({exc.strerror})",
+                                  field="output_model_dir") from None
+        if len(bytes(out)) > MAX_PATH_BYTES:  # the file system would refuse it midway through making it
+            raise InvalidArgument(f"the path is longer than {MAX_PATH_BYTES} bytes once resolved",
+                                  field="output_model_dir")
+        if self.output_root is not None and self.output_root not in out.parents:
+            raise InvalidArgument(f"{text[:200]!r} is not inside the merge output root", field="output_model_dir")
         for other, what in ((self.base_model_dir, "the base model"), (self.adapter_root, "the adapter root")):
             if _overlaps(out, other):
                 raise InvalidArgument(f"{text[:200]!r} overlaps {what}; choose a directory outside it",
                                       field="output_model_dir")
         return out
+
+    def _resolve_output(self, text: str) -> Path:
+        if self.output_root is not None:
+            return (self.output_root / text).resolve()
+        try:  # the command line: ~ is the user's home, as a shell would have it
+            return Path(text).expanduser().resolve()
+        except RuntimeError:
+            raise InvalidArgument(f"{text[:200]!r} names an unknown home directory",
+                                  field="output_model_dir") from None
 
     def _check_free_space(self, out: Path, needed: int) -> None:
         parent = next(p for p in (out, *out.parents) if p.exists())
