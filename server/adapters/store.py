@@ -360,6 +360,7 @@ class AdapterStore:
 
     def _read(self, adapter_id: str, path: Path) -> LoadedAdapter:
         config, tensors = read_adapter_files(self.root, path, pool=self.host_pool, max_bytes=self.max_adapter_bytes)
+        describe_config(config)  # what the listing refuses (a rank of -1, ...), a load refuses too
         peft_type = str(config.get("peft_type", ""))
         loader = ADAPTER_KINDS.get(peft_type)
         if loader is None:
