@@ -67,16 +67,15 @@ def discover_adapter_ids(root: Path) -> list[str]:
     """Every adapter id under ``root``: directories holding ``adapter_config.json``, symlinks that stay
     inside the root included, sorted. Directories whose path is not a valid id (other characters, which
     could not be requested and may not even be valid UTF-8) are left out."""
-    real_root = Path(os.path.realpath(root))
+    real_root = os.path.realpath(root)
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(real_root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(real_root).as_posix()
+        rel = os.path.relpath(dirpath, real_root)  # strings, not Paths: thousands of adapters are listed often
         if CONFIG_FILE in filenames and rel != "." and _is_valid_id(rel):
             found.append(rel)
         for d in list(dirnames):
-            link = Path(dirpath) / d
-            if link.is_symlink():
+            if os.path.islink(os.path.join(dirpath, d)):
                 dirnames.remove(d)
                 try:
                     resolve_adapter_dir(real_root, f"{rel}/{d}" if rel != "." else d)
