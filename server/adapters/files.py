@@ -160,7 +160,10 @@ def listed_text(value: Any, limit: int = MAX_LISTED_TEXT) -> str:
 
 
 def _count(config: dict[str, Any], key: str) -> int:
-    value = config.get(key)
+    """A rank or token count: absent (0, the loader decides from the tensors), or a positive integer."""
+    if key not in config:
+        return 0
+    value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
         raise FailedPrecondition(f"{CONFIG_FILE}: {key} must be a positive integer, not {listed_text(value)[:40]}")
     return value

@@ -92,3 +92,15 @@ def test_descriptions_are_cached_until_the_config_changes(adapter_root, tmp_path
     (root / "lora-qv" / "adapter_config.json").write_text(json.dumps(config))
     again = {r.adapter_id: r for r in store.list()}
     assert reads[len(first):] == ["lora-qv"] and again["lora-qv"].rank == 12
+
+
+def test_a_config_without_r_still_loads_from_its_tensors(adapter_root, tmp_path, tiny_model_dir):
+    """PEFT defaults r; only a present, malformed r is refused."""
+    root = tmp_path / "root"
+    shutil.copytree(adapter_root / "lora-qv", root / "no-r")
+    config = json.loads((root / "no-r" / "adapter_config.json").read_text())
+    del config["r"]
+    (root / "no-r" / "adapter_config.json").write_text(json.dumps(config))
+    store = AdapterStore(root, _cpu_shape(tiny_model_dir, torch.float32))
+    assert store.list()[0].state == ON_DISK
+    assert store.load("no-r").rank == 8
