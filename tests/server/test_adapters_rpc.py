@@ -321,3 +321,13 @@ def test_merge_overwrite_never_removes_a_nested_adapter(client, served_root, ada
         serves_peft_tokens(client, tiny_model_dir, served_root, "nest/inner")
     finally:
         shutil.rmtree(served_root / "nest")
+
+
+@pytest.mark.parametrize("output", ["a\x00b", "~no-such-user-here/out", "x" * 300])
+def test_odd_merge_output_paths_are_invalid_argument_without_a_traceback(client, output, served_root,
+                                                                          tiny_model_dir):
+    request = pb.MergeAdapterRequest(adapters=[pb.WeightedAdapter(adapter_id="lora-qv")], output_model_dir=output)
+    code, details = code_of(lambda: list(client.merge(request)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "output_model_dir" in details, details
+    assert "Traceback" not in details and str(served_root.parent) not in details
+    serves_peft_tokens(client, tiny_model_dir, served_root)
