@@ -331,3 +331,12 @@ def test_odd_merge_output_paths_are_invalid_argument_without_a_traceback(client,
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "output_model_dir" in details, details
     assert "Traceback" not in details and str(served_root.parent) not in details
     serves_peft_tokens(client, tiny_model_dir, served_root)
+
+
+def test_rank_and_alpha_patterns_give_pefts_tokens(client, served_root, tiny_model_dir):
+    """Pattern keys are matched by RE2 now: a PEFT adapter with regex rank/alpha patterns still gives PEFT's
+    greedy tokens (PEFT matches them with Python's re)."""
+    make_lora_adapter(tiny_model_dir, served_root / "patterned", r=8, alpha=16, seed=31,
+                      targets=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 4},
+                      alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3, "down_proj": 40})
+    serves_peft_tokens(client, tiny_model_dir, served_root, "patterned")
