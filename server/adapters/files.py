@@ -129,16 +129,19 @@ def read_adapter_files(root: Path, path: Path, *, pin: bool = False, pool: HostB
             raise FailedPrecondition("only safetensors weights are loaded (found adapter_model.bin: "
                                      "convert it with safetensors, pickle is never unpickled)")
         raise DataLoss(f"{WEIGHTS_FILE} is missing")
-    weights = adapter_file(root, path, WEIGHTS_FILE)
+    return config, read_weights(root, path, pin=pin, pool=pool, max_bytes=max_bytes)
+
+
+def read_weights(root: Path, path: Path, *, pin: bool = False, pool: HostBufferPool | None = None,
+                 max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's ``adapter_model.safetensors``, confined to ``root`` and checked from its header before
+    any tensor byte is read (``read_tensors``); file-system errors become DataLoss naming the file."""
     try:
-        tensors = read_tensors(weights, pin=pin, pool=pool, max_data_bytes=max_bytes)
-    except DataLoss as exc:
-        raise DataLoss(f"{WEIGHTS_FILE} is corrupt or truncated: {exc}") from None
+        return read_tensors(adapter_file(root, path, WEIGHTS_FILE), pin=pin, pool=pool, max_data_bytes=max_bytes)
     except FileNotFoundError:
         raise DataLoss(f"{WEIGHTS_FILE} is missing") from None
     except OSError as exc:
         raise DataLoss(f"{WEIGHTS_FILE} is unreadable ({exc.strerror})") from None
-    return config, tensors
 
 
 @dataclass(frozen=True)

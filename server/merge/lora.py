@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from ..adapters.files import CONFIG_FILE, WEIGHTS_FILE, adapter_file, read_config
+from ..adapters.files import CONFIG_FILE, WEIGHTS_FILE, adapter_file, read_config, read_weights
 from ..adapters.patterns import pattern_value
 from ..errors import AdapterdError, DataLoss, FailedPrecondition
-from ..safetensors_io import open_regular, read_tensors
+from ..safetensors_io import open_regular
 
 PEFT_PREFIX = "base_model.model."
 BIN_FILE = "adapter_model.bin"
@@ -133,14 +133,18 @@ def _load_state_dict(root: Path, path: Path, adapter_id: str, field_name: str,
     (``read_tensors``), or a legacy pickle loaded weights-only, each file confined to ``root``."""
     with _named(adapter_id, field_name):
         if os.path.lexists(path / WEIGHTS_FILE):
-            return read_tensors(adapter_file(root, path, WEIGHTS_FILE), max_data_bytes=max_bytes)
+            return read_weights(root, path, max_bytes=max_bytes)
         if os.path.lexists(path / BIN_FILE):
             return _load_bin(adapter_file(root, path, BIN_FILE), max_bytes)
     raise DataLoss(f"adapter {adapter_id!r}: no {WEIGHTS_FILE} or {BIN_FILE}", field=field_name)
 
 
 def _load_bin(path: Path, max_bytes: int | None) -> dict[str, torch.Tensor]:
-    fd = open_regular(path, BIN_FILE)
+    """A legacy pickle, loaded weights-only (no code runs), from a regular file within ``max_bytes``."""
+    try:
+        fd = open_regular(path, BIN_FILE)
+    except OSError as exc:
+        raise DataLoss(f"{BIN_FILE} is unreadable ({exc.strerror})") from None
     try:
         if max_bytes is not None and os.fstat(fd).st_size > max_bytes:
             raise FailedPrecondition(f"{BIN_FILE} is larger than the {max_bytes} bytes allowed")
