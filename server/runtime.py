@@ -168,11 +168,16 @@ class Runtime:
     # ------------------------------------------------------------------ adapters
 
     async def load_adapter(self, adapter_id: str) -> AdapterRecord:
-        await asyncio.to_thread(self.store.load, adapter_id)
-        return self.store.record(adapter_id)
+        return await asyncio.to_thread(self._load_and_describe, adapter_id)
+
+    def _load_and_describe(self, adapter_id: str) -> AdapterRecord:
+        self.store.load(adapter_id)
+        return self.store.record(adapter_id)  # reads the directory: in the worker thread too
 
     async def unload_adapter(self, adapter_id: str) -> AdapterRecord:
         return await asyncio.to_thread(self.store.unload, adapter_id)
 
     def list_adapters(self) -> list[AdapterRecord]:
+        """Every adapter under the root, each entry on its own (an odd one is listed as LOAD_FAILED).
+        Blocking: it walks the root and reads changed configs, so call it from a worker thread."""
         return self.store.list()

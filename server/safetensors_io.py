@@ -18,24 +18,27 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
 from adapterd.server.errors import DataLoss, FailedPrecondition
 from adapterd.server.pinned import HostBufferPool
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces (a base model's shards)
+ADAPTER_MAX_HEADER_BYTES = 4 * 1024 * 1024  # an adapter's header: ~150 bytes a tensor, thousands of tensors
 COPY_CHUNK_BYTES = 16 * 1024 * 1024  # bytes per read/write when copying an untouched tensor
 
-# Bytes per element, used only to order tensors inside a shard so that each stays aligned to its item size.
+# Bytes per element: to check each tensor's byte count against its shape, and to order tensors inside a shard
+# so that each stays aligned to its item size.
 ITEM_BYTES: dict[str, int] = {
     "F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4,
-    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
 
 # Source dtypes a LoRA delta can be added to (the delta is computed in fp32 and cast back).
@@ -60,34 +63,101 @@ class TensorEntry:
         return ITEM_BYTES.get(self.dtype, 1)
 
 
-def read_header(path: Path) -> list[TensorEntry]:
-    """Parse a safetensors header; raises DataLoss if the file is truncated or the header is corrupt."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) != 8:
-            raise DataLoss(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise DataLoss(f"{path}: corrupt safetensors header length {header_len}")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataLoss(f"{path}: corrupt safetensors header ({exc})") from exc
+def open_regular(path: Path, label: str) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (symlinks followed).
+
+    A FIFO, socket or device would block a read forever or stream without end: each is refused with
+    FailedPrecondition naming ``label`` (a file name, never a server path), checked on the path first, so
+    that nothing else is opened at all, then on the descriptor (opened non-blocking, so opening cannot hang
+    either), in case the path changed in between. Raises FileNotFoundError when there is no such file.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise FailedPrecondition(f"{label} is not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FailedPrecondition(f"{label} is not a regular file")
+    return fd
+
+
+def read_at(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset`` with positioned reads; returns the bytes read (fewer only at end of file)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _entry(name: Any, info: Any, data_start: int, path: Path) -> TensorEntry:
+    """One header entry, checked: a known layout, integers where integers belong, bytes matching the shape."""
+    label = path.name
+    if not isinstance(name, str) or not isinstance(info, dict):
+        raise DataLoss(f"{label}: corrupt safetensors header (entry {str(name)[:80]!r})")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if (not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list)
+            or len(offsets) != 2 or not all(_is_count(v) for v in (*shape, *offsets))):
+        raise DataLoss(f"{label}: tensor {name[:80]!r} has a corrupt header entry")
+    begin, end = offsets
+    if begin > end or (dtype in ITEM_BYTES and math.prod(shape) * ITEM_BYTES[dtype] != end - begin):
+        raise DataLoss(f"{label}: tensor {name[:80]!r} has {end - begin} bytes for {dtype} shape {shape}")
+    return TensorEntry(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
+
+
+def _parse_header(fd: int, path: Path, max_header_bytes: int) -> list[TensorEntry]:
+    """The header's entries, in file order, checked against each other and the file's size before any tensor
+    byte is read: contiguous from the start of the data, ending exactly at the end of the file (as
+    safetensors requires), so that no declared shape can make a reader take more than the file holds."""
+    label, size = path.name, os.fstat(fd).st_size
+    raw_len = os.pread(fd, 8, 0)
+    if len(raw_len) != 8:
+        raise DataLoss(f"{label}: not a safetensors file (shorter than 8 bytes)")
+    (header_len,) = struct.unpack("<Q", raw_len)
+    if header_len > max_header_bytes:
+        raise FailedPrecondition(f"{label}: a safetensors header of {header_len} bytes is larger than the "
+                                 f"{max_header_bytes} allowed")
+    if 8 + header_len > size:
+        raise DataLoss(f"{label}: corrupt safetensors header length {header_len} (truncated file?)")
+    buf = bytearray(header_len)
+    if read_at(fd, memoryview(buf), 8) != header_len:
+        raise DataLoss(f"{label}: truncated safetensors header")
+    try:
+        header = json.loads(buf)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DataLoss(f"{label}: corrupt safetensors header ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise DataLoss(f"{label}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + header_len
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        if not 0 <= begin <= end or data_start + end > size:
-            raise DataLoss(f"{path}: tensor {name} lies outside the file (truncated download?)")
-        entries.append(TensorEntry(name, info["dtype"], tuple(info["shape"]), path, data_start + begin,
-                                   end - begin))
-    return sorted(entries, key=lambda e: e.start)
+    entries = sorted((_entry(n, i, data_start, path) for n, i in header.items() if n != "__metadata__"),
+                     key=lambda e: (e.start, e.nbytes))
+    at = data_start
+    for e in entries:
+        if e.start != at:
+            raise DataLoss(f"{label}: tensor {e.name[:80]!r} overlaps another or leaves a gap")
+        at += e.nbytes
+    if at != size:
+        raise DataLoss(f"{label}: the header describes {at} bytes but the file has {size} (truncated or damaged)")
+    return entries
 
 
-def read_tensors(path: Path, pin: bool = False, pool: HostBufferPool | None = None) -> dict[str, torch.Tensor]:
+def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> list[TensorEntry]:
+    """Parse and check a safetensors header (see ``_parse_header``); DataLoss if the file is truncated or the
+    header corrupt, FailedPrecondition if the file is not a regular file or its header is too large."""
+    fd = open_regular(path, path.name)
+    try:
+        return _parse_header(fd, path, max_header_bytes)
+    finally:
+        os.close(fd)
+
+
+def read_tensors(path: Path, pin: bool = False, pool: HostBufferPool | None = None,
+                 max_data_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a small file (an adapter) as a view into one host buffer, filled by one read.
 
     ``safetensors.torch.load_file`` copies each tensor out of a memory map, and serving then copies them again
@@ -96,35 +166,53 @@ def read_tensors(path: Path, pin: bool = False, pool: HostBufferPool | None = No
     or not as the pool is; ``pin`` is then ignored) and returns to it when every tensor is gone: a reused buffer
     is already mapped (and locked), so the read runs at copy speed instead of paying first-touch faults or
     page-locking for every load (see ``adapterd.server.pinned``). Only floating-point tensors are accepted.
-    Raises DataLoss for a truncated or corrupt file, FailedPrecondition for a tensor of another dtype.
+
+    Everything is checked from the header before a buffer is taken: a file that declares more than
+    ``max_data_bytes`` of tensors is refused (FailedPrecondition) without reading them. Raises DataLoss for a
+    truncated or corrupt file, FailedPrecondition for a tensor of another dtype. Messages name the file only.
     """
+    fd = open_regular(path, path.name)
     try:
-        entries = read_header(path)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a header of the wrong shape
-        raise DataLoss(f"{path}: corrupt safetensors header ({type(exc).__name__}: {exc})") from exc
-    if not entries:
-        return {}
-    first, end = entries[0].start, max(e.start + e.nbytes for e in entries)
-    if pool is not None:
-        buffer = pool.take(end - first)
-    else:
-        buffer = torch.empty(end - first, dtype=torch.uint8, pin_memory=pin)
-    with open(path, "rb") as f:
-        f.seek(first)
-        if f.readinto(buffer.numpy()) != buffer.numel():
-            raise DataLoss(f"{path}: truncated")
+        entries = _parse_header(fd, path, ADAPTER_MAX_HEADER_BYTES)
+        _check_adapter_entries(entries, path.name, max_data_bytes)
+        if not entries:
+            return {}
+        first, end = entries[0].start, entries[-1].start + entries[-1].nbytes
+        buffer = _read_data(fd, first, end - first, pin, pool)
+        if buffer is None:
+            raise DataLoss(f"{path.name}: truncated")
+    finally:
+        os.close(fd)
     tensors = {}
     for e in entries:
-        dtype = FLOAT_DTYPES.get(e.dtype)
-        if dtype is None:
-            raise FailedPrecondition(f"{path}: tensor {e.name} is {e.dtype}; adapters hold floating-point weights")
-        if math.prod(e.shape) * e.item_bytes != e.nbytes:
-            raise DataLoss(f"{path}: tensor {e.name} has {e.nbytes} bytes for shape {list(e.shape)}")
         raw = buffer[e.start - first:e.start - first + e.nbytes]
         if (e.start - first) % e.item_bytes:  # misaligned for its dtype (legal, rare): a private copy
             raw = raw.clone()
-        tensors[e.name] = raw.view(dtype).view(e.shape)
+        tensors[e.name] = raw.view(FLOAT_DTYPES[e.dtype]).view(e.shape)
     return tensors
+
+
+def _read_data(fd: int, offset: int, nbytes: int, pin: bool, pool: HostBufferPool | None) -> torch.Tensor | None:
+    """``nbytes`` from ``offset`` into one uint8 host tensor, or None if the file ends first. A plain buffer
+    is a bytearray (no numpy: the merge process never imports it, which keeps its memory measurable)."""
+    if pool is None and not pin:
+        raw = bytearray(nbytes)
+        if read_at(fd, memoryview(raw), offset) != nbytes:
+            return None
+        return torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+    buffer = pool.take(nbytes) if pool is not None else torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    return buffer if read_at(fd, memoryview(buffer.numpy()), offset) == nbytes else None
+
+
+def _check_adapter_entries(entries: list[TensorEntry], label: str, max_data_bytes: int | None) -> None:
+    for e in entries:
+        if e.dtype not in FLOAT_DTYPES:
+            raise FailedPrecondition(f"{label}: tensor {e.name[:80]!r} is {e.dtype[:16]}; adapters hold "
+                                     "floating-point weights")
+    total = sum(e.nbytes for e in entries)
+    if max_data_bytes is not None and total > max_data_bytes:
+        raise FailedPrecondition(f"{label} declares {total} bytes of tensors; adapters for this base are "
+                                 f"limited to {max_data_bytes}")
 
 
 def model_weight_files(model_dir: Path) -> list[Path]:
@@ -136,11 +224,11 @@ def model_weight_files(model_dir: Path) -> list[Path]:
         files = [model_dir / n for n in names]
     else:
         files = sorted(model_dir.glob("*.safetensors"))
-    missing = [str(f) for f in files if not f.is_file()]
+    missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise DataLoss(f"model files missing: {', '.join(missing)}")
     if not files:
-        raise FailedPrecondition(f"{model_dir} holds no safetensors weights (only safetensors bases can be "
+        raise FailedPrecondition("the base model holds no safetensors weights (only safetensors bases can be "
                                  "merged; convert .bin checkpoints first)")
     return files
 
@@ -160,7 +248,7 @@ def read_rows(entry: TensorEntry, first: int, count: int) -> torch.Tensor:
     with open(entry.path, "rb") as f:
         f.seek(entry.start + first * row_bytes)
         if f.readinto(buf) != len(buf):
-            raise DataLoss(f"{entry.path}: tensor {entry.name} is truncated")
+            raise DataLoss(f"{entry.path.name}: tensor {entry.name} is truncated")
     if not buf:
         return torch.empty((count, *entry.shape[1:]), dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(count, *entry.shape[1:])
@@ -176,7 +264,7 @@ def copy_bytes(entry: TensorEntry, out: BinaryIO, chunk_bytes: int = COPY_CHUNK_
         while remaining:
             n = f.readinto(view[: min(len(buf), remaining)])
             if not n:
-                raise DataLoss(f"{entry.path}: tensor {entry.name} is truncated")
+                raise DataLoss(f"{entry.path.name}: tensor {entry.name} is truncated")
             out.write(view[:n])
             remaining -= n
 

@@ -48,24 +48,34 @@ def resolve_adapter_dir(root: str | os.PathLike, adapter_id: str, field: str = "
     target = Path(os.path.realpath(real_root / adapter_id))
     if real_root not in target.parents:
         raise InvalidArgument(f"adapter id {adapter_id!r} resolves outside the adapter root", field=field)
-    if must_exist and not (target / CONFIG_FILE).is_file():
+    # lexists, not is_file: a config that is a FIFO or a dangling link is an adapter with a broken file (the
+    # reader says which), not a missing adapter.
+    if must_exist and not os.path.lexists(target / CONFIG_FILE):
         raise NotFound(f"no adapter {adapter_id!r} under the adapter root", field=field)
     return target
 
 
+def _is_valid_id(adapter_id: str) -> bool:
+    try:
+        validate_adapter_id(adapter_id)
+    except InvalidArgument:
+        return False
+    return True
+
+
 def discover_adapter_ids(root: Path) -> list[str]:
     """Every adapter id under ``root``: directories holding ``adapter_config.json``, symlinks that stay
-    inside the root included, sorted."""
-    real_root = Path(os.path.realpath(root))
+    inside the root included, sorted. Directories whose path is not a valid id (other characters, which
+    could not be requested and may not even be valid UTF-8) are left out."""
+    real_root = os.path.realpath(root)
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(real_root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(real_root).as_posix()
-        if CONFIG_FILE in filenames and rel != ".":
+        rel = os.path.relpath(dirpath, real_root)  # strings, not Paths: thousands of adapters are listed often
+        if CONFIG_FILE in filenames and rel != "." and _is_valid_id(rel):
             found.append(rel)
         for d in list(dirnames):
-            link = Path(dirpath) / d
-            if link.is_symlink():
+            if os.path.islink(os.path.join(dirpath, d)):
                 dirnames.remove(d)
                 try:
                     resolve_adapter_dir(real_root, f"{rel}/{d}" if rel != "." else d)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterd.server.adapters.patterns import pattern_value
 from adapterd.server.errors import FailedPrecondition
 from adapterd.server.kernels import LORA_KERNEL_MAX_ROWS, lora_kernel_available
 
@@ -54,13 +55,9 @@ class LoraWeights:
     target_modules: list[str] = field(default_factory=list)  # short names, e.g. q_proj
 
 
-def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    if not patterns:
-        return default
-    from peft.utils.other import get_pattern_key
-
-    key = get_pattern_key(list(patterns), module)
-    return patterns.get(key, default)
+def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any, field: str = "alpha_pattern") -> Any:
+    """PEFT's pattern rule, matched in linear time (``patterns``: a hostile key must not stall the daemon)."""
+    return pattern_value(patterns, module, default, field)
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:

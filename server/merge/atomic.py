@@ -9,6 +9,7 @@ looks like a model or an adapter is left behind. A process killed with SIGKILL c
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -21,26 +22,48 @@ from adapterd.fsutil import fsync_dir
 
 from ..errors import AlreadyExists, FailedPrecondition
 
+log = logging.getLogger(__name__)
+
 # Serialises the check-then-rename step of concurrent merges, so two of them cannot both "win" one name.
 _COMMIT_LOCK = threading.Lock()
 
 
 def check_target(target: Path, overwrite: bool, marker: str, field: str) -> None:
     """Raise unless ``target`` may be written: absent, or (with ``overwrite``) an empty directory or one
-    holding ``marker`` (``config.json`` for a model, ``adapter_config.json`` for an adapter).
+    holding ``marker`` (``config.json`` for a model, ``adapter_config.json`` for an adapter) and nothing but
+    files. Messages never name the server's path.
 
-    The marker rule keeps ``overwrite`` from replacing, say, a home directory given by mistake.
+    The marker rule keeps ``overwrite`` from replacing, say, a home directory given by mistake; the files-only
+    rule keeps it from removing anything but the one output it replaces: an adapter id with other adapters
+    nested under it (``team`` over ``team/v2``) is refused rather than taking them along.
     """
     if not os.path.lexists(target):
         return
     if not overwrite:
-        raise AlreadyExists(f"{target} already exists (set overwrite to replace it)", field=field)
+        raise AlreadyExists("the output already exists (set overwrite to replace it)", field=field)
     if target.is_symlink() or not target.is_dir():
-        raise FailedPrecondition(f"{target} exists and is not a directory; refusing to replace it", field=field)
-    if any(target.iterdir()) and not (target / marker).is_file():
-        raise FailedPrecondition(f"{target} exists and holds no {marker}; refusing to replace a directory "
+        raise FailedPrecondition("the output exists and is not a directory; refusing to replace it", field=field)
+    entries = list(target.iterdir())
+    if entries and not (target / marker).is_file():
+        raise FailedPrecondition(f"the output exists and holds no {marker}; refusing to replace a directory "
                                  "that does not look like a previous output", field=field)
+    nested = sorted(e.name for e in entries if e.is_dir())
+    if nested:
+        raise FailedPrecondition(f"the output holds other directories ({', '.join(n[:80] for n in nested[:3])}"
+                                 f"{', ...' if len(nested) > 3 else ''}), which overwrite would remove; move "
+                                 "them or choose another output", field=field)
 
+
+def remove_replaced(old: Path) -> None:
+    """Remove a replaced output that was moved aside: its files, then the directory. Anything that appeared
+    in it since the check (a directory made meanwhile) is left where it is, never removed with it."""
+    for entry in old.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink(missing_ok=True)
+    try:
+        old.rmdir()
+    except OSError:
+        log.warning("a replaced output was kept at %s: it held entries added while it was replaced", old)
 
 
 class AtomicDir:
@@ -85,4 +108,4 @@ class AtomicDir:
                 raise
         fsync_dir(self.target.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_replaced(old)

@@ -10,18 +10,24 @@ on a linear layer (prompt learning, DoRA, embeddings, biases, modules_to_save) i
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import DataLoss, FailedPrecondition
+from ..adapters.files import CONFIG_FILE, WEIGHTS_FILE, adapter_file, read_config, read_weights
+from ..adapters.patterns import pattern_value
+from ..errors import AdapterdError, DataLoss, FailedPrecondition
+from ..safetensors_io import open_regular
 
 PEFT_PREFIX = "base_model.model."
+BIN_FILE = "adapter_model.bin"
 LORA_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<which>[AB])\.weight$")
 # Adapters that add virtual tokens (keys/values or embeddings) at run time: there is no weight delta.
 PROMPT_LEARNING_TYPES = {"PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
@@ -81,16 +87,22 @@ class LoraAdapter:
         return max([int(self.config["r"]), *map(int, pattern.values())])
 
 
-def read_adapter_config(path: Path, adapter_id: str, field_name: str) -> dict[str, Any]:
-    """``adapter_config.json`` as a dict; DataLoss if it is not valid JSON."""
+def read_adapter_config(root: Path, path: Path, adapter_id: str, field_name: str) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict, read with the serving store's bounds (``adapters.files``)."""
+    with _named(adapter_id, field_name):
+        return read_config(adapter_file(root, path, CONFIG_FILE))
+
+
+@contextmanager
+def _named(adapter_id: str, field_name: str, only_unnamed: bool = False) -> Iterator[None]:
+    """Re-raise the readers' errors (which name the file or the config key) with the adapter and the request
+    field; with ``only_unnamed``, only those that do not name a field already."""
     try:
-        config = json.loads((path / "adapter_config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataLoss(f"adapter {adapter_id!r}: unreadable adapter_config.json ({exc})",
-                       field=field_name) from exc
-    if not isinstance(config, dict):
-        raise DataLoss(f"adapter {adapter_id!r}: adapter_config.json is not an object", field=field_name)
-    return config
+        yield
+    except AdapterdError as exc:
+        if only_unnamed and exc.field is not None:
+            raise
+        raise type(exc)(f"adapter {adapter_id!r}: {exc.message}", field=field_name) from None
 
 
 def check_mergeable(config: dict[str, Any], adapter_id: str, field_name: str, purpose: str) -> None:
@@ -115,30 +127,43 @@ def check_mergeable(config: dict[str, Any], adapter_id: str, field_name: str, pu
                                  "the merger does not support", field=field_name)
 
 
-def _load_state_dict(path: Path, adapter_id: str, field_name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (small: megabytes), from safetensors or a legacy pickle loaded weights-only."""
-    st_file, bin_file = path / "adapter_model.safetensors", path / "adapter_model.bin"
-    try:
-        if st_file.is_file():
-            from safetensors.torch import load_file
+def _load_state_dict(root: Path, path: Path, adapter_id: str, field_name: str,
+                     max_bytes: int | None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (small: megabytes), from safetensors checked from its header before reading
+    (``read_tensors``), or a legacy pickle loaded weights-only, each file confined to ``root``."""
+    with _named(adapter_id, field_name):
+        if os.path.lexists(path / WEIGHTS_FILE):
+            return read_weights(root, path, max_bytes=max_bytes)
+        if os.path.lexists(path / BIN_FILE):
+            return _load_bin(adapter_file(root, path, BIN_FILE), max_bytes)
+    raise DataLoss(f"adapter {adapter_id!r}: no {WEIGHTS_FILE} or {BIN_FILE}", field=field_name)
 
-            return load_file(str(st_file))
-        if bin_file.is_file():
-            return torch.load(bin_file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
-        raise DataLoss(f"adapter {adapter_id!r}: corrupt weights file ({exc})", field=field_name) from exc
-    raise DataLoss(f"adapter {adapter_id!r}: no adapter_model.safetensors or adapter_model.bin",
-                   field=field_name)
+
+def _load_bin(path: Path, max_bytes: int | None) -> dict[str, torch.Tensor]:
+    """A legacy pickle, loaded weights-only (no code runs), from a regular file within ``max_bytes``."""
+    try:
+        fd = open_regular(path, BIN_FILE)
+    except OSError as exc:
+        raise DataLoss(f"{BIN_FILE} is unreadable ({exc.strerror})") from None
+    try:
+        if max_bytes is not None and os.fstat(fd).st_size > max_bytes:
+            raise FailedPrecondition(f"{BIN_FILE} is larger than the {max_bytes} bytes allowed")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except AdapterdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the unpickler raises many types for damaged files
+        raise DataLoss(f"{BIN_FILE} is corrupt ({type(exc).__name__})") from None
+    finally:
+        os.close(fd)
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise DataLoss(f"{BIN_FILE} does not hold a state dict of tensors")
+    return state
 
 
 def _alpha_for(config: dict[str, Any], module: str) -> float:
-    """``lora_alpha``, or the ``alpha_pattern`` entry matching ``module`` by PEFT's own rule."""
-    pattern = config.get("alpha_pattern") or {}
-    if not pattern:
-        return float(config["lora_alpha"])
-    from peft.utils.other import get_pattern_key  # importing peft takes seconds: only when needed
-
-    return float(pattern.get(get_pattern_key(pattern.keys(), module), config["lora_alpha"]))
+    """``lora_alpha``, or the ``alpha_pattern`` entry matching ``module`` by PEFT's own rule (linear time)."""
+    return float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"], "alpha_pattern"))
 
 
 def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
@@ -160,12 +185,32 @@ def _pair_keys(state: dict[str, torch.Tensor], adapter_id: str, field_name: str)
     return pairs
 
 
-def load_lora_adapter(path: Path, adapter_id: str, field_name: str, purpose: str) -> LoraAdapter:
-    """Read and check one adapter directory (already resolved by ``resolve_adapter_dir``)."""
-    config = read_adapter_config(path, adapter_id, field_name)
+def load_lora_adapter(path: Path, adapter_id: str, field_name: str, purpose: str, *, root: Path | None = None,
+                      max_bytes: int | None = None) -> LoraAdapter:
+    """Read and check one adapter directory (already resolved by ``resolve_adapter_dir``). Its files must lie
+    inside ``root`` (default: the adapter's own directory); ``max_bytes`` caps its tensor data."""
+    root = path if root is None else root
+    config = read_adapter_config(root, path, adapter_id, field_name)
     check_mergeable(config, adapter_id, field_name, purpose)
-    state = _load_state_dict(path, adapter_id, field_name)
+    state = _load_state_dict(root, path, adapter_id, field_name, max_bytes)
     adapter = LoraAdapter(adapter_id, path, config)
+    try:
+        with _named(adapter_id, field_name, only_unnamed=True):
+            _add_modules(adapter, state, field_name)
+        adapter.peft_rank  # noqa: B018 - r and rank_pattern are read here, so that damage is found now
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, ZeroDivisionError) as exc:
+        raise DataLoss(f"adapter {adapter_id!r}: adapter_config.json does not make a valid LoRA config "
+                       f"({type(exc).__name__}: {str(exc)[:120]})", field=field_name) from None
+    if not adapter.modules:
+        raise DataLoss(f"adapter {adapter_id!r} holds no LoRA weights", field=field_name)
+    return adapter
+
+
+def _add_modules(adapter: LoraAdapter, state: dict[str, torch.Tensor], field_name: str) -> None:
+    """Pair each module's A and B, refusing damaged shapes and a scaling that is not a finite number (the
+    tensors' values are checked where adapters are served; checking them here would cost the merge process
+    memory that tests/server/merge/test_memory.py bounds)."""
+    adapter_id, config = adapter.adapter_id, adapter.config
     for prefix, (key_a, key_b) in _pair_keys(state, adapter_id, field_name).items():
         if not key_a or not key_b:
             raise DataLoss(f"adapter {adapter_id!r}: {prefix} has only one of lora_A/lora_B", field=field_name)
@@ -174,8 +219,8 @@ def load_lora_adapter(path: Path, adapter_id: str, field_name: str, purpose: str
             raise DataLoss(f"adapter {adapter_id!r}: {prefix} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                            "not (r, in) and (out, r)", field=field_name)
         name = prefix.removeprefix(PEFT_PREFIX)
-        adapter.modules[name] = LoraModule(name, prefix, a, b, _scaling(config, name, int(a.shape[0])),
-                                           bool(config.get("fan_in_fan_out")))
-    if not adapter.modules:
-        raise DataLoss(f"adapter {adapter_id!r} holds no LoRA weights", field=field_name)
-    return adapter
+        scaling = _scaling(config, name, int(a.shape[0]))
+        if not math.isfinite(scaling):
+            raise FailedPrecondition(f"adapter {adapter_id!r}: the scaling of {name!r} (lora_alpha / r) is not a "
+                                     "finite number", field=field_name)
+        adapter.modules[name] = LoraModule(name, prefix, a, b, scaling, bool(config.get("fan_in_fan_out")))

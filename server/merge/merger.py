@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.ids import resolve_adapter_dir
-from ..errors import InvalidArgument, ResourceExhausted
+from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from ..safetensors_io import COPY_CHUNK_BYTES
 from .atomic import AtomicDir
 from .lora import LoraAdapter, load_lora_adapter
@@ -33,6 +33,8 @@ from .to_model import DEFAULT_MAX_SHARD_BYTES, base_entries, merge_into_model
 # (tensors_done, tensors_total, bytes_written). Raise from it to cancel: the partial output is removed.
 ProgressFn = Callable[[int, int, int], None]
 DISK_MARGIN_BYTES = 64 * 1024**2  # free space kept beyond the model's size (config, tokenizer, headers)
+MAX_ADAPTER_BYTES = 4 * 1024**3  # tensor bytes one input adapter may declare (read whole into this process)
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4000, 255  # Linux's PATH_MAX (4096, with room for temporary names), NAME_MAX
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,21 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _check_path_text(text: str, field: str) -> None:
+    """Refuse paths the file system would reject with an OSError deep inside the merge."""
+    if not text:
+        raise InvalidArgument("output directory is empty", field=field)
+    if "\x00" in text:
+        raise InvalidArgument("a path may not hold a NUL character", field=field)
+    try:
+        encoded = [part.encode() for part in text.split("/")]
+    except UnicodeEncodeError:
+        raise InvalidArgument("the path is not valid UTF-8", field=field) from None
+    if len(text.encode()) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in encoded):
+        raise InvalidArgument(f"the path is longer than {MAX_PATH_BYTES} bytes or has a name longer than "
+                              f"{MAX_NAME_BYTES}", field=field)
+
+
 def _check_weights(adapters: Sequence[tuple[str, float]]) -> None:
     if not adapters:
         raise InvalidArgument("at least one adapter is needed", field="adapters")
@@ -67,7 +84,8 @@ class Merger:
     """Merges adapters from ``adapter_root`` into the base at ``base_model_dir`` (its original files)."""
 
     def __init__(self, base_model_dir: str | Path, adapter_root: str | Path, *, output_root: str | Path | None = None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, copy_chunk_bytes: int = COPY_CHUNK_BYTES) -> None:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, copy_chunk_bytes: int = COPY_CHUNK_BYTES,
+                 max_adapter_bytes: int = MAX_ADAPTER_BYTES) -> None:
         """``output_root``: if given, model outputs must lie inside it (relative paths are taken from it),
         as the daemon's ``merge_output_root`` asks; None allows any path (the CLI)."""
         self.base_model_dir = Path(base_model_dir).resolve()
@@ -75,6 +93,7 @@ class Merger:
         self.output_root = Path(output_root).resolve() if output_root is not None else None
         self.max_shard_bytes = max_shard_bytes  # output file layout; memory does not depend on it
         self.copy_chunk_bytes = copy_chunk_bytes  # bytes per copy read, and fp32 bytes per merged row block
+        self.max_adapter_bytes = max_adapter_bytes
 
     def load_adapters(self, adapters: Sequence[tuple[str, float]], purpose: str) -> list[tuple[LoraAdapter, float]]:
         """Resolve and load each (id, weight); errors name ``adapters[i].adapter_id``."""
@@ -83,30 +102,46 @@ class Merger:
         for i, (adapter_id, weight) in enumerate(adapters):
             field = f"adapters[{i}].adapter_id"
             path = resolve_adapter_dir(self.adapter_root, adapter_id, field)
-            loaded.append((load_lora_adapter(path, adapter_id, field, purpose), float(weight)))
+            adapter = load_lora_adapter(path, adapter_id, field, purpose, root=self.adapter_root,
+                                        max_bytes=self.max_adapter_bytes)
+            loaded.append((adapter, float(weight)))
         return loaded
 
     def _model_output(self, output_dir: str | Path) -> Path:
-        if not str(output_dir):
-            raise InvalidArgument("output directory is empty", field="output_model_dir")
-        out = Path(output_dir).expanduser()
-        if self.output_root is not None:
-            out = (self.output_root / out).resolve()
-            if self.output_root not in out.parents:
-                raise InvalidArgument(f"{output_dir} is not inside the merge output root {self.output_root}",
-                                      field="output_model_dir")
-        out = out.resolve()
+        """The output directory, resolved; InvalidArgument (naming ``output_model_dir``, quoting only what the
+        caller gave, never a server path) for a malformed path or one outside the root or over the inputs."""
+        text = str(output_dir)
+        _check_path_text(text, "output_model_dir")
+        try:
+            out = self._resolve_output(text)
+        except OSError as exc:  # a link loop, a path too long once joined to the root
+            raise InvalidArgument(f"{text[:200]!r} cannot be resolved ({exc.strerror})",
+                                  field="output_model_dir") from None
+        if len(bytes(out)) > MAX_PATH_BYTES:  # the file system would refuse it midway through making it
+            raise InvalidArgument(f"the path is longer than {MAX_PATH_BYTES} bytes once resolved",
+                                  field="output_model_dir")
+        if self.output_root is not None and self.output_root not in out.parents:
+            raise InvalidArgument(f"{text[:200]!r} is not inside the merge output root", field="output_model_dir")
         for other, what in ((self.base_model_dir, "the base model"), (self.adapter_root, "the adapter root")):
             if _overlaps(out, other):
-                raise InvalidArgument(f"{out} overlaps {what} ({other}); choose a directory outside it",
+                raise InvalidArgument(f"{text[:200]!r} overlaps {what}; choose a directory outside it",
                                       field="output_model_dir")
         return out
+
+    def _resolve_output(self, text: str) -> Path:
+        if self.output_root is not None:
+            return (self.output_root / text).resolve()
+        try:  # the command line: ~ is the user's home, as a shell would have it
+            return Path(text).expanduser().resolve()
+        except RuntimeError:
+            raise InvalidArgument(f"{text[:200]!r} names an unknown home directory",
+                                  field="output_model_dir") from None
 
     def _check_free_space(self, out: Path, needed: int) -> None:
         parent = next(p for p in (out, *out.parents) if p.exists())
         free = shutil.disk_usage(parent).free
         if free < needed + DISK_MARGIN_BYTES:
-            raise ResourceExhausted(f"{parent} has {free / 1e9:.2f} GB free; the merged model needs "
+            raise ResourceExhausted(f"the output's file system has {free / 1e9:.2f} GB free; the merged model needs "
                                     f"{needed / 1e9:.2f} GB", field="output_model_dir")
 
     def merge_to_model(self, adapters: Sequence[tuple[str, float]], output_dir: str | Path, *,
@@ -181,11 +216,20 @@ def _options(strategy: Strategy, density: float | None, method: str,
 @contextlib.contextmanager
 def _disk_full_as_resource_exhausted(what: str = "the merged model",
                                      field: str = "output_model_dir") -> Iterator[None]:
-    """Turn ENOSPC/EDQUOT (disk full, quota) into ResourceExhausted. ``AtomicDir`` sits inside this
-    context, so the partial output is already removed when the error is converted."""
+    """Turn ENOSPC/EDQUOT (disk full, quota) into ResourceExhausted, and errors of the requested path into
+    FailedPrecondition. ``AtomicDir`` sits inside this context, so the partial output is already removed
+    when the error is converted."""
     try:
         yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceExhausted(f"disk full while writing {what}: {exc}", field=field) from exc
+            raise ResourceExhausted(f"disk full while writing {what}", field=field) from exc
+        if exc.errno in _CALLERS_PATH_ERRORS:  # the path asked for cannot be written: say why, not where
+            raise FailedPrecondition(f"cannot write {what} there: {exc.strerror}", field=field) from exc
         raise
+
+
+# Errors that the requested output path causes (a file where a directory is needed, no permission, a
+# read-only file system, a link loop), as opposed to failures of the machine.
+_CALLERS_PATH_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                                  errno.ELOOP, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTEMPTY})

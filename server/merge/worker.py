@@ -15,6 +15,7 @@ import dataclasses
 import json
 import signal
 import sys
+import traceback
 from typing import Any
 
 from adapterd.server.errors import AdapterdError, InvalidArgument
@@ -75,6 +76,12 @@ def main() -> int:
         return 0
     except Terminated:
         return 143
+    except Exception:  # noqa: BLE001 - the client gets a short INTERNAL; the traceback goes to the log only
+        traceback.print_exc(file=sys.stderr)
+        # "log": for the daemon's log (server/ops.py), never for the client's message.
+        _say({"error": "AdapterdError", "message": "the merge failed with an internal error (see the daemon's "
+                                                   "log)", "field": None, "log": traceback.format_exc()})
+        return 0
     _say({"result": dataclasses.asdict(result)})
     return 0
 

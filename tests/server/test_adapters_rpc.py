@@ -184,3 +184,159 @@ def test_slots_are_reused_least_recently_used_first(tiny_model_dir, served_root)
         assert d.daemon.state.runtime.engine.slots.evictions >= 2
     finally:
         d.stop()
+
+
+# ---------------------------------------------------------------- issue 12: files of one tenant vs the daemon
+
+EVIL_KEY = "(.|.)*(.|.)*(.|.)*Z"  # Python's re backtracks for ever on a module name (froze every RPC)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process, which is the daemon's too (it runs in a thread of the tests)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def serves_peft_tokens(client, tiny_model_dir, served_root, adapter_id="lora-qv") -> None:
+    """The daemon still serves: another adapter gives PEFT's greedy tokens."""
+    reply = client.generate("hello world", adapter_id, max_new_tokens=6)
+    ref = reference_greedy(tiny_model_dir, "hello world", served_root / adapter_id, 6)
+    assert reply.text == AutoTokenizer.from_pretrained(tiny_model_dir).decode(ref, skip_special_tokens=True)
+
+
+def _copy_with_config(served_root, adapter_root, name, **changes) -> None:
+    import json
+
+    shutil.copytree(adapter_root / "lora-qv", served_root / name)
+    config = json.loads((served_root / name / "adapter_config.json").read_text())
+    config.update(changes)
+    (served_root / name / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_a_backtracking_alpha_pattern_does_not_freeze_the_daemon(client, served_root, adapter_root,
+                                                                  tiny_model_dir):
+    import time
+
+    _copy_with_config(served_root, adapter_root, "evil-pattern", alpha_pattern={EVIL_KEY: 2})
+    started = time.monotonic()
+    reply = client.generate("hello world", "evil-pattern", max_new_tokens=6)
+    assert time.monotonic() - started < 30
+    # the key matches no module, so every module keeps lora_alpha: the tokens are lora-qv's, as PEFT's
+    ref = reference_greedy(tiny_model_dir, "hello world", adapter_root / "lora-qv", 6)
+    assert reply.text == AutoTokenizer.from_pretrained(tiny_model_dir).decode(ref, skip_special_tokens=True)
+    serves_peft_tokens(client, tiny_model_dir, served_root, "team/lora-all")
+
+
+def test_a_fifo_config_is_refused_and_listed_without_blocking(client, served_root, tiny_model_dir):
+    (served_root / "fifo").mkdir()
+    os.mkfifo(served_root / "fifo" / "adapter_config.json")
+    try:
+        infos = {a.adapter_id: a for a in client.list_adapters()}  # used to hang the event loop
+        assert infos["fifo"].state == pb.LOAD_FAILED and "not a regular file" in infos["fifo"].error
+        code, details = code_of(client.generate, "hi", "fifo")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "not a regular file" in details
+        serves_peft_tokens(client, tiny_model_dir, served_root)
+    finally:
+        shutil.rmtree(served_root / "fifo")
+
+
+def test_huge_files_are_refused_unread_and_their_memory_is_not_kept(client, served_root, adapter_root,
+                                                                    tiny_model_dir):
+    import json
+    import struct
+
+    shutil.copytree(adapter_root / "lora-qv", served_root / "huge-config")
+    with open(served_root / "huge-config" / "adapter_config.json", "r+b") as f:
+        f.truncate(300 * 1024**2)  # sparse: the old reader took all 300 MB into memory, on the event loop
+    (served_root / "sparse-weights").mkdir()
+    shutil.copy(adapter_root / "lora-qv" / "adapter_config.json", served_root / "sparse-weights")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [8, 64], "data_offsets": [0, 2048]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(served_root / "sparse-weights" / "adapter_model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(2 * 1024**3)
+    before = rss_bytes()
+    try:
+        for _ in range(3):
+            code, details = code_of(client.generate, "hi", "huge-config")
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "larger than" in details, details
+            code, details = code_of(client.generate, "hi", "sparse-weights")
+            assert code == grpc.StatusCode.DATA_LOSS and "adapter_model.safetensors" in details, details
+            assert str(served_root) not in details
+        infos = {a.adapter_id: a for a in client.list_adapters()}
+        assert infos["huge-config"].state == pb.LOAD_FAILED
+        assert rss_bytes() - before < 64 * 1024**2
+        serves_peft_tokens(client, tiny_model_dir, served_root)
+    finally:
+        shutil.rmtree(served_root / "huge-config")
+        shutil.rmtree(served_root / "sparse-weights")
+
+
+@pytest.mark.parametrize("name, config", [("rank-neg", {"r": -1}), ("rank-huge", {"r": 2**70}),
+                                          ("deep", {"target_modules": None})])
+def test_one_odd_config_does_not_break_listing(client, served_root, adapter_root, tiny_model_dir, name, config):
+    _copy_with_config(served_root, adapter_root, name, **config)
+    if name == "deep":  # nested past any limit: the JSON parser's recursion used to fail the whole listing
+        (served_root / name / "adapter_config.json").write_text('{"peft_type": "LORA", "r": '
+                                                               + "[" * 50_000 + "]" * 50_000 + "}")
+    try:
+        infos = {a.adapter_id: a for a in client.list_adapters()}
+        assert infos[name].state == pb.LOAD_FAILED and infos[name].error
+        assert infos["lora-qv"].type == pb.LORA and infos["lora-qv"].rank == 8 and not infos["lora-qv"].error
+        assert infos["prefix"].num_virtual_tokens == 6
+        code, details = code_of(client.load_adapter, name)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        serves_peft_tokens(client, tiny_model_dir, served_root)
+    finally:
+        shutil.rmtree(served_root / name)
+
+
+def test_files_symlinked_out_of_the_root_are_not_served(client, served_root, adapter_root, tmp_path,
+                                                        tiny_model_dir):
+    outside = tmp_path / "outside"
+    shutil.copytree(adapter_root / "team" / "lora-all", outside)
+    (served_root / "linked-files").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        os.symlink(outside / name, served_root / "linked-files" / name)
+    try:
+        code, details = code_of(client.generate, "hi", "linked-files")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "outside the adapter root" in details
+        assert str(tmp_path) not in details
+        info = {a.adapter_id: a for a in client.list_adapters()}["linked-files"]
+        assert info.state == pb.LOAD_FAILED and "outside the adapter root" in info.error
+        serves_peft_tokens(client, tiny_model_dir, served_root)
+    finally:
+        shutil.rmtree(served_root / "linked-files")
+
+
+def test_merge_overwrite_never_removes_a_nested_adapter(client, served_root, adapter_root, tiny_model_dir):
+    shutil.copytree(adapter_root / "lora-qv", served_root / "nest")
+    shutil.copytree(adapter_root / "lora-rs", served_root / "nest" / "inner")
+    try:
+        request = pb.MergeAdapterRequest(adapters=[pb.WeightedAdapter(adapter_id="lora-qv", weight=0.5)],
+                                         output_adapter_id="nest", overwrite=True)
+        code, details = code_of(lambda: list(client.merge(request)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "other directories" in details
+        assert str(served_root) not in details
+        serves_peft_tokens(client, tiny_model_dir, served_root, "nest/inner")
+    finally:
+        shutil.rmtree(served_root / "nest")
+
+
+@pytest.mark.parametrize("output", ["a\x00b", "~no-such-user-here/out", "x" * 300])
+def test_odd_merge_output_paths_are_invalid_argument_without_a_traceback(client, output, served_root,
+                                                                          tiny_model_dir):
+    request = pb.MergeAdapterRequest(adapters=[pb.WeightedAdapter(adapter_id="lora-qv")], output_model_dir=output)
+    code, details = code_of(lambda: list(client.merge(request)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "output_model_dir" in details, details
+    assert "Traceback" not in details and str(served_root.parent) not in details
+    serves_peft_tokens(client, tiny_model_dir, served_root)
+
+
+def test_rank_and_alpha_patterns_give_pefts_tokens(client, served_root, tiny_model_dir):
+    """Pattern keys are matched by RE2 now: a PEFT adapter with regex rank/alpha patterns still gives PEFT's
+    greedy tokens (PEFT matches them with Python's re)."""
+    make_lora_adapter(tiny_model_dir, served_root / "patterned", r=8, alpha=16, seed=31,
+                      targets=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 4},
+                      alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3, "down_proj": 40})
+    serves_peft_tokens(client, tiny_model_dir, served_root, "patterned")

@@ -1,0 +1,187 @@
+"""An adapter's files, read with bounds: every file inside the root, regular, of bounded size and shape.
+
+Adapter directories come from tenants, so nothing in them may stall, exhaust or escape the daemon:
+
+- each file's own real path must lie inside the adapter root (a symlinked ``adapter_model.safetensors``
+  pointing elsewhere is refused, not only a symlinked directory);
+- only regular files are opened, non-blocking (a FIFO named ``adapter_config.json`` used to hang the event
+  loop), see ``safetensors_io.open_regular``;
+- ``adapter_config.json`` is read up to ``MAX_CONFIG_BYTES`` (one byte more is read to tell "larger") and
+  nested at most ``MAX_CONFIG_DEPTH`` levels; the weights are checked from their header before any tensor
+  byte is read, against a cap derived from the base (``adapter_bytes_cap``).
+
+Errors name the adapter's file, never a server path: DataLoss for a damaged file, FailedPrecondition for one
+that is too large, not a regular file, or outside the root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterd.server.adapters.ids import CONFIG_FILE, WEIGHTS_FILE
+from adapterd.server.errors import DataLoss, FailedPrecondition
+from adapterd.server.pinned import HostBufferPool
+from adapterd.server.safetensors_io import open_regular, read_tensors
+
+MAX_CONFIG_BYTES = 1 << 20  # a PEFT config is a few KB; patterns for every module of a 70B model fit in 1 MiB
+MAX_CONFIG_DEPTH = 16  # PEFT configs nest 3 levels (patterns, layers_pattern lists)
+MIN_ADAPTER_BYTES_CAP = 64 << 20  # a floor for small bases: prefix tables and projections are not rank-bound
+CAP_ITEM_BYTES = 8  # adapters may be stored in F64: the cap allows the widest float dtype
+MAX_COUNT = (1 << 31) - 1  # ranks and virtual token counts are uint32 in the API; real ones are < 10,000
+MAX_LISTED_TEXT = 256  # characters of one listed string (a target module, the base model's name)
+MAX_LISTED_TARGETS = 64  # target modules listed for one adapter
+
+
+def adapter_bytes_cap(linear_shapes: dict[str, tuple[int, int]], max_rank: int) -> int:
+    """The largest tensor data an adapter file may declare for this base, bytes: LoRA on every linear at the
+    maximum rank in F64, or ``MIN_ADAPTER_BYTES_CAP`` when that is larger (P-Tuning v2 tables of a small
+    base). Llama-2-7B at rank 64: 1.3 GB."""
+    lora = CAP_ITEM_BYTES * max_rank * sum(i + o for i, o in linear_shapes.values())
+    return max(lora, MIN_ADAPTER_BYTES_CAP)
+
+
+def adapter_file(root: Path, adapter_dir: Path, name: str) -> Path:
+    """``adapter_dir/name`` with symlinks resolved, refused (FailedPrecondition) unless it lies inside the
+    real ``root``. The directory was already confined by ``resolve_adapter_dir``; this confines the file."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(adapter_dir / name)
+    if not real.startswith(real_root + os.sep):
+        raise FailedPrecondition(f"{name} resolves outside the adapter root")
+    return Path(real)
+
+
+def parse_config(raw: bytes, label: str = CONFIG_FILE) -> dict[str, Any]:
+    """A config's bytes as a JSON object, refusing damage (DataLoss) and nesting past ``MAX_CONFIG_DEPTH``."""
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise FailedPrecondition(f"{label} is nested more than {MAX_CONFIG_DEPTH} levels deep") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and integers of > 4300 digits
+        raise DataLoss(f"{label} is not valid JSON ({_reason(exc)})") from None
+    if not isinstance(config, dict):
+        raise DataLoss(f"{label} is not a JSON object")
+    if _depth(config) > MAX_CONFIG_DEPTH:
+        raise FailedPrecondition(f"{label} is nested more than {MAX_CONFIG_DEPTH} levels deep")
+    return config
+
+
+def _reason(exc: Exception) -> str:
+    """A decoder's complaint without the text it quotes (which could be anything, of any length)."""
+    return str(exc).split(":", 1)[0][:120] if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, iteratively (no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def read_config(path: Path, label: str = CONFIG_FILE) -> dict[str, Any]:
+    """The config at ``path`` (already confined by ``adapter_file``), read up to ``MAX_CONFIG_BYTES``."""
+    try:
+        fd = open_regular(path, label)
+    except FileNotFoundError:
+        raise DataLoss(f"{label} is missing") from None
+    except OSError as exc:
+        raise DataLoss(f"{label} is unreadable ({exc.strerror})") from None
+    try:
+        if os.fstat(fd).st_size > MAX_CONFIG_BYTES:
+            raise FailedPrecondition(f"{label} is larger than {MAX_CONFIG_BYTES} bytes")
+        raw = _read_up_to(fd, MAX_CONFIG_BYTES + 1)  # one byte more tells a file that grew meanwhile
+    except OSError as exc:
+        raise DataLoss(f"{label} is unreadable ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise FailedPrecondition(f"{label} is larger than {MAX_CONFIG_BYTES} bytes")
+    return parse_config(raw, label)
+
+
+def _read_up_to(fd: int, limit: int) -> bytes:
+    chunks, total = [], 0
+    while total < limit:
+        chunk = os.read(fd, limit - total)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def read_adapter_files(root: Path, path: Path, *, pin: bool = False, pool: HostBufferPool | None = None,
+                       max_bytes: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An adapter's config and tensors (pinned, one read, into a buffer lent by ``pool`` when given: see
+    ``read_tensors``), each file confined to ``root``, every kind of damage turned into a clear error."""
+    config = read_config(adapter_file(root, path, CONFIG_FILE))
+    if not os.path.lexists(path / WEIGHTS_FILE):
+        if os.path.lexists(path / "adapter_model.bin"):
+            raise FailedPrecondition("only safetensors weights are loaded (found adapter_model.bin: "
+                                     "convert it with safetensors, pickle is never unpickled)")
+        raise DataLoss(f"{WEIGHTS_FILE} is missing")
+    return config, read_weights(root, path, pin=pin, pool=pool, max_bytes=max_bytes)
+
+
+def read_weights(root: Path, path: Path, *, pin: bool = False, pool: HostBufferPool | None = None,
+                 max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's ``adapter_model.safetensors``, confined to ``root`` and checked from its header before
+    any tensor byte is read (``read_tensors``); file-system errors become DataLoss naming the file."""
+    try:
+        return read_tensors(adapter_file(root, path, WEIGHTS_FILE), pin=pin, pool=pool, max_data_bytes=max_bytes)
+    except FileNotFoundError:
+        raise DataLoss(f"{WEIGHTS_FILE} is missing") from None
+    except OSError as exc:
+        raise DataLoss(f"{WEIGHTS_FILE} is unreadable ({exc.strerror})") from None
+
+
+@dataclass(frozen=True)
+class ConfigDescription:
+    """What ListAdapters shows of an adapter that is not loaded, or why its config is unusable."""
+
+    type: str = ""
+    base_model: str = ""
+    rank: int = 0
+    num_virtual_tokens: int = 0
+    target_modules: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def listed_text(value: Any, limit: int = MAX_LISTED_TEXT) -> str:
+    """A string fit for a response: clipped to ``limit`` characters, and encodable (JSON may hold lone
+    surrogates, which protobuf refuses, and that failed the whole listing)."""
+    return str(value)[:limit].encode("utf-8", "replace").decode("utf-8")
+
+
+def _count(config: dict[str, Any], key: str) -> int:
+    """A rank or token count: absent (0, the loader decides from the tensors), or a positive integer."""
+    if key not in config:
+        return 0
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+        raise FailedPrecondition(f"{CONFIG_FILE}: {key} must be a positive integer, not {listed_text(value)[:40]}")
+    return value
+
+
+def describe_config(config: dict[str, Any]) -> ConfigDescription:
+    """The listing's view of a parsed config; FailedPrecondition for a field that no load could accept."""
+    peft_type = config.get("peft_type", "")
+    if not isinstance(peft_type, str):
+        raise FailedPrecondition(f"{CONFIG_FILE}: peft_type must be a string")
+    targets = config.get("target_modules") or []
+    targets = targets if isinstance(targets, list) else [targets]
+    base_model = config.get("base_model_name_or_path") or ""
+    return ConfigDescription(
+        type=listed_text(peft_type), base_model=listed_text(base_model),
+        rank=_count(config, "r") if peft_type == "LORA" else 0,
+        num_virtual_tokens=_count(config, "num_virtual_tokens") if peft_type == "PREFIX_TUNING" else 0,
+        target_modules=sorted(listed_text(t) for t in targets[:MAX_LISTED_TARGETS]))
