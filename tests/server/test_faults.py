@@ -307,6 +307,9 @@ def test_disk_full_during_a_checkpoint_leaves_no_checkpoint_under_a_final_name(t
     from adapterd.trainer import checkpoint
 
     class Adapter:  # what save_checkpoint asks of a PEFT model
+        def named_parameters(self):  # checked finite before saving
+            return iter([("lora_A", torch.nn.Parameter(torch.zeros(2)))])
+
         def save_pretrained(self, directory: str) -> None:
             Path(directory).mkdir(parents=True, exist_ok=True)
             (Path(directory) / "adapter_config.json").write_text("{}")
