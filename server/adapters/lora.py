@@ -130,6 +130,25 @@ def _check_served(keys: dict[str, str], a: torch.Tensor, b: torch.Tensor, scalin
         raise FailedPrecondition(f"{keys['B']} times its scaling {scaling:g} overflows {served}, the serving dtype")
 
 
+def _all_served_at_once(tensors: list[torch.Tensor], scaling: float, dtype: torch.dtype) -> bool:
+    """True when one reduction over the file's whole data proves every weight finite and every A and
+    ``B * scaling`` within ``dtype``: loaded tensors are views into one buffer, and one call over it costs far less
+    than a call per tensor (256 small reductions took ~20 ms on a 16-core host, mostly waking threads). False
+    when that cannot be shown in one pass (the caller then checks tensor by tensor, which names the culprit)."""
+    first = tensors[0]
+    if any(t.dtype != first.dtype or not t.is_contiguous()
+           or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for t in tensors):
+        return False
+    start = min(t.storage_offset() for t in tensors)
+    end = max(t.storage_offset() + t.numel() for t in tensors)
+    if end - start != sum(t.numel() for t in tensors):  # gaps: bytes that belong to no tensor of this file
+        return False
+    span = first.new_empty(0).set_(first.untyped_storage(), start, (end - start,))
+    low, high = _extremes(span)
+    largest = max(-low, high)  # NaN when any value is NaN: every comparison below is then False
+    return largest <= torch.finfo(dtype).max and largest * max(scaling, 1.0) <= torch.finfo(dtype).max
+
+
 def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
                max_rank: int, dtype: torch.dtype = torch.float32) -> LoraWeights:
     """Check a PEFT LoRA adapter against the base and compute each module's scaling.
@@ -170,9 +189,10 @@ def parse_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes:
         if not 0 < r <= max_rank:
             raise FailedPrecondition(f"rank {r} of {name!r} is not in 1..{max_rank}, the daemon's maximum LoRA "
                                      "rank (--max-lora-rank)")
-        scaling = _scaling(config, name, r)
-        _check_served(keys[name], a, b, scaling, dtype)
-        modules[name] = LoraModule(a=a.contiguous(), b=b.contiguous(), scaling=scaling)
+        modules[name] = LoraModule(a=a.contiguous(), b=b.contiguous(), scaling=_scaling(config, name, r))
+    if not _all_served_at_once(list(tensors.values()), max(m.scaling for m in modules.values()), dtype):
+        for name, module in modules.items():  # find the tensor at fault, to name it
+            _check_served(keys[name], module.a, module.b, module.scaling, dtype)
     targets = sorted({n.rsplit(".", 1)[-1] for n in modules})
     return LoraWeights(modules=modules, rank=max(m.a.shape[0] for m in modules.values()),
                        target_modules=targets)
