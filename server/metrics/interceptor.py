@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from adapterd.server.auth import handler_like
 from adapterd.server.metrics.definitions import Metrics
 from adapterd.server.metrics.labels import AdapterLabels
 
@@ -55,23 +56,13 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
-        if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, service, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, service, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        # Request-streaming: calls the daemon refuses or reads itself before the message (auth.py, limits.py).
-        if handler.stream_unary is not None and inspect.iscoroutinefunction(handler.stream_unary):
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, service, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream(handler.stream_stream, service, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        # Request-streaming handlers too: calls the daemon refuses or reads itself before the message
+        # (auth.py, limits.py).
+        behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        if inspect.isasyncgenfunction(behavior):
+            return handler_like(handler, self._stream(behavior, service, method))
+        if inspect.iscoroutinefunction(behavior):
+            return handler_like(handler, self._unary(behavior, service, method))
         return handler
 
     def _record(self, service: str, method: str, code: str, request: Any, started: float) -> None:
