@@ -230,7 +230,8 @@ class Engine:
         for i in plan.passed_over:
             waiting[i].passed_over += 1
         chosen = [waiting[i] for i in plan.admit]
-        for row in sorted((r for r in chosen if r.lora_key), key=lambda r: not self.slots.resident(r.lora_key)):
+        for row in sorted((r for r in chosen if r.lora_key and not r.slot),  # a slot kept from a failed step
+                          key=lambda r: not self.slots.resident(r.lora_key)):
             row.slot = self.slots.acquire(row.lora_key, row.adapter.lora) or 0
         admitted = [r for r in chosen if r.lora_key is None or r.slot]
         now = time.monotonic()
