@@ -26,6 +26,8 @@ Rules, checked in arrival order:
   So after ``patience`` overtakes, only requests that do not compete with it can pass it; the rows that pin
   the slots finish (each within its own token limit), nothing new pins a slot for another adapter, and the
   first slot that opens is the overdue request's (earlier requests aside, which are served first anyway).
+  Bound: once overdue, a request waits at most (requests then ahead of it + 2) x the longest run of a row
+  (tests/server/engine/test_scheduler.py checks it over simulated traffic).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 # Steps in which later requests may overtake a skipped one before it is overdue. Small, so that a request
-# for a cold adapter waits at most a few overtakes plus the time for one running row to finish; not 0, so
-# that one request waiting for a slot does not at once hold back every other adapter's requests.
+# for a cold adapter is soon served (see the bound above); not 0, so that one request waiting for a slot does
+# not at once hold back every other adapter's requests.
 PATIENCE = 4
 
 

@@ -140,6 +140,13 @@ def test_a_request_for_a_cold_adapter_is_not_starved():
     assert admitted_at is not None and admitted_at <= 1 + PATIENCE + 2 * 5
 
 
+@dataclass(frozen=True)
+class _Limits:
+    max_batch_size: int
+    max_prefill_tokens: int
+    lora_slots: int
+
+
 RUN_MAX = 6  # steps a simulated row runs at most
 traffic = st.lists(st.lists(st.tuples(st.sampled_from([None, "a", "a", "a", "b", "c"]), st.integers(1, RUN_MAX)),
                             max_size=3), min_size=10, max_size=60)
@@ -165,13 +172,6 @@ def _overdue_waits(arrivals, rows: int, slots: int, patience: int = PATIENCE) ->
         waiting = [w for i, w in enumerate(waiting) if i not in plan.admit]
         waits += [(step - w["overdue"][0], w["overdue"][1]) for w in waiting if w["overdue"] is not None]
     return waits
-
-
-@dataclass(frozen=True)
-class _Limits:
-    max_batch_size: int
-    max_prefill_tokens: int
-    lora_slots: int
 
 
 @settings(max_examples=150, deadline=None)
