@@ -35,6 +35,7 @@ class Row:
     text: TextStream
     submitted: float = field(default_factory=time.monotonic)
     admitted: float = 0.0
+    passed_over: int = 0  # steps in which a request behind it was admitted while it waited (scheduler.py)
     slot: int = 0  # LoRA slot; 0 = none
     next_position: int = 0  # position id of the next token fed
     kv_len: int = 0  # key/value entries the row holds in the pool (virtual tokens, prompt, generated)

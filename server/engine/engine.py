@@ -1,9 +1,9 @@
 """The engine: one thread that owns the model and runs the continuous batch.
 
 Each turn of the loop: take new requests and control calls from the inbox, drop cancelled and timed-out
-rows, admit waiting requests (bounded by batch size, free LoRA slots and a budget of padded prompt tokens), prefill
-them together, then run one decode step for every running row and hand each row's new text to its sink.
-A request joins at the next step and leaves the moment it finishes. Nothing here knows about gRPC.
+rows, admit waiting requests (scheduler.py picks them), prefill them together, then run one decode step for
+every running row and hand each row's new text to its sink. A request joins at the next step and leaves the
+moment it finishes. Nothing here knows about gRPC.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from adapterd.server.engine.observer import ObserverList
 from adapterd.server.engine.prefill_step import PrefillStep
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.engine.sampling import RowSampler
+from adapterd.server.engine.scheduler import Candidate, Capacity, schedule
 from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
 from adapterd.server.engine.text import TextStream
 from adapterd.server.errors import AdapterdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -219,25 +220,25 @@ class Engine:
             self._finish(row)
 
     def _admit(self) -> list[Row]:
-        admitted: list[Row] = []
-        longest = 0  # tokens (virtual ones included) of the longest admitted prompt
-        while self.waiting and len(self.batch) + len(admitted) < self.config.max_batch_size:
-            row = self.waiting[0]
-            cost = len(row.prompt_ids) + row.num_virtual_tokens
-            # Admitted prompts are prefilled together, each padded to the longest: the budget bounds that
-            # padded area, so one long prompt does not turn a prefill of short ones into mostly padding.
-            if admitted and (len(admitted) + 1) * max(longest, cost) > self.config.max_prefill_tokens:
-                break
-            if row.lora_key is not None:
-                slot = self.slots.acquire(row.lora_key, row.adapter.lora)
-                if slot is None:
-                    break  # every slot is pinned by running rows: wait for one to free
-                row.slot = slot
-            self.waiting.popleft()
-            longest = max(longest, cost)
-            row.admitted = time.monotonic()
-            admitted.append(row)
-            self.observers.request_admitted(row, row.admitted - row.submitted)
+        """scheduler.py picks the rows; the engine pins their LoRA slots, adapters already in a slot first (a new
+        one then evicts none that this step admits). A row that gets no slot after all stays queued, in place."""
+        if not self.waiting or len(self.batch) >= self.config.max_batch_size:
+            return []
+        waiting = list(self.waiting)
+        plan = schedule([Candidate(len(r.prompt_ids) + r.num_virtual_tokens, r.lora_key, r.passed_over)
+                         for r in waiting], Capacity.of([r.lora_key for r in self.batch.rows], self.config))
+        for i in plan.passed_over:
+            waiting[i].passed_over += 1
+        chosen = [waiting[i] for i in plan.admit]
+        for row in sorted((r for r in chosen if r.lora_key and not r.slot),  # a slot kept from a failed step
+                          key=lambda r: not self.slots.resident(r.lora_key)):
+            row.slot = self.slots.acquire(row.lora_key, row.adapter.lora) or 0
+        admitted = [r for r in chosen if r.lora_key is None or r.slot]
+        now = time.monotonic()
+        for row in admitted:
+            row.admitted = now
+            self.observers.request_admitted(row, now - row.submitted)
+        self.waiting = deque(r for r in waiting if not r.admitted)  # 0.0 until admitted
         self._dequeued(len(admitted))
         return admitted
 
