@@ -156,7 +156,11 @@ async def start_daemon(config: ServerConfig) -> Daemon:
                ("grpc.max_send_message_length", config.max_message_bytes)]
     metrics = DaemonMetrics.for_config(config) if config.metrics_port is not None else None
     if metrics is not None:
-        metrics.start_http(config.metrics_port, config.host)
+        try:
+            metrics.start_http(config.metrics_port, config.host)
+        except OSError as exc:
+            raise ValueError(f"--metrics-port {config.metrics_port}: cannot listen on {config.host}: "
+                             f"{exc.strerror or exc}") from exc
     interceptors: list[grpc.aio.ServerInterceptor] = [metrics.interceptor] if metrics is not None else []
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
@@ -189,7 +193,8 @@ async def serve(config: ServerConfig, grace: float = 30.0) -> None:
     exits 2 and a base that fails to load exits 1, each with one log line saying why."""
     try:
         daemon = await start_daemon(config)
-    except ValueError as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # a bad flag or file, a port that cannot be bound
+        log.debug("start-up failed", exc_info=True)  # the operator needs the one line; a developer the trace
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None
     print(f"adapterd listening on {config.host}:{daemon.port}", flush=True)
