@@ -153,9 +153,17 @@ def check_base(a: Served, b: Served) -> None:
 
 
 def check_adapters(a: Served, b: Served) -> None:
-    with a.client() as c:
-        listed = {i.adapter_id: i for i in c.list_adapters()}
-    assert {"lora-qv", "team/lora-all", "prefix", "broken"} <= set(listed)
+    """The root's adapters, through ``adapterd adapters list`` with the client's TLS flags and token; the
+    broken one with the reason it cannot load."""
+    tls = ["--tls-ca", str(a.pki["ca.crt"]), "--tls-cert", str(a.pki["client.crt"]),
+           "--tls-key", str(a.pki["client.key"])]
+    out = subprocess.run([*CLI, "adapters", "list", "--target", a.target, *tls], env={**ENV, "ADAPTERD_TOKEN":
+                         ADMIN_TOKEN}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    assert {"lora-qv", "team/lora-all", "prefix", "broken"} <= set(rows)
+    assert "REASON" in out.stdout.splitlines()[0]
+    assert "LOAD_FAILED" in rows["broken"] and "r must be a positive integer" in rows["broken"]
 
 
 def check_quantization(a: Served, b: Served) -> None:
