@@ -9,6 +9,7 @@ what an operator typed. This module imports no torch: ``adapterd serve --help`` 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -141,6 +142,7 @@ class Kind:
     optional: bool
 
 
+@functools.cache
 def kind_of(name: str) -> Kind:
     hint = get_type_hints(ServerConfig)[name]
     optional = get_origin(hint) in (Union, UnionType) and NoneType in get_args(hint)

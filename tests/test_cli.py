@@ -145,7 +145,7 @@ def _one_line_error(out: subprocess.CompletedProcess, flag: str) -> str:
     """Exit 2, no traceback, and one error line naming ``flag``; returns that line."""
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
+    errors = [line for line in out.stderr.splitlines() if re.search(r"error: | ERROR ", line)]
     assert len(errors) == 1 and flag in errors[0], out.stderr[-3000:]
     return errors[0]
 
@@ -197,6 +197,11 @@ def test_serve_refuses_a_certificate_that_does_not_match_its_key(tiny_model_dir,
                        "--tls-key", str(pki["client.key"]))
     line = _one_line_error(out, f"--tls-key {pki['client.key']}")
     assert "does not match" in line and str(pki["server.crt"]) in line
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_naming_it(tiny_model_dir, adapter_root):
+    out = _serve_fails(tiny_model_dir, adapter_root, "--host", "192.0.2.1")  # TEST-NET-1: no machine's own
+    assert "cannot listen there" in _one_line_error(out, "--host 192.0.2.1 --port 0")
 
 
 @pytest.mark.parametrize("command", [["adapters", "list"], ["generate", "--prompt", "hello", "--max-new-tokens", "4"]])
