@@ -58,19 +58,30 @@ def connect(args: argparse.Namespace) -> Any:
     return AdapterdClient(args.target, token=token, credentials=credentials)
 
 
+def count(text: str) -> int:
+    """A whole number >= 0 (the request's fields are unsigned): argparse names the flag if not."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
     parser.add_argument("--adapter", default="", help="adapter id under the daemon's adapter root (empty: base)")
     parser.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
-    parser.add_argument("--max-new-tokens", type=int, default=0, help="most tokens to generate (default: 0, the "
+    parser.add_argument("--max-new-tokens", type=count, default=0, help="most tokens to generate (default: 0, the "
                                                                       "daemon's --default-max-new-tokens)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (default: 0, off)")
+    parser.add_argument("--top-k", type=count, default=0, help="sample from the k likeliest tokens (default: 0, off)")
     parser.add_argument("--top-p", type=float, default=0.0, help="sample from the smallest set of tokens whose "
                                                                  "probabilities add up to p (default: 0, off)")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed, for a repeatable answer "
+    parser.add_argument("--seed", type=count, default=None, help="sampling seed, for a repeatable answer "
                                                                "(default: random, chosen by the daemon)")
-    parser.add_argument("--truncate-input-tokens", type=int, default=0, metavar="N",
+    parser.add_argument("--truncate-input-tokens", type=count, default=0, metavar="N",
                         help="keep only the last N tokens of a longer prompt instead of refusing it "
                              "(default: 0, refuse)")
     parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")

@@ -166,6 +166,19 @@ def test_serve_usage_errors_are_one_line_naming_the_flag(tiny_model_dir, adapter
     _one_line_error(out, named)
 
 
+@pytest.mark.parametrize("flags,named", [
+    (["--truncate-input-tokens", "-1"], "--truncate-input-tokens"),  # an unsigned field of the request
+    (["--max-new-tokens", "many"], "--max-new-tokens"),
+    (["--tls-ca", "/nonexistent/ca.pem"], "--tls-ca /nonexistent/ca.pem"),
+    (["--tls-cert", "me.crt"], "--tls-key"),
+])
+def test_generate_usage_errors_are_one_line_naming_the_flag(flags, named):
+    out = subprocess.run([*CLI, "generate", "--prompt", "hi", "--target", "127.0.0.1:9", *flags], env=ENV,
+                         capture_output=True, text=True, timeout=60)
+    assert len(out.stderr.splitlines()) == 1
+    _one_line_error(out, named)
+
+
 def test_serve_refuses_a_missing_adapter_root_naming_the_flag(tiny_model_dir, tmp_path):
     out = subprocess.run([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(tmp_path / "none")],
                          env=ENV, capture_output=True, text=True, timeout=60)
