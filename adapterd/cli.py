@@ -36,9 +36,37 @@ SUMMARIES: dict[str, str] = {
 }
 
 
+def with_default(action: argparse.Action) -> str:
+    """The option's help with its default, unless the help already speaks of it or there is none to show
+    (None, off, empty)."""
+    text, default = action.help or "", action.default
+    hidden = (default is None or default is False or default is argparse.SUPPRESS
+              or (isinstance(default, list | tuple | str) and not default))
+    if hidden or not action.option_strings or "default" in text:
+        return text
+    return f"{text} (default: %(default)s)".lstrip()
+
+
+class DefaultsShown(argparse.HelpFormatter):
+    """``--help`` shows every option's default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return with_default(action)
+
+
 class Parser(argparse.ArgumentParser):
     """A usage error is one line naming the option, exit 2: the whole usage block of ``serve`` (40 options)
-    would bury it, and ``--help`` is one word away."""
+    would bury it, and ``--help`` is one word away. Every command's ``--help`` shows defaults."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsShown)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: typing.Any, **kwargs: typing.Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None:  # without a help text argparse shows nothing, not even the default
+            action.help = with_default(action) or None
+        return action
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

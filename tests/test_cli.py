@@ -252,3 +252,24 @@ def test_help_is_fast_and_imports_no_torch():
                 "assert 'torch' not in sys.modules, 'torch imported'")
         out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, f"{command}: {out.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("command", ["serve", "generate", "adapters", "health", "train", "merge", "tiny-model",
+                                     "demo"])
+def test_every_option_has_help_showing_its_default(command):
+    import importlib
+
+    from adapterd.cli import COMMANDS, Parser
+
+    parser = Parser(prog=f"adapterd {command}")
+    importlib.import_module(COMMANDS[command]).add_arguments(parser)
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        formatter = parser._get_formatter()
+        formatter.add_argument(action)
+        text = " ".join(formatter.format_help().split())
+        flag = action.option_strings[-1]
+        assert len(text) > len(" ".join(action.option_strings)) + 12, f"{flag} has no help: {text}"
+        has_default = not (action.default is None or action.default is False or action.default in ("", []))
+        assert not has_default or "default" in text, f"{flag} hides its default {action.default!r}: {text}"
