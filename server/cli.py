@@ -13,10 +13,11 @@ import asyncio
 import faulthandler
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
 from typing import Any
 
-from adapterd.server.config import ConfigError, Kind, ServerConfig, at_least, check_value, flag_of, kind_of
+from adapterd.server.config import Check, ConfigError, Kind, ServerConfig, between, check_value, flag_of, kind_of
 
 HELP = "Serve one base causal LM with many LoRA and P-Tuning v2 adapters over gRPC."
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -26,7 +27,8 @@ _NAMES = {int: "an integer", float: "a number"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(ServerConfig):
         parser.add_argument(flag_of(f.name), dest=f.name, **_option(f))
-    parser.add_argument("--grace", type=_converter("grace", Kind(float, (), False), at_least(0)), default=30.0,
+    grace = _converter("grace", Kind(float, (), False), between(0, 86400))  # finite: timers are armed with it
+    parser.add_argument("--grace", type=grace, default=30.0,
                         metavar="SECONDS", help="after SIGTERM, how long requests in flight get to finish before "
                                                 "they are cancelled; the process ends within this plus 10 s "
                                                 "(default: 30)")
@@ -54,7 +56,7 @@ def _option(f: Field) -> dict[str, Any]:
     return option
 
 
-def _converter(name: str, kind: Kind, check: Any = None) -> Any:
+def _converter(name: str, kind: Kind, check: Check | None = None) -> Callable[[str], Any]:
     """text -> the field's type, checked by the field's rule; argparse reports a failure as
     ``argument --flag: <what is wrong>`` (one line, exit 2)."""
 
