@@ -298,6 +298,14 @@ def check_max_concurrent_rpcs(a: Served, b: Served) -> None:
             assert _code(c.model_info) == grpc.StatusCode.RESOURCE_EXHAUSTED
         finally:
             holding.cancel()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the slot comes back once the daemon has seen the cancellation
+            try:
+                c.model_info()
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                time.sleep(0.05)
 
 
 def check_max_open_rpcs(a: Served, b: Served) -> None:
