@@ -127,10 +127,6 @@ class ServerConfig:
             raise ConfigError("default_max_new_tokens", f"{self.default_max_new_tokens} exceeds --max-new-tokens "
                                                         f"{self.max_new_tokens}")
 
-    @classmethod
-    def help_texts(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
 
 @dataclass(frozen=True)
 class Kind:
@@ -151,6 +147,8 @@ def kind_of(name: str) -> Kind:
     if get_origin(hint) is Literal:
         choices = get_args(hint)
         return Kind(type(choices[0]), choices, optional)
+    if hint not in (int, float, str, Path, bool):  # a flag's text could not become it
+        raise TypeError(f"ServerConfig.{name}: the command line has no flag type for {hint!r}")
     return Kind(hint, (), optional)
 
 
