@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import typing
 
 COMMANDS: dict[str, str] = {
     "serve": "adapterd.server.cli",
@@ -33,9 +36,58 @@ SUMMARIES: dict[str, str] = {
 }
 
 
+def with_default(action: argparse.Action) -> str:
+    """The option's help with its default, unless the help already speaks of it or there is none to show
+    (None, off, empty)."""
+    text, default = action.help or "", action.default
+    hidden = (default is None or default is False or default is argparse.SUPPRESS
+              or (isinstance(default, list | tuple | str) and not default))
+    if hidden or not action.option_strings or "default" in text:
+        return text
+    return f"{text} (default: %(default)s)".lstrip()
+
+
+class DefaultsShown(argparse.HelpFormatter):
+    """``--help`` shows every option's default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return with_default(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the option, exit 2: the whole usage block of ``serve`` (40 options)
+    would bury it, and ``--help`` is one word away. Every command's ``--help`` shows defaults."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsShown)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: typing.Any, **kwargs: typing.Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None:  # without a help text argparse shows nothing, not even the default
+            action.help = with_default(action) or None
+        return action
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Output to a closed pipe (``adapterd adapters list | head -2``) ends the command
+    quietly, as other Unix tools end (exit 128 + SIGPIPE), without a BrokenPipeError traceback."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that this flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="adapterd", description="adapterd: one base model, many adapters")
+    parser = Parser(prog="adapterd", description="adapterd: one base model, many adapters")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, summary in SUMMARIES.items():
         sub.add_parser(name, help=summary, add_help=False)
@@ -44,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]])
-    cmd_parser = argparse.ArgumentParser(prog=f"adapterd {argv[0]}", description=module.HELP)
+    cmd_parser = Parser(prog=f"adapterd {argv[0]}", description=module.HELP)
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     return int(module.run(args) or 0)

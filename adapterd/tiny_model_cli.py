@@ -9,9 +9,9 @@ HELP = "Write a small random-weight Llama model with an offline-trained tokenize
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="output directory (created)")
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden-size", type=int, default=64, help="hidden size (the MLP is twice as wide)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
 
 def run(args: argparse.Namespace) -> int:

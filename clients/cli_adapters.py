@@ -43,7 +43,12 @@ def run(args: argparse.Namespace) -> int:
         except grpc.RpcError as err:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
-    table = [["ID", "TYPE", "SHAPE", "TARGETS", "SIZE", "STATE", "LAST USED"]] + [_row(i) for i in infos]
+    header = ["ID", "TYPE", "SHAPE", "TARGETS", "SIZE", "STATE", "LAST USED"]
+    rows = [_row(i) for i in infos]
+    if any(i.error for i in infos):  # why each LOAD_FAILED adapter failed; last, since it is the widest
+        header.append("REASON")
+        rows = [row + [" ".join(info.error.split()) or "-"] for row, info in zip(rows, infos, strict=True)]
+    table = [header, *rows]
     widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

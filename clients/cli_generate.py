@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from typing import Any
 
 HELP = "Generate text through a running adapterd, streaming it to the terminal."
@@ -23,11 +24,20 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", default=None, help="client private key (PEM), for mutual TLS")
 
 
-def _read(path: str | None) -> bytes | None:
+def _usage_error(message: str) -> typing.NoReturn:
+    """One line on stderr and exit 2, as argparse ends a usage error (no traceback)."""
+    print(f"adapterd: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _read(path: str | None, flag: str) -> bytes | None:
     if path is None:
         return None
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        _usage_error(f"{flag} {path}: {exc.strerror}")
 
 
 def connect(args: argparse.Namespace) -> Any:
@@ -38,25 +48,42 @@ def connect(args: argparse.Namespace) -> Any:
     from adapterd.clients.client import AdapterdClient
 
     if (args.tls_cert is None) != (args.tls_key is None):
-        raise SystemExit("--tls-cert and --tls-key go together")
+        _usage_error("--tls-cert and --tls-key go together")
     credentials = None
     if args.tls_ca or args.tls_cert:
-        credentials = grpc.ssl_channel_credentials(root_certificates=_read(args.tls_ca),
-                                                   private_key=_read(args.tls_key),
-                                                   certificate_chain=_read(args.tls_cert))
+        credentials = grpc.ssl_channel_credentials(root_certificates=_read(args.tls_ca, "--tls-ca"),
+                                                   private_key=_read(args.tls_key, "--tls-key"),
+                                                   certificate_chain=_read(args.tls_cert, "--tls-cert"))
     token = args.token or os.environ.get("ADAPTERD_TOKEN") or None
     return AdapterdClient(args.target, token=token, credentials=credentials)
+
+
+def count(text: str) -> int:
+    """A whole number >= 0 (the request's fields are unsigned): argparse names the flag if not."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
     parser.add_argument("--adapter", default="", help="adapter id under the daemon's adapter root (empty: base)")
     parser.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
-    parser.add_argument("--max-new-tokens", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=count, default=0, help="most tokens to generate (default: 0, the "
+                                                                      "daemon's --default-max-new-tokens)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    parser.add_argument("--top-k", type=count, default=0, help="sample from the k likeliest tokens (default: 0, off)")
+    parser.add_argument("--top-p", type=float, default=0.0, help="sample from the smallest set of tokens whose "
+                                                                 "probabilities add up to p (default: 0, off)")
+    parser.add_argument("--seed", type=count, default=None, help="sampling seed, for a repeatable answer "
+                                                               "(default: random, chosen by the daemon)")
+    parser.add_argument("--truncate-input-tokens", type=count, default=0, metavar="N",
+                        help="keep only the last N tokens of a longer prompt instead of refusing it "
+                             "(default: 0, refuse)")
     parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     parser.add_argument("--no-stream", action="store_true", help="one unary call instead of a stream")
 
@@ -66,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p, "seed": args.seed, "stop_sequences": args.stop}
+              "top_p": args.top_p, "seed": args.seed, "stop_sequences": args.stop,
+              "truncate_input_tokens": args.truncate_input_tokens}
     with connect(args) as client:
         try:
             if args.no_stream:

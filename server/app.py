@@ -156,7 +156,11 @@ async def start_daemon(config: ServerConfig) -> Daemon:
                ("grpc.max_send_message_length", config.max_message_bytes)]
     metrics = DaemonMetrics.for_config(config) if config.metrics_port is not None else None
     if metrics is not None:
-        metrics.start_http(config.metrics_port, config.host)
+        try:
+            metrics.start_http(config.metrics_port, config.host)
+        except OSError as exc:
+            raise ValueError(f"--metrics-port {config.metrics_port}: cannot listen on {config.host}: "
+                             f"{exc.strerror or exc}") from exc
     interceptors: list[grpc.aio.ServerInterceptor] = [metrics.interceptor] if metrics is not None else []
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
@@ -185,12 +189,14 @@ async def start_daemon(config: ServerConfig) -> Daemon:
 
 
 async def serve(config: ServerConfig, grace: float = 30.0) -> None:
-    """Run until SIGTERM/SIGINT, then drain and return. A bad base directory, tokens file or TLS file
-    exits 2 and a base that fails to load exits 1, each with one log line saying why."""
+    """Run until SIGTERM/SIGINT, then drain and return. A bad base directory, tokens file or TLS file, or an
+    address or port that cannot be bound, exits 2 and a base that fails to load exits 1, each with one log line
+    saying why."""
     try:
         daemon = await start_daemon(config)
-    except ValueError as exc:
-        log.error("cannot start: %s", exc)
+    except (ValueError, OSError, RuntimeError) as exc:  # a bad flag or file, a port that cannot be bound
+        log.debug("start-up failed", exc_info=True)  # the operator needs the one line; a developer the trace
+        log.error("cannot start: %s", _start_error(exc, config))
         raise SystemExit(2) from None
     print(f"adapterd listening on {config.host}:{daemon.port}", flush=True)
     shutdown = Shutdown(asyncio.get_running_loop(), grace)
@@ -199,6 +205,15 @@ async def serve(config: ServerConfig, grace: float = 30.0) -> None:
         await _serve_until_stopped(daemon, shutdown)
     finally:
         shutdown.uninstall()
+
+
+def _start_error(exc: BaseException, config: ServerConfig) -> str:
+    """The one line for a start-up error, naming the flags at fault: gRPC's own message for an address it
+    cannot bind names neither flag nor cause."""
+    if isinstance(exc, RuntimeError) and "Failed to bind" in str(exc):
+        return (f"--host {config.host} --port {config.port}: cannot listen there (the port is taken, or the host "
+                "is not an address of this machine)")
+    return str(exc)
 
 
 async def _serve_until_stopped(daemon: Daemon, shutdown: Shutdown) -> None:

@@ -11,10 +11,9 @@ from typing import Any
 import torch
 
 from adapterd.server.architecture import AttentionLayout, check_config
+from adapterd.server.config import QUANTIZATIONS  # one list: the command line's choices too
 
 log = logging.getLogger(__name__)
-
-QUANTIZATIONS = ("int8", "nf4", "none")
 
 
 @dataclass

@@ -136,3 +136,140 @@ def test_sigterm_exits_within_the_grace_period_whatever_is_stuck(tiny_model_dir,
     log = proc.stderr.read()
     assert returncode == 0, log[-3000:]
     assert "shutting down" in log and "Traceback" not in log, log[-3000:]
+
+
+# ------------------------------------------------------------------------------- operator errors, pipes, flags
+
+
+def _one_line_error(out: subprocess.CompletedProcess, flag: str) -> str:
+    """Exit 2, no traceback, and one error line naming ``flag``; returns that line."""
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if re.search(r"error: | ERROR ", line)]
+    assert len(errors) == 1 and flag in errors[0], out.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--quantization", "int4"], "--quantization"),
+    (["--max-batch-size", "0"], "--max-batch-size"),
+    (["--gil-switch-interval-ms", "fast"], "--gil-switch-interval-ms"),
+    (["--port", "65536"], "--port"),
+    (["--log-level", "loud"], "--log-level"),
+    (["--tls-cert", "server.crt"], "--tls-key"),
+    (["--default-max-new-tokens", "2000"], "--default-max-new-tokens"),
+])
+def test_serve_usage_errors_are_one_line_naming_the_flag(tiny_model_dir, adapter_root, flags, named):
+    out = subprocess.run([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root), *flags],
+                         env=ENV, capture_output=True, text=True, timeout=60)
+    assert len(out.stderr.splitlines()) == 1  # before any log line: nothing else is said
+    _one_line_error(out, named)
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--truncate-input-tokens", "-1"], "--truncate-input-tokens"),  # an unsigned field of the request
+    (["--max-new-tokens", "many"], "--max-new-tokens"),
+    (["--tls-ca", "/nonexistent/ca.pem"], "--tls-ca /nonexistent/ca.pem"),
+    (["--tls-cert", "me.crt"], "--tls-key"),
+])
+def test_generate_usage_errors_are_one_line_naming_the_flag(flags, named):
+    out = subprocess.run([*CLI, "generate", "--prompt", "hi", "--target", "127.0.0.1:9", *flags], env=ENV,
+                         capture_output=True, text=True, timeout=60)
+    assert len(out.stderr.splitlines()) == 1
+    _one_line_error(out, named)
+
+
+def test_serve_refuses_a_missing_adapter_root_naming_the_flag(tiny_model_dir, tmp_path):
+    out = subprocess.run([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(tmp_path / "none")],
+                         env=ENV, capture_output=True, text=True, timeout=60)
+    assert "is not a directory" in _one_line_error(out, "--adapters")
+
+
+def _serve_fails(tiny_model_dir, adapter_root, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root),
+                           "--quantization", "none", "--port", "0", *flags],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_serve_refuses_a_busy_metrics_port_naming_it(tiny_model_dir, adapter_root):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        out = _serve_fails(tiny_model_dir, adapter_root, "--metrics-port", port)
+    assert "Address already in use" in _one_line_error(out, f"--metrics-port {port}")
+
+
+def test_serve_refuses_a_certificate_that_does_not_match_its_key(tiny_model_dir, adapter_root, tmp_path):
+    from tests.server.test_security import _make_pki
+
+    pki = _make_pki(tmp_path)
+    out = _serve_fails(tiny_model_dir, adapter_root, "--tls-cert", str(pki["server.crt"]),
+                       "--tls-key", str(pki["client.key"]))
+    line = _one_line_error(out, f"--tls-key {pki['client.key']}")
+    assert "does not match" in line and str(pki["server.crt"]) in line
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_naming_it(tiny_model_dir, adapter_root):
+    out = _serve_fails(tiny_model_dir, adapter_root, "--host", "192.0.2.1")  # TEST-NET-1: no machine's own
+    assert "cannot listen there" in _one_line_error(out, "--host 192.0.2.1 --port 0")
+
+
+@pytest.mark.parametrize("command", [["adapters", "list"], ["generate", "--prompt", "hello", "--max-new-tokens", "4"]])
+def test_output_into_a_closed_pipe_ends_quietly(served, command):
+    """``adapterd adapters list | head -2``: the reader leaves early; the command ends as Unix tools do."""
+    _, target = served
+    proc = subprocess.Popen([*CLI, *command, "--target", target], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    assert proc.wait(60) == 128 + signal.SIGPIPE
+    assert proc.stderr.read() == ""
+
+
+def test_generate_truncate_input_tokens(served):
+    """The too-long prompt's error suggests truncate_input_tokens: the command line can set it."""
+    _, target = served
+    prompt = "hello world " * 300  # more tokens than the tiny model's context
+    argv = [*CLI, "generate", "--target", target, "--prompt", prompt, "--max-new-tokens", "4", "--no-stream"]
+    refused = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr and "truncate" in refused.stderr
+    kept = subprocess.run([*argv, "--truncate-input-tokens", "16"], env=ENV, capture_output=True, text=True,
+                          timeout=60)
+    assert kept.returncode == 0, kept.stderr
+    with AdapterdClient(target) as c:
+        expected = c.generate(prompt, max_new_tokens=4, truncate_input_tokens=16).text
+    assert kept.stdout == expected + "\n"
+
+
+def test_help_is_fast_and_imports_no_torch():
+    """``--help`` answers at once: the command modules import torch only when they run."""
+    for command in ("serve", "merge", "generate", "adapters", "train"):
+        code = ("import sys, contextlib, io; from adapterd.cli import main\n"
+                "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+                f"    main(['{command}', '--help'])\n"
+                "assert 'torch' not in sys.modules, 'torch imported'")
+        out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"{command}: {out.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("command", ["serve", "generate", "adapters", "health", "train", "merge", "tiny-model",
+                                     "demo"])
+def test_every_option_has_help_showing_its_default(command):
+    import importlib
+
+    from adapterd.cli import COMMANDS, Parser
+
+    parser = Parser(prog=f"adapterd {command}")
+    importlib.import_module(COMMANDS[command]).add_arguments(parser)
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        formatter = parser._get_formatter()
+        formatter.add_argument(action)
+        text = " ".join(formatter.format_help().split())
+        flag = action.option_strings[-1]
+        assert len(text) > len(" ".join(action.option_strings)) + 12, f"{flag} has no help: {text}"
+        has_default = not (action.default is None or action.default is False or action.default in ("", []))
+        assert not has_default or "default" in text, f"{flag} hides its default {action.default!r}: {text}"

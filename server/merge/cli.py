@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="linear",
                         help="how adapters combine into a new adapter (PEFT's add_weighted_adapter)")
     parser.add_argument("--density", type=float, help="ties/dare: fraction of weights kept, in (0, 1]")
-    parser.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total")
+    parser.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total",
+                        help="ties, dare_ties: elect each weight's sign by the sum of values or by the count")
     parser.add_argument("--seed", type=int, help="dare: seed for the random drop (default: random, printed)")
     parser.add_argument("--rank", type=int, default=0, help="svd: rank of the new adapter (0: largest input)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
