@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from adapterd.server.adapters.lora import check_finite
+from adapterd.server.adapters.lora_weights import check_finite
 from adapterd.server.errors import FailedPrecondition
 
 

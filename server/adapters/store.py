@@ -31,7 +31,7 @@ from adapterd.server.adapters.files import (
     read_config,
 )
 from adapterd.server.adapters.ids import discover_adapter_ids, resolve_adapter_dir
-from adapterd.server.adapters.lora import LoraWeights, parse_lora
+from adapterd.server.adapters.lora_weights import LoraWeights, parse_lora
 from adapterd.server.adapters.prefix import PrefixWeights, parse_prefix
 from adapterd.server.errors import AdapterdError, DataLoss, FailedPrecondition, ResourceExhausted
 from adapterd.server.pinned import DEFAULT_MAX_BYTES, HostBufferPool

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from adapterd.server.adapters.lora import LoraModule, LoraSlotTable, LoraWeights
+from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
 
 
 def weights(name: str, r: int, in_f: int, out_f: int, scaling: float, seed: int) -> LoraWeights:
@@ -138,7 +139,7 @@ def _tensors(r: int = 4, a_value: float | None = None, b_value: float | None = N
     ({KEY.format("A"): torch.tensor(1.0), KEY.format("B"): torch.ones(10, 4)}, {}, "do not fit the base"),
 ])
 def test_non_finite_weights_and_scalings_are_refused_naming_the_tensor(tensors, config, words):
-    from adapterd.server.adapters.lora import parse_lora
+    from adapterd.server.adapters.lora_weights import parse_lora
     from adapterd.server.errors import FailedPrecondition
 
     with pytest.raises(FailedPrecondition) as err:
@@ -148,7 +149,7 @@ def test_non_finite_weights_and_scalings_are_refused_naming_the_tensor(tensors, 
 
 def test_scaled_b_is_checked_in_the_serving_dtype():
     """fp32 weights of 1e5 are fine in fp32 and bf16, and inf in fp16 (max 65504)."""
-    from adapterd.server.adapters.lora import parse_lora
+    from adapterd.server.adapters.lora_weights import parse_lora
     from adapterd.server.errors import FailedPrecondition
 
     tensors = _tensors(b_value=1e5)

@@ -7,7 +7,7 @@ import time
 import pytest
 from peft.utils.other import get_pattern_key
 
-from adapterd.server.adapters.lora import _pattern_value
+from adapterd.server.adapters.lora_weights import _pattern_value
 from adapterd.server.adapters.patterns import pattern_key
 from adapterd.server.errors import FailedPrecondition
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from adapterd.server.adapters.lora import LoraModule, LoraSlotTable, LoraWeights
+from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
 from adapterd.server.kernels import lora_kernel_available
 
 kb = pytest.importorskip("adapterd.server.kernels.lora_bgmv", reason="needs triton (the dev extra, Linux)")
