@@ -179,7 +179,8 @@ def load_adapter_weights(peft_model: Any, checkpoint: Path) -> None:
 
 def export_adapter(source: Path, target: Path) -> Path:
     """Copy an adapter directory to ``target`` atomically (copy to a sibling temporary name, then rename).
-    Only the adapter's own files travel, not the trainer state. Refuses to overwrite, and refuses an adapter
+    Only the adapter's own files travel, not the trainer state, and only their contents: the copies follow the
+    process umask like any other output, not the checkpoint files' modes. Refuses to overwrite, and refuses an adapter
     whose weights are not all finite (a checkpoint written by an older version, say)."""
     if target.exists():
         raise FileExistsError(f"{target} already exists")
@@ -190,7 +191,7 @@ def export_adapter(source: Path, target: Path) -> Path:
     tmp.mkdir()
     for p in source.iterdir():
         if p.is_file() and p.name.startswith(("adapter_", "README")):
-            shutil.copy2(p, tmp / p.name)
+            shutil.copyfile(p, tmp / p.name)
     _fsync_tree(tmp)
     os.rename(tmp, target)
     return target
