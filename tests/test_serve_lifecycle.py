@@ -58,7 +58,7 @@ def test_a_second_daemon_on_a_served_port_is_refused_naming_the_port(daemon, tin
     proc, port = daemon
     second = _serve(tiny_model_dir, adapter_root, str(port), stderr=subprocess.PIPE)
     try:
-        out, err = second.communicate(timeout=120)  # the refused one ends; a sharing one would stay up
+        out, err = second.communicate(timeout=60)  # the refused one ends; a sharing one would stay up
     finally:
         if second.poll() is None:
             second.kill()
