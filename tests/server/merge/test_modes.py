@@ -72,3 +72,22 @@ def test_an_exported_trained_adapter_follows_the_umask(adapter_root, tmp_path, u
         path.chmod(0o600)  # written under a stricter umask, or by another tool
     out = export_adapter(source, tmp_path / "exported" / "v1")
     assert _modes(out) == _expected(out, umask)
+
+
+def test_a_training_checkpoint_follows_the_umask(tiny_model_dir, tmp_path, umask):
+    """PEFT's ``save_pretrained`` writes the weights through safetensors, whose files are 0600 whatever the
+    umask: a checkpoint (which ``--resume`` and the daemon read) must follow the umask like the rest."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapterd.trainer.checkpoint import DataPosition, save_checkpoint
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    out = save_checkpoint(tmp_path / "run", 2, model, optimizer, scheduler, DataPosition(), {"loss": 1.0},
+                          keep_last=0)
+    assert (out / "adapter_model.safetensors").is_file()
+    assert _modes(out) == _expected(out, umask)
