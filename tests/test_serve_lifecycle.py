@@ -24,8 +24,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def _serve(tiny_model_dir, adapter_root, port: str = "0", stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """``adapterd serve`` on the CPU, also on a GPU machine: the drain test needs a stream that lasts about a
+    second or more after SIGTERM (400 tokens: ~2 s on the 2-core machine), which CUDA graphs would shorten."""
     return subprocess.Popen([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root),
-                             "--quantization", "none", "--port", port, "--grace", "30"],
+                             "--quantization", "none", "--device", "cpu", "--port", port, "--grace", "30"],
                             env=ENV, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 

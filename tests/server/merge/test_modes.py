@@ -1,5 +1,6 @@
-"""Merged models and adapters follow the process umask like any other file (not the 0700 of a temporary
-directory, nor the modes of the base's files): another user or a container user must be able to read them."""
+"""Merged models and adapters, training checkpoints and exported trained adapters follow the process umask
+like any other file (not the 0700 of a temporary directory, the 0600 of safetensors' files, nor the modes of
+the files they copy): another user or a container user must be able to read them."""
 
 from __future__ import annotations
 
