@@ -50,8 +50,8 @@ from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Adapterd"].full_name  # "adapterd.v1.Adapterd"
-# Any one of these makes a tokenizer (fast, SentencePiece, BPE, WordPiece, tiktoken).
 DRAIN_POLL_S = 0.05  # how often the drain looks at the count of calls in progress, seconds
+# Any one of these makes a tokenizer (fast, SentencePiece, BPE, WordPiece, tiktoken).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
                    "tokenizer.tiktoken")
 
@@ -118,7 +118,8 @@ class Daemon:
             await self.health.set(name, status)
 
     async def shutdown(self, grace: float = 30.0) -> bool:
-        """Drain: calls in flight get ``grace`` seconds, then grpc cancels them. Each step is bounded by
+        """Drain: calls in flight get ``grace`` seconds, the port still open (health NOT_SERVING), then the
+        server stops and grpc cancels what is left. Each step is bounded by
         ``grace`` plus a margin; returns False when one did not end in time (a call ignoring its
         cancellation, an engine that does not stop)."""
         self.state.draining = True
@@ -134,7 +135,6 @@ class Daemon:
         for extra in self.extras:
             extra.close()
         return drained
-
 
     async def _calls_finished(self, deadline: float) -> None:
         """Wait until no Adapterd call is in progress, or the loop's clock reaches ``deadline``. The port stays
