@@ -119,9 +119,8 @@ class Daemon:
 
     async def shutdown(self, grace: float = 30.0) -> bool:
         """Drain: calls in flight get ``grace`` seconds, the port still open (health NOT_SERVING), then the
-        server stops and grpc cancels what is left. Each step is bounded by
-        ``grace`` plus a margin; returns False when one did not end in time (a call ignoring its
-        cancellation, an engine that does not stop)."""
+        server stops and grpc cancels what is left. Each step is bounded by ``grace`` plus a margin; returns
+        False when one did not end in time (a call ignoring its cancellation, an engine that does not stop)."""
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
         loop = asyncio.get_running_loop()
