@@ -3,7 +3,13 @@
 The gRPC port opens at once with health NOT_SERVING, so orchestrators see the process; the base model
 loads in a worker thread, and health turns SERVING when it is ready. On SIGTERM or SIGINT health turns
 NOT_SERVING, new requests get UNAVAILABLE, requests in flight get ``grace`` seconds to finish, and the process
-ends within ``grace`` plus a margin whatever is still blocked (``server/shutdown.py``).
+ends within ``grace`` plus a margin whatever is still blocked (``server/shutdown.py``). The port stays open
+while the calls in flight finish, so that clients and probes read NOT_SERVING: grpc's ``server.stop`` closes
+the listener and refuses every new call, health included, so it comes only once the drain is over.
+
+The port is never shared with another process: grpc sets SO_REUSEPORT by default, and a second daemon on a
+served port would print "listening" while the kernel split clients between the two. Several front ends of our
+own on one port (issue 14) must ask for it in code (``start_daemon(..., share_port=True)``).
 
 Interceptors, outermost first: metrics (so that refusals are counted with their code), authentication, then
 the concurrent-RPC budgets (``server/limits.py``), so that no call holds a slot of the callers' budget before
@@ -44,6 +50,7 @@ from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Adapterd"].full_name  # "adapterd.v1.Adapterd"
+DRAIN_POLL_S = 0.05  # how often the drain looks at the count of calls in progress, seconds
 # Any one of these makes a tokenizer (fast, SentencePiece, BPE, WordPiece, tiktoken).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
                    "tokenizer.tiktoken")
@@ -111,18 +118,31 @@ class Daemon:
             await self.health.set(name, status)
 
     async def shutdown(self, grace: float = 30.0) -> bool:
-        """Drain: calls in flight get ``grace`` seconds, then grpc cancels them. Each step is bounded by
-        ``grace`` plus a margin; returns False when one did not end in time (a call ignoring its
-        cancellation, an engine that does not stop)."""
+        """Drain: calls in flight get ``grace`` seconds, the port still open (health NOT_SERVING), then the
+        server stops and grpc cancels what is left. Each step is bounded by ``grace`` plus a margin; returns
+        False when one did not end in time (a call ignoring its cancellation, an engine that does not stop)."""
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
-        drained = await _within(self.server.stop(grace), grace + SHUTDOWN_MARGIN_S, "stopping the server")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await self._calls_finished(deadline)
+        left = max(0.0, deadline - loop.time())  # what the drain left of the grace period, seconds
+        drained = await _within(self.server.stop(left), left + SHUTDOWN_MARGIN_S, "stopping the server")
         if self.state.runtime is not None:
             drained &= await _within(asyncio.to_thread(self.state.runtime.close), SHUTDOWN_MARGIN_S,
                                      "stopping the engine")
         for extra in self.extras:
             extra.close()
         return drained
+
+    async def _calls_finished(self, deadline: float) -> None:
+        """Wait until no Adapterd call is in progress, or the loop's clock reaches ``deadline``. The port stays
+        open meanwhile: health answers NOT_SERVING, new Adapterd calls get UNAVAILABLE (``state.draining``)."""
+        if self.budgets is None:
+            return
+        loop = asyncio.get_running_loop()
+        while self.budgets.callers.in_use > 0 and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
 
 
 async def _within(awaitable: Awaitable[object], seconds: float, what: str) -> bool:
@@ -135,8 +155,12 @@ async def _within(awaitable: Awaitable[object], seconds: float, what: str) -> bo
         return False
 
 
-async def start_daemon(config: ServerConfig) -> Daemon:
+async def start_daemon(config: ServerConfig, *, share_port: bool = False) -> Daemon:
     """Open the port (health NOT_SERVING) and return; call ``Daemon.load`` to load the model.
+
+    ``share_port``: let other servers that ask for it too listen on the same port (SO_REUSEPORT), the kernel
+    spreading connections among them; only for front ends of one deployment. Off, a port another process
+    serves is refused like any busy port.
 
     The base directory, the tokens file and the TLS files are checked first: a bad one stops start-up with
     its name before anything listens. Interceptors run outermost first: metrics, then auth, then the RPC
@@ -153,7 +177,8 @@ async def start_daemon(config: ServerConfig) -> Daemon:
     credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
                    if config.tls_cert is not None else None)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes)]
+               ("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.so_reuseport", int(share_port))]  # grpc's default is 1: see the module docstring
     metrics = DaemonMetrics.for_config(config) if config.metrics_port is not None else None
     if metrics is not None:
         try:
@@ -211,8 +236,8 @@ def _start_error(exc: BaseException, config: ServerConfig) -> str:
     """The one line for a start-up error, naming the flags at fault: gRPC's own message for an address it
     cannot bind names neither flag nor cause."""
     if isinstance(exc, RuntimeError) and "Failed to bind" in str(exc):
-        return (f"--host {config.host} --port {config.port}: cannot listen there (the port is taken, or the host "
-                "is not an address of this machine)")
+        return (f"--host {config.host} --port {config.port}: cannot listen there (another process, perhaps "
+                "another adapterd, serves that port, or the host is not an address of this machine)")
     return str(exc)
 
 

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ def save_checkpoint(run_dir: Path, step: int, peft_model: Any, optimizer: torch.
     torch.save(state, tmp / STATE_FILE)
     summary = {"step": step, **asdict(position), **{k: v for k, v in extra.items() if _jsonable(v)}}
     (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    _modes_like(tmp, tmp / "trainer_state.json")
     _fsync_tree(tmp)
     if final.exists():  # e.g. resumed from an older checkpoint: the newer one belongs to another timeline
         trash = run_dir / f".checkpoint-{step}.tmp-old-{os.getpid()}"
@@ -150,6 +152,17 @@ def save_checkpoint(run_dir: Path, step: int, peft_model: Any, optimizer: torch.
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _modes_like(directory: Path, reference: Path) -> None:
+    """Give every file in ``directory`` the mode of ``reference``, a file just made with ``open``, hence the
+    process umask's. safetensors writes the weights (inside PEFT's ``save_pretrained``) through a temporary
+    file of mode 0600, which would keep a checkpoint from any other reader whatever the umask. The umask is
+    read this way because ``os.umask`` can only be read by setting it, for every thread at once."""
+    mode = stat.S_IMODE(reference.stat().st_mode)
+    for path in directory.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def _jsonable(value: Any) -> bool:
@@ -179,7 +192,8 @@ def load_adapter_weights(peft_model: Any, checkpoint: Path) -> None:
 
 def export_adapter(source: Path, target: Path) -> Path:
     """Copy an adapter directory to ``target`` atomically (copy to a sibling temporary name, then rename).
-    Only the adapter's own files travel, not the trainer state. Refuses to overwrite, and refuses an adapter
+    Only the adapter's own files travel, not the trainer state, and only their contents: the copies follow the
+    process umask like any other output, not the checkpoint files' modes. Refuses to overwrite, and refuses an adapter
     whose weights are not all finite (a checkpoint written by an older version, say)."""
     if target.exists():
         raise FileExistsError(f"{target} already exists")
@@ -190,7 +204,7 @@ def export_adapter(source: Path, target: Path) -> Path:
     tmp.mkdir()
     for p in source.iterdir():
         if p.is_file() and p.name.startswith(("adapter_", "README")):
-            shutil.copy2(p, tmp / p.name)
+            shutil.copyfile(p, tmp / p.name)
     _fsync_tree(tmp)
     os.rename(tmp, target)
     return target

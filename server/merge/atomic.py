@@ -5,6 +5,10 @@ atomic: a reader sees either no directory or a complete one. Any failure (bad ad
 progress callback that raises to cancel, KeyboardInterrupt) removes the temporary directory, so nothing that
 looks like a model or an adapter is left behind. A process killed with SIGKILL can leave a hidden
 ``.<name>.tmp-*`` directory; it never has the target's name.
+
+The temporary directory is made with ``os.mkdir``, not ``tempfile.mkdtemp``: mkdtemp's mode is 0700, which the
+rename would publish, so a merged model or adapter could be read by its owner alone. ``os.mkdir`` follows the
+process umask, like every file written into the directory.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -66,6 +69,17 @@ def remove_replaced(old: Path) -> None:
         log.warning("a replaced output was kept at %s: it held entries added while it was replaced", old)
 
 
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new directory ``parent/<prefix><random>``, its mode from the umask (see the module docstring)."""
+    while True:
+        path = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # 48 random bits: practically never; then draw another name
+            continue
+
+
 class AtomicDir:
     """``with AtomicDir(target, ...) as tmp:`` write into ``tmp``; on a clean exit it becomes ``target``."""
 
@@ -79,7 +93,7 @@ class AtomicDir:
     def __enter__(self) -> Path:
         check_target(self.target, self.overwrite, self.marker, self.field)
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.tmp = make_temp_dir(self.target.parent, f".{self.target.name}.tmp-")
         return self.tmp
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ..errors import FailedPrecondition
 from .lora import LoraAdapter, LoraModule
@@ -110,7 +110,12 @@ def combine(adapters: list[tuple[LoraAdapter, float]], strategy: Strategy, opts:
 
 
 def write_adapter(out_dir: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> int:
-    """Write the adapter files into ``out_dir`` (the caller publishes it atomically); returns bytes."""
-    save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    """Write the adapter files into ``out_dir`` (the caller publishes it atomically); returns bytes.
+
+    The weights are serialised in memory (an adapter is MBs) and written with ``open``: ``save_file`` writes
+    through a temporary file of mode 0600, which would leave the adapter readable by its owner alone whatever
+    the umask."""
+    with open(out_dir / "adapter_model.safetensors", "wb") as f:
+        f.write(save(state, metadata={"format": "pt"}))
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())

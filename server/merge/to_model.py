@@ -154,13 +154,14 @@ def _write_shard(out_dir: Path, plan: ShardPlan, targets: dict[str, list[Target]
 
 
 def copy_side_files(base_dir: Path, out_dir: Path) -> None:
-    """Copy config, generation config, tokenizer and any other non-weight top-level files."""
+    """Copy config, generation config, tokenizer and any other non-weight top-level files: their contents
+    only, so that the copies follow the umask rather than the base's modes (often read-only or private)."""
     for path in sorted(base_dir.iterdir()):
         if not path.is_file() or path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
             continue
         if path.name == PROVENANCE_FILE:
             continue
-        shutil.copy2(path, out_dir / path.name)
+        shutil.copyfile(path, out_dir / path.name)
 
 
 def write_provenance(out_dir: Path, base_dir: Path, adapters: list[tuple[LoraAdapter, float]]) -> None:
