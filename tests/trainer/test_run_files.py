@@ -10,9 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from adapterd.trainer import runlock
 from adapterd.trainer.loop import train
-from adapterd.trainer.resume import truncate_metrics
 from tests.trainer.conftest import train_argv
 
 
@@ -78,6 +76,8 @@ def test_stop_file_is_consumed_and_a_stale_one_does_not_stop_a_resume(make_confi
 
 
 def test_a_second_trainer_on_a_live_run_is_refused(make_config, subprocess_env):
+    from adapterd.trainer import runlock
+
     cfg = make_config(max_steps=2)
     run = Path(cfg.output)
     run.mkdir(parents=True)
@@ -95,6 +95,8 @@ def test_a_second_trainer_on_a_live_run_is_refused(make_config, subprocess_env):
 
 
 def test_metrics_are_cut_back_to_the_restart_step(tmp_path):
+    from adapterd.trainer.resume import truncate_metrics
+
     rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)]
     (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 5, "lo')  # a kill cut the last line
     truncate_metrics(tmp_path, 2)
