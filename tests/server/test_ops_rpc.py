@@ -158,7 +158,7 @@ def test_a_killed_trainer_is_failed_in_the_next_scrape_and_in_train_status(ops_c
     import time
 
     from adapterd.demo import DATA
-    from adapterd.trainer.runlock import process_alive
+    from adapterd.trainer.runlock import lock_held, process_alive
 
     ops_client.start_training(pb.StartTrainingRequest(
         data_path=str(DATA), method="lora", run_id="rpc-killed",
@@ -167,10 +167,12 @@ def test_a_killed_trainer_is_failed_in_the_next_scrape_and_in_train_status(ops_c
     for update in ops_client.watch_training("rpc-killed"):
         if update.runs[0].step >= 1:
             break
-    status = json.loads((ops_daemon.work / "runs" / "rpc-killed" / "status.json").read_text())
+    run_dir = ops_daemon.work / "runs" / "rpc-killed"
+    status = json.loads((run_dir / "status.json").read_text())
     os.kill(status["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while process_alive(status["pid"], status["pid_start"]) and time.monotonic() < deadline:
+    # The leader thread turns zombie before the last thread lets go of the process's files (and its lock).
+    while (process_alive(status["pid"]) or lock_held(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.05)
     parsed = samples(scrape(ops_daemon.metrics_port))
     assert value(parsed, "adapterd_training_state", run_id="rpc-killed", state="failed") == 1
