@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterd.trainer.config import ConfigError, TrainConfig, add_config_arguments, cli_fields
-from adapterd.trainer.resume import completed_run, saved_config
+from adapterd.trainer.resume import completed_run, export_missing, saved_config
 from adapterd.trainer.runlock import RunBusy
 
 HELP = ("Train a LoRA or P-Tuning v2 adapter on Alpaca-style data (JSON list or JSON lines); writes "
@@ -87,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     done = completed_run(cfg)  # before torch loads: nothing to do, nothing to write
     if done is not None:
+        exported = export_missing(cfg, done) if os.environ.get("RANK", "0") == "0" else None
         _report(f"run {cfg.output} already completed at step {done.get('step')}/{done.get('total_steps')}; "
-                "nothing to do (--max-steps or --epochs above the run's would extend it)")
+                "nothing to do (--max-steps or --epochs above the run's would extend it)"
+                + (f"; exported its final adapter again to {exported}" if exported else ""))
         return 0
     tty = sys.stderr.isatty() and not args.no_progress
     console = logging.StreamHandler(sys.stderr)

@@ -100,6 +100,7 @@ def train(cfg: TrainConfig, *, stop: threading.Event | None = None, progress: bo
     cfg.validate()
     done = resume_mod.completed_run(cfg)
     if done is not None:
+        resume_mod.export_missing(cfg, done)
         return done
     started_unix = time.time() if started_unix is None else started_unix
     rank, world = _dist()

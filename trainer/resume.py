@@ -1,7 +1,8 @@
 """What a starting trainer finds in its run directory, before any model loads (standard library only, so the
 command line can answer without importing torch):
 
-- a completed run asked to ``--resume`` from its newest checkpoint with the same length: nothing to do;
+- a completed run asked to ``--resume`` from its newest checkpoint with the same length: nothing to do (but
+  export its final adapter again where ``--export-adapter`` asks and nothing is there);
 - the saved ``train_config.json``, whose critical settings a resume must keep;
 - a ``STOP`` file older than this trainer: left by an earlier stop request, it is removed, with a warning,
   instead of stopping the new run at once;
@@ -65,6 +66,17 @@ def completed_run(cfg: TrainConfig) -> dict[str, Any] | None:
     if any(name in saved and saved[name] != getattr(cfg, name) for name in LENGTH_OPTIONS):
         return None
     return status
+
+
+def export_missing(cfg: TrainConfig, status: dict[str, Any]) -> Path | None:
+    """For a completed run: copy its final adapter to ``--export-adapter`` when that is asked for and absent
+    (deleted since, say); the only write a resume of a completed run makes. The path, or None."""
+    if not cfg.export_adapter or Path(cfg.export_adapter).exists():
+        return None
+    from adapterd.trainer.checkpoint import export_adapter  # torch: only on this path
+
+    final = Path(status.get("final_adapter") or cfg.run_dir / "final")
+    return export_adapter(final, Path(cfg.export_adapter))
 
 
 def clear_stale_stop(run_dir: Path, started_unix: float) -> bool:

@@ -29,8 +29,11 @@ def _steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_of_a_completed_run_says_so_and_changes_nothing(make_config, subprocess_env):
-    cfg = make_config(max_steps=4, save_steps=2)
+def test_resume_of_a_completed_run_says_so_and_changes_nothing(make_config, subprocess_env, tmp_path):
+    import shutil
+
+    exported = tmp_path / "exported"
+    cfg = make_config(max_steps=4, save_steps=2, export_adapter=str(exported))
     train(cfg)
     run = Path(cfg.output)
     before = _snapshot(run)
@@ -41,6 +44,14 @@ def test_resume_of_a_completed_run_says_so_and_changes_nothing(make_config, subp
     assert _snapshot(run) == before
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "completed" and status["loss"] is not None and status["tokens_per_second"] > 0
+
+    # The exported adapter deleted since: the resume (as the demo re-runs it) exports it again, and only that.
+    shutil.rmtree(exported)
+    out = _resume(cfg, subprocess_env)
+    assert out.returncode == 0 and f"exported its final adapter again to {exported}" in out.stderr, out.stderr
+    weights = "adapter_model.safetensors"
+    assert (exported / weights).read_bytes() == (run / "final" / weights).read_bytes()
+    assert _snapshot(run) == before
 
 
 def test_stop_file_is_consumed_and_a_stale_one_does_not_stop_a_resume(make_config, subprocess_env, monkeypatch):
