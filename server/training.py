@@ -6,9 +6,11 @@ process: training and serving would otherwise share one GIL, one CUDA context an
 manager knows about a run it reads from ``RUNS_ROOT/RUN_ID/status.json``, which the trainer rewrites
 atomically every step, so runs started by an earlier daemon show up too.
 
-A run whose process is gone while its status.json still says pending/running died without finishing
+A run whose trainer is gone while its status.json still says pending/running died without finishing
 (``kill -9``, out of memory): it is reported, and recorded, as ``failed`` (``stopped`` when a stop had been
-asked for). This class holds no gRPC code; it raises ``adapterd.server.errors`` and the handler maps them.
+asked for). Whether it is gone is ``trainer.runlock``'s rule, the one the metrics collector uses too: the
+trainer's lock on its run directory, else its pid with the pid's start time (a recycled pid is not the
+trainer). This class holds no gRPC code; it raises ``adapterd.server.errors`` and the handler maps them.
 """
 
 from __future__ import annotations
@@ -27,38 +29,20 @@ from typing import Any
 
 from adapterd.server.adapters.ids import resolve_adapter_dir
 from adapterd.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from adapterd.trainer import runlock
 from adapterd.trainer.config import METHODS, QUANTIZATIONS, ConfigError, TrainConfig, option_names, parse_value
-from adapterd.trainer.status import FINAL_STATES, STATUS_FILE, STOP_FILE, Status, read_status, write_json_atomic
+from adapterd.trainer.status import (
+    FINAL_STATES,
+    STATUS_FILE,
+    STOP_FILE,
+    Status,
+    process_start,
+    read_status,
+    write_json_atomic,
+)
 from adapterd.v1 import adapterd_pb2 as pb
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not count)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _is_trainer_of(pid: int, run_dir: Path) -> bool:
-    """Guard against a recycled pid: the process must be ``adapterd ... train`` writing to ``run_dir``."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    args = [a.decode(errors="replace") for a in argv]
-    return "train" in args and any(Path(a).resolve() == run_dir.resolve() for a in args if a.startswith("/"))
 
 
 def _config_export(run_dir: Path) -> Path | None:
@@ -209,7 +193,7 @@ class TrainingManager:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     cwd=run_dir, env=env, start_new_session=True)
         self._procs[run_id] = proc
-        status.pid = proc.pid
+        status.pid, status.pid_start = proc.pid, process_start(proc.pid)  # not yet reaped: still its pid
         payload = {k: v for k, v in vars(status).items() if v is not None}
         if export is not None:
             self._exports[run_id] = export
@@ -231,8 +215,8 @@ class TrainingManager:
         proc = self._procs.get(run_id)
         if proc is not None and proc.poll() is None:
             pid = proc.pid
-        elif not (_alive(pid) and _is_trainer_of(pid, run_dir)):
-            return self.status(run_id)[0]
+        elif payload.get("pid_start") is None or not runlock.process_alive(pid, int(payload["pid_start"])):
+            return self.status(run_id)[0]  # not a process known to be the trainer: the STOP file must do
         try:
             os.killpg(pid, signal.SIGTERM)  # start_new_session: the group id is the trainer's pid
         except (ProcessLookupError, PermissionError):
@@ -251,13 +235,12 @@ class TrainingManager:
                       if p.is_dir() and not p.name.startswith(".") and (p / STATUS_FILE).is_file())
 
     def _process_gone(self, run_id: str, payload: dict[str, Any]) -> int | None | bool:
-        """False while the run's process lives; else its exit code (None when unknown)."""
+        """False while the run's trainer lives; else its exit code (None when unknown)."""
         proc = self._procs.get(run_id)
         if proc is not None and proc.pid == payload.get("pid", proc.pid):
             code = proc.poll()
             return False if code is None else code
-        pid = int(payload.get("pid") or 0)
-        return False if _alive(pid) else None
+        return False if runlock.trainer_alive(self.runs_root / run_id, payload) else None
 
     def _payload(self, run_id: str) -> dict[str, Any]:
         if not RUN_ID.match(run_id or "") or not (self.runs_root / run_id / STATUS_FILE).is_file():
@@ -274,27 +257,9 @@ class TrainingManager:
             if payload.get("state") not in FINAL_STATES:
                 gone = self._process_gone(run_dir.name, payload)
                 if gone is not False:
-                    payload = self._mark_dead(run_dir, payload, gone)
+                    payload = runlock.mark_dead(run_dir, payload, gone)
             out.append(payload)
         return sorted(out, key=lambda p: (p.get("started_unix") or 0.0, p.get("run_id", "")))
-
-    def _mark_dead(self, run_dir: Path, payload: dict[str, Any], code: int | None) -> dict[str, Any]:
-        """Record that the process ended without writing a final state (re-read first: it may have)."""
-        latest = read_status(run_dir) or payload
-        if latest.get("state") in FINAL_STATES:
-            return latest
-        if (run_dir / STOP_FILE).exists():
-            latest["state"] = "stopped"
-            latest["error"] = "stopped before the trainer could write a checkpoint"
-        else:
-            how = "was killed" if code is None or code < 0 else f"exited with status {code}"
-            latest["state"] = "failed"
-            latest["error"] = (f"the trainer process {how} without finishing; see "
-                               f"{run_dir / 'stdout.log'} and {run_dir / 'train.log'}")
-        latest["eta_seconds"] = None
-        latest["updated_unix"] = time.time()
-        write_json_atomic(run_dir / STATUS_FILE, latest)
-        return latest
 
     def status(self, run_id: str = "") -> list[pb.TrainingRun]:
         """Every run under the runs root (oldest first), or the one named; NotFound for an unknown id."""

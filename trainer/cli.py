@@ -5,22 +5,30 @@ SIGTERM or SIGINT (or a file ``RUN_DIR/STOP``) stops the run after the current s
 written, status.json says ``stopped``, and the exit status is 0. ``--resume`` continues from the newest
 checkpoint; ``--resume checkpoint-N`` from that one. With ``--resume``, options left out are taken from the
 run's saved ``train_config.json``, so ``adapterd train --output RUN_DIR --resume`` is enough.
+
+``--resume`` of a completed run (same ``--max-steps`` / ``--epochs``) says so in one line, changes nothing
+and exits 0: the run is where the resume would take it, and a scheduler that re-issues ``--resume`` after a
+preemption must not count a finished run as an error. A second trainer on a run directory that a live one
+holds is refused (exit 2). A ``STOP`` file older than the trainer (left by an earlier stop) is removed with a
+warning; a newer one stops the run and is removed once honoured.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from adapterd.trainer.config import ConfigError, TrainConfig, add_config_arguments, cli_fields
+from adapterd.trainer.resume import completed_run, export_missing, saved_config
+from adapterd.trainer.runlock import RunBusy
 
 HELP = ("Train a LoRA or P-Tuning v2 adapter on Alpaca-style data (JSON list or JSON lines); writes "
         "checkpoints, status.json and train.log to the run directory.")
@@ -39,9 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in cli_fields()}
-    saved_path = Path(args.output) / "train_config.json"
-    if args.resume and saved_path.is_file():
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    saved = saved_config(Path(args.output)) if args.resume else None
+    if saved is not None:
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         for name, value in values.items():
             if name in saved and (value == defaults[name] or value in ("", None)):
@@ -62,15 +69,29 @@ def _install_stop_handlers(stop: threading.Event) -> None:
         signal.signal(sig, on_signal)
 
 
+def _report(message: str) -> None:
+    """One line on stderr, from rank 0 only under torchrun (it reports for all)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"adapterd train: {message}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _install_stop_handlers(stop)  # first thing: a stop that arrives while torch imports is not lost
+    started_unix = time.time()  # a STOP file older than this was meant for an earlier trainer
     try:
         cfg = _config(args)
         cfg.validate()
     except ConfigError as exc:
         print(f"adapterd train: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return 2
+    done = completed_run(cfg)  # before torch loads: nothing to do, nothing to write
+    if done is not None:
+        exported = export_missing(cfg, done) if os.environ.get("RANK", "0") == "0" else None
+        _report(f"run {cfg.output} already completed at step {done.get('step')}/{done.get('total_steps')}; "
+                "nothing to do (--max-steps or --epochs above the run's would extend it)"
+                + (f"; exported its final adapter again to {exported}" if exported else ""))
+        return 0
     tty = sys.stderr.isatty() and not args.no_progress
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if tty else logging.INFO)
@@ -80,12 +101,12 @@ def run(args: argparse.Namespace) -> int:
     from adapterd.trainer.loop import train  # torch and transformers load here, after the handlers
 
     try:
-        result = train(cfg, stop=stop, progress=tty)
+        result = train(cfg, stop=stop, progress=tty, started_unix=started_unix)
+    except RunBusy as exc:
+        print(f"adapterd train: --output: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         print(f"adapterd train: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for all
-        return 0
-    print(f"adapterd train: {result['state']} at step {result['step']}/{result['total_steps']}; "
-          f"run directory {cfg.output}", file=sys.stderr)
+    _report(f"{result['state']} at step {result['step']}/{result['total_steps']}; run directory {cfg.output}")
     return 0

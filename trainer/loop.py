@@ -6,7 +6,11 @@ gradients (MBs) are summed over ranks with one all-reduce each, so no DDP wrappe
 forward (which calls the base directly) is covered too. Only rank 0 writes files.
 
 Stopping: ``stop`` (an Event set by the SIGTERM handler) or a ``RUN_DIR/STOP`` file is checked after every
-step; the run then writes a checkpoint, marks itself ``stopped`` and returns normally.
+step (under torchrun the ranks agree on it, so that all stop at the same step); the run then writes a
+checkpoint, marks itself ``stopped``, removes the STOP file it honoured and returns normally.
+
+Rank 0 holds ``RUN_DIR/trainer.lock`` (runlock.py) for the whole run: a second trainer on the same directory
+is refused, and the daemon tells a live run from a dead one by it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import os
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +30,13 @@ import torch
 from adapterd.trainer import checkpoint as ckpt
 from adapterd.trainer import data as data_mod
 from adapterd.trainer import model as model_mod
-from adapterd.trainer.config import RESUME_CRITICAL, TrainConfig
+from adapterd.trainer import resume as resume_mod
+from adapterd.trainer import runlock
+from adapterd.trainer.config import TrainConfig
+from adapterd.trainer.resume import METRICS_FILE
 from adapterd.trainer.status import STOP_FILE, GpuMonitor, StatusWriter, read_status
 
 log = logging.getLogger("adapterd.trainer")
-CONFIG_FILE = "train_config.json"
-METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 
 
@@ -63,17 +69,6 @@ def _dist() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
-    saved_path = run_dir / CONFIG_FILE
-    if not saved_path.is_file():
-        return
-    saved = json.loads(saved_path.read_text(encoding="utf-8"))
-    changed = [k for k in RESUME_CRITICAL if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        raise ValueError(f"--resume with other settings than the run had: {', '.join(changed)} "
-                         "(an exact resume needs the same ones)")
-
-
 def _setup_logging(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -95,16 +90,36 @@ def _evaluate(peft_model: Any, examples: list[data_mod.Example], cfg: TrainConfi
     return sum(losses) / len(losses)
 
 
-def train(cfg: TrainConfig, *, stop: threading.Event | None = None, progress: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, stop: threading.Event | None = None, progress: bool = False,
+          started_unix: float | None = None) -> dict[str, Any]:
     """Run (or resume) one training run to its end or to a stop request. Returns the final status as a dict.
-    Failures are written to status.json (state ``failed``, ``error``) and then raised."""
+    Failures are written to status.json (state ``failed``, ``error``) and then raised; a ``--resume`` of a
+    completed run returns its status and touches nothing. ``started_unix``: when this trainer started (a
+    STOP file older than that is stale); now when not given. ``runlock.RunBusy`` (nothing written) when
+    another trainer holds the run directory."""
     cfg.validate()
-    stop = stop or threading.Event()
+    done = resume_mod.completed_run(cfg)
+    if done is not None:
+        resume_mod.export_missing(cfg, done)
+        return done
+    started_unix = time.time() if started_unix is None else started_unix
     rank, world = _dist()
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = runlock.acquire(cfg.run_dir) if rank == 0 else None
+    try:
+        return _train_locked(cfg, stop or threading.Event(), progress, started_unix, rank, world)
+    finally:
+        if lock is not None:
+            runlock.release(lock)
+
+
+def _train_locked(cfg: TrainConfig, stop: threading.Event, progress: bool, started_unix: float, rank: int,
+                  world: int) -> dict[str, Any]:
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     main = rank == 0
     handler = _setup_logging(run_dir) if main else None
+    if main:
+        resume_mod.clear_stale_stop(run_dir, started_unix)
     device = model_mod.pick_device()
     gpu = GpuMonitor([device.index or 0] if device.type == "cuda" else [])
     status = StatusWriter(run_dir, cfg.method, gpu)
@@ -141,8 +156,8 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
     if main:
         ckpt.remove_stale(run_dir)
         if cfg.resume:
-            _check_resume_config(run_dir, cfg)
-        (run_dir / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
+            resume_mod.check_resume_config(run_dir, cfg)
+        resume_mod.write_config(run_dir, cfg)
     log.info("run %s: %s on %s (%s), data %s", run_dir.name, cfg.method, cfg.base, cfg.quantization, cfg.data)
 
     records = data_mod.load_records(cfg.data, skip_malformed=cfg.skip_malformed)
@@ -195,6 +210,8 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
         status.status.last_checkpoint = str(source)
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", source, step, pos.epoch,
                  pos.batch_in_epoch)
+    if main:
+        resume_mod.truncate_metrics(run_dir, step)
     write(state="running", step=step, total_steps=total, skipped_records=len(records.skipped),
           epoch=pos.epoch + pos.batch_in_epoch / n_batches, error="")
 
@@ -218,7 +235,7 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
     saved_at = step if cfg.resume else -1
     try:
         while step < total:
-            if stop.is_set() or (run_dir / STOP_FILE).exists():
+            if _stop_wanted(run_dir, stop, world, device):
                 raise StopRequested
             if pos.batch_in_epoch >= n_batches:
                 pos = ckpt.DataPosition(pos.epoch + 1, 0)
@@ -272,8 +289,10 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
     except StopRequested:
         if step > 0 and saved_at != step:
             save()
-        log.info("stopped at step %d", step)
         write(state="stopped", step=step)
+        if main:  # honoured: a later resume must not stop at once on it (after "stopped" is on disk)
+            (run_dir / STOP_FILE).unlink(missing_ok=True)
+        log.info("stopped at step %d", step)
         return dict(vars(status.status))
     finally:
         if bar is not None:
@@ -291,6 +310,19 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
         write(state="completed", final_adapter=str(final.resolve()), exported_to=exported)
         log.info("completed %d steps; final adapter %s", step, final)
     return dict(vars(status.status))
+
+
+def _stop_wanted(run_dir: Path, stop: threading.Event, world: int, device: torch.device) -> bool:
+    """A stop request (signal or STOP file) seen by any rank; under torchrun every rank gets the same answer,
+    since a rank that stops while another steps would leave that one waiting in its all-reduce."""
+    wanted = stop.is_set() or (run_dir / STOP_FILE).exists()
+    if world <= 1:
+        return wanted
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if wanted else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _all_reduce_grads(params: list[torch.Tensor], loss_sum: float, tokens: int,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +26,10 @@ FINAL_STATES = ("completed", "failed", "stopped")
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` (atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write JSON to ``path`` through a temporary file and ``os.replace`` (atomic on POSIX). The temporary
+    name is per process and thread: the daemon's RPC handlers and its metrics collector may both record a
+    dead run at once."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, path)
 
@@ -37,6 +40,22 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
         return json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields 3 onwards of ``/proc/PID/stat`` (state, ppid, ...), or None (no such process, or no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot, or None. With the pid it names one process: a
+    pid is reused, the pair is not."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields is not None and len(fields) > 19 else None  # field 22 of proc(5)
 
 
 class GpuMonitor:
@@ -105,6 +124,7 @@ class Status:
     error: str = ""
     skipped_records: int = 0
     pid: int = field(default_factory=os.getpid)
+    pid_start: int | None = field(default_factory=lambda: process_start(os.getpid()))
     started_unix: float = field(default_factory=time.time)
     updated_unix: float = field(default_factory=time.time)
     gpus: list[dict[str, Any]] | None = None

@@ -13,9 +13,10 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# trainer/status.py: STATUS_FILE and STATES (kept here so that the daemon needs no trainer import).
-STATUS_FILE = "status.json"
-TRAINING_STATES = ("pending", "running", "completed", "failed", "stopped")
+from adapterd.trainer.runlock import settle  # standard library only, like trainer.status: no torch here
+from adapterd.trainer.status import STATES as TRAINING_STATES
+from adapterd.trainer.status import STATUS_FILE
+
 MAX_RUNS = 32  # the most recently updated runs are exported; older ones are left out (bounded run_id)
 TIERS = ("gpu", "cpu")
 
@@ -130,7 +131,8 @@ def _number(value: Any) -> float | None:
 class TrainingCollector(Collector):
     """Per training run under ``runs_root`` (``runs_root/<run_id>/status.json``): step, total steps, loss,
     ETA, tokens/s and state. A field that is null in status.json (no loss yet, unknown ETA) is left out,
-    never exported as 0."""
+    never exported as 0. A run that says pending or running while its trainer is gone (``kill -9``) is
+    recorded and exported as failed at this scrape, by the rule ``TrainStatus`` uses (``runlock.settle``)."""
 
     def __init__(self, runs_root: Path | None) -> None:
         self.runs_root = Path(runs_root) if runs_root is not None else None
@@ -174,7 +176,7 @@ class TrainingCollector(Collector):
             except (OSError, ValueError):
                 continue  # written atomically, so this is a vanished or foreign file
             if isinstance(status, dict):
-                out.append((run_id, status))
+                out.append((run_id, settle(path.parent, status)))
         return sorted(out, key=lambda item: item[0])
 
     def collect(self) -> Iterator[Metric]:

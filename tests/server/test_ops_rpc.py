@@ -11,14 +11,17 @@ from adapterd.clients import AdapterdClient
 from adapterd.v1 import adapterd_pb2 as pb
 from tests.helpers import TEST_DEVICE, make_lora_adapter, reference_greedy
 from tests.server.conftest import start_daemon
+from tests.server.metrics.conftest import free_port, samples, scrape, value
 
 
 @pytest.fixture(scope="module")
 def ops_daemon(tiny_model_dir, served_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("ops")
     make_lora_adapter(tiny_model_dir, served_root / "lora-qv-b", r=8, alpha=16, targets=["q_proj", "v_proj"], seed=11)
-    d = start_daemon(tiny_model_dir, served_root, runs=work / "runs", merge_output_root=work / "merged")
-    d.work = work
+    metrics_port = free_port()
+    d = start_daemon(tiny_model_dir, served_root, runs=work / "runs", merge_output_root=work / "merged",
+                     metrics_port=metrics_port)
+    d.work, d.metrics_port = work, metrics_port
     yield d
     d.stop()
 
@@ -144,6 +147,38 @@ def test_stop_training_ends_a_run_with_a_checkpoint(ops_client):
             break
     (run,) = ops_client.train_status("rpc-stop")
     assert run.state == pb.STOPPED and run.last_checkpoint and run.step < 100000
+
+
+def test_a_killed_trainer_is_failed_in_the_next_scrape_and_in_train_status(ops_client, ops_daemon):
+    """kill -9 of a trainer writes nothing: the first scrape after it, before anyone calls TrainStatus, and
+    TrainStatus both say failed (the collector and the RPC judge the run by the same rule)."""
+    import json
+    import os
+    import signal
+    import time
+
+    from adapterd.demo import DATA
+    from adapterd.trainer.runlock import lock_held, process_alive
+
+    ops_client.start_training(pb.StartTrainingRequest(
+        data_path=str(DATA), method="lora", run_id="rpc-killed",
+        options={"quantization": "none", "max_steps": "100000", "batch_size": "3", "eval_split": "0",
+                 "save_steps": "100000"}))
+    for update in ops_client.watch_training("rpc-killed"):
+        if update.runs[0].step >= 1:
+            break
+    run_dir = ops_daemon.work / "runs" / "rpc-killed"
+    status = json.loads((run_dir / "status.json").read_text())
+    os.kill(status["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    # The leader thread turns zombie before the last thread lets go of the process's files (and its lock).
+    while (process_alive(status["pid"]) or lock_held(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    parsed = samples(scrape(ops_daemon.metrics_port))
+    assert value(parsed, "adapterd_training_state", run_id="rpc-killed", state="failed") == 1
+    assert value(parsed, "adapterd_training_state", run_id="rpc-killed", state="running") == 0
+    (run,) = ops_client.train_status("rpc-killed")
+    assert run.state == pb.FAILED and "was killed" in run.error and run.step >= 1
 
 
 def test_a_client_that_leaves_mid_merge_stops_it_and_nothing_is_left(tmp_path_factory):

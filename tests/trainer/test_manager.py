@@ -122,3 +122,39 @@ def test_requests_are_validated(manager, gitclone_data, tmp_path):
         manager.stop("nope")
     assert manager.status() == [] and not list(manager.runs_root.iterdir())
     assert _watch(manager) == [[]]
+
+
+def _write_running(manager: TrainingManager, run_id: str, **fields) -> Path:
+    run_dir = manager.runs_root / run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text(json.dumps({"run_id": run_id, "state": "running", "step": 3,
+                                                     "total_steps": 10, "loss": 1.5, **fields}))
+    return run_dir
+
+
+def test_a_recycled_pid_is_not_taken_for_the_trainer(manager):
+    """The pid in status.json now belongs to another process (this one): its start time tells them apart."""
+    from adapterd.trainer.status import process_start
+
+    me, started = os.getpid(), process_start(os.getpid())
+    run_dir = _write_running(manager, "recycled", pid=me, pid_start=started - 1)
+    (run,) = manager.status("recycled")
+    assert run.state == pb.FAILED and f"pid {me}) was killed" in run.error
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+    _write_running(manager, "alive", pid=me, pid_start=started)
+    assert manager.status("alive")[0].state == pb.RUNNING
+
+
+def test_a_held_lock_means_alive_whatever_the_pid(manager):
+    """A trainer in another pid namespace (a container) has a pid meaningless here; its lock still counts."""
+    from adapterd.trainer import runlock
+
+    gone = 2 ** 22 + 1  # above the largest pid_max Linux allows: no process here has it
+    run_dir = _write_running(manager, "elsewhere", pid=gone, pid_start=1)
+    fd = runlock.acquire(run_dir)
+    try:
+        assert manager.status("elsewhere")[0].state == pb.RUNNING
+    finally:
+        runlock.release(fd)
+    (run,) = manager.status("elsewhere")  # lock dropped, pid not running: dead
+    assert run.state == pb.FAILED and "was killed" in run.error

@@ -19,11 +19,10 @@ from tests.trainer.conftest import train_argv
 
 
 def _curve(run_dir: Path) -> dict[int, float]:
-    """Loss per step; where a resumed run redid steps, the later line wins."""
-    out: dict[int, float] = {}
-    for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
-        out[row["step"]] = row["loss"]
-    return out
+    """Loss per step; each step is in metrics.jsonl once, also after a resume that redid steps."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, len(rows) + 1))
+    return {row["step"]: row["loss"] for row in rows}
 
 
 def _weights(adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -162,6 +162,7 @@ def test_stop_before_the_first_step_and_stop_file(make_config):
     run2.mkdir()
     (run2 / "STOP").write_text("")
     assert train(make_config(max_steps=1000, output=str(run2)))["state"] == "stopped"
+    assert not (run2 / "STOP").exists()  # consumed once honoured
 
 
 def test_stop_mid_run_writes_checkpoint(make_config, monkeypatch):

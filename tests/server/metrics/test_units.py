@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 
@@ -131,3 +132,21 @@ def test_training_collector_skips_unknown_values(tmp_path):
     assert not any(dict(labels).get("run_id") == "r2" for _, labels in got)
     assert list(TrainingCollector(None).collect()) == []
     assert list(TrainingCollector(tmp_path / "missing").collect()) == []
+
+
+def test_training_collector_reports_a_dead_trainer_as_failed(tmp_path):
+    """status.json still says running, but its trainer is gone (kill -9): the scrape says failed, and records
+    it, as TrainStatus would."""
+    from adapterd.trainer.status import process_start
+
+    dead = {"state": "running", "step": 3, "total_steps": 10, "pid": 2 ** 22 + 1, "pid_start": 1}
+    live = {**dead, "pid": os.getpid(), "pid_start": process_start(os.getpid())}
+    for run_id, status in (("dead", dead), ("live", live)):
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / "status.json").write_text(json.dumps(status))
+    got = _collect(TrainingCollector(tmp_path))
+    assert got[("adapterd_training_state", (("run_id", "dead"), ("state", "failed")))] == 1
+    assert got[("adapterd_training_state", (("run_id", "dead"), ("state", "running")))] == 0
+    assert got[("adapterd_training_state", (("run_id", "live"), ("state", "running")))] == 1
+    written = json.loads((tmp_path / "dead" / "status.json").read_text())
+    assert written["state"] == "failed" and "was killed" in written["error"]
