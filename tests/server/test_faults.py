@@ -294,7 +294,7 @@ def test_disk_full_during_an_adapter_merge_is_resource_exhausted_and_leaves_noth
     from adapterd.server.merge import to_adapter
     from adapterd.server.merge.merger import Merger
 
-    monkeypatch.setattr(to_adapter, "save_file", _enospc)
+    monkeypatch.setattr(to_adapter, "save", _enospc)  # the weights, serialised to be written, do not fit
     before = _leftovers(served_root)
     with pytest.raises(ResourceExhausted) as err:
         Merger(tiny_model_dir, served_root).merge_to_adapter([("lora-qv", 0.5), ("lora-qv", 0.5)], "full-disk")
