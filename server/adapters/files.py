@@ -27,7 +27,7 @@ import torch
 from adapterd.server.adapters.ids import CONFIG_FILE, WEIGHTS_FILE
 from adapterd.server.errors import DataLoss, FailedPrecondition
 from adapterd.server.pinned import HostBufferPool
-from adapterd.server.safetensors_io import open_regular, read_tensors
+from adapterd.server.safetensors_io import open_regular, read_at, read_tensors
 
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT config is a few KB; patterns for every module of a 70B model fit in 1 MiB
 MAX_CONFIG_DEPTH = 16  # PEFT configs nest 3 levels (patterns, layers_pattern lists)
@@ -98,7 +98,8 @@ def read_config(path: Path, label: str = CONFIG_FILE) -> dict[str, Any]:
     try:
         if os.fstat(fd).st_size > MAX_CONFIG_BYTES:
             raise FailedPrecondition(f"{label} is larger than {MAX_CONFIG_BYTES} bytes")
-        raw = _read_up_to(fd, MAX_CONFIG_BYTES + 1)  # one byte more tells a file that grew meanwhile
+        buffer = bytearray(MAX_CONFIG_BYTES + 1)  # one byte more tells a file that grew meanwhile
+        raw = bytes(buffer[:read_at(fd, memoryview(buffer), 0)])
     except OSError as exc:
         raise DataLoss(f"{label} is unreadable ({exc.strerror})") from None
     finally:
@@ -106,17 +107,6 @@ def read_config(path: Path, label: str = CONFIG_FILE) -> dict[str, Any]:
     if len(raw) > MAX_CONFIG_BYTES:
         raise FailedPrecondition(f"{label} is larger than {MAX_CONFIG_BYTES} bytes")
     return parse_config(raw, label)
-
-
-def _read_up_to(fd: int, limit: int) -> bytes:
-    chunks, total = [], 0
-    while total < limit:
-        chunk = os.read(fd, limit - total)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
 
 
 def read_adapter_files(root: Path, path: Path, *, pin: bool = False, pool: HostBufferPool | None = None,

@@ -150,7 +150,7 @@ class BatchedLoraLinear(nn.Module):
         r, (_, num_slots, in_f) = self.rows.rank, self.lora_a.shape
         xs = x.to(self.lora_a.dtype).reshape(x.shape[0], -1, in_f)  # [B, T, in]
         xa = (xs @ self.lora_a[:r].view(r * num_slots, in_f).t()).view(*xs.shape[:2], r, num_slots)
-        xa = xa.masked_fill(~self.rows.onehot, 0.0).view(-1, r * num_slots)  # each row keeps its own slot's ranks
+        xa = torch.where(self.rows.onehot, xa, 0.0).view(-1, r * num_slots)  # each row keeps its own slot's ranks
         out = y.reshape(-1, y.shape[-1])
         return torch.addmm(out.to(xa.dtype), xa, self.lora_b[:r].view(r * num_slots, -1)).view(y.shape).to(y.dtype)
 

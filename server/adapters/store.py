@@ -386,6 +386,6 @@ class AdapterStore:
         with self._lock:
             self._generation += 1
             key = f"{adapter_id}#{self._generation}"
-        size = sum(f.stat().st_size for f in path.glob("*") if f.is_file())
-        return LoadedAdapter(adapter_id=adapter_id, type=peft_type, key=key, size_bytes=size, **parts)
+        return LoadedAdapter(adapter_id=adapter_id, type=peft_type, key=key, size_bytes=self._files_size(path),
+                             **parts)
 
