@@ -10,12 +10,11 @@ import torch
 
 from adapterd.server.architecture import WINDOW_STYLE
 from adapterd.server.engine import EngineConfig, GenerationParams
-from adapterd.server.engine.observer import EngineObserver
 from adapterd.server.model import load_base_model
 from adapterd.server.runtime import Runtime
 from adapterd.tiny_model import build_tiny_model
 from tests.helpers import TEST_DEVICE, make_lora_adapter, make_prefix_adapter, reference_greedy_nocache
-from tests.server.engine.test_parity import Collector, run_together
+from tests.server.engine.test_parity import Collector, prefill_kinds, run_together
 
 WINDOW = 8  # key positions; every prompt and answer below runs past it
 # Some families default to 128 or 256; 24 is not hidden 64 / 4 heads, as in Gemma-7B (3072 / 16 heads, head
@@ -94,13 +93,7 @@ def test_mixed_batch_matches_peft_alone(family, shapes):
     if TEST_DEVICE == "cuda":  # graphs and fused kernels on; Gemma's (1 + weight) norms are never fused
         assert (runtime.engine.fused_norms > 0) == (base.config.model_type != "gemma")
     runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = shapes == "bucketed"
-    batches = []
-
-    class Watch(EngineObserver):
-        def prefill_done(self, rows, prompt_tokens):
-            batches.append({r.adapter.type if r.adapter else "BASE" for r in rows})
-
-    runtime.engine.observers.add(Watch())
+    batches = prefill_kinds(runtime)
     jobs = [(p, a) for p in PROMPTS for a in ADAPTERS]
     try:
         results = run_together(runtime, jobs, GenerationParams(max_new_tokens=NEW_TOKENS))

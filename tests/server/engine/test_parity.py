@@ -34,6 +34,18 @@ class Collector:
                 return seen
 
 
+def prefill_kinds(runtime: Runtime) -> list[set[str]]:
+    """A list the engine fills, one entry per prefill: the kinds of its rows (BASE, LORA, PREFIX_TUNING)."""
+    kinds: list[set[str]] = []
+
+    class Watch(EngineObserver):
+        def prefill_done(self, rows, prompt_tokens):
+            kinds.append({r.adapter.type if r.adapter else "BASE" for r in rows})
+
+    runtime.engine.observers.add(Watch())
+    return kinds
+
+
 def run_together(runtime: Runtime, jobs, params: GenerationParams):
     """Submit every job before the engine starts, so that they all share the first batch."""
     sinks = []
@@ -65,13 +77,7 @@ def test_mixed_batch_matches_peft_alone(references, decode, tiny_model_dir, adap
     quantization, refs = references
     runtime = Runtime(_load(tiny_model_dir, quantization), adapter_root, EngineConfig(max_batch_size=64))
     runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = decode == "bucketed"
-    observed = []
-
-    class Watch(EngineObserver):
-        def prefill_done(self, rows, prompt_tokens):
-            observed.append({r.adapter.type if r.adapter else "BASE" for r in rows})
-
-    runtime.engine.observers.add(Watch())
+    observed = prefill_kinds(runtime)
     general = []
     runtime.engine._prefill_through_cache = general.append  # must not be needed: every shape fits the pool
     jobs = [(p, a) for p in PROMPTS for a in ADAPTERS]
