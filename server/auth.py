@@ -185,6 +185,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, *refusal)
 
 
+def handler_behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The one function a method handler runs (exactly one of its four kinds is set)."""
+    return handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary
+
+
 def handler_like(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],
                  request_deserializer: Callable[[bytes], Any] | None = None, *,
                  stream_request: bool = False) -> grpc.RpcMethodHandler:

@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from adapterd.server.auth import handler_like, required_role
+from adapterd.server.auth import handler_behavior, handler_like, required_role
 from adapterd.server.errors import InvalidArgument, ResourceExhausted
 from adapterd.server.rpc_errors import abort_for
 
@@ -85,10 +85,6 @@ def _checked_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callab
     return deserialize
 
 
-def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    return (handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary)
-
-
 class BudgetInterceptor(grpc.aio.ServerInterceptor):
     """Counts each call against its budget (module docstring) and maps what escapes its handler."""
 
@@ -104,7 +100,7 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        behavior = _behavior(handler)
+        behavior = handler_behavior(handler)
         # Synchronous handlers run in grpc's thread pool; this daemon registers none.
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from adapterd.server.auth import handler_like
+from adapterd.server.auth import handler_behavior, handler_like
 from adapterd.server.metrics.definitions import Metrics
 from adapterd.server.metrics.labels import AdapterLabels
 
@@ -58,7 +58,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         service, _, method = details.method.lstrip("/").rpartition("/")
         # Request-streaming handlers too: calls the daemon refuses or reads itself before the message
         # (auth.py, limits.py).
-        behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        behavior = handler_behavior(handler)
         if inspect.isasyncgenfunction(behavior):
             return handler_like(handler, self._stream(behavior, service, method))
         if inspect.iscoroutinefunction(behavior):
