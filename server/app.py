@@ -33,7 +33,8 @@ from grpc_reflection.v1alpha import reflection
 
 from adapterd.server.auth import AuthInterceptor, load_tokens
 from adapterd.server.config import ServerConfig
-from adapterd.server.engine import EngineConfig
+from adapterd.server.core.frontend import engine_config, start_engine_core
+from adapterd.server.core.process import EngineProcess
 from adapterd.server.limits import BudgetInterceptor, RpcBudget, hard_rpc_cap
 from adapterd.server.merge import Merger
 from adapterd.server.metrics import DaemonMetrics
@@ -50,6 +51,7 @@ from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Adapterd"].full_name  # "adapterd.v1.Adapterd"
+CORE_METRICS_TIMEOUT_S = 5.0  # a scrape waits this long for the engine core's series, seconds
 DRAIN_POLL_S = 0.05  # how often the drain looks at the count of calls in progress, seconds
 # Any one of these makes a tokenizer (fast, SentencePiece, BPE, WordPiece, tiktoken).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
@@ -81,21 +83,28 @@ class Daemon:
     metrics: DaemonMetrics | None = None  # set when config.metrics_port is not None
     budgets: BudgetInterceptor | None = None
     engine_broken: asyncio.Event = field(default_factory=asyncio.Event)  # set when the engine cannot serve
+    engine_process: EngineProcess | None = None  # the engine core's process (config.engine_process)
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     _tasks: set[asyncio.Future] = field(default_factory=set)  # started from callbacks: kept until the daemon ends
 
     async def load(self) -> None:
-        """Load the base model off the event loop, then turn SERVING."""
+        """Load the base model (in the engine-core process, or off the event loop here), then turn SERVING."""
         cfg = self.config
-        engine_config = EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-                                     lora_slots=cfg.lora_slots, max_lora_rank=cfg.max_lora_rank,
-                                     cuda_graphs=cfg.cuda_graphs, int8_kernel=cfg.int8_kernel,
-                                     fused_kernels=cfg.fused_kernels)
-        runtime = await asyncio.to_thread(Runtime.load, cfg.base, cfg.adapters, cfg.quantization, engine_config,
-                                          cfg.device, cfg.dtype, None, cfg.adapter_cache_mb * 2**20)
-        max_input = min(cfg.max_input_tokens or runtime.base.max_sequence_length - 1,
-                        runtime.base.max_sequence_length - 1)
-        if self.metrics is not None:
-            self.metrics.attach(runtime)  # before SERVING, so that every request is counted
+        if cfg.engine_process:
+            self.engine_process, runtime = await start_engine_core(
+                cfg, on_down=self._engine_down, on_up=self._engine_up, on_give_up=lambda reason: self._engine_failed())
+            if self.metrics is not None:
+                self.metrics.attach_engine_core(runtime.model_info(), self._core_metrics)
+        else:
+            runtime = await asyncio.to_thread(Runtime.load, cfg.base, cfg.adapters, cfg.quantization,
+                                              engine_config(cfg), cfg.device, cfg.dtype, None,
+                                              cfg.adapter_cache_mb * 2**20)
+            if self.metrics is not None:
+                self.metrics.attach(runtime)  # before SERVING, so that every request is counted
+            loop = asyncio.get_running_loop()
+            runtime.engine.breakage.listen(lambda reason: loop.call_soon_threadsafe(self._engine_failed))
+        sequence = runtime.model_info().max_sequence_length
+        max_input = min(cfg.max_input_tokens or sequence - 1, sequence - 1)
         self.state.limits = Limits(max_new_tokens=cfg.max_new_tokens,
                                    default_max_new_tokens=cfg.default_max_new_tokens, max_input_tokens=max_input)
         self.state.merger = Merger(cfg.base, cfg.adapters, output_root=cfg.merge_output_root)
@@ -103,9 +112,21 @@ class Daemon:
             self.state.training = TrainingManager(cfg.runs, cfg.adapters, cfg.base, cfg.quantization)
         self.state.runtime = runtime
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        loop = asyncio.get_running_loop()
-        runtime.engine.breakage.listen(lambda reason: loop.call_soon_threadsafe(self._engine_failed))
         log.info("serving %s", cfg.base)
+
+    def _core_metrics(self) -> bytes:
+        """The engine core's exposition, for a scrape (on the metrics server's thread)."""
+        call = asyncio.run_coroutine_threadsafe(self.state.runtime.call("metrics"), self._loop)
+        return call.result(CORE_METRICS_TIMEOUT_S)
+
+    def _engine_down(self, reason: str) -> None:
+        """The engine core died; it is being started again: NOT_SERVING until it serves."""
+        self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)))
+
+    def _engine_up(self) -> None:
+        if not self.state.draining:
+            log.info("the engine core serves again")
+            self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.SERVING)))
 
     def _engine_failed(self) -> None:
         """The engine cannot serve (device failure, dead thread): refuse work, NOT_SERVING, tell ``serve``."""
@@ -128,7 +149,11 @@ class Daemon:
         await self._calls_finished(deadline)
         left = max(0.0, deadline - loop.time())  # what the drain left of the grace period, seconds
         drained = await _within(self.server.stop(left), left + SHUTDOWN_MARGIN_S, "stopping the server")
-        if self.state.runtime is not None:
+        if self.engine_process is not None:
+            drained &= await self.engine_process.stop(SHUTDOWN_MARGIN_S)
+            if self.state.runtime is not None:
+                self.state.runtime.close()
+        elif self.state.runtime is not None:
             drained &= await _within(asyncio.to_thread(self.state.runtime.close), SHUTDOWN_MARGIN_S,
                                      "stopping the engine")
         for extra in self.extras:

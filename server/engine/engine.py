@@ -77,6 +77,7 @@ class Engine:
         self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=base.device)
         self.observers = ObserverList()  # metrics and tests listen here
         self.breakage = Breakage()  # set when the device (or this thread) fails for good: health listens
+        self.after_step: Callable[[], None] = lambda: None  # on this thread, once a step's events are all out
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -138,6 +139,7 @@ class Engine:
             log.exception("the engine thread died")
             self._break(f"the engine thread died: {type(exc).__name__}")
             self._end_everything(release=False)
+            self.after_step()
 
     def _run(self) -> None:
         while not self._stopping:
@@ -150,7 +152,9 @@ class Engine:
                     self._break(f"device failure: {type(exc).__name__}")
                     break
                 self._fail_all(exc)
+            self.after_step()
         self._end_everything(release=self.breakage.reason is None)
+        self.after_step()
 
     def _break(self, reason: str) -> None:
         """The device or this thread failed for good: refuse new work, tell the listeners (health)."""

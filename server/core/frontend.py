@@ -1,0 +1,58 @@
+"""Connecting a front end to a new engine-core process: spawn it, wait until it serves, build the client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from adapterd.server.config import ServerConfig
+from adapterd.server.core.client import EngineClient
+from adapterd.server.core.process import CoreSpec, EngineProcess
+from adapterd.server.engine import EngineConfig
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 30.0  # a core that reported ready answers its first call within this, seconds
+
+
+def engine_config(cfg: ServerConfig) -> EngineConfig:
+    return EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, lora_slots=cfg.lora_slots,
+                        max_lora_rank=cfg.max_lora_rank, cuda_graphs=cfg.cuda_graphs, int8_kernel=cfg.int8_kernel,
+                        fused_kernels=cfg.fused_kernels)
+
+
+async def start_engine_core(cfg: ServerConfig, on_down: Callable[[str], None], on_up: Callable[[], None],
+                            on_give_up: Callable[[str], None]) -> tuple[EngineProcess, EngineClient]:
+    """Spawn the core for ``cfg``, wait until it serves, and return it with a connected client.
+
+    ``on_down`` / ``on_up`` / ``on_give_up`` are called on the event loop when the core dies, serves again after
+    a restart, or keeps dying; the client's own ``core_down`` / ``core_up`` are called first."""
+    spec = CoreSpec(base=cfg.base, adapters=cfg.adapters, quantization=cfg.quantization, engine=engine_config(cfg),
+                    device=cfg.device, dtype=cfg.dtype, max_loaded_adapter_bytes=cfg.adapter_cache_mb * 2**20,
+                    address=EngineProcess.private_address(), metrics=cfg.metrics_port is not None,
+                    log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+    client: EngineClient | None = None
+
+    def down(reason: str) -> None:
+        if client is not None:
+            client.core_down(reason)
+        on_down(reason)
+
+    def up() -> None:
+        if client is not None:
+            client.core_up()
+        on_up()
+
+    process = EngineProcess(spec, down, up, on_give_up)
+    tokenizer = asyncio.create_task(asyncio.to_thread(_load_tokenizer, cfg))
+    await process.start()
+    client = EngineClient(spec.address, await tokenizer)
+    await client.connect(HELLO_TIMEOUT_S)
+    return process, client
+
+
+def _load_tokenizer(cfg: ServerConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.base)
