@@ -143,7 +143,7 @@ class EngineProcess:
     def _exited(self, process: multiprocessing.process.BaseProcess) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(process.sentinel)
-        process.join(0)
+        process.join(5)  # the sentinel is ready: it has exited, and this reaps it (exitcode)
         if self._stopping:
             return
         code = process.exitcode

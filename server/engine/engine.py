@@ -125,7 +125,8 @@ class Engine:
         return self.call(_evict)
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.batch), "waiting": self._queued}
+        """Rows running, requests waiting, and LoRA slots pinned by a running row."""
+        return {"running": len(self.batch), "waiting": self._queued, "pinned_slots": self.slots.pinned()}
 
     # ------------------------------------------------------------------ the loop, engine thread
 

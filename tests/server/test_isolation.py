@@ -156,7 +156,7 @@ class _Died(BaseException):
 
 @pytest.mark.parametrize("failure", ["device-side assert", "thread died"])
 def test_an_engine_that_cannot_serve_turns_health_not_serving(tiny_model_dir, served_root, failure):
-    d = start_daemon(tiny_model_dir, served_root)
+    d = start_daemon(tiny_model_dir, served_root, engine_process=False)  # the failure is injected in the engine
     try:
         engine = d.daemon.state.runtime.engine
         assert _health(d.port) == [health_pb2.HealthCheckResponse.SERVING] * 2

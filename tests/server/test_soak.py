@@ -17,7 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.helpers import reference_greedy
-from tests.server.conftest import start_daemon
+from tests.server.conftest import engine_stats, start_daemon
 
 ADAPTER_KINDS = {"": "BASE", "lora-qv": "LORA", "team/lora-all": "LORA", "lora-rs": "LORA",
                  "prefix": "PREFIX_TUNING", "prefix-proj": "PREFIX_TUNING"}
@@ -63,11 +63,10 @@ def test_soak(tiny_model_dir, served_root):
         assert set(report.by_kind) == {"BASE", "LORA", "PREFIX_TUNING"}
         assert report.loads > 0 and report.unloads > 0 and report.peak_in_flight >= 16
         assert report.rss_end - report.rss_start < RSS_GROWTH_BOUND
-        engine = d.daemon.state.runtime.engine
         deadline = time.monotonic() + 10  # the last cancellations land at the next step
-        while engine.stats() != {"running": 0, "waiting": 0} and time.monotonic() < deadline:
+        idle = {"running": 0, "waiting": 0, "pinned_slots": 0}  # no slot stays pinned either
+        while engine_stats(d) != idle and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert engine.stats() == {"running": 0, "waiting": 0}
-        assert all(refs == 0 for refs in engine.slots._refs.values())  # no slot stays pinned
+        assert engine_stats(d) == idle
     finally:
         d.stop()
