@@ -27,29 +27,24 @@ async def start_engine_core(cfg: ServerConfig, on_down: Callable[[str], None], o
     """Spawn the core for ``cfg``, wait until it serves, and return it with a connected client.
 
     ``on_down`` / ``on_up`` / ``on_give_up`` are called on the event loop when the core dies, serves again after
-    a restart, or keeps dying; the client's own ``core_down`` / ``core_up`` are called first."""
+    a restart, or keeps dying (the caller tells the client: ``EngineClient.core_down`` / ``core_up``)."""
     spec = CoreSpec(base=cfg.base, adapters=cfg.adapters, quantization=cfg.quantization, engine=engine_config(cfg),
                     device=cfg.device, dtype=cfg.dtype, max_loaded_adapter_bytes=cfg.adapter_cache_mb * 2**20,
                     address=EngineProcess.private_address(), metrics=cfg.metrics_port is not None,
                     log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
-    client: EngineClient | None = None
-
-    def down(reason: str) -> None:
-        if client is not None:
-            client.core_down(reason)
-        on_down(reason)
-
-    def up() -> None:
-        if client is not None:
-            client.core_up()
-        on_up()
-
-    process = EngineProcess(spec, down, up, on_give_up)
+    process = EngineProcess(spec, on_down, on_up, on_give_up)
     tokenizer = asyncio.create_task(asyncio.to_thread(_load_tokenizer, cfg))
     await process.start()
     client = EngineClient(spec.address, await tokenizer)
     await client.connect(HELLO_TIMEOUT_S)
     return process, client
+
+
+async def connect_engine_core(cfg: ServerConfig, address: str) -> EngineClient:
+    """A client of the engine core serving at ``address`` (started by another front end)."""
+    client = EngineClient(address, await asyncio.to_thread(_load_tokenizer, cfg))
+    await client.connect(HELLO_TIMEOUT_S)
+    return client
 
 
 def _load_tokenizer(cfg: ServerConfig):

@@ -63,10 +63,13 @@ class DaemonMetrics:
         self._http_thread: threading.Thread | None = None
 
     @classmethod
-    def for_config(cls, config: Any) -> DaemonMetrics:
+    def for_config(cls, config: Any, frontend_index: int = 0) -> DaemonMetrics:
         """Metrics for a daemon with this ``ServerConfig``: training runs from ``config.runs``, build info
-        from its base model and quantization (refined by ``attach`` once the model has loaded)."""
-        metrics = cls(runs_root=config.runs)
+        from its base model and quantization (refined by ``attach`` once the model has loaded). Front ends
+        2..N (``frontend_index`` >= 1) count their RPCs and their process only: the first reports the rest."""
+        if frontend_index:
+            return cls(gpu=False, process_namespace=f"adapterd_frontend_{frontend_index}")
+        metrics = cls(runs_root=config.runs, gpu=not config.engine_process)
         metrics.set_build_info(Path(config.base), config.quantization)
         return metrics
 
@@ -118,6 +121,10 @@ class DaemonMetrics:
     def _demote(self, adapter_id: str) -> None:
         self.metrics.finished.drop_adapter(adapter_id)
         self.metrics.rpcs.drop_adapter(adapter_id)
+
+    def local_exposition(self) -> bytes:
+        """This process's series alone (what a front end 2..N hands the first one at each scrape)."""
+        return generate_latest(self.metrics.registry)
 
     def exposition(self) -> bytes:
         """The text a scrape of ``/metrics`` returns now (Prometheus text format 0.0.4)."""

@@ -21,6 +21,9 @@ def served_root(tmp_path_factory, adapter_root):
 
 
 def start_daemon(base, root, **overrides) -> DaemonThread:
+    """A daemon with its engine core in its own process (as ``adapterd serve`` runs) and one front end, unless
+    ``overrides`` say otherwise."""
+    overrides.setdefault("frontends", 1)  # the default follows the core count: tests choose theirs
     config = ServerConfig(base=base, adapters=root, quantization=overrides.pop("quantization", "none"),
                           port=0, device=TEST_DEVICE, dtype="float32", **overrides)
     return DaemonThread(config).start()
