@@ -226,7 +226,7 @@ def test_out_of_memory_in_a_step_fails_that_step_only(tiny_model_dir, served_roo
         for t in threads:
             t.join(60)
         assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * len(jobs)
-        assert engine.stats() == {"running": 0, "waiting": 0} and engine.slots is not None
+        assert engine.stats() == {"running": 0, "waiting": 0, "pinned_slots": 0} and engine.slots is not None
         with AdapterdClient(target, timeout=60) as c:
             after = [c.generate(p, a, max_new_tokens=8).text for p, a in jobs]
         assert after == before
