@@ -37,6 +37,7 @@ PROMPT_TOKENS = 64
 TTFT_PROMPT_TOKENS = 512
 TTFT_REQUESTS = 20
 WORDS = ["hello", "world", "the", "model", "adapter"]
+STREAMS_PER_CONNECTION = 8
 
 
 def make_zipf_root(root: Path, base_dir: Path, total: int, distinct: int, rank: int) -> list[str]:
@@ -157,19 +158,26 @@ def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Q
     async def main() -> tuple[int, float, float]:
         tokens = 0
         stop = time.perf_counter() + duration
-        async with AsyncAdapterdClient(target, timeout=600) as client:
+        # A connection of its own for every STREAMS_PER_CONNECTION streams, as many clients would open: the
+        # kernel spreads connections (not streams) over the daemon's front ends.
+        clients = [AsyncAdapterdClient(target, timeout=600, options=[("grpc.use_local_subchannel_pool", 1)])
+                   for _ in range(max(1, streams // STREAMS_PER_CONNECTION))]
+        for client in clients:
             await client.model_info()  # connected, and the daemon answers
-            began = time.time()  # after start-up and connecting: only serving time counts
+        began = time.time()  # after start-up and connecting: only serving time counts
 
-            async def loop(i: int) -> None:
-                nonlocal tokens
-                rng = random.Random(i)
-                while time.perf_counter() < stop:
-                    prompt = " ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS))
-                    async for message in client.generate_stream(prompt, max_new_tokens=new, min_new_tokens=new):
-                        if message.stop_reason:
-                            tokens += message.generated_token_count
-            await asyncio.gather(*(loop(i) for i in range(streams)))
+        async def loop(i: int) -> None:
+            nonlocal tokens
+            rng = random.Random(i)
+            client = clients[i % len(clients)]
+            while time.perf_counter() < stop:
+                prompt = " ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS))
+                async for message in client.generate_stream(prompt, max_new_tokens=new, min_new_tokens=new):
+                    if message.stop_reason:
+                        tokens += message.generated_token_count
+        await asyncio.gather(*(loop(i) for i in range(streams)))
+        for client in clients:
+            await client.close()
         return tokens, began, time.time()
 
     out.put(asyncio.run(main()))

@@ -10,7 +10,8 @@ waits for response serialization again (issue 14; bench/NOTES.md, "gRPC end to e
 - Death: the front end watches the process's sentinel. A core that dies (OOM-kill, segfault, ``kill -9``, a
   device failure it cannot recover from) is reported at once (``on_down``: in-flight requests end with
   UNAVAILABLE, health turns NOT_SERVING) and started again; ``on_up`` follows when the new one is ready.
-  Five deaths within a minute give up (``on_give_up``: the daemon exits 1 so that a supervisor restarts it).
+  A core that keeps dying within a minute of serving gives up after five restarts in a row (``on_give_up``:
+  the daemon exits 1 so that its own supervisor restarts it, or an operator looks).
 - Orphans: the core asks the kernel for SIGKILL when the thread that spawned it ends (``PR_SET_PDEATHSIG``),
   so a killed daemon never leaves an engine holding the GPU.
 - Stop: SIGTERM to the core stops its engine (rows still running end with UNAVAILABLE) and it exits 0.
@@ -37,8 +38,8 @@ from adapterd.server.engine import EngineConfig
 
 log = logging.getLogger(__name__)
 
-RESTART_WINDOW_S = 60.0  # deaths counted over this long, seconds
-MAX_RESTARTS = 5  # deaths within the window before the daemon gives up
+SHORT_LIFE_S = 60.0  # a core that dies within this long of serving counts towards giving up, seconds
+MAX_RESTARTS = 5  # short lives in a row before the daemon gives up
 EXIT_BROKEN = 3  # the core's exit status when its engine cannot serve any more (device failure)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -113,7 +114,8 @@ class EngineProcess:
         self.on_down, self.on_up, self.on_give_up = on_down, on_up, on_give_up
         self.process: multiprocessing.process.BaseProcess | None = None
         self._context = multiprocessing.get_context("spawn")
-        self._deaths: list[float] = []
+        self._short_lives = 0  # deaths in a row, each within SHORT_LIFE_S of serving
+        self._ready_at = 0.0  # time.monotonic() when the current core began to serve
         self._stopping = False
         self._restart: asyncio.Task | None = None
 
@@ -138,6 +140,7 @@ class EngineProcess:
             await asyncio.to_thread(process.join, 10)
             raise RuntimeError(reason)
         asyncio.get_running_loop().add_reader(process.sentinel, self._exited, process)
+        self._ready_at = time.monotonic()
         log.info("engine core ready (pid %d)", process.pid)
 
     def _exited(self, process: multiprocessing.process.BaseProcess) -> None:
@@ -151,12 +154,13 @@ class EngineProcess:
                   else f"the engine core exited with status {code}")
         log.error("%s; starting a new one", reason)
         self.on_down(reason)
-        now = time.monotonic()
-        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
-        if len(self._deaths) > MAX_RESTARTS:
-            self.on_give_up(f"{reason}; it died {len(self._deaths)} times within {RESTART_WINDOW_S:.0f} s")
+        short = time.monotonic() - self._ready_at < SHORT_LIFE_S
+        self._short_lives = self._short_lives + 1 if short else 1
+        if self._short_lives > MAX_RESTARTS:
+            self.on_give_up(f"{reason}; it died {self._short_lives} times in a row, each within "
+                            f"{SHORT_LIFE_S:.0f} s of serving")
             return
-        self._restart = asyncio.ensure_future(self._start_again(len(self._deaths)))
+        self._restart = asyncio.ensure_future(self._start_again(self._short_lives))
 
     async def _start_again(self, attempt: int) -> None:
         await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 10.0))  # seconds; a crash loop must not spin

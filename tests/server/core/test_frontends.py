@@ -23,6 +23,11 @@ from tests.server.core.test_engine_process import RESTART_S, _alive, _health, _w
 from tests.server.test_security import _free_port
 
 CONNECTIONS = 24  # new connections, each placed by the kernel on one front end (P(all on one) = 2**-23)
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # else grpc reuses one connection per target
+
+
+def _client(d, **kw) -> AdapterdClient:
+    return AdapterdClient(f"127.0.0.1:{d.port}", options=OWN_CONNECTION, **{"timeout": 60, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,7 @@ def test_every_connection_gets_peft_tokens_and_both_front_ends_serve(two, tiny_m
     want = tok.decode(ref, skip_special_tokens=True)
     before = _rpc_count(_scrape(two), "Generate")
     for _ in range(CONNECTIONS):
-        with AdapterdClient(f"127.0.0.1:{two.port}", timeout=60) as c:  # a new connection each time
+        with _client(two) as c:  # a new connection each time
             assert c.generate("你是谁？", "lora-qv", max_new_tokens=6).text == want
     other = two.daemon.frontends.members[0].exposition().decode()
     served_by_other = _rpc_count(other, "Generate")
@@ -60,13 +65,13 @@ def test_every_connection_gets_peft_tokens_and_both_front_ends_serve(two, tiny_m
 
 
 def test_the_concurrent_rpc_limit_holds_for_the_daemon_not_per_front_end(two):
-    holders = [AdapterdClient(f"127.0.0.1:{two.port}", timeout=60) for _ in range(2)]
+    holders = [_client(two) for _ in range(2)]
     streams = [h.generate_stream("hello", max_new_tokens=300, min_new_tokens=300) for h in holders]
     for stream in streams:
         next(stream)  # both slots of --max-concurrent-rpcs 2 are held
     try:
         for _ in range(8):
-            with AdapterdClient(f"127.0.0.1:{two.port}", timeout=30) as c:
+            with _client(two, timeout=30) as c:
                 with pytest.raises(grpc.RpcError) as err:
                     c.generate("hi", max_new_tokens=1)
                 assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -80,7 +85,7 @@ def test_the_concurrent_rpc_limit_holds_for_the_daemon_not_per_front_end(two):
 
 def _generate_ok(d) -> bool:
     try:
-        with AdapterdClient(f"127.0.0.1:{d.port}", timeout=30) as c:
+        with _client(d, timeout=30) as c:
             return c.generate("hi", max_new_tokens=1).generated_token_count == 1
     except grpc.RpcError:
         return False
