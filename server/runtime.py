@@ -5,7 +5,8 @@ process itself when the daemon runs without one (``--no-engine-process``), as te
 benchmarks do. Its async methods are the facade the RPC handlers call (``EngineClient`` offers the same
 ones across the process boundary): ``generate`` is an async iterator over one request's events that never
 blocks the event loop (adapter loads run in a worker thread, the model in the engine thread, tenants' text is
-tokenized in ``server/prompts.py``'s pools).
+tokenized in ``server/prompts.py``'s pools). What the facade takes and gives is plain data (token ids,
+``GenerationParams``, ``AdapterRef``, ``ModelInfo``, ``AdapterRecord``), never the engine's live objects.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from adapterd.server.adapters.lora import linear_shapes
-from adapterd.server.adapters.store import AdapterRecord, AdapterStore, BaseShape, LoadedAdapter
-from adapterd.server.core.protocol import ModelInfo
+from adapterd.server.adapters.store import AdapterRecord, AdapterStore, BaseShape
+from adapterd.server.core.protocol import AdapterRef, ModelInfo
 from adapterd.server.engine import Engine, EngineConfig, GenerationEvent, GenerationParams
 from adapterd.server.engine.output import RequestOutput, text_events
 from adapterd.server.model import BaseModel, load_base_model
@@ -120,21 +121,31 @@ class Runtime:
                        virtual_tokens: int = 0) -> PreparedPrompt:
         return self.prompts.prepare_prompt(prompt, truncate_to, max_input_tokens, virtual_tokens)
 
-    async def adapter(self, adapter_id: str, field: str = "adapter_id") -> LoadedAdapter | None:
+    async def adapter(self, adapter_id: str, field: str = "adapter_id") -> AdapterRef | None:
+        """The adapter, loaded first if it was not (NOT_FOUND, FAILED_PRECONDITION... as the store says)."""
         if not adapter_id:
             return None
-        return await asyncio.to_thread(self.store.get, adapter_id, field)
+        return await asyncio.to_thread(self.adapter_ref, adapter_id, field)
 
-    async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: LoadedAdapter | None,
+    def adapter_ref(self, adapter_id: str, field: str = "adapter_id") -> AdapterRef:
+        """``adapter``, blocking (a worker thread's)."""
+        loaded = self.store.get(adapter_id, field)
+        return AdapterRef(loaded.adapter_id, loaded.type, loaded.num_virtual_tokens)
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: AdapterRef | None,
                        request_id: str | None = None) -> AsyncIterator[GenerationEvent]:
         """Submit one request and yield its events until "end". Leaving early cancels it."""
+        loaded = None
+        if adapter is not None:  # loaded by ``adapter`` just before, unless evicted since
+            loaded = (self.store.loaded_now(adapter.adapter_id)
+                      or await asyncio.to_thread(self.store.get, adapter.adapter_id))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         request_id = request_name(request_id)
         handoff = self._handoffs.get(loop)
         if handoff is None:
             handoff = self._handoffs.setdefault(loop, EventHandoff(loop))
-        self.engine.submit(request_id, prompt_ids, params, adapter, lambda event: handoff.post(events, event))
+        self.engine.submit(request_id, prompt_ids, params, loaded, lambda event: handoff.post(events, event))
         output = RequestOutput(self.base.tokenizer, params)
         async for event in text_events(events, output, lambda: self.engine.cancel(request_id)):
             yield event

@@ -22,7 +22,6 @@ import msgspec
 import zmq
 
 from adapterd.server.core.protocol import (
-    AdapterRef,
     Call,
     Cancel,
     Event,
@@ -67,7 +66,7 @@ class EngineCore:
         self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="adapterd-core-call")
         runtime.engine.after_step = self._flush
         self.handlers: dict[str, Callable[..., Any]] = {
-            "hello": lambda: runtime.model_info(), "adapter": self._adapter,
+            "hello": lambda: runtime.model_info(), "adapter": runtime.adapter_ref,
             "load": lambda adapter_id: runtime._load_and_describe(adapter_id),
             "unload": lambda adapter_id: runtime.store.unload(adapter_id),
             "list": lambda: runtime.store.list(), "stats": lambda: runtime.stats(),
@@ -190,10 +189,6 @@ class EngineCore:
             self._send(identity, Outputs(events))
 
     # ------------------------------------------------------------------ calls
-
-    def _adapter(self, adapter_id: str, field: str = "adapter_id") -> AdapterRef:
-        adapter = self.runtime.store.get(adapter_id, field)
-        return AdapterRef(adapter.adapter_id, adapter.type, adapter.num_virtual_tokens)
 
     def _answer(self, identity: bytes, call: Call) -> None:
         handler = self.handlers.get(call.method)
