@@ -152,14 +152,15 @@ class EngineProcess:
         code = process.exitcode
         reason = (f"the engine core was killed by signal {-code}" if code is not None and code < 0
                   else f"the engine core exited with status {code}")
-        log.error("%s; starting a new one", reason)
         self.on_down(reason)
         short = time.monotonic() - self._ready_at < SHORT_LIFE_S
         self._short_lives = self._short_lives + 1 if short else 1
         if self._short_lives > MAX_RESTARTS:
+            log.error("%s", reason)
             self.on_give_up(f"{reason}; it died {self._short_lives} times in a row, each within "
                             f"{SHORT_LIFE_S:.0f} s of serving")
             return
+        log.error("%s; starting a new one", reason)
         self._restart = asyncio.ensure_future(self._start_again(self._short_lives))
 
     async def _start_again(self, attempt: int) -> None:
