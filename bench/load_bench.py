@@ -23,6 +23,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
+import socket
 import statistics
 import sys
 import tempfile
@@ -38,6 +39,14 @@ TTFT_PROMPT_TOKENS = 512
 TTFT_REQUESTS = 20
 WORDS = ["hello", "world", "the", "model", "adapter"]
 STREAMS_PER_CONNECTION = 8
+LENGTH_SEED = 10_000  # stream i draws its requests' lengths from Random(LENGTH_SEED + i), both ways
+
+
+def request_length(rng: random.Random, new: int) -> int:
+    """Tokens one request generates: uniform over new/2 .. 3*new/2, the same sequence both ways. Equal lengths
+    would keep the engine-alone streams in lockstep (all rows finishing, and prefilling again, in the same
+    step), which no real load does and which a network's jitter breaks at once."""
+    return rng.randint(max(1, new // 2), new + new // 2)
 
 
 def make_zipf_root(root: Path, base_dir: Path, total: int, distinct: int, rank: int) -> list[str]:
@@ -109,15 +118,16 @@ async def engine_streams(runtime, streams: int, duration: float, new: int) -> fl
     """Generated tokens/s with ``streams`` requests always in flight, submitted in-process."""
     from adapterd.server.engine import GenerationParams
 
-    params = GenerationParams(max_new_tokens=new, min_new_tokens=new)
     tokens = 0
     stop = time.perf_counter() + duration
 
     async def loop(i: int) -> None:
         nonlocal tokens
-        rng = random.Random(i)
+        rng, lengths = random.Random(i), random.Random(LENGTH_SEED + i)
         while time.perf_counter() < stop:
             prompt = [rng.randrange(10, 1000) for _ in range(PROMPT_TOKENS)]
+            length = request_length(lengths, new)
+            params = GenerationParams(max_new_tokens=length, min_new_tokens=length)
             async for event in runtime.generate(prompt, params, None):
                 if event.kind == "end":
                     tokens += event.generated_token_count
@@ -168,11 +178,12 @@ def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Q
 
         async def loop(i: int) -> None:
             nonlocal tokens
-            rng = random.Random(i)
+            rng, lengths = random.Random(i), random.Random(LENGTH_SEED + i)
             client = clients[i % len(clients)]
             while time.perf_counter() < stop:
                 prompt = " ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS))
-                async for message in client.generate_stream(prompt, max_new_tokens=new, min_new_tokens=new):
+                length = request_length(lengths, new)
+                async for message in client.generate_stream(prompt, max_new_tokens=length, min_new_tokens=length):
                     if message.stop_reason:
                         tokens += message.generated_token_count
         await asyncio.gather(*(loop(i) for i in range(streams)))
@@ -196,7 +207,26 @@ def grpc_streams(target: str, streams: int, procs: int, duration: float, new: in
     # Throughput over the span when clients were serving (process start-up and imports excluded).
     span = max(end for _, _, end in results) - min(began for _, began, _ in results)
     tokens = sum(tokens for tokens, _, _ in results)
-    return tokens / span, tokens
+    return tokens / span, tokens, span
+
+
+def decode_steps(metrics_port: int) -> tuple[float, float]:
+    """(decode steps, rows decoded) so far, from the daemon's /metrics (the engine core's batch sizes)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    found = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+             if s.name in ("adapterd_batch_size_count", "adapterd_batch_size_sum")}
+    return found.get("adapterd_batch_size_count", 0.0), found.get("adapterd_batch_size_sum", 0.0)
+
+
+def steps_text(before: tuple[float, float], after: tuple[float, float], seconds: float) -> str:
+    steps, rows = after[0] - before[0], after[1] - before[1]
+    if not steps:
+        return "no decode steps"
+    return f"{steps:.0f} decode steps, {rows / steps:.1f} rows per step, {seconds / steps * 1000:.2f} ms per step"
 
 
 def process_cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -262,6 +292,38 @@ def grpc_ttft(target: str, requests: int) -> float:
     return statistics.median(times) * 1000
 
 
+def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, streams: list[int],
+                       out: mp.Queue) -> None:
+    """The engine driven in-process: tokens/s at each stream count (with its decode steps), and the TTFT."""
+    from transformers.utils import logging as hf_logging
+
+    from adapterd.server.config import ServerConfig
+    from adapterd.server.engine import EngineConfig
+    from adapterd.server.model import load_base_model
+    from adapterd.server.runtime import Runtime
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    sys.setswitchinterval(ServerConfig.gil_switch_interval_ms / 1000)  # as the daemon's front end sets it
+    base = load_base_model(base_dir, args.quantization)
+    runtime = Runtime(base, root, EngineConfig(max_batch_size=max(streams), lora_slots=args.slots,
+                                               max_lora_rank=args.rank, max_queue=100_000))
+    runtime.engine.start()
+    alone: dict[int, tuple[float, str]] = {}
+    try:
+        asyncio.run(engine_streams(runtime, 4, 2.0, 4))  # warm-up
+        for n in streams:
+            steps = StepStats()
+            runtime.engine.observers.add(steps.observer)
+            alone[n] = (asyncio.run(engine_streams(runtime, n, args.duration, args.new)), str(steps))
+            runtime.engine.observers.observers.remove(steps.observer)
+            print(f"engine alone, {n} streams: {alone[n][0]:.1f} tok/s ({steps})", flush=True)
+        ttft = asyncio.run(engine_ttft(runtime, TTFT_REQUESTS))
+    finally:
+        runtime.close()
+    out.put((alone, ttft))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b" if torch.cuda.is_available()
@@ -287,9 +349,7 @@ def main() -> int:
     hf_logging.disable_progress_bar()
     from adapterd.server.app import DaemonThread
     from adapterd.server.config import ServerConfig
-    from adapterd.server.engine import EngineConfig
-    from adapterd.server.model import load_base_model, pick_device
-    from adapterd.server.runtime import Runtime
+    from adapterd.server.model import pick_device
 
     device = pick_device()
     work = Path(args.work)
@@ -300,29 +360,19 @@ def main() -> int:
     rows = max(streams)
     sys.setswitchinterval(ServerConfig.gil_switch_interval_ms / 1000)  # as the daemon's front end sets it
 
-    base = load_base_model(base_dir, args.quantization, device=str(device))
-    runtime = Runtime(base, root, EngineConfig(max_batch_size=rows, lora_slots=args.slots, max_lora_rank=args.rank,
-                                               max_queue=100_000))
-    runtime.engine.start()
-    alone: dict[int, tuple[float, StepStats]] = {}
-    try:
-        asyncio.run(engine_streams(runtime, 4, 2.0, 4))  # warm-up
-        for n in streams:
-            steps = StepStats()
-            runtime.engine.observers.add(steps.observer)
-            alone[n] = (asyncio.run(engine_streams(runtime, n, args.duration, args.new)), steps)
-            runtime.engine.observers.observers.remove(steps.observer)
-            print(f"engine alone, {n} streams: {alone[n][0]:.1f} tok/s ({steps})", flush=True)
-        ttft_alone = asyncio.run(engine_ttft(runtime, TTFT_REQUESTS))
-    finally:
-        runtime.close()
-    del runtime, base
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    ctx = mp.get_context("spawn")  # the engine alone in a process of its own: all its memory goes with it
+    out: mp.Queue = ctx.Queue()
+    alone_proc = ctx.Process(target=_engine_alone_proc, args=(base_dir, root, args, streams, out))
+    alone_proc.start()
+    alone, ttft_alone = out.get(timeout=1800)
+    alone_proc.join()
+    with socket.socket() as probe:  # a free port for the daemon's /metrics
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
     daemon = DaemonThread(ServerConfig(base=base_dir, adapters=root, quantization=args.quantization, port=0,
                                        max_batch_size=rows, lora_slots=args.slots, max_lora_rank=args.rank,
                                        max_new_tokens=max(1024, args.new), max_queue=100_000,
-                                       frontends=args.frontends)).start()
+                                       frontends=args.frontends, metrics_port=metrics_port)).start()
     target = f"127.0.0.1:{daemon.port}"
     zipf_rows, e2e_lines = [], []
     try:
@@ -337,12 +387,13 @@ def main() -> int:
             print(zipf_rows[-1], flush=True)
         for n in streams:
             processes = daemon_processes(daemon)
-            cpu_before = process_cpu_seconds(processes)
-            e2e, tokens = grpc_streams(target, n, args.client_procs, args.duration, args.new)
+            cpu_before, steps_before = process_cpu_seconds(processes), decode_steps(metrics_port)
+            e2e, tokens, span = grpc_streams(target, n, args.client_procs, args.duration, args.new)
             cpu = cpu_per_token(cpu_before, process_cpu_seconds(processes), tokens) if cpu_before else "no /proc"
+            steps = steps_text(steps_before, decode_steps(metrics_port), span)
             tok_s, alone_steps = alone[n]
             e2e_lines.append(f"{n} streams: engine alone {tok_s:.1f} tok/s ({alone_steps}); over gRPC {e2e:.1f} "
-                             f"tok/s ({cpu}); ratio {e2e / tok_s:.2f}")
+                             f"tok/s ({steps}; {cpu}); ratio {e2e / tok_s:.2f}")
             print(e2e_lines[-1], flush=True)
         ttft = grpc_ttft(target, TTFT_REQUESTS)
         e2e_lines.append(f"time to first token, {TTFT_PROMPT_TOKENS}-token prompt, p50 of {TTFT_REQUESTS}: engine "
