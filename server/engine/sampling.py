@@ -90,11 +90,11 @@ class BatchSampler:
         if end > len(self.rows):
             raise RuntimeError(f"{end} sampler rows asked of {len(self.rows)}")
         self.rows[first:end] = rows
-        values = {self.temperature: [r.temperature for r in rows], self.top_p: [r.top_p for r in rows],
-                  self.penalty: [r.penalty for r in rows], self.is_sampled: [r.sampled for r in rows],
-                  self.top_k: [min(r.top_k, self.vocab_size) or self.vocab_size for r in rows],
-                  self.min_new: [r.params.min_new_tokens for r in rows], self.generated: [0] * len(rows)}
-        for tensor, column in values.items():
+        columns = [(self.temperature, [r.temperature for r in rows]), (self.top_p, [r.top_p for r in rows]),
+                   (self.penalty, [r.penalty for r in rows]), (self.is_sampled, [r.sampled for r in rows]),
+                   (self.top_k, [min(r.top_k, self.vocab_size) or self.vocab_size for r in rows]),
+                   (self.min_new, [r.params.min_new_tokens for r in rows]), (self.generated, [0] * len(rows))]
+        for tensor, column in columns:
             tensor[first:end] = torch.tensor(column, dtype=tensor.dtype).to(self.device)
         for position, (row, prompt) in enumerate(zip(rows, prompts, strict=True), start=first):
             if row.penalised:
@@ -104,7 +104,8 @@ class BatchSampler:
         if self.seen is None:
             self.seen = torch.zeros(len(self.rows), self.vocab_size, dtype=torch.bool, device=self.device)
         self.seen[position] = False
-        self.seen[position, torch.tensor(prompt, dtype=torch.long).to(self.device)] = True
+        ids = [i for i in prompt if 0 <= i < self.vocab_size]  # an id past the logits has no score to penalise
+        self.seen[position, torch.tensor(ids, dtype=torch.long).to(self.device)] = True
 
     def keep(self, order: list[int]) -> None:
         """The batch now holds, at position j, the row that was at ``order[j]``."""
