@@ -74,8 +74,7 @@ class BatchSampler:
         self.min_new = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.generated = torch.zeros(max_rows, dtype=torch.long, device=device)  # tokens chosen since joining
         self.is_sampled = torch.zeros(max_rows, dtype=torch.bool, device=device)
-        self.eos = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        self.eos[[i for i in eos_ids if 0 <= i < vocab_size]] = True
+        self.eos_index = torch.tensor(sorted(i for i in eos_ids if 0 <= i < vocab_size), dtype=torch.long).to(device)
         # Tokens each penalised row has seen (prompt and generated): made when the first penalised row joins,
         # [max_rows, vocab] bools (256 x 128k = 32 MiB). Other rows' entries are never read (a penalty of 1
         # leaves every score as it is).
@@ -153,14 +152,15 @@ class BatchSampler:
     def choose(self, first: int, logits: torch.Tensor) -> torch.Tensor:
         """The tokens of rows ``first ..`` as a device tensor (no host sync); records them as chosen."""
         end = first + logits.shape[0]
-        rows = self.rows[first:end]
-        scores = self.processed_scores(first, logits)
+        rows = self._rows(first, end)
+        plain = not any(r.sampled or r.penalised or r.params.min_new_tokens for r in rows)
+        scores = logits if plain else self.processed_scores(first, logits)  # plain greedy: the logits as they are
         tokens = scores.argmax(-1)  # greedy rows' answer, and a sampled row's if its distribution is empty
-        if any(r is not None and r.sampled for r in rows):
+        if any(r.sampled for r in rows):
             scores = shift_and_scale(scores, self.temperature[first:end])
-            if any(r is not None and r.filtered for r in rows):
+            if any(r.filtered for r in rows):
                 scores = filter_top_k_top_p(scores, self.top_k[first:end], self.top_p[first:end])
-            drawn = draw(scores, [r.generator if r is not None else None for r in rows])
+            drawn = draw(scores, [r.generator for r in rows])
             tokens = torch.where(self.is_sampled[first:end] & (drawn >= 0), drawn, tokens)
         # Recorded last, once nothing above can raise: a batch retried row by row counts each row once.
         self.generated[first:end] += 1
@@ -172,9 +172,17 @@ class BatchSampler:
         """float32 scores of rows ``first ..`` after the minimum length (EOS at -inf below it) and the
         repetition penalty: what greedy rows take the argmax of, and what sampled rows sample from."""
         end = first + logits.shape[0]
+        rows = self._rows(first, end)
         scores = logits.to(torch.float32, copy=True)
-        short = self.generated[first:end] < self.min_new[first:end]
-        scores.masked_fill_(short[:, None] & self.eos, float("-inf"))
-        if self.seen is not None and any(r is not None and r.penalised for r in self.rows[first:end]):
+        if self.eos_index.numel() and any(r.params.min_new_tokens for r in rows):
+            short = self.generated[first:end] < self.min_new[first:end]  # only EOS columns are touched
+            scores[:, self.eos_index] = scores[:, self.eos_index].masked_fill(short[:, None], float("-inf"))
+        if self.seen is not None and any(r.penalised for r in rows):
             scores = apply_repetition_penalty(scores, self.seen[first:end], self.penalty[first:end])
         return scores
+
+    def _rows(self, first: int, end: int) -> list[RowSampler]:
+        rows = self.rows[first:end]
+        if any(r is None for r in rows):
+            raise RuntimeError(f"sampler positions {first}..{end - 1} hold no placed row")
+        return rows  # type: ignore[return-value]  # checked just above

@@ -266,3 +266,15 @@ def test_a_seed_gives_the_same_answer_over_grpc_whatever_shares_the_batch(client
     assert unseeded.seed != 0
     again = client.generate("hi", "lora-qv", max_new_tokens=11, temperature=1.0, seed=unseeded.seed)
     assert again.text == unseeded.text
+
+
+def test_the_start_event_reports_the_seed_used(runtime):
+    """The given seed; a random 63-bit one for a sampled request without one (replaying it gives the same
+    answer); 0 for greedy."""
+    given = generate(runtime, "hello", GenerationParams(max_new_tokens=4, temperature=1.0, seed=2**63 - 5))
+    drawn = generate(runtime, "hello", GenerationParams(max_new_tokens=8, temperature=1.0))
+    greedy = generate(runtime, "hello", GenerationParams(max_new_tokens=4))
+    assert given[0].kind == "start" and given[0].seed == 2**63 - 5
+    assert 0 < drawn[0].seed < 2**63 and greedy[0].seed == 0
+    replay = generate(runtime, "hello", GenerationParams(max_new_tokens=8, temperature=1.0, seed=drawn[0].seed))
+    assert replay[-1].token_ids == drawn[-1].token_ids
