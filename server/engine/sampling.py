@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -73,7 +73,6 @@ class BatchSampler:
         self.penalty = torch.ones(max_rows, device=device)
         self.min_new = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.generated = torch.zeros(max_rows, dtype=torch.long, device=device)  # tokens chosen since joining
-        self.is_sampled = torch.zeros(max_rows, dtype=torch.bool, device=device)
         self.eos_index = torch.tensor(sorted(i for i in eos_ids if 0 <= i < vocab_size), dtype=torch.long).to(device)
         # Tokens each penalised row has seen (prompt and generated): made when the first penalised row joins,
         # [max_rows, vocab] bools (256 x 128k = 32 MiB). Other rows' entries are never read (a penalty of 1
@@ -90,7 +89,7 @@ class BatchSampler:
             raise RuntimeError(f"{end} sampler rows asked of {len(self.rows)}")
         self.rows[first:end] = rows
         columns = [(self.temperature, [r.temperature for r in rows]), (self.top_p, [r.top_p for r in rows]),
-                   (self.penalty, [r.penalty for r in rows]), (self.is_sampled, [r.sampled for r in rows]),
+                   (self.penalty, [r.penalty for r in rows]),
                    (self.top_k, [min(r.top_k, self.vocab_size) or self.vocab_size for r in rows]),
                    (self.min_new, [r.params.min_new_tokens for r in rows]), (self.generated, [0] * len(rows))]
         for tensor, column in columns:
@@ -117,8 +116,7 @@ class BatchSampler:
         self.rows[n:] = [None] * (len(self.rows) - n)  # their generators go with them
 
     def _per_row(self) -> list[torch.Tensor]:
-        tensors = [self.temperature, self.top_k, self.top_p, self.penalty, self.min_new, self.generated,
-                   self.is_sampled]
+        tensors = [self.temperature, self.top_k, self.top_p, self.penalty, self.min_new, self.generated]
         return tensors + ([self.seen] if self.seen is not None else [])
 
     # ------------------------------------------------------------------ one step
@@ -150,18 +148,31 @@ class BatchSampler:
         return tokens
 
     def choose(self, first: int, logits: torch.Tensor) -> torch.Tensor:
-        """The tokens of rows ``first ..`` as a device tensor (no host sync); records them as chosen."""
+        """The tokens of rows ``first ..`` as a device tensor (no host sync); records them as chosen.
+
+        Each stage runs on the rows that need it only (which rows is known on the host, so selecting them
+        costs no sync): the float copy and the penalty, then temperature, top-k / top-p and the draw."""
         end = first + logits.shape[0]
         rows = self._rows(first, end)
         plain = not any(r.sampled or r.penalised or r.params.min_new_tokens for r in rows)
         scores = logits if plain else self.processed_scores(first, logits)  # plain greedy: the logits as they are
         tokens = scores.argmax(-1)  # greedy rows' answer, and a sampled row's if its distribution is empty
-        if any(r.sampled for r in rows):
-            scores = shift_and_scale(scores, self.temperature[first:end])
-            if any(r.filtered for r in rows):
-                scores = filter_top_k_top_p(scores, self.top_k[first:end], self.top_p[first:end])
-            drawn = draw(scores, [r.generator for r in rows])
-            tokens = torch.where(self.is_sampled[first:end] & (drawn >= 0), drawn, tokens)
+        picked = self._where(rows, lambda r: r.sampled)
+        if picked is not None:
+            positions = picked + first
+            some = shift_and_scale(scores.index_select(0, picked), self.temperature.index_select(0, positions))
+            chosen = [r for r in rows if r.sampled]
+            filtered = self._where(chosen, lambda r: r.filtered)
+            if filtered is not None:
+                at = positions.index_select(0, filtered)
+                ks = [r.top_k for r in chosen if r.filtered]
+                largest_k = max(ks) if all(0 < k < self.vocab_size for k in ks) else None  # else a full sort
+                some = some.index_copy(0, filtered, filter_top_k_top_p(
+                    some.index_select(0, filtered), self.top_k.index_select(0, at), self.top_p.index_select(0, at),
+                    largest_k))
+            drawn = draw(some, [r.generator for r in chosen])
+            fallback = tokens.index_select(0, picked)
+            tokens = tokens.index_copy(0, picked, torch.where(drawn >= 0, drawn, fallback))
         # Recorded last, once nothing above can raise: a batch retried row by row counts each row once.
         self.generated[first:end] += 1
         if self.seen is not None:
@@ -177,9 +188,17 @@ class BatchSampler:
         if self.eos_index.numel() and any(r.params.min_new_tokens for r in rows):
             short = self.generated[first:end] < self.min_new[first:end]  # only EOS columns are touched
             scores[:, self.eos_index] = scores[:, self.eos_index].masked_fill(short[:, None], float("-inf"))
-        if self.seen is not None and any(r.penalised for r in rows):
-            scores = apply_repetition_penalty(scores, self.seen[first:end], self.penalty[first:end])
+        penalised = self._where(rows, lambda r: r.penalised)
+        if penalised is not None and self.seen is not None:
+            at = penalised + first
+            scores = scores.index_copy(0, penalised, apply_repetition_penalty(
+                scores.index_select(0, penalised), self.seen.index_select(0, at), self.penalty.index_select(0, at)))
         return scores
+
+    def _where(self, rows: list[RowSampler], wanted: Callable[[RowSampler], bool]) -> torch.Tensor | None:
+        """The indices of ``rows`` that are ``wanted``, on the device; None if none is."""
+        which = [i for i, r in enumerate(rows) if wanted(r)]
+        return torch.tensor(which, dtype=torch.long).to(self.device) if which else None
 
     def _rows(self, first: int, end: int) -> list[RowSampler]:
         rows = self.rows[first:end]

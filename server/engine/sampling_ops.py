@@ -31,20 +31,35 @@ def shift_and_scale(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Te
     return (finite - finite.amax(-1, keepdim=True)) / temperature[:, None]
 
 
-def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """transformers' TopKLogitsWarper then TopPLogitsWarper, per row, with one sort of the whole batch.
+def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       largest_k: int | None = None) -> torch.Tensor:
+    """transformers' TopKLogitsWarper then TopPLogitsWarper, per row, for the whole batch at once.
 
     ``top_k``: [rows] in 1..vocab (vocab: off); scores below a row's k-th largest become -inf (ties with it
     stay). ``top_p``: [rows] (1: off); in ascending order, tokens whose cumulative probability is at most
-    1 - p become -inf, the largest always staying."""
-    ordered, order = scores.sort(dim=-1)  # ascending, as transformers' top-p sorts
-    kth = ordered.gather(-1, (scores.shape[-1] - top_k)[:, None])
-    ordered = ordered.masked_fill(ordered < kth, NEG_INF)
-    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative <= (1 - top_p)[:, None]
+    1 - p become -inf, the largest always staying. ``largest_k``: the largest of ``top_k`` when every row's
+    is below the vocabulary; then only each row's ``largest_k`` best are ordered (torch.topk), not the whole
+    vocabulary (a sort of [rows, vocab] is most of the cost). Float ties with a k-th score past the
+    ``largest_k`` best are then kept without being counted by top-p."""
+    if largest_k is None:
+        ordered, order = scores.sort(dim=-1)  # ascending, as transformers' top-p sorts
+        kth = ordered.gather(-1, (scores.shape[-1] - top_k)[:, None])
+        ordered = ordered.masked_fill(ordered < kth, NEG_INF)
+        ordered = ordered.masked_fill(_outside_nucleus(ordered, top_p), NEG_INF)
+        return torch.empty_like(scores).scatter_(-1, order, ordered)
+    best, order = scores.topk(largest_k, dim=-1)  # descending
+    kth = best.gather(-1, (top_k - 1)[:, None])
+    kept = scores.masked_fill(scores < kth, NEG_INF)
+    drop = _outside_nucleus(best.masked_fill(best < kth, NEG_INF).flip(-1), top_p)
+    return kept.masked_fill(torch.zeros_like(kept, dtype=torch.bool).scatter_(-1, order.flip(-1), drop), NEG_INF)
+
+
+def _outside_nucleus(ascending: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which of these ascending scores top-p drops: those whose cumulative probability is at most 1 - p,
+    never the last (largest)."""
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)[:, None]
     drop[:, -1] = False
-    ordered = ordered.masked_fill(drop, NEG_INF)
-    return torch.empty_like(scores).scatter_(-1, order, ordered)
+    return drop
 
 
 def draw(scores: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:

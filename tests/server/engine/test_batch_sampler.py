@@ -83,14 +83,23 @@ def test_plain_temperature_draws_the_softmax_distribution():
     assert (frequencies(tokens) - expected).abs().sum() / 2 < 0.08
 
 
-def test_top_k_and_top_p_filters_equal_transformers_warpers_row_by_row():
+# (top_k, top_p) per row. "sorted": a row without top-k orders the whole vocabulary (with a tie at the top of
+# row 1); "candidates": every row has a top-k, so only the best max(k) of each row are ordered.
+FILTERS = {"sorted": [(5, 0.9), (1, 0.5), (30, 1.0), (VOCAB, 0.3), (3, 0.99), (VOCAB, 1.0)],
+           "candidates": [(5, 0.9), (2, 0.5), (30, 1.0), (12, 0.3), (3, 0.99), (31, 0.8)]}
+
+
+@pytest.mark.parametrize("case", sorted(FILTERS))
+def test_top_k_and_top_p_filters_equal_transformers_warpers_row_by_row(case):
     scores = random_logits(6, seed=4)
-    scores[1, 3] = scores[1, 4] = scores[1].max() + 1  # a tie at the top
+    if case == "sorted":
+        scores[1, 3] = scores[1, 4] = scores[1].max() + 1  # a tie at the top
     scores[2, 5:] = float("-inf")
-    ks = [5, 1, 30, VOCAB, 3, VOCAB]
-    ps = [0.9, 0.5, 1.0, 0.3, 0.99, 1.0]
-    filtered = filter_top_k_top_p(scores, torch.tensor(ks, device=DEVICE), torch.tensor(ps, device=DEVICE))
-    for i, (k, p) in enumerate(zip(ks, ps, strict=True)):
+    ks, ps = zip(*FILTERS[case], strict=True)
+    largest_k = max(ks) if case == "candidates" else None
+    filtered = filter_top_k_top_p(scores, torch.tensor(ks, device=DEVICE), torch.tensor(ps, device=DEVICE),
+                                  largest_k)
+    for i, (k, p) in enumerate(FILTERS[case]):
         expected = TopKLogitsWarper(k)(None, scores[i:i + 1].clone())
         if p < 1.0:
             expected = TopPLogitsWarper(p)(None, expected)

@@ -155,12 +155,12 @@ def test_a_row_whose_sampling_raises_ends_alone(runtime, monkeypatch):
     real = sampling.filter_top_k_top_p
     marked = []  # one entry per step that sampled the bad row (its top_p marks it)
 
-    def filter_top_k_top_p(scores, top_k, top_p):
+    def filter_top_k_top_p(scores, top_k, top_p, *rest):
         if bool((top_p == 0.375).any()):
             marked.append(1)
             if len(marked) > 2:
                 raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-        return real(scores, top_k, top_p)
+        return real(scores, top_k, top_p, *rest)
 
     monkeypatch.setattr(sampling, "filter_top_k_top_p", filter_top_k_top_p)
     bad = GenerationParams(max_new_tokens=12, temperature=1.0, top_p=0.375, seed=13)
