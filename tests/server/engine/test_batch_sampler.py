@@ -144,32 +144,90 @@ def test_eos_is_never_chosen_under_the_minimum_length():
     assert chosen[3][:2] == [EOS, EOS] and all(step[2] == EOS for step in chosen)
 
 
-def test_a_row_sampled_beside_others_draws_what_it_draws_alone():
-    """One seeded row, its position moving as rows join and leave around it, draws the tokens it draws
-    alone; the others have other parameters, seeds, penalties and minimum lengths."""
-    target = sampled(7, temperature=0.9, top_k=12, top_p=0.9, repetition_penalty=1.2)
-    own = [random_logits(1, seed=100 + t)[0] for t in range(8)]
-    alone = make([target])
-    expected = [alone.sample(0, own[t][None].clone())[0][0] for t in range(8)]
+class Batch:
+    """Drives a sampler as the engine does: rows join by a prefill sampled at their own positions (after the
+    running rows), then every step samples all rows; rows leave by ``keep``. Each row is fed the logits the
+    test gives for its own step count, and its tokens are recorded."""
 
-    others = [GenerationParams(max_new_tokens=8), sampled(1, temperature=2.0), sampled(2, top_p=0.5),
-              GenerationParams(max_new_tokens=8, repetition_penalty=3.0), sampled(3, top_k=2, min_new_tokens=5),
-              sampled(4, temperature=0.05, repetition_penalty=0.5), sampled(5)]
-    sampler = make(others[:3] + [target], max_rows=8)  # the target at position 3
-    got = []
-    for t in range(8):
-        rows = len([r for r in sampler.rows if r is not None])
-        logits = random_logits(rows, seed=200 + t)
-        position = next(i for i, r in enumerate(sampler.rows) if r is not None and r.params is target)
-        logits[position] = own[t]
-        got.append(sampler.sample(0, logits)[0][position])
-        if t == 1:  # four rows join after the batch's
-            sampler.place(rows, [RowSampler(p, DEVICE) for p in others[3:]], [[1, 2, 3]] * 4)
-        if t == 3:  # rows 1 and 0 leave, as the batch compacts: the last row fills each hole in turn
-            sampler.keep([6, 7, 2, 3, 4, 5])
-        if t == 5:  # rows 2 and 5 leave, the others keeping their order: the target moves to 2
-            sampler.keep([0, 1, 3, 4])
-    assert got == expected
+    def __init__(self, logits_of) -> None:
+        self.sampler = BatchSampler(8, VOCAB, {EOS}, DEVICE)
+        self.logits_of = logits_of  # (row's params, its step) -> [vocab]
+        self.tokens: dict[int, list[int]] = {}
+
+    def _sample(self, first: int, rows: list[RowSampler]) -> None:
+        logits = torch.stack([self.logits_of(r.params, len(self.tokens.setdefault(id(r), []))) for r in rows])
+        for row, token in zip(rows, self.sampler.sample(first, logits)[0], strict=True):
+            self.tokens[id(row)].append(token)
+
+    def running(self) -> list[RowSampler]:
+        return [r for r in self.sampler.rows if r is not None]
+
+    def join(self, params: list[GenerationParams]) -> list[RowSampler]:
+        rows, first = [RowSampler(p, DEVICE) for p in params], len(self.running())
+        self.sampler.place(first, rows, [[1, 2, 3]] * len(rows))
+        self._sample(first, rows)
+        return rows
+
+    def step(self) -> None:
+        self._sample(0, self.running())
+
+    def move_target_last(self, leaving: int) -> None:
+        """``leaving`` rows other than the target leave; the others reverse their order, the target last."""
+        running = self.running()
+        target = next(i for i, r in enumerate(running) if r.params is TARGET)
+        rest = [i for i in range(len(running)) if i != target]
+        self.sampler.keep(rest[leaving:][::-1] + [target])
+
+    def target_tokens(self) -> list[int]:
+        return next(self.tokens[id(r)] for r in self.running() if r.params is TARGET)
+
+
+TARGET = sampled(7, temperature=3.0, top_k=12, top_p=0.9, repetition_penalty=1.2)
+OTHERS = [GenerationParams(max_new_tokens=8), sampled(1, temperature=0.05), sampled(2, top_p=0.5),
+          GenerationParams(max_new_tokens=8, repetition_penalty=3.0), sampled(3, top_k=2, min_new_tokens=5),
+          sampled(4, temperature=0.05, repetition_penalty=0.5), sampled(5)]
+
+
+@pytest.mark.parametrize("target_joins", ["first", "later"])
+def test_a_row_sampled_beside_others_draws_what_it_draws_alone(target_joins):
+    """One seeded row draws the tokens it draws alone, whether it is in the first prefill or joins a running
+    batch later (sampled at a position past 0), and as its position moves when rows leave; the others have
+    other temperatures, filters, seeds, penalties and minimum lengths."""
+    def logits_of(params, step):
+        return random_logits(1, seed=(100 if params is TARGET else 200 + OTHERS.index(params)) + step)[0]
+
+    alone = Batch(logits_of)
+    alone.join([TARGET])
+    for _ in range(7):
+        alone.step()
+    together = Batch(logits_of)
+    early = [TARGET] if target_joins == "first" else []
+    together.join(OTHERS[:3] + early)
+    together.step()
+    together.join(OTHERS[3:6] + ([] if early else [TARGET]))
+    for leaving in (2, 1, 0):
+        together.step()
+        together.move_target_last(leaving)
+    while len(together.target_tokens()) < 8:
+        together.step()
+    assert together.target_tokens() == alone.target_tokens()
+
+
+def test_rows_sampled_past_position_0_use_their_own_parameters():
+    """A prefill beside a running batch samples its rows at positions after the batch's: they choose with
+    their own temperature, filters, penalty and seen tokens, as they would at position 0."""
+    running = [GenerationParams(max_new_tokens=8), sampled(1, temperature=0.05),
+               GenerationParams(max_new_tokens=8, repetition_penalty=5.0)]
+    joining = [sampled(11, temperature=3.0, repetition_penalty=1.5),
+               GenerationParams(max_new_tokens=8, repetition_penalty=0.3), sampled(12, temperature=2.0, top_k=3)]
+    prompts = [[7, 8], [9], [10, 11]]
+
+    def tokens(sampler: BatchSampler, first: int) -> list[list[int]]:
+        sampler.place(first, [RowSampler(p, DEVICE) for p in joining], prompts)
+        return [sampler.sample(first, random_logits(3, seed=300 + t))[0] for t in range(12)]
+
+    beside = make(running, [list(range(6))] * 3)
+    assert tokens(beside, 3) == tokens(BatchSampler(16, VOCAB, {EOS}, DEVICE), 0)
 
 
 def test_extreme_values_in_one_row_change_no_other_row():
