@@ -41,7 +41,7 @@ class RowSampler:
         # The seed used, reported back so that a sampled answer can be reproduced; 0 for greedy.
         self.seed = params.seed if params.seed is not None else (0 if params.greedy else secrets.randbits(63))
         self.sampled = not params.greedy
-        self.temperature = params.temperature if self.sampled else 1.0  # 1: the greedy rows' scores unscaled
+        self.temperature = params.temperature if self.sampled else 1.0  # read for sampled rows only
         self.top_k = params.top_k if self.sampled and params.top_k > 0 else 0  # 0: off
         self.top_p = params.top_p if self.sampled and 0.0 < params.top_p < 1.0 else 1.0  # 1: off
         self.penalty = params.repetition_penalty if params.repetition_penalty not in (0.0, 1.0) else 1.0
@@ -93,7 +93,7 @@ class BatchSampler:
                    (self.top_k, [min(r.top_k, self.vocab_size) or self.vocab_size for r in rows]),
                    (self.min_new, [r.params.min_new_tokens for r in rows]), (self.generated, [0] * len(rows))]
         for tensor, column in columns:
-            tensor[first:end] = torch.tensor(column, dtype=tensor.dtype).to(self.device)
+            tensor[first:end] = self._on_device(column, tensor.dtype)
         for position, (row, prompt) in enumerate(zip(rows, prompts, strict=True), start=first):
             if row.penalised:
                 self._see_prompt(position, prompt)
@@ -103,13 +103,13 @@ class BatchSampler:
             self.seen = torch.zeros(len(self.rows), self.vocab_size, dtype=torch.bool, device=self.device)
         self.seen[position] = False
         ids = [i for i in prompt if 0 <= i < self.vocab_size]  # an id past the logits has no score to penalise
-        self.seen[position, torch.tensor(ids, dtype=torch.long).to(self.device)] = True
+        self.seen[position, self._on_device(ids, torch.long)] = True
 
     def keep(self, order: list[int]) -> None:
         """The batch now holds, at position j, the row that was at ``order[j]``."""
         n = len(order)
         if order != list(range(n)):
-            index = torch.tensor(order, dtype=torch.long).to(self.device)
+            index = self._on_device(order, torch.long)
             for tensor in self._per_row():
                 tensor[:n] = tensor.index_select(0, index)
             self.rows[:n] = [self.rows[i] for i in order]
@@ -159,25 +159,27 @@ class BatchSampler:
         tokens = scores.argmax(-1)  # greedy rows' answer, and a sampled row's if its distribution is empty
         picked = self._where(rows, lambda r: r.sampled)
         if picked is not None:
-            positions = picked + first
-            some = shift_and_scale(scores.index_select(0, picked), self.temperature.index_select(0, positions))
-            chosen = [r for r in rows if r.sampled]
-            filtered = self._where(chosen, lambda r: r.filtered)
-            if filtered is not None:
-                at = positions.index_select(0, filtered)
-                ks = [r.top_k for r in chosen if r.filtered]
-                largest_k = max(ks) if all(0 < k < self.vocab_size for k in ks) else None  # else a full sort
-                some = some.index_copy(0, filtered, filter_top_k_top_p(
-                    some.index_select(0, filtered), self.top_k.index_select(0, at), self.top_p.index_select(0, at),
-                    largest_k))
-            drawn = draw(some, [r.generator for r in chosen])
-            fallback = tokens.index_select(0, picked)
-            tokens = tokens.index_copy(0, picked, torch.where(drawn >= 0, drawn, fallback))
+            drawn = self._draw(picked + first, scores.index_select(0, picked), [r for r in rows if r.sampled])
+            tokens = tokens.index_copy(0, picked, torch.where(drawn >= 0, drawn, tokens.index_select(0, picked)))
         # Recorded last, once nothing above can raise: a batch retried row by row counts each row once.
         self.generated[first:end] += 1
         if self.seen is not None:
             self.seen[first:end].scatter_(-1, tokens[:, None], True)
         return tokens
+
+    def _draw(self, positions: torch.Tensor, scores: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+        """Temperature, top-k / top-p and the draw for sampled ``rows`` (at ``positions``, with these
+        ``scores``); -1 for a row whose distribution is empty."""
+        scores = shift_and_scale(scores, self.temperature.index_select(0, positions))
+        filtered = self._where(rows, lambda r: r.filtered)
+        if filtered is not None:
+            at = positions.index_select(0, filtered)
+            ks = [r.top_k for r in rows if r.filtered]
+            largest_k = max(ks) if all(0 < k < self.vocab_size for k in ks) else None  # else a full sort
+            scores = scores.index_copy(0, filtered, filter_top_k_top_p(
+                scores.index_select(0, filtered), self.top_k.index_select(0, at), self.top_p.index_select(0, at),
+                largest_k))
+        return draw(scores, [r.generator for r in rows])
 
     def processed_scores(self, first: int, logits: torch.Tensor) -> torch.Tensor:
         """float32 scores of rows ``first ..`` after the minimum length (EOS at -inf below it) and the
@@ -198,10 +200,19 @@ class BatchSampler:
     def _where(self, rows: list[RowSampler], wanted: Callable[[RowSampler], bool]) -> torch.Tensor | None:
         """The indices of ``rows`` that are ``wanted``, on the device; None if none is."""
         which = [i for i, r in enumerate(rows) if wanted(r)]
-        return torch.tensor(which, dtype=torch.long).to(self.device) if which else None
+        return self._on_device(which, torch.long) if which else None
+
+    def _on_device(self, values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        """A small host list as a device tensor, with no host sync: a blocking copy to a GPU waits for all
+        the work queued before it (the forward whose logits are being sampled); one from page-locked memory
+        is queued behind it instead (the pinned block is kept until the copy is done)."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _rows(self, first: int, end: int) -> list[RowSampler]:
-        rows = self.rows[first:end]
-        if any(r is None for r in rows):
+        rows = [r for r in self.rows[first:end] if r is not None]
+        if len(rows) != end - first:
             raise RuntimeError(f"sampler positions {first}..{end - 1} hold no placed row")
-        return rows  # type: ignore[return-value]  # checked just above
+        return rows
