@@ -231,10 +231,11 @@ def test_rows_sampled_past_position_0_use_their_own_parameters():
 
 
 def test_extreme_values_in_one_row_change_no_other_row():
-    """NaN, inf and all -inf logits, with temperature and penalty of 1e-45, in one row: it still gets a token
-    in range, nothing raises, and the rows beside it choose what they choose alone."""
+    """NaN, inf and all -inf logits, with temperatures of 1e-45 to 100 and penalties of 1e-45 to 10, in one
+    row: it still gets a token in range, nothing raises, and the rows beside it choose what they choose alone."""
     extreme = [sampled(1, temperature=1e-45, repetition_penalty=1e-45), sampled(2, temperature=100.0, top_p=1e-30),
-               GenerationParams(max_new_tokens=8, repetition_penalty=1e-45)]
+               GenerationParams(max_new_tokens=8, repetition_penalty=1e-45),
+               sampled(3, temperature=1e-2, repetition_penalty=0.01), sampled(4, repetition_penalty=10.0, top_k=2)]
     bad_logits = [torch.full((VOCAB,), float("nan")), torch.full((VOCAB,), float("-inf")),
                   torch.where(torch.arange(VOCAB) % 2 == 0, float("inf"), 1.0), torch.linspace(-3e38, 3e38, VOCAB)]
     neighbours = [GenerationParams(max_new_tokens=8), sampled(9, top_k=8), sampled(10, repetition_penalty=1.5)]
