@@ -30,7 +30,7 @@ from adapterd.server.engine.kv_pool import KvPool
 from adapterd.server.engine.observer import ObserverList
 from adapterd.server.engine.prefill_step import PrefillStep
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
-from adapterd.server.engine.sampling import RowSampler
+from adapterd.server.engine.sampling import BatchSampler, RowSampler, logits_width
 from adapterd.server.engine.scheduler import Candidate, Capacity, schedule
 from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
 from adapterd.server.errors import AdapterdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -74,7 +74,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.eos_ids = base.eos_token_ids
-        self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=base.device)
+        self.sampler = BatchSampler(config.max_batch_size, logits_width(base.model), self.eos_ids, base.device)
         self.observers = ObserverList()  # metrics and tests listen here
         self.breakage = Breakage()  # set when the device (or this thread) fails for good: health listens
         self.after_step: Callable[[], None] = lambda: None  # on this thread, once a step's events are all out
@@ -104,7 +104,7 @@ class Engine:
                 raise ResourceExhausted(f"the queue is full ({self.config.max_queue} requests waiting)")
             self._queued += 1
         row = Row(request_id=request_id, prompt_ids=list(prompt_ids), params=params, adapter=adapter, sink=sink,
-                  sampler=RowSampler(params, self.eos_ids, self.base.device))
+                  sampler=RowSampler(params, self.base.device))
         self._inbox.put(("submit", row))
 
     def cancel(self, request_id: str) -> None:
@@ -253,6 +253,7 @@ class Engine:
     def _prefill(self, rows: list[Row]) -> None:
         prompts = [r.prompt_ids for r in rows]
         prefixes = [r.adapter.prefix if r.num_virtual_tokens else None for r in rows]
+        self.sampler.place(len(self.batch), [r.sampler for r in rows], prompts)  # the positions they join at
         if self.prefiller.fits(len(self.batch), prompts, prefixes):
             self._prefill_into_pool(rows, prompts, prefixes)
         else:  # the padded shape exceeds the pool's limits
@@ -266,7 +267,7 @@ class Engine:
         for row in rows:
             row.kv_len = row.next_position = row.num_virtual_tokens + len(row.prompt_ids)
             row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
-        self._sample_and_emit(rows, logits)
+        self._sample_and_emit(rows, logits, first)
         self.observers.prefill_done(rows, sum(len(r.prompt_ids) for r in rows))
         self.batch.rows.extend(rows)
         self._retire([first + i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
@@ -280,9 +281,11 @@ class Engine:
         for row, position in zip(rows, next_positions, strict=True):
             row.next_position = position
             row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
-        self._sample_and_emit(rows, logits)
+        first = len(self.batch)
+        self._sample_and_emit(rows, logits, first)
         self.observers.prefill_done(rows, sum(len(p) for p in prompts))
         live = [i for i, r in enumerate(rows) if r.finished == StopReason.NOT_FINISHED]
+        self.sampler.keep(list(range(first)) + [first + i for i in live])  # as batch.join appends them
         for row in rows:
             if row.finished != StopReason.NOT_FINISHED:
                 self._finish(row)
@@ -297,39 +300,23 @@ class Engine:
         for row in rows:
             row.next_position += 1
             row.kv_len += 1
-        self._sample_and_emit(rows, logits)
+        self._sample_and_emit(rows, logits, 0)
         self.observers.decode_step(rows, time.perf_counter() - started)
         self._retire([i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
 
-    def _sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> None:
-        # A row whose logits are not all finite (its adapter overflowed, say) ends alone; the check is one
-        # reduction fetched with the argmax, not a host sync per row.
-        finite = torch.isfinite(logits).all(-1)
-        short = [i for i, r in enumerate(rows) if len(r.generated) < r.params.min_new_tokens]
-        if short and self.eos_ids:  # rows under their minimum length may not end yet
-            logits = logits.clone()
-            logits[torch.tensor(short, device=logits.device)[:, None], self._eos_index[None, :]] = float("-inf")
-        greedy, ok = torch.stack([logits.argmax(-1), finite.long()]).tolist()
-        for i, row in enumerate(rows):
-            if not ok[i]:
+    def _sample_and_emit(self, rows: list[Row], logits: torch.Tensor, first: int) -> None:
+        """``rows`` hold sampler positions ``first ..`` (sampling.py): every row's token in a few batched ops
+        and one host copy. A row whose logits are not all finite (its adapter overflowed, say), or whose
+        sampling raised, ends alone."""
+        tokens, finite = self.sampler.sample(first, logits)
+        for row, token, ok in zip(rows, tokens, finite, strict=True):
+            if not ok:
                 adapter_id = row.adapter.adapter_id if row.adapter is not None else None
                 self._end_alone(row, FailedPrecondition(nonfinite_message(adapter_id)))
-            elif row.sampler.is_plain_greedy:
-                self._accept(row, greedy[i])
+            elif token < 0:
+                self._end_alone(row, InvalidArgument("sampling failed with these parameters", field="sampling"))
             else:
-                self._sample(row, logits[i])
-
-    def _sample(self, row: Row, logits: torch.Tensor) -> None:
-        seen = torch.tensor([row.prompt_ids + row.generated], device=logits.device)
-        try:
-            token = row.sampler.next_token(logits, seen, len(row.generated))
-        except Exception as exc:
-            if is_device_failure(exc, self.base.device):
-                raise
-            log.warning("sampling failed for request %s", row.request_id, exc_info=exc)
-            self._end_alone(row, InvalidArgument("sampling failed with these parameters", field="sampling"))
-            return
-        self._accept(row, token)
+                self._accept(row, token)
 
     def _end_alone(self, row: Row, error: AdapterdError) -> None:
         """This row's own data failed: it ends with ERROR and ``error``; the batch goes on."""
@@ -357,7 +344,9 @@ class Engine:
         gone = set(indices)
         for i in indices:
             self._finish(self.batch.rows[i])
+        before = {id(row): i for i, row in enumerate(self.batch.rows)}
         self.batch.keep([i for i in range(len(self.batch.rows)) if i not in gone])
+        self.sampler.keep([before[id(row)] for row in self.batch.rows])  # its positions follow the rows
 
     def _finish(self, row: Row) -> None:
         """Send the last event and give back the row's slot."""
@@ -383,6 +372,7 @@ class Engine:
         rows = self.batch.rows + [r for r in self._prefilling
                                   if id(r) not in in_batch and r.finished == StopReason.NOT_FINISHED]
         self.batch.clear(release=release)
+        self.sampler.keep([])
         self._prefilling = []
         for row in rows:
             self._rows_by_id.pop(row.request_id, None)
