@@ -121,3 +121,58 @@ def test_a_slot_fill_that_fails_loses_no_request(tiny_model_dir, adapter_root):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated while filling a LoRA slot)")
 
     assert _serve_with_failing_acquire(tiny_model_dir, adapter_root, out_of_memory) == ["r0", "r1", "r2"]
+
+
+def test_requests_arriving_one_by_one_share_a_prefill_while_rows_run(tiny_model_dir, adapter_root):
+    """With 16 rows running, one new request waits up to PREFILL_WAIT_STEPS decode steps for others to share
+    its prefill (a prefill is a forward of its own); three arriving together are admitted at once (3 >= 1/8 of
+    16), in one prefill; every answer is still PEFT's."""
+    from adapterd.server.engine.scheduler import PREFILL_WAIT_STEPS
+
+    runtime = Runtime(load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32"), adapter_root,
+                      EngineConfig(max_batch_size=32))
+    steps: list[int] = []  # rows per decode step
+    prefills: list[tuple[int, list[str]]] = []  # (decode steps before it, its requests)
+
+    class Watch(EngineObserver):
+        def decode_step(self, rows, seconds):
+            steps.append(len(rows))
+
+        def prefill_done(self, rows, prompt_tokens):
+            prefills.append((len(steps), [r.request_id for r in rows]))
+
+    runtime.engine.observers.add(Watch())
+    long = GenerationParams(max_new_tokens=200, min_new_tokens=200)
+    sinks = {f"run{i}": Collector() for i in range(16)}
+    for rid, sink in sinks.items():
+        runtime.engine.submit(rid, runtime.tokenize("hello world"), long, None, sink)
+    runtime.engine.start()
+    try:
+        _until(lambda: len(steps) >= 3)
+        asked = len(steps)
+        lone = sinks["lone"] = Collector()
+        runtime.engine.submit("lone", runtime.tokenize("你是谁？"), GenerationParams(max_new_tokens=4), None, lone)
+        lone_events = lone.wait_end()
+        _until(lambda: len(steps) >= asked + 2 * PREFILL_WAIT_STEPS + 4)
+        together = [f"t{i}" for i in range(3)]
+        for rid in together:
+            sinks[rid] = Collector()
+        runtime.engine.call(lambda: [runtime.engine.submit(rid, runtime.tokenize("hi"), GenerationParams(
+            max_new_tokens=4), None, sinks[rid]) for rid in together]).result(10)  # between two steps
+        for rid in together:
+            sinks[rid].wait_end()
+    finally:
+        runtime.close()
+    lone_at = next(at for at, ids in prefills if ids == ["lone"])
+    assert 1 <= lone_at - asked <= PREFILL_WAIT_STEPS + 2  # it waited, boundedly, for company
+    assert sorted(next(ids for at, ids in prefills if "t0" in ids)) == together  # one shared prefill
+    assert lone_events[-1].token_ids == reference_greedy(tiny_model_dir, "你是谁？", None, 4)
+
+
+def _until(predicate, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
