@@ -15,9 +15,10 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -185,12 +186,16 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: a permutation that depends only on (seed, epoch), so that a resumed
     run sees the same batches as an uninterrupted one."""
+    import torch  # here, not at the top: reading and prompting records (adapterd demo, StartTraining) need none
+
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=gen).tolist()
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch: input_ids (pad_id), attention_mask (0 on pads), labels (-100 on pads)."""
+    import torch
+
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
