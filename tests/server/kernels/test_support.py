@@ -27,7 +27,6 @@ from adapterd.server.kernels import (  # noqa: E402
     triton_available,
 )
 from adapterd.server.model import load_base_model  # noqa: E402
-from tests.helpers import reference_greedy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 NO_COMPILER = "Failed to find C compiler. Please specify via CC environment variable."
@@ -113,23 +112,27 @@ def test_engine_swaps_follow_the_compile_check(fake_gpu, tiny_model_dir, monkeyp
 
 
 # The GPU check: the engine in a fresh process whose Triton cannot find a compiler (CC is /bin/false, PATH
-# holds none, and Triton's cache is a new empty folder, so that no launcher compiled earlier is reused).
+# holds none, and Triton's cache is a new empty folder, so that no launcher compiled earlier is reused). The
+# references (plain transformers + PEFT, no Triton) are computed in that process too, on the same device.
 _ENGINE = """
 import json, sys
 from adapterd.server.engine import EngineConfig, GenerationParams
 from adapterd.server.model import load_base_model
 from adapterd.server.runtime import Runtime
+from tests.helpers import reference_greedy
 from tests.server.engine.test_parity import run_together
 
 model_dir, root, quantization, jobs, new = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), 6
+jobs = [tuple(job) for job in jobs]
 base = load_base_model(model_dir, quantization, "cuda", "float32")
 runtime = Runtime(base, root, EngineConfig(max_batch_size=8, fused_kernels=True))
 try:
-    results = run_together(runtime, [tuple(job) for job in jobs], GenerationParams(max_new_tokens=new))
+    results = run_together(runtime, jobs, GenerationParams(max_new_tokens=new))
 finally:
     runtime.close()
+refs = [reference_greedy(model_dir, p, f"{root}/{a}" if a else None, new, quantization) for p, a in jobs]
 print(json.dumps({"fused_norms": runtime.engine.fused_norms, "int8_layers": runtime.engine.int8_kernel_layers,
-                  "tokens": [events[-1].token_ids for events in results]}))
+                  "tokens": [events[-1].token_ids for events in results], "refs": refs}))
 """
 
 
@@ -140,7 +143,7 @@ def test_engine_without_a_compiler_serves_pefts_tokens(tiny_model_dir, adapter_r
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
     env = {**os.environ, "CC": "/bin/false", "PATH": str(empty_bin), "TRITON_CACHE_DIR": str(tmp_path / "cache"),
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), "ADAPTERD_TEST_DEVICE": "cuda"}
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", _ENGINE, str(tiny_model_dir), str(adapter_root), quantization,
                           json.dumps(jobs)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -149,6 +152,4 @@ def test_engine_without_a_compiler_serves_pefts_tokens(tiny_model_dir, adapter_r
     assert result["fused_norms"] == 0 and result["int8_layers"] == 0
     warnings = [line for line in out.stderr.splitlines() if "Triton kernels off on cuda:" in line]
     assert len(warnings) == 1 and "/bin/false" in warnings[0], out.stderr[-3000:]
-    refs = [reference_greedy(tiny_model_dir, prompt, adapter_root / adapter if adapter else None, 6, quantization)
-            for prompt, adapter in jobs]
-    assert result["tokens"] == refs
+    assert result["tokens"] == result["refs"]
