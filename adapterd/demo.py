@@ -1,5 +1,6 @@
-"""``adapterd demo``: the whole product on the embedded default (about 40 s on the idle 2-core CPU machine
-with nothing cached, bench/RESULTS.md; a second run reuses the model and the adapters).
+"""``adapterd demo``: the whole product on the embedded default. On the 2-core CPU machine with nothing cached:
+24 s idle, 40 s while other jobs ran; 6 s again on the same ``--dir``, which reuses the model and the adapters
+(bench/RESULTS.md).
 
 1. builds the tiny model (random weights, offline tokenizer) in ``DIR/tiny-model``;
 2. trains two adapters on the tutorial's examples with ``adapterd train`` (LoRA and P-Tuning v2, on the
@@ -52,8 +53,8 @@ def _cli(*args: str) -> list[str]:
 
 def _env() -> dict[str, str]:
     """The environment of every step's process: one torch thread unless the caller chose otherwise. The tiny
-    model's matrices are too small for threads to pay: on the 2-core machine, 300 P-Tuning v2 steps took 11 s
-    on one thread and 58 s on two (bench/RESULTS.md)."""
+    model's matrices are too small for threads to pay: on the busy 2-core machine, training 300 P-Tuning v2 steps
+    (model load included) took 11 s on one thread and 58 s on two (bench/RESULTS.md)."""
     return {"OMP_NUM_THREADS": "1", **os.environ}
 
 
