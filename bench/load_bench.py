@@ -4,8 +4,13 @@
    them inside the root, so every id is its own adapter to the daemon: its own load, its own slot), a bounded
    number of device slots, requests arriving as a Poisson process with adapters drawn from a Zipf(1)
    distribution; a rate sweep gives throughput and p50/p95 latency, against the same load on one adapter.
-2. End to end: ``--streams`` concurrent streams from ``--client-procs`` client processes over gRPC on
-   loopback, against the same number of concurrent requests submitted to the engine in-process.
+2. End to end: ``--streams`` concurrent streams (each count in the list) from ``--client-procs`` client
+   processes over gRPC on loopback, against the same number of concurrent requests submitted to the engine
+   in-process; the daemon runs as ``adapterd serve`` does (engine core in its own process, ``--frontends``
+   front ends). Also: time to first token of a 512-token prompt, both ways, and CPU per streamed token by
+   process (front ends, engine core).
+
+The Zipf sweep goes over gRPC too (a client process drives the load), as users see it.
 
 Runs on the GPU machine (``--shape llama2-7b``) or the CPU (``--shape tiny``: a regression guard, ratios
 only). Appends its tables to bench/RESULTS.md with commit, date and machine.
@@ -18,10 +23,10 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
+import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +35,18 @@ from results_table import git_commit
 from serve_bench import SHAPES, build_model_dir
 
 PROMPT_TOKENS = 64
+TTFT_PROMPT_TOKENS = 512
+TTFT_REQUESTS = 20
+WORDS = ["hello", "world", "the", "model", "adapter"]
+STREAMS_PER_CONNECTION = 8
+LENGTH_SEED = 10_000  # stream i draws its requests' lengths from Random(LENGTH_SEED + i), both ways
+
+
+def request_length(rng: random.Random, new: int) -> int:
+    """Tokens one request generates: uniform over new/2 .. 3*new/2, the same sequence both ways. Equal lengths
+    would keep the engine-alone streams in lockstep (all rows finishing, and prefilling again, in the same
+    step), which no real load does and which a network's jitter breaks at once."""
+    return rng.randint(max(1, new // 2), new + new // 2)
 
 
 def make_zipf_root(root: Path, base_dir: Path, total: int, distinct: int, rank: int) -> list[str]:
@@ -51,50 +68,66 @@ def zipf_choice(rng: random.Random, ids: list[str]) -> str:
     return rng.choices(ids, weights=weights)[0]
 
 
-async def poisson_load(runtime, pick, rate: float, duration: float, new: int, seed: int) -> dict[str, float]:
-    """Requests at ``rate``/s for ``duration`` s; each waits for its adapter (loaded on first use)."""
-    from adapterd.server.engine import GenerationParams
+def _poisson_proc(target: str, ids: list[str], zipf: bool, rate: float, duration: float, new: int, seed: int,
+                  out: mp.Queue) -> None:
+    """A client process: requests at ``rate``/s for ``duration`` s over gRPC, adapters from ``ids`` (Zipf or
+    the first only); each request waits for its adapter (loaded on first use)."""
+    from adapterd.clients import AsyncAdapterdClient
 
-    rng = random.Random(seed)
-    params = GenerationParams(max_new_tokens=new, min_new_tokens=new)
-    latencies: list[float] = []
-    tokens = 0
+    async def main() -> dict[str, float]:
+        rng = random.Random(seed)
+        latencies: list[float] = []
+        tokens = 0
+        async with AsyncAdapterdClient(target, timeout=600) as client:
+            await client.model_info()
 
-    async def one(adapter_id: str) -> None:
-        nonlocal tokens
-        t = time.perf_counter()
-        adapter = await runtime.adapter(adapter_id) if adapter_id else None
-        prompt = [rng.randrange(10, 1000) for _ in range(PROMPT_TOKENS)]
-        async for event in runtime.generate(prompt, params, adapter):
-            if event.kind == "end":
-                tokens += event.generated_token_count
-        latencies.append(time.perf_counter() - t)
+            async def one(adapter_id: str) -> None:
+                nonlocal tokens
+                t = time.perf_counter()
+                prompt = " ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS))
+                reply = await client.generate(prompt, adapter_id, max_new_tokens=new, min_new_tokens=new)
+                tokens += reply.generated_token_count
+                latencies.append(time.perf_counter() - t)
 
-    start = time.perf_counter()
-    tasks = []
-    while time.perf_counter() - start < duration:
-        tasks.append(asyncio.ensure_future(one(pick(rng))))
-        await asyncio.sleep(rng.expovariate(rate))
-    await asyncio.gather(*tasks)
-    wall = time.perf_counter() - start
-    lat = sorted(latencies)
-    return {"requests": len(lat), "tok_s": tokens / wall, "p50": statistics.median(lat) * 1000,
-            "p95": lat[int(0.95 * (len(lat) - 1))] * 1000}
+            start = time.perf_counter()
+            tasks = []
+            while time.perf_counter() - start < duration:
+                tasks.append(asyncio.ensure_future(one(zipf_choice(rng, ids) if zipf else ids[0])))
+                await asyncio.sleep(rng.expovariate(rate))
+            await asyncio.gather(*tasks)
+            wall = time.perf_counter() - start
+        lat = sorted(latencies)
+        return {"requests": len(lat), "tok_s": tokens / wall, "p50": statistics.median(lat) * 1000,
+                "p95": lat[int(0.95 * (len(lat) - 1))] * 1000}
+
+    out.put(asyncio.run(main()))
+
+
+def poisson_load(target: str, ids: list[str], zipf: bool, rate: float, duration: float, new: int,
+                 seed: int) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_poisson_proc, args=(target, ids, zipf, rate, duration, new, seed, out))
+    proc.start()
+    result = out.get(timeout=duration + 900)
+    proc.join()
+    return result
 
 
 async def engine_streams(runtime, streams: int, duration: float, new: int) -> float:
     """Generated tokens/s with ``streams`` requests always in flight, submitted in-process."""
     from adapterd.server.engine import GenerationParams
 
-    params = GenerationParams(max_new_tokens=new, min_new_tokens=new)
     tokens = 0
     stop = time.perf_counter() + duration
 
     async def loop(i: int) -> None:
         nonlocal tokens
-        rng = random.Random(i)
+        rng, lengths = random.Random(i), random.Random(LENGTH_SEED + i)
         while time.perf_counter() < stop:
             prompt = [rng.randrange(10, 1000) for _ in range(PROMPT_TOKENS)]
+            length = request_length(lengths, new)
+            params = GenerationParams(max_new_tokens=length, min_new_tokens=length)
             async for event in runtime.generate(prompt, params, None):
                 if event.kind == "end":
                     tokens += event.generated_token_count
@@ -135,20 +168,27 @@ def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Q
     async def main() -> tuple[int, float, float]:
         tokens = 0
         stop = time.perf_counter() + duration
-        async with AsyncAdapterdClient(target, timeout=600) as client:
+        # A connection of its own for every STREAMS_PER_CONNECTION streams, as many clients would open: the
+        # kernel spreads connections (not streams) over the daemon's front ends.
+        clients = [AsyncAdapterdClient(target, timeout=600, options=[("grpc.use_local_subchannel_pool", 1)])
+                   for _ in range(max(1, streams // STREAMS_PER_CONNECTION))]
+        for client in clients:
             await client.model_info()  # connected, and the daemon answers
-            began = time.time()  # after start-up and connecting: only serving time counts
+        began = time.time()  # after start-up and connecting: only serving time counts
 
-            async def loop(i: int) -> None:
-                nonlocal tokens
-                rng = random.Random(i)
-                while time.perf_counter() < stop:
-                    prompt = " ".join(rng.choice(["hello", "world", "the", "model", "adapter"])
-                                      for _ in range(PROMPT_TOKENS))
-                    async for message in client.generate_stream(prompt, max_new_tokens=new, min_new_tokens=new):
-                        if message.stop_reason:
-                            tokens += message.generated_token_count
-            await asyncio.gather(*(loop(i) for i in range(streams)))
+        async def loop(i: int) -> None:
+            nonlocal tokens
+            rng, lengths = random.Random(i), random.Random(LENGTH_SEED + i)
+            client = clients[i % len(clients)]
+            while time.perf_counter() < stop:
+                prompt = " ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS))
+                length = request_length(lengths, new)
+                async for message in client.generate_stream(prompt, max_new_tokens=length, min_new_tokens=length):
+                    if message.stop_reason:
+                        tokens += message.generated_token_count
+        await asyncio.gather(*(loop(i) for i in range(streams)))
+        for client in clients:
+            await client.close()
         return tokens, began, time.time()
 
     out.put(asyncio.run(main()))
@@ -167,35 +207,121 @@ def grpc_streams(target: str, streams: int, procs: int, duration: float, new: in
     # Throughput over the span when clients were serving (process start-up and imports excluded).
     span = max(end for _, _, end in results) - min(began for _, began, _ in results)
     tokens = sum(tokens for tokens, _, _ in results)
-    return tokens / span, tokens
+    return tokens / span, tokens, span
 
 
-def thread_cpu_seconds() -> dict[str, float]:
-    """CPU seconds used so far by this process's threads, by Python thread name; threads Python does not
-    know (gRPC's C-core pollers, torch's own pools) count as "other". Linux only (/proc); {} elsewhere."""
-    tasks = Path("/proc/self/task")
-    if not tasks.is_dir():
-        return {}
-    names = {t.native_id: t.name for t in threading.enumerate()}
+def decode_steps(metrics_port: int) -> tuple[float, float]:
+    """(decode steps, rows decoded) so far, from the daemon's /metrics (the engine core's batch sizes)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    found = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+             if s.name in ("adapterd_batch_size_count", "adapterd_batch_size_sum")}
+    return found.get("adapterd_batch_size_count", 0.0), found.get("adapterd_batch_size_sum", 0.0)
+
+
+def steps_text(before: tuple[float, float], after: tuple[float, float], seconds: float) -> str:
+    steps, rows = after[0] - before[0], after[1] - before[1]
+    if not steps:
+        return "no decode steps"
+    return f"{steps:.0f} decode steps, {rows / steps:.1f} rows per step, {seconds / steps * 1000:.2f} ms per step"
+
+
+def process_cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each named process. Linux only (/proc); {} elsewhere."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    for task in tasks.iterdir():
+    for name, pid in pids.items():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
             continue
-        name = names.get(int(task.name), "other")
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
+def daemon_processes(daemon) -> dict[str, int]:
+    """The daemon's processes: its first front end (this process: the client processes are others), the other
+    front ends, the engine core."""
+    pids = {"front end 1": os.getpid()}
+    if daemon.daemon.frontends is not None:
+        pids.update({f"front end {m.index + 1}": m.process.pid for m in daemon.daemon.frontends.members})
+    pids["engine core"] = daemon.daemon.engine_process.process.pid
+    return pids
+
+
 def cpu_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> str:
-    """Microseconds of CPU per streamed token for the event loop, the engine thread and the rest."""
-    use = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    loop, engine = use.pop("adapterd-daemon", 0.0), use.pop("adapterd-engine", 0.0)
-    rest = sum(v for k, v in use.items() if k != "MainThread")
-    return (f"server CPU per token: event loop {loop / tokens * 1e6:.0f} us, engine thread "
-            f"{engine / tokens * 1e6:.0f} us, other threads {rest / tokens * 1e6:.0f} us")
+    """Microseconds of CPU per streamed token, by process."""
+    return "server CPU per token: " + ", ".join(
+        f"{name} {(after[name] - before.get(name, 0.0)) / tokens * 1e6:.0f} us" for name in after)
+
+
+async def engine_ttft(runtime, requests: int) -> float:
+    """Median time to the first generated token of a ``TTFT_PROMPT_TOKENS`` prompt, in-process, ms."""
+    from adapterd.server.engine import GenerationParams
+
+    rng = random.Random(7)
+    times = []
+    for _ in range(requests):
+        prompt = [rng.randrange(10, 1000) for _ in range(TTFT_PROMPT_TOKENS)]
+        start = time.perf_counter()
+        async for event in runtime.generate(prompt, GenerationParams(max_new_tokens=1), None):
+            if event.token_ids:
+                times.append(time.perf_counter() - start)
+                break
+    return statistics.median(times) * 1000
+
+
+def grpc_ttft(target: str, requests: int) -> float:
+    """The same over gRPC: the prompt cut to its last ``TTFT_PROMPT_TOKENS`` tokens by the daemon, ms."""
+    from adapterd.clients import AdapterdClient
+
+    rng = random.Random(7)
+    times = []
+    with AdapterdClient(target, timeout=120) as client:
+        for _ in range(requests):
+            prompt = " ".join(rng.choice(WORDS) for _ in range(2 * TTFT_PROMPT_TOKENS))
+            start = time.perf_counter()
+            for message in client.generate_stream(prompt, max_new_tokens=1,
+                                                  truncate_input_tokens=TTFT_PROMPT_TOKENS):
+                if message.generated_token_count:
+                    times.append(time.perf_counter() - start)
+                    break
+    return statistics.median(times) * 1000
+
+
+def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, streams: list[int],
+                       out: mp.Queue) -> None:
+    """The engine driven in-process: tokens/s at each stream count (with its decode steps), and the TTFT."""
+    from transformers.utils import logging as hf_logging
+
+    from adapterd.server.config import ServerConfig
+    from adapterd.server.engine import EngineConfig
+    from adapterd.server.model import load_base_model
+    from adapterd.server.runtime import Runtime
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    sys.setswitchinterval(ServerConfig.gil_switch_interval_ms / 1000)  # as the daemon's front end sets it
+    base = load_base_model(base_dir, args.quantization)
+    runtime = Runtime(base, root, EngineConfig(max_batch_size=max(streams), lora_slots=args.slots,
+                                               max_lora_rank=args.rank, max_queue=100_000))
+    runtime.engine.start()
+    alone: dict[int, tuple[float, str]] = {}
+    try:
+        asyncio.run(engine_streams(runtime, 4, 2.0, 4))  # warm-up
+        for n in streams:
+            steps = StepStats()
+            runtime.engine.observers.add(steps.observer)
+            alone[n] = (asyncio.run(engine_streams(runtime, n, args.duration, args.new)), str(steps))
+            runtime.engine.observers.observers.remove(steps.observer)
+            print(f"engine alone, {n} streams: {alone[n][0]:.1f} tok/s ({steps})", flush=True)
+        ttft = asyncio.run(engine_ttft(runtime, TTFT_REQUESTS))
+    finally:
+        runtime.close()
+    out.put((alone, ttft))
 
 
 def main() -> int:
@@ -208,14 +334,12 @@ def main() -> int:
     parser.add_argument("--distinct", type=int, default=50)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--slots", type=int, default=32)
-    parser.add_argument("--rates", default="2,4,8", help="request rates (1/s) for the Zipf sweep")
+    parser.add_argument("--rates", default="2,4,8", help="request rates (1/s) for the Zipf sweep ('' skips it)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
     parser.add_argument("--new", type=int, default=32, help="tokens generated per request")
-    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--streams", default="64,256", help="concurrent streams, each count measured both ways")
     parser.add_argument("--client-procs", type=int, default=4)
-    parser.add_argument("--switch-intervals-ms", default="5,0.2,0.05",
-                        help="GIL switch intervals (ms) to measure the end-to-end ratio at: Python's default is 5, "
-                             "the daemon's 0.2 (--gil-switch-interval-ms)")
+    parser.add_argument("--frontends", type=int, default=0, help="the daemon's --frontends (0: its default)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -225,74 +349,65 @@ def main() -> int:
     hf_logging.disable_progress_bar()
     from adapterd.server.app import DaemonThread
     from adapterd.server.config import ServerConfig
-    from adapterd.server.engine import EngineConfig
-    from adapterd.server.model import load_base_model, pick_device
-    from adapterd.server.runtime import Runtime
+    from adapterd.server.model import pick_device
 
     device = pick_device()
     work = Path(args.work)
     base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
     root = work / f"zipf-{args.adapters}"
     ids = make_zipf_root(root, base_dir, args.adapters, args.distinct, args.rank)
-    rows: list[str] = []
+    streams = [int(v) for v in args.streams.split(",") if v]
+    rows = max(streams)
+    sys.setswitchinterval(ServerConfig.gil_switch_interval_ms / 1000)  # as the daemon's front end sets it
 
-    base = load_base_model(base_dir, args.quantization, device=str(device))
-    runtime = Runtime(base, root, EngineConfig(max_batch_size=128, lora_slots=args.slots,
-                                               max_lora_rank=args.rank, max_queue=100_000))
-    runtime.engine.start()
-    # The daemon's GIL switch interval for the in-process points too (loads in worker threads, the engine
-    # thread and this event loop share the GIL as they do in the daemon).
-    sys.setswitchinterval(ServerConfig.gil_switch_interval_ms / 1000)  # the field's default
-    try:
-        asyncio.run(poisson_load(runtime, lambda r: ids[0], 2.0, 3.0, 4, 0))  # warm-up
-        for rate in (float(r) for r in args.rates.split(",") if r):
-            one = asyncio.run(poisson_load(runtime, lambda r: ids[0], rate, args.duration, args.new, 1))
-            many = asyncio.run(poisson_load(runtime, lambda r: zipf_choice(r, ids), rate, args.duration,
-                                            args.new, 2))
-            rows.append(f"| {rate:g}/s | {one['requests']} | {one['tok_s']:.1f} | {one['p50']:.0f} / {one['p95']:.0f}"
-                        f" | {many['requests']} | {many['tok_s']:.1f} | {many['p50']:.0f} / {many['p95']:.0f} | "
-                        f"{many['tok_s'] / one['tok_s']:.2f} |")
-            print(rows[-1], flush=True)
-        intervals = [float(v) for v in args.switch_intervals_ms.split(",")]
-        alone: dict[float, tuple[float, StepStats]] = {}
-        for ms in intervals:  # the engine alone shares the GIL with this process's event loop too
-            sys.setswitchinterval(ms / 1000)
-            steps = StepStats()
-            runtime.engine.observers.add(steps.observer)
-            alone[ms] = (asyncio.run(engine_streams(runtime, args.streams, args.duration, args.new)), steps)
-            runtime.engine.observers.observers.remove(steps.observer)
-    finally:
-        runtime.close()
-    del runtime, base
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    ctx = mp.get_context("spawn")  # the engine alone in a process of its own: all its memory goes with it
+    out: mp.Queue = ctx.Queue()
+    alone_proc = ctx.Process(target=_engine_alone_proc, args=(base_dir, root, args, streams, out))
+    alone_proc.start()
+    alone, ttft_alone = out.get(timeout=1800)
+    alone_proc.join()
+    with socket.socket() as probe:  # a free port for the daemon's /metrics
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
     daemon = DaemonThread(ServerConfig(base=base_dir, adapters=root, quantization=args.quantization, port=0,
-                                       max_batch_size=128, lora_slots=args.slots, max_lora_rank=args.rank,
+                                       max_batch_size=rows, lora_slots=args.slots, max_lora_rank=args.rank,
                                        max_new_tokens=max(1024, args.new), max_queue=100_000,
-                                       gil_switch_interval_ms=intervals[0])).start()
-    e2e_lines = []
+                                       frontends=args.frontends, metrics_port=metrics_port)).start()
+    target = f"127.0.0.1:{daemon.port}"
+    zipf_rows, e2e_lines = [], []
     try:
-        for ms in intervals:
-            sys.setswitchinterval(ms / 1000)  # what the daemon sets from --gil-switch-interval-ms
-            steps = StepStats()
-            daemon.daemon.state.runtime.engine.observers.add(steps.observer)
-            cpu_before = thread_cpu_seconds()
-            e2e, tokens = grpc_streams(f"127.0.0.1:{daemon.port}", args.streams, args.client_procs, args.duration,
-                                       args.new)
-            cpu = cpu_per_token(cpu_before, thread_cpu_seconds(), tokens) if cpu_before else "no /proc"
-            daemon.daemon.state.runtime.engine.observers.observers.remove(steps.observer)
-            tok_s, alone_steps = alone[ms]
-            e2e_lines.append(f"GIL switch interval {ms:g} ms: engine alone {tok_s:.1f} tok/s ({alone_steps}), "
-                             f"over gRPC {e2e:.1f} tok/s ({steps}; {cpu}), ratio {e2e / tok_s:.2f}")
+        poisson_load(target, ids, False, 2.0, 3.0, 4, 0)  # warm-up
+        for rate in (float(r) for r in args.rates.split(",") if r):
+            one = poisson_load(target, ids, False, rate, args.duration, args.new, 1)
+            many = poisson_load(target, ids, True, rate, args.duration, args.new, 2)
+            zipf_rows.append(f"| {rate:g}/s | {one['requests']} | {one['tok_s']:.1f} | {one['p50']:.0f} / "
+                             f"{one['p95']:.0f} | {many['requests']} | {many['tok_s']:.1f} | {many['p50']:.0f} / "
+                             f"{many['p95']:.0f} | {many['tok_s'] / one['tok_s']:.2f} | "
+                             f"{many['p95'] / one['p95']:.2f} |")
+            print(zipf_rows[-1], flush=True)
+        for n in streams:
+            processes = daemon_processes(daemon)
+            cpu_before, steps_before = process_cpu_seconds(processes), decode_steps(metrics_port)
+            e2e, tokens, span = grpc_streams(target, n, args.client_procs, args.duration, args.new)
+            cpu = cpu_per_token(cpu_before, process_cpu_seconds(processes), tokens) if cpu_before else "no /proc"
+            steps = steps_text(steps_before, decode_steps(metrics_port), span)
+            tok_s, alone_steps = alone[n]
+            e2e_lines.append(f"{n} streams: engine alone {tok_s:.1f} tok/s ({alone_steps}); over gRPC {e2e:.1f} "
+                             f"tok/s ({steps}; {cpu}); ratio {e2e / tok_s:.2f}")
             print(e2e_lines[-1], flush=True)
+        ttft = grpc_ttft(target, TTFT_REQUESTS)
+        e2e_lines.append(f"time to first token, {TTFT_PROMPT_TOKENS}-token prompt, p50 of {TTFT_REQUESTS}: engine "
+                         f"alone {ttft_alone:.1f} ms, over gRPC {ttft:.1f} ms (+{ttft - ttft_alone:.1f} ms)")
+        print(e2e_lines[-1], flush=True)
+        frontends = 1 + len(daemon.daemon.frontends.members) if daemon.daemon.frontends else 1
     finally:
         daemon.stop()
     if not args.no_record:
-        record(args, rows, e2e_lines, device)
+        record(args, zipf_rows, e2e_lines, device, frontends)
     return 0
 
 
-def record(args, rows: list[str], e2e_lines: list[str], device: torch.device) -> None:
+def record(args, rows: list[str], e2e_lines: list[str], device: torch.device, frontends: int) -> None:
     commit = git_commit()
     machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -300,10 +415,12 @@ def record(args, rows: list[str], e2e_lines: list[str], device: torch.device) ->
              f"{args.adapters} adapter ids ({args.distinct} distinct r{args.rank} q/k/v/o files), {args.slots} "
              f"device slots, Zipf(1) popularity, Poisson arrivals, {args.duration:g} s per point, {PROMPT_TOKENS} "
              f"prompt + {args.new} new tokens per request, {args.quantization} base.", "",
+             "Both over gRPC (a client process drives the load).", "",
              "| rate | one adapter: requests | tok/s | p50 / p95 ms | Zipf: requests | tok/s | p50 / p95 ms | "
-             "Zipf over one |", "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
-             f"End to end: {args.streams} concurrent streams from {args.client_procs} client processes over gRPC "
-             "on loopback, against the same concurrency submitted to the engine in-process:", "",
+             "Zipf over one: tok/s | p95 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+             f"End to end: concurrent streams from {args.client_procs} client processes over gRPC on loopback "
+             f"(engine core in its own process, {frontends} front end(s)), against the same concurrency "
+             "submitted to the engine in-process:", "",
              *(f"- {line}" for line in e2e_lines)]
     with (Path(__file__).resolve().parent / "RESULTS.md").open("a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

@@ -78,9 +78,30 @@ class SoakReport:
     unloads: int = 0
     errors: list[str] = field(default_factory=list)  # unexpected statuses and wrong answers
     seconds: float = 0.0
-    rss_start: int = 0  # bytes, after the warm-up
-    rss_end: int = 0
+    rss_start: dict[str, int] = field(default_factory=dict)  # bytes by daemon process, after the warm-up
+    rss_end: dict[str, int] = field(default_factory=dict)
     peak_in_flight: int = 0
+
+
+def rss_growth(report: SoakReport) -> dict[str, int]:
+    """Bytes each daemon process grew by between the warm-up and the end."""
+    return {name: report.rss_end.get(name, 0) - start for name, start in report.rss_start.items()}
+
+
+def daemon_processes(pid: int) -> dict[str, int]:
+    """The daemon's processes by name: the first front end (``pid``), its children (the engine core, other
+    front ends), from /proc."""
+    found = {"front end": pid}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "resource_tracker" not in command:  # multiprocessing's helper, not part of the daemon
+                found[f"engine core or front end (pid {child})"] = int(child)
+    return found
+
+
+def rss_by_process(pids: dict[str, int]) -> dict[str, int]:
+    return {name: rss_of(pid) for name, pid in pids.items()}
 
 
 def rss_of(pid: int | str = "self") -> int:
@@ -235,9 +256,10 @@ class _Load:
 
 
 async def run_soak(target: str, config: SoakConfig, refs: dict[Key, tuple[str, int]], kinds: dict[str, str],
-                   rss: Callable[[], int]) -> SoakReport:
+                   rss: Callable[[], dict[str, int]]) -> SoakReport:
     """Run the load until ``duration_s`` or ``max_requests``; ``kinds`` maps adapter id -> LORA,
-    PREFIX_TUNING or BASE; ``rss`` reads the daemon's memory (after ``warmup_s``, and at the end)."""
+    PREFIX_TUNING or BASE; ``rss`` reads the memory of each of the daemon's processes (after ``warmup_s``, and at
+    the end)."""
     async with grpc.aio.insecure_channel(target) as channel:
         load = _Load(pb_grpc.AdapterdStub(channel), config, refs, kinds)
         started = time.monotonic()
@@ -358,7 +380,8 @@ def main() -> int:
             config = SoakConfig(adapters=adapters, duration_s=args.duration, max_requests=args.max_requests,
                                 concurrency=args.concurrency, warmup_s=args.warmup, seed=args.seed,
                                 hostile=hostile, hostile_share=0.05)
-            report = asyncio.run(run_soak(target, config, refs, kinds, lambda: rss_of(daemon.pid)))
+            processes = daemon_processes(daemon.pid)  # the front end, the engine core (and other front ends)
+            report = asyncio.run(run_soak(target, config, refs, kinds, lambda: rss_by_process(processes)))
         finally:
             daemon.terminate()
             daemon.wait(60)
@@ -372,21 +395,25 @@ def main() -> int:
 
 
 def format_report(report: SoakReport, config: SoakConfig) -> str:
-    mib = 1024**2
     return (f"{report.requests} requests in {report.seconds:.1f} s ({report.requests / report.seconds:.1f}/s), "
             f"{config.concurrency} clients (peak {report.peak_in_flight} in flight); outcomes "
             f"{dict(report.outcomes)}; by kind {dict(report.by_kind)}; {report.loads} loads and {report.unloads} "
-            f"unloads meanwhile; {len(report.errors)} unexpected errors; daemon RSS {report.rss_start / mib:.0f} "
-            f"MiB after warm-up, {report.rss_end / mib:.0f} MiB at the end "
-            f"({(report.rss_end - report.rss_start) / mib:+.1f} MiB)"
+            f"unloads meanwhile; {len(report.errors)} unexpected errors; RSS after warm-up -> at the end: "
+            f"{_rss_text(report)}"
             + "".join(f"\n  error: {e}" for e in report.errors[:10]))
+
+
+def _rss_text(report: SoakReport) -> str:
+    mib = 1024**2
+    growth = rss_growth(report)
+    return "; ".join(f"{name} {start / mib:.0f} -> {report.rss_end.get(name, 0) / mib:.0f} MiB "
+                     f"({growth[name] / mib:+.1f})" for name, start in report.rss_start.items())
 
 
 def _record(report: SoakReport, config: SoakConfig) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from results_table import append_to_section, git_commit
 
-    mib = 1024**2
     o = report.outcomes
     row = {"date (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
            "machine": _describe_machine(), "model": "tiny (fp32, CPU)", "duration": f"{report.seconds:.0f} s",
@@ -394,8 +421,7 @@ def _record(report: SoakReport, config: SoakConfig) -> None:
            "ok / cancelled / deadline / refused / hostile":
                f"{o['ok']} / {o['cancelled']} / {o['deadline']} / {o['refused']} / {o['hostile']}",
            "loads / unloads": f"{report.loads} / {report.unloads}", "unexpected errors": str(len(report.errors)),
-           "daemon RSS start -> end": f"{report.rss_start / mib:.0f} -> {report.rss_end / mib:.0f} MiB "
-                                      f"({(report.rss_end - report.rss_start) / mib:+.1f})"}
+           "RSS start -> end, by process": _rss_text(report)}
     intro = ("Concurrent streaming clients on random adapters (LoRA, prefix, base), random cancellations and "
              "deadlines, adapters loaded and unloaded meanwhile; every completed greedy answer checked against "
              "the daemon's answer alone. RSS of the `adapterd serve` process after the warm-up and at the end.")

@@ -11,6 +11,7 @@ Only grpcio and the generated stubs: importing this never imports torch.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -47,15 +48,17 @@ class _Base:
 
 
 class AdapterdClient(_Base):
-    """Blocking client. ``timeout`` (seconds) becomes each call's deadline."""
+    """Blocking client. ``timeout`` (seconds) becomes each call's deadline; ``options``: gRPC channel options
+    (e.g. ``("grpc.use_local_subchannel_pool", 1)`` for a connection of its own, not shared with other
+    clients of the same target in this process)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, options: Sequence[tuple[str, Any]] = ()) -> None:
         super().__init__(target, token, credentials, metadata)
         self.timeout = timeout
-        self.channel = (grpc.secure_channel(target, credentials) if credentials
-                        else grpc.insecure_channel(target))
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
+                        else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.AdapterdStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -129,11 +132,11 @@ class AsyncAdapterdClient(_Base):
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, options: Sequence[tuple[str, Any]] = ()) -> None:
         super().__init__(target, token, credentials, metadata)
         self.timeout = timeout
-        self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
-                        else grpc.aio.insecure_channel(target))
+        self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
+                        else grpc.aio.insecure_channel(target, options))
         self.stub = pb_grpc.AdapterdStub(self.channel)
 
     async def __aenter__(self) -> AsyncAdapterdClient:

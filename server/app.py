@@ -7,9 +7,9 @@ ends within ``grace`` plus a margin whatever is still blocked (``server/shutdown
 while the calls in flight finish, so that clients and probes read NOT_SERVING: grpc's ``server.stop`` closes
 the listener and refuses every new call, health included, so it comes only once the drain is over.
 
-The port is never shared with another process: grpc sets SO_REUSEPORT by default, and a second daemon on a
-served port would print "listening" while the kernel split clients between the two. Several front ends of our
-own on one port (issue 14) must ask for it in code (``start_daemon(..., share_port=True)``).
+The port is never shared with another daemon: grpc sets SO_REUSEPORT by default, and a second daemon on a
+served port would print "listening" while the kernel split clients between the two. Only the front ends of one
+daemon (``--frontends N``, ``core/frontends.py``) share theirs (``start_daemon(..., share_port=True)``).
 
 Interceptors, outermost first: metrics (so that refusals are counted with their code), authentication, then
 the concurrent-RPC budgets (``server/limits.py``), so that no call holds a slot of the callers' budget before
@@ -33,7 +33,10 @@ from grpc_reflection.v1alpha import reflection
 
 from adapterd.server.auth import AuthInterceptor, load_tokens
 from adapterd.server.config import ServerConfig
-from adapterd.server.engine import EngineConfig
+from adapterd.server.core.client import EngineClient
+from adapterd.server.core.frontend import connect_engine_core, engine_config, start_engine_core
+from adapterd.server.core.frontends import FrontEnds, frontend_count, make_shared_budgets
+from adapterd.server.core.process import EngineProcess
 from adapterd.server.limits import BudgetInterceptor, RpcBudget, hard_rpc_cap
 from adapterd.server.merge import Merger
 from adapterd.server.metrics import DaemonMetrics
@@ -50,6 +53,7 @@ from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Adapterd"].full_name  # "adapterd.v1.Adapterd"
+CORE_METRICS_TIMEOUT_S = 5.0  # a scrape waits this long for the engine core's series, seconds
 DRAIN_POLL_S = 0.05  # how often the drain looks at the count of calls in progress, seconds
 # Any one of these makes a tokenizer (fast, SentencePiece, BPE, WordPiece, tiktoken).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
@@ -81,21 +85,49 @@ class Daemon:
     metrics: DaemonMetrics | None = None  # set when config.metrics_port is not None
     budgets: BudgetInterceptor | None = None
     engine_broken: asyncio.Event = field(default_factory=asyncio.Event)  # set when the engine cannot serve
+    engine_process: EngineProcess | None = None  # the engine core's process (config.engine_process)
+    frontends: FrontEnds | None = None  # front ends 2..N, when this is the first of several (config.frontends)
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     _tasks: set[asyncio.Future] = field(default_factory=set)  # started from callbacks: kept until the daemon ends
 
     async def load(self) -> None:
-        """Load the base model off the event loop, then turn SERVING."""
+        """Load the base model (in the engine-core process, or off the event loop here), then turn SERVING."""
         cfg = self.config
-        engine_config = EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-                                     lora_slots=cfg.lora_slots, max_lora_rank=cfg.max_lora_rank,
-                                     cuda_graphs=cfg.cuda_graphs, int8_kernel=cfg.int8_kernel,
-                                     fused_kernels=cfg.fused_kernels)
-        runtime = await asyncio.to_thread(Runtime.load, cfg.base, cfg.adapters, cfg.quantization, engine_config,
-                                          cfg.device, cfg.dtype, None, cfg.adapter_cache_mb * 2**20)
-        max_input = min(cfg.max_input_tokens or runtime.base.max_sequence_length - 1,
-                        runtime.base.max_sequence_length - 1)
+        if not cfg.engine_process:
+            runtime = await asyncio.to_thread(Runtime.load, cfg.base, cfg.adapters, cfg.quantization,
+                                              engine_config(cfg), cfg.device, cfg.dtype, None,
+                                              cfg.adapter_cache_mb * 2**20)
+            if self.metrics is not None:
+                self.metrics.attach(runtime)  # before SERVING, so that every request is counted
+            loop = asyncio.get_running_loop()
+            runtime.engine.breakage.listen(lambda reason: loop.call_soon_threadsafe(self._engine_failed))
+            await self._serve_with(runtime)
+            return
+        self.engine_process, client = await start_engine_core(
+            cfg, on_down=self.engine_core_down, on_up=self.engine_core_up,
+            on_give_up=lambda reason: self._engine_failed())
         if self.metrics is not None:
-            self.metrics.attach(runtime)  # before SERVING, so that every request is counted
+            self.metrics.attach_engine_core(client.model_info(), self._core_metrics)
+        count = frontend_count(cfg)
+        if count > 1:
+            shared = (self.budgets.callers.shared, self.budgets.open_calls.shared)
+            self.frontends = FrontEnds(cfg, self.port, client.address, shared)
+            await self.frontends.start(count)
+            if self.metrics is not None:
+                self.metrics.served.front_ends = self.frontends.expositions
+        await self._serve_with(client)
+
+    async def attach_engine_core(self, address: str) -> None:
+        """Front ends 2..N (``core/frontends.py``): serve through the engine core the first one started."""
+        client = await connect_engine_core(self.config, address)
+        if self.metrics is not None:
+            self.metrics.set_build_info(Path(client.model_info().base_model), client.model_info().quantization)
+        await self._serve_with(client)
+
+    async def _serve_with(self, runtime: Runtime | EngineClient) -> None:
+        cfg = self.config
+        sequence = runtime.model_info().max_sequence_length
+        max_input = min(cfg.max_input_tokens or sequence - 1, sequence - 1)
         self.state.limits = Limits(max_new_tokens=cfg.max_new_tokens,
                                    default_max_new_tokens=cfg.default_max_new_tokens, max_input_tokens=max_input)
         self.state.merger = Merger(cfg.base, cfg.adapters, output_root=cfg.merge_output_root)
@@ -103,9 +135,29 @@ class Daemon:
             self.state.training = TrainingManager(cfg.runs, cfg.adapters, cfg.base, cfg.quantization)
         self.state.runtime = runtime
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        loop = asyncio.get_running_loop()
-        runtime.engine.breakage.listen(lambda reason: loop.call_soon_threadsafe(self._engine_failed))
         log.info("serving %s", cfg.base)
+
+    def _core_metrics(self) -> bytes:
+        """The engine core's exposition, for a scrape (on the metrics server's thread)."""
+        call = asyncio.run_coroutine_threadsafe(self.state.runtime.call("metrics"), self._loop)
+        return call.result(CORE_METRICS_TIMEOUT_S)
+
+    def engine_core_down(self, reason: str) -> None:
+        """The engine core died and is being started again: requests in flight end UNAVAILABLE, NOT_SERVING."""
+        if isinstance(self.state.runtime, EngineClient):
+            self.state.runtime.core_down(reason)
+        if self.frontends is not None:
+            self.frontends.tell("down", reason)
+        self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)))
+
+    def engine_core_up(self) -> None:
+        if isinstance(self.state.runtime, EngineClient):
+            self.state.runtime.core_up()
+        if self.frontends is not None:
+            self.frontends.tell("up")
+        if not self.state.draining:
+            log.info("the engine core serves again")
+            self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.SERVING)))
 
     def _engine_failed(self) -> None:
         """The engine cannot serve (device failure, dead thread): refuse work, NOT_SERVING, tell ``serve``."""
@@ -128,7 +180,15 @@ class Daemon:
         await self._calls_finished(deadline)
         left = max(0.0, deadline - loop.time())  # what the drain left of the grace period, seconds
         drained = await _within(self.server.stop(left), left + SHUTDOWN_MARGIN_S, "stopping the server")
-        if self.state.runtime is not None:
+        if self.frontends is not None:
+            drained &= await self.frontends.stop(grace)
+        if self.engine_process is not None:
+            drained &= await self.engine_process.stop(SHUTDOWN_MARGIN_S)
+            if self.state.runtime is not None:
+                self.state.runtime.close()
+        elif isinstance(self.state.runtime, EngineClient):  # front ends 2..N: the first one stops the core
+            self.state.runtime.close()
+        elif self.state.runtime is not None:
             drained &= await _within(asyncio.to_thread(self.state.runtime.close), SHUTDOWN_MARGIN_S,
                                      "stopping the engine")
         for extra in self.extras:
@@ -155,12 +215,16 @@ async def _within(awaitable: Awaitable[object], seconds: float, what: str) -> bo
         return False
 
 
-async def start_daemon(config: ServerConfig, *, share_port: bool = False) -> Daemon:
+async def start_daemon(config: ServerConfig, *, share_port: bool = False, frontend_index: int = 0,
+                       shared_budgets: tuple | None = None) -> Daemon:
     """Open the port (health NOT_SERVING) and return; call ``Daemon.load`` to load the model.
 
     ``share_port``: let other servers that ask for it too listen on the same port (SO_REUSEPORT), the kernel
     spreading connections among them; only for front ends of one deployment. Off, a port another process
-    serves is refused like any busy port.
+    serves is refused like any busy port. ``frontend_index``: 0 for the daemon's first (or only) front end,
+    which serves ``/metrics``; front ends 2..N count their RPCs for it without a metrics server of their own.
+    ``shared_budgets``: the concurrent-RPC semaphores all front ends take from (``frontends.py``); the first
+    front end makes them when the config asks for several.
 
     The base directory, the tokens file and the TLS files are checked first: a bad one stops start-up with
     its name before anything listens. Interceptors run outermost first: metrics, then auth, then the RPC
@@ -178,9 +242,10 @@ async def start_daemon(config: ServerConfig, *, share_port: bool = False) -> Dae
                    if config.tls_cert is not None else None)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
-               ("grpc.so_reuseport", int(share_port))]  # grpc's default is 1: see the module docstring
-    metrics = DaemonMetrics.for_config(config) if config.metrics_port is not None else None
-    if metrics is not None:
+               # grpc's default is 1: see the module docstring. Front ends of one daemon share the port.
+               ("grpc.so_reuseport", int(share_port or frontend_count(config) > 1))]
+    metrics = (DaemonMetrics.for_config(config, frontend_index) if config.metrics_port is not None else None)
+    if metrics is not None and frontend_index == 0:
         try:
             metrics.start_http(config.metrics_port, config.host)
         except OSError as exc:
@@ -189,8 +254,13 @@ async def start_daemon(config: ServerConfig, *, share_port: bool = False) -> Dae
     interceptors: list[grpc.aio.ServerInterceptor] = [metrics.interceptor] if metrics is not None else []
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
-    budgets = BudgetInterceptor(RpcBudget("adapterd.v1", config.max_concurrent_rpcs, "--max-concurrent-rpcs"),
-                                RpcBudget("health and reflection", config.max_open_rpcs, "--max-open-rpcs"))
+    if shared_budgets is None and frontend_count(config) > 1:
+        shared_budgets = make_shared_budgets(config)
+    callers, open_calls = shared_budgets or (None, None)
+    budgets = BudgetInterceptor(RpcBudget("adapterd.v1", config.max_concurrent_rpcs, "--max-concurrent-rpcs",
+                                          shared=callers),
+                                RpcBudget("health and reflection", config.max_open_rpcs, "--max-open-rpcs",
+                                          shared=open_calls))
     interceptors.append(budgets)
     server = grpc.aio.server(options=options, interceptors=interceptors,
                              maximum_concurrent_rpcs=hard_rpc_cap(config.max_concurrent_rpcs, config.max_open_rpcs))

@@ -76,6 +76,11 @@ class ServerConfig:
                                  "(off: bitsandbytes' own matmul)")
     fused_kernels: bool = _f(True, "on a GPU: one Triton kernel per RMSNorm and BGMV kernels for LoRA in decode "
                                    "steps (off: transformers' and torch's own ops)")
+    engine_process: bool = _f(True, "run the engine (model, adapters, key/value pool) in its own process, which "
+                                    "the daemon restarts if it dies; off: in the gRPC process, sharing its GIL "
+                                    "(for debugging)")
+    frontends: int = _f(0, "gRPC front-end processes sharing the port, all feeding the one engine core (0: one per "
+                           "four cores, 1 to 8; needs --engine-process)", between(0, 64))
     gil_switch_interval_ms: float = _f(
         0.2, "longest a busy Python thread (the gRPC event loop) holds the GIL while the engine thread waits for "
              "it, ms (sys.setswitchinterval; Python's 5 ms default stalls each engine step behind the loop, since "

@@ -49,21 +49,29 @@ def hard_rpc_cap(callers: int | None, open_calls: int) -> int | None:
 
 @dataclass
 class RpcBudget:
-    """Calls in progress against a limit (None: unlimited, still counted). Used from the event loop only."""
+    """Calls in progress against a limit (None: unlimited, still counted). Used from the event loop only.
+
+    ``shared``: with several front ends (``--frontends``), a semaphore of ``limit`` that all of them take
+    from, so that the limit holds for the daemon, not for each front end; ``in_use`` stays this process's."""
 
     name: str
     limit: int | None
     flag: str
     in_use: int = 0
+    shared: Any = None  # multiprocessing.BoundedSemaphore(limit), or None
 
     def acquire(self) -> None:
-        if self.limit is not None and self.in_use >= self.limit:
+        full = (not self.shared.acquire(block=False) if self.shared is not None
+                else self.limit is not None and self.in_use >= self.limit)
+        if full:
             raise ResourceExhausted(f"concurrent RPC limit reached: {self.limit} {self.name} calls in progress "
                                     f"({self.flag}); retry later")
         self.in_use += 1
 
     def release(self) -> None:
         self.in_use -= 1
+        if self.shared is not None:
+            self.shared.release()
 
 
 class _Malformed:

@@ -13,10 +13,9 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from adapterd.server import errors
-from adapterd.server.adapters.store import AdapterStore
 from adapterd.server.errors import AdapterdError, FailedPrecondition
 from adapterd.server.merge import Merger
 from adapterd.server.merge.worker import job_line
@@ -34,10 +33,11 @@ def _error_from(message: dict) -> AdapterdError:
     return kind(str(message.get("message", "")), field=message.get("field"))
 
 
-async def merge_stream(merger: Merger, store: AdapterStore,
+async def merge_stream(merger: Merger, unload: Callable[[str], Awaitable[object]],
                        request: pb.MergeAdapterRequest) -> AsyncIterator[pb.MergeProgress]:
     """Run one merge in its own low-priority process; yield its progress, then a last message with ``done``.
-    A client that leaves stops the process, which removes its partial output."""
+    A client that leaves stops the process, which removes its partial output. ``unload``: the runtime's, so
+    that an adapter the merge overwrote is read again from disk when next asked for."""
     output_root = str(merger.output_root) if merger.output_root is not None else None
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "adapterd.server.merge.worker", stdin=asyncio.subprocess.PIPE,
@@ -68,7 +68,7 @@ async def merge_stream(merger: Merger, store: AdapterStore,
                 proc.terminate()
             await proc.wait()
     if result["kind"] == "adapter":
-        await asyncio.to_thread(store.unload, result["output"])  # an overwritten id must not serve the old copy
+        await unload(result["output"])  # an overwritten id must not serve the old copy
     yield pb.MergeProgress(tensors_done=result["tensors_total"], tensors_total=result["tensors_total"], done=True,
                            output=result["output"], bytes_written=result["bytes_written"])
 

@@ -1,8 +1,12 @@
-"""The serving runtime: the base model, the adapter store and the engine, wired together.
+"""The in-process serving runtime: the base model, the adapter store and the engine, wired together.
 
-RPC handlers talk to this object only. ``generate`` is an async iterator over one request's events; it
-never blocks the event loop (adapter loads run in a worker thread, the model in the engine thread, and
-tenants' text is tokenized in ``server/tokenizing.py``'s pools: ``tokenize_text``, ``prompt_ids``).
+It runs inside the engine-core process (``server/core/``), where ``EngineCore`` drives it, and in the gRPC
+process itself when the daemon runs without one (``--no-engine-process``), as tests and the engine-alone
+benchmarks do. Its async methods are the facade the RPC handlers call (``EngineClient`` offers the same
+ones across the process boundary): ``generate`` is an async iterator over one request's events that never
+blocks the event loop (adapter loads run in a worker thread, the model in the engine thread, tenants' text is
+tokenized in ``server/prompts.py``'s pools). What the facade takes and gives is plain data (token ids,
+``GenerationParams``, ``AdapterRef``, ``ModelInfo``, ``AdapterRecord``), never the engine's live objects.
 """
 
 from __future__ import annotations
@@ -12,21 +16,23 @@ import threading
 import uuid
 import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from adapterd.server.adapters.lora import linear_shapes
-from adapterd.server.adapters.store import AdapterRecord, AdapterStore, BaseShape, LoadedAdapter
+from adapterd.server.adapters.store import AdapterRecord, AdapterStore, BaseShape
+from adapterd.server.core.protocol import AdapterRef, ModelInfo
 from adapterd.server.engine import Engine, EngineConfig, GenerationEvent, GenerationParams
-from adapterd.server.errors import InvalidArgument
+from adapterd.server.engine.output import RequestOutput, text_events
 from adapterd.server.model import BaseModel, load_base_model
-from adapterd.server.tokenizing import Tokenization
+from adapterd.server.prompts import PreparedPrompt, Prompts
+
+__all__ = ["EventHandoff", "PreparedPrompt", "Runtime", "request_name"]
 
 
-@dataclass(frozen=True)
-class PreparedPrompt:
-    ids: list[int]
-    truncated: bool
+def request_name(client_id: str | None) -> str:
+    """The engine's id of a request: a client's correlation id names it in logs; the suffix keeps two requests
+    that share one apart."""
+    return f"{client_id}/{uuid.uuid4().hex[:12]}" if client_id else uuid.uuid4().hex
 
 
 class EventHandoff:
@@ -66,7 +72,7 @@ class Runtime:
                           device=base.device, max_lora_rank=engine_config.max_lora_rank)
         self.store = AdapterStore(Path(adapter_root), shape, max_loaded_adapter_bytes)
         self.engine = Engine(base, engine_config)
-        self.tokenization = Tokenization(base.tokenizer)
+        self.prompts = Prompts(base.tokenizer, base.max_sequence_length)
         self.store.is_on_device = lambda adapter: self.engine.slots.resident(adapter.key)
         self.store.on_unload = self.engine.evict
         self._handoffs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventHandoff] = (
@@ -84,86 +90,65 @@ class Runtime:
         return runtime
 
     def close(self) -> None:
-        self.tokenization.close()
+        self.prompts.close()
         self.engine.stop()
+
+    def model_info(self) -> ModelInfo:
+        base, cfg = self.base, self.engine_config
+        return ModelInfo(base_model=str(base.path), model_type=str(base.config.model_type),
+                         quantization=base.quantization, dtype=str(base.dtype).removeprefix("torch."),
+                         device=str(base.device), max_sequence_length=base.max_sequence_length,
+                         max_batch_size=cfg.max_batch_size, max_lora_rank=cfg.max_lora_rank,
+                         adapter_slots=cfg.lora_slots)
+
+    def stats(self) -> dict[str, int]:
+        """Requests running and waiting in the engine."""
+        return self.engine.stats()
 
     # ------------------------------------------------------------------ requests
 
     def tokenize(self, text: str) -> list[int]:
-        return self.base.tokenizer(text, add_special_tokens=True).input_ids
-
-    def _tokens_and_pieces(self, text: str, with_pieces: bool) -> tuple[list[int], list[str]]:
-        ids = self.tokenize(text)
-        return ids, (self.base.tokenizer.convert_ids_to_tokens(ids) if with_pieces else [])
+        return self.prompts.tokenize(text)
 
     async def tokenize_text(self, text: str, with_pieces: bool = False) -> tuple[list[int], list[str]]:
-        """Token ids (and their pieces) of ``text``, tokenized off the event loop."""
-        return await self.tokenization.run(text, self._tokens_and_pieces, text, with_pieces)
-
-    def _input_limit(self, max_input_tokens: int, virtual_tokens: int) -> int:
-        return min(max_input_tokens, self.base.max_sequence_length - 1 - virtual_tokens)
+        return await self.prompts.tokenize_text(text, with_pieces)
 
     async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int,
                          virtual_tokens: int = 0) -> PreparedPrompt:
-        """``prepare_prompt`` off the event loop; a prompt that certainly has too many tokens is refused
-        before it is tokenized (``Tokenization.fits``), unless the request asks for truncation."""
-        limit = self._input_limit(max_input_tokens, virtual_tokens)
-        if not truncate_to and not self.tokenization.fits(prompt, limit):
-            raise InvalidArgument(f"prompt has {len(prompt)} characters, more than {limit} tokens can hold (set "
-                                  "truncate_input_tokens to keep only the last tokens)", field="prompt")
-        return await self.tokenization.run(prompt, self.prepare_prompt, prompt, truncate_to, max_input_tokens,
-                                           virtual_tokens)
+        return await self.prompts.prompt_ids(prompt, truncate_to, max_input_tokens, virtual_tokens)
 
     def prepare_prompt(self, prompt: str, truncate_to: int, max_input_tokens: int,
                        virtual_tokens: int = 0) -> PreparedPrompt:
-        """Token ids of ``prompt``. Too long -> InvalidArgument, or keep the last ``truncate_to`` tokens when
-        the request asks for truncation. A prefix adapter's ``virtual_tokens`` take positions too."""
-        ids = self.tokenize(prompt)
-        if not ids:
-            raise InvalidArgument("must not be empty", field="prompt")
-        truncated = False
-        if truncate_to and len(ids) > truncate_to:
-            ids, truncated = ids[-truncate_to:], True
-        limit = self._input_limit(max_input_tokens, virtual_tokens)
-        if len(ids) > limit:
-            raise InvalidArgument(f"prompt has {len(ids)} tokens; at most {limit} are taken (set "
-                                  "truncate_input_tokens to keep only the last ones)", field="prompt")
-        return PreparedPrompt(ids=ids, truncated=truncated)
+        return self.prompts.prepare_prompt(prompt, truncate_to, max_input_tokens, virtual_tokens)
 
-    async def adapter(self, adapter_id: str, field: str = "adapter_id") -> LoadedAdapter | None:
+    async def adapter(self, adapter_id: str, field: str = "adapter_id") -> AdapterRef | None:
+        """The adapter, loaded first if it was not (NOT_FOUND, FAILED_PRECONDITION... as the store says)."""
         if not adapter_id:
             return None
-        return await asyncio.to_thread(self.store.get, adapter_id, field)
+        return await asyncio.to_thread(self.adapter_ref, adapter_id, field)
 
-    async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: LoadedAdapter | None,
+    def adapter_ref(self, adapter_id: str, field: str = "adapter_id") -> AdapterRef:
+        """``adapter``, blocking (a worker thread's)."""
+        loaded = self.store.get(adapter_id, field)
+        return AdapterRef(loaded.adapter_id, loaded.type, loaded.num_virtual_tokens)
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: AdapterRef | None,
                        request_id: str | None = None) -> AsyncIterator[GenerationEvent]:
         """Submit one request and yield its events until "end". Leaving early cancels it."""
+        loaded = None
+        if adapter is not None:  # loaded by ``adapter`` just before, unless evicted since
+            loaded = (self.store.loaded_now(adapter.adapter_id)
+                      or await asyncio.to_thread(self.store.get, adapter.adapter_id))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        # A client's correlation id names the request in logs; the suffix keeps two requests that share one apart.
-        request_id = f"{request_id}/{uuid.uuid4().hex[:12]}" if request_id else uuid.uuid4().hex
+        request_id = request_name(request_id)
         handoff = self._handoffs.get(loop)
         if handoff is None:
             handoff = self._handoffs.setdefault(loop, EventHandoff(loop))
-        self.engine.submit(request_id, prompt_ids, params, adapter, lambda event: handoff.post(events, event))
-        finished = False
-        held: GenerationEvent | None = None
-        try:
-            while not finished:
-                event = held or await events.get()
-                held = None
-                # A reader that fell behind gets the deltas waiting for it as one message, not one each.
-                while event.kind == "delta" and not events.empty():
-                    following = events.get_nowait()
-                    if following.kind != "delta":
-                        held = following
-                        break
-                    event = event.followed_by(following)
-                finished = event.kind == "end"
-                yield event
-        finally:
-            if not finished:
-                self.engine.cancel(request_id)
+        self.engine.submit(request_id, prompt_ids, params, loaded, lambda event: handoff.post(events, event))
+        output = RequestOutput(self.base.tokenizer, params)
+        async for event in text_events(events, output, lambda: self.engine.cancel(request_id)):
+            yield event
 
     # ------------------------------------------------------------------ adapters
 
@@ -177,7 +162,7 @@ class Runtime:
     async def unload_adapter(self, adapter_id: str) -> AdapterRecord:
         return await asyncio.to_thread(self.store.unload, adapter_id)
 
-    def list_adapters(self) -> list[AdapterRecord]:
-        """Every adapter under the root, each entry on its own (an odd one is listed as LOAD_FAILED).
-        Blocking: it walks the root and reads changed configs, so call it from a worker thread."""
-        return self.store.list()
+    async def list_adapters(self) -> list[AdapterRecord]:
+        """Every adapter under the root, each entry on its own (an odd one is listed as LOAD_FAILED); the walk
+        and the configs it reads run in a worker thread."""
+        return await asyncio.to_thread(self.store.list)

@@ -117,7 +117,7 @@ class AdapterdService(pb_grpc.AdapterdServicer):
     @unary
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
         runtime = self.state.ready()
-        records = await asyncio.to_thread(runtime.list_adapters)
+        records = await runtime.list_adapters()
         return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in records])
 
     @unary
@@ -135,19 +135,18 @@ class AdapterdService(pb_grpc.AdapterdServicer):
     @unary
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
         runtime = self.state.ready()
-        base, cfg = runtime.base, runtime.engine_config
+        info = runtime.model_info()
         return pb.ModelInfoResponse(
-            base_model=str(base.path), model_type=str(base.config.model_type), quantization=base.quantization,
-            dtype=str(base.dtype).removeprefix("torch."), device=str(base.device),
-            max_sequence_length=base.max_sequence_length, max_new_tokens=self.state.limits.max_new_tokens,
-            max_batch_size=cfg.max_batch_size, max_lora_rank=cfg.max_lora_rank, adapter_slots=cfg.lora_slots,
-            version=__version__)
+            base_model=info.base_model, model_type=info.model_type, quantization=info.quantization, dtype=info.dtype,
+            device=info.device, max_sequence_length=info.max_sequence_length,
+            max_new_tokens=self.state.limits.max_new_tokens, max_batch_size=info.max_batch_size,
+            max_lora_rank=info.max_lora_rank, adapter_slots=info.adapter_slots, version=__version__)
 
     @streaming
     async def MergeAdapter(self, request: pb.MergeAdapterRequest, context) -> AsyncIterator[pb.MergeProgress]:
         runtime = self.state.ready()
         check_merge(request)
-        async for message in merge_stream(self.state.merger, runtime.store, request):
+        async for message in merge_stream(self.state.merger, runtime.unload_adapter, request):
             yield message
 
     @unary

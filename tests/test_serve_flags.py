@@ -100,7 +100,7 @@ def daemon_a(tiny_model_dir, adapter_root, pki, tmp_path_factory):
             "--merge-output-root", str(tmp / "merged"), "--metrics-port", str(metrics_port),
             "--max-concurrent-rpcs", "1", "--max-open-rpcs", "1", "--tokens-file", str(tmp / "tokens"),
             "--tls-cert", str(pki["server.crt"]), "--tls-key", str(pki["server.key"]),
-            "--tls-client-ca", str(pki["ca.crt"])]
+            "--tls-client-ca", str(pki["ca.crt"]), "--frontends", "2"]
     credentials = grpc.ssl_channel_credentials(pki["ca.crt"].read_bytes(), pki["client.key"].read_bytes(),
                                                pki["client.crt"].read_bytes())
     served = Served(argv, tmp / "stderr.log", host="localhost", port=port, metrics_port=metrics_port, pki=pki,
@@ -115,7 +115,7 @@ def daemon_b(tiny_model_dir, adapter_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-b")
     argv = [*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root), "--quantization",
             "none", "--port", "0", "--device", TEST_DEVICE, "--max-batch-size", "1", "--max-queue", "1",
-            "--log-level", "debug", "--grace", "3"]
+            "--log-level", "debug", "--grace", "3", "--no-engine-process"]
     served = Served(argv, tmp / "stderr.log")
     yield served
     served.stop()
@@ -238,6 +238,28 @@ def check_int8_kernel(a: Served, b: Served) -> None:
 def check_fused_kernels(a: Served, b: Served) -> None:
     assert "--fused-kernels=False" in _settings(a)
     _no_gpu_speedups(a)
+
+
+def _spawned(d: Served) -> list[str]:
+    """The command lines of the processes the daemon spawned (engine core, front ends)."""
+    out = []
+    for task in Path(f"/proc/{d.proc.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            command = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+            if "spawn_main" in command:
+                out.append(command)
+    return out
+
+
+def check_engine_process(a: Served, b: Served) -> None:
+    assert "--engine-process=False" in _settings(b.ready())
+    assert _spawned(b) == []  # the engine runs in the gRPC process
+    assert len(_spawned(a)) == 2  # the default: the engine core, plus a's second front end
+
+
+def check_frontends(a: Served, b: Served) -> None:
+    assert "--frontends=2" in _settings(a)
+    assert "adapterd_frontend_1_process_cpu_seconds_total" in _metrics(a)  # front end 2 reports through 1
 
 
 def check_gil_switch_interval_ms(a: Served, b: Served) -> None:

@@ -223,6 +223,10 @@ class LoraSlotTable:
         self._refs[slot] = self._refs.get(slot, 0) + 1
         return slot
 
+    def pinned(self) -> int:
+        """Slots pinned by running rows now (any thread: a snapshot of the counts)."""
+        return sum(1 for refs in list(self._refs.values()) if refs)
+
     def release(self, slot: int) -> None:
         if slot:
             self._refs[slot] -= 1

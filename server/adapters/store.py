@@ -196,6 +196,14 @@ class AdapterStore:
     def resolve(self, adapter_id: str, field: str = "adapter_id") -> Path:
         return resolve_adapter_dir(self.root, adapter_id, field)
 
+    def loaded_now(self, adapter_id: str) -> LoadedAdapter | None:
+        """The adapter if it is loaded now, else None; never blocks on the disk."""
+        with self._lock:
+            loaded = self._loaded.get(adapter_id)
+        if loaded is not None:
+            self.touch(adapter_id)
+        return loaded
+
     def get(self, adapter_id: str, field: str = "adapter_id") -> LoadedAdapter:
         """The loaded adapter, loading it first if needed (blocking: call from a worker thread)."""
         with self._lock:

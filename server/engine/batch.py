@@ -19,7 +19,6 @@ from adapterd.server.adapters.store import LoadedAdapter
 from adapterd.server.engine.kv_pool import KvPool
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.engine.sampling import RowSampler
-from adapterd.server.engine.text import TextStream
 
 
 @dataclass
@@ -32,7 +31,6 @@ class Row:
     adapter: LoadedAdapter | None
     sink: Any  # Callable[[GenerationEvent], None], called on the engine thread
     sampler: RowSampler
-    text: TextStream
     submitted: float = field(default_factory=time.monotonic)
     admitted: float = 0.0
     passed_over: int = 0  # steps in which a request behind it was admitted while it waited (scheduler.py)

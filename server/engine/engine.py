@@ -2,7 +2,7 @@
 
 Each turn of the loop: take new requests and control calls from the inbox, drop cancelled and timed-out
 rows, admit waiting requests (scheduler.py picks them), prefill them together, then run one decode step for
-every running row and hand each row's new text to its sink. A request joins at the next step and leaves the
+every running row and hand each row's new token to its sink. A request joins at the next step and leaves the
 moment it finishes. Nothing here knows about gRPC.
 """
 
@@ -33,7 +33,6 @@ from adapterd.server.engine.request import GenerationEvent, GenerationParams, St
 from adapterd.server.engine.sampling import RowSampler
 from adapterd.server.engine.scheduler import Candidate, Capacity, schedule
 from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
-from adapterd.server.engine.text import TextStream
 from adapterd.server.errors import AdapterdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from adapterd.server.model import BaseModel
 
@@ -78,6 +77,7 @@ class Engine:
         self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=base.device)
         self.observers = ObserverList()  # metrics and tests listen here
         self.breakage = Breakage()  # set when the device (or this thread) fails for good: health listens
+        self.after_step: Callable[[], None] = lambda: None  # on this thread, once a step's events are all out
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -93,7 +93,8 @@ class Engine:
 
     def submit(self, request_id: str, prompt_ids: list[int], params: GenerationParams,
                adapter: LoadedAdapter | None, sink: Callable[[GenerationEvent], None]) -> None:
-        """Queue a request. Events reach ``sink`` on the engine thread: start, deltas, end."""
+        """Queue a request. Events reach ``sink`` on the engine thread: start, deltas, end; token ids only
+        (text and stop sequences are the output stage's: output.py)."""
         if self.breakage.reason is not None:
             raise Unavailable("the engine cannot serve (the daemon is restarting); retry shortly")
         if self._stopping:
@@ -103,8 +104,7 @@ class Engine:
                 raise ResourceExhausted(f"the queue is full ({self.config.max_queue} requests waiting)")
             self._queued += 1
         row = Row(request_id=request_id, prompt_ids=list(prompt_ids), params=params, adapter=adapter, sink=sink,
-                  sampler=RowSampler(params, self.eos_ids, self.base.device),
-                  text=TextStream(self.base.tokenizer, params.stop_sequences, params.include_stop_sequence))
+                  sampler=RowSampler(params, self.eos_ids, self.base.device))
         self._inbox.put(("submit", row))
 
     def cancel(self, request_id: str) -> None:
@@ -125,7 +125,8 @@ class Engine:
         return self.call(_evict)
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.batch), "waiting": self._queued}
+        """Rows running, requests waiting, and LoRA slots pinned by a running row."""
+        return {"running": len(self.batch), "waiting": self._queued, "pinned_slots": self.slots.pinned()}
 
     # ------------------------------------------------------------------ the loop, engine thread
 
@@ -139,6 +140,7 @@ class Engine:
             log.exception("the engine thread died")
             self._break(f"the engine thread died: {type(exc).__name__}")
             self._end_everything(release=False)
+            self.after_step()
 
     def _run(self) -> None:
         while not self._stopping:
@@ -151,7 +153,9 @@ class Engine:
                     self._break(f"device failure: {type(exc).__name__}")
                     break
                 self._fail_all(exc)
+            self.after_step()
         self._end_everything(release=self.breakage.reason is None)
+        self.after_step()
 
     def _break(self, reason: str) -> None:
         """The device or this thread failed for good: refuse new work, tell the listeners (health)."""
@@ -340,17 +344,12 @@ class Engine:
             row.finished = StopReason.EOS_TOKEN
             return
         row.generated.append(token)
-        row.text.add(token)
-        if row.text.stopped_by:
-            row.finished = StopReason.STOP_SEQUENCE
-        elif len(row.generated) >= params.max_new_tokens:
+        if len(row.generated) >= params.max_new_tokens:
             row.finished = StopReason.MAX_TOKENS
         elif row.next_position + 1 >= self.base.max_sequence_length:  # positions count virtual tokens too
             row.finished = StopReason.TOKEN_LIMIT
-        if row.finished == StopReason.NOT_FINISHED:
-            piece = row.text.take()
-            row.emit(GenerationEvent("delta", text=piece, generated_token_count=len(row.generated),
-                                     token_ids=[token]))
+        else:
+            row.emit(GenerationEvent("delta", generated_token_count=len(row.generated), token_ids=[token]))
 
     def _retire(self, indices: list[int]) -> None:
         if not indices:
@@ -370,8 +369,7 @@ class Engine:
                 self._evict_later.discard(key)
             row.slot = 0
         self.observers.request_finished(row)
-        row.emit(GenerationEvent("end", text=row.text.take(final=True), generated_token_count=len(row.generated),
-                                 stop_reason=row.finished, stop_sequence=row.text.stopped_by,
+        row.emit(GenerationEvent("end", generated_token_count=len(row.generated), stop_reason=row.finished,
                                  token_ids=list(row.generated), error=row.error))
 
     def _fail_all(self, exc: Exception, release: bool = True) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from adapterd.server.metrics.gpu import NvmlCollector
 from adapterd.server.metrics.interceptor import RpcMetricsInterceptor
 from adapterd.server.metrics.labels import DEFAULT_LIMIT, AdapterLabels
 from adapterd.server.metrics.observer import MetricsObserver
+from adapterd.server.metrics.remote import MergedRegistry
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class DaemonMetrics:
     ``adapter`` label value (the most used ones); ``runs_root``: training runs to report (None: none)."""
 
     def __init__(self, runs_root: Path | None = None, adapter_label_limit: int = DEFAULT_LIMIT,
-                 gpu: bool = True) -> None:
+                 gpu: bool = True, process_namespace: str = "") -> None:
         # No ``_created`` series: Prometheus's text format reads them as gauges of their own, doubling the
         # series for nothing. (A process-wide prometheus_client setting; the daemon owns its process.)
         disable_created_metrics()
@@ -52,17 +54,24 @@ class DaemonMetrics:
         self.gpu = NvmlCollector() if gpu else None
         if self.gpu is not None:
             self.metrics.register(self.gpu)
-        ProcessCollector(registry=self.metrics.registry)  # process_cpu_seconds_total, resident memory...
+        # process_cpu_seconds_total, resident memory...; the engine core's under its own namespace
+        ProcessCollector(namespace=process_namespace, registry=self.metrics.registry)
+        self.served = MergedRegistry(self.metrics.registry)  # what /metrics serves (remote.py)
         self.runtime: Any = None
         self.port: int | None = None
         self._httpd: Any = None
         self._http_thread: threading.Thread | None = None
 
     @classmethod
-    def for_config(cls, config: Any) -> DaemonMetrics:
+    def for_config(cls, config: Any, frontend_index: int = 0) -> DaemonMetrics:
         """Metrics for a daemon with this ``ServerConfig``: training runs from ``config.runs``, build info
-        from its base model and quantization (refined by ``attach`` once the model has loaded)."""
-        metrics = cls(runs_root=config.runs)
+        from its base model and quantization (refined by ``attach`` once the model has loaded). Front ends
+        2..N (``frontend_index`` >= 1) count their RPCs and their process only: the first reports the rest."""
+        if frontend_index:
+            metrics = cls(gpu=False, process_namespace=f"adapterd_frontend_{frontend_index}")
+            metrics.interceptor.counts_uses = True
+            return metrics
+        metrics = cls(runs_root=config.runs, gpu=not config.engine_process)
         metrics.set_build_info(Path(config.base), config.quantization)
         return metrics
 
@@ -77,7 +86,7 @@ class DaemonMetrics:
 
     def start_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``host:port`` (0: a free port) from a daemon thread; returns the port."""
-        self._httpd, self._http_thread = start_http_server(port, addr=host, registry=self.metrics.registry)
+        self._httpd, self._http_thread = start_http_server(port, addr=host, registry=self.served)
         self.port = int(self._httpd.server_port)
         log.info("metrics on http://%s:%d/metrics", host, self.port)
         return self.port
@@ -96,6 +105,12 @@ class DaemonMetrics:
         runtime.store.on_load = self.adapter_loaded
         engine.observers.add(self.observer)
 
+    def attach_engine_core(self, info: Any, exposition: Callable[[], bytes]) -> None:
+        """Serve the engine core's series beside this process's (remote.py); ``info``: the core's ModelInfo."""
+        self.set_build_info(Path(info.base_model), info.quantization)
+        self.served.engine_core = exposition
+        self.interceptor.counts_uses = True
+
     def adapter_loaded(self, adapter_id: str, seconds: float, result: LoadedAdapter | BaseException) -> None:
         """The store's hook: one load attempt of ``adapter_id`` took ``seconds``, and gave ``result``."""
         m = self.metrics
@@ -110,9 +125,13 @@ class DaemonMetrics:
         self.metrics.finished.drop_adapter(adapter_id)
         self.metrics.rpcs.drop_adapter(adapter_id)
 
+    def local_exposition(self) -> bytes:
+        """This process's series alone (what a front end 2..N hands the first one at each scrape)."""
+        return generate_latest(self.metrics.registry)
+
     def exposition(self) -> bytes:
         """The text a scrape of ``/metrics`` returns now (Prometheus text format 0.0.4)."""
-        return generate_latest(self.metrics.registry)
+        return generate_latest(self.served)
 
     def close(self) -> None:
         """Stop the HTTP server and release NVML; detaching from the engine is left to its shutdown."""

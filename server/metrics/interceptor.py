@@ -40,6 +40,8 @@ def _code_name(context: Any, fallback: grpc.StatusCode) -> str:
     return fallback.name
 
 
+GENERATION_METHODS = frozenset({"Generate", "GenerateStream"})
+
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Wraps each async handler whose response is one message or an async generator; request-streaming
     ones (refusals, health checks: ``server/auth.py``, ``server/limits.py``) are counted with no adapter
@@ -48,6 +50,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, labels: AdapterLabels) -> None:
         self.m = metrics
         self.labels = labels
+        # Where the engine runs in another process, its observer's uses are that process's: a generation
+        # answered OK counts one use of its adapter here (an adapter that served has loaded).
+        self.counts_uses = False
         self._durations: dict[tuple[str, str], Any] = {}
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -67,6 +72,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _record(self, service: str, method: str, code: str, request: Any, started: float) -> None:
         adapter_id = getattr(request, "adapter_id", None)
+        if self.counts_uses and code == "OK" and method in GENERATION_METHODS:
+            self.labels.record_use(adapter_id)
         adapter = _NO_ADAPTER if adapter_id is None else self.labels.label(adapter_id)
         self.m.rpcs.inc((service, method, code, adapter))
         key = (service, method)

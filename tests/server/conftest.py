@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import pytest
@@ -20,9 +21,19 @@ def served_root(tmp_path_factory, adapter_root):
 
 
 def start_daemon(base, root, **overrides) -> DaemonThread:
+    """A daemon with its engine core in its own process (as ``adapterd serve`` runs) and one front end, unless
+    ``overrides`` say otherwise."""
+    overrides.setdefault("frontends", 1)  # the default follows the core count: tests choose theirs
     config = ServerConfig(base=base, adapters=root, quantization=overrides.pop("quantization", "none"),
                           port=0, device=TEST_DEVICE, dtype="float32", **overrides)
     return DaemonThread(config).start()
+
+
+def engine_stats(d: DaemonThread) -> dict[str, int]:
+    """Requests running and waiting in the daemon's engine, wherever it runs."""
+    runtime = d.daemon.state.runtime
+    stats = runtime.stats()
+    return d.run(stats) if asyncio.iscoroutine(stats) else stats
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ def test_slots_are_reused_least_recently_used_first(tiny_model_dir, served_root)
     from tests.server.conftest import start_daemon
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    d = start_daemon(tiny_model_dir, served_root, lora_slots=2)
+    d = start_daemon(tiny_model_dir, served_root, lora_slots=2, engine_process=False)  # slot counters
     try:
         with AdapterdClient(f"127.0.0.1:{d.port}") as c:
             for adapter_id in ["lora-qv", "team/lora-all", "lora-rs", "lora-qv", "lora-rs"]:

@@ -37,7 +37,7 @@ def test_a_base_request_is_served_while_a_lora_request_waits_for_the_slot(tiny_m
             for name, (p, a, n) in jobs.items()}
     assert len(refs["long"]) == long_new  # no EOS: the long request holds the one slot for 300 steps
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    d = start_daemon(tiny_model_dir, served_root, lora_slots=1, max_batch_size=4)
+    d = start_daemon(tiny_model_dir, served_root, lora_slots=1, max_batch_size=4, engine_process=False)
     messages: dict[str, list] = {"long": [], "waits": []}
     started = {name: threading.Event() for name in messages}  # its first message came: it was admitted
 

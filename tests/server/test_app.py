@@ -14,7 +14,7 @@ from adapterd.clients import AdapterdClient
 from adapterd.server.app import DaemonThread
 from adapterd.server.config import ServerConfig
 from tests.helpers import TEST_DEVICE
-from tests.server.conftest import start_daemon
+from tests.server.conftest import engine_stats, start_daemon
 
 
 def health_status(port: int, service: str = "") -> int:
@@ -96,9 +96,8 @@ def test_shutdown_drains_requests_in_flight_and_refuses_new_ones(tiny_model_dir,
 
     t = threading.Thread(target=long_call)
     t.start()
-    engine = d.daemon.state.runtime.engine
     deadline = time.monotonic() + 10
-    while engine.stats()["running"] == 0 and time.monotonic() < deadline:
+    while engine_stats(d)["running"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     d.daemon.state.draining = True  # what SIGTERM does first (then health NOT_SERVING, then drain)
     with AdapterdClient(target) as c:

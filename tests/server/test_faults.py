@@ -149,7 +149,17 @@ def _oom(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
 
-def test_out_of_memory_while_loading_an_adapter(client, daemon, monkeypatch):
+@pytest.fixture(scope="module")
+def inprocess(tiny_model_dir, served_root):
+    """A daemon whose engine runs in the test's process, so that a failure can be injected into it."""
+    d = start_daemon(tiny_model_dir, served_root, engine_process=False)
+    yield d
+    d.stop()
+
+
+def test_out_of_memory_while_loading_an_adapter(inprocess, monkeypatch):
+    daemon = inprocess
+    client = AdapterdClient(f"127.0.0.1:{daemon.port}", timeout=60)
     store = daemon.daemon.state.runtime.store
     store.unload("team/lora-all")
     real = store_module.ADAPTER_KINDS["LORA"]
@@ -176,7 +186,7 @@ def test_out_of_memory_while_loading_an_adapter(client, daemon, monkeypatch):
 def test_out_of_memory_in_a_step_fails_that_step_only(tiny_model_dir, served_root):
     """The rows in the failing step get RESOURCE_EXHAUSTED; the next requests are served, and greedy answers
     are the same as before the fault (the engine's state was cleaned up)."""
-    d = start_daemon(tiny_model_dir, served_root)
+    d = start_daemon(tiny_model_dir, served_root, engine_process=False)  # the failure is injected in the engine
     jobs = [("hello world", ""), ("你是谁？", "lora-qv"), ("Tell me a story", "prefix")]
     try:
         target = f"127.0.0.1:{d.port}"
@@ -216,7 +226,7 @@ def test_out_of_memory_in_a_step_fails_that_step_only(tiny_model_dir, served_roo
         for t in threads:
             t.join(60)
         assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * len(jobs)
-        assert engine.stats() == {"running": 0, "waiting": 0} and engine.slots is not None
+        assert engine.stats() == {"running": 0, "waiting": 0, "pinned_slots": 0} and engine.slots is not None
         with AdapterdClient(target, timeout=60) as c:
             after = [c.generate(p, a, max_new_tokens=8).text for p, a in jobs]
         assert after == before
@@ -228,7 +238,7 @@ def test_out_of_memory_in_a_step_fails_that_step_only(tiny_model_dir, served_roo
 def test_out_of_memory_in_a_prefill_ends_the_requests_being_admitted(tiny_model_dir, served_root):
     """Rows being prefilled are not in the running batch yet; a failing prefill must still end them (they
     would wait forever) and give back their LoRA slots."""
-    d = start_daemon(tiny_model_dir, served_root)
+    d = start_daemon(tiny_model_dir, served_root, engine_process=False)  # the failure is injected in the engine
     try:
         engine = d.daemon.state.runtime.engine
 

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from adapterd.clients import AdapterdClient
 from adapterd.v1 import adapterd_pb2 as pb
 from tests.helpers import reference_greedy
-from tests.server.conftest import start_daemon
+from tests.server.conftest import engine_stats, start_daemon
 
 JOBS = [(p, a) for p in ("hello world", "你是谁？", "Tell me a story about a robot.")
         for a in ("", "lora-qv", "team/lora-all", "lora-rs", "prefix", "prefix-proj")]
@@ -21,7 +21,7 @@ N = 12
 
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 def test_concurrent_mixed_requests_match_peft_alone(quantization, tiny_model_dir, served_root):
-    d = start_daemon(tiny_model_dir, served_root, quantization=quantization)
+    d = start_daemon(tiny_model_dir, served_root, quantization=quantization, engine_process=False)  # observer
     mixed_steps = []
 
     from adapterd.server.engine.observer import EngineObserver
@@ -77,8 +77,8 @@ def test_stop_sequence_over_grpc(client):
 
 
 def _running_rows(daemon) -> int:
-    engine = daemon.daemon.state.runtime.engine
-    return engine.call(lambda: len(engine.batch) + len(engine.waiting)).result(10)
+    stats = engine_stats(daemon)
+    return stats["running"] + stats["waiting"]
 
 
 def _wait_idle(daemon, timeout=10.0) -> bool:

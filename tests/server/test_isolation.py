@@ -8,11 +8,13 @@ TEST_DEVICE (ADAPTERD_TEST_DEVICE=cuda on a GPU, with CUDA graphs and the fused 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import pytest
@@ -156,7 +158,7 @@ class _Died(BaseException):
 
 @pytest.mark.parametrize("failure", ["device-side assert", "thread died"])
 def test_an_engine_that_cannot_serve_turns_health_not_serving(tiny_model_dir, served_root, failure):
-    d = start_daemon(tiny_model_dir, served_root)
+    d = start_daemon(tiny_model_dir, served_root, engine_process=False)  # the failure is injected in the engine
     try:
         engine = d.daemon.state.runtime.engine
         assert _health(d.port) == [health_pb2.HealthCheckResponse.SERVING] * 2
@@ -187,8 +189,9 @@ def test_an_engine_that_cannot_serve_turns_health_not_serving(tiny_model_dir, se
 
 
 # `adapterd serve` with the device failing under the first request (what an illegal memory access raises).
-_FAILING_SERVE = """
-import sys
+# Loaded at start-up by every Python process of the daemon (it is ``sitecustomize`` on PYTHONPATH), so that
+# the engine core, a process of its own, fails as a lost CUDA context makes a step fail.
+_FAILING_STEP = """
 from adapterd.server.engine.engine import Engine
 real_step = Engine._step
 def step(self):
@@ -196,35 +199,62 @@ def step(self):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     real_step(self)
 Engine._step = step
-from adapterd.cli import main
-sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow  # a real `adapterd serve` process: its imports and model load take about 5 s
-def test_serve_exits_1_when_the_engine_cannot_serve(tiny_model_dir, served_root, tmp_path):
-    """After a device failure the request gets UNAVAILABLE and `adapterd serve` exits 1 by itself, so that a
-    supervisor restarts it (instead of answering UNAVAILABLE forever)."""
+def _until_not_serving(client: AdapterdClient, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if client.health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != 1:  # 1: SERVING
+                return
+        except grpc.RpcError:
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow  # a real `adapterd serve`, whose engine core is started six times
+def test_a_device_failure_restarts_the_engine_core_until_it_keeps_failing_then_serve_exits_1(
+        tiny_model_dir, served_root, tmp_path):
+    """A device failure ends the request with UNAVAILABLE and the engine core, which the daemon starts again
+    (health NOT_SERVING, then SERVING: a fresh CUDA context). A core that fails again each time it serves
+    makes `adapterd serve` exit 1 after five restarts in a row, so that a supervisor restarts the daemon
+    (instead of answering UNAVAILABLE forever)."""
     from tests.helpers import TEST_DEVICE
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAILING_STEP)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     safe_path = ["-P"] if sys.flags.safe_path else []  # as this process: the repo's folders must not shadow
     log = tmp_path / "serve.log"  # a file, not a pipe: a full pipe would stall the daemon
     with log.open("w") as log_file:
-        proc = subprocess.Popen([sys.executable, *safe_path, "-c", _FAILING_SERVE, "serve", "--base",
+        proc = subprocess.Popen([sys.executable, *safe_path, "-m", "adapterd.cli", "serve", "--base",
                                  str(tiny_model_dir), "--adapters", str(served_root), "--quantization", "none",
                                  "--device", TEST_DEVICE, "--dtype", "float32", "--host", "127.0.0.1", "--port",
-                                 str(port), "--grace", "5"], stdout=subprocess.DEVNULL, stderr=log_file)
+                                 str(port), "--grace", "5", "--frontends", "1"], stdout=subprocess.DEVNULL,
+                                stderr=log_file, env=env)
     try:
+        failures = 0
         with AdapterdClient(f"127.0.0.1:{port}", timeout=30) as c:
-            c.wait_ready(120)
-            with pytest.raises(grpc.RpcError) as err:
-                c.generate("hello", max_new_tokens=4)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            while proc.poll() is None:
+                try:
+                    c.wait_ready(120)  # a new core serves
+                except (TimeoutError, grpc.RpcError):
+                    continue  # the daemon is exiting
+                with pytest.raises(grpc.RpcError) as err:
+                    c.generate("hello", max_new_tokens=4)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                failures += 1
+                assert failures <= 7, log.read_text()[-3000:]
+                _until_not_serving(c, 30)  # the front end has seen this core end
         assert proc.wait(60) == 1
-        assert "the engine cannot serve any more" in log.read_text()
+        assert failures == 6  # the first core and five restarts
+        text = log.read_text()
+        assert text.count("starting a new one") == 5 and "the engine cannot serve any more" in text
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -171,12 +171,12 @@ def test_a_huge_tokenize_does_not_stall_other_calls(daemon):
 
 
 def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(daemon, client):
-    runtime = daemon.daemon.state.runtime
+    prompts = daemon.daemon.state.runtime.prompts  # the front end's tokenizing: only token ids reach the engine
     limit = daemon.daemon.state.limits.max_input_tokens
-    too_long = "x" * (limit * runtime.tokenization.max_token_bytes + 1)
+    too_long = "x" * (limit * prompts.tokenization.max_token_bytes + 1)
     calls: list[str] = []
-    real = runtime.tokenize
-    runtime.tokenize = lambda text: calls.append(text) or real(text)
+    real = prompts.tokenize
+    prompts.tokenize = lambda text: calls.append(text) or real(text)
     try:
         with pytest.raises(grpc.RpcError) as err:
             client.generate(too_long, max_new_tokens=2)
@@ -187,7 +187,7 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(dae
         assert reply.input_token_count == 8 and reply.generated_token_count == 2
         assert calls == [too_long]
     finally:
-        runtime.tokenize = real
+        prompts.tokenize = real
     with pytest.raises(grpc.RpcError) as err:
         client.tokenize("x" * (MAX_PROMPT_CHARS + 1))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text" in err.value.details()

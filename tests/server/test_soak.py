@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.helpers import reference_greedy
-from tests.server.conftest import start_daemon
+from tests.server.conftest import engine_stats, start_daemon
 
 ADAPTER_KINDS = {"": "BASE", "lora-qv": "LORA", "team/lora-all": "LORA", "lora-rs": "LORA",
                  "prefix": "PREFIX_TUNING", "prefix-proj": "PREFIX_TUNING"}
@@ -54,7 +55,9 @@ def test_soak(tiny_model_dir, served_root):
             assert refs[(prompt, adapter_id, 32)][0] == tok.decode(ref, skip_special_tokens=True)
         config = soak.SoakConfig(adapters=adapters, duration_s=25.0, max_requests=400, concurrency=32,
                                  warmup_s=5.0, warmup_requests=80, seed=1, hostile=hostile, hostile_share=0.08)
-        report = asyncio.run(soak.run_soak(target, config, refs, ADAPTER_KINDS, soak.rss_of))
+        processes = {"front end": os.getpid(), "engine core": d.daemon.engine_process.process.pid}
+        report = asyncio.run(soak.run_soak(target, config, refs, ADAPTER_KINDS,
+                                           lambda: soak.rss_by_process(processes)))
         print(soak.format_report(report, config))
         assert report.errors == []
         o = report.outcomes
@@ -62,12 +65,13 @@ def test_soak(tiny_model_dir, served_root):
         assert o["hostile"] > 0  # poisoned adapters and hostile parameters were refused, alone
         assert set(report.by_kind) == {"BASE", "LORA", "PREFIX_TUNING"}
         assert report.loads > 0 and report.unloads > 0 and report.peak_in_flight >= 16
-        assert report.rss_end - report.rss_start < RSS_GROWTH_BOUND
-        engine = d.daemon.state.runtime.engine
+        growth = soak.rss_growth(report)
+        assert set(growth) == {"front end", "engine core"}
+        assert all(grew < RSS_GROWTH_BOUND for grew in growth.values()), growth  # flat in every process
         deadline = time.monotonic() + 10  # the last cancellations land at the next step
-        while engine.stats() != {"running": 0, "waiting": 0} and time.monotonic() < deadline:
+        idle = {"running": 0, "waiting": 0, "pinned_slots": 0}  # no slot stays pinned either
+        while engine_stats(d) != idle and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert engine.stats() == {"running": 0, "waiting": 0}
-        assert all(refs == 0 for refs in engine.slots._refs.values())  # no slot stays pinned
+        assert engine_stats(d) == idle
     finally:
         d.stop()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool), issue 14's measurements and checks; `source bench/device_setup.sh` first
+# (it carries .whl). Logs and bench/RESULTS.md go to $OUT.
+#   load QUANT   load_bench (Llama-2-7B shape): engine alone against gRPC end to end at 64 and 256 streams,
+#                TTFT of 512 tokens, CPU per token by process; the Zipf sweep at 8 requests/s
+#   tests        the engine and core-process suites on CUDA (parity, sampling, isolation, faults across the
+#                process boundary, --frontends)
+set -o pipefail
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+part=${1:-tests}
+case $part in
+  load) python3 bench/load_bench.py --shape llama2-7b --quantization "${2:-none}" --rates 8 --duration 10 \
+          --streams 64,256 --client-procs 4 --work /tmp/adapterd-bench 2>&1 | grep -v "Loading weights" \
+          | tee "$OUT/load_${2:-none}.log" | tail -30 ;;
+  tests) ADAPTERD_TEST_DEVICE=cuda python3 -P -m pytest -q -p no:cacheprovider --import-mode=append -o addopts="" \
+          -x tests/server/engine tests/server/core tests/server/test_isolation.py tests/server/test_generate_rpc.py \
+          2>&1 | tail -30 | tee "$OUT/tests.log" ;;
+esac
+cp bench/RESULTS.md "$OUT/" 2>/dev/null

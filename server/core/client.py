@@ -1,0 +1,181 @@
+"""The front end's side of the process boundary: ``EngineClient``, the runtime facade the RPC handlers call.
+
+It offers the methods of the in-process ``Runtime`` (``adapter``, ``prompt_ids``, ``tokenize_text``,
+``generate``, ``load_adapter``, ``unload_adapter``, ``list_adapters``, ``model_info``, ``stats``) and keeps
+the work a front end can do to itself: prompts are tokenized here, and each request's token events are
+detokenized and matched against its stop sequences here (``engine/output.py``). Only token ids, parameters
+and adapter ids go to the engine core, over one zmq DEALER socket, from the event loop's thread alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from adapterd.server.adapters.store import AdapterRecord
+from adapterd.server.core.protocol import (
+    AdapterRef,
+    Call,
+    Cancel,
+    ModelInfo,
+    Outputs,
+    Submit,
+    encoder,
+    engine_event,
+    from_core,
+    rebuild_error,
+)
+from adapterd.server.engine.output import RequestOutput, text_events
+from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
+from adapterd.server.errors import Unavailable
+from adapterd.server.prompts import PreparedPrompt, Prompts
+from adapterd.server.runtime import request_name
+
+log = logging.getLogger(__name__)
+
+DOWN_MESSAGE = "the engine stopped unexpectedly and is restarting; retry shortly"
+
+
+class EngineClient:
+    def __init__(self, address: str, tokenizer: Any) -> None:
+        self.address = address
+        self.tokenizer = tokenizer
+        self.info: ModelInfo | None = None  # the core's answer to "hello" (``connect``)
+        self.prompts: Prompts | None = None  # built with the model's context length (``connect``)
+        self.up = True  # False while the core is down (between ``core_down`` and ``core_up``)
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(address)
+        self._streams: dict[str, asyncio.Queue[GenerationEvent]] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count(1)
+        self._receiver: asyncio.Task | None = None
+
+    async def connect(self, timeout: float) -> None:
+        """Start reading the core's frames and ask what it serves (``timeout`` seconds at most)."""
+        self._receiver = asyncio.ensure_future(self._receive())
+        self.info = msgspec.convert(await asyncio.wait_for(self.call("hello"), timeout), ModelInfo)
+        self.prompts = Prompts(self.tokenizer, self.info.max_sequence_length)
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.cancel()
+        self.core_down("the daemon is shutting down")
+        if self.prompts is not None:
+            self.prompts.close()
+        self._socket.close(0)
+        self._context.term()
+
+    # ------------------------------------------------------------------ the core's health
+
+    def core_down(self, reason: str) -> None:
+        """The core died: every request and call in flight ends with UNAVAILABLE; new ones are refused."""
+        self.up = False
+        error = Unavailable(DOWN_MESSAGE if "shutting down" not in reason else reason)
+        for queue in self._streams.values():
+            queue.put_nowait(GenerationEvent("end", stop_reason=StopReason.ERROR, error=error))
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
+        self._calls.clear()
+
+    def core_up(self) -> None:
+        self.up = True
+
+    def _ready(self) -> None:
+        if not self.up:
+            raise Unavailable(DOWN_MESSAGE)
+
+    async def _receive(self) -> None:
+        while True:
+            frame = await self._socket.recv()
+            try:
+                message = from_core.decode(frame)
+            except msgspec.DecodeError:
+                log.error("ignored a malformed frame from the engine core")
+                continue
+            if isinstance(message, Outputs):
+                for event in message.events:
+                    queue = self._streams.get(event.request_id)
+                    if queue is not None:
+                        queue.put_nowait(engine_event(event))
+            else:
+                future = self._calls.pop(message.call_id, None)
+                if future is not None and not future.done():
+                    if message.error is not None:
+                        future.set_exception(rebuild_error(message.error))
+                    else:
+                        future.set_result(message.value)
+
+    async def call(self, method: str, *args: str) -> Any:
+        """Run one of the core's calls (``EngineCore.handlers``) and return its plain-data value."""
+        self._ready()
+        call_id = next(self._call_ids)
+        future = self._calls[call_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._socket.send(encoder.encode(Call(call_id, method, list(args))))
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
+
+    # ------------------------------------------------------------------ the facade
+
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    async def stats(self) -> dict[str, int]:
+        return await self.call("stats")
+
+    async def tokenize_text(self, text: str, with_pieces: bool = False) -> tuple[list[int], list[str]]:
+        return await self.prompts.tokenize_text(text, with_pieces)
+
+    async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int,
+                         virtual_tokens: int = 0) -> PreparedPrompt:
+        return await self.prompts.prompt_ids(prompt, truncate_to, max_input_tokens, virtual_tokens)
+
+    async def adapter(self, adapter_id: str, field: str = "adapter_id") -> AdapterRef | None:
+        """The adapter, loaded in the core if it was not (NOT_FOUND, FAILED_PRECONDITION... as the store says)."""
+        if not adapter_id:
+            return None
+        return msgspec.convert(await self.call("adapter", adapter_id, field), AdapterRef)
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: AdapterRef | None,
+                       request_id: str | None = None) -> AsyncIterator[GenerationEvent]:
+        """Submit one request to the core and yield its events until "end". Leaving early cancels it."""
+        self._ready()
+        request_id = request_name(request_id)
+        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        self._streams[request_id] = events
+        try:
+            await self._socket.send(encoder.encode(
+                Submit(request_id, list(prompt_ids), params, adapter.adapter_id if adapter is not None else "")))
+            output = RequestOutput(self.tokenizer, params)
+            async for event in text_events(events, output, lambda: self._cancel(request_id)):
+                yield event
+        finally:
+            self._streams.pop(request_id, None)
+
+    def _cancel(self, request_id: str) -> None:
+        if self.up:
+            with contextlib.suppress(zmq.ZMQError):
+                self._socket.send(encoder.encode(Cancel(request_id)), zmq.NOBLOCK)
+
+    async def load_adapter(self, adapter_id: str) -> AdapterRecord:
+        return msgspec.convert(await self.call("load", adapter_id), AdapterRecord)
+
+    async def unload_adapter(self, adapter_id: str) -> AdapterRecord:
+        return msgspec.convert(await self.call("unload", adapter_id), AdapterRecord)
+
+    async def list_adapters(self) -> list[AdapterRecord]:
+        return msgspec.convert(await self.call("list"), list[AdapterRecord])

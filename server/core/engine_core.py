@@ -1,0 +1,210 @@
+"""The engine core's side of the process boundary: one ``Runtime`` served to its front ends over zmq.
+
+Threads of the engine-core process, and who owns which socket (zmq sockets are not thread-safe):
+- the I/O thread (the process's main thread) owns the ROUTER socket the front ends connect to. It hands
+  submits and cancels to the engine's inbox, and forwards outgoing frames from an inproc PULL socket;
+- the engine thread (``server/engine/engine.py``) collects each step's events per front end and, once the
+  step is over (``Engine.after_step``), sends one ``Outputs`` frame per front end through its own PUSH socket;
+- a few worker threads run calls that may touch the disk (adapter loads, listing) and submits whose adapter
+  must be loaded first, and send their replies through their own PUSH sockets.
+No gRPC and no tokenizing here: the engine's host thread only schedules and launches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+import zmq
+
+from adapterd.server.core.protocol import (
+    Call,
+    Cancel,
+    Event,
+    Outputs,
+    Reply,
+    Submit,
+    encoder,
+    error_info,
+    event_message,
+    to_core,
+)
+from adapterd.server.engine.request import GenerationEvent, StopReason
+from adapterd.server.errors import AdapterdError, InvalidArgument
+from adapterd.server.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+OUTBOX = "inproc://adapterd-core-outbox"
+CALL_THREADS = 4  # adapter loads and listings at once; each is bounded by the store's own limits
+POLL_MS = 200  # how often the I/O thread looks at ``stopping`` while idle, milliseconds
+
+
+class EngineCore:
+    """Serves ``runtime`` on ``address`` (``ipc://...``) until ``stop``. ``metrics``: returns the core's
+    Prometheus exposition for the ``metrics`` call (None: no metrics)."""
+
+    def __init__(self, runtime: Runtime, address: str, metrics: Callable[[], bytes] | None = None) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.context = zmq.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(address)
+        self.outbox = self.context.socket(zmq.PULL)
+        self.outbox.bind(OUTBOX)
+        self.stopping = threading.Event()
+        self._local = threading.local()  # each sending thread's PUSH socket
+        self._pending: dict[bytes, list[Event]] = {}  # engine thread only: this step's events per front end
+        self._lock = threading.Lock()  # guards the two sets below (I/O thread and call threads)
+        self._waiting_for_load: set[str] = set()  # submits whose adapter a call thread is loading
+        self._cancelled_early: set[str] = set()  # cancels that overtook such a submit
+        self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="adapterd-core-call")
+        runtime.engine.after_step = self._flush
+        self.handlers: dict[str, Callable[..., Any]] = {
+            "hello": lambda: runtime.model_info(), "adapter": runtime.adapter_ref,
+            "load": lambda adapter_id: runtime._load_and_describe(adapter_id),
+            "unload": lambda adapter_id: runtime.store.unload(adapter_id),
+            "list": lambda: runtime.store.list(), "stats": lambda: runtime.stats(),
+            "metrics": lambda: self.metrics() if self.metrics is not None else b"",
+        }
+
+    # ------------------------------------------------------------------ the I/O thread
+
+    def serve(self) -> None:
+        """Route frames until ``stop`` is called (a signal handler, the ``shutdown`` call, a broken engine)."""
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
+        while not self.stopping.is_set():
+            ready = dict(poller.poll(POLL_MS))
+            if self.outbox in ready:
+                self._forward_outputs()
+            if self.router in ready:
+                self._receive()
+        self._forward_outputs()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        self._calls.shutdown(wait=False, cancel_futures=True)
+        self.context.destroy(linger=0)
+
+    def _forward_outputs(self) -> None:
+        while True:
+            try:
+                frames = self.outbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.router.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError:  # that front end is gone (or not keeping up): its requests are cancelled below
+                log.warning("dropped a frame for a front end that does not read")
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                identity, frame = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:  # not two frames: not one of our front ends
+                continue
+            try:
+                message = to_core.decode(frame)
+            except msgspec.DecodeError:
+                log.warning("ignored a malformed frame from a front end")
+                continue
+            if isinstance(message, Submit):
+                self._submit(identity, message)
+            elif isinstance(message, Cancel):
+                self._cancel(message.request_id)
+            else:
+                self._calls.submit(self._answer, identity, message)
+
+    # ------------------------------------------------------------------ requests
+
+    def _submit(self, identity: bytes, message: Submit) -> None:
+        adapter = self.runtime.store.loaded_now(message.adapter_id) if message.adapter_id else None
+        if message.adapter_id and adapter is None:  # first contact: load it off this thread
+            self._loading(message.request_id, True)
+            self._calls.submit(self._submit_after_load, identity, message)
+            return
+        self._enqueue(identity, message, adapter)
+
+    def _submit_after_load(self, identity: bytes, message: Submit) -> None:
+        try:
+            adapter = self.runtime.store.get(message.adapter_id)
+        except Exception as exc:  # noqa: BLE001 - the request's own failure, answered to it
+            self._loading(message.request_id, False)
+            self._end_now(identity, message.request_id, exc)
+            return
+        if not self._loading(message.request_id, False):
+            self._enqueue(identity, message, adapter)
+
+    def _loading(self, request_id: str, started: bool) -> bool:
+        """Track submits waiting for their adapter; on finishing, True if the request was cancelled meanwhile."""
+        with self._lock:
+            if started:
+                self._waiting_for_load.add(request_id)
+                return False
+            self._waiting_for_load.discard(request_id)
+            cancelled = request_id in self._cancelled_early
+            self._cancelled_early.discard(request_id)
+            return cancelled
+
+    def _cancel(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._waiting_for_load:
+                self._cancelled_early.add(request_id)
+        self.runtime.engine.cancel(request_id)
+
+    def _enqueue(self, identity: bytes, message: Submit, adapter: Any) -> None:
+        request_id = message.request_id
+
+        def sink(event: GenerationEvent) -> None:  # engine thread
+            self._pending.setdefault(identity, []).append(event_message(request_id, event))
+
+        try:
+            self.runtime.engine.submit(request_id, message.prompt_ids, message.params, adapter, sink)
+        except Exception as exc:  # noqa: BLE001 - queue full, engine stopping: this request's answer
+            self._end_now(identity, request_id, exc)
+
+    def _end_now(self, identity: bytes, request_id: str, exc: Exception) -> None:
+        if not isinstance(exc, AdapterdError):
+            log.error("request %s failed before the engine", request_id, exc_info=exc)
+        event = GenerationEvent("end", stop_reason=StopReason.ERROR, error=exc)
+        self._send(identity, Outputs([event_message(request_id, event)]))
+
+    def _flush(self) -> None:
+        """Engine thread, after each step: one frame per front end holding all of this step's events."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for identity, events in pending.items():
+            self._send(identity, Outputs(events))
+
+    # ------------------------------------------------------------------ calls
+
+    def _answer(self, identity: bytes, call: Call) -> None:
+        handler = self.handlers.get(call.method)
+        try:
+            if handler is None:
+                raise InvalidArgument(f"unknown call {call.method!r}", field="method")
+            reply = Reply(call.call_id, value=handler(*call.args))
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller
+            if not isinstance(exc, AdapterdError):
+                log.error("engine-core call %s failed", call.method, exc_info=exc)
+            reply = Reply(call.call_id, error=error_info(exc))
+        self._send(identity, reply)
+
+    def _send(self, identity: bytes, message: Outputs | Reply) -> None:
+        push = getattr(self._local, "push", None)
+        if push is None:
+            push = self._local.push = self.context.socket(zmq.PUSH)
+            push.connect(OUTBOX)
+        push.send_multipart([identity, encoder.encode(message)])

@@ -1,0 +1,199 @@
+"""The engine-core process: how the daemon starts it, watches it and starts it again.
+
+The core owns the device, the model, the adapter store, the LoRA slots and the key/value pool (``Runtime`` and
+``EngineCore``); the gRPC front end owns the network. Two processes, two GILs: the engine's host thread never
+waits for response serialization again (issue 14; bench/NOTES.md, "gRPC end to end").
+
+- Start-up: the front end spawns the core (a fresh interpreter: ``spawn``, never ``fork``, which would copy a
+  process with threads and, on a GPU, a CUDA context). The core loads the base model and reports "ready"
+  (or the load error) on a pipe, then serves on an ``ipc://`` socket in a private temporary directory.
+- Death: the front end watches the process's sentinel. A core that dies (OOM-kill, segfault, ``kill -9``, a
+  device failure it cannot recover from) is reported at once (``on_down``: in-flight requests end with
+  UNAVAILABLE, health turns NOT_SERVING) and started again; ``on_up`` follows when the new one is ready.
+  A core that keeps dying within a minute of serving gives up after five restarts in a row (``on_give_up``:
+  the daemon exits 1 so that its own supervisor restarts it, or an operator looks).
+- Orphans: the core asks the kernel for SIGKILL when the thread that spawned it ends (``PR_SET_PDEATHSIG``),
+  so a killed daemon never leaves an engine holding the GPU.
+- Stop: SIGTERM to the core stops its engine (rows still running end with UNAVAILABLE) and it exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from adapterd.server.engine import EngineConfig
+
+log = logging.getLogger(__name__)
+
+SHORT_LIFE_S = 60.0  # a core that dies within this long of serving counts towards giving up, seconds
+MAX_RESTARTS = 5  # short lives in a row before the daemon gives up
+EXIT_BROKEN = 3  # the core's exit status when its engine cannot serve any more (device failure)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@dataclass(frozen=True)
+class CoreSpec:
+    """Everything the core process needs to build its runtime (picklable plain data)."""
+
+    base: Path
+    adapters: Path
+    quantization: str
+    engine: EngineConfig
+    device: str | None
+    dtype: str | None
+    max_loaded_adapter_bytes: int | None
+    address: str
+    metrics: bool
+    log_level: str = "INFO"
+
+
+def core_main(spec: CoreSpec, ready: Connection, parent_pid: int) -> None:
+    """The core process's entry point (spawned by ``EngineProcess``)."""
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=spec.log_level, format="%(asctime)s engine-core %(levelname)s %(name)s: %(message)s")
+    from adapterd.server.core.engine_core import EngineCore
+    from adapterd.server.runtime import Runtime
+
+    try:
+        runtime = Runtime.load(spec.base, spec.adapters, spec.quantization, spec.engine, spec.device, spec.dtype,
+                               None, spec.max_loaded_adapter_bytes)
+        exposition = _core_metrics(runtime) if spec.metrics else None
+        core = EngineCore(runtime, spec.address, exposition)
+    except Exception as exc:  # noqa: BLE001 - reported to the front end, which says it in one line
+        log.debug("the engine core could not start", exc_info=True)
+        ready.send(("failed", str(exc) or type(exc).__name__))
+        sys.exit(1)
+    signal.signal(signal.SIGTERM, lambda *_: core.stop())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the whole group: the front end decides
+    runtime.engine.breakage.listen(lambda reason: core.stop())
+    ready.send(("ready", None))
+    ready.close()
+    core.serve()
+    broken = runtime.engine.breakage.reason is not None
+    runtime.close()
+    core.close()
+    sys.exit(EXIT_BROKEN if broken else 0)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _core_metrics(runtime) -> Callable[[], bytes]:
+    """The engine's own metrics (queue, latency, batch, adapters resident, kernels, GPU), exported through the
+    front end's ``/metrics`` (``server/metrics/remote.py``)."""
+    from adapterd.server.metrics import DaemonMetrics
+
+    metrics = DaemonMetrics(process_namespace="adapterd_engine")
+    metrics.attach(runtime)
+    return metrics.exposition
+
+
+class EngineProcess:
+    """The front end's handle on the core process: start, watch, restart, stop."""
+
+    def __init__(self, spec: CoreSpec, on_down: Callable[[str], None], on_up: Callable[[], None],
+                 on_give_up: Callable[[str], None]) -> None:
+        self.spec = spec
+        self.on_down, self.on_up, self.on_give_up = on_down, on_up, on_give_up
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self._context = multiprocessing.get_context("spawn")
+        self._short_lives = 0  # deaths in a row, each within SHORT_LIFE_S of serving
+        self._ready_at = 0.0  # time.monotonic() when the current core began to serve
+        self._stopping = False
+        self._restart: asyncio.Task | None = None
+
+    @staticmethod
+    def private_address() -> str:
+        """An ``ipc://`` address in a new directory only this user can enter."""
+        return f"ipc://{tempfile.mkdtemp(prefix='adapterd-core-')}/engine.sock"
+
+    async def start(self) -> None:
+        """Spawn the core and wait until it serves; RuntimeError with its reason if it cannot start."""
+        receiving, sending = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=core_main, args=(self.spec, sending, os.getpid()),
+                                        name="adapterd-engine-core", daemon=True)
+        process.start()  # on the event loop's thread, which lives as long as the daemon (PR_SET_PDEATHSIG)
+        sending.close()
+        self.process = process
+        try:
+            status, reason = await asyncio.to_thread(_wait_ready, receiving)
+        finally:
+            receiving.close()
+        if status != "ready":
+            await asyncio.to_thread(process.join, 10)
+            raise RuntimeError(reason)
+        asyncio.get_running_loop().add_reader(process.sentinel, self._exited, process)
+        self._ready_at = time.monotonic()
+        log.info("engine core ready (pid %d)", process.pid)
+
+    def _exited(self, process: multiprocessing.process.BaseProcess) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(process.sentinel)
+        process.join(5)  # the sentinel is ready: it has exited, and this reaps it (exitcode)
+        if self._stopping:
+            return
+        code = process.exitcode
+        reason = (f"the engine core was killed by signal {-code}" if code is not None and code < 0
+                  else f"the engine core exited with status {code}")
+        self.on_down(reason)
+        short = time.monotonic() - self._ready_at < SHORT_LIFE_S
+        self._short_lives = self._short_lives + 1 if short else 1
+        if self._short_lives > MAX_RESTARTS:
+            log.error("%s", reason)
+            self.on_give_up(f"{reason}; it died {self._short_lives} times in a row, each within "
+                            f"{SHORT_LIFE_S:.0f} s of serving")
+            return
+        log.error("%s; starting a new one", reason)
+        self._restart = asyncio.ensure_future(self._start_again(self._short_lives))
+
+    async def _start_again(self, attempt: int) -> None:
+        await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 10.0))  # seconds; a crash loop must not spin
+        try:
+            await self.start()
+        except Exception as exc:  # noqa: BLE001 - a base that loaded once and now cannot: give up
+            self.on_give_up(f"the engine core could not start again: {exc}")
+            return
+        self.on_up()
+
+    async def stop(self, timeout: float) -> bool:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; True if it exited by itself."""
+        self._stopping = True
+        if self._restart is not None:
+            self._restart.cancel()
+        process = self.process
+        if process is None or process.exitcode is not None:
+            return True
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(process.sentinel)
+        process.terminate()
+        await asyncio.to_thread(process.join, timeout)
+        if process.exitcode is None:
+            log.error("the engine core did not stop within %.0f s: killing it", timeout)
+            process.kill()
+            await asyncio.to_thread(process.join, 5)
+            return False
+        return True
+
+
+def _wait_ready(connection: Connection) -> tuple[str, str | None]:
+    try:
+        return connection.recv()
+    except EOFError:
+        return "failed", "the engine core ended while starting (see its log lines above)"

@@ -1,0 +1,156 @@
+"""The engine core in its own process, as clients and operators see it: the same tokens as the engine in the
+gRPC process, and faults across the boundary (the core killed mid-stream, the daemon killed, SIGTERM)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoTokenizer
+
+from adapterd.clients import AdapterdClient
+from tests.helpers import reference_greedy
+from tests.server.conftest import start_daemon
+from tests.test_cli import CLI, ENV
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+RESTART_S = 90  # a new core loads the tiny model in seconds; the 2-core CI machine may be busy
+
+
+def _health(port: int) -> int:
+    """One health check on a connection of its own (with several front ends, any of them may answer)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", [("grpc.use_local_subchannel_pool", 1)]) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def _wait_for(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` spawned (engine core, front ends), not multiprocessing's resource tracker."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture()
+def own_daemon(tiny_model_dir, served_root):
+    d = start_daemon(tiny_model_dir, served_root)
+    yield d
+    d.stop()
+
+
+def test_the_engine_runs_in_another_process_and_gives_peft_tokens(daemon, client, tiny_model_dir, served_root):
+    core = daemon.daemon.engine_process.process
+    assert core.pid != os.getpid() and _alive(core.pid)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for prompt, adapter_id in (("hello world", ""), ("你是谁？", "lora-qv"), ("Tell me", "prefix")):
+        ref = reference_greedy(tiny_model_dir, prompt, served_root / adapter_id if adapter_id else None, 8)
+        reply = client.generate(prompt, adapter_id, max_new_tokens=8)
+        assert reply.text == tok.decode(ref, skip_special_tokens=True), adapter_id
+
+
+def test_killing_the_engine_core_mid_stream_ends_the_stream_unavailable_and_the_daemon_recovers(own_daemon):
+    port = own_daemon.port
+    with AdapterdClient(f"127.0.0.1:{port}", timeout=120) as c:
+        before = c.generate("hello world", max_new_tokens=8).text
+        stream = c.generate_stream("Tell me a story", max_new_tokens=400, min_new_tokens=400)
+        next(stream)  # the request runs
+        old = own_daemon.daemon.engine_process.process.pid
+        os.kill(old, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stream:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "engine stopped unexpectedly" in err.value.details()
+        assert _wait_for(lambda: _health(port) == NOT_SERVING, 10) or _health(port) == SERVING
+        assert _wait_for(lambda: _health(port) == SERVING, RESTART_S)
+        new = own_daemon.daemon.engine_process.process.pid
+        assert new != old and _alive(new)
+        assert c.generate("hello world", max_new_tokens=8).text == before  # same tokens from the new core
+
+
+def test_requests_while_the_engine_core_restarts_get_unavailable_not_a_hang(own_daemon):
+    port = own_daemon.port
+    process = own_daemon.daemon.engine_process.process
+    process.kill()
+    process.join(10)
+    assert _wait_for(lambda: _health(port) == NOT_SERVING, 10)
+    with AdapterdClient(f"127.0.0.1:{port}", timeout=10) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate("hello world", max_new_tokens=4)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _wait_for(lambda: _health(port) == SERVING, RESTART_S)
+
+
+def _serve_process(tiny_model_dir, adapter_root) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root),
+                             "--quantization", "none", "--device", "cpu", "--port", "0", "--grace", "10"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    match = re.search(r"listening on (\S+):(\d+)", proc.stdout.readline())
+    assert match
+    with AdapterdClient(f"127.0.0.1:{match[2]}") as c:
+        c.wait_ready(120)
+    return proc, int(match[2])
+
+
+def test_a_killed_daemon_leaves_no_engine_process_behind(tiny_model_dir, adapter_root):
+    proc, _ = _serve_process(tiny_model_dir, adapter_root)
+    try:
+        cores = _children(proc.pid)
+        assert cores, "the daemon has no engine-core process"
+        proc.kill()
+        proc.wait()
+        assert _wait_for(lambda: not any(_alive(pid) for pid in cores), 10), "an orphaned engine core lives on"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_drains_across_the_processes_and_exits_0(tiny_model_dir, adapter_root):
+    proc, port = _serve_process(tiny_model_dir, adapter_root)
+    cores = _children(proc.pid)
+    results: list[object] = []
+    with AdapterdClient(f"127.0.0.1:{port}", timeout=60) as c:
+        stream = c.generate_stream("Tell me a story", max_new_tokens=60, min_new_tokens=60)
+        next(stream)
+
+        def finish() -> None:
+            try:
+                results.append(sum(1 for _ in stream))
+            except grpc.RpcError as exc:
+                results.append(exc.code())
+
+        reader = threading.Thread(target=finish)
+        reader.start()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        reader.join(30)
+    assert results and isinstance(results[0], int), results  # the stream in flight finished
+    assert _wait_for(lambda: not any(_alive(pid) for pid in cores), 10)
