@@ -1,5 +1,5 @@
 """``adapterd demo``: the whole product on the embedded default. On the 2-core CPU machine with nothing cached:
-24 s idle, 40 s while other jobs ran; 6 s again on the same ``--dir``, which reuses the model and the adapters
+25 s idle, 40 s while other jobs ran; 11 s again on the same ``--dir``, which reuses the model and the adapters
 (bench/RESULTS.md).
 
 1. builds the tiny model (random weights, offline tokenizer) in ``DIR/tiny-model``;
