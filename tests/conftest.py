@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# One torch (OpenMP) thread in the test process and every process it starts, unless set otherwise: the tiny
+# model's operations are too small for threads to pay, and on the 2-core machine two threads spin against each
+# other and whatever else runs (test_parity + test_generate_rpc: 35 s on two threads and 19 s on one with the
+# machine nearly idle, 98 s and 39 s while other jobs ran; bench/RESULTS.md). Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

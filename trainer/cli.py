@@ -75,6 +75,11 @@ def _report(message: str) -> None:
         print(f"adapterd train: {message}", file=sys.stderr)
 
 
+def _bad_data(record: logging.LogRecord, error: type[Exception]) -> bool:
+    """Whether ``record`` is the loop's failure log for bad training data (``error``, i.e. DataError)."""
+    return record.exc_info is not None and isinstance(record.exc_info[1], error)
+
+
 def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _install_stop_handlers(stop)  # first thing: a stop that arrives while torch imports is not lost
@@ -98,12 +103,17 @@ def run(args: argparse.Namespace) -> int:
     console.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logging.getLogger("adapterd.trainer").addHandler(console)
 
+    from adapterd.trainer.data import DataError
     from adapterd.trainer.loop import train  # torch and transformers load here, after the handlers
 
+    console.addFilter(lambda record: not _bad_data(record, DataError))  # reported below in one line
     try:
         result = train(cfg, stop=stop, progress=tty, started_unix=started_unix)
     except RunBusy as exc:
         print(f"adapterd train: --output: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:  # the input's fault, not a crash: train.log keeps the traceback
+        _report(f"--data {cfg.data}: {exc}")
         return 2
     except Exception as exc:
         print(f"adapterd train: failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -15,9 +15,10 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -33,13 +34,15 @@ IGNORE_INDEX = -100
 
 
 class DataError(ValueError):
-    """A record that cannot be used. ``index`` is 0-based (the list index, or the line number - 1)."""
+    """A record (or the whole file) that cannot be used. ``index`` is 0-based: the list index, or the count
+    of non-blank lines before it in JSON lines. The message never names the file: the caller does (adapterd
+    train's ``--data``, StartTraining's ``data_path``)."""
 
     def __init__(self, index: int | None, field_name: str | None, message: str) -> None:
-        where = f"record {index}" if index is not None else "data"
+        where = f"record {index}" if index is not None else ""
         if field_name:
-            where += f", field {field_name!r}"
-        super().__init__(f"{where}: {message}")
+            where += f", field {field_name!r}" if where else f"field {field_name!r}"
+        super().__init__(f"{where}: {message}" if where else message)
         self.index = index
         self.field = field_name
 
@@ -86,15 +89,20 @@ def _check(index: int, raw: Any) -> Record:
 
 def _raw_items(path: Path) -> Iterator[tuple[int, Any]]:
     """(index, parsed item) for a JSON list or JSON lines; a line that is not JSON yields a DataError item."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(None, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(None, None, f"cannot read: {exc.strerror or exc}") from None
     stripped = text.lstrip()
     if not stripped:
-        raise DataError(None, None, f"{path} is empty")
+        raise DataError(None, None, "the file is empty")
     if stripped[0] == "[":
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(None, None, f"{path} is not valid JSON: {exc}") from exc
+            raise DataError(None, None, f"not valid JSON: {exc}") from None
         yield from enumerate(items)
         return
     index = 0
@@ -122,7 +130,7 @@ def load_records(path: str | Path, *, skip_malformed: bool = False) -> Dataset:
                 raise
             data.skipped.append((index, str(exc)))
     if not data.records:
-        raise DataError(None, None, f"{path} holds no usable record ({len(data.skipped)} skipped)")
+        raise DataError(None, None, f"no usable record ({len(data.skipped)} skipped)")
     return data
 
 
@@ -178,12 +186,16 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: a permutation that depends only on (seed, epoch), so that a resumed
     run sees the same batches as an uninterrupted one."""
+    import torch  # here, not at the top: reading and prompting records (adapterd demo, StartTraining) need none
+
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=gen).tolist()
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch: input_ids (pad_id), attention_mask (0 on pads), labels (-100 on pads)."""
+    import torch
+
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

@@ -1,13 +1,23 @@
 """Where the Triton kernels of this package can run. Imports neither Triton nor bitsandbytes at import time:
-the daemon runs without Triton (CPU, or an image without it)."""
+the daemon runs without Triton (CPU, or an image without it).
+
+On CUDA, ``triton_available`` also compiles and runs a tiny kernel once per process and device
+(``probe.py``): Triton builds a small C launcher with a C compiler at first use, and a machine without one
+(or without Python's headers) must fall back to the PyTorch paths at start-up, with one warning saying why
+and how to fix it, rather than fail at its first request."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
 
+log = logging.getLogger(__name__)
+
 _TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
+_CAUSE_CHARS = 300  # enough for the exception and the start of a compiler command line
 
 
 def interpreting() -> bool:
@@ -17,8 +27,9 @@ def interpreting() -> bool:
 
 def triton_available(device: torch.device | str) -> bool:
     """True when this package's kernels can run for tensors on ``device``: a CUDA device of compute
-    capability 8.0 or later (bf16 tensor cores, loads and conversions) with Triton importable, or any device
-    while TRITON_INTERPRET=1 (Triton's CPU interpreter; tests only: it is slow)."""
+    capability 8.0 or later (bf16 tensor cores, loads and conversions) on which Triton compiles and runs a
+    test kernel (``kernels_compile``), or any device while TRITON_INTERPRET=1 (Triton's CPU interpreter;
+    tests only: it is slow)."""
     device = torch.device(device)
     interpret = interpreting()
     if device.type != "cuda" and not interpret:
@@ -28,5 +39,35 @@ def triton_available(device: torch.device | str) -> bool:
     except ImportError:
         return False
     if device.type == "cuda" and not interpret:
-        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+        return (torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+                and kernels_compile(device))
     return True
+
+
+def kernels_compile(device: torch.device) -> bool:
+    """Whether a tiny Triton kernel compiles and runs on CUDA ``device``; asked once per process and device.
+    When it does not, one warning names the cause and the fix, and the callers keep the PyTorch paths."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _compile_problem(index) is None
+
+
+@functools.cache
+def _compile_problem(index: int) -> str | None:
+    """None when the test kernel runs on ``cuda:index``, else the cause (logged once, as a warning)."""
+    try:
+        from adapterd.server.kernels import probe
+
+        probe.run(torch.device("cuda", index))
+    except Exception as exc:  # anything (no compiler, no Python.h, a driver error): no Triton kernels
+        cause = _one_line(f"{type(exc).__name__}: {exc}")
+        log.warning("Triton kernels off on cuda:%d, the PyTorch paths serve instead (slower): a test kernel "
+                    "failed to compile or run (%s); install a C compiler and Python's headers (e.g. apt-get "
+                    "install gcc python3-dev) or point CC at one, then restart", index, cause)
+        return cause
+    return None
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, at most ``_CAUSE_CHARS`` characters (a compiler command line can be long)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _CAUSE_CHARS else flat[:_CAUSE_CHARS - 3] + "..."

@@ -19,6 +19,29 @@ def test_bad_option_exits_2_naming_it(make_config, subprocess_env):
     assert out.returncode == 2 and "--lora-r: must be at least 1" in out.stderr
 
 
+@pytest.mark.parametrize("content, reason", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "record 1, field 'output': is missing"),
+    ('[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": 3}]',
+     "record 1, field 'output': must be a string, not int"),
+    ('{"instruction": "a", "output": "b"}\n{broken\n', "record 1: line 2 is not valid JSON"),
+    (b"\xff\xfe{}", "not UTF-8 text"),
+])
+def test_malformed_data_is_one_line_exit_2(make_config, subprocess_env, tmp_path, content, reason):
+    """A bad record (or file) is the user's input, not a crash: one line naming --data, the file and the
+    record, exit 2, no traceback; status.json says failed with the same reason, train.log keeps the details."""
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content if isinstance(content, bytes) else content.encode())
+    cfg = make_config(data=str(data))
+    out = subprocess.run(train_argv(cfg), env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"adapterd train: --data {data}: ") and reason in lines[-1], out.stderr
+    assert "Traceback" not in out.stderr and not any(reason in line for line in lines[:-1]), out.stderr
+    status = json.loads((Path(cfg.output) / "status.json").read_text())
+    assert status["state"] == "failed" and reason in status["error"]
+    assert reason in (Path(cfg.output) / "train.log").read_text()
+
+
 def test_resume_without_checkpoint_fails_in_status(make_config, subprocess_env):
     cfg = make_config()
     out = subprocess.run(train_argv(cfg, "--resume"), env=subprocess_env, capture_output=True, text=True,
