@@ -66,7 +66,11 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _record(self, service: str, method: str, code: str, request: Any, started: float) -> None:
-        adapter_id = getattr(request, "adapter_id", None)
+        self.record_call(service, method, code, getattr(request, "adapter_id", None), started)
+
+    def record_call(self, service: str, method: str, code: str, adapter_id: str | None, started: float) -> None:
+        """Count one call that ended with ``code`` (a grpc.StatusCode name) and time it from ``started``
+        (``time.perf_counter()``); the HTTP front end counts its requests here too."""
         adapter = _NO_ADAPTER if adapter_id is None else self.labels.label(adapter_id)
         self.m.rpcs.inc((service, method, code, adapter))
         key = (service, method)
