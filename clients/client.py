@@ -103,10 +103,10 @@ class AdapterdClient(_Base):
                 raise TimeoutError(f"adapterd at {self.target} not serving after {timeout} s")
             time.sleep(0.1)
 
-    def generate(self, prompt: str, adapter_id: str = "", **params) -> pb.GenerateResponse:
+    def generate(self, prompt: str = "", adapter_id: str = "", **params) -> pb.GenerateResponse:
         return self.stub.Generate(generate_request(prompt, adapter_id, **params), **self._kw())
 
-    def generate_stream(self, prompt: str, adapter_id: str = "", **params) -> Iterator[pb.GenerateResponse]:
+    def generate_stream(self, prompt: str = "", adapter_id: str = "", **params) -> Iterator[pb.GenerateResponse]:
         return self.stub.GenerateStream(generate_request(prompt, adapter_id, **params), **self._kw())
 
     def chat(self, messages: Messages, adapter_id: str = "", **params) -> pb.GenerateResponse:
@@ -172,10 +172,11 @@ class AsyncAdapterdClient(_Base):
     def _kw(self) -> dict:
         return {"metadata": self.metadata, "timeout": self.timeout}
 
-    async def generate(self, prompt: str, adapter_id: str = "", **params) -> pb.GenerateResponse:
+    async def generate(self, prompt: str = "", adapter_id: str = "", **params) -> pb.GenerateResponse:
         return await self.stub.Generate(generate_request(prompt, adapter_id, **params), **self._kw())
 
-    async def generate_stream(self, prompt: str, adapter_id: str = "", **params) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate_stream(self, prompt: str = "", adapter_id: str = "",
+                              **params) -> AsyncIterator[pb.GenerateResponse]:
         call = self.stub.GenerateStream(generate_request(prompt, adapter_id, **params), **self._kw())
         async for message in call:
             yield message
