@@ -37,6 +37,7 @@ def render(tokenizer: Any, messages: list[dict[str, str]], template: str, owner:
     with the template's own words; one that cannot be used at all (not valid Jinja, a failing expression)
     is FAILED_PRECONDITION naming ``owner`` (the adapter, or the base model)."""
     from jinja2 import TemplateError, TemplateSyntaxError
+    from jinja2.exceptions import SecurityError
 
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
@@ -44,6 +45,9 @@ def render(tokenizer: Any, messages: list[dict[str, str]], template: str, owner:
     except TemplateSyntaxError as exc:
         raise FailedPrecondition(f"the chat template of {owner} is not valid Jinja (line {exc.lineno}: "
                                  f"{str(exc.message)[:MAX_ERROR_CHARS]})") from None
+    except SecurityError as exc:
+        raise FailedPrecondition(f"the chat template of {owner} does what the sandbox forbids "
+                                 f"({str(exc)[:MAX_ERROR_CHARS]})") from None
     except TemplateError as exc:
         raise InvalidArgument(f"the chat template of {owner} refused them: {str(exc)[:MAX_ERROR_CHARS]}",
                               field="messages") from None
