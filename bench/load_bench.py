@@ -5,7 +5,9 @@
    number of device slots, requests arriving as a Poisson process with adapters drawn from a Zipf(1)
    distribution; a rate sweep gives throughput and p50/p95 latency, against the same load on one adapter.
 2. End to end: ``--streams`` concurrent streams from ``--client-procs`` client processes over gRPC on
-   loopback, against the same number of concurrent requests submitted to the engine in-process.
+   loopback, against the same number of concurrent requests submitted to the engine in-process; with
+   ``--http``, the same streams over the OpenAI-compatible HTTP API too (``/v1/completions`` with server-sent
+   events, through the official ``openai`` client), each answer held to ``--new`` tokens as over gRPC.
 
 Runs on the GPU machine (``--shape llama2-7b``) or the CPU (``--shape tiny``: a regression guard, ratios
 only). Appends its tables to bench/RESULTS.md with commit, date and machine.
@@ -154,10 +156,50 @@ def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Q
     out.put(asyncio.run(main()))
 
 
+def _http_client_proc(base_url: str, model: str, streams: int, duration: float, new: int, out: mp.Queue) -> None:
+    """One client process: ``streams`` concurrent streamed completions over HTTP in a loop for ``duration`` s."""
+    import openai
+
+    async def main() -> tuple[int, float, float]:
+        tokens = 0
+        stop = time.perf_counter() + duration
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+        await client.models.list()  # connected, and the daemon answers
+        began = time.time()
+
+        async def loop(i: int) -> None:
+            nonlocal tokens
+            rng = random.Random(i)
+            while time.perf_counter() < stop:
+                prompt = " ".join(rng.choice(["hello", "world", "the", "model", "adapter"])
+                                  for _ in range(PROMPT_TOKENS))
+                stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new, temperature=0,
+                                                         stream=True, stream_options={"include_usage": True},
+                                                         extra_body={"min_tokens": new})
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        tokens += chunk.usage.completion_tokens
+        await asyncio.gather(*(loop(i) for i in range(streams)))
+        await client.close()
+        return tokens, began, time.time()
+
+    out.put(asyncio.run(main()))
+
+
 def grpc_streams(target: str, streams: int, procs: int, duration: float, new: int) -> float:
+    return client_streams(_client_proc, (target,), streams, procs, duration, new)
+
+
+def http_streams(base_url: str, model: str, streams: int, procs: int, duration: float, new: int) -> float:
+    return client_streams(_http_client_proc, (base_url, model), streams, procs, duration, new)
+
+
+def client_streams(proc, target: tuple, streams: int, procs: int, duration: float, new: int) -> float:
+    """Generated tokens/s over the span when ``procs`` client processes (each running ``proc``) were serving,
+    and the tokens counted."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
-    workers = [ctx.Process(target=_client_proc, args=(target, streams // procs, duration, new, out))
+    workers = [ctx.Process(target=proc, args=(*target, streams // procs, duration, new, out))
                for _ in range(procs)]
     for w in workers:
         w.start()
@@ -216,6 +258,7 @@ def main() -> int:
     parser.add_argument("--switch-intervals-ms", default="5,0.2,0.05",
                         help="GIL switch intervals (ms) to measure the end-to-end ratio at: Python's default is 5, "
                              "the daemon's 0.2 (--gil-switch-interval-ms)")
+    parser.add_argument("--http", action="store_true", help="also stream over the OpenAI-compatible HTTP API")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -269,7 +312,8 @@ def main() -> int:
     daemon = DaemonThread(ServerConfig(base=base_dir, adapters=root, quantization=args.quantization, port=0,
                                        max_batch_size=128, lora_slots=args.slots, max_lora_rank=args.rank,
                                        max_new_tokens=max(1024, args.new), max_queue=100_000,
-                                       gil_switch_interval_ms=intervals[0])).start()
+                                       gil_switch_interval_ms=intervals[0],
+                                       http_port=0 if args.http else None)).start()
     e2e_lines = []
     try:
         for ms in intervals:
@@ -285,11 +329,27 @@ def main() -> int:
             e2e_lines.append(f"GIL switch interval {ms:g} ms: engine alone {tok_s:.1f} tok/s ({alone_steps}), "
                              f"over gRPC {e2e:.1f} tok/s ({steps}; {cpu}), ratio {e2e / tok_s:.2f}")
             print(e2e_lines[-1], flush=True)
+            if args.http:
+                e2e_lines.append(http_line(daemon, base_dir.name, args, tok_s))
+                print(e2e_lines[-1], flush=True)
     finally:
         daemon.stop()
     if not args.no_record:
         record(args, rows, e2e_lines, device)
     return 0
+
+
+def http_line(daemon, model: str, args, engine_tok_s: float) -> str:
+    """The same streams over HTTP, at the switch interval in force: tok/s, the server's CPU per token, and the
+    ratio to the engine alone."""
+    steps = StepStats()
+    daemon.daemon.state.runtime.engine.observers.add(steps.observer)
+    cpu_before = thread_cpu_seconds()
+    e2e, tokens = http_streams(f"http://127.0.0.1:{daemon.daemon.http.port}/v1", model, args.streams,
+                               args.client_procs, args.duration, args.new)
+    cpu = cpu_per_token(cpu_before, thread_cpu_seconds(), tokens) if cpu_before else "no /proc"
+    daemon.daemon.state.runtime.engine.observers.observers.remove(steps.observer)
+    return f"  over HTTP (OpenAI completions, SSE) {e2e:.1f} tok/s ({steps}; {cpu}), ratio {e2e / engine_tok_s:.2f}"
 
 
 def record(args, rows: list[str], e2e_lines: list[str], device: torch.device) -> None:
@@ -303,8 +363,9 @@ def record(args, rows: list[str], e2e_lines: list[str], device: torch.device) ->
              "| rate | one adapter: requests | tok/s | p50 / p95 ms | Zipf: requests | tok/s | p50 / p95 ms | "
              "Zipf over one |", "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
              f"End to end: {args.streams} concurrent streams from {args.client_procs} client processes over gRPC "
-             "on loopback, against the same concurrency submitted to the engine in-process:", "",
-             *(f"- {line}" for line in e2e_lines)]
+             f"{'(and over HTTP) ' if args.http else ''}on loopback, against the same concurrency submitted to "
+             "the engine in-process:", "",
+             *(f"  - {line.strip()}" if line.startswith(" ") else f"- {line}" for line in e2e_lines)]
     with (Path(__file__).resolve().parent / "RESULTS.md").open("a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -19,7 +19,7 @@ MAX_SEED = 2**64 - 1  # the seed is a uint64 on the wire
 # validate_generate's field -> the OpenAI parameter a client sent (prefixes: "stopping.stop_sequences[2]").
 OPENAI_FIELDS = {"sampling.temperature": "temperature", "sampling.top_p": "top_p", "sampling.top_k": "top_k",
                  "sampling.repetition_penalty": "repetition_penalty", "stopping.max_new_tokens": "max_tokens",
-                 "stopping.stop_sequences": "stop", "adapter_id": "model"}
+                 "stopping.stop_sequences": "stop", "stopping.min_new_tokens": "min_tokens", "adapter_id": "model"}
 # Parameters OpenAI defines that the daemon does not serve, with the value that means "not used".
 UNSERVED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "logprobs": None,
             "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
@@ -97,7 +97,9 @@ def _generate_request(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -
     max_tokens = 0
     for name in max_tokens_names:
         max_tokens = max_tokens or _count(body, name, minimum=1)
-    stopping = pb.StoppingCriteria(max_new_tokens=max_tokens, stop_sequences=_stops(body))
+    # min_tokens: vLLM's extension (EOS held back until then), gRPC's stopping.min_new_tokens.
+    stopping = pb.StoppingCriteria(max_new_tokens=max_tokens, min_new_tokens=_count(body, "min_tokens"),
+                                   stop_sequences=_stops(body))
     return pb.GenerateRequest(adapter_id="", sampling=sampling, stopping=stopping)
 
 
