@@ -137,3 +137,25 @@ def test_tokens_and_roles_as_over_grpc(tiny_model_dir, served_root, tmp_path):
         assert user.chat.completions.create(model="lora-qv", messages=MESSAGES, max_tokens=2).choices
     finally:
         d.stop()
+
+
+def test_the_sigterm_drain_waits_for_http_streams(tiny_model_dir, served_root):
+    """An HTTP stream holds a slot of the callers' budget: the drain lets it finish before the engine stops,
+    and the HTTP port closes after it."""
+    import threading
+
+    d = start_daemon(tiny_model_dir, served_root, http_port=0)
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{d.daemon.http.port}/v1", api_key="none", max_retries=0,
+                        timeout=60)
+    stream = api.completions.create(model="lora-qv", prompt="hello", temperature=0, max_tokens=100, stream=True,
+                                    stream_options={"include_usage": True}, extra_body={"min_tokens": 100})
+    chunks = iter(stream)
+    next(chunks)
+    stopping = threading.Thread(target=d.stop, kwargs={"grace": 30})
+    stopping.start()
+    rest = list(chunks)
+    stopping.join(60)
+    assert rest[-1].usage.completion_tokens == 100
+    assert [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason] == ["length"]
+    with pytest.raises(openai.APIConnectionError):
+        api.models.list()
