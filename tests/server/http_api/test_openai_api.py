@@ -125,6 +125,27 @@ def test_a_client_that_leaves_a_stream_frees_its_row(api, served):
     assert served.daemon.budgets.callers.in_use == 0
 
 
+def test_a_client_that_leaves_before_the_whole_answer_cancels_it(tiny_model_dir, served_root):
+    """Not streaming: the client's timeout closes the connection, and the daemon cancels the row rather than
+    generating the rest for nobody (as a cancelled RPC)."""
+    d = start_daemon(tiny_model_dir, served_root, http_port=0, metrics_port=0, max_new_tokens=1000)
+    try:
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{d.daemon.http.port}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.APITimeoutError):
+            api.with_options(timeout=0.15).completions.create(model="prefix", prompt="hello", temperature=0,
+                                                             max_tokens=1000, extra_body={"min_tokens": 1000})
+        reason = 'adapterd_generation_requests_total{adapter="prefix",finished_reason="cancelled"} 1.0'
+        deadline = time.monotonic() + 10
+        while reason not in d.daemon.metrics.exposition().decode() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = d.daemon.metrics.exposition().decode()
+        assert reason in text
+        assert 'adapterd_rpc_requests_total{adapter="prefix",code="CANCELLED",method="Completions"' in text
+        assert d.daemon.budgets.callers.in_use == 0
+    finally:
+        d.stop()
+
+
 def test_tokens_and_roles_as_over_grpc(tiny_model_dir, served_root, tmp_path):
     (tmp_path / "tokens").write_text("user:u-token\n")
     d = start_daemon(tiny_model_dir, served_root, http_port=0, tokens_file=tmp_path / "tokens")
