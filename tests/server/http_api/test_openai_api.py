@@ -180,3 +180,22 @@ def test_the_sigterm_drain_waits_for_http_streams(tiny_model_dir, served_root):
     assert [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason] == ["length"]
     with pytest.raises(openai.APIConnectionError):
         api.models.list()
+
+
+def test_http_and_grpc_share_one_concurrent_call_budget(tiny_model_dir, served_root):
+    """--max-concurrent-rpcs counts HTTP requests with RPCs: over it, 429 in OpenAI's shape."""
+    d = start_daemon(tiny_model_dir, served_root, http_port=0, max_concurrent_rpcs=1, max_new_tokens=500)
+    try:
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{d.daemon.http.port}/v1", api_key="none", max_retries=0)
+        with AdapterdClient(f"127.0.0.1:{d.port}", timeout=60) as c:
+            holding = c.generate_stream("hi", max_new_tokens=500, min_new_tokens=500)
+            next(holding)
+            try:
+                with pytest.raises(openai.RateLimitError) as err:
+                    api.models.list()
+                assert err.value.body["code"] == "resource_exhausted"
+                assert "--max-concurrent-rpcs" in err.value.body["message"]
+            finally:
+                holding.cancel()
+    finally:
+        d.stop()
