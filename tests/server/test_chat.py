@@ -40,3 +40,18 @@ def test_the_sandbox_keeps_templates_from_python_objects(tokenizer):
     """Templates come from tenants' adapter directories: transformers renders them in Jinja's sandbox."""
     with pytest.raises(FailedPrecondition):
         render(tokenizer, USER, "{{ messages.__class__.__mro__[1].__subclasses__() }}", "adapter 'x'")
+
+
+def test_a_template_that_never_ends_is_stopped(tokenizer, monkeypatch):
+    """Nested loops (each within the sandbox's range bound) would hold a tokenizing lane for hours."""
+    import time
+
+    from adapterd.server import chat
+
+    monkeypatch.setattr(chat, "MAX_RENDER_S", 0.5)
+    started = time.monotonic()
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(FailedPrecondition, match="adapter 'x' took longer than 0.5 s to render"):
+        render(tokenizer, USER, endless, "adapter 'x'")
+    assert time.monotonic() - started < 5
+    assert render(tokenizer, USER, "{{ messages[0]['content'] }}", "adapter 'x'") == "你是谁？"  # tracing is off
