@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from adapterd.server.auth import METHOD_ROLES, ROLES, TokenTable, bearer_token
 from adapterd.server.engine import GenerationEvent
-from adapterd.server.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from adapterd.server.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from adapterd.server.http_api import responses as out
 from adapterd.server.http_api.requests import ParsedRequest, chat_request, completion_request
 from adapterd.server.limits import RpcBudget
@@ -87,6 +87,7 @@ class HttpApi:
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
         ])
 
@@ -108,19 +109,36 @@ class HttpApi:
         serving = self.state.runtime is not None and not self.state.draining
         return JSONResponse({"status": "SERVING" if serving else "NOT_SERVING"}, status_code=200 if serving else 503)
 
+    def _model(self, model_id: str) -> dict[str, Any]:
+        parent = None if model_id == self.base_name else self.base_name
+        return {"id": model_id, "object": "model", "created": self.created, "owned_by": "adapterd",
+                "root": model_id, "parent": parent}
+
+    async def _listed_ids(self, call: Call, request: Request) -> list[str]:
+        call.admit(request, "ListAdapters")
+        records = await asyncio.to_thread(self.state.ready().list_adapters)
+        return [self.base_name] + [r.adapter_id for r in records]
+
     async def models(self, request: Request) -> Response:
         call = Call(self, "Models", request)
         try:
-            call.admit(request, "ListAdapters")
-            records = await asyncio.to_thread(self.state.ready().list_adapters)
+            ids = await self._listed_ids(call, request)
         except Exception as exc:  # noqa: BLE001 - every error gets its status (responses.error_of)
             return call.error(exc)
         call.finish("OK")
-        listed = [{"id": self.base_name, "object": "model", "created": self.created, "owned_by": "adapterd",
-                   "root": self.base_name, "parent": None}]
-        listed += [{"id": r.adapter_id, "object": "model", "created": self.created, "owned_by": "adapterd",
-                    "root": r.adapter_id, "parent": self.base_name} for r in records]
-        return JSONResponse({"object": "list", "data": listed})
+        return JSONResponse({"object": "list", "data": [self._model(i) for i in ids]})
+
+    async def model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}`` (an adapter id may hold slashes)."""
+        call = Call(self, "Models", request)
+        model_id = request.path_params["model"]
+        try:
+            if model_id not in await self._listed_ids(call, request):
+                raise NotFound(f"no model {model_id[:200]!r} (GET /v1/models lists them)", field="model")
+        except Exception as exc:  # noqa: BLE001 - every error gets its status (responses.error_of)
+            return call.error(exc)
+        call.finish("OK")
+        return JSONResponse(self._model(model_id))
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, chat=True)

@@ -75,6 +75,10 @@ def test_models_lists_the_base_and_every_adapter(api, tiny_model_dir):
     listed = {m.id: m for m in api.models.list()}
     assert {tiny_model_dir.name, "lora-qv", "team/lora-all", "prefix", "prefix-proj"} <= set(listed)
     assert listed["lora-qv"].owned_by == "adapterd"
+    assert api.models.retrieve("team/lora-all").id == "team/lora-all"
+    assert api.models.retrieve(tiny_model_dir.name).id == tiny_model_dir.name
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("team/none")
 
 
 def test_an_unknown_model_is_404_in_openais_shape(api):
