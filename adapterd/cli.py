@@ -15,6 +15,7 @@ import typing
 COMMANDS: dict[str, str] = {
     "serve": "adapterd.server.cli",
     "generate": "adapterd.clients.cli_generate",
+    "chat": "adapterd.clients.cli_chat",
     "adapters": "adapterd.clients.cli_adapters",
     "health": "adapterd.clients.cli_health",
     "train": "adapterd.trainer.cli",
@@ -27,6 +28,7 @@ COMMANDS: dict[str, str] = {
 SUMMARIES: dict[str, str] = {
     "serve": "run the gRPC daemon: one base model, many adapters",
     "generate": "generate text through a running daemon (streams to the terminal)",
+    "chat": "talk with an adapter through a running daemon, the conversation kept",
     "adapters": "list, load or unload adapters on a running daemon",
     "health": "check a running daemon's health (exit 0 when SERVING)",
     "train": "train a LoRA or P-Tuning v2 adapter on Alpaca-style data",

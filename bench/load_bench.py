@@ -8,7 +8,8 @@
    processes over gRPC on loopback, against the same number of concurrent requests submitted to the engine
    in-process; the daemon runs as ``adapterd serve`` does (engine core in its own process, ``--frontends``
    front ends). Also: time to first token of a 512-token prompt, both ways, and CPU per streamed token by
-   process (front ends, engine core).
+   process (front ends, engine core). With ``--http``, the same streams over the OpenAI-compatible HTTP API
+   too (``/v1/completions`` with server-sent events, through the official ``openai`` client).
 
 The Zipf sweep goes over gRPC too (a client process drives the load), as users see it.
 
@@ -194,10 +195,51 @@ def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Q
     out.put(asyncio.run(main()))
 
 
+def _http_client_proc(base_url: str, model: str, streams: int, duration: float, new: int, out: mp.Queue) -> None:
+    """One client process: ``streams`` concurrent streamed completions over HTTP in a loop for ``duration`` s."""
+    import openai
+
+    async def main() -> tuple[int, float, float]:
+        tokens = 0
+        stop = time.perf_counter() + duration
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+        await client.models.list()  # connected, and the daemon answers
+        began = time.time()
+
+        async def loop(i: int) -> None:
+            nonlocal tokens
+            rng, lengths = random.Random(i), random.Random(LENGTH_SEED + i)
+            while time.perf_counter() < stop:
+                prompt = " ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS))
+                length = request_length(lengths, new)
+                stream = await client.completions.create(model=model, prompt=prompt, max_tokens=length,
+                                                         temperature=0, stream=True,
+                                                         stream_options={"include_usage": True},
+                                                         extra_body={"min_tokens": length})
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        tokens += chunk.usage.completion_tokens
+        await asyncio.gather(*(loop(i) for i in range(streams)))
+        await client.close()
+        return tokens, began, time.time()
+
+    out.put(asyncio.run(main()))
+
+
 def grpc_streams(target: str, streams: int, procs: int, duration: float, new: int) -> float:
+    return client_streams(_client_proc, (target,), streams, procs, duration, new)
+
+
+def http_streams(base_url: str, model: str, streams: int, procs: int, duration: float, new: int) -> float:
+    return client_streams(_http_client_proc, (base_url, model), streams, procs, duration, new)
+
+
+def client_streams(proc, target: tuple, streams: int, procs: int, duration: float, new: int) -> float:
+    """Generated tokens/s over the span when ``procs`` client processes (each running ``proc``) were serving,
+    and the tokens counted."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
-    workers = [ctx.Process(target=_client_proc, args=(target, streams // procs, duration, new, out))
+    workers = [ctx.Process(target=proc, args=(*target, streams // procs, duration, new, out))
                for _ in range(procs)]
     for w in workers:
         w.start()
@@ -340,6 +382,7 @@ def main() -> int:
     parser.add_argument("--streams", default="64,256", help="concurrent streams, each count measured both ways")
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--frontends", type=int, default=0, help="the daemon's --frontends (0: its default)")
+    parser.add_argument("--http", action="store_true", help="also stream over the OpenAI-compatible HTTP API")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -372,7 +415,8 @@ def main() -> int:
     daemon = DaemonThread(ServerConfig(base=base_dir, adapters=root, quantization=args.quantization, port=0,
                                        max_batch_size=rows, lora_slots=args.slots, max_lora_rank=args.rank,
                                        max_new_tokens=max(1024, args.new), max_queue=100_000,
-                                       frontends=args.frontends, metrics_port=metrics_port)).start()
+                                       frontends=args.frontends, metrics_port=metrics_port,
+                                       http_port=0 if args.http else None)).start()
     target = f"127.0.0.1:{daemon.port}"
     zipf_rows, e2e_lines = [], []
     try:
@@ -395,6 +439,9 @@ def main() -> int:
             e2e_lines.append(f"{n} streams: engine alone {tok_s:.1f} tok/s ({alone_steps}); over gRPC {e2e:.1f} "
                              f"tok/s ({steps}; {cpu}); ratio {e2e / tok_s:.2f}")
             print(e2e_lines[-1], flush=True)
+            if args.http:
+                e2e_lines.append(http_line(daemon, base_dir.name, args, n, tok_s, metrics_port))
+                print(e2e_lines[-1], flush=True)
         ttft = grpc_ttft(target, TTFT_REQUESTS)
         e2e_lines.append(f"time to first token, {TTFT_PROMPT_TOKENS}-token prompt, p50 of {TTFT_REQUESTS}: engine "
                          f"alone {ttft_alone:.1f} ms, over gRPC {ttft:.1f} ms (+{ttft - ttft_alone:.1f} ms)")
@@ -405,6 +452,19 @@ def main() -> int:
     if not args.no_record:
         record(args, zipf_rows, e2e_lines, device, frontends)
     return 0
+
+
+def http_line(daemon, model: str, args, streams: int, engine_tok_s: float, metrics_port: int) -> str:
+    """The same streams over HTTP: tok/s, the engine core's decode steps, CPU per token by process, and the
+    ratio to the engine alone."""
+    processes = daemon_processes(daemon)
+    cpu_before, steps_before = process_cpu_seconds(processes), decode_steps(metrics_port)
+    started = time.perf_counter()
+    e2e, tokens = http_streams(f"http://127.0.0.1:{daemon.daemon.http.port}/v1", model, streams,
+                               args.client_procs, args.duration, args.new)
+    steps = steps_text(steps_before, decode_steps(metrics_port), time.perf_counter() - started)
+    cpu = cpu_per_token(cpu_before, process_cpu_seconds(processes), tokens) if cpu_before else "no /proc"
+    return f"  over HTTP (OpenAI completions, SSE) {e2e:.1f} tok/s ({steps}; {cpu}), ratio {e2e / engine_tok_s:.2f}"
 
 
 def record(args, rows: list[str], e2e_lines: list[str], device: torch.device, frontends: int) -> None:
@@ -418,10 +478,10 @@ def record(args, rows: list[str], e2e_lines: list[str], device: torch.device, fr
              "Both over gRPC (a client process drives the load).", "",
              "| rate | one adapter: requests | tok/s | p50 / p95 ms | Zipf: requests | tok/s | p50 / p95 ms | "
              "Zipf over one: tok/s | p95 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
-             f"End to end: concurrent streams from {args.client_procs} client processes over gRPC on loopback "
-             f"(engine core in its own process, {frontends} front end(s)), against the same concurrency "
-             "submitted to the engine in-process:", "",
-             *(f"- {line}" for line in e2e_lines)]
+             f"End to end: concurrent streams from {args.client_procs} client processes over gRPC "
+             f"{'(and over HTTP) ' if args.http else ''}on loopback (engine core in its own process, {frontends} "
+             "front end(s)), against the same concurrency submitted to the engine in-process:", "",
+             *(f"  - {line.strip()}" if line.startswith(" ") else f"- {line}" for line in e2e_lines)]
     with (Path(__file__).resolve().parent / "RESULTS.md").open("a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

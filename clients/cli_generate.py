@@ -1,4 +1,9 @@
-"""``adapterd generate --adapter ID --prompt TEXT``: stream an answer to the terminal."""
+"""``adapterd generate --adapter ID --prompt TEXT``: stream an answer to the terminal.
+
+The prompt goes as one user message (after ``--system TEXT``, if given), which the daemon renders with the
+adapter's chat template, the one it was trained with, as the reference tutorial's ``inference_hf.py`` goes
+through the model's chat format; ``--raw`` sends the text as it is.
+"""
 
 from __future__ import annotations
 
@@ -69,10 +74,11 @@ def count(text: str) -> int:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common(parser)
+def add_sampling(parser: argparse.ArgumentParser) -> None:
+    """The flags of one generation, shared by ``generate`` and ``chat``."""
     parser.add_argument("--adapter", default="", help="adapter id under the daemon's adapter root (empty: base)")
-    parser.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
+    parser.add_argument("--system", default=None, help="a system message before the prompt (chat templates "
+                                                       "place it; with the Alpaca template it replaces the header)")
     parser.add_argument("--max-new-tokens", type=count, default=0, help="most tokens to generate (default: 0, the "
                                                                       "daemon's --default-max-new-tokens)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
@@ -85,30 +91,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep only the last N tokens of a longer prompt instead of refusing it "
                              "(default: 0, refuse)")
     parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input), sent as a user "
+                                                       "message in the adapter's chat template")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat template")
+    add_sampling(parser)
     parser.add_argument("--no-stream", action="store_true", help="one unary call instead of a stream")
+
+
+def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "seed": args.seed, "stop_sequences": args.stop,
+            "truncate_input_tokens": args.truncate_input_tokens}
+
+
+def system_message(args: argparse.Namespace) -> list[dict[str, str]]:
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def answer(client: Any, request: dict[str, Any], adapter: str, params: dict[str, Any],
+           stream: bool = True) -> tuple[str, int, int]:
+    """Print the answer to ``request`` (``{"prompt": ...}`` or ``{"messages": [...]}``) as it comes; return its
+    text, stop reason and token count. Raises grpc.RpcError."""
+    if not stream:
+        reply = client.generate(adapter_id=adapter, **request, **params)
+        print(reply.text)
+        return reply.text, reply.stop_reason, reply.generated_token_count
+    parts, stop, count = [], 0, 0
+    for message in client.generate_stream(adapter_id=adapter, **request, **params):
+        print(message.text, end="", flush=True)
+        parts.append(message.text)
+        stop, count = message.stop_reason or stop, message.generated_token_count or count
+    print()
+    return "".join(parts), stop, count
+
+
+def stop_note(stop: int, count: int) -> str:
+    return f"[{count} tokens, {_STOP_NAMES.get(stop, stop)}]"
 
 
 def run(args: argparse.Namespace) -> int:
     import grpc
 
+    if args.raw and args.system:
+        _usage_error("--system needs the chat template: it cannot go with --raw")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p, "seed": args.seed, "stop_sequences": args.stop,
-              "truncate_input_tokens": args.truncate_input_tokens}
+    request: dict[str, Any] = ({"prompt": prompt} if args.raw else
+                               {"messages": [*system_message(args), {"role": "user", "content": prompt}]})
     with connect(args) as client:
         try:
-            if args.no_stream:
-                reply = client.generate(prompt, args.adapter, **params)
-                print(reply.text)
-                stop, count = reply.stop_reason, reply.generated_token_count
-            else:
-                stop, count = 0, 0
-                for message in client.generate_stream(prompt, args.adapter, **params):
-                    print(message.text, end="", flush=True)
-                    stop, count = message.stop_reason or stop, message.generated_token_count or count
-                print()
+            _, stop, count = answer(client, request, args.adapter, sampling_params(args), not args.no_stream)
         except grpc.RpcError as err:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
-    print(f"[{count} tokens, {_STOP_NAMES.get(stop, stop)}]", file=sys.stderr)
+    print(stop_note(stop, count), file=sys.stderr)
     return 0

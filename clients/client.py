@@ -22,12 +22,22 @@ from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
 DEFAULT_TARGET = "localhost:50051"
 
 
-def generate_request(prompt: str, adapter_id: str = "", *, max_new_tokens: int = 0, min_new_tokens: int = 0,
-                     temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
-                     repetition_penalty: float = 0.0, stop_sequences: Sequence[str] = (),
+Messages = Sequence["pb.ChatMessage | dict[str, str]"]
+
+
+def chat_messages(messages: Messages) -> list[pb.ChatMessage]:
+    """``[{"role": "user", "content": "Hi"}, ...]`` (or ChatMessages) as the request's messages."""
+    return [m if isinstance(m, pb.ChatMessage) else pb.ChatMessage(role=m["role"], content=m["content"])
+            for m in messages]
+
+
+def generate_request(prompt: str = "", adapter_id: str = "", *, messages: Messages = (), max_new_tokens: int = 0,
+                     min_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0,
+                     seed: int | None = None, repetition_penalty: float = 0.0, stop_sequences: Sequence[str] = (),
                      include_stop_sequence: bool = False, time_limit_ms: int = 0,
                      truncate_input_tokens: int = 0) -> pb.GenerateRequest:
-    """A GenerateRequest from keyword arguments; 0 means the server's default (greedy, no filters)."""
+    """A GenerateRequest from keyword arguments; 0 means the server's default (greedy, no filters). Either
+    ``prompt`` (sent as is) or ``messages`` (rendered with the adapter's chat template by the daemon)."""
     sampling = pb.SamplingParameters(temperature=temperature, top_k=top_k, top_p=top_p,
                                      repetition_penalty=repetition_penalty)
     if seed is not None:
@@ -36,7 +46,13 @@ def generate_request(prompt: str, adapter_id: str = "", *, max_new_tokens: int =
                                    stop_sequences=list(stop_sequences), include_stop_sequence=include_stop_sequence,
                                    time_limit_ms=time_limit_ms)
     return pb.GenerateRequest(prompt=prompt, adapter_id=adapter_id, sampling=sampling, stopping=stopping,
-                              truncate_input_tokens=truncate_input_tokens)
+                              truncate_input_tokens=truncate_input_tokens, messages=chat_messages(messages))
+
+
+def tokenize_request(text: str = "", return_tokens: bool = False, messages: Messages = (),
+                     adapter_id: str = "") -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(text=text, return_tokens=return_tokens, messages=chat_messages(messages),
+                              adapter_id=adapter_id)
 
 
 class _Base:
@@ -90,14 +106,22 @@ class AdapterdClient(_Base):
                 raise TimeoutError(f"adapterd at {self.target} not serving after {timeout} s")
             time.sleep(0.1)
 
-    def generate(self, prompt: str, adapter_id: str = "", **params) -> pb.GenerateResponse:
+    def generate(self, prompt: str = "", adapter_id: str = "", **params) -> pb.GenerateResponse:
         return self.stub.Generate(generate_request(prompt, adapter_id, **params), **self._kw())
 
-    def generate_stream(self, prompt: str, adapter_id: str = "", **params) -> Iterator[pb.GenerateResponse]:
+    def generate_stream(self, prompt: str = "", adapter_id: str = "", **params) -> Iterator[pb.GenerateResponse]:
         return self.stub.GenerateStream(generate_request(prompt, adapter_id, **params), **self._kw())
 
-    def tokenize(self, text: str, return_tokens: bool = False) -> pb.TokenizeResponse:
-        return self.stub.Tokenize(pb.TokenizeRequest(text=text, return_tokens=return_tokens), **self._kw())
+    def chat(self, messages: Messages, adapter_id: str = "", **params) -> pb.GenerateResponse:
+        """The assistant's answer to ``messages`` (``[{"role": "user", "content": "Hi"}]``)."""
+        return self.generate("", adapter_id, messages=messages, **params)
+
+    def chat_stream(self, messages: Messages, adapter_id: str = "", **params) -> Iterator[pb.GenerateResponse]:
+        return self.generate_stream("", adapter_id, messages=messages, **params)
+
+    def tokenize(self, text: str = "", return_tokens: bool = False, messages: Messages = (),
+                 adapter_id: str = "") -> pb.TokenizeResponse:
+        return self.stub.Tokenize(tokenize_request(text, return_tokens, messages, adapter_id), **self._kw())
 
     def list_adapters(self) -> list[pb.AdapterInfo]:
         return list(self.stub.ListAdapters(pb.ListAdaptersRequest(), **self._kw()).adapters)
@@ -151,10 +175,11 @@ class AsyncAdapterdClient(_Base):
     def _kw(self) -> dict:
         return {"metadata": self.metadata, "timeout": self.timeout}
 
-    async def generate(self, prompt: str, adapter_id: str = "", **params) -> pb.GenerateResponse:
+    async def generate(self, prompt: str = "", adapter_id: str = "", **params) -> pb.GenerateResponse:
         return await self.stub.Generate(generate_request(prompt, adapter_id, **params), **self._kw())
 
-    async def generate_stream(self, prompt: str, adapter_id: str = "", **params) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate_stream(self, prompt: str = "", adapter_id: str = "",
+                              **params) -> AsyncIterator[pb.GenerateResponse]:
         call = self.stub.GenerateStream(generate_request(prompt, adapter_id, **params), **self._kw())
         async for message in call:
             yield message
@@ -171,5 +196,9 @@ class AsyncAdapterdClient(_Base):
     async def model_info(self) -> pb.ModelInfoResponse:
         return await self.stub.ModelInfo(pb.ModelInfoRequest(), **self._kw())
 
-    async def tokenize(self, text: str, return_tokens: bool = False) -> pb.TokenizeResponse:
-        return await self.stub.Tokenize(pb.TokenizeRequest(text=text, return_tokens=return_tokens), **self._kw())
+    async def chat(self, messages: Messages, adapter_id: str = "", **params) -> pb.GenerateResponse:
+        return await self.generate("", adapter_id, messages=messages, **params)
+
+    async def tokenize(self, text: str = "", return_tokens: bool = False, messages: Messages = (),
+                       adapter_id: str = "") -> pb.TokenizeResponse:
+        return await self.stub.Tokenize(tokenize_request(text, return_tokens, messages, adapter_id), **self._kw())

@@ -26,12 +26,13 @@ import threading
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adapterd.server.auth import AuthInterceptor, load_tokens
+from adapterd.server.auth import AuthInterceptor, TokenTable, load_tokens
 from adapterd.server.config import ServerConfig
 from adapterd.server.core.client import EngineClient
 from adapterd.server.core.frontend import connect_engine_core, engine_config, start_engine_core
@@ -47,6 +48,9 @@ from adapterd.server.shutdown import SHUTDOWN_MARGIN_S, Shutdown, exit_now
 from adapterd.server.tls import server_credentials
 from adapterd.server.training import TrainingManager
 from adapterd.server.validation import Limits
+
+if TYPE_CHECKING:
+    from adapterd.server.http_api import HttpFrontEnd
 from adapterd.v1 import adapterd_pb2 as pb
 from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
 
@@ -84,6 +88,7 @@ class Daemon:
     extras: list = field(default_factory=list)  # things to close on shutdown (metrics server...)
     metrics: DaemonMetrics | None = None  # set when config.metrics_port is not None
     budgets: BudgetInterceptor | None = None
+    http: HttpFrontEnd | None = None  # set when config.http_port is not None
     engine_broken: asyncio.Event = field(default_factory=asyncio.Event)  # set when the engine cannot serve
     engine_process: EngineProcess | None = None  # the engine core's process (config.engine_process)
     frontends: FrontEnds | None = None  # front ends 2..N, when this is the first of several (config.frontends)
@@ -177,8 +182,10 @@ class Daemon:
         await self.health.enter_graceful_shutdown()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        await self._calls_finished(deadline)
+        await self._calls_finished(deadline)  # HTTP requests hold slots of the same budget: drained too
         left = max(0.0, deadline - loop.time())  # what the drain left of the grace period, seconds
+        if self.http is not None:
+            await self.http.stop(left)
         drained = await _within(self.server.stop(left), left + SHUTDOWN_MARGIN_S, "stopping the server")
         if self.frontends is not None:
             drained &= await self.frontends.stop(grace)
@@ -265,6 +272,9 @@ async def start_daemon(config: ServerConfig, *, share_port: bool = False, fronte
     server = grpc.aio.server(options=options, interceptors=interceptors,
                              maximum_concurrent_rpcs=hard_rpc_cap(config.max_concurrent_rpcs, config.max_open_rpcs))
     state = ServingState()
+    # The HTTP API is served by the first front end only (front ends 2..N serve gRPC).
+    http = (_http_front_end(config, state, tokens, budgets, metrics)
+            if config.http_port is not None and frontend_index == 0 else None)
     pb_grpc.add_AdapterdServicer_to_server(AdapterdService(state), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -276,11 +286,28 @@ async def start_daemon(config: ServerConfig, *, share_port: bool = False, fronte
     port = (server.add_secure_port(address, credentials) if credentials is not None
             else server.add_insecure_port(address))
     await server.start()
+    if http is not None:
+        http.start()
     log.info("adapterd listening on %s:%d (%s%s)", config.host, port,
              "mutual TLS" if config.tls_client_ca else ("TLS" if credentials else "plaintext"),
              ", bearer tokens" if tokens is not None else "")
     return Daemon(config=config, server=server, state=state, health=health_servicer, port=port,
-                  extras=[metrics] if metrics is not None else [], metrics=metrics, budgets=budgets)
+                  extras=[metrics] if metrics is not None else [], metrics=metrics, budgets=budgets, http=http)
+
+
+def _http_front_end(config: ServerConfig, state: ServingState, tokens: TokenTable | None,
+                    budgets: BudgetInterceptor, metrics: DaemonMetrics | None) -> HttpFrontEnd:
+    """The OpenAI-compatible front end (``server/http_api``) on ``--http-port``, sharing the gRPC service's
+    state, tokens, callers' budget and metrics; its port bound now, so that a busy one stops start-up."""
+    from adapterd.server.http_api import HttpApi, HttpFrontEnd
+
+    api = HttpApi(state, config.base.name or str(config.base), tokens, budgets.callers, metrics,
+                  config.max_message_bytes)
+    try:
+        return HttpFrontEnd(api, config.host, config.http_port, config.tls_cert, config.tls_key, config.tls_client_ca)
+    except OSError as exc:
+        raise ValueError(f"--http-port {config.http_port}: cannot listen on {config.host}: "
+                         f"{exc.strerror or exc}") from exc
 
 
 async def serve(config: ServerConfig, grace: float = 30.0) -> None:

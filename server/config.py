@@ -96,6 +96,8 @@ class ServerConfig:
     merge_output_root: Path | None = _f(None, "where MergeAdapter may write model directories (anywhere if unset)",
                                         metavar="DIR")
     metrics_port: int | None = _f(None, "Prometheus /metrics port (off if unset)", _PORT)
+    http_port: int | None = _f(None, "OpenAI-compatible HTTP API port (/v1/chat/completions, /v1/completions, "
+                                     "/v1/models) on --host, beside gRPC (off if unset; 0 picks a free one)", _PORT)
     max_concurrent_rpcs: int | None = _f(None, "adapterd.v1 RPCs in progress at once before RESOURCE_EXHAUSTED, "
                                                "counted after authentication (unlimited if unset)", at_least(1))
     max_open_rpcs: int = _f(32, "health and reflection RPCs (which need no token) in progress at once: their own "

@@ -60,5 +60,11 @@ class DataLoss(AdapterdError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class Unauthenticated(AdapterdError):
+    """No valid bearer token (the HTTP front end; gRPC's interceptor answers with grpc's own status)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class PermissionDenied(AdapterdError):
     code = grpc.StatusCode.PERMISSION_DENIED

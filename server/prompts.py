@@ -1,8 +1,9 @@
-"""Tenants' text to token ids for one base model: prompts with their length limits, and ``Tokenize``.
+"""Tenants' text to token ids for one base model: prompts with their length limits, chat messages rendered
+with the adapter's template (``server/chat.py``), and ``Tokenize``.
 
 Used where requests arrive: by the in-process ``Runtime`` and by each front end of an engine-core process
 (``server/core/client.py``), which tokenizes with its own copy of the tokenizer so that only token ids cross to
-the engine. Tokenizing runs in ``server/tokenizing.py``'s pools, never on the event loop.
+the engine. Tokenizing and rendering run in ``server/tokenizing.py``'s pools, never on the event loop.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from adapterd.server.chat import render as render_chat
+from adapterd.server.chat import template_for
+from adapterd.server.core.protocol import AdapterRef
 from adapterd.server.errors import InvalidArgument
 from adapterd.server.tokenizing import Tokenization
 
@@ -29,43 +33,55 @@ class Prompts:
     def close(self) -> None:
         self.tokenization.close()
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True).input_ids
+    def tokenize(self, text: str, special_tokens: bool = True) -> list[int]:
+        """``special_tokens=False`` for a rendered chat prompt, whose template wrote them (BOS...) itself."""
+        return self.tokenizer(text, add_special_tokens=special_tokens).input_ids
 
-    def _tokens_and_pieces(self, text: str, with_pieces: bool) -> tuple[list[int], list[str]]:
-        ids = self.tokenize(text)
+    def _tokens_and_pieces(self, text: str, with_pieces: bool, special_tokens: bool) -> tuple[list[int], list[str]]:
+        ids = self.tokenize(text, special_tokens)
         return ids, (self.tokenizer.convert_ids_to_tokens(ids) if with_pieces else [])
 
-    async def tokenize_text(self, text: str, with_pieces: bool = False) -> tuple[list[int], list[str]]:
+    async def tokenize_text(self, text: str, with_pieces: bool = False,
+                            special_tokens: bool = True) -> tuple[list[int], list[str]]:
         """Token ids (and their pieces) of ``text``, tokenized off the event loop."""
-        return await self.tokenization.run(text, self._tokens_and_pieces, text, with_pieces)
+        return await self.tokenization.run(text, self._tokens_and_pieces, text, with_pieces, special_tokens)
+
+    async def render_messages(self, messages: list[dict[str, str]], adapter: AdapterRef | None) -> str:
+        """Chat messages (checked by ``validation.validate_messages``) as the prompt text: the adapter's chat
+        template, else the base tokenizer's, else the Alpaca default (``server/chat.py``). Rendered in the
+        tokenizing lanes, off the event loop; tokenize the result with ``special_tokens=False``."""
+        template = template_for(adapter.chat_template if adapter else None, self.tokenizer)
+        owner = f"adapter {adapter.adapter_id!r}" if adapter else "the base model"
+        contents = "".join(m["content"] for m in messages)  # its length picks the lane
+        return await self.tokenization.run(contents, render_chat, self.tokenizer, messages, template, owner)
 
     def _input_limit(self, max_input_tokens: int, virtual_tokens: int) -> int:
         return min(max_input_tokens, self.max_sequence_length - 1 - virtual_tokens)
 
-    async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int,
-                         virtual_tokens: int = 0) -> PreparedPrompt:
+    async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0, *,
+                         special_tokens: bool = True, field: str = "prompt") -> PreparedPrompt:
         """``prepare_prompt`` off the event loop; a prompt that certainly has too many tokens is refused
-        before it is tokenized (``Tokenization.fits``), unless the request asks for truncation."""
+        before it is tokenized (``Tokenization.fits``), unless the request asks for truncation. A rendered
+        chat prompt: ``special_tokens=False``, ``field="messages"`` (what errors name)."""
         limit = self._input_limit(max_input_tokens, virtual_tokens)
         if not truncate_to and not self.tokenization.fits(prompt, limit):
             raise InvalidArgument(f"prompt has {len(prompt)} characters, more than {limit} tokens can hold (set "
-                                  "truncate_input_tokens to keep only the last tokens)", field="prompt")
+                                  "truncate_input_tokens to keep only the last tokens)", field=field)
         return await self.tokenization.run(prompt, self.prepare_prompt, prompt, truncate_to, max_input_tokens,
-                                           virtual_tokens)
+                                           virtual_tokens, special_tokens, field)
 
-    def prepare_prompt(self, prompt: str, truncate_to: int, max_input_tokens: int,
-                       virtual_tokens: int = 0) -> PreparedPrompt:
+    def prepare_prompt(self, prompt: str, truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0,
+                       special_tokens: bool = True, field: str = "prompt") -> PreparedPrompt:
         """Token ids of ``prompt``. Too long -> InvalidArgument, or keep the last ``truncate_to`` tokens when
         the request asks for truncation. A prefix adapter's ``virtual_tokens`` take positions too."""
-        ids = self.tokenize(prompt)
+        ids = self.tokenize(prompt, special_tokens)
         if not ids:
-            raise InvalidArgument("must not be empty", field="prompt")
+            raise InvalidArgument("must not be empty", field=field)
         truncated = False
         if truncate_to and len(ids) > truncate_to:
             ids, truncated = ids[-truncate_to:], True
         limit = self._input_limit(max_input_tokens, virtual_tokens)
         if len(ids) > limit:
             raise InvalidArgument(f"prompt has {len(ids)} tokens; at most {limit} are taken (set "
-                                  "truncate_input_tokens to keep only the last ones)", field="prompt")
+                                  "truncate_input_tokens to keep only the last ones)", field=field)
         return PreparedPrompt(ids=ids, truncated=truncated)

@@ -107,19 +107,25 @@ class Runtime:
 
     # ------------------------------------------------------------------ requests
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.prompts.tokenize(text)
+    def tokenize(self, text: str, special_tokens: bool = True) -> list[int]:
+        return self.prompts.tokenize(text, special_tokens)
 
-    async def tokenize_text(self, text: str, with_pieces: bool = False) -> tuple[list[int], list[str]]:
-        return await self.prompts.tokenize_text(text, with_pieces)
+    async def tokenize_text(self, text: str, with_pieces: bool = False,
+                            special_tokens: bool = True) -> tuple[list[int], list[str]]:
+        return await self.prompts.tokenize_text(text, with_pieces, special_tokens)
 
-    async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int,
-                         virtual_tokens: int = 0) -> PreparedPrompt:
-        return await self.prompts.prompt_ids(prompt, truncate_to, max_input_tokens, virtual_tokens)
+    async def render_messages(self, messages: list[dict[str, str]], adapter: AdapterRef | None) -> str:
+        return await self.prompts.render_messages(messages, adapter)
 
-    def prepare_prompt(self, prompt: str, truncate_to: int, max_input_tokens: int,
-                       virtual_tokens: int = 0) -> PreparedPrompt:
-        return self.prompts.prepare_prompt(prompt, truncate_to, max_input_tokens, virtual_tokens)
+    async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0, *,
+                         special_tokens: bool = True, field: str = "prompt") -> PreparedPrompt:
+        return await self.prompts.prompt_ids(prompt, truncate_to, max_input_tokens, virtual_tokens,
+                                             special_tokens=special_tokens, field=field)
+
+    def prepare_prompt(self, prompt: str, truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0,
+                       special_tokens: bool = True, field: str = "prompt") -> PreparedPrompt:
+        return self.prompts.prepare_prompt(prompt, truncate_to, max_input_tokens, virtual_tokens, special_tokens,
+                                           field)
 
     async def adapter(self, adapter_id: str, field: str = "adapter_id") -> AdapterRef | None:
         """The adapter, loaded first if it was not (NOT_FOUND, FAILED_PRECONDITION... as the store says)."""
@@ -130,7 +136,7 @@ class Runtime:
     def adapter_ref(self, adapter_id: str, field: str = "adapter_id") -> AdapterRef:
         """``adapter``, blocking (a worker thread's)."""
         loaded = self.store.get(adapter_id, field)
-        return AdapterRef(loaded.adapter_id, loaded.type, loaded.num_virtual_tokens)
+        return AdapterRef(loaded.adapter_id, loaded.type, loaded.num_virtual_tokens, loaded.chat_template)
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: AdapterRef | None,
                        request_id: str | None = None) -> AsyncIterator[GenerationEvent]:

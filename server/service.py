@@ -10,15 +10,16 @@ from collections.abc import AsyncIterator
 from adapterd import __version__
 from adapterd.server.adapters.ids import validate_adapter_id
 from adapterd.server.adapters.store import AdapterRecord
+from adapterd.server.core.protocol import AdapterRef
 from adapterd.server.engine import GenerationEvent, StopReason
 from adapterd.server.errors import InvalidArgument, Unavailable
 from adapterd.server.merge import Merger
 from adapterd.server.ops import merge_stream, require_training
 from adapterd.server.request_checks import check_merge, check_run_id, check_start_training
 from adapterd.server.rpc_errors import correlation_id, is_domain_error, log_unexpected, streaming, unary
-from adapterd.server.runtime import Runtime
+from adapterd.server.runtime import PreparedPrompt, Runtime
 from adapterd.server.training import TrainingManager
-from adapterd.server.validation import MAX_PROMPT_CHARS, Limits, validate_generate
+from adapterd.server.validation import MAX_PROMPT_CHARS, Limits, check_text_or_messages, validate_generate
 from adapterd.v1 import adapterd_pb2 as pb
 from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
 
@@ -52,25 +53,47 @@ class ServingState:
         return self.runtime
 
 
+def chat_messages(messages) -> list[dict[str, str]]:
+    """The request's ChatMessages as a chat template takes them (checked by ``validate_generate``)."""
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+async def prompt_of(runtime: Runtime, request: pb.GenerateRequest, adapter: AdapterRef | None,
+                    limits: Limits) -> PreparedPrompt:
+    """The request's prompt tokens: ``prompt`` as it is, or ``messages`` rendered with the chat template."""
+    virtual = adapter.num_virtual_tokens if adapter else 0
+    if not request.messages:
+        return await runtime.prompt_ids(request.prompt, request.truncate_input_tokens, limits.max_input_tokens,
+                                        virtual)
+    text = await runtime.render_messages(chat_messages(request.messages), adapter)
+    return await runtime.prompt_ids(text, request.truncate_input_tokens, limits.max_input_tokens, virtual,
+                                    special_tokens=False, field="messages")
+
+
+async def generation_events(state: ServingState, request: pb.GenerateRequest,
+                            request_id: str | None) -> AsyncIterator[tuple[GenerationEvent, int]]:
+    """One generation request's events with its prompt's token count: the one path of every front end (gRPC
+    here, HTTP in ``server/http_api``). Errors are domain errors, for each front end to map."""
+    runtime = state.ready()
+    params = validate_generate(request, state.limits)
+    adapter = await runtime.adapter(request.adapter_id)
+    prompt = await prompt_of(runtime, request, adapter, state.limits)
+    async for event in runtime.generate(prompt.ids, params, adapter, request_id):
+        if event.error is not None:
+            if is_domain_error(event.error):
+                raise event.error
+            # The engine could not run the step (the device failed): retryable, but its text stays here.
+            ident = log_unexpected(event.error, "generation", request_id)
+            raise Unavailable(f"generation failed (error id {ident}); retry shortly")
+        yield event, len(prompt.ids)
+
+
 class AdapterdService(pb_grpc.AdapterdServicer):
     def __init__(self, state: ServingState) -> None:
         self.state = state
 
-    async def _events(self, request: pb.GenerateRequest, context) -> AsyncIterator[tuple[GenerationEvent, int]]:
-        runtime = self.state.ready()
-        params = validate_generate(request, self.state.limits)
-        adapter = await runtime.adapter(request.adapter_id)
-        prompt = await runtime.prompt_ids(request.prompt, request.truncate_input_tokens,
-                                          self.state.limits.max_input_tokens,
-                                          adapter.num_virtual_tokens if adapter else 0)
-        async for event in runtime.generate(prompt.ids, params, adapter, correlation_id(context)):
-            if event.error is not None:
-                if is_domain_error(event.error):
-                    raise event.error
-                # The engine could not run the step (the device failed): retryable, but its text stays here.
-                ident = log_unexpected(event.error, "generation", correlation_id(context))
-                raise Unavailable(f"generation failed (error id {ident}); retry shortly")
-            yield event, len(prompt.ids)
+    def _events(self, request: pb.GenerateRequest, context) -> AsyncIterator[tuple[GenerationEvent, int]]:
+        return generation_events(self.state, request, correlation_id(context))
 
     @unary
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
@@ -105,10 +128,18 @@ class AdapterdService(pb_grpc.AdapterdServicer):
     @unary
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         runtime = self.state.ready()
-        if len(request.text) > MAX_PROMPT_CHARS:
+        if request.messages or request.adapter_id:
+            check_text_or_messages(request.text, request.messages, "text")
+        elif len(request.text) > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"longer than {MAX_PROMPT_CHARS} characters", field="text")
-        ids, pieces = await runtime.tokenize_text(request.text, request.return_tokens)
-        response = pb.TokenizeResponse(token_count=len(ids))
+        if request.adapter_id:
+            validate_adapter_id(request.adapter_id)
+        text, rendered = request.text, ""
+        if request.messages:
+            adapter = await runtime.adapter(request.adapter_id)
+            text = rendered = await runtime.render_messages(chat_messages(request.messages), adapter)
+        ids, pieces = await runtime.tokenize_text(text, request.return_tokens, special_tokens=not rendered)
+        response = pb.TokenizeResponse(token_count=len(ids), rendered_prompt=rendered)
         if request.return_tokens:
             response.token_ids.extend(ids)
             response.tokens.extend(pieces)

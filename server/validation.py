@@ -1,4 +1,5 @@
-"""GenerateRequest -> GenerationParams. Every error is INVALID_ARGUMENT and names its field."""
+"""GenerateRequest -> GenerationParams, and chat messages checked. Every error is INVALID_ARGUMENT and names
+its field."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from adapterd.server.errors import InvalidArgument
 MAX_STOP_SEQUENCES = 6
 MAX_STOP_SEQUENCE_CHARS = 240
 MAX_PROMPT_CHARS = 1_000_000  # a cheap bound before tokenizing; the token limit is the real one
+MAX_MESSAGES = 1000  # messages in one conversation: past any context a served model has
+ROLES = ("system", "user", "assistant")  # what chat templates know; tool calls are not served
 MAX_TEMPERATURE = 100.0
 # Below 0.01 a temperature only turns logit gaps into overflow: at 0.01 a gap of 1 already weighs e^-100
 # (sampling is greedy in all but name), and logits / 1e-45 are inf. 0 asks for greedy plainly.
@@ -43,10 +46,7 @@ def _finite(value: float, field: str) -> float:
 
 def validate_generate(request, limits: Limits) -> GenerationParams:
     """Check a GenerateRequest's fields; return the engine's parameters."""
-    if not request.prompt:
-        raise InvalidArgument("must not be empty", field="prompt")
-    if len(request.prompt) > MAX_PROMPT_CHARS:
-        raise InvalidArgument(f"longer than {MAX_PROMPT_CHARS} characters", field="prompt")
+    check_text_or_messages(request.prompt, request.messages, "prompt")
     if request.adapter_id:
         validate_adapter_id(request.adapter_id)
     s, stop = request.sampling, request.stopping
@@ -91,3 +91,34 @@ def validate_generate(request, limits: Limits) -> GenerationParams:
         include_stop_sequence=stop.include_stop_sequence,
         time_limit_s=stop.time_limit_ms / 1000.0 if stop.time_limit_ms else None,
     )
+
+
+def check_text_or_messages(text: str, messages, text_field: str) -> None:
+    """Exactly one of a text (``prompt``, ``text``) and ``messages``, each within its bounds."""
+    if text and messages:
+        raise InvalidArgument(f"send {text_field} or messages, not both", field="messages")
+    if messages:
+        validate_messages([(m.role, m.content) for m in messages])
+        return
+    if not text:
+        raise InvalidArgument("must not be empty (or send messages)", field=text_field)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"longer than {MAX_PROMPT_CHARS} characters", field=text_field)
+
+
+def validate_messages(messages: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """(role, content) pairs -> the messages a chat template takes. Roles are system, user, assistant; at
+    most ``MAX_MESSAGES``, ``MAX_PROMPT_CHARS`` characters in all (the rendered prompt's token limit is
+    checked after rendering)."""
+    if not messages:
+        raise InvalidArgument("must hold at least one message", field="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgument(f"at most {MAX_MESSAGES} messages are taken, not {len(messages)}", field="messages")
+    total = 0
+    for i, (role, content) in enumerate(messages):
+        if role not in ROLES:
+            raise InvalidArgument(f"must be one of {', '.join(ROLES)}, not {role[:40]!r}", field=f"messages[{i}].role")
+        total += len(content)
+    if total > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"longer than {MAX_PROMPT_CHARS} characters in all", field="messages")
+    return [{"role": role, "content": content} for role, content in messages]

@@ -54,8 +54,14 @@ def test_generate_and_adapters_commands_against_a_served_daemon(served, tiny_mod
     gen = subprocess.run([*CLI, "generate", "--target", target, "--adapter", "lora-qv", "--prompt", "hello world",
                           "--max-new-tokens", "6"], env=ENV, capture_output=True, text=True, timeout=60)
     assert gen.returncode == 0, gen.stderr
+    raw = subprocess.run([*CLI, "generate", "--target", target, "--adapter", "lora-qv", "--prompt", "hello world",
+                          "--max-new-tokens", "6", "--raw", "--no-stream"], env=ENV, capture_output=True, text=True,
+                         timeout=60)
     with AdapterdClient(target) as c:
-        assert gen.stdout.rstrip("\n") == c.generate("hello world", "lora-qv", max_new_tokens=6).text
+        # The prompt goes as a user message in the adapter's template; --raw sends it as it is.
+        chat = c.chat([{"role": "user", "content": "hello world"}], "lora-qv", max_new_tokens=6).text
+        assert gen.stdout.rstrip("\n") == chat
+        assert raw.stdout.rstrip("\n") == c.generate("hello world", "lora-qv", max_new_tokens=6).text != chat
     assert "6 tokens" in gen.stderr
     listing = subprocess.run([*CLI, "adapters", "--target", target], env=ENV, capture_output=True, text=True,
                              timeout=60)
@@ -239,13 +245,31 @@ def test_generate_truncate_input_tokens(served):
                           timeout=60)
     assert kept.returncode == 0, kept.stderr
     with AdapterdClient(target) as c:
-        expected = c.generate(prompt, max_new_tokens=4, truncate_input_tokens=16).text
+        expected = c.chat([{"role": "user", "content": prompt}], max_new_tokens=4, truncate_input_tokens=16).text
     assert kept.stdout == expected + "\n"
+
+
+def test_chat_keeps_the_conversation(served):
+    """``adapterd chat``: each line a user message with the conversation so far; /reset starts again."""
+    _, target = served
+    lines = "你是谁？\nhello\n/reset\nhello\n"
+    out = subprocess.run([*CLI, "chat", "--target", target, "--adapter", "lora-qv", "--system", "Be brief.",
+                          "--max-new-tokens", "5"], input=lines, env=ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    answers = out.stdout.splitlines()
+    system = {"role": "system", "content": "Be brief."}
+    with AdapterdClient(target) as c:
+        first = c.chat([system, {"role": "user", "content": "你是谁？"}], "lora-qv", max_new_tokens=5).text
+        second = c.chat([system, {"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": first},
+                         {"role": "user", "content": "hello"}], "lora-qv", max_new_tokens=5).text
+        fresh = c.chat([system, {"role": "user", "content": "hello"}], "lora-qv", max_new_tokens=5).text
+    assert answers == [first, second, fresh]
+    assert out.stderr.count("5 tokens") + out.stderr.count("end of text") == 3
 
 
 def test_help_is_fast_and_imports_no_torch():
     """``--help`` answers at once: the command modules import torch only when they run."""
-    for command in ("serve", "merge", "generate", "adapters", "train"):
+    for command in ("serve", "merge", "generate", "chat", "adapters", "train"):
         code = ("import sys, contextlib, io; from adapterd.cli import main\n"
                 "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
                 f"    main(['{command}', '--help'])\n"
@@ -254,8 +278,8 @@ def test_help_is_fast_and_imports_no_torch():
         assert out.returncode == 0, f"{command}: {out.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize("command", ["serve", "generate", "adapters", "health", "train", "merge", "tiny-model",
-                                     "demo"])
+@pytest.mark.parametrize("command", ["serve", "generate", "chat", "adapters", "health", "train", "merge",
+                                     "tiny-model", "demo"])
 def test_every_option_has_help_showing_its_default(command):
     import importlib
 

@@ -8,11 +8,14 @@ is parametrized over ``ServerConfig``'s fields, so a new field without a check h
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -47,6 +50,7 @@ class Served:
     listening: str = ""
     port: int = 0  # as given on the command line (0: as printed)
     metrics_port: int = 0
+    http_port: int = 0
     pki: dict[str, Path] = field(default_factory=dict)
     tmp: Path = Path()
 
@@ -90,7 +94,7 @@ def daemon_a(tiny_model_dir, adapter_root, pki, tmp_path_factory):
     (tmp / "tokens").write_text(f"admin:{ADMIN_TOKEN}\n")
     for name in ("runs", "merged"):
         (tmp / name).mkdir()
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
     argv = [*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(root), "--quantization", "none",
             "--host", "localhost", "--port", str(port), "--device", TEST_DEVICE, "--dtype", DTYPE,
             "--max-batch-size", "3", "--lora-slots", "4", "--max-lora-rank", "8", "--no-cuda-graphs",
@@ -98,13 +102,14 @@ def daemon_a(tiny_model_dir, adapter_root, pki, tmp_path_factory):
             "--max-input-tokens", str(PROMPT_LIMIT), "--max-new-tokens", str(NEW_TOKENS_LIMIT),
             "--default-max-new-tokens", "3", "--max-message-bytes", "65536", "--runs", str(tmp / "runs"),
             "--merge-output-root", str(tmp / "merged"), "--metrics-port", str(metrics_port),
+            "--http-port", str(http_port),
             "--max-concurrent-rpcs", "1", "--max-open-rpcs", "1", "--tokens-file", str(tmp / "tokens"),
             "--tls-cert", str(pki["server.crt"]), "--tls-key", str(pki["server.key"]),
             "--tls-client-ca", str(pki["ca.crt"]), "--frontends", "2"]
     credentials = grpc.ssl_channel_credentials(pki["ca.crt"].read_bytes(), pki["client.key"].read_bytes(),
                                                pki["client.crt"].read_bytes())
-    served = Served(argv, tmp / "stderr.log", host="localhost", port=port, metrics_port=metrics_port, pki=pki,
-                    tmp=tmp, client_kw={"credentials": credentials, "token": ADMIN_TOKEN})
+    served = Served(argv, tmp / "stderr.log", host="localhost", port=port, metrics_port=metrics_port,
+                    http_port=http_port, pki=pki, tmp=tmp, client_kw={"credentials": credentials, "token": ADMIN_TOKEN})
     yield served.ready()
     served.stop()
 
@@ -115,7 +120,7 @@ def daemon_b(tiny_model_dir, adapter_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-b")
     argv = [*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root), "--quantization",
             "none", "--port", "0", "--device", TEST_DEVICE, "--max-batch-size", "1", "--max-queue", "1",
-            "--log-level", "debug", "--grace", "3", "--no-engine-process"]
+            "--log-level", "debug", "--grace", "3", "--http-port", "0", "--no-engine-process"]
     served = Served(argv, tmp / "stderr.log")
     yield served
     served.stop()
@@ -310,6 +315,22 @@ def check_merge_output_root(a: Served, b: Served) -> None:
 
 def check_metrics_port(a: Served, b: Served) -> None:
     assert 'quantization="none"' in _metrics(a)
+
+
+def check_http_port(a: Served, b: Served) -> None:
+    """HTTPS with the daemon's certificate and client-certificate check, the daemon's tokens; B serves plain
+    HTTP on a free port and still drains on SIGTERM (check_grace): uvicorn does not take the signal."""
+    context = ssl.create_default_context(cafile=str(a.pki["ca.crt"]))
+    context.load_cert_chain(str(a.pki["client.crt"]), str(a.pki["client.key"]))
+    url = f"https://localhost:{a.http_port}/v1/models"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(request, context=context, timeout=30) as reply:
+        assert "lora-qv" in {m["id"] for m in json.load(reply)["data"]}
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(url, context=context, timeout=30)
+    assert err.value.code == 401 and json.load(err.value)["error"]["type"] == "authentication_error"
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext to the TLS port: refused
+        urllib.request.urlopen(f"http://localhost:{a.http_port}/v1/models", timeout=30)
 
 
 def check_max_concurrent_rpcs(a: Served, b: Served) -> None:

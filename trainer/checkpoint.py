@@ -2,6 +2,8 @@
 
 Layout of one checkpoint (N = optimizer steps done):
   adapter_config.json, adapter_model.safetensors   what ``PeftModel.from_pretrained`` and the daemon load
+  tokenizer files, chat_template.jinja             the tokenizer with the template examples were formatted
+                                                   with (``template.py``): the daemon renders chat with it
   trainer_state.pt                                 optimizer, scheduler, RNG states, step, data position
   trainer_state.json                               the same numbers for people (step, epoch, loss)
 
@@ -25,9 +27,11 @@ from typing import Any
 import torch
 
 from adapterd.fsutil import fsync_dir
+from adapterd.trainer.template import save_tokenizer_with_template
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.pt"
+TRAINER_FILES = ("trainer_state",)  # a checkpoint's files that resume a run; every other one is the adapter's
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -126,13 +130,17 @@ def remove_stale(run_dir: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, peft_model: Any, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, position: DataPosition, extra: dict[str, Any], keep_last: int) -> Path:
-    """Write ``checkpoint-<step>`` atomically, then drop the oldest beyond ``keep_last`` (0 keeps all)."""
+                    scheduler: Any, position: DataPosition, extra: dict[str, Any], keep_last: int,
+                    tokenizer: Any = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically, then drop the oldest beyond ``keep_last`` (0 keeps all). With
+    ``tokenizer``, the checkpoint holds it with the training template as its chat template."""
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     check_finite({n: p for n, p in peft_model.named_parameters() if p.requires_grad}, f"checkpoint-{step}")
     peft_model.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        save_tokenizer_with_template(tokenizer, tmp)
     state = {"step": step, "position": asdict(position), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra}
     torch.save(state, tmp / STATE_FILE)
@@ -192,8 +200,9 @@ def load_adapter_weights(peft_model: Any, checkpoint: Path) -> None:
 
 def export_adapter(source: Path, target: Path) -> Path:
     """Copy an adapter directory to ``target`` atomically (copy to a sibling temporary name, then rename).
-    Only the adapter's own files travel, not the trainer state, and only their contents: the copies follow the
-    process umask like any other output, not the checkpoint files' modes. Refuses to overwrite, and refuses an adapter
+    Only the adapter's own files travel (its weights and config, the tokenizer with its chat template), not the
+    trainer state, and only their contents: the copies follow the process umask like any other output, not the
+    checkpoint files' modes. Refuses to overwrite, and refuses an adapter
     whose weights are not all finite (a checkpoint written by an older version, say)."""
     if target.exists():
         raise FileExistsError(f"{target} already exists")
@@ -203,7 +212,7 @@ def export_adapter(source: Path, target: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for p in source.iterdir():
-        if p.is_file() and p.name.startswith(("adapter_", "README")):
+        if p.is_file() and not p.name.startswith(TRAINER_FILES):
             shutil.copyfile(p, tmp / p.name)
     _fsync_tree(tmp)
     os.rename(tmp, target)

@@ -227,7 +227,8 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
         if not main:
             return None
         extra = {"loss": status.status.loss, "epoch": pos.epoch + pos.batch_in_epoch / n_batches}
-        path = ckpt.save_checkpoint(run_dir, step, peft_model, optimizer, scheduler, pos, extra, cfg.keep_last)
+        path = ckpt.save_checkpoint(run_dir, step, peft_model, optimizer, scheduler, pos, extra, cfg.keep_last,
+                                    tokenizer=tokenizer)
         log.info("saved %s", path)
         write(last_checkpoint=str(path))
         return path

@@ -31,6 +31,9 @@ from adapterd.server.safetensors_io import open_regular, read_at, read_tensors
 
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT config is a few KB; patterns for every module of a 70B model fit in 1 MiB
 MAX_CONFIG_DEPTH = 16  # PEFT configs nest 3 levels (patterns, layers_pattern lists)
+TEMPLATE_FILE = "chat_template.jinja"  # the adapter's chat template, as transformers saves a tokenizer's
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # where older transformers kept it (``chat_template``)
+MAX_TEMPLATE_BYTES = 256 << 10  # real templates take 1-20 KB (Llama 3.1's, with tool calls: 5 KB)
 MIN_ADAPTER_BYTES_CAP = 64 << 20  # a floor for small bases: prefix tables and projections are not rank-bound
 CAP_ITEM_BYTES = 8  # adapters may be stored in F64: the cap allows the widest float dtype
 MAX_COUNT = (1 << 31) - 1  # ranks and virtual token counts are uint32 in the API; real ones are < 10,000
@@ -87,8 +90,8 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def read_config(path: Path, label: str = CONFIG_FILE) -> dict[str, Any]:
-    """The config at ``path`` (already confined by ``adapter_file``), read up to ``MAX_CONFIG_BYTES``."""
+def read_small_file(path: Path, label: str, max_bytes: int) -> bytes:
+    """The bytes of the file at ``path`` (already confined by ``adapter_file``), at most ``max_bytes``."""
     try:
         fd = open_regular(path, label)
     except FileNotFoundError:
@@ -96,17 +99,44 @@ def read_config(path: Path, label: str = CONFIG_FILE) -> dict[str, Any]:
     except OSError as exc:
         raise DataLoss(f"{label} is unreadable ({exc.strerror})") from None
     try:
-        if os.fstat(fd).st_size > MAX_CONFIG_BYTES:
-            raise FailedPrecondition(f"{label} is larger than {MAX_CONFIG_BYTES} bytes")
-        buffer = bytearray(MAX_CONFIG_BYTES + 1)  # one byte more tells a file that grew meanwhile
+        if os.fstat(fd).st_size > max_bytes:
+            raise FailedPrecondition(f"{label} is larger than {max_bytes} bytes")
+        buffer = bytearray(max_bytes + 1)  # one byte more tells a file that grew meanwhile
         raw = bytes(buffer[:read_at(fd, memoryview(buffer), 0)])
     except OSError as exc:
         raise DataLoss(f"{label} is unreadable ({exc.strerror})") from None
     finally:
         os.close(fd)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise FailedPrecondition(f"{label} is larger than {MAX_CONFIG_BYTES} bytes")
-    return parse_config(raw, label)
+    if len(raw) > max_bytes:
+        raise FailedPrecondition(f"{label} is larger than {max_bytes} bytes")
+    return raw
+
+
+def read_config(path: Path, label: str = CONFIG_FILE) -> dict[str, Any]:
+    """The config at ``path`` (already confined by ``adapter_file``), read up to ``MAX_CONFIG_BYTES``."""
+    return parse_config(read_small_file(path, label, MAX_CONFIG_BYTES), label)
+
+
+def read_chat_template(root: Path, path: Path) -> str | None:
+    """The chat template saved with the adapter's tokenizer, or None: ``chat_template.jinja`` (how
+    transformers saves one now), else the ``chat_template`` of ``tokenizer_config.json`` (how it did before;
+    a list of named templates gives its ``default``). Confined and bounded like every adapter file."""
+    if os.path.lexists(path / TEMPLATE_FILE):
+        raw = read_small_file(adapter_file(root, path, TEMPLATE_FILE), TEMPLATE_FILE, MAX_TEMPLATE_BYTES)
+        try:
+            return raw.decode("utf-8") or None
+        except UnicodeDecodeError:
+            raise DataLoss(f"{TEMPLATE_FILE} is not UTF-8 text") from None
+    if not os.path.lexists(path / TOKENIZER_CONFIG_FILE):
+        return None
+    template = read_config(adapter_file(root, path, TOKENIZER_CONFIG_FILE), TOKENIZER_CONFIG_FILE).get(
+        "chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise FailedPrecondition(f"{TOKENIZER_CONFIG_FILE}: chat_template must be a string")
+    return template or None
 
 
 def read_adapter_files(root: Path, path: Path, *, pin: bool = False, pool: HostBufferPool | None = None,

@@ -28,6 +28,7 @@ from adapterd.server.adapters.files import (
     describe_config,
     listed_text,
     read_adapter_files,
+    read_chat_template,
     read_config,
 )
 from adapterd.server.adapters.ids import discover_adapter_ids, resolve_adapter_dir
@@ -66,6 +67,7 @@ class LoadedAdapter:
     size_bytes: int
     lora: LoraWeights | None = None
     prefix: PrefixWeights | None = None
+    chat_template: str | None = None  # the Jinja template it was trained with (files.read_chat_template)
 
     @property
     def rank(self) -> int:
@@ -395,5 +397,5 @@ class AdapterStore:
             self._generation += 1
             key = f"{adapter_id}#{self._generation}"
         return LoadedAdapter(adapter_id=adapter_id, type=peft_type, key=key, size_bytes=self._files_size(path),
-                             **parts)
+                             chat_template=read_chat_template(self.root, path), **parts)
 

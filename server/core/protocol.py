@@ -31,11 +31,13 @@ class ModelInfo(msgspec.Struct, frozen=True):
 
 
 class AdapterRef(msgspec.Struct, frozen=True):
-    """A loaded adapter as a front end needs it: its id and how many positions its virtual tokens take."""
+    """A loaded adapter as a front end needs it: its id, how many positions its virtual tokens take, and the
+    chat template it carries (``server/chat.py``; None: the base's)."""
 
     adapter_id: str
     type: str
     num_virtual_tokens: int = 0
+    chat_template: str | None = None
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):

@@ -40,7 +40,7 @@ def _code_name(context: Any, fallback: grpc.StatusCode) -> str:
     return fallback.name
 
 
-GENERATION_METHODS = frozenset({"Generate", "GenerateStream"})
+GENERATION_METHODS = frozenset({"Generate", "GenerateStream", "ChatCompletions", "Completions"})  # gRPC and HTTP
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Wraps each async handler whose response is one message or an async generator; request-streaming
@@ -71,7 +71,11 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _record(self, service: str, method: str, code: str, request: Any, started: float) -> None:
-        adapter_id = getattr(request, "adapter_id", None)
+        self.record_call(service, method, code, getattr(request, "adapter_id", None), started)
+
+    def record_call(self, service: str, method: str, code: str, adapter_id: str | None, started: float) -> None:
+        """Count one call that ended with ``code`` (a grpc.StatusCode name) and time it from ``started``
+        (``time.perf_counter()``); the HTTP front end counts its requests here too."""
         if self.counts_uses and code == "OK" and method in GENERATION_METHODS:
             self.labels.record_use(adapter_id)
         adapter = _NO_ADAPTER if adapter_id is None else self.labels.label(adapter_id)

@@ -35,13 +35,13 @@ def test_serve_bench_tiny(tmp_path):
 
 
 def test_load_bench_tiny(tmp_path):
-    """Zipf over many adapter ids against one adapter, and gRPC end to end against the engine alone: both
-    ratios come out, and neither collapses (a reload per request, a stalled stream)."""
+    """Zipf over many adapter ids against one adapter, and gRPC and HTTP end to end against the engine alone:
+    every ratio comes out, and none collapses (a reload per request, a stalled stream)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "bench" / "load_bench.py"), "--shape", "tiny", "--adapters",
                           "20", "--distinct", "2", "--rates", "8", "--duration", "2", "--new", "8", "--streams", "4",
                           "--client-procs", "1", "--switch-intervals-ms", "5,0.2", "--work", str(tmp_path),
-                          "--no-record"],
+                          "--http", "--no-record"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     zipf_over_one = float(out.stdout.split("|")[-2])
@@ -49,3 +49,5 @@ def test_load_bench_tiny(tmp_path):
     ratios = re.findall(r"GIL switch interval ([\d.]+) ms: .* ratio ([\d.]+)", out.stdout)
     assert [ms for ms, _ in ratios] == ["5", "0.2"], out.stdout
     assert all(float(r) > 0.1 for _, r in ratios), out.stdout
+    http = re.findall(r"over HTTP \(OpenAI completions, SSE\) ([\d.]+) tok/s .* ratio ([\d.]+)", out.stdout)
+    assert len(http) == 2 and all(float(r) > 0.1 for _, r in http), out.stdout

@@ -7,7 +7,8 @@ import sys
 
 
 def test_clients_import_without_torch():
-    code = ("import sys; import adapterd.clients, adapterd.clients.cli_generate, adapterd.clients.cli_adapters; "
+    code = ("import sys; import adapterd.clients, adapterd.clients.cli_generate, adapterd.clients.cli_adapters, "
+            "adapterd.clients.cli_chat; "
             "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

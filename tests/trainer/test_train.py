@@ -48,8 +48,10 @@ def test_lora_run_writes_checkpoints_status_and_final_adapter(make_config, tiny_
     assert (run / "train.log").read_text().count("saved") == 3
 
     final = run / "final"
+    # The adapter, and the tokenizer with the chat template its examples were formatted with (template.py).
     assert sorted(p.name for p in final.iterdir()) == ["README.md", "adapter_config.json",
-                                                       "adapter_model.safetensors"]
+                                                       "adapter_model.safetensors", "chat_template.jinja",
+                                                       "tokenizer.json", "tokenizer_config.json"]
     a = load_file(final / "adapter_model.safetensors")
     b = load_file(run / "checkpoint-25" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
