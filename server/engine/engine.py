@@ -31,7 +31,7 @@ from adapterd.server.engine.observer import ObserverList
 from adapterd.server.engine.prefill_step import PrefillStep
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.engine.sampling import BatchSampler, RowSampler, logits_width
-from adapterd.server.engine.scheduler import Candidate, Capacity, prefill_now, schedule
+from adapterd.server.engine.scheduler import Candidate, Capacity, schedule
 from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
 from adapterd.server.errors import AdapterdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from adapterd.server.model import BaseModel
@@ -67,7 +67,6 @@ class Engine:
         self.waiting: deque[Row] = deque()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._queued = 0  # submitted and not yet admitted (inbox + waiting)
-        self._waited_steps = 0  # decode steps run while requests waited to share a prefill (scheduler.py)
         self._lock = threading.Lock()
         self._rows_by_id: dict[str, Row] = {}
         self._evict_later: set[str] = set()
@@ -229,10 +228,6 @@ class Engine:
         one then evicts none that this step admits). A row that gets no slot after all stays queued, in place."""
         if not self.waiting or len(self.batch) >= self.config.max_batch_size:
             return []
-        if not prefill_now(len(self.waiting), len(self.batch), self._waited_steps):
-            self._waited_steps += 1  # this step decodes without them; they gather for a shared prefill
-            return []
-        self._waited_steps = 0
         waiting = list(self.waiting)
         plan = schedule([Candidate(len(r.prompt_ids) + r.num_virtual_tokens, r.lora_key, r.passed_over)
                          for r in waiting], Capacity.of([r.lora_key for r in self.batch.rows], self.config))

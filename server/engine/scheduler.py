@@ -28,13 +28,6 @@ Rules, checked in arrival order:
   first slot that opens is the overdue request's (earlier requests aside, which are served first anyway).
   Bound: once overdue, a request waits at most (requests then ahead of it + 2) x the longest run of a row
   (tests/server/engine/test_scheduler.py checks it over simulated traffic).
-
-**When to prefill** (``prefill_now``). A prefill is a forward of its own, between two decode steps of the
-running rows; one prefill per arriving request would cost a forward for each. Requests that arrive one by
-one (clients over a network never arrive in the same step) are therefore gathered, as TGI's router does
-(``waiting_served_ratio``, ``max_waiting_tokens``): with rows running, waiting requests are admitted once
-they are at least ``PREFILL_SHARE`` of the running rows, or once admission has waited ``PREFILL_WAIT_STEPS``
-decode steps. With no row running they are admitted at once (a lone request never waits).
 """
 
 from __future__ import annotations
@@ -42,17 +35,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
-
-PREFILL_SHARE = 0.125  # waiting requests, as a share of the running rows, worth a prefill of their own
-PREFILL_WAIT_STEPS = 4  # decode steps a waiting request may wait for others to share its prefill
-
-
-def prefill_now(waiting: int, running: int, waited_steps: int, share: float = PREFILL_SHARE,
-                wait_steps: int = PREFILL_WAIT_STEPS) -> bool:
-    """Whether to admit (and prefill) waiting requests at this step (module docstring, "When to prefill").
-    ``waited_steps``: decode steps run since a request began to wait without being admitted."""
-    return waiting > 0 and (running == 0 or waited_steps >= wait_steps or waiting >= share * running)
-
 
 # Steps in which later requests may overtake a skipped one before it is overdue. Small, so that a request
 # for a cold adapter is soon served (see the bound above); not 0, so that one request waiting for a slot does

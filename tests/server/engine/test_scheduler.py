@@ -184,15 +184,3 @@ def test_an_overdue_request_waits_at_most_for_those_ahead_of_it(arrivals, rows, 
     examples)."""
     for waited, ahead in _overdue_waits(arrivals, rows, slots):
         assert waited <= (ahead + 2) * RUN_MAX
-
-
-def test_prefill_now_gathers_arrivals_while_rows_run_and_never_delays_a_lone_request():
-    from adapterd.server.engine.scheduler import PREFILL_WAIT_STEPS, prefill_now
-
-    assert not prefill_now(0, 0, 0)  # nothing waits
-    assert prefill_now(1, 0, 0)  # nothing runs: at once
-    assert not prefill_now(1, 64, 0)  # one arrival beside 64 rows waits for company...
-    assert prefill_now(1, 64, PREFILL_WAIT_STEPS)  # ...for PREFILL_WAIT_STEPS decode steps at most
-    assert prefill_now(8, 64, 0)  # an eighth of the running rows is worth a prefill at once
-    assert not prefill_now(7, 64, 0)
-    assert prefill_now(1, 4, 0)  # small batches: any arrival is an eighth of them
