@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import queue
 import random
 import socket
 import statistics
@@ -226,24 +227,34 @@ def _http_client_proc(base_url: str, model: str, streams: int, duration: float, 
     out.put(asyncio.run(main()))
 
 
-def grpc_streams(target: str, streams: int, procs: int, duration: float, new: int) -> float:
+def grpc_streams(target: str, streams: int, procs: int, duration: float, new: int) -> tuple[float, int, float]:
     return client_streams(_client_proc, (target,), streams, procs, duration, new)
 
 
-def http_streams(base_url: str, model: str, streams: int, procs: int, duration: float, new: int) -> float:
+def http_streams(base_url: str, model: str, streams: int, procs: int, duration: float,
+                 new: int) -> tuple[float, int, float]:
     return client_streams(_http_client_proc, (base_url, model), streams, procs, duration, new)
 
 
-def client_streams(proc, target: tuple, streams: int, procs: int, duration: float, new: int) -> float:
+def client_streams(proc, target: tuple, streams: int, procs: int, duration: float,
+                   new: int) -> tuple[float, int, float]:
     """Generated tokens/s over the span when ``procs`` client processes (each running ``proc``) were serving,
-    and the tokens counted."""
+    the tokens counted, and that span (seconds)."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     workers = [ctx.Process(target=proc, args=(*target, streams // procs, duration, new, out))
                for _ in range(procs)]
     for w in workers:
         w.start()
-    results = [out.get(timeout=duration + 600) for _ in workers]
+    results = []
+    deadline = time.monotonic() + duration + 600
+    while len(results) < len(workers):  # a client process that dies (its traceback above) ends the bench
+        try:
+            results.append(out.get(timeout=1.0))
+        except queue.Empty:
+            dead = [w for w in workers if w.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"client processes failed: exit codes {[w.exitcode for w in workers]}") from None
     for w in workers:
         w.join()
     # Throughput over the span when clients were serving (process start-up and imports excluded).
@@ -459,10 +470,9 @@ def http_line(daemon, model: str, args, streams: int, engine_tok_s: float, metri
     ratio to the engine alone."""
     processes = daemon_processes(daemon)
     cpu_before, steps_before = process_cpu_seconds(processes), decode_steps(metrics_port)
-    started = time.perf_counter()
-    e2e, tokens = http_streams(f"http://127.0.0.1:{daemon.daemon.http.port}/v1", model, streams,
-                               args.client_procs, args.duration, args.new)
-    steps = steps_text(steps_before, decode_steps(metrics_port), time.perf_counter() - started)
+    e2e, tokens, span = http_streams(f"http://127.0.0.1:{daemon.daemon.http.port}/v1", model, streams,
+                                     args.client_procs, args.duration, args.new)
+    steps = steps_text(steps_before, decode_steps(metrics_port), span)
     cpu = cpu_per_token(cpu_before, process_cpu_seconds(processes), tokens) if cpu_before else "no /proc"
     return f"  over HTTP (OpenAI completions, SSE) {e2e:.1f} tok/s ({steps}; {cpu}), ratio {e2e / engine_tok_s:.2f}"
 

@@ -116,7 +116,7 @@ class HttpApi:
 
     async def _listed_ids(self, call: Call, request: Request) -> list[str]:
         call.admit(request, "ListAdapters")
-        records = await asyncio.to_thread(self.state.ready().list_adapters)
+        records = await self.state.ready().list_adapters()
         return [self.base_name] + [r.adapter_id for r in records]
 
     async def models(self, request: Request) -> Response:

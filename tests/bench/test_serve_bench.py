@@ -40,14 +40,14 @@ def test_load_bench_tiny(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "bench" / "load_bench.py"), "--shape", "tiny", "--adapters",
                           "20", "--distinct", "2", "--rates", "8", "--duration", "2", "--new", "8", "--streams", "4",
-                          "--client-procs", "1", "--switch-intervals-ms", "5,0.2", "--work", str(tmp_path),
-                          "--http", "--no-record"],
+                          "--client-procs", "1", "--frontends", "1", "--work", str(tmp_path), "--http", "--no-record"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    zipf_over_one = float(out.stdout.split("|")[-2])
-    assert zipf_over_one > 0.3, out.stdout
-    ratios = re.findall(r"GIL switch interval ([\d.]+) ms: .* ratio ([\d.]+)", out.stdout)
-    assert [ms for ms, _ in ratios] == ["5", "0.2"], out.stdout
-    assert all(float(r) > 0.1 for _, r in ratios), out.stdout
+    zipf_row = next(line for line in out.stdout.splitlines() if line.startswith("| 8/s"))
+    assert float(zipf_row.split("|")[-3]) > 0.3, out.stdout  # Zipf over one adapter, tokens/s
+    ratios = re.findall(r"^4 streams: engine alone .* over gRPC .* engine core \d+ us\); ratio ([\d.]+)", out.stdout,
+                        re.M)
+    assert len(ratios) == 1 and float(ratios[0]) > 0.1, out.stdout
+    assert re.search(r"time to first token, 512-token prompt, p50 of 20: engine alone [\d.]+ ms, over gRPC", out.stdout)
     http = re.findall(r"over HTTP \(OpenAI completions, SSE\) ([\d.]+) tok/s .* ratio ([\d.]+)", out.stdout)
-    assert len(http) == 2 and all(float(r) > 0.1 for _, r in http), out.stdout
+    assert len(http) == 1 and all(float(r) > 0.1 for _, r in http), out.stdout
