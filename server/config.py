@@ -82,9 +82,10 @@ class ServerConfig:
     frontends: int = _f(0, "gRPC front-end processes sharing the port, all feeding the one engine core (0: one per "
                            "four cores, 1 to 8; needs --engine-process)", between(0, 64))
     gil_switch_interval_ms: float = _f(
-        0.2, "longest a busy Python thread (the gRPC event loop) holds the GIL while the engine thread waits for "
-             "it, ms (sys.setswitchinterval; Python's 5 ms default stalls each engine step behind the loop, since "
-             "every torch call releases and retakes the GIL)", between(0, 1000, low_open=True))
+        0.2, "longest a busy Python thread holds the GIL while another waits for it, ms (sys.setswitchinterval), "
+             "in every process of the daemon: the engine core's I/O thread, or with --no-engine-process the gRPC "
+             "event loop, beside the engine thread; Python's 5 ms default stalls them, since every torch call "
+             "releases and retakes the GIL", between(0, 1000, low_open=True))
     adapter_cache_mb: int = _f(8192, "memory for loaded adapters, MiB; the least recently used beyond it are "
                                      "unloaded", at_least(1))
     max_input_tokens: int | None = _f(None, "longest prompt, in tokens (default: the model's context)", at_least(1))

@@ -31,7 +31,8 @@ async def start_engine_core(cfg: ServerConfig, on_down: Callable[[str], None], o
     spec = CoreSpec(base=cfg.base, adapters=cfg.adapters, quantization=cfg.quantization, engine=engine_config(cfg),
                     device=cfg.device, dtype=cfg.dtype, max_loaded_adapter_bytes=cfg.adapter_cache_mb * 2**20,
                     address=EngineProcess.private_address(), metrics=cfg.metrics_port is not None,
-                    log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+                    log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                    gil_switch_interval_s=cfg.gil_switch_interval_ms / 1000)
     process = EngineProcess(spec, on_down, on_up, on_give_up)
     tokenizer = asyncio.create_task(asyncio.to_thread(_load_tokenizer, cfg))
     await process.start()

@@ -58,11 +58,13 @@ class CoreSpec:
     address: str
     metrics: bool
     log_level: str = "INFO"
+    gil_switch_interval_s: float = 0.0002  # the I/O thread must not wait 5 ms (Python's default) for the GIL
 
 
 def core_main(spec: CoreSpec, ready: Connection, parent_pid: int) -> None:
     """The core process's entry point (spawned by ``EngineProcess``)."""
     _die_with_parent(parent_pid)
+    sys.setswitchinterval(spec.gil_switch_interval_s)  # the engine thread shares the GIL with the I/O thread
     logging.basicConfig(level=spec.log_level, format="%(asctime)s engine-core %(levelname)s %(name)s: %(message)s")
     from adapterd.server.core.engine_core import EngineCore
     from adapterd.server.runtime import Runtime
