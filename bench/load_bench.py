@@ -36,6 +36,8 @@ import torch
 from results_table import git_commit
 from serve_bench import SHAPES, build_model_dir
 
+from adapterd.server.core.step_stats import StepCounter, StepCounts
+
 PROMPT_TOKENS = 64
 TTFT_PROMPT_TOKENS = 512
 TTFT_REQUESTS = 20
@@ -116,8 +118,9 @@ def poisson_load(target: str, ids: list[str], zipf: bool, rate: float, duration:
     return result
 
 
-async def engine_streams(runtime, streams: int, duration: float, new: int) -> float:
-    """Generated tokens/s with ``streams`` requests always in flight, submitted in-process."""
+async def engine_streams(runtime, streams: int, duration: float, new: int) -> tuple[float, int, float]:
+    """Generated tokens/s with ``streams`` requests always in flight, submitted in-process; the tokens and the
+    span (seconds)."""
     from adapterd.server.engine import GenerationParams
 
     tokens = 0
@@ -136,31 +139,8 @@ async def engine_streams(runtime, streams: int, duration: float, new: int) -> fl
 
     start = time.perf_counter()
     await asyncio.gather(*(loop(i) for i in range(streams)))
-    return tokens / (time.perf_counter() - start)
-
-
-class StepStats:
-    """Decode steps seen by the engine during one phase: how full they were and how long they took."""
-
-    def __init__(self) -> None:
-        from adapterd.server.engine.observer import EngineObserver
-
-        stats = self
-
-        class Watch(EngineObserver):
-            def decode_step(self, rows, seconds):
-                stats.steps += 1
-                stats.rows += len(rows)
-                stats.seconds += seconds
-
-        self.steps, self.rows, self.seconds = 0, 0, 0.0
-        self.observer = Watch()
-
-    def __str__(self) -> str:
-        if not self.steps:
-            return "no decode steps"
-        return (f"{self.steps} decode steps, {self.rows / self.steps:.1f} rows per step, "
-                f"{self.seconds / self.steps * 1000:.2f} ms per step")
+    span = time.perf_counter() - start
+    return tokens / span, tokens, span
 
 
 def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Queue) -> None:
@@ -263,23 +243,17 @@ def client_streams(proc, target: tuple, streams: int, procs: int, duration: floa
     return tokens / span, tokens, span
 
 
-def decode_steps(metrics_port: int) -> tuple[float, float]:
-    """(decode steps, rows decoded) so far, from the daemon's /metrics (the engine core's batch sizes)."""
-    import urllib.request
+def core_steps(daemon) -> StepCounts:
+    """The engine core's step counts so far (its ``steps`` call, ``server/core/step_stats.py``)."""
+    import msgspec
 
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
-    found = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-             if s.name in ("adapterd_batch_size_count", "adapterd_batch_size_sum")}
-    return found.get("adapterd_batch_size_count", 0.0), found.get("adapterd_batch_size_sum", 0.0)
+    return msgspec.convert(daemon.run(daemon.daemon.state.runtime.call("steps")), StepCounts)
 
 
-def steps_text(before: tuple[float, float], after: tuple[float, float], seconds: float) -> str:
-    steps, rows = after[0] - before[0], after[1] - before[1]
-    if not steps:
-        return "no decode steps"
-    return f"{steps:.0f} decode steps, {rows / steps:.1f} rows per step, {seconds / steps * 1000:.2f} ms per step"
+def prefill_ms(counts: StepCounts) -> float:
+    """Mean milliseconds of one prefill in the engine (forward and sampling): the part of a time to first token
+    that is not the path to and from the engine."""
+    return counts.prefill_seconds / max(1, counts.prefills) * 1000
 
 
 def process_cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -361,17 +335,21 @@ def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, str
     base = load_base_model(base_dir, args.quantization)
     runtime = Runtime(base, root, EngineConfig(max_batch_size=max(streams), lora_slots=args.slots,
                                                max_lora_rank=args.rank, max_queue=100_000))
+    counter = StepCounter()
+    runtime.engine.observers.add(counter)
     runtime.engine.start()
     alone: dict[int, tuple[float, str]] = {}
+    me = {"engine alone (engine and the bench's event loop)": os.getpid()}
     try:
         asyncio.run(engine_streams(runtime, 4, 2.0, 4))  # warm-up
         for n in streams:
-            steps = StepStats()
-            runtime.engine.observers.add(steps.observer)
-            alone[n] = (asyncio.run(engine_streams(runtime, n, args.duration, args.new)), str(steps))
-            runtime.engine.observers.observers.remove(steps.observer)
-            print(f"engine alone, {n} streams: {alone[n][0]:.1f} tok/s ({steps})", flush=True)
-        ttft = asyncio.run(engine_ttft(runtime, TTFT_REQUESTS))
+            before, cpu_before = counter.counts(), process_cpu_seconds(me)
+            tok_s, tokens, span = asyncio.run(engine_streams(runtime, n, args.duration, args.new))
+            cpu = cpu_per_token(cpu_before, process_cpu_seconds(me), tokens) if cpu_before else "no /proc"
+            alone[n] = (tok_s, f"{counter.counts().minus(before).describe(span)}; {cpu}")
+            print(f"engine alone, {n} streams: {tok_s:.1f} tok/s ({alone[n][1]})", flush=True)
+        before = counter.counts()
+        ttft = (asyncio.run(engine_ttft(runtime, TTFT_REQUESTS)), prefill_ms(counter.counts().minus(before)))
     finally:
         runtime.close()
     out.put((alone, ttft))
@@ -418,7 +396,7 @@ def main() -> int:
     out: mp.Queue = ctx.Queue()
     alone_proc = ctx.Process(target=_engine_alone_proc, args=(base_dir, root, args, streams, out))
     alone_proc.start()
-    alone, ttft_alone = out.get(timeout=1800)
+    alone, ttft_alone = out.get(timeout=1800)  # ttft_alone: (p50 ms, mean prefill ms)
     alone_proc.join()
     with socket.socket() as probe:  # a free port for the daemon's /metrics
         probe.bind(("127.0.0.1", 0))
@@ -442,20 +420,22 @@ def main() -> int:
             print(zipf_rows[-1], flush=True)
         for n in streams:
             processes = daemon_processes(daemon)
-            cpu_before, steps_before = process_cpu_seconds(processes), decode_steps(metrics_port)
+            cpu_before, steps_before = process_cpu_seconds(processes), core_steps(daemon)
             e2e, tokens, span = grpc_streams(target, n, args.client_procs, args.duration, args.new)
             cpu = cpu_per_token(cpu_before, process_cpu_seconds(processes), tokens) if cpu_before else "no /proc"
-            steps = steps_text(steps_before, decode_steps(metrics_port), span)
+            steps = core_steps(daemon).minus(steps_before).describe(span)
             tok_s, alone_steps = alone[n]
             e2e_lines.append(f"{n} streams: engine alone {tok_s:.1f} tok/s ({alone_steps}); over gRPC {e2e:.1f} "
                              f"tok/s ({steps}; {cpu}); ratio {e2e / tok_s:.2f}")
             print(e2e_lines[-1], flush=True)
             if args.http:
-                e2e_lines.append(http_line(daemon, base_dir.name, args, n, tok_s, metrics_port))
+                e2e_lines.append(http_line(daemon, base_dir.name, args, n, tok_s))
                 print(e2e_lines[-1], flush=True)
-        ttft = grpc_ttft(target, TTFT_REQUESTS)
+        before = core_steps(daemon)
+        ttft = (grpc_ttft(target, TTFT_REQUESTS), prefill_ms(core_steps(daemon).minus(before)))
         e2e_lines.append(f"time to first token, {TTFT_PROMPT_TOKENS}-token prompt, p50 of {TTFT_REQUESTS}: engine "
-                         f"alone {ttft_alone:.1f} ms, over gRPC {ttft:.1f} ms (+{ttft - ttft_alone:.1f} ms)")
+                         f"alone {ttft_alone[0]:.1f} ms (its prefill {ttft_alone[1]:.1f} ms), over gRPC {ttft[0]:.1f} "
+                         f"ms (its prefill {ttft[1]:.1f} ms) (+{ttft[0] - ttft_alone[0]:.1f} ms)")
         print(e2e_lines[-1], flush=True)
         frontends = 1 + len(daemon.daemon.frontends.members) if daemon.daemon.frontends else 1
     finally:
@@ -465,14 +445,14 @@ def main() -> int:
     return 0
 
 
-def http_line(daemon, model: str, args, streams: int, engine_tok_s: float, metrics_port: int) -> str:
+def http_line(daemon, model: str, args, streams: int, engine_tok_s: float) -> str:
     """The same streams over HTTP: tok/s, the engine core's decode steps, CPU per token by process, and the
     ratio to the engine alone."""
     processes = daemon_processes(daemon)
-    cpu_before, steps_before = process_cpu_seconds(processes), decode_steps(metrics_port)
+    cpu_before, steps_before = process_cpu_seconds(processes), core_steps(daemon)
     e2e, tokens, span = http_streams(f"http://127.0.0.1:{daemon.daemon.http.port}/v1", model, streams,
                                      args.client_procs, args.duration, args.new)
-    steps = steps_text(steps_before, decode_steps(metrics_port), span)
+    steps = core_steps(daemon).minus(steps_before).describe(span)
     cpu = cpu_per_token(cpu_before, process_cpu_seconds(processes), tokens) if cpu_before else "no /proc"
     return f"  over HTTP (OpenAI completions, SSE) {e2e:.1f} tok/s ({steps}; {cpu}), ratio {e2e / engine_tok_s:.2f}"
 

@@ -33,6 +33,7 @@ from adapterd.server.core.protocol import (
     event_message,
     to_core,
 )
+from adapterd.server.core.step_stats import StepCounter
 from adapterd.server.engine.request import GenerationEvent, StopReason
 from adapterd.server.errors import AdapterdError, InvalidArgument
 from adapterd.server.runtime import Runtime
@@ -65,12 +66,15 @@ class EngineCore:
         self._cancelled_early: set[str] = set()  # cancels that overtook such a submit
         self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="adapterd-core-call")
         runtime.engine.after_step = self._flush
+        self.steps = StepCounter()  # decode steps and prefills, for bench/load_bench.py (the ``steps`` call)
+        runtime.engine.observers.add(self.steps)
         self.handlers: dict[str, Callable[..., Any]] = {
             "hello": lambda: runtime.model_info(), "adapter": runtime.adapter_ref,
             "load": lambda adapter_id: runtime._load_and_describe(adapter_id),
             "unload": lambda adapter_id: runtime.store.unload(adapter_id),
             "list": lambda: runtime.store.list(), "stats": lambda: runtime.stats(),
             "metrics": lambda: self.metrics() if self.metrics is not None else b"",
+            "steps": lambda: msgspec.structs.asdict(self.steps.counts()),
         }
 
     # ------------------------------------------------------------------ the I/O thread

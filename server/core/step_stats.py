@@ -1,0 +1,69 @@
+"""How the engine spends its steps: decode steps and prefill forwards, their rows and their time.
+
+The same counter runs beside the engine driven in-process and inside the engine core (the core's ``steps``
+call), so ``bench/load_bench.py`` compares the two like with like: a step is one decode forward of the
+running batch; a prefill is one forward over the prompts admitted together. Over gRPC, requests arrive
+spread over time, so the same tokens can cost more prefill forwards with fewer rows each.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+from adapterd.server.engine.batch import Row
+from adapterd.server.engine.observer import EngineObserver
+
+
+class StepCounts(msgspec.Struct):
+    """Totals since the counter started; seconds are wall time on the engine thread."""
+
+    decode_steps: int = 0
+    decode_rows: int = 0
+    decode_seconds: float = 0.0
+    prefills: int = 0
+    prefill_rows: int = 0
+    prefill_seconds: float = 0.0  # from the last row's admission to its first tokens: forward and sampling
+
+    def minus(self, before: StepCounts) -> StepCounts:
+        return StepCounts(*(getattr(self, f) - getattr(before, f) for f in self.__struct_fields__))
+
+    def describe(self, span: float) -> str:
+        """One line for a phase of ``span`` seconds (the counts being that phase's: ``after.minus(before)``)."""
+        if not self.decode_steps:
+            return "no decode steps"
+        steps, prefills = self.decode_steps, self.prefills
+        line = (f"{steps} decode steps ({span / steps * 1000:.2f} ms apart), {self.decode_rows / steps:.1f} rows "
+                f"and {self.decode_seconds / steps * 1000:.2f} ms each")
+        if prefills:
+            line += (f"; {prefills} prefills ({prefills / steps:.2f} per decode step), "
+                     f"{self.prefill_rows / prefills:.1f} rows and "
+                     f"{self.prefill_seconds / prefills * 1000:.2f} ms each")
+        return line
+
+
+class StepCounter(EngineObserver):
+    """Counts on the engine thread (its hooks); ``counts`` may be read from any thread (a copy)."""
+
+    def __init__(self) -> None:
+        self._counts = StepCounts()
+        self._admitted_at = 0.0  # perf_counter() of the latest admission: the prefill that follows starts here
+
+    def counts(self) -> StepCounts:
+        return StepCounts(**msgspec.structs.asdict(self._counts))
+
+    def request_admitted(self, row: Row, queue_seconds: float) -> None:
+        self._admitted_at = time.perf_counter()
+
+    def prefill_done(self, rows: list[Row], prompt_tokens: int) -> None:
+        c = self._counts
+        c.prefills += 1
+        c.prefill_rows += len(rows)
+        c.prefill_seconds += time.perf_counter() - self._admitted_at
+
+    def decode_step(self, rows: list[Row], seconds: float) -> None:
+        c = self._counts
+        c.decode_steps += 1
+        c.decode_rows += len(rows)
+        c.decode_seconds += seconds

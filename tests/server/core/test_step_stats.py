@@ -1,0 +1,30 @@
+"""The engine core's step counts (its ``steps`` call): what bench/load_bench.py compares with the engine driven
+in-process, so they must count exactly the forwards the engine ran for a request."""
+
+from __future__ import annotations
+
+import msgspec
+
+from adapterd.server.core.step_stats import StepCounts
+
+
+def _steps(daemon) -> StepCounts:
+    return msgspec.convert(daemon.run(daemon.daemon.state.runtime.call("steps")), StepCounts)
+
+
+def test_one_request_is_one_prefill_and_a_decode_step_per_further_token(daemon, client):
+    before = _steps(daemon)
+    reply = client.generate("hello world", max_new_tokens=5, min_new_tokens=5)
+    counts = _steps(daemon).minus(before)
+    assert reply.generated_token_count == 5
+    # The prefill samples the first token; each of the other four comes from a decode step of one row.
+    assert (counts.prefills, counts.prefill_rows, counts.decode_steps, counts.decode_rows) == (1, 1, 4, 4)
+    assert counts.prefill_seconds > 0 and counts.decode_seconds > 0
+
+
+def test_a_phase_is_described_per_step_and_per_prefill():
+    counts = StepCounts(decode_steps=10, decode_rows=80, decode_seconds=0.05, prefills=4, prefill_rows=6,
+                        prefill_seconds=0.02).minus(StepCounts(decode_steps=2, decode_rows=16, decode_seconds=0.01))
+    assert counts.describe(span=0.4) == ("8 decode steps (50.00 ms apart), 8.0 rows and 5.00 ms each; 4 prefills "
+                                         "(0.50 per decode step), 1.5 rows and 5.00 ms each")
+    assert StepCounts().describe(1.0) == "no decode steps"
