@@ -1,0 +1,72 @@
+"""The engine core's frames as a front end receives them (a zmq DEALER speaking the protocol), with the core's
+I/O thread serving an in-process runtime on the tiny model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from adapterd.server.core.engine_core import EngineCore
+from adapterd.server.core.process import EngineProcess
+from adapterd.server.core.protocol import Outputs, Submit, encoder, from_core
+from adapterd.server.engine import EngineConfig, GenerationParams
+from adapterd.server.runtime import Runtime
+from tests.helpers import TEST_DEVICE
+
+PROMPT = [5, 17, 42, 99, 7, 3]
+
+
+@pytest.fixture(scope="module")
+def core_address(tiny_model_dir, adapter_root):
+    runtime = Runtime.load(tiny_model_dir, adapter_root, "none", EngineConfig(max_batch_size=4, max_queue=8),
+                           device=TEST_DEVICE, dtype="float32")
+    address = EngineProcess.private_address()
+    core = EngineCore(runtime, address)
+    thread = threading.Thread(target=core.serve, daemon=True)
+    thread.start()
+    yield address
+    core.stop()
+    thread.join(10)
+    runtime.close()
+    core.close()
+
+
+@pytest.fixture()
+def front_end(core_address):
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(core_address)
+    yield socket
+    context.destroy(linger=0)
+
+
+def _outputs(socket: zmq.Socket, deadline: float):
+    while time.monotonic() < deadline:
+        if socket.poll(100):
+            message = from_core.decode(socket.recv())
+            if isinstance(message, Outputs):
+                yield message
+
+
+def test_a_new_request_gets_its_first_token_before_the_running_batch_decodes(front_end):
+    """The step that admits a request runs its prefill, then the running batch's decode step (a whole model
+    forward). The new row's first token must not wait for that forward: the engine driven in-process hands it
+    over at once, and time to first token under load is what its user waits for."""
+    front_end.send(encoder.encode(Submit("long", PROMPT, GenerationParams(max_new_tokens=200, min_new_tokens=200))))
+    deadline = time.monotonic() + 60
+    frames = _outputs(front_end, deadline)
+    for frame in frames:  # until "long" is decoding
+        if any(e.request_id == "long" and e.kind == "delta" for e in frame.events):
+            break
+    front_end.send(encoder.encode(Submit("new", PROMPT, GenerationParams(max_new_tokens=4, min_new_tokens=4))))
+    for frame in frames:
+        kinds = {(e.request_id, e.kind) for e in frame.events}
+        if ("new", "start") in kinds:
+            assert kinds == {("new", "start"), ("new", "delta")}, kinds  # its prefill's events, nothing decoded
+            break
+    else:
+        pytest.fail("no start event for the new request")
