@@ -11,7 +11,7 @@ import zmq
 
 from adapterd.server.core.engine_core import EngineCore
 from adapterd.server.core.process import EngineProcess
-from adapterd.server.core.protocol import Outputs, Submit, encoder, from_core
+from adapterd.server.core.protocol import Cancel, Outputs, Submit, encoder, from_core
 from adapterd.server.engine import EngineConfig, GenerationParams
 from adapterd.server.runtime import Runtime
 from tests.helpers import TEST_DEVICE
@@ -70,3 +70,17 @@ def test_a_new_request_gets_its_first_token_before_the_running_batch_decodes(fro
             break
     else:
         pytest.fail("no start event for the new request")
+    front_end.send(encoder.encode(Cancel("long")))  # the core is idle again for the next test
+    ended = set()
+    for frame in frames:
+        ended |= {e.request_id for e in frame.events if e.kind == "end"}
+        if ended >= {"long", "new"}:
+            break
+
+
+def test_a_request_that_ends_at_its_prefill_gets_start_and_end_in_one_frame(front_end):
+    """Nothing is decoded after such a prefill at idle, so its frame waits for nothing: one frame, not two."""
+    front_end.send(encoder.encode(Submit("one", PROMPT, GenerationParams(max_new_tokens=1))))
+    frame = next(_outputs(front_end, time.monotonic() + 60))
+    assert [(e.request_id, e.kind) for e in frame.events] == [("one", "start"), ("one", "end")]
+    assert len(frame.events[1].token_ids) == 1
