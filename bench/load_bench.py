@@ -434,8 +434,9 @@ def main() -> int:
         before = core_steps(daemon)
         ttft = (grpc_ttft(target, TTFT_REQUESTS), prefill_ms(core_steps(daemon).minus(before)))
         e2e_lines.append(f"time to first token, {TTFT_PROMPT_TOKENS}-token prompt, p50 of {TTFT_REQUESTS}: engine "
-                         f"alone {ttft_alone[0]:.1f} ms (its prefill {ttft_alone[1]:.1f} ms), over gRPC {ttft[0]:.1f} "
-                         f"ms (its prefill {ttft[1]:.1f} ms) (+{ttft[0] - ttft_alone[0]:.1f} ms)")
+                         f"alone {ttft_alone[0]:.1f} ms, over gRPC {ttft[0]:.1f} ms "
+                         f"({ttft[0] - ttft_alone[0]:+.1f} ms); "
+                         f"mean prefill in the engine: alone {ttft_alone[1]:.1f} ms, in the core {ttft[1]:.1f} ms")
         print(e2e_lines[-1], flush=True)
         frontends = 1 + len(daemon.daemon.frontends.members) if daemon.daemon.frontends else 1
     finally:

@@ -204,7 +204,7 @@ class EngineCore:
         self._send(identity, Outputs([event_message(request_id, event)]))
 
     def _flush(self) -> None:
-        """Engine thread, after each step: one frame per front end holding all of this step's events."""
+        """Engine thread, after each step (and after a prefill): one frame per front end holding its events."""
         if not self._pending:
             return
         pending, self._pending = self._pending, {}

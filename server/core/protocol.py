@@ -3,7 +3,8 @@
 Requests carry token ids, validated parameters and an adapter id, never tensors or live objects; the decoder
 accepts exactly these message types (a typed schema, not pickle), so a malformed frame is an error, not code.
 Front end -> core: ``Submit``, ``Cancel``, ``Call``. Core -> front end: ``Outputs`` (every event of one engine
-step for that front end, one frame), ``Reply`` (to a ``Call``).
+step for that front end, one frame; a step that prefills sends its new rows' first tokens in a frame of their
+own first), ``Reply`` (to a ``Call``).
 """
 
 from __future__ import annotations
