@@ -59,6 +59,10 @@ _UNSUPPORTED = {
 BIAS_VALUES = ("none", "all", "lora_only")  # PEFT's; "all"/"lora_only" save base biases, refused as tensors
 
 
+class NonFiniteValue(FailedPrecondition):
+    """A tensor holding NaN or an infinity (the trainer tells this apart from other damage)."""
+
+
 def _bad(name: str, wanted: str, value: Any) -> FailedPrecondition:
     return FailedPrecondition(f"{CONFIG_FILE}: {name} must be {wanted}, not {listed_text(value)[:40]}")
 
@@ -251,9 +255,9 @@ def largest(name: str, tensor: torch.Tensor) -> float:
     so nothing non-finite is ever loaded."""
     low, high = _extremes(tensor)
     if math.isnan(low) or math.isnan(high):
-        raise FailedPrecondition(f"{name} holds NaN")
+        raise NonFiniteValue(f"{name} holds NaN")
     if math.isinf(low) or math.isinf(high):
-        raise FailedPrecondition(f"{name} holds an infinite value")
+        raise NonFiniteValue(f"{name} holds an infinite value")
     return max(-low, high)
 
 
@@ -343,6 +347,19 @@ def read_adapter(root: Path, path: Path, *, pool: HostBufferPool | None = None,
         raise DataLoss(f"{WEIGHTS_FILE} is missing")
     return AdapterFiles(kind, raw, read_weights(root, path, pool=pool, max_bytes=max_bytes))
 
+
+
+def check_adapter(path: Path) -> AdapterFiles:
+    """Read the adapter directory ``path`` and check it as every consumer would (config, pairing, shapes,
+    ranks, finiteness) without a base: what the trainer runs before it exports an adapter."""
+    files = read_adapter(path, path)
+    if files.peft_type == LORA:
+        lora_modules(LoraConfig.from_dict(files.raw), files.tensors)
+    elif files.peft_type == PREFIX_TUNING:
+        prefix_table(PrefixConfig.from_dict(files.raw), files.tensors)
+    else:
+        raise FailedPrecondition(f"adapter type {files.peft_type!r} is not one adapterd reads")
+    return files
 
 @dataclass(frozen=True)
 class ConfigDescription:
