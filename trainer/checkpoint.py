@@ -51,13 +51,16 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 def check_adapter_file(adapter_dir: Path) -> None:
     """Check a saved adapter as the daemon and the merger read it (``peft_format``: config, tensor pairing,
     shapes, finiteness); NonFiniteAdapter naming the tensor that holds NaN or an infinity."""
-    from adapterd.server.adapters.peft_format import NonFiniteValue, check_adapter
+    from adapterd.server.adapters.peft_format import check_adapter, check_finite, read_adapter
+    from adapterd.server.errors import FailedPrecondition
 
+    files = read_adapter(adapter_dir, adapter_dir)
     try:
-        check_adapter(adapter_dir)
-    except NonFiniteValue as exc:
+        check_finite(files.tensors)
+    except FailedPrecondition as exc:
         raise NonFiniteAdapter(f"{adapter_dir.name}: {exc.message} (lower the learning rate or lora_alpha, or "
                                "keep gradient clipping on); refusing to export it") from None
+    check_adapter(files)
 
 
 @dataclass

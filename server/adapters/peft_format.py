@@ -59,10 +59,6 @@ _UNSUPPORTED = {
 BIAS_VALUES = ("none", "all", "lora_only")  # PEFT's; "all"/"lora_only" save base biases, refused as tensors
 
 
-class NonFiniteValue(FailedPrecondition):
-    """A tensor holding NaN or an infinity (the trainer tells this apart from other damage)."""
-
-
 def _bad(name: str, wanted: str, value: Any) -> FailedPrecondition:
     return FailedPrecondition(f"{CONFIG_FILE}: {name} must be {wanted}, not {listed_text(value)[:40]}")
 
@@ -255,9 +251,9 @@ def largest(name: str, tensor: torch.Tensor) -> float:
     so nothing non-finite is ever loaded."""
     low, high = _extremes(tensor)
     if math.isnan(low) or math.isnan(high):
-        raise NonFiniteValue(f"{name} holds NaN")
+        raise FailedPrecondition(f"{name} holds NaN")
     if math.isinf(low) or math.isinf(high):
-        raise NonFiniteValue(f"{name} holds an infinite value")
+        raise FailedPrecondition(f"{name} holds an infinite value")
     return max(-low, high)
 
 
@@ -349,17 +345,15 @@ def read_adapter(root: Path, path: Path, *, pool: HostBufferPool | None = None,
 
 
 
-def check_adapter(path: Path) -> AdapterFiles:
-    """Read the adapter directory ``path`` and check it as every consumer would (config, pairing, shapes,
-    ranks, finiteness) without a base: what the trainer runs before it exports an adapter."""
-    files = read_adapter(path, path)
+def check_adapter(files: AdapterFiles) -> None:
+    """Check an adapter read by ``read_adapter`` as every consumer would (config, pairing, shapes, ranks,
+    finiteness), without a base: what the trainer runs before it exports an adapter."""
     if files.peft_type == LORA:
         lora_modules(LoraConfig.from_dict(files.raw), files.tensors)
     elif files.peft_type == PREFIX_TUNING:
         prefix_table(PrefixConfig.from_dict(files.raw), files.tensors)
     else:
         raise FailedPrecondition(f"adapter type {files.peft_type!r} is not one adapterd reads")
-    return files
 
 @dataclass(frozen=True)
 class ConfigDescription:

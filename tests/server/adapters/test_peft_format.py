@@ -241,9 +241,9 @@ def test_a_file_read_whole_is_checked_in_one_reduction_and_still_names_the_culpr
 def test_check_adapter_reads_both_types_as_consumers_do(adapter_root, tmp_path):
     from adapterd.server.adapters.peft_format import check_adapter
 
-    assert check_adapter(adapter_root / "lora-qv").peft_type == "LORA"
-    assert check_adapter(adapter_root / "prefix").peft_type == "PREFIX_TUNING"
+    check_adapter(read_adapter(adapter_root, adapter_root / "lora-qv"))
+    check_adapter(read_adapter(adapter_root, adapter_root / "prefix"))
     (tmp_path / CONFIG).write_text('{"peft_type": "IA3"}')
     save_file({"x": torch.ones(1)}, tmp_path / WEIGHTS)
     with pytest.raises(FailedPrecondition, match="'IA3' is not one adapterd reads"):
-        check_adapter(tmp_path)
+        check_adapter(read_adapter(tmp_path, tmp_path))
