@@ -66,3 +66,13 @@ def _info(kind: str):
     from adapterd.server.core.protocol import ErrorInfo
 
     return ErrorInfo(kind, "m", "f")
+
+
+def test_a_domain_error_subclass_defined_elsewhere_keeps_its_status_code():
+    from adapterd.server.core.protocol import error_info
+
+    class NonFiniteAdapter(FailedPrecondition):  # as a module outside server/errors.py may define
+        pass
+
+    back = rebuild_error(error_info(NonFiniteAdapter("holds NaN", field="adapter_id")))
+    assert type(back) is FailedPrecondition and back.field == "adapter_id"
