@@ -225,7 +225,7 @@ def agreement(runtime, prompts: list[list[int]], adapters: list, new: int,
     base rows come first in ``prompts``). bf16/int8 arithmetic differs between shapes and kernels, so
     near-ties may flip a token; the shares say how often.
     """
-    decoder = runtime.engine.decoder
+    decoder = runtime.engine.runner.decoder
     graphs = decoder.use_graphs
     _, fast = engine_run(runtime, prompts, adapters, new)
     decoder.use_graphs = False
@@ -320,8 +320,8 @@ def cold_loads_ms(runtime, ids: list[str]) -> tuple[list[float], list[float]]:
         read = time.perf_counter()
 
         def fill(a=adapter):
-            slot = runtime.engine.slots.acquire(a.key, a.lora)
-            runtime.engine.slots.release(slot)
+            slot = runtime.engine.runner.slots.acquire(a.key, a.lora)
+            runtime.engine.runner.slots.release(slot)
             sync(runtime.base.device)
 
         runtime.engine.call(fill).result(60)
@@ -333,7 +333,7 @@ def cold_loads_ms(runtime, ids: list[str]) -> tuple[list[float], list[float]]:
 def replay_ms(runtime, batch: int) -> float | None:
     """Device time of one decode step: a captured graph of this batch bucket (no LoRA) replayed alone, with
     no host work between replays. The engine's step time minus this is the host's share."""
-    cache = runtime.engine.decoder.graphs
+    cache = runtime.engine.runner.decoder.graphs
     keys = [k for k in cache.keys() if k[0] == batch and k[2] == 0]
     if not keys:
         return None
@@ -463,7 +463,7 @@ def main() -> int:
                                                                      hf_tokens)
             note(f"  fast path vs eager path, {label}, 4 base + 4 LoRA rows", f"rows identical {rows_same:.0%}",
                  f"tokens before divergence {tokens_same:.0%}; base rows = HF generate {hf_same:.0%}")
-            note(f"  decode graphs captured, {label}", str(runtime.engine.decoder.captures), "")
+            note(f"  decode graphs captured, {label}", str(runtime.engine.runner.decoder.captures), "")
             adapters = mix = None  # the daemon keeps no unloaded adapter alive: neither may the bench
             pool_before = runtime.store.host_pool.stats()
             loads, reads = cold_loads_ms(runtime, ids[:20])
@@ -476,7 +476,7 @@ def main() -> int:
             add(f"cold LoRA load r16 disk->slot p95, {label}", None, p95, "ms")
         finally:
             runtime.close()
-        runtime.engine.slots.rows.set(None, 0, 1)  # the wrapped layers pass through: no LoRA rows
+        runtime.engine.runner.slots.rows.set(None, 0, 1)  # the wrapped layers pass through: no LoRA rows
         put_back(model, norms)
         if bnb_layers:
             put_back(model, dequantized(bnb_layers, base.dtype))

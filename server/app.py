@@ -41,6 +41,7 @@ from adapterd.server.core.process import EngineProcess
 from adapterd.server.limits import BudgetInterceptor, RpcBudget, hard_rpc_cap
 from adapterd.server.merge import Merger
 from adapterd.server.metrics import DaemonMetrics
+from adapterd.server.model_dir import check_base_dir
 from adapterd.server.rpc_errors import hide_paths
 from adapterd.server.runtime import Runtime
 from adapterd.server.service import AdapterdService, ServingState
@@ -59,23 +60,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Adapterd"].full_name  # "adapterd.v1.Adapterd"
 CORE_METRICS_TIMEOUT_S = 5.0  # a scrape waits this long for the engine core's series, seconds
 DRAIN_POLL_S = 0.05  # how often the drain looks at the count of calls in progress, seconds
-# Any one of these makes a tokenizer (fast, SentencePiece, BPE, WordPiece, tiktoken).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
-                   "tokenizer.tiktoken")
-
-
-def check_base_dir(base: Path) -> None:
-    """Fail at start-up, naming what is missing, rather than minutes later inside transformers (or, worse,
-    with a port that stays NOT_SERVING): the base directory, its config.json, its tokenizer files."""
-    if not base.is_dir():
-        raise ValueError(f"base model directory {base} does not exist")
-    if not (base / "config.json").is_file():
-        raise ValueError(f"base model directory {base} has no config.json")
-    if not any((base / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"base model directory {base} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} "
-                         "is there (save the tokenizer beside the weights: tokenizer.save_pretrained(DIR))")
-
-
 @dataclass
 class Daemon:
     """A running daemon: its server, its shared state, and the port it listens on."""
@@ -113,6 +97,7 @@ class Daemon:
             on_give_up=lambda reason: self._engine_failed())
         if self.metrics is not None:
             self.metrics.attach_engine_core(client.model_info(), self._core_metrics)
+            client.on_adapter_used = self.metrics.labels.record_use
         count = frontend_count(cfg)
         if count > 1:
             shared = (self.budgets.callers.shared, self.budgets.open_calls.shared)
@@ -127,6 +112,7 @@ class Daemon:
         client = await connect_engine_core(self.config, address)
         if self.metrics is not None:
             self.metrics.set_build_info(Path(client.model_info().base_model), client.model_info().quantization)
+            client.on_adapter_used = self.metrics.labels.record_use
         await self._serve_with(client)
 
     async def _serve_with(self, runtime: Runtime | EngineClient) -> None:

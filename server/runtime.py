@@ -73,7 +73,7 @@ class Runtime:
         self.store = AdapterStore(Path(adapter_root), shape, max_loaded_adapter_bytes)
         self.engine = Engine(base, engine_config)
         self.prompts = Prompts(base.tokenizer, base.max_sequence_length)
-        self.store.is_on_device = lambda adapter: self.engine.slots.resident(adapter.key)
+        self.store.is_on_device = lambda adapter: self.engine.runner.slots.resident(adapter.key)
         self.store.on_unload = self.engine.evict
         self._handoffs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventHandoff] = (
             weakref.WeakKeyDictionary())

@@ -49,10 +49,18 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 
 
 def check_adapter_file(adapter_dir: Path) -> None:
-    """Check a saved adapter's weights, as the daemon would read them."""
-    from safetensors.torch import load_file
+    """Check a saved adapter as the daemon and the merger read it (``peft_format``: config, tensor pairing,
+    shapes, finiteness); NonFiniteAdapter naming the tensor that holds NaN or an infinity."""
+    from adapterd.server.adapters.peft_format import check_adapter, check_finite, read_adapter
+    from adapterd.server.errors import FailedPrecondition
 
-    check_finite(load_file(str(adapter_dir / ADAPTER_WEIGHTS)), adapter_dir.name)
+    files = read_adapter(adapter_dir, adapter_dir)
+    try:
+        check_finite(files.tensors)
+    except FailedPrecondition as exc:
+        raise NonFiniteAdapter(f"{adapter_dir.name}: {exc.message} (lower the learning rate or lora_alpha, or "
+                               "keep gradient clipping on); refusing to export it") from None
+    check_adapter(files)
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,19 +138,6 @@ def read_chat_template(root: Path, path: Path) -> str | None:
     return template or None
 
 
-def read_adapter_files(root: Path, path: Path, *, pin: bool = False, pool: HostBufferPool | None = None,
-                       max_bytes: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """An adapter's config and tensors (pinned, one read, into a buffer lent by ``pool`` when given: see
-    ``read_tensors``), each file confined to ``root``, every kind of damage turned into a clear error."""
-    config = read_config(adapter_file(root, path, CONFIG_FILE))
-    if not os.path.lexists(path / WEIGHTS_FILE):
-        if os.path.lexists(path / "adapter_model.bin"):
-            raise FailedPrecondition("only safetensors weights are loaded (found adapter_model.bin: "
-                                     "convert it with safetensors, pickle is never unpickled)")
-        raise DataLoss(f"{WEIGHTS_FILE} is missing")
-    return config, read_weights(root, path, pin=pin, pool=pool, max_bytes=max_bytes)
-
-
 def read_weights(root: Path, path: Path, *, pin: bool = False, pool: HostBufferPool | None = None,
                  max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """The adapter's ``adapter_model.safetensors``, confined to ``root`` and checked from its header before
@@ -164,44 +150,7 @@ def read_weights(root: Path, path: Path, *, pin: bool = False, pool: HostBufferP
         raise DataLoss(f"{WEIGHTS_FILE} is unreadable ({exc.strerror})") from None
 
 
-@dataclass(frozen=True)
-class ConfigDescription:
-    """What ListAdapters shows of an adapter that is not loaded, or why its config is unusable."""
-
-    type: str = ""
-    base_model: str = ""
-    rank: int = 0
-    num_virtual_tokens: int = 0
-    target_modules: list[str] = field(default_factory=list)
-    error: str = ""
-
-
 def listed_text(value: Any, limit: int = MAX_LISTED_TEXT) -> str:
     """A string fit for a response: clipped to ``limit`` characters, and encodable (JSON may hold lone
     surrogates, which protobuf refuses, and that failed the whole listing)."""
     return str(value)[:limit].encode("utf-8", "replace").decode("utf-8")
-
-
-def _count(config: dict[str, Any], key: str) -> int:
-    """A rank or token count: absent (0, the loader decides from the tensors), or a positive integer."""
-    if key not in config:
-        return 0
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
-        raise FailedPrecondition(f"{CONFIG_FILE}: {key} must be a positive integer, not {listed_text(value)[:40]}")
-    return value
-
-
-def describe_config(config: dict[str, Any]) -> ConfigDescription:
-    """The listing's view of a parsed config; FailedPrecondition for a field that no load could accept."""
-    peft_type = config.get("peft_type", "")
-    if not isinstance(peft_type, str):
-        raise FailedPrecondition(f"{CONFIG_FILE}: peft_type must be a string")
-    targets = config.get("target_modules") or []
-    targets = targets if isinstance(targets, list) else [targets]
-    base_model = config.get("base_model_name_or_path") or ""
-    return ConfigDescription(
-        type=listed_text(peft_type), base_model=listed_text(base_model),
-        rank=_count(config, "r") if peft_type == "LORA" else 0,
-        num_virtual_tokens=_count(config, "num_virtual_tokens") if peft_type == "PREFIX_TUNING" else 0,
-        target_modules=sorted(listed_text(t) for t in targets[:MAX_LISTED_TARGETS]))

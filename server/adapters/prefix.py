@@ -8,11 +8,10 @@ Layer ``l``'s keys are column block ``2l`` and its values block ``2l + 1``, as i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from adapterd.server.adapters.lora_weights import check_finite
+from adapterd.server.adapters.peft_format import PrefixConfig, largest, prefix_table
 from adapterd.server.errors import FailedPrecondition
 
 
@@ -36,26 +35,22 @@ class PrefixWeights:
             served = str(dtype).removeprefix("torch.")
             for i, table in enumerate(tables):
                 kind = "values" if i % 2 else "keys"
-                check_finite(f"prompt_embeddings (layer {i // 2} {kind}, in {served})", table)
+                largest(f"prompt_embeddings (layer {i // 2} {kind}, in {served})", table)
         return moved
 
 
-def parse_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], num_layers: int, kv_heads: int,
+def parse_prefix(config: PrefixConfig, tensors: dict[str, torch.Tensor], num_layers: int, kv_heads: int,
                  head_dim: int) -> PrefixWeights:
-    """Check a PEFT prefix-tuning adapter against the base's shape and split it per layer."""
-    table = tensors.get("prompt_embeddings")
-    if table is None or table.dim() != 2:
-        raise FailedPrecondition("a prefix-tuning adapter must hold one 2-D 'prompt_embeddings' tensor")
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise FailedPrecondition("prefix adapters for encoder-decoder models are not supported")
+    """Check a PEFT prefix-tuning adapter (read by ``peft_format``) against the base's shape and split it
+    per layer."""
+    table = prefix_table(config, tensors)
     v, width = table.shape
     expected = num_layers * 2 * kv_heads * head_dim
-    if width != expected or config.get("num_layers", num_layers) != num_layers:
+    if width != expected or (config.num_layers or num_layers) != num_layers:
         raise FailedPrecondition(
-            f"prefix table is {v}x{width} for {config.get('num_layers')} layers, but the base needs "
+            f"prefix table is {v}x{width} for {config.num_layers} layers, but the base needs "
             f"{num_layers} layers x 2 x {kv_heads} kv heads x {head_dim} = {expected} columns: was it made "
             "for another base?")
-    check_finite("prompt_embeddings", table)
     per_layer = table.view(v, num_layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # [2L, H, V, D]
     keys = [per_layer[2 * i].contiguous() for i in range(num_layers)]
     values = [per_layer[2 * i + 1].contiguous() for i in range(num_layers)]

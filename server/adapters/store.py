@@ -1,7 +1,8 @@
 """The adapter root: discovery, loading and validation against the base, and states for ListAdapters.
 
-Loading reads ``adapter_config.json`` and ``adapter_model.safetensors`` (never pickle), checks the adapter
-against the base, and keeps its tensors on the host, ready to be copied into a device slot by the engine.
+Loading reads ``adapter_config.json`` and ``adapter_model.safetensors`` through ``peft_format`` (the one
+reader of the format; never pickle), checks the adapter against the base, and keeps its tensors on the
+host, ready to be copied into a device slot by the engine.
 Each adapter type registers a loader in ``ADAPTER_KINDS``; nothing else branches on the type.
 """
 
@@ -22,17 +23,21 @@ import torch
 from adapterd.server.adapters.files import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    ConfigDescription,
     adapter_bytes_cap,
     adapter_file,
-    describe_config,
     listed_text,
-    read_adapter_files,
     read_chat_template,
     read_config,
 )
 from adapterd.server.adapters.ids import discover_adapter_ids, resolve_adapter_dir
 from adapterd.server.adapters.lora_weights import LoraWeights, parse_lora
+from adapterd.server.adapters.peft_format import (
+    ConfigDescription,
+    LoraConfig,
+    PrefixConfig,
+    describe_config,
+    read_adapter,
+)
 from adapterd.server.adapters.prefix import PrefixWeights, parse_prefix
 from adapterd.server.errors import AdapterdError, DataLoss, FailedPrecondition, ResourceExhausted
 from adapterd.server.pinned import DEFAULT_MAX_BYTES, HostBufferPool
@@ -131,7 +136,7 @@ def pack_host(tensors: list[torch.Tensor], dtype: torch.dtype, pin: bool,
 
 
 def _load_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[str, Any]:
-    weights = parse_lora(config, tensors, base.linear_shapes, base.max_lora_rank, base.dtype)
+    weights = parse_lora(LoraConfig.from_dict(config), tensors, base.linear_shapes, base.max_lora_rank, base.dtype)
     modules = list(weights.modules.values())
     if any(t.dtype != base.dtype for m in modules for t in (m.a, m.b)):  # else: already one pinned buffer
         packed = pack_host([t for m in modules for t in (m.a, m.b)], base.dtype, pin=base.device.type == "cuda",
@@ -142,7 +147,8 @@ def _load_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: B
 
 
 def _load_prefix(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[str, Any]:
-    weights = parse_prefix(config, tensors, base.num_layers, base.num_kv_heads, base.head_dim)
+    weights = parse_prefix(PrefixConfig.from_dict(config), tensors, base.num_layers, base.num_kv_heads,
+                           base.head_dim)
     return {"prefix": weights.to(base.device, base.dtype)}
 
 
@@ -373,9 +379,8 @@ class AdapterStore:
         return described
 
     def _read(self, adapter_id: str, path: Path) -> LoadedAdapter:
-        config, tensors = read_adapter_files(self.root, path, pool=self.host_pool, max_bytes=self.max_adapter_bytes)
-        describe_config(config)  # what the listing refuses (a rank of -1, ...), a load refuses too
-        peft_type = str(config.get("peft_type", ""))
+        files = read_adapter(self.root, path, pool=self.host_pool, max_bytes=self.max_adapter_bytes)
+        config, tensors, peft_type = files.raw, files.tensors, files.peft_type
         loader = ADAPTER_KINDS.get(peft_type)
         if loader is None:
             raise FailedPrecondition(f"adapter type {peft_type!r} is not served (served: "

@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -61,6 +61,9 @@ class EngineClient:
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count(1)
         self._receiver: asyncio.Task | None = None
+        # Called with each adapter id that resolved (it loaded in the core): the front end's metrics labels
+        # count uses here, as the engine's observer does where the engine runs in the same process.
+        self.on_adapter_used: Callable[[str], None] | None = None
 
     async def connect(self, timeout: float) -> None:
         """Start reading the core's frames and ask what it serves (``timeout`` seconds at most)."""
@@ -153,7 +156,10 @@ class EngineClient:
         """The adapter, loaded in the core if it was not (NOT_FOUND, FAILED_PRECONDITION... as the store says)."""
         if not adapter_id:
             return None
-        return msgspec.convert(await self.call("adapter", adapter_id, field), AdapterRef)
+        ref = msgspec.convert(await self.call("adapter", adapter_id, field), AdapterRef)
+        if self.on_adapter_used is not None:
+            self.on_adapter_used(ref.adapter_id)
+        return ref
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: AdapterRef | None,
                        request_id: str | None = None) -> AsyncIterator[GenerationEvent]:

@@ -99,8 +99,11 @@ _DOMAIN = {cls.__name__: cls for cls in vars(errors).values()
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
+    """A domain error by the name of its nearest class in ``server/errors.py`` (a subclass defined elsewhere
+    keeps its status code); anything else by its type alone."""
     if isinstance(exc, errors.AdapterdError):
-        return ErrorInfo(type(exc).__name__, exc.message, exc.field)
+        kind = next(cls.__name__ for cls in type(exc).__mro__ if _DOMAIN.get(cls.__name__) is cls)
+        return ErrorInfo(kind, exc.message, exc.field)
     return ErrorInfo("", f"{type(exc).__name__}")
 
 

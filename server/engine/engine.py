@@ -20,19 +20,14 @@ from typing import Any
 
 import torch
 
-from adapterd.server.adapters.lora import LoraSlotTable
-from adapterd.server.adapters.prefix import PrefixWeights
 from adapterd.server.adapters.store import LoadedAdapter
-from adapterd.server.engine.batch import Row, RunningBatch
-from adapterd.server.engine.decode_step import DecodeStep
+from adapterd.server.engine.batch import Row
 from adapterd.server.engine.failures import Breakage, is_device_failure, nonfinite_message
-from adapterd.server.engine.kv_pool import KvPool
 from adapterd.server.engine.observer import ObserverList
-from adapterd.server.engine.prefill_step import PrefillStep
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
+from adapterd.server.engine.runner import ModelRunner
 from adapterd.server.engine.sampling import BatchSampler, RowSampler, logits_width
 from adapterd.server.engine.scheduler import Candidate, Capacity, schedule
-from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
 from adapterd.server.errors import AdapterdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from adapterd.server.model import BaseModel
 
@@ -55,21 +50,13 @@ class Engine:
     def __init__(self, base: BaseModel, config: EngineConfig) -> None:
         self.base = base
         self.config = config
-        self.int8_kernel_layers = use_int8_kernel(base, config.int8_kernel, config.max_batch_size)
-        self.fused_norms = use_fused_norms(base, config.fused_kernels)
-        self.slots = LoraSlotTable(base.model, config.lora_slots, config.max_lora_rank, base.dtype, base.device)
-        self.slots.rows.use_kernel = config.fused_kernels  # BGMV kernels for LoRA in decode steps (GPU)
-        self.pool = KvPool(base.num_layers, base.num_kv_heads, base.head_dim, base.dtype, base.device,
-                           max_rows=config.max_batch_size, max_capacity=base.max_sequence_length)
-        self.batch = RunningBatch(self.pool)
-        self.decoder = DecodeStep(base, self.pool, self.slots, config.max_batch_size, config.cuda_graphs)
-        self.prefiller = PrefillStep(base, self.pool, self.slots, config.cuda_graphs)
+        self.runner = ModelRunner(base, config)  # slots, the key/value pool and batch, the forwards
+        self.batch = self.runner.batch
         self.waiting: deque[Row] = deque()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._queued = 0  # submitted and not yet admitted (inbox + waiting)
         self._lock = threading.Lock()
         self._rows_by_id: dict[str, Row] = {}
-        self._evict_later: set[str] = set()
         self._prefilling: list[Row] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -119,14 +106,11 @@ class Engine:
 
     def evict(self, adapter: LoadedAdapter) -> concurrent.futures.Future:
         """Free an unloaded adapter's slot now, or when the last row using it leaves."""
-        def _evict() -> None:
-            if not self.slots.evict(adapter.key):
-                self._evict_later.add(adapter.key)
-        return self.call(_evict)
+        return self.call(lambda: self.runner.evict(adapter.key))
 
     def stats(self) -> dict[str, int]:
         """Rows running, requests waiting, and LoRA slots pinned by a running row."""
-        return {"running": len(self.batch), "waiting": self._queued, "pinned_slots": self.slots.pinned()}
+        return {"running": len(self.batch), "waiting": self._queued, "pinned_slots": self.runner.slots.pinned()}
 
     # ------------------------------------------------------------------ the loop, engine thread
 
@@ -234,9 +218,7 @@ class Engine:
         for i in plan.passed_over:
             waiting[i].passed_over += 1
         chosen = [waiting[i] for i in plan.admit]
-        for row in sorted((r for r in chosen if r.lora_key and not r.slot),  # a slot kept from a failed step
-                          key=lambda r: not self.slots.resident(r.lora_key)):
-            row.slot = self.slots.acquire(row.lora_key, row.adapter.lora) or 0
+        self.runner.activate(chosen)
         admitted = [r for r in chosen if r.lora_key is None or r.slot]
         now = time.monotonic()
         for row in admitted:
@@ -251,55 +233,29 @@ class Engine:
             self._queued -= n
 
     def _prefill(self, rows: list[Row]) -> None:
-        prompts = [r.prompt_ids for r in rows]
-        prefixes = [r.adapter.prefix if r.num_virtual_tokens else None for r in rows]
-        self.sampler.place(len(self.batch), [r.sampler for r in rows], prompts)  # the positions they join at
-        if self.prefiller.fits(len(self.batch), prompts, prefixes):
-            self._prefill_into_pool(rows, prompts, prefixes)
-        else:  # the padded shape exceeds the pool's limits
-            self._prefill_through_cache(rows)
-
-    def _prefill_into_pool(self, rows: list[Row], prompts: list[list[int]],
-                           prefixes: list[PrefixWeights | None]) -> None:
-        """The prompts (after any prefix's virtual tokens) go straight into their pool rows (prefill_step.py)."""
+        """The runner prefills them; their first tokens are sampled; those still going join the batch."""
         first = len(self.batch)
-        logits = self.prefiller.run(first, prompts, [r.slot for r in rows], prefixes)
+        self.sampler.place(first, [r.sampler for r in rows], [r.prompt_ids for r in rows])  # where they join
+        prefilled = self.runner.prefill(rows)
         for row in rows:
-            row.kv_len = row.next_position = row.num_virtual_tokens + len(row.prompt_ids)
             row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
-        self._sample_and_emit(rows, logits, first)
+        self._sample_and_emit(rows, prefilled.logits, first)
         self.observers.prefill_done(rows, sum(len(r.prompt_ids) for r in rows))
-        self.batch.rows.extend(rows)
-        self._retire([first + i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
-
-    def _prefill_through_cache(self, rows: list[Row]) -> None:
-        """The general prefill, for a shape the pool cannot take at once (prefill_step.py): a transient cache
-        whose live entries then move into the pool."""
-        prompts = [r.prompt_ids for r in rows]
-        prefixes = [r.adapter.prefix if r.num_virtual_tokens else None for r in rows]
-        logits, cache, mask, next_positions = self.prefiller.through_cache(prompts, prefixes, [r.slot for r in rows])
-        for row, position in zip(rows, next_positions, strict=True):
-            row.next_position = position
-            row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
-        first = len(self.batch)
-        self._sample_and_emit(rows, logits, first)
-        self.observers.prefill_done(rows, sum(len(p) for p in prompts))
-        live = [i for i, r in enumerate(rows) if r.finished == StopReason.NOT_FINISHED]
-        self.sampler.keep(list(range(first)) + [first + i for i in live])  # as batch.join appends them
-        for row in rows:
-            if row.finished != StopReason.NOT_FINISHED:
-                self._finish(row)
-        if live:
-            self.batch.join(rows, cache, mask, live)
+        done = [i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED]
+        if prefilled.cache is None:  # straight into the pool: all join, those done leave at once
+            self.runner.join(rows, prefilled, list(range(len(rows))))
+            self._retire([first + i for i in done])
+            return
+        live = [i for i in range(len(rows)) if i not in set(done)]
+        self.sampler.keep(list(range(first)) + [first + i for i in live])  # as the batch appends them
+        for i in done:
+            self._finish(rows[i])
+        self.runner.join(rows, prefilled, live)
 
     def _decode(self) -> None:
         rows = self.batch.rows
         started = time.perf_counter()
-        logits = self.decoder.run([r.last_token for r in rows], [r.next_position for r in rows],
-                                  [r.kv_len for r in rows], [r.slot for r in rows])
-        for row in rows:
-            row.next_position += 1
-            row.kv_len += 1
+        logits = self.runner.decode()
         self._sample_and_emit(rows, logits, 0)
         self.observers.decode_step(rows, time.perf_counter() - started)
         self._retire([i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
@@ -345,18 +301,13 @@ class Engine:
         for i in indices:
             self._finish(self.batch.rows[i])
         before = {id(row): i for i, row in enumerate(self.batch.rows)}
-        self.batch.keep([i for i in range(len(self.batch.rows)) if i not in gone])
+        self.runner.keep([i for i in range(len(self.batch.rows)) if i not in gone])
         self.sampler.keep([before[id(row)] for row in self.batch.rows])  # its positions follow the rows
 
     def _finish(self, row: Row) -> None:
         """Send the last event and give back the row's slot."""
         self._rows_by_id.pop(row.request_id, None)
-        if row.slot:
-            self.slots.release(row.slot)
-            key = row.lora_key
-            if key in self._evict_later and self.slots.evict(key):
-                self._evict_later.discard(key)
-            row.slot = 0
+        self.runner.release(row)
         self.observers.request_finished(row)
         row.emit(GenerationEvent("end", generated_token_count=len(row.generated), stop_reason=row.finished,
                                  token_ids=list(row.generated), error=row.error))
@@ -371,13 +322,13 @@ class Engine:
         in_batch = {id(r) for r in self.batch.rows}
         rows = self.batch.rows + [r for r in self._prefilling
                                   if id(r) not in in_batch and r.finished == StopReason.NOT_FINISHED]
-        self.batch.clear(release=release)
+        self.runner.clear(release)
         self.sampler.keep([])
         self._prefilling = []
         for row in rows:
             self._rows_by_id.pop(row.request_id, None)
-            if row.slot:
-                self.slots.release(row.slot)
+            if row.slot:  # the count only: with the device failed, no slot is evicted (that writes to it)
+                self.runner.slots.release(row.slot)
                 row.slot = 0
             row.finished = StopReason.ERROR
             self.observers.request_finished(row)

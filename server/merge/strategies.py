@@ -26,8 +26,8 @@ from typing import ClassVar
 
 import torch
 
+from ..adapters.peft_format import LoraModule
 from ..errors import FailedPrecondition, InvalidArgument
-from .lora import LoraModule
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (lora_A (r, in), lora_B (out, r))
 
@@ -53,9 +53,9 @@ class Strategy(ABC):
         """The new adapter's rank from the inputs' PEFT ranks; ``requested`` 0 means the default."""
 
     @abstractmethod
-    def combine(self, modules: list[LoraModule], weights: list[float], rank: int,
+    def combine(self, name: str, modules: list[LoraModule], weights: list[float], rank: int,
                 opts: CombineOptions) -> Factors:
-        """The new (A, B) of one module from the adapters that target it (in request order)."""
+        """The new (A, B) of module ``name`` from the adapters that target it (in request order)."""
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -98,19 +98,19 @@ class _EqualRank(Strategy):
                                   f"{ranks[0]}", field="rank")
         return ranks[0]
 
-    def combine(self, modules: list[LoraModule], weights: list[float], rank: int,
+    def combine(self, name: str, modules: list[LoraModule], weights: list[float], rank: int,
                 opts: CombineOptions) -> Factors:
         if len({m.rank for m in modules}) != 1:
-            raise FailedPrecondition(f"{modules[0].name}: the adapters' ranks differ there "
+            raise FailedPrecondition(f"{name}: the adapters' ranks differ there "
                                      f"({[m.rank for m in modules]}); use cat or svd", field="adapters")
         signed, unsigned = [], []
         for module, weight in zip(modules, weights, strict=True):
             ws = weight * module.scaling
             signed.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
             unsigned.append(math.sqrt(abs(ws)))
-        dtype = modules[0].lora_a.dtype
-        a = self.merge_factor([m.lora_a for m in modules], torch.tensor(signed), opts)
-        b = self.merge_factor([m.lora_b for m in modules], torch.tensor(unsigned), opts)
+        dtype = modules[0].a.dtype
+        a = self.merge_factor([m.a for m in modules], torch.tensor(signed), opts)
+        b = self.merge_factor([m.b for m in modules], torch.tensor(unsigned), opts)
         return a.to(dtype), b.to(dtype)
 
     @abstractmethod
@@ -186,12 +186,12 @@ class Cat(Strategy):
                                   field="rank")
         return total
 
-    def combine(self, modules: list[LoraModule], weights: list[float], rank: int,
+    def combine(self, name: str, modules: list[LoraModule], weights: list[float], rank: int,
                 opts: CombineOptions) -> Factors:
         """Stack the factors, then zero-pad to ``rank`` as PEFT does for modules some adapters skip."""
-        dtype = modules[0].lora_a.dtype
-        a = torch.cat([m.lora_a * w * m.scaling for m, w in zip(modules, weights, strict=True)], dim=0)
-        b = torch.cat([m.lora_b for m in modules], dim=1)
+        dtype = modules[0].a.dtype
+        a = torch.cat([m.a * w * m.scaling for m, w in zip(modules, weights, strict=True)], dim=0)
+        b = torch.cat([m.b for m in modules], dim=1)
         out_a = torch.zeros(rank, a.shape[1], dtype=dtype)
         out_b = torch.zeros(b.shape[0], rank, dtype=dtype)
         out_a[: a.shape[0]] = a
@@ -206,23 +206,23 @@ class Svd(Strategy):
     def new_rank(self, ranks: list[int], requested: int) -> int:
         return requested or max(ranks)
 
-    def combine(self, modules: list[LoraModule], weights: list[float], rank: int,
+    def combine(self, name: str, modules: list[LoraModule], weights: list[float], rank: int,
                 opts: CombineOptions) -> Factors:
         """Truncated SVD of the weighted sum of deltas (fp32, shape (out, in)): A = Vh_r, B = U_r diag(S_r).
 
         PEFT calls ``torch.linalg.svd(full_matrices=True)``; the reduced SVD has the same leading
         singular triplets and, for a 4096 x 11008 delta, does not build an 11008 x 11008 matrix.
         """
-        out_f, in_f = modules[0].lora_b.shape[0], modules[0].lora_a.shape[1]
+        out_f, in_f = modules[0].b.shape[0], modules[0].a.shape[1]
         if rank > min(out_f, in_f):
-            raise InvalidArgument(f"rank {rank} exceeds {modules[0].name}'s smaller side {min(out_f, in_f)}",
+            raise InvalidArgument(f"rank {rank} exceeds {name}'s smaller side {min(out_f, in_f)}",
                                   field="rank")
         from peft.utils.merge_utils import task_arithmetic
 
-        deltas = [torch.mm(m.lora_b.float(), m.lora_a.float()) * m.scaling for m in modules]
+        deltas = [torch.mm(m.b.float(), m.a.float()) * m.scaling for m in modules]
         delta = task_arithmetic(deltas, torch.tensor(weights, dtype=torch.float32))
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        dtype = modules[0].lora_a.dtype
+        dtype = modules[0].a.dtype
         return vh[:rank].to(dtype).contiguous(), (u[:, :rank] @ torch.diag(s[:rank])).to(dtype).contiguous()
 
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
+from ..adapters.peft_format import LoraModule
 from ..errors import FailedPrecondition
-from .lora import LoraAdapter, LoraModule
+from .lora import LoraAdapter, key_prefix
 from .strategies import CombineOptions, Strategy
 
 # (modules_done, modules_total, bytes_written); may raise to cancel.
@@ -54,7 +55,7 @@ def check_shapes(adapters: list[LoraAdapter]) -> None:
     seen: dict[str, tuple[str, tuple[int, int]]] = {}
     for adapter in adapters:
         for name, module in adapter.modules.items():
-            shape = (int(module.lora_b.shape[0]), int(module.lora_a.shape[1]))
+            shape = (int(module.b.shape[0]), int(module.a.shape[1]))
             first = seen.setdefault(name, (adapter.adapter_id, shape))
             if first[1] != shape:
                 raise FailedPrecondition(
@@ -62,9 +63,8 @@ def check_shapes(adapters: list[LoraAdapter]) -> None:
                     "the adapters were made for different base models", field="adapters")
 
 
-def union_targets(configs: list[dict[str, Any]]) -> list[str] | str:
+def union_targets(targets: list[list[str] | str | None]) -> list[str] | str:
     """PEFT's rule for the new ``target_modules``: the union of lists, or regexes joined with ``|``."""
-    targets = [c.get("target_modules") for c in configs]
     if all(isinstance(t, str) for t in targets):
         return "|".join(f"({t})" for t in targets)
     if all(isinstance(t, list) for t in targets):
@@ -78,9 +78,9 @@ def new_config(adapters: list[LoraAdapter], rank: int, patterns: dict[str, int])
     targets. ``use_rslora`` is turned off: with it PEFT's own result would be scaled by sqrt(rank), a bug.
     Modules whose rank differs from ``rank`` get ``rank_pattern``/``alpha_pattern`` entries (still scaling 1).
     """
-    config = dict(adapters[0].config)
+    config = dict(adapters[0].config.raw)
     config.update(r=rank, lora_alpha=rank, use_rslora=False,
-                  target_modules=union_targets([a.config for a in adapters]),
+                  target_modules=union_targets([a.config.target_modules for a in adapters]),
                   rank_pattern=dict(patterns), alpha_pattern=dict(patterns))
     return config
 
@@ -98,8 +98,8 @@ def combine(adapters: list[tuple[LoraAdapter, float]], strategy: Strategy, opts:
         progress(0, len(names), 0)
     for done, name in enumerate(names, 1):
         present: list[tuple[LoraModule, float]] = [(a.modules[name], w) for a, w in adapters if name in a.modules]
-        lora_a, lora_b = strategy.combine([m for m, _ in present], [w for _, w in present], rank, opts)
-        prefix = present[0][0].key_prefix
+        lora_a, lora_b = strategy.combine(name, [m for m, _ in present], [w for _, w in present], rank, opts)
+        prefix = key_prefix(name)
         state[f"{prefix}.lora_A.weight"] = lora_a.contiguous()
         state[f"{prefix}.lora_B.weight"] = lora_b.contiguous()
         if lora_a.shape[0] != rank:

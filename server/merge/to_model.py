@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.peft_format import LoraModule
 from ..errors import DataLoss, FailedPrecondition
 from ..safetensors_io import (
     COPY_CHUNK_BYTES,
@@ -32,15 +33,40 @@ from ..safetensors_io import (
     read_rows,
     write_index,
 )
-from .lora import LoraAdapter, LoraModule
+from .lora import LoraAdapter
 
 # (tensors_done, tensors_total, bytes_written). It may raise to cancel the merge; the output is then removed.
 ProgressFn = Callable[[int, int, int], None]
-Target = tuple[LoraModule, float]  # a module's factors and the adapter's weight in the sum
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3  # file layout only: the streaming writer does not hold a shard in RAM
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 PROVENANCE_FILE = "adapterd_merge.json"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapter's module to add to a base weight: its factors, the adapter's weight in the sum, and
+    whether the base stores that weight ``(in, out)`` (GPT-2's Conv1D: PEFT's ``fan_in_fan_out``)."""
+
+    module: LoraModule
+    weight: float
+    fan_in_fan_out: bool
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape of the base weight this delta is added to."""
+        out_f, in_f = int(self.module.b.shape[0]), int(self.module.a.shape[1])
+        return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
+
+    def add_to(self, rows: torch.Tensor, first_row: int = 0) -> None:
+        """``rows += weight * delta[first_row : first_row + len(rows)]`` in place (delta transposed for
+        fan_in_fan_out: ``(B @ A).T = A.T @ B.T``, as PEFT's ``get_delta_weight``).
+
+        Fused (``addmm_``), so no (out, in) temporary is made; ``rows`` is a block of the base weight as
+        stored (fp32 or fp64; the factors are cast to its dtype)."""
+        a, b = self.module.a.to(rows.dtype), self.module.b.to(rows.dtype)
+        left, right = (a.T, b.T) if self.fan_in_fan_out else (b, a)
+        rows.addmm_(left[first_row: first_row + rows.shape[0]], right, alpha=self.weight * self.module.scaling)
 
 
 @dataclass(frozen=True)
@@ -81,17 +107,18 @@ def map_targets(adapters: list[tuple[LoraAdapter, float]], entries: list[TensorE
     targets: dict[str, list[Target]] = {}
     for i, (adapter, weight) in enumerate(adapters):
         field = f"adapters[{i}].adapter_id"
-        for module in adapter.modules.values():
-            key = _base_key(module.name, names)
+        for name, module in adapter.modules.items():
+            key = _base_key(name, names)
             if key is None:
-                raise FailedPrecondition(f"adapter {adapter.adapter_id!r} targets {module.name}, which the base "
+                raise FailedPrecondition(f"adapter {adapter.adapter_id!r} targets {name}, which the base "
                                          "has no weight for (made for another base model?)", field=field)
-            if by_name[key].shape != module.weight_shape:
+            target = Target(module, weight, adapter.config.fan_in_fan_out)
+            if by_name[key].shape != target.weight_shape:
                 raise FailedPrecondition(
-                    f"adapter {adapter.adapter_id!r}: {module.name} expects a weight of shape "
-                    f"{module.weight_shape}, the base has {by_name[key].shape} (made for another base?)",
+                    f"adapter {adapter.adapter_id!r}: {name} expects a weight of shape "
+                    f"{target.weight_shape}, the base has {by_name[key].shape} (made for another base?)",
                     field=field)
-            targets.setdefault(key, []).append((module, weight))
+            targets.setdefault(key, []).append(target)
     return targets
 
 
@@ -108,8 +135,8 @@ def merged_blocks(entry: TensorEntry, targets: list[Target], block_bytes: int) -
         acc = stored if stored.dtype in (torch.float32, torch.float64) else stored.to(torch.float32)
         dtype = stored.dtype
         del stored  # for bf16/fp16 bases the fp32 block is now the only copy
-        for module, weight in targets:
-            module.add_to(acc, weight, first)
+        for target in targets:
+            target.add_to(acc, first)
         block = acc.to(dtype)
         del acc
         yield block

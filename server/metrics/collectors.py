@@ -76,7 +76,7 @@ class AdapterCacheCollector(RuntimeCollector):
         )
 
     def _fill(self, runtime: Any, families: tuple[Metric, ...]) -> None:
-        table = runtime.engine.slots
+        table = runtime.engine.runner.slots
         on_cuda = runtime.base.device.type == "cuda"
         resident, slots, used, fills, evictions, pool_bytes, fallbacks = families
         counts = dict.fromkeys(TIERS, 0)
@@ -113,11 +113,11 @@ class EngineCollector(RuntimeCollector):
     def _fill(self, runtime: Any, families: tuple[Metric, ...]) -> None:
         engine = runtime.engine
         held, captures, swapped = families
-        for kind, step in (("decode", engine.decoder), ("prefill", engine.prefiller)):
+        for kind, step in (("decode", engine.runner.decoder), ("prefill", engine.runner.prefiller)):
             held.add_metric([kind], len(step.graphs))
             captures.add_metric([kind], step.graphs.captures)
-        swapped.add_metric(["int8_matmul"], engine.int8_kernel_layers)
-        swapped.add_metric(["rms_norm"], engine.fused_norms)
+        swapped.add_metric(["int8_matmul"], engine.runner.int8_kernel_layers)
+        swapped.add_metric(["rms_norm"], engine.runner.fused_norms)
 
 
 def _number(value: Any) -> float | None:

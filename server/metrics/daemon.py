@@ -68,9 +68,7 @@ class DaemonMetrics:
         from its base model and quantization (refined by ``attach`` once the model has loaded). Front ends
         2..N (``frontend_index`` >= 1) count their RPCs and their process only: the first reports the rest."""
         if frontend_index:
-            metrics = cls(gpu=False, process_namespace=f"adapterd_frontend_{frontend_index}")
-            metrics.interceptor.counts_uses = True
-            return metrics
+            return cls(gpu=False, process_namespace=f"adapterd_frontend_{frontend_index}")
         metrics = cls(runs_root=config.runs, gpu=not config.engine_process)
         metrics.set_build_info(Path(config.base), config.quantization)
         return metrics
@@ -109,7 +107,6 @@ class DaemonMetrics:
         """Serve the engine core's series beside this process's (remote.py); ``info``: the core's ModelInfo."""
         self.set_build_info(Path(info.base_model), info.quantization)
         self.served.engine_core = exposition
-        self.interceptor.counts_uses = True
 
     def adapter_loaded(self, adapter_id: str, seconds: float, result: LoadedAdapter | BaseException) -> None:
         """The store's hook: one load attempt of ``adapter_id`` took ``seconds``, and gave ``result``."""

@@ -40,7 +40,6 @@ def _code_name(context: Any, fallback: grpc.StatusCode) -> str:
     return fallback.name
 
 
-GENERATION_METHODS = frozenset({"Generate", "GenerateStream", "ChatCompletions", "Completions"})  # gRPC and HTTP
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Wraps each async handler whose response is one message or an async generator; request-streaming
@@ -50,9 +49,6 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, labels: AdapterLabels) -> None:
         self.m = metrics
         self.labels = labels
-        # Where the engine runs in another process, its observer's uses are that process's: a generation
-        # answered OK counts one use of its adapter here (an adapter that served has loaded).
-        self.counts_uses = False
         self._durations: dict[tuple[str, str], Any] = {}
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -76,8 +72,6 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def record_call(self, service: str, method: str, code: str, adapter_id: str | None, started: float) -> None:
         """Count one call that ended with ``code`` (a grpc.StatusCode name) and time it from ``started``
         (``time.perf_counter()``); the HTTP front end counts its requests here too."""
-        if self.counts_uses and code == "OK" and method in GENERATION_METHODS:
-            self.labels.record_use(adapter_id)
         adapter = _NO_ADAPTER if adapter_id is None else self.labels.label(adapter_id)
         self.m.rpcs.inc((service, method, code, adapter))
         key = (service, method)

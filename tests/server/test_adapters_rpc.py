@@ -181,7 +181,7 @@ def test_slots_are_reused_least_recently_used_first(tiny_model_dir, served_root)
                 reply = c.generate("hello world", adapter_id, max_new_tokens=6)
                 ref = reference_greedy(tiny_model_dir, "hello world", served_root / adapter_id, 6)
                 assert reply.text == tok.decode(ref, skip_special_tokens=True), adapter_id
-        assert d.daemon.state.runtime.engine.slots.evictions >= 2
+        assert d.daemon.state.runtime.engine.runner.slots.evictions >= 2
     finally:
         d.stop()
 

@@ -193,7 +193,7 @@ def test_out_of_memory_in_a_step_fails_that_step_only(tiny_model_dir, served_roo
         with AdapterdClient(target, timeout=60) as c:
             before = [c.generate(p, a, max_new_tokens=8).text for p, a in jobs]
         engine = d.daemon.state.runtime.engine
-        real_run = engine.decoder.run  # the decode step, eager or replayed from a CUDA graph
+        real_run = engine.runner.decoder.run  # the decode step, eager or replayed from a CUDA graph
         armed = threading.Event()
 
         def run(*args, **kwargs):
@@ -202,7 +202,7 @@ def test_out_of_memory_in_a_step_fails_that_step_only(tiny_model_dir, served_roo
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return real_run(*args, **kwargs)
 
-        engine.decoder.run = run
+        engine.runner.decoder.run = run
         codes: list[grpc.StatusCode] = []
         started = threading.Barrier(len(jobs) + 1)
 
@@ -226,11 +226,11 @@ def test_out_of_memory_in_a_step_fails_that_step_only(tiny_model_dir, served_roo
         for t in threads:
             t.join(60)
         assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * len(jobs)
-        assert engine.stats() == {"running": 0, "waiting": 0, "pinned_slots": 0} and engine.slots is not None
+        assert engine.stats() == {"running": 0, "waiting": 0, "pinned_slots": 0} and engine.runner.slots is not None
         with AdapterdClient(target, timeout=60) as c:
             after = [c.generate(p, a, max_new_tokens=8).text for p, a in jobs]
         assert after == before
-        del engine.decoder.run
+        del engine.runner.decoder.run
     finally:
         d.stop()
 
@@ -252,7 +252,7 @@ def test_out_of_memory_in_a_prefill_ends_the_requests_being_admitted(tiny_model_
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             del engine._prefill
             key = d.daemon.state.runtime.store.get("lora-qv").key
-            assert engine.call(lambda: engine.slots.evict(key)).result(10)  # its slot is not pinned
+            assert engine.call(lambda: engine.runner.slots.evict(key)).result(10)  # its slot is not pinned
             assert c.generate("你是谁？", "lora-qv", max_new_tokens=4).generated_token_count == 4
     finally:
         d.stop()

@@ -170,7 +170,7 @@ def test_an_engine_that_cannot_serve_turns_health_not_serving(tiny_model_dir, se
             raise getattr(torch, "AcceleratorError", RuntimeError)(
                 "CUDA error: device-side assert triggered")
 
-        engine.decoder.run = broken
+        engine.runner.decoder.run = broken
         with AdapterdClient(f"127.0.0.1:{d.port}", timeout=30) as c:
             with pytest.raises(grpc.RpcError) as err:
                 c.generate("hello", max_new_tokens=4)

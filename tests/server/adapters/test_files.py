@@ -16,9 +16,9 @@ from adapterd.server.adapters.files import (
     adapter_bytes_cap,
     adapter_file,
     parse_config,
-    read_adapter_files,
     read_config,
 )
+from adapterd.server.adapters.peft_format import read_adapter
 from adapterd.server.errors import DataLoss, FailedPrecondition
 from adapterd.server.safetensors_io import read_tensors
 
@@ -91,7 +91,7 @@ def test_files_symlinked_out_of_the_root_are_refused(tmp_path):
     (outside / "adapter_config.json").write_text("{}")
     os.symlink(outside / "adapter_config.json", root / "a" / "adapter_config.json")
     with pytest.raises(FailedPrecondition, match="adapter_config.json resolves outside the adapter root") as err:
-        read_adapter_files(root, root / "a")
+        read_adapter(root, root / "a")
     assert str(tmp_path) not in str(err.value)
     (root / "shared.json").write_text("{}")  # a link that stays inside the root is fine
     os.symlink(root / "shared.json", root / "a" / "inside.json")

@@ -8,6 +8,7 @@ from torch import nn
 
 from adapterd.server.adapters.lora import LoraSlotTable
 from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
+from adapterd.server.adapters.peft_format import LoraConfig, PrefixConfig
 
 
 def weights(name: str, r: int, in_f: int, out_f: int, scaling: float, seed: int) -> LoraWeights:
@@ -136,14 +137,16 @@ def _tensors(r: int = 4, a_value: float | None = None, b_value: float | None = N
     (_tensors(b_value=100.0), {"lora_alpha": 1e38},  # 100 x 2.5e37: past fp32
      f"{KEY.format('B')} times its scaling 2.5e+37 overflows float32"),
     (_tensors(r=0), {}, "rank 0"),
-    ({KEY.format("A"): torch.tensor(1.0), KEY.format("B"): torch.ones(10, 4)}, {}, "do not fit the base"),
+    ({KEY.format("A"): torch.tensor(1.0), KEY.format("B"): torch.ones(10, 4)}, {}, "not (r, in) and (out, r)"),
+    (_tensors(), {"r": 8}, "rank 4 of 'layers.0.q_proj' differs from the config's 8"),  # PEFT refuses it too
+    (_tensors(), {"fan_in_fan_out": True}, "fan_in_fan_out"),
 ])
 def test_non_finite_weights_and_scalings_are_refused_naming_the_tensor(tensors, config, words):
     from adapterd.server.adapters.lora_weights import parse_lora
     from adapterd.server.errors import FailedPrecondition
 
     with pytest.raises(FailedPrecondition) as err:
-        parse_lora(config, tensors, SHAPES, max_rank=64)
+        parse_lora(LoraConfig.from_dict({"r": 4, **config}), tensors, SHAPES, max_rank=64)
     assert words in err.value.message
 
 
@@ -154,9 +157,9 @@ def test_scaled_b_is_checked_in_the_serving_dtype():
 
     tensors = _tensors(b_value=1e5)
     for dtype in (torch.float32, torch.bfloat16):
-        parse_lora({"lora_alpha": 4}, tensors, SHAPES, max_rank=64, dtype=dtype)
+        parse_lora(LoraConfig(r=4, lora_alpha=4), tensors, SHAPES, max_rank=64, dtype=dtype)
     with pytest.raises(FailedPrecondition) as err:
-        parse_lora({"lora_alpha": 4}, tensors, SHAPES, max_rank=64, dtype=torch.float16)
+        parse_lora(LoraConfig(r=4, lora_alpha=4), tensors, SHAPES, max_rank=64, dtype=torch.float16)
     assert err.value.message == f"{KEY.format('B')} times its scaling 1 overflows float16, the serving dtype"
 
 
@@ -165,13 +168,14 @@ def test_prefix_table_is_checked_after_the_cast_to_the_serving_dtype():
     from adapterd.server.errors import FailedPrecondition
 
     table = torch.randn(3, 2 * 2 * 1 * 4)  # 3 virtual tokens, 2 layers x keys/values x 1 head x dim 4
-    parse_prefix({}, {"prompt_embeddings": table}, 2, 1, 4).to(torch.device("cpu"), torch.float16)
+    config = PrefixConfig(num_virtual_tokens=3)
+    parse_prefix(config, {"prompt_embeddings": table}, 2, 1, 4).to(torch.device("cpu"), torch.float16)
     table[1, 5] = float("nan")
     with pytest.raises(FailedPrecondition, match="prompt_embeddings holds NaN"):
-        parse_prefix({}, {"prompt_embeddings": table}, 2, 1, 4)
+        parse_prefix(config, {"prompt_embeddings": table}, 2, 1, 4)
     table[1, 5] = 0.0
     table[1, 1] = 1e6  # finite in fp32, inf in fp16 (column 1: layer 0's keys)
-    weights = parse_prefix({}, {"prompt_embeddings": table}, 2, 1, 4)
+    weights = parse_prefix(config, {"prompt_embeddings": table}, 2, 1, 4)
     with pytest.raises(FailedPrecondition, match=r"prompt_embeddings \(layer 0 keys, in float16\) holds an infinite"):
         weights.to(torch.device("cpu"), torch.float16)
 

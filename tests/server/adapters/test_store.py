@@ -74,7 +74,7 @@ def _storage_ptr(adapter) -> int:
 def test_store_lends_pool_buffers_to_loaded_adapters_and_reuses_them_after_unload(tiny_model_dir, adapter_root):
     import torch
 
-    from adapterd.server.adapters.files import read_adapter_files
+    from adapterd.server.adapters.peft_format import read_adapter
     from adapterd.server.adapters.store import AdapterStore
 
     store = AdapterStore(adapter_root, _cpu_shape(tiny_model_dir, torch.float32))
@@ -89,7 +89,7 @@ def test_store_lends_pool_buffers_to_loaded_adapters_and_reuses_them_after_unloa
     assert _storage_ptr(again) == ptr
     after = store.host_pool.stats()
     assert after["reuses"] == before["reuses"] + 1 and after["allocations"] == before["allocations"]
-    _, want = read_adapter_files(adapter_root, adapter_root / "lora-qv")  # a private read: the values are this file's
+    want = read_adapter(adapter_root, adapter_root / "lora-qv").tensors  # a private read: the values are this file's
     for name, module in again.lora.modules.items():
         a = next(v for k, v in want.items() if k.startswith(f"base_model.model.{name}.lora_A"))
         assert torch.equal(module.a, a)

@@ -118,12 +118,12 @@ def test_any_id_loads_or_fails_with_a_documented_code(world, adapter_id):
 
 
 def test_the_store_still_loads_good_adapters_exactly_after_the_random_ones(world):
-    from adapterd.server.adapters.files import read_adapter_files
+    from adapterd.server.adapters.peft_format import read_adapter
 
     root, store, adapter_root = world
     _check_listing(store, root)
     loaded = store.get("team/lora-all")
-    _, want = read_adapter_files(adapter_root, adapter_root / "team" / "lora-all")
+    want = read_adapter(adapter_root, adapter_root / "team" / "lora-all").tensors
     for name, module in loaded.lora.modules.items():
         assert torch.equal(module.a, want[f"base_model.model.{name}.lora_A.weight"])
         assert torch.equal(module.b, want[f"base_model.model.{name}.lora_B.weight"])

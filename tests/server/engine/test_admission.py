@@ -76,7 +76,7 @@ def _serve_with_failing_acquire(tiny_model_dir, adapter_root, failure):
     jobs = [("hello world", None), ("你是谁？", "lora-qv"), ("hi there", "lora-rs")]
     runtime = Runtime(load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32"), adapter_root,
                       EngineConfig(lora_slots=2))
-    slots = runtime.engine.slots
+    slots = runtime.engine.runner.slots
     real_acquire, failed = slots.acquire, []
 
     def acquire(key, weights):

@@ -91,8 +91,8 @@ def test_mixed_batch_matches_peft_alone(family, shapes):
         assert min(len(base.tokenizer(p).input_ids) for p in PROMPTS[:2]) > window
     runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=32))
     if TEST_DEVICE == "cuda":  # graphs and fused kernels on; Gemma's (1 + weight) norms are never fused
-        assert (runtime.engine.fused_norms > 0) == (base.config.model_type != "gemma")
-    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = shapes == "bucketed"
+        assert (runtime.engine.runner.fused_norms > 0) == (base.config.model_type != "gemma")
+    runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = shapes == "bucketed"
     batches = prefill_kinds(runtime)
     jobs = [(p, a) for p in PROMPTS for a in ADAPTERS]
     try:
@@ -115,7 +115,7 @@ def test_rows_joining_and_leaving_keep_their_tokens(family):
     name, model_dir, adapter_root, refs = family
     runtime = Runtime(load_base_model(model_dir, "none", TEST_DEVICE, "float32"), adapter_root,
                       EngineConfig(max_batch_size=32))
-    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = True
+    runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = True
     jobs = [(p, a, 3 + 4 * (i % 3)) for i, (p, a) in enumerate((p, a) for a in ADAPTERS for p in PROMPTS[:2])]
     waves = (jobs[::2], jobs[1::2])
     try:
@@ -149,10 +149,11 @@ def test_a_windowed_prefill_past_the_pool_matches_peft(tmp_path):
     make_prefix_adapter(model_dir, root / "short", num_virtual_tokens=3, seed=4)
     make_prefix_adapter(model_dir, root / "long", num_virtual_tokens=6, seed=5)
     runtime = Runtime(load_base_model(model_dir, "none", TEST_DEVICE, "float32", 64), root, EngineConfig())
-    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = True
+    runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = True
     general = []
-    real = runtime.engine._prefill_through_cache
-    runtime.engine._prefill_through_cache = lambda rows: (general.append(len(rows)), real(rows))
+    real = runtime.engine.runner.prefiller.through_cache  # the general prefill path (runner.py)
+    runtime.engine.runner.prefiller.through_cache = lambda prompts, *rest: (general.append(len(prompts)),
+                                                                            real(prompts, *rest))[1]
     prompts = ["The quick brown fox jumps over the lazy dog. " * 4, "hello world"]
     jobs = [(prompts[0], "long"), (prompts[1], "short")]  # padding in both the prefix and the prompt columns
     try:

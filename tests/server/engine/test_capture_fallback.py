@@ -29,7 +29,8 @@ def test_failed_captures_fall_back_to_eager_with_the_same_tokens(tiny_model_dir,
     runtime = Runtime(load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32"), adapter_root,
                       EngineConfig(max_batch_size=8))
     engine = runtime.engine
-    engine.decoder.use_graphs = engine.prefiller.use_graphs = True  # as on a GPU, whatever the test device
+    # as on a GPU, whatever the test device
+    engine.runner.decoder.use_graphs = engine.runner.prefiller.use_graphs = True
     try:
         results = run_together(runtime, jobs, GenerationParams(max_new_tokens=new))
     finally:
@@ -37,8 +38,8 @@ def test_failed_captures_fall_back_to_eager_with_the_same_tokens(tiny_model_dir,
     assert [events[-1].token_ids for events in results] == refs
     assert sorted(set(attempts)) == ["decode", "prefill"]  # each kind tried once, then gave up on graphs
     assert attempts.count("decode") == attempts.count("prefill") == 1
-    assert not engine.decoder.use_graphs and not engine.prefiller.use_graphs
-    assert len(engine.decoder.graphs) == len(engine.prefiller.graphs) == 0
+    assert not engine.runner.decoder.use_graphs and not engine.runner.prefiller.use_graphs
+    assert len(engine.runner.decoder.graphs) == len(engine.runner.prefiller.graphs) == 0
 
 
 class EagerGraph:
@@ -70,11 +71,11 @@ def test_out_of_memory_while_capturing_ends_the_rows_and_keeps_serving(kind, tin
     runtime = Runtime(load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32"), adapter_root,
                       EngineConfig(max_batch_size=8))
     engine = runtime.engine
-    engine.decoder.use_graphs = engine.prefiller.use_graphs = True
+    engine.runner.decoder.use_graphs = engine.runner.prefiller.use_graphs = True
     try:
         (first,) = run_together(runtime, [("hello world", None)], GenerationParams(max_new_tokens=4))
         assert isinstance(first[-1].error, ResourceExhausted)
-        assert engine.decoder.use_graphs and engine.prefiller.use_graphs
+        assert engine.runner.decoder.use_graphs and engine.runner.prefiller.use_graphs
         sink = Collector()
         engine.submit("next", runtime.tokenize("hello world"), GenerationParams(max_new_tokens=4), None, sink)
         assert sink.wait_end()[-1].token_ids == reference_greedy(tiny_model_dir, "hello world", None, 4)

@@ -76,10 +76,12 @@ DECODE_MODES = ["exact", "bucketed"]
 def test_mixed_batch_matches_peft_alone(references, decode, tiny_model_dir, adapter_root):
     quantization, refs = references
     runtime = Runtime(_load(tiny_model_dir, quantization), adapter_root, EngineConfig(max_batch_size=64))
-    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = decode == "bucketed"
+    runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = decode == "bucketed"
     observed = prefill_kinds(runtime)
     general = []
-    runtime.engine._prefill_through_cache = general.append  # must not be needed: every shape fits the pool
+    real_general = runtime.engine.runner.prefiller.through_cache
+    runtime.engine.runner.prefiller.through_cache = (  # must not be needed: every shape fits the pool
+        lambda prompts, *rest: (general.append(len(prompts)), real_general(prompts, *rest))[1])
     jobs = [(p, a) for p in PROMPTS for a in ADAPTERS]
     try:
         results = run_together(runtime, jobs, GenerationParams(max_new_tokens=NEW_TOKENS))
@@ -132,7 +134,7 @@ def test_rows_leaving_out_of_order_keep_the_others_tokens(decode, tiny_model_dir
     """Rows finish at different steps; each leaving row's place in the key/value pool is taken by the last
     row, whose entries move. Every row's tokens still equal PEFT's for its prompt and adapter alone."""
     runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
-    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = decode == "bucketed"
+    runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = decode == "bucketed"
     jobs = [(p, a, 3 + 4 * (i % 4)) for i, (p, a) in enumerate((p, a) for a in ADAPTERS for p in PROMPTS[:2])]
     sinks = []
     for i, (prompt, adapter_id, n) in enumerate(jobs):
@@ -166,7 +168,7 @@ def test_cancel_frees_the_row_at_the_next_step(tiny_model_dir, adapter_root):
         assert runtime.engine.call(lambda: len(runtime.engine.batch)).result(10) == 0
         # its LoRA slot is no longer pinned: the adapter can be evicted
         key = runtime.store.get("lora-qv").key
-        assert runtime.engine.call(lambda: runtime.engine.slots.evict(key)).result(10)
+        assert runtime.engine.call(lambda: runtime.engine.runner.slots.evict(key)).result(10)
     finally:
         runtime.close()
 
@@ -179,10 +181,11 @@ def test_a_shape_past_the_pool_takes_the_general_prefill(tiny_model_dir, adapter
 
     runtime = Runtime(load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32", 64), adapter_root,
                       EngineConfig())
-    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = True
+    runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = True
     general = []
-    real = runtime.engine._prefill_through_cache
-    runtime.engine._prefill_through_cache = lambda rows: (general.append(len(rows)), real(rows))
+    real = runtime.engine.runner.prefiller.through_cache  # the general prefill path (runner.py)
+    runtime.engine.runner.prefiller.through_cache = lambda prompts, *rest: (general.append(len(prompts)),
+                                                                            real(prompts, *rest))[1]
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 4
     assert 33 <= len(runtime.tokenize(long_prompt)) <= 64 - 6 - 4  # bucket 64, plus a prefix bucket of 8
     try:

@@ -35,7 +35,7 @@ def _runtime(base, adapter_root, bucketed: bool = False) -> Runtime:
     runtime = Runtime(model, adapter_root, EngineConfig(lora_slots=3, max_batch_size=16))
     # "bucketed": the shapes a GPU replays (padding rows, padded prompts, padding key/value columns) also on
     # the CPU; on a GPU both modes run in CUDA graphs.
-    runtime.engine.decoder.bucketed = runtime.engine.prefiller.bucketed = bucketed
+    runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = bucketed
     return runtime
 
 
@@ -107,7 +107,7 @@ def test_inf_in_a_lora_slot_ends_its_row_alone(base, adapter_root, solo, buckete
     """+inf in the bad row's slot of every lora_A table: x @ A is inf for every row in the dense path, and
     0 x inf = NaN, so a one-hot multiply would poison every row; the select keeps it in its own row."""
     def poison(runtime, row):
-        for layer in runtime.engine.slots.layers.values():
+        for layer in runtime.engine.runner.slots.layers.values():
             layer.lora_a[0, row.slot, 0] = float("inf")
 
     _check(*_run_poisoned(base, adapter_root, poison, bucketed), solo)
@@ -119,7 +119,7 @@ def test_nan_left_in_a_pool_row_is_never_read_by_its_next_owner(base, adapter_ro
     ends, the batch's last row moves into its pool row and reads past its own entries (masked, but 0 x NaN =
     NaN), so those must have been zeroed."""
     def poison(runtime, row):
-        pool = runtime.engine.pool
+        pool = runtime.engine.runner.pool
         for store in pool.keys + pool.values:
             store[0].fill_(float("nan"))  # pool row 0: the bad row, admitted first
         pool.touch(0, 1, pool.capacity)  # as a forward writing there would have recorded
@@ -131,11 +131,11 @@ def test_freed_slot_is_zeroed(base, adapter_root):
     runtime = _runtime(base, adapter_root)
     try:
         adapter = runtime.store.get("lora-qv")
-        slot = runtime.engine.slots.acquire(adapter.key, adapter.lora)
-        layers = runtime.engine.slots.layers.values()
+        slot = runtime.engine.runner.slots.acquire(adapter.key, adapter.lora)
+        layers = runtime.engine.runner.slots.layers.values()
         assert any(bool(layer.lora_a[:, slot].abs().sum() > 0) for layer in layers)
-        runtime.engine.slots.release(slot)
-        assert runtime.engine.slots.evict(adapter.key)
+        runtime.engine.runner.slots.release(slot)
+        assert runtime.engine.runner.slots.evict(adapter.key)
         assert all(not layer.lora_a[:, slot].any() and not layer.lora_b[:, slot].any() for layer in layers)
     finally:
         runtime.close()
@@ -167,7 +167,7 @@ def test_a_failed_prefill_leaves_nothing_in_the_pool(base, adapter_root, solo):
     never joined the batch, and the requests admitted next into the same pool rows must not read them."""
     runtime = _runtime(base, adapter_root)
     engine = runtime.engine
-    real = engine.prefiller.run
+    real = engine.runner.prefiller.run
     armed = [True]
 
     def run(first, prompts, slots, prefixes):
@@ -175,12 +175,12 @@ def test_a_failed_prefill_leaves_nothing_in_the_pool(base, adapter_root, solo):
         if armed:
             armed.clear()
             for row in range(first, first + len(prompts)):  # what a poisoned prompt would have left: NaN in
-                for store in engine.pool.keys + engine.pool.values:  # every entry its forward wrote
-                    store[row, :, :engine.pool.used[row]] = float("nan")
+                for store in engine.runner.pool.keys + engine.runner.pool.values:  # every entry its forward wrote
+                    store[row, :, :engine.runner.pool.used[row]] = float("nan")
             raise torch.OutOfMemoryError("out of memory (simulated)")
         return logits
 
-    engine.prefiller.run = run
+    engine.runner.prefiller.run = run
     try:
         long_prompt = " ".join(["sea"] * 60)  # longer than every innocent prompt: its entries reach past theirs
         failed = _submit(runtime, [(long_prompt, "lora-qv")] * 3, GenerationParams(max_new_tokens=4))

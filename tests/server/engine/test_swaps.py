@@ -56,7 +56,7 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
             for job in jobs}
     base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
     runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True))
-    assert runtime.engine.fused_norms == 2 * base.num_layers + 1
+    assert runtime.engine.runner.fused_norms == 2 * base.num_layers + 1
     kernel_calls = []
     from adapterd.server.kernels import lora_bgmv
 

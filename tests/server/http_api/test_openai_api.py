@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from adapterd.clients import AdapterdClient
-from tests.server.conftest import start_daemon
+from tests.server.conftest import engine_stats, start_daemon
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "你是谁？"}]
 
@@ -121,11 +121,10 @@ def test_a_client_that_leaves_a_stream_frees_its_row(api, served):
     stream = api.completions.create(model="lora-qv", prompt="hello", temperature=0, max_tokens=64, stream=True)
     next(iter(stream))
     stream.close()
-    engine = served.daemon.state.runtime.engine
     deadline = time.monotonic() + 10
-    while engine.stats()["running"] + engine.stats()["waiting"] and time.monotonic() < deadline:
+    while sum(engine_stats(served).values()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.stats()["running"] == 0
+    assert engine_stats(served)["running"] == 0
     assert served.daemon.budgets.callers.in_use == 0
 
 

@@ -131,7 +131,8 @@ try:
 finally:
     runtime.close()
 refs = [reference_greedy(model_dir, p, f"{root}/{a}" if a else None, new, quantization) for p, a in jobs]
-print(json.dumps({"fused_norms": runtime.engine.fused_norms, "int8_layers": runtime.engine.int8_kernel_layers,
+runner = runtime.engine.runner
+print(json.dumps({"fused_norms": runner.fused_norms, "int8_layers": runner.int8_kernel_layers,
                   "tokens": [events[-1].token_ids for events in results], "refs": refs}))
 """
 

@@ -87,7 +87,6 @@ def test_input_files_symlinked_out_of_the_root_are_refused(tiny_model_dir, root,
     {"peft_type": "LORA", "r": 8, "lora_alpha": float("nan")},
     {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "alpha_pattern": {"(a)\\1": 2}},
     {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "rank_pattern": ["q_proj"]},
-    {"peft_type": "LORA", "r": 8},
 ])
 def test_odd_input_configs_are_refused_naming_the_adapter(tiny_model_dir, root, config):
     with open(root / "lora-qv" / "adapter_config.json", "w") as f:

@@ -1,0 +1,118 @@
+"""The runner: the model side of each step, as plain calls that the engine's loop makes.
+
+It owns what lives on the device for the running batch: the LoRA slot table (slot activation and release), the
+key/value pool and the running batch packed in it, the prefill and decode forwards (eager, or replayed from
+CUDA graphs: ``prefill_step.py``, ``decode_step.py``, ``graphs.py``), and the kernel swaps made at start-up
+(``swaps.py``). It returns logits and moves rows' positions; choosing tokens is the sampler's (``sampling.py``),
+who joins is the scheduler's (``scheduler.py``), what the caller is told is the engine's and the output stage's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.adapters.prefix import PrefixWeights
+from adapterd.server.engine.batch import Row, RunningBatch
+from adapterd.server.engine.decode_step import DecodeStep
+from adapterd.server.engine.kv_pool import KvPool
+from adapterd.server.engine.prefill_step import PrefillStep
+from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
+from adapterd.server.model import BaseModel
+
+
+@dataclass
+class Prefilled:
+    """What a prefill gives back: the last position's logits of each row, and for a shape the pool could not
+    take at once, the transient cache and mask its rows join from (``join``)."""
+
+    logits: torch.Tensor
+    cache: Any = None
+    mask: torch.Tensor | None = None
+
+
+class ModelRunner:
+    def __init__(self, base: BaseModel, config: Any) -> None:
+        self.int8_kernel_layers = use_int8_kernel(base, config.int8_kernel, config.max_batch_size)
+        self.fused_norms = use_fused_norms(base, config.fused_kernels)
+        self.slots = LoraSlotTable(base.model, config.lora_slots, config.max_lora_rank, base.dtype, base.device)
+        self.slots.rows.use_kernel = config.fused_kernels  # BGMV kernels for LoRA in decode steps (GPU)
+        self.pool = KvPool(base.num_layers, base.num_kv_heads, base.head_dim, base.dtype, base.device,
+                           max_rows=config.max_batch_size, max_capacity=base.max_sequence_length)
+        self.batch = RunningBatch(self.pool)
+        self.decoder = DecodeStep(base, self.pool, self.slots, config.max_batch_size, config.cuda_graphs)
+        self.prefiller = PrefillStep(base, self.pool, self.slots, config.cuda_graphs)
+        self._evict_later: set[str] = set()  # unloaded adapters whose slot a running row still pins
+
+    # ------------------------------------------------------------------ LoRA slots
+
+    def activate(self, rows: list[Row]) -> None:
+        """Pin a slot for each row's LoRA adapter, adapters already resident first (so that a new one evicts
+        none of them); a row that gets none keeps slot 0 and stays queued."""
+        for row in sorted((r for r in rows if r.lora_key and not r.slot),  # a slot kept from a failed step
+                          key=lambda r: not self.slots.resident(r.lora_key)):
+            row.slot = self.slots.acquire(row.lora_key, row.adapter.lora) or 0
+
+    def release(self, row: Row) -> None:
+        """Give back the row's slot, evicting its adapter if it was unloaded meanwhile."""
+        if not row.slot:
+            return
+        self.slots.release(row.slot)
+        key = row.lora_key
+        if key in self._evict_later and self.slots.evict(key):
+            self._evict_later.discard(key)
+        row.slot = 0
+
+    def evict(self, key: str) -> None:
+        """Free an unloaded adapter's slot now, or when the last row using it leaves."""
+        if not self.slots.evict(key):
+            self._evict_later.add(key)
+
+    # ------------------------------------------------------------------ forwards
+
+    def prefill(self, rows: list[Row]) -> Prefilled:
+        """Prefill ``rows`` (joining after the running batch) and set their positions. Straight into their pool
+        rows when the padded shape fits the pool; else through a transient cache (``join`` moves them in)."""
+        prompts = [r.prompt_ids for r in rows]
+        prefixes: list[PrefixWeights | None] = [r.adapter.prefix if r.num_virtual_tokens else None for r in rows]
+        slots = [r.slot for r in rows]
+        first = len(self.batch)
+        if self.prefiller.fits(first, prompts, prefixes):
+            logits = self.prefiller.run(first, prompts, slots, prefixes)
+            for row in rows:
+                row.kv_len = row.next_position = row.num_virtual_tokens + len(row.prompt_ids)
+            return Prefilled(logits)
+        logits, cache, mask, next_positions = self.prefiller.through_cache(prompts, prefixes, slots)
+        for row, position in zip(rows, next_positions, strict=True):
+            row.next_position = position
+        return Prefilled(logits, cache, mask)
+
+    def join(self, rows: list[Row], prefilled: Prefilled, live: list[int]) -> None:
+        """Add the prefilled rows at ``live`` (indices into ``rows``) to the running batch, after its rows.
+        Straight into the pool, every row is in its pool row already: all join (the engine retires those that
+        finished at their first token)."""
+        if prefilled.cache is None:
+            self.batch.rows.extend(rows)
+        elif live:
+            self.batch.join(rows, prefilled.cache, prefilled.mask, live)
+
+    def decode(self) -> torch.Tensor:
+        """One decode step for every running row: each row's next logits; positions advance by one."""
+        rows = self.batch.rows
+        logits = self.decoder.run([r.last_token for r in rows], [r.next_position for r in rows],
+                                  [r.kv_len for r in rows], [r.slot for r in rows])
+        for row in rows:
+            row.next_position += 1
+            row.kv_len += 1
+        return logits
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the running rows at ``indices`` (the rest left the batch)."""
+        self.batch.keep(indices)
+
+    def clear(self, release: bool) -> None:
+        """Empty the batch after a failed step; ``release=False`` when the device failed (nothing touched)."""
+        self.batch.clear(release=release)
