@@ -85,3 +85,21 @@ class Prompts:
             raise InvalidArgument(f"prompt has {len(ids)} tokens; at most {limit} are taken (set "
                                   "truncate_input_tokens to keep only the last ones)", field=field)
         return PreparedPrompt(ids=ids, truncated=truncated)
+
+
+class PromptsFacade:
+    """The prompt methods of the runtime facade (``Runtime``, ``EngineClient``), answered by ``self.prompts``."""
+
+    prompts: Prompts
+
+    async def tokenize_text(self, text: str, with_pieces: bool = False,
+                            special_tokens: bool = True) -> tuple[list[int], list[str]]:
+        return await self.prompts.tokenize_text(text, with_pieces, special_tokens)
+
+    async def render_messages(self, messages: list[dict[str, str]], adapter: AdapterRef | None) -> str:
+        return await self.prompts.render_messages(messages, adapter)
+
+    async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0, *,
+                         special_tokens: bool = True, field: str = "prompt") -> PreparedPrompt:
+        return await self.prompts.prompt_ids(prompt, truncate_to, max_input_tokens, virtual_tokens,
+                                             special_tokens=special_tokens, field=field)

@@ -24,7 +24,7 @@ from adapterd.server.core.protocol import AdapterRef, ModelInfo
 from adapterd.server.engine import Engine, EngineConfig, GenerationEvent, GenerationParams
 from adapterd.server.engine.output import RequestOutput, text_events
 from adapterd.server.model import BaseModel, load_base_model
-from adapterd.server.prompts import PreparedPrompt, Prompts
+from adapterd.server.prompts import PreparedPrompt, Prompts, PromptsFacade
 
 __all__ = ["EventHandoff", "PreparedPrompt", "Runtime", "request_name"]
 
@@ -62,7 +62,7 @@ class EventHandoff:
             queue.put_nowait(event)
 
 
-class Runtime:
+class Runtime(PromptsFacade):
     def __init__(self, base: BaseModel, adapter_root: Path, engine_config: EngineConfig,
                  max_loaded_adapter_bytes: int | None = None) -> None:
         self.base = base
@@ -109,18 +109,6 @@ class Runtime:
 
     def tokenize(self, text: str, special_tokens: bool = True) -> list[int]:
         return self.prompts.tokenize(text, special_tokens)
-
-    async def tokenize_text(self, text: str, with_pieces: bool = False,
-                            special_tokens: bool = True) -> tuple[list[int], list[str]]:
-        return await self.prompts.tokenize_text(text, with_pieces, special_tokens)
-
-    async def render_messages(self, messages: list[dict[str, str]], adapter: AdapterRef | None) -> str:
-        return await self.prompts.render_messages(messages, adapter)
-
-    async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0, *,
-                         special_tokens: bool = True, field: str = "prompt") -> PreparedPrompt:
-        return await self.prompts.prompt_ids(prompt, truncate_to, max_input_tokens, virtual_tokens,
-                                             special_tokens=special_tokens, field=field)
 
     def prepare_prompt(self, prompt: str, truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0,
                        special_tokens: bool = True, field: str = "prompt") -> PreparedPrompt:

@@ -37,7 +37,7 @@ from adapterd.server.core.protocol import (
 from adapterd.server.engine.output import RequestOutput, text_events
 from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
 from adapterd.server.errors import Unavailable
-from adapterd.server.prompts import PreparedPrompt, Prompts
+from adapterd.server.prompts import Prompts, PromptsFacade
 from adapterd.server.runtime import request_name
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 DOWN_MESSAGE = "the engine stopped unexpectedly and is restarting; retry shortly"
 
 
-class EngineClient:
+class EngineClient(PromptsFacade):
     def __init__(self, address: str, tokenizer: Any) -> None:
         self.address = address
         self.tokenizer = tokenizer
@@ -139,18 +139,6 @@ class EngineClient:
 
     async def stats(self) -> dict[str, int]:
         return await self.call("stats")
-
-    async def tokenize_text(self, text: str, with_pieces: bool = False,
-                            special_tokens: bool = True) -> tuple[list[int], list[str]]:
-        return await self.prompts.tokenize_text(text, with_pieces, special_tokens)
-
-    async def render_messages(self, messages: list[dict[str, str]], adapter: AdapterRef | None) -> str:
-        return await self.prompts.render_messages(messages, adapter)
-
-    async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0, *,
-                         special_tokens: bool = True, field: str = "prompt") -> PreparedPrompt:
-        return await self.prompts.prompt_ids(prompt, truncate_to, max_input_tokens, virtual_tokens,
-                                             special_tokens=special_tokens, field=field)
 
     async def adapter(self, adapter_id: str, field: str = "adapter_id") -> AdapterRef | None:
         """The adapter, loaded in the core if it was not (NOT_FOUND, FAILED_PRECONDITION... as the store says)."""
