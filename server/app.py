@@ -35,9 +35,9 @@ from grpc_reflection.v1alpha import reflection
 from adapterd.server.auth import AuthInterceptor, TokenTable, load_tokens
 from adapterd.server.config import ServerConfig
 from adapterd.server.core.client import EngineClient
-from adapterd.server.core.frontend import connect_engine_core, engine_config, start_engine_core
 from adapterd.server.core.frontends import FrontEnds, frontend_count, make_shared_budgets
 from adapterd.server.core.process import EngineProcess
+from adapterd.server.core.startup import connect_engine_core, engine_config, start_engine_core
 from adapterd.server.limits import BudgetInterceptor, RpcBudget, hard_rpc_cap
 from adapterd.server.merge import Merger
 from adapterd.server.metrics import DaemonMetrics
@@ -136,7 +136,7 @@ class Daemon:
     def engine_core_down(self, reason: str) -> None:
         """The engine core died and is being started again: requests in flight end UNAVAILABLE, NOT_SERVING."""
         if isinstance(self.state.runtime, EngineClient):
-            self.state.runtime.core_down(reason)
+            self.state.runtime.core_down()
         if self.frontends is not None:
             self.frontends.tell("down", reason)
         self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)))

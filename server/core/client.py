@@ -82,10 +82,11 @@ class EngineClient(PromptsFacade):
 
     # ------------------------------------------------------------------ the core's health
 
-    def core_down(self, reason: str) -> None:
-        """The core died: every request and call in flight ends with UNAVAILABLE; new ones are refused."""
+    def core_down(self, message: str = DOWN_MESSAGE) -> None:
+        """The core died (or the daemon is stopping): every request and call in flight ends with UNAVAILABLE
+        and ``message``; new ones are refused until ``core_up``."""
         self.up = False
-        error = Unavailable(DOWN_MESSAGE if "shutting down" not in reason else reason)
+        error = Unavailable(message)
         for queue in self._streams.values():
             queue.put_nowait(GenerationEvent("end", stop_reason=StopReason.ERROR, error=error))
         for future in self._calls.values():

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from multiprocessing.connection import Connection
 
@@ -141,8 +142,6 @@ class FrontEnds:
 def frontend_main(config: ServerConfig, index: int, core_address: str, pipe: Connection, log_level: str,
                   budgets: tuple) -> None:
     """Front end ``index`` (>= 1): its own gRPC server on the shared port, its own client of the core."""
-    import signal
-
     logging.basicConfig(level=log_level, format=f"%(asctime)s frontend-{index} %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first front end decides (it tells us "stop")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

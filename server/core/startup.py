@@ -1,4 +1,4 @@
-"""Connecting a front end to a new engine-core process: spawn it, wait until it serves, build the client."""
+"""Starting an engine core and connecting a front end to it: spawn it, wait until it serves, build the client."""
 
 from __future__ import annotations
 
