@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -189,3 +190,30 @@ def one_line_error(out: subprocess.CompletedProcess, flag: str) -> str:
     errors = [line for line in out.stderr.splitlines() if re.search(r"error: | ERROR ", line)]
     assert len(errors) == 1 and flag in errors[0], out.stderr[-3000:]
     return errors[0]
+
+
+class NVMLError(Exception):
+    """The fake NVML's error (pynvml.NVMLError)."""
+
+
+def fake_pynvml(fail_power: bool) -> types.ModuleType:
+    """A stand-in for pynvml: two devices (NVML indices 0 and 1, UUIDs GPU-0 and GPU-1), 87% busy, 3 of 80 GiB
+    used, 61 degrees, 250.5 W; with ``fail_power``, device 1 does not report power."""
+    nv = types.ModuleType("pynvml")
+    nv.NVMLError = NVMLError
+    nv.NVML_TEMPERATURE_GPU = 0
+    nv.nvmlInit = lambda: None
+    nv.nvmlShutdown = lambda: None
+    nv.nvmlDeviceGetCount = lambda: 2
+    nv.nvmlDeviceGetHandleByIndex = lambda i: i
+    nv.nvmlDeviceGetUUID = lambda h: f"GPU-{h}"
+    nv.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=87, memory=10)
+    nv.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=3 * 2**30, total=80 * 2**30, free=0)
+    nv.nvmlDeviceGetTemperature = lambda h, sensor: 61
+
+    def power(h):
+        if fail_power and h == 1:
+            raise NVMLError("not supported")
+        return 250_500  # milliwatts
+    nv.nvmlDeviceGetPowerUsage = power
+    return nv
