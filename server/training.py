@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..trainer import runlock
-from ..trainer.config import METHODS, QUANTIZATIONS, ConfigError, TrainConfig, option_names, parse_value
+from ..trainer.config import METHODS, ConfigError, TrainConfig, option_names, parse_value
 from ..trainer.status import (
     FINAL_STATES,
     STATUS_FILE,
@@ -41,6 +41,7 @@ from ..trainer.status import (
 )
 from ..v1 import adapterd_pb2 as pb
 from .adapters.ids import resolve_adapter_dir
+from .config import QUANTIZATIONS
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
