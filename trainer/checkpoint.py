@@ -31,7 +31,6 @@ from .template import save_tokenizer_with_template
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.pt"
 TRAINER_FILES = ("trainer_state",)  # a checkpoint's files that resume a run; every other one is the adapter's
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class NonFiniteAdapter(RuntimeError):
@@ -165,12 +164,16 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def load_adapter_weights(peft_model: Any, checkpoint: Path) -> None:
-    """Put a checkpoint's adapter weights into the (freshly built, same-config) PEFT model."""
+    """Put a checkpoint's adapter weights into the (freshly built, same-config) PEFT model. They are read as
+    the daemon reads adapters (``peft_format.read_adapter``: safetensors only, confined to the checkpoint,
+    checked from the header before a byte of data is read) and checked as an export is (``check_adapter``)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    weights = load_file(str(checkpoint / ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(peft_model, weights)
+    from ..server.adapters.peft_format import check_adapter, read_adapter
+
+    files = read_adapter(checkpoint, checkpoint)
+    check_adapter(files)
+    result = set_peft_model_state_dict(peft_model, files.tensors)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"{checkpoint}: adapter weights do not fit this model: {unexpected[:3]}")
