@@ -33,16 +33,9 @@ log = logging.getLogger(__name__)
 _COMMIT_LOCK = threading.Lock()
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries to disk, so that a rename into it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's contents, or a directory's entries (so that a rename into it survives a crash), to
+    disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -91,7 +84,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def seal_tree(directory: Path) -> None:
@@ -105,10 +98,10 @@ def seal_tree(directory: Path) -> None:
                 continue
             if stat.S_IMODE(path.stat().st_mode) != mode:
                 path.chmod(mode)
-            _fsync_file(path)
+            fsync_path(path)
         for name in dirs:
-            fsync_dir(Path(root) / name)
-    fsync_dir(directory)
+            fsync_path(Path(root) / name)
+    fsync_path(directory)
 
 
 def remove_replaced(old: Path) -> None:
@@ -189,6 +182,6 @@ class AtomicDir:
                 if old is not None:
                     os.rename(old, self.target)
                 raise
-        fsync_dir(self.target.parent)
+        fsync_path(self.target.parent)
         if old is not None:
             remove_replaced(old)
