@@ -146,3 +146,15 @@ def test_an_atomic_dir_replaces_only_when_asked_and_checks_again_at_the_rename(t
         (target / "taken").write_text("by another writer")  # appears while the output is being written
     assert sorted(p.name for p in target.iterdir()) == ["new", "taken"]
     shutil.rmtree(target)
+
+
+def test_the_shared_pieces_import_no_torch():
+    """The daemon's metrics and TrainStatus, and the trainer's command line, read run files and GPUs
+    without paying for torch's import (seconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, adapterd.common.fsutil, adapterd.common.nvml, adapterd.trainer.status, "
+            "adapterd.trainer.runlock; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
