@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,9 +153,6 @@ def test_an_atomic_dir_replaces_only_when_asked_and_checks_again_at_the_rename(t
 def test_the_shared_pieces_import_no_torch():
     """The daemon's metrics and TrainStatus, and the trainer's command line, read run files and GPUs
     without paying for torch's import (seconds)."""
-    import subprocess
-    import sys
-
     code = ("import sys, adapterd.common.fsutil, adapterd.common.nvml, adapterd.trainer.status, "
             "adapterd.trainer.runlock; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
