@@ -127,7 +127,8 @@ def check_one_tensor(merge, work: Path) -> str:
     """Recompute layer 0's q_proj independently (fp32) and compare with the merged bf16 tensor."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import load_file
+
+    from adapterd.server.adapters.peft_format import LoraConfig, lora_modules, read_adapter
 
     name = "model.layers.0.self_attn.q_proj.weight"
 
@@ -137,10 +138,9 @@ def check_one_tensor(merge, work: Path) -> str:
         with safe_open(model_dir / file, "pt") as f:
             return f.get_tensor(name)
 
-    lora = load_file(work / "adapters" / "lora" / "adapter_model.safetensors")
-    config = json.loads((work / "adapters" / "lora" / "adapter_config.json").read_text())
-    key = "base_model.model.model.layers.0.self_attn.q_proj"
-    delta = lora[f"{key}.lora_B.weight"] @ lora[f"{key}.lora_A.weight"] * (config["lora_alpha"] / config["r"])
+    adapter = work / "adapters" / "lora"
+    files = read_adapter(adapter, adapter)  # the one reader of adapter directories, as the merger's
+    delta = lora_modules(LoraConfig.from_dict(files.raw), files.tensors)["model.layers.0.self_attn.q_proj"].delta()
     want = (read(work / "base").float() + delta).to(torch.bfloat16)
     got = read(work / "merged")
     # one bf16 rounding apart at most (the merge fuses the add into addmm; this check does not)

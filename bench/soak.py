@@ -301,14 +301,19 @@ def _make_inputs(work: Path) -> tuple[Path, Path, dict[str, str]]:
 
 def _poison_tensors(source: Path, target: Path, change: Callable[[dict], None],
                     config_change: Callable[[dict], None] | None = None) -> None:
-    """A copy of the adapter at ``source`` with its tensors (and config) changed, written as PEFT writes it."""
-    from safetensors.torch import load_file, save_file
+    """A copy of the adapter at ``source`` with its tensors (and config) changed, written as PEFT writes it.
+    Read through ``peft_format.read_adapter`` (the one reader of adapter directories), which does not check
+    values: that is the loader's job, which these copies test."""
+    from safetensors.torch import save_file
+
+    from adapterd.server.adapters.peft_format import read_adapter
 
     target.mkdir(parents=True, exist_ok=True)
-    tensors = load_file(str(source / "adapter_model.safetensors"))
+    files = read_adapter(source, source)
+    tensors = {name: tensor.clone() for name, tensor in files.tensors.items()}
     change(tensors)
     save_file(tensors, str(target / "adapter_model.safetensors"))
-    config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
+    config = dict(files.raw)
     if config_change is not None:
         config_change(config)
     (target / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
@@ -318,6 +323,8 @@ def make_poisoned_adapters(root: Path, lora_id: str = "lora-qv", prefix_id: str 
     """Poisoned copies of a LoRA and a prefix adapter under ``root/poison/``: a NaN in a lora_B, +inf in a
     lora_A, ``lora_alpha: NaN`` (JSON's NaN, as Python writes it), NaN in the prefix table, and a finite lora_B so
     large that the forward overflows. Returns their ids."""
+    from adapterd.server.adapters.peft_format import read_adapter_config
+
     lora, prefix, out = root / lora_id, root / prefix_id, root / "poison"
 
     def first(tensors: dict, kind: str) -> str:
@@ -327,8 +334,8 @@ def make_poisoned_adapters(root: Path, lora_id: str = "lora-qv", prefix_id: str 
         return lambda t: t[first(t, kind)].view(-1)[0].fill_(value)
 
     def overflowing(t: dict) -> None:  # every lora_B scaled so that its largest entry times alpha / r is 1e38:
-        config = json.loads((lora / "adapter_config.json").read_text(encoding="utf-8"))  # finite on disk and
-        scaling = config["lora_alpha"] / config["r"]  # scaled, but one row of x @ A^T @ B^T overflows float32
+        config = read_adapter_config(lora, lora)  # finite on disk and scaled, but one row of x @ A^T @ B^T
+        scaling = config["lora_alpha"] / config["r"]  # overflows float32
         for k in t:
             if "lora_B" in k:
                 t[k].mul_(1e38 / (float(t[k].abs().max()) * scaling))

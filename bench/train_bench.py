@@ -136,7 +136,7 @@ def run_scenario(scenario: str, base: str, batch: int, context: int, warmup: int
     """One scenario in this process: load, train ``warmup + steps`` steps, measure."""
     import torch
 
-    from adapterd.trainer.model import pick_device
+    from adapterd.server.model import pick_device
 
     device = pick_device()
     torch.manual_seed(0)

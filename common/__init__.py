@@ -1,5 +1,6 @@
-"""What the daemon, the trainer, the merger and the command line share: atomic file publishing
-(``fsutil``), the embedded tiny model (``tiny_model``) and the stub generator (``protogen``).
+"""What the daemon, the trainer, the merger and the command line share: atomic publishing of files and
+directories (``fsutil``), the NVML reader (``nvml``), the embedded tiny model (``tiny_model``) and the stub
+generator (``protogen``). Nothing here imports torch at import time.
 
 adapterd's import root is the repository itself: ``adapterd.server`` is ``server/``, ``adapterd.trainer`` is
 ``trainer/``, ``adapterd.clients`` is ``clients/``, ``adapterd.cli`` is ``cli/``, ``adapterd.common`` is this

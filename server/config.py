@@ -66,7 +66,8 @@ class ServerConfig:
     host: str = _f("127.0.0.1", "address to listen on")
     port: int = _f(50051, "gRPC port (0 picks a free one, printed at start-up)", _PORT)
     device: str | None = _f(None, "torch device, e.g. cpu or cuda:1 (default: cuda:0 if present, else cpu)")
-    dtype: Dtype | None = _f(None, "compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")
+    dtype: Dtype | None = _f(None, "compute dtype (default: bfloat16 on a GPU, float16 on one without bfloat16, "
+                                   "float32 on a CPU)")
     max_batch_size: int = _f(32, "rows decoded together", at_least(1))
     max_queue: int = _f(256, "waiting requests before RESOURCE_EXHAUSTED", at_least(1))
     lora_slots: int = _f(16, "LoRA adapters resident on the device at once", at_least(1))

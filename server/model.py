@@ -1,9 +1,12 @@
-"""Loading the base model (int8 / nf4 / none) and its tokenizer, once, for the daemon's lifetime."""
+"""Loading a base model (int8 / nf4 / none): the one loader of the daemon (with its tokenizer, once, for the
+daemon's lifetime) and of the trainer (which adds only what training needs). Device choice, compute dtype,
+bitsandbytes settings and the cache argument's name across transformers versions live here, once."""
 
 from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,54 +68,95 @@ class BaseModel:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    """The device a base model is loaded on, for the daemon and the trainer alike.
+
+    ``requested`` ("cpu", "cuda", "cuda:1") wins; without it, this process's GPU when CUDA is available,
+    else the CPU. This process's GPU is ``cuda:LOCAL_RANK`` (torchrun sets LOCAL_RANK for each of its
+    processes; 0 otherwise), and a bare "cuda" means it too: a CUDA device always carries its index, so that
+    it compares equal to the devices of the tensors placed on it (``torch.device("cuda") != "cuda:0"``).
+    """
+    device = torch.device(requested) if requested else None
+    if device is None or (device.type == "cuda" and device.index is None):
+        if device is None and not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
-def _quantization_config(quantization: str, compute_dtype: torch.dtype):
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype activations and unquantized weights are computed in: bf16 on a GPU that has it (fp16 on one
+    that does not, where bf16 would be emulated or refused); fp32 on the CPU, where bf16 matmuls are slow
+    and tests compare against an fp32 oracle token for token."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+    """The bitsandbytes settings of a quantized base (None for "none"), the same for serving, training and
+    the tests' oracle, so that an adapter trained on an nf4 base is served on the very same weights.
+
+    int8: threshold 0 turns off LLM.int8's per-batch outlier columns: with the default 6.0, a row's output
+    depends on the other rows of its batch (stack notes), which would break per-request determinism. nf4: the
+    QLoRA recipe (NF4 with double quantization of the block scales, about 0.4 bits a weight less), computing
+    in ``dtype``. Modules left unquantized: transformers' default (the output head).
+    """
     from transformers import BitsAndBytesConfig
 
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     if quantization == "int8":
-        # threshold 0 turns off LLM.int8's per-batch outlier columns: with the default 6.0, a row's output
-        # depends on the other rows of its batch (stack notes), which would break per-request determinism.
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
     if quantization == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_use_double_quant=True)
     return None
+
+
+def load_causal_lm(path: str | Path, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The frozen base (no parameter requires grad), quantized as asked, its unquantized weights in
+    ``dtype``, placed on ``device``: a GPU's weights are loaded straight onto it, and a quantized base's
+    bitsandbytes layers are placed by ``device_map`` (they cannot be moved after loading)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    qconfig = quantization_config(quantization, dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    if device.type == "cuda" or qconfig is not None:
+        kwargs["device_map"] = {"": (device.index or 0) if device.type == "cuda" else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name of the forward's cache argument: ``cache`` on transformers >= 5.24, ``past_key_values``
+    before (5.17 is the version the GPU image pins)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def load_base_model(path: str | Path, quantization: str = "int8", device: str | None = None,
                     dtype: str | None = None, max_sequence_length: int | None = None) -> BaseModel:
     """Load a Hugging Face causal LM directory for serving.
 
-    ``dtype`` defaults to bfloat16 on a GPU and float32 on a CPU. ``max_sequence_length`` defaults to the
-    model's ``max_position_embeddings``.
+    ``device``: see ``pick_device``. ``dtype`` defaults to ``compute_dtype`` (bf16 on a GPU, fp32 on a CPU).
+    ``max_sequence_length`` defaults to the model's ``max_position_embeddings``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     path = Path(path)
     attention = check_config(AutoConfig.from_pretrained(path))  # refuse before reading any weights
     dev = pick_device(device)
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    qconfig = _quantization_config(quantization, torch_dtype)
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    torch_dtype = getattr(torch, dtype) if dtype else compute_dtype(dev)
     log.info("loading base model %s (quantization=%s, dtype=%s, device=%s)", path, quantization,
              torch_dtype, dev)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if qconfig is None:
-        model.to(dev)
+    model = load_causal_lm(path, quantization, dev, torch_dtype)
     model.eval()
-    model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    params = inspect.signature(model.forward).parameters
     max_len = max_sequence_length or getattr(model.config, "max_position_embeddings", None) or 2048
     return BaseModel(model=model, tokenizer=tokenizer, path=path, quantization=quantization, device=dev,
-                     dtype=torch_dtype, max_sequence_length=int(max_len),
-                     cache_kwarg="cache" if "cache" in params else "past_key_values", attention=attention)
+                     dtype=torch_dtype, max_sequence_length=int(max_len), cache_kwarg=cache_kwarg(model),
+                     attention=attention)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..trainer import runlock
-from ..trainer.config import METHODS, QUANTIZATIONS, ConfigError, TrainConfig, option_names, parse_value
+from ..trainer.config import METHODS, ConfigError, TrainConfig, option_names, parse_value
 from ..trainer.status import (
     FINAL_STATES,
     STATUS_FILE,
@@ -36,10 +36,12 @@ from ..trainer.status import (
     Status,
     process_start,
     read_status,
+    run_dirs,
     write_json_atomic,
 )
 from ..v1 import adapterd_pb2 as pb
 from .adapters.ids import resolve_adapter_dir
+from .config import QUANTIZATIONS
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -228,12 +230,6 @@ class TrainingManager:
 
     # --------------------------------------------------------------------------------------- status
 
-    def _run_dirs(self) -> list[Path]:
-        if not self.runs_root.is_dir():
-            return []
-        return sorted(p for p in self.runs_root.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / STATUS_FILE).is_file())
-
     def _process_gone(self, run_id: str, payload: dict[str, Any]) -> int | None | bool:
         """False while the run's trainer lives; else its exit code (None when unknown)."""
         proc = self._procs.get(run_id)
@@ -248,7 +244,7 @@ class TrainingManager:
         return self._payloads(run_id)[0]
 
     def _payloads(self, run_id: str) -> list[dict[str, Any]]:
-        dirs = [self.runs_root / run_id] if run_id else self._run_dirs()
+        dirs = [self.runs_root / run_id] if run_id else run_dirs(self.runs_root)
         out = []
         for run_dir in dirs:
             payload = read_status(run_dir)
@@ -270,7 +266,7 @@ class TrainingManager:
     # ---------------------------------------------------------------------------------------- watch
 
     def _signature(self, run_id: str) -> tuple:
-        dirs = [self.runs_root / run_id] if run_id else self._run_dirs()
+        dirs = [self.runs_root / run_id] if run_id else run_dirs(self.runs_root)
         sig = []
         for d in dirs:
             try:

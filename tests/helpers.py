@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
+
+from adapterd.server.model import cache_kwarg, quantization_config
 
 # Where the parity tests run: "cpu" here and in CI; ADAPTERD_TEST_DEVICE=cuda runs them on a GPU (fp32 there
 # too, so that PEFT on the same device stays an exact oracle).
@@ -17,15 +19,12 @@ TEST_DEVICE = os.environ.get("ADAPTERD_TEST_DEVICE", "cpu")
 
 
 def _load_base(model_dir: Path, quantization: str = "none", device: str = "cpu"):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """The oracle's base: fp32, quantized with the daemon's own bitsandbytes settings (``quantization_config``)
+    so that the quantized weights are the ones the engine serves."""
+    from transformers import AutoModelForCausalLM
 
-    kwargs = {}
-    if quantization == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
-    elif quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    if kwargs:
-        kwargs["device_map"] = {"": device}
+    qconfig = quantization_config(quantization, torch.float32)
+    kwargs = {} if qconfig is None else {"quantization_config": qconfig, "device_map": {"": device}}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
     return model.to(device).eval() if not kwargs else model.eval()
 
@@ -77,12 +76,6 @@ def make_prefix_adapter(base_dir, out_dir, *, num_virtual_tokens=8, projection=F
     return Path(out_dir)
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def reference_greedy(base_dir, prompt: str, adapter_dir: Path | None, max_new_tokens: int,
                      quantization: str = "none") -> list[int]:
     """Greedy tokens for one prompt alone, stopping before the first EOS (see ``_reference_tokens``)."""
@@ -128,7 +121,7 @@ def _reference_tokens(base_dir, prompt: str, adapter_dir: Path | None, max_new_t
         mask = torch.ones(1, past + n, dtype=torch.long, device=TEST_DEVICE)
         pos = torch.arange(past, past + n, device=TEST_DEVICE).unsqueeze(0)
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                       **{_cache_kwarg(model): cache}).logits
+                       **{cache_kwarg(model): cache}).logits
         nxt = int(logits[0, -1].argmax())
         tokens.append(nxt)
         past += n
@@ -171,7 +164,7 @@ def _full_forward(model, peft_model, ids: torch.Tensor, virtual: int) -> torch.T
         mask = torch.ones(1, virtual + n, dtype=torch.long, device=ids.device)
         positions = torch.arange(virtual, virtual + n, device=ids.device)[None]
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                     **{_cache_kwarg(model): peft_model.get_prompt(batch_size=1)}).logits
+                     **{cache_kwarg(model): peft_model.get_prompt(batch_size=1)}).logits
     runner = peft_model if peft_model is not None else model
     return runner(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
 
@@ -189,3 +182,30 @@ def one_line_error(out: subprocess.CompletedProcess, flag: str) -> str:
     errors = [line for line in out.stderr.splitlines() if re.search(r"error: | ERROR ", line)]
     assert len(errors) == 1 and flag in errors[0], out.stderr[-3000:]
     return errors[0]
+
+
+class NVMLError(Exception):
+    """The fake NVML's error (pynvml.NVMLError)."""
+
+
+def fake_pynvml(fail_power: bool) -> types.ModuleType:
+    """A stand-in for pynvml: two devices (NVML indices 0 and 1, UUIDs GPU-0 and GPU-1), 87% busy, 3 of 80 GiB
+    used, 61 degrees, 250.5 W; with ``fail_power``, device 1 does not report power."""
+    nv = types.ModuleType("pynvml")
+    nv.NVMLError = NVMLError
+    nv.NVML_TEMPERATURE_GPU = 0
+    nv.nvmlInit = lambda: None
+    nv.nvmlShutdown = lambda: None
+    nv.nvmlDeviceGetCount = lambda: 2
+    nv.nvmlDeviceGetHandleByIndex = lambda i: i
+    nv.nvmlDeviceGetUUID = lambda h: f"GPU-{h}"
+    nv.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=87, memory=10)
+    nv.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=3 * 2**30, total=80 * 2**30, free=0)
+    nv.nvmlDeviceGetTemperature = lambda h, sensor: 61
+
+    def power(h):
+        if fail_power and h == 1:
+            raise NVMLError("not supported")
+        return 250_500  # milliwatts
+    nv.nvmlDeviceGetPowerUsage = power
+    return nv

@@ -7,32 +7,30 @@ Layout of one checkpoint (N = optimizer steps done):
   trainer_state.pt                                 optimizer, scheduler, RNG states, step, data position
   trainer_state.json                               the same numbers for people (step, epoch, loss)
 
-A checkpoint is written under a temporary name (``.checkpoint-N.tmp-PID``), its files fsync'ed, then renamed:
-a crash or ``kill -9`` at any moment leaves either the whole checkpoint or none, never one that looks whole.
+A checkpoint is published by ``common.fsutil.AtomicDir`` (a temporary name ``.checkpoint-N.tmp-*``, files given
+the umask's mode and fsync'ed, then renamed): a crash or ``kill -9`` at any moment leaves either the whole
+checkpoint or none, never one that looks whole.
 Only names matching ``checkpoint-N`` count as checkpoints; stale temporary directories are removed.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..common.fsutil import fsync_dir
+from ..common.fsutil import AtomicDir
 from .template import save_tokenizer_with_template
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.pt"
 TRAINER_FILES = ("trainer_state",)  # a checkpoint's files that resume a run; every other one is the adapter's
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class NonFiniteAdapter(RuntimeError):
@@ -70,15 +68,6 @@ class DataPosition:
 
     epoch: int = 0
     batch_in_epoch: int = 0
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(path)
-
 
 
 def rng_state() -> dict[str, Any]:
@@ -132,53 +121,33 @@ def find_checkpoint(run_dir: Path, spec: str) -> Path:
 
 
 def remove_stale(run_dir: Path) -> None:
-    """Delete temporary directories left by a crash while a checkpoint or an export was being written."""
-    for p in run_dir.glob(".checkpoint-*.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Delete temporary directories left by a crash while a checkpoint was being written or replaced."""
+    for pattern in (".checkpoint-*.tmp-*", ".checkpoint-*.old-*"):
+        for p in run_dir.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, peft_model: Any, optimizer: torch.optim.Optimizer,
                     scheduler: Any, position: DataPosition, extra: dict[str, Any], keep_last: int,
                     tokenizer: Any = None) -> Path:
-    """Write ``checkpoint-<step>`` atomically, then drop the oldest beyond ``keep_last`` (0 keeps all). With
-    ``tokenizer``, the checkpoint holds it with the training template as its chat template."""
+    """Write ``checkpoint-<step>`` atomically (``AtomicDir``: a checkpoint of that step from another timeline,
+    after a resume from an older one, is replaced), then drop the oldest beyond ``keep_last`` (0 keeps all).
+    With ``tokenizer``, the checkpoint holds it with the training template as its chat template."""
     final = run_dir / f"checkpoint-{step}"
-    tmp = run_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     check_finite({n: p for n, p in peft_model.named_parameters() if p.requires_grad}, f"checkpoint-{step}")
-    peft_model.save_pretrained(str(tmp))
-    if tokenizer is not None:
-        save_tokenizer_with_template(tokenizer, tmp)
-    state = {"step": step, "position": asdict(position), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra}
-    torch.save(state, tmp / STATE_FILE)
-    summary = {"step": step, **asdict(position), **{k: v for k, v in extra.items() if _jsonable(v)}}
-    (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    _modes_like(tmp, tmp / "trainer_state.json")
-    _fsync_tree(tmp)
-    if final.exists():  # e.g. resumed from an older checkpoint: the newer one belongs to another timeline
-        trash = run_dir / f".checkpoint-{step}.tmp-old-{os.getpid()}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    fsync_dir(run_dir)
+    with AtomicDir(final, replace=True) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            save_tokenizer_with_template(tokenizer, tmp)
+        state = {"step": step, "position": asdict(position), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra}
+        torch.save(state, tmp / STATE_FILE)
+        summary = {"step": step, **asdict(position), **{k: v for k, v in extra.items() if _jsonable(v)}}
+        (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     if keep_last > 0:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _modes_like(directory: Path, reference: Path) -> None:
-    """Give every file in ``directory`` the mode of ``reference``, a file just made with ``open``, hence the
-    process umask's. safetensors writes the weights (inside PEFT's ``save_pretrained``) through a temporary
-    file of mode 0600, which would keep a checkpoint from any other reader whatever the umask. The umask is
-    read this way because ``os.umask`` can only be read by setting it, for every thread at once."""
-    mode = stat.S_IMODE(reference.stat().st_mode)
-    for path in directory.iterdir():
-        if path.is_file() and not path.is_symlink():
-            path.chmod(mode)
 
 
 def _jsonable(value: Any) -> bool:
@@ -195,12 +164,16 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def load_adapter_weights(peft_model: Any, checkpoint: Path) -> None:
-    """Put a checkpoint's adapter weights into the (freshly built, same-config) PEFT model."""
+    """Put a checkpoint's adapter weights into the (freshly built, same-config) PEFT model. They are read as
+    the daemon reads adapters (``peft_format.read_adapter``: safetensors only, confined to the checkpoint,
+    checked from the header before a byte of data is read) and checked as an export is (``check_adapter``)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    weights = load_file(str(checkpoint / ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(peft_model, weights)
+    from ..server.adapters.peft_format import check_adapter, read_adapter
+
+    files = read_adapter(checkpoint, checkpoint)
+    check_adapter(files)
+    result = set_peft_model_state_dict(peft_model, files.tensors)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"{checkpoint}: adapter weights do not fit this model: {unexpected[:3]}")
@@ -212,16 +185,9 @@ def export_adapter(source: Path, target: Path) -> Path:
     trainer state, and only their contents: the copies follow the process umask like any other output, not the
     checkpoint files' modes. Refuses to overwrite, and refuses an adapter
     whose weights are not all finite (a checkpoint written by an older version, say)."""
-    if target.exists():
-        raise FileExistsError(f"{target} already exists")
-    check_adapter_file(source)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for p in source.iterdir():
-        if p.is_file() and not p.name.startswith(TRAINER_FILES):
-            shutil.copyfile(p, tmp / p.name)
-    _fsync_tree(tmp)
-    os.rename(tmp, target)
+    with AtomicDir(target) as tmp:  # FileExistsError when the target exists
+        check_adapter_file(source)
+        for p in source.iterdir():
+            if p.is_file() and not p.name.startswith(TRAINER_FILES):
+                shutil.copyfile(p, tmp / p.name)
     return target

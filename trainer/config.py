@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..server.config import QUANTIZATIONS  # what the one base loader (server/model.py) supports
+
 METHODS = ("lora", "ptuning-v2")
-QUANTIZATIONS = ("int8", "nf4", "none")
 SCHEDULES = ("linear", "cosine", "constant")
 INT8_COMPUTE = ("dequant", "bnb")
 TOGGLE = ("auto", "on", "off")

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..server.model import pick_device
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import model as model_mod
@@ -120,7 +121,7 @@ def _train_locked(cfg: TrainConfig, stop: threading.Event, progress: bool, start
     handler = _setup_logging(run_dir) if main else None
     if main:
         resume_mod.clear_stale_stop(run_dir, started_unix)
-    device = model_mod.pick_device()
+    device = pick_device()
     gpu = GpuMonitor([device.index or 0] if device.type == "cuda" else [])
     status = StatusWriter(run_dir, cfg.method, gpu)
     if cfg.resume:

@@ -25,8 +25,6 @@ counts its reads, and ``check_prefix_reaches_layers`` fails loudly if a transfor
 
 from __future__ import annotations
 
-import inspect
-import os
 import types
 import warnings
 from typing import Any
@@ -34,22 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..server.model import cache_kwarg, compute_dtype, load_causal_lm
 from .config import TrainConfig
-
-
-def pick_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` when a GPU is there (torchrun sets LOCAL_RANK), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU that has it (fp16 otherwise); fp32 on the CPU, where bf16 matmuls are slow and the
-    resume test wants bit-exact arithmetic."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def load_tokenizer(base_dir: str) -> Any:
@@ -64,25 +48,9 @@ def load_tokenizer(base_dir: str) -> Any:
 
 
 def load_base(cfg: TrainConfig, device: torch.device) -> Any:
-    """The frozen base in the compute dtype, quantized as asked. ``llm_int8_threshold=0``: no outlier
-    columns, so a row's result never depends on the other rows of its batch (see stack notes)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    dtype = compute_dtype(device)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if cfg.quantization == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
-    elif cfg.quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=True)
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(cfg.base, **kwargs)
-    if device.type != "cuda" and cfg.quantization == "none":
-        model.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    """The frozen base, loaded as the daemon loads it (``server.model.load_causal_lm``: the same quantization
+    settings, device placement and compute dtype), with the model's own cache off: training never decodes."""
+    model = load_causal_lm(cfg.base, cfg.quantization, device, compute_dtype(device))
     model.config.use_cache = False
     return model
 
@@ -173,12 +141,6 @@ def checkpointing_wanted(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ forward
-
-
-def cache_kwarg(model: Any) -> str:
-    """transformers 5.24 calls the cache argument ``cache``; 5.17 ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _frozen_update(self: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+from ..common.fsutil import write_atomic
 from .config import RESUME_CRITICAL, TrainConfig
 from .status import STOP_FILE, read_status
 
@@ -37,10 +37,8 @@ def saved_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    """Save the run's settings (temporary file, then rename: a crash leaves the old file or the new one)."""
-    tmp = run_dir / f".{CONFIG_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(cfg.to_json(), encoding="utf-8")
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    """Save the run's settings, all at once: a crash leaves the old file or the new one."""
+    write_atomic(run_dir / CONFIG_FILE, cfg.to_json())
 
 
 def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -108,7 +106,7 @@ def _kept(line: str, step: int) -> bool:
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Keep only the whole ``metrics.jsonl`` lines of steps 1..``step``, the steps the run restarts after;
-    rewritten through a temporary file and a rename, and only when something is dropped."""
+    rewritten all at once (``write_atomic``), and only when something is dropped."""
     path = run_dir / METRICS_FILE
     try:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -117,7 +115,5 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     kept = [line for line in lines if _kept(line, step)]
     if len(kept) == len(lines):
         return
-    tmp = run_dir / f".{METRICS_FILE}.{os.getpid()}.tmp"
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept))
     log.info("%s: dropped %d lines past step %d (steps to be redone)", path.name, len(lines) - len(kept), step)

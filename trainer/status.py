@@ -1,11 +1,12 @@
 """``RUN_DIR/status.json``: what a run is doing, rewritten atomically after every optimizer step.
 
-Readers (the daemon's ``TrainStatus``, a person with ``cat``) never see a half-written file: the JSON goes to
-a temporary file in the same directory, then ``os.replace`` swaps it in. Units: seconds, tokens per second
-(non-padding tokens of the training batches), bytes, degrees Celsius, utilisation as a fraction 0..1.
+Readers (the daemon's ``TrainStatus`` and metrics, a person with ``cat``) never see a half-written file: it is
+published by ``common.fsutil.write_atomic`` (temporary file, fsync, rename), and read by ``read_status``.
+Units: seconds, tokens per second (non-padding tokens of the training batches), bytes, degrees Celsius,
+utilisation as a fraction 0..1.
 
-GPU readings come from NVML (``pynvml``, package nvidia-ml-py) and only when a GPU is there: without one
-the ``gpus`` key is absent, never zeros that look like readings.
+GPU readings come from NVML through ``common.nvml`` (the daemon's GPU gauges read the same) and only when a
+GPU is there: without one the ``gpus`` key is absent, never zeros that look like readings.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..common.fsutil import write_atomic
+from ..common.nvml import Nvml
 
 STATUS_FILE = "status.json"
 STOP_FILE = "STOP"
@@ -26,20 +29,31 @@ FINAL_STATES = ("completed", "failed", "stopped")
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` (atomic on POSIX). The temporary
-    name is per process and thread: the daemon's RPC handlers and its metrics collector may both record a
-    dead run at once."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace ``path`` with ``payload`` as JSON, all at once (``common.fsutil.write_atomic``: temporary file,
+    fsync, rename). Each writer has its own temporary file: the daemon's RPC handlers and its metrics
+    collector may both record a dead run at once."""
+    write_atomic(path, json.dumps(payload, indent=1, ensure_ascii=False))
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
-    """The run's status, or None when there is none yet (or it cannot be parsed, which atomic writes avoid)."""
+    """The run's status, or None when there is none, or it is not a JSON object (a foreign or damaged file:
+    atomic writes never leave a half-written one), or it cannot be read. The one reader of status.json, for
+    the trainer, ``TrainStatus`` and the metrics collector alike."""
     try:
-        return json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        payload = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
         return None
+    return payload if isinstance(payload, dict) else None
+
+
+def run_dirs(runs_root: Path) -> list[Path]:
+    """The run directories under ``runs_root`` (those holding a status.json; hidden ones are another
+    program's temporary files), by name; [] when the root is missing or unreadable."""
+    try:
+        entries = list(runs_root.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if not p.name.startswith(".") and (p / STATUS_FILE).is_file())
 
 
 def proc_stat(pid: int) -> list[str] | None:
@@ -59,44 +73,31 @@ def process_start(pid: int) -> int | None:
 
 
 class GpuMonitor:
-    """NVML readings of the GPUs this process trains on; ``read()`` returns [] without a GPU or NVML."""
+    """Readings of the GPUs this process trains on (``cuda_indices``, as torch numbers them), from
+    ``common.nvml``; ``read()`` returns [] without a GPU or NVML. Keeps each device's peak memory in use."""
 
     def __init__(self, cuda_indices: list[int]) -> None:
-        self._handles: list[tuple[int, Any]] = []
         self._peak: dict[int, int] = {}
-        self._nvml: Any = None
-        if not cuda_indices:
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception:  # pynvml.NVMLError (no driver / no GPU) or the module missing
-            return
-        self._nvml = pynvml
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        mapping = [int(x) for x in visible.split(",") if x.strip().isdigit()] if visible else []
-        for i in cuda_indices:
-            index = mapping[i] if i < len(mapping) else i
-            try:
-                self._handles.append((index, pynvml.nvmlDeviceGetHandleByIndex(index)))
-            except pynvml.NVMLError:
-                continue
+        self._nvml = Nvml() if cuda_indices else None
+        gpus = self._nvml.gpus if self._nvml is not None else []
+        self._gpus = [gpus[i] for i in cuda_indices if i < len(gpus)]
 
     def read(self) -> list[dict[str, Any]]:
-        out = []
-        for index, handle in self._handles:
-            nv = self._nvml
-            try:
-                mem = nv.nvmlDeviceGetMemoryInfo(handle)
-                util = nv.nvmlDeviceGetUtilizationRates(handle)
-                temp = nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)
-            except nv.NVMLError:
-                continue
-            self._peak[index] = max(self._peak.get(index, 0), int(mem.used))
-            out.append({"index": index, "memory_used_bytes": int(mem.used),
-                        "memory_peak_bytes": self._peak[index], "memory_total_bytes": int(mem.total),
-                        "utilization": util.gpu / 100.0, "temperature_celsius": float(temp)})
+        out: list[dict[str, Any]] = []
+        if self._nvml is None:
+            return out
+        for gpu in self._gpus:
+            reading = self._nvml.read(gpu)
+            row: dict[str, Any] = {"index": gpu.index}
+            if reading.memory_used_bytes is not None:
+                self._peak[gpu.index] = max(self._peak.get(gpu.index, 0), reading.memory_used_bytes)
+                row["memory_used_bytes"] = reading.memory_used_bytes
+                row["memory_peak_bytes"] = self._peak[gpu.index]
+            for key in ("memory_total_bytes", "utilization", "temperature_celsius"):
+                if getattr(reading, key) is not None:
+                    row[key] = getattr(reading, key)
+            if len(row) > 1:
+                out.append(row)
         return out
 
 

@@ -24,7 +24,7 @@ import torch
 from ..adapters.ids import resolve_adapter_dir
 from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from ..safetensors_io import COPY_CHUNK_BYTES
-from .atomic import AtomicDir
+from .atomic import merge_output
 from .lora import LoraAdapter, load_lora_adapter
 from .strategies import CombineOptions, Strategy, get_strategy
 from .to_adapter import combine, model_module_order, write_adapter
@@ -151,8 +151,8 @@ class Merger:
         out = self._model_output(output_dir)
         loaded = self.load_adapters(adapters, "folded into the base weights")
         self._check_free_space(out, sum(e.nbytes for e in base_entries(self.base_model_dir)))
-        with _disk_full_as_resource_exhausted(), AtomicDir(out, overwrite=overwrite, marker="config.json",
-                                                            field="output_model_dir") as tmp:
+        with _disk_full_as_resource_exhausted(), merge_output(out, overwrite=overwrite, marker="config.json",
+                                                              field="output_model_dir") as tmp:
             stats = merge_into_model(self.base_model_dir, loaded, tmp, max_shard_bytes=self.max_shard_bytes,
                                      progress=progress, chunk_bytes=self.copy_chunk_bytes)
         return MergeResult("model", str(out), stats.tensors_total, stats.tensors_merged, stats.bytes_written,
@@ -183,7 +183,8 @@ class Merger:
         base_order = model_module_order(self.base_model_dir)
         config, state = combine(loaded, chosen, opts, rank, base_order, progress)
         with _disk_full_as_resource_exhausted("the merged adapter", "output_adapter_id"), \
-                AtomicDir(out, overwrite=overwrite, marker="adapter_config.json", field="output_adapter_id") as tmp:
+                merge_output(out, overwrite=overwrite, marker="adapter_config.json",
+                             field="output_adapter_id") as tmp:
             written = write_adapter(tmp, config, state)
         modules = len(state) // 2
         if progress is not None:
@@ -217,7 +218,7 @@ def _options(strategy: Strategy, density: float | None, method: str,
 def _disk_full_as_resource_exhausted(what: str = "the merged model",
                                      field: str = "output_model_dir") -> Iterator[None]:
     """Turn ENOSPC/EDQUOT (disk full, quota) into ResourceExhausted, and errors of the requested path into
-    FailedPrecondition. ``AtomicDir`` sits inside this context, so the partial output is already removed
+    FailedPrecondition. ``merge_output`` sits inside this context, so the partial output is already removed
     when the error is converted."""
     try:
         yield

@@ -4,7 +4,6 @@ runs (read from each run's ``status.json``). Nothing here runs on the engine thr
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from ...trainer.runlock import settle  # standard library only, like trainer.status: no torch here
 from ...trainer.status import STATES as TRAINING_STATES
-from ...trainer.status import STATUS_FILE
+from ...trainer.status import STATUS_FILE, read_status, run_dirs
 
 MAX_RUNS = 32  # the most recently updated runs are exported; older ones are left out (bounded run_id)
 TIERS = ("gpu", "cpu")
@@ -157,26 +156,20 @@ class TrainingCollector(Collector):
         yield from self._families().values()
 
     def _statuses(self) -> list[tuple[str, dict[str, Any]]]:
-        if self.runs_root is None or not self.runs_root.is_dir():
+        """(run id, settled status) of the ``MAX_RUNS`` most recently updated runs, by run id."""
+        if self.runs_root is None:
             return []
-        found: list[tuple[float, str, Path]] = []
-        try:
-            for run_dir in self.runs_root.iterdir():
-                path = run_dir / STATUS_FILE
-                try:
-                    found.append((path.stat().st_mtime, run_dir.name, path))
-                except OSError:
-                    continue
-        except OSError:
-            return []
-        out = []
-        for _, run_id, path in sorted(found, reverse=True)[:MAX_RUNS]:
+        found: list[tuple[float, Path]] = []
+        for run_dir in run_dirs(self.runs_root):
             try:
-                status = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # written atomically, so this is a vanished or foreign file
-            if isinstance(status, dict):
-                out.append((run_id, settle(path.parent, status)))
+                found.append(((run_dir / STATUS_FILE).stat().st_mtime, run_dir))
+            except OSError:
+                continue  # removed since it was listed
+        out = []
+        for _, run_dir in sorted(found, reverse=True)[:MAX_RUNS]:
+            status = read_status(run_dir)
+            if status is not None:
+                out.append((run_dir.name, settle(run_dir, status)))
         return sorted(out, key=lambda item: item[0])
 
     def collect(self) -> Iterator[Metric]:

@@ -1,35 +1,23 @@
 """GPU gauges: NVML readings per device (index and UUID), and this process's torch CUDA allocator.
 
-Without a GPU, without the NVIDIA driver, or without nvidia-ml-py, the collector yields nothing at all: the
-series are absent, never zeros that would read as an idle GPU. A reading that one device does not support
-(power on some boards, for instance) is left out for that device only. Units: utilisation as a ratio 0..1
-(NVML's percentage / 100), bytes, degrees Celsius, watts (NVML reports milliwatts).
+The readings come from ``common.nvml`` (the trainer's status.json reads the same): without a GPU, without
+the NVIDIA driver, or without nvidia-ml-py, the collector yields nothing at all: the series are absent, never
+zeros that would read as an idle GPU. A reading that one device does not support (power on some boards, for
+instance) is left out for that device only. Units: utilisation as a ratio 0..1, bytes, degrees Celsius, watts.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-log = logging.getLogger(__name__)
+from ...common.nvml import Nvml
 
-
-def _visible_indices(count: int) -> list[int]:
-    """NVML indices of the devices this process may use: CUDA_VISIBLE_DEVICES when it lists indices or
-    UUIDs, else every device NVML sees."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None or not visible.strip():
-        return list(range(count))
-    entries = [e.strip() for e in visible.split(",") if e.strip()]
-    if all(e.isdigit() for e in entries):
-        return [int(e) for e in entries if int(e) < count]
-    return list(range(count))  # UUID or MIG entries: matched by UUID in NvmlCollector
+# common.nvml.GpuReading's fields -> the gauge each fills
+_GAUGES = {"utilization": "util", "memory_used_bytes": "used", "memory_total_bytes": "total",
+           "temperature_celsius": "temp", "power_watts": "power"}
 
 
 class NvmlCollector(Collector):
@@ -37,36 +25,12 @@ class NvmlCollector(Collector):
     ``uuid``; ``adapterd_torch_cuda_memory_*`` for this process's allocator, labelled ``device``."""
 
     def __init__(self) -> None:
-        self._nvml: Any = None
-        self._devices: list[tuple[str, str, Any]] = []  # (index, uuid, handle)
-        self._lock = threading.Lock()
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound / DriverNotLoaded, ImportError
-            log.info("no GPU metrics: NVML unavailable (%s)", exc)
-            return
-        self._nvml = pynvml
-        try:
-            count = pynvml.nvmlDeviceGetCount()
-            wanted = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-            uuids = {e.strip() for e in wanted.split(",") if e.strip() and not e.strip().isdigit()}
-            for index in _visible_indices(count):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                uuid = pynvml.nvmlDeviceGetUUID(handle)
-                uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
-                if uuids and not any(uuid.startswith(u) or u.startswith(uuid) for u in uuids):
-                    continue
-                self._devices.append((str(index), uuid, handle))
-        except pynvml.NVMLError as exc:
-            log.warning("no GPU metrics: NVML failed to list devices (%s)", exc)
-            self._devices = []
+        self._nvml = Nvml()
 
     @property
     def available(self) -> bool:
         """Whether NVML found at least one device to report."""
-        return bool(self._devices)
+        return bool(self._nvml.gpus)
 
     def _families(self) -> dict[str, GaugeMetricFamily]:
         gpu = ["index", "uuid"]
@@ -95,22 +59,15 @@ class NvmlCollector(Collector):
         yield from self._families().values()
 
     def collect(self) -> Iterator[Metric]:
-        if not self._devices:
+        if not self._nvml.gpus:
             return
-        nv = self._nvml
         f = self._families()
-        with self._lock:  # one NVML reader at a time (concurrent scrapes)
-            for index, uuid, handle in self._devices:
-                labels = [index, uuid]
-                for key, read in (("util", lambda h: nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0),
-                                  ("used", lambda h: nv.nvmlDeviceGetMemoryInfo(h).used),
-                                  ("total", lambda h: nv.nvmlDeviceGetMemoryInfo(h).total),
-                                  ("temp", lambda h: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
-                                  ("power", lambda h: nv.nvmlDeviceGetPowerUsage(h) / 1000.0)):
-                    try:
-                        f[key].add_metric(labels, float(read(handle)))
-                    except nv.NVMLError:
-                        continue  # not supported on this device, or a transient failure: leave it out
+        for gpu in self._nvml.gpus:
+            reading = self._nvml.read(gpu)
+            for name, family in _GAUGES.items():
+                value = getattr(reading, name)
+                if value is not None:
+                    f[family].add_metric([str(gpu.index), gpu.uuid], float(value))
         self._torch_memory(f)
         yield from (family for family in f.values() if family.samples)
 
@@ -130,11 +87,4 @@ class NvmlCollector(Collector):
 
     def close(self) -> None:
         """Release NVML (once; the collector yields nothing afterwards)."""
-        with self._lock:
-            if self._nvml is not None and self._devices is not None:
-                try:
-                    self._nvml.nvmlShutdown()
-                except self._nvml.NVMLError:
-                    pass
-            self._devices = []
-            self._nvml = None
+        self._nvml.close()

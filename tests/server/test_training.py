@@ -158,3 +158,20 @@ def test_a_held_lock_means_alive_whatever_the_pid(manager):
         runlock.release(fd)
     (run,) = manager.status("elsewhere")  # lock dropped, pid not running: dead
     assert run.state == pb.FAILED and "was killed" in run.error
+
+
+def test_train_status_and_the_metrics_agree_on_which_runs_exist(manager):
+    """One reader of status.json for TrainStatus and the metrics collector: a run whose status.json is not
+    a JSON object (an old or foreign file) or not UTF-8 is skipped by both, never an INTERNAL error for
+    every other run; hidden directories are no run for either. Before, TrainStatus failed on the first
+    two (``'list' object has no attribute 'get'``, a UnicodeDecodeError) and the metrics listed the third."""
+    from adapterd.server.metrics.collectors import TrainingCollector
+
+    me = os.getpid()
+    _write_running(manager, "good", pid=me, pid_start=None)
+    for name, raw in (("listed", b"[1, 2]"), ("latin1", b'{"run_id": "caf\xe9"}'), (".hidden", b"{}")):
+        (manager.runs_root / name).mkdir()
+        (manager.runs_root / name / "status.json").write_bytes(raw)
+    assert [run.run_id for run in manager.status()] == ["good"]
+    scraped = {s.labels["run_id"] for m in TrainingCollector(manager.runs_root).collect() for s in m.samples}
+    assert scraped == {"good"}

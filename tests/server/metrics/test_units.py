@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import types
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
@@ -13,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter
 from adapterd.server.metrics.collectors import TrainingCollector
 from adapterd.server.metrics.gpu import NvmlCollector
 from adapterd.server.metrics.labels import BASE, OTHER, AdapterCounter, AdapterLabels
+from tests.helpers import NVMLError, fake_pynvml
 
 
 def test_labels_are_bounded_and_follow_use():
@@ -52,37 +52,12 @@ def test_labels_limit_zero_names_nothing():
     assert labels.label("a") == OTHER
 
 
-class _NVMLError(Exception):
-    pass
-
-
-def _fake_pynvml(fail_power: bool) -> types.ModuleType:
-    nv = types.ModuleType("pynvml")
-    nv.NVMLError = _NVMLError
-    nv.NVML_TEMPERATURE_GPU = 0
-    nv.nvmlInit = lambda: None
-    nv.nvmlShutdown = lambda: None
-    nv.nvmlDeviceGetCount = lambda: 2
-    nv.nvmlDeviceGetHandleByIndex = lambda i: i
-    nv.nvmlDeviceGetUUID = lambda h: f"GPU-{h}"
-    nv.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=87, memory=10)
-    nv.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=3 * 2**30, total=80 * 2**30, free=0)
-    nv.nvmlDeviceGetTemperature = lambda h, sensor: 61
-
-    def power(h):
-        if fail_power and h == 1:
-            raise _NVMLError("not supported")
-        return 250_500  # milliwatts
-    nv.nvmlDeviceGetPowerUsage = power
-    return nv
-
-
 def _collect(collector) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in collector.collect() for s in m.samples}
 
 
 def test_gpu_collector_units_and_labels(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(fail_power=True))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(fail_power=True))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     collector = NvmlCollector()
     got = _collect(collector)
@@ -100,17 +75,17 @@ def test_gpu_collector_units_and_labels(monkeypatch):
 
 
 def test_gpu_collector_follows_cuda_visible_devices(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(fail_power=False))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(fail_power=False))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     got = _collect(NvmlCollector())
     assert {dict(labels)["index"] for _, labels in got if "index" in dict(labels)} == {"1"}
 
 
 def test_gpu_collector_without_nvml_yields_nothing(monkeypatch):
-    nv = _fake_pynvml(fail_power=False)
+    nv = fake_pynvml(fail_power=False)
 
     def no_library():
-        raise _NVMLError("NVML Shared Library Not Found")
+        raise NVMLError("NVML Shared Library Not Found")
     nv.nvmlInit = no_library
     monkeypatch.setitem(sys.modules, "pynvml", nv)
     collector = NvmlCollector()
