@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "health": "adapterd.clients.cli_health",
     "train": "adapterd.trainer.cli",
     "merge": "adapterd.server.merge.cli",
+    "convert": "adapterd.server.convert.cli",
     "tiny-model": "adapterd.tiny_model_cli",
     "demo": "adapterd.demo",
 }
@@ -33,6 +34,7 @@ SUMMARIES: dict[str, str] = {
     "health": "check a running daemon's health (exit 0 when SERVING)",
     "train": "train a LoRA or P-Tuning v2 adapter on Alpaca-style data",
     "merge": "merge LoRA adapters into full weights or into a new adapter",
+    "convert": "convert ChatGLM3 checkpoints (base, P-Tuning v2, LoRA) into what adapterd serves",
     "tiny-model": "write a small random-weight Llama model and tokenizer (offline)",
     "demo": "build the tiny model, train two adapters, serve them and query each",
 }
