@@ -206,7 +206,8 @@ def lora_tensors(source: SourceCheckpoint, base: GlmBase) -> tuple[dict[str, tor
             out[f"{prefix}{RENAMED[module]}.lora_{ab}.weight"] = value
             continue
         targets.update(("q_proj", "k_proj", "v_proj"))
-        parts = (value, value, value) if ab == "A" else value.split([q, kv, kv])
+        # A is shared: each projection gets its own copy (safetensors stores no aliased tensors)
+        parts = (value, value.clone(), value.clone()) if ab == "A" else value.split([q, kv, kv])
         for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):
             out[f"{prefix}{proj}.lora_{ab}.weight"] = part.contiguous()
     if not out:
