@@ -82,7 +82,8 @@ def test_a_projected_prefix_is_applied_once(chatglm3, tmp_path):
     convert_chatglm3_adapter(src, tmp_path / "prefix", chatglm3.dst)
     table = torch.tanh(emb @ trans["transformer.prefix_encoder.trans.0.weight"].T
                        + trans["transformer.prefix_encoder.trans.0.bias"])
-    table = table @ trans["transformer.prefix_encoder.trans.2.weight"].T + trans["transformer.prefix_encoder.trans.2.bias"]
+    table = (table @ trans["transformer.prefix_encoder.trans.2.weight"].T
+             + trans["transformer.prefix_encoder.trans.2.bias"])
     ids = prompt_ids(chatglm3)
     torch.testing.assert_close(peft_logits(chatglm3.dst, tmp_path / "prefix", ids),
                                reference_logits(chatglm3.weights, tiny, ids, prefix=table), atol=5e-5, rtol=1e-5)
