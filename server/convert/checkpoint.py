@@ -70,15 +70,21 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise FailedPrecondition(f"{path.name} was refused: it is not a plain tensor file (torch.load with "
-                                 f"weights_only=True: {first})") from None
+        raise FailedPrecondition(f"{path.name} was refused: it is not a plain tensor file ({_why(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise DataLoss(f"{path.name} could not be read as a PyTorch checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise FailedPrecondition(f"{path.name} does not hold a mapping of names to tensors")
     return state
+
+
+def _why(exc: Exception) -> str:
+    """torch's reason, without its advice to load the file unsafely: the line naming what the pickle calls
+    ("Trying to load unsupported GLOBAL posix.system ...")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or ["torch.load(weights_only=True) refused it"])[0][:300]
 
 
 class SourceCheckpoint:
