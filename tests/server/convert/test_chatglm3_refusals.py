@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from adapterd.server.convert.chatglm3 import convert_chatglm3
 from adapterd.server.convert.chatglm3_adapter import convert_chatglm3_adapter
 from adapterd.server.errors import AdapterdError, FailedPrecondition
 from tests.server.convert.chatglm3_fixture import write_checkpoint, write_lora_checkpoint, write_prefix_checkpoint
+from tests.test_cli import CLI, ENV
 
 LAYER1 = "transformer.encoder.layers.1."
 
@@ -122,8 +122,8 @@ def test_adapters_for_another_shape_are_refused(chatglm3, tmp_path):
 
 def test_the_command_line_says_one_line_and_exits_1(chatglm3, tmp_path):
     src = _source(chatglm3, tmp_path, lambda w: w.pop("transformer.output_layer.weight"))
-    done = subprocess.run([sys.executable, "-m", "adapterd.cli", "convert", "chatglm3", str(src),
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*CLI, "convert", "chatglm3", str(src), str(tmp_path / "out")], env=ENV,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
         "adapterd convert chatglm3: tensor transformer.output_layer.weight is missing")
