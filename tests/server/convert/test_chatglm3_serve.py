@@ -114,3 +114,22 @@ def test_model_info_and_listing_report_the_family(chatglm3, served):
     assert listed["ptuning"].type == pb.PREFIX_TUNING and listed["ptuning"].num_virtual_tokens == 6
     assert listed["lora"].type == pb.LORA and listed["lora"].rank == 8
     assert sorted(listed["lora"].target_modules) == ["k_proj", "q_proj", "v_proj"]
+
+
+@pytest.mark.slow  # an int8 daemon and PEFT's int8 answers for every request (~15 s on 2 cores)
+def test_int8_mixed_batch_matches_peft_alone(chatglm3, served):
+    """On the int8 base the oracle is PEFT on the same int8 base (int8 rounds differently from fp32)."""
+    from tests.helpers import reference_greedy as peft_greedy
+
+    root, adapters = served
+    d = start_daemon(chatglm3.dst, root, quantization="int8")
+    jobs = [(p, a) for p in PROMPTS[:2] for a in adapters]
+    try:
+        replies = _mixed_replies(d, jobs)
+    finally:
+        d.stop()
+    tok = AutoTokenizer.from_pretrained(chatglm3.dst)
+    for (prompt, adapter_id), reply in zip(jobs, replies, strict=True):
+        want = peft_greedy(chatglm3.dst, prompt, root / adapter_id if adapter_id else None, N, "int8")
+        want = want[: min((want.index(s) for s in _stop_ids(chatglm3) if s in want), default=len(want))]
+        assert reply.text == _as_streamed(tok, want), (prompt, adapter_id)
