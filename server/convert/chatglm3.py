@@ -160,7 +160,10 @@ def write_weights(out_dir: Path, source: SourceCheckpoint, outputs: list[OutputT
     return written
 
 
-def write_side_files(out_dir: Path, src: Path, cfg: ChatGLM3Config) -> None:
+DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def write_side_files(out_dir: Path, src: Path, cfg: ChatGLM3Config, dtype: str) -> None:
     """config.json, generation_config.json and the tokenizer (with ChatGLM3's chat template)."""
     from transformers import GenerationConfig, GlmConfig
 
@@ -172,7 +175,7 @@ def write_side_files(out_dir: Path, src: Path, cfg: ChatGLM3Config) -> None:
     if max(special.values()) >= cfg.padded_vocab_size:
         raise FailedPrecondition(f"tokenizer.model has {len(tokenizer)} tokens with ChatGLM3's special tokens; "
                                  f"padded_vocab_size is {cfg.padded_vocab_size}")
-    fields = glm_config(cfg, special, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    fields = glm_config(cfg, special, tokenizer.eos_token_id, tokenizer.pad_token_id, DTYPES[dtype])
     GlmConfig(**fields).save_pretrained(out_dir)
     GenerationConfig(eos_token_id=fields["eos_token_id"], pad_token_id=fields["pad_token_id"]).save_pretrained(
         out_dir)
@@ -196,7 +199,7 @@ def convert_chatglm3(src: str | Path, dst: str | Path, *, overwrite: bool = Fals
         has_prefix = check_unknown(source, expected)
         outputs = plan_outputs(cfg, source)
         with AtomicDir(dst, overwrite=overwrite, marker="config.json", field="DST") as tmp:
-            write_side_files(tmp, src, cfg)
+            write_side_files(tmp, src, cfg, outputs[0].dtype)  # the embedding's dtype
             written = write_weights(tmp, source, outputs, max_shard_bytes, progress)
     finally:
         source.close()

@@ -98,18 +98,38 @@ def rotate_keys(table: torch.Tensor, base: GlmBase, position: int) -> torch.Tens
     return kv.reshape(v, -1).to(torch.float32)
 
 
-def prefix_table(source: SourceCheckpoint, base: GlmBase) -> torch.Tensor:
-    """ChatGLM3's prefix key/values ``[pre_seq_len, width]`` in fp32 (through the projection MLP if any)."""
+def source_prefix_config(src: Path) -> dict[str, Any]:
+    """The P-Tuning v2 fields of SRC's config.json, when it has one (prefix-only checkpoints may not)."""
+    path = src / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise FailedPrecondition("config.json is not valid JSON") from None
+    return raw if isinstance(raw, dict) else {}
+
+
+def prefix_table(source: SourceCheckpoint, base: GlmBase, config: dict[str, Any]) -> torch.Tensor:
+    """ChatGLM3's prefix key/values ``[pre_seq_len, width]`` in fp32 (through the projection MLP if any),
+    checked against SRC's config.json (``pre_seq_len``, ``prefix_projection``) when it says."""
     name = PREFIX_ENCODER + "embedding.weight"
     if name not in source.tensors:
         raise FailedPrecondition(f"tensor {name} is missing (not a P-Tuning v2 checkpoint; a LoRA checkpoint "
                                  "holds adapter_config.json)")
+    projected = PREFIX_ENCODER + "trans.0.weight" in source.tensors
+    if config.get("prefix_projection") and not projected:
+        raise FailedPrecondition(f"tensor {PREFIX_ENCODER}trans.0.weight is missing (config.json: "
+                                 "prefix_projection is true)")
+    if config.get("pre_seq_len") not in (None, source.tensors[name].shape[0]):
+        raise FailedPrecondition(f"tensor {name} has {source.tensors[name].shape[0]} rows; config.json: "
+                                 f"pre_seq_len is {config['pre_seq_len']!r}")
     width = base.num_layers * 2 * base.groups * base.head_dim
     shape = source.tensors[name].shape
     if len(shape) != 2 or shape[0] < 1:
         raise FailedPrecondition(f"tensor {name} has shape {list(shape)}; [pre_seq_len, width] was expected")
     table = source.rows(name).to(torch.float32)
-    if PREFIX_ENCODER + "trans.0.weight" in source.tensors:
+    if projected:
         table = _project(source, table, base, width)
     elif shape[1] != width:
         raise FailedPrecondition(f"tensor {name} has {shape[1]} columns; the base needs num_layers * 2 * groups * "
@@ -152,7 +172,7 @@ def write_prefix(tmp: Path, table: torch.Tensor, base: GlmBase, base_dir: Path) 
 def convert_prefix(src: Path, dst: Path, base_dir: Path, base: GlmBase, overwrite: bool) -> AdapterConvertResult:
     source = open_source(src)
     try:
-        table = prefix_table(source, base)
+        table = prefix_table(source, base, source_prefix_config(src))
     finally:
         source.close()
     virtual = table.shape[0]

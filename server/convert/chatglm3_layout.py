@@ -151,9 +151,11 @@ def prefix_tensors(cfg: ChatGLM3Config, pre_seq_len: int) -> dict[str, tuple[int
     return shapes
 
 
-def glm_config(cfg: ChatGLM3Config, special_ids: dict[str, int], eos_id: int, pad_id: int) -> dict[str, Any]:
-    """The ``config.json`` of the same network as transformers' ``GlmForCausalLM``. Generation stops at the
-    end of text and at the next turn (``<|user|>``, ``<|observation|>``), as ChatGLM3's ``chat`` does."""
+def glm_config(cfg: ChatGLM3Config, special_ids: dict[str, int], eos_id: int, pad_id: int,
+               dtype: str) -> dict[str, Any]:
+    """The ``config.json`` of the same network as transformers' ``GlmForCausalLM`` (weights in ``dtype``).
+    Generation stops at the end of text and at the next turn (``<|user|>``, ``<|observation|>``), as
+    ChatGLM3's ``chat`` does."""
     return {
         "architectures": ["GlmForCausalLM"], "model_type": "glm",
         "vocab_size": cfg.padded_vocab_size, "hidden_size": cfg.hidden_size,
@@ -166,5 +168,5 @@ def glm_config(cfg: ChatGLM3Config, special_ids: dict[str, int], eos_id: int, pa
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                             "partial_rotary_factor": PARTIAL_ROTARY},
         "pad_token_id": pad_id, "eos_token_id": [eos_id, special_ids["<|user|>"], special_ids["<|observation|>"]],
-        "bos_token_id": None, "dtype": str(cfg.raw.get("torch_dtype", "float16")),
+        "bos_token_id": None, "dtype": dtype,
     }

@@ -202,11 +202,13 @@ def reference_greedy(w, t: Tiny, ids: list[int], new_tokens: int, stop: set[int]
 def write_prefix_checkpoint(out: Path, t: Tiny, table: torch.Tensor, base_weights: dict | None = None,
                             fmt: str = "bin") -> Path:
     """A finetune_demo P-Tuning v2 checkpoint: config.json with pre_seq_len and the prefix encoder's table,
-    alone (prefix-only, as a .bin) or with every base weight (a full checkpoint)."""
+    alone (prefix-only, as a .bin) or with ``base_weights`` (every base weight: a full checkpoint; the
+    projection MLP's ``trans.*``: prefix_projection)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**t.config(), "pre_seq_len": table.shape[0],
-                                                 "prefix_projection": False}))
     weights = {**(base_weights or {}), "transformer.prefix_encoder.embedding.weight": table}
+    projected = "transformer.prefix_encoder.trans.0.weight" in weights
+    (out / "config.json").write_text(json.dumps({**t.config(), "pre_seq_len": table.shape[0],
+                                                 "prefix_projection": projected}))
     if fmt == "bin":
         torch.save(weights, out / "pytorch_model.bin")
     else:

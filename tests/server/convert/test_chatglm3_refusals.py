@@ -129,3 +129,18 @@ def test_the_command_line_says_one_line_and_exits_1(chatglm3, tmp_path):
         "adapterd convert chatglm3: tensor transformer.output_layer.weight is missing")
     assert "Traceback" not in done.stderr
     _nothing_left(tmp_path)
+
+
+def test_a_prefix_that_disagrees_with_its_config_is_refused(chatglm3, tmp_path):
+    """config.json says prefix_projection but the MLP is not there: serving the raw table would be wrong."""
+    import json
+
+    src = write_prefix_checkpoint(tmp_path / "pt", chatglm3.tiny, torch.zeros(4, 128))
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "prefix_projection": True}))
+    with pytest.raises(FailedPrecondition, match=r"prefix_encoder\.trans\.0\.weight is missing"):
+        convert_chatglm3_adapter(src, tmp_path / "out", chatglm3.dst)
+    (src / "config.json").write_text(json.dumps({**config, "pre_seq_len": 16}))
+    with pytest.raises(FailedPrecondition, match="pre_seq_len is 16"):
+        convert_chatglm3_adapter(src, tmp_path / "out", chatglm3.dst)
+    _nothing_left(tmp_path)
