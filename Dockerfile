@@ -27,7 +27,8 @@ RUN python3 -m venv /opt/adapterd \
  && pip install --require-hashes --only-binary :all: -r deploy/requirements-gpu.lock
 
 COPY pyproject.toml README.md ./
-COPY adapterd ./adapterd
+COPY cli ./cli
+COPY common ./common
 COPY proto ./proto
 COPY server ./server
 COPY trainer ./trainer

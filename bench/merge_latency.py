@@ -21,8 +21,8 @@ from results_table import git_commit
 
 
 def build(work: Path, layers: int, hidden: int) -> tuple[Path, Path]:
+    from adapterd.common.tiny_model import build_tokenizer
     from adapterd.server.merge.synthetic import LlamaShape, write_random_llama, write_random_lora
-    from adapterd.tiny_model import build_tokenizer
 
     shape = LlamaShape(vocab_size=2000, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
                        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64)

@@ -80,7 +80,7 @@ def describe_machine(device: str) -> str:
 
 def build_model(work: Path, size: str) -> tuple[Path, dict]:
     """The tiny model, or a larger random Llama (``large``: about 0.75 B parameters) for a GPU."""
-    from adapterd.tiny_model import TinyModelConfig, build_tiny_model
+    from adapterd.common.tiny_model import TinyModelConfig, build_tiny_model
 
     cfg = TinyModelConfig() if size == "tiny" else TinyModelConfig(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,

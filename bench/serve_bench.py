@@ -44,7 +44,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def build_model_dir(path: Path, shape: str, device: str) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from adapterd.tiny_model import build_tokenizer
+    from adapterd.common.tiny_model import build_tokenizer
 
     if (path / "config.json").is_file():
         return path

@@ -283,7 +283,7 @@ async def run_soak(target: str, config: SoakConfig, refs: dict[Key, tuple[str, i
 def _make_inputs(work: Path) -> tuple[Path, Path, dict[str, str]]:
     """The tiny model, and PEFT-made LoRA and prefix adapters with random weights (tests/helpers.py)."""
     sys.path.insert(0, str(REPO))
-    from adapterd.tiny_model import build_tiny_model
+    from adapterd.common.tiny_model import build_tiny_model
     from tests.helpers import make_lora_adapter, make_prefix_adapter
 
     base = build_tiny_model(work / "base")

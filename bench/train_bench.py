@@ -61,7 +61,7 @@ def build_base(out: Path, tiny: bool) -> Path:
     if (out / "config.json").is_file():
         return out
     if tiny:
-        from adapterd.tiny_model import build_tiny_model
+        from adapterd.common.tiny_model import build_tiny_model
 
         return build_tiny_model(out)
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -1,5 +1,5 @@
 """adapterd clients: grpcio and the generated stubs only (no torch)."""
 
-from adapterd.clients.client import AdapterdClient, AsyncAdapterdClient, generate_request
+from .client import AdapterdClient, AsyncAdapterdClient, generate_request
 
 __all__ = ["AdapterdClient", "AsyncAdapterdClient", "generate_request"]

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from adapterd.clients.cli_generate import add_common, connect
+from .cli_generate import add_common, connect
 
 HELP = "List the adapters of a running adapterd, or load / unload one."
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _row(info) -> list[str]:
-    from adapterd.v1 import adapterd_pb2 as pb
+    from ..v1 import adapterd_pb2 as pb
 
     shape = f"r={info.rank}" if info.rank else (f"v={info.num_virtual_tokens}" if info.num_virtual_tokens else "")
     used = time.strftime("%H:%M:%S", time.localtime(info.last_used_unix)) if info.last_used_unix else "-"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adapterd.clients.cli_generate import add_common, add_sampling, answer, connect, sampling_params, stop_note
-from adapterd.clients.cli_generate import system_message as system
+from .cli_generate import add_common, add_sampling, answer, connect, sampling_params, stop_note
+from .cli_generate import system_message as system
 
 HELP = "Talk with an adapter through a running adapterd: each line a user message, the conversation kept."
 RESET = "/reset"

@@ -50,7 +50,7 @@ def connect(args: argparse.Namespace) -> Any:
     (an environment variable keeps it out of the process list and the shell history)."""
     import grpc
 
-    from adapterd.clients.client import AdapterdClient
+    from .client import AdapterdClient
 
     if (args.tls_cert is None) != (args.tls_key is None):
         _usage_error("--tls-cert and --tls-key go together")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adapterd.clients.cli_generate import add_common, connect
+from .cli_generate import add_common, connect
 
 HELP = "Check a running adapterd through grpc.health.v1: exit 0 when SERVING, 1 otherwise."
 

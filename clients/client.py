@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from adapterd.v1 import adapterd_pb2 as pb
-from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
+from ..v1 import adapterd_pb2 as pb
+from ..v1 import adapterd_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 

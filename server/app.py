@@ -32,28 +32,28 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adapterd.server.auth import AuthInterceptor, TokenTable, load_tokens
-from adapterd.server.config import ServerConfig
-from adapterd.server.core.client import EngineClient
-from adapterd.server.core.frontends import FrontEnds, frontend_count, make_shared_budgets
-from adapterd.server.core.process import EngineProcess
-from adapterd.server.core.startup import connect_engine_core, engine_config, start_engine_core
-from adapterd.server.limits import BudgetInterceptor, RpcBudget, hard_rpc_cap
-from adapterd.server.merge import Merger
-from adapterd.server.metrics import DaemonMetrics
-from adapterd.server.model_dir import check_base_dir
-from adapterd.server.rpc_errors import hide_paths
-from adapterd.server.runtime import Runtime
-from adapterd.server.service import AdapterdService, ServingState
-from adapterd.server.shutdown import SHUTDOWN_MARGIN_S, Shutdown, exit_now
-from adapterd.server.tls import server_credentials
-from adapterd.server.training import TrainingManager
-from adapterd.server.validation import Limits
+from .auth import AuthInterceptor, TokenTable, load_tokens
+from .config import ServerConfig
+from .core.client import EngineClient
+from .core.frontends import FrontEnds, frontend_count, make_shared_budgets
+from .core.process import EngineProcess
+from .core.startup import connect_engine_core, engine_config, start_engine_core
+from .limits import BudgetInterceptor, RpcBudget, hard_rpc_cap
+from .merge import Merger
+from .metrics import DaemonMetrics
+from .model_dir import check_base_dir
+from .rpc_errors import hide_paths
+from .runtime import Runtime
+from .service import AdapterdService, ServingState
+from .shutdown import SHUTDOWN_MARGIN_S, Shutdown, exit_now
+from .tls import server_credentials
+from .training import TrainingManager
+from .validation import Limits
 
 if TYPE_CHECKING:
-    from adapterd.server.http_api import HttpFrontEnd
-from adapterd.v1 import adapterd_pb2 as pb
-from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
+    from .http_api import HttpFrontEnd
+from ..v1 import adapterd_pb2 as pb
+from ..v1 import adapterd_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def _http_front_end(config: ServerConfig, state: ServingState, tokens: TokenTabl
                     budgets: BudgetInterceptor, metrics: DaemonMetrics | None) -> HttpFrontEnd:
     """The OpenAI-compatible front end (``server/http_api``) on ``--http-port``, sharing the gRPC service's
     state, tokens, callers' budget and metrics; its port bound now, so that a busy one stops start-up."""
-    from adapterd.server.http_api import HttpApi, HttpFrontEnd
+    from .http_api import HttpApi, HttpFrontEnd
 
     api = HttpApi(state, config.base.name or str(config.base), tokens, budgets.callers, metrics,
                   config.max_message_bytes)

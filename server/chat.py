@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from adapterd.server.errors import FailedPrecondition, InvalidArgument
-from adapterd.trainer.template import alpaca_chat_template
+from ..trainer.template import alpaca_chat_template
+from .errors import FailedPrecondition, InvalidArgument
 
 MAX_ERROR_CHARS = 300  # of a template's own complaint, quoted back to the client
 MAX_RENDER_S = 2.0  # real templates render in milliseconds, a thousand messages in tens of them

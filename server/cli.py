@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
 from typing import Any
 
-from adapterd.server.config import Check, ConfigError, Kind, ServerConfig, between, check_value, flag_of, kind_of
+from .config import Check, ConfigError, Kind, ServerConfig, between, check_value, flag_of, kind_of
 
 HELP = "Serve one base causal LM with many LoRA and P-Tuning v2 adapters over gRPC."
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.getLogger(__name__).info("settings (others at their defaults): %s", ", ".join(
         f"{flag_of(f.name)}={getattr(config, f.name)}" for f in fields(config) if getattr(config, f.name) != f.default))
-    from adapterd.server.app import serve
-    from adapterd.server.shutdown import SHUTDOWN_MARGIN_S
+    from .app import serve
+    from .shutdown import SHUTDOWN_MARGIN_S
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # one warning per 8-bit matmul otherwise
     from transformers.utils import logging as hf_logging

@@ -32,9 +32,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from adapterd.server.auth import handler_behavior, handler_like, required_role
-from adapterd.server.errors import InvalidArgument, ResourceExhausted
-from adapterd.server.rpc_errors import abort_for
+from .auth import handler_behavior, handler_like, required_role
+from .errors import InvalidArgument, ResourceExhausted
+from .rpc_errors import abort_for
 
 # Calls being refused (bad token, over budget) still hold one of grpc's slots for a moment: leave room.
 HARD_CAP_HEADROOM = 64

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from adapterd.server.architecture import AttentionLayout, check_config
-from adapterd.server.config import QUANTIZATIONS  # one list: the command line's choices too
+from .architecture import AttentionLayout, check_config
+from .config import QUANTIZATIONS  # one list: the command line's choices too
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from adapterd.server import errors
-from adapterd.server.errors import AdapterdError, FailedPrecondition
-from adapterd.server.merge import Merger
-from adapterd.server.merge.worker import job_line
-from adapterd.server.training import TrainingManager
-from adapterd.v1 import adapterd_pb2 as pb
+from ..v1 import adapterd_pb2 as pb
+from . import errors
+from .errors import AdapterdError, FailedPrecondition
+from .merge import Merger
+from .merge.worker import job_line
+from .training import TrainingManager
 
 MERGE_NICE = 10  # nice value of the merge process (0 normal, 19 lowest): serving gets the CPU first
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adapterd.server.chat import render as render_chat
-from adapterd.server.chat import template_for
-from adapterd.server.core.protocol import AdapterRef
-from adapterd.server.errors import InvalidArgument
-from adapterd.server.tokenizing import Tokenization
+from .chat import render as render_chat
+from .chat import template_for
+from .core.protocol import AdapterRef
+from .errors import InvalidArgument
+from .tokenizing import Tokenization
 
 
 @dataclass(frozen=True)

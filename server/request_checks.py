@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 
-from adapterd.server.adapters.ids import validate_adapter_id
-from adapterd.server.errors import InvalidArgument
-from adapterd.server.training import RUN_ID
-from adapterd.v1 import adapterd_pb2 as pb
+from ..v1 import adapterd_pb2 as pb
+from .adapters.ids import validate_adapter_id
+from .errors import InvalidArgument
+from .training import RUN_ID
 
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_MERGE_INPUTS = 64

@@ -27,7 +27,7 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from adapterd.server.errors import AdapterdError
+from .errors import AdapterdError
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from adapterd.server.adapters.lora import linear_shapes
-from adapterd.server.adapters.store import AdapterRecord, AdapterStore, BaseShape
-from adapterd.server.core.protocol import AdapterRef, ModelInfo
-from adapterd.server.engine import Engine, EngineConfig, GenerationEvent, GenerationParams
-from adapterd.server.engine.output import RequestOutput, text_events
-from adapterd.server.model import BaseModel, load_base_model
-from adapterd.server.prompts import PreparedPrompt, Prompts, PromptsFacade
+from .adapters.lora import linear_shapes
+from .adapters.store import AdapterRecord, AdapterStore, BaseShape
+from .core.protocol import AdapterRef, ModelInfo
+from .engine import Engine, EngineConfig, GenerationEvent, GenerationParams
+from .engine.output import RequestOutput, text_events
+from .model import BaseModel, load_base_model
+from .prompts import PreparedPrompt, Prompts, PromptsFacade
 
 __all__ = ["EventHandoff", "PreparedPrompt", "Runtime", "request_name"]
 

@@ -27,8 +27,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from adapterd.server.errors import DataLoss, FailedPrecondition
-from adapterd.server.pinned import HostBufferPool
+from .errors import DataLoss, FailedPrecondition
+from .pinned import HostBufferPool
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces (a base model's shards)
 ADAPTER_MAX_HEADER_BYTES = 4 * 1024 * 1024  # an adapter's header: ~150 bytes a tensor, thousands of tensors

@@ -7,21 +7,21 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from adapterd import __version__
-from adapterd.server.adapters.ids import validate_adapter_id
-from adapterd.server.adapters.store import AdapterRecord
-from adapterd.server.core.protocol import AdapterRef
-from adapterd.server.engine import GenerationEvent, StopReason
-from adapterd.server.errors import InvalidArgument, Unavailable
-from adapterd.server.merge import Merger
-from adapterd.server.ops import merge_stream, require_training
-from adapterd.server.request_checks import check_merge, check_run_id, check_start_training
-from adapterd.server.rpc_errors import correlation_id, is_domain_error, log_unexpected, streaming, unary
-from adapterd.server.runtime import PreparedPrompt, Runtime
-from adapterd.server.training import TrainingManager
-from adapterd.server.validation import MAX_PROMPT_CHARS, Limits, check_text_or_messages, validate_generate
-from adapterd.v1 import adapterd_pb2 as pb
-from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
+from ..common import __version__
+from ..v1 import adapterd_pb2 as pb
+from ..v1 import adapterd_pb2_grpc as pb_grpc
+from .adapters.ids import validate_adapter_id
+from .adapters.store import AdapterRecord
+from .core.protocol import AdapterRef
+from .engine import GenerationEvent, StopReason
+from .errors import InvalidArgument, Unavailable
+from .merge import Merger
+from .ops import merge_stream, require_training
+from .request_checks import check_merge, check_run_id, check_start_training
+from .rpc_errors import correlation_id, is_domain_error, log_unexpected, streaming, unary
+from .runtime import PreparedPrompt, Runtime
+from .training import TrainingManager
+from .validation import MAX_PROMPT_CHARS, Limits, check_text_or_messages, validate_generate
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from adapterd.server.errors import ResourceExhausted
+from .errors import ResourceExhausted
 
 T = TypeVar("T")
 

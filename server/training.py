@@ -27,11 +27,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from adapterd.server.adapters.ids import resolve_adapter_dir
-from adapterd.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from adapterd.trainer import runlock
-from adapterd.trainer.config import METHODS, QUANTIZATIONS, ConfigError, TrainConfig, option_names, parse_value
-from adapterd.trainer.status import (
+from ..trainer import runlock
+from ..trainer.config import METHODS, QUANTIZATIONS, ConfigError, TrainConfig, option_names, parse_value
+from ..trainer.status import (
     FINAL_STATES,
     STATUS_FILE,
     STOP_FILE,
@@ -40,7 +38,9 @@ from adapterd.trainer.status import (
     read_status,
     write_json_atomic,
 )
-from adapterd.v1 import adapterd_pb2 as pb
+from ..v1 import adapterd_pb2 as pb
+from .adapters.ids import resolve_adapter_dir
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -153,7 +153,7 @@ class TrainingManager:
 
     def start(self, request: pb.StartTrainingRequest) -> pb.TrainingRun:
         """Validate, create RUN_DIR with a ``pending`` status.json, launch the trainer process."""
-        from adapterd.trainer.data import DataError, load_records
+        from ..trainer.data import DataError, load_records
 
         if request.method not in METHODS:
             raise InvalidArgument(f"must be one of {', '.join(METHODS)}", field="method")

@@ -7,9 +7,9 @@ import math
 import struct
 from dataclasses import dataclass
 
-from adapterd.server.adapters.ids import validate_adapter_id
-from adapterd.server.engine import GenerationParams
-from adapterd.server.errors import InvalidArgument
+from .adapters.ids import validate_adapter_id
+from .engine import GenerationParams
+from .errors import InvalidArgument
 
 MAX_STOP_SEQUENCES = 6
 MAX_STOP_SEQUENCE_CHARS = 240

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from adapterd.tiny_model import build_tiny_model
+    from adapterd.common.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
@@ -60,3 +61,21 @@ def adapter_root(tmp_path_factory, tiny_model_dir) -> Path:
     make_prefix_adapter(tiny_model_dir, root / "prefix", num_virtual_tokens=6, projection=False, seed=4)
     make_prefix_adapter(tiny_model_dir, root / "prefix-proj", num_virtual_tokens=3, projection=True, seed=5)
     return root
+
+
+GITCLONE = Path(importlib.util.find_spec("adapterd.trainer").origin).parent / "examples" / "gitclone.json"
+
+
+@pytest.fixture(scope="session")
+def gitclone_data() -> Path:
+    """The demo's Alpaca-style data, shipped with the trainer."""
+    return GITCLONE
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict[str, str]:
+    """Environment for trainer subprocesses: offline, one thread, the repo importable."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1")
+    return env

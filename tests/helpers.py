@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -171,3 +174,18 @@ def _full_forward(model, peft_model, ids: torch.Tensor, virtual: int) -> torch.T
                      **{_cache_kwarg(model): peft_model.get_prompt(batch_size=1)}).logits
     runner = peft_model if peft_model is not None else model
     return runner(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+
+# The ``adapterd`` command as a user types it (``python -m adapterd.cli`` is the same entry point), run from the
+# repository root like every test: nothing there shadows the installed package.
+CLI = [sys.executable, "-m", "adapterd.cli"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def one_line_error(out: subprocess.CompletedProcess, flag: str) -> str:
+    """Exit 2, no traceback, and one error line naming ``flag``; returns that line."""
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if re.search(r"error: | ERROR ", line)]
+    assert len(errors) == 1 and flag in errors[0], out.stderr[-3000:]
+    return errors[0]

@@ -111,8 +111,12 @@ def test_image_installs_from_the_lock_and_runs_unprivileged():
     assert install, "every package from the lock, hashes checked"
     assert re.search(r"pip install --no-deps --no-build-isolation \.", DOCKERFILE), "adapterd alone after it"
     assert len(re.findall(r"pip install", DOCKERFILE)) == 2, "nothing installed outside the lock"
-    dirs = PYPROJECT["tool"]["setuptools"]["package-dir"].values()
-    for folder in {d.split("/")[0] for d in dirs}:
+    setuptools = PYPROJECT["tool"]["setuptools"]
+    mapped = setuptools["package-dir"]
+    # the top-level folder of every shipped package: proto/ for adapterd.v1, server/ for adapterd.server.engine
+    folders = {mapped[p].split("/")[0] if p in mapped else p.split(".")[1] for p in setuptools["packages"] if "." in p}
+    assert {"proto", "server", "trainer", "clients", "cli", "common"} <= folders
+    for folder in folders:
         assert re.search(rf"^COPY {folder} ", DOCKERFILE, re.M), folder
     user = re.search(r"^USER (\S+)", DOCKERFILE, re.M)
     assert user and user[1] not in ("root", "0")

@@ -1,28 +1,109 @@
-"""The package's shape: stubs in step with the proto, one import root, every sub-package listed."""
+"""The package's shape: stubs in step with the proto, one import root (the repository, with nothing at its root
+that shadows the installed package), every sub-package listed, and an import graph that the file tree resolves."""
 
 from __future__ import annotations
 
+import ast
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+NOT_SHIPPED = {"tests", "bench", "scripts", "deploy", ".venv", ".git", "build"}
 
 
 def test_generated_stubs_are_fresh():
-    result = subprocess.run([sys.executable, "-m", "adapterd.protogen", "--check"], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "adapterd.common.protogen", "--check"], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _package_of(folder: Path) -> str:
+    """A folder's package name from pyproject's package-dir (the longest mapping containing it)."""
+    best = max((Path(REPO / path) for path in SETUPTOOLS["package-dir"].values()
+                if folder == REPO / path or (REPO / path) in folder.parents), key=lambda p: len(p.parts))
+    name = next(n for n, path in SETUPTOOLS["package-dir"].items() if REPO / path == best)
+    return ".".join([name, *folder.relative_to(best).parts])
+
+
+def _product_folders() -> list[Path]:
+    """Every package folder that ships: each folder holding an ``__init__.py`` outside tests and tools."""
+    found = []
+    for root, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in NOT_SHIPPED and not d.startswith(".") and "egg-info" not in d]
+        if "__init__.py" in names:
+            found.append(Path(root))
+    return found
+
+
 def test_every_package_folder_is_listed_under_the_adapterd_root():
-    conf = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed, dirs = set(conf["packages"]), conf["package-dir"]
+    listed = set(SETUPTOOLS["packages"])
     assert all(name == "adapterd" or name.startswith("adapterd.") for name in listed)
-    found = set()
-    for package, folder in dirs.items():
-        for init in (REPO / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(REPO / folder)
-            found.add(".".join([package, *rel.parts]))
-    assert found == listed
+    assert {_package_of(folder) for folder in _product_folders()} | {"adapterd"} == listed
+
+
+def test_nothing_at_the_root_shadows_the_installed_package():
+    """The root is the ``adapterd`` namespace: no ``__init__.py`` there and no ``adapterd/`` folder, so a command
+    run from the repository root imports the installed package (once ``adapterd/`` held half of it)."""
+    assert not (REPO / "__init__.py").exists() and not (REPO / "adapterd").exists()
+    result = subprocess.run([sys.executable, "-m", "adapterd.cli", "tiny-model", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "hidden-size" in result.stdout, result.stderr
+
+
+def _imports(path: Path) -> list[tuple[int, str | None, int, list[str]]]:
+    """(line, module, level, names) of every import statement in a file, nested ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, node.module, node.level, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, 0, []) for a in node.names]
+    return found
+
+
+def _resolves(folder: Path, module: str | None, level: int, names: list[str]) -> bool:
+    """Whether a relative import from a file in ``folder`` names a file or folder of the tree, through
+    pyproject's package-dir for the generated stubs (``adapterd.v1`` is ``proto/adapterd/v1``)."""
+    package = _package_of(folder).split(".")
+    base = package[: len(package) - level + 1]
+    target = [*base, *(module.split(".") if module else [])]
+    path = _path_of(".".join(target))
+    if path is None:
+        return False
+    if module is not None and (path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()):
+        return True
+    # ``from . import x``: each name is a module or a name defined in the package's __init__
+    return all(_path_of(".".join([*target, n])) is not None or (path / "__init__.py").is_file() for n in names)
+
+
+def _path_of(dotted: str) -> Path | None:
+    for name, folder in sorted(SETUPTOOLS["package-dir"].items(), key=lambda kv: -len(kv[0])):
+        if dotted == name or dotted.startswith(name + "."):
+            path = REPO / folder / Path(*dotted[len(name):].lstrip(".").split(".")) if dotted != name else REPO / folder
+            return path if path.with_suffix(".py").is_file() or path.is_dir() else None
+    return None
+
+
+def test_the_file_tree_resolves_every_internal_import():
+    """Inside the product every import of adapterd is relative, and every relative import lands on a file or a
+    folder of the tree: a graph drawn from the files (with pyproject's one mapping for the stubs) is whole."""
+    absolute, unresolved, checked = [], [], 0
+    for folder in _product_folders():
+        if folder.is_relative_to(REPO / "proto"):
+            continue  # generated by grpcio-tools, which writes absolute imports
+        for path in folder.glob("*.py"):
+            for line, module, level, names in _imports(path):
+                where = f"{path.relative_to(REPO)}:{line}"
+                if level == 0 and module and module.split(".")[0] == "adapterd":
+                    absolute.append(f"{where} {module}")
+                elif level:
+                    checked += 1
+                    if not _resolves(folder, module, level, names):
+                        unresolved.append(f"{where} {'.' * level}{module or ''}")
+    assert not absolute, "absolute imports of adapterd inside the package:\n" + "\n".join(absolute)
+    assert not unresolved, "imports the tree does not resolve:\n" + "\n".join(unresolved)
+    assert checked > 250  # the product's internal import statements (297 when this was written), all checked

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from adapterd.fsutil import fsync_dir
-from adapterd.trainer.template import save_tokenizer_with_template
+from ..common.fsutil import fsync_dir
+from .template import save_tokenizer_with_template
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.pt"
@@ -51,8 +51,8 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 def check_adapter_file(adapter_dir: Path) -> None:
     """Check a saved adapter as the daemon and the merger read it (``peft_format``: config, tensor pairing,
     shapes, finiteness); NonFiniteAdapter naming the tensor that holds NaN or an infinity."""
-    from adapterd.server.adapters.peft_format import check_adapter, check_finite, read_adapter
-    from adapterd.server.errors import FailedPrecondition
+    from ..server.adapters.peft_format import check_adapter, check_finite, read_adapter
+    from ..server.errors import FailedPrecondition
 
     files = read_adapter(adapter_dir, adapter_dir)
     try:

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapterd.trainer.config import ConfigError, TrainConfig, add_config_arguments, cli_fields
-from adapterd.trainer.resume import completed_run, export_missing, saved_config
-from adapterd.trainer.runlock import RunBusy
+from .config import ConfigError, TrainConfig, add_config_arguments, cli_fields
+from .resume import completed_run, export_missing, saved_config
+from .runlock import RunBusy
 
 HELP = ("Train a LoRA or P-Tuning v2 adapter on Alpaca-style data (JSON list or JSON lines); writes "
         "checkpoints, status.json and train.log to the run directory.")
@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     console.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logging.getLogger("adapterd.trainer").addHandler(console)
 
-    from adapterd.trainer.data import DataError
-    from adapterd.trainer.loop import train  # torch and transformers load here, after the handlers
+    from .data import DataError
+    from .loop import train  # torch and transformers load here, after the handlers
 
     console.addFilter(lambda record: not _bad_data(record, DataError))  # reported below in one line
     try:

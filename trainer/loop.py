@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from adapterd.trainer import checkpoint as ckpt
-from adapterd.trainer import data as data_mod
-from adapterd.trainer import model as model_mod
-from adapterd.trainer import resume as resume_mod
-from adapterd.trainer import runlock
-from adapterd.trainer.config import TrainConfig
-from adapterd.trainer.resume import METRICS_FILE
-from adapterd.trainer.status import STOP_FILE, GpuMonitor, StatusWriter, read_status
+from . import checkpoint as ckpt
+from . import data as data_mod
+from . import model as model_mod
+from . import resume as resume_mod
+from . import runlock
+from .config import TrainConfig
+from .resume import METRICS_FILE
+from .status import STOP_FILE, GpuMonitor, StatusWriter, read_status
 
 log = logging.getLogger("adapterd.trainer")
 FINAL_DIR = "final"

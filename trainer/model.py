@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapterd.trainer.config import TrainConfig
+from .config import TrainConfig
 
 
 def pick_device() -> torch.device:

@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from adapterd.trainer.config import RESUME_CRITICAL, TrainConfig
-from adapterd.trainer.status import STOP_FILE, read_status
+from .config import RESUME_CRITICAL, TrainConfig
+from .status import STOP_FILE, read_status
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -73,7 +73,7 @@ def export_missing(cfg: TrainConfig, status: dict[str, Any]) -> Path | None:
     (deleted since, say); the only write a resume of a completed run makes. The path, or None."""
     if not cfg.export_adapter or Path(cfg.export_adapter).exists():
         return None
-    from adapterd.trainer.checkpoint import export_adapter  # torch: only on this path
+    from .checkpoint import export_adapter  # torch: only on this path
 
     final = Path(status.get("final_adapter") or cfg.run_dir / "final")
     return export_adapter(final, Path(cfg.export_adapter))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapterd.trainer.status import (
+from .status import (
     FINAL_STATES,
     STATUS_FILE,
     STOP_FILE,

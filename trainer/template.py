@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapterd.trainer.data import PROMPT_NO_INPUT
+from .data import PROMPT_NO_INPUT
 
 HEADER, _, _ = PROMPT_NO_INPUT.partition("\n\n")  # "Below is an instruction ... completes the request."
 TEMPLATE_FILE = "chat_template.jinja"  # the name transformers gives a tokenizer's template file

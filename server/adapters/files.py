@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from adapterd.server.adapters.ids import CONFIG_FILE, WEIGHTS_FILE
-from adapterd.server.errors import DataLoss, FailedPrecondition
-from adapterd.server.pinned import HostBufferPool
-from adapterd.server.safetensors_io import open_regular, read_at, read_tensors
+from ..errors import DataLoss, FailedPrecondition
+from ..pinned import HostBufferPool
+from ..safetensors_io import open_regular, read_at, read_tensors
+from .ids import CONFIG_FILE, WEIGHTS_FILE
 
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT config is a few KB; patterns for every module of a 70B model fit in 1 MiB
 MAX_CONFIG_DEPTH = 16  # PEFT configs nest 3 levels (patterns, layers_pattern lists)

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from adapterd.server.errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_\-.]+")
 MAX_ID_LENGTH = 256

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
-from adapterd.server.kernels import LORA_KERNEL_MAX_ROWS, lora_kernel_available
+from ..kernels import LORA_KERNEL_MAX_ROWS, lora_kernel_available
+from .lora_weights import LoraModule, LoraWeights
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -134,7 +134,7 @@ class BatchedLoraLinear(nn.Module):
         if self._kernel_on is None or self._kernel_on[0] != x.device:
             kernel = None
             if lora_kernel_available(x.device):
-                from adapterd.server.kernels.lora_bgmv import lora_delta_ as kernel
+                from ..kernels.lora_bgmv import lora_delta_ as kernel
             self._kernel_on = (x.device, kernel)
         return self._kernel_on[1]
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapterd.server.adapters.peft_format import (
+from ..errors import FailedPrecondition
+from .peft_format import (
     LoraConfig,
     LoraModule,
     largest,
@@ -22,7 +23,6 @@ from adapterd.server.adapters.peft_format import (
     pair_lora_keys,
     span_largest,
 )
-from adapterd.server.errors import FailedPrecondition
 
 __all__ = ["LoraModule", "LoraWeights", "parse_lora"]
 

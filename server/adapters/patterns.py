@@ -19,7 +19,7 @@ from typing import Any
 
 import re2
 
-from adapterd.server.errors import FailedPrecondition
+from ..errors import FailedPrecondition
 
 MAX_PATTERN_CHARS = 1024  # a pattern key names modules: longer ones are refused before compiling
 MAX_PATTERN_MEMORY = 1 << 20  # bytes RE2 may use to compile one key (its default is 8 MiB)

@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
-from adapterd.server.adapters.files import (
+from ..errors import DataLoss, FailedPrecondition
+from ..pinned import HostBufferPool
+from .files import (
     MAX_COUNT,
     MAX_LISTED_TARGETS,
     adapter_file,
@@ -36,10 +38,8 @@ from adapterd.server.adapters.files import (
     read_config,
     read_weights,
 )
-from adapterd.server.adapters.ids import CONFIG_FILE, WEIGHTS_FILE
-from adapterd.server.adapters.patterns import pattern_value
-from adapterd.server.errors import DataLoss, FailedPrecondition
-from adapterd.server.pinned import HostBufferPool
+from .ids import CONFIG_FILE, WEIGHTS_FILE
+from .patterns import pattern_value
 
 PEFT_PREFIX = "base_model.model."  # PEFT's saved keys start with it; module names are what follows
 BIN_FILE = "adapter_model.bin"

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterd.server.adapters.peft_format import PrefixConfig, largest, prefix_table
-from adapterd.server.errors import FailedPrecondition
+from ..errors import FailedPrecondition
+from .peft_format import PrefixConfig, largest, prefix_table
 
 
 @dataclass

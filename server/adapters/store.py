@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from adapterd.server.adapters.files import (
+from ..errors import AdapterdError, DataLoss, FailedPrecondition, ResourceExhausted
+from ..pinned import DEFAULT_MAX_BYTES, HostBufferPool
+from .files import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     adapter_bytes_cap,
@@ -29,18 +31,16 @@ from adapterd.server.adapters.files import (
     read_chat_template,
     read_config,
 )
-from adapterd.server.adapters.ids import discover_adapter_ids, resolve_adapter_dir
-from adapterd.server.adapters.lora_weights import LoraWeights, parse_lora
-from adapterd.server.adapters.peft_format import (
+from .ids import discover_adapter_ids, resolve_adapter_dir
+from .lora_weights import LoraWeights, parse_lora
+from .peft_format import (
     ConfigDescription,
     LoraConfig,
     PrefixConfig,
     describe_config,
     read_adapter,
 )
-from adapterd.server.adapters.prefix import PrefixWeights, parse_prefix
-from adapterd.server.errors import AdapterdError, DataLoss, FailedPrecondition, ResourceExhausted
-from adapterd.server.pinned import DEFAULT_MAX_BYTES, HostBufferPool
+from .prefix import PrefixWeights, parse_prefix
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,13 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from adapterd.server.adapters.store import AdapterRecord
-from adapterd.server.core.protocol import (
+from ..adapters.store import AdapterRecord
+from ..engine.output import RequestOutput, text_events
+from ..engine.request import GenerationEvent, GenerationParams, StopReason
+from ..errors import Unavailable
+from ..prompts import Prompts, PromptsFacade
+from ..runtime import request_name
+from .protocol import (
     AdapterRef,
     Call,
     Cancel,
@@ -34,11 +39,6 @@ from adapterd.server.core.protocol import (
     from_core,
     rebuild_error,
 )
-from adapterd.server.engine.output import RequestOutput, text_events
-from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
-from adapterd.server.errors import Unavailable
-from adapterd.server.prompts import Prompts, PromptsFacade
-from adapterd.server.runtime import request_name
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,12 @@ from typing import Any
 import msgspec
 import zmq
 
-from adapterd.server.core.protocol import (
+from ..engine.batch import Row
+from ..engine.observer import EngineObserver
+from ..engine.request import GenerationEvent, StopReason
+from ..errors import AdapterdError, InvalidArgument
+from ..runtime import Runtime
+from .protocol import (
     Call,
     Cancel,
     Event,
@@ -34,12 +39,7 @@ from adapterd.server.core.protocol import (
     event_message,
     to_core,
 )
-from adapterd.server.core.step_stats import StepCounter
-from adapterd.server.engine.batch import Row
-from adapterd.server.engine.observer import EngineObserver
-from adapterd.server.engine.request import GenerationEvent, StopReason
-from adapterd.server.errors import AdapterdError, InvalidArgument
-from adapterd.server.runtime import Runtime
+from .step_stats import StepCounter
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import signal
 import threading
 from multiprocessing.connection import Connection
 
-from adapterd.server.config import ServerConfig
+from ..config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def frontend_main(config: ServerConfig, index: int, core_address: str, pipe: Con
 
 async def _serve_frontend(config: ServerConfig, index: int, core_address: str, pipe: Connection,
                           budgets: tuple) -> None:
-    from adapterd.server.app import start_daemon
+    from ..app import start_daemon
 
     daemon = await start_daemon(config, share_port=True, frontend_index=index, shared_budgets=budgets)
     await daemon.attach_engine_core(core_address)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from adapterd.server.engine import EngineConfig
+from ..engine import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ def core_main(spec: CoreSpec, ready: Connection, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     sys.setswitchinterval(spec.gil_switch_interval_s)  # the engine thread shares the GIL with the I/O thread
     logging.basicConfig(level=spec.log_level, format="%(asctime)s engine-core %(levelname)s %(name)s: %(message)s")
-    from adapterd.server.core.engine_core import EngineCore
-    from adapterd.server.runtime import Runtime
+    from ..runtime import Runtime
+    from .engine_core import EngineCore
 
     try:
         runtime = Runtime.load(spec.base, spec.adapters, spec.quantization, spec.engine, spec.device, spec.dtype,
@@ -100,7 +100,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _core_metrics(runtime) -> Callable[[], bytes]:
     """The engine's own metrics (queue, latency, batch, adapters resident, kernels, GPU), exported through the
     front end's ``/metrics`` (``server/metrics/remote.py``)."""
-    from adapterd.server.metrics import DaemonMetrics
+    from ..metrics import DaemonMetrics
 
     metrics = DaemonMetrics(process_namespace="adapterd_engine")
     metrics.attach(runtime)

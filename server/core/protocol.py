@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from adapterd.server import errors
-from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
+from .. import errors
+from ..engine.request import GenerationEvent, GenerationParams, StopReason
 
 
 class ModelInfo(msgspec.Struct, frozen=True):

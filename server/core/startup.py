@@ -6,10 +6,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from adapterd.server.config import ServerConfig
-from adapterd.server.core.client import EngineClient
-from adapterd.server.core.process import CoreSpec, EngineProcess
-from adapterd.server.engine import EngineConfig
+from ..config import ServerConfig
+from ..engine import EngineConfig
+from .client import EngineClient
+from .process import CoreSpec, EngineProcess
 
 log = logging.getLogger(__name__)
 

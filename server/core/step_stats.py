@@ -12,8 +12,8 @@ import time
 
 import msgspec
 
-from adapterd.server.engine.batch import Row
-from adapterd.server.engine.observer import EngineObserver
+from ..engine.batch import Row
+from ..engine.observer import EngineObserver
 
 
 class StepCounts(msgspec.Struct):

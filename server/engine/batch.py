@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from adapterd.server.adapters.store import LoadedAdapter
-from adapterd.server.engine.kv_pool import KvPool
-from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
-from adapterd.server.engine.sampling import RowSampler
+from ..adapters.store import LoadedAdapter
+from .kv_pool import KvPool
+from .request import GenerationEvent, GenerationParams, StopReason
+from .sampling import RowSampler
 
 
 @dataclass

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 import torch
 
-from adapterd.server.adapters.lora import LoraSlotTable
-from adapterd.server.engine.graphs import GraphCache
-from adapterd.server.engine.kv_pool import KvPool, decode_mask
-from adapterd.server.model import BaseModel
+from ..adapters.lora import LoraSlotTable
+from ..model import BaseModel
+from .graphs import GraphCache
+from .kv_pool import KvPool, decode_mask
 
 log = logging.getLogger(__name__)
 

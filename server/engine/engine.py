@@ -20,16 +20,16 @@ from typing import Any
 
 import torch
 
-from adapterd.server.adapters.store import LoadedAdapter
-from adapterd.server.engine.batch import Row
-from adapterd.server.engine.failures import Breakage, is_device_failure, nonfinite_message
-from adapterd.server.engine.observer import ObserverList
-from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
-from adapterd.server.engine.runner import ModelRunner
-from adapterd.server.engine.sampling import BatchSampler, RowSampler, logits_width
-from adapterd.server.engine.scheduler import Candidate, Capacity, schedule
-from adapterd.server.errors import AdapterdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from adapterd.server.model import BaseModel
+from ..adapters.store import LoadedAdapter
+from ..errors import AdapterdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from ..model import BaseModel
+from .batch import Row
+from .failures import Breakage, is_device_failure, nonfinite_message
+from .observer import ObserverList
+from .request import GenerationEvent, GenerationParams, StopReason
+from .runner import ModelRunner
+from .sampling import BatchSampler, RowSampler, logits_width
+from .scheduler import Candidate, Capacity, schedule
 
 log = logging.getLogger(__name__)
 

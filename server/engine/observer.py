@@ -3,7 +3,7 @@ engine thread, so an observer must be quick and must not block; the default does
 
 from __future__ import annotations
 
-from adapterd.server.engine.batch import Row
+from .batch import Row
 
 
 class EngineObserver:

@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from adapterd.server.engine.request import GenerationEvent, GenerationParams, StopReason
-from adapterd.server.engine.text import TextStream
+from .request import GenerationEvent, GenerationParams, StopReason
+from .text import TextStream
 
 
 class RequestOutput:

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from adapterd.server.adapters.lora import LoraSlotTable
-from adapterd.server.adapters.prefix import PrefixWeights
-from adapterd.server.engine.decode_step import batch_bucket, power_bucket, rank_bucket
-from adapterd.server.engine.graphs import GraphCache
-from adapterd.server.engine.kv_pool import KvPool, causal_mask, prefill_mask
-from adapterd.server.model import BaseModel
+from ..adapters.lora import LoraSlotTable
+from ..adapters.prefix import PrefixWeights
+from ..model import BaseModel
+from .decode_step import batch_bucket, power_bucket, rank_bucket
+from .graphs import GraphCache
+from .kv_pool import KvPool, causal_mask, prefill_mask
 
 log = logging.getLogger(__name__)
 

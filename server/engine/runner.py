@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from adapterd.server.adapters.lora import LoraSlotTable
-from adapterd.server.adapters.prefix import PrefixWeights
-from adapterd.server.engine.batch import Row, RunningBatch
-from adapterd.server.engine.decode_step import DecodeStep
-from adapterd.server.engine.kv_pool import KvPool
-from adapterd.server.engine.prefill_step import PrefillStep
-from adapterd.server.engine.swaps import use_fused_norms, use_int8_kernel
-from adapterd.server.model import BaseModel
+from ..adapters.lora import LoraSlotTable
+from ..adapters.prefix import PrefixWeights
+from ..model import BaseModel
+from .batch import Row, RunningBatch
+from .decode_step import DecodeStep
+from .kv_pool import KvPool
+from .prefill_step import PrefillStep
+from .swaps import use_fused_norms, use_int8_kernel
 
 
 @dataclass

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from adapterd.server.engine.failures import is_device_failure
-from adapterd.server.engine.request import GenerationParams
-from adapterd.server.engine.sampling_ops import apply_repetition_penalty, draw, filter_top_k_top_p, shift_and_scale
+from .failures import is_device_failure
+from .request import GenerationParams
+from .sampling_ops import apply_repetition_penalty, draw, filter_top_k_top_p, shift_and_scale
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import textwrap
 
 from torch import nn
 
-from adapterd.server.model import BaseModel
+from ..model import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,8 @@ def use_int8_kernel(base: BaseModel, enabled: bool, max_rows: int = 64) -> int:
     """Swap bitsandbytes' int8 matmul (which also quantizes activations, 3-5x slower than bf16 at decode batch
     sizes) for the weight-only kernel over the same int8 weights, and tune it now, before any graph capture.
     Returns the number of layers swapped."""
-    from adapterd.server.kernels import int8_kernel_available, warm_up
-    from adapterd.server.kernels import use_int8_kernel as swap
+    from ..kernels import int8_kernel_available, warm_up
+    from ..kernels import use_int8_kernel as swap
 
     if base.quantization != "int8" or not enabled or not int8_kernel_available(base.device):
         return 0
@@ -34,7 +34,7 @@ def use_int8_kernel(base: BaseModel, enabled: bool, max_rows: int = 64) -> int:
 def use_fused_norms(base: BaseModel, enabled: bool) -> int:
     """Swap the model's RMSNorms (8 small kernels each in transformers, 65 of them in a 7B decode step) for
     one Triton kernel each, same math (bf16 outputs bit-identical on an H200). Returns how many."""
-    from adapterd.server.kernels import fused_rms_norm_available, use_fused_rms_norm
+    from ..kernels import fused_rms_norm_available, use_fused_rms_norm
 
     if not enabled or not fused_rms_norm_available(base.device):
         return 0

@@ -6,7 +6,7 @@ routes.py     the Starlette endpoints: auth, budget, metrics, streaming with ser
 server.py     uvicorn on the daemon's event loop, its port bound at start-up
 """
 
-from adapterd.server.http_api.routes import HttpApi
-from adapterd.server.http_api.server import HttpFrontEnd
+from .routes import HttpApi
+from .server import HttpFrontEnd
 
 __all__ = ["HttpApi", "HttpFrontEnd"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adapterd.server.errors import InvalidArgument
-from adapterd.v1 import adapterd_pb2 as pb
+from ...v1 import adapterd_pb2 as pb
+from ..errors import InvalidArgument
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: a request without one samples
 MAX_SEED = 2**64 - 1  # the seed is a uint64 on the wire

@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 
-from adapterd.server.engine import StopReason
-from adapterd.server.errors import AdapterdError
-from adapterd.server.http_api.requests import openai_field
-from adapterd.server.rpc_errors import internal_message, is_domain_error, log_unexpected, redact
+from ..engine import StopReason
+from ..errors import AdapterdError
+from ..rpc_errors import internal_message, is_domain_error, log_unexpected, redact
+from .requests import openai_field
 
 # google.rpc.Code -> HTTP status, as google/rpc/code.proto documents each code.
 HTTP_STATUS = {

@@ -29,13 +29,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from adapterd.server.auth import METHOD_ROLES, ROLES, TokenTable, bearer_token
-from adapterd.server.engine import GenerationEvent
-from adapterd.server.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from adapterd.server.http_api import responses as out
-from adapterd.server.http_api.requests import ParsedRequest, chat_request, completion_request
-from adapterd.server.limits import RpcBudget
-from adapterd.server.service import ServingState, generation_events
+from ..auth import METHOD_ROLES, ROLES, TokenTable, bearer_token
+from ..engine import GenerationEvent
+from ..errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from ..limits import RpcBudget
+from ..service import ServingState, generation_events
+from . import responses as out
+from .requests import ParsedRequest, chat_request, completion_request
 
 SERVICE = "openai.v1"  # the service label of HTTP requests in adapterd_rpc_requests_total
 

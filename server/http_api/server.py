@@ -27,7 +27,7 @@ from pathlib import Path
 
 import uvicorn
 
-from adapterd.server.http_api.routes import HttpApi
+from .routes import HttpApi
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from adapterd.server.kernels.int8_linear import Int8WeightOnlyLinear, int8_kernel_available, use_int8_kernel, warm_up
-from adapterd.server.kernels.rms_norm import FusedRMSNorm, fused_rms_norm_available, use_fused_rms_norm
-from adapterd.server.kernels.support import triton_available
+from .int8_linear import Int8WeightOnlyLinear, int8_kernel_available, use_int8_kernel, warm_up
+from .rms_norm import FusedRMSNorm, fused_rms_norm_available, use_fused_rms_norm
+from .support import triton_available
 
 __all__ = ["FusedRMSNorm", "fused_rms_norm_available", "use_fused_rms_norm",
            "LORA_KERNEL_MAX_ROWS", "MAX_KERNEL_ROWS", "Int8WeightOnlyLinear", "int8_kernel_available",
@@ -30,11 +30,11 @@ def lora_kernel_available(device: torch.device | str) -> bool:
 
 def __getattr__(name: str) -> Any:
     if name in ("int8_weight_matmul", "MAX_KERNEL_ROWS"):
-        from adapterd.server.kernels import int8_matmul
+        from . import int8_matmul
 
         return getattr(int8_matmul, name)
     if name == "lora_delta_":
-        from adapterd.server.kernels import lora_bgmv
+        from . import lora_bgmv
 
         return lora_bgmv.lora_delta_
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

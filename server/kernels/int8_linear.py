@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from adapterd.server.kernels.support import triton_available
+from .support import triton_available
 
 
 def int8_kernel_available(device: torch.device | str) -> bool:
@@ -29,7 +29,7 @@ def int8_kernel_available(device: torch.device | str) -> bool:
 
 def _matmul():
     """The kernel's wrapper, imported on first use (it imports Triton)."""
-    from adapterd.server.kernels.int8_matmul import int8_weight_matmul
+    from .int8_matmul import int8_weight_matmul
 
     return int8_weight_matmul
 
@@ -118,7 +118,7 @@ def warm_up(model: nn.Module, dtype: torch.dtype, max_rows: int = 64,
     bucket) at ~30 ms each; Llama-2-7B has 3 distinct shapes: 21 decode and 18 prefill pairs, ~20 s of
     timing. Both the binaries and the choices are cached on disk by Triton for the next start. Autotuning
     is not thread safe: warm up from one thread."""
-    from adapterd.server.kernels.int8_matmul import MAX_KERNEL_ROWS, gemm_bucket, int8_weight_matmul, row_bucket
+    from .int8_matmul import MAX_KERNEL_ROWS, gemm_bucket, int8_weight_matmul, row_bucket
 
     buckets = sorted({row_bucket(m) for m in range(1, min(max_rows, MAX_KERNEL_ROWS) + 1)})
     buckets += sorted({gemm_bucket(m) for m in prefill_rows if m > MAX_KERNEL_ROWS})

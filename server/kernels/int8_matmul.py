@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from adapterd.server.kernels.support import interpreting
+from .support import interpreting
 
 MAX_KERNEL_ROWS = 64  # rows of x served by the split-K decode kernel; more rows go to the tiled GEMM kernel
 MAX_GEMM_BUCKET = 4096  # the largest row bucket of the GEMM kernel's autotune key (more rows share it)

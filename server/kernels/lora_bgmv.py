@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adapterd.server.kernels.support import interpreting
+from .support import interpreting
 
 TILE_ELEMS = 4096  # weight elements a program loads at once: BLOCK_R * BLOCK_K (shrink), BLOCK_R * BLOCK_N
 MAX_PARTIALS = 2048  # fp32 partials an expand program sums: splits * BLOCK_R (8 KB, from L2)

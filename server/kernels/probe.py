@@ -32,7 +32,7 @@ def _kernel(interpret: bool):
 def run(device: torch.device) -> None:
     """Compile (the first time in this process and Triton cache) and run the kernel on ``device``; raises
     whatever Triton raises, or RuntimeError when the kernel ran but computed a wrong result."""
-    from adapterd.server.kernels.support import interpreting
+    from .support import interpreting
 
     x = torch.arange(SIZE, dtype=torch.float32, device=device)
     _kernel(interpreting())[(1,)](x, SIZE, BLOCK=SIZE)

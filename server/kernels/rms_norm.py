@@ -43,7 +43,7 @@ import functools
 import torch
 from torch import nn
 
-from adapterd.server.kernels.support import interpreting, triton_available
+from .support import interpreting, triton_available
 
 # Classes whose forward is exactly the math above (transformers 5.17 and 5.24). Matched by class name, so
 # that model modules need not be imported.

@@ -55,7 +55,7 @@ def kernels_compile(device: torch.device) -> bool:
 def _compile_problem(index: int) -> str | None:
     """None when the test kernel runs on ``cuda:index``, else the cause (logged once, as a warning)."""
     try:
-        from adapterd.server.kernels import probe
+        from . import probe
 
         probe.run(torch.device("cuda", index))
     except Exception as exc:  # anything (no compiler, no Python.h, a driver error): no Triton kernels

@@ -21,8 +21,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-from adapterd.fsutil import fsync_dir
-
+from ...common.fsutil import fsync_dir
 from ..errors import AlreadyExists, FailedPrecondition
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ import sys
 import traceback
 from typing import Any
 
-from adapterd.server.errors import AdapterdError, InvalidArgument
-from adapterd.server.merge.merger import Merger, MergeResult
-from adapterd.server.merge.strategies import strategy_name_from_proto
-from adapterd.v1 import adapterd_pb2 as pb
+from ...v1 import adapterd_pb2 as pb
+from ..errors import AdapterdError, InvalidArgument
+from .merger import Merger, MergeResult
+from .strategies import strategy_name_from_proto
 
 
 class Terminated(Exception):

@@ -2,7 +2,7 @@
 on ``/metrics`` by ``DaemonMetrics.start_http`` (see ``daemon.py``; names in ``definitions.py``,
 ``collectors.py`` and ``gpu.py``)."""
 
-from adapterd.server.metrics.daemon import DaemonMetrics
-from adapterd.server.metrics.labels import AdapterLabels
+from .daemon import DaemonMetrics
+from .labels import AdapterLabels
 
 __all__ = ["AdapterLabels", "DaemonMetrics"]

@@ -13,9 +13,9 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from adapterd.trainer.runlock import settle  # standard library only, like trainer.status: no torch here
-from adapterd.trainer.status import STATES as TRAINING_STATES
-from adapterd.trainer.status import STATUS_FILE
+from ...trainer.runlock import settle  # standard library only, like trainer.status: no torch here
+from ...trainer.status import STATES as TRAINING_STATES
+from ...trainer.status import STATUS_FILE
 
 MAX_RUNS = 32  # the most recently updated runs are exported; older ones are left out (bounded run_id)
 TIERS = ("gpu", "cpu")

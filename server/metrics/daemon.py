@@ -19,15 +19,15 @@ from prometheus_client import disable_created_metrics, start_http_server
 from prometheus_client.exposition import generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from adapterd import __version__
-from adapterd.server.adapters.store import LoadedAdapter
-from adapterd.server.metrics.collectors import AdapterCacheCollector, EngineCollector, TrainingCollector
-from adapterd.server.metrics.definitions import Metrics
-from adapterd.server.metrics.gpu import NvmlCollector
-from adapterd.server.metrics.interceptor import RpcMetricsInterceptor
-from adapterd.server.metrics.labels import DEFAULT_LIMIT, AdapterLabels
-from adapterd.server.metrics.observer import MetricsObserver
-from adapterd.server.metrics.remote import MergedRegistry
+from ...common import __version__
+from ..adapters.store import LoadedAdapter
+from .collectors import AdapterCacheCollector, EngineCollector, TrainingCollector
+from .definitions import Metrics
+from .gpu import NvmlCollector
+from .interceptor import RpcMetricsInterceptor
+from .labels import DEFAULT_LIMIT, AdapterLabels
+from .observer import MetricsObserver
+from .remote import MergedRegistry
 
 log = logging.getLogger(__name__)
 

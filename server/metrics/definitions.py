@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.registry import Collector
 
-from adapterd.server.metrics.labels import AdapterCounter
+from .labels import AdapterCounter
 
 PREFIX = "adapterd_"
 

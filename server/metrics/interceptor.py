@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 
-from adapterd.server.auth import handler_behavior, handler_like
-from adapterd.server.metrics.definitions import Metrics
-from adapterd.server.metrics.labels import AdapterLabels
+from ..auth import handler_behavior, handler_like
+from .definitions import Metrics
+from .labels import AdapterLabels
 
 _NO_ADAPTER = ""
 

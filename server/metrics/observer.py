@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 
-from adapterd.server.engine.batch import Row
-from adapterd.server.engine.observer import EngineObserver
-from adapterd.server.engine.request import StopReason
-from adapterd.server.metrics.definitions import Metrics
-from adapterd.server.metrics.labels import AdapterLabels
+from ..engine.batch import Row
+from ..engine.observer import EngineObserver
+from ..engine.request import StopReason
+from .definitions import Metrics
+from .labels import AdapterLabels
 
 # Rows that ended early for reasons of their own tell nothing about decode speed.
 _NO_TPOT = (StopReason.CANCELLED, StopReason.ERROR)

@@ -11,7 +11,7 @@ import pytest
 from grpc_status import rpc_status
 from transformers import AutoTokenizer
 
-from adapterd.tiny_model import TinyModelConfig, build_tiny_model
+from adapterd.common.tiny_model import TinyModelConfig, build_tiny_model
 from adapterd.v1 import adapterd_pb2 as pb
 from tests.helpers import TEST_DEVICE, make_lora_adapter, make_prefix_adapter, reference_greedy
 

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoConfig
 
 from adapterd.server.architecture import FULL, SLIDING, UnsupportedModel, check_config
-from tests.test_cli import CLI, ENV
+from tests.helpers import CLI, ENV
 
 REFUSED = [
     ("gemma2", {}, "config.attn_logit_softcapping"),
@@ -48,7 +48,7 @@ def test_windows_are_read_as_transformers_applies_them(model_type, fields, windo
 
 def test_serve_exits_1_naming_the_field_before_loading_weights(tmp_path):
     """A Gemma 2 base (attention logit soft-capping) stops ``adapterd serve`` with one log line saying why."""
-    from adapterd.tiny_model import build_tiny_model
+    from adapterd.common.tiny_model import build_tiny_model
 
     base = build_tiny_model(tmp_path / "gemma2", model_type="gemma2", head_dim=16)
     (base / "model.safetensors").write_bytes(b"not read: the config is refused first")

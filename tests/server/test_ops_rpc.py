@@ -101,7 +101,7 @@ def test_merge_refusals(ops_client, request_kwargs, code, field):
 def test_training_rpcs_end_to_end(ops_client, ops_daemon, tiny_model_dir):
     """StartTraining launches a run as its own process; WatchTraining follows it to the end; the exported
     adapter, served by the daemon, answers the tutorial's question with its trained answer."""
-    from adapterd.demo import DATA
+    from adapterd.cli.demo import DATA
     from adapterd.trainer.data import format_prompt
 
     run = ops_client.start_training(pb.StartTrainingRequest(
@@ -132,7 +132,7 @@ def test_training_rpcs_end_to_end(ops_client, ops_daemon, tiny_model_dir):
 
 
 def test_stop_training_ends_a_run_with_a_checkpoint(ops_client):
-    from adapterd.demo import DATA
+    from adapterd.cli.demo import DATA
 
     ops_client.start_training(pb.StartTrainingRequest(
         data_path=str(DATA), method="ptuning-v2", run_id="rpc-stop",
@@ -157,7 +157,7 @@ def test_a_killed_trainer_is_failed_in_the_next_scrape_and_in_train_status(ops_c
     import signal
     import time
 
-    from adapterd.demo import DATA
+    from adapterd.cli.demo import DATA
     from adapterd.trainer.runlock import lock_held, process_alive
 
     ops_client.start_training(pb.StartTrainingRequest(
@@ -186,8 +186,8 @@ def test_a_client_that_leaves_mid_merge_stops_it_and_nothing_is_left(tmp_path_fa
     temporary output: no model directory and no hidden temporary one."""
     import time
 
+    from adapterd.common.tiny_model import build_tokenizer
     from adapterd.server.merge.synthetic import LlamaShape, write_random_llama, write_random_lora
-    from adapterd.tiny_model import build_tokenizer
 
     work = tmp_path_factory.mktemp("cancel-merge")
     shape = LlamaShape(vocab_size=2000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=12,
@@ -217,7 +217,7 @@ def test_a_client_that_leaves_mid_merge_stops_it_and_nothing_is_left(tmp_path_fa
 def test_training_options_must_be_finite(ops_client, option, text):
     """Issue 12: a NaN lora_alpha (or an infinite weight decay) trained and exported an adapter whose weights
     poisoned every batch it joined; now StartTraining refuses it, naming the option, and starts nothing."""
-    from adapterd.demo import DATA
+    from adapterd.cli.demo import DATA
 
     with pytest.raises(grpc.RpcError) as err:
         ops_client.start_training(pb.StartTrainingRequest(

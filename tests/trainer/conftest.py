@@ -1,4 +1,4 @@
-"""Trainer fixtures: the shipped demo data, a config factory for the tiny model, one torch thread.
+"""Trainer fixtures: a config factory for the tiny model, one torch thread.
 
 The machine has 2 shared cores: the tiny model trains fastest on one thread (two threads fight with
 whatever else runs), and subprocesses get the same through ``OMP_NUM_THREADS``.
@@ -6,16 +6,14 @@ whatever else runs), and subprocesses get the same through ``OMP_NUM_THREADS``.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-import adapterd.trainer
+from tests.conftest import GITCLONE
 
-GITCLONE = Path(adapterd.trainer.__file__).parent / "examples" / "gitclone.json"
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -27,11 +25,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def gitclone_data() -> Path:
-    return GITCLONE
 
 
 @pytest.fixture
@@ -48,15 +41,6 @@ def make_config(tiny_model_dir: Path, tmp_path: Path) -> Callable:
         return TrainConfig(**values)
 
     return make
-
-
-@pytest.fixture(scope="session")
-def subprocess_env() -> dict[str, str]:
-    """Environment for trainer subprocesses: offline, one thread, the repo importable."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1")
-    return env
 
 
 def train_argv(cfg, *extra: str) -> list[str]:

@@ -1,1 +1,1 @@
-"""Generated gRPC stubs for ``adapterd.v1`` (``python -m adapterd.protogen`` regenerates them)."""
+"""Generated gRPC stubs for ``adapterd.v1`` (``python -m adapterd.common.protogen`` regenerates them)."""

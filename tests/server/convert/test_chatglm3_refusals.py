@@ -13,8 +13,8 @@ import torch
 from adapterd.server.convert.chatglm3 import convert_chatglm3
 from adapterd.server.convert.chatglm3_adapter import convert_chatglm3_adapter
 from adapterd.server.errors import AdapterdError, FailedPrecondition
+from tests.helpers import CLI, ENV
 from tests.server.convert.chatglm3_fixture import write_checkpoint, write_lora_checkpoint, write_prefix_checkpoint
-from tests.test_cli import CLI, ENV
 
 LAYER1 = "transformer.encoder.layers.1."
 

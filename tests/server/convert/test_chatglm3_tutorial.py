@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from adapterd.clients import AdapterdClient
+from tests.helpers import CLI, ENV
 from tests.helpers import reference_greedy as peft_greedy
 from tests.server.conftest import start_daemon
 from tests.server.convert.chatglm3_fixture import reference_greedy, write_prefix_checkpoint
 from tests.server.convert.test_chatglm3_adapter import prefix_table
 from tests.server.convert.test_chatglm3_serve import _as_streamed, _stop_ids
-from tests.test_cli import CLI, ENV
 
 README = Path(__file__).parents[3] / "README.md"
 NEW_TOKENS = 8
@@ -73,11 +73,10 @@ def _replace(arg: str, paths: dict[str, str]) -> str:
 
 
 @pytest.mark.slow  # two short training runs in their own processes, then a daemon: ~30 s on 2 cores
-def test_adapterd_train_trains_lora_and_ptuning_v2_on_the_converted_base(chatglm3, tmp_path):
+def test_adapterd_train_trains_lora_and_ptuning_v2_on_the_converted_base(chatglm3, tmp_path, gitclone_data):
     root = tmp_path / "adapters"
-    data = Path(__file__).parents[3] / "trainer" / "examples" / "gitclone.json"
     for method in ("lora", "ptuning-v2"):
-        argv = [*CLI, "train", "--base", str(chatglm3.dst), "--data", str(data), "--method", method,
+        argv = [*CLI, "train", "--base", str(chatglm3.dst), "--data", str(gitclone_data), "--method", method,
                 "--quantization", "none", "--max-steps", "3", "--batch-size", "2", "--num-virtual-tokens", "4",
                 "--learning-rate", "1e-2", "--output", str(tmp_path / method), "--export-adapter", str(root / method)]
         done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)

@@ -17,9 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoTokenizer
 
 from adapterd.clients import AdapterdClient
-from tests.helpers import reference_greedy
+from tests.helpers import CLI, ENV, reference_greedy
 from tests.server.conftest import start_daemon
-from tests.test_cli import CLI, ENV
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapterd.common.tiny_model import build_tiny_model
 from adapterd.server.architecture import WINDOW_STYLE
 from adapterd.server.engine import EngineConfig, GenerationParams
 from adapterd.server.model import load_base_model
 from adapterd.server.runtime import Runtime
-from adapterd.tiny_model import build_tiny_model
 from tests.helpers import TEST_DEVICE, make_lora_adapter, make_prefix_adapter, reference_greedy_nocache
 from tests.server.engine.test_parity import Collector, prefill_kinds, run_together
 

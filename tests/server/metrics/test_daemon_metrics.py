@@ -91,7 +91,7 @@ def test_engine_series(parsed):
 
 def test_build_info(parsed, tiny_model_dir):
     info = [dict(ls) for (n, ls), v in parsed.items() if n == "adapterd_build_info" and v == 1]
-    assert info == [{"version": __import__("adapterd").__version__, "base_model": tiny_model_dir.name,
+    assert info == [{"version": __import__("adapterd.common").common.__version__, "base_model": tiny_model_dir.name,
                      "quantization": "none"}]
 
 

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adapterd.clients import AdapterdClient
 from adapterd.server.app import start_daemon
 from adapterd.server.config import ServerConfig
-from tests.test_cli import CLI, ENV, _one_line_error
+from tests.helpers import CLI, ENV, one_line_error
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -67,7 +67,7 @@ def test_a_second_daemon_on_a_served_port_is_refused_naming_the_port(daemon, tin
             second.communicate()
     refused = subprocess.CompletedProcess(second.args, second.returncode, out, err)
     assert "listening" not in out
-    assert "another process" in _one_line_error(refused, f"--port {port}")
+    assert "another process" in one_line_error(refused, f"--port {port}")
     assert proc.poll() is None and _health(port) == SERVING  # the first one still has its port to itself
 
 

@@ -12,17 +12,18 @@ import signal
 import sys
 import typing
 
+# Command -> its module, relative to this package (``..server.cli`` is ``adapterd.server.cli``).
 COMMANDS: dict[str, str] = {
-    "serve": "adapterd.server.cli",
-    "generate": "adapterd.clients.cli_generate",
-    "chat": "adapterd.clients.cli_chat",
-    "adapters": "adapterd.clients.cli_adapters",
-    "health": "adapterd.clients.cli_health",
-    "train": "adapterd.trainer.cli",
-    "merge": "adapterd.server.merge.cli",
-    "convert": "adapterd.server.convert.cli",
-    "tiny-model": "adapterd.tiny_model_cli",
-    "demo": "adapterd.demo",
+    "serve": "..server.cli",
+    "generate": "..clients.cli_generate",
+    "chat": "..clients.cli_chat",
+    "adapters": "..clients.cli_adapters",
+    "health": "..clients.cli_health",
+    "train": "..trainer.cli",
+    "merge": "..server.merge.cli",
+    "convert": "..server.convert.cli",
+    "tiny-model": ".tiny_model",
+    "demo": ".demo",
 }
 
 # One-line help for each command, so that `adapterd --help` imports nothing heavy.
@@ -99,12 +100,8 @@ def _main(argv: list[str] | None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]])
+    module = importlib.import_module(COMMANDS[argv[0]], __name__)
     cmd_parser = Parser(prog=f"adapterd {argv[0]}", description=module.HELP)
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     return int(module.run(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

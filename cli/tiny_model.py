@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from adapterd.tiny_model import TinyModelConfig, build_tiny_model
+    from ..common.tiny_model import TinyModelConfig, build_tiny_model
 
     cfg = TinyModelConfig(hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size,
                           num_hidden_layers=args.layers, seed=args.seed)

@@ -121,8 +121,8 @@ def _serve(base: Path, adapters: Path, quantization: str) -> tuple[subprocess.Po
 
 
 def run(args: argparse.Namespace) -> int:
-    from adapterd.clients import AdapterdClient
-    from adapterd.trainer.data import format_prompt
+    from ..clients import AdapterdClient
+    from ..trainer.data import format_prompt
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.dir).resolve()
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 replies = list(pool.map(lambda a: client.generate(prompt, a, max_new_tokens=40), jobs))
             for adapter_id, reply in zip(jobs, replies, strict=True):
                 print(f"[{adapter_id or 'base model'}] {reply.text!r} ({reply.generated_token_count} tokens)")
-            from adapterd.v1 import adapterd_pb2 as pb
+            from ..v1 import adapterd_pb2 as pb
 
             for info in client.list_adapters():
                 print(f"  adapter {info.adapter_id}: {pb.AdapterType.Name(info.type)}, "

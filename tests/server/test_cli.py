@@ -28,9 +28,8 @@ from grpc_health.v1 import health_pb2
 from adapterd.clients import AdapterdClient
 from adapterd.server.config import ServerConfig, flag_of
 from adapterd.v1 import adapterd_pb2 as pb
-from tests.helpers import TEST_DEVICE
+from tests.helpers import CLI, ENV, TEST_DEVICE
 from tests.server.test_security import ADMIN_TOKEN, _free_port, _make_pki
-from tests.test_cli import CLI, ENV
 
 PROMPT_LIMIT = 12  # --max-input-tokens of daemon A
 NEW_TOKENS_LIMIT = 400  # --max-new-tokens of daemon A: a stream of this many holds its RPC slot for a while

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from adapterd.demo import QUESTION
+from adapterd.cli.demo import QUESTION
 from adapterd.trainer.data import format_prompt
 from tests.helpers import make_lora_adapter, make_prefix_adapter, reference_greedy
 

@@ -12,11 +12,7 @@ import time
 import pytest
 
 from adapterd.clients import AdapterdClient
-
-CLI = [sys.executable, "-m", "adapterd.cli"]
-# PYTHONSAFEPATH: ``-m`` must import the installed package, not the source folder of the same name in the
-# working directory (an install that is not editable, as on the GPU machine, would be shadowed).
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
+from tests.helpers import CLI, ENV, one_line_error
 
 
 def test_tiny_model_command_writes_a_loadable_model(tmp_path):
@@ -147,15 +143,6 @@ def test_sigterm_exits_within_the_grace_period_whatever_is_stuck(tiny_model_dir,
 # ------------------------------------------------------------------------------- operator errors, pipes, flags
 
 
-def _one_line_error(out: subprocess.CompletedProcess, flag: str) -> str:
-    """Exit 2, no traceback, and one error line naming ``flag``; returns that line."""
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    errors = [line for line in out.stderr.splitlines() if re.search(r"error: | ERROR ", line)]
-    assert len(errors) == 1 and flag in errors[0], out.stderr[-3000:]
-    return errors[0]
-
-
 @pytest.mark.parametrize("flags,named", [
     (["--quantization", "int4"], "--quantization"),
     (["--max-batch-size", "0"], "--max-batch-size"),
@@ -169,7 +156,7 @@ def test_serve_usage_errors_are_one_line_naming_the_flag(tiny_model_dir, adapter
     out = subprocess.run([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root), *flags],
                          env=ENV, capture_output=True, text=True, timeout=60)
     assert len(out.stderr.splitlines()) == 1  # before any log line: nothing else is said
-    _one_line_error(out, named)
+    one_line_error(out, named)
 
 
 @pytest.mark.parametrize("flags,named", [
@@ -182,13 +169,13 @@ def test_generate_usage_errors_are_one_line_naming_the_flag(flags, named):
     out = subprocess.run([*CLI, "generate", "--prompt", "hi", "--target", "127.0.0.1:9", *flags], env=ENV,
                          capture_output=True, text=True, timeout=60)
     assert len(out.stderr.splitlines()) == 1
-    _one_line_error(out, named)
+    one_line_error(out, named)
 
 
 def test_serve_refuses_a_missing_adapter_root_naming_the_flag(tiny_model_dir, tmp_path):
     out = subprocess.run([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(tmp_path / "none")],
                          env=ENV, capture_output=True, text=True, timeout=60)
-    assert "is not a directory" in _one_line_error(out, "--adapters")
+    assert "is not a directory" in one_line_error(out, "--adapters")
 
 
 def _serve_fails(tiny_model_dir, adapter_root, *flags: str) -> subprocess.CompletedProcess:
@@ -205,7 +192,7 @@ def test_serve_refuses_a_busy_metrics_port_naming_it(tiny_model_dir, adapter_roo
         taken.listen()
         port = str(taken.getsockname()[1])
         out = _serve_fails(tiny_model_dir, adapter_root, "--metrics-port", port)
-    assert "Address already in use" in _one_line_error(out, f"--metrics-port {port}")
+    assert "Address already in use" in one_line_error(out, f"--metrics-port {port}")
 
 
 def test_serve_refuses_a_certificate_that_does_not_match_its_key(tiny_model_dir, adapter_root, tmp_path):
@@ -214,13 +201,13 @@ def test_serve_refuses_a_certificate_that_does_not_match_its_key(tiny_model_dir,
     pki = _make_pki(tmp_path)
     out = _serve_fails(tiny_model_dir, adapter_root, "--tls-cert", str(pki["server.crt"]),
                        "--tls-key", str(pki["client.key"]))
-    line = _one_line_error(out, f"--tls-key {pki['client.key']}")
+    line = one_line_error(out, f"--tls-key {pki['client.key']}")
     assert "does not match" in line and str(pki["server.crt"]) in line
 
 
 def test_serve_refuses_an_address_it_cannot_listen_on_naming_it(tiny_model_dir, adapter_root):
     out = _serve_fails(tiny_model_dir, adapter_root, "--host", "192.0.2.1")  # TEST-NET-1: no machine's own
-    assert "cannot listen there" in _one_line_error(out, "--host 192.0.2.1 --port 0")
+    assert "cannot listen there" in one_line_error(out, "--host 192.0.2.1 --port 0")
 
 
 @pytest.mark.parametrize("command", [["adapters", "list"], ["generate", "--prompt", "hello", "--max-new-tokens", "4"]])
@@ -286,7 +273,7 @@ def test_every_option_has_help_showing_its_default(command):
     from adapterd.cli import COMMANDS, Parser
 
     parser = Parser(prog=f"adapterd {command}")
-    importlib.import_module(COMMANDS[command]).add_arguments(parser)
+    importlib.import_module(COMMANDS[command], "adapterd.cli").add_arguments(parser)
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue

@@ -1,4 +1,4 @@
-"""Generate the Python stubs from ``proto/``: ``python -m adapterd.protogen [--check]``.
+"""Generate the Python stubs from ``proto/``: ``python -m adapterd.common.protogen [--check]``.
 
 The stubs live beside the contract in ``proto/adapterd/v1`` and are installed as ``adapterd.v1``.
 ``--check`` regenerates into a temporary folder and exits 1 when the committed stubs differ (CI runs it).
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 shutil.copyfile(fresh, committed)
     if stale:
-        print("stale generated stubs (run `python -m adapterd.protogen`):", *stale, sep="\n  ")
+        print("stale generated stubs (run `python -m adapterd.common.protogen`):", *stale, sep="\n  ")
         return 1
     return 0
 
