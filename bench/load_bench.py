@@ -285,14 +285,18 @@ def cpu_per_token(before: dict[str, float], after: dict[str, float], tokens: int
         f"{name} {(after[name] - before.get(name, 0.0)) / tokens * 1e6:.0f} us" for name in after)
 
 
+def ttft_prompts(requests: int) -> list[list[int]]:
+    """The token ids both sides' TTFT requests send (the same ones, in the same order)."""
+    rng = random.Random(7)
+    return [[rng.randrange(10, 1000) for _ in range(TTFT_PROMPT_TOKENS)] for _ in range(requests)]
+
+
 async def engine_ttft(runtime, requests: int) -> float:
     """Median time to the first generated token of a ``TTFT_PROMPT_TOKENS`` prompt, in-process, ms."""
     from adapterd.server.engine import GenerationParams
 
-    rng = random.Random(7)
     times = []
-    for _ in range(requests):
-        prompt = [rng.randrange(10, 1000) for _ in range(TTFT_PROMPT_TOKENS)]
+    for prompt in ttft_prompts(requests):
         start = time.perf_counter()
         async for event in runtime.generate(prompt, GenerationParams(max_new_tokens=1), None):
             if event.token_ids:
@@ -301,17 +305,19 @@ async def engine_ttft(runtime, requests: int) -> float:
     return statistics.median(times) * 1000
 
 
-def grpc_ttft(target: str, requests: int) -> float:
-    """The same over gRPC: the prompt cut to its last ``TTFT_PROMPT_TOKENS`` tokens by the daemon, ms."""
+def grpc_ttft(target: str, requests: int, token_ids: bool) -> float:
+    """The same over gRPC, ms: as text, cut to its last ``TTFT_PROMPT_TOKENS`` tokens by the daemon (which
+    tokenizes it), or as the engine alone's token ids (``prompt_token_ids``: no tokenizing on either side)."""
     from adapterd.clients import AdapterdClient
 
     rng = random.Random(7)
     times = []
     with AdapterdClient(target, timeout=120) as client:
-        for _ in range(requests):
+        for ids in ttft_prompts(requests):
             prompt = " ".join(rng.choice(WORDS) for _ in range(2 * TTFT_PROMPT_TOKENS))
+            sent = dict(prompt_token_ids=ids) if token_ids else dict(prompt=prompt)
             start = time.perf_counter()
-            for message in client.generate_stream(prompt, max_new_tokens=1,
+            for message in client.generate_stream(**sent, max_new_tokens=1,
                                                   truncate_input_tokens=TTFT_PROMPT_TOKENS):
                 if message.generated_token_count:
                     times.append(time.perf_counter() - start)
@@ -432,10 +438,12 @@ def main() -> int:
                 e2e_lines.append(http_line(daemon, base_dir.name, args, n, tok_s))
                 print(e2e_lines[-1], flush=True)
         before = core_steps(daemon)
-        ttft = (grpc_ttft(target, TTFT_REQUESTS), prefill_ms(core_steps(daemon).minus(before)))
+        ttft = (grpc_ttft(target, TTFT_REQUESTS, False), prefill_ms(core_steps(daemon).minus(before)))
+        ttft_ids = grpc_ttft(target, TTFT_REQUESTS, True)
         e2e_lines.append(f"time to first token, {TTFT_PROMPT_TOKENS}-token prompt, p50 of {TTFT_REQUESTS}: engine "
-                         f"alone {ttft_alone[0]:.1f} ms, over gRPC {ttft[0]:.1f} ms "
-                         f"({ttft[0] - ttft_alone[0]:+.1f} ms); "
+                         f"alone {ttft_alone[0]:.1f} ms, over gRPC {ttft[0]:.1f} ms as text "
+                         f"({ttft[0] - ttft_alone[0]:+.1f} ms), {ttft_ids:.1f} ms as token ids "
+                         f"({ttft_ids - ttft_alone[0]:+.1f} ms); "
                          f"mean prefill in the engine: alone {ttft_alone[1]:.1f} ms, in the core {ttft[1]:.1f} ms")
         print(e2e_lines[-1], flush=True)
         frontends = 1 + len(daemon.daemon.frontends.members) if daemon.daemon.frontends else 1

@@ -35,9 +35,10 @@ def generate_request(prompt: str = "", adapter_id: str = "", *, messages: Messag
                      min_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0,
                      seed: int | None = None, repetition_penalty: float = 0.0, stop_sequences: Sequence[str] = (),
                      include_stop_sequence: bool = False, time_limit_ms: int = 0,
-                     truncate_input_tokens: int = 0) -> pb.GenerateRequest:
-    """A GenerateRequest from keyword arguments; 0 means the server's default (greedy, no filters). Either
-    ``prompt`` (sent as is) or ``messages`` (rendered with the adapter's chat template by the daemon)."""
+                     truncate_input_tokens: int = 0, prompt_token_ids: Sequence[int] = ()) -> pb.GenerateRequest:
+    """A GenerateRequest from keyword arguments; 0 means the server's default (greedy, no filters). One of
+    ``prompt`` (sent as is), ``messages`` (rendered with the adapter's chat template by the daemon) and
+    ``prompt_token_ids`` (the base's token ids, no special tokens added)."""
     sampling = pb.SamplingParameters(temperature=temperature, top_k=top_k, top_p=top_p,
                                      repetition_penalty=repetition_penalty)
     if seed is not None:
@@ -46,7 +47,8 @@ def generate_request(prompt: str = "", adapter_id: str = "", *, messages: Messag
                                    stop_sequences=list(stop_sequences), include_stop_sequence=include_stop_sequence,
                                    time_limit_ms=time_limit_ms)
     return pb.GenerateRequest(prompt=prompt, adapter_id=adapter_id, sampling=sampling, stopping=stopping,
-                              truncate_input_tokens=truncate_input_tokens, messages=chat_messages(messages))
+                              truncate_input_tokens=truncate_input_tokens, messages=chat_messages(messages),
+                              prompt_token_ids=list(prompt_token_ids))
 
 
 def tokenize_request(text: str = "", return_tokens: bool = False, messages: Messages = (),

@@ -8,6 +8,7 @@ the engine. Tokenizing and rendering run in ``server/tokenizing.py``'s pools, ne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,10 @@ class PreparedPrompt:
 
 
 class Prompts:
-    def __init__(self, tokenizer: Any, max_sequence_length: int) -> None:
+    def __init__(self, tokenizer: Any, max_sequence_length: int, vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length  # positions, virtual tokens and generated ones included
+        self.vocab_size = vocab_size  # rows of the base's token embedding
         self.tokenization = Tokenization(tokenizer)
 
     def close(self) -> None:
@@ -74,7 +76,33 @@ class Prompts:
                        special_tokens: bool = True, field: str = "prompt") -> PreparedPrompt:
         """Token ids of ``prompt``. Too long -> InvalidArgument, or keep the last ``truncate_to`` tokens when
         the request asks for truncation. A prefix adapter's ``virtual_tokens`` take positions too."""
-        ids = self.tokenize(prompt, special_tokens)
+        return self.checked_ids(self.tokenize(prompt, special_tokens), truncate_to, max_input_tokens, virtual_tokens,
+                                field)
+
+    def sent_ids(self, ids: Sequence[int], truncate_to: int, max_input_tokens: int,
+                 virtual_tokens: int = 0) -> PreparedPrompt:
+        """A prompt sent as token ids (``prompt_token_ids``), on the event loop: no tokenizing, and at most the
+        input limit's ids are looked at (more is refused by its length, or cut to the last ``truncate_to``
+        first). Each kept id must be a row of the token embedding: one past them would index out of it on the
+        device, which fails the whole batch and not only this request."""
+        if truncate_to and len(ids) > truncate_to:
+            prepared = PreparedPrompt(ids=list(ids[-truncate_to:]), truncated=True)
+        elif len(ids) > self._input_limit(max_input_tokens, virtual_tokens):
+            return self.checked_ids(list(ids), 0, max_input_tokens, virtual_tokens, "prompt_token_ids")
+        else:
+            prepared = PreparedPrompt(ids=list(ids), truncated=False)
+        for i, token in enumerate(prepared.ids):
+            if token >= self.vocab_size:
+                offset = len(ids) - len(prepared.ids)  # the index in what was sent
+                raise InvalidArgument(f"{token} is not a token id of this model (its vocabulary has "
+                                      f"{self.vocab_size})", field=f"prompt_token_ids[{i + offset}]")
+        checked = self.checked_ids(prepared.ids, 0, max_input_tokens, virtual_tokens, "prompt_token_ids")
+        return PreparedPrompt(ids=checked.ids, truncated=prepared.truncated)
+
+    def checked_ids(self, ids: list[int], truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0,
+                    field: str = "prompt") -> PreparedPrompt:
+        """Prompt token ids within the limits: kept as they are, or their last ``truncate_to`` when the request
+        asks for truncation; too many -> InvalidArgument naming ``field``."""
         if not ids:
             raise InvalidArgument("must not be empty", field=field)
         truncated = False
@@ -98,6 +126,10 @@ class PromptsFacade:
 
     async def render_messages(self, messages: list[dict[str, str]], adapter: AdapterRef | None) -> str:
         return await self.prompts.render_messages(messages, adapter)
+
+    def sent_ids(self, ids: Sequence[int], truncate_to: int, max_input_tokens: int,
+                 virtual_tokens: int = 0) -> PreparedPrompt:
+        return self.prompts.sent_ids(ids, truncate_to, max_input_tokens, virtual_tokens)
 
     async def prompt_ids(self, prompt: str, truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0, *,
                          special_tokens: bool = True, field: str = "prompt") -> PreparedPrompt:

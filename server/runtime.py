@@ -72,7 +72,8 @@ class Runtime(PromptsFacade):
                           device=base.device, max_lora_rank=engine_config.max_lora_rank)
         self.store = AdapterStore(Path(adapter_root), shape, max_loaded_adapter_bytes)
         self.engine = Engine(base, engine_config)
-        self.prompts = Prompts(base.tokenizer, base.max_sequence_length)
+        self.prompts = Prompts(base.tokenizer, base.max_sequence_length,
+                               base.model.get_input_embeddings().num_embeddings)
         self.store.is_on_device = lambda adapter: self.engine.runner.slots.resident(adapter.key)
         self.store.on_unload = self.engine.evict
         self._handoffs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventHandoff] = (
@@ -99,7 +100,8 @@ class Runtime(PromptsFacade):
                          quantization=base.quantization, dtype=str(base.dtype).removeprefix("torch."),
                          device=str(base.device), max_sequence_length=base.max_sequence_length,
                          max_batch_size=cfg.max_batch_size, max_lora_rank=cfg.max_lora_rank,
-                         adapter_slots=cfg.lora_slots)
+                         adapter_slots=cfg.lora_slots,
+                         vocab_size=base.model.get_input_embeddings().num_embeddings)
 
     def stats(self) -> dict[str, int]:
         """Requests running and waiting in the engine."""

@@ -60,8 +60,12 @@ def chat_messages(messages) -> list[dict[str, str]]:
 
 async def prompt_of(runtime: Runtime, request: pb.GenerateRequest, adapter: AdapterRef | None,
                     limits: Limits) -> PreparedPrompt:
-    """The request's prompt tokens: ``prompt`` as it is, or ``messages`` rendered with the chat template."""
+    """The request's prompt tokens: ``prompt`` as it is, ``messages`` rendered with the chat template, or
+    ``prompt_token_ids`` as they were sent."""
     virtual = adapter.num_virtual_tokens if adapter else 0
+    if request.prompt_token_ids:
+        return runtime.sent_ids(request.prompt_token_ids, request.truncate_input_tokens, limits.max_input_tokens,
+                                virtual)
     if not request.messages:
         return await runtime.prompt_ids(request.prompt, request.truncate_input_tokens, limits.max_input_tokens,
                                         virtual)
@@ -171,7 +175,8 @@ class AdapterdService(pb_grpc.AdapterdServicer):
             base_model=info.base_model, model_type=info.model_type, quantization=info.quantization, dtype=info.dtype,
             device=info.device, max_sequence_length=info.max_sequence_length,
             max_new_tokens=self.state.limits.max_new_tokens, max_batch_size=info.max_batch_size,
-            max_lora_rank=info.max_lora_rank, adapter_slots=info.adapter_slots, version=__version__)
+            max_lora_rank=info.max_lora_rank, adapter_slots=info.adapter_slots, version=__version__,
+            vocab_size=info.vocab_size)
 
     @streaming
     async def MergeAdapter(self, request: pb.MergeAdapterRequest, context) -> AsyncIterator[pb.MergeProgress]:

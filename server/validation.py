@@ -46,7 +46,11 @@ def _finite(value: float, field: str) -> float:
 
 def validate_generate(request, limits: Limits) -> GenerationParams:
     """Check a GenerateRequest's fields; return the engine's parameters."""
-    check_text_or_messages(request.prompt, request.messages, "prompt")
+    if request.prompt_token_ids:  # checked against the vocabulary and the limits where they are known
+        if request.prompt or request.messages:
+            raise InvalidArgument("send one of prompt, messages and prompt_token_ids", field="prompt_token_ids")
+    else:
+        check_text_or_messages(request.prompt, request.messages, "prompt")
     if request.adapter_id:
         validate_adapter_id(request.adapter_id)
     s, stop = request.sampling, request.stopping

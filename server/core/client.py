@@ -69,7 +69,7 @@ class EngineClient(PromptsFacade):
         """Start reading the core's frames and ask what it serves (``timeout`` seconds at most)."""
         self._receiver = asyncio.ensure_future(self._receive())
         self.info = msgspec.convert(await asyncio.wait_for(self.call("hello"), timeout), ModelInfo)
-        self.prompts = Prompts(self.tokenizer, self.info.max_sequence_length)
+        self.prompts = Prompts(self.tokenizer, self.info.max_sequence_length, self.info.vocab_size)
 
     def close(self) -> None:
         if self._receiver is not None:

@@ -29,6 +29,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
     max_batch_size: int
     max_lora_rank: int
     adapter_slots: int
+    vocab_size: int  # rows of the token embedding: prompt token ids must be below it
 
 
 class AdapterRef(msgspec.Struct, frozen=True):

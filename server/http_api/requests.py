@@ -156,14 +156,27 @@ def chat_request(body: Any, adapter_of: Any) -> ParsedRequest:
 
 
 def completion_request(body: Any, adapter_of: Any) -> ParsedRequest:
-    """``POST /v1/completions``: the prompt is sent as is (no template), like gRPC's ``prompt``."""
+    """``POST /v1/completions``: the prompt is sent as is (no template), like gRPC's ``prompt``; one prompt,
+    as a string or as token ids (``[1, 2]`` or ``[[1, 2]]``, gRPC's ``prompt_token_ids``)."""
     model, stream, usage = _common(body)
-    prompt = _typed(body, "prompt", (str, list))
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise InvalidArgument("must be one string (token ids and batches are not supported)", field="prompt")
-        prompt = prompt[0]
+    prompt = _one_prompt(_typed(body, "prompt", (str, list)))
     request = _generate_request(body, ("max_tokens",))
-    request.prompt = prompt or ""
+    if isinstance(prompt, list):
+        request.prompt_token_ids.extend(prompt)
+    else:
+        request.prompt = prompt or ""
     request.adapter_id = adapter_of(model)
     return ParsedRequest(model, request, stream, usage)
+
+
+def _one_prompt(prompt: str | list | None) -> str | list[int] | None:
+    """OpenAI's prompt forms: a string, token ids, or a batch of one of either (batches are not served)."""
+    if not isinstance(prompt, list):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+        if isinstance(prompt, str):
+            return prompt
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
+        return prompt
+    raise InvalidArgument("must be one string or one list of token ids (batches are not supported)", field="prompt")

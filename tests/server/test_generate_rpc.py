@@ -131,6 +131,44 @@ def test_tokenize(client, tiny_model_dir):
     assert reply.token_count == len(reply.token_ids) == len(reply.tokens)
 
 
-def test_model_info(client):
+def test_model_info(client, tiny_model_dir):
     info = client.model_info()
     assert info.model_type == "llama" and info.quantization == "none" and info.max_sequence_length == 512
+    assert info.vocab_size == AutoTokenizer.from_pretrained(tiny_model_dir).vocab_size  # the tiny model's rows
+
+
+@pytest.mark.parametrize("adapter_id", ["", "lora-qv", "prefix"])
+def test_prompt_token_ids_answer_as_the_same_prompt_tokenized_by_the_daemon(client, tiny_model_dir, served_root,
+                                                                            adapter_id):
+    """A client that tokenizes itself gets PEFT's greedy tokens for the prompt those ids spell."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = "Tell me a story about a robot."
+    reply = client.generate(prompt_token_ids=tok(prompt).input_ids, adapter_id=adapter_id, max_new_tokens=N)
+    ref = reference_greedy(tiny_model_dir, prompt, served_root / adapter_id if adapter_id else None, N)
+    assert reply.text == tok.decode(ref, skip_special_tokens=True)
+    assert reply.input_token_count == len(tok(prompt).input_ids)
+
+
+def test_prompt_token_ids_are_checked_and_refused_alone(client, tiny_model_dir):
+    """An id past the embedding would fail the device step of every row in the batch: it is refused by name,
+    before the engine sees it, while a stream of another tenant goes on."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    vocab = client.model_info().vocab_size
+    assert vocab >= len(tok)
+    innocent = client.generate_stream("hello world", max_new_tokens=24, min_new_tokens=24)
+    first = next(innocent)
+    cases = {(5, 6, vocab): "prompt_token_ids[2]", (1, 2**32 - 1): "prompt_token_ids[1]"}
+    for ids, field in cases.items():
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(prompt_token_ids=list(ids), max_new_tokens=2)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("hello", prompt_token_ids=[5, 6], max_new_tokens=2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_token_ids" in err.value.details()
+    too_many = [5] * 600  # more than the tiny model's 512 positions
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(prompt_token_ids=too_many, max_new_tokens=2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_token_ids" in err.value.details()
+    cut = client.generate(prompt_token_ids=[vocab + 7, *too_many], max_new_tokens=2, truncate_input_tokens=100)
+    assert cut.input_token_count == 100  # the bad id was cut off with the rest, never reaching the model
+    assert first.input_token_count and list(innocent)[-1].generated_token_count == 24  # the other stream ran on

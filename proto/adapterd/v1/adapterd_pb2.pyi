@@ -119,20 +119,22 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "adapter_id", "sampling", "stopping", "truncate_input_tokens", "messages")
+    __slots__ = ("prompt", "adapter_id", "sampling", "stopping", "truncate_input_tokens", "messages", "prompt_token_ids")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     adapter_id: str
     sampling: SamplingParameters
     stopping: StoppingCriteria
     truncate_input_tokens: int
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, prompt: _Optional[str] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., truncate_input_tokens: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[str] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., truncate_input_tokens: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "adapter_id", "input_token_count", "generated_token_count", "stop_reason", "stop_sequence", "seed")
@@ -227,7 +229,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("base_model", "model_type", "quantization", "dtype", "device", "max_sequence_length", "max_new_tokens", "max_batch_size", "max_lora_rank", "adapter_slots", "version")
+    __slots__ = ("base_model", "model_type", "quantization", "dtype", "device", "max_sequence_length", "max_new_tokens", "max_batch_size", "max_lora_rank", "adapter_slots", "version", "vocab_size")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +241,7 @@ class ModelInfoResponse(_message.Message):
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     model_type: str
     quantization: str
@@ -250,7 +253,8 @@ class ModelInfoResponse(_message.Message):
     max_lora_rank: int
     adapter_slots: int
     version: str
-    def __init__(self, base_model: _Optional[str] = ..., model_type: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    vocab_size: int
+    def __init__(self, base_model: _Optional[str] = ..., model_type: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class WeightedAdapter(_message.Message):
     __slots__ = ("adapter_id", "weight")

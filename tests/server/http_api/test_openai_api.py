@@ -8,6 +8,7 @@ import time
 
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from adapterd.clients import AdapterdClient
 from tests.server.conftest import engine_stats, start_daemon
@@ -60,6 +61,18 @@ def test_completions_send_the_prompt_as_is(api, grpc_client):
     stream = api.completions.create(model="team/lora-all", prompt="Tell me a story", temperature=0, max_tokens=8,
                                     stream=True)
     assert "".join(c.choices[0].text for c in stream) == want.text
+
+
+def test_completions_take_token_ids_as_grpc_does(api, grpc_client, tiny_model_dir):
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)("Tell me a story").input_ids
+    want = grpc_client.generate(prompt_token_ids=ids, adapter_id="team/lora-all", max_new_tokens=8)
+    for prompt in (ids, [ids]):  # OpenAI's two forms of one prompt's tokens
+        got = api.completions.create(model="team/lora-all", prompt=prompt, temperature=0, max_tokens=8)
+        assert got.choices[0].text == want.text and got.usage.prompt_tokens == len(ids)
+    for bad, param in ((["a", "b"], "prompt"), ([[1, 2], [3]], "prompt"), ([1, 10**9], "prompt_token_ids[1]")):
+        with pytest.raises(openai.BadRequestError) as err:
+            api.completions.create(model="team/lora-all", prompt=bad, max_tokens=2)
+        assert err.value.body["param"] == param
 
 
 def test_sampling_parameters_mean_what_they_mean_over_grpc(api, grpc_client):
