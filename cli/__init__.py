@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "health": "..clients.cli_health",
     "train": "..trainer.cli",
     "merge": "..server.merge.cli",
+    "convert": "..server.convert.cli",
     "tiny-model": ".tiny_model",
     "demo": ".demo",
 }
@@ -34,6 +35,7 @@ SUMMARIES: dict[str, str] = {
     "health": "check a running daemon's health (exit 0 when SERVING)",
     "train": "train a LoRA or P-Tuning v2 adapter on Alpaca-style data",
     "merge": "merge LoRA adapters into full weights or into a new adapter",
+    "convert": "convert ChatGLM3 checkpoints (base, P-Tuning v2, LoRA) into what adapterd serves",
     "tiny-model": "write a small random-weight Llama model and tokenizer (offline)",
     "demo": "build the tiny model, train two adapters, serve them and query each",
 }
