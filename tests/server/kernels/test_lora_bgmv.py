@@ -270,9 +270,9 @@ def test_gpu_batched_layer_in_a_cuda_graph():
     static = torch.tensor(slots, device="cuda")
     x = torch.randn(32, 1, 4096, device="cuda", dtype=torch.bfloat16)
     layer = table.layers["proj"]
-    decode = StepContext("decode", table.rows_for(static, 16, "decode"))
-    assert decode.lora.kernel is not None
     with torch.no_grad():
+        decode = StepContext("decode", table.rows_for(static, 16, "decode"))
+        assert decode.lora.kernel is not None  # built without autograd: the kernel path
         with step_context(decode):
             eager = model(x)  # also the warm-up: compiles
         ref = layer.base_layer(x).float().view(32, -1) + kb.reference_delta(
