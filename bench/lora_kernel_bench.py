@@ -40,20 +40,19 @@ LLAMA_LAYERS = 128  # LoRA-wrapped layers a Llama-2-7B decode step runs with q, 
 
 
 def make_layers(in_f: int, out_f: int, args: argparse.Namespace, copies: int) -> list:
-    """``copies`` BatchedLoraLinear layers sharing one RowSlots, random tables (slot 0 left at zeros),
-    B of LoRA-like size already scaled; the base layer is a bias-free linear (not called by the methods)."""
+    """``copies`` BatchedLoraLinear layers, random tables (slot 0 left at zeros), B of LoRA-like size
+    already scaled; the base layer is a bias-free linear (not called by the methods)."""
     import torch
     from torch import nn
 
-    from adapterd.server.adapters.lora import BatchedLoraLinear, RowSlots
+    from adapterd.server.adapters.lora import BatchedLoraLinear
 
     dev, dtype = torch.device(args.device), torch.bfloat16
-    rows = RowSlots(dtype)
     gen = torch.Generator(dev).manual_seed(in_f * 7 + out_f)
     base = nn.Linear(in_f, out_f, bias=False, device="meta")  # shape only: no memory
     layers = []
     for _ in range(copies):
-        layer = BatchedLoraLinear(base, rows, args.slots, args.max_rank, dtype, dev)
+        layer = BatchedLoraLinear(base, args.slots, args.max_rank, dtype, dev)
         with torch.no_grad():
             layer.lora_a[:, 1:].normal_(0.0, in_f**-0.5, generator=gen)
             layer.lora_b[:, 1:].normal_(0.0, 0.5 * args.rank**-0.5, generator=gen)
@@ -84,6 +83,7 @@ def bench_rows(m: int, layers: list, weights: list, args: argparse.Namespace) ->
     import torch
     import torch.nn.functional as F
 
+    from adapterd.server.adapters.lora import LoraRows
     from adapterd.server.kernels.lora_bgmv import lora_delta_, plan, reference_delta
 
     dev, dtype, r, num_slots = args.device, torch.bfloat16, args.rank, args.slots
@@ -93,23 +93,22 @@ def bench_rows(m: int, layers: list, weights: list, args: argparse.Namespace) ->
     x = torch.randn(m, 1, in_f, device=dev, dtype=dtype, generator=gen)  # a decode step: one token a row
     y0 = torch.randn(m, 1, out_f, device=dev, dtype=dtype, generator=gen)
     slots = (torch.arange(m, device=dev) % (num_slots - 1)) + 1  # row i on slot i + 1: distinct adapters
-    # Both torch paths' state at once (the layers share it): gathered reads slots and rank, dense the one-hot.
-    rows_state = first.rows
-    rows_state.slots, rows_state.rank = slots, r
-    rows_state.onehot = F.one_hot(slots, num_slots).bool()[:, None, None, :]
+    # Each torch path's rows: gathered reads slots and rank, dense the one-hot too.
+    gathered = LoraRows(slots, r)
+    dense = LoraRows(slots, r, F.one_hot(slots, num_slots).bool()[:, None, None, :])
     x2, y2 = x.view(m, in_f), y0.view(m, out_f)
     y_kernel = y2.clone()  # the timed kernel calls add into it, in place, over and over
     ref = reference_delta(x2, first.lora_a, first.lora_b, slots, r)
     with torch.no_grad():
         y_check = y2.clone()
         lora_delta_(y_check, x2, first.lora_a, first.lora_b, slots, r)
-        deltas = {"dense": first._dense(x, y0).view(m, out_f).float() - y2.float(),
-                  "gathered": first._gathered(x, y0).view(m, out_f).float() - y2.float(),
+        deltas = {"dense": first._dense(x, y0, dense).view(m, out_f).float() - y2.float(),
+                  "gathered": first._gathered(x, y0, gathered).view(m, out_f).float() - y2.float(),
                   "kernel": y_check.float() - y2.float()}
     methods = {
         "base": [lambda w=w: F.linear(x2, w) for w in weights],
-        "dense": [lambda layer=layer: layer._dense(x, y0) for layer in layers],
-        "gathered": [lambda layer=layer: layer._gathered(x, y0) for layer in layers],
+        "dense": [lambda layer=layer: layer._dense(x, y0, dense) for layer in layers],
+        "gathered": [lambda layer=layer: layer._gathered(x, y0, gathered) for layer in layers],
         "kernel": [lambda layer=layer: lora_delta_(y_kernel, x2, layer.lora_a, layer.lora_b, slots, r)
                    for layer in layers],
     }
@@ -122,7 +121,7 @@ def bench_rows(m: int, layers: list, weights: list, args: argparse.Namespace) ->
         result[name] = {"us": us, "mode": mode}
         if name in deltas:
             result[name]["err"] = (deltas[name] - ref).abs().max().item()
-    result["current"] = "dense" if 3 * m >= num_slots else "gathered"  # what RowSlots.set picks today
+    result["current"] = "dense" if 3 * m >= num_slots else "gathered"  # what LoraSlotTable.rows_for picks
     return result
 
 

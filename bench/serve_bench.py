@@ -379,6 +379,7 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     from adapterd.server.engine import EngineConfig
+    from adapterd.server.engine.step_context import StepContext, step_context
     from adapterd.server.model import load_base_model, pick_device
     from adapterd.server.runtime import Runtime
 
@@ -476,15 +477,15 @@ def main() -> int:
             add(f"cold LoRA load r16 disk->slot p95, {label}", None, p95, "ms")
         finally:
             runtime.close()
-        runtime.engine.runner.slots.rows.set(None, 0, 1)  # the wrapped layers pass through: no LoRA rows
         put_back(model, norms)
-        if bnb_layers:
-            put_back(model, dequantized(bnb_layers, base.dtype))
+        with step_context(StepContext("prefill")):  # a step without LoRA rows: the wrapped layers pass through
+            if bnb_layers:
+                put_back(model, dequantized(bnb_layers, base.dtype))
+                exact, within = oracle_agreement(model, check_prompts[:4], fast_tokens[:4])
+                note("  fast-path base rows judged by the dequantized int8 weights (teacher-forced)",
+                     f"top token {exact:.0%}", f"within 1% of the logit range of the top {within:.0%}")
+                put_back(model, bnb_layers)  # and by bitsandbytes' own matmul
             exact, within = oracle_agreement(model, check_prompts[:4], fast_tokens[:4])
-            note("  fast-path base rows judged by the dequantized int8 weights (teacher-forced)",
-                 f"top token {exact:.0%}", f"within 1% of the logit range of the top {within:.0%}")
-            put_back(model, bnb_layers)  # and by bitsandbytes' own matmul
-        exact, within = oracle_agreement(model, check_prompts[:4], fast_tokens[:4])
         note(f"  fast-path base rows judged by {'bitsandbytes' if bnb_layers else 'transformers'} (teacher-forced)",
              f"top token {exact:.0%}", f"within 1% of the logit range of the top {within:.0%}")
         del runtime, base, model

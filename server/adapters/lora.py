@@ -4,12 +4,15 @@ Every base linear that some loaded adapter targets is wrapped once in a ``Batche
 the adapters' weights stacked in slots, rank-major: ``A: [R, slots, in]`` and ``B: [R, slots, out]`` (R, the
 configured maximum rank; smaller ranks are zero-padded, which adds exact zeros), B already multiplied by the
 adapter's scaling.
-Before each forward the engine sets one slot index per batch row, and the layer adds each row's own
-``scaling * (x @ A^T) @ B^T`` to the base output: the S-LoRA/Punica idea. A forward with few rows gathers
-each row's A and B; one with many rows reads every slot once and keeps each row's own product (dense).
+Each forward of a step runs inside that step's context (``engine/step_context.py``), which holds one slot
+index per batch row (``LoraRows``), and the layer adds each row's own ``scaling * (x @ A^T) @ B^T`` to the
+base output: the S-LoRA/Punica idea. A forward with few rows gathers each row's A and B; one with many rows
+reads every slot once and keeps each row's own product (dense).
 Slot 0 stays all zeros and means "no adapter", so base rows get exactly the base output.
-A decode step (one token a row, at most 64 rows) on a GPU goes to the BGMV kernels of
-``server/kernels/lora_bgmv.py`` instead: two launches a layer that read only the slots in use.
+As in vLLM's punica wrapper, the kernel is chosen once, when the slot table is built for its device, and the
+step says whether it is a prefill or a decode: a decode step (one token a row, at most 64 rows) on a GPU goes
+to the BGMV kernels of ``server/kernels/lora_bgmv.py`` (two launches a layer that read only the slots in
+use); a prefill, and any step where the kernels do not run, to the torch paths.
 Parsing and checking the files is ``lora_weights.py``.
 """
 
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..engine.step_context import Phase, current_step
 from ..kernels import LORA_KERNEL_MAX_ROWS, lora_kernel_available
 from .lora_weights import LoraModule, LoraWeights
 
@@ -41,37 +46,33 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-class RowSlots:
-    """The slot index of each batch row, shared by every batched layer of one model.
+@dataclass(frozen=True)
+class LoraRows:
+    """One forward's LoRA rows, built by ``LoraSlotTable.rows_for`` for the step's phase and read by every
+    batched layer from the step's context (``engine/step_context.py``).
 
-    ``slots`` is None when no row of the current forward uses a LoRA adapter: the layers then skip the
-    LoRA work entirely. ``rank`` is the largest rank among this forward's adapters: the layers read only
-    that many rank rows of the slot tables, not the configured maximum. ``onehot`` ([rows, slots], set when
-    the forward has many rows) selects the dense path: every slot's weights are read once and each row
-    keeps its own slot's product, instead of copying each row's adapter out of the tables.
-
-    ``use_kernel`` (default True): decode steps use the BGMV kernels where ``lora_kernel_available`` says
-    they run; the engine sets it False to keep every forward on the torch paths (set it before capturing
-    graphs: a captured graph keeps the path it was captured with).
+    ``slots`` ([rows] long, on the tables' device; a step's static buffer under CUDA graphs) is each row's
+    slot; ``rank`` the largest rank among their adapters (a bucket under graphs): the layers read only that
+    many rank rows of the tables, not the configured maximum. ``kernel`` is the BGMV kernel when this forward
+    is a decode step that it serves; else ``onehot`` ([rows, 1, 1, slots] bool) selects the dense torch path
+    (every slot's weights read once, each row keeping its own slot's product) and None the gathered one
+    (each row's adapter copied out of the tables).
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32, use_kernel: bool = True) -> None:
-        self.dtype = dtype
-        self.use_kernel = use_kernel
-        self.slots: torch.Tensor | None = None
-        self.rank = 0
-        self.onehot: torch.Tensor | None = None
+    slots: torch.Tensor
+    rank: int
+    onehot: torch.Tensor | None = None
+    kernel: Callable[..., None] | None = None
 
-    def set(self, slots: torch.Tensor | None, rank: int, num_slots: int) -> None:
-        """Point the layers at ``slots`` (a device tensor, possibly a static buffer a CUDA graph reads)."""
-        self.slots, self.rank = (slots, rank) if slots is not None and rank else (None, 0)
-        # Gathering copies one adapter per row, three times over (gather, then two products); the dense path
-        # reads each slot once. Past about a third of the slots in rows, dense moves fewer bytes.
-        dense = self.slots is not None and 3 * slots.shape[0] >= num_slots
-        # A boolean select, not a multiply: 0 x inf = NaN, so another slot's product (which may overflow
-        # for this row's activations) must be replaced, never scaled by zero.
-        self.onehot = (torch.nn.functional.one_hot(slots, num_slots).bool()[:, None, None, :]
-                       if dense else None)  # [rows, 1, 1, slots]
+
+def decode_kernel(device: torch.device) -> Callable[..., None] | None:
+    """``lora_delta_`` where the BGMV kernels run on ``device`` (asked once: on a GPU the first ask compiles
+    and runs a test kernel), else None: the torch paths."""
+    if not lora_kernel_available(device):
+        return None
+    from ..kernels import lora_bgmv
+
+    return lora_bgmv.lora_delta_
 
 
 class BatchedLoraLinear(nn.Module):
@@ -80,17 +81,16 @@ class BatchedLoraLinear(nn.Module):
     Tables are rank-major, ``A: [R, slots, in]`` and ``B: [R, slots, out]``, so the first r ranks of every
     slot are one contiguous block: the dense path multiplies by ``A[:r]`` as one ``[r * slots, in]`` matrix.
     B is stored already multiplied by the adapter's scaling, which saves a kernel per layer per step.
+    The rows of a forward come from the step's context, never from a field of the layer.
     """
 
-    def __init__(self, base_layer: nn.Module, rows: RowSlots, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, base_layer: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.rows = rows
         in_f, out_f = _linear_shape(base_layer)
         self.register_buffer("lora_a", torch.zeros(max_rank, num_slots, in_f, dtype=dtype, device=device))
         self.register_buffer("lora_b", torch.zeros(max_rank, num_slots, out_f, dtype=dtype, device=device))
-        self._kernel_on: tuple[torch.device, Callable[..., None] | None] | None = None  # (device, kernel or None)
 
     @property
     def in_features(self) -> int:
@@ -112,45 +112,29 @@ class BatchedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        if self.rows.slots is None:
+        rows = current_step().lora
+        if rows is None:
             return y
-        kernel = self._decode_kernel(x, y)
-        if kernel is not None:
+        if rows.kernel is not None:  # a decode step: one token a row, y updated in place
             y = y if y.is_contiguous() else y.contiguous()
-            kernel(y.view(x.shape[0], -1), x.reshape(x.shape[0], -1), self.lora_a, self.lora_b,
-                   self.rows.slots, self.rows.rank)
+            rows.kernel(y.view(x.shape[0], -1), x.reshape(x.shape[0], -1), self.lora_a, self.lora_b,
+                        rows.slots, rows.rank)
             return y
-        return self._dense(x, y) if self.rows.onehot is not None else self._gathered(x, y)
+        return self._dense(x, y, rows) if rows.onehot is not None else self._gathered(x, y, rows)
 
-    def _decode_kernel(self, x: torch.Tensor, y: torch.Tensor) -> Callable[..., None] | None:
-        """``lora_delta_`` when this forward goes to the BGMV kernels: a decode step (one token a row: x
-        ``[rows, in]`` or ``[rows, 1, in]``, at most LORA_KERNEL_MAX_ROWS rows), nothing for autograd to track
-        (y is updated in place), ``rows.use_kernel`` set, and the kernels available on x's device (asked, and
-        the kernel module imported, once a device); else None."""
-        rows = x.shape[0]
-        if (not self.rows.use_kernel or rows > LORA_KERNEL_MAX_ROWS or x.dim() not in (2, 3)
-                or x.numel() != rows * x.shape[-1] or x.requires_grad or y.requires_grad):
-            return None
-        if self._kernel_on is None or self._kernel_on[0] != x.device:
-            kernel = None
-            if lora_kernel_available(x.device):
-                from ..kernels.lora_bgmv import lora_delta_ as kernel
-            self._kernel_on = (x.device, kernel)
-        return self._kernel_on[1]
-
-    def _gathered(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        slots, r = self.rows.slots, self.rows.rank
+    def _gathered(self, x: torch.Tensor, y: torch.Tensor, rows: LoraRows) -> torch.Tensor:
+        slots, r = rows.slots, rows.rank
         a = self.lora_a[:r].index_select(1, slots).transpose(0, 1)  # [B, r, in]
         b = self.lora_b[:r].index_select(1, slots).permute(1, 2, 0)  # [B, out, r], scaled
         xs = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
         delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
         return y + delta.reshape(y.shape).to(y.dtype)
 
-    def _dense(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        r, (_, num_slots, in_f) = self.rows.rank, self.lora_a.shape
+    def _dense(self, x: torch.Tensor, y: torch.Tensor, rows: LoraRows) -> torch.Tensor:
+        r, (_, num_slots, in_f) = rows.rank, self.lora_a.shape
         xs = x.to(self.lora_a.dtype).reshape(x.shape[0], -1, in_f)  # [B, T, in]
         xa = (xs @ self.lora_a[:r].view(r * num_slots, in_f).t()).view(*xs.shape[:2], r, num_slots)
-        xa = torch.where(self.rows.onehot, xa, 0.0).view(-1, r * num_slots)  # each row keeps its own slot's ranks
+        xa = torch.where(rows.onehot, xa, 0.0).view(-1, r * num_slots)  # each row keeps its own slot's ranks
         out = y.reshape(-1, y.shape[-1])
         return torch.addmm(out.to(xa.dtype), xa, self.lora_b[:r].view(r * num_slots, -1)).view(y.shape).to(y.dtype)
 
@@ -179,17 +163,18 @@ class LoraSlotTable:
     """Assigns loaded LoRA adapters to the model's slots, least recently used first out.
 
     A slot in use by a running row is pinned (reference-counted) and never evicted. Layers are wrapped
-    on first need, so a model serving only q/v adapters carries no tables for its MLP.
+    on first need, so a model serving only q/v adapters carries no tables for its MLP. The decode kernel is
+    chosen here, once for the device (``use_kernel=False``: the torch paths everywhere, ``--no-fused-kernels``).
     """
 
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, use_kernel: bool = True) -> None:
         self.model = model
         self.num_slots = num_slots + 1  # slot 0: no adapter
         self.max_rank = max_rank
         self.dtype = dtype
         self.device = device
-        self.rows = RowSlots(dtype)
+        self.decode_kernel = decode_kernel(device) if use_kernel else None
         self.layers: dict[str, BatchedLoraLinear] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, in LRU order
         self._refs: dict[int, int] = {}
@@ -249,13 +234,31 @@ class LoraSlotTable:
         """The largest rank among these slots' adapters (0 when no row uses one)."""
         return max((self._rank_of.get(s, 0) for s in slots if s), default=0)
 
-    def set_rows(self, slots: list[int]) -> None:
-        """Set the slot of each row for the next forward (None-out when every row is a base/prefix row)."""
-        if any(slots):
-            self.rows.set(torch.tensor(slots, dtype=torch.long, device=self.device), self.rank_of(slots),
-                          self.num_slots)
-        else:
-            self.rows.set(None, 0, self.num_slots)
+    def rows_for(self, slots: torch.Tensor, rank: int, phase: Phase) -> LoraRows | None:
+        """The LoRA rows of one forward: each row's slot (``slots``, a device tensor, possibly a static buffer
+        a CUDA graph reads) and the ``rank`` to read, routed for ``phase``; None when no row uses an adapter
+        (``rank`` 0). Decode steps of at most LORA_KERNEL_MAX_ROWS rows go to the kernel, if any, unless
+        autograd is on (the kernel adds into the base output in place, which autograd cannot track)."""
+        if not rank:
+            return None
+        if (phase == "decode" and self.decode_kernel is not None and slots.shape[0] <= LORA_KERNEL_MAX_ROWS
+                and not torch.is_grad_enabled()):
+            return LoraRows(slots, rank, kernel=self.decode_kernel)
+        # Gathering copies one adapter per row, three times over (gather, then two products); the dense path
+        # reads each slot once. Past about a third of the slots in rows, dense moves fewer bytes.
+        if 3 * slots.shape[0] < self.num_slots:
+            return LoraRows(slots, rank)
+        # A boolean select, not a multiply: 0 x inf = NaN, so another slot's product (which may overflow
+        # for this row's activations) must be replaced, never scaled by zero.
+        onehot = torch.nn.functional.one_hot(slots, self.num_slots).bool()[:, None, None, :]
+        return LoraRows(slots, rank, onehot)
+
+    def rows_of(self, slots: Sequence[int], phase: Phase) -> LoraRows | None:
+        """``rows_for`` from host slot ids (the general prefill: shapes vary, nothing static to read)."""
+        if not any(slots):
+            return None
+        return self.rows_for(torch.tensor(list(slots), dtype=torch.long, device=self.device),
+                             self.rank_of(slots), phase)
 
     def _take_slot(self) -> int | None:
         if self._free:
@@ -279,8 +282,8 @@ class LoraSlotTable:
     def _wrap(self, name: str) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        layer = BatchedLoraLinear(getattr(parent, child), self.rows, self.num_slots, self.max_rank,
-                                  self.dtype, self.device)
+        layer = BatchedLoraLinear(getattr(parent, child), self.num_slots, self.max_rank, self.dtype,
+                                  self.device)
         setattr(parent, child, layer)
         self.layers[name] = layer
         self.wraps += 1

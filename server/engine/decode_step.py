@@ -24,6 +24,7 @@ from ..adapters.lora import LoraSlotTable
 from ..model import BaseModel
 from .graphs import GraphCache
 from .kv_pool import KvPool, decode_mask
+from .step_context import StepContext, run_forward
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,13 @@ class DecodeStep:
         return self._forward(batch, length, rank)
 
     def _forward(self, batch: int, length: int, rank: int) -> torch.Tensor:
+        """The forward a graph captures: its context reads the static inputs, so a replay reads new ones."""
         ids, positions, write_pos, slots = self._inputs[:, :batch]
-        self.pool.set_view(batch, length, write_pos)
-        self.slots.rows.set(slots, rank, self.slots.num_slots)
+        context = StepContext("decode", self.slots.rows_for(slots, rank, "decode"),
+                              self.pool.decode_view(batch, length, write_pos))
         mask = self.base.attention.masks(lambda window: decode_mask(write_pos, length, self.base.dtype, window))
-        out = self.base.model(input_ids=ids[:, None], position_ids=positions[:, None], attention_mask=mask,
-                              use_cache=True, **{self.base.cache_kwarg: self.pool})
+        out = run_forward(self.base, context, input_ids=ids[:, None], position_ids=positions[:, None],
+                          attention_mask=mask)
         return out.logits[:, -1, :]
 
     # ------------------------------------------------------------------ CUDA graphs

@@ -9,6 +9,10 @@ or more behind: entries are positions, so the pool keeps all a window needs and 
 Nothing is concatenated or re-allocated per step, so the step has fixed shapes and addresses and can be
 captured in a CUDA graph (see ``decode_step.py``).
 
+The pool is storage; what one forward reads and writes is a view of it (``decode_view``, ``prefill_view``):
+a transformers ``Cache`` built by the step for that forward, held in its ``StepContext`` and handed to the
+model as its cache, so no forward can see another's view.
+
 Attention reads past each row's own entries (masked), and a masked probability is an exact 0 that still
 multiplies the value read (0 x NaN = NaN): so no row may ever read an entry another row left behind. The pool
 keeps, per row, how far forwards may have written (``used``), and zeroes what a new owner does not own: a
@@ -34,13 +38,12 @@ def _grown(size: int, needed: int, limit: int) -> int:
     return min(max(size, needed), limit)
 
 
-class KvPool(Cache):
-    """A transformers ``Cache`` whose ``update`` scatters one token per row into static storage."""
+class KvPool:
+    """Static per-row key/value storage; a forward reads and writes it through a view (``decode_view``,
+    ``prefill_view``)."""
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                  max_rows: int, max_capacity: int, rows: int = 4, capacity: int = 256) -> None:
-        # Cache's own constructor wants per-layer objects; this class replaces them, so it is not called.
-        self.layers: list[Any] = []
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.max_rows, self.max_capacity = max_rows, max_capacity
@@ -49,14 +52,6 @@ class KvPool(Cache):
         self.generation = 0  # bumped at every re-allocation: captured graphs must be dropped
         self.used: list[int] = []  # per pool row: entries a forward may have written since it was last zeroed
         self._allocate(min(rows, max_rows), min(capacity, max_capacity))
-        # The view the next forward sees: the first ``batch`` rows, the first ``length`` entries.
-        self.batch = 0
-        self.length = 0
-        self.write_pos: torch.Tensor | None = None  # [batch] long, entry index each row writes next
-        # Prefill: the pool rows being prefilled and, per row and token, the entry each token goes to.
-        self.prefill_rows: torch.Tensor | None = None  # [n] long
-        self.prefill_index: torch.Tensor | None = None  # [n, T] long
-        self.prefill_prefix = 0  # entries at the front of each row that the prompt also attends to (prefixes)
 
     # ------------------------------------------------------------------ storage
 
@@ -129,36 +124,25 @@ class KvPool(Cache):
 
     # ------------------------------------------------------------------ the forward's view
 
-    def set_view(self, batch: int, length: int, write_pos: torch.Tensor) -> None:
+    def decode_view(self, batch: int, length: int, write_pos: torch.Tensor) -> DecodeView:
         """Decode: rows 0..batch-1 each write one entry at ``write_pos`` and attend over ``length`` entries."""
-        self.batch, self.length, self.write_pos = batch, length, write_pos
-        self.prefill_rows = self.prefill_index = None
+        return DecodeView(self, batch, length, write_pos)
 
-    def set_prefill_view(self, rows: torch.Tensor, index: torch.Tensor, prefix: int = 0) -> None:
+    def prefill_view(self, rows: torch.Tensor, index: torch.Tensor, prefix: int = 0) -> PrefillView:
         """Prefill: token t of row i goes to entry ``index[i, t]`` of pool row ``rows[i]``, and attention runs
         over each row's first ``prefix`` entries (a prefix adapter's virtual tokens, put there beforehand;
         the mask hides those past a row's own prefix) followed by the prompt's own keys."""
-        self.prefill_rows, self.prefill_index, self.prefill_prefix = rows, index, prefix
+        return PrefillView(self, rows, index, prefix)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one new token per row at its own position; return the rows' entries up to ``length``.
-        (Prefill: write every token where ``prefill_index`` says; return the prompt's own keys and values.)"""
-        k, v = self.keys[layer_idx], self.values[layer_idx]
-        if self.prefill_rows is not None:
-            rows = self.prefill_rows[:, None]
-            if self.prefill_prefix:  # read before this forward's writes: [n, heads, prefix, dim]
-                prefix_k = k[self.prefill_rows, :, : self.prefill_prefix].to(key_states.dtype)
-                prefix_v = v[self.prefill_rows, :, : self.prefill_prefix].to(value_states.dtype)
-            k[rows, :, self.prefill_index] = key_states.transpose(1, 2).to(k.dtype)  # [n, T, heads, dim]
-            v[rows, :, self.prefill_index] = value_states.transpose(1, 2).to(v.dtype)
-            if self.prefill_prefix:
-                return torch.cat([prefix_k, key_states], dim=2), torch.cat([prefix_v, value_states], dim=2)
-            return key_states, value_states
-        rows = torch.arange(self.batch, device=key_states.device)
-        k[rows, :, self.write_pos] = key_states[:, :, 0].to(k.dtype)
-        v[rows, :, self.write_pos] = value_states[:, :, 0].to(v.dtype)
-        return k[: self.batch, :, : self.length], v[: self.batch, :, : self.length]
+
+class _PoolView(Cache):
+    """One forward's view of a ``KvPool``: a transformers ``Cache`` whose ``update`` writes into the pool."""
+
+    def __init__(self, pool: KvPool, length: int) -> None:
+        # Cache's own constructor wants per-layer objects; this class replaces them, so it is not called.
+        self.layers: list[Any] = []
+        self.pool = pool
+        self.length = length  # key/value entries the forward's attention reads per row
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # only consulted when position ids are missing
         return self.length
@@ -169,6 +153,51 @@ class KvPool(Cache):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+class DecodeView(_PoolView):
+    """Rows 0..batch-1, one new token each, written at ``write_pos`` ([batch] long, the entry each row writes
+    next); attention reads each row's first ``length`` entries."""
+
+    def __init__(self, pool: KvPool, batch: int, length: int, write_pos: torch.Tensor) -> None:
+        super().__init__(pool, length)
+        self.batch, self.write_pos = batch, write_pos
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one new token per row at its own position; return the rows' entries up to ``length``."""
+        k, v = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        rows = torch.arange(self.batch, device=key_states.device)
+        k[rows, :, self.write_pos] = key_states[:, :, 0].to(k.dtype)
+        v[rows, :, self.write_pos] = value_states[:, :, 0].to(v.dtype)
+        return k[: self.batch, :, : self.length], v[: self.batch, :, : self.length]
+
+
+class PrefillView(_PoolView):
+    """Pool rows ``rows`` ([n] long) being prefilled, token t of row i written at entry ``index[i, t]``
+    ([n, T] long); attention reads the first ``prefix`` entries of each row, then the prompt's own keys."""
+
+    def __init__(self, pool: KvPool, rows: torch.Tensor, index: torch.Tensor, prefix: int) -> None:
+        super().__init__(pool, prefix + index.shape[1])
+        self.rows, self.index, self.prefix = rows, index, prefix
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # entries before the prompt's (position ids are given)
+        return self.prefix
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write every token where ``index`` says; return the prefix's entries and the prompt's own keys and
+        values."""
+        k, v = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        if self.prefix:  # read before this forward's writes: [n, heads, prefix, dim]
+            prefix_k = k[self.rows, :, : self.prefix].to(key_states.dtype)
+            prefix_v = v[self.rows, :, : self.prefix].to(value_states.dtype)
+        rows = self.rows[:, None]
+        k[rows, :, self.index] = key_states.transpose(1, 2).to(k.dtype)  # [n, T, heads, dim]
+        v[rows, :, self.index] = value_states.transpose(1, 2).to(v.dtype)
+        if self.prefix:
+            return torch.cat([prefix_k, key_states], dim=2), torch.cat([prefix_v, value_states], dim=2)
+        return key_states, value_states
 
 
 def decode_mask(write_pos: torch.Tensor, length: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:

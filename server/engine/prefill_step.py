@@ -28,6 +28,7 @@ from ..model import BaseModel
 from .decode_step import batch_bucket, power_bucket, rank_bucket
 from .graphs import GraphCache
 from .kv_pool import KvPool, causal_mask, prefill_mask
+from .step_context import StepContext, run_forward
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +131,12 @@ class PrefillStep:
                                                                         inputs[1][3])
         t = torch.arange(length, device=ids.device)
         entry = (t[None, :] - pads[:, None]) % length + virtual[:, None]  # prompt after the prefix, padding last
-        self.pool.set_prefill_view(first + torch.arange(rows, device=ids.device), entry, prefix)
-        self.slots.rows.set(slots, rank, self.slots.num_slots)
+        context = StepContext("prefill", self.slots.rows_for(slots, rank, "prefill"),
+                              self.pool.prefill_view(first + torch.arange(rows, device=ids.device), entry, prefix))
         mask = self.base.attention.masks(
             lambda window: prefill_mask(pads, length, self.base.dtype, virtual, prefix, window))
-        try:
-            out = self.base.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                                  attention_mask=mask,
-                                  **{self.base.cache_kwarg: self.pool})
-        finally:
-            self.pool.prefill_rows = self.pool.prefill_index = None
-            self.pool.prefill_prefix = 0
+        out = run_forward(self.base, context, input_ids=ids, position_ids=positions, logits_to_keep=1,
+                          attention_mask=mask)
         return out.logits[:, -1, :]
 
     # ------------------------------------------------------------------ the general path
@@ -167,11 +163,11 @@ class PrefillStep:
         cache = DynamicCache()
         if prefix_len:
             self._fill_prefixes(cache, prefixes, prefix_len)
-        self.slots.set_rows(list(slots))
+        context = StepContext("prefill", self.slots.rows_of(slots, "prefill"), cache)
         live = mask.bool()  # the model gets 4-D masks: transformers' own would count padding in its windows
         attention = self.base.attention.masks(lambda window: causal_mask(live, prompt_len, self.base.dtype, window))
-        out = self.base.model(input_ids=input_ids.to(dev), attention_mask=attention, position_ids=positions.to(dev),
-                              use_cache=True, logits_to_keep=1, **{self.base.cache_kwarg: cache})
+        out = run_forward(self.base, context, input_ids=input_ids.to(dev), attention_mask=attention,
+                          position_ids=positions.to(dev), logits_to_keep=1)
         return out.logits[:, -1, :], cache, mask, (positions[:, -1] + 1).tolist()
 
     def _fill_prefixes(self, cache: DynamicCache, prefixes: Sequence[PrefixWeights | None], prefix_len: int) -> None:

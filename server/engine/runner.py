@@ -38,8 +38,9 @@ class ModelRunner:
     def __init__(self, base: BaseModel, config: Any) -> None:
         self.int8_kernel_layers = use_int8_kernel(base, config.int8_kernel, config.max_batch_size)
         self.fused_norms = use_fused_norms(base, config.fused_kernels)
-        self.slots = LoraSlotTable(base.model, config.lora_slots, config.max_lora_rank, base.dtype, base.device)
-        self.slots.rows.use_kernel = config.fused_kernels  # BGMV kernels for LoRA in decode steps (GPU)
+        # The BGMV kernels for LoRA in decode steps (GPU), chosen here once for the device.
+        self.slots = LoraSlotTable(base.model, config.lora_slots, config.max_lora_rank, base.dtype, base.device,
+                                   use_kernel=config.fused_kernels)
         self.pool = KvPool(base.num_layers, base.num_kv_heads, base.head_dim, base.dtype, base.device,
                            max_rows=config.max_batch_size, max_capacity=base.max_sequence_length)
         self.batch = RunningBatch(self.pool)

@@ -9,6 +9,13 @@ from torch import nn
 from adapterd.server.adapters.lora import LoraSlotTable
 from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
 from adapterd.server.adapters.peft_format import LoraConfig, PrefixConfig
+from adapterd.server.engine.step_context import StepContext, step_context
+
+
+def forward(model: nn.Module, table: LoraSlotTable, slots: list[int], x: torch.Tensor, phase: str = "prefill"):
+    """``model(x)`` as one forward of a step whose rows sit on ``slots``."""
+    with step_context(StepContext(phase, table.rows_of(slots, phase))):
+        return model(x)
 
 
 def weights(name: str, r: int, in_f: int, out_f: int, scaling: float, seed: int) -> LoraWeights:
@@ -29,20 +36,19 @@ def test_rows_get_their_own_adapter_and_only_used_ranks_are_read(num_slots, dens
     w4, w8 = weights("proj", 4, 12, 10, 2.0, 1), weights("proj", 8, 12, 10, 0.5, 2)
     s4, s8 = table.acquire("a", w4), table.acquire("b", w8)
     x = torch.randn(3, 5, 12)
-    table.set_rows([s4, 0, s8])
-    assert table.rows.rank == 8  # the largest rank in this batch, not the table's 32
-    assert (table.rows.onehot is not None) == dense
-    out = model(x)
+    rows = table.rows_of([s4, 0, s8], "prefill")
+    assert rows.rank == 8  # the largest rank in this batch, not the table's 32
+    assert (rows.onehot is not None) == dense
+    out = forward(model, table, [s4, 0, s8], x)
     expected = base(x)
     for i, w in ((0, w4), (2, w8)):
         m = w.modules["proj"]
         expected[i] += (x[i] @ m.a.T @ m.b.T) * m.scaling
     torch.testing.assert_close(out, expected)
     assert torch.equal(out[1], base(x)[1])  # a base row gets exactly the base output
-    table.set_rows([s4, s4])
-    assert table.rows.rank == 4
-    table.set_rows([0, 0])
-    assert table.rows.slots is None and torch.equal(model(x), base(x))
+    assert table.rows_of([s4, s4], "prefill").rank == 4
+    assert table.rows_of([0, 0], "prefill") is None
+    assert torch.equal(forward(model, table, [0, 0], x), base(x))
 
 
 def test_stage_on_keeps_every_view_of_a_shared_buffer():
@@ -62,12 +68,9 @@ def test_stage_on_keeps_every_view_of_a_shared_buffer():
         (m.a.storage_offset(), m.b.storage_offset()) for m in modules.values()]
 
 
-def test_decode_steps_go_to_the_kernel_where_it_runs(monkeypatch):
-    """Dispatch only (the kernels' own tests are in tests/server/kernels): a stand-in kernel adding the torch
-    reference in place. A decode step (one token a row, at most 64 rows) goes to it when it is available and
-    ``rows.use_kernel`` is set; prefill, more rows, the opt-out and an unavailable device keep the torch paths.
-    Availability is asked once a device, not once a forward."""
-    import sys
+def _spy_kernel(monkeypatch, available: bool = True) -> tuple[list, list]:
+    """A stand-in decode kernel adding the torch reference in place (the kernels' own tests are in
+    tests/server/kernels), and availability answering ``available``: (kernel calls, devices asked)."""
     import types
 
     import adapterd.server.adapters.lora as lora
@@ -79,35 +82,65 @@ def test_decode_steps_go_to_the_kernel_where_it_runs(monkeypatch):
         xa = torch.einsum("mk,rmk->mr", x, a[:rank].index_select(1, slots))
         y += torch.einsum("mr,rmn->mn", xa, b[:rank].index_select(1, slots))
 
-    monkeypatch.setitem(sys.modules, "adapterd.server.kernels.lora_bgmv", types.SimpleNamespace(lora_delta_=fake_delta))
-    available = {"cpu": True}
-    monkeypatch.setattr(lora, "lora_kernel_available", lambda d: asked.append(d) or available["cpu"])
+    # what ``from ..kernels import lora_bgmv`` finds (the real module needs Triton)
+    monkeypatch.setattr("adapterd.server.kernels.lora_bgmv", types.SimpleNamespace(lora_delta_=fake_delta),
+                        raising=False)
+    monkeypatch.setattr(lora, "lora_kernel_available", lambda d: asked.append(d) or available)
+    return calls, asked
+
+
+def _two_adapter_table(num_slots: int = 4, **kw) -> tuple[nn.Module, LoraSlotTable, int, int]:
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("proj", nn.Linear(12, 10))
-    table = LoraSlotTable(model, num_slots=4, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
-    s1 = table.acquire("a", weights("proj", 4, 12, 10, 2.0, 1))
-    s2 = table.acquire("b", weights("proj", 8, 12, 10, 0.5, 2))
+    table = LoraSlotTable(model, num_slots=num_slots, max_rank=16, dtype=torch.float32,
+                          device=torch.device("cpu"), **kw)
+    return model, table, table.acquire("a", weights("proj", 4, 12, 10, 2.0, 1)), table.acquire(
+        "b", weights("proj", 8, 12, 10, 0.5, 2))
+
+
+def test_decode_steps_go_to_the_kernel_and_prefills_to_the_torch_paths(monkeypatch):
+    """The step says which phase it is: the same one-token rows go to the kernel in a decode step and to the
+    torch path in a prefill (a one-token prompt), with the same result; a decode step of more rows than the
+    kernel serves, or with autograd on, keeps the torch paths."""
+    calls, _ = _spy_kernel(monkeypatch)
+    model, table, s1, s2 = _two_adapter_table()
+    x = torch.randn(3, 1, 12)
     with torch.no_grad():
-        table.set_rows([s1, 0, s2])
-        x = torch.randn(3, 1, 12)
-        out = model(x)
+        decoded = forward(model, table, [s1, 0, s2], x, "decode")
         assert calls == [((3, 10), (3, 12), 8)]
-        table.rows.use_kernel = False
-        torch.testing.assert_close(out, model(x))  # the torch path gives the same
-        model(torch.randn(3, 12))
+        prefilled = forward(model, table, [s1, 0, s2], x, "prefill")
+        forward(model, table, [s1, 0, s2], torch.randn(3, 5, 12), "prefill")
         assert len(calls) == 1
-        table.rows.use_kernel = True
-        model(torch.randn(3, 12))  # [rows, in] is a decode step too
-        model(torch.randn(3, 5, 12))  # prefill
-        table.set_rows([s1] * 65)
-        model(torch.randn(65, 1, 12))  # more rows than a decode step
-        assert len(calls) == 2 and asked == [torch.device("cpu")]
-        table.set_rows([s1, s2])
-        table.layers["proj"]._kernel_on = None
-        available["cpu"] = False
-        model(torch.randn(2, 1, 12))
-        assert len(calls) == 2 and len(asked) == 2
+        torch.testing.assert_close(decoded, prefilled)  # the torch path gives the same
+        forward(model, table, [s1, s2], torch.randn(2, 12), "decode")  # [rows, in] is a decode step too
+        assert len(calls) == 2
+        forward(model, table, [s1] * 65, torch.randn(65, 1, 12), "decode")  # more rows than the kernel's
+        assert len(calls) == 2
+    forward(model, table, [s1, s2], torch.randn(2, 1, 12), "decode")  # autograd on: y is tracked
+    assert len(calls) == 2
+
+
+def test_the_kernel_is_chosen_once_when_the_table_is_built(monkeypatch):
+    """Availability is asked once, for the table's device, when the table is built; forwards ask nothing.
+    Where the kernels do not run, or the engine opts out (--no-fused-kernels), every step keeps the torch
+    paths."""
+    calls, asked = _spy_kernel(monkeypatch)
+    model, table, s1, s2 = _two_adapter_table()
+    assert asked == [torch.device("cpu")] and table.decode_kernel is not None
+    with torch.no_grad():
+        for _ in range(3):
+            forward(model, table, [s1, s2], torch.randn(2, 1, 12), "decode")
+    assert len(calls) == 3 and len(asked) == 1
+    _, off, s1, s2 = _two_adapter_table(use_kernel=False)
+    assert len(asked) == 1 and off.decode_kernel is None  # opted out: not even asked
+    assert off.rows_of([s1, s2], "decode").kernel is None
+    calls, asked = _spy_kernel(monkeypatch, available=False)
+    model, table, s1, s2 = _two_adapter_table()
+    assert asked == [torch.device("cpu")] and table.decode_kernel is None
+    with torch.no_grad():
+        forward(model, table, [s1, s2], torch.randn(2, 1, 12), "decode")
+    assert calls == []
 
 
 # ------------------------------------------------------------------ numbers that must never reach a slot table
@@ -189,11 +222,9 @@ def test_dense_path_keeps_an_overflowing_slot_out_of_other_rows():
     s1 = table.acquire("a", weights("proj", 4, 12, 10, 1.0, 1))
     s2 = table.acquire("b", weights("proj", 4, 12, 10, 1.0, 2))
     x = torch.randn(3, 2, 12)
-    table.set_rows([s1, 0, s1])
-    assert table.rows.onehot is not None  # the dense path
-    clean = model(x)
+    assert table.rows_of([s1, 0, s1], "prefill").onehot is not None  # the dense path
+    clean = forward(model, table, [s1, 0, s1], x)
     table.layers["proj"].lora_a[0, s2] = 3e38  # finite, but x @ A overflows to +-inf
-    table.set_rows([s1, s2, s1])
-    out = model(x)
+    out = forward(model, table, [s1, s2, s1], x)
     assert not torch.isfinite(out[1]).all()
     torch.testing.assert_close(out[[0, 2]], clean[[0, 2]], rtol=0, atol=0)

@@ -20,9 +20,9 @@ def _pool(**kw) -> KvPool:
 def test_update_writes_each_row_at_its_own_position_and_returns_the_view():
     pool = _pool()
     pool.reserve(2, 4)
-    pool.set_view(2, 4, torch.tensor([0, 2]))
+    view = pool.decode_view(2, 4, torch.tensor([0, 2]))
     k = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 2, 1, 3) + 1
-    keys, values = pool.update(k, -k, layer_idx=1)
+    keys, values = view.update(k, -k, layer_idx=1)
     assert keys.shape == (2, 2, 4, 3)
     assert torch.equal(keys[0, :, 0], k[0, :, 0]) and torch.equal(keys[1, :, 2], k[1, :, 0])
     assert torch.equal(values[1, :, 2], -k[1, :, 0])
@@ -67,9 +67,9 @@ def test_prefill_writes_each_prompt_to_the_front_of_its_row_and_padding_after():
     pool.reserve(3, 4)
     pads = torch.tensor([1, 0])  # row 1 (pool row 1) has a 3-token prompt, row 2 (pool row 2) a 4-token one
     t = torch.arange(4)
-    pool.set_prefill_view(torch.tensor([1, 2]), (t[None, :] - pads[:, None]) % 4)
+    view = pool.prefill_view(torch.tensor([1, 2]), (t[None, :] - pads[:, None]) % 4)
     k = torch.arange(2 * 2 * 4 * 3, dtype=torch.float32).view(2, 2, 4, 3)  # [rows, heads, T, dim]
-    keys, values = pool.update(k, -k, layer_idx=0)
+    keys, values = view.update(k, -k, layer_idx=0)
     assert keys is k  # attention runs over the prompt's own keys
     assert torch.equal(pool.keys[0][1, :, :3], k[0, :, 1:])  # the prompt first...
     assert torch.equal(pool.keys[0][1, :, 3], k[0, :, 0])  # ...its padding after it
@@ -92,9 +92,9 @@ def test_prefill_after_a_prefix_attends_to_it_and_writes_after_it():
     pool.put(0, [(prefix, -prefix)])
     pads, virtual = torch.tensor([1, 0]), torch.tensor([2, 0])
     t = torch.arange(4)
-    pool.set_prefill_view(torch.tensor([0, 1]), (t[None, :] - pads[:, None]) % 4 + virtual[:, None], prefix=2)
+    view = pool.prefill_view(torch.tensor([0, 1]), (t[None, :] - pads[:, None]) % 4 + virtual[:, None], prefix=2)
     k = torch.arange(2 * 2 * 4 * 3, dtype=torch.float32).view(2, 2, 4, 3) + 100
-    keys, values = pool.update(k, -k, layer_idx=0)
+    keys, values = view.update(k, -k, layer_idx=0)
     assert keys.shape == (2, 2, 6, 3)  # the prefix columns, then the prompt's own keys
     assert torch.equal(keys[0, :, :2], prefix) and torch.equal(values[0, :, :2], -prefix)
     assert torch.equal(keys[:, :, 2:], k)

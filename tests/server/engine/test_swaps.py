@@ -54,14 +54,14 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     jobs = [(p, a) for p in prompts for a in adapters]
     refs = {job: reference_greedy(tiny_model_dir, job[0], adapter_root / job[1] if job[1] else None, new)
             for job in jobs}
-    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
-    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True))
-    assert runtime.engine.runner.fused_norms == 2 * base.num_layers + 1
     kernel_calls = []
     from adapterd.server.kernels import lora_bgmv
 
-    real = lora_bgmv.lora_delta_
+    real = lora_bgmv.lora_delta_  # wrapped before the engine's slot table picks the kernel (once, at start)
     monkeypatch.setattr(lora_bgmv, "lora_delta_", lambda *a, **k: (kernel_calls.append(1), real(*a, **k))[1])
+    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
+    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True))
+    assert runtime.engine.runner.fused_norms == 2 * base.num_layers + 1
     try:
         results = run_together(runtime, jobs, GenerationParams(max_new_tokens=new))
     finally:

@@ -10,6 +10,7 @@ from torch import nn
 
 from adapterd.server.adapters.lora import LoraSlotTable
 from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
+from adapterd.server.engine.step_context import StepContext, step_context
 from adapterd.server.kernels import lora_kernel_available
 
 kb = pytest.importorskip("adapterd.server.kernels.lora_bgmv", reason="needs triton (the dev extra, Linux)")
@@ -140,6 +141,11 @@ def test_lora_kernel_available(monkeypatch):
 # ------------------------------------------------------------------------------------ the batched layer
 
 
+def _forward(model: nn.Module, table: LoraSlotTable, slots: list[int], x: torch.Tensor, phase: str):
+    with step_context(StepContext(phase, table.rows_of(slots, phase))):
+        return model(x)
+
+
 def _adapter(name: str, r: int, in_f: int, out_f: int, scaling: float, seed: int) -> LoraWeights:
     g = torch.Generator().manual_seed(seed)
     module = LoraModule(a=torch.randn(r, in_f, generator=g) * 0.1, b=torch.randn(out_f, r, generator=g) * 0.1,
@@ -161,13 +167,11 @@ def test_batched_layer_kernel_equals_torch_paths(monkeypatch, num_slots, shape):
     s1 = table.acquire("a", _adapter("proj", 4, 48, 40, 2.0, 1))
     s2 = table.acquire("b", _adapter("proj", 8, 48, 40, 0.5, 2))
     x = torch.randn(*shape)
-    table.set_rows([s1, 0, s2, s1])
     with torch.no_grad():
-        out = model(x)
+        out = _forward(model, table, [s1, 0, s2, s1], x, "decode")
         assert calls == [8]  # the kernel ran, over the batch's largest rank
-        table.rows.use_kernel = False
-        expected = model(x)
-    assert calls == [8]  # opted out: the torch path
+        expected = _forward(model, table, [s1, 0, s2, s1], x, "prefill")
+    assert calls == [8]  # a prefill: the torch path
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(out.reshape(4, -1)[1], model.proj.base_layer(x).reshape(4, -1)[1])  # a base row
@@ -178,11 +182,11 @@ def test_batched_layer_prefill_and_autograd_keep_the_torch_paths(monkeypatch):
     model = nn.Sequential()
     model.add_module("proj", nn.Linear(48, 40))
     table = LoraSlotTable(model, num_slots=4, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
-    table.set_rows([table.acquire("a", _adapter("proj", 4, 48, 40, 2.0, 1)), 0])
+    slots = [table.acquire("a", _adapter("proj", 4, 48, 40, 2.0, 1)), 0]
     with torch.no_grad():
-        model(torch.randn(2, 3, 48))  # a prefill: 3 tokens a row
-        model(torch.randn(2, 1, 1, 48))  # not a [rows, 1, in] step
-    model(torch.randn(2, 1, 48))  # grad enabled, the base's weight requires grad: y is tracked
+        _forward(model, table, slots, torch.randn(2, 3, 48), "prefill")  # 3 tokens a row
+        _forward(model, table, slots, torch.randn(2, 1, 48), "prefill")  # one-token prompts: still a prefill
+    _forward(model, table, slots, torch.randn(2, 1, 48), "decode")  # grad enabled: y is tracked
 
 
 # ------------------------------------------------------------------------------------ GPU
@@ -267,16 +271,17 @@ def test_gpu_batched_layer_in_a_cuda_graph():
     x = torch.randn(32, 1, 4096, device="cuda", dtype=torch.bfloat16)
     layer = table.layers["proj"]
     with torch.no_grad():
-        table.rows.set(static, 16, table.num_slots)
-        eager = model(x)  # also the warm-up: compiles
+        decode = StepContext("decode", table.rows_for(static, 16, "decode"))
+        assert decode.lora.kernel is not None  # built without autograd: the kernel path
+        with step_context(decode):
+            eager = model(x)  # also the warm-up: compiles
         ref = layer.base_layer(x).float().view(32, -1) + kb.reference_delta(
             x.view(32, -1), layer.lora_a, layer.lora_b, static, 16)
-        table.rows.use_kernel = False
-        dense = model(x)
-        table.rows.use_kernel = True
+        with step_context(StepContext("prefill", table.rows_for(static, 16, "prefill"))):
+            dense = model(x)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), step_context(decode):
             out = model(x)
     graph.replay()
     torch.cuda.synchronize()
