@@ -22,6 +22,7 @@ import torch
 
 from ..adapters.lora import LoraSlotTable
 from ..model import BaseModel
+from .decoder import Forward
 from .graphs import GraphCache
 from .kv_pool import KvPool, decode_mask
 
@@ -54,9 +55,9 @@ def rank_bucket(rank: int, limit: int) -> int:
 class DecodeStep:
     """Feeds one token per row through the model and returns each row's next-token logits."""
 
-    def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, max_batch: int,
+    def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, forward: Forward, max_batch: int,
                  use_graphs: bool) -> None:
-        self.base, self.pool, self.slots = base, pool, slots
+        self.base, self.pool, self.slots, self.forward = base, pool, slots, forward
         self.max_batch = max_batch
         self.use_graphs = use_graphs and base.device.type == "cuda"
         # Pad to the graphs' bucketed shapes even when running eagerly: lets CPU tests check the padding.
@@ -109,9 +110,7 @@ class DecodeStep:
         self.pool.set_view(batch, length, write_pos)
         self.slots.rows.set(slots, rank, self.slots.num_slots)
         mask = self.base.attention.masks(lambda window: decode_mask(write_pos, length, self.base.dtype, window))
-        out = self.base.model(input_ids=ids[:, None], position_ids=positions[:, None], attention_mask=mask,
-                              use_cache=True, **{self.base.cache_kwarg: self.pool})
-        return out.logits[:, -1, :]
+        return self.forward(ids[:, None], positions[:, None], mask, self.pool)
 
     # ------------------------------------------------------------------ CUDA graphs
 

@@ -26,6 +26,7 @@ from ..adapters.lora import LoraSlotTable
 from ..adapters.prefix import PrefixWeights
 from ..model import BaseModel
 from .decode_step import batch_bucket, power_bucket, rank_bucket
+from .decoder import Forward
 from .graphs import GraphCache
 from .kv_pool import KvPool, causal_mask, prefill_mask
 
@@ -46,8 +47,9 @@ def prefix_bucket(n: int, limit: int) -> int:
 
 
 class PrefillStep:
-    def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, use_graphs: bool) -> None:
-        self.base, self.pool, self.slots = base, pool, slots
+    def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, forward: Forward,
+                 use_graphs: bool) -> None:
+        self.base, self.pool, self.slots, self.forward = base, pool, slots, forward
         self.use_graphs = use_graphs and base.device.type == "cuda"
         self.bucketed = False  # pad to the graphs' shapes when eager too (CPU tests)
         self.graphs = GraphCache("prefill")
@@ -135,13 +137,10 @@ class PrefillStep:
         mask = self.base.attention.masks(
             lambda window: prefill_mask(pads, length, self.base.dtype, virtual, prefix, window))
         try:
-            out = self.base.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                                  attention_mask=mask,
-                                  **{self.base.cache_kwarg: self.pool})
+            return self.forward(ids, positions, mask, self.pool)
         finally:
             self.pool.prefill_rows = self.pool.prefill_index = None
             self.pool.prefill_prefix = 0
-        return out.logits[:, -1, :]
 
     # ------------------------------------------------------------------ the general path
 
