@@ -25,7 +25,6 @@ from .kv_pool import KvPool
 from .prefill_step import PrefillStep
 from .swaps import use_fused_norms, use_int8_kernel
 
-
 log = logging.getLogger(__name__)
 
 
