@@ -369,6 +369,8 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--own-decoder", action=argparse.BooleanOptionalAction, default=True,
+                        help="the engine's own decoder forward (off: transformers' forward), as `serve` takes it")
     args = parser.parse_args()
 
     import logging
@@ -427,7 +429,8 @@ def main() -> int:
         bnb_layers = bnb_int8_layers(model) if q == "int8" else {}
         norms = hf_norms(model)  # the engine swaps in its fused norm: the oracle below gets these back
         runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=max(64, args.batch), lora_slots=args.batch,
-                                                           max_lora_rank=16, max_prefill_tokens=args.ctx * args.batch))
+                                                           max_lora_rank=16, max_prefill_tokens=args.ctx * args.batch,
+                                                           own_decoder=args.own_decoder))
         runtime.engine.start()
         try:
             engine_step_ms(runtime, 2, args.ctx, 8, [None, runtime.store.get(ids[0])])  # warm-up, not recorded
@@ -494,7 +497,7 @@ def main() -> int:
 
     machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     if not args.no_record:
-        record(rows, args.shape, machine)
+        record(rows, f"{args.shape}, {'own' if args.own_decoder else 'transformers'} decoder forward", machine)
     return 0
 
 

@@ -77,6 +77,8 @@ class ServerConfig:
                                  "(off: bitsandbytes' own matmul)")
     fused_kernels: bool = _f(True, "on a GPU: one Triton kernel per RMSNorm and BGMV kernels for LoRA in decode "
                                    "steps (off: transformers' and torch's own ops)")
+    own_decoder: bool = _f(True, "Llama, Mistral, Qwen2, Qwen3 and GLM bases run the engine's own decoder forward "
+                                 "(off: transformers' forward, as other families always do)")
     engine_process: bool = _f(True, "run the engine (model, adapters, key/value pool) in its own process, which "
                                     "the daemon restarts if it dies; off: in the gRPC process, sharing its GIL "
                                     "(for debugging)")

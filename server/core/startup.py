@@ -19,7 +19,7 @@ HELLO_TIMEOUT_S = 30.0  # a core that reported ready answers its first call with
 def engine_config(cfg: ServerConfig) -> EngineConfig:
     return EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, lora_slots=cfg.lora_slots,
                         max_lora_rank=cfg.max_lora_rank, cuda_graphs=cfg.cuda_graphs, int8_kernel=cfg.int8_kernel,
-                        fused_kernels=cfg.fused_kernels)
+                        fused_kernels=cfg.fused_kernels, own_decoder=cfg.own_decoder)
 
 
 async def start_engine_core(cfg: ServerConfig, on_down: Callable[[str], None], on_up: Callable[[], None],

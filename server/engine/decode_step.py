@@ -22,9 +22,10 @@ import torch
 
 from ..adapters.lora import LoraSlotTable
 from ..model import BaseModel
+from .decoder import Forward
 from .graphs import GraphCache
 from .kv_pool import KvPool, decode_mask
-from .step_context import StepContext, run_forward
+from .step_context import StepContext
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ def rank_bucket(rank: int, limit: int) -> int:
 class DecodeStep:
     """Feeds one token per row through the model and returns each row's next-token logits."""
 
-    def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, max_batch: int,
+    def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, forward: Forward, max_batch: int,
                  use_graphs: bool) -> None:
-        self.base, self.pool, self.slots = base, pool, slots
+        self.base, self.pool, self.slots, self.forward = base, pool, slots, forward
         self.max_batch = max_batch
         self.use_graphs = use_graphs and base.device.type == "cuda"
         # Pad to the graphs' bucketed shapes even when running eagerly: lets CPU tests check the padding.
@@ -111,9 +112,7 @@ class DecodeStep:
         context = StepContext("decode", self.slots.rows_for(slots, rank, "decode"),
                               self.pool.decode_view(batch, length, write_pos))
         mask = self.base.attention.masks(lambda window: decode_mask(write_pos, length, self.base.dtype, window))
-        out = run_forward(self.base, context, input_ids=ids[:, None], position_ids=positions[:, None],
-                          attention_mask=mask)
-        return out.logits[:, -1, :]
+        return self.forward(ids[:, None], positions[:, None], mask, context)
 
     # ------------------------------------------------------------------ CUDA graphs
 

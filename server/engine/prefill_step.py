@@ -26,6 +26,7 @@ from ..adapters.lora import LoraSlotTable
 from ..adapters.prefix import PrefixWeights
 from ..model import BaseModel
 from .decode_step import batch_bucket, power_bucket, rank_bucket
+from .decoder import Forward
 from .graphs import GraphCache
 from .kv_pool import KvPool, causal_mask, prefill_mask
 from .step_context import StepContext, run_forward
@@ -47,8 +48,9 @@ def prefix_bucket(n: int, limit: int) -> int:
 
 
 class PrefillStep:
-    def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, use_graphs: bool) -> None:
-        self.base, self.pool, self.slots = base, pool, slots
+    def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, forward: Forward,
+                 use_graphs: bool) -> None:
+        self.base, self.pool, self.slots, self.forward = base, pool, slots, forward
         self.use_graphs = use_graphs and base.device.type == "cuda"
         self.bucketed = False  # pad to the graphs' shapes when eager too (CPU tests)
         self.graphs = GraphCache("prefill")
@@ -135,9 +137,7 @@ class PrefillStep:
                               self.pool.prefill_view(first + torch.arange(rows, device=ids.device), entry, prefix))
         mask = self.base.attention.masks(
             lambda window: prefill_mask(pads, length, self.base.dtype, virtual, prefix, window))
-        out = run_forward(self.base, context, input_ids=ids, position_ids=positions, logits_to_keep=1,
-                          attention_mask=mask)
-        return out.logits[:, -1, :]
+        return self.forward(ids, positions, mask, context)
 
     # ------------------------------------------------------------------ the general path
 

@@ -9,6 +9,7 @@ who joins is the scheduler's (``scheduler.py``), what the caller is told is the 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,12 @@ from ..adapters.prefix import PrefixWeights
 from ..model import BaseModel
 from .batch import Row, RunningBatch
 from .decode_step import DecodeStep
+from .decoder import model_forward
 from .kv_pool import KvPool
 from .prefill_step import PrefillStep
 from .swaps import use_fused_norms, use_int8_kernel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,8 +48,12 @@ class ModelRunner:
         self.pool = KvPool(base.num_layers, base.num_kv_heads, base.head_dim, base.dtype, base.device,
                            max_rows=config.max_batch_size, max_capacity=base.max_sequence_length)
         self.batch = RunningBatch(self.pool)
-        self.decoder = DecodeStep(base, self.pool, self.slots, config.max_batch_size, config.cuda_graphs)
-        self.prefiller = PrefillStep(base, self.pool, self.slots, config.cuda_graphs)
+        self.forward = model_forward(base, config.own_decoder)  # ours, or transformers'
+        self.own_decoder = hasattr(self.forward, "decoder")
+        log.info("decoder forward: %s", "own" if self.own_decoder else "transformers'")
+        self.decoder = DecodeStep(base, self.pool, self.slots, self.forward, config.max_batch_size,
+                                  config.cuda_graphs)
+        self.prefiller = PrefillStep(base, self.pool, self.slots, self.forward, config.cuda_graphs)
         self._evict_later: set[str] = set()  # unloaded adapters whose slot a running row still pins
 
     # ------------------------------------------------------------------ LoRA slots

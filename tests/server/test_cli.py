@@ -97,7 +97,8 @@ def daemon_a(tiny_model_dir, adapter_root, pki, tmp_path_factory):
     argv = [*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(root), "--quantization", "none",
             "--host", "localhost", "--port", str(port), "--device", TEST_DEVICE, "--dtype", DTYPE,
             "--max-batch-size", "3", "--lora-slots", "4", "--max-lora-rank", "8", "--no-cuda-graphs",
-            "--no-int8-kernel", "--no-fused-kernels", "--gil-switch-interval-ms", "0.5", "--adapter-cache-mb", "7",
+            "--no-int8-kernel", "--no-fused-kernels", "--no-own-decoder", "--gil-switch-interval-ms", "0.5",
+            "--adapter-cache-mb", "7",
             "--max-input-tokens", str(PROMPT_LIMIT), "--max-new-tokens", str(NEW_TOKENS_LIMIT),
             "--default-max-new-tokens", "3", "--max-message-bytes", "65536", "--runs", str(tmp / "runs"),
             "--merge-output-root", str(tmp / "merged"), "--metrics-port", str(metrics_port),
@@ -242,6 +243,12 @@ def check_int8_kernel(a: Served, b: Served) -> None:
 def check_fused_kernels(a: Served, b: Served) -> None:
     assert "--fused-kernels=False" in _settings(a)
     _no_gpu_speedups(a)
+
+
+def check_own_decoder(a: Served, b: Served) -> None:
+    assert "--own-decoder=False" in _settings(a)
+    assert "decoder forward: transformers'" in a.log.read_text()  # logged by the engine core
+    assert "decoder forward: own" in b.ready().log.read_text()  # the default for a Llama base
 
 
 def _spawned(d: Served) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 from adapterd.common.tiny_model import build_tiny_model
 from adapterd.server.architecture import WINDOW_STYLE
 from adapterd.server.engine import EngineConfig, GenerationParams
+from adapterd.server.engine.decoder import OWN_FAMILIES
 from adapterd.server.model import load_base_model
 from adapterd.server.runtime import Runtime
 from tests.helpers import TEST_DEVICE, make_lora_adapter, make_prefix_adapter, reference_greedy_nocache
@@ -81,15 +82,21 @@ def family(request, tmp_path_factory):
 
 
 @pytest.mark.slow  # the first test of each family builds its model, adapters and PEFT's answers (~10 s)
-@pytest.mark.parametrize("shapes", ["exact", "bucketed"])
-def test_mixed_batch_matches_peft_alone(family, shapes):
+@pytest.mark.parametrize("shapes, own_decoder", [("exact", True), ("bucketed", True), ("exact", False)],
+                         ids=["exact", "bucketed", "transformers-forward"])
+def test_mixed_batch_matches_peft_alone(family, shapes, own_decoder):
+    """Both forwards: the engine's own (``decoder.py``, for the families it runs) and transformers'."""
     name, model_dir, adapter_root, refs = family
+    if not own_decoder and FAMILIES[name][0] not in OWN_FAMILIES:
+        pytest.skip("transformers' forward is this family's only one: the other cases ran it")
     base = load_base_model(model_dir, "none", TEST_DEVICE, "float32")
     assert base.config.model_type == FAMILIES[name][0]
     window = getattr(base.config, "sliding_window", None)
     if window is not None:  # prompts (with or without a prefix) reach past the window before decoding starts
         assert min(len(base.tokenizer(p).input_ids) for p in PROMPTS[:2]) > window
-    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=32))
+    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=32, own_decoder=own_decoder))
+    ours = own_decoder and base.config.model_type in OWN_FAMILIES
+    assert runtime.engine.runner.own_decoder == ours
     if TEST_DEVICE == "cuda":  # graphs and fused kernels on; Gemma's (1 + weight) norms are never fused
         assert (runtime.engine.runner.fused_norms > 0) == (base.config.model_type != "gemma")
     runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = shapes == "bucketed"

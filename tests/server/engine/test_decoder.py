@@ -1,0 +1,63 @@
+"""The engine's own decoder forward (``server/engine/decoder.py``) against transformers' forward of the same
+model, for every family it runs: the last position's logits of a prompt, then of each decode step after it,
+through a plain cache; transformers builds its own causal and sliding-window masks from the whole sequence,
+so the only things shared are the weights. Token-level parity with PEFT through the engine, both paths, is
+``test_architectures.py``'s."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from adapterd.common.tiny_model import build_tiny_model
+from adapterd.server.architecture import check_config
+from adapterd.server.engine.decoder import OWN_FAMILIES, Decoder, model_forward
+from adapterd.server.engine.kv_pool import causal_mask
+from tests.server.engine.test_architectures import FAMILIES
+
+OWN = [name for name, (model_type, _) in FAMILIES.items() if model_type in OWN_FAMILIES]
+TOLERANCE = 1e-4  # fp32 logits: the same ops in another order (fused attention against transformers' sdpa)
+
+
+def test_every_family_the_decoder_runs_is_in_the_parity_matrix():
+    assert {FAMILIES[name][0] for name in OWN} == set(OWN_FAMILIES)
+
+
+@pytest.fixture(scope="module", params=OWN)
+def model(request, tmp_path_factory):
+    model_type, fields = FAMILIES[request.param]
+    path = build_tiny_model(tmp_path_factory.mktemp(request.param) / "m", model_type=model_type, **fields)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def test_prefill_and_decode_logits_equal_transformers(model):
+    layout = check_config(model.config)
+    decoder = Decoder(model)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 20), generator=generator)  # past every sliding window
+    cache = DynamicCache()
+    live = torch.ones(2, 12, dtype=torch.bool)
+    mask = layout.masks(lambda window: causal_mask(live, 12, torch.float32, window))
+    positions = torch.arange(12)[None].expand(2, -1)
+    got = decoder(ids[:, :12], positions, mask, cache)
+    assert torch.allclose(got, model(ids[:, :12]).logits[:, -1], atol=TOLERANCE, rtol=0)
+    for t in range(12, 20):  # one token a step, each seeing every earlier one (within a window)
+        live = torch.ones(2, t + 1, dtype=torch.bool)
+        mask = layout.masks(lambda window, live=live: causal_mask(live, 1, torch.float32, window))
+        got = decoder(ids[:, t:t + 1], torch.full((2, 1), t), mask, cache)
+        want = model(ids[:, :t + 1]).logits[:, -1]
+        assert torch.allclose(got, want, atol=TOLERANCE, rtol=0), (t, (got - want).abs().max())
+
+
+def test_model_forward_picks_ours_only_where_it_is_asked_for_and_known(model, tmp_path):
+    def ours(model, own):
+        return hasattr(model_forward(SimpleNamespace(model=model, cache_kwarg="cache"), own), "decoder")
+
+    assert ours(model, True) and not ours(model, False)
+    gemma = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "g", model_type="gemma",
+                                                                  **FAMILIES["gemma"][1]))
+    assert not ours(gemma, True)  # scaled embeddings: not a family the decoder runs
