@@ -61,7 +61,7 @@ LIB_SECTION = "## int8 weight-only matmul against library options (bench/int8_ke
 LIB_INTRO = ("Decode row counts only, same layers and timing as the table above: our Triton kernel against "
              "`torch._weight_int8pack_mm` (int8pack) and torchao's int8 weight-only tensor under torch.compile, "
              "all on bitsandbytes' int8 bytes (bench/int8_library.py). `n/a`: the method cannot run there (the "
-             "run's log says why). Errors as above; weight-only methods must be within 1% of max |y| (`OVER`).")
+             "run's log says why); `-`: not run (`--methods`). Errors as above; weight-only methods must be within 1% of max |y| (`OVER`).")
 LIB_COLUMNS = ("date (UTC)", "commit", "machine", "shape (out x in)", "M", "ours µs", "int8pack µs", "torchao µs",
                "bf16 µs", "ours GB/s", "best library GB/s", "err ours / int8pack / torchao (max |y|)", "within 1%")
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
@@ -214,7 +214,7 @@ def make_row(r: dict, machine: str, commit: str, date: str) -> dict[str, str]:
 
 def library_row(r: dict, machine: str, commit: str, date: str) -> dict[str, str]:
     def cell(name: str, value) -> str:
-        return "n/a" if name not in r or "na" in r[name] else value(r[name])
+        return "-" if name not in r else "n/a" if "na" in r[name] else value(r[name])  # not run / cannot run
 
     libs = [r[name] for name in LIBRARY_METHODS if name in r and "us" in r[name]]
     best = f"{max(c['bytes'] / c['us'] / 1e3 for c in libs):.0f}" if libs else "n/a"
