@@ -24,6 +24,7 @@ def run_part(tmp_path: Path, *part: str, **env_extra: str) -> subprocess.Complet
                           timeout=600, env=env, cwd=REPO)
 
 
+@pytest.mark.slow  # ~20 s: the tiny model served twice (both forwards)
 def test_serve_part(tmp_path):
     done = run_part(tmp_path, "serve", "none", SERVE_ARGS=f"--shape tiny --ctx 32 --new 4 --batch 8 --no-record "
                     f"--work {tmp_path / 'work'}")
@@ -35,6 +36,7 @@ def test_serve_part(tmp_path):
     assert (tmp_path / "out" / "RESULTS.md").is_file()
 
 
+@pytest.mark.slow  # ~30 s: three kernel benches in the Triton interpreter
 def test_kernels_part(tmp_path):
     pytest.importorskip("triton")
     done = run_part(tmp_path, "kernels", KERNEL_ARGS="--rows 1 --iters 1")
