@@ -58,13 +58,13 @@ INTRO = ("One linear layer, bf16 activations, M rows: bf16 F.linear vs bitsandby
 COLUMNS = ("date (UTC)", "commit", "machine", "shape (out x in)", "M", "bf16 µs", "bnb µs", "ours µs",
            "bf16 GB/s", "ours GB/s", "bnb speedup", "ours speedup", "err bf16 / bnb / ours (max |y|)")
 LIB_SECTION = "## int8 weight-only matmul against library options (bench/int8_kernel_bench.py, issue 18)"
-LIB_INTRO = ("Decode row counts only, same layers and timing as the table above: our Triton kernel against "
-             "`torch._weight_int8pack_mm` (int8pack) and torchao's int8 weight-only tensor under torch.compile, "
-             "all on bitsandbytes' int8 bytes (bench/int8_library.py). `n/a`: the method cannot run there (the "
-             "run's log says why); `-`: not run (`--methods`). Errors as above; weight-only methods must be within "
-             "1% of max |y| (`OVER`).")
-LIB_COLUMNS = ("date (UTC)", "commit", "machine", "shape (out x in)", "M", "ours µs", "int8pack µs", "torchao µs",
-               "bf16 µs", "ours GB/s", "best library GB/s", "err ours / int8pack / torchao (max |y|)", "within 1%")
+LIB_INTRO = " ".join((
+    "Decode row counts only, same layers and timing as the table above: our Triton kernel against",
+    "`torch._weight_int8pack_mm` (int8pack) and torchao's int8 weight-only tensor under torch.compile, all on",
+    "bitsandbytes' int8 bytes (bench/int8_library.py). `n/a`: the method cannot run there (the run's log says",
+    "why); `-`: not run (`--methods`). Errors as above; weight-only methods must be within 1% of max |y| (`OVER`)."))
+LIB_COLUMNS = COLUMNS[:5] + ("ours µs", "int8pack µs", "torchao µs", "bf16 µs", "ours GB/s", "best library GB/s",
+                             "err ours / int8pack / torchao (max |y|)", "within 1%")
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 CPU_SHAPES = ((48, 64), (40, 100))
 
