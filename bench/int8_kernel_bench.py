@@ -19,10 +19,17 @@ events over many replays (the daemon replays decode steps from graphs, so launch
 it is there); a method whose capture fails is timed eagerly and marked ``eager``. Our kernel is warmed up
 (autotuned, compiled) for each shape and row bucket before capture, as the daemon must do.
 
-GB/s is weight bytes over time (int8: N*K + 4*N bytes of scales; bf16: 2*N*K); H200 HBM3e peaks at 4.8 TB/s.
-Errors are max |y - ref| with ref = x.float() @ (CB * SCB / 127).float().T, next to max |ref|.
+At the decode row counts (M <= 64) it also times the library options on the same int8 bytes (issue 18;
+bench/int8_library.py): ``int8pack`` (``torch._weight_int8pack_mm``) and ``torchao`` (torchao's int8
+weight-only tensor under ``torch.compile``, ``--torchao-compile``; only where torchao imports). A method that
+cannot run here is ``n/a``, its reason printed.
 
-    python3 bench/int8_kernel_bench.py                   # on the GPU; appends the table to bench/RESULTS.md
+GB/s is weight bytes over time (int8: N*K + 4*N bytes of scales; bf16: 2*N*K); H200 HBM3e peaks at 4.8 TB/s.
+Errors are max |y - ref| with ref = x.float() @ (CB * SCB / 127).float().T, next to max |ref|; the weight-only
+methods (ours and the libraries) must be within ``TOLERANCE`` (1%) of max |ref|: a row ``OVER`` says which is
+not, and the run exits 1 (the speeds of a wrong result are not worth comparing).
+
+    python3 bench/int8_kernel_bench.py                   # on the GPU; appends the tables to bench/RESULTS.md
     python3 bench/int8_kernel_bench.py --device cpu      # tiny shapes, Triton interpreter: a smoke test
 """
 
@@ -37,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from graph_timing import time_cpu, time_cuda
+from int8_library import BUILDERS, LIBRARY_METHODS, TOLERANCE, Unavailable
 from results_table import append_to_section, git_commit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +57,14 @@ INTRO = ("One linear layer, bf16 activations, M rows: bf16 F.linear vs bitsandby
          "Errors: max |y - x @ W_dequant^T| for bf16 / bnb / ours, max |y| in parentheses.")
 COLUMNS = ("date (UTC)", "commit", "machine", "shape (out x in)", "M", "bf16 µs", "bnb µs", "ours µs",
            "bf16 GB/s", "ours GB/s", "bnb speedup", "ours speedup", "err bf16 / bnb / ours (max |y|)")
+LIB_SECTION = "## int8 weight-only matmul against library options (bench/int8_kernel_bench.py, issue 18)"
+LIB_INTRO = " ".join((
+    "Decode row counts only, same layers and timing as the table above: our Triton kernel against",
+    "`torch._weight_int8pack_mm` (int8pack) and torchao's int8 weight-only tensor under torch.compile, all on",
+    "bitsandbytes' int8 bytes (bench/int8_library.py). `n/a`: the method cannot run there (the run's log says",
+    "why); `-`: not run (`--methods`). Errors as above; weight-only methods must be within 1% of max |y| (`OVER`)."))
+LIB_COLUMNS = COLUMNS[:5] + ("ours µs", "int8pack µs", "torchao µs", "bf16 µs", "ours GB/s", "best library GB/s",
+                             "err ours / int8pack / torchao (max |y|)", "within 1%")
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 CPU_SHAPES = ((48, 64), (40, 100))
 
@@ -85,6 +101,21 @@ def copies_for(bytes_per_copy: int, rotate_mb: float, device: str) -> int:
 # ---------------------------------------------------------------------------------------------- one case
 
 
+def library_calls(ours: list, args: argparse.Namespace) -> dict[str, list | str]:
+    """Each library method's calls over the layer copies (``ours``' CB and SCB), or why it cannot run."""
+    import torch
+
+    out: dict[str, list | str] = {}
+    for name in args.methods:
+        try:
+            out[name] = [BUILDERS[name](mod.weight.data, mod.scb, torch.bfloat16, args.torchao_compile)
+                         for mod in ours]
+        except Unavailable as exc:
+            print(f"  {name}: n/a ({exc})", flush=True)
+            out[name] = str(exc)
+    return out
+
+
 def bench_shape(n: int, k: int, rows: list[int], args: argparse.Namespace) -> list[dict]:
     """All row counts for one weight shape; returns one result dict a row count."""
     import torch
@@ -100,42 +131,71 @@ def bench_shape(n: int, k: int, rows: list[int], args: argparse.Namespace) -> li
     dense = [(m.weight.data.to(dtype) * (m.scb.float()[:, None] / 127.0).to(dtype))
              for m in ours[:copies_for(2 * n * k, args.rotate_mb, dev)]]
     w_ref = ours[0].weight.data.float() * scale
+    library = library_calls(ours, args) if min(rows) <= MAX_KERNEL_ROWS else {}
     results = []
     for m in rows:
         x = torch.randn(m, k, device=dev, generator=torch.Generator(dev).manual_seed(m)).to(dtype)
         ref = x.float() @ w_ref.T
-        with torch.no_grad():
-            outs = {"bf16": F.linear(x, dense[0]), "bnb": layers[0](x), "ours": ours[0](x)}
         methods = {"bf16": [lambda w=w, x=x: F.linear(x, w) for w in dense],
                    "bnb": [lambda layer=layer, x=x: layer(x) for layer in layers],
                    "ours": [lambda mod=mod, x=x: mod(x) for mod in ours]}
         if m > MAX_KERNEL_ROWS:  # the old large-M path, for comparison (stdout only)
-            outs["dequant"] = dequant_matmul(x, ours[0].weight.data, ours[0].scb)
             methods["dequant"] = [lambda mod=mod, x=x: dequant_matmul(x, mod.weight.data, mod.scb) for mod in ours]
-        result = {"shape": f"{n}x{k}", "M": m, "ref_max": ref.abs().max().item()}
+        result: dict = {"shape": f"{n}x{k}", "M": m, "ref_max": ref.abs().max().item()}
+        for name, calls in library.items():
+            if m > MAX_KERNEL_ROWS:
+                continue
+            if isinstance(calls, str):
+                result[name] = {"na": calls}
+            else:
+                methods[name] = [lambda call=call, x=x: call(x) for call in calls]
         for name, calls in methods.items():
-            with torch.no_grad():
-                us, mode = (time_cuda(calls, args.per_graph, args.replays) if dev.startswith("cuda")
-                            else time_cpu(calls, args.iters))
-            result[name] = {"us": us, "mode": mode, "err": (outs[name].float() - ref).abs().max().item()}
+            result[name] = time_method(calls, ref, args)
         for name, nbytes in (("bf16", 2 * n * k), ("bnb", n * k + 4 * n), ("ours", n * k + 4 * n),
-                             ("dequant", n * k + 4 * n)):
-            if name in result:
+                             ("dequant", n * k + 4 * n), ("int8pack", n * k + 2 * n), ("torchao", n * k + 4 * n)):
+            if name in result and "us" in result[name]:
                 result[name]["bytes"] = nbytes
         results.append(result)
         print(format_line(result), flush=True)
     return results
 
 
+def time_method(calls: list, ref, args: argparse.Namespace) -> dict:
+    """The first call's error against ``ref`` and the time a call, or ``na`` where the first call fails (a
+    library path that compiles, say, with no compiler on the machine)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            err = (calls[0]().float() - ref).abs().max().item()
+    except Exception as exc:  # noqa: BLE001 (any failure of a third-party path makes it n/a, with its reason)
+        print(f"  n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}", flush=True)
+        return {"na": f"{type(exc).__name__}"}
+    with torch.no_grad():
+        us, mode = (time_cuda(calls, args.per_graph, args.replays) if args.device.startswith("cuda")
+                    else time_cpu(calls, args.iters))
+    return {"us": us, "mode": mode, "err": err}
+
+
+def within_tolerance(r: dict) -> dict[str, bool]:
+    """Of the weight-only methods that ran, which are within ``TOLERANCE`` x max |ref|."""
+    return {name: r[name]["err"] <= TOLERANCE * r["ref_max"] for name in ("ours", *LIBRARY_METHODS)
+            if name in r and "err" in r[name]}
+
+
 def format_line(r: dict) -> str:
     parts = [f"{r['shape']:>11} M={r['M']:<3}"]
-    for name in ("bf16", "bnb", "ours", "dequant"):
+    for name in ("bf16", "bnb", "ours", "dequant", *LIBRARY_METHODS):
         if name not in r:
             continue
         c = r[name]
+        if "na" in c:
+            parts.append(f"{name} n/a")
+            continue
         parts.append(f"{name} {c['us']:9.2f} µs {c['bytes'] / c['us'] / 1e3:7.1f} GB/s err {c['err']:.2e}"
                      + ("" if c["mode"] in ("graph", "cpu") else f" ({c['mode']})"))
-    return " | ".join(parts) + f" | max |y| {r['ref_max']:.3g}"
+    over = [name for name, ok in within_tolerance(r).items() if not ok]
+    return " | ".join(parts) + f" | max |y| {r['ref_max']:.3g}" + (f" | OVER: {', '.join(over)}" if over else "")
 
 
 def make_row(r: dict, machine: str, commit: str, date: str) -> dict[str, str]:
@@ -153,12 +213,25 @@ def make_row(r: dict, machine: str, commit: str, date: str) -> dict[str, str]:
     return dict(zip(COLUMNS, values, strict=True))
 
 
-def markdown(rows: list[dict[str, str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    return "\n".join(lines + ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in rows])
+def library_row(r: dict, machine: str, commit: str, date: str) -> dict[str, str]:
+    def cell(name: str, value) -> str:
+        return "-" if name not in r else "n/a" if "na" in r[name] else value(r[name])  # not run / cannot run
+
+    libs = [r[name] for name in LIBRARY_METHODS if name in r and "us" in r[name]]
+    best = f"{max(c['bytes'] / c['us'] / 1e3 for c in libs):.0f}" if libs else "n/a"
+    errs = " / ".join(cell(name, lambda c: f"{c['err']:.2g}") for name in ("ours", *LIBRARY_METHODS))
+    ok = within_tolerance(r)
+    values = (date, commit, machine, r["shape"], str(r["M"]), cell("ours", lambda c: f"{c['us']:.1f}"),
+              *(cell(name, lambda c: f"{c['us']:.1f}") for name in LIBRARY_METHODS),
+              cell("bf16", lambda c: f"{c['us']:.1f}"), cell("ours", lambda c: f"{c['bytes'] / c['us'] / 1e3:.0f}"),
+              best, errs + f" ({r['ref_max']:.2g})",
+              "yes" if all(ok.values()) else "OVER: " + ", ".join(n for n, good in ok.items() if not good))
+    return dict(zip(LIB_COLUMNS, values, strict=True))
 
 
-# ---------------------------------------------------------------------------------------------- main
+def markdown(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -172,19 +245,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-graph", type=int, default=50, help="calls captured in one CUDA graph")
     p.add_argument("--replays", type=int, default=40, help="graph replays timed")
     p.add_argument("--iters", type=int, default=3, help="calls timed on the CPU")
+    p.add_argument("--methods", default=",".join(LIBRARY_METHODS),
+                   help="library methods timed beside ours at M <= 64 (comma-separated; empty: none)")
+    p.add_argument("--torchao-compile", default="max-autotune-no-cudagraphs",
+                   help="torch.compile mode for torchao's linear ('' = eager: the dequantize-then-matmul it runs "
+                        "uncompiled)")
     p.add_argument("--machine", help="machine description for the rows (default: detected)")
     p.add_argument("--commit", help="commit for the rows (default: git rev-parse of this checkout)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--no-append", action="store_true", help="do not touch RESULTS.md (CPU runs never do)")
     p.add_argument("--json-out", type=Path, help="also write the rows as JSON here")
     p.add_argument("--append-from", type=Path, help="only append rows saved with --json-out, then exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.torchao_compile = args.torchao_compile or None
+    unknown = set(args.methods) - set(LIBRARY_METHODS)
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from {', '.join(LIBRARY_METHODS)})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.append_from:
-        print(*append_to_section(args.results, SECTION, INTRO, COLUMNS, json.loads(args.append_from.read_text())),
+        saved = json.loads(args.append_from.read_text())
+        saved = saved if isinstance(saved, dict) else {"kernel": saved}  # files written before issue 18: a list
+        print(*append_to_section(args.results, SECTION, INTRO, COLUMNS, saved["kernel"]),
+              *append_to_section(args.results, LIB_SECTION, LIB_INTRO, LIB_COLUMNS, saved.get("library", [])),
               sep="\n")
         return 0
     import torch
@@ -193,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.device.startswith("cuda"):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read by the kernel at each call
     from adapterd.server.kernels import int8_kernel_available
+    from adapterd.server.kernels.int8_matmul import MAX_KERNEL_ROWS
 
     if not int8_kernel_available(args.device):
         raise SystemExit(f"the int8 kernel cannot run on {args.device} (Triton missing, or TRITON_INTERPRET=0?)")
@@ -201,17 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = [int(m) for m in args.rows.split(",")]
     results = [r for n, k in shapes for r in bench_shape(n, k, rows, args)]
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
-    table = [make_row(r, args.machine or describe_machine(args.device),
-                      args.commit or git_commit("server/kernels", "bench/int8_kernel_bench.py"), date)
-             for r in results]
-    print("\n" + markdown(table))
+    machine = args.machine or describe_machine(args.device)
+    commit = args.commit or git_commit("server/kernels", "bench/int8_kernel_bench.py", "bench/int8_library.py")
+    tables = {"kernel": [make_row(r, machine, commit, date) for r in results],
+              "library": [library_row(r, machine, commit, date) for r in results if r["M"] <= MAX_KERNEL_ROWS]}
+    print("\n" + markdown(tables["kernel"]) + "\n\n" + markdown(tables["library"], LIB_COLUMNS))
     if args.json_out:
-        args.json_out.write_text(json.dumps(table, ensure_ascii=False, indent=1))
+        args.json_out.write_text(json.dumps(tables, ensure_ascii=False, indent=1))
     if args.device.startswith("cuda") and not args.no_append:
-        append_to_section(args.results, SECTION, INTRO, COLUMNS, table)
-        print(f"\nappended {len(table)} rows to {args.results}")
-    return 0
-
+        append_to_section(args.results, SECTION, INTRO, COLUMNS, tables["kernel"])
+        append_to_section(args.results, LIB_SECTION, LIB_INTRO, LIB_COLUMNS, tables["library"])
+        print(f"\nappended {len(tables['kernel'])} + {len(tables['library'])} rows to {args.results}")
+    over = [r for r in results if not all(within_tolerance(r).values())]
+    if over:
+        print(f"{len(over)} case(s) OVER the {TOLERANCE:.0%} tolerance: see the lines marked OVER", file=sys.stderr)
+    return 1 if over else 0
 
 if __name__ == "__main__":
     sys.exit(main())

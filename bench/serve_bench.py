@@ -8,7 +8,14 @@ bf16 weights (no download), saves it once, and measures for each quantization:
 2. batch-32 decode throughput: base only; 32 rows on 32 distinct LoRA adapters (r=16 on q,k,v,o); PEFT's
    mixed batch (``adapter_names``, 8 adapters);
 3. time to first token for a 512-token prompt;
-4. cold adapter load, disk to device slot, r=16 (p50 and p95 over 20 adapters) against PEFT's load_adapter.
+4. cold adapter load, disk to device slot, r=16 (p50 and p95 over 20 adapters) against PEFT's load_adapter;
+5. the fast path's tokens (bench/serve_checks.py): against the engine's eager path and HF ``generate``; batch
+   invariance (requests alone against the same requests in a batch of ``--batch`` rows, the others on other
+   adapters); teacher-forced, base rows judged by transformers and LoRA rows by PEFT (for int8 also by the
+   dequantized weights).
+
+``--decoders own,transformers`` measures all of it for each decoder forward on the same loaded base (the
+engine's own, and transformers' as ``serve --no-own-decoder`` runs it), one table.
 
 ``--shape tiny`` runs the same measurements on a small model on the CPU (a regression guard: ratios only).
 Every run appends its table to bench/RESULTS.md with commit, date and machine.
@@ -22,12 +29,13 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
+from engine_run import engine_run, sync
 from results_table import git_commit
+from serve_checks import Checks, bnb_int8_layers, hf_norms, judge, measure_tokens, put_back, unwrap_lora
 
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab
@@ -93,11 +101,6 @@ def make_lora_dirs(root: Path, base_dir: Path, n: int, rank: int = 16) -> list[s
     return ids
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def copy_bandwidth(device: torch.device) -> float | None:
     """Bytes per second of a large device-to-device copy (read + write counted)."""
     if device.type != "cuda":
@@ -117,6 +120,17 @@ def copy_bandwidth(device: torch.device) -> float | None:
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers())
+
+
+def roofline_s(base, ctx: int, bandwidth: float | None) -> float | None:
+    """Seconds a batch-1 step needs to read every weight and the live key/values once at the copy bandwidth.
+    Taken on the plain model, before an engine wraps it: the LoRA tables it adds are module buffers (~1.1 GB
+    at 33 slots x rank 16 on q, k, v, o of the 7B shape) that a base-only step does not read (runs before
+    issue 18 counted them)."""
+    if not bandwidth:
+        return None
+    kv_bytes = 2 * base.num_layers * base.num_kv_heads * base.head_dim * ctx * 2
+    return (weight_bytes(base.model) + kv_bytes) / bandwidth
 
 
 # ---------------------------------------------------------------------------------------------- baselines
@@ -140,53 +154,6 @@ def hf_decode_ms(model, batch: int, ctx: int, new: int, device, **gen_kwargs) ->
 
 # ------------------------------------------------------------------------------------------------- engine
 
-class Timeline:
-    """A sink that records when each event of one request arrived."""
-
-    def __init__(self) -> None:
-        self.times: list[tuple[str, float]] = []
-        self.tokens: list[int] = []
-        self.done = threading.Event()
-
-    def __call__(self, event) -> None:
-        self.times.append((event.kind, time.perf_counter()))
-        if event.kind == "end":
-            self.tokens = list(event.token_ids)
-            self.done.set()
-
-
-def engine_run(runtime, prompts: list[list[int]], adapters: list, new: int) -> tuple[float, list[Timeline]]:
-    """Submit all requests at once; return tokens/s over the decode steps and each request's timeline."""
-    from adapterd.server.engine import GenerationParams
-    from adapterd.server.engine.observer import EngineObserver
-
-    steps: list[tuple[int, float]] = []
-
-    class Steps(EngineObserver):
-        def decode_step(self, rows, seconds):
-            steps.append((len(rows), seconds))
-
-    observer = Steps()
-    runtime.engine.observers.add(observer)
-    params = GenerationParams(max_new_tokens=new, min_new_tokens=new)
-    sinks = []
-    # Hold the engine thread while submitting, so that every request is admitted in the same step and two
-    # runs of the same requests see the same batch shapes.
-    gate = threading.Event()
-    runtime.engine.call(lambda: gate.wait(60))
-    for i, (ids, adapter) in enumerate(zip(prompts, adapters, strict=True)):
-        sink = Timeline()
-        runtime.engine.submit(f"b{time.perf_counter_ns()}-{i}", ids, params, adapter, sink)
-        sinks.append(sink)
-    gate.set()
-    for s in sinks:
-        s.done.wait(600)
-    runtime.engine.observers.observers.remove(observer)
-    # The median step with every row present: robust to the first steps' warm-up and to host-side jitter.
-    full = [s for n, s in steps if n == len(prompts)]
-    return len(prompts) / statistics.median(full), sinks
-
-
 def engine_step_ms(runtime, batch: int, ctx: int, new: int, adapters: list) -> float:
     prompts = [list(torch.randint(10, 1000, (ctx,)).tolist()) for _ in range(batch)]
     tok_s, _ = engine_run(runtime, prompts, adapters, new)
@@ -202,105 +169,6 @@ def ttft_ms(runtime, ctx: int, repeats: int = 5) -> float:
         first_delta = next(when for kind, when in sink.times if kind in ("delta", "end"))
         times.append((first_delta - t) * 1000)
     return statistics.median(times)
-
-
-def hf_greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
-    """The reference: transformers ``generate`` (greedy), one prompt at a time, before the engine touches the
-    model (the engine may swap in its own int8 kernel)."""
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt], device=model.device)
-        tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                min_new_tokens=new, do_sample=False, pad_token_id=0)
-        out.append(tokens[0, len(prompt):].tolist())
-    return out
-
-
-def agreement(runtime, prompts: list[list[int]], adapters: list, new: int,
-              hf_tokens: list[list[int]]) -> tuple[float, float, float, list]:
-    """Greedy tokens of the fast decode path (CUDA graphs, bucketed shapes) against the reference paths.
-
-    Returns (share of rows whose tokens all equal the engine's eager exact-shape path's, share of tokens
-    equal before the first divergence against it, share of base rows equal to HF ``generate`` alone; the
-    base rows come first in ``prompts``). bf16/int8 arithmetic differs between shapes and kernels, so
-    near-ties may flip a token; the shares say how often.
-    """
-    decoder = runtime.engine.runner.decoder
-    graphs = decoder.use_graphs
-    _, fast = engine_run(runtime, prompts, adapters, new)
-    decoder.use_graphs = False
-    try:
-        _, eager = engine_run(runtime, prompts, adapters, new)
-    finally:
-        decoder.use_graphs = graphs
-    same_rows = sum(f.tokens == e.tokens for f, e in zip(fast, eager, strict=True)) / len(prompts)
-    prefix = 0
-    for f, e in zip(fast, eager, strict=True):
-        prefix += next((i for i, (a, b) in enumerate(zip(f.tokens, e.tokens, strict=False)) if a != b), new)
-    hf_same = sum(hf == f.tokens for hf, f in zip(hf_tokens, fast, strict=False)) / len(hf_tokens)
-    return same_rows, prefix / (new * len(prompts)), hf_same, [f.tokens for f in fast]
-
-
-def bnb_int8_layers(model) -> dict[str, torch.nn.Module]:
-    """The model's bitsandbytes int8 layers by name, to put back after the engine swapped in its kernel."""
-    import bitsandbytes as bnb
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
-
-
-def dequantized(layers: dict[str, torch.nn.Module], dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    """Plain linears holding each int8 layer's dequantized weight (``CB * SCB / 127``): the exact math of the
-    weight-only kernel, computed by cuBLAS. The fair oracle for it; bitsandbytes also rounds activations."""
-    from adapterd.server.kernels import Int8WeightOnlyLinear
-
-    out = {}
-    for name, layer in layers.items():
-        int8 = Int8WeightOnlyLinear.from_bnb(layer)
-        linear = torch.nn.Linear(int8.in_features, int8.out_features, bias=layer.bias is not None,
-                                 device=int8.weight.device, dtype=dtype)
-        with torch.no_grad():
-            linear.weight.copy_(int8.weight.data.float() * (int8.scb.float()[:, None] / 127))
-            if layer.bias is not None:
-                linear.bias.copy_(layer.bias)
-        out[name] = linear
-    return out
-
-
-def hf_norms(model) -> dict[str, torch.nn.Module]:
-    """transformers' own RMSNorm modules by name, to put back after the engine swapped in its fused one."""
-    from adapterd.server.kernels.rms_norm import FUSABLE_NORMS
-
-    return {n: m for n, m in model.named_modules() if type(m).__name__ in FUSABLE_NORMS}
-
-
-def put_back(model, layers: dict[str, torch.nn.Module]) -> None:
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        current = getattr(parent, child)
-        if hasattr(current, "base_layer"):  # wrapped by the engine's batched LoRA layer
-            current.base_layer = layer
-        else:
-            setattr(parent, child, layer)
-
-
-@torch.no_grad()
-def oracle_agreement(model, prompts: list[list[int]], outputs: list[list[int]],
-                     tolerance: float = 0.01) -> tuple[float, float]:
-    """The fast path's tokens judged by the reference model, teacher-forced (so one flip does not derail
-    the rest): the share of positions where the token is the reference's top token, and where its
-    reference logit is within ``tolerance`` x (the position's logit range) of the top one (a near-tie that
-    bf16 or int8 arithmetic may resolve either way)."""
-    exact = within = total = 0
-    for prompt, out in zip(prompts, outputs, strict=True):
-        ids = torch.tensor([prompt + out], device=model.device)
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(out)].float()
-        chosen = logits.gather(1, torch.tensor(out, device=logits.device)[:, None])[:, 0]
-        top, bottom = logits.max(-1).values, logits.min(-1).values
-        exact += int((logits.argmax(-1) == torch.tensor(out, device=logits.device)).sum())
-        within += int((top - chosen <= tolerance * (top - bottom)).sum())
-        total += len(out)
-    return exact / total, within / total
 
 
 def cold_loads_ms(runtime, ids: list[str]) -> tuple[list[float], list[float]]:
@@ -359,7 +227,24 @@ def pct(values: list[float], q: float) -> float:
 
 # -------------------------------------------------------------------------------------------------- main
 
-def main() -> int:
+class Table:
+    """The run's rows (measure, baseline, adapterd, ratio or note), printed as they come."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    def add(self, measure: str, baseline: float | None, ours: float, unit: str, better: str = "lower") -> None:
+        ratio = "" if not baseline else (f"{baseline / ours:.2f}x" if better == "lower" else f"{ours / baseline:.2f}x")
+        self.rows.append((measure, f"{baseline:.2f} {unit}" if baseline else "-", f"{ours:.2f} {unit}", ratio))
+        print(f"{measure:55s} baseline {self.rows[-1][1]:>14s}  adapterd {self.rows[-1][2]:>14s}  {ratio}",
+              flush=True)
+
+    def note(self, measure: str, ours: str, ratio: str) -> None:
+        self.rows.append((measure, "", ours, ratio))
+        print(f"{measure:55s} {ours:>40s}  {ratio}", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b" if torch.cuda.is_available()
                         else "tiny")
@@ -367,12 +252,81 @@ def main() -> int:
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "adapterd-bench"))
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="rows of the batched measurements (at least 8)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
-    parser.add_argument("--own-decoder", action=argparse.BooleanOptionalAction, default=True,
-                        help="the engine's own decoder forward (off: transformers' forward), as `serve` takes it")
+    parser.add_argument("--decoders", default="own",
+                        help="comma-separated decoder forwards, each measured on the same loaded base: own (the "
+                             "engine's), transformers (`serve --no-own-decoder`)")
     args = parser.parse_args()
+    args.decoders = args.decoders.split(",")
+    if args.batch < 8 or not set(args.decoders) <= {"own", "transformers"}:
+        parser.error("--batch must be at least 8, --decoders a list of own and transformers")
+    return args
 
+
+def peft_baseline(model, adapter_root: Path, ids: list[str], args, device) -> tuple[object, float, list[float]]:
+    """PEFT's mixed batch (8 adapters over ``args.batch`` rows): decode ms per step, and its load_adapter
+    times; returns the base model unwrapped again."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, adapter_root / ids[0], adapter_name=ids[0])
+    for a in ids[1:8]:
+        peft_model.load_adapter(adapter_root / a, adapter_name=a)
+    names = [ids[i % 8] for i in range(args.batch)]
+    peft_ms = hf_decode_ms(peft_model, args.batch, args.ctx, args.new, device, adapter_names=names)
+    loads = []
+    for a in ids[8:12]:
+        sync(device)
+        t = time.perf_counter()
+        peft_model.load_adapter(adapter_root / a, adapter_name=a)
+        sync(device)
+        loads.append((time.perf_counter() - t) * 1000)
+    return peft_model.unload(), peft_ms, loads
+
+
+def measure_speed(runtime, ids: list[str], args, label: str, hf_ms: float, peft_ms: float | None,
+                  roofline: float | None, table: Table) -> None:
+    ms = engine_step_ms(runtime, 1, args.ctx, args.new, [None])
+    floor = roofline * 1000 if roofline else None
+    table.add(f"batch-1 decode ms/token, {label}, ctx {args.ctx}", hf_ms, ms, "ms")
+    device_ms = replay_ms(runtime, 1)
+    if device_ms:
+        table.note(f"  of which device (graph replayed alone), {label}", f"{device_ms:.2f} ms",
+                   f"host {ms - device_ms:.2f} ms")
+    if floor:
+        table.note(f"  roofline {label} (weights + KV over copy bandwidth)", f"{floor:.2f} ms",
+                   f"{floor / ms:.0%} of roofline")
+    adapters = [runtime.store.get(a) for a in ids[: args.batch]]
+    table.add(f"batch-1 decode ms/token, {label}, one LoRA r16", None,
+              engine_step_ms(runtime, 1, args.ctx, args.new, adapters[:1]), "ms")
+    base_tps = 1000 / engine_step_ms(runtime, args.batch, args.ctx, args.new, [None] * args.batch) * args.batch
+    mixed_tps = 1000 / engine_step_ms(runtime, args.batch, args.ctx, args.new, adapters) * args.batch
+    table.add(f"batch-{args.batch} tok/s, {label}, base only", None, base_tps, "tok/s", "higher")
+    device_ms = replay_ms(runtime, args.batch)
+    if device_ms:
+        table.note(f"  batch-{args.batch} step: device (graph replayed alone), {label}", f"{device_ms:.2f} ms",
+                   f"engine step {args.batch / base_tps * 1000:.2f} ms")
+    table.add(f"batch-{args.batch} tok/s, {label}, {args.batch} distinct LoRA", None, mixed_tps, "tok/s", "higher")
+    table.note(f"  {args.batch} adapters over base-only, {label}", "", f"{mixed_tps / base_tps:.2f}")
+    if peft_ms:
+        table.add(f"batch-{args.batch} tok/s, {label}, PEFT 8 adapters mixed vs ours {args.batch}",
+                  args.batch / peft_ms * 1000, mixed_tps, "tok/s", "higher")
+    table.add(f"time to first token, {args.ctx}-token prompt, {label}", None, ttft_ms(runtime, args.ctx), "ms")
+
+
+def measure_loads(runtime, ids: list[str], label: str, peft_load: list[float], table: Table) -> None:
+    pool_before = runtime.store.host_pool.stats()
+    loads, reads = cold_loads_ms(runtime, ids[:20])
+    pool = {k: v - pool_before[k] for k, v in runtime.store.host_pool.stats().items()}
+    table.note(f"  of which read + validate + pin (p50), {label}", f"{pct(reads, 0.5):.2f} ms",
+               f"host pool: {pool['reuses']} reused, {pool['allocations']} new, {pool['fallbacks']} past the cap")
+    table.add(f"cold LoRA load r16 disk->slot p50, {label}", statistics.median(peft_load) if peft_load else None,
+              pct(loads, 0.5), "ms")
+    table.add(f"cold LoRA load r16 disk->slot p95, {label}", None, pct(loads, 0.95), "ms")
+
+
+def main() -> int:
+    args = parse_args()
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -381,7 +335,6 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     from adapterd.server.engine import EngineConfig
-    from adapterd.server.engine.step_context import StepContext, step_context
     from adapterd.server.model import load_base_model, pick_device
     from adapterd.server.runtime import Runtime
 
@@ -391,113 +344,43 @@ def main() -> int:
     adapter_root = work / "adapters"
     ids = make_lora_dirs(adapter_root, base_dir, max(args.batch, 20))
     bandwidth = copy_bandwidth(device)
-    rows: list[tuple[str, str, str, str]] = []  # measure, baseline, adapterd, ratio/note
-
-    def add(measure: str, baseline: float | None, ours: float, unit: str, better: str = "lower") -> None:
-        ratio = "" if not baseline else (f"{baseline / ours:.2f}x" if better == "lower" else f"{ours / baseline:.2f}x")
-        rows.append((measure, f"{baseline:.2f} {unit}" if baseline else "-", f"{ours:.2f} {unit}", ratio))
-        print(f"{measure:55s} baseline {rows[-1][1]:>14s}  adapterd {rows[-1][2]:>14s}  {ratio}", flush=True)
-
-    def note(measure: str, ours: str, ratio: str) -> None:
-        rows.append((measure, "", ours, ratio))
-        print(f"{measure:55s} {ours:>40s}  {ratio}", flush=True)
-
+    table = Table()
     for q in args.quantizations.split(","):
         base = load_base_model(base_dir, q, device=str(device))
-        model = base.model
-        label = {"none": str(base.dtype).removeprefix("torch."), "int8": "int8", "nf4": "nf4"}[q]
-        hf_ms = hf_decode_ms(model, 1, args.ctx, args.new, device)
-        check_prompts = [list(torch.randint(10, 1000, (args.ctx,)).tolist()) for _ in range(8)]
-        hf_tokens = hf_greedy(model, check_prompts[:4], args.new)
+        qlabel = {"none": str(base.dtype).removeprefix("torch."), "int8": "int8", "nf4": "nf4"}[q]
+        hf_ms = hf_decode_ms(base.model, 1, args.ctx, args.new, device)
+        checks = Checks(base.model, args.ctx, args.new)
+        peft_ms, peft_load = None, []
         if q == "none":
-            from peft import PeftModel
-
-            peft_model = PeftModel.from_pretrained(model, adapter_root / ids[0], adapter_name=ids[0])
-            for a in ids[1:8]:
-                peft_model.load_adapter(adapter_root / a, adapter_name=a)
-            names = [ids[i % 8] for i in range(args.batch)]
-            peft_ms = hf_decode_ms(peft_model, args.batch, args.ctx, args.new, device, adapter_names=names)
-            peft_load = []
-            for a in ids[8:12]:
-                sync(device)
-                t = time.perf_counter()
-                peft_model.load_adapter(adapter_root / a, adapter_name=a)
-                sync(device)
-                peft_load.append((time.perf_counter() - t) * 1000)
-            model = peft_model.unload()
-            base.model = model
+            base.model, peft_ms, peft_load = peft_baseline(base.model, adapter_root, ids, args, device)
+        model = base.model
         bnb_layers = bnb_int8_layers(model) if q == "int8" else {}
-        norms = hf_norms(model)  # the engine swaps in its fused norm: the oracle below gets these back
-        runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=max(64, args.batch), lora_slots=args.batch,
-                                                           max_lora_rank=16, max_prefill_tokens=args.ctx * args.batch,
-                                                           own_decoder=args.own_decoder))
-        runtime.engine.start()
-        try:
-            engine_step_ms(runtime, 2, args.ctx, 8, [None, runtime.store.get(ids[0])])  # warm-up, not recorded
-            ms = engine_step_ms(runtime, 1, args.ctx, args.new, [None])
-            kv_bytes = 2 * base.num_layers * base.num_kv_heads * base.head_dim * args.ctx * 2
-            floor = (weight_bytes(model) + kv_bytes) / bandwidth * 1000 if bandwidth else None
-            add(f"batch-1 decode ms/token, {label}, ctx {args.ctx}", hf_ms, ms, "ms")
-            device_ms = replay_ms(runtime, 1)
-            if device_ms:
-                note(f"  of which device (graph replayed alone), {label}", f"{device_ms:.2f} ms",
-                     f"host {ms - device_ms:.2f} ms")
-            if floor:
-                note(f"  roofline {label} (weights + KV over copy bandwidth)", f"{floor:.2f} ms",
-                     f"{floor / ms:.0%} of roofline")
-            adapters = [runtime.store.get(a) for a in ids[: args.batch]]
-            one = engine_step_ms(runtime, 1, args.ctx, args.new, adapters[:1])
-            add(f"batch-1 decode ms/token, {label}, one LoRA r16", None, one, "ms")
-            base_tps = 1000 / engine_step_ms(runtime, args.batch, args.ctx, args.new, [None] * args.batch) * args.batch
-            mixed_tps = 1000 / engine_step_ms(runtime, args.batch, args.ctx, args.new, adapters) * args.batch
-            add(f"batch-{args.batch} tok/s, {label}, base only", None, base_tps, "tok/s", "higher")
-            device_ms = replay_ms(runtime, args.batch)
-            if device_ms:
-                note(f"  batch-{args.batch} step: device (graph replayed alone), {label}", f"{device_ms:.2f} ms",
-                     f"engine step {args.batch / base_tps * 1000:.2f} ms")
-            add(f"batch-{args.batch} tok/s, {label}, {args.batch} distinct LoRA", None, mixed_tps, "tok/s", "higher")
-            note(f"  {args.batch} adapters over base-only, {label}", "", f"{mixed_tps / base_tps:.2f}")
-            if q == "none":
-                peft_tps = args.batch / peft_ms * 1000
-                add(f"batch-{args.batch} tok/s, {label}, PEFT 8 adapters mixed vs ours {args.batch}", peft_tps,
-                    mixed_tps, "tok/s", "higher")
-            add(f"time to first token, {args.ctx}-token prompt, {label}", None, ttft_ms(runtime, args.ctx), "ms")
-            mix = [None, None, None, None] + adapters[:4]
-            rows_same, tokens_same, hf_same, fast_tokens = agreement(runtime, check_prompts, mix, args.new,
-                                                                     hf_tokens)
-            note(f"  fast path vs eager path, {label}, 4 base + 4 LoRA rows", f"rows identical {rows_same:.0%}",
-                 f"tokens before divergence {tokens_same:.0%}; base rows = HF generate {hf_same:.0%}")
-            note(f"  decode graphs captured, {label}", str(runtime.engine.runner.decoder.captures), "")
-            adapters = mix = None  # the daemon keeps no unloaded adapter alive: neither may the bench
-            pool_before = runtime.store.host_pool.stats()
-            loads, reads = cold_loads_ms(runtime, ids[:20])
-            p50, p95 = pct(loads, 0.5), pct(loads, 0.95)
-            pool = {k: v - pool_before[k] for k, v in runtime.store.host_pool.stats().items()}
-            note(f"  of which read + validate + pin (p50), {label}", f"{pct(reads, 0.5):.2f} ms",
-                 f"host pool: {pool['reuses']} reused, {pool['allocations']} new, {pool['fallbacks']} past the cap")
-            add(f"cold LoRA load r16 disk->slot p50, {label}", statistics.median(peft_load) if q == "none" else None,
-                p50, "ms")
-            add(f"cold LoRA load r16 disk->slot p95, {label}", None, p95, "ms")
-        finally:
-            runtime.close()
-        put_back(model, norms)
-        with step_context(StepContext("prefill")):  # a step without LoRA rows: the wrapped layers pass through
-            if bnb_layers:
-                put_back(model, dequantized(bnb_layers, base.dtype))
-                exact, within = oracle_agreement(model, check_prompts[:4], fast_tokens[:4])
-                note("  fast-path base rows judged by the dequantized int8 weights (teacher-forced)",
-                     f"top token {exact:.0%}", f"within 1% of the logit range of the top {within:.0%}")
-                put_back(model, bnb_layers)  # and by bitsandbytes' own matmul
-            exact, within = oracle_agreement(model, check_prompts[:4], fast_tokens[:4])
-        note(f"  fast-path base rows judged by {'bitsandbytes' if bnb_layers else 'transformers'} (teacher-forced)",
-             f"top token {exact:.0%}", f"within 1% of the logit range of the top {within:.0%}")
-        del runtime, base, model
+        originals = {**bnb_layers, **hf_norms(model)}  # what the engine's kernel swaps replace
+        roofline = roofline_s(base, args.ctx, bandwidth)
+        for decoder in args.decoders:
+            label = f"{qlabel}, {decoder} forward"
+            runtime = Runtime(base, adapter_root, EngineConfig(
+                max_batch_size=max(64, args.batch), lora_slots=args.batch, max_lora_rank=16,
+                max_prefill_tokens=args.ctx * args.batch, own_decoder=decoder == "own"))
+            runtime.engine.start()
+            try:
+                engine_step_ms(runtime, 2, args.ctx, 8, [None, runtime.store.get(ids[0])])  # warm-up, not recorded
+                measure_speed(runtime, ids, args, label, hf_ms, peft_ms, roofline, table)
+                fast = measure_tokens(runtime, ids, args, label, checks, table)
+                measure_loads(runtime, ids, label, peft_load, table)
+            finally:
+                runtime.close()
+            del runtime
+            unwrap_lora(model)  # the plain base again: for PEFT, and for the next decoder's runtime
+            put_back(model, originals)
+            judge(model, base.dtype, bnb_layers, checks, fast, [adapter_root / a for a in ids[:4]], label, table)
+        del base, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     if not args.no_record:
-        record(rows, f"{args.shape}, {'own' if args.own_decoder else 'transformers'} decoder forward", machine)
+        record(table.rows, f"{args.shape}, {' and '.join(args.decoders)} decoder forward", machine)
     return 0
 
 

@@ -16,22 +16,30 @@ REPO = Path(__file__).resolve().parent.parent.parent
 def test_serve_bench_tiny(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "bench" / "serve_bench.py"), "--shape", "tiny",
-                          "--quantizations", "none", "--ctx", "32", "--new", "8", "--batch", "8",
-                          "--work", str(tmp_path), "--no-record"],
+                          "--quantizations", "none", "--decoders", "own,transformers", "--ctx", "32", "--new", "8",
+                          "--batch", "8", "--work", str(tmp_path), "--no-record"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
-    for measure in ("batch-1 decode ms/token", "batch-8 tok/s, float32, base only",
-                    "batch-8 tok/s, float32, 8 distinct LoRA", "time to first token", "cold LoRA load r16"):
-        assert measure in text, measure
-    mixed_over_base = float(re.search(r"8 adapters over base-only, float32\s+([\d.]+)", text)[1])
-    assert mixed_over_base > 0.25, text
-    load = re.search(r"cold LoRA load r16 disk->slot p50, float32\s+baseline\s+([\d.]+) ms\s+adapterd\s+([\d.]+) ms",
-                     text)
-    assert float(load[2]) < float(load[1]), "a cold load must beat PEFT's load_adapter"
-    # On fp32 the decode path must give the oracle's own greedy tokens, judged teacher-forced.
-    judged = re.search(r"judged by transformers \(teacher-forced\)\s+top token (\d+)%", text)
-    assert judged and int(judged[1]) == 100, text
+    for decoder in ("own", "transformers"):
+        label = f"float32, {decoder} forward"
+        for measure in ("batch-1 decode ms/token", "batch-8 tok/s, {}, base only", "batch-8 tok/s, {}, 8 distinct LoRA",
+                        "time to first token", "cold LoRA load r16"):
+            assert measure.format(label) in text, (measure, decoder)
+        mixed_over_base = float(re.search(rf"8 adapters over base-only, {label}\s+([\d.]+)", text)[1])
+        assert mixed_over_base > 0.25, text
+        load = re.search(rf"cold LoRA load r16 disk->slot p50, {label}\s+baseline\s+([\d.]+) ms\s+adapterd\s+"
+                         r"([\d.]+) ms", text)
+        assert float(load[2]) < float(load[1]), "a cold load must beat PEFT's load_adapter"
+        # On fp32 the fast path must give the oracles' own greedy tokens, judged teacher-forced: transformers
+        # for the base rows, PEFT with each row's adapter for the LoRA rows.
+        for rows, oracle in (("base", "transformers"), ("LoRA", "PEFT on transformers")):
+            judged = re.search(rf"{rows} rows, {label}, judged by {oracle} \(teacher-forced\)\s+top token (\d+)%",
+                               text)
+            assert judged and int(judged[1]) == 100, (rows, decoder, text)
+        # fp32 on the CPU: a request's tokens do not depend on the batch around it (4 probes, 4 other rows).
+        invariance = re.search(rf"batch invariance, {label}: 4 requests alone vs in 8 rows\s+identical (\d+)%", text)
+        assert invariance and int(invariance[1]) == 100, (decoder, text)
 
 
 def test_load_bench_tiny(tmp_path):

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool), issue 18's decode measurements and checks; `source bench/device_setup.sh`
+# first (it installs the carried .whl/: put torchao's wheel there for the torchao column, see bench/NOTES.md).
+# Logs, JSON and bench/RESULTS.md go to $OUT. One part a device call (each under its 10 minutes):
+#   serve QUANT  serve_bench, Llama-2-7B shape, QUANT = int8 or none (bf16), the own and transformers' decoder
+#                forwards on one loaded base: batch-1 decode, 32 adapters over base-only, TTFT, fast path vs eager,
+#                batch invariance (8 requests alone vs in 32 rows), teacher-forced figures (base and LoRA rows)
+#   kernels      int8_kernel_bench (ours vs torch._weight_int8pack_mm at M = 1, 8, 32, 64; prefill rows too) and
+#                lora_kernel_bench (32 rows on 32 adapters, one layer)
+#   torchao      int8_kernel_bench, ours vs torchao's int8 weight-only under torch.compile (max-autotune: 12
+#                compiles, each tuning matmul templates) at M = 1, 8, 32, 64; only where torchao imports
+#   tests        tests/server/engine on CUDA (ADAPTERD_TEST_DEVICE=cuda) but the architecture matrix: parity on the
+#                fp32 and int8 bases with both decoder forwards, the own decoder against transformers per family
+#                (test_decoder.py), graphs, sampling, row isolation
+#   matrix       tests/server/engine/test_architectures.py on CUDA (every family, both forwards)
+# SERVE_ARGS, KERNEL_ARGS, TEST_DEVICE and TEST_PATHS override the defaults (tests/bench/test_gpu_decode.py runs
+# each part on the CPU with the tiny shape that way, so that no device call is lost to a typo here).
+set -o pipefail
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+part=${1:-}
+serve() {
+  python3 bench/serve_bench.py --shape llama2-7b --quantizations "$1" --decoders own,transformers \
+    --work /tmp/adapterd-bench $SERVE_ARGS 2>&1 | grep -v "Loading weights" | tee "$OUT/serve_$1.log" | tail -45
+}
+kernels() {  # both run; the part fails if either does (int8_kernel_bench exits 1 on a method OVER tolerance)
+  local rc=0
+  python3 bench/int8_kernel_bench.py --methods int8pack --json-out "$OUT/int8.json" $KERNEL_ARGS 2>&1 \
+    | tee "$OUT/int8_kernel.log" | tail -40 || rc=1
+  python3 bench/lora_kernel_bench.py --json-out "$OUT/lora.json" 2>&1 | tee "$OUT/lora_kernel.log" | tail -12 || rc=1
+  return $rc
+}
+torchao() {
+  python3 bench/int8_kernel_bench.py --methods torchao --rows 1,8,32,64 --json-out "$OUT/int8_torchao.json" \
+    $KERNEL_ARGS 2>&1 | tee "$OUT/int8_torchao.log" | tail -25
+}
+engine_tests() {
+  ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -p no:cacheprovider --import-mode=append \
+    -o addopts="" $1 2>&1 | tee "$OUT/$2.log" | tail -25
+}
+case $part in
+  serve) serve "${2:-int8}" ;;
+  kernels) kernels ;;
+  torchao) torchao ;;
+  tests) engine_tests "${TEST_PATHS:-tests/server/engine --ignore=tests/server/engine/test_architectures.py}" \
+           engine_tests ;;
+  matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
+  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | tests | matrix" >&2; exit 2 ;;
+esac
+status=$?
+cp bench/RESULTS.md "$OUT/" 2>/dev/null
+exit $status

@@ -1,0 +1,62 @@
+"""bench/gpu_decode.sh, the next GPU session's script for issue 18, runs each of its parts end to end on the CPU
+with the tiny shape (its override variables), so that the device time is not lost to a wrong flag or path:
+every log and JSON file it promises lands in $OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def run_part(tmp_path: Path, *part: str, **env_extra: str) -> subprocess.CompletedProcess:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", **env_extra,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 = this venv's
+    return subprocess.run(["bash", str(REPO / "bench" / "gpu_decode.sh"), *part], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=REPO)
+
+
+@pytest.mark.slow  # ~20 s: the tiny model served twice (both forwards)
+def test_serve_part(tmp_path):
+    done = run_part(tmp_path, "serve", "none", SERVE_ARGS=f"--shape tiny --ctx 32 --new 4 --batch 8 --no-record "
+                    f"--work {tmp_path / 'work'}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    log = (tmp_path / "out" / "serve_none.log").read_text()
+    for decoder in ("own", "transformers"):
+        assert f"batch invariance, float32, {decoder} forward: 4 requests alone vs in 8 rows" in log
+        assert f"fast-path LoRA rows, float32, {decoder} forward, judged by PEFT on transformers" in log
+    assert (tmp_path / "out" / "RESULTS.md").is_file()
+
+
+@pytest.mark.slow  # ~30 s: three kernel benches in the Triton interpreter
+def test_kernels_part(tmp_path):
+    pytest.importorskip("triton")
+    done = run_part(tmp_path, "kernels", KERNEL_ARGS="--rows 1 --iters 1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    tables = json.loads((tmp_path / "out" / "int8.json").read_text())
+    assert len(tables["kernel"]) == 2 and len(tables["library"]) == 2  # the two CPU shapes at M = 1
+    assert json.loads((tmp_path / "out" / "lora.json").read_text())["results"]
+    assert "int8pack" in (tmp_path / "out" / "int8_kernel.log").read_text()
+    done = run_part(tmp_path, "torchao", KERNEL_ARGS="--rows 1 --iters 1")  # torchao absent here: its cells n/a
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    library = json.loads((tmp_path / "out" / "int8_torchao.json").read_text())["library"]
+    assert [row["int8pack µs"] for row in library] == ["-", "-"]  # not asked for in this part
+
+
+def test_tests_part(tmp_path):
+    done = run_part(tmp_path, "tests", TEST_DEVICE="cpu", TEST_PATHS="tests/server/engine/test_step_context.py")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert " passed" in (tmp_path / "out" / "engine_tests.log").read_text()
+
+
+def test_unknown_part_is_refused(tmp_path):
+    done = run_part(tmp_path, "everything")
+    assert done.returncode == 2 and "usage: bash bench/gpu_decode.sh" in done.stderr
