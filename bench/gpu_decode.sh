@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), issue 18's decode measurements and checks; `source bench/device_setup.sh`
-# first (it installs the carried .whl/: put torchao's wheel there for the torchao column, see bench/NOTES.md).
+# first (it installs the carried .whl/: torchao's wheel goes in .whl/optional/, installed by the torchao part only, see bench/NOTES.md).
 # Logs, JSON and bench/RESULTS.md go to $OUT. One part a device call (each under its 10 minutes):
 #   serve QUANT  serve_bench, Llama-2-7B shape, QUANT = int8 or none (bf16), the own and transformers' decoder
 #                forwards on one loaded base: batch-1 decode, 32 adapters over base-only, TTFT, fast path vs eager,
@@ -30,6 +30,9 @@ kernels() {  # both run; the part fails if either does (int8_kernel_bench exits 
   return $rc
 }
 torchao() {
+  # Only this part installs torchao (carried in .whl/optional/, which device_setup.sh leaves alone): PEFT and
+  # transformers change paths when torchao imports, and no other measurement should run with it.
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/optional/torchao-*.whl
   python3 bench/int8_kernel_bench.py --methods torchao --rows 1,8,32,64 --json-out "$OUT/int8_torchao.json" \
     $KERNEL_ARGS 2>&1 | tee "$OUT/int8_torchao.log" | tail -25
 }
