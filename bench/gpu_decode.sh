@@ -32,7 +32,9 @@ kernels() {  # both run; the part fails if either does (int8_kernel_bench exits 
 torchao() {
   # Only this part installs torchao (carried in .whl/optional/, which device_setup.sh leaves alone): PEFT and
   # transformers change paths when torchao imports, and no other measurement should run with it.
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/optional/torchao-*.whl
+  if compgen -G ".whl/optional/torchao-*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/optional/torchao-*.whl
+  fi
   python3 bench/int8_kernel_bench.py --methods torchao --rows 1,8,32,64 --json-out "$OUT/int8_torchao.json" \
     $KERNEL_ARGS 2>&1 | tee "$OUT/int8_torchao.log" | tail -25
 }
