@@ -217,48 +217,54 @@ def bench_qkv_rows(m: int, groups: list, args: argparse.Namespace) -> dict:
     return result
 
 
-def format_qkv_line(r: dict) -> str:
-    parts = [f"{r['shape']:>16} rows={r['rows']:<3} r={r['rank']}"]
-    for name in QKV_METHODS:
-        c = r[name]
-        parts.append(f"{name} {c['us']:8.2f} µs err {c['err']:.2e}" + ("" if c["mode"] in ("graph", "cpu")
-                                                                       else f" ({c['mode']})"))
-    parts.append(f"separate / grouped {r['separate']['us'] / r['grouped']['us']:.2f}x | identical {r['identical']}")
-    return " | ".join(parts)
-
-
-def qkv_summary(results: list[dict]) -> str:
-    lines = ["| in:q,k,v | rows | rank | separate µs | grouped µs | separate / grouped | saved ms a step | "
-             "bit-identical |", "|" + "---|" * 8]
-    for r in results:
-        sep, grp = r["separate"]["us"], r["grouped"]["us"]
-        lines.append(f"| {r['shape']} | {r['rows']} | {r['rank']} | {sep:.1f} | {grp:.1f} | {sep / grp:.2f} | "
-                     f"{(sep - grp) * LLAMA_ATTENTIONS / 1e3:.3f} | {r['identical']} |")
-    return "\n".join(lines) + (f"\n\nsaved ms a step: (separate - grouped) x {LLAMA_ATTENTIONS} attentions "
-                               "(Llama-2-7B / Llama-3-8B, q, k, v targeted).")
-
-
-def format_line(r: dict) -> str:
-    parts = [f"{r['shape']:>10} rows={r['rows']:<3} r={r['rank']}"]
-    for name in ("base",) + METHODS:
+def _line(r: dict, names: tuple[str, ...], width: int, tail: str) -> str:
+    """One result as a line: its shape, each method's time (and error), then ``tail``."""
+    parts = [f"{r['shape']:>{width}} rows={r['rows']:<3} r={r['rank']}"]
+    for name in names:
         c = r[name]
         err = f" err {c['err']:.2e}" if "err" in c else ""
         parts.append(f"{name} {c['us']:8.2f} µs{err}" + ("" if c["mode"] in ("graph", "cpu") else f" ({c['mode']})"))
+    return " | ".join([*parts, tail])
+
+
+def _markdown(header: list[str], rows: list[list[str]], note: str) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n\n" + note
+
+
+def format_line(r: dict) -> str:
     kernel, current = r["kernel"]["us"], r[r["current"]]["us"]
-    parts.append(f"today ({r['current']}) / kernel {current / kernel:.2f}x | max |delta| {r['ref_max']:.3g}")
-    return " | ".join(parts)
+    return _line(r, ("base",) + METHODS, 10,
+                 f"today ({r['current']}) / kernel {current / kernel:.2f}x | max |delta| {r['ref_max']:.3g}")
 
 
 def summary(results: list[dict]) -> str:
-    lines = ["| shape (in x out) | rows | rank | base µs | dense µs | gathered µs | kernel µs | today's path | "
-             "today / kernel | LoRA ms a step today | LoRA ms a step, kernel |", "|" + "---|" * 11]
+    rows = []
     for r in results:
         current, kernel = r[r["current"]]["us"], r["kernel"]["us"]
-        lines.append(f"| {r['shape']} | {r['rows']} | {r['rank']} | {r['base']['us']:.1f} | {r['dense']['us']:.1f} | "
-                     f"{r['gathered']['us']:.1f} | {kernel:.1f} | {r['current']} | {current / kernel:.2f} | "
-                     f"{current * LLAMA_LAYERS / 1e3:.2f} | {kernel * LLAMA_LAYERS / 1e3:.2f} |")
-    return "\n".join(lines) + (f"\n\nms a step: µs a layer x {LLAMA_LAYERS} (Llama-2-7B, q/k/v/o targeted), "
-                               "if every layer were this shape.")
+        rows.append([r["shape"], str(r["rows"]), str(r["rank"])] + [f"{r[n]['us']:.1f}" for n in ("base",) + METHODS]
+                    + [r["current"], f"{current / kernel:.2f}", f"{current * LLAMA_LAYERS / 1e3:.2f}",
+                       f"{kernel * LLAMA_LAYERS / 1e3:.2f}"])
+    return _markdown(["shape (in x out)", "rows", "rank", "base µs", "dense µs", "gathered µs", "kernel µs",
+                      "today's path", "today / kernel", "LoRA ms a step today", "LoRA ms a step, kernel"], rows,
+                     f"ms a step: µs a layer x {LLAMA_LAYERS} (Llama-2-7B, q/k/v/o targeted), if every layer were "
+                     "this shape.")
+
+
+def format_qkv_line(r: dict) -> str:
+    return _line(r, QKV_METHODS, 16, f"separate / grouped {r['separate']['us'] / r['grouped']['us']:.2f}x | "
+                 f"identical {r['identical']}")
+
+
+def qkv_summary(results: list[dict]) -> str:
+    rows = [[r["shape"], str(r["rows"]), str(r["rank"]), f"{r['separate']['us']:.1f}", f"{r['grouped']['us']:.1f}",
+             f"{r['separate']['us'] / r['grouped']['us']:.2f}",
+             f"{(r['separate']['us'] - r['grouped']['us']) * LLAMA_ATTENTIONS / 1e3:.3f}", str(r["identical"])]
+            for r in results]
+    return _markdown(["in:q,k,v", "rows", "rank", "separate µs", "grouped µs", "separate / grouped",
+                      "saved ms a step", "bit-identical"], rows,
+                     f"saved ms a step: (separate - grouped) x {LLAMA_ATTENTIONS} attentions (Llama-2-7B / "
+                     "Llama-3-8B, q, k, v targeted).")
 
 
 # ---------------------------------------------------------------------------------------------- main
