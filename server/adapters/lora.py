@@ -13,6 +13,9 @@ As in vLLM's punica wrapper, the kernel is chosen once, when the slot table is b
 step says whether it is a prefill or a decode: a decode step (one token a row, at most 64 rows) on a GPU goes
 to the BGMV kernels of ``server/kernels/lora_bgmv.py`` (two launches a layer that read only the slots in
 use); a prefill, and any step where the kernels do not run, to the torch paths.
+An attention's q, k and v share their input: their wrapped layers form a ``LoraGroup`` (A tables stacked in
+one buffer), which the engine's own decoder calls through ``project_qkv``: one shrink for the three (as
+vLLM's merged QKV LoRA layer does with its slices), then each layer's expand.
 Parsing and checking the files is ``lora_weights.py``.
 """
 
