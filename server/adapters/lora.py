@@ -80,6 +80,14 @@ def decode_kernel(device: torch.device) -> Callable[..., None] | None:
     return lora_bgmv.lora_delta_
 
 
+def group_kernel() -> Callable[..., None]:
+    """``lora_group_delta_``: the grouped launch beside ``lora_delta_``, for a table whose decode kernel is
+    it (asked when a group forms, from the same module)."""
+    from ..kernels import lora_bgmv
+
+    return lora_bgmv.lora_group_delta_
+
+
 class BatchedLoraLinear(nn.Module):
     """A base linear (plain, bitsandbytes 8-bit or 4-bit) plus LoRA deltas, one adapter per row.
 
@@ -119,7 +127,7 @@ class BatchedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         rows = current_step().lora
-        return y if rows is None else _add_deltas(x, [y], (self,), self.lora_a[None], rows)[0]
+        return y if rows is None else _add_deltas(x, [y], (self,), self.lora_a[None], rows, None)[0]
 
     def expand(self, x: torch.Tensor, y: torch.Tensor, rows: LoraRows, xa: torch.Tensor) -> torch.Tensor:
         """``y`` plus this layer's B applied to ``xa``, the rows' ``x @ A^T`` from ``shrink`` (torch paths)."""
@@ -152,10 +160,12 @@ class LoraGroup:
     in one buffer, ``lora_a [G, R, slots, in]``, and each member's ``lora_a`` is its view ``[g]``, so slot
     writes and the member's own forward (transformers' path) are unchanged. Called on x (the engine's own
     decoder does, through ``project_qkv``), it runs one shrink for all G members (one kernel launch, or one
-    batched matmul), then each member's expand: the same sums as each member alone."""
+    batched matmul), then each member's expand: the same sums as each member alone. ``kernel``: the grouped
+    launch of the decode kernel the table chose (None where the table has none)."""
 
-    def __init__(self, members: Sequence[BatchedLoraLinear]) -> None:
+    def __init__(self, members: Sequence[BatchedLoraLinear], kernel: Callable[..., None] | None) -> None:
         self.members = tuple(members)
+        self.kernel = kernel
         self.lora_a = torch.stack([m.lora_a for m in self.members])  # a copy: earlier slot fills kept
         for g, member in enumerate(self.members):
             member.lora_a = self.lora_a[g]
@@ -165,13 +175,14 @@ class LoraGroup:
         """Each member's output for x: its base layer's plus each row's own LoRA delta."""
         ys = [m.base_layer(x) for m in self.members]
         rows = current_step().lora
-        return ys if rows is None else _add_deltas(x, ys, self.members, self.lora_a, rows)
+        return ys if rows is None else _add_deltas(x, ys, self.members, self.lora_a, rows, self.kernel)
 
 
 def _add_deltas(x: torch.Tensor, ys: list[torch.Tensor], members: Sequence[BatchedLoraLinear],
-                lora_a: torch.Tensor, rows: LoraRows) -> list[torch.Tensor]:
-    """``ys`` (the members' base outputs for x) plus each row's delta: the decode kernel (in place), or the
-    torch paths (one shrink, then each member's expand). ``lora_a``: the members' A stacked, [G, R, S, in]."""
+                lora_a: torch.Tensor, rows: LoraRows, group_kernel: Callable[..., None] | None) -> list[torch.Tensor]:
+    """``ys`` (the members' base outputs for x) plus each row's delta: the decode kernel (in place: one
+    member, the rows' kernel; several, its grouped launch), or the torch paths (one shrink, then each
+    member's expand). ``lora_a``: the members' A stacked, [G, R, S, in]."""
     if rows.kernel is None:
         xa = shrink(lora_a, x, rows)
         return [m.expand(x, y, rows, xa_g) for m, y, xa_g in zip(members, ys, xa, strict=True)]
@@ -180,9 +191,7 @@ def _add_deltas(x: torch.Tensor, ys: list[torch.Tensor], members: Sequence[Batch
     if len(members) == 1:
         rows.kernel(outs[0], flat, members[0].lora_a, members[0].lora_b, rows.slots, rows.rank)
     else:
-        from ..kernels.lora_bgmv import lora_group_delta_  # loaded with the kernel chosen for the table
-
-        lora_group_delta_(outs, flat, lora_a, [m.lora_b for m in members], rows.slots, rows.rank)
+        group_kernel(outs, flat, lora_a, [m.lora_b for m in members], rows.slots, rows.rank)
     return ys
 
 
@@ -353,4 +362,4 @@ class LoraSlotTable:
         member that no adapter targets stays unwrapped: its base output only, none of its zeros read."""
         members = [self.layers[n] for n in names if n in self.layers]
         if len(members) > 1 and len({m.in_features for m in members}) == 1:
-            LoraGroup(members)
+            LoraGroup(members, group_kernel() if self.decode_kernel is not None else None)

@@ -137,3 +137,37 @@ def test_one_shrink_for_the_three_and_an_evicted_slot_is_zeros(monkeypatch):
         table.release(s)
         assert table.evict("all")
         assert not model.attn.q_proj.group.lora_a[:, :, s].any()  # the freed slot holds nothing
+
+
+def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_tokens(tiny_model_dir, adapter_root,
+                                                                                   monkeypatch):
+    """The engine's own decoder with the BGMV kernels (Triton's interpreter on the CPU, compiled on a GPU):
+    q, k and v of every layer go to one grouped launch in each decode step, for adapters on q and v (a group
+    of two), on every linear (three), on q and o (rsLoRA: q alone, no group), mixed with base and prefix rows
+    in one batch; every row's greedy tokens equal PEFT's for it alone."""
+    pytest.importorskip("triton")
+    from adapterd.server.engine import EngineConfig, GenerationParams
+    from adapterd.server.kernels import lora_bgmv
+    from adapterd.server.model import load_base_model
+    from adapterd.server.runtime import Runtime
+    from tests.helpers import TEST_DEVICE, reference_greedy
+    from tests.server.engine.test_parity import run_together
+
+    if TEST_DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    members = []
+    real = lora_bgmv.lora_group_delta_  # wrapped before the slot table's groups pick it
+    monkeypatch.setattr(lora_bgmv, "lora_group_delta_", lambda ys, *a: members.append(len(ys)) or real(ys, *a))
+    jobs = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"),
+            ("你是谁？", "lora-rs"), ("hello world", "prefix")]
+    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 5) for p, a in jobs]
+    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
+    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True, cuda_graphs=False))
+    try:
+        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=5))
+    finally:
+        runtime.close()
+    assert [events[-1].token_ids for events in results] == refs
+    grouped = [g for g in members if g > 1]  # lora_delta_ (o and the MLP) is a group of one
+    assert set(grouped) == {3}  # q, k, v grouped (lora-all wrapped k too); lora-rs's q rides in the group
+    assert grouped and len(grouped) % base.num_layers == 0  # one grouped launch a layer a decode step
