@@ -199,7 +199,8 @@ def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """``attn``'s q, k and v projections of x; those in a ``LoraGroup`` run as one (one shrink for their
     LoRA), the others (no adapter targets them) alone."""
     layers = [getattr(attn, name) for name in QKV]
-    group = next((layer.group for layer in layers if isinstance(layer, BatchedLoraLinear) and layer.group), None)
+    group = next((layer.group for layer in layers if isinstance(layer, BatchedLoraLinear)
+                  and layer.group is not None), None)
     grouped = dict(zip(group.members, group(x), strict=True)) if group is not None else {}
     q, k, v = (grouped[layer] if layer in grouped else layer(x) for layer in layers)
     return q, k, v
