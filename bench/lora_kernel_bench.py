@@ -7,9 +7,18 @@ step), tables as the daemon keeps them (bf16, rank-major ``A [R, slots, in]``, `
 slot i + 1, so 32 rows use 32 distinct adapters), rank 16, it times the LoRA delta alone (the base matmul is
 timed once beside it, ``base``, for scale):
 
-* dense: ``BatchedLoraLinear._dense`` (x @ every slot's A, one-hot mask, addmm: what 32 rows run today);
-* gathered: ``BatchedLoraLinear._gathered`` (each row's A and B gathered, two bmm: what 1 row runs today);
+* dense: the dense torch path (x @ every slot's A, one-hot mask, addmm: what 32 rows run without the kernel);
+* gathered: the gathered torch path (each row's A and B gathered, two bmm: what 1 row runs without it);
 * kernel: ``lora_delta_`` (shrink + expand, in place on y).
+
+``--qkv`` times an attention's q, k and v instead (issue 18: one shrink for the three), their A tables
+stacked as ``LoraGroup`` keeps them (``[3, R, slots, in]``), shapes given as ``IN:Q,K,V`` (default Llama-2-7B
+``4096:4096,4096,4096`` and Llama-3-8B's grouped key/value heads ``4096:4096,1024,1024``):
+
+* separate: three ``lora_delta_`` calls (six launches: what transformers' forward runs, one layer at a time);
+* grouped: ``lora_group_delta_`` (one shrink over the three, three expands: four launches; the own decoder).
+
+Both are checked against the fp32 reference, and against each other bit for bit (``identical``).
 
 Each method rotates through enough copies of the layer's tables (``--rotate-mb`` of rank rows read a cycle,
 default 256 MB, over 4 times the H200's 60 MB L2) that every call reads its weights from HBM, as a decode step
@@ -19,7 +28,8 @@ method whose capture fails is timed eagerly and marked ``eager``. Errors are max
 fp32 torch product of the same bf16 tables, next to max |ref|.
 
     python3 bench/lora_kernel_bench.py --json-out lora.json     # on the GPU
-    python3 bench/lora_kernel_bench.py --device cpu             # tiny shapes, Triton interpreter: a smoke test
+    python3 bench/lora_kernel_bench.py --qkv --rows 1,8,32,64 --json-out qkv.json     # q, k, v grouped or not
+    python3 bench/lora_kernel_bench.py --device cpu [--qkv]     # tiny shapes, Triton interpreter: a smoke test
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ from pathlib import Path
 from graph_timing import time_cpu, time_cuda
 
 METHODS = ("dense", "gathered", "kernel")
+QKV_METHODS = ("separate", "grouped")
 LLAMA_LAYERS = 128  # LoRA-wrapped layers a Llama-2-7B decode step runs with q, k, v, o targeted (32 x 4)
+LLAMA_ATTENTIONS = 32  # q, k, v groups a Llama-2-7B (or Llama-3-8B) decode step runs
 
 
 # ---------------------------------------------------------------------------------------------- one shape
@@ -102,13 +114,13 @@ def bench_rows(m: int, layers: list, weights: list, args: argparse.Namespace) ->
     with torch.no_grad():
         y_check = y2.clone()
         lora_delta_(y_check, x2, first.lora_a, first.lora_b, slots, r)
-        deltas = {"dense": first._dense(x, y0, dense).view(m, out_f).float() - y2.float(),
-                  "gathered": first._gathered(x, y0, gathered).view(m, out_f).float() - y2.float(),
+        deltas = {"dense": torch_path(first, x, y0, dense).view(m, out_f).float() - y2.float(),
+                  "gathered": torch_path(first, x, y0, gathered).view(m, out_f).float() - y2.float(),
                   "kernel": y_check.float() - y2.float()}
     methods = {
         "base": [lambda w=w: F.linear(x2, w) for w in weights],
-        "dense": [lambda layer=layer: layer._dense(x, y0, dense) for layer in layers],
-        "gathered": [lambda layer=layer: layer._gathered(x, y0, gathered) for layer in layers],
+        "dense": [lambda layer=layer: torch_path(layer, x, y0, dense) for layer in layers],
+        "gathered": [lambda layer=layer: torch_path(layer, x, y0, gathered) for layer in layers],
         "kernel": [lambda layer=layer: lora_delta_(y_kernel, x2, layer.lora_a, layer.lora_b, slots, r)
                    for layer in layers],
     }
@@ -125,27 +137,134 @@ def bench_rows(m: int, layers: list, weights: list, args: argparse.Namespace) ->
     return result
 
 
-def format_line(r: dict) -> str:
-    parts = [f"{r['shape']:>10} rows={r['rows']:<3} r={r['rank']}"]
-    for name in ("base",) + METHODS:
+def torch_path(layer, x, y, rows):
+    """What ``BatchedLoraLinear`` adds to y on the torch paths (``rows.onehot`` picks dense or gathered)."""
+    from adapterd.server.adapters.lora import shrink
+
+    return layer.expand(x, y, rows, shrink(layer.lora_a[None], x, rows)[0])
+
+
+# ---------------------------------------------------------------------------------------------- q, k, v
+
+
+def make_groups(in_f: int, widths: list[int], args: argparse.Namespace, copies: int) -> list:
+    """``copies`` q, k, v table sets: (A stacked [3, R, slots, in], [B_q, B_k, B_v]), as LoraGroup holds
+    them (random, slot 0 zeros, B of LoRA-like size already scaled)."""
+    import torch
+
+    dev = torch.device(args.device)
+    gen = torch.Generator(dev).manual_seed(in_f * 7 + sum(widths))
+    groups = []
+    for _ in range(copies):
+        a = torch.zeros(len(widths), args.max_rank, args.slots, in_f, device=dev, dtype=torch.bfloat16)
+        a[:, :, 1:].normal_(0.0, in_f**-0.5, generator=gen)
+        bs = [torch.zeros(args.max_rank, args.slots, w, device=dev, dtype=torch.bfloat16) for w in widths]
+        for b in bs:
+            b[:, 1:].normal_(0.0, 0.5 * args.rank**-0.5, generator=gen)
+        groups.append((a, bs))
+    return groups
+
+
+def bench_qkv(in_f: int, widths: list[int], row_counts: list[int], args: argparse.Namespace) -> list[dict]:
+    """Every row count for one attention shape: three ``lora_delta_`` calls against one grouped call."""
+    read_bytes = args.rank * args.slots * (len(widths) * in_f + sum(widths)) * 2
+    copies = max(2, -(-int(args.rotate_mb * 2**20) // read_bytes)) if args.device.startswith("cuda") else 2
+    groups = make_groups(in_f, widths, args, copies)
+    results = []
+    for m in row_counts:
+        results.append(bench_qkv_rows(m, groups, args))
+        print(format_qkv_line(results[-1]), flush=True)
+    return results
+
+
+def bench_qkv_rows(m: int, groups: list, args: argparse.Namespace) -> dict:
+    """One decode step's rows through q, k, v: check both ways once (reference, each other), then time them."""
+    import torch
+
+    from adapterd.server.kernels.lora_bgmv import lora_delta_, lora_group_delta_, plan, reference_delta
+
+    dev, r = args.device, args.rank
+    a, bs = groups[0]
+    in_f, widths = a.shape[3], [b.shape[2] for b in bs]
+    gen = torch.Generator(dev).manual_seed(m)
+    x = torch.randn(m, in_f, device=dev, dtype=torch.bfloat16, generator=gen)
+    y0s = [torch.randn(m, w, device=dev, dtype=torch.bfloat16, generator=gen) for w in widths]
+    slots = (torch.arange(m, device=dev) % (args.slots - 1)) + 1  # row i on slot i + 1: distinct adapters
+
+    def separate(ys: list, a: torch.Tensor, bs: list) -> None:
+        for y, a_g, b in zip(ys, a, bs, strict=True):
+            lora_delta_(y, x, a_g, b, slots, r)
+
+    def grouped(ys: list, a: torch.Tensor, bs: list) -> None:
+        lora_group_delta_(ys, x, a, bs, slots, r)
+
+    ways = {"separate": separate, "grouped": grouped}
+    checks = {name: [y.clone() for y in y0s] for name in QKV_METHODS}
+    for name in QKV_METHODS:
+        ways[name](checks[name], a, bs)
+    refs = [reference_delta(x, a_g, b, slots, r) for a_g, b in zip(a, bs, strict=True)]
+    ys = [y.clone() for y in y0s]  # the timed calls add into them, in place, over and over
+    result = {"shape": f"{in_f}:{','.join(map(str, widths))}", "rows": m, "rank": r, "slots": args.slots,
+              "copies": len(groups), "plan": plan(in_f, widths[0], r),
+              "identical": all(map(torch.equal, checks["separate"], checks["grouped"]))}
+    for name in QKV_METHODS:
+        calls = [lambda a=a, bs=bs, way=ways[name]: way(ys, a, bs) for a, bs in groups]
+        us, mode = (time_cuda(calls, args.per_graph, args.replays) if dev.startswith("cuda")
+                    else time_cpu(calls, args.iters))
+        err = max((y.float() - y0.float() - ref).abs().max().item()
+                  for y, y0, ref in zip(checks[name], y0s, refs, strict=True))
+        result[name] = {"us": us, "mode": mode, "err": err}
+    return result
+
+
+def _line(r: dict, names: tuple[str, ...], width: int, tail: str) -> str:
+    """One result as a line: its shape, each method's time (and error), then ``tail``."""
+    parts = [f"{r['shape']:>{width}} rows={r['rows']:<3} r={r['rank']}"]
+    for name in names:
         c = r[name]
         err = f" err {c['err']:.2e}" if "err" in c else ""
         parts.append(f"{name} {c['us']:8.2f} µs{err}" + ("" if c["mode"] in ("graph", "cpu") else f" ({c['mode']})"))
+    return " | ".join([*parts, tail])
+
+
+def _markdown(header: list[str], rows: list[list[str]], note: str) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n\n" + note
+
+
+def format_line(r: dict) -> str:
     kernel, current = r["kernel"]["us"], r[r["current"]]["us"]
-    parts.append(f"today ({r['current']}) / kernel {current / kernel:.2f}x | max |delta| {r['ref_max']:.3g}")
-    return " | ".join(parts)
+    return _line(r, ("base",) + METHODS, 10,
+                 f"today ({r['current']}) / kernel {current / kernel:.2f}x | max |delta| {r['ref_max']:.3g}")
 
 
 def summary(results: list[dict]) -> str:
-    lines = ["| shape (in x out) | rows | rank | base µs | dense µs | gathered µs | kernel µs | today's path | "
-             "today / kernel | LoRA ms a step today | LoRA ms a step, kernel |", "|" + "---|" * 11]
+    rows = []
     for r in results:
         current, kernel = r[r["current"]]["us"], r["kernel"]["us"]
-        lines.append(f"| {r['shape']} | {r['rows']} | {r['rank']} | {r['base']['us']:.1f} | {r['dense']['us']:.1f} | "
-                     f"{r['gathered']['us']:.1f} | {kernel:.1f} | {r['current']} | {current / kernel:.2f} | "
-                     f"{current * LLAMA_LAYERS / 1e3:.2f} | {kernel * LLAMA_LAYERS / 1e3:.2f} |")
-    return "\n".join(lines) + (f"\n\nms a step: µs a layer x {LLAMA_LAYERS} (Llama-2-7B, q/k/v/o targeted), "
-                               "if every layer were this shape.")
+        rows.append([r["shape"], str(r["rows"]), str(r["rank"])] + [f"{r[n]['us']:.1f}" for n in ("base",) + METHODS]
+                    + [r["current"], f"{current / kernel:.2f}", f"{current * LLAMA_LAYERS / 1e3:.2f}",
+                       f"{kernel * LLAMA_LAYERS / 1e3:.2f}"])
+    return _markdown(["shape (in x out)", "rows", "rank", "base µs", "dense µs", "gathered µs", "kernel µs",
+                      "today's path", "today / kernel", "LoRA ms a step today", "LoRA ms a step, kernel"], rows,
+                     f"ms a step: µs a layer x {LLAMA_LAYERS} (Llama-2-7B, q/k/v/o targeted), if every layer were "
+                     "this shape.")
+
+
+def format_qkv_line(r: dict) -> str:
+    return _line(r, QKV_METHODS, 16, f"separate / grouped {r['separate']['us'] / r['grouped']['us']:.2f}x | "
+                 f"identical {r['identical']}")
+
+
+def qkv_summary(results: list[dict]) -> str:
+    rows = [[r["shape"], str(r["rows"]), str(r["rank"]), f"{r['separate']['us']:.1f}", f"{r['grouped']['us']:.1f}",
+             f"{r['separate']['us'] / r['grouped']['us']:.2f}",
+             f"{(r['separate']['us'] - r['grouped']['us']) * LLAMA_ATTENTIONS / 1e3:.3f}", str(r["identical"])]
+            for r in results]
+    return _markdown(["in:q,k,v", "rows", "rank", "separate µs", "grouped µs", "separate / grouped",
+                      "saved ms a step", "bit-identical"], rows,
+                     f"saved ms a step: (separate - grouped) x {LLAMA_ATTENTIONS} attentions (Llama-2-7B / "
+                     "Llama-3-8B, q, k, v targeted).")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -166,6 +285,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3, help="calls timed on the CPU")
     p.add_argument("--tile-elems", type=int, help="override lora_bgmv.TILE_ELEMS (tuning the heuristics)")
     p.add_argument("--num-warps", type=int, help="override lora_bgmv.NUM_WARPS (tuning the heuristics)")
+    p.add_argument("--qkv", nargs="*", metavar="IN:Q,K,V", help="time q, k, v grouped against separate instead "
+                   "(default shapes 4096:4096,4096,4096 4096:4096,1024,1024 on the GPU)")
     p.add_argument("--json-out", type=Path, help="also write the results as JSON here")
     return p.parse_args(argv)
 
@@ -178,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = args.device.startswith("cuda")
     if not on_gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read by the kernel at each call
-        if args.shapes is None:
+        if args.shapes is None and not args.qkv:
             args.rank, args.max_rank, args.slots = min(args.rank, 8), min(args.max_rank, 8), min(args.slots, 5)
     from adapterd.server.kernels import lora_kernel_available
 
@@ -190,14 +311,20 @@ def main(argv: list[str] | None = None) -> int:
 
     lora_bgmv.TILE_ELEMS = args.tile_elems or lora_bgmv.TILE_ELEMS  # read by plan() at each call
     lora_bgmv.NUM_WARPS = args.num_warps or lora_bgmv.NUM_WARPS
-    shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
-              else [(4096, 4096)] if on_gpu else [(64, 96)])
     row_counts = [int(m) for m in args.rows.split(",")]
     machine = torch.cuda.get_device_name(torch.device(args.device)) if on_gpu else "cpu (Triton interpreter)"
     print(f"{machine}; bf16; R = {args.max_rank}, {args.slots} slots, rank {args.rank}; kernel tiles of "
           f"{lora_bgmv.TILE_ELEMS} elements, {lora_bgmv.NUM_WARPS} warps")
-    results = [r for in_f, out_f in shapes for r in bench_shape(in_f, out_f, row_counts, args)]
-    print("\n" + summary(results))
+    if args.qkv is not None:
+        specs = args.qkv or (["4096:4096,4096,4096", "4096:4096,1024,1024"] if on_gpu else ["64:96,32,32"])
+        groups = [(int(i), [int(w) for w in ws.split(",")]) for i, ws in (spec.split(":") for spec in specs)]
+        results = [r for in_f, widths in groups for r in bench_qkv(in_f, widths, row_counts, args)]
+        print("\n" + qkv_summary(results))
+    else:
+        shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
+                  else [(4096, 4096)] if on_gpu else [(64, 96)])
+        results = [r for in_f, out_f in shapes for r in bench_shape(in_f, out_f, row_counts, args)]
+        print("\n" + summary(results))
     if args.json_out:
         args.json_out.write_text(json.dumps({"machine": machine, "results": results}, ensure_ascii=False, indent=1))
     return 0

@@ -13,6 +13,9 @@ As in vLLM's punica wrapper, the kernel is chosen once, when the slot table is b
 step says whether it is a prefill or a decode: a decode step (one token a row, at most 64 rows) on a GPU goes
 to the BGMV kernels of ``server/kernels/lora_bgmv.py`` (two launches a layer that read only the slots in
 use); a prefill, and any step where the kernels do not run, to the torch paths.
+An attention's q, k and v share their input: their wrapped layers form a ``LoraGroup`` (A tables stacked in
+one buffer), which the engine's own decoder calls through ``project_qkv``: one shrink for the three (as
+vLLM's merged QKV LoRA layer does with its slices), then each layer's expand.
 Parsing and checking the files is ``lora_weights.py``.
 """
 
@@ -29,6 +32,8 @@ from torch import nn
 from ..engine.step_context import Phase, current_step
 from ..kernels import LORA_KERNEL_MAX_ROWS, lora_kernel_available
 from .lora_weights import LoraModule, LoraWeights
+
+QKV = ("q_proj", "k_proj", "v_proj")  # an attention's projections of one input: a LoraGroup when wrapped
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -75,6 +80,14 @@ def decode_kernel(device: torch.device) -> Callable[..., None] | None:
     return lora_bgmv.lora_delta_
 
 
+def group_kernel() -> Callable[..., None]:
+    """``lora_group_delta_``: the grouped launch beside ``lora_delta_``, for a table whose decode kernel is
+    it (asked when a group forms, from the same module)."""
+    from ..kernels import lora_bgmv
+
+    return lora_bgmv.lora_group_delta_
+
+
 class BatchedLoraLinear(nn.Module):
     """A base linear (plain, bitsandbytes 8-bit or 4-bit) plus LoRA deltas, one adapter per row.
 
@@ -91,6 +104,7 @@ class BatchedLoraLinear(nn.Module):
         in_f, out_f = _linear_shape(base_layer)
         self.register_buffer("lora_a", torch.zeros(max_rank, num_slots, in_f, dtype=dtype, device=device))
         self.register_buffer("lora_b", torch.zeros(max_rank, num_slots, out_f, dtype=dtype, device=device))
+        self.group: LoraGroup | None = None  # set when a sibling sharing x is wrapped too (LoraSlotTable)
 
     @property
     def in_features(self) -> int:
@@ -113,30 +127,83 @@ class BatchedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         rows = current_step().lora
-        if rows is None:
-            return y
-        if rows.kernel is not None:  # a decode step: one token a row, y updated in place
-            y = y if y.is_contiguous() else y.contiguous()
-            rows.kernel(y.view(x.shape[0], -1), x.reshape(x.shape[0], -1), self.lora_a, self.lora_b,
-                        rows.slots, rows.rank)
-            return y
-        return self._dense(x, y, rows) if rows.onehot is not None else self._gathered(x, y, rows)
+        return y if rows is None else _add_deltas(x, [y], (self,), self.lora_a[None], rows, None)[0]
 
-    def _gathered(self, x: torch.Tensor, y: torch.Tensor, rows: LoraRows) -> torch.Tensor:
-        slots, r = rows.slots, rows.rank
-        a = self.lora_a[:r].index_select(1, slots).transpose(0, 1)  # [B, r, in]
-        b = self.lora_b[:r].index_select(1, slots).permute(1, 2, 0)  # [B, out, r], scaled
-        xs = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
-        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
-        return y + delta.reshape(y.shape).to(y.dtype)
-
-    def _dense(self, x: torch.Tensor, y: torch.Tensor, rows: LoraRows) -> torch.Tensor:
-        r, (_, num_slots, in_f) = rows.rank, self.lora_a.shape
-        xs = x.to(self.lora_a.dtype).reshape(x.shape[0], -1, in_f)  # [B, T, in]
-        xa = (xs @ self.lora_a[:r].view(r * num_slots, in_f).t()).view(*xs.shape[:2], r, num_slots)
-        xa = torch.where(rows.onehot, xa, 0.0).view(-1, r * num_slots)  # each row keeps its own slot's ranks
+    def expand(self, x: torch.Tensor, y: torch.Tensor, rows: LoraRows, xa: torch.Tensor) -> torch.Tensor:
+        """``y`` plus this layer's B applied to ``xa``, the rows' ``x @ A^T`` from ``shrink`` (torch paths)."""
+        r, slots = rows.rank, rows.slots
+        if rows.onehot is None:  # gathered: xa [B, T, r]
+            b = self.lora_b[:r].index_select(1, slots).permute(1, 2, 0)  # [B, out, r], scaled
+            return y + torch.bmm(xa, b.transpose(1, 2)).reshape(y.shape).to(y.dtype)
+        num_slots = self.lora_a.shape[1]  # dense: xa [B * T, r * slots]
+        xa = torch.where(rows.onehot, xa.view(x.shape[0], -1, r, num_slots), 0.0)  # each row keeps its own slot's
         out = y.reshape(-1, y.shape[-1])
-        return torch.addmm(out.to(xa.dtype), xa, self.lora_b[:r].view(r * num_slots, -1)).view(y.shape).to(y.dtype)
+        return torch.addmm(out.to(xa.dtype), xa.view(-1, r * num_slots),
+                           self.lora_b[:r].view(r * num_slots, -1)).view(y.shape).to(y.dtype)
+
+
+def shrink(lora_a: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> torch.Tensor:
+    """``x @ A^T`` for G layers that share x, their A tables stacked ``[G, R, slots, in]`` (one layer: G = 1),
+    by one batched matmul; member g's is ``[g]``. Gathered (``rows.onehot`` None): each row's own slot,
+    ``[G, B, T, r]``; dense: every slot, ``[G, B * T, r * slots]`` (the first r rank rows of a member's
+    table are one contiguous block, so no copy)."""
+    r, (members, _, num_slots, in_f) = rows.rank, lora_a.shape
+    xs = x.to(lora_a.dtype).reshape(x.shape[0], -1, in_f)  # [B, T, in]
+    if rows.onehot is None:
+        a = lora_a[:, :r].index_select(2, rows.slots)  # [G, r, B, in]
+        return xs @ a.permute(0, 2, 3, 1)  # [B, T, in] @ [G, B, in, r]
+    return xs.reshape(-1, in_f) @ lora_a[:, :r].view(members, r * num_slots, in_f).transpose(1, 2)
+
+
+class LoraGroup:
+    """LoRA layers that share their input, an attention's q, k and v (``QKV``): their A tables live stacked
+    in one buffer, ``lora_a [G, R, slots, in]``, and each member's ``lora_a`` is its view ``[g]``, so slot
+    writes and the member's own forward (transformers' path) are unchanged. Called on x (the engine's own
+    decoder does, through ``project_qkv``), it runs one shrink for all G members (one kernel launch, or one
+    batched matmul), then each member's expand: the same sums as each member alone. ``kernel``: the grouped
+    launch of the decode kernel the table chose (None where the table has none)."""
+
+    def __init__(self, members: Sequence[BatchedLoraLinear], kernel: Callable[..., None] | None) -> None:
+        self.members = tuple(members)
+        self.kernel = kernel
+        self.lora_a = torch.stack([m.lora_a for m in self.members])  # a copy: earlier slot fills kept
+        for g, member in enumerate(self.members):
+            member.lora_a = self.lora_a[g]
+            member.group = self
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's output for x: its base layer's plus each row's own LoRA delta."""
+        ys = [m.base_layer(x) for m in self.members]
+        rows = current_step().lora
+        return ys if rows is None else _add_deltas(x, ys, self.members, self.lora_a, rows, self.kernel)
+
+
+def _add_deltas(x: torch.Tensor, ys: list[torch.Tensor], members: Sequence[BatchedLoraLinear],
+                lora_a: torch.Tensor, rows: LoraRows, group_kernel: Callable[..., None] | None) -> list[torch.Tensor]:
+    """``ys`` (the members' base outputs for x) plus each row's delta: the decode kernel (in place: one
+    member, the rows' kernel; several, its grouped launch), or the torch paths (one shrink, then each
+    member's expand). ``lora_a``: the members' A stacked, [G, R, S, in]."""
+    if rows.kernel is None:
+        xa = shrink(lora_a, x, rows)
+        return [m.expand(x, y, rows, xa_g) for m, y, xa_g in zip(members, ys, xa, strict=True)]
+    ys = [y if y.is_contiguous() else y.contiguous() for y in ys]
+    flat, outs = x.reshape(x.shape[0], -1), [y.view(x.shape[0], -1) for y in ys]  # a decode step: one token a row
+    if len(members) == 1:
+        rows.kernel(outs[0], flat, members[0].lora_a, members[0].lora_b, rows.slots, rows.rank)
+    else:
+        group_kernel(outs, flat, lora_a, [m.lora_b for m in members], rows.slots, rows.rank)
+    return ys
+
+
+def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``attn``'s q, k and v projections of x; those in a ``LoraGroup`` run as one (one shrink for their
+    LoRA), the others (no adapter targets them) alone."""
+    layers = [getattr(attn, name) for name in QKV]
+    group = next((layer.group for layer in layers if isinstance(layer, BatchedLoraLinear)
+                  and layer.group is not None), None)
+    grouped = dict(zip(group.members, group(x), strict=True)) if group is not None else {}
+    q, k, v = (grouped[layer] if layer in grouped else layer(x) for layer in layers)
+    return q, k, v
 
 
 def stage_on(device: torch.device, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
@@ -287,3 +354,13 @@ class LoraSlotTable:
         setattr(parent, child, layer)
         self.layers[name] = layer
         self.wraps += 1
+        if child in QKV:
+            self._group([f"{parent_name}.{c}" if parent_name else c for c in QKV])
+
+    def _group(self, names: list[str]) -> None:
+        """Stack the wrapped ones of these siblings (q, k, v) into one LoraGroup, again at each new member
+        (the new stack copies what earlier slot fills wrote; ``wraps`` changed, so graphs re-capture). A
+        member that no adapter targets stays unwrapped: its base output only, none of its zeros read."""
+        members = [self.layers[n] for n in names if n in self.layers]
+        if len(members) > 1 and len({m.in_features for m in members}) == 1:
+            LoraGroup(members, group_kernel() if self.decode_kernel is not None else None)

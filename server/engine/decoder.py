@@ -9,7 +9,8 @@ here the layer loop is written out the way gpt-fast's ``model.py`` is, with ever
     cos, sin = rotary(h, positions)                  # the model's own rotary module: its scaling type included
     for each layer:
         x = input_norm(h)
-        q, k, v = q_proj(x), k_proj(x), v_proj(x)    # [rows, heads, T, head_dim]; Qwen3 norms q and k per head
+        q, k, v = q_proj(x), k_proj(x), v_proj(x)    # [rows, heads, T, head_dim]; Qwen3 norms q and k per head;
+                                                     # with LoRA, one shrink for the three (lora.project_qkv)
         q, k = apply_rotary(q, k, cos, sin)          # the family's own function (GLM: half of each head, interleaved)
         K, V = cache.update(k, v, layer)             # writes this step's entries, returns what attention reads
         h = h + o_proj(sdpa(q, K, V, mask[layer]))   # one fused attention call, grouped key/value heads as they are
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.lora import project_qkv
 from .step_context import StepContext, run_forward, step_context
 
 if TYPE_CHECKING:
@@ -76,11 +78,11 @@ class Decoder:
                    mask: torch.Tensor, cache: Any, index: int) -> torch.Tensor:
         rows, length = x.shape[:2]
         shape = (rows, length, -1, attn.head_dim)
-        q, k = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)
+        q, k, v = (t.view(shape) for t in project_qkv(attn, x))  # LoRA on them: one shrink for the three
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head of q and k, before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        v = v.transpose(1, 2)
         keys, values = cache.update(k, v, index)
         out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                              scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])

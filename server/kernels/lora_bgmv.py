@@ -14,6 +14,10 @@ these are two, and read only the slots in use:
   ``B[:r, slot, n-block]`` and adds into ``y[i, n-block]`` (read, add in fp32, cast, store: each program owns
   its outputs; no atomics, deterministic).
 
+Layers that share their input (an attention's q, k and v) run as one group (``lora_group_delta_``): one
+shrink launch with the members on the grid's third axis (their A tables stacked, ``[G, R, S, in]``), then one
+expand a member, G + 1 launches instead of 2G; a single layer is a group of one.
+
 Rows on slot 0 ("no adapter", an all-zero slot) return at once in both kernels: their y is not touched and
 their partials are never written or read. Accumulation is fp32 throughout; x and the tables may be fp32,
 bf16 or fp16, each widened on load; the result is cast to y's dtype once.
@@ -49,6 +53,7 @@ Interpreter: with ``TRITON_INTERPRET`` set (read at each call) the same kernels 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -72,17 +77,21 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _shrink(x_ptr, a_ptr, slot_ptr, p_ptr, K, rank,  # noqa: N803 (Triton's naming)
-            stride_xm, stride_xk, stride_ar, stride_as, stride_ak, stride_ps, stride_slot,
+            stride_xm, stride_xk, stride_ag, stride_ar, stride_as, stride_ak, stride_pg, stride_ps, stride_slot,
             EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
-    """``p[s, i, :] = x[i, ks] @ A[:rank, slot_i, ks].T`` over split s's ``TILES`` K tiles ``ks``, fp32
-    ``[BLOCK_R]``. ``EVEN_K``: every tile of every split lies inside K (no K masks); otherwise a tile past
-    the end is fully masked (no bytes read). The loop count is a constexpr: Triton 3.6's interpreter cannot
-    take tensor loop bounds."""
+    """``p[g, s, i, :] = x[i, ks] @ A[g, :rank, slot_i, ks].T`` over split s's ``TILES`` K tiles ``ks``, fp32
+    ``[BLOCK_R]``, for member g of a group of tables that share x (q, k and v: the grid's third axis; a lone
+    layer is a group of one). ``EVEN_K``: every tile of every split lies inside K (no K masks); otherwise a
+    tile past the end is fully masked (no bytes read). The loop count is a constexpr: Triton 3.6's
+    interpreter cannot take tensor loop bounds."""
     row = tl.program_id(0)
     split = tl.program_id(1)
+    member = tl.program_id(2).to(tl.int64)
     slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
     if slot == 0:
         return
+    a_ptr += member * stride_ag
+    p_ptr += member * stride_pg
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
     r_ok = rr < rank
@@ -193,24 +202,39 @@ def lora_delta_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
     pre-scaled), slots: int64 or int32 ``[rows]`` on the same device (slot 0 must be all zeros: its rows are
     skipped), ``rank <= R`` a Python int. Two launches, no host sync: CUDA-graph capturable once compiled.
     """
-    _check(y, x, lora_a, lora_b, slots, rank)
-    rows, (in_f, out_f) = x.shape[0], (x.shape[1], y.shape[1])
+    lora_group_delta_((y,), x, lora_a[None], (lora_b,), slots, rank)
+
+
+def lora_group_delta_(ys: Sequence[torch.Tensor], x: torch.Tensor, lora_a: torch.Tensor,
+                      lora_bs: Sequence[torch.Tensor], slots: torch.Tensor, rank: int) -> None:
+    """``lora_delta_`` for G layers that share their input (q, k and v): ``ys[g][i] += (x[i] @ lora_a[g,
+    :rank, slots[i]].T) @ lora_bs[g][:rank, slots[i]]``, with one shrink launch for the G members (x read
+    once a split, G times the programs) and one expand a member (their outputs differ in width: grouped
+    key/value heads). ``lora_a``: the members' A tables stacked, ``[G, R, S, in]`` (any strides). Each
+    member's partials are the ones ``lora_delta_`` computes for it alone, summed in the same order: the
+    results are bit-identical to G separate calls."""
+    if lora_a.dim() != 4 or not len(ys) == len(lora_bs) == lora_a.shape[0]:
+        raise ValueError(f"a group needs A [G, R, slots, in] and G outputs and B tables, got A "
+                         f"{list(lora_a.shape)}, {len(ys)} outputs, {len(lora_bs)} B tables")
+    for y, a, b in zip(ys, lora_a, lora_bs, strict=True):
+        _check(y, x, a, b, slots, rank)
+    rows, in_f = x.shape
     if rows == 0 or rank == 0:
         return
-    cfg = plan(in_f, out_f, rank)
     shrink, expand = _kernels(interpreting())
-    # [splits, rows, BLOCK_R] fp32; rows on slot 0 leave theirs unwritten (and expand never reads them)
-    p = torch.empty((cfg["splits"], rows, cfg["BLOCK_R"]), device=x.device, dtype=torch.float32)
-    shrink[(rows, cfg["splits"])](
-        x, lora_a, slots, p, in_f, rank,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), p.stride(0), slots.stride(0),
-        EVEN_K=in_f == cfg["splits"] * cfg["tiles"] * cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
-        TILES=cfg["tiles"], num_warps=NUM_WARPS)
-    expand[(rows, triton.cdiv(out_f, cfg["BLOCK_N"]))](
-        y, lora_b, slots, p, out_f, rank, cfg["splits"],
-        y.stride(0), y.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), p.stride(0), slots.stride(0),
-        EVEN_N=out_f % cfg["BLOCK_N"] == 0, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_S=cfg["BLOCK_S"], num_warps=NUM_WARPS)
+    cfg = plan(in_f, ys[0].shape[1], rank)  # BLOCK_R, BLOCK_K and the splits depend on (in, rank) only
+    # [G, splits, rows, BLOCK_R] fp32; rows on slot 0 leave theirs unwritten (and expand never reads them)
+    p = torch.empty((len(ys), cfg["splits"], rows, cfg["BLOCK_R"]), device=x.device, dtype=torch.float32)
+    shrink[(rows, cfg["splits"], len(ys))](
+        x, lora_a, slots, p, in_f, rank, x.stride(0), x.stride(1), *lora_a.stride(), p.stride(0), p.stride(1),
+        slots.stride(0), EVEN_K=in_f == cfg["splits"] * cfg["tiles"] * cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_K=cfg["BLOCK_K"], TILES=cfg["tiles"], num_warps=NUM_WARPS)
+    for y, b, partials in zip(ys, lora_bs, p, strict=True):
+        out_f = y.shape[1]
+        expand[(rows, triton.cdiv(out_f, cfg["BLOCK_N"]))](
+            y, b, slots, partials, out_f, rank, cfg["splits"], y.stride(0), y.stride(1), *b.stride(),
+            partials.stride(0), slots.stride(0), EVEN_N=out_f % cfg["BLOCK_N"] == 0, BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], num_warps=NUM_WARPS)
 
 
 def reference_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,

@@ -6,6 +6,7 @@ so the only things shared are the weights. Token-level parity with PEFT through 
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from adapterd.common.tiny_model import build_tiny_model
 from adapterd.server.architecture import check_config
 from adapterd.server.engine.decoder import OWN_FAMILIES, Decoder, model_forward
 from adapterd.server.engine.kv_pool import causal_mask
+from adapterd.server.engine.step_context import StepContext, step_context
 from tests.server.engine.test_architectures import FAMILIES
 
 OWN = [name for name, (model_type, _) in FAMILIES.items() if model_type in OWN_FAMILIES]
@@ -61,3 +63,45 @@ def test_model_forward_picks_ours_only_where_it_is_asked_for_and_known(model, tm
     gemma = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "g", model_type="gemma",
                                                                   **FAMILIES["gemma"][1]))
     assert not ours(gemma, True)  # scaled embeddings: not a family the decoder runs
+
+
+@torch.no_grad()
+def test_lora_on_q_k_v_takes_one_shrink_a_layer_and_gives_transformers_logits(model, monkeypatch):
+    """LoRA on q, k and v (and o, alone) for two adapters of different ranks, plus a base row: the own decoder
+    projects q, k, v through their group (one shrink a layer for the three), transformers' forward through
+    each layer; the logits agree."""
+    import adapterd.server.adapters.lora as lora
+    from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
+
+    model = copy.deepcopy(model)  # the fixture's model is shared: wrap a copy
+    layout = check_config(model.config)
+    names = [n for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+             and isinstance(m, torch.nn.Linear)]
+    generator = torch.Generator().manual_seed(1)
+
+    def adapter(rank: int, scaling: float) -> LoraWeights:
+        shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if n in names}
+        modules = {n: LoraModule(torch.randn(rank, i, generator=generator) * 0.1,
+                                 torch.randn(o, rank, generator=generator) * 0.1, scaling)
+                   for n, (i, o) in shapes.items()}
+        return LoraWeights(modules=modules, rank=rank, target_modules=sorted({n.rsplit(".", 1)[1] for n in names}))
+
+    table = lora.LoraSlotTable(model, num_slots=3, max_rank=8, dtype=torch.float32, device=torch.device("cpu"),
+                               use_kernel=False)
+    slots = [table.acquire("a", adapter(4, 2.0)), 0, table.acquire("b", adapter(8, 0.5))]
+    shrinks: list[int] = []
+    real = lora.shrink
+    monkeypatch.setattr(lora, "shrink", lambda a, x, rows: shrinks.append(a.shape[0]) or real(a, x, rows))
+    ids = torch.randint(3, model.config.vocab_size, (3, 10), generator=generator)
+    live = torch.ones(3, 10, dtype=torch.bool)
+    mask = layout.masks(lambda window: causal_mask(live, 10, torch.float32, window))
+    positions = torch.arange(10)[None].expand(3, -1)
+    with step_context(StepContext("prefill", table.rows_of(slots, "prefill"))):
+        got = Decoder(model)(ids, positions, mask, DynamicCache())
+        assert shrinks == [3, 1] * model.config.num_hidden_layers  # q, k, v as one; o alone
+        want = model(ids).logits[:, -1]
+    table.release(slots[0]), table.release(slots[2])
+    assert torch.allclose(got, want, atol=TOLERANCE, rtol=0), (got - want).abs().max()
+    with step_context(StepContext("prefill")):
+        base = model(ids).logits[:, -1]
+    assert not torch.allclose(got[0], base[0], atol=1e-2) and torch.allclose(got[1], base[1], atol=TOLERANCE)

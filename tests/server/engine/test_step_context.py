@@ -94,8 +94,12 @@ def test_engine_decode_steps_use_the_kernel_and_prefills_the_torch_paths(tiny_mo
         xa = torch.einsum("mk,rmk->mr", x, a[:rank].index_select(1, slots))
         y += torch.einsum("mr,rmn->mn", xa, b[:rank].index_select(1, slots))
 
-    monkeypatch.setattr("adapterd.server.kernels.lora_bgmv", types.SimpleNamespace(lora_delta_=spy_delta),
-                        raising=False)
+    def spy_group(ys, x, a, bs, slots, rank):  # q, k and v as one group (the own decoder's)
+        for y, a_g, b in zip(ys, a, bs, strict=True):
+            spy_delta(y, x, a_g, b, slots, rank)
+
+    monkeypatch.setattr("adapterd.server.kernels.lora_bgmv",
+                        types.SimpleNamespace(lora_delta_=spy_delta, lora_group_delta_=spy_group), raising=False)
     monkeypatch.setattr(lora, "lora_kernel_available", lambda device: True)
     routed = []  # (phase, kernel chosen) of every forward with LoRA rows
     real_rows_for = LoraSlotTable.rows_for

@@ -102,6 +102,46 @@ def test_strided_x_and_slots(dtype):
     torch.testing.assert_close(y, y0 + kb.reference_delta(x, a, b, slots.long(), 6), rtol=1e-5, atol=1e-5)
 
 
+def _group(widths: tuple[int, ...], in_f: int, r: int = 8, s: int = 5, dtype=torch.float32, device="cpu", seed=0):
+    """G members' tables as a LoraGroup keeps them: A stacked ``[G, r, s, in]``, one B a member."""
+    tables = [_tables(r, s, in_f, out_f, dtype, device, seed + g) for g, out_f in enumerate(widths)]
+    return torch.stack([a for a, _ in tables]), [b for _, b in tables]
+
+
+@pytest.mark.parametrize("in_f, widths, tile", [(64, (96, 32, 32), None), (100, (70, 40, 40), 16 * 16),
+                                                (64, (96, 32), None)])
+def test_group_equals_separate_calls_bit_for_bit(monkeypatch, in_f, widths, tile):
+    """q, k, v (k and v narrower: grouped key/value heads) in one shrink launch then three expands: each
+    member's output is bit-identical to its own ``lora_delta_`` call and matches the fp32 reference; rows on
+    slot 0 untouched. With small tiles: several splits and tiles, masked K and N edges; and a group of two."""
+    if tile:
+        monkeypatch.setattr(kb, "TILE_ELEMS", tile)
+        monkeypatch.setattr(kb, "MAX_PARTIALS", 16 * 2)
+        assert kb.plan(in_f, widths[0], 6)["splits"] == 2
+    a, bs = _group(widths, in_f, seed=in_f)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 2 * in_f, generator=g)[:, ::2]  # strided, as a view of a wider buffer
+    y0s = [torch.randn(5, w, generator=g) for w in widths]
+    slots = torch.tensor([4, 0, 1, 4, 2])
+    ys = [y.clone() for y in y0s]
+    kb.lora_group_delta_(ys, x, a, bs, slots, 6)
+    for member, (y, y0, b) in enumerate(zip(ys, y0s, bs, strict=True)):
+        assert torch.equal(y, _run(y0, x, a[member], b, slots, 6)), member
+        torch.testing.assert_close(y, y0 + kb.reference_delta(x, a[member], b, slots, 6), rtol=1e-5, atol=1e-5)
+        assert torch.equal(y[1], y0[1])
+
+
+def test_group_bad_arguments():
+    a, bs = _group((96, 32, 32), 64)
+    ys, x, slots = [torch.randn(2, w) for w in (96, 32, 32)], torch.randn(2, 64), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="group"):
+        kb.lora_group_delta_(ys[:2], x, a, bs, slots, 8)
+    with pytest.raises(ValueError, match="group"):
+        kb.lora_group_delta_(ys, x, a[0], bs, slots, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        kb.lora_group_delta_(ys[::-1], x, a, bs, slots, 8)
+
+
 def test_nothing_to_do_and_bad_arguments():
     a, b = _tables(8, 5, 64, 96)
     y0 = torch.randn(2, 96)
@@ -177,6 +217,44 @@ def test_batched_layer_kernel_equals_torch_paths(monkeypatch, num_slots, shape):
     assert torch.equal(out.reshape(4, -1)[1], model.proj.base_layer(x).reshape(4, -1)[1])  # a base row
 
 
+@pytest.mark.parametrize("num_slots", [3, 20])  # the dense torch path, the gathered one
+def test_qkv_group_decode_kernel_equals_torch_paths(monkeypatch, num_slots):
+    """An attention's q, k, v grouped (LoRA on all three for one adapter, on q and v for another, ranks and
+    scalings differing): a decode step through ``project_qkv`` launches the grouped kernel once, and gives
+    what the torch paths give and what each projection gives alone through the per-layer kernel."""
+    from adapterd.server.adapters.lora import project_qkv
+
+    group_calls = []
+    real = kb.lora_group_delta_
+    monkeypatch.setattr(kb, "lora_group_delta_", lambda *args: group_calls.append(len(args[0])) or real(*args))
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.add_module("attn", nn.Module())
+    for name, out in (("q_proj", 40), ("k_proj", 16), ("v_proj", 16)):
+        model.attn.add_module(name, nn.Linear(48, out))
+    table = LoraSlotTable(model, num_slots=num_slots, max_rank=16, dtype=torch.float32, device=torch.device("cpu"))
+    qkv = LoraWeights(modules={**_adapter("attn.q_proj", 4, 48, 40, 2.0, 1).modules,
+                               **_adapter("attn.k_proj", 4, 48, 16, 1.0, 2).modules,
+                               **_adapter("attn.v_proj", 4, 48, 16, 0.5, 3).modules}, rank=4, target_modules=[])
+    qv = LoraWeights(modules={**_adapter("attn.q_proj", 8, 48, 40, 1.5, 4).modules,
+                              **_adapter("attn.v_proj", 2, 48, 16, 4.0, 5).modules}, rank=8, target_modules=[])
+    slots = [table.acquire("qkv", qkv), 0, table.acquire("qv", qv), 1]
+    x = torch.randn(4, 1, 48)
+    layers = (model.attn.q_proj, model.attn.k_proj, model.attn.v_proj)
+    with torch.no_grad():
+        with step_context(StepContext("decode", table.rows_of(slots, "decode"))):
+            grouped = project_qkv(model.attn, x)
+            alone = [layer(x) for layer in layers]  # the per-layer kernel
+        assert group_calls == [3, 1, 1, 1]  # one shrink for the group; each layer alone is a group of one
+        with step_context(StepContext("prefill", table.rows_of(slots, "prefill"))):
+            torch_paths = project_qkv(model.attn, x)
+    assert group_calls == [3, 1, 1, 1]  # a prefill: the torch paths
+    for layer, g, a, t in zip(layers, grouped, alone, torch_paths, strict=True):
+        assert torch.equal(g, a)  # bit for bit: the same partials, summed in the same order
+        torch.testing.assert_close(g, t, rtol=1e-5, atol=1e-5)
+        assert torch.equal(g[1], layer.base_layer(x)[1])
+
+
 def test_batched_layer_prefill_and_autograd_keep_the_torch_paths(monkeypatch):
     monkeypatch.setattr(kb, "lora_delta_", lambda *args: pytest.fail("the kernel ran"))
     model = nn.Sequential()
@@ -226,6 +304,32 @@ def test_gpu_odd_shapes_and_dtypes(act, table):
         bad = (y.float() - ref).abs() > ULP[act] * ref.abs() + 1e-3
         assert not bad.any(), f"rank {rank}: {int(bad.sum())} outputs off"
         assert torch.equal(y[slots == 0], y0[slots == 0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("widths", [(4096, 4096, 4096), (4096, 1024, 1024)])  # Llama-2-7B, Llama-3-8B (GQA)
+@pytest.mark.parametrize("rows", [1, 32])
+def test_gpu_qkv_group_bit_identical_to_separate_calls(widths, rows):
+    """The grouped launch at Llama shapes, bf16, rank 16 of R = 64, 33 slots: each member bit-identical to
+    its own ``lora_delta_``, both inside a CUDA graph and eagerly."""
+    a, bs = _group(widths, 4096, r=64, s=33, dtype=torch.bfloat16, device="cuda", seed=rows)
+    x = torch.randn(rows, 4096, device="cuda").to(torch.bfloat16)
+    y0s = [torch.randn(rows, w, device="cuda").to(torch.bfloat16) for w in widths]
+    slots = torch.arange(1, rows + 1, device="cuda") if rows > 1 else torch.tensor([5], device="cuda")
+    ys = [y.clone() for y in y0s]
+    kb.lora_group_delta_(ys, x, a, bs, slots, 16)  # also the warm-up: compiles
+    graphed = [y.clone() for y in y0s]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kb.lora_group_delta_(graphed, x, a, bs, slots, 16)
+    for y, y0 in zip(graphed, y0s, strict=True):
+        y.copy_(y0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for member, (y, g, y0, b) in enumerate(zip(ys, graphed, y0s, bs, strict=True)):
+        alone = _run(y0, x, a[member], b, slots, 16)
+        assert torch.equal(y, alone) and torch.equal(g, alone), (widths, rows, member)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,173 @@
+"""q, k and v as one LoRA group (``LoraGroup``, ``project_qkv``): one shrink for the three projections of an
+attention's input, each row still getting exactly its own adapter's delta on exactly the modules it targets.
+The decode kernel's grouped launch is tested in tests/server/kernels/test_lora_bgmv.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import adapterd.server.adapters.lora as lora
+from adapterd.server.adapters.lora import LoraSlotTable, project_qkv
+from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
+from adapterd.server.engine.step_context import StepContext, step_context
+
+IN, OUT = 12, {"q_proj": 10, "k_proj": 4, "v_proj": 4}  # grouped key/value heads: k and v narrower than q
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        for name, out in OUT.items():
+            self.add_module(name, nn.Linear(IN, out))
+
+
+def attention_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.add_module("attn", Attention())
+    return model
+
+
+def adapter(ranks: dict[str, int], scalings: dict[str, float], seed: int) -> LoraWeights:
+    """LoRA on the modules of ``ranks`` (a rank each, as rank_pattern gives; a scaling each, as alpha_pattern
+    and rsLoRA give)."""
+    g = torch.Generator().manual_seed(seed)
+    modules = {f"attn.{n}": LoraModule(a=torch.randn(r, IN, generator=g), b=torch.randn(OUT[n], r, generator=g),
+                                       scaling=scalings[n]) for n, r in ranks.items()}
+    return LoraWeights(modules=modules, rank=max(ranks.values()), target_modules=list(modules))
+
+
+QV = adapter({"q_proj": 8, "v_proj": 2}, {"q_proj": 2.0, "v_proj": 0.5}, 1)  # q and v only, ranks differ
+ALL = adapter({"q_proj": 4, "k_proj": 4, "v_proj": 4}, {"q_proj": 1.0, "k_proj": 3.0, "v_proj": 1.0}, 2)
+K = adapter({"k_proj": 16}, {"k_proj": 0.25}, 3)  # k only, the largest rank
+
+
+def expected(model: nn.Module, row_adapters: list[LoraWeights | None], x: torch.Tensor) -> list[torch.Tensor]:
+    """q, k, v by hand: the base layers' outputs plus, for each row, its adapter's ``scaling * x A^T B^T`` on
+    the modules that adapter targets."""
+    outs = []
+    for name in OUT:
+        layer = getattr(model.attn, name)
+        y = getattr(layer, "base_layer", layer)(x).clone()
+        for i, weights in enumerate(row_adapters):
+            m = weights.modules.get(f"attn.{name}") if weights else None
+            if m is not None:
+                y[i] += (x[i] @ m.a.T @ m.b.T) * m.scaling
+        outs.append(y)
+    return outs
+
+
+def run(model: nn.Module, table: LoraSlotTable, slots: list[int], x: torch.Tensor, phase: str = "prefill"):
+    with step_context(StepContext(phase, table.rows_of(slots, phase))):
+        return project_qkv(model.attn, x)
+
+
+def separately(model: nn.Module, table: LoraSlotTable, slots: list[int], x: torch.Tensor, phase: str = "prefill"):
+    """Each projection's own forward, as transformers' path calls them."""
+    with step_context(StepContext(phase, table.rows_of(slots, phase))):
+        return [getattr(model.attn, name)(x) for name in OUT]
+
+
+# 4 slots for 4 rows: the dense path; 20 slots: the gathered one
+@pytest.mark.parametrize("num_slots", [3, 19])
+@pytest.mark.parametrize("shape", [(4, 5, IN), (4, 1, IN)])  # a prefill's rows, a decode step's
+def test_rows_get_their_own_adapter_on_the_modules_it_targets(num_slots, shape):
+    model = attention_model()
+    table = LoraSlotTable(model, num_slots=num_slots, max_rank=16, dtype=torch.float32, device=torch.device("cpu"),
+                          use_kernel=False)
+    slots = [table.acquire("qv", QV), table.acquire("all", ALL), 0, table.acquire("k", K)]
+    group = model.attn.q_proj.group
+    assert group is not None and group.members == (model.attn.q_proj, model.attn.k_proj, model.attn.v_proj)
+    assert group.lora_a.shape == (3, 16, num_slots + 1, IN)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        got = run(model, table, slots, x)
+        want = expected(model, [QV, ALL, None, K], x)
+        alone = separately(model, table, slots, x)
+    for name, g, w, a in zip(OUT, got, want, alone, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(g, a, rtol=1e-6, atol=1e-6, msg=name)  # as each layer gives alone
+        assert torch.equal(g[2], getattr(model.attn, name).base_layer(x)[2])  # the base row: exactly the base
+
+
+def test_a_module_no_adapter_targets_stays_out_of_the_group():
+    """Adapters on q and v only: k is not wrapped (no zeros read for it), its output is the base's exactly;
+    an adapter on k later joins it to the group, and what earlier adapters wrote into their slots stays."""
+    model = attention_model()
+    table = LoraSlotTable(model, num_slots=4, max_rank=16, dtype=torch.float32, device=torch.device("cpu"),
+                          use_kernel=False)
+    qv = table.acquire("qv", QV)
+    group = model.attn.q_proj.group
+    assert group.members == (model.attn.q_proj, model.attn.v_proj)
+    assert isinstance(model.attn.k_proj, nn.Linear) and group.lora_a.shape[0] == 2
+    x = torch.randn(2, 3, IN)
+    with torch.no_grad():
+        got = run(model, table, [qv, 0], x)
+        for g, w in zip(got, expected(model, [QV, None], x), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[1], model.attn.k_proj(x))
+        wraps = table.wraps
+        k = table.acquire("k", K)
+        assert table.wraps == wraps + 1  # the model changed: graphs captured before must go
+        regrouped = model.attn.q_proj.group
+        assert regrouped is not group and regrouped.members == (model.attn.q_proj, model.attn.k_proj,
+                                                                model.attn.v_proj)
+        assert model.attn.v_proj.lora_a.data_ptr() == regrouped.lora_a[2].data_ptr()  # a view: one copy of A
+        got = run(model, table, [qv, k], x)
+        for g, w in zip(got, expected(model, [QV, K], x), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_one_shrink_for_the_three_and_an_evicted_slot_is_zeros(monkeypatch):
+    model = attention_model()
+    table = LoraSlotTable(model, num_slots=2, max_rank=16, dtype=torch.float32, device=torch.device("cpu"),
+                          use_kernel=False)
+    s = table.acquire("all", ALL)
+    shrinks = []
+    real = lora.shrink
+    monkeypatch.setattr(lora, "shrink", lambda a, x, rows: shrinks.append(a.shape[0]) or real(a, x, rows))
+    x = torch.randn(2, 1, IN)
+    with torch.no_grad():
+        run(model, table, [s, s], x)
+        assert shrinks == [3]  # one shrink, over the three tables
+        separately(model, table, [s, s], x)
+        assert shrinks == [3, 1, 1, 1]  # transformers' path: one a projection
+        table.release(s)
+        assert table.evict("all")
+        assert not model.attn.q_proj.group.lora_a[:, :, s].any()  # the freed slot holds nothing
+
+
+def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_tokens(tiny_model_dir, adapter_root,
+                                                                                   monkeypatch):
+    """The engine's own decoder with the BGMV kernels (Triton's interpreter on the CPU, compiled on a GPU):
+    q, k and v of every layer go to one grouped launch in each decode step, for adapters on q and v (a group
+    of two), on every linear (three), on q and o (rsLoRA: q alone, no group), mixed with base and prefix rows
+    in one batch; every row's greedy tokens equal PEFT's for it alone."""
+    pytest.importorskip("triton")
+    from adapterd.server.engine import EngineConfig, GenerationParams
+    from adapterd.server.kernels import lora_bgmv
+    from adapterd.server.model import load_base_model
+    from adapterd.server.runtime import Runtime
+    from tests.helpers import TEST_DEVICE, reference_greedy
+    from tests.server.engine.test_parity import run_together
+
+    if TEST_DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    members = []
+    real = lora_bgmv.lora_group_delta_  # wrapped before the slot table's groups pick it
+    monkeypatch.setattr(lora_bgmv, "lora_group_delta_", lambda ys, *a: members.append(len(ys)) or real(ys, *a))
+    jobs = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"),
+            ("你是谁？", "lora-rs"), ("hello world", "prefix")]
+    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 5) for p, a in jobs]
+    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
+    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True, cuda_graphs=False))
+    try:
+        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=5))
+    finally:
+        runtime.close()
+    assert [events[-1].token_ids for events in results] == refs
+    grouped = [g for g in members if g > 1]  # lora_delta_ (o and the MLP) is a group of one
+    assert set(grouped) == {3}  # q, k, v grouped (lora-all wrapped k too); lora-rs's q rides in the group
+    assert grouped and len(grouped) % base.num_layers == 0  # one grouped launch a layer a decode step
