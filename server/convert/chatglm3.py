@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FailedPrecondition, NotFound
-from ..merge.atomic import AtomicDir
+from ..merge.atomic import merge_output
 from ..safetensors_io import ITEM_BYTES, ShardWriter, TensorEntry, plan_shards, write_index
 from .chatglm3_layout import (
     IGNORED,
@@ -198,7 +198,7 @@ def convert_chatglm3(src: str | Path, dst: str | Path, *, overwrite: bool = Fals
         check_tensors(source, expected)
         has_prefix = check_unknown(source, expected)
         outputs = plan_outputs(cfg, source)
-        with AtomicDir(dst, overwrite=overwrite, marker="config.json", field="DST") as tmp:
+        with merge_output(dst, overwrite=overwrite, marker="config.json", field="DST") as tmp:
             write_side_files(tmp, src, cfg, outputs[0].dtype)  # the embedding's dtype
             written = write_weights(tmp, source, outputs, max_shard_bytes, progress)
     finally:

@@ -27,7 +27,7 @@ import torch
 
 from ..adapters.peft_format import LoraConfig as ServedLoraConfig
 from ..errors import FailedPrecondition, NotFound
-from ..merge.atomic import AtomicDir
+from ..merge.atomic import merge_output
 from .chatglm3 import open_source
 from .chatglm3_layout import PREFIX_ENCODER
 from .checkpoint import SourceCheckpoint, weight_files
@@ -177,7 +177,7 @@ def convert_prefix(src: Path, dst: Path, base_dir: Path, base: GlmBase, overwrit
         source.close()
     virtual = table.shape[0]
     table = rotate_keys(table, base, virtual)
-    with AtomicDir(dst, overwrite=overwrite, marker="adapter_config.json", field="DST") as tmp:
+    with merge_output(dst, overwrite=overwrite, marker="adapter_config.json", field="DST") as tmp:
         write_prefix(tmp, table, base, base_dir)
     return AdapterConvertResult(dst, "PREFIX_TUNING", f"{virtual} virtual tokens")
 
@@ -249,7 +249,7 @@ def convert_lora(src: Path, dst: Path, base_dir: Path, base: GlmBase, overwrite:
         source.close()
     config = {**raw, "target_modules": sorted(targets), "base_model_name_or_path": str(base_dir)}
     ServedLoraConfig.from_dict(config)  # the daemon's own reader accepts it, or this raises naming the field
-    with AtomicDir(dst, overwrite=overwrite, marker="adapter_config.json", field="DST") as tmp:
+    with merge_output(dst, overwrite=overwrite, marker="adapter_config.json", field="DST") as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return AdapterConvertResult(dst, "LORA", f"r {raw.get('r', 8)}, alpha {raw.get('lora_alpha', 8)}, "

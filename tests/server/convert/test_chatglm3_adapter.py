@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapterd.server.convert.chatglm3_adapter import convert_chatglm3_adapter
-from tests.helpers import _cache_kwarg
+from adapterd.server.model import cache_kwarg
 from tests.server.convert.chatglm3_fixture import (
     SPECIAL,
     reference_logits,
@@ -48,7 +48,7 @@ def peft_logits(base_dir, adapter_dir, ids: list[int]) -> torch.Tensor:
     v = config.num_virtual_tokens
     return model(input_ids=x, attention_mask=torch.ones(1, v + len(ids), dtype=torch.long),
                  position_ids=torch.arange(v, v + len(ids))[None], use_cache=True,
-                 **{_cache_kwarg(model): peft_model.get_prompt(batch_size=1)}).logits[0]
+                 **{cache_kwarg(model): peft_model.get_prompt(batch_size=1)}).logits[0]
 
 
 @pytest.mark.parametrize("layout", ["prefix-only-bin", "full-safetensors"])
