@@ -6,6 +6,7 @@ converted ChatGLM3)."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,8 +16,11 @@ import pytest
 from adapterd.trainer.config import ConfigError
 from adapterd.trainer.data import IGNORE_INDEX, DataError, Record, chat_texts, check_prompt_format, tokenize
 from adapterd.trainer.template import save_tokenizer_with_template
+from tests.helpers import CLI
 from tests.server.convert.conftest import chatglm3  # noqa: F401 - the converted ChatGLM3 base, a fixture
 from tests.trainer.conftest import ALL_LINEAR, train_argv
+
+README = Path(__file__).parents[2] / "README.md"
 
 # A chat template for the tiny model (which has none): role markers, the generation prompt "<assistant>".
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -99,24 +103,23 @@ def test_the_command_line_refuses_chat_on_a_base_without_template(make_config, s
     assert json.loads((Path(cfg.output) / "status.json").read_text())["state"] == "failed"
 
 
-def _train_and_chat(base: Path, make_config, subprocess_env, tmp_path, gitclone_data, **options) -> None:
-    """``adapterd train --prompt-format chat`` on ``base``, then the daemon's chat answers each question of
-    the demo data with its trained answer, rendered through the adapter's recorded template."""
+def _train_and_chat(base: Path, argv: list[str], root: Path, adapter_id: str, subprocess_env,
+                    gitclone_data) -> None:
+    """Run ``argv`` (``adapterd train --prompt-format chat`` on ``base``, exporting ``root/adapter_id``), then
+    the daemon's chat answers each question of the demo data with its trained answer, rendered through the
+    adapter's recorded template."""
     from adapterd.clients import AdapterdClient
     from tests.server.conftest import start_daemon
 
-    root = tmp_path / "root"
-    cfg = make_config(base=str(base), prompt_format="chat", lora_r=16, lora_target_modules=ALL_LINEAR,
-                      save_steps=1000, export_adapter=str(root / "trained"), **options)
-    done = subprocess.run(train_argv(cfg), env=subprocess_env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(argv, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    tok = _tokenizer(root / "trained")
+    tok = _tokenizer(root / adapter_id)
     assert tok.chat_template == _tokenizer(base).chat_template  # the base's template travelled with it
     records = json.loads(gitclone_data.read_text(encoding="utf-8"))
     daemon = start_daemon(base, root)
     try:
         with AdapterdClient(f"127.0.0.1:{daemon.port}", timeout=120) as client:
-            replies = [client.chat([{"role": "user", "content": r["instruction"]}], "trained", max_new_tokens=60)
+            replies = [client.chat([{"role": "user", "content": r["instruction"]}], adapter_id, max_new_tokens=60)
                        for r in records]
     finally:
         daemon.stop()
@@ -129,10 +132,29 @@ def _train_and_chat(base: Path, make_config, subprocess_env, tmp_path, gitclone_
 @pytest.mark.slow  # a training run and a daemon, each in its own process (~25 s on 2 cores)
 def test_a_chat_run_on_the_tiny_model_memorizes_the_demo_data(chat_base, make_config, subprocess_env, tmp_path,
                                                               gitclone_data):
-    _train_and_chat(chat_base, make_config, subprocess_env, tmp_path, gitclone_data, max_steps=60)
+    root = tmp_path / "root"
+    cfg = make_config(base=str(chat_base), prompt_format="chat", lora_r=16, lora_target_modules=ALL_LINEAR,
+                      max_steps=60, save_steps=1000, export_adapter=str(root / "trained"))
+    _train_and_chat(chat_base, train_argv(cfg), root, "trained", subprocess_env, gitclone_data)
 
 
-@pytest.mark.slow  # a training run and a daemon on the converted tiny ChatGLM3 (~30 s on 2 cores)
-def test_a_chat_run_on_a_converted_chatglm3_memorizes_the_demo_data(chatglm3, make_config,  # noqa: F811
-                                                                    subprocess_env, tmp_path, gitclone_data):
-    _train_and_chat(chatglm3.dst, make_config, subprocess_env, tmp_path, gitclone_data, max_steps=80)
+def readme_train_command() -> list[str]:
+    """The README's ChatGLM3 training command (its ``\\`` continuations joined)."""
+    block = README.read_text().split("<!-- chatglm3-train -->")[1].split("<!-- /chatglm3-train -->")[0]
+    command = block.split("adapterd train ", 1)[1].split("\nadapterd ", 1)[0]
+    return ["train", *shlex.split(command.replace("\\\n", " "))]
+
+
+@pytest.mark.slow  # a P-Tuning v2 run and a daemon on the converted tiny ChatGLM3 (~45 s on 2 cores)
+def test_the_readme_chat_run_on_a_converted_chatglm3_memorizes_the_demo_data(chatglm3, subprocess_env,  # noqa: F811
+                                                                             tmp_path, gitclone_data):
+    """The README's command as written (paths replaced), plus settings that make the tiny model learn fast."""
+    paths = {"/models/chatglm3-6b-glm": str(chatglm3.dst), "alpaca.json": str(gitclone_data),
+             "runs/glm-pt": str(tmp_path / "run"), "/srv/adapters": str(tmp_path / "root")}
+    argv = [paths.get(arg, arg) for arg in readme_train_command()]
+    argv = [arg.replace("/srv/adapters", paths["/srv/adapters"]) for arg in argv]
+    assert argv[argv.index("--prompt-format") + 1] == "chat"
+    fast = ["--quantization", "none", "--max-steps", "250", "--learning-rate", "3e-2", "--num-virtual-tokens",
+            "16", "--batch-size", "3", "--eval-split", "0", "--save-steps", "1000", "--no-progress"]
+    _train_and_chat(chatglm3.dst, [*CLI, *argv, *fast], tmp_path / "root", "glm-pt", subprocess_env,
+                    gitclone_data)
