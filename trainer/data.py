@@ -4,8 +4,9 @@ A record is ``{"instruction": str, "input": str (may be empty or absent), "outpu
 list of records or JSON lines (one record per line). The prompt is llama-recipes' Alpaca template; the loss
 falls only on the response and the EOS token (prompt tokens carry the label -100), as in llama-recipes.
 
-With the ``chat`` prompt format a record is a conversation instead (user: the instruction, then the input on
-a line of its own; assistant: the output), rendered with the base tokenizer's own chat template, as a base
+With the ``chat`` prompt format a record is a conversation instead (its optional ``system`` string first as
+the system message, which the Alpaca prompt has no place for and ignores; user: the instruction, then the
+input on a line of its own; assistant: the output), rendered with the base tokenizer's own chat template, as a base
 like ChatGLM3 is fine-tuned and then chatted with: the prompt is the conversation up to the template's
 generation prompt, the response is what the template writes for the assistant's message after it, and the
 loss falls on that response (and EOS, unless the template's turn already holds it).
@@ -67,6 +68,7 @@ class Record:
     instruction: str
     input: str
     output: str
+    system: str = ""  # the chat format's system message (optional)
 
 
 @dataclass
@@ -81,7 +83,7 @@ def _check(index: int, raw: Any) -> Record:
     if not isinstance(raw, dict):
         raise DataError(index, None, f"expected an object with instruction/input/output, got {type(raw).__name__}")
     values: dict[str, str] = {}
-    for name, required in (("instruction", True), ("input", False), ("output", True)):
+    for name, required in (("instruction", True), ("input", False), ("output", True), ("system", False)):
         value = raw.get(name, None if required else "")
         if value is None:
             if required:
@@ -92,7 +94,7 @@ def _check(index: int, raw: Any) -> Record:
         if required and not value.strip():
             raise DataError(index, name, "is empty")
         values[name] = value
-    return Record(values["instruction"], values["input"], values["output"])
+    return Record(values["instruction"], values["input"], values["output"], values["system"])
 
 
 def _raw_items(path: Path) -> Iterator[tuple[int, Any]]:
@@ -163,7 +165,8 @@ def chat_texts(record: Record, tokenizer: Any) -> tuple[str, str]:
     from jinja2 import TemplateError
 
     user = record.instruction + (f"\n{record.input}" if record.input else "")
-    asked = [{"role": "user", "content": user}]
+    system = [{"role": "system", "content": record.system}] if record.system else []
+    asked = [*system, {"role": "user", "content": user}]
     try:
         prompt = tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
         whole = tokenizer.apply_chat_template([*asked, {"role": "assistant", "content": record.output}],

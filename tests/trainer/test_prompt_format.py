@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from adapterd.trainer.config import ConfigError
-from adapterd.trainer.data import IGNORE_INDEX, DataError, Record, chat_texts, check_prompt_format, tokenize
+from adapterd.trainer.data import (
+    IGNORE_INDEX,
+    DataError,
+    Record,
+    chat_texts,
+    check_prompt_format,
+    load_records,
+    tokenize,
+)
 from adapterd.trainer.template import save_tokenizer_with_template
 from tests.helpers import CLI
 from tests.server.convert.conftest import chatglm3  # noqa: F401 - the converted ChatGLM3 base, a fixture
@@ -56,6 +64,16 @@ def test_a_record_is_a_conversation_with_the_answer_alone_in_the_loss(chat_base)
     asked = tok.apply_chat_template([{"role": "user", "content": "Translate\nbonjour"}], tokenize=False,
                                     add_generation_prompt=True)
     assert tok(asked, add_special_tokens=False)["input_ids"] == prompt_ids
+
+
+def test_a_system_field_is_the_system_message(chat_base, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "q", "output": "a", "system": "Be brief."}\n', encoding="utf-8")
+    record = load_records(data).records[0]
+    assert chat_texts(record, _tokenizer(chat_base)) == ("<system>Be brief.\n<user>q\n<assistant>", "a\n")
+    data.write_text('{"instruction": "q", "output": "a", "system": 1}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="record 0, field 'system': must be a string"):
+        load_records(data)
 
 
 def test_eos_is_not_doubled_when_the_template_ends_the_turn_with_it(chat_base):
