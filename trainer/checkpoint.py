@@ -129,16 +129,16 @@ def remove_stale(run_dir: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, peft_model: Any, optimizer: torch.optim.Optimizer,
                     scheduler: Any, position: DataPosition, extra: dict[str, Any], keep_last: int,
-                    tokenizer: Any = None) -> Path:
+                    tokenizer: Any = None, prompt_format: str = "alpaca") -> Path:
     """Write ``checkpoint-<step>`` atomically (``AtomicDir``: a checkpoint of that step from another timeline,
     after a resume from an older one, is replaced), then drop the oldest beyond ``keep_last`` (0 keeps all).
-    With ``tokenizer``, the checkpoint holds it with the training template as its chat template."""
+    With ``tokenizer``, the checkpoint holds it with the template of ``prompt_format`` as its chat template."""
     final = run_dir / f"checkpoint-{step}"
     check_finite({n: p for n, p in peft_model.named_parameters() if p.requires_grad}, f"checkpoint-{step}")
     with AtomicDir(final, replace=True) as tmp:
         peft_model.save_pretrained(str(tmp))
         if tokenizer is not None:
-            save_tokenizer_with_template(tokenizer, tmp)
+            save_tokenizer_with_template(tokenizer, tmp, prompt_format)
         state = {"step": step, "position": asdict(position), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra}
         torch.save(state, tmp / STATE_FILE)

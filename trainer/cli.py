@@ -75,8 +75,8 @@ def _report(message: str) -> None:
         print(f"adapterd train: {message}", file=sys.stderr)
 
 
-def _bad_data(record: logging.LogRecord, error: type[Exception]) -> bool:
-    """Whether ``record`` is the loop's failure log for bad training data (``error``, i.e. DataError)."""
+def _bad_data(record: logging.LogRecord, error: tuple[type[Exception], ...]) -> bool:
+    """Whether ``record`` is the loop's failure log for bad input (``error``: DataError, ConfigError)."""
     return record.exc_info is not None and isinstance(record.exc_info[1], error)
 
 
@@ -106,11 +106,14 @@ def run(args: argparse.Namespace) -> int:
     from .data import DataError
     from .loop import train  # torch and transformers load here, after the handlers
 
-    console.addFilter(lambda record: not _bad_data(record, DataError))  # reported below in one line
+    console.addFilter(lambda record: not _bad_data(record, (DataError, ConfigError)))  # reported in one line
     try:
         result = train(cfg, stop=stop, progress=tty, started_unix=started_unix)
     except RunBusy as exc:
         print(f"adapterd train: --output: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # an option the base cannot serve (--prompt-format chat without a template)
+        _report(f"--{exc.field.replace('_', '-')}: {exc.message}")
         return 2
     except DataError as exc:  # the input's fault, not a crash: train.log keeps the traceback
         _report(f"--data {cfg.data}: {exc}")

@@ -20,6 +20,7 @@ from typing import Any
 from ..server.config import QUANTIZATIONS  # what the one base loader (server/model.py) supports
 
 METHODS = ("lora", "ptuning-v2")
+PROMPT_FORMATS = ("alpaca", "chat")
 SCHEDULES = ("linear", "cosine", "constant")
 INT8_COMPUTE = ("dequant", "bnb")
 TOGGLE = ("auto", "on", "off")
@@ -47,6 +48,10 @@ class TrainConfig:
                    cli_required=True)
     method: str = _f("lora", "adapter kind: lora, or ptuning-v2 (PEFT prefix tuning)", choices=METHODS)
     output: str = _f("", "run directory: checkpoints, status.json, train.log, final adapter", cli_required=True)
+    prompt_format: str = _f(
+        "alpaca", "how each record becomes an example: alpaca (the Alpaca prompt) or chat (a conversation, user: "
+        "instruction and input, assistant: output, rendered with the base tokenizer's own chat template)",
+        choices=PROMPT_FORMATS)
     quantization: str = _f("int8", "how the frozen base is held: int8 (bitsandbytes LLM.int8), nf4 or none",
                            choices=QUANTIZATIONS)
     batch_size: int = _f(4, "examples per micro-batch")
@@ -150,7 +155,7 @@ class TrainConfig:
 
 
 # Settings that must not change between a run and its resume, or the loss curve would not continue.
-RESUME_CRITICAL = ("method", "quantization", "batch_size", "grad_accum", "context_length", "seed",
+RESUME_CRITICAL = ("method", "prompt_format", "quantization", "batch_size", "grad_accum", "context_length", "seed",
                    "eval_split", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                    "num_virtual_tokens", "schedule", "warmup_steps", "learning_rate", "int8_compute")
 

@@ -4,6 +4,13 @@ A record is ``{"instruction": str, "input": str (may be empty or absent), "outpu
 list of records or JSON lines (one record per line). The prompt is llama-recipes' Alpaca template; the loss
 falls only on the response and the EOS token (prompt tokens carry the label -100), as in llama-recipes.
 
+With the ``chat`` prompt format a record is a conversation instead (its optional ``system`` string first as
+the system message, which the Alpaca prompt has no place for and ignores; user: the instruction, then the
+input on a line of its own; assistant: the output), rendered with the base tokenizer's own chat template, as a base
+like ChatGLM3 is fine-tuned and then chatted with: the prompt is the conversation up to the template's
+generation prompt, the response is what the template writes for the assistant's message after it, and the
+loss falls on that response (and EOS, unless the template's turn already holds it).
+
 Nothing is dropped silently: a malformed record raises ``DataError`` naming its index and field, unless the
 caller asks to skip such records, in which case they are counted and the count is reported.
 """
@@ -16,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +68,7 @@ class Record:
     instruction: str
     input: str
     output: str
+    system: str = ""  # the chat format's system message (optional)
 
 
 @dataclass
@@ -73,7 +83,7 @@ def _check(index: int, raw: Any) -> Record:
     if not isinstance(raw, dict):
         raise DataError(index, None, f"expected an object with instruction/input/output, got {type(raw).__name__}")
     values: dict[str, str] = {}
-    for name, required in (("instruction", True), ("input", False), ("output", True)):
+    for name, required in (("instruction", True), ("input", False), ("output", True), ("system", False)):
         value = raw.get(name, None if required else "")
         if value is None:
             if required:
@@ -84,7 +94,7 @@ def _check(index: int, raw: Any) -> Record:
         if required and not value.strip():
             raise DataError(index, name, "is empty")
         values[name] = value
-    return Record(values["instruction"], values["input"], values["output"])
+    return Record(values["instruction"], values["input"], values["output"], values["system"])
 
 
 def _raw_items(path: Path) -> Iterator[tuple[int, Any]]:
@@ -142,12 +152,55 @@ class Example:
     labels: list[int]
 
 
-def tokenize(record: Record, tokenizer: Any, context_length: int) -> Example:
-    """Prompt tokens as the server will see them (the tokenizer's own special tokens, e.g. BOS), then the
-    response tokens and EOS. The prompt and the response are tokenized apart, as at inference, where the
-    prompt is tokenized alone and the response is generated token by token. Too long: cut at the end."""
+def _alpaca_ids(record: Record, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The Alpaca prompt with the tokenizer's own special tokens (e.g. BOS), as the server tokenizes a raw
+    prompt; the response and EOS."""
     prompt_ids = tokenizer(format_prompt(record.instruction, record.input))["input_ids"]
-    answer_ids = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids, tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def chat_texts(record: Record, tokenizer: Any) -> tuple[str, str]:
+    """The ``chat`` format's (prompt, response) texts of ``record`` with the base's chat template: the
+    conversation up to the generation prompt, and what the template writes after it for the assistant."""
+    from jinja2 import TemplateError
+
+    user = record.instruction + (f"\n{record.input}" if record.input else "")
+    system = [{"role": "system", "content": record.system}] if record.system else []
+    asked = [*system, {"role": "user", "content": user}]
+    try:
+        prompt = tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template([*asked, {"role": "assistant", "content": record.output}],
+                                              tokenize=False)
+    except TemplateError as exc:  # the template's raise_exception, or a render failure
+        raise DataError(None, "instruction", f"the base's chat template refused the conversation: {exc}") from None
+    if not whole.startswith(prompt):
+        raise DataError(None, "output", "the base's chat template does not write the assistant's message after "
+                        "its generation prompt, so the response cannot be told from the prompt")
+    return prompt, whole[len(prompt):]
+
+
+def _chat_ids(record: Record, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Both texts tokenized without special tokens, as the server tokenizes a rendered conversation (the
+    template writes BOS and role markers itself); EOS closes the response unless the template's turn has it."""
+    prompt, response = chat_texts(record, tokenizer)
+    answer_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id not in answer_ids:
+        answer_ids.append(tokenizer.eos_token_id)
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"], answer_ids
+
+
+def check_prompt_format(tokenizer: Any, prompt_format: str) -> None:
+    """Raise ``ConfigError`` when ``tokenizer`` cannot format examples as ``prompt_format`` asks."""
+    if prompt_format == "chat" and not tokenizer.chat_template:
+        raise ConfigError("prompt_format", "chat needs the base's tokenizer to have a chat template, and it has "
+                          "none (use alpaca, or give the base one: chat_template.jinja beside its tokenizer)")
+
+
+def tokenize(record: Record, tokenizer: Any, context_length: int, prompt_format: str = "alpaca") -> Example:
+    """Prompt tokens as the server will see them, then the response tokens and EOS. The prompt and the
+    response are tokenized apart, as at inference, where the prompt is tokenized alone and the response is
+    generated token by token. Too long: cut at the end."""
+    prompt_ids, answer_ids = (_chat_ids if prompt_format == "chat" else _alpaca_ids)(record, tokenizer)
     if len(prompt_ids) >= context_length:
         raise DataError(None, "instruction", f"prompt is {len(prompt_ids)} tokens, context_length is "
                         f"{context_length}: no room for the response")
@@ -156,12 +209,13 @@ def tokenize(record: Record, tokenizer: Any, context_length: int) -> Example:
     return Example(ids, labels)
 
 
-def tokenize_all(data: Dataset, tokenizer: Any, context_length: int, *, skip_malformed: bool) -> list[Example]:
+def tokenize_all(data: Dataset, tokenizer: Any, context_length: int, *, skip_malformed: bool,
+                 prompt_format: str = "alpaca") -> list[Example]:
     """Tokenize every record; a prompt longer than the context is a malformed record (index named)."""
     out: list[Example] = []
     for index, record in enumerate(data.records):
         try:
-            out.append(tokenize(record, tokenizer, context_length))
+            out.append(tokenize(record, tokenizer, context_length, prompt_format))
         except DataError as exc:
             err = DataError(index, exc.field, str(exc).split(": ", 1)[-1])
             if not skip_malformed:

@@ -163,7 +163,9 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
 
     records = data_mod.load_records(cfg.data, skip_malformed=cfg.skip_malformed)
     tokenizer = model_mod.load_tokenizer(cfg.base)
-    examples = data_mod.tokenize_all(records, tokenizer, cfg.context_length, skip_malformed=cfg.skip_malformed)
+    data_mod.check_prompt_format(tokenizer, cfg.prompt_format)
+    examples = data_mod.tokenize_all(records, tokenizer, cfg.context_length, skip_malformed=cfg.skip_malformed,
+                                     prompt_format=cfg.prompt_format)
     for index, reason in records.skipped:
         log.warning("skipped %s", reason if reason.startswith("record") else f"record {index}: {reason}")
     train_set, eval_set = data_mod.split_eval(examples, cfg.eval_split, cfg.seed)
@@ -229,7 +231,7 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
             return None
         extra = {"loss": status.status.loss, "epoch": pos.epoch + pos.batch_in_epoch / n_batches}
         path = ckpt.save_checkpoint(run_dir, step, peft_model, optimizer, scheduler, pos, extra, cfg.keep_last,
-                                    tokenizer=tokenizer)
+                                    tokenizer=tokenizer, prompt_format=cfg.prompt_format)
         log.info("saved %s", path)
         write(last_checkpoint=str(path))
         return path

@@ -1,13 +1,15 @@
 """The chat template an adapter is trained with, recorded beside its weights so that it travels with it.
 
-The trainer formats every example with the Alpaca prompt (``data.format_prompt``). At inference a chat
-message must reach the model in the same form, or a trained adapter answers noise. So every checkpoint and
-exported adapter holds the tokenizer with this template as its ``chat_template`` (``chat_template.jinja``
-beside ``adapter_config.json``, as transformers saves a tokenizer): ``AutoTokenizer.from_pretrained(ADAPTER)
-.apply_chat_template(...)`` and the daemon render a conversation exactly as training formatted it, and plain
-PEFT, which reads only the ``adapter_*`` files, loads the adapter unchanged.
+The trainer formats every example with the Alpaca prompt (``data.format_prompt``), or with
+``--prompt-format chat`` as a conversation in the base tokenizer's own chat template (``data.chat_texts``). At
+inference a chat message must reach the model in the same form, or a trained adapter answers noise. So
+every checkpoint and exported adapter holds the tokenizer with that template as its ``chat_template``
+(``chat_template.jinja`` beside ``adapter_config.json``, as transformers saves a tokenizer):
+``AutoTokenizer.from_pretrained(ADAPTER).apply_chat_template(...)`` and the daemon render a conversation exactly
+as training formatted it, and plain PEFT, which reads only the ``adapter_*`` files, loads the adapter
+unchanged. A ``chat`` run records the base's own template (its examples were rendered with it).
 
-The template, for ``[system?, user, assistant, user, ...]``:
+The Alpaca template, for ``[system?, user, assistant, user, ...]``:
 
 - the system message replaces Alpaca's opening sentence ("Below is an instruction ...");
 - each user message becomes ``\\n\\n### Instruction:\\n{content}\\n\\n### Response:`` (the response marker is
@@ -64,12 +66,14 @@ def alpaca_chat_template(tokenizer: Any) -> str:
     return _ALPACA.replace("{BOS}", bos).replace("{HEADER}", HEADER.replace("'", "\\'"))
 
 
-def save_tokenizer_with_template(tokenizer: Any, directory: Path) -> None:
-    """Write ``tokenizer`` into ``directory`` with the Alpaca template as its chat template (the files
-    ``save_pretrained`` writes: ``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``). The
-    tokenizer object itself is left as it was."""
+def save_tokenizer_with_template(tokenizer: Any, directory: Path, prompt_format: str = "alpaca") -> None:
+    """Write ``tokenizer`` into ``directory`` with the template its examples were formatted with as its chat
+    template (the files ``save_pretrained`` writes: ``tokenizer.json``, ``tokenizer_config.json``,
+    ``chat_template.jinja``): the Alpaca one, or for ``--prompt-format chat`` the base's own, which ``chat``
+    examples were rendered with. The tokenizer object itself is left as it was."""
     before = tokenizer.chat_template
-    tokenizer.chat_template = alpaca_chat_template(tokenizer)
+    if prompt_format == "alpaca":
+        tokenizer.chat_template = alpaca_chat_template(tokenizer)
     try:
         tokenizer.save_pretrained(str(directory))
     finally:

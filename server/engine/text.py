@@ -3,13 +3,26 @@
 Decoding a growing id list one token at a time must not split a multi-byte character (a Chinese
 character is often several byte-level tokens) nor drop the space a sentencepiece token carries, so each
 step decodes a short window that starts a few tokens back and emits only what is new and complete
-(the method of TGI's ``decode_token``). Text that could be the start of a stop sequence is held back
-until it is known not to be one.
+(the method of TGI's ``decode_token``, and of ``tokenizers``' ``DecodeStream``, which vLLM uses). Text that
+could be the start of a stop sequence is held back until it is known not to be one.
+
+Byte-fallback tokenizers (SentencePiece's, Llama's and ChatGLM3's among them) spell a character missing from
+the vocabulary as byte pieces ``<0xE4>``, and their decoder (``tokenizers``' ``ByteFallback``) turns each run of
+consecutive byte pieces into text as a whole: its characters if the run is valid UTF-8, else one U+FFFD per
+piece. A byte piece can therefore change the text of the pieces before it in its run (``<0x53> <0x41>`` is
+"SA", ``<0x53> <0x41> <0xE4>`` is three U+FFFD), so nothing of a run is final until a piece that is not a byte
+ends it: the window never advances inside a run. ``DecodeStream`` does advance there, and fails with "invalid
+prefix" when the run breaks (vLLM then starts its stream again); here the concatenated text always equals
+``tokenizer.decode(ids, skip_special_tokens=True)``. A special token is skipped by that decode, so it neither
+ends a run nor changes the text.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece, as SentencePiece names them
 
 
 class TextStream:
@@ -26,9 +39,12 @@ class TextStream:
         self._read_offset = 0
         self._scanned = 0  # ``text`` before this index holds no stop sequence
         self._before: str | None = None
+        self._skipped = frozenset(tokenizer.all_special_ids)  # what ``_decode`` leaves out
 
     def add(self, token_id: int) -> None:
         self.ids.append(token_id)
+        if token_id in self._skipped or self._is_byte_piece(token_id):
+            return  # no new text yet: a skipped token adds none, a byte piece's run is not over (module doc)
         if self._before is None:  # the window's settled part; decoded once per window, not per token
             self._before = self._decode(self._prefix_offset, self._read_offset)
         after = self._decode(self._prefix_offset, len(self.ids))
@@ -37,6 +53,9 @@ class TextStream:
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
             self._before = None
         self._find_stop()
+
+    def _is_byte_piece(self, token_id: int) -> bool:
+        return _BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(token_id) or "") is not None
 
     def _decode(self, start: int, end: int) -> str:
         return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True)

@@ -19,7 +19,7 @@ from tests.helpers import reference_greedy as peft_greedy
 from tests.server.conftest import start_daemon
 from tests.server.convert.chatglm3_fixture import reference_greedy, write_prefix_checkpoint
 from tests.server.convert.test_chatglm3_adapter import prefix_table
-from tests.server.convert.test_chatglm3_serve import _as_streamed, _stop_ids
+from tests.server.convert.test_chatglm3_serve import _stop_ids
 
 README = Path(__file__).parents[3] / "README.md"
 NEW_TOKENS = 8
@@ -63,7 +63,7 @@ def test_the_readme_commands_answer_as_chatglm3_with_its_prefix(chatglm3, tmp_pa
     question = commands[3][commands[3].index("--prompt") + 1]
     ids = tok(f"[gMASK]sop<|user|>\n {question}<|assistant|>", add_special_tokens=False).input_ids
     want = reference_greedy(chatglm3.weights, chatglm3.tiny, ids, NEW_TOKENS, _stop_ids(chatglm3), prefix=table)
-    assert asked.stdout.removesuffix("\n") == _as_streamed(tok, want)
+    assert asked.stdout.removesuffix("\n") == tok.decode(want, skip_special_tokens=True)
 
 
 def _replace(arg: str, paths: dict[str, str]) -> str:
@@ -92,4 +92,4 @@ def test_adapterd_train_trains_lora_and_ptuning_v2_on_the_converted_base(chatglm
     tok = AutoTokenizer.from_pretrained(chatglm3.dst)
     for method, reply in replies.items():
         want = peft_greedy(chatglm3.dst, "hello world", root / method, NEW_TOKENS)
-        assert reply.text == _as_streamed(tok, want), method
+        assert reply.text == tok.decode(want, skip_special_tokens=True), method
