@@ -36,7 +36,10 @@ def import_types(config: dict) -> None:
     with (``envoy.extensions.filters.http.router.v3.Router`` in ``envoy/extensions/filters/http/router/v3/``)."""
     for url in _type_urls(config):
         package = url.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        module = importlib.import_module(package)
+        try:
+            module = importlib.import_module(package)
+        except ModuleNotFoundError:
+            continue  # no such package: the parse then fails naming the type URL
         for info in pkgutil.iter_modules(module.__path__):
             if info.name.endswith("_pb2"):
                 importlib.import_module(f"{package}.{info.name}")
