@@ -1,5 +1,5 @@
 """adapterd clients: grpcio and the generated stubs only (no torch)."""
 
-from .client import AdapterdClient, AsyncAdapterdClient, generate_request
+from .client import ADAPTER_ID_HEADER, AdapterdClient, AsyncAdapterdClient, generate_request
 
-__all__ = ["AdapterdClient", "AsyncAdapterdClient", "generate_request"]
+__all__ = ["ADAPTER_ID_HEADER", "AdapterdClient", "AsyncAdapterdClient", "generate_request"]

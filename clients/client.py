@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +21,11 @@ from ..v1 import adapterd_pb2 as pb
 from ..v1 import adapterd_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
+
+# Routing metadata for a balancer in front of several daemons (deploy/SCALING.md): Envoy hashes this header
+# onto its ring, so that one adapter's requests reach one replica, where its weights are already resident.
+# The daemon itself ignores it; the request body's adapter_id is what it serves.
+ADAPTER_ID_HEADER = "x-adapter-id"
 
 
 Messages = Sequence["pb.ChatMessage | dict[str, str]"]
@@ -57,12 +63,24 @@ def tokenize_request(text: str = "", return_tokens: bool = False, messages: Mess
                               adapter_id=adapter_id)
 
 
+def adapter_id_header(adapter_id: str) -> list[tuple[str, str]]:
+    """``[("x-adapter-id", id)]`` for an adapter, nothing for the base. gRPC metadata values must be printable
+    ASCII, and an id is a path that may hold any character: it is percent-encoded (RFC 3986, ``/`` kept), so
+    plain ASCII ids travel unchanged and every client of a balancer hashes the same id to the same key."""
+    return [(ADAPTER_ID_HEADER, quote(adapter_id, safe="/"))] if adapter_id else []
+
+
 class _Base:
     def __init__(self, target: str, token: str | None, credentials: grpc.ChannelCredentials | None,
-                 metadata: Sequence[tuple[str, str]]) -> None:
+                 metadata: Sequence[tuple[str, str]], timeout: float | None) -> None:
         self.target = target
+        self.timeout = timeout
         self.credentials = credentials
         self.metadata = list(metadata) + ([("authorization", f"Bearer {token}")] if token else [])
+
+    def _kw(self, adapter_id: str = "") -> dict:
+        """Each call's metadata (token, the caller's own, the adapter's routing header) and deadline."""
+        return {"metadata": self.metadata + adapter_id_header(adapter_id), "timeout": self.timeout}
 
 
 class AdapterdClient(_Base):
@@ -73,8 +91,7 @@ class AdapterdClient(_Base):
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
                  timeout: float | None = None, options: Sequence[tuple[str, Any]] = ()) -> None:
-        super().__init__(target, token, credentials, metadata)
-        self.timeout = timeout
+        super().__init__(target, token, credentials, metadata, timeout)
         self.channel = (grpc.secure_channel(target, credentials, options) if credentials
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.AdapterdStub(self.channel)
@@ -88,9 +105,6 @@ class AdapterdClient(_Base):
 
     def close(self) -> None:
         self.channel.close()
-
-    def _kw(self) -> dict:
-        return {"metadata": self.metadata, "timeout": self.timeout}
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the daemon's health check says SERVING (the model is loaded)."""
@@ -109,10 +123,10 @@ class AdapterdClient(_Base):
             time.sleep(0.1)
 
     def generate(self, prompt: str = "", adapter_id: str = "", **params) -> pb.GenerateResponse:
-        return self.stub.Generate(generate_request(prompt, adapter_id, **params), **self._kw())
+        return self.stub.Generate(generate_request(prompt, adapter_id, **params), **self._kw(adapter_id))
 
     def generate_stream(self, prompt: str = "", adapter_id: str = "", **params) -> Iterator[pb.GenerateResponse]:
-        return self.stub.GenerateStream(generate_request(prompt, adapter_id, **params), **self._kw())
+        return self.stub.GenerateStream(generate_request(prompt, adapter_id, **params), **self._kw(adapter_id))
 
     def chat(self, messages: Messages, adapter_id: str = "", **params) -> pb.GenerateResponse:
         """The assistant's answer to ``messages`` (``[{"role": "user", "content": "Hi"}]``)."""
@@ -123,16 +137,17 @@ class AdapterdClient(_Base):
 
     def tokenize(self, text: str = "", return_tokens: bool = False, messages: Messages = (),
                  adapter_id: str = "") -> pb.TokenizeResponse:
-        return self.stub.Tokenize(tokenize_request(text, return_tokens, messages, adapter_id), **self._kw())
+        return self.stub.Tokenize(tokenize_request(text, return_tokens, messages, adapter_id),
+                                 **self._kw(adapter_id))
 
     def list_adapters(self) -> list[pb.AdapterInfo]:
         return list(self.stub.ListAdapters(pb.ListAdaptersRequest(), **self._kw()).adapters)
 
     def load_adapter(self, adapter_id: str) -> pb.AdapterInfo:
-        return self.stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id), **self._kw())
+        return self.stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id), **self._kw(adapter_id))
 
     def unload_adapter(self, adapter_id: str) -> pb.AdapterInfo:
-        return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw())
+        return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw(adapter_id))
 
     def model_info(self) -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(), **self._kw())
@@ -159,8 +174,7 @@ class AsyncAdapterdClient(_Base):
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
                  timeout: float | None = None, options: Sequence[tuple[str, Any]] = ()) -> None:
-        super().__init__(target, token, credentials, metadata)
-        self.timeout = timeout
+        super().__init__(target, token, credentials, metadata, timeout)
         self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
                         else grpc.aio.insecure_channel(target, options))
         self.stub = pb_grpc.AdapterdStub(self.channel)
@@ -174,15 +188,12 @@ class AsyncAdapterdClient(_Base):
     async def close(self) -> None:
         await self.channel.close()
 
-    def _kw(self) -> dict:
-        return {"metadata": self.metadata, "timeout": self.timeout}
-
     async def generate(self, prompt: str = "", adapter_id: str = "", **params) -> pb.GenerateResponse:
-        return await self.stub.Generate(generate_request(prompt, adapter_id, **params), **self._kw())
+        return await self.stub.Generate(generate_request(prompt, adapter_id, **params), **self._kw(adapter_id))
 
     async def generate_stream(self, prompt: str = "", adapter_id: str = "",
                               **params) -> AsyncIterator[pb.GenerateResponse]:
-        call = self.stub.GenerateStream(generate_request(prompt, adapter_id, **params), **self._kw())
+        call = self.stub.GenerateStream(generate_request(prompt, adapter_id, **params), **self._kw(adapter_id))
         async for message in call:
             yield message
 
@@ -190,10 +201,10 @@ class AsyncAdapterdClient(_Base):
         return list((await self.stub.ListAdapters(pb.ListAdaptersRequest(), **self._kw())).adapters)
 
     async def load_adapter(self, adapter_id: str) -> pb.AdapterInfo:
-        return await self.stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id), **self._kw())
+        return await self.stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id), **self._kw(adapter_id))
 
     async def unload_adapter(self, adapter_id: str) -> pb.AdapterInfo:
-        return await self.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw())
+        return await self.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw(adapter_id))
 
     async def model_info(self) -> pb.ModelInfoResponse:
         return await self.stub.ModelInfo(pb.ModelInfoRequest(), **self._kw())
@@ -203,4 +214,5 @@ class AsyncAdapterdClient(_Base):
 
     async def tokenize(self, text: str = "", return_tokens: bool = False, messages: Messages = (),
                        adapter_id: str = "") -> pb.TokenizeResponse:
-        return await self.stub.Tokenize(tokenize_request(text, return_tokens, messages, adapter_id), **self._kw())
+        return await self.stub.Tokenize(tokenize_request(text, return_tokens, messages, adapter_id),
+                                        **self._kw(adapter_id))
