@@ -87,7 +87,7 @@ async def _hold(router: CoreRouter, adapter_id: str) -> asyncio.Task:
     started = asyncio.Event()
 
     async def run() -> None:
-        async for event in router.generate([1, 2], GenerationParams(), ref):
+        async for event in router.generate([1, 2], GenerationParams(max_new_tokens=4), ref):
             if event.kind == "start":
                 started.set()
 
