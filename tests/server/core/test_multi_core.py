@@ -106,34 +106,31 @@ def test_metrics_are_one_view_labelled_by_core(two):
     assert text.count("# TYPE adapterd_requests_running ") == 1
 
 
-def test_killing_one_core_mid_stream_ends_only_its_requests_and_it_comes_back(tiny_model_dir, served_root):
-    d = start_daemon(tiny_model_dir, served_root, device=DEVICES)
-    try:
-        router, port = _router(d), d.port
-        victim, survivor = _on(0), _on(1)
-        expected = _expected(tiny_model_dir, served_root, "你是谁？", victim)
-        with AdapterdClient(f"127.0.0.1:{port}", timeout=120) as c:
-            doomed = c.generate_stream("Tell me a story", victim, max_new_tokens=300, min_new_tokens=300)
-            lives = c.generate_stream("Tell me", survivor, max_new_tokens=40, min_new_tokens=40)
-            next(doomed), next(lives)
-            old = d.daemon.engine_processes[0].process.pid
-            os.kill(old, signal.SIGKILL)
-            with pytest.raises(grpc.RpcError) as err:
-                list(doomed)
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "engine stopped unexpectedly" in err.value.details()
-            assert sum(len(m.text) for m in lives) > 0  # the other core's stream ends normally
-            assert _wait_for(lambda: not router.clients[0].up, 10)
-            assert _health(port) == SERVING
-            routed = router.routed[1]
-            assert c.generate("你是谁？", victim, max_new_tokens=NEW).text == expected  # served by core 1 meanwhile
-            assert router.routed[1] == routed + 1
-            assert _wait_for(lambda: router.clients[0].up, RESTART_S)
-            new = d.daemon.engine_processes[0].process.pid
-            assert new != old and _alive(new)
-            routed = router.routed[0]
-            assert c.generate("你是谁？", victim, max_new_tokens=NEW).text == expected  # home again
-            assert router.routed[0] == routed + 1
-            assert _health(port) == SERVING
-    finally:
-        d.stop()
+def test_killing_one_core_mid_stream_ends_only_its_requests_and_it_comes_back(two, tiny_model_dir, served_root):
+    """Last in the module: it leaves the daemon whole again (both cores serving)."""
+    router, port = _router(two), two.port
+    victim, survivor = _on(0), _on(1)
+    expected = _expected(tiny_model_dir, served_root, "你是谁？", victim)
+    with AdapterdClient(f"127.0.0.1:{port}", timeout=120) as c:
+        doomed = c.generate_stream("Tell me a story", victim, max_new_tokens=300, min_new_tokens=300)
+        lives = c.generate_stream("Tell me", survivor, max_new_tokens=40, min_new_tokens=40)
+        next(doomed), next(lives)
+        old = two.daemon.engine_processes[0].process.pid
+        os.kill(old, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as err:
+            list(doomed)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "engine stopped unexpectedly" in err.value.details()
+        assert sum(len(m.text) for m in lives) > 0  # the other core's stream ends normally
+        assert _wait_for(lambda: not router.clients[0].up, 10)
+        assert _health(port) == SERVING
+        routed = router.routed[1]
+        assert c.generate("你是谁？", victim, max_new_tokens=NEW).text == expected  # served by core 1 meanwhile
+        assert router.routed[1] == routed + 1
+        assert _wait_for(lambda: router.clients[0].up, RESTART_S)
+        new = two.daemon.engine_processes[0].process.pid
+        assert new != old and _alive(new)
+        routed = router.routed[0]
+        assert c.generate("你是谁？", victim, max_new_tokens=NEW).text == expected  # home again
+        assert router.routed[0] == routed + 1
+        assert _health(port) == SERVING
