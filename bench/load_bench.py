@@ -385,6 +385,8 @@ def main() -> int:
     parser.add_argument("--devices", default=None,
                         help="the daemon's --device; a list (cuda:0,cuda:1) also measures the streams with Zipf "
                              "adapters on one core against one core per device (bench/multi_devices.py)")
+    parser.add_argument("--devices-only", action="store_true",
+                        help="with a --devices list: only the one-core against one-per-device comparison")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -404,6 +406,11 @@ def main() -> int:
     streams = [int(v) for v in args.streams.split(",") if v]
     rows = max(streams)
     sys.setswitchinterval(ServerConfig.gil_switch_interval_ms / 1000)  # as the daemon's front end sets it
+    if args.devices_only:
+        from multi_devices import compare_devices, record_devices
+
+        record_devices(args, compare_devices(args, base_dir, root, ids, streams, grpc_streams), git_commit())
+        return 0
 
     ctx = mp.get_context("spawn")  # the engine alone in a process of its own: all its memory goes with it
     out: mp.Queue = ctx.Queue()

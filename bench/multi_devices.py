@@ -8,7 +8,10 @@ and 256 streams with 1,000 adapters); the router's counters say how the requests
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
+
+import torch
 
 TARGET_RATIO = 1.9  # issue 21: two GPUs against one, 64 and 256 streams, 1,000 Zipf adapters
 WARM_UP_S = 5.0  # streams before each measurement: first loads of the most popular adapters, graph captures
@@ -57,3 +60,19 @@ def compare_devices(args: argparse.Namespace, base_dir: Path, root: Path, ids: l
         print(lines[-1], flush=True)
     lines.append(f"{len(devices)} cores' router: {spread}")
     return lines
+
+
+def record_devices(args: argparse.Namespace, lines: list[str], commit: str) -> None:
+    """Append the comparison to bench/RESULTS.md (unless ``--no-record``) with commit, date and machine."""
+    machine = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+               else "CPU")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text = "\n".join([f"\n### load_bench --devices {args.devices}: {args.shape} on {machine}, commit {commit}, "
+                      f"{when}", f"{args.adapters} adapter ids ({args.distinct} distinct r{args.rank} files), "
+                      f"{args.slots} slots per core, {args.quantization} base, closed-loop gRPC streams from "
+                      f"{args.client_procs} client processes, {args.duration:g} s per point, {args.new} new tokens "
+                      "per request (bench/multi_devices.py).", "", *(f"- {line}" for line in lines)])
+    print(text)
+    if not args.no_record:
+        with (Path(__file__).resolve().parent / "RESULTS.md").open("a", encoding="utf-8") as f:
+            f.write(text + "\n")
