@@ -106,6 +106,25 @@ def test_metrics_are_one_view_labelled_by_core(two):
     assert text.count("# TYPE adapterd_requests_running ") == 1
 
 
+@pytest.mark.slow  # a daemon of its own: two cores and two front ends start (~20 s on the 2-core CI machine)
+def test_every_front_end_routes_over_both_cores(tiny_model_dir, served_root):
+    from tests.server.core.test_frontends import OWN_CONNECTION
+
+    d = start_daemon(tiny_model_dir, served_root, device=DEVICES, frontends=2, metrics_port=0)
+    try:
+        wanted = {a: _expected(tiny_model_dir, served_root, "你是谁？", a) for a in (_on(0), _on(1))}
+        for _ in range(16):  # new connections, each placed by the kernel on one front end (P(all on one) = 2**-15)
+            with AdapterdClient(f"127.0.0.1:{d.port}", timeout=60, options=OWN_CONNECTION) as c:
+                for adapter_id, text in wanted.items():
+                    assert c.generate("你是谁？", adapter_id, max_new_tokens=NEW).text == text
+        other = d.daemon.frontends.members[0].exposition().decode()  # front end 2's own router counters
+        for core, device in enumerate(DEVICES.split(",")):
+            line = f'adapterd_router_requests_total{{core="{core}",device="{device}"}} '
+            assert float(other.split(line)[1].split()[0]) > 0, other
+    finally:
+        d.stop()
+
+
 def test_killing_one_core_mid_stream_ends_only_its_requests_and_it_comes_back(two, tiny_model_dir, served_root):
     """Last in the module: it leaves the daemon whole again (both cores serving)."""
     router, port = _router(two), two.port

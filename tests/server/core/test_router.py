@@ -98,6 +98,13 @@ async def _hold(router: CoreRouter, adapter_id: str) -> asyncio.Task:
     return task
 
 
+async def _finish(cores: list[Core], held: list[asyncio.Task]) -> None:
+    """End every held request."""
+    for core in cores:
+        core.release.set()
+    await asyncio.gather(*held)
+
+
 def test_scores_are_stable_across_processes_and_spread_adapters_over_the_cores():
     assert rendezvous_score("support/v2", 1) == rendezvous_score("support/v2", 1)  # not Python's salted hash
     assert rendezvous_score("support/v2", 0) != rendezvous_score("support/v2", 1)
@@ -130,9 +137,7 @@ def test_requests_for_one_adapter_land_on_one_core_while_the_load_is_even():
         adapter = _adapter_on(1)
         held = [await _hold(router, adapter) for _ in range(3)]
         assert cores[1].calls == [("generate", adapter)] * 3 and cores[0].calls == []
-        for core in cores:
-            core.release.set()
-        await asyncio.gather(*held)
+        await _finish(cores, held)
         assert router.in_flight == [0, 0] and router.routed == [0, 3] and router.spills == [0, 0]
 
     asyncio.run(main())
@@ -146,9 +151,7 @@ def test_a_core_too_far_ahead_spills_to_the_least_loaded_and_counts_it():
         assert [c[1] for c in cores[0].calls] == [adapter] * 3
         assert cores[1].calls == [("generate", adapter)]
         assert router.spills == [0, 1] and router.in_flight == [3, 1]
-        for core in cores:
-            core.release.set()
-        await asyncio.gather(*held)
+        await _finish(cores, held)
 
     asyncio.run(main())
 
@@ -162,9 +165,7 @@ def test_base_requests_go_to_the_least_loaded_core():
         assert cores[1].calls == [("generate", "")] * 2
         held.append(await _hold(router, ""))  # now even: the lower index
         assert cores[0].calls[-1] == ("generate", "")
-        for core in cores:
-            core.release.set()
-        await asyncio.gather(*held)
+        await _finish(cores, held)
 
     asyncio.run(main())
 
