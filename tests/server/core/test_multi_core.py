@@ -19,7 +19,7 @@ from adapterd.server.core.router import CoreRouter, rendezvous_score
 from adapterd.v1 import adapterd_pb2 as pb
 from tests.helpers import TEST_DEVICE, reference_greedy
 from tests.server.conftest import start_daemon
-from tests.server.core.test_engine_process import RESTART_S, SERVING, _alive, _health, _wait_for
+from tests.server.core.test_engine_process import NOT_SERVING, RESTART_S, SERVING, _alive, _health, _wait_for
 
 DEVICES = "cuda:0,cuda:1" if TEST_DEVICE.startswith("cuda") else "cpu,cpu"
 ADAPTERS = ("lora-qv", "team/lora-all", "lora-rs", "prefix")
@@ -126,7 +126,7 @@ def test_every_front_end_routes_over_both_cores(tiny_model_dir, served_root):
 
 
 def test_killing_one_core_mid_stream_ends_only_its_requests_and_it_comes_back(two, tiny_model_dir, served_root):
-    """Last in the module: it leaves the daemon whole again (both cores serving)."""
+    """Near the end of the module: it leaves the daemon whole again (both cores serving)."""
     router, port = _router(two), two.port
     victim, survivor = _on(0), _on(1)
     expected = _expected(tiny_model_dir, served_root, "你是谁？", victim)
@@ -153,3 +153,17 @@ def test_killing_one_core_mid_stream_ends_only_its_requests_and_it_comes_back(tw
         assert c.generate("你是谁？", victim, max_new_tokens=NEW).text == expected  # home again
         assert router.routed[0] == routed + 1
         assert _health(port) == SERVING
+
+
+def test_with_every_core_down_health_is_not_serving_until_one_serves_again(two):
+    """Last in the module too: both cores are killed, and the daemon waits for them to come back."""
+    router, port = _router(two), two.port
+    for process in two.daemon.engine_processes:
+        os.kill(process.process.pid, signal.SIGKILL)
+    assert _wait_for(lambda: _health(port) == NOT_SERVING, 10)  # a restart waits 0.5 s, then loads the model
+    with AdapterdClient(f"127.0.0.1:{port}", timeout=10) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate("hello world", max_new_tokens=2)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _wait_for(lambda: _health(port) == SERVING, RESTART_S)
+    assert _wait_for(lambda: all(client.up for client in router.clients), RESTART_S)
