@@ -11,6 +11,9 @@
    process (front ends, engine core). With ``--http``, the same streams over the OpenAI-compatible HTTP API
    too (``/v1/completions`` with server-sent events, through the official ``openai`` client).
 
+3. With ``--devices cuda:0,cuda:1``: the same closed-loop streams with Zipf adapters, one engine core on the
+   first device against one per listed device (``bench/multi_devices.py``; ``--devices-only``: this alone).
+
 The Zipf sweep goes over gRPC too (a client process drives the load), as users see it.
 
 Runs on the GPU machine (``--shape llama2-7b``) or the CPU (``--shape tiny``: a regression guard, ratios

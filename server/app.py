@@ -37,7 +37,7 @@ from .config import ServerConfig
 from .core.client import EngineClient
 from .core.frontends import FrontEnds, frontend_count, make_shared_budgets
 from .core.process import EngineProcess
-from .core.router import CoreRouter, facade
+from .core.router import CoreRouter, core_expositions, facade, mark_core
 from .core.startup import connect_engine_cores, core_devices, engine_config, start_engine_cores
 from .limits import BudgetInterceptor, RpcBudget, hard_rpc_cap
 from .merge import Merger
@@ -142,32 +142,21 @@ class Daemon:
     def _core_metrics(self) -> list[tuple[dict[str, str], bytes]]:
         """Each live engine core's exposition with the labels that tell the cores apart (none with one core),
         for a scrape (on the metrics server's thread)."""
-        runtime = self.state.runtime
-        if isinstance(runtime, CoreRouter):
-            call = asyncio.run_coroutine_threadsafe(runtime.call_each("metrics"), self._loop)
-            return [(runtime.core_labels(i), text) for i, text in call.result(CORE_METRICS_TIMEOUT_S)]
-        call = asyncio.run_coroutine_threadsafe(runtime.call("metrics"), self._loop)
-        return [({}, call.result(CORE_METRICS_TIMEOUT_S))]
+        call = asyncio.run_coroutine_threadsafe(core_expositions(self.state.runtime), self._loop)
+        return call.result(CORE_METRICS_TIMEOUT_S)
 
     def engine_core_down(self, index: int, reason: str) -> None:
         """Engine core ``index`` died and is being started again: its requests in flight end UNAVAILABLE; health
         turns NOT_SERVING when no core serves (the others take its adapters meanwhile: ``core/router.py``)."""
         runtime = self.state.runtime
-        if isinstance(runtime, CoreRouter):
-            runtime.core_down(index)
-        elif isinstance(runtime, EngineClient):
-            runtime.core_down()
+        mark_core(runtime, index, up=False)
         if self.frontends is not None:
             self.frontends.tell("down", index, reason)
         if runtime is None or not runtime.up:
             self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)))
 
     def engine_core_up(self, index: int) -> None:
-        runtime = self.state.runtime
-        if isinstance(runtime, CoreRouter):
-            runtime.core_up(index)
-        elif isinstance(runtime, EngineClient):
-            runtime.core_up()
+        mark_core(self.state.runtime, index, up=True)
         if self.frontends is not None:
             self.frontends.tell("up", index)
         if not self.state.draining:

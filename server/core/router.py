@@ -201,3 +201,18 @@ def facade(clients: Sequence[EngineClient], devices: Sequence[str | None]) -> En
     if len(clients) == 1:
         return clients[0]
     return CoreRouter(clients, [device or "default" for device in devices])
+
+
+def mark_core(runtime: object, index: int, up: bool) -> None:
+    """Tell the facade that core ``index`` died (its requests end UNAVAILABLE) or serves again."""
+    if isinstance(runtime, CoreRouter):
+        runtime.core_up(index) if up else runtime.core_down(index)
+    elif isinstance(runtime, EngineClient):  # else: no engine core (the engine in this process), or not yet
+        runtime.core_up() if up else runtime.core_down()
+
+
+async def core_expositions(runtime: EngineClient | CoreRouter) -> list[tuple[dict[str, str], bytes]]:
+    """Each live core's Prometheus text with the labels that tell it from the others (none for a lone core)."""
+    if isinstance(runtime, CoreRouter):
+        return [(runtime.core_labels(i), text) for i, text in await runtime.call_each("metrics")]
+    return [({}, await runtime.call("metrics"))]
