@@ -126,7 +126,7 @@ class Daemon:
                 self.metrics.attach_router(client)
         await self._serve_with(client)
 
-    async def _serve_with(self, runtime: Runtime | EngineClient) -> None:
+    async def _serve_with(self, runtime: Runtime | EngineClient | CoreRouter) -> None:
         cfg = self.config
         sequence = runtime.model_info().max_sequence_length
         max_input = min(cfg.max_input_tokens or sequence - 1, sequence - 1)
