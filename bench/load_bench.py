@@ -11,6 +11,9 @@
    process (front ends, engine core). With ``--http``, the same streams over the OpenAI-compatible HTTP API
    too (``/v1/completions`` with server-sent events, through the official ``openai`` client).
 
+3. With ``--devices cuda:0,cuda:1``: the same closed-loop streams with Zipf adapters, one engine core on the
+   first device against one per listed device (``bench/multi_devices.py``; ``--devices-only``: this alone).
+
 The Zipf sweep goes over gRPC too (a client process drives the load), as users see it.
 
 Runs on the GPU machine (``--shape llama2-7b``) or the CPU (``--shape tiny``: a regression guard, ratios
@@ -143,8 +146,9 @@ async def engine_streams(runtime, streams: int, duration: float, new: int) -> tu
     return tokens / span, tokens, span
 
 
-def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Queue) -> None:
-    """One client process: ``streams`` concurrent GenerateStream calls in a loop for ``duration`` s."""
+def _client_proc(target: str, ids: tuple[str, ...], streams: int, duration: float, new: int, out: mp.Queue) -> None:
+    """One client process: ``streams`` concurrent GenerateStream calls in a loop for ``duration`` s, each request
+    on an adapter drawn Zipf(1) from ``ids`` (none: the base)."""
     from adapterd.clients import AsyncAdapterdClient
 
     async def main() -> tuple[int, float, float]:
@@ -165,7 +169,9 @@ def _client_proc(target: str, streams: int, duration: float, new: int, out: mp.Q
             while time.perf_counter() < stop:
                 prompt = " ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS))
                 length = request_length(lengths, new)
-                async for message in client.generate_stream(prompt, max_new_tokens=length, min_new_tokens=length):
+                adapter_id = zipf_choice(rng, ids) if ids else ""
+                async for message in client.generate_stream(prompt, adapter_id, max_new_tokens=length,
+                                                            min_new_tokens=length):
                     if message.stop_reason:
                         tokens += message.generated_token_count
         await asyncio.gather(*(loop(i) for i in range(streams)))
@@ -207,8 +213,9 @@ def _http_client_proc(base_url: str, model: str, streams: int, duration: float, 
     out.put(asyncio.run(main()))
 
 
-def grpc_streams(target: str, streams: int, procs: int, duration: float, new: int) -> tuple[float, int, float]:
-    return client_streams(_client_proc, (target,), streams, procs, duration, new)
+def grpc_streams(target: str, streams: int, procs: int, duration: float, new: int,
+                 ids: list[str] | tuple[str, ...] = ()) -> tuple[float, int, float]:
+    return client_streams(_client_proc, (target, tuple(ids)), streams, procs, duration, new)
 
 
 def http_streams(base_url: str, model: str, streams: int, procs: int, duration: float,
@@ -378,6 +385,11 @@ def main() -> int:
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--frontends", type=int, default=0, help="the daemon's --frontends (0: its default)")
     parser.add_argument("--http", action="store_true", help="also stream over the OpenAI-compatible HTTP API")
+    parser.add_argument("--devices", default=None,
+                        help="the daemon's --device; a list (cuda:0,cuda:1) also measures the streams with Zipf "
+                             "adapters on one core against one core per device (bench/multi_devices.py)")
+    parser.add_argument("--devices-only", action="store_true",
+                        help="with a --devices list: only the one-core against one-per-device comparison")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -397,6 +409,11 @@ def main() -> int:
     streams = [int(v) for v in args.streams.split(",") if v]
     rows = max(streams)
     sys.setswitchinterval(ServerConfig.gil_switch_interval_ms / 1000)  # as the daemon's front end sets it
+    if args.devices_only:
+        from multi_devices import compare_devices, record_devices
+
+        record_devices(args, compare_devices(args, base_dir, root, ids, streams, grpc_streams), git_commit())
+        return 0
 
     ctx = mp.get_context("spawn")  # the engine alone in a process of its own: all its memory goes with it
     out: mp.Queue = ctx.Queue()
@@ -411,6 +428,7 @@ def main() -> int:
                                        max_batch_size=rows, lora_slots=args.slots, max_lora_rank=args.rank,
                                        max_new_tokens=max(1024, args.new), max_queue=100_000,
                                        frontends=args.frontends, metrics_port=metrics_port,
+                                       device=args.devices.split(",")[0] if args.devices else None,
                                        http_port=0 if args.http else None)).start()
     target = f"127.0.0.1:{daemon.port}"
     zipf_rows, e2e_lines = [], []
@@ -449,6 +467,10 @@ def main() -> int:
         frontends = 1 + len(daemon.daemon.frontends.members) if daemon.daemon.frontends else 1
     finally:
         daemon.stop()
+    if args.devices and "," in args.devices:
+        from multi_devices import compare_devices
+
+        e2e_lines += compare_devices(args, base_dir, root, ids, streams, grpc_streams)
     if not args.no_record:
         record(args, zipf_rows, e2e_lines, device, frontends)
     return 0

@@ -37,7 +37,8 @@ from .config import ServerConfig
 from .core.client import EngineClient
 from .core.frontends import FrontEnds, frontend_count, make_shared_budgets
 from .core.process import EngineProcess
-from .core.startup import connect_engine_core, engine_config, start_engine_core
+from .core.router import CoreRouter, core_expositions, facade, mark_core
+from .core.startup import connect_engine_cores, core_devices, engine_config, start_engine_cores
 from .limits import BudgetInterceptor, RpcBudget, hard_rpc_cap
 from .merge import Merger
 from .metrics import DaemonMetrics
@@ -74,10 +75,15 @@ class Daemon:
     budgets: BudgetInterceptor | None = None
     http: HttpFrontEnd | None = None  # set when config.http_port is not None
     engine_broken: asyncio.Event = field(default_factory=asyncio.Event)  # set when the engine cannot serve
-    engine_process: EngineProcess | None = None  # the engine core's process (config.engine_process)
+    engine_processes: list[EngineProcess] = field(default_factory=list)  # one per --device entry (engine_process)
     frontends: FrontEnds | None = None  # front ends 2..N, when this is the first of several (config.frontends)
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     _tasks: set[asyncio.Future] = field(default_factory=set)  # started from callbacks: kept until the daemon ends
+
+    @property
+    def engine_process(self) -> EngineProcess | None:
+        """The (first) engine core's process; None without ``--engine-process``."""
+        return self.engine_processes[0] if self.engine_processes else None
 
     async def load(self) -> None:
         """Load the base model (in the engine-core process, or off the event loop here), then turn SERVING."""
@@ -92,30 +98,35 @@ class Daemon:
             runtime.engine.breakage.listen(lambda reason: loop.call_soon_threadsafe(self._engine_failed))
             await self._serve_with(runtime)
             return
-        self.engine_process, client = await start_engine_core(
+        self.engine_processes, clients = await start_engine_cores(
             cfg, on_down=self.engine_core_down, on_up=self.engine_core_up,
             on_give_up=lambda reason: self._engine_failed())
+        client = facade(clients, core_devices(cfg))
         if self.metrics is not None:
             self.metrics.attach_engine_core(client.model_info(), self._core_metrics)
             client.on_adapter_used = self.metrics.labels.record_use
+            if isinstance(client, CoreRouter):
+                self.metrics.attach_router(client)
         count = frontend_count(cfg)
         if count > 1:
             shared = (self.budgets.callers.shared, self.budgets.open_calls.shared)
-            self.frontends = FrontEnds(cfg, self.port, client.address, shared)
+            self.frontends = FrontEnds(cfg, self.port, [c.address for c in clients], shared)
             await self.frontends.start(count)
             if self.metrics is not None:
                 self.metrics.served.front_ends = self.frontends.expositions
         await self._serve_with(client)
 
-    async def attach_engine_core(self, address: str) -> None:
-        """Front ends 2..N (``core/frontends.py``): serve through the engine core the first one started."""
-        client = await connect_engine_core(self.config, address)
+    async def attach_engine_cores(self, addresses: list[str]) -> None:
+        """Front ends 2..N (``core/frontends.py``): serve through the engine cores the first one started."""
+        client = facade(await connect_engine_cores(self.config, addresses), core_devices(self.config))
         if self.metrics is not None:
             self.metrics.set_build_info(Path(client.model_info().base_model), client.model_info().quantization)
             client.on_adapter_used = self.metrics.labels.record_use
+            if isinstance(client, CoreRouter):
+                self.metrics.attach_router(client)
         await self._serve_with(client)
 
-    async def _serve_with(self, runtime: Runtime | EngineClient) -> None:
+    async def _serve_with(self, runtime: Runtime | EngineClient | CoreRouter) -> None:
         cfg = self.config
         sequence = runtime.model_info().max_sequence_length
         max_input = min(cfg.max_input_tokens or sequence - 1, sequence - 1)
@@ -128,24 +139,26 @@ class Daemon:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s", cfg.base)
 
-    def _core_metrics(self) -> bytes:
-        """The engine core's exposition, for a scrape (on the metrics server's thread)."""
-        call = asyncio.run_coroutine_threadsafe(self.state.runtime.call("metrics"), self._loop)
+    def _core_metrics(self) -> list[tuple[dict[str, str], bytes]]:
+        """Each live engine core's exposition with the labels that tell the cores apart (none with one core),
+        for a scrape (on the metrics server's thread)."""
+        call = asyncio.run_coroutine_threadsafe(core_expositions(self.state.runtime), self._loop)
         return call.result(CORE_METRICS_TIMEOUT_S)
 
-    def engine_core_down(self, reason: str) -> None:
-        """The engine core died and is being started again: requests in flight end UNAVAILABLE, NOT_SERVING."""
-        if isinstance(self.state.runtime, EngineClient):
-            self.state.runtime.core_down()
+    def engine_core_down(self, index: int, reason: str) -> None:
+        """Engine core ``index`` died and is being started again: its requests in flight end UNAVAILABLE; health
+        turns NOT_SERVING when no core serves (the others take its adapters meanwhile: ``core/router.py``)."""
+        runtime = self.state.runtime
+        mark_core(runtime, index, up=False)
         if self.frontends is not None:
-            self.frontends.tell("down", reason)
-        self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)))
+            self.frontends.tell("down", index, reason)
+        if runtime is None or not runtime.up:
+            self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)))
 
-    def engine_core_up(self) -> None:
-        if isinstance(self.state.runtime, EngineClient):
-            self.state.runtime.core_up()
+    def engine_core_up(self, index: int) -> None:
+        mark_core(self.state.runtime, index, up=True)
         if self.frontends is not None:
-            self.frontends.tell("up")
+            self.frontends.tell("up", index)
         if not self.state.draining:
             log.info("the engine core serves again")
             self._tasks.add(asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.SERVING)))
@@ -175,11 +188,12 @@ class Daemon:
         drained = await _within(self.server.stop(left), left + SHUTDOWN_MARGIN_S, "stopping the server")
         if self.frontends is not None:
             drained &= await self.frontends.stop(grace)
-        if self.engine_process is not None:
-            drained &= await self.engine_process.stop(SHUTDOWN_MARGIN_S)
+        if self.engine_processes:
+            stopped = await asyncio.gather(*(p.stop(SHUTDOWN_MARGIN_S) for p in self.engine_processes))
+            drained &= all(stopped)
             if self.state.runtime is not None:
                 self.state.runtime.close()
-        elif isinstance(self.state.runtime, EngineClient):  # front ends 2..N: the first one stops the core
+        elif isinstance(self.state.runtime, EngineClient | CoreRouter):  # front ends 2..N: the first stops cores
             self.state.runtime.close()
         elif self.state.runtime is not None:
             drained &= await _within(asyncio.to_thread(self.state.runtime.close), SHUTDOWN_MARGIN_S,

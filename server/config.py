@@ -56,6 +56,14 @@ def _f(default: Any, help_text: str, check: Check | None = None, metavar: str | 
 _PORT = between(0, 65535)
 
 
+def _device_list(value: str) -> str | None:
+    """``--device``: one torch device, or several separated by commas (one engine core each)."""
+    entries = [entry.strip() for entry in value.split(",")]
+    if not all(entries):
+        return f"an empty entry in {value!r}: name one device per comma-separated entry (cuda:0,cuda:1)"
+    return None
+
+
 @dataclass
 class ServerConfig:
     base: Path = field(metadata={"help": "Hugging Face causal LM directory (the base model)", "metavar": "DIR"})
@@ -65,7 +73,10 @@ class ServerConfig:
                                             "(bf16 on a GPU, fp32 on a CPU)")
     host: str = _f("127.0.0.1", "address to listen on")
     port: int = _f(50051, "gRPC port (0 picks a free one, printed at start-up)", _PORT)
-    device: str | None = _f(None, "torch device, e.g. cpu or cuda:1 (default: cuda:0 if present, else cpu)")
+    device: str | None = _f(None, "torch device, e.g. cpu or cuda:1 (default: cuda:0 if present, else cpu); a "
+                                  "comma-separated list (cuda:0,cuda:1) runs one engine core per entry, each with "
+                                  "the whole base, behind the one port, requests routed by adapter id",
+                            _device_list, metavar="DEVICE[,DEVICE...]")
     dtype: Dtype | None = _f(None, "compute dtype (default: bfloat16 on a GPU, float16 on one without bfloat16, "
                                    "float32 on a CPU)")
     max_batch_size: int = _f(32, "rows decoded together", at_least(1))
@@ -134,6 +145,8 @@ class ServerConfig:
             raise ConfigError(missing, "is missing: --tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_client_ca", "mutual TLS needs --tls-cert and --tls-key too")
+        if self.device is not None and "," in self.device and not self.engine_process:
+            raise ConfigError("device", "several devices need --engine-process (one engine core per device)")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ConfigError("default_max_new_tokens", f"{self.default_max_new_tokens} exceeds --max-new-tokens "
                                                         f"{self.max_new_tokens}")

@@ -1,4 +1,4 @@
-"""More gRPC front ends on the same port (``--frontends N``), all feeding the one engine core.
+"""More gRPC front ends on the same port (``--frontends N``), all feeding the engine cores (one per ``--device``).
 
 A front end's work grows with the number of streams (gRPC's message handling, detokenizing, stop sequences),
 so one event loop on one core caps the tokens a daemon can deliver. The first front end (the ``adapterd
@@ -6,10 +6,10 @@ serve`` process) starts the engine core and ``N - 1`` more front-end processes; 
 with SO_REUSEPORT, the kernel spreading connections among them, and talks to the core itself.
 
 The first front end is their supervisor, over one pipe each:
-- to them: ``("down", reason)`` / ``("up",)`` when the core dies and serves again (health follows, requests in
-  flight end UNAVAILABLE), ``("stop", grace)`` on SIGTERM (each drains as the first does), and
-  ``("metrics",)``, answered with the front end's exposition (its RPC series join ``/metrics``,
-  ``server/metrics/remote.py``);
+- to them: ``("down", core, reason)`` / ``("up", core)`` when engine core number ``core`` dies and serves
+  again (its requests in flight end UNAVAILABLE, health follows), ``("stop", grace)`` on SIGTERM (each
+  drains as the first does), and ``("metrics",)``, answered with the front end's exposition (its RPC
+  series join ``/metrics``, ``server/metrics/remote.py``);
 - from them: ``("ready",)``, then the metrics answers.
 A front end whose pipe closes (the first one died, even by ``kill -9``) exits; one that dies is started again.
 """
@@ -77,9 +77,9 @@ class FrontEnd:
 class FrontEnds:
     """Starts, watches and stops front ends 1..N-1 of a daemon serving ``config`` on ``port``."""
 
-    def __init__(self, config: ServerConfig, port: int, core_address: str, budgets: tuple) -> None:
+    def __init__(self, config: ServerConfig, port: int, core_addresses: list[str], budgets: tuple) -> None:
         self.config = dataclasses.replace(config, port=port)
-        self.core_address = core_address
+        self.core_addresses = core_addresses
         self.budgets = budgets
         self.members: list[FrontEnd] = []
         self._context = multiprocessing.get_context("spawn")
@@ -91,7 +91,7 @@ class FrontEnds:
 
     async def _start(self, index: int) -> None:
         mine, theirs = self._context.Pipe()
-        process = self._context.Process(target=frontend_main, args=(self.config, index, self.core_address, theirs,
+        process = self._context.Process(target=frontend_main, args=(self.config, index, self.core_addresses, theirs,
                                                                             self.log_level, self.budgets),
                                         name=f"adapterd-frontend-{index}", daemon=True)
         process.start()
@@ -139,21 +139,21 @@ class FrontEnds:
         return clean
 
 
-def frontend_main(config: ServerConfig, index: int, core_address: str, pipe: Connection, log_level: str,
+def frontend_main(config: ServerConfig, index: int, core_addresses: list[str], pipe: Connection, log_level: str,
                   budgets: tuple) -> None:
-    """Front end ``index`` (>= 1): its own gRPC server on the shared port, its own client of the core."""
+    """Front end ``index`` (>= 1): its own gRPC server on the shared port, its own clients of the cores."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s frontend-{index} %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first front end decides (it tells us "stop")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    asyncio.run(_serve_frontend(config, index, core_address, pipe, budgets))
+    asyncio.run(_serve_frontend(config, index, core_addresses, pipe, budgets))
 
 
-async def _serve_frontend(config: ServerConfig, index: int, core_address: str, pipe: Connection,
+async def _serve_frontend(config: ServerConfig, index: int, core_addresses: list[str], pipe: Connection,
                           budgets: tuple) -> None:
     from ..app import start_daemon
 
     daemon = await start_daemon(config, share_port=True, frontend_index=index, shared_budgets=budgets)
-    await daemon.attach_engine_core(core_address)
+    await daemon.attach_engine_cores(core_addresses)
     loop = asyncio.get_running_loop()
     stop: asyncio.Future = loop.create_future()
     pipe.send(("ready",))
@@ -170,9 +170,9 @@ async def _serve_frontend(config: ServerConfig, index: int, core_address: str, p
             elif message[0] == "stop":
                 loop.call_soon_threadsafe(lambda g=message[1]: stop.done() or stop.set_result(g))
             elif message[0] == "down":
-                loop.call_soon_threadsafe(daemon.engine_core_down, message[1])
+                loop.call_soon_threadsafe(daemon.engine_core_down, message[1], message[2])
             elif message[0] == "up":
-                loop.call_soon_threadsafe(daemon.engine_core_up)
+                loop.call_soon_threadsafe(daemon.engine_core_up, message[1])
 
     threading.Thread(target=listen, name="adapterd-frontend-pipe", daemon=True).start()
     grace = await stop

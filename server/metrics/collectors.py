@@ -185,3 +185,35 @@ class TrainingCollector(Collector):
                 if name != "unknown" or state == "unknown":
                     families["state"].add_metric([run_id, name], 1.0 if name == state else 0.0)
         yield from (family for family in families.values() if family.samples)
+
+
+class RouterCollector(Collector):
+    """Where this front end sent its requests among the engine cores (``server/core/router.py``), per core
+    (``core``: its index, ``device``: its ``--device`` entry): requests routed, spill-overs taken (a request
+    that left its adapter's preferred core for a less loaded one), requests in flight now."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def _families(self) -> tuple[Metric, ...]:
+        labels = ["core", "device"]
+        return (CounterMetricFamily("adapterd_router_requests", "Generation requests sent to each engine core.",
+                                    labels=labels),
+                CounterMetricFamily("adapterd_router_spills", "Requests an engine core took from an adapter "
+                                    "preferred elsewhere, whose core was too far ahead (spill-over).",
+                                    labels=labels),
+                GaugeMetricFamily("adapterd_router_in_flight", "Generation requests running on each engine core.",
+                                  labels=labels))
+
+    def collect(self) -> Iterator[Metric]:
+        routed, spills, in_flight = families = self._families()
+        router = self.router
+        for i, device in enumerate(router.devices):
+            key = [str(i), device]
+            routed.add_metric(key, router.routed[i])
+            spills.add_metric(key, router.spills[i])
+            in_flight.add_metric(key, router.in_flight[i])
+        yield from families

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,13 @@ from prometheus_client.process_collector import ProcessCollector
 
 from ...common import __version__
 from ..adapters.store import LoadedAdapter
-from .collectors import AdapterCacheCollector, EngineCollector, TrainingCollector
+from .collectors import AdapterCacheCollector, EngineCollector, RouterCollector, TrainingCollector
 from .definitions import Metrics
 from .gpu import NvmlCollector
 from .interceptor import RpcMetricsInterceptor
 from .labels import DEFAULT_LIMIT, AdapterLabels
 from .observer import MetricsObserver
-from .remote import MergedRegistry
+from .remote import CoreExpositions, MergedRegistry
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +102,14 @@ class DaemonMetrics:
         runtime.store.on_load = self.adapter_loaded
         engine.observers.add(self.observer)
 
-    def attach_engine_core(self, info: Any, exposition: Callable[[], bytes]) -> None:
-        """Serve the engine core's series beside this process's (remote.py); ``info``: the core's ModelInfo."""
+    def attach_engine_core(self, info: Any, expositions: CoreExpositions) -> None:
+        """Serve the engine cores' series beside this process's (remote.py); ``info``: their ModelInfo."""
         self.set_build_info(Path(info.base_model), info.quantization)
-        self.served.engine_core = exposition
+        self.served.engine_core = expositions
+
+    def attach_router(self, router: Any) -> None:
+        """Export where requests went among several engine cores (``core/router.py``)."""
+        self.metrics.register(RouterCollector(router))
 
     def adapter_loaded(self, adapter_id: str, seconds: float, result: LoadedAdapter | BaseException) -> None:
         """The store's hook: one load attempt of ``adapter_id`` took ``seconds``, and gave ``result``."""

@@ -7,7 +7,9 @@ the front end asks the core for its exposition, parses it with prometheus_client
 family once: the core's where the core has samples for it, the front end's otherwise (so an engine family the
 front end also defines but never updates, and an RPC family the core defines but never updates, are not
 doubled). A core that does not answer in time costs its series for that scrape, never the scrape. With
-several front ends (``--frontends``), the others' RPC series are summed into the first one's.
+several front ends (``--frontends``), the others' RPC series are summed into the first one's. With several
+engine cores (``--device cuda:0,cuda:1``), each core's series carry ``core`` and ``device`` labels, in one
+family per name (the GPUs' own gauges, which every core reads alike, come from one core).
 """
 
 from __future__ import annotations
@@ -24,25 +26,45 @@ log = logging.getLogger(__name__)
 FRONT_END_ONLY = frozenset({"adapterd_build_info"})  # the core's copy of the build info, set by the front end
 
 
+HOST_WIDE_PREFIX = "adapterd_gpu_"  # NVML's gauges: every core reads every GPU of the host, so one core's are kept
+
+CoreExpositions = Callable[[], list[tuple[dict[str, str], bytes]]]
+
+
 class MergedRegistry(CollectorRegistry):
-    """The registry ``/metrics`` serves: ``local``'s families, and those of ``engine_core`` once set."""
+    """The registry ``/metrics`` serves: ``local``'s families, and those of the engine cores once set."""
 
     def __init__(self, local: CollectorRegistry) -> None:
         super().__init__(auto_describe=False)
         self.local = local
-        self.engine_core: Callable[[], bytes] | None = None  # returns the core's exposition text
+        # Each engine core's exposition text with the labels that tell it from the others ({} for a lone core)
+        self.engine_core: CoreExpositions | None = None
         self.front_ends: Callable[[], list[bytes]] | None = None  # front ends 2..N's expositions
 
     def _core_families(self) -> dict[str, Metric]:
+        """The cores' families, each core's samples labelled by its core (``core``, ``device``), one family per
+        name; a host-wide family (the GPUs' gauges) from the first core that has it, without those labels."""
         if self.engine_core is None:
             return {}
         try:
-            text = self.engine_core().decode("utf-8")
+            cores = self.engine_core()
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the core is restarting
             log.warning("the engine core's metrics are missing from this scrape: %s", exc)
             return {}
-        return {family.name: family for family in text_string_to_metric_families(text)
-                if family.samples and family.name not in FRONT_END_ONLY}
+        merged: dict[str, Metric] = {}
+        for labels, text in cores:
+            for family in text_string_to_metric_families(text.decode("utf-8")):
+                if not family.samples or family.name in FRONT_END_ONLY:
+                    continue
+                host_wide = family.name.startswith(HOST_WIDE_PREFIX)
+                if family.name in merged:
+                    if not host_wide:
+                        merged[family.name].samples.extend(_labelled(family, labels))
+                    continue
+                if not host_wide:
+                    family.samples = _labelled(family, labels)
+                merged[family.name] = family
+        return merged
 
     def collect(self) -> Iterator[Metric]:
         core = self._core_families()
@@ -72,3 +94,8 @@ def _add(families: dict[str, Metric], family: Metric) -> None:
             mine.samples.append(sample)
         else:
             mine.samples[i] = mine.samples[i]._replace(value=mine.samples[i].value + sample.value)
+
+
+def _labelled(family: Metric, labels: dict[str, str]) -> list:
+    return [sample._replace(labels={**sample.labels, **labels}) for sample in family.samples] if labels \
+        else list(family.samples)

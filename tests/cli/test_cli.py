@@ -151,6 +151,8 @@ def test_sigterm_exits_within_the_grace_period_whatever_is_stuck(tiny_model_dir,
     (["--log-level", "loud"], "--log-level"),
     (["--tls-cert", "server.crt"], "--tls-key"),
     (["--default-max-new-tokens", "2000"], "--default-max-new-tokens"),
+    (["--device", "cpu,,cpu"], "--device"),  # one engine core per entry: an empty one is a typo
+    (["--device", "cpu,cpu", "--no-engine-process"], "--device"),  # several cores are several processes
 ])
 def test_serve_usage_errors_are_one_line_naming_the_flag(tiny_model_dir, adapter_root, flags, named):
     out = subprocess.run([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root), *flags],

@@ -25,7 +25,7 @@ def start_daemon(base, root, **overrides) -> DaemonThread:
     ``overrides`` say otherwise."""
     overrides.setdefault("frontends", 1)  # the default follows the core count: tests choose theirs
     config = ServerConfig(base=base, adapters=root, quantization=overrides.pop("quantization", "none"),
-                          port=0, device=TEST_DEVICE, dtype="float32", **overrides)
+                          port=0, device=overrides.pop("device", TEST_DEVICE), dtype="float32", **overrides)
     return DaemonThread(config).start()
 
 
