@@ -10,7 +10,6 @@ written under a temporary name beside it and renamed when complete (``merge/atom
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from .chatglm3_layout import (
     glm_config,
     parse_config,
 )
-from .checkpoint import SourceCheckpoint, weight_files
+from .checkpoint import SourceCheckpoint, read_config_json, weight_files
 from .tokenizer import build_tokenizer
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
@@ -57,14 +56,7 @@ class ConvertResult:
 
 
 def read_source_config(src: Path) -> ChatGLM3Config:
-    path = src / "config.json"
-    if not path.is_file():
-        raise NotFound("config.json is missing (not a ChatGLM3 checkpoint directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise FailedPrecondition("config.json is not valid JSON") from None
-    return parse_config(raw)
+    return parse_config(read_config_json(src, "not a ChatGLM3 checkpoint directory"))
 
 
 def open_source(src: Path, stems: tuple[str, ...] = SOURCE_STEMS) -> SourceCheckpoint:

@@ -30,7 +30,7 @@ from ..errors import FailedPrecondition, NotFound
 from ..merge.atomic import merge_output
 from .chatglm3 import open_source
 from .chatglm3_layout import PREFIX_ENCODER
-from .checkpoint import SourceCheckpoint, weight_files
+from .checkpoint import SourceCheckpoint, read_config_json, weight_files
 
 LORA_KEY = re.compile(r"^base_model\.model\.transformer\.encoder\.layers\.(\d+)\.(self_attention|mlp)\."
                       r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)\.lora_([AB])\.weight$")
@@ -55,13 +55,7 @@ class GlmBase:
 
     @classmethod
     def read(cls, base: Path) -> GlmBase:
-        path = base / "config.json"
-        if not path.is_file():
-            raise NotFound("--base: config.json is missing (the directory `adapterd convert chatglm3` wrote)")
-        try:
-            raw = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise FailedPrecondition("--base: config.json is not valid JSON") from None
+        raw = read_config_json(base, "the directory `adapterd convert chatglm3` wrote", "--base: ")
         if not isinstance(raw, dict) or raw.get("model_type") != "glm":
             raise FailedPrecondition(f"--base: model_type {raw.get('model_type')!r} is not 'glm' (convert the "
                                      "ChatGLM3 base with `adapterd convert chatglm3` first)")

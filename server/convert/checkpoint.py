@@ -14,10 +14,11 @@ import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..errors import DataLoss, FailedPrecondition
+from ..errors import DataLoss, FailedPrecondition, NotFound
 from ..safetensors_io import FLOAT_DTYPES, TensorEntry, read_header, read_rows
 
 DTYPE_NAMES = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
@@ -32,6 +33,18 @@ class SourceTensor:
     shape: tuple[int, ...]
     path: Path
     entry: TensorEntry | None  # None for a .bin tensor
+
+
+def read_config_json(directory: Path, missing: str, field: str = "") -> Any:
+    """``directory/config.json`` parsed; NotFound saying ``missing`` when it is absent, FailedPrecondition when
+    it is not JSON. ``field`` (e.g. ``"--base: "``) starts each message."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise NotFound(f"{field}config.json is missing ({missing})")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise FailedPrecondition(f"{field}config.json is not valid JSON") from None
 
 
 def weight_files(src: Path, stem: str) -> list[Path]:
