@@ -24,6 +24,7 @@ PROMPT_FORMATS = ("alpaca", "chat")
 SCHEDULES = ("linear", "cosine", "constant")
 INT8_COMPUTE = ("dequant", "bnb")
 TOGGLE = ("auto", "on", "off")
+FUSED_LOSS = ("off", "auto", "torch", "liger")
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,10 @@ class TrainConfig:
     int8_compute: str = _f(
         "dequant", "int8 base matmuls while training: dequant (int8 weights widened to the compute dtype one "
         "layer at a time, then a plain matmul) or bnb (bitsandbytes' int8 matmul)", choices=INT8_COMPUTE)
+    fused_loss: str = _f(
+        "off", "the LM head's cross-entropy without the full logits (trainer/fused_loss.py): off (the model's own "
+        "loss), torch (chunked), liger (liger-kernel's Triton kernel; CUDA), auto (liger where it imports, "
+        "else torch)", choices=FUSED_LOSS)
     skip_malformed: bool = _f(False, "skip malformed records (counted and reported) instead of failing")
     export_adapter: str = _f("", "copy the final adapter to this directory (atomically; must not exist)")
     resume: str = _f("", "resume from 'latest' or a checkpoint name/path (internal; set by --resume)",

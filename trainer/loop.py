@@ -188,6 +188,8 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
             peft_model.get_base_model().gradient_checkpointing_disable()
         if not model_mod.check_prefix_reaches_layers(peft_model, cfg, device):
             raise RuntimeError("the prefix key/values do not reach the decoder layers")
+    head, head_name = model_mod.loss_head(peft_model, cfg, device)
+    log.info("loss: %s", head_name)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     log.info("trainable parameters: %d", sum(p.numel() for p in params))
@@ -252,7 +254,7 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 batch = data_mod.collate([train_set[i] for i in idx], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss, _ = model_mod.forward_loss(peft_model, batch, cfg)
+                loss, _ = model_mod.forward_loss(peft_model, batch, cfg, head)
                 (loss / (last - first)).backward()
                 loss_sum += float(loss.detach())
                 tokens += int(batch["attention_mask"].sum())

@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from ..server.model import cache_kwarg, compute_dtype, load_causal_lm
-from .config import TrainConfig
+from . import fused_loss
+from .config import ConfigError, TrainConfig
+from .fused_loss import LossHead
 
 
 def load_tokenizer(base_dir: str) -> Any:
@@ -160,19 +162,48 @@ def prefix_cache(peft_model: Any, batch_size: int) -> Any:
     return cache
 
 
-def forward_loss(peft_model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> tuple[torch.Tensor, Any]:
-    """Mean token loss of one micro-batch (labels -100 are ignored). Returns (loss, prefix cache or None)."""
-    if cfg.method == "lora":
+def forward_loss(peft_model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+                 head: LossHead | None = None) -> tuple[torch.Tensor, Any]:
+    """Mean token loss of one micro-batch (labels -100 are ignored). Returns (loss, prefix cache or None).
+    ``head`` (``fused_loss.make_head``): the decoder's hidden states go into it instead of the model's own
+    logits and loss."""
+    if cfg.method == "lora" and head is None:
         return peft_model(**batch).loss, None
     base = peft_model.get_base_model()
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    v = cfg.num_virtual_tokens
-    cache = prefix_cache(peft_model, ids.shape[0])
-    full_mask = torch.cat([torch.ones(ids.shape[0], v, dtype=mask.dtype, device=mask.device), mask], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0) + v
-    out = base(input_ids=ids, attention_mask=full_mask, position_ids=positions, labels=batch["labels"],
-               use_cache=True, **{cache_kwarg(base): cache})
-    return out.loss, cache
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    cache = None
+    if cfg.method == "ptuning-v2":
+        v = cfg.num_virtual_tokens
+        cache = prefix_cache(peft_model, ids.shape[0])
+        kwargs = {"input_ids": ids, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0) + v, "use_cache": True,
+                  "attention_mask": torch.cat([mask.new_ones(ids.shape[0], v), mask], dim=1),
+                  cache_kwarg(base): cache}
+    if head is None:
+        return base(**kwargs, labels=batch["labels"]).loss, cache
+    # the LoRA layers sit inside the base's modules, so the decoder alone runs them as PEFT's forward would
+    hidden = base.get_decoder()(**kwargs).last_hidden_state
+    return head(hidden, batch["labels"]), cache
+
+
+def loss_head(peft_model: Any, cfg: TrainConfig, device: torch.device) -> tuple[LossHead | None, str]:
+    """The fused loss head ``cfg.fused_loss`` asks for, checked against the model's own loss on a probe batch,
+    and its name ("plain" when off). A head that does not match: ``ConfigError`` naming ``fused_loss``."""
+    if cfg.fused_loss == "off":
+        return None, "plain"
+    head, name = fused_loss.make_head(peft_model.get_base_model(), device,
+                                      "auto" if cfg.fused_loss == "auto" else cfg.fused_loss)
+    ids = torch.arange(3, 19, device=device)[None] % peft_model.config.vocab_size  # 16 tokens, any ids
+    probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    was_training = peft_model.training
+    peft_model.eval()  # no dropout: the two forwards must see the same model
+    with torch.no_grad():
+        reason = fused_loss.check_head(peft_model.get_base_model(), forward_loss(peft_model, probe, cfg)[0],
+                                       forward_loss(peft_model, probe, cfg, head)[0])
+    peft_model.train(was_training)
+    if reason is not None:
+        raise ConfigError("fused_loss", f"{reason}; train with --fused-loss off")
+    return head, name
 
 
 def check_prefix_reaches_layers(peft_model: Any, cfg: TrainConfig, device: torch.device) -> bool:
