@@ -15,15 +15,21 @@ way its recipe does, runs ``--warmup`` steps, then times ``--steps`` steps (medi
                       with checkpointing
   lora-bf16           adapterd's trainer on a bf16 base (the floor int8 is measured against)
   usual-lora-bf16     bf16 base + LoRA r8 q,v + the model's own gradient checkpointing, PEFT's forward
+  *-fused             the scenario with ``--fused-loss auto`` (liger-kernel's fused linear cross-entropy where it
+                      imports, else the chunked torch one: no 32,000-wide logits); *-fused-torch forces the torch one
+
+``--profile`` adds two more steps under torch.profiler and writes each scenario's top operators by device and
+by CPU time to ``--profile-dir`` (``profile-SCENARIO.txt``; stderr without it).
 
 Tokens/s counts every token of the batch (no padding: random ids, full length). Peak memory is
 ``torch.cuda.max_memory_reserved`` (what the GPU must hold; allocated is reported too), reset after loading
 so that it covers the training steps, plus the weights that stay. Targets (issue 7): int8 LoRA <= 12 GiB and
->= 9,000 tokens/s; P-Tuning v2 on int8 <= 16 GiB.
+>= 9,000 tokens/s; P-Tuning v2 on int8 <= 16 GiB (issue 20: and >= 9,000 tokens/s).
 
     python bench/train_bench.py                       # on the GPU host; appends rows to bench/RESULTS.md
     python bench/train_bench.py --tiny                # CPU smoke run of every scenario on the tiny model
     python bench/train_bench.py --json-out r.json --no-append   then  --append-from r.json (here)
+    bash bench/gpu_train.sh PART                      # the next GPU session's device calls (issue 20)
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ SECTION = "## Training: int8 LoRA and P-Tuning v2 (bench/train_bench.py)"
 COLUMNS = ("date (UTC)", "commit", "machine", "scenario", "batch x ctx", "peak reserved GiB",
            "peak allocated GiB", "tokens/s", "median step s", "target", "met")
 SCENARIOS = ("usual-lora-int8", "usual-ptuning-int8", "lora-int8", "lora-int8-bnb", "ptuning-int8", "lora-bf16",
-             "usual-lora-bf16")
-TARGETS = {"lora-int8": (12.0, 9000.0), "ptuning-int8": (16.0, None)}
+             "usual-lora-bf16", "lora-int8-fused", "lora-int8-fused-torch", "ptuning-int8-fused", "lora-bf16-fused")
+FUSED_SUFFIXES = {"-fused": "auto", "-fused-torch": "torch"}  # scenario suffix -> TrainConfig.fused_loss
+TARGETS = {"lora-int8": (12.0, 9000.0), "ptuning-int8": (16.0, 9000.0)}
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 
@@ -104,7 +111,16 @@ def _usual_model(base: str, method: str, device, quantized: bool = True):
     def loss_fn(batch):
         return peft_model(**batch).loss
 
-    return peft_model, loss_fn
+    return peft_model, loss_fn, "plain"
+
+
+def split_scenario(scenario: str) -> tuple[str, str]:
+    """(the scenario without its fused-loss suffix, TrainConfig.fused_loss): ``lora-int8-fused`` ->
+    (``lora-int8``, ``auto``)."""
+    for suffix, mode in sorted(FUSED_SUFFIXES.items(), key=lambda item: -len(item[0])):
+        if scenario.endswith(suffix):
+            return scenario[:-len(suffix)], mode
+    return scenario, "off"
 
 
 def _our_model(base: str, scenario: str, device, virtual_tokens: int):
@@ -112,11 +128,12 @@ def _our_model(base: str, scenario: str, device, virtual_tokens: int):
     from adapterd.trainer import model as model_mod
     from adapterd.trainer.config import TrainConfig
 
-    method = "ptuning-v2" if scenario.startswith("ptuning") else "lora"
+    plain, fused = split_scenario(scenario)
+    method = "ptuning-v2" if plain.startswith("ptuning") else "lora"
     cfg = TrainConfig(base=base, data="-", output="-", method=method,
-                      quantization="none" if scenario.endswith("bf16") else "int8",
-                      int8_compute="bnb" if scenario.endswith("bnb") else "dequant",
-                      gradient_checkpointing="on", num_virtual_tokens=virtual_tokens)
+                      quantization="none" if plain.endswith("bf16") else "int8",
+                      int8_compute="bnb" if plain.endswith("bnb") else "dequant",
+                      gradient_checkpointing="on", num_virtual_tokens=virtual_tokens, fused_loss=fused)
     model = model_mod.load_base(cfg, device)
     if cfg.quantization == "int8" and cfg.int8_compute == "dequant":
         model_mod.use_dequant_int8(model)
@@ -124,15 +141,38 @@ def _our_model(base: str, scenario: str, device, virtual_tokens: int):
     model_mod.enable_checkpointing(peft_model, cfg)
     if method == "ptuning-v2" and not model_mod.check_prefix_reaches_layers(peft_model, cfg, device):
         raise RuntimeError("the prefix cache is dropped under gradient checkpointing on this transformers")
+    head, head_name = model_mod.loss_head(peft_model, cfg, device)
 
     def loss_fn(batch):
-        return model_mod.forward_loss(peft_model, batch, cfg)[0]
+        return model_mod.forward_loss(peft_model, batch, cfg, head)[0]
 
-    return peft_model, loss_fn
+    return peft_model, loss_fn, head_name
+
+
+def write_profile(step, cuda: bool, scenario: str, out_dir: Path | None) -> None:
+    """Two more steps under torch.profiler; the top operators by device time (on a GPU) and by CPU time, to
+    ``out_dir/profile-SCENARIO.txt`` or, without a directory, to stderr."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        step()
+        step()
+    averages = prof.key_averages()
+    tables = [f"## {scenario}: top operators by {key} (two steps)\n"
+              + averages.table(sort_by=key, row_limit=25, max_name_column_width=60)
+              for key in (["cuda_time_total"] if cuda else []) + ["cpu_time_total"]]
+    text = "\n".join(tables)
+    if out_dir is None:
+        print(text, file=sys.stderr)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"profile-{scenario}.txt").write_text(text, encoding="utf-8")
 
 
 def run_scenario(scenario: str, base: str, batch: int, context: int, warmup: int, steps: int,
-                 virtual_tokens: int, profile: bool = False) -> dict:
+                 virtual_tokens: int, profile: bool = False, profile_dir: Path | None = None) -> dict:
     """One scenario in this process: load, train ``warmup + steps`` steps, measure."""
     import torch
 
@@ -142,10 +182,10 @@ def run_scenario(scenario: str, base: str, batch: int, context: int, warmup: int
     torch.manual_seed(0)
     t0 = time.monotonic()
     if scenario.startswith("usual-"):
-        peft_model, loss_fn = _usual_model(base, "lora" if "lora" in scenario else "ptuning", device,
+        peft_model, loss_fn, loss_name = _usual_model(base, "lora" if "lora" in scenario else "ptuning", device,
                                            quantized=not scenario.endswith("bf16"))
     else:
-        peft_model, loss_fn = _our_model(base, scenario, device, virtual_tokens)
+        peft_model, loss_fn, loss_name = _our_model(base, scenario, device, virtual_tokens)
     load_s = time.monotonic() - t0
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -174,16 +214,8 @@ def run_scenario(scenario: str, base: str, batch: int, context: int, warmup: int
         step()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    if profile:  # where the time goes: the top kernels of two more steps, to stderr
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with torch_profile(activities=activities) as prof:
-            step()
-            step()
-        sort = "cuda_time_total" if cuda else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=22, max_name_column_width=60), file=sys.stderr)
+    if profile:  # where the time goes
+        write_profile(step, cuda, scenario, profile_dir)
     step_s = statistics.median(times)
     if cuda:
         reserved, allocated = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
@@ -195,7 +227,7 @@ def run_scenario(scenario: str, base: str, batch: int, context: int, warmup: int
             "peak_reserved_gib": reserved / 2**30, "peak_allocated_gib": allocated / 2**30,
             "tokens_per_s": batch * context / step_s, "median_step_s": step_s,
             "first_loss": losses[0], "last_loss": losses[-1],
-            "trainable": sum(p.numel() for p in params), "device": str(device)}
+            "trainable": sum(p.numel() for p in params), "device": str(device), "loss": loss_name}
 
 
 def _machine(tiny: bool) -> str:
@@ -215,14 +247,16 @@ def to_row(result: dict, machine: str, commit: str, date: str, judge: bool = Tru
     if "error" in result:
         return {c: "" for c in COLUMNS} | {"date (UTC)": date, "commit": commit, "machine": machine,
                                           "scenario": result["scenario"], "met": "error: " + result["error"][:80]}
-    mem_target, speed_target = TARGETS.get(result["scenario"], (None, None))
+    mem_target, speed_target = TARGETS.get(split_scenario(result["scenario"])[0], (None, None))
     target, met = "", ""
     if mem_target is not None and judge:
         target = f"<= {mem_target:g} GiB" + (f", >= {speed_target:,.0f} tok/s" if speed_target else "")
         ok = result["peak_reserved_gib"] <= mem_target and (not speed_target or
                                                              result["tokens_per_s"] >= speed_target)
         met = "yes" if ok else "no"
-    return {"date (UTC)": date, "commit": commit, "machine": machine, "scenario": result["scenario"],
+    loss = result.get("loss", "plain")  # which fused loss ran: liger or torch
+    scenario = result["scenario"] + ("" if loss == "plain" else f" ({loss})")
+    return {"date (UTC)": date, "commit": commit, "machine": machine, "scenario": scenario,
             "batch x ctx": f"{result['batch']} x {result['context']}",
             "peak reserved GiB": f"{result['peak_reserved_gib']:.1f}",
             "peak allocated GiB": f"{result['peak_allocated_gib']:.1f}",
@@ -255,7 +289,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-append", action="store_true", help="do not touch RESULTS.md")
     p.add_argument("--json-out", type=Path, help="also write the results as JSON here")
     p.add_argument("--append-from", type=Path, help="only append rows saved with --json-out, then exit")
-    p.add_argument("--profile", action="store_true", help="print each scenario's top kernels (torch.profiler)")
+    p.add_argument("--profile", action="store_true", help="each scenario's top operators (torch.profiler), to "
+                   "stderr or --profile-dir")
+    p.add_argument("--profile-dir", type=Path, help="write profile-SCENARIO.txt here (implies --profile)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -265,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:  # one scenario, in its own process; prints one JSON line
         result = run_scenario(args.child, args.base, args.batch, args.context, args.warmup, args.steps,
-                              args.virtual_tokens, args.profile)
+                              args.virtual_tokens, args.profile or args.profile_dir is not None, args.profile_dir)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     if args.append_from:
@@ -290,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown scenario {scenario!r}")
         cmd = [sys.executable, __file__, "--child", scenario, "--base", str(base), "--batch", str(args.batch),
                "--context", str(args.context), "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--virtual-tokens", str(args.virtual_tokens)] + (["--profile"] if args.profile else [])
+               "--virtual-tokens", str(args.virtual_tokens)] + (["--profile"] if args.profile else []) + \
+              (["--profile-dir", str(args.profile_dir.resolve())] if args.profile_dir else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
@@ -299,12 +336,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{scenario}: FAILED\n{proc.stderr[-3000:]}", flush=True)
         else:
             result = json.loads(line[len("RESULT "):])
-            if args.profile:
+            if args.profile and args.profile_dir is None:
                 print(proc.stderr[-12000:], flush=True)
             print(f"{scenario}: peak {result['peak_reserved_gib']:.2f} GiB reserved "
                   f"({result['peak_allocated_gib']:.2f} allocated), {result['tokens_per_s']:,.0f} tokens/s, "
                   f"step {result['median_step_s']:.3f} s, load {result['load_s']} s, "
-                  f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}", flush=True)
+                  f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f} ({result['loss']})", flush=True)
         results.append(result)
         if args.json_out:  # after every scenario, so that a run cut short keeps what it measured
             args.json_out.write_text(json.dumps({**saved, "results": results}, indent=1))

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool), issue 20's training measurements; `source bench/device_setup.sh` first, in
+# the same call. liger-kernel's wheel goes in .whl/optional/ (device_setup.sh leaves that folder alone): the
+# parts that measure the fused loss install it into $SITE. One part a device call (each under its 10 minutes;
+# the first also writes the random 7B base, reused while the machine stays warm). Logs, JSON and each
+# scenario's profile (top operators by CUDA and CPU time) go to $OUT:
+#   lora      usual-lora-int8 (llama-recipes' PEFT recipe), lora-int8 (ours, plain loss), lora-int8-fused (ours,
+#             liger-kernel's fused linear cross-entropy)
+#   ptuning   usual-ptuning-int8, ptuning-int8, ptuning-int8-fused
+#   extra     lora-int8-fused-torch (our chunked torch loss instead of liger's), lora-bf16, lora-bf16-fused
+#   tests     the trainer's fused-loss and loss-curve tests on CUDA (liger against the plain loss included)
+# Then, here: python3 bench/train_bench.py --append-from train_PART.json (rows into bench/RESULTS.md).
+# BENCH_ARGS, TEST_DEVICE and SITE override the defaults (tests/bench/test_gpu_train.py runs each part on the
+# CPU with --tiny that way, so that no device call is lost to a typo here).
+set -o pipefail
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+part=${1:-}
+SITE=${SITE:-/tmp/site}
+liger() {
+  if compgen -G ".whl/optional/liger_kernel-*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/optional/liger_kernel-*.whl
+  fi
+  python3 -c "import liger_kernel.transformers" 2>&1 | tail -1 || true  # why the torch loss runs, if it does
+}
+bench() {  # bench NAME SCENARIOS
+  python3 bench/train_bench.py --scenarios "$2" --no-append --json-out "$OUT/train_$1.json" \
+    --profile-dir "$OUT/profile" $BENCH_ARGS 2>&1 | grep -v "Loading weights" | tee "$OUT/train_$1.log" | tail -20
+}
+case "$part" in
+  lora) liger; bench lora usual-lora-int8,lora-int8,lora-int8-fused ;;
+  ptuning) liger; bench ptuning usual-ptuning-int8,ptuning-int8,ptuning-int8-fused ;;
+  extra) bench extra lora-int8-fused-torch,lora-bf16,lora-bf16-fused ;;
+  tests)
+    liger
+    ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -m pytest -q -p no:cacheprovider \
+      tests/trainer/test_fused_loss.py tests/trainer/test_loss_curve.py 2>&1 | tee "$OUT/train_tests.log" | tail -15
+    ;;
+  *) echo "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests" >&2; exit 2 ;;
+esac
