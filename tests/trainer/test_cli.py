@@ -1,4 +1,4 @@
-"""``adapterd train`` as a command: option errors, and data parallel under torchrun (gloo on the CPU)."""
+"""``adapterd train`` as a command: option errors, --fused-loss, and data parallel under torchrun (gloo on the CPU)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,25 @@ def test_torchrun_two_ranks(make_config, subprocess_env):
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+
+
+@pytest.mark.slow
+def test_cli_fused_loss_trains_as_the_plain_loss(make_config, subprocess_env):
+    """``adapterd train --fused-loss auto`` on the CPU: the torch head (named in train.log), the same loss curve
+    as ``--fused-loss off``; ``--fused-loss liger`` without CUDA: one line naming the flag, exit 2."""
+    from adapterd.trainer.loop import train
+
+    plain = train(make_config(fused_loss="off", max_steps=6))
+    cfg = make_config(fused_loss="auto", max_steps=6, output=make_config().output + "-auto")
+    out = subprocess.run(train_argv(cfg), env=subprocess_env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "loss: torch" in (Path(cfg.output) / "train.log").read_text()
+    curves = [[json.loads(line)["loss"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+              for run in (cfg.output, make_config().output)]
+    assert plain["step"] == len(curves[0]) == len(curves[1]) == 6
+    for fused, loss in zip(*curves, strict=True):
+        assert fused == pytest.approx(loss, rel=1e-4)
+    cfg = make_config(fused_loss="liger", output=make_config().output + "-liger")
+    out = subprocess.run(train_argv(cfg), env=subprocess_env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("adapterd train: --fused-loss: liger: "), out.stderr

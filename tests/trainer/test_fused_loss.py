@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,6 @@ from adapterd.trainer import model as model_mod
 from adapterd.trainer.config import ConfigError
 from adapterd.trainer.fused_loss import chunked_linear_ce, make_head
 from tests.helpers import TEST_DEVICE
-from tests.trainer.conftest import train_argv
 
 
 def _leaves(*shapes: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
@@ -106,28 +103,6 @@ def test_liger_without_cuda_is_refused(tiny_model_dir, make_config):
     peft_model, _ = _peft(tiny_model_dir, make_config, "lora")
     with pytest.raises(ConfigError, match="fused_loss: liger: liger-kernel does not import here"):
         make_head(peft_model.get_base_model(), torch.device("cpu"), "liger")
-
-
-@pytest.mark.slow
-def test_cli_fused_loss_trains_as_the_plain_loss(make_config, subprocess_env):
-    """``adapterd train --fused-loss auto`` on the CPU: the torch head (named in train.log), the same loss curve
-    as ``--fused-loss off``; ``--fused-loss liger`` without CUDA: one line naming the flag, exit 2."""
-    from adapterd.trainer.loop import train
-
-    plain = train(make_config(fused_loss="off", max_steps=6))
-    cfg = make_config(fused_loss="auto", max_steps=6, output=make_config().output + "-auto")
-    out = subprocess.run(train_argv(cfg), env=subprocess_env, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "loss: torch" in (Path(cfg.output) / "train.log").read_text()
-    curves = [[json.loads(line)["loss"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-              for run in (cfg.output, make_config().output)]
-    assert plain["step"] == len(curves[0]) == len(curves[1]) == 6
-    for fused, loss in zip(*curves, strict=True):
-        assert fused == pytest.approx(loss, rel=1e-4)
-    cfg = make_config(fused_loss="liger", output=make_config().output + "-liger")
-    out = subprocess.run(train_argv(cfg), env=subprocess_env, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert out.stderr.strip().splitlines()[-1].startswith("adapterd train: --fused-loss: liger: "), out.stderr
 
 
 @pytest.mark.gpu
