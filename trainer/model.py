@@ -188,22 +188,38 @@ def forward_loss(peft_model: Any, batch: dict[str, torch.Tensor], cfg: TrainConf
 
 def loss_head(peft_model: Any, cfg: TrainConfig, device: torch.device) -> tuple[LossHead | None, str]:
     """The fused loss head ``cfg.fused_loss`` asks for, checked against the model's own loss on a probe batch,
-    and its name ("plain" when off). A head that does not match: ``ConfigError`` naming ``fused_loss``."""
+    and its name ("plain" when off). A head that does not match: ``ConfigError`` naming ``fused_loss``. With
+    ``auto``, a liger kernel that fails on the probe (Triton cannot compile here) gives way to the torch head."""
     if cfg.fused_loss == "off":
         return None, "plain"
-    head, name = fused_loss.make_head(peft_model.get_base_model(), device,
-                                      "auto" if cfg.fused_loss == "auto" else cfg.fused_loss)
-    ids = torch.arange(3, 19, device=device)[None] % peft_model.config.vocab_size  # 16 tokens, any ids
-    probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    was_training = peft_model.training
-    peft_model.eval()  # no dropout: the two forwards must see the same model
-    with torch.no_grad():
-        reason = fused_loss.check_head(peft_model.get_base_model(), forward_loss(peft_model, probe, cfg)[0],
-                                       forward_loss(peft_model, probe, cfg, head)[0])
-    peft_model.train(was_training)
+    base = peft_model.get_base_model()
+    head, name = fused_loss.make_head(base, device, cfg.fused_loss)
+    try:
+        reason = _probe_head(peft_model, cfg, head, device)
+    except Exception as exc:
+        if cfg.fused_loss != "auto" or name != "liger":
+            raise
+        fused_loss.log.warning("liger-kernel failed on a probe batch (%s: %s): the torch fused loss instead",
+                               type(exc).__name__, exc)
+        head, name = fused_loss.make_head(base, device, "torch")
+        reason = _probe_head(peft_model, cfg, head, device)
     if reason is not None:
         raise ConfigError("fused_loss", f"{reason}; train with --fused-loss off")
     return head, name
+
+
+def _probe_head(peft_model: Any, cfg: TrainConfig, head: LossHead, device: torch.device) -> str | None:
+    """``fused_loss.check_head`` on 16 tokens, in eval mode (no dropout: both forwards see the same model)."""
+    ids = torch.arange(3, 19, device=device)[None] % peft_model.config.vocab_size
+    probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad():
+            return fused_loss.check_head(peft_model.get_base_model(), forward_loss(peft_model, probe, cfg)[0],
+                                         forward_loss(peft_model, probe, cfg, head)[0])
+    finally:
+        peft_model.train(was_training)
 
 
 def check_prefix_reaches_layers(peft_model: Any, cfg: TrainConfig, device: torch.device) -> bool:

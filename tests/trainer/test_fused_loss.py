@@ -148,3 +148,28 @@ def test_resume_with_the_fused_loss_is_exact(make_config, tmp_path):
     assert curves[0] == curves[1] and len(curves[0].splitlines()) == 12
     a, b = (load_file(Path(c.output) / "checkpoint-12" / "adapter_model.safetensors") for c in (whole, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_falls_back_to_torch_when_liger_fails(tiny_model_dir, make_config, monkeypatch, caplog):
+    """``--fused-loss auto`` where liger-kernel imports but its kernel fails on the probe batch (Triton cannot
+    compile its launcher, say): the torch head, with a warning saying why; ``liger`` asked for by name fails."""
+    from adapterd.trainer import fused_loss
+
+    def broken_liger(base, device, backend):
+        if backend == "torch":
+            return real(base, device, backend)
+
+        def head(hidden, labels):
+            raise RuntimeError("triton: failed to compile the launcher")
+        return head, "liger"
+
+    real = fused_loss.make_head
+    monkeypatch.setattr(fused_loss, "make_head", broken_liger)
+    peft_model, cfg = _peft(tiny_model_dir, make_config, "lora")
+    cfg.fused_loss = "auto"
+    head, name = model_mod.loss_head(peft_model, cfg, torch.device(TEST_DEVICE))
+    assert name == "torch" and head is not None
+    assert "liger-kernel failed on a probe batch (RuntimeError: triton: failed to compile" in caplog.text
+    cfg.fused_loss = "liger"
+    with pytest.raises(RuntimeError, match="failed to compile"):
+        model_mod.loss_head(peft_model, cfg, torch.device(TEST_DEVICE))
