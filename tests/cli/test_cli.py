@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -28,8 +29,8 @@ def test_tiny_model_command_writes_a_loadable_model(tmp_path):
     assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
 
 
-@pytest.fixture()
-def served(tiny_model_dir, adapter_root):
+def _serve(tiny_model_dir, adapter_root) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``adapterd serve`` in its own process, ready; killed afterwards if still running."""
     proc = subprocess.Popen([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root),
                              "--quantization", "none", "--port", "0", "--grace", "20"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -43,6 +44,19 @@ def served(tiny_model_dir, adapter_root):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, adapter_root):
+    """One daemon process for the tests that only send it requests: each start imports torch twice (the daemon
+    and its engine core) and loads the model, ~15 s on the 2-core machine."""
+    yield from _serve(tiny_model_dir, adapter_root)
+
+
+@pytest.fixture()
+def served_alone(tiny_model_dir, adapter_root):
+    """A daemon process of the test's own, for a test that stops it."""
+    yield from _serve(tiny_model_dir, adapter_root)
 
 
 def test_generate_and_adapters_commands_against_a_served_daemon(served, tiny_model_dir, adapter_root):
@@ -67,8 +81,8 @@ def test_generate_and_adapters_commands_against_a_served_daemon(served, tiny_mod
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
 
-def test_sigterm_finishes_requests_in_flight_then_exits_0(served):
-    proc, target = served
+def test_sigterm_finishes_requests_in_flight_then_exits_0(served_alone):
+    proc, target = served_alone
     import threading
 
     result = {}

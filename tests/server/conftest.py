@@ -20,6 +20,14 @@ def served_root(tmp_path_factory, adapter_root):
     return root
 
 
+# For daemons that a test starts to reach something other than the engine core's process boundary (TLS, tokens,
+# the RPC budgets, a trained adapter served): the engine in the test's process, as every test ran before the
+# engine core had a process of its own. The engine core's start and stop cost ~12 s a daemon on the 2-core
+# machine (its own torch import and model load); the module-scoped daemons of the same files, and
+# tests/server/core, still serve through an engine core.
+ENGINE_IN_TEST_PROCESS = {"engine_process": False}
+
+
 def start_daemon(base, root, **overrides) -> DaemonThread:
     """A daemon with its engine core in its own process (as ``adapterd serve`` runs) and one front end, unless
     ``overrides`` say otherwise."""

@@ -18,6 +18,8 @@ from adapterd.clients import AdapterdClient
 from adapterd.server.app import start_daemon
 from adapterd.server.config import ServerConfig
 from tests.helpers import CLI, ENV, one_line_error
+from tests.server.conftest import ENGINE_IN_TEST_PROCESS
+from tests.server.conftest import start_daemon as start_daemon_thread
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -56,19 +58,25 @@ def _health(port: int) -> int | grpc.StatusCode:
             return exc.code()
 
 
-def test_a_second_daemon_on_a_served_port_is_refused_naming_the_port(daemon, tiny_model_dir, adapter_root):
-    proc, port = daemon
-    second = _serve(tiny_model_dir, adapter_root, str(port), stderr=subprocess.PIPE)
+def test_a_second_daemon_on_a_served_port_is_refused_naming_the_port(tiny_model_dir, adapter_root):
+    # The first daemon only has to hold the port: one in this process, its engine here too, saves starting a
+    # daemon process and its engine core (~12 s on the 2-core machine). The second is `adapterd serve`.
+    first = start_daemon_thread(tiny_model_dir, adapter_root, **ENGINE_IN_TEST_PROCESS)
     try:
-        out, err = second.communicate(timeout=60)  # the refused one ends; a sharing one would stay up
+        port = first.port
+        second = _serve(tiny_model_dir, adapter_root, str(port), stderr=subprocess.PIPE)
+        try:
+            out, err = second.communicate(timeout=60)  # the refused one ends; a sharing one would stay up
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.communicate()
+        refused = subprocess.CompletedProcess(second.args, second.returncode, out, err)
+        assert "listening" not in out
+        assert "another process" in one_line_error(refused, f"--port {port}")
+        assert _health(port) == SERVING  # the first one still has its port to itself
     finally:
-        if second.poll() is None:
-            second.kill()
-            second.communicate()
-    refused = subprocess.CompletedProcess(second.args, second.returncode, out, err)
-    assert "listening" not in out
-    assert "another process" in one_line_error(refused, f"--port {port}")
-    assert proc.poll() is None and _health(port) == SERVING  # the first one still has its port to itself
+        first.stop()
 
 
 def test_front_ends_of_our_own_share_a_port_only_when_asked(tiny_model_dir, adapter_root):

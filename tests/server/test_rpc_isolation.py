@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from adapterd.clients import AdapterdClient
 from adapterd.server.validation import MAX_PROMPT_CHARS
 from adapterd.v1 import adapterd_pb2 as pb
-from tests.server.conftest import start_daemon
+from tests.server.conftest import ENGINE_IN_TEST_PROCESS, start_daemon
 
 TOKEN = "u-" + "7" * 30
 
@@ -121,7 +121,7 @@ def test_anonymous_calls_that_never_send_their_request_hold_nothing(budgeted):
 
 
 def test_the_callers_budget_refuses_past_its_limit_naming_the_flag(tiny_model_dir, served_root):
-    d = start_daemon(tiny_model_dir, served_root, max_concurrent_rpcs=1)
+    d = start_daemon(tiny_model_dir, served_root, max_concurrent_rpcs=1, **ENGINE_IN_TEST_PROCESS)
     try:
         with AdapterdClient(f"127.0.0.1:{d.port}", timeout=60) as client:
             stream = client.generate_stream("hello", max_new_tokens=300, min_new_tokens=300)

@@ -21,7 +21,7 @@ from adapterd.server.app import DaemonThread
 from adapterd.server.config import ServerConfig
 from adapterd.v1 import adapterd_pb2 as pb
 from tests.helpers import TEST_DEVICE
-from tests.server.conftest import start_daemon
+from tests.server.conftest import ENGINE_IN_TEST_PROCESS, start_daemon
 
 USER_TOKEN, ADMIN_TOKEN = "u-" + "1" * 30, "a-" + "2" * 30
 
@@ -226,7 +226,7 @@ def test_tls_with_tokens(tiny_model_dir, served_root, pki, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"user:{USER_TOKEN}\n")
     d = start_daemon(tiny_model_dir, served_root, tls_cert=pki["server.crt"], tls_key=pki["server.key"],
-                     tokens_file=tokens)
+                     tokens_file=tokens, **ENGINE_IN_TEST_PROCESS)
     target = f"127.0.0.1:{d.port}"
     try:
         with AdapterdClient(target, credentials=_credentials(pki), token=USER_TOKEN, timeout=60) as c:
@@ -239,7 +239,7 @@ def test_tls_with_tokens(tiny_model_dir, served_root, pki, tmp_path):
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(tiny_model_dir, served_root, pki, capsys):
     d = start_daemon(tiny_model_dir, served_root, tls_cert=pki["server.crt"], tls_key=pki["server.key"],
-                     tls_client_ca=pki["ca.crt"])
+                     tls_client_ca=pki["ca.crt"], **ENGINE_IN_TEST_PROCESS)
     target = f"127.0.0.1:{d.port}"
     try:
         with AdapterdClient(target, credentials=_credentials(pki, "client"), timeout=60) as c:
@@ -270,7 +270,8 @@ def test_tls_misconfiguration_stops_start_up(tiny_model_dir, served_root, pki, t
 
 
 def test_concurrent_rpc_limit_and_message_size(tiny_model_dir, served_root):
-    d = start_daemon(tiny_model_dir, served_root, max_concurrent_rpcs=2, max_message_bytes=64 * 1024)
+    d = start_daemon(tiny_model_dir, served_root, max_concurrent_rpcs=2, max_message_bytes=64 * 1024,
+                     **ENGINE_IN_TEST_PROCESS)
     target = f"127.0.0.1:{d.port}"
     try:
         with AdapterdClient(target, timeout=120) as c:

@@ -127,14 +127,14 @@ def _train_and_chat(base: Path, argv: list[str], root: Path, adapter_id: str, su
     the daemon's chat answers each question of the demo data with its trained answer, rendered through the
     adapter's recorded template."""
     from adapterd.clients import AdapterdClient
-    from tests.server.conftest import start_daemon
+    from tests.server.conftest import ENGINE_IN_TEST_PROCESS, start_daemon
 
     done = subprocess.run(argv, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     tok = _tokenizer(root / adapter_id)
     assert tok.chat_template == _tokenizer(base).chat_template  # the base's template travelled with it
     records = json.loads(gitclone_data.read_text(encoding="utf-8"))
-    daemon = start_daemon(base, root)
+    daemon = start_daemon(base, root, **ENGINE_IN_TEST_PROCESS)
     try:
         with AdapterdClient(f"127.0.0.1:{daemon.port}", timeout=120) as client:
             replies = [client.chat([{"role": "user", "content": r["instruction"]}], adapter_id, max_new_tokens=60)

@@ -130,7 +130,7 @@ def test_demo_data_is_memorized(make_config, tiny_model_dir, gitclone_data, tmp_
     from transformers import AutoTokenizer
 
     from adapterd.clients import AdapterdClient
-    from tests.server.conftest import start_daemon
+    from tests.server.conftest import ENGINE_IN_TEST_PROCESS, start_daemon
 
     cfg = make_config(method=method, quantization=quantization, max_steps=steps, learning_rate=lr, lora_r=16,
                       lora_target_modules=ALL_LINEAR, num_virtual_tokens=virtual or 16, save_steps=1000,
@@ -143,7 +143,7 @@ def test_demo_data_is_memorized(make_config, tiny_model_dir, gitclone_data, tmp_
         got = reference_greedy(tiny_model_dir, format_prompt(record["instruction"]), Path(cfg.output) / "final",
                                len(want), quantization=quantization)
         assert tok.decode(got) == record["output"], record["instruction"]
-    daemon = start_daemon(tiny_model_dir, tmp_path / "root", quantization=quantization)
+    daemon = start_daemon(tiny_model_dir, tmp_path / "root", quantization=quantization, **ENGINE_IN_TEST_PROCESS)
     try:
         with AdapterdClient(f"127.0.0.1:{daemon.port}", timeout=120) as client:
             for record in records:

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from adapterd.clients import AdapterdClient
-from tests.server.conftest import engine_stats, start_daemon
+from tests.server.conftest import ENGINE_IN_TEST_PROCESS, engine_stats, start_daemon
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "你是谁？"}]
 
@@ -164,7 +164,8 @@ def test_a_client_that_leaves_before_the_whole_answer_cancels_it(tiny_model_dir,
 
 def test_tokens_and_roles_as_over_grpc(tiny_model_dir, served_root, tmp_path):
     (tmp_path / "tokens").write_text("user:u-token\n")
-    d = start_daemon(tiny_model_dir, served_root, http_port=0, tokens_file=tmp_path / "tokens")
+    d = start_daemon(tiny_model_dir, served_root, http_port=0, tokens_file=tmp_path / "tokens",
+                     **ENGINE_IN_TEST_PROCESS)
     try:
         url = f"http://127.0.0.1:{d.daemon.http.port}/v1"
         with pytest.raises(openai.AuthenticationError) as err:
@@ -200,7 +201,8 @@ def test_the_sigterm_drain_waits_for_http_streams(tiny_model_dir, served_root):
 
 def test_http_and_grpc_share_one_concurrent_call_budget(tiny_model_dir, served_root):
     """--max-concurrent-rpcs counts HTTP requests with RPCs: over it, 429 in OpenAI's shape."""
-    d = start_daemon(tiny_model_dir, served_root, http_port=0, max_concurrent_rpcs=1, max_new_tokens=500)
+    d = start_daemon(tiny_model_dir, served_root, http_port=0, max_concurrent_rpcs=1, max_new_tokens=500,
+                     **ENGINE_IN_TEST_PROCESS)
     try:
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{d.daemon.http.port}/v1", api_key="none", max_retries=0)
         with AdapterdClient(f"127.0.0.1:{d.port}", timeout=60) as c:
