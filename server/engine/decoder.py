@@ -65,7 +65,13 @@ class Decoder:
         types = getattr(model.config, "layer_types", None)
         self.layer_types: list[str] = list(types) if types else ["full_attention"] * len(self.layers)
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, cache: Any) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, context: StepContext) -> torch.Tensor:
+        """The engine's ``Forward``: the loop inside the step's context (its LoRA rows), over its cache view."""
+        with step_context(context):
+            return self.forward(ids, positions, mask, context.cache)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, cache: Any) -> torch.Tensor:
+        """The loop itself, over any cache whose ``update(k, v, layer)`` returns what attention reads."""
         h = self.embed(ids)
         cos, sin = self.rotary(h, position_ids=positions)
         for index, layer in enumerate(self.layers):
@@ -97,14 +103,7 @@ def model_forward(base: BaseModel, own: bool) -> Forward:
     """The forward the engine's steps call, inside their step's context: ours for ``OWN_FAMILIES`` when
     ``own``, else transformers'."""
     if own and uses_own_decoder(base.model):
-        decoder = Decoder(base.model)
-
-        def own_forward(ids: torch.Tensor, positions: torch.Tensor, mask: Mask, context: StepContext) -> torch.Tensor:
-            with step_context(context):
-                return decoder(ids, positions, mask, context.cache)
-
-        own_forward.decoder = decoder  # type: ignore[attr-defined]
-        return own_forward
+        return Decoder(base.model)
 
     def transformers_forward(ids: torch.Tensor, positions: torch.Tensor, mask: Mask,
                              context: StepContext) -> torch.Tensor:

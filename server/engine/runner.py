@@ -20,7 +20,7 @@ from ..adapters.prefix import PrefixWeights
 from ..model import BaseModel
 from .batch import Row, RunningBatch
 from .decode_step import DecodeStep
-from .decoder import model_forward
+from .decoder import Decoder, model_forward
 from .kv_pool import KvPool
 from .prefill_step import PrefillStep
 from .swaps import use_fused_norms, use_int8_kernel
@@ -49,7 +49,7 @@ class ModelRunner:
                            max_rows=config.max_batch_size, max_capacity=base.max_sequence_length)
         self.batch = RunningBatch(self.pool)
         self.forward = model_forward(base, config.own_decoder)  # ours, or transformers'
-        self.own_decoder = hasattr(self.forward, "decoder")
+        self.own_decoder = isinstance(self.forward, Decoder)
         log.info("decoder forward: %s", "own" if self.own_decoder else "transformers'")
         self.decoder = DecodeStep(base, self.pool, self.slots, self.forward, config.max_batch_size,
                                   config.cuda_graphs)

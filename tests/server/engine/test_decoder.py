@@ -45,19 +45,19 @@ def test_prefill_and_decode_logits_equal_transformers(model):
     live = torch.ones(2, 12, dtype=torch.bool)
     mask = layout.masks(lambda window: causal_mask(live, 12, torch.float32, window))
     positions = torch.arange(12)[None].expand(2, -1)
-    got = decoder(ids[:, :12], positions, mask, cache)
+    got = decoder.forward(ids[:, :12], positions, mask, cache)
     assert torch.allclose(got, model(ids[:, :12]).logits[:, -1], atol=TOLERANCE, rtol=0)
     for t in range(12, 20):  # one token a step, each seeing every earlier one (within a window)
         live = torch.ones(2, t + 1, dtype=torch.bool)
         mask = layout.masks(lambda window, live=live: causal_mask(live, 1, torch.float32, window))
-        got = decoder(ids[:, t:t + 1], torch.full((2, 1), t), mask, cache)
+        got = decoder.forward(ids[:, t:t + 1], torch.full((2, 1), t), mask, cache)
         want = model(ids[:, :t + 1]).logits[:, -1]
         assert torch.allclose(got, want, atol=TOLERANCE, rtol=0), (t, (got - want).abs().max())
 
 
 def test_model_forward_picks_ours_only_where_it_is_asked_for_and_known(model, tmp_path):
     def ours(model, own):
-        return hasattr(model_forward(SimpleNamespace(model=model, cache_kwarg="cache"), own), "decoder")
+        return isinstance(model_forward(SimpleNamespace(model=model, cache_kwarg="cache"), own), Decoder)
 
     assert ours(model, True) and not ours(model, False)
     gemma = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "g", model_type="gemma",
@@ -97,7 +97,7 @@ def test_lora_on_q_k_v_takes_one_shrink_a_layer_and_gives_transformers_logits(mo
     mask = layout.masks(lambda window: causal_mask(live, 10, torch.float32, window))
     positions = torch.arange(10)[None].expand(3, -1)
     with step_context(StepContext("prefill", table.rows_of(slots, "prefill"))):
-        got = Decoder(model)(ids, positions, mask, DynamicCache())
+        got = Decoder(model).forward(ids, positions, mask, DynamicCache())
         assert shrinks == [3, 1] * model.config.num_hidden_layers  # q, k, v as one; o alone
         want = model(ids).logits[:, -1]
     table.release(slots[0]), table.release(slots[2])
