@@ -85,19 +85,13 @@ class Prompts:
         input limit's ids are looked at (more is refused by its length, or cut to the last ``truncate_to``
         first). Each kept id must be a row of the token embedding: one past them would index out of it on the
         device, which fails the whole batch and not only this request."""
-        if truncate_to and len(ids) > truncate_to:
-            prepared = PreparedPrompt(ids=list(ids[-truncate_to:]), truncated=True)
-        elif len(ids) > self._input_limit(max_input_tokens, virtual_tokens):
-            return self.checked_ids(list(ids), 0, max_input_tokens, virtual_tokens, "prompt_token_ids")
-        else:
-            prepared = PreparedPrompt(ids=list(ids), truncated=False)
+        prepared = self.checked_ids(list(ids), truncate_to, max_input_tokens, virtual_tokens, "prompt_token_ids")
+        offset = len(ids) - len(prepared.ids)  # ids cut off the front: errors name the index in what was sent
         for i, token in enumerate(prepared.ids):
             if token >= self.vocab_size:
-                offset = len(ids) - len(prepared.ids)  # the index in what was sent
                 raise InvalidArgument(f"{token} is not a token id of this model (its vocabulary has "
                                       f"{self.vocab_size})", field=f"prompt_token_ids[{i + offset}]")
-        checked = self.checked_ids(prepared.ids, 0, max_input_tokens, virtual_tokens, "prompt_token_ids")
-        return PreparedPrompt(ids=checked.ids, truncated=prepared.truncated)
+        return prepared
 
     def checked_ids(self, ids: list[int], truncate_to: int, max_input_tokens: int, virtual_tokens: int = 0,
                     field: str = "prompt") -> PreparedPrompt:
