@@ -20,9 +20,22 @@ ends a run nor changes the text.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece, as SentencePiece names them
+_QUIET: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def quiet_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids after which a stream has no new text to look for: special tokens (the decode skips them) and
+    byte pieces (their run is not over; module docstring). One pass over the vocabulary per tokenizer, kept
+    while the tokenizer lives, so that a streamed token costs a set lookup."""
+    found = _QUIET.get(tokenizer)
+    if found is None:
+        bytes_ = (i for piece, i in tokenizer.get_vocab().items() if _BYTE_PIECE.fullmatch(piece))
+        found = _QUIET[tokenizer] = frozenset(tokenizer.all_special_ids).union(bytes_)
+    return found
 
 
 class TextStream:
@@ -39,11 +52,11 @@ class TextStream:
         self._read_offset = 0
         self._scanned = 0  # ``text`` before this index holds no stop sequence
         self._before: str | None = None
-        self._skipped = frozenset(tokenizer.all_special_ids)  # what ``_decode`` leaves out
+        self._quiet = quiet_ids(tokenizer)
 
     def add(self, token_id: int) -> None:
         self.ids.append(token_id)
-        if token_id in self._skipped or self._is_byte_piece(token_id):
+        if token_id in self._quiet:
             return  # no new text yet: a skipped token adds none, a byte piece's run is not over (module doc)
         if self._before is None:  # the window's settled part; decoded once per window, not per token
             self._before = self._decode(self._prefix_offset, self._read_offset)
@@ -53,9 +66,6 @@ class TextStream:
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
             self._before = None
         self._find_stop()
-
-    def _is_byte_piece(self, token_id: int) -> bool:
-        return _BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(token_id) or "") is not None
 
     def _decode(self, start: int, end: int) -> str:
         return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True)
