@@ -16,6 +16,6 @@ case $part in
           tests/server/engine/test_parity.py tests/server/engine/test_sampling.py \
           tests/server/engine/test_batch_sampler.py tests/server/engine/test_admission.py \
           tests/server/core/test_engine_process.py tests/server/test_generate_rpc.py \
-          tests/server/kernels/test_support.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+          tests/server/kernels/test_support.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
 esac
 cp bench/RESULTS.md "$OUT/" 2>/dev/null

@@ -143,8 +143,10 @@ def test_engine_without_a_compiler_serves_pefts_tokens(tiny_model_dir, adapter_r
     jobs = [(prompt, adapter) for prompt in ("hello world", "你是谁？") for adapter in ("", "lora-qv", "prefix")]
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
+    # adapterd comes from the install (the repository root is the package's contents, not its parent: a
+    # PYTHONPATH of the root hid the install on the GPU machine); `tests` from the working directory.
     env = {**os.environ, "CC": "/bin/false", "PATH": str(empty_bin), "TRITON_CACHE_DIR": str(tmp_path / "cache"),
-           "PYTHONPATH": str(REPO), "ADAPTERD_TEST_DEVICE": "cuda"}
+           "ADAPTERD_TEST_DEVICE": "cuda"}
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", _ENGINE, str(tiny_model_dir), str(adapter_root), quantization,
                           json.dumps(jobs)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
