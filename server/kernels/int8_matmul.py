@@ -108,7 +108,9 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
             k_left = K - k * BLOCK_K
             x = tl.load(xs, mask=rk[None, :] < k_left, other=0.0)
             w = tl.load(ws, mask=rk[:, None] < k_left, other=0, eviction_policy="evict_first")
-        if DOT_F32:  # fp32 inputs; and the interpreter, whose dot multiplies bf16 as raw uint16 bits
+        if BLOCK_M == 1:  # GEMV (the 1-row bucket's own tiles): CUDA cores, products and sums in fp32
+            acc += tl.reduce(tl.trans(x).to(tl.float32) * w.to(tl.float32), 0, tl.standard._sum_combine)[None, :]
+        elif DOT_F32:  # fp32 inputs; and the interpreter, whose dot multiplies bf16 as raw uint16 bits
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:  # bf16/fp16 tensor cores; int8 -> x.dtype is exact (|CB| <= 127), products exact in fp32
             acc = tl.dot(x, w.to(x.dtype), acc)
@@ -189,12 +191,17 @@ def _int8_gemm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,  # noqa: N8
 
 
 def _small_configs() -> list[triton.Config]:
-    """Tiles for M <= 64 rows (``_prune_small`` picks the ones for a key: at most 22).
+    """Tiles for M <= 64 rows (``_prune_small`` picks the ones for a key: at most 28).
 
     BLOCK_M 16 (every bucket; more rows make more row blocks): BLOCK_N 32..256 and SPLIT_K 1..16 trade
     parallelism (N / BLOCK_N * SPLIT_K programs for 132 SMs) against per-program overhead and the partials'
     traffic; BLOCK_K 128..512 int8 bytes a row and 2-4 stages keep 8-48 KB of weight in flight a program.
-    BLOCK_M 32 and 64 (only for the bucket of that size: one row block, each weight tile read once)."""
+    BLOCK_M 32 and 64 (only for the bucket of that size: one row block, each weight tile read once).
+    BLOCK_M 1 (only for the 1-row bucket, batch-1 decode): a GEMV without tensor cores. A tensor-core tile has
+    16 rows, 15 of them padding at M = 1, and its 32..256-column tiles give a 4096-row weight 16..128
+    programs; 8..32-column tiles give 128..512, each streaming whole K rows. At M = 1 the tensor-core configs
+    read a 4096x4096 weight at 1.06 TB/s of the H200's 4.8 (bench/RESULTS.md, ccbaeb0); the autotuner keeps
+    whichever is faster per shape."""
     narrow = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), BLOCK_M 16
         (32, 256, 1, 2, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 4), (128, 256, 1, 8, 3),
         (32, 256, 2, 2, 4), (64, 256, 2, 4, 3), (128, 256, 2, 8, 3),
@@ -203,12 +210,14 @@ def _small_configs() -> list[triton.Config]:
         (32, 256, 16, 2, 3), (64, 128, 16, 4, 4), (64, 256, 16, 4, 2),
     ]
     wide = [(64, 256, 1, 4, 3), (128, 128, 1, 8, 3), (64, 256, 2, 4, 3), (64, 256, 4, 4, 3), (64, 128, 8, 4, 4)]
+    gemv = [(8, 512, 1, 4, 3), (16, 256, 1, 4, 4), (16, 512, 1, 4, 3), (32, 256, 1, 4, 3), (32, 512, 1, 8, 3),
+            (16, 512, 2, 4, 3), (32, 256, 2, 4, 3), (64, 256, 4, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s}, num_warps=w, num_stages=st)
-            for bm, tiles in ((16, narrow), (32, wide), (64, wide)) for bn, bk, s, w, st in tiles]
+            for bm, tiles in ((16, narrow), (32, wide), (64, wide), (1, gemv)) for bn, bk, s, w, st in tiles]
 
 
 def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """For row bucket ``b``: BLOCK_M 16, plus BLOCK_M == b for b = 32, 64; SPLIT_K 16 only up to 16 rows
+    """For row bucket ``b``: BLOCK_M 16, plus BLOCK_M == b for b = 1, 32, 64; SPLIT_K 16 only up to 16 rows
     (a 32-64 row tile has work enough); no more splits than K tiles."""
     bucket, k = named_args["M_BUCKET"], named_args["K"]
     kept = [c for c in configs

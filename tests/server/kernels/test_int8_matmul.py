@@ -159,6 +159,50 @@ def test_split_k_matches_split_1(monkeypatch, m):
                                    rtol=1e-5, atol=1e-5, msg=str(config))
 
 
+GEMV = [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s} for bn, bk, s in
+        ((8, 32, 1), (16, 64, 1), (32, 32, 2), (16, 16, 16))]  # K = 100: 4, 2, 4 and 7 K tiles (one uneven)
+
+
+@pytest.mark.parametrize("config", GEMV, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_tiles_at_one_row(monkeypatch, config, dtype):
+    """The 1-row bucket's GEMV tiles (no tensor cores): the fp32 reference within one rounding to the
+    output dtype, with a bias, N and K not multiples of the blocks, with and without split-K."""
+    _no_fallback(monkeypatch)
+    cb, scb = _weights(70, 100, seed=13)
+    x = torch.randn(1, 100, generator=torch.Generator().manual_seed(5)).to(dtype)
+    bias = torch.randn(70)
+    ref = _reference(x, cb, scb, bias)
+    y = km._small_m(x, cb, scb, bias, True, config=config)
+    assert y.dtype == dtype and y.shape == (1, 70)
+    assert ((y.float() - ref).abs() <= ULP[dtype] * ref.abs() + 1e-5).all(), (y.float() - ref).abs().max()
+
+
+def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
+    """No GPU here, but Triton's own ptxas: each GEMV config of the 1-row bucket compiles for sm_90 (the
+    H200), bf16 with a bias and an uneven K, so that warm-up's tuning on the GPU cannot fail on a new tile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # triton.jit below must build a compiled kernel, not the interpreter's
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = triton.jit(km._int8_mm)
+    pointers = dict(zip(("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "p_ptr"),
+                        ("*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32"), strict=True))
+    ints = ("M", "N", "K", "M_BUCKET", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ym", "stride_yn")
+    signature = {**pointers, **dict.fromkeys(ints, "i32"),
+                 **dict.fromkeys(("HAS_BIAS", "DOT_F32", "EVEN_K", *km._INTERPRET_SMALL), "constexpr")}
+    gemv = [c for c in km._small_configs() if c.kwargs["BLOCK_M"] == 1]
+    assert len(gemv) == 8
+    for c in gemv:
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": False, **c.kwargs})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+        assert compiled.asm["cubin"], c
+
+
 def test_split_k_half_inputs_round_once(monkeypatch):
     """The reduction kernel applies scale and bias in fp32 and rounds once to the output dtype."""
     _no_fallback(monkeypatch)
@@ -220,8 +264,10 @@ def test_small_m_gpu_configs_are_pruned_per_bucket():
     def kept(bucket, k=4096):
         return km._prune_small(configs, {"M_BUCKET": bucket, "K": k})
 
-    assert [len(kept(b)) for b in (1, 2, 4, 8, 16, 32, 64)] == [20] * 5 + [22, 22]
+    assert [len(kept(b)) for b in (1, 2, 4, 8, 16, 32, 64)] == [28] + [20] * 4 + [22, 22]
     assert {c.kwargs["SPLIT_K"] for c in kept(1)} == {1, 2, 4, 8, 16}
+    assert {c.kwargs["BLOCK_M"] for c in kept(1)} == {1, 16}  # the GEMV tiles beside the tensor-core ones
+    assert all(c.kwargs["BLOCK_M"] != 1 for b in (2, 4, 8, 16, 32, 64) for c in kept(b))
     assert {c.kwargs["BLOCK_M"] for c in kept(64)} == {16, 64}
     assert all(c.kwargs["SPLIT_K"] <= -(-520 // c.kwargs["BLOCK_K"]) for c in kept(1, 520))
     assert len(km._gemm_configs()) == 9
@@ -380,7 +426,7 @@ def _assert_bf16_close(y: torch.Tensor, ref: torch.Tensor, what: object = "") ->
 @pytest.mark.gpu
 @pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 11008)])
 def test_gpu_split_k_at_one_row(monkeypatch, llama_weights, n, k):
-    """M = 1, bf16: every SPLIT_K forced, then the autotuned choice (which compiles and times the 20 decode
+    """M = 1, bf16: every SPLIT_K forced, then the autotuned choice (which compiles and times the 28 decode
     configs of the 1-row bucket: all must compile on this GPU)."""
     _no_fallback(monkeypatch)
     cb, scb = llama_weights[n, k]
