@@ -117,17 +117,26 @@ class AdapterdService(pb_grpc.AdapterdServicer):
 
     @streaming
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        # The engine emits "start" right after the prefill, just before the first token's event, so the first
+        # message carries both (one gRPC message less before the first token reaches the client).
+        start: pb.GenerateResponse | None = None
         async for event, input_count in self._events(request, context):
             if event.kind == "start":
-                yield pb.GenerateResponse(adapter_id=request.adapter_id, input_token_count=input_count,
-                                          seed=event.seed)
-            elif event.kind == "delta":
-                if event.text:
-                    yield pb.GenerateResponse(text=event.text, generated_token_count=event.generated_token_count)
+                start = pb.GenerateResponse(adapter_id=request.adapter_id, input_token_count=input_count,
+                                            seed=event.seed)
+                continue
+            if event.kind == "delta":
+                if not (event.text or start):
+                    continue
+                response = pb.GenerateResponse(text=event.text, generated_token_count=event.generated_token_count)
             else:
-                yield pb.GenerateResponse(text=event.text, generated_token_count=event.generated_token_count,
-                                          stop_reason=int(event.stop_reason) or int(StopReason.ERROR),
-                                          stop_sequence=event.stop_sequence)
+                response = pb.GenerateResponse(text=event.text, generated_token_count=event.generated_token_count,
+                                               stop_reason=int(event.stop_reason) or int(StopReason.ERROR),
+                                               stop_sequence=event.stop_sequence)
+            if start is not None:
+                start.MergeFrom(response)
+                response, start = start, None
+            yield response
 
     @unary
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:

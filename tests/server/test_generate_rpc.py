@@ -58,13 +58,23 @@ def test_concurrent_mixed_requests_match_peft_alone(quantization, tiny_model_dir
 def test_stream_pieces_add_up_to_the_unary_answer(client):
     whole = client.generate("你是谁？", "prefix-proj", max_new_tokens=16)
     messages = list(client.generate_stream("你是谁？", "prefix-proj", max_new_tokens=16))
-    assert messages[0].input_token_count == whole.input_token_count > 0
-    assert messages[0].text == ""
+    first = messages[0]  # the start and the first token, in one message
+    assert first.input_token_count == whole.input_token_count > 0 and first.adapter_id == "prefix-proj"
+    assert first.generated_token_count == 1
+    assert all(m.input_token_count == 0 for m in messages[1:])
     assert all(m.stop_reason == pb.NOT_FINISHED for m in messages[:-1])
     assert messages[-1].stop_reason == whole.stop_reason != pb.NOT_FINISHED
     assert "".join(m.text for m in messages) == whole.text
-    counts = [m.generated_token_count for m in messages[1:]]
+    counts = [m.generated_token_count for m in messages]
     assert counts == sorted(counts) and counts[-1] == whole.generated_token_count
+
+
+def test_a_one_token_stream_is_one_message(client):
+    """The start, the only token and the end come from one prefill: one message carries them all."""
+    whole = client.generate("hello world", max_new_tokens=1, seed=7, temperature=1.0)
+    (only,) = client.generate_stream("hello world", max_new_tokens=1, seed=7, temperature=1.0)
+    assert only.input_token_count == whole.input_token_count > 0 and only.seed == whole.seed == 7
+    assert (only.text, only.generated_token_count, only.stop_reason) == (whole.text, 1, pb.MAX_TOKENS)
 
 
 def test_stop_sequence_over_grpc(client):

@@ -107,8 +107,10 @@ class AdapterdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """First message: input_token_count. Then text deltas with the running
-        generated_token_count. Last message: stop_reason (never NOT_FINISHED).
+        """First message: input_token_count, seed and adapter_id, with the first
+        token's text (or the end, when the first token ends the request). Then
+        text deltas with the running generated_token_count. Last message:
+        stop_reason (never NOT_FINISHED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
