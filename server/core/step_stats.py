@@ -25,6 +25,7 @@ class StepCounts(msgspec.Struct):
     prefills: int = 0
     prefill_rows: int = 0
     prefill_seconds: float = 0.0  # from the last row's admission to its first tokens: forward and sampling
+    prefill_launch_seconds: float = 0.0  # of which until the runner returned: host work and launches
 
     def minus(self, before: StepCounts) -> StepCounts:
         return StepCounts(*(getattr(self, f) - getattr(before, f) for f in self.__struct_fields__))
@@ -39,7 +40,8 @@ class StepCounts(msgspec.Struct):
         if prefills:
             line += (f"; {prefills} prefills ({prefills / steps:.2f} per decode step), "
                      f"{self.prefill_rows / prefills:.1f} rows and "
-                     f"{self.prefill_seconds / prefills * 1000:.2f} ms each")
+                     f"{self.prefill_seconds / prefills * 1000:.2f} ms each "
+                     f"({self.prefill_launch_seconds / prefills * 1000:.2f} ms of it to build and launch)")
         return line
 
 
@@ -55,6 +57,11 @@ class StepCounter(EngineObserver):
 
     def request_admitted(self, row: Row, queue_seconds: float) -> None:
         self._admitted_at = time.perf_counter()
+
+    def prefill_launched(self, rows: list[Row]) -> None:
+        # Host side of a prefill: admission to the runner's return (inputs, slots, the forward's launches). The
+        # rest, to the first tokens, is mostly waiting for the device; a host-bound prefill shows up here.
+        self._counts.prefill_launch_seconds += time.perf_counter() - self._admitted_at
 
     def prefill_done(self, rows: list[Row], prompt_tokens: int) -> None:
         c = self._counts

@@ -238,6 +238,7 @@ class Engine:
         first = len(self.batch)
         self.sampler.place(first, [r.sampler for r in rows], [r.prompt_ids for r in rows])  # where they join
         prefilled = self.runner.prefill(rows)
+        self.observers.prefill_launched(rows)
         for row in rows:
             row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
         self._sample_and_emit(rows, prefilled.logits, first)

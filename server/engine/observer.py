@@ -10,6 +10,9 @@ class EngineObserver:
     def request_admitted(self, row: Row, queue_seconds: float) -> None:
         """``row`` left the queue for a batch row after ``queue_seconds``."""
 
+    def prefill_launched(self, rows: list[Row]) -> None:
+        """The runner has built and launched the prefill forward of ``rows`` (the device may still run it)."""
+
     def prefill_done(self, rows: list[Row], prompt_tokens: int) -> None:
         """Rows were prefilled together; each has its first token (time to first token)."""
 
@@ -32,6 +35,10 @@ class ObserverList(EngineObserver):
     def request_admitted(self, row: Row, queue_seconds: float) -> None:
         for o in self.observers:
             o.request_admitted(row, queue_seconds)
+
+    def prefill_launched(self, rows: list[Row]) -> None:
+        for o in self.observers:
+            o.prefill_launched(rows)
 
     def prefill_done(self, rows: list[Row], prompt_tokens: int) -> None:
         for o in self.observers:

@@ -19,12 +19,14 @@ def test_one_request_is_one_prefill_and_a_decode_step_per_further_token(daemon, 
     assert reply.generated_token_count == 5
     # The prefill samples the first token; each of the other four comes from a decode step of one row.
     assert (counts.prefills, counts.prefill_rows, counts.decode_steps, counts.decode_rows) == (1, 1, 4, 4)
-    assert counts.prefill_seconds > 0 and counts.decode_seconds > 0
+    assert counts.prefill_seconds > counts.prefill_launch_seconds > 0 and counts.decode_seconds > 0
 
 
 def test_a_phase_is_described_per_step_and_per_prefill():
     counts = StepCounts(decode_steps=10, decode_rows=80, decode_seconds=0.05, prefills=4, prefill_rows=6,
-                        prefill_seconds=0.02).minus(StepCounts(decode_steps=2, decode_rows=16, decode_seconds=0.01))
+                        prefill_seconds=0.02, prefill_launch_seconds=0.006).minus(
+        StepCounts(decode_steps=2, decode_rows=16, decode_seconds=0.01))
     assert counts.describe(span=0.4) == ("8 decode steps (50.00 ms apart), 8.0 rows and 5.00 ms each; 4 prefills "
-                                         "(0.50 per decode step), 1.5 rows and 5.00 ms each")
+                                         "(0.50 per decode step), 1.5 rows and 5.00 ms each (1.50 ms of it to build "
+                                         "and launch)")
     assert StepCounts().describe(1.0) == "no decode steps"
