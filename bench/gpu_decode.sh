@@ -9,12 +9,16 @@
 #                lora_kernel_bench (32 rows on 32 adapters, one layer)
 #   torchao      int8_kernel_bench, ours vs torchao's int8 weight-only under torch.compile (max-autotune: 12
 #                compiles, each tuning matmul templates) at M = 1, 8, 32, 64; only where torchao imports
+#   attention    attention_bench: one layer's rotary + cache write + decode attention, today's ops against the
+#                same under torch.compile and against flex_attention over per-row lengths (Llama-2-7B and
+#                Llama-3-8B heads, 1 and 32 rows, ctx 512 in a 640-entry bucket), each checked against fp32 first
 #   tests        tests/server/engine on CUDA (ADAPTERD_TEST_DEVICE=cuda) but the architecture matrix: parity on the
 #                fp32 and int8 bases with both decoder forwards, the own decoder against transformers per family
 #                (test_decoder.py), graphs, sampling, row isolation
 #   matrix       tests/server/engine/test_architectures.py on CUDA (every family, both forwards)
-# SERVE_ARGS, KERNEL_ARGS, TEST_DEVICE and TEST_PATHS override the defaults (tests/bench/test_gpu_decode.py runs
-# each part on the CPU with the tiny shape that way, so that no device call is lost to a typo here).
+# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, TEST_DEVICE and TEST_PATHS override the defaults
+# (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
+# is lost to a typo here).
 set -o pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 part=${1:-}
@@ -38,6 +42,10 @@ torchao() {
   python3 bench/int8_kernel_bench.py --methods torchao --rows 1,8,32,64 --json-out "$OUT/int8_torchao.json" \
     $KERNEL_ARGS 2>&1 | tee "$OUT/int8_torchao.log" | tail -25
 }
+attention() {
+  python3 bench/attention_bench.py --json-out "$OUT/attention.json" $ATTENTION_ARGS 2>&1 \
+    | tee "$OUT/attention.log" | tail -20
+}
 engine_tests() {
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -p no:cacheprovider --import-mode=append \
     -o addopts="" $1 2>&1 | tee "$OUT/$2.log" | tail -25
@@ -46,10 +54,12 @@ case $part in
   serve) serve "${2:-int8}" ;;
   kernels) kernels ;;
   torchao) torchao ;;
+  attention) attention ;;
   tests) engine_tests "${TEST_PATHS:-tests/server/engine --ignore=tests/server/engine/test_architectures.py}" \
            engine_tests ;;
   matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
-  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | tests | matrix" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | tests | matrix" >&2
+     exit 2 ;;
 esac
 status=$?
 cp bench/RESULTS.md "$OUT/" 2>/dev/null
