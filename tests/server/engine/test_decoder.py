@@ -35,23 +35,31 @@ def model(request, tmp_path_factory):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+PROMPT, LENGTH = 12, 20  # prompt tokens, then one token a decode step up to LENGTH: past every sliding window
+
+
+def step_logits(decoder: Decoder, model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The decoder's last-position logits for a prefill of ``ids``' first PROMPT tokens, then for each decode
+    step after it (one token a step, each seeing every earlier one within a window), through a plain cache."""
+    layout = check_config(model.config)
+    rows, cache = ids.shape[0], DynamicCache()
+    live = torch.ones(rows, PROMPT, dtype=torch.bool, device=ids.device)
+    mask = layout.masks(lambda window: causal_mask(live, PROMPT, torch.float32, window))
+    positions = torch.arange(PROMPT, device=ids.device)[None].expand(rows, -1)
+    logits = [decoder.forward(ids[:, :PROMPT], positions, mask, cache)]
+    for t in range(PROMPT, ids.shape[1]):
+        live = torch.ones(rows, t + 1, dtype=torch.bool, device=ids.device)
+        mask = layout.masks(lambda window, live=live: causal_mask(live, 1, torch.float32, window))
+        logits.append(decoder.forward(ids[:, t:t + 1], torch.full((rows, 1), t, device=ids.device), mask, cache))
+    return logits
+
+
 @torch.no_grad()
 def test_prefill_and_decode_logits_equal_transformers(model):
-    layout = check_config(model.config)
-    decoder = Decoder(model)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (2, 20), generator=generator)  # past every sliding window
-    cache = DynamicCache()
-    live = torch.ones(2, 12, dtype=torch.bool)
-    mask = layout.masks(lambda window: causal_mask(live, 12, torch.float32, window))
-    positions = torch.arange(12)[None].expand(2, -1)
-    got = decoder.forward(ids[:, :12], positions, mask, cache)
-    assert torch.allclose(got, model(ids[:, :12]).logits[:, -1], atol=TOLERANCE, rtol=0)
-    for t in range(12, 20):  # one token a step, each seeing every earlier one (within a window)
-        live = torch.ones(2, t + 1, dtype=torch.bool)
-        mask = layout.masks(lambda window, live=live: causal_mask(live, 1, torch.float32, window))
-        got = decoder.forward(ids[:, t:t + 1], torch.full((2, 1), t), mask, cache)
-        want = model(ids[:, :t + 1]).logits[:, -1]
+    ids = torch.randint(3, model.config.vocab_size, (2, LENGTH), generator=generator)
+    for t, got in enumerate(step_logits(Decoder(model), model, ids), start=PROMPT):
+        want = model(ids[:, :t]).logits[:, -1]
         assert torch.allclose(got, want, atol=TOLERANCE, rtol=0), (t, (got - want).abs().max())
 
 
