@@ -190,8 +190,10 @@ def _add_deltas(x: torch.Tensor, ys: list[torch.Tensor], members: Sequence[Batch
     if rows.kernel is None:
         xa = shrink(lora_a, x, rows)
         return [m.expand(x, y, rows, xa_g) for m, y, xa_g in zip(members, ys, xa, strict=True)]
-    ys = [y if y.is_contiguous() else y.contiguous() for y in ys]
-    flat, outs = x.reshape(x.shape[0], -1), [y.view(x.shape[0], -1) for y in ys]  # a decode step: one token a row
+    # A decode step: one token a row, so each y views as [rows, out]. The kernel reads y's strides: a fused
+    # matmul's split (rows strided by the fused width, columns contiguous) takes its delta in place, uncopied.
+    ys = [y if y.stride(-1) == 1 else y.contiguous() for y in ys]
+    flat, outs = x.reshape(x.shape[0], -1), [y.view(x.shape[0], -1) for y in ys]
     if len(members) == 1:
         rows.kernel(outs[0], flat, members[0].lora_a, members[0].lora_b, rows.slots, rows.rank)
     else:

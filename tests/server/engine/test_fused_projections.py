@@ -180,3 +180,24 @@ def test_what_cannot_be_fused_keeps_its_modules(tiny_model_dir, tmp_path):
     for t, got in enumerate(step_logits(decoder, model, ids), start=PROMPT):
         want = model(ids[:, :t]).logits[:, -1]
         assert torch.allclose(got, want, atol=DECODER_TOLERANCE, rtol=0), (t, (got - want).abs().max())
+
+
+def test_the_engine_tunes_the_int8_kernel_for_the_fused_shapes(tmp_path, monkeypatch):
+    """The fused int8 matmuls' shapes ([q + k + v, in], [gate + up, in]) are in no module of the model, so the
+    int8 warm-up of the swap does not see them: ``model_forward`` tunes the kernel for them before the engine
+    captures any graph (autotuning inside a capture would fail)."""
+    from types import SimpleNamespace
+
+    from adapterd.server.engine.decoder import model_forward
+    from adapterd.server.kernels import int8_linear
+
+    _interpreter(monkeypatch)
+    model = _int8_model(build_tiny_model(tmp_path / "m", model_type="llama"))
+    tuned: list[tuple[int, int]] = []
+    monkeypatch.setattr(int8_linear, "warm_up",
+                        lambda layers, dtype: tuned.extend((m.out_features, m.in_features) for m in layers))
+    assert isinstance(model_forward(SimpleNamespace(model=model, dtype=torch.float32), own=True), Decoder)
+    config = model.config
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    assert set(tuned) == {(qkv, config.hidden_size), (2 * config.intermediate_size, config.hidden_size)}
+    assert len(tuned) == 2 * config.num_hidden_layers
