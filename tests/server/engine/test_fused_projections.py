@@ -38,6 +38,12 @@ def family_dir(request, tmp_path_factory):
     return model_type, build_tiny_model(tmp_path_factory.mktemp(request.param) / "m", model_type=model_type, **fields)
 
 
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    """Qwen2: biases on q, k and v (not on o or the MLP)."""
+    return build_tiny_model(tmp_path_factory.mktemp("qwen2") / "m", model_type="qwen2")
+
+
 def _ids(model: nn.Module) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.randint(3, model.config.vocab_size, (2, LENGTH), generator=generator).to(TEST_DEVICE)
@@ -107,15 +113,14 @@ def _interpreter(monkeypatch) -> None:
 
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 @torch.no_grad()
-def test_module_tensors_become_views_of_the_fused_ones_and_no_memory_is_added(quantization, tmp_path,
+def test_module_tensors_become_views_of_the_fused_ones_and_no_memory_is_added(quantization, qwen2_dir,
                                                                                   monkeypatch):
     """Qwen2 (biases on q, k, v): each projection's weight, bias (and int8 row scales) lie inside its fused
     tensor, at its own rows; the old tensors are freed, the model holds as many bytes as before, and on a GPU
     allocated memory does not grow. A second decoder over the same model reuses the fused memory."""
-    path = build_tiny_model(tmp_path / "m", model_type="qwen2")
     if quantization == "int8":
         _interpreter(monkeypatch)
-    model = _int8_model(path) if quantization == "int8" else load(path)
+    model = _int8_model(qwen2_dir) if quantization == "int8" else load(qwen2_dir)
     attn = model.model.layers[0].self_attn
     old = [weakref.ref(getattr(m, name)) for m in (attn.q_proj, attn.k_proj, attn.v_proj) for name in ("weight",
                                                                                                         "bias")]
@@ -146,13 +151,13 @@ def test_module_tensors_become_views_of_the_fused_ones_and_no_memory_is_added(qu
 
 
 @torch.no_grad()
-def test_fused_int8_logits_equal_the_modules_own(tmp_path, monkeypatch):
+def test_fused_int8_logits_equal_the_modules_own(tiny_model_dir, monkeypatch):
     """int8 (the engine's kernel layer; Triton's interpreter on the CPU): the row scales concatenate exactly,
-    so the fused matmul gives the modules' logits (the kernel accumulates in fp32: TOLERANCE)."""
+    so the fused matmul gives the modules' logits (the kernel accumulates in fp32: TOLERANCE), in a prefill
+    and two decode steps."""
     _interpreter(monkeypatch)
-    path = build_tiny_model(tmp_path / "m", model_type="llama")
-    model = _int8_model(path)
-    ids = _ids(model)[:, :LENGTH - 4]
+    model = _int8_model(tiny_model_dir)
+    ids = _ids(model)[:, :PROMPT + 2]
     unfused = step_logits(Decoder(model, fuse=False), model, ids)
     decoder = Decoder(model)
     assert all(f.qkv is not None and f.gate_up is not None for f in decoder.fused)
@@ -161,7 +166,7 @@ def test_fused_int8_logits_equal_the_modules_own(tmp_path, monkeypatch):
 
 
 @torch.no_grad()
-def test_what_cannot_be_fused_keeps_its_modules(tiny_model_dir, tmp_path):
+def test_what_cannot_be_fused_keeps_its_modules(tiny_model_dir, qwen2_dir):
     """bitsandbytes layers that were not swapped (int8 without the kernel), and projections that differ (one
     without the others' bias), stay unfused; a projection replaced after fusing is called as the module it is
     now. Logits are transformers' in each case."""
@@ -170,7 +175,7 @@ def test_what_cannot_be_fused_keeps_its_modules(tiny_model_dir, tmp_path):
     bnb = _load_base(tiny_model_dir, "int8", TEST_DEVICE)  # no swap: Linear8bitLt everywhere
     assert Decoder(bnb).fused == [LayerFusion()] * bnb.config.num_hidden_layers
 
-    model = load(build_tiny_model(tmp_path / "m", model_type="qwen2"))
+    model = load(qwen2_dir)
     model.model.layers[0].self_attn.v_proj.bias = None  # q and k keep theirs: no fused bias for the three
     decoder = Decoder(model)
     assert decoder.fused[0].qkv is None and decoder.fused[1].qkv is not None
@@ -182,7 +187,7 @@ def test_what_cannot_be_fused_keeps_its_modules(tiny_model_dir, tmp_path):
         assert torch.allclose(got, want, atol=DECODER_TOLERANCE, rtol=0), (t, (got - want).abs().max())
 
 
-def test_the_engine_tunes_the_int8_kernel_for_the_fused_shapes(tmp_path, monkeypatch):
+def test_the_engine_tunes_the_int8_kernel_for_the_fused_shapes(tiny_model_dir, monkeypatch):
     """The fused int8 matmuls' shapes ([q + k + v, in], [gate + up, in]) are in no module of the model, so the
     int8 warm-up of the swap does not see them: ``model_forward`` tunes the kernel for them before the engine
     captures any graph (autotuning inside a capture would fail)."""
@@ -192,7 +197,7 @@ def test_the_engine_tunes_the_int8_kernel_for_the_fused_shapes(tmp_path, monkeyp
     from adapterd.server.kernels import int8_linear
 
     _interpreter(monkeypatch)
-    model = _int8_model(build_tiny_model(tmp_path / "m", model_type="llama"))
+    model = _int8_model(tiny_model_dir)
     tuned: list[tuple[int, int]] = []
     monkeypatch.setattr(int8_linear, "warm_up",
                         lambda layers, dtype: tuned.extend((m.out_features, m.in_features) for m in layers))
