@@ -172,8 +172,9 @@ def test_what_cannot_be_fused_keeps_its_modules(tiny_model_dir, qwen2_dir):
     now. Logits are transformers' in each case."""
     from tests.helpers import _load_base
 
-    bnb = _load_base(tiny_model_dir, "int8", TEST_DEVICE)  # no swap: Linear8bitLt everywhere
-    assert Decoder(bnb).fused == [LayerFusion()] * bnb.config.num_hidden_layers
+    for quantization in ("int8", "nf4"):  # no swap: Linear8bitLt, Linear4bit everywhere
+        bnb = _load_base(tiny_model_dir, quantization, TEST_DEVICE)
+        assert Decoder(bnb).fused == [LayerFusion()] * bnb.config.num_hidden_layers, quantization
 
     model = load(qwen2_dir)
     model.model.layers[0].self_attn.v_proj.bias = None  # q and k keep theirs: no fused bias for the three
