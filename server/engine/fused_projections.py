@@ -30,7 +30,7 @@ from torch import nn
 
 from ..adapters.lora import QKV, BatchedLoraLinear
 from ..kernels.int8_linear import Int8WeightOnlyLinear
-from .swaps import source_of
+from .swaps import same_forward
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ def fuse_mlp(mlp: nn.Module) -> FusedLinear | None:
     Qwen2/3's): the decoder then computes that from the split. GLM's MLP is one ``gate_up_proj`` already."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    if source_of(getattr(type(mlp), "forward", None)) != source_of(LlamaMLP.forward):
-        return None
-    return fuse(mlp, GATE_UP)
+    return fuse(mlp, GATE_UP) if same_forward(type(mlp), LlamaMLP) else None
 
 
 def fuse(parent: nn.Module, names: Sequence[str]) -> FusedLinear | None:
@@ -131,15 +129,14 @@ def _fusable(members: Sequence[nn.Module]) -> bool:
         return False
 
     def signature(m: nn.Module) -> tuple:
-        w = m.weight.data
-        return (w.shape[1], w.dtype, w.device, w.is_contiguous(), None if m.bias is None else m.bias.dtype,
-                getattr(m, "scb", w).dtype)
+        w, b, scb = m.weight.data, m.bias, getattr(m, "scb", None)
+        return (w.shape[1], w.dtype, w.device, w.is_contiguous(), None if b is None else b.dtype,
+                None if scb is None else scb.dtype)
 
-    signatures = {signature(m) for m in members}
-    if len(signatures) != 1:
+    if len({signature(m) for m in members}) != 1 or not members[0].weight.is_contiguous():
         return False
-    dtype, contiguous = members[0].weight.dtype, members[0].weight.is_contiguous()
-    return contiguous and (dtype == torch.int8 if kind is Int8WeightOnlyLinear else dtype.is_floating_point)
+    dtype = members[0].weight.dtype
+    return dtype == torch.int8 if kind is Int8WeightOnlyLinear else dtype.is_floating_point
 
 
 def _concat_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -50,13 +50,18 @@ def fusable_norms(model: nn.Module) -> tuple[str, ...]:
     which scales by ``1 + weight`` and casts after the product: never swap what the kernel does not reproduce."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    reference = source_of(LlamaRMSNorm.forward)
     classes = {type(m) for m in model.modules() if "RMSNorm" in type(m).__name__}
-    return tuple(sorted(c.__name__ for c in classes if source_of(getattr(c, "forward", None)) == reference))
+    return tuple(sorted(c.__name__ for c in classes if same_forward(c, LlamaRMSNorm)))
 
 
-def source_of(function: object) -> str | None:
-    """``function``'s source, dedented: two classes compute alike where their methods' sources are equal."""
+def same_forward(cls: type, reference: type) -> bool:
+    """Whether ``cls.forward`` is ``reference.forward`` line for line (so computes the same); False where either
+    has no source to compare."""
+    source = _source(getattr(cls, "forward", None))
+    return source is not None and source == _source(reference.forward)
+
+
+def _source(function: object) -> str | None:
     try:
         return textwrap.dedent(inspect.getsource(function))  # type: ignore[arg-type]
     except (OSError, TypeError):  # no source to compare (built-in, compiled): not provably the same

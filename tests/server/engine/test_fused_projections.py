@@ -167,9 +167,9 @@ def test_fused_int8_logits_equal_the_modules_own(tiny_model_dir, monkeypatch):
 
 @torch.no_grad()
 def test_what_cannot_be_fused_keeps_its_modules(tiny_model_dir, qwen2_dir):
-    """bitsandbytes layers that were not swapped (int8 without the kernel), and projections that differ (one
-    without the others' bias), stay unfused; a projection replaced after fusing is called as the module it is
-    now. Logits are transformers' in each case."""
+    """bitsandbytes layers that were not swapped (int8 without the kernel, nf4), projections that differ (one
+    without the others' bias) and an MLP whose forward is not Llama's stay unfused; a projection replaced after
+    fusing is called as the module it is now. Logits are transformers' in each case."""
     from tests.helpers import _load_base
 
     for quantization in ("int8", "nf4"):  # no swap: Linear8bitLt, Linear4bit everywhere
@@ -178,8 +178,16 @@ def test_what_cannot_be_fused_keeps_its_modules(tiny_model_dir, qwen2_dir):
 
     model = load(qwen2_dir)
     model.model.layers[0].self_attn.v_proj.bias = None  # q and k keep theirs: no fused bias for the three
+    mlp = model.model.layers[0].mlp
+
+    class OtherMlp(type(mlp)):  # gate and up, but not Llama's math: the decoder must call its forward
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    mlp.__class__ = OtherMlp
     decoder = Decoder(model)
     assert decoder.fused[0].qkv is None and decoder.fused[1].qkv is not None
+    assert decoder.fused[0].gate_up is None and decoder.fused[1].gate_up is not None
     replaced = nn.Linear(model.config.hidden_size, model.config.intermediate_size, bias=False).to(TEST_DEVICE)
     model.model.layers[1].mlp.up_proj = replaced  # e.g. a later swap: the fusion no longer holds its weights
     ids = _ids(model)
