@@ -1,6 +1,8 @@
 """Micro-benchmark of the int8 weight-only kernel (server/kernels) against bf16 and bitsandbytes' int8 matmul.
 
-For Llama-2-7B's linear shapes (out x in: 4096x4096 q/k/v/o, 11008x4096 gate/up, 4096x11008 down) at decode
+For Llama-2-7B's linear shapes (out x in: 4096x4096 q/k/v/o, 11008x4096 gate/up, 4096x11008 down) and the
+own decoder's fused projections (server/engine/fused_projections.py: 12288x4096 q+k+v and 22016x4096 gate+up
+of Llama-2-7B; 6144x4096 q+k+v with grouped key/value heads and 28672x4096 gate+up of Llama-3-8B) at decode
 row counts (M = 1, 8, 32, 64: the split-K kernel) and prefill ones (M = 512, 2048: the tiled GEMM kernel),
 with bf16 activations, it times:
 
@@ -65,7 +67,9 @@ LIB_INTRO = " ".join((
     "why); `-`: not run (`--methods`). Errors as above; weight-only methods must be within 1% of max |y| (`OVER`)."))
 LIB_COLUMNS = COLUMNS[:5] + ("ours µs", "int8pack µs", "torchao µs", "bf16 µs", "ours GB/s", "best library GB/s",
                              "err ours / int8pack / torchao (max |y|)", "within 1%")
-GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+# Llama-2-7B's three, then the fused ones (issue 18): Llama-2-7B's q+k+v and gate+up, Llama-3-8B's (GQA: 8 key/value
+# heads of 128) q+k+v and gate+up
+GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (22016, 4096), (6144, 4096), (28672, 4096))
 CPU_SHAPES = ((48, 64), (40, 100))
 
 
@@ -240,7 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "TRITON_INTERPRET=1 set for you)")
     p.add_argument("--rows", default="1,8,32,64,512,2048", help="comma-separated row counts M (above 64: "
                    "prefill, the GEMM kernel)")
-    p.add_argument("--shapes", default=None, help="comma-separated OUTxIN (default: Llama-2-7B's three)")
+    p.add_argument("--shapes", default=None, help="comma-separated OUTxIN (default: Llama-2-7B's three "
+                   "and the fused q+k+v and gate+up of Llama-2-7B and Llama-3-8B)")
     p.add_argument("--rotate-mb", type=float, default=256.0, help="weight bytes each method cycles through")
     p.add_argument("--per-graph", type=int, default=50, help="calls captured in one CUDA graph")
     p.add_argument("--replays", type=int, default=40, help="graph replays timed")

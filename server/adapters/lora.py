@@ -125,7 +125,10 @@ class BatchedLoraLinear(nn.Module):
             self.lora_b[r:, slot].zero_()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
+        return self.add_delta(x, self.base_layer(x, *args, **kwargs))
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base layer's output for x, from it or from a fused matmul's split) plus each row's delta."""
         rows = current_step().lora
         return y if rows is None else _add_deltas(x, [y], (self,), self.lora_a[None], rows, None)[0]
 
@@ -171,9 +174,10 @@ class LoraGroup:
             member.lora_a = self.lora_a[g]
             member.group = self
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each member's output for x: its base layer's plus each row's own LoRA delta."""
-        ys = [m.base_layer(x) for m in self.members]
+    def __call__(self, x: torch.Tensor, base: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Each member's output for x: its base layer's (or ``base``, the members' base outputs already
+        computed) plus each row's own LoRA delta."""
+        ys = list(base) if base is not None else [m.base_layer(x) for m in self.members]
         rows = current_step().lora
         return ys if rows is None else _add_deltas(x, ys, self.members, self.lora_a, rows, self.kernel)
 
@@ -186,8 +190,10 @@ def _add_deltas(x: torch.Tensor, ys: list[torch.Tensor], members: Sequence[Batch
     if rows.kernel is None:
         xa = shrink(lora_a, x, rows)
         return [m.expand(x, y, rows, xa_g) for m, y, xa_g in zip(members, ys, xa, strict=True)]
-    ys = [y if y.is_contiguous() else y.contiguous() for y in ys]
-    flat, outs = x.reshape(x.shape[0], -1), [y.view(x.shape[0], -1) for y in ys]  # a decode step: one token a row
+    # A decode step: one token a row, so each y views as [rows, out]. The kernel reads y's strides: a fused
+    # matmul's split (rows strided by the fused width, columns contiguous) takes its delta in place, uncopied.
+    ys = [y if y.stride(-1) == 1 else y.contiguous() for y in ys]
+    flat, outs = x.reshape(x.shape[0], -1), [y.view(x.shape[0], -1) for y in ys]
     if len(members) == 1:
         rows.kernel(outs[0], flat, members[0].lora_a, members[0].lora_b, rows.slots, rows.rank)
     else:
@@ -195,14 +201,31 @@ def _add_deltas(x: torch.Tensor, ys: list[torch.Tensor], members: Sequence[Batch
     return ys
 
 
-def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def add_delta(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y``, the base output of ``layer`` for x, plus its rows' LoRA deltas where ``layer`` is wrapped."""
+    return layer.add_delta(x, y) if isinstance(layer, BatchedLoraLinear) else y
+
+
+def project_qkv(attn: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``attn``'s q, k and v projections of x; those in a ``LoraGroup`` run as one (one shrink for their
-    LoRA), the others (no adapter targets them) alone."""
+    LoRA), the others (no adapter targets them) alone. ``base``: q, k and v's base outputs already computed
+    (one fused matmul, ``engine/fused_projections.py``): only the deltas are added, each to its own."""
     layers = [getattr(attn, name) for name in QKV]
     group = next((layer.group for layer in layers if isinstance(layer, BatchedLoraLinear)
                   and layer.group is not None), None)
-    grouped = dict(zip(group.members, group(x), strict=True)) if group is not None else {}
-    q, k, v = (grouped[layer] if layer in grouped else layer(x) for layer in layers)
+    given = dict(zip(layers, base, strict=True)) if base is not None else None
+    grouped = {}
+    if group is not None:
+        member_base = None if given is None else [given[m] for m in group.members]
+        grouped = dict(zip(group.members, group(x, member_base), strict=True))
+
+    def output(layer: nn.Module) -> torch.Tensor:
+        if layer in grouped:
+            return grouped[layer]
+        return layer(x) if given is None else add_delta(layer, x, given[layer])
+
+    q, k, v = (output(layer) for layer in layers)
     return q, k, v
 
 

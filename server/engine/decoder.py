@@ -9,17 +9,22 @@ here the layer loop is written out the way gpt-fast's ``model.py`` is, with ever
     cos, sin = rotary(h, positions)                  # the model's own rotary module: its scaling type included
     for each layer:
         x = input_norm(h)
-        q, k, v = q_proj(x), k_proj(x), v_proj(x)    # [rows, heads, T, head_dim]; Qwen3 norms q and k per head;
-                                                     # with LoRA, one shrink for the three (lora.project_qkv)
+        q, k, v = split(qkv_proj(x))                 # [rows, heads, T, head_dim]; one matmul over the three's
+                                                     # fused weight; Qwen3 norms q and k per head; with LoRA, one
+                                                     # shrink for the three (lora.project_qkv), each delta added
         q, k = apply_rotary(q, k, cos, sin)          # the family's own function (GLM: half of each head, interleaved)
         K, V = cache.update(k, v, layer)             # writes this step's entries, returns what attention reads
         h = h + o_proj(sdpa(q, K, V, mask[layer]))   # one fused attention call, grouped key/value heads as they are
-        h = h + mlp(post_attention_norm(h))
+        x = post_attention_norm(h)
+        gate, up = split(gate_up_proj(x))            # fused too (Llama's MLP: not GLM's, one module already)
+        h = h + down_proj(act(gate) * up)            # act: the MLP's own; LoRA deltas added to gate and up each
     logits = lm_head(norm(h[:, -1]))                 # the last position only
 
-The modules called are the checkpoint's own (``q_proj``, ``mlp``, the norms, the rotary embedding), so their
-weights, bitsandbytes' int8 / nf4 layers, the engine's kernel swaps (``swaps.py``) and the LoRA layers
-(``adapters/lora.py``) work unchanged; only the loop and the attention are ours. Other families keep
+The modules called are the checkpoint's own (``o_proj``, the norms, the rotary embedding), so their weights,
+bitsandbytes' int8 / nf4 layers, the engine's kernel swaps (``swaps.py``) and the LoRA layers
+(``adapters/lora.py``) work unchanged; the fused q/k/v and gate/up matmuls (``fused_projections.py``) read the
+same memory as the modules, whose weights become views of them, and projections that cannot be fused are
+called as modules. Only the loop, the fused matmuls and the attention are ours. Other families keep
 transformers' forward (``model_forward``). Parity with PEFT judges both paths (``tests/server/engine``).
 """
 
@@ -33,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.lora import project_qkv
+from ..adapters.lora import add_delta, project_qkv
+from .fused_projections import GATE_UP, FusedLinear, LayerFusion, fuse_layers, fused_outputs, int8_layers
 from .step_context import StepContext, run_forward, step_context
 
 if TYPE_CHECKING:
@@ -52,9 +58,10 @@ Forward = Callable[[torch.Tensor, torch.Tensor, Mask, StepContext], torch.Tensor
 
 class Decoder:
     """The decoder forward above, over a loaded causal LM of one of ``OWN_FAMILIES`` (whose modules it calls;
-    it owns none)."""
+    it owns none). ``fuse``: fuse each layer's q/k/v and gate/up base projections (in place: the modules'
+    weights become views of the fused ones); without it every projection is its module's own matmul."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fuse: bool = True) -> None:
         inner = model.model
         self.embed, self.norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
         self.rotary = inner.rotary_emb
@@ -64,6 +71,7 @@ class Decoder:
         self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         types = getattr(model.config, "layer_types", None)
         self.layer_types: list[str] = list(types) if types else ["full_attention"] * len(self.layers)
+        self.fused = fuse_layers(self.layers) if fuse else [LayerFusion()] * len(self.layers)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, context: StepContext) -> torch.Tensor:
         """The engine's ``Forward``: the loop inside the step's context (its LoRA rows), over its cache view."""
@@ -76,15 +84,18 @@ class Decoder:
         cos, sin = self.rotary(h, position_ids=positions)
         for index, layer in enumerate(self.layers):
             layer_mask = mask[self.layer_types[index]] if isinstance(mask, dict) else mask
-            h = h + self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, layer_mask, cache, index)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            fused = self.fused[index]
+            h = h + self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, layer_mask, cache, index,
+                                    fused.qkv)
+            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h), fused.gate_up)
         return self.lm_head(self.norm(h[:, -1:, :]))[:, -1, :]
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, cache: Any, index: int) -> torch.Tensor:
+                   mask: torch.Tensor, cache: Any, index: int, qkv: FusedLinear | None) -> torch.Tensor:
         rows, length = x.shape[:2]
         shape = (rows, length, -1, attn.head_dim)
-        q, k, v = (t.view(shape) for t in project_qkv(attn, x))  # LoRA on them: one shrink for the three
+        # The base outputs from one fused matmul where q, k, v are fused; LoRA on them: one shrink for the three
+        q, k, v = (t.view(shape) for t in project_qkv(attn, x, fused_outputs(qkv, attn, x)))
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head of q and k, before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -95,6 +106,17 @@ class Decoder:
         return attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
 
 
+def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None) -> torch.Tensor:
+    """The MLP of x: its own forward, or where gate and up are fused (only for Llama's MLP forward,
+    ``fuse_mlp``), that forward's math over the fused matmul's split, each wrapped layer's LoRA delta added to
+    its own part. ``act_fn`` is the MLP's own (``ACT2FN[config.hidden_act]``)."""
+    base = fused_outputs(gate_up, mlp, x)
+    if base is None:
+        return mlp(x)
+    gate, up = (add_delta(getattr(mlp, name), x, y) for name, y in zip(GATE_UP, base, strict=True))
+    return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
 def uses_own_decoder(model: nn.Module) -> bool:
     return getattr(model.config, "model_type", None) in OWN_FAMILIES
 
@@ -103,7 +125,13 @@ def model_forward(base: BaseModel, own: bool) -> Forward:
     """The forward the engine's steps call, inside their step's context: ours for ``OWN_FAMILIES`` when
     ``own``, else transformers'."""
     if own and uses_own_decoder(base.model):
-        return Decoder(base.model)
+        decoder = Decoder(base.model)
+        fused_int8 = int8_layers(decoder.fused)
+        if fused_int8:  # their shapes are new to the int8 kernel: tune it now, before any graph capture
+            from ..kernels.int8_linear import warm_up
+
+            warm_up(fused_int8, base.dtype)
+        return decoder
 
     def transformers_forward(ids: torch.Tensor, positions: torch.Tensor, mask: Mask,
                              context: StepContext) -> torch.Tensor:

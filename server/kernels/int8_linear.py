@@ -14,7 +14,7 @@ its device (bitsandbytes/nn/modules.py, ``Int8Params._quantize``, ``Linear8bitLt
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -101,9 +101,10 @@ def use_int8_kernel(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def warm_up(model: nn.Module, dtype: torch.dtype, max_rows: int = 64,
+def warm_up(model: nn.Module | Iterable[nn.Module], dtype: torch.dtype, max_rows: int = 64,
             prefill_rows: Sequence[int] = (128, 256, 512, 1024, 2048, 4096)) -> int:
-    """Autotune and compile the kernels for every distinct layer shape of ``model``: the split-K decode
+    """Autotune and compile the kernels for every distinct layer shape of ``model`` (or of these layers: the
+    engine's fused projections, ``engine/fused_projections.py``, which are in no model's tree): the split-K decode
     kernel for every row bucket up to ``max_rows`` rows (1, 2, 4, ..., 64), and the prefill GEMM kernel for
     the row buckets of ``prefill_rows`` (those above ``MAX_KERNEL_ROWS``; by default every bucket, 128 to
     4096, the engine's largest prefill step), so that no later call benchmarks or compiles: call it once
@@ -123,7 +124,7 @@ def warm_up(model: nn.Module, dtype: torch.dtype, max_rows: int = 64,
     buckets = sorted({row_bucket(m) for m in range(1, min(max_rows, MAX_KERNEL_ROWS) + 1)})
     buckets += sorted({gemm_bucket(m) for m in prefill_rows if m > MAX_KERNEL_ROWS})
     seen, calls = set(), 0
-    for layer in model.modules():
+    for layer in model.modules() if isinstance(model, nn.Module) else model:
         if not isinstance(layer, Int8WeightOnlyLinear):
             continue
         bias_dtype = None if layer.bias is None else layer.bias.dtype

@@ -171,3 +171,30 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     grouped = [g for g in members if g > 1]  # lora_delta_ (o and the MLP) is a group of one
     assert set(grouped) == {3}  # q, k, v grouped (lora-all wrapped k too); lora-rs's q rides in the group
     assert grouped and len(grouped) % base.num_layers == 0  # one grouped launch a layer a decode step
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_base_outputs_given_as_one_fused_output_get_the_same_deltas(use_kernel, monkeypatch):
+    """The own decoder's fused q/k/v matmul (engine/fused_projections.py) hands ``project_qkv`` the three base
+    outputs as column slices of one output: each gets its own rows' deltas (grouped members and a member
+    alone), as the layers give alone. The decode kernel (Triton's interpreter here) adds them in place into
+    the slices, strided rows and all, without a copy."""
+    if use_kernel:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = attention_model()
+    table = LoraSlotTable(model, num_slots=3, max_rank=16, dtype=torch.float32, device=torch.device("cpu"),
+                          use_kernel=use_kernel)
+    slots = [table.acquire("qv", QV), 0, table.acquire("k", K)]  # k wrapped too: one group of three
+    x = torch.randn(3, 1, IN)  # a decode step
+    with torch.no_grad():
+        fused = torch.cat([getattr(model.attn, n).base_layer(x) for n in OUT], dim=-1)  # [3, 1, q + k + v]
+        base = list(fused.split(list(OUT.values()), dim=-1))
+        with step_context(StepContext("decode", table.rows_of(slots, "decode"))):
+            got = project_qkv(model.attn, x, base)
+        alone = separately(model, table, slots, x, "decode")
+        want = expected(model, [QV, None, K], x)
+    for name, g, a, w, b in zip(OUT, got, alone, want, base, strict=True):
+        torch.testing.assert_close(g, a, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+        assert (g.data_ptr() == b.data_ptr()) == use_kernel, name  # the kernel: in place, in the fused output

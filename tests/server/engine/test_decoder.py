@@ -35,23 +35,31 @@ def model(request, tmp_path_factory):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+PROMPT, LENGTH = 12, 20  # prompt tokens, then one token a decode step up to LENGTH: past every sliding window
+
+
+def step_logits(decoder: Decoder, model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The decoder's last-position logits for a prefill of ``ids``' first PROMPT tokens, then for each decode
+    step after it (one token a step, each seeing every earlier one within a window), through a plain cache."""
+    layout = check_config(model.config)
+    rows, cache = ids.shape[0], DynamicCache()
+    live = torch.ones(rows, PROMPT, dtype=torch.bool, device=ids.device)
+    mask = layout.masks(lambda window: causal_mask(live, PROMPT, torch.float32, window))
+    positions = torch.arange(PROMPT, device=ids.device)[None].expand(rows, -1)
+    logits = [decoder.forward(ids[:, :PROMPT], positions, mask, cache)]
+    for t in range(PROMPT, ids.shape[1]):
+        live = torch.ones(rows, t + 1, dtype=torch.bool, device=ids.device)
+        mask = layout.masks(lambda window, live=live: causal_mask(live, 1, torch.float32, window))
+        logits.append(decoder.forward(ids[:, t:t + 1], torch.full((rows, 1), t, device=ids.device), mask, cache))
+    return logits
+
+
 @torch.no_grad()
 def test_prefill_and_decode_logits_equal_transformers(model):
-    layout = check_config(model.config)
-    decoder = Decoder(model)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (2, 20), generator=generator)  # past every sliding window
-    cache = DynamicCache()
-    live = torch.ones(2, 12, dtype=torch.bool)
-    mask = layout.masks(lambda window: causal_mask(live, 12, torch.float32, window))
-    positions = torch.arange(12)[None].expand(2, -1)
-    got = decoder.forward(ids[:, :12], positions, mask, cache)
-    assert torch.allclose(got, model(ids[:, :12]).logits[:, -1], atol=TOLERANCE, rtol=0)
-    for t in range(12, 20):  # one token a step, each seeing every earlier one (within a window)
-        live = torch.ones(2, t + 1, dtype=torch.bool)
-        mask = layout.masks(lambda window, live=live: causal_mask(live, 1, torch.float32, window))
-        got = decoder.forward(ids[:, t:t + 1], torch.full((2, 1), t), mask, cache)
-        want = model(ids[:, :t + 1]).logits[:, -1]
+    ids = torch.randint(3, model.config.vocab_size, (2, LENGTH), generator=generator)
+    for t, got in enumerate(step_logits(Decoder(model), model, ids), start=PROMPT):
+        want = model(ids[:, :t]).logits[:, -1]
         assert torch.allclose(got, want, atol=TOLERANCE, rtol=0), (t, (got - want).abs().max())
 
 
@@ -65,17 +73,29 @@ def test_model_forward_picks_ours_only_where_it_is_asked_for_and_known(model, tm
     assert not ours(gemma, True)  # scaled embeddings: not a family the decoder runs
 
 
+# (targets, the shrinks a layer makes: their group sizes in call order)
+LORA_TARGETS = {
+    "q-k-v-o": (("q_proj", "k_proj", "v_proj", "o_proj"), [3, 1]),  # q, k, v as one group; o alone
+    # q alone (its delta added to its part of the fused q/k/v output), then gate and up (each delta added to
+    # its part of the fused gate/up output), then down; GLM has no gate_proj / up_proj: q and down only
+    "q-mlp": (("q_proj", "gate_proj", "up_proj", "down_proj"), None),
+}
+
+
+@pytest.mark.parametrize("targets", list(LORA_TARGETS))
 @torch.no_grad()
-def test_lora_on_q_k_v_takes_one_shrink_a_layer_and_gives_transformers_logits(model, monkeypatch):
-    """LoRA on q, k and v (and o, alone) for two adapters of different ranks, plus a base row: the own decoder
-    projects q, k, v through their group (one shrink a layer for the three), transformers' forward through
+def test_lora_deltas_through_the_fused_projections_give_transformers_logits(model, targets, monkeypatch):
+    """LoRA on q, k and v (and o, alone), or on q and the MLP's three, for two adapters of different ranks,
+    plus a base row: the own decoder takes the base outputs from its fused matmuls and adds each wrapped
+    layer's delta (q, k, v through their group: one shrink a layer for the three), transformers' forward calls
     each layer; the logits agree."""
     import adapterd.server.adapters.lora as lora
     from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
 
     model = copy.deepcopy(model)  # the fixture's model is shared: wrap a copy
     layout = check_config(model.config)
-    names = [n for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+    target_names, groups = LORA_TARGETS[targets]
+    names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in target_names
              and isinstance(m, torch.nn.Linear)]
     generator = torch.Generator().manual_seed(1)
 
@@ -98,7 +118,8 @@ def test_lora_on_q_k_v_takes_one_shrink_a_layer_and_gives_transformers_logits(mo
     positions = torch.arange(10)[None].expand(3, -1)
     with step_context(StepContext("prefill", table.rows_of(slots, "prefill"))):
         got = Decoder(model).forward(ids, positions, mask, DynamicCache())
-        assert shrinks == [3, 1] * model.config.num_hidden_layers  # q, k, v as one; o alone
+        layers = model.config.num_hidden_layers
+        assert shrinks == (groups or [1] * (len(names) // layers)) * layers
         want = model(ids).logits[:, -1]
     table.release(slots[0]), table.release(slots[2])
     assert torch.allclose(got, want, atol=TOLERANCE, rtol=0), (got - want).abs().max()

@@ -403,6 +403,9 @@ def test_warm_up_calls_each_shape_and_bucket(tiny_model_dir):
     assert warm_up(model, torch.float32, max_rows=8, prefill_rows=()) == 4 * 4
     assert warm_up(model, torch.float32, max_rows=20, prefill_rows=()) == 4 * 6  # ... 16, 32
     assert warm_up(model, torch.float32, max_rows=0, prefill_rows=(64, 65, 100, 200)) == 4 * 2  # GEMM 128, 256
+    # or given layers, in no model's tree (the own decoder's fused projections): one shape, twice here
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert warm_up([q_proj, q_proj], torch.float32, max_rows=8, prefill_rows=()) == 4
 
 
 # ------------------------------------------------------------------------- the compiled kernels (GPU only)
