@@ -226,7 +226,8 @@ def to_row(result: dict, machine: str, commit: str, date: str, judge: bool = Tru
     row |= {"x one GPU": f"{speedup:.2f}" if speedup else "-",
             "loss vs one GPU": f"max rel {check['max_rel']:.1e} (tol {check['rtol']:g}, step {check['worst_step']})"}
     if judge:
-        ok = bool(speedup and speedup >= SPEEDUP_TARGET) and check["ok"] and result.get("resume", {}).get("ok", True)
+        resumed = "resume" not in result or result["resume"].get("ok", False)  # a resume that failed has no "ok"
+        ok = bool(speedup and speedup >= SPEEDUP_TARGET) and check["ok"] and resumed
         row |= {"target": f">= {SPEEDUP_TARGET}x, losses within tol", "met": "yes" if ok else "no"}
     return row
 
