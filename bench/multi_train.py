@@ -188,7 +188,8 @@ def summary(result: dict) -> str:
     if "error" in result:
         return head + "FAILED: " + result["error"]
     tps, status_tps = result["tokens_per_s"], result["status_tokens_per_s"] or 0.0
-    text = (head + (f"{tps:,.0f} tokens/s" if tps else "no timing") + f" (status.json {status_tps:,.0f}), "
+    text = (head + (f"{tps:,.0f} tokens/s" if tps else "no timing") + f" (status.json {status_tps:,.0f} "
+            f"reading {result['status_gpus']} GPU), "
             f"peak GiB per GPU {result['peak_gib']}, wall {result['wall_s']} s, "
             f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}")
     if "loss_check" in result:

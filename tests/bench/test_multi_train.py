@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from multi_run import launch, loss_check, step_times  # noqa: E402
 from multi_train import COLUMNS, SECTION, parse_args, to_row  # noqa: E402
+from train_bench import build_base  # noqa: E402
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -140,3 +141,18 @@ def test_the_two_gpu_row_is_judged_on_speed_losses_and_resume():
     failed = to_row({"method": "lora", "gpus": 2, "global_batch": 8, "context": 1024, "steps_timed": 20,
                      "error": "timed out after 170 s"}, "m", "c", "d")
     assert failed["met"] == "error: timed out after 170 s" and failed["tokens/s (all GPUs)"] == ""
+
+
+def test_a_base_written_without_a_tokenizer_gets_one(tmp_path):
+    """``adapterd train`` reads the base's tokenizer: a random base that train_bench wrote before it wrote one
+    (a warm machine's) gets it added, with no temporary files left in the model directory."""
+    from transformers import AutoTokenizer
+
+    base = build_base(tmp_path / "base", tiny=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (base / name).unlink(missing_ok=True)
+    before = {p.name for p in base.iterdir()}
+    assert build_base(base, tiny=False) == base  # config.json is there: no 7B is made, only the tokenizer
+    added = {p.name for p in base.iterdir()} - before
+    assert "tokenizer.json" in added and not any(name.startswith(".") or name.startswith("tmp") for name in added)
+    assert AutoTokenizer.from_pretrained(base)("hello world").input_ids
