@@ -52,6 +52,7 @@ def test_train_part_measures_one_process_against_two_ranks(tmp_path):
     assert two["loss_check"]["ok"] and two["loss_check"]["max_rel"] <= 1e-5 and two["loss_check"]["steps"] == 7
     assert two["speedup"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
     assert one["tokens_per_s"] > 0 and two["status_tokens_per_s"] > 0 and two["median_step_s"] > 0
+    assert one["status_counts_all_ranks"] and two["status_counts_all_ranks"]  # 7 steps x 4 x 64 tokens
     assert len(one["peak_gib"]) == 1 and len(two["peak_gib"]) == 2 and min(two["peak_gib"]) > 0.1  # ranks' RSS
     assert two["checkpoints"] == ["checkpoint-4", "checkpoint-7"]  # rank 0's: the middle one, the last one
     assert two["resume"] == {"from": 4, "state": "completed", "ok": True, "max_rel": 0.0, "worst_step": 1,
@@ -119,7 +120,8 @@ def test_launch_reports_the_trainers_own_verdict(tmp_path):
 
 def two_gpu_result(**overrides) -> dict:
     result = {"method": "lora", "gpus": 2, "global_batch": 8, "context": 1024, "steps_timed": 20,
-              "tokens_per_s": 15200.0, "status_tokens_per_s": 14900.0, "peak_gib": [10.5, 10.3],
+              "tokens_per_s": 15200.0, "status_tokens_per_s": 14900.0, "status_counts_all_ranks": True,
+              "peak_gib": [10.5, 10.3],
               "speedup": 1.85, "loss_check": {"ok": True, "max_rel": 4e-4, "rtol": 2e-3, "worst_step": 7},
               "resume": {"from": 13, "state": "completed", "ok": True, "max_rel": 1e-4}}
     return result | overrides
@@ -130,12 +132,14 @@ def test_the_two_gpu_row_is_judged_on_speed_losses_and_resume():
     assert (row["x one GPU"], row["peak GiB per GPU"], row["tokens/s (all GPUs)"]) == ("1.85", "10.5, 10.3", "15,200")
     assert row["loss vs one GPU"] == "max rel 4.0e-04 (tol 0.002, step 7)"
     assert row["resume from rank 0"] == "from step 13: same (max rel 1.0e-04), completed"
-    assert (row["target"], row["met"]) == (">= 1.8x, losses within tol", "yes")
+    assert (row["target"], row["met"]) == (">= 1.8x, losses within tol, status.json counts all", "yes")
     slow = to_row(two_gpu_result(speedup=1.7), "m", "c", "d")
     drifted = to_row(two_gpu_result(loss_check={"ok": False, "max_rel": 5e-3, "rtol": 2e-3, "worst_step": 3}),
                      "m", "c", "d")
     not_resumed = to_row(two_gpu_result(resume={"from": 13, "error": "exit 1: adapterd train: failed"}), "m", "c", "d")
-    assert slow["met"] == drifted["met"] == not_resumed["met"] == "no"
+    half_counted = to_row(two_gpu_result(status_counts_all_ranks=False), "m", "c", "d")
+    assert slow["met"] == drifted["met"] == not_resumed["met"] == half_counted["met"] == "no"
+    assert half_counted["status.json tok/s"] == "14,900 (not all ranks' tokens)"
     assert not_resumed["resume from rank 0"] == "failed: exit 1: adapterd train: failed"
     assert to_row(two_gpu_result(), "cpu", "c", "d", judge=False)["met"] == ""  # the tiny run is not judged
     failed = to_row({"method": "lora", "gpus": 2, "global_batch": 8, "context": 1024, "steps_timed": 20,
