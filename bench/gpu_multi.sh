@@ -15,8 +15,9 @@
 #           after every run, so a call cut short keeps what ran. Then, here:
 #           python3 bench/multi_train.py --append-from multi_train.json (rows into bench/RESULTS.md)
 # Without an argument: tests, then load; each part is bounded so that both fit in one 10-minute call, and
-# train (base <= 150 s, runs <= 390 s) fits one call of its own. TRAIN_ARGS is added to multi_train.py's
-# options (tests/bench/test_multi_train.py runs the train part on the CPU with --tiny that way).
+# train (base <= 150 s, runs <= 380 s, each killed 20 s after its bound) fits one call of its own.
+# TRAIN_ARGS is added to multi_train.py's options (tests/bench/test_multi_train.py runs the train part on
+# the CPU with --tiny that way).
 set -o pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/gpus.log"
@@ -32,9 +33,9 @@ run_load() {
     | tee "$OUT/multi_load.log" | tail -12
 }
 run_train() {  # the base first, in a step of its own: a slow disk shows as that step's timeout, not the runs'
-  timeout 150 python3 bench/multi_train.py --prepare-only $TRAIN_ARGS 2>&1 | tee "$OUT/multi_train_base.log" \
+  timeout -k 20 150 python3 bench/multi_train.py --prepare-only $TRAIN_ARGS 2>&1 | tee "$OUT/multi_train_base.log" \
     | tail -3 || return
-  timeout 390 python3 bench/multi_train.py --no-append --json-out "$OUT/multi_train.json" $TRAIN_ARGS 2>&1 \
+  timeout -k 20 380 python3 bench/multi_train.py --no-append --json-out "$OUT/multi_train.json" $TRAIN_ARGS 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/multi_train.log" | tail -12
 }
 case ${1:-all} in

@@ -108,8 +108,9 @@ def launch(argv: list[str], env: dict[str, str], world: int, timeout_s: float, l
 
 
 def _end_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the launch's group (the trainer checkpoints and stops), SIGKILL 20 s later if still there."""
-    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+    """SIGTERM to the launch's group (the trainer checkpoints after its step and stops), SIGKILL 10 s later
+    if still there."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

@@ -121,7 +121,7 @@ def train_argv(args: argparse.Namespace, method: str, base: Path, data: Path, ru
     return [str(torchrun), "--standalone", "--nproc-per-node", str(world), *argv]
 
 
-def read_run(run_dir: Path, args: argparse.Namespace, world: int) -> dict:
+def read_run(run_dir: Path, args: argparse.Namespace) -> dict:
     """What a finished run left: losses (metrics.jsonl), status.json, checkpoints, tokens/s of the timed steps."""
     steps = plan(args)
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -157,7 +157,7 @@ def run_one(args: argparse.Namespace, method: str, base: Path, data: Path, world
     result |= {"wall_s": round(time.monotonic() - started, 1), "peak_gib": done.peaks_gib}
     if done.error:
         return result | {"error": done.error}
-    result |= read_run(run_dir, args, world)
+    result |= read_run(run_dir, args)
     if result["state"] != "completed" or result["step"] != plan(args)["total"]:
         result["error"] = f"ended {result['state']} at step {result['step']}"
     return result
@@ -172,7 +172,7 @@ def check_resume(args: argparse.Namespace, method: str, base: Path, data: Path, 
     done = launch(argv, env, args.gpus, args.run_timeout, run_dir.with_name(run_dir.name + "-resume.log"))
     if done.error:
         return {"from": save, "error": done.error}
-    again = read_run(run_dir, args, args.gpus)
+    again = read_run(run_dir, args)
     check = loss_check(run["losses"][save:], again["losses"][save:], args.rtol)
     return {"from": save, "state": again["state"], **check}
 
@@ -192,7 +192,8 @@ def measure(args: argparse.Namespace, base: Path, data: Path, save_json) -> list
         print(summary(one), flush=True)
         many = run_one(args, method, base, data, args.gpus, env)
         if "error" not in one and "error" not in many:
-            many["speedup"] = many["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else None
+            timed = one["tokens_per_s"] and many["tokens_per_s"]  # None where rank 0's log had no step times
+            many["speedup"] = many["tokens_per_s"] / one["tokens_per_s"] if timed else None
             many["loss_check"] = loss_check(one["losses"], many["losses"], args.rtol)
         results.append(many)
         save_json(results)
@@ -323,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"base and {records} records ready in {time.monotonic() - t0:.0f} s: {base}", flush=True)
     if args.prepare_only:
         return 0
-    saved = {"machine": machine_name(args.tiny), "commit": git_commit("trainer", "bench/multi_train.py"),
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and not args.tiny else 0  # no CUDA context
+    saved = {"machine": (f"{gpus} x " if gpus > 1 else "") + machine_name(args.tiny),
+             "commit": git_commit("trainer", "bench/multi_train.py"),
              "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "tiny": args.tiny, "rtol": args.rtol}
 
     def save_json(results: list[dict]) -> None:
