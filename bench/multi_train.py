@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: unwind, so launch() ends the ranks
     import torch
 
+    from adapterd.common.fsutil import write_atomic
+
     args.rtol = LOSS_RTOL["cuda" if torch.cuda.is_available() else "cpu"]
     t0 = time.monotonic()
     base = ensure_base(args.base_dir, args.tiny)
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save_json(results: list[dict]) -> None:
         if args.json_out:  # after every run, so that a call cut short keeps what it measured
-            args.json_out.write_text(json.dumps({**saved, "results": results}, indent=1))
+            write_atomic(args.json_out, json.dumps({**saved, "results": results}, indent=1))  # whole if killed
 
     results = measure(args, base, data, save_json)
     rows = [to_row(r, saved["machine"], saved["commit"], saved["date"], judge=not args.tiny) for r in results]
