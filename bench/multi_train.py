@@ -244,8 +244,8 @@ def to_row(result: dict, machine: str, commit: str, date: str, judge: bool = Tru
             "peak GiB per GPU": ", ".join(f"{g:.1f}" for g in result["peak_gib"]) or "-",
             "resume from rank 0": _resume_cell(result)}
     check = result.get("loss_check")
-    if check is None:
-        return row
+    if check is None:  # the one-GPU run: nothing to judge; a multi-GPU run without one: nothing to judge against
+        return row | ({"met": "no: no one-GPU run to compare"} if judge and result["gpus"] > 1 else {})
     speedup = result.get("speedup")
     row |= {"x one GPU": f"{speedup:.2f}" if speedup else "-",
             "loss vs one GPU": f"max rel {check['max_rel']:.1e} (tol {check['rtol']:g}, step {check['worst_step']})"}

@@ -142,6 +142,10 @@ def test_the_two_gpu_row_is_judged_on_speed_losses_and_resume():
     assert half_counted["status.json tok/s"] == "14,900 (not all ranks' tokens)"
     assert not_resumed["resume from rank 0"] == "failed: exit 1: adapterd train: failed"
     assert to_row(two_gpu_result(), "cpu", "c", "d", judge=False)["met"] == ""  # the tiny run is not judged
+    alone = {k: v for k, v in two_gpu_result().items() if k not in ("speedup", "loss_check")}
+    assert to_row(alone, "m", "c", "d")["met"] == "no: no one-GPU run to compare"
+    one_gpu = {k: v for k, v in alone.items() if k != "resume"} | {"gpus": 1}
+    assert to_row(one_gpu, "m", "c", "d")["met"] == ""  # the baseline row carries no verdict
     failed = to_row({"method": "lora", "gpus": 2, "global_batch": 8, "context": 1024, "steps_timed": 20,
                      "error": "timed out after 170 s"}, "m", "c", "d")
     assert failed["met"] == "error: timed out after 170 s" and failed["tokens/s (all GPUs)"] == ""
