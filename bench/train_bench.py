@@ -62,15 +62,30 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 
 
 def build_base(out: Path, tiny: bool) -> Path:
-    """Random-weight model directory (made on the GPU when there is one). Reused when already there."""
+    """Random-weight model directory with a tokenizer (``adapterd train`` reads it: bench/multi_train.py), made
+    on the GPU when there is one. Reused when already there. Written into a temporary directory renamed at
+    the end, so that a run killed while writing the 13.5 GB never leaves a base that looks whole."""
+    from adapterd.common.fsutil import AtomicDir
+    from adapterd.common.tiny_model import build_tiny_model, build_tokenizer
+
+    if not (out / "config.json").is_file():
+        with AtomicDir(out, replace=True) as tmp:
+            if tiny:
+                build_tiny_model(tmp)
+            else:
+                _write_random_7b(tmp)
+                build_tokenizer(1024).save_pretrained(tmp)  # 1,024 byte-level BPE ids, within the 32,000 rows
+    elif not (out / "tokenizer.json").is_file():  # a base written before the tokenizer was: add it
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            build_tokenizer(1024).save_pretrained(tmp)
+            for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == "tokenizer.json"):  # marker last
+                os.replace(path, out / path.name)
+    return out
+
+
+def _write_random_7b(out: Path) -> None:
+    """The Llama-2-7B shape with random bf16 weights, initialised on the GPU, saved in 2 GB shards."""
     import torch
-
-    if (out / "config.json").is_file():
-        return out
-    if tiny:
-        from adapterd.common.tiny_model import build_tiny_model
-
-        return build_tiny_model(out)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**LLAMA2_7B, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -81,7 +96,6 @@ def build_base(out: Path, tiny: bool) -> Path:
     model.save_pretrained(out, max_shard_size="2GB")
     del model
     torch.cuda.empty_cache()
-    return out
 
 
 def _usual_model(base: str, method: str, device, quantized: bool = True):
@@ -230,7 +244,7 @@ def run_scenario(scenario: str, base: str, batch: int, context: int, warmup: int
             "trainable": sum(p.numel() for p in params), "device": str(device), "loss": loss_name}
 
 
-def _machine(tiny: bool) -> str:
+def machine_name(tiny: bool) -> str:
     try:
         import torch
 
@@ -318,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     base = build_base(workdir, args.tiny)
     print(f"base ready in {time.monotonic() - t0:.0f} s: {base}", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    saved = {"machine": _machine(args.tiny), "commit": git_commit("trainer", "bench/train_bench.py"),
+    saved = {"machine": machine_name(args.tiny), "commit": git_commit("trainer", "bench/train_bench.py"),
              "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "tiny": args.tiny}
     results: list[dict] = []
     for scenario in [s for s in args.scenarios.split(",") if s]:
