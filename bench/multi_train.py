@@ -16,8 +16,7 @@ lines carry milliseconds), beside status.json's own tokens/s (times its elapsed 
 rank's tokens: status.json and TrainStatus report the whole run); the peak memory of each GPU (NVML, sampled every
 0.2 s: what the GPU holds, CUDA context included; on the CPU, each rank's peak RSS); the ratio (b)/(a)
 against 1.8; the loss of every step, (b) against (a). Then (b) is resumed under torchrun from its middle
-checkpoint (written by rank 0) and must repeat its own losses from there on (``--resume lora`` by default:
-a P-Tuning v2 checkpoint does not resume on PEFT 0.21, a trainer bug: bench/NOTES.md).
+checkpoint (written by rank 0) and must repeat its own losses from there on (both methods by default).
 
 Loss agreement: LoRA dropout is 0 (with dropout every rank draws the same masks, so rank 1's micro-batch would
 not get the one-GPU run's second mask) and both runs sum the same per-micro-batch gradients (each divided by
@@ -272,7 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU run on the tiny model (gloo), batch 2 x 64")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
-    p.add_argument("--resume", default="lora", help="methods whose multi-GPU run is resumed (comma-separated)")
+    p.add_argument("--resume", default="lora,ptuning-v2",
+                   help="methods whose multi-GPU run is resumed (comma-separated)")
     p.add_argument("--gpus", type=int, default=2, help="processes of the data-parallel run")
     p.add_argument("--batch", type=int, default=4, help="examples per micro-batch (one per GPU per step)")
     p.add_argument("--context", type=int, default=1024)

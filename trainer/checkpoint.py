@@ -174,9 +174,21 @@ def load_adapter_weights(peft_model: Any, checkpoint: Path) -> None:
     files = read_adapter(checkpoint, checkpoint)
     check_adapter(files)
     result = set_peft_model_state_dict(peft_model, files.tensors)
-    unexpected = getattr(result, "unexpected_keys", None)
+    unexpected = [key for key in getattr(result, "unexpected_keys", None) or []
+                  if not _prefix_arrived(peft_model, files.tensors, key)]
     if unexpected:
         raise RuntimeError(f"{checkpoint}: adapter weights do not fit this model: {unexpected[:3]}")
+
+
+def _prefix_arrived(peft_model: Any, tensors: dict[str, Any], key: str) -> bool:
+    """True for a prompt-learning adapter's ``prompt_embeddings`` that its prompt encoder now holds. PEFT
+    (0.21.2) loads that key into the encoder after ``load_state_dict`` has already listed it as unexpected, so
+    the list alone would refuse every P-Tuning v2 checkpoint; the encoder's weight is the evidence instead."""
+    adapter = peft_model.active_adapter
+    if key != "prompt_embeddings" or not peft_model.peft_config[adapter].is_prompt_learning:
+        return False
+    held = peft_model.prompt_encoder[adapter].embedding.weight.detach()
+    return bool(torch.equal(held.to("cpu", tensors[key].dtype), tensors[key].cpu()))
 
 
 def export_adapter(source: Path, target: Path) -> Path:
