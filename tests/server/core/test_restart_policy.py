@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import types
 
 import pytest
 
@@ -54,15 +55,15 @@ class _Watched:
 
 @pytest.fixture()
 def pauses(monkeypatch) -> list[float]:
-    """The pauses before each restart, in seconds, taken without waiting them."""
+    """The pauses before each restart, in seconds, taken without waiting them. Only process.py's ``asyncio`` is
+    replaced: a daemon's event loop running in another thread of this process keeps the real ``sleep``."""
     taken: list[float] = []
-    real_sleep = asyncio.sleep
 
     async def sleep(seconds: float) -> None:
         taken.append(seconds)
-        await real_sleep(0)
+        await asyncio.sleep(0)
 
-    monkeypatch.setattr(core_process.asyncio, "sleep", sleep)
+    monkeypatch.setattr(core_process, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": sleep}))
     return taken
 
 
