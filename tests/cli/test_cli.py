@@ -53,12 +53,6 @@ def served(tiny_model_dir, adapter_root):
     yield from _serve(tiny_model_dir, adapter_root)
 
 
-@pytest.fixture()
-def served_alone(tiny_model_dir, adapter_root):
-    """A daemon process of the test's own, for a test that stops it."""
-    yield from _serve(tiny_model_dir, adapter_root)
-
-
 def test_generate_and_adapters_commands_against_a_served_daemon(served, tiny_model_dir, adapter_root):
     proc, target = served
     gen = subprocess.run([*CLI, "generate", "--target", target, "--adapter", "lora-qv", "--prompt", "hello world",
@@ -81,23 +75,8 @@ def test_generate_and_adapters_commands_against_a_served_daemon(served, tiny_mod
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
 
-def test_sigterm_finishes_requests_in_flight_then_exits_0(served_alone):
-    proc, target = served_alone
-    import threading
-
-    result = {}
-
-    def long_request():
-        with AdapterdClient(target, timeout=60) as c:
-            result["reply"] = c.generate("hello", max_new_tokens=300, min_new_tokens=300)
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
-    t.join(60)
-    assert result["reply"].generated_token_count == 300
+# SIGTERM with requests in flight that finish: tests/server/core/test_engine_process.py
+# (test_sigterm_drains_across_the_processes_and_exits_0), an `adapterd serve` process too.
 
 
 @pytest.mark.slow  # ~10 s: a daemon process started, then stopped with something stuck

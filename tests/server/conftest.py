@@ -44,8 +44,26 @@ def engine_stats(d: DaemonThread) -> dict[str, int]:
     return d.run(stats) if asyncio.iscoroutine(stats) else stats
 
 
+@pytest.fixture(scope="session")
+def shared_daemon(tmp_path_factory, tiny_model_dir, adapter_root):
+    """One daemon (engine core in its own process) for every module that sets ``READS_ONLY = True``: their
+    tests only send requests and leave it as they found it (no adapter written, loaded or unloaded, no process
+    killed, anything patched put back). Each module daemon costs ~10 s to start and stop on the 2-core machine.
+    It serves its own copy of the adapter root, the same files as each module's ``served_root``."""
+    root = tmp_path_factory.mktemp("shared") / "adapters"
+    shutil.copytree(adapter_root, root)
+    d = start_daemon(tiny_model_dir, root)
+    yield d
+    d.stop()
+
+
 @pytest.fixture(scope="module")
-def daemon(tiny_model_dir, served_root):
+def daemon(request, tiny_model_dir, served_root):
+    """The module's daemon over its ``served_root``, or the session's (``shared_daemon``) for a module that
+    only reads."""
+    if getattr(request.module, "READS_ONLY", False):
+        yield request.getfixturevalue("shared_daemon")
+        return
     d = start_daemon(tiny_model_dir, served_root)
     yield d
     d.stop()

@@ -16,6 +16,10 @@ from adapterd.server.config import ServerConfig
 from tests.helpers import TEST_DEVICE
 from tests.server.conftest import engine_stats, start_daemon
 
+# The module's ``daemon`` is the session's shared one (tests/server/conftest.py): the tests that stop a daemon
+# start their own.
+READS_ONLY = True
+
 
 def health_status(port: int, service: str = "") -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

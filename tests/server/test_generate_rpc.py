@@ -14,6 +14,10 @@ from adapterd.v1 import adapterd_pb2 as pb
 from tests.helpers import reference_greedy
 from tests.server.conftest import engine_stats, start_daemon
 
+# The module's ``daemon`` is the session's shared one (tests/server/conftest.py): its tests only send requests
+# and wait until their rows are freed.
+READS_ONLY = True
+
 JOBS = [(p, a) for p in ("hello world", "你是谁？", "Tell me a story about a robot.")
         for a in ("", "lora-qv", "team/lora-all", "lora-rs", "prefix", "prefix-proj")]
 N = 12

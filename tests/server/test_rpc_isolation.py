@@ -16,6 +16,10 @@ from adapterd.server.validation import MAX_PROMPT_CHARS
 from adapterd.v1 import adapterd_pb2 as pb
 from tests.server.conftest import ENGINE_IN_TEST_PROCESS, start_daemon
 
+# The module's ``daemon`` is the session's shared one (tests/server/conftest.py): its tests only send requests,
+# and the one that wraps the front end's tokenizer puts it back.
+READS_ONLY = True
+
 TOKEN = "u-" + "7" * 30
 
 

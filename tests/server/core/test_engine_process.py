@@ -18,7 +18,6 @@ from transformers import AutoTokenizer
 
 from adapterd.clients import AdapterdClient
 from tests.helpers import CLI, ENV, reference_greedy
-from tests.server.conftest import start_daemon
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -58,13 +57,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.fixture()
-def own_daemon(tiny_model_dir, served_root):
-    d = start_daemon(tiny_model_dir, served_root)
-    yield d
-    d.stop()
-
-
 def test_the_engine_runs_in_another_process_and_gives_peft_tokens(daemon, client, tiny_model_dir, served_root):
     core = daemon.daemon.engine_process.process
     assert core.pid != os.getpid() and _alive(core.pid)
@@ -75,13 +67,17 @@ def test_the_engine_runs_in_another_process_and_gives_peft_tokens(daemon, client
         assert reply.text == tok.decode(ref, skip_special_tokens=True), adapter_id
 
 
-def test_killing_the_engine_core_mid_stream_ends_the_stream_unavailable_and_the_daemon_recovers(own_daemon):
-    port = own_daemon.port
+# The two tests below kill the module's daemon's engine core and leave it serving again (a new core), so they
+# share that daemon rather than starting one each (~10 s a start on the 2-core machine).
+
+
+def test_killing_the_engine_core_mid_stream_ends_the_stream_unavailable_and_the_daemon_recovers(daemon):
+    port = daemon.port
     with AdapterdClient(f"127.0.0.1:{port}", timeout=120) as c:
         before = c.generate("hello world", max_new_tokens=8).text
         stream = c.generate_stream("Tell me a story", max_new_tokens=400, min_new_tokens=400)
         next(stream)  # the request runs
-        old = own_daemon.daemon.engine_process.process.pid
+        old = daemon.daemon.engine_process.process.pid
         os.kill(old, signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as err:
             for _ in stream:
@@ -90,14 +86,14 @@ def test_killing_the_engine_core_mid_stream_ends_the_stream_unavailable_and_the_
         assert "engine stopped unexpectedly" in err.value.details()
         assert _wait_for(lambda: _health(port) == NOT_SERVING, 10) or _health(port) == SERVING
         assert _wait_for(lambda: _health(port) == SERVING, RESTART_S)
-        new = own_daemon.daemon.engine_process.process.pid
+        new = daemon.daemon.engine_process.process.pid
         assert new != old and _alive(new)
         assert c.generate("hello world", max_new_tokens=8).text == before  # same tokens from the new core
 
 
-def test_requests_while_the_engine_core_restarts_get_unavailable_not_a_hang(own_daemon):
-    port = own_daemon.port
-    process = own_daemon.daemon.engine_process.process
+def test_requests_while_the_engine_core_restarts_get_unavailable_not_a_hang(daemon):
+    port = daemon.port
+    process = daemon.daemon.engine_process.process
     process.kill()
     process.join(10)
     assert _wait_for(lambda: _health(port) == NOT_SERVING, 10)
@@ -110,7 +106,7 @@ def test_requests_while_the_engine_core_restarts_get_unavailable_not_a_hang(own_
 
 def _serve_process(tiny_model_dir, adapter_root) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root),
-                             "--quantization", "none", "--device", "cpu", "--port", "0", "--grace", "10"],
+                             "--quantization", "none", "--device", "cpu", "--port", "0", "--grace", "20"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     match = re.search(r"listening on (\S+):(\d+)", proc.stdout.readline())
     assert match
@@ -133,9 +129,13 @@ def test_a_killed_daemon_leaves_no_engine_process_behind(tiny_model_dir, adapter
 
 
 def test_sigterm_drains_across_the_processes_and_exits_0(tiny_model_dir, adapter_root):
+    """SIGTERM to `adapterd serve`: a stream and a unary request in flight both finish with every token asked
+    for, the daemon exits 0, and its engine core ends too. (tests/cli/test_cli.py's own SIGTERM test is the
+    grace period's end; this one is the drain, for both kinds of call.)"""
     proc, port = _serve_process(tiny_model_dir, adapter_root)
     cores = _children(proc.pid)
     results: list[object] = []
+    replies: list[object] = []
     with AdapterdClient(f"127.0.0.1:{port}", timeout=60) as c:
         stream = c.generate_stream("Tell me a story", max_new_tokens=60, min_new_tokens=60)
         next(stream)
@@ -146,10 +146,21 @@ def test_sigterm_drains_across_the_processes_and_exits_0(tiny_model_dir, adapter
             except grpc.RpcError as exc:
                 results.append(exc.code())
 
-        reader = threading.Thread(target=finish)
-        reader.start()
+        def unary() -> None:
+            with AdapterdClient(f"127.0.0.1:{port}", timeout=60) as own:
+                try:
+                    replies.append(own.generate("hello", max_new_tokens=300, min_new_tokens=300))
+                except grpc.RpcError as exc:
+                    replies.append(exc.code())
+
+        threads = [threading.Thread(target=finish), threading.Thread(target=unary)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)  # the unary call is in flight
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        reader.join(30)
+        for thread in threads:
+            thread.join(30)
     assert results and isinstance(results[0], int), results  # the stream in flight finished
+    assert replies and getattr(replies[0], "generated_token_count", None) == 300, replies
     assert _wait_for(lambda: not any(_alive(pid) for pid in cores), 10)

@@ -7,6 +7,9 @@ import msgspec
 
 from adapterd.server.core.step_stats import StepCounts
 
+# The module's ``daemon`` is the session's shared one (tests/server/conftest.py): its tests only send requests.
+READS_ONLY = True
+
 
 def _steps(daemon) -> StepCounts:
     return msgspec.convert(daemon.run(daemon.daemon.state.runtime.call("steps")), StepCounts)

@@ -16,6 +16,10 @@ from adapterd.server.runtime import Runtime
 from tests.helpers import TEST_DEVICE
 from tests.server.engine.test_parity import Collector
 
+# The module's ``daemon`` is the session's shared one (tests/server/conftest.py): its one gRPC test only sends
+# requests.
+READS_ONLY = True
+
 
 @pytest.fixture(scope="module")
 def runtime(tiny_model_dir, adapter_root):
