@@ -64,7 +64,7 @@ def test_stream_pieces_add_up_to_the_unary_answer(client):
     messages = list(client.generate_stream("你是谁？", "prefix-proj", max_new_tokens=16))
     first = messages[0]  # the start and the first token, in one message
     assert first.input_token_count == whole.input_token_count > 0 and first.adapter_id == "prefix-proj"
-    assert first.generated_token_count == 1
+    assert first.generated_token_count >= 1  # more when deltas coalesce behind a slow reader
     assert all(m.input_token_count == 0 for m in messages[1:])
     assert all(m.stop_reason == pb.NOT_FINISHED for m in messages[:-1])
     assert messages[-1].stop_reason == whole.stop_reason != pb.NOT_FINISHED
