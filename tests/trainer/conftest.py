@@ -55,3 +55,24 @@ def train_argv(cfg, *extra: str) -> list[str]:
         flag = "--" + f.name.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
     return argv + list(extra)
+
+
+def whole_and_resumed(make_config: Callable, tmp_path: Path, steps: int, **settings) -> tuple[dict, dict]:
+    """An uninterrupted run of ``steps`` steps beside one stopped at its checkpoint half way and resumed from
+    it ("latest"): asserts the same loss at every step in both metrics.jsonl, and returns both runs' last
+    checkpoint weights (for the caller to compare)."""
+    from safetensors.torch import load_file
+
+    from adapterd.trainer.loop import train
+
+    settings = dict(save_steps=steps // 2, keep_last=0, **settings)
+    whole = make_config(output=str(tmp_path / "whole"), max_steps=steps, **settings)
+    train(whole)
+    cut = make_config(output=str(tmp_path / "cut"), max_steps=steps // 2, **settings)
+    train(cut)
+    cut.max_steps, cut.resume = steps, "latest"
+    train(cut)
+    curves = [(Path(c.output) / "metrics.jsonl").read_text() for c in (whole, cut)]
+    assert curves[0] == curves[1] and len(curves[0].splitlines()) == steps
+    a, b = (load_file(Path(c.output) / f"checkpoint-{steps}" / "adapter_model.safetensors") for c in (whole, cut))
+    return a, b

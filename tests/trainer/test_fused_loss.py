@@ -12,6 +12,7 @@ from adapterd.trainer import model as model_mod
 from adapterd.trainer.config import ConfigError
 from adapterd.trainer.fused_loss import chunked_linear_ce, make_head
 from tests.helpers import TEST_DEVICE
+from tests.trainer.conftest import whole_and_resumed
 
 
 def _leaves(*shapes: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
@@ -133,20 +134,7 @@ def test_liger_matches_the_models_own_loss_on_cuda(make_config):
 def test_resume_with_the_fused_loss_is_exact(make_config, tmp_path):
     """A run with the fused loss stopped at a checkpoint and resumed ends as an uninterrupted one: the same
     loss at every step and the same adapter weights, bit for bit (dropout on, two micro-batches an epoch)."""
-    from safetensors.torch import load_file
-
-    from adapterd.trainer.loop import train
-
-    settings = dict(fused_loss="torch", batch_size=2, lora_dropout=0.1, save_steps=6, keep_last=0)
-    whole = make_config(output=str(tmp_path / "whole"), max_steps=12, **settings)
-    train(whole)
-    cut = make_config(output=str(tmp_path / "cut"), max_steps=6, **settings)
-    train(cut)
-    cut.max_steps, cut.resume = 12, "latest"
-    train(cut)
-    curves = [(Path(c.output) / "metrics.jsonl").read_text() for c in (whole, cut)]
-    assert curves[0] == curves[1] and len(curves[0].splitlines()) == 12
-    a, b = (load_file(Path(c.output) / "checkpoint-12" / "adapter_model.safetensors") for c in (whole, cut))
+    a, b = whole_and_resumed(make_config, tmp_path, 12, fused_loss="torch", batch_size=2, lora_dropout=0.1)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

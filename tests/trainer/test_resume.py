@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from adapterd.trainer.checkpoint import list_checkpoints
 from adapterd.trainer.loop import train
-from tests.trainer.conftest import train_argv
+from tests.trainer.conftest import train_argv, whole_and_resumed
 
 
 def _curve(run_dir: Path) -> dict[int, float]:
@@ -86,14 +86,5 @@ def test_ptuning_v2_resume_is_exact(make_config, tmp_path):
     """P-Tuning v2 stopped at a checkpoint and resumed ends as an uninterrupted run: the same loss at every
     step and the same prefix, bit for bit. (PEFT lists the prefix's ``prompt_embeddings`` among the unexpected
     keys of the state dict it has just loaded; the resume refused every P-Tuning checkpoint for it.)"""
-    settings = dict(method="ptuning-v2", batch_size=2, save_steps=5, keep_last=0)
-    whole = make_config(output=str(tmp_path / "whole"), max_steps=10, **settings)
-    train(whole)
-    cut = make_config(output=str(tmp_path / "cut"), max_steps=5, **settings)
-    train(cut)
-    cut.max_steps, cut.resume = 10, "latest"
-    train(cut)
-    curves = [(Path(c.output) / "metrics.jsonl").read_text() for c in (whole, cut)]
-    assert curves[0] == curves[1] and len(curves[0].splitlines()) == 10
-    a, b = (load_file(Path(c.output) / "checkpoint-10" / "adapter_model.safetensors") for c in (whole, cut))
+    a, b = whole_and_resumed(make_config, tmp_path, 10, method="ptuning-v2", batch_size=2)
     assert list(a) == ["prompt_embeddings"] and torch.equal(a["prompt_embeddings"], b["prompt_embeddings"])
