@@ -121,16 +121,17 @@ def uses_own_decoder(model: nn.Module) -> bool:
     return getattr(model.config, "model_type", None) in OWN_FAMILIES
 
 
-def model_forward(base: BaseModel, own: bool) -> Forward:
+def model_forward(base: BaseModel, own: bool, max_rows: int = 64) -> Forward:
     """The forward the engine's steps call, inside their step's context: ours for ``OWN_FAMILIES`` when
-    ``own``, else transformers'."""
+    ``own``, else transformers'. ``max_rows``: the most rows a decode step runs (the int8 kernel is tuned for
+    the fused shapes up to it, as ``swaps.use_int8_kernel`` tunes the model's own)."""
     if own and uses_own_decoder(base.model):
         decoder = Decoder(base.model)
         fused_int8 = int8_layers(decoder.fused)
         if fused_int8:  # their shapes are new to the int8 kernel: tune it now, before any graph capture
             from ..kernels.int8_linear import warm_up
 
-            warm_up(fused_int8, base.dtype)
+            warm_up(fused_int8, base.dtype, max_rows=max_rows)
         return decoder
 
     def transformers_forward(ids: torch.Tensor, positions: torch.Tensor, mask: Mask,

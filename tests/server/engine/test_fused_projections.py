@@ -208,9 +208,13 @@ def test_the_engine_tunes_the_int8_kernel_for_the_fused_shapes(tiny_model_dir, m
     _interpreter(monkeypatch)
     model = _int8_model(tiny_model_dir)
     tuned: list[tuple[int, int]] = []
-    monkeypatch.setattr(int8_linear, "warm_up",
-                        lambda layers, dtype: tuned.extend((m.out_features, m.in_features) for m in layers))
-    assert isinstance(model_forward(SimpleNamespace(model=model, dtype=torch.float32), own=True), Decoder)
+
+    def warm_up(layers, dtype, max_rows):
+        assert max_rows == 8  # the engine's batch size, as the swap's own warm-up
+        tuned.extend((m.out_features, m.in_features) for m in layers)
+
+    monkeypatch.setattr(int8_linear, "warm_up", warm_up)
+    assert isinstance(model_forward(SimpleNamespace(model=model, dtype=torch.float32), own=True, max_rows=8), Decoder)
     config = model.config
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
     assert set(tuned) == {(qkv, config.hidden_size), (2 * config.intermediate_size, config.hidden_size)}
