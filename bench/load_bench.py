@@ -46,6 +46,10 @@ TTFT_PROMPT_TOKENS = 512
 TTFT_REQUESTS = 20
 WORDS = ["hello", "world", "the", "model", "adapter"]
 STREAMS_PER_CONNECTION = 8
+# Seconds of the same streams before each measured window, both ways: graph captures of the prefill and decode
+# shapes this concurrency meets, and the key/value pool grown to its rows, happen before the window, not in it
+# (the engine alone had a warm-up and the daemon's core had none, so only the gRPC figure paid for them).
+WARM_UP_S = 3.0
 LENGTH_SEED = 10_000  # stream i draws its requests' lengths from Random(LENGTH_SEED + i), both ways
 
 
@@ -135,79 +139,115 @@ def poisson_load(target: str, ids: list[str], zipf: bool, rate: float, duration:
 
 
 async def engine_streams(runtime, streams: int, duration: float, new: int) -> tuple[float, int, float]:
-    """Generated tokens/s with ``streams`` requests always in flight, submitted in-process; the tokens and the
-    span (seconds)."""
+    """Generated tokens/s with ``streams`` requests always in flight, submitted in-process, over the tokens that
+    arrived within the ``duration`` s window (``window_tokens``); every token generated, and the seconds until
+    the last request ended (what the step counts and CPU seconds of the phase cover)."""
     from adapterd.server.engine import GenerationParams
 
-    tokens = 0
-    stop = time.perf_counter() + duration
+    tokens = every = 0
+    start = time.perf_counter()
+    stop = start + duration
 
     async def loop(i: int) -> None:
-        nonlocal tokens
+        nonlocal tokens, every
         rng, lengths = random.Random(i), random.Random(LENGTH_SEED + i)
         while time.perf_counter() < stop:
             prompt = [rng.randrange(10, 1000) for _ in range(PROMPT_TOKENS)]
             length = request_length(lengths, new)
             params = GenerationParams(max_new_tokens=length, min_new_tokens=length)
+            counted = 0
             async for event in runtime.generate(prompt, params, None):
-                if event.kind == "end":
-                    tokens += event.generated_token_count
+                counted, tokens = window_tokens(event.generated_token_count, counted, tokens, stop)
+            every += counted
 
-    start = time.perf_counter()
     await asyncio.gather(*(loop(i) for i in range(streams)))
-    span = time.perf_counter() - start
-    return tokens / span, tokens, span
+    return tokens / duration, every, time.perf_counter() - start
 
 
-def _client_proc(target: str, ids: tuple[str, ...], streams: int, duration: float, new: int, out: mp.Queue) -> None:
-    """One client process: ``streams`` concurrent GenerateStream calls in a loop for ``duration`` s, each request
-    on an adapter drawn Zipf(1) from ``ids`` (none: the base)."""
+def window_tokens(running: int, counted: int, total: int, stop: float) -> tuple[int, int]:
+    """One stream's token count after a message with the request's ``running`` generated-token count:
+    ``(counted, total)`` updated with the new tokens if they arrived before ``stop`` (``time.perf_counter``).
+    Both ways count only what arrives within the same window, so neither is credited with its ramp-up (client
+    processes connecting one after another) or its drain (the last requests finishing with the batch
+    emptying), which the window's length alone would not make equal."""
+    if running > counted:
+        if time.perf_counter() <= stop:
+            total += running - counted
+        counted = running
+    return counted, total
+
+
+def _client_proc(target: str, ids: tuple[str, ...], streams: int, duration: float, new: int, out: mp.Queue,
+                 start: StartSignal) -> None:
+    """One client process: ``streams`` concurrent GenerateStream calls in a loop over the common window (see
+    ``client_streams``), each request on an adapter drawn Zipf(1) from ``ids`` (none: the base)."""
     from adapterd.clients import AsyncAdapterdClient
 
-    async def main() -> tuple[int, float, float]:
-        tokens = 0
-        stop = time.perf_counter() + duration
+    async def main() -> tuple[int, int]:
+        tokens = every = 0
         # A connection of its own for every STREAMS_PER_CONNECTION streams, as many clients would open: the
         # kernel spreads connections (not streams) over the daemon's front ends.
         clients = [AsyncAdapterdClient(target, timeout=600, options=[("grpc.use_local_subchannel_pool", 1)])
                    for _ in range(max(1, streams // STREAMS_PER_CONNECTION))]
         for client in clients:
             await client.model_info()  # connected, and the daemon answers
-        began = time.time()  # after start-up and connecting: only serving time counts
+        stop = await start.wait(duration)
 
         async def loop(i: int) -> None:
-            nonlocal tokens
+            nonlocal tokens, every
             rng, lengths = random.Random(i), random.Random(LENGTH_SEED + i)
             client = clients[i % len(clients)]
             while time.perf_counter() < stop:
                 prompt = " ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS))
                 length = request_length(lengths, new)
                 adapter_id = zipf_choice(rng, ids) if ids else ""
+                counted = 0
                 async for message in client.generate_stream(prompt, adapter_id, max_new_tokens=length,
                                                             min_new_tokens=length):
-                    if message.stop_reason:
-                        tokens += message.generated_token_count
+                    counted, tokens = window_tokens(message.generated_token_count, counted, tokens, stop)
+                every += counted
         await asyncio.gather(*(loop(i) for i in range(streams)))
         for client in clients:
             await client.close()
-        return tokens, began, time.time()
+        return tokens, every
 
     out.put(asyncio.run(main()))
 
 
-def _http_client_proc(base_url: str, model: str, streams: int, duration: float, new: int, out: mp.Queue) -> None:
+class StartSignal:
+    """One start for every client process: each connects, says so, and waits; once all have, the parent sets
+    a start time (wall clock) a moment ahead and every process starts its streams then. Without it the
+    processes (started one after another, each importing grpc) ran staggered windows, and the gRPC figure
+    counted stretches with only some of the streams running against an engine alone that had all of them."""
+
+    def __init__(self, ctx) -> None:
+        self.ready, self.go, self.at = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+
+    def release(self, delay: float = 0.5) -> None:
+        self.at.value = time.time() + delay
+        self.go.set()
+
+    async def wait(self, duration: float) -> float:
+        """Say ready, wait for the start, sleep until it; returns the window's end (``time.perf_counter``)."""
+        self.ready.put(os.getpid())
+        await asyncio.get_running_loop().run_in_executor(None, self.go.wait)
+        await asyncio.sleep(max(0.0, self.at.value - time.time()))
+        return time.perf_counter() + duration
+
+
+def _http_client_proc(base_url: str, model: str, streams: int, duration: float, new: int, out: mp.Queue,
+                      start: StartSignal) -> None:
     """One client process: ``streams`` concurrent streamed completions over HTTP in a loop for ``duration`` s."""
     import openai
 
-    async def main() -> tuple[int, float, float]:
-        tokens = 0
-        stop = time.perf_counter() + duration
+    async def main() -> tuple[int, int]:
+        tokens = every = 0
         client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
         await client.models.list()  # connected, and the daemon answers
-        began = time.time()
+        stop = await start.wait(duration)
 
         async def loop(i: int) -> None:
-            nonlocal tokens
+            nonlocal tokens, every
             rng, lengths = random.Random(i), random.Random(LENGTH_SEED + i)
             while time.perf_counter() < stop:
                 prompt = " ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS))
@@ -216,12 +256,15 @@ def _http_client_proc(base_url: str, model: str, streams: int, duration: float, 
                                                          temperature=0, stream=True,
                                                          stream_options={"include_usage": True},
                                                          extra_body={"min_tokens": length})
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        tokens += chunk.usage.completion_tokens
+                counted = 0
+                async for chunk in stream:  # a chunk a token, text held back aside; the usage last, exact
+                    running = chunk.usage.completion_tokens if chunk.usage is not None else counted + 1
+                    if chunk.usage is not None or chunk.choices:
+                        counted, tokens = window_tokens(running, counted, tokens, stop)
+                every += counted
         await asyncio.gather(*(loop(i) for i in range(streams)))
         await client.close()
-        return tokens, began, time.time()
+        return tokens, every
 
     out.put(asyncio.run(main()))
 
@@ -238,29 +281,37 @@ def http_streams(base_url: str, model: str, streams: int, procs: int, duration: 
 
 def client_streams(proc, target: tuple, streams: int, procs: int, duration: float,
                    new: int) -> tuple[float, int, float]:
-    """Generated tokens/s over the span when ``procs`` client processes (each running ``proc``) were serving,
-    the tokens counted, and that span (seconds)."""
+    """Generated tokens/s when ``procs`` client processes (each running ``proc``) serve the same ``duration`` s
+    window (``StartSignal``), over the tokens that arrived within it; every token generated, and the seconds
+    from the start until the last request ended (as ``engine_streams``)."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
-    workers = [ctx.Process(target=proc, args=(*target, streams // procs, duration, new, out))
+    start = StartSignal(ctx)
+    workers = [ctx.Process(target=proc, args=(*target, streams // procs, duration, new, out, start))
                for _ in range(procs)]
     for w in workers:
         w.start()
-    results = []
-    deadline = time.monotonic() + duration + 600
-    while len(results) < len(workers):  # a client process that dies (its traceback above) ends the bench
-        try:
-            results.append(out.get(timeout=1.0))
-        except queue.Empty:
-            dead = [w for w in workers if w.exitcode not in (None, 0)]
-            if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"client processes failed: exit codes {[w.exitcode for w in workers]}") from None
+
+    def collect(q: mp.Queue, count: int) -> list:
+        """``count`` items from ``q``; a client process that dies (its traceback above) ends the bench."""
+        items, deadline = [], time.monotonic() + duration + 600
+        while len(items) < count:
+            try:
+                items.append(q.get(timeout=1.0))
+            except queue.Empty:
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"client processes failed: exit codes {[w.exitcode for w in workers]}") from None
+        return items
+
+    collect(start.ready, len(workers))  # every process connected
+    start.release()
+    began = time.perf_counter()
+    counts = collect(out, len(workers))
+    wall = time.perf_counter() - began
     for w in workers:
         w.join()
-    # Throughput over the span when clients were serving (process start-up and imports excluded).
-    span = max(end for _, _, end in results) - min(began for _, began, _ in results)
-    tokens = sum(tokens for tokens, _, _ in results)
-    return tokens / span, tokens, span
+    return sum(c[0] for c in counts) / duration, sum(c[1] for c in counts), wall
 
 
 def core_steps(daemon) -> StepCounts:
@@ -369,6 +420,7 @@ def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, str
     try:
         asyncio.run(engine_streams(runtime, 4, 2.0, 4))  # warm-up
         for n in streams:
+            asyncio.run(engine_streams(runtime, n, WARM_UP_S, args.new))  # as over gRPC below
             before, cpu_before = counter.counts(), process_cpu_seconds(me)
             tok_s, tokens, span = asyncio.run(engine_streams(runtime, n, args.duration, args.new))
             cpu = cpu_per_token(cpu_before, process_cpu_seconds(me), tokens) if cpu_before else "no /proc"
@@ -456,6 +508,7 @@ def main() -> int:
                              f"{many['p95'] / one['p95']:.2f} |")
             print(zipf_rows[-1], flush=True)
         for n in streams:
+            grpc_streams(target, n, args.client_procs, WARM_UP_S, args.new)  # as the engine alone above
             processes = daemon_processes(daemon)
             cpu_before, steps_before = process_cpu_seconds(processes), core_steps(daemon)
             e2e, tokens, span = grpc_streams(target, n, args.client_procs, args.duration, args.new)
