@@ -4,7 +4,9 @@ It offers the methods of the in-process ``Runtime`` (``adapter``, ``prompt_ids``
 ``generate``, ``load_adapter``, ``unload_adapter``, ``list_adapters``, ``model_info``, ``stats``) and keeps
 the work a front end can do to itself: prompts are tokenized here, and each request's token events are
 detokenized and matched against its stop sequences here (``engine/output.py``). Only token ids, parameters
-and adapter ids go to the engine core, over one zmq DEALER socket, from the event loop's thread alone.
+and adapter ids go to the engine core, over one zmq DEALER socket, from the event loop's thread alone. The
+core's engine thread sends the token events back to a PULL socket of this client's own (in a private
+directory), so that they reach the front end without passing through another thread of the core.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -57,28 +61,35 @@ class EngineClient(PromptsFacade):
         self._socket.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(address)
+        self._outputs_dir = tempfile.mkdtemp(prefix="adapterd-outputs-")  # mode 0700: this user's alone
+        self.outputs_address = f"ipc://{self._outputs_dir}/outputs.sock"
+        self._outputs = self._context.socket(zmq.PULL)
+        self._outputs.setsockopt(zmq.LINGER, 0)
+        self._outputs.bind(self.outputs_address)
         self._streams: dict[str, asyncio.Queue[GenerationEvent]] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count(1)
-        self._receiver: asyncio.Task | None = None
+        self._receivers: list[asyncio.Task] = []
         # Called with each adapter id that resolved (it loaded in the core): the front end's metrics labels
         # count uses here, as the engine's observer does where the engine runs in the same process.
         self.on_adapter_used: Callable[[str], None] | None = None
 
     async def connect(self, timeout: float) -> None:
         """Start reading the core's frames and ask what it serves (``timeout`` seconds at most)."""
-        self._receiver = asyncio.ensure_future(self._receive())
+        self._receivers = [asyncio.ensure_future(self._receive()), asyncio.ensure_future(self._receive_outputs())]
         self.info = msgspec.convert(await asyncio.wait_for(self.call("hello"), timeout), ModelInfo)
         self.prompts = Prompts(self.tokenizer, self.info.max_sequence_length, self.info.vocab_size)
 
     def close(self) -> None:
-        if self._receiver is not None:
-            self._receiver.cancel()
+        for receiver in self._receivers:
+            receiver.cancel()
         self.core_down("the daemon is shutting down")
         if self.prompts is not None:
             self.prompts.close()
         self._socket.close(0)
+        self._outputs.close(0)
         self._context.term()
+        shutil.rmtree(self._outputs_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ the core's health
 
@@ -110,10 +121,7 @@ class EngineClient(PromptsFacade):
                 log.error("ignored a malformed frame from the engine core")
                 continue
             if isinstance(message, Outputs):
-                for event in message.events:
-                    queue = self._streams.get(event.request_id)
-                    if queue is not None:
-                        queue.put_nowait(engine_event(event))
+                self._deliver(message)
             else:
                 future = self._calls.pop(message.call_id, None)
                 if future is not None and not future.done():
@@ -121,6 +129,24 @@ class EngineClient(PromptsFacade):
                         future.set_exception(rebuild_error(message.error))
                     else:
                         future.set_result(message.value)
+
+    async def _receive_outputs(self) -> None:
+        """The token events the core's engine thread pushes here (``Submit.outputs``)."""
+        while True:
+            frame = await self._outputs.recv()
+            try:
+                message = from_core.decode(frame)
+            except msgspec.DecodeError:
+                log.error("ignored a malformed frame from the engine core")
+                continue
+            if isinstance(message, Outputs):
+                self._deliver(message)
+
+    def _deliver(self, message: Outputs) -> None:
+        for event in message.events:
+            queue = self._streams.get(event.request_id)
+            if queue is not None:
+                queue.put_nowait(engine_event(event))
 
     async def call(self, method: str, *args: str) -> Any:
         """Run one of the core's calls (``EngineCore.handlers``) and return its plain-data value."""
@@ -159,7 +185,8 @@ class EngineClient(PromptsFacade):
         self._streams[request_id] = events
         try:
             await self._socket.send(encoder.encode(
-                Submit(request_id, list(prompt_ids), params, adapter.adapter_id if adapter is not None else "")))
+                Submit(request_id, list(prompt_ids), params, adapter.adapter_id if adapter is not None else "",
+                       self.outputs_address)))
             output = RequestOutput(self.tokenizer, params)
             async for event in text_events(events, output, lambda: self._cancel(request_id)):
                 yield event

@@ -4,8 +4,9 @@ Threads of the engine-core process, and who owns which socket (zmq sockets are n
 - the I/O thread (the process's main thread) owns the ROUTER socket the front ends connect to. It hands
   submits and cancels to the engine's inbox, and forwards outgoing frames from an inproc PULL socket;
 - the engine thread (``server/engine/engine.py``) collects each step's events per front end and, once the
-  step is over (``Engine.after_step``), sends one ``Outputs`` frame per front end through its own PUSH socket
-  (a step that prefills sends its new rows' first tokens first, before the decode forward);
+  step is over (``Engine.after_step``), sends one ``Outputs`` frame per front end (a step that prefills sends
+  its new rows' first tokens first, as soon as they are sampled): straight to the front end's own PULL
+  socket (``Submit.outputs``) through a PUSH socket of the engine thread's, with no other thread on the way;
 - a few worker threads run calls that may touch the disk (adapter loads, listing) and submits whose adapter
   must be loaded first, and send their replies through their own PUSH sockets.
 No gRPC and no tokenizing here: the engine's host thread only schedules and launches.
@@ -52,7 +53,9 @@ class _SendAfterPrefill(EngineObserver):
     """Sends the events of a prefill (each new row's start and first token) as soon as it is done, when a
     decode forward follows in the same step (rows running, or a new row not finished by its first token):
     a first token held for the step's end frame waits for that forward (~6 ms for one row, ~14 ms for 64
-    rows of a 7B model on an H200), where the engine driven in-process hands it over at once."""
+    rows of a 7B model on an H200), where the engine driven in-process hands it over at once. A row that
+    ends at its first token gets its "end" (with that token) right after this hook: one frame at the step's
+    end carries both, with no forward in between."""
 
     def __init__(self, engine: Any, flush: Callable[[], None]) -> None:
         self.engine = engine
@@ -79,6 +82,8 @@ class EngineCore:
         self.stopping = threading.Event()
         self._local = threading.local()  # each sending thread's PUSH socket
         self._pending: dict[bytes, list[Event]] = {}  # engine thread only: this step's events per front end
+        self._outputs_of: dict[bytes, str] = {}  # front end -> its PULL address (``Submit.outputs``)
+        self._direct: dict[str, zmq.Socket] = {}  # engine thread only: a PUSH socket per such address
         self._lock = threading.Lock()  # guards the two sets below (I/O thread and call threads)
         self._waiting_for_load: set[str] = set()  # submits whose adapter a call thread is loading
         self._cancelled_early: set[str] = set()  # cancels that overtook such a submit
@@ -188,6 +193,8 @@ class EngineCore:
 
     def _enqueue(self, identity: bytes, message: Submit, adapter: Any) -> None:
         request_id = message.request_id
+        if message.outputs.startswith("ipc://"):  # the daemon's own front ends bind ipc:// sockets only
+            self._outputs_of[identity] = message.outputs
 
         def sink(event: GenerationEvent) -> None:  # engine thread
             self._pending.setdefault(identity, []).append(event_message(request_id, event))
@@ -209,7 +216,25 @@ class EngineCore:
             return
         pending, self._pending = self._pending, {}
         for identity, events in pending.items():
-            self._send(identity, Outputs(events))
+            address = self._outputs_of.get(identity)
+            if address is None:
+                self._send(identity, Outputs(events))
+            else:
+                self._push(address, Outputs(events))
+
+    def _push(self, address: str, message: Outputs) -> None:
+        """Engine thread: ``message`` to a front end's PULL socket. The PUSH socket queues frames while its
+        connection is being made (zmq's default), so the first frames after ``connect`` are not lost; a front
+        end that stopped reading (its queue full) loses the frame, as the ROUTER path drops it."""
+        push = self._direct.get(address)
+        if push is None:
+            push = self._direct[address] = self.context.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(address)
+        try:
+            push.send(encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a frame for a front end that does not read")
 
     # ------------------------------------------------------------------ calls
 

@@ -56,6 +56,9 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
     prompt_ids: list[int]
     params: GenerationParams
     adapter_id: str = ""
+    # The sending front end's own ``ipc://`` PULL socket: the engine thread pushes this request's Outputs
+    # there itself, not through the I/O thread's ROUTER (one thread hand-off less per frame). Empty: the ROUTER.
+    outputs: str = ""
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):

@@ -84,3 +84,38 @@ def test_a_request_that_ends_at_its_prefill_gets_start_and_end_in_one_frame(fron
     frame = next(_outputs(front_end, time.monotonic() + 60))
     assert [(e.request_id, e.kind) for e in frame.events] == [("one", "start"), ("one", "end")]
     assert len(frame.events[1].token_ids) == 1
+
+
+def test_a_front_end_that_names_its_outputs_socket_gets_its_events_there(front_end, tmp_path):
+    """The engine thread pushes the events of a Submit that names an ``ipc://`` PULL socket straight to it
+    (nothing through the ROUTER); the stream starts and ends once, its tokens in order."""
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    address = f"ipc://{tmp_path}/outputs.sock"
+    pull.bind(address)
+    try:
+        front_end.send(encoder.encode(Submit("direct", PROMPT, GenerationParams(max_new_tokens=12,
+                                                                                min_new_tokens=12),
+                                             outputs=address)))
+        events = []
+        for frame in _outputs(pull, time.monotonic() + 60):
+            events += frame.events
+            if events[-1].kind == "end":
+                break
+        kinds = [e.kind for e in events]
+        assert kinds[0] == "start" and kinds.count("start") == kinds.count("end") == 1
+        deltas = [t for e in events if e.kind == "delta" for t in e.token_ids]
+        assert events[-1].token_ids[:len(deltas)] == deltas and len(events[-1].token_ids) == 12  # in order
+        assert not front_end.poll(200)  # nothing came the other way
+    finally:
+        context.destroy(linger=0)
+
+
+def test_an_outputs_address_that_is_not_ipc_is_ignored(front_end):
+    """Only the daemon's own front ends send Submits, and they bind ipc:// sockets: anything else (a TCP
+    address, say) is not connected to; the events come back over the ROUTER."""
+    front_end.send(encoder.encode(Submit("tcp", PROMPT, GenerationParams(max_new_tokens=1),
+                                         outputs="tcp://127.0.0.1:9")))
+    frame = next(_outputs(front_end, time.monotonic() + 60))
+    assert [(e.request_id, e.kind) for e in frame.events] == [("tcp", "start"), ("tcp", "end")]
