@@ -237,7 +237,11 @@ class Engine:
         """The runner prefills them; their first tokens are sampled; those still going join the batch."""
         first = len(self.batch)
         self.sampler.place(first, [r.sampler for r in rows], [r.prompt_ids for r in rows])  # where they join
-        prefilled = self.runner.prefill(rows)
+        try:
+            prefilled = self.runner.prefill(rows)
+        except torch.OutOfMemoryError:
+            self._refuse(rows, first)
+            return
         self.observers.prefill_launched(rows)
         for row in rows:
             row.emit(GenerationEvent("start", input_token_count=len(row.prompt_ids), seed=row.sampler.seed))
@@ -253,6 +257,23 @@ class Engine:
         for i in done:
             self._finish(rows[i])
         self.runner.join(rows, prefilled, live)
+
+    def _refuse(self, rows: list[Row], first: int) -> None:
+        """The prefill of ``rows`` ran out of device memory (its activations, or the key/value pool growing
+        for a long prompt): they end with RESOURCE_EXHAUSTED and the running batch goes on. Nothing of theirs
+        is in it: the prefill wrote only pool rows past the batch's (zeroed here), and a pool that failed to
+        grow kept its storage (``KvPool._allocate``)."""
+        log.warning("out of device memory prefilling %d request(s) of %d prompt tokens; %d running rows go on",
+                    len(rows), sum(len(r.prompt_ids) for r in rows), first)
+        self.sampler.keep(list(range(first)))  # their places, set before the prefill
+        self.runner.discard_prefill()
+        error = ResourceExhausted("out of device memory for this request's prompt; retry later, or send a "
+                                  "shorter prompt")
+        for row in rows:
+            row.finished, row.error = StopReason.ERROR, error
+            self._finish(row)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _decode(self) -> None:
         rows = self.batch.rows

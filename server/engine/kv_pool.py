@@ -64,14 +64,17 @@ class KvPool:
         return self.keys[0].shape[2]
 
     def _allocate(self, rows: int, capacity: int) -> None:
+        """Storage of ``rows`` x ``capacity`` entries a layer, the live entries copied over. All or nothing: the
+        new tensors are made and filled before any attribute changes, so an allocation that fails (out of
+        memory while growing for one long prompt) leaves the pool as it was, and every other row serving."""
         shape = (rows, self.kv_heads, capacity, self.head_dim)
-        old_k, old_v = self.keys, self.values
-        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        if old_k:
-            r, c = min(rows, old_k[0].shape[0]), min(capacity, old_k[0].shape[2])
-            for new, old in zip(self.keys + self.values, old_k + old_v, strict=True):
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        if self.keys:
+            r, c = min(rows, self.rows), min(capacity, self.capacity)
+            for new, old in zip(keys + values, self.keys + self.values, strict=True):
                 new[:r, :, :c].copy_(old[:r, :, :c])
+        self.keys, self.values = keys, values
         self.used = [min(n, capacity) for n in self.used[:rows]] + [0] * max(0, rows - len(self.used))
         self.generation += 1
 

@@ -99,6 +99,12 @@ class ModelRunner:
             row.next_position = position
         return Prefilled(logits, cache, mask)
 
+    def discard_prefill(self) -> None:
+        """A prefill failed: zero what it wrote into the pool rows past the running batch's (NaN included), so
+        that the rows admitted there next read nothing of it."""
+        for row in range(len(self.batch), self.pool.rows):
+            self.pool.release(row)
+
     def join(self, rows: list[Row], prefilled: Prefilled, live: list[int]) -> None:
         """Add the prefilled rows at ``live`` (indices into ``rows``) to the running batch, after its rows.
         Straight into the pool, every row is in its pool row already: all join (the engine retires those that

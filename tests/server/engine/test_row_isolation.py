@@ -190,3 +190,62 @@ def test_a_failed_prefill_leaves_nothing_in_the_pool(base, adapter_root, solo):
         assert [s.wait_end()[-1].token_ids for s in sinks] == [solo[job] for job in INNOCENT]
     finally:
         runtime.close()
+
+
+class _PoolStorageOutOfMemory:
+    """Stands for ``torch`` in ``kv_pool``: making the pool's storage past ``capacity`` entries a row runs
+    out of device memory, as growing it for one long prompt can on a full GPU; everything else is torch's."""
+
+    def __init__(self, pool) -> None:
+        self.pool, self.capacity = pool, pool.capacity
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    def zeros(self, shape, **kwargs):
+        pool = self.pool
+        if len(shape) == 4 and (shape[1], shape[3]) == (pool.kv_heads, pool.head_dim) and shape[2] > self.capacity:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated while growing the key/value pool)")
+        return torch.zeros(shape, **kwargs)
+
+
+class SubmitAfterFirstPrefill(EngineObserver):
+    """Submits ``submit()`` once the first prefill is done: its request then meets a running batch."""
+
+    def __init__(self, submit) -> None:
+        self.submit, self.done = submit, False
+
+    def prefill_done(self, rows, prompt_tokens):
+        if not self.done:
+            self.done = True
+            self.submit()
+
+
+def test_a_prompt_the_pool_cannot_grow_for_ends_that_request_alone(base, adapter_root, solo, monkeypatch):
+    """One tenant's long prompt needs the key/value pool to grow past what the device holds. That request ends
+    with RESOURCE_EXHAUSTED; the row already running goes on to the tokens it gives alone (a half-made
+    allocation replaced none of the pool's storage), and the engine serves the long prompt once memory allows."""
+    from adapterd.server.engine import kv_pool
+
+    runtime = _runtime(base, adapter_root)
+    engine, pool = runtime.engine, runtime.engine.runner.pool
+    storage = [t.shape for t in pool.keys + pool.values]
+    monkeypatch.setattr(kv_pool, "torch", _PoolStorageOutOfMemory(pool))
+    long_prompt = " ".join(["sea"] * (pool.capacity + 40))  # past the pool's entries a row
+    assert len(runtime.tokenize(long_prompt)) > pool.capacity
+    running_job = INNOCENT[1]
+    late: list[Collector] = []
+    engine.observers.add(SubmitAfterFirstPrefill(
+        lambda: late.extend(_submit(runtime, [(long_prompt, "lora-rs")], GenerationParams(max_new_tokens=4)))))
+    try:
+        running = _submit(runtime, [running_job], GenerationParams(max_new_tokens=NEW_TOKENS))
+        engine.start()
+        assert running[0].wait_end()[-1].token_ids == solo[running_job]
+        end = late[0].wait_end()[-1]
+        assert end.stop_reason == StopReason.ERROR and end.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert [t.shape for t in pool.keys + pool.values] == storage
+        monkeypatch.undo()  # the memory is there again
+        again = _submit(runtime, [(long_prompt, "lora-rs")], GenerationParams(max_new_tokens=4))
+        assert again[0].wait_end()[-1].generated_token_count == 4
+    finally:
+        runtime.close()
