@@ -76,7 +76,7 @@ class EngineClient(PromptsFacade):
 
     async def connect(self, timeout: float) -> None:
         """Start reading the core's frames and ask what it serves (``timeout`` seconds at most)."""
-        self._receivers = [asyncio.ensure_future(self._receive()), asyncio.ensure_future(self._receive_outputs())]
+        self._receivers = [asyncio.ensure_future(self._receive(socket)) for socket in (self._socket, self._outputs)]
         self.info = msgspec.convert(await asyncio.wait_for(self.call("hello"), timeout), ModelInfo)
         self.prompts = Prompts(self.tokenizer, self.info.max_sequence_length, self.info.vocab_size)
 
@@ -112,9 +112,11 @@ class EngineClient(PromptsFacade):
         if not self.up:
             raise Unavailable(DOWN_MESSAGE)
 
-    async def _receive(self) -> None:
+    async def _receive(self, socket: zmq.asyncio.Socket) -> None:
+        """Frames from the core on ``socket``: the DEALER (replies to calls, and the events of requests whose
+        Submit named no outputs socket) or this client's PULL socket (events the engine thread pushed)."""
         while True:
-            frame = await self._socket.recv()
+            frame = await socket.recv()
             try:
                 message = from_core.decode(frame)
             except msgspec.DecodeError:
@@ -122,25 +124,13 @@ class EngineClient(PromptsFacade):
                 continue
             if isinstance(message, Outputs):
                 self._deliver(message)
-            else:
-                future = self._calls.pop(message.call_id, None)
-                if future is not None and not future.done():
-                    if message.error is not None:
-                        future.set_exception(rebuild_error(message.error))
-                    else:
-                        future.set_result(message.value)
-
-    async def _receive_outputs(self) -> None:
-        """The token events the core's engine thread pushes here (``Submit.outputs``)."""
-        while True:
-            frame = await self._outputs.recv()
-            try:
-                message = from_core.decode(frame)
-            except msgspec.DecodeError:
-                log.error("ignored a malformed frame from the engine core")
                 continue
-            if isinstance(message, Outputs):
-                self._deliver(message)
+            future = self._calls.pop(message.call_id, None)
+            if future is not None and not future.done():
+                if message.error is not None:
+                    future.set_exception(rebuild_error(message.error))
+                else:
+                    future.set_result(message.value)
 
     def _deliver(self, message: Outputs) -> None:
         for event in message.events:
