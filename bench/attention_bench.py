@@ -13,7 +13,11 @@ each on the same inputs:
   few Triton kernels; SDPA stays the library's call);
 * ``flex``      rotary and writes compiled as above, attention by ``flex_attention`` (PyTorch's compiled
   attention) with per-row lengths as a ``mask_mod`` over a block mask, so no additive mask is read and key
-  blocks past a row's length are skipped.
+  blocks past a row's length are skipped;
+* ``liger``     the rotary by liger-kernel's Triton kernel (``liger_rotary_pos_emb``: q and k in one launch, in
+  place), the writes and SDPA as in ``eager``. liger-kernel is not in the GPU image: its wheel (0.9 MB,
+  py3-none-any) is carried in .whl/optional/ and installed by ``gpu_decode.sh attention``; where it does not
+  import (or on the CPU: Triton) the variant is skipped with the reason.
 
 FlashInfer (batch decode over a paged cache, its RoPE and append kernels) was the other candidate the issue names.
 Its wheel, flashinfer-python 0.7.4, is 101 MB and needs nvidia-cutlass-dsl, cuda-tile and apache-tvm-ffi besides:
@@ -118,6 +122,13 @@ def _rotate_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     return q
 
 
+def liger_rope() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """liger-kernel's rotary (ImportError where it or Triton is missing)."""
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    return liger_rotary_pos_emb
+
+
 def variants(names: list[str], compile_ok: bool) -> dict[str, Callable[[Inputs], Callable[[], torch.Tensor]]]:
     """name -> (inputs -> a call of that variant on fresh copies of the cache)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -147,7 +158,20 @@ def variants(names: list[str], compile_ok: bool) -> dict[str, Callable[[Inputs],
             return flex(q, keys, values, block_mask=block_mask, enable_gqa=x.kv_heads != x.heads)
         return call
 
-    table = {"eager": make(eager), "compiled": make(compiled_step), "flex": build_flex}
+    def build_liger(x: Inputs) -> Callable[[], torch.Tensor]:
+        rope = liger_rope()
+        keys, values = x.keys.clone(), x.values.clone()
+        q, k = x.q.clone(), x.k.clone()  # rotated in place: the first call (the one checked) sees x's values
+
+        def call() -> torch.Tensor:
+            rq, rk = rope(q, k, x.cos, x.sin)
+            keys[x.rows, :, x.pos] = rk[:, :, 0]
+            values[x.rows, :, x.pos] = x.v[:, :, 0]
+            return F.scaled_dot_product_attention(rq, keys, values, attn_mask=x.mask,
+                                                  enable_gqa=x.kv_heads != x.heads)
+        return call
+
+    table = {"eager": make(eager), "compiled": make(compiled_step), "flex": build_flex, "liger": build_liger}
     return {n: table[n] for n in names}
 
 
@@ -164,7 +188,7 @@ def main() -> int:
     p.add_argument("--rows", default="1,32")
     p.add_argument("--ctx", type=int, default=512, help="positions of the longest row")
     p.add_argument("--bucket", type=int, default=640, help="cache entries attention reads (the engine pads to it)")
-    p.add_argument("--variants", default="eager,compiled,flex")
+    p.add_argument("--variants", default="eager,compiled,flex,liger")
     p.add_argument("--calls", type=int, default=32, help="calls captured in one graph (one per layer)")
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--json-out", type=Path)
@@ -180,7 +204,12 @@ def main() -> int:
             ref = x.reference()
             line = {"shape": shape, "rows": rows}
             for name, build in variants(names, compile_ok=gpu).items():
-                call = build(x)
+                try:
+                    call = build(x)
+                except ImportError as exc:  # liger-kernel (or Triton) missing: say so, time the others
+                    print(f"{shape:10s} rows={rows:<3d} {name:9s} skipped: {exc}", flush=True)
+                    line[name] = {"skipped": str(exc)}
+                    continue
                 ok, err = within_tolerance(call(), ref)
                 failed |= not ok
                 us, mode = (time_cuda([call], args.calls, args.replays) if gpu else time_cpu([call], 3))

@@ -43,6 +43,9 @@ torchao() {
     $KERNEL_ARGS 2>&1 | tee "$OUT/int8_torchao.log" | tail -25
 }
 attention() {
+  if compgen -G ".whl/optional/liger_kernel-*.whl" > /dev/null; then  # its rotary is one of the variants
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/optional/liger_kernel-*.whl
+  fi
   python3 bench/attention_bench.py --json-out "$OUT/attention.json" $ATTENTION_ARGS 2>&1 \
     | tee "$OUT/attention.log" | tail -20
 }
