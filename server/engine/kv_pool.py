@@ -18,7 +18,12 @@ multiplies the value read (0 x NaN = NaN): so no row may ever read an entry anot
 keeps, per row, how far forwards may have written (``used``), and zeroes what a new owner does not own: a
 row that leaves is zeroed, a row moved or put into another keeps nothing of the old one past its own entries.
 
-Rows leave by moving the last row into the hole (one row's entries copied per layer). Storage grows by
+All of it is one tensor, ``storage`` ``[2, layers, rows, kv_heads, capacity, head_dim]`` (keys, then values);
+``keys[layer]`` and ``values[layer]`` are views of it. So what touches one row in every layer (moving it,
+zeroing it, putting a prefix in) is one operation, not one per layer and tensor: a 7B model's 32 layers made
+it 64 launches (and their Python) for each row that left the batch, at every step where one did.
+
+Rows leave by moving the last row into the hole (one copy of its entries, all layers at once). Storage grows by
 doubling, rows up to the batch limit and capacity up to the model's context, so memory follows the longest
 live row the way a padded dynamic cache would; growing re-allocates, which invalidates captured graphs
 (``generation`` counts re-allocations).
@@ -47,7 +52,8 @@ class KvPool:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.max_rows, self.max_capacity = max_rows, max_capacity
-        self.keys: list[torch.Tensor] = []
+        self.storage = torch.empty(0)  # [2, layers, rows, kv_heads, capacity, head_dim]
+        self.keys: list[torch.Tensor] = []  # views of storage[0], one per layer
         self.values: list[torch.Tensor] = []
         self.generation = 0  # bumped at every re-allocation: captured graphs must be dropped
         self.used: list[int] = []  # per pool row: entries a forward may have written since it was last zeroed
@@ -57,24 +63,22 @@ class KvPool:
 
     @property
     def rows(self) -> int:
-        return self.keys[0].shape[0]
+        return self.storage.shape[2]
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self.storage.shape[4]
 
     def _allocate(self, rows: int, capacity: int) -> None:
         """Storage of ``rows`` x ``capacity`` entries a layer, the live entries copied over. All or nothing: the
         new tensors are made and filled before any attribute changes, so an allocation that fails (out of
         memory while growing for one long prompt) leaves the pool as it was, and every other row serving."""
-        shape = (rows, self.kv_heads, capacity, self.head_dim)
-        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        shape = (2, self.num_layers, rows, self.kv_heads, capacity, self.head_dim)
+        storage = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.keys:
             r, c = min(rows, self.rows), min(capacity, self.capacity)
-            for new, old in zip(keys + values, self.keys + self.values, strict=True):
-                new[:r, :, :c].copy_(old[:r, :, :c])
-        self.keys, self.values = keys, values
+            storage[:, :, :r, :, :c].copy_(self.storage[:, :, :r, :, :c])
+        self.storage, self.keys, self.values = storage, list(storage[0].unbind(0)), list(storage[1].unbind(0))
         self.used = [min(n, capacity) for n in self.used[:rows]] + [0] * max(0, rows - len(self.used))
         self.generation += 1
 
@@ -87,7 +91,7 @@ class KvPool:
             self._allocate(_grown(self.rows, rows, self.max_rows), _grown(self.capacity, length, self.max_capacity))
 
     def nbytes(self) -> int:
-        return 2 * self.num_layers * self.keys[0].numel() * self.keys[0].element_size()
+        return self.storage.numel() * self.storage.element_size()
 
     # ------------------------------------------------------------------ rows
 
@@ -95,16 +99,15 @@ class KvPool:
         """Store a prefilled row: per layer, keys and values ``[kv_heads, n, head_dim]``, left-aligned; the
         row keeps nothing of an earlier owner past them."""
         n = layer_entries[0][0].shape[1] if layer_entries else 0
-        for layer, (k, v) in enumerate(layer_entries):
-            self.keys[layer][row, :, :n].copy_(k)
-            self.values[layer][row, :, :n].copy_(v)
+        if n:
+            for side, entries in enumerate(zip(*layer_entries, strict=True)):  # keys, then values
+                self.storage[side, :, row, :, :n].copy_(torch.stack(entries))
         self._zero(row, n)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` entries into row ``dst`` (a row leaving fills its hole); ``dst``
         keeps nothing of its old owner past them."""
-        for store in self.keys + self.values:
-            store[dst, :, :length].copy_(store[src, :, :length])
+        self.storage[:, :, dst, :, :length].copy_(self.storage[:, :, src, :, :length])
         self._zero(dst, length)
 
     def release(self, row: int) -> None:
@@ -121,8 +124,7 @@ class KvPool:
         """Zero entries ``start..used[row]-1`` of ``row``: the row's owner holds entries ``0..start-1`` only."""
         end = self.used[row]
         if end > start:
-            for store in self.keys + self.values:
-                store[row, :, start:end].zero_()
+            self.storage[:, :, row, :, start:end].zero_()
         self.used[row] = start  # entries before ``start`` are the owner's own
 
     # ------------------------------------------------------------------ the forward's view

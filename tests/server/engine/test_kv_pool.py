@@ -156,3 +156,22 @@ def test_a_window_counts_positions_prefix_first_and_skips_padding():
     # the general prefill's layout: the prefix right-aligned in its columns, then the left-padded prompt
     live = torch.tensor([[False, True, True, False, True, True]])
     assert _seen(causal_mask(live, 3, torch.float32, window=2)[0, 0]) == [[3], [2, 4], [4, 5]]
+
+
+def test_a_row_leaving_is_one_copy_and_one_zeroing_whatever_the_layers():
+    """A row that leaves the batch moves the last row into its hole and zeroes what it left: one operation
+    each over the one storage tensor, not one per layer and side (64 launches for a 7B model's 32 layers)."""
+    pool = KvPool(32, 2, 4, torch.float32, torch.device("cpu"), max_rows=4, max_capacity=16, rows=4, capacity=16)
+    pool.touch(0, 2, 8)
+    for layer in range(32):
+        pool.keys[layer][1, :, :8] = layer + 1.0
+        pool.values[layer][1, :, :8] = -(layer + 1.0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        pool.move(1, 0, 8)
+        pool.release(1)
+    ops = [e.name for e in prof.events()]
+    assert ops.count("aten::copy_") == 1 and ops.count("aten::zero_") == 1, sorted(set(ops))
+    for layer in range(32):  # every layer's entries moved, keys and values alike, and row 1 left empty
+        assert torch.equal(pool.keys[layer][0, :, :8], torch.full((2, 8, 4), layer + 1.0))
+        assert torch.equal(pool.values[layer][0, :, :8], torch.full((2, 8, 4), -(layer + 1.0)))
+        assert not pool.keys[layer][1].any() and not pool.values[layer][1].any()

@@ -204,7 +204,8 @@ class _PoolStorageOutOfMemory:
 
     def zeros(self, shape, **kwargs):
         pool = self.pool
-        if len(shape) == 4 and (shape[1], shape[3]) == (pool.kv_heads, pool.head_dim) and shape[2] > self.capacity:
+        if (len(shape) >= 4 and (shape[-3], shape[-1]) == (pool.kv_heads, pool.head_dim)  # [..., heads, entries,
+                and shape[-2] > self.capacity):                                            # dim]: the storage
             raise torch.OutOfMemoryError("CUDA out of memory (simulated while growing the key/value pool)")
         return torch.zeros(shape, **kwargs)
 
