@@ -91,6 +91,18 @@ class DecodeStep:
         graph.replay()
         return logits[:n]
 
+    def room(self, kv_lengths: Sequence[int]) -> tuple[int, int]:
+        """The pool rows, and entries a row, that the next ``run`` over rows of these lengths reserves."""
+        if not (self.use_graphs or self.bucketed):
+            return len(kv_lengths), max(kv_lengths) + 1
+        return batch_bucket(len(kv_lengths), self.max_batch), self.entries_for(max(kv_lengths))
+
+    def entries_for(self, kv_length: int) -> int:
+        """Pool entries a row of ``kv_length`` entries needs for the next step (its padded length bucket)."""
+        if not (self.use_graphs or self.bucketed):
+            return kv_length + 1
+        return length_bucket(kv_length + 1, self.pool.max_capacity)
+
     def _set_inputs(self, tokens: Sequence[int], positions: Sequence[int], kv_lengths: Sequence[int],
                     slots: Sequence[int], batch: int, length: int) -> None:
         """Copy the rows' inputs into the static buffers; rows n..batch-1 are padding."""

@@ -275,7 +275,30 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _make_room(self) -> None:
+        """Grow the pool for this step's rows before its forward. Out of device memory there, the rows whose
+        length needs the growth end with RESOURCE_EXHAUSTED, and the others decode on, untouched (growing the
+        entries grows them for every row: one long generation must not end its neighbours)."""
+        try:
+            self.runner.reserve_decode()
+        except torch.OutOfMemoryError:
+            over = self.runner.rows_past_capacity()
+            if not over:  # the rows dimension, not one row's length: no row to blame
+                raise
+            log.warning("out of device memory growing the key/value pool past %d entries a row: %d long row(s) "
+                        "end, %d go on", self.runner.pool.capacity, len(over), len(self.batch.rows) - len(over))
+            error = ResourceExhausted(f"out of device memory for a key/value cache longer than "
+                                      f"{self.runner.pool.capacity} entries; retry later, or ask for fewer tokens")
+            for i in over:
+                self.batch.rows[i].finished, self.batch.rows[i].error = StopReason.ERROR, error
+            self._retire(over)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     def _decode(self) -> None:
+        self._make_room()
+        if not self.batch.rows:
+            return
         rows = self.batch.rows
         started = time.perf_counter()
         logits = self.runner.decode()

@@ -114,6 +114,14 @@ class ModelRunner:
         elif live:
             self.batch.join(rows, prefilled.cache, prefilled.mask, live)
 
+    def reserve_decode(self) -> None:
+        """Grow the pool for the next decode step now (``decode`` would), so that a failure can be told apart."""
+        self.pool.reserve(*self.decoder.room([r.kv_len for r in self.batch.rows]))
+
+    def rows_past_capacity(self) -> list[int]:
+        """Running rows whose next step needs more entries than the pool has."""
+        return [i for i, r in enumerate(self.batch.rows) if self.decoder.entries_for(r.kv_len) > self.pool.capacity]
+
     def decode(self) -> torch.Tensor:
         """One decode step for every running row: each row's next logits; positions advance by one."""
         rows = self.batch.rows

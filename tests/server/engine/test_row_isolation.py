@@ -250,3 +250,42 @@ def test_a_prompt_the_pool_cannot_grow_for_ends_that_request_alone(base, adapter
         assert again[0].wait_end()[-1].generated_token_count == 4
     finally:
         runtime.close()
+
+
+class SubmitWhenLong(EngineObserver):
+    """Submits ``submit()`` once, when the batch's first row holds ``length`` entries (engine thread)."""
+
+    def __init__(self, length: int, submit) -> None:
+        self.length, self.submit, self.done = length, submit, False
+
+    def decode_step(self, rows, seconds):
+        if not self.done and rows and rows[0].kv_len >= self.length:
+            self.done = True
+            self.submit()
+
+
+def test_a_generation_the_pool_cannot_grow_for_ends_that_request_alone(base, adapter_root, solo, monkeypatch):
+    """A long generation reaches the pool's entries a row while another request runs beside it, and growing
+    the pool (for every row) runs out of device memory: the long one ends with RESOURCE_EXHAUSTED, and the
+    other goes on to the tokens it gives alone."""
+    from adapterd.server.engine import kv_pool
+
+    runtime = _runtime(base, adapter_root)
+    engine, pool = runtime.engine, runtime.engine.runner.pool
+    capacity = pool.capacity
+    monkeypatch.setattr(kv_pool, "torch", _PoolStorageOutOfMemory(pool))
+    beside_job = INNOCENT[2]
+    beside: list[Collector] = []
+    engine.observers.add(SubmitWhenLong(capacity - 4, lambda: beside.extend(
+        _submit(runtime, [beside_job], GenerationParams(max_new_tokens=NEW_TOKENS)))))
+    try:
+        long = _submit(runtime, [("hello world", "")], GenerationParams(max_new_tokens=capacity + 20,
+                                                                         min_new_tokens=capacity + 20))
+        engine.start()
+        end = long[0].wait_end()[-1]
+        assert end.stop_reason == StopReason.ERROR and end.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert capacity - 8 < end.generated_token_count < capacity  # it ran until the pool was full
+        assert beside[0].wait_end()[-1].token_ids == solo[beside_job]
+        assert pool.capacity == capacity
+    finally:
+        runtime.close()
