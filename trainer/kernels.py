@@ -15,8 +15,9 @@ For the families below it replaces, as read in its ``monkey_patch.py``:
 * RoPE: ``apply_rotary_pos_emb`` in transformers' modeling module of the family (``modeling_llama``, say)
   becomes ``liger_rotary_pos_emb``. That is a module global: every model of the family in the process gets it
   (the ``LlamaRMSNorm`` / ``LlamaMLP`` class names there are replaced too, for models built later). Acceptable
-  in the trainer's own process, which holds one model; ``patch`` returns an undo that puts everything back,
-  used when the probe refuses the kernels and by the tests.
+  in the trainer's own process, which holds one model (the daemon starts every run as a process of its own,
+  server/training.py, and never imports this); ``patch`` returns an undo that puts everything back, used when
+  the probe refuses the kernels and by the tests.
 
 Why after PEFT's wrapper is made: liger binds ``forward`` on the decoder's norm and MLP modules, which PEFT
 leaves in place (LoRA swaps only the target Linear layers inside them, and liger's SwiGLU looks those up at

@@ -21,6 +21,9 @@ prefix), and PEFT refuses gradient checkpointing with prefix tuning because the 
 forward and would be written again on the recompute. Our cache layers return ``prefix ++ new`` without
 storing anything, so the recompute sees exactly what the forward saw, and checkpointing is safe; each layer
 counts its reads, and ``check_prefix_reaches_layers`` fails loudly if a transformers version drops the cache.
+
+``training_kernels`` (``--kernels``) patches liger-kernel's RMSNorm, RoPE and SwiGLU into the PEFT model's base
+and keeps them only if a probe batch through ``forward_loss`` gives the unpatched model's loss (trainer/kernels.py).
 """
 
 from __future__ import annotations
