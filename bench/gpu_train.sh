@@ -5,10 +5,12 @@
 # the first also writes the random 7B base, reused while the machine stays warm). Logs, JSON and each
 # scenario's profile (top operators by CUDA and CPU time) go to $OUT:
 #   lora      usual-lora-int8 (llama-recipes' PEFT recipe), lora-int8 (ours, plain loss), lora-int8-fused (ours,
-#             liger-kernel's fused linear cross-entropy)
-#   ptuning   usual-ptuning-int8, ptuning-int8, ptuning-int8-fused
-#   extra     lora-int8-fused-torch (our chunked torch loss instead of liger's), lora-bf16, lora-bf16-fused
-#   tests     the trainer's fused-loss and loss-curve tests on CUDA (liger against the plain loss included)
+#             liger-kernel's fused linear cross-entropy), lora-int8-fused-kernels (that plus --kernels auto:
+#             liger's RMSNorm, RoPE and SwiGLU in the base; the row says whether they ran)
+#   ptuning   usual-ptuning-int8, ptuning-int8, ptuning-int8-fused, ptuning-int8-fused-kernels
+#   extra     lora-int8-fused-torch (our chunked torch loss instead of liger's), lora-bf16, lora-bf16-fused,
+#             lora-int8-kernels (the kernels alone, plain loss)
+#   tests     the trainer's fused-loss, kernels and loss-curve tests on CUDA (liger against the plain model)
 # Then, here: python3 bench/train_bench.py --append-from train_PART.json (rows into bench/RESULTS.md).
 # BENCH_ARGS, TEST_DEVICE and SITE override the defaults (tests/bench/test_gpu_train.py runs each part on the
 # CPU with --tiny that way, so that no device call is lost to a typo here).
@@ -27,13 +29,13 @@ bench() {  # bench NAME SCENARIOS
     --profile-dir "$OUT/profile" $BENCH_ARGS 2>&1 | grep -v "Loading weights" | tee "$OUT/train_$1.log" | tail -20
 }
 case "$part" in
-  lora) liger; bench lora usual-lora-int8,lora-int8,lora-int8-fused ;;
-  ptuning) liger; bench ptuning usual-ptuning-int8,ptuning-int8,ptuning-int8-fused ;;
-  extra) bench extra lora-int8-fused-torch,lora-bf16,lora-bf16-fused ;;
+  lora) liger; bench lora usual-lora-int8,lora-int8,lora-int8-fused,lora-int8-fused-kernels ;;
+  ptuning) liger; bench ptuning usual-ptuning-int8,ptuning-int8,ptuning-int8-fused,ptuning-int8-fused-kernels ;;
+  extra) liger; bench extra lora-int8-fused-torch,lora-bf16,lora-bf16-fused,lora-int8-kernels ;;
   tests)
     liger
     ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -m pytest -q -p no:cacheprovider \
-      tests/trainer/test_fused_loss.py tests/trainer/test_loss_curve.py 2>&1 | tee "$OUT/train_tests.log" | tail -15
+      tests/trainer/test_fused_loss.py tests/trainer/test_kernels.py tests/trainer/test_loss_curve.py 2>&1 | tee "$OUT/train_tests.log" | tail -15
     ;;
   *) echo "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests" >&2; exit 2 ;;
 esac

@@ -17,6 +17,9 @@ way its recipe does, runs ``--warmup`` steps, then times ``--steps`` steps (medi
   usual-lora-bf16     bf16 base + LoRA r8 q,v + the model's own gradient checkpointing, PEFT's forward
   *-fused             the scenario with ``--fused-loss auto`` (liger-kernel's fused linear cross-entropy where it
                       imports, else the chunked torch one: no 32,000-wide logits); *-fused-torch forces the torch one
+  *-kernels           (last, after any -fused suffix) the scenario with ``--kernels auto``: liger-kernel's Triton
+                      RMSNorm, RoPE and SwiGLU in the base where it imports on CUDA and passes the probe, else
+                      none; the row names which ran, as it names the fused loss (issue 20)
 
 ``--profile`` adds two more steps under torch.profiler and writes each scenario's top operators by device and
 by CPU time to ``--profile-dir`` (``profile-SCENARIO.txt``; stderr without it).
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -54,8 +58,12 @@ SECTION = "## Training: int8 LoRA and P-Tuning v2 (bench/train_bench.py)"
 COLUMNS = ("date (UTC)", "commit", "machine", "scenario", "batch x ctx", "peak reserved GiB",
            "peak allocated GiB", "tokens/s", "median step s", "target", "met")
 SCENARIOS = ("usual-lora-int8", "usual-ptuning-int8", "lora-int8", "lora-int8-bnb", "ptuning-int8", "lora-bf16",
-             "usual-lora-bf16", "lora-int8-fused", "lora-int8-fused-torch", "ptuning-int8-fused", "lora-bf16-fused")
+             "usual-lora-bf16", "lora-int8-fused", "lora-int8-fused-torch", "ptuning-int8-fused", "lora-bf16-fused",
+             "lora-int8-kernels", "lora-int8-fused-kernels", "ptuning-int8-fused-kernels")
 FUSED_SUFFIXES = {"-fused": "auto", "-fused-torch": "torch"}  # scenario suffix -> TrainConfig.fused_loss
+# Scenario suffix -> TrainConfig.kernels. auto, as -fused: on the GPU liger's kernels where they import and pass
+# the probe (the row says "kernels liger"), on the CPU smoke run none ("kernels off"), never a lost scenario.
+KERNELS_SUFFIX = ("-kernels", "auto")
 TARGETS = {"lora-int8": (12.0, 9000.0), "ptuning-int8": (16.0, 9000.0)}
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -125,16 +133,19 @@ def _usual_model(base: str, method: str, device, quantized: bool = True):
     def loss_fn(batch):
         return peft_model(**batch).loss
 
-    return peft_model, loss_fn, "plain"
+    return peft_model, loss_fn, "plain", "off"
 
 
-def split_scenario(scenario: str) -> tuple[str, str]:
-    """(the scenario without its fused-loss suffix, TrainConfig.fused_loss): ``lora-int8-fused`` ->
-    (``lora-int8``, ``auto``)."""
+def split_scenario(scenario: str) -> tuple[str, str, str]:
+    """(the scenario without its suffixes, TrainConfig.fused_loss, TrainConfig.kernels): ``lora-int8-fused`` ->
+    (``lora-int8``, ``auto``, ``off``); ``lora-int8-fused-kernels`` -> (``lora-int8``, ``auto``, ``auto``)."""
+    kernels = "off"
+    if scenario.endswith(KERNELS_SUFFIX[0]):
+        scenario, kernels = scenario[:-len(KERNELS_SUFFIX[0])], KERNELS_SUFFIX[1]
     for suffix, mode in sorted(FUSED_SUFFIXES.items(), key=lambda item: -len(item[0])):
         if scenario.endswith(suffix):
-            return scenario[:-len(suffix)], mode
-    return scenario, "off"
+            return scenario[:-len(suffix)], mode, kernels
+    return scenario, "off", kernels
 
 
 def _our_model(base: str, scenario: str, device, virtual_tokens: int):
@@ -142,12 +153,13 @@ def _our_model(base: str, scenario: str, device, virtual_tokens: int):
     from adapterd.trainer import model as model_mod
     from adapterd.trainer.config import TrainConfig
 
-    plain, fused = split_scenario(scenario)
+    plain, fused, kernels = split_scenario(scenario)
     method = "ptuning-v2" if plain.startswith("ptuning") else "lora"
     cfg = TrainConfig(base=base, data="-", output="-", method=method,
                       quantization="none" if plain.endswith("bf16") else "int8",
                       int8_compute="bnb" if plain.endswith("bnb") else "dequant",
-                      gradient_checkpointing="on", num_virtual_tokens=virtual_tokens, fused_loss=fused)
+                      gradient_checkpointing="on", num_virtual_tokens=virtual_tokens, fused_loss=fused,
+                      kernels=kernels)
     model = model_mod.load_base(cfg, device)
     if cfg.quantization == "int8" and cfg.int8_compute == "dequant":
         model_mod.use_dequant_int8(model)
@@ -155,12 +167,13 @@ def _our_model(base: str, scenario: str, device, virtual_tokens: int):
     model_mod.enable_checkpointing(peft_model, cfg)
     if method == "ptuning-v2" and not model_mod.check_prefix_reaches_layers(peft_model, cfg, device):
         raise RuntimeError("the prefix cache is dropped under gradient checkpointing on this transformers")
+    kernels_name = model_mod.training_kernels(peft_model, cfg, device)
     head, head_name = model_mod.loss_head(peft_model, cfg, device)
 
     def loss_fn(batch):
         return model_mod.forward_loss(peft_model, batch, cfg, head)[0]
 
-    return peft_model, loss_fn, head_name
+    return peft_model, loss_fn, head_name, kernels_name
 
 
 def write_profile(step, cuda: bool, scenario: str, out_dir: Path | None) -> None:
@@ -196,10 +209,11 @@ def run_scenario(scenario: str, base: str, batch: int, context: int, warmup: int
     torch.manual_seed(0)
     t0 = time.monotonic()
     if scenario.startswith("usual-"):
-        peft_model, loss_fn, loss_name = _usual_model(base, "lora" if "lora" in scenario else "ptuning", device,
-                                           quantized=not scenario.endswith("bf16"))
+        method = "lora" if "lora" in scenario else "ptuning"
+        peft_model, loss_fn, loss_name, kernels_name = _usual_model(base, method, device,
+                                                                    quantized=not scenario.endswith("bf16"))
     else:
-        peft_model, loss_fn, loss_name = _our_model(base, scenario, device, virtual_tokens)
+        peft_model, loss_fn, loss_name, kernels_name = _our_model(base, scenario, device, virtual_tokens)
     load_s = time.monotonic() - t0
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -241,7 +255,8 @@ def run_scenario(scenario: str, base: str, batch: int, context: int, warmup: int
             "peak_reserved_gib": reserved / 2**30, "peak_allocated_gib": allocated / 2**30,
             "tokens_per_s": batch * context / step_s, "median_step_s": step_s,
             "first_loss": losses[0], "last_loss": losses[-1],
-            "trainable": sum(p.numel() for p in params), "device": str(device), "loss": loss_name}
+            "trainable": sum(p.numel() for p in params), "device": str(device), "loss": loss_name,
+            "kernels": kernels_name}
 
 
 def machine_name(tiny: bool) -> str:
@@ -268,8 +283,10 @@ def to_row(result: dict, machine: str, commit: str, date: str, judge: bool = Tru
         ok = result["peak_reserved_gib"] <= mem_target and (not speed_target or
                                                              result["tokens_per_s"] >= speed_target)
         met = "yes" if ok else "no"
-    loss = result.get("loss", "plain")  # which fused loss ran: liger or torch
-    scenario = result["scenario"] + ("" if loss == "plain" else f" ({loss})")
+    ran = [] if result.get("loss", "plain") == "plain" else [result["loss"]]  # which fused loss ran: liger or torch
+    if split_scenario(result["scenario"])[2] != "off":  # which kernels ran: liger, or off where they could not
+        ran.append(f"kernels {result.get('kernels', 'off')}")
+    scenario = result["scenario"] + (f" ({', '.join(ran)})" if ran else "")
     return {"date (UTC)": date, "commit": commit, "machine": machine, "scenario": scenario,
             "batch x ctx": f"{result['batch']} x {result['context']}",
             "peak reserved GiB": f"{result['peak_reserved_gib']:.1f}",
@@ -314,6 +331,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:  # one scenario, in its own process; prints one JSON line
+        trainer_log = logging.getLogger("adapterd.trainer")  # which kernels and loss ran, and why (stderr)
+        trainer_log.addHandler(logging.StreamHandler(sys.stderr))
+        trainer_log.setLevel(logging.INFO)
         result = run_scenario(args.child, args.base, args.batch, args.context, args.warmup, args.steps,
                               args.virtual_tokens, args.profile or args.profile_dir is not None, args.profile_dir)
         print("RESULT " + json.dumps(result), flush=True)
@@ -352,10 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(line[len("RESULT "):])
             if args.profile and args.profile_dir is None:
                 print(proc.stderr[-12000:], flush=True)
+            for said in [x for x in proc.stderr.splitlines() if x.startswith("kernels: ")]:
+                print(f"{scenario}: {said}", flush=True)  # liger's kernels kept (probe figures), or why not
             print(f"{scenario}: peak {result['peak_reserved_gib']:.2f} GiB reserved "
                   f"({result['peak_allocated_gib']:.2f} allocated), {result['tokens_per_s']:,.0f} tokens/s, "
                   f"step {result['median_step_s']:.3f} s, load {result['load_s']} s, "
-                  f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f} ({result['loss']})", flush=True)
+                  f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f} ({result['loss']}, kernels "
+                  f"{result.get('kernels', 'off')})", flush=True)
         results.append(result)
         if args.json_out:  # after every scenario, so that a run cut short keeps what it measured
             args.json_out.write_text(json.dumps({**saved, "results": results}, indent=1))

@@ -25,6 +25,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 INT8_COMPUTE = ("dequant", "bnb")
 TOGGLE = ("auto", "on", "off")
 FUSED_LOSS = ("off", "auto", "torch", "liger")
+KERNELS = ("off", "auto", "liger")
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,11 @@ class TrainConfig:
         "off", "the LM head's cross-entropy without the full logits (trainer/fused_loss.py): off (the model's own "
         "loss), torch (chunked), liger (liger-kernel's Triton kernel; CUDA), auto (liger where it imports, "
         "else torch)", choices=FUSED_LOSS)
+    kernels: str = _f(
+        "off", "training kernels in the base model (trainer/kernels.py): off (transformers' own; the default until "
+        "measured on a GPU), liger (liger-kernel's Triton RMSNorm, RoPE and SwiGLU, checked against the plain "
+        "model on a probe batch; CUDA and Llama-family models only), auto (liger where it imports on CUDA, "
+        "else off)", choices=KERNELS)
     skip_malformed: bool = _f(False, "skip malformed records (counted and reported) instead of failing")
     export_adapter: str = _f("", "copy the final adapter to this directory (atomically; must not exist)")
     resume: str = _f("", "resume from 'latest' or a checkpoint name/path (internal; set by --resume)",

@@ -188,6 +188,7 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
             peft_model.get_base_model().gradient_checkpointing_disable()
         if not model_mod.check_prefix_reaches_layers(peft_model, cfg, device):
             raise RuntimeError("the prefix key/values do not reach the decoder layers")
+    model_mod.training_kernels(peft_model, cfg, device)  # logs which (liger, or off and why) unless off
     head, head_name = model_mod.loss_head(peft_model, cfg, device)
     log.info("loss: %s", head_name)
     peft_model.train()

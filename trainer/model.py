@@ -21,6 +21,9 @@ prefix), and PEFT refuses gradient checkpointing with prefix tuning because the 
 forward and would be written again on the recompute. Our cache layers return ``prefix ++ new`` without
 storing anything, so the recompute sees exactly what the forward saw, and checkpointing is safe; each layer
 counts its reads, and ``check_prefix_reaches_layers`` fails loudly if a transformers version drops the cache.
+
+``training_kernels`` (``--kernels``) patches liger-kernel's RMSNorm, RoPE and SwiGLU into the PEFT model's base
+and keeps them only if a probe batch through ``forward_loss`` gives the unpatched model's loss (trainer/kernels.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..server.model import cache_kwarg, compute_dtype, load_causal_lm
-from . import fused_loss
+from . import fused_loss, kernels
 from .config import ConfigError, TrainConfig
 from .fused_loss import LossHead
 
@@ -220,6 +223,62 @@ def _probe_head(peft_model: Any, cfg: TrainConfig, head: LossHead, device: torch
                                          forward_loss(peft_model, probe, cfg, head)[0])
     finally:
         peft_model.train(was_training)
+
+
+def training_kernels(peft_model: Any, cfg: TrainConfig, device: torch.device) -> str:
+    """Patch the kernels ``cfg.kernels`` asks for into the PEFT model's base (trainer/kernels.py) and return
+    what runs: "liger" or "off". ``liger`` where they cannot run (no CUDA, a model type not patched, no
+    liger-kernel) or do not match the plain model on a probe batch: ``ConfigError`` naming ``kernels``, the
+    model left as it was. ``auto``: off instead, with one log line saying why."""
+    if cfg.kernels == "off":
+        return "off"
+    base = peft_model.get_base_model()
+    reason = kernels.unavailable(base, device)
+    if reason is not None:
+        if cfg.kernels == "liger":
+            raise ConfigError("kernels", f"liger: {reason}; train with --kernels off")
+        kernels.log.info("kernels: off (auto: %s)", reason)
+        return "off"
+    plain = _probe_kernels(peft_model, cfg, device)
+    undo, count = kernels.patch(base)
+    try:
+        reason, figures = kernels.check(plain, _probe_kernels(peft_model, cfg, device))
+    except Exception as exc:
+        undo()
+        if cfg.kernels != "auto":
+            raise
+        kernels.log.warning("kernels: off (liger-kernel failed on a probe batch: %s: %s)", type(exc).__name__, exc)
+        return "off"
+    if reason is not None:
+        undo()
+        if cfg.kernels == "liger":
+            raise ConfigError("kernels", f"liger: {reason}; train with --kernels off")
+        kernels.log.warning("kernels: off (auto: %s)", reason)
+        return "off"
+    kernels.log.info("kernels: liger (RMSNorm, RoPE, SwiGLU; %d modules patched; %s)", count, figures)
+    return "liger"
+
+
+def _probe_kernels(peft_model: Any, cfg: TrainConfig, device: torch.device) -> tuple[float, torch.Tensor]:
+    """(the model's own loss, the decoder's last hidden states) on ``_probe_head``'s 16 tokens through
+    ``forward_loss`` (P-Tuning v2's prefix included), in eval mode without gradients."""
+    ids = torch.arange(3, 19, device=device)[None] % peft_model.config.vocab_size
+    probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    seen: list[torch.Tensor] = []
+
+    def capture(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(hidden.detach().float())
+        return hidden.new_zeros(())
+
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad():
+            loss = float(forward_loss(peft_model, probe, cfg)[0])
+            forward_loss(peft_model, probe, cfg, capture)
+    finally:
+        peft_model.train(was_training)
+    return loss, seen[0]
 
 
 def check_prefix_reaches_layers(peft_model: Any, cfg: TrainConfig, device: torch.device) -> bool:
