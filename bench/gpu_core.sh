@@ -9,7 +9,7 @@ set -o pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 part=${1:-tests}
 case $part in
-  load) python3 bench/load_bench.py --shape llama2-7b --quantization "${2:-none}" --rates 8 --duration 10 \
+  load) python3 bench/load_bench.py --shape llama2-7b --quantization "${2:-none}" --rates 8 --duration 10 --zipf-duration 30 \
           --streams 64,256 --client-procs 4 --work /tmp/adapterd-bench 2>&1 | grep -v "Loading weights" \
           | tee "$OUT/load_${2:-none}.log" | tail -12 ;;
   tests) ADAPTERD_TEST_DEVICE=cuda python3 -P -m pytest -q -p no:cacheprovider --import-mode=append -o addopts="" \

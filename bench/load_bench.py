@@ -445,6 +445,9 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--rates", default="2,4,8", help="request rates (1/s) for the Zipf sweep ('' skips it)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
+    parser.add_argument("--zipf-duration", type=float, default=None,
+                        help="seconds per phase of the Zipf sweep (default: --duration); its p95 is the 5%% tail "
+                             "of rate x this many requests, so 10 s at 8/s reads the 4th longest of ~80")
     parser.add_argument("--new", type=int, default=32, help="tokens generated per request")
     parser.add_argument("--streams", default="64,256", help="concurrent streams, each count measured both ways")
     parser.add_argument("--client-procs", type=int, default=4)
@@ -457,6 +460,7 @@ def main() -> int:
                         help="with a --devices list: only the one-core against one-per-device comparison")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    args.zipf_duration = args.duration if args.zipf_duration is None else args.zipf_duration
 
     from transformers.utils import logging as hf_logging
 
@@ -525,8 +529,8 @@ def main() -> int:
         # has; streams and TTFT are compared with the engine in the same state both ways.
         poisson_load(target, ids, False, 2.0, 3.0, 4, 0)  # warm-up
         for rate in (float(r) for r in args.rates.split(",") if r):
-            one = poisson_load(target, ids, False, rate, args.duration, args.new, 1)
-            many = poisson_load(target, ids, True, rate, args.duration, args.new, 1)  # the same arrivals
+            one = poisson_load(target, ids, False, rate, args.zipf_duration, args.new, 1)
+            many = poisson_load(target, ids, True, rate, args.zipf_duration, args.new, 1)  # the same arrivals
             zipf_rows.append(f"| {rate:g}/s | {one['requests']} | {one['tok_s']:.1f} | {one['p50']:.0f} / "
                              f"{one['p95']:.0f} | {many['requests']} | {many['tok_s']:.1f} | {many['p50']:.0f} / "
                              f"{many['p95']:.0f} | {many['tok_s'] / one['tok_s']:.2f} | "
@@ -562,7 +566,7 @@ def record(args, rows: list[str], e2e_lines: list[str], device: torch.device, fr
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"\n### load_bench: {args.shape} on {machine}, commit {commit}, {when}",
              f"{args.adapters} adapter ids ({args.distinct} distinct r{args.rank} q/k/v/o files), {args.slots} "
-             f"device slots, Zipf(1) popularity, Poisson arrivals, {args.duration:g} s per point, {PROMPT_TOKENS} "
+             f"device slots, Zipf(1) popularity, Poisson arrivals, {args.zipf_duration:g} s per point, {PROMPT_TOKENS} "
              f"prompt + {args.new} new tokens per request, {args.quantization} base.", "",
              "Both over gRPC (a client process drives the load).", "",
              "| rate | one adapter: requests | tok/s | p50 / p95 ms | Zipf: requests | tok/s | p50 / p95 ms | "

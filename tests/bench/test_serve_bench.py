@@ -47,8 +47,9 @@ def test_load_bench_tiny(tmp_path):
     every ratio comes out, and none collapses (a reload per request, a stalled stream)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "bench" / "load_bench.py"), "--shape", "tiny", "--adapters",
-                          "20", "--distinct", "2", "--rates", "8", "--duration", "2", "--new", "8", "--streams", "4",
-                          "--client-procs", "1", "--frontends", "1", "--work", str(tmp_path), "--http", "--no-record"],
+                          "20", "--distinct", "2", "--rates", "8", "--duration", "2", "--zipf-duration", "2", "--new",
+                          "8", "--streams", "4", "--client-procs", "1", "--frontends", "1", "--work", str(tmp_path),
+                          "--http", "--no-record"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     zipf_row = next(line for line in out.stdout.splitlines() if line.startswith("| 8/s"))
