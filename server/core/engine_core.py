@@ -6,7 +6,9 @@ Threads of the engine-core process, and who owns which socket (zmq sockets are n
 - the engine thread (``server/engine/engine.py``) collects each step's events per front end and, once the
   step is over (``Engine.after_step``), sends one ``Outputs`` frame per front end (a step that prefills sends
   its new rows' first tokens first, as soon as they are sampled): straight to the front end's own PULL
-  socket (``Submit.outputs``) through a PUSH socket of the engine thread's, with no other thread on the way;
+  socket (``Submit.outputs``) through a PUSH socket of the engine thread's, with no other thread on the way.
+  That socket's monitor tells it when the front end has gone (its process died): the requests it sent are
+  cancelled, so that they give their rows back instead of generating for nobody to their token limit;
 - a few worker threads run calls that may touch the disk (adapter loads, listing) and submits whose adapter
   must be loaded first, and send their replies through their own PUSH sockets.
 No gRPC and no tokenizing here: the engine's host thread only schedules and launches.
@@ -22,6 +24,7 @@ from typing import Any
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ..engine.batch import Row
 from ..engine.observer import EngineObserver
@@ -84,6 +87,8 @@ class EngineCore:
         self._pending: dict[bytes, list[Event]] = {}  # engine thread only: this step's events per front end
         self._outputs_of: dict[bytes, str] = {}  # front end -> its PULL address (``Submit.outputs``)
         self._direct: dict[str, zmq.Socket] = {}  # engine thread only: a PUSH socket per such address
+        self._monitors: dict[str, zmq.Socket] = {}  # engine thread only: each PUSH socket's disconnect events
+        self._requests_of: dict[bytes, set[str]] = {}  # front end -> its requests in the engine (under _lock)
         self._lock = threading.Lock()  # guards the two sets below (I/O thread and call threads)
         self._waiting_for_load: set[str] = set()  # submits whose adapter a call thread is loading
         self._cancelled_early: set[str] = set()  # cancels that overtook such a submit
@@ -195,9 +200,14 @@ class EngineCore:
         request_id = message.request_id
         if message.outputs.startswith("ipc://"):  # the daemon's own front ends bind ipc:// sockets only
             self._outputs_of[identity] = message.outputs
+        with self._lock:
+            self._requests_of.setdefault(identity, set()).add(request_id)
 
         def sink(event: GenerationEvent) -> None:  # engine thread
             self._pending.setdefault(identity, []).append(event_message(request_id, event))
+            if event.kind == "end":
+                with self._lock:
+                    self._requests_of.get(identity, set()).discard(request_id)
 
         try:
             self.runtime.engine.submit(request_id, message.prompt_ids, message.params, adapter, sink)
@@ -212,6 +222,7 @@ class EngineCore:
 
     def _flush(self) -> None:
         """Engine thread, after each step (and after a prefill): one frame per front end holding its events."""
+        self._cancel_for_departed()
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -230,11 +241,34 @@ class EngineCore:
         if push is None:
             push = self._direct[address] = self.context.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
+            self._monitors[address] = push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             push.connect(address)
         try:
             push.send(encoder.encode(message), zmq.NOBLOCK)
         except zmq.Again:
             log.warning("dropped a frame for a front end that does not read")
+
+    def _cancel_for_departed(self) -> None:
+        """Engine thread, at each flush: a front end whose PULL socket disconnected (its process died; a live
+        one keeps it open until it closes) gets its requests cancelled, and its sockets are closed."""
+        for address, monitor in list(self._monitors.items()):
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            departed = [identity for identity, a in self._outputs_of.items() if a == address]
+            with self._lock:
+                requests = [r for identity in departed for r in self._requests_of.pop(identity, ())]
+            for identity in departed:
+                self._outputs_of.pop(identity, None)
+            for request_id in requests:
+                self.runtime.engine.cancel(request_id)
+            if requests:
+                log.warning("a front end went away: %d of its requests cancelled", len(requests))
+            self._monitors.pop(address).close(0)
+            self._direct.pop(address).close(0)
 
     # ------------------------------------------------------------------ calls
 

@@ -12,7 +12,8 @@ import zmq
 from adapterd.server.core.engine_core import EngineCore
 from adapterd.server.core.process import EngineProcess
 from adapterd.server.core.protocol import Cancel, Outputs, Submit, encoder, from_core
-from adapterd.server.engine import EngineConfig, GenerationParams
+from adapterd.server.engine import EngineConfig, GenerationParams, StopReason
+from adapterd.server.engine.observer import EngineObserver
 from adapterd.server.runtime import Runtime
 from tests.helpers import TEST_DEVICE
 
@@ -119,3 +120,48 @@ def test_an_outputs_address_that_is_not_ipc_is_ignored(front_end):
                                          outputs="tcp://127.0.0.1:9")))
     frame = next(_outputs(front_end, time.monotonic() + 60))
     assert [(e.request_id, e.kind) for e in frame.events] == [("tcp", "start"), ("tcp", "end")]
+
+
+class _Finished(EngineObserver):
+    """Each finished request's (stop reason, tokens generated), by request id (engine thread)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[StopReason, int]] = {}
+        self.done = threading.Event()
+
+    def request_finished(self, row) -> None:
+        self.rows[row.request_id] = (row.finished, len(row.generated))
+        self.done.set()
+
+
+def test_a_front_end_that_goes_away_has_its_requests_cancelled(tiny_model_dir, adapter_root, tmp_path):
+    """A front end's process dies with a request in the engine: the PULL socket it named disconnects, and the
+    core cancels the request at once instead of generating its tokens for nobody (its row is free again)."""
+    runtime = Runtime.load(tiny_model_dir, adapter_root, "none", EngineConfig(max_batch_size=4, max_queue=8),
+                           device=TEST_DEVICE, dtype="float32")
+    finished = _Finished()
+    runtime.engine.observers.add(finished)
+    core = EngineCore(runtime, EngineProcess.private_address())
+    thread = threading.Thread(target=core.serve, daemon=True)
+    thread.start()
+    context = zmq.Context()
+    try:
+        dealer, pull = context.socket(zmq.DEALER), context.socket(zmq.PULL)
+        dealer.connect(core.router.getsockopt_string(zmq.LAST_ENDPOINT))
+        address = f"ipc://{tmp_path}/outputs.sock"
+        pull.bind(address)
+        limit = 400
+        dealer.send(encoder.encode(Submit("orphan", PROMPT, GenerationParams(max_new_tokens=limit,
+                                                                             min_new_tokens=limit), outputs=address)))
+        assert next(_outputs(pull, time.monotonic() + 60)).events[0].kind == "start"  # it runs, and we read it
+        pull.close(0)  # the front end's process is gone
+        assert finished.done.wait(60)
+        reason, generated = finished.rows["orphan"]
+        assert reason == StopReason.CANCELLED and generated < limit, (reason, generated)
+        assert runtime.engine.stats()["running"] == 0
+    finally:
+        context.destroy(linger=0)
+        core.stop()
+        thread.join(10)
+        runtime.close()
+        core.close()
