@@ -86,8 +86,8 @@ class EngineCore:
         self._local = threading.local()  # each sending thread's PUSH socket
         self._pending: dict[bytes, list[Event]] = {}  # engine thread only: this step's events per front end
         self._outputs_of: dict[bytes, str] = {}  # front end -> its PULL address (``Submit.outputs``)
-        self._direct: dict[str, zmq.Socket] = {}  # engine thread only: a PUSH socket per such address
-        self._monitors: dict[str, zmq.Socket] = {}  # engine thread only: each PUSH socket's disconnect events
+        # engine thread only: per such address, a PUSH socket and the monitor of its disconnect events
+        self._direct: dict[str, tuple[zmq.Socket, zmq.Socket]] = {}
         self._requests_of: dict[bytes, set[str]] = {}  # front end -> its requests in the engine (under _lock)
         self._lock = threading.Lock()  # guards the two sets below (I/O thread and call threads)
         self._waiting_for_load: set[str] = set()  # submits whose adapter a call thread is loading
@@ -237,12 +237,12 @@ class EngineCore:
         """Engine thread: ``message`` to a front end's PULL socket. The PUSH socket queues frames while its
         connection is being made (zmq's default), so the first frames after ``connect`` are not lost; a front
         end that stopped reading (its queue full) loses the frame, as the ROUTER path drops it."""
-        push = self._direct.get(address)
-        if push is None:
-            push = self._direct[address] = self.context.socket(zmq.PUSH)
+        if address not in self._direct:
+            push = self.context.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
-            self._monitors[address] = push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._direct[address] = push, push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             push.connect(address)
+        push = self._direct[address][0]
         try:
             push.send(encoder.encode(message), zmq.NOBLOCK)
         except zmq.Again:
@@ -251,12 +251,8 @@ class EngineCore:
     def _cancel_for_departed(self) -> None:
         """Engine thread, at each flush: a front end whose PULL socket disconnected (its process died; a live
         one keeps it open until it closes) gets its requests cancelled, and its sockets are closed."""
-        for address, monitor in list(self._monitors.items()):
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                continue
-            if event["event"] != zmq.EVENT_DISCONNECTED:
+        for address, (push, monitor) in list(self._direct.items()):
+            if not monitor.poll(0) or recv_monitor_message(monitor)["event"] != zmq.EVENT_DISCONNECTED:
                 continue
             departed = [identity for identity, a in self._outputs_of.items() if a == address]
             with self._lock:
@@ -267,8 +263,9 @@ class EngineCore:
                 self.runtime.engine.cancel(request_id)
             if requests:
                 log.warning("a front end went away: %d of its requests cancelled", len(requests))
-            self._monitors.pop(address).close(0)
-            self._direct.pop(address).close(0)
+            del self._direct[address]
+            monitor.close(0)
+            push.close(0)
 
     # ------------------------------------------------------------------ calls
 
