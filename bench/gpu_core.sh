@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), issue 14's measurements and checks; `source bench/device_setup.sh` first
-# (it carries .whl). Logs and bench/RESULTS.md go to $OUT.
+# (it carries .whl). Logs and bench/RESULTS.md go to $OUT. LOAD_ARGS: more load_bench arguments (later ones win:
+# tests/bench/test_gpu_core.py runs the load part on the CPU with the tiny shape that way).
 #   load QUANT   load_bench (Llama-2-7B shape): engine alone against gRPC end to end at 64 and 256 streams,
 #                TTFT of 512 tokens, CPU per token by process; the Zipf sweep at 8 requests/s
 #   tests        parity (fp32 and int8 bases), the batched sampler, admission, the engine core's process and
@@ -10,7 +11,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 part=${1:-tests}
 case $part in
   load) python3 bench/load_bench.py --shape llama2-7b --quantization "${2:-none}" --rates 8 --duration 10 --zipf-duration 30 \
-          --streams 64,256 --client-procs 4 --work /tmp/adapterd-bench 2>&1 | grep -v "Loading weights" \
+          --streams 64,256 --client-procs 4 --work /tmp/adapterd-bench $LOAD_ARGS 2>&1 | grep -v "Loading weights" \
           | tee "$OUT/load_${2:-none}.log" | tail -12 ;;
   tests) ADAPTERD_TEST_DEVICE=cuda python3 -P -m pytest -q -p no:cacheprovider --import-mode=append -o addopts="" \
           tests/server/engine/test_parity.py tests/server/engine/test_sampling.py \
