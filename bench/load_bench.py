@@ -38,13 +38,20 @@ from pathlib import Path
 import torch
 from results_table import git_commit
 from serve_bench import SHAPES, build_model_dir
+from zipf_load import (
+    PROMPT_TOKENS,
+    WORDS,
+    describe_phase,
+    histogram_totals,
+    make_zipf_root,
+    poisson_load,
+    zipf_choice,
+)
 
 from adapterd.server.core.step_stats import StepCounter, StepCounts
 
-PROMPT_TOKENS = 64
 TTFT_PROMPT_TOKENS = 512
 TTFT_REQUESTS = 20
-WORDS = ["hello", "world", "the", "model", "adapter"]
 STREAMS_PER_CONNECTION = 8
 # Seconds of the same streams before each measured window, both ways: graph captures of the prefill and decode
 # shapes this concurrency meets, and the key/value pool grown to its rows, happen before the window, not in it
@@ -58,84 +65,6 @@ def request_length(rng: random.Random, new: int) -> int:
     would keep the engine-alone streams in lockstep (all rows finishing, and prefilling again, in the same
     step), which no real load does and which a network's jitter breaks at once."""
     return rng.randint(max(1, new // 2), new + new // 2)
-
-
-def make_zipf_root(root: Path, base_dir: Path, total: int, distinct: int, rank: int) -> list[str]:
-    """``distinct`` real adapters (q_proj, v_proj) and ``total`` ids, the rest symlinks to the real ones."""
-    from serve_bench import make_lora_dirs
-
-    real = make_lora_dirs(root / "_files", base_dir, distinct, rank)
-    ids = []
-    for i in range(total):
-        link = root / f"a{i:04d}"
-        if not link.exists():
-            link.symlink_to(root / "_files" / real[i % distinct], target_is_directory=True)
-        ids.append(link.name)
-    return ids
-
-
-def zipf_choice(rng: random.Random, ids: list[str]) -> str:
-    weights = [1.0 / (k + 1) for k in range(len(ids))]
-    return rng.choices(ids, weights=weights)[0]
-
-
-def arrival_plan(seed: int, rate: float, duration: float, ids: list[str], zipf: bool) -> list[tuple[float, str, str]]:
-    """(seconds after the start, prompt, adapter id) of each request of one Poisson phase. The arrival times
-    and prompts come from ``seed`` alone and the Zipf draws from a generator of their own, so the one-adapter
-    and the Zipf phase of a rate offer the same requests at the same times and differ only in adapters (with
-    a seed per phase the two offered 83 and 74 requests in 10 s, and "Zipf over one" read 0.90 of the
-    arrivals, not of the server)."""
-    arrivals, adapters = random.Random(seed), random.Random(seed + 1_000_003)
-    plan, t = [], 0.0
-    while t < duration:
-        prompt = " ".join(arrivals.choice(WORDS) for _ in range(PROMPT_TOKENS))
-        plan.append((t, prompt, zipf_choice(adapters, ids) if zipf else ids[0]))
-        t += arrivals.expovariate(rate)
-    return plan
-
-
-def _poisson_proc(target: str, ids: list[str], zipf: bool, rate: float, duration: float, new: int, seed: int,
-                  out: mp.Queue) -> None:
-    """A client process: ``arrival_plan``'s requests over gRPC, each sent at its time (not after a sleep
-    that the previous send delayed); each waits for its adapter (loaded on first use)."""
-    from adapterd.clients import AsyncAdapterdClient
-
-    async def main() -> dict[str, float]:
-        latencies: list[float] = []
-        tokens = 0
-        async with AsyncAdapterdClient(target, timeout=600) as client:
-            await client.model_info()
-
-            async def one(prompt: str, adapter_id: str) -> None:
-                nonlocal tokens
-                t = time.perf_counter()
-                reply = await client.generate(prompt, adapter_id, max_new_tokens=new, min_new_tokens=new)
-                tokens += reply.generated_token_count
-                latencies.append(time.perf_counter() - t)
-
-            start = time.perf_counter()
-            tasks = []
-            for at, prompt, adapter_id in arrival_plan(seed, rate, duration, ids, zipf):
-                await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-                tasks.append(asyncio.ensure_future(one(prompt, adapter_id)))
-            await asyncio.gather(*tasks)
-            wall = time.perf_counter() - start
-        lat = sorted(latencies)
-        return {"requests": len(lat), "tok_s": tokens / wall, "p50": statistics.median(lat) * 1000,
-                "p95": lat[int(0.95 * (len(lat) - 1))] * 1000}
-
-    out.put(asyncio.run(main()))
-
-
-def poisson_load(target: str, ids: list[str], zipf: bool, rate: float, duration: float, new: int,
-                 seed: int) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    out: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_poisson_proc, args=(target, ids, zipf, rate, duration, new, seed, out))
-    proc.start()
-    result = out.get(timeout=duration + 900)
-    proc.join()
-    return result
 
 
 async def engine_streams(runtime, streams: int, duration: float, new: int) -> tuple[float, int, float]:
@@ -410,7 +339,8 @@ def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, str
     hf_logging.disable_progress_bar()
     sys.setswitchinterval(ServerConfig.gil_switch_interval_ms / 1000)  # as the daemon's front end sets it
     base = load_base_model(base_dir, args.quantization)
-    runtime = Runtime(base, root, EngineConfig(max_batch_size=max(streams), lora_slots=args.slots,
+    rows = max(streams, default=args.slots)  # no streams phase: the Zipf sweep alone
+    runtime = Runtime(base, root, EngineConfig(max_batch_size=rows, lora_slots=args.slots,
                                                max_lora_rank=args.rank, max_queue=100_000))
     counter = StepCounter()
     runtime.engine.observers.add(counter)
@@ -476,7 +406,7 @@ def main() -> int:
     root = work / f"zipf-{args.adapters}"
     ids = make_zipf_root(root, base_dir, args.adapters, args.distinct, args.rank)
     streams = [int(v) for v in args.streams.split(",") if v]
-    rows = max(streams)
+    rows = max(streams, default=args.slots)  # no streams phase: the Zipf sweep alone
     sys.setswitchinterval(ServerConfig.gil_switch_interval_ms / 1000)  # as the daemon's front end sets it
     if args.devices_only:
         from multi_devices import compare_devices, record_devices
@@ -528,9 +458,16 @@ def main() -> int:
         # The Zipf sweep last: its adapters wrap the model's layers for LoRA, which the engine alone (above) never
         # has; streams and TTFT are compared with the engine in the same state both ways.
         poisson_load(target, ids, False, 2.0, 3.0, 4, 0)  # warm-up
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         for rate in (float(r) for r in args.rates.split(",") if r):
+            before = histogram_totals(metrics_url)
             one = poisson_load(target, ids, False, rate, args.zipf_duration, args.new, 1)
+            middle = histogram_totals(metrics_url)
             many = poisson_load(target, ids, True, rate, args.zipf_duration, args.new, 1)  # the same arrivals
+            for label, (a, b) in (("one adapter", (before, middle)),
+                                  ("Zipf", (middle, histogram_totals(metrics_url)))):
+                e2e_lines.append(f"Zipf sweep at {rate:g}/s, {label}: {describe_phase(a, b)}")
+                print(e2e_lines[-1], flush=True)
             zipf_rows.append(f"| {rate:g}/s | {one['requests']} | {one['tok_s']:.1f} | {one['p50']:.0f} / "
                              f"{one['p95']:.0f} | {many['requests']} | {many['tok_s']:.1f} | {many['p50']:.0f} / "
                              f"{many['p95']:.0f} | {many['tok_s'] / one['tok_s']:.2f} | "

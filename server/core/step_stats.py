@@ -15,6 +15,8 @@ import msgspec
 from ..engine.batch import Row
 from ..engine.observer import EngineObserver
 
+BUSY_GAP_S = 0.5  # decode steps further apart than this had an idle engine between them: not counted as busy
+
 
 class StepCounts(msgspec.Struct):
     """Totals since the counter started; seconds are wall time on the engine thread."""
@@ -26,6 +28,12 @@ class StepCounts(msgspec.Struct):
     prefill_rows: int = 0
     prefill_seconds: float = 0.0  # from the last row's admission to its first tokens: forward and sampling
     prefill_launch_seconds: float = 0.0  # of which until the runner returned: host work and launches
+    decode_launch_seconds: float = 0.0  # of decode_seconds, until the runner returned: host work and launches
+    # Between consecutive decode steps less than BUSY_GAP_S apart: wall time, and the engine thread's CPU time
+    # (time.thread_time) in it. A waiting GPU is CPU time too (CUDA's spin-wait on a host copy), so CPU
+    # short of wall is the engine thread off a core: waiting for the GIL, or descheduled.
+    busy_wall_seconds: float = 0.0
+    busy_cpu_seconds: float = 0.0
 
     def minus(self, before: StepCounts) -> StepCounts:
         return StepCounts(*(getattr(self, f) - getattr(before, f) for f in self.__struct_fields__))
@@ -42,6 +50,9 @@ class StepCounts(msgspec.Struct):
                      f"{self.prefill_rows / prefills:.1f} rows and "
                      f"{self.prefill_seconds / prefills * 1000:.2f} ms each "
                      f"({self.prefill_launch_seconds / prefills * 1000:.2f} ms of it to build and launch)")
+        if self.busy_wall_seconds > 0:
+            line += (f"; decode launch {self.decode_launch_seconds / steps * 1000:.2f} ms a step; engine thread "
+                     f"on a CPU {self.busy_cpu_seconds / self.busy_wall_seconds:.0%} of the time")
         return line
 
 
@@ -51,6 +62,7 @@ class StepCounter(EngineObserver):
     def __init__(self) -> None:
         self._counts = StepCounts()
         self._admitted_at = 0.0  # perf_counter() of the latest admission: the prefill that follows starts here
+        self._last_step: tuple[float, float] | None = None  # (perf_counter, thread_time) at the last decode step
 
     def counts(self) -> StepCounts:
         return StepCounts(**msgspec.structs.asdict(self._counts))
@@ -69,8 +81,16 @@ class StepCounter(EngineObserver):
         c.prefill_rows += len(rows)
         c.prefill_seconds += time.perf_counter() - self._admitted_at
 
+    def decode_launched(self, rows: list[Row], seconds: float) -> None:
+        self._counts.decode_launch_seconds += seconds
+
     def decode_step(self, rows: list[Row], seconds: float) -> None:
         c = self._counts
         c.decode_steps += 1
         c.decode_rows += len(rows)
         c.decode_seconds += seconds
+        now = (time.perf_counter(), time.thread_time())
+        if self._last_step is not None and now[0] - self._last_step[0] < BUSY_GAP_S:
+            c.busy_wall_seconds += now[0] - self._last_step[0]
+            c.busy_cpu_seconds += now[1] - self._last_step[1]
+        self._last_step = now

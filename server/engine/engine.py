@@ -302,6 +302,7 @@ class Engine:
         rows = self.batch.rows
         started = time.perf_counter()
         logits = self.runner.decode()
+        self.observers.decode_launched(rows, time.perf_counter() - started)
         self._sample_and_emit(rows, logits, 0)
         self.observers.decode_step(rows, time.perf_counter() - started)
         self._retire([i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])

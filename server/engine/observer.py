@@ -16,6 +16,10 @@ class EngineObserver:
     def prefill_done(self, rows: list[Row], prompt_tokens: int) -> None:
         """Rows were prefilled together; each has its first token (time to first token)."""
 
+    def decode_launched(self, rows: list[Row], seconds: float) -> None:
+        """The runner returned the decode forward of ``rows`` after ``seconds`` of host work (inputs, the
+        graph's replay or the eager launches); the device may still be running it."""
+
     def decode_step(self, rows: list[Row], seconds: float) -> None:
         """One decode step produced one token for each of ``rows`` in ``seconds``."""
 
@@ -43,6 +47,10 @@ class ObserverList(EngineObserver):
     def prefill_done(self, rows: list[Row], prompt_tokens: int) -> None:
         for o in self.observers:
             o.prefill_done(rows, prompt_tokens)
+
+    def decode_launched(self, rows: list[Row], seconds: float) -> None:
+        for o in self.observers:
+            o.decode_launched(rows, seconds)
 
     def decode_step(self, rows: list[Row], seconds: float) -> None:
         for o in self.observers:

@@ -12,7 +12,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))  # the bench's modules import each other as top-level modules
 
-from load_bench import StartSignal, arrival_plan, window_tokens  # noqa: E402
+from load_bench import StartSignal, window_tokens  # noqa: E402
+from zipf_load import arrival_plan, describe_phase, histogram_totals  # noqa: E402
 
 
 def test_both_phases_offer_the_same_requests_at_the_same_times():
@@ -56,3 +57,25 @@ def test_client_processes_start_together_once_all_are_ready():
     starts = [t for t, _ in began]
     assert max(starts) - min(starts) < 0.2  # one start for all, whenever each process came up
     assert all(0.2 < left <= 0.25 for _, left in began)  # each window ends 0.25 s after that start
+
+
+def test_a_phase_is_split_by_the_daemons_own_histograms(tmp_path):
+    """The Zipf sweep's breakdown: loads, queue time and first tokens between two readings of /metrics (summed
+    over label sets, as the daemon labels them by adapter), a histogram with no new requests said as 0."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    loads = Histogram("adapterd_adapter_load_seconds", "", ["adapter_type"], registry=registry)
+    queue = Histogram("adapterd_request_queue_time_seconds", "", registry=registry)
+    Histogram("adapterd_time_to_first_token_seconds", "", registry=registry)
+    exposition = tmp_path / "metrics.txt"
+
+    def reading() -> dict[str, tuple[float, float]]:
+        exposition.write_bytes(generate_latest(registry))
+        return histogram_totals(exposition.as_uri())
+
+    before = reading()
+    loads.labels("lora").observe(0.030)
+    loads.labels("prefix").observe(0.050)
+    queue.observe(0.002)
+    assert describe_phase(before, reading()) == "2 adapter loads (mean 40.0 ms), 1 queue (mean 2.0 ms), 0 first token"

@@ -54,6 +54,12 @@ def test_load_bench_tiny(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     zipf_row = next(line for line in out.stdout.splitlines() if line.startswith("| 8/s"))
     assert float(zipf_row.split("|")[-3]) > 0.3, out.stdout  # Zipf over one adapter, tokens/s
+    # The breakdown from the daemon's /metrics: the one adapter is loaded once (or was already, by the warm-up),
+    # the Zipf phase loads several of its 20 ids; every request is queued and gets a first token.
+    split = dict(re.findall(r"^Zipf sweep at 8/s, (one adapter|Zipf): (\d+) adapter loads", out.stdout, re.M))
+    assert int(split["one adapter"]) <= 1 and int(split["Zipf"]) >= 2, out.stdout
+    assert re.search(r"^Zipf sweep at 8/s, Zipf: .* [1-9]\d* queue \(mean [\d.]+ ms\), [1-9]\d* first token",
+                     out.stdout, re.M), out.stdout
     ratios = re.findall(r"^4 streams: engine alone .* over gRPC .* engine core \d+ us\); ratio ([\d.]+)", out.stdout,
                         re.M)
     assert len(ratios) == 1 and float(ratios[0]) > 0.1, out.stdout

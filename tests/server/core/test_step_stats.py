@@ -23,6 +23,9 @@ def test_one_request_is_one_prefill_and_a_decode_step_per_further_token(daemon, 
     # The prefill samples the first token; each of the other four comes from a decode step of one row.
     assert (counts.prefills, counts.prefill_rows, counts.decode_steps, counts.decode_rows) == (1, 1, 4, 4)
     assert counts.prefill_seconds > counts.prefill_launch_seconds > 0 and counts.decode_seconds > 0
+    assert 0 < counts.decode_launch_seconds < counts.decode_seconds
+    # Four steps back to back: three gaps between them, all busy; the thread's CPU time never exceeds the wall.
+    assert counts.busy_wall_seconds > 0 and 0 < counts.busy_cpu_seconds <= counts.busy_wall_seconds * 1.01
 
 
 def test_a_phase_is_described_per_step_and_per_prefill():
@@ -33,3 +36,7 @@ def test_a_phase_is_described_per_step_and_per_prefill():
                                          "(0.50 per decode step), 1.5 rows and 5.00 ms each (1.50 ms of it to build "
                                          "and launch)")
     assert StepCounts().describe(1.0) == "no decode steps"
+    timed = StepCounts(decode_steps=4, decode_rows=4, decode_seconds=0.04, decode_launch_seconds=0.008,
+                       busy_wall_seconds=0.05, busy_cpu_seconds=0.04)
+    assert timed.describe(span=0.1) == ("4 decode steps (25.00 ms apart), 1.0 rows and 10.00 ms each; decode launch "
+                                        "2.00 ms a step; engine thread on a CPU 80% of the time")
