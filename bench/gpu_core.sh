@@ -4,6 +4,9 @@
 # tests/bench/test_gpu_core.py runs the load part on the CPU with the tiny shape that way).
 #   load QUANT   load_bench (Llama-2-7B shape): engine alone against gRPC end to end at 64 and 256 streams,
 #                TTFT of 512 tokens, CPU per token by process; the Zipf sweep at 8 requests/s
+#   profile QUANT  64 streams only, both ways, with 50 decode steps of each side under the torch profiler
+#                (server/engine/profiling.py): $OUT/profile/{alone,core}/engine-*.txt, operators by device and
+#                host time, to say where a step slower in the core than alone spends the difference
 #   tests        parity (fp32 and int8 bases), the batched sampler, admission, the engine core's process and
 #                its faults, the kernels' compile probe with the compiler hidden, all on CUDA
 set -o pipefail
@@ -13,6 +16,9 @@ case $part in
   load) python3 bench/load_bench.py --shape llama2-7b --quantization "${2:-none}" --rates 8 --duration 10 --zipf-duration 30 \
           --streams 64,256 --client-procs 4 --work /tmp/adapterd-bench $LOAD_ARGS 2>&1 | grep -v "Loading weights" \
           | tee "$OUT/load_${2:-none}.log" | tail -12 ;;
+  profile) python3 bench/load_bench.py --shape llama2-7b --quantization "${2:-none}" --rates "" --duration 10 \
+          --streams 64 --client-procs 4 --work /tmp/adapterd-bench --profile-dir "$OUT/profile" --no-record $LOAD_ARGS \
+          2>&1 | grep -v "Loading weights" | tee "$OUT/profile_${2:-none}.log" | tail -6 ;;
   tests) ADAPTERD_TEST_DEVICE=cuda python3 -P -m pytest -q -p no:cacheprovider --import-mode=append -o addopts="" \
           tests/server/engine/test_parity.py tests/server/engine/test_sampling.py \
           tests/server/engine/test_batch_sampler.py tests/server/engine/test_admission.py \

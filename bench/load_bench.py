@@ -363,6 +363,14 @@ def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, str
     out.put((alone, ttft))
 
 
+def profile_side(args: argparse.Namespace, streams: list[int], side: str) -> None:
+    """With --profile-dir: the engine built next (in a process spawned from here) profiles its decode steps
+    into DIR/side, once they have at least half the first stream count's rows."""
+    if args.profile_dir and streams:
+        os.environ["ADAPTERD_PROFILE_DIR"] = str(Path(args.profile_dir) / side)
+        os.environ["ADAPTERD_PROFILE_MIN_ROWS"] = str(max(1, streams[0] // 2))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b" if torch.cuda.is_available()
@@ -388,6 +396,9 @@ def main() -> int:
                              "adapters on one core against one core per device (bench/multi_devices.py)")
     parser.add_argument("--devices-only", action="store_true",
                         help="with a --devices list: only the one-core against one-per-device comparison")
+    parser.add_argument("--profile-dir", default=None,
+                        help="profile 50 decode steps of the first stream count on each side (torch profiler, "
+                             "server/engine/profiling.py): operator tables in DIR/alone and DIR/core")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     args.zipf_duration = args.duration if args.zipf_duration is None else args.zipf_duration
@@ -417,9 +428,11 @@ def main() -> int:
     ctx = mp.get_context("spawn")  # the engine alone in a process of its own: all its memory goes with it
     out: mp.Queue = ctx.Queue()
     alone_proc = ctx.Process(target=_engine_alone_proc, args=(base_dir, root, args, streams, out))
+    profile_side(args, streams, "alone")  # spawned processes take the environment as it is at their start
     alone_proc.start()
     alone, ttft_alone = out.get(timeout=1800)  # ttft_alone: (p50 ms, mean prefill ms)
     alone_proc.join()
+    profile_side(args, streams, "core")
     with socket.socket() as probe:  # a free port for the daemon's /metrics
         probe.bind(("127.0.0.1", 0))
         metrics_port = probe.getsockname()[1]

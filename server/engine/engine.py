@@ -26,6 +26,7 @@ from ..model import BaseModel
 from .batch import Row
 from .failures import Breakage, is_device_failure, nonfinite_message
 from .observer import ObserverList
+from .profiling import StepProfiler
 from .request import GenerationEvent, GenerationParams, StopReason
 from .runner import ModelRunner
 from .sampling import BatchSampler, RowSampler, logits_width
@@ -64,6 +65,9 @@ class Engine:
         self.eos_ids = base.eos_token_ids
         self.sampler = BatchSampler(config.max_batch_size, logits_width(base.model), self.eos_ids, base.device)
         self.observers = ObserverList()  # metrics and tests listen here
+        profiler = StepProfiler.from_env()  # benches only: ADAPTERD_PROFILE_DIR (profiling.py)
+        if profiler is not None:
+            self.observers.add(profiler)
         self.breakage = Breakage()  # set when the device (or this thread) fails for good: health listens
         self.after_step: Callable[[], None] = lambda: None  # on this thread, once a step's events are all out
 

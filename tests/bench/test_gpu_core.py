@@ -30,3 +30,20 @@ def test_load_part(tmp_path):
     assert "time to first token, 512-token prompt" in log
     assert any(line.startswith("| 8/s |") for line in log.splitlines()), log[-2000:]
     assert (out / "RESULTS.md").is_file()
+
+
+@pytest.mark.slow  # ~40 s: the streams phase alone, both ways, each side's decode steps profiled
+def test_profile_part(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = f"--shape tiny --adapters 20 --distinct 2 --duration 2 --new 8 --streams 4 --client-procs 1 " \
+           f"--frontends 1 --work {tmp_path / 'work'}"
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "LOAD_ARGS": args,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_core.sh"), "profile", "none"], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "4 streams: engine alone" in (out / "profile_none.log").read_text()
+    for side in ("alone", "core"):
+        tables = list((out / "profile" / side).glob("engine-*.txt"))
+        assert len(tables) == 1 and "by host time" in tables[0].read_text(), side
