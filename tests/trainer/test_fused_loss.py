@@ -105,6 +105,17 @@ def test_a_head_with_transformed_logits_is_refused(tiny_model_dir, make_config):
         model_mod.loss_head(peft_model, cfg, torch.device(TEST_DEVICE))
 
 
+def test_auto_is_off_on_the_cpu(tiny_model_dir, make_config, caplog):
+    """The default, ``auto``, keeps the model's own loss off CUDA (so CPU runs are as before), saying so."""
+    import logging
+
+    peft_model, cfg = _peft(tiny_model_dir, make_config, "lora")
+    cfg.fused_loss = "auto"
+    caplog.set_level(logging.INFO, logger="adapterd.trainer")
+    assert model_mod.loss_head(peft_model, cfg, torch.device("cpu")) == (None, "plain")
+    assert "fused loss: off (auto: the run is on cpu" in caplog.text
+
+
 def test_liger_without_cuda_is_refused(tiny_model_dir, make_config):
     peft_model, _ = _peft(tiny_model_dir, make_config, "lora")
     with pytest.raises(ConfigError, match="fused_loss: liger: liger-kernel does not import here"):
@@ -158,6 +169,7 @@ def test_auto_falls_back_to_torch_when_liger_fails(tiny_model_dir, make_config, 
 
     real = fused_loss.make_head
     monkeypatch.setattr(fused_loss, "make_head", broken_liger)
+    monkeypatch.setattr(fused_loss, "auto_off", lambda device: None)  # as on CUDA, where auto takes a head
     peft_model, cfg = _peft(tiny_model_dir, make_config, "lora")
     cfg.fused_loss = "auto"
     head, name = model_mod.loss_head(peft_model, cfg, torch.device(TEST_DEVICE))

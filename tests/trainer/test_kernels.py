@@ -50,7 +50,7 @@ def test_cli_auto_on_cpu_trains_exactly_as_off(make_config, subprocess_env):
     ``--kernels off`` (bit for bit: nothing was patched)."""
     from adapterd.trainer.loop import train
 
-    off = make_config(max_steps=4)
+    off = make_config(kernels="off", max_steps=4)
     train(off)
     auto = make_config(kernels="auto", max_steps=4, output=off.output + "-auto")
     out = subprocess.run(train_argv(auto), env=subprocess_env, capture_output=True, text=True, timeout=180)
@@ -193,7 +193,7 @@ def test_an_unsupported_model_type(make_config, caplog):
 
 def test_off_touches_nothing(make_config, monkeypatch):
     monkeypatch.setattr(kernels, "unavailable", lambda base, device: pytest.fail("looked for liger"))
-    peft_model, cfg = _peft(make_config, "lora")
+    peft_model, cfg = _peft(make_config, "lora", kernels="off")
     assert cfg.kernels == "off" and model_mod.training_kernels(peft_model, cfg, CPU) == "off"
 
 
