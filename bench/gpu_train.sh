@@ -11,9 +11,13 @@
 #   extra     lora-int8-fused-torch (our chunked torch loss instead of liger's), lora-bf16, lora-bf16-fused,
 #             lora-int8-kernels (the kernels alone, plain loss)
 #   tests     the trainer's fused-loss, kernels and loss-curve tests on CUDA (liger against the plain model)
+#   curve     issue 20's loss-curve figure (bench/loss_curve.py, ~2 min): 200 steps of LoRA and P-Tuning v2 on the
+#             tutorial's examples, `adapterd train` at its GPU defaults against plain PEFT in bf16 and fp32;
+#             train_curve.json, .log and curve-METHOD.svg; then here `python3 bench/loss_curve.py --append-from
+#             train_curve.json` (CURVE_ARGS overrides, e.g. --steps 4 in tests/bench/test_loss_curve.py)
 # Then, here: python3 bench/train_bench.py --append-from train_PART.json (rows into bench/RESULTS.md).
-# BENCH_ARGS, TEST_DEVICE and SITE override the defaults (tests/bench/test_gpu_train.py runs each part on the
-# CPU with --tiny that way, so that no device call is lost to a typo here).
+# BENCH_ARGS, CURVE_ARGS, TEST_DEVICE and SITE override the defaults (tests/bench/test_gpu_train.py and
+# test_loss_curve.py run the parts on the CPU that way, so that no device call is lost to a typo here).
 set -o pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 part=${1:-}
@@ -37,5 +41,10 @@ case "$part" in
     ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -m pytest -q -p no:cacheprovider \
       tests/trainer/test_fused_loss.py tests/trainer/test_kernels.py tests/trainer/test_loss_curve.py 2>&1 | tee "$OUT/train_tests.log" | tail -15
     ;;
-  *) echo "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests" >&2; exit 2 ;;
+  curve)
+    liger
+    python3 bench/loss_curve.py --json-out "$OUT/train_curve.json" --svg-dir "$OUT" $CURVE_ARGS 2>&1 \
+      | grep -v "Loading weights" | tee "$OUT/train_curve.log" | tail -40
+    ;;
+  *) echo "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests|curve" >&2; exit 2 ;;
 esac

@@ -154,6 +154,8 @@ def _our_model(base: str, scenario: str, device, virtual_tokens: int):
     from adapterd.trainer.config import TrainConfig
 
     plain, fused, kernels = split_scenario(scenario)
+    if fused == "auto" and device.type != "cuda":
+        fused = "torch"  # auto is off on the CPU; the smoke run measures the torch head in liger's place
     method = "ptuning-v2" if plain.startswith("ptuning") else "lora"
     cfg = TrainConfig(base=base, data="-", output="-", method=method,
                       quantization="none" if plain.endswith("bf16") else "int8",

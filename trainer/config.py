@@ -3,8 +3,10 @@
 Defaults follow the reference recipes (llama-recipes' PEFT LoRA on an 8-bit base; ChatGLM3 finetune_demo's
 P-Tuning v2): batch 4, 3 epochs, context 1024, int8, learning rate 1e-4, LoRA r 8 / alpha 32 / q_proj+v_proj /
 dropout 0.05, P-Tuning v2 = PEFT prefix tuning with 128 virtual tokens and no projection, a checkpoint every
-500 steps, a 5% eval split. Every field carries its help text in ``metadata["help"]`` so that the command
-line, the daemon's ``StartTraining`` options and the docs read from one place.
+500 steps, a 5% eval split. On CUDA the fused loss and liger-kernel's kernels are on where they import and
+pass their probe (``auto``, measured on an H200: bench/RESULTS.md); on the CPU both are off. Every field
+carries its help text in ``metadata["help"]`` so that the command line, the daemon's ``StartTraining``
+options and the docs read from one place.
 """
 
 from __future__ import annotations
@@ -85,14 +87,15 @@ class TrainConfig:
         "dequant", "int8 base matmuls while training: dequant (int8 weights widened to the compute dtype one "
         "layer at a time, then a plain matmul) or bnb (bitsandbytes' int8 matmul)", choices=INT8_COMPUTE)
     fused_loss: str = _f(
-        "off", "the LM head's cross-entropy without the full logits (trainer/fused_loss.py): off (the model's own "
-        "loss), torch (chunked), liger (liger-kernel's Triton kernel; CUDA), auto (liger where it imports, "
-        "else torch)", choices=FUSED_LOSS)
+        "auto", "the LM head's cross-entropy without the full logits (trainer/fused_loss.py): auto (the default: "
+        "on CUDA liger-kernel's fused kernel where it imports and the probe batch accepts it, else torch; on "
+        "the CPU off, so CPU runs train exactly as before), off (the model's own loss), torch (chunked), liger "
+        "(liger-kernel's Triton kernel; CUDA)", choices=FUSED_LOSS)
     kernels: str = _f(
-        "off", "training kernels in the base model (trainer/kernels.py): off (transformers' own; the default until "
-        "measured on a GPU), liger (liger-kernel's Triton RMSNorm, RoPE and SwiGLU, checked against the plain "
-        "model on a probe batch; CUDA and Llama-family models only), auto (liger where it imports on CUDA, "
-        "else off)", choices=KERNELS)
+        "auto", "training kernels in the base model (trainer/kernels.py): auto (the default: liger on CUDA where "
+        "it imports and the probe batch accepts it, else off; off on the CPU), off (transformers' own), liger "
+        "(liger-kernel's Triton RMSNorm, RoPE and SwiGLU, checked against the plain model on a probe batch; "
+        "CUDA and Llama-family models only)", choices=KERNELS)
     skip_malformed: bool = _f(False, "skip malformed records (counted and reported) instead of failing")
     export_adapter: str = _f("", "copy the final adapter to this directory (atomically; must not exist)")
     resume: str = _f("", "resume from 'latest' or a checkpoint name/path (internal; set by --resume)",

@@ -102,6 +102,14 @@ def _liger() -> Callable[..., torch.Tensor] | None:
     return lambda x, weight, bias, target: loss(weight, x, target, bias)
 
 
+def auto_off(device: torch.device) -> str | None:
+    """Why ``auto`` keeps the model's own loss on ``device``, or None where it takes a fused head (CUDA). On
+    the CPU the plain path stays, so that CPU runs and CI train bit for bit as before the default changed."""
+    if device.type != "cuda":
+        return f"the run is on {device.type}: the model's own loss, as with --fused-loss off"
+    return None
+
+
 def make_head(base: Any, device: torch.device, backend: str = "auto") -> tuple[LossHead, str]:
     """A loss head ``(hidden [B, T, H], labels [B, T]) -> mean loss`` over ``base``'s output layer and the name
     of its implementation. ``backend``: liger, torch, or auto (liger on CUDA where it imports, else torch)."""

@@ -191,9 +191,14 @@ def forward_loss(peft_model: Any, batch: dict[str, torch.Tensor], cfg: TrainConf
 
 def loss_head(peft_model: Any, cfg: TrainConfig, device: torch.device) -> tuple[LossHead | None, str]:
     """The fused loss head ``cfg.fused_loss`` asks for, checked against the model's own loss on a probe batch,
-    and its name ("plain" when off). A head that does not match: ``ConfigError`` naming ``fused_loss``. With
-    ``auto``, a liger kernel that fails on the probe (Triton cannot compile here) gives way to the torch head."""
+    and its name ("plain" when off, and with ``auto`` off CUDA). A head that does not match: ``ConfigError``
+    naming ``fused_loss``. With ``auto``, a liger kernel that fails on the probe (Triton cannot compile here)
+    gives way to the torch head."""
     if cfg.fused_loss == "off":
+        return None, "plain"
+    why = fused_loss.auto_off(device) if cfg.fused_loss == "auto" else None
+    if why is not None:
+        fused_loss.log.info("fused loss: off (auto: %s)", why)
         return None, "plain"
     base = peft_model.get_base_model()
     head, name = fused_loss.make_head(base, device, cfg.fused_loss)

@@ -58,7 +58,7 @@ def test_lora_part_measures_plain_and_fused_alike(tmp_path):
 
 def test_an_unknown_part_is_refused(tmp_path):
     done = run_part(tmp_path, "nonsense")
-    assert done.returncode == 2 and "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests" in done.stderr
+    assert done.returncode == 2 and "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests|curve" in done.stderr
 
 
 def test_fused_scenarios_are_judged_by_their_plain_twins_targets():

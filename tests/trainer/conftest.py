@@ -27,6 +27,20 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _modeling_llama_restored() -> Iterator[None]:
+    """transformers' modeling_llama as it was before each test: a run in this process with liger's kernels (the
+    default on CUDA, ``--kernels auto``) keeps liger's RoPE and class names in the module, as the trainer's own
+    process does; the tests after it must see transformers' own."""
+    from transformers.models.llama import modeling_llama
+
+    before = dict(vars(modeling_llama))
+    yield
+    for name, value in before.items():
+        if vars(modeling_llama).get(name) is not value:
+            setattr(modeling_llama, name, value)
+
+
 @pytest.fixture
 def make_config(tiny_model_dir: Path, tmp_path: Path) -> Callable:
     """TrainConfig for the tiny model with fast settings; keyword arguments override."""

@@ -69,19 +69,44 @@ def test_torchrun_two_ranks(make_config, subprocess_env):
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
 
 
+def _curve(run_dir: str) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_cli_defaults_on_cpu_train_exactly_as_before(make_config, subprocess_env):
+    """``adapterd train`` with neither --fused-loss nor --kernels on the CPU: both default to auto, which is off
+    here, so the run is bit for bit the one with both off; train.log says what auto chose and why."""
+    from adapterd.trainer.config import TrainConfig
+    from adapterd.trainer.loop import train
+
+    assert (TrainConfig.fused_loss, TrainConfig.kernels) == ("auto", "auto")
+    off = make_config(fused_loss="off", kernels="off", max_steps=4)
+    train(off)
+    default = make_config(max_steps=4, output=off.output + "-default")
+    argv = train_argv(default)
+    assert "--fused-loss" not in argv and "--kernels" not in argv
+    out = subprocess.run(argv, env=subprocess_env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (Path(default.output) / "train.log").read_text()
+    assert "fused loss: off (auto: the run is on cpu: the model's own loss, as with --fused-loss off)" in log
+    assert "kernels: off (auto: liger-kernel's Triton kernels need a CUDA device, and this run is on cpu" in log
+    assert "loss: plain" in log
+    assert _curve(default.output) == _curve(off.output) and len(_curve(off.output)) == 4
+
+
 @pytest.mark.slow
 def test_cli_fused_loss_trains_as_the_plain_loss(make_config, subprocess_env):
-    """``adapterd train --fused-loss auto`` on the CPU: the torch head (named in train.log), the same loss curve
-    as ``--fused-loss off``; ``--fused-loss liger`` without CUDA: one line naming the flag, exit 2."""
+    """``adapterd train --fused-loss torch`` on the CPU: the torch head (named in train.log), the same loss
+    curve as ``--fused-loss off``; ``--fused-loss liger`` without CUDA: one line naming the flag, exit 2."""
     from adapterd.trainer.loop import train
 
     plain = train(make_config(fused_loss="off", max_steps=6))
-    cfg = make_config(fused_loss="auto", max_steps=6, output=make_config().output + "-auto")
+    cfg = make_config(fused_loss="torch", max_steps=6, output=make_config().output + "-torch")
     out = subprocess.run(train_argv(cfg), env=subprocess_env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "loss: torch" in (Path(cfg.output) / "train.log").read_text()
-    curves = [[json.loads(line)["loss"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-              for run in (cfg.output, make_config().output)]
+    curves = [_curve(run) for run in (cfg.output, make_config().output)]
     assert plain["step"] == len(curves[0]) == len(curves[1]) == 6
     for fused, loss in zip(*curves, strict=True):
         assert fused == pytest.approx(loss, rel=1e-4)

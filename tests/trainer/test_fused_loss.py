@@ -70,10 +70,15 @@ def _prompt_masked_batch(vocab: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["lora", "ptuning-v2"])
-def test_head_matches_the_models_own_loss(tiny_model_dir, make_config, method):
+def test_head_matches_the_models_own_loss(tiny_model_dir, make_config, monkeypatch, method):
     """Through ``forward_loss``: the fused head's loss and the adapter's gradients equal the model's own
-    (prompt and pads masked, labels shifted by one), for LoRA and for the prefix path."""
+    (prompt and pads masked, labels shifted by one), for LoRA and for the prefix path. In fp32 on CUDA too
+    (the trainer's bf16 there is patched out; TF32 matmuls are off by default): in bf16 the plain path's
+    logits are rounded to bf16 before the fp32 softmax and the fused head's are not, which moved 98% of the
+    gradient elements past these bounds on the H200 while the math was the same. This test judges the math."""
+    monkeypatch.setattr(model_mod, "compute_dtype", lambda device: torch.float32)
     peft_model, cfg = _peft(tiny_model_dir, make_config, method)
+    assert peft_model.get_base_model().dtype == torch.float32
     head, name = model_mod.loss_head(peft_model, cfg, torch.device(TEST_DEVICE))
     assert name == "torch" and head is not None
     batch = _prompt_masked_batch(peft_model.config.vocab_size)
@@ -98,6 +103,17 @@ def test_a_head_with_transformed_logits_is_refused(tiny_model_dir, make_config):
     peft_model.get_base_model().config.final_logit_softcapping = 30.0
     with pytest.raises(ConfigError, match="fused_loss: the model's logits are transformed"):
         model_mod.loss_head(peft_model, cfg, torch.device(TEST_DEVICE))
+
+
+def test_auto_is_off_on_the_cpu(tiny_model_dir, make_config, caplog):
+    """The default, ``auto``, keeps the model's own loss off CUDA (so CPU runs are as before), saying so."""
+    import logging
+
+    peft_model, cfg = _peft(tiny_model_dir, make_config, "lora")
+    cfg.fused_loss = "auto"
+    caplog.set_level(logging.INFO, logger="adapterd.trainer")
+    assert model_mod.loss_head(peft_model, cfg, torch.device("cpu")) == (None, "plain")
+    assert "fused loss: off (auto: the run is on cpu" in caplog.text
 
 
 def test_liger_without_cuda_is_refused(tiny_model_dir, make_config):
@@ -153,6 +169,7 @@ def test_auto_falls_back_to_torch_when_liger_fails(tiny_model_dir, make_config, 
 
     real = fused_loss.make_head
     monkeypatch.setattr(fused_loss, "make_head", broken_liger)
+    monkeypatch.setattr(fused_loss, "auto_off", lambda device: None)  # as on CUDA, where auto takes a head
     peft_model, cfg = _peft(tiny_model_dir, make_config, "lora")
     cfg.fused_loss = "auto"
     head, name = model_mod.loss_head(peft_model, cfg, torch.device(TEST_DEVICE))

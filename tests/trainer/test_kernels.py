@@ -21,12 +21,17 @@ from tests.helpers import TEST_DEVICE
 from tests.trainer.conftest import train_argv
 
 CPU = torch.device("cpu")
+# Two command-line tests are about a machine without CUDA (CI, the CPU machine): where a GPU is there liger really
+# runs, which tests/trainer's GPU tests and bench/gpu_train.sh check instead.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="about a machine without CUDA: here liger "
+                              "would really run (the GPU tests below cover that)")
 
 
 def _curve(run_dir: str) -> list[float]:
     return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@cpu_only
 def test_cli_liger_without_cuda_exits_2_naming_the_flag(make_config, subprocess_env):
     """``adapterd train --kernels liger`` on the CPU: one line naming --kernels and why, exit 2, no traceback."""
     cfg = make_config(kernels="liger", max_steps=2)
@@ -38,13 +43,14 @@ def test_cli_liger_without_cuda_exits_2_naming_the_flag(make_config, subprocess_
                                "device, and this run is on cpu; train with --kernels off"), lines[0]
 
 
+@cpu_only
 @pytest.mark.slow
 def test_cli_auto_on_cpu_trains_exactly_as_off(make_config, subprocess_env):
     """``--kernels auto`` on the CPU: off, said once in train.log, and the same loss at every step as
     ``--kernels off`` (bit for bit: nothing was patched)."""
     from adapterd.trainer.loop import train
 
-    off = make_config(max_steps=4)
+    off = make_config(kernels="off", max_steps=4)
     train(off)
     auto = make_config(kernels="auto", max_steps=4, output=off.output + "-auto")
     out = subprocess.run(train_argv(auto), env=subprocess_env, capture_output=True, text=True, timeout=180)
@@ -187,7 +193,7 @@ def test_an_unsupported_model_type(make_config, caplog):
 
 def test_off_touches_nothing(make_config, monkeypatch):
     monkeypatch.setattr(kernels, "unavailable", lambda base, device: pytest.fail("looked for liger"))
-    peft_model, cfg = _peft(make_config, "lora")
+    peft_model, cfg = _peft(make_config, "lora", kernels="off")
     assert cfg.kernels == "off" and model_mod.training_kernels(peft_model, cfg, CPU) == "off"
 
 

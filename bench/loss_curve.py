@@ -1,0 +1,199 @@
+"""Issue 20's loss-curve figure: the trainer at its defaults against plain PEFT, 200 steps on the tutorial's data.
+
+For each method (LoRA, P-Tuning v2) on the tiny model the tests build (common/tiny_model.py, offline, bf16 on
+a GPU), on trainer/examples/gitclone.json, micro-batches of 2, seed 7, linear schedule, dropout 0.05:
+
+  ours      ``adapterd train`` through its command line (a process of its own: liger's kernels patch
+            transformers' module globals), at its defaults for the device: on CUDA bf16, ``--fused-loss auto``
+            and ``--kernels auto`` (train.log's lines saying what ran are kept); the base unquantized, as the
+            oracle's
+  peft      bench/peft_oracle.py (plain PEFT + torch, none of adapterd's trainer code) in the trainer's dtype
+            (bf16 on CUDA, fp32 on the CPU), same data order and seed (what the oracle's docstring documents)
+  peft-alt  the same oracle in the other dtype (fp32 on CUDA, bf16 on the CPU)
+
+Deviation at a step is |a - b| / |b|; a curve pair's figures are its largest (and at which step) and its mean
+over the steps. **Noise** is the deviation between ``peft`` and ``peft-alt``: how far plain PEFT's own curve
+moves when only its precision changes (bf16 against fp32), which is the change a bf16 run makes by itself and
+the scale at which "the same curve" can be judged in bf16. (Two identical runs would be a floor of zero here:
+the tiny model's CUDA kernels are deterministic at these shapes, so that measures nothing.) The trainer is
+**within noise** when its largest deviation from ``peft`` is no larger than the noise's largest deviation.
+
+    python bench/loss_curve.py                          # the GPU's figure: JSON, per-step table, SVG per method
+    bash bench/gpu_train.sh curve                       # the same, as the device call (in $OUT)
+    python bench/loss_curve.py --append-from train_curve.json   # here: one row per method into RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from peft_oracle import peft_losses
+from results_table import append_to_section, git_commit
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "RESULTS.md"
+DATA = REPO / "trainer" / "examples" / "gitclone.json"
+SECTION = "## Training: the loss curve against plain PEFT (bench/loss_curve.py)"
+COLUMNS = ("date (UTC)", "commit", "machine", "method", "steps", "dtype", "trainer ran", "ours first -> last",
+           "PEFT first -> last", "ours vs PEFT max (step) / mean", "noise max (step) / mean", "within noise")
+# Learning rates that keep the tiny model's loss well above zero for 200 steps (near zero a relative deviation
+# means little): LoRA 8.9 -> 0.46, P-Tuning v2 8.4 -> 2.1 on the CPU in fp32.
+LR = {"lora": 3e-3, "ptuning-v2": 1e-2}
+SEED, BATCH, VIRTUAL_TOKENS, DROPOUT = 7, 2, 16, 0.05
+
+
+def deviation(ours: list[float], ref: list[float]) -> dict:
+    """Per-step relative deviation of ``ours`` from ``ref``: largest, at which step (1-based), mean."""
+    devs = [abs(a - b) / abs(b) for a, b in zip(ours, ref, strict=True)]
+    worst = max(range(len(devs)), key=devs.__getitem__)
+    return {"max": devs[worst], "max_step": worst + 1, "mean": sum(devs) / len(devs)}
+
+
+def trainer_curve(base: Path, method: str, steps: int, run_dir: Path) -> tuple[list[float], list[str]]:
+    """``adapterd train`` at its defaults (but the unquantized base, no eval split): per-step losses and the
+    train.log lines that say which loss and kernels ran."""
+    argv = [sys.executable, "-m", "adapterd.cli", "train", "--no-progress", "--base", str(base),
+            "--data", str(DATA), "--method", method, "--output", str(run_dir), "--quantization", "none",
+            "--batch-size", str(BATCH), "--max-steps", str(steps), "--learning-rate", str(LR[method]),
+            "--seed", str(SEED), "--schedule", "linear", "--eval-split", "0", "--save-steps", str(steps),
+            "--lora-dropout", str(DROPOUT), "--num-virtual-tokens", str(VIRTUAL_TOKENS)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"adapterd train exited {done.returncode}: {done.stderr[-2000:]}")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    messages = [line.split(" ", 3)[-1] for line in (run_dir / "train.log").read_text().splitlines()]  # date time level
+    said = [text for text in messages if text.startswith(("fused loss: ", "kernels: ", "loss: "))]
+    return [json.loads(line)["loss"] for line in lines], said
+
+
+def run_method(base: Path, method: str, steps: int, device: str, workdir: Path) -> dict:
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the trainer's compute dtype there
+    alt = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    ours, said = trainer_curve(base, method, steps, workdir / f"run-{method}")
+    kwargs = dict(steps=steps, batch_size=BATCH, lr=LR[method], seed=SEED, device=device,
+                  num_virtual_tokens=VIRTUAL_TOKENS, lora_dropout=DROPOUT)
+    peft = peft_losses(base, DATA, method, dtype=dtype, **kwargs)
+    peft_alt = peft_losses(base, DATA, method, dtype=alt, **kwargs)
+    ours_dev, noise = deviation(ours, peft), deviation(peft, peft_alt)
+    return {"method": method, "steps": steps, "lr": LR[method], "dtype": str(dtype).removeprefix("torch."),
+            "alt_dtype": str(alt).removeprefix("torch."), "trainer_said": said, "ours": ours, "peft": peft,
+            "peft_alt": peft_alt, "ours_vs_peft": ours_dev, "ours_vs_peft_alt": deviation(ours, peft_alt),
+            "noise": noise, "within_noise": ours_dev["max"] <= noise["max"]}
+
+
+def report(r: dict) -> None:
+    print(f"\n== {r['method']}: {r['steps']} steps, lr {r['lr']:g}, trainer in {r['dtype']}; "
+          f"peft in {r['dtype']} and {r['alt_dtype']}", flush=True)
+    for line in r["trainer_said"]:
+        print("   trainer:", line)
+    print(f"   {'step':>5} {'ours':>9} {'peft':>9} {'peft-alt':>9} {'ours/peft-1':>12}")
+    every = max(1, r["steps"] // 20)
+    for i in sorted({*range(0, r["steps"], every), r["steps"] - 1}):
+        a, b, c = r["ours"][i], r["peft"][i], r["peft_alt"][i]
+        print(f"   {i + 1:>5} {a:>9.4f} {b:>9.4f} {c:>9.4f} {a / b - 1:>+12.2e}")
+    for name in ("ours_vs_peft", "ours_vs_peft_alt", "noise"):
+        d = r[name]
+        print(f"   {name:<17} max {d['max']:.2e} (step {d['max_step']}), mean {d['mean']:.2e}")
+    print(f"   within noise: {'yes' if r['within_noise'] else 'no'} (ours' largest deviation from peft "
+          f"<= peft's own between {r['dtype']} and {r['alt_dtype']})", flush=True)
+
+
+def write_svg(r: dict, path: Path) -> None:
+    """The three curves, loss against step, as a plain SVG (no plotting library on these machines)."""
+    w, h, pad = 640, 360, 40
+    curves = {"ours": ("#d62728", r["ours"]), f"peft {r['dtype']}": ("#1f77b4", r["peft"]),
+              f"peft {r['alt_dtype']}": ("#7f7f7f", r["peft_alt"])}
+    top = max(max(c) for _, c in curves.values())
+    n = r["steps"]
+
+    def xy(i: int, v: float) -> str:
+        return f"{pad + (w - 2 * pad) * i / max(1, n - 1):.1f},{h - pad - (h - 2 * pad) * v / top:.1f}"
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+             f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
+             f'<text x="{pad}" y="20">{r["method"]}: loss per step, {n} steps (y from 0 to {top:.2f})</text>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>']
+    for k, (name, (color, values)) in enumerate(curves.items()):
+        points = " ".join(xy(i, v) for i, v in enumerate(values))
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.2" points="{points}"/>')
+        parts.append(f'<text x="{w - 200}" y="{40 + 16 * k}" fill="{color}">{name}</text>')
+    path.write_text("\n".join(parts + ["</svg>"]) + "\n", encoding="utf-8")
+
+
+def to_row(r: dict, machine: str, commit: str, date: str) -> dict[str, str]:
+    ran = "; ".join(r["trainer_said"]) or "?"
+    d, noise = r["ours_vs_peft"], r["noise"]
+    return {"date (UTC)": date, "commit": commit, "machine": machine, "method": r["method"],
+            "steps": str(r["steps"]), "dtype": r["dtype"], "trainer ran": ran.replace("|", "/"),
+            "ours first -> last": f"{r['ours'][0]:.3f} -> {r['ours'][-1]:.3f}",
+            "PEFT first -> last": f"{r['peft'][0]:.3f} -> {r['peft'][-1]:.3f}",
+            "ours vs PEFT max (step) / mean": f"{d['max']:.1e} ({d['max_step']}) / {d['mean']:.1e}",
+            "noise max (step) / mean": f"{noise['max']:.1e} ({noise['max_step']}) / {noise['mean']:.1e}",
+            "within noise": "yes" if r["within_noise"] else "no"}
+
+
+def append_rows(saved: dict, results: Path) -> None:
+    intro = ("The tiny model (common/tiny_model.py) on trainer/examples/gitclone.json, batch 2, seed 7, linear "
+             "schedule: `adapterd train` at its defaults against plain PEFT (bench/peft_oracle.py) in the same "
+             "dtype. Deviation = |ours - PEFT| / PEFT per step. Noise = plain PEFT in bf16 against plain PEFT "
+             "in fp32; within noise = ours' largest deviation <= the noise's largest.")
+    rows = [to_row(r, saved["machine"], saved["commit"], saved["date"]) for r in saved["results"]]
+    print(f"appended to {results}:", *append_to_section(results, SECTION, intro, COLUMNS, rows), sep="\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--methods", default="lora,ptuning-v2")
+    p.add_argument("--workdir", type=Path, help="where the tiny model and the runs go (default: a temp dir)")
+    p.add_argument("--json-out", type=Path)
+    p.add_argument("--svg-dir", type=Path, help="write curve-METHOD.svg here")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--append-from", type=Path, help="only append rows saved with --json-out, then exit")
+    args = p.parse_args(argv)
+    if args.append_from:
+        append_rows(json.loads(args.append_from.read_text()), args.results)
+        return 0
+    import torch
+
+    from adapterd.common.tiny_model import build_tiny_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="adapterd-curve-"))
+    base = workdir / "tiny-model"
+    if not (base / "config.json").is_file():
+        build_tiny_model(base)
+    saved = {"machine": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "device": device,
+             "commit": git_commit("trainer", "bench/loss_curve.py", "bench/peft_oracle.py"),
+             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "results": []}
+    failed = False
+    for method in [m for m in args.methods.split(",") if m]:
+        try:
+            result = run_method(base, method, args.steps, device, workdir)
+        except Exception as exc:  # one method failing still leaves the other's figure
+            print(f"{method}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+            failed = True
+            continue
+        report(result)
+        saved["results"].append(result)
+        if args.svg_dir:
+            args.svg_dir.mkdir(parents=True, exist_ok=True)
+            write_svg(result, args.svg_dir / f"curve-{method}.svg")
+        if args.json_out:
+            args.json_out.write_text(json.dumps(saved, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

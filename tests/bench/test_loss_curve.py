@@ -1,0 +1,45 @@
+"""bench/loss_curve.py through ``bash bench/gpu_train.sh curve`` on the CPU (tiny model, a few steps), so that the
+GPU's one call for issue 20's figure is not lost to a typo: the JSON, the log, an SVG per method, and the rows
+``--append-from`` writes into RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def test_curve_part_end_to_end_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "SITE": str(tmp_path / "site"),
+           "CURVE_ARGS": f"--steps 4 --workdir {tmp_path / 'work'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 = this venv's
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), "curve"], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    saved = json.loads((out / "train_curve.json").read_text())
+    assert saved["device"] == "cpu" and [r["method"] for r in saved["results"]] == ["lora", "ptuning-v2"]
+    for r in saved["results"]:
+        assert len(r["ours"]) == len(r["peft"]) == len(r["peft_alt"]) == 4
+        # on the CPU the trainer's defaults are the plain fp32 path: its curve is the oracle's to float noise
+        assert (r["dtype"], r["alt_dtype"]) == ("float32", "bfloat16")
+        assert r["ours_vs_peft"]["max"] < 1e-4 and r["within_noise"]
+        assert 0 < r["noise"]["max"] < 5e-2  # bf16 against fp32: some, and small
+        assert r["trainer_said"] == [
+            "kernels: off (auto: liger-kernel's Triton kernels need a CUDA device, and this run is on cpu)",
+            "fused loss: off (auto: the run is on cpu: the model's own loss, as with --fused-loss off)",
+            "loss: plain"]
+        assert (out / f"curve-{r['method']}.svg").read_text().count("<polyline") == 3
+    log = (out / "train_curve.log").read_text()
+    assert "== ptuning-v2: 4 steps" in log and "within noise: yes" in log
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    subprocess.run([sys.executable, str(REPO / "bench" / "loss_curve.py"), "--append-from",
+                    str(out / "train_curve.json"), "--results", str(results)], check=True, capture_output=True)
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| ") and "| cpu |" in line]
+    assert len(rows) == 2 and "| lora | 4 | float32 |" in rows[0] and rows[0].endswith("| yes |")
