@@ -357,7 +357,7 @@ def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, str
     rows = max(streams, default=args.slots)  # no streams phase: the Zipf sweep alone
     runtime = Runtime(base, root, EngineConfig(max_batch_size=rows, lora_slots=args.slots,
                                                max_lora_rank=args.rank, max_queue=100_000))
-    counter = StepCounter()
+    counter = StepCounter(runtime.engine.runner.graph_captures)
     runtime.engine.observers.add(counter)
     runtime.engine.start()
     alone: dict[int, tuple[float, str]] = {}

@@ -94,7 +94,8 @@ class EngineCore:
         self._cancelled_early: set[str] = set()  # cancels that overtook such a submit
         self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="adapterd-core-call")
         runtime.engine.after_step = self._flush
-        self.steps = StepCounter()  # decode steps and prefills, for bench/load_bench.py (the ``steps`` call)
+        # Decode steps, prefills and graph captures, for bench/load_bench.py (the ``steps`` call).
+        self.steps = StepCounter(runtime.engine.runner.graph_captures)
         runtime.engine.observers.add(self.steps)
         runtime.engine.observers.add(_SendAfterPrefill(runtime.engine, self._flush))
         self.handlers: dict[str, Callable[..., Any]] = {

@@ -9,6 +9,7 @@ spread over time, so the same tokens can cost more prefill forwards with fewer r
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -34,6 +35,8 @@ class StepCounts(msgspec.Struct):
     # short of wall is the engine thread off a core: waiting for the GIL, or descheduled.
     busy_wall_seconds: float = 0.0
     busy_cpu_seconds: float = 0.0
+    graph_captures: int = 0  # CUDA graphs captured (a new shape, or every graph after the pool moved)
+    capture_seconds: float = 0.0  # the engine thread's time capturing them: no step runs meanwhile
 
     def minus(self, before: StepCounts) -> StepCounts:
         return StepCounts(*(getattr(self, f) - getattr(before, f) for f in self.__struct_fields__))
@@ -50,6 +53,8 @@ class StepCounts(msgspec.Struct):
                      f"{self.prefill_rows / prefills:.1f} rows and "
                      f"{self.prefill_seconds / prefills * 1000:.2f} ms each "
                      f"({self.prefill_launch_seconds / prefills * 1000:.2f} ms of it to build and launch)")
+        if self.graph_captures:
+            line += f"; {self.graph_captures} graph captures ({self.capture_seconds * 1000:.0f} ms)"
         if self.busy_wall_seconds > 0:
             line += (f"; decode launch {self.decode_launch_seconds / steps * 1000:.2f} ms a step; engine thread "
                      f"on a CPU {self.busy_cpu_seconds / self.busy_wall_seconds:.0%} of the time")
@@ -59,13 +64,17 @@ class StepCounts(msgspec.Struct):
 class StepCounter(EngineObserver):
     """Counts on the engine thread (its hooks); ``counts`` may be read from any thread (a copy)."""
 
-    def __init__(self) -> None:
+    def __init__(self, graph_captures: Callable[[], tuple[int, float]] | None = None) -> None:
         self._counts = StepCounts()
+        self._graph_captures = graph_captures  # the runner's (count, seconds) so far, when there is one
         self._admitted_at = 0.0  # perf_counter() of the latest admission: the prefill that follows starts here
         self._last_step: tuple[float, float] | None = None  # (perf_counter, thread_time) at the last decode step
 
     def counts(self) -> StepCounts:
-        return StepCounts(**msgspec.structs.asdict(self._counts))
+        counts = StepCounts(**msgspec.structs.asdict(self._counts))
+        if self._graph_captures is not None:
+            counts.graph_captures, counts.capture_seconds = self._graph_captures()
+        return counts
 
     def request_admitted(self, row: Row, queue_seconds: float) -> None:
         self._admitted_at = time.perf_counter()

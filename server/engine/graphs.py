@@ -8,6 +8,7 @@ graph is stale and dropped. Graphs of one cache share a memory pool: they never 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -29,6 +30,7 @@ class GraphCache:
         self._pool: Any = None
         self._addresses: Hashable = None
         self.captures = 0  # graphs captured since start
+        self.capture_seconds = 0.0  # wall time spent capturing them (warm-up forwards included)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -49,9 +51,11 @@ class GraphCache:
         if entry is None:
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)  # its share of the memory pool is reused by the others
+            started = time.perf_counter()
             entry = capture(key)
             self._graphs[key] = entry
             self.captures += 1
+            self.capture_seconds += time.perf_counter() - started
         self._graphs.move_to_end(key)
         return entry
 

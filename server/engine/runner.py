@@ -122,6 +122,11 @@ class ModelRunner:
         """Running rows whose next step needs more entries than the pool has."""
         return [i for i, r in enumerate(self.batch.rows) if self.decoder.entries_for(r.kv_len) > self.pool.capacity]
 
+    def graph_captures(self) -> tuple[int, float]:
+        """CUDA graphs captured since start (decode and prefill) and the seconds their captures took."""
+        caches = (self.decoder.graphs, self.prefiller.graphs)
+        return sum(c.captures for c in caches), sum(c.capture_seconds for c in caches)
+
     def decode(self) -> torch.Tensor:
         """One decode step for every running row: each row's next logits; positions advance by one."""
         rows = self.batch.rows

@@ -24,6 +24,7 @@ def test_one_request_is_one_prefill_and_a_decode_step_per_further_token(daemon, 
     assert (counts.prefills, counts.prefill_rows, counts.decode_steps, counts.decode_rows) == (1, 1, 4, 4)
     assert counts.prefill_seconds > counts.prefill_launch_seconds > 0 and counts.decode_seconds > 0
     assert 0 < counts.decode_launch_seconds < counts.decode_seconds
+    assert counts.graph_captures == 0 and counts.capture_seconds == 0  # the runner's counts: no graphs on a CPU
     # Four steps back to back: three gaps between them, all busy; the thread's CPU time never exceeds the wall.
     assert counts.busy_wall_seconds > 0 and 0 < counts.busy_cpu_seconds <= counts.busy_wall_seconds * 1.01
 
@@ -40,3 +41,5 @@ def test_a_phase_is_described_per_step_and_per_prefill():
                        busy_wall_seconds=0.05, busy_cpu_seconds=0.04)
     assert timed.describe(span=0.1) == ("4 decode steps (25.00 ms apart), 1.0 rows and 10.00 ms each; decode launch "
                                         "2.00 ms a step; engine thread on a CPU 80% of the time")
+    captured = StepCounts(decode_steps=1, decode_rows=2, decode_seconds=0.01, graph_captures=3, capture_seconds=0.25)
+    assert captured.describe(span=1.0).endswith("; 3 graph captures (250 ms)")

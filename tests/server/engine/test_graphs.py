@@ -22,3 +22,18 @@ def test_graphs_are_kept_per_shape_least_recently_used_out():
     assert captured == [(1, 128, 0), (2, 128, 0), (4, 256, 16)] and cache.captures == 3
     cache.get((1, 128, 0), (2, 0), capture)  # the storage moved: every graph is stale
     assert captured[-1] == (1, 128, 0) and cache.keys() == [(1, 128, 0)]
+
+
+def test_capture_time_is_counted_for_captures_only():
+    """The step line's "graph captures (ms)": the time inside captures, not a lookup's."""
+    import time
+
+    cache = GraphCache("test")
+
+    def slow_capture(key):
+        time.sleep(0.05)
+        return "graph", None
+
+    cache.get(1, 0, slow_capture)
+    cache.get(1, 0, slow_capture)  # found: no capture, no time
+    assert cache.captures == 1 and 0.05 <= cache.capture_seconds < 0.5
