@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import multiprocessing as mp
 import os
 import queue
@@ -488,13 +489,14 @@ def main() -> int:
         poisson_load(target, ids, False, 2.0, 3.0, 4, 0)  # warm-up
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         for rate in (float(r) for r in args.rates.split(",") if r):
-            before = histogram_totals(metrics_url)
+            readings = [(histogram_totals(metrics_url), core_steps(daemon))]
             one = poisson_load(target, ids, False, rate, args.zipf_duration, args.new, 1)
-            middle = histogram_totals(metrics_url)
+            readings.append((histogram_totals(metrics_url), core_steps(daemon)))
             many = poisson_load(target, ids, True, rate, args.zipf_duration, args.new, 1)  # the same arrivals
-            for label, (a, b) in (("one adapter", (before, middle)),
-                                  ("Zipf", (middle, histogram_totals(metrics_url)))):
-                e2e_lines.append(f"Zipf sweep at {rate:g}/s, {label}: {describe_phase(a, b)}")
+            readings.append((histogram_totals(metrics_url), core_steps(daemon)))
+            for label, (a, b) in zip(("one adapter", "Zipf"), itertools.pairwise(readings), strict=True):
+                steps = b[1].minus(a[1]).describe(args.zipf_duration)
+                e2e_lines.append(f"Zipf sweep at {rate:g}/s, {label}: {describe_phase(a[0], b[0])}; {steps}")
                 print(e2e_lines[-1], flush=True)
             zipf_rows.append(f"| {rate:g}/s | {one['requests']} | {one['tok_s']:.1f} | {one['p50']:.0f} / "
                              f"{one['p95']:.0f} | {many['requests']} | {many['tok_s']:.1f} | {many['p50']:.0f} / "
