@@ -88,15 +88,20 @@ def rss_growth(report: SoakReport) -> dict[str, int]:
     return {name: report.rss_end.get(name, 0) - start for name, start in report.rss_start.items()}
 
 
+# The names the daemon gives its processes (server/core/process.py name_process), as /proc/<pid>/comm shows them.
+PROCESS_LABELS = {"adapterd-core": "engine core", **{f"adapterd-fe{i}": f"front end {i}" for i in range(2, 65)}}
+
+
 def daemon_processes(pid: int) -> dict[str, int]:
     """The daemon's processes by name: the first front end (``pid``), its children (the engine core, other
     front ends), from /proc."""
-    found = {"front end": pid}
+    found = {"front end 1": pid}
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
-            command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "resource_tracker" not in command:  # multiprocessing's helper, not part of the daemon
-                found[f"engine core or front end (pid {child})"] = int(child)
+            name = Path(f"/proc/{child}/comm").read_text().strip()
+            if name in PROCESS_LABELS:  # not multiprocessing's resource tracker, nor a merge worker
+                label = PROCESS_LABELS[name]
+                found[label if label not in found else f"{label} (pid {child})"] = int(child)  # one core per GPU
     return found
 
 

@@ -60,6 +60,7 @@ def _alive(pid: int) -> bool:
 def test_the_engine_runs_in_another_process_and_gives_peft_tokens(daemon, client, tiny_model_dir, served_root):
     core = daemon.daemon.engine_process.process
     assert core.pid != os.getpid() and _alive(core.pid)
+    assert Path(f"/proc/{core.pid}/comm").read_text().strip() == "adapterd-core"  # as ps and top show it
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     for prompt, adapter_id in (("hello world", ""), ("你是谁？", "lora-qv"), ("Tell me", "prefix")):
         ref = reference_greedy(tiny_model_dir, prompt, served_root / adapter_id if adapter_id else None, 8)

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -59,7 +60,9 @@ def test_every_connection_gets_peft_tokens_and_both_front_ends_serve(two, tiny_m
     for _ in range(CONNECTIONS):
         with _client(two) as c:  # a new connection each time
             assert c.generate("你是谁？", "lora-qv", max_new_tokens=6).text == want
-    other = two.daemon.frontends.members[0].exposition().decode()
+    member = two.daemon.frontends.members[0]
+    assert Path(f"/proc/{member.process.pid}/comm").read_text().strip() == "adapterd-fe2"  # as ps and top show it
+    other = member.exposition().decode()
     served_by_other = _rpc_count(other, "Generate")
     assert 0 < served_by_other < CONNECTIONS, other  # the kernel spread the connections over both front ends
     text = _scrape(two)
