@@ -7,7 +7,8 @@
 #   profile QUANT  64 streams only, both ways, with 50 decode steps of each side under the torch profiler
 #                (server/engine/profiling.py): $OUT/profile/{alone,core}/engine-*.txt, operators by device and
 #                host time, to say where a step slower in the core than alone spends the difference
-#   tests        parity (fp32 and int8 bases), the batched sampler, admission, the engine core's process and
+#   tests        (~7 min: give the call 450 s; the engine core's own tests first, so that a cut run still has
+#                them) parity (fp32 and int8 bases), the batched sampler, admission, the engine core's process and
 #                its faults, the kernels' compile probe with the compiler hidden, all on CUDA
 set -o pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -20,9 +21,9 @@ case $part in
           --streams 64 --client-procs 4 --work /tmp/adapterd-bench --profile-dir "$OUT/profile" --no-record $LOAD_ARGS \
           2>&1 | grep -v "Loading weights" | tee "$OUT/profile_${2:-none}.log" | tail -6 ;;
   tests) ADAPTERD_TEST_DEVICE=cuda python3 -P -m pytest -q -p no:cacheprovider --import-mode=append -o addopts="" \
-          tests/server/engine/test_parity.py tests/server/engine/test_sampling.py \
-          tests/server/engine/test_batch_sampler.py tests/server/engine/test_admission.py \
           tests/server/core/test_engine_process.py tests/server/test_generate_rpc.py \
-          tests/server/kernels/test_support.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+          tests/server/kernels/test_support.py tests/server/engine/test_admission.py \
+          tests/server/engine/test_batch_sampler.py tests/server/engine/test_sampling.py \
+          tests/server/engine/test_parity.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
 esac
 cp bench/RESULTS.md "$OUT/" 2>/dev/null
