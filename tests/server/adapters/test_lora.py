@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.adapters.lora import BatchedLoraLinear, LoraSlotTable, SlotWrites
 from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
 from adapterd.server.adapters.peft_format import LoraConfig, PrefixConfig
 from adapterd.server.engine.step_context import StepContext, step_context
@@ -228,3 +228,30 @@ def test_dense_path_keeps_an_overflowing_slot_out_of_other_rows():
     out = forward(model, table, [s1, s2, s1], x)
     assert not torch.isfinite(out[1]).all()
     torch.testing.assert_close(out[[0, 2]], clean[[0, 2]], rtol=0, atol=0)
+
+
+def test_a_slot_write_is_its_adapters_factors_b_scaled_the_rest_zeros_and_other_slots_untouched():
+    """``set_slot`` (``SlotWrites``, batched over layers): A into the first r rank rows of the slot, B stored
+    times the scaling, rank rows past r zeroed, every other slot as it was; a cleared slot is all zeros."""
+    layers = [BatchedLoraLinear(nn.Linear(8, 6), num_slots=3, max_rank=4, dtype=torch.float32,
+                                device=torch.device("cpu")) for _ in range(2)]
+    for layer in layers:
+        layer.lora_a.fill_(7.0)
+        layer.lora_b.fill_(7.0)
+    gen = torch.Generator().manual_seed(0)
+    module = LoraModule(torch.randn(2, 8, generator=gen, dtype=torch.bfloat16),
+                        torch.randn(6, 2, generator=gen, dtype=torch.bfloat16), 0.5)
+    writes = SlotWrites()
+    layers[0].plan_slot(1, module, writes)
+    layers[1].plan_slot(1, None, writes)  # not targeted by this adapter
+    assert layers[0].lora_a[0, 1, 0] == 7.0  # planned, not yet written
+    writes.run()
+    first, second = layers
+    assert torch.equal(first.lora_a[:2, 1], module.a.float())
+    assert torch.equal(first.lora_b[:2, 1], (module.b.t() * 0.5).float())  # scaled in B's dtype, then cast
+    assert not first.lora_a[2:, 1].any() and not first.lora_b[2:, 1].any()
+    assert not second.lora_a[:, 1].any() and not second.lora_b[:, 1].any()
+    for layer in layers:  # slots 0 and 2 untouched
+        assert (layer.lora_a[:, [0, 2]] == 7.0).all() and (layer.lora_b[:, [0, 2]] == 7.0).all()
+    first.set_slot(1, None)
+    assert not first.lora_a[:, 1].any() and not first.lora_b[:, 1].any()
