@@ -6,7 +6,8 @@
 #                TTFT of 512 tokens, CPU per token by process; the Zipf sweep at 8 requests/s
 #   profile QUANT  64 streams only, both ways, with 50 decode steps of each side under the torch profiler
 #                (server/engine/profiling.py): $OUT/profile/{alone,core}/engine-*.txt, operators by device and
-#                host time, to say where a step slower in the core than alone spends the difference
+#                host time, to say where a step slower in the core than alone spends the difference (its ratio
+#                is no figure: the profiler runs in the window, and writing its tables stalls the engine)
 #   tests        (~7 min: give the call 450 s; the engine core's own tests first, so that a cut run still has
 #                them) parity (fp32 and int8 bases), the batched sampler, admission, the engine core's process and
 #                its faults, the kernels' compile probe with the compiler hidden, all on CUDA

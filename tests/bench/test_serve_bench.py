@@ -49,7 +49,7 @@ def test_load_bench_tiny(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "load_bench.py"), "--shape", "tiny", "--adapters",
                           "20", "--distinct", "2", "--rates", "8", "--duration", "2", "--zipf-duration", "2", "--new",
                           "8", "--streams", "4", "--client-procs", "1", "--frontends", "1", "--work", str(tmp_path),
-                          "--http", "--no-record", "--profile-dir", str(tmp_path / "profile")],
+                          "--http", "--no-record"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     zipf_row = next(line for line in out.stdout.splitlines() if line.startswith("| 8/s"))
@@ -64,8 +64,5 @@ def test_load_bench_tiny(tmp_path):
                         re.M)
     assert len(ratios) == 1 and float(ratios[0]) > 0.1, out.stdout
     assert re.search(r"time to first token, 512-token prompt, p50 of 20: engine alone [\d.]+ ms, over gRPC", out.stdout)
-    for side in ("alone", "core"):  # --profile-dir: one operator table of each side's loaded decode steps
-        tables = list((tmp_path / "profile" / side).glob("engine-*.txt"))
-        assert len(tables) == 1 and "50 decode steps" in tables[0].read_text(), (side, out.stdout)
     http = re.findall(r"over HTTP \(OpenAI completions, SSE\) ([\d.]+) tok/s .* ratio ([\d.]+)", out.stdout)
     assert len(http) == 1 and all(float(r) > 0.1 for _, r in http), out.stdout
