@@ -32,7 +32,9 @@ class StepCounts(msgspec.Struct):
     decode_launch_seconds: float = 0.0  # of decode_seconds, until the runner returned: host work and launches
     # Between consecutive decode steps less than BUSY_GAP_S apart: wall time, and the engine thread's CPU time
     # (time.thread_time) in it. A waiting GPU is CPU time too (CUDA's spin-wait on a host copy), so CPU
-    # short of wall is the engine thread off a core: waiting for the GIL, or descheduled.
+    # short of wall is the engine thread off a core: waiting for the GIL, or descheduled. Under a light load
+    # the engine also idles between steps (waiting for requests) in gaps under BUSY_GAP_S: read the share
+    # under a steady load only (load_bench's streams), not in the Zipf sweep's lines.
     busy_wall_seconds: float = 0.0
     busy_cpu_seconds: float = 0.0
     graph_captures: int = 0  # CUDA graphs captured (a new shape, or every graph after the pool moved)
