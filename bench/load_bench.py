@@ -44,6 +44,7 @@ from zipf_load import (
     WORDS,
     describe_phase,
     histogram_totals,
+    in_client_process,
     make_zipf_root,
     poisson_load,
     zipf_choice,
@@ -332,13 +333,7 @@ def grpc_ttft(target: str, requests: int, token_ids: bool) -> float:
     daemon's first front end (``DaemonThread`` runs it here), a cost no user's client adds, paid or not
     depending on which front end the connection lands on. (On the 2-core CPU machine the extra process competes
     with the prefill for a core instead: read TTFT from the GPU machine's 16 cores only.)"""
-    ctx = mp.get_context("spawn")
-    out: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_ttft_proc, args=(target, requests, token_ids, out))
-    proc.start()
-    times = out.get(timeout=600)
-    proc.join()
-    return statistics.median(times) * 1000
+    return statistics.median(in_client_process(_ttft_proc, (target, requests, token_ids), 600)) * 1000
 
 
 def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, streams: list[int],

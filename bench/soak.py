@@ -41,6 +41,7 @@ from pathlib import Path
 import grpc
 
 from adapterd.clients.client import generate_request
+from adapterd.server.core.process import CORE_PROCESS_NAME, frontend_process_name
 from adapterd.v1 import adapterd_pb2 as pb
 from adapterd.v1 import adapterd_pb2_grpc as pb_grpc
 
@@ -88,8 +89,9 @@ def rss_growth(report: SoakReport) -> dict[str, int]:
     return {name: report.rss_end.get(name, 0) - start for name, start in report.rss_start.items()}
 
 
-# The names the daemon gives its processes (server/core/process.py name_process), as /proc/<pid>/comm shows them.
-PROCESS_LABELS = {"adapterd-core": "engine core", **{f"adapterd-fe{i}": f"front end {i}" for i in range(2, 65)}}
+# The names the daemon gives its processes (server/core/process.py), as /proc/<pid>/comm shows them.
+PROCESS_LABELS = {CORE_PROCESS_NAME: "engine core",
+                  **{frontend_process_name(i): f"front end {i + 1}" for i in range(1, 64)}}
 
 
 def daemon_processes(pid: int) -> dict[str, int]:

@@ -14,7 +14,9 @@ import random
 import statistics
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -93,15 +95,21 @@ def _poisson_proc(target: str, ids: list[str], zipf: bool, rate: float, duration
     out.put(asyncio.run(main()))
 
 
-def poisson_load(target: str, ids: list[str], zipf: bool, rate: float, duration: float, new: int,
-                 seed: int) -> dict[str, float]:
+def in_client_process(fn: Callable[..., None], args: tuple, timeout: float) -> Any:
+    """``fn(*args, out)`` in a spawned process of its own, as a user's client runs (never beside the daemon's
+    first front end, which runs in the bench's process); what it puts on ``out``."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_poisson_proc, args=(target, ids, zipf, rate, duration, new, seed, out))
+    proc = ctx.Process(target=fn, args=(*args, out))
     proc.start()
-    result = out.get(timeout=duration + 900)
+    result = out.get(timeout=timeout)
     proc.join()
     return result
+
+
+def poisson_load(target: str, ids: list[str], zipf: bool, rate: float, duration: float, new: int,
+                 seed: int) -> dict[str, float]:
+    return in_client_process(_poisson_proc, (target, ids, zipf, rate, duration, new, seed), duration + 900)
 
 
 def histogram_totals(metrics_url: str) -> dict[str, tuple[float, float]]:

@@ -28,8 +28,10 @@ and keeps them only if a probe batch through ``forward_loss`` gives the unpatche
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -216,18 +218,25 @@ def loss_head(peft_model: Any, cfg: TrainConfig, device: torch.device) -> tuple[
     return head, name
 
 
-def _probe_head(peft_model: Any, cfg: TrainConfig, head: LossHead, device: torch.device) -> str | None:
-    """``fused_loss.check_head`` on 16 tokens, in eval mode (no dropout: both forwards see the same model)."""
+@contextlib.contextmanager
+def _probing(peft_model: Any, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """A 16-token probe batch, with the model in eval mode (no dropout: every forward sees the same model)
+    and without gradients; the model's mode is put back after."""
     ids = torch.arange(3, 19, device=device)[None] % peft_model.config.vocab_size
-    probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     was_training = peft_model.training
     peft_model.eval()
     try:
         with torch.no_grad():
-            return fused_loss.check_head(peft_model.get_base_model(), forward_loss(peft_model, probe, cfg)[0],
-                                         forward_loss(peft_model, probe, cfg, head)[0])
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     finally:
         peft_model.train(was_training)
+
+
+def _probe_head(peft_model: Any, cfg: TrainConfig, head: LossHead, device: torch.device) -> str | None:
+    """``fused_loss.check_head`` on the probe batch."""
+    with _probing(peft_model, device) as probe:
+        return fused_loss.check_head(peft_model.get_base_model(), forward_loss(peft_model, probe, cfg)[0],
+                                     forward_loss(peft_model, probe, cfg, head)[0])
 
 
 def training_kernels(peft_model: Any, cfg: TrainConfig, device: torch.device) -> str:
@@ -265,24 +274,17 @@ def training_kernels(peft_model: Any, cfg: TrainConfig, device: torch.device) ->
 
 
 def _probe_kernels(peft_model: Any, cfg: TrainConfig, device: torch.device) -> tuple[float, torch.Tensor]:
-    """(the model's own loss, the decoder's last hidden states) on ``_probe_head``'s 16 tokens through
-    ``forward_loss`` (P-Tuning v2's prefix included), in eval mode without gradients."""
-    ids = torch.arange(3, 19, device=device)[None] % peft_model.config.vocab_size
-    probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    """(the model's own loss, the decoder's last hidden states) on the probe batch through ``forward_loss``
+    (P-Tuning v2's prefix included)."""
     seen: list[torch.Tensor] = []
 
     def capture(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         seen.append(hidden.detach().float())
         return hidden.new_zeros(())
 
-    was_training = peft_model.training
-    peft_model.eval()
-    try:
-        with torch.no_grad():
-            loss = float(forward_loss(peft_model, probe, cfg)[0])
-            forward_loss(peft_model, probe, cfg, capture)
-    finally:
-        peft_model.train(was_training)
+    with _probing(peft_model, device) as probe:
+        loss = float(forward_loss(peft_model, probe, cfg)[0])
+        forward_loss(peft_model, probe, cfg, capture)
     return loss, seen[0]
 
 

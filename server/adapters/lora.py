@@ -91,7 +91,7 @@ def group_kernel() -> Callable[..., None]:
 class SlotWrites:
     """The writes that fill (or clear) one slot in every wrapped layer, issued as three batched calls
     (``torch._foreach_*``) instead of 3-5 per layer. A slot fill runs on the engine thread between steps,
-    every row waiting: at 128 wrapped layers (a 7B model, q/k/v/o) that was ~400 calls from Python, each a
+    every row waiting: at 128 wrapped layers (a 7B model, q/k/v/o) that was 384-640 calls from Python, each a
     kernel launch on a GPU. On the CPU machine the fill costs the same either way (its time is the bytes
     copied); the GPU saving is not measured yet. The values are the per-layer writes' exactly: B times the
     adapter's scaling in B's dtype, then cast to the table's."""

@@ -27,7 +27,7 @@ import threading
 from multiprocessing.connection import Connection
 
 from ..config import ServerConfig
-from .process import name_process
+from .process import frontend_process_name, name_process
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class FrontEnds:
 def frontend_main(config: ServerConfig, index: int, core_addresses: list[str], pipe: Connection, log_level: str,
                   budgets: tuple) -> None:
     """Front end ``index`` (>= 1): its own gRPC server on the shared port, its own clients of the cores."""
-    name_process(f"adapterd-fe{index + 1}")  # the first front end is the `adapterd serve` process itself
+    name_process(frontend_process_name(index))
     logging.basicConfig(level=log_level, format=f"%(asctime)s frontend-{index} %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first front end decides (it tells us "stop")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

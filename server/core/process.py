@@ -100,6 +100,11 @@ def core_main(spec: CoreSpec, ready: Connection, parent_pid: int) -> None:
     os._exit(EXIT_BROKEN if broken else 0)
 
 
+def frontend_process_name(index: int) -> str:
+    """Front end ``index``'s (>= 1) process name; index 0, the first, is the `adapterd serve` process itself."""
+    return f"adapterd-fe{index + 1}"
+
+
 def name_process(name: str) -> None:
     """Name this process for ps and top (a spawned child otherwise shows as "python3", like every other)."""
     with contextlib.suppress(OSError, AttributeError):
