@@ -47,6 +47,7 @@ from zipf_load import (
     in_client_process,
     make_zipf_root,
     poisson_load,
+    warm_shapes,
     zipf_choice,
 )
 
@@ -491,6 +492,7 @@ def main() -> int:
         # The Zipf sweep last: its adapters wrap the model's layers for LoRA, which the engine alone (above) never
         # has; streams and TTFT are compared with the engine in the same state both ways.
         poisson_load(target, ids, False, 2.0, 3.0, 4, 0)  # warm-up
+        warm_shapes(target, ids[0], args.new)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         for rate in (float(r) for r in args.rates.split(",") if r):
             readings = [(histogram_totals(metrics_url), core_steps(daemon))]

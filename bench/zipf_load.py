@@ -112,6 +112,36 @@ def poisson_load(target: str, ids: list[str], zipf: bool, rate: float, duration:
     return in_client_process(_poisson_proc, (target, ids, zipf, rate, duration, new, seed), duration + 900)
 
 
+# Concurrent requests of each warm-up burst: every decode and prefill batch bucket up to 16 rows
+# (server/engine/decode_step.py's BATCH_BUCKETS), more than a Poisson phase at 8/s ever has at once.
+BURSTS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def _burst_proc(target: str, adapter_id: str, new: int, out: mp.Queue) -> None:
+    """A client process: for each of ``BURSTS``, that many requests on ``adapter_id`` sent at once."""
+    from adapterd.clients import AsyncAdapterdClient
+
+    async def main() -> int:
+        rng = random.Random(3)
+        async with AsyncAdapterdClient(target, timeout=600) as client:
+            for n in BURSTS:
+                prompts = [" ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS)) for _ in range(n)]
+                await asyncio.gather(*(client.generate(p, adapter_id, max_new_tokens=new, min_new_tokens=new)
+                                       for p in prompts))
+        return len(BURSTS)
+
+    out.put(asyncio.run(main()))
+
+
+def warm_shapes(target: str, adapter_id: str, new: int) -> None:
+    """Before a sweep: the batch shapes its phases meet, on one adapter, so that CUDA graphs of a shape first
+    met are captured here and not inside a measured phase. Each capture stops the engine for ~0.25 s (7B on an
+    H200) and every request in flight waits it out: at d8ee0b9 the Zipf phase met 3 new shapes (784 ms of
+    captures) and the one-adapter phase 2 (512 ms), which a daemon that has served a while has long captured.
+    The Zipf phase's first-contact adapter loads stay in the measurement (no Zipf adapter is touched here)."""
+    in_client_process(_burst_proc, (target, adapter_id, new), 900)
+
+
 def histogram_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
     """(sum of seconds, count) of each of ``PHASE_HISTOGRAMS``, over all its label sets, from /metrics."""
     with urllib.request.urlopen(metrics_url, timeout=30) as reply:
