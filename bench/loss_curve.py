@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,14 +58,15 @@ def deviation(ours: list[float], ref: list[float]) -> dict:
     return {"max": devs[worst], "max_step": worst + 1, "mean": sum(devs) / len(devs)}
 
 
-def trainer_curve(base: Path, method: str, steps: int, run_dir: Path) -> tuple[list[float], list[str]]:
-    """``adapterd train`` at its defaults (but the unquantized base, no eval split): per-step losses and the
-    train.log lines that say which loss and kernels ran."""
+def trainer_curve(base: Path, method: str, steps: int, run_dir: Path,
+                  extra: Sequence[str] = ()) -> tuple[list[float], list[str]]:
+    """``adapterd train`` at its defaults (but the unquantized base, no eval split; ``extra``: more flags, later
+    ones winning): per-step losses and the train.log lines that say which loss and kernels ran."""
     argv = [sys.executable, "-m", "adapterd.cli", "train", "--no-progress", "--base", str(base),
             "--data", str(DATA), "--method", method, "--output", str(run_dir), "--quantization", "none",
             "--batch-size", str(BATCH), "--max-steps", str(steps), "--learning-rate", str(LR[method]),
             "--seed", str(SEED), "--schedule", "linear", "--eval-split", "0", "--save-steps", str(steps),
-            "--lora-dropout", str(DROPOUT), "--num-virtual-tokens", str(VIRTUAL_TOKENS)]
+            "--lora-dropout", str(DROPOUT), "--num-virtual-tokens", str(VIRTUAL_TOKENS), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0:
@@ -74,12 +77,14 @@ def trainer_curve(base: Path, method: str, steps: int, run_dir: Path) -> tuple[l
     return [json.loads(line)["loss"] for line in lines], said
 
 
-def run_method(base: Path, method: str, steps: int, device: str, workdir: Path) -> dict:
+def run_method(base: Path, method: str, steps: int, device: str, workdir: Path, trainer_args: str = "") -> dict:
     import torch
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the trainer's compute dtype there
     alt = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
-    ours, said = trainer_curve(base, method, steps, workdir / f"run-{method}")
+    ours, said = trainer_curve(base, method, steps, workdir / f"run-{method}", shlex.split(trainer_args))
+    if trainer_args:
+        said = [f"flags: {trainer_args}", *said]
     kwargs = dict(steps=steps, batch_size=BATCH, lr=LR[method], seed=SEED, device=device,
                   num_virtual_tokens=VIRTUAL_TOKENS, lora_dropout=DROPOUT)
     peft = peft_losses(base, DATA, method, dtype=dtype, **kwargs)
@@ -160,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", type=Path)
     p.add_argument("--svg-dir", type=Path, help="write curve-METHOD.svg here")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--trainer-args", default="",
+                   help="more `adapterd train` flags for our side, e.g. '--kernels off' (to find which part of the "
+                        "fast path moves a curve; the row's 'trainer ran' names them)")
     p.add_argument("--append-from", type=Path, help="only append rows saved with --json-out, then exit")
     args = p.parse_args(argv)
     if args.append_from:
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for method in [m for m in args.methods.split(",") if m]:
         try:
-            result = run_method(base, method, args.steps, device, workdir)
+            result = run_method(base, method, args.steps, device, workdir, args.trainer_args)
         except Exception as exc:  # one method failing still leaves the other's figure
             print(f"{method}: FAILED: {type(exc).__name__}: {exc}", flush=True)
             failed = True

@@ -43,3 +43,26 @@ def test_curve_part_end_to_end_on_the_cpu(tmp_path):
                     str(out / "train_curve.json"), "--results", str(results)], check=True, capture_output=True)
     rows = [line for line in results.read_text().splitlines() if line.startswith("| ") and "| cpu |" in line]
     assert len(rows) == 2 and "| lora | 4 | float32 |" in rows[0] and rows[0].endswith("| yes |")
+
+
+def test_isolate_part_runs_each_piece_of_the_fast_path_off(tmp_path):
+    """``gpu_train.sh isolate``: the LoRA curve three times, each with the flags it names passed to the trainer
+    and recorded beside what the trainer said it ran."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "SITE": str(tmp_path / "site"),
+           "CURVE_ARGS": f"--steps 2 --workdir {tmp_path / 'work'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), "isolate"], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    flags = ["--kernels off", "--fused-loss off", "--kernels off --fused-loss off"]
+    for n, expected in enumerate(flags, 1):
+        saved = json.loads((out / f"train_isolate-{n}.json").read_text())
+        (r,) = saved["results"]
+        assert r["method"] == "lora" and len(r["ours"]) == 2
+        assert r["trainer_said"][0] == f"flags: {expected}"
+        assert r["ours_vs_peft"]["max"] < 1e-4  # the CPU's fp32 path whatever the flags
+    said = json.loads((out / "train_isolate-1.json").read_text())["results"][0]["trainer_said"]
+    assert not any(line.startswith("kernels: off (auto") for line in said)  # the flag turned them off, not auto
+    assert any(line.startswith("fused loss: off (auto") for line in said)  # while the loss stayed at its default
