@@ -54,7 +54,7 @@ from zipf_load import (
 from adapterd.server.core.step_stats import StepCounter, StepCounts
 
 TTFT_PROMPT_TOKENS = 512
-TTFT_REQUESTS = 20
+TTFT_REQUESTS = 50  # per side: the difference of two p50s is read against a 2 ms target, so not 20 samples
 STREAMS_PER_CONNECTION = 8
 # Seconds of the same streams before each measured window, both ways: graph captures of the prefill and decode
 # shapes this concurrency meets, and the key/value pool grown to its rows, happen before the window, not in it
