@@ -8,8 +8,9 @@
 #             liger-kernel's fused linear cross-entropy), lora-int8-fused-kernels (that plus --kernels auto:
 #             liger's RMSNorm, RoPE and SwiGLU in the base; the row says whether they ran)
 #   ptuning   usual-ptuning-int8, ptuning-int8, ptuning-int8-fused, ptuning-int8-fused-kernels
-#   extra     lora-int8-fused-torch (our chunked torch loss instead of liger's), lora-bf16, lora-bf16-fused,
-#             lora-int8-kernels (the kernels alone, plain loss)
+#   extra     lora-int8-fused-torch-kernels (our chunked torch loss instead of liger's, with liger's kernels:
+#             the fast path if liger's loss is what moves the LoRA curve, see isolate), lora-int8-fused-torch,
+#             lora-bf16, lora-bf16-fused, lora-int8-kernels (the kernels alone, plain loss)
 #   tests     the trainer's fused-loss, kernels and loss-curve tests on CUDA (liger against the plain model)
 #   curve     issue 20's loss-curve figure (bench/loss_curve.py, ~2 min): 200 steps of LoRA and P-Tuning v2 on the
 #             tutorial's examples, `adapterd train` at its GPU defaults against plain PEFT in bf16 and fp32;
@@ -39,7 +40,8 @@ bench() {  # bench NAME SCENARIOS
 case "$part" in
   lora) liger; bench lora usual-lora-int8,lora-int8,lora-int8-fused,lora-int8-fused-kernels ;;
   ptuning) liger; bench ptuning usual-ptuning-int8,ptuning-int8,ptuning-int8-fused,ptuning-int8-fused-kernels ;;
-  extra) liger; bench extra lora-int8-fused-torch,lora-bf16,lora-bf16-fused,lora-int8-kernels ;;
+  extra) liger
+    bench extra lora-int8-fused-torch-kernels,lora-int8-fused-torch,lora-bf16,lora-bf16-fused,lora-int8-kernels ;;
   tests)
     liger
     ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -m pytest -q -p no:cacheprovider \

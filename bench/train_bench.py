@@ -59,7 +59,8 @@ COLUMNS = ("date (UTC)", "commit", "machine", "scenario", "batch x ctx", "peak r
            "peak allocated GiB", "tokens/s", "median step s", "target", "met")
 SCENARIOS = ("usual-lora-int8", "usual-ptuning-int8", "lora-int8", "lora-int8-bnb", "ptuning-int8", "lora-bf16",
              "usual-lora-bf16", "lora-int8-fused", "lora-int8-fused-torch", "ptuning-int8-fused", "lora-bf16-fused",
-             "lora-int8-kernels", "lora-int8-fused-kernels", "ptuning-int8-fused-kernels")
+             "lora-int8-kernels", "lora-int8-fused-kernels", "ptuning-int8-fused-kernels",
+             "lora-int8-fused-torch-kernels")
 FUSED_SUFFIXES = {"-fused": "auto", "-fused-torch": "torch"}  # scenario suffix -> TrainConfig.fused_loss
 # Scenario suffix -> TrainConfig.kernels. auto, as -fused: on the GPU liger's kernels where they import and pass
 # the probe (the row says "kernels liger"), on the CPU smoke run none ("kernels off"), never a lost scenario.

@@ -58,12 +58,14 @@ def test_lora_part_measures_plain_and_fused_alike(tmp_path):
 
 def test_an_unknown_part_is_refused(tmp_path):
     done = run_part(tmp_path, "nonsense")
-    assert done.returncode == 2 and "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests|curve" in done.stderr
+    usage = "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests|curve|isolate"
+    assert done.returncode == 2 and usage in done.stderr
 
 
 def test_fused_scenarios_are_judged_by_their_plain_twins_targets():
     assert split_scenario("lora-int8-fused") == ("lora-int8", "auto", "off")
     assert split_scenario("lora-int8-fused-torch") == ("lora-int8", "torch", "off")
+    assert split_scenario("lora-int8-fused-torch-kernels") == ("lora-int8", "torch", "auto")
     assert split_scenario("ptuning-int8") == ("ptuning-int8", "off", "off")
     assert split_scenario("ptuning-int8-fused-kernels") == ("ptuning-int8", "auto", "auto")
     assert split_scenario("lora-int8-kernels") == ("lora-int8", "off", "auto")
