@@ -47,6 +47,8 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 DOWN_MESSAGE = "the engine stopped unexpectedly and is restarting; retry shortly"
+LOST_MESSAGE = ("this request's output was lost between the engine and the server's front end (the front end "
+                "fell behind and the engine cancelled the request); retry")
 
 
 class EngineClient(PromptsFacade):
@@ -133,6 +135,11 @@ class EngineClient(PromptsFacade):
                     future.set_result(message.value)
 
     def _deliver(self, message: Outputs) -> None:
+        for request_id in message.lost:  # events of these were dropped: their streams end now, with an error
+            queue = self._streams.pop(request_id, None)
+            if queue is not None:
+                queue.put_nowait(GenerationEvent("end", stop_reason=StopReason.ERROR,
+                                                 error=Unavailable(LOST_MESSAGE)))
         for event in message.events:
             queue = self._streams.get(event.request_id)
             if queue is not None:

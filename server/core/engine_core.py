@@ -8,7 +8,10 @@ Threads of the engine-core process, and who owns which socket (zmq sockets are n
   its new rows' first tokens first, as soon as they are sampled): straight to the front end's own PULL
   socket (``Submit.outputs``) through a PUSH socket of the engine thread's, with no other thread on the way.
   That socket's monitor tells it when the front end has gone (its process died): the requests it sent are
-  cancelled, so that they give their rows back instead of generating for nobody to their token limit;
+  cancelled, so that they give their rows back instead of generating for nobody to their token limit.
+  A front end alive but ``OUTPUT_HWM`` frames behind (its event loop blocked) loses the next frame: the
+  requests with events in it are cancelled and named in the ``lost`` field of the next frame that gets
+  through, so their streams end with UNAVAILABLE, never with tokens missing or no end;
 - a few worker threads run calls that may touch the disk (adapter loads, listing) and submits whose adapter
   must be loaded first, and send their replies through their own PUSH sockets.
 No gRPC and no tokenizing here: the engine's host thread only schedules and launches.
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 OUTBOX = "inproc://adapterd-core-outbox"
 CALL_THREADS = 4  # adapter loads and listings at once; each is bounded by the store's own limits
 POLL_MS = 200  # how often the I/O thread looks at ``stopping`` while idle, milliseconds
+OUTPUT_HWM = 1000  # frames queued for one front end (zmq's default, ~8 s of steps at 8 ms) before one is lost
 
 
 class _SendAfterPrefill(EngineObserver):
@@ -88,6 +92,8 @@ class EngineCore:
         self._outputs_of: dict[bytes, str] = {}  # front end -> its PULL address (``Submit.outputs``)
         # engine thread only: per such address, a PUSH socket and the monitor of its disconnect events
         self._direct: dict[str, tuple[zmq.Socket, zmq.Socket]] = {}
+        # engine thread only: per such address, requests whose events a full queue dropped, not yet told
+        self._lost: dict[str, set[str]] = {}
         self._requests_of: dict[bytes, set[str]] = {}  # front end -> its requests in the engine (under _lock)
         self._lock = threading.Lock()  # guards the two sets below (I/O thread and call threads)
         self._waiting_for_load: set[str] = set()  # submits whose adapter a call thread is loading
@@ -222,32 +228,53 @@ class EngineCore:
         self._send(identity, Outputs([event_message(request_id, event)]))
 
     def _flush(self) -> None:
-        """Engine thread, after each step (and after a prefill): one frame per front end holding its events."""
+        """Engine thread, after each step (and after a prefill): one frame per front end holding its events
+        (and, to a front end that lost a frame, one naming the lost requests, events or not)."""
         self._cancel_for_departed()
-        if not self._pending:
+        if not self._pending and not self._lost:
             return
         pending, self._pending = self._pending, {}
+        pushed = set()
         for identity, events in pending.items():
             address = self._outputs_of.get(identity)
             if address is None:
                 self._send(identity, Outputs(events))
             else:
-                self._push(address, Outputs(events))
+                self._push(address, events)
+                pushed.add(address)
+        for address in [a for a in self._lost if a not in pushed and a in self._direct]:
+            self._push(address, [])
 
-    def _push(self, address: str, message: Outputs) -> None:
-        """Engine thread: ``message`` to a front end's PULL socket. The PUSH socket queues frames while its
-        connection is being made (zmq's default), so the first frames after ``connect`` are not lost; a front
-        end that stopped reading (its queue full) loses the frame, as the ROUTER path drops it."""
+    def _push(self, address: str, events: list[Event]) -> None:
+        """Engine thread: ``events`` to a front end's PULL socket. The PUSH socket queues frames while its
+        connection is being made (zmq's default), so the first frames after ``connect`` are not lost. A front
+        end ``OUTPUT_HWM`` frames behind loses the frame: its requests are cancelled (``_lose``)."""
         if address not in self._direct:
             push = self.context.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
+            push.setsockopt(zmq.SNDHWM, OUTPUT_HWM)
             self._direct[address] = push, push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             push.connect(address)
         push = self._direct[address][0]
+        lost = self._lost.get(address, set())
         try:
-            push.send(encoder.encode(message), zmq.NOBLOCK)
+            push.send(encoder.encode(Outputs(events, sorted(lost))), zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("dropped a frame for a front end that does not read")
+            self._lose(address, {e.request_id for e in events})
+        else:
+            if lost:
+                del self._lost[address]
+
+    def _lose(self, address: str, request_ids: set[str]) -> None:
+        """A frame for ``address`` was dropped: its requests lost events (tokens, or their end) the front end
+        can never get back. Each is cancelled (a no-op for one that already ended) and told as lost."""
+        new = request_ids - self._lost.get(address, set())
+        self._lost.setdefault(address, set()).update(request_ids)
+        for request_id in new:
+            self.runtime.engine.cancel(request_id)
+        if new:
+            log.warning("a front end fell %d frames behind: %d of its requests lost events and were cancelled",
+                        OUTPUT_HWM, len(new))
 
     def _cancel_for_departed(self) -> None:
         """Engine thread, at each flush: a front end whose PULL socket disconnected (its process died; a live
@@ -265,6 +292,7 @@ class EngineCore:
             if requests:
                 log.warning("a front end went away: %d of its requests cancelled", len(requests))
             del self._direct[address]
+            self._lost.pop(address, None)
             monitor.close(0)
             push.close(0)
 

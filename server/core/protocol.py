@@ -83,6 +83,10 @@ class Event(msgspec.Struct, array_like=True, frozen=True):
 
 class Outputs(msgspec.Struct, tag=True, frozen=True):
     events: list[Event]
+    # Requests whose events were in a frame this front end's full queue dropped (it fell ``OUTPUT_HWM`` frames
+    # behind): the core cancelled them, and the front end ends their streams with an error instead of
+    # waiting for tokens, or an end, that will never come.
+    lost: list[str] = []
 
 
 class Reply(msgspec.Struct, tag=True, frozen=True):

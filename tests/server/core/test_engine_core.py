@@ -165,3 +165,74 @@ def test_a_front_end_that_goes_away_has_its_requests_cancelled(tiny_model_dir, a
         thread.join(10)
         runtime.close()
         core.close()
+
+
+class _StalledPush:
+    """A front end's PUSH socket whose queue is full (the front end fell ``OUTPUT_HWM`` frames behind) while
+    ``stalled`` is set: each send raises zmq.Again, as zmq's does then."""
+
+    def __init__(self, push: zmq.Socket) -> None:
+        self.push, self.stalled = push, threading.Event()
+        self.stalled.set()
+
+    def send(self, data: bytes, flags: int = 0) -> None:
+        if self.stalled.is_set():
+            raise zmq.Again()
+        self.push.send(data, flags)
+
+    def close(self, linger: int | None = None) -> None:
+        self.push.close(linger)
+
+
+def test_a_front_end_that_falls_behind_loses_its_requests_with_an_error_not_their_tokens(
+        tiny_model_dir, adapter_root, tmp_path):
+    """A front end alive but too far behind (its event loop blocked) cannot take the step's frame: the request
+    with events in it is cancelled (its row freed at once), and the next frame that gets through names it as
+    lost, so that the front end ends its stream with an error instead of streaming a text with tokens missing
+    from the middle, or waiting forever for an end that was dropped. Its later requests are served whole."""
+    runtime = Runtime.load(tiny_model_dir, adapter_root, "none", EngineConfig(max_batch_size=4, max_queue=8),
+                           device=TEST_DEVICE, dtype="float32")
+    finished = _Finished()
+    runtime.engine.observers.add(finished)
+    core = EngineCore(runtime, EngineProcess.private_address())
+    thread = threading.Thread(target=core.serve, daemon=True)
+    thread.start()
+    context = zmq.Context()
+    try:
+        dealer, pull = context.socket(zmq.DEALER), context.socket(zmq.PULL)
+        dealer.connect(core.router.getsockopt_string(zmq.LAST_ENDPOINT))
+        address = f"ipc://{tmp_path}/outputs.sock"
+        pull.bind(address)
+        limit = 400
+        dealer.send(encoder.encode(Submit("behind", PROMPT, GenerationParams(max_new_tokens=limit,
+                                                                             min_new_tokens=limit), outputs=address)))
+        frames = _outputs(pull, time.monotonic() + 60)
+        assert next(frames).events[0].kind == "start"
+        push, monitor = core._direct[address]
+        stalled = _StalledPush(push)
+        core._direct[address] = stalled, monitor  # from here on the front end's queue is full
+        assert finished.done.wait(60)
+        reason, generated = finished.rows["behind"]
+        assert reason == StopReason.CANCELLED and generated < limit, (reason, generated)
+        received = []
+        while pull.poll(200):  # what got through before the queue filled: no end among it
+            received += from_core.decode(pull.recv()).events
+        assert all(e.kind != "end" for e in received)
+        stalled.stalled.clear()  # the front end reads again; its next request goes through whole
+        dealer.send(encoder.encode(Submit("after", PROMPT, GenerationParams(max_new_tokens=3, min_new_tokens=3),
+                                          outputs=address)))
+        told, events = [], []
+        for frame in frames:
+            told += frame.lost
+            events += [e for e in frame.events if e.request_id == "after"]
+            if events and events[-1].kind == "end":
+                break
+        assert told == ["behind"]
+        assert [e.kind for e in events][0] == "start" and len(events[-1].token_ids) == 3
+        assert runtime.engine.stats()["running"] == 0
+    finally:
+        context.destroy(linger=0)
+        core.stop()
+        thread.join(10)
+        runtime.close()
+        core.close()
