@@ -3,6 +3,7 @@ I/O thread serving an in-process runtime on the tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -134,9 +135,10 @@ class _Finished(EngineObserver):
         self.done.set()
 
 
-def test_a_front_end_that_goes_away_has_its_requests_cancelled(tiny_model_dir, adapter_root, tmp_path):
-    """A front end's process dies with a request in the engine: the PULL socket it named disconnects, and the
-    core cancels the request at once instead of generating its tokens for nobody (its row is free again)."""
+@contextlib.contextmanager
+def _core_of_its_own(tiny_model_dir, adapter_root, tmp_path):
+    """A core serving a runtime of its own (a test that ends or cancels its rows), with a front end's DEALER and
+    the PULL socket at ``address`` it names in its Submits; ``finished`` records each request's end."""
     runtime = Runtime.load(tiny_model_dir, adapter_root, "none", EngineConfig(max_batch_size=4, max_queue=8),
                            device=TEST_DEVICE, dtype="float32")
     finished = _Finished()
@@ -150,6 +152,19 @@ def test_a_front_end_that_goes_away_has_its_requests_cancelled(tiny_model_dir, a
         dealer.connect(core.router.getsockopt_string(zmq.LAST_ENDPOINT))
         address = f"ipc://{tmp_path}/outputs.sock"
         pull.bind(address)
+        yield runtime, core, finished, dealer, pull, address
+    finally:
+        context.destroy(linger=0)
+        core.stop()
+        thread.join(10)
+        runtime.close()
+        core.close()
+
+
+def test_a_front_end_that_goes_away_has_its_requests_cancelled(tiny_model_dir, adapter_root, tmp_path):
+    """A front end's process dies with a request in the engine: the PULL socket it named disconnects, and the
+    core cancels the request at once instead of generating its tokens for nobody (its row is free again)."""
+    with _core_of_its_own(tiny_model_dir, adapter_root, tmp_path) as (runtime, core, finished, dealer, pull, address):
         limit = 400
         dealer.send(encoder.encode(Submit("orphan", PROMPT, GenerationParams(max_new_tokens=limit,
                                                                              min_new_tokens=limit), outputs=address)))
@@ -159,12 +174,6 @@ def test_a_front_end_that_goes_away_has_its_requests_cancelled(tiny_model_dir, a
         reason, generated = finished.rows["orphan"]
         assert reason == StopReason.CANCELLED and generated < limit, (reason, generated)
         assert runtime.engine.stats()["running"] == 0
-    finally:
-        context.destroy(linger=0)
-        core.stop()
-        thread.join(10)
-        runtime.close()
-        core.close()
 
 
 class _StalledPush:
@@ -190,19 +199,7 @@ def test_a_front_end_that_falls_behind_loses_its_requests_with_an_error_not_thei
     with events in it is cancelled (its row freed at once), and the next frame that gets through names it as
     lost, so that the front end ends its stream with an error instead of streaming a text with tokens missing
     from the middle, or waiting forever for an end that was dropped. Its later requests are served whole."""
-    runtime = Runtime.load(tiny_model_dir, adapter_root, "none", EngineConfig(max_batch_size=4, max_queue=8),
-                           device=TEST_DEVICE, dtype="float32")
-    finished = _Finished()
-    runtime.engine.observers.add(finished)
-    core = EngineCore(runtime, EngineProcess.private_address())
-    thread = threading.Thread(target=core.serve, daemon=True)
-    thread.start()
-    context = zmq.Context()
-    try:
-        dealer, pull = context.socket(zmq.DEALER), context.socket(zmq.PULL)
-        dealer.connect(core.router.getsockopt_string(zmq.LAST_ENDPOINT))
-        address = f"ipc://{tmp_path}/outputs.sock"
-        pull.bind(address)
+    with _core_of_its_own(tiny_model_dir, adapter_root, tmp_path) as (runtime, core, finished, dealer, pull, address):
         limit = 400
         dealer.send(encoder.encode(Submit("behind", PROMPT, GenerationParams(max_new_tokens=limit,
                                                                              min_new_tokens=limit), outputs=address)))
@@ -230,9 +227,3 @@ def test_a_front_end_that_falls_behind_loses_its_requests_with_an_error_not_thei
         assert told == ["behind"]
         assert [e.kind for e in events][0] == "start" and len(events[-1].token_ids) == 3
         assert runtime.engine.stats()["running"] == 0
-    finally:
-        context.destroy(linger=0)
-        core.stop()
-        thread.join(10)
-        runtime.close()
-        core.close()
