@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, add_config_arguments, cli_fields
-from .resume import completed_run, export_missing, saved_config
+from .resume import check_resume_config, completed_run, export_missing, saved_config
 from .runlock import RunBusy
 
 HELP = ("Train a LoRA or P-Tuning v2 adapter on Alpaca-style data (JSON list or JSON lines); writes "
@@ -87,10 +87,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
         cfg.validate()
+        done = completed_run(cfg)  # before torch loads: nothing to do, nothing to write
+        if cfg.resume and done is None:  # a resume that would change the run: refused, nothing written
+            check_resume_config(cfg.run_dir, cfg)
     except ConfigError as exc:
         print(f"adapterd train: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return 2
-    done = completed_run(cfg)  # before torch loads: nothing to do, nothing to write
     if done is not None:
         exported = export_missing(cfg, done) if os.environ.get("RANK", "0") == "0" else None
         _report(f"run {cfg.output} already completed at step {done.get('step')}/{done.get('total_steps')}; "

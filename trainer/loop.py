@@ -103,6 +103,8 @@ def train(cfg: TrainConfig, *, stop: threading.Event | None = None, progress: bo
     if done is not None:
         resume_mod.export_missing(cfg, done)
         return done
+    if cfg.resume:  # before the lock and status.json: a refused resume writes nothing
+        resume_mod.check_resume_config(cfg.run_dir, cfg)
     started_unix = time.time() if started_unix is None else started_unix
     rank, world = _dist()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,8 +158,6 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, status: StatusWr
     write = status.update if main else (lambda **_: None)
     if main:
         ckpt.remove_stale(run_dir)
-        if cfg.resume:
-            resume_mod.check_resume_config(run_dir, cfg)
         resume_mod.write_config(run_dir, cfg)
     log.info("run %s: %s on %s (%s), data %s", run_dir.name, cfg.method, cfg.base, cfg.quantization, cfg.data)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.fsutil import write_atomic
-from .config import RESUME_CRITICAL, TrainConfig
+from .config import RESUME_CRITICAL, ConfigError, TrainConfig
 from .status import STOP_FILE, read_status
 
 CONFIG_FILE = "train_config.json"
@@ -42,14 +42,16 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
-    """ValueError naming the critical settings a resume would change."""
+    """ConfigError naming the critical settings a resume would change (the first as its field). Checked before
+    anything is written: a refused resume leaves the run's status.json as it was."""
     saved = saved_config(run_dir)
     if saved is None:
         return
     changed = [k for k in RESUME_CRITICAL if k in saved and saved[k] != getattr(cfg, k)]
     if changed:
-        raise ValueError(f"--resume with other settings than the run had: {', '.join(changed)} "
-                         "(an exact resume needs the same ones)")
+        raise ConfigError(changed[0], f"--resume with other settings than the run had: {', '.join(changed)} "
+                                      f"(the run had {', '.join(f'{k}={saved[k]!r}' for k in changed)}; an exact "
+                                      "resume needs the same ones)")
 
 
 def completed_run(cfg: TrainConfig) -> dict[str, Any] | None:

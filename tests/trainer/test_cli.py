@@ -51,6 +51,26 @@ def test_resume_without_checkpoint_fails_in_status(make_config, subprocess_env):
     assert status["state"] == "failed" and "no checkpoint" in status["error"]
 
 
+def test_a_resume_that_would_change_the_run_is_refused_and_writes_nothing(make_config, subprocess_env):
+    """``--resume`` with a critical setting changed (here the learning rate) cannot continue the loss curve: exit
+    2 naming the option and the run's value, before anything loads or is written, so status.json still says
+    what the run did (a monitor polling TrainStatus sees no ``failed`` run that is in fact intact)."""
+    cfg = make_config(max_steps=2, save_steps=2)
+    done = subprocess.run(train_argv(cfg), env=subprocess_env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = Path(cfg.output)
+    before = {name: (run_dir / name).read_bytes() for name in ("status.json", "train_config.json", "train.log")}
+    argv = [sys.executable, "-m", "adapterd.cli", "train", "--output", cfg.output, "--resume", "--max-steps", "4",
+            "--learning-rate", "0.5"]
+    out = subprocess.run(argv, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "adapterd train: --learning-rate: --resume with other settings than the run had: learning_rate (the run "
+        "had learning_rate=0.01; an exact resume needs the same ones)")
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun not installed beside this Python")
 def test_torchrun_two_ranks(make_config, subprocess_env):
