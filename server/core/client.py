@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import logging
 import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -31,6 +30,7 @@ from ..engine.request import GenerationEvent, GenerationParams, StopReason
 from ..errors import Unavailable
 from ..prompts import Prompts, PromptsFacade
 from ..runtime import request_name
+from .process import private_dir
 from .protocol import (
     AdapterRef,
     Call,
@@ -63,7 +63,7 @@ class EngineClient(PromptsFacade):
         self._socket.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(address)
-        self._outputs_dir = tempfile.mkdtemp(prefix="adapterd-outputs-")  # mode 0700: this user's alone
+        self._outputs_dir = private_dir("outputs")  # mode 0700: this user's alone
         self.outputs_address = f"ipc://{self._outputs_dir}/outputs.sock"
         self._outputs = self._context.socket(zmq.PULL)
         self._outputs.setsockopt(zmq.LINGER, 0)

@@ -15,6 +15,9 @@ waits for response serialization again (issue 14; bench/NOTES.md, "gRPC end to e
 - Orphans: the core asks the kernel for SIGKILL when the thread that spawned it ends (``PR_SET_PDEATHSIG``),
   so a killed daemon never leaves an engine holding the GPU.
 - Stop: SIGTERM to the core stops its engine (rows still running end with UNAVAILABLE) and it exits 0.
+- Sockets: the core's and each front end's ``ipc://`` sockets live in private directories (``private_dir``)
+  named after the process that made them. A clean stop removes them; the directories of a process that died
+  without doing so (``kill -9``) are removed by the next daemon of the same user that starts.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import logging
 import multiprocessing
 import multiprocessing.util
 import os
+import re
+import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -100,6 +106,49 @@ def core_main(spec: CoreSpec, ready: Connection, parent_pid: int) -> None:
     os._exit(EXIT_BROKEN if broken else 0)
 
 
+def private_dir(kind: str) -> str:
+    """A new directory only this user can enter (``mkdtemp``: mode 0700) for ``kind``'s sockets ("core",
+    "outputs"), named ``adapterd-KIND-PID-*`` after this process; stale ones are swept first."""
+    sweep_private_dirs(kind)
+    return tempfile.mkdtemp(prefix=f"adapterd-{kind}-{os.getpid()}-")
+
+
+def sweep_private_dirs(kind: str) -> int:
+    """Remove this user's ``adapterd-KIND-PID-*`` directories whose process has died (a ``kill -9`` leaves
+    them, each with its socket file); returns how many. A live process's are kept, whoever it is. (Daemons in
+    other PID namespaces must not share this temporary directory: their processes would look dead here.)"""
+    named = re.compile(rf"adapterd-{re.escape(kind)}-(\d+)-")
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"adapterd-{kind}-*"):
+        match = named.match(path.name)
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if match is None or info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode) or _alive(int(match[1])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def remove_private_dir(address: str) -> None:
+    """Remove the directory of an ``ipc://`` address that ``private_dir`` made (any other is left alone)."""
+    directory = Path(address.removeprefix("ipc://")).parent
+    if address.startswith("ipc://") and directory.name.startswith("adapterd-"):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def frontend_process_name(index: int) -> str:
     """Front end ``index``'s (>= 1) process name; index 0, the first, is the `adapterd serve` process itself."""
     return f"adapterd-fe{index + 1}"
@@ -144,8 +193,8 @@ class EngineProcess:
 
     @staticmethod
     def private_address() -> str:
-        """An ``ipc://`` address in a new directory only this user can enter."""
-        return f"ipc://{tempfile.mkdtemp(prefix='adapterd-core-')}/engine.sock"
+        """An ``ipc://`` address in a new directory only this user can enter (``private_dir``)."""
+        return f"ipc://{private_dir('core')}/engine.sock"
 
     async def start(self) -> None:
         """Spawn the core and wait until it serves; RuntimeError with its reason if it cannot start."""
@@ -196,7 +245,14 @@ class EngineProcess:
         self.on_up()
 
     async def stop(self, timeout: float) -> bool:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds; True if it exited by itself."""
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; True if it exited by itself. Its socket's
+        directory goes with it."""
+        try:
+            return await self._stop(timeout)
+        finally:
+            remove_private_dir(self.spec.address)
+
+    async def _stop(self, timeout: float) -> bool:
         self._stopping = True
         if self._restart is not None:
             self._restart.cancel()

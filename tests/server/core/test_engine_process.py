@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoTokenizer
 
 from adapterd.clients import AdapterdClient
+from adapterd.server.core.process import private_dir
 from tests.helpers import CLI, ENV, reference_greedy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -116,17 +119,32 @@ def _serve_process(tiny_model_dir, adapter_root) -> tuple[subprocess.Popen, int]
     return proc, int(match[2])
 
 
-def test_a_killed_daemon_leaves_no_engine_process_behind(tiny_model_dir, adapter_root):
+def _private_dirs(pid: int) -> list[str]:
+    """The socket directories process ``pid`` made (``server/core/process.py``'s ``private_dir``)."""
+    return sorted(p.name.split("-")[1] for p in Path(tempfile.gettempdir()).glob(f"adapterd-*-{pid}-*"))
+
+
+def test_a_killed_daemon_leaves_no_engine_process_behind_and_the_next_one_removes_its_sockets(
+        tiny_model_dir, adapter_root):
     proc, _ = _serve_process(tiny_model_dir, adapter_root)
     try:
         cores = _children(proc.pid)
         assert cores, "the daemon has no engine-core process"
+        assert _private_dirs(proc.pid) == ["core", "outputs"]
         proc.kill()
         proc.wait()
         assert _wait_for(lambda: not any(_alive(pid) for pid in cores), 10), "an orphaned engine core lives on"
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert _private_dirs(proc.pid) == ["core", "outputs"]  # kill -9: nothing of the daemon's ran
+    made = [tempfile.mkdtemp(prefix=f"adapterd-core-{os.getpid()}-")]  # a live daemon's (this process is alive)
+    try:
+        made += [private_dir("core"), private_dir("outputs")]  # what the next daemon's start does
+        assert _private_dirs(proc.pid) == [] and Path(made[0]).is_dir()
+    finally:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def test_sigterm_drains_across_the_processes_and_exits_0(tiny_model_dir, adapter_root):
@@ -165,3 +183,4 @@ def test_sigterm_drains_across_the_processes_and_exits_0(tiny_model_dir, adapter
     assert results and isinstance(results[0], int), results  # the stream in flight finished
     assert replies and getattr(replies[0], "generated_token_count", None) == 300, replies
     assert _wait_for(lambda: not any(_alive(pid) for pid in cores), 10)
+    assert _private_dirs(proc.pid) == []  # its sockets' directories went with it
