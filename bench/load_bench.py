@@ -54,7 +54,6 @@ from zipf_load import (
 from adapterd.server.core.step_stats import StepCounter, StepCounts
 
 TTFT_PROMPT_TOKENS = 512
-TTFT_REQUESTS = 50  # per side: the difference of two p50s is read against a 2 ms target, so not 20 samples
 STREAMS_PER_CONNECTION = 8
 # Seconds of the same streams before each measured window, both ways: graph captures of the prefill and decode
 # shapes this concurrency meets, and the key/value pool grown to its rows, happen before the window, not in it
@@ -371,14 +370,14 @@ def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, str
     try:
         asyncio.run(engine_streams(runtime, 4, 2.0, 4))  # warm-up
         for n in streams:
-            asyncio.run(engine_streams(runtime, n, WARM_UP_S, args.new))  # as over gRPC below
+            asyncio.run(engine_streams(runtime, n, args.warm_up, args.new))  # as over gRPC below
             before, cpu_before = counter.counts(), process_cpu_seconds(me)
             tok_s, tokens, span = asyncio.run(engine_streams(runtime, n, args.duration, args.new))
             cpu = cpu_per_token(cpu_before, process_cpu_seconds(me), tokens) if cpu_before else "no /proc"
             alone[n] = (tok_s, f"{counter.counts().minus(before).describe(span)}; {cpu}")
             print(f"engine alone, {n} streams: {tok_s:.1f} tok/s ({alone[n][1]})", flush=True)
         before = counter.counts()
-        ttft = (asyncio.run(engine_ttft(runtime, TTFT_REQUESTS)), prefill_ms(counter.counts().minus(before)))
+        ttft = (asyncio.run(engine_ttft(runtime, args.ttft_requests)), prefill_ms(counter.counts().minus(before)))
     finally:
         runtime.close()
     out.put((alone, ttft))
@@ -411,6 +410,10 @@ def main() -> int:
     parser.add_argument("--streams", default="64,256", help="concurrent streams, each count measured both ways")
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--frontends", type=int, default=0, help="the daemon's --frontends (0: its default)")
+    parser.add_argument("--ttft-requests", type=int, default=50,
+                        help="512-token requests a side for the TTFT p50s (their difference is read against 2 ms)")
+    parser.add_argument("--warm-up", type=float, default=WARM_UP_S,
+                        help="seconds of the same streams before each measured window, both ways")
     parser.add_argument("--http", action="store_true", help="also stream over the OpenAI-compatible HTTP API")
     parser.add_argument("--devices", default=None,
                         help="the daemon's --device; a list (cuda:0,cuda:1) also measures the streams with Zipf "
@@ -467,7 +470,7 @@ def main() -> int:
     zipf_rows, e2e_lines = [], []
     try:
         for n in streams:
-            grpc_streams(target, n, args.client_procs, WARM_UP_S, args.new)  # as the engine alone above
+            grpc_streams(target, n, args.client_procs, args.warm_up, args.new)  # as the engine alone above
             processes = daemon_processes(daemon)
             cpu_before, steps_before = process_cpu_seconds(processes), core_steps(daemon)
             e2e, tokens, span = grpc_streams(target, n, args.client_procs, args.duration, args.new)
@@ -481,9 +484,9 @@ def main() -> int:
                 e2e_lines.append(http_line(daemon, base_dir.name, args, n, tok_s))
                 print(e2e_lines[-1], flush=True)
         before = core_steps(daemon)
-        ttft = (grpc_ttft(target, TTFT_REQUESTS, False), prefill_ms(core_steps(daemon).minus(before)))
-        ttft_ids = grpc_ttft(target, TTFT_REQUESTS, True)
-        e2e_lines.append(f"time to first token, {TTFT_PROMPT_TOKENS}-token prompt, p50 of {TTFT_REQUESTS}: engine "
+        ttft = (grpc_ttft(target, args.ttft_requests, False), prefill_ms(core_steps(daemon).minus(before)))
+        ttft_ids = grpc_ttft(target, args.ttft_requests, True)
+        e2e_lines.append(f"time to first token, {TTFT_PROMPT_TOKENS}-token prompt, p50 of {args.ttft_requests}: engine "
                          f"alone {ttft_alone[0]:.1f} ms, over gRPC {ttft[0]:.1f} ms as text "
                          f"({ttft[0] - ttft_alone[0]:+.1f} ms), {ttft_ids:.1f} ms as token ids "
                          f"({ttft_ids - ttft_alone[0]:+.1f} ms); "
