@@ -16,10 +16,11 @@
 #             tutorial's examples, `adapterd train` at its GPU defaults against plain PEFT in bf16 and fp32;
 #             train_curve.json, .log and curve-METHOD.svg; then here `python3 bench/loss_curve.py --append-from
 #             train_curve.json` (CURVE_ARGS overrides, e.g. --steps 4 in tests/bench/test_loss_curve.py)
-#   isolate   (~5 min) the LoRA curve again with one piece of the fast path changed at a time: --kernels off,
+#   isolate   (~3 min) the LoRA curve again with one piece of the fast path changed at a time: --kernels off,
 #             --fused-loss off, --fused-loss torch (our chunked loss instead of liger's), then kernels and fused
-#             loss both off (train_isolate-N.json, N = 1..4; at 286d702 the LoRA curve at the defaults read max
-#             6.0e-02 against noise 5.5e-02: which piece, if any, moves it). Here: --append-from each file.
+#             loss both off, against one pair of PEFT curves (train_isolate.json and .log; at 286d702 the LoRA
+#             curve at the defaults read max 6.0e-02 against noise 5.5e-02: which piece, if any, moves it).
+#             Here: python3 bench/loss_curve.py --append-from train_isolate.json
 # Then, here: python3 bench/train_bench.py --append-from train_PART.json (rows into bench/RESULTS.md).
 # BENCH_ARGS, CURVE_ARGS, TEST_DEVICE and SITE override the defaults (tests/bench/test_gpu_train.py and
 # test_loss_curve.py run the parts on the CPU that way, so that no device call is lost to a typo here).
@@ -54,12 +55,10 @@ case "$part" in
     ;;
   isolate)
     liger
-    n=0
-    for flags in "--kernels off" "--fused-loss off" "--fused-loss torch" "--kernels off --fused-loss off"; do
-      n=$((n + 1))
-      python3 bench/loss_curve.py --methods lora --trainer-args "$flags" --json-out "$OUT/train_isolate-$n.json" \
-        $CURVE_ARGS 2>&1 | grep -v "Loading weights" | tee -a "$OUT/train_isolate.log" | grep -E "==|trainer:|_vs_|noise"
-    done
+    python3 bench/loss_curve.py --methods lora --trainer-args="--kernels off" --trainer-args="--fused-loss off" \
+      --trainer-args="--fused-loss torch" --trainer-args="--kernels off --fused-loss off" \
+      --json-out "$OUT/train_isolate.json" $CURVE_ARGS 2>&1 | grep -v "Loading weights" | tee "$OUT/train_isolate.log" \
+      | grep -E "==|trainer:|_vs_|noise"
     ;;
   *) echo "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests|curve|isolate" >&2; exit 2 ;;
 esac

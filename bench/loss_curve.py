@@ -77,23 +77,28 @@ def trainer_curve(base: Path, method: str, steps: int, run_dir: Path,
     return [json.loads(line)["loss"] for line in lines], said
 
 
-def run_method(base: Path, method: str, steps: int, device: str, workdir: Path, trainer_args: str = "") -> dict:
+def run_method(base: Path, method: str, steps: int, device: str, workdir: Path,
+               variants: Sequence[str] = ("",)) -> list[dict]:
+    """Plain PEFT's two curves once, then ours once per variant (more ``adapterd train`` flags; "" for none)."""
     import torch
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the trainer's compute dtype there
     alt = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
-    ours, said = trainer_curve(base, method, steps, workdir / f"run-{method}", shlex.split(trainer_args))
-    if trainer_args:
-        said = [f"flags: {trainer_args}", *said]
     kwargs = dict(steps=steps, batch_size=BATCH, lr=LR[method], seed=SEED, device=device,
                   num_virtual_tokens=VIRTUAL_TOKENS, lora_dropout=DROPOUT)
     peft = peft_losses(base, DATA, method, dtype=dtype, **kwargs)
     peft_alt = peft_losses(base, DATA, method, dtype=alt, **kwargs)
-    ours_dev, noise = deviation(ours, peft), deviation(peft, peft_alt)
-    return {"method": method, "steps": steps, "lr": LR[method], "dtype": str(dtype).removeprefix("torch."),
-            "alt_dtype": str(alt).removeprefix("torch."), "trainer_said": said, "ours": ours, "peft": peft,
-            "peft_alt": peft_alt, "ours_vs_peft": ours_dev, "ours_vs_peft_alt": deviation(ours, peft_alt),
-            "noise": noise, "within_noise": ours_dev["max"] <= noise["max"]}
+    noise = deviation(peft, peft_alt)
+    results = []
+    for i, flags in enumerate(variants):
+        ours, said = trainer_curve(base, method, steps, workdir / f"run-{method}-{i}", shlex.split(flags))
+        ours_dev = deviation(ours, peft)
+        results.append({"method": method, "steps": steps, "lr": LR[method], "dtype": str(dtype).removeprefix("torch."),
+                        "alt_dtype": str(alt).removeprefix("torch."),
+                        "trainer_said": [f"flags: {flags}", *said] if flags else said, "ours": ours, "peft": peft,
+                        "peft_alt": peft_alt, "ours_vs_peft": ours_dev, "ours_vs_peft_alt": deviation(ours, peft_alt),
+                        "noise": noise, "within_noise": ours_dev["max"] <= noise["max"]})
+    return results
 
 
 def report(r: dict) -> None:
@@ -165,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", type=Path)
     p.add_argument("--svg-dir", type=Path, help="write curve-METHOD.svg here")
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--trainer-args", default="",
-                   help="more `adapterd train` flags for our side, e.g. '--kernels off' (to find which part of the "
-                        "fast path moves a curve; the row's 'trainer ran' names them)")
+    p.add_argument("--trainer-args", action="append",
+                   help="more `adapterd train` flags for our side, e.g. --trainer-args='--kernels off'; repeated, "
+                        "one curve of ours per value against the same PEFT curves (to find which part of the fast "
+                        "path moves a curve; each row's 'trainer ran' names its flags)")
     p.add_argument("--append-from", type=Path, help="only append rows saved with --json-out, then exit")
     args = p.parse_args(argv)
     if args.append_from:
@@ -186,18 +192,21 @@ def main(argv: list[str] | None = None) -> int:
              "commit": git_commit("trainer", "bench/loss_curve.py", "bench/peft_oracle.py"),
              "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "results": []}
     failed = False
+    variants = args.trainer_args or [""]
     for method in [m for m in args.methods.split(",") if m]:
         try:
-            result = run_method(base, method, args.steps, device, workdir, args.trainer_args)
+            results = run_method(base, method, args.steps, device, workdir, variants)
         except Exception as exc:  # one method failing still leaves the other's figure
             print(f"{method}: FAILED: {type(exc).__name__}: {exc}", flush=True)
             failed = True
             continue
-        report(result)
-        saved["results"].append(result)
-        if args.svg_dir:
-            args.svg_dir.mkdir(parents=True, exist_ok=True)
-            write_svg(result, args.svg_dir / f"curve-{method}.svg")
+        for i, result in enumerate(results):
+            report(result)
+            saved["results"].append(result)
+            if args.svg_dir:
+                args.svg_dir.mkdir(parents=True, exist_ok=True)
+                write_svg(result, args.svg_dir / (f"curve-{method}.svg" if len(results) == 1 else
+                                                  f"curve-{method}-{i + 1}.svg"))
         if args.json_out:
             args.json_out.write_text(json.dumps(saved, indent=1))
     return 1 if failed else 0

@@ -46,8 +46,8 @@ def test_curve_part_end_to_end_on_the_cpu(tmp_path):
 
 
 def test_isolate_part_runs_each_piece_of_the_fast_path_off(tmp_path):
-    """``gpu_train.sh isolate``: the LoRA curve three times, each with the flags it names passed to the trainer
-    and recorded beside what the trainer said it ran."""
+    """``gpu_train.sh isolate``: our LoRA curve four times against one pair of PEFT curves, each with the flags it
+    names passed to the trainer and recorded beside what the trainer said it ran."""
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "SITE": str(tmp_path / "site"),
@@ -57,12 +57,12 @@ def test_isolate_part_runs_each_piece_of_the_fast_path_off(tmp_path):
                           text=True, timeout=600, env=env, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     flags = ["--kernels off", "--fused-loss off", "--fused-loss torch", "--kernels off --fused-loss off"]
-    for n, expected in enumerate(flags, 1):
-        saved = json.loads((out / f"train_isolate-{n}.json").read_text())
-        (r,) = saved["results"]
-        assert r["method"] == "lora" and len(r["ours"]) == 2
-        assert r["trainer_said"][0] == f"flags: {expected}"
+    results = json.loads((out / "train_isolate.json").read_text())["results"]
+    assert [r["trainer_said"][0] for r in results] == [f"flags: {f}" for f in flags]
+    for r in results:
+        assert r["method"] == "lora" and len(r["ours"]) == 2 and r["peft"] == results[0]["peft"]  # one PEFT run
         assert r["ours_vs_peft"]["max"] < 1e-4  # fp32 on the CPU: the oracle's curve whatever the flags
-    said = json.loads((out / "train_isolate-1.json").read_text())["results"][0]["trainer_said"]
+    said = results[0]["trainer_said"]
     assert not any(line.startswith("kernels: off (auto") for line in said)  # the flag turned them off, not auto
     assert any(line.startswith("fused loss: off (auto") for line in said)  # while the loss stayed at its default
+    assert "== lora: 2 steps" in (out / "train_isolate.log").read_text()
