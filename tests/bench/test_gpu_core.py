@@ -54,7 +54,7 @@ def test_profile_part(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     args = f"--shape tiny --adapters 20 --distinct 2 --duration 2 --new 8 --streams 4 --client-procs 1 " \
-           f"--frontends 1 --warm-up 1 --work {tmp_path / 'work'}"
+           f"--frontends 1 --warm-up 1 --ttft-requests 5 --work {tmp_path / 'work'}"
     env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "LOAD_ARGS": args,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_core.sh"), "profile", "none"], capture_output=True,
