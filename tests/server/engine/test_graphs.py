@@ -24,10 +24,13 @@ def test_graphs_are_kept_per_shape_least_recently_used_out():
     assert captured[-1] == (1, 128, 0) and cache.keys() == [(1, 128, 0)]
 
 
-def test_capture_time_is_counted_for_captures_only():
-    """The step line's "graph captures (ms)": the time inside captures, not a lookup's."""
+def test_capture_time_is_counted_for_captures_only_and_each_capture_is_logged(caplog):
+    """The step line's "graph captures (ms)" and adapterd_cuda_graph_capture_seconds: the time inside captures,
+    not a lookup's; each capture says its shape and time in the log (a latency spike to match it with)."""
+    import logging
     import time
 
+    caplog.set_level(logging.INFO, "adapterd.server.engine.graphs")
     cache = GraphCache("test")
 
     def slow_capture(key):
@@ -37,3 +40,5 @@ def test_capture_time_is_counted_for_captures_only():
     cache.get(1, 0, slow_capture)
     cache.get(1, 0, slow_capture)  # found: no capture, no time
     assert cache.captures == 1 and 0.05 <= cache.capture_seconds < 0.5
+    (record,) = [r for r in caplog.records if "CUDA graph" in r.getMessage()]
+    assert record.getMessage().startswith("captured a test CUDA graph for shape 1 in ")

@@ -85,6 +85,7 @@ def test_engine_series(parsed):
     for kind in ("decode", "prefill"):
         assert value(parsed, "adapterd_cuda_graphs", kind=kind) == 0
         assert value(parsed, "adapterd_cuda_graph_captures_total", kind=kind) == 0
+        assert value(parsed, "adapterd_cuda_graph_capture_seconds_total", kind=kind) == 0
     for kernel in ("int8_matmul", "rms_norm"):
         assert value(parsed, "adapterd_kernel_swapped_modules", kernel=kernel) == 0
 
