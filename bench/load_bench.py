@@ -6,10 +6,12 @@
    distribution; a rate sweep gives throughput and p50/p95 latency, against the same load on one adapter.
 2. End to end: ``--streams`` concurrent streams (each count in the list) from ``--client-procs`` client
    processes over gRPC on loopback, against the same number of concurrent requests submitted to the engine
-   in-process; the daemon runs as ``adapterd serve`` does (engine core in its own process, ``--frontends``
-   front ends). Also: time to first token of a 512-token prompt, both ways, and CPU per streamed token by
-   process (front ends, engine core). With ``--http``, the same streams over the OpenAI-compatible HTTP API
-   too (``/v1/completions`` with server-sent events, through the official ``openai`` client).
+   in-process (asyncio streams, as ``runtime.generate`` serves them), and against the engine with no client in
+   its process at all (each stream's next request submitted by the engine thread: the ceiling); the daemon
+   runs as ``adapterd serve`` does (engine core in its own process, ``--frontends`` front ends). Also: time to
+   first token of a 512-token prompt, both ways, and CPU per streamed token by process (front ends, engine core).
+   With ``--http``, the same streams over the OpenAI-compatible HTTP API too (``/v1/completions`` with
+   server-sent events, through the official ``openai`` client).
 
 3. With ``--devices cuda:0,cuda:1``: the same closed-loop streams with Zipf adapters, one engine core on the
    first device against one per listed device (``bench/multi_devices.py``; ``--devices-only``: this alone).
@@ -101,6 +103,56 @@ async def engine_streams(runtime, streams: int, duration: float, new: int) -> tu
 
     await asyncio.gather(*(loop(i) for i in range(streams)))
     return tokens / duration, every, time.perf_counter() - start
+
+
+def engine_streams_direct(runtime, streams: int, duration: float, new: int) -> tuple[float, int, float]:
+    """``engine_streams``' closed loop with no client in the process: each stream's next request is submitted by
+    the engine thread itself, from the sink that receives its previous request's end, so that nothing but the
+    engine runs. The ceiling any front end is measured against: ``engine_streams`` pays for its asyncio clients
+    in the engine's own process (their event loop shares the engine thread's GIL)."""
+    import threading
+    import uuid
+
+    from adapterd.server.engine import GenerationParams
+
+    start = time.perf_counter()
+    stop = start + duration
+    totals = [0, 0]  # tokens within the window, every token (engine thread only, after the first submits)
+    left = [streams]
+    done = threading.Event()
+
+    def stream(i: int) -> None:
+        rng, lengths = random.Random(i), random.Random(LENGTH_SEED + i)
+        counted = 0
+
+        def sink(event) -> None:  # engine thread
+            nonlocal counted
+            if event.kind not in ("delta", "end"):
+                return
+            running = counted + len(event.token_ids) if event.kind == "delta" else len(event.token_ids)
+            counted, totals[0] = window_tokens(running, counted, totals[0], stop)
+            if event.kind == "end":
+                totals[1] += counted
+                submit()
+
+        def submit() -> None:
+            nonlocal counted
+            if time.perf_counter() >= stop:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+                return
+            counted = 0
+            prompt, length = stream_prompt(rng), request_length(lengths, new)
+            runtime.engine.submit(uuid.uuid4().hex, prompt, GenerationParams(max_new_tokens=length,
+                                                                             min_new_tokens=length), None, sink)
+
+        submit()
+
+    for i in range(streams):
+        stream(i)
+    done.wait(duration + 900)
+    return totals[0] / duration, totals[1], time.perf_counter() - start
 
 
 def window_tokens(running: int, counted: int, total: int, stop: float) -> tuple[int, int]:
@@ -365,7 +417,8 @@ def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, str
     counter = StepCounter(runtime.engine.runner.graph_captures)
     runtime.engine.observers.add(counter)
     runtime.engine.start()
-    alone: dict[int, tuple[float, str]] = {}
+    alone: dict[int, tuple[float, str]] = {}  # driven by asyncio streams in this process, as runtime.generate is
+    direct: dict[int, tuple[float, str]] = {}  # driven from the engine thread: no client in the process
     me = {"engine alone (engine and the bench's event loop)": os.getpid()}
     try:
         asyncio.run(engine_streams(runtime, 4, 2.0, 4))  # warm-up
@@ -376,11 +429,16 @@ def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, str
             cpu = cpu_per_token(cpu_before, process_cpu_seconds(me), tokens) if cpu_before else "no /proc"
             alone[n] = (tok_s, f"{counter.counts().minus(before).describe(span)}; {cpu}")
             print(f"engine alone, {n} streams: {tok_s:.1f} tok/s ({alone[n][1]})", flush=True)
+            before = counter.counts()
+            tok_s, _, span = engine_streams_direct(runtime, n, args.duration, args.new)
+            direct[n] = (tok_s, counter.counts().minus(before).describe(span))
+            print(f"engine alone with no client in its process, {n} streams: {tok_s:.1f} tok/s ({direct[n][1]})",
+                  flush=True)
         before = counter.counts()
         ttft = (asyncio.run(engine_ttft(runtime, args.ttft_requests)), prefill_ms(counter.counts().minus(before)))
     finally:
         runtime.close()
-    out.put((alone, ttft))
+    out.put((alone, direct, ttft))
 
 
 def profile_side(args: argparse.Namespace, streams: list[int], side: str) -> None:
@@ -454,7 +512,7 @@ def main() -> int:
     alone_proc = ctx.Process(target=_engine_alone_proc, args=(base_dir, root, args, streams, out))
     profile_side(args, streams, "alone")  # spawned processes take the environment as it is at their start
     alone_proc.start()
-    alone, ttft_alone = out.get(timeout=1800)  # ttft_alone: (p50 ms, mean prefill ms)
+    alone, direct, ttft_alone = out.get(timeout=1800)  # ttft_alone: (p50 ms, mean prefill ms)
     alone_proc.join()
     profile_side(args, streams, "core")
     with socket.socket() as probe:  # a free port for the daemon's /metrics
@@ -477,8 +535,10 @@ def main() -> int:
             cpu = cpu_per_token(cpu_before, process_cpu_seconds(processes), tokens) if cpu_before else "no /proc"
             steps = core_steps(daemon).minus(steps_before).describe(span)
             tok_s, alone_steps = alone[n]
+            ceiling, ceiling_steps = direct[n]
             e2e_lines.append(f"{n} streams: engine alone {tok_s:.1f} tok/s ({alone_steps}); over gRPC {e2e:.1f} "
-                             f"tok/s ({steps}; {cpu}); ratio {e2e / tok_s:.2f}")
+                             f"tok/s ({steps}; {cpu}); ratio {e2e / tok_s:.2f}; against the engine with no client "
+                             f"in its process, {ceiling:.1f} tok/s ({ceiling_steps}): {e2e / ceiling:.2f}")
             print(e2e_lines[-1], flush=True)
             if args.http:
                 e2e_lines.append(http_line(daemon, base_dir.name, args, n, tok_s))

@@ -41,6 +41,9 @@ def test_load_part(tmp_path):
                      re.M), log
     ratios = re.findall(r"^4 streams: engine alone .* over gRPC .* engine core \d+ us\); ratio ([\d.]+)", log, re.M)
     assert len(ratios) == 1 and float(ratios[0]) > 0.1, log
+    ceiling = re.findall(r"^4 streams: .*; against the engine with no client in its process, ([\d.]+) tok/s "
+                         r"\(\d+ decode steps .*\): ([\d.]+)$", log, re.M)
+    assert len(ceiling) == 1 and float(ceiling[0][0]) > 0 and float(ceiling[0][1]) > 0.1, log
     assert re.search(r"time to first token, 512-token prompt, p50 of 5: engine alone [\d.]+ ms, over gRPC", log)
     http = re.findall(r"over HTTP \(OpenAI completions, SSE\) ([\d.]+) tok/s .* ratio ([\d.]+)", log)
     assert len(http) == 1 and all(float(r) > 0.1 for _, r in http), log
