@@ -242,7 +242,7 @@ class EngineCore:
             else:
                 self._push(address, events)
                 pushed.add(address)
-        for address in [a for a in self._lost if a not in pushed and a in self._direct]:
+        for address in [a for a in self._lost if a not in pushed]:  # lost ids to tell, no events this step
             self._push(address, [])
 
     def _push(self, address: str, events: list[Event]) -> None:
@@ -256,14 +256,13 @@ class EngineCore:
             self._direct[address] = push, push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             push.connect(address)
         push = self._direct[address][0]
-        lost = self._lost.get(address, set())
+        lost = self._lost.get(address)
         try:
-            push.send(encoder.encode(Outputs(events, sorted(lost))), zmq.NOBLOCK)
+            push.send(encoder.encode(Outputs(events, sorted(lost) if lost else [])), zmq.NOBLOCK)
         except zmq.Again:
             self._lose(address, {e.request_id for e in events})
         else:
-            if lost:
-                del self._lost[address]
+            self._lost.pop(address, None)
 
     def _lose(self, address: str, request_ids: set[str]) -> None:
         """A frame for ``address`` was dropped: its requests lost events (tokens, or their end) the front end

@@ -113,12 +113,11 @@ def private_dir(kind: str) -> str:
     return tempfile.mkdtemp(prefix=f"adapterd-{kind}-{os.getpid()}-")
 
 
-def sweep_private_dirs(kind: str) -> int:
+def sweep_private_dirs(kind: str) -> None:
     """Remove this user's ``adapterd-KIND-PID-*`` directories whose process has died (a ``kill -9`` leaves
-    them, each with its socket file); returns how many. A live process's are kept, whoever it is. (Daemons in
-    other PID namespaces must not share this temporary directory: their processes would look dead here.)"""
+    them, each with its socket file). A live process's are kept, whoever it is. (Daemons in other PID
+    namespaces must not share this temporary directory: their processes would look dead here.)"""
     named = re.compile(rf"adapterd-{re.escape(kind)}-(\d+)-")
-    removed = 0
     for path in Path(tempfile.gettempdir()).glob(f"adapterd-{kind}-*"):
         match = named.match(path.name)
         try:
@@ -128,8 +127,6 @@ def sweep_private_dirs(kind: str) -> int:
         if match is None or info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode) or _alive(int(match[1])):
             continue
         shutil.rmtree(path, ignore_errors=True)
-        removed += 1
-    return removed
 
 
 def remove_private_dir(address: str) -> None:
