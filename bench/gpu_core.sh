@@ -16,11 +16,11 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 part=${1:-tests}
 case $part in
   load) python3 bench/load_bench.py --shape llama2-7b --quantization "${2:-none}" --rates 8 --duration 10 --zipf-duration 30 \
-          --streams 64,256 --client-procs 4 --work /tmp/adapterd-bench $LOAD_ARGS 2>&1 | grep -v "Loading weights" \
+          --streams 64,256 --client-procs 4 --work /tmp/adapterd-bench $LOAD_ARGS 2>&1 | grep --line-buffered -v "Loading weights" \
           | tee "$OUT/load_${2:-none}.log" | tail -12 ;;
   profile) python3 bench/load_bench.py --shape llama2-7b --quantization "${2:-none}" --rates "" --duration 10 \
           --streams 64 --client-procs 4 --work /tmp/adapterd-bench --profile-dir "$OUT/profile" --no-record $LOAD_ARGS \
-          2>&1 | grep -v "Loading weights" | tee "$OUT/profile_${2:-none}.log" | tail -6 ;;
+          2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/profile_${2:-none}.log" | tail -6 ;;
   tests) ADAPTERD_TEST_DEVICE=cuda python3 -P -m pytest -q -p no:cacheprovider --import-mode=append -o addopts="" \
           tests/server/core/test_engine_process.py tests/server/test_generate_rpc.py \
           tests/server/kernels/test_support.py tests/server/engine/test_admission.py \

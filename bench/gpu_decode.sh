@@ -24,7 +24,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 part=${1:-}
 serve() {
   python3 bench/serve_bench.py --shape llama2-7b --quantizations "$1" --decoders own,transformers \
-    --work /tmp/adapterd-bench $SERVE_ARGS 2>&1 | grep -v "Loading weights" | tee "$OUT/serve_$1.log" | tail -45
+    --work /tmp/adapterd-bench $SERVE_ARGS 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/serve_$1.log" | tail -45
 }
 kernels() {  # both run; the part fails if either does (int8_kernel_bench exits 1 on a method OVER tolerance)
   local rc=0

@@ -29,14 +29,14 @@ run_tests() {
 run_load() {
   timeout 420 python3 bench/load_bench.py --shape llama2-7b --quantization "${1:-int8}" --rates "" \
     --duration 10 --streams 64,256 --adapters 1000 --distinct 50 --client-procs 4 \
-    --devices cuda:0,cuda:1 --devices-only --work /tmp/adapterd-bench 2>&1 | grep -v "Loading weights" \
+    --devices cuda:0,cuda:1 --devices-only --work /tmp/adapterd-bench 2>&1 | grep --line-buffered -v "Loading weights" \
     | tee "$OUT/multi_load.log" | tail -12
 }
 run_train() {  # the base first, in a step of its own: a slow disk shows as that step's timeout, not the runs'
   timeout -k 20 150 python3 bench/multi_train.py --prepare-only $TRAIN_ARGS 2>&1 | tee "$OUT/multi_train_base.log" \
     | tail -3 || return
   timeout -k 20 380 python3 bench/multi_train.py --no-append --json-out "$OUT/multi_train.json" $TRAIN_ARGS 2>&1 \
-    | grep -v "Loading weights" | tee "$OUT/multi_train.log" | tail -12
+    | grep --line-buffered -v "Loading weights" | tee "$OUT/multi_train.log" | tail -12
 }
 case ${1:-all} in
   tests) run_tests ;;

@@ -36,7 +36,7 @@ liger() {
 }
 bench() {  # bench NAME SCENARIOS
   python3 bench/train_bench.py --scenarios "$2" --no-append --json-out "$OUT/train_$1.json" \
-    --profile-dir "$OUT/profile" $BENCH_ARGS 2>&1 | grep -v "Loading weights" | tee "$OUT/train_$1.log" | tail -20
+    --profile-dir "$OUT/profile" $BENCH_ARGS 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/train_$1.log" | tail -20
 }
 case "$part" in
   lora) liger; bench lora usual-lora-int8,lora-int8,lora-int8-fused,lora-int8-fused-kernels ;;
@@ -51,13 +51,13 @@ case "$part" in
   curve)
     liger
     python3 bench/loss_curve.py --json-out "$OUT/train_curve.json" --svg-dir "$OUT" $CURVE_ARGS 2>&1 \
-      | grep -v "Loading weights" | tee "$OUT/train_curve.log" | tail -40
+      | grep --line-buffered -v "Loading weights" | tee "$OUT/train_curve.log" | tail -40
     ;;
   isolate)
     liger
     python3 bench/loss_curve.py --methods lora --trainer-args="--kernels off" --trainer-args="--fused-loss off" \
       --trainer-args="--fused-loss torch" --trainer-args="--kernels off --fused-loss off" \
-      --json-out "$OUT/train_isolate.json" $CURVE_ARGS 2>&1 | grep -v "Loading weights" | tee "$OUT/train_isolate.log" \
+      --json-out "$OUT/train_isolate.json" $CURVE_ARGS 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/train_isolate.log" \
       | grep -E "==|trainer:|_vs_|noise"
     ;;
   *) echo "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests|curve|isolate" >&2; exit 2 ;;
