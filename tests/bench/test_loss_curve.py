@@ -30,11 +30,13 @@ def test_curve_part_end_to_end_on_the_cpu(tmp_path):
         assert (r["dtype"], r["alt_dtype"]) == ("float32", "bfloat16")
         assert r["ours_vs_peft"]["max"] < 1e-4 and r["within_noise"]
         assert 0 < r["noise"]["max"] < 5e-2  # bf16 against fp32: some, and small
+        assert len(r["peft_eager"]) == 4 and r["noise_attention"]["max"] < 1e-3  # eager and sdpa, both in fp32
+        assert r["noise"] == max(r["noise_dtype"], r["noise_attention"], key=lambda d: d["max"])
         assert r["trainer_said"] == [
             "kernels: off (auto: liger-kernel's Triton kernels need a CUDA device, and this run is on cpu)",
             "fused loss: off (auto: the run is on cpu: the model's own loss, as with --fused-loss off)",
             "loss: plain"]
-        assert (out / f"curve-{r['method']}.svg").read_text().count("<polyline") == 3
+        assert (out / f"curve-{r['method']}.svg").read_text().count("<polyline") == 4
     log = (out / "train_curve.log").read_text()
     assert "== ptuning-v2: 4 steps" in log and "within noise: yes" in log
     results = tmp_path / "RESULTS.md"
@@ -42,7 +44,7 @@ def test_curve_part_end_to_end_on_the_cpu(tmp_path):
     subprocess.run([sys.executable, str(REPO / "bench" / "loss_curve.py"), "--append-from",
                     str(out / "train_curve.json"), "--results", str(results)], check=True, capture_output=True)
     rows = [line for line in results.read_text().splitlines() if line.startswith("| ") and "| cpu |" in line]
-    assert len(rows) == 2 and "| lora | 4 | float32 |" in rows[0] and rows[0].endswith("| yes |")
+    assert len(rows) == 2 and "| lora | 4 | float32 |" in rows[0] and rows[0].endswith("(dtype) | yes |")
 
 
 def test_isolate_part_runs_each_piece_of_the_fast_path_off(tmp_path):
