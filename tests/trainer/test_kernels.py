@@ -242,3 +242,20 @@ def test_liger_kernels_train_as_the_plain_model_on_cuda(make_config, method):
     assert len(plain) == len(patched) == 6
     for a, b in zip(plain, patched, strict=True):
         assert b == pytest.approx(a, rel=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="runs with ADAPTERD_TEST_DEVICE=cuda (bench/gpu_train.sh tests)")
+@pytest.mark.parametrize("method", ["lora", "ptuning-v2"])
+def test_resume_at_the_gpu_defaults_is_exact(make_config, tmp_path, method):
+    """Issue 20's "resume stays exact" where liger runs: the int8 base with ``--fused-loss auto`` and ``--kernels
+    auto`` (liger's loss and kernels, as on every CUDA run), dropout on, stopped at its checkpoint half way and
+    resumed, ends as an uninterrupted run: the same loss at every step and the same adapter weights, bit for bit."""
+    pytest.importorskip("liger_kernel")
+    from tests.trainer.conftest import whole_and_resumed
+
+    a, b = whole_and_resumed(make_config, tmp_path, 12, method=method, quantization="int8", fused_loss="auto",
+                             kernels="auto", batch_size=2, lora_dropout=0.1, learning_rate=1e-3)
+    said = (tmp_path / "cut" / "train.log").read_text()
+    assert "kernels: liger (RMSNorm, RoPE, SwiGLU" in said and "loss: liger" in said
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
