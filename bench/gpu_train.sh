@@ -12,7 +12,7 @@
 #             the fast path if liger's loss is what moves the LoRA curve, see isolate), lora-int8-fused-torch,
 #             lora-bf16, lora-bf16-fused, lora-int8-kernels (the kernels alone, plain loss)
 #   tests     the trainer's fused-loss, kernels and loss-curve tests on CUDA (liger against the plain model)
-#   curve     issue 20's loss-curve figure (bench/loss_curve.py, ~2 min): 200 steps of LoRA and P-Tuning v2 on the
+#   curve     issue 20's loss-curve figure (bench/loss_curve.py, ~3.5 min): 200 steps of LoRA and P-Tuning v2 on the
 #             tutorial's examples, `adapterd train` at its GPU defaults against plain PEFT in bf16 and fp32;
 #             train_curve.json, .log and curve-METHOD.svg; then here `python3 bench/loss_curve.py --append-from
 #             train_curve.json` (CURVE_ARGS overrides, e.g. --steps 4 in tests/bench/test_loss_curve.py)

@@ -21,6 +21,10 @@ attention, each rounding in its own order, as any other kernel of the same maths
 of the two by its largest deviation; each sample is reported. (Two identical runs would be a floor of zero here:
 the tiny model's CUDA kernels are deterministic at these shapes, so that measures nothing.) The trainer is
 **within noise** when its largest deviation from ``peft`` is no larger than the noise's largest deviation.
+One step's loss hangs on the records its batch held; where a run *ended* does not: every run's final adapter
+(ours, and each PEFT variant's, saved) is scored on every record by plain PEFT on the fp32 base in eval mode
+(``adapter_loss``), and ours is **within noise at the end** when it is no farther from ``peft``'s than the
+farthest PEFT variant.
 At a22ebc4 the first sample alone decided, and the LoRA curve with liger's kernels read 7.3e-02 against its
 5.5e-02 while the trainer with kernels and fused loss off matched ``peft`` exactly: the second sample says
 whether another order of rounding in bf16 moves plain PEFT's own curve as far.
@@ -43,7 +47,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from peft_oracle import peft_losses
+from peft_oracle import adapter_loss, peft_losses
 from results_table import append_to_section, git_commit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +68,13 @@ def deviation(ours: list[float], ref: list[float]) -> dict:
     devs = [abs(a - b) / abs(b) for a, b in zip(ours, ref, strict=True)]
     worst = max(range(len(devs)), key=devs.__getitem__)
     return {"max": devs[worst], "max_step": worst + 1, "mean": sum(devs) / len(devs)}
+
+
+def final_within_noise(final: dict[str, float]) -> bool:
+    """Whether our adapter ends as far from plain PEFT's (both judged by ``adapter_loss``) as PEFT's own variants
+    end from it, at most."""
+    spread = max(abs(final[name] - final["peft"]) for name in ("peft_alt", "peft_eager"))
+    return abs(final["ours"] - final["peft"]) <= spread
 
 
 def trainer_curve(base: Path, method: str, steps: int, run_dir: Path,
@@ -94,21 +105,27 @@ def run_method(base: Path, method: str, steps: int, device: str, workdir: Path,
     alt = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
     kwargs = dict(steps=steps, batch_size=BATCH, lr=LR[method], seed=SEED, device=device,
                   num_virtual_tokens=VIRTUAL_TOKENS, lora_dropout=DROPOUT)
-    peft = peft_losses(base, DATA, method, dtype=dtype, **kwargs)
-    peft_alt = peft_losses(base, DATA, method, dtype=alt, **kwargs)
-    peft_eager = peft_losses(base, DATA, method, dtype=dtype, attn_implementation=OTHER_ATTENTION, **kwargs)
+    saved = {name: workdir / f"peft-{method}-{name}" for name in ("peft", "peft_alt", "peft_eager")}
+    peft = peft_losses(base, DATA, method, dtype=dtype, save_to=saved["peft"], **kwargs)
+    peft_alt = peft_losses(base, DATA, method, dtype=alt, save_to=saved["peft_alt"], **kwargs)
+    peft_eager = peft_losses(base, DATA, method, dtype=dtype, attn_implementation=OTHER_ATTENTION,
+                             save_to=saved["peft_eager"], **kwargs)
+    finals = {name: adapter_loss(base, DATA, path, device) for name, path in saved.items()}
     samples = {"noise_dtype": deviation(peft, peft_alt), "noise_attention": deviation(peft_eager, peft)}
     noise = max(samples.values(), key=lambda d: d["max"])
     results = []
     for i, flags in enumerate(variants):
-        ours, said = trainer_curve(base, method, steps, workdir / f"run-{method}-{i}", shlex.split(flags))
+        run_dir = workdir / f"run-{method}-{i}"
+        ours, said = trainer_curve(base, method, steps, run_dir, shlex.split(flags))
         ours_dev = deviation(ours, peft)
+        final = {"ours": adapter_loss(base, DATA, run_dir / "final", device), **finals}
         results.append({"method": method, "steps": steps, "lr": LR[method], "dtype": str(dtype).removeprefix("torch."),
                         "alt_dtype": str(alt).removeprefix("torch."),
                         "trainer_said": [f"flags: {flags}", *said] if flags else said, "ours": ours, "peft": peft,
                         "peft_alt": peft_alt, "peft_eager": peft_eager, "ours_vs_peft": ours_dev,
                         "ours_vs_peft_alt": deviation(ours, peft_alt), **samples, "noise": noise,
-                        "within_noise": ours_dev["max"] <= noise["max"]})
+                        "within_noise": ours_dev["max"] <= noise["max"], "final_loss": final,
+                        "final_within_noise": final_within_noise(final)})
     return results
 
 
@@ -129,6 +146,12 @@ def report(r: dict) -> None:
     print(f"   within noise: {'yes' if r['within_noise'] else 'no'} (ours' largest deviation from peft "
           f"<= the largest of peft's own: {r['dtype']} against {r['alt_dtype']}, and {OTHER_ATTENTION} attention "
           "against sdpa)", flush=True)
+    if "final_loss" in r:
+        f = r["final_loss"]
+        print(f"   final adapters' loss on every record (plain PEFT in fp32, eval): ours {f['ours']:.5f}, peft "
+              f"{f['peft']:.5f}, peft-alt {f['peft_alt']:.5f}, peft-eager {f['peft_eager']:.5f}; within noise: "
+              f"{'yes' if r['final_within_noise'] else 'no'} (|ours - peft| <= the largest |variant - peft|)",
+              flush=True)
 
 
 def write_svg(r: dict, path: Path) -> None:
@@ -166,7 +189,17 @@ def to_row(r: dict, machine: str, commit: str, date: str) -> dict[str, str]:
             "ours vs PEFT max (step) / mean": f"{d['max']:.1e} ({d['max_step']}) / {d['mean']:.1e}",
             "noise max (step) / mean": f"{noise['max']:.1e} ({noise['max_step']}) / {noise['mean']:.1e}"
                                        + _which_sample(r),
-            "within noise": "yes" if r["within_noise"] else "no"}
+            "within noise": ("yes" if r["within_noise"] else "no") + _final_cell(r)}
+
+
+def _final_cell(r: dict) -> str:
+    """The final adapters' comparison for the table's last cell; "" for runs saved before it existed."""
+    if "final_loss" not in r:
+        return ""
+    f = r["final_loss"]
+    spread = max(abs(f[name] - f["peft"]) for name in ("peft_alt", "peft_eager"))
+    return (f"; final loss ours {f['ours']:.4f}, PEFT {f['peft']:.4f} (+-{spread:.4f}): "
+            f"{'yes' if r['final_within_noise'] else 'no'}")
 
 
 def _which_sample(r: dict) -> str:
@@ -183,7 +216,9 @@ def append_rows(saved: dict, results: Path) -> None:
              "dtype. Deviation = |ours - PEFT| / PEFT per step. Noise = plain PEFT's own largest deviation when only "
              "its numerics change: bf16 against fp32 and (rows from 2026-12-02 13:00 on) eager attention "
              "against sdpa, the larger of the two (each in train_curve.json); within noise = ours' largest "
-             "deviation <= the noise's largest.")
+             "deviation <= the noise's largest. Final loss (rows from 2026-12-02 14:00 on): each run's final adapter "
+             "scored on every record by plain PEFT in fp32 (bench/peft_oracle.py `adapter_loss`), ours against "
+             "PEFT's, +- the largest distance of PEFT's own variants from it.")
     rows = [to_row(r, saved["machine"], saved["commit"], saved["date"]) for r in saved["results"]]
     print(f"appended to {results}:", *append_to_section(results, SECTION, intro, COLUMNS, rows), sep="\n")
 

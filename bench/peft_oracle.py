@@ -44,10 +44,12 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch
 
 def peft_losses(base_dir: Path, data: Path, method: str, *, steps: int, batch_size: int, lr: float, seed: int,
                 device: str = "cpu", dtype: torch.dtype = torch.float32, num_virtual_tokens: int = 16,
-                lora_dropout: float = 0.05, attn_implementation: str | None = None) -> list[float]:
+                lora_dropout: float = 0.05, attn_implementation: str | None = None,
+                save_to: Path | None = None) -> list[float]:
     """Per-step losses of plain PEFT + torch training (LoRA r 8, alpha 32, q_proj+v_proj; or prefix tuning
     without projection) on ``data``, the base loaded in ``dtype`` on ``device`` with transformers' attention
-    ``attn_implementation`` (None: its default, sdpa)."""
+    ``attn_implementation`` (None: its default, sdpa). ``save_to``: where the trained adapter is saved
+    (``save_pretrained``), for ``adapter_loss``."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -85,4 +87,28 @@ def peft_losses(base_dir: Path, data: Path, method: str, *, steps: int, batch_si
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         epoch += 1
+    if save_to is not None:
+        peft_model.save_pretrained(save_to)
     return losses
+
+
+def adapter_loss(base_dir: Path, data: Path, adapter_dir: Path, device: str = "cpu") -> float:
+    """Where a training run ended, judged the same way for every run: the mean loss per response token of the
+    adapter in ``adapter_dir`` (PEFT's format, whoever trained it) over every record of ``data``, one record at a
+    time, with plain PEFT on the base in fp32, in eval mode (no dropout). Unlike one step's loss, it does not
+    hang on which records that step's batch held."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir).to(device).eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in examples(tokenizer, data):
+            batch = {k: v.to(device) for k, v in _batch([(ids, labels)], pad).items()}
+            scored = sum(1 for label in labels[1:] if label != -100)  # the loss is shifted by one token
+            total += float(peft_model(**batch).loss) * scored
+            tokens += scored
+    return total / tokens

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
@@ -32,6 +34,10 @@ def test_curve_part_end_to_end_on_the_cpu(tmp_path):
         assert 0 < r["noise"]["max"] < 5e-2  # bf16 against fp32: some, and small
         assert len(r["peft_eager"]) == 4 and r["noise_attention"]["max"] < 1e-3  # eager and sdpa, both in fp32
         assert r["noise"] == max(r["noise_dtype"], r["noise_attention"], key=lambda d: d["max"])
+        # the final adapters, each scored by plain PEFT in fp32: ours is the fp32 oracle's own run here
+        final = r["final_loss"]
+        assert final["ours"] == pytest.approx(final["peft"], rel=1e-4) and r["final_within_noise"]
+        assert 0 < final["peft"] < r["peft"][0]  # trained: below the first step's loss
         assert r["trainer_said"] == [
             "kernels: off (auto: liger-kernel's Triton kernels need a CUDA device, and this run is on cpu)",
             "fused loss: off (auto: the run is on cpu: the model's own loss, as with --fused-loss off)",
@@ -44,7 +50,8 @@ def test_curve_part_end_to_end_on_the_cpu(tmp_path):
     subprocess.run([sys.executable, str(REPO / "bench" / "loss_curve.py"), "--append-from",
                     str(out / "train_curve.json"), "--results", str(results)], check=True, capture_output=True)
     rows = [line for line in results.read_text().splitlines() if line.startswith("| ") and "| cpu |" in line]
-    assert len(rows) == 2 and "| lora | 4 | float32 |" in rows[0] and rows[0].endswith("(dtype) | yes |")
+    assert len(rows) == 2 and "| lora | 4 | float32 |" in rows[0]
+    assert "(dtype) | yes; final loss ours " in rows[0] and rows[0].endswith(": yes |")
 
 
 def test_isolate_part_runs_each_piece_of_the_fast_path_off(tmp_path):
