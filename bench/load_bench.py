@@ -596,7 +596,10 @@ def http_line(daemon, model: str, args, streams: int, engine_tok_s: float) -> st
     return f"  over HTTP (OpenAI completions, SSE) {e2e:.1f} tok/s ({steps}; {cpu}), ratio {e2e / engine_tok_s:.2f}"
 
 
-def record(args, rows: list[str], e2e_lines: list[str], device: torch.device, frontends: int) -> None:
+def record(args, rows: list[str], e2e_lines: list[str], device: torch.device, frontends: int,
+           results: Path | None = None) -> None:
+    """One block into ``results`` (bench/RESULTS.md): the Zipf table (or a line saying the run had none), then
+    the end-to-end lines."""
     commit = git_commit()
     machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -604,14 +607,15 @@ def record(args, rows: list[str], e2e_lines: list[str], device: torch.device, fr
              f"{args.adapters} adapter ids ({args.distinct} distinct r{args.rank} q/k/v/o files), {args.slots} "
              f"device slots, Zipf(1) popularity, Poisson arrivals, {args.zipf_duration:g} s per point, {PROMPT_TOKENS} "
              f"prompt + {args.new} new tokens per request, {args.quantization} base.", "",
-             "Both over gRPC (a client process drives the load).", "",
-             "| rate | one adapter: requests | tok/s | p50 / p95 ms | Zipf: requests | tok/s | p50 / p95 ms | "
-             "Zipf over one: tok/s | p95 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+             *(["Both over gRPC (a client process drives the load).", "",
+                "| rate | one adapter: requests | tok/s | p50 / p95 ms | Zipf: requests | tok/s | p50 / p95 ms | "
+                "Zipf over one: tok/s | p95 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows]
+               if rows else ["No Zipf sweep in this run (--rates '')."]), "",
              f"End to end: concurrent streams from {args.client_procs} client processes over gRPC "
              f"{'(and over HTTP) ' if args.http else ''}on loopback (engine core in its own process, {frontends} "
              "front end(s)), against the same concurrency submitted to the engine in-process:", "",
              *(f"  - {line.strip()}" if line.startswith(" ") else f"- {line}" for line in e2e_lines)]
-    with (Path(__file__).resolve().parent / "RESULTS.md").open("a", encoding="utf-8") as f:
+    with (results or Path(__file__).resolve().parent / "RESULTS.md").open("a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -3,6 +3,7 @@ tokens that arrive within the common window."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import multiprocessing as mp
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))  # the bench's modules import each other as top-level modules
 
-from load_bench import StartSignal, window_tokens  # noqa: E402
+from load_bench import StartSignal, record, window_tokens  # noqa: E402
 from zipf_load import arrival_plan, describe_phase, histogram_totals  # noqa: E402
 
 
@@ -79,3 +80,19 @@ def test_a_phase_is_split_by_the_daemons_own_histograms(tmp_path):
     loads.labels("prefix").observe(0.050)
     queue.observe(0.002)
     assert describe_phase(before, reading()) == "2 adapter loads (mean 40.0 ms), 1 queue (mean 2.0 ms), 0 first token"
+
+
+def test_a_run_without_the_zipf_sweep_records_no_empty_table(tmp_path):
+    """``--rates ''`` (TTFT or streams alone, as the device calls of 2026-12-02 ran): the block says there was no
+    sweep instead of a table header with no rows; with a sweep, the table and its rows."""
+    import torch
+
+    args = argparse.Namespace(shape="tiny", adapters=20, distinct=2, rank=16, slots=4, zipf_duration=2.0, new=8,
+                              quantization="none", client_procs=1, http=False)
+    results = tmp_path / "RESULTS.md"
+    record(args, [], ["time to first token: ..."], torch.device("cpu"), 1, results)
+    text = results.read_text()
+    assert "No Zipf sweep in this run" in text and "| rate |" not in text and "- time to first token" in text
+    record(args, ["| 8/s | 1 | 2 | 3 / 4 | 1 | 2 | 3 / 4 | 1.00 | 1.00 |"], [], torch.device("cpu"), 1, results)
+    assert text.count("### load_bench") == 1 and results.read_text().count("| rate |") == 1
+    assert "| 8/s | 1 |" in results.read_text()
