@@ -70,11 +70,14 @@ def deviation(ours: list[float], ref: list[float]) -> dict:
     return {"max": devs[worst], "max_step": worst + 1, "mean": sum(devs) / len(devs)}
 
 
+def final_spread(final: dict[str, float]) -> float:
+    """How far the farthest of plain PEFT's variants ends from ``peft`` (each judged by ``adapter_loss``)."""
+    return max(abs(final[name] - final["peft"]) for name in ("peft_alt", "peft_eager"))
+
+
 def final_within_noise(final: dict[str, float]) -> bool:
-    """Whether our adapter ends as far from plain PEFT's (both judged by ``adapter_loss``) as PEFT's own variants
-    end from it, at most."""
-    spread = max(abs(final[name] - final["peft"]) for name in ("peft_alt", "peft_eager"))
-    return abs(final["ours"] - final["peft"]) <= spread
+    """Whether our adapter ends no farther from plain PEFT's than PEFT's own variants end from it."""
+    return abs(final["ours"] - final["peft"]) <= final_spread(final)
 
 
 def trainer_curve(base: Path, method: str, steps: int, run_dir: Path,
@@ -197,8 +200,7 @@ def _final_cell(r: dict) -> str:
     if "final_loss" not in r:
         return ""
     f = r["final_loss"]
-    spread = max(abs(f[name] - f["peft"]) for name in ("peft_alt", "peft_eager"))
-    return (f"; final loss ours {f['ours']:.4f}, PEFT {f['peft']:.4f} (+-{spread:.4f}): "
+    return (f"; final loss ours {f['ours']:.4f}, PEFT {f['peft']:.4f} (+-{final_spread(f):.4f}): "
             f"{'yes' if r['final_within_noise'] else 'no'}")
 
 
