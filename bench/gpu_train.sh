@@ -13,7 +13,8 @@
 #             lora-bf16, lora-bf16-fused, lora-int8-kernels (the kernels alone, plain loss)
 #   tests     the trainer's fused-loss, kernels and loss-curve tests on CUDA (liger against the plain model)
 #   curve     issue 20's loss-curve figure (bench/loss_curve.py, ~3.5 min): 200 steps of LoRA and P-Tuning v2 on the
-#             tutorial's examples, `adapterd train` at its GPU defaults against plain PEFT in bf16 and fp32;
+#             tutorial's examples, `adapterd train` at its GPU defaults against plain PEFT in bf16, in fp32 and
+#             in bf16 with eager attention, each run's final adapter scored by plain PEFT in fp32;
 #             train_curve.json, .log and curve-METHOD.svg; then here `python3 bench/loss_curve.py --append-from
 #             train_curve.json` (CURVE_ARGS overrides, e.g. --steps 4 in tests/bench/test_loss_curve.py)
 #   isolate   (~3 min) the LoRA curve again with one piece of the fast path changed at a time: --kernels off,
