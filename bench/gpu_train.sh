@@ -22,8 +22,11 @@
 #             loss both off, against one pair of PEFT curves (train_isolate.json and .log; at 286d702 the LoRA
 #             curve at the defaults read max 6.0e-02 against noise 5.5e-02: which piece, if any, moves it).
 #             Here: python3 bench/loss_curve.py --append-from train_isolate.json
+#   grads     (~1 min) bench/kernel_grads.py: the LoRA gradient with each of liger's kernels alone and all, in bf16,
+#             against fp32's (relative L2 error), beside plain bf16's own: which kernel, if any, biases it
+#             (kernel_grads.json and .log)
 # Then, here: python3 bench/train_bench.py --append-from train_PART.json (rows into bench/RESULTS.md).
-# BENCH_ARGS, CURVE_ARGS, TEST_DEVICE and SITE override the defaults (tests/bench/test_gpu_train.py and
+# BENCH_ARGS, CURVE_ARGS, GRADS_ARGS, TEST_DEVICE and SITE override the defaults (tests/bench/test_gpu_train.py and
 # test_loss_curve.py run the parts on the CPU that way, so that no device call is lost to a typo here).
 set -o pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -53,6 +56,11 @@ case "$part" in
     liger
     python3 bench/loss_curve.py --json-out "$OUT/train_curve.json" --svg-dir "$OUT" $CURVE_ARGS 2>&1 \
       | grep --line-buffered -v "Loading weights" | tee "$OUT/train_curve.log" | tail -40
+    ;;
+  grads)
+    liger
+    python3 bench/kernel_grads.py --json-out "$OUT/kernel_grads.json" $GRADS_ARGS 2>&1 \
+      | grep --line-buffered -v "Loading weights" | tee "$OUT/kernel_grads.log" | tail -20
     ;;
   isolate)
     liger

@@ -63,6 +63,10 @@ HIDDEN_RTOL = 1e-1
 # Attributes liger's instance patch binds on a module (``_bind_method_to_module`` writes ``__dict__``).
 _BOUND = ("forward", "extra_repr", "_get_name")
 
+# liger's three kernels by the keyword its patch takes; ``patch`` applies all of them unless told fewer
+# (bench/kernel_grads.py measures each one's gradients alone).
+PARTS = ("rope", "rms_norm", "swiglu")
+
 Undo = Callable[[], None]
 
 
@@ -81,20 +85,21 @@ def unavailable(base: Any, device: torch.device) -> str | None:
     return None
 
 
-def liger_apply(model_type: str) -> Callable[[Any], None]:
-    """liger-kernel's instance patch for ``model_type`` with RoPE, RMSNorm and SwiGLU on and its losses off."""
+def liger_apply(model_type: str, parts: tuple[str, ...] = PARTS) -> Callable[[Any], None]:
+    """liger-kernel's instance patch for ``model_type`` with the kernels in ``parts`` on (of ``PARTS``) and its
+    losses off."""
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     apply = MODEL_TYPE_TO_APPLY_LIGER_FN[model_type]
+    chosen = {part: part in parts for part in PARTS}
 
     def patch_model(model: Any) -> None:
-        apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
-              model=model)
+        apply(**chosen, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
 
     return patch_model
 
 
-def patch(base: Any) -> tuple[Undo, int]:
+def patch(base: Any, parts: tuple[str, ...] = PARTS) -> tuple[Undo, int]:
     """Patch liger's kernels into ``base`` (a transformers ``*ForCausalLM``, the PEFT model's base). Returns a
     function that puts back the instance forwards and the modeling module's globals it replaced, and how many
     modules' forwards were replaced (for Llama: three a layer and the final norm)."""
@@ -114,7 +119,7 @@ def patch(base: Any) -> tuple[Undo, int]:
                     module.__dict__.pop(key, None)
 
     try:
-        liger_apply(base.config.model_type)(base)
+        liger_apply(base.config.model_type, parts)(base)
     except BaseException:
         undo()
         raise

@@ -83,7 +83,7 @@ def _stand_in(wrong_rope: bool = False, fails: bool = False):
     """A stand-in for ``kernels.liger_apply``, patching like liger: bound forwards on the norms, a module
     global for RoPE (no rotation at all when ``wrong_rope``; raising, as a kernel that fails to compile,
     when ``fails``)."""
-    def apply(model_type):
+    def apply(model_type, parts=kernels.PARTS):
         def patch_model(model):
             modeling = sys.modules[type(model).__module__]
             original = modeling.apply_rotary_pos_emb
