@@ -1,25 +1,29 @@
-"""The engine core's side of the process boundary: one ``Runtime`` served to its front ends over zmq.
+"""The engine core's side of the process boundary: one ``Runtime`` served to its front ends.
 
 Threads of the engine-core process, and who owns which socket (zmq sockets are not thread-safe):
-- the I/O thread (the process's main thread) owns the ROUTER socket the front ends connect to. It hands
-  submits and cancels to the engine's inbox, and forwards outgoing frames from an inproc PULL socket;
+- the I/O thread (the process's main thread) owns the ROUTER socket the front ends connect to and the
+  connections it makes to their outputs sockets (which carry a front end's Submits, Cancels and calls once
+  made). It hands submits and cancels to the engine's inbox, and forwards outgoing frames from an inproc PULL
+  socket to the ROUTER;
 - the engine thread (``server/engine/engine.py``) collects each step's events per front end and, once the
   step is over (``Engine.after_step``), sends one ``Outputs`` frame per front end (a step that prefills sends
-  its new rows' first tokens first, as soon as they are sampled): straight to the front end's own PULL
-  socket (``Submit.outputs``) through a PUSH socket of the engine thread's, with no other thread on the way.
-  That socket's monitor tells it when the front end has gone (its process died): the requests it sent are
-  cancelled, so that they give their rows back instead of generating for nobody to their token limit.
-  A front end alive but ``OUTPUT_HWM`` frames behind (its event loop blocked) loses the next frame: the
-  requests with events in it are cancelled and named in the ``lost`` field of the next frame that gets
-  through, so their streams end with UNAVAILABLE, never with tokens missing or no end;
+  its new rows' first tokens first, as soon as they are sampled): straight into the front end's own Unix
+  socket (``Submit.outputs``, which the I/O thread connected to), one non-blocking write (``frames.py``), no
+  other thread on the way. The I/O thread watches that connection: when it closes (the front end's process
+  died) the requests it sent are cancelled, so that they give their rows back instead of generating for
+  nobody to their token limit. A front end alive but ``OUTPUT_HWM`` frames behind (its event loop blocked)
+  loses the next frame: the requests with events in it are cancelled and named in the ``lost`` field of the
+  next frame that gets through, so their streams end with UNAVAILABLE, never with tokens missing or no end;
 - a few worker threads run calls that may touch the disk (adapter loads, listing) and submits whose adapter
-  must be loaded first, and send their replies through their own PUSH sockets.
+  must be loaded first, and send their replies over the front end's connection, or (before it is made)
+  through their own PUSH sockets to the ROUTER.
 No gRPC and no tokenizing here: the engine's host thread only schedules and launches.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +31,13 @@ from typing import Any
 
 import msgspec
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from ..engine.batch import Row
 from ..engine.observer import EngineObserver
 from ..engine.request import GenerationEvent, StopReason
 from ..errors import AdapterdError, InvalidArgument
 from ..runtime import Runtime
+from .frames import FrameError, FrameReader, FrameWriter
 from .protocol import (
     Call,
     Cancel,
@@ -53,7 +57,8 @@ log = logging.getLogger(__name__)
 OUTBOX = "inproc://adapterd-core-outbox"
 CALL_THREADS = 4  # adapter loads and listings at once; each is bounded by the store's own limits
 POLL_MS = 200  # how often the I/O thread looks at ``stopping`` while idle, milliseconds
-OUTPUT_HWM = 1000  # frames queued for one front end (zmq's default, ~8 s of steps at 8 ms) before one is lost
+OUTPUT_HWM = 1000  # frames queued for one front end (~8 s of steps at 8 ms) before one is lost
+OUTPUTS_SCHEME = "unix:"  # Submit.outputs: the daemon's own front ends listen on Unix sockets only
 
 
 class _SendAfterPrefill(EngineObserver):
@@ -87,13 +92,16 @@ class EngineCore:
         self.outbox = self.context.socket(zmq.PULL)
         self.outbox.bind(OUTBOX)
         self.stopping = threading.Event()
+        self.poller = zmq.Poller()  # I/O thread only
         self._local = threading.local()  # each sending thread's PUSH socket
         self._pending: dict[bytes, list[Event]] = {}  # engine thread only: this step's events per front end
-        self._outputs_of: dict[bytes, str] = {}  # front end -> its PULL address (``Submit.outputs``)
-        # engine thread only: per such address, a PUSH socket and the monitor of its disconnect events
-        self._direct: dict[str, tuple[zmq.Socket, zmq.Socket]] = {}
-        # engine thread only: per such address, requests whose events a full queue dropped, not yet told
-        self._lost: dict[str, set[str]] = {}
+        # front end -> its outputs connection (``Submit.outputs``): made and closed by the I/O thread, written by
+        # the engine thread (and by call threads ending a request early)
+        self._writers: dict[bytes, FrameWriter] = {}
+        # I/O thread only: those connections by descriptor (front end, socket, what it sent so far), to read
+        self._connections: dict[int, tuple[bytes, socket.socket, FrameReader]] = {}
+        # engine thread only: per front end, requests whose events a full backlog dropped, not yet told
+        self._lost: dict[bytes, set[str]] = {}
         self._requests_of: dict[bytes, set[str]] = {}  # front end -> its requests in the engine (under _lock)
         self._lock = threading.Lock()  # guards the two sets below (I/O thread and call threads)
         self._waiting_for_load: set[str] = set()  # submits whose adapter a call thread is loading
@@ -117,15 +125,16 @@ class EngineCore:
 
     def serve(self) -> None:
         """Route frames until ``stop`` is called (a signal handler, the ``shutdown`` call, a broken engine)."""
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self.outbox, zmq.POLLIN)
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.outbox, zmq.POLLIN)
         while not self.stopping.is_set():
-            ready = dict(poller.poll(POLL_MS))
+            ready = dict(self.poller.poll(POLL_MS))
             if self.outbox in ready:
                 self._forward_outputs()
             if self.router in ready:
                 self._receive()
+            for fd in [fd for fd in self._connections if fd in ready]:  # the poller names non-zmq sockets by fd
+                self._watch(fd)
         self._forward_outputs()
 
     def stop(self) -> None:
@@ -133,6 +142,8 @@ class EngineCore:
 
     def close(self) -> None:
         self._calls.shutdown(wait=False, cancel_futures=True)
+        for writer in list(self._writers.values()):
+            writer.close()
         self.context.destroy(linger=0)
 
     def _forward_outputs(self) -> None:
@@ -154,21 +165,28 @@ class EngineCore:
                 return
             except ValueError:  # not two frames: not one of our front ends
                 continue
-            try:
-                message = to_core.decode(frame)
-            except msgspec.DecodeError:
-                log.warning("ignored a malformed frame from a front end")
-                continue
-            if isinstance(message, Submit):
-                self._submit(identity, message)
-            elif isinstance(message, Cancel):
-                self._cancel(message.request_id)
-            else:
-                self._calls.submit(self._answer, identity, message)
+            self._dispatch(identity, frame)
+
+    def _dispatch(self, identity: bytes, frame: bytes) -> None:
+        """One frame from a front end, by the ROUTER or by its outputs connection (once the core connected to it,
+        the front end sends its Submits, Cancels and calls there: no zmq I/O thread on either side)."""
+        try:
+            message = to_core.decode(frame)
+        except msgspec.DecodeError:
+            log.warning("ignored a malformed frame from a front end")
+            return
+        if isinstance(message, Submit):
+            self._submit(identity, message)
+        elif isinstance(message, Cancel):
+            self._cancel(message.request_id)
+        else:
+            self._calls.submit(self._answer, identity, message)
 
     # ------------------------------------------------------------------ requests
 
     def _submit(self, identity: bytes, message: Submit) -> None:
+        if message.outputs.startswith(OUTPUTS_SCHEME) and identity not in self._writers:
+            self._connect_outputs(identity, message.outputs[len(OUTPUTS_SCHEME):])
         adapter = self.runtime.store.loaded_now(message.adapter_id) if message.adapter_id else None
         if message.adapter_id and adapter is None:  # first contact: load it off this thread
             self._loading(message.request_id, True)
@@ -205,8 +223,6 @@ class EngineCore:
 
     def _enqueue(self, identity: bytes, message: Submit, adapter: Any) -> None:
         request_id = message.request_id
-        if message.outputs.startswith("ipc://"):  # the daemon's own front ends bind ipc:// sockets only
-            self._outputs_of[identity] = message.outputs
         with self._lock:
             self._requests_of.setdefault(identity, set()).add(request_id)
 
@@ -225,75 +241,94 @@ class EngineCore:
         if not isinstance(exc, AdapterdError):
             log.error("request %s failed before the engine", request_id, exc_info=exc)
         event = GenerationEvent("end", stop_reason=StopReason.ERROR, error=exc)
-        self._send(identity, Outputs([event_message(request_id, event)]))
+        self._reply(identity, Outputs([event_message(request_id, event)]))
+
+    # ------------------------------------------------------------------ outputs connections
+
+    def _connect_outputs(self, identity: bytes, path: str) -> None:
+        """I/O thread: connect to a front end's outputs socket (a Unix socket it listens on). Where that fails,
+        its events go back over the ROUTER, as for a Submit naming none."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            log.warning("could not connect to a front end's outputs socket (%s): its events go by the ROUTER", exc)
+            return
+        self._writers[identity] = FrameWriter(sock, OUTPUT_HWM)
+        self._connections[sock.fileno()] = identity, sock, FrameReader()
+        self.poller.register(sock.fileno(), zmq.POLLIN)
+
+    def _watch(self, fd: int) -> None:
+        """I/O thread: an outputs connection is readable: the front end's Submits, Cancels and calls, or its end
+        (its process died or closed it), on which its requests are cancelled and the connection closed."""
+        identity, sock, reader = self._connections[fd]
+        try:
+            data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            try:
+                frames = reader.feed(data)
+            except FrameError as exc:
+                log.warning("closed a front end's connection that sent a bad frame: %s", exc)
+            else:
+                for frame in frames:
+                    self._dispatch(identity, frame)
+                return
+        del self._connections[fd]
+        self.poller.unregister(fd)  # before the close: the descriptor's number may be reused at once
+        self._writers.pop(identity).close()
+        with self._lock:
+            requests = list(self._requests_of.pop(identity, ()))
+        for request_id in requests:
+            self.runtime.engine.cancel(request_id)
+        if requests:
+            log.warning("a front end went away: %d of its requests cancelled", len(requests))
 
     def _flush(self) -> None:
         """Engine thread, after each step (and after a prefill): one frame per front end holding its events
         (and, to a front end that lost a frame, one naming the lost requests, events or not)."""
-        self._cancel_for_departed()
+        for writer in list(self._writers.values()):
+            if writer.pending():
+                writer.drain()
         if not self._pending and not self._lost:
             return
         pending, self._pending = self._pending, {}
-        pushed = set()
         for identity, events in pending.items():
-            address = self._outputs_of.get(identity)
-            if address is None:
+            writer = self._writers.get(identity)
+            if writer is None:
                 self._send(identity, Outputs(events))
             else:
-                self._push(address, events)
-                pushed.add(address)
-        for address in [a for a in self._lost if a not in pushed]:  # lost ids to tell, no events this step
-            self._push(address, [])
+                self._write(identity, writer, events)
+        for identity in [i for i in self._lost if i not in pending]:  # lost ids to tell, no events this step
+            writer = self._writers.get(identity)
+            if writer is None:  # gone: its requests were cancelled when it went
+                del self._lost[identity]
+            else:
+                self._write(identity, writer, [])
 
-    def _push(self, address: str, events: list[Event]) -> None:
-        """Engine thread: ``events`` to a front end's PULL socket. The PUSH socket queues frames while its
-        connection is being made (zmq's default), so the first frames after ``connect`` are not lost. A front
-        end ``OUTPUT_HWM`` frames behind loses the frame: its requests are cancelled (``_lose``)."""
-        if address not in self._direct:
-            push = self.context.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.setsockopt(zmq.SNDHWM, OUTPUT_HWM)
-            self._direct[address] = push, push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            push.connect(address)
-        push = self._direct[address][0]
-        lost = self._lost.get(address)
-        try:
-            push.send(encoder.encode(Outputs(events, sorted(lost) if lost else [])), zmq.NOBLOCK)
-        except zmq.Again:
-            self._lose(address, {e.request_id for e in events})
-        else:
-            self._lost.pop(address, None)
+    def _write(self, identity: bytes, writer: FrameWriter, events: list[Event]) -> None:
+        """Engine thread: ``events`` into a front end's outputs connection. One whose backlog is full (it stopped
+        reading, ``OUTPUT_HWM`` frames behind) loses the frame: its requests are cancelled (``_lose``)."""
+        lost = self._lost.get(identity)
+        if writer.send(encoder.encode(Outputs(events, sorted(lost) if lost else []))):
+            self._lost.pop(identity, None)
+        elif not writer.closed:
+            self._lose(identity, {e.request_id for e in events})
 
-    def _lose(self, address: str, request_ids: set[str]) -> None:
-        """A frame for ``address`` was dropped: its requests lost events (tokens, or their end) the front end
+    def _lose(self, identity: bytes, request_ids: set[str]) -> None:
+        """A frame for ``identity`` was dropped: its requests lost events (tokens, or their end) the front end
         can never get back. Each is cancelled (a no-op for one that already ended) and told as lost."""
-        new = request_ids - self._lost.get(address, set())
-        self._lost.setdefault(address, set()).update(request_ids)
+        new = request_ids - self._lost.get(identity, set())
+        self._lost.setdefault(identity, set()).update(request_ids)
         for request_id in new:
             self.runtime.engine.cancel(request_id)
         if new:
             log.warning("a front end fell %d frames behind: %d of its requests lost events and were cancelled",
                         OUTPUT_HWM, len(new))
-
-    def _cancel_for_departed(self) -> None:
-        """Engine thread, at each flush: a front end whose PULL socket disconnected (its process died; a live
-        one keeps it open until it closes) gets its requests cancelled, and its sockets are closed."""
-        for address, (push, monitor) in list(self._direct.items()):
-            if not monitor.poll(0) or recv_monitor_message(monitor)["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            departed = [identity for identity, a in self._outputs_of.items() if a == address]
-            with self._lock:
-                requests = [r for identity in departed for r in self._requests_of.pop(identity, ())]
-            for identity in departed:
-                self._outputs_of.pop(identity, None)
-            for request_id in requests:
-                self.runtime.engine.cancel(request_id)
-            if requests:
-                log.warning("a front end went away: %d of its requests cancelled", len(requests))
-            del self._direct[address]
-            self._lost.pop(address, None)
-            monitor.close(0)
-            push.close(0)
 
     # ------------------------------------------------------------------ calls
 
@@ -307,7 +342,16 @@ class EngineCore:
             if not isinstance(exc, AdapterdError):
                 log.error("engine-core call %s failed", call.method, exc_info=exc)
             reply = Reply(call.call_id, error=error_info(exc))
-        self._send(identity, reply)
+        self._reply(identity, reply)
+
+    def _reply(self, identity: bytes, message: Outputs | Reply) -> None:
+        """From the I/O thread or a call thread: over the front end's connection where there is one (behind the
+        frames the engine thread wrote there), else by the ROUTER."""
+        writer = self._writers.get(identity)
+        if writer is None:
+            self._send(identity, message)
+        else:
+            writer.send(encoder.encode(message))
 
     def _send(self, identity: bytes, message: Outputs | Reply) -> None:
         push = getattr(self._local, "push", None)

@@ -56,8 +56,10 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
     prompt_ids: list[int]
     params: GenerationParams
     adapter_id: str = ""
-    # The sending front end's own ``ipc://`` PULL socket: the engine thread pushes this request's Outputs
-    # there itself, not through the I/O thread's ROUTER (one thread hand-off less per frame). Empty: the ROUTER.
+    # "unix:" and the path of a Unix socket the sending front end listens on: the core connects to it once,
+    # and the engine thread writes this front end's Outputs there itself (frames.py), not through the I/O
+    # thread's ROUTER and zmq's I/O thread on either side; the front end then sends its Submits, Cancels and
+    # calls over the same connection. Empty: the ROUTER.
     outputs: str = ""
 
 

@@ -4,36 +4,28 @@ I/O thread serving an in-process runtime on the tiny model."""
 from __future__ import annotations
 
 import contextlib
+import select
+import socket
 import threading
 import time
 
 import pytest
 import zmq
 
-from adapterd.server.core.engine_core import EngineCore
-from adapterd.server.core.process import EngineProcess
-from adapterd.server.core.protocol import Cancel, Outputs, Submit, encoder, from_core
-from adapterd.server.engine import EngineConfig, GenerationParams, StopReason
+from adapterd.server.core.frames import HEADER, MAX_FRAME, FrameReader, FrameWriter
+from adapterd.server.core.protocol import Call, Cancel, Event, Outputs, Reply, Submit, encoder, from_core
+from adapterd.server.engine import GenerationParams, StopReason
 from adapterd.server.engine.observer import EngineObserver
-from adapterd.server.runtime import Runtime
-from tests.helpers import TEST_DEVICE
+from tests.server.core.conftest import core_in_a_thread
 
 PROMPT = [5, 17, 42, 99, 7, 3]
+FRONT_END = b"front-end-1"  # the DEALER identity of the tests' own front end
 
 
 @pytest.fixture(scope="module")
 def core_address(tiny_model_dir, adapter_root):
-    runtime = Runtime.load(tiny_model_dir, adapter_root, "none", EngineConfig(max_batch_size=4, max_queue=8),
-                           device=TEST_DEVICE, dtype="float32")
-    address = EngineProcess.private_address()
-    core = EngineCore(runtime, address)
-    thread = threading.Thread(target=core.serve, daemon=True)
-    thread.start()
-    yield address
-    core.stop()
-    thread.join(10)
-    runtime.close()
-    core.close()
+    with core_in_a_thread(tiny_model_dir, adapter_root) as (_, core):
+        yield core.router.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 @pytest.fixture()
@@ -88,20 +80,57 @@ def test_a_request_that_ends_at_its_prefill_gets_start_and_end_in_one_frame(fron
     assert len(frame.events[1].token_ids) == 1
 
 
+class _OutputsSocket:
+    """A front end's outputs socket as the daemon's listens (``Submit.outputs``): the frames the core writes to
+    it once it has connected."""
+
+    def __init__(self, path) -> None:
+        self.address = f"unix:{path}"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.conn: socket.socket | None = None
+        self.reader = FrameReader()
+
+    def frames(self, deadline: float):
+        """The frames (``Outputs``, ``Reply``) that arrive before ``deadline`` (the core connects on its first
+        Submit)."""
+        buffered: list[bytes] = []
+        while time.monotonic() < deadline:
+            if buffered:
+                yield from_core.decode(buffered.pop(0))
+                continue
+            sock = self.conn or self.listener
+            if not select.select([sock], [], [], 0.1)[0]:
+                continue
+            if self.conn is None:
+                self.conn = self.listener.accept()[0]
+                continue
+            data = self.conn.recv(1 << 16)
+            if not data:
+                return
+            buffered += self.reader.feed(data)
+
+    def pending(self, wait: float) -> list[Outputs]:
+        """The frames that arrive within ``wait`` seconds."""
+        return list(self.frames(time.monotonic() + wait))
+
+    def close(self) -> None:
+        for sock in (self.conn, self.listener):
+            if sock is not None:
+                sock.close()
+
+
 def test_a_front_end_that_names_its_outputs_socket_gets_its_events_there(front_end, tmp_path):
-    """The engine thread pushes the events of a Submit that names an ``ipc://`` PULL socket straight to it
-    (nothing through the ROUTER); the stream starts and ends once, its tokens in order."""
-    context = zmq.Context()
-    pull = context.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    address = f"ipc://{tmp_path}/outputs.sock"
-    pull.bind(address)
+    """The core connects to the Unix socket a Submit names and the engine thread writes the request's events
+    there (nothing through the ROUTER); the stream starts and ends once, its tokens in order."""
+    outputs = _OutputsSocket(tmp_path / "outputs.sock")
     try:
         front_end.send(encoder.encode(Submit("direct", PROMPT, GenerationParams(max_new_tokens=12,
                                                                                 min_new_tokens=12),
-                                             outputs=address)))
+                                             outputs=outputs.address)))
         events = []
-        for frame in _outputs(pull, time.monotonic() + 60):
+        for frame in outputs.frames(time.monotonic() + 60):
             events += frame.events
             if events[-1].kind == "end":
                 break
@@ -111,16 +140,17 @@ def test_a_front_end_that_names_its_outputs_socket_gets_its_events_there(front_e
         assert events[-1].token_ids[:len(deltas)] == deltas and len(events[-1].token_ids) == 12  # in order
         assert not front_end.poll(200)  # nothing came the other way
     finally:
-        context.destroy(linger=0)
+        outputs.close()
 
 
-def test_an_outputs_address_that_is_not_ipc_is_ignored(front_end):
-    """Only the daemon's own front ends send Submits, and they bind ipc:// sockets: anything else (a TCP
-    address, say) is not connected to; the events come back over the ROUTER."""
-    front_end.send(encoder.encode(Submit("tcp", PROMPT, GenerationParams(max_new_tokens=1),
-                                         outputs="tcp://127.0.0.1:9")))
+@pytest.mark.parametrize("outputs", ["tcp://127.0.0.1:9", "ipc:///tmp/x.sock", "unix:/nonexistent/outputs.sock"])
+def test_an_outputs_address_the_core_cannot_use_sends_the_events_by_the_router(front_end, outputs):
+    """Only the daemon's own front ends send Submits, and they listen on Unix sockets: anything else (a TCP
+    address, say) is not connected to, nor is a path where nothing listens; the events come back over the
+    ROUTER instead, none lost."""
+    front_end.send(encoder.encode(Submit("elsewhere", PROMPT, GenerationParams(max_new_tokens=1), outputs=outputs)))
     frame = next(_outputs(front_end, time.monotonic() + 60))
-    assert [(e.request_id, e.kind) for e in frame.events] == [("tcp", "start"), ("tcp", "end")]
+    assert [(e.request_id, e.kind) for e in frame.events] == [("elsewhere", "start"), ("elsewhere", "end")]
 
 
 class _Finished(EngineObserver):
@@ -137,60 +167,67 @@ class _Finished(EngineObserver):
 
 @contextlib.contextmanager
 def _core_of_its_own(tiny_model_dir, adapter_root, tmp_path):
-    """A core serving a runtime of its own (a test that ends or cancels its rows), with a front end's DEALER and
-    the PULL socket at ``address`` it names in its Submits; ``finished`` records each request's end."""
-    runtime = Runtime.load(tiny_model_dir, adapter_root, "none", EngineConfig(max_batch_size=4, max_queue=8),
-                           device=TEST_DEVICE, dtype="float32")
+    """A core serving a runtime of its own (a test that ends or cancels its rows), with a front end's DEALER
+    (identity ``FRONT_END``) and the outputs socket it names in its Submits; ``finished`` records each request's
+    end."""
     finished = _Finished()
-    runtime.engine.observers.add(finished)
-    core = EngineCore(runtime, EngineProcess.private_address())
-    thread = threading.Thread(target=core.serve, daemon=True)
-    thread.start()
+    with core_in_a_thread(tiny_model_dir, adapter_root) as (runtime, core):
+        runtime.engine.observers.add(finished)
+        with _front_end_of(core, tmp_path) as (dealer, outputs):
+            yield runtime, core, finished, dealer, outputs
+
+
+@contextlib.contextmanager
+def _front_end_of(core, tmp_path):
+    """A front end's DEALER (identity ``FRONT_END``) connected to ``core``, and its outputs socket."""
     context = zmq.Context()
+    outputs = _OutputsSocket(tmp_path / "outputs.sock")
     try:
-        dealer, pull = context.socket(zmq.DEALER), context.socket(zmq.PULL)
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, FRONT_END)
         dealer.connect(core.router.getsockopt_string(zmq.LAST_ENDPOINT))
-        address = f"ipc://{tmp_path}/outputs.sock"
-        pull.bind(address)
-        yield runtime, core, finished, dealer, pull, address
+        yield dealer, outputs
     finally:
+        outputs.close()
         context.destroy(linger=0)
-        core.stop()
-        thread.join(10)
-        runtime.close()
-        core.close()
 
 
 def test_a_front_end_that_goes_away_has_its_requests_cancelled(tiny_model_dir, adapter_root, tmp_path):
-    """A front end's process dies with a request in the engine: the PULL socket it named disconnects, and the
-    core cancels the request at once instead of generating its tokens for nobody (its row is free again)."""
-    with _core_of_its_own(tiny_model_dir, adapter_root, tmp_path) as (runtime, core, finished, dealer, pull, address):
+    """A front end's process dies with a request in the engine: the outputs connection closes, and the core
+    cancels the request at once instead of generating its tokens for nobody (its row is free again)."""
+    with _core_of_its_own(tiny_model_dir, adapter_root, tmp_path) as (runtime, core, finished, dealer, outputs):
         limit = 400
         dealer.send(encoder.encode(Submit("orphan", PROMPT, GenerationParams(max_new_tokens=limit,
-                                                                             min_new_tokens=limit), outputs=address)))
-        assert next(_outputs(pull, time.monotonic() + 60)).events[0].kind == "start"  # it runs, and we read it
-        pull.close(0)  # the front end's process is gone
+                                                                             min_new_tokens=limit),
+                                          outputs=outputs.address)))
+        assert next(outputs.frames(time.monotonic() + 60)).events[0].kind == "start"  # it runs, and we read it
+        outputs.close()  # the front end's process is gone
         assert finished.done.wait(60)
         reason, generated = finished.rows["orphan"]
         assert reason == StopReason.CANCELLED and generated < limit, (reason, generated)
         assert runtime.engine.stats()["running"] == 0
+        deadline = time.monotonic() + 10
+        while core._writers and time.monotonic() < deadline:  # the I/O thread closes its side too
+            time.sleep(0.05)
+        assert not core._writers
 
 
-class _StalledPush:
-    """A front end's PUSH socket whose queue is full (the front end fell ``OUTPUT_HWM`` frames behind) while
-    ``stalled`` is set: each send raises zmq.Again, as zmq's does then."""
+class _StalledWriter:
+    """A front end's outputs connection whose backlog is full (the front end fell ``OUTPUT_HWM`` frames behind)
+    while ``stalled`` is set: each send is refused, as ``FrameWriter``'s is then."""
 
-    def __init__(self, push: zmq.Socket) -> None:
-        self.push, self.stalled = push, threading.Event()
+    def __init__(self, writer: FrameWriter) -> None:
+        self.writer, self.stalled, self.closed = writer, threading.Event(), False
         self.stalled.set()
 
-    def send(self, data: bytes, flags: int = 0) -> None:
-        if self.stalled.is_set():
-            raise zmq.Again()
-        self.push.send(data, flags)
+    def send(self, frame: bytes) -> bool:
+        return False if self.stalled.is_set() else self.writer.send(frame)
 
-    def close(self, linger: int | None = None) -> None:
-        self.push.close(linger)
+    def pending(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def test_a_front_end_that_falls_behind_loses_its_requests_with_an_error_not_their_tokens(
@@ -199,27 +236,25 @@ def test_a_front_end_that_falls_behind_loses_its_requests_with_an_error_not_thei
     with events in it is cancelled (its row freed at once), and the next frame that gets through names it as
     lost, so that the front end ends its stream with an error instead of streaming a text with tokens missing
     from the middle, or waiting forever for an end that was dropped. Its later requests are served whole."""
-    with _core_of_its_own(tiny_model_dir, adapter_root, tmp_path) as (runtime, core, finished, dealer, pull, address):
+    with _core_of_its_own(tiny_model_dir, adapter_root, tmp_path) as (runtime, core, finished, dealer, outputs):
         limit = 400
         dealer.send(encoder.encode(Submit("behind", PROMPT, GenerationParams(max_new_tokens=limit,
-                                                                             min_new_tokens=limit), outputs=address)))
-        frames = _outputs(pull, time.monotonic() + 60)
+                                                                             min_new_tokens=limit),
+                                          outputs=outputs.address)))
+        frames = outputs.frames(time.monotonic() + 60)
         assert next(frames).events[0].kind == "start"
-        push, monitor = core._direct[address]
-        stalled = _StalledPush(push)
-        core._direct[address] = stalled, monitor  # from here on the front end's queue is full
+        stalled = _StalledWriter(core._writers[FRONT_END])
+        core._writers[FRONT_END] = stalled  # from here on the front end's backlog is full
         assert finished.done.wait(60)
         reason, generated = finished.rows["behind"]
         assert reason == StopReason.CANCELLED and generated < limit, (reason, generated)
-        received = []
-        while pull.poll(200):  # what got through before the queue filled: no end among it
-            received += from_core.decode(pull.recv()).events
+        received = [e for frame in outputs.pending(0.3) for e in frame.events]  # what got through before
         assert all(e.kind != "end" for e in received)
         stalled.stalled.clear()  # the front end reads again; its next request goes through whole
         dealer.send(encoder.encode(Submit("after", PROMPT, GenerationParams(max_new_tokens=3, min_new_tokens=3),
-                                          outputs=address)))
+                                          outputs=outputs.address)))
         told, events = [], []
-        for frame in frames:
+        for frame in outputs.frames(time.monotonic() + 60):
             told += frame.lost
             events += [e for e in frame.events if e.request_id == "after"]
             if events and events[-1].kind == "end":
@@ -227,3 +262,43 @@ def test_a_front_end_that_falls_behind_loses_its_requests_with_an_error_not_thei
         assert told == ["behind"]
         assert [e.kind for e in events][0] == "start" and len(events[-1].token_ids) == 3
         assert runtime.engine.stats()["running"] == 0
+
+
+def _write(outputs: _OutputsSocket, message) -> None:
+    payload = encoder.encode(message)
+    outputs.conn.sendall(HEADER.pack(len(payload)) + payload)
+
+
+def test_submits_and_cancels_over_the_outputs_connection(tiny_model_dir, adapter_root, tmp_path):
+    """Once the core has connected to a front end's outputs socket, the front end sends its Submits, Cancels and
+    calls over that connection too: served, cancelled and answered as by the ROUTER, the events and replies on
+    the same connection; a frame that is not ours closes it (and cancels what the front end had running)."""
+    with _core_of_its_own(tiny_model_dir, adapter_root, tmp_path) as (runtime, core, finished, dealer, outputs):
+        dealer.send(encoder.encode(Submit("first", PROMPT, GenerationParams(max_new_tokens=2),
+                                          outputs=outputs.address)))
+        frames = outputs.frames(time.monotonic() + 60)
+        events = []
+        while not any(e.kind == "end" for e in events):
+            events += next(frames).events
+        _write(outputs, Submit("second", PROMPT, GenerationParams(max_new_tokens=3, min_new_tokens=3),
+                               outputs=outputs.address))
+        events = []
+        while not any(e.kind == "end" for e in events):
+            events += [e for e in next(frames).events if e.request_id == "second"]
+        assert events[0].kind == "start" and len(events[-1].token_ids) == 3
+        limit = 400
+        _write(outputs, Submit("long", PROMPT, GenerationParams(max_new_tokens=limit, min_new_tokens=limit)))
+        assert next(frames).events[0] == Event("long", "start", input_token_count=len(PROMPT))
+        finished.done.clear()
+        _write(outputs, Cancel("long"))
+        assert finished.done.wait(60)
+        assert finished.rows["long"][0] == StopReason.CANCELLED and finished.rows["long"][1] < limit
+        _write(outputs, Call(7, "stats"))
+        reply = next(frame for frame in frames if isinstance(frame, Reply))  # after the cancelled row's last frames
+        assert isinstance(reply, Reply) and reply.call_id == 7 and reply.value["running"] == 0
+        assert not dealer.poll(200)  # nothing came back by the ROUTER
+        outputs.conn.sendall(HEADER.pack(MAX_FRAME + 1))
+        deadline = time.monotonic() + 10
+        while core._writers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not core._writers
