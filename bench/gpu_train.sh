@@ -22,11 +22,14 @@
 #             loss both off, against one pair of PEFT curves (train_isolate.json and .log; at 286d702 the LoRA
 #             curve at the defaults read max 6.0e-02 against noise 5.5e-02: which piece, if any, moves it).
 #             Here: python3 bench/loss_curve.py --append-from train_isolate.json
+#   seeds     (~6 min) the curve part's LoRA runs from seeds 7, 8 and 9 (loss_curve.py --seeds): where the final
+#             adapters end, ours against PEFT's variants, by a permutation test (train_seeds.json and .log; at
+#             fc938e1 ours ended 0.0051 above PEFT, its variants within 0.0015: one seed). SEEDS_ARGS overrides.
 #   grads     (~1 min) bench/kernel_grads.py: the LoRA gradient with each of liger's kernels alone and all, in bf16,
 #             against fp32's (relative L2 error), beside plain bf16's own: which kernel, if any, biases it
 #             (kernel_grads.json and .log)
 # Then, here: python3 bench/train_bench.py --append-from train_PART.json (rows into bench/RESULTS.md).
-# BENCH_ARGS, CURVE_ARGS, GRADS_ARGS, TEST_DEVICE and SITE override the defaults (tests/bench/test_gpu_train.py and
+# BENCH_ARGS, CURVE_ARGS, SEEDS_ARGS, GRADS_ARGS, TEST_DEVICE and SITE override the defaults (tests/bench/test_gpu_train.py and
 # test_loss_curve.py run the parts on the CPU that way, so that no device call is lost to a typo here).
 set -o pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -57,6 +60,11 @@ case "$part" in
     python3 bench/loss_curve.py --json-out "$OUT/train_curve.json" --svg-dir "$OUT" $CURVE_ARGS 2>&1 \
       | grep --line-buffered -v "Loading weights" | tee "$OUT/train_curve.log" | tail -40
     ;;
+  seeds)
+    liger
+    python3 bench/loss_curve.py --json-out "$OUT/train_seeds.json" --svg-dir "$OUT" ${SEEDS_ARGS:---methods lora --seeds 7,8,9} 2>&1 \
+      | grep --line-buffered -v "Loading weights" | tee "$OUT/train_seeds.log" | tail -40
+    ;;
   grads)
     liger
     python3 bench/kernel_grads.py --json-out "$OUT/kernel_grads.json" $GRADS_ARGS 2>&1 \
@@ -69,5 +77,5 @@ case "$part" in
       --json-out "$OUT/train_isolate.json" $CURVE_ARGS 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/train_isolate.log" \
       | grep -E "==|trainer:|_vs_|noise"
     ;;
-  *) echo "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests|curve|isolate" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_train.sh lora|ptuning|extra|tests|curve|isolate|seeds|grads" >&2; exit 2 ;;
 esac

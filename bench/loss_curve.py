@@ -28,15 +28,20 @@ farthest PEFT variant.
 At a22ebc4 the first sample alone decided, and the LoRA curve with liger's kernels read 7.3e-02 against its
 5.5e-02 while the trainer with kernels and fused loss off matched ``peft`` exactly: the second sample says
 whether another order of rounding in bf16 moves plain PEFT's own curve as far.
+At fc938e1 the LoRA adapter ended 0.0051 above PEFT's while PEFT's variants ended within 0.0015: one sample each.
+``--seeds 7,8,9`` repeats every run from each seed and says where the final adapters end over them
+(``over_seeds``): ours' distance from PEFT's end against the variants', by an exact permutation test.
 
     python bench/loss_curve.py                          # the GPU's figure: JSON, per-step table, SVG per method
     bash bench/gpu_train.sh curve                       # the same, as the device call (in $OUT)
+    bash bench/gpu_train.sh seeds                       # LoRA's runs from seeds 7, 8 and 9 (~6 min)
     python bench/loss_curve.py --append-from train_curve.json   # here: one row per method into RESULTS.md
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -61,6 +66,10 @@ COLUMNS = ("date (UTC)", "commit", "machine", "method", "steps", "dtype", "train
 LR = {"lora": 3e-3, "ptuning-v2": 1e-2}
 SEED, BATCH, VIRTUAL_TOKENS, DROPOUT = 7, 2, 16, 0.05
 OTHER_ATTENTION = "eager"  # the oracle's second noise sample; transformers' default is sdpa
+SEEDS_SECTION = "## Training: where the final adapters end over seeds (bench/loss_curve.py --seeds)"
+SEEDS_COLUMNS = ("date (UTC)", "commit", "machine", "method", "steps", "flags", "seeds", "ours - PEFT per seed",
+                 "PEFT variants - PEFT per seed (dtype, attention)", "PEFT over seeds", "p", "within noise")
+ALPHA = 0.05  # the permutation test's level (over_seeds): "no" only where fewer than 5% of the splits put ours so far
 
 
 def deviation(ours: list[float], ref: list[float]) -> dict:
@@ -80,14 +89,41 @@ def final_within_noise(final: dict[str, float]) -> bool:
     return abs(final["ours"] - final["peft"]) <= final_spread(final)
 
 
+def permutation_p(ours: Sequence[float], others: Sequence[float]) -> float:
+    """Exact one-sided permutation test: the share of all ways to draw ``len(ours)`` of the pooled values whose
+    mean is at least ours' mean (ours' own draw among them). Small: ours are larger than chance would make them.
+    Its smallest value is 1 / C(len(pooled), len(ours)): 1/84 for 3 seeds against 6 variants, 1/15 for 2."""
+    pooled = [*ours, *others]
+    k = len(ours)
+    target = sum(ours) / k - 1e-12  # ties count as "at least": the draw of ours itself is always one
+    draws = list(itertools.combinations(range(len(pooled)), k))
+    return sum(1 for draw in draws if sum(pooled[i] for i in draw) / k >= target) / len(draws)
+
+
+def over_seeds(results: Sequence[dict]) -> dict:
+    """Where our final adapter ends against plain PEFT's over several seeds (one run of each per seed, same flags).
+    Per seed, ours' distance from ``peft``'s final loss and each PEFT variant's (fp32 or bf16, eager attention:
+    the noise's samples, two a seed); ours is **within noise** unless the exact permutation test says its
+    distances are larger than the variants' (p < ALPHA). Signed means show a bias's direction."""
+    finals = [r["final_loss"] for r in results]
+    ours = [f["ours"] - f["peft"] for f in finals]
+    variants = [[f[name] - f["peft"] for name in ("peft_alt", "peft_eager")] for f in finals]
+    flat = [d for pair in variants for d in pair]
+    p = permutation_p([abs(d) for d in ours], [abs(d) for d in flat])
+    return {"method": results[0]["method"], "flags": results[0].get("flags", ""), "steps": results[0]["steps"],
+            "seeds": [r["seed"] for r in results], "ours_minus_peft": ours, "variants_minus_peft": variants,
+            "ours_mean": sum(ours) / len(ours), "variants_mean": sum(flat) / len(flat),
+            "peft_final": [f["peft"] for f in finals], "p": p, "within_noise": p >= ALPHA}
+
+
 def trainer_curve(base: Path, method: str, steps: int, run_dir: Path,
-                  extra: Sequence[str] = ()) -> tuple[list[float], list[str]]:
+                  extra: Sequence[str] = (), seed: int = SEED) -> tuple[list[float], list[str]]:
     """``adapterd train`` at its defaults (but the unquantized base, no eval split; ``extra``: more flags, later
     ones winning): per-step losses and the train.log lines that say which loss and kernels ran."""
     argv = [sys.executable, "-m", "adapterd.cli", "train", "--no-progress", "--base", str(base),
             "--data", str(DATA), "--method", method, "--output", str(run_dir), "--quantization", "none",
             "--batch-size", str(BATCH), "--max-steps", str(steps), "--learning-rate", str(LR[method]),
-            "--seed", str(SEED), "--schedule", "linear", "--eval-split", "0", "--save-steps", str(steps),
+            "--seed", str(seed), "--schedule", "linear", "--eval-split", "0", "--save-steps", str(steps),
             "--lora-dropout", str(DROPOUT), "--num-virtual-tokens", str(VIRTUAL_TOKENS), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
@@ -100,15 +136,16 @@ def trainer_curve(base: Path, method: str, steps: int, run_dir: Path,
 
 
 def run_method(base: Path, method: str, steps: int, device: str, workdir: Path,
-               variants: Sequence[str] = ("",)) -> list[dict]:
-    """Plain PEFT's two curves once, then ours once per variant (more ``adapterd train`` flags; "" for none)."""
+               variants: Sequence[str] = ("",), seed: int = SEED) -> list[dict]:
+    """Plain PEFT's three curves once, then ours once per variant (more ``adapterd train`` flags; "" for none),
+    all from ``seed`` (LoRA's initial A, the batches' order, dropout's masks)."""
     import torch
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the trainer's compute dtype there
     alt = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
-    kwargs = dict(steps=steps, batch_size=BATCH, lr=LR[method], seed=SEED, device=device,
+    kwargs = dict(steps=steps, batch_size=BATCH, lr=LR[method], seed=seed, device=device,
                   num_virtual_tokens=VIRTUAL_TOKENS, lora_dropout=DROPOUT)
-    saved = {name: workdir / f"peft-{method}-{name}" for name in ("peft", "peft_alt", "peft_eager")}
+    saved = {name: workdir / f"peft-{method}-{name}-{seed}" for name in ("peft", "peft_alt", "peft_eager")}
     peft = peft_losses(base, DATA, method, dtype=dtype, save_to=saved["peft"], **kwargs)
     peft_alt = peft_losses(base, DATA, method, dtype=alt, save_to=saved["peft_alt"], **kwargs)
     peft_eager = peft_losses(base, DATA, method, dtype=dtype, attn_implementation=OTHER_ATTENTION,
@@ -118,13 +155,15 @@ def run_method(base: Path, method: str, steps: int, device: str, workdir: Path,
     noise = max(samples.values(), key=lambda d: d["max"])
     results = []
     for i, flags in enumerate(variants):
-        run_dir = workdir / f"run-{method}-{i}"
-        ours, said = trainer_curve(base, method, steps, run_dir, shlex.split(flags))
+        run_dir = workdir / f"run-{method}-{i}-{seed}"
+        ours, said = trainer_curve(base, method, steps, run_dir, shlex.split(flags), seed)
+        said = ([f"seed {seed}"] if seed != SEED else []) + ([f"flags: {flags}"] if flags else []) + said
         ours_dev = deviation(ours, peft)
         final = {"ours": adapter_loss(base, DATA, run_dir / "final", device), **finals}
-        results.append({"method": method, "steps": steps, "lr": LR[method], "dtype": str(dtype).removeprefix("torch."),
+        results.append({"method": method, "seed": seed, "flags": flags, "steps": steps, "lr": LR[method],
+                        "dtype": str(dtype).removeprefix("torch."),
                         "alt_dtype": str(alt).removeprefix("torch."),
-                        "trainer_said": [f"flags: {flags}", *said] if flags else said, "ours": ours, "peft": peft,
+                        "trainer_said": said, "ours": ours, "peft": peft,
                         "peft_alt": peft_alt, "peft_eager": peft_eager, "ours_vs_peft": ours_dev,
                         "ours_vs_peft_alt": deviation(ours, peft_alt), **samples, "noise": noise,
                         "within_noise": ours_dev["max"] <= noise["max"], "final_loss": final,
@@ -155,6 +194,17 @@ def report(r: dict) -> None:
               f"{f['peft']:.5f}, peft-alt {f['peft_alt']:.5f}, peft-eager {f['peft_eager']:.5f}; within noise: "
               f"{'yes' if r['final_within_noise'] else 'no'} (|ours - peft| <= the largest |variant - peft|)",
               flush=True)
+
+
+def report_seeds(summary: dict) -> None:
+    flags = f" with {summary['flags']}" if summary["flags"] else ""
+    print(f"\n== {summary['method']}{flags}: the final adapters over seeds {summary['seeds']}", flush=True)
+    for seed, ours, (alt, eager), peft in zip(summary["seeds"], summary["ours_minus_peft"],
+                                              summary["variants_minus_peft"], summary["peft_final"], strict=True):
+        print(f"   seed {seed:>4}: peft {peft:.5f}; ours {ours:+.5f}, peft-alt {alt:+.5f}, peft-eager {eager:+.5f}")
+    print(f"   mean: ours {summary['ours_mean']:+.5f}, PEFT's variants {summary['variants_mean']:+.5f}; permutation "
+          f"p {summary['p']:.3f}: within noise {'yes' if summary['within_noise'] else 'no'} (no only where "
+          f"p < {ALPHA})", flush=True)
 
 
 def write_svg(r: dict, path: Path) -> None:
@@ -212,6 +262,22 @@ def _which_sample(r: dict) -> str:
     return ""
 
 
+def to_seeds_row(summary: dict, machine: str, commit: str, date: str) -> dict[str, str]:
+    def signed(values: Sequence[float]) -> str:
+        return " ".join(f"{v:+.4f}" for v in values)
+
+    peft = summary["peft_final"]
+    return {"date (UTC)": date, "commit": commit, "machine": machine, "method": summary["method"],
+            "steps": str(summary["steps"]), "flags": summary["flags"] or "(defaults)",
+            "seeds": ",".join(map(str, summary["seeds"])),
+            "ours - PEFT per seed": f"{signed(summary['ours_minus_peft'])} (mean {summary['ours_mean']:+.4f})",
+            "PEFT variants - PEFT per seed (dtype, attention)":
+                "; ".join(signed(pair) for pair in summary["variants_minus_peft"])
+                + f" (mean {summary['variants_mean']:+.4f})",
+            "PEFT over seeds": f"{min(peft):.4f} to {max(peft):.4f}", "p": f"{summary['p']:.3f}",
+            "within noise": "yes" if summary["within_noise"] else "no"}
+
+
 def append_rows(saved: dict, results: Path) -> None:
     intro = ("The tiny model (common/tiny_model.py) on trainer/examples/gitclone.json, batch 2, seed 7, linear "
              "schedule: `adapterd train` at its defaults against plain PEFT (bench/peft_oracle.py) in the same "
@@ -223,6 +289,15 @@ def append_rows(saved: dict, results: Path) -> None:
              "PEFT's, +- the largest distance of PEFT's own variants from it.")
     rows = [to_row(r, saved["machine"], saved["commit"], saved["date"]) for r in saved["results"]]
     print(f"appended to {results}:", *append_to_section(results, SECTION, intro, COLUMNS, rows), sep="\n")
+    if saved.get("over_seeds"):
+        intro = ("The curve's runs repeated from several seeds (each seed moves LoRA's initial A, the batches' "
+                 "order and dropout's masks, for ours and PEFT alike), each final adapter scored as above. Per seed: "
+                 "ours' final loss minus plain PEFT's, and PEFT's two variants' (the other dtype, eager "
+                 "attention) minus PEFT's, the noise's samples. p: exact one-sided permutation test of ours' "
+                 "|distances| against the variants' (ours farther than chance would put them when small); within "
+                 f"noise unless p < {ALPHA}. With fewer than 3 seeds the test cannot say no.")
+        rows = [to_seeds_row(x, saved["machine"], saved["commit"], saved["date"]) for x in saved["over_seeds"]]
+        print(*append_to_section(results, SEEDS_SECTION, intro, SEEDS_COLUMNS, rows), sep="\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="more `adapterd train` flags for our side, e.g. --trainer-args='--kernels off'; repeated, "
                         "one curve of ours per value against the same PEFT curves (to find which part of the fast "
                         "path moves a curve; each row's 'trainer ran' names its flags)")
+    p.add_argument("--seeds", default=str(SEED),
+                   help="comma-separated seeds: every run once per seed, then where the final adapters end over "
+                        "the seeds (over_seeds: 3 or more to be able to say 'no'); default %(default)s")
     p.add_argument("--append-from", type=Path, help="only append rows saved with --json-out, then exit")
     args = p.parse_args(argv)
     if args.append_from:
@@ -253,26 +331,41 @@ def main(argv: list[str] | None = None) -> int:
         build_tiny_model(base)
     saved = {"machine": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "device": device,
              "commit": git_commit("trainer", "bench/loss_curve.py", "bench/peft_oracle.py"),
-             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "results": []}
+             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "results": [], "over_seeds": []}
     failed = False
     variants = args.trainer_args or [""]
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed]
     for method in [m for m in args.methods.split(",") if m]:
-        try:
-            results = run_method(base, method, args.steps, device, workdir, variants)
-        except Exception as exc:  # one method failing still leaves the other's figure
-            print(f"{method}: FAILED: {type(exc).__name__}: {exc}", flush=True)
-            failed = True
-            continue
-        for i, result in enumerate(results):
-            report(result)
-            saved["results"].append(result)
-            if args.svg_dir:
-                args.svg_dir.mkdir(parents=True, exist_ok=True)
-                write_svg(result, args.svg_dir / (f"curve-{method}.svg" if len(results) == 1 else
-                                                  f"curve-{method}-{i + 1}.svg"))
+        by_flags: dict[str, list[dict]] = {flags: [] for flags in variants}
+        for seed in seeds:
+            try:
+                results = run_method(base, method, args.steps, device, workdir, variants, seed)
+            except Exception as exc:  # one method or seed failing still leaves the others' figures
+                print(f"{method}, seed {seed}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+                failed = True
+                continue
+            for i, result in enumerate(results):
+                report(result)
+                saved["results"].append(result)
+                by_flags[result["flags"]].append(result)
+                if args.svg_dir:
+                    args.svg_dir.mkdir(parents=True, exist_ok=True)
+                    write_svg(result, args.svg_dir / _svg_name(method, i, len(results), seed, len(seeds)))
+            if args.json_out:
+                args.json_out.write_text(json.dumps(saved, indent=1))
+        for runs in by_flags.values():
+            if len(runs) > 1:
+                saved["over_seeds"].append(over_seeds(runs))
+                report_seeds(saved["over_seeds"][-1])
         if args.json_out:
             args.json_out.write_text(json.dumps(saved, indent=1))
     return 1 if failed else 0
+
+
+def _svg_name(method: str, variant: int, variants: int, seed: int, seeds: int) -> str:
+    """curve-METHOD.svg for one run; -N for the Nth variant of several, -sSEED for each of several seeds."""
+    return (f"curve-{method}" + (f"-{variant + 1}" if variants > 1 else "") + (f"-s{seed}" if seeds > 1 else "")
+            + ".svg")
 
 
 if __name__ == "__main__":

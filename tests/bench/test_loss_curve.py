@@ -75,3 +75,59 @@ def test_isolate_part_runs_each_piece_of_the_fast_path_off(tmp_path):
     assert not any(line.startswith("kernels: off (auto") for line in said)  # the flag turned them off, not auto
     assert any(line.startswith("fused loss: off (auto") for line in said)  # while the loss stayed at its default
     assert "== lora: 2 steps" in (out / "train_isolate.log").read_text()
+
+
+def test_seeds_part_says_where_the_final_adapters_end_over_seeds(tmp_path):
+    """``gpu_train.sh seeds``: every run once per seed, then ours' final distance from PEFT's against PEFT's own
+    variants' (over_seeds), printed, saved and appended as its own table. On the CPU ours is the fp32 oracle's
+    run, so it is within noise."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "SITE": str(tmp_path / "site"),
+           "SEEDS_ARGS": f"--methods lora --steps 2 --seeds 7,8,9 --workdir {tmp_path / 'work'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), "seeds"], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    saved = json.loads((out / "train_seeds.json").read_text())
+    assert [r["seed"] for r in saved["results"]] == [7, 8, 9]
+    assert [r["trainer_said"][0] for r in saved["results"]][1:] == ["seed 8", "seed 9"]  # 7, the default, unsaid
+    assert len({r["peft"][0] for r in saved["results"]}) > 1  # another seed, another LoRA A and batch order
+    (summary,) = saved["over_seeds"]
+    assert summary["seeds"] == [7, 8, 9] and summary["method"] == "lora"
+    assert all(abs(d) < 1e-4 for d in summary["ours_minus_peft"]) and summary["within_noise"]
+    assert summary["p"] > 0.05 and len(summary["variants_minus_peft"]) == 3
+    assert sorted(p.name for p in out.glob("*.svg")) == ["curve-lora-s7.svg", "curve-lora-s8.svg", "curve-lora-s9.svg"]
+    assert "the final adapters over seeds [7, 8, 9]" in (out / "train_seeds.log").read_text()
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    subprocess.run([sys.executable, str(REPO / "bench" / "loss_curve.py"), "--append-from",
+                    str(out / "train_seeds.json"), "--results", str(results)], check=True, capture_output=True)
+    text = results.read_text()
+    assert "## Training: where the final adapters end over seeds" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| ") and "| 7,8,9 |" in line]
+    assert "| lora | 2 | (defaults) | 7,8,9 |" in row and row.endswith("| yes |")
+
+
+def test_over_seeds_says_no_to_a_bias_and_yes_to_scatter():
+    """The permutation test: ours ending farther from PEFT than every variant on each of 3 seeds is a "no"
+    (p = 1/84, the smallest 3 of 9 can give); ours among the variants is a "yes"; 2 seeds can never say no."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from loss_curve import over_seeds, permutation_p
+
+    assert permutation_p([3, 3, 3], [1, 1, 1, 1, 1, 1]) == pytest.approx(1 / 84)
+    assert permutation_p([1, 1], [1, 1, 1, 1]) == 1.0
+    assert permutation_p([5, 5], [1, 1, 1, 1]) == pytest.approx(1 / 15)
+
+    def runs(ours: list[float]) -> list[dict]:
+        variants = [(0.0010, -0.0012), (-0.0008, 0.0015), (0.0011, 0.0009)]
+        return [{"method": "lora", "steps": 200, "seed": seed, "flags": "",
+                 "final_loss": {"peft": 0.25, "ours": 0.25 + d, "peft_alt": 0.25 + a, "peft_eager": 0.25 + e}}
+                for seed, d, (a, e) in zip((7, 8, 9), ours, variants, strict=True)]
+
+    biased = over_seeds(runs([0.0051, 0.0040, 0.0046]))
+    assert not biased["within_noise"] and biased["p"] == pytest.approx(1 / 84)
+    assert biased["ours_mean"] == pytest.approx(0.0045667, rel=1e-4)
+    scattered = over_seeds(runs([0.0013, -0.0009, 0.0004]))
+    assert scattered["within_noise"] and scattered["p"] > 0.3
+    assert over_seeds(runs([0.0051, 0.0040, 0.0046])[:2])["within_noise"]  # 1/15 > 0.05: two seeds cannot say no
