@@ -26,8 +26,8 @@
 #             adapters end, ours against PEFT's variants, by a permutation test (train_seeds.json and .log; at
 #             fc938e1 ours ended 0.0051 above PEFT, its variants within 0.0015: one seed). SEEDS_ARGS overrides.
 #   grads     (~1 min) bench/kernel_grads.py: the LoRA gradient with each of liger's kernels alone and all, in bf16,
-#             against fp32's (relative L2 error), beside plain bf16's own: which kernel, if any, biases it
-#             (kernel_grads.json and .log)
+#             against fp32's (relative L2 error), beside plain bf16's own: which kernel, if any, biases it, at the
+#             start and at plain PEFT's LoRA after 100 steps (--after-steps 0,100; kernel_grads.json and .log)
 # Then, here: python3 bench/train_bench.py --append-from train_PART.json (rows into bench/RESULTS.md).
 # BENCH_ARGS, CURVE_ARGS, SEEDS_ARGS, GRADS_ARGS, TEST_DEVICE and SITE override the defaults (tests/bench/test_gpu_train.py and
 # test_loss_curve.py run the parts on the CPU that way, so that no device call is lost to a typo here).
@@ -67,7 +67,7 @@ case "$part" in
     ;;
   grads)
     liger
-    python3 bench/kernel_grads.py --json-out "$OUT/kernel_grads.json" $GRADS_ARGS 2>&1 \
+    python3 bench/kernel_grads.py --json-out "$OUT/kernel_grads.json" ${GRADS_ARGS:---after-steps 0,100} 2>&1 \
       | grep --line-buffered -v "Loading weights" | tee "$OUT/kernel_grads.log" | tail -20
     ;;
   isolate)

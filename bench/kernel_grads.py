@@ -20,6 +20,10 @@ and prints each one's relative L2 error against fp32 (over the whole gradient, a
 loss. A kernel that only rounds in another order stays near bf16's error; one that computes a different
 gradient stands out. ``--json-out`` keeps the figures (tests/bench/test_kernel_grads.py holds the GPU assertion).
 
+At e846096 no kernel stood out at the start (B at random). A bias that shows only once training has moved the
+weights would not show there: ``--after-steps 0,100`` measures at the start and again at the adapter plain PEFT
+(bench/peft_oracle.py, fp32, the curve's LoRA settings and seed) reaches after 100 steps of the curve's run.
+
     python3 bench/kernel_grads.py --json-out kernel_grads.json     # on the GPU (bench/gpu_train.sh grads)
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peft_oracle import _batch, examples  # noqa: E402
+from peft_oracle import _batch, examples, peft_losses  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "trainer" / "examples" / "gitclone.json"
@@ -44,8 +49,13 @@ VARIANTS = {"bf16": (), "+rope": ("rope",), "+rms_norm": ("rms_norm",), "+rms_no
 # incoming gradient's: liger made Gemma 2's norms out of place after the in-place one broke its convergence).
 
 
-def _lora_model(base_dir: Path, dtype: torch.dtype, device: str, adapter: dict[str, torch.Tensor] | None):
-    from peft import LoraConfig, get_peft_model
+def _lora_model(base_dir: Path, dtype: torch.dtype, device: str, adapter: dict[str, torch.Tensor] | None,
+                adapter_dir: Path | None = None):
+    """The base in ``dtype`` with a LoRA of the curve's shape, dropout off: its weights ``adapter`` (a state of
+    another such model), else those saved in ``adapter_dir`` (PEFT's format), else A as PEFT draws it and B at
+    random."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
@@ -54,7 +64,11 @@ def _lora_model(base_dir: Path, dtype: torch.dtype, device: str, adapter: dict[s
     peft_model = get_peft_model(model, config)
     named = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     with torch.no_grad():
-        if adapter is None:  # B at random (PEFT starts it at zero, which leaves A without a gradient)
+        if adapter is None and adapter_dir is not None:
+            state = load_file(os.fspath(Path(adapter_dir) / "adapter_model.safetensors"))
+            if set_peft_model_state_dict(peft_model, state).unexpected_keys:
+                raise ValueError(f"{adapter_dir}: not a LoRA of r 8 on q_proj and v_proj")
+        elif adapter is None:  # B at random (PEFT starts it at zero, which leaves A without a gradient)
             torch.manual_seed(0)
             for name, p in named.items():
                 if "lora_B" in name:
@@ -101,11 +115,13 @@ def batches(base_dir: Path, device: str) -> dict[str, dict[str, torch.Tensor]]:
     return {name: {k: v.to(device) for k, v in b.items()} for name, b in (("records", records), ("random", noise))}
 
 
-def measure(base_dir: Path, device: str = "cuda", variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
-    """Each variant's loss and gradient error against fp32, per batch."""
+def measure(base_dir: Path, device: str = "cuda", variants: tuple[str, ...] = tuple(VARIANTS),
+            adapter_dir: Path | None = None) -> dict:
+    """Each variant's loss and gradient error against fp32, per batch, at the adapter in ``adapter_dir`` (None:
+    B at random)."""
     from adapterd.trainer import kernels
 
-    fp32 = _lora_model(base_dir, torch.float32, device, None)
+    fp32 = _lora_model(base_dir, torch.float32, device, None, adapter_dir)
     adapter = {n: p.detach().clone() for n, p in fp32.named_parameters() if p.requires_grad}
     data = batches(base_dir, device)
     reference = {name: gradient(fp32, batch) for name, batch in data.items()}
@@ -132,8 +148,16 @@ def measure(base_dir: Path, device: str = "cuda", variants: tuple[str, ...] = tu
     return result
 
 
+def trained_adapter(base_dir: Path, steps: int, device: str, out: Path) -> Path:
+    """Plain PEFT's LoRA after ``steps`` of the loss curve's run (bench/loss_curve.py's settings: fp32, batch 2,
+    lr 3e-3, seed 7, dropout 0.05), saved in ``out``."""
+    peft_losses(base_dir, DATA, "lora", steps=steps, batch_size=2, lr=3e-3, seed=7, device=device,
+                dtype=torch.float32, lora_dropout=0.05, save_to=out)
+    return out
+
+
 def table(result: dict) -> str:
-    lines = [f"LoRA gradient's relative L2 error against fp32 ({result['device']}):",
+    lines = [f"LoRA gradient's relative L2 error against fp32 ({result['device']}, {result['adapter']}):",
              f"{'variant':<10} {'batch':<8} {'loss':>9} {'all':>9} {'q.A':>9} {'q.B':>9} {'v.A':>9} {'v.B':>9}"]
     for variant, row in result["variants"].items():
         for name, r in row.items():
@@ -147,17 +171,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--after-steps", default="0",
+                        help="comma-separated: measure at the adapter plain PEFT reaches after each many steps of the "
+                             "loss curve's LoRA run (0: B at random, as at e846096); default %(default)s")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     from adapterd.common.tiny_model import build_tiny_model
 
+    results = []
     with tempfile.TemporaryDirectory() as work:
         base = Path(work) / "tiny"
         build_tiny_model(base)
-        result = measure(base, args.device, tuple(args.variants.split(",")))
-    print(table(result))
+        for steps in [int(n) for n in args.after_steps.split(",") if n]:
+            adapter = trained_adapter(base, steps, args.device, Path(work) / f"lora-{steps}") if steps else None
+            result = measure(base, args.device, tuple(args.variants.split(",")), adapter)
+            result.update(after_steps=steps,
+                          adapter=f"plain PEFT's LoRA after {steps} steps" if steps else "B at random")
+            print(table(result), flush=True)
+            results.append(result)
     if args.json_out:
-        args.json_out.write_text(json.dumps(result, indent=1))
+        args.json_out.write_text(json.dumps({"measurements": results}, indent=1))
     return 0
 
 

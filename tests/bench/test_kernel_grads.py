@@ -26,7 +26,7 @@ def _run(tmp_path: Path, *args: str) -> dict:
                            *args], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "LoRA gradient's relative L2 error against fp32" in done.stdout
-    return json.loads(out_json.read_text())
+    return json.loads(out_json.read_text())["measurements"][0]
 
 
 def test_plain_bf16_on_the_cpu_is_near_fp32_and_reported(tmp_path):
@@ -61,5 +61,24 @@ def test_the_grads_part_of_gpu_train_sh_on_the_cpu(tmp_path):
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), "grads"], capture_output=True, text=True,
                           timeout=600, env=env, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "LoRA gradient's relative L2 error against fp32 (cpu)" in (out / "kernel_grads.log").read_text()
-    assert set(json.loads((out / "kernel_grads.json").read_text())["variants"]) == {"bf16"}
+    assert "LoRA gradient's relative L2 error against fp32 (cpu, B at random)" in (out / "kernel_grads.log").read_text()
+    (measured,) = json.loads((out / "kernel_grads.json").read_text())["measurements"]
+    assert set(measured["variants"]) == {"bf16"} and measured["adapter"] == "B at random"
+
+
+def test_after_steps_measures_again_at_the_adapter_plain_peft_reached(tmp_path):
+    """``--after-steps 0,3``: at the start (B at random) and at plain PEFT's LoRA after 3 steps of the curve's run,
+    each labelled; the trained adapter is another point (another loss) and bf16 stays near fp32 there too."""
+    out_json = tmp_path / "grads.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "kernel_grads.py"), "--device", "cpu", "--variants",
+                           "bf16", "--after-steps", "0,3", "--json-out", str(out_json)], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(cpu, plain PEFT's LoRA after 3 steps):" in done.stdout
+    start, trained = json.loads(out_json.read_text())["measurements"]
+    assert (start["after_steps"], trained["after_steps"]) == (0, 3)
+    assert trained["adapter"] == "plain PEFT's LoRA after 3 steps"
+    for batch in ("records", "random"):
+        row = trained["variants"]["bf16"][batch]
+        assert row["loss_fp32"] != start["variants"]["bf16"][batch]["loss_fp32"]
+        assert 0 < row["error"]["all"] < 5e-2, (batch, row["error"])
