@@ -2,11 +2,12 @@
 
 ``ADAPTERD_PROFILE_DIR=<dir>`` in the environment of the process that builds the engine (the engine core, or a
 bench driving the engine in-process; a spawned core inherits it): once the batch has run ``SKIP_STEPS`` decode
-steps of at least ``MIN_ROWS`` rows (``ADAPTERD_PROFILE_MIN_ROWS`` overrides it; graphs captured, the pool
-grown, a steady load), the next ``PROFILED_STEPS`` decode steps are profiled, CPU and CUDA, and their operator
-tables are written to ``<dir>/engine-<pid>.txt``. Two processes' tables of the same load (bench/load_bench.py
-``--profile-dir``: the engine alone against the engine core) then say whether a slower step spends its time on
-the device (the same kernels taking longer) or on the host (the same operators' CPU time, or time in neither).
+steps of at least ``MIN_ROWS`` rows (graphs captured, the pool grown, a steady load;
+``ADAPTERD_PROFILE_SKIP_STEPS`` and ``ADAPTERD_PROFILE_MIN_ROWS`` override them), the next ``PROFILED_STEPS``
+decode steps are profiled, CPU and CUDA, and their operator tables are written to ``<dir>/engine-<pid>.txt``.
+Two processes' tables of the same load (bench/load_bench.py ``--profile-dir``: the engine alone against the
+engine core) then say whether a slower step spends its time on the device (the same kernels taking longer) or
+on the host (the same operators' CPU time, or time in neither).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ENV = "ADAPTERD_PROFILE_DIR"
 MIN_ROWS_ENV = "ADAPTERD_PROFILE_MIN_ROWS"
+SKIP_ENV = "ADAPTERD_PROFILE_SKIP_STEPS"  # fewer for a short load (tests/bench/test_gpu_core.py on a busy CPU)
 SKIP_STEPS = 200  # decode steps of MIN_ROWS or more before the profile: ~4 s of a 64-stream load on an H200
 PROFILED_STEPS = 50
 MIN_ROWS = 32
@@ -47,7 +49,10 @@ class StepProfiler(EngineObserver):
     @classmethod
     def from_env(cls) -> StepProfiler | None:
         out = os.environ.get(ENV)
-        return cls(Path(out), min_rows=int(os.environ.get(MIN_ROWS_ENV, MIN_ROWS))) if out else None
+        if not out:
+            return None
+        return cls(Path(out), skip=int(os.environ.get(SKIP_ENV, SKIP_STEPS)),
+                   min_rows=int(os.environ.get(MIN_ROWS_ENV, MIN_ROWS)))
 
     def decode_step(self, rows: list[Row], seconds: float) -> None:
         if len(rows) < self.min_rows or self._seen > self.skip + self.steps:

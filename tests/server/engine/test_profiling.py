@@ -40,3 +40,6 @@ def test_off_unless_the_environment_asks(monkeypatch, tmp_path):
     monkeypatch.setenv("ADAPTERD_PROFILE_MIN_ROWS", "2")
     profiler = StepProfiler.from_env()
     assert profiler.path == tmp_path / f"engine-{os.getpid()}.txt" and profiler.min_rows == 2
+    assert profiler.skip == 200  # the default: a steady load first
+    monkeypatch.setenv("ADAPTERD_PROFILE_SKIP_STEPS", "20")
+    assert StepProfiler.from_env().skip == 20
