@@ -342,6 +342,20 @@ def daemon_processes(daemon) -> dict[str, int]:
     return pids
 
 
+def median_ms(seconds: list[float]) -> float:
+    return statistics.median(seconds) * 1000 if seconds else float("nan")
+
+
+def ttft_path(alone: float, alone_prefill: float, grpc: float, core_prefill: float) -> str:
+    """Where a TTFT gap lies (ms, p50s of the same token-id prompts): in the prefill itself (the engine thread
+    from admission to the first token, slower in the core than alone?) or on the way to and from it (the
+    rest: for the engine alone its inbox and the asyncio queue; over gRPC also the front end, both sockets
+    and gRPC both ways)."""
+    return (f"prefill p50 alone {alone_prefill:.1f} ms, in the core {core_prefill:.1f} ms "
+            f"({core_prefill - alone_prefill:+.1f}); outside the prefill alone {alone - alone_prefill:.1f} ms, "
+            f"over gRPC as token ids {grpc - core_prefill:.1f} ms ({grpc - core_prefill - alone + alone_prefill:+.1f})")
+
+
 def cpu_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> str:
     """Microseconds of CPU per streamed token, by process."""
     return "server CPU per token: " + ", ".join(
@@ -435,7 +449,8 @@ def _engine_alone_proc(base_dir: Path, root: Path, args: argparse.Namespace, str
             print(f"engine alone with no client in its process, {n} streams: {tok_s:.1f} tok/s ({direct[n][1]})",
                   flush=True)
         before = counter.counts()
-        ttft = (asyncio.run(engine_ttft(runtime, args.ttft_requests)), prefill_ms(counter.counts().minus(before)))
+        ttft = (asyncio.run(engine_ttft(runtime, args.ttft_requests)), prefill_ms(counter.counts().minus(before)),
+                median_ms(counter.prefill_times(args.ttft_requests)))
     finally:
         runtime.close()
     out.put((alone, direct, ttft))
@@ -512,7 +527,7 @@ def main() -> int:
     alone_proc = ctx.Process(target=_engine_alone_proc, args=(base_dir, root, args, streams, out))
     profile_side(args, streams, "alone")  # spawned processes take the environment as it is at their start
     alone_proc.start()
-    alone, direct, ttft_alone = out.get(timeout=1800)  # ttft_alone: (p50 ms, mean prefill ms)
+    alone, direct, ttft_alone = out.get(timeout=1800)  # ttft_alone: (p50 ms, mean prefill ms, p50 prefill ms)
     alone_proc.join()
     profile_side(args, streams, "core")
     with socket.socket() as probe:  # a free port for the daemon's /metrics
@@ -546,11 +561,13 @@ def main() -> int:
         before = core_steps(daemon)
         ttft = (grpc_ttft(target, args.ttft_requests, False), prefill_ms(core_steps(daemon).minus(before)))
         ttft_ids = grpc_ttft(target, args.ttft_requests, True)
+        prefill_ids = median_ms(daemon.run(daemon.daemon.state.runtime.call("prefill_times", str(args.ttft_requests))))
         e2e_lines.append(f"time to first token, {TTFT_PROMPT_TOKENS}-token prompt, p50 of {args.ttft_requests}: engine "
                          f"alone {ttft_alone[0]:.1f} ms, over gRPC {ttft[0]:.1f} ms as text "
                          f"({ttft[0] - ttft_alone[0]:+.1f} ms), {ttft_ids:.1f} ms as token ids "
                          f"({ttft_ids - ttft_alone[0]:+.1f} ms); "
-                         f"mean prefill in the engine: alone {ttft_alone[1]:.1f} ms, in the core {ttft[1]:.1f} ms")
+                         f"mean prefill in the engine: alone {ttft_alone[1]:.1f} ms, in the core {ttft[1]:.1f} ms; "
+                         f"{ttft_path(ttft_alone[0], ttft_alone[2], ttft_ids, prefill_ids)}")
         print(e2e_lines[-1], flush=True)
         # The Zipf sweep last: its adapters wrap the model's layers for LoRA, which the engine alone (above) never
         # has; streams and TTFT are compared with the engine in the same state both ways.

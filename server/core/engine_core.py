@@ -119,6 +119,7 @@ class EngineCore:
             "list": lambda: runtime.store.list(), "stats": lambda: runtime.stats(),
             "metrics": lambda: self.metrics() if self.metrics is not None else b"",
             "steps": lambda: msgspec.structs.asdict(self.steps.counts()),
+            "prefill_times": lambda last: self.steps.prefill_times(int(last)),
         }
 
     # ------------------------------------------------------------------ the I/O thread

@@ -9,6 +9,7 @@ spread over time, so the same tokens can cost more prefill forwards with fewer r
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 import msgspec
@@ -17,6 +18,7 @@ from ..engine.batch import Row
 from ..engine.observer import EngineObserver
 
 BUSY_GAP_S = 0.5  # decode steps further apart than this had an idle engine between them: not counted as busy
+RECENT_PREFILLS = 1024  # prefill times kept one by one (``prefill_times``): a TTFT run's requests and more
 
 
 class StepCounts(msgspec.Struct):
@@ -71,12 +73,19 @@ class StepCounter(EngineObserver):
         self._graph_captures = graph_captures  # the runner's (count, seconds) so far, when there is one
         self._admitted_at = 0.0  # perf_counter() of the latest admission: the prefill that follows starts here
         self._last_step: tuple[float, float] | None = None  # (perf_counter, thread_time) at the last decode step
+        self._prefill_times: deque[float] = deque(maxlen=RECENT_PREFILLS)  # seconds, oldest first
 
     def counts(self) -> StepCounts:
         counts = StepCounts(**msgspec.structs.asdict(self._counts))
         if self._graph_captures is not None:
             counts.graph_captures, counts.capture_seconds = self._graph_captures()
         return counts
+
+    def prefill_times(self, last: int = RECENT_PREFILLS) -> list[float]:
+        """The seconds of the latest ``last`` prefills one by one (admission to first tokens), oldest first: a
+        run of sequential requests' median, which a mean over ``counts`` blurs with a slow first one."""
+        times = list(self._prefill_times)
+        return times[-last:] if last > 0 else []
 
     def request_admitted(self, row: Row, queue_seconds: float) -> None:
         self._admitted_at = time.perf_counter()
@@ -90,7 +99,9 @@ class StepCounter(EngineObserver):
         c = self._counts
         c.prefills += 1
         c.prefill_rows += len(rows)
-        c.prefill_seconds += time.perf_counter() - self._admitted_at
+        seconds = time.perf_counter() - self._admitted_at
+        c.prefill_seconds += seconds
+        self._prefill_times.append(seconds)
 
     def decode_launched(self, rows: list[Row], seconds: float) -> None:
         self._counts.decode_launch_seconds += seconds

@@ -45,6 +45,10 @@ def test_load_part(tmp_path):
                          r"\(\d+ decode steps .*\): ([\d.]+)$", log, re.M)
     assert len(ceiling) == 1 and float(ceiling[0][0]) > 0 and float(ceiling[0][1]) > 0.1, log
     assert re.search(r"time to first token, 512-token prompt, p50 of 5: engine alone [\d.]+ ms, over gRPC", log)
+    # where the gap lies: the prefill's own p50 on each side, and the rest of the way
+    path = re.findall(r"prefill p50 alone ([\d.]+) ms, in the core ([\d.]+) ms \([+-][\d.]+\); outside the "
+                      r"prefill alone ([\d.]+) ms, over gRPC as token ids ([\d.]+) ms \([+-][\d.]+\)$", log, re.M)
+    assert len(path) == 1 and all(float(x) > 0 for x in path[0]), log
     http = re.findall(r"over HTTP \(OpenAI completions, SSE\) ([\d.]+) tok/s .* ratio ([\d.]+)", log)
     assert len(http) == 1 and all(float(r) > 0.1 for _, r in http), log
     assert (out / "RESULTS.md").is_file()

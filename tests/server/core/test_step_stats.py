@@ -4,6 +4,7 @@ in-process, so they must count exactly the forwards the engine ran for a request
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from adapterd.server.core.step_stats import StepCounts
 
@@ -43,3 +44,17 @@ def test_a_phase_is_described_per_step_and_per_prefill():
                                         "2.00 ms a step; engine thread on a CPU 80% of the time")
     captured = StepCounts(decode_steps=1, decode_rows=2, decode_seconds=0.01, graph_captures=3, capture_seconds=0.25)
     assert captured.describe(span=1.0).endswith("; 3 graph captures (250 ms)")
+
+
+def test_prefill_times_are_each_prefill_one_by_one(daemon, client):
+    """The ``prefill_times`` call: the latest prefills' seconds one by one, oldest first, summing to what the
+    counts add up (load_bench takes a TTFT run's median from them)."""
+    before = _steps(daemon)
+    for prompt in ("one", "two words", "and three words"):
+        client.generate(prompt, max_new_tokens=1)
+    counts = _steps(daemon).minus(before)
+    times = daemon.run(daemon.daemon.state.runtime.call("prefill_times", "3"))
+    assert len(times) == counts.prefills == 3 and all(t > 0 for t in times)
+    assert sum(times) == pytest.approx(counts.prefill_seconds, rel=1e-6)
+    assert daemon.run(daemon.daemon.state.runtime.call("prefill_times", "1")) == times[-1:]
+    assert daemon.run(daemon.daemon.state.runtime.call("prefill_times", "0")) == []
