@@ -15,15 +15,21 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
-def test_curve_part_end_to_end_on_the_cpu(tmp_path):
+def run_part(tmp_path: Path, part: str, **args: str) -> Path:
+    """``bash bench/gpu_train.sh PART`` as the device call runs it, with ``args`` (CURVE_ARGS=..., SEEDS_ARGS=...)
+    keeping it small; fails the test unless it exits 0. Returns its $OUT."""
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "SITE": str(tmp_path / "site"),
-           "CURVE_ARGS": f"--steps 4 --workdir {tmp_path / 'work'}",
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "SITE": str(tmp_path / "site"), **args,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 = this venv's
-    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), "curve"], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=REPO)
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), part], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_curve_part_end_to_end_on_the_cpu(tmp_path):
+    out = run_part(tmp_path, "curve", CURVE_ARGS=f"--steps 4 --workdir {tmp_path / 'work'}")
     saved = json.loads((out / "train_curve.json").read_text())
     assert saved["device"] == "cpu" and [r["method"] for r in saved["results"]] == ["lora", "ptuning-v2"]
     for r in saved["results"]:
@@ -57,14 +63,7 @@ def test_curve_part_end_to_end_on_the_cpu(tmp_path):
 def test_isolate_part_runs_each_piece_of_the_fast_path_off(tmp_path):
     """``gpu_train.sh isolate``: our LoRA curve four times against one pair of PEFT curves, each with the flags it
     names passed to the trainer and recorded beside what the trainer said it ran."""
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "SITE": str(tmp_path / "site"),
-           "CURVE_ARGS": f"--steps 2 --workdir {tmp_path / 'work'}",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), "isolate"], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = run_part(tmp_path, "isolate", CURVE_ARGS=f"--steps 2 --workdir {tmp_path / 'work'}")
     flags = ["--kernels off", "--fused-loss off", "--fused-loss torch", "--kernels off --fused-loss off"]
     results = json.loads((out / "train_isolate.json").read_text())["results"]
     assert [r["trainer_said"][0] for r in results] == [f"flags: {f}" for f in flags]
@@ -81,14 +80,8 @@ def test_seeds_part_says_where_the_final_adapters_end_over_seeds(tmp_path):
     """``gpu_train.sh seeds``: every run once per seed, then ours' final distance from PEFT's against PEFT's own
     variants' (over_seeds), printed, saved and appended as its own table. On the CPU ours is the fp32 oracle's
     run, so it is within noise."""
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "SITE": str(tmp_path / "site"),
-           "SEEDS_ARGS": f"--methods lora --steps 2 --seeds 7,8,9 --workdir {tmp_path / 'work'}",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_train.sh"), "seeds"], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = run_part(tmp_path, "seeds",
+                   SEEDS_ARGS=f"--methods lora --steps 2 --seeds 7,8,9 --workdir {tmp_path / 'work'}")
     saved = json.loads((out / "train_seeds.json").read_text())
     assert [r["seed"] for r in saved["results"]] == [7, 8, 9]
     assert [r["trainer_said"][0] for r in saved["results"]][1:] == ["seed 8", "seed 9"]  # 7, the default, unsaid
