@@ -353,7 +353,7 @@ def ttft_path(alone: float, alone_prefill: float, grpc: float, core_prefill: flo
     and gRPC both ways)."""
     return (f"prefill p50 alone {alone_prefill:.1f} ms, in the core {core_prefill:.1f} ms "
             f"({core_prefill - alone_prefill:+.1f}); outside the prefill alone {alone - alone_prefill:.1f} ms, "
-            f"over gRPC as token ids {grpc - core_prefill:.1f} ms ({grpc - core_prefill - alone + alone_prefill:+.1f})")
+            f"over gRPC as token ids {grpc - core_prefill:.1f} ms ({grpc - core_prefill - alone + alone_prefill:+.2f})")
 
 
 def cpu_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> str:
@@ -565,7 +565,7 @@ def main() -> int:
         e2e_lines.append(f"time to first token, {TTFT_PROMPT_TOKENS}-token prompt, p50 of {args.ttft_requests}: engine "
                          f"alone {ttft_alone[0]:.1f} ms, over gRPC {ttft[0]:.1f} ms as text "
                          f"({ttft[0] - ttft_alone[0]:+.1f} ms), {ttft_ids:.1f} ms as token ids "
-                         f"({ttft_ids - ttft_alone[0]:+.1f} ms); "
+                         f"({ttft_ids - ttft_alone[0]:+.2f} ms); "
                          f"mean prefill in the engine: alone {ttft_alone[1]:.1f} ms, in the core {ttft[1]:.1f} ms; "
                          f"{ttft_path(ttft_alone[0], ttft_alone[2], ttft_ids, prefill_ids)}")
         print(e2e_lines[-1], flush=True)
