@@ -86,8 +86,9 @@ class ServerConfig:
     cuda_graphs: bool = _f(True, "replay decode steps from CUDA graphs on a GPU (off: eager steps, for debugging)")
     int8_kernel: bool = _f(True, "int8 base on a GPU: weight-only Triton matmul over the same int8 weights "
                                  "(off: bitsandbytes' own matmul)")
-    fused_kernels: bool = _f(True, "on a GPU: one Triton kernel per RMSNorm and BGMV kernels for LoRA in decode "
-                                   "steps (off: transformers' and torch's own ops)")
+    fused_kernels: bool = _f(True, "on a GPU: one Triton kernel per RMSNorm, one for a decode step's rotary "
+                                   "embedding and key/value append per layer, and BGMV kernels for LoRA in "
+                                   "decode steps (off: transformers' and torch's own ops)")
     own_decoder: bool = _f(True, "Llama, Mistral, Qwen2, Qwen3 and GLM bases run the engine's own decoder forward "
                                  "(off: transformers' forward, as other families always do)")
     engine_process: bool = _f(True, "run the engine (model, adapters, key/value pool) in its own process, which "

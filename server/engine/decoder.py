@@ -14,6 +14,7 @@ here the layer loop is written out the way gpt-fast's ``model.py`` is, with ever
                                                      # shrink for the three (lora.project_qkv), each delta added
         q, k = apply_rotary(q, k, cos, sin)          # the family's own function (GLM: half of each head, interleaved)
         K, V = cache.update(k, v, layer)             # writes this step's entries, returns what attention reads
+                                                     # (a decode step on a GPU: rotation and writes in one kernel)
         h = h + o_proj(sdpa(q, K, V, mask[layer]))   # one fused attention call, grouped key/value heads as they are
         x = post_attention_norm(h)
         gate, up = split(gate_up_proj(x))            # fused too (Llama's MLP: not GLM's, one module already)
@@ -39,7 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.lora import add_delta, project_qkv
+from ..kernels.rope_append import fits, rope_append_available
 from .fused_projections import GATE_UP, FusedLinear, LayerFusion, fuse_layers, fused_outputs, int8_layers
+from .kv_pool import DecodeView
 from .step_context import StepContext, run_forward, step_context
 
 if TYPE_CHECKING:
@@ -49,6 +52,9 @@ if TYPE_CHECKING:
 # norm, MLP, residual); anything else in a family's layer (Gemma's scaled embeddings, Phi-3's fused qkv) is
 # not here, and such a family keeps transformers' forward.
 OWN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "glm")
+# Those whose apply_rotary_pos_emb is Llama's: x * cos + rotate_half(x) * sin over the whole head (GLM rotates
+# half of each head, interleaved). Partial rotary in these is ruled out per call by ``fits``.
+ROTATE_HALF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 Mask = torch.Tensor | dict[str, torch.Tensor]
 # (input ids [rows, T], position ids [rows, T], additive mask(s), the step's context: its LoRA rows and its
@@ -59,9 +65,10 @@ Forward = Callable[[torch.Tensor, torch.Tensor, Mask, StepContext], torch.Tensor
 class Decoder:
     """The decoder forward above, over a loaded causal LM of one of ``OWN_FAMILIES`` (whose modules it calls;
     it owns none). ``fuse``: fuse each layer's q/k/v and gate/up base projections (in place: the modules'
-    weights become views of the fused ones); without it every projection is its module's own matmul."""
+    weights become views of the fused ones); without it every projection is its module's own matmul.
+    ``rope_kernel``: decode steps rotate and append through ``kernels/rope_append.py`` where it runs."""
 
-    def __init__(self, model: nn.Module, fuse: bool = True) -> None:
+    def __init__(self, model: nn.Module, fuse: bool = True, rope_kernel: bool = True) -> None:
         inner = model.model
         self.embed, self.norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
         self.rotary = inner.rotary_emb
@@ -72,6 +79,10 @@ class Decoder:
         types = getattr(model.config, "layer_types", None)
         self.layer_types: list[str] = list(types) if types else ["full_attention"] * len(self.layers)
         self.fused = fuse_layers(self.layers) if fuse else [LayerFusion()] * len(self.layers)
+        # Decode steps: the rotation of q and k and the key/value append as one kernel (kernels/rope_append.py),
+        # for the families whose rotary function is Llama's (the whole head, halves paired), where it runs.
+        self.rope_kernel = (rope_kernel and model.config.model_type in ROTATE_HALF_FAMILIES
+                            and rope_append_available(self.embed.weight.device))
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, context: StepContext) -> torch.Tensor:
         """The engine's ``Forward``: the loop inside the step's context (its LoRA rows), over its cache view."""
@@ -98,9 +109,11 @@ class Decoder:
         q, k, v = (t.view(shape) for t in project_qkv(attn, x, fused_outputs(qkv, attn, x)))
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head of q and k, before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        v = v.transpose(1, 2)
-        keys, values = cache.update(k, v, index)
+        if self.rope_kernel and isinstance(cache, DecodeView) and fits(q, k, v, cos, sin):
+            q, keys, values = cache.append_rotated(q, k, v, cos, sin, index)  # a decode step: one launch
+        else:
+            q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            keys, values = cache.update(k, v.transpose(1, 2), index)
         out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                              scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
         return attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
@@ -121,12 +134,13 @@ def uses_own_decoder(model: nn.Module) -> bool:
     return getattr(model.config, "model_type", None) in OWN_FAMILIES
 
 
-def model_forward(base: BaseModel, own: bool, max_rows: int = 64) -> Forward:
+def model_forward(base: BaseModel, own: bool, max_rows: int = 64, fused_kernels: bool = True) -> Forward:
     """The forward the engine's steps call, inside their step's context: ours for ``OWN_FAMILIES`` when
     ``own``, else transformers'. ``max_rows``: the most rows a decode step runs (the int8 kernel is tuned for
-    the fused shapes up to it, as ``swaps.use_int8_kernel`` tunes the model's own)."""
+    the fused shapes up to it, as ``swaps.use_int8_kernel`` tunes the model's own). ``fused_kernels``: the
+    engine's switch of that name (off: no rotary + append kernel either)."""
     if own and uses_own_decoder(base.model):
-        decoder = Decoder(base.model)
+        decoder = Decoder(base.model, rope_kernel=fused_kernels)
         fused_int8 = int8_layers(decoder.fused)
         if fused_int8:  # their shapes are new to the int8 kernel: tune it now, before any graph capture
             from ..kernels.int8_linear import warm_up

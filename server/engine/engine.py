@@ -44,7 +44,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # prompt tokens in one prefill, padding included, so running rows keep moving
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (on a CUDA device)
     int8_kernel: bool = True  # int8 base on a GPU: weight-only Triton matmul instead of bitsandbytes' own
-    fused_kernels: bool = True  # on a GPU: one Triton kernel per RMSNorm, and BGMV kernels for LoRA decode
+    fused_kernels: bool = True  # on a GPU: Triton RMSNorm, decode rotary + KV append, BGMV LoRA decode kernels
     own_decoder: bool = True  # the engine's own decoder forward for the families decoder.py runs
 
 

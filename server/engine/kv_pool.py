@@ -177,6 +177,17 @@ class DecodeView(_PoolView):
         v[rows, :, self.write_pos] = value_states[:, :, 0].to(v.dtype)
         return k[: self.batch, :, : self.length], v[: self.batch, :, : self.length]
 
+    def append_rotated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``update`` with the rotary embedding before it, in one kernel (``kernels/rope_append.py``; its ``fits``
+        must hold): q, k, v as split from the projection (``[batch, 1, heads, head_dim]``, not yet rotated).
+        Returns the rotated query ``[batch, q_heads, 1, head_dim]`` and what attention reads, as ``update``."""
+        from ..kernels.rope_append import rope_append
+
+        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        q = rope_append(q, k, v, cos, sin, keys, values, self.write_pos)
+        return q, keys[: self.batch, :, : self.length], values[: self.batch, :, : self.length]
+
 
 class PrefillView(_PoolView):
     """Pool rows ``rows`` ([n] long) being prefilled, token t of row i written at entry ``index[i, t]``

@@ -48,7 +48,8 @@ class ModelRunner:
         self.pool = KvPool(base.num_layers, base.num_kv_heads, base.head_dim, base.dtype, base.device,
                            max_rows=config.max_batch_size, max_capacity=base.max_sequence_length)
         self.batch = RunningBatch(self.pool)
-        self.forward = model_forward(base, config.own_decoder, config.max_batch_size)  # ours, or transformers'
+        self.forward = model_forward(base, config.own_decoder, config.max_batch_size,  # ours, or transformers'
+                                     config.fused_kernels)
         self.own_decoder = isinstance(self.forward, Decoder)
         log.info("decoder forward: %s", "own" if self.own_decoder else "transformers'")
         self.decoder = DecodeStep(base, self.pool, self.slots, self.forward, config.max_batch_size,

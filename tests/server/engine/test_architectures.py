@@ -11,7 +11,7 @@ import torch
 from adapterd.common.tiny_model import build_tiny_model
 from adapterd.server.architecture import WINDOW_STYLE
 from adapterd.server.engine import EngineConfig, GenerationParams
-from adapterd.server.engine.decoder import OWN_FAMILIES
+from adapterd.server.engine.decoder import OWN_FAMILIES, ROTATE_HALF_FAMILIES
 from adapterd.server.model import load_base_model
 from adapterd.server.runtime import Runtime
 from tests.helpers import TEST_DEVICE, make_lora_adapter, make_prefix_adapter, reference_greedy_nocache
@@ -40,6 +40,10 @@ FAMILIES = {
     "gemma": ("gemma", HEAD_DIM),
     "glm": ("glm", {"head_dim": 16}),  # partial rotary (0.5 by default)
 }
+# The own forward's families whose kernels case differs (~20 s each in Triton's interpreter): GQA with llama3
+# scaling; biased q/k/v, linear scaling and a window on one layer; q/k norms, a head size of 24 and a window;
+# GLM, whose rotation keeps its own function.
+KERNEL_CASES = ("llama-gqa", "qwen2-window", "qwen3-window", "glm")
 PROMPTS = ["The quick brown fox jumps over the lazy dog. Hello world",
            "你是谁？我是Gitclone，一个语言模型。今天天气很好，我们一起去公园散步吧。", "hello daemon"]
 ADAPTERS = [None, "lora-attn", "lora-all", "rslora-patterns", "prefix", "prefix-proj"]
@@ -82,13 +86,22 @@ def family(request, tmp_path_factory):
 
 
 @pytest.mark.slow  # the first test of each family builds its model, adapters and PEFT's answers (~10 s)
-@pytest.mark.parametrize("shapes, own_decoder", [("exact", True), ("bucketed", True), ("exact", False)],
-                         ids=["exact", "bucketed", "transformers-forward"])
-def test_mixed_batch_matches_peft_alone(family, shapes, own_decoder):
-    """Both forwards: the engine's own (``decoder.py``, for the families it runs) and transformers'."""
+@pytest.mark.parametrize("shapes, own_decoder", [("exact", True), ("bucketed", True), ("exact", False),
+                                                 ("kernels", True)],
+                         ids=["exact", "bucketed", "transformers-forward", "kernels"])
+def test_mixed_batch_matches_peft_alone(family, shapes, own_decoder, monkeypatch):
+    """Both forwards: the engine's own (``decoder.py``, for the families it runs) and transformers'. "kernels":
+    the own forward with the Triton kernels (on the CPU through Triton's interpreter): the fused norms, the LoRA
+    decode kernels and the decode step's rotary + key/value append, whose rotation must be the family's."""
     name, model_dir, adapter_root, refs = family
     if not own_decoder and FAMILIES[name][0] not in OWN_FAMILIES:
         pytest.skip("transformers' forward is this family's only one: the other cases ran it")
+    if shapes == "kernels":
+        if name not in KERNEL_CASES:
+            pytest.skip("the kernels case runs on the families in KERNEL_CASES (Triton's interpreter is slow)")
+        pytest.importorskip("triton")
+        if TEST_DEVICE == "cpu":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
     base = load_base_model(model_dir, "none", TEST_DEVICE, "float32")
     assert base.config.model_type == FAMILIES[name][0]
     window = getattr(base.config, "sliding_window", None)
@@ -97,6 +110,8 @@ def test_mixed_batch_matches_peft_alone(family, shapes, own_decoder):
     runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=32, own_decoder=own_decoder))
     ours = own_decoder and base.config.model_type in OWN_FAMILIES
     assert runtime.engine.runner.own_decoder == ours
+    if shapes == "kernels":
+        assert runtime.engine.runner.forward.rope_kernel == (base.config.model_type in ROTATE_HALF_FAMILIES)
     if TEST_DEVICE == "cuda":  # graphs and fused kernels on; Gemma's (1 + weight) norms are never fused
         assert (runtime.engine.runner.fused_norms > 0) == (base.config.model_type != "gemma")
     runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = shapes == "bucketed"

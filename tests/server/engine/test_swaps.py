@@ -46,8 +46,9 @@ def test_int8_kernel_stays_off_when_disabled(tiny_model_dir, monkeypatch):
 
 
 def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_root, monkeypatch):
-    """Fused RMSNorm in every norm and the BGMV kernels for the LoRA rows of each decode step, in a batch that
-    mixes base rows and two LoRA adapters: every row's greedy tokens equal PEFT's for it alone."""
+    """Fused RMSNorm in every norm, the BGMV kernels for the LoRA rows of each decode step and the rotary +
+    key/value append kernel in every decode step's layers, in a batch that mixes base rows and two LoRA
+    adapters: every row's greedy tokens equal PEFT's for it alone."""
     if TEST_DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     prompts, adapters, new = ["hello world", "你是谁？"], [None, "lora-qv", "team/lora-all"], 6
@@ -55,10 +56,13 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     refs = {job: reference_greedy(tiny_model_dir, job[0], adapter_root / job[1] if job[1] else None, new)
             for job in jobs}
     kernel_calls = []
-    from adapterd.server.kernels import lora_bgmv
+    from adapterd.server.kernels import lora_bgmv, rope_append
 
     real = lora_bgmv.lora_delta_  # wrapped before the engine's slot table picks the kernel (once, at start)
     monkeypatch.setattr(lora_bgmv, "lora_delta_", lambda *a, **k: (kernel_calls.append(1), real(*a, **k))[1])
+    rope_calls = []
+    real_rope = rope_append.rope_append
+    monkeypatch.setattr(rope_append, "rope_append", lambda *a: (rope_calls.append(1), real_rope(*a))[1])
     base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
     runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True))
     assert runtime.engine.runner.fused_norms == 2 * base.num_layers + 1
@@ -67,6 +71,8 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     finally:
         runtime.close()
     assert kernel_calls, "the LoRA rows' decode steps must go through the BGMV kernels"
+    assert runtime.engine.runner.forward.rope_kernel
+    assert rope_calls, "decode steps must rotate and append through the rotary kernel"
     assert {job: events[-1].token_ids for job, events in zip(jobs, results, strict=True)} == refs
 
 
@@ -92,3 +98,25 @@ def test_only_norms_with_llamas_math_are_fused(model_type, expected, monkeypatch
     swapped = use_fused_norms(base, enabled=True)
     assert (swapped > 0) == bool(expected)
     assert _norm_classes(model) == ({"FusedRMSNorm"} if expected else before)
+
+
+@pytest.mark.parametrize(("model_type", "fused_kernels", "expected"), [
+    ("llama", True, True), ("llama", False, False), ("qwen3", True, True), ("glm", True, False),
+])
+def test_rotary_kernel_only_for_llamas_rotation_and_only_when_enabled(model_type, fused_kernels, expected,
+                                                                     monkeypatch):
+    """The decode step's rotary + append kernel computes Llama's rotate_half over the whole head: GLM's
+    interleaved half-head rotation keeps its own function, and --no-fused-kernels turns the kernel off."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adapterd.server.engine.decoder import Decoder
+
+    config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config).to(TEST_DEVICE)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert Decoder(model, rope_kernel=fused_kernels).rope_kernel == expected
+    if TEST_DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert not Decoder(model).rope_kernel  # no GPU, no interpreter: transformers' rotation
