@@ -17,7 +17,10 @@ each on the same inputs:
 * ``liger``     the rotary by liger-kernel's Triton kernel (``liger_rotary_pos_emb``: q and k in one launch, in
   place), the writes and SDPA as in ``eager``. liger-kernel is not in the GPU image: its wheel (0.9 MB,
   py3-none-any) is carried in .whl/optional/ and installed by ``gpu_decode.sh attention``; where it does not
-  import (or on the CPU: Triton) the variant is skipped with the reason.
+  import (or on the CPU: Triton) the variant is skipped with the reason;
+* ``ours``      what decode steps run since 4452dda: the rotation of q and k and both cache writes in one Triton
+  launch (``server/kernels/rope_append.py``, bit for bit transformers' rotation), then SDPA as in ``eager``.
+  Skipped where its kernel cannot run (the CPU without ``TRITON_INTERPRET=1``).
 
 FlashInfer (batch decode over a paged cache, its RoPE and append kernels) was the other candidate the issue names.
 Its wheel, flashinfer-python 0.7.4, is 101 MB and needs nvidia-cutlass-dsl, cuda-tile and apache-tvm-ffi besides:
@@ -171,7 +174,23 @@ def variants(names: list[str], compile_ok: bool) -> dict[str, Callable[[Inputs],
                                                   enable_gqa=x.kv_heads != x.heads)
         return call
 
-    table = {"eager": make(eager), "compiled": make(compiled_step), "flex": build_flex, "liger": build_liger}
+    def build_ours(x: Inputs) -> Callable[[], torch.Tensor]:
+        from adapterd.server.kernels.rope_append import rope_append, rope_append_available
+
+        if not rope_append_available(x.q.device):
+            raise ImportError(f"the rotary + append kernel does not run on {x.q.device} (Triton, or "
+                              "TRITON_INTERPRET=1 on the CPU)")
+        keys, values = x.keys.clone(), x.values.clone()
+        q, k, v = (t.transpose(1, 2) for t in (x.q, x.k, x.v))  # [rows, 1, heads, dim], as split from q/k/v
+
+        def call() -> torch.Tensor:
+            rq = rope_append(q, k, v, x.cos, x.sin, keys, values, x.pos)
+            return F.scaled_dot_product_attention(rq, keys, values, attn_mask=x.mask,
+                                                  enable_gqa=x.kv_heads != x.heads)
+        return call
+
+    table = {"eager": make(eager), "compiled": make(compiled_step), "flex": build_flex, "liger": build_liger,
+             "ours": build_ours}
     return {n: table[n] for n in names}
 
 
@@ -188,7 +207,7 @@ def main() -> int:
     p.add_argument("--rows", default="1,32")
     p.add_argument("--ctx", type=int, default=512, help="positions of the longest row")
     p.add_argument("--bucket", type=int, default=640, help="cache entries attention reads (the engine pads to it)")
-    p.add_argument("--variants", default="eager,compiled,flex,liger")
+    p.add_argument("--variants", default="eager,compiled,flex,liger,ours")
     p.add_argument("--calls", type=int, default=32, help="calls captured in one graph (one per layer)")
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--json-out", type=Path)
@@ -206,7 +225,7 @@ def main() -> int:
             for name, build in variants(names, compile_ok=gpu).items():
                 try:
                     call = build(x)
-                except ImportError as exc:  # liger-kernel (or Triton) missing: say so, time the others
+                except ImportError as exc:  # liger-kernel or Triton missing: say so, time the others
                     print(f"{shape:10s} rows={rows:<3d} {name:9s} skipped: {exc}", flush=True)
                     line[name] = {"skipped": str(exc)}
                     continue
