@@ -40,10 +40,9 @@ FAMILIES = {
     "gemma": ("gemma", HEAD_DIM),
     "glm": ("glm", {"head_dim": 16}),  # partial rotary (0.5 by default)
 }
-# The own forward's families whose kernels case differs (~20 s each in Triton's interpreter): GQA with llama3
-# scaling; biased q/k/v, linear scaling and a window on one layer; q/k norms, a head size of 24 and a window;
-# GLM, whose rotation keeps its own function.
-KERNEL_CASES = ("llama-gqa", "qwen2-window", "qwen3-window", "glm")
+# The families of the kernels case (~15 s each in Triton's interpreter): GQA with llama3 scaling; q/k norms, a
+# head size of 24 and a window on one layer. (GLM's rotation keeps its own function: test_swaps.py.)
+KERNEL_CASES = ("llama-gqa", "qwen3-window")
 PROMPTS = ["The quick brown fox jumps over the lazy dog. Hello world",
            "你是谁？我是Gitclone，一个语言模型。今天天气很好，我们一起去公园散步吧。", "hello daemon"]
 ADAPTERS = [None, "lora-attn", "lora-all", "rslora-patterns", "prefix", "prefix-proj"]
