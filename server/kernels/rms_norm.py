@@ -43,7 +43,7 @@ import functools
 import torch
 from torch import nn
 
-from .support import interpreting, triton_available
+from .support import interpreting, triton_available, triton_into
 
 # Classes whose forward is exactly the math above (transformers 5.17 and 5.24). Matched by class name, so
 # that model modules need not be imported.
@@ -103,13 +103,7 @@ def _rms_norm_rows(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, inv_n, eps,  # no
 
 def _triton():
     """Import Triton (once) into this module's globals, where the kernel's body finds ``tl``."""
-    global triton, tl
-    if tl is None:
-        import triton as _triton_mod
-        import triton.language as _tl
-
-        triton, tl = _triton_mod, _tl
-    return triton
+    return triton_into(globals())
 
 
 @functools.cache

@@ -34,7 +34,7 @@ import functools
 
 import torch
 
-from .support import interpreting, triton_available
+from .support import interpreting, triton_available, triton_into
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -106,13 +106,7 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
 
 def _triton():
     """Import Triton (once) into this module's globals, where the kernel's body finds ``tl``."""
-    global triton, tl
-    if tl is None:
-        import triton as _triton_mod
-        import triton.language as _tl
-
-        triton, tl = _triton_mod, _tl
-    return triton
+    return triton_into(globals())
 
 
 @functools.cache

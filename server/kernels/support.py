@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -23,6 +25,18 @@ _CAUSE_CHARS = 300  # enough for the exception and the start of a compiler comma
 def interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read now, as Triton reads it)."""
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def triton_into(namespace: dict[str, Any]) -> ModuleType:
+    """Import Triton (once) into ``namespace``, a kernel module's ``globals()``, as ``triton`` and ``tl``: the
+    kernels' bodies refer to ``tl`` as a module global, as Triton wants, and the module must not import Triton
+    at its own import (the daemon runs without it). Returns the ``triton`` module."""
+    if namespace.get("tl") is None:
+        import triton
+        import triton.language as tl
+
+        namespace["triton"], namespace["tl"] = triton, tl
+    return namespace["triton"]
 
 
 def triton_available(device: torch.device | str) -> bool:
