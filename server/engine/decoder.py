@@ -16,9 +16,10 @@ here the layer loop is written out the way gpt-fast's ``model.py`` is, with ever
         K, V = cache.update(k, v, layer)             # writes this step's entries, returns what attention reads
                                                      # (a decode step on a GPU: rotation and writes in one kernel)
         h = h + o_proj(sdpa(q, K, V, mask[layer]))   # one fused attention call, grouped key/value heads as they are
-        x = post_attention_norm(h)
+        x = post_attention_norm(h)                   # with the add above, one kernel where the norm is fused
         gate, up = split(gate_up_proj(x))            # fused too (Llama's MLP: not GLM's, one module already)
-        h = h + down_proj(act(gate) * up)            # act: the MLP's own; LoRA deltas added to gate and up each
+        h = h + down_proj(act(gate) * up)            # act: the MLP's own; LoRA deltas added to gate and up each;
+                                                     # fused with the next layer's input norm likewise
     logits = lm_head(norm(h[:, -1]))                 # the last position only
 
 The modules called are the checkpoint's own (``o_proj``, the norms, the rotary embedding), so their weights,
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.lora import add_delta, project_qkv
+from ..kernels.rms_norm import FusedRMSNorm
 from ..kernels.rope_append import fits, rope_append_available
 from .fused_projections import GATE_UP, FusedLinear, LayerFusion, fuse_layers, fused_outputs, int8_layers
 from .kv_pool import DecodeView
@@ -93,12 +95,17 @@ class Decoder:
         """The loop itself, over any cache whose ``update(k, v, layer)`` returns what attention reads."""
         h = self.embed(ids)
         cos, sin = self.rotary(h, position_ids=positions)
+        x = self.layers[0].input_layernorm(h)
         for index, layer in enumerate(self.layers):
             layer_mask = mask[self.layer_types[index]] if isinstance(mask, dict) else mask
             fused = self.fused[index]
-            h = h + self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, layer_mask, cache, index,
-                                    fused.qkv)
-            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h), fused.gate_up)
+            attention = self._attention(layer.self_attn, x, cos, sin, layer_mask, cache, index, fused.qkv)
+            h, x = _add_norm(h, attention, layer.post_attention_layernorm)
+            out = _mlp(layer.mlp, x, fused.gate_up)
+            if index + 1 < len(self.layers):  # the residual add with the next layer's input norm
+                h, x = _add_norm(h, out, self.layers[index + 1].input_layernorm)
+            else:
+                h = h + out
         return self.lm_head(self.norm(h[:, -1:, :]))[:, -1, :]
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -117,6 +124,15 @@ class Decoder:
         out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                              scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
         return attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
+
+
+def _add_norm(h: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream ``h + delta`` and ``norm`` of it: one kernel where the norm is the fused one
+    (``FusedRMSNorm.add_forward``: the same tensors as the two steps), else the two steps."""
+    if isinstance(norm, FusedRMSNorm):
+        return norm.add_forward(h, delta)
+    h = h + delta
+    return h, norm(h)
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None) -> torch.Tensor:

@@ -73,10 +73,12 @@ def _cuda_kernel_runs(device: torch.device) -> bool:
 # and this lets the interpreter be switched on later (as in int8_matmul).
 
 
-def _rms_norm_rows(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, inv_n, eps,  # noqa: N803 (Triton's naming)
-                   BLOCK: tl.constexpr, ROUND_X: tl.constexpr, ROUND_Y: tl.constexpr):
+def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, stride_y, stride_s,  # noqa: N803
+                   inv_n, eps, BLOCK: tl.constexpr, ADD: tl.constexpr, ROUND_X: tl.constexpr,
+                   ROUND_Y: tl.constexpr):
     """Row ``program_id(0)`` (``N <= BLOCK`` elements, kept in registers): ``y = w * (x * rsqrt(mean(x * x)
-    + eps)).to(x.dtype)``, fp32 inside, stored in y's dtype.
+    + eps)).to(x.dtype)``, fp32 inside, stored in y's dtype. ``ADD``: first ``x = x + r`` (the residual
+    stream plus a layer's output, rounded to x's dtype as torch's sum is), stored at ``s``, and normed.
 
     ``ROUND_X`` / ``ROUND_Y`` (the interpreter only, for bf16 x / y): round fp32 to bf16 precision to nearest
     even by hand. The interpreter's fp32 -> bf16 cast truncates (Triton 3.9), while the GPU's rounds to
@@ -86,6 +88,14 @@ def _rms_norm_rows(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, inv_n, eps,  # no
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        h = h + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        if ROUND_X:
+            b = h.to(tl.uint32, bitcast=True)
+            h = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(s_ptr + row * stride_s + cols, h.to(s_ptr.dtype.element_ty), mask=mask)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     var = tl.reduce(h * h, 0, tl.standard._sum_combine) * inv_n
     h = h * tl.rsqrt(var + eps)
@@ -138,6 +148,22 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     fp32, bf16 or fp16 on a CUDA device (or any device under TRITON_INTERPRET=1), any strides (copied only
     when the last dimension is not contiguous or the leading ones cannot be flattened into one row stride);
     ``weight``: ``[N]``, fp32, bf16 or fp16. No gradient (serving only)."""
+    return _launch(x, None, weight, eps)[1]
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` (both of one dtype and shape; rounded as torch's sum) and ``fused_rms_norm(s)``, in
+    one launch: a decoder layer's residual add and the norm after it (two kernels, and a re-read of ``s``,
+    eagerly). Returns ``(s, the norm of s)``."""
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"residual must match x ({list(x.shape)} {x.dtype}), got {list(residual.shape)} "
+                         f"{residual.dtype}")
+    return _launch(x, residual, weight, eps)  # type: ignore[return-value] - s is a tensor when adding
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+            eps: float) -> tuple[torch.Tensor | None, torch.Tensor]:
     n = x.shape[-1]
     if not 0 < n <= MAX_HIDDEN:
         raise ValueError(f"the kernel takes rows of 1 to {MAX_HIDDEN} elements, got {n}")
@@ -147,18 +173,26 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
         raise TypeError(f"x and weight must be fp32, bf16 or fp16, got {x.dtype} and {weight.dtype}")
     interpret = interpreting()
     kernel = _kernel(interpret)
-    x2 = x if x.stride(-1) == 1 else x.contiguous()
-    x2 = x2.reshape(-1, n)  # a view where the leading dimensions allow one row stride, else a copy
+    x2 = _rows(x, n)
+    r2 = _rows(residual, n) if residual is not None else x2
     w = weight if weight.stride(0) == 1 else weight.contiguous()
     y = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+    s = torch.empty(x.shape, device=x.device, dtype=x.dtype) if residual is not None else None
     rows = x2.shape[0]
     if rows == 0:
-        return y
+        return s, y
     block, warps = _launch_config(n)
-    kernel[(rows,)](x2, w, y, n, x2.stride(0), n, 1.0 / n, float(eps), BLOCK=block,
+    kernel[(rows,)](x2, r2, w, y, s if s is not None else y, n, x2.stride(0), r2.stride(0), n, n, 1.0 / n,
+                    float(eps), BLOCK=block, ADD=residual is not None,
                     ROUND_X=interpret and x.dtype == torch.bfloat16, ROUND_Y=interpret and y.dtype == torch.bfloat16,
                     num_warps=warps)
-    return y
+    return s, y
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` as ``[rows, n]`` with unit stride along n: a view where the leading dimensions allow one row
+    stride, else a copy."""
+    return (x if x.stride(-1) == 1 else x.contiguous()).reshape(-1, n)
 
 
 def _epsilon(module: nn.Module) -> float:
@@ -205,6 +239,15 @@ class FusedRMSNorm(nn.Module):
         if self._kernel_runs(hidden_states):
             return fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)
         return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
+
+    def add_forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, self(s))`` for ``s = hidden_states + residual``: one kernel where it runs (the same tensors as
+        the two eager steps), else those steps."""
+        if (self._kernel_runs(hidden_states) and residual.shape == hidden_states.shape
+                and residual.dtype == hidden_states.dtype):
+            return fused_add_rms_norm(hidden_states, residual, self.weight, self.variance_epsilon)
+        summed = hidden_states + residual
+        return summed, self(summed)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

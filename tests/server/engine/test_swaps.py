@@ -46,9 +46,9 @@ def test_int8_kernel_stays_off_when_disabled(tiny_model_dir, monkeypatch):
 
 
 def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_root, monkeypatch):
-    """Fused RMSNorm in every norm, the BGMV kernels for the LoRA rows of each decode step and the rotary +
-    key/value append kernel in every decode step's layers, in a batch that mixes base rows and two LoRA
-    adapters: every row's greedy tokens equal PEFT's for it alone."""
+    """Fused RMSNorm in every norm (with the residual add before it), the BGMV kernels for the LoRA rows of
+    each decode step and the rotary + key/value append kernel in every decode step's layers, in a batch that
+    mixes base rows and two LoRA adapters: every row's greedy tokens equal PEFT's for it alone."""
     if TEST_DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     prompts, adapters, new = ["hello world", "你是谁？"], [None, "lora-qv", "team/lora-all"], 6
@@ -60,9 +60,13 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
 
     real = lora_bgmv.lora_delta_  # wrapped before the engine's slot table picks the kernel (once, at start)
     monkeypatch.setattr(lora_bgmv, "lora_delta_", lambda *a, **k: (kernel_calls.append(1), real(*a, **k))[1])
-    rope_calls = []
+    rope_calls, add_norm_calls = [], []
     real_rope = rope_append.rope_append
     monkeypatch.setattr(rope_append, "rope_append", lambda *a: (rope_calls.append(1), real_rope(*a))[1])
+    from adapterd.server.kernels import rms_norm
+
+    real_add_norm = rms_norm.fused_add_rms_norm
+    monkeypatch.setattr(rms_norm, "fused_add_rms_norm", lambda *a: (add_norm_calls.append(1), real_add_norm(*a))[1])
     base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
     runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True))
     assert runtime.engine.runner.fused_norms == 2 * base.num_layers + 1
@@ -73,6 +77,7 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     assert kernel_calls, "the LoRA rows' decode steps must go through the BGMV kernels"
     assert runtime.engine.runner.forward.rope_kernel
     assert rope_calls, "decode steps must rotate and append through the rotary kernel"
+    assert add_norm_calls, "the residual adds must go through the fused add + norm kernel"
     assert {job: events[-1].token_ids for job, events in zip(jobs, results, strict=True)} == refs
 
 

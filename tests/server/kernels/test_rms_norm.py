@@ -75,6 +75,22 @@ def test_mixed_dtypes_promote_as_transformers(x_dtype, w_dtype):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_add_then_norm_in_one_launch(dtype):
+    """``add_forward``: the residual stream plus a layer's output, rounded as torch's sum (bit for bit), stored,
+    and normed as the norm alone norms it; a strided residual goes in too."""
+    norm = _llama_norm(100, dtype)
+    fused = FusedRMSNorm.from_module(norm)
+    h, delta = _x((3, 2, 100), dtype, seed=2), _x((3, 100, 2), dtype, seed=3).transpose(1, 2)
+    summed, y = fused.add_forward(h, delta)
+    assert torch.equal(summed, h + delta)
+    assert torch.equal(y, fused(h + delta))
+    _assert_matches(y, norm(h + delta))
+    with pytest.raises(ValueError, match="residual must match"):
+        rn.fused_add_rms_norm(h, delta.float() if dtype != torch.float32 else delta.half(), fused.weight, 1e-5)
+
+
+@torch.no_grad()
 def test_strided_inputs():
     """A row-strided view goes in without a copy (its row stride is passed); a last dimension with a stride
     and a transposed tensor are made contiguous; results match either way."""
@@ -247,3 +263,24 @@ def test_gpu_swap_in_a_llama_keeps_the_logits():
         assert use_fused_rms_norm(model) == 5
         after = model(ids).logits
     torch.testing.assert_close(after.float(), before.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_compiles_for_hopper(monkeypatch, tmp_path):
+    """No GPU here, but Triton's own ptxas: the kernel compiles for sm_90 (the H200) with and without the
+    residual add, bf16 in and out, so that a decode step on the GPU cannot fail on it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    rn._triton()
+    kernel = triton.jit(rn._rms_norm_rows)
+    pointers = dict.fromkeys(("x_ptr", "r_ptr", "w_ptr", "y_ptr", "s_ptr"), "*bf16")
+    signature = {**pointers, **dict.fromkeys(("N", "stride_x", "stride_r", "stride_y", "stride_s"), "i32"),
+                 "inv_n": "fp32", "eps": "fp32", **dict.fromkeys(("BLOCK", "ADD", "ROUND_X", "ROUND_Y"), "constexpr")}
+    for add in (False, True):
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={"BLOCK": 4096, "ADD": add, "ROUND_X": False, "ROUND_Y": False})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        assert compiled.asm["cubin"], add
