@@ -36,6 +36,7 @@ import torch
 from engine_run import engine_run, sync
 from results_table import git_commit
 from serve_checks import Checks, bnb_int8_layers, hf_norms, judge, measure_tokens, put_back, unwrap_lora
+from step_profile import profile_graph
 
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab
@@ -256,6 +257,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--batch", type=int, default=32, help="rows of the batched measurements (at least 8)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--profile-dir", type=Path, help="also profile the batch-1 and batch-N decode graphs' "
+                        "kernels (bench/step_profile.py): a table a graph, printed and written here")
     parser.add_argument("--decoders", default="own",
                         help="comma-separated decoder forwards, each measured on the same loaded base: own (the "
                              "engine's), transformers (`serve --no-own-decoder`)")
@@ -316,6 +319,13 @@ def measure_speed(runtime, ids: list[str], args, label: str, hf_ms: float, peft_
     table.add(f"time to first token, {args.ctx}-token prompt, {label}", None, ttft_ms(runtime, args.ctx), "ms")
 
 
+def profile_steps(runtime, args, label: str) -> None:
+    for batch, lora, what in ((1, False, "batch 1"), (args.batch, False, f"batch {args.batch} base"),
+                              (args.batch, True, f"batch {args.batch} on {args.batch} LoRA")):
+        if profile_graph(runtime, batch, lora, f"{label}, {what}", args.profile_dir) is None:
+            print(f"profile: no captured decode graph for {label}, {what}", flush=True)
+
+
 def measure_loads(runtime, ids: list[str], label: str, peft_load: list[float], table: Table) -> None:
     pool_before = runtime.store.host_pool.stats()
     loads, reads = cold_loads_ms(runtime, ids[:20])
@@ -368,6 +378,8 @@ def main() -> int:
             try:
                 engine_step_ms(runtime, 2, args.ctx, 8, [None, runtime.store.get(ids[0])])  # warm-up, not recorded
                 measure_speed(runtime, ids, args, label, hf_ms, peft_ms, roofline, table)
+                if args.profile_dir:
+                    profile_steps(runtime, args, label)
                 fast = measure_tokens(runtime, ids, args, label, checks, table)
                 measure_loads(runtime, ids, label, peft_load, table)
             finally:

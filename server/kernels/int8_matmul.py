@@ -97,25 +97,48 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    xs = x_ptr + (rm % M)[:, None] * stride_xm + (k_first * BLOCK_K + rk)[None, :] * stride_xk  # [BM, BK]
-    ws = w_ptr + (rn % N)[None, :] * stride_wn + (k_first * BLOCK_K + rk)[:, None] * stride_wk  # [BK, BN]
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k in range(k_first, k_stop):
-        if EVEN_K:
-            x = tl.load(xs)
-            w = tl.load(ws, eviction_policy="evict_first")  # each weight byte is read once: keep x in cache
-        else:
-            k_left = K - k * BLOCK_K
-            x = tl.load(xs, mask=rk[None, :] < k_left, other=0.0)
-            w = tl.load(ws, mask=rk[:, None] < k_left, other=0, eviction_policy="evict_first")
-        if BLOCK_M == 1:  # GEMV (the 1-row bucket's own tiles): CUDA cores, products and sums in fp32
-            acc += tl.reduce(tl.trans(x).to(tl.float32) * w.to(tl.float32), 0, tl.standard._sum_combine)[None, :]
-        elif DOT_F32:  # fp32 inputs; and the interpreter, whose dot multiplies bf16 as raw uint16 bits
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:  # bf16/fp16 tensor cores; int8 -> x.dtype is exact (|CB| <= 127), products exact in fp32
-            acc = tl.dot(x, w.to(x.dtype), acc)
-        xs += BLOCK_K * stride_xk
-        ws += BLOCK_K * stride_wk
+    if BLOCK_M == 1:  # GEMV (the 1-row bucket's own tiles): CUDA cores, products and sums in fp32
+        # The tile is [BLOCK_N, BLOCK_K], K fastest (16-byte loads along a weight row); the products are summed
+        # elementwise into a tile of fp32 sums (no cross-lane reduction in the loop, one after it), and the
+        # next tile is loaded before this one is used (Triton pipelines only loads that feed a dot): twice the
+        # bytes in flight a thread.
+        xv = x_ptr + pid_m * stride_xm + (k_first * BLOCK_K + rk) * stride_xk  # [BK], the program's row
+        wt = w_ptr + (rn % N)[:, None] * stride_wn + (k_first * BLOCK_K + rk)[None, :] * stride_wk  # [BN, BK]
+        # Columns of K left from each tile on, 0 past the split's end (a split past K's end loads nothing and
+        # stores zeros). A block compare, not a scalar condition: the interpreter rejects a scalar-and-block
+        # mask, and K % 16 == 0 (as Triton specializes it) keeps the loads 16 bytes wide.
+        k_left = tl.where(k_first < k_stop, K - k_first * BLOCK_K, 0)
+        x = tl.load(xv, mask=rk < k_left, other=0.0)
+        w = tl.load(wt, mask=rk[None, :] < k_left, other=0, eviction_policy="evict_first")
+        sums = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+        for k in range(k_first, k_stop):
+            xv += BLOCK_K * stride_xk
+            wt += BLOCK_K * stride_wk
+            k_left = tl.where(k + 1 < k_stop, K - (k + 1) * BLOCK_K, 0)
+            x_next = tl.load(xv, mask=rk < k_left, other=0.0)
+            w_next = tl.load(wt, mask=rk[None, :] < k_left, other=0, eviction_policy="evict_first")
+            sums += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = x_next
+            w = w_next
+        acc = tl.reduce(sums, 1, tl.standard._sum_combine)[None, :]  # [1, BN]
+    else:
+        xs = x_ptr + (rm % M)[:, None] * stride_xm + (k_first * BLOCK_K + rk)[None, :] * stride_xk  # [BM, BK]
+        ws = w_ptr + (rn % N)[None, :] * stride_wn + (k_first * BLOCK_K + rk)[:, None] * stride_wk  # [BK, BN]
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k in range(k_first, k_stop):
+            if EVEN_K:
+                x = tl.load(xs)
+                w = tl.load(ws, eviction_policy="evict_first")  # each weight byte is read once: keep x in cache
+            else:
+                k_left = K - k * BLOCK_K
+                x = tl.load(xs, mask=rk[None, :] < k_left, other=0.0)
+                w = tl.load(ws, mask=rk[:, None] < k_left, other=0, eviction_policy="evict_first")
+            if DOT_F32:  # fp32 inputs; and the interpreter, whose dot multiplies bf16 as raw uint16 bits
+                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:  # bf16/fp16 tensor cores; int8 -> x.dtype is exact (|CB| <= 127), products exact in fp32
+                acc = tl.dot(x, w.to(x.dtype), acc)
+            xs += BLOCK_K * stride_xk
+            ws += BLOCK_K * stride_wk
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT_K == 1:
         scale = tl.load(s_ptr + rn % N) * (1.0 / 127.0)  # one multiply per output, after the K loop
@@ -199,9 +222,10 @@ def _small_configs() -> list[triton.Config]:
     BLOCK_M 32 and 64 (only for the bucket of that size: one row block, each weight tile read once).
     BLOCK_M 1 (only for the 1-row bucket, batch-1 decode): a GEMV without tensor cores. A tensor-core tile has
     16 rows, 15 of them padding at M = 1, and its 32..256-column tiles give a 4096-row weight 16..128
-    programs; 8..32-column tiles give 128..512, each streaming whole K rows. At M = 1 the tensor-core configs
-    read a 4096x4096 weight at 1.06 TB/s of the H200's 4.8 (bench/RESULTS.md, ccbaeb0); the autotuner keeps
-    whichever is faster per shape."""
+    programs; 4..32-row GEMV tiles give 128..1024, each streaming whole weight rows, 4-16 KB a tile (16 bytes
+    a thread a load, 4-8 loads in flight with the next tile's) and 64 fp32 sums a thread. At M = 1 the
+    tensor-core configs read a 4096x4096 weight at 1.06 TB/s of the H200's 4.8 (bench/RESULTS.md, ccbaeb0);
+    the autotuner keeps whichever is faster per shape."""
     narrow = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), BLOCK_M 16
         (32, 256, 1, 2, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 4), (128, 256, 1, 8, 3),
         (32, 256, 2, 2, 4), (64, 256, 2, 4, 3), (128, 256, 2, 8, 3),
@@ -210,8 +234,8 @@ def _small_configs() -> list[triton.Config]:
         (32, 256, 16, 2, 3), (64, 128, 16, 4, 4), (64, 256, 16, 4, 2),
     ]
     wide = [(64, 256, 1, 4, 3), (128, 128, 1, 8, 3), (64, 256, 2, 4, 3), (64, 256, 4, 4, 3), (64, 128, 8, 4, 4)]
-    gemv = [(8, 512, 1, 4, 3), (16, 256, 1, 4, 4), (16, 512, 1, 4, 3), (32, 256, 1, 4, 3), (32, 512, 1, 8, 3),
-            (16, 512, 2, 4, 3), (32, 256, 2, 4, 3), (64, 256, 4, 8, 3)]
+    gemv = [(4, 1024, 1, 2, 1), (8, 512, 1, 2, 1), (8, 1024, 1, 4, 1), (16, 512, 1, 4, 1), (16, 1024, 1, 8, 1),
+            (32, 512, 1, 8, 1), (8, 512, 2, 2, 1), (16, 512, 2, 4, 1), (8, 512, 4, 2, 1), (16, 256, 4, 4, 1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s}, num_warps=w, num_stages=st)
             for bm, tiles in ((16, narrow), (32, wide), (64, wide), (1, gemv)) for bn, bk, s, w, st in tiles]
 

@@ -180,7 +180,12 @@ def test_gemv_tiles_at_one_row(monkeypatch, config, dtype):
 
 def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: each GEMV config of the 1-row bucket compiles for sm_90 (the
-    H200), bf16 with a bias and an uneven K, so that warm-up's tuning on the GPU cannot fail on a new tile."""
+    H200), bf16 with a bias and an uneven K, so that warm-up's tuning on the GPU cannot fail on a new tile. And
+    with the unit strides and 16-divisible sizes that Triton specializes at run time, the weight is read 16
+    bytes a load (a byte a load reads a 4096x4096 weight at a third of the bandwidth), with no cross-lane
+    shuffle inside the K loop (the sums are reduced once, after it)."""
+    import re
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -190,17 +195,30 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     kernel = triton.jit(km._int8_mm)
     pointers = dict(zip(("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "p_ptr"),
                         ("*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32"), strict=True))
-    ints = ("M", "N", "K", "M_BUCKET", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ym", "stride_yn")
-    signature = {**pointers, **dict.fromkeys(ints, "i32"),
-                 **dict.fromkeys(("HAS_BIAS", "DOT_F32", "EVEN_K", *km._INTERPRET_SMALL), "constexpr")}
+    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", *km._INTERPRET_SMALL)
     gemv = [c for c in km._small_configs() if c.kwargs["BLOCK_M"] == 1]
-    assert len(gemv) == 8
-    for c in gemv:
+    assert len(gemv) == 10
+
+    def compile_(c, even: bool, unit_strides: tuple[str, ...] = ()):
+        signature = {name: "constexpr" if name in flags or name in unit_strides
+                     else pointers.get(name, "i32") for name in kernel.arg_names}
+        aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym"] if even else []
         source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": False, **c.kwargs})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": c.num_warps, "num_stages": c.num_stages})
-        assert compiled.asm["cubin"], c
+                           constexprs={"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": even, **c.kwargs,
+                                       **dict.fromkeys(unit_strides, 1)},
+                           attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+
+    for c in gemv:
+        assert compile_(c, even=False).asm["cubin"], c
+        ptx = compile_(c, even=True, unit_strides=("stride_xk", "stride_wk", "stride_yn")).asm["ptx"]
+        weight_loads = re.findall(r"ld\.global\.L1::evict_first[\w.:]*", ptx)
+        assert weight_loads and all(w.endswith(".v4.b32") for w in weight_loads), (c, set(weight_loads))
+        header = re.search(r"^(\$L__BB\d+_\d+):.*Inner Loop Header", ptx, re.M)
+        loop = ptx[header.start():re.search(rf"bra(\.uni)?\s+{re.escape(header[1])};", ptx[header.start():]).end()
+                   + header.start()]
+        assert "fma.rn.f32" in loop and "shfl" not in loop, c
 
 
 def test_split_k_half_inputs_round_once(monkeypatch):
