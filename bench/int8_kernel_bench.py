@@ -155,6 +155,8 @@ def bench_shape(n: int, k: int, rows: list[int], args: argparse.Namespace) -> li
                 methods[name] = [lambda call=call, x=x: call(x) for call in calls]
         for name, calls in methods.items():
             result[name] = time_method(calls, ref, args)
+            if name == "ours" and m <= MAX_KERNEL_ROWS:
+                print_tuning(n, k, m)
         for name, nbytes in (("bf16", 2 * n * k), ("bnb", n * k + 4 * n), ("ours", n * k + 4 * n),
                              ("dequant", n * k + 4 * n), ("int8pack", n * k + 2 * n), ("torchao", n * k + 4 * n)):
             if name in result and "us" in result[name]:
@@ -162,6 +164,22 @@ def bench_shape(n: int, k: int, rows: list[int], args: argparse.Namespace) -> li
         results.append(result)
         print(format_line(result), flush=True)
     return results
+
+
+def print_tuning(n: int, k: int, m: int, top: int = 6) -> None:
+    """The small-M autotuner's fastest configs for this shape, with their times (stdout only; where it tuned
+    just now: a cached choice has no timings). Says which tiles win, so the config list can be pruned."""
+    from adapterd.server.kernels.int8_matmul import _small_kernels
+
+    tuner = _small_kernels(False)[1]
+    timings = getattr(tuner, "configs_timings", None) if tuner is not None else None
+    if not timings:
+        return
+    ranked = sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], list | tuple) else kv[1])
+    for config, t in ranked[:top]:
+        us = (t[0] if isinstance(t, list | tuple) else t) * 1000
+        print(f"    tuned {n}x{k} M={m}: {us:7.1f} us  {config}", flush=True)
+    tuner.configs_timings = None  # printed once
 
 
 def time_method(calls: list, ref, args: argparse.Namespace) -> dict:
