@@ -78,7 +78,8 @@ def gemm_bucket(m: int) -> int:
 def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noqa: N803 (Triton's naming)
              stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
              HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+             X_TILE: tl.constexpr = False):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
@@ -102,22 +103,31 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
         # elementwise into a tile of fp32 sums (no cross-lane reduction in the loop, one after it), and the
         # next tile is loaded before this one is used (Triton pipelines only loads that feed a dot): twice the
         # bytes in flight a thread.
-        xv = x_ptr + pid_m * stride_xm + (k_first * BLOCK_K + rk) * stride_xk  # [BK], the program's row
+        # x's columns as a [1, BK] row, or (X_TILE) as a [BN, BK] tile of the same row repeated (loaded in the
+        # weight tile's own layout: redundant loads from L1 instead of a layout change through shared memory
+        # with barriers in the loop; the autotuner picks).
+        xv = x_ptr + pid_m * stride_xm + (k_first * BLOCK_K + rk)[None, :] * stride_xk  # [1, BK]
+        if X_TILE:
+            xv += 0 * rn[:, None]
         wt = w_ptr + (rn % N)[:, None] * stride_wn + (k_first * BLOCK_K + rk)[None, :] * stride_wk  # [BN, BK]
         # Columns of K left from each tile on, 0 past the split's end (a split past K's end loads nothing and
         # stores zeros). A block compare, not a scalar condition: the interpreter rejects a scalar-and-block
         # mask, and K % 16 == 0 (as Triton specializes it) keeps the loads 16 bytes wide.
         k_left = tl.where(k_first < k_stop, K - k_first * BLOCK_K, 0)
-        x = tl.load(xv, mask=rk < k_left, other=0.0)
+        x = tl.load(xv, mask=rk[None, :] < k_left, other=0.0)
         w = tl.load(wt, mask=rk[None, :] < k_left, other=0, eviction_policy="evict_first")
         sums = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
         for k in range(k_first, k_stop):
             xv += BLOCK_K * stride_xk
             wt += BLOCK_K * stride_wk
             k_left = tl.where(k + 1 < k_stop, K - (k + 1) * BLOCK_K, 0)
-            x_next = tl.load(xv, mask=rk < k_left, other=0.0)
+            x_next = tl.load(xv, mask=rk[None, :] < k_left, other=0.0)
             w_next = tl.load(wt, mask=rk[None, :] < k_left, other=0, eviction_policy="evict_first")
-            sums += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            # int8 -> fp32 without the I2F conversion (a quarter-rate instruction on Hopper: 16 a cycle an SM,
+            # one a weight byte, which caps the read near the H200's bandwidth): the byte b, as unsigned,
+            # XOR 0x4B000080 is the float 2^23 + 128 + w exactly; minus 2^23 + 128 is w, exactly.
+            w_f32 = (w.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x4B000080).to(tl.float32, bitcast=True)
+            sums += (w_f32 - 8388736.0) * x.to(tl.float32)
             x = x_next
             w = w_next
         acc = tl.reduce(sums, 1, tl.standard._sum_combine)[None, :]  # [1, BN]
@@ -236,16 +246,20 @@ def _small_configs() -> list[triton.Config]:
     wide = [(64, 256, 1, 4, 3), (128, 128, 1, 8, 3), (64, 256, 2, 4, 3), (64, 256, 4, 4, 3), (64, 128, 8, 4, 4)]
     gemv = [(4, 1024, 1, 2, 1), (8, 512, 1, 2, 1), (8, 1024, 1, 4, 1), (16, 512, 1, 4, 1), (16, 1024, 1, 8, 1),
             (32, 512, 1, 8, 1), (8, 512, 2, 2, 1), (16, 512, 2, 4, 1), (8, 512, 4, 2, 1), (16, 256, 4, 4, 1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s}, num_warps=w, num_stages=st)
-            for bm, tiles in ((16, narrow), (32, wide), (64, wide), (1, gemv)) for bn, bk, s, w, st in tiles]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, **extra}, num_warps=w,
+                          num_stages=st)
+            for bm, tiles in ((16, narrow), (32, wide), (64, wide), (1, gemv)) for bn, bk, s, w, st in tiles
+            for extra in ([{"X_TILE": False}, {"X_TILE": True}] if bm == 1 else [{}])]
 
 
 def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """For row bucket ``b``: BLOCK_M 16, plus BLOCK_M == b for b = 1, 32, 64; SPLIT_K 16 only up to 16 rows
-    (a 32-64 row tile has work enough); no more splits than K tiles."""
+    (a 32-64 row tile has work enough); no more splits than K tiles. At one row, of the tensor-core tiles only
+    those 128 or 256 columns wide (the only ones that came near the GEMV tiles on the H200, 2026-12-03)."""
     bucket, k = named_args["M_BUCKET"], named_args["K"]
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] in (16, bucket)
+            and (bucket != 1 or c.kwargs["BLOCK_M"] == 1 or c.kwargs["BLOCK_N"] >= 128)
             and (c.kwargs["SPLIT_K"] < 16 or bucket <= 16)
             and c.kwargs["SPLIT_K"] <= triton.cdiv(k, c.kwargs["BLOCK_K"])]
     return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.kwargs["SPLIT_K"] == 1]
