@@ -78,8 +78,7 @@ def gemm_bucket(m: int) -> int:
 def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noqa: N803 (Triton's naming)
              stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
              HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-             X_TILE: tl.constexpr = False):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
@@ -103,12 +102,9 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
         # elementwise into a tile of fp32 sums (no cross-lane reduction in the loop, one after it), and the
         # next tile is loaded before this one is used (Triton pipelines only loads that feed a dot): twice the
         # bytes in flight a thread.
-        # x's columns as a [1, BK] row, or (X_TILE) as a [BN, BK] tile of the same row repeated (loaded in the
-        # weight tile's own layout: redundant loads from L1 instead of a layout change through shared memory
-        # with barriers in the loop; the autotuner picks).
+        # x's columns as a [1, BK] row (Triton moves it into the weight tile's layout through shared memory; a
+        # [BN, BK] tile of the row repeated, loaded in the weight's own layout, was slower on the H200)
         xv = x_ptr + pid_m * stride_xm + (k_first * BLOCK_K + rk)[None, :] * stride_xk  # [1, BK]
-        if X_TILE:
-            xv += 0 * rn[:, None]
         wt = w_ptr + (rn % N)[:, None] * stride_wn + (k_first * BLOCK_K + rk)[None, :] * stride_wk  # [BN, BK]
         # Columns of K left from each tile on, 0 past the split's end (a split past K's end loads nothing and
         # stores zeros). A block compare, not a scalar condition: the interpreter rejects a scalar-and-block
@@ -232,8 +228,9 @@ def _small_configs() -> list[triton.Config]:
     BLOCK_M 32 and 64 (only for the bucket of that size: one row block, each weight tile read once).
     BLOCK_M 1 (only for the 1-row bucket, batch-1 decode): a GEMV without tensor cores. A tensor-core tile has
     16 rows, 15 of them padding at M = 1, and its 32..256-column tiles give a 4096-row weight 16..128
-    programs; 4..32-row GEMV tiles give 128..1024, each streaming whole weight rows, 4-16 KB a tile (16 bytes
-    a thread a load, 4-8 loads in flight with the next tile's) and 64 fp32 sums a thread. At M = 1 the
+    programs; 2..16-row GEMV tiles give 256..2048, each streaming whole weight rows, 2-16 KB a tile (16 bytes
+    a thread a load, 8-16 loads in flight with the next tile's) and 64 fp32 sums a thread (on the H200,
+    2026-12-03, 1024-column tiles of 4 or 8 rows won every Llama shape; 2048 columns not measured yet). At M = 1 the
     tensor-core configs read a 4096x4096 weight at 1.06 TB/s of the H200's 4.8 (bench/RESULTS.md, ccbaeb0);
     the autotuner keeps whichever is faster per shape."""
     narrow = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), BLOCK_M 16
@@ -244,12 +241,10 @@ def _small_configs() -> list[triton.Config]:
         (32, 256, 16, 2, 3), (64, 128, 16, 4, 4), (64, 256, 16, 4, 2),
     ]
     wide = [(64, 256, 1, 4, 3), (128, 128, 1, 8, 3), (64, 256, 2, 4, 3), (64, 256, 4, 4, 3), (64, 128, 8, 4, 4)]
-    gemv = [(4, 1024, 1, 2, 1), (8, 512, 1, 2, 1), (8, 1024, 1, 4, 1), (16, 512, 1, 4, 1), (16, 1024, 1, 8, 1),
-            (32, 512, 1, 8, 1), (8, 512, 2, 2, 1), (16, 512, 2, 4, 1), (8, 512, 4, 2, 1), (16, 256, 4, 4, 1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, **extra}, num_warps=w,
-                          num_stages=st)
-            for bm, tiles in ((16, narrow), (32, wide), (64, wide), (1, gemv)) for bn, bk, s, w, st in tiles
-            for extra in ([{"X_TILE": False}, {"X_TILE": True}] if bm == 1 else [{}])]
+    gemv = [(2, 1024, 1, 1, 1), (4, 1024, 1, 2, 1), (8, 1024, 1, 4, 1), (16, 1024, 1, 8, 1), (2, 2048, 1, 2, 1),
+            (4, 2048, 1, 4, 1), (8, 2048, 1, 8, 1), (8, 512, 1, 2, 1), (16, 512, 1, 4, 1), (8, 1024, 2, 4, 1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s}, num_warps=w, num_stages=st)
+            for bm, tiles in ((16, narrow), (32, wide), (64, wide), (1, gemv)) for bn, bk, s, w, st in tiles]
 
 
 def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
