@@ -108,12 +108,15 @@ def _group(widths: tuple[int, ...], in_f: int, r: int = 8, s: int = 5, dtype=tor
     return torch.stack([a for a, _ in tables]), [b for _, b in tables]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["outputs", "fused-output-splits"])
 @pytest.mark.parametrize("in_f, widths, tile", [(64, (96, 32, 32), None), (100, (70, 40, 40), 16 * 16),
-                                                (64, (96, 32), None)])
-def test_group_equals_separate_calls_bit_for_bit(monkeypatch, in_f, widths, tile):
-    """q, k, v (k and v narrower: grouped key/value heads) in one shrink launch then three expands: each
+                                                (64, (96, 32), None), (64, (32, 32, 32, 32, 16), None)])
+def test_group_equals_separate_calls_bit_for_bit(monkeypatch, in_f, widths, tile, fused):
+    """q, k, v (k and v narrower: grouped key/value heads) in one shrink launch and one expand launch: each
     member's output is bit-identical to its own ``lora_delta_`` call and matches the fp32 reference; rows on
-    slot 0 untouched. With small tiles: several splits and tiles, masked K and N edges; and a group of two."""
+    slot 0 untouched. With small tiles: several splits and tiles, masked K and N edges; a group of two; one
+    of five (two expand launches); and the members' outputs as the column splits of one fused output (row
+    stride the fused width), as the own decoder's fused q/k/v matmul hands them over."""
     if tile:
         monkeypatch.setattr(kb, "TILE_ELEMS", tile)
         monkeypatch.setattr(kb, "MAX_PARTIALS", 16 * 2)
@@ -123,7 +126,7 @@ def test_group_equals_separate_calls_bit_for_bit(monkeypatch, in_f, widths, tile
     x = torch.randn(5, 2 * in_f, generator=g)[:, ::2]  # strided, as a view of a wider buffer
     y0s = [torch.randn(5, w, generator=g) for w in widths]
     slots = torch.tensor([4, 0, 1, 4, 2])
-    ys = [y.clone() for y in y0s]
+    ys = list(torch.cat(y0s, 1).split(widths, 1)) if fused else [y.clone() for y in y0s]
     kb.lora_group_delta_(ys, x, a, bs, slots, 6)
     for member, (y, y0, b) in enumerate(zip(ys, y0s, bs, strict=True)):
         assert torch.equal(y, _run(y0, x, a[member], b, slots, 6)), member
