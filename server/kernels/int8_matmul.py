@@ -230,8 +230,8 @@ def _small_configs() -> list[triton.Config]:
     16 rows, 15 of them padding at M = 1, and its 32..256-column tiles give a 4096-row weight 16..128
     programs; 2..16-row GEMV tiles give 256..2048, each streaming whole weight rows, 2-16 KB a tile (16 bytes
     a thread a load, 8-16 loads in flight with the next tile's) and 64 fp32 sums a thread (on the H200,
-    2026-12-03, 1024-column tiles of 4 or 8 rows won every Llama shape; 2048 columns not measured yet). At M = 1 the
-    tensor-core configs read a 4096x4096 weight at 1.06 TB/s of the H200's 4.8 (bench/RESULTS.md, ccbaeb0);
+    2026-12-03, 1024-column tiles of 4 or 8 rows won every Llama shape; 2048 columns did not help). At M = 1
+    the tensor-core configs read a 4096x4096 weight at 1.06 TB/s of the H200's 4.8 (bench/RESULTS.md, ccbaeb0);
     the autotuner keeps whichever is faster per shape."""
     narrow = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), BLOCK_M 16
         (32, 256, 1, 2, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 4), (128, 256, 1, 8, 3),

@@ -17,6 +17,7 @@ def test_families_of_the_kernels_a_decode_step_launches():
     assert step_profile.family("_rms_norm_rows") == "norm"
     assert step_profile.family("_rope_append") == "rotary + append"
     assert step_profile.family("_bgmv_shrink") == "LoRA"
+    assert step_profile.family("_shrink") == step_profile.family("_expand") == "LoRA"  # lora_bgmv.py's names
     assert step_profile.family("pytorch_flash::flash_fwd_splitkv_kernel<...>") == "attention"
     assert step_profile.family("nvjet_hsh_128x64_64x4_1x2_h_bz_NTT") == "dense matmul"
     assert step_profile.family("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise"
