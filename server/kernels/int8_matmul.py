@@ -69,6 +69,19 @@ def gemm_bucket(m: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- kernels
+# int8 -> fp32 for the 4 bytes of a 32-bit word ($4, byte 0 the lowest), into $0..$3: XOR 0x80 turns each
+# signed byte w into the unsigned w + 128; PRMT puts it under the exponent byte 0x4B, giving the float
+# 2^23 + 128 + w exactly (the kernel subtracts 2^23 + 128). Selector 0x754i: byte i of t, then two zero bytes
+# and 0x4B from 0x4B000000.
+_WIDEN_WORD = tl.constexpr("""{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0x4B000000, 0x7540;
+prmt.b32 $1, t, 0x4B000000, 0x7541;
+prmt.b32 $2, t, 0x4B000000, 0x7542;
+prmt.b32 $3, t, 0x4B000000, 0x7543;
+}""")
+
 # Only Triton builtins are called (``tl.full``, not the library's ``@triton.jit`` ``tl.zeros``/``tl.cdiv``):
 # library functions are made compiled-only when Triton is imported without TRITON_INTERPRET, and this lets
 # the interpreter be switched on later. Out-of-range rows and columns are wrapped (``% M``, ``% N``) instead
@@ -77,7 +90,7 @@ def gemm_bucket(m: int) -> int:
 
 def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noqa: N803 (Triton's naming)
              stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-             HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+             HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
@@ -98,32 +111,49 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     if BLOCK_M == 1:  # GEMV (the 1-row bucket's own tiles): CUDA cores, products and sums in fp32
-        # The tile is [BLOCK_N, BLOCK_K], K fastest (16-byte loads along a weight row); the products are summed
-        # elementwise into a tile of fp32 sums (no cross-lane reduction in the loop, one after it), and the
-        # next tile is loaded before this one is used (Triton pipelines only loads that feed a dot): twice the
-        # bytes in flight a thread.
-        # x's columns as a [1, BK] row (Triton moves it into the weight tile's layout through shared memory; a
-        # [BN, BK] tile of the row repeated, loaded in the weight's own layout, was slower on the H200)
-        xv = x_ptr + pid_m * stride_xm + (k_first * BLOCK_K + rk)[None, :] * stride_xk  # [1, BK]
-        wt = w_ptr + (rn % N)[:, None] * stride_wn + (k_first * BLOCK_K + rk)[None, :] * stride_wk  # [BN, BK]
-        # Columns of K left from each tile on, 0 past the split's end (a split past K's end loads nothing and
+        # The weight is read as 32-bit words, 4 bytes of a row each (K % 4 == 0 and a unit column stride:
+        # _small_m sees to it), in a [BLOCK_N, BLOCK_K // 4] tile, K fastest (16-byte loads along a row). x
+        # is loaded as [BLOCK_K // 4, 4] and split into its 4 columns, x_i[j] = x[4j + i], the partners of
+        # byte i of word j. The products are summed elementwise into a tile of fp32 sums (no cross-lane
+        # reduction in the loop, one after it), and the next tile is loaded before this one is used (Triton
+        # pipelines only loads that feed a dot): twice the bytes in flight a thread.
+        rw = tl.arange(0, BLOCK_K // 4)
+        wt = (w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N)[:, None] * (stride_wn // 4)
+              + (k_first * (BLOCK_K // 4) + rw)[None, :])
+        xv = (x_ptr + pid_m * stride_xm + (k_first * BLOCK_K + 4 * rw)[:, None] * stride_xk
+              + tl.arange(0, 4)[None, :] * stride_xk)  # [BK / 4, 4]
+        # Bytes of K left from each tile on, 0 past the split's end (a split past K's end loads nothing and
         # stores zeros). A block compare, not a scalar condition: the interpreter rejects a scalar-and-block
         # mask, and K % 16 == 0 (as Triton specializes it) keeps the loads 16 bytes wide.
-        k_left = tl.where(k_first < k_stop, K - k_first * BLOCK_K, 0)
-        x = tl.load(xv, mask=rk[None, :] < k_left, other=0.0)
-        w = tl.load(wt, mask=rk[None, :] < k_left, other=0, eviction_policy="evict_first")
-        sums = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+        words_left = tl.where(k_first < k_stop, K // 4 - k_first * (BLOCK_K // 4), 0)
+        x = tl.load(xv, mask=rw[:, None] < words_left, other=0.0)
+        w = tl.load(wt, mask=rw[None, :] < words_left, other=0, eviction_policy="evict_first")
+        sums = tl.full((BLOCK_N, BLOCK_K // 4), 0.0, tl.float32)
         for k in range(k_first, k_stop):
             xv += BLOCK_K * stride_xk
-            wt += BLOCK_K * stride_wk
-            k_left = tl.where(k + 1 < k_stop, K - (k + 1) * BLOCK_K, 0)
-            x_next = tl.load(xv, mask=rk[None, :] < k_left, other=0.0)
-            w_next = tl.load(wt, mask=rk[None, :] < k_left, other=0, eviction_policy="evict_first")
+            wt += BLOCK_K // 4
+            words_left = tl.where(k + 1 < k_stop, K // 4 - (k + 1) * (BLOCK_K // 4), 0)
+            x_next = tl.load(xv, mask=rw[:, None] < words_left, other=0.0)
+            w_next = tl.load(wt, mask=rw[None, :] < words_left, other=0, eviction_policy="evict_first")
+            x02, x13 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_K // 4, 2, 2)))
+            x0, x2 = tl.split(x02)
+            x1, x3 = tl.split(x13)
             # int8 -> fp32 without the I2F conversion (a quarter-rate instruction on Hopper: 16 a cycle an SM,
-            # one a weight byte, which caps the read near the H200's bandwidth): the byte b, as unsigned,
-            # XOR 0x4B000080 is the float 2^23 + 128 + w exactly; minus 2^23 + 128 is w, exactly.
-            w_f32 = (w.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x4B000080).to(tl.float32, bitcast=True)
-            sums += (w_f32 - 8388736.0) * x.to(tl.float32)
+            # one a weight byte, which caps the read near the H200's bandwidth): byte i as unsigned (w + 128)
+            # under the exponent byte 0x4B is the float 2^23 + 128 + w exactly; minus 2^23 + 128 is w, exactly.
+            if INTERPRETED:  # the same bits by arithmetic: the interpreter runs no PTX
+                f0 = (((w >> 0) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True)
+                f1 = (((w >> 8) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True)
+                f2 = (((w >> 16) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True)
+                f3 = (((w >> 24) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True)
+            else:  # one XOR a word, one PRMT a byte
+                f0, f1, f2, f3 = tl.inline_asm_elementwise(_WIDEN_WORD, "=r,=r,=r,=r,r", [w], is_pure=True,
+                                                           dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                                           pack=1)
+            sums += (f0 - 8388736.0) * x0[None, :]
+            sums += (f1 - 8388736.0) * x1[None, :]
+            sums += (f2 - 8388736.0) * x2[None, :]
+            sums += (f3 - 8388736.0) * x3[None, :]
             x = x_next
             w = w_next
         acc = tl.reduce(sums, 1, tl.standard._sum_combine)[None, :]  # [1, BN]
@@ -228,9 +258,12 @@ def _small_configs() -> list[triton.Config]:
     BLOCK_M 32 and 64 (only for the bucket of that size: one row block, each weight tile read once).
     BLOCK_M 1 (only for the 1-row bucket, batch-1 decode): a GEMV without tensor cores. A tensor-core tile has
     16 rows, 15 of them padding at M = 1, and its 32..256-column tiles give a 4096-row weight 16..128
-    programs; 2..16-row GEMV tiles give 256..2048, each streaming whole weight rows, 2-16 KB a tile (16 bytes
-    a thread a load, 8-16 loads in flight with the next tile's) and 64 fp32 sums a thread (on the H200,
-    2026-12-03, 1024-column tiles of 4 or 8 rows won every Llama shape; 2048 columns did not help). At M = 1
+    programs; 2..32-row GEMV tiles give 128..2048, each streaming whole weight rows, 2-32 KB a tile (16 bytes
+    a thread a load, 8-16 loads in flight with the next tile's) and 16-64 fp32 sums a thread (on the H200,
+    2026-12-03, 1024-column tiles of 4 or 8 rows at 2 rows a warp won every Llama shape, and 2048 columns did
+    not help; the tiles of 4 rows a warp reuse each x value for twice the weight bytes: ~4.2 instructions a
+    weight byte in the loop, against 4.6 at 2 rows a warp, by cuobjdump of the sm_90 cubin). K must be a
+    multiple of 4 (words; the other shapes keep the tensor-core tiles). At M = 1
     the tensor-core configs read a 4096x4096 weight at 1.06 TB/s of the H200's 4.8 (bench/RESULTS.md, ccbaeb0);
     the autotuner keeps whichever is faster per shape."""
     narrow = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), BLOCK_M 16
@@ -241,19 +274,21 @@ def _small_configs() -> list[triton.Config]:
         (32, 256, 16, 2, 3), (64, 128, 16, 4, 4), (64, 256, 16, 4, 2),
     ]
     wide = [(64, 256, 1, 4, 3), (128, 128, 1, 8, 3), (64, 256, 2, 4, 3), (64, 256, 4, 4, 3), (64, 128, 8, 4, 4)]
-    gemv = [(2, 1024, 1, 1, 1), (4, 1024, 1, 2, 1), (8, 1024, 1, 4, 1), (16, 1024, 1, 8, 1), (2, 2048, 1, 2, 1),
-            (4, 2048, 1, 4, 1), (8, 2048, 1, 8, 1), (8, 512, 1, 2, 1), (16, 512, 1, 4, 1), (8, 1024, 2, 4, 1)]
+    gemv = [(2, 1024, 1, 1, 1), (4, 1024, 1, 2, 1), (8, 1024, 1, 4, 1), (16, 1024, 1, 8, 1), (8, 1024, 1, 2, 1),
+            (16, 1024, 1, 4, 1), (32, 1024, 1, 8, 1), (8, 512, 1, 2, 1), (16, 512, 1, 4, 1), (8, 1024, 2, 4, 1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s}, num_warps=w, num_stages=st)
             for bm, tiles in ((16, narrow), (32, wide), (64, wide), (1, gemv)) for bn, bk, s, w, st in tiles]
 
 
 def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """For row bucket ``b``: BLOCK_M 16, plus BLOCK_M == b for b = 1, 32, 64; SPLIT_K 16 only up to 16 rows
-    (a 32-64 row tile has work enough); no more splits than K tiles. At one row, of the tensor-core tiles only
-    those 128 or 256 columns wide (the only ones that came near the GEMV tiles on the H200, 2026-12-03)."""
+    """For row bucket ``b``: BLOCK_M 16, plus BLOCK_M == b for b = 1 (K a multiple of 4), 32, 64; SPLIT_K 16
+    only up to 16 rows (a 32-64 row tile has work enough); no more splits than K tiles. At one row, of the
+    tensor-core tiles only those 128 or 256 columns wide (the only ones that came near the GEMV tiles on the
+    H200, 2026-12-03)."""
     bucket, k = named_args["M_BUCKET"], named_args["K"]
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] in (16, bucket)
+            and (c.kwargs["BLOCK_M"] != 1 or k % 4 == 0)  # the GEMV reads the weight as 4-byte words
             and (bucket != 1 or c.kwargs["BLOCK_M"] == 1 or c.kwargs["BLOCK_N"] >= 128)
             and (c.kwargs["SPLIT_K"] < 16 or bucket <= 16)
             and c.kwargs["SPLIT_K"] <= triton.cdiv(k, c.kwargs["BLOCK_K"])]
@@ -369,11 +404,14 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     if m == 0:
         return y
-    cb = cb if cb.stride(1) == 1 else cb.contiguous()
+    if config is not None and config["BLOCK_M"] == 1 and k % 4:
+        raise ValueError(f"the GEMV tiles read 4-byte words of the weight's rows: K must be a multiple of 4, got {k}")
+    if cb.stride(1) != 1 or (k % 4 == 0 and (cb.stride(0) % 4 or cb.data_ptr() % 4)):  # rows of aligned words
+        cb = cb.clone(memory_format=torch.contiguous_format)
     mm, tuner, _ = _small_kernels(interpret)
     bucket, b = row_bucket(m), scb if bias is None else bias
     key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
-    meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32}
+    meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret}
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
     grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
     config = config or _CHOSEN.get(key) or (_INTERPRET_SMALL if tuner is None else None)

@@ -178,12 +178,29 @@ def test_gemv_tiles_at_one_row(monkeypatch, config, dtype):
     assert ((y.float() - ref).abs() <= ULP[dtype] * ref.abs() + 1e-5).all(), (y.float() - ref).abs().max()
 
 
+def test_gemv_tiles_take_rows_of_whole_aligned_words(monkeypatch):
+    """The GEMV reads each weight row as 4-byte words: a K that is not a multiple of 4 is refused (the
+    autotuner never offers these tiles there), and a weight whose rows start off a word boundary (a view at an
+    odd offset, rows 102 bytes apart) is copied to aligned rows first, with the same result."""
+    _no_fallback(monkeypatch)
+    config = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}
+    cb, scb = _weights(70, 102, seed=3)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        km._small_m(torch.randn(1, 102), cb, scb, None, True, config=config)
+    x = torch.randn(1, 100)
+    for weight in (cb[:, 2:], cb.flatten()[1:1 + 70 * 100].view(70, 100)):
+        assert weight.stride(0) % 4 or weight.data_ptr() % 4
+        torch.testing.assert_close(km._small_m(x, weight, scb, None, True, config=config),
+                                   _reference(x, weight, scb, None), rtol=1e-5, atol=1e-5)
+
+
 def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: each GEMV config of the 1-row bucket compiles for sm_90 (the
     H200), bf16 with a bias and an uneven K, so that warm-up's tuning on the GPU cannot fail on a new tile. And
     with the unit strides and 16-divisible sizes that Triton specializes at run time, the weight is read 16
     bytes a load (a byte a load reads a 4096x4096 weight at a third of the bandwidth), with no cross-lane
-    shuffle reduction inside the K loop (the sums are reduced once, after it)."""
+    shuffle reduction inside the K loop (the sums are reduced once, after it), and the bytes are widened by the
+    word-wise PTX (one XOR a word, one PRMT a byte)."""
     import re
 
     import triton
@@ -195,7 +212,7 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     kernel = triton.jit(km._int8_mm)
     pointers = dict(zip(("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "p_ptr"),
                         ("*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32"), strict=True))
-    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", *km._INTERPRET_SMALL)
+    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", "INTERPRETED", *km._INTERPRET_SMALL)
     gemv = [c for c in km._small_configs() if c.kwargs["BLOCK_M"] == 1]
     assert len(gemv) == 10
 
@@ -204,8 +221,8 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
                      else pointers.get(name, "i32") for name in kernel.arg_names}
         aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym"] if even else []
         source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": even, **c.kwargs,
-                                       **dict.fromkeys(unit_strides, 1)},
+                           constexprs={"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": even, "INTERPRETED": False,
+                                       **c.kwargs, **dict.fromkeys(unit_strides, 1)},
                            attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
         return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": c.num_warps, "num_stages": c.num_stages})
@@ -219,6 +236,9 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
         label = re.findall(r"^(\$L__BB\d+_\d+):", ptx[:start], re.M)[-1]
         loop = ptx[start:start + re.search(rf"bra(\.uni)?\s+{re.escape(label)};", ptx[start:]).end()]
         assert "fma.rn.f32" in loop and "shfl.sync.bfly" not in loop, c  # butterfly shuffles: a reduction
+        # widened a word at a time: one XOR a 4-byte word, one PRMT a byte (not an extract and offset a byte)
+        fmas, xors = loop.count("fma.rn.f32"), loop.count("xor.b32 t, ")
+        assert xors * 4 == fmas and loop.count("0x4B000000") == fmas, (c, xors, fmas)
 
 
 def test_split_k_half_inputs_round_once(monkeypatch):
@@ -288,6 +308,7 @@ def test_small_m_gpu_configs_are_pruned_per_bucket():
     assert all(c.kwargs["BLOCK_M"] != 1 for b in (2, 4, 8, 16, 32, 64) for c in kept(b))
     assert {c.kwargs["BLOCK_M"] for c in kept(64)} == {16, 64}
     assert all(c.kwargs["SPLIT_K"] <= -(-520 // c.kwargs["BLOCK_K"]) for c in kept(1, 520))
+    assert {c.kwargs["BLOCK_M"] for c in kept(1, 4098)} == {16}  # K not whole 4-byte words: no GEMV tiles
     assert len(km._gemm_configs()) == 9
 
 
