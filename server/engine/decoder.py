@@ -18,8 +18,10 @@ here the layer loop is written out the way gpt-fast's ``model.py`` is, with ever
         h = h + o_proj(sdpa(q, K, V, mask[layer]))   # one fused attention call, grouped key/value heads as they are
         x = post_attention_norm(h)                   # with the add above, one kernel where the norm is fused
         gate, up = split(gate_up_proj(x))            # fused too (Llama's MLP: not GLM's, one module already)
-        h = h + down_proj(act(gate) * up)            # act: the MLP's own; LoRA deltas added to gate and up each;
-                                                     # fused with the next layer's input norm likewise
+        h = h + down_proj(act(gate) * up)            # act: the MLP's own (a SiLU and the product: one kernel
+                                                     # where it runs, torch's roundings); LoRA deltas added to
+                                                     # gate and up each; the add fused with the next layer's
+                                                     # input norm likewise
     logits = lm_head(norm(h[:, -1]))                 # the last position only
 
 The modules called are the checkpoint's own (``o_proj``, the norms, the rotary embedding), so their weights,
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.lora import add_delta, project_qkv
+from ..kernels import silu_mul as act_kernel
 from ..kernels.rms_norm import FusedRMSNorm
 from ..kernels.rope_append import fits, rope_append_available
 from .fused_projections import GATE_UP, FusedLinear, LayerFusion, fuse_layers, fused_outputs, int8_layers
@@ -68,7 +71,8 @@ class Decoder:
     """The decoder forward above, over a loaded causal LM of one of ``OWN_FAMILIES`` (whose modules it calls;
     it owns none). ``fuse``: fuse each layer's q/k/v and gate/up base projections (in place: the modules'
     weights become views of the fused ones); without it every projection is its module's own matmul.
-    ``rope_kernel``: decode steps rotate and append through ``kernels/rope_append.py`` where it runs."""
+    ``rope_kernel``: decode steps rotate and append through ``kernels/rope_append.py`` where it runs, and the
+    MLP's SiLU and product run as one kernel (``kernels/silu_mul.py``)."""
 
     def __init__(self, model: nn.Module, fuse: bool = True, rope_kernel: bool = True) -> None:
         inner = model.model
@@ -85,6 +89,8 @@ class Decoder:
         # for the families whose rotary function is Llama's (the whole head, halves paired), where it runs.
         self.rope_kernel = (rope_kernel and model.config.model_type in ROTATE_HALF_FAMILIES
                             and rope_append_available(self.embed.weight.device))
+        # The MLP's silu(gate) * up in one launch (kernels/silu_mul.py; torch's roundings) where it runs
+        self.act_kernel = rope_kernel and act_kernel.silu_mul_available(self.embed.weight.device)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, context: StepContext) -> torch.Tensor:
         """The engine's ``Forward``: the loop inside the step's context (its LoRA rows), over its cache view."""
@@ -101,7 +107,7 @@ class Decoder:
             fused = self.fused[index]
             attention = self._attention(layer.self_attn, x, cos, sin, layer_mask, cache, index, fused.qkv)
             h, x = _add_norm(h, attention, layer.post_attention_layernorm)
-            out = _mlp(layer.mlp, x, fused.gate_up)
+            out = _mlp(layer.mlp, x, fused.gate_up, self.act_kernel)
             if index + 1 < len(self.layers):  # the residual add with the next layer's input norm
                 h, x = _add_norm(h, out, self.layers[index + 1].input_layernorm)
             else:
@@ -135,14 +141,17 @@ def _add_norm(h: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[to
     return h, norm(h)
 
 
-def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None) -> torch.Tensor:
+def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act: bool = False) -> torch.Tensor:
     """The MLP of x: its own forward, or where gate and up are fused (only for Llama's MLP forward,
     ``fuse_mlp``), that forward's math over the fused matmul's split, each wrapped layer's LoRA delta added to
-    its own part. ``act_fn`` is the MLP's own (``ACT2FN[config.hidden_act]``)."""
+    its own part. ``act_fn`` is the MLP's own (``ACT2FN[config.hidden_act]``); with ``fused_act``, a SiLU
+    and its product with ``up`` run as one kernel (the same values)."""
     base = fused_outputs(gate_up, mlp, x)
     if base is None:
         return mlp(x)
     gate, up = (add_delta(getattr(mlp, name), x, y) for name, y in zip(GATE_UP, base, strict=True))
+    if fused_act and act_kernel.is_silu(mlp.act_fn) and act_kernel.fits(gate, up):
+        return mlp.down_proj(act_kernel.silu_mul(gate, up))
     return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
