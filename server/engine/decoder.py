@@ -16,6 +16,7 @@ here the layer loop is written out the way gpt-fast's ``model.py`` is, with ever
         K, V = cache.update(k, v, layer)             # writes this step's entries, returns what attention reads
                                                      # (a decode step on a GPU: rotation and writes in one kernel)
         h = h + o_proj(sdpa(q, K, V, mask[layer]))   # one fused attention call, grouped key/value heads as they are
+                                                     # (a decode step on a GPU: split along the keys, ours)
         x = post_attention_norm(h)                   # with the add above, one kernel where the norm is fused
         gate, up = split(gate_up_proj(x))            # fused too (Llama's MLP: not GLM's, one module already)
         h = h + down_proj(act(gate) * up)            # act: the MLP's own (a SiLU and the product: one kernel
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.lora import add_delta, project_qkv
+from ..kernels import decode_attention as attention_kernel
 from ..kernels import silu_mul as act_kernel
 from ..kernels.rms_norm import FusedRMSNorm
 from ..kernels.rope_append import fits, rope_append_available
@@ -71,8 +73,9 @@ class Decoder:
     """The decoder forward above, over a loaded causal LM of one of ``OWN_FAMILIES`` (whose modules it calls;
     it owns none). ``fuse``: fuse each layer's q/k/v and gate/up base projections (in place: the modules'
     weights become views of the fused ones); without it every projection is its module's own matmul.
-    ``rope_kernel``: decode steps rotate and append through ``kernels/rope_append.py`` where it runs, and the
-    MLP's SiLU and product run as one kernel (``kernels/silu_mul.py``)."""
+    ``rope_kernel``: decode steps rotate and append through ``kernels/rope_append.py`` and attend through
+    ``kernels/decode_attention.py`` where they run, and the MLP's SiLU and product run as one kernel
+    (``kernels/silu_mul.py``)."""
 
     def __init__(self, model: nn.Module, fuse: bool = True, rope_kernel: bool = True) -> None:
         inner = model.model
@@ -89,8 +92,12 @@ class Decoder:
         # for the families whose rotary function is Llama's (the whole head, halves paired), where it runs.
         self.rope_kernel = (rope_kernel and model.config.model_type in ROTATE_HALF_FAMILIES
                             and rope_append_available(self.embed.weight.device))
-        # The MLP's silu(gate) * up in one launch (kernels/silu_mul.py; torch's roundings) where it runs
-        self.act_kernel = rope_kernel and act_kernel.silu_mul_available(self.embed.weight.device)
+        # The MLP's silu(gate) * up in one launch (kernels/silu_mul.py; torch's roundings) where it runs, and
+        # decode steps' attention split along the keys, skipping what each row's mask hides
+        # (kernels/decode_attention.py)
+        device = self.embed.weight.device
+        self.act_kernel = rope_kernel and act_kernel.silu_mul_available(device)
+        self.attention_kernel = rope_kernel and attention_kernel.decode_attention_available(device)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, context: StepContext) -> torch.Tensor:
         """The engine's ``Forward``: the loop inside the step's context (its LoRA rows), over its cache view."""
@@ -127,8 +134,12 @@ class Decoder:
         else:
             q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             keys, values = cache.update(k, v.transpose(1, 2), index)
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                             scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
+        if (self.attention_kernel and isinstance(cache, DecodeView)
+                and attention_kernel.fits(q, keys, values, mask)):
+            out = attention_kernel.decode_attention(q, keys, values, mask, attn.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                                 scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
         return attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
 
 

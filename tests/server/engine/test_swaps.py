@@ -47,9 +47,9 @@ def test_int8_kernel_stays_off_when_disabled(tiny_model_dir, monkeypatch):
 
 def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_root, monkeypatch):
     """Fused RMSNorm in every norm (with the residual add before it), the BGMV kernels for the LoRA rows of
-    each decode step, the rotary + key/value append kernel in every decode step's layers and the MLP's SiLU * up
-    kernel, in a batch that mixes base rows and two LoRA adapters: every row's greedy tokens equal PEFT's for it
-    alone."""
+    each decode step, the rotary + key/value append kernel and the split-K attention in every decode step's
+    layers and the MLP's SiLU * up kernel, in a batch that mixes base rows and two LoRA adapters: every row's
+    greedy tokens equal PEFT's for it alone."""
     if TEST_DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     prompts, adapters, new = ["hello world", "你是谁？"], [None, "lora-qv", "team/lora-all"], 6
@@ -61,13 +61,16 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
 
     real = lora_bgmv.lora_delta_  # wrapped before the engine's slot table picks the kernel (once, at start)
     monkeypatch.setattr(lora_bgmv, "lora_delta_", lambda *a, **k: (kernel_calls.append(1), real(*a, **k))[1])
-    rope_calls, add_norm_calls, act_calls = [], [], []
+    rope_calls, add_norm_calls, act_calls, attention_calls = [], [], [], []
     real_rope = rope_append.rope_append
     monkeypatch.setattr(rope_append, "rope_append", lambda *a: (rope_calls.append(1), real_rope(*a))[1])
-    from adapterd.server.kernels import silu_mul
+    from adapterd.server.kernels import decode_attention, silu_mul
 
     real_act = silu_mul.silu_mul
     monkeypatch.setattr(silu_mul, "silu_mul", lambda *a: (act_calls.append(1), real_act(*a))[1])
+    real_attention = decode_attention.decode_attention
+    monkeypatch.setattr(decode_attention, "decode_attention",
+                        lambda *a: (attention_calls.append(1), real_attention(*a))[1])
     from adapterd.server.kernels import rms_norm
 
     real_add_norm = rms_norm.fused_add_rms_norm
@@ -84,6 +87,7 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     assert rope_calls, "decode steps must rotate and append through the rotary kernel"
     assert add_norm_calls, "the residual adds must go through the fused add + norm kernel"
     assert act_calls, "the MLP's SiLU and product must go through their one kernel"
+    assert attention_calls, "decode steps must attend through the split-K decode attention kernel"
     assert {job: events[-1].token_ids for job, events in zip(jobs, results, strict=True)} == refs
 
 

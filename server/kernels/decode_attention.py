@@ -1,0 +1,183 @@
+"""Decode-step attention over the key/value pool, split along the keys (issue 18).
+
+At a decode step each row has one query a head and reads its own entries of the pool (``kv_pool.py``)
+through an additive mask ``[rows, 1, 1, length]`` (0 where visible; the dtype's minimum past the row's
+length and, in sliding-window layers, a window or more behind). ``F.scaled_dot_product_attention`` reads the
+whole padded bucket for every row and, at one row, runs cuDNN's prefill kernel for a single query plus a
+reduction kernel (~10 us a layer on the H200 for 512 entries, bench/NOTES.md). Here, "flash decoding":
+
+* ``_partials``: program ``(row * kv_heads + kv_head, split)`` loads ``CHUNK`` entries of the row's keys,
+  values and mask once for the ``GROUP`` query heads that share that key/value head (grouped-query attention)
+  and writes, for each, the chunk's running max ``m``, its sum of ``exp(score - m)`` ``l`` and its weighted
+  sum of values ``acc`` (fp32). A chunk whose mask hides every entry (past the row's length: the padding of
+  the length bucket) reads no key or value and writes ``l = 0``: rows shorter than the bucket read only what
+  they see, so the cost follows each row's own length.
+* ``_combine``: program ``(row, head)`` merges the splits in a fixed order (``exp(m_s - max m)``-weighted)
+  and writes the output in the query's dtype.
+
+The number of splits depends only on ``length`` (``CHUNK`` entries each), never on the batch, so a row's
+arithmetic is the same whatever else shares its step. Scores, softmax and sums run in fp32 from the stored
+dtype (no rounding of the probabilities to bf16, which SDPA's kernels do before their second matmul).
+Masked entries weigh exactly 0, as in SDPA (the pool keeps them finite: see ``kv_pool.py``).
+
+CUDA graphs: no host sync; the partials are ``torch.empty`` at each call. Triton is imported on first use;
+with ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .support import interpreting, triton_available, triton_into
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CHUNK = 64  # entries a split: 64 x 128 x 2 bytes = 16 KB of keys and as much of values a program in bf16
+MAX_GROUP = 16  # query heads a key/value head (a program keeps each one's sums in registers)
+MAX_HEAD_DIM = 256
+# Splits the combine merges at a time, a loop over blocks of them past that; fixed (not sized to the splits) so
+# that the sums' order does not depend on the length bucket either
+COMBINE_BLOCK = 32
+
+# Bound on first use by ``_triton()``: the kernels' bodies refer to ``tl`` as a module global.
+triton = None
+tl = None
+
+
+def decode_attention_available(device: torch.device | str) -> bool:
+    """True when the kernels can run for tensors on ``device`` (``triton_available``)."""
+    return triton_available(device)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+# Only Triton builtins are called (as in rope_append.py; reductions through ``tl.reduce`` with the library's
+# combine functions, as int8_matmul.py's), so the interpreter can be switched on later.
+
+
+def _partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, LENGTH, SPLITS, KV_HEADS, scale,  # noqa: N803
+              stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+              stride_mb, stride_mt,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr):
+    """Split ``program_id(1)`` of key/value head ``program_id(0) % KV_HEADS`` of row ``program_id(0) //
+    KV_HEADS``: for each of its ``GROUP`` query heads, ``m``, ``l`` and ``acc`` at ``[row, head, split]``."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // KV_HEADS).to(tl.int64)
+    kv = bh % KV_HEADS
+    t = split * CHUNK + tl.arange(0, CHUNK)
+    d = tl.arange(0, BLOCK_D)
+    in_range = t < LENGTH
+    bias = tl.load(mask_ptr + b * stride_mb + t * stride_mt, mask=in_range, other=-3.0e38).to(tl.float32)
+    visible = in_range & (bias > -1.0e30)  # the additive masks hide with the dtype's minimum (-3.4e38 or -65504)
+    any_visible = tl.reduce(visible.to(tl.int32), 0, tl.standard._elementwise_max) > 0
+    out = (b * KV_HEADS * GROUP + kv * GROUP) * SPLITS + split  # [row, q_head, split] of the first head
+    if any_visible:
+        kv_mask = visible[:, None] & (d[None, :] < HEAD_DIM)
+        keys = tl.load(k_ptr + b * stride_kb + kv * stride_kh + t[:, None] * stride_kt + d[None, :],
+                       mask=kv_mask, other=0.0).to(tl.float32)  # [CHUNK, BLOCK_D]
+        values = tl.load(v_ptr + b * stride_vb + kv * stride_vh + t[:, None] * stride_vt + d[None, :],
+                         mask=kv_mask, other=0.0).to(tl.float32)
+        for g in tl.static_range(GROUP):
+            head = kv * GROUP + g
+            q = tl.load(q_ptr + b * stride_qb + head * stride_qh + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+            # [CHUNK], as SDPA: q.k * scale + mask
+            scores = tl.reduce(q[None, :] * keys, 1, tl.standard._sum_combine) * scale + bias
+            scores = tl.where(visible, scores, -float("inf"))
+            m = tl.reduce(scores, 0, tl.standard._elementwise_max)
+            p = tl.exp(scores - m)  # 0 where hidden
+            tl.store(m_ptr + out + g * SPLITS, m)
+            tl.store(l_ptr + out + g * SPLITS, tl.reduce(p, 0, tl.standard._sum_combine))
+            tl.store(acc_ptr + (out + g * SPLITS) * BLOCK_D + d,
+                     tl.reduce(p[:, None] * values, 0, tl.standard._sum_combine))
+    else:  # nothing visible in this chunk: no reads; it weighs 0 in the combine
+        for g in tl.static_range(GROUP):
+            tl.store(m_ptr + out + g * SPLITS, -float("inf"))
+            tl.store(l_ptr + out + g * SPLITS, 0.0)
+            tl.store(acc_ptr + (out + g * SPLITS) * BLOCK_D + d, tl.full((BLOCK_D,), 0.0, tl.float32))
+
+
+def _combine(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, Q_HEADS, stride_ob, stride_oh,  # noqa: N803
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Row ``program_id(0) // Q_HEADS``, head ``program_id(0) % Q_HEADS``: the splits merged, in order,
+    ``BLOCK_S`` at a time (a first pass for the largest ``m``, finite: every row sees at least its own new
+    entry; a second for the weighted sums)."""
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    top = tl.reduce(tl.load(m_ptr + bh * SPLITS + s, mask=s < SPLITS, other=-float("inf")), 0,
+                    tl.standard._elementwise_max)
+    for first in range(BLOCK_S, SPLITS, BLOCK_S):
+        block = tl.load(m_ptr + bh * SPLITS + first + s, mask=first + s < SPLITS, other=-float("inf"))
+        top = tl.maximum(top, tl.reduce(block, 0, tl.standard._elementwise_max))
+    total = tl.reduce(tl.full((BLOCK_S,), 0.0, tl.float32), 0, tl.standard._sum_combine)
+    acc = tl.full((BLOCK_D,), 0.0, tl.float32)
+    for first in range(0, SPLITS, BLOCK_S):
+        live = first + s < SPLITS
+        m = tl.load(m_ptr + bh * SPLITS + first + s, mask=live, other=-float("inf"))
+        weight = tl.where(m > -float("inf"), tl.exp(m - top), 0.0)  # a chunk with nothing visible weighs 0
+        total += tl.reduce(weight * tl.load(l_ptr + bh * SPLITS + first + s, mask=live, other=0.0), 0,
+                           tl.standard._sum_combine)
+        part = tl.load(acc_ptr + (bh * SPLITS + first + s)[:, None] * BLOCK_D + d[None, :], mask=live[:, None],
+                       other=0.0)
+        acc += tl.reduce(weight[:, None] * part, 0, tl.standard._sum_combine)
+    b = bh // Q_HEADS
+    h = bh % Q_HEADS
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + d, (acc / total).to(o_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def _triton():
+    """Import Triton (once) into this module's globals, where the kernels' bodies find ``tl``."""
+    return triton_into(globals())
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """The jitted kernels, built at the first call of each mode (``triton.jit`` reads TRITON_INTERPRET)."""
+    jit = _triton().jit
+    return jit(_partials, do_not_specialize=["LENGTH", "SPLITS"]), jit(_combine, do_not_specialize=["SPLITS"])
+
+
+# ---------------------------------------------------------------------------------------------- wrapper
+
+
+def fits(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether ``decode_attention`` takes these: one query a row (``q`` ``[rows, q_heads, 1, head_dim]``), keys
+    and values ``[rows, kv_heads, length, head_dim]`` with q_heads a multiple of kv_heads (at most
+    ``MAX_GROUP`` apart), an additive mask ``[rows, 1, 1, length]``, float dtypes, unit strides along the head."""
+    if q.dim() != 4 or keys.dim() != 4 or mask.dim() != 4:
+        return False
+    rows, q_heads, queries, dim = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    return (queries == 1 and dim <= MAX_HEAD_DIM and keys.shape[0] == rows and values.shape == keys.shape
+            and keys.shape[3] == dim and kv_heads > 0 and q_heads % kv_heads == 0
+            and q_heads // kv_heads <= MAX_GROUP and mask.shape == (rows, 1, 1, length) and length > 0
+            and q.dtype in _DTYPES and keys.dtype in _DTYPES and values.dtype in _DTYPES
+            and mask.dtype in _DTYPES and q.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=...)`` for a
+    decode step (``fits`` must hold), computed in fp32 and returned in ``q``'s dtype as ``[rows, q_heads, 1,
+    head_dim]``."""
+    rows, q_heads, _, dim = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    out = torch.empty((rows, q_heads, 1, dim), device=q.device, dtype=q.dtype)
+    if rows == 0:
+        return out
+    splits = -(-length // CHUNK)
+    block_d = _triton().next_power_of_2(dim)
+    m = torch.empty((rows, q_heads, splits), device=q.device, dtype=torch.float32)
+    total = torch.empty_like(m)
+    acc = torch.empty((rows, q_heads, splits, block_d), device=q.device, dtype=torch.float32)
+    partials, combine = _kernels(interpreting())
+    partials[(rows * kv_heads, splits)](
+        q, keys, values, mask, m, total, acc, length, splits, kv_heads, scale,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(3),
+        HEAD_DIM=dim, BLOCK_D=block_d, GROUP=q_heads // kv_heads, CHUNK=CHUNK, num_warps=4)
+    combine[(rows * q_heads,)](
+        m, total, acc, out, splits, q_heads, out.stride(0), out.stride(1),
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4)
+    return out

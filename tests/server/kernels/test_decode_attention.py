@@ -1,0 +1,110 @@
+"""Decode-step attention split along the keys (server/kernels/decode_attention.py) against an fp32 computation
+in torch (scores, masked softmax, weighted values) and against SDPA, in Triton's interpreter on the CPU; the
+compiled kernels against the same on a GPU (``gpu`` tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapterd.server.engine.kv_pool import decode_mask
+
+da = pytest.importorskip("adapterd.server.kernels.decode_attention", reason="needs triton (the dev extra, Linux)")
+
+
+def _case(rows, q_heads, kv_heads, dim, length, dtype, write_pos, seed=0, device="cpu", pool_dtype=None):
+    """q as the rotary kernel returns it; keys and values as views of a pool layer with a row and 40 entries
+    more than the step reads (so their strides are the pool's)."""
+    g = torch.Generator().manual_seed(seed)
+    pool_dtype = pool_dtype or dtype
+    q = torch.randn(rows, q_heads, 1, dim, generator=g).to(dtype).to(device)
+    pool_k = (torch.randn(rows + 1, kv_heads, length + 40, dim, generator=g) * 2).to(pool_dtype).to(device)
+    pool_v = torch.randn(rows + 1, kv_heads, length + 40, dim, generator=g).to(pool_dtype).to(device)
+    return q, pool_k[:rows, :, :length], pool_v[:rows, :, :length], torch.tensor(write_pos, device=device)
+
+
+def _reference(q, keys, values, mask, scale):
+    """fp32: scores, + mask, softmax, weighted values; key/value heads repeated for their query heads."""
+    group = q.shape[1] // keys.shape[1]
+    k = keys.float().repeat_interleave(group, dim=1)
+    v = values.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale + mask.float()
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("q_heads, kv_heads", [(4, 4), (4, 2), (8, 2)])  # groups of 1, 2 and 4 query heads
+@pytest.mark.parametrize("dim", [64, 80])  # 80: a head size that is not a power of two
+@pytest.mark.parametrize("window", [None, 50])
+def test_matches_fp32_reference_and_sdpa(q_heads, kv_heads, dim, window):
+    """Rows of 6, 131 and 200 visible entries in a 200-entry bucket (4 splits, the last partial; the shortest
+    row's last 3 splits see nothing and read nothing), with and without a sliding window."""
+    q, keys, values, write_pos = _case(3, q_heads, kv_heads, dim, 200, torch.float32, [5, 130, 199])
+    mask = decode_mask(write_pos, 200, torch.float32, window)
+    assert da.fits(q, keys, values, mask)
+    scale = dim ** -0.5
+    out = da.decode_attention(q, keys, values, mask, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, _reference(q, keys, values, mask, scale), rtol=1e-5, atol=1e-5)
+    sdpa = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                          enable_gqa=q_heads != kv_heads)
+    torch.testing.assert_close(out, sdpa, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_within_one_rounding(pool_dtype):
+    """bf16 queries (and a bf16 or fp32 pool, read in its own dtype): the fp32 result rounded once."""
+    q, keys, values, write_pos = _case(2, 4, 2, 64, 150, torch.bfloat16, [149, 70], seed=1, pool_dtype=pool_dtype)
+    mask = decode_mask(write_pos, 150, torch.bfloat16)
+    out = da.decode_attention(q, keys, values, mask, 0.125)
+    ref = _reference(q, keys, values, mask, 0.125)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).abs() <= 2.0**-7 * ref.abs() + 1e-6).all(), (out.float() - ref).abs().max()
+
+
+def test_a_row_gets_the_same_bits_in_any_bucket():
+    """Splits are fixed 64-entry chunks and a chunk that sees nothing adds exact zeros: a row of 90 entries
+    served in a 128-entry bucket (alone) or a 1000-entry one (beside a long row) gets identical outputs."""
+    q, keys, values, _ = _case(2, 4, 4, 64, 1000, torch.float32, [0, 0], seed=2)
+    pos = torch.tensor([89, 999])
+    big = da.decode_attention(q, keys, values, decode_mask(pos, 1000, torch.float32), 0.125)
+    alone = da.decode_attention(q[:1], keys[:1, :, :128], values[:1, :, :128],
+                                decode_mask(pos[:1], 128, torch.float32), 0.125)
+    assert torch.equal(big[:1], alone)
+
+
+def test_many_splits_merge_in_blocks():
+    """More splits than the combine merges at once (3000 entries: 47 splits, blocks of 32)."""
+    q, keys, values, write_pos = _case(1, 2, 2, 64, 3000, torch.float32, [2999], seed=3)
+    mask = decode_mask(write_pos, 3000, torch.float32)
+    out = da.decode_attention(q, keys, values, mask, 0.125)
+    torch.testing.assert_close(out, _reference(q, keys, values, mask, 0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_fits():
+    q, keys, values, write_pos = _case(2, 4, 2, 64, 100, torch.float32, [10, 20])
+    mask = decode_mask(write_pos, 100, torch.float32)
+    assert da.fits(q, keys, values, mask)
+    assert not da.fits(q.expand(2, 4, 3, 64), keys, values, mask)  # more than one query a row
+    assert not da.fits(q[:, :3], keys, values, mask)  # 3 query heads over 2 key/value heads
+    assert not da.fits(q, keys, values, mask[..., :50])
+    assert not da.fits(q, keys, values[:, :, :50], mask)
+    assert not da.fits(q, keys.int(), values, mask)
+    assert not da.fits(q, keys[..., ::2], values[..., ::2], mask)  # a stride along the head
+    assert da.decode_attention(q[:0], keys[:0], values[:0], mask[:0], 0.1).shape == (0, 4, 1, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, q_heads, kv_heads", [(1, 32, 32), (32, 32, 32), (4, 32, 8)])
+def test_gpu_against_fp32_and_sdpa(rows, q_heads, kv_heads):
+    """Compiled, bf16, Llama-2-7B's heads (and Llama-3's groups of 4), a 640-entry bucket, rows of different
+    lengths: within one bf16 rounding of the fp32 computation, and as close to it as SDPA's own kernel is."""
+    pos = [511 - 7 * r for r in range(rows)]
+    q, keys, values, write_pos = _case(rows, q_heads, kv_heads, 128, 640, torch.bfloat16, pos, device="cuda")
+    mask = decode_mask(write_pos, 640, torch.bfloat16)
+    out = da.decode_attention(q, keys, values, mask, 128 ** -0.5)
+    ref = _reference(q, keys, values, mask, 128 ** -0.5)
+    assert ((out.float() - ref).abs() <= 2.0**-7 * ref.abs() + 1e-5).all()
+    sdpa = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=128 ** -0.5,
+                                          enable_gqa=q_heads != kv_heads)
+    assert (out.float() - ref).abs().max() <= (sdpa.float() - ref).abs().max() + 1e-6
