@@ -18,9 +18,12 @@ each on the same inputs:
   place), the writes and SDPA as in ``eager``. liger-kernel is not in the GPU image: its wheel (0.9 MB,
   py3-none-any) is carried in .whl/optional/ and installed by ``gpu_decode.sh attention``; where it does not
   import (or on the CPU: Triton) the variant is skipped with the reason;
-* ``ours``      what decode steps run since 4452dda: the rotation of q and k and both cache writes in one Triton
+* ``ours``      what decode steps ran from 4452dda: the rotation of q and k and both cache writes in one Triton
   launch (``server/kernels/rope_append.py``, bit for bit transformers' rotation), then SDPA as in ``eager``.
-  Skipped where its kernel cannot run (the CPU without ``TRITON_INTERPRET=1``).
+  Skipped where its kernel cannot run (the CPU without ``TRITON_INTERPRET=1``);
+* ``splitN``    what they run since 789a942: ``ours``' rotary + append, then attention split along the keys in
+  N-entry chunks (``server/kernels/decode_attention.py``; the engine's N is its ``CHUNK``, 64; ``--chunks``
+  names the Ns to time). Skipped where ``ours`` is.
 
 FlashInfer (batch decode over a paged cache, its RoPE and append kernels) was the other candidate the issue names.
 Its wheel, flashinfer-python 0.7.4, is 101 MB and needs nvidia-cutlass-dsl, cuda-tile and apache-tvm-ffi besides:
@@ -33,6 +36,7 @@ Timing: ``--calls`` calls captured in one CUDA graph, replayed (bench/graph_timi
 as they do in the engine's decode graphs.
 
     python3 bench/attention_bench.py                      # on the GPU: Llama-2-7B and Llama-3-8B heads, 1 and 32 rows
+    python3 bench/attention_bench.py --variants ours,split32,split64,split128 --chunks 32,64,128
     python3 bench/attention_bench.py --device cpu --shape tiny --variants eager,flex   # the CPU check (tests)
 """
 
@@ -132,7 +136,8 @@ def liger_rope() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     return liger_rotary_pos_emb
 
 
-def variants(names: list[str], compile_ok: bool) -> dict[str, Callable[[Inputs], Callable[[], torch.Tensor]]]:
+def variants(names: list[str], compile_ok: bool,
+             chunks: tuple[int, ...] = (64,)) -> dict[str, Callable[[Inputs], Callable[[], torch.Tensor]]]:
     """name -> (inputs -> a call of that variant on fresh copies of the cache)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -189,8 +194,23 @@ def variants(names: list[str], compile_ok: bool) -> dict[str, Callable[[Inputs],
                                                   enable_gqa=x.kv_heads != x.heads)
         return call
 
+    def build_split(chunk: int) -> Callable[[Inputs], Callable[[], torch.Tensor]]:
+        def build(x: Inputs) -> Callable[[], torch.Tensor]:
+            from adapterd.server.kernels.decode_attention import decode_attention
+            from adapterd.server.kernels.rope_append import rope_append
+
+            build_ours(x)  # the same availability check
+            keys, values = x.keys.clone(), x.values.clone()
+            q, k, v = (t.transpose(1, 2) for t in (x.q, x.k, x.v))
+
+            def call() -> torch.Tensor:
+                rq = rope_append(q, k, v, x.cos, x.sin, keys, values, x.pos)
+                return decode_attention(rq, keys, values, x.mask, x.dim**-0.5, chunk=chunk)
+            return call
+        return build
+
     table = {"eager": make(eager), "compiled": make(compiled_step), "flex": build_flex, "liger": build_liger,
-             "ours": build_ours}
+             "ours": build_ours, **{f"split{c}": build_split(c) for c in chunks}}
     return {n: table[n] for n in names}
 
 
@@ -207,7 +227,9 @@ def main() -> int:
     p.add_argument("--rows", default="1,32")
     p.add_argument("--ctx", type=int, default=512, help="positions of the longest row")
     p.add_argument("--bucket", type=int, default=640, help="cache entries attention reads (the engine pads to it)")
-    p.add_argument("--variants", default="eager,compiled,flex,liger,ours")
+    p.add_argument("--variants", default="eager,compiled,flex,liger,ours,split64",
+                   help="comma-separated: eager, compiled, flex, liger, ours, split<N> (N among --chunks)")
+    p.add_argument("--chunks", default="64", help="comma-separated entries a split for the split<N> variants")
     p.add_argument("--calls", type=int, default=32, help="calls captured in one graph (one per layer)")
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--json-out", type=Path)
@@ -222,7 +244,8 @@ def main() -> int:
             x = Inputs(SHAPES[shape], rows, min(args.ctx, args.bucket - 1), args.bucket, args.device, dtype)
             ref = x.reference()
             line = {"shape": shape, "rows": rows}
-            for name, build in variants(names, compile_ok=gpu).items():
+            chunks = tuple(int(c) for c in args.chunks.split(","))
+            for name, build in variants(names, compile_ok=gpu, chunks=chunks).items():
                 try:
                     call = build(x)
                 except ImportError as exc:  # liger-kernel or Triton missing: say so, time the others

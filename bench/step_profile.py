@@ -27,7 +27,7 @@ FAMILIES = (
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("dense matmul", r"gemm|gemv|nvjet|cutlass|sm90|ampere|cublas"),
     ("copy", r"copy|Memcpy|memcpy|cat|index"),
-    ("elementwise", r"elementwise|vectorized|unrolled|reduce|kernel"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce|kernel|silu_mul"),
 )
 
 

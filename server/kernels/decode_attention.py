@@ -6,19 +6,19 @@ length and, in sliding-window layers, a window or more behind). ``F.scaled_dot_p
 whole padded bucket for every row and, at one row, runs cuDNN's prefill kernel for a single query plus a
 reduction kernel (~10 us a layer on the H200 for 512 entries, bench/NOTES.md). Here, "flash decoding":
 
-* ``_partials``: program ``(row * kv_heads + kv_head, split)`` loads ``CHUNK`` entries of the row's keys,
-  values and mask once for the ``GROUP`` query heads that share that key/value head (grouped-query attention)
+* ``_attention_partials``: program ``(row * kv_heads + kv_head, split)`` loads ``CHUNK`` entries of the row's
+  keys, values and mask once for the ``GROUP`` query heads that share that key/value head (grouped-query attention)
   and writes, for each, the chunk's running max ``m``, its sum of ``exp(score - m)`` ``l`` and its weighted
   sum of values ``acc`` (fp32). A chunk whose mask hides every entry (past the row's length: the padding of
   the length bucket) reads no key or value and writes ``l = 0``: rows shorter than the bucket read only what
   they see, so the cost follows each row's own length.
-* ``_combine``: program ``(row, head)`` merges the splits in a fixed order (``exp(m_s - max m)``-weighted)
-  and writes the output in the query's dtype.
+* ``_attention_combine``: program ``(row, head)`` merges the splits in a fixed order (``exp(m_s - max m)``
+  weighted) and writes the output in the query's dtype.
 
-The number of splits depends only on ``length`` (``CHUNK`` entries each), never on the batch, so a row's
-arithmetic is the same whatever else shares its step. Scores, softmax and sums run in fp32 from the stored
-dtype (no rounding of the probabilities to bf16, which SDPA's kernels do before their second matmul).
-Masked entries weigh exactly 0, as in SDPA (the pool keeps them finite: see ``kv_pool.py``).
+Splits are fixed ``CHUNK``-entry ranges of the keys, and a split that sees nothing adds exact zeros, so a row's
+result depends neither on the length bucket nor on what else shares its step. Scores, softmax and sums run in
+fp32 from the stored dtype (no rounding of the probabilities to bf16, which SDPA's kernels do before their
+second matmul). Masked entries weigh exactly 0, as in SDPA (the pool keeps them finite: see ``kv_pool.py``).
 
 CUDA graphs: no host sync; the partials are ``torch.empty`` at each call. Triton is imported on first use;
 with ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests).
@@ -55,10 +55,11 @@ def decode_attention_available(device: torch.device | str) -> bool:
 # combine functions, as int8_matmul.py's), so the interpreter can be switched on later.
 
 
-def _partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, LENGTH, SPLITS, KV_HEADS, scale,  # noqa: N803
-              stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-              stride_mb, stride_mt,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr):
+def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  # noqa: N803 (Triton's naming)
+                        LENGTH, SPLITS, KV_HEADS, scale,
+                        stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                        stride_mb, stride_mt,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr):
     """Split ``program_id(1)`` of key/value head ``program_id(0) % KV_HEADS`` of row ``program_id(0) //
     KV_HEADS``: for each of its ``GROUP`` query heads, ``m``, ``l`` and ``acc`` at ``[row, head, split]``."""
     bh = tl.program_id(0)
@@ -97,8 +98,8 @@ def _partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, LENGTH, SPLI
             tl.store(acc_ptr + (out + g * SPLITS) * BLOCK_D + d, tl.full((BLOCK_D,), 0.0, tl.float32))
 
 
-def _combine(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, Q_HEADS, stride_ob, stride_oh,  # noqa: N803
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, Q_HEADS, stride_ob, stride_oh,  # noqa: N803
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Row ``program_id(0) // Q_HEADS``, head ``program_id(0) % Q_HEADS``: the splits merged, in order,
     ``BLOCK_S`` at a time (a first pass for the largest ``m``, finite: every row sees at least its own new
     entry; a second for the weighted sums)."""
@@ -135,7 +136,8 @@ def _triton():
 def _kernels(interpret: bool):
     """The jitted kernels, built at the first call of each mode (``triton.jit`` reads TRITON_INTERPRET)."""
     jit = _triton().jit
-    return jit(_partials, do_not_specialize=["LENGTH", "SPLITS"]), jit(_combine, do_not_specialize=["SPLITS"])
+    return (jit(_attention_partials, do_not_specialize=["LENGTH", "SPLITS"]),
+            jit(_attention_combine, do_not_specialize=["SPLITS"]))
 
 
 # ---------------------------------------------------------------------------------------------- wrapper
@@ -157,16 +159,18 @@ def fits(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, chunk: int = CHUNK) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=...)`` for a
     decode step (``fits`` must hold), computed in fp32 and returned in ``q``'s dtype as ``[rows, q_heads, 1,
-    head_dim]``."""
+    head_dim]``. ``chunk``: entries a split (a power of two; the engine keeps ``CHUNK``, benches try others)."""
     rows, q_heads, _, dim = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     out = torch.empty((rows, q_heads, 1, dim), device=q.device, dtype=q.dtype)
     if rows == 0:
         return out
-    splits = -(-length // CHUNK)
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two, at least 16, got {chunk}")
+    splits = -(-length // chunk)
     block_d = _triton().next_power_of_2(dim)
     m = torch.empty((rows, q_heads, splits), device=q.device, dtype=torch.float32)
     total = torch.empty_like(m)
@@ -176,7 +180,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         q, keys, values, mask, m, total, acc, length, splits, kv_heads, scale,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(3),
-        HEAD_DIM=dim, BLOCK_D=block_d, GROUP=q_heads // kv_heads, CHUNK=CHUNK, num_warps=4)
+        HEAD_DIM=dim, BLOCK_D=block_d, GROUP=q_heads // kv_heads, CHUNK=chunk, num_warps=4 if chunk <= 64 else 8)
     combine[(rows * q_heads,)](
         m, total, acc, out, splits, q_heads, out.stride(0), out.stride(1),
         HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4)

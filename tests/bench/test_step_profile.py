@@ -19,6 +19,9 @@ def test_families_of_the_kernels_a_decode_step_launches():
     assert step_profile.family("_bgmv_shrink") == "LoRA"
     assert step_profile.family("_shrink") == step_profile.family("_expand") == "LoRA"  # lora_bgmv.py's names
     assert step_profile.family("pytorch_flash::flash_fwd_splitkv_kernel<...>") == "attention"
+    # decode_attention.py's and silu_mul.py's kernels
+    assert step_profile.family("_attention_partials") == step_profile.family("_attention_combine") == "attention"
+    assert step_profile.family("_silu_mul") == "elementwise"
     assert step_profile.family("nvjet_hsh_128x64_64x4_1x2_h_bz_NTT") == "dense matmul"
     assert step_profile.family("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise"
     assert step_profile.family("something_new") == "other"

@@ -73,12 +73,17 @@ def test_a_row_gets_the_same_bits_in_any_bucket():
     assert torch.equal(big[:1], alone)
 
 
-def test_many_splits_merge_in_blocks():
-    """More splits than the combine merges at once (3000 entries: 47 splits, blocks of 32)."""
+def test_many_splits_merge_in_blocks_and_other_chunks():
+    """More splits than the combine merges at once (3000 entries: 47 splits, blocks of 32), and the chunk sizes
+    the bench tries; a chunk that is not a power of two is refused."""
     q, keys, values, write_pos = _case(1, 2, 2, 64, 3000, torch.float32, [2999], seed=3)
     mask = decode_mask(write_pos, 3000, torch.float32)
-    out = da.decode_attention(q, keys, values, mask, 0.125)
-    torch.testing.assert_close(out, _reference(q, keys, values, mask, 0.125), rtol=1e-5, atol=1e-5)
+    ref = _reference(q, keys, values, mask, 0.125)
+    for chunk in (16, 64, 128):
+        torch.testing.assert_close(da.decode_attention(q, keys, values, mask, 0.125, chunk=chunk), ref,
+                                   rtol=1e-5, atol=1e-5, msg=str(chunk))
+    with pytest.raises(ValueError, match="power of two"):
+        da.decode_attention(q, keys, values, mask, 0.125, chunk=48)
 
 
 def test_fits():
