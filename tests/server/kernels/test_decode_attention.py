@@ -73,6 +73,24 @@ def test_a_row_gets_the_same_bits_in_any_bucket():
     assert torch.equal(big[:1], alone)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # masks hide with -3.4e38 and with -65504
+def test_chunks_a_row_does_not_see_are_not_read(dtype):
+    """Entries from the first 64-entry chunk past a row's length on hold NaN: a chunk its mask hides entirely
+    is never loaded (a loaded NaN would reach the output through 0 x NaN), so the output is finite and right."""
+    q, keys, values, write_pos = _case(2, 4, 2, 64, 256, torch.float32, [40, 100], seed=4)
+    keys, values = keys.clone(), values.clone()
+    for row, first_hidden_chunk in ((0, 64), (1, 128)):
+        keys[row, :, first_hidden_chunk:] = float("nan")
+        values[row, :, first_hidden_chunk:] = float("nan")
+    q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
+    mask = decode_mask(write_pos, 256, dtype)
+    out = da.decode_attention(q, keys, values, mask, 0.125)
+    assert torch.isfinite(out).all()
+    clean = [da.decode_attention(q[r:r + 1], keys[r:r + 1, :, :n], values[r:r + 1, :, :n], mask[r:r + 1, ..., :n],
+                                 0.125) for r, n in ((0, 64), (1, 128))]
+    assert torch.equal(out, torch.cat(clean))  # and bit for bit what the row gets in its own shorter bucket
+
+
 def test_many_splits_merge_in_blocks_and_other_chunks():
     """More splits than the combine merges at once (3000 entries: 47 splits, blocks of 32), and the chunk sizes
     the bench tries; a chunk that is not a power of two is refused."""
