@@ -179,12 +179,17 @@ def variants(names: list[str], compile_ok: bool,
                                                   enable_gqa=x.kv_heads != x.heads)
         return call
 
-    def build_ours(x: Inputs) -> Callable[[], torch.Tensor]:
-        from adapterd.server.kernels.rope_append import rope_append, rope_append_available
+    def require_kernels(device: torch.device) -> None:
+        from adapterd.server.kernels.rope_append import rope_append_available
 
-        if not rope_append_available(x.q.device):
-            raise ImportError(f"the rotary + append kernel does not run on {x.q.device} (Triton, or "
+        if not rope_append_available(device):
+            raise ImportError(f"the rotary + append kernel does not run on {device} (Triton, or "
                               "TRITON_INTERPRET=1 on the CPU)")
+
+    def build_ours(x: Inputs) -> Callable[[], torch.Tensor]:
+        from adapterd.server.kernels.rope_append import rope_append
+
+        require_kernels(x.q.device)
         keys, values = x.keys.clone(), x.values.clone()
         q, k, v = (t.transpose(1, 2) for t in (x.q, x.k, x.v))  # [rows, 1, heads, dim], as split from q/k/v
 
@@ -199,7 +204,7 @@ def variants(names: list[str], compile_ok: bool,
             from adapterd.server.kernels.decode_attention import decode_attention
             from adapterd.server.kernels.rope_append import rope_append
 
-            build_ours(x)  # the same availability check
+            require_kernels(x.q.device)
             keys, values = x.keys.clone(), x.values.clone()
             q, k, v = (t.transpose(1, 2) for t in (x.q, x.k, x.v))
 
@@ -237,6 +242,10 @@ def main() -> int:
     gpu = args.device.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32
     names = args.variants.split(",")
+    chunks = tuple(int(c) for c in args.chunks.split(","))
+    known = {"eager", "compiled", "flex", "liger", "ours", *(f"split{c}" for c in chunks)}
+    if set(names) - known:
+        p.error(f"--variants: unknown {', '.join(sorted(set(names) - known))} (split<N> needs N in --chunks)")
     results, failed = [], False
     print(f"{torch.cuda.get_device_name(0) if gpu else 'CPU'}; {dtype}; ctx {args.ctx} in a {args.bucket}-entry bucket")
     for shape in args.shape.split(","):
@@ -244,7 +253,6 @@ def main() -> int:
             x = Inputs(SHAPES[shape], rows, min(args.ctx, args.bucket - 1), args.bucket, args.device, dtype)
             ref = x.reference()
             line = {"shape": shape, "rows": rows}
-            chunks = tuple(int(c) for c in args.chunks.split(","))
             for name, build in variants(names, compile_ok=gpu, chunks=chunks).items():
                 try:
                     call = build(x)

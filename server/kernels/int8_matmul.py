@@ -406,7 +406,8 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         return y
     if config is not None and config["BLOCK_M"] == 1 and k % 4:
         raise ValueError(f"the GEMV tiles read 4-byte words of the weight's rows: K must be a multiple of 4, got {k}")
-    if cb.stride(1) != 1 or (k % 4 == 0 and (cb.stride(0) % 4 or cb.data_ptr() % 4)):  # rows of aligned words
+    gemv_rows = row_bucket(m) == 1 and k % 4 == 0  # the GEMV tiles may run: they read rows of aligned words
+    if cb.stride(1) != 1 or (gemv_rows and (cb.stride(0) % 4 or cb.data_ptr() % 4)):
         cb = cb.clone(memory_format=torch.contiguous_format)
     mm, tuner, _ = _small_kernels(interpret)
     bucket, b = row_bucket(m), scb if bias is None else bias
