@@ -35,6 +35,7 @@ transformers' forward (``model_forward``). Parity with PEFT judges both paths (`
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -45,15 +46,18 @@ from torch import nn
 
 from ..adapters.lora import add_delta, project_qkv
 from ..kernels import decode_attention as attention_kernel
+from ..kernels import dense_gemv
 from ..kernels import silu_mul as act_kernel
 from ..kernels.rms_norm import FusedRMSNorm
 from ..kernels.rope_append import fits, rope_append_available
-from .fused_projections import GATE_UP, FusedLinear, LayerFusion, fuse_layers, fused_outputs, int8_layers
+from .fused_projections import GATE_UP, FusedLinear, LayerFusion, base_layer_of, fuse_layers, fused_outputs, int8_layers
 from .kv_pool import DecodeView
 from .step_context import StepContext, run_forward, step_context
 
 if TYPE_CHECKING:
     from ..model import BaseModel
+
+log = logging.getLogger(__name__)
 
 # model_type -> the pre-norm decoder layer this file runs (input norm, attention, residual, post-attention
 # norm, MLP, residual); anything else in a family's layer (Gemma's scaled embeddings, Phi-3's fused qkv) is
@@ -98,6 +102,9 @@ class Decoder:
         device = self.embed.weight.device
         self.act_kernel = rope_kernel and act_kernel.silu_mul_available(device)
         self.attention_kernel = rope_kernel and attention_kernel.decode_attention_available(device)
+        # One-row float matmuls through the GEMV kernel (kernels/dense_gemv.py) for the shapes where warm-up
+        # found it faster than F.linear (``warm_up_gemv``)
+        self.gemv = rope_kernel and dense_gemv.dense_gemv_available(device)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, context: StepContext) -> torch.Tensor:
         """The engine's ``Forward``: the loop inside the step's context (its LoRA rows), over its cache view."""
@@ -114,19 +121,28 @@ class Decoder:
             fused = self.fused[index]
             attention = self._attention(layer.self_attn, x, cos, sin, layer_mask, cache, index, fused.qkv)
             h, x = _add_norm(h, attention, layer.post_attention_layernorm)
-            out = _mlp(layer.mlp, x, fused.gate_up, self.act_kernel)
+            out = _mlp(layer.mlp, x, fused.gate_up, self.act_kernel, self.gemv)
             if index + 1 < len(self.layers):  # the residual add with the next layer's input norm
                 h, x = _add_norm(h, out, self.layers[index + 1].input_layernorm)
             else:
                 h = h + out
-        return self.lm_head(self.norm(h[:, -1:, :]))[:, -1, :]
+        return _linear(self.lm_head, self.norm(h[:, -1:, :]), self.gemv)[:, -1, :]
+
+    def gemv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of every float matmul that ``_linear`` may hand to the GEMV kernel: the fused q/k/v and
+        gate/up, o_proj and down_proj (under any LoRA wrapper) and lm_head; ``dense_gemv.warm_up`` tunes them."""
+        fused = [f.matmul for fusion in self.fused for f in (fusion.qkv, fusion.gate_up) if f is not None]
+        modules = [base_layer_of(m) for layer in self.layers for m in (layer.self_attn.o_proj,
+                                                                       getattr(layer.mlp, "down_proj", None))
+                   if m is not None]
+        return [(m.weight, m.bias) for m in (*fused, *modules, base_layer_of(self.lm_head)) if type(m) is nn.Linear]
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor, cache: Any, index: int, qkv: FusedLinear | None) -> torch.Tensor:
         rows, length = x.shape[:2]
         shape = (rows, length, -1, attn.head_dim)
         # The base outputs from one fused matmul where q, k, v are fused; LoRA on them: one shrink for the three
-        q, k, v = (t.view(shape) for t in project_qkv(attn, x, fused_outputs(qkv, attn, x)))
+        q, k, v = (t.view(shape) for t in project_qkv(attn, x, fused_outputs(qkv, attn, x, self.gemv)))
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head of q and k, before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         if self.rope_kernel and isinstance(cache, DecodeView) and fits(q, k, v, cos, sin):
@@ -140,7 +156,7 @@ class Decoder:
         else:
             out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                                  scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
-        return attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
+        return _linear(attn.o_proj, out.transpose(1, 2).reshape(rows, length, -1), self.gemv)
 
 
 def _add_norm(h: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,18 +168,29 @@ def _add_norm(h: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[to
     return h, norm(h)
 
 
-def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act: bool = False) -> torch.Tensor:
+def _linear(module: nn.Module, x: torch.Tensor, gemv: bool) -> torch.Tensor:
+    """``module(x)``; with ``gemv``, a plain float ``nn.Linear`` (or one under a LoRA wrapper, whose delta is
+    added as its forward adds it) runs through the GEMV kernel where ``dense_gemv.chosen`` (one row, a shape
+    that warm-up found faster there)."""
+    base = base_layer_of(module)
+    if gemv and type(base) is nn.Linear and dense_gemv.chosen(x, base.weight, base.bias):
+        return add_delta(module, x, dense_gemv.gemv(x, base.weight, base.bias))
+    return module(x)
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act: bool = False,
+         gemv: bool = False) -> torch.Tensor:
     """The MLP of x: its own forward, or where gate and up are fused (only for Llama's MLP forward,
     ``fuse_mlp``), that forward's math over the fused matmul's split, each wrapped layer's LoRA delta added to
     its own part. ``act_fn`` is the MLP's own (``ACT2FN[config.hidden_act]``); with ``fused_act``, a SiLU
     and its product with ``up`` run as one kernel (the same values)."""
-    base = fused_outputs(gate_up, mlp, x)
+    base = fused_outputs(gate_up, mlp, x, gemv)
     if base is None:
         return mlp(x)
     gate, up = (add_delta(getattr(mlp, name), x, y) for name, y in zip(GATE_UP, base, strict=True))
     if fused_act and act_kernel.is_silu(mlp.act_fn) and act_kernel.fits(gate, up):
-        return mlp.down_proj(act_kernel.silu_mul(gate, up))
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+        return _linear(mlp.down_proj, act_kernel.silu_mul(gate, up), gemv)
+    return _linear(mlp.down_proj, mlp.act_fn(gate) * up, gemv)
 
 
 def uses_own_decoder(model: nn.Module) -> bool:
@@ -182,6 +209,10 @@ def model_forward(base: BaseModel, own: bool, max_rows: int = 64, fused_kernels:
             from ..kernels.int8_linear import warm_up
 
             warm_up(fused_int8, base.dtype, max_rows=max_rows)
+        if decoder.gemv and decoder.embed.weight.is_cuda:  # tuned and timed against F.linear before any capture
+            times = dense_gemv.warm_up(decoder.gemv_weights())
+            log.info("GEMV kernel against F.linear at one row, us: %s", ", ".join(
+                f"{n}x{k} {ours:.1f}/{theirs:.1f}" for (n, k), (ours, theirs) in sorted(times.items())) or "none")
         return decoder
 
     def transformers_forward(ids: torch.Tensor, positions: torch.Tensor, mask: Mask,

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters.lora import QKV, BatchedLoraLinear
+from ..kernels import dense_gemv
 from ..kernels.int8_linear import Int8WeightOnlyLinear
 from .swaps import same_forward
 
@@ -57,14 +58,19 @@ class FusedLinear:
         """Whether ``parent``'s modules (under any LoRA wrapper) are still the ones fused."""
         return all(base_layer_of(getattr(parent, n)) is m for n, m in zip(self.names, self.members, strict=True))
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.matmul(x).split(self.sizes, dim=-1))
+    def __call__(self, x: torch.Tensor, gemv: bool = False) -> list[torch.Tensor]:
+        """Each member's base output for x; ``gemv``: a float matmul runs through ``dense_gemv.linear`` (the GEMV
+        kernel at one row, for a shape warmed up and found faster there; else ``F.linear``)."""
+        m = self.matmul
+        y = dense_gemv.linear(x, m.weight, m.bias) if gemv and type(m) is nn.Linear else m(x)
+        return list(y.split(self.sizes, dim=-1))
 
 
-def fused_outputs(fused: FusedLinear | None, parent: nn.Module, x: torch.Tensor) -> list[torch.Tensor] | None:
+def fused_outputs(fused: FusedLinear | None, parent: nn.Module, x: torch.Tensor,
+                  gemv: bool = False) -> list[torch.Tensor] | None:
     """The base outputs of ``parent``'s fused modules for x, or None where they are not fused (the caller
     calls the modules themselves)."""
-    return fused(x) if fused is not None and fused.current(parent) else None
+    return fused(x, gemv) if fused is not None and fused.current(parent) else None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import functools
 
 import torch
 
-from .support import interpreting, triton_available, triton_into
+from .support import interpreting, pdl_launch, triton_available, triton_into
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK = 64  # entries a split: 64 x 128 x 2 bytes = 16 KB of keys and as much of values a program in bf16
@@ -59,11 +59,15 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
                         LENGTH, SPLITS, KV_HEADS, scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                         stride_mb, stride_mt,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
+                        USE_PDL: tl.constexpr = False):
     """Split ``program_id(1)`` of key/value head ``program_id(0) % KV_HEADS`` of row ``program_id(0) //
     KV_HEADS``: for each of its ``GROUP`` query heads, ``m``, ``l`` and ``acc`` at ``[row, head, split]``."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
+    if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = (bh // KV_HEADS).to(tl.int64)
     kv = bh % KV_HEADS
     t = split * CHUNK + tl.arange(0, CHUNK)
@@ -101,12 +105,16 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
 
 
 def _attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, Q_HEADS, stride_ob, stride_oh,  # noqa: N803
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
     """Row ``program_id(0) // Q_HEADS``, head ``program_id(0) % Q_HEADS``: the splits merged, in order,
     ``BLOCK_S`` at a time (a first pass for the largest ``m``, finite: every row sees at least its own new
     entry; a second for the weighted sums)."""
     bh = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
+    if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     d = tl.arange(0, BLOCK_D)
     top = tl.reduce(tl.load(m_ptr + bh * SPLITS + s, mask=s < SPLITS, other=-float("inf")), 0,
                     tl.standard._elementwise_max)
@@ -182,8 +190,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         q, keys, values, mask, m, total, acc, length, splits, kv_heads, scale,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(3),
-        HEAD_DIM=dim, BLOCK_D=block_d, GROUP=q_heads // kv_heads, CHUNK=chunk, num_warps=4 if chunk <= 64 else 8)
+        HEAD_DIM=dim, BLOCK_D=block_d, GROUP=q_heads // kv_heads, CHUNK=chunk, num_warps=4 if chunk <= 64 else 8,
+        **pdl_launch(q.device))
     combine[(rows * q_heads,)](
         m, total, acc, out, splits, q_heads, out.stride(0), out.stride(1),
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4)
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4, **pdl_launch(q.device))
     return out

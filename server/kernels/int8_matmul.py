@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .support import interpreting
+from .support import interpreting, pdl_launch
 
 MAX_KERNEL_ROWS = 64  # rows of x served by the split-K decode kernel; more rows go to the tiled GEMM kernel
 MAX_GEMM_BUCKET = 4096  # the largest row bucket of the GEMM kernel's autotune key (more rows share it)
@@ -91,12 +91,15 @@ prmt.b32 $3, t, 0x4B000000, 0x7543;
 def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noqa: N803 (Triton's naming)
              stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
              HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETED: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+             USE_PDL: tl.constexpr = False):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
     y here; otherwise store the fp32 partial sum at ``p[split, m, n]`` (contiguous ``[SPLIT_K, M, N]``) for
-    ``_splitk_reduce``."""
+    ``_splitk_reduce``. ``USE_PDL`` (launched with programmatic dependent launch, ``support.pdl_enabled``):
+    the GEMV issues its first weight tile's loads, then waits for the kernels before it (``gdc_wait``) before
+    it reads x; the tensor-core tiles wait first thing. Either then lets the next kernel launch."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_tiles = (K + BLOCK_K - 1) // BLOCK_K
@@ -126,8 +129,11 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
         # stores zeros). A block compare, not a scalar condition: the interpreter rejects a scalar-and-block
         # mask, and K % 16 == 0 (as Triton specializes it) keeps the loads 16 bytes wide.
         words_left = tl.where(k_first < k_stop, K // 4 - k_first * (BLOCK_K // 4), 0)
-        x = tl.load(xv, mask=rw[:, None] < words_left, other=0.0)
         w = tl.load(wt, mask=rw[None, :] < words_left, other=0, eviction_policy="evict_first")
+        if USE_PDL:  # the weight is no kernel's output: its first tile is in flight before the wait
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x = tl.load(xv, mask=rw[:, None] < words_left, other=0.0)
         sums = tl.full((BLOCK_N, BLOCK_K // 4), 0.0, tl.float32)
         for k in range(k_first, k_stop):
             xv += BLOCK_K * stride_xk
@@ -158,6 +164,9 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
             w = w_next
         acc = tl.reduce(sums, 1, tl.standard._sum_combine)[None, :]  # [1, BN]
     else:
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         xs = x_ptr + (rm % M)[:, None] * stride_xm + (k_first * BLOCK_K + rk)[None, :] * stride_xk  # [BM, BK]
         ws = w_ptr + (rn % N)[None, :] * stride_wn + (k_first * BLOCK_K + rk)[:, None] * stride_wk  # [BK, BN]
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -412,7 +421,8 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     mm, tuner, _ = _small_kernels(interpret)
     bucket, b = row_bucket(m), scb if bias is None else bias
     key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
-    meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret}
+    meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
+            **pdl_launch(x2.device)}
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
     grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
     config = config or _CHOSEN.get(key) or (_INTERPRET_SMALL if tuner is None else None)

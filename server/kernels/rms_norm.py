@@ -43,7 +43,7 @@ import functools
 import torch
 from torch import nn
 
-from .support import interpreting, triton_available, triton_into
+from .support import interpreting, pdl_launch, triton_available, triton_into
 
 # Classes whose forward is exactly the math above (transformers 5.17 and 5.24). Matched by class name, so
 # that model modules need not be imported.
@@ -75,7 +75,7 @@ def _cuda_kernel_runs(device: torch.device) -> bool:
 
 def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, stride_y, stride_s,  # noqa: N803
                    inv_n, eps, BLOCK: tl.constexpr, ADD: tl.constexpr, ROUND_X: tl.constexpr,
-                   ROUND_Y: tl.constexpr):
+                   ROUND_Y: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Row ``program_id(0)`` (``N <= BLOCK`` elements, kept in registers): ``y = w * (x * rsqrt(mean(x * x)
     + eps)).to(x.dtype)``, fp32 inside, stored in y's dtype. ``ADD``: first ``x = x + r`` (the residual
     stream plus a layer's output, rounded to x's dtype as torch's sum is), stored at ``s``, and normed.
@@ -87,6 +87,9 @@ def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, str
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if ADD:
         h = h + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -185,7 +188,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     kernel[(rows,)](x2, r2, w, y, s if s is not None else y, n, x2.stride(0), r2.stride(0), n, n, 1.0 / n,
                     float(eps), BLOCK=block, ADD=residual is not None,
                     ROUND_X=interpret and x.dtype == torch.bfloat16, ROUND_Y=interpret and y.dtype == torch.bfloat16,
-                    num_warps=warps)
+                    num_warps=warps, **pdl_launch(x.device))
     return s, y
 
 

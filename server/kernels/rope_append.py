@@ -34,7 +34,7 @@ import functools
 
 import torch
 
-from .support import interpreting, triton_available, triton_into
+from .support import interpreting, pdl_launch, triton_available, triton_into
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -60,11 +60,15 @@ def rope_append_available(device: torch.device | str) -> bool:
 def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr,  # noqa: N803
                  Q_HEADS, stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_cr, stride_sr,
                  stride_kcr, stride_kch, stride_kct, stride_vcr, stride_vch, stride_vct,
-                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr,
+                 USE_PDL: tl.constexpr = False):
     """Row ``program_id(0)``, head ``program_id(1)``: a query head (``< Q_HEADS``) rotated into
     ``qo[r, h, 0, :]``, or a key/value head rotated (the key) and both written at ``pos[r]`` in the pool."""
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     d = tl.arange(0, BLOCK)
     mask = d < HEAD_DIM
     half = HEAD_DIM // 2
@@ -150,5 +154,5 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0), sin.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         HEAD_DIM=dim, BLOCK=block, ROUND_BF16=interpret and q.dtype == torch.bfloat16,
-        num_warps=1 if block <= 128 else 2, **options)
+        num_warps=1 if block <= 128 else 2, **options, **pdl_launch(q.device))
     return out

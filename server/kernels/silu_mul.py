@@ -24,7 +24,7 @@ import functools
 import torch
 from torch import nn
 
-from .support import interpreting, triton_available, triton_into
+from .support import interpreting, pdl_launch, triton_available, triton_into
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024  # columns a program: 2 KB of bf16 a tensor, 8 elements a thread at 4 warps
@@ -51,11 +51,15 @@ def is_silu(act: nn.Module) -> bool:
 
 
 def _silu_mul(g_ptr, u_ptr, o_ptr, N, stride_gr, stride_ur, stride_or,  # noqa: N803 (Triton's naming)
-              BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, ROUND_BF16: tl.constexpr):
+              BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, ROUND_BF16: tl.constexpr,
+              USE_PDL: tl.constexpr = False):
     """Columns ``program_id(1)`` of row ``program_id(0)``: ``o = silu(g) * u``, rounded as torch rounds."""
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
+    if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     g = tl.load(g_ptr + r * stride_gr + cols, mask=mask, other=0.0)
     u = tl.load(u_ptr + r * stride_ur + cols, mask=mask, other=0.0).to(tl.float32)
     x = g.to(tl.float32)
@@ -121,5 +125,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     interpret = interpreting()
     _kernel(interpret)[(rows, _triton().cdiv(n, BLOCK))](
         g, u, o, n, g.stride(0), u.stride(0), o.stride(0), BLOCK=BLOCK, INTERPRETED=interpret,
-        ROUND_BF16=interpret and gate.dtype == torch.bfloat16, num_warps=4)
+        ROUND_BF16=interpret and gate.dtype == torch.bfloat16, num_warps=4, **pdl_launch(gate.device))
     return out

@@ -19,12 +19,45 @@ import torch
 log = logging.getLogger(__name__)
 
 _TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
+_FALSE = ("0", "false", "off", "no", "n")
 _CAUSE_CHARS = 300  # enough for the exception and the start of a compiler command line
 
 
 def interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read now, as Triton reads it)."""
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def pdl_enabled(device: torch.device | str) -> bool:
+    """Whether this package's decode kernels launch with programmatic dependent launch (PDL) on ``device``: a
+    CUDA device of compute capability 9.0 or later (Hopper), compiled kernels (not the interpreter), and
+    ``ADAPTERD_PDL`` not ``0`` (the benches' switch, to time the step both ways).
+
+    What it buys: a kernel launched this way may start while the kernel before it in the stream is still
+    running, once every program of that one has called ``gdc_launch_dependents`` (or exited); it must call
+    ``gdc_wait`` before it reads anything an earlier kernel wrote. The matmuls issue their first weight loads
+    (bytes no kernel of the step writes) before that wait, so a weight stream starts while the small kernel
+    before it (a norm, the attention's merge, SiLU * up) still runs, instead of after a full drain of the
+    GPU. Each kernel here waits before any other read and triggers its dependents only after its own wait,
+    so at most two kernels overlap and every kernel still sees all writes of every kernel before it."""
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting():
+        return False
+    if os.environ.get("ADAPTERD_PDL", "").strip().lower() in _FALSE:
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+def pdl_launch(device: torch.device | str) -> dict[str, bool]:
+    """A PDL kernel's launch keywords on ``device``: ``USE_PDL`` (the kernel's constexpr that makes it wait,
+    ``gdc_wait``, and then trigger its dependents) with Triton's ``launch_pdl`` where ``pdl_enabled``, else none
+    (the kernels' ``USE_PDL`` defaults to off)."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(device) else {}
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def triton_into(namespace: dict[str, Any]) -> ModuleType:

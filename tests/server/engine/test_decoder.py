@@ -126,3 +126,36 @@ def test_lora_deltas_through_the_fused_projections_give_transformers_logits(mode
     with step_context(StepContext("prefill")):
         base = model(ids).logits[:, -1]
     assert not torch.allclose(got[0], base[0], atol=1e-2) and torch.allclose(got[1], base[1], atol=TOLERANCE)
+
+
+@torch.no_grad()
+def test_one_row_float_matmuls_go_through_the_gemv_kernel(model, monkeypatch):
+    """A bf16 model, one row, the kernels on (Triton's interpreter here): the fused q/k/v and gate/up matmuls,
+    o_proj, down_proj (where the decoder calls it) and lm_head run through ``dense_gemv`` at every step, and the
+    logits stay within bf16 noise of the same decoder with the kernel off (``F.linear``)."""
+    pytest.importorskip("triton")
+    if model.config.model_type not in ("llama", "qwen2", "glm"):  # both MLP forms, biases on q/k/v (Qwen2)
+        pytest.skip("the same wiring as Llama's; the interpreter is slow")
+    from adapterd.server.kernels import dense_gemv
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.randint(3, half.config.vocab_size, (1, LENGTH), generator=torch.Generator().manual_seed(2))
+    decoder = Decoder(half)
+    assert decoder.gemv
+    shapes: list[tuple[int, int]] = []
+    real = dense_gemv.gemv
+    monkeypatch.setattr(dense_gemv, "gemv", lambda x, w, b=None, config=None: shapes.append(tuple(w.shape))
+                        or real(x, w, b, config))
+    got = step_logits(decoder, half, ids)
+    decoder.gemv = False
+    calls = len(shapes)
+    want = step_logits(decoder, half, ids)
+    assert len(shapes) == calls  # off: none
+    steps, layers = LENGTH - PROMPT, half.config.num_hidden_layers  # decode steps: one row (the prefill: lm_head)
+    attn = half.model.layers[0].self_attn
+    must = {tuple(attn.o_proj.weight.shape), tuple(half.lm_head.weight.shape),
+            tuple(decoder.fused[0].qkv.matmul.weight.shape)}
+    assert must <= set(shapes) and calls >= steps * (2 * layers + 1), (set(shapes), calls)
+    for t, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.allclose(a.float(), b.float(), atol=0.05, rtol=0.02), (t, (a.float() - b.float()).abs().max())

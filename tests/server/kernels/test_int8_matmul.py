@@ -200,7 +200,8 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     with the unit strides and 16-divisible sizes that Triton specializes at run time, the weight is read 16
     bytes a load (a byte a load reads a 4096x4096 weight at a third of the bandwidth), with no cross-lane
     shuffle reduction inside the K loop (the sums are reduced once, after it), and the bytes are widened by the
-    word-wise PTX (one XOR a word, one PRMT a byte)."""
+    word-wise PTX (one XOR a word, one PRMT a byte). Under programmatic dependent launch the first weight tile is
+    requested before ``griddepcontrol.wait`` and x read after it (x may be the previous kernel's output)."""
     import re
 
     import triton
@@ -212,7 +213,7 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     kernel = triton.jit(km._int8_mm)
     pointers = dict(zip(("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "p_ptr"),
                         ("*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32"), strict=True))
-    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", "INTERPRETED", *km._INTERPRET_SMALL)
+    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", "INTERPRETED", "USE_PDL", *km._INTERPRET_SMALL)
     gemv = [c for c in km._small_configs() if c.kwargs["BLOCK_M"] == 1]
     assert len(gemv) == 10
 
@@ -222,6 +223,7 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
         aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym"] if even else []
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": even, "INTERPRETED": False,
+                                       "USE_PDL": even,
                                        **c.kwargs, **dict.fromkeys(unit_strides, 1)},
                            attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
         return triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -232,6 +234,9 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
         ptx = compile_(c, even=True, unit_strides=("stride_xk", "stride_wk", "stride_yn")).asm["ptx"]
         weight_loads = re.findall(r"ld\.global\.L1::evict_first[\w.:]*", ptx)
         assert weight_loads and all(w.endswith(".v4.b32") for w in weight_loads), (c, set(weight_loads))
+        wait = ptx.index("griddepcontrol.wait")
+        assert ptx.index("ld.global.L1::evict_first") < wait < ptx.index("griddepcontrol.launch_dependents"), c
+        assert "evict_first" not in ptx[wait:ptx.index("Inner Loop Header")].split("ld.global", 1)[1][:40], c
         start = ptx.index("Inner Loop Header")  # the comment on (or after) the loop's label line
         label = re.findall(r"^(\$L__BB\d+_\d+):", ptx[:start], re.M)[-1]
         loop = ptx[start:start + re.search(rf"bra(\.uni)?\s+{re.escape(label)};", ptx[start:]).end()]

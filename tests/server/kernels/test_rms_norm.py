@@ -278,9 +278,14 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     kernel = triton.jit(rn._rms_norm_rows)
     pointers = dict.fromkeys(("x_ptr", "r_ptr", "w_ptr", "y_ptr", "s_ptr"), "*bf16")
     signature = {**pointers, **dict.fromkeys(("N", "stride_x", "stride_r", "stride_y", "stride_s"), "i32"),
-                 "inv_n": "fp32", "eps": "fp32", **dict.fromkeys(("BLOCK", "ADD", "ROUND_X", "ROUND_Y"), "constexpr")}
-    for add in (False, True):
+                 "inv_n": "fp32", "eps": "fp32",
+                 **dict.fromkeys(("BLOCK", "ADD", "ROUND_X", "ROUND_Y", "USE_PDL"), "constexpr")}
+    for add in (False, True):  # with the add, as a decode step launches it: under PDL, waiting before any load
         source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={"BLOCK": 4096, "ADD": add, "ROUND_X": False, "ROUND_Y": False})
+                           constexprs={"BLOCK": 4096, "ADD": add, "ROUND_X": False, "ROUND_Y": False, "USE_PDL": add})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
         assert compiled.asm["cubin"], add
+        ptx = compiled.asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == add
+        if add:
+            assert ptx.index("griddepcontrol.wait") < min(ptx.index("ld.global"), ptx.index("griddepcontrol.launch"))

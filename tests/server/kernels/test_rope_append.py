@@ -103,9 +103,9 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
         pointers = dict(zip(("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "kc_ptr", "vc_ptr", "pos_ptr"),
                             (f"*{dtype}",) * 8 + ("*i64",), strict=True))
         signature = {**pointers, **dict.fromkeys(ints, "i32"),
-                     **dict.fromkeys(("HEAD_DIM", "BLOCK", "ROUND_BF16"), "constexpr")}
+                     **dict.fromkeys(("HEAD_DIM", "BLOCK", "ROUND_BF16", "USE_PDL"), "constexpr")}
         source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={"HEAD_DIM": 128, "BLOCK": 128, "ROUND_BF16": False})
+                           constexprs={"HEAD_DIM": 128, "BLOCK": 128, "ROUND_BF16": False, "USE_PDL": True})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": 1, **ra.COMPILE_OPTIONS})
         assert compiled.asm["cubin"], dtype

@@ -156,3 +156,23 @@ def test_engine_without_a_compiler_serves_pefts_tokens(tiny_model_dir, adapter_r
     warnings = [line for line in out.stderr.splitlines() if "Triton kernels off on cuda:" in line]
     assert len(warnings) == 1 and "/bin/false" in warnings[0], out.stderr[-3000:]
     assert result["tokens"] == result["refs"]
+
+
+def test_pdl_only_on_hopper_and_compiled_and_not_switched_off(monkeypatch):
+    """Programmatic dependent launch: never off CUDA or in the interpreter (no launch options there), and the
+    benches' ``ADAPTERD_PDL=0`` turns it off; the launch keywords are empty where it is off."""
+    from adapterd.server.kernels import support
+
+    assert not support.pdl_enabled("cpu") and support.pdl_launch("cpu") == {}
+    monkeypatch.setattr(support, "_capability", lambda index: (9, 0))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("ADAPTERD_PDL", raising=False)
+    assert support.pdl_enabled("cuda:0") and support.pdl_launch("cuda:0") == {"USE_PDL": True, "launch_pdl": True}
+    monkeypatch.setenv("ADAPTERD_PDL", "0")
+    assert not support.pdl_enabled("cuda:0")
+    monkeypatch.setenv("ADAPTERD_PDL", "1")
+    monkeypatch.setattr(support, "_capability", lambda index: (8, 0))
+    assert not support.pdl_enabled("cuda:0")  # an A100: no PDL
+    monkeypatch.setattr(support, "_capability", lambda index: (9, 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not support.pdl_enabled("cuda:0")

@@ -1,0 +1,184 @@
+"""One row times a bf16 or fp16 weight: ``y = x @ W.T + bias`` for batch-1 decode, in Triton (issue 18).
+
+At one row a linear layer is a matrix-vector product: each weight byte is read once for 1 multiply-add, so the
+time is the weight's bytes over the bandwidth reached. cuBLAS reads a 7B bf16 model's projections at ~3.5 TB/s
+of the H200's 4.8 (bench/NOTES.md, "Ninth session": 3.72 of a 4.29 ms step). This kernel streams whole weight
+rows the way the int8 GEMV does (``int8_matmul.py``): program ``n`` reduces ``BLOCK_N`` rows of ``W``
+(``[N, K]`` row major), ``BLOCK_K`` columns a step (16-byte loads along a row), the next tile loaded before the
+current one is used, the products summed elementwise into a tile of fp32 sums that is reduced across lanes
+once, after the loop. A bf16 or fp16 product is exact in fp32 (8 or 11 significant bits a factor), so the
+sums are fp32 sums of exact products, as cuBLAS's are; the order differs, and the output is rounded once.
+
+With programmatic dependent launch (``support.pdl_enabled``) the first weight tile is requested before the
+kernel waits for the one before it (``gdc_wait``): the weight stream starts while a norm or the attention's
+merge still runs.
+
+Where it runs: the engine warms it up for each weight shape before any CUDA graph capture (``warm_up``), which
+tunes its tiles and then times it against ``F.linear`` on the same weight; ``linear`` takes the kernel only for
+the shapes where it won (``chosen``), and ``F.linear`` for everything else (more rows, fp32, a shape never
+warmed up, the CPU). Nothing is tuned inside a call, so a captured step never benchmarks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .support import interpreting, pdl_launch, triton_available, triton_into
+
+_DTYPES = (torch.bfloat16, torch.float16)
+# (BLOCK_N, BLOCK_K, num_warps): 2-16 KB of weight a tile, 16 bytes a thread a load, 4-16 loads a thread in
+# flight with the next tile's; 8 rows a program give a 4096-row weight 512 programs for 132 SMs.
+_CONFIGS = ((4, 512, 1), (4, 1024, 2), (8, 512, 2), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (4, 2048, 4),
+            (8, 2048, 8))
+_INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}  # few programs: the interpreter runs each in numpy
+
+# Bound on first use by ``_triton()``: the kernel's body refers to ``tl`` as a module global.
+triton = None
+tl = None
+
+
+def dense_gemv_available(device: torch.device | str) -> bool:
+    """True when the kernel can run for tensors on ``device`` (``triton_available``)."""
+    return triton_available(device)
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+# Only Triton builtins are called, as in int8_matmul.py. Rows past N are wrapped (``% N``), not masked: their
+# sums are computed and never stored.
+
+
+def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,  # noqa: N803 (Triton's naming)
+          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          ROUND_BF16: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+    """Rows ``[program_id(0) * BLOCK_N, ...)`` of y: ``y[n] = sum_k x[k] * W[n, k] (+ bias[n])``, x and y one
+    contiguous row each."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    ws = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    xs = x_ptr + rk
+    k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+    w = tl.load(ws, mask=rk[None, :] < K, other=0.0, eviction_policy="evict_first")
+    if USE_PDL:  # the weight is no kernel's output: its first tile is in flight before the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = tl.load(xs, mask=rk < K, other=0.0)
+    sums = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    for k in range(0, k_tiles):
+        ws += BLOCK_K
+        xs += BLOCK_K
+        k_left = K - (k + 1) * BLOCK_K  # <= 0 past the end: the last prefetch loads nothing
+        w_next = tl.load(ws, mask=rk[None, :] < k_left, other=0.0, eviction_policy="evict_first")
+        x_next = tl.load(xs, mask=rk < k_left, other=0.0)
+        sums += w.to(tl.float32) * x.to(tl.float32)[None, :]  # exact products, summed in fp32
+        w = w_next
+        x = x_next
+    acc = tl.reduce(sums, 1, tl.standard._sum_combine)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn % N).to(tl.float32)
+    if ROUND_BF16:  # the interpreter's fp32 -> bf16 cast truncates (Triton 3.9): round to nearest even by hand
+        bits = acc.to(tl.uint32, bitcast=True)
+        acc = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+def _triton():
+    """Import Triton (once) into this module's globals, where the kernel's body finds ``tl``."""
+    return triton_into(globals())
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """(the jitted kernel, its autotuner or None in the interpreter), built at the first call of each mode
+    (``triton.jit`` reads TRITON_INTERPRET). The tuner's choices are cached on disk, as int8_matmul's are."""
+    triton = _triton()
+    kernel = triton.jit(_gemv)
+    if interpret:
+        return kernel, None
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1) for bn, bk, w in _CONFIGS]
+    return kernel, triton.autotune(configs, key=["N", "K"], do_bench=_quick_bench, cache_results=True)(kernel)
+
+
+def _quick_bench(fn, quantiles):
+    """As int8_matmul's: 5 ms of warm-up and 25 ms of repetitions a config (L2 cleared before each)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+# ---------------------------------------------------------------------------------------------- wrappers
+
+# (N, K, dtype, bias dtype, device) -> the tuned launch config, for the shapes where the kernel beat F.linear
+_CHOSEN: dict[tuple, dict] = {}
+
+
+def _key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    return (*weight.shape, weight.dtype, None if bias is None else bias.dtype, weight.device)
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``gemv`` takes these: one row of x (any leading dims of size 1), x and a 2-D weight of one of
+    bf16/fp16 on one device, unit strides along K (x contiguous), rows of the weight 16-byte aligned, a bias
+    of N entries or none."""
+    return (x.dim() >= 1 and x.numel() == x.shape[-1] and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
+            and x.dtype in _DTYPES and weight.dtype == x.dtype and x.device == weight.device
+            and x.is_contiguous() and weight.stride(1) == 1 and (weight.stride(0) * weight.element_size()) % 16 == 0
+            and weight.data_ptr() % 16 == 0 and (bias is None or bias.shape == (weight.shape[0],)))
+
+
+def chosen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``linear`` runs the kernel for these: ``fits``, and ``warm_up`` found it faster than ``F.linear``
+    for this weight's shape (the interpreter: always)."""
+    return fits(x, weight, bias) and (interpreting() or _key(x, weight, bias) in _CHOSEN)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: dict | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for one row (``fits`` must hold), ``[..., N]`` in x's dtype, through the kernel:
+    ``config`` (``BLOCK_N``, ``BLOCK_K``, optionally ``num_warps``), else the tuned one for the shape (tuning it
+    now on the first call of a shape: never inside a graph capture; ``warm_up`` first)."""
+    n, k = weight.shape
+    y = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)
+    interpret = interpreting()
+    kernel, tuner = _kernels(interpret)
+    meta = {"HAS_BIAS": bias is not None, "ROUND_BF16": interpret and x.dtype == torch.bfloat16,
+            **pdl_launch(x.device)}
+    args = (x, weight, weight if bias is None else bias, y, n, k, weight.stride(0))
+    config = config or _CHOSEN.get(_key(x, weight, bias)) or (_INTERPRET_CONFIG if tuner is None else None)
+    if config is None:
+        tuner[lambda c: (_triton().cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+    else:
+        kernel[(_triton().cdiv(n, config["BLOCK_N"]),)](*args, **meta, **config)
+    return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the kernel where ``chosen``."""
+    return gemv(x, weight, bias) if chosen(x, weight, bias) else F.linear(x, weight, bias)
+
+
+@torch.no_grad()
+def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[tuple[int, int], tuple[float, float]]:
+    """Tune the kernel for each distinct ``(weight, bias)`` shape (bf16/fp16 weights on a CUDA device where the
+    kernel runs; others are skipped), time its choice against ``F.linear`` on a zero row (Triton's ``do_bench``,
+    L2 cleared before each call: decode reads every weight from HBM), and keep the kernel for the shapes where
+    it was faster. Call before any CUDA graph capture. Returns ``{(N, K): (kernel us, F.linear us)}``."""
+    from triton.testing import do_bench
+
+    times: dict[tuple[int, int], tuple[float, float]] = {}
+    for weight, bias in weights:
+        x = torch.zeros(1, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        key = _key(x, weight, bias)
+        if (tuple(weight.shape) in times or key in _CHOSEN or not fits(x, weight, bias)
+                or not dense_gemv_available(weight.device)):
+            continue
+        gemv(x, weight, bias)  # tunes
+        config = _kernels(False)[1].best_config.all_kwargs()
+        ours = do_bench(lambda: gemv(x, weight, bias, config=config), warmup=5, rep=25)  # noqa: B023
+        theirs = do_bench(lambda: F.linear(x, weight, bias), warmup=5, rep=25)  # noqa: B023
+        times[tuple(weight.shape)] = (ours * 1e3, theirs * 1e3)
+        if ours < theirs:
+            _CHOSEN[key] = config
+    return times

@@ -1,0 +1,126 @@
+"""The one-row bf16/fp16 GEMV (``server/kernels/dense_gemv.py``) against an fp32 product of the same values, in
+Triton's interpreter; its PTX for the H200 compiled here (no GPU needed); the GPU-marked tests time nothing and
+run it on CUDA against the same reference."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapterd.server.kernels import dense_gemv as dg
+
+ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # one rounding of the output, relative
+CONFIGS = [{"BLOCK_N": bn, "BLOCK_K": bk} for bn, bk in ((4, 32), (8, 64), (2, 16))]
+
+
+def _case(n: int, k: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype).to(device)
+    x = torch.randn(1, k, generator=g).to(dtype).to(device)
+    bias = torch.randn(n, generator=g).to(dtype).to(device)
+    return x, w, bias
+
+
+def _reference(x, w, bias):
+    """fp32 products of the very bf16/fp16 values (exact), summed in fp64: independent of the kernel."""
+    y = x.double() @ w.double().T
+    return (y if bias is None else y + bias.double()).float()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_one_row_matches_the_reference_within_one_rounding(config, dtype, with_bias):
+    """N and K not multiples of the tiles (70 rows, 100 columns: 7 uneven K tiles at 16), with and without a
+    bias: within one rounding to the output dtype (plus fp32 summation, far below it)."""
+    x, w, bias = _case(70, 100, dtype, seed=3)
+    bias = bias if with_bias else None
+    y = dg.gemv(x, w, bias, config=config)
+    ref = _reference(x, w, bias)
+    assert y.dtype == dtype and y.shape == (1, 70)
+    assert ((y.float() - ref).abs() <= ULP[dtype] * ref.abs() + 1e-4).all(), (y.float() - ref).abs().max()
+
+
+def test_leading_dims_and_the_tuned_default():
+    """x ``[1, 1, K]`` (a decode step's hidden state) gives ``[1, 1, N]``; without a config the interpreter's own
+    tile runs."""
+    x, w, bias = _case(33, 48, torch.bfloat16, seed=4)
+    y = dg.gemv(x.view(1, 1, 48), w, bias)
+    assert y.shape == (1, 1, 33)
+    ref = _reference(x, w, bias).view(1, 1, 33)
+    assert ((y.float() - ref).abs() <= ULP[torch.bfloat16] * ref.abs() + 1e-4).all()
+
+
+def test_what_the_kernel_takes_and_linear_falls_back_to_f_linear_for_the_rest(monkeypatch):
+    """``fits``: one row, bf16/fp16 with a weight of the same dtype, unit strides, 16-byte aligned rows. ``linear``
+    gives F.linear's result for anything else; and off the interpreter, on a device where no shape was warmed up,
+    the kernel is never chosen."""
+    x, w, bias = _case(16, 64, torch.bfloat16)
+    assert dg.fits(x, w, bias) and dg.chosen(x, w, bias)
+    two = torch.cat([x, x])
+    assert not dg.fits(two, w) and not dg.fits(x.float(), w.float()) and not dg.fits(x, w.half())
+    assert not dg.fits(x, w.t().contiguous().t())  # column major
+    odd = torch.zeros(16, 65, dtype=torch.bfloat16)[:, 1:]  # rows 130 bytes apart: not 16-byte aligned
+    assert not dg.fits(x, odd)
+    torch.testing.assert_close(dg.linear(two, w, bias), F.linear(two, w, bias), rtol=0, atol=0)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not dg.chosen(x, w, bias)  # the CPU, no warm-up: F.linear
+    torch.testing.assert_close(dg.linear(x, w, bias), F.linear(x, w, bias), rtol=0, atol=0)
+
+
+def test_compiles_for_hopper_with_wide_loads_and_the_weight_requested_before_the_wait(monkeypatch, tmp_path):
+    """Each GPU config compiles for sm_90; with the unit strides and 16-divisible sizes Triton specializes, the
+    weight is read 16 bytes a load, the K loop has no cross-lane shuffle, and under PDL the first weight tile is
+    requested before ``griddepcontrol.wait`` while x is read after it (x may be the previous kernel's output)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    dg._triton()  # binds the module's ``tl``, which the kernel's annotations name
+    kernel = triton.jit(dg._gemv)
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}
+    flags = ("HAS_BIAS", "USE_PDL", "BLOCK_N", "BLOCK_K", "ROUND_BF16")
+    aligned = [*pointers, "N", "K", "stride_wn"]
+    for bn, bk, warps in dg._CONFIGS:
+        signature = {a: "constexpr" if a in flags else pointers.get(a, "i32") for a in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={"HAS_BIAS": True, "USE_PDL": True, "BLOCK_N": bn, "BLOCK_K": bk,
+                                       "ROUND_BF16": False},
+                           attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": warps, "num_stages": 1}).asm["ptx"]
+        weight_loads = [m.start() for m in re.finditer(r"ld\.global\.L1::evict_first[\w.:]*\.v4\.b32", ptx)]
+        assert weight_loads and not re.search(r"ld\.global\.L1::evict_first[\w.:]*\.b16\b", ptx), (bn, bk)
+        wait = ptx.index("griddepcontrol.wait")
+        assert weight_loads[0] < wait < ptx.index("griddepcontrol.launch_dependents"), (bn, bk)
+        start = ptx.index("Inner Loop Header")  # the comment on (or after) the loop's label line
+        label = re.findall(r"^(\$L__BB\d+_\d+):", ptx[:start], re.M)[-1]
+        loop = ptx[start:start + re.search(rf"bra(\.uni)?\s+{re.escape(label)};", ptx[start:]).end()]
+        assert "fma.rn.f32" in loop and "shfl.sync.bfly" not in loop, (bn, bk)  # one reduction, after the loop
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (12288, 4096), (4096, 11008), (32000, 4096), (70, 100 * 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_one_row_against_the_reference_and_in_a_cuda_graph(shape, dtype):
+    """On the GPU, tuned tiles (PDL on where the device has it): Llama-2-7B's shapes and an odd one, within one
+    rounding of the fp64 reference; replayed from a CUDA graph, the same bits."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x, w, bias = _case(*shape, dtype, seed=7, device="cuda")
+    times = dg.warm_up([(w, bias)])
+    assert set(times) == {shape}
+    y = dg.gemv(x, w, bias)
+    ref = _reference(x, w, bias)
+    assert ((y.float() - ref).abs() <= ULP[dtype] * ref.abs() + 1e-3).all(), (y.float() - ref).abs().max()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z = dg.gemv(x, w, bias)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(z, y)
