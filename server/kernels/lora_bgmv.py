@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .support import interpreting
+from .support import interpreting, pdl_launch
 
 TILE_ELEMS = 4096  # weight elements a program loads at once: BLOCK_R * BLOCK_K (shrink), BLOCK_R * BLOCK_N
 MAX_PARTIALS = 2048  # fp32 partials an expand program sums: splits * BLOCK_R (8 KB, from L2)
@@ -80,12 +80,16 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _shrink(x_ptr, a_ptr, slot_ptr, p_ptr, K, rank,  # noqa: N803 (Triton's naming)
             stride_xm, stride_xk, stride_ag, stride_ar, stride_as, stride_ak, stride_pg, stride_ps, stride_slot,
-            EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
+            EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
+            USE_PDL: tl.constexpr = False):
     """``p[g, s, i, :] = x[i, ks] @ A[g, :rank, slot_i, ks].T`` over split s's ``TILES`` K tiles ``ks``, fp32
     ``[BLOCK_R]``, for member g of a group of tables that share x (q, k and v: the grid's third axis; a lone
     layer is a group of one). ``EVEN_K``: every tile of every split lies inside K (no K masks); otherwise a
     tile past the end is fully masked (no bytes read). The loop count is a constexpr: Triton 3.6's
     interpreter cannot take tensor loop bounds."""
+    if USE_PDL:  # PDL (support.pdl_enabled): every program waits before any return, then lets the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     split = tl.program_id(1)
     member = tl.program_id(2).to(tl.int64)
@@ -119,12 +123,16 @@ def _shrink(x_ptr, a_ptr, slot_ptr, p_ptr, K, rank,  # noqa: N803 (Triton's nami
 def _expand(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, slot_ptr, p_ptr,  # noqa: N803 (Triton's naming)
             N0, N1, N2, BLOCKS0, BLOCKS01, rank, splits, stride_y0m, stride_y1m, stride_y2m, stride_yn,
             stride_b0r, stride_b1r, stride_b2r, stride_b0s, stride_b1s, stride_b2s, stride_bn, stride_pg, stride_ps,
-            stride_slot, EVEN_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+            stride_slot, EVEN_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+            USE_PDL: tl.constexpr = False):
     """``y_g[i, ns] += (sum over s of p[g, s, i, :rank]) @ B_g[:rank, slot_i, ns]``, in fp32, cast to y's dtype,
     for the up to three members g of a group in one launch: the grid's second axis walks member 0's column
     blocks (``BLOCKS0`` of them), then member 1's (up to ``BLOCKS01``), then member 2's. Members share their
     dtypes and their column strides (y's and B's); their widths, y's row strides and B's rank and slot strides
     may differ (grouped key/value heads; the splits of a fused q/k/v output)."""
+    if USE_PDL:  # PDL (support.pdl_enabled): every program waits before any return, then lets the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
     if slot == 0:
@@ -247,7 +255,7 @@ def lora_group_delta_(ys: Sequence[torch.Tensor], x: torch.Tensor, lora_a: torch
     shrink[(rows, cfg["splits"], len(ys))](
         x, lora_a, slots, p, in_f, rank, x.stride(0), x.stride(1), *lora_a.stride(), p.stride(0), p.stride(1),
         slots.stride(0), EVEN_K=in_f == cfg["splits"] * cfg["tiles"] * cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_K=cfg["BLOCK_K"], TILES=cfg["tiles"], num_warps=NUM_WARPS)
+        BLOCK_K=cfg["BLOCK_K"], TILES=cfg["tiles"], num_warps=NUM_WARPS, **pdl_launch(x.device))
     # One expand launch for up to three members (a shorter group padded with member 0's blocks: never reached)
     for first in range(0, len(ys), 3):
         y3, b3 = list(ys[first:first + 3]), list(lora_bs[first:first + 3])
@@ -260,7 +268,7 @@ def lora_group_delta_(ys: Sequence[torch.Tensor], x: torch.Tensor, lora_a: torch
             cfg["splits"], *(y.stride(0) for y in y3), y3[0].stride(1), *(b.stride(0) for b in b3),
             *(b.stride(1) for b in b3), b3[0].stride(2), p.stride(0), p.stride(1), slots.stride(0),
             EVEN_N=all(y.shape[1] % cfg["BLOCK_N"] == 0 for y in y3), BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], num_warps=NUM_WARPS)
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], num_warps=NUM_WARPS, **pdl_launch(x.device))
 
 
 def reference_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
