@@ -25,6 +25,7 @@ FAMILIES = (
     ("norm", r"rms_norm|_rms_norm_rows"),
     ("rotary + append", r"rope_append"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("dense GEMV (ours)", r"^_gemv$"),  # dense_gemv.py's one-row kernel
     ("dense matmul", r"gemm|gemv|nvjet|cutlass|sm90|ampere|cublas"),
     ("copy", r"copy|Memcpy|memcpy|cat|index"),
     ("elementwise", r"elementwise|vectorized|unrolled|reduce|kernel|silu_mul"),

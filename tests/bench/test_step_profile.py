@@ -22,6 +22,8 @@ def test_families_of_the_kernels_a_decode_step_launches():
     # decode_attention.py's and silu_mul.py's kernels
     assert step_profile.family("_attention_partials") == step_profile.family("_attention_combine") == "attention"
     assert step_profile.family("_silu_mul") == "elementwise"
+    assert step_profile.family("_gemv") == "dense GEMV (ours)"  # dense_gemv.py's; cuBLAS's stay dense matmul
+    assert step_profile.family("gemv2T_kernel_val<int, int, __nv_bfloat16>") == "dense matmul"
     assert step_profile.family("nvjet_hsh_128x64_64x4_1x2_h_bz_NTT") == "dense matmul"
     assert step_profile.family("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise"
     assert step_profile.family("something_new") == "other"
