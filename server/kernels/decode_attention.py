@@ -17,8 +17,10 @@ reduction kernel (~10 us a layer on the H200 for 512 entries, bench/NOTES.md). H
 
 Splits are fixed ``CHUNK``-entry ranges of the keys, and a split that sees nothing adds exact zeros, so a row's
 result depends neither on the length bucket nor on what else shares its step. Scores, softmax and sums run in
-fp32 from the stored dtype (no rounding of the probabilities to bf16, which SDPA's kernels do before their
-second matmul). Masked entries weigh exactly 0, as in SDPA (the pool keeps them finite: see ``kv_pool.py``).
+fp32 from the stored dtype; with one query head a key/value head the probabilities stay fp32 (SDPA's kernels
+round them to bf16 before their second matmul), while grouped heads (Llama 3, Mistral, Qwen) run both
+products of the group on the tensor cores, the probabilities rounded to tf32 (``_attention_partials``). Masked
+entries weigh exactly 0, as in SDPA (the pool keeps them finite: see ``kv_pool.py``).
 
 CUDA graphs: no host sync; the partials are ``torch.empty`` at each call. Triton is imported on first use;
 with ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests).
@@ -60,9 +62,16 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                         stride_mb, stride_mt,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
-                        USE_PDL: tl.constexpr = False):
+                        G_PAD: tl.constexpr = 0, DOT_F32: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """Split ``program_id(1)`` of key/value head ``program_id(0) % KV_HEADS`` of row ``program_id(0) //
-    KV_HEADS``: for each of its ``GROUP`` query heads, ``m``, ``l`` and ``acc`` at ``[row, head, split]``."""
+    KV_HEADS``: for each of its ``GROUP`` query heads, ``m``, ``l`` and ``acc`` at ``[row, head, split]``.
+
+    ``G_PAD == 0`` (one query head a key/value head): elementwise products reduced across lanes. Otherwise the
+    group's heads as the rows of two matrix products (``G_PAD`` >= 16 rows, ``GROUP`` of them real): scores
+    ``Q K^T`` and ``P V`` on the tensor cores, the keys' and values' dtype in, fp32 sums out (exact products of
+    bf16 or fp16 scores; the probabilities rounded to tf32 for the second product, finer than SDPA's bf16),
+    or fp32 throughout with ``DOT_F32`` (fp32 or mixed dtypes, and the interpreter). Reducing
+    across lanes once per head made a group of 4 at 32 rows 3x slower than cuDNN (H200, 2026-12-03)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
@@ -79,7 +88,39 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
     visible = in_range & (bias > -6.0e4)
     any_visible = tl.reduce(visible.to(tl.int32), 0, tl.standard._elementwise_max) > 0
     out = (b * KV_HEADS * GROUP + kv * GROUP) * SPLITS + split  # [row, q_head, split] of the first head
-    if any_visible:
+    if G_PAD > 0:
+        gi = tl.arange(0, G_PAD)
+        rows_out = out + gi * SPLITS  # [G_PAD]: [row, q_head, split] of each of the group's heads
+        real = gi < GROUP
+        if any_visible:
+            kv_mask = visible[:, None] & (d[None, :] < HEAD_DIM)
+            keys = tl.load(k_ptr + b * stride_kb + kv * stride_kh + t[:, None] * stride_kt + d[None, :],
+                           mask=kv_mask, other=0.0)  # [CHUNK, BLOCK_D], stored dtype
+            values = tl.load(v_ptr + b * stride_vb + kv * stride_vh + t[:, None] * stride_vt + d[None, :],
+                             mask=kv_mask, other=0.0)
+            q = tl.load(q_ptr + b * stride_qb + (kv * GROUP + gi)[:, None] * stride_qh + d[None, :],
+                        mask=real[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # [G_PAD, BLOCK_D]
+            if DOT_F32:
+                scores = tl.dot(q.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
+            else:
+                scores = tl.dot(q.to(keys.dtype), tl.trans(keys))  # [G_PAD, CHUNK] fp32
+            scores = tl.where(visible[None, :], scores * scale + bias[None, :], -float("inf"))
+            m = tl.reduce(scores, 1, tl.standard._elementwise_max)  # [G_PAD]
+            p = tl.exp(scores - m[:, None])  # 0 where hidden
+            if DOT_F32:
+                acc = tl.dot(p, values.to(tl.float32), input_precision="ieee")
+            else:
+                # tf32 (10-bit) probabilities: the values convert exactly; SDPA's kernels round p to bf16 (7 bits)
+                acc = tl.dot(p, values.to(tl.float32), input_precision="tf32")  # [G_PAD, BLOCK_D] fp32
+            tl.store(m_ptr + rows_out, m, mask=real)
+            tl.store(l_ptr + rows_out, tl.reduce(p, 1, tl.standard._sum_combine), mask=real)
+            tl.store(acc_ptr + rows_out[:, None] * BLOCK_D + d[None, :], acc, mask=real[:, None])
+        else:  # nothing visible in this chunk: no reads; it weighs 0 in the combine
+            tl.store(m_ptr + rows_out, tl.full((G_PAD,), -float("inf"), tl.float32), mask=real)
+            tl.store(l_ptr + rows_out, tl.full((G_PAD,), 0.0, tl.float32), mask=real)
+            tl.store(acc_ptr + rows_out[:, None] * BLOCK_D + d[None, :], tl.full((G_PAD, BLOCK_D), 0.0, tl.float32),
+                     mask=real[:, None])
+    elif any_visible:
         kv_mask = visible[:, None] & (d[None, :] < HEAD_DIM)
         keys = tl.load(k_ptr + b * stride_kb + kv * stride_kh + t[:, None] * stride_kt + d[None, :],
                        mask=kv_mask, other=0.0).to(tl.float32)  # [CHUNK, BLOCK_D]
@@ -181,16 +222,20 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two, at least 16, got {chunk}")
     splits = -(-length // chunk)
-    block_d = _triton().next_power_of_2(dim)
+    block_d = max(16, _triton().next_power_of_2(dim))  # a matrix product's dimensions are 16 or more
     m = torch.empty((rows, q_heads, splits), device=q.device, dtype=torch.float32)
     total = torch.empty_like(m)
     acc = torch.empty((rows, q_heads, splits, block_d), device=q.device, dtype=torch.float32)
-    partials, combine = _kernels(interpreting())
+    interpret = interpreting()
+    group = q_heads // kv_heads
+    same = q.dtype == keys.dtype == values.dtype and q.dtype in (torch.bfloat16, torch.float16)
+    partials, combine = _kernels(interpret)
     partials[(rows * kv_heads, splits)](
         q, keys, values, mask, m, total, acc, length, splits, kv_heads, scale,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(3),
-        HEAD_DIM=dim, BLOCK_D=block_d, GROUP=q_heads // kv_heads, CHUNK=chunk, num_warps=4 if chunk <= 64 else 8,
+        HEAD_DIM=dim, BLOCK_D=block_d, GROUP=group, CHUNK=chunk, num_warps=4 if chunk <= 64 else 8,
+        G_PAD=0 if group == 1 else max(16, _triton().next_power_of_2(group)), DOT_F32=interpret or not same,
         **pdl_launch(q.device))
     combine[(rows * q_heads,)](
         m, total, acc, out, splits, q_heads, out.stride(0), out.stride(1),

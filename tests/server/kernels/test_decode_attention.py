@@ -131,3 +131,31 @@ def test_gpu_against_fp32_and_sdpa(rows, q_heads, kv_heads):
     sdpa = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=128 ** -0.5,
                                           enable_gqa=q_heads != kv_heads)
     assert (out.float() - ref).abs().max() <= (sdpa.float() - ref).abs().max() + 1e-6
+
+
+def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
+    """No GPU here, but Triton's own ptxas: the partials kernel compiles for sm_90 (the H200) in bf16 for one
+    query head a key/value head (elementwise) and for a group of 4 (Llama 3's), whose products run on the tensor
+    cores (``mma`` in the PTX) with the probabilities as tf32; and under PDL it waits before it reads."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    da._triton()
+    kernel = triton.jit(da._attention_partials)
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*bf16", "m_ptr": "*fp32",
+                "l_ptr": "*fp32", "acc_ptr": "*fp32"}
+    flags = ("HEAD_DIM", "BLOCK_D", "GROUP", "CHUNK", "G_PAD", "DOT_F32", "USE_PDL")
+    signature = {a: "constexpr" if a in flags else pointers.get(a, "fp32" if a == "scale" else "i32")
+                 for a in kernel.arg_names}
+    for group, g_pad in ((1, 0), (4, 16)):
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={"HEAD_DIM": 128, "BLOCK_D": 128, "GROUP": group, "CHUNK": 64, "G_PAD": g_pad,
+                                       "DOT_F32": False, "USE_PDL": True})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), group
+        assert ("mma" in ptx) == (g_pad > 0), group
+        if g_pad:
+            assert "tf32" in ptx and "bf16" in ptx, group  # q.k in bf16, p.v in tf32
