@@ -19,7 +19,7 @@ Splits are fixed ``CHUNK``-entry ranges of the keys, and a split that sees nothi
 result depends neither on the length bucket nor on what else shares its step. Scores, softmax and sums run in
 fp32 from the stored dtype; with one query head a key/value head the probabilities stay fp32 (SDPA's kernels
 round them to bf16 before their second matmul), while grouped heads (Llama 3, Mistral, Qwen) run both
-products of the group on the tensor cores, the probabilities rounded to tf32 (``_attention_partials``). Masked
+products of the group on the tensor cores, the probabilities to ~fp32 precision (``_attention_partials``). Masked
 entries weigh exactly 0, as in SDPA (the pool keeps them finite: see ``kv_pool.py``).
 
 CUDA graphs: no host sync; the partials are ``torch.empty`` at each call. Triton is imported on first use;
@@ -69,8 +69,8 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
     ``G_PAD == 0`` (one query head a key/value head): elementwise products reduced across lanes. Otherwise the
     group's heads as the rows of two matrix products (``G_PAD`` >= 16 rows, ``GROUP`` of them real): scores
     ``Q K^T`` and ``P V`` on the tensor cores, the keys' and values' dtype in, fp32 sums out (exact products of
-    bf16 or fp16 scores; the probabilities rounded to tf32 for the second product, finer than SDPA's bf16),
-    or fp32 throughout with ``DOT_F32`` (fp32 or mixed dtypes, and the interpreter). Reducing
+    bf16 or fp16 scores; the probabilities kept to ~fp32 precision by three tf32 products, where SDPA's kernels
+    round them to bf16), or fp32 throughout with ``DOT_F32`` (fp32 or mixed dtypes, and the interpreter). Reducing
     across lanes once per head made a group of 4 at 32 rows 3x slower than cuDNN (H200, 2026-12-03)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -110,8 +110,8 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
             if DOT_F32:
                 acc = tl.dot(p, values.to(tl.float32), input_precision="ieee")
             else:
-                # tf32 (10-bit) probabilities: the values convert exactly; SDPA's kernels round p to bf16 (7 bits)
-                acc = tl.dot(p, values.to(tl.float32), input_precision="tf32")  # [G_PAD, BLOCK_D] fp32
+                # fp32 probabilities as three tf32 products (~fp32's precision; the values convert exactly)
+                acc = tl.dot(p, values.to(tl.float32), input_precision="tf32x3")  # [G_PAD, BLOCK_D] fp32
             tl.store(m_ptr + rows_out, m, mask=real)
             tl.store(l_ptr + rows_out, tl.reduce(p, 1, tl.standard._sum_combine), mask=real)
             tl.store(acc_ptr + rows_out[:, None] * BLOCK_D + d[None, :], acc, mask=real[:, None])

@@ -136,7 +136,7 @@ def test_gpu_against_fp32_and_sdpa(rows, q_heads, kv_heads):
 def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the partials kernel compiles for sm_90 (the H200) in bf16 for one
     query head a key/value head (elementwise) and for a group of 4 (Llama 3's), whose products run on the tensor
-    cores (``mma`` in the PTX) with the probabilities as tf32; and under PDL it waits before it reads."""
+    cores (``mma`` in the PTX; the probabilities as three tf32 products); and under PDL it waits before it reads."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -158,4 +158,4 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), group
         assert ("mma" in ptx) == (g_pad > 0), group
         if g_pad:
-            assert "tf32" in ptx and "bf16" in ptx, group  # q.k in bf16, p.v in tf32
+            assert "tf32" in ptx and "bf16" in ptx, group  # q.k in bf16, p.v in tf32 (x3)
