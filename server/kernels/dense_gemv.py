@@ -51,22 +51,22 @@ def dense_gemv_available(device: torch.device | str) -> bool:
 
 
 def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,  # noqa: N803 (Triton's naming)
-          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
           ROUND_BF16: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """Rows ``[program_id(0) * BLOCK_N, ...)`` of y: ``y[n] = sum_k x[k] * W[n, k] (+ bias[n])``, x and y one
-    contiguous row each."""
+    contiguous row each. ``K_TILES = cdiv(K, BLOCK_K)`` is a constexpr: Triton 3.6's interpreter (the GPU
+    image's) cannot take a tensor loop bound."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     ws = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + rk[None, :]
     xs = x_ptr + rk
-    k_tiles = (K + BLOCK_K - 1) // BLOCK_K
     w = tl.load(ws, mask=rk[None, :] < K, other=0.0, eviction_policy="evict_first")
     if USE_PDL:  # the weight is no kernel's output: its first tile is in flight before the wait
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(xs, mask=rk < K, other=0.0)
     sums = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
-    for k in range(0, k_tiles):
+    for k in range(0, K_TILES):
         ws += BLOCK_K
         xs += BLOCK_K
         k_left = K - (k + 1) * BLOCK_K  # <= 0 past the end: the last prefetch loads nothing
@@ -94,7 +94,8 @@ def _kernels(interpret: bool):
     """(the jitted kernel, its autotuner or None in the interpreter), built at the first call of each mode
     (``triton.jit`` reads TRITON_INTERPRET). The tuner's choices are cached on disk, as int8_matmul's are."""
     triton = _triton()
-    kernel = triton.jit(_gemv)
+    # K_TILES follows each config's BLOCK_K (a heuristic runs after the tuner picks the config)
+    kernel = triton.heuristics({"K_TILES": lambda a: triton.cdiv(a["K"], a["BLOCK_K"])})(triton.jit(_gemv))
     if interpret:
         return kernel, None
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1) for bn, bk, w in _CONFIGS]
@@ -147,10 +148,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             **pdl_launch(x.device)}
     args = (x, weight, weight if bias is None else bias, y, n, k, weight.stride(0))
     config = config or _CHOSEN.get(_key(x, weight, bias)) or (_INTERPRET_CONFIG if tuner is None else None)
+    cdiv = _triton().cdiv
     if config is None:
-        tuner[lambda c: (_triton().cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+        tuner[lambda c: (cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     else:
-        kernel[(_triton().cdiv(n, config["BLOCK_N"]),)](*args, **meta, **config)
+        kernel[(cdiv(n, config["BLOCK_N"]),)](*args, **meta, **config)
     return y
 
 
