@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .support import interpreting, pdl_launch, triton_available, triton_into
+from .support import interpreting, pdl_launch, quick_bench, triton_available, triton_into
 
 _DTYPES = (torch.bfloat16, torch.float16)
 # (BLOCK_N, BLOCK_K, num_warps): 2-16 KB of weight a tile, 16 bytes a thread a load, 4-16 loads a thread in
@@ -99,14 +99,7 @@ def _kernels(interpret: bool):
     if interpret:
         return kernel, None
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1) for bn, bk, w in _CONFIGS]
-    return kernel, triton.autotune(configs, key=["N", "K"], do_bench=_quick_bench, cache_results=True)(kernel)
-
-
-def _quick_bench(fn, quantiles):
-    """As int8_matmul's: 5 ms of warm-up and 25 ms of repetitions a config (L2 cleared before each)."""
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+    return kernel, triton.autotune(configs, key=["N", "K"], do_bench=quick_bench, cache_results=True)(kernel)
 
 
 # ---------------------------------------------------------------------------------------------- wrappers
@@ -164,11 +157,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 @torch.no_grad()
 def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[tuple[int, int], tuple[float, float]]:
     """Tune the kernel for each distinct ``(weight, bias)`` shape (bf16/fp16 weights on a CUDA device where the
-    kernel runs; others are skipped), time its choice against ``F.linear`` on a zero row (Triton's ``do_bench``,
+    kernel runs; others are skipped), time its choice against ``F.linear`` on a zero row (``support.quick_bench``,
     L2 cleared before each call: decode reads every weight from HBM), and keep the kernel for the shapes where
     it was faster. Call before any CUDA graph capture. Returns ``{(N, K): (kernel us, F.linear us)}``."""
-    from triton.testing import do_bench
-
     times: dict[tuple[int, int], tuple[float, float]] = {}
     for weight, bias in weights:
         x = torch.zeros(1, weight.shape[1], device=weight.device, dtype=weight.dtype)
@@ -178,8 +169,8 @@ def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[tup
             continue
         gemv(x, weight, bias)  # tunes
         config = _kernels(False)[1].best_config.all_kwargs()
-        ours = do_bench(lambda: gemv(x, weight, bias, config=config), warmup=5, rep=25)  # noqa: B023
-        theirs = do_bench(lambda: F.linear(x, weight, bias), warmup=5, rep=25)  # noqa: B023
+        ours = quick_bench(lambda: gemv(x, weight, bias, config=config), None)  # noqa: B023
+        theirs = quick_bench(lambda: F.linear(x, weight, bias), None)  # noqa: B023
         times[tuple(weight.shape)] = (ours * 1e3, theirs * 1e3)
         if ours < theirs:
             _CHOSEN[key] = config

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .support import interpreting, pdl_launch
+from .support import interpreting, pdl_launch, quick_bench
 
 MAX_KERNEL_ROWS = 64  # rows of x served by the split-K decode kernel; more rows go to the tiled GEMM kernel
 MAX_GEMM_BUCKET = 4096  # the largest row bucket of the GEMM kernel's autotune key (more rows share it)
@@ -319,14 +319,6 @@ _INTERPRET_SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}
 _INTERPRET_GEMM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 
-def _quick_bench(fn, quantiles):
-    """Autotuning's timer: 5 ms warm-up and 25 ms of repetitions a config instead of Triton's 25 + 100 ms (a
-    call takes microseconds; do_bench clears L2 before each repetition, so every one reads HBM)."""
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-
 def _even_k(kernel):
     return triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(kernel)
 
@@ -345,7 +337,7 @@ def _small_kernels(interpret: bool):
         return mm, None, reduce
     tuner = triton.autotune(_small_configs(), key=["M_BUCKET", "N", "K"],
                             prune_configs_by={"early_config_prune": _prune_small}, post_hook=_reduce_hook,
-                            do_bench=_quick_bench, cache_results=True)(mm)
+                            do_bench=quick_bench, cache_results=True)(mm)
     return mm, tuner, reduce
 
 
@@ -355,7 +347,7 @@ def _gemm_kernels(interpret: bool):
     if interpret:
         configs, tuning = [triton.Config(_INTERPRET_GEMM)], {}
     else:
-        configs, tuning = _gemm_configs(), {"do_bench": _quick_bench, "cache_results": True}
+        configs, tuning = _gemm_configs(), {"do_bench": quick_bench, "cache_results": True}
     gemm = _even_k(triton.jit(_int8_gemm, do_not_specialize=["M", "M_BUCKET"]))
     return gemm, triton.autotune(configs, key=["M_BUCKET", "N", "K"], **tuning)(gemm)
 

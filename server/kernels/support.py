@@ -61,6 +61,15 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def quick_bench(fn, quantiles):
+    """The autotuners' timer (``triton.autotune(do_bench=...)``): 5 ms of warm-up and 25 ms of repetitions a
+    config instead of Triton's 25 + 100 ms (a call takes microseconds; ``do_bench`` clears L2 before each
+    repetition, so every one reads HBM, as decode does)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
 def triton_into(namespace: dict[str, Any]) -> ModuleType:
     """Import Triton (once) into ``namespace``, a kernel module's ``globals()``, as ``triton`` and ``tl``: the
     kernels' bodies refer to ``tl`` as a module global, as Triton wants, and the module must not import Triton
