@@ -29,6 +29,8 @@ from .step_context import StepContext
 
 log = logging.getLogger(__name__)
 
+Tokens = Sequence[int] | torch.Tensor  # host ids, or the last step's sampled tokens on the device
+
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 LENGTH_GRAIN = 128  # key/value entries: attention reads at most this many padding columns per row
 
@@ -66,11 +68,14 @@ class DecodeStep:
         dev = base.device
         # Static inputs, refreshed before every replay: token, position id, write index, LoRA slot.
         self._inputs = torch.zeros(4, max_batch, dtype=torch.long, device=dev)
+        self.vocab = base.model.get_input_embeddings().num_embeddings  # ids the embedding can look up
         self.graphs = GraphCache("decode")
 
-    def run(self, tokens: Sequence[int], positions: Sequence[int], kv_lengths: Sequence[int],
+    def run(self, tokens: Tokens, positions: Sequence[int], kv_lengths: Sequence[int],
             slots: Sequence[int]) -> torch.Tensor:
-        """Logits ``[n, vocab]`` for n rows; row i writes its new entry at ``kv_lengths[i]``."""
+        """Logits ``[n, vocab]`` for n rows; row i writes its new entry at ``kv_lengths[i]``. ``tokens``: host
+        ids, or the previous step's sampled tokens still on the device (the engine runs a step ahead of its
+        host: engine.py), which are never waited for here."""
         n = len(tokens)
         rank = self.slots.rank_of(slots)
         if not (self.use_graphs or self.bucketed):  # exact shapes
@@ -103,17 +108,26 @@ class DecodeStep:
             return kv_length + 1
         return length_bucket(kv_length + 1, self.pool.max_capacity)
 
-    def _set_inputs(self, tokens: Sequence[int], positions: Sequence[int], kv_lengths: Sequence[int],
+    def _set_inputs(self, tokens: Tokens, positions: Sequence[int], kv_lengths: Sequence[int],
                     slots: Sequence[int], batch: int, length: int) -> None:
-        """Copy the rows' inputs into the static buffers; rows n..batch-1 are padding."""
+        """Copy the rows' inputs into the static buffers; rows n..batch-1 are padding. On a GPU the copy is
+        queued from page-locked memory: it waits for no earlier work (a pageable one would wait for the step
+        still running), and the host allocator keeps the block until the copy is done."""
         self.pool.reserve(batch, length)
         self.pool.touch(0, batch, length)
-        pad = batch - len(tokens)
-        host = torch.tensor([list(tokens) + [self.base.pad_token_id] * pad, list(positions) + [0] * pad,
+        n = len(tokens)
+        pad = batch - n
+        ids = [self.base.pad_token_id] * n if isinstance(tokens, torch.Tensor) else list(tokens)
+        host = torch.tensor([ids + [self.base.pad_token_id] * pad, list(positions) + [0] * pad,
                              list(kv_lengths) + [0] * pad, list(slots) + [0] * pad], dtype=torch.long)
-        self._inputs[:, :batch].copy_(host)
+        on_gpu = self._inputs.device.type == "cuda"
+        self._inputs[:, :batch].copy_(host.pin_memory() if on_gpu else host, non_blocking=on_gpu)
+        if isinstance(tokens, torch.Tensor):
+            # -1 marks a row whose sampling failed (it ends when the host reads it): a valid id keeps the
+            # embedding lookup in bounds for this step, whose output for that row is thrown away.
+            self._inputs[0, :n].copy_(tokens.clamp(0, self.vocab - 1))
 
-    def _run_shape(self, tokens: Sequence[int], positions: Sequence[int], kv_lengths: Sequence[int],
+    def _run_shape(self, tokens: Tokens, positions: Sequence[int], kv_lengths: Sequence[int],
                    slots: Sequence[int], batch: int, length: int, rank: int) -> torch.Tensor:
         self._set_inputs(tokens, positions, kv_lengths, slots, batch, length)
         return self._forward(batch, length, rank)

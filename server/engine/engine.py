@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from ..adapters.store import LoadedAdapter
-from ..errors import AdapterdError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from ..errors import AdapterdError, ResourceExhausted, Unavailable
 from ..model import BaseModel
 from .batch import Row
-from .failures import Breakage, is_device_failure, nonfinite_message
+from .delivery import StepInFlight, hand_out, may_run_ahead
+from .failures import Breakage, is_device_failure
 from .observer import ObserverList
 from .profiling import StepProfiler
 from .request import GenerationEvent, GenerationParams, StopReason
@@ -46,6 +47,8 @@ class EngineConfig:
     int8_kernel: bool = True  # int8 base on a GPU: weight-only Triton matmul instead of bitsandbytes' own
     fused_kernels: bool = True  # on a GPU: Triton RMSNorm, decode rotary + KV append, BGMV LoRA decode kernels
     own_decoder: bool = True  # the engine's own decoder forward for the families decoder.py runs
+    run_ahead: bool = True  # launch each decode step before reading the step before's tokens (delivery.py)
+
 
 
 class Engine:
@@ -60,6 +63,9 @@ class Engine:
         self._lock = threading.Lock()
         self._rows_by_id: dict[str, Row] = {}
         self._prefilling: list[Row] = []
+        self._in_flight: StepInFlight | None = None
+        self._delivered_at = 0.0  # perf_counter when the last decode step's tokens were handed out
+        self.steps_run_ahead = 0  # decode steps launched before the previous step's tokens were read
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.eos_ids = base.eos_token_ids
@@ -177,6 +183,7 @@ class Engine:
                     row.cancelled = True
             elif kind == "call":
                 fn, future = payload
+                self._settle()  # ``fn`` sees (and may change) a batch with nothing in flight
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
@@ -217,6 +224,7 @@ class Engine:
         one then evicts none that this step admits). A row that gets no slot after all stays queued, in place."""
         if not self.waiting or len(self.batch) >= self.config.max_batch_size:
             return []
+        self._settle()  # rows join behind a batch whose tokens are all read
         waiting = list(self.waiting)
         plan = schedule([Candidate(len(r.prompt_ids) + r.num_virtual_tokens, r.lora_key, r.passed_over)
                          for r in waiting], Capacity.of([r.lora_key for r in self.batch.rows], self.config))
@@ -300,54 +308,59 @@ class Engine:
                 torch.cuda.empty_cache()
 
     def _decode(self) -> None:
+        """Launch a decode step for every running row, fed with the step in flight's tokens if there is one,
+        then hand that one's tokens out; keep the new step in flight while the batch stays steady."""
         self._make_room()
         if not self.batch.rows:
             return
         rows = self.batch.rows
+        if self._in_flight is not None and list(map(id, self._in_flight.rows)) != list(map(id, rows)):
+            self._settle()  # the batch changed under it (every change settles first): its tokens are not these
+        ahead, self._in_flight = self._in_flight, None
         started = time.perf_counter()
-        logits = self.runner.decode()
+        logits = self.runner.decode(None if ahead is None else ahead.sampled.tokens)
+        step = StepInFlight(list(rows), self.sampler.launch(0, logits), started)
         self.observers.decode_launched(rows, time.perf_counter() - started)
-        self._sample_and_emit(rows, logits, 0)
-        self.observers.decode_step(rows, time.perf_counter() - started)
+        if ahead is not None:
+            self.steps_run_ahead += 1
+            self._deliver(ahead, launched_since=1)
+        if self.config.run_ahead and may_run_ahead(rows, self.base.max_sequence_length):
+            self._in_flight = step
+            return
+        self._deliver(step, launched_since=0)
         self._retire([i for i, r in enumerate(rows) if r.finished != StopReason.NOT_FINISHED])
+
+    def _settle(self) -> None:
+        """Read and hand out the tokens of the step in flight, if any; rows it ended leave at the next retire."""
+        step, self._in_flight = self._in_flight, None
+        if step is not None:
+            self._deliver(step, launched_since=0)
+
+    def _deliver(self, step: StepInFlight, launched_since: int) -> None:
+        """Hand a decode step's tokens to its rows that were still going when it was launched (the others ended
+        at the step before: their token of this one is dropped). ``launched_since``: steps launched after
+        this one, whose positions the rows have already advanced by."""
+        live = [r for r in step.rows if r.finished == StopReason.NOT_FINISHED]
+        self._hand_out(step.rows, step.sampled.result(), launched_since)
+        now = time.perf_counter()
+        if live:  # the time since the previous step's tokens went out, or since launch if later
+            self.observers.decode_step(live, now - max(step.started, self._delivered_at))
+        self._delivered_at = now
 
     def _sample_and_emit(self, rows: list[Row], logits: torch.Tensor, first: int) -> None:
         """``rows`` hold sampler positions ``first ..`` (sampling.py): every row's token in a few batched ops
-        and one host copy. A row whose logits are not all finite (its adapter overflowed, say), or whose
-        sampling raised, ends alone."""
-        tokens, finite = self.sampler.sample(first, logits)
-        for row, token, ok in zip(rows, tokens, finite, strict=True):
-            if not ok:
-                adapter_id = row.adapter.adapter_id if row.adapter is not None else None
-                self._end_alone(row, FailedPrecondition(nonfinite_message(adapter_id)))
-            elif token < 0:
-                self._end_alone(row, InvalidArgument("sampling failed with these parameters", field="sampling"))
-            else:
-                self._accept(row, token)
+        and one host copy."""
+        self._hand_out(rows, self.sampler.sample(first, logits), 0)
 
-    def _end_alone(self, row: Row, error: AdapterdError) -> None:
-        """This row's own data failed: it ends with ERROR and ``error``; the batch goes on."""
-        log.warning("request %s ended alone: %s", row.request_id, error)
-        row.finished = StopReason.ERROR
-        row.error = error
-
-    def _accept(self, row: Row, token: int) -> None:
-        params = row.params
-        row.last_token = token
-        if token in self.eos_ids and len(row.generated) >= params.min_new_tokens:
-            row.finished = StopReason.EOS_TOKEN
-            return
-        row.generated.append(token)
-        if len(row.generated) >= params.max_new_tokens:
-            row.finished = StopReason.MAX_TOKENS
-        elif row.next_position + 1 >= self.base.max_sequence_length:  # positions count virtual tokens too
-            row.finished = StopReason.TOKEN_LIMIT
-        else:
-            row.emit(GenerationEvent("delta", generated_token_count=len(row.generated), token_ids=[token]))
+    def _hand_out(self, rows: list[Row], sampled: tuple[list[int], list[bool]], launched_since: int) -> None:
+        hand_out(rows, sampled, self.eos_ids, self.base.max_sequence_length, launched_since)
 
     def _retire(self, indices: list[int]) -> None:
         if not indices:
             return
+        if self._in_flight is not None:  # its rows are the batch's: read its tokens before the batch changes
+            self._settle()
+            indices = [i for i, r in enumerate(self.batch.rows) if r.finished != StopReason.NOT_FINISHED]
         gone = set(indices)
         for i in indices:
             self._finish(self.batch.rows[i])
@@ -376,6 +389,7 @@ class Engine:
         self.runner.clear(release)
         self.sampler.keep([])
         self._prefilling = []
+        self._in_flight = None
         for row in rows:
             self._rows_by_id.pop(row.request_id, None)
             if row.slot:  # the count only: with the device failed, no slot is evicted (that writes to it)

@@ -128,10 +128,13 @@ class ModelRunner:
         caches = (self.decoder.graphs, self.prefiller.graphs)
         return sum(c.captures for c in caches), sum(c.capture_seconds for c in caches)
 
-    def decode(self) -> torch.Tensor:
-        """One decode step for every running row: each row's next logits; positions advance by one."""
+    def decode(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step for every running row: each row's next logits; positions advance by one. The rows
+        feed their ``last_token``, or ``tokens`` (on the device, one a row: the step before's, not yet read
+        by the host)."""
         rows = self.batch.rows
-        logits = self.decoder.run([r.last_token for r in rows], [r.next_position for r in rows],
+        fed = [r.last_token for r in rows] if tokens is None else tokens
+        logits = self.decoder.run(fed, [r.next_position for r in rows],
                                   [r.kv_len for r in rows], [r.slot for r in rows])
         for row in rows:
             row.next_position += 1

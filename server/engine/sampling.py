@@ -59,6 +59,35 @@ class RowSampler:
         return self.top_k > 0 or self.top_p < 1.0
 
 
+class SampledTokens:
+    """One step's chosen tokens: on the device (``tokens``, [rows] long, -1 where a row's sampling raised)
+    and, once ``result()`` returns, on the host with each row's finite flag. On a GPU the copy to the host is
+    queued into page-locked memory behind the sampling ops and an event marks its end, so nothing here waits
+    for the device until ``result()``."""
+
+    def __init__(self, tokens: torch.Tensor, finite: torch.Tensor) -> None:
+        self.tokens = tokens
+        both = torch.stack([tokens, finite.long()])
+        self._event: torch.cuda.Event | None = None
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(both.shape, dtype=torch.long, pin_memory=True)
+            self._host.copy_(both, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = both
+        self._result: tuple[list[int], list[bool]] | None = None
+
+    def result(self) -> tuple[list[int], list[bool]]:
+        """(token a row, whether the row's logits were all finite), waiting for the device if need be."""
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            chosen, ok = self._host.tolist()
+            self._result = chosen, [bool(x) for x in ok]
+        return self._result
+
+
 class BatchSampler:
     """The running batch's sampling state. Position ``i`` is batch row ``i``; rows being prefilled take the
     positions after the batch's (``place``) and keep them when they join; ``keep`` mirrors the batch's own
@@ -124,6 +153,11 @@ class BatchSampler:
     def sample(self, first: int, logits: torch.Tensor) -> tuple[list[int], list[bool]]:
         """The next token of the rows at positions ``first ..`` (-1 where that row's sampling raised: it
         ends alone) and whether each row's logits were all finite. One device->host copy for the batch."""
+        return self.launch(first, logits).result()
+
+    def launch(self, first: int, logits: torch.Tensor) -> SampledTokens:
+        """``sample`` without waiting: the tokens are chosen on the device and their copy to the host is
+        queued; ``result()`` waits for it. Meanwhile the device tokens can feed the next step's forward."""
         finite = torch.isfinite(logits).all(-1)
         try:
             tokens = self.choose(first, logits)
@@ -132,8 +166,7 @@ class BatchSampler:
                 raise
             log.warning("batched sampling failed; sampling its rows one by one", exc_info=exc)
             tokens = self._one_by_one(first, logits)
-        chosen, ok = torch.stack([tokens, finite.long()]).tolist()
-        return chosen, [bool(x) for x in ok]
+        return SampledTokens(tokens, finite)
 
     def _one_by_one(self, first: int, logits: torch.Tensor) -> torch.Tensor:
         """After a batched failure: each row alone, so that only the row that raises again fails (-1)."""

@@ -1,0 +1,99 @@
+"""Running a decode step ahead (delivery.py): step N+1 is launched with step N's tokens still on the device, and
+rows that step N ends run one step too many. What a client sees must not change: the same tokens as PEFT alone
+and as the engine without running ahead, rows ending by end of sequence, by length and by the context limit at
+the same token, and the steps really launched ahead."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapterd.server.engine import EngineConfig, GenerationParams, StopReason
+from adapterd.server.model import load_base_model
+from adapterd.server.runtime import Runtime
+from tests.helpers import TEST_DEVICE, reference_greedy
+from tests.server.engine.test_parity import Collector, run_together
+
+JOBS = [("hello world", None), ("你是谁？", "lora-qv"), ("hi there", "prefix"), ("The quick brown fox", "lora-rs")]
+NEW_TOKENS = 12
+
+
+def _serve(tiny_model_dir, adapter_root, run_ahead: bool, eos: set[int], jobs=JOBS, params=None, limit=None):
+    """Each job's events, all admitted in one prefill, with ``eos`` as extra end-of-sequence ids; and the
+    number of steps launched ahead."""
+    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32", *([limit] if limit else []))
+    runtime = Runtime(base, adapter_root, EngineConfig(run_ahead=run_ahead))
+    runtime.engine.eos_ids = set(runtime.engine.eos_ids) | eos
+    try:
+        results = run_together(runtime, jobs, params or GenerationParams(max_new_tokens=NEW_TOKENS))
+        return results, runtime.engine.steps_run_ahead
+    finally:
+        runtime.close()
+
+
+def _cut(tokens: list[int], eos: set[int]) -> list[int]:
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in eos), tokens)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir, adapter_root):
+    return [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, NEW_TOKENS) for p, a in JOBS]
+
+
+def test_rows_ended_by_their_token_mid_batch_keep_every_other_row_exact(tiny_model_dir, adapter_root, references):
+    # End of sequence chosen among the tokens PEFT gives: row 0 ends at its 4th token, and any other row that
+    # would give that id ends there too, while the rest run on past a step they shared with the ended rows.
+    eos = {references[0][3]}
+    expected = [_cut(ref, eos) for ref in references]
+    assert len(expected[0]) == 3 and any(len(e) > 4 for e in expected)
+    ahead, launched_ahead = _serve(tiny_model_dir, adapter_root, True, eos)
+    behind, none_ahead = _serve(tiny_model_dir, adapter_root, False, eos)
+    assert launched_ahead > 0 and none_ahead == 0
+    for want, got_ahead, got_behind in zip(expected, ahead, behind, strict=True):
+        assert got_ahead[-1].token_ids == want
+        assert [e.token_ids for e in got_ahead] == [e.token_ids for e in got_behind]  # every event, in order
+        assert got_ahead[-1].stop_reason == got_behind[-1].stop_reason
+    assert ahead[0][-1].stop_reason == StopReason.EOS_TOKEN
+
+
+def test_rows_ending_by_length_end_at_the_same_token(tiny_model_dir, adapter_root, references):
+    params = GenerationParams(max_new_tokens=5, min_new_tokens=5)
+    ahead, launched_ahead = _serve(tiny_model_dir, adapter_root, True, set(), params=params)
+    assert launched_ahead > 0
+    for ref, events in zip(references, ahead, strict=True):
+        assert events[-1].stop_reason == StopReason.MAX_TOKENS
+        assert events[-1].token_ids[:len(ref[:5])] == ref[:5] and len(events[-1].token_ids) == 5
+
+
+@pytest.mark.parametrize("run_ahead", [True, False])
+def test_the_context_limit_ends_a_row_at_the_same_token(tiny_model_dir, adapter_root, run_ahead):
+    jobs = [("hello world", None), ("hi", "lora-qv")]
+    params = GenerationParams(max_new_tokens=100, min_new_tokens=100)
+    results, launched_ahead = _serve(tiny_model_dir, adapter_root, run_ahead, set(), jobs, params, limit=24)
+    assert (launched_ahead > 0) == run_ahead
+    for events in results:
+        assert events[-1].stop_reason == StopReason.TOKEN_LIMIT
+        # The last position a row may feed is 23: its prompt and generated tokens fill the 24 exactly.
+        assert events[0].input_token_count + events[-1].generated_token_count == 24
+
+
+def test_a_call_between_steps_sees_no_step_in_flight(tiny_model_dir, adapter_root):
+    """``Engine.call`` runs with every token read: the rows' host state is the device's."""
+    runtime = Runtime(load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32"), adapter_root, EngineConfig())
+    sink = Collector()
+    runtime.engine.submit("r0", runtime.tokenize("hello world"),
+                          GenerationParams(max_new_tokens=200, min_new_tokens=200), None, sink)
+    runtime.engine.start()
+    try:
+        seen = []
+        for _ in range(5):
+            seen.append(runtime.engine.call(
+                lambda: (runtime.engine._in_flight is None,
+                         [len(r.generated) + len(r.prompt_ids) for r in runtime.engine.batch.rows],
+                         [r.kv_len for r in runtime.engine.batch.rows])).result(30))
+        sink.wait_end()
+    finally:
+        runtime.close()
+    for settled, fed, kv in seen:
+        assert settled
+        # Each generated token but the last is in the cache, after the prompt: nothing launched is unread.
+        assert all(k == f - 1 for k, f in zip(kv, fed, strict=True)) or not kv
