@@ -58,9 +58,14 @@ def test_a_new_request_gets_its_first_token_before_the_running_batch_decodes(fro
             break
     front_end.send(encoder.encode(Submit("new", PROMPT, GenerationParams(max_new_tokens=4, min_new_tokens=4))))
     for frame in frames:
-        kinds = {(e.request_id, e.kind) for e in frame.events}
+        kinds = [(e.request_id, e.kind) for e in frame.events]
         if ("new", "start") in kinds:
-            assert kinds == {("new", "start"), ("new", "delta")}, kinds  # its prefill's events, nothing decoded
+            # Its prefill's events, nothing decoded after them (that step would give "new" a second delta and
+            # "long" one after them). Before them, "long" may have its token of the step that was in flight
+            # when "new" was admitted (engine/delivery.py: it is read before a row joins).
+            first = kinds.index(("new", "start"))
+            assert kinds[first:] == [("new", "start"), ("new", "delta")], kinds
+            assert set(kinds[:first]) <= {("long", "delta")}, kinds
             break
     else:
         pytest.fail("no start event for the new request")
