@@ -19,9 +19,12 @@ Two paths, by the rows ``M`` of ``x`` (flattened):
   ``SPLIT_K > 1`` the programs write fp32 partials to a workspace ``[SPLIT_K, M, N]`` (``torch.empty`` at each
   call: no host sync, capturable) and a second small kernel sums them in a fixed order (deterministic, no
   atomics) and applies the row scale, bias and output cast. The autotuner times both kernels together.
-* ``M > MAX_KERNEL_ROWS`` (prefill): a tiled GEMM kernel (BLOCK_M 64/128, grouped tile order for L2 reuse),
+* ``M > MAX_KERNEL_ROWS`` (prefill; ``int8_gemm.py``): a tiled GEMM kernel (BLOCK_M 64/128, grouped tile order for L2 reuse),
   tuned per row bucket 128, 256, ..., 4096 (larger M shares the 4096 bucket). It reads the int8 weight in
   place instead of dequantizing it to ``x.dtype`` first (a write and a re-read of a bf16 copy of the weight).
+
+The GEMV tiles also take the MLP's gate and up rows in place of x (constexpr ``GATED``): ``int8_gemv.py``. The
+tile configs are in ``int8_configs.py``.
 
 ``dequant_matmul`` (widen the weight, then torch) remains the path where no kernel can run (``x`` not on a
 CUDA device and no TRITON_INTERPRET), and the reference.
@@ -47,11 +50,13 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
+from .int8_configs import _INTERPRET_SMALL, _prune_small, _small_configs, even_k
+from .int8_gemm import MAX_GEMM_BUCKET, _large_m, gemm_bucket  # noqa: F401 (the prefill path; tests reach it here)
 from .support import interpreting, pdl_launch, quick_bench
 
 MAX_KERNEL_ROWS = 64  # rows of x served by the split-K decode kernel; more rows go to the tiled GEMM kernel
-MAX_GEMM_BUCKET = 4096  # the largest row bucket of the GEMM kernel's autotune key (more rows share it)
 MAX_SPLIT_K = 16
 _INV_127 = 1.0 / 127.0  # bitsandbytes' absmax scale: W = CB * SCB / 127
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -61,11 +66,6 @@ _REDUCE_BLOCK = 512  # outputs per program of the split-K reduction
 def row_bucket(m: int) -> int:
     """The small-M kernel's autotune bucket of ``m`` rows: the next power of two, at most ``MAX_KERNEL_ROWS``."""
     return min(MAX_KERNEL_ROWS, triton.next_power_of_2(max(m, 1)))
-
-
-def gemm_bucket(m: int) -> int:
-    """The GEMM kernel's autotune bucket of ``m`` rows: the next power of two, at most ``MAX_GEMM_BUCKET``."""
-    return min(MAX_GEMM_BUCKET, triton.next_power_of_2(max(m, 1)))
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -88,18 +88,23 @@ prmt.b32 $3, t, 0x4B000000, 0x7543;
 # of masked, so the loads of an even K need no mask; the stores are masked.
 
 
-def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noqa: N803 (Triton's naming)
+def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, u_ptr, a_ptr, M, N, K, M_BUCKET,  # noqa: N803
              stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
              HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-             USE_PDL: tl.constexpr = False):
+             USE_PDL: tl.constexpr = False, GATED: tl.constexpr = False, STORE_ACT: tl.constexpr = False,
+             ACT_ROUND_BF16: tl.constexpr = False):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
     y here; otherwise store the fp32 partial sum at ``p[split, m, n]`` (contiguous ``[SPLIT_K, M, N]``) for
     ``_splitk_reduce``. ``USE_PDL`` (launched with programmatic dependent launch, ``support.pdl_enabled``):
     the GEMV issues its first weight tile's loads, then waits for the kernels before it (``gdc_wait``) before
-    it reads x; the tensor-core tiles wait first thing. Either then lets the next kernel launch."""
+    it reads x; the tensor-core tiles wait first thing. Either then lets the next kernel launch. ``GATED``
+    (GEMV tiles only; ``int8_gemv.py``): x is ``silu(x) * u``, ``x_ptr`` the MLP's gate row and ``u_ptr`` its up
+    row (the same strides), computed as it is loaded with ``silu_mul.py``'s roundings (``ACT_ROUND_BF16``: by
+    hand, the interpreter's bf16); ``STORE_ACT``: the programs of column block 0 also write the product's
+    elements they load to ``a_ptr`` (unit stride)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_tiles = (K + BLOCK_K - 1) // BLOCK_K
@@ -123,8 +128,9 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
         rw = tl.arange(0, BLOCK_K // 4)
         wt = (w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N)[:, None] * (stride_wn // 4)
               + (k_first * (BLOCK_K // 4) + rw)[None, :])
-        xv = (x_ptr + pid_m * stride_xm + (k_first * BLOCK_K + 4 * rw)[:, None] * stride_xk
+        xo = (pid_m * stride_xm + (k_first * BLOCK_K + 4 * rw)[:, None] * stride_xk
               + tl.arange(0, 4)[None, :] * stride_xk)  # [BK / 4, 4]
+        xv = x_ptr + xo
         # Bytes of K left from each tile on, 0 past the split's end (a split past K's end loads nothing and
         # stores zeros). A block compare, not a scalar condition: the interpreter rejects a scalar-and-block
         # mask, and K % 16 == 0 (as Triton specializes it) keeps the loads 16 bytes wide.
@@ -134,14 +140,40 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(xv, mask=rw[:, None] < words_left, other=0.0)
+        if GATED:
+            uv = u_ptr + xo
+            u = tl.load(uv, mask=rw[:, None] < words_left, other=0.0)
+            av = a_ptr + (k_first * BLOCK_K + 4 * rw)[:, None] + tl.arange(0, 4)[None, :]
         sums = tl.full((BLOCK_N, BLOCK_K // 4), 0.0, tl.float32)
         for k in range(k_first, k_stop):
             xv += BLOCK_K * stride_xk
             wt += BLOCK_K // 4
-            words_left = tl.where(k + 1 < k_stop, K // 4 - (k + 1) * (BLOCK_K // 4), 0)
-            x_next = tl.load(xv, mask=rw[:, None] < words_left, other=0.0)
-            w_next = tl.load(wt, mask=rw[None, :] < words_left, other=0, eviction_policy="evict_first")
-            x02, x13 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_K // 4, 2, 2)))
+            words_next = tl.where(k + 1 < k_stop, K // 4 - (k + 1) * (BLOCK_K // 4), 0)
+            x_next = tl.load(xv, mask=rw[:, None] < words_next, other=0.0)
+            w_next = tl.load(wt, mask=rw[None, :] < words_next, other=0, eviction_policy="evict_first")
+            xf = x.to(tl.float32)
+            if GATED:  # silu_mul.py's values, bit for bit (see there); the masked tail is silu(0) * 0 = 0
+                uv += BLOCK_K * stride_xk
+                u_next = tl.load(uv, mask=rw[:, None] < words_next, other=0.0)
+                if INTERPRETED:
+                    sg = xf / (1.0 + tl.exp(-xf))
+                else:
+                    sg = tl.math.div_rn(xf, 1.0 + libdevice.exp(-xf))
+                if ACT_ROUND_BF16:
+                    sb = sg.to(tl.uint32, bitcast=True)
+                    sg = ((sb + 0x7FFF + ((sb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+                    xf = sg * u.to(tl.float32)
+                    xb = xf.to(tl.uint32, bitcast=True)
+                    xf = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+                else:
+                    xf = (sg.to(x.dtype).to(tl.float32) * u.to(tl.float32)).to(x.dtype).to(tl.float32)
+                if STORE_ACT:  # column block 0's programs: each split stores the tiles it loads
+                    act_words = tl.where(pid_n == 0, words_left, 0)
+                    tl.store(av, xf.to(a_ptr.dtype.element_ty), mask=rw[:, None] < act_words)
+                    av += BLOCK_K
+                u = u_next
+            words_left = words_next
+            x02, x13 = tl.split(tl.reshape(xf, (BLOCK_K // 4, 2, 2)))
             x0, x2 = tl.split(x02)
             x1, x3 = tl.split(x13)
             # int8 -> fp32 without the I2F conversion (a quarter-rate instruction on Hopper: 16 a cycle an SM,
@@ -213,116 +245,6 @@ def _splitk_reduce(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,  # no
     tl.store(y_ptr + (idx // N) * stride_ym + n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _int8_gemm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,  # noqa: N803 (Triton's naming)
-               stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-               HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """One ``[BLOCK_M, BLOCK_N]`` tile of y for large M (prefill): a 1-D grid walked in groups of ``GROUP_M``
-    row blocks (the programs running together share weight tiles and activation tiles in L2). The int8
-    weight tile is widened to x's dtype in registers; no eviction hint: other row blocks re-read it."""
-    pid = tl.program_id(0)
-    grid_m = (M + BLOCK_M - 1) // BLOCK_M
-    grid_n = (N + BLOCK_N - 1) // BLOCK_N
-    per_group = GROUP_M * grid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    xs = x_ptr + (rm % M)[:, None] * stride_xm + rk[None, :] * stride_xk
-    ws = w_ptr + (rn % N)[None, :] * stride_wn + rk[:, None] * stride_wk
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
-            x = tl.load(xs)
-            w = tl.load(ws)
-        else:
-            k_left = K - k * BLOCK_K
-            x = tl.load(xs, mask=rk[None, :] < k_left, other=0.0)
-            w = tl.load(ws, mask=rk[:, None] < k_left, other=0)
-        if DOT_F32:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
-        xs += BLOCK_K * stride_xk
-        ws += BLOCK_K * stride_wk
-    acc = acc * (tl.load(s_ptr + rn % N) * (1.0 / 127.0))[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn % N).to(tl.float32)[None, :]
-    ys = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    tl.store(ys, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-# ---------------------------------------------------------------------------------------------- configs
-
-
-def _small_configs() -> list[triton.Config]:
-    """Tiles for M <= 64 rows (``_prune_small`` picks the ones for a key: at most 28).
-
-    BLOCK_M 16 (every bucket; more rows make more row blocks): BLOCK_N 32..256 and SPLIT_K 1..16 trade
-    parallelism (N / BLOCK_N * SPLIT_K programs for 132 SMs) against per-program overhead and the partials'
-    traffic; BLOCK_K 128..512 int8 bytes a row and 2-4 stages keep 8-48 KB of weight in flight a program.
-    BLOCK_M 32 and 64 (only for the bucket of that size: one row block, each weight tile read once).
-    BLOCK_M 1 (only for the 1-row bucket, batch-1 decode): a GEMV without tensor cores. A tensor-core tile has
-    16 rows, 15 of them padding at M = 1, and its 32..256-column tiles give a 4096-row weight 16..128
-    programs; 2..32-row GEMV tiles give 128..2048, each streaming whole weight rows, 2-32 KB a tile (16 bytes
-    a thread a load, 8-16 loads in flight with the next tile's) and 16-64 fp32 sums a thread (on the H200,
-    2026-12-03, 1024-column tiles of 4 or 8 rows at 2 rows a warp won every Llama shape, and 2048 columns did
-    not help; the tiles of 4 rows a warp reuse each x value for twice the weight bytes: ~4.2 instructions a
-    weight byte in the loop, against 4.6 at 2 rows a warp, by cuobjdump of the sm_90 cubin). K must be a
-    multiple of 4 (words; the other shapes keep the tensor-core tiles). At M = 1
-    the tensor-core configs read a 4096x4096 weight at 1.06 TB/s of the H200's 4.8 (bench/RESULTS.md, ccbaeb0);
-    the autotuner keeps whichever is faster per shape."""
-    narrow = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), BLOCK_M 16
-        (32, 256, 1, 2, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 4), (128, 256, 1, 8, 3),
-        (32, 256, 2, 2, 4), (64, 256, 2, 4, 3), (128, 256, 2, 8, 3),
-        (32, 256, 4, 2, 4), (64, 256, 4, 4, 3), (128, 128, 4, 4, 4), (64, 512, 4, 8, 3), (256, 128, 4, 8, 3),
-        (32, 256, 8, 2, 4), (64, 128, 8, 4, 4), (64, 256, 8, 4, 3), (128, 128, 8, 4, 3), (256, 128, 8, 8, 3),
-        (32, 256, 16, 2, 3), (64, 128, 16, 4, 4), (64, 256, 16, 4, 2),
-    ]
-    wide = [(64, 256, 1, 4, 3), (128, 128, 1, 8, 3), (64, 256, 2, 4, 3), (64, 256, 4, 4, 3), (64, 128, 8, 4, 4)]
-    gemv = [(2, 1024, 1, 1, 1), (4, 1024, 1, 2, 1), (8, 1024, 1, 4, 1), (16, 1024, 1, 8, 1), (8, 1024, 1, 2, 1),
-            (16, 1024, 1, 4, 1), (32, 1024, 1, 8, 1), (8, 512, 1, 2, 1), (16, 512, 1, 4, 1), (8, 1024, 2, 4, 1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s}, num_warps=w, num_stages=st)
-            for bm, tiles in ((16, narrow), (32, wide), (64, wide), (1, gemv)) for bn, bk, s, w, st in tiles]
-
-
-def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """For row bucket ``b``: BLOCK_M 16, plus BLOCK_M == b for b = 1 (K a multiple of 4), 32, 64; SPLIT_K 16
-    only up to 16 rows (a 32-64 row tile has work enough); no more splits than K tiles. At one row, of the
-    tensor-core tiles only those 128 or 256 columns wide (the only ones that came near the GEMV tiles on the
-    H200, 2026-12-03)."""
-    bucket, k = named_args["M_BUCKET"], named_args["K"]
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_M"] in (16, bucket)
-            and (c.kwargs["BLOCK_M"] != 1 or k % 4 == 0)  # the GEMV reads the weight as 4-byte words
-            and (bucket != 1 or c.kwargs["BLOCK_M"] == 1 or c.kwargs["BLOCK_N"] >= 128)
-            and (c.kwargs["SPLIT_K"] < 16 or bucket <= 16)
-            and c.kwargs["SPLIT_K"] <= triton.cdiv(k, c.kwargs["BLOCK_K"])]
-    return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.kwargs["SPLIT_K"] == 1]
-
-
-def _gemm_configs() -> list[triton.Config]:
-    """Tiles for M > 64 rows (9 a key; the bf16 matmul tutorial's Hopper tiles, BLOCK_K 32/64). Shared memory
-    a stage: BLOCK_M * BLOCK_K * 2 + BLOCK_K * BLOCK_N bytes, at most 32 KB (x3 stages)."""
-    tiles = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
-             (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 4), (128, 128, 32, 4, 4),
-             (64, 128, 32, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in tiles]
-
-
-# The interpreter's single configs: small tiles (it runs each program in numpy, and tests want speed).
-_INTERPRET_SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}
-_INTERPRET_GEMM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
-
-
-def _even_k(kernel):
-    return triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(kernel)
-
-
 @functools.cache
 def _small_kernels(interpret: bool):
     """(the split-K kernel, its autotuner or None in the interpreter, the reduction), built at the first
@@ -331,7 +253,7 @@ def _small_kernels(interpret: bool):
     (``cache_results``, keyed by Triton version, GPU target, kernel source, shape key and configs; next to
     the compiled kernels in ``~/.triton/cache``), so a restart does not benchmark again. Its post hook runs
     the reduction after each timed split-K launch, so a config is timed with its reduction."""
-    mm = _even_k(triton.jit(_int8_mm, do_not_specialize=["M", "M_BUCKET"]))
+    mm = even_k(triton.jit(_int8_mm, do_not_specialize=["M", "M_BUCKET"]))
     reduce = triton.jit(_splitk_reduce, do_not_specialize=["M"])
     if interpret:
         return mm, None, reduce
@@ -340,16 +262,6 @@ def _small_kernels(interpret: bool):
                             do_bench=quick_bench, cache_results=True)(mm)
     return mm, tuner, reduce
 
-
-@functools.cache
-def _gemm_kernels(interpret: bool):
-    """(the large-M kernel, its autotuner), built lazily and cached on disk as ``_small_kernels``."""
-    if interpret:
-        configs, tuning = [triton.Config(_INTERPRET_GEMM)], {}
-    else:
-        configs, tuning = _gemm_configs(), {"do_bench": quick_bench, "cache_results": True}
-    gemm = _even_k(triton.jit(_int8_gemm, do_not_specialize=["M", "M_BUCKET"]))
-    return gemm, triton.autotune(configs, key=["M_BUCKET", "N", "K"], **tuning)(gemm)
 
 # ---------------------------------------------------------------------------------------------- wrappers
 
@@ -396,11 +308,28 @@ def _reduce_hook(nargs: dict, exception: BaseException | None) -> None:
 _CHOSEN: dict[tuple, dict] = {}
 
 
+def _small_key(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+               interpret: bool) -> tuple:
+    """``_CHOSEN``'s key for these operands (``x2 [M, K]``)."""
+    (m, k), n = x2.shape, cb.shape[0]
+    return (interpret, row_bucket(m), n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
+
+
+def small_m_config(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                   interpret: bool) -> dict | None:
+    """The tiles ``_small_m`` launches for these without tuning: the tuned choice, the interpreter's own, or
+    None (a key not tuned yet on the GPU)."""
+    return _CHOSEN.get(_small_key(x2, cb, scb, bias, interpret)) or (_INTERPRET_SMALL if interpret else None)
+
+
 def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-             interpret: bool, config: dict | None = None) -> torch.Tensor:
+             interpret: bool, config: dict | None = None,
+             gated: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """The split-K kernel on ``x2 [M, K]`` (M <= MAX_KERNEL_ROWS); returns ``[M, N]`` in ``x2.dtype``.
     ``config`` (tests): launch kwargs (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, optionally
-    ``num_warps``, ``num_stages``) to run instead of the tuned choice."""
+    ``num_warps``, ``num_stages``) to run instead of the tuned choice. ``gated`` (``int8_gemv.py``, with a GEMV
+    ``config``): ``(up, act)``, x2 being the gate: the kernel multiplies ``silu(x2) * up``, and writes it to
+    ``act`` (a contiguous row) where that is not None."""
     (m, k), n = x2.shape, cb.shape[0]
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     if m == 0:
@@ -412,44 +341,29 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         cb = cb.clone(memory_format=torch.contiguous_format)
     mm, tuner, _ = _small_kernels(interpret)
     bucket, b = row_bucket(m), scb if bias is None else bias
-    key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
+    key = _small_key(x2, cb, scb, bias, interpret)
     meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
             **pdl_launch(x2.device)}
+    u, a = x2, y  # unread unless gated (any pointers of the dtypes the plain kernel was compiled with)
+    if gated is not None:
+        if config is None or config["BLOCK_M"] != 1 or gated[0].stride(1) != x2.stride(1) or m != 1:
+            raise ValueError("the gated kernel takes GEMV tiles (BLOCK_M 1), one row, gate and up of one column stride")
+        u, a = gated[0], y if gated[1] is None else gated[1]
+        meta.update(GATED=True, STORE_ACT=gated[1] is not None,
+                    ACT_ROUND_BF16=interpret and x2.dtype == torch.bfloat16)
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
     grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
     config = config or _CHOSEN.get(key) or (_INTERPRET_SMALL if tuner is None else None)
     if config is None:  # first call of this key on the GPU: tune, with room for the largest split
         p = torch.empty((MAX_SPLIT_K, m, n), device=x2.device, dtype=torch.float32)
-        tuner[grid](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta)
+        tuner[grid](x2, cb, scb, b, y, p, u, a, m, n, k, bucket, *strides, **meta)
         config = _CHOSEN[key] = tuner.best_config.all_kwargs()
     else:  # fp32 either way: the pointer's dtype is part of the compiled kernel's signature
         p = torch.empty((config["SPLIT_K"], m, n) if config["SPLIT_K"] > 1 else (1,), device=x2.device,
                         dtype=torch.float32)
-        mm[grid(config)](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta, **config)
+        mm[grid(config)](x2, cb, scb, b, y, p, u, a, m, n, k, bucket, *strides, **meta, **config)
     if config["SPLIT_K"] > 1:
         _reduce(p, scb, b, y, bias is not None, config["SPLIT_K"], interpret)
-    return y
-
-
-def _large_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-             interpret: bool, config: dict | None = None) -> torch.Tensor:
-    """The tiled GEMM kernel on ``x2 [M, K]`` (any M; used above MAX_KERNEL_ROWS). ``config`` (tests): launch
-    kwargs (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, optionally ``num_warps``, ``num_stages``) to run
-    instead of the tuned choice."""
-    (m, k), n = x2.shape, cb.shape[0]
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    if m == 0:
-        return y
-    cb = cb if cb.stride(1) == 1 else cb.contiguous()
-    gemm, tuner = _gemm_kernels(interpret)
-    grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
-    args = (x2, cb, scb, scb if bias is None else bias, y, m, n, k, gemm_bucket(m),
-            x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
-    meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32}
-    if config is None:
-        tuner[grid](*args, **meta)
-    else:
-        gemm[grid(config)](*args, **meta, **config)
     return y
 
 

@@ -159,3 +159,63 @@ def test_one_row_float_matmuls_go_through_the_gemv_kernel(model, monkeypatch):
     assert must <= set(shapes) and calls >= steps * (2 * layers + 1), (set(shapes), calls)
     for t, (a, b) in enumerate(zip(got, want, strict=True)):
         assert torch.allclose(a.float(), b.float(), atol=0.05, rtol=0.02), (t, (a.float() - b.float()).abs().max())
+
+
+@pytest.mark.parametrize("base", ["dense", "int8", "dense-lora", "int8-lora"])
+@torch.no_grad()
+def test_one_row_silu_mul_is_fused_into_the_down_projection(model, base, monkeypatch):
+    """A bf16 Llama, one row, the kernels on (Triton's interpreter): at each decode step the MLP's ``silu(gate) *
+    up`` runs inside down_proj's GEMV (``dense_gemv.gated_gemv`` on a float base, ``int8_gemv.gated_matmul`` on
+    an int8 one, whose 1-row tiles are made GEMV tiles here as on the GPU), with a LoRA adapter on down_proj or
+    none (its delta reads the product row the kernel stores); every step's logits equal the unfused path's
+    (``silu_mul``, then the plain GEMV) exactly."""
+    pytest.importorskip("triton")
+    if model.config.model_type != "llama":
+        pytest.skip("the same MLP wiring in every family with gate/up fused; the interpreter is slow")
+    import adapterd.server.adapters.lora as lora
+    from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
+    from adapterd.server.kernels import dense_gemv, int8_gemv
+    from adapterd.server.kernels import int8_matmul as km
+    from adapterd.server.kernels.int8_linear import Int8WeightOnlyLinear
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    if base.startswith("int8"):
+        monkeypatch.setattr(km, "_INTERPRET_SMALL", {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1})
+        for layer in half.model.layers:
+            w = layer.mlp.down_proj.weight.float()
+            scb = w.abs().amax(1).clamp_min(1e-8)
+            cb = torch.round(w * 127 / scb[:, None]).to(torch.int8)
+            layer.mlp.down_proj = Int8WeightOnlyLinear(cb, scb, None)
+    rows = None
+    if base.endswith("lora"):
+        names = [n for n, _ in half.named_modules() if n.endswith("mlp.down_proj")]
+        generator = torch.Generator().manual_seed(3)
+        modules = {n: LoraModule(torch.randn(4, m.in_features, generator=generator) * 0.1,
+                                 torch.randn(m.out_features, 4, generator=generator) * 0.1, 2.0)
+                   for n, m in half.named_modules() if n in names}
+        table = lora.LoraSlotTable(half, num_slots=2, max_rank=8, dtype=torch.bfloat16, device=torch.device("cpu"),
+                                   use_kernel=False)
+        rows = table.rows_of([table.acquire("a", LoraWeights(modules=modules, rank=4,
+                                                              target_modules=["down_proj"]))], "decode")
+        assert isinstance(half.model.layers[0].mlp.down_proj, lora.BatchedLoraLinear)
+    ids = torch.randint(3, half.config.vocab_size, (1, LENGTH), generator=torch.Generator().manual_seed(2))
+    decoder = Decoder(half)
+    assert decoder.gemv and decoder.act_kernel
+    fused: list[bool] = []
+    for module, name in ((dense_gemv, "gated_gemv"), (int8_gemv, "gated_matmul")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, **k: fused.append(k["store_act"]) or real(*a, **k))
+    with step_context(StepContext("decode", rows)):
+        got = step_logits(decoder, half, ids)
+        assert fused == [rows is not None] * ((LENGTH - PROMPT) * half.config.num_hidden_layers)
+        monkeypatch.setattr(dense_gemv, "gated_chosen", lambda *a: False)  # the unfused path
+        monkeypatch.setattr(int8_gemv, "gated_config", lambda *a: None)
+        want = step_logits(decoder, half, ids)
+    assert len(fused) == (LENGTH - PROMPT) * half.config.num_hidden_layers  # none more
+    for t, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, b), (t, (a.float() - b.float()).abs().max())
+    if rows is not None:  # the adapter's delta is in: not the base model's logits
+        with step_context(StepContext("decode")):
+            plain = step_logits(decoder, half, ids)
+        assert not torch.equal(plain[-1], got[-1])

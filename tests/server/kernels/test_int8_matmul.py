@@ -211,9 +211,10 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET")  # triton.jit below must build a compiled kernel, not the interpreter's
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = triton.jit(km._int8_mm)
-    pointers = dict(zip(("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "p_ptr"),
-                        ("*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32"), strict=True))
-    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", "INTERPRETED", "USE_PDL", *km._INTERPRET_SMALL)
+    pointers = dict(zip(("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "p_ptr", "u_ptr", "a_ptr"),
+                        ("*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32", "*bf16", "*bf16"), strict=True))
+    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", "INTERPRETED", "USE_PDL", "GATED", "STORE_ACT", "ACT_ROUND_BF16",
+             *km._INTERPRET_SMALL)
     gemv = [c for c in km._small_configs() if c.kwargs["BLOCK_M"] == 1]
     assert len(gemv) == 10
 
@@ -223,7 +224,7 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
         aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym"] if even else []
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": even, "INTERPRETED": False,
-                                       "USE_PDL": even,
+                                       "USE_PDL": even, "GATED": False, "STORE_ACT": False, "ACT_ROUND_BF16": False,
                                        **c.kwargs, **dict.fromkeys(unit_strides, 1)},
                            attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
         return triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -298,23 +299,6 @@ def test_tuning_times_each_split_with_its_reduction_then_launches_the_choice(mon
     torch.testing.assert_close(km.int8_weight_matmul(x, cb, scb, bias), _reference(x, cb, scb, bias),
                                rtol=1e-5, atol=1e-5)
     assert (4, 4, 70) in workspaces
-
-
-def test_small_m_gpu_configs_are_pruned_per_bucket():
-    """The autotune space per key stays small (warm-up times each config of each (shape, bucket))."""
-    configs = km._small_configs()
-
-    def kept(bucket, k=4096):
-        return km._prune_small(configs, {"M_BUCKET": bucket, "K": k})
-
-    assert [len(kept(b)) for b in (1, 2, 4, 8, 16, 32, 64)] == [17] + [20] * 4 + [22, 22]
-    assert {c.kwargs["SPLIT_K"] for c in kept(1)} == {1, 2, 4, 8}
-    assert {c.kwargs["BLOCK_M"] for c in kept(1)} == {1, 16}  # the GEMV tiles beside the tensor-core ones
-    assert all(c.kwargs["BLOCK_M"] != 1 for b in (2, 4, 8, 16, 32, 64) for c in kept(b))
-    assert {c.kwargs["BLOCK_M"] for c in kept(64)} == {16, 64}
-    assert all(c.kwargs["SPLIT_K"] <= -(-520 // c.kwargs["BLOCK_K"]) for c in kept(1, 520))
-    assert {c.kwargs["BLOCK_M"] for c in kept(1, 4098)} == {16}  # K not whole 4-byte words: no GEMV tiles
-    assert len(km._gemm_configs()) == 9
 
 
 def test_zero_rows_and_bad_shapes():
