@@ -21,9 +21,11 @@ each on the same inputs:
 * ``ours``      what decode steps ran from 4452dda: the rotation of q and k and both cache writes in one Triton
   launch (``server/kernels/rope_append.py``, bit for bit transformers' rotation), then SDPA as in ``eager``.
   Skipped where its kernel cannot run (the CPU without ``TRITON_INTERPRET=1``);
-* ``splitN``    what they run since 789a942: ``ours``' rotary + append, then attention split along the keys in
+* ``splitN``    what they ran from 789a942: ``ours``' rotary + append, then attention split along the keys in
   N-entry chunks (``server/kernels/decode_attention.py``; the engine's N is its ``CHUNK``, 64; ``--chunks``
-  names the Ns to time). Skipped where ``ours`` is.
+  names the Ns to time) and the splits merged by a second launch (``fused=False``). Skipped where ``ours`` is;
+* ``fusedN``    what they run now: as ``splitN``, the merge done by the last split of each row and head to finish
+  instead of a launch of its own (``fused=True``, the same bits as ``splitN``). Skipped where ``ours`` is.
 
 FlashInfer (batch decode over a paged cache, its RoPE and append kernels) was the other candidate the issue names.
 Its wheel, flashinfer-python 0.7.4, is 101 MB and needs nvidia-cutlass-dsl, cuda-tile and apache-tvm-ffi besides:
@@ -37,6 +39,7 @@ as they do in the engine's decode graphs.
 
     python3 bench/attention_bench.py                      # on the GPU: Llama-2-7B and Llama-3-8B heads, 1 and 32 rows
     python3 bench/attention_bench.py --variants ours,split32,split64,split128 --chunks 32,64,128
+    python3 bench/attention_bench.py --variants split64,fused64 --rows 1   # the merge's launch against none
     python3 bench/attention_bench.py --device cpu --shape tiny --variants eager,flex   # the CPU check (tests)
 """
 
@@ -199,7 +202,7 @@ def variants(names: list[str], compile_ok: bool,
                                                   enable_gqa=x.kv_heads != x.heads)
         return call
 
-    def build_split(chunk: int) -> Callable[[Inputs], Callable[[], torch.Tensor]]:
+    def build_split(chunk: int, fused: bool = False) -> Callable[[Inputs], Callable[[], torch.Tensor]]:
         def build(x: Inputs) -> Callable[[], torch.Tensor]:
             from adapterd.server.kernels.decode_attention import decode_attention
             from adapterd.server.kernels.rope_append import rope_append
@@ -210,12 +213,13 @@ def variants(names: list[str], compile_ok: bool,
 
             def call() -> torch.Tensor:
                 rq = rope_append(q, k, v, x.cos, x.sin, keys, values, x.pos)
-                return decode_attention(rq, keys, values, x.mask, x.dim**-0.5, chunk=chunk)
+                return decode_attention(rq, keys, values, x.mask, x.dim**-0.5, chunk=chunk, fused=fused)
             return call
         return build
 
     table = {"eager": make(eager), "compiled": make(compiled_step), "flex": build_flex, "liger": build_liger,
-             "ours": build_ours, **{f"split{c}": build_split(c) for c in chunks}}
+             "ours": build_ours, **{f"split{c}": build_split(c) for c in chunks},
+             **{f"fused{c}": build_split(c, fused=True) for c in chunks}}
     return {n: table[n] for n in names}
 
 
@@ -232,9 +236,10 @@ def main() -> int:
     p.add_argument("--rows", default="1,32")
     p.add_argument("--ctx", type=int, default=512, help="positions of the longest row")
     p.add_argument("--bucket", type=int, default=640, help="cache entries attention reads (the engine pads to it)")
-    p.add_argument("--variants", default="eager,compiled,flex,liger,ours,split64",
-                   help="comma-separated: eager, compiled, flex, liger, ours, split<N> (N among --chunks)")
-    p.add_argument("--chunks", default="64", help="comma-separated entries a split for the split<N> variants")
+    p.add_argument("--variants", default="eager,compiled,flex,liger,ours,split64,fused64",
+                   help="comma-separated: eager, compiled, flex, liger, ours, split<N>, fused<N> (N among --chunks)")
+    p.add_argument("--chunks", default="64",
+                   help="comma-separated entries a split for the split<N> and fused<N> variants")
     p.add_argument("--calls", type=int, default=32, help="calls captured in one graph (one per layer)")
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--json-out", type=Path)
@@ -243,9 +248,9 @@ def main() -> int:
     dtype = torch.bfloat16 if gpu else torch.float32
     names = args.variants.split(",")
     chunks = tuple(int(c) for c in args.chunks.split(","))
-    known = {"eager", "compiled", "flex", "liger", "ours", *(f"split{c}" for c in chunks)}
+    known = {"eager", "compiled", "flex", "liger", "ours", *(f"{v}{c}" for v in ("split", "fused") for c in chunks)}
     if set(names) - known:
-        p.error(f"--variants: unknown {', '.join(sorted(set(names) - known))} (split<N> needs N in --chunks)")
+        p.error(f"--variants: unknown {', '.join(sorted(set(names) - known))} (split<N>, fused<N> need N in --chunks)")
     results, failed = [], False
     print(f"{torch.cuda.get_device_name(0) if gpu else 'CPU'}; {dtype}; ctx {args.ctx} in a {args.bucket}-entry bucket")
     for shape in args.shape.split(","):

@@ -13,7 +13,13 @@ reduction kernel (~10 us a layer on the H200 for 512 entries, bench/NOTES.md). H
   the length bucket) reads no key or value and writes ``l = 0``: rows shorter than the bucket read only what
   they see, so the cost follows each row's own length.
 * ``_attention_combine``: program ``(row, head)`` merges the splits in a fixed order (``exp(m_s - max m)``
-  weighted) and writes the output in the query's dtype.
+  weighted) and writes the output in the query's dtype. Or, with ``fused`` (the default at few rows: launch and
+  dependency latency, not bytes, bound a step there), no second launch: each partials program, once its partials
+  are stored, adds 1 to its (row, key/value head)'s counter (release-acquire, after a barrier of the program's
+  threads), and the one that finds the other splits all counted merges them, its group's heads one by one, with
+  the combine's operations in the combine's order (the same bits, whatever order the programs end in; the others'
+  partials read past L1, ``.cg``), writes the output and sets the counter back to 0. The counters are a zeroed
+  buffer kept per device and size (``counters``), so CUDA graphs replay on zeros.
 
 Splits are fixed ``CHUNK``-entry ranges of the keys, and a split that sees nothing adds exact zeros, so a row's
 result depends neither on the length bucket nor on what else shares its step. Scores, softmax and sums run in
@@ -22,8 +28,9 @@ round them to bf16 before their second matmul), while grouped heads (Llama 3, Mi
 products of the group on the tensor cores, the probabilities to ~fp32 precision (``_attention_partials``). Masked
 entries weigh exactly 0, as in SDPA (the pool keeps them finite: see ``kv_pool.py``).
 
-CUDA graphs: no host sync; the partials are ``torch.empty`` at each call. Triton is imported on first use;
-with ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests).
+CUDA graphs: no host sync; the partials are ``torch.empty`` at each call, the counters made once a device and size
+(best at an eager call before capture, a warm-up). Triton is imported on first use; with ``TRITON_INTERPRET=1`` the
+kernels run on CPU tensors (the tests).
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ MAX_HEAD_DIM = 256
 # Splits the combine merges at a time, a loop over blocks of them past that; fixed (not sized to the splits) so
 # that the sums' order does not depend on the length bucket either
 COMBINE_BLOCK = 32
+# The merge in the partials kernel by the last split to finish (one launch, ``fused``) where it paid on the H200
+# (bench/attention_bench.py, split64 against fused64, rotary + append included, us a layer, 2026-12-03): one query
+# head a key/value head and up to 256 (row, head) pairs, e.g. Llama-2-7B at 1 row 12.5 -> 8.8, 8 rows 28.6 -> 26.9,
+# but 16 rows 43.2 -> 45.0 and 32 rows 75.0 -> 83.0; with grouped heads (Llama-3-8B, one program merging its 4
+# heads one after the other) it lost at every size (1 row 7.0 -> 12.1, 32 rows 44.4 -> 52.6)
+FUSE_MAX_PROGRAMS = 256
 
 # Bound on first use by ``_triton()``: the kernels' bodies refer to ``tl`` as a module global.
 triton = None
@@ -62,7 +75,9 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                         stride_mb, stride_mt,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
-                        G_PAD: tl.constexpr = 0, DOT_F32: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                        G_PAD: tl.constexpr = 0, DOT_F32: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+                        count_ptr=None, o_ptr=None, stride_ob=0, stride_oh=0, FUSED: tl.constexpr = False,
+                        BLOCK_S: tl.constexpr = 32):
     """Split ``program_id(1)`` of key/value head ``program_id(0) % KV_HEADS`` of row ``program_id(0) //
     KV_HEADS``: for each of its ``GROUP`` query heads, ``m``, ``l`` and ``acc`` at ``[row, head, split]``.
 
@@ -71,7 +86,10 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
     ``Q K^T`` and ``P V`` on the tensor cores, the keys' and values' dtype in, fp32 sums out (exact products of
     bf16 or fp16 scores; the probabilities kept to ~fp32 precision by three tf32 products, where SDPA's kernels
     round them to bf16), or fp32 throughout with ``DOT_F32`` (fp32 or mixed dtypes, and the interpreter). Reducing
-    across lanes once per head made a group of 4 at 32 rows 3x slower than cuDNN (H200, 2026-12-03)."""
+    across lanes once per head made a group of 4 at 32 rows 3x slower than cuDNN (H200, 2026-12-03).
+
+    ``FUSED``: then the program that stores the last of the row's and key/value head's splits (``count_ptr``'s
+    counter, one a program row) merges them as ``_attention_combine`` does, into ``o_ptr``, and zeroes it again."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
@@ -143,6 +161,34 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
             tl.store(m_ptr + out + g * SPLITS, -float("inf"))
             tl.store(l_ptr + out + g * SPLITS, 0.0)
             tl.store(acc_ptr + (out + g * SPLITS) * BLOCK_D + d, tl.full((BLOCK_D,), 0.0, tl.float32))
+    if FUSED:  # the last split to arrive merges (no combine launch): see the module's docstring
+        tl.debug_barrier()  # every thread's stores above come before the (one-thread) release below
+        arrived = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel")  # splits stored before this one's
+        if arrived == SPLITS - 1:
+            tl.debug_barrier()  # the acquire above comes before any thread of the program reads
+            s = tl.arange(0, BLOCK_S)
+            for g in tl.static_range(GROUP):  # as _attention_combine, head by head: same operations, same order
+                hq = (bh * GROUP + g).to(tl.int64)  # [row, q_head]
+                top = tl.reduce(tl.load(m_ptr + hq * SPLITS + s, mask=s < SPLITS, other=-float("inf"),
+                                        cache_modifier=".cg"), 0, tl.standard._elementwise_max)
+                for first in range(BLOCK_S, SPLITS, BLOCK_S):
+                    block = tl.load(m_ptr + hq * SPLITS + first + s, mask=first + s < SPLITS, other=-float("inf"),
+                                    cache_modifier=".cg")
+                    top = tl.maximum(top, tl.reduce(block, 0, tl.standard._elementwise_max))
+                total = tl.reduce(tl.full((BLOCK_S,), 0.0, tl.float32), 0, tl.standard._sum_combine)
+                merged = tl.full((BLOCK_D,), 0.0, tl.float32)
+                for first in range(0, SPLITS, BLOCK_S):
+                    live = first + s < SPLITS
+                    m = tl.load(m_ptr + hq * SPLITS + first + s, mask=live, other=-float("inf"), cache_modifier=".cg")
+                    weight = tl.where(m > -float("inf"), tl.exp(m - top), 0.0)
+                    total += tl.reduce(weight * tl.load(l_ptr + hq * SPLITS + first + s, mask=live, other=0.0,
+                                                        cache_modifier=".cg"), 0, tl.standard._sum_combine)
+                    part = tl.load(acc_ptr + (hq * SPLITS + first + s)[:, None] * BLOCK_D + d[None, :],
+                                   mask=live[:, None], other=0.0, cache_modifier=".cg")
+                    merged += tl.reduce(weight[:, None] * part, 0, tl.standard._sum_combine)
+                tl.store(o_ptr + b * stride_ob + (kv * GROUP + g) * stride_oh + d,
+                         (merged / total).to(o_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+            tl.atomic_xchg(count_ptr + bh, 0)  # zero again for the next call (or graph replay)
 
 
 def _attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, Q_HEADS, stride_ob, stride_oh,  # noqa: N803
@@ -187,7 +233,7 @@ def _triton():
 def _kernels(interpret: bool):
     """The jitted kernels, built at the first call of each mode (``triton.jit`` reads TRITON_INTERPRET)."""
     jit = _triton().jit
-    return (jit(_attention_partials, do_not_specialize=["LENGTH", "SPLITS"]),
+    return (jit(_attention_partials, do_not_specialize=["LENGTH", "SPLITS", "stride_ob", "stride_oh"]),
             jit(_attention_combine, do_not_specialize=["SPLITS"]))
 
 
@@ -209,11 +255,37 @@ def fits(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.
             and mask.dtype in _DTYPES and q.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1)
 
 
+def fuse_merge(rows: int, kv_heads: int, group: int) -> bool:
+    """Whether ``decode_attention`` merges in the partials kernel by default (``FUSE_MAX_PROGRAMS``)."""
+    return group == 1 and rows * kv_heads <= FUSE_MAX_PROGRAMS
+
+
+@functools.cache
+def _counters(device: torch.device, size: int) -> torch.Tensor:
+    """The fused path's arrival counters on ``device``, ``size`` of them, zeros: made once per device and size and
+    kept for the process (a CUDA graph captured with them replays on them; the kernel leaves them at zero)."""
+    return torch.zeros(size, device=device, dtype=torch.int32)
+
+
+def counters(device: torch.device | str, programs: int) -> torch.Tensor:
+    """At least ``programs`` zeroed counters on ``device`` for ``decode_attention(..., fused=True)``: a shared
+    buffer (a power of two of them, 256 or more), so calls of any size on one device share a few. Calls that may
+    run at the same time on two streams of one device need their own (``decode_attention``'s ``counts``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _counters(device, max(256, 1 << (programs - 1).bit_length()))
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     scale: float, chunk: int = CHUNK) -> torch.Tensor:
+                     scale: float, chunk: int = CHUNK, fused: bool | None = None, counts: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=...)`` for a
     decode step (``fits`` must hold), computed in fp32 and returned in ``q``'s dtype as ``[rows, q_heads, 1,
-    head_dim]``. ``chunk``: entries a split (a power of two; the engine keeps ``CHUNK``, benches try others)."""
+    head_dim]``. ``chunk``: entries a split (a power of two; the engine keeps ``CHUNK``, benches try others).
+    ``fused``: one launch, the last split of each row and key/value head merging (the same bits as ``False``, two
+    launches: ``_attention_combine``), None for ``fuse_merge``'s choice; ``counts``: its zeroed int32 counters,
+    ``rows * kv_heads`` or more (by default ``counters``' shared ones), zero again when the call's kernel ends."""
     rows, q_heads, _, dim = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     out = torch.empty((rows, q_heads, 1, dim), device=q.device, dtype=q.dtype)
@@ -230,13 +302,22 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     group = q_heads // kv_heads
     same = q.dtype == keys.dtype == values.dtype and q.dtype in (torch.bfloat16, torch.float16)
     partials, combine = _kernels(interpret)
+    fused = fuse_merge(rows, kv_heads, group) if fused is None else fused
+    if fused:
+        counts = counters(q.device, rows * kv_heads) if counts is None else counts
+        if counts.dtype != torch.int32 or counts.numel() < rows * kv_heads or counts.device != q.device:
+            raise ValueError(f"counts: int32 on {q.device}, {rows * kv_heads} or more")
+        merge = {"count_ptr": counts, "o_ptr": out, "stride_ob": out.stride(0), "stride_oh": out.stride(1),
+                 "FUSED": True, "BLOCK_S": COMBINE_BLOCK}
     partials[(rows * kv_heads, splits)](
         q, keys, values, mask, m, total, acc, length, splits, kv_heads, scale,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(3),
         HEAD_DIM=dim, BLOCK_D=block_d, GROUP=group, CHUNK=chunk, num_warps=4 if chunk <= 64 else 8,
         G_PAD=0 if group == 1 else max(16, _triton().next_power_of_2(group)), DOT_F32=interpret or not same,
-        **pdl_launch(q.device))
+        **(merge if fused else {}), **pdl_launch(q.device))
+    if fused:
+        return out
     combine[(rows * q_heads,)](
         m, total, acc, out, splits, q_heads, out.stride(0), out.stride(1),
         HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4, **pdl_launch(q.device))

@@ -19,9 +19,9 @@ Two paths, by the rows ``M`` of ``x`` (flattened):
   ``SPLIT_K > 1`` the programs write fp32 partials to a workspace ``[SPLIT_K, M, N]`` (``torch.empty`` at each
   call: no host sync, capturable) and a second small kernel sums them in a fixed order (deterministic, no
   atomics) and applies the row scale, bias and output cast. The autotuner times both kernels together.
-* ``M > MAX_KERNEL_ROWS`` (prefill; ``int8_gemm.py``): a tiled GEMM kernel (BLOCK_M 64/128, grouped tile order for L2 reuse),
-  tuned per row bucket 128, 256, ..., 4096 (larger M shares the 4096 bucket). It reads the int8 weight in
-  place instead of dequantizing it to ``x.dtype`` first (a write and a re-read of a bf16 copy of the weight).
+* ``M > MAX_KERNEL_ROWS`` (prefill; ``int8_gemm.py``): a tiled GEMM kernel (BLOCK_M 64/128, grouped tile
+  order for L2 reuse), tuned per row bucket 128, 256, ..., 4096 (larger M shares the 4096 bucket). It reads the
+  int8 weight in place instead of dequantizing it to ``x.dtype`` first (a write and a re-read of a bf16 copy).
 
 The GEMV tiles also take the MLP's gate and up rows in place of x (constexpr ``GATED``): ``int8_gemv.py``. The
 tile configs are in ``int8_configs.py``.

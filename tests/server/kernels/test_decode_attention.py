@@ -4,6 +4,8 @@ compiled kernels against the same on a GPU (``gpu`` tests)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,6 +106,39 @@ def test_many_splits_merge_in_blocks_and_other_chunks():
         da.decode_attention(q, keys, values, mask, 0.125, chunk=48)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("q_heads, kv_heads", [(4, 4), (32, 8)])  # GROUP 1, and Llama 3's groups of 4
+def test_fused_merge_gives_the_two_kernel_bits(dtype, q_heads, kv_heads):
+    """One launch (the last split to store merges) against the partials + combine launches: the same bits, for
+    rows of 6, 131 and 200 entries in a 200-entry bucket (4 splits; the shortest row's last 3 see nothing) and
+    with 16-entry chunks (13 splits); the counters are all zero after each call (a graph replay finds them so),
+    and a second call gives the same bits."""
+    q, keys, values, write_pos = _case(3, q_heads, kv_heads, 64, 200, dtype, [5, 130, 199], seed=5)
+    mask = decode_mask(write_pos, 200, dtype)
+    for chunk in (16, 64):  # 64 last: the default below
+        two = da.decode_attention(q, keys, values, mask, 0.125, chunk=chunk, fused=False)
+        counts = torch.zeros(3 * kv_heads, dtype=torch.int32)
+        one = da.decode_attention(q, keys, values, mask, 0.125, chunk=chunk, fused=True, counts=counts)
+        assert torch.equal(one, two), (chunk, (one.float() - two.float()).abs().max())
+        assert not counts.any()
+        assert torch.equal(da.decode_attention(q, keys, values, mask, 0.125, chunk=chunk, counts=counts), one)
+        assert not counts.any()
+    assert da.fuse_merge(3, kv_heads, q_heads // kv_heads) == (q_heads == kv_heads)  # the default's choice
+    assert torch.equal(da.decode_attention(q, keys, values, mask, 0.125), one)
+    assert not da.counters("cpu", 3 * kv_heads).any()  # the shared counters, zero again too
+
+
+def test_fused_counters_are_shared_and_checked():
+    assert da.fuse_merge(1, 32, 1) and da.fuse_merge(8, 32, 1) and not da.fuse_merge(16, 32, 1)
+    assert not da.fuse_merge(1, 8, 4)  # grouped heads: one program merges its heads one by one (slower)
+    assert da.counters("cpu", 1) is da.counters("cpu", 256)  # one buffer per device and size (graphs replay on it)
+    assert da.counters("cpu", 257).numel() == 512
+    q, keys, values, write_pos = _case(2, 4, 2, 64, 100, torch.float32, [10, 20])
+    mask = decode_mask(write_pos, 100, torch.float32)
+    with pytest.raises(ValueError, match="counts"):
+        da.decode_attention(q, keys, values, mask, 0.1, fused=True, counts=torch.zeros(3, dtype=torch.int32))
+
+
 def test_fits():
     q, keys, values, write_pos = _case(2, 4, 2, 64, 100, torch.float32, [10, 20])
     mask = decode_mask(write_pos, 100, torch.float32)
@@ -133,10 +168,38 @@ def test_gpu_against_fp32_and_sdpa(rows, q_heads, kv_heads):
     assert (out.float() - ref).abs().max() <= (sdpa.float() - ref).abs().max() + 1e-6
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, q_heads, kv_heads", [(1, 32, 32), (32, 32, 32), (4, 32, 8)])
+@pytest.mark.parametrize("chunk", [64, 16])  # 16: 40 splits, the merge's loop over blocks of 32
+def test_gpu_fused_merge_gives_the_two_kernel_bits(rows, q_heads, kv_heads, chunk):
+    """Compiled (with PDL where the GPU has it): the one-launch path's bits are the two-launch path's, the counters
+    end at zero, and a CUDA graph of 8 calls (a layer each, one counter buffer) replays to the same bits twice."""
+    pos = [511 - 7 * r for r in range(rows)]
+    q, keys, values, write_pos = _case(rows, q_heads, kv_heads, 128, 640, torch.bfloat16, pos, device="cuda")
+    mask = decode_mask(write_pos, 640, torch.bfloat16)
+    two = da.decode_attention(q, keys, values, mask, 128 ** -0.5, chunk=chunk, fused=False)
+    one = da.decode_attention(q, keys, values, mask, 128 ** -0.5, chunk=chunk, fused=True)
+    assert torch.equal(one, two), (one.float() - two.float()).abs().max()
+    assert not da.counters("cuda", rows * kv_heads).any()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        outs = [da.decode_attention(q, keys, values, mask, 128 ** -0.5, chunk=chunk, fused=True) for _ in range(8)]
+    for _ in range(2):
+        for out in outs:
+            out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(out, two) for out in outs)
+        assert not da.counters("cuda", rows * kv_heads).any()
+
+
 def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the partials kernel compiles for sm_90 (the H200) in bf16 for one
     query head a key/value head (elementwise) and for a group of 4 (Llama 3's), whose products run on the tensor
-    cores (``mma`` in the PTX; the probabilities as three tf32 products); and under PDL it waits before it reads."""
+    cores (``mma`` in the PTX; the probabilities as three tf32 products), with and without the fused merge; and
+    under PDL it waits before it reads (or counts)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -146,16 +209,24 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
     da._triton()
     kernel = triton.jit(da._attention_partials)
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*bf16", "m_ptr": "*fp32",
-                "l_ptr": "*fp32", "acc_ptr": "*fp32"}
-    flags = ("HEAD_DIM", "BLOCK_D", "GROUP", "CHUNK", "G_PAD", "DOT_F32", "USE_PDL")
+                "l_ptr": "*fp32", "acc_ptr": "*fp32", "count_ptr": "*i32", "o_ptr": "*bf16"}
+    flags = ("HEAD_DIM", "BLOCK_D", "GROUP", "CHUNK", "G_PAD", "DOT_F32", "USE_PDL", "FUSED", "BLOCK_S")
     signature = {a: "constexpr" if a in flags else pointers.get(a, "fp32" if a == "scale" else "i32")
                  for a in kernel.arg_names}
-    for group, g_pad in ((1, 0), (4, 16)):
+    for (group, g_pad), fused in itertools.product(((1, 0), (4, 16)), (False, True)):
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HEAD_DIM": 128, "BLOCK_D": 128, "GROUP": group, "CHUNK": 64, "G_PAD": g_pad,
-                                       "DOT_F32": False, "USE_PDL": True})
+                                       "DOT_F32": False, "USE_PDL": True, "FUSED": fused, "BLOCK_S": 32})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), group
         assert ("mma" in ptx) == (g_pad > 0), group
         if g_pad:
             assert "tf32" in ptx and "bf16" in ptx, group  # q.k in bf16, p.v in tf32 (x3)
+        if fused:  # the merge: after a barrier (every thread's stores), one release-acquire increment, a barrier
+            # (before any thread reads), the other splits' partials read past L1, and the counter zeroed atomically
+            atom = ptx.index("atom.global.gpu.acq_rel.add")
+            assert ptx.index("griddepcontrol.wait") < atom and "bar.sync" in ptx[ptx.rindex("st.global", 0, atom):atom]
+            assert "bar.sync" in ptx[atom:ptx.index("ld.global.cg", atom)]
+            assert "atom.global.gpu.acq_rel.exch" in ptx[atom + 1:]
+        else:
+            assert "atom" not in ptx and "ld.global.cg" not in ptx
