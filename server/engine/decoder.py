@@ -153,7 +153,8 @@ class Decoder:
             q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             keys, values = cache.update(k, v.transpose(1, 2), index)
         if (self.attention_kernel and isinstance(cache, DecodeView)
-                and attention_kernel.fits(q, keys, values, mask)):
+                and attention_kernel.fits(q, keys, values, mask)
+                and attention_kernel.faster_than_sdpa(rows, q.shape[1] // keys.shape[1], q.device)):
             out = attention_kernel.decode_attention(q, keys, values, mask, attn.scaling)
         else:
             out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,

@@ -54,6 +54,11 @@ COMBINE_BLOCK = 32
 # but 16 rows 43.2 -> 45.0 and 32 rows 75.0 -> 83.0; with grouped heads (Llama-3-8B, one program merging its 4
 # heads one after the other) it lost at every size (1 row 7.0 -> 12.1, 32 rows 44.4 -> 52.6)
 FUSE_MAX_PROGRAMS = 256
+# Grouped heads attend here only up to this many rows; past it cuDNN's SDPA was faster on the H200
+# (attention_bench at 0e6c9f1, Llama-3-8B, rotary + append included, us a layer, SDPA / split64: 1 row 10.2 / 7.0,
+# 4 rows 11.2 / 11.7, 8 rows 13.9 / 15.4, 32 rows 28.2 / 44.2). One head a key/value head (Llama-2) stays here
+# at every size (32 rows: 86.6 / 75.0).
+MAX_GQA_ROWS = 2
 
 # Bound on first use by ``_triton()``: the kernels' bodies refer to ``tl`` as a module global.
 triton = None
@@ -253,6 +258,13 @@ def fits(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.
             and q_heads // kv_heads <= MAX_GROUP and mask.shape == (rows, 1, 1, length) and length > 0
             and q.dtype in _DTYPES and keys.dtype in _DTYPES and values.dtype in _DTYPES
             and mask.dtype in _DTYPES and q.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1)
+
+
+def faster_than_sdpa(rows: int, group: int, device: torch.device) -> bool:
+    """Whether the decoder should attend with ``decode_attention`` rather than cuDNN's SDPA at ``rows`` rows and
+    ``group`` query heads a key/value head, on a GPU (``MAX_GQA_ROWS``); under the interpreter always (the
+    tests: no speed to choose by, every path checked)."""
+    return device.type != "cuda" or group == 1 or rows <= MAX_GQA_ROWS
 
 
 def fuse_merge(rows: int, kv_heads: int, group: int) -> bool:

@@ -230,3 +230,14 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
             assert "atom.global.gpu.acq_rel.exch" in ptx[atom + 1:]
         else:
             assert "atom" not in ptx and "ld.global.cg" not in ptx
+
+
+def test_grouped_heads_attend_here_only_at_few_rows_on_a_gpu():
+    """The speed choice measured on the H200: grouped heads past ``MAX_GQA_ROWS`` rows go to SDPA there; one
+    head a key/value head, and anything under the interpreter (the tests), stay on the kernel."""
+    from adapterd.server.kernels.decode_attention import MAX_GQA_ROWS, faster_than_sdpa
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert faster_than_sdpa(1, 4, gpu) and faster_than_sdpa(MAX_GQA_ROWS, 4, gpu)
+    assert not faster_than_sdpa(MAX_GQA_ROWS + 1, 4, gpu) and not faster_than_sdpa(32, 8, gpu)
+    assert faster_than_sdpa(32, 1, gpu) and faster_than_sdpa(256, 1, gpu) and faster_than_sdpa(32, 4, cpu)
