@@ -9,11 +9,6 @@ Methods, per weight shape (out x in):
   requested before it waits for the kernel before it;
 * ``int8`` and ``int8+pdl``: the int8 weight-only kernel (``int8_matmul``, the GEMV tiles at one row) on the
   same shape's int8 weight, without and with PDL.
-* the down projection only (``GATED_SHAPES``: the MLP's ``silu(gate) * up`` before it), with PDL:
-  ``act+gemv+pdl`` / ``act+int8+pdl`` run ``silu_mul`` then the GEMV (two launches, what a decode step ran
-  before), ``gated+gemv+pdl`` / ``gated+int8+pdl`` the GEMV with the SiLU and product fused into its x loads
-  (``dense_gemv.gated_gemv``, ``int8_gemv.gated_matmul``: one launch). Their input is a fused gate/up row
-  ``[1, 2K]``; ``after norm`` norms that row first.
 
 Two timings a method: ``alone`` (the call after itself, a chain of matmuls) and ``after norm`` (each call is a
 fused RMSNorm of the 1-row input, launched the same way, then the matmul on its output: the order of a decode
@@ -50,9 +45,7 @@ COLUMNS = ("date (UTC)", "commit", "machine", "shape (out x in)", "method", "alo
 # Llama-2-7B's one-row matmuls: o_proj, fused q/k/v, fused gate/up, down_proj, lm_head
 GPU_SHAPES = ((4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (32000, 4096))
 CPU_SHAPES = ((48, 64), (40, 96))
-GATED_METHODS = ("act+gemv+pdl", "gated+gemv+pdl", "act+int8+pdl", "gated+int8+pdl")
-METHODS = ("cublas", "gemv", "gemv+pdl", "int8", "int8+pdl", *GATED_METHODS)
-GATED_SHAPES = ((4096, 11008), (40, 96))  # Llama-2-7B's down_proj; the CPU's second shape
+METHODS = ("cublas", "gemv", "gemv+pdl", "int8", "int8+pdl")
 TOLERANCE = 0.01
 
 
@@ -93,8 +86,6 @@ def _method_calls(method: str, x, norm_weight, ws, qs, after_norm: bool):
     from adapterd.server.kernels.int8_matmul import int8_weight_matmul
     from adapterd.server.kernels.rms_norm import fused_rms_norm
 
-    if method in GATED_METHODS:
-        return _gated_calls(method, x, norm_weight, ws, qs, after_norm)
     if method == "cublas":
         def matmul(i, inp):
             return F.linear(inp, ws[i])
@@ -111,39 +102,6 @@ def _method_calls(method: str, x, norm_weight, ws, qs, after_norm: bool):
     return [lambda i=i: call(i) for i in range(len(ws))], matmul(0, x)
 
 
-def _gated_calls(method: str, gate_up, norm_weight, ws, qs, after_norm: bool):
-    """``_method_calls`` for the down projection's methods: ``gate_up`` is the fused ``[1, 2K]`` row."""
-    from adapterd.server.kernels import dense_gemv, int8_gemv
-    from adapterd.server.kernels.int8_matmul import int8_weight_matmul
-    from adapterd.server.kernels.rms_norm import fused_rms_norm
-    from adapterd.server.kernels.silu_mul import silu_mul
-
-    k = gate_up.shape[-1] // 2
-    int8_weight_matmul(silu_mul(gate_up[:, :k], gate_up[:, k:]), *qs[0])  # tunes the plain tiles first
-    # the tuned 1-row tiles (GEMV ones on the H200's Llama shapes); else (the interpreter's tensor-core default,
-    # or a tensor-core choice) the GEMV tiles of the first tuned config
-    config = int8_gemv.gated_config(gate_up[:, :k], gate_up[:, k:], *qs[0]) or {
-        "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 32 if gate_up.device.type == "cpu" else 1024, "SPLIT_K": 1}
-    if method == "act+gemv+pdl":
-        def matmul(i, inp):
-            return dense_gemv.gemv(silu_mul(inp[:, :k], inp[:, k:]), ws[i])
-    elif method == "gated+gemv+pdl":
-        def matmul(i, inp):
-            return dense_gemv.gated_gemv(inp[:, :k], inp[:, k:], ws[i])[0]
-    elif method == "act+int8+pdl":
-        def matmul(i, inp):
-            return int8_weight_matmul(silu_mul(inp[:, :k], inp[:, k:]), *qs[i])
-    else:
-        def matmul(i, inp):
-            return int8_gemv.gated_matmul(inp[:, :k], inp[:, k:], *qs[i], config=config)[0]
-
-    def call(i):  # after a small kernel: the norm of each half (a row of 22016 is past the norm kernel's rows)
-        return matmul(i, fused_rms_norm(gate_up.view(2, k), norm_weight, 1e-6).view(1, 2 * k) if after_norm
-                      else gate_up)
-
-    return [lambda i=i: call(i) for i in range(len(ws))], matmul(0, gate_up)
-
-
 def bench_shape(n: int, k: int, args: argparse.Namespace) -> list[dict]:
     import torch
 
@@ -157,39 +115,24 @@ def bench_shape(n: int, k: int, args: argparse.Namespace) -> list[dict]:
         dense_gemv.warm_up([(ws[0], None)])  # tunes the tiles (the comparison with F.linear is this bench's)
     ref = (x.double() @ ws[0].double().T).float()
     ref_q = (x.double() @ (qs[0][0].double() * qs[0][1].double()[:, None] / 127).T).float()
-    gate_up, act_ref = None, None
-    if (n, k) in GATED_SHAPES and any(m in GATED_METHODS for m in args.methods):
-        from adapterd.server.kernels.silu_mul import silu_mul
-
-        gate_up = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
-        gate_up = gate_up.to(args.device)
-        act = silu_mul(gate_up[:, :k], gate_up[:, k:])
-        act_ref = ((act.double() @ ws[0].double().T).float(),
-                   (act.double() @ (qs[0][0].double() * qs[0][1].double()[:, None] / 127).T).float())
     rows = []
     for method in args.methods:
-        gated = method in GATED_METHODS
-        if gated and gate_up is None:  # the down projection's shape only
-            continue
         os.environ["ADAPTERD_PDL"] = "1" if method.endswith("+pdl") else "0"
         times = {}
         for after_norm in (False, True):
-            calls, y = _method_calls(method, gate_up if gated else x,
-                                     torch.ones(k, dtype=torch.bfloat16, device=args.device) if gated
-                                     else norm_weight, ws, qs, after_norm)
+            calls, y = _method_calls(method, x, norm_weight, ws, qs, after_norm)
             if args.device.startswith("cuda"):
                 times[after_norm], mode = time_cuda(calls, args.per_graph, args.replays)
             else:
                 times[after_norm], mode = time_cpu(calls, 4)
-        int8 = "int8" in method
-        want = act_ref[int8] if gated else ref_q if int8 else ref
+        want = ref_q if method.startswith("int8") else ref
         err = (y.float() - want).abs().max().item()
         top = want.abs().max().item()
-        weight_bytes = n * k * (1 if int8 else 2)
+        weight_bytes = n * k * (1 if method.startswith("int8") else 2)
         rows.append({"shape": f"{n}x{k}", "method": method, "alone": times[False], "after_norm": times[True],
                      "gbs": weight_bytes / times[False] / 1e3, "err": err, "top": top, "mode": mode,
                      "ok": err <= TOLERANCE * top})
-        print(f"{n}x{k} {method:14s} alone {times[False]:8.2f} us  after norm {times[True]:8.2f} us  "
+        print(f"{n}x{k} {method:9s} alone {times[False]:8.2f} us  after norm {times[True]:8.2f} us  "
               f"{rows[-1]['gbs']:7.0f} GB/s  err {err:.2e} (max {top:.2e}) {mode}{'' if rows[-1]['ok'] else ' OVER'}",
               flush=True)
     os.environ.pop("ADAPTERD_PDL", None)

@@ -48,12 +48,11 @@ from ..adapters.lora import add_delta, project_qkv
 from ..kernels import decode_attention as attention_kernel
 from ..kernels import dense_gemv
 from ..kernels import silu_mul as act_kernel
-from ..kernels.int8_linear import Int8WeightOnlyLinear
 from ..kernels.rms_norm import FusedRMSNorm
 from ..kernels.rope_append import fits, rope_append_available
 from .fused_projections import GATE_UP, FusedLinear, LayerFusion, base_layer_of, fuse_layers, fused_outputs, int8_layers
 from .kv_pool import DecodeView
-from .step_context import StepContext, current_step, run_forward, step_context
+from .step_context import StepContext, run_forward, step_context
 
 if TYPE_CHECKING:
     from ..model import BaseModel
@@ -80,7 +79,7 @@ class Decoder:
     weights become views of the fused ones); without it every projection is its module's own matmul.
     ``rope_kernel``: decode steps rotate and append through ``kernels/rope_append.py`` and attend through
     ``kernels/decode_attention.py`` where they run, and the MLP's SiLU and product run as one kernel
-    (``kernels/silu_mul.py``), or inside the down projection's one-row GEMV (``_gated_down``)."""
+    (``kernels/silu_mul.py``)."""
 
     def __init__(self, model: nn.Module, fuse: bool = True, rope_kernel: bool = True) -> None:
         inner = model.model
@@ -97,8 +96,7 @@ class Decoder:
         # for the families whose rotary function is Llama's (the whole head, halves paired), where it runs.
         self.rope_kernel = (rope_kernel and model.config.model_type in ROTATE_HALF_FAMILIES
                             and rope_append_available(self.embed.weight.device))
-        # The MLP's silu(gate) * up in one launch (kernels/silu_mul.py; torch's roundings), or in a one-row
-        # step inside the down projection's GEMV (the same values: _gated_down), where they run; and
+        # The MLP's silu(gate) * up in one launch (kernels/silu_mul.py; torch's roundings) where it runs, and
         # decode steps' attention split along the keys, skipping what each row's mask hides
         # (kernels/decode_attention.py)
         device = self.embed.weight.device
@@ -192,32 +190,8 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act
         return mlp(x)
     gate, up = (add_delta(getattr(mlp, name), x, y) for name, y in zip(GATE_UP, base, strict=True))
     if fused_act and act_kernel.is_silu(mlp.act_fn) and act_kernel.fits(gate, up):
-        out = _gated_down(mlp.down_proj, gate, up, gemv)
-        return out if out is not None else _linear(mlp.down_proj, act_kernel.silu_mul(gate, up), gemv)
+        return _linear(mlp.down_proj, act_kernel.silu_mul(gate, up), gemv)
     return _linear(mlp.down_proj, mlp.act_fn(gate) * up, gemv)
-
-
-def _gated_down(down: nn.Module, gate: torch.Tensor, up: torch.Tensor, gemv: bool) -> torch.Tensor | None:
-    """``down(silu_mul(gate, up))`` where a one-row GEMV kernel runs the down projection: the SiLU and product
-    fused into its x loads (``dense_gemv.gated_gemv``, under ``gemv``; ``int8_gemv.gated_matmul`` for an int8
-    base), the same values as ``silu_mul`` then the GEMV, one launch fewer. A LoRA delta on ``down`` needs the
-    product row: the kernel writes it then (``store_act``), and the delta is added to the base output as the
-    wrapper's forward adds it. None where neither kernel takes these (the caller runs the two steps)."""
-    base = base_layer_of(down)
-    wrapped = base is not down and current_step().lora is not None  # a delta to add: it reads the product
-    if gemv and type(base) is nn.Linear and dense_gemv.gated_chosen(gate, up, base.weight, base.bias):
-        y, act = dense_gemv.gated_gemv(gate, up, base.weight, base.bias, store_act=wrapped)
-    elif isinstance(base, Int8WeightOnlyLinear):
-        from ..kernels import int8_gemv  # imports Triton: only where an int8 kernel layer exists
-
-        config = int8_gemv.gated_config(gate, up, base.weight.data, base.scb, base.bias)
-        if config is None:
-            return None
-        y, act = int8_gemv.gated_matmul(gate, up, base.weight.data, base.scb, base.bias, store_act=wrapped,
-                                        config=config)
-    else:
-        return None
-    return add_delta(down, act, y) if wrapped else y
 
 
 def uses_own_decoder(model: nn.Module) -> bool:

@@ -13,11 +13,6 @@ With programmatic dependent launch (``support.pdl_enabled``) the first weight ti
 kernel waits for the one before it (``gdc_wait``): the weight stream starts while a norm or the attention's
 merge still runs.
 
-The MLP's down projection (``gated_gemv``): with ``GATED`` the kernel loads the gate and up rows of the fused
-gate/up output and multiplies ``silu(gate) * up`` (computed as it is loaded, with ``silu_mul.py``'s roundings:
-the same values) instead of x, so a decode step runs no separate ``silu_mul`` launch; ``STORE_ACT``: program 0
-also writes that row, the input of a LoRA delta on down_proj (``engine/decoder.py``, ``_gated_down``).
-
 Where it runs: the engine warms it up for each weight shape before any CUDA graph capture (``warm_up``), which
 tunes its tiles and then times it against ``F.linear`` on the same weight; ``linear`` takes the kernel only for
 the shapes where it won (``chosen``), and ``F.linear`` for everything else (more rows, fp32, a shape never
@@ -40,10 +35,9 @@ _CONFIGS = ((4, 512, 1), (4, 1024, 2), (8, 512, 2), (8, 1024, 4), (16, 512, 4), 
             (8, 2048, 8))
 _INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}  # few programs: the interpreter runs each in numpy
 
-# Bound on first use by ``_triton()``: the kernel's body refers to ``tl`` and ``libdevice`` as module globals.
+# Bound on first use by ``_triton()``: the kernel's body refers to ``tl`` as a module global.
 triton = None
 tl = None
-libdevice = None
 
 
 def dense_gemv_available(device: torch.device | str) -> bool:
@@ -56,15 +50,12 @@ def dense_gemv_available(device: torch.device | str) -> bool:
 # sums are computed and never stored.
 
 
-def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, u_ptr, a_ptr, N, K, stride_wn,  # noqa: N803 (Triton's naming)
+def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,  # noqa: N803 (Triton's naming)
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
-          ROUND_BF16: tl.constexpr = False, USE_PDL: tl.constexpr = False, GATED: tl.constexpr = False,
-          STORE_ACT: tl.constexpr = False, INTERPRETED: tl.constexpr = False):
+          ROUND_BF16: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """Rows ``[program_id(0) * BLOCK_N, ...)`` of y: ``y[n] = sum_k x[k] * W[n, k] (+ bias[n])``, x and y one
     contiguous row each. ``K_TILES = cdiv(K, BLOCK_K)`` is a constexpr: Triton 3.6's interpreter (the GPU
-    image's) cannot take a tensor loop bound. ``GATED``: x is ``silu(x) * u`` (``x_ptr`` the MLP's gate row,
-    ``u_ptr`` its up row), computed as it is loaded with ``silu_mul.py``'s roundings, so the same values;
-    ``STORE_ACT``: program 0 also writes that row to ``a_ptr`` (a LoRA delta's input)."""
+    image's) cannot take a tensor loop bound."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     ws = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + rk[None, :]
@@ -74,10 +65,6 @@ def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, u_ptr, a_ptr, N, K, stride_wn,  # noqa: N8
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(xs, mask=rk < K, other=0.0)
-    if GATED:
-        us = u_ptr + rk
-        u = tl.load(us, mask=rk < K, other=0.0)
-        act_left = tl.where(tl.program_id(0) == 0, K, 0)  # columns program 0 stores (a block compare below)
     sums = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
     for k in range(0, K_TILES):
         ws += BLOCK_K
@@ -85,26 +72,7 @@ def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, u_ptr, a_ptr, N, K, stride_wn,  # noqa: N8
         k_left = K - (k + 1) * BLOCK_K  # <= 0 past the end: the last prefetch loads nothing
         w_next = tl.load(ws, mask=rk[None, :] < k_left, other=0.0, eviction_policy="evict_first")
         x_next = tl.load(xs, mask=rk < k_left, other=0.0)
-        xf = x.to(tl.float32)
-        if GATED:  # silu_mul.py's values, bit for bit (see there): the masked tail is silu(0) * 0 = 0
-            us += BLOCK_K
-            u_next = tl.load(us, mask=rk < k_left, other=0.0)
-            if INTERPRETED:
-                s = xf / (1.0 + tl.exp(-xf))
-            else:
-                s = tl.math.div_rn(xf, 1.0 + libdevice.exp(-xf))
-            if ROUND_BF16:
-                sb = s.to(tl.uint32, bitcast=True)
-                s = ((sb + 0x7FFF + ((sb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-                xf = s * u.to(tl.float32)
-                xb = xf.to(tl.uint32, bitcast=True)
-                xf = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            else:
-                xf = (s.to(x.dtype).to(tl.float32) * u.to(tl.float32)).to(x.dtype).to(tl.float32)
-            if STORE_ACT:
-                tl.store(a_ptr + k * BLOCK_K + rk, xf.to(a_ptr.dtype.element_ty), mask=rk < act_left - k * BLOCK_K)
-            u = u_next
-        sums += w.to(tl.float32) * xf[None, :]  # exact products, summed in fp32
+        sums += w.to(tl.float32) * x.to(tl.float32)[None, :]  # exact products, summed in fp32
         w = w_next
         x = x_next
     acc = tl.reduce(sums, 1, tl.standard._sum_combine)
@@ -117,13 +85,8 @@ def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, u_ptr, a_ptr, N, K, stride_wn,  # noqa: N8
 
 
 def _triton():
-    """Import Triton (once) into this module's globals, with ``libdevice``, where the kernel's body finds them."""
-    module = triton_into(globals())
-    if globals()["libdevice"] is None:
-        from triton.language.extra import libdevice as lib
-
-        globals()["libdevice"] = lib
-    return module
+    """Import Triton (once) into this module's globals, where the kernel's body finds ``tl``."""
+    return triton_into(globals())
 
 
 @functools.cache
@@ -170,43 +133,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """``x @ weight.T + bias`` for one row (``fits`` must hold), ``[..., N]`` in x's dtype, through the kernel:
     ``config`` (``BLOCK_N``, ``BLOCK_K``, optionally ``num_warps``), else the tuned one for the shape (tuning it
     now on the first call of a shape: never inside a graph capture; ``warm_up`` first)."""
-    return _launch(x, None, None, weight, bias, config)
-
-
-def gated_fits(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether ``gated_gemv`` takes these: gate and up of one shape, each what ``fits`` takes."""
-    return gate.shape == up.shape and fits(gate, weight, bias) and fits(up, weight, bias)
-
-
-def gated_chosen(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether the decoder runs ``gated_gemv`` for these: ``gated_fits``, and ``chosen`` for the weight's shape
-    (the plain GEMV's warm-up decides; the gated kernel runs its tiles)."""
-    return gated_fits(gate, up, weight, bias) and chosen(gate, weight, bias)
-
-
-def gated_gemv(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               store_act: bool = False, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``silu_mul(gate, up) @ weight.T + bias`` for one row (``gated_fits`` must hold) in one launch: the SiLU
-    and product computed as x is loaded, with ``silu_mul``'s roundings, so the result equals ``silu_mul``
-    followed by ``gemv`` bit for bit (with the same tiles). Returns ``(y, act)``: ``act`` is that product row
-    (gate's shape), written by the kernel where ``store_act`` (the input of a LoRA delta on this weight), else
-    None."""
-    act = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype) if store_act else None
-    return _launch(gate, up, act, weight, bias, config), act
-
-
-def _launch(x: torch.Tensor, up: torch.Tensor | None, act: torch.Tensor | None, weight: torch.Tensor,
-            bias: torch.Tensor | None, config: dict | None) -> torch.Tensor:
     n, k = weight.shape
     y = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)
     interpret = interpreting()
     kernel, tuner = _kernels(interpret)
     meta = {"HAS_BIAS": bias is not None, "ROUND_BF16": interpret and x.dtype == torch.bfloat16,
             **pdl_launch(x.device)}
-    if up is not None:  # the constexprs' defaults otherwise: the plain kernel's compiled variant is unchanged
-        meta.update(GATED=True, STORE_ACT=act is not None, INTERPRETED=interpret)
-    args = (x, weight, weight if bias is None else bias, y, x if up is None else up, y if act is None else act,
-            n, k, weight.stride(0))
+    args = (x, weight, weight if bias is None else bias, y, n, k, weight.stride(0))
     config = config or _CHOSEN.get(_key(x, weight, bias)) or (_INTERPRET_CONFIG if tuner is None else None)
     cdiv = _triton().cdiv
     if config is None:

@@ -23,8 +23,7 @@ Two paths, by the rows ``M`` of ``x`` (flattened):
   order for L2 reuse), tuned per row bucket 128, 256, ..., 4096 (larger M shares the 4096 bucket). It reads the
   int8 weight in place instead of dequantizing it to ``x.dtype`` first (a write and a re-read of a bf16 copy).
 
-The GEMV tiles also take the MLP's gate and up rows in place of x (constexpr ``GATED``): ``int8_gemv.py``. The
-tile configs are in ``int8_configs.py``.
+The tile configs are in ``int8_configs.py``.
 
 ``dequant_matmul`` (widen the weight, then torch) remains the path where no kernel can run (``x`` not on a
 CUDA device and no TRITON_INTERPRET), and the reference.
@@ -50,7 +49,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from .int8_configs import _INTERPRET_SMALL, _prune_small, _small_configs, even_k
 from .int8_gemm import MAX_GEMM_BUCKET, _large_m, gemm_bucket  # noqa: F401 (the prefill path; tests reach it here)
@@ -88,23 +86,18 @@ prmt.b32 $3, t, 0x4B000000, 0x7543;
 # of masked, so the loads of an even K need no mask; the stores are masked.
 
 
-def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, u_ptr, a_ptr, M, N, K, M_BUCKET,  # noqa: N803
+def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noqa: N803 (Triton's naming)
              stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
              HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-             USE_PDL: tl.constexpr = False, GATED: tl.constexpr = False, STORE_ACT: tl.constexpr = False,
-             ACT_ROUND_BF16: tl.constexpr = False):
+             USE_PDL: tl.constexpr = False):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
     y here; otherwise store the fp32 partial sum at ``p[split, m, n]`` (contiguous ``[SPLIT_K, M, N]``) for
     ``_splitk_reduce``. ``USE_PDL`` (launched with programmatic dependent launch, ``support.pdl_enabled``):
     the GEMV issues its first weight tile's loads, then waits for the kernels before it (``gdc_wait``) before
-    it reads x; the tensor-core tiles wait first thing. Either then lets the next kernel launch. ``GATED``
-    (GEMV tiles only; ``int8_gemv.py``): x is ``silu(x) * u``, ``x_ptr`` the MLP's gate row and ``u_ptr`` its up
-    row (the same strides), computed as it is loaded with ``silu_mul.py``'s roundings (``ACT_ROUND_BF16``: by
-    hand, the interpreter's bf16); ``STORE_ACT``: the programs of column block 0 also write the product's
-    elements they load to ``a_ptr`` (unit stride)."""
+    it reads x; the tensor-core tiles wait first thing. Either then lets the next kernel launch."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_tiles = (K + BLOCK_K - 1) // BLOCK_K
@@ -128,9 +121,8 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, u_ptr, a_ptr, M, N, K, M_
         rw = tl.arange(0, BLOCK_K // 4)
         wt = (w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N)[:, None] * (stride_wn // 4)
               + (k_first * (BLOCK_K // 4) + rw)[None, :])
-        xo = (pid_m * stride_xm + (k_first * BLOCK_K + 4 * rw)[:, None] * stride_xk
+        xv = (x_ptr + pid_m * stride_xm + (k_first * BLOCK_K + 4 * rw)[:, None] * stride_xk
               + tl.arange(0, 4)[None, :] * stride_xk)  # [BK / 4, 4]
-        xv = x_ptr + xo
         # Bytes of K left from each tile on, 0 past the split's end (a split past K's end loads nothing and
         # stores zeros). A block compare, not a scalar condition: the interpreter rejects a scalar-and-block
         # mask, and K % 16 == 0 (as Triton specializes it) keeps the loads 16 bytes wide.
@@ -140,40 +132,14 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, u_ptr, a_ptr, M, N, K, M_
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(xv, mask=rw[:, None] < words_left, other=0.0)
-        if GATED:
-            uv = u_ptr + xo
-            u = tl.load(uv, mask=rw[:, None] < words_left, other=0.0)
-            av = a_ptr + (k_first * BLOCK_K + 4 * rw)[:, None] + tl.arange(0, 4)[None, :]
         sums = tl.full((BLOCK_N, BLOCK_K // 4), 0.0, tl.float32)
         for k in range(k_first, k_stop):
             xv += BLOCK_K * stride_xk
             wt += BLOCK_K // 4
-            words_next = tl.where(k + 1 < k_stop, K // 4 - (k + 1) * (BLOCK_K // 4), 0)
-            x_next = tl.load(xv, mask=rw[:, None] < words_next, other=0.0)
-            w_next = tl.load(wt, mask=rw[None, :] < words_next, other=0, eviction_policy="evict_first")
-            xf = x.to(tl.float32)
-            if GATED:  # silu_mul.py's values, bit for bit (see there); the masked tail is silu(0) * 0 = 0
-                uv += BLOCK_K * stride_xk
-                u_next = tl.load(uv, mask=rw[:, None] < words_next, other=0.0)
-                if INTERPRETED:
-                    sg = xf / (1.0 + tl.exp(-xf))
-                else:
-                    sg = tl.math.div_rn(xf, 1.0 + libdevice.exp(-xf))
-                if ACT_ROUND_BF16:
-                    sb = sg.to(tl.uint32, bitcast=True)
-                    sg = ((sb + 0x7FFF + ((sb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-                    xf = sg * u.to(tl.float32)
-                    xb = xf.to(tl.uint32, bitcast=True)
-                    xf = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-                else:
-                    xf = (sg.to(x.dtype).to(tl.float32) * u.to(tl.float32)).to(x.dtype).to(tl.float32)
-                if STORE_ACT:  # column block 0's programs: each split stores the tiles it loads
-                    act_words = tl.where(pid_n == 0, words_left, 0)
-                    tl.store(av, xf.to(a_ptr.dtype.element_ty), mask=rw[:, None] < act_words)
-                    av += BLOCK_K
-                u = u_next
-            words_left = words_next
-            x02, x13 = tl.split(tl.reshape(xf, (BLOCK_K // 4, 2, 2)))
+            words_left = tl.where(k + 1 < k_stop, K // 4 - (k + 1) * (BLOCK_K // 4), 0)
+            x_next = tl.load(xv, mask=rw[:, None] < words_left, other=0.0)
+            w_next = tl.load(wt, mask=rw[None, :] < words_left, other=0, eviction_policy="evict_first")
+            x02, x13 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_K // 4, 2, 2)))
             x0, x2 = tl.split(x02)
             x1, x3 = tl.split(x13)
             # int8 -> fp32 without the I2F conversion (a quarter-rate instruction on Hopper: 16 a cycle an SM,
@@ -308,28 +274,11 @@ def _reduce_hook(nargs: dict, exception: BaseException | None) -> None:
 _CHOSEN: dict[tuple, dict] = {}
 
 
-def _small_key(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-               interpret: bool) -> tuple:
-    """``_CHOSEN``'s key for these operands (``x2 [M, K]``)."""
-    (m, k), n = x2.shape, cb.shape[0]
-    return (interpret, row_bucket(m), n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
-
-
-def small_m_config(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-                   interpret: bool) -> dict | None:
-    """The tiles ``_small_m`` launches for these without tuning: the tuned choice, the interpreter's own, or
-    None (a key not tuned yet on the GPU)."""
-    return _CHOSEN.get(_small_key(x2, cb, scb, bias, interpret)) or (_INTERPRET_SMALL if interpret else None)
-
-
 def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-             interpret: bool, config: dict | None = None,
-             gated: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+             interpret: bool, config: dict | None = None) -> torch.Tensor:
     """The split-K kernel on ``x2 [M, K]`` (M <= MAX_KERNEL_ROWS); returns ``[M, N]`` in ``x2.dtype``.
     ``config`` (tests): launch kwargs (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, optionally
-    ``num_warps``, ``num_stages``) to run instead of the tuned choice. ``gated`` (``int8_gemv.py``, with a GEMV
-    ``config``): ``(up, act)``, x2 being the gate: the kernel multiplies ``silu(x2) * up``, and writes it to
-    ``act`` (a contiguous row) where that is not None."""
+    ``num_warps``, ``num_stages``) to run instead of the tuned choice."""
     (m, k), n = x2.shape, cb.shape[0]
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     if m == 0:
@@ -341,27 +290,20 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         cb = cb.clone(memory_format=torch.contiguous_format)
     mm, tuner, _ = _small_kernels(interpret)
     bucket, b = row_bucket(m), scb if bias is None else bias
-    key = _small_key(x2, cb, scb, bias, interpret)
+    key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
     meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
             **pdl_launch(x2.device)}
-    u, a = x2, y  # unread unless gated (any pointers of the dtypes the plain kernel was compiled with)
-    if gated is not None:
-        if config is None or config["BLOCK_M"] != 1 or gated[0].stride(1) != x2.stride(1) or m != 1:
-            raise ValueError("the gated kernel takes GEMV tiles (BLOCK_M 1), one row, gate and up of one column stride")
-        u, a = gated[0], y if gated[1] is None else gated[1]
-        meta.update(GATED=True, STORE_ACT=gated[1] is not None,
-                    ACT_ROUND_BF16=interpret and x2.dtype == torch.bfloat16)
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
     grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
     config = config or _CHOSEN.get(key) or (_INTERPRET_SMALL if tuner is None else None)
     if config is None:  # first call of this key on the GPU: tune, with room for the largest split
         p = torch.empty((MAX_SPLIT_K, m, n), device=x2.device, dtype=torch.float32)
-        tuner[grid](x2, cb, scb, b, y, p, u, a, m, n, k, bucket, *strides, **meta)
+        tuner[grid](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta)
         config = _CHOSEN[key] = tuner.best_config.all_kwargs()
     else:  # fp32 either way: the pointer's dtype is part of the compiled kernel's signature
         p = torch.empty((config["SPLIT_K"], m, n) if config["SPLIT_K"] > 1 else (1,), device=x2.device,
                         dtype=torch.float32)
-        mm[grid(config)](x2, cb, scb, b, y, p, u, a, m, n, k, bucket, *strides, **meta, **config)
+        mm[grid(config)](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta, **config)
     if config["SPLIT_K"] > 1:
         _reduce(p, scb, b, y, bias is not None, config["SPLIT_K"], interpret)
     return y

@@ -42,14 +42,3 @@ def test_a_wrong_product_fails_the_run(monkeypatch):
     real = dense_gemv.gemv
     monkeypatch.setattr(dense_gemv, "gemv", lambda x, w, b=None, config=None: real(x[..., :-8], w[:, :-8], b))
     assert gemv_bench.main(["--device", "cpu", "--no-record", "--methods", "gemv"]) == 1
-
-
-def test_the_fused_act_methods_run_on_the_down_shape_only():
-    """``silu_mul`` then the GEMV against the GEMV with them fused, bf16 and int8: on the down projection's
-    shape (the CPU's 40x96) only, each within tolerance of the fp64 product of ``silu_mul``'s row."""
-    pytest.importorskip("triton")
-    methods = "act+gemv+pdl,gated+gemv+pdl,act+int8+pdl,gated+int8+pdl"
-    out = subprocess.run([*BENCH, "--methods", methods], capture_output=True, text=True, timeout=600, env=ENV)
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    lines = re.findall(r"^(\d+x\d+) (\S+) +alone .* cpu$", out.stdout, re.M)
-    assert sorted(lines) == sorted(("40x96", m) for m in methods.split(","))

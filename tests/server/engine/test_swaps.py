@@ -69,6 +69,9 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     real_act = silu_mul.silu_mul
     monkeypatch.setattr(silu_mul, "silu_mul", lambda *a: (act_calls.append(1), real_act(*a))[1])
     real_attention = decode_attention.decode_attention
+    # This test checks the kernel's tokens: on a GPU, the tiny model's grouped heads at 6 rows would go to SDPA
+    # (faster there past MAX_GQA_ROWS, a choice test_decode_attention.py checks)
+    monkeypatch.setattr(decode_attention, "MAX_GQA_ROWS", 256)
     monkeypatch.setattr(decode_attention, "decode_attention",
                         lambda *a: (attention_calls.append(1), real_attention(*a))[1])
     from adapterd.server.kernels import rms_norm

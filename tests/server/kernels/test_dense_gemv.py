@@ -83,17 +83,14 @@ def test_compiles_for_hopper_with_wide_loads_and_the_weight_requested_before_the
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     dg._triton()  # binds the module's ``tl``, which the kernel's annotations name
     kernel = triton.jit(dg._gemv)
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "u_ptr": "*bf16",
-                "a_ptr": "*bf16"}
-    flags = ("HAS_BIAS", "USE_PDL", "BLOCK_N", "BLOCK_K", "ROUND_BF16", "K_TILES", "GATED", "STORE_ACT",
-             "INTERPRETED")
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}
+    flags = ("HAS_BIAS", "USE_PDL", "BLOCK_N", "BLOCK_K", "ROUND_BF16", "K_TILES")
     aligned = [*pointers, "N", "K", "stride_wn"]
     for bn, bk, warps in dg._CONFIGS:
         signature = {a: "constexpr" if a in flags else pointers.get(a, "i32") for a in kernel.arg_names}
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HAS_BIAS": True, "USE_PDL": True, "BLOCK_N": bn, "BLOCK_K": bk,
-                                       "ROUND_BF16": False, "K_TILES": 4096 // bk, "GATED": False,
-                                       "STORE_ACT": False, "INTERPRETED": False},
+                                       "ROUND_BF16": False, "K_TILES": 4096 // bk},
                            attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                              options={"num_warps": warps, "num_stages": 1}).asm["ptx"]
@@ -105,70 +102,6 @@ def test_compiles_for_hopper_with_wide_loads_and_the_weight_requested_before_the
         label = re.findall(r"^(\$L__BB\d+_\d+):", ptx[:start], re.M)[-1]
         loop = ptx[start:start + re.search(rf"bra(\.uni)?\s+{re.escape(label)};", ptx[start:]).end()]
         assert "fma.rn.f32" in loop and "shfl.sync.bfly" not in loop, (bn, bk)  # one reduction, after the loop
-
-
-GATED_CONFIGS = [{"BLOCK_N": bn, "BLOCK_K": bk} for bn, bk in ((4, 32), (8, 64), (16, 16))]
-
-
-@pytest.mark.parametrize("config", GATED_CONFIGS, ids=str)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n, k", [(70, 100), (33, 48), (16, 256)])  # K = 100, 48: not multiples of every tile
-def test_gated_equals_silu_mul_then_gemv_bit_for_bit(config, dtype, n, k):
-    """``silu(gate) * up`` fused into the x loads (gate and up: the halves of one fused gate/up row) equals
-    ``silu_mul`` then ``gemv`` with the same tiles, exactly; so does the product row program 0 stores."""
-    from adapterd.server.kernels.silu_mul import silu_mul
-
-    g = torch.Generator().manual_seed(n + k)
-    gate_up = (torch.randn(1, 1, 2 * k, generator=g) * 3).to(dtype)
-    gate, up = gate_up[..., :k], gate_up[..., k:]
-    _, w, bias = _case(n, k, dtype, seed=k)
-    act = silu_mul(gate, up)
-    for b in (bias, None):
-        y, stored = dg.gated_gemv(gate, up, w, b, store_act=b is not None, config=config)
-        assert y.shape == (1, 1, n) and torch.equal(y, dg.gemv(act, w, b, config=config))
-        assert (stored is None) if b is None else torch.equal(stored, act)
-
-
-def test_gated_fits_and_chosen(monkeypatch):
-    """``gated_fits``: gate and up of one shape, each what ``fits`` takes; ``gated_chosen`` follows ``chosen``."""
-    x, w, bias = _case(16, 64, torch.bfloat16)
-    assert dg.gated_fits(x, x.clone(), w, bias) and dg.gated_chosen(x, x.clone(), w, bias)
-    assert not dg.gated_fits(x, x[:, :32], w) and not dg.gated_fits(x, x.half(), w)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert dg.gated_fits(x, x, w) and not dg.gated_chosen(x, x, w)  # the CPU, no warm-up: not chosen
-
-
-def test_gated_compiles_for_hopper_with_the_weight_requested_before_the_wait(monkeypatch, tmp_path):
-    """Gated (storing the product row, bf16, with a bias), each GPU config compiles for sm_90 with 16-byte
-    weight loads; under PDL the first weight tile is requested before ``griddepcontrol.wait``, gate and up read
-    after it (the previous kernels' outputs); the SiLU's division is the IEEE one, as ``silu_mul``'s."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    dg._triton()
-    kernel = triton.jit(dg._gemv)
-    pointers = dict.fromkeys(("x_ptr", "w_ptr", "b_ptr", "y_ptr", "u_ptr", "a_ptr"), "*bf16")
-    flags = ("HAS_BIAS", "USE_PDL", "BLOCK_N", "BLOCK_K", "ROUND_BF16", "K_TILES", "GATED", "STORE_ACT",
-             "INTERPRETED")
-    aligned = [*pointers, "N", "K", "stride_wn"]
-    for bn, bk, warps in dg._CONFIGS:
-        signature = {a: "constexpr" if a in flags else pointers.get(a, "i32") for a in kernel.arg_names}
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={"HAS_BIAS": True, "USE_PDL": True, "BLOCK_N": bn, "BLOCK_K": bk,
-                                       "ROUND_BF16": False, "K_TILES": 11008 // bk + 1, "GATED": True,
-                                       "STORE_ACT": True, "INTERPRETED": False},
-                           attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": warps, "num_stages": 1}).asm["ptx"]
-        assert re.search(r"ld\.global\.L1::evict_first[\w.:]*\.v4\.b32", ptx), (bn, bk)
-        wait = ptx.index("griddepcontrol.wait")
-        assert ptx.index("ld.global.L1::evict_first") < wait < ptx.index("griddepcontrol.launch_dependents")
-        loads = [ln for ln in ptx[:wait].splitlines() if "ld.global" in ln]
-        assert loads and all("evict_first" in ln for ln in loads), (bn, bk)  # only weight before the wait
-        assert "div.rn.f32" in ptx and "st.global" in ptx, (bn, bk)
 
 
 @pytest.mark.gpu
@@ -191,24 +124,3 @@ def test_gpu_one_row_against_the_reference_and_in_a_cuda_graph(shape, dtype):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(z, y)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_gated_equals_silu_mul_then_gemv_bit_for_bit(dtype):
-    """Compiled (fp contraction allowed by Triton), the fused SiLU * up still gives ``silu_mul``'s values: the
-    down projection's shape of Llama-2-7B, every GEMV config, the output and the stored product row exact."""
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    from adapterd.server.kernels.silu_mul import silu_mul
-
-    n, k = 4096, 11008
-    g = torch.Generator(device="cuda").manual_seed(3)
-    gate_up = (torch.randn(1, 1, 2 * k, generator=g, device="cuda") * 3).to(dtype)
-    gate, up = gate_up[..., :k], gate_up[..., k:]
-    _, w, bias = _case(n, k, dtype, seed=5, device="cuda")
-    act = silu_mul(gate, up)
-    for bn, bk, _warps in dg._CONFIGS:
-        config = {"BLOCK_N": bn, "BLOCK_K": bk}
-        y, stored = dg.gated_gemv(gate, up, w, bias, store_act=True, config=config)
-        assert torch.equal(stored, act) and torch.equal(y, dg.gemv(act, w, bias, config=config)), config

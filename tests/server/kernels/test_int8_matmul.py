@@ -211,10 +211,9 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET")  # triton.jit below must build a compiled kernel, not the interpreter's
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = triton.jit(km._int8_mm)
-    pointers = dict(zip(("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "p_ptr", "u_ptr", "a_ptr"),
-                        ("*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32", "*bf16", "*bf16"), strict=True))
-    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", "INTERPRETED", "USE_PDL", "GATED", "STORE_ACT", "ACT_ROUND_BF16",
-             *km._INTERPRET_SMALL)
+    pointers = dict(zip(("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "p_ptr"),
+                        ("*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32"), strict=True))
+    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", "INTERPRETED", "USE_PDL", *km._INTERPRET_SMALL)
     gemv = [c for c in km._small_configs() if c.kwargs["BLOCK_M"] == 1]
     assert len(gemv) == 10
 
@@ -224,7 +223,7 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
         aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym"] if even else []
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": even, "INTERPRETED": False,
-                                       "USE_PDL": even, "GATED": False, "STORE_ACT": False, "ACT_ROUND_BF16": False,
+                                       "USE_PDL": even,
                                        **c.kwargs, **dict.fromkeys(unit_strides, 1)},
                            attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
         return triton.compile(source, target=GPUTarget("cuda", 90, 32),
