@@ -97,3 +97,30 @@ def test_a_call_between_steps_sees_no_step_in_flight(tiny_model_dir, adapter_roo
         assert settled
         # Each generated token but the last is in the cache, after the prompt: nothing launched is unread.
         assert all(k == f - 1 for k, f in zip(kv, fed, strict=True)) or not kv
+
+
+def test_a_row_whose_sampling_fails_ends_alone_while_the_step_after_runs(tiny_model_dir, adapter_root, references,
+                                                                         monkeypatch):
+    """Row 1's sampling raises at the second decode step: the step after it is already launched, fed the
+    row's failed token (-1, in range for the embedding); the row ends alone with INVALID_ARGUMENT naming
+    ``sampling``, its earlier tokens kept, and the other rows give PEFT's tokens."""
+    from adapterd.server.engine.sampling import BatchSampler
+
+    real, batched = BatchSampler.choose, []
+
+    def choose(self, first, logits):
+        if logits.shape[0] > 1:
+            batched.append(first)
+        if len(batched) == 3 and (logits.shape[0] > 1 or first == 1):  # the prefill's, then two decode steps
+            raise RuntimeError("a sampling failure of row 1")
+        return real(self, first, logits)
+
+    monkeypatch.setattr(BatchSampler, "choose", choose)
+    results, launched_ahead = _serve(tiny_model_dir, adapter_root, True, set())
+    assert launched_ahead > 0
+    for i, (ref, events) in enumerate(zip(references, results, strict=True)):
+        if i == 1:
+            assert events[-1].stop_reason == StopReason.ERROR and events[-1].token_ids == ref[:2]
+            assert events[-1].error.field == "sampling"
+        else:
+            assert events[-1].token_ids == ref
