@@ -50,7 +50,6 @@ class EngineConfig:
     run_ahead: bool = True  # launch each decode step before reading the step before's tokens (delivery.py)
 
 
-
 class Engine:
     def __init__(self, base: BaseModel, config: EngineConfig) -> None:
         self.base = base
