@@ -124,3 +124,18 @@ def test_a_row_whose_sampling_fails_ends_alone_while_the_step_after_runs(tiny_mo
             assert events[-1].error.field == "sampling"
         else:
             assert events[-1].token_ids == ref
+
+
+def test_seeded_sampled_rows_draw_the_same_tokens_ahead_or_not(tiny_model_dir, adapter_root, references):
+    """Sampled rows (temperature, top-k, repetition penalty, each its own seed) beside rows that end by end of
+    sequence mid-batch: each row's draws come from its own generator, so running ahead (one extra draw for an
+    ended row) changes no other row's tokens."""
+    params = GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0.8, top_k=20, repetition_penalty=1.2, seed=5)
+    free, _ = _serve(tiny_model_dir, adapter_root, False, set(), params=params)
+    eos = {free[0][-1].token_ids[3]}  # row 0 draws it 4th: it ends there, the others run on past it or end too
+    ahead, launched_ahead = _serve(tiny_model_dir, adapter_root, True, eos, params=params)
+    behind, _ = _serve(tiny_model_dir, adapter_root, False, eos, params=params)
+    assert launched_ahead > 0 and ahead[0][-1].stop_reason == StopReason.EOS_TOKEN
+    assert any(len(r[-1].token_ids) > 4 for r in ahead)
+    assert [[e.token_ids for e in r] for r in ahead] == [[e.token_ids for e in r] for r in behind]
+    assert [r[-1].stop_reason for r in ahead] == [r[-1].stop_reason for r in behind]
