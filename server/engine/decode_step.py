@@ -118,10 +118,11 @@ class DecodeStep:
         n = len(tokens)
         pad = batch - n
         ids = [self.base.pad_token_id] * n if isinstance(tokens, torch.Tensor) else list(tokens)
-        host = torch.tensor([ids + [self.base.pad_token_id] * pad, list(positions) + [0] * pad,
-                             list(kv_lengths) + [0] * pad, list(slots) + [0] * pad], dtype=torch.long)
         on_gpu = self._inputs.device.type == "cuda"
-        self._inputs[:, :batch].copy_(host.pin_memory() if on_gpu else host, non_blocking=on_gpu)
+        host = torch.tensor([ids + [self.base.pad_token_id] * pad, list(positions) + [0] * pad,
+                             list(kv_lengths) + [0] * pad, list(slots) + [0] * pad], dtype=torch.long,
+                            pin_memory=on_gpu)
+        self._inputs[:, :batch].copy_(host, non_blocking=on_gpu)
         if isinstance(tokens, torch.Tensor):
             # -1 marks a row whose sampling failed (it ends when the host reads it): a valid id keeps the
             # embedding lookup in bounds for this step, whose output for that row is thrown away.

@@ -49,10 +49,10 @@ MAX_HEAD_DIM = 256
 # that the sums' order does not depend on the length bucket either
 COMBINE_BLOCK = 32
 # The merge in the partials kernel by the last split to finish (one launch, ``fused``) where it paid on the H200
-# (bench/attention_bench.py, split64 against fused64, rotary + append included, us a layer, 2026-12-03): one query
-# head a key/value head and up to 256 (row, head) pairs, e.g. Llama-2-7B at 1 row 12.5 -> 8.8, 8 rows 28.6 -> 26.9,
-# but 16 rows 43.2 -> 45.0 and 32 rows 75.0 -> 83.0; with grouped heads (Llama-3-8B, one program merging its 4
-# heads one after the other) it lost at every size (1 row 7.0 -> 12.1, 32 rows 44.4 -> 52.6)
+# (bench/attention_bench.py at 0e6c9f1, split64 -> fused64, rotary + append included, us a layer): one query head a
+# key/value head and up to 256 (row, head) pairs, e.g. Llama-2-7B at 1 row -> 8.8 (split64 12.4 at 12c7032), 4 rows
+# 19.2 -> 15.6, 8 rows 28.6 -> 26.9, but 32 rows 75.0 -> 82.9; with grouped heads (Llama-3-8B, one program merging
+# its 4 heads one after the other) it lost at every size measured (1 row 7.0 -> 12.1, 32 rows 44.2 -> 52.2)
 FUSE_MAX_PROGRAMS = 256
 # Grouped heads attend here only up to this many rows; past it cuDNN's SDPA was faster on the H200
 # (attention_bench at 0e6c9f1, Llama-3-8B, rotary + append included, us a layer, SDPA / split64: 1 row 10.2 / 7.0,
