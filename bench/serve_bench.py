@@ -319,6 +319,17 @@ def measure_speed(runtime, ids: list[str], args, label: str, hf_ms: float, peft_
     table.add(f"time to first token, {args.ctx}-token prompt, {label}", None, ttft_ms(runtime, args.ctx), "ms")
 
 
+def print_tuned(label: str) -> None:
+    """The autotuners' picks the decode steps run with (they differ between fresh machines: bench/NOTES.md)."""
+    if not torch.cuda.is_available():
+        return
+    from adapterd.server.kernels import dense_gemv, int8_matmul
+
+    for name, module in (("int8", int8_matmul), ("bf16 GEMV", dense_gemv)):
+        for key, config in module.tuned_configs().items():
+            print(f"tuned, {label}: {name} ({key}): {config}", flush=True)
+
+
 def profile_steps(runtime, args, label: str) -> None:
     for batch, lora, what in ((1, False, "batch 1"), (args.batch, False, f"batch {args.batch} base"),
                               (args.batch, True, f"batch {args.batch} on {args.batch} LoRA")):
@@ -378,6 +389,7 @@ def main() -> int:
             try:
                 engine_step_ms(runtime, 2, args.ctx, 8, [None, runtime.store.get(ids[0])])  # warm-up, not recorded
                 measure_speed(runtime, ids, args, label, hf_ms, peft_ms, roofline, table)
+                print_tuned(label)
                 if args.profile_dir:
                     profile_steps(runtime, args, label)
                 fast = measure_tokens(runtime, ids, args, label, checks, table)

@@ -102,6 +102,12 @@ def _kernels(interpret: bool):
     return kernel, triton.autotune(configs, key=["N", "K"], do_bench=quick_bench, cache_results=True)(kernel)
 
 
+def tuned_configs() -> dict[str, str]:
+    """The GEMV's autotune choices so far in this process, ``"N, K, dtypes..."`` -> config (as int8_matmul's)."""
+    tuner = _kernels(interpreting())[1]
+    return {} if tuner is None else {", ".join(map(str, key)): str(config) for key, config in tuner.cache.items()}
+
+
 # ---------------------------------------------------------------------------------------------- wrappers
 
 # (N, K, dtype, bias dtype, device) -> the tuned launch config, for the shapes where the kernel beat F.linear

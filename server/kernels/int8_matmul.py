@@ -229,6 +229,13 @@ def _small_kernels(interpret: bool):
     return mm, tuner, reduce
 
 
+def tuned_configs() -> dict[str, str]:
+    """The split-K kernel's autotune choices so far in this process, ``"M_BUCKET, N, K, dtypes..."`` -> config
+    (the benches print them: fresh machines have tuned differently, bench/NOTES.md)."""
+    tuner = _small_kernels(interpreting())[1]
+    return {} if tuner is None else {", ".join(map(str, key)): str(config) for key, config in tuner.cache.items()}
+
+
 # ---------------------------------------------------------------------------------------------- wrappers
 
 

@@ -87,36 +87,48 @@ def _shrink(x_ptr, a_ptr, slot_ptr, p_ptr, K, rank,  # noqa: N803 (Triton's nami
     layer is a group of one). ``EVEN_K``: every tile of every split lies inside K (no K masks); otherwise a
     tile past the end is fully masked (no bytes read). The loop count is a constexpr: Triton 3.6's
     interpreter cannot take tensor loop bounds."""
-    if USE_PDL:  # PDL (support.pdl_enabled): every program waits before any return, then lets the next start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     split = tl.program_id(1)
     member = tl.program_id(2).to(tl.int64)
+    # The slots (the step's inputs, copied in before its first kernel) and the tables are no kernel's output:
+    # the first A tile is in flight before the PDL wait, overlapping the kernel before (a base row reads none)
     slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
-    if slot == 0:
-        return
     a_ptr += member * stride_ag
     p_ptr += member * stride_pg
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
-    r_ok = rr < rank
+    r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads nothing
     first = split * TILES
     xs = x_ptr + row.to(tl.int64) * stride_xm + (first * BLOCK_K + rk) * stride_xk
     a_s = a_ptr + slot * stride_as + rr.to(tl.int64)[:, None] * stride_ar + (first * BLOCK_K + rk)[None, :] * stride_ak
+    if EVEN_K:
+        a = tl.load(a_s, mask=r_ok[:, None], other=0.0, eviction_policy="evict_first")
+    else:
+        k_ok = rk < K - first * BLOCK_K
+        a = tl.load(a_s, mask=r_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+    if USE_PDL:  # PDL (support.pdl_enabled): every program waits before any return, then lets the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    if slot == 0:
+        return
+    if EVEN_K:
+        x = tl.load(xs).to(tl.float32)
+    else:
+        x = tl.load(xs, mask=k_ok, other=0.0).to(tl.float32)
     acc = tl.full((BLOCK_R,), 0.0, tl.float32)
-    for t in range(TILES):
-        if EVEN_K:
-            x = tl.load(xs).to(tl.float32)
-            a = tl.load(a_s, mask=r_ok[:, None], other=0.0, eviction_policy="evict_first").to(tl.float32)
-        else:
-            k_ok = rk < K - (first + t) * BLOCK_K
-            x = tl.load(xs, mask=k_ok, other=0.0).to(tl.float32)
-            a = tl.load(a_s, mask=r_ok[:, None] & k_ok[None, :], other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
-        acc += tl.reduce(a * x[None, :], 1, tl.standard._sum_combine)
+    acc += tl.reduce(a.to(tl.float32) * x[None, :], 1, tl.standard._sum_combine)
+    for t in range(1, TILES):
         xs += BLOCK_K * stride_xk
         a_s += BLOCK_K * stride_ak
+        if EVEN_K:
+            x_t = tl.load(xs).to(tl.float32)
+            a_t = tl.load(a_s, mask=r_ok[:, None], other=0.0, eviction_policy="evict_first").to(tl.float32)
+        else:
+            k_t = rk < K - (first + t) * BLOCK_K
+            x_t = tl.load(xs, mask=k_t, other=0.0).to(tl.float32)
+            a_t = tl.load(a_s, mask=r_ok[:, None] & k_t[None, :], other=0.0,
+                          eviction_policy="evict_first").to(tl.float32)
+        acc += tl.reduce(a_t * x_t[None, :], 1, tl.standard._sum_combine)
     tl.store(p_ptr + split * stride_ps + row * BLOCK_R + rr, acc)
 
 
@@ -130,13 +142,8 @@ def _expand(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, slot_ptr, p_ptr,  # 
     blocks (``BLOCKS0`` of them), then member 1's (up to ``BLOCKS01``), then member 2's. Members share their
     dtypes and their column strides (y's and B's); their widths, y's row strides and B's rank and slot strides
     may differ (grouped key/value heads; the splits of a fused q/k/v output)."""
-    if USE_PDL:  # PDL (support.pdl_enabled): every program waits before any return, then lets the next start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
-    if slot == 0:
-        return
     block = tl.program_id(1)
     if block < BLOCKS0:
         y_ptr, b_ptr, n_cols, stride_ym, stride_br, stride_bs = y0_ptr, b0_ptr, N0, stride_y0m, stride_b0r, stride_b0s
@@ -152,19 +159,28 @@ def _expand(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, slot_ptr, p_ptr,  # 
     rr = tl.arange(0, BLOCK_R)
     rs = tl.arange(0, BLOCK_S)
     rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    ps = p_ptr + member * stride_pg + rs[:, None] * stride_ps + row * BLOCK_R + rr[None, :]
-    xa = tl.reduce(tl.load(ps, mask=(rs < splits)[:, None], other=0.0), 0, tl.standard._sum_combine)  # [BLOCK_R]
-    r_ok = rr < rank
+    r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads nothing
     bs = b_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br + rn[None, :] * stride_bn
-    ys = y_ptr + row.to(tl.int64) * stride_ym + rn * stride_yn
+    # As in _shrink: the B tile (no kernel's output) is in flight before the PDL wait; a base row reads none
     if EVEN_N:
-        b = tl.load(bs, mask=r_ok[:, None], other=0.0, eviction_policy="evict_first").to(tl.float32)
-        y = tl.load(ys).to(tl.float32) + tl.reduce(b * xa[:, None], 0, tl.standard._sum_combine)
-        tl.store(ys, y.to(y_ptr.dtype.element_ty))
+        b = tl.load(bs, mask=r_ok[:, None], other=0.0, eviction_policy="evict_first")
     else:
         n_ok = rn < n_cols
-        b = tl.load(bs, mask=r_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first").to(tl.float32)
-        y = tl.load(ys, mask=n_ok, other=0.0).to(tl.float32) + tl.reduce(b * xa[:, None], 0, tl.standard._sum_combine)
+        b = tl.load(bs, mask=r_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+    if USE_PDL:  # PDL (support.pdl_enabled): every program waits before any return, then lets the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    if slot == 0:
+        return
+    ps = p_ptr + member * stride_pg + rs[:, None] * stride_ps + row * BLOCK_R + rr[None, :]
+    xa = tl.reduce(tl.load(ps, mask=(rs < splits)[:, None], other=0.0), 0, tl.standard._sum_combine)  # [BLOCK_R]
+    delta = tl.reduce(b.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
+    ys = y_ptr + row.to(tl.int64) * stride_ym + rn * stride_yn
+    if EVEN_N:
+        y = tl.load(ys).to(tl.float32) + delta
+        tl.store(ys, y.to(y_ptr.dtype.element_ty))
+    else:
+        y = tl.load(ys, mask=n_ok, other=0.0).to(tl.float32) + delta
         tl.store(ys, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
