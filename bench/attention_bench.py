@@ -22,9 +22,8 @@ each on the same inputs:
   launch (``server/kernels/rope_append.py``, bit for bit transformers' rotation), then SDPA as in ``eager``.
   Skipped where its kernel cannot run (the CPU without ``TRITON_INTERPRET=1``);
 * ``splitN``    what they ran from 789a942: ``ours``' rotary + append, then attention split along the keys in
-  N-entry chunks (``server/kernels/decode_attention.py``; the engine takes ``chunk_for``'s: 32 at few rows, else
-  64; ``--chunks`` names the Ns to time) and the splits merged by a second launch (``fused=False``). Skipped
-  where ``ours`` is;
+  N-entry chunks (``server/kernels/decode_attention.py``; the engine's N is its ``CHUNK``, 64; ``--chunks``
+  names the Ns to time) and the splits merged by a second launch (``fused=False``). Skipped where ``ours`` is;
 * ``fusedN``    what they run now: as ``splitN``, the merge done by the last split of each row and head to finish
   instead of a launch of its own (``fused=True``, the same bits as ``splitN``). Skipped where ``ours`` is.
 

@@ -43,13 +43,9 @@ from .support import interpreting, pdl_launch, triton_available, triton_into
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK = 64  # entries a split: 64 x 128 x 2 bytes = 16 KB of keys and as much of values a program in bf16
-# At few (row, key/value head) pairs the GPU holds every program at once and a step waits on each program's
-# chain of loads and reductions, so shorter splits finish sooner: the engine takes SMALL_CHUNK up to
-# SMALL_CHUNK_PAIRS pairs (``chunk_for``). attention_bench's chunk sweep at 0ecbb24 (Llama-2-7B, two launches,
-# rotary + append included, us a layer, chunk 32 / 64): 1 row 9.4 / 12.4, 32 rows 100.6 / 75.1. The choice
-# depends on the rows and heads only, never on the length bucket (a row's bits do not depend on the bucket).
-SMALL_CHUNK = 32
-SMALL_CHUNK_PAIRS = 64  # Llama-2-7B (32 key/value heads) up to 2 rows; Llama-3-8B (8) up to 8
+# (32-entry splits at few rows were tried and lost with the fused merge: attention_bench at bbb044f, Llama-2-7B,
+# us a layer, fused32 / fused64: 1 row 10.8 / 8.9, 2 rows 13.9 / 10.9, 4 rows 21.4 / 15.8; the last split merges
+# twice the partials. Two launches at 1 row: split32 9.2 / split64 12.4.)
 MAX_GROUP = 16  # query heads a key/value head (a program keeps each one's sums in registers)
 MAX_HEAD_DIM = 256
 # Splits the combine merges at a time, a loop over blocks of them past that; fixed (not sized to the splits) so
@@ -274,11 +270,6 @@ def faster_than_sdpa(rows: int, group: int, device: torch.device) -> bool:
     return device.type != "cuda" or group == 1 or rows <= MAX_GQA_ROWS
 
 
-def chunk_for(rows: int, kv_heads: int) -> int:
-    """Entries a split by default at ``rows`` rows of ``kv_heads`` key/value heads (``SMALL_CHUNK_PAIRS``)."""
-    return SMALL_CHUNK if rows * kv_heads <= SMALL_CHUNK_PAIRS else CHUNK
-
-
 def fuse_merge(rows: int, kv_heads: int, group: int) -> bool:
     """Whether ``decode_attention`` merges in the partials kernel by default (``FUSE_MAX_PROGRAMS``)."""
     return group == 1 and rows * kv_heads <= FUSE_MAX_PROGRAMS
@@ -302,12 +293,11 @@ def counters(device: torch.device | str, programs: int) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     scale: float, chunk: int | None = None, fused: bool | None = None,
-                     counts: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, chunk: int = CHUNK, fused: bool | None = None, counts: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=...)`` for a
     decode step (``fits`` must hold), computed in fp32 and returned in ``q``'s dtype as ``[rows, q_heads, 1,
-    head_dim]``. ``chunk``: entries a split (a power of two), None for ``chunk_for``'s (the engine's; benches try
-    others).
+    head_dim]``. ``chunk``: entries a split (a power of two; the engine keeps ``CHUNK``, benches try others).
     ``fused``: one launch, the last split of each row and key/value head merging (the same bits as ``False``, two
     launches: ``_attention_combine``), None for ``fuse_merge``'s choice; ``counts``: its zeroed int32 counters,
     ``rows * kv_heads`` or more (by default ``counters``' shared ones), zero again when the call's kernel ends."""
@@ -316,7 +306,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     out = torch.empty((rows, q_heads, 1, dim), device=q.device, dtype=q.dtype)
     if rows == 0:
         return out
-    chunk = chunk_for(rows, kv_heads) if chunk is None else chunk
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two, at least 16, got {chunk}")
     splits = -(-length // chunk)
