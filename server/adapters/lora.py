@@ -31,7 +31,6 @@ from torch import nn
 
 from ..engine.step_context import Phase, current_step
 from ..kernels import LORA_KERNEL_MAX_ROWS, lora_kernel_available
-from .lora_decode import EarlyShrink, launch_shrink
 from .lora_weights import LoraModule, LoraWeights
 
 QKV = ("q_proj", "k_proj", "v_proj")  # an attention's projections of one input: a LoraGroup when wrapped
@@ -172,11 +171,10 @@ class BatchedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.add_delta(x, self.base_layer(x, *args, **kwargs))
 
-    def add_delta(self, x: torch.Tensor, y: torch.Tensor, early: EarlyShrink | None = None) -> torch.Tensor:
-        """``y`` (the base layer's output for x, from it or from a fused matmul's split) plus each row's delta;
-        ``early``: this layer's shrink of x, launched before ``y``'s matmul (``early_shrink``)."""
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base layer's output for x, from it or from a fused matmul's split) plus each row's delta."""
         rows = current_step().lora
-        return y if rows is None else _add_deltas(x, [y], (self,), self.lora_a[None], rows, None, early)[0]
+        return y if rows is None else _add_deltas(x, [y], (self,), self.lora_a[None], rows, None)[0]
 
     def expand(self, x: torch.Tensor, y: torch.Tensor, rows: LoraRows, xa: torch.Tensor) -> torch.Tensor:
         """``y`` plus this layer's B applied to ``xa``, the rows' ``x @ A^T`` from ``shrink`` (torch paths)."""
@@ -220,22 +218,19 @@ class LoraGroup:
             member.lora_a = self.lora_a[g]
             member.group = self
 
-    def __call__(self, x: torch.Tensor, base: Sequence[torch.Tensor] | None = None,
-                 early: EarlyShrink | None = None) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, base: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Each member's output for x: its base layer's (or ``base``, the members' base outputs already
-        computed) plus each row's own LoRA delta (``early``: the group's shrink, already launched)."""
+        computed) plus each row's own LoRA delta."""
         ys = list(base) if base is not None else [m.base_layer(x) for m in self.members]
         rows = current_step().lora
-        return ys if rows is None else _add_deltas(x, ys, self.members, self.lora_a, rows, self.kernel, early)
+        return ys if rows is None else _add_deltas(x, ys, self.members, self.lora_a, rows, self.kernel)
 
 
 def _add_deltas(x: torch.Tensor, ys: list[torch.Tensor], members: Sequence[BatchedLoraLinear],
-                lora_a: torch.Tensor, rows: LoraRows, group_kernel: Callable[..., None] | None,
-                early: EarlyShrink | None = None) -> list[torch.Tensor]:
+                lora_a: torch.Tensor, rows: LoraRows, group_kernel: Callable[..., None] | None) -> list[torch.Tensor]:
     """``ys`` (the members' base outputs for x) plus each row's delta: the decode kernel (in place: one
-    member, the rows' kernel; several, its grouped launch; with ``early``, only the expand of the shrink
-    launched before the base matmul), or the torch paths (one shrink, then each member's expand). ``lora_a``:
-    the members' A stacked, [G, R, S, in]."""
+    member, the rows' kernel; several, its grouped launch), or the torch paths (one shrink, then each
+    member's expand). ``lora_a``: the members' A stacked, [G, R, S, in]."""
     if rows.kernel is None:
         xa = shrink(lora_a, x, rows)
         return [m.expand(x, y, rows, xa_g) for m, y, xa_g in zip(members, ys, xa, strict=True)]
@@ -243,45 +238,23 @@ def _add_deltas(x: torch.Tensor, ys: list[torch.Tensor], members: Sequence[Batch
     # matmul's split (rows strided by the fused width, columns contiguous) takes its delta in place, uncopied.
     ys = [y if y.stride(-1) == 1 else y.contiguous() for y in ys]
     flat, outs = x.reshape(x.shape[0], -1), [y.view(x.shape[0], -1) for y in ys]
-    if early is not None:
-        if early.lora_a.data_ptr() != lora_a.data_ptr() or early.lora_a.shape != lora_a.shape:
-            raise ValueError("an early shrink must be of the same layers' A tables")
-        early.expand_(outs, [m.lora_b for m in members], rows.slots, rows.rank)
-    elif len(members) == 1:
+    if len(members) == 1:
         rows.kernel(outs[0], flat, members[0].lora_a, members[0].lora_b, rows.slots, rows.rank)
     else:
         group_kernel(outs, flat, lora_a, [m.lora_b for m in members], rows.slots, rows.rank)
     return ys
 
 
-def add_delta(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, early: EarlyShrink | None = None) -> torch.Tensor:
-    """``y``, the base output of ``layer`` for x, plus its rows' LoRA deltas where ``layer`` is wrapped
-    (``early``: its ``early_shrink`` of x)."""
-    return layer.add_delta(x, y, early) if isinstance(layer, BatchedLoraLinear) else y
-
-
-def early_shrink(layers: Sequence[nn.Module], x: torch.Tensor) -> EarlyShrink | None:
-    """On a decode step served by the BGMV kernels, the LoRA shrink of x for ``layers`` (one wrapped layer, or
-    an attention's q, k and v: their group), launched now, before their base matmul (``lora_decode.py``); None
-    where there is none to launch (no LoRA row, the torch paths, no wrapped layer). Pass it to ``add_delta`` or
-    ``project_qkv`` with the base output of the same x."""
-    rows = current_step().lora
-    wrapped = [layer for layer in layers if isinstance(layer, BatchedLoraLinear)]
-    if rows is None or rows.kernel is None or not wrapped:
-        return None
-    group = wrapped[0].group
-    if len(layers) > 1 and (group is None or any(layer.group is not group for layer in wrapped)):
-        return None  # project_qkv runs unwrapped siblings alone: nothing shared to launch early
-    lora_a = group.lora_a if len(layers) > 1 else wrapped[0].lora_a[None]
-    return launch_shrink(x.reshape(x.shape[0], -1), lora_a, rows.slots, rows.rank)
+def add_delta(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y``, the base output of ``layer`` for x, plus its rows' LoRA deltas where ``layer`` is wrapped."""
+    return layer.add_delta(x, y) if isinstance(layer, BatchedLoraLinear) else y
 
 
 def project_qkv(attn: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor] | None = None,
-                early: EarlyShrink | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``attn``'s q, k and v projections of x; those in a ``LoraGroup`` run as one (one shrink for their
     LoRA), the others (no adapter targets them) alone. ``base``: q, k and v's base outputs already computed
-    (one fused matmul, ``engine/fused_projections.py``): only the deltas are added, each to its own.
-    ``early``: the group's shrink of x, launched before the base matmul (``early_shrink``)."""
+    (one fused matmul, ``engine/fused_projections.py``): only the deltas are added, each to its own."""
     layers = [getattr(attn, name) for name in QKV]
     group = next((layer.group for layer in layers if isinstance(layer, BatchedLoraLinear)
                   and layer.group is not None), None)
@@ -289,7 +262,7 @@ def project_qkv(attn: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor] |
     grouped = {}
     if group is not None:
         member_base = None if given is None else [given[m] for m in group.members]
-        grouped = dict(zip(group.members, group(x, member_base, early), strict=True))
+        grouped = dict(zip(group.members, group(x, member_base), strict=True))
 
     def output(layer: nn.Module) -> torch.Tensor:
         if layer in grouped:

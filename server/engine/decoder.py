@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.lora import QKV, add_delta, early_shrink, project_qkv
+from ..adapters.lora import add_delta, project_qkv
 from ..kernels import decode_attention as attention_kernel
 from ..kernels import dense_gemv
 from ..kernels import silu_mul as act_kernel
@@ -141,10 +141,8 @@ class Decoder:
                    mask: torch.Tensor, cache: Any, index: int, qkv: FusedLinear | None) -> torch.Tensor:
         rows, length = x.shape[:2]
         shape = (rows, length, -1, attn.head_dim)
-        # The base outputs from one fused matmul where q, k, v are fused; LoRA on them: one shrink for the three,
-        # launched before the base matmul (beside it, on a GPU: adapters/lora_decode.py)
-        early = early_shrink([getattr(attn, name) for name in QKV], x)
-        q, k, v = (t.view(shape) for t in project_qkv(attn, x, fused_outputs(qkv, attn, x, self.gemv), early))
+        # The base outputs from one fused matmul where q, k, v are fused; LoRA on them: one shrink for the three
+        q, k, v = (t.view(shape) for t in project_qkv(attn, x, fused_outputs(qkv, attn, x, self.gemv)))
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head of q and k, before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         if self.rope_kernel and isinstance(cache, DecodeView) and fits(q, k, v, cos, sin):
@@ -176,10 +174,9 @@ def _linear(module: nn.Module, x: torch.Tensor, gemv: bool) -> torch.Tensor:
     added as its forward adds it) runs through the GEMV kernel where ``dense_gemv.chosen`` (one row, a shape
     that warm-up found faster there)."""
     base = base_layer_of(module)
-    early = early_shrink([module], x)  # a decode step's LoRA shrink, before (beside) the base matmul
     if gemv and type(base) is nn.Linear and dense_gemv.chosen(x, base.weight, base.bias):
-        return add_delta(module, x, dense_gemv.gemv(x, base.weight, base.bias), early)
-    return module(x) if early is None else add_delta(module, x, base(x), early)
+        return add_delta(module, x, dense_gemv.gemv(x, base.weight, base.bias))
+    return module(x)
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act: bool = False,
@@ -188,11 +185,10 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act
     ``fuse_mlp``), that forward's math over the fused matmul's split, each wrapped layer's LoRA delta added to
     its own part. ``act_fn`` is the MLP's own (``ACT2FN[config.hidden_act]``); with ``fused_act``, a SiLU
     and its product with ``up`` run as one kernel (the same values)."""
-    if gate_up is None or not gate_up.current(mlp):
-        return mlp(x)
-    early = [early_shrink([getattr(mlp, name)], x) for name in GATE_UP]  # before (beside) the base matmul
     base = fused_outputs(gate_up, mlp, x, gemv)
-    gate, up = (add_delta(getattr(mlp, name), x, y, e) for name, y, e in zip(GATE_UP, base, early, strict=True))
+    if base is None:
+        return mlp(x)
+    gate, up = (add_delta(getattr(mlp, name), x, y) for name, y in zip(GATE_UP, base, strict=True))
     if fused_act and act_kernel.is_silu(mlp.act_fn) and act_kernel.fits(gate, up):
         return _linear(mlp.down_proj, act_kernel.silu_mul(gate, up), gemv)
     return _linear(mlp.down_proj, mlp.act_fn(gate) * up, gemv)

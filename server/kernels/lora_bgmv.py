@@ -256,73 +256,35 @@ def lora_group_delta_(ys: Sequence[torch.Tensor], x: torch.Tensor, lora_a: torch
     key/value heads). ``lora_a``: the members' A tables stacked, ``[G, R, S, in]`` (any strides). Each
     member's partials are the ones ``lora_delta_`` computes for it alone, summed in the same order: the
     results are bit-identical to G separate calls."""
-    _check_group(ys, x, lora_a, lora_bs, slots, rank)
-    if x.shape[0] == 0 or rank == 0:
-        return
-    lora_expand_(ys, lora_shrink(x, lora_a, slots, rank), lora_bs, slots, rank)
-
-
-def _check_group(ys: Sequence[torch.Tensor], x: torch.Tensor, lora_a: torch.Tensor, lora_bs: Sequence[torch.Tensor],
-                 slots: torch.Tensor, rank: int) -> None:
     if lora_a.dim() != 4 or not len(ys) == len(lora_bs) == lora_a.shape[0]:
         raise ValueError(f"a group needs A [G, R, slots, in] and G outputs and B tables, got A "
                          f"{list(lora_a.shape)}, {len(ys)} outputs, {len(lora_bs)} B tables")
     for y, a, b in zip(ys, lora_a, lora_bs, strict=True):
         _check(y, x, a, b, slots, rank)
-
-
-def new_partials(x: torch.Tensor, lora_a: torch.Tensor, rank: int) -> torch.Tensor:
-    """An uninitialised buffer for ``lora_shrink``'s partials of x ``[rows, in]`` and A tables ``[G, R, S, in]``."""
-    cfg = plan(x.shape[1], x.shape[1], rank)
-    return torch.empty((lora_a.shape[0], cfg["splits"], x.shape[0], cfg["BLOCK_R"]), device=x.device,
-                       dtype=torch.float32)
-
-
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, rank: int,
-                pdl: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The shrink alone, one launch: the G members' partials ``[G, splits, rows, BLOCK_R]`` fp32 of ``x @
-    A[g, :rank, slot].T`` (split along K; rows on slot 0 leave theirs unwritten), for ``lora_expand_``. It reads
-    only x, the tables and the slots, so it may run before the members' base matmul, or beside it on another
-    stream (``adapters/lora_decode.py``). ``pdl``: launch with PDL where ``support.pdl_enabled``; ``out``: the
-    partials' buffer (``new_partials``), else a new one. No checks (``lora_group_delta_`` has them); x ``[rows,
-    in]``, ``rank`` > 0."""
     rows, in_f = x.shape
-    shrink, _ = _kernels(interpreting())
-    cfg = plan(in_f, in_f, rank)  # BLOCK_R, BLOCK_K and the splits depend on (in, rank) only
-    p = new_partials(x, lora_a, rank) if out is None else out
-    if rows == 0:
-        return p
-    shrink[(rows, cfg["splits"], lora_a.shape[0])](
+    if rows == 0 or rank == 0:
+        return
+    shrink, expand = _kernels(interpreting())
+    cfg = plan(in_f, ys[0].shape[1], rank)  # BLOCK_R, BLOCK_K and the splits depend on (in, rank) only
+    # [G, splits, rows, BLOCK_R] fp32; rows on slot 0 leave theirs unwritten (and expand never reads them)
+    p = torch.empty((len(ys), cfg["splits"], rows, cfg["BLOCK_R"]), device=x.device, dtype=torch.float32)
+    shrink[(rows, cfg["splits"], len(ys))](
         x, lora_a, slots, p, in_f, rank, x.stride(0), x.stride(1), *lora_a.stride(), p.stride(0), p.stride(1),
         slots.stride(0), EVEN_K=in_f == cfg["splits"] * cfg["tiles"] * cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_K=cfg["BLOCK_K"], TILES=cfg["tiles"], num_warps=NUM_WARPS, **(pdl_launch(x.device) if pdl else {}))
-    return p
-
-
-def lora_expand_(ys: Sequence[torch.Tensor], p: torch.Tensor, lora_bs: Sequence[torch.Tensor], slots: torch.Tensor,
-                 rank: int, pdl: bool = True) -> None:
-    """The expand alone: ``ys[g][i] += p[g, :, i].sum(0)[:rank] @ lora_bs[g][:rank, slots[i]]`` from
-    ``lora_shrink``'s partials ``p``, one launch a group of up to three members. ``pdl`` as ``lora_shrink``'s."""
-    rows = p.shape[2]
-    if rows == 0:
-        return
-    _, expand = _kernels(interpreting())
-    splits, block_r = p.shape[1], p.shape[3]
-    block_n = max(32, TILE_ELEMS // block_r)
-    launch = pdl_launch(p.device) if pdl else {}
+        BLOCK_K=cfg["BLOCK_K"], TILES=cfg["tiles"], num_warps=NUM_WARPS, **pdl_launch(x.device))
     # One expand launch for up to three members (a shorter group padded with member 0's blocks: never reached)
     for first in range(0, len(ys), 3):
         y3, b3 = list(ys[first:first + 3]), list(lora_bs[first:first + 3])
-        blocks = [triton.cdiv(y.shape[1], block_n) for y in y3]
+        blocks = [triton.cdiv(y.shape[1], cfg["BLOCK_N"]) for y in y3]
         if any(y.stride(1) != y3[0].stride(1) for y in y3) or any(b.stride(2) != b3[0].stride(2) for b in b3):
             raise ValueError("a group's outputs and B tables must share their column strides")
         y3, b3 = (y3 + [y3[0]] * 2)[:3], (b3 + [b3[0]] * 2)[:3]
         expand[(rows, sum(blocks))](
             *y3, *b3, slots, p[first:], *(y.shape[1] for y in y3), blocks[0], sum(blocks[:2]), rank,
-            splits, *(y.stride(0) for y in y3), y3[0].stride(1), *(b.stride(0) for b in b3),
+            cfg["splits"], *(y.stride(0) for y in y3), y3[0].stride(1), *(b.stride(0) for b in b3),
             *(b.stride(1) for b in b3), b3[0].stride(2), p.stride(0), p.stride(1), slots.stride(0),
-            EVEN_N=all(y.shape[1] % block_n == 0 for y in y3), BLOCK_R=block_r,
-            BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(splits), num_warps=NUM_WARPS, **launch)
+            EVEN_N=all(y.shape[1] % cfg["BLOCK_N"] == 0 for y in y3), BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], num_warps=NUM_WARPS, **pdl_launch(x.device))
 
 
 def reference_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,

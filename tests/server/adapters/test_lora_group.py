@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import adapterd.server.adapters.lora as lora
-from adapterd.server.adapters.lora import LoraSlotTable, early_shrink, project_qkv
+from adapterd.server.adapters.lora import LoraSlotTable, project_qkv
 from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
 from adapterd.server.engine.step_context import StepContext, step_context
 
@@ -142,10 +142,9 @@ def test_one_shrink_for_the_three_and_an_evicted_slot_is_zeros(monkeypatch):
 def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_tokens(tiny_model_dir, adapter_root,
                                                                                    monkeypatch):
     """The engine's own decoder with the BGMV kernels (Triton's interpreter on the CPU, compiled on a GPU):
-    q, k and v of every layer go to one grouped shrink in each decode step, launched before the base matmul
-    (adapters/lora_decode.py), for adapters on q and v (a group of two), on every linear (three), on q and o
-    (rsLoRA: q alone, no group), mixed with base and prefix rows in one batch; every row's greedy tokens equal
-    PEFT's for it alone."""
+    q, k and v of every layer go to one grouped launch in each decode step, for adapters on q and v (a group
+    of two), on every linear (three), on q and o (rsLoRA: q alone, no group), mixed with base and prefix rows
+    in one batch; every row's greedy tokens equal PEFT's for it alone."""
     pytest.importorskip("triton")
     from adapterd.server.engine import EngineConfig, GenerationParams
     from adapterd.server.kernels import lora_bgmv
@@ -157,9 +156,8 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     if TEST_DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     members = []
-    real = lora_bgmv.lora_shrink  # the early shrink (every decode-step delta of the own decoder) calls it
-    monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda x, a, *rest, **kw: members.append(a.shape[0])
-                        or real(x, a, *rest, **kw))
+    real = lora_bgmv.lora_group_delta_  # wrapped before the slot table's groups pick it
+    monkeypatch.setattr(lora_bgmv, "lora_group_delta_", lambda ys, *a: members.append(len(ys)) or real(ys, *a))
     jobs = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"),
             ("你是谁？", "lora-rs"), ("hello world", "prefix")]
     refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 5) for p, a in jobs]
@@ -170,18 +168,17 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     finally:
         runtime.close()
     assert [events[-1].token_ids for events in results] == refs
-    grouped = [g for g in members if g > 1]  # o and the MLP's layers shrink alone
+    grouped = [g for g in members if g > 1]  # lora_delta_ (o and the MLP) is a group of one
     assert set(grouped) == {3}  # q, k, v grouped (lora-all wrapped k too); lora-rs's q rides in the group
     assert grouped and len(grouped) % base.num_layers == 0  # one grouped launch a layer a decode step
 
 
-@pytest.mark.parametrize("use_kernel, early", [(False, False), (True, False), (True, True)])
-def test_base_outputs_given_as_one_fused_output_get_the_same_deltas(use_kernel, early, monkeypatch):
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_base_outputs_given_as_one_fused_output_get_the_same_deltas(use_kernel, monkeypatch):
     """The own decoder's fused q/k/v matmul (engine/fused_projections.py) hands ``project_qkv`` the three base
     outputs as column slices of one output: each gets its own rows' deltas (grouped members and a member
     alone), as the layers give alone. The decode kernel (Triton's interpreter here) adds them in place into
-    the slices, strided rows and all, without a copy; with ``early``, its shrink launched before the base
-    matmul (``early_shrink``, as the decoder does) gives the same bits as the shrink after it."""
+    the slices, strided rows and all, without a copy."""
     if use_kernel:
         pytest.importorskip("triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -193,16 +190,8 @@ def test_base_outputs_given_as_one_fused_output_get_the_same_deltas(use_kernel, 
     with torch.no_grad():
         fused = torch.cat([getattr(model.attn, n).base_layer(x) for n in OUT], dim=-1)  # [3, 1, q + k + v]
         base = list(fused.split(list(OUT.values()), dim=-1))
-        rows = table.rows_of(slots, "decode")
-        later = [b.clone() for b in base]  # the same base outputs, for the shrink after the matmul
-        with step_context(StepContext("decode", rows)):
-            shrunk = early_shrink([getattr(model.attn, n) for n in OUT], x) if early else None
-            assert (shrunk is not None) == early
-            got = project_qkv(model.attn, x, base, shrunk)
-        if early:  # against the shrink after the matmul, on the same base outputs
-            with step_context(StepContext("decode", rows)):
-                for g, want_bits in zip(got, project_qkv(model.attn, x, later), strict=True):
-                    assert torch.equal(g, want_bits)
+        with step_context(StepContext("decode", table.rows_of(slots, "decode"))):
+            got = project_qkv(model.attn, x, base)
         alone = separately(model, table, slots, x, "decode")
         want = expected(model, [QV, None, K], x)
     for name, g, a, w, b in zip(OUT, got, alone, want, base, strict=True):
