@@ -44,6 +44,12 @@ Fewer warps win: the work a program does is one load per thread and a reduction,
 means more bytes in flight per SM for the same registers spent on bookkeeping (the torch dense path these
 replace takes 16-18 µs at 32 rows, the gathered one 14 µs at one row).
 
+PDL (``support.pdl_enabled``): both kernels load their row's slot and their weight tile (A or B: no kernel of a
+step writes either) before ``gdc_wait``, so those bytes stream while the kernel before still ends; only x, the
+partials and y are read after it. On the H200 (serve_bench, bench/RESULTS.md) one LoRA row at batch 1 went from
++0.41 to +0.25 ms over base-only (int8, bbb044f) and 32 rows on 32 adapters from 0.92 to 0.94 (int8) and 0.93
+(bf16, 6ede3bd) of base-only.
+
 CUDA graphs: no host sync, no value-dependent shape; the partials' scratch is ``torch.empty`` of a size that
 depends only on (rows, in, rank), so a captured graph allocates it from its pool. ``rank`` is a Python int:
 a graph is captured per rank bucket, as the engine does. Compilation happens on the first call of each

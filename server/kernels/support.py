@@ -38,9 +38,11 @@ def pdl_enabled(device: torch.device | str) -> bool:
     ``gdc_wait`` before it reads anything an earlier kernel wrote. The matmuls issue their first weight loads
     (bytes no kernel of the step writes) before that wait, so a weight stream starts while the small kernel
     before it (a norm, the attention's merge, SiLU * up) still runs, instead of after a full drain of the
-    GPU. Each kernel here waits before any other read (and before any early return: a kernel that could end
-    before the one before it would break the chain) and triggers its dependents only after its own wait, so
-    at most two kernels overlap and every kernel still sees all writes of every kernel before it."""
+    GPU; the LoRA kernels likewise their slot and their first A or B tile (the slots are the step's inputs,
+    copied in before its first kernel; the tables change only between steps). Each kernel here waits before
+    any other read (and before any early return: a kernel that could end before the one before it would break
+    the chain) and triggers its dependents only after its own wait, so at most two kernels overlap and every
+    kernel still sees all writes of every kernel before it."""
     device = torch.device(device)
     if device.type != "cuda" or interpreting():
         return False
