@@ -4,6 +4,8 @@ program in numpy."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -173,6 +175,40 @@ def test_plan_for_llama_shapes():
             assert cfg["BLOCK_S"] * cfg["BLOCK_R"] <= 2 * kb.MAX_PARTIALS
             assert cfg["splits"] * cfg["tiles"] * cfg["BLOCK_K"] >= in_f
             assert (cfg["splits"] - 1) * cfg["tiles"] * cfg["BLOCK_K"] < in_f  # no split starts past the end
+
+
+@pytest.mark.parametrize("name", ["_shrink", "_expand"])
+def test_compiles_for_hopper_with_the_weight_requested_before_the_wait(monkeypatch, tmp_path, name):
+    """Compiled for sm_90 under PDL (no GPU needed), each kernel requests its A or B tile (the evict-first loads,
+    16 bytes each) before ``griddepcontrol.wait``, and reads what an earlier kernel wrote (x; the partials and
+    y) only after it: the prefetch that PDL overlaps with the kernel before, and nothing read too early."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = triton.jit(getattr(kb, name))
+    cfg = kb.plan(4096, 4096, 16)
+    constexprs = {"USE_PDL": True, "BLOCK_R": cfg["BLOCK_R"]}
+    if name == "_shrink":
+        constexprs |= {"EVEN_K": True, "BLOCK_K": cfg["BLOCK_K"], "TILES": cfg["tiles"]}
+    else:
+        constexprs |= {"EVEN_N": True, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_S": cfg["BLOCK_S"]}
+    pointers = [a for a in kernel.arg_names if a.endswith("_ptr")]
+    dtypes = {"slot_ptr": "*i64", "p_ptr": "*fp32"}
+    signature = {a: "constexpr" if a in constexprs else dtypes.get(a, "*bf16") if a in pointers else "i32"
+                 for a in kernel.arg_names}
+    unit = [a for a in kernel.arg_names if a in ("stride_xk", "stride_ak", "stride_yn", "stride_bn", "stride_slot")]
+    aligned = [a for a in kernel.arg_names if a in pointers or (a.startswith("stride_") and a not in unit)]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs | {a: 1 for a in unit},
+                       attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": kb.NUM_WARPS}).asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    weight = [m.start() for m in re.finditer(r"ld\.global\.L1::evict_first[\w.:]*\.v4\.b32", ptx)]
+    others = [m.start() for m in re.finditer(r"ld\.global(?!\.L1::evict_first)[\w.:]*", ptx)]
+    assert weight and max(weight) < wait, name  # the whole tile in flight before the wait (one tile at 4096)
+    assert len([o for o in others if o < wait]) == 1, name  # only the slot before it (x, partials, y after)
 
 
 def test_lora_kernel_available(monkeypatch):
