@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .support import interpreting, pdl_launch, quick_bench, triton_available, triton_into
+from .support import interpreting, pdl_launch, quick_bench, triton_available, triton_into, tuner_choices
 
 _DTYPES = (torch.bfloat16, torch.float16)
 # (BLOCK_N, BLOCK_K, num_warps): 2-16 KB of weight a tile, 16 bytes a thread a load, 4-16 loads a thread in
@@ -103,9 +103,8 @@ def _kernels(interpret: bool):
 
 
 def tuned_configs() -> dict[str, str]:
-    """The GEMV's autotune choices so far in this process, ``"N, K, dtypes..."`` -> config (as int8_matmul's)."""
-    tuner = _kernels(interpreting())[1]
-    return {} if tuner is None else {", ".join(map(str, key)): str(config) for key, config in tuner.cache.items()}
+    """The GEMV's autotune choices so far, ``"N, K, dtypes..."`` -> config (``tuner_choices``)."""
+    return tuner_choices(_kernels(interpreting())[1])
 
 
 # ---------------------------------------------------------------------------------------------- wrappers

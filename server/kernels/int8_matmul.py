@@ -52,7 +52,7 @@ import triton.language as tl
 
 from .int8_configs import _INTERPRET_SMALL, _prune_small, _small_configs, even_k
 from .int8_gemm import MAX_GEMM_BUCKET, _large_m, gemm_bucket  # noqa: F401 (the prefill path; tests reach it here)
-from .support import interpreting, pdl_launch, quick_bench
+from .support import interpreting, pdl_launch, quick_bench, tuner_choices
 
 MAX_KERNEL_ROWS = 64  # rows of x served by the split-K decode kernel; more rows go to the tiled GEMM kernel
 MAX_SPLIT_K = 16
@@ -230,10 +230,8 @@ def _small_kernels(interpret: bool):
 
 
 def tuned_configs() -> dict[str, str]:
-    """The split-K kernel's autotune choices so far in this process, ``"M_BUCKET, N, K, dtypes..."`` -> config
-    (the benches print them: fresh machines have tuned differently, bench/NOTES.md)."""
-    tuner = _small_kernels(interpreting())[1]
-    return {} if tuner is None else {", ".join(map(str, key)): str(config) for key, config in tuner.cache.items()}
+    """The split-K kernel's autotune choices so far, ``"M_BUCKET, N, K, dtypes..."`` -> config (``tuner_choices``)."""
+    return tuner_choices(_small_kernels(interpreting())[1])
 
 
 # ---------------------------------------------------------------------------------------------- wrappers

@@ -72,6 +72,13 @@ def quick_bench(fn, quantiles):
     return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
+def tuner_choices(tuner) -> dict[str, str]:
+    """An autotuner's choices so far in this process (``triton.autotune``'s cache), its key joined by ", " ->
+    the config; empty for None (the interpreter builds no tuner). The benches print them: fresh machines have
+    tuned differently (bench/NOTES.md)."""
+    return {} if tuner is None else {", ".join(map(str, key)): str(config) for key, config in tuner.cache.items()}
+
+
 def triton_into(namespace: dict[str, Any]) -> ModuleType:
     """Import Triton (once) into ``namespace``, a kernel module's ``globals()``, as ``triton`` and ``tl``: the
     kernels' bodies refer to ``tl`` as a module global, as Triton wants, and the module must not import Triton

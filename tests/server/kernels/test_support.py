@@ -176,3 +176,15 @@ def test_pdl_only_on_hopper_and_compiled_and_not_switched_off(monkeypatch):
     monkeypatch.setattr(support, "_capability", lambda index: (9, 0))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not support.pdl_enabled("cuda:0")
+
+
+def test_tuner_choices_name_each_key_and_config():
+    """What serve_bench prints of an autotuner: its cached choices keyed by the joined key; none without a tuner
+    (the interpreter builds none)."""
+    from adapterd.server.kernels.support import tuner_choices
+
+    class Tuner:
+        cache = {(1, 4096, "torch.bfloat16"): "BLOCK_N: 8, BLOCK_K: 1024"}
+
+    assert tuner_choices(Tuner()) == {"1, 4096, torch.bfloat16": "BLOCK_N: 8, BLOCK_K: 1024"}
+    assert tuner_choices(None) == {}
