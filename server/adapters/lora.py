@@ -273,6 +273,11 @@ def project_qkv(attn: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor] |
     return q, k, v
 
 
+def base_layer_of(module: nn.Module) -> nn.Module:
+    """The base layer under a LoRA wrapper, or the module itself."""
+    return module.base_layer if isinstance(module, BatchedLoraLinear) else module
+
+
 def stage_on(device: torch.device, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
     """The modules' weights on ``device``, moved by one host-to-device copy when they share one (pinned)
     host buffer, as loaded adapters do: one large transfer instead of two small ones per module, after which

@@ -44,17 +44,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.lora import add_delta, project_qkv
+from ..adapters.lora import add_delta, base_layer_of, project_qkv
+from ..adapters.lora_folds import add_expand, add_qkv_deltas, output_shrink, project_qkv_deferred
 from ..kernels import decode_attention as attention_kernel
 from ..kernels import dense_gemv
 from ..kernels import silu_mul as act_kernel
 from ..kernels.rms_norm import FusedRMSNorm
 from ..kernels.rope_append import fits, rope_append_available
-from .fused_projections import GATE_UP, FusedLinear, LayerFusion, base_layer_of, fuse_layers, fused_outputs, int8_layers
+from .fused_projections import GATE_UP, FusedLinear, LayerFusion, fuse_layers, fused_outputs, int8_layers
 from .kv_pool import DecodeView
 from .step_context import StepContext, run_forward, step_context
 
 if TYPE_CHECKING:
+    from ..kernels.lora_bgmv import LoraPartials
     from ..model import BaseModel
 
 log = logging.getLogger(__name__)
@@ -141,23 +143,37 @@ class Decoder:
                    mask: torch.Tensor, cache: Any, index: int, qkv: FusedLinear | None) -> torch.Tensor:
         rows, length = x.shape[:2]
         shape = (rows, length, -1, attn.head_dim)
-        # The base outputs from one fused matmul where q, k, v are fused; LoRA on them: one shrink for the three
-        q, k, v = (t.view(shape) for t in project_qkv(attn, x, fused_outputs(qkv, attn, x, self.gemv)))
+        # The base outputs from one fused matmul where q, k, v are fused; LoRA on them: one shrink for the three,
+        # and at a decode step whose rotation is the kernel's, their deltas added by that kernel (one launch)
+        base = fused_outputs(qkv, attn, x, self.gemv)
+        rope_kernel = self.rope_kernel and isinstance(cache, DecodeView)
+        if rope_kernel and not hasattr(attn, "q_norm"):
+            *qkv_out, deltas = project_qkv_deferred(attn, x, base)
+        else:
+            qkv_out, deltas = project_qkv(attn, x, base), None
+        q, k, v = (t.view(shape) for t in qkv_out)
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head of q and k, before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
-        if self.rope_kernel and isinstance(cache, DecodeView) and fits(q, k, v, cos, sin):
-            q, keys, values = cache.append_rotated(q, k, v, cos, sin, index)  # a decode step: one launch
+        if rope_kernel and fits(q, k, v, cos, sin) and (deltas is None or deltas.fits(q, k)):
+            q, keys, values = cache.append_rotated(q, k, v, cos, sin, index, deltas)  # a decode step: one launch
         else:
+            if deltas is not None:
+                add_qkv_deltas(deltas, q, k, v)
             q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             keys, values = cache.update(k, v.transpose(1, 2), index)
+        shrink = None
         if (self.attention_kernel and isinstance(cache, DecodeView)
                 and attention_kernel.fits(q, keys, values, mask)
                 and attention_kernel.faster_than_sdpa(rows, q.shape[1] // keys.shape[1], q.device)):
-            out = attention_kernel.decode_attention(q, keys, values, mask, attn.scaling)
+            # o_proj's LoRA shrink in the merge (each head's output is a split of o_proj's input): no launch of its own
+            shrink = output_shrink(attn.o_proj, rows, q.shape[1])
+            shrink = shrink if shrink is not None and shrink.fits(q) else None
+            out = attention_kernel.decode_attention(q, keys, values, mask, attn.scaling, shrink=shrink)
         else:
             out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                                  scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
-        return _linear(attn.o_proj, out.transpose(1, 2).reshape(rows, length, -1), self.gemv)
+        return _linear(attn.o_proj, out.transpose(1, 2).reshape(rows, length, -1), self.gemv,
+                       None if shrink is None else shrink.partials)
 
 
 def _add_norm(h: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,14 +185,19 @@ def _add_norm(h: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[to
     return h, norm(h)
 
 
-def _linear(module: nn.Module, x: torch.Tensor, gemv: bool) -> torch.Tensor:
+def _linear(module: nn.Module, x: torch.Tensor, gemv: bool, partials: LoraPartials | None = None) -> torch.Tensor:
     """``module(x)``; with ``gemv``, a plain float ``nn.Linear`` (or one under a LoRA wrapper, whose delta is
     added as its forward adds it) runs through the GEMV kernel where ``dense_gemv.chosen`` (one row, a shape
-    that warm-up found faster there)."""
+    that warm-up found faster there). ``partials``: the LoRA wrapper's shrink, already done (``output_shrink``):
+    its base output plus the expand only."""
     base = base_layer_of(module)
     if gemv and type(base) is nn.Linear and dense_gemv.chosen(x, base.weight, base.bias):
-        return add_delta(module, x, dense_gemv.gemv(x, base.weight, base.bias))
-    return module(x)
+        y = dense_gemv.gemv(x, base.weight, base.bias)
+    elif partials is not None:
+        y = base(x)
+    else:
+        return module(x)
+    return add_delta(module, x, y) if partials is None else add_expand(module, y, partials)
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act: bool = False,

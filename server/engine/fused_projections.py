@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters.lora import QKV, BatchedLoraLinear
+from ..adapters.lora import QKV, base_layer_of
 from ..kernels import dense_gemv
 from ..kernels.int8_linear import Int8WeightOnlyLinear
 from .swaps import same_forward
@@ -37,11 +37,6 @@ log = logging.getLogger(__name__)
 
 GATE_UP = ("gate_proj", "up_proj")  # an MLP's projections of one input, before act(gate) * up
 _FUSABLE = (nn.Linear, Int8WeightOnlyLinear)  # exact types: bitsandbytes' layers subclass nn.Linear
-
-
-def base_layer_of(module: nn.Module) -> nn.Module:
-    """The base linear under a LoRA wrapper, or the module itself."""
-    return module.base_layer if isinstance(module, BatchedLoraLinear) else module
 
 
 class FusedLinear:

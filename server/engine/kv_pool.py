@@ -31,10 +31,13 @@ live row the way a padded dynamic cache would; growing re-allocates, which inval
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache
+
+if TYPE_CHECKING:
+    from ..kernels.rope_append import QkvDeltas
 
 
 def _grown(size: int, needed: int, limit: int) -> int:
@@ -178,14 +181,16 @@ class DecodeView(_PoolView):
         return k[: self.batch, :, : self.length], v[: self.batch, :, : self.length]
 
     def append_rotated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       layer_idx: int, lora: QkvDeltas | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``update`` with the rotary embedding before it, in one kernel (``kernels/rope_append.py``; its ``fits``
-        must hold): q, k, v as split from the projection (``[batch, 1, heads, head_dim]``, not yet rotated).
+        must hold): q, k, v as split from the projection (``[batch, 1, heads, head_dim]``, not yet rotated), and
+        ``lora``, their LoRA deltas still to add (added first, by the same kernel).
         Returns the rotated query ``[batch, q_heads, 1, head_dim]`` and what attention reads, as ``update``."""
         from ..kernels.rope_append import rope_append
 
         keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
-        q = rope_append(q, k, v, cos, sin, keys, values, self.write_pos)
+        q = rope_append(q, k, v, cos, sin, keys, values, self.write_pos, lora)
         return q, keys[: self.batch, :, : self.length], values[: self.batch, :, : self.length]
 
 

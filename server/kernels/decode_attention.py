@@ -36,10 +36,15 @@ kernels run on CPU tensors (the tests).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .support import interpreting, pdl_launch, triton_available, triton_into
+
+if TYPE_CHECKING:
+    from .lora_bgmv import LoraPartials
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK = 64  # entries a split: 64 x 128 x 2 bytes = 16 KB of keys and as much of values a program in bf16
@@ -85,7 +90,9 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
                         G_PAD: tl.constexpr = 0, DOT_F32: tl.constexpr = False, USE_PDL: tl.constexpr = False,
                         count_ptr=None, o_ptr=None, stride_ob=0, stride_oh=0, FUSED: tl.constexpr = False,
-                        BLOCK_S: tl.constexpr = 32):
+                        BLOCK_S: tl.constexpr = 32, oa_ptr=None, slot_ptr=None, op_ptr=None, O_RANK=0,
+                        stride_oar=0, stride_oas=0, stride_ops=0, SHRINK: tl.constexpr = False,
+                        BLOCK_R: tl.constexpr = 16):
     """Split ``program_id(1)`` of key/value head ``program_id(0) % KV_HEADS`` of row ``program_id(0) //
     KV_HEADS``: for each of its ``GROUP`` query heads, ``m``, ``l`` and ``acc`` at ``[row, head, split]``.
 
@@ -97,7 +104,8 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
     across lanes once per head made a group of 4 at 32 rows 3x slower than cuDNN (H200, 2026-12-03).
 
     ``FUSED``: then the program that stores the last of the row's and key/value head's splits (``count_ptr``'s
-    counter, one a program row) merges them as ``_attention_combine`` does, into ``o_ptr``, and zeroes it again."""
+    counter, one a program row) merges them as ``_attention_combine`` does, into ``o_ptr``, and zeroes it again;
+    with ``SHRINK`` too, it also writes each merged head's o_proj LoRA partial, as ``_attention_combine`` does."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
@@ -194,23 +202,46 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
                     part = tl.load(acc_ptr + (hq * SPLITS + first + s)[:, None] * BLOCK_D + d[None, :],
                                    mask=live[:, None], other=0.0, cache_modifier=".cg")
                     merged += tl.reduce(weight[:, None] * part, 0, tl.standard._sum_combine)
-                tl.store(o_ptr + b * stride_ob + (kv * GROUP + g) * stride_oh + d,
-                         (merged / total).to(o_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+                o = (merged / total).to(o_ptr.dtype.element_ty)
+                tl.store(o_ptr + b * stride_ob + (kv * GROUP + g) * stride_oh + d, o, mask=d < HEAD_DIM)
+                if SHRINK:  # o_proj's LoRA shrink over this head's inputs, as _attention_combine's
+                    slot = tl.load(slot_ptr + b).to(tl.int64)
+                    rr = tl.arange(0, BLOCK_R)
+                    r_ok = rr < tl.where(slot != 0, O_RANK, 0)
+                    col = (kv * GROUP + g) * HEAD_DIM
+                    a = tl.load(oa_ptr + slot * stride_oas + rr.to(tl.int64)[:, None] * stride_oar + (col + d)[None, :],
+                                mask=r_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+                    tl.store(op_ptr + (kv * GROUP + g) * stride_ops + b * BLOCK_R + rr,
+                             tl.reduce(a.to(tl.float32) * o.to(tl.float32)[None, :], 1, tl.standard._sum_combine))
             tl.atomic_xchg(count_ptr + bh, 0)  # zero again for the next call (or graph replay)
 
 
 def _attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, Q_HEADS, stride_ob, stride_oh,  # noqa: N803
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                       USE_PDL: tl.constexpr = False):
+                       USE_PDL: tl.constexpr = False, oa_ptr=None, slot_ptr=None, op_ptr=None, O_RANK=0,
+                       stride_oar=0, stride_oas=0, stride_ops=0, SHRINK: tl.constexpr = False,
+                       BLOCK_R: tl.constexpr = 16):
     """Row ``program_id(0) // Q_HEADS``, head ``program_id(0) % Q_HEADS``: the splits merged, in order,
     ``BLOCK_S`` at a time (a first pass for the largest ``m``, finite: every row sees at least its own new
-    entry; a second for the weighted sums)."""
+    entry; a second for the weighted sums).
+
+    ``SHRINK``: the head's output is also the split ``h`` of o_proj's input, and the program writes its LoRA
+    shrink there, as ``lora_bgmv``'s shrink would (``op[h, row, :BLOCK_R] = o @ A[:O_RANK, slot, h's columns].T``,
+    fp32, from the output as stored): o_proj's own shrink launch saved."""
     bh = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    b = bh // Q_HEADS
+    h = bh % Q_HEADS
+    if SHRINK:  # the slot (a step input) and A (no kernel's output) are read before the PDL wait
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < tl.where(slot != 0, O_RANK, 0)  # a base row (slot 0) reads nothing
+        a = tl.load(oa_ptr + slot * stride_oas + rr.to(tl.int64)[:, None] * stride_oar + (h * HEAD_DIM + d)[None, :],
+                    mask=r_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    d = tl.arange(0, BLOCK_D)
     top = tl.reduce(tl.load(m_ptr + bh * SPLITS + s, mask=s < SPLITS, other=-float("inf")), 0,
                     tl.standard._elementwise_max)
     for first in range(BLOCK_S, SPLITS, BLOCK_S):
@@ -227,9 +258,11 @@ def _attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, Q_HEADS, stride_ob,
         part = tl.load(acc_ptr + (bh * SPLITS + first + s)[:, None] * BLOCK_D + d[None, :], mask=live[:, None],
                        other=0.0)
         acc += tl.reduce(weight[:, None] * part, 0, tl.standard._sum_combine)
-    b = bh // Q_HEADS
-    h = bh % Q_HEADS
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + d, (acc / total).to(o_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    o = (acc / total).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + d, o, mask=d < HEAD_DIM)
+    if SHRINK:
+        tl.store(op_ptr + h * stride_ops + b * BLOCK_R + rr,
+                 tl.reduce(a.to(tl.float32) * o.to(tl.float32)[None, :], 1, tl.standard._sum_combine))
 
 
 def _triton():
@@ -241,8 +274,8 @@ def _triton():
 def _kernels(interpret: bool):
     """The jitted kernels, built at the first call of each mode (``triton.jit`` reads TRITON_INTERPRET)."""
     jit = _triton().jit
-    return (jit(_attention_partials, do_not_specialize=["LENGTH", "SPLITS", "stride_ob", "stride_oh"]),
-            jit(_attention_combine, do_not_specialize=["SPLITS"]))
+    return (jit(_attention_partials, do_not_specialize=["LENGTH", "SPLITS", "stride_ob", "stride_oh", "O_RANK"]),
+            jit(_attention_combine, do_not_specialize=["SPLITS", "O_RANK"]))
 
 
 # ---------------------------------------------------------------------------------------------- wrapper
@@ -292,15 +325,40 @@ def counters(device: torch.device | str, programs: int) -> torch.Tensor:
     return _counters(device, max(256, 1 << (programs - 1).bit_length()))
 
 
+@dataclass(frozen=True)
+class OutputShrink:
+    """o_proj's LoRA shrink, done by ``decode_attention``'s merge: the output's head h is split h of o_proj's
+    input, so the program that writes it also writes ``partials.p[0, h, row]`` (``lora_bgmv.LoraPartials``,
+    ``[1, q_heads, rows, BLOCK_R]``, made by the caller; ``lora_expand_`` then adds o_proj's delta). ``lora_a``:
+    o_proj's A table, ``[R, slots, q_heads * head_dim]``."""
+
+    lora_a: torch.Tensor
+    partials: LoraPartials
+
+    def fits(self, q: torch.Tensor) -> bool:
+        rows, q_heads, _, dim = q.shape
+        p = self.partials.p
+        return (self.lora_a.dim() == 3 and self.lora_a.shape[2] == q_heads * dim and self.lora_a.stride(2) == 1
+                and self.lora_a.dtype in _DTYPES and self.lora_a.device == q.device and p.is_contiguous()
+                and tuple(p.shape[:3]) == (1, q_heads, rows) and self.partials.rank <= self.lora_a.shape[0])
+
+    def arguments(self) -> dict:
+        """The kernels' keywords for it."""
+        a, p = self.lora_a, self.partials
+        return {"oa_ptr": a, "slot_ptr": p.slots, "op_ptr": p.p, "O_RANK": p.rank, "stride_oar": a.stride(0),
+                "stride_oas": a.stride(1), "stride_ops": p.p.stride(1), "SHRINK": True, "BLOCK_R": p.block_r}
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     scale: float, chunk: int = CHUNK, fused: bool | None = None, counts: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     scale: float, chunk: int = CHUNK, fused: bool | None = None, counts: torch.Tensor | None = None,
+                     shrink: OutputShrink | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=...)`` for a
     decode step (``fits`` must hold), computed in fp32 and returned in ``q``'s dtype as ``[rows, q_heads, 1,
     head_dim]``. ``chunk``: entries a split (a power of two; the engine keeps ``CHUNK``, benches try others).
     ``fused``: one launch, the last split of each row and key/value head merging (the same bits as ``False``, two
     launches: ``_attention_combine``), None for ``fuse_merge``'s choice; ``counts``: its zeroed int32 counters,
-    ``rows * kv_heads`` or more (by default ``counters``' shared ones), zero again when the call's kernel ends."""
+    ``rows * kv_heads`` or more (by default ``counters``' shared ones), zero again when the call's kernel ends.
+    ``shrink``: o_proj's LoRA shrink written by the merge too (its ``fits`` must hold)."""
     rows, q_heads, _, dim = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     out = torch.empty((rows, q_heads, 1, dim), device=q.device, dtype=q.dtype)
@@ -318,6 +376,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     same = q.dtype == keys.dtype == values.dtype and q.dtype in (torch.bfloat16, torch.float16)
     partials, combine = _kernels(interpret)
     fused = fuse_merge(rows, kv_heads, group) if fused is None else fused
+    lora = {} if shrink is None else shrink.arguments()
     if fused:
         counts = counters(q.device, rows * kv_heads) if counts is None else counts
         if counts.dtype != torch.int32 or counts.numel() < rows * kv_heads or counts.device != q.device:
@@ -330,10 +389,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(3),
         HEAD_DIM=dim, BLOCK_D=block_d, GROUP=group, CHUNK=chunk, num_warps=4 if chunk <= 64 else 8,
         G_PAD=0 if group == 1 else max(16, _triton().next_power_of_2(group)), DOT_F32=interpret or not same,
-        **(merge if fused else {}), **pdl_launch(q.device))
+        **(merge | lora if fused else {}), **pdl_launch(q.device))
     if fused:
         return out
     combine[(rows * q_heads,)](
         m, total, acc, out, splits, q_heads, out.stride(0), out.stride(1),
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4, **pdl_launch(q.device))
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4, **lora, **pdl_launch(q.device))
     return out

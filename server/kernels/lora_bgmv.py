@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -212,7 +213,7 @@ def plan(in_f: int, out_f: int, rank: int) -> dict[str, int]:
       in = 4096 is 16 splits of one tile, in = 14336 is 56; at rank 64 and in = 4096, 32 splits of 2 tiles;
     * ``BLOCK_N`` = ``TILE_ELEMS / BLOCK_R`` (at least 32); ``BLOCK_S``, the splits rounded up to a power of 2.
     """
-    block_r = max(MIN_BLOCK_R, triton.next_power_of_2(rank))
+    block_r = block_r_for(rank)
     block_k = max(32, TILE_ELEMS // block_r)
     k_tiles = triton.cdiv(in_f, block_k)
     max_splits = max(1, MAX_PARTIALS // block_r)
@@ -258,39 +259,88 @@ def lora_group_delta_(ys: Sequence[torch.Tensor], x: torch.Tensor, lora_a: torch
                       lora_bs: Sequence[torch.Tensor], slots: torch.Tensor, rank: int) -> None:
     """``lora_delta_`` for G layers that share their input (q, k and v): ``ys[g][i] += (x[i] @ lora_a[g,
     :rank, slots[i]].T) @ lora_bs[g][:rank, slots[i]]``, with one shrink launch for the G members (x read
-    once a split, G times the programs) and one expand a member (their outputs differ in width: grouped
-    key/value heads). ``lora_a``: the members' A tables stacked, ``[G, R, S, in]`` (any strides). Each
-    member's partials are the ones ``lora_delta_`` computes for it alone, summed in the same order: the
-    results are bit-identical to G separate calls."""
+    once a split, G times the programs) and one expand launch for up to three members (their outputs differ in
+    width: grouped key/value heads). ``lora_a``: the members' A tables stacked, ``[G, R, S, in]`` (any
+    strides). Each member's partials are the ones ``lora_delta_`` computes for it alone, summed in the same
+    order: the results are bit-identical to G separate calls."""
     if lora_a.dim() != 4 or not len(ys) == len(lora_bs) == lora_a.shape[0]:
         raise ValueError(f"a group needs A [G, R, slots, in] and G outputs and B tables, got A "
                          f"{list(lora_a.shape)}, {len(ys)} outputs, {len(lora_bs)} B tables")
     for y, a, b in zip(ys, lora_a, lora_bs, strict=True):
         _check(y, x, a, b, slots, rank)
+    if x.shape[0] == 0 or rank == 0:
+        return
+    lora_expand_(ys, lora_shrink(x, lora_a, slots, rank), lora_bs)
+
+
+@dataclass(frozen=True)
+class LoraPartials:
+    """A decode step's ``x @ A^T`` before the expand, split along ``in``: ``p[g, s, i, :BLOCK_R]`` (fp32) is
+    member g's sum over split s for row i; a row on slot 0 has none written (and none is ever read). Made by
+    ``lora_shrink``, or by a kernel that owns a split of x (the decode attention's merge writes o_proj's, one
+    split a head); summed and multiplied by B in ``lora_expand_``, or in a kernel that reads the members'
+    outputs next (``rope_append`` adds q, k and v's deltas before rotating)."""
+
+    p: torch.Tensor  # [G, splits, rows, BLOCK_R] fp32
+    slots: torch.Tensor  # [rows] int, each row's slot
+    rank: int  # rank rows read (<= BLOCK_R)
+
+    @property
+    def splits(self) -> int:
+        return self.p.shape[1]
+
+    @property
+    def block_r(self) -> int:
+        return self.p.shape[3]
+
+    @property
+    def block_s(self) -> int:
+        """The splits rounded up to a power of two: the tile a program sums them in."""
+        return triton.next_power_of_2(self.splits)
+
+
+def block_r_for(rank: int) -> int:
+    """``plan``'s ``BLOCK_R``: the rank rows a tile spans, the next power of two of ``rank``, at least 16."""
+    return max(MIN_BLOCK_R, triton.next_power_of_2(rank))
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, rank: int) -> LoraPartials:
+    """The shrink of ``lora_group_delta_`` alone (one launch): x ``[rows, in]``, ``lora_a`` ``[G, R, S, in]``."""
     rows, in_f = x.shape
+    shrink, _ = _kernels(interpreting())
+    cfg = plan(in_f, in_f, rank)  # BLOCK_R, BLOCK_K and the splits depend on (in, rank) only
+    # [G, splits, rows, BLOCK_R] fp32; rows on slot 0 leave theirs unwritten (and expand never reads them)
+    p = torch.empty((lora_a.shape[0], cfg["splits"], rows, cfg["BLOCK_R"]), device=x.device, dtype=torch.float32)
+    if rows:
+        shrink[(rows, cfg["splits"], lora_a.shape[0])](
+            x, lora_a, slots, p, in_f, rank, x.stride(0), x.stride(1), *lora_a.stride(), p.stride(0), p.stride(1),
+            slots.stride(0), EVEN_K=in_f == cfg["splits"] * cfg["tiles"] * cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_K=cfg["BLOCK_K"], TILES=cfg["tiles"], num_warps=NUM_WARPS, **pdl_launch(x.device))
+    return LoraPartials(p, slots, rank)
+
+
+def lora_expand_(ys: Sequence[torch.Tensor], partials: LoraPartials, lora_bs: Sequence[torch.Tensor]) -> None:
+    """The expand of ``lora_group_delta_`` alone: ``ys[g][i] += (sum over s of p[g, s, i]) @ lora_bs[g][:rank,
+    slot_i]``, one launch for up to three members (a shorter group padded with member 0's blocks: never
+    reached). ``ys[g]``: ``[rows, out_g]``, unit column strides shared by the members, as B's."""
+    rows, rank = partials.p.shape[2], partials.rank
     if rows == 0 or rank == 0:
         return
-    shrink, expand = _kernels(interpreting())
-    cfg = plan(in_f, ys[0].shape[1], rank)  # BLOCK_R, BLOCK_K and the splits depend on (in, rank) only
-    # [G, splits, rows, BLOCK_R] fp32; rows on slot 0 leave theirs unwritten (and expand never reads them)
-    p = torch.empty((len(ys), cfg["splits"], rows, cfg["BLOCK_R"]), device=x.device, dtype=torch.float32)
-    shrink[(rows, cfg["splits"], len(ys))](
-        x, lora_a, slots, p, in_f, rank, x.stride(0), x.stride(1), *lora_a.stride(), p.stride(0), p.stride(1),
-        slots.stride(0), EVEN_K=in_f == cfg["splits"] * cfg["tiles"] * cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_K=cfg["BLOCK_K"], TILES=cfg["tiles"], num_warps=NUM_WARPS, **pdl_launch(x.device))
-    # One expand launch for up to three members (a shorter group padded with member 0's blocks: never reached)
+    _, expand = _kernels(interpreting())
+    block_n = max(32, TILE_ELEMS // partials.block_r)
+    p, slots = partials.p, partials.slots
     for first in range(0, len(ys), 3):
         y3, b3 = list(ys[first:first + 3]), list(lora_bs[first:first + 3])
-        blocks = [triton.cdiv(y.shape[1], cfg["BLOCK_N"]) for y in y3]
+        blocks = [triton.cdiv(y.shape[1], block_n) for y in y3]
         if any(y.stride(1) != y3[0].stride(1) for y in y3) or any(b.stride(2) != b3[0].stride(2) for b in b3):
             raise ValueError("a group's outputs and B tables must share their column strides")
         y3, b3 = (y3 + [y3[0]] * 2)[:3], (b3 + [b3[0]] * 2)[:3]
         expand[(rows, sum(blocks))](
             *y3, *b3, slots, p[first:], *(y.shape[1] for y in y3), blocks[0], sum(blocks[:2]), rank,
-            cfg["splits"], *(y.stride(0) for y in y3), y3[0].stride(1), *(b.stride(0) for b in b3),
+            partials.splits, *(y.stride(0) for y in y3), y3[0].stride(1), *(b.stride(0) for b in b3),
             *(b.stride(1) for b in b3), b3[0].stride(2), p.stride(0), p.stride(1), slots.stride(0),
-            EVEN_N=all(y.shape[1] % cfg["BLOCK_N"] == 0 for y in y3), BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], num_warps=NUM_WARPS, **pdl_launch(x.device))
+            EVEN_N=all(y.shape[1] % block_n == 0 for y in y3), BLOCK_R=partials.block_r,
+            BLOCK_N=block_n, BLOCK_S=partials.block_s, num_warps=NUM_WARPS, **pdl_launch(p.device))
 
 
 def reference_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,

@@ -31,10 +31,15 @@ CUDA graphs: no host sync, no allocation but the query's ``torch.empty``; ``writ
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .support import interpreting, pdl_launch, triton_available, triton_into
+
+if TYPE_CHECKING:
+    from .lora_bgmv import LoraPartials
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -61,18 +66,43 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
                  Q_HEADS, stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_cr, stride_sr,
                  stride_kcr, stride_kch, stride_kct, stride_vcr, stride_vch, stride_vct,
                  HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr,
-                 USE_PDL: tl.constexpr = False):
+                 USE_PDL: tl.constexpr = False,
+                 p_ptr=None, bq_ptr=None, bk_ptr=None, bv_ptr=None, slot_ptr=None, MQ=0, MK=0, MV=0, RQ=0, RK=0,
+                 RV=0, SPLITS=0, stride_pg=0, stride_ps=0, stride_bqr=0, stride_bqs=0, stride_bkr=0, stride_bks=0,
+                 stride_bvr=0, stride_bvs=0, LORA: tl.constexpr = False, BLOCK_R: tl.constexpr = 16,
+                 BLOCK_S: tl.constexpr = 16):
     """Row ``program_id(0)``, head ``program_id(1)``: a query head (``< Q_HEADS``) rotated into
-    ``qo[r, h, 0, :]``, or a key/value head rotated (the key) and both written at ``pos[r]`` in the pool."""
+    ``qo[r, h, 0, :]``, or a key/value head rotated (the key) and both written at ``pos[r]`` in the pool.
+
+    ``LORA``: first each of q, k and v gets its LoRA delta, as ``lora_bgmv``'s expand adds it (``_expand``:
+    the row's partials ``p[member, :SPLITS, r]`` summed, times its slot's B columns of this head, added in fp32
+    and rounded to the dtype). ``MQ``/``MK``/``MV``: q's, k's and v's member in ``p``; ``RQ``/``RK``/``RV``: the
+    rank rows read, 0 for one that no adapter targets (nothing read, nothing added)."""
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     d = tl.arange(0, BLOCK)
     mask = d < HEAD_DIM
     half = HEAD_DIM // 2
     partner = tl.where(d < half, d + half, d - half)  # rotate_half(x)[d] = -x[d + half] | x[d - half]
+    if LORA:  # the slot (a step input) and B (no kernel's output) are read before the PDL wait
+        slot = tl.load(slot_ptr + r).to(tl.int64)
+        rr = tl.arange(0, BLOCK_R)
+        if h < Q_HEADS:
+            b_ptr, member, rank, col, stride_br, stride_bs = bq_ptr, MQ, RQ, h * HEAD_DIM, stride_bqr, stride_bqs
+        else:
+            b_ptr, member, rank = bk_ptr, MK, RK
+            col, stride_br, stride_bs = (h - Q_HEADS) * HEAD_DIM, stride_bkr, stride_bks
+        r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0), or q or k unwrapped: nothing read
+        tile = b_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br + col
+        b_mask = r_ok[:, None] & mask[None, :]
+        b_x = tl.load(tile + d[None, :], mask=b_mask, other=0.0).to(tl.float32)
+        b_partner = tl.load(tile + partner[None, :], mask=b_mask, other=0.0).to(tl.float32)
+        v_ok = rr < tl.where(h >= Q_HEADS, tl.where(slot != 0, RV, 0), 0)  # key/value heads only
+        v_tile = bv_ptr + slot * stride_bvs + rr.to(tl.int64)[:, None] * stride_bvr + (h - Q_HEADS) * HEAD_DIM
+        b_v = tl.load(v_tile + d[None, :], mask=v_ok[:, None] & mask[None, :], other=0.0).to(tl.float32)
+    if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     sign = tl.where(d < half, -1.0, 1.0)
     cos = tl.load(cos_ptr + r * stride_cr + d, mask=mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + r * stride_sr + d, mask=mask, other=0.0).to(tl.float32)
@@ -80,10 +110,25 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
         src = q_ptr + r * stride_qr + h * stride_qh
     else:
         src = k_ptr + r * stride_kr + (h - Q_HEADS) * stride_kh
-    x = tl.load(src + d, mask=mask, other=0.0)
-    x_partner = tl.load(src + partner, mask=mask, other=0.0)
-    a = x.to(tl.float32) * cos  # x * cos, one fp32 product rounded to x's dtype as torch's is
-    b = (x_partner.to(tl.float32) * sign) * sin  # rotate_half(x) * sin (the sign is exact)
+    x = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+    if LORA:
+        rs = tl.arange(0, BLOCK_S)
+        ps = p_ptr + rs[:, None] * stride_ps + r * BLOCK_R + rr[None, :]
+        xa = tl.reduce(tl.load(ps + member * stride_pg, mask=(rs < SPLITS)[:, None] & r_ok[None, :], other=0.0),
+                       0, tl.standard._sum_combine)  # [BLOCK_R]: x @ A^T of this member, as _expand sums it
+        x = x + tl.reduce(b_x * xa[:, None], 0, tl.standard._sum_combine)  # each rounded below, as _expand's
+        x_partner = x_partner + tl.reduce(b_partner * xa[:, None], 0, tl.standard._sum_combine)  # store rounds
+        if ROUND_BF16:
+            xb = x.to(tl.uint32, bitcast=True)
+            x = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            xb = x_partner.to(tl.uint32, bitcast=True)
+            x_partner = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            x = x.to(q_ptr.dtype.element_ty).to(tl.float32)
+            x_partner = x_partner.to(q_ptr.dtype.element_ty).to(tl.float32)
+    a = x * cos  # x * cos, one fp32 product rounded to x's dtype as torch's is
+    b = (x_partner * sign) * sin  # rotate_half(x) * sin (the sign is exact)
     if ROUND_BF16:
         ab = a.to(tl.uint32, bitcast=True)
         a = ((ab + 0x7FFF + ((ab >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
@@ -93,9 +138,9 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
         yb = y.to(tl.uint32, bitcast=True)
         y = ((yb + 0x7FFF + ((yb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     else:
-        a = a.to(x.dtype).to(tl.float32)
-        b = b.to(x.dtype).to(tl.float32)
-        y = (a + b).to(x.dtype).to(tl.float32)
+        a = a.to(q_ptr.dtype.element_ty).to(tl.float32)
+        b = b.to(q_ptr.dtype.element_ty).to(tl.float32)
+        y = (a + b).to(q_ptr.dtype.element_ty).to(tl.float32)
     if h < Q_HEADS:
         tl.store(qo_ptr + (r * Q_HEADS + h) * HEAD_DIM + d, y.to(qo_ptr.dtype.element_ty), mask=mask)
     else:
@@ -104,6 +149,15 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
         tl.store(kc_ptr + r * stride_kcr + kv * stride_kch + t * stride_kct + d, y.to(kc_ptr.dtype.element_ty),
                  mask=mask)
         v = tl.load(v_ptr + r * stride_vr + kv * stride_vh + d, mask=mask, other=0.0)
+        if LORA:
+            xa_v = tl.reduce(tl.load(ps + MV * stride_pg, mask=(rs < SPLITS)[:, None] & v_ok[None, :], other=0.0),
+                             0, tl.standard._sum_combine)
+            v = v.to(tl.float32) + tl.reduce(b_v * xa_v[:, None], 0, tl.standard._sum_combine)
+            if ROUND_BF16:
+                vb = v.to(tl.uint32, bitcast=True)
+                v = ((vb + 0x7FFF + ((vb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            else:
+                v = v.to(q_ptr.dtype.element_ty)
         tl.store(vc_ptr + r * stride_vcr + kv * stride_vch + t * stride_vct + d, v.to(vc_ptr.dtype.element_ty),
                  mask=mask)
 
@@ -116,10 +170,34 @@ def _triton():
 @functools.cache
 def _kernel(interpret: bool):
     """The jitted kernel, built at the first call of each mode (``triton.jit`` reads TRITON_INTERPRET)."""
-    return _triton().jit(_rope_append)
+    # The members and ranks are runtime ints picked per head (a branch): never specialized to constants (1)
+    return _triton().jit(_rope_append, do_not_specialize=["MQ", "MK", "MV", "RQ", "RK", "RV"])
 
 
 # ---------------------------------------------------------------------------------------------- wrapper
+
+
+@dataclass(frozen=True)
+class QkvDeltas:
+    """q, k and v's LoRA deltas still to add at a decode step: their shrink's partials (``lora_bgmv.lora_shrink``
+    over the wrapped ones, stacked in q, k, v order) and each one's B table (``[R, slots, out]``, pre-scaled;
+    None where no adapter targets it). ``rope_append`` adds them as ``lora_bgmv.lora_expand_`` would, one launch
+    fewer a layer."""
+
+    partials: LoraPartials
+    tables: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+    def fits(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether ``rope_append`` can add these to q and k's heads (and v's, k's shape): one table a member of
+        the partials, each as wide as its output, unit column strides, a float dtype shared by the tables."""
+        tables = [b for b in self.tables if b is not None]
+        widths = (q.shape[2] * q.shape[3], k.shape[2] * k.shape[3], k.shape[2] * k.shape[3])
+        return (len(tables) == self.partials.p.shape[0] and bool(tables)
+                and all(b is None or (b.dim() == 3 and b.shape[2] == w and b.stride(2) == 1)
+                        for b, w in zip(self.tables, widths, strict=True))
+                and all(b.dtype == tables[0].dtype and b.dtype in _DTYPES and b.device == q.device for b in tables)
+                and self.partials.p.shape[2] == q.shape[0] and self.partials.p.is_contiguous())
+
 
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -135,11 +213,13 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, s
 
 
 def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                keys: torch.Tensor, values: torch.Tensor, write_pos: torch.Tensor) -> torch.Tensor:
+                keys: torch.Tensor, values: torch.Tensor, write_pos: torch.Tensor, lora: QkvDeltas | None = None,
+                ) -> torch.Tensor:
     """Rotate ``q`` and ``k`` (``[rows, 1, heads, head_dim]``, as split from the q/k/v projection) by ``cos``
     and ``sin``, write row ``r``'s rotated key and its value at entry ``write_pos[r]`` of ``keys[r]`` and
     ``values[r]`` (``[>= rows, kv_heads, capacity, head_dim]``, the pool's layer), and return the rotated
-    query as ``[rows, q_heads, 1, head_dim]`` (contiguous). ``fits`` must hold."""
+    query as ``[rows, q_heads, 1, head_dim]`` (contiguous). ``fits`` must hold. ``lora``: each row's LoRA deltas
+    added to q, k and v first (``QkvDeltas.fits`` must hold); q, k and v themselves are left as they are."""
     rows, _, q_heads, dim = q.shape
     kv_heads = k.shape[2]
     out = torch.empty((rows, q_heads, 1, dim), device=q.device, dtype=q.dtype)
@@ -154,5 +234,26 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0), sin.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         HEAD_DIM=dim, BLOCK=block, ROUND_BF16=interpret and q.dtype == torch.bfloat16,
-        num_warps=1 if block <= 128 else 2, **options, **pdl_launch(q.device))
+        num_warps=1 if block <= 128 else 2, **options, **pdl_launch(q.device), **_lora_arguments(lora))
     return out
+
+
+def _lora_arguments(lora: QkvDeltas | None) -> dict:
+    """The kernel's LoRA keywords for ``lora`` (none without it): each of q, k, v's member in the partials
+    (their order among the wrapped ones) and rank (0 where unwrapped: its table stands in, nothing is read)."""
+    if lora is None:
+        return {}
+    partials, present = lora.partials, [b for b in lora.tables if b is not None]
+    members, ranks, tables, strides = [], [], [], []
+    for b in lora.tables:
+        members.append(sum(1 for t in lora.tables[:len(members)] if t is not None) if b is not None else 0)
+        ranks.append(partials.rank if b is not None else 0)
+        tables.append(b if b is not None else present[0])
+        strides += [tables[-1].stride(0), tables[-1].stride(1)]
+    p = partials.p
+    return dict(p_ptr=p, bq_ptr=tables[0], bk_ptr=tables[1], bv_ptr=tables[2], slot_ptr=partials.slots,
+                MQ=members[0], MK=members[1], MV=members[2], RQ=ranks[0], RK=ranks[1], RV=ranks[2],
+                SPLITS=partials.splits, stride_pg=p.stride(0), stride_ps=p.stride(1),
+                stride_bqr=strides[0], stride_bqs=strides[1], stride_bkr=strides[2], stride_bks=strides[3],
+                stride_bvr=strides[4], stride_bvs=strides[5], LORA=True, BLOCK_R=partials.block_r,
+                BLOCK_S=partials.block_s)

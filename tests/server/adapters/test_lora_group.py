@@ -155,9 +155,10 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
 
     if TEST_DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    members = []
-    real = lora_bgmv.lora_group_delta_  # wrapped before the slot table's groups pick it
-    monkeypatch.setattr(lora_bgmv, "lora_group_delta_", lambda ys, *a: members.append(len(ys)) or real(ys, *a))
+    members, expands = [], []  # the members of each shrink launch; the outputs of each expand launch
+    real, real_expand = lora_bgmv.lora_shrink, lora_bgmv.lora_expand_  # looked up at each call
+    monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda x, a, *r: members.append(a.shape[0]) or real(x, a, *r))
+    monkeypatch.setattr(lora_bgmv, "lora_expand_", lambda ys, *a: expands.append(len(ys)) or real_expand(ys, *a))
     jobs = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"),
             ("你是谁？", "lora-rs"), ("hello world", "prefix")]
     refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 5) for p, a in jobs]
@@ -168,9 +169,13 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     finally:
         runtime.close()
     assert [events[-1].token_ids for events in results] == refs
-    grouped = [g for g in members if g > 1]  # lora_delta_ (o and the MLP) is a group of one
+    grouped = [g for g in members if g > 1]  # lora_delta_ (the MLP) is a group of one
     assert set(grouped) == {3}  # q, k, v grouped (lora-all wrapped k too); lora-rs's q rides in the group
     assert grouped and len(grouped) % base.num_layers == 0  # one grouped launch a layer a decode step
+    # their deltas added by the rotary kernel (no expand of q, k and v's own), o_proj's shrink by the attention's
+    # merge (no shrink launch of o's own: the MLP's three layers' are the only groups of one)
+    assert expands and 3 not in expands
+    assert members.count(1) == 3 * len(grouped)
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])

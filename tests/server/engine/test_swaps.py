@@ -63,7 +63,8 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     monkeypatch.setattr(lora_bgmv, "lora_delta_", lambda *a, **k: (kernel_calls.append(1), real(*a, **k))[1])
     rope_calls, add_norm_calls, act_calls, attention_calls = [], [], [], []
     real_rope = rope_append.rope_append
-    monkeypatch.setattr(rope_append, "rope_append", lambda *a: (rope_calls.append(1), real_rope(*a))[1])
+    # each call's LoRA deltas (q, k and v's, added by the rotary kernel: no expand launch of their own) or None
+    monkeypatch.setattr(rope_append, "rope_append", lambda *a: (rope_calls.append(a[8:]), real_rope(*a))[1])
     from adapterd.server.kernels import decode_attention, silu_mul
 
     real_act = silu_mul.silu_mul
@@ -72,8 +73,8 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     # This test checks the kernel's tokens: on a GPU, the tiny model's grouped heads at 6 rows would go to SDPA
     # (faster there past MAX_GQA_ROWS, a choice test_decode_attention.py checks)
     monkeypatch.setattr(decode_attention, "MAX_GQA_ROWS", 256)
-    monkeypatch.setattr(decode_attention, "decode_attention",
-                        lambda *a: (attention_calls.append(1), real_attention(*a))[1])
+    monkeypatch.setattr(decode_attention, "decode_attention",  # each call's o_proj LoRA shrink, or None
+                        lambda *a, **k: (attention_calls.append(k.get("shrink")), real_attention(*a, **k))[1])
     from adapterd.server.kernels import rms_norm
 
     real_add_norm = rms_norm.fused_add_rms_norm
@@ -88,9 +89,11 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     assert kernel_calls, "the LoRA rows' decode steps must go through the BGMV kernels"
     assert runtime.engine.runner.forward.rope_kernel
     assert rope_calls, "decode steps must rotate and append through the rotary kernel"
+    assert any(lora and lora[0] is not None for lora in rope_calls), "q/k/v deltas must go through the rotary kernel"
     assert add_norm_calls, "the residual adds must go through the fused add + norm kernel"
     assert act_calls, "the MLP's SiLU and product must go through their one kernel"
     assert attention_calls, "decode steps must attend through the split-K decode attention kernel"
+    assert any(attention_calls), "o_proj's LoRA shrink must run in the attention's merge"
     assert {job: events[-1].token_ids for job, events in zip(jobs, results, strict=True)} == refs
 
 

@@ -209,14 +209,21 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
     da._triton()
     kernel = triton.jit(da._attention_partials)
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*bf16", "m_ptr": "*fp32",
-                "l_ptr": "*fp32", "acc_ptr": "*fp32", "count_ptr": "*i32", "o_ptr": "*bf16"}
-    flags = ("HEAD_DIM", "BLOCK_D", "GROUP", "CHUNK", "G_PAD", "DOT_F32", "USE_PDL", "FUSED", "BLOCK_S")
-    signature = {a: "constexpr" if a in flags else pointers.get(a, "fp32" if a == "scale" else "i32")
-                 for a in kernel.arg_names}
-    for (group, g_pad), fused in itertools.product(((1, 0), (4, 16)), (False, True)):
+                "l_ptr": "*fp32", "acc_ptr": "*fp32", "count_ptr": "*i32", "o_ptr": "*bf16", "oa_ptr": "*bf16",
+                "slot_ptr": "*i64", "op_ptr": "*fp32"}
+    flags = ("HEAD_DIM", "BLOCK_D", "GROUP", "CHUNK", "G_PAD", "DOT_F32", "USE_PDL", "FUSED", "BLOCK_S", "SHRINK",
+             "BLOCK_R")
+    shrink_args = kernel.arg_names[kernel.arg_names.index("oa_ptr"):kernel.arg_names.index("SHRINK")]
+    for (group, g_pad), fused, shrink in [(*c, False) for c in itertools.product(((1, 0), (4, 16)), (False, True))
+                                          ] + [((1, 0), True, True)]:
+        unused = () if shrink else shrink_args  # o_proj's LoRA shrink in the merge: only with it
+        signature = {a: "constexpr" if a in flags or a in unused else pointers.get(a, "fp32" if a == "scale" else "i32")
+                     for a in kernel.arg_names}
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HEAD_DIM": 128, "BLOCK_D": 128, "GROUP": group, "CHUNK": 64, "G_PAD": g_pad,
-                                       "DOT_F32": False, "USE_PDL": True, "FUSED": fused, "BLOCK_S": 32})
+                                       "DOT_F32": False, "USE_PDL": True, "FUSED": fused, "BLOCK_S": 32,
+                                       "SHRINK": shrink, "BLOCK_R": 16,
+                                       **{a: kernel.params[kernel.arg_names.index(a)].default for a in unused}})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), group
         assert ("mma" in ptx) == (g_pad > 0), group
@@ -241,3 +248,74 @@ def test_grouped_heads_attend_here_only_at_few_rows_on_a_gpu():
     assert faster_than_sdpa(1, 4, gpu) and faster_than_sdpa(MAX_GQA_ROWS, 4, gpu)
     assert not faster_than_sdpa(MAX_GQA_ROWS + 1, 4, gpu) and not faster_than_sdpa(32, 8, gpu)
     assert faster_than_sdpa(32, 1, gpu) and faster_than_sdpa(256, 1, gpu) and faster_than_sdpa(32, 4, cpu)
+
+
+def test_combine_compiles_for_hopper_with_o_projs_a_tile_requested_before_the_wait(monkeypatch, tmp_path):
+    """The merge kernel with o_proj's LoRA shrink, compiled for sm_90 under PDL: the row's slot and the head's A
+    tile (no kernel of the step writes either) are requested before ``griddepcontrol.wait``; the splits' partials
+    only after it."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    da._triton()
+    kernel = triton.jit(da._attention_combine)
+    pointers = {"o_ptr": "*bf16", "oa_ptr": "*bf16", "slot_ptr": "*i64"}
+    flags = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 32, "USE_PDL": True, "SHRINK": True, "BLOCK_R": 16}
+    signature = {a: "constexpr" if a in flags else pointers.get(a, "*fp32" if a.endswith("_ptr") else "i32")
+                 for a in kernel.arg_names}
+    aligned = [a for a in kernel.arg_names if a.endswith("_ptr") or a.startswith("stride_oa")]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=flags,
+                       attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    loads = [m.start() for m in re.finditer(r"ld\.global", ptx)]
+    before = [at for at in loads if at < wait]
+    assert len(before) >= 2 and len(before) < len(loads)  # the slot and A's tile, then m, l and acc
+
+
+def _check_o_shrink(device, dtype, rows, q_heads, kv_heads, dim, fused, rank=5):
+    """decode_attention with o_proj's shrink against ``out @ A^T`` in torch (fp32, from the output as returned):
+    summed over the heads, each LoRA row's partials; the output the same bits as without the shrink."""
+    from adapterd.server.kernels.lora_bgmv import LoraPartials, block_r_for
+
+    num_slots = 4
+    pos = [99 - 37 * (r % 3) for r in range(rows)]
+    q, keys, values, write_pos = _case(rows, q_heads, kv_heads, dim, 100, dtype, pos, seed=7, device=device)
+    mask = decode_mask(write_pos, 100, dtype)
+    g = torch.Generator().manual_seed(8)
+    lora_a = (torch.randn(8, num_slots, q_heads * dim, generator=g) * 0.3).to(dtype)
+    lora_a[:, 0] = 0
+    lora_a = lora_a.to(device)
+    slots = torch.tensor([(2, 0, 3)[r % 3] for r in range(rows)], device=device)
+    p = torch.full((1, q_heads, rows, block_r_for(rank)), float("nan"), device=device)
+    shrink = da.OutputShrink(lora_a, LoraPartials(p, slots, rank))
+    assert shrink.fits(q)
+    out = da.decode_attention(q, keys, values, mask, 0.2, fused=fused, shrink=shrink)
+    assert torch.equal(out, da.decode_attention(q, keys, values, mask, 0.2, fused=fused))
+    flat = out.reshape(rows, -1).float()
+    lora_rows = [r for r in range(rows) if slots[r]]  # the base rows' partials are never read (expand skips them)
+    want = torch.stack([flat[r] @ lora_a[:rank, slots[r]].float().T for r in lora_rows])
+    got = p[0, :, lora_rows, :rank].sum(0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (p[0, :, lora_rows, rank:] == 0).all()  # rank rows past the rank read nothing: zeros
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(("dtype", "q_heads", "kv_heads"), [(torch.float32, 4, 4), (torch.bfloat16, 4, 4),
+                                                          (torch.float32, 8, 2)])
+def test_o_proj_shrink_in_the_merge_equals_the_shrink_of_the_output(fused, dtype, q_heads, kv_heads):
+    """With ``shrink``, the merge (two launches, or the last split's in one) also writes o_proj's LoRA
+    partials, one split a head, from the output as stored; the output itself is unchanged."""
+    _check_o_shrink("cpu", dtype, 3, q_heads, kv_heads, 32, fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("rows", "fused"), [(1, True), (8, True), (32, False)])
+def test_gpu_o_proj_shrink_in_the_merge(rows, fused):
+    """Compiled, bf16, Llama-2-7B's heads at rank 16: as on the CPU."""
+    _check_o_shrink("cuda", torch.bfloat16, rows, 32, 32, 128, fused, rank=16)

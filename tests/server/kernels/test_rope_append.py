@@ -97,17 +97,101 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = triton.jit(ra._rope_append)
     ra._triton()
-    ints = ("Q_HEADS", "stride_qr", "stride_qh", "stride_kr", "stride_kh", "stride_vr", "stride_vh", "stride_cr",
-            "stride_sr", "stride_kcr", "stride_kch", "stride_kct", "stride_vcr", "stride_vch", "stride_vct")
-    for dtype in ("bf16", "fp32"):
-        pointers = dict(zip(("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "kc_ptr", "vc_ptr", "pos_ptr"),
-                            (f"*{dtype}",) * 8 + ("*i64",), strict=True))
-        signature = {**pointers, **dict.fromkeys(ints, "i32"),
-                     **dict.fromkeys(("HEAD_DIM", "BLOCK", "ROUND_BF16", "USE_PDL"), "constexpr")}
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={"HEAD_DIM": 128, "BLOCK": 128, "ROUND_BF16": False, "USE_PDL": True})
+    lora_args = kernel.arg_names[kernel.arg_names.index("p_ptr"):]
+    for dtype, lora in (("bf16", False), ("fp32", False), ("bf16", True)):
+        fixed = {"HEAD_DIM": 128, "BLOCK": 128, "ROUND_BF16": False, "USE_PDL": True}
+        if lora:
+            fixed |= {"LORA": True, "BLOCK_R": 16, "BLOCK_S": 16}
+        else:
+            fixed |= {a: kernel.params[kernel.arg_names.index(a)].default for a in lora_args}
+        pointer_types = {"pos_ptr": "*i64", "slot_ptr": "*i64", "p_ptr": "*fp32"}
+        signature = {a: "constexpr" if a in fixed else pointer_types.get(a, f"*{dtype}") if a.endswith("_ptr")
+                     else "i32" for a in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": 1, **ra.COMPILE_OPTIONS})
         assert compiled.asm["cubin"], dtype
         # fp32: x * cos + rotate_half(x) * sin with no fused multiply-add (torch rounds each product)
         assert "fma.rn.f32" not in compiled.asm["ptx"], dtype
+
+
+def _lora(q, k, rank, slots_list, present, dtype, seed):
+    """Random LoRA for q, k and v (the ``present`` ones) of the rows' slots: x (the layer's input) and A
+    tables, and B tables ``[R, slots, out]``, slot 0 all zeros as the slot table keeps it."""
+    g = torch.Generator().manual_seed(seed)
+    in_f, num_slots = 48, 4
+    widths = (q.shape[2] * q.shape[3], k.shape[2] * k.shape[3], k.shape[2] * k.shape[3])
+    x = torch.randn(q.shape[0], in_f, generator=g).to(dtype).to(TEST_DEVICE)
+    a = [(torch.randn(rank, num_slots, in_f, generator=g) * 0.3).to(dtype) for _ in widths]
+    b = [(torch.randn(rank, num_slots, w, generator=g) * 0.3).to(dtype) for w in widths]
+    for t in (*a, *b):
+        t[:, 0] = 0
+    slots = torch.tensor(slots_list, device=TEST_DEVICE)
+    tables = tuple(t.to(TEST_DEVICE) if on else None for t, on in zip(b, present, strict=True))
+    stacked = torch.stack([t for t, on in zip(a, present, strict=True) if on]).to(TEST_DEVICE)
+    return x, stacked, tables, slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("present", "rank"), [((True, True, True), 8), ((True, False, True), 5),
+                                               ((False, True, False), 16)])
+def test_lora_deltas_added_before_rotating_equal_the_expand_then_the_rotation(dtype, present, rank):
+    """With ``lora`` (the q/k/v shrink's partials and the B tables), the kernel adds each wrapped output's delta
+    before rotating: the same bits as ``lora_bgmv``'s expand in place followed by the plain kernel, and within
+    rounding of torch's ``q + (x @ A^T) @ B`` then transformers' rotation. A base row (slot 0) and an unwrapped
+    q, k or v get nothing added; q, k and v themselves are not written."""
+    _check_lora(dtype, present, rank, 4, 4, 2, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gpu_lora_deltas_at_llama_heads(rows):
+    """Compiled, bf16, Llama-2-7B's heads (32 of 128) at rank 16: within rounding of torch's delta and rotation."""
+    _check_lora(torch.bfloat16, (True, True, True), 16, rows, 32, 32, 128)
+
+
+def _check_lora(dtype, present, rank, rows, q_heads, kv_heads, dim):
+    from adapterd.server.kernels import lora_bgmv
+
+    q, k, v, cos, sin, keys, values, write_pos = _inputs(rows, q_heads, kv_heads, dim, dtype, seed=rank)
+    x, lora_a, tables, slots = _lora(q, k, rank, [1, 0, 3, 2][:rows], present, dtype, seed=rank)
+    partials = lora_bgmv.lora_shrink(x, lora_a, slots, rank)
+    deltas = ra.QkvDeltas(partials, tables)
+    assert deltas.fits(q, k)
+    before = [t.clone() for t in (q, k, v)]
+    got_keys, got_values = keys.clone(), values.clone()
+    got_q = ra.rope_append(q, k, v, cos, sin, got_keys, got_values, write_pos, lora=deltas)
+    assert all(torch.equal(t, u) for t, u in zip((q, k, v), before, strict=True))
+    # The expand, then the plain kernel: bit for bit in fp32 under the interpreter (its bf16 cast in the expand's
+    # store truncates where this kernel rounds to nearest even; compiled, the expand may fuse B * xa into its sum)
+    outs = [t.reshape(rows, -1).clone() for t in (q, k, v)]
+    lora_bgmv.lora_expand_([o for o, b in zip(outs, tables, strict=True) if b is not None], partials,
+                           [b for b in tables if b is not None])
+    q2, k2, v2 = (o.view(t.shape) for o, t in zip(outs, (q, k, v), strict=True))
+    want_keys, want_values = keys.clone(), values.clone()
+    want_q = ra.rope_append(q2, k2, v2, cos, sin, want_keys, want_values, write_pos)
+    if dtype == torch.float32 and TEST_DEVICE == "cpu":
+        assert torch.equal(got_q, want_q) and torch.equal(got_keys, want_keys)
+        assert torch.equal(got_values, want_values)
+    # The oracle: torch's delta in fp32 (rank rows of each row's slot), then transformers' rotation
+    adds = []
+    member = 0
+    for t, b in zip((q, k, v), tables, strict=True):
+        if b is None:
+            adds.append(t)
+            continue
+        a_rows = lora_a[member, :rank, slots].float()  # [rank, rows, in]
+        xa = torch.einsum("mk,rmk->mr", x.float(), a_rows)
+        delta = torch.einsum("mr,rmn->mn", xa, b[:rank, slots].float())
+        adds.append((t.reshape(rows, -1).float() + delta).to(dtype).view(t.shape))
+        member += 1
+    ref_q, ref_keys, ref_values = _reference(*adds, cos, sin, keys, values, write_pos)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got_q.float(), ref_q.float(), atol=tol, rtol=tol)
+    assert torch.allclose(got_keys.float(), ref_keys.float(), atol=tol, rtol=tol)
+    assert torch.allclose(got_values.float(), ref_values.float(), atol=tol, rtol=tol)
+    plain_keys = keys.clone()
+    plain_q = ra.rope_append(q, k, v, cos, sin, plain_keys, values.clone(), write_pos)
+    assert torch.equal(got_q[1], plain_q[1]) and torch.equal(got_keys[1], plain_keys[1])  # the base row
+    if present[0]:
+        assert not torch.allclose(got_q[0], plain_q[0])  # a LoRA row's query moved

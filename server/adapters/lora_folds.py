@@ -1,0 +1,91 @@
+"""LoRA steps folded into the own decoder's decode kernels (issue 18): two of a layer's four LoRA launches saved.
+
+At a decode step that the BGMV kernels serve (``lora.py``), an attention's LoRA costs four launches a layer: the
+q/k/v shrink and expand (one each for the group), o_proj's shrink and expand. Two of them fold into kernels that
+run anyway, right beside them:
+
+* q, k and v's expand into the rotary + append kernel (``kernels/rope_append.py``), which reads q, k and v next:
+  ``project_qkv_deferred`` runs the shrink and hands back the base outputs and the deltas still to add
+  (``QkvDeltas``); program (row, head) adds its head's delta, as the expand would, before rotating.
+* o_proj's shrink into the decode attention's merge (``kernels/decode_attention.py``): head h's output is split
+  h of o_proj's input, so the program that writes it also writes its partial (``output_shrink``); o_proj then
+  runs its base matmul and the expand alone (``add_expand``).
+
+Where a fold cannot run (no adapter row, a prefill, q/k/v wrapped but not one group, SDPA instead of the
+attention kernel), the unfolded launches run: the same sums either way (``tests/server/adapters``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..engine.step_context import current_step
+from ..kernels.decode_attention import OutputShrink
+from ..kernels.rope_append import QkvDeltas
+from .lora import QKV, BatchedLoraLinear, base_layer_of, project_qkv
+
+if TYPE_CHECKING:
+    from ..kernels.lora_bgmv import LoraPartials
+
+
+def project_qkv_deferred(attn: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor] | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QkvDeltas | None]:
+    """``project_qkv``, but at a decode step that the BGMV kernels serve, with q, k and v's deltas not yet added:
+    their base outputs and the deltas to add (``QkvDeltas``: the one shrink's partials and each B table), which
+    the rotary + append kernel adds before rotating (``kernels/rope_append.py``: the expand's launch saved) or
+    ``add_qkv_deltas`` adds in place. None, and the deltas added, where it does not apply: no adapter row at this
+    step, another kind of step, or wrapped q/k/v that do not form one group."""
+    rows = current_step().lora
+    layers = [getattr(attn, name) for name in QKV]
+    wrapped = [layer for layer in layers if isinstance(layer, BatchedLoraLinear)]
+    group = wrapped[0].group if wrapped else None
+    if rows is None or rows.kernel is None or not wrapped or (
+            len(wrapped) > 1 and (group is None or list(group.members) != wrapped)):
+        return (*project_qkv(attn, x, base), None)
+    from ..kernels.lora_bgmv import lora_shrink
+
+    outputs = list(base) if base is not None else [base_layer_of(layer)(x) for layer in layers]
+    lora_a = group.lora_a if len(wrapped) > 1 else wrapped[0].lora_a[None]
+    partials = lora_shrink(x.reshape(x.shape[0], -1), lora_a, rows.slots, rows.rank)
+    tables = tuple(layer.lora_b if isinstance(layer, BatchedLoraLinear) else None for layer in layers)
+    return outputs[0], outputs[1], outputs[2], QkvDeltas(partials, tables)
+
+
+def add_qkv_deltas(deltas: QkvDeltas, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """``deltas`` added to q, k and v in place (the expand launch ``project_qkv`` would have run): where the
+    rotary kernel could not take them. Each is one token a row, its columns contiguous (a view of its output)."""
+    from ..kernels.lora_bgmv import lora_expand_
+
+    members = [(t, b) for t, b in zip((q, k, v), deltas.tables, strict=True) if b is not None]
+    lora_expand_([t.view(t.shape[0], -1) for t, _ in members], deltas.partials, [b for _, b in members])
+
+
+def output_shrink(layer: nn.Module, rows: int, heads: int) -> OutputShrink | None:
+    """For an attention's o_proj at a decode step that the BGMV kernels serve: the shrink that the decode
+    attention's merge computes for it (``kernels/decode_attention.OutputShrink``, one split a head, partials
+    unwritten yet); None where it does not apply (no adapter row, another kind of step, o_proj not wrapped, or
+    more partials than an expand program sums)."""
+    step_rows = current_step().lora
+    if step_rows is None or step_rows.kernel is None or not isinstance(layer, BatchedLoraLinear):
+        return None
+    from ..kernels.lora_bgmv import MAX_PARTIALS, LoraPartials, block_r_for
+
+    block_r = block_r_for(step_rows.rank)
+    if heads * block_r > MAX_PARTIALS:
+        return None
+    p = torch.empty((1, heads, rows, block_r), device=layer.lora_a.device, dtype=torch.float32)
+    return OutputShrink(layer.lora_a, LoraPartials(p, step_rows.slots, step_rows.rank))
+
+
+def add_expand(layer: BatchedLoraLinear, y: torch.Tensor, partials: LoraPartials) -> torch.Tensor:
+    """``y`` (``layer``'s base output at a decode step) plus its rows' deltas from ``partials``, its shrink
+    already done (``output_shrink``): the expand alone, in place."""
+    from ..kernels.lora_bgmv import lora_expand_
+
+    y = y if y.stride(-1) == 1 else y.contiguous()
+    lora_expand_((y.view(y.shape[0], -1),), partials, (layer.lora_b,))
+    return y
