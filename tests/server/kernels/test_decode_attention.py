@@ -288,7 +288,7 @@ def _check_o_shrink(device, dtype, rows, q_heads, kv_heads, dim, fused, rank=5):
     q, keys, values, write_pos = _case(rows, q_heads, kv_heads, dim, 100, dtype, pos, seed=7, device=device)
     mask = decode_mask(write_pos, 100, dtype)
     g = torch.Generator().manual_seed(8)
-    lora_a = (torch.randn(8, num_slots, q_heads * dim, generator=g) * 0.3).to(dtype)
+    lora_a = (torch.randn(max(8, rank), num_slots, q_heads * dim, generator=g) * 0.3).to(dtype)
     lora_a[:, 0] = 0
     lora_a = lora_a.to(device)
     slots = torch.tensor([(2, 0, 3)[r % 3] for r in range(rows)], device=device)
