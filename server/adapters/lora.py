@@ -15,7 +15,8 @@ to the BGMV kernels of ``server/kernels/lora_bgmv.py`` (two launches a layer tha
 use); a prefill, and any step where the kernels do not run, to the torch paths.
 An attention's q, k and v share their input: their wrapped layers form a ``LoraGroup`` (A tables stacked in
 one buffer), which the engine's own decoder calls through ``project_qkv``: one shrink for the three (as
-vLLM's merged QKV LoRA layer does with its slices), then each layer's expand.
+vLLM's merged QKV LoRA layer does with its slices), then each layer's expand (at a decode step, folded into
+the rotary kernel: ``lora_folds.py``, which also folds o_proj's shrink into the attention).
 Parsing and checking the files is ``lora_weights.py``.
 """
 

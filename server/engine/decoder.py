@@ -14,9 +14,11 @@ here the layer loop is written out the way gpt-fast's ``model.py`` is, with ever
                                                      # shrink for the three (lora.project_qkv), each delta added
         q, k = apply_rotary(q, k, cos, sin)          # the family's own function (GLM: half of each head, interleaved)
         K, V = cache.update(k, v, layer)             # writes this step's entries, returns what attention reads
-                                                     # (a decode step on a GPU: rotation and writes in one kernel)
+                                                     # (a decode step on a GPU: rotation and writes in one kernel,
+                                                     # which adds q, k and v's LoRA deltas too: lora_folds.py)
         h = h + o_proj(sdpa(q, K, V, mask[layer]))   # one fused attention call, grouped key/value heads as they are
-                                                     # (a decode step on a GPU: split along the keys, ours)
+                                                     # (a decode step on a GPU: split along the keys, ours; its
+                                                     # merge also runs o_proj's LoRA shrink)
         x = post_attention_norm(h)                   # with the add above, one kernel where the norm is fused
         gate, up = split(gate_up_proj(x))            # fused too (Llama's MLP: not GLM's, one module already)
         h = h + down_proj(act(gate) * up)            # act: the MLP's own (a SiLU and the product: one kernel

@@ -21,6 +21,9 @@ reduction kernel (~10 us a layer on the H200 for 512 entries, bench/NOTES.md). H
   partials read past L1, ``.cg``), writes the output and sets the counter back to 0. The counters are a zeroed
   buffer kept per device and size (``counters``), so CUDA graphs replay on zeros.
 
+With LoRA on o_proj (``OutputShrink``, ``adapters/lora_folds.py``), whichever program writes a head's output also
+writes o_proj's shrink partial for it (head h's output is split h of o_proj's input): the shrink's launch saved.
+
 Splits are fixed ``CHUNK``-entry ranges of the keys, and a split that sees nothing adds exact zeros, so a row's
 result depends neither on the length bucket nor on what else shares its step. Scores, softmax and sums run in
 fp32 from the stored dtype; with one query head a key/value head the probabilities stay fp32 (SDPA's kernels

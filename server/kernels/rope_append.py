@@ -19,6 +19,10 @@ dtype, as torch computes a bf16/fp16 product; their sum likewise; fp contraction
 products' rounding) is off for the launch. So the query and key equal transformers' bit for bit, and the pool
 holds them cast to its dtype as ``.to(k.dtype)`` does. Tests compare them with transformers' own function.
 
+With LoRA on q, k or v (``QkvDeltas``: their shrink's partials and B tables, ``adapters/lora_folds.py``), each
+program first adds its head's delta as ``lora_bgmv``'s expand would (the row's partials summed, times the slot's
+B columns of the head, added in fp32 and rounded to the dtype), which saves the expand's launch a layer.
+
 Only the form above: rotary over the whole head, halves paired (Llama, Mistral, Qwen2, Qwen3; their scaling
 types change only ``cos`` and ``sin``). GLM's interleaved half-head rotation and partial rotary keep the
 eager path. Triton is imported on first use; with ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (the
