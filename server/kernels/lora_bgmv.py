@@ -226,7 +226,12 @@ def plan(in_f: int, out_f: int, rank: int) -> dict[str, int]:
     tiles = triton.cdiv(k_tiles, min(k_tiles, max_splits))
     splits = triton.cdiv(k_tiles, tiles)
     return {"BLOCK_R": block_r, "BLOCK_K": block_k, "tiles": tiles, "splits": splits,
-            "BLOCK_N": max(32, TILE_ELEMS // block_r), "BLOCK_S": triton.next_power_of_2(splits)}
+            "BLOCK_N": _block_n(block_r), "BLOCK_S": triton.next_power_of_2(splits)}
+
+
+def _block_n(block_r: int) -> int:
+    """``plan``'s ``BLOCK_N``: the output columns of an expand tile of ``TILE_ELEMS`` elements, at least 32."""
+    return max(32, TILE_ELEMS // block_r)
 
 
 def _check(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
@@ -333,7 +338,7 @@ def lora_expand_(ys: Sequence[torch.Tensor], partials: LoraPartials, lora_bs: Se
     if rows == 0 or rank == 0:
         return
     _, expand = _kernels(interpreting())
-    block_n = max(32, TILE_ELEMS // partials.block_r)
+    block_n = _block_n(partials.block_r)
     p, slots = partials.p, partials.slots
     for first in range(0, len(ys), 3):
         y3, b3 = list(ys[first:first + 3]), list(lora_bs[first:first + 3])

@@ -248,9 +248,10 @@ def _lora_arguments(lora: QkvDeltas | None) -> dict:
     if lora is None:
         return {}
     partials, present = lora.partials, [b for b in lora.tables if b is not None]
-    members, ranks, tables, strides = [], [], [], []
+    members, ranks, tables, strides, member = [], [], [], [], 0
     for b in lora.tables:
-        members.append(sum(1 for t in lora.tables[:len(members)] if t is not None) if b is not None else 0)
+        members.append(member if b is not None else 0)  # its index among the wrapped ones
+        member += b is not None
         ranks.append(partials.rank if b is not None else 0)
         tables.append(b if b is not None else present[0])
         strides += [tables[-1].stride(0), tables[-1].stride(1)]
