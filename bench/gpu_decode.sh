@@ -16,7 +16,9 @@
 #                fp32 and int8 bases with both decoder forwards, the own decoder against transformers per family
 #                (test_decoder.py), graphs, sampling, row isolation
 #   matrix       tests/server/engine/test_architectures.py on CUDA (every family, both forwards)
-# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, TEST_DEVICE and TEST_PATHS override the defaults
+#   pdl          pdl_bench: the engine's decode step with PDL on and off at 1-64 rows and 32 LoRA rows, int8 and
+#                bf16 (where decode_step.PDL_MAX_ROWS comes from)
+# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TEST_DEVICE and TEST_PATHS override the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
 # is lost to a typo here).
 set -o pipefail
@@ -49,6 +51,10 @@ attention() {
   python3 bench/attention_bench.py --json-out "$OUT/attention.json" $ATTENTION_ARGS 2>&1 \
     | tee "$OUT/attention.log" | tail -20
 }
+pdl() {
+  python3 bench/pdl_bench.py --work /tmp/adapterd-bench $PDL_ARGS 2>&1 | grep --line-buffered -v "Loading weights" \
+    | tee "$OUT/pdl.log" | tail -30
+}
 engine_tests() {
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -p no:cacheprovider --import-mode=append \
     -o addopts="" $1 2>&1 | tee "$OUT/$2.log" | tail -25
@@ -58,10 +64,11 @@ case $part in
   kernels) kernels ;;
   torchao) torchao ;;
   attention) attention ;;
+  pdl) pdl ;;
   tests) engine_tests "${TEST_PATHS:-tests/server/engine --ignore=tests/server/engine/test_architectures.py}" \
            engine_tests ;;
   matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
-  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | tests | matrix" >&2
+  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tests | matrix" >&2
      exit 2 ;;
 esac
 status=$?

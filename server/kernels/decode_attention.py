@@ -95,7 +95,7 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
                         count_ptr=None, o_ptr=None, stride_ob=0, stride_oh=0, FUSED: tl.constexpr = False,
                         BLOCK_S: tl.constexpr = 32, oa_ptr=None, slot_ptr=None, op_ptr=None, O_RANK=0,
                         stride_oar=0, stride_oas=0, stride_ops=0, SHRINK: tl.constexpr = False,
-                        BLOCK_R: tl.constexpr = 16):
+                        BLOCK_R: tl.constexpr = 16, fresh_ptr=None, PREFETCH: tl.constexpr = False):
     """Split ``program_id(1)`` of key/value head ``program_id(0) % KV_HEADS`` of row ``program_id(0) //
     KV_HEADS``: for each of its ``GROUP`` query heads, ``m``, ``l`` and ``acc`` at ``[row, head, split]``.
 
@@ -108,12 +108,16 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
 
     ``FUSED``: then the program that stores the last of the row's and key/value head's splits (``count_ptr``'s
     counter, one a program row) merges them as ``_attention_combine`` does, into ``o_ptr``, and zeroes it again;
-    with ``SHRINK`` too, it also writes each merged head's o_proj LoRA partial, as ``_attention_combine`` does."""
+    with ``SHRINK`` too, it also writes each merged head's o_proj LoRA partial, as ``_attention_combine`` does.
+
+    ``PREFETCH``: the mask and the chunk's keys and values are read before the PDL wait, and after it only the
+    entry at ``fresh[row]`` again (the one the kernel just before wrote: ``decode_attention``'s ``fresh``)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    if not PREFETCH:
+        if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
     b = (bh // KV_HEADS).to(tl.int64)
     kv = bh % KV_HEADS
     t = split * CHUNK + tl.arange(0, CHUNK)
@@ -124,17 +128,28 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
     # moved by -6e4 or more weighs 0 in fp32 anyway, so treating it as hidden changes nothing but what is read
     visible = in_range & (bias > -6.0e4)
     any_visible = tl.reduce(visible.to(tl.int32), 0, tl.standard._elementwise_max) > 0
+    kv_mask = visible[:, None] & (d[None, :] < HEAD_DIM)  # nothing is read where nothing is visible
+    k_tile = k_ptr + b * stride_kb + kv * stride_kh + t[:, None] * stride_kt + d[None, :]
+    v_tile = v_ptr + b * stride_vb + kv * stride_vh + t[:, None] * stride_vt + d[None, :]
+    if PREFETCH:  # the chunk in flight while the kernel before (rotary + append) still runs
+        keys = tl.load(k_tile, mask=kv_mask, other=0.0)
+        values = tl.load(v_tile, mask=kv_mask, other=0.0)
+        fresh = tl.load(fresh_ptr + b)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        new = kv_mask & (t == fresh)[:, None]  # the entry written by the kernel just before, read again
+        keys = tl.where(new, tl.load(k_tile, mask=new, other=0.0), keys)
+        values = tl.where(new, tl.load(v_tile, mask=new, other=0.0), values)
+    else:
+        keys = tl.load(k_tile, mask=kv_mask, other=0.0)  # [CHUNK, BLOCK_D], stored dtype
+        values = tl.load(v_tile, mask=kv_mask, other=0.0)
     out = (b * KV_HEADS * GROUP + kv * GROUP) * SPLITS + split  # [row, q_head, split] of the first head
     if G_PAD > 0:
         gi = tl.arange(0, G_PAD)
         rows_out = out + gi * SPLITS  # [G_PAD]: [row, q_head, split] of each of the group's heads
         real = gi < GROUP
         if any_visible:
-            kv_mask = visible[:, None] & (d[None, :] < HEAD_DIM)
-            keys = tl.load(k_ptr + b * stride_kb + kv * stride_kh + t[:, None] * stride_kt + d[None, :],
-                           mask=kv_mask, other=0.0)  # [CHUNK, BLOCK_D], stored dtype
-            values = tl.load(v_ptr + b * stride_vb + kv * stride_vh + t[:, None] * stride_vt + d[None, :],
-                             mask=kv_mask, other=0.0)
             q = tl.load(q_ptr + b * stride_qb + (kv * GROUP + gi)[:, None] * stride_qh + d[None, :],
                         mask=real[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # [G_PAD, BLOCK_D]
             if DOT_F32:
@@ -158,23 +173,20 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
             tl.store(acc_ptr + rows_out[:, None] * BLOCK_D + d[None, :], tl.full((G_PAD, BLOCK_D), 0.0, tl.float32),
                      mask=real[:, None])
     elif any_visible:
-        kv_mask = visible[:, None] & (d[None, :] < HEAD_DIM)
-        keys = tl.load(k_ptr + b * stride_kb + kv * stride_kh + t[:, None] * stride_kt + d[None, :],
-                       mask=kv_mask, other=0.0).to(tl.float32)  # [CHUNK, BLOCK_D]
-        values = tl.load(v_ptr + b * stride_vb + kv * stride_vh + t[:, None] * stride_vt + d[None, :],
-                         mask=kv_mask, other=0.0).to(tl.float32)
+        keys_f32 = keys.to(tl.float32)
+        values_f32 = values.to(tl.float32)
         for g in tl.static_range(GROUP):
             head = kv * GROUP + g
             q = tl.load(q_ptr + b * stride_qb + head * stride_qh + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
             # [CHUNK], as SDPA: q.k * scale + mask
-            scores = tl.reduce(q[None, :] * keys, 1, tl.standard._sum_combine) * scale + bias
+            scores = tl.reduce(q[None, :] * keys_f32, 1, tl.standard._sum_combine) * scale + bias
             scores = tl.where(visible, scores, -float("inf"))
             m = tl.reduce(scores, 0, tl.standard._elementwise_max)
             p = tl.exp(scores - m)  # 0 where hidden
             tl.store(m_ptr + out + g * SPLITS, m)
             tl.store(l_ptr + out + g * SPLITS, tl.reduce(p, 0, tl.standard._sum_combine))
             tl.store(acc_ptr + (out + g * SPLITS) * BLOCK_D + d,
-                     tl.reduce(p[:, None] * values, 0, tl.standard._sum_combine))
+                     tl.reduce(p[:, None] * values_f32, 0, tl.standard._sum_combine))
     else:  # nothing visible in this chunk: no reads; it weighs 0 in the combine
         for g in tl.static_range(GROUP):
             tl.store(m_ptr + out + g * SPLITS, -float("inf"))
@@ -354,14 +366,18 @@ class OutputShrink:
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                      scale: float, chunk: int = CHUNK, fused: bool | None = None, counts: torch.Tensor | None = None,
-                     shrink: OutputShrink | None = None) -> torch.Tensor:
+                     shrink: OutputShrink | None = None, fresh: torch.Tensor | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=...)`` for a
     decode step (``fits`` must hold), computed in fp32 and returned in ``q``'s dtype as ``[rows, q_heads, 1,
     head_dim]``. ``chunk``: entries a split (a power of two; the engine keeps ``CHUNK``, benches try others).
     ``fused``: one launch, the last split of each row and key/value head merging (the same bits as ``False``, two
     launches: ``_attention_combine``), None for ``fuse_merge``'s choice; ``counts``: its zeroed int32 counters,
     ``rows * kv_heads`` or more (by default ``counters``' shared ones), zero again when the call's kernel ends.
-    ``shrink``: o_proj's LoRA shrink written by the merge too (its ``fits`` must hold)."""
+    ``shrink``: o_proj's LoRA shrink written by the merge too (its ``fits`` must hold). ``fresh``: ``[rows]``
+    integers, the entry of each row's keys and values that the kernel launched just before this call wrote (the
+    decode step's append: ``rope_append``); with it the caller vouches that the mask and every other entry were
+    written earlier still, so that under PDL they are read before the kernel waits for the one before it (the
+    chunk's bytes in flight while the append runs) and only ``fresh``'s entry after the wait."""
     rows, q_heads, _, dim = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     out = torch.empty((rows, q_heads, 1, dim), device=q.device, dtype=q.dtype)
@@ -380,6 +396,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     partials, combine = _kernels(interpret)
     fused = fuse_merge(rows, kv_heads, group) if fused is None else fused
     lora = {} if shrink is None else shrink.arguments()
+    if fresh is not None and (fresh.shape != (rows,) or fresh.device != q.device or fresh.is_floating_point()):
+        raise ValueError(f"fresh: [{rows}] integers on {q.device}")
+    prefetch = {} if fresh is None else {"fresh_ptr": fresh, "PREFETCH": True}
     if fused:
         counts = counters(q.device, rows * kv_heads) if counts is None else counts
         if counts.dtype != torch.int32 or counts.numel() < rows * kv_heads or counts.device != q.device:
@@ -392,7 +411,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(3),
         HEAD_DIM=dim, BLOCK_D=block_d, GROUP=group, CHUNK=chunk, num_warps=4 if chunk <= 64 else 8,
         G_PAD=0 if group == 1 else max(16, _triton().next_power_of_2(group)), DOT_F32=interpret or not same,
-        **(merge | lora if fused else {}), **pdl_launch(q.device))
+        **(merge | lora if fused else {}), **prefetch, **pdl_launch(q.device))
     if fused:
         return out
     combine[(rows * q_heads,)](

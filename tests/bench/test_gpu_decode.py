@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,17 @@ def test_serve_part(tmp_path):
     for decoder in ("own", "transformers"):
         assert f"batch invariance, float32, {decoder} forward: 4 requests alone vs in 8 rows" in log
         assert f"fast-path LoRA rows, float32, {decoder} forward, judged by PEFT on transformers" in log
+    assert (tmp_path / "out" / "RESULTS.md").is_file()
+
+
+@pytest.mark.slow  # ~40 s: the tiny model's decode graphs (eager here) each way, float32 only
+def test_pdl_part(tmp_path):
+    done = run_part(tmp_path, "pdl", PDL_ARGS=f"--shape tiny --quantizations none --rows 1,4 --lora-rows 2 --ctx 16 "
+                    f"--new 4 --no-record --work {tmp_path / 'work'}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    log = (tmp_path / "out" / "pdl.log").read_text()
+    for what in ("1 rows", "4 rows", "2 rows on 2 LoRA"):
+        assert re.search(rf"^\| float32 \| {what} \| [\d.]+ / [\d.]+ \| [\d.]+ \|", log, re.M), (what, log)
     assert (tmp_path / "out" / "RESULTS.md").is_file()
 
 

@@ -128,6 +128,22 @@ def test_fused_merge_gives_the_two_kernel_bits(dtype, q_heads, kv_heads):
     assert not da.counters("cpu", 3 * kv_heads).any()  # the shared counters, zero again too
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_heads, kv_heads", [(4, 4), (8, 2)])
+def test_fresh_entries_give_the_same_bits(dtype, q_heads, kv_heads):
+    """``fresh`` (the keys and values read before the PDL wait, the appended entry read again after it): the
+    same bits as without, fused and in two launches, with o_proj's shrink too; a bad ``fresh`` is refused."""
+    q, keys, values, write_pos = _case(3, q_heads, kv_heads, 64, 200, dtype, [5, 130, 199], seed=6)
+    mask = decode_mask(write_pos, 200, dtype)
+    for fused in (False, True):
+        want = da.decode_attention(q, keys, values, mask, 0.125, fused=fused)
+        got = da.decode_attention(q, keys, values, mask, 0.125, fused=fused, fresh=write_pos)
+        assert torch.equal(got, want), fused
+    for bad in (write_pos[:2], write_pos.float()):
+        with pytest.raises(ValueError, match="fresh"):
+            da.decode_attention(q, keys, values, mask, 0.125, fresh=bad)
+
+
 def test_fused_counters_are_shared_and_checked():
     assert da.fuse_merge(1, 32, 1) and da.fuse_merge(8, 32, 1) and not da.fuse_merge(16, 32, 1)
     assert not da.fuse_merge(1, 8, 4)  # grouped heads: one program merges its heads one by one (slower)
@@ -195,6 +211,48 @@ def test_gpu_fused_merge_gives_the_two_kernel_bits(rows, q_heads, kv_heads, chun
         assert not da.counters("cuda", rows * kv_heads).any()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, q_heads, kv_heads", [(1, 32, 32), (8, 32, 32), (2, 32, 8)])
+def test_gpu_appended_entry_is_read_after_the_append(rows, q_heads, kv_heads):
+    """Compiled, bf16, with PDL where the GPU has it: the rotary + append kernel writes each row's new entry over
+    a stale one (1000s: a score that would swamp the row's softmax), then the attention with ``fresh`` reads the
+    rest of the chunk before its wait; in a CUDA graph replayed twice, its output matches the fp32 computation on
+    the cache as the append left it."""
+    from adapterd.server.kernels.rope_append import rope_append
+
+    pos = [511 - 9 * r for r in range(rows)]
+    _, keys, values, write_pos = _case(rows, q_heads, kv_heads, 128, 640, torch.bfloat16, pos, device="cuda")
+    g = torch.Generator().manual_seed(11)
+    q_in = torch.randn(rows, 1, q_heads, 128, generator=g).to(torch.bfloat16).cuda()
+    k_in = torch.randn(rows, 1, kv_heads, 128, generator=g).to(torch.bfloat16).cuda()
+    v_in = torch.randn(rows, 1, kv_heads, 128, generator=g).to(torch.bfloat16).cuda()
+    angle = torch.rand(rows, 1, 128, generator=g).cuda()
+    cos, sin = angle.cos().to(torch.bfloat16), angle.sin().to(torch.bfloat16)
+    mask = decode_mask(write_pos, 640, torch.bfloat16)
+    rows_at = torch.arange(rows, device="cuda")
+
+    def step():
+        keys[rows_at, :, write_pos] = 1000.0  # stale entries, as a kernel two launches back leaves them
+        values[rows_at, :, write_pos] = 1000.0
+        q = rope_append(q_in, k_in, v_in, cos, sin, keys, values, write_pos)
+        return q, da.decode_attention(q, keys, values, mask, 128 ** -0.5, fresh=write_pos)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compiles and warms up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        q, out = step()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert (keys[rows_at, :, write_pos].float().abs() < 100).all()  # the append's, not the stale 1000s
+        ref = _reference(q, keys, values, mask, 128 ** -0.5)
+        assert ((out.float() - ref).abs() <= 2.0**-7 * ref.abs() + 1e-5).all()
+
+
 def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the partials kernel compiles for sm_90 (the H200) in bf16 for one
     query head a key/value head (elementwise) and for a group of 4 (Llama 3's), whose products run on the tensor
@@ -212,7 +270,7 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
                 "l_ptr": "*fp32", "acc_ptr": "*fp32", "count_ptr": "*i32", "o_ptr": "*bf16", "oa_ptr": "*bf16",
                 "slot_ptr": "*i64", "op_ptr": "*fp32"}
     flags = ("HEAD_DIM", "BLOCK_D", "GROUP", "CHUNK", "G_PAD", "DOT_F32", "USE_PDL", "FUSED", "BLOCK_S", "SHRINK",
-             "BLOCK_R")
+             "BLOCK_R", "fresh_ptr", "PREFETCH")
     shrink_args = kernel.arg_names[kernel.arg_names.index("oa_ptr"):kernel.arg_names.index("SHRINK")]
     for (group, g_pad), fused, shrink in [(*c, False) for c in itertools.product(((1, 0), (4, 16)), (False, True))
                                           ] + [((1, 0), True, True)]:
@@ -222,7 +280,7 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HEAD_DIM": 128, "BLOCK_D": 128, "GROUP": group, "CHUNK": 64, "G_PAD": g_pad,
                                        "DOT_F32": False, "USE_PDL": True, "FUSED": fused, "BLOCK_S": 32,
-                                       "SHRINK": shrink, "BLOCK_R": 16,
+                                       "SHRINK": shrink, "BLOCK_R": 16, "fresh_ptr": None, "PREFETCH": False,
                                        **{a: kernel.params[kernel.arg_names.index(a)].default for a in unused}})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), group
@@ -237,6 +295,45 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
             assert "atom.global.gpu.acq_rel.exch" in ptx[atom + 1:]
         else:
             assert "atom" not in ptx and "ld.global.cg" not in ptx
+
+
+def test_partials_prefetch_the_chunk_before_the_wait_on_hopper(monkeypatch, tmp_path):
+    """Compiled for sm_90 under PDL with ``PREFETCH`` (``fresh`` given): the mask, keys and values are requested
+    before ``griddepcontrol.wait``; q and the appended entry only after it (one query head a key/value head and
+    a group of 4, fused)."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    da._triton()
+    kernel = triton.jit(da._attention_partials)
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*bf16", "m_ptr": "*fp32",
+                "l_ptr": "*fp32", "acc_ptr": "*fp32", "count_ptr": "*i32", "o_ptr": "*bf16", "fresh_ptr": "*i64"}
+    flags = ("HEAD_DIM", "BLOCK_D", "GROUP", "CHUNK", "G_PAD", "DOT_F32", "USE_PDL", "FUSED", "BLOCK_S", "SHRINK",
+             "BLOCK_R", "PREFETCH")
+    unused = kernel.arg_names[kernel.arg_names.index("oa_ptr"):kernel.arg_names.index("SHRINK")]
+    aligned = [a for a in kernel.arg_names if a.endswith("_ptr") and a not in unused]
+    for group, g_pad in ((1, 0), (4, 16)):
+        signature = {a: "constexpr" if a in flags or a in unused else pointers.get(a, "fp32" if a == "scale" else "i32")
+                     for a in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={"HEAD_DIM": 128, "BLOCK_D": 128, "GROUP": group, "CHUNK": 64, "G_PAD": g_pad,
+                                       "DOT_F32": False, "USE_PDL": True, "FUSED": True, "BLOCK_S": 32,
+                                       "SHRINK": False, "BLOCK_R": 16, "PREFETCH": True,
+                                       **{a: kernel.params[kernel.arg_names.index(a)].default for a in unused}},
+                           attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        wait = ptx.index("griddepcontrol.wait")
+        loads = [m.start() for m in re.finditer(r"ld\.global", ptx)]
+        before = [at for at in loads if at < wait]
+        # the mask, the keys and values (one load a thread each of their elements at these unaligned strides)
+        # and fresh before; q and the fresh entry after
+        assert len(before) >= 64, (group, len(before))
+        assert len(before) < len(loads), group
 
 
 def test_grouped_heads_attend_here_only_at_few_rows_on_a_gpu():

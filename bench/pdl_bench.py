@@ -1,0 +1,112 @@
+"""Decode steps with programmatic dependent launch (PDL) on and off, at several batch sizes (issue 18).
+
+PDL lets each decode kernel start while the one before it ends (``server/kernels/support.py``). It paid at one
+row on the H200 (int8 2.89 -> 2.66 ms a token at 3bf8dff) but cost at 32 (device step 6.66 -> 7.11 ms, same
+run): the engine launches without it past ``decode_step.PDL_MAX_ROWS`` rows. This bench says where the line
+is: for each base dtype, each batch size and each setting it captures the engine's decode graphs afresh and
+reports the engine's step (ms a step, base rows; and with ``--lora-rows``, that many rows on as many distinct
+LoRA adapters) and the graph replayed alone. Ratios are PDL-off time over PDL-on (above 1: PDL pays).
+
+    python3 bench/pdl_bench.py --shape llama2-7b --quantizations int8,none --rows 1,4,8,16,32,64
+
+On the CPU (the tiny shape) it runs end to end, with no PDL to switch: the tests use that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from results_table import git_commit
+from serve_bench import SHAPES, build_model_dir, engine_step_ms, make_lora_dirs, replay_ms
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b" if torch.cuda.is_available()
+                        else "tiny")
+    parser.add_argument("--quantizations", default="int8,none")
+    parser.add_argument("--rows", default="1,4,8,16,32,64", help="comma-separated batch sizes")
+    parser.add_argument("--lora-rows", type=int, default=32, help="also time this many rows on as many distinct "
+                        "LoRA adapters (0: not)")
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
+    parser.add_argument("--work", default="/tmp/adapterd-bench")
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    args = parser.parse_args()
+    args.rows = [int(r) for r in args.rows.split(",")]
+    return args
+
+
+def measure(runtime, rows: int, adapters: list, args, pdl: bool) -> tuple[float, float | None]:
+    """(engine ms a step, graph replayed alone ms) at ``rows`` rows, every decode graph captured anew with PDL
+    on (``pdl``) or off."""
+    decoder = runtime.engine.runner.decoder
+
+    def switch() -> None:
+        decoder.pdl_max_rows = 1 << 30 if pdl else 0
+        decoder.graphs.clear()
+
+    runtime.engine.call(switch).result(60)
+    engine_step_ms(runtime, rows, args.ctx, 4, adapters)  # captures this shape's graph, not timed
+    ms = engine_step_ms(runtime, rows, args.ctx, args.new, adapters)
+    return ms, (replay_ms(runtime, rows) if not any(adapters) else None)
+
+
+def main() -> int:
+    args = parse_args()
+    from adapterd.server.engine import EngineConfig
+    from adapterd.server.model import load_base_model, pick_device
+    from adapterd.server.runtime import Runtime
+
+    device = pick_device()
+    work = Path(args.work)
+    base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
+    ids = make_lora_dirs(work / "adapters", base_dir, max(args.lora_rows, 1))
+    lines = []
+    for q in args.quantizations.split(","):
+        base = load_base_model(base_dir, q, device=str(device))
+        label = {"none": str(base.dtype).removeprefix("torch."), "int8": "int8", "nf4": "nf4"}[q]
+        runtime = Runtime(base, work / "adapters", EngineConfig(
+            max_batch_size=max(64, *args.rows), lora_slots=max(args.lora_rows, 1), max_lora_rank=16,
+            max_prefill_tokens=args.ctx * max(args.rows + [args.lora_rows]), own_decoder=True))
+        runtime.engine.start()
+        try:
+            engine_step_ms(runtime, 2, args.ctx, 8, [None, runtime.store.get(ids[0])])  # warm-up and tuning
+            cases = [(r, [None] * r) for r in args.rows]
+            if args.lora_rows:
+                cases.append((args.lora_rows, [runtime.store.get(a) for a in ids[: args.lora_rows]]))
+            for rows, adapters in cases:
+                what = f"{rows} rows" + (f" on {rows} LoRA" if any(adapters) else "")
+                (on_ms, on_dev), (off_ms, off_dev) = (measure(runtime, rows, adapters, args, pdl)
+                                                      for pdl in (True, False))
+                dev = "" if on_dev is None else f"{on_dev:.3f} / {off_dev:.3f}"
+                line = f"| {label} | {what} | {on_ms:.3f} / {off_ms:.3f} | {off_ms / on_ms:.3f} | {dev} |"
+                print(line, flush=True)
+                lines.append(line)
+        finally:
+            runtime.close()
+        del runtime, base
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    machine = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    if not args.no_record:
+        record(lines, args, machine)
+    return 0
+
+
+def record(lines: list[str], args, machine: str) -> None:
+    head = [f"\n### pdl_bench: {args.shape}, ctx {args.ctx}, on {machine}",
+            f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "
+            "PDL on / off (every decode graph captured afresh each way); ratio off / on (above 1: PDL pays).", "",
+            "| base | batch | engine step, on / off | off / on | graph alone, on / off |", "| --- | --- | --- | --- | --- |"]
+    path = Path(__file__).resolve().parent / "RESULTS.md"
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n".join(head + lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
