@@ -102,7 +102,8 @@ def record(lines: list[str], args, machine: str) -> None:
     head = [f"\n### pdl_bench: {args.shape}, ctx {args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "
             "PDL on / off (every decode graph captured afresh each way); ratio off / on (above 1: PDL pays).", "",
-            "| base | batch | engine step, on / off | off / on | graph alone, on / off |", "| --- | --- | --- | --- | --- |"]
+            "| base | batch | engine step, on / off | off / on | graph alone, on / off |",
+            "| --- | --- | --- | --- | --- |"]
     path = Path(__file__).resolve().parent / "RESULTS.md"
     with path.open("a", encoding="utf-8") as f:
         f.write("\n".join(head + lines) + "\n")
