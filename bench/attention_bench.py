@@ -25,7 +25,10 @@ each on the same inputs:
   N-entry chunks (``server/kernels/decode_attention.py``; the engine's N is its ``CHUNK``, 64; ``--chunks``
   names the Ns to time) and the splits merged by a second launch (``fused=False``). Skipped where ``ours`` is;
 * ``fusedN``    what they run now: as ``splitN``, the merge done by the last split of each row and head to finish
-  instead of a launch of its own (``fused=True``, the same bits as ``splitN``). Skipped where ``ours`` is.
+  instead of a launch of its own (``fused=True``, the same bits as ``splitN``). Skipped where ``ours`` is;
+* ``freshN``    the engine's call since f2be504: the merge fused where ``fuse_merge`` picks it, and ``fresh`` (the
+  appended entries' positions) given, so that under PDL the chunk's keys and values are read before the kernel
+  waits for the append, the appended entry again after it. Skipped where ``ours`` is.
 
 FlashInfer (batch decode over a paged cache, its RoPE and append kernels) was the other candidate the issue names.
 Its wheel, flashinfer-python 0.7.4, is 101 MB and needs nvidia-cutlass-dsl, cuda-tile and apache-tvm-ffi besides:
@@ -202,7 +205,8 @@ def variants(names: list[str], compile_ok: bool,
                                                   enable_gqa=x.kv_heads != x.heads)
         return call
 
-    def build_split(chunk: int, fused: bool = False) -> Callable[[Inputs], Callable[[], torch.Tensor]]:
+    def build_split(chunk: int, fused: bool | None = False, fresh: bool = False,
+                    ) -> Callable[[Inputs], Callable[[], torch.Tensor]]:
         def build(x: Inputs) -> Callable[[], torch.Tensor]:
             from adapterd.server.kernels.decode_attention import decode_attention
             from adapterd.server.kernels.rope_append import rope_append
@@ -213,13 +217,15 @@ def variants(names: list[str], compile_ok: bool,
 
             def call() -> torch.Tensor:
                 rq = rope_append(q, k, v, x.cos, x.sin, keys, values, x.pos)
-                return decode_attention(rq, keys, values, x.mask, x.dim**-0.5, chunk=chunk, fused=fused)
+                return decode_attention(rq, keys, values, x.mask, x.dim**-0.5, chunk=chunk, fused=fused,
+                                        fresh=x.pos if fresh else None)
             return call
         return build
 
     table = {"eager": make(eager), "compiled": make(compiled_step), "flex": build_flex, "liger": build_liger,
              "ours": build_ours, **{f"split{c}": build_split(c) for c in chunks},
-             **{f"fused{c}": build_split(c, fused=True) for c in chunks}}
+             **{f"fused{c}": build_split(c, fused=True) for c in chunks},
+             **{f"fresh{c}": build_split(c, fused=None, fresh=True) for c in chunks}}
     return {n: table[n] for n in names}
 
 
@@ -237,7 +243,8 @@ def main() -> int:
     p.add_argument("--ctx", type=int, default=512, help="positions of the longest row")
     p.add_argument("--bucket", type=int, default=640, help="cache entries attention reads (the engine pads to it)")
     p.add_argument("--variants", default="eager,compiled,flex,liger,ours,split64,fused64",
-                   help="comma-separated: eager, compiled, flex, liger, ours, split<N>, fused<N> (N among --chunks)")
+                   help="comma-separated: eager, compiled, flex, liger, ours, split<N>, fused<N>, fresh<N> "
+                   "(N among --chunks)")
     p.add_argument("--chunks", default="64",
                    help="comma-separated entries a split for the split<N> and fused<N> variants")
     p.add_argument("--calls", type=int, default=32, help="calls captured in one graph (one per layer)")
@@ -248,7 +255,8 @@ def main() -> int:
     dtype = torch.bfloat16 if gpu else torch.float32
     names = args.variants.split(",")
     chunks = tuple(int(c) for c in args.chunks.split(","))
-    known = {"eager", "compiled", "flex", "liger", "ours", *(f"{v}{c}" for v in ("split", "fused") for c in chunks)}
+    known = {"eager", "compiled", "flex", "liger", "ours",
+             *(f"{v}{c}" for v in ("split", "fused", "fresh") for c in chunks)}
     if set(names) - known:
         p.error(f"--variants: unknown {', '.join(sorted(set(names) - known))} (split<N>, fused<N> need N in --chunks)")
     results, failed = [], False

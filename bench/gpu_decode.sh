@@ -17,7 +17,7 @@
 #                (test_decoder.py), graphs, sampling, row isolation
 #   matrix       tests/server/engine/test_architectures.py on CUDA (every family, both forwards)
 #   pdl          pdl_bench: the engine's decode step with PDL on and off at 1-64 rows and 32 LoRA rows, int8 and
-#                bf16 (where decode_step.PDL_MAX_ROWS comes from)
+#                bf16 (where int8_matmul.PDL_MAX_BUCKET comes from)
 # SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TEST_DEVICE and TEST_PATHS override the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
 # is lost to a typo here).

@@ -2,10 +2,11 @@
 
 PDL lets each decode kernel start while the one before it ends (``server/kernels/support.py``). It paid at one
 row on the H200 (int8 2.89 -> 2.66 ms a token at 3bf8dff) but cost at 32 (device step 6.66 -> 7.11 ms, same
-run): the engine launches without it past ``decode_step.PDL_MAX_ROWS`` rows. This bench says where the line
-is: for each base dtype, each batch size and each setting it captures the engine's decode graphs afresh and
-reports the engine's step (ms a step, base rows; and with ``--lora-rows``, that many rows on as many distinct
-LoRA adapters) and the graph replayed alone. Ratios are PDL-off time over PDL-on (above 1: PDL pays).
+run): the int8 tensor-core tiles launch without it past ``int8_matmul.PDL_MAX_BUCKET`` rows. This bench says
+where such lines are: for each base dtype, each batch size and each setting (``ADAPTERD_PDL``, which the
+kernels read at each launch) it captures the engine's decode graphs afresh and reports the engine's step (ms a
+step, base rows; and with ``--lora-rows``, that many rows on as many distinct LoRA adapters) and the graph
+replayed alone. Ratios are PDL-off time over PDL-on (above 1: PDL pays).
 
     python3 bench/pdl_bench.py --shape llama2-7b --quantizations int8,none --rows 1,4,8,16,32,64
 
@@ -15,6 +16,7 @@ On the CPU (the tiny shape) it runs end to end, with no PDL to switch: the tests
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,8 +48,8 @@ def measure(runtime, rows: int, adapters: list, args, pdl: bool) -> tuple[float,
     on (``pdl``) or off."""
     decoder = runtime.engine.runner.decoder
 
-    def switch() -> None:
-        decoder.pdl_max_rows = 1 << 30 if pdl else 0
+    def switch() -> None:  # the kernels read the switch at each launch: new captures follow it
+        os.environ["ADAPTERD_PDL"] = "1" if pdl else "0"
         decoder.graphs.clear()
 
     runtime.engine.call(switch).result(60)

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import torch
 
 from ..adapters.lora import LoraSlotTable
-from ..kernels.support import pdl_off
 from ..model import BaseModel
 from .decoder import Forward
 from .graphs import GraphCache
@@ -34,9 +33,6 @@ Tokens = Sequence[int] | torch.Tensor  # host ids, or the last step's sampled to
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 LENGTH_GRAIN = 128  # key/value entries: attention reads at most this many padding columns per row
-# Decode steps of more rows than this launch their kernels without programmatic dependent launch (PDL,
-# kernels/support.py): bench/pdl_bench.py measures both ways per batch size.
-PDL_MAX_ROWS = 256
 
 
 def batch_bucket(n: int, limit: int) -> int:
@@ -73,7 +69,6 @@ class DecodeStep:
         # Static inputs, refreshed before every replay: token, position id, write index, LoRA slot.
         self._inputs = torch.zeros(4, max_batch, dtype=torch.long, device=dev)
         self.vocab = base.model.get_input_embeddings().num_embeddings  # ids the embedding can look up
-        self.pdl_max_rows = PDL_MAX_ROWS  # graphs captured since keep what they were captured with
         self.graphs = GraphCache("decode")
 
     def run(self, tokens: Tokens, positions: Sequence[int], kv_lengths: Sequence[int],
@@ -144,8 +139,7 @@ class DecodeStep:
         context = StepContext("decode", self.slots.rows_for(slots, rank, "decode"),
                               self.pool.decode_view(batch, length, write_pos))
         mask = self.base.attention.masks(lambda window: decode_mask(write_pos, length, self.base.dtype, window))
-        with pdl_off(batch > self.pdl_max_rows):
-            return self.forward(ids[:, None], positions[:, None], mask, context)
+        return self.forward(ids[:, None], positions[:, None], mask, context)
 
     # ------------------------------------------------------------------ CUDA graphs
 

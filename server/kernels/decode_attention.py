@@ -138,9 +138,11 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        new = kv_mask & (t == fresh)[:, None]  # the entry written by the kernel just before, read again
-        keys = tl.where(new, tl.load(k_tile, mask=new, other=0.0), keys)
-        values = tl.where(new, tl.load(v_tile, mask=new, other=0.0), values)
+        # the entry the kernel just before wrote, read again from L2 (``.cg``: the copy in this SM's L1 may be
+        # the one read before the wait)
+        new = kv_mask & (t == fresh)[:, None]
+        keys = tl.where(new, tl.load(k_tile, mask=new, other=0.0, cache_modifier=".cg"), keys)
+        values = tl.where(new, tl.load(v_tile, mask=new, other=0.0, cache_modifier=".cg"), values)
     else:
         keys = tl.load(k_tile, mask=kv_mask, other=0.0)  # [CHUNK, BLOCK_D], stored dtype
         values = tl.load(v_tile, mask=kv_mask, other=0.0)

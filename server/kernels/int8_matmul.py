@@ -56,6 +56,11 @@ from .support import interpreting, pdl_launch, quick_bench, tuner_choices
 
 MAX_KERNEL_ROWS = 64  # rows of x served by the split-K decode kernel; more rows go to the tiled GEMM kernel
 MAX_SPLIT_K = 16
+# Row buckets up to this launch with programmatic dependent launch (``support.pdl_enabled``); larger ones
+# without. bench/pdl_bench.py on the H200 (f2be504), the engine's decode step PDL off over on: int8 1 row 1.076,
+# 4 rows 1.019, 8 rows 1.013, 16 rows 0.994, 32 rows 0.925 (7.77 against 8.40 ms), 64 rows 1.002; bf16, whose
+# other kernels are the same, 1.001 at 32 rows: the tensor-core tiles are the part that loses.
+PDL_MAX_BUCKET = 8
 _INV_127 = 1.0 / 127.0  # bitsandbytes' absmax scale: W = CB * SCB / 127
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _REDUCE_BLOCK = 512  # outputs per program of the split-K reduction
@@ -297,7 +302,7 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     bucket, b = row_bucket(m), scb if bias is None else bias
     key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
     meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
-            **pdl_launch(x2.device)}
+            **(pdl_launch(x2.device) if bucket <= PDL_MAX_BUCKET else {})}
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
     grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
     config = config or _CHOSEN.get(key) or (_INTERPRET_SMALL if tuner is None else None)

@@ -8,12 +8,9 @@ and how to fix it, rather than fail at its first request."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import threading
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -24,7 +21,6 @@ log = logging.getLogger(__name__)
 _TRUE = ("1", "true", "on", "yes", "y")  # what Triton's own TRITON_INTERPRET parser accepts
 _FALSE = ("0", "false", "off", "no", "n")
 _CAUSE_CHARS = 300  # enough for the exception and the start of a compiler command line
-_scope = threading.local()  # ``pdl_off``'s flag: per thread (the engine's launches run on its own)
 
 
 def interpreting() -> bool:
@@ -48,24 +44,11 @@ def pdl_enabled(device: torch.device | str) -> bool:
     the chain) and triggers its dependents only after its own wait, so at most two kernels overlap and every
     kernel still sees all writes of every kernel before it."""
     device = torch.device(device)
-    if device.type != "cuda" or interpreting() or getattr(_scope, "off", False):
+    if device.type != "cuda" or interpreting():
         return False
     if os.environ.get("ADAPTERD_PDL", "").strip().lower() in _FALSE:
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
-
-
-@contextlib.contextmanager
-def pdl_off(off: bool = True) -> Iterator[None]:
-    """Within it (``off``), on this thread, the kernels launch without PDL (``pdl_enabled`` is False): for the
-    steps where it costs more than it saves (the decode step's ``PDL_MAX_ROWS``). Launches are what a CUDA graph
-    records, so a graph captured inside keeps plain edges."""
-    before = getattr(_scope, "off", False)
-    _scope.off = off or before
-    try:
-        yield
-    finally:
-        _scope.off = before
 
 
 def pdl_launch(device: torch.device | str) -> dict[str, bool]:

@@ -518,3 +518,17 @@ def test_gpu_small_m_replays_in_a_cuda_graph(monkeypatch, llama_weights):
     torch.cuda.synchronize()
     for y, m in zip(ys, (8, 8, 1, 17, 64), strict=True):
         _assert_bf16_close(y, _reference(xs[m], cb, scb, None), f"{m} rows")
+
+
+def test_tensor_core_buckets_past_pdl_max_bucket_launch_without_pdl(monkeypatch):
+    """Rows up to ``PDL_MAX_BUCKET`` launch with PDL where the device has it, more rows without (the tensor-core
+    tiles lost with it on the H200: ``PDL_MAX_BUCKET``'s note); the product is the same either way."""
+    asked: list[int] = []
+    monkeypatch.setattr(km, "pdl_launch", lambda device: asked.append(1) or {})
+    cb, scb = _weights(48, 64)
+    for m, with_pdl in ((1, True), (km.PDL_MAX_BUCKET, True), (km.PDL_MAX_BUCKET + 1, False), (32, False)):
+        asked.clear()
+        x = torch.randn(m, 64)
+        torch.testing.assert_close(km.int8_weight_matmul(x, cb, scb), _reference(x, cb, scb, None),
+                                   rtol=1e-4, atol=1e-4)
+        assert bool(asked) == with_pdl, m

@@ -178,32 +178,6 @@ def test_pdl_only_on_hopper_and_compiled_and_not_switched_off(monkeypatch):
     assert not support.pdl_enabled("cuda:0")
 
 
-def test_pdl_off_for_a_scope_on_this_thread_only(monkeypatch):
-    """``pdl_off`` switches PDL off inside it (nested scopes keep it off; ``pdl_off(False)`` changes nothing), on
-    its own thread only, and puts it back on the way out, an exception included."""
-    import threading
-
-    from adapterd.server.kernels import support
-
-    monkeypatch.setattr(support, "_capability", lambda index: (9, 0))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("ADAPTERD_PDL", raising=False)
-    seen = []
-    with support.pdl_off():
-        assert not support.pdl_enabled("cuda:0") and support.pdl_launch("cuda:0") == {}
-        with support.pdl_off(False):
-            assert not support.pdl_enabled("cuda:0")  # an inner scope cannot turn it back on
-        other = threading.Thread(target=lambda: seen.append(support.pdl_enabled("cuda:0")))
-        other.start()
-        other.join()
-    assert seen == [True] and support.pdl_enabled("cuda:0")
-    with support.pdl_off(False):
-        assert support.pdl_enabled("cuda:0")
-    with pytest.raises(RuntimeError), support.pdl_off():
-        raise RuntimeError
-    assert support.pdl_enabled("cuda:0")
-
-
 def test_tuner_choices_name_each_key_and_config():
     """What serve_bench prints of an autotuner: its cached choices keyed by the joined key; none without a tuner
     (the interpreter builds none)."""
