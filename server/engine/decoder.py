@@ -170,9 +170,9 @@ class Decoder:
             # o_proj's LoRA shrink in the merge (each head's output is a split of o_proj's input): no launch of its own
             shrink = output_shrink(attn.o_proj, rows, q.shape[1])
             shrink = shrink if shrink is not None and shrink.fits(q) else None
-            # the keys and values but the entry the append just wrote are read before the PDL wait (``fresh``)
-            out = attention_kernel.decode_attention(q, keys, values, mask, attn.scaling, shrink=shrink,
-                                                    fresh=cache.write_pos)
+            # where it pays, the keys and values but the entry the append just wrote are read before the PDL wait
+            fresh = cache.write_pos if attention_kernel.prefetch_pays(rows, q.shape[1] // keys.shape[1]) else None
+            out = attention_kernel.decode_attention(q, keys, values, mask, attn.scaling, shrink=shrink, fresh=fresh)
         else:
             out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                                  scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])

@@ -70,6 +70,11 @@ FUSE_MAX_PROGRAMS = 256
 # 4 rows 11.2 / 11.7, 8 rows 13.9 / 15.4, 32 rows 28.2 / 44.2). One head a key/value head (Llama-2) stays here
 # at every size (32 rows: 86.6 / 75.0).
 MAX_GQA_ROWS = 2
+# Rows up to which the chunk's keys and values are read before the PDL wait (``fresh``), one query head a
+# key/value head. attention_bench at c36864f, H200, rotary + append included, us a layer, the default launch
+# without / with it: Llama-2-7B 1 row 9.26 / 8.80, 8 rows 27.3 / 33.4, 32 rows 81.1 / 103.9; Llama-3-8B 1 row
+# 6.9 / 7.9. Past one row the tile held in registers across the wait costs more than the wait hides.
+PREFETCH_ROWS = 1
 
 # Bound on first use by ``_triton()``: the kernels' bodies refer to ``tl`` as a module global.
 triton = None
@@ -318,6 +323,12 @@ def faster_than_sdpa(rows: int, group: int, device: torch.device) -> bool:
     ``group`` query heads a key/value head, on a GPU (``MAX_GQA_ROWS``); under the interpreter always (the
     tests: no speed to choose by, every path checked)."""
     return device.type != "cuda" or group == 1 or rows <= MAX_GQA_ROWS
+
+
+def prefetch_pays(rows: int, group: int) -> bool:
+    """Whether the decoder should give ``decode_attention`` its ``fresh`` entries (the chunk read before the PDL
+    wait), by ``PREFETCH_ROWS``."""
+    return group == 1 and rows <= PREFETCH_ROWS
 
 
 def fuse_merge(rows: int, kv_heads: int, group: int) -> bool:

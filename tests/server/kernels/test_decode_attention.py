@@ -144,6 +144,11 @@ def test_fresh_entries_give_the_same_bits(dtype, q_heads, kv_heads):
             da.decode_attention(q, keys, values, mask, 0.125, fresh=bad)
 
 
+def test_the_chunk_is_read_before_the_wait_only_where_it_paid():
+    assert da.prefetch_pays(1, 1)
+    assert not da.prefetch_pays(2, 1) and not da.prefetch_pays(32, 1) and not da.prefetch_pays(1, 4)
+
+
 def test_fused_counters_are_shared_and_checked():
     assert da.fuse_merge(1, 32, 1) and da.fuse_merge(8, 32, 1) and not da.fuse_merge(16, 32, 1)
     assert not da.fuse_merge(1, 8, 4)  # grouped heads: one program merges its heads one by one (slower)
@@ -230,10 +235,11 @@ def test_gpu_appended_entry_is_read_after_the_append(rows, q_heads, kv_heads):
     cos, sin = angle.cos().to(torch.bfloat16), angle.sin().to(torch.bfloat16)
     mask = decode_mask(write_pos, 640, torch.bfloat16)
     rows_at = torch.arange(rows, device="cuda")
+    stale = torch.full((), 1000.0, dtype=torch.bfloat16, device="cuda")
 
     def step():
-        keys[rows_at, :, write_pos] = 1000.0  # stale entries, as a kernel two launches back leaves them
-        values[rows_at, :, write_pos] = 1000.0
+        keys[rows_at, :, write_pos] = stale  # stale entries, as a kernel two launches back leaves them
+        values[rows_at, :, write_pos] = stale
         q = rope_append(q_in, k_in, v_in, cos, sin, keys, values, write_pos)
         return q, da.decode_attention(q, keys, values, mask, 128 ** -0.5, fresh=write_pos)
 
