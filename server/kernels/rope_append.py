@@ -69,7 +69,7 @@ def rope_append_available(device: torch.device | str) -> bool:
 def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr,  # noqa: N803
                  Q_HEADS, stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_cr, stride_sr,
                  stride_kcr, stride_kch, stride_kct, stride_vcr, stride_vch, stride_vct,
-                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr,
                  USE_PDL: tl.constexpr = False,
                  p_ptr=None, bq_ptr=None, bk_ptr=None, bv_ptr=None, slot_ptr=None, MQ=0, MK=0, MV=0, RQ=0, RK=0,
                  RV=0, SPLITS=0, stride_pg=0, stride_ps=0, stride_bqr=0, stride_bqs=0, stride_bkr=0, stride_bks=0,
@@ -84,10 +84,11 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
     rank rows read, 0 for one that no adapter targets (nothing read, nothing added)."""
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    d = tl.arange(0, BLOCK)
+    d = tl.arange(0, BLOCK)  # the whole head: v
     mask = d < HEAD_DIM
     half = HEAD_DIM // 2
-    partner = tl.where(d < half, d + half, d - half)  # rotate_half(x)[d] = -x[d + half] | x[d - half]
+    e = tl.arange(0, HALF_BLOCK)  # one half of a head: rotate_half pairs entry e with e + half
+    e_mask = e < half
     if LORA:  # the slot (a step input) and B (no kernel's output) are read before the PDL wait
         slot = tl.load(slot_ptr + r).to(tl.int64)
         rr = tl.arange(0, BLOCK_R)
@@ -98,60 +99,73 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
             col, stride_br, stride_bs = (h - Q_HEADS) * HEAD_DIM, stride_bkr, stride_bks
         r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0), or q or k unwrapped: nothing read
         tile = b_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br + col
-        b_mask = r_ok[:, None] & mask[None, :]
-        b_x = tl.load(tile + d[None, :], mask=b_mask, other=0.0).to(tl.float32)
-        b_partner = tl.load(tile + partner[None, :], mask=b_mask, other=0.0).to(tl.float32)
+        b_mask = r_ok[:, None] & e_mask[None, :]
+        b_lo = tl.load(tile + e[None, :], mask=b_mask, other=0.0).to(tl.float32)  # the head's B, each half once
+        b_hi = tl.load(tile + half + e[None, :], mask=b_mask, other=0.0).to(tl.float32)
         v_ok = rr < tl.where(h >= Q_HEADS, tl.where(slot != 0, RV, 0), 0)  # key/value heads only
         v_tile = bv_ptr + slot * stride_bvs + rr.to(tl.int64)[:, None] * stride_bvr + (h - Q_HEADS) * HEAD_DIM
         b_v = tl.load(v_tile + d[None, :], mask=v_ok[:, None] & mask[None, :], other=0.0).to(tl.float32)
     if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    sign = tl.where(d < half, -1.0, 1.0)
-    cos = tl.load(cos_ptr + r * stride_cr + d, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + r * stride_sr + d, mask=mask, other=0.0).to(tl.float32)
+    cos_lo = tl.load(cos_ptr + r * stride_cr + e, mask=e_mask, other=0.0).to(tl.float32)
+    cos_hi = tl.load(cos_ptr + r * stride_cr + half + e, mask=e_mask, other=0.0).to(tl.float32)
+    sin_lo = tl.load(sin_ptr + r * stride_sr + e, mask=e_mask, other=0.0).to(tl.float32)
+    sin_hi = tl.load(sin_ptr + r * stride_sr + half + e, mask=e_mask, other=0.0).to(tl.float32)
     if h < Q_HEADS:
         src = q_ptr + r * stride_qr + h * stride_qh
     else:
         src = k_ptr + r * stride_kr + (h - Q_HEADS) * stride_kh
-    x = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
-    x_partner = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+    lo = tl.load(src + e, mask=e_mask, other=0.0).to(tl.float32)
+    hi = tl.load(src + half + e, mask=e_mask, other=0.0).to(tl.float32)
     if LORA:
         rs = tl.arange(0, BLOCK_S)
         ps = p_ptr + rs[:, None] * stride_ps + r * BLOCK_R + rr[None, :]
         xa = tl.reduce(tl.load(ps + member * stride_pg, mask=(rs < SPLITS)[:, None] & r_ok[None, :], other=0.0),
                        0, tl.standard._sum_combine)  # [BLOCK_R]: x @ A^T of this member, as _expand sums it
-        x = x + tl.reduce(b_x * xa[:, None], 0, tl.standard._sum_combine)  # each rounded below, as _expand's
-        x_partner = x_partner + tl.reduce(b_partner * xa[:, None], 0, tl.standard._sum_combine)  # store rounds
+        lo = lo + tl.reduce(b_lo * xa[:, None], 0, tl.standard._sum_combine)  # each rounded below, as _expand's
+        hi = hi + tl.reduce(b_hi * xa[:, None], 0, tl.standard._sum_combine)  # store rounds
         if ROUND_BF16:
-            xb = x.to(tl.uint32, bitcast=True)
-            x = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            xb = x_partner.to(tl.uint32, bitcast=True)
-            x_partner = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            xb = lo.to(tl.uint32, bitcast=True)
+            lo = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            xb = hi.to(tl.uint32, bitcast=True)
+            hi = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         else:
-            x = x.to(q_ptr.dtype.element_ty).to(tl.float32)
-            x_partner = x_partner.to(q_ptr.dtype.element_ty).to(tl.float32)
-    a = x * cos  # x * cos, one fp32 product rounded to x's dtype as torch's is
-    b = (x_partner * sign) * sin  # rotate_half(x) * sin (the sign is exact)
+            lo = lo.to(q_ptr.dtype.element_ty).to(tl.float32)
+            hi = hi.to(q_ptr.dtype.element_ty).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = (-hi, lo): each product an fp32 product rounded to x's
+    # dtype as torch's is, then their sum (the sign is exact)
+    c_lo, s_lo = lo * cos_lo, -hi * sin_lo
+    c_hi, s_hi = hi * cos_hi, lo * sin_hi
     if ROUND_BF16:
-        ab = a.to(tl.uint32, bitcast=True)
-        a = ((ab + 0x7FFF + ((ab >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        bb = b.to(tl.uint32, bitcast=True)
-        b = ((bb + 0x7FFF + ((bb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        y = a + b
-        yb = y.to(tl.uint32, bitcast=True)
-        y = ((yb + 0x7FFF + ((yb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        ab = c_lo.to(tl.uint32, bitcast=True)
+        c_lo = ((ab + 0x7FFF + ((ab >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        ab = s_lo.to(tl.uint32, bitcast=True)
+        s_lo = ((ab + 0x7FFF + ((ab >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        ab = c_hi.to(tl.uint32, bitcast=True)
+        c_hi = ((ab + 0x7FFF + ((ab >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        ab = s_hi.to(tl.uint32, bitcast=True)
+        s_hi = ((ab + 0x7FFF + ((ab >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        y_lo = c_lo + s_lo
+        y_hi = c_hi + s_hi
+        yb = y_lo.to(tl.uint32, bitcast=True)
+        y_lo = ((yb + 0x7FFF + ((yb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        yb = y_hi.to(tl.uint32, bitcast=True)
+        y_hi = ((yb + 0x7FFF + ((yb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     else:
-        a = a.to(q_ptr.dtype.element_ty).to(tl.float32)
-        b = b.to(q_ptr.dtype.element_ty).to(tl.float32)
-        y = (a + b).to(q_ptr.dtype.element_ty).to(tl.float32)
+        dtype = q_ptr.dtype.element_ty
+        y_lo = (c_lo.to(dtype).to(tl.float32) + s_lo.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        y_hi = (c_hi.to(dtype).to(tl.float32) + s_hi.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     if h < Q_HEADS:
-        tl.store(qo_ptr + (r * Q_HEADS + h) * HEAD_DIM + d, y.to(qo_ptr.dtype.element_ty), mask=mask)
+        dst = qo_ptr + (r * Q_HEADS + h) * HEAD_DIM
+        tl.store(dst + e, y_lo.to(qo_ptr.dtype.element_ty), mask=e_mask)
+        tl.store(dst + half + e, y_hi.to(qo_ptr.dtype.element_ty), mask=e_mask)
     else:
         kv = h - Q_HEADS
         t = tl.load(pos_ptr + r)
-        tl.store(kc_ptr + r * stride_kcr + kv * stride_kch + t * stride_kct + d, y.to(kc_ptr.dtype.element_ty),
-                 mask=mask)
+        dst = kc_ptr + r * stride_kcr + kv * stride_kch + t * stride_kct
+        tl.store(dst + e, y_lo.to(kc_ptr.dtype.element_ty), mask=e_mask)
+        tl.store(dst + half + e, y_hi.to(kc_ptr.dtype.element_ty), mask=e_mask)
         v = tl.load(v_ptr + r * stride_vr + kv * stride_vh + d, mask=mask, other=0.0)
         if LORA:
             xa_v = tl.reduce(tl.load(ps + MV * stride_pg, mask=(rs < SPLITS)[:, None] & v_ok[None, :], other=0.0),
@@ -237,7 +251,8 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
         q, k, v, cos, sin, out, keys, values, write_pos, q_heads,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0), sin.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        HEAD_DIM=dim, BLOCK=block, ROUND_BF16=interpret and q.dtype == torch.bfloat16,
+        HEAD_DIM=dim, BLOCK=block, HALF_BLOCK=_triton().next_power_of_2(dim // 2),
+        ROUND_BF16=interpret and q.dtype == torch.bfloat16,
         num_warps=1 if block <= 128 else 2, **options, **pdl_launch(q.device), **_lora_arguments(lora))
     return out
 

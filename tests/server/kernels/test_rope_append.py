@@ -99,7 +99,7 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     ra._triton()
     lora_args = kernel.arg_names[kernel.arg_names.index("p_ptr"):]
     for dtype, lora in (("bf16", False), ("fp32", False), ("bf16", True)):
-        fixed = {"HEAD_DIM": 128, "BLOCK": 128, "ROUND_BF16": False, "USE_PDL": True}
+        fixed = {"HEAD_DIM": 128, "BLOCK": 128, "HALF_BLOCK": 64, "ROUND_BF16": False, "USE_PDL": True}
         if lora:
             fixed |= {"LORA": True, "BLOCK_R": 16, "BLOCK_S": 16}
         else:
