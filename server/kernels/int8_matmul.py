@@ -85,6 +85,26 @@ prmt.b32 $2, t, 0x4B000000, 0x7542;
 prmt.b32 $3, t, 0x4B000000, 0x7543;
 }""")
 
+# int8 -> fp16 for the 4 bytes of a 32-bit word ($2), two a register ($0: bytes 0 and 1, $1: bytes 2 and 3, low
+# half first): XOR 0x80 makes each signed byte w the unsigned w + 128; PRMT puts two of them under the exponent
+# byte 0x64 (fp16 0x64uu is 1024 + u exactly); one SUB.F16X2 of 1152 a register gives w, exactly. Selector
+# 0x4140: byte 0 of t, byte 0 of 0x64646464, byte 1 of t, then 0x64 again.
+_WIDEN_F16 = tl.constexpr("""{
+.reg .b32 t, c;
+xor.b32 t, $2, 0x80808080;
+mov.b32 c, 0x64806480;
+prmt.b32 $0, t, 0x64646464, 0x4140;
+prmt.b32 $1, t, 0x64646464, 0x4342;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+}""")
+# How the tensor-core tiles widen the int8 weight: "cvt" (Triton's int8 -> bf16/fp16 conversion, an I2F an
+# element: a quarter-rate instruction on Hopper, 16 a cycle an SM, ~1.5 ms a 7B step at any row count) or "prmt"
+# (``_WIDEN_F16``: about one instruction a byte, the products in fp16 with x cast to fp16 where the tile's x fits:
+# exact but for x's entries under fp16's normal range, 6.1e-5, which keep 10 bits or fewer; a tile with an |x|
+# past 65504 takes the "cvt" product). "prmt" awaits its H200 measurement (int8_kernel_bench ``--widen``).
+WIDEN = "cvt"
+
 # Only Triton builtins are called (``tl.full``, not the library's ``@triton.jit`` ``tl.zeros``/``tl.cdiv``):
 # library functions are made compiled-only when Triton is imported without TRITON_INTERPRET, and this lets
 # the interpreter be switched on later. Out-of-range rows and columns are wrapped (``% M``, ``% N``) instead
@@ -95,7 +115,7 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
              stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
              HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-             USE_PDL: tl.constexpr = False):
+             USE_PDL: tl.constexpr = False, WIDEN_F16: tl.constexpr = False):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
@@ -183,6 +203,20 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
                 w = tl.load(ws, mask=rk[:, None] < k_left, other=0, eviction_policy="evict_first")
             if DOT_F32:  # fp32 inputs; and the interpreter, whose dot multiplies bf16 as raw uint16 bits
                 acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            elif WIDEN_F16:  # WIDEN "prmt": fp16 products where this tile's x fits fp16 (exact in fp32 sums)
+                xf = x.to(tl.float32)
+                big = tl.reduce(tl.reduce(tl.abs(xf), 1, tl.standard._elementwise_max), 0, tl.standard._elementwise_max)
+                if big <= 65504.0:
+                    if INTERPRETED:  # the same values: the interpreter runs no PTX
+                        wh = w.to(tl.float16)
+                    else:
+                        wh = tl.inline_asm_elementwise(_WIDEN_F16, "=r,=r,r", [w], dtype=tl.float16, is_pure=True,
+                                                       pack=4)
+                    acc = tl.dot(xf.to(tl.float16), wh, acc)
+                elif INTERPRETED:  # the interpreter's bf16 dot multiplies raw bits: fp32, as DOT_F32
+                    acc = tl.dot(xf, w.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, w.to(x.dtype), acc)
             else:  # bf16/fp16 tensor cores; int8 -> x.dtype is exact (|CB| <= 127), products exact in fp32
                 acc = tl.dot(x, w.to(x.dtype), acc)
             xs += BLOCK_K * stride_xk
@@ -228,7 +262,7 @@ def _small_kernels(interpret: bool):
     reduce = triton.jit(_splitk_reduce, do_not_specialize=["M"])
     if interpret:
         return mm, None, reduce
-    tuner = triton.autotune(_small_configs(), key=["M_BUCKET", "N", "K"],
+    tuner = triton.autotune(_small_configs(), key=["M_BUCKET", "N", "K", "WIDEN_F16"],
                             prune_configs_by={"early_config_prune": _prune_small}, post_hook=_reduce_hook,
                             do_bench=quick_bench, cache_results=True)(mm)
     return mm, tuner, reduce
@@ -300,8 +334,10 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         cb = cb.clone(memory_format=torch.contiguous_format)
     mm, tuner, _ = _small_kernels(interpret)
     bucket, b = row_bucket(m), scb if bias is None else bias
-    key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
-    meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
+    widen = WIDEN == "prmt" and x2.dtype in (torch.bfloat16, torch.float16)
+    key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device, widen)
+    meta = {"HAS_BIAS": bias is not None, "DOT_F32": (interpret and not widen) or x2.dtype == torch.float32,
+            "INTERPRETED": interpret, "WIDEN_F16": widen,
             **(pdl_launch(x2.device) if bucket <= PDL_MAX_BUCKET else {})}
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
     grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731

@@ -532,3 +532,50 @@ def test_tensor_core_buckets_past_pdl_max_bucket_launch_without_pdl(monkeypatch)
         torch.testing.assert_close(km.int8_weight_matmul(x, cb, scb), _reference(x, cb, scb, None),
                                    rtol=1e-4, atol=1e-4)
         assert bool(asked) == with_pdl, m
+
+
+@pytest.mark.parametrize("widen", ["cvt", "prmt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_both_ways_of_widening_the_tensor_core_tiles_give_the_product(monkeypatch, widen, dtype):
+    """``WIDEN``: the tensor-core tiles widen the weight by Triton's conversion or to fp16 by PRMT (x cast to fp16
+    where its tile fits, the conversion's product where it does not: an entry of 1e6 in bf16): each within one
+    rounding of the output of the dequantized weight's product, and both ways the same values here."""
+    _no_fallback(monkeypatch)
+    cb, scb = _weights(64, 128, seed=12)
+    x = torch.randn(3, 128).to(dtype)
+    if dtype == torch.bfloat16:
+        x[1, 40] = 1e6  # past fp16's range: its tile takes the conversion's product
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}
+    monkeypatch.setattr(km, "WIDEN", "cvt")
+    want = km._small_m(x, cb, scb, None, True, config=config)
+    monkeypatch.setattr(km, "WIDEN", widen)
+    got = km._small_m(x, cb, scb, None, True, config=config)
+    ref = _reference(x, cb, scb, None)
+    assert ((got.float() - ref).abs() <= 2 * ULP[dtype] * ref.abs() + 1e-3).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_prmt_widening_compiles_for_hopper_to_fp16_mma(monkeypatch, tmp_path):
+    """``WIDEN = "prmt"``, compiled for sm_90 with a tensor-core config: the weight bytes go to fp16 by XOR, PRMT
+    and SUB.F16X2 (``_WIDEN_F16``) into fp16 ``mma``, with the conversion's bf16 product kept for a tile whose x
+    is past fp16's range."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = triton.jit(km._int8_mm)
+    pointers = dict(zip(("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "p_ptr"),
+                        ("*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32"), strict=True))
+    constexprs = {"HAS_BIAS": False, "DOT_F32": False, "EVEN_K": True, "INTERPRETED": False, "USE_PDL": True,
+                  "WIDEN_F16": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in kernel.arg_names}
+    aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym"]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                       attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}
+                         ).asm["ptx"]
+    assert "prmt.b32" in ptx and "sub.f16x2" in ptx and "xor.b32" in ptx
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx  # the tile past fp16's range
