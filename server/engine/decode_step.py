@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,7 @@ from ..model import BaseModel
 from .decoder import Forward
 from .graphs import GraphCache
 from .kv_pool import KvPool, decode_mask
+from .sampling_ops import greedy_pick
 from .step_context import StepContext
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,15 @@ Tokens = Sequence[int] | torch.Tensor  # host ids, or the last step's sampled to
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 LENGTH_GRAIN = 128  # key/value entries: attention reads at most this many padding columns per row
+
+
+class DecodeOutput(NamedTuple):
+    """One decode step's result for its n rows: ``logits`` ``[n, vocab]``, and ``greedy`` ``[n, 2]`` long, each
+    row's argmax and finite flag (``sampling_ops.greedy_pick``), computed within the step (inside its CUDA graph),
+    so that a batch of plain greedy rows launches nothing more to choose its tokens."""
+
+    logits: torch.Tensor
+    greedy: torch.Tensor
 
 
 def batch_bucket(n: int, limit: int) -> int:
@@ -72,10 +83,10 @@ class DecodeStep:
         self.graphs = GraphCache("decode")
 
     def run(self, tokens: Tokens, positions: Sequence[int], kv_lengths: Sequence[int],
-            slots: Sequence[int]) -> torch.Tensor:
-        """Logits ``[n, vocab]`` for n rows; row i writes its new entry at ``kv_lengths[i]``. ``tokens``: host
-        ids, or the previous step's sampled tokens still on the device (the engine runs a step ahead of its
-        host: engine.py), which are never waited for here."""
+            slots: Sequence[int]) -> DecodeOutput:
+        """Logits ``[n, vocab]`` and greedy picks for n rows; row i writes its new entry at ``kv_lengths[i]``.
+        ``tokens``: host ids, or the previous step's sampled tokens still on the device (the engine runs a step
+        ahead of its host: engine.py), which are never waited for here."""
         n = len(tokens)
         rank = self.slots.rank_of(slots)
         if not (self.use_graphs or self.bucketed):  # exact shapes
@@ -84,17 +95,17 @@ class DecodeStep:
         length = length_bucket(max(kv_lengths) + 1, self.pool.max_capacity)
         rank = rank_bucket(rank, self.slots.max_rank)
         if not self.use_graphs:
-            return self._run_shape(tokens, positions, kv_lengths, slots, batch, length, rank)[:n]
+            return _first(self._run_shape(tokens, positions, kv_lengths, slots, batch, length, rank), n)
         self._set_inputs(tokens, positions, kv_lengths, slots, batch, length)
         try:
-            graph, logits = self._graph(batch, length, rank)
+            graph, outputs = self._graph(batch, length, rank)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as exc:  # a kernel that cannot be captured: serve on, eagerly
             self.capture_failed(exc)
-            return self._run_shape(tokens, positions, kv_lengths, slots, batch, length, rank)[:n]
+            return _first(self._run_shape(tokens, positions, kv_lengths, slots, batch, length, rank), n)
         graph.replay()
-        return logits[:n]
+        return _first(outputs, n)
 
     def room(self, kv_lengths: Sequence[int]) -> tuple[int, int]:
         """The pool rows, and entries a row, that the next ``run`` over rows of these lengths reserves."""
@@ -126,20 +137,21 @@ class DecodeStep:
         if isinstance(tokens, torch.Tensor):
             # -1 marks a row whose sampling failed (it ends when the host reads it): a valid id keeps the
             # embedding lookup in bounds for this step, whose output for that row is thrown away.
-            self._inputs[0, :n].copy_(tokens.clamp(0, self.vocab - 1))
+            torch.clamp(tokens, 0, self.vocab - 1, out=self._inputs[0, :n])
 
     def _run_shape(self, tokens: Tokens, positions: Sequence[int], kv_lengths: Sequence[int],
-                   slots: Sequence[int], batch: int, length: int, rank: int) -> torch.Tensor:
+                   slots: Sequence[int], batch: int, length: int, rank: int) -> DecodeOutput:
         self._set_inputs(tokens, positions, kv_lengths, slots, batch, length)
         return self._forward(batch, length, rank)
 
-    def _forward(self, batch: int, length: int, rank: int) -> torch.Tensor:
+    def _forward(self, batch: int, length: int, rank: int) -> DecodeOutput:
         """The forward a graph captures: its context reads the static inputs, so a replay reads new ones."""
         ids, positions, write_pos, slots = self._inputs[:, :batch]
         context = StepContext("decode", self.slots.rows_for(slots, rank, "decode"),
                               self.pool.decode_view(batch, length, write_pos))
         mask = self.base.attention.masks(lambda window: decode_mask(write_pos, length, self.base.dtype, window))
-        return self.forward(ids[:, None], positions[:, None], mask, context)
+        logits = self.forward(ids[:, None], positions[:, None], mask, context)
+        return DecodeOutput(logits, greedy_pick(logits))
 
     # ------------------------------------------------------------------ CUDA graphs
 
@@ -147,7 +159,7 @@ class DecodeStep:
     def captures(self) -> int:
         return self.graphs.captures
 
-    def _graph(self, batch: int, length: int, rank: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _graph(self, batch: int, length: int, rank: int) -> tuple[torch.cuda.CUDAGraph, DecodeOutput]:
         return self.graphs.get((batch, length, rank), (self.pool.generation, self.slots.wraps),
                                lambda key: self.graphs.capture(lambda: self._forward(*key)))
 
@@ -156,3 +168,8 @@ class DecodeStep:
         log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
         self.use_graphs = False
         self.graphs.clear()
+
+
+def _first(output: DecodeOutput, n: int) -> DecodeOutput:
+    """The first ``n`` rows of a step's output (the rest are the bucket's padding)."""
+    return DecodeOutput(output.logits[:n], output.greedy[:n])

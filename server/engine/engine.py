@@ -317,8 +317,8 @@ class Engine:
             self._settle()  # the batch changed under it (every change settles first): its tokens are not these
         ahead, self._in_flight = self._in_flight, None
         started = time.perf_counter()
-        logits = self.runner.decode(None if ahead is None else ahead.sampled.tokens)
-        step = StepInFlight(list(rows), self.sampler.launch(0, logits), started)
+        out = self.runner.decode(None if ahead is None else ahead.sampled.tokens)
+        step = StepInFlight(list(rows), self.sampler.launch(0, out.logits, out.greedy), started)
         self.observers.decode_launched(rows, time.perf_counter() - started)
         if ahead is not None:
             self.steps_run_ahead += 1

@@ -19,7 +19,7 @@ from ..adapters.lora import LoraSlotTable
 from ..adapters.prefix import PrefixWeights
 from ..model import BaseModel
 from .batch import Row, RunningBatch
-from .decode_step import DecodeStep
+from .decode_step import DecodeOutput, DecodeStep
 from .decoder import Decoder, model_forward
 from .kv_pool import KvPool
 from .prefill_step import PrefillStep
@@ -128,18 +128,18 @@ class ModelRunner:
         caches = (self.decoder.graphs, self.prefiller.graphs)
         return sum(c.captures for c in caches), sum(c.capture_seconds for c in caches)
 
-    def decode(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """One decode step for every running row: each row's next logits; positions advance by one. The rows
-        feed their ``last_token``, or ``tokens`` (on the device, one a row: the step before's, not yet read
-        by the host)."""
+    def decode(self, tokens: torch.Tensor | None = None) -> DecodeOutput:
+        """One decode step for every running row: each row's next logits (and greedy picks); positions advance
+        by one. The rows feed their ``last_token``, or ``tokens`` (on the device, one a row: the step before's,
+        not yet read by the host)."""
         rows = self.batch.rows
         fed = [r.last_token for r in rows] if tokens is None else tokens
-        logits = self.decoder.run(fed, [r.next_position for r in rows],
-                                  [r.kv_len for r in rows], [r.slot for r in rows])
+        out = self.decoder.run(fed, [r.next_position for r in rows], [r.kv_len for r in rows],
+                               [r.slot for r in rows])
         for row in rows:
             row.next_position += 1
             row.kv_len += 1
-        return logits
+        return out
 
     def keep(self, indices: list[int]) -> None:
         """Keep only the running rows at ``indices`` (the rest left the batch)."""

@@ -55,6 +55,11 @@ class RowSampler:
         return self.penalty != 1.0
 
     @property
+    def plain(self) -> bool:
+        """Greedy with no penalty and no minimum length: the row's token is its logits' argmax."""
+        return not (self.sampled or self.penalised or self.params.min_new_tokens)
+
+    @property
     def filtered(self) -> bool:
         return self.top_k > 0 or self.top_p < 1.0
 
@@ -63,19 +68,21 @@ class SampledTokens:
     """One step's chosen tokens: on the device (``tokens``, [rows] long, -1 where a row's sampling raised)
     and, once ``result()`` returns, on the host with each row's finite flag. On a GPU the copy to the host is
     queued into page-locked memory behind the sampling ops and an event marks its end, so nothing here waits
-    for the device until ``result()``."""
+    for the device until ``result()``. ``pairs``: the two already side by side (``[rows, 2]``: token, finite
+    as 0 or 1), as the decode step's ``greedy_pick`` gives them: no stacking launch."""
 
-    def __init__(self, tokens: torch.Tensor, finite: torch.Tensor) -> None:
+    def __init__(self, tokens: torch.Tensor, finite: torch.Tensor | None = None,
+                 pairs: torch.Tensor | None = None) -> None:
         self.tokens = tokens
-        both = torch.stack([tokens, finite.long()])
+        both = torch.stack([tokens, finite.long()], -1) if pairs is None else pairs  # [rows, 2]
         self._event: torch.cuda.Event | None = None
         if tokens.device.type == "cuda":
             self._host = torch.empty(both.shape, dtype=torch.long, pin_memory=True)
             self._host.copy_(both, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
-        else:
-            self._host = both
+        else:  # a copy: ``pairs`` may be a step's output buffer that the next step overwrites before this is read
+            self._host = both if pairs is None else both.clone()
         self._result: tuple[list[int], list[bool]] | None = None
 
     def result(self) -> tuple[list[int], list[bool]]:
@@ -83,8 +90,8 @@ class SampledTokens:
         if self._result is None:
             if self._event is not None:
                 self._event.synchronize()
-            chosen, ok = self._host.tolist()
-            self._result = chosen, [bool(x) for x in ok]
+            pairs = self._host.tolist()
+            self._result = [token for token, _ in pairs], [bool(ok) for _, ok in pairs]
         return self._result
 
 
@@ -155,9 +162,16 @@ class BatchSampler:
         ends alone) and whether each row's logits were all finite. One device->host copy for the batch."""
         return self.launch(first, logits).result()
 
-    def launch(self, first: int, logits: torch.Tensor) -> SampledTokens:
+    def launch(self, first: int, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> SampledTokens:
         """``sample`` without waiting: the tokens are chosen on the device and their copy to the host is
-        queued; ``result()`` waits for it. Meanwhile the device tokens can feed the next step's forward."""
+        queued; ``result()`` waits for it. Meanwhile the device tokens can feed the next step's forward.
+        ``greedy``: ``sampling_ops.greedy_pick(logits)``, already computed (inside the decode step's graph):
+        where every row is plain greedy, those are the tokens, and nothing is launched but the copy (their
+        counters of chosen tokens and seen ids are read only for rows with a minimum length or a penalty, so
+        they are left as they are)."""
+        placed = self.rows[first:first + logits.shape[0]]
+        if greedy is not None and all(r is not None and r.plain for r in placed):
+            return SampledTokens(greedy[:, 0], pairs=greedy)
         finite = torch.isfinite(logits).all(-1)
         try:
             tokens = self.choose(first, logits)
@@ -187,7 +201,7 @@ class BatchSampler:
         costs no sync): the float copy and the penalty, then temperature, top-k / top-p and the draw."""
         end = first + logits.shape[0]
         rows = self._rows(first, end)
-        plain = not any(r.sampled or r.penalised or r.params.min_new_tokens for r in rows)
+        plain = all(r.plain for r in rows)
         scores = logits if plain else self.processed_scores(first, logits)  # plain greedy: the logits as they are
         tokens = scores.argmax(-1)  # greedy rows' answer, and a sampled row's if its distribution is empty
         picked = self._where(rows, lambda r: r.sampled)

@@ -75,3 +75,10 @@ def draw(scores: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     # An exponential draw of exactly 0 would make 0 / 0 = NaN, which argmax would pick.
     raced = probs.div_(q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(-1)
     return torch.where(has_mass, raced, -1)
+
+
+def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+    """``[rows, 2]`` long: each row's argmax (a greedy row's token) and 1 where all its logits are finite, else
+    0. The decode step computes it inside its CUDA graph, so that a batch of plain greedy rows needs no sampling
+    launch of its own (``sampling.BatchSampler.launch``): the same argmax and check the sampler would run."""
+    return torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()], -1)

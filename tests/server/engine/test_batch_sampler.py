@@ -287,3 +287,32 @@ def test_choosing_the_tokens_never_syncs_with_the_host():
         sampler.choose(0, logits)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_plain_greedy_rows_take_the_steps_greedy_picks_and_launch_nothing(monkeypatch):
+    """``launch(..., greedy)``: where every row is plain greedy, the step's own picks (``greedy_pick``, as the
+    decode step computes them) are the tokens and finite flags, the same as the sampler's own choice, with no
+    op of the sampler's run (no argmax, no counter). One row with a penalty, a minimum length or sampling and the
+    sampler chooses as before, from the logits."""
+    from adapterd.server.engine.sampling_ops import greedy_pick
+
+    logits = random_logits(3, seed=9)
+    logits[1, 5] = float("nan")
+    plain = [GenerationParams(max_new_tokens=8)] * 3
+    want = make(plain).sample(0, logits.clone())
+    sampler = make(plain)
+    before = sampler.generated.clone()
+    picks = greedy_pick(logits)
+    monkeypatch.setattr(sampler, "choose", lambda *a: pytest.fail("chose again"))
+    monkeypatch.setattr(torch, "isfinite", lambda *a: pytest.fail("checked again"))
+    got = sampler.launch(0, logits, picks)
+    monkeypatch.undo()
+    assert got.result() == want and want[1] == [True, False, True]
+    assert torch.equal(got.tokens, picks[:, 0]) and torch.equal(sampler.generated, before)
+    for odd in (GenerationParams(max_new_tokens=8, repetition_penalty=1.3),
+                GenerationParams(max_new_tokens=8, min_new_tokens=2), sampled(4)):
+        rows = [plain[0], odd, plain[0]]
+        mixed = make(rows)
+        expected = make(rows).sample(0, logits.clone())
+        assert mixed.launch(0, logits.clone(), picks).result() == expected
+        assert mixed.generated[:3].tolist() == [1, 1, 1]  # chosen by the sampler: counted
