@@ -21,6 +21,10 @@ reduction kernel (~10 us a layer on the H200 for 512 entries, bench/NOTES.md). H
   partials read past L1, ``.cg``), writes the output and sets the counter back to 0. The counters are a zeroed
   buffer kept per device and size (``counters``), so CUDA graphs replay on zeros.
 
+Under PDL with ``fresh`` (the entry each row's append just wrote; the decoder gives it at one row,
+``PREFETCH_ROWS``), the mask and the chunk's keys and values are read before the kernel waits for the append, and
+only the new entry again after it.
+
 With LoRA on o_proj (``OutputShrink``, ``adapters/lora_folds.py``), whichever program writes a head's output also
 writes o_proj's shrink partial for it (head h's output is split h of o_proj's input): the shrink's launch saved.
 
