@@ -152,15 +152,16 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
         new = kv_mask & (t == fresh)[:, None]
         keys = tl.where(new, tl.load(k_tile, mask=new, other=0.0, cache_modifier=".cg"), keys)
         values = tl.where(new, tl.load(v_tile, mask=new, other=0.0, cache_modifier=".cg"), values)
-    else:
-        keys = tl.load(k_tile, mask=kv_mask, other=0.0)  # [CHUNK, BLOCK_D], stored dtype
-        values = tl.load(v_tile, mask=kv_mask, other=0.0)
+    # otherwise a chunk is read below, only where something in it is visible
     out = (b * KV_HEADS * GROUP + kv * GROUP) * SPLITS + split  # [row, q_head, split] of the first head
     if G_PAD > 0:
         gi = tl.arange(0, G_PAD)
         rows_out = out + gi * SPLITS  # [G_PAD]: [row, q_head, split] of each of the group's heads
         real = gi < GROUP
         if any_visible:
+            if not PREFETCH:
+                keys = tl.load(k_tile, mask=kv_mask, other=0.0)  # [CHUNK, BLOCK_D], stored dtype
+                values = tl.load(v_tile, mask=kv_mask, other=0.0)
             q = tl.load(q_ptr + b * stride_qb + (kv * GROUP + gi)[:, None] * stride_qh + d[None, :],
                         mask=real[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # [G_PAD, BLOCK_D]
             if DOT_F32:
@@ -184,8 +185,12 @@ def _attention_partials(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,  #
             tl.store(acc_ptr + rows_out[:, None] * BLOCK_D + d[None, :], tl.full((G_PAD, BLOCK_D), 0.0, tl.float32),
                      mask=real[:, None])
     elif any_visible:
-        keys_f32 = keys.to(tl.float32)
-        values_f32 = values.to(tl.float32)
+        if PREFETCH:
+            keys_f32 = keys.to(tl.float32)
+            values_f32 = values.to(tl.float32)
+        else:
+            keys_f32 = tl.load(k_tile, mask=kv_mask, other=0.0).to(tl.float32)  # [CHUNK, BLOCK_D]
+            values_f32 = tl.load(v_tile, mask=kv_mask, other=0.0).to(tl.float32)
         for g in tl.static_range(GROUP):
             head = kv * GROUP + g
             q = tl.load(q_ptr + b * stride_qb + head * stride_qh + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
