@@ -172,7 +172,7 @@ class BatchSampler:
         placed = self.rows[first:first + logits.shape[0]]
         if greedy is not None and all(r is not None and r.plain for r in placed):
             return SampledTokens(greedy[:, 0], pairs=greedy)
-        finite = torch.isfinite(logits).all(-1)
+        finite = torch.isfinite(logits).all(-1) if greedy is None else greedy[:, 1]  # the step's check, not again
         try:
             tokens = self.choose(first, logits)
         except Exception as exc:
