@@ -39,18 +39,19 @@ def test_the_reference_rejects_a_row_that_attends_past_its_length():
 
 def test_split_variants_from_the_command_line():
     """``--variants ... split<N> fused<N> --chunks``: the engine's split-K attention (after the rotary + append
-    kernel) at two chunk sizes, and with the merge fused, in Triton's interpreter, within tolerance of the
+    kernel) at two chunk sizes, with the merge fused, and with ``fresh`` (the chunk read before the PDL wait), in
+    Triton's interpreter, within tolerance of the
     reference; a split<N> whose N is not among --chunks is refused by name."""
     pytest.importorskip("triton")
     bench = [sys.executable, str(REPO / "bench" / "attention_bench.py"), "--device", "cpu", "--shape", "tiny",
              "--rows", "1,3", "--ctx", "40", "--bucket", "64"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    out = subprocess.run([*bench, "--variants", "eager,split16,split64,fused64", "--chunks", "16,64"],
+    out = subprocess.run([*bench, "--variants", "eager,split16,split64,fused64,fresh64", "--chunks", "16,64"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     lines = re.findall(r"^tiny +rows=(\d) +(\w+) .* (ok|OVER TOLERANCE)$", out.stdout, re.M)
-    assert sorted(lines) == sorted((r, v, "ok") for r in "13" for v in ("eager", "split16", "split64", "fused64")), \
-        out.stdout
+    variants = ("eager", "split16", "split64", "fused64", "fresh64")
+    assert sorted(lines) == sorted((r, v, "ok") for r in "13" for v in variants), out.stdout
     bad = subprocess.run([*bench, "--variants", "split32", "--chunks", "64"], capture_output=True, text=True,
                          timeout=120, env=env)
     assert bad.returncode == 2 and "unknown split32" in bad.stderr
