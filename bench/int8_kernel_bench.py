@@ -146,9 +146,6 @@ def bench_shape(n: int, k: int, rows: list[int], args: argparse.Namespace) -> li
         if m > MAX_KERNEL_ROWS:  # the old large-M path, for comparison (stdout only)
             methods["dequant"] = [lambda mod=mod, x=x: dequant_matmul(x, mod.weight.data, mod.scb) for mod in ours]
         result: dict = {"shape": f"{n}x{k}", "M": m, "ref_max": ref.abs().max().item()}
-        if m <= MAX_KERNEL_ROWS:  # the tensor-core tiles' other ways of widening the weight (int8_matmul.WIDEN)
-            for mode in args.widen:
-                methods[f"ours-{mode}"] = [lambda mod=mod, x=x, mode=mode: widened(mode, mod, x) for mod in ours]
         for name, calls in library.items():
             if m > MAX_KERNEL_ROWS:
                 continue
@@ -161,25 +158,12 @@ def bench_shape(n: int, k: int, rows: list[int], args: argparse.Namespace) -> li
             if name == "ours" and m <= MAX_KERNEL_ROWS:
                 print_tuning(n, k, m)
         for name, nbytes in (("bf16", 2 * n * k), ("bnb", n * k + 4 * n), ("ours", n * k + 4 * n),
-                             ("dequant", n * k + 4 * n), ("int8pack", n * k + 2 * n), ("torchao", n * k + 4 * n),
-                             *((f"ours-{mode}", n * k + 4 * n) for mode in args.widen)):
+                             ("dequant", n * k + 4 * n), ("int8pack", n * k + 2 * n), ("torchao", n * k + 4 * n)):
             if name in result and "us" in result[name]:
                 result[name]["bytes"] = nbytes
         results.append(result)
         print(format_line(result), flush=True)
     return results
-
-
-def widened(mode: str, module, x):
-    """``module(x)`` with the tensor-core tiles widening the weight ``mode``'s way (``int8_matmul.WIDEN``; tuned
-    per mode: the first call of each tunes)."""
-    from adapterd.server.kernels import int8_matmul
-
-    before, int8_matmul.WIDEN = int8_matmul.WIDEN, mode
-    try:
-        return module(x)
-    finally:
-        int8_matmul.WIDEN = before
 
 
 def print_tuning(n: int, k: int, m: int, top: int = 6) -> None:
@@ -217,13 +201,13 @@ def time_method(calls: list, ref, args: argparse.Namespace) -> dict:
 
 def within_tolerance(r: dict) -> dict[str, bool]:
     """Of the weight-only methods that ran, which are within ``TOLERANCE`` x max |ref|."""
-    return {name: r[name]["err"] <= TOLERANCE * r["ref_max"] for name in r
-            if (name == "ours" or name.startswith("ours-") or name in LIBRARY_METHODS) and "err" in r[name]}
+    return {name: r[name]["err"] <= TOLERANCE * r["ref_max"] for name in ("ours", *LIBRARY_METHODS)
+            if name in r and "err" in r[name]}
 
 
 def format_line(r: dict) -> str:
     parts = [f"{r['shape']:>11} M={r['M']:<3}"]
-    for name in ("bf16", "bnb", "ours", *(n for n in r if n.startswith("ours-")), "dequant", *LIBRARY_METHODS):
+    for name in ("bf16", "bnb", "ours", "dequant", *LIBRARY_METHODS):
         if name not in r:
             continue
         c = r[name]
@@ -286,8 +270,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3, help="calls timed on the CPU")
     p.add_argument("--methods", default=",".join(LIBRARY_METHODS),
                    help="library methods timed beside ours at M <= 64 (comma-separated; empty: none)")
-    p.add_argument("--widen", default="", help="comma-separated ways of widening the weight in the tensor-core "
-                   "tiles (int8_matmul.WIDEN) timed beside ours (cvt) at M <= 64, printed as ours-<way>: prmt")
     p.add_argument("--torchao-compile", default="max-autotune-no-cudagraphs",
                    help="torch.compile mode for torchao's linear ('' = eager: the dequantize-then-matmul it runs "
                         "uncompiled)")
@@ -299,9 +281,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--append-from", type=Path, help="only append rows saved with --json-out, then exit")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    args.widen = [w for w in args.widen.split(",") if w]
-    if set(args.widen) - {"prmt"}:
-        p.error(f"--widen: unknown {', '.join(sorted(set(args.widen) - {'prmt'}))} (choose from prmt)")
     args.torchao_compile = args.torchao_compile or None
     unknown = set(args.methods) - set(LIBRARY_METHODS)
     if unknown:

@@ -246,6 +246,12 @@ def _add_deltas(x: torch.Tensor, ys: list[torch.Tensor], members: Sequence[Batch
     return ys
 
 
+def adds_delta(layer: nn.Module) -> bool:
+    """Whether ``add_delta`` may add anything to ``layer``'s output in the current step: it is wrapped and the
+    step has LoRA rows."""
+    return isinstance(layer, BatchedLoraLinear) and current_step().lora is not None
+
+
 def add_delta(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``y``, the base output of ``layer`` for x, plus its rows' LoRA deltas where ``layer`` is wrapped."""
     return layer.add_delta(x, y) if isinstance(layer, BatchedLoraLinear) else y

@@ -22,7 +22,8 @@ here the layer loop is written out the way gpt-fast's ``model.py`` is, with ever
         x = post_attention_norm(h)                   # with the add above, one kernel where the norm is fused
         gate, up = split(gate_up_proj(x))            # fused too (Llama's MLP: not GLM's, one module already)
         h = h + down_proj(act(gate) * up)            # act: the MLP's own (a SiLU and the product: one kernel
-                                                     # where it runs, torch's roundings); LoRA deltas added to
+                                                     # where it runs, torch's roundings; at one row, in the
+                                                     # gate/up GEMV's epilogue); LoRA deltas added to
                                                      # gate and up each; the add fused with the next layer's
                                                      # input norm likewise
     logits = lm_head(norm(h[:, -1]))                 # the last position only
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.lora import add_delta, base_layer_of, project_qkv
+from ..adapters.lora import add_delta, adds_delta, base_layer_of, project_qkv
 from ..adapters.lora_folds import add_expand, add_qkv_deltas, output_shrink, project_qkv_deferred
 from ..kernels import decode_attention as attention_kernel
 from ..kernels import dense_gemv
@@ -209,7 +210,13 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act
     """The MLP of x: its own forward, or where gate and up are fused (only for Llama's MLP forward,
     ``fuse_mlp``), that forward's math over the fused matmul's split, each wrapped layer's LoRA delta added to
     its own part. ``act_fn`` is the MLP's own (``ACT2FN[config.hidden_act]``); with ``fused_act``, a SiLU
-    and its product with ``up`` run as one kernel (the same values)."""
+    and its product with ``up`` run as one kernel (the same values), or at one row without LoRA deltas on gate
+    or up, in the fused matmul's epilogue (``FusedLinear.silu_glu``: one launch fewer a layer)."""
+    if (fused_act and gate_up is not None and gate_up.current(mlp) and act_kernel.is_silu(mlp.act_fn)
+            and not any(adds_delta(getattr(mlp, name)) for name in GATE_UP)):
+        act = gate_up.silu_glu(x, gemv)  # one row: the SiLU product in the matmul's epilogue, the same values
+        if act is not None:
+            return _linear(mlp.down_proj, act, gemv)
     base = fused_outputs(gate_up, mlp, x, gemv)
     if base is None:
         return mlp(x)

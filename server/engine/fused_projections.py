@@ -61,6 +61,20 @@ class FusedLinear:
         return list(y.split(self.sizes, dim=-1))
 
 
+    def silu_glu(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor | None:
+        """For a gate/up pair of one width: ``silu(gate) * up`` of the base outputs in one launch where a one-row
+        kernel takes x (the int8 GEMV, or with ``gemv`` the float GEMV where chosen: ``silu_glu`` in each), the
+        values of the two steps bit for bit; else None (the caller runs the matmul, then the SiLU)."""
+        m = self.matmul
+        if len(self.sizes) != 2 or self.sizes[0] != self.sizes[1]:
+            return None
+        if isinstance(m, Int8WeightOnlyLinear):
+            return m.silu_glu(x)
+        if gemv and type(m) is nn.Linear and dense_gemv.glu_chosen(x, m.weight, m.bias):
+            return dense_gemv.silu_glu(x, m.weight, m.bias)
+        return None
+
+
 def fused_outputs(fused: FusedLinear | None, parent: nn.Module, x: torch.Tensor,
                   gemv: bool = False) -> list[torch.Tensor] | None:
     """The base outputs of ``parent``'s fused modules for x, or None where they are not fused (the caller

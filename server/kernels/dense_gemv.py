@@ -35,9 +35,10 @@ _CONFIGS = ((4, 512, 1), (4, 1024, 2), (8, 512, 2), (8, 1024, 4), (16, 512, 4), 
             (8, 2048, 8))
 _INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}  # few programs: the interpreter runs each in numpy
 
-# Bound on first use by ``_triton()``: the kernel's body refers to ``tl`` as a module global.
+# Bound on first use by ``_triton()``: the kernel's body refers to ``tl`` and ``libdevice`` as module globals.
 triton = None
 tl = None
+libdevice = None
 
 
 def dense_gemv_available(device: torch.device | str) -> bool:
@@ -52,13 +53,24 @@ def dense_gemv_available(device: torch.device | str) -> bool:
 
 def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,  # noqa: N803 (Triton's naming)
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
-          ROUND_BF16: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+          ROUND_BF16: tl.constexpr = False, USE_PDL: tl.constexpr = False, GLU: tl.constexpr = False,
+          INTERPRETED: tl.constexpr = False):
     """Rows ``[program_id(0) * BLOCK_N, ...)`` of y: ``y[n] = sum_k x[k] * W[n, k] (+ bias[n])``, x and y one
     contiguous row each. ``K_TILES = cdiv(K, BLOCK_K)`` is a constexpr: Triton 3.6's interpreter (the GPU
-    image's) cannot take a tensor loop bound."""
+    image's) cannot take a tensor loop bound.
+
+    ``GLU`` (an MLP's fused gate/up weight, ``[2 N, K]``: gate's N rows, then up's): the program's tile holds
+    ``BLOCK_N / 2`` gate rows and the up rows of the same outputs, interleaved (gate ``j`` at tile row ``2 i``, up
+    ``j`` at ``2 i + 1``), and it stores ``silu(gate) * up`` for those ``j``, each factor rounded to y's dtype
+    first and the SiLU and product with ``silu_mul.py``'s roundings: the values of ``silu_mul`` on this kernel's
+    gate/up output, bit for bit, with the same tiles (each row's sum does not depend on the tile's other rows)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    ws = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    if GLU:  # tile row 2 i: gate row j, 2 i + 1: up row j (N + j), j = the program's i-th output
+        rows = (tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2) % N + (tl.arange(0, BLOCK_N) % 2) * N
+    else:
+        rows = rn % N
+    ws = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + rk[None, :]
     xs = x_ptr + rk
     w = tl.load(ws, mask=rk[None, :] < K, other=0.0, eviction_policy="evict_first")
     if USE_PDL:  # the weight is no kernel's output: its first tile is in flight before the wait
@@ -77,16 +89,38 @@ def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,  # noqa: N803 (Triton's n
         x = x_next
     acc = tl.reduce(sums, 1, tl.standard._sum_combine)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn % N).to(tl.float32)
+        acc += tl.load(b_ptr + rows).to(tl.float32)
     if ROUND_BF16:  # the interpreter's fp32 -> bf16 cast truncates (Triton 3.9): round to nearest even by hand
         bits = acc.to(tl.uint32, bitcast=True)
         acc = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+    if GLU:  # silu_mul.py's kernel on the rounded gate and up (see there for the roundings)
+        g, u = tl.split(tl.reshape(acc.to(y_ptr.dtype.element_ty).to(tl.float32), (BLOCK_N // 2, 2)))
+        if INTERPRETED:
+            s = g / (1.0 + tl.exp(-g))
+        else:
+            s = tl.math.div_rn(g, 1.0 + libdevice.exp(-g))
+        if ROUND_BF16:
+            sb = s.to(tl.uint32, bitcast=True)
+            s = ((sb + 0x7FFF + ((sb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            out = s * u
+            ob = out.to(tl.uint32, bitcast=True)
+            out = ((ob + 0x7FFF + ((ob >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            out = s.to(y_ptr.dtype.element_ty).to(tl.float32) * u
+        cols = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=cols < N)
+    else:
+        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 def _triton():
-    """Import Triton (once) into this module's globals, where the kernel's body finds ``tl``."""
-    return triton_into(globals())
+    """Import Triton (once) into this module's globals, with ``libdevice``, where the kernel's body finds them."""
+    module = triton_into(globals())
+    if globals()["libdevice"] is None:
+        from triton.language.extra import libdevice as lib
+
+        globals()["libdevice"] = lib
+    return module
 
 
 @functools.cache
@@ -138,14 +172,46 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """``x @ weight.T + bias`` for one row (``fits`` must hold), ``[..., N]`` in x's dtype, through the kernel:
     ``config`` (``BLOCK_N``, ``BLOCK_K``, optionally ``num_warps``), else the tuned one for the shape (tuning it
     now on the first call of a shape: never inside a graph capture; ``warm_up`` first)."""
+    return _launch(x, weight, bias, config, glu=False)
+
+
+def glu_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``silu_glu`` takes these: what ``gemv`` takes, with an even number of weight rows (gate's, then
+    up's)."""
+    return fits(x, weight, bias) and weight.shape[0] % 2 == 0
+
+
+def glu_chosen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the decoder runs ``silu_glu`` for these: ``glu_fits``, and ``chosen`` for the weight's shape (the
+    GEMV's warm-up decides; ``silu_glu`` runs the same tiles)."""
+    return glu_fits(x, weight, bias) and chosen(x, weight, bias)
+
+
+def silu_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             config: dict | None = None) -> torch.Tensor:
+    """``silu(g) * u`` for ``g, u = (x @ weight.T + bias).chunk(2, -1)``, one row (``glu_fits`` must hold), in one
+    launch: ``[..., N / 2]`` in x's dtype, the values of ``silu_mul.silu_mul(g, u)`` on ``gemv``'s output with the
+    same tiles (``config``, else the shape's tuned one, as ``gemv``), bit for bit. Saves the SiLU's launch and the
+    gate/up row's write and read at a batch-1 decode step."""
+    return _launch(x, weight, bias, config, glu=True)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict | None,
+            glu: bool) -> torch.Tensor:
     n, k = weight.shape
-    y = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)
+    out = n // 2 if glu else n
+    y = torch.empty((*x.shape[:-1], out), device=x.device, dtype=x.dtype)
     interpret = interpreting()
     kernel, tuner = _kernels(interpret)
     meta = {"HAS_BIAS": bias is not None, "ROUND_BF16": interpret and x.dtype == torch.bfloat16,
             **pdl_launch(x.device)}
-    args = (x, weight, weight if bias is None else bias, y, n, k, weight.stride(0))
+    if glu:  # the constexprs' defaults otherwise: the plain kernel's compiled variant is unchanged
+        meta.update(GLU=True, INTERPRETED=interpret)
+    args = (x, weight, weight if bias is None else bias, y, out, k, weight.stride(0))
     config = config or _CHOSEN.get(_key(x, weight, bias)) or (_INTERPRET_CONFIG if tuner is None else None)
+    if config is None and glu:  # the plain kernel's tiles for the weight, tuned now (``gemv``'s first call)
+        _launch(x, weight, bias, None, glu=False)
+        config = tuner.best_config.all_kwargs()
     cdiv = _triton().cdiv
     if config is None:
         tuner[lambda c: (cdiv(n, c["BLOCK_N"]),)](*args, **meta)

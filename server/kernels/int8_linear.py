@@ -73,6 +73,17 @@ class Int8WeightOnlyLinear(nn.Module):
         # .data: the plain int8 tensor (Int8Params overrides .to(), which the large-M path calls)
         return _matmul()(x, self.weight.data, self.scb, self.bias)
 
+    def silu_glu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Where this is an MLP's fused gate/up (gate's rows, then up's) and x one row the one-row kernel takes:
+        ``silu(gate) * up`` in one launch (``int8_matmul.silu_glu``, the two steps' values bit for bit); else
+        None."""
+        if not int8_kernel_available(x.device):
+            return None
+        from .int8_matmul import glu_fits, silu_glu
+
+        cb = self.weight.data
+        return silu_glu(x, cb, self.scb, self.bias) if glu_fits(x, cb, self.scb, self.bias) else None
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 

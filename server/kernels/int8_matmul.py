@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .int8_configs import _INTERPRET_SMALL, _prune_small, _small_configs, even_k
 from .int8_gemm import MAX_GEMM_BUCKET, _large_m, gemm_bucket  # noqa: F401 (the prefill path; tests reach it here)
@@ -85,25 +86,6 @@ prmt.b32 $2, t, 0x4B000000, 0x7542;
 prmt.b32 $3, t, 0x4B000000, 0x7543;
 }""")
 
-# int8 -> fp16 for the 4 bytes of a 32-bit word ($2), two a register ($0: bytes 0 and 1, $1: bytes 2 and 3, low
-# half first): XOR 0x80 makes each signed byte w the unsigned w + 128; PRMT puts two of them under the exponent
-# byte 0x64 (fp16 0x64uu is 1024 + u exactly); one SUB.F16X2 of 1152 a register gives w, exactly. Selector
-# 0x4140: byte 0 of t, byte 0 of 0x64646464, byte 1 of t, then 0x64 again.
-_WIDEN_F16 = tl.constexpr("""{
-.reg .b32 t, c;
-xor.b32 t, $2, 0x80808080;
-mov.b32 c, 0x64806480;
-prmt.b32 $0, t, 0x64646464, 0x4140;
-prmt.b32 $1, t, 0x64646464, 0x4342;
-sub.f16x2 $0, $0, c;
-sub.f16x2 $1, $1, c;
-}""")
-# How the tensor-core tiles widen the int8 weight: "cvt" (Triton's int8 -> bf16/fp16 conversion, an I2F an
-# element: a quarter-rate instruction on Hopper, 16 a cycle an SM, ~1.5 ms a 7B step at any row count) or "prmt"
-# (``_WIDEN_F16``: about one instruction a byte, the products in fp16 with x cast to fp16 where the tile's x fits:
-# exact but for x's entries under fp16's normal range, 6.1e-5, which keep 10 bits or fewer; a tile with an |x|
-# past 65504 takes the "cvt" product). "prmt" awaits its H200 measurement (int8_kernel_bench ``--widen``).
-WIDEN = "cvt"
 
 # Only Triton builtins are called (``tl.full``, not the library's ``@triton.jit`` ``tl.zeros``/``tl.cdiv``):
 # library functions are made compiled-only when Triton is imported without TRITON_INTERPRET, and this lets
@@ -115,14 +97,20 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
              stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
              HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-             USE_PDL: tl.constexpr = False, WIDEN_F16: tl.constexpr = False):
+             USE_PDL: tl.constexpr = False, GLU: tl.constexpr = False,
+             ROUND_BF16: tl.constexpr = False):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
     y here; otherwise store the fp32 partial sum at ``p[split, m, n]`` (contiguous ``[SPLIT_K, M, N]``) for
     ``_splitk_reduce``. ``USE_PDL`` (launched with programmatic dependent launch, ``support.pdl_enabled``):
     the GEMV issues its first weight tile's loads, then waits for the kernels before it (``gdc_wait``) before
-    it reads x; the tensor-core tiles wait first thing. Either then lets the next kernel launch."""
+    it reads x; the tensor-core tiles wait first thing. Either then lets the next kernel launch.
+
+    ``GLU`` (the GEMV tiles, ``SPLIT_K == 1`` only; the weight an MLP's fused gate/up, ``[2 N, K]``): as
+    ``dense_gemv.py``'s, the tile's rows pair gate row j with up row N + j and the program stores ``silu(gate) *
+    up`` for its ``BLOCK_N / 2`` outputs with ``silu_mul.py``'s roundings (``ROUND_BF16``: the interpreter's,
+    there)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_tiles = (K + BLOCK_K - 1) // BLOCK_K
@@ -136,6 +124,10 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if GLU:  # tile row 2 i: gate row j, 2 i + 1: up row j (N + j), j = the program's i-th output
+        rows = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2) % N + (tl.arange(0, BLOCK_N) % 2) * N
+    else:
+        rows = rn % N
     if BLOCK_M == 1:  # GEMV (the 1-row bucket's own tiles): CUDA cores, products and sums in fp32
         # The weight is read as 32-bit words, 4 bytes of a row each (K % 4 == 0 and a unit column stride:
         # _small_m sees to it), in a [BLOCK_N, BLOCK_K // 4] tile, K fastest (16-byte loads along a row). x
@@ -144,7 +136,7 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
         # reduction in the loop, one after it), and the next tile is loaded before this one is used (Triton
         # pipelines only loads that feed a dot): twice the bytes in flight a thread.
         rw = tl.arange(0, BLOCK_K // 4)
-        wt = (w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N)[:, None] * (stride_wn // 4)
+        wt = (w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wn // 4)
               + (k_first * (BLOCK_K // 4) + rw)[None, :])
         xv = (x_ptr + pid_m * stride_xm + (k_first * BLOCK_K + 4 * rw)[:, None] * stride_xk
               + tl.arange(0, 4)[None, :] * stride_xk)  # [BK / 4, 4]
@@ -203,30 +195,36 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
                 w = tl.load(ws, mask=rk[:, None] < k_left, other=0, eviction_policy="evict_first")
             if DOT_F32:  # fp32 inputs; and the interpreter, whose dot multiplies bf16 as raw uint16 bits
                 acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            elif WIDEN_F16:  # WIDEN "prmt": fp16 products where this tile's x fits fp16 (exact in fp32 sums)
-                xf = x.to(tl.float32)
-                big = tl.reduce(tl.reduce(tl.abs(xf), 1, tl.standard._elementwise_max), 0, tl.standard._elementwise_max)
-                if big <= 65504.0:
-                    if INTERPRETED:  # the same values: the interpreter runs no PTX
-                        wh = w.to(tl.float16)
-                    else:
-                        wh = tl.inline_asm_elementwise(_WIDEN_F16, "=r,=r,r", [w], dtype=tl.float16, is_pure=True,
-                                                       pack=4)
-                    acc = tl.dot(xf.to(tl.float16), wh, acc)
-                elif INTERPRETED:  # the interpreter's bf16 dot multiplies raw bits: fp32, as DOT_F32
-                    acc = tl.dot(xf, w.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, w.to(x.dtype), acc)
             else:  # bf16/fp16 tensor cores; int8 -> x.dtype is exact (|CB| <= 127), products exact in fp32
                 acc = tl.dot(x, w.to(x.dtype), acc)
             xs += BLOCK_K * stride_xk
             ws += BLOCK_K * stride_wk
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        scale = tl.load(s_ptr + rn % N) * (1.0 / 127.0)  # one multiply per output, after the K loop
+    if GLU:  # silu_mul.py's kernel on the gate and up rounded to y's dtype (see there for the roundings)
+        scale = tl.load(s_ptr + rows) * (1.0 / 127.0)
         acc = acc * scale[None, :]
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rn % N).to(tl.float32)[None, :]
+            acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
+        g, u = tl.split(tl.reshape(acc.to(y_ptr.dtype.element_ty).to(tl.float32), (BLOCK_N // 2, 2)))
+        if INTERPRETED:
+            sg = g / (1.0 + tl.exp(-g))
+        else:
+            sg = tl.math.div_rn(g, 1.0 + libdevice.exp(-g))
+        if ROUND_BF16:
+            sb = sg.to(tl.uint32, bitcast=True)
+            sg = ((sb + 0x7FFF + ((sb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            out = sg * u
+            ob = out.to(tl.uint32, bitcast=True)
+            out = ((ob + 0x7FFF + ((ob >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            out = sg.to(y_ptr.dtype.element_ty).to(tl.float32) * u
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + pid_m * stride_ym + cols * stride_yn, out.to(y_ptr.dtype.element_ty), mask=cols < N)
+    elif SPLIT_K == 1:
+        scale = tl.load(s_ptr + rows) * (1.0 / 127.0)  # one multiply per output, after the K loop
+        acc = acc * scale[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
         ys = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
         tl.store(ys, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
@@ -262,7 +260,7 @@ def _small_kernels(interpret: bool):
     reduce = triton.jit(_splitk_reduce, do_not_specialize=["M"])
     if interpret:
         return mm, None, reduce
-    tuner = triton.autotune(_small_configs(), key=["M_BUCKET", "N", "K", "WIDEN_F16"],
+    tuner = triton.autotune(_small_configs(), key=["M_BUCKET", "N", "K"],
                             prune_configs_by={"early_config_prune": _prune_small}, post_hook=_reduce_hook,
                             do_bench=quick_bench, cache_results=True)(mm)
     return mm, tuner, reduce
@@ -334,10 +332,8 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         cb = cb.clone(memory_format=torch.contiguous_format)
     mm, tuner, _ = _small_kernels(interpret)
     bucket, b = row_bucket(m), scb if bias is None else bias
-    widen = WIDEN == "prmt" and x2.dtype in (torch.bfloat16, torch.float16)
-    key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device, widen)
-    meta = {"HAS_BIAS": bias is not None, "DOT_F32": (interpret and not widen) or x2.dtype == torch.float32,
-            "INTERPRETED": interpret, "WIDEN_F16": widen,
+    key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
+    meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
             **(pdl_launch(x2.device) if bucket <= PDL_MAX_BUCKET else {})}
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
     grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
@@ -353,6 +349,54 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     if config["SPLIT_K"] > 1:
         _reduce(p, scb, b, y, bias is not None, config["SPLIT_K"], interpret)
     return y
+
+
+def _glu_config(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                interpret: bool) -> dict | None:
+    """The GEMV tiles ``silu_glu`` runs for these: the one-row key's tuned choice where it is a GEMV tile of one
+    split (the interpreter: ``_INTERPRET_GLU``), else None."""
+    if interpret:
+        return _INTERPRET_GLU
+    key = (False, 1, cb.shape[0], cb.shape[1], x.dtype, scb.dtype, None if bias is None else bias.dtype, x.device)
+    config = _CHOSEN.get(key)
+    return config if config and config["BLOCK_M"] == 1 and config["SPLIT_K"] == 1 else None
+
+
+_INTERPRET_GLU = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 32, "SPLIT_K": 1}  # the interpreter's GLU tile
+
+
+def glu_fits(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``silu_glu`` takes these: one row of x on a CUDA device (or the interpreter), K a multiple of 4,
+    an even number of weight rows (gate's, then up's), a weight the GEMV reads in place (row major, 4-byte
+    aligned rows), and the one-row matmul of this weight tuned to GEMV tiles of one split (warm-up tunes it;
+    ``silu_glu`` runs those tiles)."""
+    interpret = interpreting()
+    return (x.dtype in _DTYPES and x.numel() == x.shape[-1] and (x.is_cuda or interpret) and cb.dim() == 2
+            and cb.shape[1] == x.shape[-1] and cb.shape[0] % 2 == 0 and cb.shape[1] % 4 == 0 and cb.stride(1) == 1
+            and cb.stride(0) % 4 == 0 and cb.data_ptr() % 4 == 0 and scb.shape == (cb.shape[0],)
+            and (bias is None or bias.shape == (cb.shape[0],)) and _glu_config(x, cb, scb, bias, interpret) is not None)
+
+
+def silu_glu(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
+             config: dict | None = None) -> torch.Tensor:
+    """``silu(g) * u`` for ``g, u = int8_weight_matmul(x, cb, scb, bias).chunk(2, -1)``, one row (``glu_fits`` must
+    hold, or ``config`` be GEMV tiles of one split), in one launch: ``[..., N / 2]`` in x's dtype, the values of
+    ``silu_mul.silu_mul(g, u)`` on the one-row kernel's output with the same tiles, bit for bit. Saves the SiLU's
+    launch and the gate/up row's write and read at a batch-1 decode step."""
+    interpret = interpreting()
+    x2 = x.reshape(1, x.shape[-1])
+    config = config or _glu_config(x2, cb, scb, bias, interpret)
+    if config is None or config["BLOCK_M"] != 1 or config["SPLIT_K"] != 1:
+        raise ValueError(f"silu_glu runs GEMV tiles of one split (BLOCK_M 1, SPLIT_K 1), got {config}")
+    n, k = cb.shape[0] // 2, cb.shape[1]
+    y = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    meta = {"HAS_BIAS": bias is not None, "DOT_F32": False, "INTERPRETED": interpret, "GLU": True,
+            "ROUND_BF16": interpret and x.dtype == torch.bfloat16, **pdl_launch(x.device)}
+    mm = _small_kernels(interpret)[0]
+    mm[(1, triton.cdiv(2 * n, config["BLOCK_N"]), 1)](
+        x2, cb, scb, scb if bias is None else bias, y, y, 1, n, k, 1, x2.stride(0), x2.stride(1), cb.stride(0),
+        cb.stride(1), y.stride(0), y.stride(1), **meta, **config)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def int8_weight_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,

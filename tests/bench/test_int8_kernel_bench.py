@@ -39,22 +39,6 @@ def test_int8_kernel_bench_cpu(tmp_path):
     assert not results.exists()
 
 
-def test_widen_prmt_is_timed_beside_ours_and_checked(tmp_path):
-    """``--widen prmt``: the tensor-core tiles' PRMT widening timed as ``ours-prmt`` (here at 5 rows, where the
-    interpreter's tiles are the tensor-core ones), within the tolerance; an unknown way is refused by name."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    bench = [sys.executable, str(REPO / "bench" / "int8_kernel_bench.py"), "--device", "cpu", "--iters", "1",
-             "--methods", "", "--results", str(tmp_path / "RESULTS.md")]
-    out = subprocess.run([*bench, "--rows", "5", "--widen", "prmt"], capture_output=True, text=True, timeout=300,
-                         env=env, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = [line for line in out.stdout.splitlines() if " M=5 " in line]
-    assert len(lines) == 2 and all(" ours-prmt " in line and "OVER" not in line for line in lines), lines
-    bad = subprocess.run([*bench, "--widen", "lop3"], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
-    assert bad.returncode == 2 and "--widen: unknown lop3" in bad.stderr
-
-
 def bnb_like(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """bitsandbytes' layout for a random weight: CB int8 [n, k] (each row scaled to +-127), SCB float32 [n] (the
     row's absmax), and the dequantized weight CB * SCB / 127 in fp32."""

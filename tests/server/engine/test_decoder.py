@@ -159,3 +159,56 @@ def test_one_row_float_matmuls_go_through_the_gemv_kernel(model, monkeypatch):
     assert must <= set(shapes) and calls >= steps * (2 * layers + 1), (set(shapes), calls)
     for t, (a, b) in enumerate(zip(got, want, strict=True)):
         assert torch.allclose(a.float(), b.float(), atol=0.05, rtol=0.02), (t, (a.float() - b.float()).abs().max())
+
+
+@torch.no_grad()
+def test_one_row_silu_product_runs_in_the_gate_up_epilogue_unless_lora_adds_to_gate_or_up(model, monkeypatch):
+    """A bf16 Llama, one row, the kernels on (Triton's interpreter): each decode step's MLP takes ``silu(gate) *
+    up`` from the fused gate/up GEMV's epilogue (``dense_gemv.silu_glu``, once a layer), and the logits are those
+    of the same decoder with the epilogue off (the GEMV, then ``silu_mul``), bit for bit. A one-row step whose
+    LoRA rows add to gate and up keeps the two steps (the deltas go in before the SiLU) and gives transformers'
+    logits; the same wrapped model in a step without LoRA rows takes the epilogue again."""
+    pytest.importorskip("triton")
+    if model.config.model_type != "llama":
+        pytest.skip("Llama's MLP is the one fused (Mistral's and Qwen's are the same forward); the interpreter is slow")
+    import adapterd.server.adapters.lora as lora
+    from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
+    from adapterd.server.engine.fused_projections import FusedLinear
+    from adapterd.server.kernels import dense_gemv
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.randint(3, half.config.vocab_size, (1, LENGTH), generator=torch.Generator().manual_seed(3))
+    decoder = Decoder(half)
+    calls: list[tuple[int, int]] = []
+    real = dense_gemv.silu_glu
+    monkeypatch.setattr(dense_gemv, "silu_glu", lambda x, w, b=None, config=None: calls.append(tuple(w.shape))
+                        or real(x, w, b, config))
+    got = step_logits(decoder, half, ids)
+    layers, steps = half.config.num_hidden_layers, LENGTH - PROMPT
+    assert calls == [tuple(decoder.fused[0].gate_up.matmul.weight.shape)] * (layers * steps)
+    with monkeypatch.context() as off:
+        off.setattr(FusedLinear, "silu_glu", lambda self, x, gemv=False: None)
+        want = step_logits(decoder, half, ids)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+    names = [n for n, m in half.named_modules() if n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj")]
+    generator = torch.Generator().manual_seed(4)
+    modules = {n: LoraModule((torch.randn(4, m.in_features, generator=generator) * 0.1).to(torch.bfloat16),
+                             (torch.randn(m.out_features, 4, generator=generator) * 0.1).to(torch.bfloat16), 2.0)
+               for n, m in half.named_modules() if n in names}
+    table = lora.LoraSlotTable(half, num_slots=2, max_rank=4, dtype=torch.bfloat16, device=torch.device("cpu"),
+                               use_kernel=False)
+    slot = table.acquire("mlp", LoraWeights(modules=modules, rank=4, target_modules=["gate_proj", "up_proj"]))
+    token, position = ids[:, :1], torch.zeros(1, 1, dtype=torch.long)
+    mask = causal_mask(torch.ones(1, 1, dtype=torch.bool), 1, torch.bfloat16, None)
+    calls.clear()
+    with step_context(StepContext("decode", table.rows_of([slot], "decode"))):
+        adapted = Decoder(half).forward(token, position, mask, DynamicCache())
+        reference = half(token).logits[:, -1]
+    assert calls == []
+    assert torch.allclose(adapted.float(), reference.float(), atol=0.05, rtol=0.02)
+    with step_context(StepContext("decode")):
+        base = Decoder(half).forward(token, position, mask, DynamicCache())
+    assert len(calls) == layers and not torch.allclose(base.float(), adapted.float(), atol=1e-2)

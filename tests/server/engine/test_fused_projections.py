@@ -166,6 +166,32 @@ def test_fused_int8_logits_equal_the_modules_own(tiny_model_dir, monkeypatch):
 
 
 @torch.no_grad()
+def test_one_row_int8_silu_product_comes_from_the_fused_gate_up_epilogue(tiny_model_dir, monkeypatch):
+    """int8, one row (a batch-1 decode step): each layer's MLP takes ``silu(gate) * up`` from the fused gate/up
+    matmul's epilogue (``int8_matmul.silu_glu``, once a layer a decode step; on the GPU only where the one-row
+    key was tuned to GEMV tiles of one split), and the logits stay those of the unfused modules."""
+    _interpreter(monkeypatch)
+    from adapterd.server.kernels import int8_matmul
+
+    model = _int8_model(tiny_model_dir)
+    ids = _ids(model)[:1, :PROMPT + 2]
+    unfused = step_logits(Decoder(model, fuse=False), model, ids)
+    calls: list[int] = []
+    real = int8_matmul.silu_glu
+    monkeypatch.setattr(int8_matmul, "silu_glu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    decoder = Decoder(model)
+    step_logits(decoder, model, ids)  # on a GPU, the first one-row call of the fused shape tunes it
+    gate_up = decoder.fused[0].gate_up.matmul
+    x = torch.zeros(1, gate_up.in_features, device=TEST_DEVICE)
+    takes = int8_matmul.glu_fits(x, gate_up.weight.data, gate_up.scb, gate_up.bias)  # always, in the interpreter
+    assert takes or TEST_DEVICE != "cpu"
+    calls.clear()
+    for step, (got, want) in enumerate(zip(step_logits(decoder, model, ids), unfused, strict=True)):
+        assert torch.allclose(got, want, atol=10 * TOLERANCE, rtol=0), (step, (got - want).abs().max())
+    assert len(calls) == 2 * model.config.num_hidden_layers * takes  # two decode steps; the prefill has 12 rows
+
+
+@torch.no_grad()
 def test_what_cannot_be_fused_keeps_its_modules(tiny_model_dir, qwen2_dir):
     """bitsandbytes layers that were not swapped (int8 without the kernel, nf4), projections that differ (one
     without the others' bias) and an MLP whose forward is not Llama's stay unfused; a projection replaced after

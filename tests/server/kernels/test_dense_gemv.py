@@ -124,3 +124,62 @@ def test_gpu_one_row_against_the_reference_and_in_a_cuda_graph(shape, dtype):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(z, y)
+
+
+def _silu_product_reference(x, w, bias, dtype):
+    """torch's MLP on the fp64 reference's gate and up, each rounded to ``dtype`` first (as the GEMV's output
+    is): ``F.silu(gate) * up`` (independent of the kernels)."""
+    gate, up = _reference(x, w, bias).to(dtype).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_silu_glu_is_silu_mul_of_the_gemv_bit_for_bit(config, dtype, with_bias):
+    """``silu_glu`` on a fused gate/up weight (70 rows: 35 outputs, not a multiple of the tiles' halves) equals
+    ``silu_mul`` of the plain GEMV's output with the same tiles, bit for bit, and torch's SiLU product of the
+    reference's gate and up within two roundings."""
+    from adapterd.server.kernels.silu_mul import silu_mul
+
+    x, w, bias = _case(70, 100, dtype, seed=5)
+    bias = bias if with_bias else None
+    fused = dg.silu_glu(x, w, bias, config=config)
+    gate, up = dg.gemv(x, w, bias, config=config).chunk(2, dim=-1)
+    assert fused.shape == (1, 35) and fused.dtype == dtype
+    assert torch.equal(fused, silu_mul(gate, up))
+    ref = _silu_product_reference(x, w, bias, dtype).float()
+    assert ((fused.float() - ref).abs() <= 3 * ULP[dtype] * ref.abs() + 1e-3).all(), (fused.float() - ref).abs().max()
+
+
+def test_silu_glu_takes_an_even_number_of_rows_and_the_gemvs_choice():
+    """``glu_fits``: what ``fits`` takes with gate and up rows in pairs; ``glu_chosen`` follows ``chosen``."""
+    x, w, bias = _case(34, 48, torch.bfloat16)
+    assert dg.glu_fits(x, w, bias) and dg.glu_chosen(x, w, bias)
+    assert not dg.glu_fits(x, w[:33], bias[:33]) and not dg.glu_fits(torch.cat([x, x]), w)
+    y = dg.silu_glu(x.view(1, 1, 48), w, bias)
+    assert y.shape == (1, 1, 17)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_silu_glu_is_silu_mul_of_the_gemv_bit_for_bit(dtype):
+    """On the GPU with the tiles tuned for Llama-2-7B's fused gate/up (22016 x 4096): ``silu_glu`` equals
+    ``silu_mul`` of the GEMV's output bit for bit (libdevice's expf and the IEEE division in both), and a CUDA
+    graph replays the same bits."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from adapterd.server.kernels.silu_mul import silu_mul
+
+    x, w, _ = _case(22016, 4096, dtype, seed=8, device="cuda")
+    w = w * 0.02
+    dg.warm_up([(w, None)])
+    gate, up = dg.gemv(x, w).chunk(2, dim=-1)
+    y = dg.silu_glu(x, w)
+    assert torch.equal(y, silu_mul(gate, up))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z = dg.silu_glu(x, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(z, y)
