@@ -316,6 +316,12 @@ def _reduce_hook(nargs: dict, exception: BaseException | None) -> None:
 _CHOSEN: dict[tuple, dict] = {}
 
 
+def _small_key(interpret: bool, bucket: int, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+               bias: torch.Tensor | None) -> tuple:
+    """``_CHOSEN``'s key for these operands at row bucket ``bucket``."""
+    return (interpret, bucket, *cb.shape, x.dtype, scb.dtype, None if bias is None else bias.dtype, x.device)
+
+
 def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
              interpret: bool, config: dict | None = None) -> torch.Tensor:
     """The split-K kernel on ``x2 [M, K]`` (M <= MAX_KERNEL_ROWS); returns ``[M, N]`` in ``x2.dtype``.
@@ -332,7 +338,7 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         cb = cb.clone(memory_format=torch.contiguous_format)
     mm, tuner, _ = _small_kernels(interpret)
     bucket, b = row_bucket(m), scb if bias is None else bias
-    key = (interpret, bucket, n, k, x2.dtype, scb.dtype, None if bias is None else bias.dtype, x2.device)
+    key = _small_key(interpret, bucket, x2, cb, scb, bias)
     meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
             **(pdl_launch(x2.device) if bucket <= PDL_MAX_BUCKET else {})}
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
@@ -351,18 +357,17 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     return y
 
 
+_INTERPRET_GLU = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 32, "SPLIT_K": 1}  # the interpreter's GLU tile
+
+
 def _glu_config(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
                 interpret: bool) -> dict | None:
     """The GEMV tiles ``silu_glu`` runs for these: the one-row key's tuned choice where it is a GEMV tile of one
     split (the interpreter: ``_INTERPRET_GLU``), else None."""
     if interpret:
         return _INTERPRET_GLU
-    key = (False, 1, cb.shape[0], cb.shape[1], x.dtype, scb.dtype, None if bias is None else bias.dtype, x.device)
-    config = _CHOSEN.get(key)
+    config = _CHOSEN.get(_small_key(False, 1, x, cb, scb, bias))
     return config if config and config["BLOCK_M"] == 1 and config["SPLIT_K"] == 1 else None
-
-
-_INTERPRET_GLU = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 32, "SPLIT_K": 1}  # the interpreter's GLU tile
 
 
 def glu_fits(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
