@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.lora import add_delta, adds_delta, base_layer_of, project_qkv
+from ..adapters.lora import QKV, add_delta, adds_delta, base_layer_of, project_qkv
 from ..adapters.lora_folds import add_expand, add_qkv_deltas, output_shrink, project_qkv_deferred
 from ..kernels import decode_attention as attention_kernel
 from ..kernels import dense_gemv
@@ -148,8 +148,12 @@ class Decoder:
         shape = (rows, length, -1, attn.head_dim)
         # The base outputs from one fused matmul where q, k, v are fused; LoRA on them: one shrink for the three,
         # and at a decode step whose rotation is the kernel's, their deltas added by that kernel (one launch)
-        base = fused_outputs(qkv, attn, x, self.gemv)
         rope_kernel = self.rope_kernel and isinstance(cache, DecodeView)
+        q = self._project_rotate_append(attn, x, cos, sin, cache, index, qkv) if rope_kernel else None
+        if q is not None:  # one row: the projection's own launch rotated q and k and appended k and v
+            keys, values = cache.read(index)
+            return self._attend(attn, q, keys, values, mask, cache, rows, length)
+        base = fused_outputs(qkv, attn, x, self.gemv)
         if rope_kernel and not hasattr(attn, "q_norm"):
             *qkv_out, deltas = project_qkv_deferred(attn, x, base)
         else:
@@ -164,6 +168,24 @@ class Decoder:
                 add_qkv_deltas(deltas, q, k, v)
             q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             keys, values = cache.update(k, v.transpose(1, 2), index)
+        return self._attend(attn, q, keys, values, mask, cache, rows, length)
+
+    def _project_rotate_append(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                               cache: DecodeView, index: int, qkv: FusedLinear | None) -> torch.Tensor | None:
+        """At a one-row decode step without LoRA on q, k or v (nor Qwen3's per-head norms, which come before
+        the rotation): the fused q/k/v matmul with the rotation and the append in its epilogue
+        (``FusedLinear.rope_append``: the same values as the matmul, then ``kernels/rope_append.py``), returning
+        the rotated query; None where that does not run (nothing written)."""
+        if (qkv is None or not qkv.current(attn) or hasattr(attn, "q_norm")
+                or any(adds_delta(getattr(attn, name)) for name in QKV)):
+            return None
+        keys, values = cache.layer(index)
+        return qkv.rope_append(x, cos, sin, keys, values, cache.write_pos, attn.head_dim,
+                               qkv.sizes[0] // attn.head_dim, self.gemv)
+
+    def _attend(self, attn: nn.Module, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor, cache: Any, rows: int, length: int) -> torch.Tensor:
+        """o_proj of the attention of ``q`` (``[rows, heads, T, head_dim]``, rotated) over ``keys``/``values``."""
         shrink = None
         if (self.attention_kernel and isinstance(cache, DecodeView)
                 and attention_kernel.fits(q, keys, values, mask)

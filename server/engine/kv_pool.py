@@ -174,11 +174,11 @@ class DecodeView(_PoolView):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one new token per row at its own position; return the rows' entries up to ``length``."""
-        k, v = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        k, v = self.layer(layer_idx)
         rows = torch.arange(self.batch, device=key_states.device)
         k[rows, :, self.write_pos] = key_states[:, :, 0].to(k.dtype)
         v[rows, :, self.write_pos] = value_states[:, :, 0].to(v.dtype)
-        return k[: self.batch, :, : self.length], v[: self.batch, :, : self.length]
+        return self.read(layer_idx)
 
     def append_rotated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        layer_idx: int, lora: QkvDeltas | None = None,
@@ -189,9 +189,19 @@ class DecodeView(_PoolView):
         Returns the rotated query ``[batch, q_heads, 1, head_dim]`` and what attention reads, as ``update``."""
         from ..kernels.rope_append import rope_append
 
-        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        keys, values = self.layer(layer_idx)
         q = rope_append(q, k, v, cos, sin, keys, values, self.write_pos, lora)
-        return q, keys[: self.batch, :, : self.length], values[: self.batch, :, : self.length]
+        return q, *self.read(layer_idx)
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool's keys and values of a layer, whole (``[rows, kv_heads, capacity, head_dim]``): where a kernel
+        writes this step's entries itself (at ``write_pos``), before ``read``."""
+        return self.pool.keys[layer_idx], self.pool.values[layer_idx]
+
+    def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention reads of a layer once this step's entries are written: the rows' first ``length``."""
+        keys, values = self.layer(layer_idx)
+        return keys[: self.batch, :, : self.length], values[: self.batch, :, : self.length]
 
 
 class PrefillView(_PoolView):

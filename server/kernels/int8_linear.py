@@ -75,14 +75,28 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def silu_glu(self, x: torch.Tensor) -> torch.Tensor | None:
         """Where this is an MLP's fused gate/up (gate's rows, then up's) and x one row the one-row kernel takes:
-        ``silu(gate) * up`` in one launch (``int8_matmul.silu_glu``, the two steps' values bit for bit); else
+        ``silu(gate) * up`` in one launch (``int8_epilogues.silu_glu``, the two steps' values bit for bit); else
         None."""
         if not int8_kernel_available(x.device):
             return None
-        from .int8_matmul import glu_fits, silu_glu
+        from .int8_epilogues import glu_fits, silu_glu
 
         cb = self.weight.data
         return silu_glu(x, cb, self.scb, self.bias) if glu_fits(x, cb, self.scb, self.bias) else None
+
+    def rope_append(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor, write_pos: torch.Tensor, head_dim: int, q_heads: int) -> torch.Tensor | None:
+        """Where this is an attention's fused q/k/v and x one row the one-row kernel takes: the rotated query, with
+        the key and value appended to ``keys``/``values`` at ``write_pos[0]``, in one launch
+        (``int8_epilogues.rope_append``, the two steps' values bit for bit); else None."""
+        if not int8_kernel_available(x.device):
+            return None
+        from .int8_epilogues import rope_append, rope_fits
+
+        cb, args = self.weight.data, (cos, sin, keys, values)
+        if not rope_fits(x, cb, self.scb, self.bias, *args, head_dim, q_heads):
+            return None
+        return rope_append(x, cb, self.scb, self.bias, *args, write_pos, head_dim, q_heads)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -98,7 +98,9 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
              HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
              USE_PDL: tl.constexpr = False, GLU: tl.constexpr = False,
-             ROUND_BF16: tl.constexpr = False):
+             ROUND_BF16: tl.constexpr = False, PAIR=1, ROPE: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
+             kc_ptr=None, vc_ptr=None, pos_ptr=None, Q_HEADS=0, KV_HEADS=0, stride_kch=0, stride_kct=0,
+             stride_vch=0, stride_vct=0):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
@@ -110,6 +112,7 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     ``GLU`` (the GEMV tiles, ``SPLIT_K == 1`` only; the weight an MLP's fused gate/up, ``[2 N, K]``): as
     ``dense_gemv.py``'s, the tile's rows pair gate row j with up row N + j and the program stores ``silu(gate) *
     up`` for its ``BLOCK_N / 2`` outputs with ``silu_mul.py``'s roundings (``ROUND_BF16``: the interpreter's,
+    there). ``ROPE`` (the same tiles; a fused q/k/v weight): ``dense_gemv.py``'s rotary epilogue, a copy (see
     there)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -124,8 +127,9 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    if GLU:  # tile row 2 i: gate row j, 2 i + 1: up row j (N + j), j = the program's i-th output
-        rows = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2) % N + (tl.arange(0, BLOCK_N) % 2) * N
+    if GLU or ROPE:  # tile row 2 i: the program's i-th pair's first row, 2 i + 1: its partner PAIR rows on
+        t = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2) % N  # (dense_gemv.py's pairs; GLU's PAIR is N)
+        rows = (t // PAIR) * (2 * PAIR) + t % PAIR + (tl.arange(0, BLOCK_N) % 2) * PAIR
     else:
         rows = rn % N
     if BLOCK_M == 1:  # GEMV (the 1-row bucket's own tiles): CUDA cores, products and sums in fp32
@@ -220,6 +224,42 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
             out = sg.to(y_ptr.dtype.element_ty).to(tl.float32) * u
         cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         tl.store(y_ptr + pid_m * stride_ym + cols * stride_yn, out.to(y_ptr.dtype.element_ty), mask=cols < N)
+    elif ROPE:  # dense_gemv.py's rotary epilogue, a copy (rope_append.py's roundings)
+        scale = tl.load(s_ptr + rows) * (1.0 / 127.0)
+        acc = acc * scale[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
+        lo, hi = tl.split(tl.reshape(acc.to(y_ptr.dtype.element_ty).to(tl.float32), (BLOCK_N // 2, 2)))
+        t = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        head, e, ok = t // PAIR, t % PAIR, t < N
+        cos_lo = tl.load(cos_ptr + e, mask=ok, other=0.0).to(tl.float32)
+        cos_hi = tl.load(cos_ptr + PAIR + e, mask=ok, other=0.0).to(tl.float32)
+        sin_lo = tl.load(sin_ptr + e, mask=ok, other=0.0).to(tl.float32)
+        sin_hi = tl.load(sin_ptr + PAIR + e, mask=ok, other=0.0).to(tl.float32)
+        c = tl.join(lo * cos_lo, hi * cos_hi)
+        s = tl.join(-hi * sin_lo, lo * sin_hi)
+        if ROUND_BF16:
+            cb = c.to(tl.uint32, bitcast=True)
+            c = ((cb + 0x7FFF + ((cb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            sb = s.to(tl.uint32, bitcast=True)
+            s = ((sb + 0x7FFF + ((sb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            r = c + s
+            rb = r.to(tl.uint32, bitcast=True)
+            r = ((rb + 0x7FFF + ((rb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            dtype = y_ptr.dtype.element_ty
+            r = (c.to(dtype).to(tl.float32) + s.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        at = e[:, None] + tl.arange(0, 2)[None, :] * PAIR
+        where = tl.load(pos_ptr).to(tl.int64)
+        is_q = ok & (head < Q_HEADS)
+        is_k = ok & (head >= Q_HEADS) & (head < Q_HEADS + KV_HEADS)
+        is_v = ok & (head >= Q_HEADS + KV_HEADS)
+        kv = tl.where(is_v, head - Q_HEADS - KV_HEADS, head - Q_HEADS).to(tl.int64)
+        tl.store(y_ptr + head[:, None] * (2 * PAIR) + at, r.to(y_ptr.dtype.element_ty), mask=is_q[:, None])
+        tl.store(kc_ptr + kv[:, None] * stride_kch + where * stride_kct + at, r.to(kc_ptr.dtype.element_ty),
+                 mask=is_k[:, None])
+        tl.store(vc_ptr + kv[:, None] * stride_vch + where * stride_vct + at,
+                 tl.join(lo, hi).to(vc_ptr.dtype.element_ty), mask=is_v[:, None])
     elif SPLIT_K == 1:
         scale = tl.load(s_ptr + rows) * (1.0 / 127.0)  # one multiply per output, after the K loop
         acc = acc * scale[None, :]
@@ -355,53 +395,6 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     if config["SPLIT_K"] > 1:
         _reduce(p, scb, b, y, bias is not None, config["SPLIT_K"], interpret)
     return y
-
-
-_INTERPRET_GLU = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 32, "SPLIT_K": 1}  # the interpreter's GLU tile
-
-
-def _glu_config(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-                interpret: bool) -> dict | None:
-    """The GEMV tiles ``silu_glu`` runs for these: the one-row key's tuned choice where it is a GEMV tile of one
-    split (the interpreter: ``_INTERPRET_GLU``), else None."""
-    if interpret:
-        return _INTERPRET_GLU
-    config = _CHOSEN.get(_small_key(False, 1, x, cb, scb, bias))
-    return config if config and config["BLOCK_M"] == 1 and config["SPLIT_K"] == 1 else None
-
-
-def glu_fits(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether ``silu_glu`` takes these: one row of x on a CUDA device (or the interpreter), K a multiple of 4,
-    an even number of weight rows (gate's, then up's), a weight the GEMV reads in place (row major, 4-byte
-    aligned rows), and the one-row matmul of this weight tuned to GEMV tiles of one split (warm-up tunes it;
-    ``silu_glu`` runs those tiles)."""
-    interpret = interpreting()
-    return (x.dtype in _DTYPES and x.numel() == x.shape[-1] and (x.is_cuda or interpret) and cb.dim() == 2
-            and cb.shape[1] == x.shape[-1] and cb.shape[0] % 2 == 0 and cb.shape[1] % 4 == 0 and cb.stride(1) == 1
-            and cb.stride(0) % 4 == 0 and cb.data_ptr() % 4 == 0 and scb.shape == (cb.shape[0],)
-            and (bias is None or bias.shape == (cb.shape[0],)) and _glu_config(x, cb, scb, bias, interpret) is not None)
-
-
-def silu_glu(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
-             config: dict | None = None) -> torch.Tensor:
-    """``silu(g) * u`` for ``g, u = int8_weight_matmul(x, cb, scb, bias).chunk(2, -1)``, one row (``glu_fits`` must
-    hold, or ``config`` be GEMV tiles of one split), in one launch: ``[..., N / 2]`` in x's dtype, the values of
-    ``silu_mul.silu_mul(g, u)`` on the one-row kernel's output with the same tiles, bit for bit. Saves the SiLU's
-    launch and the gate/up row's write and read at a batch-1 decode step."""
-    interpret = interpreting()
-    x2 = x.reshape(1, x.shape[-1])
-    config = config or _glu_config(x2, cb, scb, bias, interpret)
-    if config is None or config["BLOCK_M"] != 1 or config["SPLIT_K"] != 1:
-        raise ValueError(f"silu_glu runs GEMV tiles of one split (BLOCK_M 1, SPLIT_K 1), got {config}")
-    n, k = cb.shape[0] // 2, cb.shape[1]
-    y = torch.empty((1, n), device=x.device, dtype=x.dtype)
-    meta = {"HAS_BIAS": bias is not None, "DOT_F32": False, "INTERPRETED": interpret, "GLU": True,
-            "ROUND_BF16": interpret and x.dtype == torch.bfloat16, **pdl_launch(x.device)}
-    mm = _small_kernels(interpret)[0]
-    mm[(1, triton.cdiv(2 * n, config["BLOCK_N"]), 1)](
-        x2, cb, scb, scb if bias is None else bias, y, y, 1, n, k, 1, x2.stride(0), x2.stride(1), cb.stride(0),
-        cb.stride(1), y.stride(0), y.stride(1), **meta, **config)
-    return y.reshape(*x.shape[:-1], n)
 
 
 def int8_weight_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,

@@ -212,3 +212,73 @@ def test_one_row_silu_product_runs_in_the_gate_up_epilogue_unless_lora_adds_to_g
     with step_context(StepContext("decode")):
         base = Decoder(half).forward(token, position, mask, DynamicCache())
     assert len(calls) == layers and not torch.allclose(base.float(), adapted.float(), atol=1e-2)
+
+
+def _pool_steps(decoder: Decoder, model, ids: torch.Tensor, context: StepContext | None = None):
+    """One row decoded a token a step from an empty pool through ``DecodeView`` (the engine's decode path: the
+    rotary kernels run there): each step's logits, and the pool's storage after the last."""
+    from adapterd.server.engine.kv_pool import DecodeView, KvPool, decode_mask
+
+    config, dtype = model.config, model.dtype
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    pool = KvPool(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, ids.device,
+                  max_rows=1, max_capacity=ids.shape[1], rows=1, capacity=ids.shape[1])
+    logits = []
+    for t in range(ids.shape[1]):
+        write_pos = torch.tensor([t], device=ids.device)
+        mask = decode_mask(write_pos, t + 1, dtype)
+        with step_context(context or StepContext("decode")):
+            logits.append(decoder.forward(ids[:, t:t + 1], write_pos[:, None], mask, DecodeView(pool, 1, t + 1,
+                                                                                                  write_pos)))
+    return logits, pool.storage.clone()
+
+
+@torch.no_grad()
+def test_one_row_qkv_projection_rotates_and_appends_in_its_epilogue_unless_lora_adds_to_q_k_or_v(model, monkeypatch):
+    """A bf16 Llama, one row, the kernels on (Triton's interpreter), decode steps through the pool: each layer's
+    fused q/k/v GEMV rotates q and k and appends k and v in its epilogue (``dense_gemv.rope_append``, once a layer
+    a step), and the logits and every pool entry are those of the same decoder with the epilogue off (the GEMV,
+    then ``kernels/rope_append.py``), bit for bit. A step whose LoRA rows add to q and v keeps the two steps (the
+    deltas go in before the rotation) and matches the eager decoder (transformers' rotation, the pool's writes)."""
+    pytest.importorskip("triton")
+    if model.config.model_type != "llama":
+        pytest.skip("one family is enough for the epilogue's wiring (the interpreter is slow); the GPU suite runs all")
+    import adapterd.server.adapters.lora as lora
+    from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
+    from adapterd.server.engine.fused_projections import FusedLinear
+    from adapterd.server.kernels import dense_gemv
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.randint(3, half.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    decoder = Decoder(half)
+    assert decoder.rope_kernel
+    calls: list[tuple[int, ...]] = []
+    real = dense_gemv.rope_append
+    monkeypatch.setattr(dense_gemv, "rope_append",
+                        lambda x, w, *a, **k: calls.append(tuple(w.shape)) or real(x, w, *a, **k))
+    got, got_pool = _pool_steps(decoder, half, ids)
+    assert calls == [tuple(decoder.fused[0].qkv.matmul.weight.shape)] * (half.config.num_hidden_layers * ids.shape[1])
+    with monkeypatch.context() as off:
+        off.setattr(FusedLinear, "rope_append", lambda *a, **k: None)
+        want, want_pool = _pool_steps(decoder, half, ids)
+    assert torch.equal(got_pool, want_pool) and got_pool.abs().sum() > 0
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+    generator = torch.Generator().manual_seed(6)
+    modules = {n: LoraModule((torch.randn(4, m.in_features, generator=generator) * 0.1).to(torch.bfloat16),
+                             (torch.randn(m.out_features, 4, generator=generator) * 0.1).to(torch.bfloat16), 2.0)
+               for n, m in half.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")}
+    table = lora.LoraSlotTable(half, num_slots=2, max_rank=4, dtype=torch.bfloat16, device=torch.device("cpu"),
+                               use_kernel=False)
+    slot = table.acquire("qv", LoraWeights(modules=modules, rank=4, target_modules=["q_proj", "v_proj"]))
+    calls.clear()
+    context = StepContext("decode", table.rows_of([slot], "decode"))
+    adapted, _ = _pool_steps(Decoder(half), half, ids[:, :3], context)
+    eager, _ = _pool_steps(Decoder(half, rope_kernel=False), half, ids[:, :3], context)
+    base, _ = _pool_steps(Decoder(half), half, ids[:, :3])
+    assert calls == [calls[0]] * len(calls) and len(calls) == half.config.num_hidden_layers * 3  # the base rows only
+    for a, b, c in zip(adapted, eager, base, strict=True):  # bf16 kernels against eager: a few roundings apart,
+        # while the adapter moves the logits ten times as far
+        assert (a.float() - b.float()).abs().max() < 0.1 * (a.float() - c.float()).abs().max()

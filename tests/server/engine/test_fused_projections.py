@@ -168,22 +168,22 @@ def test_fused_int8_logits_equal_the_modules_own(tiny_model_dir, monkeypatch):
 @torch.no_grad()
 def test_one_row_int8_silu_product_comes_from_the_fused_gate_up_epilogue(tiny_model_dir, monkeypatch):
     """int8, one row (a batch-1 decode step): each layer's MLP takes ``silu(gate) * up`` from the fused gate/up
-    matmul's epilogue (``int8_matmul.silu_glu``, once a layer a decode step; on the GPU only where the one-row
+    matmul's epilogue (``int8_epilogues.silu_glu``, once a layer a decode step; on the GPU only where the one-row
     key was tuned to GEMV tiles of one split), and the logits stay those of the unfused modules."""
     _interpreter(monkeypatch)
-    from adapterd.server.kernels import int8_matmul
+    from adapterd.server.kernels import int8_epilogues
 
     model = _int8_model(tiny_model_dir)
     ids = _ids(model)[:1, :PROMPT + 2]
     unfused = step_logits(Decoder(model, fuse=False), model, ids)
     calls: list[int] = []
-    real = int8_matmul.silu_glu
-    monkeypatch.setattr(int8_matmul, "silu_glu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = int8_epilogues.silu_glu
+    monkeypatch.setattr(int8_epilogues, "silu_glu", lambda *a, **k: calls.append(1) or real(*a, **k))
     decoder = Decoder(model)
     step_logits(decoder, model, ids)  # on a GPU, the first one-row call of the fused shape tunes it
     gate_up = decoder.fused[0].gate_up.matmul
     x = torch.zeros(1, gate_up.in_features, device=TEST_DEVICE)
-    takes = int8_matmul.glu_fits(x, gate_up.weight.data, gate_up.scb, gate_up.bias)  # always, in the interpreter
+    takes = int8_epilogues.glu_fits(x, gate_up.weight.data, gate_up.scb, gate_up.bias)  # always, in the interpreter
     assert takes or TEST_DEVICE != "cpu"
     calls.clear()
     for step, (got, want) in enumerate(zip(step_logits(decoder, model, ids), unfused, strict=True)):

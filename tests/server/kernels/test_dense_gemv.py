@@ -84,13 +84,14 @@ def test_compiles_for_hopper_with_wide_loads_and_the_weight_requested_before_the
     dg._triton()  # binds the module's ``tl``, which the kernel's annotations name
     kernel = triton.jit(dg._gemv)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}
-    flags = ("HAS_BIAS", "USE_PDL", "BLOCK_N", "BLOCK_K", "ROUND_BF16", "K_TILES")
+    flags = ("HAS_BIAS", "USE_PDL", "BLOCK_N", "BLOCK_K", "ROUND_BF16", "K_TILES", "GLU", "ROPE", "INTERPRETED")
     aligned = [*pointers, "N", "K", "stride_wn"]
     for bn, bk, warps in dg._CONFIGS:
         signature = {a: "constexpr" if a in flags else pointers.get(a, "i32") for a in kernel.arg_names}
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HAS_BIAS": True, "USE_PDL": True, "BLOCK_N": bn, "BLOCK_K": bk,
-                                       "ROUND_BF16": False, "K_TILES": 4096 // bk},
+                                       "ROUND_BF16": False, "K_TILES": 4096 // bk, "GLU": False, "ROPE": False,
+                                       "INTERPRETED": False},
                            attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                              options={"num_warps": warps, "num_stages": 1}).asm["ptx"]

@@ -1,4 +1,4 @@
-"""The int8 one-row GEMV's SiLU-product epilogue (``int8_matmul.silu_glu``): an MLP's fused gate/up weight in,
+"""The int8 one-row GEMV's SiLU-product epilogue (``int8_epilogues.silu_glu``): an MLP's fused gate/up weight in,
 ``silu(gate) * up`` out, in one launch. Judged against ``silu_mul`` of the plain kernel's output with the same
 tiles (bit for bit) and against torch's SiLU product of an fp32 dequantized reference; in Triton's interpreter
 here (conftest.py switches it on per test), on CUDA in the ``gpu`` tests."""
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 km = pytest.importorskip("adapterd.server.kernels.int8_matmul", reason="needs triton (the dev extra, Linux)")
+ke = pytest.importorskip("adapterd.server.kernels.int8_epilogues")
 
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 1e-5}
 GLU_TILES = [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1} for bn, bk in ((4, 32), (8, 64), (16, 16))]
@@ -44,7 +45,7 @@ def test_silu_glu_is_silu_mul_of_the_one_row_kernel_bit_for_bit(config, dtype, w
 
     x, cb, scb, bias = _case(70, 100, dtype, seed=3)
     bias = bias if with_bias else None
-    y = km.silu_glu(x, cb, scb, bias, config=config)
+    y = ke.silu_glu(x, cb, scb, bias, config=config)
     gate, up = km._small_m(x, cb, scb, bias, True, config=config).chunk(2, dim=-1)
     assert y.shape == (1, 35) and y.dtype == dtype
     assert torch.equal(y, silu_mul(gate, up))
@@ -57,19 +58,19 @@ def test_glu_fits_one_row_paired_rows_and_gemv_tiles_of_one_split(monkeypatch):
     tuned choice being GEMV tiles of one split (a tensor-core tile or a split GEMV: the SiLU stays its own
     launch). ``silu_glu`` refuses other tiles by name."""
     x, cb, scb, bias = _case(70, 100, torch.bfloat16)
-    assert km.glu_fits(x, cb, scb, bias) and km.glu_fits(x.view(1, 1, 100), cb, scb)
-    assert km.silu_glu(x.view(1, 1, 100), cb, scb).shape == (1, 1, 35)
-    assert not km.glu_fits(torch.cat([x, x]), cb, scb)  # two rows
-    assert not km.glu_fits(x, cb[:69], scb[:69])  # odd rows
-    assert not km.glu_fits(x[:, :98], cb[:, :98], scb)  # K not whole words
+    assert ke.glu_fits(x, cb, scb, bias) and ke.glu_fits(x.view(1, 1, 100), cb, scb)
+    assert ke.silu_glu(x.view(1, 1, 100), cb, scb).shape == (1, 1, 35)
+    assert not ke.glu_fits(torch.cat([x, x]), cb, scb)  # two rows
+    assert not ke.glu_fits(x, cb[:69], scb[:69])  # odd rows
+    assert not ke.glu_fits(x[:, :98], cb[:, :98], scb)  # K not whole words
     with pytest.raises(ValueError, match="GEMV tiles of one split"):
-        km.silu_glu(x, cb, scb, config={"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 32, "SPLIT_K": 2})
+        ke.silu_glu(x, cb, scb, config={"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 32, "SPLIT_K": 2})
     key = km._small_key(False, 1, x, cb, scb, None)  # the one-row key as the GPU tunes it (not interpreted)
     for chosen, fits in ((None, False), ({"BLOCK_M": 16, "BLOCK_N": 128, "SPLIT_K": 1}, False),
                          ({"BLOCK_M": 1, "BLOCK_N": 8, "SPLIT_K": 2}, False), ({"BLOCK_M": 1, "BLOCK_N": 8,
                                                                                  "SPLIT_K": 1}, True)):
         monkeypatch.setitem(km._CHOSEN, key, chosen) if chosen else km._CHOSEN.pop(key, None)
-        assert (km._glu_config(x, cb, scb, None, False) is not None) is fits, chosen
+        assert (ke._glu_config(x, cb, scb, None, False) is not None) is fits, chosen
 
 
 @pytest.mark.gpu
@@ -84,14 +85,14 @@ def test_gpu_silu_glu_is_silu_mul_of_the_tuned_kernel_bit_for_bit(dtype):
 
     x, cb, scb, _ = _case(22016, 4096, dtype, seed=9, device="cuda")
     gate, up = km.int8_weight_matmul(x, cb, scb).chunk(2, dim=-1)  # tunes the one-row key
-    if not km.glu_fits(x, cb, scb):
+    if not ke.glu_fits(x, cb, scb):
         pytest.skip("the tuned one-row tiles are not GEMV tiles of one split on this GPU")
-    y = km.silu_glu(x, cb, scb)
+    y = ke.silu_glu(x, cb, scb)
     assert torch.equal(y, silu_mul(gate, up))
     torch.testing.assert_close(y.float(), _reference(x, cb, scb, None, dtype), rtol=4 * ULP[dtype], atol=1e-3)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        z = km.silu_glu(x, cb, scb)
+        z = ke.silu_glu(x, cb, scb)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(z, y)
@@ -123,12 +124,12 @@ def test_glu_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     assert tiles
     for c in tiles:
         flags = {"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": True, "INTERPRETED": False, "USE_PDL": True,
-                 "GLU": True, "ROUND_BF16": False, **c.kwargs}
+                 "GLU": True, "ROPE": False, "ROUND_BF16": False, **c.kwargs}
         ptx = compile_(km._int8_mm, int8_pointers, flags, c.num_warps).asm["ptx"]
         assert "div.rn.f32" in ptx and "griddepcontrol.wait" in ptx, c.kwargs
     dense_gemv._triton()  # binds tl and libdevice in its module
     dense_pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}
     for bn, bk, warps in dense_gemv._CONFIGS:
         flags = {"HAS_BIAS": True, "BLOCK_N": bn, "BLOCK_K": bk, "K_TILES": 4, "ROUND_BF16": False,
-                 "USE_PDL": True, "GLU": True, "INTERPRETED": False}
+                 "USE_PDL": True, "GLU": True, "INTERPRETED": False, "ROPE": False}
         assert "div.rn.f32" in compile_(dense_gemv._gemv, dense_pointers, flags, warps).asm["ptx"], (bn, bk)
