@@ -10,7 +10,12 @@ replayed alone. Ratios are PDL-off time over PDL-on (above 1: PDL pays).
 
     python3 bench/pdl_bench.py --shape llama2-7b --quantizations int8,none --rows 1,4,8,16,32,64
 
-On the CPU (the tiny shape) it runs end to end, with no PDL to switch: the tests use that.
+``--switch epilogues`` compares the same way the one-row GEMVs' epilogues (the fused q/k/v matmul's rotation
+and append, the gate/up matmul's SiLU product: ``FusedLinear.rope_append`` and ``silu_glu``) on and off, where
+off runs the separate kernels as before them: both ways in one process on one machine, whose differences
+(HBM clocks) otherwise swamp a few tens of microseconds between serve_bench runs.
+
+On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
 
 from __future__ import annotations
@@ -37,25 +42,40 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--work", default="/tmp/adapterd-bench")
+    parser.add_argument("--switch", choices=("pdl", "epilogues"), default="pdl",
+                        help="what is compared on / off: PDL (ADAPTERD_PDL) or the one-row GEMVs' epilogues")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     args.rows = [int(r) for r in args.rows.split(",")]
     return args
 
 
-def measure(runtime, rows: int, adapters: list, args, pdl: bool) -> tuple[float, float | None]:
-    """(engine ms a step, graph replayed alone ms) at ``rows`` rows, every decode graph captured anew with PDL
-    on (``pdl``) or off."""
-    decoder = runtime.engine.runner.decoder
+_EPILOGUES = ("rope_append", "silu_glu")  # FusedLinear's one-row epilogue methods
 
-    def switch() -> None:  # the kernels read the switch at each launch: new captures follow it
-        os.environ["ADAPTERD_PDL"] = "1" if pdl else "0"
+
+def measure(runtime, rows: int, adapters: list, args, on: bool) -> tuple[float, float | None]:
+    """(engine ms a step, graph replayed alone ms) at ``rows`` rows, every decode graph captured anew with
+    ``args.switch`` on or off."""
+    from adapterd.server.engine.fused_projections import FusedLinear
+
+    decoder = runtime.engine.runner.decoder
+    originals = {name: FusedLinear.__dict__[name] for name in _EPILOGUES}
+
+    def switch() -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods: new captures follow
+        if args.switch == "pdl":
+            os.environ["ADAPTERD_PDL"] = "1" if on else "0"
+        for name, method in originals.items():  # off: each returns None, and the decoder runs the two steps
+            setattr(FusedLinear, name, method if on or args.switch != "epilogues" else lambda *a, **k: None)
         decoder.graphs.clear()
 
     runtime.engine.call(switch).result(60)
-    engine_step_ms(runtime, rows, args.ctx, 4, adapters)  # captures this shape's graph, not timed
-    ms = engine_step_ms(runtime, rows, args.ctx, args.new, adapters)
-    return ms, (replay_ms(runtime, rows) if not any(adapters) else None)
+    try:
+        engine_step_ms(runtime, rows, args.ctx, 4, adapters)  # captures this shape's graph, not timed
+        ms = engine_step_ms(runtime, rows, args.ctx, args.new, adapters)
+        return ms, (replay_ms(runtime, rows) if not any(adapters) else None)
+    finally:
+        for name, method in originals.items():
+            setattr(FusedLinear, name, method)
 
 
 def main() -> int:
@@ -83,8 +103,8 @@ def main() -> int:
                 cases.append((args.lora_rows, [runtime.store.get(a) for a in ids[: args.lora_rows]]))
             for rows, adapters in cases:
                 what = f"{rows} rows" + (f" on {rows} LoRA" if any(adapters) else "")
-                (on_ms, on_dev), (off_ms, off_dev) = (measure(runtime, rows, adapters, args, pdl)
-                                                      for pdl in (True, False))
+                (on_ms, on_dev), (off_ms, off_dev) = (measure(runtime, rows, adapters, args, on)
+                                                      for on in (True, False))
                 dev = "" if on_dev is None else f"{on_dev:.3f} / {off_dev:.3f}"
                 line = f"| {label} | {what} | {on_ms:.3f} / {off_ms:.3f} | {off_ms / on_ms:.3f} | {dev} |"
                 print(line, flush=True)
@@ -101,9 +121,11 @@ def main() -> int:
 
 
 def record(lines: list[str], args, machine: str) -> None:
-    head = [f"\n### pdl_bench: {args.shape}, ctx {args.ctx}, on {machine}",
+    what = "PDL" if args.switch == "pdl" else "the one-row GEMV epilogues"
+    head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}: {args.shape}, ctx "
+            f"{args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "
-            "PDL on / off (every decode graph captured afresh each way); ratio off / on (above 1: PDL pays).", "",
+            f"{what} on / off (every decode graph captured afresh each way); ratio off / on (above 1: it pays).", "",
             "| base | batch | engine step, on / off | off / on | graph alone, on / off |",
             "| --- | --- | --- | --- | --- |"]
     path = Path(__file__).resolve().parent / "RESULTS.md"

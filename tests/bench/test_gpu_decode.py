@@ -38,9 +38,10 @@ def test_serve_part(tmp_path):
 
 
 @pytest.mark.slow  # ~40 s: the tiny model's decode graphs (eager here) each way, float32 only
-def test_pdl_part(tmp_path):
+@pytest.mark.parametrize("switch", ["pdl", "epilogues"])
+def test_pdl_part(tmp_path, switch):
     done = run_part(tmp_path, "pdl", PDL_ARGS=f"--shape tiny --quantizations none --rows 1,4 --lora-rows 2 --ctx 16 "
-                    f"--new 4 --no-record --work {tmp_path / 'work'}")
+                    f"--new 4 --switch {switch} --no-record --work {tmp_path / 'work'}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     log = (tmp_path / "out" / "pdl.log").read_text()
     for what in ("1 rows", "4 rows", "2 rows on 2 LoRA"):
