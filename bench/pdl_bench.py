@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from results_table import git_commit
-from serve_bench import SHAPES, build_model_dir, engine_step_ms, make_lora_dirs, replay_ms
+from serve_bench import SHAPES, build_model_dir, engine_step_ms, make_lora_dirs, print_tuned, replay_ms
 
 
 def parse_args() -> argparse.Namespace:
@@ -98,6 +98,7 @@ def main() -> int:
         runtime.engine.start()
         try:
             engine_step_ms(runtime, 2, args.ctx, 8, [None, runtime.store.get(ids[0])])  # warm-up and tuning
+            print_tuned(label)  # whether the one-row keys took the GEMV tiles the epilogues run
             cases = [(r, [None] * r) for r in args.rows]
             if args.lora_rows:
                 cases.append((args.lora_rows, [runtime.store.get(a) for a in ids[: args.lora_rows]]))
