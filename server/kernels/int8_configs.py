@@ -33,20 +33,24 @@ def _small_configs() -> list[triton.Config]:
     ]
     wide = [(64, 256, 1, 4, 3), (128, 128, 1, 8, 3), (64, 256, 2, 4, 3), (64, 256, 4, 4, 3), (64, 128, 8, 4, 4)]
     gemv = [(2, 1024, 1, 1, 1), (4, 1024, 1, 2, 1), (8, 1024, 1, 4, 1), (16, 1024, 1, 8, 1), (8, 1024, 1, 2, 1),
-            (16, 1024, 1, 4, 1), (32, 1024, 1, 8, 1), (8, 512, 1, 2, 1), (16, 512, 1, 4, 1), (8, 1024, 2, 4, 1)]
+            (16, 1024, 1, 4, 1), (32, 1024, 1, 8, 1), (8, 512, 1, 2, 1), (16, 512, 1, 4, 1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s}, num_warps=w, num_stages=st)
             for bm, tiles in ((16, narrow), (32, wide), (64, wide), (1, gemv)) for bn, bk, s, w, st in tiles]
 
 
 def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """For row bucket ``b``: BLOCK_M 16, plus BLOCK_M == b for b = 1 (K a multiple of 4), 32, 64; SPLIT_K 16
-    only up to 16 rows (a 32-64 row tile has work enough); no more splits than K tiles. At one row, of the
-    tensor-core tiles only those 128 or 256 columns wide (the only ones that came near the GEMV tiles on the
-    H200, 2026-12-03)."""
+    """For row bucket ``b``: BLOCK_M 16, plus BLOCK_M == b for b = 32, 64; SPLIT_K 16 only up to 16 rows (a
+    32-64 row tile has work enough); no more splits than K tiles. At one row with K a multiple of 4, only the
+    GEMV tiles (of one split): they won every Llama shape on the H200 (2026-12-03), and they are the tiles
+    whose epilogues fold the next kernel in (``int8_epilogues.py``: the rotary + append after q/k/v, the SiLU
+    product after gate/up; 2.600 -> 2.484 ms a one-row step with both, bench/pdl_bench.py at 01775c1), which a
+    tensor-core or split pick for one shape switched off at random. Otherwise, of the tensor-core tiles at one
+    row only those 128 or 256 columns wide (the only ones that came near the GEMV tiles)."""
     bucket, k = named_args["M_BUCKET"], named_args["K"]
+    gemv = bucket == 1 and k % 4 == 0  # the GEMV reads the weight as 4-byte words
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] in (16, bucket)
-            and (c.kwargs["BLOCK_M"] != 1 or k % 4 == 0)  # the GEMV reads the weight as 4-byte words
+            and (c.kwargs["BLOCK_M"] == 1) == gemv and (not gemv or c.kwargs["SPLIT_K"] == 1)
             and (bucket != 1 or c.kwargs["BLOCK_M"] == 1 or c.kwargs["BLOCK_N"] >= 128)
             and (c.kwargs["SPLIT_K"] < 16 or bucket <= 16)
             and c.kwargs["SPLIT_K"] <= triton.cdiv(k, c.kwargs["BLOCK_K"])]

@@ -14,11 +14,13 @@ def test_small_m_gpu_configs_are_pruned_per_bucket():
     def kept(bucket, k=4096):
         return kc._prune_small(configs, {"M_BUCKET": bucket, "K": k})
 
-    assert [len(kept(b)) for b in (1, 2, 4, 8, 16, 32, 64)] == [17] + [20] * 4 + [22, 22]
-    assert {c.kwargs["SPLIT_K"] for c in kept(1)} == {1, 2, 4, 8}
-    assert {c.kwargs["BLOCK_M"] for c in kept(1)} == {1, 16}  # the GEMV tiles beside the tensor-core ones
+    assert [len(kept(b)) for b in (1, 2, 4, 8, 16, 32, 64)] == [9] + [20] * 4 + [22, 22]
+    # one row: the GEMV tiles of one split only (those the epilogues run: a tuned pick of other tiles for a
+    # fused shape would switch its epilogue off)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]) for c in kept(1)} == {(1, 1)}
     assert all(c.kwargs["BLOCK_M"] != 1 for b in (2, 4, 8, 16, 32, 64) for c in kept(b))
     assert {c.kwargs["BLOCK_M"] for c in kept(64)} == {16, 64}
-    assert all(c.kwargs["SPLIT_K"] <= -(-520 // c.kwargs["BLOCK_K"]) for c in kept(1, 520))
+    assert all(c.kwargs["SPLIT_K"] <= -(-520 // c.kwargs["BLOCK_K"]) for c in kept(2, 520))
     assert {c.kwargs["BLOCK_M"] for c in kept(1, 4098)} == {16}  # K not whole 4-byte words: no GEMV tiles
+    assert {c.kwargs["BLOCK_N"] for c in kept(1, 4098)} == {128, 256}
     assert len(kc._gemm_configs()) == 9
