@@ -133,14 +133,30 @@ class Decoder:
                 h = h + out
         return _linear(self.lm_head, self.norm(h[:, -1:, :]), self.gemv)[:, -1, :]
 
-    def gemv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(weight, bias) of every float matmul that ``_linear`` may hand to the GEMV kernel: the fused q/k/v and
-        gate/up, o_proj and down_proj (under any LoRA wrapper) and lm_head; ``dense_gemv.warm_up`` tunes them."""
-        fused = [f.matmul for fusion in self.fused for f in (fusion.qkv, fusion.gate_up) if f is not None]
+    def gemv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None, dense_gemv.Epilogue | None]]:
+        """(weight, bias, epilogue) of every float matmul that ``_linear`` may hand to the GEMV kernel: the fused
+        q/k/v and gate/up (with the epilogue a one-row step folds into them where the kernels run: the rotation
+        and append, the SiLU product), o_proj and down_proj (under any LoRA wrapper) and lm_head;
+        ``dense_gemv.warm_up`` tunes them and judges each against ``F.linear`` (then the separate kernel)."""
+        weights: list[tuple[torch.Tensor, torch.Tensor | None, dense_gemv.Epilogue | None]] = []
+        for layer, fusion in zip(self.layers, self.fused, strict=True):
+            attn = layer.self_attn
+            for fused, epilogue in ((fusion.qkv, self._rope_epilogue(attn, fusion.qkv)),
+                                    (fusion.gate_up, dense_gemv.Epilogue("glu") if self.act_kernel
+                                     and act_kernel.is_silu(getattr(layer.mlp, "act_fn", None)) else None)):
+                if fused is not None and type(fused.matmul) is nn.Linear:
+                    weights.append((fused.matmul.weight, fused.matmul.bias, epilogue))
         modules = [base_layer_of(m) for layer in self.layers for m in (layer.self_attn.o_proj,
                                                                        getattr(layer.mlp, "down_proj", None))
                    if m is not None]
-        return [(m.weight, m.bias) for m in (*fused, *modules, base_layer_of(self.lm_head)) if type(m) is nn.Linear]
+        return weights + [(m.weight, m.bias, None) for m in (*modules, base_layer_of(self.lm_head))
+                          if type(m) is nn.Linear]
+
+    def _rope_epilogue(self, attn: nn.Module, qkv: FusedLinear | None) -> dense_gemv.Epilogue | None:
+        """The rotary epilogue of a layer's fused q/k/v, where a one-row step may run it (``rope_append``)."""
+        if qkv is None or not self.rope_kernel or hasattr(attn, "q_norm"):
+            return None
+        return dense_gemv.Epilogue("rope", attn.head_dim, qkv.sizes[0] // attn.head_dim)
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor, cache: Any, index: int, qkv: FusedLinear | None) -> torch.Tensor:

@@ -22,6 +22,8 @@ warmed up, the CPU). Nothing is tuned inside a call, so a captured step never be
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -314,14 +316,54 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return gemv(x, weight, bias) if chosen(x, weight, bias) else F.linear(x, weight, bias)
 
 
+@dataclass(frozen=True)
+class Epilogue:
+    """What follows a weight's one-row matmul in the decoder and runs in the GEMV's epilogue where the GEMV is
+    chosen: ``"glu"`` (an MLP's fused gate/up: the SiLU product, ``silu_glu``) or ``"rope"`` (an attention's
+    fused q/k/v of ``q_heads`` query heads of ``head_dim``: the rotation and append, ``rope_append``)."""
+
+    kind: str
+    head_dim: int = 0
+    q_heads: int = 0
+
+    def runs(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             config: dict) -> tuple[Callable[[], object], Callable[[], object]]:
+        """(the GEMV with this epilogue, ``F.linear`` then the separate kernel), on ``x`` and scratch tensors."""
+        if self.kind == "glu":
+            from .silu_mul import silu_mul
+
+            return (lambda: silu_glu(x, weight, bias, config=config),
+                    lambda: silu_mul(*F.linear(x, weight, bias).chunk(2, dim=-1)))
+        from .rope_append import rope_append as rotate
+
+        dim, q_heads = self.head_dim, self.q_heads
+        kv_heads = (weight.shape[0] // dim - q_heads) // 2
+        cos = torch.ones(1, 1, dim, device=x.device, dtype=x.dtype)
+        sin = torch.zeros_like(cos)
+        keys = torch.zeros(1, kv_heads, 1, dim, device=x.device, dtype=x.dtype)
+        values, write_pos = torch.zeros_like(keys), torch.zeros(1, device=x.device, dtype=torch.long)
+
+        def theirs() -> object:
+            q, k, v = F.linear(x, weight, bias).view(1, 1, -1, dim).split([q_heads, kv_heads, kv_heads], dim=2)
+            return rotate(q, k, v, cos, sin, keys, values, write_pos)
+
+        return (lambda: rope_append(x, weight, bias, cos, sin, keys, values, write_pos, dim, q_heads,
+                                    config=config), theirs)
+
+
 @torch.no_grad()
-def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[tuple[int, int], tuple[float, float]]:
+def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None,
+                                                                            Epilogue | None]],
+            ) -> dict[tuple[int, int], tuple[float, float]]:
     """Tune the kernel for each distinct ``(weight, bias)`` shape (bf16/fp16 weights on a CUDA device where the
     kernel runs; others are skipped), time its choice against ``F.linear`` on a zero row (``support.quick_bench``,
     L2 cleared before each call: decode reads every weight from HBM), and keep the kernel for the shapes where
-    it was faster. Call before any CUDA graph capture. Returns ``{(N, K): (kernel us, F.linear us)}``."""
+    it was faster. A weight given with its ``Epilogue`` is judged with it: the GEMV with the epilogue against
+    ``F.linear`` then the separate kernel (the choice is per shape: another weight of that shape follows it).
+    Call before any CUDA graph capture. Returns ``{(N, K): (kernel us, F.linear us)}``."""
     times: dict[tuple[int, int], tuple[float, float]] = {}
-    for weight, bias in weights:
+    for weight, bias, *rest in weights:
+        epilogue = rest[0] if rest else None
         x = torch.zeros(1, weight.shape[1], device=weight.device, dtype=weight.dtype)
         key = _key(x, weight, bias)
         if (tuple(weight.shape) in times or key in _CHOSEN or not fits(x, weight, bias)
@@ -329,8 +371,12 @@ def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[tup
             continue
         gemv(x, weight, bias)  # tunes
         config = _kernels(False)[1].best_config.all_kwargs()
-        ours = quick_bench(lambda: gemv(x, weight, bias, config=config), None)  # noqa: B023
-        theirs = quick_bench(lambda: F.linear(x, weight, bias), None)  # noqa: B023
+        if epilogue is None:
+            runs = (lambda: gemv(x, weight, bias, config=config),  # noqa: B023
+                    lambda: F.linear(x, weight, bias))  # noqa: B023
+        else:
+            runs = epilogue.runs(x, weight, bias, config)
+        ours, theirs = (quick_bench(run, None) for run in runs)
         times[tuple(weight.shape)] = (ours * 1e3, theirs * 1e3)
         if ours < theirs:
             _CHOSEN[key] = config

@@ -18,6 +18,7 @@ from adapterd.server.architecture import check_config
 from adapterd.server.engine.decoder import OWN_FAMILIES, Decoder, model_forward
 from adapterd.server.engine.kv_pool import causal_mask
 from adapterd.server.engine.step_context import StepContext, step_context
+from adapterd.server.kernels import dense_gemv as dg
 from tests.helpers import TEST_DEVICE
 from tests.server.engine.test_architectures import FAMILIES
 
@@ -285,3 +286,30 @@ def test_one_row_qkv_projection_rotates_and_appends_in_its_epilogue_unless_lora_
     for a, b, c in zip(adapted, eager, base, strict=True):  # bf16 kernels against eager: a few roundings apart,
         # while the adapter moves the logits ten times as far
         assert (a.float() - b.float()).abs().max() < 0.1 * (a.float() - c.float()).abs().max()
+
+
+def test_gemv_weights_carry_the_epilogues_a_one_row_step_folds(model, monkeypatch):
+    """The GEMV's warm-up judges the fused q/k/v and gate/up with what a one-row step folds into them (the
+    rotation and append where the rotary kernel runs and no per-head norm comes first, the SiLU product where
+    the MLP's activation is a SiLU), every other weight alone; without the kernels, none."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels "run" on CPU tensors: their switches are on
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    decoder = Decoder(half)
+    weights = decoder.gemv_weights()
+    fused = {id(f.matmul.weight): (layer, f) for layer, fusion in zip(decoder.layers, decoder.fused, strict=True)
+             for f in (fusion.qkv, fusion.gate_up) if f is not None}
+    config = half.config
+    for weight, _, epilogue in weights:
+        layer, f = fused.get(id(weight), (None, None))
+        if f is None:
+            assert epilogue is None
+        elif f.names[0] == "q_proj":
+            rotates = decoder.rope_kernel and not hasattr(layer.self_attn, "q_norm")
+            want = dg.Epilogue("rope", layer.self_attn.head_dim, config.num_attention_heads) if rotates else None
+            assert epilogue == want
+        else:
+            assert epilogue == dg.Epilogue("glu")
+    kinds = {e.kind for _, _, e in weights if e is not None}
+    assert ("rope" in kinds) == (config.model_type in ("llama", "mistral", "qwen2")), kinds
+    assert all(e is None for _, _, e in Decoder(half, rope_kernel=False).gemv_weights())

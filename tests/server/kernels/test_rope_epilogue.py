@@ -170,9 +170,9 @@ def test_gpu_epilogue_at_llama_shapes_bit_for_bit_and_in_a_cuda_graph(int8, head
             pytest.skip(f"the one-row key was tuned to {km._CHOSEN.get(km._small_key(False, 1, x, *weight, bias))}")
         run = lambda k, v: ke.rope_append(x, *weight, bias, cos, sin, k, v, write_pos, dim, q_heads)  # noqa: E731
     else:
-        dg.warm_up([(weight[0], bias)])
+        dg.warm_up([(weight[0], bias, dg.Epilogue("rope", dim, q_heads))])  # against F.linear + rope_append
         if not dg.rope_fits(x, weight[0], bias, cos, sin, keys, values, dim, q_heads):
-            pytest.skip("F.linear was faster for this shape")
+            pytest.skip("F.linear then the rotary kernel was faster for this shape")
         y = dg.gemv(x, weight[0], bias)
         run = lambda k, v: dg.rope_append(x, weight[0], bias, cos, sin, k, v, write_pos, dim, q_heads)  # noqa: E731
     want = _two_steps(y, cos, sin, keys, values, write_pos, q_heads, kv_heads, dim)
@@ -188,3 +188,19 @@ def test_gpu_epilogue_at_llama_shapes_bit_for_bit_and_in_a_cuda_graph(int8, head
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(q, want[0]) and torch.equal(graph_keys, want[1]) and torch.equal(graph_values, want[2])
+
+
+def test_warm_up_times_the_epilogue_against_f_linear_then_the_separate_kernel():
+    """``dense_gemv.Epilogue.runs``, what warm-up times for a fused weight: the GEMV with its epilogue, and
+    ``F.linear`` followed by the rotary (or SiLU product) kernel; both compute the same thing (within the
+    roundings of two matmul orders) on the scratch cache and trig tables."""
+    x, (w,), bias, *_ = _case(4, 2, 16, 96, torch.bfloat16, 2)
+    x = x.view(1, -1)
+    ours, theirs = dg.Epilogue("rope", 16, 4).runs(x, w, bias, dg._INTERPRET_CONFIG)
+    a, b = ours(), theirs()
+    assert a.shape == b.shape == (1, 4, 1, 16)
+    assert torch.allclose(a.float(), b.float(), atol=0.05, rtol=0.02), (a.float() - b.float()).abs().max()
+    ours, theirs = dg.Epilogue("glu").runs(x, w, bias, dg._INTERPRET_CONFIG)
+    a, b = ours(), theirs()
+    assert a.shape == b.shape == (1, w.shape[0] // 2)
+    assert torch.allclose(a.float(), b.float(), atol=0.05, rtol=0.02), (a.float() - b.float()).abs().max()
