@@ -133,30 +133,22 @@ class Decoder:
                 h = h + out
         return _linear(self.lm_head, self.norm(h[:, -1:, :]), self.gemv)[:, -1, :]
 
-    def gemv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None, dense_gemv.Epilogue | None]]:
-        """(weight, bias, epilogue) of every float matmul that ``_linear`` may hand to the GEMV kernel: the fused
-        q/k/v and gate/up (with the epilogue a one-row step folds into them where the kernels run: the rotation
-        and append, the SiLU product), o_proj and down_proj (under any LoRA wrapper) and lm_head;
-        ``dense_gemv.warm_up`` tunes them and judges each against ``F.linear`` (then the separate kernel)."""
-        weights: list[tuple[torch.Tensor, torch.Tensor | None, dense_gemv.Epilogue | None]] = []
+    def gemv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None, bool]]:
+        """(weight, bias, glu) of every float matmul that ``_linear`` may hand to the GEMV kernel: the fused q/k/v
+        and gate/up, o_proj and down_proj (under any LoRA wrapper) and lm_head; ``dense_gemv.warm_up`` tunes them
+        and judges each against ``F.linear``, a fused gate/up whose one-row step takes the SiLU product from the
+        GEMV's epilogue (``glu``: where the kernels run and the MLP's activation is a SiLU) with it."""
+        weights: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
         for layer, fusion in zip(self.layers, self.fused, strict=True):
-            attn = layer.self_attn
-            for fused, epilogue in ((fusion.qkv, self._rope_epilogue(attn, fusion.qkv)),
-                                    (fusion.gate_up, dense_gemv.Epilogue("glu") if self.act_kernel
-                                     and act_kernel.is_silu(getattr(layer.mlp, "act_fn", None)) else None)):
+            glu = self.act_kernel and act_kernel.is_silu(getattr(layer.mlp, "act_fn", None))
+            for fused, epilogue in ((fusion.qkv, False), (fusion.gate_up, glu)):
                 if fused is not None and type(fused.matmul) is nn.Linear:
                     weights.append((fused.matmul.weight, fused.matmul.bias, epilogue))
         modules = [base_layer_of(m) for layer in self.layers for m in (layer.self_attn.o_proj,
                                                                        getattr(layer.mlp, "down_proj", None))
                    if m is not None]
-        return weights + [(m.weight, m.bias, None) for m in (*modules, base_layer_of(self.lm_head))
+        return weights + [(m.weight, m.bias, False) for m in (*modules, base_layer_of(self.lm_head))
                           if type(m) is nn.Linear]
-
-    def _rope_epilogue(self, attn: nn.Module, qkv: FusedLinear | None) -> dense_gemv.Epilogue | None:
-        """The rotary epilogue of a layer's fused q/k/v, where a one-row step may run it (``rope_append``)."""
-        if qkv is None or not self.rope_kernel or hasattr(attn, "q_norm"):
-            return None
-        return dense_gemv.Epilogue("rope", attn.head_dim, qkv.sizes[0] // attn.head_dim)
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor, cache: Any, index: int, qkv: FusedLinear | None) -> torch.Tensor:
@@ -189,7 +181,7 @@ class Decoder:
     def _project_rotate_append(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                                cache: DecodeView, index: int, qkv: FusedLinear | None) -> torch.Tensor | None:
         """At a one-row decode step without LoRA on q, k or v (nor Qwen3's per-head norms, which come before
-        the rotation): the fused q/k/v matmul with the rotation and the append in its epilogue
+        the rotation): the fused int8 q/k/v matmul with the rotation and the append in its epilogue
         (``FusedLinear.rope_append``: the same values as the matmul, then ``kernels/rope_append.py``), returning
         the rotated query; None where that does not run (nothing written)."""
         if (qkv is None or not qkv.current(attn) or hasattr(attn, "q_norm")
@@ -197,7 +189,7 @@ class Decoder:
             return None
         keys, values = cache.layer(index)
         return qkv.rope_append(x, cos, sin, keys, values, cache.write_pos, attn.head_dim,
-                               qkv.sizes[0] // attn.head_dim, self.gemv)
+                               qkv.sizes[0] // attn.head_dim)
 
     def _attend(self, attn: nn.Module, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor, cache: Any, rows: int, length: int) -> torch.Tensor:

@@ -76,23 +76,17 @@ class FusedLinear:
 
 
     def rope_append(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                    values: torch.Tensor, write_pos: torch.Tensor, head_dim: int, q_heads: int,
-                    gemv: bool = False) -> torch.Tensor | None:
+                    values: torch.Tensor, write_pos: torch.Tensor, head_dim: int,
+                    q_heads: int) -> torch.Tensor | None:
         """For an attention's q/k/v: the base projections rotated (q and k) and appended (k and v, at entry
-        ``write_pos[0]`` of the layer's ``keys``/``values``) in the matmul's own launch where a one-row kernel
-        takes x (the int8 GEMV, or with ``gemv`` the float GEMV where chosen: ``rope_append`` in each), the values
-        of the matmul and ``kernels/rope_append.py`` bit for bit; returns the rotated query ``[1, q_heads, 1,
-        head_dim]``, or None (nothing written: the caller runs the two steps)."""
+        ``write_pos[0]`` of the layer's ``keys``/``values``) in the matmul's own launch where the int8 one-row
+        kernel takes x (``int8_epilogues.rope_append``), the values of the matmul and ``kernels/rope_append.py``
+        bit for bit; returns the rotated query ``[1, q_heads, 1, head_dim]``, or None (nothing written: the caller
+        runs the two steps; always for a float matmul, whose GEMV has no such epilogue)."""
         m = self.matmul
-        if self.names != QKV:
+        if self.names != QKV or not isinstance(m, Int8WeightOnlyLinear):
             return None
-        args = (x, cos, sin, keys, values)
-        if isinstance(m, Int8WeightOnlyLinear):
-            return m.rope_append(*args, write_pos, head_dim, q_heads)
-        if gemv and type(m) is nn.Linear and dense_gemv.rope_fits(x, m.weight, m.bias, cos, sin, keys, values,
-                                                                   head_dim, q_heads):
-            return dense_gemv.rope_append(x, m.weight, m.bias, cos, sin, keys, values, write_pos, head_dim, q_heads)
-        return None
+        return m.rope_append(x, cos, sin, keys, values, write_pos, head_dim, q_heads)
 
 
 def fused_outputs(fused: FusedLinear | None, parent: nn.Module, x: torch.Tensor,

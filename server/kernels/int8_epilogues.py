@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import triton
 
-from .dense_gemv import rope_arguments, support_rope
 from .int8_matmul import _CHOSEN, _DTYPES, _small_kernels, _small_key
 from .support import interpreting, pdl_launch
 
@@ -52,22 +51,48 @@ def silu_glu(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.T
     return _paired(x, cb, scb, bias, config, n, {"GLU": True, "PAIR": n}).reshape(*x.shape[:-1], n)
 
 
+def support_rope(x: torch.Tensor, rows: int, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, head_dim: int, q_heads: int) -> bool:
+    """The shapes the rotary epilogue takes: one bf16/fp16 row (fp32 is left to the two steps: the GEMV's
+    compiled products may fuse where ``rope_append.py`` rounds each), a weight of ``rows`` = (``q_heads`` + 2
+    key/value heads) * ``head_dim`` rows, ``head_dim`` even, ``cos``/``sin`` ``[1, 1, head_dim]`` contiguous,
+    ``keys``/``values`` ``[>= 1, kv heads, entries, head_dim]`` alike."""
+    kv_heads = keys.shape[1] if keys.dim() == 4 else 0
+    return (x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1] and head_dim % 2 == 0
+            and kv_heads > 0 and rows == (q_heads + 2 * kv_heads) * head_dim
+            and cos.shape == (1, 1, head_dim) == sin.shape and cos.is_contiguous() and sin.is_contiguous()
+            and keys.shape[-1] == head_dim and values.shape == keys.shape and keys.stride(-1) == 1
+            and values.stride(-1) == 1)
+
+
+def rope_arguments(cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   write_pos: torch.Tensor, head_dim: int, q_heads: int) -> dict:
+    """The rotary epilogue's kernel keywords."""
+    return dict(ROPE=True, PAIR=head_dim // 2, cos_ptr=cos, sin_ptr=sin, kc_ptr=keys, vc_ptr=values,
+                pos_ptr=write_pos, Q_HEADS=q_heads, KV_HEADS=keys.shape[1], stride_kch=keys.stride(1),
+                stride_kct=keys.stride(2), stride_vch=values.stride(1), stride_vct=values.stride(2))
+
+
 def rope_fits(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
               sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, head_dim: int, q_heads: int) -> bool:
     """Whether ``rope_append`` takes these: what ``glu_fits`` asks of x and the weight (one row, whole words, the
-    one-row key tuned to GEMV tiles of one split), x bf16 or fp16, and the shapes of ``dense_gemv.support_rope``
-    (a fused q/k/v weight of whole heads, one row's cos and sin, the layer's caches)."""
-    return (x.dtype != torch.float32 and glu_fits(x, cb, scb, bias)
-            and support_rope(x, cb.shape[0], cos, sin, keys, values, head_dim, q_heads))
+    one-row key tuned to GEMV tiles of one split) and the shapes of ``support_rope`` (x bf16 or fp16, a fused
+    q/k/v weight of whole heads, one row's cos and sin, the layer's caches)."""
+    return glu_fits(x, cb, scb, bias) and support_rope(x, cb.shape[0], cos, sin, keys, values, head_dim, q_heads)
 
 
 def rope_append(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, write_pos: torch.Tensor, head_dim: int,
                 q_heads: int, config: dict | None = None) -> torch.Tensor:
-    """``dense_gemv.rope_append`` for an int8 weight (``rope_fits`` must hold, or ``config`` be GEMV tiles of one
-    split): the one-row projection split into q, k, v, then ``rope_append.rope_append``'s rotation and append,
-    in one launch, with the two steps' values bit for bit for the same tiles. Returns the rotated query ``[1,
-    q_heads, 1, head_dim]``."""
+    """The q/k/v projection of one row, rotated and appended, in one launch (``rope_fits`` must hold, or
+    ``config`` be GEMV tiles of one split): ``q, k, v = int8_weight_matmul(x, cb, scb, bias)`` split into heads,
+    then ``rope_append.rope_append(q, k, v, cos, sin, keys, values, write_pos)``, with the two steps' values bit
+    for bit for the same tiles. Returns the rotated query ``[1, q_heads, 1, head_dim]``; writes row 0's key and
+    value at entry ``write_pos[0]`` of ``keys``/``values``. Saves the rotation's launch and the q/k/v row's write
+    and read at a batch-1 decode step.
+
+    The float GEMV (``dense_gemv.py``) has no such epilogue: a copy of this one gave wrong q and k values for
+    some of its tiles compiled on the H200 (e7e7876; bench/NOTES.md), while its values kept right."""
     return _paired(x, cb, scb, bias, config, q_heads * head_dim,
                    rope_arguments(cos, sin, keys, values, write_pos, head_dim, q_heads)).view(1, q_heads, 1, head_dim)
 

@@ -112,8 +112,12 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     ``GLU`` (the GEMV tiles, ``SPLIT_K == 1`` only; the weight an MLP's fused gate/up, ``[2 N, K]``): as
     ``dense_gemv.py``'s, the tile's rows pair gate row j with up row N + j and the program stores ``silu(gate) *
     up`` for its ``BLOCK_N / 2`` outputs with ``silu_mul.py``'s roundings (``ROUND_BF16``: the interpreter's,
-    there). ``ROPE`` (the same tiles; a fused q/k/v weight): ``dense_gemv.py``'s rotary epilogue, a copy (see
-    there)."""
+    there). ``ROPE`` (the same tiles; a fused q/k/v weight, ``[(Q_HEADS + 2 KV_HEADS) * 2 PAIR, K]``, heads of
+    ``2 PAIR`` rows): the tile pairs row ``e`` of a head with its row ``e + PAIR`` (rotate_half's partners), and
+    the program does ``rope_append.py``'s work for its pairs with that kernel's roundings: a query head's
+    rotated into ``y`` (``[Q_HEADS, 2 PAIR]``), a key head's rotated and a value head's as it is written at
+    entry ``pos[0]`` of the layer's cache (``kc``/``vc``: row 0's heads and entries by their strides). ``N``:
+    the number of pairs (GLU's: the outputs, with ``PAIR`` = N)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_tiles = (K + BLOCK_K - 1) // BLOCK_K
@@ -128,7 +132,7 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     if GLU or ROPE:  # tile row 2 i: the program's i-th pair's first row, 2 i + 1: its partner PAIR rows on
-        t = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2) % N  # (dense_gemv.py's pairs; GLU's PAIR is N)
+        t = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2) % N  # (a gate row's partner: PAIR = N on)
         rows = (t // PAIR) * (2 * PAIR) + t % PAIR + (tl.arange(0, BLOCK_N) % 2) * PAIR
     else:
         rows = rn % N
@@ -224,7 +228,7 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
             out = sg.to(y_ptr.dtype.element_ty).to(tl.float32) * u
         cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         tl.store(y_ptr + pid_m * stride_ym + cols * stride_yn, out.to(y_ptr.dtype.element_ty), mask=cols < N)
-    elif ROPE:  # dense_gemv.py's rotary epilogue, a copy (rope_append.py's roundings)
+    elif ROPE:  # rope_append.py's kernel on q, k, v rounded to y's dtype (a copy: see there for the roundings)
         scale = tl.load(s_ptr + rows) * (1.0 / 127.0)
         acc = acc * scale[None, :]
         if HAS_BIAS:

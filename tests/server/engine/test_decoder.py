@@ -18,7 +18,6 @@ from adapterd.server.architecture import check_config
 from adapterd.server.engine.decoder import OWN_FAMILIES, Decoder, model_forward
 from adapterd.server.engine.kv_pool import causal_mask
 from adapterd.server.engine.step_context import StepContext, step_context
-from adapterd.server.kernels import dense_gemv as dg
 from tests.helpers import TEST_DEVICE
 from tests.server.engine.test_architectures import FAMILIES
 
@@ -235,13 +234,30 @@ def _pool_steps(decoder: Decoder, model, ids: torch.Tensor, context: StepContext
     return logits, pool.storage.clone()
 
 
+def _int8_weight_only(model):
+    """``model`` with every projection of its layers swapped for the engine's int8 weight-only layer (absmax
+    per row, as bitsandbytes quantizes; the activations stay in the model's dtype)."""
+    from adapterd.server.kernels.int8_linear import Int8WeightOnlyLinear
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    w = child.weight.detach().float()
+                    scb = w.abs().amax(dim=1).clamp_min(1e-8)
+                    cb = torch.round(w / scb[:, None] * 127).to(torch.int8)
+                    setattr(parent, name, Int8WeightOnlyLinear(cb, scb, child.bias))
+    return model
+
+
 @torch.no_grad()
 def test_one_row_qkv_projection_rotates_and_appends_in_its_epilogue_unless_lora_adds_to_q_k_or_v(model, monkeypatch):
-    """A bf16 Llama, one row, the kernels on (Triton's interpreter), decode steps through the pool: each layer's
-    fused q/k/v GEMV rotates q and k and appends k and v in its epilogue (``dense_gemv.rope_append``, once a layer
-    a step), and the logits and every pool entry are those of the same decoder with the epilogue off (the GEMV,
-    then ``kernels/rope_append.py``), bit for bit. A step whose LoRA rows add to q and v keeps the two steps (the
-    deltas go in before the rotation) and matches the eager decoder (transformers' rotation, the pool's writes)."""
+    """A bf16 Llama on int8 weights, one row, the kernels on (Triton's interpreter), decode steps through the
+    pool: each layer's fused q/k/v GEMV rotates q and k and appends k and v in its epilogue
+    (``int8_epilogues.rope_append``, once a layer a step), and the logits and every pool entry are those of the
+    same decoder with the epilogue off (the GEMV with the same tiles, then ``kernels/rope_append.py``), bit for
+    bit. A step whose LoRA rows add to q and v keeps the two steps (the deltas go in before the rotation) and
+    matches the eager decoder (transformers' rotation, the pool's writes) within bf16's roundings."""
     pytest.importorskip("triton")
     if model.config.model_type != "llama":
         pytest.skip("one family is enough for the epilogue's wiring (the interpreter is slow); the GPU suite runs all")
@@ -250,17 +266,21 @@ def test_one_row_qkv_projection_rotates_and_appends_in_its_epilogue_unless_lora_
     import adapterd.server.adapters.lora as lora
     from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
     from adapterd.server.engine.fused_projections import FusedLinear
-    from adapterd.server.kernels import dense_gemv
+    from adapterd.server.kernels import int8_epilogues, int8_matmul
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    half = copy.deepcopy(model).to(torch.bfloat16)
+    # the plain one-row matmul on the epilogue's tiles, so that on and off differ only by the epilogue
+    tiles = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1}  # few programs: the interpreter is slow
+    monkeypatch.setattr(int8_epilogues, "_INTERPRET_GLU", tiles)
+    monkeypatch.setattr(int8_matmul, "_INTERPRET_SMALL", tiles)
+    half = _int8_weight_only(copy.deepcopy(model).to(torch.bfloat16))
     ids = torch.randint(3, half.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
     decoder = Decoder(half)
     assert decoder.rope_kernel
     calls: list[tuple[int, ...]] = []
-    real = dense_gemv.rope_append
-    monkeypatch.setattr(dense_gemv, "rope_append",
-                        lambda x, w, *a, **k: calls.append(tuple(w.shape)) or real(x, w, *a, **k))
+    real = int8_epilogues.rope_append
+    monkeypatch.setattr(int8_epilogues, "rope_append",
+                        lambda x, cb, *a, **k: calls.append(tuple(cb.shape)) or real(x, cb, *a, **k))
     got, got_pool = _pool_steps(decoder, half, ids)
     assert calls == [tuple(decoder.fused[0].qkv.matmul.weight.shape)] * (half.config.num_hidden_layers * ids.shape[1])
     with monkeypatch.context() as off:
@@ -281,35 +301,24 @@ def test_one_row_qkv_projection_rotates_and_appends_in_its_epilogue_unless_lora_
     context = StepContext("decode", table.rows_of([slot], "decode"))
     adapted, _ = _pool_steps(Decoder(half), half, ids[:, :3], context)
     eager, _ = _pool_steps(Decoder(half, rope_kernel=False), half, ids[:, :3], context)
+    assert calls == []
     base, _ = _pool_steps(Decoder(half), half, ids[:, :3])
-    assert calls == [calls[0]] * len(calls) and len(calls) == half.config.num_hidden_layers * 3  # the base rows only
-    for a, b, c in zip(adapted, eager, base, strict=True):  # bf16 kernels against eager: a few roundings apart,
+    assert len(calls) == half.config.num_hidden_layers * 3  # the base rows' steps only
+    for a, b, c in zip(adapted, eager, base, strict=True):  # kernels against eager: a few bf16 roundings apart,
         # while the adapter moves the logits ten times as far
         assert (a.float() - b.float()).abs().max() < 0.1 * (a.float() - c.float()).abs().max()
 
 
-def test_gemv_weights_carry_the_epilogues_a_one_row_step_folds(model, monkeypatch):
-    """The GEMV's warm-up judges the fused q/k/v and gate/up with what a one-row step folds into them (the
-    rotation and append where the rotary kernel runs and no per-head norm comes first, the SiLU product where
-    the MLP's activation is a SiLU), every other weight alone; without the kernels, none."""
+def test_gemv_weights_judge_the_gate_up_with_its_silu_epilogue(model, monkeypatch):
+    """The GEMV's warm-up judges a fused gate/up with the SiLU product a one-row step folds into it (where the
+    kernels run and the MLP's activation is a SiLU), every other weight alone; without the kernels, none."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels "run" on CPU tensors: their switches are on
     half = copy.deepcopy(model).to(torch.bfloat16)
     decoder = Decoder(half)
+    gate_ups = {id(f.gate_up.matmul.weight) for f in decoder.fused if f.gate_up is not None}
     weights = decoder.gemv_weights()
-    fused = {id(f.matmul.weight): (layer, f) for layer, fusion in zip(decoder.layers, decoder.fused, strict=True)
-             for f in (fusion.qkv, fusion.gate_up) if f is not None}
-    config = half.config
-    for weight, _, epilogue in weights:
-        layer, f = fused.get(id(weight), (None, None))
-        if f is None:
-            assert epilogue is None
-        elif f.names[0] == "q_proj":
-            rotates = decoder.rope_kernel and not hasattr(layer.self_attn, "q_norm")
-            want = dg.Epilogue("rope", layer.self_attn.head_dim, config.num_attention_heads) if rotates else None
-            assert epilogue == want
-        else:
-            assert epilogue == dg.Epilogue("glu")
-    kinds = {e.kind for _, _, e in weights if e is not None}
-    assert ("rope" in kinds) == (config.model_type in ("llama", "mistral", "qwen2")), kinds
-    assert all(e is None for _, _, e in Decoder(half, rope_kernel=False).gemv_weights())
+    assert [glu for w, _, glu in weights if id(w) in gate_ups] == [True] * len(gate_ups)
+    assert not any(glu for w, _, glu in weights if id(w) not in gate_ups)
+    assert len(gate_ups) == (half.config.num_hidden_layers if half.config.model_type != "glm" else 0)
+    assert not any(glu for _, _, glu in Decoder(half, rope_kernel=False).gemv_weights())

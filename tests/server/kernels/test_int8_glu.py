@@ -131,5 +131,5 @@ def test_glu_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     dense_pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}
     for bn, bk, warps in dense_gemv._CONFIGS:
         flags = {"HAS_BIAS": True, "BLOCK_N": bn, "BLOCK_K": bk, "K_TILES": 4, "ROUND_BF16": False,
-                 "USE_PDL": True, "GLU": True, "INTERPRETED": False, "ROPE": False}
+                 "USE_PDL": True, "GLU": True, "INTERPRETED": False}
         assert "div.rn.f32" in compile_(dense_gemv._gemv, dense_pointers, flags, warps).asm["ptx"], (bn, bk)
