@@ -15,7 +15,9 @@ here the layer loop is written out the way gpt-fast's ``model.py`` is, with ever
         q, k = apply_rotary(q, k, cos, sin)          # the family's own function (GLM: half of each head, interleaved)
         K, V = cache.update(k, v, layer)             # writes this step's entries, returns what attention reads
                                                      # (a decode step on a GPU: rotation and writes in one kernel,
-                                                     # which adds q, k and v's LoRA deltas too: lora_folds.py)
+                                                     # which adds q, k and v's LoRA deltas too: lora_folds.py;
+                                                     # at one row on int8 weights without LoRA there, in the
+                                                     # q/k/v GEMV's epilogue: int8_epilogues.py)
         h = h + o_proj(sdpa(q, K, V, mask[layer]))   # one fused attention call, grouped key/value heads as they are
                                                      # (a decode step on a GPU: split along the keys, ours; its
                                                      # merge also runs o_proj's LoRA shrink)
