@@ -60,7 +60,6 @@ class FusedLinear:
         y = dense_gemv.linear(x, m.weight, m.bias) if gemv and type(m) is nn.Linear else m(x)
         return list(y.split(self.sizes, dim=-1))
 
-
     def silu_glu(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor | None:
         """For a gate/up pair of one width: ``silu(gate) * up`` of the base outputs in one launch where a one-row
         kernel takes x (the int8 GEMV, or with ``gemv`` the float GEMV where chosen: ``silu_glu`` in each), the
@@ -73,7 +72,6 @@ class FusedLinear:
         if gemv and type(m) is nn.Linear and dense_gemv.glu_chosen(x, m.weight, m.bias):
             return dense_gemv.silu_glu(x, m.weight, m.bias)
         return None
-
 
     def rope_append(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                     values: torch.Tensor, write_pos: torch.Tensor, head_dim: int,

@@ -16,15 +16,15 @@ import triton
 from .int8_matmul import _CHOSEN, _DTYPES, _small_kernels, _small_key
 from .support import interpreting, pdl_launch
 
-_INTERPRET_GLU = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 32, "SPLIT_K": 1}  # the interpreter's GLU tile
+_INTERPRET_TILES = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 32, "SPLIT_K": 1}  # the interpreter's epilogue tiles
 
 
-def _glu_config(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+def _one_split_tiles(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
                 interpret: bool) -> dict | None:
-    """The GEMV tiles ``silu_glu`` runs for these: the one-row key's tuned choice where it is a GEMV tile of one
-    split (the interpreter: ``_INTERPRET_GLU``), else None."""
+    """The GEMV tiles the epilogues run for these: the one-row key's tuned choice where it is a GEMV tile of one
+    split (the interpreter: ``_INTERPRET_TILES``), else None."""
     if interpret:
-        return _INTERPRET_GLU
+        return _INTERPRET_TILES
     config = _CHOSEN.get(_small_key(False, 1, x, cb, scb, bias))
     return config if config and config["BLOCK_M"] == 1 and config["SPLIT_K"] == 1 else None
 
@@ -38,7 +38,8 @@ def glu_fits(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.T
     return (x.dtype in _DTYPES and x.numel() == x.shape[-1] and (x.is_cuda or interpret) and cb.dim() == 2
             and cb.shape[1] == x.shape[-1] and cb.shape[0] % 2 == 0 and cb.shape[1] % 4 == 0 and cb.stride(1) == 1
             and cb.stride(0) % 4 == 0 and cb.data_ptr() % 4 == 0 and scb.shape == (cb.shape[0],)
-            and (bias is None or bias.shape == (cb.shape[0],)) and _glu_config(x, cb, scb, bias, interpret) is not None)
+            and (bias is None or bias.shape == (cb.shape[0],))
+            and _one_split_tiles(x, cb, scb, bias, interpret) is not None)
 
 
 def silu_glu(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
@@ -51,34 +52,19 @@ def silu_glu(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.T
     return _paired(x, cb, scb, bias, config, n, {"GLU": True, "PAIR": n}).reshape(*x.shape[:-1], n)
 
 
-def support_rope(x: torch.Tensor, rows: int, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                 values: torch.Tensor, head_dim: int, q_heads: int) -> bool:
-    """The shapes the rotary epilogue takes: one bf16/fp16 row (fp32 is left to the two steps: the GEMV's
-    compiled products may fuse where ``rope_append.py`` rounds each), a weight of ``rows`` = (``q_heads`` + 2
-    key/value heads) * ``head_dim`` rows, ``head_dim`` even, ``cos``/``sin`` ``[1, 1, head_dim]`` contiguous,
-    ``keys``/``values`` ``[>= 1, kv heads, entries, head_dim]`` alike."""
-    kv_heads = keys.shape[1] if keys.dim() == 4 else 0
-    return (x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1] and head_dim % 2 == 0
-            and kv_heads > 0 and rows == (q_heads + 2 * kv_heads) * head_dim
-            and cos.shape == (1, 1, head_dim) == sin.shape and cos.is_contiguous() and sin.is_contiguous()
-            and keys.shape[-1] == head_dim and values.shape == keys.shape and keys.stride(-1) == 1
-            and values.stride(-1) == 1)
-
-
-def rope_arguments(cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   write_pos: torch.Tensor, head_dim: int, q_heads: int) -> dict:
-    """The rotary epilogue's kernel keywords."""
-    return dict(ROPE=True, PAIR=head_dim // 2, cos_ptr=cos, sin_ptr=sin, kc_ptr=keys, vc_ptr=values,
-                pos_ptr=write_pos, Q_HEADS=q_heads, KV_HEADS=keys.shape[1], stride_kch=keys.stride(1),
-                stride_kct=keys.stride(2), stride_vch=values.stride(1), stride_vct=values.stride(2))
-
-
 def rope_fits(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
               sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, head_dim: int, q_heads: int) -> bool:
     """Whether ``rope_append`` takes these: what ``glu_fits`` asks of x and the weight (one row, whole words, the
-    one-row key tuned to GEMV tiles of one split) and the shapes of ``support_rope`` (x bf16 or fp16, a fused
-    q/k/v weight of whole heads, one row's cos and sin, the layer's caches)."""
-    return glu_fits(x, cb, scb, bias) and support_rope(x, cb.shape[0], cos, sin, keys, values, head_dim, q_heads)
+    one-row key tuned to GEMV tiles of one split); x bf16 or fp16 (fp32 is left to the two steps: the GEMV's
+    compiled products may fuse where ``rope_append.py`` rounds each); a weight of (``q_heads`` + 2 key/value
+    heads) * ``head_dim`` rows, ``head_dim`` even; ``cos``/``sin`` ``[1, 1, head_dim]`` contiguous;
+    ``keys``/``values`` ``[>= 1, kv heads, entries, head_dim]`` alike."""
+    kv_heads = keys.shape[1] if keys.dim() == 4 else 0
+    return (x.dtype in (torch.bfloat16, torch.float16) and head_dim % 2 == 0 and kv_heads > 0
+            and cb.shape[0] == (q_heads + 2 * kv_heads) * head_dim
+            and cos.shape == (1, 1, head_dim) == sin.shape and cos.is_contiguous() and sin.is_contiguous()
+            and keys.shape[-1] == head_dim and values.shape == keys.shape and keys.stride(-1) == 1
+            and values.stride(-1) == 1 and glu_fits(x, cb, scb, bias))
 
 
 def rope_append(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
@@ -93,8 +79,10 @@ def rope_append(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torc
 
     The float GEMV (``dense_gemv.py``) has no such epilogue: a copy of this one gave wrong q and k values for
     some of its tiles compiled on the H200 (e7e7876; bench/NOTES.md), while its values kept right."""
-    return _paired(x, cb, scb, bias, config, q_heads * head_dim,
-                   rope_arguments(cos, sin, keys, values, write_pos, head_dim, q_heads)).view(1, q_heads, 1, head_dim)
+    meta = dict(ROPE=True, PAIR=head_dim // 2, cos_ptr=cos, sin_ptr=sin, kc_ptr=keys, vc_ptr=values,
+                pos_ptr=write_pos, Q_HEADS=q_heads, KV_HEADS=keys.shape[1], stride_kch=keys.stride(1),
+                stride_kct=keys.stride(2), stride_vch=values.stride(1), stride_vct=values.stride(2))
+    return _paired(x, cb, scb, bias, config, q_heads * head_dim, meta).view(1, q_heads, 1, head_dim)
 
 
 def _paired(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, config: dict | None,
@@ -103,7 +91,7 @@ def _paired(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Te
     ``out`` values stored to the returned ``[1, out]``."""
     interpret = interpreting()
     x2 = x.reshape(1, x.shape[-1])
-    config = config or _glu_config(x2, cb, scb, bias, interpret)
+    config = config or _one_split_tiles(x2, cb, scb, bias, interpret)
     if config is None or config["BLOCK_M"] != 1 or config["SPLIT_K"] != 1:
         raise ValueError(f"the epilogues run GEMV tiles of one split (BLOCK_M 1, SPLIT_K 1), got {config}")
     pairs, k = cb.shape[0] // 2, cb.shape[1]

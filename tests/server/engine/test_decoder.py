@@ -271,7 +271,7 @@ def test_one_row_qkv_projection_rotates_and_appends_in_its_epilogue_unless_lora_
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     # the plain one-row matmul on the epilogue's tiles, so that on and off differ only by the epilogue
     tiles = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1}  # few programs: the interpreter is slow
-    monkeypatch.setattr(int8_epilogues, "_INTERPRET_GLU", tiles)
+    monkeypatch.setattr(int8_epilogues, "_INTERPRET_TILES", tiles)
     monkeypatch.setattr(int8_matmul, "_INTERPRET_SMALL", tiles)
     half = _int8_weight_only(copy.deepcopy(model).to(torch.bfloat16))
     ids = torch.randint(3, half.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))

@@ -70,7 +70,7 @@ def test_glu_fits_one_row_paired_rows_and_gemv_tiles_of_one_split(monkeypatch):
                          ({"BLOCK_M": 1, "BLOCK_N": 8, "SPLIT_K": 2}, False), ({"BLOCK_M": 1, "BLOCK_N": 8,
                                                                                  "SPLIT_K": 1}, True)):
         monkeypatch.setitem(km._CHOSEN, key, chosen) if chosen else km._CHOSEN.pop(key, None)
-        assert (ke._glu_config(x, cb, scb, None, False) is not None) is fits, chosen
+        assert (ke._one_split_tiles(x, cb, scb, None, False) is not None) is fits, chosen
 
 
 @pytest.mark.gpu
