@@ -15,6 +15,11 @@ and append, the gate/up matmul's SiLU product: ``FusedLinear.rope_append`` and `
 off runs the separate kernels as before them: both ways in one process on one machine, whose differences
 (HBM clocks) otherwise swamp a few tens of microseconds between serve_bench runs.
 
+``--switch gemv`` asks, for each float weight shape the warm-up judged (``dense_gemv.judgements``: the GEMV
+kernel against ``F.linear``, each timed alone after an L2 flush), which of the two a decode step runs faster
+with: on = the kernel for that shape, off = ``F.linear``, the other shapes as judged. A step's kernels overlap
+under PDL and cuBLAS's do not, which a call timed alone cannot see.
+
 On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
 
@@ -42,8 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--work", default="/tmp/adapterd-bench")
-    parser.add_argument("--switch", choices=("pdl", "epilogues"), default="pdl",
-                        help="what is compared on / off: PDL (ADAPTERD_PDL) or the one-row GEMVs' epilogues")
+    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv"), default="pdl",
+                        help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, or "
+                        "the float GEMV kernel against F.linear, shape by shape")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     args.rows = [int(r) for r in args.rows.split(",")]
@@ -53,22 +59,27 @@ def parse_args() -> argparse.Namespace:
 _EPILOGUES = ("rope_append", "silu_glu")  # FusedLinear's one-row epilogue methods
 
 
-def measure(runtime, rows: int, adapters: list, args, on: bool) -> tuple[float, float | None]:
+def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | None = None,
+            ) -> tuple[float, float | None]:
     """(engine ms a step, graph replayed alone ms) at ``rows`` rows, every decode graph captured anew with
-    ``args.switch`` on or off."""
+    ``args.switch`` on or off (``--switch gemv``: for the judged float shape ``shape``)."""
     from adapterd.server.engine.fused_projections import FusedLinear
+    from adapterd.server.kernels import dense_gemv
 
     decoder = runtime.engine.runner.decoder
     originals = {name: FusedLinear.__dict__[name] for name in _EPILOGUES}
+    verdict = dense_gemv.judgements()[shape][2] if shape is not None else None
 
-    def switch() -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods: new captures follow
-        if args.switch == "pdl":
+    def switch(on: bool) -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods and
+        if args.switch == "pdl":   # the GEMV's choices: new captures follow
             os.environ["ADAPTERD_PDL"] = "1" if on else "0"
         for name, method in originals.items():  # off: each returns None, and the decoder runs the two steps
             setattr(FusedLinear, name, method if on or args.switch != "epilogues" else lambda *a, **k: None)
+        if shape is not None:
+            dense_gemv.choose(shape, on)
         decoder.graphs.clear()
 
-    runtime.engine.call(switch).result(60)
+    runtime.engine.call(lambda: switch(on)).result(60)
     try:
         engine_step_ms(runtime, rows, args.ctx, 4, adapters)  # captures this shape's graph, not timed
         ms = engine_step_ms(runtime, rows, args.ctx, args.new, adapters)
@@ -76,6 +87,8 @@ def measure(runtime, rows: int, adapters: list, args, on: bool) -> tuple[float, 
     finally:
         for name, method in originals.items():
             setattr(FusedLinear, name, method)
+        if shape is not None:
+            runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
 
 
 def main() -> int:
@@ -102,9 +115,12 @@ def main() -> int:
             cases = [(r, [None] * r) for r in args.rows]
             if args.lora_rows:
                 cases.append((args.lora_rows, [runtime.store.get(a) for a in ids[: args.lora_rows]]))
-            for rows, adapters in cases:
+            shapes = [None] if args.switch != "gemv" else list(judged_shapes())
+            for (rows, adapters), shape in ((case, shape) for case in cases for shape in shapes):
                 what = f"{rows} rows" + (f" on {rows} LoRA" if any(adapters) else "")
-                (on_ms, on_dev), (off_ms, off_dev) = (measure(runtime, rows, adapters, args, on)
+                if shape is not None:
+                    what += f", {shape[0]}x{shape[1]}"
+                (on_ms, on_dev), (off_ms, off_dev) = (measure(runtime, rows, adapters, args, on, shape)
                                                       for on in (True, False))
                 dev = "" if on_dev is None else f"{on_dev:.3f} / {off_dev:.3f}"
                 line = f"| {label} | {what} | {on_ms:.3f} / {off_ms:.3f} | {off_ms / on_ms:.3f} | {dev} |"
@@ -121,8 +137,22 @@ def main() -> int:
     return 0
 
 
+def judged_shapes() -> dict[tuple, tuple[float, float, bool]]:
+    """The float shapes the GEMV's warm-up judged, printed with its verdict (none on the CPU)."""
+    from adapterd.server.kernels import dense_gemv
+
+    judged = dense_gemv.judgements()
+    if not judged:
+        print("judged: no float shape (the GEMV's warm-up runs on a CUDA device, for bf16 / fp16 weights)", flush=True)
+    for (n, k, *_), (ours, theirs, kernel) in judged.items():
+        print(f"judged {n}x{k}: GEMV {ours:.1f} us, F.linear {theirs:.1f} us alone -> "
+              f"{'GEMV' if kernel else 'F.linear'}", flush=True)
+    return judged
+
+
 def record(lines: list[str], args, machine: str) -> None:
-    what = "PDL" if args.switch == "pdl" else "the one-row GEMV epilogues"
+    what = {"pdl": "PDL", "epilogues": "the one-row GEMV epilogues",
+            "gemv": "the float GEMV kernel (against F.linear) for the shape named"}[args.switch]
     head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}: {args.shape}, ctx "
             f"{args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "

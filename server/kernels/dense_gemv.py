@@ -145,6 +145,8 @@ def tuned_configs() -> dict[str, str]:
 
 # (N, K, dtype, bias dtype, device) -> the tuned launch config, for the shapes where the kernel beat F.linear
 _CHOSEN: dict[tuple, dict] = {}
+# The same keys -> (the kernel's us, F.linear's us, its tuned config), for every shape ``warm_up`` judged
+_JUDGED: dict[tuple, tuple[float, float, dict]] = {}
 
 
 def _key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
@@ -254,6 +256,22 @@ def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None] | tuple[torch
                     lambda: F.linear(x, weight, bias))  # noqa: B023
         ours, theirs = (quick_bench(run, None) for run in runs)
         times[tuple(weight.shape)] = (ours * 1e3, theirs * 1e3)
+        _JUDGED[key] = (ours * 1e3, theirs * 1e3, config)
         if ours < theirs:
             _CHOSEN[key] = config
     return times
+
+
+def judgements() -> dict[tuple, tuple[float, float, bool]]:
+    """``warm_up``'s verdicts so far: ``(N, K, dtype, bias dtype, device)`` -> (the kernel's us, ``F.linear``'s
+    us, whether ``linear`` runs the kernel for that shape now)."""
+    return {key: (ours, theirs, key in _CHOSEN) for key, (ours, theirs, _) in _JUDGED.items()}
+
+
+def choose(key: tuple, kernel: bool) -> None:
+    """Override ``warm_up``'s verdict for a judged shape (``judgements``' key): the kernel with its tuned tiles,
+    or ``F.linear``. For benches that time the choice inside a decode step; captured graphs keep the old one."""
+    if kernel:
+        _CHOSEN[key] = _JUDGED[key][2]
+    else:
+        _CHOSEN.pop(key, None)

@@ -71,6 +71,22 @@ def test_what_the_kernel_takes_and_linear_falls_back_to_f_linear_for_the_rest(mo
     torch.testing.assert_close(dg.linear(x, w, bias), F.linear(x, w, bias), rtol=0, atol=0)
 
 
+
+def test_a_judged_shape_can_be_switched_between_the_kernel_and_f_linear(monkeypatch):
+    """``judgements`` reports warm-up's verdicts and ``choose`` overrides one (pdl_bench --switch gemv): off the
+    interpreter ``chosen`` follows it, and ``linear`` runs the kernel or F.linear accordingly."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    x, w, bias = _case(16, 64, torch.bfloat16)
+    key = dg._key(x, w, bias)
+    monkeypatch.setitem(dg._JUDGED, key, (9.0, 10.0, dict(dg._INTERPRET_CONFIG)))
+    monkeypatch.setattr(dg, "_CHOSEN", {})
+    assert dg.judgements()[key] == (9.0, 10.0, False) and not dg.chosen(x, w, bias)
+    dg.choose(key, True)
+    assert dg.judgements()[key][2] and dg.chosen(x, w, bias)
+    assert dg._CHOSEN[key] == dg._INTERPRET_CONFIG
+    dg.choose(key, False)
+    assert not dg.judgements()[key][2] and not dg.chosen(x, w, bias)
+
 def test_compiles_for_hopper_with_wide_loads_and_the_weight_requested_before_the_wait(monkeypatch, tmp_path):
     """Each GPU config compiles for sm_90; with the unit strides and 16-divisible sizes Triton specializes, the
     weight is read 16 bytes a load, the K loop has no cross-lane shuffle, and under PDL the first weight tile is
