@@ -9,31 +9,22 @@ from collections.abc import Callable
 
 
 def time_cuda(calls: list[Callable[[], object]], per_graph: int, replays: int) -> tuple[float, str]:
-    """Microseconds a call: ``per_graph`` calls (cycling over ``calls``) captured in one graph, replayed."""
+    """Microseconds a call: ``per_graph`` calls (cycling over ``calls``) captured in one graph, replayed
+    (``support.graph_us``, the engine's warm-up timer); eagerly where they cannot be captured."""
     import torch
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the capture: autotuning, compilation, lazy init
-        for call in calls * 2:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    from adapterd.server.kernels.support import graph_us
+
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            for i in range(per_graph):
-                calls[i % len(calls)]()
-        run, mode = graph.replay, "graph"
+        return graph_us(calls, per_graph, replays), "graph"
     except RuntimeError as exc:
         print(f"  capture failed ({str(exc).splitlines()[0][:120]}); timing eagerly", file=sys.stderr)
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
 
-        def run() -> None:
-            for i in range(per_graph):
-                calls[i % len(calls)]()
+    def run() -> None:
+        for i in range(per_graph):
+            calls[i % len(calls)]()
 
-        mode = "eager"
     run()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -42,7 +33,7 @@ def time_cuda(calls: list[Callable[[], object]], per_graph: int, replays: int) -
         run()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * per_graph), mode
+    return start.elapsed_time(end) * 1e3 / (replays * per_graph), "eager"
 
 
 def time_cpu(calls: list[Callable[[], object]], iters: int) -> tuple[float, str]:

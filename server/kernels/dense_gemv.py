@@ -227,16 +227,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return gemv(x, weight, bias) if chosen(x, weight, bias) else F.linear(x, weight, bias)
 
 
+# The warm-up's judge times each candidate over copies of the weight that together read at least this many
+# times the L2 cache (so every call reads HBM, as decode does), at most _JUDGE_COPY_BYTES of copies
+_JUDGE_L2_TIMES = 3
+_JUDGE_COPY_BYTES = 512 << 20
+_JUDGE_CALLS = 24  # calls a graph (a multiple of the copies), replayed _JUDGE_REPLAYS times
+_JUDGE_REPLAYS = 5
+
+
 @torch.no_grad()
 def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, bool]],
             ) -> dict[tuple[int, int], tuple[float, float]]:
     """Tune the kernel for each distinct ``(weight, bias)`` shape (bf16/fp16 weights on a CUDA device where the
-    kernel runs; others are skipped), time its choice against ``F.linear`` on a zero row (``support.quick_bench``,
-    L2 cleared before each call: decode reads every weight from HBM), and keep the kernel for the shapes where
-    it was faster. A weight given with ``True`` (an MLP's fused gate/up, whose one-row step folds the SiLU
-    product into the GEMV: ``silu_glu``) is judged with it: ``silu_glu`` against ``F.linear`` then ``silu_mul``
-    (the choice is per shape). Call before any CUDA graph capture. Returns ``{(N, K): (kernel us, F.linear
-    us)}``."""
+    kernel runs; others are skipped), time its choice against ``F.linear`` on a zero row the way a decode step
+    runs them (``_judge``: back to back in a CUDA graph, under PDL where it is on, over copies of the weight
+    that L2 cannot hold), and keep the kernel for the shapes where it was faster. A weight given with ``True``
+    (an MLP's fused gate/up, whose one-row step folds the SiLU product into the GEMV: ``silu_glu``) is judged
+    with it: ``silu_glu`` against ``F.linear`` then ``silu_mul`` (the choice is per shape). Call before any CUDA
+    graph capture. Returns ``{(N, K): (kernel us, F.linear us)}``.
+
+    Timing each call alone after an L2 flush (``quick_bench``, the tiles' autotuner) misjudged here: a
+    wrapper's host time, longer than the flush before it, was counted as the call's (the H200 at ecf03fe:
+    4096x4096 kernel 50.7 us against F.linear 18.9 us, F.linear chosen; inside the decode step the kernel was
+    0.15 ms a step faster, pdl_bench --switch gemv)."""
     from .silu_mul import silu_mul
 
     times: dict[tuple[int, int], tuple[float, float]] = {}
@@ -249,17 +262,42 @@ def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None] | tuple[torch
         gemv(x, weight, bias)  # tunes
         config = _kernels(False)[1].best_config.all_kwargs()
         if glu and glu[0]:
-            runs = (lambda: silu_glu(x, weight, bias, config=config),  # noqa: B023
-                    lambda: silu_mul(*F.linear(x, weight, bias).chunk(2, dim=-1)))  # noqa: B023
+            runs = (lambda w: silu_glu(x, w, bias, config=config),  # noqa: B023
+                    lambda w: silu_mul(*F.linear(x, w, bias).chunk(2, dim=-1)))  # noqa: B023
         else:
-            runs = (lambda: gemv(x, weight, bias, config=config),  # noqa: B023
-                    lambda: F.linear(x, weight, bias))  # noqa: B023
-        ours, theirs = (quick_bench(run, None) for run in runs)
-        times[tuple(weight.shape)] = (ours * 1e3, theirs * 1e3)
-        _JUDGED[key] = (ours * 1e3, theirs * 1e3, config)
+            runs = (lambda w: gemv(x, w, bias, config=config),  # noqa: B023
+                    lambda w: F.linear(x, w, bias))  # noqa: B023
+        ours, theirs = _judge(weight, runs)
+        times[tuple(weight.shape)] = (ours, theirs)
+        _JUDGED[key] = (ours, theirs, config)
         if ours < theirs:
             _CHOSEN[key] = config
     return times
+
+
+def judge_copies(size: int, l2: int) -> int:
+    """Copies of a ``size``-byte weight the judge makes besides it: with it, ``_JUDGE_L2_TIMES`` times an ``l2``-byte
+    cache or more, at most ``_JUDGE_COPY_BYTES`` of copies (none for a weight that is that size already)."""
+    return max(0, min(-(-_JUDGE_L2_TIMES * l2 // size) - 1, _JUDGE_COPY_BYTES // size))
+
+
+def _judge(weight: torch.Tensor, runs: tuple) -> tuple[float, float]:
+    """Microseconds a call of each of ``runs`` (each takes a weight), by ``support.graph_us`` over ``weight`` and
+    copies of it: enough that one pass over them is ``_JUDGE_L2_TIMES`` times the L2 cache where memory allows."""
+    from .support import graph_us
+
+    l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 64 << 20)
+    copies = [weight]
+    try:
+        copies += [weight.clone() for _ in range(judge_copies(weight.numel() * weight.element_size(), l2))]
+    except torch.OutOfMemoryError:  # judged on fewer copies: the smaller weights partly from L2
+        torch.cuda.empty_cache()
+    calls = -(-_JUDGE_CALLS // len(copies)) * len(copies)
+    try:
+        return tuple(graph_us([functools.partial(run, w) for w in copies], calls, _JUDGE_REPLAYS) for run in runs)
+    finally:
+        del copies
+        torch.cuda.empty_cache()
 
 
 def judgements() -> dict[tuple, tuple[float, float, bool]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -70,6 +71,34 @@ def quick_bench(fn, quantiles):
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def graph_us(calls: list[Callable[[], object]], per_graph: int, replays: int) -> float:
+    """Microseconds a call the way a decode step runs its kernels: ``per_graph`` calls (cycling over ``calls``)
+    captured in one CUDA graph, back to back (under PDL, each overlapping the one before), replayed ``replays``
+    times. No host time is measured, unlike ``quick_bench``, where a launch slower than the L2 flush before it
+    adds its host time to the call's. The calls are run twice on a side stream first (compilation, lazy
+    initialisation, cuBLAS workspaces). Raises where the calls cannot be captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls * 2:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for i in range(per_graph):
+            calls[i % len(calls)]()
+    graph.replay()  # the first replay uploads the graph
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * per_graph)
 
 
 def tuner_choices(tuner) -> dict[str, str]:

@@ -188,3 +188,29 @@ def test_tuner_choices_name_each_key_and_config():
 
     assert tuner_choices(Tuner()) == {"1, 4096, torch.bfloat16": "BLOCK_N: 8, BLOCK_K: 1024"}
     assert tuner_choices(None) == {}
+
+
+@pytest.mark.gpu
+def test_gpu_graph_us_times_the_device_only():
+    """``graph_us`` (the GEMV warm-up's judge) counts what a captured step runs, not the host's time around a
+    launch: a call that sleeps 5 ms on the host before a tiny kernel is timed in microseconds, and calls cycle
+    over the list given."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import time
+
+    from adapterd.server.kernels.support import graph_us
+
+    x = torch.zeros(1024, device="cuda")
+    seen = []
+
+    def call(i: int) -> None:
+        seen.append(i)
+        time.sleep(0.005)
+        x.add_(1.0)
+
+    us = graph_us([lambda: call(0), lambda: call(1)], per_graph=4, replays=3)
+    assert 0 < us < 1000, us  # the sleeps (5,000 us a call) are not in it
+    assert seen == [0, 1, 0, 1, 0, 1, 0, 1]  # twice each to warm up, then the capture's four
+    torch.cuda.synchronize()
+    assert x[0].item() == 4 + 4 * (1 + 3)  # the warm-up's 4, then the graph's 4 a replay: upload + 3 timed
