@@ -88,7 +88,8 @@ def test_a_judged_shape_can_be_switched_between_the_kernel_and_f_linear(monkeypa
     assert not dg.judgements()[key][2] and not dg.chosen(x, w, bias)
 
 
-@pytest.mark.parametrize(("size_mb", "copies"), [(32, 4), (90, 1), (150, 0), (180, 0), (1, 149), (0.5, 299), (0.1, 1500)])
+@pytest.mark.parametrize(("size_mb", "copies"),
+                         [(32, 4), (90, 1), (150, 0), (180, 0), (1, 149), (0.5, 299), (0.1, 1500)])
 def test_the_judge_reads_past_the_l2_cache_within_its_memory_bound(size_mb, copies):
     """warm-up's judge times the kernel and F.linear over the weight and copies of it: 3x an H200's 50 MB L2 in
     all (each call reads HBM, as in decode), but never more than 512 MB of copies."""
