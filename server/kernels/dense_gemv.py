@@ -244,7 +244,7 @@ def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None] | tuple[torch
     that L2 cannot hold), and keep the kernel for the shapes where it was faster. A weight given with ``True``
     (an MLP's fused gate/up, whose one-row step folds the SiLU product into the GEMV: ``silu_glu``) is judged
     with it: ``silu_glu`` against ``F.linear`` then ``silu_mul`` (the choice is per shape). Call before any CUDA
-    graph capture. Returns ``{(N, K): (kernel us, F.linear us)}``.
+    graph capture. Returns ``{(N, K): (kernel us, F.linear us)}``, each after its RMSNorm (``_judge``).
 
     Timing each call alone after an L2 flush (``quick_bench``, the tiles' autotuner) misjudged here: a
     wrapper's host time, longer than the flush before it, was counted as the call's (the H200 at ecf03fe:
@@ -262,12 +262,12 @@ def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None] | tuple[torch
         gemv(x, weight, bias)  # tunes
         config = _kernels(False)[1].best_config.all_kwargs()
         if glu and glu[0]:
-            runs = (lambda w: silu_glu(x, w, bias, config=config),  # noqa: B023
-                    lambda w: silu_mul(*F.linear(x, w, bias).chunk(2, dim=-1)))  # noqa: B023
+            runs = (lambda a, w: silu_glu(a, w, bias, config=config),  # noqa: B023
+                    lambda a, w: silu_mul(*F.linear(a, w, bias).chunk(2, dim=-1)))  # noqa: B023
         else:
-            runs = (lambda w: gemv(x, w, bias, config=config),  # noqa: B023
-                    lambda w: F.linear(x, w, bias))  # noqa: B023
-        ours, theirs = _judge(weight, runs)
+            runs = (lambda a, w: gemv(a, w, bias, config=config),  # noqa: B023
+                    lambda a, w: F.linear(a, w, bias))  # noqa: B023
+        ours, theirs = _judge(x, weight, runs)
         times[tuple(weight.shape)] = (ours, theirs)
         _JUDGED[key] = (ours, theirs, config)
         if ours < theirs:
@@ -281,9 +281,15 @@ def judge_copies(size: int, l2: int) -> int:
     return max(0, min(-(-_JUDGE_L2_TIMES * l2 // size) - 1, _JUDGE_COPY_BYTES // size))
 
 
-def _judge(weight: torch.Tensor, runs: tuple) -> tuple[float, float]:
-    """Microseconds a call of each of ``runs`` (each takes a weight), by ``support.graph_us`` over ``weight`` and
-    copies of it: enough that one pass over them is ``_JUDGE_L2_TIMES`` times the L2 cache where memory allows."""
+def _judge(x: torch.Tensor, weight: torch.Tensor, runs: tuple) -> tuple[float, float]:
+    """Microseconds a call of each of ``runs`` (each takes x and a weight) after an RMSNorm that makes its x, as
+    in a decode step (the norm's time included, the same in both), by ``support.graph_us`` over ``weight`` and
+    copies of it: enough that one pass over them is ``_JUDGE_L2_TIMES`` times the L2 cache where memory allows.
+    The norm matters: under PDL the kernel's weight stream starts while the norm still runs, and the kernel
+    after it starts while its last tiles do, where ``F.linear`` (cuBLAS: no PDL) waits for the norm to drain
+    and makes the next kernel wait for it (the H200 at 03be37a: 4096x11008 27.6 us against 27.4 alone, F.linear
+    chosen, 0.15 ms a bf16 step slower than the kernel inside the step)."""
+    from .rms_norm import MAX_HIDDEN, fused_rms_norm, fused_rms_norm_available
     from .support import graph_us
 
     l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 64 << 20)
@@ -292,9 +298,16 @@ def _judge(weight: torch.Tensor, runs: tuple) -> tuple[float, float]:
         copies += [weight.clone() for _ in range(judge_copies(weight.numel() * weight.element_size(), l2))]
     except torch.OutOfMemoryError:  # judged on fewer copies: the smaller weights partly from L2
         torch.cuda.empty_cache()
+    scale = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
+    normed = fused_rms_norm_available(x.device) and x.shape[-1] <= MAX_HIDDEN  # else judged without it
+
+    def step(run, w: torch.Tensor) -> None:  # noqa: ANN001
+        run(fused_rms_norm(x, scale, 1e-6) if normed else x, w)
+
     calls = -(-_JUDGE_CALLS // len(copies)) * len(copies)
     try:
-        return tuple(graph_us([functools.partial(run, w) for w in copies], calls, _JUDGE_REPLAYS) for run in runs)
+        return tuple(graph_us([functools.partial(step, run, w) for w in copies], calls, _JUDGE_REPLAYS)
+                     for run in runs)
     finally:
         del copies
         torch.cuda.empty_cache()
