@@ -110,7 +110,7 @@ class Decoder:
         self.act_kernel = rope_kernel and act_kernel.silu_mul_available(device)
         self.attention_kernel = rope_kernel and attention_kernel.decode_attention_available(device)
         # One-row float matmuls through the GEMV kernel (kernels/dense_gemv.py) for the shapes where its warm-up
-        # (``model_forward``, before any graph capture) found it faster than F.linear
+        # (``model_forward``, before any graph capture) did not find F.linear clearly faster
         self.gemv = rope_kernel and dense_gemv.dense_gemv_available(device)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: Mask, context: StepContext) -> torch.Tensor:
