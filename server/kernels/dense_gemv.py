@@ -255,7 +255,7 @@ def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None] | tuple[torch
     per shape). Call before any CUDA graph capture. Returns ``{(N, K): (kernel us, F.linear us)}``, each after
     its RMSNorm (``_judge``).
 
-    Timing each call alone after an L2 flush (``quick_bench``, the tiles' autotuner) misjudged here: a
+    Timing each call alone after an L2 flush (``triton.testing.do_bench``, the autotuners' timer then) misjudged: a
     wrapper's host time, longer than the flush before it, was counted as the call's (the H200 at ecf03fe:
     4096x4096 kernel 50.7 us against F.linear 18.9 us, F.linear chosen; inside the decode step the kernel was
     0.15 ms a step faster, pdl_bench --switch gemv)."""

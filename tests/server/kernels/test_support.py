@@ -214,3 +214,28 @@ def test_gpu_graph_us_times_the_device_only():
     assert seen == [0, 1, 0, 1, 0, 1, 0, 1]  # twice each to warm up, then the capture's four
     torch.cuda.synchronize()
     assert x[0].item() == 4 + 4 * (1 + 3)  # the warm-up's 4, then the graph's 4 a replay: upload + 3 timed
+
+
+@pytest.mark.gpu
+def test_gpu_quick_bench_times_a_call_from_hbm_without_host_time():
+    """The autotuners' timer: a call that sleeps 5 ms on the host before its kernel is timed in microseconds
+    (ms returned), a 64 MB read takes longer than a 1 MB one (the flush before each call leaves neither in L2),
+    and with quantiles one figure a quantile, as ``triton.autotune`` compares them."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import time
+
+    from adapterd.server.kernels.support import quick_bench
+
+    small = torch.ones(1 << 18, device="cuda")  # 1 MB
+    large = torch.ones(1 << 24, device="cuda")  # 64 MB
+    out = torch.empty((), device="cuda")
+
+    def sleepy() -> None:
+        time.sleep(0.005)
+        torch.sum(small, dim=0, out=out)
+
+    assert 0 <= quick_bench(sleepy) < 0.5
+    times = quick_bench(lambda: torch.sum(large, dim=0, out=out), (0.5, 0.2, 0.8))
+    assert len(times) == 3 and len(set(times)) == 1
+    assert times[0] > quick_bench(lambda: torch.sum(small, dim=0, out=out))
