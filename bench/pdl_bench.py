@@ -16,9 +16,9 @@ off runs the separate kernels as before them: both ways in one process on one ma
 (HBM clocks) otherwise swamp a few tens of microseconds between serve_bench runs.
 
 ``--switch gemv`` asks, for each float weight shape the warm-up judged (``dense_gemv.judgements``: the GEMV
-kernel against ``F.linear``, each timed alone after an L2 flush), which of the two a decode step runs faster
-with: on = the kernel for that shape, off = ``F.linear``, the other shapes as judged. A step's kernels overlap
-under PDL and cuBLAS's do not, which a call timed alone cannot see.
+kernel against ``F.linear``, each after an RMSNorm in a CUDA graph), which of the two a decode step runs faster
+with: on = the kernel for that shape, off = ``F.linear``, the other shapes as judged: whether the judge agrees
+with the step (it did not when it timed each call alone: bench/NOTES.md, "Seventeenth session").
 
 On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
@@ -145,7 +145,7 @@ def judged_shapes() -> dict[tuple, tuple[float, float, bool]]:
     if not judged:
         print("judged: no float shape (the GEMV's warm-up runs on a CUDA device, for bf16 / fp16 weights)", flush=True)
     for (n, k, *_), (ours, theirs, kernel) in judged.items():
-        print(f"judged {n}x{k}: GEMV {ours:.1f} us, F.linear {theirs:.1f} us alone -> "
+        print(f"judged {n}x{k}: GEMV {ours:.1f} us, F.linear {theirs:.1f} us (warm-up judge) -> "
               f"{'GEMV' if kernel else 'F.linear'}", flush=True)
     return judged
 

@@ -329,7 +329,7 @@ def print_tuned(label: str) -> None:
         for key, config in module.tuned_configs().items():
             print(f"tuned, {label}: {name} ({key}): {config}", flush=True)
     for (n, k, *_), (ours, theirs, kernel) in dense_gemv.judgements().items():
-        print(f"tuned, {label}: {n}x{k} at one row, GEMV {ours:.1f} us, F.linear {theirs:.1f} us alone -> "
+        print(f"tuned, {label}: {n}x{k} at one row, GEMV {ours:.1f} us, F.linear {theirs:.1f} us (warm-up judge) -> "
               f"{'GEMV' if kernel else 'F.linear'}", flush=True)
 
 
