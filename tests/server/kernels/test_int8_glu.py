@@ -98,6 +98,27 @@ def test_gpu_silu_glu_is_silu_mul_of_the_tuned_kernel_bit_for_bit(dtype):
     assert torch.equal(z, y)
 
 
+
+@pytest.mark.gpu
+def test_gpu_silu_glu_bit_for_bit_at_every_one_row_tile():
+    """On the GPU, every GEMV tile of one split the one-row key may tune to, not only this machine's pick:
+    ``silu_glu`` equals ``silu_mul`` of the plain kernel's output with the same tiles, bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from adapterd.server.kernels.silu_mul import silu_mul
+
+    x, cb, scb, bias = _case(22016, 4096, torch.bfloat16, seed=10, device="cuda")
+    tiles = [c.all_kwargs() for c in km._small_configs()
+             if c.kwargs["BLOCK_M"] == 1 and c.kwargs["SPLIT_K"] == 1]
+    assert tiles
+    wrong = []
+    for config in tiles:
+        y = ke.silu_glu(x, cb, scb, bias, config=config)
+        gate, up = km._small_m(x, cb, scb, bias, True, config=config).chunk(2, dim=-1)
+        if not torch.equal(y, silu_mul(gate, up)):
+            wrong.append(str(config))
+    assert not wrong, wrong
+
 def test_glu_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: with ``GLU`` each one-split GEMV tile of the one-row bucket compiles
     for sm_90 (bf16 with a bias), and the epilogue's division is the IEEE one (``div.rn.f32``, as torch's SiLU);

@@ -155,3 +155,30 @@ def test_gpu_epilogue_at_llama_shapes_bit_for_bit_and_in_a_cuda_graph(heads):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(q, want[0]) and torch.equal(graph_keys, want[1]) and torch.equal(graph_values, want[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(32, 32, 128), (32, 8, 128)], ids=["llama2-7b", "llama3-8b"])
+def test_gpu_epilogue_bit_for_bit_at_every_one_row_tile(heads):
+    """On the GPU, every tile the one-row keys may tune to (GEMV tiles of one split), not only this machine's
+    pick: the epilogue equals the GEMV with the same tiles then the rotary kernel bit for bit. A float copy of
+    this epilogue once compiled wrong for some tiles only (bench/NOTES.md, "Sixteenth session")."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    q_heads, kv_heads, dim = heads
+    x, weight, bias, cos, sin, keys, values, write_pos = _case(q_heads, kv_heads, dim, 4096, torch.bfloat16, 11,
+                                                               "cuda")
+    tiles = [c.all_kwargs() for c in km._small_configs()
+             if c.kwargs["BLOCK_M"] == 1 and c.kwargs["SPLIT_K"] == 1]
+    assert tiles
+    wrong = {}
+    for config in tiles:
+        got_keys, got_values = keys.clone(), values.clone()
+        q = ke.rope_append(x, *weight, bias, cos, sin, got_keys, got_values, write_pos, dim, q_heads, config=config)
+        y = km._small_m(x.view(1, -1), *weight, bias, True, config=config)
+        want = _two_steps(y, cos, sin, keys, values, write_pos, q_heads, kv_heads, dim)
+        differ = [name for name, a, b in zip(("query", "keys", "values"), (q, got_keys, got_values), want,
+                                             strict=True) if not torch.equal(a, b)]
+        if differ:
+            wrong[str(config)] = differ
+    assert not wrong, wrong
