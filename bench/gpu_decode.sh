@@ -18,7 +18,9 @@
 #   matrix       tests/server/engine/test_architectures.py on CUDA (every family, both forwards)
 #   pdl          pdl_bench: the engine's decode step with PDL on and off at 1-64 rows and 32 LoRA rows, int8 and
 #                bf16 (where int8_matmul.PDL_MAX_BUCKET comes from)
-# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TEST_DEVICE and TEST_PATHS override the defaults
+#   tiles        tile_bench: the int8 one-row step with each GEMV tile of one split for each weight shape in turn
+#                (whether the autotuner's pick is the step's best)
+# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, TEST_DEVICE and TEST_PATHS override the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
 # is lost to a typo here).
 set -o pipefail
@@ -55,6 +57,10 @@ pdl() {
   python3 bench/pdl_bench.py --work /tmp/adapterd-bench $PDL_ARGS 2>&1 | grep --line-buffered -v "Loading weights" \
     | tee "$OUT/pdl.log" | tail -30
 }
+tiles() {
+  python3 bench/tile_bench.py --work /tmp/adapterd-bench $TILE_ARGS 2>&1 | grep --line-buffered -v "Loading weights" \
+    | tee "$OUT/tiles.log" | tail -45
+}
 engine_tests() {
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -p no:cacheprovider --import-mode=append \
     -o addopts="" $1 2>&1 | tee "$OUT/$2.log" | tail -25
@@ -65,10 +71,11 @@ case $part in
   torchao) torchao ;;
   attention) attention ;;
   pdl) pdl ;;
+  tiles) tiles ;;
   tests) engine_tests "${TEST_PATHS:-tests/server/engine --ignore=tests/server/engine/test_architectures.py}" \
            engine_tests ;;
   matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
-  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tests | matrix" >&2
+  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | tests | matrix" >&2
      exit 2 ;;
 esac
 status=$?

@@ -52,6 +52,16 @@ def test_pdl_part(tmp_path, switch):
     assert (tmp_path / "out" / "RESULTS.md").is_file()
 
 
+@pytest.mark.slow  # ~15 s: the tiny model loaded and warmed up once
+def test_tiles_part(tmp_path):
+    done = run_part(tmp_path, "tiles",
+                    TILE_ARGS=f"--shape tiny --ctx 16 --new 4 --no-record --work {tmp_path / 'work'}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    log = (tmp_path / "out" / "tiles.log").read_text()
+    assert "no one-row int8 key tuned" in log and "| " not in log, log  # the CPU: no int8 kernel tuned
+    assert (tmp_path / "out" / "RESULTS.md").is_file()
+
+
 def test_attention_part(tmp_path):
     pytest.importorskip("triton")  # the "ours" variant, in Triton's interpreter here
     done = run_part(tmp_path, "attention", ATTENTION_ARGS="--device cpu --shape tiny --rows 2 --ctx 20 --bucket 32",
