@@ -144,7 +144,7 @@ def tuned_configs() -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- wrappers
 
-# (N, K, dtype, bias dtype, device) -> the tuned launch config, for the shapes where the kernel beat F.linear
+# (N, K, dtype, bias dtype, device) -> the tuned launch config, for the shapes where warm-up kept the kernel
 _CHOSEN: dict[tuple, dict] = {}
 # The same keys -> (the kernel's us, F.linear's us, its tuned config), for every shape ``warm_up`` judged
 _JUDGED: dict[tuple, tuple[float, float, dict]] = {}

@@ -106,8 +106,8 @@ def quick_bench(fn, quantiles=None):  # noqa: ANN001, ANN201 (triton.autotune's 
 def graph_us(calls: list[Callable[[], object]], per_graph: int, replays: int) -> float:
     """Microseconds a call the way a decode step runs its kernels: ``per_graph`` calls (cycling over ``calls``)
     captured in one CUDA graph, back to back (under PDL, each overlapping the one before), replayed ``replays``
-    times. No host time is measured, unlike ``quick_bench``, where a launch slower than the L2 flush before it
-    adds its host time to the call's. The calls are run twice on a side stream first (compilation, lazy
+    times. No host time is measured (``triton.testing.do_bench`` counted a launch's host time where it took
+    longer than the L2 flush before it). The calls are run twice on a side stream first (compilation, lazy
     initialisation, cuBLAS workspaces). Raises where the calls cannot be captured."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
