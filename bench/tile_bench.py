@@ -43,27 +43,13 @@ def one_row_keys() -> dict[tuple, dict]:
     return {key: config for key, config in int8_matmul._CHOSEN.items() if not key[0] and key[1] == 1}
 
 
-def one_split_tiles() -> list[dict]:
-    """Every GEMV tile of one split the one-row keys may tune to, as launch kwargs."""
-    from adapterd.server.kernels import int8_matmul
-
-    return [c.all_kwargs() for c in int8_matmul._small_configs()
-            if c.kwargs["BLOCK_M"] == 1 and c.kwargs["SPLIT_K"] == 1]
-
-
 def tile_name(config: dict) -> str:
     return f"BN {config['BLOCK_N']} BK {config['BLOCK_K']} w{config['num_warps']}"
 
 
 def measure(runtime, key: tuple, config: dict, args) -> tuple[float, float | None]:
     """(engine ms a step, graph replayed alone ms) at one row with ``config`` for ``key``, captured afresh."""
-    from adapterd.server.kernels import int8_matmul
-
-    def switch() -> None:
-        int8_matmul._CHOSEN[key] = config
-        runtime.engine.runner.decoder.graphs.clear()
-
-    runtime.engine.call(switch).result(60)
+    runtime.engine.call(lambda: use_tile(runtime, key, config)).result(60)
     engine_step_ms(runtime, 1, args.ctx, 4, [None])  # captures the graph, not timed
     return engine_step_ms(runtime, 1, args.ctx, args.new, [None]), replay_ms(runtime, 1)
 
@@ -71,6 +57,7 @@ def measure(runtime, key: tuple, config: dict, args) -> tuple[float, float | Non
 def main() -> int:
     args = parse_args()
     from adapterd.server.engine import EngineConfig
+    from adapterd.server.kernels.int8_configs import one_row_tiles
     from adapterd.server.model import load_base_model, pick_device
     from adapterd.server.runtime import Runtime
 
@@ -89,13 +76,13 @@ def main() -> int:
             print("no one-row int8 key tuned (the int8 kernel runs on a CUDA device): nothing to time", flush=True)
         for key, tuned in keys.items():
             shape = f"{key[2]}x{key[3]}"
-            for config in one_split_tiles():
+            for config in one_row_tiles():
                 ms, dev = measure(runtime, key, config, args)
                 mark = " (tuned)" if all(tuned.get(k) == v for k, v in config.items()) else ""
                 line = f"| {shape} | {tile_name(config)}{mark} | {ms:.3f} | {dev:.3f} |"
                 print(line, flush=True)
                 lines.append(line)
-            runtime.engine.call(lambda key=key, tuned=tuned: _restore(key, tuned, runtime)).result(60)
+            runtime.engine.call(lambda key=key, tuned=tuned: use_tile(runtime, key, tuned)).result(60)
     finally:
         runtime.close()
     if lines and not args.no_record:
@@ -103,7 +90,8 @@ def main() -> int:
     return 0
 
 
-def _restore(key: tuple, config: dict, runtime) -> None:
+def use_tile(runtime, key: tuple, config: dict) -> None:
+    """Run ``config`` for the one-row key ``key`` from the next capture on (on the engine's thread)."""
     from adapterd.server.kernels import int8_matmul
 
     int8_matmul._CHOSEN[key] = config

@@ -38,6 +38,13 @@ def _small_configs() -> list[triton.Config]:
             for bm, tiles in ((16, narrow), (32, wide), (64, wide), (1, gemv)) for bn, bk, s, w, st in tiles]
 
 
+
+def one_row_tiles() -> list[dict]:
+    """The GEMV tiles of one split (``BLOCK_M`` 1, ``SPLIT_K`` 1) that a one-row key tunes among where K is a
+    multiple of 4 (``_prune_small``), as launch kwargs: the tiles the one-row epilogues run."""
+    return [c.all_kwargs() for c in _small_configs() if c.kwargs["BLOCK_M"] == 1 and c.kwargs["SPLIT_K"] == 1]
+
+
 def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """For row bucket ``b``: BLOCK_M 16, plus BLOCK_M == b for b = 32, 64; SPLIT_K 16 only up to 16 rows (a
     32-64 row tile has work enough); no more splits than K tiles. At one row with K a multiple of 4, only the

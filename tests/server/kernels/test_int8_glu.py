@@ -108,8 +108,9 @@ def test_gpu_silu_glu_bit_for_bit_at_every_one_row_tile():
     from adapterd.server.kernels.silu_mul import silu_mul
 
     x, cb, scb, bias = _case(22016, 4096, torch.bfloat16, seed=10, device="cuda")
-    tiles = [c.all_kwargs() for c in km._small_configs()
-             if c.kwargs["BLOCK_M"] == 1 and c.kwargs["SPLIT_K"] == 1]
+    from adapterd.server.kernels.int8_configs import one_row_tiles
+
+    tiles = one_row_tiles()
     assert tiles
     wrong = []
     for config in tiles:

@@ -168,8 +168,9 @@ def test_gpu_epilogue_bit_for_bit_at_every_one_row_tile(heads):
     q_heads, kv_heads, dim = heads
     x, weight, bias, cos, sin, keys, values, write_pos = _case(q_heads, kv_heads, dim, 4096, torch.bfloat16, 11,
                                                                "cuda")
-    tiles = [c.all_kwargs() for c in km._small_configs()
-             if c.kwargs["BLOCK_M"] == 1 and c.kwargs["SPLIT_K"] == 1]
+    from adapterd.server.kernels.int8_configs import one_row_tiles
+
+    tiles = one_row_tiles()
     assert tiles
     wrong = {}
     for config in tiles:
