@@ -323,7 +323,7 @@ def print_tuned(label: str) -> None:
     """The autotuners' picks the decode steps run with (they differ between fresh machines: bench/NOTES.md)."""
     if not torch.cuda.is_available():
         return
-    from adapterd.server.kernels import dense_gemv, int8_matmul
+    from adapterd.server.kernels import dense_gemv, int8_linear, int8_matmul
 
     for name, module in (("int8", int8_matmul), ("bf16 GEMV", dense_gemv)):
         for key, config in module.tuned_configs().items():
@@ -331,6 +331,10 @@ def print_tuned(label: str) -> None:
     for (n, k, *_), (ours, theirs, kernel) in dense_gemv.judgements().items():
         print(f"tuned, {label}: {n}x{k} at one row, GEMV {ours:.1f} us, F.linear {theirs:.1f} us (warm-up judge) -> "
               f"{'GEMV' if kernel else 'F.linear'}", flush=True)
+    for (_, _, n, k, *_), times in int8_linear.one_row_judgements().items():
+        tiles = ", ".join(f"{tile} {us:.1f}" for tile, us in sorted(times.items(), key=lambda item: item[1]))
+        print(f"tuned, {label}: int8 {n}x{k} at one row, us a call after a norm (warm-up judge, fastest first): "
+              f"{tiles}", flush=True)
 
 
 def profile_steps(runtime, args, label: str) -> None:

@@ -1,12 +1,13 @@
 """The int8 one-row matmuls' tiles timed inside the engine's decode step (issue 18).
 
-At one row each int8 weight shape runs the GEMV tiles its autotuner picked (``int8_matmul``: among GEMV tiles
-of one split, the tiles the q/k/v and gate/up epilogues run), each config timed alone after a read that evicts
-L2 (``support.quick_bench``). A decode step runs them differently: back to back in a CUDA graph under PDL,
-each one's weight stream starting while the kernel before it ends. This bench asks whether the pick is the
-step's best: for each one-row int8 key the warm-up tuned (one weight shape) and each GEMV tile of one split, it
-sets that tile for that key alone (``int8_matmul._CHOSEN``), captures the decode graph afresh and reports the
-engine's step and the graph replayed alone (ms a step), the tuned tile marked.
+At one row each int8 weight shape runs one GEMV tile of one split (``int8_matmul``; the tile the q/k/v and
+gate/up epilogues run too). The autotuner times each tile alone after a read that evicts L2
+(``support.quick_bench``); a decode step runs them back to back in a CUDA graph under PDL, each one's weight
+stream starting while the kernel before it ends, so the warm-up then re-picks the tile by timing each in those
+conditions (``int8_linear._judge_one_row``, ``step_judge.in_step_us``). This bench asks whether that pick is the
+step's best: for each one-row int8 key and each GEMV tile of one split, it sets that tile for that key alone
+(``int8_matmul._CHOSEN``), captures the decode graph afresh and reports the engine's step and the graph replayed
+alone (ms a step), beside the judge's time for the tile, the tuned tile marked.
 
     python3 bench/tile_bench.py --shape llama2-7b --ctx 512
 
@@ -43,10 +44,6 @@ def one_row_keys() -> dict[tuple, dict]:
     return {key: config for key, config in int8_matmul._CHOSEN.items() if not key[0] and key[1] == 1}
 
 
-def tile_name(config: dict) -> str:
-    return f"BN {config['BLOCK_N']} BK {config['BLOCK_K']} w{config['num_warps']}"
-
-
 def measure(runtime, key: tuple, config: dict, args) -> tuple[float, float | None]:
     """(engine ms a step, graph replayed alone ms) at one row with ``config`` for ``key``, captured afresh."""
     runtime.engine.call(lambda: use_tile(runtime, key, config)).result(60)
@@ -58,6 +55,7 @@ def main() -> int:
     args = parse_args()
     from adapterd.server.engine import EngineConfig
     from adapterd.server.kernels.int8_configs import one_row_tiles
+    from adapterd.server.kernels.int8_linear import one_row_judgements, tile_name
     from adapterd.server.model import load_base_model, pick_device
     from adapterd.server.runtime import Runtime
 
@@ -72,6 +70,7 @@ def main() -> int:
     try:
         engine_step_ms(runtime, 1, args.ctx, 8, [None])  # warm-up and tuning
         keys = one_row_keys()
+        judged = one_row_judgements()
         if not keys:
             print("no one-row int8 key tuned (the int8 kernel runs on a CUDA device): nothing to time", flush=True)
         for key, tuned in keys.items():
@@ -79,7 +78,9 @@ def main() -> int:
             for config in one_row_tiles():
                 ms, dev = measure(runtime, key, config, args)
                 mark = " (tuned)" if all(tuned.get(k) == v for k, v in config.items()) else ""
-                line = f"| {shape} | {tile_name(config)}{mark} | {ms:.3f} | {dev:.3f} |"
+                us = judged.get(key, {}).get(tile_name(config))
+                line = (f"| {shape} | {tile_name(config)}{mark} | {ms:.3f} | {dev:.3f} | "
+                        f"{'' if us is None else f'{us:.1f}'} |")
                 print(line, flush=True)
                 lines.append(line)
             runtime.engine.call(lambda key=key, tuned=tuned: use_tile(runtime, key, tuned)).result(60)
@@ -101,8 +102,9 @@ def use_tile(runtime, key: tuple, config: dict) -> None:
 def record(lines: list[str], args, machine: str) -> None:
     head = [f"\n### tile_bench: {args.shape}, int8, one row, ctx {args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step with the "
-            "GEMV tile named for that weight shape's one-row key (the others as tuned), every graph captured afresh.",
-            "", "| shape | tile | engine step | graph alone |", "| --- | --- | --- | --- |"]
+            "GEMV tile named for that weight shape's one-row key (the others as tuned), every graph captured afresh; "
+            "the warm-up judge's us a call after a norm (int8_linear.one_row_judgements), whose fastest is the tuned.",
+            "", "| shape | tile | engine step | graph alone | judge us |", "| --- | --- | --- | --- | --- |"]
     path = Path(__file__).resolve().parent / "RESULTS.md"
     with path.open("a", encoding="utf-8") as f:
         f.write("\n".join(head + lines) + "\n")

@@ -228,12 +228,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return gemv(x, weight, bias) if chosen(x, weight, bias) else F.linear(x, weight, bias)
 
 
-# The warm-up's judge times each candidate over copies of the weight that together read at least this many
-# times the L2 cache (so every call reads HBM, as decode does), at most _JUDGE_COPY_BYTES of copies
-_JUDGE_L2_TIMES = 3
-_JUDGE_COPY_BYTES = 512 << 20
-_JUDGE_CALLS = 24  # calls a graph (a multiple of the copies), replayed _JUDGE_REPLAYS times
-_JUDGE_REPLAYS = 5
 # The kernel is kept unless F.linear is faster than this share of the kernel's judged time: after the judge's
 # norm, the next kernel is the next call's norm, whose start hides little of the kernel's tail; in a decode
 # step it is the next matmul, whose weight stream starts under PDL while the kernel's last tiles still run
@@ -248,18 +242,20 @@ def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None] | tuple[torch
             ) -> dict[tuple[int, int], tuple[float, float]]:
     """Tune the kernel for each distinct ``(weight, bias)`` shape (bf16/fp16 weights on a CUDA device where the
     kernel runs; others are skipped), time its choice against ``F.linear`` on a zero row the way a decode step
-    runs them (``_judge``: back to back in a CUDA graph, under PDL where it is on, over copies of the weight
-    that L2 cannot hold), and keep the kernel unless ``F.linear`` was more than 5% faster (``_KERNEL_MARGIN``).
+    runs them (``step_judge.in_step_us``: back to back in a CUDA graph, under PDL where it is on, over copies of
+    the weight that L2 cannot hold), and keep the kernel unless ``F.linear`` was more than 5% faster
+    (``_KERNEL_MARGIN``).
     A weight given with ``True`` (an MLP's fused gate/up, whose one-row step folds the SiLU product into the
     GEMV: ``silu_glu``) is judged with it: ``silu_glu`` against ``F.linear`` then ``silu_mul`` (the choice is
     per shape). Call before any CUDA graph capture. Returns ``{(N, K): (kernel us, F.linear us)}``, each after
-    its RMSNorm (``_judge``).
+    its RMSNorm (``in_step_us``).
 
     Timing each call alone after an L2 flush (``triton.testing.do_bench``, the autotuners' timer then) misjudged: a
     wrapper's host time, longer than the flush before it, was counted as the call's (the H200 at ecf03fe:
     4096x4096 kernel 50.7 us against F.linear 18.9 us, F.linear chosen; inside the decode step the kernel was
     0.15 ms a step faster, pdl_bench --switch gemv)."""
     from .silu_mul import silu_mul
+    from .step_judge import in_step_us
 
     times: dict[tuple[int, int], tuple[float, float]] = {}
     for weight, bias, *glu in weights:
@@ -276,7 +272,7 @@ def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None] | tuple[torch
         else:
             runs = (lambda a, w: gemv(a, w, bias, config=config),  # noqa: B023
                     lambda a, w: F.linear(a, w, bias))  # noqa: B023
-        ours, theirs = _judge(x, weight, runs)
+        ours, theirs = in_step_us(x, weight, runs)
         times[tuple(weight.shape)] = (ours, theirs)
         _JUDGED[key] = (ours, theirs, config)
         if keeps_kernel(ours, theirs):
@@ -287,44 +283,6 @@ def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None] | tuple[torch
 def keeps_kernel(ours_us: float, theirs_us: float) -> bool:
     """The judge's verdict: the kernel, unless ``F.linear`` took less than ``_KERNEL_MARGIN`` of its time."""
     return theirs_us >= _KERNEL_MARGIN * ours_us
-
-
-def judge_copies(size: int, l2: int) -> int:
-    """Copies of a ``size``-byte weight the judge makes besides it: with it, ``_JUDGE_L2_TIMES`` times an ``l2``-byte
-    cache or more, at most ``_JUDGE_COPY_BYTES`` of copies (none for a weight that is that size already)."""
-    return max(0, min(-(-_JUDGE_L2_TIMES * l2 // size) - 1, _JUDGE_COPY_BYTES // size))
-
-
-def _judge(x: torch.Tensor, weight: torch.Tensor, runs: tuple) -> tuple[float, float]:
-    """Microseconds a call of each of ``runs`` (each takes x and a weight) after an RMSNorm that makes its x, as
-    in a decode step (the norm's time included, the same in both), by ``support.graph_us`` over ``weight`` and
-    copies of it: enough that one pass over them is ``_JUDGE_L2_TIMES`` times the L2 cache where memory allows.
-    The norm matters: under PDL the kernel's weight stream starts while the norm still runs, and the kernel
-    after it starts while its last tiles do, where ``F.linear`` (cuBLAS: no PDL) waits for the norm to drain
-    and makes the next kernel wait for it (the H200 at 03be37a: 4096x11008 27.6 us against 27.4 alone, F.linear
-    chosen, 0.15 ms a bf16 step slower than the kernel inside the step)."""
-    from .rms_norm import MAX_HIDDEN, fused_rms_norm, fused_rms_norm_available
-    from .support import graph_us
-
-    l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 64 << 20)
-    copies = [weight]
-    try:
-        copies += [weight.clone() for _ in range(judge_copies(weight.numel() * weight.element_size(), l2))]
-    except torch.OutOfMemoryError:  # judged on fewer copies: the smaller weights partly from L2
-        torch.cuda.empty_cache()
-    scale = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
-    normed = fused_rms_norm_available(x.device) and x.shape[-1] <= MAX_HIDDEN  # else judged without it
-
-    def step(run, w: torch.Tensor) -> None:  # noqa: ANN001
-        run(fused_rms_norm(x, scale, 1e-6) if normed else x, w)
-
-    calls = -(-_JUDGE_CALLS // len(copies)) * len(copies)
-    try:
-        return tuple(graph_us([functools.partial(step, run, w) for w in copies], calls, _JUDGE_REPLAYS)
-                     for run in runs)
-    finally:
-        del copies
-        torch.cuda.empty_cache()
 
 
 def judgements() -> dict[tuple, tuple[float, float, bool]]:

@@ -158,7 +158,65 @@ def warm_up(model: nn.Module | Iterable[nn.Module], dtype: torch.dtype, max_rows
             continue
         seen.add(key)
         for m in buckets:
-            int8_weight_matmul(torch.zeros(m, layer.in_features, device=layer.weight.device, dtype=dtype),
-                               layer.weight.data, layer.scb, layer.bias)
+            x = torch.zeros(m, layer.in_features, device=layer.weight.device, dtype=dtype)
+            int8_weight_matmul(x, layer.weight.data, layer.scb, layer.bias)
             calls += 1
+            if m == 1:
+                _judge_one_row(x, layer.weight.data, layer.scb, layer.bias)
     return calls
+
+
+# One-row key (``int8_matmul._small_key``) -> {tile name: us a call in step conditions}, for every key judged
+_ONE_ROW_JUDGED: dict[tuple, dict[str, float]] = {}
+
+
+def tile_name(config: dict) -> str:
+    """A GEMV tile's short name: rows, columns a step and warps, e.g. ``"BN 8 BK 1024 w4"``."""
+    return f"BN {config['BLOCK_N']} BK {config['BLOCK_K']} w{config['num_warps']}"
+
+
+def _judge_one_row(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Pick the one-row GEMV tile of this weight shape as a decode step runs it: each GEMV tile of one split
+    (``int8_configs.one_row_tiles``) timed by ``step_judge.in_step_us`` (after an RMSNorm, back to back in a CUDA
+    graph under PDL, over copies of the weight that L2 cannot hold), the fastest kept in ``int8_matmul._CHOSEN``
+    for the key, which the plain GEMV and the rotary and SiLU epilogues all launch. The autotuner's pick (each
+    tile alone after an L2 flush) stays where no GEMV tile runs (no CUDA device, K not a multiple of 4, the
+    autotuner chose otherwise). On the H200 at e18cce3 the autotuner's pick for 4096x11008 was 0.022 ms a step
+    behind the step's best tile (bench/tile_bench.py, which prints this judge's times beside the step's)."""
+    from .int8_configs import one_row_tiles
+    from .int8_matmul import _CHOSEN, _small_key, _small_m
+    from .step_judge import in_step_us
+
+    if not _judged_here(x):
+        return
+    key = _small_key(False, 1, x, cb, scb, bias)
+    tuned = _CHOSEN.get(key)
+    if tuned is None or tuned["BLOCK_M"] != 1 or tuned["SPLIT_K"] != 1:
+        return
+    tiles = [tuned] + [t for t in one_row_tiles() if tile_name(t) != tile_name(tuned)]
+    times: dict[str, float] = {}
+    for tile in tiles:  # one at a time: a tile that cannot launch here (resources) is skipped
+        def run(a: torch.Tensor, w: torch.Tensor, tile: dict = tile) -> torch.Tensor:
+            return _small_m(a, w, scb, bias, False, config=tile)
+
+        try:
+            times[tile_name(tile)] = in_step_us(x, cb, [run])[0]
+        except Exception:  # noqa: BLE001 (Triton's OutOfResources, a capture failure: that tile is not a candidate)
+            continue
+    _ONE_ROW_JUDGED[key] = times
+    best = min(tiles, key=lambda t: times.get(tile_name(t), float("inf")))
+    _CHOSEN[key] = best
+
+
+def _judged_here(x: torch.Tensor) -> bool:
+    """Whether ``_judge_one_row`` times tiles for this input: one row on a CUDA device, Triton compiled (the
+    interpreter has nothing to time)."""
+    from .support import interpreting
+
+    return x.is_cuda and x.shape[0] == 1 and not interpreting()
+
+
+def one_row_judgements() -> dict[tuple, dict[str, float]]:
+    """``warm_up``'s one-row tile judgements so far: ``int8_matmul._small_key`` -> {tile name (``tile_name``): us
+    a call after an RMSNorm in a CUDA graph}. The benches print them beside the step's own times."""
+    return {key: dict(times) for key, times in _ONE_ROW_JUDGED.items()}

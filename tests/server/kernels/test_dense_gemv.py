@@ -88,17 +88,6 @@ def test_a_judged_shape_can_be_switched_between_the_kernel_and_f_linear(monkeypa
     assert not dg.judgements()[key][2] and not dg.chosen(x, w, bias)
 
 
-@pytest.mark.parametrize(("size_mb", "copies"),
-                         [(32, 4), (90, 1), (150, 0), (180, 0), (1, 149), (0.5, 299), (0.1, 1500)])
-def test_the_judge_reads_past_the_l2_cache_within_its_memory_bound(size_mb, copies):
-    """warm-up's judge times the kernel and F.linear over the weight and copies of it: 3x an H200's 50 MB L2 in
-    all (each call reads HBM, as in decode), but never more than 512 MB of copies."""
-    size, l2 = int(size_mb * 2**20), 50 * 2**20
-    assert dg.judge_copies(size, l2) == copies
-    assert copies * size <= dg._JUDGE_COPY_BYTES
-    assert (copies + 1) * size >= 3 * l2 or copies == dg._JUDGE_COPY_BYTES // size
-
-
 @pytest.mark.parametrize(("ours", "theirs", "kernel"), [(11.0, 14.1, True), (51.9, 50.6, True), (27.6, 27.4, True),
                                                         (30.0, 27.0, False), (50.0, 47.4, False)])
 def test_the_kernel_stays_unless_f_linear_is_clearly_faster(ours, theirs, kernel):
