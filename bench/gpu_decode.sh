@@ -20,7 +20,9 @@
 #                bf16 (where int8_matmul.PDL_MAX_BUCKET comes from)
 #   tiles        tile_bench: the int8 one-row step with each GEMV tile of one split for each weight shape in turn
 #                (whether the autotuner's pick is the step's best)
-# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, TEST_DEVICE and TEST_PATHS override the defaults
+#   gap          gap_bench: a one-row int8 step built up from its graph alone (inputs' copy, fed tokens, tokens
+#                out, run ahead) to the engine's step: where the time between two graphs goes
+# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, TEST_DEVICE and TEST_PATHS override the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
 # is lost to a typo here).
 set -o pipefail
@@ -61,6 +63,10 @@ tiles() {
   python3 bench/tile_bench.py --work /tmp/adapterd-bench $TILE_ARGS 2>&1 | grep --line-buffered -v "Loading weights" \
     | tee "$OUT/tiles.log" | tail -45
 }
+gap() {
+  python3 bench/gap_bench.py --work /tmp/adapterd-bench $GAP_ARGS 2>&1 | grep --line-buffered -v "Loading weights" \
+    | tee "$OUT/gap.log" | tail -12
+}
 engine_tests() {
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -p no:cacheprovider --import-mode=append \
     -o addopts="" $1 2>&1 | tee "$OUT/$2.log" | tail -25
@@ -72,10 +78,11 @@ case $part in
   attention) attention ;;
   pdl) pdl ;;
   tiles) tiles ;;
+  gap) gap ;;
   tests) engine_tests "${TEST_PATHS:-tests/server/engine --ignore=tests/server/engine/test_architectures.py}" \
            engine_tests ;;
   matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
-  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | tests | matrix" >&2
+  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | gap | tests | matrix" >&2
      exit 2 ;;
 esac
 status=$?

@@ -62,6 +62,17 @@ def test_tiles_part(tmp_path):
     assert (tmp_path / "out" / "RESULTS.md").is_file()
 
 
+@pytest.mark.slow  # ~15 s: the tiny model loaded once, each rung eager on the CPU
+def test_gap_part(tmp_path):
+    done = run_part(tmp_path, "gap", GAP_ARGS=f"--shape tiny --ctx 16 --steps 3 --no-record --work {tmp_path / 'work'}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    log = (tmp_path / "out" / "gap.log").read_text()
+    for rung in ("+ inputs", "+ fed tokens", "+ tokens out", "+ run ahead", "engine step (serve_bench's)"):
+        assert re.search(rf"^\| {re.escape(rung)} \| [\d.]+ \|", log, re.M), (rung, log)
+    assert "graph alone" not in log  # no graphs on the CPU
+    assert (tmp_path / "out" / "RESULTS.md").is_file()
+
+
 def test_attention_part(tmp_path):
     pytest.importorskip("triton")  # the "ours" variant, in Triton's interpreter here
     done = run_part(tmp_path, "attention", ATTENTION_ARGS="--device cpu --shape tiny --rows 2 --ctx 20 --bucket 32",
