@@ -323,6 +323,7 @@ def print_tuned(label: str) -> None:
     """The autotuners' picks the decode steps run with (they differ between fresh machines: bench/NOTES.md)."""
     if not torch.cuda.is_available():
         return
+    from adapterd.server.engine import step_tuning
     from adapterd.server.kernels import dense_gemv, int8_linear, int8_matmul
 
     for name, module in (("int8", int8_matmul), ("bf16 GEMV", dense_gemv)):
@@ -334,6 +335,10 @@ def print_tuned(label: str) -> None:
     for (_, _, n, k, *_), times in int8_linear.one_row_judgements().items():
         tiles = ", ".join(f"{tile} {us:.1f}" for tile, us in sorted(times.items(), key=lambda item: item[1]))
         print(f"tuned, {label}: int8 {n}x{k} at one row, us a call after a norm (warm-up judge, fastest first): "
+              f"{tiles}", flush=True)
+    for (_, _, n, k, *_), times in step_tuning.step_tunings().items():
+        tiles = ", ".join(f"{tile} {ms:.3f}" for tile, ms in sorted(times.items(), key=lambda item: item[1]))
+        print(f"tuned, {label}: int8 {n}x{k} at one row, ms a decode step (tuned in the step, fastest first): "
               f"{tiles}", flush=True)
 
 

@@ -2,12 +2,12 @@
 
 At one row each int8 weight shape runs one GEMV tile of one split (``int8_matmul``; the tile the q/k/v and
 gate/up epilogues run too). The autotuner times each tile alone after a read that evicts L2
-(``support.quick_bench``); a decode step runs them back to back in a CUDA graph under PDL, each one's weight
-stream starting while the kernel before it ends, so the warm-up then re-picks the tile by timing each in those
-conditions (``int8_linear._judge_one_row``, ``step_judge.in_step_us``). This bench asks whether that pick is the
-step's best: for each one-row int8 key and each GEMV tile of one split, it sets that tile for that key alone
-(``int8_matmul._CHOSEN``), captures the decode graph afresh and reports the engine's step and the graph replayed
-alone (ms a step), beside the judge's time for the tile, the tuned tile marked.
+(``support.quick_bench``), the warm-up's judge each after an RMSNorm in a CUDA graph
+(``int8_linear._judge_one_row``), and the engine's start then tries the judge's fastest few inside the decode
+step itself (``engine/step_tuning.py``). This bench asks whether that pick is the step's best: for each one-row
+int8 key and each GEMV tile of one split, it sets that tile for that key alone (``int8_matmul._CHOSEN``),
+captures the decode graph afresh and reports the engine's step and the graph replayed alone (ms a step), beside
+the judge's time for the tile, the tuned tile marked.
 
     python3 bench/tile_bench.py --shape llama2-7b --ctx 512
 

@@ -77,18 +77,19 @@ def make_prefix_adapter(base_dir, out_dir, *, num_virtual_tokens=8, projection=F
 
 
 def reference_greedy(base_dir, prompt: str, adapter_dir: Path | None, max_new_tokens: int,
-                     quantization: str = "none") -> list[int]:
-    """Greedy tokens for one prompt alone, stopping before the first EOS (see ``_reference_tokens``)."""
+                     quantization: str = "none", min_new_tokens: int = 0) -> list[int]:
+    """Greedy tokens for one prompt alone, stopping before the first EOS (see ``_reference_tokens``); with
+    ``min_new_tokens``, EOS banned until that many (transformers' ``MinNewTokensLengthLogitsProcessor``)."""
     from transformers import AutoTokenizer
 
     eos = AutoTokenizer.from_pretrained(base_dir).eos_token_id
-    tokens = _reference_tokens(base_dir, prompt, adapter_dir, max_new_tokens, quantization)
+    tokens = _reference_tokens(base_dir, prompt, adapter_dir, max_new_tokens, quantization, min_new_tokens)
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
 @torch.no_grad()
 def _reference_tokens(base_dir, prompt: str, adapter_dir: Path | None, max_new_tokens: int,
-                      quantization: str = "none") -> list[int]:
+                      quantization: str = "none", min_new_tokens: int = 0) -> list[int]:
     """Greedy tokens for one prompt alone, computed by plain transformers + PEFT.
 
     LoRA and the base go through ``PeftModel.generate``. Prefix adapters go through a plain greedy loop
@@ -96,20 +97,23 @@ def _reference_tokens(base_dir, prompt: str, adapter_dir: Path | None, max_new_t
     transformers 5.24 + peft 0.21 silently drops the prefix (see the stack notes).
     """
     from peft import PeftConfig, PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, LogitsProcessorList, MinNewTokensLengthLogitsProcessor
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = _load_base(base_dir, quantization, TEST_DEVICE)
     ids = tok(prompt, return_tensors="pt").input_ids.to(TEST_DEVICE)
+    # generate() stops at nothing (eos_token_id None), so the minimum length's ban is given as a processor
+    processors = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(ids.shape[1], min_new_tokens, tok.eos_token_id)]
+                                     if min_new_tokens else [])
     if adapter_dir is None:
         out = _like_the_engine(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=None)
+                             do_sample=False, eos_token_id=None, logits_processor=processors)
         return out[0, ids.shape[1]:].tolist()
     config = PeftConfig.from_pretrained(adapter_dir)
     peft_model = _like_the_engine(PeftModel.from_pretrained(model, adapter_dir).eval())
     if config.peft_type != "PREFIX_TUNING":
-        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, eos_token_id=None, logits_processor=processors)
         return out[0, ids.shape[1]:].tolist()
     cache = peft_model.get_prompt(batch_size=1)
     v = config.num_virtual_tokens
@@ -122,7 +126,8 @@ def _reference_tokens(base_dir, prompt: str, adapter_dir: Path | None, max_new_t
         pos = torch.arange(past, past + n, device=TEST_DEVICE).unsqueeze(0)
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
                        **{cache_kwarg(model): cache}).logits
-        nxt = int(logits[0, -1].argmax())
+        seen = torch.cat([ids, torch.tensor([tokens], dtype=torch.long, device=TEST_DEVICE)], 1) if tokens else ids
+        nxt = int(processors(seen, logits[:, -1].float())[0].argmax())
         tokens.append(nxt)
         past += n
         step_ids = torch.tensor([[nxt]], device=TEST_DEVICE)

@@ -16,16 +16,18 @@ step falls back to eager for good and says so in the log.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
 from ..adapters.lora import LoraSlotTable
+from ..kernels import greedy_pick as greedy_kernel
 from ..model import BaseModel
 from .decoder import Forward
 from .graphs import GraphCache
 from .kv_pool import KvPool, decode_mask
+from .sampling import logits_width
 from .sampling_ops import greedy_pick
 from .step_context import StepContext
 
@@ -70,40 +72,46 @@ class DecodeStep:
     """Feeds one token per row through the model and returns each row's next-token logits."""
 
     def __init__(self, base: BaseModel, pool: KvPool, slots: LoraSlotTable, forward: Forward, max_batch: int,
-                 use_graphs: bool) -> None:
+                 use_graphs: bool, fused_pick: bool = True) -> None:
         self.base, self.pool, self.slots, self.forward = base, pool, slots, forward
         self.max_batch = max_batch
         self.use_graphs = use_graphs and base.device.type == "cuda"
         # Pad to the graphs' bucketed shapes even when running eagerly: lets CPU tests check the padding.
         self.bucketed = False
         dev = base.device
-        # Static inputs, refreshed before every replay: token, position id, write index, LoRA slot.
-        self._inputs = torch.zeros(4, max_batch, dtype=torch.long, device=dev)
+        # Static inputs, refreshed before every replay: token, position id, write index, LoRA slot, and whether
+        # the row's token may not be an end-of-sequence id (its minimum length: ``BatchSampler.eos_bans``).
+        self._inputs = torch.zeros(5, max_batch, dtype=torch.long, device=dev)
         self.vocab = base.model.get_input_embeddings().num_embeddings  # ids the embedding can look up
+        width = logits_width(base.model)
+        self.eos = torch.tensor(sorted(i for i in base.eos_token_ids if 0 <= i < width), dtype=torch.long).to(dev)
+        self._pick = pick_kernel(dev, self.eos) if fused_pick else None
         self.graphs = GraphCache("decode")
 
     def run(self, tokens: Tokens, positions: Sequence[int], kv_lengths: Sequence[int],
-            slots: Sequence[int]) -> DecodeOutput:
+            slots: Sequence[int], eos_bans: Sequence[int] | None = None) -> DecodeOutput:
         """Logits ``[n, vocab]`` and greedy picks for n rows; row i writes its new entry at ``kv_lengths[i]``.
         ``tokens``: host ids, or the previous step's sampled tokens still on the device (the engine runs a step
-        ahead of its host: engine.py), which are never waited for here."""
+        ahead of its host: engine.py), which are never waited for here. ``eos_bans``: 1 where row i's pick may
+        not be an end-of-sequence id (none by default)."""
         n = len(tokens)
+        eos_bans = [0] * n if eos_bans is None else eos_bans
         rank = self.slots.rank_of(slots)
         if not (self.use_graphs or self.bucketed):  # exact shapes
-            return self._run_shape(tokens, positions, kv_lengths, slots, n, max(kv_lengths) + 1, rank)
+            return self._run_shape(tokens, positions, kv_lengths, slots, eos_bans, n, max(kv_lengths) + 1, rank)
         batch = batch_bucket(n, self.max_batch)
         length = length_bucket(max(kv_lengths) + 1, self.pool.max_capacity)
         rank = rank_bucket(rank, self.slots.max_rank)
         if not self.use_graphs:
-            return _first(self._run_shape(tokens, positions, kv_lengths, slots, batch, length, rank), n)
-        self._set_inputs(tokens, positions, kv_lengths, slots, batch, length)
+            return _first(self._run_shape(tokens, positions, kv_lengths, slots, eos_bans, batch, length, rank), n)
+        self._set_inputs(tokens, positions, kv_lengths, slots, eos_bans, batch, length)
         try:
             graph, outputs = self._graph(batch, length, rank)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as exc:  # a kernel that cannot be captured: serve on, eagerly
             self.capture_failed(exc)
-            return _first(self._run_shape(tokens, positions, kv_lengths, slots, batch, length, rank), n)
+            return _first(self._run_shape(tokens, positions, kv_lengths, slots, eos_bans, batch, length, rank), n)
         graph.replay()
         return _first(outputs, n)
 
@@ -120,7 +128,7 @@ class DecodeStep:
         return length_bucket(kv_length + 1, self.pool.max_capacity)
 
     def _set_inputs(self, tokens: Tokens, positions: Sequence[int], kv_lengths: Sequence[int],
-                    slots: Sequence[int], batch: int, length: int) -> None:
+                    slots: Sequence[int], eos_bans: Sequence[int], batch: int, length: int) -> None:
         """Copy the rows' inputs into the static buffers; rows n..batch-1 are padding. On a GPU the copy is
         queued from page-locked memory: it waits for no earlier work (a pageable one would wait for the step
         still running), and the host allocator keeps the block until the copy is done."""
@@ -131,7 +139,8 @@ class DecodeStep:
         ids = [self.base.pad_token_id] * n if isinstance(tokens, torch.Tensor) else list(tokens)
         on_gpu = self._inputs.device.type == "cuda"
         host = torch.tensor([ids + [self.base.pad_token_id] * pad, list(positions) + [0] * pad,
-                             list(kv_lengths) + [0] * pad, list(slots) + [0] * pad], dtype=torch.long,
+                             list(kv_lengths) + [0] * pad, list(slots) + [0] * pad, list(eos_bans) + [0] * pad],
+                            dtype=torch.long,
                             pin_memory=on_gpu)
         self._inputs[:, :batch].copy_(host, non_blocking=on_gpu)
         if isinstance(tokens, torch.Tensor):
@@ -140,18 +149,19 @@ class DecodeStep:
             torch.clamp(tokens, 0, self.vocab - 1, out=self._inputs[0, :n])
 
     def _run_shape(self, tokens: Tokens, positions: Sequence[int], kv_lengths: Sequence[int],
-                   slots: Sequence[int], batch: int, length: int, rank: int) -> DecodeOutput:
-        self._set_inputs(tokens, positions, kv_lengths, slots, batch, length)
+                   slots: Sequence[int], eos_bans: Sequence[int], batch: int, length: int, rank: int) -> DecodeOutput:
+        self._set_inputs(tokens, positions, kv_lengths, slots, eos_bans, batch, length)
         return self._forward(batch, length, rank)
 
     def _forward(self, batch: int, length: int, rank: int) -> DecodeOutput:
         """The forward a graph captures: its context reads the static inputs, so a replay reads new ones."""
-        ids, positions, write_pos, slots = self._inputs[:, :batch]
+        ids, positions, write_pos, slots, bans = self._inputs[:, :batch]
         context = StepContext("decode", self.slots.rows_for(slots, rank, "decode"),
                               self.pool.decode_view(batch, length, write_pos))
         mask = self.base.attention.masks(lambda window: decode_mask(write_pos, length, self.base.dtype, window))
         logits = self.forward(ids[:, None], positions[:, None], mask, context)
-        return DecodeOutput(logits, greedy_pick(logits))
+        pick = self._pick if self._pick is not None and greedy_kernel.fits(logits, bans, self.eos) else greedy_pick
+        return DecodeOutput(logits, pick(logits, bans, self.eos))
 
     # ------------------------------------------------------------------ CUDA graphs
 
@@ -168,6 +178,14 @@ class DecodeStep:
         log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
         self.use_graphs = False
         self.graphs.clear()
+
+
+def pick_kernel(device: torch.device, eos: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """``kernels/greedy_pick.py``'s one-launch pick where it runs on ``device`` and takes this many EOS ids,
+    else None (``sampling_ops.greedy_pick``, four to eight torch kernels)."""
+    if eos.numel() > greedy_kernel.MAX_EOS or not greedy_kernel.greedy_pick_available(device):
+        return None
+    return greedy_kernel.greedy_pick
 
 
 def _first(output: DecodeOutput, n: int) -> DecodeOutput:

@@ -48,6 +48,7 @@ class EngineConfig:
     fused_kernels: bool = True  # on a GPU: Triton RMSNorm, decode rotary + KV append, BGMV LoRA decode kernels
     own_decoder: bool = True  # the engine's own decoder forward for the families decoder.py runs
     run_ahead: bool = True  # launch each decode step before reading the step before's tokens (delivery.py)
+    step_tuning: bool = True  # on a GPU: the int8 GEMV's one-row tiles chosen by the decode step's own time
 
 
 class Engine:
@@ -317,7 +318,7 @@ class Engine:
             self._settle()  # the batch changed under it (every change settles first): its tokens are not these
         ahead, self._in_flight = self._in_flight, None
         started = time.perf_counter()
-        out = self.runner.decode(None if ahead is None else ahead.sampled.tokens)
+        out = self.runner.decode(None if ahead is None else ahead.sampled.tokens, self.sampler.eos_bans(0, len(rows)))
         step = StepInFlight(list(rows), self.sampler.launch(0, out.logits, out.greedy), started)
         self.observers.decode_launched(rows, time.perf_counter() - started)
         if ahead is not None:

@@ -10,6 +10,7 @@ who joins is the scheduler's (``scheduler.py``), what the caller is told is the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from .decode_step import DecodeOutput, DecodeStep
 from .decoder import Decoder, model_forward
 from .kv_pool import KvPool
 from .prefill_step import PrefillStep
+from .step_tuning import tune_one_row_tiles
 from .swaps import use_fused_norms, use_int8_kernel
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,10 @@ class ModelRunner:
         self.own_decoder = isinstance(self.forward, Decoder)
         log.info("decoder forward: %s", "own" if self.own_decoder else "transformers'")
         self.decoder = DecodeStep(base, self.pool, self.slots, self.forward, config.max_batch_size,
-                                  config.cuda_graphs)
+                                  config.cuda_graphs, fused_pick=config.fused_kernels)
         self.prefiller = PrefillStep(base, self.pool, self.slots, self.forward, config.cuda_graphs)
+        if config.step_tuning:  # before any request: it captures and drops one-row graphs (step_tuning.py)
+            tune_one_row_tiles(self.decoder)
         self._evict_later: set[str] = set()  # unloaded adapters whose slot a running row still pins
 
     # ------------------------------------------------------------------ LoRA slots
@@ -128,14 +132,14 @@ class ModelRunner:
         caches = (self.decoder.graphs, self.prefiller.graphs)
         return sum(c.captures for c in caches), sum(c.capture_seconds for c in caches)
 
-    def decode(self, tokens: torch.Tensor | None = None) -> DecodeOutput:
-        """One decode step for every running row: each row's next logits (and greedy picks); positions advance
-        by one. The rows feed their ``last_token``, or ``tokens`` (on the device, one a row: the step before's,
-        not yet read by the host)."""
+    def decode(self, tokens: torch.Tensor | None = None, eos_bans: Sequence[int] | None = None) -> DecodeOutput:
+        """One decode step for every running row: each row's next logits (and greedy picks, end-of-sequence ids
+        banned where ``eos_bans`` says: ``BatchSampler.eos_bans``); positions advance by one. The rows feed their
+        ``last_token``, or ``tokens`` (on the device, one a row: the step before's, not yet read by the host)."""
         rows = self.batch.rows
         fed = [r.last_token for r in rows] if tokens is None else tokens
         out = self.decoder.run(fed, [r.next_position for r in rows], [r.kv_len for r in rows],
-                               [r.slot for r in rows])
+                               [r.slot for r in rows], eos_bans)
         for row in rows:
             row.next_position += 1
             row.kv_len += 1

@@ -45,6 +45,7 @@ class RowSampler:
         self.top_k = params.top_k if self.sampled and params.top_k > 0 else 0  # 0: off
         self.top_p = params.top_p if self.sampled and 0.0 < params.top_p < 1.0 else 1.0  # 1: off
         self.penalty = params.repetition_penalty if params.repetition_penalty not in (0.0, 1.0) else 1.0
+        self.chosen = 0  # tokens chosen for the row so far (counted at launch, before the device has them)
         self.generator: torch.Generator | None = None
         if self.sampled:
             self.generator = torch.Generator(device=device)
@@ -58,6 +59,17 @@ class RowSampler:
     def plain(self) -> bool:
         """Greedy with no penalty and no minimum length: the row's token is its logits' argmax."""
         return not (self.sampled or self.penalised or self.params.min_new_tokens)
+
+    @property
+    def picked_in_step(self) -> bool:
+        """Greedy with no penalty: the decode step's own pick is the row's token (``DecodeStep``'s greedy pick
+        bans end-of-sequence ids where ``eos_banned``, so a minimum length is kept there too)."""
+        return not (self.sampled or self.penalised)
+
+    @property
+    def eos_banned(self) -> bool:
+        """Whether the row's next token may not be an end-of-sequence id: fewer than ``min_new_tokens`` chosen."""
+        return self.params.min_new_tokens > self.chosen
 
     @property
     def filtered(self) -> bool:
@@ -107,8 +119,6 @@ class BatchSampler:
         self.top_k = torch.full((max_rows,), vocab_size, dtype=torch.long, device=device)  # vocab: off
         self.top_p = torch.ones(max_rows, device=device)
         self.penalty = torch.ones(max_rows, device=device)
-        self.min_new = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.generated = torch.zeros(max_rows, dtype=torch.long, device=device)  # tokens chosen since joining
         self.eos_index = torch.tensor(sorted(i for i in eos_ids if 0 <= i < vocab_size), dtype=torch.long).to(device)
         # Tokens each penalised row has seen (prompt and generated): made when the first penalised row joins,
         # [max_rows, vocab] bools (256 x 128k = 32 MiB). Other rows' entries are never read (a penalty of 1
@@ -126,8 +136,7 @@ class BatchSampler:
         self.rows[first:end] = rows
         columns = [(self.temperature, [r.temperature for r in rows]), (self.top_p, [r.top_p for r in rows]),
                    (self.penalty, [r.penalty for r in rows]),
-                   (self.top_k, [min(r.top_k, self.vocab_size) or self.vocab_size for r in rows]),
-                   (self.min_new, [r.params.min_new_tokens for r in rows]), (self.generated, [0] * len(rows))]
+                   (self.top_k, [min(r.top_k, self.vocab_size) or self.vocab_size for r in rows])]
         for tensor, column in columns:
             tensor[first:end] = self._on_device(column, tensor.dtype)
         for position, (row, prompt) in enumerate(zip(rows, prompts, strict=True), start=first):
@@ -152,10 +161,15 @@ class BatchSampler:
         self.rows[n:] = [None] * (len(self.rows) - n)  # their generators go with them
 
     def _per_row(self) -> list[torch.Tensor]:
-        tensors = [self.temperature, self.top_k, self.top_p, self.penalty, self.min_new, self.generated]
+        tensors = [self.temperature, self.top_k, self.top_p, self.penalty]
         return tensors + ([self.seen] if self.seen is not None else [])
 
     # ------------------------------------------------------------------ one step
+
+    def eos_bans(self, first: int, n: int) -> list[int]:
+        """For the rows at positions ``first .. first + n``: 1 where the next token may not be an end-of-sequence
+        id (``RowSampler.eos_banned``), else 0; the decode step's greedy pick takes them (``launch``)."""
+        return [int(r is not None and r.eos_banned) for r in self.rows[first:first + n]]
 
     def sample(self, first: int, logits: torch.Tensor) -> tuple[list[int], list[bool]]:
         """The next token of the rows at positions ``first ..`` (-1 where that row's sampling raised: it
@@ -165,12 +179,14 @@ class BatchSampler:
     def launch(self, first: int, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> SampledTokens:
         """``sample`` without waiting: the tokens are chosen on the device and their copy to the host is
         queued; ``result()`` waits for it. Meanwhile the device tokens can feed the next step's forward.
-        ``greedy``: ``sampling_ops.greedy_pick(logits)``, already computed (inside the decode step's graph):
-        where every row is plain greedy, those are the tokens, and nothing is launched but the copy (their
-        counters of chosen tokens and seen ids are read only for rows with a minimum length or a penalty, so
-        they are left as they are)."""
+        ``greedy``: ``sampling_ops.greedy_pick(logits, bans, eos)``, already computed (inside the decode step's
+        graph) with ``bans`` from ``eos_bans`` just before this launch and every end-of-sequence id: where every
+        row is greedy without a penalty (``picked_in_step``), those are the tokens, and nothing is launched but
+        the copy (seen ids are read only for penalised rows, so they are left as they are)."""
         placed = self.rows[first:first + logits.shape[0]]
-        if greedy is not None and all(r is not None and r.plain for r in placed):
+        if greedy is not None and all(r is not None and r.picked_in_step for r in placed):
+            for row in placed:
+                row.chosen += 1
             return SampledTokens(greedy[:, 0], pairs=greedy)
         finite = torch.isfinite(logits).all(-1) if greedy is None else greedy[:, 1]  # the step's check, not again
         try:
@@ -209,7 +225,8 @@ class BatchSampler:
             drawn = self._draw(picked + first, scores.index_select(0, picked), [r for r in rows if r.sampled])
             tokens = tokens.index_copy(0, picked, torch.where(drawn >= 0, drawn, tokens.index_select(0, picked)))
         # Recorded last, once nothing above can raise: a batch retried row by row counts each row once.
-        self.generated[first:end] += 1
+        for row in rows:
+            row.chosen += 1
         if self.seen is not None:
             self.seen[first:end].scatter_(-1, tokens[:, None], True)
         return tokens
@@ -234,8 +251,8 @@ class BatchSampler:
         end = first + logits.shape[0]
         rows = self._rows(first, end)
         scores = logits.to(torch.float32, copy=True)
-        if self.eos_index.numel() and any(r.params.min_new_tokens for r in rows):
-            short = self.generated[first:end] < self.min_new[first:end]  # only EOS columns are touched
+        if self.eos_index.numel() and any(r.eos_banned for r in rows):
+            short = self._on_device([r is not None and r.eos_banned for r in self.rows[first:end]], torch.bool)
             scores[:, self.eos_index] = scores[:, self.eos_index].masked_fill(short[:, None], float("-inf"))
         penalised = self._where(rows, lambda r: r.penalised)
         if penalised is not None and self.seen is not None:

@@ -77,8 +77,15 @@ def draw(scores: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     return torch.where(has_mass, raced, -1)
 
 
-def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+def greedy_pick(logits: torch.Tensor, bans: torch.Tensor | None = None,
+                eos: torch.Tensor | None = None) -> torch.Tensor:
     """``[rows, 2]`` long: each row's argmax (a greedy row's token) and 1 where all its logits are finite, else
-    0. The decode step computes it inside its CUDA graph, so that a batch of plain greedy rows needs no sampling
-    launch of its own (``sampling.BatchSampler.launch``): the same argmax and check the sampler would run."""
-    return torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()], -1)
+    0; where ``bans`` (``[rows]``, nonzero: the row is under its minimum length) the ``eos`` ids count as -inf,
+    as the sampler's own minimum length sets them. The decode step computes it inside its CUDA graph, so that a
+    batch of greedy rows needs no sampling launch of its own (``sampling.BatchSampler.launch``): the same argmax
+    and check the sampler would run (``kernels/greedy_pick.py`` is the same in one launch)."""
+    scores = logits
+    if bans is not None and eos is not None and eos.numel():
+        scores = logits.clone()
+        scores[:, eos] = scores[:, eos].masked_fill(bans[:, None] != 0, NEG_INF)
+    return torch.stack([scores.argmax(-1), torch.isfinite(logits).all(-1).long()], -1)

@@ -23,7 +23,7 @@ FAST = {"batch_size": "3", "learning_rate": "0.01", "eval_split": "0", "lora_dro
 def manager(tmp_path, tiny_model_dir, monkeypatch, subprocess_env) -> TrainingManager:
     for key in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY"):
         monkeypatch.setenv(key, subprocess_env[key])
-    return TrainingManager(tmp_path / "runs", tmp_path / "adapters", tiny_model_dir, "none", poll_seconds=0.1)
+    return TrainingManager(tmp_path / "runs", tmp_path / "adapters", tiny_model_dir, "none", poll_seconds=0.05)
 
 
 def _watch(manager: TrainingManager, run_id: str = "", timeout: float = 180) -> list[list[pb.TrainingRun]]:
@@ -54,7 +54,9 @@ def test_start_watch_complete_and_export(manager, gitclone_data, tmp_path):
     states = [u[0].state for u in updates]
     assert pb.RUNNING in states and states[-1] == pb.COMPLETED, updates[-1]
     steps = [u[0].step for u in updates]
-    assert steps == sorted(steps) and len(set(steps)) > 3  # live updates while it ran
+    # live updates while it ran: a step between the first and the last seen (a 30-step run of the tiny model
+    # takes ~0.3 s on a fast machine: three or four polls)
+    assert steps == sorted(steps) and any(0 < step < 30 for step in steps), steps
     final = updates[-1][0]
     assert (final.step, final.total_steps, final.method) == (30, 30, "ptuning-v2")
     assert final.HasField("loss") and final.HasField("smoothed_loss") and final.tokens_per_second > 0

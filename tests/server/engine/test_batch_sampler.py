@@ -289,30 +289,53 @@ def test_choosing_the_tokens_never_syncs_with_the_host():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_plain_greedy_rows_take_the_steps_greedy_picks_and_launch_nothing(monkeypatch):
-    """``launch(..., greedy)``: where every row is plain greedy, the step's own picks (``greedy_pick``, as the
-    decode step computes them) are the tokens and finite flags, the same as the sampler's own choice, with no
-    op of the sampler's run (no argmax, no counter). One row with a penalty, a minimum length or sampling and the
-    sampler chooses as before, from the logits."""
+def test_greedy_rows_take_the_steps_greedy_picks_and_launch_nothing(monkeypatch):
+    """``launch(..., greedy)``: where every row is greedy without a penalty, the step's own picks (``greedy_pick``
+    with ``eos_bans``, as the decode step computes them) are the tokens and finite flags, the same as the
+    sampler's own choice, with no op of the sampler's run (no argmax, no check), a minimum length included. One
+    row with a penalty or sampling and the sampler chooses as before, from the logits."""
     from adapterd.server.engine.sampling_ops import greedy_pick
 
     logits = random_logits(3, seed=9)
     logits[1, 5] = float("nan")
-    plain = [GenerationParams(max_new_tokens=8)] * 3
-    want = make(plain).sample(0, logits.clone())
-    sampler = make(plain)
-    before = sampler.generated.clone()
-    picks = greedy_pick(logits)
-    monkeypatch.setattr(sampler, "choose", lambda *a: pytest.fail("chose again"))
-    monkeypatch.setattr(torch, "isfinite", lambda *a: pytest.fail("checked again"))
-    got = sampler.launch(0, logits, picks)
-    monkeypatch.undo()
-    assert got.result() == want and want[1] == [True, False, True]
-    assert torch.equal(got.tokens, picks[:, 0]) and torch.equal(sampler.generated, before)
-    for odd in (GenerationParams(max_new_tokens=8, repetition_penalty=1.3),
-                GenerationParams(max_new_tokens=8, min_new_tokens=2), sampled(4)):
-        rows = [plain[0], odd, plain[0]]
+    logits[2, EOS] = 99.0  # the third row's favourite is EOS: banned under its minimum length
+    eos = torch.tensor([EOS], device=DEVICE)
+    for rows in ([GenerationParams(max_new_tokens=8)] * 3,
+                 [GenerationParams(max_new_tokens=8)] * 2 + [GenerationParams(max_new_tokens=8, min_new_tokens=2)]):
+        want = make(rows).sample(0, logits.clone())
+        sampler = make(rows)
+        bans = sampler.eos_bans(0, 3)
+        assert bans == [0, 0, int(rows[2].min_new_tokens > 0)]
+        picks = greedy_pick(logits, torch.tensor(bans, device=DEVICE), eos)
+        monkeypatch.setattr(sampler, "choose", lambda *a: pytest.fail("chose again"))
+        monkeypatch.setattr(torch, "isfinite", lambda *a: pytest.fail("checked again"))
+        got = sampler.launch(0, logits, picks)
+        monkeypatch.undo()
+        assert got.result() == want and want[1] == [True, False, True]
+        assert torch.equal(got.tokens, picks[:, 0]) and (want[0][2] == EOS) == (not bans[2])
+        assert [r.chosen for r in sampler.rows[:3]] == [1, 1, 1]
+    plain = GenerationParams(max_new_tokens=8)
+    for odd in (GenerationParams(max_new_tokens=8, repetition_penalty=1.3), sampled(4)):
+        rows = [plain, odd, plain]
         mixed = make(rows)
         expected = make(rows).sample(0, logits.clone())
-        assert mixed.launch(0, logits.clone(), picks).result() == expected
-        assert mixed.generated[:3].tolist() == [1, 1, 1]  # chosen by the sampler: counted
+        assert mixed.launch(0, logits.clone(), greedy_pick(logits)).result() == expected
+        assert [r.chosen for r in mixed.rows[:3]] == [1, 1, 1]  # chosen by the sampler: counted
+
+
+def test_eos_bans_follow_each_rows_count_of_chosen_tokens():
+    """A row is banned from EOS until it has ``min_new_tokens`` tokens, counted at each launch (before the
+    device has them: the engine launches a step ahead), whichever path chose them: the step's pick or the
+    sampler's own, in a batch or row by row."""
+    sampler = make([GenerationParams(max_new_tokens=8, min_new_tokens=2), GenerationParams(max_new_tokens=8),
+                    GenerationParams(max_new_tokens=8, min_new_tokens=3, repetition_penalty=1.2)])
+    logits = random_logits(3, seed=2)
+    assert sampler.eos_bans(0, 3) == [1, 0, 1] and sampler.eos_bans(1, 4) == [0, 1, 0, 0]
+    sampler.sample(0, logits)  # the sampler's path (a penalty)
+    assert sampler.eos_bans(0, 3) == [1, 0, 1]
+    sampler._one_by_one(0, logits)  # a batch retried row by row counts each row once
+    assert sampler.eos_bans(0, 3) == [0, 0, 1]
+    sampler.keep([2, 0])  # rows move with their counts
+    assert sampler.eos_bans(0, 2) == [1, 0]
+    sampler.sample(0, logits[:2])
+    assert sampler.eos_bans(0, 2) == [0, 0]

@@ -103,9 +103,9 @@ def test_a_row_whose_sampling_fails_ends_alone_while_the_step_after_runs(tiny_mo
                                                                          monkeypatch):
     """Row 1's sampling raises at the second decode step: the step after it is already launched, fed the
     row's failed token (-1, in range for the embedding); the row ends alone with INVALID_ARGUMENT naming
-    ``sampling``, its earlier tokens kept, and the other rows give PEFT's tokens. The rows ask for at least one
-    token (no reference starts with an end of sequence), which keeps them off plain greedy's path, where the
-    step's own argmax is the token and no sampling op runs that could fail."""
+    ``sampling``, its earlier tokens kept, and the other rows give PEFT's tokens. The rows sample from their top
+    1 token (PEFT's greedy token, drawn), which keeps them off greedy's path, where the step's own pick is the
+    token and no sampling op runs that could fail."""
     from adapterd.server.engine.sampling import BatchSampler
 
     real, batched = BatchSampler.choose, []
@@ -118,7 +118,7 @@ def test_a_row_whose_sampling_fails_ends_alone_while_the_step_after_runs(tiny_mo
         return real(self, first, logits)
 
     monkeypatch.setattr(BatchSampler, "choose", choose)
-    params = GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=1)
+    params = GenerationParams(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=1, seed=1)
     results, launched_ahead = _serve(tiny_model_dir, adapter_root, True, set(), params=params)
     assert launched_ahead > 0
     for i, (ref, events) in enumerate(zip(references, results, strict=True)):

@@ -152,6 +152,38 @@ def test_rows_leaving_out_of_order_keep_the_others_tokens(decode, tiny_model_dir
         assert tokens == reference_greedy(tiny_model_dir, prompt, adapter_dir, n), (prompt, adapter_id, n)
 
 
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_a_minimum_length_bans_eos_as_transformers_does(decode, tiny_model_dir, adapter_root):
+    """Rows with ``min_new_tokens`` share a batch with rows without: each row's tokens are transformers' + PEFT's
+    for its prompt and adapter alone with ``MinNewTokensLengthLogitsProcessor`` (EOS at -inf until that many
+    tokens), whether the decode step's pick bans EOS (greedy rows) or the sampler does (a penalised row beside
+    them sends the whole step there). With the "prefix" adapter "hello world" reaches EOS after a few tokens,
+    so the ban changes its answer."""
+    plain_eos = reference_greedy(tiny_model_dir, "hello world", adapter_root / "prefix", NEW_TOKENS)
+    jobs = [("hello world", "prefix", 6), ("hello world", "prefix", 0), ("hello world", None, 3),
+            ("你是谁？", "lora-qv", 0), ("hello world", "prefix", len(plain_eos) + 1)]
+    want = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, NEW_TOKENS, min_new_tokens=m)
+            for p, a, m in jobs]
+    assert len(plain_eos) < 6 <= len(want[0]) and want[1] == plain_eos  # the ban matters for these rows
+    for penalised in (False, True):
+        runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
+        runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = decode == "bucketed"
+        sinks = []
+        for i, (prompt, adapter_id, least) in enumerate(jobs + ([("hello", None, 0)] if penalised else [])):
+            sink = Collector()
+            adapter = runtime.store.get(adapter_id) if adapter_id else None
+            params = GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=least,
+                                      repetition_penalty=1.5 if i == len(jobs) else 1.0)
+            runtime.engine.submit(f"r{i}", runtime.tokenize(prompt), params, adapter, sink)
+            sinks.append(sink)
+        runtime.engine.start()
+        try:
+            got = [sink.wait_end()[-1].token_ids for sink in sinks[:len(jobs)]]
+        finally:
+            runtime.close()
+        assert got == want, penalised
+
+
 def test_cancel_frees_the_row_at_the_next_step(tiny_model_dir, adapter_root):
     runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
     runtime.engine.start()

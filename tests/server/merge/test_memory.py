@@ -76,8 +76,11 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
 
 
 def test_peak_memory_is_below_the_largest_tensor(tmp_path):
-    """Targeted tensors are merged in row blocks: a 16 MB MLP weight merges in well under 16 MB."""
+    """Targeted tensors are merged in row blocks: a 16 MB MLP weight merges in well under 16 MB. The growth
+    includes what a first merge costs whatever the model (torch 2.13 on CPU: +8.4 MB for the 2-layer model
+    above, whose largest tensor is 2 MB), so the bound is three quarters of the tensor: a merge that held the
+    whole tensor at once would not stay under it."""
     size, adapter, growth = _measure(tmp_path, "wide", _shape(1, hidden=512, intermediate=8192),
                                      chunk_bytes=2 * MiB)
     largest = 8192 * 512 * 4
-    assert growth < adapter + largest // 2, (growth, largest)
+    assert growth < adapter + largest * 3 // 4, (growth, largest)
