@@ -47,8 +47,9 @@ def one_row_keys(device: torch.device) -> list[tuple]:
 
 
 def tune_one_row_tiles(step: DecodeStep, timer: Callable[[DecodeStep], float] | None = None) -> dict[tuple, str]:
-    """Choose each one-row int8 key's GEMV tile by the decode step's own time (see the module's docstring);
-    nothing where the step replays no CUDA graphs or no int8 GEMV runs. ``timer``: ms a step of ``step`` as it
+    """Choose each one-row int8 key's GEMV tile by the decode step's own time (see the module's docstring),
+    once a process (a key tuned by an earlier engine keeps its tile); nothing where the step replays no CUDA
+    graphs or no int8 GEMV runs. ``timer``: ms a step of ``step`` as it
     stands (``graph_step_ms``; tests give their own). Returns key -> the chosen tile's name; drops the graphs
     it captured."""
     from ..kernels.int8_configs import one_row_tiles
@@ -57,6 +58,7 @@ def tune_one_row_tiles(step: DecodeStep, timer: Callable[[DecodeStep], float] | 
 
     timer = timer or graph_step_ms
     keys = one_row_keys(step.base.device) if step.use_graphs or timer is not graph_step_ms else []
+    keys = [key for key in keys if key not in _TUNED]  # once a process (the choice stays in _CHOSEN)
     tiles = {tile_name(t): t for t in one_row_tiles()}
     judged = one_row_judgements()
     chosen: dict[tuple, str] = {}

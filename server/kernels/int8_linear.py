@@ -191,8 +191,8 @@ def _judge_one_row(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: t
         return
     key = _small_key(False, 1, x, cb, scb, bias)
     tuned = _CHOSEN.get(key)
-    if tuned is None or tuned["BLOCK_M"] != 1 or tuned["SPLIT_K"] != 1:
-        return
+    if tuned is None or tuned["BLOCK_M"] != 1 or tuned["SPLIT_K"] != 1 or key in _ONE_ROW_JUDGED:
+        return  # judged once a process: a later model load keeps what the engine's step tuning chose since
     tiles = [tuned] + [t for t in one_row_tiles() if tile_name(t) != tile_name(tuned)]
     times: dict[str, float] = {}
     for tile in tiles:  # one at a time: a tile that cannot launch here (resources) is skipped

@@ -24,14 +24,18 @@ import torch
 # Copies of the weight: together with it at least this many times the L2 cache, at most COPY_BYTES of copies
 L2_TIMES = 3
 COPY_BYTES = 512 << 20
+# and at most this many (a small model's weights are read partly from L2 then; a test model's 4 KB weight would
+# otherwise take 131,071 copies and a graph of as many calls)
+MAX_COPIES = 255
 CALLS = 24  # norm + matmul pairs a graph (rounded up to a multiple of the copies)
 REPLAYS = 5  # replays of the graph timed
 
 
 def copies_for(size: int, l2: int) -> int:
     """Copies of a ``size``-byte weight to make besides it: with it, ``L2_TIMES`` times an ``l2``-byte cache or
-    more, at most ``COPY_BYTES`` of copies (none for a weight that is that size already)."""
-    return max(0, min(-(-L2_TIMES * l2 // size) - 1, COPY_BYTES // size))
+    more, at most ``COPY_BYTES`` of copies and ``MAX_COPIES`` of them (none for a weight that is that size
+    already)."""
+    return max(0, min(-(-L2_TIMES * l2 // size) - 1, COPY_BYTES // size, MAX_COPIES))
 
 
 def in_step_us(x: torch.Tensor, weight: torch.Tensor, runs: Sequence[Callable[[torch.Tensor, torch.Tensor], object]],

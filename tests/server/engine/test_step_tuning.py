@@ -100,3 +100,13 @@ def test_nothing_is_timed_without_graphs(monkeypatch):
     monkeypatch.setattr(step_tuning, "graph_step_ms", lambda step: pytest.fail("timed"))
     assert step_tuning.tune_one_row_tiles(Step(use_graphs=False)) == {}
     assert km._CHOSEN[key] == TILES[NAMES[0]]
+
+
+def test_a_key_is_tuned_once_a_process(monkeypatch):
+    """A second engine in the process (a test, a bench) keeps the tile the first chose: nothing is timed again."""
+    key = _key(4096, 4096)
+    _setup(monkeypatch, {key: TILES[NAMES[0]]}, {key: {NAMES[1]: 7.2, NAMES[0]: 7.3}})
+    times = {NAMES[0]: 2.56, NAMES[1]: 2.50}
+    assert step_tuning.tune_one_row_tiles(Step(), lambda step: times[tile_name(km._CHOSEN[key])]) == {key: NAMES[1]}
+    assert step_tuning.tune_one_row_tiles(Step(), lambda step: pytest.fail("timed again")) == {}
+    assert km._CHOSEN[key] == TILES[NAMES[1]]

@@ -13,14 +13,15 @@ km = pytest.importorskip("adapterd.server.kernels.int8_matmul", reason="needs tr
 
 
 @pytest.mark.parametrize(("size_mb", "copies"),
-                         [(32, 4), (90, 1), (150, 0), (180, 0), (1, 149), (0.5, 299), (0.1, 1500)])
-def test_the_judge_reads_past_the_l2_cache_within_its_memory_bound(size_mb, copies):
+                         [(32, 4), (90, 1), (150, 0), (180, 0), (1, 149), (0.5, 255), (0.004, 255), (2000, 0)])
+def test_the_judge_reads_past_the_l2_cache_within_its_memory_and_time_bounds(size_mb, copies):
     """The judge times a candidate over the weight and copies of it: 3x an H200's 50 MB L2 in all (each call
-    reads HBM, as in decode), but never more than 512 MB of copies."""
+    reads HBM, as in decode), but never more than 512 MB of copies, nor more than 255 (a test model's 4 KB
+    weight: 255 calls a graph, not 131,071)."""
     size, l2 = int(size_mb * 2**20), 50 * 2**20
     assert step_judge.copies_for(size, l2) == copies
-    assert copies * size <= step_judge.COPY_BYTES
-    assert (copies + 1) * size >= 3 * l2 or copies == step_judge.COPY_BYTES // size
+    assert copies * size <= step_judge.COPY_BYTES and copies <= step_judge.MAX_COPIES
+    assert (copies + 1) * size >= 3 * l2 or copies in (step_judge.COPY_BYTES // size, step_judge.MAX_COPIES)
 
 
 def _judge_with(monkeypatch, tuned: dict, us: dict[str, float | None]) -> tuple[tuple, dict]:
@@ -75,6 +76,20 @@ def test_the_autotuners_pick_stays_on_a_tie_or_when_every_other_tile_fails(monke
     assert chosen[key] is tuned
     key, chosen = _judge_with(monkeypatch, tuned, {tile_name(t): None for t in tiles} | {tile_name(tuned): 60.0})
     assert chosen[key] is tuned
+
+
+def test_a_key_is_judged_once_a_process(monkeypatch):
+    """A later model load (warm_up again) does not judge the key again: it keeps what the engine's step tuning
+    chose since (engine/step_tuning.py)."""
+    tiles = one_row_tiles()
+    us = {tile_name(t): 50.0 + i for i, t in enumerate(tiles)}
+    key, chosen = _judge_with(monkeypatch, dict(tiles[4]), us)
+    assert tile_name(chosen[key]) == tile_name(tiles[0])
+    chosen[key] = dict(tiles[7])  # the step's choice
+    monkeypatch.setattr(step_judge, "in_step_us", lambda *a: pytest.fail("judged again"))
+    int8_linear._judge_one_row(torch.zeros(1, 4096, dtype=torch.bfloat16), torch.zeros(12288, 4096, dtype=torch.int8),
+                               torch.ones(12288), None)
+    assert tile_name(chosen[key]) == tile_name(tiles[7])
 
 
 def test_keys_that_run_no_gemv_tile_are_left_to_the_autotuner(monkeypatch):
