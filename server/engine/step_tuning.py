@@ -43,7 +43,18 @@ def one_row_keys(device: torch.device) -> list[tuple]:
     from ..kernels.int8_matmul import _CHOSEN
 
     return [key for key, config in _CHOSEN.items()
-            if not key[0] and key[1] == 1 and key[-1] == device and config["BLOCK_M"] == 1 and config["SPLIT_K"] == 1]
+            if not key[0] and key[1] == 1 and _same_device(key[-1], device) and config["BLOCK_M"] == 1
+            and config["SPLIT_K"] == 1]
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one (``cuda`` and ``cuda:0`` are, where 0 is the current device)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return a.index == b.index
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def tune_one_row_tiles(step: DecodeStep, timer: Callable[[DecodeStep], float] | None = None) -> dict[tuple, str]:

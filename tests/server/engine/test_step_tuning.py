@@ -110,3 +110,11 @@ def test_a_key_is_tuned_once_a_process(monkeypatch):
     assert step_tuning.tune_one_row_tiles(Step(), lambda step: times[tile_name(km._CHOSEN[key])]) == {key: NAMES[1]}
     assert step_tuning.tune_one_row_tiles(Step(), lambda step: pytest.fail("timed again")) == {}
     assert km._CHOSEN[key] == TILES[NAMES[1]]
+
+
+def test_the_model_device_named_with_or_without_its_index_is_the_keys():
+    """A base loaded on ``cuda`` and kernels keyed by ``cuda:0`` (the current device) are one device."""
+    assert step_tuning._same_device(torch.device("cpu"), CPU)
+    assert not step_tuning._same_device(torch.device("cpu"), torch.device("cuda", 0))
+    assert step_tuning._same_device(torch.device("cuda"), torch.device("cuda", 0))
+    assert not step_tuning._same_device(torch.device("cuda", 1), torch.device("cuda", 0))
