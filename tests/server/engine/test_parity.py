@@ -184,6 +184,37 @@ def test_a_minimum_length_bans_eos_as_transformers_does(decode, tiny_model_dir, 
         assert got == want, penalised
 
 
+def test_the_one_launch_pick_gives_the_same_tokens_in_the_engine(tiny_model_dir, adapter_root, monkeypatch):
+    """The decode step's pick through ``kernels/greedy_pick.py`` (Triton's interpreter here; on a GPU it is the
+    default), run ahead and bucketed as a GPU runs it: rows with and without a minimum length give transformers'
+    + PEFT's tokens, the kernel called at every decode step."""
+    pytest.importorskip("triton")
+    from adapterd.server.kernels import greedy_pick as greedy_kernel
+
+    jobs = [("hello world", "prefix", 6), ("hello world", "prefix", 0), ("The quick brown fox jumps", None, 2)]
+    want = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, NEW_TOKENS, min_new_tokens=m)
+            for p, a, m in jobs]
+    runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
+    step = runtime.engine.runner.decoder
+    step.bucketed = runtime.engine.runner.prefiller.bucketed = True
+    calls = []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read at each call: only the pick runs in the interpreter
+    step._pick = lambda *a: calls.append(1) or greedy_kernel.greedy_pick(*a)
+    sinks = []
+    for i, (prompt, adapter_id, least) in enumerate(jobs):
+        sink = Collector()
+        adapter = runtime.store.get(adapter_id) if adapter_id else None
+        runtime.engine.submit(f"k{i}", runtime.tokenize(prompt), GenerationParams(max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=least), adapter, sink)
+        sinks.append(sink)
+    runtime.engine.start()
+    try:
+        got = [sink.wait_end()[-1].token_ids for sink in sinks]
+    finally:
+        runtime.close()
+    assert got == want and len(calls) >= NEW_TOKENS - 1 and runtime.engine.steps_run_ahead > 0
+
+
 def test_cancel_frees_the_row_at_the_next_step(tiny_model_dir, adapter_root):
     runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
     runtime.engine.start()
