@@ -20,7 +20,7 @@ import torch
 
 from .failures import is_device_failure
 from .request import GenerationParams
-from .sampling_ops import apply_repetition_penalty, draw, filter_top_k_top_p, shift_and_scale
+from .sampling_ops import apply_repetition_penalty, ban_eos_, draw, filter_top_k_top_p, shift_and_scale
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class BatchSampler:
         scores = logits.to(torch.float32, copy=True)
         if self.eos_index.numel() and any(r.eos_banned for r in rows):
             short = self._on_device([r is not None and r.eos_banned for r in self.rows[first:end]], torch.bool)
-            scores[:, self.eos_index] = scores[:, self.eos_index].masked_fill(short[:, None], float("-inf"))
+            ban_eos_(scores, short, self.eos_index)  # only EOS columns are touched
         penalised = self._where(rows, lambda r: r.penalised)
         if penalised is not None and self.seen is not None:
             at = penalised + first

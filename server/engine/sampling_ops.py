@@ -77,6 +77,13 @@ def draw(scores: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     return torch.where(has_mass, raced, -1)
 
 
+def ban_eos_(scores: torch.Tensor, banned: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """transformers' MinNewTokensLengthLogitsProcessor on every row at once, in place: the ``eos`` columns at -inf
+    in the rows where ``banned`` ([rows] bool); returns ``scores``."""
+    scores[:, eos] = scores[:, eos].masked_fill(banned[:, None], NEG_INF)
+    return scores
+
+
 def greedy_pick(logits: torch.Tensor, bans: torch.Tensor | None = None,
                 eos: torch.Tensor | None = None) -> torch.Tensor:
     """``[rows, 2]`` long: each row's argmax (a greedy row's token) and 1 where all its logits are finite, else
@@ -86,6 +93,5 @@ def greedy_pick(logits: torch.Tensor, bans: torch.Tensor | None = None,
     and check the sampler would run (``kernels/greedy_pick.py`` is the same in one launch)."""
     scores = logits
     if bans is not None and eos is not None and eos.numel():
-        scores = logits.clone()
-        scores[:, eos] = scores[:, eos].masked_fill(bans[:, None] != 0, NEG_INF)
+        scores = ban_eos_(logits.clone(), bans != 0, eos)
     return torch.stack([scores.argmax(-1), torch.isfinite(logits).all(-1).long()], -1)

@@ -73,32 +73,41 @@ def tune_one_row_tiles(step: DecodeStep, timer: Callable[[DecodeStep], float] | 
     tiles = {tile_name(t): t for t in one_row_tiles()}
     judged = one_row_judgements()
     chosen: dict[tuple, str] = {}
-    current = None
     try:
         for key in keys:
             current = _CHOSEN[key]
-            times = {tile_name(current): timer(step)}
             order = sorted(judged.get(key, {}), key=judged.get(key, {}).get)
-            for name in [n for n in order if n in tiles][:CANDIDATES]:
-                if name in times:
-                    continue
-                _CHOSEN[key] = tiles[name]
-                times[name] = timer(step)
+            try:
+                times = _step_times(step, key, timer, [tiles[n] for n in order if n in tiles][:CANDIDATES])
+            except Exception as exc:  # noqa: BLE001 (a capture or launch that fails: serve with the judge's tiles)
+                _CHOSEN[key] = current
+                log.warning("int8 one-row tiles not tuned in the decode step (%s): the warm-up judge's stay", exc)
+                break
             best = min(times, key=times.get)
             keep = times[best] < times[tile_name(current)] * (1 - MARGIN)
             _CHOSEN[key] = tiles[best] if keep else current
             chosen[key] = tile_name(_CHOSEN[key])
             _TUNED[key] = times
-            current = None
             log.info("int8 one-row tile for %dx%d chosen in the decode step: %s (ms a step: %s)", key[2], key[3],
                      chosen[key], ", ".join(f"{n} {ms:.3f}" for n, ms in sorted(times.items(), key=lambda i: i[1])))
-    except Exception as exc:  # noqa: BLE001 (a capture or launch that fails: serve with the judge's tiles)
-        if current is not None:
-            _CHOSEN[key] = current
-        log.warning("int8 one-row tiles not tuned in the decode step (%s): the warm-up judge's stay", exc)
     finally:
         step.graphs.clear()
     return chosen
+
+
+def _step_times(step: DecodeStep, key: tuple, timer: Callable[[DecodeStep], float],
+                candidates: list[dict]) -> dict[str, float]:
+    """{tile name: ms a step} for ``key``'s current tile and each of ``candidates`` set for it in turn (the last
+    one timed stays set: the caller chooses)."""
+    from ..kernels.int8_linear import tile_name
+    from ..kernels.int8_matmul import _CHOSEN
+
+    times = {tile_name(_CHOSEN[key]): timer(step)}
+    for tile in candidates:
+        if tile_name(tile) not in times:
+            _CHOSEN[key] = tile
+            times[tile_name(tile)] = timer(step)
+    return times
 
 
 def step_tunings() -> dict[tuple, dict[str, float]]:
@@ -109,6 +118,7 @@ def step_tunings() -> dict[tuple, dict[str, float]]:
 def graph_step_ms(step: DecodeStep) -> float:
     """Milliseconds a one-row decode step of ``step`` takes as tiles stand now: its graph captured afresh for a
     row at ``LENGTH`` entries, replayed ``REPLAYS`` times after 3 (CUDA events: device time only)."""
+    from ..kernels.support import replay_ms
     from .decode_step import batch_bucket, length_bucket
 
     step.graphs.clear()  # the tiles are baked into a captured graph
@@ -117,13 +127,4 @@ def graph_step_ms(step: DecodeStep) -> float:
     entry = step.graphs.entry((batch_bucket(1, step.max_batch), length_bucket(length + 1, step.pool.max_capacity), 0))
     if entry is None:
         raise RuntimeError("the one-row decode step was not captured")
-    graph = entry[0]
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / REPLAYS
+    return replay_ms(entry[0], REPLAYS, untimed=3)

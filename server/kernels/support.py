@@ -121,7 +121,14 @@ def graph_us(calls: list[Callable[[], object]], per_graph: int, replays: int) ->
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         for i in range(per_graph):
             calls[i % len(calls)]()
-    graph.replay()  # the first replay uploads the graph
+    return replay_ms(graph, replays) * 1e3 / per_graph
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int, untimed: int = 1) -> float:
+    """Milliseconds a replay of a captured ``graph``: ``untimed`` replays first (the first uploads it), then
+    ``replays`` timed back to back by CUDA events (device time only)."""
+    for _ in range(untimed):
+        graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -129,7 +136,7 @@ def graph_us(calls: list[Callable[[], object]], per_graph: int, replays: int) ->
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * per_graph)
+    return start.elapsed_time(end) / replays
 
 
 def tuner_choices(tuner) -> dict[str, str]:

@@ -46,14 +46,20 @@ def prefill_kinds(runtime: Runtime) -> list[set[str]]:
     return kinds
 
 
-def run_together(runtime: Runtime, jobs, params: GenerationParams):
-    """Submit every job before the engine starts, so that they all share the first batch."""
+def submit_all(runtime: Runtime, jobs) -> list[Collector]:
+    """Submit each ``(prompt, adapter id or None, params)`` of ``jobs``; their sinks, in order."""
     sinks = []
-    for i, (prompt, adapter_id) in enumerate(jobs):
-        adapter = runtime.store.get(adapter_id) if adapter_id else None
+    for i, (prompt, adapter_id, params) in enumerate(jobs):
         sink = Collector()
+        adapter = runtime.store.get(adapter_id) if adapter_id else None
         runtime.engine.submit(f"r{i}", runtime.tokenize(prompt), params, adapter, sink)
         sinks.append(sink)
+    return sinks
+
+
+def run_together(runtime: Runtime, jobs, params: GenerationParams):
+    """Submit every job before the engine starts, so that they all share the first batch."""
+    sinks = submit_all(runtime, [(prompt, adapter_id, params) for prompt, adapter_id in jobs])
     runtime.engine.start()
     return [s.wait_end() for s in sinks]
 
@@ -136,12 +142,7 @@ def test_rows_leaving_out_of_order_keep_the_others_tokens(decode, tiny_model_dir
     runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
     runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = decode == "bucketed"
     jobs = [(p, a, 3 + 4 * (i % 4)) for i, (p, a) in enumerate((p, a) for a in ADAPTERS for p in PROMPTS[:2])]
-    sinks = []
-    for i, (prompt, adapter_id, n) in enumerate(jobs):
-        sink = Collector()
-        adapter = runtime.store.get(adapter_id) if adapter_id else None
-        runtime.engine.submit(f"r{i}", runtime.tokenize(prompt), GenerationParams(max_new_tokens=n), adapter, sink)
-        sinks.append(sink)
+    sinks = submit_all(runtime, [(p, a, GenerationParams(max_new_tokens=n)) for p, a, n in jobs])
     runtime.engine.start()
     try:
         got = [sink.wait_end()[-1].token_ids for sink in sinks]
@@ -168,14 +169,9 @@ def test_a_minimum_length_bans_eos_as_transformers_does(decode, tiny_model_dir, 
     for penalised in (False, True):
         runtime = Runtime(_load(tiny_model_dir, "none"), adapter_root, EngineConfig())
         runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = decode == "bucketed"
-        sinks = []
-        for i, (prompt, adapter_id, least) in enumerate(jobs + ([("hello", None, 0)] if penalised else [])):
-            sink = Collector()
-            adapter = runtime.store.get(adapter_id) if adapter_id else None
-            params = GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=least,
-                                      repetition_penalty=1.5 if i == len(jobs) else 1.0)
-            runtime.engine.submit(f"r{i}", runtime.tokenize(prompt), params, adapter, sink)
-            sinks.append(sink)
+        sinks = submit_all(runtime, [(p, a, GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=least))
+                                     for p, a, least in jobs] + ([("hello", None, GenerationParams(
+                                         max_new_tokens=NEW_TOKENS, repetition_penalty=1.5))] if penalised else []))
         runtime.engine.start()
         try:
             got = [sink.wait_end()[-1].token_ids for sink in sinks[:len(jobs)]]
@@ -200,13 +196,8 @@ def test_the_one_launch_pick_gives_the_same_tokens_in_the_engine(tiny_model_dir,
     calls = []
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read at each call: only the pick runs in the interpreter
     step._pick = lambda *a: calls.append(1) or greedy_kernel.greedy_pick(*a)
-    sinks = []
-    for i, (prompt, adapter_id, least) in enumerate(jobs):
-        sink = Collector()
-        adapter = runtime.store.get(adapter_id) if adapter_id else None
-        runtime.engine.submit(f"k{i}", runtime.tokenize(prompt), GenerationParams(max_new_tokens=NEW_TOKENS,
-                              min_new_tokens=least), adapter, sink)
-        sinks.append(sink)
+    sinks = submit_all(runtime, [(p, a, GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=least))
+                                 for p, a, least in jobs])
     runtime.engine.start()
     try:
         got = [sink.wait_end()[-1].token_ids for sink in sinks]
