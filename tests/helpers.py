@@ -103,7 +103,9 @@ def _reference_tokens(base_dir, prompt: str, adapter_dir: Path | None, max_new_t
     model = _load_base(base_dir, quantization, TEST_DEVICE)
     ids = tok(prompt, return_tensors="pt").input_ids.to(TEST_DEVICE)
     # generate() stops at nothing (eos_token_id None), so the minimum length's ban is given as a processor
-    processors = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(ids.shape[1], min_new_tokens, tok.eos_token_id)]
+    # (the EOS id as a tensor on the model's device: transformers 5.17 builds it on the CPU otherwise)
+    eos = torch.tensor([tok.eos_token_id], device=ids.device)
+    processors = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(ids.shape[1], min_new_tokens, eos)]
                                      if min_new_tokens else [])
     if adapter_dir is None:
         out = _like_the_engine(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
