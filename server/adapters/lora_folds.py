@@ -9,7 +9,9 @@ run anyway, right beside them:
   (``QkvDeltas``); program (row, head) adds its head's delta, as the expand would, before rotating.
 * o_proj's shrink into the decode attention's merge (``kernels/decode_attention.py``): head h's output is split
   h of o_proj's input, so the program that writes it also writes its partial (``output_shrink``); o_proj then
-  runs its base matmul and the expand alone (``add_expand``).
+  runs its base matmul and the expand alone (``add_expand``); at many rows (the decoder's ``NORM_FOLD_MIN_ROWS``)
+  not even that: its delta goes to the post-attention add + norm (``OutputDelta``, ``kernels/rms_norm.py``),
+  which adds it to o_proj's output before the residual add, as the expand would.
 
 Where a fold cannot run (no adapter row, a prefill, q/k/v wrapped but not one group, SDPA instead of the
 attention kernel), the unfolded launches run: the same sums either way (``tests/server/adapters``).
@@ -25,6 +27,7 @@ from torch import nn
 
 from ..engine.step_context import current_step
 from ..kernels.decode_attention import OutputShrink
+from ..kernels.rms_norm import OutputDelta
 from ..kernels.rope_append import QkvDeltas
 from .lora import QKV, BatchedLoraLinear, base_layer_of, project_qkv
 
@@ -84,8 +87,19 @@ def output_shrink(layer: nn.Module, rows: int, heads: int) -> OutputShrink | Non
 def add_expand(layer: BatchedLoraLinear, y: torch.Tensor, partials: LoraPartials) -> torch.Tensor:
     """``y`` (``layer``'s base output at a decode step) plus its rows' deltas from ``partials``, its shrink
     already done (``output_shrink``): the expand alone, in place."""
+    return add_output_delta(output_delta(layer, partials), y)
+
+
+def output_delta(layer: BatchedLoraLinear, partials: LoraPartials) -> OutputDelta:
+    """``layer``'s delta from ``partials`` (its shrink done, ``output_shrink``), not yet added: for the add + norm
+    kernel after it (``FusedRMSNorm.add_forward``), or ``add_output_delta``."""
+    return OutputDelta(partials, layer.lora_b)
+
+
+def add_output_delta(delta: OutputDelta, y: torch.Tensor) -> torch.Tensor:
+    """``y`` plus ``delta`` (the expand alone, in place), where the norm after it cannot take the delta."""
     from ..kernels.lora_bgmv import lora_expand_
 
     y = y if y.stride(-1) == 1 else y.contiguous()
-    lora_expand_((y.view(y.shape[0], -1),), partials, (layer.lora_b,))
+    lora_expand_((y.view(y.shape[0], -1),), delta.partials, (delta.lora_b,))
     return y

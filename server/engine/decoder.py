@@ -50,11 +50,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.lora import QKV, add_delta, adds_delta, base_layer_of, project_qkv
-from ..adapters.lora_folds import add_expand, add_qkv_deltas, output_shrink, project_qkv_deferred
+from ..adapters.lora_folds import (
+    add_expand,
+    add_output_delta,
+    add_qkv_deltas,
+    output_delta,
+    output_shrink,
+    project_qkv_deferred,
+)
 from ..kernels import decode_attention as attention_kernel
 from ..kernels import dense_gemv
 from ..kernels import silu_mul as act_kernel
-from ..kernels.rms_norm import FusedRMSNorm
+from ..kernels.rms_norm import FusedRMSNorm, OutputDelta
 from ..kernels.rope_append import fits, rope_append_available
 from .fused_projections import GATE_UP, FusedLinear, LayerFusion, fuse_layers, fused_outputs, int8_layers
 from .kv_pool import DecodeView
@@ -73,6 +80,12 @@ OWN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "glm")
 # Those whose apply_rotary_pos_emb is Llama's: x * cos + rotate_half(x) * sin over the whole head (GLM rotates
 # half of each head, interleaved). Partial rotary in these is ruled out per call by ``fits``.
 ROTATE_HALF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Decode steps of this many rows or more leave o_proj's LoRA delta to the post-attention add + norm kernel
+# (``_attend``, ``rms_norm.OutputDelta``): one program a row then reads the row's whole B (128 KB at rank 16 on a
+# 7B model), which the expand's own launch spreads over 16 programs a row; a launch saved a layer. serve_bench's
+# 32 rows on 32 adapters is where it was measured (bench/NOTES.md); fewer rows keep the expand.
+NORM_FOLD_MIN_ROWS = 32
 
 Mask = torch.Tensor | dict[str, torch.Tensor]
 # (input ids [rows, T], position ids [rows, T], additive mask(s), the step's context: its LoRA rows and its
@@ -126,8 +139,8 @@ class Decoder:
         for index, layer in enumerate(self.layers):
             layer_mask = mask[self.layer_types[index]] if isinstance(mask, dict) else mask
             fused = self.fused[index]
-            attention = self._attention(layer.self_attn, x, cos, sin, layer_mask, cache, index, fused.qkv)
-            h, x = _add_norm(h, attention, layer.post_attention_layernorm)
+            attention, delta = self._attention(layer.self_attn, x, cos, sin, layer_mask, cache, index, fused.qkv)
+            h, x = _add_norm(h, attention, layer.post_attention_layernorm, delta)
             out = _mlp(layer.mlp, x, fused.gate_up, self.act_kernel, self.gemv)
             if index + 1 < len(self.layers):  # the residual add with the next layer's input norm
                 h, x = _add_norm(h, out, self.layers[index + 1].input_layernorm)
@@ -152,8 +165,9 @@ class Decoder:
         return weights + [(m.weight, m.bias, False) for m in (*modules, base_layer_of(self.lm_head))
                           if type(m) is nn.Linear]
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, cache: Any, index: int, qkv: FusedLinear | None) -> torch.Tensor:
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                   cache: Any, index: int, qkv: FusedLinear | None) -> tuple[torch.Tensor, OutputDelta | None]:
+        """o_proj's output for the attention of x, and its LoRA delta where that is left for the norm after it."""
         rows, length = x.shape[:2]
         shape = (rows, length, -1, attn.head_dim)
         # The base outputs from one fused matmul where q, k, v are fused; LoRA on them: one shrink for the three,
@@ -193,9 +207,11 @@ class Decoder:
         return qkv.rope_append(x, cos, sin, keys, values, cache.write_pos, attn.head_dim,
                                qkv.sizes[0] // attn.head_dim)
 
-    def _attend(self, attn: nn.Module, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                mask: torch.Tensor, cache: Any, rows: int, length: int) -> torch.Tensor:
-        """o_proj of the attention of ``q`` (``[rows, heads, T, head_dim]``, rotated) over ``keys``/``values``."""
+    def _attend(self, attn: nn.Module, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                cache: Any, rows: int, length: int) -> tuple[torch.Tensor, OutputDelta | None]:
+        """o_proj of the attention of ``q`` (``[rows, heads, T, head_dim]``, rotated) over ``keys``/``values``;
+        at a decode step of ``NORM_FOLD_MIN_ROWS`` rows or more whose o_proj shrink ran in the attention's merge,
+        its base output and the LoRA delta still to add (the post-attention add + norm adds it: ``_add_norm``)."""
         shrink = None
         if (self.attention_kernel and isinstance(cache, DecodeView)
                 and attention_kernel.fits(q, keys, values, mask)
@@ -209,16 +225,22 @@ class Decoder:
         else:
             out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                                  scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
-        return _linear(attn.o_proj, out.transpose(1, 2).reshape(rows, length, -1), self.gemv,
-                       None if shrink is None else shrink.partials)
+        out = out.transpose(1, 2).reshape(rows, length, -1)
+        if shrink is not None and rows >= NORM_FOLD_MIN_ROWS:
+            return _linear(base_layer_of(attn.o_proj), out, self.gemv), output_delta(attn.o_proj, shrink.partials)
+        return _linear(attn.o_proj, out, self.gemv, None if shrink is None else shrink.partials), None
 
 
-def _add_norm(h: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual stream ``h + delta`` and ``norm`` of it: one kernel where the norm is the fused one
-    (``FusedRMSNorm.add_forward``: the same tensors as the two steps), else the two steps."""
-    if isinstance(norm, FusedRMSNorm):
-        return norm.add_forward(h, delta)
-    h = h + delta
+def _add_norm(h: torch.Tensor, out: torch.Tensor, norm: nn.Module,
+              delta: OutputDelta | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream ``h + out`` and ``norm`` of it: one kernel where the norm is the fused one
+    (``FusedRMSNorm.add_forward``: the same tensors as the two steps), else the two steps. ``delta``: ``out``'s
+    LoRA delta, added first: in that kernel where it takes it, else by the expand's own launch."""
+    if isinstance(norm, FusedRMSNorm) and (delta is None or norm.takes(h, out, delta)):
+        return norm.add_forward(h, out, delta)
+    if delta is not None:
+        out = add_output_delta(delta, out)
+    h = h + out
     return h, norm(h)
 
 

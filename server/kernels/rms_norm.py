@@ -39,16 +39,27 @@ gradient) ``FusedRMSNorm`` runs transformers' eager math instead.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .support import interpreting, pdl_launch, triton_available, triton_into
 
+if TYPE_CHECKING:
+    from .lora_bgmv import LoraPartials
+
 # Classes whose forward is exactly the math above (transformers 5.17 and 5.24). Matched by class name, so
 # that model modules need not be imported.
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 MAX_HIDDEN = 16384  # the longest row the kernel takes (kept in registers: 32 fp32 a thread at 16 warps)
+# With an OutputDelta, one program streams the row's whole B, [BLOCK_R, BLOCK] elements: at most 64 Ki (rank 16 at
+# hidden 4096, 128 KB of bf16), past which the expand's own launch (16 programs a row there) is kept. FOLD_CHUNK
+# columns of it a step at FOLD_WARPS warps: 122 registers a thread for sm_90, no spill (ptxas, 16 x 2048 spills).
+MAX_FOLD_ELEMS = 65536
+FOLD_WARPS = 16
+FOLD_CHUNK = 1024
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Bound on first use by ``_triton()``: the kernel's body refers to ``tl`` as a module global, as Triton wants.
@@ -74,11 +85,19 @@ def _cuda_kernel_runs(device: torch.device) -> bool:
 
 
 def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, stride_y, stride_s,  # noqa: N803
-                   inv_n, eps, BLOCK: tl.constexpr, ADD: tl.constexpr, ROUND_X: tl.constexpr,
-                   ROUND_Y: tl.constexpr, USE_PDL: tl.constexpr = False):
+                   inv_n, eps, b_ptr, slot_ptr, p_ptr, rank, splits, stride_br, stride_bs, stride_ps, stride_slot,
+                   BLOCK: tl.constexpr, ADD: tl.constexpr, ROUND_X: tl.constexpr, ROUND_Y: tl.constexpr,
+                   LORA: tl.constexpr = False, BLOCK_R: tl.constexpr = 16, BLOCK_S: tl.constexpr = 1,
+                   CHUNK: tl.constexpr = 512, USE_PDL: tl.constexpr = False):
     """Row ``program_id(0)`` (``N <= BLOCK`` elements, kept in registers): ``y = w * (x * rsqrt(mean(x * x)
     + eps)).to(x.dtype)``, fp32 inside, stored in y's dtype. ``ADD``: first ``x = x + r`` (the residual
     stream plus a layer's output, rounded to x's dtype as torch's sum is), stored at ``s``, and normed.
+
+    ``LORA`` (with ``ADD``; ``OutputDelta``): first ``r = r + (sum over s of p[s, row, :rank]) @ B[:rank, slot,
+    :]`` in fp32, rounded to r's dtype, as ``lora_bgmv``'s expand adds it in place (a row on slot 0 keeps r
+    as it is): the expand's launch folded in. It goes ``CHUNK`` columns at a time (a ``[BLOCK_R, CHUNK]`` tile of
+    B: the whole ``[BLOCK_R, BLOCK]`` tile at once spills registers), each chunk's ``r + delta`` stored at ``s``,
+    then read back whole after a barrier (``s`` is overwritten with the sum next; r itself is not written).
 
     ``ROUND_X`` / ``ROUND_Y`` (the interpreter only, for bf16 x / y): round fp32 to bf16 precision to nearest
     even by hand. The interpreter's fp32 -> bf16 cast truncates (Triton 3.9), while the GPU's rounds to
@@ -92,7 +111,32 @@ def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, str
         tl.extra.cuda.gdc_launch_dependents()
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if ADD:
-        h = h + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        if LORA:  # r + its delta, chunk by chunk (a [BLOCK_R, CHUNK] tile of B at a time), into s first
+            slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
+            rr = tl.arange(0, BLOCK_R)
+            r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads no B and no partial
+            rs = tl.arange(0, BLOCK_S)
+            ps = p_ptr + rs[:, None] * stride_ps + row * BLOCK_R + rr[None, :]
+            xa = tl.reduce(tl.load(ps, mask=(rs < splits)[:, None] & r_ok[None, :], other=0.0), 0,
+                           tl.standard._sum_combine)  # [BLOCK_R], the row's partials summed over the splits
+            bs = b_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br
+            for c in tl.static_range(BLOCK // CHUNK):
+                cc = c * CHUNK + tl.arange(0, CHUNK)
+                c_ok = cc < N
+                b_c = tl.load(bs + cc[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0,
+                              eviction_policy="evict_first")
+                r_c = tl.load(r_ptr + row * stride_r + cc, mask=c_ok, other=0.0).to(tl.float32)
+                e = r_c + tl.reduce(b_c.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
+                if ROUND_X:
+                    eb = e.to(tl.uint32, bitcast=True)
+                    e = ((eb + 0x7FFF + ((eb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+                tl.store(s_ptr + row * stride_s + cc, tl.where(slot != 0, e, r_c).to(s_ptr.dtype.element_ty),
+                         mask=c_ok)
+            tl.debug_barrier()  # s's writes seen by every thread of the program (bar.sync orders global memory)
+            d = tl.load(s_ptr + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            d = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = h + d
         if ROUND_X:
             b = h.to(tl.uint32, bitcast=True)
             h = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
@@ -154,19 +198,48 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return _launch(x, None, weight, eps)[1]
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       delta: OutputDelta | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + residual`` (both of one dtype and shape; rounded as torch's sum) and ``fused_rms_norm(s)``, in
     one launch: a decoder layer's residual add and the norm after it (two kernels, and a re-read of ``s``,
-    eagerly). Returns ``(s, the norm of s)``."""
+    eagerly). Returns ``(s, the norm of s)``. ``delta``: ``residual``'s LoRA delta, added to it first as
+    ``lora_bgmv``'s expand adds it (``OutputDelta``; ``delta.fits(residual)`` must hold); ``residual`` itself is
+    not written."""
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"residual must match x ({list(x.shape)} {x.dtype}), got {list(residual.shape)} "
                          f"{residual.dtype}")
-    return _launch(x, residual, weight, eps)  # type: ignore[return-value] - s is a tensor when adding
+    if delta is not None and not delta.fits(residual):
+        raise ValueError(f"the LoRA delta ({list(delta.lora_b.shape)} B, {list(delta.partials.p.shape)} partials) "
+                         f"does not fit the layer's output {list(residual.shape)}")
+    return _launch(x, residual, weight, eps, delta)  # type: ignore[return-value] - s is a tensor when adding
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-            eps: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+@dataclass(frozen=True)
+class OutputDelta:
+    """A layer output's LoRA delta not yet added: at a decode step, o_proj's (its shrink done in the decode
+    attention's merge, ``adapters/lora_folds.py``), for the post-attention add + norm to add first, as
+    ``lora_bgmv``'s expand would (the row's partials summed over the splits, times its slot's B, added in fp32 and
+    rounded to the output's dtype): the expand's launch saved. One program a row reads the row's whole
+    ``[rank, out]`` B (128 KB at rank 16 and out 4096, where the expand spreads it over 16 programs), so this
+    pays only at many rows (the decoder's ``NORM_FOLD_MIN_ROWS``). Where the kernel runs compiled, the sums
+    may differ from the expand's in fp32's last bits (another reduction layout), so a row's tokens can differ
+    from the same row's at few rows as any batch-size change of kernels can (bench/NOTES.md, batch invariance)."""
+
+    partials: LoraPartials  # one member: p [1, splits, rows, BLOCK_R]
+    lora_b: torch.Tensor  # [R, slots, out], pre-scaled
+
+    def fits(self, residual: torch.Tensor) -> bool:
+        """Whether the kernel takes it with this output: one token a row, B's columns contiguous and as wide,
+        fp32/bf16/fp16, and the row's B tile within ``MAX_FOLD_ELEMS`` (kept in registers)."""
+        p, b, n = self.partials.p, self.lora_b, residual.shape[-1]
+        return (p.shape[0] == 1 and p.shape[2] == residual.numel() // max(n, 1) and b.dim() == 3
+                and b.shape[2] == n and b.stride(2) == 1 and b.dtype in _DTYPES and 0 < n <= MAX_HIDDEN
+                and self.partials.block_r * (1 << (n - 1).bit_length()) <= MAX_FOLD_ELEMS
+                and self.partials.slots.shape == (p.shape[2],) and b.device == residual.device)
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            delta: OutputDelta | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     n = x.shape[-1]
     if not 0 < n <= MAX_HIDDEN:
         raise ValueError(f"the kernel takes rows of 1 to {MAX_HIDDEN} elements, got {n}")
@@ -186,10 +259,29 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         return s, y
     block, warps = _launch_config(n)
     kernel[(rows,)](x2, r2, w, y, s if s is not None else y, n, x2.stride(0), r2.stride(0), n, n, 1.0 / n,
-                    float(eps), BLOCK=block, ADD=residual is not None,
+                    float(eps), *_delta_arguments(delta, x2), BLOCK=block, ADD=residual is not None,
                     ROUND_X=interpret and x.dtype == torch.bfloat16, ROUND_Y=interpret and y.dtype == torch.bfloat16,
-                    num_warps=warps, **pdl_launch(x.device))
+                    num_warps=warps if delta is None else FOLD_WARPS, **_delta_sizes(delta, block),
+                    **pdl_launch(x.device))
     return s, y
+
+
+def _delta_arguments(delta: OutputDelta | None, x2: torch.Tensor) -> tuple:
+    """The kernel's LoRA arguments: B, the slots, the partials, the rank and splits and their strides (x's
+    row in every pointer's place where there is no delta: never read)."""
+    if delta is None:
+        return (x2, x2, x2, 0, 0, 0, 0, 0, 0)
+    b, p, slots = delta.lora_b, delta.partials.p, delta.partials.slots
+    return (b, slots, p, delta.partials.rank, delta.partials.splits, b.stride(0), b.stride(1), p.stride(1),
+            slots.stride(0))
+
+
+def _delta_sizes(delta: OutputDelta | None, block: int) -> dict[str, int | bool]:
+    """The kernel's LoRA constexprs (none without a delta)."""
+    chunk = min(FOLD_CHUNK, block)
+    if delta is None:
+        return {}
+    return {"LORA": True, "BLOCK_R": delta.partials.block_r, "BLOCK_S": delta.partials.block_s, "CHUNK": chunk}
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -243,14 +335,20 @@ class FusedRMSNorm(nn.Module):
             return fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)
         return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
 
-    def add_forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(self, hidden_states: torch.Tensor, residual: torch.Tensor,
+                    delta: OutputDelta | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s, self(s))`` for ``s = hidden_states + residual``: one kernel where it runs (the same tensors as
-        the two eager steps), else those steps."""
-        if (self._kernel_runs(hidden_states) and residual.shape == hidden_states.shape
-                and residual.dtype == hidden_states.dtype):
-            return fused_add_rms_norm(hidden_states, residual, self.weight, self.variance_epsilon)
+        the two eager steps), else those steps. ``delta``: residual's LoRA delta to add first, in the kernel
+        (``takes`` must hold)."""
+        if delta is not None or self.takes(hidden_states, residual):
+            return fused_add_rms_norm(hidden_states, residual, self.weight, self.variance_epsilon, delta)
         summed = hidden_states + residual
         return summed, self(summed)
+
+    def takes(self, hidden_states: torch.Tensor, residual: torch.Tensor, delta: OutputDelta | None = None) -> bool:
+        """Whether ``add_forward`` runs the kernel for these (with ``delta`` added in it, where given)."""
+        return (self._kernel_runs(hidden_states) and residual.shape == hidden_states.shape
+                and residual.dtype == hidden_states.dtype and (delta is None or delta.fits(residual)))
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

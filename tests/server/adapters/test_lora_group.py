@@ -178,6 +178,42 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     assert members.count(1) == 3 * len(grouped)
 
 
+def test_engine_decode_steps_add_o_projs_delta_in_the_norm_after_it_and_keep_pefts_tokens(
+        tiny_model_dir, adapter_root, monkeypatch):
+    """At decode steps of ``NORM_FOLD_MIN_ROWS`` rows or more (lowered to 1 here, where the batch is 5 rows), o_proj's
+    LoRA delta goes to the post-attention add + norm kernel (``rms_norm.OutputDelta``) instead of the expand's own
+    launch: every layer's norm takes one at each decode step, and every row's greedy tokens still equal PEFT's for
+    it alone, adapters on o_proj (lora-rs, lora-all) mixed with ones without it, base and prefix rows."""
+    pytest.importorskip("triton")
+    from adapterd.server.engine import EngineConfig, GenerationParams, decoder
+    from adapterd.server.kernels import rms_norm
+    from adapterd.server.model import load_base_model
+    from adapterd.server.runtime import Runtime
+    from tests.helpers import TEST_DEVICE, reference_greedy
+    from tests.server.engine.test_parity import run_together
+
+    if TEST_DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(decoder, "NORM_FOLD_MIN_ROWS", 1)
+    folded = []  # the rows of each add + norm launch that took a delta
+    real = rms_norm.fused_add_rms_norm
+    monkeypatch.setattr(rms_norm, "fused_add_rms_norm", lambda x, r, w, eps, delta=None: (
+        folded.append(r.shape[0]) if delta is not None else None) or real(x, r, w, eps, delta))
+    jobs = [("hello world", "lora-rs"), ("hello world", None), ("你是谁？", "team/lora-all"),
+            ("你是谁？", "lora-qv"), ("hello world", "prefix")]
+    new = 5
+    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, new) for p, a in jobs]
+    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
+    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True, cuda_graphs=False))
+    try:
+        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=new))
+    finally:
+        runtime.close()
+    assert [events[-1].token_ids for events in results] == refs
+    assert folded and len(folded) % base.num_layers == 0  # each layer's norm, at every decode step with LoRA rows
+    assert len(folded) >= base.num_layers * (new - 1) // 2
+
+
 @pytest.mark.parametrize("use_kernel", [False, True])
 def test_base_outputs_given_as_one_fused_output_get_the_same_deltas(use_kernel, monkeypatch):
     """The own decoder's fused q/k/v matmul (engine/fused_projections.py) hands ``project_qkv`` the three base

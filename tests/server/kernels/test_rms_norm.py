@@ -9,8 +9,13 @@ ulp of the output dtype on a few elements, where the last fp32 bit of ``rsqrt`` 
 
 from __future__ import annotations
 
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+import triton
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -19,6 +24,7 @@ from adapterd.server import kernels
 from adapterd.server.kernels import rms_norm as rn
 from adapterd.server.kernels.rms_norm import FusedRMSNorm, fused_rms_norm_available, use_fused_rms_norm
 
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}  # relative, at worst
 
 
@@ -88,6 +94,81 @@ def test_add_then_norm_in_one_launch(dtype):
     _assert_matches(y, norm(h + delta))
     with pytest.raises(ValueError, match="residual must match"):
         rn.fused_add_rms_norm(h, delta.float() if dtype != torch.float32 else delta.half(), fused.weight, 1e-5)
+
+
+def _output_delta(rows: int, n: int, rank: int, slots: list[int], dtype: torch.dtype, splits: int = 4):
+    """o_proj's pending LoRA delta for ``rows`` rows: B tables [32, 3 slots, n] (slot 0 all zeros, as the slot
+    table keeps it), partials [1, splits, rows, 16] (NaN on slot-0 rows: never written there, so never read)."""
+    from adapterd.server.kernels.lora_bgmv import LoraPartials
+
+    g = torch.Generator().manual_seed(5)
+    lora_b = torch.randn(32, 3, n, generator=g).to(dtype)
+    lora_b[:, 0] = 0
+    p = torch.randn(1, splits, rows, 16, generator=g)
+    slot_t = torch.tensor(slots)
+    p[:, :, slot_t == 0] = float("nan")
+    return rn.OutputDelta(LoraPartials(p, slot_t, rank), lora_b)
+
+
+def _with_delta_by_hand(r: torch.Tensor, delta: rn.OutputDelta) -> torch.Tensor:
+    """r plus each row's delta in fp32, rounded once to r's dtype (rows on slot 0 untouched)."""
+    p, rank = delta.partials.p, delta.partials.rank
+    out = r.clone()
+    for i, slot in enumerate(delta.partials.slots.tolist()):
+        if slot:
+            xa = p[0, :, i, :rank].sum(0)
+            out[i] = (r[i].float() + xa @ delta.lora_b[:rank, slot].float()).to(r.dtype)
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [32, 1024])
+def test_add_then_norm_adds_the_outputs_lora_delta_first(dtype, chunk, monkeypatch):
+    """``add_forward`` with o_proj's pending LoRA delta (``OutputDelta``): the output plus each row's delta
+    (its partials summed, times its slot's B, rounded once), then the residual add and the norm, in one launch,
+    over several column chunks or one; base rows (slot 0) get no delta and their unwritten partials (NaN here)
+    reach nothing; the output tensor itself is left as it was. In fp32 it equals the expand's own launch
+    followed by the plain add + norm bit for bit (the interpreter sums both the same way)."""
+    monkeypatch.setattr(rn, "FOLD_CHUNK", chunk)
+    rows, n, rank = 5, 100, 3
+    norm = _llama_norm(n, dtype)
+    fused = FusedRMSNorm.from_module(norm)
+    h, out = _x((rows, 1, n), dtype, seed=2), _x((rows, 1, n), dtype, seed=3)
+    delta = _output_delta(rows, n, rank, [0, 1, 2, 1, 0], dtype)
+    before = out.clone()
+    assert fused.takes(h, out, delta)
+    summed, y = fused.add_forward(h, out, delta)
+    assert torch.equal(out, before)
+    assert torch.isfinite(summed).all() and torch.isfinite(y).all()
+    expected = h + _with_delta_by_hand(out.view(rows, n), delta).view(rows, 1, n)
+    if dtype == torch.float32:
+        from adapterd.server.kernels.lora_bgmv import lora_expand_
+
+        unfolded = out.clone()
+        lora_expand_((unfolded.view(rows, n),), delta.partials, (delta.lora_b,))
+        plain_sum, plain_y = fused.add_forward(h, unfolded)
+        assert torch.equal(summed, plain_sum) and torch.equal(y, plain_y)
+        torch.testing.assert_close(summed, expected, rtol=1e-6, atol=1e-5)
+    else:  # one bf16 rounding of the delta's fp32 sum, then the sum's: a unit of the last place at most
+        torch.testing.assert_close(summed.float(), expected.float(), rtol=2 * ULP[dtype], atol=0.0)
+    assert torch.equal(summed[[0, 4]], h[[0, 4]] + out[[0, 4]])  # base rows: the plain sum, bit for bit
+    _assert_matches(y, norm(summed))
+
+
+@torch.no_grad()
+def test_a_delta_the_kernel_cannot_take_is_refused(monkeypatch):
+    """``takes`` is false (and ``fused_add_rms_norm`` refuses) where the delta does not fit: another width, a
+    B tile past ``MAX_FOLD_ELEMS``, other rows; the decoder then runs the expand's own launch."""
+    norm = FusedRMSNorm.from_module(_llama_norm(64, torch.float32))
+    h, out = _x((3, 1, 64), torch.float32), _x((3, 1, 64), torch.float32, seed=4)
+    assert norm.takes(h, out, _output_delta(3, 64, 2, [1, 0, 2], torch.float32))
+    for delta in (_output_delta(3, 96, 2, [1, 0, 2], torch.float32), _output_delta(2, 64, 2, [1, 0], torch.float32)):
+        assert not norm.takes(h, out, delta)
+        with pytest.raises(ValueError, match="does not fit"):
+            rn.fused_add_rms_norm(h, out, norm.weight, 1e-5, delta)
+    monkeypatch.setattr(rn, "MAX_FOLD_ELEMS", 16 * 32)
+    assert not norm.takes(h, out, _output_delta(3, 64, 2, [1, 0, 2], torch.float32))
 
 
 @torch.no_grad()
@@ -233,6 +314,43 @@ def test_gpu_strided_and_mixed():
 
 
 @pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_add_then_norm_with_the_outputs_lora_delta(dtype):
+    """The fold at a 7B decode step's shape (32 rows, hidden 4096, rank 16, 32 splits: one a head), compiled:
+    against the by-hand delta rounded once (fp32: within fp32's last bits; bf16: one unit of the last place at
+    most, on a few elements), base rows the plain sum bit for bit, NaN partials of base rows unread; and inside
+    a CUDA graph the same as eagerly."""
+    rows, n = 32, 4096
+    slots = [i % 3 for i in range(rows)]
+    delta = _output_delta(rows, n, 16, slots, dtype, splits=32)
+    delta = rn.OutputDelta(type(delta.partials)(delta.partials.p.cuda(), delta.partials.slots.cuda(), 16),
+                           delta.lora_b.cuda())
+    norm = _llama_norm(n, dtype, device="cuda")
+    fused = FusedRMSNorm.from_module(norm)
+    h, out = _x((rows, 1, n), dtype, device="cuda", seed=2), _x((rows, 1, n), dtype, device="cuda", seed=3)
+    assert fused.takes(h, out, delta)
+    summed, y = fused.add_forward(h, out, delta)
+    expected = h + _with_delta_by_hand(out.view(rows, n), delta).view(rows, 1, n)
+    assert torch.isfinite(y).all()
+    base = [i for i, slot in enumerate(slots) if slot == 0]
+    assert torch.equal(summed[base], h[base] + out[base])
+    close = torch.isclose(summed.float(), expected.float(), rtol=1e-5 if dtype == torch.float32 else 0.0, atol=0.0)
+    if dtype == torch.float32:
+        assert close.all()
+    else:
+        assert close.float().mean() > 0.99
+        torch.testing.assert_close(summed.float(), expected.float(), rtol=2 * ULP[dtype], atol=0.0)
+    _assert_matches(y, norm(summed))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_summed, g_y = fused.add_forward(h, out, delta)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g_summed, summed) and torch.equal(g_y, y)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_graph_capture_and_replay():
     """Compiled by an eager call, the kernel captures in a CUDA graph (1 and 32 rows, the same compiled
     kernel) and replays with new inputs; no host sync on the way."""
@@ -267,7 +385,9 @@ def test_gpu_swap_in_a_llama_keeps_the_logits():
 
 def test_compiles_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the kernel compiles for sm_90 (the H200) with and without the
-    residual add, bf16 in and out, so that a decode step on the GPU cannot fail on it."""
+    residual add, and with o_proj's LoRA delta (rank 16 at hidden 4096, as a 7B decode step launches it), bf16 in
+    and out, so that a decode step on the GPU cannot fail on it. With the delta nothing spills (``FOLD_CHUNK``
+    columns of B at a time)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -276,16 +396,29 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     rn._triton()
     kernel = triton.jit(rn._rms_norm_rows)
-    pointers = dict.fromkeys(("x_ptr", "r_ptr", "w_ptr", "y_ptr", "s_ptr"), "*bf16")
-    signature = {**pointers, **dict.fromkeys(("N", "stride_x", "stride_r", "stride_y", "stride_s"), "i32"),
+    pointers = dict.fromkeys(("x_ptr", "r_ptr", "w_ptr", "y_ptr", "s_ptr", "b_ptr"), "*bf16")
+    ints = ("N", "stride_x", "stride_r", "stride_y", "stride_s", "rank", "splits", "stride_br", "stride_bs",
+            "stride_ps", "stride_slot")
+    signature = {**pointers, "slot_ptr": "*i64", "p_ptr": "*fp32", **dict.fromkeys(ints, "i32"),
                  "inv_n": "fp32", "eps": "fp32",
-                 **dict.fromkeys(("BLOCK", "ADD", "ROUND_X", "ROUND_Y", "USE_PDL"), "constexpr")}
-    for add in (False, True):  # with the add, as a decode step launches it: under PDL, waiting before any load
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={"BLOCK": 4096, "ADD": add, "ROUND_X": False, "ROUND_Y": False, "USE_PDL": add})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+                 **dict.fromkeys(("BLOCK", "ADD", "ROUND_X", "ROUND_Y", "LORA", "BLOCK_R", "BLOCK_S", "CHUNK",
+                                  "USE_PDL"), "constexpr")}
+    for add, lora in ((False, False), (True, False), (True, True)):  # with the add, as a decode step launches it
+        constexprs = {"BLOCK": 4096, "ADD": add, "ROUND_X": False, "ROUND_Y": False, "LORA": lora, "BLOCK_R": 16,
+                      "BLOCK_S": 32, "CHUNK": rn.FOLD_CHUNK, "USE_PDL": add}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        warps = rn.FOLD_WARPS if lora else 8
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         assert compiled.asm["cubin"], add
         ptx = compiled.asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == add
-        if add:
+        if add:  # under PDL, waiting before any load
             assert ptx.index("griddepcontrol.wait") < min(ptx.index("ld.global"), ptx.index("griddepcontrol.launch"))
+        if lora:  # no local memory (no spill), and the barrier between the chunks' stores and the row's load
+            assert "ld.local" not in ptx and "st.local" not in ptx and "bar.sync" in ptx
+            cubin = tmp_path / "fold.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            usage = subprocess.run([str(CUOBJDUMP), "-res-usage", str(cubin)], capture_output=True, text=True,
+                                   check=True).stdout
+            assert re.search(r"REG:(\d+)", usage) and int(re.search(r"REG:(\d+)", usage).group(1)) <= 128, usage
+            assert re.search(r"STACK:0\b", usage), usage
