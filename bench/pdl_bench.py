@@ -20,6 +20,11 @@ kernel against ``F.linear``, each after an RMSNorm in a CUDA graph), which of th
 with: on = the kernel for that shape, off = ``F.linear``, the other shapes as judged: whether the judge agrees
 with the step (it did not when it timed each call alone: bench/NOTES.md, "Seventeenth session").
 
+``--switch fold`` compares o_proj's LoRA delta added in the post-attention add + norm kernel (on:
+``rms_norm.OutputDelta`` at every row count) against the expand's own launch (off), with every row of each
+``--rows`` batch on its own LoRA adapter (base rows have nothing to fold): where the decoder's
+``NORM_FOLD_MIN_ROWS`` should lie.
+
 On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
 
@@ -47,9 +52,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--work", default="/tmp/adapterd-bench")
-    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv"), default="pdl",
-                        help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, or "
-                        "the float GEMV kernel against F.linear, shape by shape")
+    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold"), default="pdl",
+                        help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, "
+                        "the float GEMV kernel against F.linear, shape by shape, or o_proj's LoRA expand folded "
+                        "into the add + norm (every row on LoRA)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     args.rows = [int(r) for r in args.rows.split(",")]
@@ -63,11 +69,13 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
             ) -> tuple[float, float | None]:
     """(engine ms a step, graph replayed alone ms) at ``rows`` rows, every decode graph captured anew with
     ``args.switch`` on or off (``--switch gemv``: for the judged float shape ``shape``)."""
+    from adapterd.server.engine import decoder as own_decoder
     from adapterd.server.engine.fused_projections import FusedLinear
     from adapterd.server.kernels import dense_gemv
 
     decoder = runtime.engine.runner.decoder
     originals = {name: FusedLinear.__dict__[name] for name in _EPILOGUES}
+    fold_rows = own_decoder.NORM_FOLD_MIN_ROWS
     verdict = dense_gemv.judgements()[shape][2] if shape is not None else None
 
     def switch(on: bool) -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods and
@@ -77,6 +85,8 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
             setattr(FusedLinear, name, method if on or args.switch != "epilogues" else lambda *a, **k: None)
         if shape is not None:
             dense_gemv.choose(shape, on)
+        if args.switch == "fold":  # read at each forward (each capture)
+            own_decoder.NORM_FOLD_MIN_ROWS = 1 if on else sys.maxsize
         decoder.graphs.clear()
 
     runtime.engine.call(lambda: switch(on)).result(60)
@@ -87,6 +97,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
     finally:
         for name, method in originals.items():
             setattr(FusedLinear, name, method)
+        own_decoder.NORM_FOLD_MIN_ROWS = fold_rows
         if shape is not None:
             runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
 
@@ -100,20 +111,23 @@ def main() -> int:
     device = pick_device()
     work = Path(args.work)
     base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
-    ids = make_lora_dirs(work / "adapters", base_dir, max(args.lora_rows, 1))
+    lora_rows = max(args.rows) if args.switch == "fold" else args.lora_rows
+    ids = make_lora_dirs(work / "adapters", base_dir, max(lora_rows, 1))
     lines = []
     for q in args.quantizations.split(","):
         base = load_base_model(base_dir, q, device=str(device))
         label = {"none": str(base.dtype).removeprefix("torch."), "int8": "int8", "nf4": "nf4"}[q]
         runtime = Runtime(base, work / "adapters", EngineConfig(
-            max_batch_size=max(64, *args.rows), lora_slots=max(args.lora_rows, 1), max_lora_rank=16,
-            max_prefill_tokens=args.ctx * max(args.rows + [args.lora_rows]), own_decoder=True))
+            max_batch_size=max(64, *args.rows), lora_slots=max(lora_rows, 1), max_lora_rank=16,
+            max_prefill_tokens=args.ctx * max(args.rows + [lora_rows]), own_decoder=True))
         runtime.engine.start()
         try:
             engine_step_ms(runtime, 2, args.ctx, 8, [None, runtime.store.get(ids[0])])  # warm-up and tuning
             print_tuned(label)  # whether the one-row keys took the GEMV tiles the epilogues run
             cases = [(r, [None] * r) for r in args.rows]
-            if args.lora_rows:
+            if args.switch == "fold":  # every row on its own adapter: base rows have nothing to fold
+                cases = [(r, [runtime.store.get(a) for a in ids[:r]]) for r in args.rows]
+            elif args.lora_rows:
                 cases.append((args.lora_rows, [runtime.store.get(a) for a in ids[: args.lora_rows]]))
             shapes = [None] if args.switch != "gemv" else list(judged_shapes())
             for (rows, adapters), shape in ((case, shape) for case in cases for shape in shapes):
@@ -152,7 +166,8 @@ def judged_shapes() -> dict[tuple, tuple[float, float, bool]]:
 
 def record(lines: list[str], args, machine: str) -> None:
     what = {"pdl": "PDL", "epilogues": "the one-row GEMV epilogues",
-            "gemv": "the float GEMV kernel (against F.linear) for the shape named"}[args.switch]
+            "gemv": "the float GEMV kernel (against F.linear) for the shape named",
+            "fold": "o_proj's LoRA expand folded into the add + norm"}[args.switch]
     head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}: {args.shape}, ctx "
             f"{args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "

@@ -38,7 +38,7 @@ def test_serve_part(tmp_path):
 
 
 @pytest.mark.slow  # ~40 s: the tiny model's decode graphs (eager here) each way, float32 only
-@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv"])
+@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold"])
 def test_pdl_part(tmp_path, switch):
     done = run_part(tmp_path, "pdl", PDL_ARGS=f"--shape tiny --quantizations none --rows 1,4 --lora-rows 2 --ctx 16 "
                     f"--new 4 --switch {switch} --no-record --work {tmp_path / 'work'}")
@@ -47,7 +47,8 @@ def test_pdl_part(tmp_path, switch):
     if switch == "gemv":  # float32 on the CPU: no shape judged, nothing to time
         assert "judged: no float shape" in log and "| float32 |" not in log, log
         return
-    for what in ("1 rows", "4 rows", "2 rows on 2 LoRA"):
+    cases = ("1 rows on 1 LoRA", "4 rows on 4 LoRA") if switch == "fold" else ("1 rows", "4 rows", "2 rows on 2 LoRA")
+    for what in cases:
         assert re.search(rf"^\| float32 \| {what} \| [\d.]+ / [\d.]+ \| [\d.]+ \|", log, re.M), (what, log)
     assert (tmp_path / "out" / "RESULTS.md").is_file()
 
