@@ -12,6 +12,8 @@ run anyway, right beside them:
   runs its base matmul and the expand alone (``add_expand``); at many rows (the decoder's ``NORM_FOLD_MIN_ROWS``)
   not even that: its delta goes to the post-attention add + norm (``OutputDelta``, ``kernels/rms_norm.py``),
   which adds it to o_proj's output before the residual add, as the expand would.
+* at as many rows, down_proj's expand likewise into the next layer's add + norm (``deferred_delta``: its shrink
+  runs alone, its delta waits for that kernel).
 
 Where a fold cannot run (no adapter row, a prefill, q/k/v wrapped but not one group, SDPA instead of the
 attention kernel), the unfolded launches run: the same sums either way (``tests/server/adapters``).
@@ -94,6 +96,19 @@ def output_delta(layer: BatchedLoraLinear, partials: LoraPartials) -> OutputDelt
     """``layer``'s delta from ``partials`` (its shrink done, ``output_shrink``), not yet added: for the add + norm
     kernel after it (``FusedRMSNorm.add_forward``), or ``add_output_delta``."""
     return OutputDelta(partials, layer.lora_b)
+
+
+def deferred_delta(layer: nn.Module, x: torch.Tensor) -> OutputDelta | None:
+    """For a wrapped layer of no group (down_proj) at a decode step that the BGMV kernels serve: its shrink of x
+    now (one launch), its delta left for the add + norm kernel after it (``OutputDelta``); None where that does
+    not apply (not wrapped, grouped, no adapter row, another kind of step), and nothing launched."""
+    rows = current_step().lora
+    if rows is None or rows.kernel is None or not isinstance(layer, BatchedLoraLinear) or layer.group is not None:
+        return None
+    from ..kernels.lora_bgmv import lora_shrink
+
+    return OutputDelta(lora_shrink(x.reshape(x.shape[0], -1), layer.lora_a[None], rows.slots, rows.rank),
+                       layer.lora_b)
 
 
 def add_output_delta(delta: OutputDelta, y: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ from ..adapters.lora_folds import (
     add_expand,
     add_output_delta,
     add_qkv_deltas,
+    deferred_delta,
     output_delta,
     output_shrink,
     project_qkv_deferred,
@@ -141,11 +142,11 @@ class Decoder:
             fused = self.fused[index]
             attention, delta = self._attention(layer.self_attn, x, cos, sin, layer_mask, cache, index, fused.qkv)
             h, x = _add_norm(h, attention, layer.post_attention_layernorm, delta)
-            out = _mlp(layer.mlp, x, fused.gate_up, self.act_kernel, self.gemv)
+            out, delta = _mlp(layer.mlp, x, fused.gate_up, self.act_kernel, self.gemv)
             if index + 1 < len(self.layers):  # the residual add with the next layer's input norm
-                h, x = _add_norm(h, out, self.layers[index + 1].input_layernorm)
+                h, x = _add_norm(h, out, self.layers[index + 1].input_layernorm, delta)
             else:
-                h = h + out
+                h = h + (out if delta is None else add_output_delta(delta, out))
         return _linear(self.lm_head, self.norm(h[:, -1:, :]), self.gemv)[:, -1, :]
 
     def gemv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None, bool]]:
@@ -228,7 +229,9 @@ class Decoder:
         out = out.transpose(1, 2).reshape(rows, length, -1)
         if shrink is not None and rows >= NORM_FOLD_MIN_ROWS:
             return _linear(base_layer_of(attn.o_proj), out, self.gemv), output_delta(attn.o_proj, shrink.partials)
-        return _linear(attn.o_proj, out, self.gemv, None if shrink is None else shrink.partials), None
+        if shrink is not None:
+            return _linear(attn.o_proj, out, self.gemv, shrink.partials), None
+        return _output(attn.o_proj, out, self.gemv)
 
 
 def _add_norm(h: torch.Tensor, out: torch.Tensor, norm: nn.Module,
@@ -259,25 +262,34 @@ def _linear(module: nn.Module, x: torch.Tensor, gemv: bool, partials: LoraPartia
     return add_delta(module, x, y) if partials is None else add_expand(module, y, partials)
 
 
+def _output(module: nn.Module, x: torch.Tensor, gemv: bool) -> tuple[torch.Tensor, OutputDelta | None]:
+    """A layer whose output the residual add + norm kernel takes next (o_proj, down_proj): ``_linear(module, x,
+    gemv)``, or at a decode step of ``NORM_FOLD_MIN_ROWS`` rows or more its base output and its LoRA delta still
+    to add (its shrink launched now, its expand left to that kernel: ``deferred_delta``)."""
+    delta = deferred_delta(module, x) if x.shape[0] >= NORM_FOLD_MIN_ROWS else None
+    return _linear(module if delta is None else base_layer_of(module), x, gemv), delta
+
+
 def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act: bool = False,
-         gemv: bool = False) -> torch.Tensor:
+         gemv: bool = False) -> tuple[torch.Tensor, OutputDelta | None]:
     """The MLP of x: its own forward, or where gate and up are fused (only for Llama's MLP forward,
     ``fuse_mlp``), that forward's math over the fused matmul's split, each wrapped layer's LoRA delta added to
     its own part. ``act_fn`` is the MLP's own (``ACT2FN[config.hidden_act]``); with ``fused_act``, a SiLU
     and its product with ``up`` run as one kernel (the same values), or at one row without LoRA deltas on gate
-    or up, in the fused matmul's epilogue (``FusedLinear.silu_glu``: one launch fewer a layer)."""
+    or up, in the fused matmul's epilogue (``FusedLinear.silu_glu``: one launch fewer a layer). With down_proj's
+    LoRA delta where it is left to the add + norm after it (``_output``)."""
     if (fused_act and gate_up is not None and gate_up.current(mlp) and act_kernel.is_silu(mlp.act_fn)
             and not any(adds_delta(getattr(mlp, name)) for name in GATE_UP)):
         act = gate_up.silu_glu(x, gemv)  # one row: the SiLU product in the matmul's epilogue, the same values
         if act is not None:
-            return _linear(mlp.down_proj, act, gemv)
+            return _output(mlp.down_proj, act, gemv)
     base = fused_outputs(gate_up, mlp, x, gemv)
     if base is None:
-        return mlp(x)
+        return mlp(x), None
     gate, up = (add_delta(getattr(mlp, name), x, y) for name, y in zip(GATE_UP, base, strict=True))
     if fused_act and act_kernel.is_silu(mlp.act_fn) and act_kernel.fits(gate, up):
-        return _linear(mlp.down_proj, act_kernel.silu_mul(gate, up), gemv)
-    return _linear(mlp.down_proj, mlp.act_fn(gate) * up, gemv)
+        return _output(mlp.down_proj, act_kernel.silu_mul(gate, up), gemv)
+    return _output(mlp.down_proj, mlp.act_fn(gate) * up, gemv)
 
 
 def uses_own_decoder(model: nn.Module) -> bool:

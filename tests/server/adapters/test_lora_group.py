@@ -178,12 +178,13 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     assert members.count(1) == 3 * len(grouped)
 
 
-def test_engine_decode_steps_add_o_projs_delta_in_the_norm_after_it_and_keep_pefts_tokens(
+def test_engine_decode_steps_add_o_and_down_projs_deltas_in_the_norm_after_them_and_keep_pefts_tokens(
         tiny_model_dir, adapter_root, monkeypatch):
-    """At decode steps of ``NORM_FOLD_MIN_ROWS`` rows or more (lowered to 1 here, where the batch is 5 rows), o_proj's
-    LoRA delta goes to the post-attention add + norm kernel (``rms_norm.OutputDelta``) instead of the expand's own
-    launch: every layer's norm takes one at each decode step, and every row's greedy tokens still equal PEFT's for
-    it alone, adapters on o_proj (lora-rs, lora-all) mixed with ones without it, base and prefix rows."""
+    """At decode steps of ``NORM_FOLD_MIN_ROWS`` rows or more (lowered to 1 here, where the batch is 5 rows),
+    o_proj's LoRA delta goes to the post-attention add + norm kernel (``rms_norm.OutputDelta``) and down_proj's to
+    the next layer's input add + norm, instead of the expands' own launches: every such norm takes one at each
+    decode step, and every row's greedy tokens still equal PEFT's for it alone, adapters on o_proj (lora-rs,
+    lora-all) and down_proj (lora-all) mixed with ones without them, base and prefix rows."""
     pytest.importorskip("triton")
     from adapterd.server.engine import EngineConfig, GenerationParams, decoder
     from adapterd.server.kernels import rms_norm
@@ -210,8 +211,10 @@ def test_engine_decode_steps_add_o_projs_delta_in_the_norm_after_it_and_keep_pef
     finally:
         runtime.close()
     assert [events[-1].token_ids for events in results] == refs
-    assert folded and len(folded) % base.num_layers == 0  # each layer's norm, at every decode step with LoRA rows
-    assert len(folded) >= base.num_layers * (new - 1) // 2
+    # at every decode step: each layer's post-attention norm (o_proj's delta) and each next layer's input norm
+    # (down_proj's: lora-all targets it; the last layer's is added by the expand's own launch)
+    per_step = 2 * base.num_layers - 1
+    assert folded and len(folded) % per_step == 0 and len(folded) // per_step >= (new - 1) // 2
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])

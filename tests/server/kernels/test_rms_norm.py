@@ -316,14 +316,16 @@ def test_gpu_strided_and_mixed():
 @pytest.mark.gpu
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_add_then_norm_with_the_outputs_lora_delta(dtype):
-    """The fold at a 7B decode step's shape (32 rows, hidden 4096, rank 16, 32 splits: one a head), compiled:
+@pytest.mark.parametrize("splits", [32, 43])
+def test_gpu_add_then_norm_with_the_outputs_lora_delta(dtype, splits):
+    """The fold at a 7B decode step's shape (32 rows, hidden 4096, rank 16; 32 splits: o_proj's, one a head; 43:
+    down_proj's 11008 inputs), compiled:
     against the by-hand delta rounded once (fp32: within fp32's last bits; bf16: one unit of the last place at
     most, on a few elements), base rows the plain sum bit for bit, NaN partials of base rows unread; and inside
     a CUDA graph the same as eagerly."""
     rows, n = 32, 4096
     slots = [i % 3 for i in range(rows)]
-    delta = _output_delta(rows, n, 16, slots, dtype, splits=32)
+    delta = _output_delta(rows, n, 16, slots, dtype, splits=splits)
     delta = rn.OutputDelta(type(delta.partials)(delta.partials.p.cuda(), delta.partials.slots.cuda(), 16),
                            delta.lora_b.cuda())
     norm = _llama_norm(n, dtype, device="cuda")
@@ -385,7 +387,8 @@ def test_gpu_swap_in_a_llama_keeps_the_logits():
 
 def test_compiles_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the kernel compiles for sm_90 (the H200) with and without the
-    residual add, and with o_proj's LoRA delta (rank 16 at hidden 4096, as a 7B decode step launches it), bf16 in
+    residual add, and with o_proj's or down_proj's LoRA delta (rank 16 at hidden 4096, as a 7B decode step launches
+    it), bf16 in
     and out, so that a decode step on the GPU cannot fail on it. With the delta nothing spills (``FOLD_CHUNK``
     columns of B at a time)."""
     import triton
@@ -403,9 +406,11 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
                  "inv_n": "fp32", "eps": "fp32",
                  **dict.fromkeys(("BLOCK", "ADD", "ROUND_X", "ROUND_Y", "LORA", "BLOCK_R", "BLOCK_S", "CHUNK",
                                   "USE_PDL"), "constexpr")}
-    for add, lora in ((False, False), (True, False), (True, True)):  # with the add, as a decode step launches it
+    # with the add, as a decode step launches it; the delta of o_proj (32 splits: one a head) and of down_proj (43
+    # splits of 11008 inputs, in a 64-split tile)
+    for add, lora, block_s in ((False, False, 1), (True, False, 1), (True, True, 32), (True, True, 64)):
         constexprs = {"BLOCK": 4096, "ADD": add, "ROUND_X": False, "ROUND_Y": False, "LORA": lora, "BLOCK_R": 16,
-                      "BLOCK_S": 32, "CHUNK": rn.FOLD_CHUNK, "USE_PDL": add}
+                      "BLOCK_S": block_s, "CHUNK": rn.FOLD_CHUNK, "USE_PDL": add}
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         warps = rn.FOLD_WARPS if lora else 8
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
