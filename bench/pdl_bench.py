@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 from results_table import git_commit
-from serve_bench import SHAPES, build_model_dir, engine_step_ms, make_lora_dirs, print_tuned, replay_ms
+from serve_bench import SHAPES, TARGET_SETS, build_model_dir, engine_step_ms, make_lora_dirs, print_tuned, replay_ms
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,6 +56,8 @@ def parse_args() -> argparse.Namespace:
                         help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, "
                         "the float GEMV kernel against F.linear, shape by shape, or o_proj's LoRA expand folded "
                         "into the add + norm (every row on LoRA)")
+    parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
+                        help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     args.rows = [int(r) for r in args.rows.split(",")]
@@ -112,7 +114,7 @@ def main() -> int:
     work = Path(args.work)
     base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
     lora_rows = max(args.rows) if args.switch == "fold" else args.lora_rows
-    ids = make_lora_dirs(work / "adapters", base_dir, max(lora_rows, 1))
+    ids = make_lora_dirs(work / "adapters", base_dir, max(lora_rows, 1), targets=TARGET_SETS[args.lora_targets])
     lines = []
     for q in args.quantizations.split(","):
         base = load_base_model(base_dir, q, device=str(device))
@@ -131,7 +133,8 @@ def main() -> int:
                 cases.append((args.lora_rows, [runtime.store.get(a) for a in ids[: args.lora_rows]]))
             shapes = [None] if args.switch != "gemv" else list(judged_shapes())
             for (rows, adapters), shape in ((case, shape) for case in cases for shape in shapes):
-                what = f"{rows} rows" + (f" on {rows} LoRA" if any(adapters) else "")
+                on = "" if args.lora_targets == "attention" else f" ({args.lora_targets} linears)"
+                what = f"{rows} rows" + (f" on {rows} LoRA{on}" if any(adapters) else "")
                 if shape is not None:
                     what += f", {shape[0]}x{shape[1]}"
                 (on_ms, on_dev), (off_ms, off_dev) = (measure(runtime, rows, adapters, args, on, shape)

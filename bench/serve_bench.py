@@ -5,8 +5,8 @@ bf16 weights (no download), saves it once, and measures for each quantization:
 
 1. batch-1 decode time per token at 512 tokens of context (engine and HF ``generate``), and the roofline
    (weight bytes + live KV bytes over the measured device-copy bandwidth);
-2. batch-32 decode throughput: base only; 32 rows on 32 distinct LoRA adapters (r=16 on q,k,v,o); PEFT's
-   mixed batch (``adapter_names``, 8 adapters);
+2. batch-32 decode throughput: base only; 32 rows on 32 distinct LoRA adapters (r=16 on q,k,v,o; on every linear
+   with ``--lora-targets all``); PEFT's mixed batch (``adapter_names``, 8 adapters);
 3. time to first token for a 512-token prompt;
 4. cold adapter load, disk to device slot, r=16 (p50 and p95 over 20 adapters) against PEFT's load_adapter;
 5. the fast path's tokens (bench/serve_checks.py): against the engine's eager path and HF ``generate``; batch
@@ -48,6 +48,8 @@ SHAPES = {
                  intermediate_size=688, vocab_size=2000, max_position_embeddings=2048),
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# --lora-targets: the attention's four (issue 18's figures), or every linear layer (QLoRA's and llama-recipes' habit)
+TARGET_SETS = {"attention": LORA_TARGETS, "all": LORA_TARGETS + ("gate_proj", "up_proj", "down_proj")}
 
 
 def build_model_dir(path: Path, shape: str, device: str) -> Path:
@@ -73,17 +75,25 @@ def build_model_dir(path: Path, shape: str, device: str) -> Path:
     return path
 
 
-def make_lora_dirs(root: Path, base_dir: Path, n: int, rank: int = 16) -> list[str]:
-    """n PEFT-format LoRA adapters (r, q/k/v/o, bf16 weights as PEFT would save them after training)."""
+def make_lora_dirs(root: Path, base_dir: Path, n: int, rank: int = 16,
+                   targets: tuple[str, ...] = LORA_TARGETS) -> list[str]:
+    """n PEFT-format LoRA adapters (rank ``rank`` on ``targets``, bf16 weights as PEFT would save them after
+    training); adapters on other targets than the attention's four are named apart (``lora-q-k-v-o-gate-up-down000``
+    for every linear)."""
     from safetensors.torch import save_file
 
     cfg = json.loads((base_dir / "config.json").read_text())
-    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    hidden, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     kv = hidden // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    out_dims = {"q_proj": hidden, "k_proj": kv, "v_proj": kv, "o_proj": hidden}
+    # module -> (its parent, in, out)
+    shapes = {"q_proj": ("self_attn", hidden, hidden), "k_proj": ("self_attn", hidden, kv),
+              "v_proj": ("self_attn", hidden, kv), "o_proj": ("self_attn", hidden, hidden),
+              "gate_proj": ("mlp", hidden, inter), "up_proj": ("mlp", hidden, inter),
+              "down_proj": ("mlp", inter, hidden)}
+    prefix = "lora" if targets == LORA_TARGETS else "lora-" + "-".join(t.removesuffix("_proj") for t in targets)
     ids = []
     for i in range(n):
-        d = root / f"lora{i:03d}"
+        d = root / f"{prefix}{i:03d}"
         ids.append(d.name)
         if (d / "adapter_model.safetensors").is_file():
             continue
@@ -91,15 +101,15 @@ def make_lora_dirs(root: Path, base_dir: Path, n: int, rank: int = 16) -> list[s
         g = torch.Generator().manual_seed(i)
         tensors = {}
         for layer in range(layers):
-            for m in LORA_TARGETS:
-                key = f"base_model.model.model.layers.{layer}.self_attn.{m}"
-                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, hidden, generator=g) * 0.01).to(torch.bfloat16)
-                tensors[f"{key}.lora_B.weight"] = (torch.randn(out_dims[m], rank, generator=g) * 0.01).to(
-                    torch.bfloat16)
+            for m in targets:
+                parent, in_f, out_f = shapes[m]
+                key = f"base_model.model.model.layers.{layer}.{parent}.{m}"
+                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) * 0.01).to(torch.bfloat16)
+                tensors[f"{key}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * 0.01).to(torch.bfloat16)
         save_file(tensors, str(d / "adapter_model.safetensors"))
         (d / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-            "target_modules": list(LORA_TARGETS), "lora_dropout": 0.0, "bias": "none",
+            "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none",
             "base_model_name_or_path": str(base_dir), "inference_mode": True}))
     return ids
 
@@ -256,6 +266,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--batch", type=int, default=32, help="rows of the batched measurements (at least 8)")
+    parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
+                        help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--profile-dir", type=Path, help="also profile the batch-1 and batch-N decode graphs' "
                         "kernels (bench/step_profile.py): a table a graph, printed and written here")
@@ -311,8 +323,10 @@ def measure_speed(runtime, ids: list[str], args, label: str, hf_ms: float, peft_
     if device_ms:
         table.note(f"  batch-{args.batch} step: device (graph replayed alone), {label}", f"{device_ms:.2f} ms",
                    f"engine step {args.batch / base_tps * 1000:.2f} ms")
-    table.add(f"batch-{args.batch} tok/s, {label}, {args.batch} distinct LoRA", None, mixed_tps, "tok/s", "higher")
-    table.note(f"  {args.batch} adapters over base-only, {label}", "", f"{mixed_tps / base_tps:.2f}")
+    on = "" if args.lora_targets == "attention" else f" on {args.lora_targets} linears"
+    table.add(f"batch-{args.batch} tok/s, {label}, {args.batch} distinct LoRA{on}", None, mixed_tps, "tok/s",
+              "higher")
+    table.note(f"  {args.batch} adapters{on} over base-only, {label}", "", f"{mixed_tps / base_tps:.2f}")
     if peft_ms:
         table.add(f"batch-{args.batch} tok/s, {label}, PEFT 8 adapters mixed vs ours {args.batch}",
                   args.batch / peft_ms * 1000, mixed_tps, "tok/s", "higher")
@@ -377,7 +391,7 @@ def main() -> int:
     work = Path(args.work)
     base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
     adapter_root = work / "adapters"
-    ids = make_lora_dirs(adapter_root, base_dir, max(args.batch, 20))
+    ids = make_lora_dirs(adapter_root, base_dir, max(args.batch, 20), targets=TARGET_SETS[args.lora_targets])
     bandwidth = copy_bandwidth(device)
     table = Table()
     for q in args.quantizations.split(","):

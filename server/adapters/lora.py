@@ -16,7 +16,8 @@ use); a prefill, and any step where the kernels do not run, to the torch paths.
 An attention's q, k and v share their input: their wrapped layers form a ``LoraGroup`` (A tables stacked in
 one buffer), which the engine's own decoder calls through ``project_qkv``: one shrink for the three (as
 vLLM's merged QKV LoRA layer does with its slices), then each layer's expand (at a decode step, folded into
-the rotary kernel: ``lora_folds.py``, which also folds o_proj's shrink into the attention).
+the rotary kernel: ``lora_folds.py``, which also folds o_proj's shrink into the attention). An MLP's gate and
+up form one too (``project_shared``): one shrink and one expand launch for the two.
 Parsing and checking the files is ``lora_weights.py``.
 """
 
@@ -35,6 +36,8 @@ from ..kernels import LORA_KERNEL_MAX_ROWS, lora_kernel_available
 from .lora_weights import LoraModule, LoraWeights
 
 QKV = ("q_proj", "k_proj", "v_proj")  # an attention's projections of one input: a LoraGroup when wrapped
+GATE_UP = ("gate_proj", "up_proj")  # an MLP's projections of one input, before act(gate) * up: a LoraGroup too
+SHARED_INPUTS = (QKV, GATE_UP)  # sibling layers that read one input
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -204,10 +207,11 @@ def shrink(lora_a: torch.Tensor, x: torch.Tensor, rows: LoraRows) -> torch.Tenso
 
 
 class LoraGroup:
-    """LoRA layers that share their input, an attention's q, k and v (``QKV``): their A tables live stacked
+    """LoRA layers that share their input, an attention's q, k and v (``QKV``) or an MLP's gate and up
+    (``GATE_UP``): their A tables live stacked
     in one buffer, ``lora_a [G, R, slots, in]``, and each member's ``lora_a`` is its view ``[g]``, so slot
     writes and the member's own forward (transformers' path) are unchanged. Called on x (the engine's own
-    decoder does, through ``project_qkv``), it runs one shrink for all G members (one kernel launch, or one
+    decoder does, through ``project_shared``), it runs one shrink for all G members (one kernel launch, or one
     batched matmul), then each member's expand: the same sums as each member alone. ``kernel``: the grouped
     launch of the decode kernel the table chose (None where the table has none)."""
 
@@ -259,10 +263,18 @@ def add_delta(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 def project_qkv(attn: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``attn``'s q, k and v projections of x; those in a ``LoraGroup`` run as one (one shrink for their
-    LoRA), the others (no adapter targets them) alone. ``base``: q, k and v's base outputs already computed
-    (one fused matmul, ``engine/fused_projections.py``): only the deltas are added, each to its own."""
-    layers = [getattr(attn, name) for name in QKV]
+    """``attn``'s q, k and v projections of x (``project_shared`` over ``QKV``)."""
+    q, k, v = project_shared(attn, QKV, x, base)
+    return q, k, v
+
+
+def project_shared(parent: nn.Module, names: Sequence[str], x: torch.Tensor,
+                   base: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """``parent``'s projections ``names`` of x (one of ``SHARED_INPUTS``: q, k and v; gate and up); those in a
+    ``LoraGroup`` run as one (one shrink for their LoRA, one expand launch), the others (no adapter targets them)
+    alone. ``base``: their base outputs already computed (one fused matmul, ``engine/fused_projections.py``): only
+    the deltas are added, each to its own."""
+    layers = [getattr(parent, name) for name in names]
     group = next((layer.group for layer in layers if isinstance(layer, BatchedLoraLinear)
                   and layer.group is not None), None)
     given = dict(zip(layers, base, strict=True)) if base is not None else None
@@ -276,8 +288,7 @@ def project_qkv(attn: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor] |
             return grouped[layer]
         return layer(x) if given is None else add_delta(layer, x, given[layer])
 
-    q, k, v = (output(layer) for layer in layers)
-    return q, k, v
+    return [output(layer) for layer in layers]
 
 
 def base_layer_of(module: nn.Module) -> nn.Module:
@@ -437,11 +448,12 @@ class LoraSlotTable:
         setattr(parent, child, layer)
         self.layers[name] = layer
         self.wraps += 1
-        if child in QKV:
-            self._group([f"{parent_name}.{c}" if parent_name else c for c in QKV])
+        for siblings in SHARED_INPUTS:
+            if child in siblings:
+                self._group([f"{parent_name}.{c}" if parent_name else c for c in siblings])
 
     def _group(self, names: list[str]) -> None:
-        """Stack the wrapped ones of these siblings (q, k, v) into one LoraGroup, again at each new member
+        """Stack the wrapped ones of these siblings (q, k, v; gate, up) into one LoraGroup, again at each new member
         (the new stack copies what earlier slot fills wrote; ``wraps`` changed, so graphs re-capture). A
         member that no adapter targets stays unwrapped: its base output only, none of its zeros read."""
         members = [self.layers[n] for n in names if n in self.layers]

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.lora import QKV, add_delta, adds_delta, base_layer_of, project_qkv
+from ..adapters.lora import GATE_UP, QKV, add_delta, adds_delta, base_layer_of, project_qkv, project_shared
 from ..adapters.lora_folds import (
     add_expand,
     add_output_delta,
@@ -64,7 +64,7 @@ from ..kernels import dense_gemv
 from ..kernels import silu_mul as act_kernel
 from ..kernels.rms_norm import FusedRMSNorm, OutputDelta
 from ..kernels.rope_append import fits, rope_append_available
-from .fused_projections import GATE_UP, FusedLinear, LayerFusion, fuse_layers, fused_outputs, int8_layers
+from .fused_projections import FusedLinear, LayerFusion, fuse_layers, fused_outputs, int8_layers
 from .kv_pool import DecodeView
 from .step_context import StepContext, run_forward, step_context
 
@@ -286,7 +286,7 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act
     base = fused_outputs(gate_up, mlp, x, gemv)
     if base is None:
         return mlp(x), None
-    gate, up = (add_delta(getattr(mlp, name), x, y) for name, y in zip(GATE_UP, base, strict=True))
+    gate, up = project_shared(mlp, GATE_UP, x, base)  # LoRA on both: one shrink and one expand launch
     if fused_act and act_kernel.is_silu(mlp.act_fn) and act_kernel.fits(gate, up):
         return _output(mlp.down_proj, act_kernel.silu_mul(gate, up), gemv)
     return _output(mlp.down_proj, mlp.act_fn(gate) * up, gemv)

@@ -28,14 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters.lora import QKV, base_layer_of
+from ..adapters.lora import GATE_UP, QKV, base_layer_of
 from ..kernels import dense_gemv
 from ..kernels.int8_linear import Int8WeightOnlyLinear
 from .swaps import same_forward
 
 log = logging.getLogger(__name__)
 
-GATE_UP = ("gate_proj", "up_proj")  # an MLP's projections of one input, before act(gate) * up
 _FUSABLE = (nn.Linear, Int8WeightOnlyLinear)  # exact types: bitsandbytes' layers subclass nn.Linear
 
 

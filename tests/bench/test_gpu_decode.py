@@ -28,9 +28,10 @@ def run_part(tmp_path: Path, *part: str, **env_extra: str) -> subprocess.Complet
 @pytest.mark.slow  # ~20 s: the tiny model served twice (both forwards)
 def test_serve_part(tmp_path):
     done = run_part(tmp_path, "serve", "none", SERVE_ARGS=f"--shape tiny --ctx 32 --new 4 --batch 8 --no-record "
-                    f"--work {tmp_path / 'work'}")
+                    f"--lora-targets all --work {tmp_path / 'work'}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     log = (tmp_path / "out" / "serve_none.log").read_text()
+    assert "8 adapters on all linears over base-only, float32, own forward" in log, log[-3000:]
     for decoder in ("own", "transformers"):
         assert f"batch invariance, float32, {decoder} forward: 4 requests alone vs in 8 rows" in log
         assert f"fast-path LoRA rows, float32, {decoder} forward, judged by PEFT on transformers" in log
@@ -40,16 +41,18 @@ def test_serve_part(tmp_path):
 @pytest.mark.slow  # ~40 s: the tiny model's decode graphs (eager here) each way, float32 only
 @pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold"])
 def test_pdl_part(tmp_path, switch):
+    targets = "--lora-targets all " if switch == "fold" else ""  # o_proj's and down_proj's deltas to fold
     done = run_part(tmp_path, "pdl", PDL_ARGS=f"--shape tiny --quantizations none --rows 1,4 --lora-rows 2 --ctx 16 "
-                    f"--new 4 --switch {switch} --no-record --work {tmp_path / 'work'}")
+                    f"--new 4 --switch {switch} {targets}--no-record --work {tmp_path / 'work'}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     log = (tmp_path / "out" / "pdl.log").read_text()
     if switch == "gemv":  # float32 on the CPU: no shape judged, nothing to time
         assert "judged: no float shape" in log and "| float32 |" not in log, log
         return
-    cases = ("1 rows on 1 LoRA", "4 rows on 4 LoRA") if switch == "fold" else ("1 rows", "4 rows", "2 rows on 2 LoRA")
+    cases = (("1 rows on 1 LoRA (all linears)", "4 rows on 4 LoRA (all linears)") if switch == "fold"
+             else ("1 rows", "4 rows", "2 rows on 2 LoRA"))
     for what in cases:
-        assert re.search(rf"^\| float32 \| {what} \| [\d.]+ / [\d.]+ \| [\d.]+ \|", log, re.M), (what, log)
+        assert re.search(rf"^\| float32 \| {re.escape(what)} \| [\d.]+ / [\d.]+ \| [\d.]+ \|", log, re.M), (what, log)
     assert (tmp_path / "out" / "RESULTS.md").is_file()
 
 

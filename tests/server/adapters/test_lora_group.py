@@ -143,8 +143,8 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
                                                                                    monkeypatch):
     """The engine's own decoder with the BGMV kernels (Triton's interpreter on the CPU, compiled on a GPU):
     q, k and v of every layer go to one grouped launch in each decode step, for adapters on q and v (a group
-    of two), on every linear (three), on q and o (rsLoRA: q alone, no group), mixed with base and prefix rows
-    in one batch; every row's greedy tokens equal PEFT's for it alone."""
+    of two), on every linear (three), on q and o (rsLoRA: q alone, no group), and gate and up to another (every
+    linear), mixed with base and prefix rows in one batch; every row's greedy tokens equal PEFT's for it alone."""
     pytest.importorskip("triton")
     from adapterd.server.engine import EngineConfig, GenerationParams
     from adapterd.server.kernels import lora_bgmv
@@ -169,13 +169,14 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     finally:
         runtime.close()
     assert [events[-1].token_ids for events in results] == refs
-    grouped = [g for g in members if g > 1]  # lora_delta_ (the MLP) is a group of one
-    assert set(grouped) == {3}  # q, k, v grouped (lora-all wrapped k too); lora-rs's q rides in the group
-    assert grouped and len(grouped) % base.num_layers == 0  # one grouped launch a layer a decode step
-    # their deltas added by the rotary kernel (no expand of q, k and v's own), o_proj's shrink by the attention's
-    # merge (no shrink launch of o's own: the MLP's three layers' are the only groups of one)
-    assert expands and 3 not in expands
-    assert members.count(1) == 3 * len(grouped)
+    # q, k, v grouped (lora-all wrapped k too; lora-rs's q rides in the group), and gate and up (lora-all); down_proj
+    # is a group of one (lora_delta_)
+    assert set(members) == {1, 2, 3}
+    assert members.count(3) and members.count(3) % base.num_layers == 0  # one grouped launch a layer a decode step
+    # a layer: the q/k/v shrink, the gate/up shrink, down's alone (o_proj's shrink is the attention's merge's)
+    assert members.count(3) == members.count(2) == members.count(1)
+    # q, k and v's deltas added by the rotary kernel (no expand of their own); one expand for gate and up
+    assert expands and 3 not in expands and expands.count(2) == members.count(2)
 
 
 def test_engine_decode_steps_add_o_and_down_projs_deltas_in_the_norm_after_them_and_keep_pefts_tokens(

@@ -77,9 +77,9 @@ def test_model_forward_picks_ours_only_where_it_is_asked_for_and_known(model, tm
 # (targets, the shrinks a layer makes: their group sizes in call order)
 LORA_TARGETS = {
     "q-k-v-o": (("q_proj", "k_proj", "v_proj", "o_proj"), [3, 1]),  # q, k, v as one group; o alone
-    # q alone (its delta added to its part of the fused q/k/v output), then gate and up (each delta added to
-    # its part of the fused gate/up output), then down; GLM has no gate_proj / up_proj: q and down only
-    "q-mlp": (("q_proj", "gate_proj", "up_proj", "down_proj"), None),
+    # q alone (its delta added to its part of the fused q/k/v output), then gate and up as one group (each delta
+    # added to its part of the fused gate/up output), then down; GLM has no gate_proj / up_proj: q and down only
+    "q-mlp": (("q_proj", "gate_proj", "up_proj", "down_proj"), [1, 2, 1]),
 }
 
 
@@ -88,7 +88,8 @@ LORA_TARGETS = {
 def test_lora_deltas_through_the_fused_projections_give_transformers_logits(model, targets, monkeypatch):
     """LoRA on q, k and v (and o, alone), or on q and the MLP's three, for two adapters of different ranks,
     plus a base row: the own decoder takes the base outputs from its fused matmuls and adds each wrapped
-    layer's delta (q, k, v through their group: one shrink a layer for the three), transformers' forward calls
+    layer's delta (q, k, v through their group: one shrink a layer for the three; gate and up likewise),
+    transformers' forward calls
     each layer; the logits agree."""
     import adapterd.server.adapters.lora as lora
     from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
@@ -120,7 +121,8 @@ def test_lora_deltas_through_the_fused_projections_give_transformers_logits(mode
     with step_context(StepContext("prefill", table.rows_of(slots, "prefill"))):
         got = Decoder(model).forward(ids, positions, mask, DynamicCache())
         layers = model.config.num_hidden_layers
-        assert shrinks == (groups or [1] * (len(names) // layers)) * layers
+        gated = any(n.endswith("gate_proj") for n in names)
+        assert shrinks == (groups if gated or targets != "q-mlp" else [1] * (len(names) // layers)) * layers
         want = model(ids).logits[:, -1]
     table.release(slots[0]), table.release(slots[2])
     assert torch.allclose(got, want, atol=TOLERANCE, rtol=0), (got - want).abs().max()
