@@ -1,4 +1,4 @@
-"""LoRA steps folded into the own decoder's decode kernels (issue 18): two of a layer's four LoRA launches saved.
+"""LoRA steps folded into the own decoder's decode kernels (issue 18): the expands, and o_proj's shrink, saved.
 
 At a decode step that the BGMV kernels serve (``lora.py``), an attention's LoRA costs four launches a layer: the
 q/k/v shrink and expand (one each for the group), o_proj's shrink and expand. Two of them fold into kernels that
@@ -14,6 +14,9 @@ run anyway, right beside them:
   which adds it to o_proj's output before the residual add, as the expand would.
 * at as many rows, down_proj's expand likewise into the next layer's add + norm (``deferred_delta``: its shrink
   runs alone, its delta waits for that kernel).
+* gate and up's expand (one group: one shrink for the two) into the SiLU product's kernel (``kernels/silu_mul.py``),
+  which reads gate and up next: ``project_glu_deferred`` runs the shrink and hands back ``GluDeltas``; program
+  (row, columns) adds its columns' deltas, as the expand would, before the SiLU.
 
 Where a fold cannot run (no adapter row, a prefill, q/k/v wrapped but not one group, SDPA instead of the
 attention kernel), the unfolded launches run: the same sums either way (``tests/server/adapters``).
@@ -31,7 +34,8 @@ from ..engine.step_context import current_step
 from ..kernels.decode_attention import OutputShrink
 from ..kernels.rms_norm import OutputDelta
 from ..kernels.rope_append import QkvDeltas
-from .lora import QKV, BatchedLoraLinear, base_layer_of, project_qkv
+from ..kernels.silu_mul import GluDeltas
+from .lora import GATE_UP, QKV, BatchedLoraLinear, base_layer_of, project_qkv, project_shared
 
 if TYPE_CHECKING:
     from ..kernels.lora_bgmv import LoraPartials
@@ -67,6 +71,34 @@ def add_qkv_deltas(deltas: QkvDeltas, q: torch.Tensor, k: torch.Tensor, v: torch
 
     members = [(t, b) for t, b in zip((q, k, v), deltas.tables, strict=True) if b is not None]
     lora_expand_([t.view(t.shape[0], -1) for t, _ in members], deltas.partials, [b for _, b in members])
+
+
+def project_glu_deferred(mlp: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor],
+                         ) -> tuple[torch.Tensor, torch.Tensor, GluDeltas | None]:
+    """``project_shared`` over gate and up (their base outputs ``base``, from the fused matmul), but at a decode
+    step that the BGMV kernels serve, with gate and up in one group, their deltas not yet added: the one shrink
+    runs, and ``GluDeltas`` goes to the SiLU product's kernel (``kernels/silu_mul.py``: the expand's launch saved)
+    or to ``add_glu_deltas``. None, and the deltas added, where it does not apply (no adapter row at this step,
+    another kind of step, only one of the two wrapped)."""
+    rows = current_step().lora
+    gate, up = (getattr(mlp, name) for name in GATE_UP)
+    group = gate.group if isinstance(gate, BatchedLoraLinear) else None
+    if rows is None or rows.kernel is None or group is None or list(group.members) != [gate, up]:
+        out_gate, out_up = project_shared(mlp, GATE_UP, x, base)
+        return out_gate, out_up, None
+    from ..kernels.lora_bgmv import lora_shrink
+
+    partials = lora_shrink(x.reshape(x.shape[0], -1), group.lora_a, rows.slots, rows.rank)
+    return base[0], base[1], GluDeltas(partials, gate.lora_b, up.lora_b)
+
+
+def add_glu_deltas(deltas: GluDeltas, gate: torch.Tensor, up: torch.Tensor) -> None:
+    """``deltas`` added to gate and up in place (the expand launch ``project_shared`` would have run), where the
+    SiLU product's kernel could not take them. Each is one token a row, its columns contiguous."""
+    from ..kernels.lora_bgmv import lora_expand_
+
+    lora_expand_([gate.view(gate.shape[0], -1), up.view(up.shape[0], -1)], deltas.partials,
+                 [deltas.gate_b, deltas.up_b])
 
 
 def output_shrink(layer: nn.Module, rows: int, heads: int) -> OutputShrink | None:

@@ -22,12 +22,15 @@ here the layer loop is written out the way gpt-fast's ``model.py`` is, with ever
                                                      # (a decode step on a GPU: split along the keys, ours; its
                                                      # merge also runs o_proj's LoRA shrink)
         x = post_attention_norm(h)                   # with the add above, one kernel where the norm is fused
-        gate, up = split(gate_up_proj(x))            # fused too (Llama's MLP: not GLM's, one module already)
+                                                     # (at 32 rows or more it adds o_proj's LoRA delta too)
+        gate, up = split(gate_up_proj(x))            # fused too (Llama's MLP: not GLM's, one module already);
+                                                     # LoRA on both: one shrink for the two (lora.project_shared)
         h = h + down_proj(act(gate) * up)            # act: the MLP's own (a SiLU and the product: one kernel
-                                                     # where it runs, torch's roundings; at one row, in the
-                                                     # gate/up GEMV's epilogue); LoRA deltas added to
-                                                     # gate and up each; the add fused with the next layer's
-                                                     # input norm likewise
+                                                     # where it runs, torch's roundings, which at a decode step
+                                                     # adds gate and up's LoRA deltas first; at one row, in the
+                                                     # gate/up GEMV's epilogue); the add fused with the next
+                                                     # layer's input norm likewise (down_proj's delta in it at
+                                                     # 32 rows or more)
     logits = lm_head(norm(h[:, -1]))                 # the last position only
 
 The modules called are the checkpoint's own (``o_proj``, the norms, the rotary embedding), so their weights,
@@ -52,11 +55,13 @@ from torch import nn
 from ..adapters.lora import GATE_UP, QKV, add_delta, adds_delta, base_layer_of, project_qkv, project_shared
 from ..adapters.lora_folds import (
     add_expand,
+    add_glu_deltas,
     add_output_delta,
     add_qkv_deltas,
     deferred_delta,
     output_delta,
     output_shrink,
+    project_glu_deferred,
     project_qkv_deferred,
 )
 from ..kernels import decode_attention as attention_kernel
@@ -286,9 +291,15 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act
     base = fused_outputs(gate_up, mlp, x, gemv)
     if base is None:
         return mlp(x), None
-    gate, up = project_shared(mlp, GATE_UP, x, base)  # LoRA on both: one shrink and one expand launch
-    if fused_act and act_kernel.is_silu(mlp.act_fn) and act_kernel.fits(gate, up):
-        return _output(mlp.down_proj, act_kernel.silu_mul(gate, up), gemv)
+    if fused_act and act_kernel.is_silu(mlp.act_fn):
+        # LoRA on both at a decode step: one shrink, the deltas added by the SiLU product's kernel (no expand)
+        gate, up, deltas = project_glu_deferred(mlp, x, base)
+        if act_kernel.fits(gate, up) and (deltas is None or deltas.fits(gate, up)):
+            return _output(mlp.down_proj, act_kernel.silu_mul(gate, up, deltas), gemv)
+        if deltas is not None:
+            add_glu_deltas(deltas, gate, up)
+    else:
+        gate, up = project_shared(mlp, GATE_UP, x, base)  # LoRA on both: one shrink and one expand launch
     return _output(mlp.down_proj, mlp.act_fn(gate) * up, gemv)
 
 

@@ -23,8 +23,10 @@ a group of one.
 The two halves are also callable alone (``lora_shrink`` returns the partials, ``LoraPartials``; ``lora_expand_``
 adds them), so that the engine's own decoder can fold one into a kernel that runs beside it anyway
 (``adapters/lora_folds.py``): q, k and v's expand into the rotary + append kernel, o_proj's shrink into the decode
-attention's merge. On the H200 (serve_bench, bench/RESULTS.md) 32 rows on 32 adapters went from 0.93 to 0.96 of
-base-only in int8 (c5efac0) and from 0.93 to 0.94 in bf16 (89ba5f3).
+attention's merge, gate and up's expand into the SiLU product (``silu_mul.py``), and at many rows o_proj's and
+down_proj's expands into the residual add + norm after them (``rms_norm.OutputDelta``). On the H200 (serve_bench,
+bench/RESULTS.md) the first two took 32 rows on 32 adapters from 0.93 to 0.96 of base-only in int8 (c5efac0) and
+from 0.93 to 0.94 in bf16 (89ba5f3); the others have not run on a GPU yet (bench/NOTES.md).
 
 Rows on slot 0 ("no adapter", an all-zero slot) return at once in both kernels: their y is not touched and
 their partials are never written or read. Accumulation is fp32 throughout; x and the tables may be fp32,

@@ -14,20 +14,33 @@ tests compare them). In Triton's interpreter (the CPU tests) numpy computes ``ex
 fp32 -> bf16 cast truncates (Triton 3.9), so ``ROUND_BF16`` rounds to nearest even by hand, as
 ``rope_append.py`` does; there the result is within one bf16 rounding of torch's.
 
+With LoRA on gate and up (``GluDeltas``: their one shrink's partials and B tables, ``adapters/lora_folds.py``),
+each program first adds its columns' deltas as ``lora_bgmv``'s expand would, which saves the expand's launch a
+layer at decode steps.
+
 CUDA graphs: no host sync; the only allocation is the output's ``torch.empty``.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .support import interpreting, pdl_launch, triton_available, triton_into
 
+if TYPE_CHECKING:
+    from .lora_bgmv import LoraPartials
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024  # columns a program: 2 KB of bf16 a tensor, 8 elements a thread at 4 warps
+# With LoRA deltas (GluDeltas) a program also holds gate's and up's B tiles, [BLOCK_R, LORA_BLOCK] each: 256 columns
+# at 4 warps take 92 registers a thread for sm_90 at rank 16 (1 warp: 166; 512 columns: 158), none spilled
+LORA_BLOCK = 256
+LORA_WARPS = 4
 
 # Bound on first use by ``_triton()``: the kernel's body refers to ``tl`` and ``libdevice`` as module globals.
 triton = None
@@ -52,17 +65,51 @@ def is_silu(act: nn.Module) -> bool:
 
 def _silu_mul(g_ptr, u_ptr, o_ptr, N, stride_gr, stride_ur, stride_or,  # noqa: N803 (Triton's naming)
               BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, ROUND_BF16: tl.constexpr,
-              USE_PDL: tl.constexpr = False):
-    """Columns ``program_id(1)`` of row ``program_id(0)``: ``o = silu(g) * u``, rounded as torch rounds."""
+              USE_PDL: tl.constexpr = False, p_ptr=None, bg_ptr=None, bu_ptr=None, slot_ptr=None, rank=0, splits=0,
+              stride_pg=0, stride_ps=0, stride_bgr=0, stride_bgs=0, stride_bur=0, stride_bus=0,
+              LORA: tl.constexpr = False, BLOCK_R: tl.constexpr = 16, BLOCK_S: tl.constexpr = 16):
+    """Columns ``program_id(1)`` of row ``program_id(0)``: ``o = silu(g) * u``, rounded as torch rounds.
+
+    ``LORA`` (``GluDeltas``): first g and u each get their LoRA delta as ``lora_bgmv``'s expand adds it (the row's
+    partials of member 0 (gate) or 1 (up) summed over the splits, times its slot's B columns, added in fp32 and
+    rounded to the dtype; a row on slot 0 keeps g and u as they are). The slot and both B tiles (no kernel writes
+    them) are loaded before the PDL wait."""
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
+    if LORA:
+        slot = tl.load(slot_ptr + r).to(tl.int64)
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads no B and no partial
+        b_mask = r_ok[:, None] & mask[None, :]
+        b_g = tl.load(bg_ptr + slot * stride_bgs + rr.to(tl.int64)[:, None] * stride_bgr + cols[None, :], mask=b_mask,
+                      other=0.0, eviction_policy="evict_first")
+        b_u = tl.load(bu_ptr + slot * stride_bus + rr.to(tl.int64)[:, None] * stride_bur + cols[None, :], mask=b_mask,
+                      other=0.0, eviction_policy="evict_first")
     if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     g = tl.load(g_ptr + r * stride_gr + cols, mask=mask, other=0.0)
     u = tl.load(u_ptr + r * stride_ur + cols, mask=mask, other=0.0).to(tl.float32)
     x = g.to(tl.float32)
+    if LORA:
+        rs = tl.arange(0, BLOCK_S)
+        ps = p_ptr + rs[:, None] * stride_ps + r * BLOCK_R + rr[None, :]
+        p_mask = (rs < splits)[:, None] & r_ok[None, :]
+        x_g = tl.reduce(tl.load(ps, mask=p_mask, other=0.0), 0, tl.standard._sum_combine)  # [BLOCK_R]
+        x_u = tl.reduce(tl.load(ps + stride_pg, mask=p_mask, other=0.0), 0, tl.standard._sum_combine)
+        xd = x + tl.reduce(b_g.to(tl.float32) * x_g[:, None], 0, tl.standard._sum_combine)
+        ud = u + tl.reduce(b_u.to(tl.float32) * x_u[:, None], 0, tl.standard._sum_combine)
+        if ROUND_BF16:  # each rounded to the dtype as the expand's store rounds it
+            xb = xd.to(tl.uint32, bitcast=True)
+            xd = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            ub = ud.to(tl.uint32, bitcast=True)
+            ud = ((ub + 0x7FFF + ((ub >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            xd = xd.to(g.dtype).to(tl.float32)
+            ud = ud.to(g.dtype).to(tl.float32)
+        x = tl.where(slot != 0, xd, x)
+        u = tl.where(slot != 0, ud, u)
     if INTERPRETED:  # numpy's exp and IEEE division (libdevice is the GPU's)
         s = x / (1.0 + tl.exp(-x))
     else:
@@ -106,6 +153,26 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+@dataclass(frozen=True)
+class GluDeltas:
+    """An MLP's gate and up LoRA deltas still to add at a decode step: their one shrink's partials
+    (``lora_bgmv.lora_shrink`` over the two as one group, gate then up) and their B tables (``[R, slots, out]``,
+    pre-scaled). ``silu_mul`` adds them as ``lora_bgmv.lora_expand_`` would: the expand's launch saved a layer."""
+
+    partials: LoraPartials
+    gate_b: torch.Tensor
+    up_b: torch.Tensor
+
+    def fits(self, gate: torch.Tensor, up: torch.Tensor) -> bool:
+        """Whether ``silu_mul`` can add these (``fits(gate, up)`` holding too): two members, one token a row, the
+        tables as wide as the outputs with unit column strides, a float dtype, on their device."""
+        p = self.partials.p
+        return (p.shape[0] == 2 and p.is_contiguous() and gate.dim() >= 1 and p.shape[2] == gate.numel() // max(
+                    gate.shape[-1], 1)
+                and all(b.dim() == 3 and b.shape[2] == gate.shape[-1] and b.stride(2) == 1 and b.dtype in _DTYPES
+                        and b.device == gate.device for b in (self.gate_b, self.up_b)))
+
+
 def fits(gate: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether ``silu_mul`` takes these: the same shape and dtype (one of ``_DTYPES``), on one device, unit
     column strides, each viewable as rows without a copy."""
@@ -114,8 +181,10 @@ def fits(gate: torch.Tensor, up: torch.Tensor) -> bool:
             and _rows(gate) is not None and _rows(up) is not None)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``F.silu(gate) * up`` (``fits`` must hold), a new contiguous tensor of ``gate``'s shape and dtype."""
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, lora: GluDeltas | None = None) -> torch.Tensor:
+    """``F.silu(gate) * up`` (``fits`` must hold), a new contiguous tensor of ``gate``'s shape and dtype. ``lora``:
+    each row's LoRA deltas added to gate and up first (``GluDeltas.fits`` must hold; gate and up themselves are
+    left as they are)."""
     g, u = _rows(gate), _rows(up)
     out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     rows, n = g.shape
@@ -123,7 +192,21 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return out
     o = out.view(rows, n)
     interpret = interpreting()
-    _kernel(interpret)[(rows, _triton().cdiv(n, BLOCK))](
-        g, u, o, n, g.stride(0), u.stride(0), o.stride(0), BLOCK=BLOCK, INTERPRETED=interpret,
-        ROUND_BF16=interpret and gate.dtype == torch.bfloat16, num_warps=4, **pdl_launch(gate.device))
+    block, warps = (BLOCK, 4) if lora is None else (LORA_BLOCK, LORA_WARPS)
+    _kernel(interpret)[(rows, _triton().cdiv(n, block))](
+        g, u, o, n, g.stride(0), u.stride(0), o.stride(0), BLOCK=block, INTERPRETED=interpret,
+        ROUND_BF16=interpret and gate.dtype == torch.bfloat16, num_warps=warps, **pdl_launch(gate.device),
+        **_lora_arguments(lora))
     return out
+
+
+def _lora_arguments(lora: GluDeltas | None) -> dict:
+    """The kernel's LoRA keywords for ``lora`` (none without it)."""
+    if lora is None:
+        return {}
+    p, slots = lora.partials.p, lora.partials.slots
+    return dict(p_ptr=p, bg_ptr=lora.gate_b, bu_ptr=lora.up_b, slot_ptr=slots, rank=lora.partials.rank,
+                splits=lora.partials.splits, stride_pg=p.stride(0), stride_ps=p.stride(1),
+                stride_bgr=lora.gate_b.stride(0), stride_bgs=lora.gate_b.stride(1), stride_bur=lora.up_b.stride(0),
+                stride_bus=lora.up_b.stride(1), LORA=True, BLOCK_R=lora.partials.block_r,
+                BLOCK_S=lora.partials.block_s)
