@@ -324,3 +324,38 @@ def test_gemv_weights_judge_the_gate_up_with_its_silu_epilogue(model, monkeypatc
     assert not any(glu for w, _, glu in weights if id(w) not in gate_ups)
     assert len(gate_ups) == (half.config.num_hidden_layers if half.config.model_type != "glm" else 0)
     assert not any(glu for _, _, glu in Decoder(half, rope_kernel=False).gemv_weights())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_pending_lora_delta_is_added_before_the_residual_add_whichever_norm(fused, monkeypatch):
+    """``_add_norm`` with o_proj's or down_proj's pending LoRA delta (``OutputDelta``): the fused norm's kernel adds
+    it (Triton's interpreter here), any other norm gets it from the expand's own launch first; either way the
+    residual stream is ``h + (out + delta)`` and the norm is of that, rows on slot 0 without a delta."""
+    pytest.importorskip("triton")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from adapterd.server.engine import decoder
+    from adapterd.server.kernels.lora_bgmv import LoraPartials
+    from adapterd.server.kernels.rms_norm import FusedRMSNorm, OutputDelta
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(3)
+    norm = LlamaRMSNorm(64)
+    norm.weight.normal_(1.0, 0.1, generator=g)
+    if fused:
+        norm = FusedRMSNorm.from_module(norm)
+    h, out = torch.randn(3, 1, 64, generator=g), torch.randn(3, 1, 64, generator=g)
+    lora_b = torch.randn(16, 3, 64, generator=g)
+    lora_b[:, 0] = 0
+    p = torch.randn(1, 4, 3, 16, generator=g)
+    slots = torch.tensor([2, 0, 1])
+    delta = OutputDelta(LoraPartials(p, slots, 5), lora_b)
+    want_out = out.clone()
+    for i, slot in enumerate(slots.tolist()):
+        if slot:
+            want_out[i] += p[0, :, i, :5].sum(0) @ lora_b[:5, slot]
+    summed, normed = decoder._add_norm(h, out.clone(), norm, delta)
+    torch.testing.assert_close(summed, h + want_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(summed[1], h[1] + out[1])  # the base row
+    torch.testing.assert_close(normed, norm(summed), rtol=1e-5, atol=1e-6)
