@@ -74,9 +74,9 @@ def _glu_deltas(rows: int, n: int, slots: list[int], dtype: torch.dtype, device:
     from adapterd.server.kernels.lora_bgmv import LoraPartials
 
     g = torch.Generator().manual_seed(7)
-    gate_b, up_b = (torch.randn(32, 3, n, generator=g).to(dtype) for _ in range(2))
+    gate_b, up_b = ((torch.randn(32, 3, n, generator=g) * 0.3).to(dtype) for _ in range(2))
     gate_b[:, 0] = up_b[:, 0] = 0
-    p = torch.randn(2, splits, rows, 16, generator=g)
+    p = torch.randn(2, splits, rows, 16, generator=g) * 0.3  # deltas of about the activations' size
     slot_t = torch.tensor(slots)
     p[:, :, slot_t == 0] = float("nan")
     return sm.GluDeltas(LoraPartials(p.to(device), slot_t.to(device), rank), gate_b.to(device), up_b.to(device))
