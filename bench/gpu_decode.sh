@@ -22,7 +22,9 @@
 #                (whether the autotuner's pick is the step's best)
 #   gap          gap_bench: a one-row int8 step built up from its graph alone (inputs' copy, fed tokens, tokens
 #                out, run ahead) to the engine's step: where the time between two graphs goes
-# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, TEST_DEVICE and TEST_PATHS override the defaults
+#   pick         pick_bench: the greedy pick kernel against torch's at 32,000 and 128,256-token vocabularies
+# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE and TEST_PATHS override
+# the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
 # is lost to a typo here).
 set -o pipefail
@@ -67,6 +69,9 @@ gap() {
   python3 bench/gap_bench.py --work /tmp/adapterd-bench $GAP_ARGS 2>&1 | grep --line-buffered -v "Loading weights" \
     | tee "$OUT/gap.log" | tail -12
 }
+pick() {
+  python3 bench/pick_bench.py --json-out "$OUT/pick.json" $PICK_ARGS 2>&1 | tee "$OUT/pick.log" | tail -12
+}
 engine_tests() {
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -p no:cacheprovider --import-mode=append \
     -o addopts="" $1 2>&1 | tee "$OUT/$2.log" | tail -25
@@ -79,10 +84,11 @@ case $part in
   pdl) pdl ;;
   tiles) tiles ;;
   gap) gap ;;
+  pick) pick ;;
   tests) engine_tests "${TEST_PATHS:-tests/server/engine --ignore=tests/server/engine/test_architectures.py}" \
            engine_tests ;;
   matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
-  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | gap | tests | matrix" >&2
+  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | tests | matrix" >&2
      exit 2 ;;
 esac
 status=$?

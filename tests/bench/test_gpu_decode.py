@@ -112,3 +112,15 @@ def test_tests_part(tmp_path):
 def test_unknown_part_is_refused(tmp_path):
     done = run_part(tmp_path, "everything")
     assert done.returncode == 2 and "usage: bash bench/gpu_decode.sh" in done.stderr
+
+
+def test_pick_part(tmp_path):
+    pytest.importorskip("triton")  # the kernel, in Triton's interpreter here
+    done = run_part(tmp_path, "pick", PICK_ARGS="--device cpu --vocabs 300 --rows 1,3 --dtypes float32,bfloat16 "
+                    "--no-record", TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    log = (tmp_path / "out" / "pick.log").read_text()
+    for rows, dtype in ((1, "float32"), (3, "bfloat16")):
+        assert re.search(rf"^\| 300 \| {rows} \| {dtype} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| yes \|$", log, re.M), log
+    results = json.loads((tmp_path / "out" / "pick.json").read_text())["results"]
+    assert len(results) == 4 and all(r["same"] for r in results)
