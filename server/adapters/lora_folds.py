@@ -80,9 +80,10 @@ def project_glu_deferred(mlp: nn.Module, x: torch.Tensor, base: Sequence[torch.T
     runs, and ``GluDeltas`` goes to the SiLU product's kernel (``kernels/silu_mul.py``: the expand's launch saved)
     or to ``add_glu_deltas``. None, and the deltas added, where it does not apply (no adapter row at this step,
     another kind of step, only one of the two wrapped)."""
-    rows = current_step().lora
     gate, up = (getattr(mlp, name) for name in GATE_UP)
     group = gate.group if isinstance(gate, BatchedLoraLinear) else None
+    # the step's rows asked only where gate and up are wrapped: a forward of the base alone may run outside a step
+    rows = current_step().lora if group is not None else None
     if rows is None or rows.kernel is None or group is None or list(group.members) != [gate, up]:
         out_gate, out_up = project_shared(mlp, GATE_UP, x, base)
         return out_gate, out_up, None
@@ -134,8 +135,10 @@ def deferred_delta(layer: nn.Module, x: torch.Tensor) -> OutputDelta | None:
     """For a wrapped layer of no group (down_proj) at a decode step that the BGMV kernels serve: its shrink of x
     now (one launch), its delta left for the add + norm kernel after it (``OutputDelta``); None where that does
     not apply (not wrapped, grouped, no adapter row, another kind of step), and nothing launched."""
+    if not isinstance(layer, BatchedLoraLinear) or layer.group is not None:
+        return None
     rows = current_step().lora
-    if rows is None or rows.kernel is None or not isinstance(layer, BatchedLoraLinear) or layer.group is not None:
+    if rows is None or rows.kernel is None:
         return None
     from ..kernels.lora_bgmv import lora_shrink
 
