@@ -180,8 +180,9 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     assert expands and set(expands) == {1}
 
 
+@pytest.mark.parametrize("decode", ["exact", "bucketed"])  # bucketed: padding rows (slot 0) and a rank bucket
 def test_engine_decode_steps_add_o_and_down_projs_deltas_in_the_norm_after_them_and_keep_pefts_tokens(
-        tiny_model_dir, adapter_root, monkeypatch):
+        decode, tiny_model_dir, adapter_root, monkeypatch):
     """At decode steps of ``NORM_FOLD_MIN_ROWS`` rows or more (lowered to 1 here, where the batch is 5 rows),
     o_proj's LoRA delta goes to the post-attention add + norm kernel (``rms_norm.OutputDelta``) and down_proj's to
     the next layer's input add + norm, instead of the expands' own launches: every such norm takes one at each
@@ -208,6 +209,7 @@ def test_engine_decode_steps_add_o_and_down_projs_deltas_in_the_norm_after_them_
     refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, new) for p, a in jobs]
     base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
     runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True, cuda_graphs=False))
+    runtime.engine.runner.decoder.bucketed = runtime.engine.runner.prefiller.bucketed = decode == "bucketed"
     try:
         results = run_together(runtime, jobs, GenerationParams(max_new_tokens=new))
     finally:
