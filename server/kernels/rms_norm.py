@@ -56,10 +56,13 @@ FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 MAX_HIDDEN = 16384  # the longest row the kernel takes (kept in registers: 32 fp32 a thread at 16 warps)
 # With an OutputDelta, one program streams the row's whole B, [BLOCK_R, BLOCK] elements: at most 64 Ki (rank 16 at
 # hidden 4096, 128 KB of bf16), past which the expand's own launch (16 programs a row there) is kept. FOLD_CHUNK
-# columns of it a step at FOLD_WARPS warps: 122 registers a thread for sm_90, no spill (ptxas, 16 x 2048 spills).
+# columns of it a step at FOLD_WARPS warps. ptxas for sm_90, with the 16-divisible pointers and sizes Triton
+# specializes at run time, at rank 16: 4096 columns (a 4096-wide row in one step) take 95 registers a thread, no
+# spill, 16 loads of 16 bytes in flight a thread, and each column's sum over the rank within its thread; 1024
+# columns spread the rank rows over 4 warps, whose sums then cross shared memory (55 barriers a row, not 7).
 MAX_FOLD_ELEMS = 65536
 FOLD_WARPS = 16
-FOLD_CHUNK = 1024
+FOLD_CHUNK = 4096
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Bound on first use by ``_triton()``: the kernel's body refers to ``tl`` as a module global, as Triton wants.
@@ -96,7 +99,7 @@ def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, str
     ``LORA`` (with ``ADD``; ``OutputDelta``): first ``r = r + (sum over s of p[s, row, :rank]) @ B[:rank, slot,
     :]`` in fp32, rounded to r's dtype, as ``lora_bgmv``'s expand adds it in place (a row on slot 0 keeps r
     as it is): the expand's launch folded in. It goes ``CHUNK`` columns at a time (a ``[BLOCK_R, CHUNK]`` tile of
-    B: the whole ``[BLOCK_R, BLOCK]`` tile at once spills registers), each chunk's ``r + delta`` stored at ``s``,
+    B: one step for rows up to ``FOLD_CHUNK``, more for wider ones), each chunk's ``r + delta`` stored at ``s``,
     then read back whole after a barrier (``s`` is overwritten with the sum next; r itself is not written).
 
     ``ROUND_X`` / ``ROUND_Y`` (the interpreter only, for bf16 x / y): round fp32 to bf16 precision to nearest
