@@ -100,7 +100,9 @@ def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, str
     :]`` in fp32, rounded to r's dtype, as ``lora_bgmv``'s expand adds it in place (a row on slot 0 keeps r
     as it is): the expand's launch folded in. It goes ``CHUNK`` columns at a time (a ``[BLOCK_R, CHUNK]`` tile of
     B: one step for rows up to ``FOLD_CHUNK``, more for wider ones), each chunk's ``r + delta`` stored at ``s``,
-    then read back whole after a barrier (``s`` is overwritten with the sum next; r itself is not written).
+    then read back whole after a barrier (``s`` is overwritten with the sum next; r itself is not written). The
+    slot and B's first chunk (no kernel writes either) are loaded before the PDL wait, so those bytes stream while
+    the layer before still ends.
 
     ``ROUND_X`` / ``ROUND_Y`` (the interpreter only, for bf16 x / y): round fp32 to bf16 precision to nearest
     even by hand. The interpreter's fp32 -> bf16 cast truncates (Triton 3.9), while the GPU's rounds to
@@ -109,25 +111,32 @@ def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, str
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    if LORA:  # the slot (a step input) and B's first chunk (no kernel writes B) in flight before the PDL wait
+        slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads no B and no partial
+        bs = b_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br
+        c0 = tl.arange(0, CHUNK)
+        b_first = tl.load(bs + c0[None, :], mask=r_ok[:, None] & (c0 < N)[None, :], other=0.0,
+                          eviction_policy="evict_first")
     if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if ADD:
         if LORA:  # r + its delta, chunk by chunk (a [BLOCK_R, CHUNK] tile of B at a time), into s first
-            slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
-            rr = tl.arange(0, BLOCK_R)
-            r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads no B and no partial
             rs = tl.arange(0, BLOCK_S)
             ps = p_ptr + rs[:, None] * stride_ps + row * BLOCK_R + rr[None, :]
             xa = tl.reduce(tl.load(ps, mask=(rs < splits)[:, None] & r_ok[None, :], other=0.0), 0,
                            tl.standard._sum_combine)  # [BLOCK_R], the row's partials summed over the splits
-            bs = b_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br
             for c in tl.static_range(BLOCK // CHUNK):
                 cc = c * CHUNK + tl.arange(0, CHUNK)
                 c_ok = cc < N
-                b_c = tl.load(bs + cc[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0,
-                              eviction_policy="evict_first")
+                if c == 0:
+                    b_c = b_first
+                else:
+                    b_c = tl.load(bs + cc[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0,
+                                  eviction_policy="evict_first")
                 r_c = tl.load(r_ptr + row * stride_r + cc, mask=c_ok, other=0.0).to(tl.float32)
                 e = r_c + tl.reduce(b_c.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
                 if ROUND_X:
