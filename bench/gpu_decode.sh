@@ -23,6 +23,9 @@
 #   gap          gap_bench: a one-row int8 step built up from its graph alone (inputs' copy, fed tokens, tokens
 #                out, run ahead) to the engine's step: where the time between two graphs goes
 #   pick         pick_bench: the greedy pick kernel against torch's at 32,000 and 128,256-token vocabularies
+#   folds        the LoRA folds' checks (the nineteenth session's, none yet run on a GPU): the GPU tests of the add +
+#                norm and SiLU kernels, the engine's fold tests (tests/server/adapters/test_lora_group.py) and the
+#                min-length parity tests on CUDA; then `pdl` with PDL_ARGS="--switch fold ..." times them
 # SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE and TEST_PATHS override
 # the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
@@ -72,6 +75,16 @@ gap() {
 pick() {
   python3 bench/pick_bench.py --json-out "$OUT/pick.json" $PICK_ARGS 2>&1 | tee "$OUT/pick.log" | tail -12
 }
+folds() {  # both run; the part fails if either does
+  local rc=0
+  ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -rs -p no:cacheprovider --import-mode=append \
+    -o addopts="" -m gpu tests/server/kernels/test_rms_norm.py tests/server/kernels/test_silu_mul.py 2>&1 \
+    | tee "$OUT/fold_kernels.log" | tail -8 || rc=1
+  engine_tests "tests/server/adapters/test_lora_group.py \
+    tests/server/engine/test_parity.py::test_a_minimum_length_bans_eos_as_transformers_does \
+    tests/server/engine/test_parity.py::test_the_one_launch_pick_gives_the_same_tokens_in_the_engine" fold_engine || rc=1
+  return $rc
+}
 engine_tests() {
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -p no:cacheprovider --import-mode=append \
     -o addopts="" $1 2>&1 | tee "$OUT/$2.log" | tail -25
@@ -85,10 +98,11 @@ case $part in
   tiles) tiles ;;
   gap) gap ;;
   pick) pick ;;
+  folds) folds ;;
   tests) engine_tests "${TEST_PATHS:-tests/server/engine --ignore=tests/server/engine/test_architectures.py}" \
            engine_tests ;;
   matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
-  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | tests | matrix" >&2
+  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | folds | tests | matrix" >&2
      exit 2 ;;
 esac
 status=$?

@@ -124,3 +124,13 @@ def test_pick_part(tmp_path):
         assert re.search(rf"^\| 300 \| {rows} \| {dtype} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| yes \|$", log, re.M), log
     results = json.loads((tmp_path / "out" / "pick.json").read_text())["results"]
     assert len(results) == 4 and all(r["same"] for r in results)
+
+
+@pytest.mark.slow  # ~40 s: the engine's fold tests against PEFT and the min-length parity tests, on the CPU
+def test_folds_part(tmp_path):
+    pytest.importorskip("triton")
+    done = run_part(tmp_path, "folds", TEST_DEVICE="cpu")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"\d+ skipped", (tmp_path / "out" / "fold_kernels.log").read_text())  # GPU tests: skipped here
+    log = (tmp_path / "out" / "fold_engine.log").read_text()
+    assert re.search(r"\b1[0-9] passed\b", log) and "failed" not in log, log[-2000:]
