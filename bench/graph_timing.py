@@ -8,6 +8,20 @@ import time
 from collections.abc import Callable
 
 
+def bench_device(requested: str | None) -> str:
+    """The device a kernel bench runs on: ``requested``, else cuda where there is a GPU, else cpu; on the CPU the
+    kernels run in Triton's interpreter (``TRITON_INTERPRET``, read by the kernels at each call, set here unless
+    the caller set it)."""
+    import os
+
+    import torch
+
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith("cuda"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return device
+
+
 def time_cuda(calls: list[Callable[[], object]], per_graph: int, replays: int) -> tuple[float, str]:
     """Microseconds a call: ``per_graph`` calls (cycling over ``calls``) captured in one graph, replayed
     (``support.graph_us``, the engine's warm-up timer); eagerly where they cannot be captured."""

@@ -45,7 +45,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from graph_timing import time_cpu, time_cuda
+from graph_timing import bench_device, time_cpu, time_cuda
 from int8_library import BUILDERS, LIBRARY_METHODS, TOLERANCE, Unavailable
 from results_table import append_to_section, git_commit
 
@@ -297,11 +297,8 @@ def main(argv: list[str] | None = None) -> int:
               *append_to_section(args.results, LIB_SECTION, LIB_INTRO, LIB_COLUMNS, saved.get("library", [])),
               sep="\n")
         return 0
-    import torch
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not args.device.startswith("cuda"):
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read by the kernel at each call
+    args.device = bench_device(args.device)
     from adapterd.server.kernels import int8_kernel_available
     from adapterd.server.kernels.int8_matmul import MAX_KERNEL_ROWS
 

@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from graph_timing import time_cpu, time_cuda
+from graph_timing import bench_device, time_cpu, time_cuda
 
 METHODS = ("dense", "gathered", "kernel")
 QKV_METHODS = ("separate", "grouped")
@@ -295,10 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = bench_device(args.device)
     on_gpu = args.device.startswith("cuda")
     if not on_gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read by the kernel at each call
         if args.shapes is None and not args.qkv:
             args.rank, args.max_rank, args.slots = min(args.rank, 8), min(args.max_rank, 8), min(args.slots, 5)
     from adapterd.server.kernels import lora_kernel_available

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from graph_timing import time_cpu, time_cuda
+from graph_timing import bench_device, time_cpu, time_cuda
 from results_table import append_to_section, git_commit
 
 METHODS = ("torch", "kernel")
@@ -85,10 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = bench_device(args.device)
     on_gpu = args.device.startswith("cuda")
-    if not on_gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read by the kernel at each call
     from adapterd.server.kernels.greedy_pick import greedy_pick_available
 
     if not greedy_pick_available(args.device):
