@@ -87,10 +87,11 @@ OWN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "glm")
 # half of each head, interleaved). Partial rotary in these is ruled out per call by ``fits``.
 ROTATE_HALF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
-# Decode steps of this many rows or more leave o_proj's LoRA delta to the post-attention add + norm kernel
-# (``_attend``, ``rms_norm.OutputDelta``): one program a row then reads the row's whole B (128 KB at rank 16 on a
-# 7B model), which the expand's own launch spreads over 16 programs a row; a launch saved a layer. serve_bench's
-# 32 rows on 32 adapters is where it was measured (bench/NOTES.md); fewer rows keep the expand.
+# Decode steps of this many rows or more leave o_proj's and down_proj's LoRA deltas to the add + norm kernel after
+# them (``_output``, ``rms_norm.OutputDelta``): one program a row then reads the row's whole B (128 KB at rank 16 on a
+# 7B model), which the expand's own launch spreads over 16 programs a row; a launch saved a layer. 32 is where
+# serve_bench measures, chosen before any GPU timing (bench/NOTES.md, "Nineteenth session": pdl_bench --switch fold
+# is to set it); fewer rows keep the expand.
 NORM_FOLD_MIN_ROWS = 32
 
 Mask = torch.Tensor | dict[str, torch.Tensor]
@@ -215,9 +216,8 @@ class Decoder:
 
     def _attend(self, attn: nn.Module, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                 cache: Any, rows: int, length: int) -> tuple[torch.Tensor, OutputDelta | None]:
-        """o_proj of the attention of ``q`` (``[rows, heads, T, head_dim]``, rotated) over ``keys``/``values``;
-        at a decode step of ``NORM_FOLD_MIN_ROWS`` rows or more whose o_proj shrink ran in the attention's merge,
-        its base output and the LoRA delta still to add (the post-attention add + norm adds it: ``_add_norm``)."""
+        """o_proj of the attention of ``q`` (``[rows, heads, T, head_dim]``, rotated) over ``keys``/``values``, and
+        its LoRA delta where that is left to the post-attention add + norm (``_output``)."""
         shrink = None
         if (self.attention_kernel and isinstance(cache, DecodeView)
                 and attention_kernel.fits(q, keys, values, mask)
@@ -231,12 +231,8 @@ class Decoder:
         else:
             out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                                  scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
-        out = out.transpose(1, 2).reshape(rows, length, -1)
-        if shrink is not None and rows >= NORM_FOLD_MIN_ROWS:
-            return _linear(base_layer_of(attn.o_proj), out, self.gemv), output_delta(attn.o_proj, shrink.partials)
-        if shrink is not None:
-            return _linear(attn.o_proj, out, self.gemv, shrink.partials), None
-        return _output(attn.o_proj, out, self.gemv)
+        return _output(attn.o_proj, out.transpose(1, 2).reshape(rows, length, -1), self.gemv,
+                       None if shrink is None else shrink.partials)
 
 
 def _add_norm(h: torch.Tensor, out: torch.Tensor, norm: nn.Module,
@@ -267,12 +263,18 @@ def _linear(module: nn.Module, x: torch.Tensor, gemv: bool, partials: LoraPartia
     return add_delta(module, x, y) if partials is None else add_expand(module, y, partials)
 
 
-def _output(module: nn.Module, x: torch.Tensor, gemv: bool) -> tuple[torch.Tensor, OutputDelta | None]:
+def _output(module: nn.Module, x: torch.Tensor, gemv: bool,
+            partials: LoraPartials | None = None) -> tuple[torch.Tensor, OutputDelta | None]:
     """A layer whose output the residual add + norm kernel takes next (o_proj, down_proj): ``_linear(module, x,
-    gemv)``, or at a decode step of ``NORM_FOLD_MIN_ROWS`` rows or more its base output and its LoRA delta still
-    to add (its shrink launched now, its expand left to that kernel: ``deferred_delta``)."""
-    delta = deferred_delta(module, x) if x.shape[0] >= NORM_FOLD_MIN_ROWS else None
-    return _linear(module if delta is None else base_layer_of(module), x, gemv), delta
+    gemv, partials)``, or at a decode step of ``NORM_FOLD_MIN_ROWS`` rows or more its base output and its LoRA
+    delta still to add, its expand left to that kernel (``partials``: its shrink, already done in the attention's
+    merge; else ``deferred_delta`` launches it now)."""
+    delta = None
+    if x.shape[0] >= NORM_FOLD_MIN_ROWS:
+        delta = output_delta(module, partials) if partials is not None else deferred_delta(module, x)
+    if delta is None:
+        return _linear(module, x, gemv, partials), None
+    return _linear(base_layer_of(module), x, gemv), delta
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act: bool = False,
