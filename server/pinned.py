@@ -19,7 +19,7 @@ Lifetime: a lent buffer is handed out as a tensor whose storage is a numpy view 
 bytes; the storage holds the only reference to that view, so the view dies when the last tensor sharing the
 storage dies (``weakref.finalize`` reports it; CPython does so at once, in the thread that dropped it). On a
 CUDA pool, that moment also records a CUDA event on the releasing thread's current stream (and the device's
-default stream when they differ): a slot fill (``lora.stage_on``) copies out of the buffer with
+default stream when they differ): a slot fill (``lora_slots.stage_on``) copies out of the buffer with
 ``non_blocking=True`` on the engine thread's current stream, which is the default stream, and that copy was
 enqueued before its source tensor could die, so the event completes only after the copy has. A buffer is lent
 again only once its events have completed (``take`` waits for them, outside the lock). When the last view dies

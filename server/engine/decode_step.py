@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..adapters.lora import LoraSlotTable
+from ..adapters.lora_slots import LoraSlotTable
 from ..kernels import greedy_pick as greedy_kernel
 from ..model import BaseModel
 from .decoder import Forward

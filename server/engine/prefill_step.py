@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from ..adapters.lora import LoraSlotTable
+from ..adapters.lora_slots import LoraSlotTable
 from ..adapters.prefix import PrefixWeights
 from ..model import BaseModel
 from .decode_step import batch_bucket, power_bucket, rank_bucket

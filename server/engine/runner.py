@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..adapters.lora import LoraSlotTable
+from ..adapters.lora_slots import LoraSlotTable
 from ..adapters.prefix import PrefixWeights
 from ..model import BaseModel
 from .batch import Row, RunningBatch

@@ -116,12 +116,7 @@ def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,  # noqa: N803 (Triton's n
 
 def _triton():
     """Import Triton (once) into this module's globals, with ``libdevice``, where the kernel's body finds them."""
-    module = triton_into(globals())
-    if globals()["libdevice"] is None:
-        from triton.language.extra import libdevice as lib
-
-        globals()["libdevice"] = lib
-    return module
+    return triton_into(globals(), libdevice=True)
 
 
 @functools.cache

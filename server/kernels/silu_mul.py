@@ -131,12 +131,7 @@ def _silu_mul(g_ptr, u_ptr, o_ptr, N, stride_gr, stride_ur, stride_or,  # noqa: 
 
 def _triton():
     """Import Triton (once) into this module's globals, with ``libdevice``, where the kernel's body finds them."""
-    module = triton_into(globals())
-    if globals()["libdevice"] is None:
-        from triton.language.extra import libdevice as lib
-
-        globals()["libdevice"] = lib
-    return module
+    return triton_into(globals(), libdevice=True)
 
 
 @functools.cache

@@ -146,15 +146,20 @@ def tuner_choices(tuner) -> dict[str, str]:
     return {} if tuner is None else {", ".join(map(str, key)): str(config) for key, config in tuner.cache.items()}
 
 
-def triton_into(namespace: dict[str, Any]) -> ModuleType:
-    """Import Triton (once) into ``namespace``, a kernel module's ``globals()``, as ``triton`` and ``tl``: the
-    kernels' bodies refer to ``tl`` as a module global, as Triton wants, and the module must not import Triton
-    at its own import (the daemon runs without it). Returns the ``triton`` module."""
+def triton_into(namespace: dict[str, Any], libdevice: bool = False) -> ModuleType:
+    """Import Triton (once) into ``namespace``, a kernel module's ``globals()``, as ``triton`` and ``tl``, and
+    with ``libdevice`` its CUDA math library as ``libdevice``: the kernels' bodies refer to them as module
+    globals, as Triton wants, and the module must not import Triton at its own import (the daemon runs
+    without it). Returns the ``triton`` module."""
     if namespace.get("tl") is None:
         import triton
         import triton.language as tl
 
         namespace["triton"], namespace["tl"] = triton, tl
+    if libdevice and namespace.get("libdevice") is None:
+        from triton.language.extra import libdevice as library
+
+        namespace["libdevice"] = library
     return namespace["triton"]
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import adapterd.server.adapters.lora as lora
-from adapterd.server.adapters.lora import LoraSlotTable, project_qkv
+from adapterd.server.adapters.lora import project_qkv
+from adapterd.server.adapters.lora_slots import LoraSlotTable
 from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
 from adapterd.server.engine.step_context import StepContext, step_context
 

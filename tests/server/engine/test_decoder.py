@@ -92,6 +92,7 @@ def test_lora_deltas_through_the_fused_projections_give_transformers_logits(mode
     transformers' forward calls
     each layer; the logits agree."""
     import adapterd.server.adapters.lora as lora
+    from adapterd.server.adapters.lora_slots import LoraSlotTable
     from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
 
     model = copy.deepcopy(model)  # the fixture's model is shared: wrap a copy
@@ -108,8 +109,8 @@ def test_lora_deltas_through_the_fused_projections_give_transformers_logits(mode
                    for n, (i, o) in shapes.items()}
         return LoraWeights(modules=modules, rank=rank, target_modules=sorted({n.rsplit(".", 1)[1] for n in names}))
 
-    table = lora.LoraSlotTable(model, num_slots=3, max_rank=8, dtype=torch.float32, device=torch.device("cpu"),
-                               use_kernel=False)
+    table = LoraSlotTable(model, num_slots=3, max_rank=8, dtype=torch.float32, device=torch.device("cpu"),
+                          use_kernel=False)
     slots = [table.acquire("a", adapter(4, 2.0)), 0, table.acquire("b", adapter(8, 0.5))]
     shrinks: list[int] = []
     real = lora.shrink
@@ -174,7 +175,7 @@ def test_one_row_silu_product_runs_in_the_gate_up_epilogue_unless_lora_adds_to_g
     pytest.importorskip("triton")
     if model.config.model_type != "llama":
         pytest.skip("Llama's MLP is the one fused (Mistral's and Qwen's are the same forward); the interpreter is slow")
-    import adapterd.server.adapters.lora as lora
+    from adapterd.server.adapters.lora_slots import LoraSlotTable
     from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
     from adapterd.server.engine.fused_projections import FusedLinear
     from adapterd.server.kernels import dense_gemv
@@ -201,8 +202,8 @@ def test_one_row_silu_product_runs_in_the_gate_up_epilogue_unless_lora_adds_to_g
     modules = {n: LoraModule((torch.randn(4, m.in_features, generator=generator) * 0.1).to(torch.bfloat16),
                              (torch.randn(m.out_features, 4, generator=generator) * 0.1).to(torch.bfloat16), 2.0)
                for n, m in half.named_modules() if n in names}
-    table = lora.LoraSlotTable(half, num_slots=2, max_rank=4, dtype=torch.bfloat16, device=torch.device("cpu"),
-                               use_kernel=False)
+    table = LoraSlotTable(half, num_slots=2, max_rank=4, dtype=torch.bfloat16, device=torch.device("cpu"),
+                          use_kernel=False)
     slot = table.acquire("mlp", LoraWeights(modules=modules, rank=4, target_modules=["gate_proj", "up_proj"]))
     token, position = ids[:, :1], torch.zeros(1, 1, dtype=torch.long)
     mask = causal_mask(torch.ones(1, 1, dtype=torch.bool), 1, torch.bfloat16, None)
@@ -265,7 +266,7 @@ def test_one_row_qkv_projection_rotates_and_appends_in_its_epilogue_unless_lora_
         pytest.skip("one family is enough for the epilogue's wiring (the interpreter is slow); the GPU suite runs all")
     if TEST_DEVICE != "cpu":  # the GPU runs the compiled kernels: tests/server/kernels/test_rope_epilogue.py
         pytest.skip("the wiring is checked in Triton's interpreter, on CPU tensors")
-    import adapterd.server.adapters.lora as lora
+    from adapterd.server.adapters.lora_slots import LoraSlotTable
     from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
     from adapterd.server.engine.fused_projections import FusedLinear
     from adapterd.server.kernels import int8_epilogues, int8_matmul
@@ -296,8 +297,8 @@ def test_one_row_qkv_projection_rotates_and_appends_in_its_epilogue_unless_lora_
     modules = {n: LoraModule((torch.randn(4, m.in_features, generator=generator) * 0.1).to(torch.bfloat16),
                              (torch.randn(m.out_features, 4, generator=generator) * 0.1).to(torch.bfloat16), 2.0)
                for n, m in half.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")}
-    table = lora.LoraSlotTable(half, num_slots=2, max_rank=4, dtype=torch.bfloat16, device=torch.device("cpu"),
-                               use_kernel=False)
+    table = LoraSlotTable(half, num_slots=2, max_rank=4, dtype=torch.bfloat16, device=torch.device("cpu"),
+                          use_kernel=False)
     slot = table.acquire("qv", LoraWeights(modules=modules, rank=4, target_modules=["q_proj", "v_proj"]))
     calls.clear()
     context = StepContext("decode", table.rows_of([slot], "decode"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapterd.server.adapters.lora import LoraSlotTable
+from adapterd.server.adapters.lora_slots import LoraSlotTable
 from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
 from adapterd.server.engine import EngineConfig, GenerationParams
 from adapterd.server.engine.step_context import StepContext, current_step, step_context
