@@ -160,28 +160,28 @@ def _expand(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, slot_ptr, p_ptr,  # 
     row = tl.program_id(0)
     slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
     block = tl.program_id(1)
-    if block < BLOCKS0:
-        y_ptr, b_ptr, n_cols, stride_ym, stride_br, stride_bs = y0_ptr, b0_ptr, N0, stride_y0m, stride_b0r, stride_b0s
-        member = 0
-    elif block < BLOCKS01:
-        y_ptr, b_ptr, n_cols, stride_ym, stride_br, stride_bs = y1_ptr, b1_ptr, N1, stride_y1m, stride_b1r, stride_b1s
-        member = 1
-        block -= BLOCKS0
-    else:
-        y_ptr, b_ptr, n_cols, stride_ym, stride_br, stride_bs = y2_ptr, b2_ptr, N2, stride_y2m, stride_b2r, stride_b2s
-        member = 2
-        block -= BLOCKS01
+    member = (block >= BLOCKS0).to(tl.int32) + (block >= BLOCKS01).to(tl.int32)  # 0, 1 or 2
+    block -= tl.where(member == 2, BLOCKS01, tl.where(member == 1, BLOCKS0, 0))
     rr = tl.arange(0, BLOCK_R)
     rs = tl.arange(0, BLOCK_S)
     rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < tl.where(member == 2, N2, tl.where(member == 1, N1, N0))
     r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads nothing
-    bs = b_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br + rn[None, :] * stride_bn
-    # As in _shrink: the B tile (no kernel's output) is in flight before the PDL wait; a base row reads none
-    if EVEN_N:
-        b = tl.load(bs, mask=r_ok[:, None], other=0.0, eviction_policy="evict_first")
+    b_ok = r_ok[:, None] if EVEN_N else r_ok[:, None] & n_ok[None, :]
+    b_rows = rr.to(tl.int64)[:, None]  # int64 offsets: a table may pass 2**31 elements
+    # As in _shrink: the B tile (no kernel's output) is in flight before the PDL wait; a base row reads none.
+    # Each member's tile is addressed and loaded in a branch of its own, from the arguments alone: a pointer or
+    # stride picked by a branch loses the 16-divisibility Triton 3.6 (the GPU image's) specialized it with, and
+    # the tile is then read 2 bytes a load (128 loads a thread, not 16; Triton 3.9 keeps it across the branch)
+    if member == 0:
+        b = tl.load(b0_ptr + slot * stride_b0s + b_rows * stride_b0r + rn[None, :] * stride_bn, mask=b_ok, other=0.0,
+                    eviction_policy="evict_first")
+    elif member == 1:
+        b = tl.load(b1_ptr + slot * stride_b1s + b_rows * stride_b1r + rn[None, :] * stride_bn, mask=b_ok, other=0.0,
+                    eviction_policy="evict_first")
     else:
-        n_ok = rn < n_cols
-        b = tl.load(bs, mask=r_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        b = tl.load(b2_ptr + slot * stride_b2s + b_rows * stride_b2r + rn[None, :] * stride_bn, mask=b_ok, other=0.0,
+                    eviction_policy="evict_first")
     if USE_PDL:  # PDL (support.pdl_enabled): every program waits before any return, then lets the next start
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -190,13 +190,17 @@ def _expand(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, slot_ptr, p_ptr,  # 
     ps = p_ptr + member * stride_pg + rs[:, None] * stride_ps + row * BLOCK_R + rr[None, :]
     xa = tl.reduce(tl.load(ps, mask=(rs < splits)[:, None], other=0.0), 0, tl.standard._sum_combine)  # [BLOCK_R]
     delta = tl.reduce(b.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
-    ys = y_ptr + row.to(tl.int64) * stride_ym + rn * stride_yn
-    if EVEN_N:
-        y = tl.load(ys).to(tl.float32) + delta
-        tl.store(ys, y.to(y_ptr.dtype.element_ty))
+    y_ok = n_ok | EVEN_N  # read, add in fp32, cast and store each member's columns (in its branch, as B)
+    row = row.to(tl.int64)
+    if member == 0:
+        ys = y0_ptr + row * stride_y0m + rn * stride_yn
+        tl.store(ys, (tl.load(ys, mask=y_ok, other=0.0).to(tl.float32) + delta).to(y0_ptr.dtype.element_ty), mask=y_ok)
+    elif member == 1:
+        ys = y1_ptr + row * stride_y1m + rn * stride_yn
+        tl.store(ys, (tl.load(ys, mask=y_ok, other=0.0).to(tl.float32) + delta).to(y1_ptr.dtype.element_ty), mask=y_ok)
     else:
-        y = tl.load(ys, mask=n_ok, other=0.0).to(tl.float32) + delta
-        tl.store(ys, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+        ys = y2_ptr + row * stride_y2m + rn * stride_yn
+        tl.store(ys, (tl.load(ys, mask=y_ok, other=0.0).to(tl.float32) + delta).to(y2_ptr.dtype.element_ty), mask=y_ok)
 
 
 @functools.cache

@@ -259,6 +259,7 @@ def test_gpu_appended_entry_is_read_after_the_append(rows, q_heads, kv_heads):
         assert ((out.float() - ref).abs() <= 2.0**-7 * ref.abs() + 1e-5).all()
 
 
+@pytest.mark.sm90
 def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the partials kernel compiles for sm_90 (the H200) in bf16 for one
     query head a key/value head (elementwise) and for a group of 4 (Llama 3's), whose products run on the tensor
@@ -303,6 +304,7 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
             assert "atom" not in ptx and "ld.global.cg" not in ptx
 
 
+@pytest.mark.sm90
 def test_partials_prefetch_the_chunk_before_the_wait_on_hopper(monkeypatch, tmp_path):
     """Compiled for sm_90 under PDL with ``PREFETCH`` (``fresh`` given): the mask, keys and values are requested
     before ``griddepcontrol.wait``; q and the appended entry only after it (one query head a key/value head and
@@ -354,6 +356,7 @@ def test_grouped_heads_attend_here_only_at_few_rows_on_a_gpu():
     assert faster_than_sdpa(32, 1, gpu) and faster_than_sdpa(256, 1, gpu) and faster_than_sdpa(32, 4, cpu)
 
 
+@pytest.mark.sm90
 def test_combine_compiles_for_hopper_with_o_projs_a_tile_requested_before_the_wait(monkeypatch, tmp_path):
     """The merge kernel with o_proj's LoRA shrink, compiled for sm_90 under PDL: the row's slot and the head's A
     tile (no kernel of the step writes either) are requested before ``griddepcontrol.wait``; the splits' partials

@@ -96,6 +96,7 @@ def test_the_kernel_stays_unless_f_linear_is_clearly_faster(ours, theirs, kernel
     H200's 22016x4096 at 32f3b76: 51.9 against 50.6 us judged, 0.07 ms a step faster with the kernel)."""
     assert dg.keeps_kernel(ours, theirs) is kernel
 
+@pytest.mark.sm90
 def test_compiles_for_hopper_with_wide_loads_and_the_weight_requested_before_the_wait(monkeypatch, tmp_path):
     """Each GPU config compiles for sm_90; with the unit strides and 16-divisible sizes Triton specializes, the
     weight is read 16 bytes a load, the K loop has no cross-lane shuffle, and under PDL the first weight tile is

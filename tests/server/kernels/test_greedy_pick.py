@@ -108,6 +108,7 @@ def test_gpu_the_pick_is_torchs_bit_for_bit_in_a_graph(dtype, vocab):
         assert out[0, 0] == 5 and out[rows - 1, 0] != 2
 
 
+@pytest.mark.sm90
 def test_compiles_for_hopper_with_the_logits_read_after_the_wait(monkeypatch, tmp_path):
     """The GPU build compiles for sm_90 (bf16 and fp32 logits, one and three EOS ids), reads the logits 16 bytes a
     load (8 bf16 or 4 fp32 a thread), and under PDL reads them only after ``griddepcontrol.wait``: they are the

@@ -120,6 +120,7 @@ def test_gpu_silu_glu_bit_for_bit_at_every_one_row_tile():
             wrong.append(str(config))
     assert not wrong, wrong
 
+@pytest.mark.sm90
 def test_glu_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: with ``GLU`` each one-split GEMV tile of the one-row bucket compiles
     for sm_90 (bf16 with a bias), and the epilogue's division is the IEEE one (``div.rn.f32``, as torch's SiLU);

@@ -194,6 +194,7 @@ def test_gemv_tiles_take_rows_of_whole_aligned_words(monkeypatch):
                                    _reference(x, weight, scb, None), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.sm90
 def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: each GEMV config of the 1-row bucket compiles for sm_90 (the
     H200), bf16 with a bias and an uneven K, so that warm-up's tuning on the GPU cannot fail on a new tile. And

@@ -177,11 +177,13 @@ def test_plan_for_llama_shapes():
             assert (cfg["splits"] - 1) * cfg["tiles"] * cfg["BLOCK_K"] < in_f  # no split starts past the end
 
 
+@pytest.mark.sm90
 @pytest.mark.parametrize("name", ["_shrink", "_expand"])
 def test_compiles_for_hopper_with_the_weight_requested_before_the_wait(monkeypatch, tmp_path, name):
     """Compiled for sm_90 under PDL (no GPU needed), each kernel requests its A or B tile (the evict-first loads,
     16 bytes each) before ``griddepcontrol.wait``, and reads what an earlier kernel wrote (x; the partials and
-    y) only after it: the prefetch that PDL overlaps with the kernel before, and nothing read too early."""
+    y) only after it: the prefetch that PDL overlaps with the kernel before, and nothing read too early. The
+    expand compiles a group's three members (each its own pointers and strides), as a launch does."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -209,6 +211,10 @@ def test_compiles_for_hopper_with_the_weight_requested_before_the_wait(monkeypat
     others = [m.start() for m in re.finditer(r"ld\.global(?!\.L1::evict_first)[\w.:]*", ptx)]
     assert weight and max(weight) < wait, name  # the whole tile in flight before the wait (one tile at 4096)
     assert len([o for o in others if o < wait]) == 1, name  # only the slot before it (x, partials, y after)
+    # every bf16 read and write 16 bytes wide: none 2 bytes at a time (Triton 3.6 read the expand's B and y so
+    # when a branch picked the member's pointer: test_gpu_image_triton.py runs this under it)
+    assert not re.search(r"(ld|st)\.global[\w.:]*\.b16\b", ptx), name
+    assert re.search(r"st\.global[\w.:]*\.v4\.b32", ptx) or name == "_shrink", name
 
 
 def test_lora_kernel_available(monkeypatch):

@@ -384,6 +384,7 @@ def test_gpu_swap_in_a_llama_keeps_the_logits():
     torch.testing.assert_close(after.float(), before.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.sm90
 def test_compiles_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the kernel compiles for sm_90 (the H200) with and without the
     residual add, and with o_proj's or down_proj's LoRA delta (rank 16 at hidden 4096, as a 7B decode step launches

@@ -87,6 +87,7 @@ def test_fits_only_what_the_kernel_computes():
     assert not ra.fits(q, k.double(), v, cos, sin)
 
 
+@pytest.mark.sm90
 def test_compiles_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the kernel compiles for sm_90 (the H200) in bf16 with a bf16 pool,
     with the launch's own options (fp contraction off), so that a decode step on the GPU cannot fail on it."""

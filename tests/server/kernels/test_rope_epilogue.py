@@ -101,6 +101,7 @@ def test_fits_one_row_of_a_fused_qkv_in_bf16_or_fp16():
     assert not ke.rope_fits(x, cb, scb, bias, cos, sin, keys[:, :1], values[:, :1], 16, 4)  # one kv head
 
 
+@pytest.mark.sm90
 def test_rope_epilogue_compiles_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: with ``ROPE`` each one-split GEMV tile compiles for sm_90 (bf16 with a
     bias, a bf16 cache), waiting for the kernel before it under PDL."""

@@ -130,6 +130,7 @@ def test_deltas_that_do_not_fit():
                             one.up_b).fits(gate, up)  # one member only
 
 
+@pytest.mark.sm90
 def test_compiles_for_hopper_with_lora(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: with the deltas (rank 16, a 7B MLP's split count), bf16, under PDL, the
     kernel compiles for sm_90 with B's tiles loaded before the wait, 16 bytes a load, no register spilled and no
