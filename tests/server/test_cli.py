@@ -118,10 +118,12 @@ def daemon_a(tiny_model_dir, adapter_root, pki, tmp_path_factory):
 def daemon_b(tiny_model_dir, adapter_root, tmp_path_factory):
     """One row decoded at a time and one request waiting; debug logging; a short grace."""
     tmp = tmp_path_factory.mktemp("serve-b")
+    metrics_port = _free_port()  # check_max_queue reads the waiting requests off /metrics
     argv = [*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root), "--quantization",
             "none", "--port", "0", "--device", TEST_DEVICE, "--max-batch-size", "1", "--max-queue", "1",
-            "--log-level", "debug", "--grace", "3", "--http-port", "0", "--no-engine-process"]
-    served = Served(argv, tmp / "stderr.log")
+            "--log-level", "debug", "--grace", "3", "--http-port", "0", "--no-engine-process",
+            "--metrics-port", str(metrics_port)]
+    served = Served(argv, tmp / "stderr.log", metrics_port=metrics_port)
     yield served
     served.stop()
 
@@ -202,8 +204,11 @@ def check_max_queue(a: Served, b: Served) -> None:
         running = c.generate_stream("hello", max_new_tokens=1000, min_new_tokens=1000)
         next(running)  # the one row of the batch is busy for a while
         waiting = c.generate_stream("hello", max_new_tokens=2)  # takes the one place in the queue
-        time.sleep(0.5)  # for it to arrive; the running row has hundreds of tokens to go
         try:
+            deadline = time.monotonic() + 30  # until the daemon counts it (not a fixed sleep: a loaded machine)
+            while not re.search(r"^adapterd_requests_waiting 1\.0$", _metrics(b), re.M):
+                assert time.monotonic() < deadline, _metrics(b)
+                time.sleep(0.05)
             assert _code(lambda: c.generate("hello", max_new_tokens=1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         finally:
             running.cancel()
