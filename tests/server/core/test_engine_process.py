@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from transformers import AutoTokenizer
 from adapterd.clients import AdapterdClient
 from adapterd.server.core.process import private_dir
 from tests.helpers import CLI, ENV, reference_greedy
+from tests.server.test_security import _free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -108,15 +110,20 @@ def test_requests_while_the_engine_core_restarts_get_unavailable_not_a_hang(daem
     assert _wait_for(lambda: _health(port) == SERVING, RESTART_S)
 
 
-def _serve_process(tiny_model_dir, adapter_root) -> tuple[subprocess.Popen, int]:
+def _serve_process(tiny_model_dir, adapter_root, *flags: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([*CLI, "serve", "--base", str(tiny_model_dir), "--adapters", str(adapter_root),
-                             "--quantization", "none", "--device", "cpu", "--port", "0", "--grace", "20"],
+                             "--quantization", "none", "--device", "cpu", "--port", "0", "--grace", "20", *flags],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     match = re.search(r"listening on (\S+):(\d+)", proc.stdout.readline())
     assert match
     with AdapterdClient(f"127.0.0.1:{match[2]}") as c:
         c.wait_ready(120)
     return proc, int(match[2])
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
 
 
 def _private_dirs(pid: int) -> list[str]:
@@ -151,7 +158,8 @@ def test_sigterm_drains_across_the_processes_and_exits_0(tiny_model_dir, adapter
     """SIGTERM to `adapterd serve`: a stream and a unary request in flight both finish with every token asked
     for, the daemon exits 0, and its engine core ends too. (tests/cli/test_cli.py's own SIGTERM test is the
     grace period's end; this one is the drain, for both kinds of call.)"""
-    proc, port = _serve_process(tiny_model_dir, adapter_root)
+    metrics_port = _free_port()
+    proc, port = _serve_process(tiny_model_dir, adapter_root, "--metrics-port", str(metrics_port))
     cores = _children(proc.pid)
     results: list[object] = []
     replies: list[object] = []
@@ -175,7 +183,10 @@ def test_sigterm_drains_across_the_processes_and_exits_0(tiny_model_dir, adapter
         threads = [threading.Thread(target=finish), threading.Thread(target=unary)]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)  # the unary call is in flight
+        # both admitted to the engine's batch before the signal (not a fixed sleep: a loaded machine connects
+        # slowly); the stream's 60 tokens may be done by then, the unary call's 300 not
+        assert _wait_for(lambda: re.search(r"^adapterd_request_queue_time_seconds_count 2\.0$", _scrape(metrics_port),
+                                           re.M), 30)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         for thread in threads:
