@@ -306,10 +306,13 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
 
 @pytest.mark.sm90
 def test_partials_prefetch_the_chunk_before_the_wait_on_hopper(monkeypatch, tmp_path):
-    """Compiled for sm_90 under PDL with ``PREFETCH`` (``fresh`` given): the mask, keys and values are requested
-    before ``griddepcontrol.wait``; q and the appended entry only after it (one query head a key/value head and
-    a group of 4, fused)."""
+    """Compiled for sm_90 under PDL with ``PREFETCH`` (``fresh`` given), as a decode step's launch specializes it
+    (the pool's, the mask's and q's strides and the pointers 16-divisible, the mask's entry stride 1): the mask,
+    keys and values are requested before ``griddepcontrol.wait``, 16 bytes a load; q and the appended entry only
+    after it; nothing spilled (one query head a key/value head and a group of 4, fused)."""
     import re
+    import subprocess
+    from pathlib import Path
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -324,25 +327,32 @@ def test_partials_prefetch_the_chunk_before_the_wait_on_hopper(monkeypatch, tmp_
     flags = ("HEAD_DIM", "BLOCK_D", "GROUP", "CHUNK", "G_PAD", "DOT_F32", "USE_PDL", "FUSED", "BLOCK_S", "SHRINK",
              "BLOCK_R", "PREFETCH")
     unused = kernel.arg_names[kernel.arg_names.index("oa_ptr"):kernel.arg_names.index("SHRINK")]
-    aligned = [a for a in kernel.arg_names if a.endswith("_ptr") and a not in unused]
+    unit = ("stride_mt",)  # the mask's entries are contiguous: specialized to 1
+    aligned = [a for a in kernel.arg_names if a not in unused and a not in unit
+               and (a.endswith("_ptr") or a.startswith("stride_") or a in ("LENGTH", "KV_HEADS"))]
     for group, g_pad in ((1, 0), (4, 16)):
-        signature = {a: "constexpr" if a in flags or a in unused else pointers.get(a, "fp32" if a == "scale" else "i32")
-                     for a in kernel.arg_names}
+        signature = {a: "constexpr" if a in flags or a in unused or a in unit
+                     else pointers.get(a, "fp32" if a == "scale" else "i32") for a in kernel.arg_names}
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HEAD_DIM": 128, "BLOCK_D": 128, "GROUP": group, "CHUNK": 64, "G_PAD": g_pad,
                                        "DOT_F32": False, "USE_PDL": True, "FUSED": True, "BLOCK_S": 32,
-                                       "SHRINK": False, "BLOCK_R": 16, "PREFETCH": True,
+                                       "SHRINK": False, "BLOCK_R": 16, "PREFETCH": True, "stride_mt": 1,
                                        **{a: kernel.params[kernel.arg_names.index(a)].default for a in unused}},
                            attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        ptx = compiled.asm["ptx"]
         wait = ptx.index("griddepcontrol.wait")
-        loads = [m.start() for m in re.finditer(r"ld\.global", ptx)]
-        before = [at for at in loads if at < wait]
-        # the mask, the keys and values (one load a thread each of their elements at these unaligned strides)
-        # and fresh before; q and the fresh entry after, that entry past L1 (.cg: L1 may hold the stale copy)
-        assert len(before) >= 64, (group, len(before))
-        assert len(before) < len(loads) and "ld.global.cg" in ptx[wait:], group
-        assert "ld.global.cg" not in ptx[:wait], group
+        before = re.findall(r"ld\.global[\w.:]*", ptx[:wait])
+        # the mask, the keys and values (a [64, 128] bf16 tile each: 16 bytes a load) and fresh before; q and the
+        # fresh entry after, that entry past L1 (.cg: L1 may hold the stale copy)
+        assert len([ld for ld in before if ld.endswith(".v4.b32")]) >= 16, (group, before)
+        assert "ld.global.cg" in ptx[wait:] and "ld.global.cg" not in ptx[:wait], group
+        cubin = tmp_path / "attention.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+        assert re.search(r"STACK:0\b", usage), (group, usage)  # no spill
 
 
 def test_grouped_heads_attend_here_only_at_few_rows_on_a_gpu():
