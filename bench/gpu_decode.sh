@@ -24,7 +24,8 @@
 #                out, run ahead) to the engine's step: where the time between two graphs goes
 #   pick         pick_bench: the greedy pick kernel against torch's at 32,000 and 128,256-token vocabularies
 #   folds        the LoRA folds' checks (the nineteenth session's, none yet run on a GPU): the GPU tests of the add +
-#                norm and SiLU kernels, the engine's fold tests (tests/server/adapters/test_lora_group.py) and the
+#                norm, SiLU and LoRA kernels (the twentieth's: what each compiled to as launched, no 2-byte tile
+#                access), the engine's fold tests (tests/server/adapters/test_lora_group.py) and the
 #                min-length parity tests on CUDA; then `pdl` with PDL_ARGS="--switch fold ..." times them
 # SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE and TEST_PATHS override
 # the defaults
@@ -78,7 +79,8 @@ pick() {
 folds() {  # both run; the part fails if either does
   local rc=0
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -rs -p no:cacheprovider --import-mode=append \
-    -o addopts="" -m gpu tests/server/kernels/test_rms_norm.py tests/server/kernels/test_silu_mul.py 2>&1 \
+    -o addopts="" -m gpu tests/server/kernels/test_rms_norm.py tests/server/kernels/test_silu_mul.py \
+    tests/server/kernels/test_lora_bgmv.py 2>&1 \
     | tee "$OUT/fold_kernels.log" | tail -8 || rc=1
   engine_tests "tests/server/adapters/test_lora_group.py \
     tests/server/engine/test_parity.py::test_a_minimum_length_bans_eos_as_transformers_does \

@@ -335,6 +335,26 @@ def test_gpu_llama_shapes_bf16(in_f, out_f, rows):
 
 
 @pytest.mark.gpu
+def test_gpu_launched_kernels_read_and_write_16_bytes_a_time():
+    """As launched at Llama-2-7B's q/k/v widths (a group of three, and one member alone), neither kernel reads
+    its table or y 2 bytes at a time: the compile tests' assumption about what a launch specializes, checked
+    against the PTX Triton built for the launch itself."""
+    from tests.server.kernels.launched import launched_ptx, narrow_global_accesses
+
+    a, bs = _group((4096, 4096, 4096), 4096, r=16, s=5, dtype=torch.bfloat16, device="cuda", seed=7)
+    for rows in (1, 32):
+        x = torch.randn(rows, 4096, device="cuda").to(torch.bfloat16)
+        ys = [torch.zeros(rows, 4096, device="cuda", dtype=torch.bfloat16) for _ in bs]
+        slots = torch.arange(1, rows + 1, device="cuda") % 4
+        kb.lora_group_delta_(ys, x, a, bs, slots, 16)
+        kb.lora_delta_(ys[0], x, a[0], bs[0], slots, 16)
+    torch.cuda.synchronize()
+    for kernel in kb._kernels(False):
+        ptx = launched_ptx(kernel)
+        assert ptx and all(not narrow_global_accesses(p) for p in ptx), [narrow_global_accesses(p) for p in ptx]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("act, table", [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                         (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
 def test_gpu_odd_shapes_and_dtypes(act, table):

@@ -343,6 +343,11 @@ def test_gpu_add_then_norm_with_the_outputs_lora_delta(dtype, splits):
         assert (summed == expected).float().mean() > 0.99
         torch.testing.assert_close(summed.float(), expected.float(), rtol=2 * ULP[dtype], atol=2 * ULP[dtype])
     _assert_matches(y, norm(summed))
+    if dtype == torch.bfloat16:  # as launched: no tile read or written 2 bytes at a time
+        from tests.server.kernels.launched import launched_ptx, narrow_global_accesses
+
+        folds = [ptx for ptx in launched_ptx(rn._kernel(False)) if "evict_first" in ptx]  # B's loads: the fold's
+        assert folds and not any(narrow_global_accesses(ptx) for ptx in folds)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         g_summed, g_y = fused.add_forward(h, out, delta)

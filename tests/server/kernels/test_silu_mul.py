@@ -188,6 +188,10 @@ def test_gpu_adds_gate_and_ups_lora_deltas_first(dtype):
                                atol=1e-6)
     base = [i for i, s in enumerate(slots) if s == 0]
     assert torch.equal(out[base], sm.silu_mul(gate[base], up[base]))
+    from tests.server.kernels.launched import launched_ptx, narrow_global_accesses
+
+    folds = [ptx for ptx in launched_ptx(sm._kernel(False)) if "evict_first" in ptx]  # B's loads: the LoRA variants
+    assert folds and not any(narrow_global_accesses(ptx) for ptx in folds)  # as launched, no tile 2 bytes a time
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         replayed = sm.silu_mul(gate, up, deltas)
