@@ -4,6 +4,8 @@ interpreter on the CPU; the compiled kernel on a GPU under ADAPTERD_TEST_DEVICE=
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -90,7 +92,9 @@ def test_fits_only_what_the_kernel_computes():
 @pytest.mark.sm90
 def test_compiles_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the kernel compiles for sm_90 (the H200) in bf16 with a bf16 pool,
-    with the launch's own options (fp contraction off), so that a decode step on the GPU cannot fail on it."""
+    with the launch's own options (fp contraction off), so that a decode step on the GPU cannot fail on it.
+    Specialized as a Llama decode step's launch is (pointers, strides and the head count 16-divisible), no
+    access is 2 bytes wide, and with LoRA the heads' B tiles load 16 bytes at a time before the PDL wait."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -108,12 +112,20 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
         pointer_types = {"pos_ptr": "*i64", "slot_ptr": "*i64", "p_ptr": "*fp32"}
         signature = {a: "constexpr" if a in fixed else pointer_types.get(a, f"*{dtype}") if a.endswith("_ptr")
                      else "i32" for a in kernel.arg_names}
-        source = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
+        aligned = [a for a in kernel.arg_names if a not in fixed
+                   and (a.endswith("_ptr") or a.startswith("stride_") or a == "Q_HEADS")]
+        source = ASTSource(fn=kernel, signature=signature, constexprs=fixed,
+                           attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": 1, **ra.COMPILE_OPTIONS})
         assert compiled.asm["cubin"], dtype
+        ptx = compiled.asm["ptx"]
         # fp32: x * cos + rotate_half(x) * sin with no fused multiply-add (torch rounds each product)
-        assert "fma.rn.f32" not in compiled.asm["ptx"], dtype
+        assert "fma.rn.f32" not in ptx, dtype
+        assert not re.findall(r"(?:ld|st)\.global[\w.:]*\.b16\b", ptx), (dtype, lora)
+        if lora:
+            wait = ptx.index("griddepcontrol.wait")
+            assert len(re.findall(r"ld\.global[\w.:]*\.v4\.b32", ptx[:wait])) >= 16, ptx[:wait]
 
 
 def _lora(q, k, rank, slots_list, present, dtype, seed):
