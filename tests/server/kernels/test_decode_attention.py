@@ -264,7 +264,12 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the partials kernel compiles for sm_90 (the H200) in bf16 for one
     query head a key/value head (elementwise) and for a group of 4 (Llama 3's), whose products run on the tensor
     cores (``mma`` in the PTX; the probabilities as three tf32 products), with and without the fused merge; and
-    under PDL it waits before it reads (or counts)."""
+    under PDL it waits before it reads (or counts). Specialized as a launch is (pointers and strides 16-divisible,
+    the mask's entry stride 1), none spills (``cuobjdump``)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -282,14 +287,26 @@ def test_partials_compile_for_hopper_both_ways(monkeypatch, tmp_path):
     for (group, g_pad), fused, shrink in [(*c, False) for c in itertools.product(((1, 0), (4, 16)), (False, True))
                                           ] + [((1, 0), True, True)]:
         unused = () if shrink else shrink_args  # o_proj's LoRA shrink in the merge: only with it
-        signature = {a: "constexpr" if a in flags or a in unused else pointers.get(a, "fp32" if a == "scale" else "i32")
+        fixed = (*flags, *unused, "stride_mt")  # the mask's entries are contiguous: specialized to 1
+        signature = {a: "constexpr" if a in fixed else pointers.get(a, "fp32" if a == "scale" else "i32")
                      for a in kernel.arg_names}
+        aligned = [a for a in kernel.arg_names if a not in fixed and (a.endswith("_ptr") or a.startswith("stride_")
+                                                                      or a in ("LENGTH", "KV_HEADS"))]
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HEAD_DIM": 128, "BLOCK_D": 128, "GROUP": group, "CHUNK": 64, "G_PAD": g_pad,
                                        "DOT_F32": False, "USE_PDL": True, "FUSED": fused, "BLOCK_S": 32,
                                        "SHRINK": shrink, "BLOCK_R": 16, "fresh_ptr": None, "PREFETCH": False,
-                                       **{a: kernel.params[kernel.arg_names.index(a)].default for a in unused}})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+                                       "stride_mt": 1,
+                                       **{a: kernel.params[kernel.arg_names.index(a)].default for a in unused}},
+                           attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        ptx = compiled.asm["ptx"]
+        cubin = tmp_path / "partials.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+        assert re.search(r"STACK:0\b", usage), (group, fused, shrink, usage)  # no spill
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), group
         assert ("mma" in ptx) == (g_pad > 0), group
         if g_pad:
