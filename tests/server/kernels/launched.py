@@ -9,8 +9,9 @@ import re
 def launched_ptx(kernel) -> list[str]:
     """The PTX of every compiled variant of ``kernel`` (a ``triton.jit`` function, or an autotuner over one) in
     this process, on any device."""
-    fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JITFunction
-    return [compiled.asm["ptx"] for cache in fn.device_caches.values() for compiled in cache[0].values()]
+    while not hasattr(kernel, "device_caches"):  # an Autotuner wraps the JITFunction (whose .fn is plain Python)
+        kernel = kernel.fn
+    return [compiled.asm["ptx"] for cache in kernel.device_caches.values() for compiled in cache[0].values()]
 
 
 def narrow_global_accesses(ptx: str) -> list[str]:

@@ -183,9 +183,17 @@ def test_gpu_adds_gate_and_ups_lora_deltas_first(dtype):
     gate, up = _gate_up(rows, n, dtype, device="cuda", seed=5)
     deltas = _glu_deltas(rows, n, slots, dtype, device="cuda", rank=16, splits=43)
     out = sm.silu_mul(gate, up, deltas)
-    want = sm.silu_mul(*_with_deltas_by_hand(gate, up, deltas))
-    torch.testing.assert_close(out.float(), want.float(), rtol=4 * ULP[dtype] if dtype != torch.float32 else 1e-4,
-                               atol=1e-6)
+    gate2, up2 = _with_deltas_by_hand(gate, up, deltas)
+    want = sm.silu_mul(gate2, up2)
+    # The kernel and the hand sum each pre-activation (gate or up plus its delta over 43 splits) in another order,
+    # compiled with fused multiply-adds: they may round it a unit apart (fp32: some units), which silu(g) * u
+    # carries to an element near zero. Each element is bounded by that, and in bf16 almost all agree to the bit.
+    unit = ULP[dtype] * (64 if dtype == torch.float32 else 2)
+    g, u, dg, du = (t.float().abs() for t in (gate2, up2, gate2.float() - gate.float(), up2.float() - up.float()))
+    bound = unit * (g + dg + 1) * (u + du + 1) + 4 * ULP[dtype] * want.float().abs()
+    assert ((out.float() - want.float()).abs() <= bound).all()
+    if dtype != torch.float32:
+        assert (out == want).float().mean() > 0.99
     base = [i for i, s in enumerate(slots) if s == 0]
     assert torch.equal(out[base], sm.silu_mul(gate[base], up[base]))
     from tests.server.kernels.launched import launched_ptx, narrow_global_accesses
