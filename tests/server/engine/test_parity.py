@@ -204,7 +204,9 @@ def test_the_one_launch_pick_gives_the_same_tokens_in_the_engine(tiny_model_dir,
         got = [sink.wait_end()[-1].token_ids for sink in sinks]
     finally:
         runtime.close()
-    assert got == want and len(calls) >= NEW_TOKENS - 1 and runtime.engine.steps_run_ahead > 0
+    # on the CPU the pick is called at every decode step; on a GPU at each decode graph's capture, then replayed
+    assert got == want and len(calls) >= (NEW_TOKENS - 1 if TEST_DEVICE == "cpu" else 1)
+    assert runtime.engine.steps_run_ahead > 0
 
 
 def test_cancel_frees_the_row_at_the_next_step(tiny_model_dir, adapter_root):
