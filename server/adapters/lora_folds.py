@@ -9,9 +9,9 @@ run anyway, right beside them:
   (``QkvDeltas``); program (row, head) adds its head's delta, as the expand would, before rotating.
 * o_proj's shrink into the decode attention's merge (``kernels/decode_attention.py``): head h's output is split
   h of o_proj's input, so the program that writes it also writes its partial (``output_shrink``); o_proj then
-  runs its base matmul and the expand alone (``add_expand``); at many rows (the decoder's ``NORM_FOLD_MIN_ROWS``)
-  not even that: its delta goes to the post-attention add + norm (``OutputDelta``, ``kernels/rms_norm.py``),
-  which adds it to o_proj's output before the residual add, as the expand would.
+  runs its base matmul and the expand alone (``add_expand``); at decode steps (from the decoder's
+  ``NORM_FOLD_MIN_ROWS`` rows) not even that: its delta goes to the post-attention add + norm (``OutputDelta``,
+  ``kernels/rms_norm.py``), which adds it to o_proj's output before the residual add, as the expand would.
 * at as many rows, down_proj's expand likewise into the next layer's add + norm (``deferred_delta``: its shrink
   runs alone, its delta waits for that kernel).
 * gate and up's expand (one group: one shrink for the two) into the SiLU product's kernel (``kernels/silu_mul.py``),

@@ -88,11 +88,11 @@ OWN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "glm")
 ROTATE_HALF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Decode steps of this many rows or more leave o_proj's and down_proj's LoRA deltas to the add + norm kernel after
-# them (``_output``, ``rms_norm.OutputDelta``): one program a row then reads the row's whole B (128 KB at rank 16 on a
-# 7B model), which the expand's own launch spreads over 16 programs a row; a launch saved a layer. 32 is where
-# serve_bench measures, chosen before any GPU timing (bench/NOTES.md, "Nineteenth session": pdl_bench --switch fold
-# is to set it); fewer rows keep the expand.
-NORM_FOLD_MIN_ROWS = 32
+# them (``_output``, ``rms_norm.OutputDelta``): one program a row reads the row's whole B (128 KB at rank 16 on a
+# 7B model) before its PDL wait, where the expand's own launch spreads it over 16 programs a row; a launch saved a
+# layer. pdl_bench --switch fold on the H200 (a1b010a, bench/RESULTS.md) measured the fold ahead at every row count
+# it timed: int8 +0.8 / +1.1 / +0.6 / +0.2% a step at 1 / 8 / 32 / 64 rows, bf16 +0.7 / +0.7 / +0.4 / +0.1%.
+NORM_FOLD_MIN_ROWS = 1
 
 Mask = torch.Tensor | dict[str, torch.Tensor]
 # (input ids [rows, T], position ids [rows, T], additive mask(s), the step's context: its LoRA rows and its

@@ -232,8 +232,9 @@ class OutputDelta:
     attention's merge, ``adapters/lora_folds.py``), for the post-attention add + norm to add first, as
     ``lora_bgmv``'s expand would (the row's partials summed over the splits, times its slot's B, added in fp32 and
     rounded to the output's dtype): the expand's launch saved. One program a row reads the row's whole
-    ``[rank, out]`` B (128 KB at rank 16 and out 4096, where the expand spreads it over 16 programs), so this
-    pays only at many rows (the decoder's ``NORM_FOLD_MIN_ROWS``). Where the kernel runs compiled, the sums
+    ``[rank, out]`` B (128 KB at rank 16 and out 4096, where the expand spreads it over 16 programs) before
+    its PDL wait; on the H200 that beat the expand's own launch at 1 to 64 rows (the decoder's
+    ``NORM_FOLD_MIN_ROWS``). Where the kernel runs compiled, the sums
     may differ from the expand's in fp32's last bits (another reduction layout), so a row's tokens can differ
     from the same row's at few rows as any batch-size change of kernels can (bench/NOTES.md, batch invariance)."""
 

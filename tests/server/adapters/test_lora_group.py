@@ -190,7 +190,7 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
 @pytest.mark.parametrize("decode", ["exact", "bucketed"])  # bucketed: padding rows (slot 0) and a rank bucket
 def test_engine_decode_steps_add_o_and_down_projs_deltas_in_the_norm_after_them_and_keep_pefts_tokens(
         decode, tiny_model_dir, adapter_root, monkeypatch):
-    """At decode steps of ``NORM_FOLD_MIN_ROWS`` rows or more (lowered to 1 here, where the batch is 5 rows),
+    """At decode steps of ``NORM_FOLD_MIN_ROWS`` rows or more (set to 1 here, whatever the default),
     o_proj's LoRA delta goes to the post-attention add + norm kernel (``rms_norm.OutputDelta``) and down_proj's to
     the next layer's input add + norm, instead of the expands' own launches: every such norm takes one at each
     decode step, and every row's greedy tokens still equal PEFT's for it alone, adapters on o_proj (lora-rs,
