@@ -25,6 +25,10 @@ with the step (it did not when it timed each call alone: bench/NOTES.md, "Sevent
 ``--rows`` batch on its own LoRA adapter (base rows have nothing to fold): where the decoder's
 ``NORM_FOLD_MIN_ROWS`` should lie.
 
+``--switch side`` compares the LoRA shrinks launched beside their layers' base matmuls on a second CUDA stream
+(on: ``engine/side_stream.py``'s ``SIDE_STREAM``) against one stream (off), every row of each ``--rows`` batch on
+its own adapter, as ``fold``.
+
 On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
 
@@ -52,10 +56,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--work", default="/tmp/adapterd-bench")
-    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold"), default="pdl",
+    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side"), default="pdl",
                         help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, "
                         "the float GEMV kernel against F.linear, shape by shape, or o_proj's LoRA expand folded "
-                        "into the add + norm (every row on LoRA)")
+                        "into the add + norm (every row on LoRA), or the LoRA shrinks on a second stream beside "
+                        "the base matmuls (every row on LoRA)")
     parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
                         help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -72,6 +77,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
     """(engine ms a step, graph replayed alone ms) at ``rows`` rows, every decode graph captured anew with
     ``args.switch`` on or off (``--switch gemv``: for the judged float shape ``shape``)."""
     from adapterd.server.engine import decoder as own_decoder
+    from adapterd.server.engine import side_stream
     from adapterd.server.engine.fused_projections import FusedLinear
     from adapterd.server.kernels import dense_gemv
 
@@ -89,6 +95,8 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
             dense_gemv.choose(shape, on)
         if args.switch == "fold":  # read at each forward (each capture)
             own_decoder.NORM_FOLD_MIN_ROWS = 1 if on else sys.maxsize
+        if args.switch == "side":  # read at each forward (each capture)
+            side_stream.SIDE_STREAM = on
         decoder.graphs.clear()
 
     runtime.engine.call(lambda: switch(on)).result(60)
@@ -100,6 +108,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
         for name, method in originals.items():
             setattr(FusedLinear, name, method)
         own_decoder.NORM_FOLD_MIN_ROWS = fold_rows
+        side_stream.SIDE_STREAM = True
         if shape is not None:
             runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
 
@@ -113,7 +122,8 @@ def main() -> int:
     device = pick_device()
     work = Path(args.work)
     base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
-    lora_rows = max(args.rows) if args.switch == "fold" else args.lora_rows
+    every_row_lora = args.switch in ("fold", "side")  # base rows have nothing to fold or to shrink
+    lora_rows = max(args.rows) if every_row_lora else args.lora_rows
     ids = make_lora_dirs(work / "adapters", base_dir, max(lora_rows, 1), targets=TARGET_SETS[args.lora_targets])
     lines = []
     for q in args.quantizations.split(","):
@@ -127,7 +137,7 @@ def main() -> int:
             engine_step_ms(runtime, 2, args.ctx, 8, [None, runtime.store.get(ids[0])])  # warm-up and tuning
             print_tuned(label)  # whether the one-row keys took the GEMV tiles the epilogues run
             cases = [(r, [None] * r) for r in args.rows]
-            if args.switch == "fold":  # every row on its own adapter: base rows have nothing to fold
+            if every_row_lora:  # every row on its own adapter
                 cases = [(r, [runtime.store.get(a) for a in ids[:r]]) for r in args.rows]
             elif args.lora_rows:
                 cases.append((args.lora_rows, [runtime.store.get(a) for a in ids[: args.lora_rows]]))
@@ -170,7 +180,8 @@ def judged_shapes() -> dict[tuple, tuple[float, float, bool]]:
 def record(lines: list[str], args, machine: str) -> None:
     what = {"pdl": "PDL", "epilogues": "the one-row GEMV epilogues",
             "gemv": "the float GEMV kernel (against F.linear) for the shape named",
-            "fold": "o_proj's LoRA expand folded into the add + norm"}[args.switch]
+            "fold": "o_proj's LoRA expand folded into the add + norm",
+            "side": "the LoRA shrinks on a second stream beside the base matmuls"}[args.switch]
     head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}: {args.shape}, ctx "
             f"{args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "

@@ -5,8 +5,9 @@ q/k/v shrink and expand (one each for the group), o_proj's shrink and expand. Tw
 run anyway, right beside them:
 
 * q, k and v's expand into the rotary + append kernel (``kernels/rope_append.py``), which reads q, k and v next:
-  ``project_qkv_deferred`` runs the shrink and hands back the base outputs and the deltas still to add
-  (``QkvDeltas``); program (row, head) adds its head's delta, as the expand would, before rotating.
+  ``qkv_shrink`` runs the shrink and hands back the deltas still to add (``QkvDeltas``), the base outputs
+  their own (``project_qkv_deferred``); program (row, head) adds its head's delta, as the expand would, before
+  rotating.
 * o_proj's shrink into the decode attention's merge (``kernels/decode_attention.py``): head h's output is split
   h of o_proj's input, so the program that writes it also writes its partial (``output_shrink``); o_proj then
   runs its base matmul and the expand alone (``add_expand``); at decode steps (from the decoder's
@@ -15,8 +16,11 @@ run anyway, right beside them:
 * at as many rows, down_proj's expand likewise into the next layer's add + norm (``deferred_delta``: its shrink
   runs alone, its delta waits for that kernel).
 * gate and up's expand (one group: one shrink for the two) into the SiLU product's kernel (``kernels/silu_mul.py``),
-  which reads gate and up next: ``project_glu_deferred`` runs the shrink and hands back ``GluDeltas``; program
+  which reads gate and up next: ``glu_shrink`` runs the shrink and hands back ``GluDeltas``; program
   (row, columns) adds its columns' deltas, as the expand would, before the SiLU.
+
+The shrinks that remain (q/k/v's, gate/up's, down_proj's) read only their layer's input, as its base matmul
+does: the decoder launches each beside that matmul, on a second stream (``engine/side_stream.py``).
 
 Where a fold cannot run (no adapter row, a prefill, q/k/v wrapped but not one group, SDPA instead of the
 attention kernel), the unfolded launches run: the same sums either way (``tests/server/adapters``).
@@ -41,27 +45,37 @@ if TYPE_CHECKING:
     from ..kernels.lora_bgmv import LoraPartials
 
 
-def project_qkv_deferred(attn: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor] | None = None,
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QkvDeltas | None]:
-    """``project_qkv``, but at a decode step that the BGMV kernels serve, with q, k and v's deltas not yet added:
-    their base outputs and the deltas to add (``QkvDeltas``: the one shrink's partials and each B table), which
-    the rotary + append kernel adds before rotating (``kernels/rope_append.py``: the expand's launch saved) or
-    ``add_qkv_deltas`` adds in place. None, and the deltas added, where it does not apply: no adapter row at this
-    step, another kind of step, or wrapped q/k/v that do not form one group."""
+def qkv_shrink(attn: nn.Module, x: torch.Tensor) -> QkvDeltas | None:
+    """At a decode step that the BGMV kernels serve, q, k and v's one shrink of x (one launch) with their B tables:
+    the deltas still to add (``QkvDeltas``), which the rotary + append kernel adds before rotating
+    (``kernels/rope_append.py``: the expand's launch saved) or ``add_qkv_deltas`` adds in place. None, and nothing
+    launched, where it does not apply: no adapter row at this step, another kind of step, or wrapped q/k/v that do
+    not form one group. It reads nothing that q/k/v's base matmul writes: the decoder launches the two side by side
+    (``engine/side_stream.py``)."""
     rows = current_step().lora
     layers = [getattr(attn, name) for name in QKV]
     wrapped = [layer for layer in layers if isinstance(layer, BatchedLoraLinear)]
     group = wrapped[0].group if wrapped else None
     if rows is None or rows.kernel is None or not wrapped or (
             len(wrapped) > 1 and (group is None or list(group.members) != wrapped)):
-        return (*project_qkv(attn, x, base), None)
+        return None
     from ..kernels.lora_bgmv import lora_shrink
 
-    outputs = list(base) if base is not None else [base_layer_of(layer)(x) for layer in layers]
     lora_a = group.lora_a if len(wrapped) > 1 else wrapped[0].lora_a[None]
     partials = lora_shrink(x.reshape(x.shape[0], -1), lora_a, rows.slots, rows.rank)
-    tables = tuple(layer.lora_b if isinstance(layer, BatchedLoraLinear) else None for layer in layers)
-    return outputs[0], outputs[1], outputs[2], QkvDeltas(partials, tables)
+    return QkvDeltas(partials, tuple(layer.lora_b if isinstance(layer, BatchedLoraLinear) else None
+                                     for layer in layers))
+
+
+def project_qkv_deferred(attn: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor] | None,
+                         deltas: QkvDeltas | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v's outputs for x: with ``deltas`` (``qkv_shrink``'s), their base outputs alone (``base``, the
+    fused matmul's, else each base layer's), the deltas still to add; without, ``project_qkv`` (each layer's
+    delta added)."""
+    if deltas is None:
+        return project_qkv(attn, x, base)
+    q, k, v = list(base) if base is not None else [base_layer_of(getattr(attn, name))(x) for name in QKV]
+    return q, k, v
 
 
 def add_qkv_deltas(deltas: QkvDeltas, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -73,24 +87,32 @@ def add_qkv_deltas(deltas: QkvDeltas, q: torch.Tensor, k: torch.Tensor, v: torch
     lora_expand_([t.view(t.shape[0], -1) for t, _ in members], deltas.partials, [b for _, b in members])
 
 
-def project_glu_deferred(mlp: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor],
-                         ) -> tuple[torch.Tensor, torch.Tensor, GluDeltas | None]:
-    """``project_shared`` over gate and up (their base outputs ``base``, from the fused matmul), but at a decode
-    step that the BGMV kernels serve, with gate and up in one group, their deltas not yet added: the one shrink
-    runs, and ``GluDeltas`` goes to the SiLU product's kernel (``kernels/silu_mul.py``: the expand's launch saved)
-    or to ``add_glu_deltas``. None, and the deltas added, where it does not apply (no adapter row at this step,
-    another kind of step, only one of the two wrapped)."""
+def glu_shrink(mlp: nn.Module, x: torch.Tensor) -> GluDeltas | None:
+    """At a decode step that the BGMV kernels serve, with gate and up in one group: their one shrink of x (one
+    launch) with their B tables, the deltas still to add (``GluDeltas``), which the SiLU product's kernel adds
+    (``kernels/silu_mul.py``: the expand's launch saved) or ``add_glu_deltas``. None, and nothing launched, where
+    it does not apply (no adapter row at this step, another kind of step, only one of the two wrapped). Like
+    ``qkv_shrink``, launched beside the fused gate/up matmul."""
     gate, up = (getattr(mlp, name) for name in GATE_UP)
     group = gate.group if isinstance(gate, BatchedLoraLinear) else None
     # the step's rows asked only where gate and up are wrapped: a forward of the base alone may run outside a step
     rows = current_step().lora if group is not None else None
     if rows is None or rows.kernel is None or group is None or list(group.members) != [gate, up]:
-        out_gate, out_up = project_shared(mlp, GATE_UP, x, base)
-        return out_gate, out_up, None
+        return None
     from ..kernels.lora_bgmv import lora_shrink
 
     partials = lora_shrink(x.reshape(x.shape[0], -1), group.lora_a, rows.slots, rows.rank)
-    return base[0], base[1], GluDeltas(partials, gate.lora_b, up.lora_b)
+    return GluDeltas(partials, gate.lora_b, up.lora_b)
+
+
+def project_glu_deferred(mlp: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor],
+                         deltas: GluDeltas | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate's and up's outputs for x from their fused matmul's ``base``: with ``deltas`` (``glu_shrink``'s), the
+    base alone, the deltas still to add; without, ``project_shared`` (each layer's delta added: one shrink and one
+    expand launch for the two where both are wrapped)."""
+    if deltas is None:
+        return project_shared(mlp, GATE_UP, x, base)
+    return base[0], base[1]
 
 
 def add_glu_deltas(deltas: GluDeltas, gate: torch.Tensor, up: torch.Tensor) -> None:
@@ -131,17 +153,24 @@ def output_delta(layer: BatchedLoraLinear, partials: LoraPartials) -> OutputDelt
     return OutputDelta(partials, layer.lora_b)
 
 
-def deferred_delta(layer: nn.Module, x: torch.Tensor) -> OutputDelta | None:
-    """For a wrapped layer of no group (down_proj) at a decode step that the BGMV kernels serve: its shrink of x
-    now (one launch), its delta left for the add + norm kernel after it (``OutputDelta``); None where that does
-    not apply (not wrapped, grouped, no adapter row, another kind of step), and nothing launched."""
+def defers_delta(layer: nn.Module) -> bool:
+    """Whether ``deferred_delta`` applies to ``layer`` at this step: a wrapped layer of no group (down_proj) at a
+    decode step that the BGMV kernels serve."""
     if not isinstance(layer, BatchedLoraLinear) or layer.group is not None:
-        return None
+        return False
     rows = current_step().lora
-    if rows is None or rows.kernel is None:
+    return rows is not None and rows.kernel is not None
+
+
+def deferred_delta(layer: nn.Module, x: torch.Tensor) -> OutputDelta | None:
+    """For a layer that ``defers_delta``: its shrink of x now (one launch; it reads nothing of the layer's base
+    matmul, beside which the decoder launches it), its delta left for the add + norm kernel after it
+    (``OutputDelta``); None where that does not apply, and nothing launched."""
+    if not defers_delta(layer):
         return None
     from ..kernels.lora_bgmv import lora_shrink
 
+    rows = current_step().lora
     return OutputDelta(lora_shrink(x.reshape(x.shape[0], -1), layer.lora_a[None], rows.slots, rows.rank),
                        layer.lora_b)
 

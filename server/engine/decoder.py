@@ -59,10 +59,13 @@ from ..adapters.lora_folds import (
     add_output_delta,
     add_qkv_deltas,
     deferred_delta,
+    defers_delta,
+    glu_shrink,
     output_delta,
     output_shrink,
     project_glu_deferred,
     project_qkv_deferred,
+    qkv_shrink,
 )
 from ..kernels import decode_attention as attention_kernel
 from ..kernels import dense_gemv
@@ -71,6 +74,7 @@ from ..kernels.rms_norm import FusedRMSNorm, OutputDelta
 from ..kernels.rope_append import fits, rope_append_available
 from .fused_projections import FusedLinear, LayerFusion, fuse_layers, fused_outputs, int8_layers
 from .kv_pool import DecodeView
+from .side_stream import beside
 from .step_context import StepContext, run_forward, step_context
 
 if TYPE_CHECKING:
@@ -184,11 +188,11 @@ class Decoder:
         if q is not None:  # one row: the projection's own launch rotated q and k and appended k and v
             keys, values = cache.read(index)
             return self._attend(attn, q, keys, values, mask, cache, rows, length)
-        base = fused_outputs(qkv, attn, x, self.gemv)
-        if rope_kernel and not hasattr(attn, "q_norm"):
-            *qkv_out, deltas = project_qkv_deferred(attn, x, base)
+        if rope_kernel and not hasattr(attn, "q_norm"):  # the shrink beside the base matmul, on a second stream
+            deltas, base = beside(x, lambda: qkv_shrink(attn, x), lambda: fused_outputs(qkv, attn, x, self.gemv))
+            qkv_out = project_qkv_deferred(attn, x, base, deltas)
         else:
-            qkv_out, deltas = project_qkv(attn, x, base), None
+            qkv_out, deltas = project_qkv(attn, x, fused_outputs(qkv, attn, x, self.gemv)), None
         q, k, v = (t.view(shape) for t in qkv_out)
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head of q and k, before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
@@ -269,12 +273,12 @@ def _output(module: nn.Module, x: torch.Tensor, gemv: bool,
     gemv, partials)``, or at a decode step of ``NORM_FOLD_MIN_ROWS`` rows or more its base output and its LoRA
     delta still to add, its expand left to that kernel (``partials``: its shrink, already done in the attention's
     merge; else ``deferred_delta`` launches it now)."""
-    delta = None
-    if x.shape[0] >= NORM_FOLD_MIN_ROWS:
-        delta = output_delta(module, partials) if partials is not None else deferred_delta(module, x)
-    if delta is None:
-        return _linear(module, x, gemv, partials), None
-    return _linear(base_layer_of(module), x, gemv), delta
+    if x.shape[0] >= NORM_FOLD_MIN_ROWS and partials is not None:
+        return _linear(base_layer_of(module), x, gemv), output_delta(module, partials)
+    if x.shape[0] >= NORM_FOLD_MIN_ROWS and defers_delta(module):  # its shrink beside the base matmul
+        delta, y = beside(x, lambda: deferred_delta(module, x), lambda: _linear(base_layer_of(module), x, gemv))
+        return y, delta
+    return _linear(module, x, gemv, partials), None
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act: bool = False,
@@ -290,18 +294,19 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act
         act = gate_up.silu_glu(x, gemv)  # one row: the SiLU product in the matmul's epilogue, the same values
         if act is not None:
             return _output(mlp.down_proj, act, gemv)
-    base = fused_outputs(gate_up, mlp, x, gemv)
-    if base is None:
+    if gate_up is None or not gate_up.current(mlp):
         return mlp(x), None
     if fused_act and act_kernel.is_silu(mlp.act_fn):
-        # LoRA on both at a decode step: one shrink, the deltas added by the SiLU product's kernel (no expand)
-        gate, up, deltas = project_glu_deferred(mlp, x, base)
+        # LoRA on both at a decode step: one shrink (beside the base matmul, on a second stream), the deltas added
+        # by the SiLU product's kernel (no expand)
+        deltas, base = beside(x, lambda: glu_shrink(mlp, x), lambda: gate_up(x, gemv))
+        gate, up = project_glu_deferred(mlp, x, base, deltas)
         if act_kernel.fits(gate, up) and (deltas is None or deltas.fits(gate, up)):
             return _output(mlp.down_proj, act_kernel.silu_mul(gate, up, deltas), gemv)
         if deltas is not None:
             add_glu_deltas(deltas, gate, up)
     else:
-        gate, up = project_shared(mlp, GATE_UP, x, base)  # LoRA on both: one shrink and one expand launch
+        gate, up = project_shared(mlp, GATE_UP, x, gate_up(x, gemv))  # LoRA on both: one shrink, one expand
     return _output(mlp.down_proj, mlp.act_fn(gate) * up, gemv)
 
 

@@ -39,9 +39,10 @@ def test_serve_part(tmp_path):
 
 
 @pytest.mark.slow  # ~40 s: the tiny model's decode graphs (eager here) each way, float32 only
-@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold"])
+@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold", "side"])
 def test_pdl_part(tmp_path, switch):
-    targets = "--lora-targets all " if switch == "fold" else ""  # o_proj's and down_proj's deltas to fold
+    every_row_lora = switch in ("fold", "side")
+    targets = "--lora-targets all " if every_row_lora else ""  # o_proj's and down_proj's deltas, every shrink
     done = run_part(tmp_path, "pdl", PDL_ARGS=f"--shape tiny --quantizations none --rows 1,4 --lora-rows 2 --ctx 16 "
                     f"--new 4 --switch {switch} {targets}--no-record --work {tmp_path / 'work'}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -49,7 +50,7 @@ def test_pdl_part(tmp_path, switch):
     if switch == "gemv":  # float32 on the CPU: no shape judged, nothing to time
         assert "judged: no float shape" in log and "| float32 |" not in log, log
         return
-    cases = (("1 rows on 1 LoRA (all linears)", "4 rows on 4 LoRA (all linears)") if switch == "fold"
+    cases = (("1 rows on 1 LoRA (all linears)", "4 rows on 4 LoRA (all linears)") if every_row_lora
              else ("1 rows", "4 rows", "2 rows on 2 LoRA"))
     for what in cases:
         assert re.search(rf"^\| float32 \| {re.escape(what)} \| [\d.]+ / [\d.]+ \| [\d.]+ \|", log, re.M), (what, log)

@@ -145,9 +145,10 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     """The engine's own decoder with the BGMV kernels (Triton's interpreter on the CPU, compiled on a GPU):
     q, k and v of every layer go to one grouped launch in each decode step, for adapters on q and v (a group
     of two), on every linear (three), on q and o (rsLoRA: q alone, no group), and gate and up to another (every
-    linear), mixed with base and prefix rows in one batch; every row's greedy tokens equal PEFT's for it alone."""
+    linear), mixed with base and prefix rows in one batch; every row's greedy tokens equal PEFT's for it alone.
+    Every shrink launch goes beside its layer's base matmul (``engine/side_stream.py``: a second stream on a GPU)."""
     pytest.importorskip("triton")
-    from adapterd.server.engine import EngineConfig, GenerationParams
+    from adapterd.server.engine import EngineConfig, GenerationParams, decoder
     from adapterd.server.kernels import lora_bgmv
     from adapterd.server.model import load_base_model
     from adapterd.server.runtime import Runtime
@@ -160,6 +161,15 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     real, real_expand = lora_bgmv.lora_shrink, lora_bgmv.lora_expand_  # looked up at each call
     monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda x, a, *r: members.append(a.shape[0]) or real(x, a, *r))
     monkeypatch.setattr(lora_bgmv, "lora_expand_", lambda ys, *a: expands.append(len(ys)) or real_expand(ys, *a))
+    beside_shrinks = []  # for each call of the decoder's beside: the shrinks its side call launched
+
+    def beside(x, side, main, real_beside=decoder.beside):
+        launched = len(members)
+        got = real_beside(x, side, main)
+        beside_shrinks.append(len(members) - launched)
+        return got
+
+    monkeypatch.setattr(decoder, "beside", beside)
     jobs = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"),
             ("你是谁？", "lora-rs"), ("hello world", "prefix")]
     refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 5) for p, a in jobs]
@@ -182,9 +192,12 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     group = config.num_attention_heads // config.num_key_value_heads
     alone = 1 if faster_than_sdpa(len(jobs), group, base.device) else 2
     assert members.count(3) == members.count(2) and members.count(1) == alone * members.count(3)
-    # q, k and v's deltas added by the rotary kernel, gate and up's by the SiLU product's (no expand of their own):
-    # the expands left are o_proj's and down_proj's, one layer each (their fold into the norms is at more rows)
-    assert expands and set(expands) == {1}
+    # q, k and v's deltas added by the rotary kernel, gate and up's by the SiLU product's, o_proj's and down_proj's
+    # by the add + norms after them (no expand of their own): the one expand left a step is the last layer's
+    # down_proj (the final norm takes no delta)
+    assert expands and set(expands) == {1} and len(expands) == members.count(3) // base.num_layers
+    # each shrink was launched by the side call of a beside, one a call
+    assert set(beside_shrinks) == {0, 1} and sum(beside_shrinks) == len(members)
 
 
 @pytest.mark.parametrize("decode", ["exact", "bucketed"])  # bucketed: padding rows (slot 0) and a rank bucket
