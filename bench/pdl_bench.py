@@ -83,7 +83,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
 
     decoder = runtime.engine.runner.decoder
     originals = {name: FusedLinear.__dict__[name] for name in _EPILOGUES}
-    fold_rows = own_decoder.NORM_FOLD_MIN_ROWS
+    fold_rows, side_default = own_decoder.NORM_FOLD_MIN_ROWS, side_stream.SIDE_STREAM
     verdict = dense_gemv.judgements()[shape][2] if shape is not None else None
 
     def switch(on: bool) -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods and
@@ -108,7 +108,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
         for name, method in originals.items():
             setattr(FusedLinear, name, method)
         own_decoder.NORM_FOLD_MIN_ROWS = fold_rows
-        side_stream.SIDE_STREAM = True
+        side_stream.SIDE_STREAM = side_default
         if shape is not None:
             runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
 

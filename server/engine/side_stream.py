@@ -4,9 +4,9 @@ At a decode step a layer's LoRA shrink (``kernels/lora_bgmv.py``) reads only the
 tables, as the base matmul of the same input reads only the input and the weight: neither waits for the other.
 On one stream they still run one after the other, each with its launch, its ramp and its tail (at 32 rows on
 32 adapters the q/k/v shrink reads 12.6 MB a layer in ~6 us of its own, bench/RESULTS.md at 89ba5f3). On a
-second stream forked from the first the shrink's programs fill the SMs and the memory bandwidth that the
-matmul's leave idle, and the kernel that reads both (the rotary + append, the SiLU product, the next add + norm)
-waits for the two.
+second stream forked from the first the shrink's programs may fill the SMs and the memory bandwidth that the
+matmul's leave idle (measured below: they did not pay), and the kernel that reads both (the rotary + append,
+the SiLU product, the next add + norm) waits for the two.
 
 Inside a CUDA graph capture the fork and the join are the graph's own edges: ``side.wait_stream(main)`` makes
 the side stream's next launch depend on the main stream's last, ``main.wait_stream(side)`` the main stream's
@@ -18,8 +18,11 @@ Memory: the input stays referenced by the caller until after the join, and what 
 freed later on the main stream, whose next fork orders the side's reuse after it: the caching allocator never
 hands the side stream a block that the main stream may still read, nor the reverse.
 
-``SIDE_STREAM`` switches it (``bench/pdl_bench.py --switch side`` measures both ways); off the GPU, or switched
-off, the two launches run one after the other on the current stream.
+``SIDE_STREAM`` switches it, and it is off: ``bench/pdl_bench.py --switch side`` on the H200 (2bc60fb,
+bench/RESULTS.md), every row on its own adapter, ms a decode step on / off: int8 1 row 2.682 / 2.688, 32 rows
+**6.987 / 6.865**; bf16 1 row 3.989 / 3.998, 32 rows 7.482 / 7.498. Where the int8 tensor-core tiles run (32
+rows) the shrink's programs beside them cost 1.8% of the step; elsewhere the gain (0.2%) is within a run's noise.
+Off the GPU, or switched off, the two launches run one after the other on the current stream, the shrink first.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import TypeVar
 
 import torch
 
-SIDE_STREAM = True  # the shrink beside the matmul (bench/pdl_bench.py --switch side measures both ways)
+SIDE_STREAM = False  # the shrink beside the matmul: measured no gain (above; bench/pdl_bench.py --switch side)
 
 _streams: dict[int, torch.cuda.Stream] = {}
 Side = TypeVar("Side")

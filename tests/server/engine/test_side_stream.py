@@ -30,10 +30,11 @@ def test_switched_off_it_runs_both_on_the_current_stream_on_a_gpu_too(monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("captured", [False, True])
-def test_on_a_gpu_the_side_call_runs_on_the_second_stream_and_the_next_launch_sees_both(captured):
+def test_on_a_gpu_the_side_call_runs_on_the_second_stream_and_the_next_launch_sees_both(captured, monkeypatch):
     """The side call's launches go to the device's second stream, the main call's to the current one, and what
     the current stream launches next reads both results complete: eagerly, and in a CUDA graph (the side stream
     joins the capture). A slow side (a long chain of small kernels) makes a missing join show as a wrong sum."""
+    monkeypatch.setattr(side_stream, "SIDE_STREAM", True)
     x = torch.randn(1 << 20, device="cuda")
     streams = {}
 

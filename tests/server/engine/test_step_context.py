@@ -3,6 +3,7 @@ shared field; prefill and decode steps tell the LoRA layers which they are."""
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -85,6 +86,7 @@ def test_engine_decode_steps_use_the_kernel_and_prefills_the_torch_paths(tiny_mo
     import types
 
     import adapterd.server.adapters.lora as lora
+    from adapterd.server.engine import decoder
     from adapterd.server.model import load_base_model
 
     phases = []
@@ -101,6 +103,9 @@ def test_engine_decode_steps_use_the_kernel_and_prefills_the_torch_paths(tiny_mo
     monkeypatch.setattr("adapterd.server.kernels.lora_bgmv",
                         types.SimpleNamespace(lora_delta_=spy_delta, lora_group_delta_=spy_group), raising=False)
     monkeypatch.setattr(lora, "lora_kernel_available", lambda device: True)
+    # the stand-in has no shrink and expand halves, which the folds of o_proj's and down_proj's deltas into the
+    # add + norms after them call (tests/server/adapters/test_lora_group.py): this test keeps them off
+    monkeypatch.setattr(decoder, "NORM_FOLD_MIN_ROWS", sys.maxsize)
     routed = []  # (phase, kernel chosen) of every forward with LoRA rows
     real_rows_for = LoraSlotTable.rows_for
 

@@ -59,8 +59,9 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     kernel_calls = []
     from adapterd.server.kernels import lora_bgmv, rope_append
 
-    real = lora_bgmv.lora_delta_  # wrapped before the engine's slot table picks the kernel (once, at start)
-    monkeypatch.setattr(lora_bgmv, "lora_delta_", lambda *a, **k: (kernel_calls.append(1), real(*a, **k))[1])
+    # every BGMV path but o_proj's (whose shrink is the attention's merge) starts with a shrink, looked up at each call
+    real = lora_bgmv.lora_shrink
+    monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda *a, **k: (kernel_calls.append(1), real(*a, **k))[1])
     rope_calls, add_norm_calls, act_calls, attention_calls = [], [], [], []
     real_rope = rope_append.rope_append
     # each call's LoRA deltas (q, k and v's, added by the rotary kernel: no expand launch of their own) or None
