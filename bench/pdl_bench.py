@@ -29,6 +29,9 @@ with the step (it did not when it timed each call alone: bench/NOTES.md, "Sevent
 (on: ``engine/side_stream.py``'s ``SIDE_STREAM``) against one stream (off), every row of each ``--rows`` batch on
 its own adapter, as ``fold``.
 
+``--switch reduce`` compares the int8 split-K reduction launched with PDL past ``PDL_MAX_BUCKET`` (on:
+``int8_matmul.REDUCE_PDL``) against without (off), base rows and ``--lora-rows`` as ``pdl``.
+
 On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
 
@@ -56,11 +59,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--work", default="/tmp/adapterd-bench")
-    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side"), default="pdl",
+    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side", "reduce"), default="pdl",
                         help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, "
                         "the float GEMV kernel against F.linear, shape by shape, or o_proj's LoRA expand folded "
                         "into the add + norm (every row on LoRA), or the LoRA shrinks on a second stream beside "
-                        "the base matmuls (every row on LoRA)")
+                        "the base matmuls (every row on LoRA), or the int8 split-K reduction with PDL")
     parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
                         help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -79,11 +82,12 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
     from adapterd.server.engine import decoder as own_decoder
     from adapterd.server.engine import side_stream
     from adapterd.server.engine.fused_projections import FusedLinear
-    from adapterd.server.kernels import dense_gemv
+    from adapterd.server.kernels import dense_gemv, int8_matmul
 
     decoder = runtime.engine.runner.decoder
     originals = {name: FusedLinear.__dict__[name] for name in _EPILOGUES}
     fold_rows, side_default = own_decoder.NORM_FOLD_MIN_ROWS, side_stream.SIDE_STREAM
+    reduce_default = int8_matmul.REDUCE_PDL
     verdict = dense_gemv.judgements()[shape][2] if shape is not None else None
 
     def switch(on: bool) -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods and
@@ -97,6 +101,8 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
             own_decoder.NORM_FOLD_MIN_ROWS = 1 if on else sys.maxsize
         if args.switch == "side":  # read at each forward (each capture)
             side_stream.SIDE_STREAM = on
+        if args.switch == "reduce":  # read at each launch (each capture)
+            int8_matmul.REDUCE_PDL = on
         decoder.graphs.clear()
 
     runtime.engine.call(lambda: switch(on)).result(60)
@@ -109,6 +115,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
             setattr(FusedLinear, name, method)
         own_decoder.NORM_FOLD_MIN_ROWS = fold_rows
         side_stream.SIDE_STREAM = side_default
+        int8_matmul.REDUCE_PDL = reduce_default
         if shape is not None:
             runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
 
@@ -181,7 +188,8 @@ def record(lines: list[str], args, machine: str) -> None:
     what = {"pdl": "PDL", "epilogues": "the one-row GEMV epilogues",
             "gemv": "the float GEMV kernel (against F.linear) for the shape named",
             "fold": "o_proj's LoRA expand folded into the add + norm",
-            "side": "the LoRA shrinks on a second stream beside the base matmuls"}[args.switch]
+            "side": "the LoRA shrinks on a second stream beside the base matmuls",
+            "reduce": "the int8 split-K reduction with PDL past PDL_MAX_BUCKET"}[args.switch]
     head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}: {args.shape}, ctx "
             f"{args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "

@@ -62,6 +62,11 @@ MAX_SPLIT_K = 16
 # 4 rows 1.019, 8 rows 1.013, 16 rows 0.994, 32 rows 0.925 (7.77 against 8.40 ms), 64 rows 1.002; bf16, whose
 # other kernels are the same, 1.001 at 32 rows: the tensor-core tiles are the part that loses.
 PDL_MAX_BUCKET = 8
+# Past PDL_MAX_BUCKET, a split-K launch's reduction launches with PDL (``_splitk_reduce``'s ``USE_PDL``): the
+# matmul before it triggers nothing, so the reduction still starts once the matmul ends, but it lets the kernel
+# after it start at once and stream what no kernel writes (the rotary kernel's and the add + norm's LoRA B tiles,
+# the next matmul's first weight tile) while the partials are summed.
+REDUCE_PDL = True
 _INV_127 = 1.0 / 127.0  # bitsandbytes' absmax scale: W = CB * SCB / 127
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _REDUCE_BLOCK = 512  # outputs per program of the split-K reduction
@@ -277,8 +282,12 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
 
 
 def _splitk_reduce(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,  # noqa: N803
-                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """``y[m, n] = (sum over s, in order, of p[s, m, n]) * SCB[n] / 127 + bias[n]``, cast to y's dtype."""
+                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """``y[m, n] = (sum over s, in order, of p[s, m, n]) * SCB[n] / 127 + bias[n]``, cast to y's dtype.
+    ``USE_PDL``: wait for the matmul (its partials), then let the next kernel start (``REDUCE_PDL``)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     total = M * N
     mask = idx < total
@@ -339,12 +348,13 @@ def dequant_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
 
 
 def _reduce(p: torch.Tensor, scb: torch.Tensor, b: torch.Tensor, y: torch.Tensor, has_bias: bool, split: int,
-            interpret: bool) -> None:
-    """Sum the ``[split, M, N]`` fp32 partials at the front of ``p`` into ``y [M, N]`` (scale, bias, cast)."""
+            interpret: bool, pdl: dict[str, bool] | None = None) -> None:
+    """Sum the ``[split, M, N]`` fp32 partials at the front of ``p`` into ``y [M, N]`` (scale, bias, cast).
+    ``pdl``: ``pdl_launch``'s keywords, or none."""
     m, n = y.shape
     _small_kernels(interpret)[2][(triton.cdiv(m * n, _REDUCE_BLOCK),)](
         p, scb, b, y, m, n, y.stride(0), y.stride(1), HAS_BIAS=has_bias, SPLIT_K=split, BLOCK=_REDUCE_BLOCK,
-        num_warps=4)
+        num_warps=4, **(pdl or {}))
 
 
 def _reduce_hook(nargs: dict, exception: BaseException | None) -> None:
@@ -397,7 +407,8 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
                         dtype=torch.float32)
         mm[grid(config)](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta, **config)
     if config["SPLIT_K"] > 1:
-        _reduce(p, scb, b, y, bias is not None, config["SPLIT_K"], interpret)
+        _reduce(p, scb, b, y, bias is not None, config["SPLIT_K"], interpret,
+                pdl_launch(x2.device) if REDUCE_PDL and bucket > PDL_MAX_BUCKET else None)
     return y
 
 

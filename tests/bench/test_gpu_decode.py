@@ -39,7 +39,7 @@ def test_serve_part(tmp_path):
 
 
 @pytest.mark.slow  # ~40 s: the tiny model's decode graphs (eager here) each way, float32 only
-@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold", "side"])
+@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold", "side", "reduce"])
 def test_pdl_part(tmp_path, switch):
     every_row_lora = switch in ("fold", "side")
     targets = "--lora-targets all " if every_row_lora else ""  # o_proj's and down_proj's deltas, every shrink

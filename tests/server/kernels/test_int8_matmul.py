@@ -521,6 +521,26 @@ def test_gpu_small_m_replays_in_a_cuda_graph(monkeypatch, llama_weights):
         _assert_bf16_close(y, _reference(xs[m], cb, scb, None), f"{m} rows")
 
 
+@pytest.mark.parametrize(("m", "switched_on", "reduce_pdl"), [
+    (1, True, False), (km.PDL_MAX_BUCKET, True, False), (km.PDL_MAX_BUCKET + 1, True, True), (32, True, True),
+    (32, False, False)])
+def test_a_split_k_reduction_launches_with_pdl_where_its_matmul_does_not(monkeypatch, m, switched_on, reduce_pdl):
+    """Past ``PDL_MAX_BUCKET`` (the matmul without PDL) a split-K launch's reduction takes PDL (``REDUCE_PDL``: the
+    kernel after it may start while it sums); up to it, where the matmul has PDL, the reduction has not. The
+    product is the same either way."""
+    _no_fallback(monkeypatch)
+    monkeypatch.setattr(km, "REDUCE_PDL", switched_on)
+    marker = {"USE_PDL": False}  # pdl_launch's keywords here (the interpreter runs no gdc_wait): seen by identity
+    monkeypatch.setattr(km, "pdl_launch", lambda device: marker)
+    given, real = [], km._reduce
+    monkeypatch.setattr(km, "_reduce", lambda *a: given.append(a[7]) or real(*a))
+    cb, scb = _weights(48, 64, seed=m)
+    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
+    y = km._small_m(x, cb, scb, None, True, config=SPLITS[1])  # SPLIT_K 2
+    torch.testing.assert_close(y, _reference(x, cb, scb, None), rtol=1e-4, atol=1e-4)
+    assert len(given) == 1 and (given[0] is marker) == reduce_pdl and (given[0] is None) == (not reduce_pdl)
+
+
 def test_tensor_core_buckets_past_pdl_max_bucket_launch_without_pdl(monkeypatch):
     """Rows up to ``PDL_MAX_BUCKET`` launch with PDL where the device has it, more rows without (the tensor-core
     tiles lost with it on the H200: ``PDL_MAX_BUCKET``'s note); the product is the same either way."""
