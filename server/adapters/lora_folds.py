@@ -20,8 +20,8 @@ run anyway, right beside them:
   (row, columns) adds its columns' deltas, as the expand would, before the SiLU.
 
 The shrinks that remain (q/k/v's, gate/up's, down_proj's) read only their layer's input, as its base matmul
-does: the decoder launches each beside that matmul (``engine/side_stream.py``: on a second stream where switched
-on; measured no gain on the H200, so off).
+does: the decoder launches each right after that matmul, or beside it on a second stream where switched on
+(``engine/side_stream.py``: measured no gain on the H200, so off).
 
 Where a fold cannot run (no adapter row, a prefill, q/k/v wrapped but not one group, SDPA instead of the
 attention kernel), the unfolded launches run: the same sums either way (``tests/server/adapters``).

@@ -188,7 +188,7 @@ class Decoder:
         if q is not None:  # one row: the projection's own launch rotated q and k and appended k and v
             keys, values = cache.read(index)
             return self._attend(attn, q, keys, values, mask, cache, rows, length)
-        if rope_kernel and not hasattr(attn, "q_norm"):  # the shrink, then (or beside) the base matmul
+        if rope_kernel and not hasattr(attn, "q_norm"):  # the base matmul, then (or beside it) the shrink
             deltas, base = beside(x, lambda: qkv_shrink(attn, x), lambda: fused_outputs(qkv, attn, x, self.gemv))
             qkv_out = project_qkv_deferred(attn, x, base, deltas)
         else:
@@ -297,7 +297,7 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act
     if gate_up is None or not gate_up.current(mlp):
         return mlp(x), None
     if fused_act and act_kernel.is_silu(mlp.act_fn):
-        # LoRA on both at a decode step: one shrink (then, or beside, the base matmul), the deltas added
+        # LoRA on both at a decode step: one shrink (after, or beside, the base matmul), the deltas added
         # by the SiLU product's kernel (no expand)
         deltas, base = beside(x, lambda: glu_shrink(mlp, x), lambda: gate_up(x, gemv))
         gate, up = project_glu_deferred(mlp, x, base, deltas)

@@ -22,7 +22,10 @@ hands the side stream a block that the main stream may still read, nor the rever
 bench/RESULTS.md), every row on its own adapter, ms a decode step on / off: int8 1 row 2.682 / 2.688, 32 rows
 **6.987 / 6.865**; bf16 1 row 3.989 / 3.998, 32 rows 7.482 / 7.498. Where the int8 tensor-core tiles run (32
 rows) the shrink's programs beside them cost 1.8% of the step; elsewhere the gain (0.2%) is within a run's noise.
-Off the GPU, or switched off, the two launches run one after the other on the current stream, the shrink first.
+(Those "off" figures launched the shrink first; now off launches the matmul first, as before the side stream: the
+shrink then follows a kernel that lets it start early under PDL, and the rotary kernel's LoRA B tiles stream while
+the shrink runs, not after a matmul that triggers nothing. Not timed since: the session's device time was spent.)
+Off the GPU, or switched off, the two launches run one after the other on the current stream, the matmul first.
 """
 
 from __future__ import annotations
@@ -51,9 +54,10 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
 def beside(x: torch.Tensor, side: Callable[[], Side], main: Callable[[], Main]) -> tuple[Side, Main]:
     """``(side(), main())``, the two calls' launches on two streams of x's device where ``SIDE_STREAM`` and x is
     on a GPU: ``side`` on the side stream, after everything launched so far on the current one; ``main`` on the
-    current stream; the current stream's next launch waits for both. Elsewhere ``side()`` then ``main()``."""
+    current stream; the current stream's next launch waits for both. Elsewhere ``main()`` then ``side()``."""
     if not (SIDE_STREAM and x.is_cuda):
-        return side(), main()
+        main_result = main()
+        return side(), main_result
     current = torch.cuda.current_stream(x.device)
     stream = side_stream(x.device)
     stream.wait_stream(current)

@@ -62,11 +62,13 @@ MAX_SPLIT_K = 16
 # 4 rows 1.019, 8 rows 1.013, 16 rows 0.994, 32 rows 0.925 (7.77 against 8.40 ms), 64 rows 1.002; bf16, whose
 # other kernels are the same, 1.001 at 32 rows: the tensor-core tiles are the part that loses.
 PDL_MAX_BUCKET = 8
-# Past PDL_MAX_BUCKET, a split-K launch's reduction launches with PDL (``_splitk_reduce``'s ``USE_PDL``): the
+# Past PDL_MAX_BUCKET, a split-K launch's reduction may launch with PDL (``_splitk_reduce``'s ``USE_PDL``): the
 # matmul before it triggers nothing, so the reduction still starts once the matmul ends, but it lets the kernel
 # after it start at once and stream what no kernel writes (the rotary kernel's and the add + norm's LoRA B tiles,
-# the next matmul's first weight tile) while the partials are summed.
-REDUCE_PDL = True
+# the next matmul's first weight tile) while the partials are summed. pdl_bench --switch reduce on the H200
+# (e12ddf1, bench/RESULTS.md), int8, ms a step on / off: 32 rows 6.313 / 6.406, 32 rows on 32 LoRA 6.759 / 6.829.
+# Off until the GPU parity suite has run with it on (the session that measured it had no device time left).
+REDUCE_PDL = False
 _INV_127 = 1.0 / 127.0  # bitsandbytes' absmax scale: W = CB * SCB / 127
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _REDUCE_BLOCK = 512  # outputs per program of the split-K reduction

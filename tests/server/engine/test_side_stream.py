@@ -9,11 +9,13 @@ from adapterd.server.engine import side_stream
 from adapterd.server.engine.side_stream import beside
 
 
-def test_off_the_gpu_both_calls_run_side_first_on_the_current_stream():
+def test_off_the_gpu_both_calls_run_main_first_on_the_current_stream():
+    """The matmul (main) first, then the shrink (side): under PDL each LoRA kernel then follows one that lets it
+    start early (side_stream.py's note)."""
     calls = []
     x = torch.ones(3)
     got = beside(x, lambda: calls.append("side") or x * 2, lambda: calls.append("main") or x + 1)
-    assert calls == ["side", "main"]
+    assert calls == ["main", "side"]
     assert torch.equal(got[0], x * 2) and torch.equal(got[1], x + 1)
 
 
