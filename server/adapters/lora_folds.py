@@ -51,8 +51,8 @@ def qkv_shrink(attn: nn.Module, x: torch.Tensor) -> QkvDeltas | None:
     the deltas still to add (``QkvDeltas``), which the rotary + append kernel adds before rotating
     (``kernels/rope_append.py``: the expand's launch saved) or ``add_qkv_deltas`` adds in place. None, and nothing
     launched, where it does not apply: no adapter row at this step, another kind of step, or wrapped q/k/v that do
-    not form one group. It reads nothing that q/k/v's base matmul writes: the decoder launches the two side by side
-    (``engine/side_stream.py``)."""
+    not form one group. It reads nothing that q/k/v's base matmul writes: the decoder launches it right after that
+    matmul, or beside it (``engine/side_stream.py``)."""
     rows = current_step().lora
     layers = [getattr(attn, name) for name in QKV]
     wrapped = [layer for layer in layers if isinstance(layer, BatchedLoraLinear)]
@@ -93,7 +93,7 @@ def glu_shrink(mlp: nn.Module, x: torch.Tensor) -> GluDeltas | None:
     launch) with their B tables, the deltas still to add (``GluDeltas``), which the SiLU product's kernel adds
     (``kernels/silu_mul.py``: the expand's launch saved) or ``add_glu_deltas``. None, and nothing launched, where
     it does not apply (no adapter row at this step, another kind of step, only one of the two wrapped). Like
-    ``qkv_shrink``, launched beside the fused gate/up matmul."""
+    ``qkv_shrink``, launched after (or beside) the fused gate/up matmul."""
     gate, up = (getattr(mlp, name) for name in GATE_UP)
     group = gate.group if isinstance(gate, BatchedLoraLinear) else None
     # the step's rows asked only where gate and up are wrapped: a forward of the base alone may run outside a step
@@ -163,12 +163,10 @@ def defers_delta(layer: nn.Module) -> bool:
     return rows is not None and rows.kernel is not None
 
 
-def deferred_delta(layer: nn.Module, x: torch.Tensor) -> OutputDelta | None:
-    """For a layer that ``defers_delta``: its shrink of x now (one launch; it reads nothing of the layer's base
-    matmul, beside which the decoder launches it), its delta left for the add + norm kernel after it
-    (``OutputDelta``); None where that does not apply, and nothing launched."""
-    if not defers_delta(layer):
-        return None
+def deferred_delta(layer: BatchedLoraLinear, x: torch.Tensor) -> OutputDelta:
+    """For a layer that ``defers_delta`` (the caller checked): its shrink of x now (one launch; it reads nothing of
+    the layer's base matmul, after or beside which the decoder launches it), its delta left for the add + norm
+    kernel after it (``OutputDelta``)."""
     from ..kernels.lora_bgmv import lora_shrink
 
     rows = current_step().lora

@@ -273,9 +273,10 @@ def _output(module: nn.Module, x: torch.Tensor, gemv: bool,
     gemv, partials)``, or at a decode step of ``NORM_FOLD_MIN_ROWS`` rows or more its base output and its LoRA
     delta still to add, its expand left to that kernel (``partials``: its shrink, already done in the attention's
     merge; else ``deferred_delta`` launches it now)."""
-    if x.shape[0] >= NORM_FOLD_MIN_ROWS and partials is not None:
+    folds = x.shape[0] >= NORM_FOLD_MIN_ROWS
+    if folds and partials is not None:
         return _linear(base_layer_of(module), x, gemv), output_delta(module, partials)
-    if x.shape[0] >= NORM_FOLD_MIN_ROWS and defers_delta(module):  # its shrink beside the base matmul
+    if folds and defers_delta(module):  # its shrink after (or beside) the base matmul
         delta, y = beside(x, lambda: deferred_delta(module, x), lambda: _linear(base_layer_of(module), x, gemv))
         return y, delta
     return _linear(module, x, gemv, partials), None

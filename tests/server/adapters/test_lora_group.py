@@ -146,7 +146,8 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     q, k and v of every layer go to one grouped launch in each decode step, for adapters on q and v (a group
     of two), on every linear (three), on q and o (rsLoRA: q alone, no group), and gate and up to another (every
     linear), mixed with base and prefix rows in one batch; every row's greedy tokens equal PEFT's for it alone.
-    Every shrink launch goes beside its layer's base matmul (``engine/side_stream.py``: a second stream on a GPU)."""
+    Every shrink launch goes through the decoder's ``beside`` with its layer's base matmul (``engine/side_stream.py``:
+    after it, or on a second stream where switched on)."""
     pytest.importorskip("triton")
     from adapterd.server.engine import EngineConfig, GenerationParams, decoder
     from adapterd.server.kernels import lora_bgmv
