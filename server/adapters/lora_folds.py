@@ -37,12 +37,14 @@ from torch import nn
 
 from ..engine.step_context import current_step
 from ..kernels.decode_attention import OutputShrink
+from ..kernels.int8_linear import Int8WeightOnlyLinear
 from ..kernels.rms_norm import OutputDelta
 from ..kernels.rope_append import QkvDeltas
 from ..kernels.silu_mul import GluDeltas
 from .lora import GATE_UP, QKV, BatchedLoraLinear, base_layer_of, project_qkv, project_shared
 
 if TYPE_CHECKING:
+    from ..engine.fused_projections import FusedLinear
     from ..kernels.lora_bgmv import LoraPartials
 
 
@@ -52,7 +54,32 @@ def qkv_shrink(attn: nn.Module, x: torch.Tensor) -> QkvDeltas | None:
     (``kernels/rope_append.py``: the expand's launch saved) or ``add_qkv_deltas`` adds in place. None, and nothing
     launched, where it does not apply: no adapter row at this step, another kind of step, or wrapped q/k/v that do
     not form one group. It reads nothing that q/k/v's base matmul writes: the decoder launches it right after that
-    matmul, or beside it (``engine/side_stream.py``)."""
+    matmul, or beside it (``engine/side_stream.py``), or in it (``qkv_in_matmul``)."""
+    found = _qkv_lora(attn)
+    if found is None:
+        return None
+    lora_a, tables, slots, rank = found
+    from ..kernels.lora_bgmv import lora_shrink
+
+    return QkvDeltas(lora_shrink(x.reshape(x.shape[0], -1), lora_a, slots, rank), tables)
+
+
+def qkv_in_matmul(attn: nn.Module, x: torch.Tensor,
+                  qkv: FusedLinear | None) -> tuple[QkvDeltas, list[torch.Tensor]] | None:
+    """``(qkv_shrink(attn, x), q/k/v's base outputs)`` from one launch: the shrink as extra programs of their fused
+    int8 matmul (``FusedLinear.with_shrink``, ``kernels/int8_shrink.py``). None, and nothing launched, where that
+    does not run (no fused int8 matmul, the switch off, or no shrink to do: ``qkv_shrink``'s cases)."""
+    found = _qkv_lora(attn) if qkv is not None and qkv.current(attn) else None
+    done = None if found is None else qkv.with_shrink(x, found[0], found[2], found[3])
+    if done is None:
+        return None
+    base, partials = done
+    return QkvDeltas(partials, found[1]), base
+
+
+def _qkv_lora(attn: nn.Module) -> tuple[torch.Tensor, tuple, torch.Tensor, int] | None:
+    """q, k and v's shrink at this step, where one applies (``qkv_shrink``): their A tables stacked, their B
+    tables (None for a member not wrapped), the rows' slots and the rank."""
     rows = current_step().lora
     layers = [getattr(attn, name) for name in QKV]
     wrapped = [layer for layer in layers if isinstance(layer, BatchedLoraLinear)]
@@ -60,12 +87,9 @@ def qkv_shrink(attn: nn.Module, x: torch.Tensor) -> QkvDeltas | None:
     if rows is None or rows.kernel is None or not wrapped or (
             len(wrapped) > 1 and (group is None or list(group.members) != wrapped)):
         return None
-    from ..kernels.lora_bgmv import lora_shrink
-
     lora_a = group.lora_a if len(wrapped) > 1 else wrapped[0].lora_a[None]
-    partials = lora_shrink(x.reshape(x.shape[0], -1), lora_a, rows.slots, rows.rank)
-    return QkvDeltas(partials, tuple(layer.lora_b if isinstance(layer, BatchedLoraLinear) else None
-                                     for layer in layers))
+    tables = tuple(layer.lora_b if isinstance(layer, BatchedLoraLinear) else None for layer in layers)
+    return lora_a, tables, rows.slots, rows.rank
 
 
 def project_qkv_deferred(attn: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor] | None,
@@ -93,17 +117,37 @@ def glu_shrink(mlp: nn.Module, x: torch.Tensor) -> GluDeltas | None:
     launch) with their B tables, the deltas still to add (``GluDeltas``), which the SiLU product's kernel adds
     (``kernels/silu_mul.py``: the expand's launch saved) or ``add_glu_deltas``. None, and nothing launched, where
     it does not apply (no adapter row at this step, another kind of step, only one of the two wrapped). Like
-    ``qkv_shrink``, launched after (or beside) the fused gate/up matmul."""
+    ``qkv_shrink``, launched after (or beside, or in: ``glu_in_matmul``) the fused gate/up matmul."""
+    found = _glu_lora(mlp)
+    if found is None:
+        return None
+    gate, up, slots, rank = found
+    from ..kernels.lora_bgmv import lora_shrink
+
+    return GluDeltas(lora_shrink(x.reshape(x.shape[0], -1), gate.group.lora_a, slots, rank), gate.lora_b, up.lora_b)
+
+
+def glu_in_matmul(mlp: nn.Module, x: torch.Tensor,
+                  gate_up: FusedLinear | None) -> tuple[GluDeltas, list[torch.Tensor]] | None:
+    """``(glu_shrink(mlp, x), gate's and up's base outputs)`` from their fused int8 matmul's one launch, as
+    ``qkv_in_matmul``; None, and nothing launched, where that does not run."""
+    found = _glu_lora(mlp) if gate_up is not None and gate_up.current(mlp) else None
+    done = None if found is None else gate_up.with_shrink(x, found[0].group.lora_a, found[2], found[3])
+    if done is None:
+        return None
+    base, partials = done
+    return GluDeltas(partials, found[0].lora_b, found[1].lora_b), base
+
+
+def _glu_lora(mlp: nn.Module) -> tuple[BatchedLoraLinear, BatchedLoraLinear, torch.Tensor, int] | None:
+    """gate and up (one group) and the rows' slots and rank, where ``glu_shrink`` applies at this step."""
     gate, up = (getattr(mlp, name) for name in GATE_UP)
     group = gate.group if isinstance(gate, BatchedLoraLinear) else None
     # the step's rows asked only where gate and up are wrapped: a forward of the base alone may run outside a step
     rows = current_step().lora if group is not None else None
     if rows is None or rows.kernel is None or group is None or list(group.members) != [gate, up]:
         return None
-    from ..kernels.lora_bgmv import lora_shrink
-
-    partials = lora_shrink(x.reshape(x.shape[0], -1), group.lora_a, rows.slots, rows.rank)
-    return GluDeltas(partials, gate.lora_b, up.lora_b)
+    return gate, up, rows.slots, rows.rank
 
 
 def project_glu_deferred(mlp: nn.Module, x: torch.Tensor, base: Sequence[torch.Tensor],
@@ -172,6 +216,19 @@ def deferred_delta(layer: BatchedLoraLinear, x: torch.Tensor) -> OutputDelta:
     rows = current_step().lora
     return OutputDelta(lora_shrink(x.reshape(x.shape[0], -1), layer.lora_a[None], rows.slots, rows.rank),
                        layer.lora_b)
+
+
+def deferred_in_matmul(layer: BatchedLoraLinear, x: torch.Tensor) -> tuple[OutputDelta, torch.Tensor] | None:
+    """For a layer that ``defers_delta`` (the caller checked): ``(deferred_delta(layer, x), its base output)`` from
+    its int8 matmul's one launch (``Int8WeightOnlyLinear.with_shrink``); None, and nothing launched, where that
+    does not run (a float base, the switch off)."""
+    base, rows = base_layer_of(layer), current_step().lora
+    done = (base.with_shrink(x, layer.lora_a[None], rows.slots, rows.rank)
+            if isinstance(base, Int8WeightOnlyLinear) else None)
+    if done is None:
+        return None
+    y, partials = done
+    return OutputDelta(partials, layer.lora_b), y
 
 
 def add_output_delta(delta: OutputDelta, y: torch.Tensor) -> torch.Tensor:

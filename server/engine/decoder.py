@@ -59,12 +59,15 @@ from ..adapters.lora_folds import (
     add_output_delta,
     add_qkv_deltas,
     deferred_delta,
+    deferred_in_matmul,
     defers_delta,
+    glu_in_matmul,
     glu_shrink,
     output_delta,
     output_shrink,
     project_glu_deferred,
     project_qkv_deferred,
+    qkv_in_matmul,
     qkv_shrink,
 )
 from ..kernels import decode_attention as attention_kernel
@@ -188,8 +191,9 @@ class Decoder:
         if q is not None:  # one row: the projection's own launch rotated q and k and appended k and v
             keys, values = cache.read(index)
             return self._attend(attn, q, keys, values, mask, cache, rows, length)
-        if rope_kernel and not hasattr(attn, "q_norm"):  # the base matmul, then (or beside it) the shrink
-            deltas, base = beside(x, lambda: qkv_shrink(attn, x), lambda: fused_outputs(qkv, attn, x, self.gemv))
+        if rope_kernel and not hasattr(attn, "q_norm"):  # the base matmul and the shrink: one launch, or two
+            deltas, base = qkv_in_matmul(attn, x, qkv) or beside(
+                x, lambda: qkv_shrink(attn, x), lambda: fused_outputs(qkv, attn, x, self.gemv))
             qkv_out = project_qkv_deferred(attn, x, base, deltas)
         else:
             qkv_out, deltas = project_qkv(attn, x, fused_outputs(qkv, attn, x, self.gemv)), None
@@ -276,8 +280,9 @@ def _output(module: nn.Module, x: torch.Tensor, gemv: bool,
     folds = x.shape[0] >= NORM_FOLD_MIN_ROWS
     if folds and partials is not None:
         return _linear(base_layer_of(module), x, gemv), output_delta(module, partials)
-    if folds and defers_delta(module):  # its shrink after (or beside) the base matmul
-        delta, y = beside(x, lambda: deferred_delta(module, x), lambda: _linear(base_layer_of(module), x, gemv))
+    if folds and defers_delta(module):  # its shrink in, after or beside the base matmul
+        delta, y = deferred_in_matmul(module, x) or beside(
+            x, lambda: deferred_delta(module, x), lambda: _linear(base_layer_of(module), x, gemv))
         return y, delta
     return _linear(module, x, gemv, partials), None
 
@@ -298,9 +303,9 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, gate_up: FusedLinear | None, fused_act
     if gate_up is None or not gate_up.current(mlp):
         return mlp(x), None
     if fused_act and act_kernel.is_silu(mlp.act_fn):
-        # LoRA on both at a decode step: one shrink (after, or beside, the base matmul), the deltas added
+        # LoRA on both at a decode step: one shrink (in, after or beside the base matmul), the deltas added
         # by the SiLU product's kernel (no expand)
-        deltas, base = beside(x, lambda: glu_shrink(mlp, x), lambda: gate_up(x, gemv))
+        deltas, base = glu_in_matmul(mlp, x, gate_up) or beside(x, lambda: glu_shrink(mlp, x), lambda: gate_up(x, gemv))
         gate, up = project_glu_deferred(mlp, x, base, deltas)
         if act_kernel.fits(gate, up) and (deltas is None or deltas.fits(gate, up)):
             return _output(mlp.down_proj, act_kernel.silu_mul(gate, up, deltas), gemv)

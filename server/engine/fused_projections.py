@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from ..adapters.lora import GATE_UP, QKV, base_layer_of
 from ..kernels import dense_gemv
 from ..kernels.int8_linear import Int8WeightOnlyLinear
 from .swaps import same_forward
+
+if TYPE_CHECKING:
+    from ..kernels.lora_bgmv import LoraPartials
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,19 @@ class FusedLinear:
         if self.names != QKV or not isinstance(m, Int8WeightOnlyLinear):
             return None
         return m.rope_append(x, cos, sin, keys, values, write_pos, head_dim, q_heads)
+
+
+    def with_shrink(self, x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
+                    rank: int) -> tuple[list[torch.Tensor], LoraPartials] | None:
+        """Each member's base output for x and a LoRA shrink of x's rows (``lora_a``: the members' A tables
+        stacked, ``[G, R, S, in]``) in the int8 matmul's one launch (``Int8WeightOnlyLinear.with_shrink``); None
+        where that does not run (a float matmul; nothing launched)."""
+        m = self.matmul
+        done = m.with_shrink(x, lora_a, slots, rank) if isinstance(m, Int8WeightOnlyLinear) else None
+        if done is None:
+            return None
+        y, partials = done
+        return list(y.split(self.sizes, dim=-1)), partials
 
 
 def fused_outputs(fused: FusedLinear | None, parent: nn.Module, x: torch.Tensor,

@@ -15,11 +15,15 @@ its device (bitsandbytes/nn/modules.py, ``Int8Params._quantize``, ``Linear8bitLt
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .support import triton_available
+
+if TYPE_CHECKING:
+    from .lora_bgmv import LoraPartials
 
 
 def int8_kernel_available(device: torch.device | str) -> bool:
@@ -97,6 +101,20 @@ class Int8WeightOnlyLinear(nn.Module):
         if not rope_fits(x, cb, self.scb, self.bias, *args, head_dim, q_heads):
             return None
         return rope_append(x, cb, self.scb, self.bias, *args, write_pos, head_dim, q_heads)
+
+    def with_shrink(self, x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
+                    rank: int) -> tuple[torch.Tensor, LoraPartials] | None:
+        """This layer's output for x and a LoRA shrink of x's rows (``lora_bgmv.lora_shrink(x rows, lora_a, slots,
+        rank)``'s partials; ``lora_a`` ``[G, R, S, in]``) in one launch, the shrink as extra programs of the
+        matmul's (``int8_shrink.matmul_and_shrink``), where ``int8_shrink.IN_MATMUL`` is on and the kernel takes
+        them; else None (nothing launched: the caller runs the two)."""
+        if not int8_kernel_available(x.device):
+            return None
+        from . import int8_shrink
+
+        if not int8_shrink.IN_MATMUL:
+            return None
+        return int8_shrink.matmul_and_shrink(x, self.weight.data, self.scb, self.bias, lora_a, slots, rank)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -107,7 +107,10 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
              USE_PDL: tl.constexpr = False, GLU: tl.constexpr = False,
              ROUND_BF16: tl.constexpr = False, PAIR=1, ROPE: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
              kc_ptr=None, vc_ptr=None, pos_ptr=None, Q_HEADS=0, KV_HEADS=0, stride_kch=0, stride_kct=0,
-             stride_vch=0, stride_vct=0):
+             stride_vch=0, stride_vct=0, SHRINK: tl.constexpr = False, a_ptr=None, slot_ptr=None, lp_ptr=None,
+             rank=0, lora_splits=0, lora_members=1, stride_ag=0, stride_ar=0, stride_as=0, stride_ak=0, stride_pg=0,
+             stride_ps=0, stride_slot=0, LORA_EVEN_K: tl.constexpr = True, BLOCK_R: tl.constexpr = 16,
+             LORA_K: tl.constexpr = 256, LORA_TILES: tl.constexpr = 1, LORA_U: tl.constexpr = 1):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
@@ -124,9 +127,56 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     the program does ``rope_append.py``'s work for its pairs with that kernel's roundings: a query head's
     rotated into ``y`` (``[Q_HEADS, 2 PAIR]``), a key head's rotated and a value head's as it is written at
     entry ``pos[0]`` of the layer's cache (``kc``/``vc``: row 0's heads and entries by their strides). ``N``:
-    the number of pairs (GLU's: the outputs, with ``PAIR`` = N)."""
+    the number of pairs (GLU's: the outputs, with ``PAIR`` = N).
+
+    ``SHRINK`` (``int8_shrink.py``): the programs past the matmul's (``program_id(2) >= SPLIT_K``, the grid's
+    last slices, which the GPU starts last) run a LoRA shrink of the same x instead, ``lora_bgmv._shrink``'s work
+    (its partials, ``LoraPartials``: ``lp[g, s, i, :BLOCK_R]`` over split s of K, ``LORA_TILES`` tiles of
+    ``LORA_K``, for member g and row i), ``LORA_U`` splits of one (row, member) a program."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if SHRINK:
+        if tl.program_id(2) >= SPLIT_K:
+            groups = (lora_splits + LORA_U - 1) // LORA_U  # of LORA_U splits: one a program
+            unit = ((tl.program_id(2) - SPLIT_K) * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m
+            row = unit // (lora_members * groups)
+            member = ((unit // groups) % lora_members).to(tl.int64)
+            first = (unit % groups) * LORA_U
+            live = row < M  # the slice's programs past the last unit read and write nothing
+            row = tl.minimum(row, M - 1).to(tl.int64)
+            slot = tl.where(live, tl.load(slot_ptr + row * stride_slot).to(tl.int64), 0)
+            ru = tl.arange(0, LORA_U)
+            rr = tl.arange(0, BLOCK_R)
+            rk = tl.arange(0, LORA_K)
+            s_ok = first + ru < lora_splits  # [U]
+            r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0), or none, loads nothing
+            k0 = (first + ru) * (LORA_TILES * LORA_K)  # [U]: each split's first column
+            a_s = (a_ptr + member * stride_ag + slot * stride_as + rr.to(tl.int64)[:, None, None] * stride_ar
+                   + (k0[None, :, None] + rk[None, None, :]) * stride_ak)  # [BLOCK_R, U, LORA_K]
+            xs = x_ptr + row * stride_xm + (k0[:, None] + rk[None, :]) * stride_xk  # [U, LORA_K]
+            ok = s_ok[:, None]
+            if not LORA_EVEN_K:
+                ok = ok & (k0[:, None] + rk[None, :] < K)
+            # A (no kernel writes it) in flight before the PDL wait, as lora_bgmv's shrink loads it
+            a = tl.load(a_s, mask=r_ok[:, None, None] & ok[None, :, :], other=0.0, eviction_policy="evict_first")
+            if USE_PDL:  # every program waits, then lets the next kernel start
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+            xl = tl.load(xs, mask=ok, other=0.0).to(tl.float32)
+            acc = tl.full((BLOCK_R, LORA_U), 0.0, tl.float32)  # the sums in lora_bgmv's order: tile by tile
+            acc += tl.reduce(a.to(tl.float32) * xl[None, :, :], 2, tl.standard._sum_combine)
+            for t in range(1, LORA_TILES):
+                a_s += LORA_K * stride_ak
+                xs += LORA_K * stride_xk
+                ok = s_ok[:, None]
+                if not LORA_EVEN_K:
+                    ok = ok & (k0[:, None] + t * LORA_K + rk[None, :] < K)
+                xl = tl.load(xs, mask=ok, other=0.0).to(tl.float32)
+                a = tl.load(a_s, mask=r_ok[:, None, None] & ok[None, :, :], other=0.0, eviction_policy="evict_first")
+                acc += tl.reduce(a.to(tl.float32) * xl[None, :, :], 2, tl.standard._sum_combine)
+            ps = lp_ptr + member * stride_pg + (first + ru)[None, :] * stride_ps + row * BLOCK_R + rr[:, None]
+            tl.store(ps, acc, mask=s_ok[None, :] & (rr < tl.where(slot != 0, BLOCK_R, 0))[:, None])  # not a base row's
+            return
     k_tiles = (K + BLOCK_K - 1) // BLOCK_K
     if SPLIT_K == 1:
         k_first = 0
@@ -379,10 +429,11 @@ def _small_key(interpret: bool, bucket: int, x: torch.Tensor, cb: torch.Tensor, 
 
 
 def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-             interpret: bool, config: dict | None = None) -> torch.Tensor:
+             interpret: bool, config: dict | None = None, shrink: dict | None = None) -> torch.Tensor:
     """The split-K kernel on ``x2 [M, K]`` (M <= MAX_KERNEL_ROWS); returns ``[M, N]`` in ``x2.dtype``.
     ``config`` (tests): launch kwargs (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, optionally
-    ``num_warps``, ``num_stages``) to run instead of the tuned choice."""
+    ``num_warps``, ``num_stages``) to run instead of the tuned choice. ``shrink`` (``int8_shrink.py``, with a
+    config): the kernel's ``SHRINK`` arguments and ``units``, the programs they need past the matmul's."""
     (m, k), n = x2.shape, cb.shape[0]
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     if m == 0:
@@ -398,8 +449,15 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
             **(pdl_launch(x2.device) if bucket <= PDL_MAX_BUCKET else {})}
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
-    grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])  # noqa: E731
+    units, shrink = (0, {}) if shrink is None else (shrink.pop("units"), shrink)
+
+    def grid(c: dict) -> tuple[int, int, int]:  # shrink units: whole slices past the matmul's SPLIT_K
+        slice_ = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
+        return triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"] + triton.cdiv(units, slice_)
+
     config = config or _CHOSEN.get(key) or (_INTERPRET_SMALL if tuner is None else None)
+    if shrink and config is None:
+        raise ValueError("a shrink in the matmul's launch needs its tuned config (int8_shrink.py asks for it)")
     if config is None:  # first call of this key on the GPU: tune, with room for the largest split
         p = torch.empty((MAX_SPLIT_K, m, n), device=x2.device, dtype=torch.float32)
         tuner[grid](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta)
@@ -407,7 +465,7 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     else:  # fp32 either way: the pointer's dtype is part of the compiled kernel's signature
         p = torch.empty((config["SPLIT_K"], m, n) if config["SPLIT_K"] > 1 else (1,), device=x2.device,
                         dtype=torch.float32)
-        mm[grid(config)](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta, **config)
+        mm[grid(config)](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta, **config, **shrink)
     if config["SPLIT_K"] > 1:
         _reduce(p, scb, b, y, bias is not None, config["SPLIT_K"], interpret,
                 pdl_launch(x2.device) if REDUCE_PDL and bucket > PDL_MAX_BUCKET else None)
