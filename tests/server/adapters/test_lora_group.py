@@ -201,6 +201,56 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     assert set(beside_shrinks) == {0, 1} and sum(beside_shrinks) == len(members)
 
 
+def test_int8_decode_steps_run_each_shrink_in_its_matmuls_launch_and_keep_pefts_tokens(tiny_model_dir, adapter_root,
+                                                                                       monkeypatch):
+    """An int8 base (the engine's int8 kernel layer; Triton's interpreter on the CPU) with ``int8_shrink.IN_MATMUL``
+    on: at each decode step every layer's q/k/v, gate/up and down_proj shrinks run as extra programs of their int8
+    matmul's launch (``kernels/int8_shrink.py``), none in a launch of its own (o_proj's is the attention merge's, or
+    alone where SDPA attends), and every row's greedy tokens equal PEFT's for it alone over the same int8 layers,
+    adapters on q and v, on every linear, on q and o, mixed with base and prefix rows."""
+    pytest.importorskip("triton")
+    from adapterd.server.engine import EngineConfig, GenerationParams
+    from adapterd.server.kernels import int8_shrink, lora_bgmv
+    from adapterd.server.kernels.decode_attention import faster_than_sdpa
+    from adapterd.server.model import load_base_model
+    from adapterd.server.runtime import Runtime
+    from tests.helpers import TEST_DEVICE, reference_greedy
+    from tests.server.engine.test_parity import run_together
+
+    if TEST_DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(int8_shrink, "IN_MATMUL", True)
+    in_matmul, alone = [], []  # the members of each shrink in a matmul's launch, of each shrink launched alone
+    real_in_matmul, real_alone = int8_shrink.matmul_and_shrink, lora_bgmv.lora_shrink
+
+    def matmul_and_shrink(x, cb, scb, bias, lora_a, *rest):
+        done = real_in_matmul(x, cb, scb, bias, lora_a, *rest)
+        if done is not None:
+            in_matmul.append(lora_a.shape[0])
+        return done
+
+    monkeypatch.setattr(int8_shrink, "matmul_and_shrink", matmul_and_shrink)
+    monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda x, a, *r: alone.append(a.shape[0]) or real_alone(x, a, *r))
+    jobs = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"),
+            ("你是谁？", "lora-rs"), ("hello world", "prefix")]
+    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 5, "int8") for p, a in jobs]
+    base = load_base_model(tiny_model_dir, "int8", TEST_DEVICE, "float32")
+    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True, cuda_graphs=False))
+    assert runtime.engine.runner.int8_kernel_layers > 0
+    try:
+        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=5))
+    finally:
+        runtime.close()
+    assert [events[-1].token_ids for events in results] == refs
+    # a layer a decode step: q/k/v's (three members), gate/up's (two) and down_proj's (one) in their matmuls
+    steps = in_matmul.count(3) // base.num_layers
+    assert steps >= 4 and in_matmul.count(3) == in_matmul.count(2) == in_matmul.count(1) == steps * base.num_layers
+    config = base.model.config
+    group = config.num_attention_heads // config.num_key_value_heads
+    sdpa = not faster_than_sdpa(len(jobs), group, base.device)
+    assert alone == [1] * (sdpa * steps * base.num_layers)  # o_proj's alone where SDPA attends, none else
+
+
 @pytest.mark.parametrize("decode", ["exact", "bucketed"])  # bucketed: padding rows (slot 0) and a rank bucket
 def test_engine_decode_steps_add_o_and_down_projs_deltas_in_the_norm_after_them_and_keep_pefts_tokens(
         decode, tiny_model_dir, adapter_root, monkeypatch):
