@@ -32,6 +32,10 @@ its own adapter, as ``fold``.
 ``--switch reduce`` compares the int8 split-K reduction launched with PDL past ``PDL_MAX_BUCKET`` (on:
 ``int8_matmul.REDUCE_PDL``) against without (off), base rows and ``--lora-rows`` as ``pdl``.
 
+``--switch shrink`` compares the LoRA shrinks run as extra programs of their int8 matmuls' launches (on:
+``kernels/int8_shrink.py``'s ``IN_MATMUL``) against their own launches after the matmuls (off), every row on its
+own adapter, as ``fold`` (an int8 base only: a float matmul has no such programs).
+
 On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
 
@@ -59,11 +63,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--work", default="/tmp/adapterd-bench")
-    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side", "reduce"), default="pdl",
+    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink"),
+                        default="pdl",
                         help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, "
                         "the float GEMV kernel against F.linear, shape by shape, or o_proj's LoRA expand folded "
                         "into the add + norm (every row on LoRA), or the LoRA shrinks on a second stream beside "
-                        "the base matmuls (every row on LoRA), or the int8 split-K reduction with PDL")
+                        "the base matmuls (every row on LoRA), or the int8 split-K reduction with PDL, or the LoRA shrinks "
+                        "in their int8 matmuls' launches (every row on LoRA)")
     parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
                         help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -82,12 +88,12 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
     from adapterd.server.engine import decoder as own_decoder
     from adapterd.server.engine import side_stream
     from adapterd.server.engine.fused_projections import FusedLinear
-    from adapterd.server.kernels import dense_gemv, int8_matmul
+    from adapterd.server.kernels import dense_gemv, int8_matmul, int8_shrink
 
     decoder = runtime.engine.runner.decoder
     originals = {name: FusedLinear.__dict__[name] for name in _EPILOGUES}
     fold_rows, side_default = own_decoder.NORM_FOLD_MIN_ROWS, side_stream.SIDE_STREAM
-    reduce_default = int8_matmul.REDUCE_PDL
+    reduce_default, shrink_default = int8_matmul.REDUCE_PDL, int8_shrink.IN_MATMUL
     verdict = dense_gemv.judgements()[shape][2] if shape is not None else None
 
     def switch(on: bool) -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods and
@@ -103,6 +109,8 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
             side_stream.SIDE_STREAM = on
         if args.switch == "reduce":  # read at each launch (each capture)
             int8_matmul.REDUCE_PDL = on
+        if args.switch == "shrink":  # read at each forward (each capture)
+            int8_shrink.IN_MATMUL = on
         decoder.graphs.clear()
 
     runtime.engine.call(lambda: switch(on)).result(60)
@@ -116,6 +124,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
         own_decoder.NORM_FOLD_MIN_ROWS = fold_rows
         side_stream.SIDE_STREAM = side_default
         int8_matmul.REDUCE_PDL = reduce_default
+        int8_shrink.IN_MATMUL = shrink_default
         if shape is not None:
             runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
 
@@ -129,7 +138,7 @@ def main() -> int:
     device = pick_device()
     work = Path(args.work)
     base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
-    every_row_lora = args.switch in ("fold", "side")  # base rows have nothing to fold or to shrink
+    every_row_lora = args.switch in ("fold", "side", "shrink")  # base rows have nothing to fold or to shrink
     lora_rows = max(args.rows) if every_row_lora else args.lora_rows
     ids = make_lora_dirs(work / "adapters", base_dir, max(lora_rows, 1), targets=TARGET_SETS[args.lora_targets])
     lines = []
@@ -189,7 +198,8 @@ def record(lines: list[str], args, machine: str) -> None:
             "gemv": "the float GEMV kernel (against F.linear) for the shape named",
             "fold": "o_proj's LoRA expand folded into the add + norm",
             "side": "the LoRA shrinks on a second stream beside the base matmuls",
-            "reduce": "the int8 split-K reduction with PDL past PDL_MAX_BUCKET"}[args.switch]
+            "reduce": "the int8 split-K reduction with PDL past PDL_MAX_BUCKET",
+            "shrink": "the LoRA shrinks as extra programs of their int8 matmuls' launches"}[args.switch]
     head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}: {args.shape}, ctx "
             f"{args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "
