@@ -68,8 +68,8 @@ def parse_args() -> argparse.Namespace:
                         help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, "
                         "the float GEMV kernel against F.linear, shape by shape, or o_proj's LoRA expand folded "
                         "into the add + norm (every row on LoRA), or the LoRA shrinks on a second stream beside "
-                        "the base matmuls (every row on LoRA), or the int8 split-K reduction with PDL, or the LoRA shrinks "
-                        "in their int8 matmuls' launches (every row on LoRA)")
+                        "the base matmuls (every row on LoRA), or the int8 split-K reduction with PDL, or the "
+                        "LoRA shrinks in their int8 matmuls' launches (every row on LoRA)")
     parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
                         help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
