@@ -27,6 +27,10 @@
 #                norm, SiLU and LoRA kernels (the twentieth's: what each compiled to as launched, no 2-byte tile
 #                access), the engine's fold tests (tests/server/adapters/test_lora_group.py) and the
 #                min-length parity tests on CUDA; then `pdl` with PDL_ARGS="--switch fold ..." times them
+#   shrink       the LoRA shrinks in their int8 matmuls' launches (kernels/int8_shrink.py, off by default): its GPU
+#                tests, then the engine's parity tests on CUDA with it switched on for the run
+#                (ADAPTERD_TEST_SWITCHES=kernels.int8_shrink.IN_MATMUL), then `pdl` with PDL_ARGS="--switch shrink
+#                --quantizations int8 --rows 1,8,32" times it
 # SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE and TEST_PATHS override
 # the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
@@ -87,6 +91,15 @@ folds() {  # both run; the part fails if either does
     tests/server/engine/test_parity.py::test_the_one_launch_pick_gives_the_same_tokens_in_the_engine" fold_engine || rc=1
   return $rc
 }
+shrink() {  # each runs; the part fails if either does
+  local rc=0
+  ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} ADAPTERD_TEST_SWITCHES=kernels.int8_shrink.IN_MATMUL python3 -P -m pytest -q \
+    -rs -p no:cacheprovider --import-mode=append -o addopts="" ${TEST_PATHS:-tests/test_switches.py \
+    tests/server/kernels/test_int8_shrink.py tests/server/adapters/test_lora_group.py tests/server/engine/test_parity.py \
+    tests/server/engine/test_row_isolation.py} 2>&1 | tee "$OUT/shrink_tests.log" | tail -12 || rc=1
+  PDL_ARGS=${PDL_ARGS:-"--switch shrink --quantizations int8 --rows 1,8,32"} pdl || rc=1
+  return $rc
+}
 engine_tests() {
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -p no:cacheprovider --import-mode=append \
     -o addopts="" $1 2>&1 | tee "$OUT/$2.log" | tail -25
@@ -101,10 +114,11 @@ case $part in
   gap) gap ;;
   pick) pick ;;
   folds) folds ;;
+  shrink) shrink ;;
   tests) engine_tests "${TEST_PATHS:-tests/server/engine --ignore=tests/server/engine/test_architectures.py}" \
            engine_tests ;;
   matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
-  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | folds | tests | matrix" >&2
+  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | folds | shrink | tests | matrix" >&2
      exit 2 ;;
 esac
 status=$?

@@ -19,6 +19,21 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from tests.helpers import make_lora_adapter, make_prefix_adapter  # noqa: E402
 
+# ADAPTERD_TEST_SWITCHES: comma-separated switches of the server, "<module under adapterd.server>.<attribute>" (as
+# "kernels.int8_shrink.IN_MATMUL"), that are off by default until a GPU run has timed and checked them, turned on
+# for the whole run (bench/gpu_decode.sh's shrink part runs the GPU parity suite so; tests/test_switches.py checks
+# that each named one is on).
+SWITCHES = [name for name in os.environ.get("ADAPTERD_TEST_SWITCHES", "").split(",") if name]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def named_switches_on():
+    with pytest.MonkeyPatch.context() as patch:
+        for name in SWITCHES:
+            module, attribute = name.rsplit(".", 1)
+            patch.setattr(importlib.import_module(f"adapterd.server.{module}"), attribute, True)
+        yield SWITCHES
+
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests run on the device machine only; elsewhere they are reported as skipped, never passed."""

@@ -127,6 +127,23 @@ def test_pick_part(tmp_path):
     assert len(results) == 4 and all(r["same"] for r in results)
 
 
+@pytest.mark.slow  # ~30 s: two test files, then the tiny model's decode steps each way
+def test_shrink_part(tmp_path):
+    """The part's tests run with the shrink switched on for the run (the switch test passes, not skipped), then
+    pdl_bench --switch shrink times it (on the CPU: the tiny float model, nothing to switch)."""
+    pytest.importorskip("triton")
+    done = run_part(tmp_path, "shrink", TEST_DEVICE="cpu",
+                    TEST_PATHS="tests/test_switches.py "
+                    "tests/server/kernels/test_int8_shrink.py::test_none_where_it_does_not_run",
+                    PDL_ARGS=f"--shape tiny --quantizations none --rows 1 --ctx 16 --new 4 --switch shrink --no-record "
+                    f"--work {tmp_path / 'work'}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    log = (tmp_path / "out" / "shrink_tests.log").read_text()
+    assert re.search(r"\b3 passed\b", log) and "skipped" not in log, log[-2000:]
+    pdl = (tmp_path / "out" / "pdl.log").read_text()
+    assert re.search(r"^\| float32 \| 1 rows on 1 LoRA \| [\d.]+ / [\d.]+ \|", pdl, re.M), pdl[-2000:]
+
+
 @pytest.mark.slow  # ~40 s: the engine's fold tests against PEFT and the min-length parity tests, on the CPU
 def test_folds_part(tmp_path):
     pytest.importorskip("triton")
