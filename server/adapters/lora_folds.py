@@ -21,7 +21,9 @@ run anyway, right beside them:
 
 The shrinks that remain (q/k/v's, gate/up's, down_proj's) read only their layer's input, as its base matmul
 does: the decoder launches each right after that matmul, or beside it on a second stream where switched on
-(``engine/side_stream.py``: measured no gain on the H200, so off).
+(``engine/side_stream.py``: measured no gain on the H200, so off), or over an int8 base as extra programs of the
+matmul's own launch where switched on (``qkv_in_matmul``, ``glu_in_matmul``, ``deferred_in_matmul``:
+``kernels/int8_shrink.py``, not yet timed on a GPU, so off).
 
 Where a fold cannot run (no adapter row, a prefill, q/k/v wrapped but not one group, SDPA instead of the
 attention kernel), the unfolded launches run: the same sums either way (``tests/server/adapters``).
