@@ -72,11 +72,14 @@ def qkv_in_matmul(attn: nn.Module, x: torch.Tensor,
     int8 matmul (``FusedLinear.with_shrink``, ``kernels/int8_shrink.py``). None, and nothing launched, where that
     does not run (no fused int8 matmul, the switch off, or no shrink to do: ``qkv_shrink``'s cases)."""
     found = _qkv_lora(attn) if qkv is not None and qkv.current(attn) else None
-    done = None if found is None else qkv.with_shrink(x, found[0], found[2], found[3])
+    if found is None:
+        return None
+    lora_a, tables, slots, rank = found
+    done = qkv.with_shrink(x, lora_a, slots, rank)
     if done is None:
         return None
     base, partials = done
-    return QkvDeltas(partials, found[1]), base
+    return QkvDeltas(partials, tables), base
 
 
 def _qkv_lora(attn: nn.Module) -> tuple[torch.Tensor, tuple, torch.Tensor, int] | None:
@@ -134,11 +137,14 @@ def glu_in_matmul(mlp: nn.Module, x: torch.Tensor,
     """``(glu_shrink(mlp, x), gate's and up's base outputs)`` from their fused int8 matmul's one launch, as
     ``qkv_in_matmul``; None, and nothing launched, where that does not run."""
     found = _glu_lora(mlp) if gate_up is not None and gate_up.current(mlp) else None
-    done = None if found is None else gate_up.with_shrink(x, found[0].group.lora_a, found[2], found[3])
+    if found is None:
+        return None
+    gate, up, slots, rank = found
+    done = gate_up.with_shrink(x, gate.group.lora_a, slots, rank)
     if done is None:
         return None
     base, partials = done
-    return GluDeltas(partials, found[0].lora_b, found[1].lora_b), base
+    return GluDeltas(partials, gate.lora_b, up.lora_b), base
 
 
 def _glu_lora(mlp: nn.Module) -> tuple[BatchedLoraLinear, BatchedLoraLinear, torch.Tensor, int] | None:

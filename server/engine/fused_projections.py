@@ -89,7 +89,6 @@ class FusedLinear:
             return None
         return m.rope_append(x, cos, sin, keys, values, write_pos, head_dim, q_heads)
 
-
     def with_shrink(self, x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
                     rank: int) -> tuple[list[torch.Tensor], LoraPartials] | None:
         """Each member's base output for x and a LoRA shrink of x's rows (``lora_a``: the members' A tables
