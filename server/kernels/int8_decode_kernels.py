@@ -61,26 +61,34 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     entry ``pos[0]`` of the layer's cache (``kc``/``vc``: row 0's heads and entries by their strides). ``N``:
     the number of pairs (GLU's: the outputs, with ``PAIR`` = N).
 
-    ``SHRINK`` (``int8_shrink.py``): the programs past the matmul's (``program_id(2) >= SPLIT_K``, the grid's
-    last slices, which the GPU starts last) run a LoRA shrink of the same x instead, ``lora_bgmv._shrink``'s work
+    ``SHRINK`` (``int8_shrink.py``): the programs past the matmul's (past its column blocks on axis 1 where
+    ``SPLIT_K == 1``, else past its splits on axis 2: the grid's last, which the GPU starts last) run a LoRA shrink
+    of the same x instead, ``lora_bgmv._shrink``'s work
     (its partials, ``LoraPartials``: ``lp[g, s, i, :BLOCK_R]`` over split s of K, ``LORA_TILES`` tiles of
     ``LORA_K``, for member g and row i), ``LORA_U`` splits of one (row, member) a program."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if SHRINK:
-        if tl.program_id(2) >= SPLIT_K:
-            groups = (lora_splits + LORA_U - 1) // LORA_U  # of LORA_U splits: one a program
+    if SHRINK:  # the shrink's programs: past the matmul's column blocks (one split), or past its splits
+        n_blocks = (N + BLOCK_N - 1) // BLOCK_N
+        if SPLIT_K == 1:
+            shrinks = pid_n >= n_blocks
+            unit = (pid_n - n_blocks) * tl.num_programs(0) + pid_m
+        else:
+            shrinks = tl.program_id(2) >= SPLIT_K
             unit = ((tl.program_id(2) - SPLIT_K) * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m
+        if shrinks:
+            groups = (lora_splits + LORA_U - 1) // LORA_U  # of LORA_U splits: one a program
             row = unit // (lora_members * groups)
             member = ((unit // groups) % lora_members).to(tl.int64)
             first = (unit % groups) * LORA_U
-            live = row < M  # the slice's programs past the last unit read and write nothing
+            live = row < M  # the programs past the last unit (the grid is a box) read and write nothing
+            row_unclamped = row
             row = tl.minimum(row, M - 1).to(tl.int64)
-            slot = tl.where(live, tl.load(slot_ptr + row * stride_slot).to(tl.int64), 0)
+            slot = tl.where(live, tl.load(slot_ptr + row * stride_slot).to(tl.int64), 0)  # the row's, in range
             ru = tl.arange(0, LORA_U)
             rr = tl.arange(0, BLOCK_R)
             rk = tl.arange(0, LORA_K)
-            s_ok = first + ru < lora_splits  # [U]
+            s_ok = (first + ru < lora_splits) & (row_unclamped + 0 * ru < M)  # [U] (a block: the interpreter's masks)
             r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0), or none, loads nothing
             k0 = (first + ru) * (LORA_TILES * LORA_K)  # [U]: each split's first column
             a_s = (a_ptr + member * stride_ag + slot * stride_as + rr.to(tl.int64)[:, None, None] * stride_ar

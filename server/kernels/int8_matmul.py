@@ -178,9 +178,11 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
     units, shrink = (0, {}) if shrink is None else (shrink.pop("units"), shrink)
 
-    def grid(c: dict) -> tuple[int, int, int]:  # shrink units: whole slices past the matmul's SPLIT_K
-        slice_ = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
-        return triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"] + triton.cdiv(units, slice_)
+    def grid(c: dict) -> tuple[int, int, int]:  # shrink units: column blocks past N's (one split), else slices
+        m_blocks, n_blocks, split = triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"]
+        if units and split == 1:
+            return m_blocks, n_blocks + triton.cdiv(units, m_blocks), 1
+        return m_blocks, n_blocks, split + triton.cdiv(units, m_blocks * n_blocks)
 
     config = config or _CHOSEN.get(key) or (_INTERPRET_SMALL if tuner is None else None)
     if shrink and config is None:

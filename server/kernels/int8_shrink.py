@@ -5,8 +5,10 @@ reads only the layer's input, as its base matmul does. Launched after the matmul
 has a launch, a ramp and a tail of its own a layer: at 32 rows on 32 adapters the q/k/v shrink reads 12.6 MB of
 A in ~6 us (bench/RESULTS.md, 89ba5f3), while the int8 matmul before it reads its 50 MB at 2.0 TB/s of the
 H200's 4.8 (24.7 us, 8fc9dbd). Here the shrink runs as extra programs of the int8 split-K kernel's grid
-(``int8_matmul._int8_mm``'s ``SHRINK``): whole slices of the grid's last axis past the matmul's ``SPLIT_K``.
-The GPU hands out a grid's blocks in order, so these start after every matmul program has: they take the SMs
+(``int8_decode_kernels._int8_mm``'s ``SHRINK``): column blocks past the matmul's on the grid's second axis where
+it has one split, else whole slices of the third axis past its ``SPLIT_K`` (the programs past the last unit, as
+the grid is a box, read and write nothing). The GPU hands out a grid's blocks in order (the first axis fastest,
+the third slowest), so these start after every matmul program has: they take the SMs
 that the matmul's last wave leaves idle and stream A beside its last tiles. (On a second stream beside the matmul,
 ``engine/side_stream.py``, the shrink's programs started first and cost 1.8% of the int8 32-row step.)
 
