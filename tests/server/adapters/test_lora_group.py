@@ -233,18 +233,18 @@ def test_int8_decode_steps_run_each_shrink_in_its_matmuls_launch_and_keep_pefts_
     monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda x, a, *r: alone.append(a.shape[0]) or real_alone(x, a, *r))
     jobs = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"),
             ("你是谁？", "lora-rs"), ("hello world", "prefix")]
-    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 5, "int8") for p, a in jobs]
+    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 4, "int8") for p, a in jobs]
     base = load_base_model(tiny_model_dir, "int8", TEST_DEVICE, "float32")
     runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True, cuda_graphs=False))
     assert runtime.engine.runner.int8_kernel_layers > 0
     try:
-        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=5))
+        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=4))
     finally:
         runtime.close()
     assert [events[-1].token_ids for events in results] == refs
     # a layer a decode step: q/k/v's (three members), gate/up's (two) and down_proj's (one) in their matmuls
     steps = in_matmul.count(3) // base.num_layers
-    assert steps >= 4 and in_matmul.count(3) == in_matmul.count(2) == in_matmul.count(1) == steps * base.num_layers
+    assert steps >= 3 and in_matmul.count(3) == in_matmul.count(2) == in_matmul.count(1) == steps * base.num_layers
     config = base.model.config
     group = config.num_attention_heads // config.num_key_value_heads
     sdpa = not faster_than_sdpa(len(jobs), group, base.device)

@@ -49,12 +49,14 @@ CONFIGS = {  # the matmul's tiles: tensor-core (one split, two), GEMV (one row),
 SHAPES = {  # (K, N, rank, members): lora_bgmv.plan's splits and tiles for each
     "k4096-r16-qkv": (4096, 48, 16, 3),  # 16 splits of one 256-column tile: 4 programs a (row, member) at 4 warps
     "k200-r8-one": (200, 70, 8, 1),  # K not a multiple of any tile: one split, masked past K
-    "k8192-r64-pair": (8192, 40, 64, 2),  # rank 64: 32 splits of 4 tiles of 64 columns
+    "k4096-r64-pair": (4096, 40, 64, 2),  # rank 64: 32 splits of 2 tiles of 64 columns
 }
+CASES = [("tc-1split-4warps", "k4096-r16-qkv"), ("tc-2splits-2warps", "k4096-r64-pair"), ("tc-8warps", "k200-r8-one"),
+         ("tc-8warps", "k4096-r16-qkv"), ("gemv-1warp", "k4096-r16-qkv"), ("gemv-4warps", "k4096-r64-pair"),
+         ("gemv-4warps", "k200-r8-one")]  # each tile and each shape at least twice, both grid extensions
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize(("config", "shape"), CASES, ids=["-".join(case) for case in CASES])
 def test_one_launch_gives_the_two_launches_values_bit_for_bit(config, shape):
     """The matmul's output equals the matmul launched alone with the same tiles, and every adapter row's partials
     equal ``lora_shrink``'s, bit for bit (the interpreter sums each tile as the shrink's kernel does); the
