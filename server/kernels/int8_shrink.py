@@ -8,9 +8,9 @@ H200's 4.8 (24.7 us, 8fc9dbd). Here the shrink runs as extra programs of the int
 (``int8_decode_kernels._int8_mm``'s ``SHRINK``): column blocks past the matmul's on the grid's second axis where
 it has one split, else whole slices of the third axis past its ``SPLIT_K`` (the programs past the last unit, as
 the grid is a box, read and write nothing). The GPU hands out a grid's blocks in order (the first axis fastest,
-the third slowest), so these start after every matmul program has: they take the SMs
-that the matmul's last wave leaves idle and stream A beside its last tiles. (On a second stream beside the matmul,
-``engine/side_stream.py``, the shrink's programs started first and cost 1.8% of the int8 32-row step.)
+the third slowest), so these start after every matmul program has: they take the SMs that the matmul's last wave
+leaves idle and stream A beside its last tiles. (On a second stream beside the matmul, ``engine/side_stream.py``,
+the shrink's programs started first and cost 1.8% of the int8 32-row step.)
 
 A program does ``LORA_U`` of the shrink's splits of one (row, member): as many as the matmul's warps (at most the
 splits), each a warp's worth as in the shrink's own one-warp programs (a ``[BLOCK_R, BLOCK_K]`` tile, 4096
