@@ -22,14 +22,21 @@ the one-warp kernel's in fp32's last bits.
 
 Where it runs (``matmul_and_shrink``; else None and the caller launches the two): rows the split-K kernel
 serves (1 to ``MAX_KERNEL_ROWS``), its config for the row bucket tuned (warm-up tunes every decode bucket before
-any graph is captured), on a CUDA device or in the interpreter. ``IN_MATMUL`` switches it for the engine; it is
-off until timed on the GPU (``bench/pdl_bench.py --switch shrink``).
+any graph is captured), on a CUDA device or in the interpreter. Where Triton refuses to build the launch (a
+compile, ptxas or resource error, raised before anything runs; the sm_90 compile tests build every decode tile
+with it, and it takes the same shared memory as the matmul alone), it says so once and leaves that shape to the
+two launches. ``IN_MATMUL`` switches it for the engine; it is off until timed on the GPU
+(``bench/pdl_bench.py --switch shrink``).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
+from triton.errors import TritonError
+from triton.runtime.errors import InterpreterError
 
 from .int8_matmul import _CHOSEN, _INTERPRET_SMALL, MAX_KERNEL_ROWS, _small_key, _small_m, row_bucket
 from .lora_bgmv import LoraPartials, plan
@@ -37,6 +44,9 @@ from .support import interpreting
 
 IN_MATMUL = False  # the engine's switch: not yet timed on the GPU (bench/pdl_bench.py --switch shrink)
 _INTERPRET_WARPS = 4  # the interpreter's stand-in for a config's num_warps (the splits a shrink program does)
+_REFUSED: set[tuple] = set()  # launches Triton would not build: the two launches serve them
+
+log = logging.getLogger(__name__)
 
 
 def matmul_and_shrink(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
@@ -66,5 +76,18 @@ def matmul_and_shrink(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias
                   stride_slot=slots.stride(0), LORA_EVEN_K=k == splits * shape["tiles"] * shape["BLOCK_K"],
                   BLOCK_R=shape["BLOCK_R"], LORA_K=shape["BLOCK_K"], LORA_TILES=shape["tiles"], LORA_U=per_program,
                   units=rows * members * triton.cdiv(splits, per_program))
-    y = _small_m(x2, cb, scb, bias, interpret, config, shrink)
+    refusal = (_small_key(interpret, row_bucket(rows), x2, cb, scb, bias), str(config), lora_a.dtype,
+               *(shrink[name] for name in ("LORA_EVEN_K", "BLOCK_R", "LORA_K", "LORA_TILES", "LORA_U")))
+    if refusal in _REFUSED:
+        return None
+    try:
+        y = _small_m(x2, cb, scb, bias, interpret, config, shrink)
+    except TritonError as exc:  # compile, ptxas or resources: before the launch, so nothing ran
+        if isinstance(exc, InterpreterError):  # the interpreter ran it: a bug, not a refusal
+            raise
+        _REFUSED.add(refusal)
+        log.warning("the LoRA shrink in the int8 matmul's launch does not build for %s x %s at %d rows (%s: %s); "
+                    "that shape keeps the shrink's own launch", list(cb.shape), x2.dtype, rows, type(exc).__name__,
+                    exc)
+        return None
     return y.reshape(*x.shape[:-1], cb.shape[0]), LoraPartials(p, slots, rank)
