@@ -71,7 +71,7 @@ def qkv_in_matmul(attn: nn.Module, x: torch.Tensor,
     """``(qkv_shrink(attn, x), q/k/v's base outputs)`` from one launch: the shrink as extra programs of their fused
     int8 matmul (``FusedLinear.with_shrink``, ``kernels/int8_shrink.py``). None, and nothing launched, where that
     does not run (no fused int8 matmul, the switch off, or no shrink to do: ``qkv_shrink``'s cases)."""
-    found = _qkv_lora(attn) if qkv is not None and qkv.current(attn) else None
+    found = _qkv_lora(attn) if qkv is not None and qkv.shrinks_in_launch() and qkv.current(attn) else None
     if found is None:
         return None
     lora_a, tables, slots, rank = found
@@ -136,7 +136,7 @@ def glu_in_matmul(mlp: nn.Module, x: torch.Tensor,
                   gate_up: FusedLinear | None) -> tuple[GluDeltas, list[torch.Tensor]] | None:
     """``(glu_shrink(mlp, x), gate's and up's base outputs)`` from their fused int8 matmul's one launch, as
     ``qkv_in_matmul``; None, and nothing launched, where that does not run."""
-    found = _glu_lora(mlp) if gate_up is not None and gate_up.current(mlp) else None
+    found = _glu_lora(mlp) if gate_up is not None and gate_up.shrinks_in_launch() and gate_up.current(mlp) else None
     if found is None:
         return None
     gate, up, slots, rank = found
@@ -230,9 +230,11 @@ def deferred_in_matmul(layer: BatchedLoraLinear, x: torch.Tensor) -> tuple[Outpu
     """For a layer that ``defers_delta`` (the caller checked): ``(deferred_delta(layer, x), its base output)`` from
     its int8 matmul's one launch (``Int8WeightOnlyLinear.with_shrink``); None, and nothing launched, where that
     does not run (a float base, the switch off)."""
-    base, rows = base_layer_of(layer), current_step().lora
-    done = (base.with_shrink(x, layer.lora_a[None], rows.slots, rows.rank)
-            if isinstance(base, Int8WeightOnlyLinear) else None)
+    base = base_layer_of(layer)
+    if not (isinstance(base, Int8WeightOnlyLinear) and base.shrinks_in_launch()):
+        return None
+    rows = current_step().lora
+    done = base.with_shrink(x, layer.lora_a[None], rows.slots, rows.rank)
     if done is None:
         return None
     y, partials = done

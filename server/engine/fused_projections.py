@@ -89,13 +89,16 @@ class FusedLinear:
             return None
         return m.rope_append(x, cos, sin, keys, values, write_pos, head_dim, q_heads)
 
+    def shrinks_in_launch(self) -> bool:
+        """Whether ``with_shrink`` may run: an int8 matmul whose ``shrinks_in_launch`` holds (never a float one)."""
+        return isinstance(self.matmul, Int8WeightOnlyLinear) and self.matmul.shrinks_in_launch()
+
     def with_shrink(self, x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
                     rank: int) -> tuple[list[torch.Tensor], LoraPartials] | None:
         """Each member's base output for x and a LoRA shrink of x's rows (``lora_a``: the members' A tables
-        stacked, ``[G, R, S, in]``) in the int8 matmul's one launch (``Int8WeightOnlyLinear.with_shrink``); None
-        where that does not run (a float matmul; nothing launched)."""
-        m = self.matmul
-        done = m.with_shrink(x, lora_a, slots, rank) if isinstance(m, Int8WeightOnlyLinear) else None
+        stacked, ``[G, R, S, in]``) in the int8 matmul's one launch (``Int8WeightOnlyLinear.with_shrink``; ask
+        ``shrinks_in_launch`` first); None where the kernel does not take them (nothing launched)."""
+        done = self.matmul.with_shrink(x, lora_a, slots, rank)
         if done is None:
             return None
         y, partials = done

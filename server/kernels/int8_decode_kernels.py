@@ -81,14 +81,15 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
             row = unit // (lora_members * groups)
             member = ((unit // groups) % lora_members).to(tl.int64)
             first = (unit % groups) * LORA_U
-            live = row < M  # the programs past the last unit (the grid is a box) read and write nothing
-            row_unclamped = row
-            row = tl.minimum(row, M - 1).to(tl.int64)
-            slot = tl.where(live, tl.load(slot_ptr + row * stride_slot).to(tl.int64), 0)  # the row's, in range
             ru = tl.arange(0, LORA_U)
             rr = tl.arange(0, BLOCK_R)
             rk = tl.arange(0, LORA_K)
-            s_ok = (first + ru < lora_splits) & (row_unclamped + 0 * ru < M)  # [U] (a block: the interpreter's masks)
+            # the programs past the last unit (the grid is a box) read and write nothing; a block compare (the
+            # interpreter rejects a scalar-and-block mask), and the slot read at a row in range
+            s_ok = (first + ru < lora_splits) & (row + 0 * ru < M)  # [U]
+            in_range = tl.minimum(row, M - 1).to(tl.int64)
+            slot = tl.where(row < M, tl.load(slot_ptr + in_range * stride_slot).to(tl.int64), 0)
+            row = in_range
             r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0), or none, loads nothing
             k0 = (first + ru) * (LORA_TILES * LORA_K)  # [U]: each split's first column
             a_s = (a_ptr + member * stride_ag + slot * stride_as + rr.to(tl.int64)[:, None, None] * stride_ar

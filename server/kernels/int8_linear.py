@@ -102,19 +102,24 @@ class Int8WeightOnlyLinear(nn.Module):
             return None
         return rope_append(x, cb, self.scb, self.bias, *args, write_pos, head_dim, q_heads)
 
+    def shrinks_in_launch(self) -> bool:
+        """Whether ``with_shrink`` may run for this layer: the kernel runs on its weight's device and
+        ``int8_shrink.IN_MATMUL`` is on (callers ask before they gather a shrink's tables)."""
+        if not int8_kernel_available(self.weight.device):
+            return False
+        from . import int8_shrink
+
+        return int8_shrink.IN_MATMUL
+
     def with_shrink(self, x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
                     rank: int) -> tuple[torch.Tensor, LoraPartials] | None:
         """This layer's output for x and a LoRA shrink of x's rows (``lora_bgmv.lora_shrink(x rows, lora_a, slots,
         rank)``'s partials; ``lora_a`` ``[G, R, S, in]``) in one launch, the shrink as extra programs of the
-        matmul's (``int8_shrink.matmul_and_shrink``), where ``int8_shrink.IN_MATMUL`` is on and the kernel takes
-        them; else None (nothing launched: the caller runs the two)."""
-        if not int8_kernel_available(x.device):
-            return None
-        from . import int8_shrink
+        matmul's (``int8_shrink.matmul_and_shrink``), where the kernel takes them; else None (nothing launched:
+        the caller runs the two). Ask ``shrinks_in_launch`` first."""
+        from .int8_shrink import matmul_and_shrink
 
-        if not int8_shrink.IN_MATMUL:
-            return None
-        return int8_shrink.matmul_and_shrink(x, self.weight.data, self.scb, self.bias, lora_a, slots, rank)
+        return matmul_and_shrink(x, self.weight.data, self.scb, self.bias, lora_a, slots, rank)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
