@@ -71,7 +71,7 @@ from ..adapters.lora_folds import (
     qkv_shrink,
 )
 from ..kernels import decode_attention as attention_kernel
-from ..kernels import dense_gemv
+from ..kernels import dense_gemv, dense_splitk
 from ..kernels import silu_mul as act_kernel
 from ..kernels.rms_norm import FusedRMSNorm, OutputDelta
 from ..kernels.rope_append import fits, rope_append_available
@@ -178,6 +178,12 @@ class Decoder:
                    if m is not None]
         return weights + [(m.weight, m.bias, False) for m in (*modules, base_layer_of(self.lm_head))
                           if type(m) is nn.Linear]
+
+    def splitk_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of the fused float q/k/v and gate/up matmuls, which run through the split-K kernel at 2-64
+        rows where ``dense_splitk`` is switched on (``dense_splitk.warm_up`` tunes them)."""
+        return [(f.matmul.weight, f.matmul.bias) for fusion in self.fused for f in (fusion.qkv, fusion.gate_up)
+                if f is not None and type(f.matmul) is nn.Linear]
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                    cache: Any, index: int, qkv: FusedLinear | None) -> tuple[torch.Tensor, OutputDelta | None]:
@@ -336,6 +342,8 @@ def model_forward(base: BaseModel, own: bool, max_rows: int = 64, fused_kernels:
             times = dense_gemv.warm_up(decoder.gemv_weights())
             log.info("GEMV kernel against F.linear at one row, us: %s", ", ".join(
                 f"{n}x{k} {ours:.1f}/{theirs:.1f}" for (n, k), (ours, theirs) in sorted(times.items())) or "none")
+            if dense_splitk.IN_DECODE:  # switched on: its tiles tuned now (a shape not tuned keeps F.linear)
+                dense_splitk.warm_up(decoder.splitk_weights(), [b for b in dense_splitk.BUCKETS if b // 2 < max_rows])
         return decoder
 
     def transformers_forward(ids: torch.Tensor, positions: torch.Tensor, mask: Mask,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..adapters.lora import GATE_UP, QKV, base_layer_of
-from ..kernels import dense_gemv
+from ..kernels import dense_gemv, dense_splitk
 from ..kernels.int8_linear import Int8WeightOnlyLinear
 from .swaps import same_forward
 
@@ -58,9 +58,14 @@ class FusedLinear:
 
     def __call__(self, x: torch.Tensor, gemv: bool = False) -> list[torch.Tensor]:
         """Each member's base output for x; ``gemv``: a float matmul runs through ``dense_gemv.linear`` (the GEMV
-        kernel at one row, for a shape warmed up and found faster there; else ``F.linear``)."""
+        kernel at one row, for a shape warmed up and found faster there; else ``F.linear``), or at 2-64 rows
+        through the split-K kernel where ``dense_splitk.chosen`` (switched on and tuned)."""
         m = self.matmul
-        y = dense_gemv.linear(x, m.weight, m.bias) if gemv and type(m) is nn.Linear else m(x)
+        if gemv and type(m) is nn.Linear:
+            splitk = dense_splitk.chosen(x, m.weight, m.bias)
+            y = (dense_splitk.splitk_linear if splitk else dense_gemv.linear)(x, m.weight, m.bias)
+        else:
+            y = m(x)
         return list(y.split(self.sizes, dim=-1))
 
     def silu_glu(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor | None:
@@ -90,15 +95,24 @@ class FusedLinear:
         return m.rope_append(x, cos, sin, keys, values, write_pos, head_dim, q_heads)
 
     def shrinks_in_launch(self) -> bool:
-        """Whether ``with_shrink`` may run: an int8 matmul whose ``shrinks_in_launch`` holds (never a float one)."""
-        return isinstance(self.matmul, Int8WeightOnlyLinear) and self.matmul.shrinks_in_launch()
+        """Whether ``with_shrink`` may run: an int8 matmul whose ``shrinks_in_launch`` holds, or a float one where
+        ``dense_splitk.shrinks_in_launch`` does (both switches on)."""
+        m = self.matmul
+        if type(m) is nn.Linear:
+            return dense_splitk.shrinks_in_launch(m.weight)
+        return isinstance(m, Int8WeightOnlyLinear) and m.shrinks_in_launch()
 
     def with_shrink(self, x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
                     rank: int) -> tuple[list[torch.Tensor], LoraPartials] | None:
         """Each member's base output for x and a LoRA shrink of x's rows (``lora_a``: the members' A tables
-        stacked, ``[G, R, S, in]``) in the int8 matmul's one launch (``Int8WeightOnlyLinear.with_shrink``; ask
-        ``shrinks_in_launch`` first); None where the kernel does not take them (nothing launched)."""
-        done = self.matmul.with_shrink(x, lora_a, slots, rank)
+        stacked, ``[G, R, S, in]``) in the split-K matmul's one launch (``Int8WeightOnlyLinear.with_shrink``, or
+        ``dense_splitk.matmul_and_shrink`` for a float weight; ask ``shrinks_in_launch`` first); None where the
+        kernel does not take them (nothing launched)."""
+        m = self.matmul
+        if type(m) is nn.Linear:
+            done = dense_splitk.matmul_and_shrink(x, m.weight, m.bias, lora_a, slots, rank)
+        else:
+            done = m.with_shrink(x, lora_a, slots, rank)
         if done is None:
             return None
         y, partials = done

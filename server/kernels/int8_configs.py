@@ -1,6 +1,7 @@
 """The int8 weight-only matmul's tile configs (``int8_matmul.py``): the split-K decode kernel's per row bucket
-(with the GEMV tiles of the one-row bucket), the prefill GEMM's, and the interpreter's single ones. Autotuned
-per shape on the GPU (``triton.autotune``, keyed by row bucket, N and K)."""
+(with the GEMV tiles of the one-row bucket), the prefill GEMM's, and the interpreter's single ones; and the same
+split-K kernel's tiles for float weights (``dense_splitk.py``). Autotuned per shape on the GPU
+(``triton.autotune``, keyed by row bucket, N and K)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,46 @@ def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> li
             and (c.kwargs["SPLIT_K"] < 16 or bucket <= 16)
             and c.kwargs["SPLIT_K"] <= triton.cdiv(k, c.kwargs["BLOCK_K"])]
     return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.kwargs["SPLIT_K"] == 1]
+
+
+def _dense_configs() -> list[triton.Config]:
+    """The split-K kernel's tiles for a float weight at 2-64 rows (``dense_splitk.py``; ``_prune_dense`` picks a
+    key's: at most 21). Tensor-core tiles only (a float weight's one row is ``dense_gemv.py``'s). A bf16 weight
+    tile is twice an int8 one's bytes, so BLOCK_K is 64-256 columns (128-512 bytes a weight row) and 3-4 stages
+    keep 48-128 KB of weight in flight a program; BLOCK_M 16 for every bucket (32 and 64 rows read each weight
+    tile 2 or 4 times, the later reads mostly from L2), BLOCK_M 32 / 64 for the bucket of that size (one row
+    block). SPLIT_K 1-16: a 12288x4096 weight at BLOCK_N 128 has 96 column blocks for 132 SMs."""
+    narrow = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), BLOCK_M 16
+        (64, 128, 1, 4, 4), (128, 64, 1, 4, 4), (64, 256, 1, 4, 3), (128, 128, 1, 8, 3),
+        (64, 128, 2, 4, 4), (128, 64, 2, 4, 4), (64, 256, 2, 4, 3), (128, 128, 2, 8, 3),
+        (64, 128, 4, 4, 4), (128, 64, 4, 4, 4), (64, 256, 4, 4, 3), (32, 256, 4, 2, 4),
+        (64, 128, 8, 4, 4), (32, 128, 8, 2, 4), (64, 64, 16, 4, 4),
+    ]
+    wide = [(64, 128, 1, 4, 4), (128, 64, 1, 4, 4), (64, 128, 2, 4, 3), (128, 128, 2, 8, 3), (64, 128, 4, 4, 3),
+            (64, 64, 8, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s}, num_warps=w, num_stages=st)
+            for bm, tiles in ((16, narrow), (32, wide), (64, wide)) for bn, bk, s, w, st in tiles]
+
+
+# Shared memory a float weight's tile may take, all stages (x's tile and the weight's): under the 227 KB a block
+# may have on sm_90 (and 163 KB on sm_80: a config over it fails to build there, and the autotuner skips it)
+_DENSE_SMEM = 200 << 10
+
+
+def _prune_dense(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """For row bucket ``b`` (2-64): BLOCK_M 16, and BLOCK_M == b for b = 32, 64; SPLIT_K 16 only up to 16 rows; no
+    more splits than K tiles; the stages' tiles within ``_DENSE_SMEM`` at the operands' element sizes."""
+    bucket, k = named_args["M_BUCKET"], named_args["K"]
+    x_size, w_size = named_args["x_ptr"].element_size(), named_args["w_ptr"].element_size()
+
+    def smem(c: triton.Config) -> int:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return c.num_stages * (bm * bk * x_size + bk * bn * w_size)
+
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] in (16, bucket) and (c.kwargs["SPLIT_K"] < 16 or bucket <= 16)
+            and c.kwargs["SPLIT_K"] <= triton.cdiv(k, c.kwargs["BLOCK_K"]) and smem(c) <= _DENSE_SMEM]
+    return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.kwargs["SPLIT_K"] == 1][:1]
 
 
 def _gemm_configs() -> list[triton.Config]:

@@ -42,7 +42,8 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
              stride_vch=0, stride_vct=0, SHRINK: tl.constexpr = False, a_ptr=None, slot_ptr=None, lp_ptr=None,
              rank=0, lora_splits=0, lora_members=1, stride_ag=0, stride_ar=0, stride_as=0, stride_ak=0, stride_pg=0,
              stride_ps=0, stride_slot=0, LORA_EVEN_K: tl.constexpr = True, BLOCK_R: tl.constexpr = 16,
-             LORA_K: tl.constexpr = 256, LORA_TILES: tl.constexpr = 1, LORA_U: tl.constexpr = 1):
+             LORA_K: tl.constexpr = 256, LORA_TILES: tl.constexpr = 1, LORA_U: tl.constexpr = 1,
+             SCALED: tl.constexpr = True):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
@@ -65,7 +66,10 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     ``SPLIT_K == 1``, else past its splits on axis 2: the grid's last, which the GPU starts last) run a LoRA shrink
     of the same x instead, ``lora_bgmv._shrink``'s work
     (its partials, ``LoraPartials``: ``lp[g, s, i, :BLOCK_R]`` over split s of K, ``LORA_TILES`` tiles of
-    ``LORA_K``, for member g and row i), ``LORA_U`` splits of one (row, member) a program."""
+    ``LORA_K``, for member g and row i), ``LORA_U`` splits of one (row, member) a program.
+
+    ``SCALED`` False (``dense_splitk.py``): ``w`` is a float weight (bf16, fp16, fp32) read as it is, no row scale
+    (``s_ptr`` unused); the tensor-core tiles only (its configs have no GEMV tile, and no epilogue)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if SHRINK:  # the shrink's programs: past the matmul's column blocks (one split), or past its splits
@@ -263,8 +267,9 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
         tl.store(vc_ptr + kv[:, None] * stride_vch + where * stride_vct + at,
                  tl.join(lo, hi).to(vc_ptr.dtype.element_ty), mask=is_v[:, None])
     elif SPLIT_K == 1:
-        scale = tl.load(s_ptr + rows) * (1.0 / 127.0)  # one multiply per output, after the K loop
-        acc = acc * scale[None, :]
+        if SCALED:
+            scale = tl.load(s_ptr + rows) * (1.0 / 127.0)  # one multiply per output, after the K loop
+            acc = acc * scale[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows).to(tl.float32)[None, :]
         ys = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
@@ -275,9 +280,11 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
 
 
 def _splitk_reduce(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,  # noqa: N803
-                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """``y[m, n] = (sum over s, in order, of p[s, m, n]) * SCB[n] / 127 + bias[n]``, cast to y's dtype.
-    ``USE_PDL``: wait for the matmul (its partials), then let the next kernel start (``REDUCE_PDL``)."""
+                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
+                   SCALED: tl.constexpr = True):
+    """``y[m, n] = (sum over s, in order, of p[s, m, n]) * SCB[n] / 127 + bias[n]``, cast to y's dtype (without
+    the scale where not ``SCALED``: a float weight's). ``USE_PDL``: wait for the matmul (its partials), then let
+    the next kernel start (``REDUCE_PDL``)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -288,7 +295,8 @@ def _splitk_reduce(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,  # no
     for s in range(1, SPLIT_K):
         acc += tl.load(p_ptr + s * total + idx, mask=mask, other=0.0)
     n = idx % N
-    acc = acc * (tl.load(s_ptr + n, mask=mask, other=0.0) * (1.0 / 127.0))
+    if SCALED:
+        acc = acc * (tl.load(s_ptr + n, mask=mask, other=0.0) * (1.0 / 127.0))
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + (idx // N) * stride_ym + n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from .int8_configs import _INTERPRET_SMALL, _prune_small, _small_configs, even_k
+from .int8_configs import _INTERPRET_SMALL, _dense_configs, _prune_dense, _prune_small, _small_configs, even_k
 from .int8_decode_kernels import _int8_mm, _splitk_reduce  # the kernels' source (tests compile _int8_mm from here)
 from .int8_gemm import MAX_GEMM_BUCKET, _large_m, gemm_bucket  # noqa: F401 (the prefill path; tests reach it here)
 from .support import interpreting, pdl_launch, quick_bench, tuner_choices
@@ -81,20 +81,27 @@ def row_bucket(m: int) -> int:
 
 
 @functools.cache
-def _small_kernels(interpret: bool):
-    """(the split-K kernel, its autotuner or None in the interpreter, the reduction), built at the first
-    call of each mode (``triton.jit`` reads TRITON_INTERPRET when it wraps the function, so building lazily
-    lets the interpreter be switched on at run time). The autotuner's choices are cached on disk
+def _jitted(interpret: bool):
+    """(the split-K kernel, the reduction), jitted at the first call of each mode (``triton.jit`` reads
+    TRITON_INTERPRET when it wraps the function, so building lazily lets the interpreter be switched on at run
+    time); the int8 and the float weights' tuners share them (``_small_kernels``)."""
+    return (even_k(triton.jit(_int8_mm, do_not_specialize=["M", "M_BUCKET"])),
+            triton.jit(_splitk_reduce, do_not_specialize=["M"]))
+
+
+@functools.cache
+def _small_kernels(interpret: bool, dense: bool = False):
+    """(the split-K kernel, its autotuner or None in the interpreter, the reduction); ``dense``: the tuner of
+    float weights' tiles (``dense_splitk.py``), else of int8 weights'. The autotuner's choices are cached on disk
     (``cache_results``, keyed by Triton version, GPU target, kernel source, shape key and configs; next to
     the compiled kernels in ``~/.triton/cache``), so a restart does not benchmark again. Its post hook runs
     the reduction after each timed split-K launch, so a config is timed with its reduction."""
-    mm = even_k(triton.jit(_int8_mm, do_not_specialize=["M", "M_BUCKET"]))
-    reduce = triton.jit(_splitk_reduce, do_not_specialize=["M"])
+    mm, reduce = _jitted(interpret)
     if interpret:
         return mm, None, reduce
-    tuner = triton.autotune(_small_configs(), key=["M_BUCKET", "N", "K"],
-                            prune_configs_by={"early_config_prune": _prune_small}, post_hook=_reduce_hook,
-                            do_bench=quick_bench, cache_results=True)(mm)
+    configs, prune = (_dense_configs(), _prune_dense) if dense else (_small_configs(), _prune_small)
+    tuner = triton.autotune(configs, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": prune},
+                            post_hook=_reduce_hook, do_bench=quick_bench, cache_results=True)(mm)
     return mm, tuner, reduce
 
 
@@ -127,20 +134,20 @@ def dequant_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
 
 
 def _reduce(p: torch.Tensor, scb: torch.Tensor, b: torch.Tensor, y: torch.Tensor, has_bias: bool, split: int,
-            interpret: bool, pdl: dict[str, bool] | None = None) -> None:
-    """Sum the ``[split, M, N]`` fp32 partials at the front of ``p`` into ``y [M, N]`` (scale, bias, cast).
-    ``pdl``: ``pdl_launch``'s keywords, or none."""
+            interpret: bool, pdl: dict[str, bool] | None = None, scaled: bool = True) -> None:
+    """Sum the ``[split, M, N]`` fp32 partials at the front of ``p`` into ``y [M, N]`` (scale, bias, cast; not
+    ``scaled``: no scale, ``scb`` unread). ``pdl``: ``pdl_launch``'s keywords, or none."""
     m, n = y.shape
-    _small_kernels(interpret)[2][(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+    _jitted(interpret)[1][(triton.cdiv(m * n, _REDUCE_BLOCK),)](
         p, scb, b, y, m, n, y.stride(0), y.stride(1), HAS_BIAS=has_bias, SPLIT_K=split, BLOCK=_REDUCE_BLOCK,
-        num_warps=4, **(pdl or {}))
+        num_warps=4, **(pdl or {}), **({} if scaled else {"SCALED": False}))
 
 
 def _reduce_hook(nargs: dict, exception: BaseException | None) -> None:
     """The autotuner's post hook: after a timed split-K launch, its reduction (timed with it)."""
     if exception is None and nargs["SPLIT_K"] > 1:
         _reduce(nargs["p_ptr"], nargs["s_ptr"], nargs["b_ptr"], nargs["y_ptr"], nargs["HAS_BIAS"],
-                nargs["SPLIT_K"], interpreting())
+                nargs["SPLIT_K"], interpreting(), scaled=nargs.get("SCALED", True))
 
 
 # The small-M config chosen for each (mode, row bucket, N, K, dtypes, device): after the first (tuning)
@@ -149,32 +156,39 @@ def _reduce_hook(nargs: dict, exception: BaseException | None) -> None:
 _CHOSEN: dict[tuple, dict] = {}
 
 
-def _small_key(interpret: bool, bucket: int, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+def _small_key(interpret: bool, bucket: int, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None,
                bias: torch.Tensor | None) -> tuple:
-    """``_CHOSEN``'s key for these operands at row bucket ``bucket``."""
-    return (interpret, bucket, *cb.shape, x.dtype, scb.dtype, None if bias is None else bias.dtype, x.device)
+    """``_CHOSEN``'s key for these operands at row bucket ``bucket`` (``scb`` None: a float weight's, whose
+    dtype the key then holds in its place)."""
+    return (interpret, bucket, *cb.shape, x.dtype, cb.dtype if scb is None else scb.dtype,
+            None if bias is None else bias.dtype, x.device)
 
 
-def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias: torch.Tensor | None,
              interpret: bool, config: dict | None = None, shrink: dict | None = None) -> torch.Tensor:
     """The split-K kernel on ``x2 [M, K]`` (M <= MAX_KERNEL_ROWS); returns ``[M, N]`` in ``x2.dtype``.
-    ``config`` (tests): launch kwargs (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``SPLIT_K``, optionally
-    ``num_warps``, ``num_stages``) to run instead of the tuned choice. ``shrink`` (``int8_shrink.py``, with a
-    config): the kernel's ``SHRINK`` arguments and ``units``, the programs they need past the matmul's."""
+    ``scb`` None: ``cb`` is a float weight (``dense_splitk.py``: its own tiles and tuner, no scale; contiguous
+    along K, as its callers check). ``config`` (tests): launch kwargs (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
+    ``SPLIT_K``, optionally ``num_warps``, ``num_stages``) to run instead of the tuned choice. ``shrink``
+    (``int8_shrink.py``, with a config): the kernel's ``SHRINK`` arguments and ``units``, the programs they need
+    past the matmul's."""
     (m, k), n = x2.shape, cb.shape[0]
+    dense = scb is None
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     if m == 0:
         return y
-    if config is not None and config["BLOCK_M"] == 1 and k % 4:
-        raise ValueError(f"the GEMV tiles read 4-byte words of the weight's rows: K must be a multiple of 4, got {k}")
-    gemv_rows = row_bucket(m) == 1 and k % 4 == 0  # the GEMV tiles may run: they read rows of aligned words
-    if cb.stride(1) != 1 or (gemv_rows and (cb.stride(0) % 4 or cb.data_ptr() % 4)):
+    if config is not None and config["BLOCK_M"] == 1 and (k % 4 or dense):
+        raise ValueError(f"the GEMV tiles read 4-byte words of an int8 weight's rows: K must be a multiple of 4, "
+                         f"got {k}, and the weight int8, got {cb.dtype}")
+    gemv_rows = not dense and row_bucket(m) == 1 and k % 4 == 0  # the GEMV tiles may run: rows of aligned words
+    if not dense and (cb.stride(1) != 1 or (gemv_rows and (cb.stride(0) % 4 or cb.data_ptr() % 4))):
         cb = cb.clone(memory_format=torch.contiguous_format)
-    mm, tuner, _ = _small_kernels(interpret)
-    bucket, b = row_bucket(m), scb if bias is None else bias
+    mm, tuner, _ = _small_kernels(interpret, dense)
+    bucket, s = row_bucket(m), cb if dense else scb  # a float weight's launch has no scale to read
+    b = s if bias is None else bias
     key = _small_key(interpret, bucket, x2, cb, scb, bias)
     meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
-            **(pdl_launch(x2.device) if bucket <= PDL_MAX_BUCKET else {})}
+            **(pdl_launch(x2.device) if bucket <= PDL_MAX_BUCKET else {}), **({"SCALED": False} if dense else {})}
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
     units, shrink = (0, {}) if shrink is None else (shrink.pop("units"), shrink)
 
@@ -189,15 +203,15 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         raise ValueError("a shrink in the matmul's launch needs its tuned config (int8_shrink.py asks for it)")
     if config is None:  # first call of this key on the GPU: tune, with room for the largest split
         p = torch.empty((MAX_SPLIT_K, m, n), device=x2.device, dtype=torch.float32)
-        tuner[grid](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta)
+        tuner[grid](x2, cb, s, b, y, p, m, n, k, bucket, *strides, **meta)
         config = _CHOSEN[key] = tuner.best_config.all_kwargs()
     else:  # fp32 either way: the pointer's dtype is part of the compiled kernel's signature
         p = torch.empty((config["SPLIT_K"], m, n) if config["SPLIT_K"] > 1 else (1,), device=x2.device,
                         dtype=torch.float32)
-        mm[grid(config)](x2, cb, scb, b, y, p, m, n, k, bucket, *strides, **meta, **config, **shrink)
+        mm[grid(config)](x2, cb, s, b, y, p, m, n, k, bucket, *strides, **meta, **config, **shrink)
     if config["SPLIT_K"] > 1:
-        _reduce(p, scb, b, y, bias is not None, config["SPLIT_K"], interpret,
-                pdl_launch(x2.device) if REDUCE_PDL and bucket > PDL_MAX_BUCKET else None)
+        _reduce(p, s, b, y, bias is not None, config["SPLIT_K"], interpret,
+                pdl_launch(x2.device) if REDUCE_PDL and bucket > PDL_MAX_BUCKET else None, scaled=not dense)
     return y
 
 

@@ -27,6 +27,9 @@ compile, ptxas or resource error, raised before anything runs; the sm_90 compile
 with it, and it takes the same shared memory as the matmul alone), it says so once and leaves that shape to the
 two launches. ``IN_MATMUL`` switches it for the engine; it is off until timed on the GPU
 (``bench/pdl_bench.py --switch shrink``).
+
+A float weight at 2-64 rows runs through the same kernel where ``dense_splitk.py`` switches it on, and its shrink
+runs here the same way (``scb`` None).
 """
 
 from __future__ import annotations
@@ -49,13 +52,14 @@ _REFUSED: set[tuple] = set()  # launches Triton would not build: the two launche
 log = logging.getLogger(__name__)
 
 
-def matmul_and_shrink(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+def matmul_and_shrink(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias: torch.Tensor | None,
                       lora_a: torch.Tensor, slots: torch.Tensor, rank: int,
                       config: dict | None = None) -> tuple[torch.Tensor, LoraPartials] | None:
     """``(int8_weight_matmul(x, cb, scb, bias), lora_shrink(x2, lora_a, slots, rank))`` in one launch, x2 being x's
     rows (``[rows, K]``, one token a row: ``slots`` has one entry a row); ``lora_a``: the members' A tables
     stacked, ``[G, R, S, K]``. None where it does not run (the module docstring; nothing launched), or where
-    ``rank`` is 0 (no shrink to do). ``config`` (tests): the matmul's launch kwargs instead of the tuned choice."""
+    ``rank`` is 0 (no shrink to do). ``config`` (tests): the matmul's launch kwargs instead of the tuned choice.
+    ``scb`` None: ``cb`` is a float weight (``dense_splitk.py``: the same kernel's float tiles, no scale)."""
     x2 = x.reshape(-1, x.shape[-1])
     rows, k = x2.shape
     interpret = interpreting()
@@ -86,7 +90,7 @@ def matmul_and_shrink(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias
         if isinstance(exc, InterpreterError):  # the interpreter ran it: a bug, not a refusal
             raise
         _REFUSED.add(refusal)
-        log.warning("the LoRA shrink in the int8 matmul's launch does not build for %s x %s at %d rows (%s: %s); "
+        log.warning("the LoRA shrink in the split-K matmul's launch does not build for %s x %s at %d rows (%s: %s); "
                     "that shape keeps the shrink's own launch", list(cb.shape), x2.dtype, rows, type(exc).__name__,
                     exc)
         return None

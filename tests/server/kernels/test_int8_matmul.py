@@ -288,7 +288,7 @@ def test_tuning_times_each_split_with_its_reduction_then_launches_the_choice(mon
 
     tuner = triton.autotune(configs, key=["M_BUCKET", "N", "K"], post_hook=hook, do_bench=fake_bench,
                             prune_configs_by={"early_config_prune": km._prune_small})(mm)
-    monkeypatch.setattr(km, "_small_kernels", lambda interpret: (mm, tuner, reduce))
+    monkeypatch.setattr(km, "_small_kernels", lambda interpret, dense=False: (mm, tuner, reduce))
     monkeypatch.setattr(km, "_CHOSEN", {})
     cb, scb = _weights(70, 200, seed=12)
     bias = torch.randn(70)
