@@ -20,7 +20,7 @@ REPLAYS = 20
 TOP = 30
 # Kernel name patterns a family each, first match wins (kernel names as CUPTI reports them).
 FAMILIES = (
-    ("int8 matmul", r"_int8_mm|_int8_gemm|_splitk_reduce"),
+    ("split-K / int8 matmul", r"_int8_mm|_int8_gemm|_splitk_reduce"),
     ("LoRA", r"bgmv|lora|^_shrink$|^_expand$"),  # lora_bgmv.py's kernels are named _shrink and _expand
     ("norm", r"rms_norm|_rms_norm_rows"),
     ("rotary + append", r"rope_append"),

@@ -12,8 +12,8 @@ import step_profile  # noqa: E402
 
 
 def test_families_of_the_kernels_a_decode_step_launches():
-    assert step_profile.family("_int8_mm") == "int8 matmul"
-    assert step_profile.family("_splitk_reduce") == "int8 matmul"
+    assert step_profile.family("_int8_mm") == "split-K / int8 matmul"
+    assert step_profile.family("_splitk_reduce") == "split-K / int8 matmul"
     assert step_profile.family("_rms_norm_rows") == "norm"
     assert step_profile.family("_rope_append") == "rotary + append"
     assert step_profile.family("_bgmv_shrink") == "LoRA"
@@ -37,10 +37,10 @@ def test_table_ranks_kernels_and_sums_families():
     assert "3.346 ms of kernels a step, 386 launches; 3.500 ms a replay" in head
     rows = [line for line in kernels.splitlines() if line.startswith("| _") or line.startswith("| void")
             or line.startswith("| nvjet")]
-    assert rows[0].startswith("| _int8_mm | int8 matmul | 224 | 2900.0 | 86.7% |")
+    assert rows[0].startswith("| _int8_mm | split-K / int8 matmul | 224 | 2900.0 | 86.7% |")
     assert [r.split(" | ")[0] for r in rows] == ["| _int8_mm", "| void at::native::vectorized_elementwise_kernel<4>",
                                                  "| _rms_norm_rows", "| _rope_append", "| nvjet_gemv"]
-    assert "| int8 matmul | 224 | 2900.0 | 86.7% |" in families
+    assert "| split-K / int8 matmul | 224 | 2900.0 | 86.7% |" in families
     assert "| dense matmul | 1 | 70.0 | 2.1% |" in families
 
 

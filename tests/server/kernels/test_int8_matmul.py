@@ -539,7 +539,7 @@ def test_a_split_k_reduction_launches_with_pdl_where_its_matmul_does_not(monkeyp
     marker = {"USE_PDL": False}  # pdl_launch's keywords here (the interpreter runs no gdc_wait): seen by identity
     monkeypatch.setattr(km, "pdl_launch", lambda device: marker)
     given, real = [], km._reduce
-    monkeypatch.setattr(km, "_reduce", lambda *a: given.append(a[7]) or real(*a))
+    monkeypatch.setattr(km, "_reduce", lambda *a, **k: given.append(a[7]) or real(*a, **k))
     cb, scb = _weights(48, 64, seed=m)
     x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
     y = km._small_m(x, cb, scb, None, True, config=SPLITS[1])  # SPLIT_K 2
