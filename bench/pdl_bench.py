@@ -36,6 +36,13 @@ its own adapter, as ``fold``.
 ``kernels/int8_shrink.py``'s ``IN_MATMUL``) against their own launches after the matmuls (off), every row on its
 own adapter, as ``fold`` (an int8 base only: a float matmul has no such programs).
 
+``--switch dense`` compares a float base's fused q/k/v and gate/up matmuls at 2-64 rows through the split-K
+kernel, with their LoRA shrinks in its launch (on: ``kernels/dense_splitk.py``'s ``IN_DECODE`` and
+``int8_shrink.IN_MATMUL``, the row bucket tuned when first switched on, and its times against ``F.linear``
+printed) against cuBLAS and the shrinks' own launches (off), base rows and ``--lora-rows`` as ``pdl``: whether a
+bf16 step on 32 adapters gains more than the base step may lose (``--quantizations none``: an int8 base's
+matmuls are the split-K kernel's already).
+
 On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
 
@@ -63,13 +70,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--work", default="/tmp/adapterd-bench")
-    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink"),
+    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink", "dense"),
                         default="pdl",
                         help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, "
                         "the float GEMV kernel against F.linear, shape by shape, or o_proj's LoRA expand folded "
                         "into the add + norm (every row on LoRA), or the LoRA shrinks on a second stream beside "
                         "the base matmuls (every row on LoRA), or the int8 split-K reduction with PDL, or the "
-                        "LoRA shrinks in their int8 matmuls' launches (every row on LoRA)")
+                        "LoRA shrinks in their int8 matmuls' launches (every row on LoRA), or a float base's fused "
+                        "matmuls through the split-K kernel with their shrinks in its launch")
     parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
                         help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -88,12 +96,13 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
     from adapterd.server.engine import decoder as own_decoder
     from adapterd.server.engine import side_stream
     from adapterd.server.engine.fused_projections import FusedLinear
-    from adapterd.server.kernels import dense_gemv, int8_matmul, int8_shrink
+    from adapterd.server.kernels import dense_gemv, dense_splitk, int8_matmul, int8_shrink
 
     decoder = runtime.engine.runner.decoder
     originals = {name: FusedLinear.__dict__[name] for name in _EPILOGUES}
     fold_rows, side_default = own_decoder.NORM_FOLD_MIN_ROWS, side_stream.SIDE_STREAM
     reduce_default, shrink_default = int8_matmul.REDUCE_PDL, int8_shrink.IN_MATMUL
+    dense_default = dense_splitk.IN_DECODE
     verdict = dense_gemv.judgements()[shape][2] if shape is not None else None
 
     def switch(on: bool) -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods and
@@ -111,6 +120,11 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
             int8_matmul.REDUCE_PDL = on
         if args.switch == "shrink":  # read at each forward (each capture)
             int8_shrink.IN_MATMUL = on
+        if args.switch == "dense":  # read at each forward (each capture); the bucket tuned before any capture
+            forward = decoder.forward  # the engine's own decoder (Decoder), or transformers' forward: none to tune
+            if on and hasattr(forward, "splitk_weights"):
+                dense_splitk.warm_up(forward.splitk_weights(), [int8_matmul.row_bucket(rows)])
+            dense_splitk.IN_DECODE = int8_shrink.IN_MATMUL = on
         decoder.graphs.clear()
 
     runtime.engine.call(lambda: switch(on)).result(60)
@@ -125,6 +139,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
         side_stream.SIDE_STREAM = side_default
         int8_matmul.REDUCE_PDL = reduce_default
         int8_shrink.IN_MATMUL = shrink_default
+        dense_splitk.IN_DECODE = dense_default
         if shape is not None:
             runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
 
@@ -169,6 +184,8 @@ def main() -> int:
                 line = f"| {label} | {what} | {on_ms:.3f} / {off_ms:.3f} | {off_ms / on_ms:.3f} | {dev} |"
                 print(line, flush=True)
                 lines.append(line)
+                if args.switch == "dense":
+                    lines += dense_times()
         finally:
             runtime.close()
         del runtime, base
@@ -193,13 +210,29 @@ def judged_shapes() -> dict[tuple, tuple[float, float, bool]]:
     return judged
 
 
+def dense_times() -> list[str]:
+    """The split-K kernel's warm-up times against ``F.linear`` so far (``dense_splitk.judgements``), printed, as
+    lines of the record (none on the CPU)."""
+    from adapterd.server.kernels import dense_splitk
+
+    lines = []
+    for (bucket, n, k), (ours, theirs) in sorted(dense_splitk.judgements().items()):
+        line = (f"|  | {n}x{k} at bucket {bucket}: split-K {ours:.1f} us, F.linear {theirs:.1f} us (after a norm) "
+                f"|  |  |  |")
+        print(line, flush=True)
+        lines.append(line)
+    dense_splitk._JUDGED.clear()  # each printed once
+    return lines
+
+
 def record(lines: list[str], args, machine: str) -> None:
     what = {"pdl": "PDL", "epilogues": "the one-row GEMV epilogues",
             "gemv": "the float GEMV kernel (against F.linear) for the shape named",
             "fold": "o_proj's LoRA expand folded into the add + norm",
             "side": "the LoRA shrinks on a second stream beside the base matmuls",
             "reduce": "the int8 split-K reduction with PDL past PDL_MAX_BUCKET",
-            "shrink": "the LoRA shrinks as extra programs of their int8 matmuls' launches"}[args.switch]
+            "shrink": "the LoRA shrinks as extra programs of their int8 matmuls' launches",
+            "dense": "the float fused matmuls in the split-K kernel, their LoRA shrinks in its launch"}[args.switch]
     head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}: {args.shape}, ctx "
             f"{args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "

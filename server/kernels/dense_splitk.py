@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from .support import interpreting, triton_available
 
-# The engine's switch: the fused float q/k/v and gate/up matmuls at 2-64 rows through the split-K kernel (where
-# ``warm_up`` tuned the row bucket), their LoRA shrinks in its launch where ``int8_shrink.IN_MATMUL`` is on too.
+# The engine's switch: the fused float q/k/v and gate/up matmuls at 2-64 rows of x (a decode step's rows, or a
+# prefill of that few tokens) through the split-K kernel (where ``warm_up`` tuned the row bucket), their LoRA
+# shrinks in its launch where ``int8_shrink.IN_MATMUL`` is on too.
 # Off until timed on the GPU (bench/pdl_bench.py --switch dense).
 IN_DECODE = False
 MIN_ROWS = 2  # one row is the float GEMV's (dense_gemv.py)

@@ -39,7 +39,7 @@ def test_serve_part(tmp_path):
 
 
 @pytest.mark.slow  # ~40 s: the tiny model's decode graphs (eager here) each way, float32 only
-@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink"])
+@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink", "dense"])
 def test_pdl_part(tmp_path, switch):
     every_row_lora = switch in ("fold", "side", "shrink")
     targets = "--lora-targets all " if every_row_lora else ""  # o_proj's and down_proj's deltas, every shrink
@@ -142,6 +142,24 @@ def test_shrink_part(tmp_path):
     assert re.search(r"\b3 passed\b", log) and "skipped" not in log, log[-2000:]
     pdl = (tmp_path / "out" / "pdl.log").read_text()
     assert re.search(r"^\| float32 \| 1 rows on 1 LoRA \| [\d.]+ / [\d.]+ \|", pdl, re.M), pdl[-2000:]
+
+
+@pytest.mark.slow  # ~20 s: two test files, then the tiny model's decode steps each way
+def test_dense_part(tmp_path):
+    """The part's tests run with both switches on for the run (the switch test passes for each, not skipped), then
+    pdl_bench --switch dense times it (on the CPU: the tiny float model, no kernel to switch to)."""
+    pytest.importorskip("triton")
+    done = run_part(tmp_path, "dense", TEST_DEVICE="cpu",
+                    TEST_PATHS="tests/test_switches.py "
+                    "tests/server/kernels/test_dense_splitk.py::test_leading_dimensions_and_the_engines_choice",
+                    PDL_ARGS="--shape tiny --quantizations none --rows 2 --lora-rows 2 --ctx 16 --new 4 --switch dense "
+                    f"--no-record --work {tmp_path / 'work'}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    log = (tmp_path / "out" / "dense_tests.log").read_text()
+    assert re.search(r"\b3 passed\b", log) and "skipped" not in log, log[-2000:]
+    pdl = (tmp_path / "out" / "pdl.log").read_text()
+    for what in ("2 rows", "2 rows on 2 LoRA"):
+        assert re.search(rf"^\| float32 \| {what} \| [\d.]+ / [\d.]+ \|", pdl, re.M), pdl[-2000:]
 
 
 @pytest.mark.slow  # ~40 s: the engine's fold tests against PEFT and the min-length parity tests, on the CPU

@@ -147,10 +147,11 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     of two), on every linear (three), on q and o (rsLoRA: q alone, no group), and gate and up to another (every
     linear), mixed with base and prefix rows in one batch; every row's greedy tokens equal PEFT's for it alone.
     Every shrink launch goes through the decoder's ``beside`` with its layer's base matmul (``engine/side_stream.py``:
-    after it, or on a second stream where switched on)."""
+    after it, or on a second stream where switched on). The float matmuls stay cuBLAS's (``dense_splitk`` off,
+    whatever a GPU run switches on: its shrinks in their launches are the next test's)."""
     pytest.importorskip("triton")
     from adapterd.server.engine import EngineConfig, GenerationParams, decoder
-    from adapterd.server.kernels import lora_bgmv
+    from adapterd.server.kernels import dense_splitk, lora_bgmv
     from adapterd.server.model import load_base_model
     from adapterd.server.runtime import Runtime
     from tests.helpers import TEST_DEVICE, reference_greedy
@@ -158,6 +159,7 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
 
     if TEST_DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dense_splitk, "IN_DECODE", False)
     members, expands = [], []  # the members of each shrink launch; the outputs of each expand launch
     real, real_expand = lora_bgmv.lora_shrink, lora_bgmv.lora_expand_  # looked up at each call
     monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda x, a, *r: members.append(a.shape[0]) or real(x, a, *r))
@@ -249,6 +251,55 @@ def test_int8_decode_steps_run_each_shrink_in_its_matmuls_launch_and_keep_pefts_
     group = config.num_attention_heads // config.num_key_value_heads
     sdpa = not faster_than_sdpa(len(jobs), group, base.device)
     assert alone == [1] * (sdpa * steps * base.num_layers)  # o_proj's alone where SDPA attends, none else
+
+
+def test_float_decode_steps_through_the_split_k_kernel_shrink_in_its_launch_and_keep_pefts_tokens(
+        tiny_model_dir, adapter_root, monkeypatch):
+    """A float base with ``dense_splitk.IN_DECODE`` and ``int8_shrink.IN_MATMUL`` on (Triton's interpreter on the
+    CPU): at each decode step of two rows or more the fused q/k/v and gate/up matmuls run through the split-K
+    kernel with their LoRA shrinks as extra programs of its launch (``kernels/dense_splitk.py``), none of those in a
+    launch of its own, and every row's greedy tokens equal PEFT's for it alone, adapters on q and v, on every
+    linear, on q and o, mixed with base and prefix rows."""
+    pytest.importorskip("triton")
+    from adapterd.server.engine import EngineConfig, GenerationParams
+    from adapterd.server.kernels import dense_splitk, int8_shrink, lora_bgmv
+    from adapterd.server.model import load_base_model
+    from adapterd.server.runtime import Runtime
+    from tests.helpers import TEST_DEVICE, reference_greedy
+    from tests.server.engine.test_parity import run_together
+
+    if TEST_DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
+    monkeypatch.setattr(int8_shrink, "IN_MATMUL", True)
+    in_matmul, alone, base_rows = [], [], []  # members of each shrink in a launch, of each alone; tokens a row
+    real_in_matmul, real_alone, real_linear = (int8_shrink.matmul_and_shrink, lora_bgmv.lora_shrink,
+                                               dense_splitk.splitk_linear)
+
+    def matmul_and_shrink(x, w, scb, bias, lora_a, *rest):
+        done = real_in_matmul(x, w, scb, bias, lora_a, *rest)
+        if done is not None and scb is None:
+            in_matmul.append(lora_a.shape[0])
+        return done
+
+    monkeypatch.setattr(int8_shrink, "matmul_and_shrink", matmul_and_shrink)
+    monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda x, a, *r: alone.append(a.shape[0]) or real_alone(x, a, *r))
+    monkeypatch.setattr(dense_splitk, "splitk_linear", lambda x, *r: base_rows.append(x.shape[1]) or real_linear(x, *r))
+    jobs = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"), ("你是谁？", "lora-rs"),
+            ("hello world", "prefix")]
+    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 4) for p, a in jobs]
+    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
+    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True, cuda_graphs=False))
+    try:
+        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=4))
+    finally:
+        runtime.close()
+    assert [events[-1].token_ids for events in results] == refs
+    steps = in_matmul.count(3) // base.num_layers  # a layer a step: q/k/v's (three members) and gate/up's (two)
+    assert steps >= 3 and in_matmul.count(3) == in_matmul.count(2) == steps * base.num_layers
+    assert 3 not in alone and 2 not in alone  # down_proj's and o_proj's shrinks only (a float one has no launch)
+    # the kernel alone only at the prefill (10 tokens: 2-64 rows of x too), never at a decode step (one token a row)
+    assert base_rows and 1 not in base_rows
 
 
 @pytest.mark.parametrize("decode", ["exact", "bucketed"])  # bucketed: padding rows (slot 0) and a rank bucket

@@ -13,6 +13,7 @@ km = pytest.importorskip("adapterd.server.kernels.int8_matmul", reason="needs tr
 from adapterd.server.kernels import dense_splitk, int8_shrink  # noqa: E402 (after the skip: they import triton)
 from adapterd.server.kernels.int8_configs import _DENSE_SMEM, _dense_configs, _prune_dense  # noqa: E402
 from adapterd.server.kernels.lora_bgmv import lora_shrink  # noqa: E402
+from tests.conftest import SWITCHES  # noqa: E402
 
 # A float output's rounding: the kernel's fp32 sum rounded once (round to nearest on a GPU; the interpreter's
 # bf16 cast truncates), against fp64: within one unit in the last place of the output's dtype, plus fp32's own
@@ -51,7 +52,9 @@ def test_leading_dimensions_and_the_engines_choice(monkeypatch):
     a weight contiguous along K, ``F.linear`` for one row (the GEMV's), 65 rows, mixed dtypes or a transposed
     weight."""
     x, w, b = _case(6, 96, 40, torch.float32)
-    assert torch.equal(dense_splitk.linear(x[:, None], w, b), F.linear(x[:, None], w, b))  # off by default
+    assert dense_splitk.IN_DECODE is False or "kernels.dense_splitk.IN_DECODE" in SWITCHES  # off by default
+    monkeypatch.setattr(dense_splitk, "IN_DECODE", False)
+    assert torch.equal(dense_splitk.linear(x[:, None], w, b), F.linear(x[:, None], w, b))
     monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
     y = dense_splitk.linear(x[:, None], w, b)
     assert y.shape == (6, 1, 40) and torch.equal(y[:, 0], dense_splitk.splitk_linear(x, w, b))
@@ -86,6 +89,8 @@ def test_the_shrink_in_a_float_weights_launch_gives_the_two_launches_values(monk
     a = torch.randn(3, 19, 5, 4096, generator=g) / 64
     a[:, :, 0] = 0
     slots = torch.arange(6) % 5
+    monkeypatch.setattr(dense_splitk, "IN_DECODE", False)
+    monkeypatch.setattr(int8_shrink, "IN_MATMUL", False)
     assert not dense_splitk.shrinks_in_launch(w)
     assert dense_splitk.matmul_and_shrink(x, w, None, a, slots, 16) is None
     monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
