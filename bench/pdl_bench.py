@@ -39,7 +39,8 @@ own adapter, as ``fold`` (an int8 base only: a float matmul has no such programs
 ``--switch dense`` compares a float base's fused q/k/v and gate/up matmuls at 2-64 rows through the split-K
 kernel, with their LoRA shrinks in its launch (on: ``kernels/dense_splitk.py``'s ``IN_DECODE`` and
 ``int8_shrink.IN_MATMUL``, the row bucket tuned when first switched on, and its times against ``F.linear``
-printed) against cuBLAS and the shrinks' own launches (off), base rows and ``--lora-rows`` as ``pdl``: whether a
+printed; a matmul with no shrink takes the kernel only where it timed no slower) against cuBLAS and the shrinks'
+own launches (off), base rows and ``--lora-rows`` as ``pdl``: whether a
 bf16 step on 32 adapters gains more than the base step may lose (``--quantizations none``: an int8 base's
 matmuls are the split-K kernel's already).
 

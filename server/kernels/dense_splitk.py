@@ -14,7 +14,10 @@ its own (``int8_configs._dense_configs``, tuned per row bucket like the int8 one
 with cuBLAS at those rows, which only the GPU says: ``warm_up`` tunes the fused q/k/v and gate/up shapes and times
 each against ``F.linear`` as a decode step runs them (``step_judge.in_step_us``); ``bench/pdl_bench.py --switch
 dense`` times whole decode steps both ways. ``IN_DECODE`` switches it for the engine's fused projections, off
-until timed. Nothing here tunes inside a call the engine makes: a shape not tuned keeps ``F.linear``.
+until timed: then a matmul with a LoRA shrink to host takes the kernel wherever its bucket is tuned
+(``hosts_shrink``), one without only where the warm-up found the kernel no slower than cuBLAS (``chosen``), so
+that a base-only step keeps cuBLAS's speed. Nothing here tunes inside a call the engine makes: a shape not tuned
+keeps ``F.linear``.
 """
 
 from __future__ import annotations
@@ -47,19 +50,33 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             and triton_available(x.device))
 
 
+def _key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """``int8_matmul._CHOSEN``'s key for these (the rows' bucket, the shapes, dtypes and device)."""
+    from .int8_matmul import _small_key, row_bucket
+
+    rows = x.numel() // x.shape[-1]
+    return _small_key(False, row_bucket(rows), x.reshape(rows, -1), weight, None, bias)
+
+
 def tuned(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether the kernel has its tiles for these rows' bucket (``warm_up`` tuned them; the interpreter: always)."""
     if interpreting():
         return True
-    from .int8_matmul import _CHOSEN, _small_key, row_bucket
+    from .int8_matmul import _CHOSEN
 
-    rows = x.numel() // x.shape[-1]
-    return _small_key(False, row_bucket(rows), x.reshape(rows, -1), weight, None, bias) in _CHOSEN
+    return _key(x, weight, bias) in _CHOSEN
+
+
+def hosts_shrink(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the engine runs the kernel for these with a LoRA shrink in its launch: ``IN_DECODE``, ``fits`` and
+    ``tuned`` (whatever ``warm_up`` timed: the shrink's own launch is what it saves)."""
+    return IN_DECODE and fits(x, weight, bias) and tuned(x, weight, bias)
 
 
 def chosen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether the engine runs the kernel for these: ``IN_DECODE``, ``fits`` and ``tuned``."""
-    return IN_DECODE and fits(x, weight, bias) and tuned(x, weight, bias)
+    """Whether the engine runs the kernel for these with no shrink to host: ``hosts_shrink``, and ``warm_up`` found
+    it no slower than ``F.linear`` for the bucket (the interpreter: always, so that the CPU tests run it)."""
+    return hosts_shrink(x, weight, bias) and (interpreting() or _key(x, weight, bias) in _FASTER)
 
 
 def splitk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -92,9 +109,9 @@ def shrinks_in_launch(weight: torch.Tensor) -> bool:
 
 def matmul_and_shrink(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                       slots: torch.Tensor, rank: int):
-    """``(linear(x, weight, bias), lora_shrink(x rows, lora_a, slots, rank))`` in one launch where ``chosen``
-    (``int8_shrink.matmul_and_shrink`` on the float weight); else None, nothing launched."""
-    if not chosen(x, weight, bias):
+    """``(splitk_linear(x, weight, bias), lora_shrink(x rows, lora_a, slots, rank))`` in one launch where
+    ``hosts_shrink`` (``int8_shrink.matmul_and_shrink`` on the float weight); else None, nothing launched."""
+    if not hosts_shrink(x, weight, bias):
         return None
     from .int8_shrink import matmul_and_shrink as in_launch
 
@@ -103,6 +120,8 @@ def matmul_and_shrink(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 # (row bucket, N, K) -> (the kernel's us, F.linear's us) for every shape and bucket ``warm_up`` timed
 _JUDGED: dict[tuple[int, int, int], tuple[float, float]] = {}
+# ``_key``s of the buckets where ``warm_up`` timed the kernel no slower than F.linear: ``chosen`` without a shrink
+_FASTER: set[tuple] = set()
 
 
 @torch.no_grad()
@@ -111,9 +130,10 @@ def warm_up(weights: Iterable[tuple[torch.Tensor, torch.Tensor | None]], buckets
     """Tune the kernel's tiles for each distinct ``(weight, bias)`` shape at each row bucket (float weights on a
     device where the kernel runs; others are skipped), then time the tuned kernel against ``F.linear`` on zero rows
     of the bucket's size as a decode step runs them (``step_judge.in_step_us``: after an RMSNorm, in a CUDA graph,
-    over copies of the weight that L2 cannot hold). Call before any CUDA graph capture. The times decide nothing
-    (``IN_DECODE`` does): they say whether the kernel's tiles keep up with cuBLAS. Returns
-    ``{(bucket, N, K): (kernel us, F.linear us)}``, each with its norm's time."""
+    over copies of the weight that L2 cannot hold). Call before any CUDA graph capture. Where the kernel was no
+    slower, it runs for that bucket's matmuls without a shrink too (``chosen``); elsewhere only those hosting a
+    shrink take it (``hosts_shrink``). Returns ``{(bucket, N, K): (kernel us, F.linear us)}``, each with its
+    norm's time."""
     from .step_judge import in_step_us
 
     seen = set()
@@ -129,6 +149,8 @@ def warm_up(weights: Iterable[tuple[torch.Tensor, torch.Tensor | None]], buckets
                 ours, theirs = in_step_us(x, weight, (lambda a, w: splitk_linear(a, w, bias),  # noqa: B023
                                                       lambda a, w: F.linear(a, w, bias)))  # noqa: B023
                 _JUDGED[key] = (ours, theirs)
+                if ours <= theirs:
+                    _FASTER.add(_key(x, weight, bias))
     return {key: _JUDGED[key] for key in seen if key in _JUDGED}
 
 

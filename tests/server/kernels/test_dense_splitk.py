@@ -67,17 +67,26 @@ def test_leading_dimensions_and_the_engines_choice(monkeypatch):
     assert torch.equal(dense_splitk.linear(x[:1], w, b), F.linear(x[:1], w, b))
 
 
-def test_only_a_tuned_bucket_is_chosen_on_a_gpu(monkeypatch):
-    """Compiled (no interpreter), a row bucket runs the kernel only once ``warm_up`` tuned its tiles (its choice is
-    in ``int8_matmul._CHOSEN``): a call inside a graph capture never tunes. Off a GPU nothing is chosen."""
+def test_on_a_gpu_a_tuned_bucket_hosts_shrinks_and_one_timed_no_slower_runs_alone_too(monkeypatch):
+    """Compiled (no interpreter), a row bucket takes the kernel only once ``warm_up`` tuned its tiles (its choice is
+    in ``int8_matmul._CHOSEN``: a call inside a graph capture never tunes): then a matmul hosting a LoRA shrink
+    takes it (``hosts_shrink``), and one without only where the warm-up timed the kernel no slower than
+    ``F.linear`` (``chosen``), so that base-only steps keep cuBLAS. Off a GPU nothing fits."""
     x, w, _ = _case(6, 96, 40, torch.bfloat16)
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
     monkeypatch.setattr(km, "_CHOSEN", {})
-    assert not dense_splitk.tuned(x, w) and not dense_splitk.chosen(x, w)
+    monkeypatch.setattr(dense_splitk, "_FASTER", set())
+    assert not dense_splitk.fits(x, w)  # the CPU: no kernel runs here
+    monkeypatch.setattr(dense_splitk, "fits", lambda *args: True)  # as on a GPU
+    assert not dense_splitk.tuned(x, w) and not dense_splitk.hosts_shrink(x, w) and not dense_splitk.chosen(x, w)
     km._CHOSEN[km._small_key(False, 8, x, w, None, None)] = km._INTERPRET_SMALL
     assert dense_splitk.tuned(x, w) and not dense_splitk.tuned(x[:2], w)  # bucket 8 tuned, bucket 2 not
-    assert not dense_splitk.chosen(x, w)  # the CPU: no kernel runs here
+    assert dense_splitk.hosts_shrink(x, w) and not dense_splitk.chosen(x, w)  # slower than cuBLAS, or not timed
+    dense_splitk._FASTER.add(km._small_key(False, 8, x, w, None, None))
+    assert dense_splitk.chosen(x, w) and dense_splitk.chosen(x[:5], w) and not dense_splitk.chosen(x[:2], w)
+    monkeypatch.setattr(dense_splitk, "IN_DECODE", False)
+    assert not dense_splitk.hosts_shrink(x, w) and not dense_splitk.chosen(x, w)
 
 
 def test_the_shrink_in_a_float_weights_launch_gives_the_two_launches_values(monkeypatch):
