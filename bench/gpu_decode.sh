@@ -90,9 +90,9 @@ folds() {  # both run; the part fails if either does
     -o addopts="" -m gpu tests/server/kernels/test_rms_norm.py tests/server/kernels/test_silu_mul.py \
     tests/server/kernels/test_lora_bgmv.py 2>&1 \
     | tee "$OUT/fold_kernels.log" | tail -8 || rc=1
-  engine_tests "tests/server/adapters/test_lora_group.py \
+  engine_tests "${TEST_PATHS:-tests/server/adapters/test_lora_group.py \
     tests/server/engine/test_parity.py::test_a_minimum_length_bans_eos_as_transformers_does \
-    tests/server/engine/test_parity.py::test_the_one_launch_pick_gives_the_same_tokens_in_the_engine" fold_engine || rc=1
+    tests/server/engine/test_parity.py::test_the_one_launch_pick_gives_the_same_tokens_in_the_engine}" fold_engine || rc=1
   return $rc
 }
 shrink() {  # each runs; the part fails if either does
