@@ -128,7 +128,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
             dense_splitk.IN_DECODE = int8_shrink.IN_MATMUL = on
         decoder.graphs.clear()
 
-    runtime.engine.call(lambda: switch(on)).result(60)
+    runtime.engine.call(lambda: switch(on)).result(900)  # --switch dense tunes a row bucket here: compiles, times
     try:
         engine_step_ms(runtime, rows, args.ctx, 4, adapters)  # captures this shape's graph, not timed
         ms = engine_step_ms(runtime, rows, args.ctx, args.new, adapters)

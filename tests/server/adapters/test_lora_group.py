@@ -298,8 +298,9 @@ def test_float_decode_steps_through_the_split_k_kernel_shrink_in_its_launch_and_
     steps = in_matmul.count(3) // base.num_layers  # a layer a step: q/k/v's (three members) and gate/up's (two)
     assert steps >= 3 and in_matmul.count(3) == in_matmul.count(2) == steps * base.num_layers
     assert 3 not in alone and 2 not in alone  # down_proj's and o_proj's shrinks only (a float one has no launch)
-    # the kernel alone only at the prefill (10 tokens: 2-64 rows of x too), never at a decode step (one token a row)
-    assert base_rows and 1 not in base_rows
+    # the kernel alone only at the prefill (10 tokens: 2-64 rows of x too, in the interpreter; on a GPU where the
+    # bucket was tuned and timed no slower than cuBLAS), never at a decode step (one token a row)
+    assert 1 not in base_rows and (bool(base_rows) or TEST_DEVICE != "cpu")
 
 
 @pytest.mark.parametrize("decode", ["exact", "bucketed"])  # bucketed: padding rows (slot 0) and a rank bucket
