@@ -67,7 +67,7 @@ def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> li
 
 def _dense_configs() -> list[triton.Config]:
     """The split-K kernel's tiles for a float weight at 2-64 rows (``dense_splitk.py``; ``_prune_dense`` picks a
-    key's: at most 21). Tensor-core tiles only (a float weight's one row is ``dense_gemv.py``'s). A bf16 weight
+    key's: at most 25). Tensor-core tiles only (a float weight's one row is ``dense_gemv.py``'s). A bf16 weight
     tile is twice an int8 one's bytes, so BLOCK_K is 64-256 columns (128-512 bytes a weight row) and 3-4 stages
     keep 48-128 KB of weight in flight a program; BLOCK_M 16 for every bucket (32 and 64 rows read each weight
     tile 2 or 4 times, the later reads mostly from L2), BLOCK_M 32 / 64 for the bucket of that size (one row
@@ -78,8 +78,11 @@ def _dense_configs() -> list[triton.Config]:
         (64, 128, 4, 4, 4), (128, 64, 4, 4, 4), (64, 256, 4, 4, 3), (32, 256, 4, 2, 4),
         (64, 128, 8, 4, 4), (32, 128, 8, 2, 4), (64, 64, 16, 4, 4),
     ]
-    wide = [(64, 128, 1, 4, 4), (128, 64, 1, 4, 4), (64, 128, 2, 4, 3), (128, 128, 2, 8, 3), (64, 128, 4, 4, 3),
-            (64, 64, 8, 4, 4)]
+    # One row block: 32-column tiles give a 12288-row weight 384 programs of one split (48 KB of shared memory
+    # each at BLOCK_M 32, by Triton's metadata for sm_90), 64-column ones 192 for 132 SMs. The 32-column tile of
+    # two splits at 4 warps takes 8 bytes of stack (ptxas, sm_90): 2 warps there, which take none.
+    wide = [(32, 128, 1, 4, 4), (32, 256, 1, 4, 3), (64, 64, 1, 4, 4), (64, 128, 1, 4, 4), (128, 64, 1, 4, 4),
+            (32, 128, 2, 2, 4), (64, 128, 2, 4, 3), (128, 128, 2, 8, 3), (64, 128, 4, 4, 3), (64, 64, 8, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s}, num_warps=w, num_stages=st)
             for bm, tiles in ((16, narrow), (32, wide), (64, wide)) for bn, bk, s, w, st in tiles]
 
