@@ -203,6 +203,55 @@ def test_engine_decode_steps_launch_one_group_kernel_a_layer_and_keep_pefts_toke
     assert set(beside_shrinks) == {0, 1} and sum(beside_shrinks) == len(members)
 
 
+def _count_shrinks(monkeypatch, int8: bool) -> tuple[list[int], list[int]]:
+    """Two lists the engine's steps then fill: the members of each LoRA shrink run as extra programs of a split-K
+    matmul's launch (an int8 weight's, or with ``int8`` False a float weight's), and of each launched alone."""
+    from adapterd.server.kernels import int8_shrink, lora_bgmv
+
+    in_matmul, alone = [], []
+    real_in_matmul, real_alone = int8_shrink.matmul_and_shrink, lora_bgmv.lora_shrink
+
+    def matmul_and_shrink(x, w, scb, bias, lora_a, *rest):
+        done = real_in_matmul(x, w, scb, bias, lora_a, *rest)
+        if done is not None and (scb is not None) == int8:
+            in_matmul.append(lora_a.shape[0])
+        return done
+
+    monkeypatch.setattr(int8_shrink, "matmul_and_shrink", matmul_and_shrink)
+    monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda x, a, *r: alone.append(a.shape[0]) or real_alone(x, a, *r))
+    return in_matmul, alone
+
+
+# Rows served together: adapters on q and v, on every linear, on q and o (rsLoRA), a base row and a prefix row
+MIXED_JOBS = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"), ("你是谁？", "lora-rs"),
+              ("hello world", "prefix")]
+
+
+def _serve_jobs_against_peft(tiny_model_dir, adapter_root, quantization: str, monkeypatch):
+    """``MIXED_JOBS`` served together by the engine over the tiny base (``quantization``; fp32 activations; Triton's
+    interpreter on the CPU), 4 greedy tokens each: asserts that every row's tokens equal PEFT's for it alone over
+    the same base, and returns the base."""
+    from adapterd.server.engine import EngineConfig, GenerationParams
+    from adapterd.server.model import load_base_model
+    from adapterd.server.runtime import Runtime
+    from tests.helpers import TEST_DEVICE, reference_greedy
+    from tests.server.engine.test_parity import run_together
+
+    if TEST_DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    refs = [reference_greedy(tiny_model_dir, prompt, adapter_root / a if a else None, 4, quantization)
+            for prompt, a in MIXED_JOBS]
+    base = load_base_model(tiny_model_dir, quantization, TEST_DEVICE, "float32")
+    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True, cuda_graphs=False))
+    assert quantization != "int8" or runtime.engine.runner.int8_kernel_layers > 0
+    try:
+        results = run_together(runtime, MIXED_JOBS, GenerationParams(max_new_tokens=4))
+    finally:
+        runtime.close()
+    assert [events[-1].token_ids for events in results] == refs
+    return base
+
+
 def test_int8_decode_steps_run_each_shrink_in_its_matmuls_launch_and_keep_pefts_tokens(tiny_model_dir, adapter_root,
                                                                                        monkeypatch):
     """An int8 base (the engine's int8 kernel layer; Triton's interpreter on the CPU) with ``int8_shrink.IN_MATMUL``
@@ -211,45 +260,18 @@ def test_int8_decode_steps_run_each_shrink_in_its_matmuls_launch_and_keep_pefts_
     alone where SDPA attends), and every row's greedy tokens equal PEFT's for it alone over the same int8 layers,
     adapters on q and v, on every linear, on q and o, mixed with base and prefix rows."""
     pytest.importorskip("triton")
-    from adapterd.server.engine import EngineConfig, GenerationParams
-    from adapterd.server.kernels import int8_shrink, lora_bgmv
+    from adapterd.server.kernels import int8_shrink
     from adapterd.server.kernels.decode_attention import faster_than_sdpa
-    from adapterd.server.model import load_base_model
-    from adapterd.server.runtime import Runtime
-    from tests.helpers import TEST_DEVICE, reference_greedy
-    from tests.server.engine.test_parity import run_together
 
-    if TEST_DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(int8_shrink, "IN_MATMUL", True)
-    in_matmul, alone = [], []  # the members of each shrink in a matmul's launch, of each shrink launched alone
-    real_in_matmul, real_alone = int8_shrink.matmul_and_shrink, lora_bgmv.lora_shrink
-
-    def matmul_and_shrink(x, cb, scb, bias, lora_a, *rest):
-        done = real_in_matmul(x, cb, scb, bias, lora_a, *rest)
-        if done is not None:
-            in_matmul.append(lora_a.shape[0])
-        return done
-
-    monkeypatch.setattr(int8_shrink, "matmul_and_shrink", matmul_and_shrink)
-    monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda x, a, *r: alone.append(a.shape[0]) or real_alone(x, a, *r))
-    jobs = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"),
-            ("你是谁？", "lora-rs"), ("hello world", "prefix")]
-    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 4, "int8") for p, a in jobs]
-    base = load_base_model(tiny_model_dir, "int8", TEST_DEVICE, "float32")
-    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True, cuda_graphs=False))
-    assert runtime.engine.runner.int8_kernel_layers > 0
-    try:
-        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=4))
-    finally:
-        runtime.close()
-    assert [events[-1].token_ids for events in results] == refs
+    in_matmul, alone = _count_shrinks(monkeypatch, int8=True)
+    base = _serve_jobs_against_peft(tiny_model_dir, adapter_root, "int8", monkeypatch)
     # a layer a decode step: q/k/v's (three members), gate/up's (two) and down_proj's (one) in their matmuls
     steps = in_matmul.count(3) // base.num_layers
     assert steps >= 3 and in_matmul.count(3) == in_matmul.count(2) == in_matmul.count(1) == steps * base.num_layers
     config = base.model.config
     group = config.num_attention_heads // config.num_key_value_heads
-    sdpa = not faster_than_sdpa(len(jobs), group, base.device)
+    sdpa = not faster_than_sdpa(len(MIXED_JOBS), group, base.device)
     assert alone == [1] * (sdpa * steps * base.num_layers)  # o_proj's alone where SDPA attends, none else
 
 
@@ -261,40 +283,15 @@ def test_float_decode_steps_through_the_split_k_kernel_shrink_in_its_launch_and_
     launch of its own, and every row's greedy tokens equal PEFT's for it alone, adapters on q and v, on every
     linear, on q and o, mixed with base and prefix rows."""
     pytest.importorskip("triton")
-    from adapterd.server.engine import EngineConfig, GenerationParams
-    from adapterd.server.kernels import dense_splitk, int8_shrink, lora_bgmv
-    from adapterd.server.model import load_base_model
-    from adapterd.server.runtime import Runtime
-    from tests.helpers import TEST_DEVICE, reference_greedy
-    from tests.server.engine.test_parity import run_together
+    from adapterd.server.kernels import dense_splitk, int8_shrink
+    from tests.helpers import TEST_DEVICE
 
-    if TEST_DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
     monkeypatch.setattr(int8_shrink, "IN_MATMUL", True)
-    in_matmul, alone, base_rows = [], [], []  # members of each shrink in a launch, of each alone; tokens a row
-    real_in_matmul, real_alone, real_linear = (int8_shrink.matmul_and_shrink, lora_bgmv.lora_shrink,
-                                               dense_splitk.splitk_linear)
-
-    def matmul_and_shrink(x, w, scb, bias, lora_a, *rest):
-        done = real_in_matmul(x, w, scb, bias, lora_a, *rest)
-        if done is not None and scb is None:
-            in_matmul.append(lora_a.shape[0])
-        return done
-
-    monkeypatch.setattr(int8_shrink, "matmul_and_shrink", matmul_and_shrink)
-    monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda x, a, *r: alone.append(a.shape[0]) or real_alone(x, a, *r))
+    in_matmul, alone = _count_shrinks(monkeypatch, int8=False)
+    base_rows, real_linear = [], dense_splitk.splitk_linear  # the tokens a row of each matmul without a shrink
     monkeypatch.setattr(dense_splitk, "splitk_linear", lambda x, *r: base_rows.append(x.shape[1]) or real_linear(x, *r))
-    jobs = [("hello world", "lora-qv"), ("hello world", None), ("你是谁？", "team/lora-all"), ("你是谁？", "lora-rs"),
-            ("hello world", "prefix")]
-    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, 4) for p, a in jobs]
-    base = load_base_model(tiny_model_dir, "none", TEST_DEVICE, "float32")
-    runtime = Runtime(base, adapter_root, EngineConfig(max_batch_size=8, fused_kernels=True, cuda_graphs=False))
-    try:
-        results = run_together(runtime, jobs, GenerationParams(max_new_tokens=4))
-    finally:
-        runtime.close()
-    assert [events[-1].token_ids for events in results] == refs
+    base = _serve_jobs_against_peft(tiny_model_dir, adapter_root, "none", monkeypatch)
     steps = in_matmul.count(3) // base.num_layers  # a layer a step: q/k/v's (three members) and gate/up's (two)
     assert steps >= 3 and in_matmul.count(3) == in_matmul.count(2) == steps * base.num_layers
     assert 3 not in alone and 2 not in alone  # down_proj's and o_proj's shrinks only (a float one has no launch)

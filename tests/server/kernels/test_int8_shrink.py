@@ -185,21 +185,29 @@ def test_gpu_at_the_llama_qkv_shape_against_the_two_launches_and_in_a_cuda_graph
     a = (torch.randn(3, 16, 33, 4096, generator=g) / 64).to(torch.bfloat16).cuda()
     a[:, :, 0] = 0
     slots = (torch.arange(rows) % 33).cuda()
-    want = km.int8_weight_matmul(x, cb, scb)  # tunes the bucket first
-    got = int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16)
-    assert got is not None
-    y, partials = got
+    km.int8_weight_matmul(x, cb, scb)  # tunes the bucket first
+    check_one_launch_on_the_gpu(x, cb, scb, a, slots, lambda x: km.int8_weight_matmul(x, cb, scb), g)
+
+
+def check_one_launch_on_the_gpu(x, weight, scb, a, slots, alone, g) -> None:
+    """``int8_shrink.matmul_and_shrink`` of x (rank 16) on CUDA: its output equals ``alone(x)`` (the matmul by
+    itself, with the same tiles) bit for bit and its partials ``lora_shrink``'s within fp32 summation order; then
+    captured in a CUDA graph and replayed on a new x (drawn from ``g``), the same again."""
     live = slots != 0
-    assert torch.equal(y, want)
-    torch.testing.assert_close(partials.p[:, :, live], lora_shrink(x, a, slots, 16).p[:, :, live], rtol=1e-5,
-                               atol=1e-5)
+
+    def check(y, partials) -> None:
+        assert torch.equal(y, alone(x))
+        torch.testing.assert_close(partials.p[:, :, live], lora_shrink(x, a, slots, 16).p[:, :, live], rtol=1e-5,
+                                   atol=1e-5)
+
+    done = int8_shrink.matmul_and_shrink(x, weight, scb, None, a, slots, 16)
+    assert done is not None
+    check(*done)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y, partials = int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16)
-    x.copy_(torch.randn(rows, 4096, generator=g).to(torch.bfloat16))
+        y, partials = int8_shrink.matmul_and_shrink(x, weight, scb, None, a, slots, 16)
+    x.copy_(torch.randn(x.shape, generator=g).to(x.dtype))
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(y, km.int8_weight_matmul(x, cb, scb))
-    torch.testing.assert_close(partials.p[:, :, live], lora_shrink(x, a, slots, 16).p[:, :, live], rtol=1e-5,
-                               atol=1e-5)
+    check(y, partials)
