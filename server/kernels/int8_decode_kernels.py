@@ -107,6 +107,13 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
             if USE_PDL:  # every program waits, then lets the next kernel start
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
+            elif not INTERPRETED:
+                # Launched without PDL (past PDL_MAX_BUCKET rows) the matmul's programs trigger nothing, so the next
+                # kernel (launched with PDL) may start only once every one of them has ended and every one of these
+                # has started: its loads before its own wait (the rotary kernel's q/k/v B tiles, the SiLU
+                # kernel's gate/up ones, the add + norm's down_proj ones) then stream while the shrink runs, not
+                # after it. Its wait still waits for this whole grid, these programs' partials included.
+                tl.extra.cuda.gdc_launch_dependents()
             xl = tl.load(xs, mask=ok, other=0.0).to(tl.float32)
             acc = tl.full((BLOCK_R, LORA_U), 0.0, tl.float32)  # the sums in lora_bgmv's order: tile by tile
             acc += tl.reduce(a.to(tl.float32) * xl[None, :, :], 2, tl.standard._sum_combine)

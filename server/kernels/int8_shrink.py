@@ -10,7 +10,9 @@ it has one split, else whole slices of the third axis past its ``SPLIT_K`` (the 
 the grid is a box, read and write nothing). The GPU hands out a grid's blocks in order (the first axis fastest,
 the third slowest), so these start after every matmul program has: they take the SMs that the matmul's last wave
 leaves idle and stream A beside its last tiles. (On a second stream beside the matmul, ``engine/side_stream.py``,
-the shrink's programs started first and cost 1.8% of the int8 32-row step.)
+the shrink's programs started first and cost 1.8% of the int8 32-row step.) Past ``PDL_MAX_BUCKET`` rows, where the
+matmul launches without PDL and its programs trigger nothing, the shrink's programs trigger the next kernel's
+launch: it may start once every matmul program has ended, and stream its LoRA B tiles while the shrink runs.
 
 A program does ``LORA_U`` of the shrink's splits of one (row, member): as many as the matmul's warps (at most the
 splits), each a warp's worth as in the shrink's own one-warp programs (a ``[BLOCK_R, BLOCK_K]`` tile, 4096

@@ -170,6 +170,34 @@ def test_every_decode_tile_compiles_with_the_shrink_for_hopper(monkeypatch, tmp_
             assert ptx[first:ptx.index("griddepcontrol.wait", first)].count("ld.global.L1::evict_first") == 16, c
 
 
+@pytest.mark.sm90
+def test_past_the_pdl_rows_only_the_shrinks_programs_let_the_next_kernel_start(monkeypatch, tmp_path):
+    """Launched without PDL (the 32- and 64-row tiles), the matmul's programs neither wait nor trigger; with the
+    shrink's programs, these (which start after every matmul program) trigger the next kernel's launch, and wait
+    for none: the kernel after may start streaming its LoRA B tiles while the shrink runs (sm_90, Triton here)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = triton.jit(km._int8_mm)
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
+                "p_ptr": "*fp32", "a_ptr": "*bf16", "slot_ptr": "*i64", "lp_ptr": "*fp32"}
+    unit = {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "stride_ak": 1}
+    wide = [c for c in km._small_configs() if c.kwargs["BLOCK_M"] == 32]
+    for c, shrink in [(c, shrink) for c in wide[:2] for shrink in (False, True)]:
+        constexprs = {"HAS_BIAS": False, "DOT_F32": False, "EVEN_K": True, "INTERPRETED": False, "USE_PDL": False,
+                      "GLU": False, "ROPE": False, "SHRINK": shrink, "LORA_EVEN_K": True, "BLOCK_R": 16,
+                      "LORA_K": 256, "LORA_TILES": 1, "LORA_U": c.num_warps, **c.kwargs, **unit}
+        signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in kernel.arg_names}
+        ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                             target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": c.num_warps, "num_stages": c.num_stages}).asm["ptx"]
+        assert "griddepcontrol.wait" not in ptx, c
+        assert ptx.count("griddepcontrol.launch_dependents") == (1 if shrink else 0), (c, shrink)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 8, 32])
 def test_gpu_at_the_llama_qkv_shape_against_the_two_launches_and_in_a_cuda_graph(rows):
