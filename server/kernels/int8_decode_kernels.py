@@ -2,7 +2,8 @@
 
 ``_int8_mm``: one split of the K tiles of one output tile, as tensor-core tiles (2 to 64 rows) or, at one row, a
 GEMV on the CUDA cores that widens the int8 weight a 32-bit word at a time; with its one-row epilogues (``GLU``,
-``ROPE``: ``int8_epilogues.py``) and the LoRA shrink's extra programs (``SHRINK``: ``int8_shrink.py``).
+``ROPE``: ``int8_epilogues.py``) and the LoRA shrink's extra programs (``SHRINK``: ``int8_shrink.py``); with ``SCALED``
+off, a float weight's tensor-core tiles (``dense_splitk.py``).
 ``_splitk_reduce``: the sum of a split-K launch's partials. ``int8_matmul.py`` jits, tunes and launches them and
 says why they are shaped so (its module docstring); ``int8_configs.py`` holds the tiles.
 """

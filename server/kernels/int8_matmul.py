@@ -23,7 +23,9 @@ Two paths, by the rows ``M`` of ``x`` (flattened):
   order for L2 reuse), tuned per row bucket 128, 256, ..., 4096 (larger M shares the 4096 bucket). It reads the
   int8 weight in place instead of dequantizing it to ``x.dtype`` first (a write and a re-read of a bf16 copy).
 
-The tile configs are in ``int8_configs.py``.
+The tile configs are in ``int8_configs.py``. The split-K kernel also serves float weights at 2-64 rows for
+``dense_splitk.py`` (``_small_m`` with ``scb`` None: no scale, tiles and a tuner of their own), so that a LoRA
+shrink can run in a bf16 base's matmul launch as in an int8 one's (``int8_shrink.py``).
 
 ``dequant_matmul`` (widen the weight, then torch) remains the path where no kernel can run (``x`` not on a
 CUDA device and no TRITON_INTERPRET), and the reference.
