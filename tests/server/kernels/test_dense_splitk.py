@@ -90,6 +90,38 @@ def test_on_a_gpu_a_tuned_bucket_hosts_shrinks_and_one_timed_no_slower_runs_alon
     assert not dense_splitk.hosts_shrink(x, w) and not dense_splitk.chosen(x, w)
 
 
+def test_warm_up_tunes_each_bucket_and_times_it_once_a_process(monkeypatch):
+    """Each (bucket, shape) tunes, then is timed against ``F.linear`` once a process (the engine warms up at every
+    start): a bucket where the kernel was no slower runs without a shrink too (``chosen``), one where it was slower
+    only hosts shrinks; ``judgements(clear=True)`` hands the times over once. (The timer is a stand-in here: it
+    runs on CUDA graphs.)"""
+    from adapterd.server.kernels import step_judge
+
+    monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
+    for name in ("_JUDGED", "_TIMED", "_FASTER"):
+        monkeypatch.setattr(dense_splitk, name, type(getattr(dense_splitk, name))())
+    monkeypatch.setattr(dense_splitk, "_times_on", lambda device: True)
+    timed = []
+
+    def in_step_us(x, weight, runs):
+        for run in runs:  # each run works on the weight as a step would call it
+            assert torch.allclose(run(x, weight).float(), F.linear(x, weight).float(), atol=1e-5)
+        timed.append(x.shape[0])
+        return (10.0, 12.0) if x.shape[0] == 2 else (15.0, 12.0)  # the kernel faster at 2 rows, slower at 8
+
+    monkeypatch.setattr(step_judge, "in_step_us", in_step_us)
+    _, w, _ = _case(1, 96, 40, torch.float32)
+    times = dense_splitk.warm_up([(w, None), (w.clone(), None)], [2, 8])
+    assert timed == [2, 8] and times == {(2, 40, 96): (10.0, 12.0), (8, 40, 96): (15.0, 12.0)}
+    assert dense_splitk.warm_up([(w, None)], [2, 8]) == times and timed == [2, 8]  # not timed again
+    monkeypatch.delenv("TRITON_INTERPRET")  # as compiled: only what the warm-up found no slower runs alone
+    monkeypatch.setattr(dense_splitk, "fits", lambda *args: True)
+    monkeypatch.setattr(km, "_CHOSEN", {km._small_key(False, b, torch.zeros(b, 96), w, None, None): {} for b in (2, 8)})
+    x2, x8 = torch.zeros(2, 96), torch.zeros(7, 96)
+    assert dense_splitk.chosen(x2, w) and not dense_splitk.chosen(x8, w) and dense_splitk.hosts_shrink(x8, w)
+    assert dense_splitk.judgements(clear=True) == times and dense_splitk.judgements() == {}
+
+
 def test_the_shrink_in_a_float_weights_launch_gives_the_two_launches_values(monkeypatch):
     """Switched on (``IN_DECODE``; the engine asks ``shrinks_in_launch``, which wants ``int8_shrink.IN_MATMUL``
     too): the matmul's output equals the kernel alone and the adapter rows' partials ``lora_shrink``'s, bit for
