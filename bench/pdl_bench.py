@@ -44,6 +44,11 @@ own launches (off), base rows and ``--lora-rows`` as ``pdl``: whether a
 bf16 step on 32 adapters gains more than the base step may lose (``--quantizations none``: an int8 base's
 matmuls are the split-K kernel's already).
 
+``--switch oproj`` compares o_proj's LoRA shrink in its own matmul's launch (on: ``adapters/lora_folds.py``'s
+``O_PROJ_IN_MATMUL``) against the attention merge's (off), both ways with every shrink in its split-K matmul's
+launch (``int8_shrink.IN_MATMUL``, and over a float base ``dense_splitk.IN_DECODE``, as ``dense``), every row on
+its own adapter, as ``fold``.
+
 On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
 
@@ -71,14 +76,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--work", default="/tmp/adapterd-bench")
-    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink", "dense"),
+    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink", "dense",
+                                             "oproj"),
                         default="pdl",
                         help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, "
                         "the float GEMV kernel against F.linear, shape by shape, or o_proj's LoRA expand folded "
                         "into the add + norm (every row on LoRA), or the LoRA shrinks on a second stream beside "
                         "the base matmuls (every row on LoRA), or the int8 split-K reduction with PDL, or the "
                         "LoRA shrinks in their int8 matmuls' launches (every row on LoRA), or a float base's fused "
-                        "matmuls through the split-K kernel with their shrinks in its launch")
+                        "matmuls through the split-K kernel with their shrinks in its launch, or o_proj's shrink in "
+                        "its matmul's launch rather than the attention's merge (every row on LoRA)")
     parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
                         help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -94,6 +101,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
             ) -> tuple[float, float | None]:
     """(engine ms a step, graph replayed alone ms) at ``rows`` rows, every decode graph captured anew with
     ``args.switch`` on or off (``--switch gemv``: for the judged float shape ``shape``)."""
+    from adapterd.server.adapters import lora_folds
     from adapterd.server.engine import decoder as own_decoder
     from adapterd.server.engine import side_stream
     from adapterd.server.engine.fused_projections import FusedLinear
@@ -103,7 +111,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
     originals = {name: FusedLinear.__dict__[name] for name in _EPILOGUES}
     fold_rows, side_default = own_decoder.NORM_FOLD_MIN_ROWS, side_stream.SIDE_STREAM
     reduce_default, shrink_default = int8_matmul.REDUCE_PDL, int8_shrink.IN_MATMUL
-    dense_default = dense_splitk.IN_DECODE
+    dense_default, oproj_default = dense_splitk.IN_DECODE, lora_folds.O_PROJ_IN_MATMUL
     verdict = dense_gemv.judgements()[shape][2] if shape is not None else None
 
     def switch(on: bool) -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods and
@@ -121,11 +129,13 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
             int8_matmul.REDUCE_PDL = on
         if args.switch == "shrink":  # read at each forward (each capture)
             int8_shrink.IN_MATMUL = on
-        if args.switch == "dense":  # read at each forward (each capture); the bucket tuned before any capture
+        if args.switch in ("dense", "oproj"):  # read at each forward (each capture); the bucket tuned first
             forward = decoder.forward  # the engine's own decoder (Decoder), or transformers' forward: none to tune
-            if on and hasattr(forward, "splitk_weights"):
+            split_k = on or args.switch == "oproj"  # oproj: every shrink in its matmul's launch both ways
+            if split_k and hasattr(forward, "splitk_weights"):
                 dense_splitk.warm_up(forward.splitk_weights(), [int8_matmul.row_bucket(rows)])
-            dense_splitk.IN_DECODE = int8_shrink.IN_MATMUL = on
+            dense_splitk.IN_DECODE = int8_shrink.IN_MATMUL = split_k
+            lora_folds.O_PROJ_IN_MATMUL = on and args.switch == "oproj"
         decoder.graphs.clear()
 
     runtime.engine.call(lambda: switch(on)).result(900)  # --switch dense tunes a row bucket here: compiles, times
@@ -140,7 +150,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
         side_stream.SIDE_STREAM = side_default
         int8_matmul.REDUCE_PDL = reduce_default
         int8_shrink.IN_MATMUL = shrink_default
-        dense_splitk.IN_DECODE = dense_default
+        dense_splitk.IN_DECODE, lora_folds.O_PROJ_IN_MATMUL = dense_default, oproj_default
         if shape is not None:
             runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
 
@@ -154,7 +164,7 @@ def main() -> int:
     device = pick_device()
     work = Path(args.work)
     base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
-    every_row_lora = args.switch in ("fold", "side", "shrink")  # base rows have nothing to fold or to shrink
+    every_row_lora = args.switch in ("fold", "side", "shrink", "oproj")  # base rows have nothing to fold or shrink
     lora_rows = max(args.rows) if every_row_lora else args.lora_rows
     ids = make_lora_dirs(work / "adapters", base_dir, max(lora_rows, 1), targets=TARGET_SETS[args.lora_targets])
     lines = []
@@ -232,7 +242,8 @@ def record(lines: list[str], args, machine: str) -> None:
             "side": "the LoRA shrinks on a second stream beside the base matmuls",
             "reduce": "the int8 split-K reduction with PDL past PDL_MAX_BUCKET",
             "shrink": "the LoRA shrinks as extra programs of their int8 matmuls' launches",
-            "dense": "the float fused matmuls in the split-K kernel, their LoRA shrinks in its launch"}[args.switch]
+            "dense": "the float fused matmuls in the split-K kernel, their LoRA shrinks in its launch",
+            "oproj": "o_proj's LoRA shrink in its matmul's launch (not the attention merge's)"}[args.switch]
     head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}: {args.shape}, ctx "
             f"{args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "

@@ -23,7 +23,9 @@ The shrinks that remain (q/k/v's, gate/up's, down_proj's) read only their layer'
 does: the decoder launches each right after that matmul, or beside it on a second stream where switched on
 (``engine/side_stream.py``: measured no gain on the H200, so off), or over an int8 base as extra programs of the
 matmul's own launch where switched on (``qkv_in_matmul``, ``glu_in_matmul``, ``deferred_in_matmul``:
-``kernels/int8_shrink.py``, not yet timed on a GPU, so off).
+``kernels/int8_shrink.py``, not yet timed on a GPU, so off), over a float base likewise where its matmuls go
+through the same split-K kernel (``kernels/dense_splitk.py``, off too); o_proj's there too rather than in the
+merge where ``O_PROJ_IN_MATMUL`` is on (off).
 
 Where a fold cannot run (no adapter row, a prefill, q/k/v wrapped but not one group, SDPA instead of the
 attention kernel), the unfolded launches run: the same sums either way (``tests/server/adapters``).
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from ..engine.step_context import current_step
+from ..kernels import dense_splitk
 from ..kernels.decode_attention import OutputShrink
 from ..kernels.int8_linear import Int8WeightOnlyLinear
 from ..kernels.rms_norm import OutputDelta
@@ -48,6 +51,11 @@ from .lora import GATE_UP, QKV, BatchedLoraLinear, base_layer_of, project_qkv, p
 if TYPE_CHECKING:
     from ..engine.fused_projections import FusedLinear
     from ..kernels.lora_bgmv import LoraPartials
+
+# o_proj's LoRA shrink in its own matmul's launch (``deferred_in_matmul``, as down_proj's) rather than in the decode
+# attention's merge (``output_shrink``; +67 us a 32-row bf16 step on 32 adapters at 89ba5f3, 2 us a layer), where
+# that matmul hosts it (``hosts_own_shrink``). Off until timed on the GPU (bench/pdl_bench.py --switch oproj).
+O_PROJ_IN_MATMUL = False
 
 
 def qkv_shrink(attn: nn.Module, x: torch.Tensor) -> QkvDeltas | None:
@@ -228,17 +236,34 @@ def deferred_delta(layer: BatchedLoraLinear, x: torch.Tensor) -> OutputDelta:
 
 def deferred_in_matmul(layer: BatchedLoraLinear, x: torch.Tensor) -> tuple[OutputDelta, torch.Tensor] | None:
     """For a layer that ``defers_delta`` (the caller checked): ``(deferred_delta(layer, x), its base output)`` from
-    its int8 matmul's one launch (``Int8WeightOnlyLinear.with_shrink``); None, and nothing launched, where that
-    does not run (a float base, the switch off)."""
-    base = base_layer_of(layer)
-    if not (isinstance(base, Int8WeightOnlyLinear) and base.shrinks_in_launch()):
+    its split-K matmul's one launch (``Int8WeightOnlyLinear.with_shrink``, or ``dense_splitk.matmul_and_shrink`` for
+    a float weight); None, and nothing launched, where that does not run (the switches off, a bucket not tuned)."""
+    if not hosts_own_shrink(layer):
         return None
-    rows = current_step().lora
-    done = base.with_shrink(x, layer.lora_a[None], rows.slots, rows.rank)
+    base, rows = base_layer_of(layer), current_step().lora
+    if isinstance(base, Int8WeightOnlyLinear):
+        done = base.with_shrink(x, layer.lora_a[None], rows.slots, rows.rank)
+    else:
+        done = dense_splitk.matmul_and_shrink(x, base.weight, base.bias, layer.lora_a[None], rows.slots, rows.rank)
     if done is None:
         return None
     y, partials = done
     return OutputDelta(partials, layer.lora_b), y
+
+
+def hosts_own_shrink(layer: nn.Module) -> bool:
+    """Whether ``layer``'s base matmul may run its LoRA shrink in its own launch (``kernels/int8_shrink.py``): an
+    int8 layer whose ``shrinks_in_launch`` holds, or a float one where ``dense_splitk.shrinks_in_launch`` does."""
+    base = base_layer_of(layer)
+    if isinstance(base, Int8WeightOnlyLinear):
+        return base.shrinks_in_launch()
+    return type(base) is nn.Linear and dense_splitk.shrinks_in_launch(base.weight)
+
+
+def o_proj_shrink_in_merge(o_proj: nn.Module) -> bool:
+    """Whether o_proj's shrink goes to the decode attention's merge (``output_shrink``): unless ``O_PROJ_IN_MATMUL``
+    and o_proj's matmul hosts it (``hosts_own_shrink``; then ``deferred_in_matmul`` runs it there)."""
+    return not (O_PROJ_IN_MATMUL and hosts_own_shrink(o_proj))
 
 
 def add_output_delta(delta: OutputDelta, y: torch.Tensor) -> torch.Tensor:

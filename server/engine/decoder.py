@@ -63,6 +63,7 @@ from ..adapters.lora_folds import (
     defers_delta,
     glu_in_matmul,
     glu_shrink,
+    o_proj_shrink_in_merge,
     output_delta,
     output_shrink,
     project_glu_deferred,
@@ -180,10 +181,10 @@ class Decoder:
                           if type(m) is nn.Linear]
 
     def splitk_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(weight, bias) of the fused float q/k/v and gate/up matmuls, which run through the split-K kernel at 2-64
-        rows where ``dense_splitk`` is switched on (``dense_splitk.warm_up`` tunes them)."""
-        return [(f.matmul.weight, f.matmul.bias) for fusion in self.fused for f in (fusion.qkv, fusion.gate_up)
-                if f is not None and type(f.matmul) is nn.Linear]
+        """(weight, bias) of the float matmuls that may run through the split-K kernel at 2-64 rows where
+        ``dense_splitk`` is switched on (``dense_splitk.warm_up`` tunes them): ``gemv_weights``' (the fused q/k/v and
+        gate/up, o_proj, down_proj, lm_head)."""
+        return [(w, b) for w, b, _ in self.gemv_weights()]
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                    cache: Any, index: int, qkv: FusedLinear | None) -> tuple[torch.Tensor, OutputDelta | None]:
@@ -237,7 +238,8 @@ class Decoder:
                 and attention_kernel.fits(q, keys, values, mask)
                 and attention_kernel.faster_than_sdpa(rows, q.shape[1] // keys.shape[1], q.device)):
             # o_proj's LoRA shrink in the merge (each head's output is a split of o_proj's input): no launch of its own
-            shrink = output_shrink(attn.o_proj, rows, q.shape[1])
+            # (or in o_proj's own matmul launch where switched on: ``_output``'s ``deferred_in_matmul``)
+            shrink = output_shrink(attn.o_proj, rows, q.shape[1]) if o_proj_shrink_in_merge(attn.o_proj) else None
             shrink = shrink if shrink is not None and shrink.fits(q) else None
             # where it pays, the keys and values but the entry the append just wrote are read before the PDL wait
             fresh = cache.write_pos if attention_kernel.prefetch_pays(rows, q.shape[1] // keys.shape[1]) else None
@@ -270,6 +272,8 @@ def _linear(module: nn.Module, x: torch.Tensor, gemv: bool, partials: LoraPartia
     base = base_layer_of(module)
     if gemv and type(base) is nn.Linear and dense_gemv.chosen(x, base.weight, base.bias):
         y = dense_gemv.gemv(x, base.weight, base.bias)
+    elif gemv and type(base) is nn.Linear and dense_splitk.chosen(x, base.weight, base.bias):
+        y = dense_splitk.splitk_linear(x, base.weight, base.bias)
     elif partials is not None:
         y = base(x)
     else:

@@ -275,29 +275,47 @@ def test_int8_decode_steps_run_each_shrink_in_its_matmuls_launch_and_keep_pefts_
     assert alone == [1] * (sdpa * steps * base.num_layers)  # o_proj's alone where SDPA attends, none else
 
 
+@pytest.mark.parametrize("o_proj_in_matmul", [False, True], ids=["o-shrink-in-merge", "o-shrink-in-matmul"])
 def test_float_decode_steps_through_the_split_k_kernel_shrink_in_its_launch_and_keep_pefts_tokens(
-        tiny_model_dir, adapter_root, monkeypatch):
+        o_proj_in_matmul, tiny_model_dir, adapter_root, monkeypatch):
     """A float base with ``dense_splitk.IN_DECODE`` and ``int8_shrink.IN_MATMUL`` on (Triton's interpreter on the
-    CPU): at each decode step of two rows or more the fused q/k/v and gate/up matmuls run through the split-K
-    kernel with their LoRA shrinks as extra programs of its launch (``kernels/dense_splitk.py``), none of those in a
-    launch of its own, and every row's greedy tokens equal PEFT's for it alone, adapters on q and v, on every
-    linear, on q and o, mixed with base and prefix rows."""
+    CPU): at each decode step of two rows or more every layer's q/k/v, gate/up and down_proj matmuls run through
+    the split-K kernel with their LoRA shrinks as extra programs of its launch (``kernels/dense_splitk.py``), none
+    in a launch of its own; o_proj's shrink is the attention merge's, or with ``lora_folds.O_PROJ_IN_MATMUL`` (or
+    where SDPA attends) its own matmul's launch's too. Every row's greedy tokens equal PEFT's for it alone,
+    adapters on q and v, on every linear, on q and o, mixed with base and prefix rows."""
     pytest.importorskip("triton")
+    from adapterd.server.adapters import lora_folds
     from adapterd.server.kernels import dense_splitk, int8_shrink
+    from adapterd.server.kernels.decode_attention import faster_than_sdpa
     from tests.helpers import TEST_DEVICE
 
     monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
     monkeypatch.setattr(int8_shrink, "IN_MATMUL", True)
+    monkeypatch.setattr(lora_folds, "O_PROJ_IN_MATMUL", o_proj_in_matmul)
     in_matmul, alone = _count_shrinks(monkeypatch, int8=False)
-    base_rows, real_linear = [], dense_splitk.splitk_linear  # the tokens a row of each matmul without a shrink
-    monkeypatch.setattr(dense_splitk, "splitk_linear", lambda x, *r: base_rows.append(x.shape[1]) or real_linear(x, *r))
+    plain, real_linear = [], dense_splitk.splitk_linear  # (tokens a row, weight shape) of each call with no shrink
+    monkeypatch.setattr(dense_splitk, "splitk_linear",
+                        lambda x, w, *r: plain.append((x.shape[1], tuple(w.shape))) or real_linear(x, w, *r))
     base = _serve_jobs_against_peft(tiny_model_dir, adapter_root, "none", monkeypatch)
-    steps = in_matmul.count(3) // base.num_layers  # a layer a step: q/k/v's (three members) and gate/up's (two)
-    assert steps >= 3 and in_matmul.count(3) == in_matmul.count(2) == steps * base.num_layers
-    assert 3 not in alone and 2 not in alone  # down_proj's and o_proj's shrinks only (a float one has no launch)
-    # the kernel alone only at the prefill (10 tokens: 2-64 rows of x too, in the interpreter; on a GPU where the
-    # bucket was tuned and timed no slower than cuBLAS), never at a decode step (one token a row)
-    assert 1 not in base_rows and (bool(base_rows) or TEST_DEVICE != "cpu")
+    layers, config = base.num_layers, base.model.config
+    steps = in_matmul.count(3) // layers  # a layer a step: q/k/v's (three members) and gate/up's (two)
+    merge = not o_proj_in_matmul and faster_than_sdpa(
+        len(MIXED_JOBS), config.num_attention_heads // config.num_key_value_heads, base.device)
+    assert steps >= 3 and in_matmul.count(3) == in_matmul.count(2) == steps * layers
+    assert in_matmul.count(1) == (1 if merge else 2) * steps * layers  # down_proj's, and o_proj's unless the merge's
+    assert alone == []  # no shrink in a launch of its own
+    # with no shrink to host, the kernel ran (in the interpreter; on a GPU where the bucket was tuned and timed no
+    # slower than cuBLAS) at the prefill (10 tokens: 2-64 rows of x too), for lm_head, and at decode steps for
+    # o_proj alone where the merge took its shrink
+    o_proj = (config.hidden_size, config.num_attention_heads * config.head_dim)
+    lm_head = tuple(base.model.lm_head.weight.shape)
+    decode = [shape for tokens, shape in plain if tokens == 1]
+    if TEST_DEVICE == "cpu":
+        # lm_head: at every decode step and the prefill (one token a row there too: the last)
+        assert decode.count(o_proj) == (steps * layers if merge else 0) and decode.count(lm_head) == steps + 1
+        assert any(tokens > 1 for tokens, _ in plain)
+    assert set(decode) <= {o_proj, lm_head}
 
 
 @pytest.mark.parametrize("decode", ["exact", "bucketed"])  # bucketed: padding rows (slot 0) and a rank bucket
