@@ -260,10 +260,12 @@ def test_int8_decode_steps_run_each_shrink_in_its_matmuls_launch_and_keep_pefts_
     alone where SDPA attends), and every row's greedy tokens equal PEFT's for it alone over the same int8 layers,
     adapters on q and v, on every linear, on q and o, mixed with base and prefix rows."""
     pytest.importorskip("triton")
+    from adapterd.server.adapters import lora_folds
     from adapterd.server.kernels import int8_shrink
     from adapterd.server.kernels.decode_attention import faster_than_sdpa
 
     monkeypatch.setattr(int8_shrink, "IN_MATMUL", True)
+    monkeypatch.setattr(lora_folds, "O_PROJ_IN_MATMUL", False)  # o_proj's in the merge (the float test runs both)
     in_matmul, alone = _count_shrinks(monkeypatch, int8=True)
     base = _serve_jobs_against_peft(tiny_model_dir, adapter_root, "int8", monkeypatch)
     # a layer a decode step: q/k/v's (three members), gate/up's (two) and down_proj's (one) in their matmuls
