@@ -13,8 +13,9 @@ its own (``int8_configs._dense_configs``, tuned per row bucket like the int8 one
 ``matmul_and_shrink`` takes a float weight too. Whether that pays depends on how the kernel's bf16 tiles compare
 with cuBLAS at those rows, which only the GPU says: ``warm_up`` tunes the fused q/k/v and gate/up shapes and times
 each against ``F.linear`` as a decode step runs them (``step_judge.in_step_us``); ``bench/pdl_bench.py --switch
-dense`` times whole decode steps both ways. ``IN_DECODE`` switches it for the engine's fused projections, off
-until timed: then a matmul with a LoRA shrink to host takes the kernel wherever its bucket is tuned
+dense`` times whole decode steps both ways. ``IN_DECODE`` switches it for the own decoder's float matmuls (the
+fused q/k/v and gate/up, o_proj, down_proj, lm_head: ``Decoder.splitk_weights``), off until timed: then a matmul
+with a LoRA shrink to host takes the kernel wherever its bucket is tuned
 (``hosts_shrink``), one without only where the warm-up found the kernel no slower than cuBLAS (``chosen``), so
 that a base-only step keeps cuBLAS's speed. Nothing here tunes inside a call the engine makes: a shape not tuned
 keeps ``F.linear``.
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 
 from .support import interpreting, triton_available
 
-# The engine's switch: the fused float q/k/v and gate/up matmuls at 2-64 rows of x (a decode step's rows, or a
-# prefill of that few tokens) through the split-K kernel (where ``warm_up`` tuned the row bucket), their LoRA
-# shrinks in its launch where ``int8_shrink.IN_MATMUL`` is on too.
+# The engine's switch: the own decoder's float matmuls at 2-64 rows of x (a decode step's rows, or a prefill of
+# that few tokens) through the split-K kernel (where ``warm_up`` tuned the row bucket), their LoRA shrinks in its
+# launch where ``int8_shrink.IN_MATMUL`` is on too.
 # Off until timed on the GPU (bench/pdl_bench.py --switch dense).
 IN_DECODE = False
 MIN_ROWS = 2  # one row is the float GEMV's (dense_gemv.py)
