@@ -42,7 +42,6 @@ from torch import nn
 from ..engine.step_context import current_step
 from ..kernels import dense_splitk
 from ..kernels.decode_attention import OutputShrink
-from ..kernels.int8_linear import Int8WeightOnlyLinear
 from ..kernels.rms_norm import OutputDelta
 from ..kernels.rope_append import QkvDeltas
 from ..kernels.silu_mul import GluDeltas
@@ -236,15 +235,12 @@ def deferred_delta(layer: BatchedLoraLinear, x: torch.Tensor) -> OutputDelta:
 
 def deferred_in_matmul(layer: BatchedLoraLinear, x: torch.Tensor) -> tuple[OutputDelta, torch.Tensor] | None:
     """For a layer that ``defers_delta`` (the caller checked): ``(deferred_delta(layer, x), its base output)`` from
-    its split-K matmul's one launch (``Int8WeightOnlyLinear.with_shrink``, or ``dense_splitk.matmul_and_shrink`` for
-    a float weight); None, and nothing launched, where that does not run (the switches off, a bucket not tuned)."""
+    its split-K matmul's one launch (``dense_splitk.layer_with_shrink``: the int8 layer's or the float weight's);
+    None, and nothing launched, where that does not run (the switches off, a bucket not tuned)."""
     if not hosts_own_shrink(layer):
         return None
-    base, rows = base_layer_of(layer), current_step().lora
-    if isinstance(base, Int8WeightOnlyLinear):
-        done = base.with_shrink(x, layer.lora_a[None], rows.slots, rows.rank)
-    else:
-        done = dense_splitk.matmul_and_shrink(x, base.weight, base.bias, layer.lora_a[None], rows.slots, rows.rank)
+    rows = current_step().lora
+    done = dense_splitk.layer_with_shrink(base_layer_of(layer), x, layer.lora_a[None], rows.slots, rows.rank)
     if done is None:
         return None
     y, partials = done
@@ -252,12 +248,9 @@ def deferred_in_matmul(layer: BatchedLoraLinear, x: torch.Tensor) -> tuple[Outpu
 
 
 def hosts_own_shrink(layer: nn.Module) -> bool:
-    """Whether ``layer``'s base matmul may run its LoRA shrink in its own launch (``kernels/int8_shrink.py``): an
-    int8 layer whose ``shrinks_in_launch`` holds, or a float one where ``dense_splitk.shrinks_in_launch`` does."""
-    base = base_layer_of(layer)
-    if isinstance(base, Int8WeightOnlyLinear):
-        return base.shrinks_in_launch()
-    return type(base) is nn.Linear and dense_splitk.shrinks_in_launch(base.weight)
+    """Whether ``layer``'s base matmul may run its LoRA shrink in its own launch (``kernels/int8_shrink.py``):
+    ``dense_splitk.layer_shrinks_in_launch`` of it."""
+    return dense_splitk.layer_shrinks_in_launch(base_layer_of(layer))
 
 
 def o_proj_shrink_in_merge(o_proj: nn.Module) -> bool:

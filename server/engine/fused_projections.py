@@ -96,23 +96,16 @@ class FusedLinear:
 
     def shrinks_in_launch(self) -> bool:
         """Whether ``with_shrink`` may run: an int8 matmul whose ``shrinks_in_launch`` holds, or a float one where
-        ``dense_splitk.shrinks_in_launch`` does (both switches on)."""
-        m = self.matmul
-        if type(m) is nn.Linear:
-            return dense_splitk.shrinks_in_launch(m.weight)
-        return isinstance(m, Int8WeightOnlyLinear) and m.shrinks_in_launch()
+        ``dense_splitk.shrinks_in_launch`` does (both switches on): ``dense_splitk.layer_shrinks_in_launch``."""
+        return dense_splitk.layer_shrinks_in_launch(self.matmul)
 
     def with_shrink(self, x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
                     rank: int) -> tuple[list[torch.Tensor], LoraPartials] | None:
         """Each member's base output for x and a LoRA shrink of x's rows (``lora_a``: the members' A tables
-        stacked, ``[G, R, S, in]``) in the split-K matmul's one launch (``Int8WeightOnlyLinear.with_shrink``, or
-        ``dense_splitk.matmul_and_shrink`` for a float weight; ask ``shrinks_in_launch`` first); None where the
-        kernel does not take them (nothing launched)."""
-        m = self.matmul
-        if type(m) is nn.Linear:
-            done = dense_splitk.matmul_and_shrink(x, m.weight, m.bias, lora_a, slots, rank)
-        else:
-            done = m.with_shrink(x, lora_a, slots, rank)
+        stacked, ``[G, R, S, in]``) in the split-K matmul's one launch (``dense_splitk.layer_with_shrink``: the
+        int8 layer's or the float weight's; ask ``shrinks_in_launch`` first); None where the kernel does not take
+        them (nothing launched)."""
+        done = dense_splitk.layer_with_shrink(self.matmul, x, lora_a, slots, rank)
         if done is None:
             return None
         y, partials = done

@@ -27,7 +27,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .int8_linear import Int8WeightOnlyLinear
 from .support import interpreting, triton_available
 
 # The engine's switch: the own decoder's float matmuls at 2-64 rows of x (a decode step's rows, or a prefill of
@@ -75,9 +77,10 @@ def hosts_shrink(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def chosen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether the engine runs the kernel for these with no shrink to host: ``hosts_shrink``, and ``warm_up`` found
-    it no slower than ``F.linear`` for the bucket (the interpreter: always, so that the CPU tests run it)."""
-    return hosts_shrink(x, weight, bias) and (interpreting() or _key(x, weight, bias) in _FASTER)
+    """Whether the engine runs the kernel for these with no shrink to host: ``IN_DECODE``, ``fits``, and ``warm_up``
+    tuned the bucket and found it no slower than ``F.linear`` (the interpreter: always, so that the CPU tests run
+    it)."""
+    return IN_DECODE and fits(x, weight, bias) and (interpreting() or _key(x, weight, bias) in _FASTER)
 
 
 def splitk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -117,6 +120,23 @@ def matmul_and_shrink(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     from .int8_shrink import matmul_and_shrink as in_launch
 
     return in_launch(x, weight, None, bias, lora_a, slots, rank)
+
+
+def layer_shrinks_in_launch(layer: nn.Module) -> bool:
+    """Whether ``layer`` (the engine's int8 kernel layer, or a plain float ``nn.Linear``) may run a LoRA shrink in
+    its split-K launch: the int8 layer's ``shrinks_in_launch``, or ``shrinks_in_launch`` of the float weight."""
+    if isinstance(layer, Int8WeightOnlyLinear):
+        return layer.shrinks_in_launch()
+    return type(layer) is nn.Linear and shrinks_in_launch(layer.weight)
+
+
+def layer_with_shrink(layer: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, rank: int):
+    """``layer``'s output for x and a LoRA shrink of x's rows (``lora_a`` ``[G, R, S, in]``) in its one split-K
+    launch (``Int8WeightOnlyLinear.with_shrink``, or ``matmul_and_shrink`` for a float ``nn.Linear``); None where
+    the kernel does not take them (nothing launched). Ask ``layer_shrinks_in_launch`` first."""
+    if isinstance(layer, Int8WeightOnlyLinear):
+        return layer.with_shrink(x, lora_a, slots, rank)
+    return matmul_and_shrink(x, layer.weight, layer.bias, lora_a, slots, rank)
 
 
 # (row bucket, N, K) -> (the kernel's us, F.linear's us) for every shape and bucket ``warm_up`` timed
