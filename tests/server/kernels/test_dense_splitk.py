@@ -14,7 +14,7 @@ from adapterd.server.kernels import dense_splitk, int8_shrink  # noqa: E402 (aft
 from adapterd.server.kernels.int8_configs import _DENSE_SMEM, _dense_configs, _prune_dense  # noqa: E402
 from adapterd.server.kernels.lora_bgmv import lora_shrink  # noqa: E402
 from tests.conftest import SWITCHES  # noqa: E402
-from tests.server.kernels.test_int8_shrink import check_one_launch_on_the_gpu  # noqa: E402
+from tests.server.kernels.test_int8_shrink import check_one_launch_on_the_gpu, compile_for_hopper  # noqa: E402
 
 # A float output's rounding: the kernel's fp32 sum rounded once (round to nearest on a GPU; the interpreter's
 # bf16 cast truncates), against fp64: within one unit in the last place of the output's dtype, plus fp32's own
@@ -179,27 +179,12 @@ def test_every_float_tile_compiles_for_hopper(shrink, monkeypatch, tmp_path):
     from pathlib import Path
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    kernel = triton.jit(km._int8_mm)
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*bf16", "s_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
-                "p_ptr": "*fp32", "a_ptr": "*bf16", "slot_ptr": "*i64", "lp_ptr": "*fp32"}
-    aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym", "stride_ag", "stride_ar", "stride_as",
-               "stride_pg", "stride_ps"]
-    unit = {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "stride_ak": 1}
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     for c in _dense_configs():
-        constexprs = {"HAS_BIAS": False, "DOT_F32": False, "EVEN_K": True, "INTERPRETED": False, "USE_PDL": True,
-                      "GLU": False, "ROPE": False, "SHRINK": shrink, "LORA_EVEN_K": True, "BLOCK_R": 16,
-                      "LORA_K": 256, "LORA_TILES": 1, "LORA_U": c.num_warps, "SCALED": False, **c.kwargs, **unit}
-        signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in kernel.arg_names}
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
-                           attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+        compiled = compile_for_hopper(c, weight="*bf16", SHRINK=shrink)
         ptx = compiled.asm["ptx"]
         assert "mma" in ptx and "cp.async" in ptx, c
         assert compiled.metadata.shared <= 227 << 10, (c, compiled.metadata.shared)

@@ -131,6 +131,33 @@ def test_a_launch_triton_will_not_build_is_left_to_the_two_launches(monkeypatch,
         int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16)
 
 
+def compile_for_hopper(c, weight: str = "*i8", **flags):
+    """``_int8_mm`` compiled for sm_90 (Triton's own ptxas, no GPU) with tile config ``c``, as a launch specializes
+    it: unit strides along K and N, 16-divisible pointers, sizes and other strides; bf16 x, a ``weight`` of that
+    type (int8: fp32 row scales and bias), the shrink's arguments typed as the q/k/v shrink's (rank 16 at K 4096, a
+    split a warp). ``flags``: the constexprs that differ from a PDL launch with the shrink (``SHRINK``,
+    ``USE_PDL``). The caller clears TRITON_INTERPRET."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = triton.jit(km._int8_mm)
+    side = "*fp32" if weight == "*i8" else weight
+    pointers = {"x_ptr": "*bf16", "w_ptr": weight, "s_ptr": side, "b_ptr": side, "y_ptr": "*bf16",
+                "p_ptr": "*fp32", "a_ptr": "*bf16", "slot_ptr": "*i64", "lp_ptr": "*fp32"}
+    aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym", "stride_ag", "stride_ar", "stride_as",
+               "stride_pg", "stride_ps"]
+    constexprs = {"HAS_BIAS": False, "DOT_F32": False, "EVEN_K": True, "INTERPRETED": False, "USE_PDL": True,
+                  "GLU": False, "ROPE": False, "SHRINK": True, "LORA_EVEN_K": True, "BLOCK_R": 16, "LORA_K": 256,
+                  "LORA_TILES": 1, "LORA_U": c.num_warps, "SCALED": weight == "*i8", **c.kwargs, "stride_xk": 1,
+                  "stride_wk": 1, "stride_yn": 1, "stride_ak": 1, **flags}
+    signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                       attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+
+
 @pytest.mark.sm90
 def test_every_decode_tile_compiles_with_the_shrink_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: every tile of the decode buckets compiles for sm_90 with the shrink's
@@ -140,28 +167,11 @@ def test_every_decode_tile_compiles_with_the_shrink_for_hopper(monkeypatch, tmp_
     they are issued before ``griddepcontrol.wait`` (x, the kernel before's output, after it)."""
     import re
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    kernel = triton.jit(km._int8_mm)
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
-                "p_ptr": "*fp32", "a_ptr": "*bf16", "slot_ptr": "*i64", "lp_ptr": "*fp32"}
-    aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym", "stride_ag", "stride_ar", "stride_as",
-               "stride_pg", "stride_ps"]
-    unit = {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "stride_ak": 1}
     for c in km._small_configs():
         gemv = c.kwargs["BLOCK_M"] == 1
-        constexprs = {"HAS_BIAS": False, "DOT_F32": False, "EVEN_K": True, "INTERPRETED": False, "USE_PDL": True,
-                      "GLU": False, "ROPE": False, "SHRINK": True, "LORA_EVEN_K": True, "BLOCK_R": 16, "LORA_K": 256,
-                      "LORA_TILES": 1, "LORA_U": c.num_warps, **c.kwargs, **unit}
-        signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in kernel.arg_names}
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
-                           attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": c.num_warps, "num_stages": c.num_stages}).asm["ptx"]
+        ptx = compile_for_hopper(c).asm["ptx"]
         loads = re.findall(r"ld\.global\.L1::evict_first[\w.:]*", ptx)
         assert loads and all(load.endswith(".v4.b32") for load in loads), (c, set(loads))
         if not gemv:  # A's loads alone, all 16 issued before the shrink's own wait (the matmul's has its own)
@@ -175,25 +185,11 @@ def test_past_the_pdl_rows_only_the_shrinks_programs_let_the_next_kernel_start(m
     """Launched without PDL (the 32- and 64-row tiles), the matmul's programs neither wait nor trigger; with the
     shrink's programs, these (which start after every matmul program) trigger the next kernel's launch, and wait
     for none: the kernel after may start streaming its LoRA B tiles while the shrink runs (sm_90, Triton here)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    kernel = triton.jit(km._int8_mm)
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
-                "p_ptr": "*fp32", "a_ptr": "*bf16", "slot_ptr": "*i64", "lp_ptr": "*fp32"}
-    unit = {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "stride_ak": 1}
     wide = [c for c in km._small_configs() if c.kwargs["BLOCK_M"] == 32]
     for c, shrink in [(c, shrink) for c in wide[:2] for shrink in (False, True)]:
-        constexprs = {"HAS_BIAS": False, "DOT_F32": False, "EVEN_K": True, "INTERPRETED": False, "USE_PDL": False,
-                      "GLU": False, "ROPE": False, "SHRINK": shrink, "LORA_EVEN_K": True, "BLOCK_R": 16,
-                      "LORA_K": 256, "LORA_TILES": 1, "LORA_U": c.num_warps, **c.kwargs, **unit}
-        signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in kernel.arg_names}
-        ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                             target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": c.num_warps, "num_stages": c.num_stages}).asm["ptx"]
+        ptx = compile_for_hopper(c, SHRINK=shrink, USE_PDL=False).asm["ptx"]
         assert "griddepcontrol.wait" not in ptx, c
         assert ptx.count("griddepcontrol.launch_dependents") == (1 if shrink else 0), (c, shrink)
 
