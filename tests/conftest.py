@@ -26,6 +26,33 @@ from tests.helpers import make_lora_adapter, make_prefix_adapter  # noqa: E402
 SWITCHES = [name for name in os.environ.get("ADAPTERD_TEST_SWITCHES", "").split(",") if name]
 
 
+def _squeeze_interpreter_scalars() -> None:
+    """Triton 3.6's interpreter (the GPU image's) turns a scalar, which it holds as a 1-element array, into a
+    Python int with ``int(array)``: NumPy 2.4 refuses that for an array of one dimension, so every kernel test with
+    a loop bound from a program id fails there before it runs. Triton 3.9 squeezes the array first; the same
+    one-line change is applied here, to the interpreter's own patch of ``tl.tensor`` (undone with it)."""
+    try:
+        import numpy
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    try:
+        int(numpy.zeros(1))
+        return  # this NumPy still converts it
+    except TypeError:
+        pass
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_with_squeeze(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_with_squeeze
+
+
+_squeeze_interpreter_scalars()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def named_switches_on():
     with pytest.MonkeyPatch.context() as patch:

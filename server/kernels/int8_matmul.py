@@ -68,8 +68,8 @@ PDL_MAX_BUCKET = 8
 # after it start at once and stream what no kernel writes (the rotary kernel's and the add + norm's LoRA B tiles,
 # the next matmul's first weight tile) while the partials are summed. pdl_bench --switch reduce on the H200
 # (e12ddf1, bench/RESULTS.md), int8, ms a step on / off: 32 rows 6.313 / 6.406, 32 rows on 32 LoRA 6.759 / 6.829.
-# Off until the GPU parity suite has run with it on (the session that measured it had no device time left).
-REDUCE_PDL = False
+# On since the GPU parity suite passed with it on (fdf7939).
+REDUCE_PDL = True
 _INV_127 = 1.0 / 127.0  # bitsandbytes' absmax scale: W = CB * SCB / 127
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _REDUCE_BLOCK = 512  # outputs per program of the split-K reduction

@@ -47,7 +47,10 @@ from .int8_matmul import _CHOSEN, _INTERPRET_SMALL, MAX_KERNEL_ROWS, _small_key,
 from .lora_bgmv import LoraPartials, plan
 from .support import interpreting
 
-IN_MATMUL = False  # the engine's switch: not yet timed on the GPU (bench/pdl_bench.py --switch shrink)
+# The engine's switch. pdl_bench --switch shrink on the H200 (fdf7939, bench/RESULTS.md), int8, every row on its own
+# adapter, ms a step on / off: 1 row 2.627 / 2.686, 8 rows 3.864 / 3.920, 32 rows 6.821 / 6.889; the GPU parity
+# suite passed with it on.
+IN_MATMUL = True
 _INTERPRET_WARPS = 4  # the interpreter's stand-in for a config's num_warps (the splits a shrink program does)
 _REFUSED: set[tuple] = set()  # launches Triton would not build: the two launches serve them
 
