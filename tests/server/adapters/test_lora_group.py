@@ -252,8 +252,9 @@ def _serve_jobs_against_peft(tiny_model_dir, adapter_root, quantization: str, mo
     return base
 
 
-def test_int8_decode_steps_run_each_shrink_in_its_matmuls_launch_and_keep_pefts_tokens(tiny_model_dir, adapter_root,
-                                                                                       monkeypatch):
+@pytest.mark.parametrize("attention", ["kernel", "sdpa"])  # sdpa: no merge to take o_proj's shrink (a GPU at 4 rows)
+def test_int8_decode_steps_run_each_shrink_in_its_matmuls_launch_and_keep_pefts_tokens(attention, tiny_model_dir,
+                                                                                       adapter_root, monkeypatch):
     """An int8 base (the engine's int8 kernel layer; Triton's interpreter on the CPU) with ``int8_shrink.IN_MATMUL``
     on: at each decode step every layer's q/k/v, gate/up and down_proj shrinks run as extra programs of their int8
     matmul's launch (``kernels/int8_shrink.py``), none in a launch of its own (o_proj's is the attention merge's, or
@@ -261,17 +262,21 @@ def test_int8_decode_steps_run_each_shrink_in_its_matmuls_launch_and_keep_pefts_
     int8 layers, adapters on q and v, on every linear, on q and o, mixed with base and prefix rows."""
     pytest.importorskip("triton")
     from adapterd.server.adapters import lora_folds
-    from adapterd.server.kernels import int8_shrink
-    from adapterd.server.kernels.decode_attention import faster_than_sdpa
+    from adapterd.server.kernels import decode_attention, int8_shrink
+    from tests.helpers import TEST_DEVICE
 
     monkeypatch.setattr(int8_shrink, "IN_MATMUL", True)
     monkeypatch.setattr(lora_folds, "O_PROJ_IN_MATMUL", False)  # o_proj's in the merge (the float test runs both)
+    if attention == "sdpa":
+        monkeypatch.setattr(decode_attention, "faster_than_sdpa", lambda *_: False)
     in_matmul, alone = _count_shrinks(monkeypatch, int8=True)
     base = _serve_jobs_against_peft(tiny_model_dir, adapter_root, "int8", monkeypatch)
     # a layer a decode step: q/k/v's (three members), gate/up's (two) and down_proj's (one) in their matmuls
     layers, config = base.num_layers, base.model.config
     steps = in_matmul.count(3) // layers
-    merge = faster_than_sdpa(len(MIXED_JOBS), config.num_attention_heads // config.num_key_value_heads, base.device)
+    merge = decode_attention.faster_than_sdpa(len(MIXED_JOBS), config.num_attention_heads // config.num_key_value_heads,
+                                              base.device)
+    assert merge == (attention == "kernel") or TEST_DEVICE != "cpu"  # the CPU runs both ways
     assert steps >= 3 and in_matmul.count(3) == in_matmul.count(2) == steps * layers
     # down_proj's; and o_proj's where SDPA attends (no merge to take it: the GPU at these 4 rows)
     assert in_matmul.count(1) == (1 if merge else 2) * steps * layers
