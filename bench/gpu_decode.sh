@@ -27,7 +27,7 @@
 #                norm, SiLU and LoRA kernels (the twentieth's: what each compiled to as launched, no 2-byte tile
 #                access), the engine's fold tests (tests/server/adapters/test_lora_group.py) and the
 #                min-length parity tests on CUDA; then `pdl` with PDL_ARGS="--switch fold ..." times them
-#   shrink       the LoRA shrinks in their int8 matmuls' launches (kernels/int8_shrink.py, off by default): its GPU
+#   shrink       the LoRA shrinks in their int8 matmuls' launches (kernels/int8_shrink.py, on by default): its GPU
 #                tests, then the engine's parity tests on CUDA with it switched on for the run
 #                (ADAPTERD_TEST_SWITCHES=kernels.int8_shrink.IN_MATMUL), then `pdl` with PDL_ARGS="--switch shrink
 #                --quantizations int8 --rows 1,8,32" times it

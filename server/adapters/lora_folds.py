@@ -22,10 +22,10 @@ run anyway, right beside them:
 The shrinks that remain (q/k/v's, gate/up's, down_proj's) read only their layer's input, as its base matmul
 does: the decoder launches each right after that matmul, or beside it on a second stream where switched on
 (``engine/side_stream.py``: measured no gain on the H200, so off), or over an int8 base as extra programs of the
-matmul's own launch where switched on (``qkv_in_matmul``, ``glu_in_matmul``, ``deferred_in_matmul``:
-``kernels/int8_shrink.py``, not yet timed on a GPU, so off), over a float base likewise where its matmuls go
-through the same split-K kernel (``kernels/dense_splitk.py``, off too); o_proj's there too rather than in the
-merge where ``O_PROJ_IN_MATMUL`` is on (off).
+matmul's own launch (``qkv_in_matmul``, ``glu_in_matmul``, ``deferred_in_matmul``: ``kernels/int8_shrink.py``, on:
+1.0-2.3% off a LoRA step on the H200), over a float base likewise where its matmuls go through the same split-K
+kernel (``kernels/dense_splitk.py``, not yet timed, off); o_proj's there too rather than in the merge where
+``O_PROJ_IN_MATMUL`` is on (off).
 
 Where a fold cannot run (no adapter row, a prefill, q/k/v wrapped but not one group, SDPA instead of the
 attention kernel), the unfolded launches run: the same sums either way (``tests/server/adapters``).
