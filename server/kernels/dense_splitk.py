@@ -95,11 +95,6 @@ def splitk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the kernel where ``chosen``."""
-    return splitk_linear(x, weight, bias) if chosen(x, weight, bias) else F.linear(x, weight, bias)
-
-
 def shrinks_in_launch(weight: torch.Tensor) -> bool:
     """Whether a LoRA shrink may run in this weight's split-K launch (``matmul_and_shrink``): ``IN_DECODE`` and
     ``int8_shrink.IN_MATMUL`` on, the kernel available on the weight's device. Asked before a step gathers the

@@ -48,24 +48,22 @@ def test_each_tile_gives_torchs_product_within_one_rounding(tiles, dtype, with_b
 
 
 def test_leading_dimensions_and_the_engines_choice(monkeypatch):
-    """x as a decode step gives it (``[rows, 1, K]``) keeps its leading dimensions. ``linear`` is ``F.linear``,
-    bit for bit, unless switched on (``IN_DECODE``); switched on, the kernel for 2-64 rows of one float dtype with
-    a weight contiguous along K, ``F.linear`` for one row (the GEMV's), 65 rows, mixed dtypes or a transposed
-    weight."""
+    """x as a decode step gives it (``[rows, 1, K]``) keeps its leading dimensions. The engine takes the kernel
+    (``chosen``) only where switched on (``IN_DECODE``), then for 2-64 rows of one float dtype with a weight
+    contiguous along K; not for one row (the GEMV's), 65 rows, mixed dtypes or a transposed weight."""
     x, w, b = _case(6, 96, 40, torch.float32)
     assert dense_splitk.IN_DECODE is False or "kernels.dense_splitk.IN_DECODE" in SWITCHES  # off by default
     monkeypatch.setattr(dense_splitk, "IN_DECODE", False)
-    assert torch.equal(dense_splitk.linear(x[:, None], w, b), F.linear(x[:, None], w, b))
+    assert not dense_splitk.chosen(x[:, None], w, b)
     monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
-    y = dense_splitk.linear(x[:, None], w, b)
+    assert dense_splitk.chosen(x[:, None], w, b) and dense_splitk.chosen(x, w, b)
+    y = dense_splitk.splitk_linear(x[:, None], w, b)
     assert y.shape == (6, 1, 40) and torch.equal(y[:, 0], dense_splitk.splitk_linear(x, w, b))
     assert not torch.equal(y, F.linear(x[:, None], w, b))  # another order of sums: the kernel ran
-    assert dense_splitk.chosen(x, w, b)
     wide = torch.randn(96, 40).t()  # [40, 96] with a K stride of 40
     for args in ((x[:1], w, b), (x.repeat(11, 1), w, b), (x.double(), w, b), (x, w.half(), b), (x, wide, b),
                  (x, w, b[:5])):
         assert not dense_splitk.chosen(*args)
-    assert torch.equal(dense_splitk.linear(x[:1], w, b), F.linear(x[:1], w, b))
 
 
 def test_on_a_gpu_a_tuned_bucket_hosts_shrinks_and_one_timed_no_slower_runs_alone_too(monkeypatch):
