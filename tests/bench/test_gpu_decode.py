@@ -110,6 +110,28 @@ def test_tests_part(tmp_path):
     assert " passed" in (tmp_path / "out" / "engine_tests.log").read_text()
 
 
+def test_a_part_leaves_the_triton_cache_for_the_next_fresh_machine(tmp_path):
+    """device_setup.sh names the GPU and points Triton's cache at one folder; each part archives that folder to
+    $OUT by GPU model, and the archive holds every cached file (what setup unpacks on the next machine)."""
+    import tarfile
+
+    cache = tmp_path / "triton-cache"
+    (cache / "abc123").mkdir(parents=True)
+    (cache / "abc123" / "int8_mm.cubin").write_bytes(b"\x7fELF" + bytes(100))
+    (cache / "abc123" / "int8_mm.autotune.json").write_text('{"configs_timings": []}')
+    done = run_part(tmp_path, "tests", TEST_DEVICE="cpu", TEST_PATHS="tests/server/engine/test_step_context.py",
+                    ADAPTERD_GPU_NAME="NVIDIA-H200", TRITON_CACHE_DIR=str(cache))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with tarfile.open(tmp_path / "out" / "triton-NVIDIA-H200.tar.gz") as archive:
+        names = {Path(name).as_posix().lstrip("./") for name in archive.getnames() if archive.getmember(name).isfile()}
+    assert names == {"abc123/int8_mm.cubin", "abc123/int8_mm.autotune.json"}
+
+
+def test_no_archive_without_a_gpu_name(tmp_path):  # the CPU runs above: nothing but the part's own files
+    done = run_part(tmp_path, "tests", TEST_DEVICE="cpu", TEST_PATHS="tests/server/engine/test_step_context.py")
+    assert done.returncode == 0 and not list((tmp_path / "out").glob("triton-*")), done.stdout[-2000:]
+
+
 def test_unknown_part_is_refused(tmp_path):
     done = run_part(tmp_path, "everything")
     assert done.returncode == 2 and "usage: bash bench/gpu_decode.sh" in done.stderr
