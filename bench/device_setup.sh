@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 # Triton's cache (compiled kernels, and the autotuners' choices: they cache_results) in one folder that
 # gpu_decode.sh archives to $OUT at its end, named by GPU model. Carried back as .whl/cache/triton-<GPU>.tar.gz,
-# a fresh machine of that model starts from it: ~2 min of compiles and tile timings spared a call. Triton keys
+# a fresh machine of that model starts from it, sparing the compiles and the autotuners' timings. Triton keys
 # each entry by the kernel's source and the configs, so a changed kernel compiles and tunes afresh.
 export ADAPTERD_GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-')
 export TRITON_CACHE_DIR=/tmp/triton-cache

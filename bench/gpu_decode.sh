@@ -137,11 +137,14 @@ case $part in
 esac
 status=$?
 cp bench/RESULTS.md "$OUT/" 2>/dev/null
-# The Triton cache this machine now holds (device_setup.sh), for the next fresh one of its model; left out over
-# 16 MiB (the most a file the device tool sends back)
+# The Triton cache this machine now holds (device_setup.sh), for the next fresh one of its model, without the
+# intermediate IRs (the image's Triton 3.6 loads a cached kernel from its metadata and cubin alone; 3.9 would
+# compile it again); left out over 16 MiB (the most a file the device tool sends back; the whole cache was over
+# at 3668cf5)
 if [ -n "${ADAPTERD_GPU_NAME:-}" ] && [ -d "${TRITON_CACHE_DIR:-}" ]; then
   archive="$OUT/triton-$ADAPTERD_GPU_NAME.tar.gz"
-  tar -czf "$archive" -C "$TRITON_CACHE_DIR" . \
+  tar -czf "$archive" --exclude='*.ttir' --exclude='*.ttgir' --exclude='*.llir' --exclude='*.source' \
+    -C "$TRITON_CACHE_DIR" . \
     && if [ "$(stat -c %s "$archive")" -gt 16000000 ]; then echo "Triton cache over 16 MB: not kept"; rm -f "$archive"; fi
 fi
 exit $status
