@@ -17,6 +17,10 @@ bf16 weights (no download), saves it once, and measures for each quantization:
 ``--decoders own,transformers`` measures all of it for each decoder forward on the same loaded base (the
 engine's own, and transformers' as ``serve --no-own-decoder`` runs it), one table.
 
+``--set kernels.int8_shrink.IN_MATMUL=False`` (repeatable) sets a server switch for the run, and the table's
+header names it: a default's figures beside the same run with it flipped (the check prompts are seeded, so the
+teacher-forced figures of two runs judge the same prompts).
+
 ``--shape tiny`` runs the same measurements on a small model on the CPU (a regression guard: ratios only).
 Every run appends its table to bench/RESULTS.md with commit, date and machine.
 """
@@ -274,11 +278,44 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decoders", default="own",
                         help="comma-separated decoder forwards, each measured on the same loaded base: own (the "
                              "engine's), transformers (`serve --no-own-decoder`)")
+    parser.add_argument("--set", action="append", default=[], metavar="SWITCH=VALUE",
+                        help="a server switch for the run, '<module under adapterd.server>.<attribute>=<Python "
+                             "literal>' (as kernels.int8_shrink.IN_MATMUL=False), repeatable: a default's figures, "
+                             "the teacher-forced ones included, beside the same run with it flipped")
     args = parser.parse_args()
     args.decoders = args.decoders.split(",")
     if args.batch < 8 or not set(args.decoders) <= {"own", "transformers"}:
         parser.error("--batch must be at least 8, --decoders a list of own and transformers")
+    try:
+        args.switches = [set_switch(setting) for setting in args.set]
+    except ValueError as e:
+        parser.error(f"--set: {e}")
     return args
+
+
+def set_switch(setting: str) -> str:
+    """Sets one server switch, ``"kernels.int8_shrink.IN_MATMUL=False"``, for this process (the engine reads each at
+    its launches and captures); returns it as set. ValueError names what is wrong: the form, the module, an
+    attribute the module lacks (a typo must not measure the default under another name), the value."""
+    import ast
+    import importlib
+
+    name, sep, literal = setting.partition("=")
+    module_name, _, attribute = name.strip().rpartition(".")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"{setting!r} is not <module>.<attribute>=<value>")
+    try:
+        module = importlib.import_module(f"adapterd.server.{module_name}")
+    except ImportError as e:
+        raise ValueError(f"no module adapterd.server.{module_name}: {e}") from None
+    if not hasattr(module, attribute):
+        raise ValueError(f"adapterd.server.{module_name} has no {attribute}")
+    try:
+        value = ast.literal_eval(literal.strip())
+    except (ValueError, SyntaxError):
+        raise ValueError(f"{literal.strip()!r} (for {name.strip()}) is not a Python literal") from None
+    setattr(module, attribute, value)
+    return f"{module_name}.{attribute}={value!r}"
 
 
 def peft_baseline(model, adapter_root: Path, ids: list[str], args, device) -> tuple[object, float, list[float]]:
@@ -376,6 +413,8 @@ def measure_loads(runtime, ids: list[str], label: str, peft_load: list[float], t
 
 def main() -> int:
     args = parse_args()
+    if args.switches:
+        print("switches set for the run:", ", ".join(args.switches), flush=True)
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -432,17 +471,18 @@ def main() -> int:
 
     machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     if not args.no_record:
-        record(table.rows, f"{args.shape}, {' and '.join(args.decoders)} decoder forward", machine)
+        record(table.rows, f"{args.shape}, {' and '.join(args.decoders)} decoder forward", machine, args.switches)
     return 0
 
 
-def record(rows, shape: str, machine: str) -> None:
+def record(rows, shape: str, machine: str, switches: list[str]) -> None:
     import transformers
 
     commit = git_commit()
     lines = [f"\n### serve_bench: {shape} on {machine}",
              f"commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-             f"transformers {transformers.__version__}. Baseline = transformers + PEFT `generate()` in the same run.",
+             f"transformers {transformers.__version__}. Baseline = transformers + PEFT `generate()` in the same run."
+             + (f" Switches set for the run: {', '.join(switches)}." if switches else ""),
              "", "| measure | baseline | adapterd | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {m} | {b} | {o} | {r} |" for m, b, o, r in rows]
     path = Path(__file__).resolve().parent / "RESULTS.md"

@@ -72,7 +72,8 @@ class Checks:
     transformers' greedy tokens for the base rows, taken before any engine touched the model."""
 
     def __init__(self, model, ctx: int, new: int) -> None:
-        self.prompts = [list(torch.randint(10, 1000, (ctx,)).tolist()) for _ in range(8)]
+        g = torch.Generator().manual_seed(1234)  # the same prompts every run: figures of two runs compare
+        self.prompts = [list(torch.randint(10, 1000, (ctx,), generator=g).tolist()) for _ in range(8)]
         self.hf_tokens = hf_greedy(model, self.prompts[:4], new)
         self.probe_order = (0, 4, 1, 5, 2, 6, 3, 7)  # batch-invariance probes: base and LoRA rows alternate
 

@@ -43,3 +43,26 @@ def test_serve_bench_tiny(tmp_path):
         # fp32 on the CPU: a request's tokens do not depend on the batch around it (4 probes, 4 other rows).
         invariance = re.search(rf"batch invariance, {label}: 4 requests alone vs in 8 rows\s+identical (\d+)%", text)
         assert invariance and int(invariance[1]) == 100, (decoder, text)
+
+
+def test_set_switches_a_server_attribute_for_the_run_and_refuses_a_typo(tmp_path):
+    """``--set`` flips a switch for the run and the run says so; a module or attribute that does not exist, or a
+    value that is no Python literal, is refused before anything is measured (a typo must not measure the default
+    under another name)."""
+    def run(*setting: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, str(REPO / "bench" / "serve_bench.py"), "--shape", "tiny",
+                               "--quantizations", "none", "--ctx", "16", "--new", "4", "--batch", "8",
+                               "--work", str(tmp_path), "--no-record", *setting],
+                              capture_output=True, text=True, timeout=600, env=env)
+
+    for setting, error in (("kernels.int8_shrink.IN_MATMULL=False", "has no IN_MATMULL"),
+                           ("kernels.no_such_module.X=1", "no module adapterd.server.kernels.no_such_module"),
+                           ("kernels.int8_shrink.IN_MATMUL=off", "'off' (for kernels.int8_shrink.IN_MATMUL) is not a"),
+                           ("IN_MATMUL", "is not <module>.<attribute>=<value>")):
+        refused = run("--set", setting)
+        assert refused.returncode == 2 and error in refused.stderr, (setting, refused.stderr[-2000:])
+    done = run("--set", "kernels.int8_shrink.IN_MATMUL=False", "--set", "kernels.int8_matmul.REDUCE_PDL=False")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("switches set for the run: kernels.int8_shrink.IN_MATMUL=False, kernels.int8_matmul.REDUCE_PDL=False"
+            in done.stdout), done.stdout[:2000]
