@@ -32,7 +32,7 @@
 #                (ADAPTERD_TEST_SWITCHES=kernels.int8_shrink.IN_MATMUL), then `pdl` with PDL_ARGS="--switch shrink
 #                --quantizations int8 --rows 1,8,32" times it
 #   dense        a float base's fused matmuls at 2-64 rows through the split-K kernel with their LoRA shrinks in its
-#                launch (kernels/dense_splitk.py, off by default): its GPU tests and the engine's parity tests on
+#                launch (kernels/dense_splitk.py, on by default): its GPU tests and the engine's parity tests on
 #                CUDA with both switches on for the run, then `pdl` with PDL_ARGS="--switch dense --quantizations
 #                none --rows 8,32 --lora-rows 32" times it (and prints each tuned bucket against F.linear)
 # SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE and TEST_PATHS override

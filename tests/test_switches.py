@@ -27,7 +27,7 @@ def test_a_run_with_a_switch_named_turns_it_on_and_a_wrong_name_fails(subprocess
     run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=",
            "tests/test_switches.py::test_each_named_switch_is_on"]
     on = subprocess.run(run, cwd=ROOT, capture_output=True, text=True,
-                        env={**subprocess_env, "ADAPTERD_TEST_SWITCHES": "kernels.dense_splitk.IN_DECODE"})
+                        env={**subprocess_env, "ADAPTERD_TEST_SWITCHES": "adapters.lora_folds.O_PROJ_IN_MATMUL"})
     assert on.returncode == 0 and "1 passed" in on.stdout, on.stdout[-2000:]
     wrong = subprocess.run(run, cwd=ROOT, capture_output=True, text=True,
                            env={**subprocess_env, "ADAPTERD_TEST_SWITCHES": "kernels.int8_shrink.NO_SUCH_SWITCH"})

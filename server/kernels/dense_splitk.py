@@ -14,8 +14,8 @@ its own (``int8_configs._dense_configs``, tuned per row bucket like the int8 one
 with cuBLAS at those rows, which only the GPU says: ``warm_up`` tunes the fused q/k/v and gate/up shapes and times
 each against ``F.linear`` as a decode step runs them (``step_judge.in_step_us``); ``bench/pdl_bench.py --switch
 dense`` times whole decode steps both ways. ``IN_DECODE`` switches it for the own decoder's float matmuls (the
-fused q/k/v and gate/up, o_proj, down_proj, lm_head: ``Decoder.splitk_weights``), off until timed: then a matmul
-with a LoRA shrink to host takes the kernel wherever its bucket is tuned
+fused q/k/v and gate/up, o_proj, down_proj, lm_head: ``Decoder.splitk_weights``), on since timed on an H100: a
+matmul with a LoRA shrink to host takes the kernel wherever its bucket is tuned
 (``hosts_shrink``), one without only where the warm-up found the kernel no slower than cuBLAS (``chosen``), so
 that a base-only step keeps cuBLAS's speed. Nothing here tunes inside a call the engine makes: a shape not tuned
 keeps ``F.linear``.
@@ -34,9 +34,10 @@ from .support import interpreting, triton_available
 
 # The engine's switch: the own decoder's float matmuls at 2-64 rows of x (a decode step's rows, or a prefill of
 # that few tokens) through the split-K kernel (where ``warm_up`` tuned the row bucket), their LoRA shrinks in its
-# launch where ``int8_shrink.IN_MATMUL`` is on too.
-# Off until timed on the GPU (bench/pdl_bench.py --switch dense).
-IN_DECODE = False
+# launch where ``int8_shrink.IN_MATMUL`` is on too. On since pdl_bench --switch dense on an H100 (3668cf5,
+# bench/RESULTS.md), bf16, ms a step on / off: 8 rows 6.431 / 6.626, 32 rows 9.042 / 9.203, 32 rows on 32 LoRA
+# adapters 9.484 / 9.689; the GPU parity suite (fp32 and int8) passed with it on. Not yet timed on the H200.
+IN_DECODE = True
 MIN_ROWS = 2  # one row is the float GEMV's (dense_gemv.py)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BUCKETS = (2, 4, 8, 16, 32, 64)  # the split-K kernel's row buckets past one row (int8_matmul.row_bucket)

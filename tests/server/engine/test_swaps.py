@@ -47,9 +47,9 @@ def test_int8_kernel_stays_off_when_disabled(tiny_model_dir, monkeypatch):
 
 def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_root, monkeypatch):
     """Fused RMSNorm in every norm (with the residual add before it), the BGMV kernels for the LoRA rows of
-    each decode step, the rotary + key/value append kernel and the split-K attention in every decode step's
-    layers and the MLP's SiLU * up kernel, in a batch that mixes base rows and two LoRA adapters: every row's
-    greedy tokens equal PEFT's for it alone."""
+    each decode step (their shrinks in a launch of their own, or in the split-K matmul's), the rotary + key/value
+    append kernel and the split-K attention in every decode step's layers and the MLP's SiLU * up kernel, in a
+    batch that mixes base rows and two LoRA adapters: every row's greedy tokens equal PEFT's for it alone."""
     if TEST_DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     prompts, adapters, new = ["hello world", "你是谁？"], [None, "lora-qv", "team/lora-all"], 6
@@ -57,11 +57,17 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     refs = {job: reference_greedy(tiny_model_dir, job[0], adapter_root / job[1] if job[1] else None, new)
             for job in jobs}
     kernel_calls = []
-    from adapterd.server.kernels import lora_bgmv, rope_append
+    from adapterd.server.kernels import int8_shrink, lora_bgmv, rope_append
 
-    # every BGMV path but o_proj's (whose shrink is the attention's merge) starts with a shrink, looked up at each call
+    # every BGMV path but o_proj's (whose shrink is the attention's merge) starts with a shrink, looked up at each
+    # call: BGMV's own launch, or extra programs of the split-K matmul's (dense_splitk.IN_DECODE, over this float
+    # base) where that launch ran (not None)
     real = lora_bgmv.lora_shrink
     monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda *a, **k: (kernel_calls.append(1), real(*a, **k))[1])
+    real_in_launch = int8_shrink.matmul_and_shrink
+    monkeypatch.setattr(int8_shrink, "matmul_and_shrink",
+                        lambda *a, **k: (lambda done: (done is not None and kernel_calls.append(1), done)[1])(
+                            real_in_launch(*a, **k)))
     rope_calls, add_norm_calls, act_calls, attention_calls = [], [], [], []
     real_rope = rope_append.rope_append
     # each call's LoRA deltas (q, k and v's, added by the rotary kernel: no expand launch of their own) or None
@@ -87,7 +93,7 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
         results = run_together(runtime, jobs, GenerationParams(max_new_tokens=new))
     finally:
         runtime.close()
-    assert kernel_calls, "the LoRA rows' decode steps must go through the BGMV kernels"
+    assert kernel_calls, "the LoRA rows' decode steps must run their shrinks (BGMV's, or in the matmul's launch)"
     assert runtime.engine.runner.forward.rope_kernel
     assert rope_calls, "decode steps must rotate and append through the rotary kernel"
     assert any(lora and lora[0] is not None for lora in rope_calls), "q/k/v deltas must go through the rotary kernel"

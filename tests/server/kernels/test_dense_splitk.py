@@ -13,7 +13,6 @@ km = pytest.importorskip("adapterd.server.kernels.int8_matmul", reason="needs tr
 from adapterd.server.kernels import dense_splitk, int8_shrink  # noqa: E402 (after the skip: they import triton)
 from adapterd.server.kernels.int8_configs import _DENSE_SMEM, _dense_configs, _prune_dense  # noqa: E402
 from adapterd.server.kernels.lora_bgmv import lora_shrink  # noqa: E402
-from tests.conftest import SWITCHES  # noqa: E402
 from tests.server.kernels.test_int8_shrink import check_one_launch_on_the_gpu, compile_for_hopper  # noqa: E402
 
 # A float output's rounding: the kernel's fp32 sum rounded once (round to nearest on a GPU; the interpreter's
@@ -52,7 +51,7 @@ def test_leading_dimensions_and_the_engines_choice(monkeypatch):
     (``chosen``) only where switched on (``IN_DECODE``), then for 2-64 rows of one float dtype with a weight
     contiguous along K; not for one row (the GEMV's), 65 rows, mixed dtypes or a transposed weight."""
     x, w, b = _case(6, 96, 40, torch.float32)
-    assert dense_splitk.IN_DECODE is False or "kernels.dense_splitk.IN_DECODE" in SWITCHES  # off by default
+    assert dense_splitk.IN_DECODE is True  # on by default (pdl_bench --switch dense, H100)
     monkeypatch.setattr(dense_splitk, "IN_DECODE", False)
     assert not dense_splitk.chosen(x[:, None], w, b)
     monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
