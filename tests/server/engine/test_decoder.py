@@ -181,12 +181,9 @@ def test_one_row_silu_product_runs_in_the_gate_up_epilogue_unless_lora_adds_to_g
     from adapterd.server.adapters.lora_slots import LoraSlotTable
     from adapterd.server.adapters.lora_weights import LoraModule, LoraWeights
     from adapterd.server.engine.fused_projections import FusedLinear
-    from adapterd.server.kernels import dense_gemv, dense_splitk
+    from adapterd.server.kernels import dense_gemv
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    # The GEMV alone against F.linear: the prefill's few rows would take the split-K kernel in the "on" run only
-    # (test_dense_splitk.py and test_lora_group.py judge that path)
-    monkeypatch.setattr(dense_splitk, "IN_DECODE", False)
     half = copy.deepcopy(model).to(torch.bfloat16)
     ids = torch.randint(3, half.config.vocab_size, (1, LENGTH), generator=torch.Generator().manual_seed(3))
     decoder = Decoder(half)

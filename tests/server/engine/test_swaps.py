@@ -65,9 +65,14 @@ def test_engine_with_fused_kernels_gives_pefts_tokens(tiny_model_dir, adapter_ro
     real = lora_bgmv.lora_shrink
     monkeypatch.setattr(lora_bgmv, "lora_shrink", lambda *a, **k: (kernel_calls.append(1), real(*a, **k))[1])
     real_in_launch = int8_shrink.matmul_and_shrink
-    monkeypatch.setattr(int8_shrink, "matmul_and_shrink",
-                        lambda *a, **k: (lambda done: (done is not None and kernel_calls.append(1), done)[1])(
-                            real_in_launch(*a, **k)))
+
+    def counted_in_launch(*args, **kwargs):
+        done = real_in_launch(*args, **kwargs)
+        if done is not None:
+            kernel_calls.append(1)
+        return done
+
+    monkeypatch.setattr(int8_shrink, "matmul_and_shrink", counted_in_launch)
     rope_calls, add_norm_calls, act_calls, attention_calls = [], [], [], []
     real_rope = rope_append.rope_append
     # each call's LoRA deltas (q, k and v's, added by the rotary kernel: no expand launch of their own) or None
