@@ -49,6 +49,12 @@ matmuls are the split-K kernel's already).
 launch (``int8_shrink.IN_MATMUL``, and over a float base ``dense_splitk.IN_DECODE``, as ``dense``), every row on
 its own adapter, as ``fold``.
 
+``--switch expand`` compares o_proj's LoRA delta's sums computed by extra programs of its own split-K matmul's launch
+and added by the post-attention add + norm (on: ``kernels/int8_expand.py``'s ``IN_MATMUL``; over a float base o_proj
+then runs through the split-K kernel where its bucket is tuned, as ``dense``'s hosting matmuls) against the norm's
+own fold of the delta after o_proj's plain matmul (off: cuBLAS over a float base, where the warm-up judged it
+faster), every row on its own adapter, as ``fold``.
+
 On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
 
@@ -77,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--work", default="/tmp/adapterd-bench")
     parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink", "dense",
-                                             "oproj"),
+                                             "oproj", "expand"),
                         default="pdl",
                         help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, "
                         "the float GEMV kernel against F.linear, shape by shape, or o_proj's LoRA expand folded "
@@ -85,7 +91,9 @@ def parse_args() -> argparse.Namespace:
                         "the base matmuls (every row on LoRA), or the int8 split-K reduction with PDL, or the "
                         "LoRA shrinks in their int8 matmuls' launches (every row on LoRA), or a float base's fused "
                         "matmuls through the split-K kernel with their shrinks in its launch, or o_proj's shrink in "
-                        "its matmul's launch rather than the attention's merge (every row on LoRA)")
+                        "its matmul's launch rather than the attention's merge (every row on LoRA), or o_proj's "
+                        "LoRA delta's sums in its matmul's launch rather than the add + norm's fold (every row on "
+                        "LoRA)")
     parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
                         help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -105,13 +113,14 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
     from adapterd.server.engine import decoder as own_decoder
     from adapterd.server.engine import side_stream
     from adapterd.server.engine.fused_projections import FusedLinear
-    from adapterd.server.kernels import dense_gemv, dense_splitk, int8_matmul, int8_shrink
+    from adapterd.server.kernels import dense_gemv, dense_splitk, int8_expand, int8_matmul, int8_shrink
 
     decoder = runtime.engine.runner.decoder
     originals = {name: FusedLinear.__dict__[name] for name in _EPILOGUES}
     fold_rows, side_default = own_decoder.NORM_FOLD_MIN_ROWS, side_stream.SIDE_STREAM
     reduce_default, shrink_default = int8_matmul.REDUCE_PDL, int8_shrink.IN_MATMUL
     dense_default, oproj_default = dense_splitk.IN_DECODE, lora_folds.O_PROJ_IN_MATMUL
+    expand_default = int8_expand.IN_MATMUL
     verdict = dense_gemv.judgements()[shape][2] if shape is not None else None
 
     def switch(on: bool) -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods and
@@ -136,6 +145,8 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
                 dense_splitk.warm_up(forward.splitk_weights(), [int8_matmul.row_bucket(rows)])
             dense_splitk.IN_DECODE = int8_shrink.IN_MATMUL = split_k
             lora_folds.O_PROJ_IN_MATMUL = on and args.switch == "oproj"
+        if args.switch == "expand":  # read at each forward (each capture)
+            int8_expand.IN_MATMUL = on
         decoder.graphs.clear()
 
     runtime.engine.call(lambda: switch(on)).result(900)  # --switch dense tunes a row bucket here: compiles, times
@@ -151,6 +162,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
         int8_matmul.REDUCE_PDL = reduce_default
         int8_shrink.IN_MATMUL = shrink_default
         dense_splitk.IN_DECODE, lora_folds.O_PROJ_IN_MATMUL = dense_default, oproj_default
+        int8_expand.IN_MATMUL = expand_default
         if shape is not None:
             runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
 
@@ -164,7 +176,7 @@ def main() -> int:
     device = pick_device()
     work = Path(args.work)
     base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
-    every_row_lora = args.switch in ("fold", "side", "shrink", "oproj")  # base rows have nothing to fold or shrink
+    every_row_lora = args.switch in ("fold", "side", "shrink", "oproj", "expand")  # base rows: none to fold or shrink
     lora_rows = max(args.rows) if every_row_lora else args.lora_rows
     ids = make_lora_dirs(work / "adapters", base_dir, max(lora_rows, 1), targets=TARGET_SETS[args.lora_targets])
     lines = []
@@ -243,7 +255,8 @@ def record(lines: list[str], args, machine: str) -> None:
             "reduce": "the int8 split-K reduction with PDL past PDL_MAX_BUCKET",
             "shrink": "the LoRA shrinks as extra programs of their int8 matmuls' launches",
             "dense": "the float fused matmuls in the split-K kernel, their LoRA shrinks in its launch",
-            "oproj": "o_proj's LoRA shrink in its matmul's launch (not the attention merge's)"}[args.switch]
+            "oproj": "o_proj's LoRA shrink in its matmul's launch (not the attention merge's)",
+            "expand": "o_proj's LoRA delta's sums in its matmul's launch (not the add + norm's fold)"}[args.switch]
     head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}: {args.shape}, ctx "
             f"{args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "

@@ -12,7 +12,9 @@ run anyway, right beside them:
   h of o_proj's input, so the program that writes it also writes its partial (``output_shrink``); o_proj then
   runs its base matmul and the expand alone (``add_expand``); at decode steps (from the decoder's
   ``NORM_FOLD_MIN_ROWS`` rows) not even that: its delta goes to the post-attention add + norm (``OutputDelta``,
-  ``kernels/rms_norm.py``), which adds it to o_proj's output before the residual add, as the expand would.
+  ``kernels/rms_norm.py``), which adds it to o_proj's output before the residual add, as the expand would; or,
+  where ``kernels/int8_expand.py``'s ``IN_MATMUL`` is on, the delta's sums run as extra programs of o_proj's own
+  split-K launch (``expand_in_matmul``) and that norm adds them.
 * at as many rows, down_proj's expand likewise into the next layer's add + norm (``deferred_delta``: its shrink
   runs alone, its delta waits for that kernel).
 * gate and up's expand (one group: one shrink for the two) into the SiLU product's kernel (``kernels/silu_mul.py``),
@@ -213,6 +215,14 @@ def output_delta(layer: BatchedLoraLinear, partials: LoraPartials) -> OutputDelt
     return OutputDelta(partials, layer.lora_b)
 
 
+def expand_in_matmul(layer: BatchedLoraLinear, x: torch.Tensor,
+                     partials: LoraPartials) -> tuple[torch.Tensor, OutputDelta] | None:
+    """``(layer``'s base output, its delta from ``partials`` with the sums done``)`` from its base matmul's one split-K
+    launch (``dense_splitk.layer_with_expand``: ``kernels/int8_expand.py``, switched by its ``IN_MATMUL``), for the
+    add + norm after it to add; None, and nothing launched, where that does not run."""
+    return dense_splitk.layer_with_expand(base_layer_of(layer), x, output_delta(layer, partials))
+
+
 def defers_delta(layer: nn.Module) -> bool:
     """Whether ``deferred_delta`` applies to ``layer`` at this step: a wrapped layer of no group (down_proj) at a
     decode step that the BGMV kernels serve."""
@@ -260,9 +270,15 @@ def o_proj_shrink_in_merge(o_proj: nn.Module) -> bool:
 
 
 def add_output_delta(delta: OutputDelta, y: torch.Tensor) -> torch.Tensor:
-    """``y`` plus ``delta`` (the expand alone, in place), where the norm after it cannot take the delta."""
+    """``y`` plus ``delta`` (the expand alone, in place), where the norm after it cannot take the delta: its sums
+    where already done (``delta.done``), added in fp32 and rounded as the expand adds its own."""
     from ..kernels.lora_bgmv import lora_expand_
 
     y = y if y.stride(-1) == 1 else y.contiguous()
+    if delta.done is not None:
+        rows = y.view(y.shape[0], -1)
+        lora = (delta.partials.slots != 0)[:, None]  # a base row (slot 0) keeps y as it is
+        rows.copy_(torch.where(lora, (rows.float() + delta.done).to(y.dtype), rows))
+        return y
     lora_expand_((y.view(y.shape[0], -1),), delta.partials, (delta.lora_b,))
     return y

@@ -61,6 +61,7 @@ from ..adapters.lora_folds import (
     deferred_delta,
     deferred_in_matmul,
     defers_delta,
+    expand_in_matmul,
     glu_in_matmul,
     glu_shrink,
     o_proj_shrink_in_merge,
@@ -288,8 +289,9 @@ def _output(module: nn.Module, x: torch.Tensor, gemv: bool,
     delta still to add, its expand left to that kernel (``partials``: its shrink, already done in the attention's
     merge; else ``deferred_delta`` launches it now)."""
     folds = x.shape[0] >= NORM_FOLD_MIN_ROWS
-    if folds and partials is not None:
-        return _linear(base_layer_of(module), x, gemv), output_delta(module, partials)
+    if folds and partials is not None:  # the expand's sums in the matmul's launch where switched on, else the norm's
+        return expand_in_matmul(module, x, partials) or (_linear(base_layer_of(module), x, gemv),
+                                                         output_delta(module, partials))
     if folds and defers_delta(module):  # its shrink in, after or beside the base matmul
         delta, y = deferred_in_matmul(module, x) or beside(
             x, lambda: deferred_delta(module, x), lambda: _linear(base_layer_of(module), x, gemv))

@@ -24,6 +24,7 @@ keeps ``F.linear``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from torch import nn
 
 from .int8_linear import Int8WeightOnlyLinear
 from .support import interpreting, triton_available
+
+if TYPE_CHECKING:
+    from .rms_norm import OutputDelta
 
 # The engine's switch: the own decoder's float matmuls at 2-64 rows of x (a decode step's rows, or a prefill of
 # that few tokens) through the split-K kernel (where ``warm_up`` tuned the row bucket), their LoRA shrinks in its
@@ -133,6 +137,22 @@ def layer_with_shrink(layer: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, s
     if isinstance(layer, Int8WeightOnlyLinear):
         return layer.with_shrink(x, lora_a, slots, rank)
     return matmul_and_shrink(x, layer.weight, layer.bias, lora_a, slots, rank)
+
+
+def layer_with_expand(layer: nn.Module, x: torch.Tensor, delta: OutputDelta) -> tuple[torch.Tensor, OutputDelta] | None:
+    """``layer``'s output for x and ``delta``'s sums (its shrink done before the launch: o_proj's, in the attention
+    merge) in its one split-K launch, where ``int8_expand.IN_MATMUL`` is on: the int8 layer's
+    (``Int8WeightOnlyLinear.with_expand``), or a float ``nn.Linear``'s where the kernel would host a shrink for it
+    (``hosts_shrink``: the bucket tuned); None where the kernel does not take them (nothing launched)."""
+    from . import int8_expand
+
+    if not int8_expand.IN_MATMUL:
+        return None
+    if isinstance(layer, Int8WeightOnlyLinear):
+        return layer.with_expand(x, delta)
+    if type(layer) is not nn.Linear or not hosts_shrink(x, layer.weight, layer.bias):
+        return None
+    return int8_expand.matmul_and_expand(x, layer.weight, None, layer.bias, delta)
 
 
 # (row bucket, N, K) -> (the kernel's us, F.linear's us) for every shape and bucket ``warm_up`` timed

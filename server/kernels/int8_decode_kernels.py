@@ -44,7 +44,8 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
              rank=0, lora_splits=0, lora_members=1, stride_ag=0, stride_ar=0, stride_as=0, stride_ak=0, stride_pg=0,
              stride_ps=0, stride_slot=0, LORA_EVEN_K: tl.constexpr = True, BLOCK_R: tl.constexpr = 16,
              LORA_K: tl.constexpr = 256, LORA_TILES: tl.constexpr = 1, LORA_U: tl.constexpr = 1,
-             SCALED: tl.constexpr = True):
+             SCALED: tl.constexpr = True, EXPAND: tl.constexpr = False, eb_ptr=None, ed_ptr=None,
+             stride_ebr=0, stride_ebs=0, stride_edm=0, E_BLOCK_S: tl.constexpr = 1, E_BLOCK_N: tl.constexpr = 256):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
@@ -69,19 +70,49 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     (its partials, ``LoraPartials``: ``lp[g, s, i, :BLOCK_R]`` over split s of K, ``LORA_TILES`` tiles of
     ``LORA_K``, for member g and row i), ``LORA_U`` splits of one (row, member) a program.
 
+    ``EXPAND`` (``int8_expand.py``; not with ``SHRINK``): the programs past the matmul's compute the layer's LoRA
+    delta from a shrink done before the launch (o_proj's, in the attention merge), not added: ``d[i, n] = sum over
+    r of (sum over s of lp[0, s, i, r]) * eb[r, slot_i, n]`` in fp32 (the sums of ``rms_norm._rms_norm_rows``' fold,
+    in its order), ``E_BLOCK_N`` columns of one row a program (``rank``, ``lora_splits``, ``stride_ps``,
+    ``BLOCK_R`` and the slots as ``SHRINK``'s), for the add + norm after the layer to add (its ``DONE``). The
+    partials are read after the PDL wait, B (no kernel writes it) before it.
+
     ``SCALED`` False (``dense_splitk.py``): ``w`` is a float weight (bf16, fp16, fp32) read as it is, no row scale
     (``s_ptr`` unused); the tensor-core tiles only (its configs have no GEMV tile, and no epilogue)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if SHRINK:  # the shrink's programs: past the matmul's column blocks (one split), or past its splits
+    if SHRINK or EXPAND:  # the extra programs: past the matmul's column blocks (one split), or past its splits
         n_blocks = (N + BLOCK_N - 1) // BLOCK_N
         if SPLIT_K == 1:
-            shrinks = pid_n >= n_blocks
+            extra = pid_n >= n_blocks
             unit = (pid_n - n_blocks) * tl.num_programs(0) + pid_m
         else:
-            shrinks = tl.program_id(2) >= SPLIT_K
+            extra = tl.program_id(2) >= SPLIT_K
             unit = ((tl.program_id(2) - SPLIT_K) * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m
-        if shrinks:
+        if EXPAND and extra:  # E_BLOCK_N columns of one row's delta
+            chunks = (N + E_BLOCK_N - 1) // E_BLOCK_N
+            row = unit // chunks
+            cn = (unit % chunks) * E_BLOCK_N + tl.arange(0, E_BLOCK_N)
+            rr = tl.arange(0, BLOCK_R)
+            rs = tl.arange(0, E_BLOCK_S)
+            n_ok = (cn < N) & (row + 0 * cn < M)  # past the last unit (the grid is a box): nothing read or written
+            in_range = tl.minimum(row, M - 1).to(tl.int64)
+            slot = tl.where(row < M, tl.load(slot_ptr + in_range * stride_slot).to(tl.int64), 0)
+            r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads no B and no partial: d 0
+            b = tl.load(eb_ptr + slot * stride_ebs + rr.to(tl.int64)[:, None] * stride_ebr + cn[None, :],
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+            if USE_PDL:  # the partials are the kernel before's output
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+            elif not INTERPRETED:  # as the shrink's programs: the next kernel may launch as these run
+                tl.extra.cuda.gdc_launch_dependents()
+            ps = lp_ptr + rs[:, None] * stride_ps + in_range * BLOCK_R + rr[None, :]
+            xa = tl.reduce(tl.load(ps, mask=(rs < lora_splits)[:, None] & r_ok[None, :], other=0.0), 0,
+                           tl.standard._sum_combine)  # [BLOCK_R]: the row's partials summed over the splits
+            d = tl.reduce(b.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
+            tl.store(ed_ptr + in_range * stride_edm + cn, d, mask=n_ok)
+            return
+        if SHRINK and extra:
             groups = (lora_splits + LORA_U - 1) // LORA_U  # of LORA_U splits: one a program
             row = unit // (lora_members * groups)
             member = ((unit // groups) % lora_members).to(tl.int64)

@@ -24,6 +24,7 @@ from .support import triton_available
 
 if TYPE_CHECKING:
     from .lora_bgmv import LoraPartials
+    from .rms_norm import OutputDelta
 
 
 def int8_kernel_available(device: torch.device | str) -> bool:
@@ -120,6 +121,16 @@ class Int8WeightOnlyLinear(nn.Module):
         from .int8_shrink import matmul_and_shrink
 
         return matmul_and_shrink(x, self.weight.data, self.scb, self.bias, lora_a, slots, rank)
+
+    def with_expand(self, x: torch.Tensor, delta: OutputDelta) -> tuple[torch.Tensor, OutputDelta] | None:
+        """This layer's output for x and ``delta``'s sums (its shrink done before: o_proj's, in the attention merge)
+        in one launch, the expand as extra programs of the matmul's (``int8_expand.matmul_and_expand``), where the
+        kernel runs here and takes them; else None (nothing launched)."""
+        if not int8_kernel_available(x.device):
+            return None
+        from .int8_expand import matmul_and_expand
+
+        return matmul_and_expand(x, self.weight.data, self.scb, self.bias, delta)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -167,13 +167,13 @@ def _small_key(interpret: bool, bucket: int, x: torch.Tensor, cb: torch.Tensor, 
 
 
 def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias: torch.Tensor | None,
-             interpret: bool, config: dict | None = None, shrink: dict | None = None) -> torch.Tensor:
+             interpret: bool, config: dict | None = None, extra: dict | None = None) -> torch.Tensor:
     """The split-K kernel on ``x2 [M, K]`` (M <= MAX_KERNEL_ROWS); returns ``[M, N]`` in ``x2.dtype``.
     ``scb`` None: ``cb`` is a float weight (``dense_splitk.py``: its own tiles and tuner, no scale; contiguous
     along K, as its callers check). ``config`` (tests): launch kwargs (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
-    ``SPLIT_K``, optionally ``num_warps``, ``num_stages``) to run instead of the tuned choice. ``shrink``
-    (``int8_shrink.py``, with a config): the kernel's ``SHRINK`` arguments and ``units``, the programs they need
-    past the matmul's."""
+    ``SPLIT_K``, optionally ``num_warps``, ``num_stages``) to run instead of the tuned choice. ``extra``
+    (with a config): the kernel's ``SHRINK`` arguments (``int8_shrink.py``) or ``EXPAND`` ones (``int8_expand.py``)
+    and ``units``, the programs they need past the matmul's."""
     (m, k), n = x2.shape, cb.shape[0]
     dense = scb is None
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
@@ -192,17 +192,17 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias:
     meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
             **(pdl_launch(x2.device) if bucket <= PDL_MAX_BUCKET else {}), **({"SCALED": False} if dense else {})}
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
-    units, shrink = (0, {}) if shrink is None else (shrink.pop("units"), shrink)
+    units, extra = (0, {}) if extra is None else (extra.pop("units"), extra)
 
-    def grid(c: dict) -> tuple[int, int, int]:  # shrink units: column blocks past N's (one split), else slices
+    def grid(c: dict) -> tuple[int, int, int]:  # extra units: column blocks past N's (one split), else slices
         m_blocks, n_blocks, split = triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"]
         if units and split == 1:
             return m_blocks, n_blocks + triton.cdiv(units, m_blocks), 1
         return m_blocks, n_blocks, split + triton.cdiv(units, m_blocks * n_blocks)
 
     config = config or _CHOSEN.get(key) or (_INTERPRET_SMALL if tuner is None else None)
-    if shrink and config is None:
-        raise ValueError("a shrink in the matmul's launch needs its tuned config (int8_shrink.py asks for it)")
+    if extra and config is None:
+        raise ValueError("a shrink or expand in the matmul's launch needs its tuned config (their callers ask for it)")
     if config is None:  # first call of this key on the GPU: tune, with room for the largest split
         p = torch.empty((MAX_SPLIT_K, m, n), device=x2.device, dtype=torch.float32)
         tuner[grid](x2, cb, s, b, y, p, m, n, k, bucket, *strides, **meta)
@@ -210,7 +210,7 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias:
     else:  # fp32 either way: the pointer's dtype is part of the compiled kernel's signature
         p = torch.empty((config["SPLIT_K"], m, n) if config["SPLIT_K"] > 1 else (1,), device=x2.device,
                         dtype=torch.float32)
-        mm[grid(config)](x2, cb, s, b, y, p, m, n, k, bucket, *strides, **meta, **config, **shrink)
+        mm[grid(config)](x2, cb, s, b, y, p, m, n, k, bucket, *strides, **meta, **config, **extra)
     if config["SPLIT_K"] > 1:
         _reduce(p, s, b, y, bias is not None, config["SPLIT_K"], interpret,
                 pdl_launch(x2.device) if REDUCE_PDL and bucket > PDL_MAX_BUCKET else None, scaled=not dense)

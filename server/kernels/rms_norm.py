@@ -91,7 +91,8 @@ def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, str
                    inv_n, eps, b_ptr, slot_ptr, p_ptr, rank, splits, stride_br, stride_bs, stride_ps, stride_slot,
                    BLOCK: tl.constexpr, ADD: tl.constexpr, ROUND_X: tl.constexpr, ROUND_Y: tl.constexpr,
                    LORA: tl.constexpr = False, BLOCK_R: tl.constexpr = 16, BLOCK_S: tl.constexpr = 1,
-                   CHUNK: tl.constexpr = 512, USE_PDL: tl.constexpr = False):
+                   CHUNK: tl.constexpr = 512, USE_PDL: tl.constexpr = False, DONE: tl.constexpr = False, d_ptr=None,
+                   stride_d=0):
     """Row ``program_id(0)`` (``N <= BLOCK`` elements, kept in registers): ``y = w * (x * rsqrt(mean(x * x)
     + eps)).to(x.dtype)``, fp32 inside, stored in y's dtype. ``ADD``: first ``x = x + r`` (the residual
     stream plus a layer's output, rounded to x's dtype as torch's sum is), stored at ``s``, and normed.
@@ -102,7 +103,8 @@ def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, str
     B: one step for rows up to ``FOLD_CHUNK``, more for wider ones), each chunk's ``r + delta`` stored at ``s``,
     then read back whole after a barrier (``s`` is overwritten with the sum next; r itself is not written). The
     slot and B's first chunk (no kernel writes either) are loaded before the PDL wait, so those bytes stream while
-    the layer before still ends.
+    the layer before still ends. ``DONE``: the delta's fp32 sums already computed (``d``, ``[rows, N]``: the
+    layer's matmul launch did, ``int8_expand.py``), added in their place, no B or partials read.
 
     ``ROUND_X`` / ``ROUND_Y`` (the interpreter only, for bf16 x / y): round fp32 to bf16 precision to nearest
     even by hand. The interpreter's fp32 -> bf16 cast truncates (Triton 3.9), while the GPU's rounds to
@@ -115,30 +117,35 @@ def _rms_norm_rows(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, stride_x, stride_r, str
         slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
         rr = tl.arange(0, BLOCK_R)
         r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads no B and no partial
-        bs = b_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br
-        c0 = tl.arange(0, CHUNK)
-        b_first = tl.load(bs + c0[None, :], mask=r_ok[:, None] & (c0 < N)[None, :], other=0.0,
-                          eviction_policy="evict_first")
+        if not DONE:
+            bs = b_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br
+            c0 = tl.arange(0, CHUNK)
+            b_first = tl.load(bs + c0[None, :], mask=r_ok[:, None] & (c0 < N)[None, :], other=0.0,
+                              eviction_policy="evict_first")
     if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if ADD:
         if LORA:  # r + its delta, chunk by chunk (a [BLOCK_R, CHUNK] tile of B at a time), into s first
-            rs = tl.arange(0, BLOCK_S)
-            ps = p_ptr + rs[:, None] * stride_ps + row * BLOCK_R + rr[None, :]
-            xa = tl.reduce(tl.load(ps, mask=(rs < splits)[:, None] & r_ok[None, :], other=0.0), 0,
-                           tl.standard._sum_combine)  # [BLOCK_R], the row's partials summed over the splits
+            if not DONE:
+                rs = tl.arange(0, BLOCK_S)
+                ps = p_ptr + rs[:, None] * stride_ps + row * BLOCK_R + rr[None, :]
+                xa = tl.reduce(tl.load(ps, mask=(rs < splits)[:, None] & r_ok[None, :], other=0.0), 0,
+                               tl.standard._sum_combine)  # [BLOCK_R], the row's partials summed over the splits
             for c in tl.static_range(BLOCK // CHUNK):
                 cc = c * CHUNK + tl.arange(0, CHUNK)
                 c_ok = cc < N
-                if c == 0:
-                    b_c = b_first
-                else:
-                    b_c = tl.load(bs + cc[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0,
-                                  eviction_policy="evict_first")
                 r_c = tl.load(r_ptr + row * stride_r + cc, mask=c_ok, other=0.0).to(tl.float32)
-                e = r_c + tl.reduce(b_c.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
+                if DONE:
+                    e = r_c + tl.load(d_ptr + row * stride_d + cc, mask=c_ok, other=0.0)
+                else:
+                    if c == 0:
+                        b_c = b_first
+                    else:
+                        b_c = tl.load(bs + cc[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0,
+                                      eviction_policy="evict_first")
+                    e = r_c + tl.reduce(b_c.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
                 if ROUND_X:
                     eb = e.to(tl.uint32, bitcast=True)
                     e = ((eb + 0x7FFF + ((eb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
@@ -240,11 +247,17 @@ class OutputDelta:
 
     partials: LoraPartials  # one member: p [1, splits, rows, BLOCK_R]
     lora_b: torch.Tensor  # [R, slots, out], pre-scaled
+    # the delta's fp32 sums, [rows, out], where the layer's matmul launch already computed them (int8_expand.py):
+    # then added as they are, and neither B nor the partials read again
+    done: torch.Tensor | None = None
 
     def fits(self, residual: torch.Tensor) -> bool:
         """Whether the kernel takes it with this output: one token a row, B's columns contiguous and as wide,
         fp32/bf16/fp16, and the row's B tile within ``MAX_FOLD_ELEMS`` (kept in registers)."""
-        p, b, n = self.partials.p, self.lora_b, residual.shape[-1]
+        p, b, n, d = self.partials.p, self.lora_b, residual.shape[-1], self.done
+        if d is not None and (d.shape != (p.shape[2], n) or d.dtype != torch.float32 or d.stride(1) != 1
+                              or d.device != residual.device):
+            return False
         return (p.shape[0] == 1 and p.shape[2] == residual.numel() // max(n, 1) and b.dim() == 3
                 and b.shape[2] == n and b.stride(2) == 1 and b.dtype in _DTYPES and 0 < n <= MAX_HIDDEN
                 and self.partials.block_r * (1 << (n - 1).bit_length()) <= MAX_FOLD_ELEMS
@@ -289,12 +302,14 @@ def _delta_arguments(delta: OutputDelta | None, x2: torch.Tensor) -> tuple:
             slots.stride(0))
 
 
-def _delta_sizes(delta: OutputDelta | None, block: int) -> dict[str, int | bool]:
-    """The kernel's LoRA constexprs (none without a delta)."""
+def _delta_sizes(delta: OutputDelta | None, block: int) -> dict:
+    """The kernel's LoRA constexprs, and the delta's sums where already done (none without a delta)."""
     chunk = min(FOLD_CHUNK, block)
     if delta is None:
         return {}
-    return {"LORA": True, "BLOCK_R": delta.partials.block_r, "BLOCK_S": delta.partials.block_s, "CHUNK": chunk}
+    done = {} if delta.done is None else {"DONE": True, "d_ptr": delta.done, "stride_d": delta.done.stride(0)}
+    return {"LORA": True, "BLOCK_R": delta.partials.block_r, "BLOCK_S": delta.partials.block_s, "CHUNK": chunk,
+            **done}
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -39,9 +39,10 @@ def test_serve_part(tmp_path):
 
 
 @pytest.mark.slow  # ~40 s: the tiny model's decode graphs (eager here) each way, float32 only
-@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink", "dense", "oproj"])
+@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink", "dense", "oproj",
+                                    "expand"])
 def test_pdl_part(tmp_path, switch):
-    every_row_lora = switch in ("fold", "side", "shrink", "oproj")
+    every_row_lora = switch in ("fold", "side", "shrink", "oproj", "expand")
     targets = "--lora-targets all " if every_row_lora else ""  # o_proj's and down_proj's deltas, every shrink
     done = run_part(tmp_path, "pdl", PDL_ARGS=f"--shape tiny --quantizations none --rows 1,4 --lora-rows 2 --ctx 16 "
                     f"--new 4 --switch {switch} {targets}--no-record --work {tmp_path / 'work'}")

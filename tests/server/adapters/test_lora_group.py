@@ -326,6 +326,40 @@ def test_float_decode_steps_through_the_split_k_kernel_shrink_in_its_launch_and_
     assert set(decode) <= {o_proj, lm_head}
 
 
+@pytest.mark.parametrize("quantization", ["int8", "none"])
+def test_o_projs_expand_in_its_matmuls_launch_keeps_pefts_tokens(quantization, tiny_model_dir, adapter_root,
+                                                                 monkeypatch):
+    """With ``int8_expand.IN_MATMUL`` on (and a float base's matmuls through the split-K kernel, as
+    ``dense_splitk.IN_DECODE`` sends them): at each decode step every layer's o_proj, its shrink done in the
+    attention merge, computes its LoRA delta's sums as extra programs of its own matmul's launch, and the
+    post-attention add + norm adds those sums (``OutputDelta.done``) instead of folding the delta itself; every
+    row's greedy tokens equal PEFT's for it alone over the same base (int8 layers, or fp32), adapters on q and v,
+    on every linear, on q and o, mixed with base and prefix rows."""
+    pytest.importorskip("triton")
+    from adapterd.server.kernels import decode_attention, dense_splitk, int8_expand, int8_shrink, rms_norm
+
+    monkeypatch.setattr(int8_expand, "IN_MATMUL", True)
+    monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
+    monkeypatch.setattr(int8_shrink, "IN_MATMUL", True)
+    monkeypatch.setattr(decode_attention, "faster_than_sdpa", lambda *_: True)  # the merge takes o_proj's shrink
+    expands, done_norms = [], []
+    real_expand, real_norm = int8_expand.matmul_and_expand, rms_norm.fused_add_rms_norm
+
+    def matmul_and_expand(x, w, scb, *rest):
+        result = real_expand(x, w, scb, *rest)
+        expands.append((result is not None, scb is not None))
+        return result
+
+    monkeypatch.setattr(int8_expand, "matmul_and_expand", matmul_and_expand)
+    monkeypatch.setattr(rms_norm, "fused_add_rms_norm", lambda x, r, w, eps, delta=None: (
+        done_norms.append(delta.done is not None) if delta is not None else None) or real_norm(x, r, w, eps, delta))
+    base = _serve_jobs_against_peft(tiny_model_dir, adapter_root, quantization, monkeypatch)
+    steps = len(expands) // base.num_layers
+    assert steps >= 3 and len(expands) == steps * base.num_layers  # o_proj's, a layer a decode step
+    assert set(expands) == {(True, quantization == "int8")}  # each in its matmul's launch, the int8 kernel's or not
+    assert done_norms.count(True) == len(expands)  # and each post-attention norm added those sums
+
+
 @pytest.mark.parametrize("decode", ["exact", "bucketed"])  # bucketed: padding rows (slot 0) and a rank bucket
 def test_engine_decode_steps_add_o_and_down_projs_deltas_in_the_norm_after_them_and_keep_pefts_tokens(
         decode, tiny_model_dir, adapter_root, monkeypatch):

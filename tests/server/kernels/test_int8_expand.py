@@ -1,0 +1,130 @@
+"""o_proj's LoRA expand in its split-K matmul's launch (``kernels/int8_expand.py``): the matmul's output and the
+delta's sums from one launch, against the matmul alone, against torch, and against the add + norm's own fold
+(Triton's interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+km = pytest.importorskip("adapterd.server.kernels.int8_matmul", reason="needs triton (the dev extra, Linux)")
+from adapterd.server.adapters.lora_folds import add_output_delta  # noqa: E402
+from adapterd.server.kernels import int8_expand  # noqa: E402 (after the skip: it imports triton)
+from adapterd.server.kernels import rms_norm as rn  # noqa: E402
+from adapterd.server.kernels.lora_bgmv import LoraPartials, lora_expand_  # noqa: E402
+
+SLOTS = 4  # adapter slots in the tables; slot 0 is "no adapter" (all zeros, as the slot table keeps it)
+CONFIGS = {  # the matmul's tiles: tensor-core (one split, two: the expand's programs on axis 1, then 2), GEMV
+    "tc-1split": (5, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 4}),
+    "tc-2splits": (17, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 2}),
+    "gemv": (1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 32, "SPLIT_K": 1, "num_warps": 1}),
+}
+
+
+def _case(rows: int, k: int, n: int, rank: int, splits: int, dtype: torch.dtype, seed: int = 0):
+    """x, an int8 weight and its row scales, a bias, and o_proj's pending delta (``OutputDelta``): B ``[R, slots,
+    n]`` (slot 0 zeros), partials ``[1, splits, rows, 16]`` as the attention merge leaves them (NaN on slot-0 rows:
+    never written there, so never read); row i on slot i % SLOTS, so base rows sit between adapter rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    cb = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scb = torch.rand(n, generator=g) + 0.05
+    bias = torch.randn(n, generator=g)
+    lora_b = (torch.randn(rank + 2, SLOTS, n, generator=g) * 0.1).to(dtype)
+    lora_b[:, 0] = 0
+    slots = torch.arange(rows) % SLOTS
+    p = torch.randn(1, splits, rows, 16, generator=g) * 0.1
+    p[:, :, slots == 0] = float("nan")
+    return x, cb, scb, bias, rn.OutputDelta(LoraPartials(p, slots, rank), lora_b)
+
+
+def _delta_by_torch(delta: rn.OutputDelta) -> torch.Tensor:
+    """Each row's ``(sum over splits of its partials)[:rank] @ B[:rank, slot]`` in fp64 by torch alone (the
+    oracle), zeros for base rows."""
+    p, slots, rank = delta.partials.p, delta.partials.slots, delta.partials.rank
+    xa = p[0, :, :, :rank].double().sum(0)  # [rows, rank]
+    out = torch.einsum("mr,rmn->mn", xa, delta.lora_b[:rank, slots].double())
+    return torch.where((slots != 0)[:, None], out, 0.0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_one_launch_gives_the_matmul_bit_for_bit_and_the_deltas_sums(config, dtype):
+    """The matmul's output equals the matmul launched alone with the same tiles, bit for bit; the delta's sums
+    equal torch's for every adapter row within fp32's rounding, zeros for base rows (whose NaN partials reach
+    nothing); the delta handed back is the one given, its sums done."""
+    rows, tiles = CONFIGS[config]
+    x, cb, scb, bias, delta = _case(rows, 256, 72, 3, 5, dtype)
+    y, done = int8_expand.matmul_and_expand(x, cb, scb, bias, delta, config=tiles)
+    assert torch.equal(y, km._small_m(x, cb, scb, bias, True, config=tiles))
+    assert done.partials is delta.partials and done.lora_b is delta.lora_b and done.done.shape == (rows, 72)
+    assert done.done.dtype == torch.float32 and torch.isfinite(done.done).all()
+    torch.testing.assert_close(done.done.double(), _delta_by_torch(delta), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_norm_adds_the_sums_as_its_own_fold_would(dtype):
+    """The post-attention add + norm given the done sums gives what it gives folding the delta itself, bit for bit
+    (the interpreter sums both the same way), and the expand's own launch where the norm cannot take it
+    (``add_output_delta``) what the expand kernel gives (bit for bit in fp32): a float weight's launch (``scb``
+    None) here, 4096 columns as the 7B shape's o_proj."""
+    rows, n = 6, 4096
+    x, _, _, bias, delta = _case(rows, 64, n, 16, 32, dtype, seed=1)
+    weight = (torch.randn(n, 64) / 8).to(dtype)
+    y, done = int8_expand.matmul_and_expand(x, weight, None, bias.to(dtype), delta)
+    residual = torch.randn(rows, n).to(dtype)
+    norm_weight = (torch.rand(n) + 0.5).to(dtype)
+    assert done.fits(y)
+    folded = rn.fused_add_rms_norm(residual, y, norm_weight, 1e-5, delta)
+    added = rn.fused_add_rms_norm(residual, y, norm_weight, 1e-5, done)
+    assert torch.equal(folded[0], added[0]) and torch.equal(folded[1], added[1])
+    expanded = y.clone()
+    lora_expand_((expanded,), delta.partials, (delta.lora_b,))
+    if dtype == torch.float32:
+        assert torch.equal(add_output_delta(done, y.clone()), expanded)
+    else:  # the interpreter's cast to bf16 truncates where torch's rounds to nearest: a unit of the last place
+        torch.testing.assert_close(add_output_delta(done, y.clone()).float(), expanded.float(), rtol=2 ** -7, atol=0)
+
+
+def test_none_where_it_does_not_run(monkeypatch):
+    """Nothing launched (None) where the one launch cannot serve: more rows than the split-K kernel takes, partials
+    of other rows, B of another width, sums already done; and off the GPU without the interpreter."""
+    x, cb, scb, bias, delta = _case(4, 256, 72, 3, 5, torch.float32)
+    many, *_ = _case(68, 256, 72, 3, 5, torch.float32)
+    assert int8_expand.matmul_and_expand(many, cb, scb, bias, delta) is None
+    assert int8_expand.matmul_and_expand(x[:3], cb, scb, bias, delta) is None
+    assert int8_expand.matmul_and_expand(x, cb[:64], scb[:64], bias[:64], delta) is None
+    _, done = int8_expand.matmul_and_expand(x, cb, scb, bias, delta)
+    assert int8_expand.matmul_and_expand(x, cb, scb, bias, done) is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert int8_expand.matmul_and_expand(x, cb, scb, bias, delta) is None
+
+
+def test_a_launch_triton_will_not_build_is_left_to_the_norms_fold(monkeypatch, caplog):
+    """A compile, ptxas or resource error (raised before anything runs) makes it None, with one warning naming the
+    shape; that shape is not tried again. An error of the interpreter, which ran it, is a bug and is raised."""
+    from triton.runtime.errors import InterpreterError, PTXASError
+
+    x, cb, scb, bias, delta = _case(4, 256, 72, 3, 5, torch.float32)
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise PTXASError("ptxas fatal: out of registers")
+
+    monkeypatch.setattr(int8_expand, "_small_m", refuse)
+    monkeypatch.setattr(int8_expand, "_REFUSED", set())
+    with caplog.at_level("WARNING", logger="adapterd.server.kernels.int8_expand"):
+        assert int8_expand.matmul_and_expand(x, cb, scb, bias, delta) is None
+        assert int8_expand.matmul_and_expand(x, cb, scb, bias, delta) is None
+    assert len(calls) == 1 and "[72, 256]" in caplog.text and "norm's fold" in caplog.text
+
+    def broken(*args, **kwargs):
+        raise InterpreterError("a bug")
+
+    monkeypatch.setattr(int8_expand, "_small_m", broken)
+    monkeypatch.setattr(int8_expand, "_REFUSED", set())
+    with pytest.raises(InterpreterError):
+        int8_expand.matmul_and_expand(x, cb, scb, bias, delta)
