@@ -89,78 +89,82 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
         else:
             extra = tl.program_id(2) >= SPLIT_K
             unit = ((tl.program_id(2) - SPLIT_K) * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m
-        if EXPAND and extra:  # E_BLOCK_N columns of one row's delta
-            chunks = (N + E_BLOCK_N - 1) // E_BLOCK_N
-            row = unit // chunks
-            cn = (unit % chunks) * E_BLOCK_N + tl.arange(0, E_BLOCK_N)
-            rr = tl.arange(0, BLOCK_R)
-            rs = tl.arange(0, E_BLOCK_S)
-            n_ok = (cn < N) & (row + 0 * cn < M)  # past the last unit (the grid is a box): nothing read or written
-            in_range = tl.minimum(row, M - 1).to(tl.int64)
-            slot = tl.where(row < M, tl.load(slot_ptr + in_range * stride_slot).to(tl.int64), 0)
-            r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads no B and no partial: d 0
-            b = tl.load(eb_ptr + slot * stride_ebs + rr.to(tl.int64)[:, None] * stride_ebr + cn[None, :],
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
-            if USE_PDL:  # the partials are the kernel before's output
-                tl.extra.cuda.gdc_wait()
-                tl.extra.cuda.gdc_launch_dependents()
-            elif not INTERPRETED:  # as the shrink's programs: the next kernel may launch as these run
-                tl.extra.cuda.gdc_launch_dependents()
-            ps = lp_ptr + rs[:, None] * stride_ps + in_range * BLOCK_R + rr[None, :]
-            xa = tl.reduce(tl.load(ps, mask=(rs < lora_splits)[:, None] & r_ok[None, :], other=0.0), 0,
-                           tl.standard._sum_combine)  # [BLOCK_R]: the row's partials summed over the splits
-            d = tl.reduce(b.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
-            tl.store(ed_ptr + in_range * stride_edm + cn, d, mask=n_ok)
-            return
-        if SHRINK and extra:
-            groups = (lora_splits + LORA_U - 1) // LORA_U  # of LORA_U splits: one a program
-            row = unit // (lora_members * groups)
-            member = ((unit // groups) % lora_members).to(tl.int64)
-            first = (unit % groups) * LORA_U
-            ru = tl.arange(0, LORA_U)
-            rr = tl.arange(0, BLOCK_R)
-            rk = tl.arange(0, LORA_K)
-            # the programs past the last unit (the grid is a box) read and write nothing; a block compare (the
-            # interpreter rejects a scalar-and-block mask), and the slot read at a row in range
-            s_ok = (first + ru < lora_splits) & (row + 0 * ru < M)  # [U]
-            in_range = tl.minimum(row, M - 1).to(tl.int64)
-            slot = tl.where(row < M, tl.load(slot_ptr + in_range * stride_slot).to(tl.int64), 0)
-            row = in_range
-            r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0), or none, loads nothing
-            k0 = (first + ru) * (LORA_TILES * LORA_K)  # [U]: each split's first column
-            a_s = (a_ptr + member * stride_ag + slot * stride_as + rr.to(tl.int64)[:, None, None] * stride_ar
-                   + (k0[None, :, None] + rk[None, None, :]) * stride_ak)  # [BLOCK_R, U, LORA_K]
-            xs = x_ptr + row * stride_xm + (k0[:, None] + rk[None, :]) * stride_xk  # [U, LORA_K]
-            ok = s_ok[:, None]
-            if not LORA_EVEN_K:
-                ok = ok & (k0[:, None] + rk[None, :] < K)
-            # A (no kernel writes it) in flight before the PDL wait, as lora_bgmv's shrink loads it
-            a = tl.load(a_s, mask=r_ok[:, None, None] & ok[None, :, :], other=0.0, eviction_policy="evict_first")
-            if USE_PDL:  # every program waits, then lets the next kernel start
-                tl.extra.cuda.gdc_wait()
-                tl.extra.cuda.gdc_launch_dependents()
-            elif not INTERPRETED:
-                # Launched without PDL (past PDL_MAX_BUCKET rows) the matmul's programs trigger nothing, so the next
-                # kernel (launched with PDL) may start only once every one of them has ended and every one of these
-                # has started: its loads before its own wait (the rotary kernel's q/k/v B tiles, the SiLU
-                # kernel's gate/up ones, the add + norm's down_proj ones) then stream while the shrink runs, not
-                # after it. Its wait still waits for this whole grid, these programs' partials included.
-                tl.extra.cuda.gdc_launch_dependents()
-            xl = tl.load(xs, mask=ok, other=0.0).to(tl.float32)
-            acc = tl.full((BLOCK_R, LORA_U), 0.0, tl.float32)  # the sums in lora_bgmv's order: tile by tile
-            acc += tl.reduce(a.to(tl.float32) * xl[None, :, :], 2, tl.standard._sum_combine)
-            for t in range(1, LORA_TILES):
-                a_s += LORA_K * stride_ak
-                xs += LORA_K * stride_xk
+        if EXPAND:
+            if extra:  # E_BLOCK_N columns of one row's delta
+                chunks = (N + E_BLOCK_N - 1) // E_BLOCK_N
+                row = unit // chunks
+                cn = (unit % chunks) * E_BLOCK_N + tl.arange(0, E_BLOCK_N)
+                rr = tl.arange(0, BLOCK_R)
+                rs = tl.arange(0, E_BLOCK_S)
+                n_ok = (cn < N) & (row + 0 * cn < M)  # past the last unit (the grid is a box): nothing read or written
+                in_range = tl.minimum(row, M - 1).to(tl.int64)
+                slot = tl.where(row < M, tl.load(slot_ptr + in_range * stride_slot).to(tl.int64), 0)
+                r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads no B and no partial: d 0
+                b = tl.load(eb_ptr + slot * stride_ebs + rr.to(tl.int64)[:, None] * stride_ebr + cn[None, :],
+                            mask=r_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+                if USE_PDL:  # the partials are the kernel before's output
+                    tl.extra.cuda.gdc_wait()
+                    tl.extra.cuda.gdc_launch_dependents()
+                elif not INTERPRETED:  # as the shrink's programs: the next kernel may launch as these run
+                    tl.extra.cuda.gdc_launch_dependents()
+                ps = lp_ptr + rs[:, None] * stride_ps + in_range * BLOCK_R + rr[None, :]
+                xa = tl.reduce(tl.load(ps, mask=(rs < lora_splits)[:, None] & r_ok[None, :], other=0.0), 0,
+                               tl.standard._sum_combine)  # [BLOCK_R]: the row's partials summed over the splits
+                d = tl.reduce(b.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
+                tl.store(ed_ptr + in_range * stride_edm + cn, d, mask=n_ok)
+                return
+        if SHRINK:
+            if extra:
+                groups = (lora_splits + LORA_U - 1) // LORA_U  # of LORA_U splits: one a program
+                row = unit // (lora_members * groups)
+                member = ((unit // groups) % lora_members).to(tl.int64)
+                first = (unit % groups) * LORA_U
+                ru = tl.arange(0, LORA_U)
+                rr = tl.arange(0, BLOCK_R)
+                rk = tl.arange(0, LORA_K)
+                # the programs past the last unit (the grid is a box) read and write nothing; a block compare (the
+                # interpreter rejects a scalar-and-block mask), and the slot read at a row in range
+                s_ok = (first + ru < lora_splits) & (row + 0 * ru < M)  # [U]
+                in_range = tl.minimum(row, M - 1).to(tl.int64)
+                slot = tl.where(row < M, tl.load(slot_ptr + in_range * stride_slot).to(tl.int64), 0)
+                row = in_range
+                r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0), or none, loads nothing
+                k0 = (first + ru) * (LORA_TILES * LORA_K)  # [U]: each split's first column
+                a_s = (a_ptr + member * stride_ag + slot * stride_as + rr.to(tl.int64)[:, None, None] * stride_ar
+                       + (k0[None, :, None] + rk[None, None, :]) * stride_ak)  # [BLOCK_R, U, LORA_K]
+                xs = x_ptr + row * stride_xm + (k0[:, None] + rk[None, :]) * stride_xk  # [U, LORA_K]
                 ok = s_ok[:, None]
                 if not LORA_EVEN_K:
-                    ok = ok & (k0[:, None] + t * LORA_K + rk[None, :] < K)
-                xl = tl.load(xs, mask=ok, other=0.0).to(tl.float32)
+                    ok = ok & (k0[:, None] + rk[None, :] < K)
+                # A (no kernel writes it) in flight before the PDL wait, as lora_bgmv's shrink loads it
                 a = tl.load(a_s, mask=r_ok[:, None, None] & ok[None, :, :], other=0.0, eviction_policy="evict_first")
+                if USE_PDL:  # every program waits, then lets the next kernel start
+                    tl.extra.cuda.gdc_wait()
+                    tl.extra.cuda.gdc_launch_dependents()
+                elif not INTERPRETED:
+                    # Launched without PDL (past PDL_MAX_BUCKET rows) the matmul's programs trigger nothing, so the next
+                    # kernel (launched with PDL) may start only once every one of them has ended and every one of these
+                    # has started: its loads before its own wait (the rotary kernel's q/k/v B tiles, the SiLU
+                    # kernel's gate/up ones, the add + norm's down_proj ones) then stream while the shrink runs, not
+                    # after it. Its wait still waits for this whole grid, these programs' partials included.
+                    tl.extra.cuda.gdc_launch_dependents()
+                xl = tl.load(xs, mask=ok, other=0.0).to(tl.float32)
+                acc = tl.full((BLOCK_R, LORA_U), 0.0, tl.float32)  # the sums in lora_bgmv's order: tile by tile
                 acc += tl.reduce(a.to(tl.float32) * xl[None, :, :], 2, tl.standard._sum_combine)
-            ps = lp_ptr + member * stride_pg + (first + ru)[None, :] * stride_ps + row * BLOCK_R + rr[:, None]
-            tl.store(ps, acc, mask=s_ok[None, :] & (rr < tl.where(slot != 0, BLOCK_R, 0))[:, None])  # not a base row's
-            return
+                for t in range(1, LORA_TILES):
+                    a_s += LORA_K * stride_ak
+                    xs += LORA_K * stride_xk
+                    ok = s_ok[:, None]
+                    if not LORA_EVEN_K:
+                        ok = ok & (k0[:, None] + t * LORA_K + rk[None, :] < K)
+                    xl = tl.load(xs, mask=ok, other=0.0).to(tl.float32)
+                    a = tl.load(a_s, mask=r_ok[:, None, None] & ok[None, :, :], other=0.0,
+                                eviction_policy="evict_first")
+                    acc += tl.reduce(a.to(tl.float32) * xl[None, :, :], 2, tl.standard._sum_combine)
+                ps = lp_ptr + member * stride_pg + (first + ru)[None, :] * stride_ps + row * BLOCK_R + rr[:, None]
+                # not a base row's
+                tl.store(ps, acc, mask=s_ok[None, :] & (rr < tl.where(slot != 0, BLOCK_R, 0))[:, None])
+                return
     k_tiles = (K + BLOCK_K - 1) // BLOCK_K
     if SPLIT_K == 1:
         k_first = 0

@@ -1,6 +1,6 @@
 """o_proj's LoRA expand in its split-K matmul's launch (``kernels/int8_expand.py``): the matmul's output and the
 delta's sums from one launch, against the matmul alone, against torch, and against the add + norm's own fold
-(Triton's interpreter on the CPU)."""
+(Triton's interpreter on the CPU; ``gpu``: compiled on CUDA; ``sm90``: compiled for the H200 here)."""
 
 from __future__ import annotations
 
@@ -128,3 +128,80 @@ def test_a_launch_triton_will_not_build_is_left_to_the_norms_fold(monkeypatch, c
     monkeypatch.setattr(int8_expand, "_REFUSED", set())
     with pytest.raises(InterpreterError):
         int8_expand.matmul_and_expand(x, cb, scb, bias, delta)
+
+
+@pytest.mark.sm90
+def test_every_decode_tile_compiles_with_the_expand_for_hopper(monkeypatch, tmp_path):
+    """No GPU here, but Triton's own ptxas: every tile of the decode buckets, the int8 weight's and a bf16 weight's,
+    compiles for sm_90 with the expand's programs (rank 16, 32 splits: o_proj's partials from the 7B shape's merge,
+    a [16, 256] tile of bf16 B a program). Under PDL, B's loads (the only evict-first ones where the weight streams
+    through ``cp.async``) are issued before ``griddepcontrol.wait``; launched without PDL (the 32- and 64-row tiles),
+    the matmul's programs neither wait nor trigger and the expand's trigger the next kernel's launch."""
+    import re
+
+    from tests.server.kernels.test_int8_shrink import compile_for_hopper
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    expand = {"SHRINK": False, "EXPAND": True, "E_BLOCK_S": 32, "E_BLOCK_N": 256}
+    for weight, configs in (("*i8", km._small_configs()), ("*bf16", km._dense_configs())):
+        for c in configs:
+            ptx = compile_for_hopper(c, weight, **expand).asm["ptx"]
+            if c.kwargs["BLOCK_M"] > 1:  # B's loads alone, each issued before the expand's own wait
+                loads = re.findall(r"ld\.global\.L1::evict_first", ptx)
+                first = ptx.index("ld.global.L1::evict_first")
+                assert "cp.async" in ptx and loads, c
+                assert ptx[first:ptx.index("griddepcontrol.wait", first)].count("ld.global.L1::evict_first") == len(
+                    loads), (c, len(loads))
+    for c in [c for c in km._small_configs() if c.kwargs["BLOCK_M"] == 32][:2]:
+        ptx = compile_for_hopper(c, USE_PDL=False, **expand).asm["ptx"]
+        assert "griddepcontrol.wait" not in ptx and ptx.count("griddepcontrol.launch_dependents") == 1, c
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("rows", "dtype"), [(1, "int8"), (8, "int8"), (32, "int8"), (32, "bf16")])
+def test_gpu_at_the_llama_o_proj_shape_against_the_matmul_alone_and_in_a_cuda_graph(rows, dtype):
+    """On the GPU at Llama-2-7B's o_proj (4096x4096, rank 16, 32 splits, 33 slots), with the row bucket's tuned tiles
+    (an int8 weight, or a bf16 one through the split-K kernel): the output equals the matmul alone bit for bit (the
+    same tiles and sums), the sums torch's within fp32 summation order, and a CUDA graph replays the one launch with
+    new inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from adapterd.server.kernels import dense_splitk
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 4096, generator=g).to(torch.bfloat16).cuda()
+    if dtype == "int8":
+        w = torch.randint(-127, 128, (4096, 4096), generator=g, dtype=torch.int8).cuda()
+        scb = (torch.rand(4096, generator=g) + 0.05).cuda()
+
+        def alone(x):
+            return km.int8_weight_matmul(x, w, scb)
+    else:
+        w, scb = (torch.randn(4096, 4096, generator=g) / 64).to(torch.bfloat16).cuda(), None
+
+        def alone(x):
+            return dense_splitk.splitk_linear(x, w)
+    alone(x)  # tunes the bucket first
+    lora_b = (torch.randn(16, 33, 4096, generator=g) * 0.1).to(torch.bfloat16).cuda()
+    lora_b[:, 0] = 0
+    slots = (torch.arange(rows) % 33).cuda()
+    p = (torch.randn(1, 32, rows, 16, generator=g) * 0.1).cuda()
+    delta = rn.OutputDelta(LoraPartials(p, slots, 16), lora_b)
+
+    def check(y, done) -> None:
+        assert torch.equal(y, alone(x))
+        torch.testing.assert_close(done.done.double(), _delta_by_torch(delta), rtol=1e-4, atol=1e-4)
+
+    result = int8_expand.matmul_and_expand(x, w, scb, None, delta)
+    assert result is not None
+    check(*result)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, done = int8_expand.matmul_and_expand(x, w, scb, None, delta)
+    x.copy_(torch.randn(x.shape, generator=g).to(x.dtype))
+    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    graph.replay()
+    torch.cuda.synchronize()
+    check(y, done)

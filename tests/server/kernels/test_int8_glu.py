@@ -147,7 +147,8 @@ def test_glu_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     assert tiles
     for c in tiles:
         flags = {"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": True, "INTERPRETED": False, "USE_PDL": True,
-                 "GLU": True, "ROPE": False, "ROUND_BF16": False, "SHRINK": False, **c.kwargs}
+                 "GLU": True, "ROPE": False, "ROUND_BF16": False, "SHRINK": False, "EXPAND": False,
+                 **c.kwargs}
         ptx = compile_(km._int8_mm, int8_pointers, flags, c.num_warps).asm["ptx"]
         assert "div.rn.f32" in ptx and "griddepcontrol.wait" in ptx, c.kwargs
     dense_gemv._triton()  # binds tl and libdevice in its module

@@ -220,7 +220,8 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
     kernel = triton.jit(km._int8_mm)
     pointers = dict(zip(("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "p_ptr"),
                         ("*bf16", "*i8", "*fp32", "*fp32", "*bf16", "*fp32"), strict=True))
-    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", "INTERPRETED", "USE_PDL", "GLU", "ROPE", "SHRINK", *km._INTERPRET_SMALL)
+    flags = ("HAS_BIAS", "DOT_F32", "EVEN_K", "INTERPRETED", "USE_PDL", "GLU", "ROPE", "SHRINK", "EXPAND",
+             *km._INTERPRET_SMALL)
     gemv = [c for c in km._small_configs() if c.kwargs["BLOCK_M"] == 1]
     assert len(gemv) == 9
 
@@ -230,7 +231,7 @@ def test_gemv_tiles_compile_for_hopper(monkeypatch, tmp_path):
         aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym"] if even else []
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": even, "INTERPRETED": False,
-                                       "USE_PDL": even, "GLU": False, "ROPE": False, "SHRINK": False,
+                                       "USE_PDL": even, "GLU": False, "ROPE": False, "SHRINK": False, "EXPAND": False,
                                        **c.kwargs, **dict.fromkeys(unit_strides, 1)},
                            attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
         return triton.compile(source, target=GPUTarget("cuda", 90, 32),

@@ -411,9 +411,9 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     ints = ("N", "stride_x", "stride_r", "stride_y", "stride_s", "rank", "splits", "stride_br", "stride_bs",
             "stride_ps", "stride_slot")
     signature = {**pointers, "slot_ptr": "*i64", "p_ptr": "*fp32", **dict.fromkeys(ints, "i32"),
-                 "inv_n": "fp32", "eps": "fp32",
+                 "inv_n": "fp32", "eps": "fp32", "d_ptr": "*fp32", "stride_d": "i32",
                  **dict.fromkeys(("BLOCK", "ADD", "ROUND_X", "ROUND_Y", "LORA", "BLOCK_R", "BLOCK_S", "CHUNK",
-                                  "USE_PDL"), "constexpr")}
+                                  "USE_PDL", "DONE"), "constexpr")}
     aligned = (*pointers, "slot_ptr", "p_ptr", "N", "stride_x", "stride_r", "stride_y", "stride_s", "stride_br",
                "stride_bs", "stride_ps")
     attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
@@ -422,7 +422,7 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     # splits of 11008 inputs, in a 64-split tile)
     for add, lora, block_s in ((False, False, 1), (True, False, 1), (True, True, 32), (True, True, 64)):
         constexprs = {"BLOCK": 4096, "ADD": add, "ROUND_X": False, "ROUND_Y": False, "LORA": lora, "BLOCK_R": 16,
-                      "BLOCK_S": block_s, "CHUNK": min(rn.FOLD_CHUNK, 4096), "USE_PDL": add}
+                      "BLOCK_S": block_s, "CHUNK": min(rn.FOLD_CHUNK, 4096), "USE_PDL": add, "DONE": False}
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         warps = rn.FOLD_WARPS if lora else 8
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -445,3 +445,10 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
                                    check=True).stdout
             assert re.search(r"REG:(\d+)", usage) and int(re.search(r"REG:(\d+)", usage).group(1)) <= 128, usage
             assert re.search(r"STACK:0\b", usage), usage
+    # with the delta's sums done (int8_expand.py): no B read (no evict-first load), the sums read after the wait
+    done = {**constexprs, "BLOCK_S": 32, "DONE": True}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=done, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": rn.FOLD_WARPS})
+    ptx = compiled.asm["ptx"]
+    assert "evict_first" not in ptx and "ld.local" not in ptx and "st.local" not in ptx
+    assert re.findall(r"ld\.global[^\s]*", ptx[:ptx.index("griddepcontrol.wait")]) == ["ld.global.b64"]  # the slot

@@ -120,7 +120,8 @@ def test_rope_epilogue_compiles_for_hopper(monkeypatch, tmp_path):
     assert tiles
     for c in tiles:
         flags = {"HAS_BIAS": True, "DOT_F32": False, "EVEN_K": True, "INTERPRETED": False, "USE_PDL": True,
-                 "GLU": False, "ROPE": True, "ROUND_BF16": False, "SHRINK": False, **c.kwargs}
+                 "GLU": False, "ROPE": True, "ROUND_BF16": False, "SHRINK": False, "EXPAND": False,
+                 **c.kwargs}
         signature = {name: "constexpr" if name in flags else pointers.get(name, "i32") for name in kernel.arg_names}
         ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=flags),
                              target=GPUTarget("cuda", 90, 32), options={"num_warps": c.num_warps}).asm["ptx"]
