@@ -21,15 +21,12 @@ would run the kernel with a shrink (``dense_splitk.layer_with_expand``).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 
 import torch
 import triton
-from triton.errors import TritonError
-from triton.runtime.errors import InterpreterError
 
-from .int8_matmul import _CHOSEN, _INTERPRET_SMALL, MAX_KERNEL_ROWS, _small_key, _small_m, row_bucket
+from .int8_matmul import _CHOSEN, _INTERPRET_SMALL, MAX_KERNEL_ROWS, _small_key, row_bucket, small_m_with_extra
 from .lora_bgmv import _block_n
 from .rms_norm import OutputDelta
 from .support import interpreting
@@ -38,7 +35,6 @@ from .support import interpreting
 IN_MATMUL = False
 _REFUSED: set[tuple] = set()  # launches Triton would not build: the norm's fold serves them
 
-log = logging.getLogger(__name__)
 
 
 def matmul_and_expand(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias: torch.Tensor | None,
@@ -68,15 +64,7 @@ def matmul_and_expand(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | Non
                   E_BLOCK_S=partials.block_s, E_BLOCK_N=block_n, units=rows * triton.cdiv(n, block_n))
     refusal = (_small_key(interpret, row_bucket(rows), x2, cb, scb, bias), str(config), b.dtype, partials.block_r,
                partials.block_s)
-    if refusal in _REFUSED:
-        return None
-    try:
-        y = _small_m(x2, cb, scb, bias, interpret, config, expand)
-    except TritonError as exc:  # compile, ptxas or resources: before the launch, so nothing ran
-        if isinstance(exc, InterpreterError):  # the interpreter ran it: a bug, not a refusal
-            raise
-        _REFUSED.add(refusal)
-        log.warning("the LoRA expand in the split-K matmul's launch does not build for %s x %s at %d rows (%s: %s); "
-                    "that shape keeps the norm's fold", list(cb.shape), x2.dtype, rows, type(exc).__name__, exc)
+    y = small_m_with_extra(x2, cb, scb, bias, interpret, config, expand, refusal, _REFUSED, "the norm's fold")
+    if y is None:
         return None
     return y.reshape(*x.shape[:-1], n), replace(delta, done=d)

@@ -46,10 +46,13 @@ other configs through ``_small_m(..., config=...)``).
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 import triton
+from triton.errors import TritonError
+from triton.runtime.errors import InterpreterError
 
 from .int8_configs import _INTERPRET_SMALL, _dense_configs, _prune_dense, _prune_small, _small_configs, even_k
 from .int8_decode_kernels import _int8_mm, _splitk_reduce  # the kernels' source (tests compile _int8_mm from here)
@@ -73,6 +76,8 @@ REDUCE_PDL = True
 _INV_127 = 1.0 / 127.0  # bitsandbytes' absmax scale: W = CB * SCB / 127
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _REDUCE_BLOCK = 512  # outputs per program of the split-K reduction
+
+log = logging.getLogger(__name__)
 
 
 def row_bucket(m: int) -> int:
@@ -215,6 +220,26 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias:
         _reduce(p, s, b, y, bias is not None, config["SPLIT_K"], interpret,
                 pdl_launch(x2.device) if REDUCE_PDL and bucket > PDL_MAX_BUCKET else None, scaled=not dense)
     return y
+
+
+def small_m_with_extra(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias: torch.Tensor | None,
+                       interpret: bool, config: dict, extra: dict, refusal: tuple, refused: set,
+                       what: str) -> torch.Tensor | None:
+    """``_small_m`` with extra programs (``extra``: ``int8_shrink.py``'s or ``int8_expand.py``'s), or None where
+    Triton refuses to build that launch (a compile, ptxas or resource error, raised before anything runs): then
+    ``refusal`` joins ``refused`` (that shape is not tried again) and one warning says so, naming the shape and
+    ``what`` keeps it. An error of the interpreter, which ran it, is a bug and is raised."""
+    if refusal in refused:
+        return None
+    try:
+        return _small_m(x2, cb, scb, bias, interpret, config, extra)
+    except TritonError as exc:  # compile, ptxas or resources: before the launch, so nothing ran
+        if isinstance(exc, InterpreterError):  # the interpreter ran it: a bug, not a refusal
+            raise
+        refused.add(refusal)
+        log.warning("extra programs in the split-K matmul's launch do not build for %s x %s at %d rows (%s: %s); "
+                    "that shape keeps %s", list(cb.shape), x2.dtype, x2.shape[0], type(exc).__name__, exc, what)
+        return None
 
 
 def int8_weight_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,

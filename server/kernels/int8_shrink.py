@@ -36,14 +36,10 @@ runs here the same way (``scb`` None).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import triton
-from triton.errors import TritonError
-from triton.runtime.errors import InterpreterError
 
-from .int8_matmul import _CHOSEN, _INTERPRET_SMALL, MAX_KERNEL_ROWS, _small_key, _small_m, row_bucket
+from .int8_matmul import _CHOSEN, _INTERPRET_SMALL, MAX_KERNEL_ROWS, _small_key, row_bucket, small_m_with_extra
 from .lora_bgmv import LoraPartials, plan
 from .support import interpreting
 
@@ -53,8 +49,6 @@ from .support import interpreting
 IN_MATMUL = True
 _INTERPRET_WARPS = 4  # the interpreter's stand-in for a config's num_warps (the splits a shrink program does)
 _REFUSED: set[tuple] = set()  # launches Triton would not build: the two launches serve them
-
-log = logging.getLogger(__name__)
 
 
 def matmul_and_shrink(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias: torch.Tensor | None,
@@ -87,16 +81,8 @@ def matmul_and_shrink(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | Non
                   units=rows * members * triton.cdiv(splits, per_program))
     refusal = (_small_key(interpret, row_bucket(rows), x2, cb, scb, bias), str(config), lora_a.dtype,
                *(shrink[name] for name in ("LORA_EVEN_K", "BLOCK_R", "LORA_K", "LORA_TILES", "LORA_U")))
-    if refusal in _REFUSED:
-        return None
-    try:
-        y = _small_m(x2, cb, scb, bias, interpret, config, shrink)
-    except TritonError as exc:  # compile, ptxas or resources: before the launch, so nothing ran
-        if isinstance(exc, InterpreterError):  # the interpreter ran it: a bug, not a refusal
-            raise
-        _REFUSED.add(refusal)
-        log.warning("the LoRA shrink in the split-K matmul's launch does not build for %s x %s at %d rows (%s: %s); "
-                    "that shape keeps the shrink's own launch", list(cb.shape), x2.dtype, rows, type(exc).__name__,
-                    exc)
+    y = small_m_with_extra(x2, cb, scb, bias, interpret, config, shrink, refusal, _REFUSED,
+                           "the LoRA shrink's own launch")
+    if y is None:
         return None
     return y.reshape(*x.shape[:-1], cb.shape[0]), LoraPartials(p, slots, rank)

@@ -114,9 +114,9 @@ def test_a_launch_triton_will_not_build_is_left_to_the_norms_fold(monkeypatch, c
         calls.append(1)
         raise PTXASError("ptxas fatal: out of registers")
 
-    monkeypatch.setattr(int8_expand, "_small_m", refuse)
+    monkeypatch.setattr(km, "_small_m", refuse)
     monkeypatch.setattr(int8_expand, "_REFUSED", set())
-    with caplog.at_level("WARNING", logger="adapterd.server.kernels.int8_expand"):
+    with caplog.at_level("WARNING", logger="adapterd.server.kernels.int8_matmul"):
         assert int8_expand.matmul_and_expand(x, cb, scb, bias, delta) is None
         assert int8_expand.matmul_and_expand(x, cb, scb, bias, delta) is None
     assert len(calls) == 1 and "[72, 256]" in caplog.text and "norm's fold" in caplog.text
@@ -124,7 +124,7 @@ def test_a_launch_triton_will_not_build_is_left_to_the_norms_fold(monkeypatch, c
     def broken(*args, **kwargs):
         raise InterpreterError("a bug")
 
-    monkeypatch.setattr(int8_expand, "_small_m", broken)
+    monkeypatch.setattr(km, "_small_m", broken)
     monkeypatch.setattr(int8_expand, "_REFUSED", set())
     with pytest.raises(InterpreterError):
         int8_expand.matmul_and_expand(x, cb, scb, bias, delta)

@@ -114,9 +114,9 @@ def test_a_launch_triton_will_not_build_is_left_to_the_two_launches(monkeypatch,
         calls.append(1)
         raise PTXASError("ptxas fatal: out of registers")
 
-    monkeypatch.setattr(int8_shrink, "_small_m", refuse)
+    monkeypatch.setattr(km, "_small_m", refuse)
     monkeypatch.setattr(int8_shrink, "_REFUSED", set())
-    with caplog.at_level("WARNING", logger="adapterd.server.kernels.int8_shrink"):
+    with caplog.at_level("WARNING", logger="adapterd.server.kernels.int8_matmul"):
         assert int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16) is None
         assert int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16) is None
     assert len(calls) == 1 and len(caplog.records) == 1
@@ -125,7 +125,7 @@ def test_a_launch_triton_will_not_build_is_left_to_the_two_launches(monkeypatch,
     def broken(*args, **kwargs):
         raise InterpreterError("an index out of range")
 
-    monkeypatch.setattr(int8_shrink, "_small_m", broken)
+    monkeypatch.setattr(km, "_small_m", broken)
     monkeypatch.setattr(int8_shrink, "_REFUSED", set())
     with pytest.raises(InterpreterError):
         int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16)
