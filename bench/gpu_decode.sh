@@ -35,6 +35,10 @@
 #                launch (kernels/dense_splitk.py, on by default): its GPU tests and the engine's parity tests on
 #                CUDA with both switches on for the run, then `pdl` with PDL_ARGS="--switch dense --quantizations
 #                none --rows 8,32 --lora-rows 32" times it (and prints each tuned bucket against F.linear)
+#   expand       o_proj's LoRA delta's sums in its own matmul's launch (kernels/int8_expand.py, off by default):
+#                `pdl` with PDL_ARGS="--switch expand --quantizations int8,none --rows 32" times it first (what
+#                decides), then its GPU tests and the engine's parity tests on CUDA with it switched on for the run
+#                (ADAPTERD_TEST_SWITCHES=kernels.int8_expand.IN_MATMUL)
 # SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE and TEST_PATHS override
 # the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
@@ -113,6 +117,15 @@ dense() {  # each runs; the part fails if either does
   PDL_ARGS=${PDL_ARGS:-"--switch dense --quantizations none --rows 8,32 --lora-rows 32"} pdl || rc=1
   return $rc
 }
+expand() {  # each runs; the part fails if either does
+  local rc=0
+  PDL_ARGS=${PDL_ARGS:-"--switch expand --quantizations int8,none --rows 32"} pdl || rc=1
+  ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} ADAPTERD_TEST_SWITCHES=kernels.int8_expand.IN_MATMUL \
+    python3 -P -m pytest -q -rs -p no:cacheprovider --import-mode=append -o addopts="" ${TEST_PATHS:-tests/test_switches.py \
+    tests/server/kernels/test_int8_expand.py tests/server/adapters/test_lora_group.py \
+    tests/server/engine/test_parity.py} 2>&1 | tee "$OUT/expand_tests.log" | tail -12 || rc=1
+  return $rc
+}
 engine_tests() {
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -p no:cacheprovider --import-mode=append \
     -o addopts="" $1 2>&1 | tee "$OUT/$2.log" | tail -25
@@ -129,10 +142,11 @@ case $part in
   folds) folds ;;
   shrink) shrink ;;
   dense) dense ;;
+  expand) expand ;;
   tests) engine_tests "${TEST_PATHS:-tests/server/engine --ignore=tests/server/engine/test_architectures.py}" \
            engine_tests ;;
   matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
-  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | folds | shrink | dense | tests | matrix" >&2
+  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | folds | shrink | dense | expand | tests | matrix" >&2
      exit 2 ;;
 esac
 status=$?
