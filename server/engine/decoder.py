@@ -287,7 +287,8 @@ def _output(module: nn.Module, x: torch.Tensor, gemv: bool,
     """A layer whose output the residual add + norm kernel takes next (o_proj, down_proj): ``_linear(module, x,
     gemv, partials)``, or at a decode step of ``NORM_FOLD_MIN_ROWS`` rows or more its base output and its LoRA
     delta still to add, its expand left to that kernel (``partials``: its shrink, already done in the attention's
-    merge; else ``deferred_delta`` launches it now)."""
+    merge, the delta's sums then in the base matmul's launch where ``expand_in_matmul`` runs; else
+    ``deferred_delta`` launches the shrink now)."""
     folds = x.shape[0] >= NORM_FOLD_MIN_ROWS
     if folds and partials is not None:  # the expand's sums in the matmul's launch where switched on, else the norm's
         return expand_in_matmul(module, x, partials) or (_linear(base_layer_of(module), x, gemv),

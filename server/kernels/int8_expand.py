@@ -36,7 +36,6 @@ IN_MATMUL = False
 _REFUSED: set[tuple] = set()  # launches Triton would not build: the norm's fold serves them
 
 
-
 def matmul_and_expand(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias: torch.Tensor | None,
                       delta: OutputDelta, config: dict | None = None) -> tuple[torch.Tensor, OutputDelta] | None:
     """``(int8_weight_matmul(x, cb, scb, bias), delta with its sums done)`` in one launch, x's rows one token each
