@@ -131,20 +131,29 @@ def test_a_launch_triton_will_not_build_is_left_to_the_norms_fold(monkeypatch, c
 
 
 @pytest.mark.sm90
-def test_every_decode_tile_compiles_with_the_expand_for_hopper(monkeypatch, tmp_path):
-    """No GPU here, but Triton's own ptxas: every tile of the decode buckets, the int8 weight's and a bf16 weight's,
-    compiles for sm_90 with the expand's programs (rank 16, 32 splits: o_proj's partials from the 7B shape's merge,
-    a [16, 256] tile of bf16 B a program). Under PDL, B's loads (the only evict-first ones where the weight streams
-    through ``cp.async``) are issued before ``griddepcontrol.wait``; launched without PDL (the 32- and 64-row tiles),
-    the matmul's programs neither wait nor trigger and the expand's trigger the next kernel's launch."""
+def test_each_kind_of_decode_tile_compiles_with_the_expand_for_hopper(monkeypatch, tmp_path):
+    """No GPU here, but Triton's own ptxas: the decode tiles, the int8 weight's and a bf16 weight's, compile for
+    sm_90 with the expand's programs (rank 16, 32 splits: o_proj's partials from the 7B shape's merge, a [16, 256]
+    tile of bf16 B a program): one tile of each kind the expand's code depends on (GEMV or tensor cores, one split or
+    more, the warps of a program; the matmul's own code is the same as without it, and the shrink's and the split-K
+    tests compile every tile). Under PDL, B's loads (the only evict-first ones where the weight streams through
+    ``cp.async``) are issued before ``griddepcontrol.wait``; launched without PDL (the 32- and 64-row tiles), the
+    matmul's programs neither wait nor trigger and the expand's trigger the next kernel's launch."""
     import re
 
     from tests.server.kernels.test_int8_shrink import compile_for_hopper
 
+    def kinds(configs):
+        first = {}
+        for c in configs:
+            first.setdefault((c.kwargs["BLOCK_M"] == 1, c.kwargs["SPLIT_K"] > 1, c.num_warps), c)
+        return list(first.values())
+
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     expand = {"SHRINK": False, "EXPAND": True, "E_BLOCK_S": 32, "E_BLOCK_N": 256}
-    for weight, configs in (("*i8", km._small_configs()), ("*bf16", km._dense_configs())):
+    for weight, configs in (("*i8", kinds(km._small_configs())), ("*bf16", kinds(km._dense_configs()))):
+        assert len(configs) >= 3, configs
         for c in configs:
             ptx = compile_for_hopper(c, weight, **expand).asm["ptx"]
             if c.kwargs["BLOCK_M"] > 1:  # B's loads alone, each issued before the expand's own wait
