@@ -216,11 +216,11 @@ def output_delta(layer: BatchedLoraLinear, partials: LoraPartials) -> OutputDelt
 
 
 def expand_in_matmul(layer: BatchedLoraLinear, x: torch.Tensor,
-                     partials: LoraPartials) -> tuple[torch.Tensor, OutputDelta] | None:
-    """``(layer``'s base output, its delta from ``partials`` with the sums done``)`` from its base matmul's one split-K
+                     delta: OutputDelta) -> tuple[torch.Tensor, OutputDelta] | None:
+    """``(layer``'s base output, ``delta`` (``output_delta``) with its sums done``)`` from its base matmul's one split-K
     launch (``dense_splitk.layer_with_expand``: ``kernels/int8_expand.py``, switched by its ``IN_MATMUL``), for the
     add + norm after it to add; None, and nothing launched, where that does not run."""
-    return dense_splitk.layer_with_expand(base_layer_of(layer), x, output_delta(layer, partials))
+    return dense_splitk.layer_with_expand(base_layer_of(layer), x, delta)
 
 
 def defers_delta(layer: nn.Module) -> bool:

@@ -291,8 +291,8 @@ def _output(module: nn.Module, x: torch.Tensor, gemv: bool,
     ``deferred_delta`` launches the shrink now)."""
     folds = x.shape[0] >= NORM_FOLD_MIN_ROWS
     if folds and partials is not None:  # the expand's sums in the matmul's launch where switched on, else the norm's
-        return expand_in_matmul(module, x, partials) or (_linear(base_layer_of(module), x, gemv),
-                                                         output_delta(module, partials))
+        delta = output_delta(module, partials)
+        return expand_in_matmul(module, x, delta) or (_linear(base_layer_of(module), x, gemv), delta)
     if folds and defers_delta(module):  # its shrink in, after or beside the base matmul
         delta, y = deferred_in_matmul(module, x) or beside(
             x, lambda: deferred_delta(module, x), lambda: _linear(base_layer_of(module), x, gemv))
