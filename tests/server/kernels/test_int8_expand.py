@@ -102,34 +102,6 @@ def test_none_where_it_does_not_run(monkeypatch):
     assert int8_expand.matmul_and_expand(x, cb, scb, bias, delta) is None
 
 
-def test_a_launch_triton_will_not_build_is_left_to_the_norms_fold(monkeypatch, caplog):
-    """A compile, ptxas or resource error (raised before anything runs) makes it None, with one warning naming the
-    shape; that shape is not tried again. An error of the interpreter, which ran it, is a bug and is raised."""
-    from triton.runtime.errors import InterpreterError, PTXASError
-
-    x, cb, scb, bias, delta = _case(4, 256, 72, 3, 5, torch.float32)
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(1)
-        raise PTXASError("ptxas fatal: out of registers")
-
-    monkeypatch.setattr(km, "_small_m", refuse)
-    monkeypatch.setattr(int8_expand, "_REFUSED", set())
-    with caplog.at_level("WARNING", logger="adapterd.server.kernels.int8_matmul"):
-        assert int8_expand.matmul_and_expand(x, cb, scb, bias, delta) is None
-        assert int8_expand.matmul_and_expand(x, cb, scb, bias, delta) is None
-    assert len(calls) == 1 and "[72, 256]" in caplog.text and "norm's fold" in caplog.text
-
-    def broken(*args, **kwargs):
-        raise InterpreterError("a bug")
-
-    monkeypatch.setattr(km, "_small_m", broken)
-    monkeypatch.setattr(int8_expand, "_REFUSED", set())
-    with pytest.raises(InterpreterError):
-        int8_expand.matmul_and_expand(x, cb, scb, bias, delta)
-
-
 @pytest.mark.sm90
 def test_each_kind_of_decode_tile_compiles_with_the_expand_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the decode tiles, the int8 weight's and a bf16 weight's, compile for

@@ -308,6 +308,57 @@ def test_tuning_times_each_split_with_its_reduction_then_launches_the_choice(mon
     assert (4, 4, 70) in workspaces
 
 
+def _shrink_call():
+    """A LoRA shrink in the matmul's launch (``int8_shrink``), its weight's shape and what keeps a refused shape."""
+    from adapterd.server.kernels import int8_shrink
+    from tests.server.kernels.test_int8_shrink import _case
+
+    x, cb, scb, a, _, slots = _case(4, 256, 48, 16, 3)
+    return (lambda: int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16)), int8_shrink, "[48, 256]", \
+        "own launch"
+
+
+def _expand_call():
+    """o_proj's expand in the matmul's launch (``int8_expand``), likewise."""
+    from adapterd.server.kernels import int8_expand
+    from tests.server.kernels.test_int8_expand import _case
+
+    x, cb, scb, bias, delta = _case(4, 256, 72, 3, 5, torch.float32)
+    return (lambda: int8_expand.matmul_and_expand(x, cb, scb, bias, delta)), int8_expand, "[72, 256]", "norm's fold"
+
+
+@pytest.mark.parametrize("extra", [_shrink_call, _expand_call], ids=["shrink", "expand"])
+def test_a_launch_with_extra_programs_triton_will_not_build_is_left_to_the_callers_fallback(extra, monkeypatch,
+                                                                                          caplog):
+    """``small_m_with_extra`` for each caller: a compile, ptxas or resource error (raised before anything runs)
+    makes the call None, with one warning naming the shape and what keeps it (the shrink's own launch, the norm's
+    fold); that shape is not tried again. An error of the interpreter, which ran it, is a bug and is raised."""
+    from triton.runtime.errors import InterpreterError, PTXASError
+
+    call, module, shape, fallback = extra()
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise PTXASError("ptxas fatal: out of registers")
+
+    monkeypatch.setattr(km, "_small_m", refuse)
+    monkeypatch.setattr(module, "_REFUSED", set())
+    with caplog.at_level("WARNING", logger="adapterd.server.kernels.int8_matmul"):
+        assert call() is None
+        assert call() is None
+    assert len(calls) == 1 and len(caplog.records) == 1
+    assert shape in caplog.text and "PTXASError" in caplog.text and fallback in caplog.text
+
+    def broken(*args, **kwargs):
+        raise InterpreterError("an index out of range")
+
+    monkeypatch.setattr(km, "_small_m", broken)
+    monkeypatch.setattr(module, "_REFUSED", set())
+    with pytest.raises(InterpreterError):
+        call()
+
+
 def test_zero_rows_and_bad_shapes():
     cb, scb = _weights(16, 32)
     assert km.int8_weight_matmul(torch.randn(0, 32), cb, scb).shape == (0, 16)

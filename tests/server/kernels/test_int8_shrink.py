@@ -102,35 +102,6 @@ def test_none_where_it_does_not_run(monkeypatch):
     assert int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16) is None
 
 
-def test_a_launch_triton_will_not_build_is_left_to_the_two_launches(monkeypatch, caplog):
-    """A compile, ptxas or resource error (raised before anything runs) makes it None, with one warning naming the
-    shape; that shape is not tried again. An error of the interpreter, which ran it, is a bug and is raised."""
-    from triton.runtime.errors import InterpreterError, PTXASError
-
-    x, cb, scb, a, _, slots = _case(4, 256, 48, 16, 3)
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(1)
-        raise PTXASError("ptxas fatal: out of registers")
-
-    monkeypatch.setattr(km, "_small_m", refuse)
-    monkeypatch.setattr(int8_shrink, "_REFUSED", set())
-    with caplog.at_level("WARNING", logger="adapterd.server.kernels.int8_matmul"):
-        assert int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16) is None
-        assert int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16) is None
-    assert len(calls) == 1 and len(caplog.records) == 1
-    assert "[48, 256]" in caplog.text and "PTXASError" in caplog.text and "own launch" in caplog.text
-
-    def broken(*args, **kwargs):
-        raise InterpreterError("an index out of range")
-
-    monkeypatch.setattr(km, "_small_m", broken)
-    monkeypatch.setattr(int8_shrink, "_REFUSED", set())
-    with pytest.raises(InterpreterError):
-        int8_shrink.matmul_and_shrink(x, cb, scb, None, a, slots, 16)
-
-
 def compile_for_hopper(c, weight: str = "*i8", **flags):
     """``_int8_mm`` compiled for sm_90 (Triton's own ptxas, no GPU) with tile config ``c``, as a launch specializes
     it: unit strides along K and N, 16-divisible pointers, sizes and other strides; bf16 x, a ``weight`` of that
