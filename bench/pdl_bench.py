@@ -10,6 +10,9 @@ replayed alone. Ratios are PDL-off time over PDL-on (above 1: PDL pays).
 
     python3 bench/pdl_bench.py --shape llama2-7b --quantizations int8,none --rows 1,4,8,16,32,64
 
+``--set kernels.int8_expand.PROGRAM_ELEMS=16384`` (repeatable, as serve_bench's) holds a server setting both ways;
+the recorded table's header names it.
+
 ``--switch epilogues`` compares the same way the one-row GEMVs' epilogues (the fused q/k/v matmul's rotation
 and append, the gate/up matmul's SiLU product: ``FusedLinear.rope_append`` and ``silu_glu``) on and off, where
 off runs the separate kernels as before them: both ways in one process on one machine, whose differences
@@ -68,7 +71,16 @@ from pathlib import Path
 
 import torch
 from results_table import git_commit
-from serve_bench import SHAPES, TARGET_SETS, build_model_dir, engine_step_ms, make_lora_dirs, print_tuned, replay_ms
+from serve_bench import (
+    SHAPES,
+    TARGET_SETS,
+    build_model_dir,
+    engine_step_ms,
+    make_lora_dirs,
+    print_tuned,
+    replay_ms,
+    set_switch,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -97,8 +109,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
                         help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--set", action="append", default=[], metavar="SWITCH=VALUE",
+                        help="a server setting held both ways, as serve_bench's ('<module under adapterd.server>."
+                             "<attribute>=<Python literal>', as kernels.int8_expand.PROGRAM_ELEMS=16384), repeatable")
     args = parser.parse_args()
     args.rows = [int(r) for r in args.rows.split(",")]
+    try:
+        args.settings = [set_switch(setting) for setting in args.set]
+    except ValueError as e:
+        parser.error(f"--set: {e}")
+    if args.settings:
+        print(f"set for both ways: {', '.join(args.settings)}", flush=True)
     return args
 
 
@@ -257,8 +278,9 @@ def record(lines: list[str], args, machine: str) -> None:
             "dense": "the float fused matmuls in the split-K kernel, their LoRA shrinks in its launch",
             "oproj": "o_proj's LoRA shrink in its matmul's launch (not the attention merge's)",
             "expand": "o_proj's LoRA delta's sums in its matmul's launch (not the add + norm's fold)"}[args.switch]
-    head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}: {args.shape}, ctx "
-            f"{args.ctx}, on {machine}",
+    settings = "".join(f" --set {setting}" for setting in args.settings)
+    head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}{settings}: {args.shape}, "
+            f"ctx {args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "
             f"{what} on / off (every decode graph captured afresh each way); ratio off / on (above 1: it pays).", "",
             "| base | batch | engine step, on / off | off / on | graph alone, on / off |",

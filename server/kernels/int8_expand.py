@@ -6,11 +6,11 @@ post-attention add + norm adds the delta (``rms_norm.OutputDelta``): one program
 step on the H200 (int8; +95 bf16: 2.4-3 us a layer for 4.2 MB of B, the 2afdca8 step profiles in
 bench/RESULTS.md), where the bytes alone take ~0.9 us a layer at the H200's bandwidth: 32 SMs cannot pull
 them faster. Here the delta's sums run as extra programs of o_proj's own split-K launch
-(``int8_decode_kernels._int8_mm``'s ``EXPAND``), ``E_BLOCK_N`` columns of one row a program (512 programs at
-32 rows of 4096 columns), which start after every matmul program (a grid's blocks start in order) and read B
-beside its last tiles, into an fp32 ``[rows, out]`` buffer; the add + norm then adds those sums in place of its
-own (``OutputDelta.done``): the same fp32 sums, in the same order (bit for bit in the interpreter; compiled, a
-program's reduction layout may differ in fp32's last bits), added and rounded as the fold adds them.
+(``int8_decode_kernels._int8_mm``'s ``EXPAND``), ``E_BLOCK_N`` columns of one row a program (``PROGRAM_ELEMS``
+of B's elements), which start after every matmul program (a grid's blocks start in order) and read B beside its
+last tiles, into an fp32 ``[rows, out]`` buffer; the add + norm then adds those sums in place of its own
+(``OutputDelta.done``): the same fp32 sums, in the same order (bit for bit in the interpreter; compiled, a program's
+reduction layout may differ in fp32's last bits), added and rounded as the fold adds them.
 
 Where it runs (``matmul_and_expand``; else None and the caller runs the matmul and leaves the fold to the norm):
 rows the split-K kernel serves (1 to ``MAX_KERNEL_ROWS``), its config for the row bucket tuned, on a CUDA device
@@ -27,12 +27,16 @@ import torch
 import triton
 
 from .int8_matmul import _CHOSEN, _INTERPRET_SMALL, MAX_KERNEL_ROWS, _small_key, row_bucket, small_m_with_extra
-from .lora_bgmv import _block_n
+from .lora_bgmv import TILE_ELEMS
 from .rms_norm import OutputDelta
 from .support import interpreting
 
-# The engine's switch: off until pdl_bench --switch expand times it on the GPU.
+# The engine's switch: off (an H100 at a3e58b8, 32 LoRA rows: int8 -0.6%, bf16 -1.3% a step at 4096 elements).
 IN_MATMUL = False
+# B's elements one extra program reads (``BLOCK_R * E_BLOCK_N``): 4096 (lora_bgmv's tile) is 256 columns at rank 16,
+# 512 programs at 32 rows of 4096 columns, which run in waves after the matmul's; more a program, fewer waves
+# (``pdl_bench --switch expand --set kernels.int8_expand.PROGRAM_ELEMS=16384`` times one).
+PROGRAM_ELEMS = TILE_ELEMS
 _REFUSED: set[tuple] = set()  # launches Triton would not build: the norm's fold serves them
 
 
@@ -54,7 +58,7 @@ def matmul_and_expand(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | Non
         config = _INTERPRET_SMALL if interpret else _CHOSEN.get(_small_key(False, row_bucket(rows), x2, cb, scb, bias))
     if config is None:  # not tuned yet: the plain matmul tunes it
         return None
-    block_n = _block_n(partials.block_r)  # a [BLOCK_R, E_BLOCK_N] tile of B a program, as lora_bgmv's expand
+    block_n = max(32, PROGRAM_ELEMS // partials.block_r)  # a [BLOCK_R, E_BLOCK_N] tile of B a program
     d = torch.empty((rows, n), device=x2.device, dtype=torch.float32)
     p, slots = partials.p, partials.slots
     expand = dict(EXPAND=True, eb_ptr=b, ed_ptr=d, slot_ptr=slots, lp_ptr=p, rank=partials.rank,

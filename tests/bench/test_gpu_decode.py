@@ -189,19 +189,26 @@ def test_dense_part(tmp_path):
 
 @pytest.mark.slow  # ~20 s: the tiny model's decode steps each way, then two test files
 def test_expand_part(tmp_path):
-    """pdl_bench --switch expand times it first (on the CPU: the tiny float model, every row on LoRA), then the
-    part's tests run with the expand switched on for the run (the switch test passes, not skipped)."""
+    """pdl_bench --switch expand times it first (on the CPU: the tiny float model, every row on LoRA), holding the
+    --set setting both ways, then the part's tests run with the expand switched on for the run (the switch test
+    passes, not skipped). A --set that names nothing is refused before anything loads."""
     pytest.importorskip("triton")
     done = run_part(tmp_path, "expand", TEST_DEVICE="cpu",
                     TEST_PATHS="tests/test_switches.py "
                     "tests/server/kernels/test_int8_expand.py::test_none_where_it_does_not_run",
                     PDL_ARGS="--shape tiny --quantizations none --rows 2 --ctx 16 --new 4 --switch expand "
-                    f"--lora-targets all --no-record --work {tmp_path / 'work'}")
+                    f"--lora-targets all --no-record --work {tmp_path / 'work'} "
+                    "--set kernels.int8_expand.PROGRAM_ELEMS=16384")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     pdl = (tmp_path / "out" / "pdl.log").read_text()
+    assert "set for both ways: kernels.int8_expand.PROGRAM_ELEMS=16384" in pdl, pdl[-2000:]
     assert re.search(r"^\| float32 \| 2 rows on 2 LoRA \(all linears\) \| [\d.]+ / [\d.]+ \|", pdl, re.M), pdl[-2000:]
     log = (tmp_path / "out" / "expand_tests.log").read_text()
     assert re.search(r"\b3 passed\b", log) and "skipped" not in log, log[-2000:]
+    typo = subprocess.run([sys.executable, str(REPO / "bench" / "pdl_bench.py"), "--shape", "tiny", "--no-record",
+                           "--set", "kernels.int8_expand.PROGRAM_ELEM=16384"], capture_output=True, text=True,
+                          timeout=300)
+    assert typo.returncode == 2 and "--set: adapterd.server.kernels.int8_expand has no PROGRAM_ELEM" in typo.stderr
 
 
 @pytest.mark.slow  # ~40 s: the engine's fold tests against PEFT and the min-length parity tests, on the CPU

@@ -64,6 +64,22 @@ def test_one_launch_gives_the_matmul_bit_for_bit_and_the_deltas_sums(config, dty
 
 
 @torch.no_grad()
+def test_the_sums_are_the_same_whatever_columns_a_program_takes(monkeypatch):
+    """``PROGRAM_ELEMS`` only sets how many columns of a row one extra program computes (the launch's shape): 32
+    columns (three programs a row of 72, the last one part-masked) and 1024 (one, mostly masked) give the same
+    sums bit for bit, torch's within fp32's rounding, and the same matmul."""
+    rows, tiles = CONFIGS[sorted(CONFIGS)[0]]
+    x, cb, scb, bias, delta = _case(rows, 256, 72, 3, 5, torch.bfloat16)
+    results = []
+    for elems in (32 * delta.partials.block_r, 1024 * delta.partials.block_r):
+        monkeypatch.setattr(int8_expand, "PROGRAM_ELEMS", elems)
+        results.append(int8_expand.matmul_and_expand(x, cb, scb, bias, delta, config=tiles))
+    (y_narrow, narrow), (y_wide, wide) = results
+    assert torch.equal(y_narrow, y_wide) and torch.equal(narrow.done, wide.done)
+    torch.testing.assert_close(narrow.done.double(), _delta_by_torch(delta), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_norm_adds_the_sums_as_its_own_fold_would(dtype):
     """The post-attention add + norm given the done sums gives what it gives folding the delta itself, bit for bit
