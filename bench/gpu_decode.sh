@@ -35,10 +35,10 @@
 #                launch (kernels/dense_splitk.py, on by default): its GPU tests and the engine's parity tests on
 #                CUDA with both switches on for the run, then `pdl` with PDL_ARGS="--switch dense --quantizations
 #                none --rows 8,32 --lora-rows 32" times it (and prints each tuned bucket against F.linear)
-#   expand       o_proj's LoRA delta's sums in its own matmul's launch (kernels/int8_expand.py, off by default):
-#                `pdl` with PDL_ARGS="--switch expand --quantizations int8,none --rows 32" times it first (what
-#                decides), then its GPU tests and the engine's parity tests on CUDA with it switched on for the run
-#                (ADAPTERD_TEST_SWITCHES=kernels.int8_expand.IN_MATMUL)
+#   expand       o_proj's LoRA delta's sums in its own matmul's launch (kernels/int8_expand.py; on for int8, off
+#                for float weights): `pdl` with PDL_ARGS="--switch expand --quantizations int8,none --rows 32" times
+#                it first (what decides), then its GPU tests and the engine's parity tests on CUDA with both
+#                switched on for the run (ADAPTERD_TEST_SWITCHES=kernels.int8_expand.IN_MATMUL,...FLOAT_IN_MATMUL)
 # SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE and TEST_PATHS override
 # the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
@@ -120,7 +120,7 @@ dense() {  # each runs; the part fails if either does
 expand() {  # each runs; the part fails if either does
   local rc=0
   PDL_ARGS=${PDL_ARGS:-"--switch expand --quantizations int8,none --rows 32"} pdl || rc=1
-  ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} ADAPTERD_TEST_SWITCHES=kernels.int8_expand.IN_MATMUL \
+  ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} ADAPTERD_TEST_SWITCHES=kernels.int8_expand.IN_MATMUL,kernels.int8_expand.FLOAT_IN_MATMUL \
     python3 -P -m pytest -q -rs -p no:cacheprovider --import-mode=append -o addopts="" ${TEST_PATHS:-tests/test_switches.py \
     tests/server/kernels/test_int8_expand.py tests/server/adapters/test_lora_group.py \
     tests/server/engine/test_parity.py} 2>&1 | tee "$OUT/expand_tests.log" | tail -12 || rc=1

@@ -141,7 +141,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
     fold_rows, side_default = own_decoder.NORM_FOLD_MIN_ROWS, side_stream.SIDE_STREAM
     reduce_default, shrink_default = int8_matmul.REDUCE_PDL, int8_shrink.IN_MATMUL
     dense_default, oproj_default = dense_splitk.IN_DECODE, lora_folds.O_PROJ_IN_MATMUL
-    expand_default = int8_expand.IN_MATMUL
+    expand_defaults = int8_expand.IN_MATMUL, int8_expand.FLOAT_IN_MATMUL
     verdict = dense_gemv.judgements()[shape][2] if shape is not None else None
 
     def switch(on: bool) -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods and
@@ -166,8 +166,8 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
                 dense_splitk.warm_up(forward.splitk_weights(), [int8_matmul.row_bucket(rows)])
             dense_splitk.IN_DECODE = int8_shrink.IN_MATMUL = split_k
             lora_folds.O_PROJ_IN_MATMUL = on and args.switch == "oproj"
-        if args.switch == "expand":  # read at each forward (each capture)
-            int8_expand.IN_MATMUL = on
+        if args.switch == "expand":  # read at each forward (each capture): an int8 o_proj's and a float one's
+            int8_expand.IN_MATMUL = int8_expand.FLOAT_IN_MATMUL = on
         decoder.graphs.clear()
 
     runtime.engine.call(lambda: switch(on)).result(900)  # --switch dense tunes a row bucket here: compiles, times
@@ -183,7 +183,7 @@ def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | N
         int8_matmul.REDUCE_PDL = reduce_default
         int8_shrink.IN_MATMUL = shrink_default
         dense_splitk.IN_DECODE, lora_folds.O_PROJ_IN_MATMUL = dense_default, oproj_default
-        int8_expand.IN_MATMUL = expand_default
+        int8_expand.IN_MATMUL, int8_expand.FLOAT_IN_MATMUL = expand_defaults
         if shape is not None:
             runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
 

@@ -141,16 +141,16 @@ def layer_with_shrink(layer: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, s
 
 def layer_with_expand(layer: nn.Module, x: torch.Tensor, delta: OutputDelta) -> tuple[torch.Tensor, OutputDelta] | None:
     """``layer``'s output for x and ``delta``'s sums (its shrink done before the launch: o_proj's, in the attention
-    merge) in its one split-K launch, where ``int8_expand.IN_MATMUL`` is on: the int8 layer's
-    (``Int8WeightOnlyLinear.with_expand``), or a float ``nn.Linear``'s where the kernel would host a shrink for it
-    (``hosts_shrink``: the bucket tuned); None where the kernel does not take them (nothing launched)."""
+    merge) in its one split-K launch: the int8 layer's where ``int8_expand.IN_MATMUL`` is on
+    (``Int8WeightOnlyLinear.with_expand``), or a float ``nn.Linear``'s where ``int8_expand.FLOAT_IN_MATMUL`` is on
+    and the kernel would host a shrink for it (``hosts_shrink``: the bucket tuned); None where the kernel does not
+    take them (nothing launched)."""
     from . import int8_expand
 
-    if not int8_expand.IN_MATMUL:
-        return None
     if isinstance(layer, Int8WeightOnlyLinear):
-        return layer.with_expand(x, delta)
-    if type(layer) is not nn.Linear or not hosts_shrink(x, layer.weight, layer.bias):
+        return layer.with_expand(x, delta) if int8_expand.IN_MATMUL else None
+    if (not int8_expand.FLOAT_IN_MATMUL or type(layer) is not nn.Linear
+            or not hosts_shrink(x, layer.weight, layer.bias)):
         return None
     return int8_expand.matmul_and_expand(x, layer.weight, None, layer.bias, delta)
 

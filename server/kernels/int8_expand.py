@@ -14,9 +14,9 @@ reduction layout may differ in fp32's last bits), added and rounded as the fold 
 
 Where it runs (``matmul_and_expand``; else None and the caller runs the matmul and leaves the fold to the norm):
 rows the split-K kernel serves (1 to ``MAX_KERNEL_ROWS``), its config for the row bucket tuned, on a CUDA device
-or in the interpreter, a delta the norm takes (``OutputDelta.fits``). ``IN_MATMUL`` switches it for the engine
-(``bench/pdl_bench.py --switch expand`` times it); a float weight takes it where ``dense_splitk.hosts_shrink``
-would run the kernel with a shrink (``dense_splitk.layer_with_expand``).
+or in the interpreter, a delta the norm takes (``OutputDelta.fits``). ``IN_MATMUL`` switches it for the engine's
+int8 o_proj, ``FLOAT_IN_MATMUL`` for a float one, which takes it where ``dense_splitk.hosts_shrink`` would run the
+kernel with a shrink (``dense_splitk.layer_with_expand``; ``bench/pdl_bench.py --switch expand`` times both).
 """
 
 from __future__ import annotations
@@ -31,12 +31,16 @@ from .lora_bgmv import TILE_ELEMS
 from .rms_norm import OutputDelta
 from .support import interpreting
 
-# The engine's switch: off (an H100 at a3e58b8, 32 LoRA rows: int8 -0.6%, bf16 -1.3% a step at 4096 elements).
-IN_MATMUL = False
-# B's elements one extra program reads (``BLOCK_R * E_BLOCK_N``): 4096 (lora_bgmv's tile) is 256 columns at rank 16,
-# 512 programs at 32 rows of 4096 columns, which run in waves after the matmul's; more a program, fewer waves
-# (``pdl_bench --switch expand --set kernels.int8_expand.PROGRAM_ELEMS=16384`` times one).
-PROGRAM_ELEMS = TILE_ELEMS
+# The engine's switches, for an int8 o_proj and for a float one (bench/RESULTS.md, an H100 at 9fa7aa1, 32 rows on 32
+# LoRA adapters over base-only, serve_bench: int8 0.950 / 0.954 on against 0.949 / 0.948 off; bf16 0.954 on against
+# 0.956 off, and pdl_bench's step even, 9.459 / 9.467 ms): on for int8, off for float weights.
+IN_MATMUL = True
+FLOAT_IN_MATMUL = False
+# B's elements one extra program reads (``BLOCK_R * E_BLOCK_N``): 16384 is 1024 columns at rank 16, 128 programs at
+# 32 rows of 4096 columns, about one wave beside the matmul's; lora_bgmv's 4096 (512 programs) ran in waves after
+# it and lost (pdl_bench --switch expand on the H100, int8 at 32 LoRA rows, off / on: 4096 0.994, 8192 0.983, 16384
+# 1.017, 0.998, 1.007, 32768 1.004).
+PROGRAM_ELEMS = 4 * TILE_ELEMS
 _REFUSED: set[tuple] = set()  # launches Triton would not build: the norm's fold serves them
 
 

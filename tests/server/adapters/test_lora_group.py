@@ -329,8 +329,8 @@ def test_float_decode_steps_through_the_split_k_kernel_shrink_in_its_launch_and_
 @pytest.mark.parametrize("quantization", ["int8", "none"])
 def test_o_projs_expand_in_its_matmuls_launch_keeps_pefts_tokens(quantization, tiny_model_dir, adapter_root,
                                                                  monkeypatch):
-    """With ``int8_expand.IN_MATMUL`` on (and a float base's matmuls through the split-K kernel, as
-    ``dense_splitk.IN_DECODE`` sends them): at each decode step every layer's o_proj, its shrink done in the
+    """With ``int8_expand.IN_MATMUL`` and ``FLOAT_IN_MATMUL`` on (and a float base's matmuls through the split-K
+    kernel, as ``dense_splitk.IN_DECODE`` sends them): at each decode step every layer's o_proj, its shrink done in the
     attention merge, computes its LoRA delta's sums as extra programs of its own matmul's launch, and the
     post-attention add + norm adds those sums (``OutputDelta.done``) instead of folding the delta itself; every
     row's greedy tokens equal PEFT's for it alone over the same base (int8 layers, or fp32), adapters on q and v,
@@ -339,6 +339,7 @@ def test_o_projs_expand_in_its_matmuls_launch_keeps_pefts_tokens(quantization, t
     from adapterd.server.kernels import decode_attention, dense_splitk, int8_expand, int8_shrink, rms_norm
 
     monkeypatch.setattr(int8_expand, "IN_MATMUL", True)
+    monkeypatch.setattr(int8_expand, "FLOAT_IN_MATMUL", True)
     monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
     monkeypatch.setattr(int8_shrink, "IN_MATMUL", True)
     monkeypatch.setattr(decode_attention, "faster_than_sdpa", lambda *_: True)  # the merge takes o_proj's shrink

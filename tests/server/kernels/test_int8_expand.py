@@ -118,10 +118,33 @@ def test_none_where_it_does_not_run(monkeypatch):
     assert int8_expand.matmul_and_expand(x, cb, scb, bias, delta) is None
 
 
+def test_the_engine_takes_it_for_an_int8_o_proj_by_default_and_for_a_float_one_where_switched(monkeypatch):
+    """``dense_splitk.layer_with_expand`` (the decoder's o_proj): an int8 layer launches the expand while
+    ``IN_MATMUL`` is on (the default: it paid on the H100) and not when off; a float ``nn.Linear`` whose bucket
+    hosts a shrink does only while ``FLOAT_IN_MATMUL`` is on (off by default: even or behind for bf16)."""
+    from torch import nn
+
+    from adapterd.server.kernels import dense_splitk
+    from adapterd.server.kernels.int8_linear import Int8WeightOnlyLinear
+
+    assert int8_expand.IN_MATMUL is True and int8_expand.FLOAT_IN_MATMUL is False
+    x, cb, scb, bias, delta = _case(4, 256, 72, 3, 5, torch.float32)
+    int8_layer, float_layer = Int8WeightOnlyLinear(cb, scb, bias), nn.Linear(256, 72)
+    launched = []
+    monkeypatch.setattr(int8_expand, "matmul_and_expand", lambda x, w, scb, *_: launched.append(scb is not None))
+    monkeypatch.setattr(dense_splitk, "hosts_shrink", lambda *_: True)
+    for switch in (True, False):
+        monkeypatch.setattr(int8_expand, "IN_MATMUL", switch)
+        monkeypatch.setattr(int8_expand, "FLOAT_IN_MATMUL", not switch)
+        dense_splitk.layer_with_expand(int8_layer, x, delta)
+        dense_splitk.layer_with_expand(float_layer, x, delta)
+    assert launched == [True, False]  # the int8 layer's with IN_MATMUL, then the float one's with FLOAT_IN_MATMUL
+
+
 @pytest.mark.sm90
 def test_each_kind_of_decode_tile_compiles_with_the_expand_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the decode tiles, the int8 weight's and a bf16 weight's, compile for
-    sm_90 with the expand's programs (rank 16, 32 splits: o_proj's partials from the 7B shape's merge, a [16, 256]
+    sm_90 with the expand's programs (rank 16, 32 splits: o_proj's partials from the 7B shape's merge, a [16, 1024]
     tile of bf16 B a program): one tile of each kind the expand's code depends on (GEMV or tensor cores, one split or
     more, the warps of a program; the matmul's own code is the same as without it, and the shrink's and the split-K
     tests compile every tile). Under PDL, B's loads (the only evict-first ones where the weight streams through
@@ -139,7 +162,7 @@ def test_each_kind_of_decode_tile_compiles_with_the_expand_for_hopper(monkeypatc
 
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    expand = {"SHRINK": False, "EXPAND": True, "E_BLOCK_S": 32, "E_BLOCK_N": 256}
+    expand = {"SHRINK": False, "EXPAND": True, "E_BLOCK_S": 32, "E_BLOCK_N": int8_expand.PROGRAM_ELEMS // 16}
     for weight, configs in (("*i8", kinds(km._small_configs())), ("*bf16", kinds(km._dense_configs()))):
         assert len(configs) >= 3, configs
         for c in configs:
