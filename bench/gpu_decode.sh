@@ -120,7 +120,8 @@ dense() {  # each runs; the part fails if either does
 expand() {  # each runs; the part fails if either does
   local rc=0
   PDL_ARGS=${PDL_ARGS:-"--switch expand --quantizations int8,none --rows 32"} pdl || rc=1
-  ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} ADAPTERD_TEST_SWITCHES=kernels.int8_expand.IN_MATMUL,kernels.int8_expand.FLOAT_IN_MATMUL \
+  local switches=kernels.int8_expand.IN_MATMUL,kernels.int8_expand.FLOAT_IN_MATMUL
+  ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} ADAPTERD_TEST_SWITCHES=$switches \
     python3 -P -m pytest -q -rs -p no:cacheprovider --import-mode=append -o addopts="" ${TEST_PATHS:-tests/test_switches.py \
     tests/server/kernels/test_int8_expand.py tests/server/adapters/test_lora_group.py \
     tests/server/engine/test_parity.py} 2>&1 | tee "$OUT/expand_tests.log" | tail -12 || rc=1

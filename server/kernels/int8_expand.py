@@ -37,9 +37,9 @@ from .support import interpreting
 IN_MATMUL = True
 FLOAT_IN_MATMUL = False
 # B's elements one extra program reads (``BLOCK_R * E_BLOCK_N``): 16384 is 1024 columns at rank 16, 128 programs at
-# 32 rows of 4096 columns, about one wave beside the matmul's; lora_bgmv's 4096 (512 programs) ran in waves after
-# it and lost (pdl_bench --switch expand on the H100, int8 at 32 LoRA rows, off / on: 4096 0.994, 8192 0.983, 16384
-# 1.017, 0.998, 1.007, 32768 1.004).
+# 32 rows of 4096 columns; lora_bgmv's 4096 (512 small programs, each with the matmul program's footprint) lost
+# (pdl_bench --switch expand on the H100, int8 at 32 LoRA rows, off / on: 4096 0.994, 8192 0.983, 16384 1.017,
+# 0.998, 1.007, 32768 1.004; the serves above decided).
 PROGRAM_ELEMS = 4 * TILE_ELEMS
 _REFUSED: set[tuple] = set()  # launches Triton would not build: the norm's fold serves them
 
