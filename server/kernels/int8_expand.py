@@ -27,7 +27,7 @@ import torch
 import triton
 
 from .int8_matmul import _CHOSEN, _INTERPRET_SMALL, MAX_KERNEL_ROWS, _small_key, row_bucket, small_m_with_extra
-from .lora_bgmv import TILE_ELEMS
+from .lora_bgmv import TILE_ELEMS, _block_n
 from .rms_norm import OutputDelta
 from .support import interpreting
 
@@ -62,7 +62,7 @@ def matmul_and_expand(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | Non
         config = _INTERPRET_SMALL if interpret else _CHOSEN.get(_small_key(False, row_bucket(rows), x2, cb, scb, bias))
     if config is None:  # not tuned yet: the plain matmul tunes it
         return None
-    block_n = max(32, PROGRAM_ELEMS // partials.block_r)  # a [BLOCK_R, E_BLOCK_N] tile of B a program
+    block_n = _block_n(partials.block_r, PROGRAM_ELEMS)  # a [BLOCK_R, E_BLOCK_N] tile of B a program
     d = torch.empty((rows, n), device=x2.device, dtype=torch.float32)
     p, slots = partials.p, partials.slots
     expand = dict(EXPAND=True, eb_ptr=b, ed_ptr=d, slot_ptr=slots, lp_ptr=p, rank=partials.rank,

@@ -235,9 +235,10 @@ def plan(in_f: int, out_f: int, rank: int) -> dict[str, int]:
             "BLOCK_N": _block_n(block_r), "BLOCK_S": triton.next_power_of_2(splits)}
 
 
-def _block_n(block_r: int) -> int:
-    """``plan``'s ``BLOCK_N``: the output columns of an expand tile of ``TILE_ELEMS`` elements, at least 32."""
-    return max(32, TILE_ELEMS // block_r)
+def _block_n(block_r: int, elems: int | None = None) -> int:
+    """``plan``'s ``BLOCK_N``: the output columns of an expand tile of ``elems`` elements (``TILE_ELEMS`` when
+    None, read at the call; the int8 expand's programs take their own), at least 32."""
+    return max(32, (TILE_ELEMS if elems is None else elems) // block_r)
 
 
 def _check(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
