@@ -17,7 +17,8 @@
 #                (test_decoder.py), graphs, sampling, row isolation
 #   matrix       tests/server/engine/test_architectures.py on CUDA (every family, both forwards)
 #   pdl          pdl_bench: the engine's decode step with PDL on and off at 1-64 rows and 32 LoRA rows, int8 and
-#                bf16 (where int8_matmul.PDL_MAX_BUCKET comes from)
+#                bf16 (where int8_matmul.PDL_MAX_BUCKET comes from); PDL_ARGS="--switch shrink,expand ..." times
+#                several switches in turn after one load and warm-up (bench/pdl_switches.py names them)
 #   tiles        tile_bench: the int8 one-row step with each GEMV tile of one split for each weight shape in turn
 #                (whether the autotuner's pick is the step's best)
 #   gap          gap_bench: a one-row int8 step built up from its graph alone (inputs' copy, fed tokens, tokens

@@ -13,6 +13,10 @@ replayed alone. Ratios are PDL-off time over PDL-on (above 1: PDL pays).
 ``--set kernels.int8_expand.PROGRAM_ELEMS=16384`` (repeatable, as serve_bench's) holds a server setting both ways;
 the recorded table's header names it.
 
+``--switch shrink,expand`` (comma-separated names, ``bench/pdl_switches.py``'s registry) measures several in turn
+after one model load and one warm-up, each against the server's defaults (what one switch set is put back before
+the next), and records a table for each, as separate runs would: one device call for several questions.
+
 ``--switch epilogues`` compares the same way the one-row GEMVs' epilogues (the fused q/k/v matmul's rotation
 and append, the gate/up matmul's SiLU product: ``FusedLinear.rope_append`` and ``silu_glu``) on and off, where
 off runs the separate kernels as before them: both ways in one process on one machine, whose differences
@@ -64,12 +68,13 @@ On the CPU (the tiny shape) it runs end to end, with nothing to switch: the test
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from pdl_switches import SWITCHES, Context, Switch, restore, snapshot
+from pdl_switches import parse as parse_switches
 from results_table import git_commit
 from serve_bench import (
     SHAPES,
@@ -94,18 +99,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
     parser.add_argument("--work", default="/tmp/adapterd-bench")
-    parser.add_argument("--switch", choices=("pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink", "dense",
-                                             "oproj", "expand"),
-                        default="pdl",
-                        help="what is compared on / off: PDL (ADAPTERD_PDL), the one-row GEMVs' epilogues, "
-                        "the float GEMV kernel against F.linear, shape by shape, or o_proj's LoRA expand folded "
-                        "into the add + norm (every row on LoRA), or the LoRA shrinks on a second stream beside "
-                        "the base matmuls (every row on LoRA), or the int8 split-K reduction with PDL, or the "
-                        "LoRA shrinks in their int8 matmuls' launches (every row on LoRA), or a float base's fused "
-                        "matmuls through the split-K kernel with their shrinks in its launch, or o_proj's shrink in "
-                        "its matmul's launch rather than the attention's merge (every row on LoRA), or o_proj's "
-                        "LoRA delta's sums in its matmul's launch rather than the add + norm's fold (every row on "
-                        "LoRA)")
+    parser.add_argument("--switch", default="pdl", metavar="NAME[,NAME...]",
+                        help=f"what is compared on / off, one or several measured in turn in one process (one model "
+                        f"load, one warm-up), each against the defaults: {', '.join(SWITCHES)} (above)")
     parser.add_argument("--lora-targets", choices=sorted(TARGET_SETS), default="attention",
                         help="the adapters' target modules: attention (q, k, v, o) or all (and gate, up, down)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -115,6 +111,10 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.rows = [int(r) for r in args.rows.split(",")]
     try:
+        args.switches = parse_switches(args.switch)
+    except ValueError as e:
+        parser.error(f"--switch: {e}")
+    try:
         args.settings = [set_switch(setting) for setting in args.set]
     except ValueError as e:
         parser.error(f"--set: {e}")
@@ -123,69 +123,25 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-_EPILOGUES = ("rope_append", "silu_glu")  # FusedLinear's one-row epilogue methods
-
-
-def measure(runtime, rows: int, adapters: list, args, on: bool, shape: tuple | None = None,
+def measure(runtime, rows: int, adapters: list, args, switch: Switch, on: bool, shape: tuple | None = None,
             ) -> tuple[float, float | None]:
     """(engine ms a step, graph replayed alone ms) at ``rows`` rows, every decode graph captured anew with
-    ``args.switch`` on or off (``--switch gemv``: for the judged float shape ``shape``)."""
-    from adapterd.server.adapters import lora_folds
-    from adapterd.server.engine import decoder as own_decoder
-    from adapterd.server.engine import side_stream
-    from adapterd.server.engine.fused_projections import FusedLinear
-    from adapterd.server.kernels import dense_gemv, dense_splitk, int8_expand, int8_matmul, int8_shrink
-
+    ``switch`` on or off (``gemv``: for the judged float shape ``shape``); what it set is put back after."""
     decoder = runtime.engine.runner.decoder
-    originals = {name: FusedLinear.__dict__[name] for name in _EPILOGUES}
-    fold_rows, side_default = own_decoder.NORM_FOLD_MIN_ROWS, side_stream.SIDE_STREAM
-    reduce_default, shrink_default = int8_matmul.REDUCE_PDL, int8_shrink.IN_MATMUL
-    dense_default, oproj_default = dense_splitk.IN_DECODE, lora_folds.O_PROJ_IN_MATMUL
-    expand_defaults = int8_expand.IN_MATMUL, int8_expand.FLOAT_IN_MATMUL
-    verdict = dense_gemv.judgements()[shape][2] if shape is not None else None
+    ctx = Context(decoder, rows, shape)
+    saved = snapshot(switch, ctx)
 
-    def switch(on: bool) -> None:  # the kernels read ADAPTERD_PDL at each launch, the decoder the methods and
-        if args.switch == "pdl":   # the GEMV's choices: new captures follow
-            os.environ["ADAPTERD_PDL"] = "1" if on else "0"
-        for name, method in originals.items():  # off: each returns None, and the decoder runs the two steps
-            setattr(FusedLinear, name, method if on or args.switch != "epilogues" else lambda *a, **k: None)
-        if shape is not None:
-            dense_gemv.choose(shape, on)
-        if args.switch == "fold":  # read at each forward (each capture)
-            own_decoder.NORM_FOLD_MIN_ROWS = 1 if on else sys.maxsize
-        if args.switch == "side":  # read at each forward (each capture)
-            side_stream.SIDE_STREAM = on
-        if args.switch == "reduce":  # read at each launch (each capture)
-            int8_matmul.REDUCE_PDL = on
-        if args.switch == "shrink":  # read at each forward (each capture)
-            int8_shrink.IN_MATMUL = on
-        if args.switch in ("dense", "oproj"):  # read at each forward (each capture); the bucket tuned first
-            forward = decoder.forward  # the engine's own decoder (Decoder), or transformers' forward: none to tune
-            split_k = on or args.switch == "oproj"  # oproj: every shrink in its matmul's launch both ways
-            if split_k and hasattr(forward, "splitk_weights"):
-                dense_splitk.warm_up(forward.splitk_weights(), [int8_matmul.row_bucket(rows)])
-            dense_splitk.IN_DECODE = int8_shrink.IN_MATMUL = split_k
-            lora_folds.O_PROJ_IN_MATMUL = on and args.switch == "oproj"
-        if args.switch == "expand":  # read at each forward (each capture): an int8 o_proj's and a float one's
-            int8_expand.IN_MATMUL = int8_expand.FLOAT_IN_MATMUL = on
+    def set_on_engine() -> None:  # new captures follow: the decoder and kernels read the switches then
+        switch.apply(on, ctx)
         decoder.graphs.clear()
 
-    runtime.engine.call(lambda: switch(on)).result(900)  # --switch dense tunes a row bucket here: compiles, times
+    runtime.engine.call(set_on_engine).result(900)  # --switch dense tunes a row bucket here: compiles, times
     try:
         engine_step_ms(runtime, rows, args.ctx, 4, adapters)  # captures this shape's graph, not timed
         ms = engine_step_ms(runtime, rows, args.ctx, args.new, adapters)
         return ms, (replay_ms(runtime, rows) if not any(adapters) else None)
     finally:
-        for name, method in originals.items():
-            setattr(FusedLinear, name, method)
-        own_decoder.NORM_FOLD_MIN_ROWS = fold_rows
-        side_stream.SIDE_STREAM = side_default
-        int8_matmul.REDUCE_PDL = reduce_default
-        int8_shrink.IN_MATMUL = shrink_default
-        dense_splitk.IN_DECODE, lora_folds.O_PROJ_IN_MATMUL = dense_default, oproj_default
-        int8_expand.IN_MATMUL, int8_expand.FLOAT_IN_MATMUL = expand_defaults
-        if shape is not None:
-            runtime.engine.call(lambda: dense_gemv.choose(shape, verdict)).result(60)
+        runtime.engine.call(lambda: (restore(saved), decoder.graphs.clear())).result(60)
 
 
 def main() -> int:
@@ -197,10 +153,10 @@ def main() -> int:
     device = pick_device()
     work = Path(args.work)
     base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
-    every_row_lora = args.switch in ("fold", "side", "shrink", "oproj", "expand")  # base rows: none to fold or shrink
-    lora_rows = max(args.rows) if every_row_lora else args.lora_rows
+    any_every_row = any(s.every_row_lora for s in args.switches)
+    lora_rows = max([args.lora_rows] + (args.rows if any_every_row else []))
     ids = make_lora_dirs(work / "adapters", base_dir, max(lora_rows, 1), targets=TARGET_SETS[args.lora_targets])
-    lines = []
+    lines: dict[str, list[str]] = {s.name: [] for s in args.switches}
     for q in args.quantizations.split(","):
         base = load_base_model(base_dir, q, device=str(device))
         label = {"none": str(base.dtype).removeprefix("torch."), "int8": "int8", "nf4": "nf4"}[q]
@@ -211,25 +167,10 @@ def main() -> int:
         try:
             engine_step_ms(runtime, 2, args.ctx, 8, [None, runtime.store.get(ids[0])])  # warm-up and tuning
             print_tuned(label)  # whether the one-row keys took the GEMV tiles the epilogues run
-            cases = [(r, [None] * r) for r in args.rows]
-            if every_row_lora:  # every row on its own adapter
-                cases = [(r, [runtime.store.get(a) for a in ids[:r]]) for r in args.rows]
-            elif args.lora_rows:
-                cases.append((args.lora_rows, [runtime.store.get(a) for a in ids[: args.lora_rows]]))
-            shapes = [None] if args.switch != "gemv" else list(judged_shapes())
-            for (rows, adapters), shape in ((case, shape) for case in cases for shape in shapes):
-                on = "" if args.lora_targets == "attention" else f" ({args.lora_targets} linears)"
-                what = f"{rows} rows" + (f" on {rows} LoRA{on}" if any(adapters) else "")
-                if shape is not None:
-                    what += f", {shape[0]}x{shape[1]}"
-                (on_ms, on_dev), (off_ms, off_dev) = (measure(runtime, rows, adapters, args, on, shape)
-                                                      for on in (True, False))
-                dev = "" if on_dev is None else f"{on_dev:.3f} / {off_dev:.3f}"
-                line = f"| {label} | {what} | {on_ms:.3f} / {off_ms:.3f} | {off_ms / on_ms:.3f} | {dev} |"
-                print(line, flush=True)
-                lines.append(line)
-                if args.switch == "dense":
-                    lines += dense_times()
+            for switch in args.switches:
+                if len(args.switches) > 1:
+                    print(f"--switch {switch.name}:", flush=True)
+                lines[switch.name] += measure_switch(runtime, switch, label, ids, args)
         finally:
             runtime.close()
         del runtime, base
@@ -237,8 +178,35 @@ def main() -> int:
             torch.cuda.empty_cache()
     machine = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     if not args.no_record:
-        record(lines, args, machine)
+        for switch in args.switches:
+            record(lines[switch.name], args, switch, machine)
     return 0
+
+
+def measure_switch(runtime, switch: Switch, label: str, ids: list[str], args) -> list[str]:
+    """Each case on and off: every --rows batch (each row on its own adapter where the switch needs LoRA rows,
+    else base rows plus --lora-rows rows on as many adapters); a table line each, printed."""
+    cases = [(r, [None] * r) for r in args.rows]
+    if switch.every_row_lora:  # base rows have nothing to switch
+        cases = [(r, [runtime.store.get(a) for a in ids[:r]]) for r in args.rows]
+    elif args.lora_rows:
+        cases.append((args.lora_rows, [runtime.store.get(a) for a in ids[: args.lora_rows]]))
+    shapes = list(judged_shapes()) if switch.per_shape else [None]
+    lines = []
+    for (rows, adapters), shape in ((case, shape) for case in cases for shape in shapes):
+        on = "" if args.lora_targets == "attention" else f" ({args.lora_targets} linears)"
+        what = f"{rows} rows" + (f" on {rows} LoRA{on}" if any(adapters) else "")
+        if shape is not None:
+            what += f", {shape[0]}x{shape[1]}"
+        (on_ms, on_dev), (off_ms, off_dev) = (measure(runtime, rows, adapters, args, switch, on, shape)
+                                              for on in (True, False))
+        dev = "" if on_dev is None else f"{on_dev:.3f} / {off_dev:.3f}"
+        line = f"| {label} | {what} | {on_ms:.3f} / {off_ms:.3f} | {off_ms / on_ms:.3f} | {dev} |"
+        print(line, flush=True)
+        lines.append(line)
+        if switch.name == "dense":
+            lines += dense_times()
+    return lines
 
 
 def judged_shapes() -> dict[tuple, tuple[float, float, bool]]:
@@ -268,21 +236,14 @@ def dense_times() -> list[str]:
     return lines
 
 
-def record(lines: list[str], args, machine: str) -> None:
-    what = {"pdl": "PDL", "epilogues": "the one-row GEMV epilogues",
-            "gemv": "the float GEMV kernel (against F.linear) for the shape named",
-            "fold": "o_proj's LoRA expand folded into the add + norm",
-            "side": "the LoRA shrinks on a second stream beside the base matmuls",
-            "reduce": "the int8 split-K reduction with PDL past PDL_MAX_BUCKET",
-            "shrink": "the LoRA shrinks as extra programs of their int8 matmuls' launches",
-            "dense": "the float fused matmuls in the split-K kernel, their LoRA shrinks in its launch",
-            "oproj": "o_proj's LoRA shrink in its matmul's launch (not the attention merge's)",
-            "expand": "o_proj's LoRA delta's sums in its matmul's launch (not the add + norm's fold)"}[args.switch]
+def record(lines: list[str], args, switch: Switch, machine: str) -> None:
+    """One table a switch, headed as a run of that switch alone would be."""
     settings = "".join(f" --set {setting}" for setting in args.settings)
-    head = [f"\n### pdl_bench{'' if args.switch == 'pdl' else ' --switch ' + args.switch}{settings}: {args.shape}, "
+    head = [f"\n### pdl_bench{'' if switch.name == 'pdl' else ' --switch ' + switch.name}{settings}: {args.shape}, "
             f"ctx {args.ctx}, on {machine}",
             f"commit {git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ms a decode step, "
-            f"{what} on / off (every decode graph captured afresh each way); ratio off / on (above 1: it pays).", "",
+            f"{switch.what} on / off (every decode graph captured afresh each way); ratio off / on (above 1: it "
+            "pays).", "",
             "| base | batch | engine step, on / off | off / on | graph alone, on / off |",
             "| --- | --- | --- | --- | --- |"]
     path = Path(__file__).resolve().parent / "RESULTS.md"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(REPO / "bench"))
 
 
 def run_part(tmp_path: Path, *part: str, **env_extra: str) -> subprocess.CompletedProcess:
@@ -38,24 +39,35 @@ def test_serve_part(tmp_path):
     assert (tmp_path / "out" / "RESULTS.md").is_file()
 
 
-@pytest.mark.slow  # ~40 s: the tiny model's decode graphs (eager here) each way, float32 only
-@pytest.mark.parametrize("switch", ["pdl", "epilogues", "gemv", "fold", "side", "reduce", "shrink", "dense", "oproj",
-                                    "expand"])
-def test_pdl_part(tmp_path, switch):
-    every_row_lora = switch in ("fold", "side", "shrink", "oproj", "expand")
-    targets = "--lora-targets all " if every_row_lora else ""  # o_proj's and down_proj's deltas, every shrink
-    done = run_part(tmp_path, "pdl", PDL_ARGS=f"--shape tiny --quantizations none --rows 1,4 --lora-rows 2 --ctx 16 "
-                    f"--new 4 --switch {switch} {targets}--no-record --work {tmp_path / 'work'}")
+@pytest.mark.slow  # ~60 s: the tiny model loaded once, its decode steps (eager here) each way for every switch
+def test_pdl_part_runs_every_switch_in_one_process(tmp_path):
+    """Every --switch name through the real command line in one run (float32 only: the CPU's switches have
+    nothing to change, but each one's cases are measured both ways and printed under its name)."""
+    from pdl_switches import SWITCHES
+
+    done = run_part(tmp_path, "pdl", PDL_ARGS=f"--shape tiny --quantizations none --rows 1,3 --lora-rows 2 --ctx 16 "
+                    f"--new 2 --switch {','.join(SWITCHES)} --lora-targets all --no-record --work {tmp_path / 'work'}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     log = (tmp_path / "out" / "pdl.log").read_text()
-    if switch == "gemv":  # float32 on the CPU: no shape judged, nothing to time
-        assert "judged: no float shape" in log and "| float32 |" not in log, log
-        return
-    cases = (("1 rows on 1 LoRA (all linears)", "4 rows on 4 LoRA (all linears)") if every_row_lora
-             else ("1 rows", "4 rows", "2 rows on 2 LoRA"))
-    for what in cases:
-        assert re.search(rf"^\| float32 \| {re.escape(what)} \| [\d.]+ / [\d.]+ \| [\d.]+ \|", log, re.M), (what, log)
+    sections = dict(re.findall(r"^--switch (\w+):\n(.*?)(?=^--switch |\Z)", log, re.M | re.S))
+    assert list(sections) == list(SWITCHES), log
+    assert "judged: no float shape" in sections["gemv"] and "| float32 |" not in sections["gemv"]  # nothing judged
+    for name, switch in SWITCHES.items():
+        if switch.per_shape:
+            continue
+        cases = (("1 rows on 1 LoRA (all linears)", "3 rows on 3 LoRA (all linears)") if switch.every_row_lora
+                 else ("1 rows", "3 rows", "2 rows on 2 LoRA (all linears)"))
+        for what in cases:
+            row = rf"^\| float32 \| {re.escape(what)} \| [\d.]+ / [\d.]+ \| [\d.]+ \|"
+            assert re.search(row, sections[name], re.M), (name, what, sections[name])
+        assert len(re.findall(r"^\| float32 \|", sections[name], re.M)) == len(cases), sections[name]
     assert (tmp_path / "out" / "RESULTS.md").is_file()
+
+
+def test_pdl_bench_refuses_an_unknown_switch():
+    typo = subprocess.run([sys.executable, str(REPO / "bench" / "pdl_bench.py"), "--shape", "tiny", "--no-record",
+                           "--switch", "shrink,expnd"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert typo.returncode == 2 and "--switch: unknown switch expnd: choose from pdl, epilogues" in typo.stderr
 
 
 @pytest.mark.slow  # ~15 s: the tiny model loaded and warmed up once
