@@ -70,7 +70,7 @@ def matmul_and_expand(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | Non
                   stride_edm=d.stride(0), stride_slot=slots.stride(0), BLOCK_R=partials.block_r,
                   E_BLOCK_S=partials.block_s, E_BLOCK_N=block_n, units=rows * triton.cdiv(n, block_n))
     refusal = (_small_key(interpret, row_bucket(rows), x2, cb, scb, bias), str(config), b.dtype, partials.block_r,
-               partials.block_s)
+               partials.block_s, block_n)  # E_BLOCK_N too: PROGRAM_ELEMS may change within a process
     y = small_m_with_extra(x2, cb, scb, bias, interpret, config, expand, refusal, _REFUSED, "the norm's fold")
     if y is None:
         return None
