@@ -291,32 +291,37 @@ def test_a_generation_the_pool_cannot_grow_for_ends_that_request_alone(base, ada
         runtime.close()
 
 
-@pytest.mark.slow  # ~30 s on the CPU: the int8 kernels in Triton's interpreter, four PEFT references
-def test_inf_in_a_lora_slot_stays_in_its_row_inside_the_int8_kernels_shared_launches(tiny_model_dir, adapter_root,
-                                                                                     monkeypatch):
-    """The int8 base's decode steps at their defaults run every row's LoRA shrink as extra programs of the layer's
-    own matmul launch (``int8_shrink.IN_MATMUL``), o_proj's shrink in the attention's merge and its delta's sums in
-    o_proj's launch (``int8_expand.IN_MATMUL``): programs of every row share one launch. +inf in the bad row's slot
-    of every lora_A table (its adapter wraps every linear) ends that row alone, and each other row (LoRA on q and
-    v, on q and o, a base row, a prefix row) still gives PEFT's tokens for it alone over the same int8 layers."""
+@pytest.mark.slow  # ~35 s each on the CPU: the kernels in Triton's interpreter, four PEFT references
+@pytest.mark.parametrize("quantization", ["int8", "none"])
+def test_inf_in_a_lora_slot_stays_in_its_row_inside_the_split_k_kernels_shared_launches(quantization, tiny_model_dir,
+                                                                                        adapter_root, monkeypatch):
+    """Decode steps at the defaults run every row's LoRA shrink as extra programs of the layer's own split-K matmul
+    launch (``int8_shrink.IN_MATMUL``; a float base's matmuls through that kernel by ``dense_splitk.IN_DECODE``),
+    o_proj's shrink in the attention's merge and, over int8, its delta's sums in o_proj's launch
+    (``int8_expand.IN_MATMUL``): programs of every row share one launch. +inf in the bad row's slot of every lora_A
+    table (its adapter wraps every linear) ends that row alone, and each other row (LoRA on q and v, on q and o, a
+    base row, a prefix row) still gives PEFT's tokens for it alone over the same base (int8 layers, or fp32)."""
     pytest.importorskip("triton")
-    from adapterd.server.kernels import decode_attention, int8_expand, int8_shrink
+    from adapterd.server.kernels import decode_attention, dense_splitk, int8_expand, int8_shrink
     from tests.helpers import reference_greedy
     from tests.server.engine.test_parity import run_together
 
-    assert int8_shrink.IN_MATMUL and int8_expand.IN_MATMUL  # the defaults under test
+    assert int8_shrink.IN_MATMUL and int8_expand.IN_MATMUL and dense_splitk.IN_DECODE  # the defaults under test
+    assert not int8_expand.FLOAT_IN_MATMUL
     if TEST_DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(decode_attention, "faster_than_sdpa", lambda *_: True)  # the merge takes o_proj's shrink
     bad, innocent = ("Tell me about the sea", "team/lora-all"), [
         ("hello world", "lora-qv"), ("你是谁？", "lora-rs"), ("What is 2 + 2?", None), ("hello world", "prefix")]
     new = 4
-    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, new, "int8") for p, a in innocent]
-    runtime = Runtime(load_base_model(tiny_model_dir, "int8", TEST_DEVICE, "float32"), adapter_root,
+    refs = [reference_greedy(tiny_model_dir, p, adapter_root / a if a else None, new, quantization)
+            for p, a in innocent]
+    runtime = Runtime(load_base_model(tiny_model_dir, quantization, TEST_DEVICE, "float32"), adapter_root,
                       EngineConfig(max_batch_size=8, fused_kernels=True))
-    assert runtime.engine.runner.int8_kernel_layers > 0
-    expands = []
-    real_expand = int8_expand.matmul_and_expand
+    assert quantization != "int8" or runtime.engine.runner.int8_kernel_layers > 0
+    shrinks, expands = [], []
+    real_shrink, real_expand = int8_shrink.matmul_and_shrink, int8_expand.matmul_and_expand
+    monkeypatch.setattr(int8_shrink, "matmul_and_shrink", lambda *a: shrinks.append(r := real_shrink(*a)) or r)
     monkeypatch.setattr(int8_expand, "matmul_and_expand", lambda *a: expands.append(r := real_expand(*a)) or r)
 
     def poison(row):
@@ -328,7 +333,9 @@ def test_inf_in_a_lora_slot_stays_in_its_row_inside_the_int8_kernels_shared_laun
         ends = [events[-1] for events in run_together(runtime, [bad, *innocent], GenerationParams(max_new_tokens=new))]
     finally:
         runtime.close()
-    assert expands and all(e is not None for e in expands)  # o_proj's sums ran in its launch at every decode step
+    if TEST_DEVICE == "cpu":  # (a GPU runs them where its buckets are tuned and, for a float base, judged)
+        assert shrinks and all(s is not None for s in shrinks)  # every shrink in its matmul's launch
+        assert (quantization == "int8") == bool(expands) and all(e is not None for e in expands)  # o_proj's sums
     assert [end.token_ids for end in ends[1:]] == refs
     assert all(end.error is None for end in ends[1:])
     assert ends[0].stop_reason == StopReason.ERROR and ends[0].error.code == grpc.StatusCode.FAILED_PRECONDITION
