@@ -153,8 +153,9 @@ def main() -> int:
     device = pick_device()
     work = Path(args.work)
     base_dir = build_model_dir(work / f"model-{args.shape}", args.shape, str(device))
-    any_every_row = any(s.every_row_lora for s in args.switches)
-    lora_rows = max([args.lora_rows] + (args.rows if any_every_row else []))
+    # adapters (and slots): one a row of the largest batch for a switch that puts every row on LoRA, --lora-rows
+    # for the others (one switch alone configures the engine as it did before several could run)
+    lora_rows = max(max(args.rows) if s.every_row_lora else args.lora_rows for s in args.switches)
     ids = make_lora_dirs(work / "adapters", base_dir, max(lora_rows, 1), targets=TARGET_SETS[args.lora_targets])
     lines: dict[str, list[str]] = {s.name: [] for s in args.switches}
     for q in args.quantizations.split(","):
