@@ -11,7 +11,7 @@
 # torchao part of gpu_decode.sh) go to .whl/optional/, which device_setup.sh does not install.
 #
 # WHEEL_PACKAGES and OPTIONAL_WHEELS (names, or name==version) override the two lists; WHEEL_DIR the folder;
-# VENV_PYTHON the interpreter whose installed versions pin the names given without one.
+# VENV_PYTHON the interpreter whose installed versions pin the names given without one (and whose pip downloads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEEL_DIR=${WHEEL_DIR:-.whl}
@@ -39,7 +39,7 @@ PY
 download() {  # download DIR SPEC...: wheels for the GPU image's CPython 3.12 on x86_64 Linux, no dependencies
   local dir=$1
   shift
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$VENV_PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$dir" "$@"
 }
@@ -48,7 +48,7 @@ slim_bitsandbytes() {  # keep the CUDA 13 library alone (the image's torch is cu
   local wheel
   for wheel in "$WHEEL_DIR"/bitsandbytes-*.whl; do
     [ -f "$wheel" ] || continue
-    python3 - "$wheel" "$wheel.part" <<'PY'
+    "$VENV_PYTHON" - "$wheel" "$wheel.part" <<'PY'
 import re
 import sys
 import zipfile
