@@ -30,8 +30,8 @@ class Switch:
     name: str
     what: str  # the record's words for "on", as "PDL"
     apply: Callable[[bool, Context], None]  # set on or off; runs on the engine's thread
-    held: Callable[[Context], list[tuple[Any, Any]]]  # (module, class or mapping; name or key): put back after each
-    # measurement
+    # what it sets, (module, class or mapping; name or key) pairs: put back after each measurement
+    held: Callable[[Context], list[tuple[Any, Any]]]
     every_row_lora: bool = False  # base rows have nothing to switch: every row of each --rows batch on its adapter
     per_shape: bool = False  # measured once for each float shape the GEMV's warm-up judged
 
@@ -101,6 +101,9 @@ def _split_k(on: bool, ctx: Context, o_proj: bool) -> None:
     m["lora_folds"].O_PROJ_IN_MATMUL = on and o_proj
 
 
+_SPLIT_K_HELD = _attrs("dense_splitk.IN_DECODE", "int8_shrink.IN_MATMUL", "lora_folds.O_PROJ_IN_MATMUL")
+
+
 def _expand(on: bool, ctx: Context) -> None:  # an int8 o_proj's and a float one's
     m = _modules()
     m["int8_expand"].IN_MATMUL = m["int8_expand"].FLOAT_IN_MATMUL = on
@@ -122,10 +125,10 @@ SWITCHES: dict[str, Switch] = {s.name: s for s in (
            _attrs("int8_shrink.IN_MATMUL"), every_row_lora=True),
     Switch("dense", "the float fused matmuls in the split-K kernel, their LoRA shrinks in its launch",
            lambda on, ctx: _split_k(on, ctx, o_proj=False),
-           _attrs("dense_splitk.IN_DECODE", "int8_shrink.IN_MATMUL", "lora_folds.O_PROJ_IN_MATMUL")),
+           _SPLIT_K_HELD),
     Switch("oproj", "o_proj's LoRA shrink in its matmul's launch (not the attention merge's)",
            lambda on, ctx: _split_k(on, ctx, o_proj=True),
-           _attrs("dense_splitk.IN_DECODE", "int8_shrink.IN_MATMUL", "lora_folds.O_PROJ_IN_MATMUL"),
+           _SPLIT_K_HELD,
            every_row_lora=True),
     Switch("expand", "o_proj's LoRA delta's sums in its matmul's launch (not the add + norm's fold)", _expand,
            _attrs("int8_expand.IN_MATMUL", "int8_expand.FLOAT_IN_MATMUL"), every_row_lora=True),
