@@ -480,11 +480,17 @@ def test_tiny_llama_int8_greedy(monkeypatch, tiny_model_dir, prompts):
     assert torch.equal(ours_tokens[:, 0], bnb_tokens[:, 0])
 
 
-def test_warm_up_calls_each_shape_and_bucket(tiny_model_dir):
+def test_warm_up_calls_each_shape_and_bucket(tiny_model_dir, monkeypatch):
+    from adapterd.server.kernels import int8_matmul
     from tests.helpers import _load_base
 
     model = _load_base(tiny_model_dir, "int8", "cpu")
     use_int8_kernel(model)
+    # Triton's interpreter: one config a kernel, nothing to compile or time, so nothing is called
+    with monkeypatch.context() as patch:
+        patch.setattr(int8_matmul, "_small_m", lambda *a, **k: pytest.fail("called under the interpreter"))
+        assert warm_up(model, torch.float32, max_rows=8) == 0
+    monkeypatch.delenv("TRITON_INTERPRET")  # a CPU tensor then takes the dequantized matmul: the calls are counted
     # shapes: q/o 64x64, k/v 32x64, gate/up 128x64, down 64x128; buckets 1, 2, 4, 8
     assert warm_up(model, torch.float32, max_rows=8, prefill_rows=()) == 4 * 4
     assert warm_up(model, torch.float32, max_rows=20, prefill_rows=()) == 4 * 6  # ... 16, 32
