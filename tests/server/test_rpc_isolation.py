@@ -144,9 +144,9 @@ def test_the_callers_budget_refuses_past_its_limit_naming_the_flag(tiny_model_di
 # ---------------------------------------------------------------------------------------- tokenization
 
 
-def test_a_huge_tokenize_does_not_stall_other_calls(daemon):
-    target = f"127.0.0.1:{daemon.port}"
-    text = "hello world 你是谁 " * (MAX_PROMPT_CHARS // 17)  # just under the limit; ~1 s of tokenizing here
+def _small_calls_during_a_big_one(target: str, text: str) -> tuple[list[float], float, int]:
+    """Tokenize ``text`` on one connection while another tokenizes "hello" again and again: the seconds of each
+    small call that finished while the big one ran, the big one's seconds, and its token count."""
     big: dict[str, float] = {}
 
     def tokenize_big():
@@ -154,7 +154,6 @@ def test_a_huge_tokenize_does_not_stall_other_calls(daemon):
             started = time.perf_counter()
             big["count"] = c.tokenize(text).token_count
             big["seconds"] = time.perf_counter() - started
-            big["done"] = time.perf_counter()
 
     with AdapterdClient(target, timeout=60) as small:
         small.tokenize("warm up")
@@ -168,10 +167,25 @@ def test_a_huge_tokenize_does_not_stall_other_calls(daemon):
             if thread.is_alive():
                 finished_during.append(time.perf_counter() - started)
         thread.join()
-    assert big["count"] > 100_000
-    # On the event loop the small calls waited for the big one: at most one finished while it ran.
-    assert len(finished_during) >= 3, (finished_during, big["seconds"])
-    assert max(finished_during) < big["seconds"] / 3, (finished_during, big["seconds"])
+    return finished_during, big["seconds"], int(big["count"])
+
+
+def test_a_huge_tokenize_does_not_stall_other_calls(daemon):
+    """Small calls keep finishing, each in a fraction of the big call's time, while a text just under the limit is
+    tokenized (~1 s here). Tokenized on the event loop, at most one small call would finish during it, in every
+    attempt. Up to three attempts: a stall of the whole test process (the 2-core CI machine, the other worker's
+    processes) once held one small call for the big call's whole 0.8 s, which is not what this checks."""
+    target = f"127.0.0.1:{daemon.port}"
+    text = "hello world 你是谁 " * (MAX_PROMPT_CHARS // 17)  # just under the limit
+    attempts = []
+    for _ in range(3):
+        finished_during, big_seconds, count = _small_calls_during_a_big_one(target, text)
+        assert count > 100_000
+        attempts.append((len(finished_during), max(finished_during, default=None), big_seconds))
+        if len(finished_during) >= 3 and max(finished_during) < big_seconds / 3:
+            break
+    else:
+        pytest.fail(f"small calls stalled behind the big one in every attempt (count, slowest s, big s): {attempts}")
 
 
 def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(daemon, client):
