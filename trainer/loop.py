@@ -65,6 +65,14 @@ def _dist() -> tuple[int, int]:
         return 0, 1
     import torch.distributed as dist
 
+    # Before the group exists: this module's functions take ``group=group.WORLD`` as a default, which binds the
+    # group itself where the module is first imported after ``init_process_group`` (transformers imports it,
+    # through torch's FSDP, when it first reads a model's config). Then ``destroy_process_group`` leaves the
+    # group alive, its gloo threads run into the interpreter's exit, and one freeing a finished collective's
+    # tensors there aborts the rank (SIGABRT, "terminate called without an active exception"; bench/NOTES.md).
+    # Imported first, the default is None and the group ends, its threads joined, in destroy_process_group.
+    import torch.distributed.nn  # noqa: F401
+
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world

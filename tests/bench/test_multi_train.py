@@ -28,9 +28,16 @@ def gpu_multi(tmp_path: Path, *argv: str, train_args: str = "") -> subprocess.Co
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "TRAIN_ARGS": train_args,
+           "PYTHONFAULTHANDLER": "1",  # a rank dying of a signal prints its Python stacks in its launch's log
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 = this venv's
     return subprocess.run(["bash", str(REPO / "bench" / "gpu_multi.sh"), *argv], capture_output=True, text=True,
                           timeout=400, env=env, cwd=REPO)
+
+
+def _launch_logs(work: Path) -> str:
+    """The end of each trainer launch's log (what a failed launch's one-line verdict leaves out)."""
+    return "".join(f"\n--- {log.name}:\n{log.read_text(errors='replace')[-3000:]}"
+                   for log in sorted(work.rglob("*.log")))
 
 
 @pytest.mark.slow  # ~60 s: three trainer launches (one process, two ranks, two ranks resumed)
@@ -42,7 +49,7 @@ def test_train_part_measures_one_process_against_two_ranks(tmp_path):
     becomes RESULTS.md rows."""
     done = gpu_multi(tmp_path, "train", train_args=f"--tiny --methods lora --base-dir {tmp_path / 'base'} "
                      f"--workdir {tmp_path / 'work'}")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + _launch_logs(tmp_path / "work")
     out = tmp_path / "out"
     saved = json.loads((out / "multi_train.json").read_text())
     one, two = saved["results"]

@@ -89,6 +89,55 @@ def test_torchrun_two_ranks(make_config, subprocess_env):
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
 
 
+# ``python -m adapterd.cli`` with ``dist.destroy_process_group`` watched: the gloo threads each rank has before it
+# and after it, written at the interpreter's exit (atexit, before its teardown) as RANK.json in sys.argv[1].
+_WATCH_THE_GROUP = """
+import atexit, json, os, runpy, sys
+import torch.distributed as dist
+
+def gloo_threads():
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{task}/comm").read().strip())
+        except OSError:
+            pass  # ended meanwhile
+    return [name for name in names if "gloo" in name]
+
+seen, destroy, out = {}, dist.destroy_process_group, sys.argv.pop(1)
+
+def destroy_and_look(*args, **kwargs):
+    seen["before"] = gloo_threads()
+    destroy(*args, **kwargs)
+    seen["after"] = gloo_threads()
+
+dist.destroy_process_group = destroy_and_look
+atexit.register(lambda: open(os.path.join(out, os.environ["RANK"] + ".json"), "w").write(json.dumps(seen)))
+runpy.run_module("adapterd.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_torchrun_ranks_end_their_process_group_before_they_exit(make_config, subprocess_env, tmp_path):
+    """The process group ends in the trainer's ``destroy_process_group``: each rank's gloo threads are gone
+    before the interpreter's exit. Left running into it (the group kept alive by a module that bound it as a
+    default argument), a thread freeing a finished collective's tensors there aborts the rank once in ~30 runs
+    (SIGABRT, "terminate called without an active exception") after a completed run."""
+    cfg = make_config(batch_size=1, max_steps=2, save_steps=2)
+    script, seen = tmp_path / "watch_the_group.py", tmp_path / "seen"
+    script.write_text(_WATCH_THE_GROUP)
+    seen.mkdir()
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    argv = [torchrun, "--nproc-per-node", "2", str(script), str(seen), *train_argv(cfg)[3:]]
+    out = subprocess.run(argv, env=subprocess_env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((Path(cfg.output) / "status.json").read_text())["state"] == "completed"
+    for rank in ("0", "1"):
+        threads = json.loads((seen / f"{rank}.json").read_text())
+        assert threads["before"], threads  # the group's threads were there to end (a probe that sees them)
+        assert threads["after"] == [], threads
+
+
 def _curve(run_dir: str) -> list[float]:
     return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
