@@ -92,7 +92,7 @@ def test_torchrun_two_ranks(make_config, subprocess_env):
 # ``python -m adapterd.cli`` with ``dist.destroy_process_group`` watched: the gloo threads each rank has before it
 # and after it, written at the interpreter's exit (atexit, before its teardown) as RANK.json in sys.argv[1].
 _WATCH_THE_GROUP = """
-import atexit, json, os, runpy, sys
+import atexit, json, os, runpy, sys, time
 import torch.distributed as dist
 
 def gloo_threads():
@@ -109,6 +109,9 @@ seen, destroy, out = {}, dist.destroy_process_group, sys.argv.pop(1)
 def destroy_and_look(*args, **kwargs):
     seen["before"] = gloo_threads()
     destroy(*args, **kwargs)
+    deadline = time.monotonic() + 5  # a joined thread can stay listed for a moment while the kernel reaps it
+    while gloo_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
     seen["after"] = gloo_threads()
 
 dist.destroy_process_group = destroy_and_look
