@@ -117,7 +117,7 @@ def gitclone_data() -> Path:
 @pytest.fixture(scope="session")
 def subprocess_env() -> dict[str, str]:
     """Environment for trainer subprocesses: offline, one thread, the repo importable; a child that dies of a
-    signal (the rare SIGABRT in a torchrun rank's teardown, bench/NOTES.md) prints its Python stacks first."""
+    signal prints its Python stacks first."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
