@@ -7,6 +7,7 @@ The stubs live beside the contract in ``proto/adapterd/v1`` and are installed as
 from __future__ import annotations
 
 import argparse
+import difflib
 import filecmp
 import shutil
 import sys
@@ -37,6 +38,15 @@ def generate(out_root: Path) -> None:
             raise SystemExit(f"protoc failed on {proto}")
 
 
+def _print_diff(committed: Path, fresh: Path, max_lines: int = 40) -> None:
+    """The first lines of what regenerating would change: a generator release shows up as its version line."""
+    old = committed.read_text().splitlines(keepends=True) if committed.exists() else []
+    diff = list(difflib.unified_diff(old, fresh.read_text().splitlines(keepends=True), str(committed), "regenerated"))
+    sys.stdout.writelines(diff[:max_lines])
+    if len(diff) > max_lines:
+        print(f"... {len(diff) - max_lines} more diff lines")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if the committed stubs are stale")
@@ -50,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.check:
                 if not committed.exists() or not filecmp.cmp(fresh, committed, shallow=False):
                     stale.append(str(committed.relative_to(REPO)))
+                    _print_diff(committed, fresh)
             else:
                 shutil.copyfile(fresh, committed)
     if stale:
