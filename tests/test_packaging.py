@@ -10,6 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 REPO = Path(__file__).resolve().parent.parent
 SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
 NOT_SHIPPED = {"tests", "bench", "scripts", "deploy", ".venv", ".git", "build"}
@@ -107,3 +109,15 @@ def test_the_file_tree_resolves_every_internal_import():
     assert not absolute, "absolute imports of adapterd inside the package:\n" + "\n".join(absolute)
     assert not unresolved, "imports the tree does not resolve:\n" + "\n".join(unresolved)
     assert checked > 250  # the product's internal import statements (297 when this was written), all checked
+
+
+def test_every_dependency_has_an_upper_bound():
+    """A clean clone installs the newest release inside each range: one with no ceiling lets a release nobody
+    tested in (a grpcio-tools patch release once rewrote the committed stubs' version line; a ruff minor can
+    stabilize a rule under a selected prefix) and fails CI with no change of ours."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
+    ceilings = {"<", "<=", "==", "~=", "==="}
+    open_ended = [s for s in specs if Requirement(s).name != "adapterd"
+                  and not ceilings & {c.operator for c in Requirement(s).specifier}]
+    assert not open_ended, open_ended
