@@ -5,12 +5,15 @@ what Triton compiles its launcher with; it runs as a non-root user, and its HEAL
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -120,8 +123,44 @@ def test_image_installs_from_the_lock_and_runs_unprivileged():
         assert re.search(rf"^COPY {folder} ", DOCKERFILE, re.M), folder
     user = re.search(r"^USER (\S+)", DOCKERFILE, re.M)
     assert user and user[1] not in ("root", "0")
-    assert re.search(r'^VOLUME \["/srv/adapters", "/srv/runs"\]', DOCKERFILE, re.M)
+    assert re.search(r'^VOLUME \["/srv/adapters", "/srv/runs", "/srv/cache"\]', DOCKERFILE, re.M)
     assert re.search(r'HEALTHCHECK .*\n\s+CMD \["adapterd", "health"', DOCKERFILE)
+
+
+def triton_cache_dir() -> str:
+    """The image's TRITON_CACHE_DIR (its ENV line)."""
+    return re.search(r"^ENV TRITON_CACHE_DIR=(\S+)$", DOCKERFILE, re.M)[1]
+
+
+def test_the_kernel_cache_is_on_a_volume_the_daemons_user_owns():
+    """Triton's compiled kernels and tuning choices outlive the container (a fresh start compiles and tunes every
+    shape, ~2 min on an H200): TRITON_CACHE_DIR lies under a VOLUME, made and owned by the image's user before
+    ``USER`` (a named volume starts as a copy of it, so the unprivileged daemon can write there)."""
+    cache = triton_cache_dir()
+    volumes = json.loads(re.search(r"^VOLUME (\[.*\])$", DOCKERFILE, re.M)[1])
+    assert any(cache.startswith(volume.rstrip("/") + "/") for volume in volumes), (cache, volumes)
+    setup = re.search(r"^RUN useradd [^\n]*(?:\n [^\n]*)*", DOCKERFILE, re.M)[0]
+    assert re.search(rf"mkdir -p [^\n]*{re.escape(cache)}(\s|$)", setup), setup
+    assert re.search(rf"chown adapterd:adapterd [^\n]*{re.escape(cache)}(\s|$)", setup), setup
+    assert DOCKERFILE.index(setup) < DOCKERFILE.index("\nUSER adapterd") < DOCKERFILE.index("ENV TRITON_CACHE_DIR")
+
+
+@pytest.mark.parametrize("image_triton", [False, True], ids=["venv-triton", "gpu-image-triton"])
+def test_triton_caches_where_the_image_says(image_triton, tmp_path):
+    """The variable the image sets is the one Triton reads, under this venv's Triton and the GPU image's (3.6)."""
+    image_site = REPO / ".venv" / "gpu-image-triton"
+    if image_triton and not image_site.is_dir():
+        pytest.skip("no .venv/gpu-image-triton (scripts/setup puts the GPU image's Triton there on x86_64 Linux)")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    if image_triton:
+        env["PYTHONPATH"] = str(image_site)
+    code = ("import triton; from triton.runtime.cache import get_cache_manager; "
+            "print(triton.__version__, get_cache_manager('0' * 64).cache_dir)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    version, where = done.stdout.split()
+    assert version.startswith("3.6") == image_triton
+    assert Path(where).parent == tmp_path / "cache"
 
 
 def test_image_has_what_triton_compiles_its_launcher_with():

@@ -80,6 +80,17 @@ def test_adapters_and_runs_are_on_shared_storage():
     assert args["base"].startswith(mounts["models"]["mountPath"] + "/") and mounts["models"]["readOnly"]
 
 
+def test_the_kernel_cache_is_the_pods_own_volume():
+    """The image's TRITON_CACHE_DIR lies on a volume of the pod (kept across container restarts), never on storage
+    shared between pods: the autotuners' choices are keyed by the GPU's architecture, not the card."""
+    cache = re.search(r"^ENV TRITON_CACHE_DIR=(\S+)$", (DEPLOY.parent / "Dockerfile").read_text(), re.M)[1]
+    spec = _pod()["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    holding = [m for m in spec["containers"][0]["volumeMounts"] if cache.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert len(holding) == 1 and not holding[0].get("readOnly"), holding
+    assert set(volumes[holding[0]["name"]]) == {"name", "emptyDir"}, volumes[holding[0]["name"]]
+
+
 def test_the_headless_service_and_the_budget_select_the_replicas():
     statefulset, labels = find("StatefulSet", "adapterd"), _pod()["metadata"]["labels"]
     service = find("Service", statefulset["spec"]["serviceName"])
