@@ -11,6 +11,11 @@ fused merge does). The row's last program to arrive reads the whole row back pas
 the whole row in one program, at the plain norm's warps, so its reduction is the plain norm's; then it sets the
 counter back to 0 (CUDA graphs replay on zeros).
 
+A kernel of its own rather than a mode of ``_rms_norm_rows``: the fold's kernel serves every add + norm of every
+step by default, and this one stays out of its compiled code until it is timed. Its last program's tail (the add,
+the roundings, the norm) is that kernel's, line for line; ``test_norm_fold_split`` compares the two bit for bit,
+so a change to one that the other lacks fails there.
+
 The same bits as the fold in Triton's interpreter (tested); compiled, a column's sum over the rank may differ in
 fp32's last bits from the fold's, as ``OutputDelta`` says of any reduction layout. ``ON`` switches it (off: not
 yet timed on a GPU; ``bench/pdl_bench.py --switch splitfold`` A/Bs it); ``add_norm`` returns None where it does not

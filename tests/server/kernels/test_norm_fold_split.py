@@ -18,13 +18,18 @@ from adapterd.server.kernels import rms_norm as rn
 from tests.server.kernels.test_rms_norm import _llama_norm, _output_delta, _x
 
 
-def _both(rows: int, n: int, rank: int, slots: list[int], dtype: torch.dtype, device: str = "cpu", splits: int = 4):
-    """(the split fold's (s, y), the fold's (s, y)) for one random case, and the residual as it was."""
+def _case(rows: int, n: int, rank: int, slots: list[int], dtype: torch.dtype, device: str = "cpu", splits: int = 4):
+    """One random decode step's add + norm inputs: (h, the layer's output, the norm, o_proj's pending delta)."""
     delta = _output_delta(rows, n, rank, slots, dtype, splits=splits)
     delta = rn.OutputDelta(type(delta.partials)(delta.partials.p.to(device), delta.partials.slots.to(device), rank),
                            delta.lora_b.to(device))
-    norm = _llama_norm(n, dtype, device=device)
     h, out = _x((rows, 1, n), dtype, device=device, seed=2), _x((rows, 1, n), dtype, device=device, seed=3)
+    return h, out, _llama_norm(n, dtype, device=device), delta
+
+
+def _both(rows: int, n: int, rank: int, slots: list[int], dtype: torch.dtype, device: str = "cpu", splits: int = 4):
+    """(the split fold's (s, y), the fold's (s, y)) for one random case; the layer's output left as it was."""
+    h, out, norm, delta = _case(rows, n, rank, slots, dtype, device, splits)
     before = out.clone()
     split = nfs.add_norm(h, out, norm.weight, norm.variance_epsilon, delta)
     assert split is not None
@@ -92,11 +97,7 @@ def test_gpu_at_a_7b_decode_steps_shape(dtype):
         torch.testing.assert_close(s.float(), s_fold.float(), rtol=2 * ULP[dtype], atol=2 * ULP[dtype])
     _assert_matches(y, _llama_norm(n, dtype, device="cuda")(s))
     assert not nfs._counters(s.device, 256).any()
-    delta = _output_delta(rows, n, 16, slots, dtype, splits=32)
-    delta = rn.OutputDelta(type(delta.partials)(delta.partials.p.cuda(), delta.partials.slots.cuda(), 16),
-                           delta.lora_b.cuda())
-    norm = _llama_norm(n, dtype, device="cuda")
-    h, out = _x((rows, 1, n), dtype, device="cuda", seed=2), _x((rows, 1, n), dtype, device="cuda", seed=3)
+    h, out, norm, delta = _case(rows, n, 16, slots, dtype, device="cuda", splits=32)
     eager = nfs.add_norm(h, out, norm.weight, norm.variance_epsilon, delta)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
