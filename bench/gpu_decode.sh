@@ -26,9 +26,8 @@
 #   pick         pick_bench: the greedy pick kernel against torch's at 32,000 and 128,256-token vocabularies
 #   folds        the LoRA folds' checks (the nineteenth session's, none yet run on a GPU): the GPU tests of the add +
 #                norm, SiLU and LoRA kernels (the twentieth's: what each compiled to as launched, no 2-byte tile
-#                access) and of the split fold (norm_fold_split.py, off: none yet run on a GPU), the engine's fold
-#                tests (tests/server/adapters/test_lora_group.py, the split fold's engine test) and the min-length
-#                parity tests on CUDA; then `pdl` with PDL_ARGS="--switch fold ..." (or splitfold) times them
+#                access), the engine's fold tests (tests/server/adapters/test_lora_group.py) and the
+#                min-length parity tests on CUDA; then `pdl` with PDL_ARGS="--switch fold ..." times them
 #   shrink       the LoRA shrinks in their int8 matmuls' launches (kernels/int8_shrink.py, on by default): its GPU
 #                tests, then the engine's parity tests on CUDA with it switched on for the run
 #                (ADAPTERD_TEST_SWITCHES=kernels.int8_shrink.IN_MATMUL), then `pdl` with PDL_ARGS="--switch shrink
@@ -94,10 +93,9 @@ folds() {  # both run; the part fails if either does
   local rc=0
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -rs -p no:cacheprovider --import-mode=append \
     -o addopts="" -m gpu tests/server/kernels/test_rms_norm.py tests/server/kernels/test_silu_mul.py \
-    tests/server/kernels/test_lora_bgmv.py tests/server/kernels/test_norm_fold_split.py 2>&1 \
+    tests/server/kernels/test_lora_bgmv.py 2>&1 \
     | tee "$OUT/fold_kernels.log" | tail -8 || rc=1
   engine_tests "${TEST_PATHS:-tests/server/adapters/test_lora_group.py \
-    tests/server/kernels/test_norm_fold_split.py::test_engine_decode_steps_with_the_split_fold_keep_pefts_tokens \
     tests/server/engine/test_parity.py::test_a_minimum_length_bans_eos_as_transformers_does \
     tests/server/engine/test_parity.py::test_the_one_launch_pick_gives_the_same_tokens_in_the_engine}" fold_engine || rc=1
   return $rc

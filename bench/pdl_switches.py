@@ -40,11 +40,11 @@ def _modules() -> dict[str, Any]:
     from adapterd.server.adapters import lora_folds
     from adapterd.server.engine import decoder, side_stream
     from adapterd.server.engine.fused_projections import FusedLinear
-    from adapterd.server.kernels import dense_gemv, dense_splitk, int8_expand, int8_matmul, int8_shrink, norm_fold_split
+    from adapterd.server.kernels import dense_gemv, dense_splitk, int8_expand, int8_matmul, int8_shrink
 
     return dict(lora_folds=lora_folds, decoder=decoder, side_stream=side_stream, FusedLinear=FusedLinear,
                 dense_gemv=dense_gemv, dense_splitk=dense_splitk, int8_expand=int8_expand, int8_matmul=int8_matmul,
-                int8_shrink=int8_shrink, norm_fold_split=norm_fold_split)
+                int8_shrink=int8_shrink)
 
 
 def _attrs(*names: str) -> Callable[[Context], list[tuple[Any, Any]]]:
@@ -104,10 +104,6 @@ def _split_k(on: bool, ctx: Context, o_proj: bool) -> None:
 _SPLIT_K_HELD = _attrs("dense_splitk.IN_DECODE", "int8_shrink.IN_MATMUL", "lora_folds.O_PROJ_IN_MATMUL")
 
 
-def _split_fold(on: bool, ctx: Context) -> None:  # read at each add + norm with a delta (each capture)
-    _modules()["norm_fold_split"].ON = on
-
-
 def _expand(on: bool, ctx: Context) -> None:  # an int8 o_proj's and a float one's
     m = _modules()
     m["int8_expand"].IN_MATMUL = m["int8_expand"].FLOAT_IN_MATMUL = on
@@ -136,8 +132,6 @@ SWITCHES: dict[str, Switch] = {s.name: s for s in (
            every_row_lora=True),
     Switch("expand", "o_proj's LoRA delta's sums in its matmul's launch (not the add + norm's fold)", _expand,
            _attrs("int8_expand.IN_MATMUL", "int8_expand.FLOAT_IN_MATMUL"), every_row_lora=True),
-    Switch("splitfold", "the add + norm's LoRA fold with B over several programs a row (not one)", _split_fold,
-           _attrs("norm_fold_split.ON"), every_row_lora=True),
 )}
 
 

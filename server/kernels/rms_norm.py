@@ -230,12 +230,6 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if delta is not None and not delta.fits(residual):
         raise ValueError(f"the LoRA delta ({list(delta.lora_b.shape)} B, {list(delta.partials.p.shape)} partials) "
                          f"does not fit the layer's output {list(residual.shape)}")
-    if delta is not None and delta.done is None:
-        from . import norm_fold_split  # B over several programs a row, where switched on (None: the fold's)
-
-        split = norm_fold_split.add_norm(x, residual, weight, eps, delta) if norm_fold_split.ON else None
-        if split is not None:
-            return split
     return _launch(x, residual, weight, eps, delta)  # type: ignore[return-value] - s is a tensor when adding
 
 
