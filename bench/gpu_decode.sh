@@ -2,6 +2,10 @@
 # On the GPU machine (device tool), issue 18's decode measurements and checks; `source bench/device_setup.sh`
 # first (it installs the carried .whl/: torchao's wheel goes in .whl/optional/, installed by the torchao part only, see bench/NOTES.md).
 # Logs, JSON and bench/RESULTS.md go to $OUT. One part a device call (each under its 10 minutes):
+#   first        the call to make first, whichever card comes (a call for an H200 may get an H100): on an H200,
+#                issue 18's open line, `serve int8` then `serve none` with the own decoder forward only
+#                (FIRST_QUANTS overrides the list); on any other card, what every card checks: every kernel's
+#                `gpu` test (KERNEL_TEST_PATHS) and then the `tests` part
 #   serve QUANT  serve_bench, Llama-2-7B shape, QUANT = int8 or none (bf16), the own and transformers' decoder
 #                forwards on one loaded base: batch-1 decode, 32 adapters over base-only, TTFT, fast path vs eager,
 #                batch invariance (8 requests alone vs in 32 rows), teacher-forced figures (base and LoRA rows)
@@ -40,13 +44,14 @@
 #                for float weights): `pdl` with PDL_ARGS="--switch expand --quantizations int8,none --rows 32" times
 #                it first (what decides), then its GPU tests and the engine's parity tests on CUDA with both
 #                switched on for the run (ADAPTERD_TEST_SWITCHES=kernels.int8_expand.IN_MATMUL,...FLOAT_IN_MATMUL)
-# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE and TEST_PATHS override
-# the defaults
+# SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE, TEST_PATHS,
+# FIRST_QUANTS and KERNEL_TEST_PATHS override the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
 # is lost to a typo here).
 set -o pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 part=${1:-}
+ENGINE_TESTS="tests/server/engine --ignore=tests/server/engine/test_architectures.py"  # the matrix: its own part
 serve() {
   python3 bench/serve_bench.py --shape llama2-7b --quantizations "$1" --decoders own,transformers \
     --work /tmp/adapterd-bench $SERVE_ARGS 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/serve_$1.log" | tail -45
@@ -128,11 +133,26 @@ expand() {  # each runs; the part fails if either does
     tests/server/engine/test_parity.py} 2>&1 | tee "$OUT/expand_tests.log" | tail -12 || rc=1
   return $rc
 }
+first() {  # each runs; the part fails if any does
+  local rc=0 quant
+  echo "card: ${ADAPTERD_GPU_NAME:-none named}"
+  if [[ "${ADAPTERD_GPU_NAME:-}" == *H200* ]]; then
+    for quant in ${FIRST_QUANTS:-int8 none}; do
+      SERVE_ARGS="--decoders own $SERVE_ARGS" serve "$quant" || rc=1
+    done
+  else
+    ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -rs -p no:cacheprovider --import-mode=append \
+      -o addopts="" -m gpu ${KERNEL_TEST_PATHS:-tests/server/kernels} 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 || rc=1
+    engine_tests "${TEST_PATHS:-$ENGINE_TESTS}" engine_tests || rc=1
+  fi
+  return $rc
+}
 engine_tests() {
   ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -p no:cacheprovider --import-mode=append \
     -o addopts="" $1 2>&1 | tee "$OUT/$2.log" | tail -25
 }
 case $part in
+  first) first ;;
   serve) serve "${2:-int8}" ;;
   kernels) kernels ;;
   torchao) torchao ;;
@@ -145,10 +165,9 @@ case $part in
   shrink) shrink ;;
   dense) dense ;;
   expand) expand ;;
-  tests) engine_tests "${TEST_PATHS:-tests/server/engine --ignore=tests/server/engine/test_architectures.py}" \
-           engine_tests ;;
+  tests) engine_tests "${TEST_PATHS:-$ENGINE_TESTS}" engine_tests ;;
   matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
-  *) echo "usage: bash bench/gpu_decode.sh serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | folds | shrink | dense | expand | tests | matrix" >&2
+  *) echo "usage: bash bench/gpu_decode.sh first | serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | folds | shrink | dense | expand | tests | matrix" >&2
      exit 2 ;;
 esac
 status=$?

@@ -39,6 +39,31 @@ def test_serve_part(tmp_path):
     assert (tmp_path / "out" / "RESULTS.md").is_file()
 
 
+@pytest.mark.slow  # ~10 s: the tiny model served once (the own forward)
+def test_first_part_serves_on_an_h200(tmp_path):
+    """On an H200 (device_setup.sh's name for it) the part serves each quantization with the own forward only."""
+    done = run_part(tmp_path, "first", ADAPTERD_GPU_NAME="NVIDIA-H200", TRITON_CACHE_DIR=str(tmp_path / "none"),
+                    FIRST_QUANTS="none", SERVE_ARGS=f"--shape tiny --ctx 32 --new 4 --batch 8 --no-record "
+                    f"--work {tmp_path / 'work'}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "card: NVIDIA-H200" in done.stdout
+    log = (tmp_path / "out" / "serve_none.log").read_text()
+    assert "8 adapters over base-only, float32, own forward" in log and "transformers forward" not in log, log[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["RESULTS.md", "serve_none.log"]
+
+
+def test_first_part_checks_on_any_other_card(tmp_path):
+    """On another card (an H100 that came for an H200) the part runs the kernels' GPU tests, then the engine's."""
+    done = run_part(tmp_path, "first", ADAPTERD_GPU_NAME="NVIDIA-H100-80GB-HBM3", TRITON_CACHE_DIR=str(tmp_path / "no"),
+                    TEST_DEVICE="cpu", KERNEL_TEST_PATHS="tests/server/kernels/test_rms_norm.py",
+                    TEST_PATHS="tests/server/engine/test_step_context.py")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "card: NVIDIA-H100-80GB-HBM3" in done.stdout
+    assert re.search(r"\d+ skipped", (tmp_path / "out" / "kernel_tests.log").read_text())  # GPU tests: skipped here
+    assert " passed" in (tmp_path / "out" / "engine_tests.log").read_text()
+    assert not list((tmp_path / "out").glob("serve_*"))
+
+
 @pytest.mark.slow  # ~60 s: the tiny model loaded once, its decode steps (eager here) each way for every switch
 def test_pdl_part_runs_every_switch_in_one_process(tmp_path):
     """Every --switch name through the real command line in one run (float32 only: the CPU's switches have
