@@ -54,9 +54,10 @@ def pdl_enabled(device: torch.device | str) -> bool:
 
 # Rows past which no kernel launches with PDL (a decode graph's row bucket, a prefill's tokens): None, no cap.
 # Off until timed: a bf16 32-row step took 8.77 ms with PDL off on one H100 and 9.04 ms with it on on another
-# (2026-12-06, bench/NOTES.md), two machines, so not yet an A/B; serve_bench --set kernels.support.PDL_MAX_ROWS=16
-# serves the cap against the default on one machine. The int8 tensor-core tiles have a cap of their own
-# (int8_matmul.PDL_MAX_BUCKET); a launch takes PDL only where both allow it.
+# (2026-12-06, bench/NOTES.md), two machines, so not yet an A/B: serve_bench --set kernels.support.PDL_MAX_ROWS=16
+# beside a default serve on one machine is one. Read at each launch, so a decode graph keeps what held at its
+# capture. The int8 tensor-core tiles have a cap of their own (int8_matmul.PDL_MAX_BUCKET); a launch takes PDL
+# only where both allow it.
 PDL_MAX_ROWS: int | None = None
 
 
