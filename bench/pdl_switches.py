@@ -40,18 +40,11 @@ def _modules() -> dict[str, Any]:
     from adapterd.server.adapters import lora_folds
     from adapterd.server.engine import decoder, side_stream
     from adapterd.server.engine.fused_projections import FusedLinear
-    from adapterd.server.kernels import (
-        decode_attention,
-        dense_gemv,
-        dense_splitk,
-        int8_expand,
-        int8_matmul,
-        int8_shrink,
-    )
+    from adapterd.server.kernels import dense_gemv, dense_splitk, int8_expand, int8_matmul, int8_shrink
 
     return dict(lora_folds=lora_folds, decoder=decoder, side_stream=side_stream, FusedLinear=FusedLinear,
                 dense_gemv=dense_gemv, dense_splitk=dense_splitk, int8_expand=int8_expand, int8_matmul=int8_matmul,
-                int8_shrink=int8_shrink, decode_attention=decode_attention)
+                int8_shrink=int8_shrink)
 
 
 def _attrs(*names: str) -> Callable[[Context], list[tuple[Any, Any]]]:
@@ -111,10 +104,6 @@ def _split_k(on: bool, ctx: Context, o_proj: bool) -> None:
 _SPLIT_K_HELD = _attrs("dense_splitk.IN_DECODE", "int8_shrink.IN_MATMUL", "lora_folds.O_PROJ_IN_MATMUL")
 
 
-def _prefetch_o_b(on: bool, ctx: Context) -> None:  # read at each launch
-    _modules()["decode_attention"].PREFETCH_O_B = on
-
-
 def _expand(on: bool, ctx: Context) -> None:  # an int8 o_proj's and a float one's
     m = _modules()
     m["int8_expand"].IN_MATMUL = m["int8_expand"].FLOAT_IN_MATMUL = on
@@ -143,8 +132,6 @@ SWITCHES: dict[str, Switch] = {s.name: s for s in (
            every_row_lora=True),
     Switch("expand", "o_proj's LoRA delta's sums in its matmul's launch (not the add + norm's fold)", _expand,
            _attrs("int8_expand.IN_MATMUL", "int8_expand.FLOAT_IN_MATMUL"), every_row_lora=True),
-    Switch("prefetchb", "the attention merge asking L2 for o_proj's LoRA B", _prefetch_o_b,
-           _attrs("decode_attention.PREFETCH_O_B"), every_row_lora=True),
 )}
 
 

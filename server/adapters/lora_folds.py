@@ -200,7 +200,7 @@ def output_shrink(layer: nn.Module, rows: int, heads: int) -> OutputShrink | Non
     if heads * block_r > MAX_PARTIALS:
         return None
     p = torch.empty((1, heads, rows, block_r), device=layer.lora_a.device, dtype=torch.float32)
-    return OutputShrink(layer.lora_a, LoraPartials(p, step_rows.slots, step_rows.rank), layer.lora_b)
+    return OutputShrink(layer.lora_a, LoraPartials(p, step_rows.slots, step_rows.rank))
 
 
 def add_expand(layer: BatchedLoraLinear, y: torch.Tensor, partials: LoraPartials) -> torch.Tensor:

@@ -81,10 +81,6 @@ MAX_GQA_ROWS = 2
 # without / with it: Llama-2-7B 1 row 9.26 / 8.80, 8 rows 27.3 / 33.4, 32 rows 81.1 / 103.9; Llama-3-8B 1 row
 # 6.9 / 7.9. Past one row the tile held in registers across the wait costs more than the wait hides.
 PREFETCH_ROWS = 1
-# Whether the combine also asks L2 for o_proj's LoRA B (``OutputShrink.lora_b``) before its PDL wait, so that the
-# kernel that adds o_proj's delta next (the add + norm's fold at 32 rows: one program a row, 128 KB of B each,
-# ~1.5 TB/s from DRAM on the H100 at b31ede3) reads it from L2.
-PREFETCH_O_B = True
 
 
 def decode_attention_available(device: torch.device | str) -> bool:
@@ -163,12 +159,10 @@ class OutputShrink:
     """o_proj's LoRA shrink, done by ``decode_attention``'s merge: the output's head h is split h of o_proj's
     input, so the program that writes it also writes ``partials.p[0, h, row]`` (``lora_bgmv.LoraPartials``,
     ``[1, q_heads, rows, BLOCK_R]``, made by the caller; ``lora_expand_`` then adds o_proj's delta). ``lora_a``:
-    o_proj's A table, ``[R, slots, q_heads * head_dim]``; ``lora_b``, where given, its B table (``[R, slots,
-    out]``, columns contiguous), which the combine asks L2 for (``PREFETCH_O_B``)."""
+    o_proj's A table, ``[R, slots, q_heads * head_dim]``."""
 
     lora_a: torch.Tensor
     partials: LoraPartials
-    lora_b: torch.Tensor | None = None
 
     def fits(self, q: torch.Tensor) -> bool:
         rows, q_heads, _, dim = q.shape
@@ -182,20 +176,6 @@ class OutputShrink:
         a, p = self.lora_a, self.partials
         return {"oa_ptr": a, "slot_ptr": p.slots, "op_ptr": p.p, "O_RANK": p.rank, "stride_oar": a.stride(0),
                 "stride_oas": a.stride(1), "stride_ops": p.p.stride(1), "SHRINK": True, "BLOCK_R": p.block_r}
-
-    def prefetch_arguments(self, q_heads: int) -> dict:
-        """The combine's keywords for asking L2 for B (none where ``PREFETCH_O_B`` is off, B not given or not laid
-        out as ``fits`` wants, or under the interpreter: inline PTX): each of the row's ``q_heads`` programs takes
-        an equal share of each rank row's 128-byte lines."""
-        b = self.lora_b
-        a = self.lora_a
-        if (not PREFETCH_O_B or b is None or interpreting() or b.dim() != 3 or b.stride(2) != 1
-                or b.shape[1] != a.shape[1] or b.shape[0] < self.partials.rank or b.device != a.device):
-            return {}
-        line = 128 // b.element_size()  # elements a line
-        lines = -(-b.shape[2] // line)
-        return {"ob_ptr": b, "O_N": b.shape[2], "stride_obr": b.stride(0), "stride_obs": b.stride(1),
-                "B_LINES": _triton().next_power_of_2(-(-lines // q_heads)), "LINE": line}
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -250,6 +230,5 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         return out
     combine[(rows * q_heads,)](
         m, total, acc, out, splits, q_heads, out.stride(0), out.stride(1),
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4, **lora,
-        **({} if shrink is None else shrink.prefetch_arguments(q_heads)), **pdl_launch(q.device, rows))
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4, **lora, **pdl_launch(q.device, rows))
     return out

@@ -180,20 +180,14 @@ def _attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, Q_HEADS, stride_ob,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                        USE_PDL: tl.constexpr = False, oa_ptr=None, slot_ptr=None, op_ptr=None, O_RANK=0,
                        stride_oar=0, stride_oas=0, stride_ops=0, SHRINK: tl.constexpr = False,
-                       BLOCK_R: tl.constexpr = 16, ob_ptr=None, O_N=0, stride_obr=0, stride_obs=0,
-                       B_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):
+                       BLOCK_R: tl.constexpr = 16):
     """Row ``program_id(0) // Q_HEADS``, head ``program_id(0) % Q_HEADS``: the splits merged, in order,
     ``BLOCK_S`` at a time (a first pass for the largest ``m``, finite: every row sees at least its own new
     entry; a second for the weighted sums).
 
     ``SHRINK``: the head's output is also the split ``h`` of o_proj's input, and the program writes its LoRA
     shrink there, as ``lora_bgmv``'s shrink would (``op[h, row, :BLOCK_R] = o @ A[:O_RANK, slot, h's columns].T``,
-    fp32, from the output as stored): o_proj's own shrink launch saved.
-
-    ``B_LINES`` (with ``SHRINK``, compiled only: inline PTX): the program also asks L2 for its share of the row's
-    o_proj B (``[O_RANK, slot, O_N]``, read next by whichever kernel adds o_proj's delta): ``B_LINES`` 128-byte
-    lines (``LINE`` elements) of each rank row, from column ``h * B_LINES * LINE`` (clamped to the row), before the
-    PDL wait. A prefetch only: nothing waits for it, nothing it fetches changes a result."""
+    fp32, from the output as stored): o_proj's own shrink launch saved."""
     bh = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
@@ -205,13 +199,6 @@ def _attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, Q_HEADS, stride_ob,
         r_ok = rr < tl.where(slot != 0, O_RANK, 0)  # a base row (slot 0) reads nothing
         a = tl.load(oa_ptr + slot * stride_oas + rr.to(tl.int64)[:, None] * stride_oar + (h * HEAD_DIM + d)[None, :],
                     mask=r_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-        if B_LINES > 0:
-            if slot != 0:  # a base row's expand reads nothing
-                rq = tl.minimum(rr, O_RANK - 1).to(tl.int64)  # rank rows past the rank repeat the last one's lines
-                col = tl.minimum((h * B_LINES + tl.arange(0, B_LINES)) * LINE, O_N - 1)
-                lines = ob_ptr + slot * stride_obs + rq[:, None] * stride_obr + col[None, :]
-                tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines],
-                                          dtype=tl.int32, is_pure=False, pack=1)
     if USE_PDL:  # launched with PDL (support.pdl_enabled): see the kernels before it, then let the next start
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -399,8 +399,7 @@ def test_combine_compiles_for_hopper_with_o_projs_a_tile_requested_before_the_wa
     da._triton()
     kernel = triton.jit(da._attention_combine)
     pointers = {"o_ptr": "*bf16", "oa_ptr": "*bf16", "slot_ptr": "*i64"}
-    flags = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 32, "USE_PDL": True, "SHRINK": True, "BLOCK_R": 16,
-             "B_LINES": 0, "LINE": 64}
+    flags = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 32, "USE_PDL": True, "SHRINK": True, "BLOCK_R": 16}
     signature = {a: "constexpr" if a in flags else pointers.get(a, "*fp32" if a.endswith("_ptr") else "i32")
                  for a in kernel.arg_names}
     aligned = [a for a in kernel.arg_names if a.endswith("_ptr") or a.startswith("stride_oa")]
@@ -411,66 +410,6 @@ def test_combine_compiles_for_hopper_with_o_projs_a_tile_requested_before_the_wa
     loads = [m.start() for m in re.finditer(r"ld\.global", ptx)]
     before = [at for at in loads if at < wait]
     assert len(before) >= 2 and len(before) < len(loads)  # the slot and A's tile, then m, l and acc
-
-
-@pytest.mark.sm90
-def test_combine_asks_l2_for_o_projs_b_before_the_wait_on_hopper(monkeypatch, tmp_path):
-    """With ``B_LINES`` (o_proj's B given, ``PREFETCH_O_B``), compiled for sm_90 under PDL as a 32-row Llama-2-7B
-    step launches it (bf16 B, 4096 columns, 32 heads: 2 lines a rank row a program): one L2 prefetch a thread
-    (the [16, 2] lines over 128 threads), under the slot's branch and before ``griddepcontrol.wait``, and nothing
-    spilled."""
-    import re
-    import subprocess
-    from pathlib import Path
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    da._triton()
-    kernel = triton.jit(da._attention_combine)
-    pointers = {"o_ptr": "*bf16", "oa_ptr": "*bf16", "slot_ptr": "*i64", "ob_ptr": "*bf16"}
-    flags = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 32, "USE_PDL": True, "SHRINK": True, "BLOCK_R": 16,
-             "B_LINES": 2, "LINE": 64}
-    signature = {a: "constexpr" if a in flags else pointers.get(a, "*fp32" if a.endswith("_ptr") else "i32")
-                 for a in kernel.arg_names}
-    aligned = [a for a in kernel.arg_names if a.endswith("_ptr") or a.startswith(("stride_oa", "stride_ob"))]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=flags,
-                       attrs={(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    ptx = compiled.asm["ptx"]
-    assert ptx.count("prefetch.global.L2::evict_last") == 1
-    assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
-    cubin = tmp_path / "combine.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout
-    assert re.search(r"STACK:0\b", usage), usage
-
-
-@pytest.mark.parametrize(("dtype", "out", "want"), [(torch.bfloat16, 4096, (2, 64)), (torch.float32, 4096, (4, 32)),
-                                                    (torch.bfloat16, 5000, (4, 64))])
-def test_the_combine_asks_each_program_for_an_equal_share_of_bs_lines(monkeypatch, dtype, out, want):
-    """``OutputShrink.prefetch_arguments``: each of a row's 32 head programs asks L2 for ceil(lines / 32) lines of
-    each rank row (a power of two; 128 bytes a line: 64 bf16 or 32 fp32 elements), B's strides as laid out; none
-    under the interpreter (inline PTX), with ``PREFETCH_O_B`` off, or without B."""
-    from adapterd.server.kernels.lora_bgmv import LoraPartials
-
-    lora_a, lora_b = torch.zeros(16, 4, 32 * 128, dtype=dtype), torch.zeros(16, 4, out, dtype=dtype)
-    partials = LoraPartials(torch.zeros(1, 32, 8, 16), torch.zeros(8, dtype=torch.long), 16)
-    assert da.OutputShrink(lora_a, partials, lora_b).prefetch_arguments(32) == {}  # the interpreter: none
-    monkeypatch.setattr(da, "interpreting", lambda: False)
-    got = da.OutputShrink(lora_a, partials, lora_b).prefetch_arguments(32)
-    assert (got["B_LINES"], got["LINE"]) == want
-    assert (got["ob_ptr"] is lora_b and got["O_N"] == out and got["stride_obr"] == 4 * out
-            and got["stride_obs"] == out)
-    assert da.OutputShrink(lora_a, partials).prefetch_arguments(32) == {}
-    assert da.OutputShrink(lora_a, partials, lora_b[:8]).prefetch_arguments(32) == {}  # fewer rank rows than rank
-    monkeypatch.setattr(da, "PREFETCH_O_B", False)
-    assert da.OutputShrink(lora_a, partials, lora_b).prefetch_arguments(32) == {}
 
 
 def _check_o_shrink(device, dtype, rows, q_heads, kv_heads, dim, fused, rank=5):
@@ -488,10 +427,8 @@ def _check_o_shrink(device, dtype, rows, q_heads, kv_heads, dim, fused, rank=5):
     lora_a = lora_a.to(device)
     slots = torch.tensor([(2, 0, 3)[r % 3] for r in range(rows)], device=device)
     p = torch.full((1, q_heads, rows, block_r_for(rank)), float("nan"), device=device)
-    lora_b = torch.randn(max(8, rank), num_slots, q_heads * dim, generator=g).to(dtype).to(device)
-    shrink = da.OutputShrink(lora_a, LoraPartials(p, slots, rank), lora_b)  # B: asked of L2 where compiled
+    shrink = da.OutputShrink(lora_a, LoraPartials(p, slots, rank))
     assert shrink.fits(q)
-    assert bool(shrink.prefetch_arguments(q_heads)) == (device != "cpu" and not fused)
     out = da.decode_attention(q, keys, values, mask, 0.2, fused=fused, shrink=shrink)
     assert torch.equal(out, da.decode_attention(q, keys, values, mask, 0.2, fused=fused))
     flat = out.reshape(rows, -1).float()
