@@ -4,7 +4,8 @@
 # Logs, JSON and bench/RESULTS.md go to $OUT. One part a device call (each under its 10 minutes):
 #   first        the call to make first, whichever card comes (a call for an H200 may get an H100): on an H200,
 #                issue 18's open line, `serve int8` then `serve none` with the own decoder forward only
-#                (FIRST_QUANTS overrides the list); on any other card, what every card checks: every kernel's
+#                (FIRST_QUANTS overrides the list), then `serve none` again with FIRST_AB's switches (by default
+#                o_proj's expand in its float matmul's launch; empty: not run); on any other card, what every card checks: every kernel's
 #                `gpu` test (KERNEL_TEST_PATHS) and then the `tests` part
 #   serve QUANT  serve_bench, Llama-2-7B shape, QUANT = int8 or none (bf16), the own and transformers' decoder
 #                forwards on one loaded base: batch-1 decode, 32 adapters over base-only, TTFT, fast path vs eager,
@@ -45,16 +46,17 @@
 #                it first (what decides), then its GPU tests and the engine's parity tests on CUDA with both
 #                switched on for the run (ADAPTERD_TEST_SWITCHES=kernels.int8_expand.IN_MATMUL,...FLOAT_IN_MATMUL)
 # SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE, TEST_PATHS,
-# FIRST_QUANTS and KERNEL_TEST_PATHS override the defaults
+# FIRST_QUANTS, FIRST_AB and KERNEL_TEST_PATHS override the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
 # is lost to a typo here).
 set -o pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 part=${1:-}
 ENGINE_TESTS="tests/server/engine --ignore=tests/server/engine/test_architectures.py"  # the matrix: its own part
-serve() {
+serve() {  # $2, where given, names a second log of one quantization (serve_QUANT_$2.log)
   python3 bench/serve_bench.py --shape llama2-7b --quantizations "$1" --decoders own,transformers \
-    --work /tmp/adapterd-bench $SERVE_ARGS 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/serve_$1.log" | tail -45
+    --work /tmp/adapterd-bench $SERVE_ARGS 2>&1 | grep --line-buffered -v "Loading weights" \
+    | tee "$OUT/serve_$1${2:+_$2}.log" | tail -45
 }
 kernels() {  # both run; the part fails if either does (int8_kernel_bench exits 1 on a method OVER tolerance)
   local rc=0
@@ -140,6 +142,12 @@ first() {  # each runs; the part fails if any does
     for quant in ${FIRST_QUANTS:-int8 none}; do
       SERVE_ARGS="--decoders own $SERVE_ARGS" serve "$quant" || rc=1
     done
+    # then bf16 again with the A/B's switches (set FIRST_AB empty to skip): o_proj's LoRA B read in its matmul's
+    # launch, not by the fold (bench/NOTES.md, the thirty-third session)
+    local ab=${FIRST_AB-"--set kernels.int8_expand.FLOAT_IN_MATMUL=True"}
+    if [[ -n "$ab" ]]; then
+      SERVE_ARGS="--decoders own $SERVE_ARGS $ab" serve none ab || rc=1
+    fi
   else
     ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} python3 -P -m pytest -q -rs -p no:cacheprovider --import-mode=append \
       -o addopts="" -m gpu ${KERNEL_TEST_PATHS:-tests/server/kernels} 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 || rc=1

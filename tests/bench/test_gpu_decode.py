@@ -41,7 +41,9 @@ def test_serve_part(tmp_path):
 
 @pytest.mark.slow  # ~10 s: the tiny model served once (the own forward)
 def test_first_part_serves_on_an_h200(tmp_path):
-    """On an H200 (device_setup.sh's name for it) the part serves each quantization with the own forward only."""
+    """On an H200 (device_setup.sh's name for it) the part serves each quantization with the own forward only,
+    then the float base again with FIRST_AB's switches (o_proj's expand in its float matmul's launch by default),
+    into a log of its own."""
     done = run_part(tmp_path, "first", ADAPTERD_GPU_NAME="NVIDIA-H200", TRITON_CACHE_DIR=str(tmp_path / "none"),
                     FIRST_QUANTS="none", SERVE_ARGS=f"--shape tiny --ctx 32 --new 4 --batch 8 --no-record "
                     f"--work {tmp_path / 'work'}")
@@ -49,6 +51,19 @@ def test_first_part_serves_on_an_h200(tmp_path):
     assert "card: NVIDIA-H200" in done.stdout
     log = (tmp_path / "out" / "serve_none.log").read_text()
     assert "8 adapters over base-only, float32, own forward" in log and "transformers forward" not in log, log[-3000:]
+    assert "switches set for the run" not in log
+    ab = (tmp_path / "out" / "serve_none_ab.log").read_text()
+    assert "switches set for the run: kernels.int8_expand.FLOAT_IN_MATMUL=True" in ab, ab[-3000:]
+    assert "8 adapters over base-only, float32, own forward" in ab
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["RESULTS.md", "serve_none.log",
+                                                                      "serve_none_ab.log"]
+
+
+def test_first_parts_ab_serve_is_skipped_with_an_empty_first_ab(tmp_path):
+    done = run_part(tmp_path, "first", ADAPTERD_GPU_NAME="NVIDIA-H200", TRITON_CACHE_DIR=str(tmp_path / "none"),
+                    FIRST_QUANTS="none", FIRST_AB="", SERVE_ARGS=f"--shape tiny --ctx 32 --new 4 --batch 8 "
+                    f"--no-record --work {tmp_path / 'work'}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["RESULTS.md", "serve_none.log"]
 
 
