@@ -225,10 +225,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), mask.stride(3),
         HEAD_DIM=dim, BLOCK_D=block_d, GROUP=group, CHUNK=chunk, num_warps=4 if chunk <= 64 else 8,
         G_PAD=0 if group == 1 else max(16, _triton().next_power_of_2(group)), DOT_F32=interpret or not same,
-        **(merge | lora if fused else {}), **prefetch, **pdl_launch(q.device, rows))
+        **(merge | lora if fused else {}), **prefetch, **pdl_launch(q.device))
     if fused:
         return out
     combine[(rows * q_heads,)](
         m, total, acc, out, splits, q_heads, out.stride(0), out.stride(1),
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4, **lora, **pdl_launch(q.device, rows))
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK, num_warps=4, **lora, **pdl_launch(q.device))
     return out

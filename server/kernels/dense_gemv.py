@@ -202,7 +202,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
     interpret = interpreting()
     kernel, tuner = _kernels(interpret)
     meta = {"HAS_BIAS": bias is not None, "ROUND_BF16": interpret and x.dtype == torch.bfloat16,
-            **pdl_launch(x.device, 1)}  # one row (``fits``)
+            **pdl_launch(x.device)}
     if glu:  # the constexprs' defaults otherwise: the plain kernel's compiled variant is unchanged
         meta.update(GLU=True, INTERPRETED=interpret)
     args = (x, weight, weight if bias is None else bias, y, out, k, weight.stride(0))

@@ -119,5 +119,5 @@ def greedy_pick(logits: torch.Tensor, bans: torch.Tensor, eos: torch.Tensor) -> 
     if rows == 0:
         return out
     _kernel(interpreting())[(rows,)](logits, bans, eos, out, vocab, logits.stride(0), N_EOS=eos.numel(),
-                                     BLOCK=BLOCK, num_warps=8, **pdl_launch(logits.device, rows))
+                                     BLOCK=BLOCK, num_warps=8, **pdl_launch(logits.device))
     return out

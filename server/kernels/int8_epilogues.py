@@ -97,7 +97,7 @@ def _paired(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Te
     pairs, k = cb.shape[0] // 2, cb.shape[1]
     y = torch.empty((1, out), device=x.device, dtype=x.dtype)
     meta = {"HAS_BIAS": bias is not None, "DOT_F32": False, "INTERPRETED": interpret,
-            "ROUND_BF16": interpret and x.dtype == torch.bfloat16, **pdl_launch(x.device, 1), **meta}
+            "ROUND_BF16": interpret and x.dtype == torch.bfloat16, **pdl_launch(x.device), **meta}
     _small_kernels(interpret)[0][(1, triton.cdiv(2 * pairs, config["BLOCK_N"]), 1)](
         x2, cb, scb, scb if bias is None else bias, y, y, 1, pairs, k, 1, x2.stride(0), x2.stride(1), cb.stride(0),
         cb.stride(1), y.stride(0), y.stride(1), **meta, **config)

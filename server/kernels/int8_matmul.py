@@ -195,8 +195,7 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias:
     b = s if bias is None else bias
     key = _small_key(interpret, bucket, x2, cb, scb, bias)
     meta = {"HAS_BIAS": bias is not None, "DOT_F32": interpret or x2.dtype == torch.float32, "INTERPRETED": interpret,
-            **(pdl_launch(x2.device, bucket) if bucket <= PDL_MAX_BUCKET else {}),
-            **({"SCALED": False} if dense else {})}
+            **(pdl_launch(x2.device) if bucket <= PDL_MAX_BUCKET else {}), **({"SCALED": False} if dense else {})}
     strides = (x2.stride(0), x2.stride(1), cb.stride(0), cb.stride(1), y.stride(0), y.stride(1))
     units, extra = (0, {}) if extra is None else (extra.pop("units"), extra)
 
@@ -219,7 +218,7 @@ def _small_m(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias:
         mm[grid(config)](x2, cb, s, b, y, p, m, n, k, bucket, *strides, **meta, **config, **extra)
     if config["SPLIT_K"] > 1:
         _reduce(p, s, b, y, bias is not None, config["SPLIT_K"], interpret,
-                pdl_launch(x2.device, bucket) if REDUCE_PDL and bucket > PDL_MAX_BUCKET else None, scaled=not dense)
+                pdl_launch(x2.device) if REDUCE_PDL and bucket > PDL_MAX_BUCKET else None, scaled=not dense)
     return y
 
 

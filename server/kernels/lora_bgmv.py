@@ -333,7 +333,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, rank
         shrink[(rows, cfg["splits"], lora_a.shape[0])](
             x, lora_a, slots, p, in_f, rank, x.stride(0), x.stride(1), *lora_a.stride(), p.stride(0), p.stride(1),
             slots.stride(0), EVEN_K=in_f == cfg["splits"] * cfg["tiles"] * cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_K=cfg["BLOCK_K"], TILES=cfg["tiles"], num_warps=NUM_WARPS, **pdl_launch(x.device, rows))
+            BLOCK_K=cfg["BLOCK_K"], TILES=cfg["tiles"], num_warps=NUM_WARPS, **pdl_launch(x.device))
     return LoraPartials(p, slots, rank)
 
 
@@ -358,7 +358,7 @@ def lora_expand_(ys: Sequence[torch.Tensor], partials: LoraPartials, lora_bs: Se
             partials.splits, *(y.stride(0) for y in y3), y3[0].stride(1), *(b.stride(0) for b in b3),
             *(b.stride(1) for b in b3), b3[0].stride(2), p.stride(0), p.stride(1), slots.stride(0),
             EVEN_N=all(y.shape[1] % block_n == 0 for y in y3), BLOCK_R=partials.block_r,
-            BLOCK_N=block_n, BLOCK_S=partials.block_s, num_warps=NUM_WARPS, **pdl_launch(p.device, rows))
+            BLOCK_N=block_n, BLOCK_S=partials.block_s, num_warps=NUM_WARPS, **pdl_launch(p.device))
 
 
 def reference_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,

@@ -288,7 +288,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
                     float(eps), *_delta_arguments(delta, x2), BLOCK=block, ADD=residual is not None,
                     ROUND_X=interpret and x.dtype == torch.bfloat16, ROUND_Y=interpret and y.dtype == torch.bfloat16,
                     num_warps=warps if delta is None else FOLD_WARPS, **_delta_sizes(delta, block),
-                    **pdl_launch(x.device, rows))
+                    **pdl_launch(x.device))
     return s, y
 
 

@@ -253,7 +253,7 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         HEAD_DIM=dim, BLOCK=block, HALF_BLOCK=_triton().next_power_of_2(dim // 2),
         ROUND_BF16=interpret and q.dtype == torch.bfloat16,
-        num_warps=1 if block <= 128 else 2, **options, **pdl_launch(q.device, rows), **_lora_arguments(lora))
+        num_warps=1 if block <= 128 else 2, **options, **pdl_launch(q.device), **_lora_arguments(lora))
     return out
 
 

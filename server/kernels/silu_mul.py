@@ -193,7 +193,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, lora: GluDeltas | None = None
     block, warps = (BLOCK, 4) if lora is None else (LORA_BLOCK, LORA_WARPS)
     _kernel(interpret)[(rows, _triton().cdiv(n, block))](
         g, u, o, n, g.stride(0), u.stride(0), o.stride(0), BLOCK=block, INTERPRETED=interpret,
-        ROUND_BF16=interpret and gate.dtype == torch.bfloat16, num_warps=warps, **pdl_launch(gate.device, rows),
+        ROUND_BF16=interpret and gate.dtype == torch.bfloat16, num_warps=warps, **pdl_launch(gate.device),
         **_lora_arguments(lora))
     return out
 

@@ -52,23 +52,10 @@ def pdl_enabled(device: torch.device | str) -> bool:
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
 
 
-# Rows past which no kernel launches with PDL (a decode graph's row bucket, a prefill's tokens): None, no cap.
-# Off until timed: a bf16 32-row step took 8.77 ms with PDL off on one H100 and 9.04 ms with it on on another
-# (2026-12-06, bench/NOTES.md), two machines, so not yet an A/B: serve_bench --set kernels.support.PDL_MAX_ROWS=16
-# beside a default serve on one machine is one. Read at each launch, so a decode graph keeps what held at its
-# capture. The int8 tensor-core tiles have a cap of their own (int8_matmul.PDL_MAX_BUCKET); a launch takes PDL
-# only where both allow it.
-PDL_MAX_ROWS: int | None = None
-
-
-def pdl_launch(device: torch.device | str, rows: int) -> dict[str, bool]:
-    """A PDL kernel's launch keywords on ``device`` for a launch over ``rows`` rows: ``USE_PDL`` (the kernel's
-    constexpr that makes it wait, ``gdc_wait``, and then trigger its dependents) with Triton's ``launch_pdl``
-    where ``pdl_enabled`` and ``rows`` is within ``PDL_MAX_ROWS``, else none (the kernels' ``USE_PDL`` defaults to
-    off). A kernel launched without PDL starts once the one before it has ended, whatever that one launched
-    with, so a cap that leaves some of a step's kernels without PDL keeps every read ordered."""
-    if PDL_MAX_ROWS is not None and rows > PDL_MAX_ROWS:
-        return {}
+def pdl_launch(device: torch.device | str) -> dict[str, bool]:
+    """A PDL kernel's launch keywords on ``device``: ``USE_PDL`` (the kernel's constexpr that makes it wait,
+    ``gdc_wait``, and then trigger its dependents) with Triton's ``launch_pdl`` where ``pdl_enabled``, else none
+    (the kernels' ``USE_PDL`` defaults to off)."""
     return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(device) else {}
 
 

@@ -163,11 +163,11 @@ def test_pdl_only_on_hopper_and_compiled_and_not_switched_off(monkeypatch):
     benches' ``ADAPTERD_PDL=0`` turns it off; the launch keywords are empty where it is off."""
     from adapterd.server.kernels import support
 
-    assert not support.pdl_enabled("cpu") and support.pdl_launch("cpu", 1) == {}
+    assert not support.pdl_enabled("cpu") and support.pdl_launch("cpu") == {}
     monkeypatch.setattr(support, "_capability", lambda index: (9, 0))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("ADAPTERD_PDL", raising=False)
-    assert support.pdl_enabled("cuda:0") and support.pdl_launch("cuda:0", 64) == {"USE_PDL": True, "launch_pdl": True}
+    assert support.pdl_enabled("cuda:0") and support.pdl_launch("cuda:0") == {"USE_PDL": True, "launch_pdl": True}
     monkeypatch.setenv("ADAPTERD_PDL", "0")
     assert not support.pdl_enabled("cuda:0")
     monkeypatch.setenv("ADAPTERD_PDL", "1")
@@ -176,23 +176,6 @@ def test_pdl_only_on_hopper_and_compiled_and_not_switched_off(monkeypatch):
     monkeypatch.setattr(support, "_capability", lambda index: (9, 0))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not support.pdl_enabled("cuda:0")
-
-
-def test_pdl_max_rows_caps_every_launch_by_its_rows(monkeypatch):
-    """``PDL_MAX_ROWS``: launches over more rows get no PDL keywords where PDL is on, up to it they do; None (the
-    default) caps nothing; where PDL is off no row count turns it on."""
-    from adapterd.server.kernels import support
-
-    monkeypatch.setattr(support, "_capability", lambda index: (9, 0))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("ADAPTERD_PDL", raising=False)
-    on = {"USE_PDL": True, "launch_pdl": True}
-    assert support.PDL_MAX_ROWS is None and support.pdl_launch("cuda:0", 4096) == on
-    monkeypatch.setattr(support, "PDL_MAX_ROWS", 16)
-    assert [support.pdl_launch("cuda:0", rows) for rows in (1, 16, 17, 32)] == [on, on, {}, {}]
-    assert support.pdl_launch("cpu", 1) == {}
-    monkeypatch.setenv("ADAPTERD_PDL", "0")
-    assert support.pdl_launch("cuda:0", 1) == {}
 
 
 def test_tuner_choices_name_each_key_and_config():
@@ -259,48 +242,3 @@ def test_gpu_quick_bench_times_a_call_from_hbm_without_host_time():
     times = quick_bench(lambda: torch.sum(large, dim=0, out=out), (0.5, 0.2, 0.8))
     assert len(times) == 3 and len(set(times)) == 1
     assert times[0] > quick_bench(lambda: torch.sum(small, dim=0, out=out))
-
-
-@pytest.mark.parametrize("quantization", ["none", "int8"])
-def test_every_decode_launch_names_its_steps_rows_for_the_pdl_cap(quantization, tiny_model_dir, adapter_root,
-                                                                  monkeypatch):
-    """``PDL_MAX_ROWS`` caps each launch by the rows it names: in the engine's decode steps (rows on LoRA, prefix and
-    base adapters together, the kernels in Triton's interpreter), every kernel module that launches with PDL asks
-    ``pdl_launch`` for the step's rows (the int8 matmul for their row bucket; the one-row GEMVs for one), and
-    every row's tokens still equal PEFT's for it alone."""
-    pytest.importorskip("triton")
-    import importlib
-    import pkgutil
-
-    from adapterd.server import kernels
-    from adapterd.server.engine.step_context import current_step
-    from adapterd.server.kernels import int8_matmul, support
-    from tests.server.adapters.test_lora_group import _serve_jobs_against_peft
-
-    asked: list[tuple[str, int, int]] = []  # (module, rows asked for, the decode step's rows)
-
-    def recorder(name):
-        def pdl_launch(device, rows):
-            try:
-                step = current_step()
-            except RuntimeError:  # outside the forward (the pick after it, warm-up): no step's rows to compare
-                return {}
-            if step.phase == "decode":
-                asked.append((name, rows, step.cache.batch))
-            return {}
-        return pdl_launch
-
-    modules = set()
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
-        if info.name != "support" and getattr(module, "pdl_launch", None) is support.pdl_launch:
-            monkeypatch.setattr(module, "pdl_launch", recorder(info.name))
-            modules.add(info.name)
-    assert {"rms_norm", "decode_attention", "rope_append", "silu_mul", "lora_bgmv", "int8_matmul"} <= modules
-    _serve_jobs_against_peft(tiny_model_dir, adapter_root, quantization, monkeypatch)
-    launched = {name for name, _, _ in asked}
-    assert {"rms_norm", "decode_attention", "rope_append", "silu_mul"} <= launched, launched
-    assert quantization == "none" or "int8_matmul" in launched, launched
-    for name, rows, batch in asked:
-        want = {"dense_gemv": 1, "int8_epilogues": 1, "int8_matmul": int8_matmul.row_bucket(batch)}.get(name, batch)
-        assert rows == want, (name, rows, batch)
