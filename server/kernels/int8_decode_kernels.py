@@ -84,10 +84,11 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     start (a ticket from ``count[0]``), the first ``shrink_units`` the shrink's, the next ``expand_units`` the expand
     of that shrink's partials for q, k and v (``E_CQ``/``E_CK``/``E_CV`` programs a row for each, 0 where no
     adapter targets it; ``E_MQ``... its member in the partials, ``E_NQ``... its width in y; B tables ``eb``,
-    ``ebk``, ``ebv``), each waiting until every shrink unit has released ``count[1]``: a unit waits only on units
-    whose programs have started, whatever order the GPU starts them in. The sums go to ``ed`` (``[rows, N]`` fp32,
-    each member at its columns of y) as ``EXPAND``'s, for the rotary kernel to add (``QkvDeltas.done``); the last
-    program to take a ticket, and the last unit to end, set the counters back to 0.
+    ``ebk``, ``ebv``), each waiting until every shrink unit of its row and member has released that pair's counter
+    (``count[1 + row * lora_members + member]``): a unit waits only on units whose programs have started, whatever
+    order the GPU starts them in. The sums go to ``ed`` (``[rows, N]`` fp32, each member at its columns of y) as
+    ``EXPAND``'s, for the rotary kernel to add (``QkvDeltas.done``); the last program to take a ticket, and each
+    pair's last unit to end, set the counters back to 0.
 
     ``SCALED`` False (``dense_splitk.py``): ``w`` is a float weight (bf16, fp16, fp32) read as it is, no row scale
     (``s_ptr`` unused); the tensor-core tiles only (its configs have no GEMV tile, and no epilogue)."""
@@ -117,15 +118,15 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
                     row = (e // (E_CQ + E_CK + E_CV)).to(tl.int64)
                     c = e % (E_CQ + E_CK + E_CV)
                     if c < E_CQ:
-                        tab_ptr, member, col, width, stride_br, stride_bs = (eb_ptr, E_MQ, E_NQ * 0, E_NQ, stride_ebr,
-                                                                           stride_ebs)
+                        tab_ptr, member, col, width, chunks = eb_ptr, E_MQ, E_NQ * 0, E_NQ, E_CQ
+                        stride_br, stride_bs = stride_ebr, stride_ebs
                     elif c < E_CQ + E_CK:
-                        tab_ptr, member, col, width, stride_br, stride_bs = (ebk_ptr, E_MK, E_NQ, E_NK, stride_ebkr,
-                                                                           stride_ebks)
+                        tab_ptr, member, col, width, chunks = ebk_ptr, E_MK, E_NQ, E_NK, E_CK
+                        stride_br, stride_bs = stride_ebkr, stride_ebks
                         c = c - E_CQ
                     else:
-                        tab_ptr, member, col, width, stride_br, stride_bs = (ebv_ptr, E_MV, E_NQ + E_NK, E_NV,
-                                                                           stride_ebvr, stride_ebvs)
+                        tab_ptr, member, col, width, chunks = ebv_ptr, E_MV, E_NQ + E_NK, E_NV, E_CV
+                        stride_br, stride_bs = stride_ebvr, stride_ebvs
                         c = c - E_CQ - E_CK
                     cn = c * E_BLOCK_N + tl.arange(0, E_BLOCK_N)
                     rr = tl.arange(0, BLOCK_R)
@@ -137,18 +138,20 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
                                 mask=r_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
                     if not INTERPRETED:  # nothing after this launch reads B: the next kernel may launch
                         tl.extra.cuda.gdc_launch_dependents()
-                    seen = tl.atomic_add(count_ptr + 1, 0, sem="acquire")
-                    while seen < shrink_units:  # every shrink unit's partials stored (released)
-                        seen = tl.atomic_add(count_ptr + 1, 0, sem="acquire")
+                    groups = (lora_splits + LORA_U - 1) // LORA_U  # shrink units a (row, member)
+                    mine = count_ptr + 1 + row * lora_members + member  # its counter
+                    seen = tl.atomic_add(mine, 0, sem="acquire")
+                    while seen < groups:  # every shrink unit of this row and member stored (released)
+                        seen = tl.atomic_add(mine, 0, sem="acquire")
                     tl.debug_barrier()  # the acquire above before any thread of the program reads
                     ps = lp_ptr + member * stride_pg + rs[:, None] * stride_ps + row * BLOCK_R + rr[None, :]
                     xa = tl.reduce(tl.load(ps, mask=(rs < lora_splits)[:, None] & r_ok[None, :], other=0.0,
                                            cache_modifier=".cg"), 0, tl.standard._sum_combine)  # [BLOCK_R]
                     d = tl.reduce(b.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
                     tl.store(ed_ptr + row * stride_edm + col + cn, d, mask=n_ok)
-                    ended = tl.atomic_add(count_ptr + 1, 1, sem="relaxed")
-                    if ended == shrink_units + expand_units - 1:  # the last unit: zero for the next launch
-                        tl.atomic_xchg(count_ptr + 1, 0, sem="relaxed")
+                    ended = tl.atomic_add(mine, 1, sem="relaxed")
+                    if ended == groups + chunks - 1:  # the row and member's last unit: zero for the next launch
+                        tl.atomic_xchg(mine, 0, sem="relaxed")
                     return
         if EXPAND:
             if extra:  # E_BLOCK_N columns of one row's delta
@@ -225,9 +228,9 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
                 ps = lp_ptr + member * stride_pg + (first + ru)[None, :] * stride_ps + row * BLOCK_R + rr[:, None]
                 # not a base row's
                 tl.store(ps, acc, mask=s_ok[None, :] & (rr < tl.where(slot != 0, BLOCK_R, 0))[:, None])
-                if CHAIN:  # this unit's partials released to the expand's units
+                if CHAIN:  # this unit's partials released to its row and member's expand units
                     tl.debug_barrier()  # every thread's stores above come before the (one-thread) release below
-                    tl.atomic_add(count_ptr + 1, 1, sem="release")
+                    tl.atomic_add(count_ptr + 1 + row * lora_members + member, 1, sem="release")
                 return
     k_tiles = (K + BLOCK_K - 1) // BLOCK_K
     if SPLIT_K == 1:

@@ -12,11 +12,12 @@ differ in fp32's last bits).
 
 An expand program needs its row's partials, which the shrink's programs of the same launch write. It takes its
 unit by ticket (``int8_decode_kernels._int8_mm``'s ``CHAIN``): the extra programs number themselves in the order
-they start, the first ``shrink_units`` run the shrink and release a counter, the rest read their B tile and
-acquire it. A program so waits only on programs that have started, and they wait on nothing, whatever order the
-GPU starts a grid's blocks in (no deadlock; the interpreter runs them one after another). The counters (two
-int32) are zero before a launch and zero after it, so CUDA graphs replay on them; two launches must not run at
-once on one device (the engine's decode steps run on one stream).
+they start, the first ``shrink_units`` run the shrink and release their row and member's counter, the rest read
+their B tile and acquire it (an expand program waits for its own row and member's shrink, not the whole shrink).
+A program so waits only on programs that have started, and they wait on nothing, whatever order the GPU starts a
+grid's blocks in (no deadlock; the interpreter runs them one after another). The counters (int32) are zero before
+a launch and zero after it, so CUDA graphs replay on them; two launches must not run at once on one device (the
+engine's decode steps run on one stream).
 
 Where it runs (``matmul_shrink_and_expand``; else None and the caller takes ``int8_shrink``'s launch): where that
 launch runs, with the members' B tables of one float dtype, each ``[R, slots, width]`` with unit column stride,
@@ -46,11 +47,16 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _REFUSED: set[tuple] = set()  # launches Triton would not build: int8_shrink's launch serves them
 
 
+# The launch's counters: the tickets taken, then each (row, member)'s shrink units released (at most 64 rows, 3
+# members), padded to a power of two
+COUNTERS = 256
+
+
 @functools.cache
 def _counters(device: torch.device) -> torch.Tensor:
-    """The launch's two counters on ``device`` (tickets taken, units released), zeros: made once a device and kept
-    for the process (a CUDA graph captured with them replays on them; the kernel leaves them at zero)."""
-    return torch.zeros(2, device=device, dtype=torch.int32)
+    """The launch's ``COUNTERS`` counters on ``device``, zeros: made once a device and kept for the process (a CUDA
+    graph captured with them replays on them; the kernel leaves them at zero)."""
+    return torch.zeros(COUNTERS, device=device, dtype=torch.int32)
 
 
 def counters(device: torch.device | str) -> torch.Tensor:

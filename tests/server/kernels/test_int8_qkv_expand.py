@@ -84,7 +84,7 @@ def test_one_launch_gives_the_matmul_the_partials_and_the_expands_sums(config, d
     assert torch.equal(y, y_alone) and torch.equal(partials.p[:, :, adapter_rows], alone.p[:, :, adapter_rows])
     assert d.shape == (rows, sum(WIDTHS)) and d.dtype == torch.float32
     _check_sums(d, _sums_by_torch(x, lora_a, tables, slots, 3), 1e-5 if dtype == torch.float32 else 2e-2)
-    assert torch.equal(qe.counters(x.device), torch.zeros(2, dtype=torch.int32))
+    assert torch.equal(qe.counters(x.device), torch.zeros(qe.COUNTERS, dtype=torch.int32))
 
 
 @torch.no_grad()
@@ -200,7 +200,7 @@ def test_gpu_at_the_llama_qkv_shape_against_the_shrink_alone_and_in_a_cuda_graph
         want = _sums_by_torch(x.cpu(), lora_a.cpu(), tuple(b.cpu() for b in tables), slots.cpu(), 16)
         for i, expected in enumerate(want):
             torch.testing.assert_close(d[:, 4096 * i:4096 * (i + 1)].double().cpu(), expected, rtol=1e-3, atol=1e-3)
-        assert torch.equal(qe.counters(x.device).cpu(), torch.zeros(2, dtype=torch.int32))
+        assert torch.equal(qe.counters(x.device).cpu(), torch.zeros(qe.COUNTERS, dtype=torch.int32))
 
     result = qe.matmul_shrink_and_expand(x, w, scb, None, lora_a, slots, 16, tables, widths)
     assert result is not None
