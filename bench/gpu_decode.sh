@@ -45,10 +45,6 @@
 #                for float weights): `pdl` with PDL_ARGS="--switch expand --quantizations int8,none --rows 32" times
 #                it first (what decides), then its GPU tests and the engine's parity tests on CUDA with both
 #                switched on for the run (ADAPTERD_TEST_SWITCHES=kernels.int8_expand.IN_MATMUL,...FLOAT_IN_MATMUL)
-#   qkvexpand    q/k/v's LoRA expand after their shrink in their fused matmul's launch (kernels/int8_qkv_expand.py,
-#                off): `pdl` with PDL_ARGS="--switch qkvexpand --quantizations int8,none --rows 32" times it first,
-#                then its GPU tests and the engine's parity tests on CUDA with it switched on for the run
-#                (ADAPTERD_TEST_SWITCHES=kernels.int8_qkv_expand.IN_MATMUL)
 # SERVE_ARGS, KERNEL_ARGS, ATTENTION_ARGS, PDL_ARGS, TILE_ARGS, GAP_ARGS, PICK_ARGS, TEST_DEVICE, TEST_PATHS,
 # FIRST_QUANTS, FIRST_AB and KERNEL_TEST_PATHS override the defaults
 # (tests/bench/test_gpu_decode.py runs each part on the CPU with the tiny shape that way, so that no device call
@@ -139,15 +135,6 @@ expand() {  # each runs; the part fails if either does
     tests/server/engine/test_parity.py} 2>&1 | tee "$OUT/expand_tests.log" | tail -12 || rc=1
   return $rc
 }
-qkvexpand() {  # each runs; the part fails if either does
-  local rc=0
-  PDL_ARGS=${PDL_ARGS:-"--switch qkvexpand --quantizations int8,none --rows 32"} pdl || rc=1
-  ADAPTERD_TEST_DEVICE=${TEST_DEVICE:-cuda} ADAPTERD_TEST_SWITCHES=kernels.int8_qkv_expand.IN_MATMUL \
-    python3 -P -m pytest -q -rs -p no:cacheprovider --import-mode=append -o addopts="" ${TEST_PATHS:-tests/test_switches.py \
-    tests/server/kernels/test_int8_qkv_expand.py tests/server/adapters/test_lora_group.py \
-    tests/server/engine/test_parity.py} 2>&1 | tee "$OUT/qkvexpand_tests.log" | tail -12 || rc=1
-  return $rc
-}
 first() {  # each runs; the part fails if any does
   local rc=0 quant
   echo "card: ${ADAPTERD_GPU_NAME:-none named}"
@@ -186,10 +173,9 @@ case $part in
   shrink) shrink ;;
   dense) dense ;;
   expand) expand ;;
-  qkvexpand) qkvexpand ;;
   tests) engine_tests "${TEST_PATHS:-$ENGINE_TESTS}" engine_tests ;;
   matrix) engine_tests "${TEST_PATHS:-tests/server/engine/test_architectures.py}" matrix_tests ;;
-  *) echo "usage: bash bench/gpu_decode.sh first | serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | folds | shrink | dense | expand | qkvexpand | tests | matrix" >&2
+  *) echo "usage: bash bench/gpu_decode.sh first | serve int8|none | kernels | torchao | attention | pdl | tiles | gap | pick | folds | shrink | dense | expand | tests | matrix" >&2
      exit 2 ;;
 esac
 status=$?

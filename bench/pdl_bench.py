@@ -62,10 +62,6 @@ then runs through the split-K kernel where its bucket is tuned, as ``dense``'s h
 own fold of the delta after o_proj's plain matmul (off: cuBLAS over a float base, where the warm-up judged it
 faster), every row on its own adapter, as ``fold``.
 
-``--switch qkvexpand`` compares q/k/v's LoRA expand run as extra programs of their fused matmul's launch after the
-shrink's, its sums added by the rotary + append kernel (on: ``kernels/int8_qkv_expand.py``'s ``IN_MATMUL``), against
-that kernel reading B and summing them itself (off), every row on its own adapter, as ``fold``.
-
 On the CPU (the tiny shape) it runs end to end, with nothing to switch: the tests use that.
 """
 

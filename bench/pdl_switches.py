@@ -40,11 +40,11 @@ def _modules() -> dict[str, Any]:
     from adapterd.server.adapters import lora_folds
     from adapterd.server.engine import decoder, side_stream
     from adapterd.server.engine.fused_projections import FusedLinear
-    from adapterd.server.kernels import dense_gemv, dense_splitk, int8_expand, int8_matmul, int8_qkv_expand, int8_shrink
+    from adapterd.server.kernels import dense_gemv, dense_splitk, int8_expand, int8_matmul, int8_shrink
 
     return dict(lora_folds=lora_folds, decoder=decoder, side_stream=side_stream, FusedLinear=FusedLinear,
                 dense_gemv=dense_gemv, dense_splitk=dense_splitk, int8_expand=int8_expand, int8_matmul=int8_matmul,
-                int8_shrink=int8_shrink, int8_qkv_expand=int8_qkv_expand)
+                int8_shrink=int8_shrink)
 
 
 def _attrs(*names: str) -> Callable[[Context], list[tuple[Any, Any]]]:
@@ -109,10 +109,6 @@ def _expand(on: bool, ctx: Context) -> None:  # an int8 o_proj's and a float one
     m["int8_expand"].IN_MATMUL = m["int8_expand"].FLOAT_IN_MATMUL = on
 
 
-def _qkv_expand(on: bool, ctx: Context) -> None:  # q/k/v's expand after their shrink in the matmul's launch
-    _modules()["int8_qkv_expand"].IN_MATMUL = on
-
-
 SWITCHES: dict[str, Switch] = {s.name: s for s in (
     Switch("pdl", "PDL", _pdl, lambda ctx: [(os.environ, "ADAPTERD_PDL")]),
     Switch("epilogues", "the one-row GEMV epilogues", _epilogues,
@@ -136,8 +132,6 @@ SWITCHES: dict[str, Switch] = {s.name: s for s in (
            every_row_lora=True),
     Switch("expand", "o_proj's LoRA delta's sums in its matmul's launch (not the add + norm's fold)", _expand,
            _attrs("int8_expand.IN_MATMUL", "int8_expand.FLOAT_IN_MATMUL"), every_row_lora=True),
-    Switch("qkvexpand", "q/k/v's LoRA expand in their matmul's launch after the shrink (not the rotary kernel's)",
-           _qkv_expand, _attrs("int8_qkv_expand.IN_MATMUL"), every_row_lora=True),
 )}
 
 

@@ -78,18 +78,12 @@ def qkv_shrink(attn: nn.Module, x: torch.Tensor) -> QkvDeltas | None:
 def qkv_in_matmul(attn: nn.Module, x: torch.Tensor,
                   qkv: FusedLinear | None) -> tuple[QkvDeltas, list[torch.Tensor]] | None:
     """``(qkv_shrink(attn, x), q/k/v's base outputs)`` from one launch: the shrink as extra programs of their fused
-    int8 matmul (``FusedLinear.with_shrink``, ``kernels/int8_shrink.py``), and where ``kernels/int8_qkv_expand.py``
-    is switched on the expand's sums too (``QkvDeltas.done``: the rotary kernel then reads no B). None, and nothing
-    launched, where that does not run (no fused int8 matmul, the switch off, or no shrink to do: ``qkv_shrink``'s
-    cases)."""
+    int8 matmul (``FusedLinear.with_shrink``, ``kernels/int8_shrink.py``). None, and nothing launched, where that
+    does not run (no fused int8 matmul, the switch off, or no shrink to do: ``qkv_shrink``'s cases)."""
     found = _qkv_lora(attn) if qkv is not None and qkv.shrinks_in_launch() and qkv.current(attn) else None
     if found is None:
         return None
     lora_a, tables, slots, rank = found
-    both = qkv.with_shrink_and_expand(x, lora_a, slots, rank, tables)  # where switched on: the expand too
-    if both is not None:
-        base, partials, sums = both
-        return QkvDeltas(partials, tables, sums), base
     done = qkv.with_shrink(x, lora_a, slots, rank)
     if done is None:
         return None
@@ -128,14 +122,6 @@ def add_qkv_deltas(deltas: QkvDeltas, q: torch.Tensor, k: torch.Tensor, v: torch
     rotary kernel could not take them. Each is one token a row, its columns contiguous (a view of its output)."""
     from ..kernels.lora_bgmv import lora_expand_
 
-    if deltas.done is not None:  # the sums made in the matmul's launch: each wrapped member's at its columns
-        first = 0
-        for t, b in zip((q, k, v), deltas.tables, strict=True):
-            rows_of = t.view(t.shape[0], -1)
-            if b is not None:  # added in fp32 and rounded, as the expand's store rounds
-                rows_of.copy_(rows_of.float() + deltas.done[:, first:first + rows_of.shape[1]])
-            first += rows_of.shape[1]
-        return
     members = [(t, b) for t, b in zip((q, k, v), deltas.tables, strict=True) if b is not None]
     lora_expand_([t.view(t.shape[0], -1) for t, _ in members], deltas.partials, [b for _, b in members])
 

@@ -111,19 +111,6 @@ class FusedLinear:
         y, partials = done
         return list(y.split(self.sizes, dim=-1)), partials
 
-    def with_shrink_and_expand(self, x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, rank: int,
-                               tables: Sequence[torch.Tensor | None],
-                               ) -> tuple[list[torch.Tensor], LoraPartials, torch.Tensor] | None:
-        """``with_shrink``'s two results and the expand's sums for each member's B table (``tables``, None where
-        unwrapped; ``[rows, N]`` fp32 at the members' columns) from the one launch, where
-        ``kernels/int8_qkv_expand.py`` is switched on and takes them (``dense_splitk.layer_with_shrink_and_expand``);
-        else None (nothing launched)."""
-        done = dense_splitk.layer_with_shrink_and_expand(self.matmul, x, lora_a, slots, rank, tables, self.sizes)
-        if done is None:
-            return None
-        y, partials, sums = done
-        return list(y.split(self.sizes, dim=-1)), partials, sums
-
 
 def fused_outputs(fused: FusedLinear | None, parent: nn.Module, x: torch.Tensor,
                   gemv: bool = False) -> list[torch.Tensor] | None:

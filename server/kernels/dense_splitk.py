@@ -139,25 +139,6 @@ def layer_with_shrink(layer: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, s
     return matmul_and_shrink(x, layer.weight, layer.bias, lora_a, slots, rank)
 
 
-def layer_with_shrink_and_expand(layer: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
-                                 rank: int, tables: Sequence[torch.Tensor | None], widths: Sequence[int]):
-    """``layer_with_shrink``'s two results and the expand's sums for the members' B tables (``tables``; their
-    outputs' ``widths``) from its one split-K launch (``int8_qkv_expand.matmul_shrink_and_expand``), where
-    ``int8_qkv_expand.IN_MATMUL`` is on and the launch hosts a shrink (``layer_shrinks_in_launch``; a float weight:
-    ``hosts_shrink``); None where the kernel does not take them (nothing launched)."""
-    from . import int8_qkv_expand
-
-    if not int8_qkv_expand.IN_MATMUL or not layer_shrinks_in_launch(layer):
-        return None
-    if isinstance(layer, Int8WeightOnlyLinear):
-        weight, scb = layer.weight.data, layer.scb
-    elif hosts_shrink(x, layer.weight, layer.bias):
-        weight, scb = layer.weight, None
-    else:
-        return None
-    return int8_qkv_expand.matmul_shrink_and_expand(x, weight, scb, layer.bias, lora_a, slots, rank, tables, widths)
-
-
 def layer_with_expand(layer: nn.Module, x: torch.Tensor, delta: OutputDelta) -> tuple[torch.Tensor, OutputDelta] | None:
     """``layer``'s output for x and ``delta``'s sums (its shrink done before the launch: o_proj's, in the attention
     merge) in its one split-K launch: the int8 layer's where ``int8_expand.IN_MATMUL`` is on

@@ -45,10 +45,7 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
              stride_ps=0, stride_slot=0, LORA_EVEN_K: tl.constexpr = True, BLOCK_R: tl.constexpr = 16,
              LORA_K: tl.constexpr = 256, LORA_TILES: tl.constexpr = 1, LORA_U: tl.constexpr = 1,
              SCALED: tl.constexpr = True, EXPAND: tl.constexpr = False, eb_ptr=None, ed_ptr=None,
-             stride_ebr=0, stride_ebs=0, stride_edm=0, E_BLOCK_S: tl.constexpr = 1, E_BLOCK_N: tl.constexpr = 256,
-             CHAIN: tl.constexpr = False, count_ptr=None, shrink_units=0, expand_units=0, ebk_ptr=None, ebv_ptr=None,
-             stride_ebkr=0, stride_ebks=0, stride_ebvr=0, stride_ebvs=0, E_CQ=0, E_CK=0, E_CV=0, E_MQ=0, E_MK=0,
-             E_MV=0, E_NQ=0, E_NK=0, E_NV=0):
+             stride_ebr=0, stride_ebs=0, stride_edm=0, E_BLOCK_S: tl.constexpr = 1, E_BLOCK_N: tl.constexpr = 256):
     """Split ``program_id(2)`` of the K tiles of one ``[BLOCK_M, BLOCK_N]`` tile of y (small M). Axis 0 walks
     row blocks (fastest), so the row blocks that share a weight tile run together and later reads of that
     tile mostly come from L2. ``M_BUCKET`` is only the autotune key. ``SPLIT_K == 1``: scale, bias and store
@@ -80,16 +77,6 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
     ``BLOCK_R`` and the slots as ``SHRINK``'s), for the add + norm after the layer to add (its ``DONE``). The
     partials are read after the PDL wait, B (no kernel writes it) before it.
 
-    ``CHAIN`` (``int8_qkv_expand.py``; with ``SHRINK``): the extra programs take their units in the order they
-    start (a ticket from ``count[0]``), the first ``shrink_units`` the shrink's, the next ``expand_units`` the expand
-    of that shrink's partials for q, k and v (``E_CQ``/``E_CK``/``E_CV`` programs a row for each, 0 where no
-    adapter targets it; ``E_MQ``... its member in the partials, ``E_NQ``... its width in y; B tables ``eb``,
-    ``ebk``, ``ebv``), each waiting until every shrink unit of its row and member has released that pair's counter
-    (``count[1 + row * lora_members + member]``): a unit waits only on units whose programs have started, whatever
-    order the GPU starts them in. The sums go to ``ed`` (``[rows, N]`` fp32, each member at its columns of y) as
-    ``EXPAND``'s, for the rotary kernel to add (``QkvDeltas.done``); the last program to take a ticket, and each
-    pair's last unit to end, set the counters back to 0.
-
     ``SCALED`` False (``dense_splitk.py``): ``w`` is a float weight (bf16, fp16, fp32) read as it is, no row scale
     (``s_ptr`` unused); the tensor-core tiles only (its configs have no GEMV tile, and no epilogue)."""
     pid_m = tl.program_id(0)
@@ -102,57 +89,6 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
         else:
             extra = tl.program_id(2) >= SPLIT_K
             unit = ((tl.program_id(2) - SPLIT_K) * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m
-        if CHAIN:
-            if extra:  # the unit by ticket: a program's wait is on units already started
-                if SPLIT_K == 1:
-                    extras = (tl.num_programs(1) - n_blocks) * tl.num_programs(0)
-                else:
-                    extras = (tl.num_programs(2) - SPLIT_K) * tl.num_programs(1) * tl.num_programs(0)
-                unit = tl.atomic_add(count_ptr, 1, sem="relaxed")
-                if unit == extras - 1:  # every extra program has its ticket: zero for the next launch
-                    tl.atomic_xchg(count_ptr, 0, sem="relaxed")
-                if unit >= shrink_units + expand_units:
-                    return
-                if unit >= shrink_units:  # E_BLOCK_N columns of one row's delta of q, k or v
-                    e = unit - shrink_units
-                    row = (e // (E_CQ + E_CK + E_CV)).to(tl.int64)
-                    c = e % (E_CQ + E_CK + E_CV)
-                    if c < E_CQ:
-                        tab_ptr, member, col, width, chunks = eb_ptr, E_MQ, E_NQ * 0, E_NQ, E_CQ
-                        stride_br, stride_bs = stride_ebr, stride_ebs
-                    elif c < E_CQ + E_CK:
-                        tab_ptr, member, col, width, chunks = ebk_ptr, E_MK, E_NQ, E_NK, E_CK
-                        stride_br, stride_bs = stride_ebkr, stride_ebks
-                        c = c - E_CQ
-                    else:
-                        tab_ptr, member, col, width, chunks = ebv_ptr, E_MV, E_NQ + E_NK, E_NV, E_CV
-                        stride_br, stride_bs = stride_ebvr, stride_ebvs
-                        c = c - E_CQ - E_CK
-                    cn = c * E_BLOCK_N + tl.arange(0, E_BLOCK_N)
-                    rr = tl.arange(0, BLOCK_R)
-                    rs = tl.arange(0, E_BLOCK_S)
-                    n_ok = cn < width
-                    slot = tl.load(slot_ptr + row * stride_slot).to(tl.int64)
-                    r_ok = rr < tl.where(slot != 0, rank, 0)  # a base row (slot 0) loads no B and no partial: d 0
-                    b = tl.load(tab_ptr + slot * stride_bs + rr.to(tl.int64)[:, None] * stride_br + cn[None, :],
-                                mask=r_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
-                    if not INTERPRETED:  # nothing after this launch reads B: the next kernel may launch
-                        tl.extra.cuda.gdc_launch_dependents()
-                    groups = (lora_splits + LORA_U - 1) // LORA_U  # shrink units a (row, member)
-                    mine = count_ptr + 1 + row * lora_members + member  # its counter
-                    seen = tl.atomic_add(mine, 0, sem="acquire")
-                    while seen < groups:  # every shrink unit of this row and member stored (released)
-                        seen = tl.atomic_add(mine, 0, sem="acquire")
-                    tl.debug_barrier()  # the acquire above before any thread of the program reads
-                    ps = lp_ptr + member * stride_pg + rs[:, None] * stride_ps + row * BLOCK_R + rr[None, :]
-                    xa = tl.reduce(tl.load(ps, mask=(rs < lora_splits)[:, None] & r_ok[None, :], other=0.0,
-                                           cache_modifier=".cg"), 0, tl.standard._sum_combine)  # [BLOCK_R]
-                    d = tl.reduce(b.to(tl.float32) * xa[:, None], 0, tl.standard._sum_combine)
-                    tl.store(ed_ptr + row * stride_edm + col + cn, d, mask=n_ok)
-                    ended = tl.atomic_add(mine, 1, sem="relaxed")
-                    if ended == groups + chunks - 1:  # the row and member's last unit: zero for the next launch
-                        tl.atomic_xchg(mine, 0, sem="relaxed")
-                    return
         if EXPAND:
             if extra:  # E_BLOCK_N columns of one row's delta
                 chunks = (N + E_BLOCK_N - 1) // E_BLOCK_N
@@ -228,9 +164,6 @@ def _int8_mm(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, M_BUCKET,  # noq
                 ps = lp_ptr + member * stride_pg + (first + ru)[None, :] * stride_ps + row * BLOCK_R + rr[:, None]
                 # not a base row's
                 tl.store(ps, acc, mask=s_ok[None, :] & (rr < tl.where(slot != 0, BLOCK_R, 0))[:, None])
-                if CHAIN:  # this unit's partials released to its row and member's expand units
-                    tl.debug_barrier()  # every thread's stores above come before the (one-thread) release below
-                    tl.atomic_add(count_ptr + 1 + row * lora_members + member, 1, sem="release")
                 return
     k_tiles = (K + BLOCK_K - 1) // BLOCK_K
     if SPLIT_K == 1:

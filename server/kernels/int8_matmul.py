@@ -85,8 +85,6 @@ def row_bucket(m: int) -> int:
     return min(MAX_KERNEL_ROWS, triton.next_power_of_2(max(m, 1)))
 
 
-# CHAIN's per-member ints (int8_qkv_expand.py), picked per program by a branch: never specialized to constants (1)
-_CHAIN_INTS = ("shrink_units", "expand_units", "E_CQ", "E_CK", "E_CV", "E_MQ", "E_MK", "E_MV", "E_NQ", "E_NK", "E_NV")
 
 
 @functools.cache
@@ -94,7 +92,7 @@ def _jitted(interpret: bool):
     """(the split-K kernel, the reduction), jitted at the first call of each mode (``triton.jit`` reads
     TRITON_INTERPRET when it wraps the function, so building lazily lets the interpreter be switched on at run
     time); the int8 and the float weights' tuners share them (``_small_kernels``)."""
-    return (even_k(triton.jit(_int8_mm, do_not_specialize=["M", "M_BUCKET", *_CHAIN_INTS])),
+    return (even_k(triton.jit(_int8_mm, do_not_specialize=["M", "M_BUCKET"])),
             triton.jit(_splitk_reduce, do_not_specialize=["M"]))
 
 

@@ -59,22 +59,6 @@ def matmul_and_shrink(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | Non
     stacked, ``[G, R, S, K]``. None where it does not run (the module docstring; nothing launched), or where
     ``rank`` is 0 (no shrink to do). ``config`` (tests): the matmul's launch kwargs instead of the tuned choice.
     ``scb`` None: ``cb`` is a float weight (``dense_splitk.py``: the same kernel's float tiles, no scale)."""
-    launch = shrink_launch(x, cb, scb, bias, lora_a, slots, rank, config)
-    if launch is None:
-        return None
-    x2, config, shrink, refusal, p = launch
-    y = small_m_with_extra(x2, cb, scb, bias, interpreting(), config, shrink, refusal, _REFUSED,
-                           "the LoRA shrink's own launch")
-    if y is None:
-        return None
-    return y.reshape(*x.shape[:-1], cb.shape[0]), LoraPartials(p, slots, rank)
-
-
-def shrink_launch(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, bias: torch.Tensor | None,
-                  lora_a: torch.Tensor, slots: torch.Tensor, rank: int, config: dict | None = None,
-                  ) -> tuple[torch.Tensor, dict, dict, tuple, torch.Tensor] | None:
-    """What ``matmul_and_shrink`` launches: ``(x's rows, the matmul's config, the kernel's SHRINK keywords with
-    ``units``, the launch's refusal key, the partials' buffer)``; None where it does not run (its cases)."""
     x2 = x.reshape(-1, x.shape[-1])
     rows, k = x2.shape
     interpret = interpreting()
@@ -97,4 +81,8 @@ def shrink_launch(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor | None, b
                   units=rows * members * triton.cdiv(splits, per_program))
     refusal = (_small_key(interpret, row_bucket(rows), x2, cb, scb, bias), str(config), lora_a.dtype,
                *(shrink[name] for name in ("LORA_EVEN_K", "BLOCK_R", "LORA_K", "LORA_TILES", "LORA_U")))
-    return x2, config, shrink, refusal, p
+    y = small_m_with_extra(x2, cb, scb, bias, interpret, config, shrink, refusal, _REFUSED,
+                           "the LoRA shrink's own launch")
+    if y is None:
+        return None
+    return y.reshape(*x.shape[:-1], cb.shape[0]), LoraPartials(p, slots, rank)

@@ -74,16 +74,14 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
                  p_ptr=None, bq_ptr=None, bk_ptr=None, bv_ptr=None, slot_ptr=None, MQ=0, MK=0, MV=0, RQ=0, RK=0,
                  RV=0, SPLITS=0, stride_pg=0, stride_ps=0, stride_bqr=0, stride_bqs=0, stride_bkr=0, stride_bks=0,
                  stride_bvr=0, stride_bvs=0, LORA: tl.constexpr = False, BLOCK_R: tl.constexpr = 16,
-                 BLOCK_S: tl.constexpr = 16, DONE: tl.constexpr = False, d_ptr=None, stride_dr=0, NQ=0, NK=0):
+                 BLOCK_S: tl.constexpr = 16):
     """Row ``program_id(0)``, head ``program_id(1)``: a query head (``< Q_HEADS``) rotated into
     ``qo[r, h, 0, :]``, or a key/value head rotated (the key) and both written at ``pos[r]`` in the pool.
 
     ``LORA``: first each of q, k and v gets its LoRA delta, as ``lora_bgmv``'s expand adds it (``_expand``:
     the row's partials ``p[member, :SPLITS, r]`` summed, times its slot's B columns of this head, added in fp32
     and rounded to the dtype). ``MQ``/``MK``/``MV``: q's, k's and v's member in ``p``; ``RQ``/``RK``/``RV``: the
-    rank rows read, 0 for one that no adapter targets (nothing read, nothing added). ``DONE`` (with ``LORA``): the
-    deltas' sums are done (``d[r, :]``, fp32, q's at columns 0.., k's from ``NQ``, v's from ``NQ + NK``: the fused
-    matmul's launch made them, ``int8_qkv_expand.py``) and are added in place of the partials times B."""
+    rank rows read, 0 for one that no adapter targets (nothing read, nothing added)."""
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK)  # the whole head: v
@@ -91,7 +89,7 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
     half = HEAD_DIM // 2
     e = tl.arange(0, HALF_BLOCK)  # one half of a head: rotate_half pairs entry e with e + half
     e_mask = e < half
-    if LORA and not DONE:  # the slot (a step input) and B (no kernel's output) are read before the PDL wait
+    if LORA:  # the slot (a step input) and B (no kernel's output) are read before the PDL wait
         slot = tl.load(slot_ptr + r).to(tl.int64)
         rr = tl.arange(0, BLOCK_R)
         if h < Q_HEADS:
@@ -121,20 +119,12 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
     lo = tl.load(src + e, mask=e_mask, other=0.0).to(tl.float32)
     hi = tl.load(src + half + e, mask=e_mask, other=0.0).to(tl.float32)
     if LORA:
-        if DONE:  # the sums made in the matmul's launch (a member no adapter targets: none written, none read)
-            if h < Q_HEADS:
-                dc, d_ok = h * HEAD_DIM, e < tl.where(RQ > 0, half, 0)
-            else:
-                dc, d_ok = NQ + (h - Q_HEADS) * HEAD_DIM, e < tl.where(RK > 0, half, 0)
-            lo = lo + tl.load(d_ptr + r * stride_dr + dc + e, mask=d_ok, other=0.0)
-            hi = hi + tl.load(d_ptr + r * stride_dr + dc + half + e, mask=d_ok, other=0.0)
-        else:
-            rs = tl.arange(0, BLOCK_S)
-            ps = p_ptr + rs[:, None] * stride_ps + r * BLOCK_R + rr[None, :]
-            xa = tl.reduce(tl.load(ps + member * stride_pg, mask=(rs < SPLITS)[:, None] & r_ok[None, :], other=0.0),
-                           0, tl.standard._sum_combine)  # [BLOCK_R]: x @ A^T of this member, as _expand sums it
-            lo = lo + tl.reduce(b_lo * xa[:, None], 0, tl.standard._sum_combine)  # each rounded below, as
-            hi = hi + tl.reduce(b_hi * xa[:, None], 0, tl.standard._sum_combine)  # _expand's store rounds
+        rs = tl.arange(0, BLOCK_S)
+        ps = p_ptr + rs[:, None] * stride_ps + r * BLOCK_R + rr[None, :]
+        xa = tl.reduce(tl.load(ps + member * stride_pg, mask=(rs < SPLITS)[:, None] & r_ok[None, :], other=0.0),
+                       0, tl.standard._sum_combine)  # [BLOCK_R]: x @ A^T of this member, as _expand sums it
+        lo = lo + tl.reduce(b_lo * xa[:, None], 0, tl.standard._sum_combine)  # each rounded below, as _expand's
+        hi = hi + tl.reduce(b_hi * xa[:, None], 0, tl.standard._sum_combine)  # store rounds
         if ROUND_BF16:
             xb = lo.to(tl.uint32, bitcast=True)
             lo = ((xb + 0x7FFF + ((xb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
@@ -178,13 +168,9 @@ def _rope_append(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, 
         tl.store(dst + half + e, y_hi.to(kc_ptr.dtype.element_ty), mask=e_mask)
         v = tl.load(v_ptr + r * stride_vr + kv * stride_vh + d, mask=mask, other=0.0)
         if LORA:
-            if DONE:
-                v = v.to(tl.float32) + tl.load(d_ptr + r * stride_dr + NQ + NK + kv * HEAD_DIM + d,
-                                               mask=d < tl.where(RV > 0, HEAD_DIM, 0), other=0.0)
-            else:
-                xa_v = tl.reduce(tl.load(ps + MV * stride_pg, mask=(rs < SPLITS)[:, None] & v_ok[None, :],
-                                         other=0.0), 0, tl.standard._sum_combine)
-                v = v.to(tl.float32) + tl.reduce(b_v * xa_v[:, None], 0, tl.standard._sum_combine)
+            xa_v = tl.reduce(tl.load(ps + MV * stride_pg, mask=(rs < SPLITS)[:, None] & v_ok[None, :], other=0.0),
+                             0, tl.standard._sum_combine)
+            v = v.to(tl.float32) + tl.reduce(b_v * xa_v[:, None], 0, tl.standard._sum_combine)
             if ROUND_BF16:
                 vb = v.to(tl.uint32, bitcast=True)
                 v = ((vb + 0x7FFF + ((vb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
@@ -218,20 +204,12 @@ class QkvDeltas:
 
     partials: LoraPartials
     tables: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
-    # The deltas' sums where the fused matmul's launch made them (``kernels/int8_qkv_expand.py``): ``[rows, N]``
-    # fp32, each wrapped member's at its columns of the fused output (q, k, v); None: still to make from the above.
-    done: torch.Tensor | None = None
 
     def fits(self, q: torch.Tensor, k: torch.Tensor) -> bool:
         """Whether ``rope_append`` can add these to q and k's heads (and v's, k's shape): one table a member of
-        the partials, each as wide as its output, unit column strides, a float dtype shared by the tables; the
-        sums, where done, ``[rows, q's + k's + v's width]`` fp32 with unit column stride."""
+        the partials, each as wide as its output, unit column strides, a float dtype shared by the tables."""
         tables = [b for b in self.tables if b is not None]
         widths = (q.shape[2] * q.shape[3], k.shape[2] * k.shape[3], k.shape[2] * k.shape[3])
-        done = self.done
-        if done is not None and (done.shape != (q.shape[0], sum(widths)) or done.dtype != torch.float32
-                                 or done.stride(1) != 1 or done.device != q.device):
-            return False
         return (len(tables) == self.partials.p.shape[0] and bool(tables)
                 and all(b is None or (b.dim() == 3 and b.shape[2] == w and b.stride(2) == 1)
                         for b, w in zip(self.tables, widths, strict=True))
@@ -275,12 +253,11 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         HEAD_DIM=dim, BLOCK=block, HALF_BLOCK=_triton().next_power_of_2(dim // 2),
         ROUND_BF16=interpret and q.dtype == torch.bfloat16,
-        num_warps=1 if block <= 128 else 2, **options, **pdl_launch(q.device),
-        **_lora_arguments(lora, q_heads * dim, kv_heads * dim))
+        num_warps=1 if block <= 128 else 2, **options, **pdl_launch(q.device), **_lora_arguments(lora))
     return out
 
 
-def _lora_arguments(lora: QkvDeltas | None, q_width: int, k_width: int) -> dict:
+def _lora_arguments(lora: QkvDeltas | None) -> dict:
     """The kernel's LoRA keywords for ``lora`` (none without it): each of q, k, v's member in the partials
     (their order among the wrapped ones) and rank (0 where unwrapped: its table stands in, nothing is read)."""
     if lora is None:
@@ -299,12 +276,4 @@ def _lora_arguments(lora: QkvDeltas | None, q_width: int, k_width: int) -> dict:
                 SPLITS=partials.splits, stride_pg=p.stride(0), stride_ps=p.stride(1),
                 stride_bqr=strides[0], stride_bqs=strides[1], stride_bkr=strides[2], stride_bks=strides[3],
                 stride_bvr=strides[4], stride_bvs=strides[5], LORA=True, BLOCK_R=partials.block_r,
-                BLOCK_S=partials.block_s, **_done_arguments(lora, q_width, k_width))
-
-
-def _done_arguments(lora: QkvDeltas, q_width: int, k_width: int) -> dict:
-    """The kernel's ``DONE`` keywords where the sums are done: the buffer, its row stride, and where k's and v's
-    columns start (q's width, then k's)."""
-    if lora.done is None:
-        return {}
-    return dict(DONE=True, d_ptr=lora.done, stride_dr=lora.done.stride(0), NQ=q_width, NK=k_width)
+                BLOCK_S=partials.block_s)

@@ -263,23 +263,6 @@ def test_expand_part(tmp_path):
     assert typo.returncode == 2 and "--set: adapterd.server.kernels.int8_expand has no PROGRAM_ELEM" in typo.stderr
 
 
-@pytest.mark.slow  # ~15 s: the tiny model's decode steps each way, then the switch's own test
-def test_qkvexpand_part(tmp_path):
-    """pdl_bench --switch qkvexpand times it first (on the CPU: the tiny float model, every row on LoRA), then the
-    part's tests run with the expand switched on for the run (the switch test passes, not skipped)."""
-    pytest.importorskip("triton")
-    done = run_part(tmp_path, "qkvexpand", TEST_DEVICE="cpu",
-                    TEST_PATHS="tests/test_switches.py "
-                    "tests/server/kernels/test_int8_qkv_expand.py::test_none_where_it_does_not_run",
-                    PDL_ARGS="--shape tiny --quantizations none --rows 2 --ctx 16 --new 4 --switch qkvexpand "
-                    f"--lora-targets all --no-record --work {tmp_path / 'work'}")
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    pdl = (tmp_path / "out" / "pdl.log").read_text()
-    assert re.search(r"^\| float32 \| 2 rows on 2 LoRA \(all linears\) \| [\d.]+ / [\d.]+ \|", pdl, re.M), pdl[-2000:]
-    log = (tmp_path / "out" / "qkvexpand_tests.log").read_text()
-    assert re.search(r"\b3 passed\b", log) and "skipped" not in log, log[-2000:]
-
-
 @pytest.mark.slow  # ~40 s: the engine's fold tests against PEFT and the min-length parity tests, on the CPU
 def test_folds_part(tmp_path):
     """The part's kernel tests (GPU-marked: skipped here) and its engine tests, these cut to two quick ones by

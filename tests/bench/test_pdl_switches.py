@@ -21,8 +21,8 @@ def state() -> dict[str, object]:
     m = pdl_switches._modules()
     names = ["decoder.NORM_FOLD_MIN_ROWS", "side_stream.SIDE_STREAM", "int8_matmul.REDUCE_PDL",
              "int8_shrink.IN_MATMUL", "dense_splitk.IN_DECODE", "lora_folds.O_PROJ_IN_MATMUL",
-             "int8_expand.IN_MATMUL", "int8_expand.FLOAT_IN_MATMUL", "int8_qkv_expand.IN_MATMUL",
-             "FusedLinear.rope_append", "FusedLinear.silu_glu"]
+             "int8_expand.IN_MATMUL", "int8_expand.FLOAT_IN_MATMUL", "FusedLinear.rope_append",
+             "FusedLinear.silu_glu"]
     seen = {name: vars(m[name.split(".")[0]])[name.split(".")[1]] for name in names}
     seen["ADAPTERD_PDL"] = os.environ.get("ADAPTERD_PDL")
     seen["dense_gemv._CHOSEN"] = dict(m["dense_gemv"]._CHOSEN)

@@ -361,42 +361,6 @@ def test_o_projs_expand_in_its_matmuls_launch_keeps_pefts_tokens(quantization, t
     assert done_norms.count(True) == len(expands)  # and each post-attention norm added those sums
 
 
-@pytest.mark.parametrize("quantization", ["int8", "none"])
-def test_qkv_expand_in_its_matmuls_launch_keeps_pefts_tokens(quantization, tiny_model_dir, adapter_root, monkeypatch):
-    """With ``int8_qkv_expand.IN_MATMUL`` on (and the shrinks in their split-K matmuls' launches, a float base's
-    matmuls through that kernel): at each decode step every layer's q/k/v matmul runs their LoRA shrink and then its
-    expand in its one launch, and the rotary + append kernel adds those sums (``QkvDeltas.done``) instead of reading
-    B; every row's greedy tokens equal PEFT's for it alone over the same base (int8 layers, or fp32), adapters on q
-    and v, on every linear, on q and o, mixed with base and prefix rows."""
-    pytest.importorskip("triton")
-    from adapterd.server.engine import kv_pool
-    from adapterd.server.kernels import dense_splitk, int8_qkv_expand, int8_shrink
-
-    monkeypatch.setattr(int8_qkv_expand, "IN_MATMUL", True)
-    monkeypatch.setattr(dense_splitk, "IN_DECODE", True)
-    monkeypatch.setattr(int8_shrink, "IN_MATMUL", True)
-    chained, rotated = [], []
-    real_chain, real_append = int8_qkv_expand.matmul_shrink_and_expand, kv_pool.DecodeView.append_rotated
-
-    def matmul_shrink_and_expand(x, w, scb, *rest):
-        result = real_chain(x, w, scb, *rest)
-        chained.append((result is not None, scb is not None))
-        return result
-
-    def append_rotated(self, *args, **kwargs):
-        lora = args[6] if len(args) > 6 else kwargs.get("lora")
-        rotated.append(lora is not None and lora.done is not None)
-        return real_append(self, *args, **kwargs)
-
-    monkeypatch.setattr(int8_qkv_expand, "matmul_shrink_and_expand", matmul_shrink_and_expand)
-    monkeypatch.setattr(kv_pool.DecodeView, "append_rotated", append_rotated)
-    base = _serve_jobs_against_peft(tiny_model_dir, adapter_root, quantization, monkeypatch)
-    steps = len(chained) // base.num_layers
-    assert steps >= 3 and len(chained) == steps * base.num_layers  # q/k/v's, a layer a decode step
-    assert set(chained) == {(True, quantization == "int8")}  # each in its matmul's launch, the int8 kernel's or not
-    assert rotated.count(True) == len(chained)  # and each rotary kernel added those sums
-
-
 @pytest.mark.parametrize("decode", ["exact", "bucketed"])  # bucketed: padding rows (slot 0) and a rank bucket
 def test_engine_decode_steps_add_o_and_down_projs_deltas_in_the_norm_after_them_and_keep_pefts_tokens(
         decode, tiny_model_dir, adapter_root, monkeypatch):

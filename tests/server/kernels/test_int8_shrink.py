@@ -107,8 +107,7 @@ def compile_for_hopper(c, weight: str = "*i8", **flags):
     it: unit strides along K and N, 16-divisible pointers, sizes and other strides; bf16 x, a ``weight`` of that
     type (int8: fp32 row scales and bias), the shrink's arguments typed as the q/k/v shrink's (rank 16 at K 4096, a
     split a warp). ``flags``: the constexprs that differ from a PDL launch with the shrink (``SHRINK``,
-    ``USE_PDL``; ``int8_expand.py``'s tests: ``EXPAND``, its B bf16 and its sums fp32; ``int8_qkv_expand.py``'s:
-    ``CHAIN``, its counters int32). The caller clears
+    ``USE_PDL``; ``int8_expand.py``'s tests: ``EXPAND``, its B bf16 and its sums fp32). The caller clears
     TRITON_INTERPRET."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -118,13 +117,13 @@ def compile_for_hopper(c, weight: str = "*i8", **flags):
     side = "*fp32" if weight == "*i8" else weight
     pointers = {"x_ptr": "*bf16", "w_ptr": weight, "s_ptr": side, "b_ptr": side, "y_ptr": "*bf16",
                 "p_ptr": "*fp32", "a_ptr": "*bf16", "slot_ptr": "*i64", "lp_ptr": "*fp32", "eb_ptr": "*bf16",
-                "ed_ptr": "*fp32", "count_ptr": "*i32", "ebk_ptr": "*bf16", "ebv_ptr": "*bf16"}
+                "ed_ptr": "*fp32"}
     aligned = [*pointers, "N", "K", "stride_wn", "stride_xm", "stride_ym", "stride_ag", "stride_ar", "stride_as",
                "stride_pg", "stride_ps"]
     constexprs = {"HAS_BIAS": False, "DOT_F32": False, "EVEN_K": True, "INTERPRETED": False, "USE_PDL": True,
                   "GLU": False, "ROPE": False, "SHRINK": True, "LORA_EVEN_K": True, "BLOCK_R": 16, "LORA_K": 256,
                   "LORA_TILES": 1, "LORA_U": c.num_warps, "SCALED": weight == "*i8", "EXPAND": False, "E_BLOCK_S": 32,
-                  "E_BLOCK_N": 256, "CHAIN": False, **c.kwargs, "stride_xk": 1,
+                  "E_BLOCK_N": 256, **c.kwargs, "stride_xk": 1,
                   "stride_wk": 1, "stride_yn": 1, "stride_ak": 1, **flags}
     signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in kernel.arg_names}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,

@@ -96,8 +96,7 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     """No GPU here, but Triton's own ptxas: the kernel compiles for sm_90 (the H200) in bf16 with a bf16 pool,
     with the launch's own options (fp contraction off), so that a decode step on the GPU cannot fail on it.
     Specialized as a Llama decode step's launch is (pointers, strides and the head count 16-divisible), no
-    access is 2 bytes wide, and with LoRA the heads' B tiles load 16 bytes at a time before the PDL wait; with the
-    sums done (``DONE``: the fused matmul's launch made them) too."""
+    access is 2 bytes wide, and with LoRA the heads' B tiles load 16 bytes at a time before the PDL wait."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -106,14 +105,13 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     kernel = triton.jit(ra._rope_append)
     ra._triton()
     lora_args = kernel.arg_names[kernel.arg_names.index("p_ptr"):]
-    for dtype, lora, done in (("bf16", False, False), ("fp32", False, False), ("bf16", True, False),
-                              ("bf16", True, True)):
+    for dtype, lora in (("bf16", False), ("fp32", False), ("bf16", True)):
         fixed = {"HEAD_DIM": 128, "BLOCK": 128, "HALF_BLOCK": 64, "ROUND_BF16": False, "USE_PDL": True}
         if lora:
-            fixed |= {"LORA": True, "BLOCK_R": 16, "BLOCK_S": 16, "DONE": done}
+            fixed |= {"LORA": True, "BLOCK_R": 16, "BLOCK_S": 16}
         else:
             fixed |= {a: kernel.params[kernel.arg_names.index(a)].default for a in lora_args}
-        pointer_types = {"pos_ptr": "*i64", "slot_ptr": "*i64", "p_ptr": "*fp32", "d_ptr": "*fp32"}
+        pointer_types = {"pos_ptr": "*i64", "slot_ptr": "*i64", "p_ptr": "*fp32"}
         signature = {a: "constexpr" if a in fixed else pointer_types.get(a, f"*{dtype}") if a.endswith("_ptr")
                      else "i32" for a in kernel.arg_names}
         aligned = [a for a in kernel.arg_names if a not in fixed
@@ -127,7 +125,7 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
         # fp32: x * cos + rotate_half(x) * sin with no fused multiply-add (torch rounds each product)
         assert "fma.rn.f32" not in ptx, dtype
         assert not re.findall(r"(?:ld|st)\.global[\w.:]*\.b16\b", ptx), (dtype, lora)
-        if lora and not done:
+        if lora:
             wait = ptx.index("griddepcontrol.wait")
             assert len(re.findall(r"ld\.global[\w.:]*\.v4\.b32", ptx[:wait])) >= 16, ptx[:wait]
             # One wave at 32 LoRA rows of Llama-2-7B (64 heads: 2,048 one-warp programs): at most 128 registers a
